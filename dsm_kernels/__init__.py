@@ -1,0 +1,141 @@
+"""dsm kernels: fused multistream embedding, paged KV-cache decode attention and sampling.
+
+Every op has a pure-torch reference (``dsm_kernels.reference``), a Triton kernel and a CUDA C++ kernel. The
+functions below are the single dispatch point: ``backend=None`` picks the fastest backend available for the
+tensors' device (cuda > triton > reference on a GPU; reference on the CPU), or an explicit backend name.
+Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from functools import cache
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "triton", "cuda")
+
+# op name -> {backend -> "module:function"}; modules are imported on first use.
+_OPS = {
+    "multistream_embed": {
+        "reference": "dsm_kernels.reference:multistream_embed_ref",
+        "triton": "dsm_kernels.embed:multistream_embed_triton",
+        "cuda": "dsm_kernels.cuda_ops:multistream_embed_cuda",
+    },
+    "append_kv": {
+        "reference": "dsm_kernels.reference:append_kv_ref",
+        "triton": "dsm_kernels.paged_attention:append_kv_triton",
+        "cuda": "dsm_kernels.cuda_ops:append_kv_cuda",
+    },
+    "paged_decode_attention": {
+        "reference": "dsm_kernels.reference:paged_decode_attention_ref",
+        "triton": "dsm_kernels.paged_attention:paged_decode_attention_triton",
+        "cuda": "dsm_kernels.cuda_ops:paged_decode_attention_cuda",
+    },
+    "sample_tokens": {
+        "reference": "dsm_kernels.reference:sample_tokens_ref",
+        "triton": "dsm_kernels.sampling:sample_tokens_triton",
+        "cuda": "dsm_kernels.cuda_ops:sample_tokens_cuda",
+    },
+}
+
+
+@cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@cache
+def has_cuda_ext() -> bool:
+    """True when the compiled extension ``dsm_kernels._C`` imports."""
+    try:
+        importlib.import_module("dsm_kernels._C")
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` in this process."""
+    device = torch.device(device)
+    out = ["reference"]
+    if has_triton() and (device.type == "cuda" or triton_interpret()):
+        out.append("triton")
+    if device.type == "cuda" and has_cuda_ext():
+        out.append("cuda")
+    return out
+
+
+def default_backend(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    avail = available_backends(device)
+    return "cuda" if "cuda" in avail else ("triton" if "triton" in avail else "reference")
+
+
+def resolve(op: str, backend: str | None, device: torch.device | str):
+    """The implementation of ``op`` for ``backend`` (None = default for ``device``)."""
+    if op not in _OPS:
+        raise KeyError(f"unknown kernel op {op!r}; known: {sorted(_OPS)}")
+    backend = backend or default_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in available_backends(device):
+        raise RuntimeError(
+            f"kernel backend {backend!r} is not available on {torch.device(device)} "
+            f"(available: {available_backends(device)})"
+        )
+    return _load(_OPS[op][backend])
+
+
+@cache
+def _load(path: str):
+    module, fn = path.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def multistream_embed(tokens, text_table, audio_tables, *, text_table2=None, cond=None, out_dtype=None, backend=None):
+    """See :func:`dsm_kernels.reference.multistream_embed_ref`."""
+    fn = resolve("multistream_embed", backend, tokens.device)
+    return fn(tokens, text_table, audio_tables, text_table2=text_table2, cond=cond, out_dtype=out_dtype)
+
+
+def append_kv(k_cache, v_cache, k, v, slot_mapping, *, backend=None):
+    """See :func:`dsm_kernels.reference.append_kv_ref`."""
+    return resolve("append_kv", backend, k.device)(k_cache, v_cache, k, v, slot_mapping)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, backend=None):
+    """See :func:`dsm_kernels.reference.paged_decode_attention_ref`."""
+    fn = resolve("paged_decode_attention", backend, q.device)
+    return fn(q, k_cache, v_cache, block_table, seq_lens, context=context, scale=scale)
+
+
+def sample_tokens(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, backend=None):
+    """See :func:`dsm_kernels.reference.sample_tokens_ref`."""
+    fn = resolve("sample_tokens", backend, logits.device)
+    return fn(logits, temperature, top_k, seeds, steps, null_logits=null_logits, cfg_coef=cfg_coef)
+
+
+__all__ = [
+    "BACKENDS",
+    "append_kv",
+    "available_backends",
+    "default_backend",
+    "has_cuda_ext",
+    "has_triton",
+    "multistream_embed",
+    "paged_decode_attention",
+    "reference",
+    "resolve",
+    "sample_tokens",
+]

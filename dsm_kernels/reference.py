@@ -1,0 +1,202 @@
+"""Pure-torch reference ops: the specification every fast kernel is tested against.
+
+They are written to be obviously right, not fast. Never edit one to agree with a kernel.
+
+Conventions shared by all backends (see DSM-SPEC §2):
+
+* token id ``-1`` embeds to an exact zero row; ids ``< -1`` are invalid and must never reach an embedding.
+* paged KV cache: one pool ``[num_pages, page_size, heads, head_dim]`` for K and one for V per layer. Stream slot
+  ``b`` owns the ring of pages ``block_table[b, :]``; absolute position ``p`` lives in page
+  ``block_table[b, (p // page_size) % pages_per_slot]`` at row ``p % page_size``. The query of a slot sits at
+  position ``seq_lens[b] - 1`` and sees key ``k`` iff ``0 <= q - k < context`` (moshi's rule). ``seq_lens[b] == 0``
+  marks an inactive slot, whose output is zero.
+* sampling noise is a counter-based hash of ``(seed, step, row, token)`` so that every backend, and every replay of a
+  captured CUDA graph, draws the same tokens for the same inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def multistream_embed_ref(
+    tokens: torch.Tensor,
+    text_table: torch.Tensor,
+    audio_tables: torch.Tensor,
+    *,
+    text_table2: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Sum of the K table lookups of each slot, accumulated in fp32.
+
+    Parameters
+    ----------
+    tokens : [B, K] integer ids; column 0 is text, columns 1..K-1 use ``audio_tables[0..K-2]``. ``-1`` gives zeros.
+    text_table : [Vt, D] text embedding table.
+    audio_tables : [Q, Va, D] audio embedding tables, ``Q >= K - 1``.
+    text_table2 : optional [Vt, D] table of the demultiplexed second text stream. When given, a text id ``v`` packs
+        two ids (DSM-SPEC §2.2): ``first = v % Vt`` looked up in ``text_table``, ``second = v // Vt - 1`` looked up
+        in ``text_table2`` (skipped when ``second == -1``).
+    cond : optional [B, D] per-slot vector added last.
+    out_dtype : output dtype, default ``text_table.dtype``.
+
+    Returns
+    -------
+    [B, D] tensor: audio 0..K-2, then text, then second text, then cond, summed in fp32 and cast once.
+    """
+    B, K = tokens.shape
+    D = text_table.shape[1]
+    acc = torch.zeros(B, D, dtype=torch.float32, device=tokens.device)
+    for k in range(1, K):
+        acc = acc + _lookup(audio_tables[k - 1], tokens[:, k])
+    text = tokens[:, 0]
+    if text_table2 is None:
+        acc = acc + _lookup(text_table, text)
+    else:
+        vt = text_table.shape[0]
+        valid = text >= 0
+        first = torch.where(valid, text % vt, -1)
+        second = torch.where(valid, text // vt - 1, -1)
+        acc = acc + _lookup(text_table, first) + _lookup(text_table2, second)
+    if cond is not None:
+        acc = acc + cond.float()
+    return acc.to(out_dtype or text_table.dtype)
+
+
+def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    if bool((ids < -1).any()) or bool((ids >= table.shape[0]).any()):
+        raise ValueError(f"embedding ids out of range [-1, {table.shape[0]}): {ids.tolist()}")
+    rows = table[ids.clamp(min=0)].float()
+    return torch.where((ids >= 0)[:, None], rows, torch.zeros_like(rows))
+
+
+def kv_position_to_slot(block_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat row index (``page * page_size + offset``) in the pool of absolute ``positions`` [B] of each slot."""
+    pages_per_slot = block_table.shape[1]
+    logical = (positions // page_size) % pages_per_slot
+    page = block_table.gather(1, logical[:, None].long())[:, 0].long()
+    return page * page_size + positions % page_size
+
+
+def append_kv_ref(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write the new key/value of each slot into the page pool, in place.
+
+    ``k_cache``/``v_cache``: [num_pages, page_size, H, D]; ``k``/``v``: [B, H, D] (keys already rotated);
+    ``slot_mapping``: [B] flat row index into the pool (``page * page_size + offset``), ``-1`` = do not write.
+    """
+    for b in range(k.shape[0]):
+        row = int(slot_mapping[b])
+        if row < 0:
+            continue
+        page, off = divmod(row, k_cache.shape[1])
+        k_cache[page, off] = k[b].to(k_cache.dtype)
+        v_cache[page, off] = v[b].to(v_cache.dtype)
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    context: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One query per slot attending over its last ``context`` positions in the paged cache.
+
+    ``q``: [B, H, D]; ``k_cache``/``v_cache``: [num_pages, page_size, H, D]; ``block_table``: [B, pages_per_slot]
+    int32 page ids (ring, see module doc); ``seq_lens``: [B] tokens written so far including the current one.
+    Softmax in fp32; output [B, H, D] in ``q.dtype``; zeros for slots with ``seq_lens == 0``.
+    """
+    B, H, D = q.shape
+    page_size = k_cache.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    out = torch.zeros(B, H, D, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        qpos = n - 1
+        kpos = torch.arange(max(0, qpos - context + 1), qpos + 1, device=q.device)
+        rows = kv_position_to_slot(block_table[b : b + 1].expand(len(kpos), -1), kpos, page_size)
+        keys = k_cache.flatten(0, 1)[rows].float()  # [T, H, D]
+        vals = v_cache.flatten(0, 1)[rows].float()
+        scores = torch.einsum("hd,thd->ht", q[b].float(), keys) * scale
+        probs = scores.softmax(dim=-1)
+        out[b] = torch.einsum("ht,thd->hd", probs, vals)
+    return out.to(q.dtype)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on uint32 values held in int64 (identical in every backend)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def sampling_uniform_ref(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Counter-based uniform noise in (0, 1), [B, vocab] fp32, from per-slot ``seeds`` and ``steps`` ([B] int64).
+
+    ``u = (hash(hash(hash(seed) ^ step) ^ token) >> 8 + 0.5) / 2**24``: 24 random bits, never 0 or 1.
+    """
+    h = _hash32(_hash32(seeds.long()) ^ (steps.long() & _MASK32))
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = _hash32(h[:, None] ^ tok[None, :]) >> 8
+    return (bits.float() + 0.5) * (1.0 / 16777216.0)
+
+
+def sample_tokens_ref(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: int,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    null_logits: torch.Tensor | None = None,
+    cfg_coef: float = 1.0,
+) -> torch.Tensor:
+    """Sample one token per row (moshi's ``sample_token`` with a deterministic noise source).
+
+    ``logits``: [B, V]; ``temperature``: [B] fp32 (``<= 0`` means greedy argmax, lowest index on ties);
+    ``top_k``: keep the ``top_k`` largest logits (0 = all); ``seeds``/``steps``: [B] int64 noise counters.
+    With ``null_logits`` the logits are first mixed as ``null + (cond - null) * cfg_coef`` (in fp32).
+    Sampling draws ``argmax(p / e)`` over the kept tokens with ``e = -log(u)`` ~ Exp(1), which is a draw from the
+    (renormalised) softmax of ``logits / temperature`` restricted to the top-k set.
+    Returns [B] int64.
+    """
+    x = logits.float()
+    if null_logits is not None:
+        n = null_logits.float()
+        x = n + (x - n) * cfg_coef
+    B, V = x.shape
+    greedy = x.argmax(dim=-1)
+    u = sampling_uniform_ref(seeds, steps, V)
+    out = torch.empty(B, dtype=torch.int64, device=x.device)
+    for b in range(B):
+        t = float(temperature[b])
+        if t <= 0:
+            out[b] = greedy[b]
+            continue
+        p = torch.softmax(x[b] / t, dim=-1)
+        keep = torch.ones(V, dtype=torch.bool, device=x.device)
+        if 0 < top_k < V:
+            keep = torch.zeros(V, dtype=torch.bool, device=x.device)
+            keep[torch.topk(x[b], top_k).indices] = True
+        score = torch.where(keep, p / -torch.log(u[b]), torch.full_like(p, -1.0))
+        out[b] = score.argmax()
+    return out
