@@ -1,0 +1,149 @@
+"""Test and benchmark helpers: verbose comparisons, the reference-relative tolerance rule, a CUDA-event timer and
+vectorised torch baselines of the reference ops (the references are loops written for clarity, not speed)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from . import reference
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN (float) or a sentinel (int) so an unwritten output can never pass a comparison."""
+    return t.fill_(float("nan") if t.is_floating_point() else -(2**31) + 7)
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max |actual - expected| in fp32; inf when either side has a NaN/inf where the other does not."""
+    a, e = actual.float(), expected.float()
+    if a.shape != e.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != {tuple(e.shape)}")
+    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(e).all()):
+        same = torch.isfinite(a) == torch.isfinite(e)
+        if not bool(same.all()) or not bool((a[~torch.isfinite(a)].nan_to_num() == e[~torch.isfinite(e)].nan_to_num()).all()):
+            return float("inf")
+        a, e = a.nan_to_num(), e.nan_to_num()
+    return float((a - e).abs().max()) if a.numel() else 0.0
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = ""):
+    """``|actual - expected| <= atol + rtol * |expected|`` everywhere, NaN never passing; on failure report the
+    count, the worst elements and where they are."""
+    a, e = actual.float(), expected.float()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    bad = ~((a - e).abs() <= atol + rtol * e.abs())  # NaN compares False, so it is bad
+    if bool(bad.any()):
+        idx = bad.nonzero()[:8].tolist()
+        pairs = ", ".join(f"{tuple(i)}: {a[tuple(i)].item():.6g} vs {e[tuple(i)].item():.6g}" for i in idx)
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements off (atol={atol:.3g}, rtol={rtol:.3g}, "
+            f"nan={int(torch.isnan(a).sum())}, max_err={max_abs_err(a, e):.4g}); first: {pairs}"
+        )
+
+
+def ref_relative_atol(ref_lowp: torch.Tensor, ref_fp32: torch.Tensor, factor: float = 2.0, floor: float = 1e-5):
+    """flash-attn's rule: a kernel may err from the fp32 reference by ``factor`` × the error the reference itself
+    makes when it runs in the low precision, plus ``floor`` (which covers exact-in-fp32 cases)."""
+    return factor * max_abs_err(ref_lowp, ref_fp32) + floor
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise spacing of bf16 numbers at ``|x|`` (8 mantissa bits)."""
+    e = torch.frexp(x.float().abs().clamp_min(2.0**-126))[1]
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), e - 8)
+
+
+def cuda_time_ms(fn: Callable[[], object], *, warmup_ms: float = 25.0, iters: int = 100) -> float:
+    """Median CUDA-event time of ``fn`` in ms after a time-based warm-up (each call timed on its own)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    one = max(start.elapsed_time(end), 1e-3)
+    for _ in range(int(min(1000, warmup_ms / one))):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends, strict=True):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vectorised torch baselines ("torch eager" in benchmarks): same semantics as the references, no Python loops.
+
+
+def multistream_embed_torch(tokens, text_table, audio_tables, *, text_table2=None, cond=None, out_dtype=None):
+    B, K = tokens.shape
+    ids = tokens[:, 1:].long()
+    rows = audio_tables[torch.arange(K - 1, device=tokens.device)[None, :], ids.clamp(min=0)].float()  # [B, K-1, D]
+    acc = (rows * (ids >= 0)[..., None]).sum(1)
+    text = tokens[:, 0].long()
+    if text_table2 is None:
+        acc = acc + text_table[text.clamp(min=0)].float() * (text >= 0)[:, None]
+    else:
+        vt = text_table.shape[0]
+        first, second = text % vt, text // vt - 1
+        acc = acc + text_table[first.clamp(min=0)].float() * (text >= 0)[:, None]
+        acc = acc + text_table2[second.clamp(min=0)].float() * ((text >= 0) & (second >= 0))[:, None]
+    if cond is not None:
+        acc = acc + cond.float()
+    return acc.to(out_dtype or text_table.dtype)
+
+
+def paged_decode_attention_torch(q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None):
+    """Gather each slot's window (padded to ``context``) from the pages, then one masked SDPA call."""
+    B, H, D = q.shape
+    S = k_cache.shape[1]
+    qpos = seq_lens.long() - 1
+    kpos = qpos[:, None] - context + 1 + torch.arange(context, device=q.device)[None, :]  # [B, context]
+    valid = (kpos >= 0) & (kpos <= qpos[:, None])
+    kp = kpos.clamp(min=0)
+    page = block_table.long().gather(1, (kp // S) % block_table.shape[1])
+    rows = page * S + kp % S
+    keys = k_cache.flatten(0, 1)[rows].to(q.dtype).transpose(1, 2)  # [B, H, context, D]
+    vals = v_cache.flatten(0, 1)[rows].to(q.dtype).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], keys, vals, attn_mask=valid[:, None, None], scale=scale
+    )[:, :, 0]
+    return torch.where((seq_lens > 0)[:, None, None], out, torch.zeros_like(out))
+
+
+def sample_tokens_torch(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0):
+    """Row-vectorised :func:`~dsm_kernels.reference.sample_tokens_ref` (topk threshold, exp race)."""
+    x = logits.float()
+    if null_logits is not None:
+        n = null_logits.float()
+        x = n + (x - n) * cfg_coef
+    B, V = x.shape
+    greedy = x.argmax(dim=-1)
+    t = temperature.float()
+    p = torch.softmax(x / torch.where(t > 0, t, 1.0)[:, None], dim=-1)
+    if 0 < top_k < V:
+        keep = x >= x.topk(top_k, dim=-1).values[:, -1:]
+    else:
+        keep = torch.ones_like(x, dtype=torch.bool)
+    u = reference.sampling_uniform_ref(seeds, steps, V)
+    score = torch.where(keep, p / -torch.log(u), -1.0)
+    return torch.where(t > 0, score.argmax(-1), greedy)
+
+
+def kernel_device(backend: str) -> torch.device:
+    """The device a kernel test of ``backend`` runs on: the GPU when present, else the CPU (Triton interpreter)."""
+    from . import available_backends
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if backend not in available_backends(device):
+        raise RuntimeError(
+            f"backend {backend!r} unavailable on {device}: build dsm_kernels._C, or set TRITON_INTERPRET=1 on CPU"
+        )
+    return device
