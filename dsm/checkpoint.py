@@ -1,0 +1,523 @@
+"""Checkpoint files: expected LM tensors, validated loading, resolution (local dir / Hugging Face) and random
+checkpoints with the released layout (DSM-SPEC §8).
+
+Tensor names follow the released PyTorch checkpoints: attention projections of a multi-weight-set depformer are
+stored stacked (``self_attn.in_proj_weight`` ``[sets·3d, d]``, ``self_attn.out_proj.weight`` ``[sets·d, d]``); the
+unstacked ``in_projs.{i}.weight`` / ``out_projs.{i}.weight`` forms are accepted at load and stacked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CheckpointConfig, ConfigError, LMConfig, config_to_dict, parse_config
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not match its config."""
+
+
+TensorSpec = tuple[tuple[int, ...], torch.dtype]
+
+FP32_PREFIXES = ("condition_provider.", "fuser.")
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_UNSTACKED = re.compile(r"^(?P<prefix>.*)\.(?P<kind>in_projs|out_projs)\.(?P<idx>\d+)\.weight$")
+
+
+def is_fp32_key(name: str) -> bool:
+    """Keys kept in float32 whatever the LM dtype (conditioners and fuser, as moshi does)."""
+    return name.startswith(FP32_PREFIXES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expected tensors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _norm(out: dict, prefix: str, norm: str, d: int) -> None:
+    if norm.startswith("layer_norm"):
+        out[f"{prefix}.weight"] = (d,)
+        out[f"{prefix}.bias"] = (d,)
+    else:
+        out[f"{prefix}.alpha"] = (1, 1, d)
+
+
+def _embedding(out: dict, prefix: str, num: int, dim: int, *, norm: bool, low_rank: int | None = None,
+               demux: bool = False) -> None:
+    inner = low_rank or dim
+    out[f"{prefix}.weight"] = (num, inner)
+    if norm and not demux:
+        out[f"{prefix}.norm.weight"] = (inner,)
+        out[f"{prefix}.norm.bias"] = (inner,)
+    if low_rank:
+        out[f"{prefix}.low_rank.weight"] = (dim, low_rank)
+    if demux:
+        out[f"{prefix}.out1.weight"] = (dim, inner)
+        out[f"{prefix}.out2.weight"] = (dim, inner)
+
+
+def gating_hidden(d: int, dim_feedforward: int) -> int:
+    """Hidden width of moshi's ``ActivationGating`` for a model width ``d`` and a nominal FFN width."""
+    return (21 * d) // 8 if dim_feedforward == 4 * d else (2 * dim_feedforward) // 3
+
+
+def _transformer(out: dict, prefix: str, *, d: int, num_heads: int, num_layers: int, ffn: int, norm: str,
+                 gating: str, layer_scale: float | None, kv_repeat: int, weight_sets: int, per_step: bool,
+                 cross_attention: bool) -> None:
+    head_dim = d // num_heads
+    qkv = d + 2 * head_dim * (num_heads // kv_repeat)
+    for layer in range(num_layers):
+        p = f"{prefix}.layers.{layer}"
+        out[f"{p}.self_attn.in_proj_weight"] = (weight_sets * qkv, d)
+        out[f"{p}.self_attn.out_proj.weight"] = (weight_sets * d, d)
+        _norm(out, f"{p}.norm1", norm, d)
+        _norm(out, f"{p}.norm2", norm, d)
+        if gating == "none":
+            out[f"{p}.linear1.weight"] = (ffn, d)
+            out[f"{p}.linear2.weight"] = (d, ffn)
+        else:
+            h = gating_hidden(d, ffn)
+            gates = [f"{p}.gating.{j}" for j in range(weight_sets)] if per_step else [f"{p}.gating"]
+            for g in gates:
+                out[f"{g}.linear_in.weight"] = (2 * h, d)
+                out[f"{g}.linear_out.weight"] = (d, h)
+        if cross_attention:
+            out[f"{p}.cross_attention.in_proj_weight"] = (qkv, d)
+            out[f"{p}.cross_attention.out_proj.weight"] = (d, d)
+            out[f"{p}.norm_cross.weight"] = (d,)
+            out[f"{p}.norm_cross.bias"] = (d,)
+        if layer_scale is not None:
+            out[f"{p}.layer_scale_1.scale"] = (d,)
+            out[f"{p}.layer_scale_2.scale"] = (d,)
+            if cross_attention:
+                out[f"{p}.layer_scale_cross.scale"] = (d,)
+
+
+def expected_lm_tensors(cfg: LMConfig | CheckpointConfig, dtype: torch.dtype = torch.bfloat16
+                        ) -> dict[str, TensorSpec]:
+    """Released tensor names -> (shape, dtype) of the LM described by ``cfg`` (stacked attention projections).
+
+    ``dtype`` is the LM dtype (bf16 on disk); ``condition_provider.*`` / ``fuser.*`` tensors are float32.
+    """
+    if isinstance(cfg, CheckpointConfig):
+        cfg = cfg.lm
+    shapes: dict[str, tuple[int, ...]] = {}
+    d = cfg.dim
+    for k in range(cfg.n_q):
+        _embedding(shapes, f"emb.{k}", cfg.card + 1, d, norm=cfg.norm_emb)
+    _embedding(shapes, "text_emb", cfg.text_card + 1, d, norm=cfg.norm_emb, demux=cfg.demux_second_text_stream)
+    shapes["text_linear.weight"] = (cfg.text_out, d)
+    if cfg.bias_proj:
+        shapes["text_linear.bias"] = (cfg.text_out,)
+    _transformer(shapes, "transformer", d=d, num_heads=cfg.num_heads, num_layers=cfg.num_layers, ffn=cfg.ffn_dim,
+                 norm=cfg.norm, gating=cfg.gating, layer_scale=cfg.layer_scale, kv_repeat=cfg.kv_repeat,
+                 weight_sets=1, per_step=False, cross_attention=cfg.cross_attention)
+    _norm(shapes, "out_norm", cfg.norm, d)
+    dd = cfg.depformer_dim
+    for i in range(cfg.dep_num_in):
+        shapes[f"depformer_in.{i}.weight"] = (dd, d)
+    if cfg.dep_q > 0:
+        low_rank = cfg.depformer_low_rank_embeddings
+        for k in range(cfg.dep_q - 1):
+            _embedding(shapes, f"depformer_emb.{k}", cfg.card + 1, dd, norm=cfg.norm_emb, low_rank=low_rank)
+        _embedding(shapes, "depformer_text_emb", cfg.text_card + 1, dd, norm=cfg.norm_emb, low_rank=low_rank,
+                   demux=cfg.demux_second_text_stream)
+        if cfg.depformer_norm is not None:
+            for k in range(cfg.dep_q):
+                _norm(shapes, f"depformer_norms.{k}", cfg.depformer_norm, dd)
+        dep_layer_scale = cfg.depformer_layer_scale if cfg.depformer_layer_scale is not None else cfg.layer_scale
+        _transformer(shapes, "depformer", d=dd, num_heads=cfg.dep_num_heads, num_layers=cfg.dep_num_layers,
+                     ffn=cfg.dep_ffn_dim, norm=cfg.norm, gating=cfg.dep_gating, layer_scale=dep_layer_scale,
+                     kv_repeat=cfg.kv_repeat, weight_sets=cfg.dep_weight_sets,
+                     per_step=cfg.depformer_weights_per_step, cross_attention=False)
+    for i in range(cfg.extra_heads_num_heads):
+        shapes[f"extra_heads.{i}.weight"] = (cfg.extra_heads_dim, d)
+    for k in range(cfg.dep_q):
+        shapes[f"linears.{k}.weight"] = (cfg.card, dd)
+        if cfg.bias_proj:
+            shapes[f"linears.{k}.bias"] = (cfg.card,)
+    for c in cfg.conditioners:
+        p = f"condition_provider.conditioners.{c.name}"
+        out_dim = c.output_dim or d
+        if c.type == "lut":
+            shapes[f"{p}.embed.weight"] = (c.n_bins + 1, c.dim)
+        if c.force_linear or c.dim != out_dim:
+            shapes[f"{p}.output_proj.weight"] = (out_dim, c.dim)
+            if c.output_bias:
+                shapes[f"{p}.output_proj.bias"] = (out_dim,)
+        if c.learn_padding:
+            shapes[f"{p}.learnt_padding"] = (1, 1, out_dim)
+    return {k: (v, torch.float32 if is_fp32_key(k) else dtype) for k, v in shapes.items()}
+
+
+def count_params(tensors: Mapping[str, TensorSpec]) -> int:
+    return sum(math.prod(shape) for shape, _ in tensors.values())
+
+
+def stack_projections(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Map the unstacked ``*.in_projs.{i}.weight`` / ``*.out_projs.{i}.weight`` forms (moshi's module names) to the
+    released stacked ``*.in_proj_weight`` / ``*.out_proj.weight``; ``*.in_proj.weight`` is renamed too.
+
+    Values may be tensors (stacked with ``torch.cat``, meta tensors included) or shapes (tuples).
+    """
+    out: dict[str, Any] = {}
+    groups: dict[tuple[str, str], dict[int, Any]] = {}
+    for key, value in state.items():
+        m = _UNSTACKED.match(key)
+        if m:
+            groups.setdefault((m["prefix"], m["kind"]), {})[int(m["idx"])] = value
+        elif key.endswith(".in_proj.weight"):
+            out[key[: -len(".in_proj.weight")] + ".in_proj_weight"] = value
+        else:
+            out[key] = value
+    for (prefix, kind), parts in groups.items():
+        name = f"{prefix}.in_proj_weight" if kind == "in_projs" else f"{prefix}.out_proj.weight"
+        if sorted(parts) != list(range(len(parts))):
+            raise CheckpointError(f"tensor {prefix}.{kind}.*: weight sets {sorted(parts)} are not 0..{len(parts) - 1}")
+        seq = [parts[i] for i in range(len(parts))]
+        if isinstance(seq[0], torch.Tensor):
+            out[name] = seq[0] if len(seq) == 1 else torch.cat(seq, dim=0)
+        else:
+            first = tuple(seq[0])
+            if any(tuple(s)[1:] != first[1:] for s in seq):
+                raise CheckpointError(f"tensor {prefix}.{kind}.*: weight sets have different shapes")
+            out[name] = (sum(tuple(s)[0] for s in seq), *first[1:])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safetensors reading with validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Parse and validate a safetensors header: name -> {dtype, shape, data_offsets}. Raises CheckpointError for
+    a missing, truncated or non-safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > 100_000_000:
+            raise CheckpointError(f"{path}: not a safetensors file (implausible header length {n})")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file (header of {n} bytes, file has "
+                                  f"{size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (header is not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    end_max = 0
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {info!r}")
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        itemsize = torch.empty((), dtype=_ST_DTYPES[info["dtype"]]).element_size()
+        if end - begin != math.prod(info["shape"]) * itemsize or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r}: data offsets {info['data_offsets']} do not match "
+                                  f"shape {info['shape']} of {info['dtype']}")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} needs bytes up to {8 + n + end}, file "
+                                  f"has {size}")
+        end_max = max(end_max, end)
+    if end_max != data_size:
+        raise CheckpointError(f"{path}: corrupt file: tensor data ends at byte {8 + n + end_max} but the file has "
+                              f"{size} bytes")
+    return header
+
+
+def check_lm_header(path: str | Path, cfg: LMConfig | CheckpointConfig) -> dict[str, dict[str, Any]]:
+    """Validate names, shapes and dtypes of the LM file at ``path`` against ``cfg``; returns the header."""
+    path = Path(path)
+    header = read_safetensors_header(path)
+    expected = expected_lm_tensors(cfg)
+    shapes = {name: tuple(info["shape"]) for name, info in header.items()}
+    try:
+        canon = stack_projections(shapes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    for name, info in header.items():
+        dt = _ST_DTYPES[info["dtype"]]
+        if not dt.is_floating_point:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, expected a float dtype")
+    missing = [k for k in expected if k not in canon]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
+    unexpected = [k for k in canon if k not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r}{more} (not in the config's model)")
+    for name, (shape, _) in expected.items():
+        got = canon[name]
+        if got != shape and not _alpha_compatible(name, got, shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+    return header
+
+
+def _alpha_compatible(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """RMS norm scales are ``[1,1,d]``; converted copies store ``[d]``: accepted."""
+    return name.endswith(".alpha") and len(want) == 3 and got == (want[-1],)
+
+
+def load_lm_state_dict(path: str | Path, cfg: LMConfig | CheckpointConfig, dtype: torch.dtype = torch.bfloat16,
+                       device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load and validate an LM safetensors file; released (stacked) names, float tensors cast to ``dtype`` except
+    the fp32 conditioner / fuser tensors. Every check runs before any tensor is read."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    check_lm_header(path, cfg)
+    expected = expected_lm_tensors(cfg, dtype)
+    raw: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                raw[name] = t.float() if is_fp32_key(name) else t.to(dtype)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
+    state = stack_projections(raw)
+    out = {}
+    for name, (shape, _) in expected.items():
+        t = state[name]
+        if tuple(t.shape) != shape:
+            t = t.reshape(shape)
+        out[name] = t.to(device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolution: local directory, hf://owner/repo[/path], --hf-repo
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    config: CheckpointConfig
+    config_path: Path
+    lm_weights: Path
+    mimi_weights: Path
+    tokenizer: Path
+    source: str = ""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_file(repo: str, filename: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Path of ``filename`` of the Hugging Face repo ``repo`` (downloaded, or from the cache when offline)."""
+    from huggingface_hub import hf_hub_download
+
+    cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE") or None
+    offline = _offline()
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=offline))
+    except Exception as e:  # huggingface_hub has many error classes across versions
+        where = f"hf://{repo}/{filename}" + (f"@{revision}" if revision else "")
+        hint = " (HF_HUB_OFFLINE is set: only the local cache"
+        hint += f" {cache_dir} was searched)" if cache_dir else " was searched)"
+        raise CheckpointError(f"{where}: cannot get file: {type(e).__name__}: {e}"
+                              + (hint if offline else "")) from None
+
+
+def _split_hf(url: str) -> tuple[str, str]:
+    parts = [p for p in url.removeprefix("hf://").split("/") if p]
+    if len(parts) < 2:
+        raise CheckpointError(f"{url}: expected hf://owner/repo[/path/to/config.json]")
+    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
+
+
+def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None = None,
+                       revision: str | None = None, cache_dir: str | Path | None = None) -> CheckpointFiles:
+    """Find config.json, LM weights, Mimi weights and tokenizer of a checkpoint.
+
+    ``checkpoint``: a local directory holding ``config.json`` and the files it names, a path to such a
+    ``config.json``, or ``hf://owner/repo[/dir/config.json]``. ``hf_repo``: ``owner/name`` on the Hugging Face hub
+    (honours ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE``). Exactly one of the two must be given.
+    """
+    if (checkpoint is None) == (hf_repo is None):
+        raise CheckpointError("give exactly one of a checkpoint directory (--checkpoint) or a hub repo (--hf-repo)")
+    if checkpoint is not None and str(checkpoint).startswith("hf://"):
+        hf_repo, inner = _split_hf(str(checkpoint))
+        if inner and not inner.endswith(".json"):
+            inner = f"{inner}/config.json"
+        config_name = inner or "config.json"
+    elif hf_repo is not None:
+        if hf_repo.startswith("hf://"):
+            hf_repo, _ = _split_hf(hf_repo)
+        config_name = "config.json"
+    else:
+        return _resolve_local(Path(checkpoint))
+
+    assert hf_repo is not None
+    folder = config_name.rpartition("/")[0]
+    config_path = hub_file(hf_repo, config_name, revision, cache_dir)
+    cfg = _load_config(config_path)
+
+    def get(name: str) -> Path:
+        if name.startswith("hf://"):
+            repo, fname = _split_hf(name)
+            return hub_file(repo, fname, revision, cache_dir)
+        return hub_file(hf_repo, f"{folder}/{name}" if folder else name, revision, cache_dir)
+
+    return CheckpointFiles(config=cfg, config_path=config_path, lm_weights=get(cfg.moshi_name),
+                           mimi_weights=get(cfg.mimi_name), tokenizer=get(cfg.tokenizer_name),
+                           source=f"hf://{hf_repo}" + (f"@{revision}" if revision else ""))
+
+
+def _load_config(path: Path) -> CheckpointConfig:
+    try:
+        return CheckpointConfig.from_file(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _resolve_local(path: Path) -> CheckpointFiles:
+    if path.is_file() and path.suffix == ".json":
+        config_path, root = path, path.parent
+    elif path.is_dir():
+        config_path, root = path / "config.json", path
+        if not config_path.is_file():
+            raise CheckpointError(f"{path}: checkpoint directory has no config.json")
+    else:
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    cfg = _load_config(config_path)
+
+    def get(name: str, what: str) -> Path:
+        if name.startswith("hf://"):
+            repo, fname = _split_hf(name)
+            return hub_file(repo, fname)
+        p = Path(name.removeprefix("file://"))
+        p = p if p.is_absolute() else root / p
+        if not p.is_file():
+            raise CheckpointError(f"{p}: {what} file named by {config_path} not found")
+        return p
+
+    return CheckpointFiles(config=cfg, config_path=config_path, lm_weights=get(cfg.moshi_name, "LM weights"),
+                           mimi_weights=get(cfg.mimi_name, "Mimi weights"),
+                           tokenizer=get(cfg.tokenizer_name, "tokenizer"), source=str(root))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _init_value(name: str, shape: tuple[int, ...], gen: torch.Generator, layer_scale: float) -> torch.Tensor:
+    if name.endswith(".alpha") or (name.endswith(".weight") and len(shape) == 1):  # norm scales (1-D weights)
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if name.endswith(".scale"):
+        return torch.full(shape, layer_scale)
+    return torch.randn(shape, generator=gen) * 0.02
+
+
+def write_safetensors_streaming(path: str | Path, specs: Mapping[str, TensorSpec],
+                                make: Any, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file tensor by tensor (memory bounded by the largest tensor).
+
+    ``make(name, shape, dtype) -> Tensor`` is called once per tensor, in sorted name order.
+    """
+    path = Path(path)
+    names = sorted(specs)
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name in names:
+        shape, dtype = specs[name]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            shape, dtype = specs[name]
+            t = make(name, shape, dtype).to(dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"tensor {name}: made shape {tuple(t.shape)}, expected {shape}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    tmp.replace(path)
+    return path
+
+
+def _as_config_dict(preset_or_config: str | Mapping[str, Any] | CheckpointConfig) -> dict[str, Any]:
+    if isinstance(preset_or_config, str):
+        from .presets import preset_config
+
+        return preset_config(preset_or_config)
+    if isinstance(preset_or_config, CheckpointConfig):
+        return dict(preset_or_config.raw) if preset_or_config.raw else config_to_dict(preset_or_config)
+    return json.loads(json.dumps(dict(preset_or_config)))
+
+
+def write_random_checkpoint(preset_or_config: str | Mapping[str, Any] | CheckpointConfig, out_dir: str | Path,
+                            seed: int = 0, dtype: torch.dtype = torch.bfloat16, mimi: bool = True,
+                            tokenizer: bool = True) -> Path:
+    """Write a complete random checkpoint directory (config.json, LM weights, Mimi weights, tokenizer).
+
+    LM tensors have the released names/shapes (``expected_lm_tensors``), ``dtype`` for the LM and float32 for the
+    conditioners; linears/embeddings ~ N(0, 0.02²), norm scales 1, biases 0. Deterministic for a given seed.
+    """
+    data = _as_config_dict(preset_or_config)
+    out_dir = Path(out_dir)
+    where = f"{out_dir / 'config.json'}"
+    cfg = parse_config(data, where)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    specs = expected_lm_tensors(cfg, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    layer_scale = cfg.lm.layer_scale if cfg.lm.layer_scale is not None else 0.1
+
+    def make(name: str, shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+        return _init_value(name, shape, gen, layer_scale)
+
+    write_safetensors_streaming(out_dir / cfg.moshi_name, specs, make)
+    if mimi:
+        try:
+            from .mimi import save_random_mimi
+        except ImportError as e:
+            raise CheckpointError(f"cannot write random Mimi weights: dsm.mimi.save_random_mimi missing ({e})") from e
+        save_random_mimi(out_dir / cfg.mimi_name, seed)
+    if tokenizer:
+        from .tokenizer import train_random_tokenizer
+
+        train_random_tokenizer(out_dir / cfg.tokenizer_name, cfg.lm.text_card, seed)
+    return out_dir
+
