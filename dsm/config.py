@@ -66,7 +66,6 @@ class LMConfig:
     num_heads: int = 8
     num_layers: int = 8
     hidden_scale: float = 4.0
-    dim_feedforward: int | None = None
     norm: str = "layer_norm"
     norm_emb: bool = False
     bias_proj: bool = False
@@ -119,8 +118,8 @@ class LMConfig:
 
     @property
     def ffn_dim(self) -> int:
-        """``dim_feedforward`` as moshi computes it: ``int(hidden_scale * dim)`` unless given."""
-        return self.dim_feedforward if self.dim_feedforward is not None else int(self.hidden_scale * self.dim)
+        """``dim_feedforward`` as moshi computes it: ``int(hidden_scale * dim)``."""
+        return int(self.hidden_scale * self.dim)
 
     @property
     def dep_num_heads(self) -> int:
@@ -271,6 +270,8 @@ _LM_FIELDS = {f.name: f for f in dataclasses.fields(LMConfig)}
 # Keys moshi's loader accepts and drops, or renames.
 _DROPPED = {"depformer_causal", "lora_rank", "lora_scaling", "quantize", "gradient_checkpointing"}
 _RENAMED = {"demux_second_stream": "demux_second_text_stream"}
+_ALWAYS_WRITTEN = {"card", "n_q", "dep_q", "delays", "text_card", "dim", "num_heads", "num_layers", "hidden_scale",
+                   "norm", "context", "max_period", "positional_embedding", "gating", "causal"}
 _STT_KEYS = {"audio_delay_seconds", "audio_silence_prefix_seconds"}
 _TTS_KEYS = {"audio_delay", "second_stream_ahead", "multistream"}
 
@@ -409,6 +410,8 @@ def config_to_dict(cfg: CheckpointConfig) -> dict[str, Any]:
         if f.name in ("conditioners", "fuser"):
             continue
         value = getattr(lm, f.name)
+        if value == f.default and f.name not in _ALWAYS_WRITTEN:
+            continue
         if isinstance(value, tuple):
             value = list(value)
         out[f.name] = value

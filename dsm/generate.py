@@ -1,0 +1,215 @@
+"""Streaming generation with explicit per-stream state, equivalent to moshi's ``LMGen`` (DSM-SPEC §4).
+
+One :class:`GenState` holds everything a batch of stream slots carries between steps: the delayed token cache,
+offsets, the paged KV cache and positions, the exec mask, the conditioning. :meth:`Generator.step` runs one 80 ms
+frame for all slots; hooks may edit the text logits, replace the text token and edit the audio tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import dsm_kernels
+
+from .conditioning import condition_tensors, null_condition_values
+from .kv_cache import PagedKVCache
+from .model import LMModel
+
+ZERO_TOKEN = -1  # embeds to an exact zero vector
+UNGENERATED_TOKEN = -2  # fill value of the token cache; never reaches an embedding
+
+
+@dataclass
+class GenState:
+    cache: torch.Tensor  # [B, K, CT] delayed token cache
+    offsets: torch.Tensor  # [B] frames processed since reset
+    exec_mask: torch.Tensor  # [B] bool
+    seeds: torch.Tensor  # [B] int64 sampling seeds
+    kv: PagedKVCache  # rows = B, or 2B with CFG (conditional rows first)
+    positions: torch.Tensor  # [rows] tokens in the KV cache since reset
+    cond_sum: torch.Tensor | None = None  # [rows, d]
+    cross_kv: list | None = None  # per layer (k, v) [rows, H, S, D]
+    masked_until: torch.Tensor | None = None  # [B] CFG prefix masking
+    offset_cpu: int = 0  # host step counter (moshi's global ``offset_cpu``)
+
+    @property
+    def batch_size(self) -> int:
+        return self.offsets.shape[0]
+
+
+@dataclass
+class StepOutput:
+    tokens: torch.Tensor | None  # [B, 1 + dep_q] un-delayed frame, or None during the first max_delay steps
+    text_token: torch.Tensor  # [B] text token sampled (after the hook) at this step
+    z: torch.Tensor  # [B, d] temporal transformer output (after out_norm), conditional rows
+    text_logits: torch.Tensor  # [B, text_out] (after CFG)
+
+
+class Generator:
+    """moshi ``LMGen`` over an :class:`LMModel`, with state passed explicitly."""
+
+    def __init__(self, model: LMModel, *, use_sampling: bool = True, temp: float = 0.8, temp_text: float = 0.7,
+                 top_k: int = 250, top_k_text: int = 25, cfg_coef: float = 1.0, cfg_is_no_text: bool = False,
+                 cfg_is_masked_until: list[int] | None = None, support_out_of_sync: bool = False,
+                 page_size: int = 16, backend: str | None = None):
+        self.model = model
+        cfg = model.cfg
+        self.use_sampling, self.temp, self.temp_text = use_sampling, temp, temp_text
+        self.top_k, self.top_k_text = top_k, top_k_text
+        self.cfg_coef, self.cfg_is_no_text, self.cfg_is_masked_until = cfg_coef, cfg_is_no_text, cfg_is_masked_until
+        self.support_out_of_sync = support_out_of_sync
+        self.page_size, self.backend = page_size, backend
+        self.max_delay = cfg.max_delay
+        device = next(model.parameters()).device
+        self.device = device
+        self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
+        self.initial = model.initial_tokens(1, device)[0]
+        self.tables = model.fused_embedding_tables()
+        if cfg_coef != 1.0 and not cfg_is_no_text and cfg_is_masked_until is None and model.condition_provider is None:
+            raise ValueError("cfg_coef != 1 needs conditions, cfg_is_no_text or cfg_is_masked_until")
+
+    @property
+    def cfg_rows(self) -> int:
+        return 2 if self.cfg_coef != 1.0 else 1
+
+    def init_state(self, batch_size: int, conditions: dict | None = None, seed: int = 0) -> GenState:
+        """A fresh state for ``batch_size`` slots; ``conditions`` maps condition name -> per-slot values."""
+        m, cfg, dev = self.model, self.model.cfg, self.device
+        rows = batch_size * self.cfg_rows
+        dtype = next(m.transformer.parameters()).dtype
+        kv = PagedKVCache.allocate(num_layers=cfg.num_layers, batch_size=rows, heads=cfg.num_heads // cfg.kv_repeat,
+                                   head_dim=cfg.head_dim, context=cfg.context, page_size=self.page_size,
+                                   dtype=dtype, device=dev)
+        state = GenState(
+            cache=torch.full((batch_size, cfg.num_codebooks, self.max_delay + 2), UNGENERATED_TOKEN, device=dev),
+            offsets=torch.zeros(batch_size, dtype=torch.long, device=dev),
+            exec_mask=torch.ones(batch_size, dtype=torch.bool, device=dev),
+            seeds=seed + torch.arange(batch_size, dtype=torch.long, device=dev),
+            kv=kv, positions=torch.zeros(rows, dtype=torch.long, device=dev))
+        if self.cfg_is_masked_until is not None:
+            state.masked_until = torch.tensor(self.cfg_is_masked_until, dtype=torch.long, device=dev)
+        if m.condition_provider is not None:
+            if conditions is None:
+                raise ValueError("this model is conditioned: pass `conditions` (e.g. speaker_wavs, cfg, control)")
+            self.set_conditions(state, conditions)
+        elif conditions:
+            raise ValueError("this model has no conditioners, but conditions were given")
+        return state
+
+    def set_conditions(self, state: GenState, conditions: dict) -> None:
+        """Compute the sum vector and cross-attention K/V of every slot (CFG: the null half is derived)."""
+        m = self.model
+        dtype = next(m.transformer.parameters()).dtype
+        with torch.no_grad():
+            total, cross = condition_tensors(m.condition_provider, m.cfg.fuser, conditions)
+            if self.cfg_rows == 2:
+                null_total, null_cross = condition_tensors(
+                    m.condition_provider, m.cfg.fuser, null_condition_values(m.condition_provider, conditions))
+                total = torch.cat([total, null_total]) if total is not None else None
+                cross = torch.cat([cross, null_cross]) if cross is not None else None
+            state.cond_sum = total[:, 0].to(dtype) if total is not None else None
+            state.cross_kv = m.cross_kv(cross.to(dtype)) if cross is not None else None
+
+    def reset(self, state: GenState, mask: torch.Tensor) -> None:
+        """Restart the selected slots (``mask`` [B] bool): offsets and KV positions to 0, exec mask on."""
+        mask = mask.to(state.offsets.device)
+        state.offsets.masked_fill_(mask, 0)
+        state.positions.masked_fill_(mask.repeat(self.cfg_rows), 0)
+        state.exec_mask |= mask
+        state.offset_cpu = 0  # as moshi: the host counter is global
+
+    def _sample(self, state: GenState, logits: torch.Tensor, temp: float, top_k: int, stream: int) -> torch.Tensor:
+        B = state.batch_size
+        null = None
+        if logits.shape[0] == 2 * B:
+            logits, null = logits[:B], logits[B:]
+        t = temp if self.use_sampling else 0.0
+        temperature = torch.full((B,), t, dtype=torch.float32, device=logits.device)
+        steps = state.offsets * (self.model.cfg.dep_q + 1) + stream
+        return dsm_kernels.sample_tokens(logits, temperature, top_k, state.seeds, steps, null_logits=null,
+                                         cfg_coef=self.cfg_coef, backend=self.backend)
+
+    @torch.no_grad()
+    def step(self, state: GenState, input_tokens: torch.Tensor | None = None, *,
+             depformer_replace_tokens: torch.Tensor | None = None,
+             on_text_logits: Callable[[torch.Tensor], None] | None = None,
+             on_text: Callable[[torch.Tensor], None] | None = None,
+             on_audio: Callable[[torch.Tensor], None] | None = None) -> StepOutput | None:
+        """One frame for every slot. ``input_tokens``: [B, n_in] (or [B, n_in, 1]) tokens of the input-only
+        streams (the audio codes for STT). ``tokens`` of the output is None while ``offset_cpu <= max_delay``
+        (synchronous mode), as moshi returns nothing then."""
+        m, cfg = self.model, self.model.cfg
+        B, K, CT, dq = state.batch_size, cfg.num_codebooks, state.cache.shape[2], cfg.dep_q
+        ex = state.exec_mask
+        n_in = K - dq - 1
+        if n_in:
+            if input_tokens is None:
+                raise ValueError(f"input_tokens: expected [B={B}, {n_in}] tokens of the input streams, got None")
+            if input_tokens.dim() == 3:
+                input_tokens = input_tokens[..., 0]
+            if input_tokens.shape[0] != B or input_tokens.shape[1] < n_in:
+                raise ValueError(f"input_tokens: expected shape [{B}, {n_in}], got {tuple(input_tokens.shape)}")
+            cols = (state.offsets[:, None] + self.delays[dq + 1 :][None]) % CT
+            user = state.cache[:, dq + 1 :]
+            cur = user.gather(2, cols[..., None])[..., 0]
+            user.scatter_(2, cols[..., None], torch.where(ex[:, None], input_tokens[:, :n_in].long(), cur)[..., None])
+
+        is_init = (state.offsets[:, None] <= self.delays[None]) | ~ex[:, None]
+        inp = state.cache.gather(2, (state.offsets % CT)[:, None, None].expand(B, K, 1))[..., 0]
+        inp = torch.where(is_init, self.initial[None], inp)
+        if self.cfg_rows == 2:
+            null = inp
+            if state.masked_until is not None:
+                zeroed = state.offsets[:, None] <= self.delays[None] + state.masked_until[:, None]
+                null = torch.where(zeroed & ~is_init, ZERO_TOKEN, inp)
+            if self.cfg_is_no_text:
+                null = null.clone()
+                null[:, 0] = torch.where(~is_init[:, 0], ZERO_TOKEN, null[:, 0])
+            inp = torch.cat([inp, null])
+
+        write = ex.repeat(self.cfg_rows)
+        z, text_logits = m.step_text(inp, state.kv, state.positions, write, tables=self.tables,
+                                     cond_sum=state.cond_sum, cross_kv=state.cross_kv, backend=self.backend)
+        state.positions = torch.where(write, state.positions + 1, state.positions)
+
+        if self.cfg_rows == 2:
+            cond, null = text_logits[:B], text_logits[B:]
+            text_logits = cond if self.cfg_is_no_text else null + (cond - null) * self.cfg_coef
+        if on_text_logits is not None:
+            text_logits = text_logits.clone()
+            on_text_logits(text_logits)
+        text_token = self._sample(state, text_logits, self.temp_text, self.top_k_text, 0)
+        if on_text is not None:
+            on_text(text_token)
+
+        audio = None
+        if dq:
+            if depformer_replace_tokens is not None:
+                audio = depformer_replace_tokens.reshape(B, dq).long().clone()
+            else:
+                def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
+                    return self._sample(state, logits, self.temp, self.top_k, k + 1)
+
+                audio = m.depformer_step(text_token, z, sample)
+            if on_audio is not None:
+                on_audio(audio)
+
+        state.offsets = torch.where(ex, state.offsets + 1, state.offsets)
+        state.offset_cpu += 1
+        col = (state.offsets % CT)[:, None, None]
+        new = text_token[:, None] if audio is None else torch.cat([text_token[:, None], audio], dim=1)
+        gen = state.cache[:, : 1 + dq]
+        cur = gen.gather(2, col.expand(B, 1 + dq, 1))[..., 0]
+        gen.scatter_(2, col.expand(B, 1 + dq, 1), torch.where(ex[:, None], new, cur)[..., None])
+
+        out = StepOutput(None, text_token, z[:B], text_logits[:B])
+        if not self.support_out_of_sync and state.offset_cpu <= self.max_delay:
+            return out
+        idx = (state.offsets[:, None] - self.max_delay + self.delays[None, : 1 + dq]) % CT
+        tokens = gen.gather(2, idx[..., None])[..., 0]
+        invalid = (state.offsets <= self.max_delay) | ~ex
+        out.tokens = torch.where(invalid[:, None], UNGENERATED_TOKEN, tokens)
+        return out

@@ -1,0 +1,308 @@
+"""The thin DSM model: temporal transformer, text/extra heads and depth transformer (DSM-SPEC §2-3).
+
+Two entry points share every weight:
+
+* :meth:`LMModel.forward` — teacher-forced pass over a whole code sequence (moshi ``LMModel.forward``), used to
+  check parity and streaming equivalence;
+* :meth:`LMModel.step_text` / :meth:`LMModel.depformer_step` — one streaming step for a batch of stream slots, with
+  explicit state (paged KV cache, positions, write mask). Hot ops go through ``dsm_kernels``.
+
+Parameter names equal the released checkpoints' tensor names, so ``load_state_dict`` takes them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dsm_kernels
+from dsm_kernels.reference import kv_position_to_slot
+
+from .conditioning import ConditionProvider
+from .config import LMConfig
+from .kv_cache import PagedKVCache
+from .layers import Norm, ScaledEmbedding, TransformerLayer, Weight, apply_rope, sin_embedding
+
+
+class Transformer(nn.Module):
+    def __init__(self, *, dim: int, num_heads: int, num_layers: int, dim_feedforward: int, norm: str, gating: str,
+                 layer_scale: float | None, pos_emb: str, max_period: float, positional_scale: float = 1.0,
+                 context: int | None, sets: int = 1, schedule: tuple[int, ...] | None = None,
+                 cross_attention: bool = False, kv_repeat: int = 1):
+        super().__init__()
+        self.dim, self.num_heads, self.context = dim, num_heads, context
+        self.pos_emb, self.max_period, self.positional_scale = pos_emb, max_period, positional_scale
+        self.schedule = schedule
+        self.layers = nn.ModuleList([
+            TransformerLayer(dim, num_heads, dim_feedforward, norm=norm, gating=gating, layer_scale=layer_scale,
+                             sets=sets, cross_attention=cross_attention, kv_repeat=kv_repeat)
+            for _ in range(num_layers)
+        ])
+
+    @property
+    def rope(self) -> bool:
+        return self.pos_emb in ("rope", "sin_rope")
+
+    def add_sin(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.pos_emb in ("sin", "sin_rope"):
+            x = x + self.positional_scale * sin_embedding(positions, x.shape[-1], self.max_period, x.dtype)
+        return x
+
+    def weight_set(self, step: int) -> int:
+        return self.schedule[step] if self.schedule is not None else step
+
+    def forward(self, x: torch.Tensor, cross_kv: list | None = None, per_step_weights: bool = False) -> torch.Tensor:
+        """Whole-sequence pass. ``x`` [B, T, d]; positions 0..T-1; moshi's mask ``0 <= q - k < context``."""
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)
+        x = self.add_sin(x, pos[None].expand(B, T))
+        delta = pos[:, None] - pos[None, :]
+        mask = delta >= 0
+        if self.context is not None:
+            mask &= delta < self.context
+        for i, layer in enumerate(self.layers):
+            h = layer.norm1(x)
+            if per_step_weights:  # depformer: position t uses weight set schedule[t]
+                parts = [layer.self_attn.qkv(h[:, t], self.weight_set(t)) for t in range(T)]
+                q, k, v = (torch.stack(p, dim=1) for p in zip(*parts, strict=True))
+            else:
+                q, k, v = layer.self_attn.qkv(h)
+            if self.rope:
+                q, k = apply_rope(q, pos, self.max_period), apply_rope(k, pos, self.max_period)
+            k, v = _repeat_kv(k, layer), _repeat_kv(v, layer)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+            a = a.transpose(1, 2).reshape(B, T, -1)
+            if per_step_weights:
+                a = torch.stack([layer.self_attn.out(a[:, t], self.weight_set(t)) for t in range(T)], dim=1)
+            else:
+                a = layer.self_attn.out(a)
+            x = x + layer.layer_scale_1(a)
+            if layer.cross_attention is not None:
+                x = x + layer.layer_scale_cross(_cross_attend(layer, x, *cross_kv[i]))
+            h = layer.norm2(x)
+            if per_step_weights:
+                f = torch.stack([layer.ffn(h[:, t], self.weight_set(t)) for t in range(T)], dim=1)
+            else:
+                f = layer.ffn(h)
+            x = x + layer.layer_scale_2(f)
+        return x
+
+
+def _repeat_kv(x: torch.Tensor, layer: TransformerLayer) -> torch.Tensor:
+    rep = layer.self_attn.num_heads // layer.self_attn.kv_heads
+    return x if rep == 1 else x.repeat_interleave(rep, dim=-2)
+
+
+def _cross_attend(layer: TransformerLayer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Cross-attention of ``x`` [B, T, d] over cached K/V [B, H, S, D]; no mask (DSM-SPEC §2.8)."""
+    B, T, _ = x.shape
+    q = layer.cross_attention.cross_q(layer.norm_cross(x)).transpose(1, 2)
+    a = F.scaled_dot_product_attention(q, k, v)
+    return layer.cross_attention.out(a.transpose(1, 2).reshape(B, T, -1))
+
+
+class LMModel(nn.Module):
+    """moshi's ``LMModel`` family. Build with a config, then ``load_state_dict`` a released checkpoint."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.dim
+        self.emb = nn.ModuleList([ScaledEmbedding(cfg.card + 1, d, norm=cfg.norm_emb) for _ in range(cfg.n_q)])
+        self.text_emb = ScaledEmbedding(cfg.text_card + 1, d, demux=cfg.demux_second_text_stream, norm=cfg.norm_emb)
+        self.transformer = Transformer(
+            dim=d, num_heads=cfg.num_heads, num_layers=cfg.num_layers, dim_feedforward=cfg.ffn_dim, norm=cfg.norm,
+            gating=cfg.gating, layer_scale=cfg.layer_scale, pos_emb=cfg.positional_embedding,
+            max_period=cfg.max_period, positional_scale=cfg.positional_scale, context=cfg.context,
+            cross_attention=cfg.cross_attention, kv_repeat=cfg.kv_repeat)
+        self.out_norm = Norm(cfg.norm, d)
+        self.text_linear = Weight(cfg.text_out, d)
+        self.extra_heads = nn.ModuleList([Weight(cfg.extra_heads_dim, d) for _ in range(cfg.extra_heads_num_heads)])
+        dd, lr = cfg.depformer_dim, cfg.depformer_low_rank_embeddings
+        # moshi creates the input projections even without a depformer (STT checkpoints hold none or one).
+        self.depformer_in = nn.ModuleList([Weight(dd, d) for _ in range(cfg.dep_num_in)])
+        if cfg.dep_q > 0:
+            self.depformer_emb = nn.ModuleList(
+                [ScaledEmbedding(cfg.card + 1, dd, low_rank=lr, norm=cfg.norm_emb) for _ in range(cfg.dep_q - 1)])
+            self.depformer_text_emb = ScaledEmbedding(cfg.text_card + 1, dd, low_rank=lr,
+                                                      demux=cfg.demux_second_text_stream, norm=cfg.norm_emb)
+            self.depformer = Transformer(
+                dim=dd, num_heads=cfg.dep_num_heads, num_layers=cfg.dep_num_layers, dim_feedforward=cfg.dep_ffn_dim,
+                norm=cfg.norm, gating=cfg.dep_gating, layer_scale=cfg.depformer_layer_scale,
+                pos_emb=cfg.depformer_pos_emb, max_period=cfg.dep_max_period, positional_scale=cfg.positional_scale,
+                context=None, sets=cfg.dep_weight_sets,
+                schedule=cfg.dep_schedule if cfg.depformer_weights_per_step else None, kv_repeat=cfg.kv_repeat)
+            norms = [Norm(cfg.depformer_norm, dd) if cfg.depformer_norm else nn.Identity() for _ in range(cfg.dep_q)]
+            self.depformer_norms = nn.ModuleList(norms)
+            self.linears = nn.ModuleList([Weight(cfg.card, dd) for _ in range(cfg.dep_q)])
+        self.condition_provider = ConditionProvider(cfg.conditioners) if cfg.conditioners else None
+
+    # ---- teacher forcing -----------------------------------------------------------------------------------------
+    def initial_tokens(self, batch: int, device) -> torch.Tensor:
+        """[B, K] initial token column: text ``text_card``, audio ``card``."""
+        init = torch.full((batch, self.cfg.num_codebooks), self.cfg.card, dtype=torch.long, device=device)
+        init[:, 0] = self.cfg.text_card
+        return init
+
+    def embed_sequence(self, seq: torch.Tensor) -> torch.Tensor:
+        """moshi ``forward_text`` input: sum of audio embeddings (codebook order) then text. ``seq`` [B, K, S]."""
+        x = None
+        for k in range(self.cfg.n_q):
+            e = self.emb[k](seq[:, k + 1])
+            x = e if x is None else x + e
+        t = self.text_emb(seq[:, 0])
+        return t if x is None else x + t
+
+    def cross_kv(self, cross_src: torch.Tensor | None) -> list | None:
+        """Per-layer cross-attention K/V of a cross source [B, S, d] (model dtype), or None."""
+        if cross_src is None or not self.cfg.cross_attention:
+            return None
+        return [layer.cross_attention.cross_kv(cross_src) for layer in self.transformer.layers]
+
+    def forward_text(self, seq: torch.Tensor, cond_sum: torch.Tensor | None = None,
+                     cross_src: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embed_sequence(seq)
+        if cond_sum is not None:
+            x = x + cond_sum.to(x)
+        cross = self.cross_kv(cross_src.to(x) if cross_src is not None else None)
+        z = self.out_norm(self.transformer(x, cross))
+        return z, self.text_linear(z)[:, None]
+
+    def forward(self, codes: torch.Tensor, cond_sum=None, cross_src=None):
+        """Teacher-forced pass, as moshi ``LMModel.forward``: (logits, mask, text_logits, text_mask)."""
+        cfg = self.cfg
+        B, K, T = codes.shape
+        if K != cfg.num_codebooks:
+            raise ValueError(f"codes: expected {cfg.num_codebooks} streams, got shape {tuple(codes.shape)}")
+        init = self.initial_tokens(B, codes.device)[:, :, None]
+        delayed = torch.cat([init, _delay(codes, cfg.delays, init)], dim=2)
+        z, text_logits = self.forward_text(delayed[:, :, :-1], cond_sum, cross_src)
+        logits = self.depformer_teacher_forced(delayed[:, :, 1:], z) if cfg.dep_q else None
+        text_logits, text_mask = _undelay(text_logits, cfg.delays[:1])
+        text_mask &= codes[:, :1] != -1
+        mask = None
+        if logits is not None:
+            logits, mask = _undelay(logits, cfg.delays[1 : 1 + cfg.dep_q])
+            mask &= codes[:, 1 : 1 + cfg.dep_q] != -1
+        return logits, mask, text_logits, text_mask
+
+    def depformer_input(self, k: int, z: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        idx = (self.cfg.dep_schedule[k] if self.cfg.depformer_weights_per_step_schedule else k)
+        proj = self.depformer_in[idx if self.cfg.depformer_multi_linear else 0](z)
+        emb = self.depformer_text_emb(prev) if k == 0 else self.depformer_emb[k - 1](prev)
+        return proj + emb
+
+    def depformer_teacher_forced(self, seq: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        B, _, T = seq.shape
+        inputs = [self.depformer_input(k, z, seq[:, k]) for k in range(self.cfg.dep_q)]
+        x = torch.stack(inputs, dim=2).view(B * T, self.cfg.dep_q, -1)
+        out = self.depformer(x, per_step_weights=self.cfg.depformer_weights_per_step)
+        logits = [self.linears[k](self.depformer_norms[k](out[:, k])).view(B, T, -1) for k in range(self.cfg.dep_q)]
+        return torch.stack(logits, dim=1)
+
+    # ---- streaming -----------------------------------------------------------------------------------------------
+    def fused_embedding_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(text table, stacked audio tables [n_q, card+1, d], second text table) for ``multistream_embed``.
+
+        The audio tables are stacked once and each ``emb.k.weight`` is re-pointed at its slice, so no memory is
+        duplicated. Call again after moving or reloading the model.
+        """
+        if self.cfg.n_q:
+            stacked = torch.stack([e.weight.data for e in self.emb])
+            for k, e in enumerate(self.emb):
+                e.weight.data = stacked[k]
+        else:
+            stacked = self.text_emb.weight.new_zeros(0, self.cfg.card + 1, self.cfg.dim)
+        with torch.no_grad():
+            text, text2 = self.text_emb.fused_tables()
+        return text, stacked, text2
+
+    def step_text(self, tokens: torch.Tensor, kv: PagedKVCache, positions: torch.Tensor, write: torch.Tensor, *,
+                  tables, cond_sum: torch.Tensor | None = None, cross_kv: list | None = None,
+                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One temporal step for every slot. ``tokens`` [B, K]; ``positions`` [B] (tokens written since reset);
+        ``write`` [B] bool (False: the slot's step is discarded, its cache is not written). Returns ``z`` [B, d]
+        (after ``out_norm``) and text logits [B, text_out]."""
+        tr = self.transformer
+        text, audio, text2 = tables
+        x = dsm_kernels.multistream_embed(tokens, text, audio, text_table2=text2, cond=cond_sum,
+                                          out_dtype=text.dtype, backend=backend)
+        x = tr.add_sin(x, positions)
+        slot = torch.where(write, kv_position_to_slot(kv.block_table, positions, kv.page_size), -1)
+        seq_lens = torch.where(write, positions + 1, 0).to(torch.int32)
+        for i, layer in enumerate(tr.layers):
+            q, k, v = layer.self_attn.qkv(layer.norm1(x))
+            if tr.rope:
+                q, k = apply_rope(q[:, None], positions[:, None], tr.max_period)[:, 0], apply_rope(
+                    k[:, None], positions[:, None], tr.max_period)[:, 0]
+            dsm_kernels.append_kv(kv.k[i], kv.v[i], k, v, slot, backend=backend)
+            a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
+                                                   backend=backend)
+            x = x + layer.layer_scale_1(layer.self_attn.out(a.flatten(1)))
+            if layer.cross_attention is not None:
+                x = x + layer.layer_scale_cross(_cross_attend(layer, x[:, None], *cross_kv[i])[:, 0])
+            x = x + layer.layer_scale_2(layer.ffn(layer.norm2(x)))
+        z = self.out_norm(x)
+        return z, self.text_linear(z)
+
+    def extra_head_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return [F.softmax(head(z), dim=-1) for head in self.extra_heads]
+
+    def depformer_step(self, text_token: torch.Tensor, z: torch.Tensor,
+                       sample: Callable[[int, torch.Tensor], torch.Tensor], steps: int | None = None) -> torch.Tensor:
+        """Generate the audio tokens of one frame along the codebook axis (DSM-SPEC §3).
+
+        ``sample(k, logits [B, card]) -> [B]`` picks codebook ``k``'s token (CFG mixing and sampling live there).
+        Rows of ``z`` may be 2B (CFG), the token fed back is then repeated. Returns [B, steps] int64.
+        """
+        cfg, dep = self.cfg, self.depformer
+        steps = cfg.dep_q if steps is None else steps
+        rows = z.shape[0]
+        caches: list[list[torch.Tensor]] = [[] for _ in dep.layers]
+        prev, out = text_token, []
+        for k in range(steps):
+            fed = prev.repeat(rows // prev.shape[0])
+            x = self.depformer_input(k, z, fed)
+            pos = torch.full((rows,), k, device=z.device, dtype=torch.long)
+            x = dep.add_sin(x, pos)
+            ws = dep.weight_set(k) if cfg.depformer_weights_per_step else 0
+            for i, layer in enumerate(dep.layers):
+                q, kk, v = layer.self_attn.qkv(layer.norm1(x), ws)
+                if dep.rope:
+                    q = apply_rope(q[:, None], pos[:, None], dep.max_period)[:, 0]
+                    kk = apply_rope(kk[:, None], pos[:, None], dep.max_period)[:, 0]
+                caches[i].append((_repeat_kv(kk, layer), _repeat_kv(v, layer)))
+                keys = torch.stack([c[0] for c in caches[i]], dim=2)  # [B, H, k+1, D]
+                vals = torch.stack([c[1] for c in caches[i]], dim=2)
+                a = F.scaled_dot_product_attention(q[:, :, None], keys, vals)[:, :, 0]
+                x = x + layer.layer_scale_1(layer.self_attn.out(a.flatten(1), ws))
+                x = x + layer.layer_scale_2(layer.ffn(layer.norm2(x), ws))
+            logits = self.linears[k](self.depformer_norms[k](x))
+            prev = sample(k, logits)
+            out.append(prev)
+        return torch.stack(out, dim=1)
+
+
+def _delay(codes: torch.Tensor, delays, init: torch.Tensor) -> torch.Tensor:
+    """Shift stream k right by delays[k], filling with the initial token (moshi ``_delay_sequence``)."""
+    out = codes.clone()
+    for k, d in enumerate(delays):
+        if d:
+            out[:, k, d:] = codes[:, k, :-d]
+            out[:, k, :d] = init[:, k]
+    return out
+
+
+def _undelay(logits: torch.Tensor, delays) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift stream k left by delays[k]; invalid tail positions are NaN and masked (moshi ``_undelay_sequence``)."""
+    B, K, T = logits.shape[:3]
+    out = torch.full_like(logits, float("nan"))
+    mask = torch.zeros(B, K, T, dtype=torch.bool, device=logits.device)
+    for k, d in enumerate(delays):
+        out[:, k, : T - d] = logits[:, k, d:]
+        mask[:, k, : T - d] = True
+    return out, mask

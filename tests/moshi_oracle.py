@@ -1,0 +1,68 @@
+"""Helpers to build the `moshi` reference (test-only oracle) on the same random weights as dsm."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import torch  # noqa: E402
+
+from dsm.config import config_to_dict, parse_config  # noqa: E402
+from dsm.model import LMModel  # noqa: E402
+
+
+def moshi_lm_from_config(cfg_dict: dict, seed: int = 0, dtype=torch.float32):
+    """A randomly initialised moshi LMModel built the way moshi's loader builds it from a config.json dict."""
+    from moshi.models import loaders
+
+    kwargs = {k: v for k, v in config_to_dict(parse_config(cfg_dict)).items()
+              if k not in ("model_type", "model_id", "moshi_name", "mimi_name", "tokenizer_name", "lm_gen_config",
+                           "stt_config", "tts_config", "mimi_config_name", "lora", "lora_name")}
+    if not kwargs.get("conditioners"):
+        kwargs.pop("conditioners", None)
+        kwargs.pop("fuser", None)
+    torch.manual_seed(seed)
+    model = loaders.get_moshi_lm(None, lm_kwargs=kwargs, device="cpu", dtype=dtype)
+    _randomize(model, seed)
+    return model.eval()
+
+
+def _randomize(model, seed: int) -> None:
+    """moshi leaves some weights at init values (norm alphas at 1, in_proj default); perturb all of them so that a
+    wrong mapping cannot hide."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith(("alpha", "norm1.weight", "norm2.weight", "norm_cross.weight", "out_norm.weight")):
+                p.copy_((1 + 0.1 * noise).to(p.dtype))
+            elif name.endswith("scale"):
+                p.copy_((0.5 + 0.1 * noise).to(p.dtype))
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                std = 1.0 if "emb" in name and "low_rank" not in name and "out" not in name else fan_in**-0.5
+                p.copy_((noise * std).to(p.dtype))
+
+
+def released_state_dict(moshi_model) -> dict[str, torch.Tensor]:
+    """moshi's state_dict in the released checkpoint naming (per-set in_projs/out_projs stacked back)."""
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    for k, v in moshi_model.state_dict().items():
+        for part, target in ((".in_projs.", ".in_proj_weight"), (".out_projs.", ".out_proj.weight")):
+            if part in k:
+                prefix, rest = k.split(part)
+                groups.setdefault(prefix + target, {})[int(rest.split(".")[0])] = v
+                break
+        else:
+            out[k] = v
+    for k, parts in groups.items():
+        out[k] = torch.cat([parts[i] for i in sorted(parts)])
+    return out
+
+
+def dsm_lm_from_moshi(cfg_dict: dict, moshi_model, dtype=torch.float32) -> LMModel:
+    model = LMModel(parse_config(cfg_dict).lm)
+    model.load_state_dict(released_state_dict(moshi_model), strict=True)
+    return model.to(dtype).eval()
