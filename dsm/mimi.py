@@ -1,0 +1,512 @@
+"""Mimi, Kyutai's 12.5 Hz neural audio codec, written from DSM-SPEC §7 (moshi is only a test oracle).
+
+``Mimi`` holds fp32 weights loaded from the released safetensors (318 tensors, §8.4) and is stateless: every
+stream's history lives in a :class:`MimiState` (tensors, batch first) created by :meth:`Mimi.init_state`.
+Steps update the state in place, take an ``exec_mask`` (inactive rows are frozen, §4.5) and never synchronise
+with the host, so one step can be captured in a CUDA graph per batch size.
+
+Example::
+
+    mimi = Mimi.from_file("tokenizer-e351c8d8-checkpoint125.safetensors")
+    state = mimi.init_state(batch_size=2)
+    codes = mimi.encode_step(pcm_1920, state)  # [2, 1, 1920] -> [2, 32, 1]
+    pcm = mimi.decode_step(codes, state)  # -> [2, 1, 1920]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsm.mimi_modules import (
+    KVState,
+    LayerWeights,
+    RVQGroup,
+    augment_codebook,
+    causal_conv1d,
+    conv_transpose1d,
+    init_kv_state,
+    transformer_forward,
+)
+
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920  # samples per 80 ms code frame
+CARDINALITY = 2048
+MAX_CODEBOOKS = 32
+DIM = 512
+CODE_DIM = 256
+NUM_HEADS = 8
+NUM_LAYERS = 8
+CONTEXT = 250
+MAX_PERIOD = 10000.0
+ENCODER_RATIOS = (4, 5, 6, 8)
+
+# SEANet op lists (§7.3/7.4): ("conv", key index, c_in, c_out, kernel, stride) / ("convtr", ...) / ("res", idx, ch)
+# / ("elu",). The key index is the position in the reference nn.Sequential, hence the tensor names.
+ENCODER_OPS: tuple[tuple, ...] = (
+    ("conv", 0, 1, 64, 7, 1),
+    ("res", 1, 64),
+    ("elu",),
+    ("conv", 3, 64, 128, 8, 4),
+    ("res", 4, 128),
+    ("elu",),
+    ("conv", 6, 128, 256, 10, 5),
+    ("res", 7, 256),
+    ("elu",),
+    ("conv", 9, 256, 512, 12, 6),
+    ("res", 10, 512),
+    ("elu",),
+    ("conv", 12, 512, 1024, 16, 8),
+    ("elu",),
+    ("conv", 14, 1024, 512, 3, 1),
+)
+DECODER_OPS: tuple[tuple, ...] = (
+    ("conv", 0, 512, 1024, 7, 1),
+    ("elu",),
+    ("convtr", 2, 1024, 512, 16, 8),
+    ("res", 3, 512),
+    ("elu",),
+    ("convtr", 5, 512, 256, 12, 6),
+    ("res", 6, 256),
+    ("elu",),
+    ("convtr", 8, 256, 128, 10, 5),
+    ("res", 9, 128),
+    ("elu",),
+    ("convtr", 11, 128, 64, 8, 4),
+    ("res", 12, 64),
+    ("elu",),
+    ("conv", 14, 64, 1, 3, 1),
+)
+_OLD_CODEBOOK_NAMES = {"embed_avg": "embedding_sum", "embed_sum": "embedding_sum", "cluster_size": "cluster_usage",
+                       "inited": "_initialized"}
+
+
+class MimiCheckpointError(ValueError):
+    """A Mimi checkpoint cannot be read, misses tensors, has extra ones or has a wrong shape/dtype."""
+
+
+def _seanet_convs(prefix: str, ops: tuple[tuple, ...]) -> list[tuple[str, int, int, int, int, bool]]:
+    """Flatten an op list to (tensor prefix, c_in, c_out, kernel, stride, transposed) for every conv."""
+    out = []
+    for op in ops:
+        if op[0] == "conv":
+            out.append((f"{prefix}.model.{op[1]}.conv.conv", op[2], op[3], op[4], op[5], False))
+        elif op[0] == "convtr":
+            out.append((f"{prefix}.model.{op[1]}.convtr.convtr", op[2], op[3], op[4], op[5], True))
+        elif op[0] == "res":
+            ch = op[2]
+            out.append((f"{prefix}.model.{op[1]}.block.1.conv.conv", ch, ch // 2, 3, 1, False))
+            out.append((f"{prefix}.model.{op[1]}.block.3.conv.conv", ch // 2, ch, 1, 1, False))
+    return out
+
+
+def mimi_tensor_shapes() -> dict[str, tuple[int, ...]]:
+    """Name -> shape of all 318 tensors of a released Mimi checkpoint (DSM-SPEC §8.4)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, cin, cout, k, _, transposed in _seanet_convs("encoder", ENCODER_OPS) + _seanet_convs(
+        "decoder", DECODER_OPS
+    ):
+        shapes[f"{name}.weight"] = (cin, cout, k) if transposed else (cout, cin, k)
+        shapes[f"{name}.bias"] = (cout,)
+    for side in ("encoder", "decoder"):
+        for i in range(NUM_LAYERS):
+            p = f"{side}_transformer.transformer.layers.{i}."
+            shapes[p + "self_attn.in_proj_weight"] = (3 * DIM, DIM)
+            shapes[p + "self_attn.out_proj.weight"] = (DIM, DIM)
+            for n in ("norm1", "norm2"):
+                shapes[p + f"{n}.weight"] = (DIM,)
+                shapes[p + f"{n}.bias"] = (DIM,)
+            shapes[p + "linear1.weight"] = (4 * DIM, DIM)
+            shapes[p + "linear2.weight"] = (DIM, 4 * DIM)
+            shapes[p + "layer_scale_1.scale"] = (DIM,)
+            shapes[p + "layer_scale_2.scale"] = (DIM,)
+    shapes["downsample.conv.conv.conv.weight"] = (DIM, DIM, 4)
+    shapes["upsample.convtr.convtr.convtr.weight"] = (DIM, 1, 4)
+    for group, n in (("rvq_first", 1), ("rvq_rest", MAX_CODEBOOKS - 1)):
+        p = f"quantizer.{group}."
+        shapes[p + "input_proj.weight"] = (CODE_DIM, DIM, 1)
+        shapes[p + "output_proj.weight"] = (DIM, CODE_DIM, 1)
+        for level in range(n):
+            c = f"{p}vq.layers.{level}._codebook."
+            shapes[c + "embedding_sum"] = (CARDINALITY, CODE_DIM)
+            shapes[c + "cluster_usage"] = (CARDINALITY,)
+            shapes[c + "_initialized"] = (1,)
+    return shapes
+
+
+def _rename_old(name: str) -> str:
+    head, _, last = name.rpartition(".")
+    if "_codebook" in head and last in _OLD_CODEBOOK_NAMES:
+        return f"{head}.{_OLD_CODEBOOK_NAMES[last]}"
+    return name
+
+
+def check_mimi_state_dict(sd: dict[str, torch.Tensor], source: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """Map old codebook names, then require exactly the released names and shapes; errors name file and tensor."""
+    sd = {_rename_old(k): v for k, v in sd.items()}
+    expected = mimi_tensor_shapes()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing:
+        raise MimiCheckpointError(f"{source}: {len(missing)} missing Mimi tensor(s), first: {missing[:5]}")
+    if unexpected:
+        raise MimiCheckpointError(f"{source}: {len(unexpected)} unexpected tensor(s), first: {unexpected[:5]}")
+    for name, shape in expected.items():
+        t = sd[name]
+        if tuple(t.shape) != shape:
+            raise MimiCheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.dtype.is_floating_point:
+            raise MimiCheckpointError(f"{source}: tensor {name} has dtype {t.dtype}, expected a float dtype")
+    return sd
+
+
+def load_mimi_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read and validate a Mimi safetensors file (fp32 on CPU)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise MimiCheckpointError(f"{path}: Mimi checkpoint file not found")
+    try:
+        sd = load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise MimiCheckpointError(f"{path}: cannot read Mimi safetensors ({type(e).__name__}: {e})") from e
+    return check_mimi_state_dict(sd, str(path))
+
+
+@dataclass
+class MimiState:
+    """Streaming state of ``B`` independent Mimi streams; every tensor has the batch dimension first.
+
+    ``exec_mask[b] = False`` makes steps leave row ``b`` untouched (its outputs are then garbage).
+    """
+
+    exec_mask: torch.Tensor  # [B] bool
+    enc_conv: list[torch.Tensor]  # SEANet encoder conv inputs kept for the next call, [B, C_in, Ke - S]
+    enc_kv: KVState
+    down_prev: torch.Tensor  # [B, 512, 2]
+    down_first: torch.Tensor  # [B] bool: the next call refills down_prev with its first frame (replicate pad)
+    up_partial: torch.Tensor  # [B, 512, 2]
+    dec_kv: KVState
+    dec_conv: list[torch.Tensor]  # decoder conv inputs [B, C_in, Ke - S] and convtr tails [B, C_out, K - S]
+
+    @property
+    def batch_size(self) -> int:
+        return self.exec_mask.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor (for copying/comparing whole states)."""
+        out: list[torch.Tensor] = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, KVState):
+                out += v.keys + v.values + [v.pos]
+            elif isinstance(v, list):
+                out += v
+            else:
+                out.append(v)
+        return out
+
+    def reset(self, mask: torch.Tensor) -> None:
+        """Reset rows where ``mask`` is true to a fresh stream (and make them active); other rows are untouched.
+
+        KV slots are not cleared: the counters going to zero invalidates them (§2.6). No host sync.
+        """
+        mask = mask.to(self.exec_mask.device)
+        for t in self.enc_conv + self.dec_conv + [self.down_prev, self.up_partial]:
+            t.copy_(torch.where(mask.view(-1, 1, 1), torch.zeros_like(t), t))
+        for kv in (self.enc_kv, self.dec_kv):
+            kv.pos.copy_(torch.where(mask, torch.zeros_like(kv.pos), kv.pos))
+        self.down_first.copy_(self.down_first | mask)
+        self.exec_mask.copy_(self.exec_mask | mask)
+
+    def set_exec_mask(self, mask: torch.Tensor) -> None:
+        self.exec_mask.copy_(mask)
+
+
+class Mimi:
+    """Mimi encoder/decoder over explicit fp32 weights; see the module docstring for the streaming contract."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu"):
+        if not 1 <= n_q <= MAX_CODEBOOKS:
+            raise ValueError(f"n_q must be in [1, {MAX_CODEBOOKS}], got {n_q}")
+        sd = check_mimi_state_dict(sd)
+        self.device = torch.device(device)
+        self.n_q = n_q
+        w = {k: v.to(device=self.device, dtype=torch.float32) for k, v in sd.items()}
+        self._w = w
+        self.enc_convs = _seanet_convs("encoder", ENCODER_OPS)
+        self.dec_convs = _seanet_convs("decoder", DECODER_OPS)
+        self.enc_layers = self._layers(w, "encoder_transformer")
+        self.dec_layers = self._layers(w, "decoder_transformer")
+        self.down_w = w["downsample.conv.conv.conv.weight"]
+        self.up_w = w["upsample.convtr.convtr.convtr.weight"]
+        self.rvq_first = self._rvq(w, "rvq_first", 1)
+        self.rvq_rest = self._rvq(w, "rvq_rest", MAX_CODEBOOKS - 1)
+
+    @classmethod
+    def from_file(cls, path: str | Path, n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu") -> Mimi:
+        return cls(load_mimi_state_dict(path), n_q=n_q, device=device)
+
+    @staticmethod
+    def _layers(w: dict[str, torch.Tensor], side: str) -> list[LayerWeights]:
+        out = []
+        for i in range(NUM_LAYERS):
+            p = f"{side}.transformer.layers.{i}."
+            out.append(
+                LayerWeights(
+                    norm1_w=w[p + "norm1.weight"],
+                    norm1_b=w[p + "norm1.bias"],
+                    in_proj=w[p + "self_attn.in_proj_weight"],
+                    out_proj=w[p + "self_attn.out_proj.weight"],
+                    ls1=w[p + "layer_scale_1.scale"],
+                    norm2_w=w[p + "norm2.weight"],
+                    norm2_b=w[p + "norm2.bias"],
+                    linear1=w[p + "linear1.weight"],
+                    linear2=w[p + "linear2.weight"],
+                    ls2=w[p + "layer_scale_2.scale"],
+                )
+            )
+        return out
+
+    @staticmethod
+    def _rvq(w: dict[str, torch.Tensor], group: str, n: int) -> RVQGroup:
+        p = f"quantizer.{group}."
+        books = []
+        for level in range(n):
+            c = f"{p}vq.layers.{level}._codebook."
+            # Codebook = EMA sum / usage, clamped like training did (pitfall 18); computed once in fp32.
+            books.append(w[c + "embedding_sum"] / w[c + "cluster_usage"].clamp(min=1e-5)[:, None])
+        augmented = [augment_codebook(b) for b in books]
+        return RVQGroup(w[p + "input_proj.weight"], w[p + "output_proj.weight"], books, augmented)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def init_state(self, batch_size: int) -> MimiState:
+        """Fresh state for ``batch_size`` streams, all active."""
+        dev, f32 = self.device, torch.float32
+
+        def conv_states(convs) -> list[torch.Tensor]:
+            out = []
+            for _, cin, cout, k, s, transposed in convs:
+                if k > s:
+                    out.append(torch.zeros(batch_size, cout if transposed else cin, k - s, device=dev, dtype=f32))
+            return out
+
+        head_dim = DIM // NUM_HEADS
+        return MimiState(
+            exec_mask=torch.ones(batch_size, dtype=torch.bool, device=dev),
+            enc_conv=conv_states(self.enc_convs),
+            enc_kv=init_kv_state(batch_size, NUM_LAYERS, NUM_HEADS, head_dim, CONTEXT, dev),
+            down_prev=torch.zeros(batch_size, DIM, 2, device=dev, dtype=f32),
+            down_first=torch.ones(batch_size, dtype=torch.bool, device=dev),
+            up_partial=torch.zeros(batch_size, DIM, 2, device=dev, dtype=f32),
+            dec_kv=init_kv_state(batch_size, NUM_LAYERS, NUM_HEADS, head_dim, CONTEXT, dev),
+            dec_conv=conv_states(self.dec_convs),
+        )
+
+    # ----------------------------------------------------------------------------------------------- seanet
+    def _seanet(self, x: torch.Tensor, ops: tuple[tuple, ...], prefix: str, states: list[torch.Tensor],
+                exec_mask: torch.Tensor) -> torch.Tensor:
+        w = self._w
+        it = iter(states)
+
+        def conv(x: torch.Tensor, name: str, k: int, s: int) -> torch.Tensor:
+            prev = next(it) if k > s else None
+            return causal_conv1d(x, prev, w[name + ".weight"], w[name + ".bias"], s, exec_mask)
+
+        for op in ops:
+            if op[0] == "elu":
+                x = F.elu(x)
+            elif op[0] == "conv":
+                x = conv(x, f"{prefix}.model.{op[1]}.conv.conv", op[4], op[5])
+            elif op[0] == "convtr":
+                name = f"{prefix}.model.{op[1]}.convtr.convtr"
+                x = conv_transpose1d(x, next(it), w[name + ".weight"], w[name + ".bias"], op[5], exec_mask)
+            else:  # residual unit: x + conv1x1(elu(conv3(elu(x))))
+                p = f"{prefix}.model.{op[1]}.block"
+                y = conv(F.elu(x), f"{p}.1.conv.conv", 3, 1)
+                x = x + conv(F.elu(y), f"{p}.3.conv.conv", 1, 1)
+        return x
+
+    # ----------------------------------------------------------------------------------------------- encode
+    def _encode(self, pcm: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
+        m = state.exec_mask
+        emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m)
+        emb = transformer_forward(emb, self.enc_layers, NUM_HEADS, CONTEXT, MAX_PERIOD,
+                                  state.enc_kv if streaming else None, m)
+        # Downsample conv with replicate left padding: a stream's first call pads with its own first frame.
+        first = (state.down_first & m).view(-1, 1, 1)
+        state.down_prev.copy_(torch.where(first, emb[..., :1], state.down_prev))
+        latent = causal_conv1d(emb, state.down_prev, self.down_w, None, 2, m)
+        state.down_first.copy_(torch.where(m, torch.zeros_like(state.down_first), state.down_first))
+        codes = self.rvq_first.encode(latent, 1)
+        if self.n_q > 1:
+            codes = torch.cat([codes, self.rvq_rest.encode(latent, self.n_q - 1)], dim=1)
+        return codes
+
+    def encode_step(self, pcm: torch.Tensor, state: MimiState) -> torch.Tensor:
+        """Streaming encode: pcm ``[B, 1, 1920 * n]`` (n >= 1) -> codes ``[B, n_q, n]`` int64; updates ``state``."""
+        _check_pcm_chunk(pcm, state.batch_size)
+        return self._encode(pcm, state, streaming=True)
+
+    def encode(self, pcm: torch.Tensor) -> torch.Tensor:
+        """Whole-file encode: pcm ``[B, 1, T]`` -> codes ``[B, n_q, ceil(T / 1920)]`` (right zero padding).
+
+        Equals streaming for the first 10 s only (§7.8): here every query sees the last 250 positions.
+        """
+        if pcm.dim() != 3 or pcm.shape[1] != 1:
+            raise ValueError(f"pcm must be [B, 1, T], got {tuple(pcm.shape)}")
+        n = math.ceil(pcm.shape[-1] / FRAME_SIZE)
+        pcm = F.pad(pcm, (0, n * FRAME_SIZE - pcm.shape[-1]))
+        return self._encode(pcm, self.init_state(pcm.shape[0]), streaming=False)
+
+    # ----------------------------------------------------------------------------------------------- decode
+    def _decode(self, codes: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
+        m = state.exec_mask
+        latent = self.rvq_first.decode(codes[:, :1])
+        if codes.shape[1] > 1:
+            latent = latent + self.rvq_rest.decode(codes[:, 1:])
+        emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM)
+        emb = transformer_forward(emb, self.dec_layers, NUM_HEADS, CONTEXT, MAX_PERIOD,
+                                  state.dec_kv if streaming else None, m)
+        return self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m)
+
+    def decode_step(self, codes: torch.Tensor, state: MimiState) -> torch.Tensor:
+        """Streaming decode: codes ``[B, n, T]`` (1 <= n <= 32, values in [0, 2048)) -> pcm ``[B, 1, 1920 * T]``.
+
+        Codes are not range-checked here (that would sync with the host); never pass -1/-2 (pitfall 19).
+        """
+        _check_codes(codes, state.batch_size)
+        return self._decode(codes, state, streaming=True)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Whole-file decode: codes ``[B, n, T]`` -> pcm ``[B, 1, 1920 * T]``."""
+        _check_codes(codes, codes.shape[0])
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= CARDINALITY):
+            raise ValueError(f"codes must be in [0, {CARDINALITY}), got range [{int(codes.min())}, {int(codes.max())}]")
+        return self._decode(codes, self.init_state(codes.shape[0]), streaming=False)
+
+
+def _check_pcm_chunk(pcm: torch.Tensor, batch_size: int) -> None:
+    if pcm.dim() != 3 or pcm.shape[0] != batch_size or pcm.shape[1] != 1:
+        raise ValueError(f"pcm must be [{batch_size}, 1, 1920*n], got {tuple(pcm.shape)}")
+    if pcm.shape[-1] == 0 or pcm.shape[-1] % FRAME_SIZE:
+        raise ValueError(f"streaming pcm length must be a positive multiple of {FRAME_SIZE}, got {pcm.shape[-1]} "
+                         "(use FrameBuffer to re-chunk)")
+    if pcm.dtype != torch.float32:
+        raise ValueError(f"pcm must be float32, got {pcm.dtype}")
+
+
+def _check_codes(codes: torch.Tensor, batch_size: int) -> None:
+    if codes.dim() != 3 or codes.shape[0] != batch_size or not 1 <= codes.shape[1] <= MAX_CODEBOOKS:
+        raise ValueError(f"codes must be [{batch_size}, 1..{MAX_CODEBOOKS}, T], got {tuple(codes.shape)}")
+    if codes.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"codes must be int64, got {codes.dtype}")
+
+
+class FrameBuffer:
+    """Re-chunks arbitrary-length pcm ``[B, 1, T]`` into whole 1920-sample frames (host-side, per batch).
+
+    ``push`` returns ``[B, 1, 1920 * k]`` (``k`` may be 0) and keeps the remainder for the next push.
+    """
+
+    def __init__(self, frame_size: int = FRAME_SIZE):
+        self.frame_size = frame_size
+        self._pending: torch.Tensor | None = None
+
+    def push(self, pcm: torch.Tensor) -> torch.Tensor:
+        x = pcm if self._pending is None else torch.cat([self._pending, pcm], dim=-1)
+        n = x.shape[-1] // self.frame_size * self.frame_size
+        self._pending = x[..., n:]
+        return x[..., :n]
+
+    @property
+    def pending(self) -> int:
+        return 0 if self._pending is None else self._pending.shape[-1]
+
+    def flush(self) -> torch.Tensor:
+        """Zero-pad the remainder to one full frame (empty if nothing is pending)."""
+        if self._pending is None or self._pending.shape[-1] == 0:
+            return torch.zeros(0, 1, 0) if self._pending is None else self._pending
+        x = F.pad(self._pending, (0, self.frame_size - self._pending.shape[-1]))
+        self._pending = None
+        return x
+
+
+# --------------------------------------------------------------------------------------------- random checkpoints
+def random_mimi_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random fp32 checkpoint with the released names, shapes and dtypes, for tests and benchmarks.
+
+    Weights follow a variance-preserving init (so activations neither vanish nor explode through 14 convs) and
+    larger LayerScales than training's 0.01, so the transformers and their ring-buffer quirk visibly matter.
+    Codebooks are calibrated level by level on a fixed synthetic probe so that codes are varied, not degenerate.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    sd: dict[str, torch.Tensor] = {}
+    for name, shape in mimi_tensor_shapes().items():
+        if name.endswith("_codebook.embedding_sum") or name.endswith("cluster_usage") or name.endswith("_initialized"):
+            continue
+        if name.endswith("conv.weight") or name.endswith("convtr.weight"):
+            transposed = "convtr" in name.rsplit(".", 2)[0]
+            if transposed:  # [in, out, K]; each output sums in*K/stride taps
+                fan_in = shape[0] * shape[2] / 2 if shape[1] > 1 else shape[2] / 2
+            else:
+                fan_in = shape[1] * shape[2]
+            sd[name] = randn(*shape, std=1.2 / math.sqrt(fan_in))
+        elif name.endswith(".bias"):
+            sd[name] = randn(*shape, std=0.02)
+        elif "norm" in name:
+            sd[name] = 1.0 + randn(*shape, std=0.1) if name.endswith("weight") else randn(*shape, std=0.05)
+        elif "layer_scale" in name:
+            sd[name] = 0.3 + randn(*shape, std=0.05)
+        elif name.endswith("in_proj_weight"):
+            sd[name] = randn(*shape, std=2.0 / math.sqrt(shape[1]))
+        else:  # linears and 1x1 projections
+            sd[name] = randn(*shape, std=1.0 / math.sqrt(shape[1] * (shape[2] if len(shape) == 3 else 1)))
+    # Placeholder codebooks so a model can be built to compute the latent of the probe.
+    for name, shape in mimi_tensor_shapes().items():
+        if name.endswith("embedding_sum"):
+            sd[name] = torch.zeros(shape)
+        elif name.endswith("cluster_usage"):
+            sd[name] = torch.ones(shape)
+        elif name.endswith("_initialized"):
+            sd[name] = torch.ones(shape)
+    model = Mimi(sd, n_q=1)
+    t = torch.arange(4 * SAMPLE_RATE, dtype=torch.float32) / SAMPLE_RATE
+    probe = 0.3 * torch.sin(2 * math.pi * 180 * t) * torch.sin(2 * math.pi * 1.5 * t) + 0.1 * torch.randn(
+        t.shape, generator=g)
+    state = model.init_state(1)
+    emb = model._seanet(probe.view(1, 1, -1), ENCODER_OPS, "encoder", state.enc_conv, state.exec_mask)
+    emb = transformer_forward(emb, model.enc_layers, NUM_HEADS, CONTEXT, MAX_PERIOD, None, state.exec_mask)
+    latent = causal_conv1d(emb, state.down_prev.copy_(emb[..., :1].expand_as(state.down_prev)), model.down_w,
+                           None, 2, state.exec_mask)
+    for group, n in (("rvq_first", 1), ("rvq_rest", MAX_CODEBOOKS - 1)):
+        p = f"quantizer.{group}."
+        r = F.conv1d(latent, sd[p + "input_proj.weight"])[0].T  # [frames, 256]
+        for level in range(n):
+            c = f"{p}vq.layers.{level}._codebook."
+            book = r.mean(0) + randn(CARDINALITY, CODE_DIM, std=1.0) * r.std(0)
+            usage = 0.5 + 4.5 * torch.rand(CARDINALITY, generator=g)
+            sd[c + "embedding_sum"] = book * usage[:, None]
+            sd[c + "cluster_usage"] = usage
+            book = sd[c + "embedding_sum"] / usage[:, None]
+            dist = torch.cdist(r[None], book[None])[0]
+            r = r - book[dist.argmin(-1)]
+    return {k: v.contiguous().float() for k, v in sd.items()}
+
+
+def save_random_mimi(path: str | Path, seed: int = 0) -> Path:
+    """Write :func:`random_mimi_state_dict` as a safetensors file loadable by moshi's ``get_mimi`` and ours."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(random_mimi_state_dict(seed), str(path))
+    return path
