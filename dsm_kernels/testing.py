@@ -17,15 +17,12 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max |actual - expected| in fp32; inf when either side has a NaN/inf where the other does not."""
+    """Max |actual - expected| in fp32; inf when either side holds a NaN (NaN never passes)."""
     a, e = actual.float(), expected.float()
     if a.shape != e.shape:
         raise AssertionError(f"shape {tuple(a.shape)} != {tuple(e.shape)}")
-    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(e).all()):
-        same = torch.isfinite(a) == torch.isfinite(e)
-        if not bool(same.all()) or not bool((a[~torch.isfinite(a)].nan_to_num() == e[~torch.isfinite(e)].nan_to_num()).all()):
-            return float("inf")
-        a, e = a.nan_to_num(), e.nan_to_num()
+    if bool(torch.isnan(a).any()) or bool(torch.isnan(e).any()):
+        return float("inf")
     return float((a - e).abs().max()) if a.numel() else 0.0
 
 

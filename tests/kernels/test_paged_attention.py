@@ -1,0 +1,140 @@
+"""Paged KV cache: ``append_kv`` and decode attention of every backend against the references.
+
+Tolerances (reference-relative, flash-attn rule): kernel error vs the fp32 reference (same cache values upcast)
+<= 3 x the error of the reference run in the cache dtype + 1e-5. The reference upcasts internally, so its own
+error is the final rounding to the dtype; 3x leaves room for a different accumulation order. On CPU the
+interpreter's fp32->bf16/fp16 cast truncates, so one more ulp is allowed there. fp32: 1e-5 absolute (online vs
+one-shot softmax). append_kv: exact.
+"""
+
+import pytest
+import torch
+
+from dsm_kernels import reference, resolve
+from dsm_kernels.testing import assert_close_verbose, kernel_device, poison_, ref_relative_atol
+
+BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
+KV_LENS = [1, 7, 749, 750, 751, 1501, 0]  # around context 750, plus an inactive slot
+
+
+def _pool(B, H, D, S, context, dtype, device, seed=0):
+    """A shared pool whose pages are dealt to slots in a random order, plus spare pages; garbage everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    pps = -(-context // S)  # pages per slot: the ring never overwrites a row still in the window
+    num_pages = B * pps + 3
+    k_cache = torch.randn(num_pages, S, H, D, generator=g).to(dtype)
+    v_cache = torch.randn(num_pages, S, H, D, generator=g).to(dtype)
+    block_table = torch.randperm(num_pages, generator=g)[: B * pps].view(B, pps).int()
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    return [x.to(device) for x in (q, k_cache, v_cache, block_table)]
+
+
+def _check(backend, device, q, k_cache, v_cache, block_table, seq_lens, context, **kw):
+    dtype = q.dtype
+    fn = resolve("paged_decode_attention", backend, device)
+    out = poison_(torch.empty_like(q))
+    got = fn(q, k_cache, v_cache, block_table, seq_lens, context=context, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr()
+    cpu = [x.cpu() for x in (q, k_cache, v_cache, block_table, seq_lens)]
+    exp32 = reference.paged_decode_attention_ref(
+        *[x.float() if x.is_floating_point() else x for x in cpu], context=context
+    )
+    exp_lowp = reference.paged_decode_attention_ref(*cpu, context=context)
+    atol = ref_relative_atol(exp_lowp, exp32, factor=3.0) if dtype != torch.float32 else 1e-5
+    # The interpreter's fp32->bf16/fp16 cast truncates (ENV.md section 1): allow that one extra ulp there only.
+    rtol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(dtype, 0.0) if device.type == "cpu" else 0.0
+    assert_close_verbose(got.cpu(), exp32, atol=atol, rtol=rtol, name=f"{backend} {dtype} {tuple(q.shape)}")
+    inactive = (seq_lens == 0).cpu()
+    assert bool((got.cpu()[inactive] == 0).all()), "inactive slots must give exact zeros"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,H,D,page_size",
+    [(torch.bfloat16, h, d, s) for h, d in [(16, 128), (32, 64), (8, 64)] for s in (16, 64)]
+    + [
+        (torch.float16, 16, 128, 16),
+        (torch.float16, 8, 64, 64),
+        (torch.float32, 16, 128, 64),
+        (torch.float32, 8, 64, 16),
+    ],
+)
+def test_decode_boundaries(backend, dtype, H, D, page_size):
+    """kv_len around context 750 (ring wrap at 1501), ragged, one inactive slot, pages dealt randomly."""
+    device = kernel_device(backend)
+    context = 750
+    q, kc, vc, bt = _pool(len(KV_LENS), H, D, page_size, context, dtype, device)
+    seq_lens = torch.tensor(KV_LENS, dtype=torch.int32, device=device)
+    _check(backend, device, q, kc, vc, bt, seq_lens, context)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,num_splits", [(1, None), (1, 1), (1, 3), (3, 5), (17, None)])
+def test_decode_batch_and_splits(backend, B, num_splits):
+    """Batch sweep and split-K partitioning (1 split, a few, the planner's choice) at the 32x64 / 375 layout."""
+    device = kernel_device(backend)
+    context, S = 375, 16
+    q, kc, vc, bt = _pool(B, 32, 64, S, context, torch.bfloat16, device, seed=B)
+    g = torch.Generator().manual_seed(B)
+    seq_lens = torch.randint(0, 3 * context, (B,), generator=g, dtype=torch.int32).to(device)
+    kw = {} if backend == "cuda" else {"num_splits": num_splits}
+    _check(backend, device, q, kc, vc, bt, seq_lens, context, **(kw if num_splits else {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [32, 128])
+def test_decode_other_page_sizes(backend, page_size):
+    device = kernel_device(backend)
+    q, kc, vc, bt = _pool(3, 16, 128, page_size, 500, torch.bfloat16, device, seed=page_size)
+    seq_lens = torch.tensor([500, 1234, 129], dtype=torch.int32, device=device)
+    _check(backend, device, q, kc, vc, bt, seq_lens, 500)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_append_kv(backend, dtype):
+    device = kernel_device(backend)
+    B, H, D, S = 5, 8, 64, 16
+    kc = poison_(torch.empty(12, S, H, D, dtype=dtype, device=device))
+    vc = poison_(torch.empty_like(kc))
+    k = torch.randn(B, 3, H, D, device=device).to(dtype)[:, 1]  # a strided view, like a slice of fused QKV
+    v = torch.randn(B, H, D, device=device).to(dtype)
+    slot_mapping = torch.tensor([5, -1, 190, 16, 47], device=device)
+    kc_ref, vc_ref = kc.clone().cpu(), vc.clone().cpu()
+    resolve("append_kv", backend, device)(kc, vc, k, v, slot_mapping)
+    reference.append_kv_ref(kc_ref, vc_ref, k.cpu(), v.cpu(), slot_mapping.cpu())
+    assert torch.equal(kc.cpu().nan_to_num(7.0), kc_ref.nan_to_num(7.0))  # untouched rows stay poisoned on both
+    assert torch.equal(vc.cpu().nan_to_num(7.0), vc_ref.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_ring_matches_dense_window(backend):
+    """Append + decode step by step over a ring of 2 pages (context 20, page 16) for 40 steps with staggered slot
+    starts, against dense attention over the full history with moshi's mask -- independent of the page layout."""
+    device = kernel_device(backend)
+    B, H, D, S, context, T = 3, 4, 64, 16, 20, 40
+    append = resolve("append_kv", backend, device)
+    attend = resolve("paged_decode_attention", backend, device)
+    pps = -(-context // S)
+    kc = poison_(torch.empty(B * pps + 1, S, H, D, device=device))
+    vc = poison_(torch.empty_like(kc))
+    block_table = torch.randperm(B * pps + 1)[: B * pps].view(B, pps).int().to(device)
+    start = torch.tensor([0, 5, 10])
+    g = torch.Generator().manual_seed(1)
+    ks, vs, qs = (torch.randn(T, B, H, D, generator=g) for _ in range(3))
+    for t in range(T):
+        n = (t - start + 1).clamp(min=0)  # tokens written per slot after this step
+        pos = n - 1
+        slot_mapping = torch.where(pos >= 0, reference.kv_position_to_slot(block_table.cpu(), pos.clamp(min=0), S), -1)
+        append(kc, vc, ks[t].to(device), vs[t].to(device), slot_mapping.to(device))
+        if t % 3 and t < T - 3:
+            continue  # append every step, check every third (the interpreter's launches are slow)
+        got = attend(qs[t].to(device), kc, vc, block_table, n.int().to(device), context=context).cpu()
+        for b in range(B):
+            if n[b] == 0:
+                assert bool((got[b] == 0).all())
+                continue
+            steps = torch.arange(int(start[b]), t + 1)[-context:]  # the slot's last `context` tokens
+            att = torch.einsum("hd,thd->ht", qs[t, b], ks[steps, b]) * D**-0.5
+            exp = torch.einsum("ht,thd->hd", att.softmax(-1), vs[steps, b])
+            assert_close_verbose(got[b], exp, atol=2e-5, name=f"{backend} step {t} slot {b}")
