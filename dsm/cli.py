@@ -1,0 +1,155 @@
+"""``dsm`` command line.
+
+Subcommands are registered in :func:`subcommands` (name -> setup function). A setup function receives its
+argparse sub-parser, adds its arguments and sets ``func`` (``func(args) -> int`` exit status). Commands that take a
+model call :func:`add_checkpoint_args` and turn the parsed arguments into files with :func:`checkpoint_from_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointError, CheckpointFiles, resolve_checkpoint
+from .config import ConfigError
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--checkpoint DIR`` (local directory, config.json path or ``hf://owner/repo``) or ``--hf-repo REPO``."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--checkpoint", metavar="DIR",
+                       help="checkpoint directory holding config.json and the files it names, or hf://owner/repo")
+    group.add_argument("--hf-repo", metavar="REPO",
+                       help="Hugging Face repo (owner/name); honours HF_HUB_OFFLINE and HF_HUB_CACHE")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for --hf-repo")
+
+
+def checkpoint_from_args(args: argparse.Namespace) -> CheckpointFiles:
+    """Resolve the checkpoint named by :func:`add_checkpoint_args` arguments."""
+    return resolve_checkpoint(getattr(args, "checkpoint", None), getattr(args, "hf_repo", None),
+                              revision=getattr(args, "revision", None))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _setup_random_checkpoint(p: argparse.ArgumentParser) -> None:
+    from .presets import PRESETS
+
+    p.add_argument("--preset", required=True, choices=PRESETS, help="model preset")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if needed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", type=parse_dtype, default=torch.bfloat16, help="LM dtype (default bfloat16)")
+    p.add_argument("--no-mimi", dest="mimi", action="store_false", help="do not write Mimi weights")
+    p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false", help="do not train a tokenizer")
+    p.set_defaults(func=_cmd_random_checkpoint)
+
+
+def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoint import write_random_checkpoint
+
+    out = write_random_checkpoint(args.preset, args.out_dir, seed=args.seed, dtype=args.dtype, mimi=args.mimi,
+                                  tokenizer=args.tokenizer)
+    for f in sorted(out.iterdir()):
+        print(f"{f}  {f.stat().st_size} bytes")
+    return 0
+
+
+def _setup_info(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import dsm_kernels
+
+    print(f"dsm {__version__}")
+    print(f"torch {torch.__version__} (cuda {torch.version.cuda}, available: {torch.cuda.is_available()})")
+    print(f"python {sys.version.split()[0]}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        print(f"kernel backends on {dev}: {', '.join(dsm_kernels.available_backends(dev))}")
+    if torch.cuda.is_available():
+        print(f"gpu: {torch.cuda.get_device_name()}")
+    return 0
+
+
+def _setup_validate_kernels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="device to validate on (default: cuda if available, else cpu)")
+    p.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    p.set_defaults(func=_cmd_validate_kernels)
+
+
+def _cmd_validate_kernels(args: argparse.Namespace) -> int:
+    try:
+        from dsm_kernels.validate import print_table, validate_kernels
+    except ImportError as e:
+        print(f"dsm validate-kernels: kernel validation is not available in this build ({e})", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = validate_kernels(device=device, quick=args.quick)
+    print_table(results)
+    failed = [r for r in results if not _result_ok(r)] if isinstance(results, list | tuple) else []
+    return 1 if failed else 0
+
+
+def _result_ok(result: object) -> bool:
+    if isinstance(result, dict):
+        return bool(result.get("ok", result.get("passed", True)))
+    return bool(getattr(result, "ok", getattr(result, "passed", True)))
+
+
+def subcommands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]]:
+    """Name -> (help, setup). Add ``transcribe``, ``speak``, ``bench``… here."""
+    return {
+        "random-checkpoint": ("write a checkpoint with random weights in the released layout",
+                              _setup_random_checkpoint),
+        "info": ("versions and available kernel backends", _setup_info),
+        "validate-kernels": ("check every kernel backend against the reference ops", _setup_validate_kernels),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsm", description="Fast inference for Kyutai DSM speech models.")
+    parser.add_argument("--version", action="version", version=f"dsm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, setup) in subcommands().items():
+        setup(sub.add_parser(name, help=help_, description=help_))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, ConfigError) as e:
+        print(f"dsm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""config.json parsing: presets round-trip, errors name the file and the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsm.config import CheckpointConfig, ConfigError, config_to_dict, parse_config
+from dsm.presets import PRESETS, REAL_PRESETS, TTS_SCHEDULE, preset_config
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_round_trip(name):
+    cfg = parse_config(preset_config(name), name)
+    again = parse_config(config_to_dict(cfg), name)
+    assert again == cfg
+    assert again.lm == cfg.lm
+    assert parse_config(json.loads(json.dumps(config_to_dict(again))), name) == cfg
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_from_file(tmp_path, name):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(preset_config(name)))
+    assert CheckpointConfig.from_file(path) == parse_config(preset_config(name))
+
+
+def test_preset_config_is_fresh_and_unknown_preset_fails():
+    a = preset_config("tiny-tts")
+    a["dim"] = 1
+    assert preset_config("tiny-tts")["dim"] == 64
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        preset_config("nope")
+
+
+def test_real_preset_values():
+    stt1, stt2, tts = (parse_config(preset_config(n), n) for n in REAL_PRESETS)
+    assert (stt1.lm.dim, stt1.lm.num_heads, stt1.lm.num_layers, stt1.lm.text_card, stt1.lm.context) == (
+        2048, 16, 16, 8000, 750)
+    assert (stt1.lm.extra_heads_num_heads, stt1.lm.extra_heads_dim) == (4, 6)
+    assert (stt2.lm.num_heads, stt2.lm.num_layers, stt2.lm.text_card, stt2.lm.context) == (32, 48, 4000, 375)
+    for c in (stt1, stt2):
+        assert c.lm.dep_q == 0 and c.lm.delays == (0,) * 33 and c.lm.max_period == 1e5
+        assert c.model_type == "stt" and c.mimi_name == "mimi-pytorch-e351c8d8@125.safetensors"
+    assert stt1.tokenizer_name == "tokenizer_en_fr_audio_8000.model"
+    assert stt2.tokenizer_name == "tokenizer_en_audio_4000.model"
+    assert stt1.stt_config["audio_delay_seconds"] == 0.5 and stt2.stt_config["audio_delay_seconds"] == 2.5
+    lm = tts.lm
+    assert tts.moshi_name == "dsm_tts_1e68beda@240.safetensors"
+    assert tts.mimi_name == "tokenizer-e351c8d8-checkpoint125.safetensors"
+    assert tts.tokenizer_name == "tokenizer_spm_8k_en_fr_audio.model"
+    assert lm.delays == (0, 0) + (2,) * 31 and lm.dep_q == 32 and lm.context == 500 and lm.max_period == 1e4
+    assert lm.dep_schedule == TTS_SCHEDULE and lm.dep_weight_sets == 11 and lm.dep_num_in == 11
+    assert lm.depformer_low_rank_embeddings == 128 and lm.dep_ffn_dim == 3072 and lm.depformer_dim == 1024
+    assert lm.demux_second_text_stream and lm.cross_attention
+    assert {c.name: (c.type, c.dim, c.n_bins) for c in lm.conditioners} == {
+        "speaker_wavs": ("tensor", 512, 0), "cfg": ("lut", 16, 7), "control": ("lut", 2048, 1)}
+    assert lm.fuser.sum == ("control", "cfg") and lm.fuser.cross == ("speaker_wavs",)
+    assert tts.tts_config == {"audio_delay": 1.28, "second_stream_ahead": 2}
+
+
+def test_tiny_presets_share_the_real_family():
+    stt = parse_config(preset_config("tiny-stt")).lm
+    tts = parse_config(preset_config("tiny-tts")).lm
+    assert (stt.n_q, stt.dep_q, stt.card, stt.positional_embedding, stt.norm, stt.gating) == (
+        32, 0, 2048, "rope", "rms_norm_f32", "silu")
+    assert stt.extra_heads_num_heads == 4
+    assert (tts.n_q, tts.dep_q, tts.delays, tts.dep_schedule) == (32, 32, (0, 0) + (2,) * 31, TTS_SCHEDULE)
+    assert tts.demux_second_text_stream and tts.cross_attention and tts.depformer_low_rank_embeddings
+
+
+def _bad(mutate, match, name="tiny-tts"):
+    data = preset_config(name)
+    mutate(data)
+    with pytest.raises(ConfigError, match=match):
+        parse_config(data, "/some/dir/config.json")
+
+
+def test_error_delays_length():
+    def mutate(d):
+        d["delays"] = d["delays"][:-1]
+    _bad(mutate, r"/some/dir/config.json: field 'delays': has 32 entries, expected n_q \+ 1 = 33")
+
+
+def test_error_schedule_length():
+    def mutate(d):
+        d["depformer_weights_per_step_schedule"] = d["depformer_weights_per_step_schedule"][:-1]
+    _bad(mutate, r"config.json: field 'depformer_weights_per_step_schedule': has 31 entries, expected dep_q = 32")
+
+
+def test_error_unknown_key():
+    _bad(lambda d: d.update(dimm=3), r"/some/dir/config.json: unknown field 'dimm'")
+
+
+def test_error_wrong_type():
+    _bad(lambda d: d.update(num_layers="2"), r"config.json: field 'num_layers': expected an integer, got '2'")
+    _bad(lambda d: d.update(causal=1), r"field 'causal': expected a boolean")
+    _bad(lambda d: d.update(delays=[0, "a"]), r"field 'delays': expected a list of integers")
+
+
+def test_error_contradictions():
+    _bad(lambda d: d.update(dep_q=40), r"field 'dep_q'")
+    _bad(lambda d: d.update(num_heads=5), r"field 'num_heads'")
+    _bad(lambda d: d.update(norm="batch_norm"), r"field 'norm': unknown norm")
+    _bad(lambda d: d.update(cross_attention=False), r"field 'fuser.cross'")
+    _bad(lambda d: d["fuser"].update(sum=["control", "nope"]), r"field 'fuser': uses condition 'nope'")
+    _bad(lambda d: d.pop("fuser"), r"field 'cross_attention'")
+    _bad(lambda d: d["conditioners"]["cfg"].update(type="mlp"), r"field conditioners.cfg.type")
+    _bad(lambda d: d.update(stt_config={"audio_delay_secs": 1}), r"field 'stt_config': unknown key")
+
+
+def test_error_from_file_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=f"{path}: not valid JSON"):
+        CheckpointConfig.from_file(path)
+    data = preset_config("tiny-stt")
+    data["n_q"] = 31
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=f"{path}: field 'delays'"):
+        CheckpointConfig.from_file(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        CheckpointConfig.from_file(tmp_path / "missing.json")
