@@ -28,7 +28,8 @@ REL_TOL = 1e-5
 
 
 def _assets() -> Path:
-    for candidate in (os.environ.get("DSM_MOSHI_ASSETS"), Path(__file__).parents[3] / "shared/testdata/moshi-lm-vectors"):
+    shared = Path(__file__).parents[3] / "shared/testdata/moshi-lm-vectors"
+    for candidate in (os.environ.get("DSM_MOSHI_ASSETS"), shared):
         if candidate and (Path(candidate) / "test_lm_model.safetensors").exists():
             return Path(candidate)
     pytest.fail("moshi LM test vectors not found: set DSM_MOSHI_ASSETS (.ci/run fetches them from the moshi sdist)")
@@ -227,7 +228,7 @@ def test_streaming_equals_teacher_forced():
         assert _rel_err(out.z, z_tf[:, s]) < REL_TOL
         recorded = []
 
-        def replay(k, logits, nxt=nxt):
+        def replay(k, logits, nxt=nxt, recorded=recorded):
             recorded.append(logits)
             return nxt[:, k + 1]  # the next stream's (delayed) token is what the depformer is fed
 
