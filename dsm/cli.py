@@ -106,8 +106,14 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"dsm validate-kernels: kernel validation is not available in this build ({e})", file=sys.stderr)
         return 2
+    import inspect
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = validate_kernels(device=device, quick=args.quick)
+    kwargs = {"device": device, "quick": args.quick}
+    params = inspect.signature(validate_kernels).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    results = validate_kernels(**kwargs)
     print_table(results)
     failed = [r for r in results if not _result_ok(r)] if isinstance(results, list | tuple) else []
     return 1 if failed else 0

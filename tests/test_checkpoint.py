@@ -25,7 +25,7 @@ from dsm.checkpoint import (
 )
 from dsm.config import parse_config
 from dsm.presets import PRESETS, REAL_PRESETS, preset_config
-from dsm.tokenizer import Tokenizer
+from dsm.tokenizer import Tokenizer, TokenizerError, train_random_tokenizer
 
 SHARED_LM_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "moshi-lm-vectors"
 
@@ -148,6 +148,23 @@ def test_random_checkpoint_mimi_loads_in_moshi(tiny_dirs):
     cfg = parse_config(json.loads((d / "config.json").read_text()))
     assert resolve_checkpoint(d).mimi_weights == d / cfg.mimi_name
     get_mimi(d / cfg.mimi_name, device="cpu")  # strict load_state_dict
+
+
+def test_tokenizer_sizes_and_errors(tmp_path):
+    tok = Tokenizer(train_random_tokenizer(tmp_path / "t.model", 4000, seed=5))
+    assert tok.vocab_size == len(tok) == 4000
+    assert [tok.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    ids = tok.encode("le chat mange")
+    assert all(4 <= i < 4000 for i in ids) and tok.decode(ids) == "le chat mange"
+    assert tok.decode_pieces(ids).strip() == "le chat mange"
+    with pytest.raises(IndexError, match="token id 4000 out of range"):
+        tok.id_to_piece(4000)
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(TokenizerError, match=rf"{bad}: not a valid SentencePiece model"):
+        Tokenizer(bad)
+    with pytest.raises(TokenizerError, match="tokenizer file not found"):
+        Tokenizer(tmp_path / "missing.model")
 
 
 def test_moshi_test_asset_loads():
