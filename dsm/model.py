@@ -141,6 +141,23 @@ class LMModel(nn.Module):
             self.linears = nn.ModuleList([Weight(cfg.card, dd) for _ in range(cfg.dep_q)])
         self.condition_provider = ConditionProvider(cfg.conditioners) if cfg.conditioners else None
 
+    @classmethod
+    def from_checkpoint(cls, files, *, device="cpu", dtype: torch.dtype = torch.bfloat16) -> LMModel:
+        """Build and load an LM from resolved checkpoint files (``dsm.checkpoint.resolve_checkpoint``).
+
+        Every tensor is validated (names, shapes, dtypes, file integrity) before any is used; the conditioners stay
+        fp32 as in the reference.
+        """
+        from .checkpoint import load_lm_state_dict
+
+        state = load_lm_state_dict(files.lm_weights, files.config, dtype=dtype, device=device)
+        with torch.device("meta"):
+            model = cls(files.config.lm)
+        model.load_state_dict(state, strict=True, assign=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+
     # ---- teacher forcing -----------------------------------------------------------------------------------------
     def initial_tokens(self, batch: int, device) -> torch.Tensor:
         """[B, K] initial token column: text ``text_card``, audio ``card``."""
