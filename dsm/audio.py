@@ -1,0 +1,129 @@
+"""Audio input for the codec: file reading, resampling and validation with errors that say what is wrong.
+
+Policy (one place, so every entry point behaves the same):
+
+* channels: ``mono="mean"`` averages channels (the usual downmix), ``mono="error"`` refuses multi-channel input,
+  ``mono="keep"`` returns ``[C, T]`` untouched;
+* NaN/inf, empty input, non-float dtypes and sample rates <= 0 are errors;
+* samples with ``|x| > 1``: ``clip="warn"`` (default) clips to [-1, 1] and emits a :class:`ClippedAudioWarning`
+  with the count, ``clip="error"`` raises. Clipping rather than rescaling keeps the level of valid audio unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MONO_MODES = ("mean", "error", "keep")
+CLIP_MODES = ("warn", "error")
+
+
+class AudioError(ValueError):
+    """The audio cannot be used as given (the message names the input and the problem)."""
+
+
+class ClippedAudioWarning(UserWarning):
+    """Samples outside [-1, 1] were clipped."""
+
+
+def validate_pcm(
+    x: torch.Tensor | np.ndarray,
+    sample_rate: int,
+    name: str = "pcm",
+    mono: str = "mean",
+    clip: str = "warn",
+) -> torch.Tensor:
+    """Check and normalise pcm to float32: ``[T]`` (mono modes) or ``[C, T]`` (``mono="keep"``).
+
+    ``x`` is ``[T]`` or ``[C, T]`` (channels first). See the module docstring for the policy.
+    """
+    if mono not in MONO_MODES:
+        raise ValueError(f"mono must be one of {MONO_MODES}, got {mono!r}")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+    if not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
+        raise AudioError(f"{name}: sample rate must be a positive integer, got {sample_rate!r}")
+    t = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+    if not isinstance(t, torch.Tensor):
+        raise AudioError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
+    if not t.dtype.is_floating_point or t.dtype == torch.float16 or t.dtype == torch.bfloat16:
+        raise AudioError(
+            f"{name}: dtype {t.dtype} is not supported; pass float32/float64 samples in [-1, 1] "
+            "(divide int16 pcm by 32768)"
+        )
+    if t.dim() not in (1, 2):
+        raise AudioError(f"{name}: expected [T] or [C, T] samples, got shape {tuple(t.shape)}")
+    if t.shape[-1] == 0 or t.numel() == 0:
+        raise AudioError(f"{name}: audio is empty (shape {tuple(t.shape)})")
+    t = t.to(torch.float32)
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise AudioError(f"{name}: {int(bad.sum())} sample(s) are NaN or infinite (first at flat index "
+                         f"{int(bad.flatten().nonzero()[0])})")
+    if t.dim() == 2:
+        if t.shape[0] > 64:
+            raise AudioError(f"{name}: shape {tuple(t.shape)} looks like [T, C]; pass channels first ([C, T])")
+        if mono == "mean":
+            t = t.mean(dim=0)
+        elif mono == "error" and t.shape[0] != 1:
+            raise AudioError(f"{name}: {t.shape[0]} channels given but mono audio is required (mono='error')")
+        elif mono == "error":
+            t = t[0]
+    elif mono == "keep":
+        t = t[None]
+    over = t.abs() > 1
+    if bool(over.any()):
+        n = int(over.sum())
+        peak = float(t.abs().max())
+        if clip == "error":
+            raise AudioError(f"{name}: {n} sample(s) outside [-1, 1] (peak {peak:.3f}); normalise the audio")
+        warnings.warn(f"{name}: clipped {n} sample(s) outside [-1, 1] (peak {peak:.3f})", ClippedAudioWarning,
+                      stacklevel=2)
+        t = t.clamp(-1.0, 1.0)
+    return t.contiguous()
+
+
+def resample(x: torch.Tensor | np.ndarray, from_sr: int, to_sr: int) -> torch.Tensor:
+    """Resample ``[T]`` or ``[C, T]`` float pcm with soxr (high quality); identity when the rates are equal."""
+    for label, sr in (("from_sr", from_sr), ("to_sr", to_sr)):
+        if not isinstance(sr, int | np.integer) or sr <= 0:
+            raise AudioError(f"resample: {label} must be a positive integer, got {sr!r}")
+    t = torch.as_tensor(x, dtype=torch.float32)
+    if from_sr == to_sr:
+        return t.clone()
+    import soxr
+
+    a = t.numpy()
+    if a.ndim == 1:
+        return torch.from_numpy(np.ascontiguousarray(soxr.resample(a, from_sr, to_sr), dtype=np.float32))
+    if a.ndim != 2:
+        raise AudioError(f"resample: expected [T] or [C, T], got shape {a.shape}")
+    y = soxr.resample(np.ascontiguousarray(a.T), from_sr, to_sr)  # soxr wants [T, C]
+    return torch.from_numpy(np.ascontiguousarray(y.T, dtype=np.float32))
+
+
+def load_audio(
+    path: str | Path, target_sr: int = 24000, mono: str = "mean", clip: str = "warn"
+) -> tuple[torch.Tensor, int]:
+    """Read wav/flac/ogg/mp3 with soundfile, validate, resample to ``target_sr``.
+
+    Returns ``(pcm, target_sr)`` with pcm float32 ``[T]`` (or ``[C, T]`` with ``mono="keep"``).
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: audio file not found")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile errors are RuntimeError/LibsndfileError with terse messages
+        raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
+    # Validate at the source rate first, so errors refer to what is in the file.
+    pcm = validate_pcm(np.ascontiguousarray(data.T), int(sr), name=str(path), mono=mono, clip=clip)
+    pcm = resample(pcm, int(sr), target_sr)
+    if target_sr != sr:  # soxr can overshoot slightly near full scale
+        pcm = pcm.clamp(-1.0, 1.0)
+    return pcm, target_sr

@@ -1,0 +1,302 @@
+"""Mimi parity with the moshi oracle (same random checkpoint file), streaming semantics and loading errors.
+
+Codes must match moshi exactly (fp32 CPU, same mode); PCM within 1e-4 relative (in practice ~1e-8 or exact).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsm.mimi import (
+    FRAME_SIZE,
+    FrameBuffer,
+    Mimi,
+    MimiCheckpointError,
+    mimi_tensor_shapes,
+    random_mimi_state_dict,
+    save_random_mimi,
+)
+
+SPEECH = Path("/work/shared/testdata/speech/arctic_a0007.wav")
+STREAM_FRAMES = 130  # 10.4 s: 260 encoder tokens, past the 250-slot ring wrap-around (DSM-SPEC §2.6)
+PCM_RTOL = 1e-4
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def signals(n_frames: int, seed: int = 0) -> torch.Tensor:
+    """Three varied rows ``[3, 1, n_frames * 1920]``: speech-like harmonics, noise bursts, silence + clipping."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_frames * FRAME_SIZE
+    t = torch.arange(n, dtype=torch.float64) / 24000
+    f0 = 140 + 60 * torch.sin(2 * math.pi * 0.7 * t)  # gliding pitch
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / 24000
+    voiced = sum(torch.sin(k * phase) / k for k in range(1, 12))
+    syllables = (torch.sin(2 * math.pi * 3.3 * t).clamp_min(0)) ** 2
+    speech = 0.25 * voiced * syllables + 0.003 * torch.randn(n, generator=g, dtype=torch.float64)
+    bursts = (torch.rand(n // 4800 + 1, generator=g) > 0.5).repeat_interleave(4800)[:n]
+    noise = 0.3 * torch.randn(n, generator=g, dtype=torch.float64) * bursts
+    clipped = (1.8 * torch.sin(2 * math.pi * 440 * t)).clamp(-1, 1)
+    third = clipped * (t > t[-1] / 3)  # silence, then a hard-clipped tone
+    return torch.stack([speech, noise, third]).float()[:, None]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_random_mimi(tmp_path_factory.mktemp("mimi") / "mimi.safetensors", seed=0)
+
+
+@pytest.fixture(scope="module")
+def ours(ckpt) -> Mimi:
+    return Mimi.from_file(ckpt)
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    loaders = pytest.importorskip("moshi.models.loaders")
+    return loaders.get_mimi(str(ckpt), device="cpu", num_codebooks=32)
+
+
+def ref_stream(ref, pcm: torch.Tensor, codes_in: torch.Tensor | None = None):
+    """moshi streaming, one 1920-sample frame per call; decodes ``codes_in`` (default: its own codes)."""
+    b, n = pcm.shape[0], pcm.shape[-1] // FRAME_SIZE
+    codes, out = [], []
+    with torch.no_grad(), ref.streaming(b):
+        for i in range(n):
+            codes.append(ref.encode(pcm[..., i * FRAME_SIZE : (i + 1) * FRAME_SIZE]))
+            c = codes[-1] if codes_in is None else codes_in[..., i : i + 1]
+            out.append(ref.decode(c))
+    return torch.cat(codes, -1), torch.cat(out, -1)
+
+
+def our_stream(mimi: Mimi, pcm: torch.Tensor, codes_in: torch.Tensor, frames_per_call: int = 1):
+    state = mimi.init_state(pcm.shape[0])
+    codes, out = [], []
+    step = frames_per_call * FRAME_SIZE
+    with torch.no_grad():
+        for i in range(0, pcm.shape[-1], step):
+            codes.append(mimi.encode_step(pcm[..., i : i + step], state))
+            k = i // FRAME_SIZE
+            out.append(mimi.decode_step(codes_in[..., k : k + frames_per_call], state))
+    return torch.cat(codes, -1), torch.cat(out, -1)
+
+
+def test_random_checkpoint_layout_and_varied_codes(ours):
+    sd = random_mimi_state_dict(0)
+    shapes = mimi_tensor_shapes()
+    assert len(sd) == len(shapes) == 318
+    assert all(tuple(sd[k].shape) == s and sd[k].dtype == torch.float32 for k, s in shapes.items())
+    assert all(bool((v > 0).all()) for k, v in sd.items() if k.endswith("cluster_usage"))
+    assert torch.equal(random_mimi_state_dict(0)["quantizer.rvq_rest.vq.layers.3._codebook.embedding_sum"],
+                       sd["quantizer.rvq_rest.vq.layers.3._codebook.embedding_sum"])
+    codes = ours.encode(signals(25))
+    for level in range(32):  # every level uses many entries on 3 x 25 frames
+        assert codes[:, level].unique().numel() > 20, level
+
+
+def test_offline_parity_with_moshi(ours, ref):
+    pcm = signals(150, seed=1)  # 3 rows x 12 s
+    with torch.no_grad():
+        want = ref.encode(pcm)
+        got = ours.encode(pcm)
+        assert got.shape == want.shape == (3, 32, 150)
+        assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+        pcm_ref = ref.decode(want)
+        pcm_ours = ours.decode(want)
+    assert pcm_ours.shape == pcm_ref.shape == pcm.shape
+    assert rel(pcm_ours, pcm_ref) < PCM_RTOL
+
+
+def test_streaming_parity_with_moshi(ours, ref):
+    pcm = signals(STREAM_FRAMES, seed=2)
+    want_codes, want_pcm = ref_stream(ref, pcm)
+    got_codes, got_pcm = our_stream(ours, pcm, want_codes)
+    assert torch.equal(got_codes, want_codes), f"{int((got_codes != want_codes).sum())} codes differ"
+    assert rel(got_pcm, want_pcm) < PCM_RTOL
+    # The last frames see the ring wrap-around: streaming differs from whole-file there (§7.8), so this test
+    # would catch an implementation that ignored the 2-tokens-per-call quirk.
+    with torch.no_grad():
+        offline = ours.encode(pcm)
+    assert torch.equal(offline[..., :125], got_codes[..., :125])
+    assert not torch.equal(offline[..., 125:], got_codes[..., 125:])
+
+
+def test_real_speech_parity(ours, ref):
+    if not SPEECH.is_file():
+        pytest.skip(f"{SPEECH} not present")
+    from dsm.audio import load_audio
+
+    pcm, sr = load_audio(SPEECH, target_sr=24000)  # 16 kHz -> 24 kHz
+    assert sr == 24000
+    n = pcm.shape[-1] // FRAME_SIZE
+    pcm = pcm[: n * FRAME_SIZE].view(1, 1, -1)
+    with torch.no_grad():
+        want = ref.encode(pcm)
+        assert torch.equal(ours.encode(pcm), want)
+        assert rel(ours.decode(want), ref.decode(want)) < PCM_RTOL
+    want_codes, want_pcm = ref_stream(ref, pcm)
+    got_codes, got_pcm = our_stream(ours, pcm, want_codes)
+    assert torch.equal(got_codes, want_codes)
+    assert rel(got_pcm, want_pcm) < PCM_RTOL
+
+
+def test_fewer_codebooks_parity(ckpt):
+    loaders = pytest.importorskip("moshi.models.loaders")
+    ref8 = loaders.get_mimi(str(ckpt), device="cpu", num_codebooks=8)
+    ours8 = Mimi.from_file(ckpt, n_q=8)
+    pcm = signals(40, seed=3)
+    with torch.no_grad():
+        want = ref8.encode(pcm)
+        got = ours8.encode(pcm)
+        assert got.shape == (3, 8, 40) and torch.equal(got, want)
+        assert rel(ours8.decode(want), ref8.decode(want)) < PCM_RTOL
+    want_codes, want_pcm = ref_stream(ref8, pcm[..., : 12 * FRAME_SIZE])
+    got_codes, got_pcm = our_stream(ours8, pcm[..., : 12 * FRAME_SIZE], want_codes)
+    assert torch.equal(got_codes, want_codes)
+    assert rel(got_pcm, want_pcm) < PCM_RTOL
+
+
+@pytest.mark.parametrize("frames_per_call", [2, 5])
+def test_streaming_matches_offline_within_10s(ours, frames_per_call):
+    pcm = signals(60, seed=4)
+    with torch.no_grad():
+        offline = ours.encode(pcm)
+        offline_pcm = ours.decode(offline)
+    codes, out = our_stream(ours, pcm, offline, frames_per_call)
+    assert torch.equal(codes, offline)
+    assert rel(out, offline_pcm) < 1e-5
+
+
+def test_frame_buffer_arbitrary_chunks(ours):
+    pcm = signals(12, seed=5)
+    with torch.no_grad():
+        offline = ours.encode(pcm)
+    buf, state, codes = FrameBuffer(), ours.init_state(3), []
+    for start in range(0, pcm.shape[-1], 1000):  # 1000-sample chunks do not align with frames
+        frames = buf.push(pcm[..., start : start + 1000])
+        if frames.shape[-1]:
+            with torch.no_grad():
+                codes.append(ours.encode_step(frames, state))
+    assert buf.pending == 0
+    assert torch.equal(torch.cat(codes, -1), offline)
+
+
+def test_inactive_row_frozen_and_others_unchanged(ours):
+    pcm = signals(8, seed=6)
+    garbage = torch.randn(3, 1, FRAME_SIZE)
+
+    def run(skip_row_1_at: int | None):
+        state, codes, outs, frozen = ours.init_state(3), [], [], None
+        with torch.no_grad():
+            for i in range(8):
+                x = pcm[..., i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
+                if i == skip_row_1_at:
+                    before = [t[1].clone() for t in state.tensors()[1:]]  # all but exec_mask
+                    state.set_exec_mask(torch.tensor([True, False, True]))
+                    x = x.clone()
+                    x[1] = garbage[1]
+                c = ours.encode_step(x, state)
+                outs.append(ours.decode_step(c, state))
+                codes.append(c)
+                if i == skip_row_1_at:
+                    frozen = all(torch.equal(b, t[1]) for b, t in zip(before, state.tensors()[1:], strict=True))
+                    state.set_exec_mask(torch.ones(3, dtype=torch.bool))
+        return torch.cat(codes, -1), torch.cat(outs, -1), frozen
+
+    codes_a, pcm_a, _ = run(None)
+    codes_b, pcm_b, frozen = run(4)
+    assert frozen, "an inactive row's state changed"
+    for row in (0, 2):  # other rows bitwise unaffected
+        assert torch.equal(codes_a[row], codes_b[row]) and torch.equal(pcm_a[row], pcm_b[row])
+    # Row 1 skipped frame 4 entirely; afterwards it continues as if frame 4 were frame 5's predecessor.
+    assert not torch.equal(codes_a[1, :, 5:], codes_b[1, :, 5:])
+
+
+def test_row_reset_equals_fresh_stream(ours):
+    pcm = signals(10, seed=7)
+    other = signals(10, seed=8)
+
+    def step_all(state, x):
+        c = ours.encode_step(x, state)
+        return c, ours.decode_step(c, state)
+
+    with torch.no_grad():
+        state = ours.init_state(3)
+        for i in range(6):
+            step_all(state, pcm[..., i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
+        keep = ours.init_state(3)
+        for a, b in zip(keep.tensors(), state.tensors(), strict=True):
+            a.copy_(b)
+        state.reset(torch.tensor([False, True, False]))
+        fresh = ours.init_state(3)
+        for i in range(4):
+            x = pcm[..., (6 + i) * FRAME_SIZE : (7 + i) * FRAME_SIZE].clone()
+            x[1] = other[1, :, i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
+            c_reset, y_reset = step_all(state, x)
+            c_keep, y_keep = step_all(keep, x)
+            c_fresh, y_fresh = step_all(fresh, x)
+            assert torch.equal(c_reset[1], c_fresh[1]) and torch.equal(y_reset[1], y_fresh[1])
+            for row in (0, 2):
+                assert torch.equal(c_reset[row], c_keep[row]) and torch.equal(y_reset[row], y_keep[row])
+
+
+def test_old_codebook_names_accepted(ckpt, tmp_path, ours):
+    sd = load_file(str(ckpt))
+    renames = {"embedding_sum": "embed_avg", "cluster_usage": "cluster_size", "_initialized": "inited"}
+    old = {}
+    for k, v in sd.items():
+        head, _, last = k.rpartition(".")
+        old[f"{head}.{renames.get(last, last)}" if "_codebook" in head else k] = v
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path))
+    pcm = signals(4, seed=9)
+    with torch.no_grad():
+        assert torch.equal(Mimi.from_file(path).encode(pcm), ours.encode(pcm))
+
+
+def test_loading_errors_are_clear(ckpt, tmp_path):
+    sd = load_file(str(ckpt))
+    name = "decoder_transformer.transformer.layers.3.linear1.weight"
+
+    missing = dict(sd)
+    del missing[name]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(MimiCheckpointError, match=r"missing\.safetensors.*missing.*layers\.3\.linear1\.weight"):
+        Mimi.from_file(tmp_path / "missing.safetensors")
+
+    wrong = dict(sd)
+    wrong[name] = torch.zeros(2048, 511)
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(MimiCheckpointError, match=r"wrong\.safetensors.*linear1\.weight.*\(2048, 511\).*\(2048, 512\)"):
+        Mimi.from_file(tmp_path / "wrong.safetensors")
+
+    extra = dict(sd)
+    extra["quantizer.rvq_rest.vq.layers.31._codebook.embedding_sum"] = torch.zeros(2048, 256)
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(MimiCheckpointError, match=r"unexpected.*layers\.31"):
+        Mimi.from_file(tmp_path / "extra.safetensors")
+
+    data = Path(ckpt).read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MimiCheckpointError, match=r"trunc\.safetensors.*cannot read"):
+        Mimi.from_file(tmp_path / "trunc.safetensors")
+
+    with pytest.raises(MimiCheckpointError, match="not found"):
+        Mimi.from_file(tmp_path / "absent.safetensors")
+
+
+def test_bad_step_inputs(ours):
+    state = ours.init_state(2)
+    with pytest.raises(ValueError, match="multiple of 1920"):
+        ours.encode_step(torch.zeros(2, 1, 1000), state)
+    with pytest.raises(ValueError, match=r"\[2, 1, 1920\*n\]"):
+        ours.encode_step(torch.zeros(3, 1, 1920), state)
+    with pytest.raises(ValueError, match="codes must be in"):
+        ours.decode(torch.full((1, 8, 2), -1))
