@@ -39,6 +39,20 @@ class GenState:
     def batch_size(self) -> int:
         return self.offsets.shape[0]
 
+    def rows(self, n: int) -> GenState:
+        """A view of the first ``n`` slots: every tensor is a slice of this state's, so steps on the view update
+        this state in place (how the engine runs a batch-size bucket). Not available with CFG row doubling."""
+        if self.positions.shape[0] != self.batch_size:
+            raise ValueError("row views are not supported with CFG (rows are [conditional | null])")
+        kv = PagedKVCache(self.kv.k, self.kv.v, self.kv.block_table[:n], self.kv.context)
+        return GenState(
+            cache=self.cache[:n], offsets=self.offsets[:n], exec_mask=self.exec_mask[:n], seeds=self.seeds[:n],
+            kv=kv, positions=self.positions[:n],
+            cond_sum=self.cond_sum[:n] if self.cond_sum is not None else None,
+            cross_kv=[(k[:n], v[:n]) for k, v in self.cross_kv] if self.cross_kv is not None else None,
+            masked_until=self.masked_until[:n] if self.masked_until is not None else None,
+            offset_cpu=self.offset_cpu)
+
 
 @dataclass
 class StepOutput:
@@ -75,14 +89,17 @@ class Generator:
     def cfg_rows(self) -> int:
         return 2 if self.cfg_coef != 1.0 else 1
 
-    def init_state(self, batch_size: int, conditions: dict | None = None, seed: int = 0) -> GenState:
-        """A fresh state for ``batch_size`` slots; ``conditions`` maps condition name -> per-slot values."""
+    def init_state(self, batch_size: int, conditions: dict | None = None, seed: int = 0,
+                   kv: PagedKVCache | None = None) -> GenState:
+        """A fresh state for ``batch_size`` slots; ``conditions`` maps condition name -> per-slot values. ``kv``
+        replaces the default cache (each slot statically owning its ring of pages)."""
         m, cfg, dev = self.model, self.model.cfg, self.device
         rows = batch_size * self.cfg_rows
         dtype = next(m.transformer.parameters()).dtype
-        kv = PagedKVCache.allocate(num_layers=cfg.num_layers, batch_size=rows, heads=cfg.num_heads // cfg.kv_repeat,
-                                   head_dim=cfg.head_dim, context=cfg.context, page_size=self.page_size,
-                                   dtype=dtype, device=dev)
+        if kv is None:
+            kv = PagedKVCache.allocate(num_layers=cfg.num_layers, batch_size=rows,
+                                       heads=cfg.num_heads // cfg.kv_repeat, head_dim=cfg.head_dim,
+                                       context=cfg.context, page_size=self.page_size, dtype=dtype, device=dev)
         state = GenState(
             cache=torch.full((batch_size, cfg.num_codebooks, self.max_delay + 2), UNGENERATED_TOKEN, device=dev),
             offsets=torch.zeros(batch_size, dtype=torch.long, device=dev),
@@ -99,8 +116,22 @@ class Generator:
             raise ValueError("this model has no conditioners, but conditions were given")
         return state
 
-    def set_conditions(self, state: GenState, conditions: dict) -> None:
-        """Compute the sum vector and cross-attention K/V of every slot (CFG: the null half is derived)."""
+    def set_conditions(self, state: GenState, conditions: dict, rows: torch.Tensor | None = None) -> None:
+        """Compute the sum vector and cross-attention K/V of every slot (CFG: the null half is derived).
+
+        With ``rows`` (slot indices, one per conditioned value) only those slots are (re)conditioned, in place; the
+        state must already hold conditions for every slot."""
+        if rows is not None:
+            if self.cfg_rows != 1:
+                raise ValueError("per-slot conditioning with CFG row doubling is not supported")
+            sub = GenState(state.cache, state.offsets, state.exec_mask, state.seeds, state.kv, state.positions)
+            self.set_conditions(sub, conditions)
+            if sub.cond_sum is not None:
+                state.cond_sum[rows] = sub.cond_sum
+            if sub.cross_kv is not None:
+                for (k, v), (nk, nv) in zip(state.cross_kv, sub.cross_kv, strict=True):
+                    k[rows], v[rows] = nk, nv
+            return
         m = self.model
         dtype = next(m.transformer.parameters()).dtype
         with torch.no_grad():
@@ -173,7 +204,7 @@ class Generator:
         write = ex.repeat(self.cfg_rows)
         z, text_logits = m.step_text(inp, state.kv, state.positions, write, tables=self.tables,
                                      cond_sum=state.cond_sum, cross_kv=state.cross_kv, backend=self.backend)
-        state.positions = torch.where(write, state.positions + 1, state.positions)
+        state.positions.add_(write.long())
 
         if self.cfg_rows == 2:
             cond, null = text_logits[:B], text_logits[B:]
@@ -197,7 +228,7 @@ class Generator:
             if on_audio is not None:
                 on_audio(audio)
 
-        state.offsets = torch.where(ex, state.offsets + 1, state.offsets)
+        state.offsets.add_(ex.long())
         state.offset_cpu += 1
         col = (state.offsets % CT)[:, None, None]
         new = text_token[:, None] if audio is None else torch.cat([text_token[:, None], audio], dim=1)
