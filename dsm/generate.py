@@ -168,25 +168,59 @@ class Generator:
              depformer_replace_tokens: torch.Tensor | None = None,
              on_text_logits: Callable[[torch.Tensor], None] | None = None,
              on_text: Callable[[torch.Tensor], None] | None = None,
-             on_audio: Callable[[torch.Tensor], None] | None = None) -> StepOutput | None:
+             on_audio: Callable[[torch.Tensor], None] | None = None) -> StepOutput:
         """One frame for every slot. ``input_tokens``: [B, n_in] (or [B, n_in, 1]) tokens of the input-only
         streams (the audio codes for STT). ``tokens`` of the output is None while ``offset_cpu <= max_delay``
-        (synchronous mode), as moshi returns nothing then."""
+        (synchronous mode), as moshi returns nothing then.
+
+        The step is three device-only phases (:meth:`forward`, :meth:`depformer`, :meth:`commit`, each capturable in
+        a CUDA graph) with the host hooks between them."""
+        B, dq = state.batch_size, self.model.cfg.dep_q
+        z, text_logits = self.forward(state, self.check_inputs(state, input_tokens))
+        if on_text_logits is not None:
+            text_logits = text_logits.clone()
+            on_text_logits(text_logits)
+        text_token = self.sample_text(state, text_logits)
+        if on_text is not None:
+            on_text(text_token)
+        audio = None
+        if dq:
+            if depformer_replace_tokens is not None:
+                audio = depformer_replace_tokens.reshape(B, dq).long().clone()
+            else:
+                audio = self.depformer(state, text_token, z)
+            if on_audio is not None:
+                on_audio(audio)
+        tokens = self.commit(state, text_token, audio)
+        state.offset_cpu += 1
+        if not self.support_out_of_sync and state.offset_cpu <= self.max_delay:
+            tokens = None
+        return StepOutput(tokens, text_token, z[:B], text_logits)
+
+    def check_inputs(self, state: GenState, input_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        cfg, B = self.model.cfg, state.batch_size
+        n_in = cfg.num_codebooks - cfg.dep_q - 1
+        if not n_in:
+            return None
+        if input_tokens is None:
+            raise ValueError(f"input_tokens: expected [B={B}, {n_in}] tokens of the input streams, got None")
+        if input_tokens.dim() == 3:
+            input_tokens = input_tokens[..., 0]
+        if input_tokens.dim() != 2 or input_tokens.shape[0] != B or input_tokens.shape[1] < n_in:
+            raise ValueError(f"input_tokens: expected shape [{B}, {n_in}], got {tuple(input_tokens.shape)}")
+        return input_tokens[:, :n_in]
+
+    def forward(self, state: GenState, input_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the input-stream tokens into the delay cache, build this step's input column (initial tokens,
+        CFG null rows), run the temporal transformer. Returns ``z`` [rows, d] and CFG-mixed text logits [B, V]."""
         m, cfg = self.model, self.model.cfg
         B, K, CT, dq = state.batch_size, cfg.num_codebooks, state.cache.shape[2], cfg.dep_q
         ex = state.exec_mask
-        n_in = K - dq - 1
-        if n_in:
-            if input_tokens is None:
-                raise ValueError(f"input_tokens: expected [B={B}, {n_in}] tokens of the input streams, got None")
-            if input_tokens.dim() == 3:
-                input_tokens = input_tokens[..., 0]
-            if input_tokens.shape[0] != B or input_tokens.shape[1] < n_in:
-                raise ValueError(f"input_tokens: expected shape [{B}, {n_in}], got {tuple(input_tokens.shape)}")
+        if input_tokens is not None:
             cols = (state.offsets[:, None] + self.delays[dq + 1 :][None]) % CT
             user = state.cache[:, dq + 1 :]
             cur = user.gather(2, cols[..., None])[..., 0]
-            user.scatter_(2, cols[..., None], torch.where(ex[:, None], input_tokens[:, :n_in].long(), cur)[..., None])
+            user.scatter_(2, cols[..., None], torch.where(ex[:, None], input_tokens.long(), cur)[..., None])
 
         is_init = (state.offsets[:, None] <= self.delays[None]) | ~ex[:, None]
         inp = state.cache.gather(2, (state.offsets % CT)[:, None, None].expand(B, K, 1))[..., 0]
@@ -205,42 +239,33 @@ class Generator:
         z, text_logits = m.step_text(inp, state.kv, state.positions, write, tables=self.tables,
                                      cond_sum=state.cond_sum, cross_kv=state.cross_kv, backend=self.backend)
         state.positions.add_(write.long())
-
         if self.cfg_rows == 2:
             cond, null = text_logits[:B], text_logits[B:]
             text_logits = cond if self.cfg_is_no_text else null + (cond - null) * self.cfg_coef
-        if on_text_logits is not None:
-            text_logits = text_logits.clone()
-            on_text_logits(text_logits)
-        text_token = self._sample(state, text_logits, self.temp_text, self.top_k_text, 0)
-        if on_text is not None:
-            on_text(text_token)
+        return z, text_logits
 
-        audio = None
-        if dq:
-            if depformer_replace_tokens is not None:
-                audio = depformer_replace_tokens.reshape(B, dq).long().clone()
-            else:
-                def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
-                    return self._sample(state, logits, self.temp, self.top_k, k + 1)
+    def sample_text(self, state: GenState, text_logits: torch.Tensor) -> torch.Tensor:
+        return self._sample(state, text_logits, self.temp_text, self.top_k_text, 0)
 
-                audio = m.depformer_step(text_token, z, sample)
-            if on_audio is not None:
-                on_audio(audio)
+    def depformer(self, state: GenState, text_token: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The frame's audio tokens [B, dep_q], sampled codebook by codebook."""
+        def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
+            return self._sample(state, logits, self.temp, self.top_k, k + 1)
 
+        return self.model.depformer_step(text_token, z, sample)
+
+    def commit(self, state: GenState, text_token: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
+        """Advance executing slots and cache the generated tokens; returns the un-delayed frame [B, 1 + dep_q]
+        (``-2`` for slots still inside the delay or not executing)."""
+        B, CT, dq = state.batch_size, state.cache.shape[2], self.model.cfg.dep_q
+        ex = state.exec_mask
         state.offsets.add_(ex.long())
-        state.offset_cpu += 1
-        col = (state.offsets % CT)[:, None, None]
+        col = (state.offsets % CT)[:, None, None].expand(B, 1 + dq, 1)
         new = text_token[:, None] if audio is None else torch.cat([text_token[:, None], audio], dim=1)
         gen = state.cache[:, : 1 + dq]
-        cur = gen.gather(2, col.expand(B, 1 + dq, 1))[..., 0]
-        gen.scatter_(2, col.expand(B, 1 + dq, 1), torch.where(ex[:, None], new, cur)[..., None])
-
-        out = StepOutput(None, text_token, z[:B], text_logits[:B])
-        if not self.support_out_of_sync and state.offset_cpu <= self.max_delay:
-            return out
+        cur = gen.gather(2, col)[..., 0]
+        gen.scatter_(2, col, torch.where(ex[:, None], new, cur)[..., None])
         idx = (state.offsets[:, None] - self.max_delay + self.delays[None, : 1 + dq]) % CT
         tokens = gen.gather(2, idx[..., None])[..., 0]
         invalid = (state.offsets <= self.max_delay) | ~ex
-        out.tokens = torch.where(invalid[:, None], UNGENERATED_TOKEN, tokens)
-        return out
+        return torch.where(invalid[:, None], UNGENERATED_TOKEN, tokens)
