@@ -1,0 +1,102 @@
+"""Audio loading, resampling and the bad-input policy of dsm.audio."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from dsm.audio import AudioError, ClippedAudioWarning, load_audio, resample, validate_pcm
+
+
+def tone(freq: float, sr: int, seconds: float = 0.5, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(sr * seconds)) / sr
+    return (amp * np.sin(2 * math.pi * freq * t)).astype(np.float32)
+
+
+def test_validate_accepts_and_downmixes():
+    x = torch.stack([torch.full((100,), 0.2), torch.full((100,), 0.4)])
+    y = validate_pcm(x, 24000)
+    assert y.shape == (100,) and y.dtype == torch.float32
+    assert torch.allclose(y, torch.full((100,), 0.3))
+    assert validate_pcm(x, 24000, mono="keep").shape == (2, 100)
+    assert validate_pcm(np.zeros(10, dtype=np.float64), 24000).dtype == torch.float32
+    assert validate_pcm(torch.zeros(1, 10), 24000, mono="error").shape == (10,)
+
+
+@pytest.mark.parametrize(
+    ("x", "kwargs", "pattern"),
+    [
+        (torch.zeros(2, 50), {"mono": "error"}, "2 channels"),
+        (torch.tensor([0.0, float("nan"), 0.1]), {}, "NaN or infinite"),
+        (torch.tensor([0.0, float("inf")]), {}, "NaN or infinite"),
+        (torch.zeros(0), {}, "empty"),
+        (torch.zeros(2, 0), {}, "empty"),
+        (torch.zeros(10, dtype=torch.int16), {}, "dtype torch.int16"),
+        (np.zeros(10, dtype=np.int32), {}, "dtype torch.int32"),
+        (torch.zeros(1, 2, 3), {}, "shape"),
+        (torch.zeros(1000, 2), {}, r"\[T, C\]"),
+        (torch.tensor([0.5, 1.5]), {"clip": "error"}, "outside"),
+    ],
+)
+def test_validate_rejects(x, kwargs, pattern):
+    with pytest.raises(AudioError, match=pattern) as info:
+        validate_pcm(x, 24000, name="clip.wav", **kwargs)
+    assert "clip.wav" in str(info.value)
+
+
+@pytest.mark.parametrize("sr", [0, -24000, 24000.0])
+def test_validate_rejects_bad_sample_rate(sr):
+    with pytest.raises(AudioError, match="sample rate"):
+        validate_pcm(torch.zeros(10), sr)
+
+
+def test_out_of_range_is_clipped_with_warning():
+    with pytest.warns(ClippedAudioWarning, match="clipped 2 sample"):
+        y = validate_pcm(torch.tensor([0.5, 1.5, -3.0]), 24000)
+    assert torch.equal(y, torch.tensor([0.5, 1.0, -1.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_pcm(torch.tensor([1.0, -1.0]), 24000)  # the boundary itself is valid
+
+
+def test_resample_keeps_frequency_and_length():
+    x = tone(440, 16000, 1.0)
+    y = resample(x, 16000, 24000)
+    assert y.dtype == torch.float32 and abs(y.shape[0] - 24000) <= 1
+    spectrum = np.abs(np.fft.rfft(y.numpy()))
+    assert abs(int(spectrum.argmax()) - 440) <= 1  # 1 s long: bin = Hz
+    stereo = resample(np.stack([x, 0.5 * x]), 16000, 24000)
+    assert stereo.shape[0] == 2 and torch.allclose(stereo[1], 0.5 * stereo[0], atol=1e-6)
+    assert torch.equal(resample(x, 16000, 16000), torch.from_numpy(x))
+    with pytest.raises(AudioError, match="to_sr"):
+        resample(x, 16000, 0)
+
+
+@pytest.mark.parametrize(("fmt", "ext", "tol"), [("WAV", "wav", 1e-4), ("FLAC", "flac", 1e-4), ("OGG", "ogg", 0.1)])
+def test_load_formats(tmp_path, fmt, ext, tol):
+    x = tone(300, 16000)
+    path = tmp_path / f"a.{ext}"
+    sf.write(str(path), np.stack([x, x], axis=1), 16000, format=fmt)
+    pcm, sr = load_audio(path, target_sr=24000)
+    assert sr == 24000 and pcm.dim() == 1 and abs(pcm.shape[0] - 12000) <= 1
+    ref = resample(x, 16000, 24000)
+    n = min(ref.shape[0], pcm.shape[0])
+    assert float((pcm[:n] - ref[:n]).norm() / ref[:n].norm()) < tol
+    keep, _ = load_audio(path, target_sr=24000, mono="keep")
+    assert keep.shape[0] == 2
+    with pytest.raises(AudioError, match="mono"):
+        load_audio(path, mono="error")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(AudioError, match="not found"):
+        load_audio(tmp_path / "absent.wav")
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really a wav file")
+    with pytest.raises(AudioError, match="bad.wav.*cannot decode"):
+        load_audio(bad)
