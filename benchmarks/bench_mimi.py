@@ -1,0 +1,167 @@
+"""Mimi streaming step latency per 80 ms frame: ours (eager and CUDA-graph replay) vs moshi, same input.
+
+    python benchmarks/bench_mimi.py                          # CUDA, batch 1, 64, 400
+    python benchmarks/bench_mimi.py --device cpu --batch 1   # quick CPU smoke
+
+Timings are medians over ``--steps`` calls after ``--warmup`` calls (CUDA events on GPU, perf_counter on CPU).
+A stream is real time while its per-frame step stays under 80 ms; ``streams@RTF1`` = batch * 80 ms / step.
+Appends one JSON row per run to benchmarks/results/mimi.jsonl (device, torch version, git commit, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsm.mimi import FRAME_SIZE, Mimi, save_random_mimi  # noqa: E402
+
+FRAME_MS = 80.0
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn()`` after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def graphed(fn, warmup: int):
+    """Capture ``fn`` (static inputs, in-place state) once in a CUDA graph; returns a replay callable."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_ours(mimi: Mimi, batch: int, args, device: torch.device, use_graph: bool) -> dict[str, float]:
+    pcm = (0.1 * torch.randn(batch, 1, FRAME_SIZE, device=device)).clamp(-1, 1)
+    codes = torch.randint(0, 2048, (batch, mimi.n_q, 1), device=device)
+    enc_state, dec_state = mimi.init_state(batch), mimi.init_state(batch)
+
+    def enc():
+        mimi.encode_step(pcm, enc_state)
+
+    def dec():
+        mimi.decode_step(codes, dec_state)
+
+    with torch.no_grad():
+        if use_graph:
+            enc, dec = graphed(enc, 3), graphed(dec, 3)
+        return {"encode_ms": timed(enc, args.steps, args.warmup, device),
+                "decode_ms": timed(dec, args.steps, args.warmup, device)}
+
+
+def bench_moshi(path: Path, n_q: int, batch: int, args, device: torch.device) -> dict[str, float] | None:
+    try:
+        from moshi.models.loaders import get_mimi
+    except ImportError:
+        return None
+    ref = get_mimi(str(path), device=device, num_codebooks=n_q)
+    pcm = (0.1 * torch.randn(batch, 1, FRAME_SIZE, device=device)).clamp(-1, 1)
+    codes = torch.randint(0, 2048, (batch, n_q, 1), device=device)
+    out = {}
+    with torch.no_grad():
+        with ref.streaming(batch):
+            out["encode_ms"] = timed(lambda: ref.encode(pcm), args.steps, args.warmup, device)
+        with ref.streaming(batch):
+            out["decode_ms"] = timed(lambda: ref.decode(codes), args.steps, args.warmup, device)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 400])
+    p.add_argument("--n-q", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="timed calls (default 50 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 10 on CUDA, 2 on CPU)")
+    p.add_argument("--ckpt", type=Path, default=None, help="Mimi safetensors (default: a random one)")
+    p.add_argument("--no-moshi", action="store_true", help="skip the moshi baseline")
+    p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "mimi.jsonl")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.steps = args.steps or (50 if cuda else 5)
+    args.warmup = args.warmup or (10 if cuda else 2)
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    if cuda:
+        # fp32 convs like the bit-exact reference; TF32 would change codes (DSM-SPEC §0).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.ckpt or save_random_mimi(Path(tmp) / "mimi.safetensors", seed=0)
+        mimi = Mimi.from_file(path, n_q=args.n_q, device=device)
+        rows = []
+        for batch in args.batch:
+            row: dict = {"batch": batch, "ours": bench_ours(mimi, batch, args, device, use_graph=False)}
+            if cuda and not args.no_graph:
+                row["ours_graph"] = bench_ours(mimi, batch, args, device, use_graph=True)
+            if not args.no_moshi:
+                row["moshi"] = bench_moshi(path, args.n_q, batch, args, device)
+            rows.append(row)
+            if cuda:
+                torch.cuda.empty_cache()
+
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"Mimi step per 80 ms frame on {name}, torch {torch.__version__}, n_q={args.n_q}, fp32")
+    print(f"{'batch':>6} {'impl':>11} {'encode ms':>10} {'decode ms':>10} {'streams@RTF1':>13}")
+    for row in rows:
+        for impl in ("ours", "ours_graph", "moshi"):
+            r = row.get(impl)
+            if r:
+                total = r["encode_ms"] + r["decode_ms"]
+                streams = row["batch"] * FRAME_MS / total
+                print(f"{row['batch']:>6} {impl:>11} {r['encode_ms']:>10.3f} {r['decode_ms']:>10.3f} {streams:>13.1f}")
+    record = {"bench": "mimi", "device": name, "torch": torch.__version__, "commit": git_commit(),
+              "n_q": args.n_q, "steps": args.steps, "warmup": args.warmup, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
