@@ -500,6 +500,12 @@ def random_mimi_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
             book = sd[c + "embedding_sum"] / usage[:, None]
             dist = torch.cdist(r[None], book[None])[0]
             r = r - book[dist.argmin(-1)]
+    # Scale the last decoder conv so decoded probe audio has a speech-like level (std ~0.1), not ~100.
+    model = Mimi(sd)
+    out = model.decode(model.encode(probe.view(1, 1, -1)))
+    gain = 0.1 / float(out.std())
+    sd["decoder.model.14.conv.conv.weight"] = sd["decoder.model.14.conv.conv.weight"] * gain
+    sd["decoder.model.14.conv.conv.bias"] = sd["decoder.model.14.conv.conv.bias"] * gain
     return {k: v.contiguous().float() for k, v in sd.items()}
 
 
