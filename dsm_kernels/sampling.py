@@ -10,8 +10,8 @@ Semantics: :func:`dsm_kernels.reference.sample_tokens_ref`. A program owns ``ROW
 * the draw is ``argmax(p / -log(u))`` over kept tokens with ``u`` the reference's hash of (seed, step, row, token),
   so every backend and every CUDA-graph replay draws the same token. ``temperature <= 0`` gives the argmax.
 
-Floating-point operations follow the reference's order (``x * (1 / t)`` as torch computes a division by a scalar;
-no FMA contraction), so tokens agree with the reference except on near-exact ties of two scores.
+Floating-point operations follow the reference's order (a true division by ``t``; no FMA contraction), so tokens
+agree with the reference except on near-exact ties of two scores (last-bit differences of exp/log).
 """
 
 from __future__ import annotations
@@ -70,8 +70,7 @@ def _sample_kernel(
         keep = mask & (key >= lo[:, None])
 
     t = tl.load(temp_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    inv_t = 1.0 / tl.where(t > 0, t, 1.0)
-    xs = x * inv_t[:, None]
+    xs = x / tl.where(t > 0, t, 1.0)[:, None]  # a true division, as the reference's CPU `x / t`
     e = tl.exp(xs - tl.max(xs, axis=1)[:, None])
     den = tl.sum(e, axis=1)
     p = e / tl.where(den > 0, den, 1.0)[:, None]  # den == 0 only on padding rows

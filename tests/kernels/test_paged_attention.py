@@ -77,8 +77,7 @@ def test_decode_batch_and_splits(backend, B, num_splits):
     q, kc, vc, bt = _pool(B, 32, 64, S, context, torch.bfloat16, device, seed=B)
     g = torch.Generator().manual_seed(B)
     seq_lens = torch.randint(0, 3 * context, (B,), generator=g, dtype=torch.int32).to(device)
-    kw = {} if backend == "cuda" else {"num_splits": num_splits}
-    _check(backend, device, q, kc, vc, bt, seq_lens, context, **(kw if num_splits else {}))
+    _check(backend, device, q, kc, vc, bt, seq_lens, context, **({"num_splits": num_splits} if num_splits else {}))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

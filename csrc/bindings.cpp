@@ -1,0 +1,207 @@
+// torch bindings of the dsm CUDA kernels: TORCH_LIBRARY schemas with out-parameters (usable as torch.ops.dsm.* inside
+// captured CUDA graphs, writing into preallocated buffers), shape/dtype checks, and calls into the torch-free
+// launchers of csrc/*.cu on the current stream.
+#include <Python.h>  // first, as CPython asks
+// clang-format off
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+// clang-format on
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <optional>
+
+#include "checks.h"
+#include "dsm_cuda.h"
+
+namespace {
+
+int dsm_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DSM_F32;
+    case at::kHalf: return DSM_F16;
+    case at::kBFloat16: return DSM_BF16;
+    default: TORCH_CHECK(false, "dsm: unsupported dtype ", t.scalar_type(), " (float32, float16, bfloat16)");
+  }
+  return -1;
+}
+
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+void multistream_embed(at::Tensor& out, const at::Tensor& tokens, const at::Tensor& text_table,
+                       const at::Tensor& audio_tables, const std::optional<at::Tensor>& text_table2,
+                       const std::optional<at::Tensor>& cond) {
+  DSM_CHECK_CUDA(out);
+  DSM_CHECK_DIM(tokens, 2);
+  DSM_CHECK_DIM(text_table, 2);
+  DSM_CHECK_DIM(audio_tables, 3);
+  DSM_CHECK_DTYPE(tokens, at::kLong);
+  const int64_t B = tokens.size(0), K = tokens.size(1), D = text_table.size(1);
+  TORCH_CHECK(K >= 1 && K <= 64, "dsm: 1..64 token columns supported, got ", K);
+  TORCH_CHECK(audio_tables.size(0) >= K - 1 && audio_tables.size(2) == D, "dsm: audio_tables must be [>=K-1, V, D]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == B && out.size(1) == D, "dsm: out must be [B, D]");
+  TORCH_CHECK(audio_tables.scalar_type() == text_table.scalar_type(), "dsm: tables must share a dtype");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&tokens, &text_table, &audio_tables}) DSM_CHECK_SAME_DEVICE(out, (*t));
+  DSM_CHECK_LAST_CONTIGUOUS(text_table);
+  DSM_CHECK_LAST_CONTIGUOUS(audio_tables);
+  DSM_CHECK_LAST_CONTIGUOUS(out);
+  const void* t2 = nullptr;
+  int64_t stride_t2 = 0;
+  if (text_table2) {
+    TORCH_CHECK(text_table2->sizes() == text_table.sizes() && text_table2->scalar_type() == text_table.scalar_type(),
+                "dsm: text_table2 must match text_table");
+    DSM_CHECK_SAME_DEVICE(out, (*text_table2));
+    DSM_CHECK_LAST_CONTIGUOUS((*text_table2));
+    t2 = text_table2->data_ptr();
+    stride_t2 = text_table2->stride(0);
+  }
+  const float* c = nullptr;
+  int64_t stride_c = 0;
+  if (cond) {
+    DSM_CHECK_DTYPE((*cond), at::kFloat);
+    TORCH_CHECK(cond->dim() == 2 && cond->size(0) == B && cond->size(1) == D, "dsm: cond must be [B, D]");
+    DSM_CHECK_SAME_DEVICE(out, (*cond));
+    DSM_CHECK_LAST_CONTIGUOUS((*cond));
+    c = cond->data_ptr<float>();
+    stride_c = cond->stride(0);
+  }
+  const c10::cuda::CUDAGuard guard(out.device());
+  DSM_CUDA_OK(dsm_launch_multistream_embed(
+      tokens.data_ptr<int64_t>(), tokens.stride(0), tokens.stride(1), static_cast<int>(B), static_cast<int>(K),
+      text_table.data_ptr(), t2, audio_tables.data_ptr(), c, out.data_ptr(), dsm_dtype(text_table), dsm_dtype(out),
+      D, text_table.size(0), text_table.stride(0), stride_t2, audio_tables.stride(0), audio_tables.stride(1),
+      stride_c, out.stride(0), stream_of(out)));
+}
+
+void check_pool(const at::Tensor& cache, int64_t H, int64_t D, const char* name) {
+  TORCH_CHECK(cache.dim() == 4 && cache.size(2) == H && cache.size(3) == D, "dsm: ", name,
+              " must be [num_pages, page_size, H, D]");
+  TORCH_CHECK(cache.stride(3) == 1 && cache.stride(2) == D, "dsm: ", name, " heads and head_dim must be contiguous");
+}
+
+void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& slot_mapping) {
+  DSM_CHECK_CUDA(k_cache);
+  DSM_CHECK_DIM(k, 3);
+  const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
+  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(), "dsm: v must match k");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == D && v.stride(2) == 1 && v.stride(1) == D,
+              "dsm: k/v heads and head_dim must be contiguous");
+  check_pool(k_cache, H, D, "k_cache");
+  check_pool(v_cache, H, D, "v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "dsm: v_cache must match k_cache");
+  DSM_CHECK_DTYPE(slot_mapping, at::kLong);
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == B && slot_mapping.is_contiguous(),
+              "dsm: slot_mapping must be a contiguous [B] tensor");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&v_cache, &k, &v, &slot_mapping}) DSM_CHECK_SAME_DEVICE(k_cache, (*t));
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  DSM_CUDA_OK(dsm_launch_append_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                   slot_mapping.data_ptr<int64_t>(), static_cast<int>(B), static_cast<int>(H * D),
+                                   static_cast<int>(k_cache.size(1)), dsm_dtype(k), dsm_dtype(k_cache), k.stride(0),
+                                   v.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                                   v_cache.stride(1), stream_of(k_cache)));
+}
+
+void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t context, double scale,
+                            int64_t num_splits) {
+  DSM_CHECK_CUDA(out);
+  DSM_CHECK_DIM(q, 3);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(D == 64 || D == 128, "dsm: head_dim 64 or 128 supported, got ", D);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
+              "dsm: out must be a contiguous tensor like q");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) % 8 == 0 && q.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
+              "dsm: q rows must be 16-byte aligned with contiguous head_dim");
+  check_pool(k_cache, H, D, "k_cache");
+  check_pool(v_cache, H, D, "v_cache");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "dsm: q and the caches must share a dtype");
+  TORCH_CHECK(k_cache.stride(1) % 8 == 0 && v_cache.stride(1) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
+              "dsm: cache rows must be 16-byte aligned");
+  DSM_CHECK_DTYPE(block_table, at::kInt);
+  DSM_CHECK_DTYPE(seq_lens, at::kInt);
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == B && block_table.stride(1) == 1,
+              "dsm: block_table must be [B, pages_per_slot] with contiguous rows");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B && seq_lens.is_contiguous(), "dsm: seq_lens must be [B]");
+  TORCH_CHECK(num_splits >= 1 && context >= 1, "dsm: need num_splits >= 1 and context >= 1");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache, &block_table, &seq_lens}) DSM_CHECK_SAME_DEVICE(out, (*t));
+  const c10::cuda::CUDAGuard guard(out.device());
+  // Split-K workspace from the caching allocator (graph-capture safe); untouched with a single split.
+  const int64_t parts = num_splits > 1 ? B * H * num_splits : 1;
+  at::Tensor ml = at::empty({2, parts}, q.options().dtype(at::kFloat));
+  at::Tensor acc = at::empty({parts, num_splits > 1 ? D : 1}, q.options().dtype(at::kFloat));
+  DSM_CUDA_OK(dsm_launch_paged_decode_attention(
+      out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr<int32_t>(),
+      seq_lens.data_ptr<int32_t>(), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), dsm_dtype(q),
+      static_cast<int>(k_cache.size(1)), static_cast<int>(block_table.size(1)), static_cast<int>(context),
+      static_cast<float>(scale), static_cast<int>(num_splits), ml.data_ptr<float>(), ml.data_ptr<float>() + parts,
+      acc.data_ptr<float>(), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+      v_cache.stride(1), block_table.stride(0), stream_of(out)));
+}
+
+void sample_tokens(at::Tensor& out, const at::Tensor& logits, const std::optional<at::Tensor>& null_logits,
+                   double cfg_coef, const at::Tensor& temperature, int64_t top_k, const at::Tensor& seeds,
+                   const at::Tensor& steps) {
+  DSM_CHECK_CUDA(out);
+  DSM_CHECK_DIM(logits, 2);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V >= 1 && V <= 16384, "dsm: vocab 1..16384 supported, got ", V);
+  DSM_CHECK_LAST_CONTIGUOUS(logits);
+  DSM_CHECK_DTYPE(out, at::kLong);
+  DSM_CHECK_DTYPE(temperature, at::kFloat);
+  DSM_CHECK_DTYPE(seeds, at::kLong);
+  DSM_CHECK_DTYPE(steps, at::kLong);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &temperature, &seeds, &steps})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->is_contiguous(), "dsm: out/temperature/seeds/steps must be [B]");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&logits, &temperature, &seeds, &steps}) DSM_CHECK_SAME_DEVICE(out, (*t));
+  const void* nl = nullptr;
+  int64_t stride_n = 0;
+  if (null_logits) {
+    TORCH_CHECK(null_logits->sizes() == logits.sizes() && null_logits->scalar_type() == logits.scalar_type(),
+                "dsm: null_logits must match logits");
+    DSM_CHECK_LAST_CONTIGUOUS((*null_logits));
+    DSM_CHECK_SAME_DEVICE(out, (*null_logits));
+    nl = null_logits->data_ptr();
+    stride_n = null_logits->stride(0);
+  }
+  const c10::cuda::CUDAGuard guard(out.device());
+  DSM_CUDA_OK(dsm_launch_sample_tokens(out.data_ptr<int64_t>(), logits.data_ptr(), nl, dsm_dtype(logits),
+                                       static_cast<int>(B), static_cast<int>(V), logits.stride(0), stride_n,
+                                       static_cast<float>(cfg_coef), temperature.data_ptr<float>(),
+                                       static_cast<int>(top_k), seeds.data_ptr<int64_t>(), steps.data_ptr<int64_t>(),
+                                       stream_of(out)));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dsm, m) {
+  m.def("multistream_embed(Tensor! out, Tensor tokens, Tensor text_table, Tensor audio_tables, Tensor? text_table2, "
+        "Tensor? cond) -> ()");
+  m.def("append_kv(Tensor! k_cache, Tensor! v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+  m.def("paged_decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor seq_lens, int context, float scale, int num_splits) -> ()");
+  m.def("sample_tokens(Tensor! out, Tensor logits, Tensor? null_logits, float cfg_coef, Tensor temperature, "
+        "int top_k, Tensor seeds, Tensor steps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
+  m.impl("multistream_embed", &multistream_embed);
+  m.impl("append_kv", &append_kv);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("sample_tokens", &sample_tokens);
+}
+
+// `import dsm_kernels._C` loads the library, which registers torch.ops.dsm.*; the module itself is empty (plain
+// CPython init instead of pybind11 keeps this file off the heavy torch/extension.h include).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dsm CUDA kernels: use torch.ops.dsm.*", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,48 @@
+// Launchers of the dsm CUDA kernels: plain C ABI on raw pointers, so the .cu files never include torch and build
+// with a bare nvcc (CPU CI compiles them for sm_90a); csrc/bindings.cpp adapts torch tensors to these calls.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+// Element types of the tensors passed as void*.
+enum DsmDtype { DSM_F32 = 0, DSM_F16 = 1, DSM_BF16 = 2 };
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// out[b, :] = sum_k table_k[tokens[b, k]] (+ text2 demux, + cond), fp32 accumulation. cond is fp32 or NULL;
+// text2 may be NULL. Tables share dtype `table_dtype`; out has `out_dtype`. K <= 64.
+cudaError_t dsm_launch_multistream_embed(const int64_t* tokens, int64_t stride_tb, int64_t stride_tk, int B, int K,
+                                         const void* text, const void* text2, const void* audio, const float* cond,
+                                         void* out, int table_dtype, int out_dtype, int64_t D, int64_t Vt,
+                                         int64_t stride_text, int64_t stride_text2, int64_t stride_aq,
+                                         int64_t stride_av, int64_t stride_cond, int64_t stride_out,
+                                         cudaStream_t stream);
+
+// k_cache[row // S, row % S] = k[b] (cast) for each b with slot_mapping[b] >= 0; same for v.
+cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* k_cache, void* v_cache,
+                                 const int64_t* slot_mapping, int B, int HD, int page_size, int in_dtype,
+                                 int cache_dtype, int64_t stride_kb, int64_t stride_vb, int64_t stride_kcp,
+                                 int64_t stride_kcs, int64_t stride_vcp, int64_t stride_vcs, cudaStream_t stream);
+
+// Split-K decode attention. q/out/caches share `dtype`; head_dim in {64, 128}. part_m/part_l: [B*H*num_splits],
+// part_acc: [B*H*num_splits*head_dim] fp32 workspace (unused when num_splits == 1).
+cudaError_t dsm_launch_paged_decode_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
+                                              const int32_t* block_table, const int32_t* seq_lens, int B, int H,
+                                              int head_dim, int dtype, int page_size, int pages_per_slot,
+                                              int context, float scale, int num_splits, float* part_m,
+                                              float* part_l, float* part_acc, int64_t stride_qb, int64_t stride_qh,
+                                              int64_t stride_kp, int64_t stride_ks, int64_t stride_vp,
+                                              int64_t stride_vs, int64_t stride_bt, cudaStream_t stream);
+
+// One token per row: CFG mix, temperature (<= 0: argmax), top-k, exp race with the reference's hash noise.
+// null_logits may be NULL. V <= 16384.
+cudaError_t dsm_launch_sample_tokens(int64_t* out, const void* logits, const void* null_logits, int dtype, int B,
+                                     int V, int64_t stride_l, int64_t stride_n, float cfg_coef,
+                                     const float* temperature, int top_k, const int64_t* seeds,
+                                     const int64_t* steps, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,228 @@
+// Paged KV cache: append_kv and split-K (flash-decoding) decode attention over a ring of pages.
+//
+// Layout (dsm_kernels.reference): pool [num_pages, page_size, H, D]; absolute position p of slot b lives in page
+// block_table[b, (p / page_size) % pages_per_slot], row p % page_size; the query at seq_lens[b] - 1 sees the last
+// `context` positions; seq_lens[b] == 0 gives zeros.
+//
+// Decode: block (b*H + h, split) streams `chunk` positions of the window. A group of D/8 lanes owns one key (each
+// lane 8 columns = one 16-byte load), so a warp reads 32/(D/8) keys at once and a block of 4 warps keeps
+// kUnroll of those in flight before any arithmetic (latency hiding at batch 1). Online softmax in fp32, base 2.
+// The partial (m, l, acc) of each split goes to a workspace that a merge kernel reduces; with one split the block
+// writes the output directly.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kUnroll = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename TIn, typename TC>
+__global__ void append_kv_kernel(const TIn* __restrict__ k, const TIn* __restrict__ v, TC* __restrict__ kc,
+                                 TC* __restrict__ vc, const int64_t* __restrict__ slot_mapping, int HD,
+                                 int page_size, int64_t stride_kb, int64_t stride_vb, int64_t stride_kcp,
+                                 int64_t stride_kcs, int64_t stride_vcp, int64_t stride_vcs) {
+  const int b = blockIdx.x;
+  const int64_t row = slot_mapping[b];
+  if (row < 0) return;
+  const int64_t page = row / page_size, off = row % page_size;
+  TC* krow = kc + page * stride_kcp + off * stride_kcs;
+  TC* vrow = vc + page * stride_vcp + off * stride_vcs;
+  for (int i = threadIdx.x; i < HD; i += blockDim.x) {
+    krow[i] = dsm::from_float<TC>(dsm::to_float(k[b * stride_kb + i]));
+    vrow[i] = dsm::from_float<TC>(dsm::to_float(v[b * stride_vb + i]));
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
+    T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    const int32_t* __restrict__ block_table, const int32_t* __restrict__ seq_lens, int H, int page_size,
+    int pages_per_slot, int context, float qk_scale, int num_splits, int chunk, float* __restrict__ part_m,
+    float* __restrict__ part_l, float* __restrict__ part_acc, int64_t stride_qb, int64_t stride_qh,
+    int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt) {
+  constexpr int kTpk = D / 8;          // lanes per key
+  constexpr int kKpw = 32 / kTpk;      // keys per warp per step
+  constexpr int kStep = kWarps * kKpw;  // keys per block per step
+  const int bh = blockIdx.x, b = bh / H, h = bh % H, split = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / kTpk, t = lane % kTpk;
+
+  const int n = seq_lens[b];
+  const int qpos = n - 1;
+  const int lo = max(qpos - context + 1, 0);
+  const int start = lo + split * chunk;
+  const int end = min(start + chunk, n);  // n == 0 -> empty
+
+  float qv[8];
+  dsm::load_f32<T, 8, true>(q + b * stride_qb + h * stride_qh + t * 8, qv);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) qv[i] *= qk_scale;
+  const int32_t* bt = block_table + b * stride_bt;
+  const int64_t col = static_cast<int64_t>(h) * D + t * 8;
+
+  float m = -1e30f, l = 0.f, acc[8];  // finite start: a fully masked step gives exp2(-inf) = 0, never NaN
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+
+  // The trip count is warp-uniform (the shuffles below need every lane); lanes past `end` load nothing.
+  for (int wbase = start + warp * kKpw; wbase < end; wbase += kStep * kUnroll) {
+    const int base = wbase + g;
+    float kv[kUnroll][8], vv[kUnroll][8], s[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {  // issue all loads first
+      const int p = base + j * kStep;
+      if (p < end) {
+        const int64_t page = bt[(p / page_size) % pages_per_slot];
+        const int64_t r = p % page_size;
+        dsm::load_f32<T, 8, true>(k_cache + page * stride_kp + r * stride_ks + col, kv[j]);
+        dsm::load_f32<T, 8, true>(v_cache + page * stride_vp + r * stride_vs + col, vv[j]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) kv[j][i] = vv[j][i] = 0.f;
+      }
+    }
+    float m_new = m;
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot += qv[i] * kv[j][i];
+#pragma unroll
+      for (int off = kTpk / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      s[j] = base + j * kStep < end ? dot : -INFINITY;
+      m_new = fmaxf(m_new, s[j]);
+    }
+    const float alpha = exp2f(m - m_new);
+    l *= alpha;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] *= alpha;
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const float p = exp2f(s[j] - m_new);
+      l += p;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += p * vv[j][i];
+    }
+    m = m_new;
+  }
+
+  // Merge the kKpw key groups of the warp (lanes t, t + kTpk, ...), then the warps through shared memory.
+#pragma unroll
+  for (int off = kTpk; off < 32; off <<= 1) {
+    const float m_o = __shfl_xor_sync(0xffffffffu, m, off);
+    const float l_o = __shfl_xor_sync(0xffffffffu, l, off);
+    const float m_new = fmaxf(m, m_o), a = exp2f(m - m_new), a_o = exp2f(m_o - m_new);
+    l = l * a + l_o * a_o;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = acc[i] * a + __shfl_xor_sync(0xffffffffu, acc[i], off) * a_o;
+    m = m_new;
+  }
+  __shared__ float s_m[kWarps], s_l[kWarps], s_acc[kWarps][D];
+  if (g == 0) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s_acc[warp][t * 8 + i] = acc[i];
+    if (t == 0) {
+      s_m[warp] = m;
+      s_l[warp] = l;
+    }
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float mm = s_m[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) mm = fmaxf(mm, s_m[w]);
+    float ll = 0.f, aa = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float a = exp2f(s_m[w] - mm);
+      ll += s_l[w] * a;
+      aa += s_acc[w][d] * a;
+    }
+    if (num_splits == 1) {
+      out[static_cast<int64_t>(bh) * D + d] = dsm::from_float<T>(ll > 0.f ? aa / ll : 0.f);
+    } else {
+      const int64_t idx = static_cast<int64_t>(bh) * num_splits + split;
+      part_acc[idx * D + d] = aa;
+      if (d == 0) {
+        part_m[idx] = mm;
+        part_l[idx] = ll;
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void paged_decode_merge_kernel(T* __restrict__ out, const float* __restrict__ part_m,
+                                          const float* __restrict__ part_l, const float* __restrict__ part_acc,
+                                          int num_splits) {
+  const int64_t bh = blockIdx.x;
+  const float* pm = part_m + bh * num_splits;
+  const float* pl = part_l + bh * num_splits;
+  float mm = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) mm = fmaxf(mm, pm[s]);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float ll = 0.f, aa = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+      const float a = exp2f(pm[s] - mm);
+      ll += pl[s] * a;
+      aa += part_acc[(bh * num_splits + s) * D + d] * a;
+    }
+    out[bh * D + d] = dsm::from_float<T>(ll > 0.f ? aa / ll : 0.f);  // inactive slot -> 0
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_decode(void* out, const void* q, const void* k_cache, const void* v_cache,
+                          const int32_t* block_table, const int32_t* seq_lens, int B, int H, int page_size,
+                          int pages_per_slot, int context, float scale, int num_splits, float* part_m,
+                          float* part_l, float* part_acc, int64_t stride_qb, int64_t stride_qh, int64_t stride_kp,
+                          int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt,
+                          cudaStream_t stream) {
+  const int chunk = (context + num_splits - 1) / num_splits;
+  paged_decode_kernel<T, D><<<dim3(B * H, num_splits), kWarps * 32, 0, stream>>>(
+      static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k_cache),
+      static_cast<const T*>(v_cache), block_table, seq_lens, H, page_size, pages_per_slot, context,
+      scale * kLog2e, num_splits, chunk, part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks,
+      stride_vp, stride_vs, stride_bt);
+  if (num_splits > 1) {
+    paged_decode_merge_kernel<T, D><<<B * H, D, 0, stream>>>(static_cast<T*>(out), part_m, part_l, part_acc,
+                                                              num_splits);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* k_cache, void* v_cache,
+                                            const int64_t* slot_mapping, int B, int HD, int page_size, int in_dtype,
+                                            int cache_dtype, int64_t stride_kb, int64_t stride_vb,
+                                            int64_t stride_kcp, int64_t stride_kcs, int64_t stride_vcp,
+                                            int64_t stride_vcs, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  DSM_DISPATCH_DTYPE(in_dtype, TIn, DSM_DISPATCH_DTYPE(cache_dtype, TC, {
+    append_kv_kernel<TIn, TC><<<B, 128, 0, stream>>>(
+        static_cast<const TIn*>(k), static_cast<const TIn*>(v), static_cast<TC*>(k_cache), static_cast<TC*>(v_cache),
+        slot_mapping, HD, page_size, stride_kb, stride_vb, stride_kcp, stride_kcs, stride_vcp, stride_vcs);
+  }));
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t dsm_launch_paged_decode_attention(
+    void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
+    const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int page_size, int pages_per_slot, int context,
+    float scale, int num_splits, float* part_m, float* part_l, float* part_acc, int64_t stride_qb,
+    int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
+    int64_t stride_bt, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (num_splits < 1) return cudaErrorInvalidValue;
+#define DSM_DECODE_ARGS                                                                                           \
+  out, q, k_cache, v_cache, block_table, seq_lens, B, H, page_size, pages_per_slot, context, scale, num_splits, \
+      part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt, stream
+  DSM_DISPATCH_DTYPE(dtype, T, {
+    if (head_dim == 128) return launch_decode<T, 128>(DSM_DECODE_ARGS);
+    if (head_dim == 64) return launch_decode<T, 64>(DSM_DECODE_ARGS);
+    return cudaErrorInvalidValue;
+  });
+#undef DSM_DECODE_ARGS
+  return cudaErrorInvalidValue;
+}

@@ -1,0 +1,78 @@
+"""Thin Python wrappers over the compiled CUDA ops (``torch.ops.dsm.*`` registered by ``dsm_kernels._C``).
+
+Each wrapper allocates the output unless one is given, normalises index dtypes (no-ops when the caller already
+passes int64 ids / int32 tables) and calls the out-parameter op on the current stream. The extension is imported on
+first use, so this module imports on machines without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from functools import cache
+
+import torch
+
+
+@cache
+def _ops():
+    importlib.import_module("dsm_kernels._C")  # registers the TORCH_LIBRARY(dsm) schemas and CUDA impls
+    return torch.ops.dsm
+
+
+@cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multistream_embed_cuda(
+    tokens, text_table, audio_tables, *, text_table2=None, cond=None, out_dtype=None, out=None
+) -> torch.Tensor:
+    """CUDA twin of :func:`~dsm_kernels.reference.multistream_embed_ref` (ids in ``[-1, V)``, unchecked on device)."""
+    B, D = tokens.shape[0], text_table.shape[1]
+    if out is None:
+        out = torch.empty(B, D, dtype=out_dtype or text_table.dtype, device=tokens.device)
+    _ops().multistream_embed(
+        out, tokens.long(), text_table, audio_tables, text_table2, None if cond is None else cond.float()
+    )
+    return out
+
+
+def append_kv_cuda(k_cache, v_cache, k, v, slot_mapping) -> None:
+    """CUDA twin of :func:`~dsm_kernels.reference.append_kv_ref` (in place)."""
+    _ops().append_kv(k_cache, v_cache, k, v, slot_mapping.long())
+
+
+def decode_num_splits(batch: int, heads: int, context: int, device: torch.device) -> int:
+    """Split-K factor from static shapes only: ~4 blocks per SM, each split at least 64 positions long."""
+    want = math.ceil(
+        4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) / (batch * heads)
+    )
+    return max(1, min(want, context // 64))
+
+
+def paged_decode_attention_cuda(
+    q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, out=None, num_splits=None
+) -> torch.Tensor:
+    """CUDA twin of :func:`~dsm_kernels.reference.paged_decode_attention_ref`; head_dim 64 or 128."""
+    B, H, D = q.shape
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    splits = num_splits or decode_num_splits(B, H, context, q.device)
+    scale = D**-0.5 if scale is None else scale
+    _ops().paged_decode_attention(
+        out, q, k_cache, v_cache, block_table.int(), seq_lens.int(), int(context), float(scale), int(splits)
+    )
+    return out
+
+
+def sample_tokens_cuda(
+    logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, out=None
+) -> torch.Tensor:
+    """CUDA twin of :func:`~dsm_kernels.reference.sample_tokens_ref`; vocab <= 16384."""
+    if out is None:
+        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    _ops().sample_tokens(
+        out, logits, null_logits, float(cfg_coef), temperature.float(), int(top_k), seeds.long(), steps.long()
+    )
+    return out
