@@ -90,9 +90,10 @@ class Generator:
         return 2 if self.cfg_coef != 1.0 else 1
 
     def init_state(self, batch_size: int, conditions: dict | None = None, seed: int = 0,
-                   kv: PagedKVCache | None = None) -> GenState:
+                   kv: PagedKVCache | None = None, require_conditions: bool = True) -> GenState:
         """A fresh state for ``batch_size`` slots; ``conditions`` maps condition name -> per-slot values. ``kv``
-        replaces the default cache (each slot statically owning its ring of pages)."""
+        replaces the default cache (each slot statically owning its ring of pages). ``require_conditions=False``
+        leaves a conditioned model's slots unconditioned, to be set per slot later."""
         m, cfg, dev = self.model, self.model.cfg, self.device
         rows = batch_size * self.cfg_rows
         dtype = next(m.transformer.parameters()).dtype
@@ -108,7 +109,7 @@ class Generator:
             kv=kv, positions=torch.zeros(rows, dtype=torch.long, device=dev))
         if self.cfg_is_masked_until is not None:
             state.masked_until = torch.tensor(self.cfg_is_masked_until, dtype=torch.long, device=dev)
-        if m.condition_provider is not None:
+        if m.condition_provider is not None and (conditions is not None or require_conditions):
             if conditions is None:
                 raise ValueError("this model is conditioned: pass `conditions` (e.g. speaker_wavs, cfg, control)")
             self.set_conditions(state, conditions)

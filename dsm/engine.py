@@ -1,0 +1,295 @@
+"""The serving engine: many stream slots over one model, KV pages on demand, CUDA-graph-captured steps.
+
+* **Slots.** ``open()`` gives a new stream the lowest free slot (keeping the active rows packed at the front, so the
+  step runs on the smallest batch bucket that covers them); ``close()`` returns the slot and its pages. Joining
+  and leaving never recaptures a graph: graphs are per bucket, over the engine's static state tensors.
+* **Pages.** Each slot owns a ring of at most ``pages_per_slot`` KV pages (``dsm.kv_cache``), taken from a shared
+  pool only when the stream's position first reaches them: a 5 s stream holds 5 s of pages, a 2 h stream holds
+  one context window. Page 0 is a never-written null page that unassigned ring entries point at.
+* **Steps.** :meth:`Engine.step` runs one 80 ms frame for every open slot (slots without input this step are
+  frozen by the exec mask). On CUDA, the device phases of :class:`dsm.generate.Generator` are captured once per
+  bucket (graph A: input column + temporal transformer + text sampling; graph B: depth transformer + commit);
+  host hooks (e.g. the TTS state machine) run between them on small tensors. ``DSM_NO_CUDA_GRAPH=1`` or
+  ``cuda_graphs=False`` runs eagerly (always the case on CPU).
+
+Isolation: a slot's computation reads only its own rows, pages and seeds, so its outputs do not depend on what
+other slots hold. With one fixed bucket they are bit-identical to running it alone; with several buckets, the
+batch size of the GEMMs changes with the number of slots, which on some BLAS kernels changes rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import dsm_kernels
+
+from .generate import Generator, StepOutput
+from .kv_cache import PagedKVCache, pages_per_slot
+from .model import LMModel
+
+
+class EngineFull(RuntimeError):
+    """No free stream slot, or no free KV page."""
+
+
+class PagePool:
+    """Host-side free list of KV pages; page 0 is reserved as the null page."""
+
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"a page pool needs at least 2 pages (one is the null page), got {num_pages}")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.num_pages - 1 - len(self._free)
+
+    def alloc(self) -> int:
+        if not self._free:
+            raise EngineFull(f"KV page pool exhausted ({self.num_pages - 1} pages in use)")
+        return self._free.pop()
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+@dataclass
+class _Slot:
+    pages: list[int] = field(default_factory=list)  # ring entry i -> pool page
+    position: int = 0  # tokens in this slot's KV since it opened (host mirror of GenState.positions)
+
+
+def default_buckets(max_slots: int) -> tuple[int, ...]:
+    out, b = [], 1
+    while b < max_slots:
+        out.append(b)
+        b *= 2
+    return (*out, max_slots)
+
+
+class Engine:
+    """N stream slots sharing one :class:`LMModel`, a paged KV pool and per-bucket CUDA graphs.
+
+    ``gen_kwargs`` go to :class:`Generator` (temperatures, top-k, greedy...). CFG row doubling is not supported by
+    the engine (the released TTS is CFG-distilled); use :class:`Generator` directly for it.
+    """
+
+    def __init__(self, model: LMModel, *, max_slots: int = 64, page_size: int = 16, num_pages: int | None = None,
+                 kv_dtype: torch.dtype | None = None, buckets: tuple[int, ...] | None = None,
+                 cuda_graphs: bool | None = None, backend: str | None = None, seed: int = 0, **gen_kwargs):
+        if gen_kwargs.get("cfg_coef", 1.0) != 1.0:
+            raise ValueError("the engine does not support CFG row doubling; use dsm.generate.Generator")
+        cfg = model.cfg
+        self.model = model
+        self.gen = Generator(model, page_size=page_size, backend=backend, support_out_of_sync=True, **gen_kwargs)
+        self.device = self.gen.device
+        self.max_slots = max_slots
+        self.pages_per_slot = pages_per_slot(cfg.context, page_size)
+        num_pages = num_pages or max_slots * self.pages_per_slot + 1
+        self.pool = PagePool(num_pages)
+        dtype = kv_dtype or next(model.transformer.parameters()).dtype
+        shape = (cfg.num_layers, num_pages, page_size, cfg.num_heads // cfg.kv_repeat, cfg.head_dim)
+        kv = PagedKVCache(torch.zeros(shape, dtype=dtype, device=self.device),
+                          torch.zeros(shape, dtype=dtype, device=self.device),
+                          torch.zeros(max_slots, self.pages_per_slot, dtype=torch.int32, device=self.device),
+                          cfg.context)
+        self.state = self.gen.init_state(max_slots, seed=seed, kv=kv, require_conditions=False)
+        self.state.exec_mask.fill_(False)
+        self.buckets = tuple(sorted(set(buckets or default_buckets(max_slots))))
+        if self.buckets[-1] < max_slots:
+            raise ValueError(f"buckets {self.buckets} do not cover max_slots={max_slots}")
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and os.environ.get("DSM_NO_CUDA_GRAPH", "0") != "1"
+        # Reference kernels synchronise with the host (they are loops), so they cannot be captured.
+        uses_reference = (backend or dsm_kernels.default_backend(self.device)) == "reference"
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and not uses_reference
+        self._graphs: dict[tuple[int, str], object] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        pin = self.device.type == "cuda"
+        self._mask_host = torch.zeros(max_slots, dtype=torch.bool, pin_memory=pin)
+        self.slots: dict[int, _Slot] = {}
+        n_in = cfg.num_codebooks - cfg.dep_q - 1
+        self._inputs = torch.zeros(max_slots, n_in, dtype=torch.long, device=self.device)
+
+    # ---- stream lifecycle ----------------------------------------------------------------------------------------
+    @property
+    def num_open(self) -> int:
+        return len(self.slots)
+
+    def open(self, conditions: dict | None = None, seed: int | None = None) -> int:
+        """Start a stream; returns its slot. ``conditions``: this stream's condition values (TTS voices...)."""
+        free = [s for s in range(self.max_slots) if s not in self.slots]
+        if not free:
+            raise EngineFull(f"all {self.max_slots} stream slots are in use")
+        slot = free[0]
+        if (conditions is None) != (self.model.condition_provider is None):
+            raise ValueError("conditions must be given exactly when the model is conditioned")
+        mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+        mask[slot] = True
+        offset_cpu = self.state.offset_cpu
+        self.gen.reset(self.state, mask)
+        self.state.offset_cpu = offset_cpu  # out-of-sync mode: the host counter is irrelevant per slot
+        self.state.kv.block_table[slot] = 0
+        if seed is not None:
+            self.state.seeds[slot] = seed
+        if conditions is not None:
+            self._set_conditions(slot, conditions)
+        self.slots[slot] = _Slot()
+        return slot
+
+    def close(self, slot: int) -> None:
+        """End a stream: its pages return to the pool and its row stops executing."""
+        s = self.slots.pop(slot, None)
+        if s is None:
+            raise KeyError(f"slot {slot} is not open")
+        self.pool.release(s.pages)
+        self.state.exec_mask[slot] = False
+        self.state.kv.block_table[slot] = 0
+
+    def _set_conditions(self, slot: int, conditions: dict) -> None:
+        rows = torch.tensor([slot], device=self.device)
+        st = self.state
+        if st.cond_sum is None and st.cross_kv is None:
+            # First conditioned stream: allocate the per-slot condition buffers with its shapes.
+            probe = self.gen.init_state(1, conditions=conditions)
+            if probe.cond_sum is not None:
+                st.cond_sum = probe.cond_sum.new_zeros((self.max_slots, *probe.cond_sum.shape[1:]))
+            if probe.cross_kv is not None:
+                st.cross_kv = [(k.new_zeros((self.max_slots, *k.shape[1:])), v.new_zeros((self.max_slots,
+                                                                                          *v.shape[1:])))
+                               for k, v in probe.cross_kv]
+            self._graphs.clear()
+        self.gen.set_conditions(st, conditions, rows=rows)
+
+    # ---- stepping --------------------------------------------------------------------------------------------------
+    def _assign_pages(self, active: list[int]) -> None:
+        updates = []
+        for slot in active:
+            s = self.slots[slot]
+            ring = (s.position // self.state.kv.page_size) % self.pages_per_slot
+            if ring == len(s.pages):  # first visit of this ring entry: take a page
+                s.pages.append(self.pool.alloc())
+                updates.append((slot, ring, s.pages[-1]))
+        if updates:
+            idx = torch.tensor(updates, dtype=torch.long).to(self.device, non_blocking=True)
+            self.state.kv.block_table[idx[:, 0], idx[:, 1]] = idx[:, 2].to(torch.int32)
+
+    def bucket_for(self, active: list[int]) -> int:
+        need = max(active) + 1
+        return next(b for b in self.buckets if b >= need)
+
+    @torch.no_grad()
+    def step(self, inputs: torch.Tensor | None = None, active: list[int] | None = None, *,
+             on_text: Callable[[torch.Tensor], None] | None = None,
+             depformer_replace_tokens: torch.Tensor | None = None,
+             on_audio: Callable[[torch.Tensor], None] | None = None) -> StepOutput | None:
+        """One frame for the ``active`` slots (default: every open slot); other open slots are frozen.
+
+        ``inputs``: [max_slots or bucket, n_in] input-stream tokens (audio codes for STT), rows by slot. Returns the
+        step output for rows ``[0, bucket)`` (rows of inactive slots hold ``-2`` tokens), or None if no slot runs.
+        Hooks see rows ``[0, bucket)``.
+        """
+        active = sorted(self.slots) if active is None else sorted(active)
+        unknown = [s for s in active if s not in self.slots]
+        if unknown:
+            raise KeyError(f"slots {unknown} are not open")
+        if not active:
+            return None
+        self._assign_pages(active)
+        bucket = self.bucket_for(active)
+        self._mask_host.fill_(False)
+        self._mask_host[active] = True
+        self.state.exec_mask.copy_(self._mask_host, non_blocking=True)
+        view = self.state.rows(bucket)
+        if inputs is not None:
+            self._inputs[: inputs.shape[0]].copy_(inputs, non_blocking=True)
+        inp = self._inputs[:bucket] if self._inputs.shape[1] else None
+        out = self._run(view, bucket, inp, on_text, depformer_replace_tokens, on_audio)
+        for slot in active:
+            self.slots[slot].position += 1
+        return out
+
+    def _run(self, view, bucket, inp, on_text, replace, on_audio) -> StepOutput:
+        gen, dq = self.gen, self.model.cfg.dep_q
+        if not self.cuda_graphs:
+            return gen.step(view, inp, on_text=on_text, depformer_replace_tokens=replace, on_audio=on_audio)
+        a = self._graph(bucket, "text", lambda: _text_phase(gen, view, inp))
+        z, text_logits, text_token = a.replay()
+        if on_text is not None:
+            on_text(text_token)
+        audio = None
+        if dq:
+            if replace is not None:
+                audio = replace.reshape(bucket, dq).long()
+            else:
+                audio = self._graph(bucket, "depth", lambda: gen.depformer(view, text_token, z)).replay()
+            if on_audio is not None:
+                on_audio(audio)
+        if audio is None:
+            tokens = self._graph(bucket, "commit", lambda: gen.commit(view, text_token, None)).replay()
+        else:
+            audio_buf = self._static(bucket, "audio", audio)
+            tokens = self._graph(bucket, "commit_audio", lambda: gen.commit(view, text_token, audio_buf)).replay()
+        return StepOutput(tokens, text_token, z, text_logits)
+
+    def _static(self, bucket: int, name: str, value: torch.Tensor) -> torch.Tensor:
+        """A persistent buffer fed to a graph, refreshed with ``value`` (hooks may have replaced the tensor)."""
+        key = (bucket, "buf:" + name)
+        buf = self._graphs.get(key)
+        if buf is None:
+            buf = self._graphs[key] = value.clone()
+        elif buf.data_ptr() != value.data_ptr():
+            buf.copy_(value)
+        return buf
+
+    def _graph(self, bucket: int, name: str, fn: Callable[[], object]) -> _Graph:
+        key = (bucket, name)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = _Graph(fn, self._pool)
+        return g
+
+
+def _text_phase(gen: Generator, view, inp):
+    z, text_logits = gen.forward(view, inp)
+    return z, text_logits, gen.sample_text(view, text_logits)
+
+
+class _Graph:
+    """A CUDA graph of ``fn`` over static tensors.
+
+    The first call runs ``fn`` eagerly on a side stream (a real step that also warms up lazy initialisation); the
+    second captures it (capture records without executing) and every call from then on replays it. ``fn`` must
+    read and write only tensors with fixed addresses (the engine's state, buffers and other graphs' outputs).
+    """
+
+    def __init__(self, fn: Callable[[], object], pool):
+        self.fn, self.pool = fn, pool
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out = None
+
+    def replay(self):
+        self.calls += 1
+        if self.calls == 1:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.out = self.fn()
+        self.graph.replay()
+        return self.out

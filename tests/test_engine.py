@@ -1,0 +1,198 @@
+"""The engine: slots join and leave, pages are recycled, streams are isolated, output equals the plain generator."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from moshi_oracle import dsm_lm_from_moshi, moshi_lm_from_config  # noqa: E402
+
+from dsm.engine import Engine, EngineFull, PagePool  # noqa: E402
+from dsm.generate import Generator  # noqa: E402
+
+STT = dict(
+    delays=[0] * 33, n_q=32, dep_q=0, card=64, text_card=40, dim=32, num_layers=2, num_heads=2, context=10,
+    gating="silu", norm="rms_norm_f32", positional_embedding="rope", max_period=100000.0, hidden_scale=4.125,
+    depformer_multi_linear=True,
+)
+TTS = dict(
+    delays=[0, 0, 2, 2, 2], n_q=4, dep_q=4, card=32, text_card=30, dim=32, num_layers=2, num_heads=2, context=6,
+    gating="silu", norm="rms_norm_f32", positional_embedding="rope", max_period=10000.0, hidden_scale=4.125,
+    depformer_dim=16, depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=48,
+    depformer_multi_linear=True, depformer_weights_per_step=True, depformer_pos_emb="none",
+)
+
+
+@pytest.fixture(scope="module")
+def stt_model():
+    return dsm_lm_from_moshi(STT, moshi_lm_from_config(STT, seed=11))
+
+
+@pytest.fixture(scope="module")
+def tts_model():
+    return dsm_lm_from_moshi(TTS, moshi_lm_from_config(TTS, seed=12))
+
+
+def _audio(seed, steps):
+    return torch.randint(0, 64, (steps, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def test_page_pool_recycles():
+    pool = PagePool(5)
+    pages = [pool.alloc() for _ in range(4)]
+    assert 0 not in pages and pool.available == 0
+    with pytest.raises(EngineFull, match="exhausted"):
+        pool.alloc()
+    pool.release(pages)
+    assert pool.available == 4 and pool.used == 0
+
+
+def test_single_stream_equals_generator(stt_model):
+    steps = 25
+    audio = _audio(0, steps)
+    gen = Generator(stt_model, use_sampling=False)
+    state = gen.init_state(1)
+    ref = [gen.step(state, audio[t][None]).tokens[0] for t in range(steps)]
+    eng = Engine(stt_model, max_slots=4, use_sampling=False)
+    slot = eng.open()
+    inputs = torch.zeros(4, 32, dtype=torch.long)
+    for t in range(steps):
+        inputs[slot] = audio[t]
+        out = eng.step(inputs)
+        assert torch.equal(out.tokens[slot], ref[t])
+
+
+def _run_alone(model, audio, buckets, max_slots):
+    eng = Engine(model, max_slots=max_slots, buckets=buckets, use_sampling=False)
+    slot = eng.open()
+    inputs = torch.zeros(max_slots, 32, dtype=torch.long)
+    toks = []
+    for t in range(audio.shape[0]):
+        inputs[slot] = audio[t]
+        toks.append(eng.step(inputs, active=[slot]).tokens[slot].clone())
+    return slot, toks
+
+
+def test_stream_isolation_among_63_others(stt_model):
+    """A stream's tokens among 63 others (different start times and lengths, joining, leaving, pausing) are
+    bit-identical to the same stream alone in an engine of the same bucket."""
+    max_slots, steps, start = 64, 30, 7
+    target = _audio(99, steps)
+    _, alone = _run_alone(stt_model, target, (64,), max_slots)
+    eng = Engine(stt_model, max_slots=max_slots, buckets=(64,), use_sampling=False)
+    rng = random.Random(0)
+    others: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (step it joined, its audio)
+
+    def join(step):
+        others[eng.open()] = (step, _audio(rng.randrange(10**6), start + steps))
+
+    for _ in range(20):
+        join(0)
+    inputs = torch.zeros(max_slots, 32, dtype=torch.long)
+    target_slot, got, full = None, [], False
+    for step in range(start + steps):
+        if step == start:
+            target_slot = eng.open()
+        for s in list(others):
+            if rng.random() < 0.05:
+                eng.close(s)
+                del others[s]
+        while eng.num_open < max_slots - (target_slot is None) and (step == start + 3 or rng.random() < 0.5):
+            join(step)
+        full |= eng.num_open == max_slots
+        active = []
+        for s, (joined, a) in others.items():
+            if rng.random() < 0.8:  # some streams have no audio this step: frozen
+                inputs[s] = a[step - joined]
+                active.append(s)
+        if target_slot is not None:
+            inputs[target_slot] = target[step - start]
+            active.append(target_slot)
+        out = eng.step(inputs, active=active)
+        if target_slot is not None:
+            got.append(out.tokens[target_slot].clone())
+    assert full, "the test never had 64 streams open at once"
+    assert len(got) == steps
+    assert all(torch.equal(a, b) for a, b in zip(got, alone, strict=True))
+
+
+def test_joins_and_leaves_leak_no_pages(stt_model):
+    eng = Engine(stt_model, max_slots=8, use_sampling=False)
+    rng = random.Random(1)
+    inputs = torch.zeros(8, 32, dtype=torch.long)
+    total_pages = eng.pool.available
+    for i in range(10_000):
+        if eng.num_open and (eng.num_open == 8 or rng.random() < 0.5):
+            eng.close(rng.choice(sorted(eng.slots)))
+        else:
+            eng.open()
+        if i % 25 == 0 and eng.num_open:
+            eng.step(inputs)
+    for s in sorted(eng.slots):
+        eng.close(s)
+    assert eng.pool.available == total_pages and eng.pool.used == 0
+
+
+def test_long_stream_uses_bounded_pages(stt_model):
+    eng = Engine(stt_model, max_slots=2, page_size=4, use_sampling=False)
+    slot = eng.open()
+    inputs = torch.zeros(2, 32, dtype=torch.long)
+    for t in range(10 * stt_model.cfg.context):
+        inputs[slot] = t % 64
+        eng.step(inputs)
+        assert len(eng.slots[slot].pages) <= eng.pages_per_slot
+    assert eng.pool.used == eng.pages_per_slot  # ring full: ceil((10 - 1) / 4) + 1 = 4 pages, recycled since
+
+
+def test_engine_full_errors(stt_model):
+    eng = Engine(stt_model, max_slots=2, use_sampling=False)
+    eng.open(), eng.open()
+    with pytest.raises(EngineFull, match="slots"):
+        eng.open()
+    with pytest.raises(KeyError, match="not open"):
+        eng.close(5)
+    small = Engine(stt_model, max_slots=2, num_pages=2, page_size=4, use_sampling=False)
+    small.open(), small.open()
+    with pytest.raises(EngineFull, match="page"):
+        small.step(torch.zeros(2, 32, dtype=torch.long))
+
+
+def test_tts_engine_matches_generator(tts_model):
+    """Depformer model through the engine, two streams at different offsets, vs the generator run alone."""
+    steps = 20
+    gen = Generator(tts_model, use_sampling=False, support_out_of_sync=True)
+    st = gen.init_state(1)
+    ref = [gen.step(st).tokens[0] for _ in range(steps)]
+    eng = Engine(tts_model, max_slots=3, use_sampling=False)
+    first = eng.open()
+    for _ in range(5):
+        eng.step()
+    second = eng.open()
+    got = []
+    for _ in range(steps):
+        got.append(eng.step().tokens[second].clone())
+    assert first != second
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_engine_equals_eager(stt_model):
+    model = stt_model.to("cuda")
+    steps = 12
+    audio = _audio(3, steps).cuda()
+    outs = {}
+    for graphs in (False, True):
+        eng = Engine(model, max_slots=4, use_sampling=False, cuda_graphs=graphs)
+        a, b = eng.open(), eng.open()
+        inputs = torch.zeros(4, 32, dtype=torch.long, device="cuda")
+        toks = []
+        for t in range(steps):
+            inputs[a], inputs[b] = audio[t], audio[steps - 1 - t]
+            toks.append(eng.step(inputs).tokens[:2].clone())
+        outs[graphs] = torch.stack(toks)
+    assert torch.equal(outs[False], outs[True])
