@@ -1,0 +1,719 @@
+"""Streaming text-to-speech over a DSM TTS checkpoint (DSM-SPEC §6).
+
+Pieces, from the text side to the audio side:
+
+* :class:`EntryBuilder` / :func:`script_to_entries` — text → word entries (§6.2), incrementally, turn by turn;
+* :class:`StateMachine` — the rule-based text-stream controller (§6.3): forced/maximum padding, new-word requests,
+  speaker tokens, the second (lookahead) text stream multiplexed into one id, and :meth:`StateMachine.can_step`,
+  the streaming-input guard of §6.7;
+* :class:`LMStepper` — the only place that steps the LM (today a :class:`dsm.generate.Generator` in out-of-sync
+  mode over ``max_batch`` slots; the batched engine replaces it);
+* :class:`TTSRuntime` — many :class:`TTSStream` at once, one batch row (slot) each: streams join and leave, a row
+  is stepped only when its state machine cannot run out of input (unless the stream's text was ended), audio
+  frames go through a streaming Mimi per row (the first ``delay_steps`` frames skipped, PCM clipped to [-1, 1]).
+
+Voices are ``kyutai/tts-voices`` embedding files (``speaker_wavs`` fp32 ``[1, 512, 125]``, §6.6). The ``cfg``
+conditioning of CFG-distilled checkpoints is set per stream (``cfg=2.0`` → ``"2.0"``); checkpoints without a
+``cfg`` conditioner use real CFG (batch doubling) with the runtime-wide :attr:`TTSConfig.cfg_coef`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, CheckpointFiles, hub_file
+from .conditioning import TensorInput
+from .generate import Generator
+from .mimi import Mimi
+from .model import LMModel
+from .tokenizer import Tokenizer
+
+FRAME_RATE = 12.5
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920
+NEW_WORD, MAIN_SPEAKER, OTHER_SPEAKER, PAD = 0, 1, 2, 3
+ZERO, UNGENERATED = -1, -2
+MAX_SPEAKERS = 5  # cross-attention speaker slots (moshi TTSModel.max_speakers)
+VOICE_FRAMES = 125  # 10 s of voice latents at 12.5 Hz
+VOICE_REPO = "kyutai/tts-voices"
+DEFAULT_VOICE = "expresso/ex03-ex01_happy_001_channel1_334s.wav"  # the DSM scripts' default
+_EVENT_RE = re.compile(r"(?:<break\s+time=\"([0-9]+(?:.[0-9]*)?)s\"\s*/?>)|(?:\s+)")
+
+
+class TTSInputError(ValueError):
+    """Text that cannot be spoken (too long a word, text after end-of-text...)."""
+
+
+class VoiceError(ValueError):
+    """A voice that cannot be found or loaded; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text → entries (§6.2)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """One word (``tokens`` non-empty) or one break (no tokens, ``padding`` steps of silence)."""
+
+    tokens: list[int]
+    text: str
+    padding: int = 0
+
+
+class EntryBuilder:
+    """Incremental ``script_to_entries``: :meth:`add` appends text to the current turn, :meth:`next_turn` starts
+    the next one (turns alternate main/other speaker; a turn with no words just passes the speech to the other).
+
+    Each :meth:`add` call holds whole words (a word never spans two calls). Words of more than
+    ``max_word_tokens`` tokens raise :class:`TTSInputError` (defined limit instead of tying up a slot for an
+    unbounded time on one token stream).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, multi_speaker: bool = True, padding_between: int = 1,
+                 max_word_tokens: int = 64, frame_rate: float = FRAME_RATE):
+        self.tokenizer, self.multi_speaker = tokenizer, multi_speaker
+        self.padding_between, self.max_word_tokens, self.frame_rate = padding_between, max_word_tokens, frame_rate
+        self.turn = 0
+        self._first_content = True
+        self._last_speaker: int | None = None
+
+    def next_turn(self) -> None:
+        self.turn += 1
+        self._first_content = True
+
+    def _word(self, word: str) -> Entry:
+        tokens = self.tokenizer.encode(word)
+        if len(tokens) > self.max_word_tokens:
+            shown = word if len(word) <= 40 else f"{word[:37]}..."
+            raise TTSInputError(f"word {shown!r} ({len(word)} characters) is {len(tokens)} tokens long, more than "
+                                f"max_word_tokens={self.max_word_tokens}; split it or raise the limit")
+        if self._first_content:
+            speaker = self.turn % 2
+            if self.multi_speaker and self._last_speaker != speaker:
+                self._last_speaker = speaker
+                tokens.insert(0, (MAIN_SPEAKER, OTHER_SPEAKER)[speaker])
+            self._first_content = False
+        padding = max(0, self.padding_between + len(tokens) - 1) if self.padding_between > 0 else 0
+        return Entry(tokens, word, padding)
+
+    def add(self, text: str) -> list[Entry]:
+        """Entries of ``text`` (normalised as the reference: ’→', ':'→space, parentheses dropped, break tags)."""
+        line = text.replace("\u2019", "'").replace(":", " ").replace("(", "").replace(")", "")
+        out: list[Entry] = []
+        while line:
+            match = _EVENT_RE.search(line)
+            if match is None:
+                break
+            word, line = line[: match.start()], line[match.end() :]
+            if word:
+                out.append(self._word(word))
+            if match.group(1):
+                out.append(Entry([], "", int(round(float(match.group(1)) * self.frame_rate))))
+        if line:
+            out.append(self._word(line))
+        return out
+
+
+def script_to_entries(tokenizer: Tokenizer, turns: Sequence[str], multi_speaker: bool = True,
+                      padding_between: int = 1, max_word_tokens: int = 64) -> list[Entry]:
+    """All entries of a script (list of turns, the first one by the main speaker)."""
+    b = EntryBuilder(tokenizer, multi_speaker, padding_between, max_word_tokens)
+    out: list[Entry] = []
+    for i, turn in enumerate(turns):
+        if i:
+            b.next_turn()
+        out += b.add(turn)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State machine (§6.3)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MachineState:
+    entries: deque[Entry]
+    remaining_padding: int
+    forced_padding: int
+    queued: deque[int] = field(default_factory=deque)
+    lookahead_queued: deque[int] = field(default_factory=deque)
+    end_step: int | None = None
+    consumption_times: list[int] = field(default_factory=list)
+    transcript: list[tuple[str, int]] = field(default_factory=list)
+    log: list[tuple[int, int]] = field(default_factory=list)  # per step (sampled, forced input id)
+
+    def tokens_ahead(self, n: int) -> list[int]:
+        for entry in self.entries:
+            if entry.tokens:
+                n -= 1
+                if n == 0:
+                    return entry.tokens
+        return []
+
+
+@dataclass(frozen=True)
+class StateMachine:
+    """``card`` = text_card + 1 (multiplexing base); ``second_stream_ahead`` = lookahead N (0: no second stream)."""
+
+    card: int
+    second_stream_ahead: int = 0
+    max_padding: int = 8
+    initial_padding: int = 2
+
+    def new_state(self, entries: Iterable[Entry] = ()) -> MachineState:
+        return MachineState(deque(entries), self.initial_padding, self.initial_padding)
+
+    @staticmethod
+    def may_pop(state: MachineState) -> bool:
+        """Whether the next step may consume an entry (or end the text)."""
+        return not state.queued and state.forced_padding <= 0
+
+    def can_step(self, state: MachineState, text_ended: bool) -> bool:
+        """§6.7: stepping now gives the same result as with the whole text known (a step that may pop the front
+        entry needs it, and, for a word, the N-th following word of the lookahead stream)."""
+        if text_ended or not self.may_pop(state):
+            return True
+        if not state.entries:
+            return False
+        if not state.entries[0].tokens or not self.second_stream_ahead:
+            return True
+        return sum(1 for e in state.entries if e.tokens) >= self.second_stream_ahead + 1
+
+    def process(self, step: int, state: MachineState, token: int) -> tuple[int, bool]:
+        """(input id replacing the sampled ``token``, whether an entry was consumed); ``step`` = row offset."""
+        consumed = False
+        if token not in (NEW_WORD, PAD):
+            token = PAD
+        if state.queued or state.forced_padding > 0:
+            token = PAD
+        elif state.remaining_padding <= 0:
+            token = NEW_WORD
+        if token == NEW_WORD:
+            if state.entries:
+                entry = state.entries.popleft()
+                state.consumption_times.append(step)
+                consumed = True
+                if entry.tokens:
+                    state.transcript.append((entry.text, step))
+                    state.queued.extend(entry.tokens)
+                    if self.second_stream_ahead:
+                        state.lookahead_queued.extend(state.tokens_ahead(self.second_stream_ahead))
+                    state.remaining_padding = self.max_padding
+                else:
+                    token = PAD
+                state.forced_padding = entry.padding
+            else:
+                token = NEW_WORD if self.second_stream_ahead and state.end_step is None else PAD
+                if state.end_step is None:
+                    state.end_step = step
+        if token == PAD:
+            if state.remaining_padding > 0:
+                state.remaining_padding -= 1
+            if state.forced_padding > 0:
+                state.forced_padding -= 1
+            out = state.queued.popleft() if state.queued else PAD
+        else:
+            out = NEW_WORD
+        if self.second_stream_ahead:
+            second = ZERO
+            if out == NEW_WORD:
+                second = NEW_WORD
+                out = state.queued.popleft() if state.queued else PAD
+            elif state.lookahead_queued:
+                second = state.lookahead_queued.popleft()
+            out = (second + 1) * self.card + out
+        return out, consumed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Voices (§6.6)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_voice(path: str | Path, dim: int = 512) -> torch.Tensor:
+    """``speaker_wavs`` of a voice embedding file, checked: fp32 ``[1, dim, 125]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise VoiceError(f"{path}: voice file not found")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = sorted(f.keys())
+            if "speaker_wavs" not in keys:
+                raise VoiceError(f"{path}: voice file has no 'speaker_wavs' tensor (it holds {keys})")
+            t = f.get_tensor("speaker_wavs")
+    except VoiceError:
+        raise
+    except Exception as e:  # safetensors raises several error types for foreign/corrupt files
+        raise VoiceError(f"{path}: not a valid safetensors voice file ({type(e).__name__}: {e})") from None
+    check_voice(t, str(path), dim)
+    return t
+
+
+def check_voice(t: torch.Tensor, where: str = "voice", dim: int = 512) -> None:
+    if t.dtype != torch.float32:
+        raise VoiceError(f"{where}: 'speaker_wavs' must be float32, got {t.dtype}")
+    if tuple(t.shape) != (1, dim, VOICE_FRAMES):
+        raise VoiceError(f"{where}: 'speaker_wavs' must have shape [1, {dim}, {VOICE_FRAMES}], got {list(t.shape)}")
+
+
+def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VOICE_REPO) -> Path:
+    """Local path of a voice: an existing file, ``hf://owner/repo/path``, or a ``kyutai/tts-voices`` name such as
+    ``expresso/ex03-ex01_happy_001_channel1_334s.wav`` (the checkpoint's ``.{sig}@{epoch}.safetensors`` suffix is
+    appended)."""
+    s = str(name)
+    if Path(s).is_file():
+        return Path(s)
+    if s.startswith("hf://"):
+        parts = s.removeprefix("hf://").split("/")
+        repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
+    elif s.endswith(".safetensors"):
+        raise VoiceError(f"{s}: voice file not found")
+    else:
+        suffix = f".{model_id['sig']}@{model_id['epoch']}.safetensors" if model_id else ".safetensors"
+        fname = s + suffix
+    try:
+        return hub_file(repo, fname)
+    except CheckpointError as e:
+        raise VoiceError(f"unknown voice {s!r}: not a local file and not fetchable from hf://{repo}/{fname} ({e})"
+                         ) from None
+
+
+def random_voice(seed: int = 0, dim: int = 512) -> torch.Tensor:
+    """Deterministic N(0, 1) ``speaker_wavs`` ``[1, dim, 125]``: the voice used with random checkpoints."""
+    return torch.randn(1, dim, VOICE_FRAMES, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LM stepping (the part the batched engine replaces)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LMStepper:
+    """Steps ``max_batch`` LM slots with hooks (moshi ``LMGen`` semantics, out-of-sync mode: every slot has its
+    own offset and frames come back for every row, -2 where not yet valid)."""
+
+    def __init__(self, model: LMModel, max_batch: int, default_conditions: dict, *, n_q: int, temp: float,
+                 top_k: int, top_k_text: int, cfg_coef: float = 1.0, seed: int = 0, backend: str | None = None):
+        stepped = _FewerCodebooks(model, n_q) if n_q < model.cfg.dep_q else model
+        self.gen = Generator(stepped, use_sampling=temp > 0, temp=temp, temp_text=temp, top_k=top_k,
+                             top_k_text=top_k_text, cfg_coef=cfg_coef, cfg_is_no_text=True,
+                             support_out_of_sync=True, backend=backend)
+        self.state = self.gen.init_state(max_batch, default_conditions, seed=seed)
+        self.conditions = default_conditions  # per-slot values, kept to rebuild all rows (CFG doubling)
+        self.dep_q = model.cfg.dep_q
+        self.device = self.gen.device
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """[B] device offsets before the step in progress (valid inside hooks)."""
+        return self.state.offsets
+
+    def start(self, slot: int, conditions: dict) -> None:
+        """Restart ``slot`` as a fresh stream with ``conditions`` (batch-1 condition values)."""
+        B = self.state.batch_size
+        mask = torch.zeros(B, dtype=torch.bool, device=self.device)
+        mask[slot] = True
+        self.gen.reset(self.state, mask)
+        self.conditions = _set_row(self.conditions, slot, conditions)
+        if self.gen.cfg_rows == 1:
+            self.gen.set_conditions(self.state, conditions, rows=torch.tensor([slot], device=self.device))
+        else:
+            self.gen.set_conditions(self.state, self.conditions)
+
+    def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable, on_text: Callable,
+             on_audio: Callable) -> torch.Tensor:
+        """Step the ``active`` [B] bool rows; returns the un-delayed frames [B, 1 + dep_q] (-2 where invalid)."""
+        self.state.exec_mask.copy_(active)
+        replace = None
+        if text_only:
+            replace = torch.full((self.state.batch_size, self.dep_q), ZERO, dtype=torch.long, device=self.device)
+        out = self.gen.step(self.state, None, depformer_replace_tokens=replace, on_text_logits=on_text_logits,
+                            on_text=on_text, on_audio=on_audio)
+        return out.tokens
+
+
+class _FewerCodebooks:
+    """``model`` whose depformer runs only the first ``n_q`` codebook steps (moshi ``lm.dep_q = n_q``); the other
+    codebooks come back as -1 (zero inputs for the next steps)."""
+
+    def __init__(self, model: LMModel, n_q: int):
+        self._model, self._n_q = model, n_q
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def depformer_step(self, text_token: torch.Tensor, z: torch.Tensor, sample: Callable) -> torch.Tensor:
+        out = self._model.depformer_step(text_token, z, sample, steps=self._n_q)
+        pad = out.new_full((out.shape[0], self._model.cfg.dep_q - self._n_q), ZERO)
+        return torch.cat([out, pad], dim=1)
+
+
+def _set_row(conditions: dict, slot: int, new: dict) -> dict:
+    out = {}
+    for name, v in conditions.items():
+        if isinstance(v, TensorInput):
+            t, m = v.tensor.clone(), v.mask.clone()
+            t[slot], m[slot] = new[name].tensor[0], new[name].mask[0]
+            out[name] = TensorInput(t, m)
+        else:
+            out[name] = [*v[:slot], new[name][0], *v[slot + 1 :]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtime
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TTSConfig:
+    """Generation settings; defaults are moshi ``TTSModel``'s (temp 0.6, top-k 250 / text 25, n_q 32)."""
+
+    n_q: int = 32
+    temp: float = 0.6
+    top_k: int = 250
+    top_k_text: int = 25
+    cfg_coef: float = 1.0  # real CFG (batch doubling); only for checkpoints without a `cfg` conditioner
+    initial_padding: int = 2
+    max_padding: int = 8
+    final_padding: int = 4
+    padding_between: int = 1
+    padding_bonus: float = 0.0
+    max_gen_length: int = 30000
+    max_word_tokens: int = 64
+    max_batch: int = 1
+    seed: int = 0
+
+
+class TTSStream:
+    """One utterance (or dialogue) being spoken. Push text, :meth:`end` it, read PCM as it is produced."""
+
+    def __init__(self, runtime: TTSRuntime, conditions: dict, on_pcm: Callable[[torch.Tensor], None] | None):
+        self.runtime = runtime
+        self.conditions = conditions
+        self.on_pcm = on_pcm
+        self.builder = EntryBuilder(runtime.tokenizer, runtime.multi_speaker, runtime.config.padding_between,
+                                    runtime.config.max_word_tokens)
+        self.machine = runtime.machine.new_state()
+        self.text_ended = False
+        self.slot: int | None = None
+        self.offset = 0  # LM steps done
+        self.frames: list[torch.Tensor] = []  # un-delayed frames [1 + dep_q] (as moshi TTSResult.frames, per row)
+        self.pending: deque[torch.Tensor] = deque()
+        self.samples = 0
+        self.done = False
+        self.truncated = False
+        self.n_words = 0
+        self.opened_at = time.perf_counter()
+        self.first_text_at: float | None = None
+        self.first_pcm_at: float | None = None
+
+    # ---- input
+    def push(self, text: str) -> int:
+        """Add whole words to the current turn; returns the number of entries added."""
+        if self.text_ended:
+            raise TTSInputError("text was already ended for this stream (push after end())")
+        entries = self.builder.add(text)
+        if entries and self.first_text_at is None:
+            self.first_text_at = time.perf_counter()
+        self.machine.entries.extend(entries)
+        self.n_words += sum(1 for e in entries if e.tokens)
+        return len(entries)
+
+    def next_turn(self) -> None:
+        """Start the next dialogue turn (the other speaker)."""
+        if self.text_ended:
+            raise TTSInputError("text was already ended for this stream (next_turn after end())")
+        self.builder.next_turn()
+
+    def end(self) -> None:
+        """No more text: the stream may now always be stepped and finishes after its last word."""
+        self.text_ended = True
+
+    # ---- output
+    def read(self) -> torch.Tensor:
+        """PCM produced since the last read (float32 [N], 24 kHz, in [-1, 1])."""
+        chunks = list(self.pending)
+        self.pending.clear()
+        return torch.cat(chunks) if chunks else torch.zeros(0)
+
+    @property
+    def ready(self) -> bool:
+        return not self.done and self.runtime.machine.can_step(self.machine, self.text_ended)
+
+    @property
+    def end_step(self) -> int | None:
+        return self.machine.end_step
+
+    @property
+    def transcript(self) -> list[tuple[str, int]]:
+        return self.machine.transcript
+
+    @property
+    def time_to_first_audio(self) -> float | None:
+        """Seconds from the first text (or the opening) to the first PCM frame, measured on the host."""
+        if self.first_pcm_at is None:
+            return None
+        return self.first_pcm_at - (self.first_text_at or self.opened_at)
+
+    def _deliver(self, pcm: torch.Tensor) -> None:
+        if self.first_pcm_at is None:
+            self.first_pcm_at = time.perf_counter()
+        self.samples += pcm.numel()
+        if self.on_pcm is not None:
+            self.on_pcm(pcm)
+        else:
+            self.pending.append(pcm)
+
+
+class TTSRuntime:
+    """Batched streaming TTS: ``config.max_batch`` slots over one LM and one streaming Mimi (``mimi=None``: frames
+    only, no PCM)."""
+
+    def __init__(self, model: LMModel, mimi: Mimi | None, tokenizer: Tokenizer, tts_config: dict,
+                 model_id: dict | None = None, config: TTSConfig | None = None, backend: str | None = None):
+        self.model, self.mimi, self.tokenizer = model, mimi, tokenizer
+        self.config = config = config or TTSConfig()
+        cfg = model.cfg
+        if cfg.dep_q == 0 or not cfg.conditioners:
+            raise ValueError("not a TTS checkpoint (needs a depth transformer and conditioners)")
+        if not 1 <= config.n_q <= cfg.dep_q:
+            raise ValueError(f"n_q must be in [1, {cfg.dep_q}], got {config.n_q}")
+        self.model_id = model_id or {}
+        self.delay_steps = int(tts_config["audio_delay"] * FRAME_RATE)
+        lookahead = int(tts_config.get("second_stream_ahead", 0))
+        if lookahead and not cfg.demux_second_text_stream:
+            raise ValueError("second_stream_ahead > 0 needs demux_second_stream in the LM config")
+        self.machine = StateMachine(cfg.text_card + 1, lookahead, config.max_padding, config.initial_padding)
+        self.conditioners = {c.name: c for c in cfg.conditioners}
+        self.multi_speaker = "speaker_wavs" in self.conditioners
+        cfg_cond = self.conditioners.get("cfg")
+        self.cfg_values = tuple(cfg_cond.possible_values or ()) if cfg_cond is not None else ()
+        if config.cfg_coef != 1.0 and self.cfg_values:
+            raise ValueError("this checkpoint is CFG-distilled: pass the coefficient per stream (cfg=...), not as "
+                             "TTSConfig.cfg_coef")
+        self.device = next(model.parameters()).device
+        B = config.max_batch
+        self.stepper = LMStepper(model, B, self._conditions([None] * B, [None] * B), n_q=config.n_q, temp=config.temp,
+                                 top_k=config.top_k, top_k_text=config.top_k_text, cfg_coef=config.cfg_coef,
+                                 seed=config.seed, backend=backend)
+        self.mimi_state = mimi.init_state(B) if mimi is not None else None
+        self.slots: list[TTSStream | None] = [None] * B
+        self.waiting: deque[TTSStream] = deque()
+        delays = torch.tensor(cfg.delays[1 : 1 + cfg.dep_q], device=self.device)
+        self._audio_start = delays + self.delay_steps  # [dep_q] first offset with real audio per codebook
+        self._missing = torch.arange(cfg.dep_q, device=self.device) >= config.n_q  # codebooks fed as -1
+
+    @classmethod
+    def from_checkpoint(cls, files: CheckpointFiles, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.bfloat16, config: TTSConfig | None = None,
+                        backend: str | None = None, audio: bool = True) -> TTSRuntime:
+        """Load LM, Mimi (unless ``audio`` is False: frames only) and tokenizer of a TTS checkpoint."""
+        config = config or TTSConfig()
+        if not files.config.tts_config:
+            raise CheckpointError(f"{files.config_path}: not a TTS checkpoint (no tts_config)")
+        model = LMModel.from_checkpoint(files, device=device, dtype=dtype)
+        mimi = Mimi.from_file(files.mimi_weights, n_q=config.n_q, device=device) if audio else None
+        return cls(model, mimi, Tokenizer(files.tokenizer), files.config.tts_config, files.config.model_id, config,
+                   backend)
+
+    # ---- conditioning
+    @property
+    def voice_dim(self) -> int:
+        return self.conditioners["speaker_wavs"].dim if self.multi_speaker else 0
+
+    def voice_tensor(self, voice: str | Path | torch.Tensor) -> torch.Tensor:
+        if isinstance(voice, torch.Tensor):
+            check_voice(voice, "voice tensor", self.voice_dim)
+            return voice
+        return load_voice(resolve_voice(voice, self.model_id), self.voice_dim)
+
+    def _conditions(self, voices: list[list[torch.Tensor] | None], cfgs: list[float | None]) -> dict:
+        out: dict = {}
+        B = len(voices)
+        if self.multi_speaker:
+            t = torch.zeros(B, MAX_SPEAKERS, VOICE_FRAMES, self.voice_dim)
+            mask = torch.zeros(B, MAX_SPEAKERS, VOICE_FRAMES, dtype=torch.bool)
+            for b, vs in enumerate(voices):
+                for i, v in enumerate(vs or []):
+                    t[b, i], mask[b, i] = v[0].t(), True
+            out["speaker_wavs"] = TensorInput(t.view(B, -1, self.voice_dim), mask.view(B, -1))
+        if "control" in self.conditioners:
+            out["control"] = [None if v is None else "ok" for v in voices]
+        if "cfg" in self.conditioners:
+            out["cfg"] = [None if c is None else self._cfg_value(c) for c in cfgs]
+        return out
+
+    def _cfg_value(self, cfg: float) -> str:
+        value = format(float(cfg), ".1f")
+        if value not in self.cfg_values:
+            raise ValueError(f"cfg={cfg}: this checkpoint supports cfg in {', '.join(self.cfg_values)}")
+        return value
+
+    # ---- streams
+    def open_stream(self, voice: str | Path | torch.Tensor | Sequence | None = None, cfg: float | None = 2.0,
+                    on_pcm: Callable[[torch.Tensor], None] | None = None) -> TTSStream:
+        """A new stream. ``voice``: a voice file/name/tensor, or a list of up to 5 (speaker slots; the python
+        server passes the same voice twice), or None (every slot is the learnt padding). ``cfg``: the distilled
+        CFG coefficient (None: unconditioned; ignored by checkpoints without a ``cfg`` conditioner)."""
+        if voice is None:
+            voices: list[torch.Tensor] = []
+        elif isinstance(voice, str | Path | torch.Tensor):
+            voices = [self.voice_tensor(voice)]
+        else:
+            voices = [self.voice_tensor(v) for v in voice]
+        if len(voices) > MAX_SPEAKERS:
+            raise VoiceError(f"at most {MAX_SPEAKERS} voices per stream, got {len(voices)}")
+        if voices and not self.multi_speaker:
+            raise VoiceError("this checkpoint takes no voice conditioning")
+        if not self.cfg_values:
+            cfg = None
+        conds = self._conditions([voices], [cfg])
+        stream = TTSStream(self, conds, on_pcm)
+        self.waiting.append(stream)
+        return stream
+
+    def _admit(self) -> None:
+        for slot, s in enumerate(self.slots):
+            if not self.waiting:
+                return
+            if s is not None:
+                continue
+            stream = self.waiting.popleft()
+            if stream.text_ended and not stream.machine.entries and stream.machine.end_step is None:
+                stream.done = True  # empty text: no audio, no slot
+                continue
+            stream.slot = slot
+            self.slots[slot] = stream
+            self.stepper.start(slot, stream.conditions)
+            if self.mimi is not None:
+                mask = torch.zeros(len(self.slots), dtype=torch.bool, device=self.mimi.device)
+                mask[slot] = True
+                self.mimi_state.reset(mask)
+        # streams ended empty while every slot is busy still finish at once
+        for stream in [s for s in self.waiting if s.text_ended and not s.machine.entries]:
+            self.waiting.remove(stream)
+            stream.done = True
+
+    # ---- stepping
+    def step(self) -> int:
+        """One LM step for every slot whose stream is ready; returns how many rows ran (0: nothing to do)."""
+        self._admit()
+        rows = [b for b, s in enumerate(self.slots) if s is not None and s.ready]
+        if not rows:
+            return 0
+        B = len(self.slots)
+        active = torch.zeros(B, dtype=torch.bool)
+        active[rows] = True
+        text_only = all(self.slots[b].offset < self.delay_steps for b in rows)
+        machine, bonus = self.machine, self.config.padding_bonus
+
+        def on_text_logits(logits: torch.Tensor) -> None:
+            if bonus:
+                logits[..., PAD] += bonus
+
+        def on_text(tokens: torch.Tensor) -> None:
+            values = tokens.tolist()
+            for b in rows:
+                s = self.slots[b]
+                forced, consumed = machine.process(s.offset, s.machine, values[b])
+                s.machine.log.append((values[b], forced))
+                values[b] = forced
+            tokens.copy_(torch.tensor(values, dtype=tokens.dtype))
+
+        def on_audio(audio: torch.Tensor) -> None:
+            off = self.stepper.offsets[:, None]
+            audio.masked_fill_((off < self._audio_start[None]) | self._missing[None], ZERO)
+
+        frames = self.stepper.step(active.to(self.device), text_only, on_text_logits, on_text, on_audio).cpu()
+        decode = []
+        max_delay = self.model.cfg.max_delay
+        for b in rows:
+            s = self.slots[b]
+            s.offset += 1
+            if s.offset > max_delay:
+                s.frames.append(frames[b])
+                if len(s.frames) > self.delay_steps:
+                    decode.append(b)
+        if decode and self.mimi is not None:
+            self._decode(decode, frames)
+        for b in rows:
+            s = self.slots[b]
+            end = s.machine.end_step
+            if end is not None and s.offset >= end + self.delay_steps + self.config.final_padding + 2:
+                self._finish(b)
+            elif s.offset >= self.config.max_gen_length:
+                s.truncated = True
+                self._finish(b)
+        return len(rows)
+
+    def _decode(self, rows: list[int], frames: torch.Tensor) -> None:
+        B, n_q = len(self.slots), self.config.n_q
+        mask = torch.zeros(B, dtype=torch.bool)
+        mask[rows] = True
+        self.mimi_state.set_exec_mask(mask.to(self.mimi.device))
+        codes = frames[:, 1 : 1 + n_q].clamp(min=0)[..., None].to(self.mimi.device)
+        with torch.no_grad():
+            pcm = self.mimi.decode_step(codes, self.mimi_state).clamp(-1, 1).float().cpu()
+        for b in rows:
+            self.slots[b]._deliver(pcm[b, 0])
+
+    def _finish(self, slot: int) -> None:
+        s = self.slots[slot]
+        s.done = True
+        s.slot = None
+        self.slots[slot] = None
+
+    def pump(self) -> int:
+        """Step while some stream can progress; returns the number of steps."""
+        n = 0
+        while self.step():
+            n += 1
+        return n
+
+    def run(self, streams: Sequence[TTSStream] | None = None) -> None:
+        """Step until ``streams`` (default: every open stream) are done; their text must have been ended."""
+        todo = list(streams) if streams is not None else [s for s in self.slots if s] + list(self.waiting)
+        for s in todo:
+            if not s.text_ended:
+                raise TTSInputError("run() needs the text of every stream ended (call stream.end())")
+        while not all(s.done for s in todo):
+            if not self.step():
+                raise RuntimeError("no stream can progress")  # cannot happen once every text is ended
+
+    def speak(self, text: str | Sequence[str], voice=None, cfg: float | None = 2.0) -> Iterator[torch.Tensor]:
+        """Speak ``text`` (a string, or a list of dialogue turns), yielding PCM chunks as soon as they exist."""
+        stream = self.open_stream(voice, cfg)
+        for i, turn in enumerate([text] if isinstance(text, str) else text):
+            if i:
+                stream.next_turn()
+            stream.push(turn)
+        stream.end()
+        while not stream.done:
+            if not self.step():
+                raise RuntimeError("no stream can progress")
+            pcm = stream.read()
+            if pcm.numel():
+                yield pcm
+
+    def synthesize(self, text: str | Sequence[str], voice=None, cfg: float | None = 2.0) -> torch.Tensor:
+        """Whole utterance as float32 PCM [N] (24 kHz)."""
+        chunks = list(self.speak(text, voice, cfg))
+        return torch.cat(chunks) if chunks else torch.zeros(0)
+
+
+__all__ = ["DEFAULT_VOICE", "Entry", "EntryBuilder", "LMStepper", "MachineState", "StateMachine", "TTSConfig",
+           "TTSInputError", "TTSRuntime", "TTSStream", "VoiceError", "load_voice", "random_voice", "resolve_voice",
+           "script_to_entries"]
