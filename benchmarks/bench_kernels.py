@@ -1,0 +1,215 @@
+"""Kernel benchmarks at the shapes of the three DSM models: providers reference (loop spec), torch (vectorised
+eager baseline), compile (torch.compile of that baseline), triton, cuda.
+
+Reports the median CUDA-event time after warm-up, achieved GB/s (bytes that must move / time) and its ratio to the
+device-to-device copy bandwidth measured in the same process, and appends one JSON row per measurement to
+benchmarks/results/kernels.jsonl (device, torch/triton versions, git commit).
+
+    python benchmarks/bench_kernels.py                       # all kernels, batch 1 64 400, on cuda
+    python benchmarks/bench_kernels.py --kernels attention --batch 1 --no-compile
+    python benchmarks/bench_kernels.py --device cpu --batch 1 --no-compile   # smoke run of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from dsm_kernels import available_backends, resolve
+from dsm_kernels.testing import (
+    cuda_time_ms,
+    multistream_embed_torch,
+    paged_decode_attention_torch,
+    sample_tokens_torch,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {  # name: (heads, head_dim, context, text vocab)
+    "stt-1b": (16, 128, 750, 8000),
+    "stt-2.6b": (32, 64, 375, 4000),
+    "tts-1.6b": (16, 128, 500, 8000),
+}
+DIM, N_AUDIO, AUDIO_CARD = 2048, 32, 2048
+
+
+def timer(device: torch.device, iters: int):
+    if device.type == "cuda":
+        return lambda fn: cuda_time_ms(fn, iters=iters)
+
+    def cpu_ms(fn):
+        fn()
+        ts = []
+        for _ in range(max(3, iters // 20)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    return cpu_ms
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy (read + write) of 1 GiB: the practical bandwidth ceiling."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), iters=20)
+    return 2 * 2**30 / ms / 1e6
+
+
+def embed_case(model, B, device):
+    _, _, _, vt = MODELS[model]
+    tts = model.startswith("tts")
+    g = torch.Generator(device=device).manual_seed(0)
+    text = torch.randn(vt + 1, DIM, device=device, generator=g).bfloat16()
+    audio = torch.randn(N_AUDIO, AUDIO_CARD + 1, DIM, device=device, generator=g).bfloat16()
+    tokens = torch.randint(0, AUDIO_CARD, (B, N_AUDIO + 1), device=device, generator=g)
+    tokens[:, 0] = torch.randint(0, vt, (B,), device=device, generator=g)
+    kw = {}
+    if tts:  # demuxed second text stream + condition vector
+        kw = {"text_table2": torch.randn_like(text), "cond": torch.randn(B, DIM, device=device).bfloat16()}
+        tokens[:, 0] += (vt + 1) * torch.randint(0, 2, (B,), device=device, generator=g)
+    args = (tokens, text, audio)
+    rows_read = N_AUDIO + 1 + (1 if tts else 0) + (1 if tts else 0)
+    nbytes = B * DIM * 2 * (rows_read + 1)  # table rows (+cond) read, output written
+    return args, kw, nbytes
+
+
+def attention_case(model, B, device, page_size=16):
+    H, D, context, _ = MODELS[model]
+    pps = -(-context // page_size)
+    g = torch.Generator(device=device).manual_seed(0)
+    k_cache = torch.randn(B * pps, page_size, H, D, device=device, generator=g).bfloat16()
+    v_cache = torch.randn_like(k_cache)
+    block_table = torch.randperm(B * pps, device=device, generator=g).view(B, pps).int()
+    seq_lens = torch.full((B,), 10 * context + 3, dtype=torch.int32, device=device)  # full window, ring wrapped
+    q = torch.randn(B, H, D, device=device, generator=g).bfloat16()
+    nbytes = 2 * B * context * H * D * 2 + 2 * B * H * D * 2
+    return (q, k_cache, v_cache, block_table, seq_lens), {"context": context}, nbytes
+
+
+def sampling_case(V, B, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(B, V, device=device, generator=g) * 3
+    null = torch.randn(B, V, device=device, generator=g) * 3
+    temp = torch.full((B,), 0.8, device=device)
+    seeds = torch.arange(B, device=device)
+    steps = torch.zeros(B, dtype=torch.int64, device=device)
+    nbytes = 2 * B * V * 4 + B * 8
+    return (logits, temp, 250, seeds, steps), {"null_logits": null, "cfg_coef": 3.0}, nbytes
+
+
+KERNELS = {
+    "embed": (
+        "multistream_embed",
+        multistream_embed_torch,
+        lambda B, dev: [(m, *embed_case(m, B, dev)) for m in MODELS],
+    ),
+    "attention": (
+        "paged_decode_attention",
+        paged_decode_attention_torch,
+        lambda B, dev: [(m, *attention_case(m, B, dev)) for m in MODELS],
+    ),
+    "sampling": (
+        "sample_tokens",
+        sample_tokens_torch,
+        lambda B, dev: [(f"V{V}", *sampling_case(V, B, dev)) for V in (8000, 4000, 2048)],
+    ),
+}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 64, 400])
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--reference-max-batch", type=int, default=64, help="the loop references are slow beyond this")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels.jsonl"))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    copy_gbps = copy_bandwidth_gbps(device)
+    print(f"# {meta['device']}  torch {meta['torch']}  triton {triton_version}  copy {copy_gbps:.0f} GB/s")
+    time_ms = timer(device, args.iters)
+    backends = [b for b in available_backends(device) if b != "reference"]
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for kname in args.kernels:
+        op, torch_fn, cases = KERNELS[kname]
+        compiled = None if args.no_compile else torch.compile(torch_fn, dynamic=True)
+        for B in args.batch:
+            for shape, fargs, kw, nbytes in cases(B, device):
+                providers = {"torch": torch_fn}
+                if B <= args.reference_max_batch:
+                    providers["reference"] = resolve(op, "reference", device)
+                if compiled is not None:
+                    providers["compile"] = compiled
+                providers |= {b: resolve(op, b, device) for b in backends}
+                for name, fn in providers.items():
+                    try:
+                        ms = time_ms(lambda fn=fn, a=fargs, k=kw: fn(*a, **k))
+                        err = None
+                    except Exception as e:  # a provider failing must not hide the others' numbers
+                        ms, err = float("nan"), repr(e)[:200]
+                    gbps = nbytes / ms / 1e6
+                    row = {"kernel": kname, "shape": shape, "batch": B, "provider": name, "ms": ms, "gbps": gbps,
+                           "frac_copy": gbps / copy_gbps, "bytes": nbytes, "copy_gbps": copy_gbps, **meta}  # fmt: skip
+                    if err:
+                        row["error"] = err
+                    results.append(row)
+                    with out_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"{kname:<10}{shape:<10}B={B:<5}{name:<10}{ms:>9.4f} ms {gbps:>8.1f} GB/s "
+                          f"{100 * gbps / copy_gbps:>6.1f}% copy" + (f"  {err}" if err else ""))  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_summary(results)
+    return results
+
+
+def print_summary(results):
+    """One line per (kernel, shape, batch): the ms of each provider, best custom kernel vs best torch baseline."""
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in results:
+        groups.setdefault((r["kernel"], r["shape"], r["batch"]), {})[r["provider"]] = r["ms"]
+    names = ["reference", "torch", "compile", "triton", "cuda"]
+    print("\n" + f"{'kernel':<10}{'shape':<10}{'B':>5}" + "".join(f"{n:>11}" for n in names) + f"{'speedup':>9}")
+    for (k, s, b), p in groups.items():
+        base = min((p[n] for n in ("torch", "compile") if n in p and p[n] == p[n]), default=float("nan"))
+        best = min((p[n] for n in ("triton", "cuda") if n in p and p[n] == p[n]), default=float("nan"))
+        cells = "".join(f"{p[n]:>11.4f}" if n in p else f"{'-':>11}" for n in names)
+        print(f"{k:<10}{s:<10}{b:>5}{cells}{base / best:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
