@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one prepared script for a GPU session (H100/H200): build the CUDA extension, run the kernel tests on the GPU
+# (CUDA backend + compiled Triton), validate, benchmark, and print a short table last. Logs and the benchmark rows
+# go to $OUT (the device tool brings that folder back) and the rows are also appended to benchmarks/results.
+# Budget: ~1 min build, ~2-3 min tests, ~4 min bench; each step has its own timeout so one hang cannot eat the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 NO_TORCH_COMPILE=1
+export MAX_JOBS=${MAX_JOBS:-16}
+OUT=${OUT:-/tmp/dsm_gpu_check}
+mkdir -p "$OUT"
+STATUS=()
+
+step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, record rc and seconds, show the log's tail
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "=== $name: $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  STATUS+=("$(printf '%-14s rc=%-4s %4ss' "$name" "$rc" $((SECONDS - t0)))")
+  tail -n 15 "$OUT/$name.log"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+if step build 300 pip install --no-deps --no-build-isolation -v -e .; then
+  step import 60 python -c "import dsm_kernels as k; import dsm_kernels._C; print(k.available_backends('cuda'))"
+  # CUDA backend + graph-replay tests (the `gpu` marker), then the Triton tests, compiled for this GPU.
+  step gpu_tests 240 python -m pytest -q -m gpu tests/kernels -p no:cacheprovider
+  step triton_tests 240 python -m pytest -q -m "not gpu" -p no:cacheprovider \
+    tests/kernels/test_embed.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py
+  step validate 120 python -m dsm_kernels.validate
+  step bench 330 python benchmarks/bench_kernels.py --out "$OUT/kernels.jsonl"
+  cat "$OUT/kernels.jsonl" >>benchmarks/results/kernels.jsonl 2>/dev/null
+else
+  echo "build failed; see $OUT/build.log"
+  grep -E "error|Error" "$OUT/build.log" | head -40
+fi
+
+echo
+echo "=== benchmark summary (ms; speedup = best torch baseline / best custom kernel)"
+sed -n '/^kernel    shape/,$p' "$OUT/bench.log" 2>/dev/null
+echo "=== steps"
+printf '%s\n' "${STATUS[@]}"
