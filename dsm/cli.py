@@ -127,7 +127,12 @@ def _result_ok(result: object) -> bool:
 
 def subcommands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]]:
     """Name -> (help, setup). Add ``transcribe``, ``speak``, ``bench``… here."""
+    from .eval_stt import setup_eval_cli
+    from .stt import setup_transcribe_cli
+
     return {
+        "transcribe": ("speech to text for audio files (txt, json, srt, vtt, tsv outputs)", setup_transcribe_cli),
+        "eval-stt": ("word error rate and RTFx of STT over a manifest of (audio, reference text)", setup_eval_cli),
         "random-checkpoint": ("write a checkpoint with random weights in the released layout",
                               _setup_random_checkpoint),
         "info": ("versions and available kernel backends", _setup_info),

@@ -1,0 +1,156 @@
+"""``dsm eval-stt MANIFEST``: word error rate and speed over (audio, reference text) pairs.
+
+Manifest: JSON lines with ``audio`` (or ``audio_filepath`` / ``path``) and ``text`` (or ``reference`` /
+``transcript``) keys, or TSV lines ``audio<TAB>text`` (a header line ``audio\\ttext`` is skipped). Relative audio
+paths are relative to the manifest. Texts are normalised with whisper's English normaliser (as the Open ASR
+leaderboard does) and scored with jiwer over the whole corpus; pairs whose normalised reference is empty are
+skipped, as the leaderboard does. RTFx = seconds of audio / seconds of wall time.
+
+Needs the ``eval`` extra (``pip install dsm[eval]``: jiwer, whisper-normalizer).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+AUDIO_KEYS = ("audio", "audio_filepath", "path")
+TEXT_KEYS = ("text", "reference", "transcript")
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be read (the message names the file and line)."""
+
+
+@dataclass
+class EvalResult:
+    wer: float
+    n_utterances: int
+    n_skipped: int
+    audio_seconds: float
+    wall_seconds: float
+    errors: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # per utterance: audio, reference, hypothesis (normalised)
+
+    @property
+    def rtfx(self) -> float:
+        return self.audio_seconds / max(self.wall_seconds, 1e-9)
+
+
+def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
+    """(audio path, reference) pairs of a jsonl or tsv manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    pairs = []
+    jsonl = path.suffix in (".jsonl", ".json")
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if jsonl or (line.lstrip().startswith("{") and path.suffix != ".tsv"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path}:{n}: not valid JSON ({e})") from None
+            audio = next((row[k] for k in AUDIO_KEYS if k in row), None) if isinstance(row, dict) else None
+            text = next((row[k] for k in TEXT_KEYS if k in row), None) if isinstance(row, dict) else None
+            if not isinstance(audio, str) or not isinstance(text, str):
+                raise ManifestError(f"{path}:{n}: expected an object with one of {AUDIO_KEYS} and one of {TEXT_KEYS}")
+        else:
+            parts = line.split("\t", 1)
+            if len(parts) != 2:
+                raise ManifestError(f"{path}:{n}: expected 'audio<TAB>text'")
+            audio, text = parts
+            if n == 1 and audio.strip().lower() in AUDIO_KEYS and text.strip().lower() in TEXT_KEYS:
+                continue
+        p = Path(audio)
+        pairs.append((p if p.is_absolute() else path.parent / p, text))
+    if not pairs:
+        raise ManifestError(f"{path}: manifest has no entries")
+    return pairs
+
+
+def english_normalizer() -> Callable[[str], str]:
+    try:
+        from whisper_normalizer.english import EnglishTextNormalizer
+    except ImportError as e:
+        raise ImportError("dsm eval-stt needs whisper-normalizer: pip install 'dsm[eval]'") from e
+    return EnglishTextNormalizer()
+
+
+def evaluate(rt, pairs: list[tuple[Path, str]], normalize: Callable[[str], str] | None = None,
+             progress: bool = False) -> EvalResult:
+    """Transcribe every pair's audio through the runtime and score it (see the module docstring)."""
+    try:
+        import jiwer
+    except ImportError as e:
+        raise ImportError("dsm eval-stt needs jiwer: pip install 'dsm[eval]'") from e
+    from .stt import transcribe_files
+
+    normalize = normalize or english_normalizer()
+    refs = {}
+    for audio, text in pairs:
+        refs.setdefault(audio, []).append(text)
+    t0 = time.perf_counter()
+    hyps: dict[Path, str] = {}
+    errors, secs = [], 0.0
+    for r in transcribe_files(rt, list(refs), progress=progress):
+        if r.error is not None:
+            errors.append(r.error)
+            continue
+        hyps[r.path] = r.transcript.text
+        secs += r.audio_seconds
+    wall = time.perf_counter() - t0
+    rows, skipped = [], 0
+    for audio, text in pairs:
+        ref = normalize(text)
+        if not ref.strip() or audio not in hyps:
+            skipped += 1
+            continue
+        rows.append({"audio": str(audio), "reference": ref, "hypothesis": normalize(hyps[audio])})
+    if not rows:
+        raise ManifestError("no utterance could be scored (all failed or had empty references)")
+    wer = jiwer.wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+    return EvalResult(wer=float(wer), n_utterances=len(rows), n_skipped=skipped, audio_seconds=secs,
+                      wall_seconds=wall, errors=errors, rows=rows)
+
+
+def setup_eval_cli(p) -> None:
+    from .stt import add_model_args
+
+    p.add_argument("manifest", metavar="MANIFEST", help="jsonl ({audio, text}) or tsv (audio<TAB>text)")
+    add_model_args(p)
+    p.add_argument("--output", default=None, help="write per-utterance results and totals as JSON here")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from .stt import runtime_from_args
+
+    try:
+        pairs = read_manifest(args.manifest)
+        normalize = english_normalizer()
+    except (ManifestError, ImportError) as e:
+        print(f"dsm eval-stt: error: {e}", file=sys.stderr)
+        return 2
+    rt = runtime_from_args(args)
+    try:
+        res = evaluate(rt, pairs, normalize, progress=args.progress)
+    except (ManifestError, ImportError) as e:
+        print(f"dsm eval-stt: error: {e}", file=sys.stderr)
+        return 1
+    for e in res.errors:
+        print(f"dsm eval-stt: {e}", file=sys.stderr)
+    print(f"WER {100 * res.wer:.2f} %  ({res.n_utterances} utterances, {res.n_skipped} skipped)")
+    print(f"RTFx {res.rtfx:.1f}  ({res.audio_seconds:.1f} s of audio in {res.wall_seconds:.1f} s)")
+    if args.output:
+        out = {"wer": res.wer, "rtfx": res.rtfx, "n_utterances": res.n_utterances, "n_skipped": res.n_skipped,
+               "audio_seconds": res.audio_seconds, "wall_seconds": res.wall_seconds, "errors": res.errors,
+               "rows": res.rows}
+        Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+    return 1 if res.errors else 0

@@ -1,0 +1,609 @@
+"""Streaming speech-to-text: many audio streams share one model state, one 80 ms frame per step (DSM-SPEC §5).
+
+Example::
+
+    rt = STTRuntime.from_checkpoint(resolve_checkpoint(hf_repo="kyutai/stt-1b-en_fr"), max_streams=8)
+    s = rt.open_stream("mic", sample_rate=16000)
+    for ev in s.push(chunk):  # any length, any rate (soxr streaming resampler to 24 kHz)
+        ...                    # Word / EndWord / Partial / VADStep events
+    events = s.flush()         # end of input: silence pushed at once, last words arrive, then Finished
+
+Each stream owns a slot (a row of :class:`STTStepper`'s batched Mimi and LM states). A step runs every stream that
+has a full frame queued; the others are masked (their state is frozen). A finished stream frees its slot, which is
+reset when reused. Input alignment (§5.2): ``"pytorch"`` (step t sees frame t, frame 0 discarded — the DSM python
+scripts) or ``"rust"`` (step t sees frame t−1 — moshi-server). Word times follow either the offline python rule or
+the server's streaming rule (§5.3); see :mod:`dsm.transcript`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import AudioError, load_audio, validate_pcm
+from .mimi import FRAME_SIZE, SAMPLE_RATE
+from .transcript import (
+    FRAME_RATE,
+    RawEndWord,
+    RawWord,
+    RustWordTracker,
+    Transcript,
+    default_asr_delay_in_tokens,
+    pair_rust_words,
+    python_offset_seconds,
+    python_words,
+)
+
+ALIGNMENTS = ("pytorch", "rust")
+TIMESTAMP_RULES = ("python", "rust")
+
+
+class NoFreeSlotError(RuntimeError):
+    """Every slot of the runtime is taken by an open stream."""
+
+
+class StreamClosedError(RuntimeError):
+    """Audio pushed to a stream after its end of input."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Word:
+    """A finished word (moshi-server ``Word``): its text and start time in seconds of the stream's audio."""
+
+    stream: str
+    text: str
+    start_time: float
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EndWord:
+    """End time of the last :class:`Word` (moshi-server ``EndWord``)."""
+
+    stream: str
+    stop_time: float
+
+
+@dataclass(frozen=True)
+class Partial:
+    """The pending (not yet closed) word changed; ``text`` is the whole transcript so far including it."""
+
+    stream: str
+    pending: str
+    text: str
+
+
+@dataclass(frozen=True)
+class VADStep:
+    """Semantic VAD (stt-1b extra heads, §5.4): per head P(class 0) = P(pause >= 0.5/1/2/3 s)."""
+
+    stream: str
+    step_idx: int
+    probs: tuple[float, ...]
+    end_of_turn: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The stream ended (after :meth:`STTStream.flush`); its slot is free."""
+
+    stream: str
+    transcript: Transcript
+
+
+Event = Word | EndWord | Partial | VADStep | Finished
+
+
+@dataclass(frozen=True)
+class STTOptions:
+    alignment: str = "pytorch"  # "pytorch" (DSM python scripts) or "rust" (moshi-server), §5.2
+    silence_prefix: bool = True  # prepend stt_config.audio_silence_prefix_seconds of zeros (stt-2.6b: 13 frames)
+    timestamps: str = "python"  # rule for Finished.transcript: "python" (offline script) or "rust" (server)
+    asr_delay_in_tokens: int | None = None  # Rust rule shift; default 6 (0.5 s models) / 32 (2.5 s)
+    vad_head: int = 2  # end of turn when P(class 0) of this head > vad_threshold (Kyutai: head 2, 0.5)
+    vad_threshold: float = 0.5
+    temp: float = 0.0  # text temperature (0 = greedy, as the DSM scripts)
+
+    def __post_init__(self):
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
+        if self.timestamps not in TIMESTAMP_RULES:
+            raise ValueError(f"timestamps must be one of {TIMESTAMP_RULES}, got {self.timestamps!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model stepping (the one piece the batched engine replaces)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class STTStepper:
+    """Batched Mimi encode + one LM step for ``slots`` rows; inactive rows are masked (state frozen).
+
+    ``step(pcm [B, 1920], active [B]) -> (text tokens [B] list, VAD P(class 0) [B, heads] or None)``.
+    """
+
+    def __init__(self, lm, mimi, slots: int, *, alignment: str = "pytorch", temp: float = 0.0,
+                 on_text: Callable[[torch.Tensor], None] | None = None):
+        from .generate import Generator
+
+        if lm.cfg.dep_q != 0:
+            raise ValueError(f"not an STT model: dep_q = {lm.cfg.dep_q} (expected 0)")
+        self.lm, self.mimi, self.slots, self.alignment, self.on_text = lm, mimi, slots, alignment, on_text
+        self.device = next(lm.parameters()).device
+        self.gen = Generator(lm, use_sampling=temp > 0, temp_text=temp)
+        self.gen_state = self.gen.init_state(slots)
+        self.mimi_state = mimi.init_state(slots)
+        self.n_q = lm.cfg.n_q
+        self.prev_codes = torch.full((slots, self.n_q), lm.cfg.card, dtype=torch.long, device=self.device)
+        self.has_vad = len(lm.extra_heads) > 0
+
+    def reset(self, slot: int) -> None:
+        mask = torch.zeros(self.slots, dtype=torch.bool, device=self.device)
+        mask[slot] = True
+        self.gen.reset(self.gen_state, mask)
+        self.mimi_state.reset(mask)
+        self.prev_codes[slot] = self.lm.cfg.card
+
+    @torch.no_grad()
+    def step(self, pcm: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        active = active.to(self.device)
+        self.mimi_state.set_exec_mask(active)
+        self.gen_state.exec_mask.copy_(active)
+        codes = self.mimi.encode_step(pcm.to(self.mimi.device)[:, None], self.mimi_state)[..., 0].to(self.device)
+        codes = codes[:, : self.n_q]
+        if self.alignment == "rust":  # step t sees frame t-1 (the initial token at t = 0)
+            inp = self.prev_codes.clone()
+            self.prev_codes.copy_(torch.where(active[:, None], codes, self.prev_codes))
+        else:
+            inp = codes
+        out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
+        probs = None
+        if self.has_vad:
+            probs = torch.stack([p.float()[:, 0] for p in self.lm.extra_head_probs(out.z)], dim=1).cpu()
+        return out.text_token.tolist(), probs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _SampleQueue:
+    """24 kHz samples waiting to be consumed one frame at a time."""
+
+    def __init__(self):
+        self.buf = np.zeros(0, dtype=np.float32)
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.buf.shape[0] - self.pos
+
+    def append(self, x: np.ndarray) -> None:
+        if x.size:
+            self.buf = np.concatenate([self.buf[self.pos :], x.astype(np.float32, copy=False)])
+            self.pos = 0
+
+    def pad_to_frame(self) -> None:
+        r = len(self) % FRAME_SIZE
+        if r:
+            self.append(np.zeros(FRAME_SIZE - r, dtype=np.float32))
+
+    def pop_frame(self) -> np.ndarray:
+        f = self.buf[self.pos : self.pos + FRAME_SIZE]
+        self.pos += FRAME_SIZE
+        return f
+
+
+class STTStream:
+    """One audio stream on an :class:`STTRuntime`; created by :meth:`STTRuntime.open_stream`."""
+
+    def __init__(self, runtime: STTRuntime, slot: int, name: str, sample_rate: int):
+        if not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise AudioError(f"stream {name}: sample rate must be a positive integer, got {sample_rate!r}")
+        self.rt, self.slot, self.name, self.sample_rate = runtime, slot, name, sample_rate
+        self.queue = _SampleQueue()
+        self.tokens: list[int] = []
+        self.steps = 0  # frames consumed since open (Rust ``step_idx``)
+        self.samples_in = 0  # 24 kHz samples pushed by the caller
+        self.ended = False  # no more input accepted
+        self.finished = False  # all input processed, slot freed
+        self._events: list[Event] = []
+        self._raw: list[RawWord | RawEndWord] = []
+        self._text: list[str] = []
+        self.tracker = RustWordTracker(runtime.asr_delay_in_tokens)
+        self.transcript: Transcript | None = None
+        self._resampler = None
+        if sample_rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        self.queue.append(np.zeros(runtime.n_prefix_frames * FRAME_SIZE, dtype=np.float32))
+
+    def __repr__(self) -> str:
+        return f"STTStream({self.name!r}, slot={self.slot}, steps={self.steps}, finished={self.finished})"
+
+    # ---- input -------------------------------------------------------------------------------------------------
+    def push(self, pcm: torch.Tensor | np.ndarray, sample_rate: int | None = None, process: bool = True) -> list[Event]:
+        """Queue pcm (``[T]`` or ``[C, T]`` floats in [-1, 1]; channels are averaged) at the stream's rate.
+
+        With ``process`` the runtime steps until no stream has a full frame queued. Returns (and removes) this
+        stream's pending events. An empty chunk is a no-op."""
+        if self.ended:
+            raise StreamClosedError(f"stream {self.name}: audio pushed after flush()/close()")
+        sr = self.sample_rate if sample_rate is None else sample_rate
+        if sr != self.sample_rate:
+            raise AudioError(f"stream {self.name}: chunk at {sr} Hz but the stream was opened at "
+                             f"{self.sample_rate} Hz (open a new stream to change the rate)")
+        if isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim in (1, 2) and pcm.shape[-1] == 0:
+            return self._process() if process else self.events()
+        x = validate_pcm(pcm, sr, name=f"stream {self.name} ({sr} Hz)").numpy()
+        if self._resampler is not None:
+            x = np.clip(self._resampler.resample_chunk(x, last=False), -1.0, 1.0)
+        self.samples_in += x.shape[0]
+        self.queue.append(x)
+        return self._process() if process else self.events()
+
+    def flush(self, end: bool = True, process: bool = True) -> list[Event]:
+        """Push ``ceil(audio_delay × 12.5)`` silence frames at once so the last words arrive (§5.5).
+
+        A partial frame is zero-padded first. ``end=True`` (default) also ends the input: once processed the stream
+        emits :class:`Finished` and frees its slot. ``end=False`` keeps the stream open (voice agents flush at each
+        end of turn)."""
+        if self.ended:
+            raise StreamClosedError(f"stream {self.name}: already ended")
+        if self._resampler is not None:
+            tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=end)
+            self.samples_in += tail.shape[0]
+            self.queue.append(np.clip(tail, -1.0, 1.0))
+        self.queue.pad_to_frame()
+        self.queue.append(np.zeros(self.rt.n_flush_frames * FRAME_SIZE, dtype=np.float32))
+        self.ended = end
+        return self._process() if process else self.events()
+
+    def close(self) -> None:
+        """Abort: drop queued audio and free the slot now (no Finished event)."""
+        self.ended = True
+        self.queue = _SampleQueue()
+        self.rt._release(self)
+
+    def events(self) -> list[Event]:
+        """Take this stream's pending events."""
+        out, self._events = self._events, []
+        return out
+
+    def _process(self) -> list[Event]:
+        self.rt.run()
+        return self.events()
+
+    # ---- output ------------------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return not self.finished and len(self.queue) >= FRAME_SIZE
+
+    def _on_step(self, token: int, probs: list[float] | None) -> None:
+        rt = self.rt
+        self.tokens.append(token)
+        self.steps += 1
+        before = len(self.tracker.word_tokens)
+        self._emit_raw(self.tracker.push(token))
+        if self.tracker.word_tokens and len(self.tracker.word_tokens) != before:
+            pending = rt.tokenizer.decode(self.tracker.word_tokens)
+            self._events.append(Partial(self.name, pending, " ".join([*self._text, pending])))
+        if probs is not None:
+            eot = probs[rt.options.vad_head] > rt.options.vad_threshold if len(probs) > rt.options.vad_head else False
+            self._events.append(VADStep(self.name, self.steps, tuple(probs), bool(eot)))
+        if self.ended and len(self.queue) < FRAME_SIZE:
+            self._finish()
+
+    def _emit_raw(self, raw: list[RawWord | RawEndWord]) -> None:
+        shift = self.rt.n_prefix_frames / FRAME_RATE
+        for e in raw:
+            self._raw.append(e)
+            if isinstance(e, RawWord):
+                text = self.rt.tokenizer.decode(list(e.tokens))
+                self._text.append(text)
+                self._events.append(Word(self.name, text, max(0.0, e.start_time - shift), e.tokens))
+            else:
+                self._events.append(EndWord(self.name, max(0.0, e.stop_time - shift)))
+
+    def words(self, rule: str | None = None) -> Transcript:
+        """Transcript of the tokens so far by ``rule`` (``"python"`` or ``"rust"``; default: runtime option)."""
+        rt = self.rt
+        rule = rule or rt.options.timestamps
+        duration = self.samples_in / SAMPLE_RATE
+        if rule == "python":
+            offset = python_offset_seconds(rt.n_prefix_frames, rt.audio_delay_seconds)
+            words = python_words(self.tokens, rt.tokenizer, offset)
+        elif rule == "rust":
+            raw = list(self._raw)
+            if not self.finished:  # what finish() would add, without touching the live tracker
+                t = RustWordTracker(self.tracker.delay)
+                t.step_idx, t.word_tokens = self.tracker.step_idx, list(self.tracker.word_tokens)
+                t.unended, t.last_stop_time = self.tracker.unended, self.tracker.last_stop_time
+                raw += t.finish()
+            words = pair_rust_words(raw, rt.tokenizer, shift=rt.n_prefix_frames / FRAME_RATE)
+        else:
+            raise ValueError(f"timestamps rule must be one of {TIMESTAMP_RULES}, got {rule!r}")
+        return Transcript(self.name, words, duration=duration, timestamps=rule,
+                          meta={"alignment": rt.options.alignment, "steps": self.steps})
+
+    def _finish(self) -> None:
+        self._emit_raw(self.tracker.finish())
+        self.finished = True
+        self.transcript = self.words()
+        self._events.append(Finished(self.name, self.transcript))
+        self.rt._release(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtime
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class STTRuntime:
+    """Shared model + ``max_streams`` slots. Build with :meth:`from_checkpoint` or from loaded parts."""
+
+    def __init__(self, lm, mimi, tokenizer, config, *, max_streams: int = 8, options: STTOptions | None = None,
+                 on_text: Callable[[torch.Tensor], None] | None = None):
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        self.options = options or STTOptions()
+        self.tokenizer = tokenizer
+        self.config = config
+        stt = config.stt_config or {}
+        self.audio_delay_seconds = float(stt.get("audio_delay_seconds", 0.5))
+        prefix_s = float(stt.get("audio_silence_prefix_seconds", 0.0)) if self.options.silence_prefix else 0.0
+        self.n_prefix_frames = math.ceil(prefix_s * FRAME_RATE)
+        self.n_flush_frames = math.ceil(self.audio_delay_seconds * FRAME_RATE) + (
+            1 if self.options.alignment == "rust" else 0)
+        self.asr_delay_in_tokens = (self.options.asr_delay_in_tokens if self.options.asr_delay_in_tokens is not None
+                                    else default_asr_delay_in_tokens(self.audio_delay_seconds))
+        self.max_streams = max_streams
+        self.stepper = STTStepper(lm, mimi, max_streams, alignment=self.options.alignment, temp=self.options.temp,
+                                  on_text=on_text)
+        self.slots: list[STTStream | None] = [None] * max_streams
+        self.total_steps = 0
+
+    @classmethod
+    def from_checkpoint(cls, files, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        max_streams: int = 8, options: STTOptions | None = None, **kw) -> STTRuntime:
+        """Load LM, Mimi and tokenizer of resolved checkpoint files (``dsm.checkpoint.resolve_checkpoint``)."""
+        from .mimi import Mimi
+        from .model import LMModel
+        from .tokenizer import Tokenizer
+
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        lm = LMModel.from_checkpoint(files, device=device, dtype=dtype)
+        mimi = Mimi.from_file(files.mimi_weights, n_q=lm.cfg.n_q, device=device)
+        return cls(lm, mimi, Tokenizer(files.tokenizer), files.config, max_streams=max_streams, options=options, **kw)
+
+    # ---- slots -------------------------------------------------------------------------------------------------
+    @property
+    def streams(self) -> list[STTStream]:
+        return [s for s in self.slots if s is not None]
+
+    @property
+    def free_slots(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    def open_stream(self, name: str | None = None, sample_rate: int = SAMPLE_RATE) -> STTStream:
+        """Take the lowest free slot (reset) for a new stream; :class:`NoFreeSlotError` if all are taken."""
+        try:
+            slot = self.slots.index(None)
+        except ValueError:
+            raise NoFreeSlotError(f"all {self.max_streams} stream slots are in use") from None
+        stream = STTStream(self, slot, name if name is not None else f"stream-{self.total_steps}-{slot}", sample_rate)
+        self.stepper.reset(slot)
+        self.slots[slot] = stream
+        return stream
+
+    def _release(self, stream: STTStream) -> None:
+        if self.slots[stream.slot] is stream:
+            self.slots[stream.slot] = None
+
+    # ---- stepping ----------------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One frame for every stream with a full frame queued; False (nothing done) if none has one."""
+        ready = [s for s in self.slots if s is not None and s.ready]
+        if not ready:
+            return False
+        pcm = np.zeros((self.max_streams, FRAME_SIZE), dtype=np.float32)
+        active = torch.zeros(self.max_streams, dtype=torch.bool)
+        for s in ready:
+            pcm[s.slot] = s.queue.pop_frame()
+            active[s.slot] = True
+        tokens, probs = self.stepper.step(torch.from_numpy(pcm), active)
+        self.total_steps += 1
+        for s in ready:
+            s._on_step(tokens[s.slot], probs[s.slot].tolist() if probs is not None else None)
+        return True
+
+    def run(self, max_steps: int | None = None) -> int:
+        """Step until no stream has a full frame queued (or ``max_steps``); returns the number of steps."""
+        n = 0
+        while (max_steps is None or n < max_steps) and self.step():
+            n += 1
+        return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FileResult:
+    path: Path
+    transcript: Transcript | None
+    error: str | None = None
+    audio_seconds: float = 0.0
+
+
+def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool = False,
+                     on_frames: Callable[[int], None] | None = None) -> Iterator[FileResult]:
+    """Transcribe audio files through the runtime, up to ``max_streams`` at a time; yields in completion order.
+
+    Unreadable/invalid files yield a :class:`FileResult` with ``error`` set. ``on_frames(n)`` is called after each
+    step with the number of frames it processed (progress bars)."""
+    todo = [Path(p) for p in paths]
+    todo.reverse()
+    live: dict[int, tuple[Path, STTStream, float]] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="file", desc="transcribe", dynamic_ncols=True)
+    try:
+        while todo or live:
+            while todo and rt.free_slots:
+                path = todo.pop()
+                try:
+                    pcm, _ = load_audio(path)
+                except AudioError as e:
+                    if bar:
+                        bar.update(1)
+                    yield FileResult(path, None, str(e))
+                    continue
+                s = rt.open_stream(str(path))
+                s.push(pcm, process=False)
+                s.flush(process=False)
+                live[id(s)] = (path, s, pcm.shape[0] / SAMPLE_RATE)
+            n_ready = sum(1 for s in rt.streams if s.ready)
+            if not rt.step():
+                raise RuntimeError("transcribe_files: no stream made progress")  # cannot happen: every stream flushed
+            if on_frames is not None:
+                on_frames(n_ready)
+            for key, (path, s, secs) in list(live.items()):
+                if s.finished:
+                    del live[key]
+                    s.events()
+                    if bar:
+                        bar.update(1)
+                    yield FileResult(path, s.transcript, None, secs)
+    finally:
+        if bar:
+            bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI: dsm transcribe
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$DSM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dsm``, else ``~/.cache/dsm``."""
+    import os
+
+    if os.environ.get("DSM_CACHE_DIR"):
+        return Path(os.environ["DSM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dsm"
+
+
+def random_checkpoint_dir(preset: str, seed: int = 0) -> Path:
+    """A random-weights checkpoint of ``preset`` in the cache (written once, reused)."""
+    import shutil
+
+    from .checkpoint import write_random_checkpoint
+
+    out = cache_dir() / "random" / f"{preset}-seed{seed}"
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_random_checkpoint(preset, tmp, seed=seed)
+    tmp.replace(out)
+    return out
+
+
+def add_model_args(p) -> None:
+    """Model source (``--checkpoint`` / ``--hf-repo`` / ``--preset --random-weights``) and runtime options."""
+    from .cli import add_checkpoint_args, parse_dtype
+    from .presets import PRESETS
+
+    add_checkpoint_args(p, required=False)
+    p.add_argument("--preset", choices=[n for n in PRESETS if "stt" in n],
+                   help="model preset (with --random-weights: no download; for plumbing and speed tests)")
+    p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="streams processed together (default 8)")
+    p.add_argument("--alignment", choices=ALIGNMENTS, default="pytorch",
+                   help="input alignment: pytorch (DSM scripts) or rust (moshi-server)")
+    p.add_argument("--timestamps", choices=TIMESTAMP_RULES, default="python",
+                   help="word timestamp rule: python (offline script) or rust (server)")
+    p.add_argument("--no-silence-prefix", dest="silence_prefix", action="store_false",
+                   help="do not prepend the model's silence prefix (stt-2.6b: 1 s)")
+
+
+def runtime_from_args(args) -> STTRuntime:
+    from .checkpoint import CheckpointError, resolve_checkpoint
+    from .cli import checkpoint_from_args
+
+    given = [args.checkpoint is not None, args.hf_repo is not None, args.preset is not None]
+    if sum(given) != 1:
+        raise CheckpointError("give exactly one of --checkpoint DIR, --hf-repo REPO or --preset NAME --random-weights")
+    if args.preset is not None:
+        if not args.random_weights:
+            raise CheckpointError(f"--preset {args.preset} needs --random-weights (or use --hf-repo)")
+        files = resolve_checkpoint(random_checkpoint_dir(args.preset))
+    else:
+        if args.random_weights:
+            raise CheckpointError("--random-weights goes with --preset")
+        files = checkpoint_from_args(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    opts = STTOptions(alignment=args.alignment, timestamps=args.timestamps, silence_prefix=args.silence_prefix)
+    return STTRuntime.from_checkpoint(files, device=device, dtype=args.dtype, max_streams=args.batch_size,
+                                      options=opts)
+
+
+def setup_transcribe_cli(p) -> None:
+    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, mp3, ogg)")
+    add_model_args(p)
+    p.add_argument("--output-format", "-f", default="all", help="txt, json, srt, vtt, tsv or all (default all)")
+    p.add_argument("--output-dir", "-o", default=".", help="directory for the outputs (default .)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_cmd_transcribe)
+
+
+def _cmd_transcribe(args) -> int:
+    import sys
+    import time
+
+    from .transcript import output_formats, write_transcript
+
+    try:
+        formats = output_formats(args.output_format)
+    except ValueError as e:
+        print(f"dsm transcribe: error: {e}", file=sys.stderr)
+        return 2
+    rt = runtime_from_args(args)
+    failed = 0
+    stems: dict[str, int] = {}
+    t0, secs = time.perf_counter(), 0.0
+    for r in transcribe_files(rt, args.audio, progress=args.progress):
+        if r.error is not None:
+            print(f"dsm transcribe: {r.error}", file=sys.stderr)
+            failed += 1
+            continue
+        stem = r.path.stem
+        n = stems.get(stem, 0)
+        stems[stem] = n + 1
+        secs += r.audio_seconds
+        for p in write_transcript(r.transcript, args.output_dir, stem if n == 0 else f"{stem}-{n}", formats):
+            print(p)
+    dt = time.perf_counter() - t0
+    print(f"{len(args.audio) - failed} file(s), {secs:.1f} s of audio in {dt:.1f} s (RTFx {secs / max(dt, 1e-9):.1f})",
+          file=sys.stderr)
+    return 1 if failed else 0
