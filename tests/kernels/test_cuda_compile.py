@@ -61,53 +61,67 @@ def test_bindings_cpp_syntax(tmp_path):
     assert res.returncode == 0, "\n".join(line for line in res.stderr.splitlines() if "error" in line)[-4000:]
 
 
-def _aot(kernel, types: dict, constexprs: dict, **options):
-    """triton.compile for sm_90 with every non-constexpr argument typed from ``types``."""
-    sig = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0
-    return cc
-
-
 def _types(kernel, ptrs: dict, default="i32", floats=()):
     return {n: ptrs.get(n, "fp32" if n in floats else default) for n in kernel.arg_names}
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_triton_aot_embed(dtype):
-    from dsm_kernels.embed import _embed_kernel as k
-
-    ptrs = {n: f"*{dtype}" for n in ("text_ptr", "text2_ptr", "audio_ptr", "cond_ptr", "out_ptr")}
-    ptrs["tok_ptr"] = "*i64"
-    _aot(k, _types(k, ptrs), {"HAS_TEXT2": True, "HAS_COND": True, "BLOCK_D": 512}, num_warps=4)
-
-
-@pytest.mark.parametrize("dtype,head_dim,hb", [("bf16", 128, 1), ("fp16", 64, 2), ("fp32", 64, 2)])
-def test_triton_aot_paged_attention(dtype, head_dim, hb):
+def _aot_cases():
+    """(label, kernel, argument types, constexprs, options) of every Triton kernel at its GPU configurations."""
+    from dsm_kernels.embed import _embed_kernel
     from dsm_kernels.paged_attention import _append_kv_kernel, _decode_merge_kernel, _decode_split_kernel
+    from dsm_kernels.sampling import _sample_kernel
 
-    k = _append_kv_kernel
-    ptrs = {n: f"*{dtype}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")} | {"slot_ptr": "*i64"}
-    _aot(k, _types(k, ptrs), {"BLOCK": 2048}, num_warps=4)
-    k = _decode_split_kernel
-    ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr")}
-    ptrs |= {"bt_ptr": "*i32", "len_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-    _aot(k, _types(k, ptrs, floats=("qk_scale",)), {"HB": hb, "BLOCK_D": head_dim, "BLOCK_N": 32}, num_warps=4)
-    k = _decode_merge_kernel
-    ptrs = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{dtype}"}
-    _aot(k, _types(k, ptrs), {"HB": hb, "BLOCK_D": head_dim, "BLOCK_S": 16}, num_warps=4)
+    for dt in ("bf16", "fp32"):
+        k = _embed_kernel
+        ptrs = {n: f"*{dt}" for n in ("text_ptr", "text2_ptr", "audio_ptr", "cond_ptr", "out_ptr")} | {
+            "tok_ptr": "*i64"
+        }
+        yield f"embed {dt}", k, _types(k, ptrs), {"HAS_TEXT2": True, "HAS_COND": True, "BLOCK_D": 512}, {}
+    for dt, head_dim, hb in (("bf16", 128, 1), ("fp16", 64, 2), ("fp32", 64, 2)):
+        k = _append_kv_kernel
+        ptrs = {n: f"*{dt}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")} | {"slot_ptr": "*i64"}
+        yield f"append_kv {dt}", k, _types(k, ptrs), {"BLOCK": 2048}, {}
+        k = _decode_split_kernel
+        ptrs = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr")}
+        ptrs |= {"bt_ptr": "*i32", "len_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
+        consts = {"HB": hb, "BLOCK_D": head_dim, "BLOCK_N": 32}
+        yield f"decode_split {dt} d{head_dim}", k, _types(k, ptrs, floats=("qk_scale",)), consts, {}
+        k = _decode_merge_kernel
+        ptrs = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{dt}"}
+        yield f"decode_merge {dt} d{head_dim}", k, _types(k, ptrs), {"HB": hb, "BLOCK_D": head_dim, "BLOCK_S": 16}, {}
+    for dt, block_v in (("bf16", 8192), ("fp32", 2048)):
+        k = _sample_kernel
+        ptrs = {"logits_ptr": f"*{dt}", "null_ptr": f"*{dt}", "temp_ptr": "*fp32", "seed_ptr": "*i64",
+                "step_ptr": "*i64", "out_ptr": "*i64"}  # fmt: skip
+        consts = {"HAS_NULL": True, "ROWS": 1, "BLOCK_V": block_v}
+        opts = {"num_warps": 16 if block_v >= 8192 else 4, "enable_fp_fusion": False}
+        yield f"sample {dt} V{block_v}", k, _types(k, ptrs, floats=("cfg_coef",)), consts, opts
 
 
-@pytest.mark.parametrize("dtype,block_v", [("bf16", 8192), ("fp32", 2048)])
-def test_triton_aot_sampling(dtype, block_v):
-    from dsm_kernels.sampling import _sample_kernel as k
+def aot_compile_all() -> list[str]:
+    """triton.compile every case for sm_90 (needs TRITON_INTERPRET unset: the interpreter replaces @jit)."""
+    done = []
+    for label, kernel, types, constexprs, options in _aot_cases():
+        sig = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
+        done.append(f"{label}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
+    return done
 
-    ptrs = {"logits_ptr": f"*{dtype}", "null_ptr": f"*{dtype}", "temp_ptr": "*fp32", "seed_ptr": "*i64",
-            "step_ptr": "*i64", "out_ptr": "*i64"}  # fmt: skip
-    consts = {"HAS_NULL": True, "ROWS": 1, "BLOCK_V": block_v}
-    _aot(k, _types(k, ptrs, floats=("cfg_coef",)), consts, num_warps=16, enable_fp_fusion=False)
+
+def test_triton_aot_compiles_for_sm90():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert len(aot_compile_all()) == len(list(_aot_cases()))
+        return
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert res.stdout.count("cubin") == len(list(_aot_cases())), res.stdout
 
 
 if __name__ == "__main__":
+    if "--aot" in sys.argv:
+        print("\n".join(aot_compile_all()))
+        sys.exit(0)
     sys.exit(pytest.main([__file__, "-q"]))
