@@ -125,6 +125,18 @@ def _result_ok(result: object) -> bool:
     return bool(getattr(result, "ok", getattr(result, "passed", True)))
 
 
+def _setup_bench(p: argparse.ArgumentParser) -> None:
+    from .bench import setup_parser
+
+    setup_parser(p)
+
+
+def _setup_speak(p: argparse.ArgumentParser) -> None:
+    from .tts import setup_speak_parser
+
+    setup_speak_parser(p)
+
+
 def subcommands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]]:
     """Name -> (help, setup). Add ``transcribe``, ``speak``, ``bench``… here."""
     from .eval_stt import setup_eval_cli
@@ -137,6 +149,8 @@ def subcommands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], No
                               _setup_random_checkpoint),
         "info": ("versions and available kernel backends", _setup_info),
         "validate-kernels": ("check every kernel backend against the reference ops", _setup_validate_kernels),
+        "speak": ("text to speech (streaming); writes a wav or raw float32 PCM", _setup_speak),
+        "bench": ("step latency, rtf/rtfx and capacity of the engine, moshi timed beside", _setup_bench),
     }
 
 

@@ -404,8 +404,17 @@ def parse_config(data: dict[str, Any], where: str = "config") -> CheckpointConfi
 
 def config_to_dict(cfg: CheckpointConfig) -> dict[str, Any]:
     """Inverse of :func:`parse_config`: the released ``config.json`` layout."""
+    out = lm_to_dict(cfg.lm)
+    for name in sorted(_META_FIELDS):
+        value = getattr(cfg, name)
+        if value not in (None, {}, False) or name in ("model_type",):
+            out[name] = value
+    return out
+
+
+def lm_to_dict(lm: LMConfig) -> dict[str, Any]:
+    """The LM hyperparameters only, in ``config.json`` spelling (moshi ``LMModel`` keyword arguments)."""
     out: dict[str, Any] = {}
-    lm = cfg.lm
     for f in dataclasses.fields(LMConfig):
         if f.name in ("conditioners", "fuser"):
             continue
@@ -428,8 +437,4 @@ def config_to_dict(cfg: CheckpointConfig) -> dict[str, Any]:
         out["fuser"] = {"sum": list(lm.fuser.sum), "cross": list(lm.fuser.cross), "prepend": list(lm.fuser.prepend),
                         "cross_attention_pos_emb": lm.fuser.cross_attention_pos_emb,
                         "cross_attention_pos_emb_scale": lm.fuser.cross_attention_pos_emb_scale}
-    for name in sorted(_META_FIELDS):
-        value = getattr(cfg, name)
-        if value not in (None, {}, False) or name in ("model_type",):
-            out[name] = value
     return out

@@ -8,7 +8,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import torch  # noqa: E402
 
-from dsm.config import config_to_dict, parse_config  # noqa: E402
+from dsm.config import lm_to_dict, parse_config  # noqa: E402
 from dsm.model import LMModel  # noqa: E402
 
 
@@ -16,9 +16,7 @@ def moshi_lm_from_config(cfg_dict: dict, seed: int = 0, dtype=torch.float32):
     """A randomly initialised moshi LMModel built the way moshi's loader builds it from a config.json dict."""
     from moshi.models import loaders
 
-    kwargs = {k: v for k, v in config_to_dict(parse_config(cfg_dict)).items()
-              if k not in ("model_type", "model_id", "moshi_name", "mimi_name", "tokenizer_name", "lm_gen_config",
-                           "stt_config", "tts_config", "mimi_config_name", "lora", "lora_name")}
+    kwargs = lm_to_dict(parse_config(cfg_dict).lm)
     if not kwargs.get("conditioners"):
         kwargs.pop("conditioners", None)
         kwargs.pop("fuser", None)

@@ -1,0 +1,306 @@
+"""``dsm bench``: per-step latency and capacity of the engine, with the moshi reference timed beside it.
+
+For each batch size the engine runs ``batch`` streams on random weights at the model's real shapes (or a given
+checkpoint). A step is one 80 ms frame for every stream: Mimi encode + LM step (STT), or LM step + depth transformer
++ Mimi decode (TTS). Reported: p50/p99 step latency, ``rtf = compute / audio`` and ``rtfx = audio / compute``
+(audio = batch x 80 ms per step), and capacity = the largest measured batch whose p50 step fits in 80 ms.
+Times are CUDA-event medians after warm-up on a GPU, wall-clock on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+FRAME_S = 0.08
+
+
+@dataclass
+class BenchRow:
+    system: str  # "dsm" or "moshi"
+    model: str
+    batch: int
+    p50_ms: float
+    p99_ms: float
+    mimi_ms: float
+    rtf: float
+    rtfx: float
+    extra: dict = field(default_factory=dict)
+
+
+def random_model(cfg_dict: dict, device, dtype: torch.dtype, seed: int = 0):
+    """An :class:`LMModel` with random weights generated directly on ``device`` (no checkpoint on disk)."""
+    from .checkpoint import expected_lm_tensors, is_fp32_key
+    from .config import parse_config
+    from .model import LMModel
+
+    cfg = parse_config(cfg_dict)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, (shape, _) in expected_lm_tensors(cfg, dtype).items():
+        dt = torch.float32 if is_fp32_key(name) else dtype
+        if name.endswith(".alpha") or (name.endswith(".weight") and len(shape) == 1):
+            t = torch.ones(shape, device=device, dtype=dt)
+        elif name.endswith((".bias",)):
+            t = torch.zeros(shape, device=device, dtype=dt)
+        elif name.endswith(".scale"):
+            t = torch.full(shape, 0.1, device=device, dtype=dt)
+        else:
+            t = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dt)
+        state[name] = t
+    with torch.device("meta"):
+        model = LMModel(cfg.lm)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), cfg
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds of one call: CUDA events on a GPU, perf_counter on a CPU."""
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def run(fn):
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+    return run
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
+
+
+def _random_conditions(model, batch: int, device):
+    from .conditioning import TensorInput
+
+    if model.condition_provider is None:
+        return None
+    conds = {}
+    for name, cond in model.condition_provider.conditioners.items():
+        c = cond.cfg
+        if c.type == "tensor":
+            g = torch.Generator(device="cpu").manual_seed(0)
+            conds[name] = TensorInput(torch.randn(batch, 625 if c.dim == 512 else 10, c.dim, generator=g).to(device),
+                                      torch.ones(batch, 625 if c.dim == 512 else 10, dtype=torch.bool, device=device))
+        else:
+            conds[name] = [c.possible_values[min(1, len(c.possible_values) - 1)]] * batch
+    return conds
+
+
+def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None) -> BenchRow:
+    """Time ``steps`` engine steps with ``batch`` open streams (all active every step), and Mimi separately
+    (encode of one frame for STT, decode for TTS); the step total is their sum, as a server runs them in turn."""
+    from .engine import Engine
+
+    cfg = model.cfg
+    eng = Engine(model, max_slots=batch, buckets=(batch,), temp=0.8, temp_text=0.7)
+    conds = _random_conditions(model, 1, eng.device)
+    for _ in range(batch):
+        eng.open(conditions=conds)
+    n_in = cfg.num_codebooks - cfg.dep_q - 1
+    dev = eng.device
+    inputs = torch.randint(0, cfg.card, (batch, n_in), device=dev) if n_in else None
+    lm_times, mimi_times = [], []
+    for i in range(warmup + steps):
+        ms = timer(lambda: eng.step(inputs))
+        if i >= warmup:
+            lm_times.append(ms)
+        if progress is not None:
+            progress.update(1)
+    if mimi is not None:
+        state = mimi.init_state(batch)
+        pcm = torch.zeros(batch, 1, 1920, device=dev)
+        codes = torch.randint(0, 2048, (batch, 32, 1), device=dev)
+        step = (lambda: mimi.encode_step(pcm, state)) if n_in else (lambda: mimi.decode_step(codes, state))
+        for i in range(warmup + max(3, steps // 2)):
+            ms = timer(step)
+            if i >= warmup:
+                mimi_times.append(ms)
+    lm50, mimi50 = _percentile(lm_times, 50), (_percentile(mimi_times, 50) if mimi_times else 0.0)
+    total = lm50 + mimi50
+    return BenchRow("dsm", "", batch, total, _percentile(lm_times, 99) + mimi50, mimi50,
+                    rtf=total / 1e3 / FRAME_S, rtfx=batch * FRAME_S / (total / 1e3),
+                    extra={"lm_p50_ms": lm50, "lm_p99_ms": _percentile(lm_times, 99)})
+
+
+def bench_moshi(model, batch: int, steps: int, warmup: int, timer, progress=None) -> BenchRow | None:
+    """The moshi reference LMGen on the same weights and shapes (LM step only), or None if moshi is missing."""
+    try:
+        from moshi.models import lm as moshi_lm
+        from moshi.models import loaders
+    except ImportError:
+        return None
+    from .config import lm_to_dict
+
+    kwargs = lm_to_dict(model.cfg)
+    if not kwargs.get("conditioners"):
+        kwargs.pop("conditioners", None)
+        kwargs.pop("fuser", None)
+    dev = next(model.parameters()).device
+    dtype = next(model.transformer.parameters()).dtype
+    ref = loaders.get_moshi_lm(None, lm_kwargs=kwargs, device=dev, dtype=dtype)
+    ref.load_state_dict(model.state_dict(), strict=True)  # our names are the released ones; moshi maps them
+    cond_tensors = None
+    if ref.condition_provider is not None:
+        from moshi.conditioners import ConditionAttributes, TensorCondition
+
+        conds = _random_conditions(model, 1, dev)
+        attrs = []
+        for _ in range(batch):
+            text = {k: v[0] for k, v in conds.items() if isinstance(v, list)}
+            tensor = {k: TensorCondition(v.tensor, v.mask) for k, v in conds.items() if not isinstance(v, list)}
+            attrs.append(ConditionAttributes(text=text, tensor=tensor))
+        cond_tensors = ref.condition_provider.prepare_and_provide(attrs)
+    gen = moshi_lm.LMGen(ref, temp=0.8, temp_text=0.7, condition_tensors=cond_tensors)
+    n_in = model.cfg.num_codebooks - model.cfg.dep_q - 1
+    inputs = torch.zeros(batch, n_in, 1, dtype=torch.long, device=dev)
+    times = []
+    with gen.streaming(batch):
+        for i in range(warmup + steps):
+            ms = timer(lambda: gen.step(inputs))
+            if i >= warmup:
+                times.append(ms)
+            if progress is not None:
+                progress.update(1)
+    p50 = _percentile(times, 50)
+    return BenchRow("moshi", "", batch, p50, _percentile(times, 99), 0.0, rtf=p50 / 1e3 / FRAME_S,
+                    rtfx=batch * FRAME_S / (p50 / 1e3))
+
+
+def environment() -> dict:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": dev, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def capacity(rows: list[BenchRow]) -> int:
+    """Largest measured batch whose p50 step (Mimi included) fits in one 80 ms frame."""
+    ok = [r.batch for r in rows if r.p50_ms <= FRAME_S * 1e3]
+    return max(ok) if ok else 0
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """p50/p99: whole step (LM + Mimi for dsm); lm p50: the LM step alone (what the moshi rows time)."""
+    head = (f"{'system':<7} {'model':<16} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'lm p50':>9} {'mimi ms':>8} "
+            f"{'rtf':>8} {'rtfx':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lm = r.extra.get("lm_p50_ms", r.p50_ms)
+        lines.append(f"{r.system:<7} {r.model:<16} {r.batch:>5} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {lm:>9.2f} "
+                     f"{r.mimi_ms:>8.2f} {r.rtf:>8.3f} {r.rtfx:>9.1f}")
+    lines.append("moshi rows: LMGen step only (no Mimi); dsm p50/p99 include Mimi (column 'mimi ms').")
+    return "\n".join(lines)
+
+
+def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({**env, **extra, "rows": [asdict(r) for r in rows]}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def setup_parser(p) -> None:
+    from .cli import parse_dtype
+    from .presets import PRESETS
+
+    p.add_argument("--preset", action="append", choices=PRESETS,
+                   help="model preset with random weights, repeatable (default: the three released models on a "
+                        "GPU, tiny-stt and tiny-tts on a CPU)")
+    p.add_argument("--checkpoint", metavar="DIR", help="benchmark this checkpoint instead of presets")
+    p.add_argument("--hf-repo", metavar="REPO", help="benchmark this hub checkpoint instead of presets")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default GPU 1,8,64,256; CPU 1,4)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per batch (default GPU 50, CPU 5)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default GPU 10, CPU 2)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--no-mimi", dest="mimi", action="store_false", help="LM only, without Mimi encode/decode")
+    p.add_argument("--no-reference", dest="reference", action="store_false", help="do not time moshi beside")
+    p.add_argument("--output", default="benchmarks/results/bench.jsonl", help="JSON lines file to append to")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    from tqdm import tqdm
+
+    from .mimi import Mimi, random_mimi_state_dict
+    from .presets import preset_config
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    dtype = args.dtype or (torch.bfloat16 if gpu else torch.float32)
+    batches = [int(b) for b in (args.batch or ("1,8,64,256" if gpu else "1,2")).split(",")]
+    steps = args.steps or (50 if gpu else 4)
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    timer = _timer(device)
+    models: list[tuple[str, Callable[[], tuple]]] = []
+    if args.checkpoint or args.hf_repo:
+        from .checkpoint import resolve_checkpoint
+        from .model import LMModel
+
+        files = resolve_checkpoint(args.checkpoint, args.hf_repo)
+        models.append((files.source, lambda: (LMModel.from_checkpoint(files, device=device, dtype=dtype),
+                                              Mimi.from_file(files.mimi_weights, device=device))))
+    else:
+        names = args.preset or (["stt-1b-en_fr", "stt-2.6b-en", "tts-1.6b-en_fr"] if gpu else ["tiny-stt"])
+        for name in names:
+            models.append((name, lambda n=name: (random_model(preset_config(n), device, dtype)[0],
+                                                 Mimi(random_mimi_state_dict(0), device=device))))
+    rows: list[BenchRow] = []
+    total = len(models) * len(batches) * (warmup + steps) * (2 if args.reference else 1)
+    with tqdm(total=total, desc="dsm bench", unit="step") as bar:
+        for name, load in models:
+            model, mimi = load()
+            if not args.mimi:
+                mimi = None
+            for b in batches:
+                r = bench_dsm(model, mimi, b, steps, warmup, timer, bar)
+                r.model = name
+                rows.append(r)
+                if args.reference:
+                    ref = bench_moshi(model, b, steps, warmup, timer, bar)
+                    if ref is not None:
+                        ref.model = name
+                        rows.append(ref)
+            del model, mimi
+            if gpu:
+                torch.cuda.empty_cache()
+    print(format_table(rows))
+    for name, _ in models:
+        mine = [r for r in rows if r.model == name and r.system == "dsm"]
+        print(f"{name}: capacity {capacity(mine)} streams within 80 ms per step (largest measured batch)")
+    env = environment()
+    append_results(args.output, rows, env, {"dtype": str(dtype), "steps": steps, "warmup": warmup,
+                                            "mimi": args.mimi})
+    print(f"appended to {args.output} ({env['device']}, torch {env['torch']}, commit {env['commit']})")
+    return 0
