@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
                                                           const int64_t* __restrict__ seeds,
                                                           const int64_t* __restrict__ steps) {
   __shared__ float s_f[kWarpsPerBlock];
-  __shared__ int s_i[kWarpsPerBlock];
+  __shared__ int s_cnt[2][kWarpsPerBlock];
   __shared__ long long s_ll[kWarpsPerBlock];
   __shared__ ArgMax s_a[kWarpsPerBlock];
   const int64_t row = blockIdx.x;
@@ -117,13 +117,21 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
     }
     lo = block_reduce(kmin, [](long long a, long long b) { return a < b ? a : b; }, s_ll);
     long long hi = block_reduce(kmax, [](long long a, long long b) { return a > b ? a : b; }, s_ll) + 1;
-    while (hi - lo > 1) {  // <= 33 rounds; lo/hi are block-uniform
+    // <= 33 rounds with lo/hi block-uniform. One barrier per round: the per-warp counts alternate between two
+    // scratch rows, and a row is rewritten only two rounds later, after every thread passed the next barrier.
+    for (int round = 0; hi - lo > 1; ++round) {
       const long long mid = lo + (hi - lo) / 2;
-      int cnt = 0;
+      unsigned cnt = 0;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) cnt += key[i] >= mid;
-      cnt = block_reduce(cnt, [](int a, int b) { return a + b; }, s_i);
-      if (cnt >= top_k) lo = mid; else hi = mid;
+      cnt = __reduce_add_sync(0xffffffffu, cnt);
+      int* row_scratch = s_cnt[round & 1];
+      if (threadIdx.x % 32 == 0) row_scratch[threadIdx.x / 32] = static_cast<int>(cnt);
+      __syncthreads();
+      int total = 0;
+#pragma unroll
+      for (int w = 0; w < kWarpsPerBlock; ++w) total += row_scratch[w];
+      if (total >= top_k) lo = mid; else hi = mid;
     }
   }
 

@@ -44,11 +44,11 @@ def append_kv_cuda(k_cache, v_cache, k, v, slot_mapping) -> None:
 
 
 def decode_num_splits(batch: int, heads: int, context: int, device: torch.device) -> int:
-    """Split-K factor from static shapes only: ~4 blocks per SM, each split at least 64 positions long."""
+    """Split-K factor from static shapes only: ~4 blocks per SM, each split at least 32 positions long."""
     want = math.ceil(
         4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) / (batch * heads)
     )
-    return max(1, min(want, context // 64))
+    return max(1, min(want, context // 32))
 
 
 def paged_decode_attention_cuda(
