@@ -187,7 +187,7 @@ def test_segments():
     segs = make_segments(WORDS)
     assert [s.text for s in segs] == ["Hello world.", "Next one"]
     assert make_segments([TimedWord("a", 0, 1), TimedWord("b", 3, 4)])[1].start == 3  # pause > 1 s
-    assert len(make_segments([TimedWord("abcd", i, i + 0.5) for i in range(40)], max_chars=20)) == 8
+    assert len(make_segments([TimedWord("abcd", i, i + 0.5) for i in range(40)], max_chars=20)) == 10
     assert make_segments([]) == []
 
 

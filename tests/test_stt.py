@@ -1,0 +1,408 @@
+"""Streaming STT runtime: word/VAD events vs Kyutai's rules, chunking, slots, audio errors, moshi parity, CLIs.
+
+Most tests use a cheap stateful stand-in codec (same streaming contract as Mimi) so that they run in seconds on 2
+cores; the moshi parity test and the CLI tests use the real Mimi of the tiny-stt random checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_transcript import ref_python_rule, ref_rust_rule
+
+from dsm.audio import AudioError, load_audio, resample
+from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
+from dsm.generate import Generator
+from dsm.mimi import Mimi
+from dsm.model import LMModel
+from dsm.stt import (
+    EndWord,
+    Finished,
+    NoFreeSlotError,
+    Partial,
+    StreamClosedError,
+    STTOptions,
+    STTRuntime,
+    VADStep,
+    Word,
+    transcribe_files,
+)
+from dsm.tokenizer import Tokenizer
+
+SPEECH = Path("/work/shared/testdata/speech/arctic_a0007.wav")  # 16 kHz, 4 s; read in place, never copied
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    return write_random_checkpoint("tiny-stt", tmp_path_factory.mktemp("stt") / "tiny-stt", seed=0,
+                                   dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def files(ckpt):
+    return resolve_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="session")
+def lm(files) -> LMModel:
+    return LMModel.from_checkpoint(files, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tok(files) -> Tokenizer:
+    return Tokenizer(files.tokenizer)
+
+
+@dataclasses.dataclass
+class StubState:
+    prev: torch.Tensor
+    exec_mask: torch.Tensor
+
+    def reset(self, mask):
+        self.prev[mask] = 0
+        self.exec_mask |= mask
+
+    def set_exec_mask(self, mask):
+        self.exec_mask.copy_(mask)
+
+
+class StubCodec:
+    """Stand-in for Mimi: codes of a frame depend on it and on the row's previous frame (state frozen by the exec
+    mask, zeroed by reset)."""
+
+    device = torch.device("cpu")
+
+    def init_state(self, batch_size):
+        return StubState(torch.zeros(batch_size, 1920), torch.ones(batch_size, dtype=torch.bool))
+
+    def encode_step(self, pcm, state):
+        x = pcm[:, 0]
+        feat = (x + 0.5 * state.prev).reshape(x.shape[0], 32, 60).abs().sum(-1)
+        state.prev.copy_(torch.where(state.exec_mask[:, None], x, state.prev))
+        return (((feat * 997).long() + 131 * torch.arange(32)) % 2048)[..., None]
+
+
+class Forcer:
+    """``on_text`` hook replacing each stream's token at its step ``i`` by ``seqs[name][i]`` (pad beyond)."""
+
+    def __init__(self, seqs=None):
+        self.rt, self.seqs = None, dict(seqs or {})
+
+    def __call__(self, tokens):
+        for s in self.rt.streams:
+            seq = self.seqs.get(s.name)
+            if seq is not None:
+                tokens[s.slot] = seq[s.steps] if s.steps < len(seq) else 3
+
+
+def runtime(lm, tok, config, codec=None, forcer=None, **opts) -> STTRuntime:
+    max_streams = opts.pop("max_streams", 2)
+    rt = STTRuntime(lm, codec or StubCodec(), tok, config, max_streams=max_streams, options=STTOptions(**opts),
+                    on_text=forcer)
+    if forcer is not None:
+        forcer.rt = rt
+    return rt
+
+
+def noise(n: int, seed: int) -> torch.Tensor:
+    return 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def forced_stream(tok: Tokenizer, n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    words = [tok.encode(w) for w in ("hello", "world", "paper", "alpha beta", "hangar")]
+    y = []
+    while len(y) < n:
+        r = rng.random()
+        y += [3] if r < 0.4 else [0, *rng.choice(words)] if r < 0.8 else rng.choice(words) if r < 0.9 else [2]
+    return y[:n]
+
+
+def config_26b_like(files):
+    return dataclasses.replace(files.config, stt_config={"audio_delay_seconds": 2.5,
+                                                         "audio_silence_prefix_seconds": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alignment", ["pytorch", "rust"])
+@pytest.mark.parametrize("model", ["1b-like", "2.6b-like"])
+def test_forced_words_follow_both_rules(lm, tok, files, alignment, model):
+    config = files.config if model == "1b-like" else config_26b_like(files)
+    prefix, delay, asr_delay = (0, 0.5, 6) if model == "1b-like" else (13, 2.5, 32)
+    seqs = {f"s{i}": forced_stream(tok, 120, seed=i) for i in range(3)}
+    forcer = Forcer(seqs)
+    rt = runtime(lm, tok, config, forcer=forcer, alignment=alignment, max_streams=3)
+    assert rt.n_prefix_frames == prefix and rt.asr_delay_in_tokens == asr_delay
+    lengths = {"s0": 1920 * 30 + 5, "s1": 1920 * 9, "s2": 100}
+    streams = {n: rt.open_stream(n) for n in seqs}
+    events = {n: [] for n in seqs}
+    for n, s in streams.items():
+        events[n] += s.push(noise(lengths[n], seed=len(n)), process=False)
+    rt.run()
+    for n, s in streams.items():
+        events[n] += s.flush()
+        events[n] += s.events()
+    for n, s in streams.items():
+        ev = events[n]
+        flush = math.ceil(delay * 12.5) + (alignment == "rust")
+        steps = prefix + math.ceil(lengths[n] / 1920) + flush
+        assert s.finished and s.steps == steps == len(s.tokens)
+        assert s.tokens == (seqs[n] + [3] * steps)[:steps]
+        # Rust rule, times relative to the pushed audio (prefix removed, clipped at 0)
+        shift = prefix / 12.5
+        ref = [(k, *[max(0.0, v - shift) if isinstance(v, float) else v for v in rest])
+               for k, *rest in ref_rust_rule(s.tokens, asr_delay)]
+        got = [("Word", e.tokens, e.start_time) if isinstance(e, Word) else ("EndWord", e.stop_time)
+               for e in ev if isinstance(e, Word | EndWord)]
+        assert got[: len(ref)] == ref
+        extra = got[len(ref) :]  # finish(): the pending word and/or the end of the unended one
+        assert len(extra) <= 2 and all(k in ("Word", "EndWord") for k, *_ in extra)
+        for e in ev:
+            if isinstance(e, Word):
+                assert e.text == tok.decode(list(e.tokens))
+        # Partial: the pending word, and the text so far ends with it
+        partials = [e for e in ev if isinstance(e, Partial)]
+        assert all(p.text.endswith(p.pending) for p in partials)
+        assert isinstance(ev[-1], Finished) and ev[-1].transcript is s.transcript
+        offset = int(prefix / 12.5) + delay
+        assert [(w.text, (w.start, w.end)) for w in s.transcript.words] == ref_python_rule(
+            s.tokens, tok, 12.5, 0, 3, offset)
+        rust_words = s.words("rust").words
+        assert [w.text for w in rust_words] == [e.text for e in ev if isinstance(e, Word)]
+        assert all(w.end >= w.start for w in rust_words)
+    assert rt.free_slots == 3
+
+
+def test_vad_events_and_end_of_turn(lm, tok, files):
+    pcm = noise(1920 * 12, seed=3)
+    probe = runtime(lm, tok, files.config, max_streams=1)
+    s = probe.open_stream("v")
+    vads = [e for e in s.push(pcm) + s.flush() if isinstance(e, VADStep)]
+    assert len(vads) == 12 + 7 and [v.step_idx for v in vads] == list(range(1, 20))
+    # reference: the same codes through a bare Generator, P(class 0) of each head in fp32
+    codec, gen = StubCodec(), Generator(lm, use_sampling=False)
+    cst, gst = codec.init_state(1), gen.init_state(1)
+    padded = torch.cat([pcm, torch.zeros(7 * 1920)])
+    for i, v in enumerate(vads):
+        codes = codec.encode_step(padded[None, None, i * 1920 : (i + 1) * 1920], cst)
+        out = gen.step(gst, codes[..., 0])
+        ref = [float(torch.softmax(h(out.z).float(), -1)[0, 0]) for h in lm.extra_heads]
+        assert v.probs == pytest.approx(ref, abs=1e-6)
+    thr = float(np.median([v.probs[2] for v in vads]))
+    rt = runtime(lm, tok, files.config, max_streams=1, vad_threshold=thr)
+    s = rt.open_stream("v")
+    eot = [e.end_of_turn for e in s.push(pcm) + s.flush() if isinstance(e, VADStep)]
+    assert eot == [v.probs[2] > thr for v in vads] and any(eot) and not all(eot)
+
+
+@pytest.mark.parametrize("rate", [24000, 16000])
+def test_events_do_not_depend_on_chunk_size(lm, tok, files, rate):
+    data, sr = sf.read(str(SPEECH), dtype="float32")
+    pcm = torch.from_numpy(data[: sr // 2])
+    if rate != sr:
+        pcm = resample(pcm, sr, rate)
+    runs = []
+    for chunk in (1, 777, 1920, 5000):
+        forcer = Forcer({"c": forced_stream(tok, 40, seed=5)})
+        rt = runtime(lm, tok, files.config, forcer=forcer, max_streams=1)
+        s = rt.open_stream("c", sample_rate=rate)
+        ev = []
+        for i in range(0, pcm.shape[0], chunk):
+            ev += s.push(pcm[i : i + chunk])
+        ev += s.flush()
+        runs.append(ev)
+    assert any(isinstance(e, Word) for e in runs[0]) and isinstance(runs[0][-1], Finished)
+    for ev in runs[1:]:
+        assert ev == runs[0]
+    assert runs[0][-1].transcript.duration == pytest.approx(0.5, abs=1e-3)
+
+
+def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files):
+    a, b, c = noise(1920 * 2, 1), noise(1920 * 7 + 17, 2), noise(1920 * 4, 3)
+
+    def tokens_and_vad(ev):
+        return [e.probs for e in ev if isinstance(e, VADStep)]
+
+    rt = runtime(lm, tok, files.config, max_streams=2)
+    sa, sb = rt.open_stream("a"), rt.open_stream("b")
+    ev_b = sb.push(b[: 1920 * 3], process=False)
+    sa.push(a, process=False)
+    sa.flush(process=False)
+    rt.run()
+    assert sa.finished and rt.free_slots == 1 and not sb.finished
+    sc = rt.open_stream("c")  # reuses a's slot, reset
+    assert sc.slot == sa.slot
+    ev_b += sb.push(b[1920 * 3 :])
+    ev_c = sc.push(c) + sc.flush()
+    ev_b += sb.flush()
+
+    def alone(pcm, slot):
+        rt1 = runtime(lm, tok, files.config, max_streams=2)
+        hold = rt1.open_stream("hold") if slot == 1 else None  # same row as in the batched run
+        s = rt1.open_stream("x")
+        if hold is not None:
+            hold.close()
+        assert s.slot == slot
+        ev = s.push(pcm) + s.flush()
+        return s.tokens, ev
+
+    tb, evb = alone(b, sb.slot)
+    tc, evc = alone(c, sc.slot)
+    assert sb.tokens == tb and sc.tokens == tc
+    assert tokens_and_vad(ev_b) == tokens_and_vad(evb) and tokens_and_vad(ev_c) == tokens_and_vad(evc)
+    assert len(set(tb)) > 3  # the tokens depend on the audio: the comparison is not vacuous
+
+
+def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
+    rt = runtime(lm, tok, files.config, max_streams=2)
+    s = rt.open_stream("mic", sample_rate=16000)
+    with pytest.raises(AudioError, match=r"stream mic \(16000 Hz\).*NaN"):
+        s.push(torch.tensor([0.1, float("nan"), 0.0]))
+    with pytest.raises(AudioError, match="mic.*44100 Hz.*opened at 16000 Hz"):
+        s.push(torch.zeros(10), sample_rate=44100)
+    with pytest.raises(AudioError, match="dtype"):
+        s.push(np.zeros(10, dtype=np.int16))
+    with pytest.raises(AudioError, match=r"\[T, C\]"):
+        s.push(torch.zeros(4000, 2))
+    assert s.push(torch.zeros(0)) == [] and s.samples_in == 0  # empty chunk: no-op
+    rt.open_stream("other")
+    with pytest.raises(NoFreeSlotError, match="2 stream slots"):
+        rt.open_stream("third")
+    s.flush()
+    with pytest.raises(StreamClosedError, match="mic"):
+        s.push(torch.zeros(10))
+    with pytest.raises(ValueError, match="alignment"):
+        STTOptions(alignment="candle")
+    # multi-channel input is averaged: same events as the mono mean
+    x = noise(3000, 7).reshape(1, -1).repeat(2, 1) * torch.tensor([[1.0], [0.5]])
+    r1, r2 = runtime(lm, tok, files.config, max_streams=1), runtime(lm, tok, files.config, max_streams=1)
+    s1, s2 = r1.open_stream("m"), r2.open_stream("m")
+    assert s1.push(x) + s1.flush() == s2.push(x.mean(0)) + s2.flush()
+    # a stream with no audio at all: prefix + flush frames, no words
+    s3 = r1.open_stream("silent")
+    ev = s3.flush()
+    assert isinstance(ev[-1], Finished) and ev[-1].transcript.duration == 0.0
+    # files: empty, corrupt, missing -> errors naming the file; the good one is transcribed
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 24000)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00junk")
+    sf.write(tmp_path / "ok.flac", noise(24000 // 4, 1).numpy(), 24000)
+    paths = [tmp_path / n for n in ("empty.wav", "corrupt.wav", "missing.mp3", "ok.flac")]
+    res = {r.path.name: r for r in transcribe_files(r1, paths)}
+    assert "empty" in res["empty.wav"].error and "cannot decode" in res["corrupt.wav"].error
+    assert "not found" in res["missing.mp3"].error and str(tmp_path) in res["missing.mp3"].error
+    assert res["ok.flac"].error is None and res["ok.flac"].audio_seconds == 0.25
+
+
+def test_end_to_end_text_tokens_match_moshi(lm, tok, files):
+    """Real Mimi + LM of the tiny-stt random checkpoint vs moshi (Mimi encode + greedy LMGen, DSM script loop)."""
+    loaders = pytest.importorskip("moshi.models.loaders")
+    from moshi.models.lm import LMGen
+
+    info = loaders.CheckpointInfo.from_hf_repo("local/unused", moshi_weights=files.lm_weights,
+                                               mimi_weights=files.mimi_weights, tokenizer=files.tokenizer,
+                                               config_path=files.config_path)
+    ref_lm = info.get_moshi(device="cpu", dtype=torch.float32).eval()
+    ref_mimi = loaders.get_mimi(str(files.mimi_weights), device="cpu", num_codebooks=32)
+    pcm, _ = load_audio(SPEECH)
+    pcm = pcm[: 2 * 24000]
+    n = math.ceil(pcm.shape[0] / 1920)
+    padded = torch.nn.functional.pad(pcm, (0, (n + 7) * 1920 - pcm.shape[0]))  # DSM script: + 7 frames of delay
+    codes, ref_tokens = [], []
+    gen = LMGen(ref_lm, temp=0, temp_text=0)
+    with torch.no_grad(), ref_mimi.streaming(1), gen.streaming(1):
+        for i in range(n + 7):
+            codes.append(ref_mimi.encode(padded[None, None, i * 1920 : (i + 1) * 1920]))
+            ref_tokens.append(int(gen.step(codes[-1])[0, 0, 0]))
+
+    rt = STTRuntime(lm, Mimi.from_file(files.mimi_weights), tok, files.config, max_streams=1)
+    s = rt.open_stream("speech")
+    s.push(pcm[:30000])
+    s.push(pcm[30000:])
+    s.flush()
+    assert s.tokens == ref_tokens and len(set(ref_tokens)) > 3
+
+    # Rust alignment: step t sees frame t-1; moshi fed the same way on the recorded codes
+    rust_ref = []
+    gen = LMGen(ref_lm, temp=0, temp_text=0)
+    with torch.no_grad(), gen.streaming(1):
+        for i in range(n + 8):
+            rust_ref.append(int(gen.step(codes[max(i - 1, 0)] if i - 1 < len(codes) else codes[-1])[0, 0, 0]))
+
+    class Replay(StubCodec):
+        def encode_step(self, pcm_, state):
+            i = int(state.prev[0, 0])
+            state.prev += 1
+            return codes[min(i, len(codes) - 1)]
+
+    rt = STTRuntime(lm, Replay(), tok, files.config, max_streams=1, options=STTOptions(alignment="rust"))
+    s = rt.open_stream("speech")
+    s.push(pcm)
+    s.flush()
+    assert s.steps == n + 8 and s.tokens[: n + 8] == rust_ref[: n + 8]
+    assert s.tokens[1:] != ref_tokens[1:]  # the alignments really differ
+
+
+def test_transcribe_cli(ckpt, tmp_path, monkeypatch, capsys):
+    from dsm.cli import main
+
+    cache = tmp_path / "cache"
+    (cache / "random").mkdir(parents=True)
+    (cache / "random" / "tiny-stt-seed0").symlink_to(ckpt)  # what --random-weights would write (and reuse)
+    monkeypatch.setenv("DSM_CACHE_DIR", str(cache))
+    sf.write(tmp_path / "a.wav", noise(4000, 1).numpy(), 16000)
+    sf.write(tmp_path / "b.flac", np.stack([noise(5000, 2).numpy()] * 2, axis=1), 24000)  # stereo
+    (tmp_path / "bad.ogg").write_bytes(b"OggS nonsense")
+    out = tmp_path / "out"
+    rc = main(["transcribe", str(tmp_path / "a.wav"), str(tmp_path / "b.flac"), str(tmp_path / "bad.ogg"),
+               "--preset", "tiny-stt", "--random-weights", "--output-dir", str(out), "--output-format", "all",
+               "--batch-size", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "bad.ogg" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.{f}" for s in "ab"
+                                                          for f in ("txt", "json", "srt", "vtt", "tsv"))
+    data = json.loads((out / "b.json").read_text())
+    assert data["duration"] == pytest.approx(5000 / 24000) and data["meta"]["alignment"] == "pytorch"
+    assert main(["transcribe", str(tmp_path / "a.wav"), "--preset", "tiny-stt", "--no-progress"]) == 1
+    assert "--random-weights" in capsys.readouterr().err
+
+
+def test_eval_stt_plumbing(lm, tok, files, tmp_path, capsys):
+    from dsm.cli import main
+    from dsm.eval_stt import ManifestError, evaluate, read_manifest
+
+    for name, n in (("one.wav", 24000), ("two.wav", 30000)):
+        sf.write(tmp_path / name, noise(n, n).numpy(), 24000)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "one.wav", "text": "Hello, World!"}) + "\n"
+                                      + json.dumps({"audio_filepath": str(tmp_path / "two.wav"),
+                                                    "text": "the paper"}) + "\n")
+    (tmp_path / "m.tsv").write_text("audio\ttext\none.wav\thello world\n")
+    pairs = read_manifest(tmp_path / "m.jsonl")
+    assert pairs[0] == (tmp_path / "one.wav", "Hello, World!") and read_manifest(tmp_path / "m.tsv")[0][1] == \
+        "hello world"
+
+    def spell(text):  # forced tokens that make the model "say" text, word by word
+        return [3, 3] + [t for w in text.split() for t in [0, *tok.encode(w), 3]] + [0] + [3] * 20
+
+    forcer = Forcer({str(tmp_path / "one.wav"): spell("hello world"), str(tmp_path / "two.wav"): spell("the hangar")})
+    rt = runtime(lm, tok, files.config, forcer=forcer, max_streams=2)
+    res = evaluate(rt, pairs)
+    assert res.wer == pytest.approx(0.25) and res.n_utterances == 2, res.rows  # 1 substitution / 4 reference words
+    assert res.rows[0]["hypothesis"] == res.rows[0]["reference"] == "hello world"
+    assert res.audio_seconds == pytest.approx(54000 / 24000) and res.rtfx > 0
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ManifestError, match="bad.jsonl:1"):
+        read_manifest(tmp_path / "bad.jsonl")
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(tmp_path / "nope.tsv")
+    assert main(["eval-stt", str(tmp_path / "bad.jsonl"), "--checkpoint", str(files.config_path.parent)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
