@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointFiles, hub_file
+from .checkpoint import CheckpointError, CheckpointFiles, hub_file, resolve_checkpoint
 from .conditioning import TensorInput
 from .generate import Generator
 from .mimi import Mimi
@@ -585,16 +585,22 @@ class TTSRuntime:
         self.waiting.append(stream)
         return stream
 
+    @staticmethod
+    def _empty(stream: TTSStream) -> bool:
+        """Ended before any entry: finishes with no audio (rather than the reference's final-padding noise)."""
+        return stream.text_ended and not stream.machine.entries and not stream.machine.consumption_times
+
     def _admit(self) -> None:
-        for slot, s in enumerate(self.slots):
-            if not self.waiting:
-                return
-            if s is not None:
-                continue
+        for b, s in enumerate(self.slots):
+            if s is not None and self._empty(s):
+                self._finish(b)
+        free = deque(b for b, s in enumerate(self.slots) if s is None)
+        while free and self.waiting:
             stream = self.waiting.popleft()
-            if stream.text_ended and not stream.machine.entries and stream.machine.end_step is None:
-                stream.done = True  # empty text: no audio, no slot
+            if self._empty(stream):
+                stream.done = True
                 continue
+            slot = free.popleft()
             stream.slot = slot
             self.slots[slot] = stream
             self.stepper.start(slot, stream.conditions)
@@ -602,8 +608,7 @@ class TTSRuntime:
                 mask = torch.zeros(len(self.slots), dtype=torch.bool, device=self.mimi.device)
                 mask[slot] = True
                 self.mimi_state.reset(mask)
-        # streams ended empty while every slot is busy still finish at once
-        for stream in [s for s in self.waiting if s.text_ended and not s.machine.entries]:
+        for stream in [s for s in self.waiting if self._empty(s)]:  # even while every slot is busy
             self.waiting.remove(stream)
             stream.done = True
 
@@ -717,3 +722,171 @@ class TTSRuntime:
 __all__ = ["DEFAULT_VOICE", "Entry", "EntryBuilder", "LMStepper", "MachineState", "StateMachine", "TTSConfig",
            "TTSInputError", "TTSRuntime", "TTSStream", "VoiceError", "load_voice", "random_voice", "resolve_voice",
            "script_to_entries"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `dsm speak`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def random_checkpoint_dir(preset: str, seed: int = 0) -> Path:
+    """Cache directory of a random checkpoint: ``$DSM_CACHE_DIR`` or ``$XDG_CACHE_HOME/dsm`` or ``~/.cache/dsm``,
+    then ``random/<preset>-seed<seed>``."""
+    import os
+
+    root = os.environ.get("DSM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsm"
+    return Path(root) / "random" / f"{preset}-seed{seed}"
+
+
+def ensure_random_checkpoint(preset: str, seed: int = 0) -> Path:
+    """Write (once; reused afterwards) a random checkpoint of ``preset`` into the cache."""
+    import os
+    import shutil
+    import tempfile
+
+    from .checkpoint import write_random_checkpoint
+
+    out = random_checkpoint_dir(preset, seed)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write_random_checkpoint(preset, tmp, seed=seed)
+        os.replace(tmp, out)  # atomic: a concurrent writer's complete copy wins
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def setup_speak_parser(p) -> None:
+    """Arguments of ``dsm speak``."""
+    from .cli import add_checkpoint_args, parse_dtype
+    from .presets import PRESETS
+
+    p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file, or - for stdin")
+    p.add_argument("-o", "--output", metavar="OUT.wav", help="output wav (16-bit, 24 kHz); - = raw float32 to stdout")
+    p.add_argument("--raw", action="store_true", help="stream raw little-endian float32 PCM (24 kHz mono) to stdout")
+    p.add_argument("--voice", help="voice embedding file (.safetensors with speaker_wavs [1,512,125]) or a "
+                   f"{VOICE_REPO} name (default: {DEFAULT_VOICE}; with --random-weights: a fixed random voice, "
+                   "torch.randn seed 0)")
+    add_checkpoint_args(p, required=False)
+    p.add_argument("--preset", choices=PRESETS, help="with --random-weights: model preset")
+    p.add_argument("--random-weights", action="store_true",
+                   help="use a random checkpoint of --preset, written once to ~/.cache/dsm/random/<preset>-seed0")
+    p.add_argument("--turns", action="store_true", help="dialogue: each non-empty line is a turn, speakers alternate")
+    p.add_argument("--cfg", type=float, default=2.0, help="CFG coefficient (distilled cfg condition; default 2.0)")
+    p.add_argument("--temp", type=float, default=0.6, help="sampling temperature (0 = greedy; default 0.6)")
+    p.add_argument("--top-k", type=int, default=250)
+    p.add_argument("--top-k-text", type=int, default=25)
+    p.add_argument("--n-q", type=int, default=32, help="audio codebooks to generate (default 32)")
+    p.add_argument("--padding-between", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", type=parse_dtype, default=None,
+                   help="LM dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="report time to first audio and speed on stderr")
+    p.set_defaults(func=cmd_speak)
+
+
+def _read_text(arg: str) -> str:
+    import sys
+
+    if arg == "-":
+        return sys.stdin.read()
+    p = Path(arg)
+    if p.is_file():
+        return p.read_text()
+    return arg
+
+
+def cmd_speak(args) -> int:
+    import sys
+    import wave
+
+    from tqdm import tqdm
+
+    from .cli import checkpoint_from_args
+    from .tokenizer import TokenizerError
+
+    def fail(msg: str) -> int:
+        print(f"dsm speak: error: {msg}", file=sys.stderr)
+        return 1
+
+    raw = args.raw or args.output == "-"
+    if not raw and not args.output:
+        return fail("give -o OUT.wav, or --raw / -o - for raw float32 PCM on stdout")
+    if args.random_weights:
+        if not args.preset or args.checkpoint or args.hf_repo:
+            return fail("--random-weights needs --preset NAME (and no --checkpoint/--hf-repo)")
+        files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
+    elif args.preset:
+        return fail("--preset needs --random-weights (real weights come from --checkpoint or --hf-repo)")
+    elif not (args.checkpoint or args.hf_repo):
+        return fail("give --checkpoint DIR, --hf-repo REPO, or --preset NAME --random-weights")
+    else:
+        files = checkpoint_from_args(args)
+    text = _read_text(args.text)
+    turns = [t for t in text.splitlines() if t.strip()] if args.turns else [text]
+    if not any(t.strip() for t in turns):
+        return fail("no text to speak (empty input)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    config = TTSConfig(n_q=args.n_q, temp=args.temp, top_k=args.top_k, top_k_text=args.top_k_text,
+                       padding_between=args.padding_between, seed=args.seed)
+    try:
+        rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype, config=config)
+        voice = args.voice
+        if voice is None:
+            voice = random_voice(0, rt.voice_dim) if args.random_weights else DEFAULT_VOICE
+        stream = rt.open_stream(voice if rt.multi_speaker else None, cfg=args.cfg)
+        for i, turn in enumerate(turns):
+            if i:
+                stream.next_turn()
+            stream.push(turn)
+        stream.end()
+    except (TTSInputError, VoiceError, TokenizerError, ValueError) as e:
+        return fail(str(e))
+
+    out = sys.stdout.buffer if raw else None
+    wav = None
+    if not raw:
+        wav = wave.open(args.output, "wb")
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(SAMPLE_RATE)
+    bar = tqdm(total=stream.n_words, unit="word", desc="speaking", file=sys.stderr,
+               disable=args.no_progress or stream.n_words < 20)
+    start = time.perf_counter()
+    try:
+        while not stream.done:
+            if not rt.step():
+                return fail("generation stalled")
+            bar.update(len(stream.machine.transcript) - bar.n)
+            pcm = stream.read()
+            if not pcm.numel():
+                continue
+            if out is not None:
+                out.write(pcm.numpy().astype("<f4").tobytes())
+                out.flush()
+            else:
+                wav.writeframes((pcm.clamp(-1, 1) * 32767).round().to(torch.int16).numpy().tobytes())
+    finally:
+        bar.close()
+        if wav is not None:
+            wav.close()
+    elapsed = time.perf_counter() - start
+    if args.verbose:
+        seconds = stream.samples / SAMPLE_RATE
+        ttfa = stream.time_to_first_audio
+        print(f"time to first audio: {ttfa * 1000:.1f} ms (host, first text -> first PCM frame)" if ttfa is not None
+              else "time to first audio: no audio", file=sys.stderr)
+        print(f"audio: {seconds:.2f} s, {stream.offset} LM steps, {stream.n_words} words, generated in "
+              f"{elapsed:.2f} s ({seconds / max(elapsed, 1e-9):.2f}x real time) on {device}", file=sys.stderr)
+        if stream.truncated:
+            print(f"warning: stopped at max_gen_length={config.max_gen_length} steps", file=sys.stderr)
+    return 0

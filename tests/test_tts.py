@@ -1,0 +1,327 @@
+"""dsm.tts against moshi's TTSModel (test-only oracle) on a random tiny-tts checkpoint, greedy.
+
+The checkpoint's LM weights are re-drawn at unit scale (N(0, 1/fan_in)) with the new-word and pad rows of the text
+head amplified, so that greedy decoding samples new-word requests as well as pads and the argmaxes are far from
+ties; the conditioners are random too so that the voice and the cfg value matter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint  # noqa: E402
+from dsm.presets import preset_config  # noqa: E402
+from dsm.tts import (  # noqa: E402
+    PAD,
+    StateMachine,
+    TTSConfig,
+    TTSInputError,
+    TTSRuntime,
+    VoiceError,
+    random_voice,
+    script_to_entries,
+)
+
+DIALOGUE = ["hello world, this is a test", "yes (it) is: <break time=\"0.4s\"/> a fine one", "ok then"]
+TEXT = "the quick brown fox jumps over the lazy dog and runs away"
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    cfg = preset_config("tiny-tts")
+    cfg["model_id"] = {"sig": "0000tiny", "epoch": 0}  # moshi's TTSModel needs it (voice suffix)
+    d = write_random_checkpoint(cfg, tmp_path_factory.mktemp("tts") / "tiny-tts", dtype=torch.float32)
+    f = d / cfg["moshi_name"]
+    sd = load_file(f)
+    g = torch.Generator().manual_seed(1)
+    for k, v in sd.items():
+        n = torch.randn(v.shape, generator=g)
+        if v.dim() == 1:
+            sd[k] = 1 + 0.1 * n
+        else:
+            emb = "emb" in k and "low_rank" not in k and "out" not in k
+            sd[k] = n * (1.0 if emb else v.shape[-1] ** -0.5)
+    sd["text_linear.weight"][[0, PAD]] *= 4
+    save_file(sd, str(f))
+    voice = random_voice(0)
+    save_file({"speaker_wavs": voice}, str(d / "voice.safetensors"))
+    other = random_voice(7)
+    save_file({"speaker_wavs": other}, str(d / "other.safetensors"))
+    return resolve_checkpoint(d)
+
+
+@pytest.fixture(scope="session")
+def moshi_tts(ckpt):
+    from moshi.models import loaders
+    from moshi.models.tts import TTSModel
+
+    cache = {}
+
+    def get(n_q: int):
+        if n_q not in cache:
+            info = loaders.CheckpointInfo.from_hf_repo(
+                "unused/x", moshi_weights=str(ckpt.lm_weights), mimi_weights=str(ckpt.mimi_weights),
+                tokenizer=str(ckpt.tokenizer), config_path=str(ckpt.config_path))
+            cache[n_q] = TTSModel.from_checkpoint_info(info, n_q=n_q, temp=0, device="cpu", dtype=torch.float32)
+        return cache[n_q]
+
+    return get
+
+
+def runtime(ckpt, audio=False, **kw) -> TTSRuntime:
+    kw.setdefault("temp", 0.0)
+    return TTSRuntime.from_checkpoint(ckpt, dtype=torch.float32, config=TTSConfig(**kw), audio=audio)
+
+
+def speak(rt: TTSRuntime, turns: list[str], voice, cfg=2.0):
+    s = rt.open_stream(voice, cfg=cfg)
+    for i, t in enumerate(turns):
+        if i:
+            s.next_turn()
+        s.push(t)
+    s.end()
+    rt.run([s])
+    return s
+
+
+def moshi_generate(tts, ckpt, turns, voices, cfg=2.0, padding_between=1):
+    entries = [tts.prepare_script(t, padding_between=padding_between) for t in turns]
+    attrs = [tts.make_condition_attributes([Path(ckpt.config_path.parent / v)], cfg_coef=cfg) for v in voices]
+    return tts.generate(entries, attrs)
+
+
+def assert_same_as_moshi(s, res, b: int, n_q: int):
+    """Per-step (sampled, forced) text pairs, consumption times, transcript, end step and every frame."""
+    assert s.machine.log[: len(res.logged_text_tokens[b])] == res.logged_text_tokens[b]
+    assert s.machine.consumption_times == res.all_consumption_times[b]
+    assert s.transcript == res.all_transcripts[b]
+    assert s.end_step == res.end_steps[b]
+    theirs = torch.stack([f[b, :, 0] for f in res.frames])
+    n = s.end_step + 16 + 4 - 2  # moshi stops at max(end_step) + delay + final_padding steps, 2 frames less than us
+    assert n >= 40 and len(s.frames) == n + 2
+    ours = torch.stack(s.frames)[:n, : 1 + n_q]
+    bad = (ours != theirs[:n]).nonzero()
+    assert not len(bad), f"first mismatch (frame, stream) {bad[0].tolist()}"
+    assert (ours[16:, 1:] >= 0).all() and (ours[:16, 1:] == -1).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entries and state machine, without a model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_between", [0, 1])
+def test_entries_match_moshi(ckpt, padding_between):
+    from moshi.models.tts import TokenIds
+    from moshi.models.tts import script_to_entries as moshi_entries
+    from sentencepiece import SentencePieceProcessor
+
+    from dsm.tokenizer import Tokenizer
+
+    sp = SentencePieceProcessor(model_file=str(ckpt.tokenizer))
+    tok = Tokenizer(ckpt.tokenizer)
+    for script in (DIALOGUE, ["", "other speaker first", "main"], ["a <break time=\"1.5s\">b   c\td’e"], ["x"]):
+        ref = moshi_entries(sp, TokenIds(201), 12.5, script, multi_speaker=True, padding_between=padding_between)
+        ours = script_to_entries(tok, script, padding_between=padding_between)
+        assert [(e.tokens, e.text, e.padding) for e in ours] == [(e.tokens, e.text, e.padding) for e in ref]
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_state_machine_matches_moshi(ckpt, lookahead):
+    from moshi.models import tts as mt
+
+    from dsm.tokenizer import Tokenizer
+
+    entries = script_to_entries(Tokenizer(ckpt.tokenizer), DIALOGUE)
+    ref_m = mt.StateMachine(mt.TokenIds(201), second_stream_ahead=lookahead, max_padding=5, initial_padding=2)
+    ours_m = StateMachine(201, lookahead, max_padding=5, initial_padding=2)
+    ref = ref_m.new_state([mt.Entry(e.tokens, e.text, e.padding) for e in entries])
+    ours = ours_m.new_state(entries)
+    g = torch.Generator().manual_seed(0)
+    for step in range(120):
+        token = int(torch.randint(0, 6, (1,), generator=g))
+        assert ours_m.process(step, ours, token) == ref_m.process(step, ref, token), step
+    assert ours.end_step == ref.end_step is not None
+    assert ours.consumption_times == ref.consumption_times and ours.transcript == ref.transcript
+
+
+def test_long_word_and_input_errors(ckpt):
+    from dsm.tokenizer import Tokenizer
+
+    tok = Tokenizer(ckpt.tokenizer)
+    word = "abcdefghij" * 50
+    with pytest.raises(TTSInputError, match=r"500 characters.*max_word_tokens=64"):
+        script_to_entries(tok, [f"a {word} b"])
+    entries = script_to_entries(tok, [word], max_word_tokens=10_000)  # defined behaviour when allowed: one entry
+    assert len(entries) == 1 and entries[0].padding == len(entries[0].tokens)
+    rt = runtime(ckpt, n_q=2)
+    s = rt.open_stream(None)
+    with pytest.raises(TTSInputError, match="max_word_tokens"):
+        s.push(word)
+    s.end()
+    with pytest.raises(TTSInputError, match="after end"):
+        s.push("more")
+
+
+def test_empty_text(ckpt):
+    rt = runtime(ckpt, n_q=2, max_batch=1)
+    s = rt.open_stream(random_voice(0))
+    s.push("   ")
+    s.end()
+    busy = rt.open_stream(random_voice(0))
+    busy.push("one two three four")
+    busy.end()
+    assert rt.step() == 1  # the empty stream finished without a slot; the other one runs
+    assert s.done and s.read().numel() == 0 and s.frames == [] and s.slot is None
+    rt.run([busy])
+    assert busy.done
+
+
+def test_voice_errors(ckpt, tmp_path):
+    rt = runtime(ckpt, n_q=2)
+    bad = {
+        "missing.safetensors": None,
+        "garbage.safetensors": b"not a safetensors file at all",
+        "notensor.safetensors": {"other": torch.zeros(1, 512, 125)},
+        "shape.safetensors": {"speaker_wavs": torch.zeros(1, 512, 100)},
+        "dtype.safetensors": {"speaker_wavs": torch.zeros(1, 512, 125, dtype=torch.float16)},
+    }
+    for name, content in bad.items():
+        p = tmp_path / name
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        elif content is not None:
+            save_file(content, str(p))
+        with pytest.raises(VoiceError, match=name):
+            rt.open_stream(p)
+    with pytest.raises(VoiceError, match=r"unknown voice 'no/such/voice.wav'.*kyutai/tts-voices"):
+        rt.open_stream("no/such/voice.wav")  # offline: not in the hub cache
+    with pytest.raises(VoiceError, match="shape"):
+        rt.open_stream(torch.zeros(512, 125))
+    with pytest.raises(ValueError, match="cfg"):
+        rt.open_stream(random_voice(0), cfg=7.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with moshi's TTSModel.generate (greedy)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n_q", "turns", "cfg"), [(8, [TEXT], 2.0), (32, DIALOGUE, 3.0)], ids=["mono", "dialogue"])
+def test_greedy_parity_with_moshi(ckpt, moshi_tts, n_q, turns, cfg):
+    s = speak(runtime(ckpt, n_q=n_q), turns, ckpt.config_path.parent / "voice.safetensors", cfg)
+    res = moshi_generate(moshi_tts(n_q), ckpt, [turns], ["voice.safetensors"], cfg)
+    assert any(sampled == 0 for sampled, _ in s.machine.log)  # the model requested words itself too
+    if len(turns) > 1:
+        firsts = [forced % 201 for _, forced in s.machine.log]
+        assert 2 in firsts  # the other speaker's turn token reached the model
+    assert_same_as_moshi(s, res, 0, n_q)
+
+
+def test_batched_rows_join_and_leave(ckpt, moshi_tts):
+    """Three streams on two slots, the second starting later and the third waiting for a free slot: every stream
+    gets exactly moshi's batch-of-one result for its text and voice."""
+    n_q = 4
+    rt = runtime(ckpt, n_q=n_q, max_batch=2)
+    d = ckpt.config_path.parent
+    jobs = [(["one two three four five six"], "voice.safetensors", 2.0),
+            ([TEXT], "other.safetensors", 1.0),
+            (["short one here", "and a reply"], "voice.safetensors", 3.0)]
+    streams = []
+    for i, (turns, voice, cfg) in enumerate(jobs):
+        s = rt.open_stream(d / voice, cfg=cfg)
+        streams.append(s)
+        if i == 0:
+            s.push(turns[0])
+            s.end()
+            for _ in range(7):
+                rt.step()
+            continue
+        for j, t in enumerate(turns):
+            if j:
+                s.next_turn()
+            s.push(t)
+        s.end()
+    assert streams[2].slot is None  # waits for a slot
+    rt.run(streams)
+    tts = moshi_tts(n_q)
+    for s, (turns, voice, cfg) in zip(streams, jobs, strict=True):
+        assert_same_as_moshi(s, moshi_generate(tts, ckpt, [turns], [voice], cfg), 0, n_q)
+
+
+def test_word_by_word_equals_all_at_once(ckpt):
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    ref = speak(runtime(ckpt, n_q=4), [TEXT], voice)
+    rt = runtime(ckpt, n_q=4)
+    s = rt.open_stream(voice)
+    assert rt.pump() == 2 and s.offset == 2  # the two forced initial pads need no text
+    words = TEXT.split()
+    for i, w in enumerate(words):
+        s.push(w)
+        rt.pump()
+        if i < 2:
+            assert s.offset == 2  # lookahead 2: the first word may only be consumed once 3 words are known
+        assert len(s.machine.consumption_times) <= i - 1 or i < 2
+    s.end()
+    rt.run([s])
+    assert s.machine.log == ref.machine.log and s.machine.consumption_times == ref.machine.consumption_times
+    assert torch.equal(torch.stack(s.frames), torch.stack(ref.frames))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_pcm_matches_moshi_mimi(ckpt, moshi_tts):
+    """Streaming Mimi per row: first PCM after 19 LM steps, the first decoded frames equal moshi's Mimi decode of
+    moshi's frames (frames 16...), clipped to [-1, 1]."""
+    n_q, n_pcm = 8, 4
+    rt = runtime(ckpt, audio=True, n_q=n_q)
+    s = rt.open_stream(ckpt.config_path.parent / "voice.safetensors")
+    s.push("hello world")
+    s.end()
+    chunks = []
+    while len(chunks) < n_pcm:
+        assert rt.step()
+        pcm = s.read()
+        if pcm.numel():
+            assert pcm.numel() == 1920 and len(s.frames) == 17 + len(chunks)
+            chunks.append(pcm)
+    assert s.offset == 19 + n_pcm - 1 and s.time_to_first_audio is not None
+    tts = moshi_tts(n_q)
+    res = moshi_generate(tts, ckpt, [["hello world"]], ["voice.safetensors"])
+    with torch.no_grad(), tts.mimi.streaming(1):
+        ref = [tts.mimi.decode(f[:, 1:]).clamp(-1, 1)[0, 0] for f in res.frames[16 : 16 + n_pcm]]
+    ours = torch.cat(chunks)
+    assert ours.abs().max() <= 1
+    torch.testing.assert_close(ours, torch.cat(ref), atol=2e-4, rtol=0)
+
+
+def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
+    """`dsm speak --preset tiny-tts --random-weights` reuses the cached checkpoint, streams raw float32 PCM."""
+    import numpy as np
+
+    from dsm.cli import main
+    from dsm.tts import random_checkpoint_dir
+
+    monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
+    cached = random_checkpoint_dir("tiny-tts")
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(ckpt.config_path.parent)
+    assert main(["speak", "hi", "--raw", "--preset", "tiny-tts", "--random-weights", "--n-q", "2", "-v",
+                 "--temp", "0"]) == 0
+    out = capsysbinary.readouterr()
+    pcm = np.frombuffer(out.out, dtype="<f4")
+    assert len(pcm) > 0 and len(pcm) % 1920 == 0 and np.abs(pcm).max() <= 1
+    assert b"time to first audio" in out.err
+    assert main(["speak", "", "-o", str(tmp_path / "x.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
+    assert b"no text" in capsysbinary.readouterr().err
