@@ -384,7 +384,7 @@ class Mimi:
         return self._decode(codes, state, streaming=True)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Whole-file decode: codes ``[B, n, T]`` -> pcm ``[B, 1, 1920 * T]``."""
+        """Whole-file decode: codes ``[B, n, T]`` -> pcm ``[B, 1, 1920 * T]`` (checks the code range: host sync)."""
         _check_codes(codes, codes.shape[0])
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= CARDINALITY):
             raise ValueError(f"codes must be in [0, {CARDINALITY}), got range [{int(codes.min())}, {int(codes.max())}]")
@@ -405,7 +405,7 @@ def _check_codes(codes: torch.Tensor, batch_size: int) -> None:
     if codes.dim() != 3 or codes.shape[0] != batch_size or not 1 <= codes.shape[1] <= MAX_CODEBOOKS:
         raise ValueError(f"codes must be [{batch_size}, 1..{MAX_CODEBOOKS}, T], got {tuple(codes.shape)}")
     if codes.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"codes must be int64, got {codes.dtype}")
+        raise ValueError(f"codes must be int64 or int32, got {codes.dtype}")
 
 
 class FrameBuffer:
@@ -480,7 +480,7 @@ def random_mimi_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         elif name.endswith("_initialized"):
             sd[name] = torch.ones(shape)
     model = Mimi(sd, n_q=1)
-    t = torch.arange(4 * SAMPLE_RATE, dtype=torch.float32) / SAMPLE_RATE
+    t = torch.arange(3 * SAMPLE_RATE, dtype=torch.float32) / SAMPLE_RATE
     probe = 0.3 * torch.sin(2 * math.pi * 180 * t) * torch.sin(2 * math.pi * 1.5 * t) + 0.1 * torch.randn(
         t.shape, generator=g)
     state = model.init_state(1)
