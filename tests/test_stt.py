@@ -40,6 +40,15 @@ from dsm.tokenizer import Tokenizer
 SPEECH = Path("/work/shared/testdata/speech/arctic_a0007.wav")  # 16 kHz, 4 s; read in place, never copied
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny models are all per-op overhead: one thread avoids OpenMP oversubscription on busy 2-core runners."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> Path:
     return write_random_checkpoint("tiny-stt", tmp_path_factory.mktemp("stt") / "tiny-stt", seed=0,
