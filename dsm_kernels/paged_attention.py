@@ -92,8 +92,8 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
     qk_scale, context, page_size, pages_per_slot, blocks_per_split,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt,
-    H, HEAD_DIM, NUM_SPLITS,
-    HB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr, HB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     heads = tl.program_id(1) * HB + tl.arange(0, HB)
@@ -111,7 +111,8 @@ def _decode_split_kernel(
 
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=dmask[None, :])
     q = q.to(tl.float32) * qk_scale  # log2 domain: softmax via exp2
-    head_off = heads[:, None, None] * HEAD_DIM + d[None, None, :]  # heads and head_dim are contiguous in the pool
+    # heads and head_dim are contiguous in the pool; HEAD_DIM constexpr lets the gathers use 16-byte loads
+    head_off = heads[:, None, None] * HEAD_DIM + d[None, None, :]
     # Finite -1e30 start: a fully masked block then gives exp2(-inf - -1e30) = 0, never NaN.
     m = tl.full([HB], -1.0e30, dtype=tl.float32)
     l = tl.zeros([HB], dtype=tl.float32)
@@ -213,8 +214,8 @@ def paged_decode_attention_triton(
         q, k_cache, v_cache, block_table, seq_lens, m, l, acc,
         scale * _LOG2E, context, k_cache.shape[1], block_table.shape[1], bps,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_table.stride(0), H, D, splits,
-        HB=hb, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
+        block_table.stride(0), H, splits,
+        HEAD_DIM=D, HB=hb, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     _decode_merge_kernel[(B, H // hb)](
         m, l, acc, out, out.stride(0), out.stride(1), H, D, splits,

@@ -76,7 +76,13 @@ def _aot_cases():
         ptrs = {n: f"*{dt}" for n in ("text_ptr", "text2_ptr", "audio_ptr", "cond_ptr", "out_ptr")} | {
             "tok_ptr": "*i64"
         }
-        yield f"embed {dt}", k, _types(k, ptrs), {"HAS_TEXT2": True, "HAS_COND": True, "BLOCK_D": 512}, {}
+        yield (
+            f"embed {dt}",
+            k,
+            _types(k, ptrs),
+            {"K": 33, "HAS_TEXT2": True, "HAS_COND": True, "BLOCK_D": 256},
+            {"num_warps": 2},
+        )
     for dt, head_dim, hb in (("bf16", 128, 1), ("fp16", 64, 2), ("fp32", 64, 2)):
         k = _append_kv_kernel
         ptrs = {n: f"*{dt}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")} | {"slot_ptr": "*i64"}
@@ -84,7 +90,7 @@ def _aot_cases():
         k = _decode_split_kernel
         ptrs = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr")}
         ptrs |= {"bt_ptr": "*i32", "len_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-        consts = {"HB": hb, "BLOCK_D": head_dim, "BLOCK_N": 32}
+        consts = {"HEAD_DIM": head_dim, "HB": hb, "BLOCK_D": head_dim, "BLOCK_N": 32}
         yield f"decode_split {dt} d{head_dim}", k, _types(k, ptrs, floats=("qk_scale",)), consts, {}
         k = _decode_merge_kernel
         ptrs = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{dt}"}
@@ -103,7 +109,10 @@ def aot_compile_all() -> list[str]:
     done = []
     for label, kernel, types, constexprs, options in _aot_cases():
         sig = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
-        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+        # what the JIT assumes at run time for 16-byte-aligned tensors and strides divisible by 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                 if n not in constexprs and (sig[n].startswith("*") or n.startswith("stride"))}  # fmt: skip
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
         cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
         done.append(f"{label}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
