@@ -208,9 +208,9 @@ class STTStream:
     """One audio stream on an :class:`STTRuntime`; created by :meth:`STTRuntime.open_stream`."""
 
     def __init__(self, runtime: STTRuntime, slot: int, name: str, sample_rate: int):
-        if not isinstance(sample_rate, int) or sample_rate <= 0:
+        if not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
             raise AudioError(f"stream {name}: sample rate must be a positive integer, got {sample_rate!r}")
-        self.rt, self.slot, self.name, self.sample_rate = runtime, slot, name, sample_rate
+        self.rt, self.slot, self.name, self.sample_rate = runtime, slot, name, int(sample_rate)
         self.queue = _SampleQueue()
         self.tokens: list[int] = []
         self.steps = 0  # frames consumed since open (Rust ``step_idx``)
@@ -219,7 +219,7 @@ class STTStream:
         self.finished = False  # all input processed, slot freed
         self._events: list[Event] = []
         self._raw: list[RawWord | RawEndWord] = []
-        self._text: list[str] = []
+        self._text = ""  # finished words so far, space-separated
         self.tracker = RustWordTracker(runtime.asr_delay_in_tokens)
         self.transcript: Transcript | None = None
         self._resampler = None
@@ -298,7 +298,7 @@ class STTStream:
         self._emit_raw(self.tracker.push(token))
         if self.tracker.word_tokens and len(self.tracker.word_tokens) != before:
             pending = rt.tokenizer.decode(self.tracker.word_tokens)
-            self._events.append(Partial(self.name, pending, " ".join([*self._text, pending])))
+            self._events.append(Partial(self.name, pending, f"{self._text} {pending}" if self._text else pending))
         if probs is not None:
             eot = probs[rt.options.vad_head] > rt.options.vad_threshold if len(probs) > rt.options.vad_head else False
             self._events.append(VADStep(self.name, self.steps, tuple(probs), bool(eot)))
@@ -311,7 +311,7 @@ class STTStream:
             self._raw.append(e)
             if isinstance(e, RawWord):
                 text = self.rt.tokenizer.decode(list(e.tokens))
-                self._text.append(text)
+                self._text = f"{self._text} {text}" if self._text else text
                 self._events.append(Word(self.name, text, max(0.0, e.start_time - shift), e.tokens))
             else:
                 self._events.append(EndWord(self.name, max(0.0, e.stop_time - shift)))

@@ -70,6 +70,11 @@ def tok(files) -> Tokenizer:
     return Tokenizer(files.tokenizer)
 
 
+@pytest.fixture(scope="session")
+def mimi(files) -> Mimi:
+    return Mimi.from_file(files.mimi_weights)
+
+
 @dataclasses.dataclass
 class StubState:
     prev: torch.Tensor
@@ -214,6 +219,25 @@ def test_vad_events_and_end_of_turn(lm, tok, files):
     assert eot == [v.probs[2] > thr for v in vads] and any(eot) and not all(eot)
 
 
+def test_flush_without_ending_delivers_words_at_once(lm, tok, files):
+    """Voice-agent flush at end of turn: the silence frames run immediately; the stream stays open."""
+    hello = tok.encode("hello")
+    seq = [3] * 6 + [0, *hello] + [3] * 7 + [0, *tok.encode("world")] + [3] * 30
+    forcer = Forcer({"agent": seq})
+    rt = runtime(lm, tok, files.config, forcer=forcer, max_streams=1)
+    s = rt.open_stream("agent")
+    ev = s.push(noise(1920 * 6 + 100, 1))
+    assert s.steps == 6 and not any(isinstance(e, Word) for e in ev) and len(s.queue) == 100
+    ev = s.flush(end=False)
+    assert s.steps == 7 + 7 and not s.finished  # the partial frame padded, then 7 silence frames
+    words = [e for e in ev if isinstance(e, Word)]
+    assert [w.text for w in words] == ["hello"] and words[0].start_time == (7 - 6) / 12.5  # step_idx - asr delay
+    assert any(isinstance(e, Partial) and e.pending == "hello" for e in ev)
+    ev = s.push(noise(1920 * 8, 2)) + s.flush()
+    assert [e.text for e in ev if isinstance(e, Word)] == ["world"] and isinstance(ev[-1], Finished)
+    assert ev[-1].transcript.text == "hello world" and s.words("rust").text == "hello world"
+
+
 @pytest.mark.parametrize("rate", [24000, 16000])
 def test_events_do_not_depend_on_chunk_size(lm, tok, files, rate):
     data, sr = sf.read(str(SPEECH), dtype="float32")
@@ -236,13 +260,17 @@ def test_events_do_not_depend_on_chunk_size(lm, tok, files, rate):
     assert runs[0][-1].transcript.duration == pytest.approx(0.5, abs=1e-3)
 
 
-def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files):
+@pytest.mark.parametrize("codec", ["stub", "mimi"])
+def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files, mimi, codec):
+    def make():
+        return runtime(lm, tok, files.config, codec=mimi if codec == "mimi" else None, max_streams=2)
+
     a, b, c = noise(1920 * 2, 1), noise(1920 * 7 + 17, 2), noise(1920 * 4, 3)
 
     def tokens_and_vad(ev):
         return [e.probs for e in ev if isinstance(e, VADStep)]
 
-    rt = runtime(lm, tok, files.config, max_streams=2)
+    rt = make()
     sa, sb = rt.open_stream("a"), rt.open_stream("b")
     ev_b = sb.push(b[: 1920 * 3], process=False)
     sa.push(a, process=False)
@@ -256,7 +284,7 @@ def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files):
     ev_b += sb.flush()
 
     def alone(pcm, slot):
-        rt1 = runtime(lm, tok, files.config, max_streams=2)
+        rt1 = make()
         hold = rt1.open_stream("hold") if slot == 1 else None  # same row as in the batched run
         s = rt1.open_stream("x")
         if hold is not None:
@@ -312,7 +340,7 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     assert res["ok.flac"].error is None and res["ok.flac"].audio_seconds == 0.25
 
 
-def test_end_to_end_text_tokens_match_moshi(lm, tok, files):
+def test_end_to_end_text_tokens_match_moshi(lm, tok, files, mimi):
     """Real Mimi + LM of the tiny-stt random checkpoint vs moshi (Mimi encode + greedy LMGen, DSM script loop)."""
     loaders = pytest.importorskip("moshi.models.loaders")
     from moshi.models.lm import LMGen
@@ -333,7 +361,7 @@ def test_end_to_end_text_tokens_match_moshi(lm, tok, files):
             codes.append(ref_mimi.encode(padded[None, None, i * 1920 : (i + 1) * 1920]))
             ref_tokens.append(int(gen.step(codes[-1])[0, 0, 0]))
 
-    rt = STTRuntime(lm, Mimi.from_file(files.mimi_weights), tok, files.config, max_streams=1)
+    rt = STTRuntime(lm, mimi, tok, files.config, max_streams=1)
     s = rt.open_stream("speech")
     s.push(pcm[:30000])
     s.push(pcm[30000:])
