@@ -32,7 +32,7 @@ def _inputs(B, K, D, dtype, device, *, text2, cond, Vt=49, Va=33, Q=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "B,K,D,text2,cond",
-    [(1, 1, 64, False, False), (3, 9, 200, True, False), (17, 33, 256, False, True), (3, 33, 2048, True, True)],
+    [(1, 1, 64, False, False), (3, 9, 100, True, False), (17, 33, 256, False, True), (3, 33, 2048, True, True)],
 )
 def test_multistream_embed(backend, dtype, B, K, D, text2, cond):
     device = kernel_device(backend)
