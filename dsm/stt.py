@@ -268,6 +268,8 @@ class STTStream:
         self.queue.pad_to_frame()
         self.queue.append(np.zeros(self.rt.n_flush_frames * FRAME_SIZE, dtype=np.float32))
         self.ended = end
+        if end and len(self.queue) < FRAME_SIZE:  # nothing left to run (no audio and no flush frames)
+            self._finish()
         return self._process() if process else self.events()
 
     def close(self) -> None:
@@ -452,20 +454,24 @@ class FileResult:
 
 def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool = False,
                      on_frames: Callable[[int], None] | None = None) -> Iterator[FileResult]:
-    """Transcribe audio files through the runtime, up to ``max_streams`` at a time; yields in completion order.
+    """Transcribe audio files through the runtime, up to its free slots at a time; yields in completion order.
 
     Unreadable/invalid files yield a :class:`FileResult` with ``error`` set. ``on_frames(n)`` is called after each
-    step with the number of frames it processed (progress bars)."""
+    step with the number of frames it processed. ``progress`` shows a tqdm bar (files, with RTFx)."""
+    import time
+
     todo = [Path(p) for p in paths]
     todo.reverse()
-    live: dict[int, tuple[Path, STTStream, float]] = {}
+    live: list[tuple[Path, STTStream, float]] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="file", desc="transcribe", dynamic_ncols=True)
+    t0, done_secs = time.perf_counter(), 0.0
     try:
         while todo or live:
+            opened = False
             while todo and rt.free_slots:
                 path = todo.pop()
                 try:
@@ -478,19 +484,25 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
                 s = rt.open_stream(str(path))
                 s.push(pcm, process=False)
                 s.flush(process=False)
-                live[id(s)] = (path, s, pcm.shape[0] / SAMPLE_RATE)
+                live.append((path, s, pcm.shape[0] / SAMPLE_RATE))
+                opened = True
             n_ready = sum(1 for s in rt.streams if s.ready)
-            if not rt.step():
-                raise RuntimeError("transcribe_files: no stream made progress")  # cannot happen: every stream flushed
-            if on_frames is not None:
+            stepped = rt.step()
+            if stepped and on_frames is not None:
                 on_frames(n_ready)
-            for key, (path, s, secs) in list(live.items()):
-                if s.finished:
-                    del live[key]
-                    s.events()
-                    if bar:
-                        bar.update(1)
-                    yield FileResult(path, s.transcript, None, secs)
+            finished = [item for item in live if item[1].finished]
+            if not (opened or stepped or finished) and (todo or live):
+                raise NoFreeSlotError(f"transcribe_files: no progress possible ({rt.free_slots} free slots, "
+                                      f"{len(live)} files in flight)")
+            for item in finished:
+                live.remove(item)
+                path, s, secs = item
+                s.events()
+                done_secs += secs
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(rtfx=f"{done_secs / max(time.perf_counter() - t0, 1e-9):.1f}")
+                yield FileResult(path, s.transcript, None, secs)
     finally:
         if bar:
             bar.close()

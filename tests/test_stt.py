@@ -338,6 +338,13 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     assert "empty" in res["empty.wav"].error and "cannot decode" in res["corrupt.wav"].error
     assert "not found" in res["missing.mp3"].error and str(tmp_path) in res["missing.mp3"].error
     assert res["ok.flac"].error is None and res["ok.flac"].audio_seconds == 0.25
+    # a model without delay and no audio: nothing to run, the stream finishes at flush
+    r0 = runtime(lm, tok, dataclasses.replace(files.config, stt_config={"audio_delay_seconds": 0.0}), max_streams=1)
+    ev = r0.open_stream("nodelay").flush()
+    assert isinstance(ev[-1], Finished) and ev[-1].transcript.words == [] and r0.free_slots == 1
+    r0.open_stream("busy")  # holds the only slot: transcribe_files must not spin
+    with pytest.raises(NoFreeSlotError, match="no progress"):
+        list(transcribe_files(r0, [tmp_path / "ok.flac"]))
 
 
 def test_end_to_end_text_tokens_match_moshi(lm, tok, files, mimi):
