@@ -30,8 +30,17 @@ from dsm.tts import (  # noqa: E402
     script_to_entries,
 )
 
-DIALOGUE = ["hello world, this is a test", "yes (it) is: <break time=\"0.4s\"/> a fine one", "ok then"]
-TEXT = "the quick brown fox jumps over the lazy dog and runs away"
+DIALOGUE = ["hello world, this is", "yes (it): <break time=\"0.4s\"/> fine", "ok"]
+TEXT = "the quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model's ops are too small for intra-op threads; on a busy 2-core box they only add spin waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -94,13 +103,16 @@ def speak(rt: TTSRuntime, turns: list[str], voice, cfg=2.0):
 
 def moshi_generate(tts, ckpt, turns, voices, cfg=2.0, padding_between=1):
     entries = [tts.prepare_script(t, padding_between=padding_between) for t in turns]
-    attrs = [tts.make_condition_attributes([Path(ckpt.config_path.parent / v)], cfg_coef=cfg) for v in voices]
+    cfgs = cfg if isinstance(cfg, list) else [cfg] * len(voices)
+    attrs = [tts.make_condition_attributes([Path(ckpt.config_path.parent / v)], cfg_coef=c)
+             for v, c in zip(voices, cfgs, strict=True)]
     return tts.generate(entries, attrs)
 
 
 def assert_same_as_moshi(s, res, b: int, n_q: int):
     """Per-step (sampled, forced) text pairs, consumption times, transcript, end step and every frame."""
-    assert s.machine.log[: len(res.logged_text_tokens[b])] == res.logged_text_tokens[b]
+    n_log = min(len(s.machine.log), len(res.logged_text_tokens[b]))
+    assert s.machine.log[:n_log] == res.logged_text_tokens[b][:n_log]
     assert s.machine.consumption_times == res.all_consumption_times[b]
     assert s.transcript == res.all_transcripts[b]
     assert s.end_step == res.end_steps[b]
@@ -232,9 +244,9 @@ def test_batched_rows_join_and_leave(ckpt, moshi_tts):
     n_q = 4
     rt = runtime(ckpt, n_q=n_q, max_batch=2)
     d = ckpt.config_path.parent
-    jobs = [(["one two three four five six"], "voice.safetensors", 2.0),
+    jobs = [(["one two three four five"], "voice.safetensors", 2.0),
             ([TEXT], "other.safetensors", 1.0),
-            (["short one here", "and a reply"], "voice.safetensors", 3.0)]
+            (["short one", "a reply"], "voice.safetensors", 3.0)]
     streams = []
     for i, (turns, voice, cfg) in enumerate(jobs):
         s = rt.open_stream(d / voice, cfg=cfg)
@@ -252,9 +264,11 @@ def test_batched_rows_join_and_leave(ckpt, moshi_tts):
         s.end()
     assert streams[2].slot is None  # waits for a slot
     rt.run(streams)
+    assert [s.slot for s in streams] == [None] * 3 and rt.slots == [None, None]  # finished rows free their slot
     tts = moshi_tts(n_q)
-    for s, (turns, voice, cfg) in zip(streams, jobs, strict=True):
-        assert_same_as_moshi(s, moshi_generate(tts, ckpt, [turns], [voice], cfg), 0, n_q)
+    res = moshi_generate(tts, ckpt, *([j[k] for j in jobs] for k in range(3)))  # one batch of three rows
+    for b, s in enumerate(streams):
+        assert_same_as_moshi(s, res, b, n_q)
 
 
 def test_word_by_word_equals_all_at_once(ckpt):
