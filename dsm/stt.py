@@ -222,12 +222,15 @@ class STTStream:
         self._text = ""  # finished words so far, space-separated
         self.tracker = RustWordTracker(runtime.asr_delay_in_tokens)
         self.transcript: Transcript | None = None
-        self._resampler = None
-        if sample_rate != SAMPLE_RATE:
-            import soxr
-
-            self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        self._resampler = self._new_resampler()
         self.queue.append(np.zeros(runtime.n_prefix_frames * FRAME_SIZE, dtype=np.float32))
+
+    def _new_resampler(self):
+        if self.sample_rate == SAMPLE_RATE:
+            return None
+        import soxr
+
+        return soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
 
     def __repr__(self) -> str:
         return f"STTStream({self.name!r}, slot={self.slot}, steps={self.steps}, finished={self.finished})"
@@ -261,10 +264,11 @@ class STTStream:
         end of turn)."""
         if self.ended:
             raise StreamClosedError(f"stream {self.name}: already ended")
-        if self._resampler is not None:
-            tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=end)
+        if self._resampler is not None:  # drain the resampler's look-ahead; a fresh one continues after end=False
+            tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
             self.samples_in += tail.shape[0]
             self.queue.append(np.clip(tail, -1.0, 1.0))
+            self._resampler = None if end else self._new_resampler()
         self.queue.pad_to_frame()
         self.queue.append(np.zeros(self.rt.n_flush_frames * FRAME_SIZE, dtype=np.float32))
         self.ended = end
@@ -302,7 +306,7 @@ class STTStream:
             pending = rt.tokenizer.decode(self.tracker.word_tokens)
             self._events.append(Partial(self.name, pending, f"{self._text} {pending}" if self._text else pending))
         if probs is not None:
-            eot = probs[rt.options.vad_head] > rt.options.vad_threshold if len(probs) > rt.options.vad_head else False
+            eot = probs[rt.options.vad_head] > rt.options.vad_threshold
             self._events.append(VADStep(self.name, self.steps, tuple(probs), bool(eot)))
         if self.ended and len(self.queue) < FRAME_SIZE:
             self._finish()
@@ -373,6 +377,9 @@ class STTRuntime:
         self.max_streams = max_streams
         self.stepper = STTStepper(lm, mimi, max_streams, alignment=self.options.alignment, temp=self.options.temp,
                                   on_text=on_text)
+        heads = len(lm.extra_heads)
+        if heads and not 0 <= self.options.vad_head < heads:
+            raise ValueError(f"vad_head {self.options.vad_head} out of range: the model has {heads} VAD heads")
         self.slots: list[STTStream | None] = [None] * max_streams
         self.total_steps = 0
 
