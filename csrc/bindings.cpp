@@ -111,7 +111,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   DSM_CHECK_CUDA(out);
   DSM_CHECK_DIM(q, 3);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(D == 64 || D == 128, "dsm: head_dim 64 or 128 supported, got ", D);
+  TORCH_CHECK(D == 16 || D == 32 || D == 64 || D == 128 || D == 256, "dsm: head_dim 16/32/64/128/256 supported, got ",
+              D);
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
               "dsm: out must be a contiguous tensor like q");
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) % 8 == 0 && q.stride(0) % 8 == 0 &&

@@ -26,8 +26,8 @@ cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* k_cache, vo
                                  int cache_dtype, int64_t stride_kb, int64_t stride_vb, int64_t stride_kcp,
                                  int64_t stride_kcs, int64_t stride_vcp, int64_t stride_vcs, cudaStream_t stream);
 
-// Split-K decode attention. q/out/caches share `dtype`; head_dim in {64, 128}. part_m/part_l: [B*H*num_splits],
-// part_acc: [B*H*num_splits*head_dim] fp32 workspace (unused when num_splits == 1).
+// Split-K decode attention. q/out/caches share `dtype`; head_dim in {16, 32, 64, 128, 256}.
+// part_m/part_l: [B*H*num_splits], part_acc: [B*H*num_splits*head_dim] fp32 workspace (unused when num_splits == 1).
 cudaError_t dsm_launch_paged_decode_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                                               const int32_t* block_table, const int32_t* seq_lens, int B, int H,
                                               int head_dim, int dtype, int page_size, int pages_per_slot,

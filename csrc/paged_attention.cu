@@ -219,9 +219,14 @@ extern "C" cudaError_t dsm_launch_paged_decode_attention(
   out, q, k_cache, v_cache, block_table, seq_lens, B, H, page_size, pages_per_slot, context, scale, num_splits, \
       part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt, stream
   DSM_DISPATCH_DTYPE(dtype, T, {
-    if (head_dim == 128) return launch_decode<T, 128>(DSM_DECODE_ARGS);
-    if (head_dim == 64) return launch_decode<T, 64>(DSM_DECODE_ARGS);
-    return cudaErrorInvalidValue;
+    switch (head_dim) {  // D/8 lanes per key must divide a warp
+      case 16: return launch_decode<T, 16>(DSM_DECODE_ARGS);
+      case 32: return launch_decode<T, 32>(DSM_DECODE_ARGS);
+      case 64: return launch_decode<T, 64>(DSM_DECODE_ARGS);
+      case 128: return launch_decode<T, 128>(DSM_DECODE_ARGS);
+      case 256: return launch_decode<T, 256>(DSM_DECODE_ARGS);
+      default: return cudaErrorInvalidValue;
+    }
   });
 #undef DSM_DECODE_ARGS
   return cudaErrorInvalidValue;

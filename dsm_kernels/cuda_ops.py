@@ -54,7 +54,7 @@ def decode_num_splits(batch: int, heads: int, context: int, device: torch.device
 def paged_decode_attention_cuda(
     q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, out=None, num_splits=None
 ) -> torch.Tensor:
-    """CUDA twin of :func:`~dsm_kernels.reference.paged_decode_attention_ref`; head_dim 64 or 128."""
+    """CUDA twin of :func:`~dsm_kernels.reference.paged_decode_attention_ref`; head_dim 16/32/64/128/256."""
     B, H, D = q.shape
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)

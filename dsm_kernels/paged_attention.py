@@ -173,7 +173,12 @@ def decode_plan(batch: int, heads: int, head_dim: int, context: int, device: tor
                 heads_per_program=None, num_splits=None) -> tuple[int, int, int, int]:  # fmt: skip
     """Static launch plan ``(heads_per_program, block_n, num_splits, blocks_per_split)`` from shapes only."""
     interp = _interpret() or device.type != "cuda"
-    hb = heads_per_program or (heads if interp else max(1, min(heads, 128 // head_dim)))
+    if heads_per_program is None:  # the largest power of 2 dividing `heads`, capped (all heads in the interpreter)
+        cap = heads if interp else max(1, 128 // head_dim)
+        heads_per_program = 1
+        while heads_per_program * 2 <= cap and heads % (heads_per_program * 2) == 0:
+            heads_per_program *= 2
+    hb = heads_per_program
     assert heads % hb == 0 and hb & (hb - 1) == 0, f"heads_per_program {hb} must be a power of 2 dividing {heads}"
     block_n = block_n or (64 if interp else 32)
     max_blocks = triton.cdiv(context, block_n) + 1  # an unaligned window straddles one extra aligned block

@@ -57,6 +57,8 @@ def _check(backend, device, q, k_cache, v_cache, block_table, seq_lens, context,
         (torch.float16, 8, 64, 64),
         (torch.float32, 16, 128, 64),
         (torch.float32, 8, 64, 16),
+        (torch.float32, 4, 16, 16),  # the tiny test models' heads
+        (torch.bfloat16, 6, 32, 64),  # a head count that is not a power of 2
     ],
 )
 def test_decode_boundaries(backend, dtype, H, D, page_size):
