@@ -320,9 +320,11 @@ class LMStepper:
         """[B] device offsets before the step in progress (valid inside hooks)."""
         return self.state.offsets
 
-    def start(self, slot: int, conditions: dict) -> None:
-        """Restart ``slot`` as a fresh stream with ``conditions`` (batch-1 condition values)."""
+    def start(self, slot: int, conditions: dict, seed: int) -> None:
+        """Restart ``slot`` as a fresh stream with ``conditions`` (batch-1 condition values) and sampling ``seed``
+        (the sampler's noise depends on (seed, offset, stream) only, so a stream samples the same in any slot)."""
         B = self.state.batch_size
+        self.state.seeds[slot] = seed
         mask = torch.zeros(B, dtype=torch.bool, device=self.device)
         mask[slot] = True
         self.gen.reset(self.state, mask)
@@ -400,9 +402,10 @@ class TTSConfig:
 class TTSStream:
     """One utterance (or dialogue) being spoken. Push text, :meth:`end` it, read PCM as it is produced."""
 
-    def __init__(self, runtime: TTSRuntime, conditions: dict, on_pcm: Callable[[torch.Tensor], None] | None):
+    def __init__(self, runtime: TTSRuntime, conditions: dict, on_pcm: Callable[[torch.Tensor], None] | None,
+                 seed: int = 0):
         self.runtime = runtime
-        self.conditions = conditions
+        self.conditions, self.seed = conditions, seed
         self.on_pcm = on_pcm
         self.builder = EntryBuilder(runtime.tokenizer, runtime.multi_speaker, runtime.config.padding_between,
                                     runtime.config.max_word_tokens)
@@ -564,10 +567,12 @@ class TTSRuntime:
 
     # ---- streams
     def open_stream(self, voice: str | Path | torch.Tensor | Sequence | None = None, cfg: float | None = 2.0,
-                    on_pcm: Callable[[torch.Tensor], None] | None = None) -> TTSStream:
+                    on_pcm: Callable[[torch.Tensor], None] | None = None, seed: int | None = None) -> TTSStream:
         """A new stream. ``voice``: a voice file/name/tensor, or a list of up to 5 (speaker slots; the python
         server passes the same voice twice), or None (every slot is the learnt padding). ``cfg``: the distilled
-        CFG coefficient (None: unconditioned; ignored by checkpoints without a ``cfg`` conditioner)."""
+        CFG coefficient (None: unconditioned; ignored by checkpoints without a ``cfg`` conditioner). ``on_pcm``:
+        called with each PCM chunk (else :meth:`TTSStream.read`). ``seed``: sampling seed (default
+        ``config.seed``). The stream takes a slot at the next step where one is free."""
         if voice is None:
             voices: list[torch.Tensor] = []
         elif isinstance(voice, str | Path | torch.Tensor):
@@ -581,7 +586,7 @@ class TTSRuntime:
         if not self.cfg_values:
             cfg = None
         conds = self._conditions([voices], [cfg])
-        stream = TTSStream(self, conds, on_pcm)
+        stream = TTSStream(self, conds, on_pcm, self.config.seed if seed is None else seed)
         self.waiting.append(stream)
         return stream
 
@@ -603,7 +608,7 @@ class TTSRuntime:
             slot = free.popleft()
             stream.slot = slot
             self.slots[slot] = stream
-            self.stepper.start(slot, stream.conditions)
+            self.stepper.start(slot, stream.conditions, stream.seed)
             if self.mimi is not None:
                 mask = torch.zeros(len(self.slots), dtype=torch.bool, device=self.mimi.device)
                 mask[slot] = True

@@ -194,7 +194,10 @@ def test_empty_text(ckpt):
     assert rt.step() == 1  # the empty stream finished without a slot; the other one runs
     assert s.done and s.read().numel() == 0 and s.frames == [] and s.slot is None
     rt.run([busy])
-    assert busy.done
+    assert busy.done and not busy.truncated
+    rt = runtime(ckpt, n_q=2, max_gen_length=10)  # defined stop for runaway streams
+    s = speak(rt, [TEXT], random_voice(0))
+    assert s.done and s.truncated and s.offset == 10 and s.end_step is None
 
 
 def test_voice_errors(ckpt, tmp_path):
@@ -339,3 +342,60 @@ def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
     assert b"time to first audio" in out.err
     assert main(["speak", "", "-o", str(tmp_path / "x.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
     assert b"no text" in capsysbinary.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling and real CFG
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sampling_is_per_stream(ckpt):
+    """temp 0.6 / top-k 250 / 25 (the defaults): a stream samples the same whatever its slot and neighbours."""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    alone = speak(runtime(ckpt, n_q=2, temp=0.6, max_batch=2), ["one two three four"], voice)
+    rt = runtime(ckpt, n_q=2, temp=0.6, max_batch=2)
+    other = rt.open_stream(voice, cfg=1.0, seed=3)
+    other.push("something else entirely here")
+    other.end()
+    rt.step()
+    s = speak(rt, ["one two three four"], voice)  # slot 1, next to `other`
+    assert s.machine.log == alone.machine.log and torch.equal(torch.stack(s.frames), torch.stack(alone.frames))
+    rt.run([other])
+    assert other.machine.log[:20] != s.machine.log[:20]
+    assert TTSConfig().temp == 0.6 and TTSConfig().top_k == 250 and TTSConfig().top_k_text == 25
+
+
+@pytest.fixture(scope="session")
+def ckpt_no_cfg(ckpt, tmp_path_factory):
+    """The same weights without the distilled `cfg` conditioner: guidance by batch doubling."""
+    import json
+
+    d = tmp_path_factory.mktemp("tts_no_cfg")
+    cfg = json.loads(ckpt.config_path.read_text())
+    del cfg["conditioners"]["cfg"]
+    cfg["fuser"]["sum"] = ["control"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    sd = {k: v for k, v in load_file(ckpt.lm_weights).items() if ".conditioners.cfg." not in k}
+    save_file(sd, str(d / cfg["moshi_name"]))
+    for f in (ckpt.mimi_weights, ckpt.tokenizer, ckpt.config_path.parent / "voice.safetensors"):
+        (d / f.name).symlink_to(f)
+    return resolve_checkpoint(d)
+
+
+def test_real_cfg_parity_with_moshi(ckpt, ckpt_no_cfg):
+    from moshi.models import loaders
+    from moshi.models.tts import TTSModel
+
+    n_q, c = 4, ckpt_no_cfg
+    voice = c.config_path.parent / "voice.safetensors"
+    with pytest.raises(ValueError, match="CFG-distilled"):
+        runtime(ckpt, cfg_coef=2.0)
+    s = speak(runtime(c, n_q=n_q, cfg_coef=2.0), [TEXT], voice)
+    info = loaders.CheckpointInfo.from_hf_repo("unused/x", moshi_weights=str(c.lm_weights),
+                                               mimi_weights=str(c.mimi_weights), tokenizer=str(c.tokenizer),
+                                               config_path=str(c.config_path))
+    tts = TTSModel.from_checkpoint_info(info, n_q=n_q, temp=0, cfg_coef=2.0, device="cpu", dtype=torch.float32)
+    attrs = tts.make_condition_attributes([voice], cfg_coef=None)
+    del attrs.text["cfg"]
+    res = tts.generate([tts.prepare_script([TEXT], padding_between=1)], [attrs])
+    assert_same_as_moshi(s, res, 0, n_q)
