@@ -58,7 +58,8 @@ class StreamClosedError(RuntimeError):
 
 @dataclass(frozen=True)
 class Word:
-    """A finished word (moshi-server ``Word``): its text and start time in seconds of the stream's audio."""
+    """A finished word (moshi-server ``Word``, Rust rule §5.3): text and start time in seconds of the pushed audio
+    (the server's time minus the silence prefix this runtime inserted, clipped at 0)."""
 
     stream: str
     text: str
@@ -169,7 +170,8 @@ class STTStepper:
         out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
         probs = None
         if self.has_vad:
-            probs = torch.stack([p.float()[:, 0] for p in self.lm.extra_head_probs(out.z)], dim=1).cpu()
+            # softmax in fp32 as moshi-server does (PyTorch's extra_head_probs softmaxes the bf16 logits)
+            probs = torch.stack([h(out.z).float().softmax(-1)[:, 0] for h in self.lm.extra_heads], dim=1).cpu()
         return out.text_token.tolist(), probs
 
 
