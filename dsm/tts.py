@@ -12,6 +12,14 @@ Pieces, from the text side to the audio side:
   is stepped only when its state machine cannot run out of input (unless the stream's text was ended), audio
   frames go through a streaming Mimi per row (the first ``delay_steps`` frames skipped, PCM clipped to [-1, 1]).
 
+Stepping rule (refines §6.7, same results as with the whole text known): a row runs when its text was ended, or
+when the step cannot consume an entry (current word's tokens still queued, or forced padding), or when the front
+entry is a break, or when N+1 words are queued (N = lookahead). So the two initial forced pads run before any text.
+A row finishes once ``offset >= end_step + delay_steps + final_padding + 2`` (the server's rule; moshi's
+``generate`` stops 2 steps earlier), or at ``max_gen_length`` (``truncated``). Text ended before any word gives no
+audio and never takes a slot. Time to first audio is measured per stream on the host
+(:attr:`TTSStream.time_to_first_audio`: first pushed text → first PCM chunk).
+
 Voices are ``kyutai/tts-voices`` embedding files (``speaker_wavs`` fp32 ``[1, 512, 125]``, §6.6). The ``cfg``
 conditioning of CFG-distilled checkpoints is set per stream (``cfg=2.0`` → ``"2.0"``); checkpoints without a
 ``cfg`` conditioner use real CFG (batch doubling) with the runtime-wide :attr:`TTSConfig.cfg_coef`.
