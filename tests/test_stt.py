@@ -6,6 +6,7 @@ cores; the moshi parity test and the CLI tests use the real Mimi of the tiny-stt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,19 +41,28 @@ from dsm.tokenizer import Tokenizer
 SPEECH = Path("/work/shared/testdata/speech/arctic_a0007.wav")  # 16 kHz, 4 s; read in place, never copied
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+@contextlib.contextmanager
+def one_thread():
     """The tiny models are all per-op overhead: one thread avoids OpenMP oversubscription on busy 2-core runners."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> Path:
-    return write_random_checkpoint("tiny-stt", tmp_path_factory.mktemp("stt") / "tiny-stt", seed=0,
-                                   dtype=torch.float32)
+    with one_thread():
+        return write_random_checkpoint("tiny-stt", tmp_path_factory.mktemp("stt") / "tiny-stt", seed=0,
+                                       dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")
