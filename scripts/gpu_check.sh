@@ -25,12 +25,25 @@ step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, record rc and seconds
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-if step build 300 pip install --no-deps --no-build-isolation -v -e .; then
+# The lent GPU image has no pytest and no network: install wheels carried in $DSM_WHEELS if any (pytest, pluggy,
+# iniconfig, packaging); without pytest the checks fall back to `python -m dsm_kernels.validate` alone.
+if ! python -c "import pytest" 2>/dev/null && [ -d "${DSM_WHEELS:-shared/wheels}" ]; then
+  pip install --no-deps --no-index "${DSM_WHEELS:-shared/wheels}"/*.whl >"$OUT/wheels.log" 2>&1
+fi
+
+# Editable install builds dsm_kernels/_C in place; if pip cannot (old setuptools, no `wheel`), build_ext --inplace.
+if step build 300 pip install --no-deps --no-build-isolation -v -e . ||
+  step build_inplace 300 python setup.py build_ext --inplace; then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   step import 60 python -c "import dsm_kernels as k; import dsm_kernels._C; print(k.available_backends('cuda'))"
-  # CUDA backend + graph-replay tests (the `gpu` marker), then the Triton tests, compiled for this GPU.
-  step gpu_tests 240 python -m pytest -q -m gpu tests/kernels -p no:cacheprovider
-  step triton_tests 240 python -m pytest -q -m "not gpu" -p no:cacheprovider \
-    tests/kernels/test_embed.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py
+  if python -c "import pytest" 2>/dev/null; then
+    # CUDA backend + graph-replay tests (the `gpu` marker), then the Triton tests, compiled for this GPU.
+    step gpu_tests 240 python -m pytest -q -m gpu tests/kernels -p no:cacheprovider
+    step triton_tests 240 python -m pytest -q -m "not gpu" -p no:cacheprovider \
+      tests/kernels/test_embed.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py
+  else
+    echo "no pytest on this machine: only dsm_kernels.validate checks the kernels"
+  fi
   step validate 120 python -m dsm_kernels.validate
   step bench 330 python benchmarks/bench_kernels.py --out "$OUT/kernels.jsonl"
   cat "$OUT/kernels.jsonl" >>benchmarks/results/kernels.jsonl 2>/dev/null
