@@ -130,49 +130,81 @@ class STTOptions:
 class STTStepper:
     """Batched Mimi encode + one LM step for ``slots`` rows; inactive rows are masked (state frozen).
 
-    ``step(pcm [B, 1920], active [B]) -> (text tokens [B] list, VAD P(class 0) [B, heads] or None)``.
+    ``open() -> slot`` (lowest free, reset), ``close(slot)``, ``step(pcm [B, 1920], active [B]) -> (text tokens [B]
+    list, VAD P(class 0) [B, heads] or None)``. The LM runs on :class:`dsm.generate.Generator` (one state of
+    ``slots`` rows) or, with ``engine=True``, on :class:`dsm.engine.Engine` (paged KV pool, batch buckets, CUDA
+    graphs); Mimi and the Rust-alignment frame shift stay here.
     """
 
     def __init__(self, lm, mimi, slots: int, *, alignment: str = "pytorch", temp: float = 0.0,
-                 on_text: Callable[[torch.Tensor], None] | None = None):
+                 on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = False):
         from .generate import Generator
 
         if lm.cfg.dep_q != 0:
             raise ValueError(f"not an STT model: dep_q = {lm.cfg.dep_q} (expected 0)")
         self.lm, self.mimi, self.slots, self.alignment, self.on_text = lm, mimi, slots, alignment, on_text
         self.device = next(lm.parameters()).device
-        self.gen = Generator(lm, use_sampling=temp > 0, temp_text=temp)
-        self.gen_state = self.gen.init_state(slots)
+        if engine:
+            from .engine import Engine
+
+            self.engine = Engine(lm, max_slots=slots, use_sampling=temp > 0, temp_text=temp)
+        else:
+            self.engine = None
+            self.gen = Generator(lm, use_sampling=temp > 0, temp_text=temp)
+            self.gen_state = self.gen.init_state(slots)
+        self.used = [False] * slots
         self.mimi_state = mimi.init_state(slots)
         self.n_q = lm.cfg.n_q
         self.prev_codes = torch.full((slots, self.n_q), lm.cfg.card, dtype=torch.long, device=self.device)
         self.has_vad = len(lm.extra_heads) > 0
 
-    def reset(self, slot: int) -> None:
-        mask = torch.zeros(self.slots, dtype=torch.bool, device=self.device)
+    def open(self) -> int:
+        """Reset the lowest free slot and return it (:class:`NoFreeSlotError` if none)."""
+        if self.engine is not None:
+            if self.engine.num_open >= self.slots:
+                raise NoFreeSlotError(f"all {self.slots} stream slots are in use")
+            slot = self.engine.open()
+        else:
+            if all(self.used):
+                raise NoFreeSlotError(f"all {self.slots} stream slots are in use")
+            slot = self.used.index(False)
+            mask = torch.zeros(self.slots, dtype=torch.bool, device=self.device)
+            mask[slot] = True
+            self.gen.reset(self.gen_state, mask)
+        self.used[slot] = True
+        mask = torch.zeros(self.slots, dtype=torch.bool, device=self.mimi.device)
         mask[slot] = True
-        self.gen.reset(self.gen_state, mask)
         self.mimi_state.reset(mask)
         self.prev_codes[slot] = self.lm.cfg.card
+        return slot
+
+    def close(self, slot: int) -> None:
+        if self.used[slot]:
+            self.used[slot] = False
+            if self.engine is not None:
+                self.engine.close(slot)
 
     @torch.no_grad()
     def step(self, pcm: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        active = active.to(self.device)
-        self.mimi_state.set_exec_mask(active)
-        self.gen_state.exec_mask.copy_(active)
+        self.mimi_state.set_exec_mask(active.to(self.mimi.device))
         codes = self.mimi.encode_step(pcm.to(self.mimi.device)[:, None], self.mimi_state)[..., 0].to(self.device)
         codes = codes[:, : self.n_q]
+        active = active.to(self.device)
         if self.alignment == "rust":  # step t sees frame t-1 (the initial token at t = 0)
             inp = self.prev_codes.clone()
             self.prev_codes.copy_(torch.where(active[:, None], codes, self.prev_codes))
         else:
             inp = codes
-        out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
+        if self.engine is not None:
+            out = self.engine.step(inp, active=active.nonzero()[:, 0].tolist(), on_text=self.on_text)
+        else:
+            self.gen_state.exec_mask.copy_(active)
+            out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
         probs = None
         if self.has_vad:
             # softmax in fp32 as moshi-server does (PyTorch's extra_head_probs softmaxes the bf16 logits)
             probs = torch.stack([h(out.z).float().softmax(-1)[:, 0] for h in self.lm.extra_heads], dim=1).cpu()
-        return out.text_token.tolist(), probs
+        return out.text_token.tolist(), probs  # rows [0, n) with n >= 1 + the highest active slot
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,7 +394,7 @@ class STTRuntime:
     """Shared model + ``max_streams`` slots. Build with :meth:`from_checkpoint` or from loaded parts."""
 
     def __init__(self, lm, mimi, tokenizer, config, *, max_streams: int = 8, options: STTOptions | None = None,
-                 on_text: Callable[[torch.Tensor], None] | None = None):
+                 on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = False):
         if max_streams < 1:
             raise ValueError(f"max_streams must be >= 1, got {max_streams}")
         self.options = options or STTOptions()
@@ -378,7 +410,7 @@ class STTRuntime:
                                     else default_asr_delay_in_tokens(self.audio_delay_seconds))
         self.max_streams = max_streams
         self.stepper = STTStepper(lm, mimi, max_streams, alignment=self.options.alignment, temp=self.options.temp,
-                                  on_text=on_text)
+                                  on_text=on_text, engine=engine)
         heads = len(lm.extra_heads)
         if heads and not 0 <= self.options.vad_head < heads:
             raise ValueError(f"vad_head {self.options.vad_head} out of range: the model has {heads} VAD heads")
@@ -410,18 +442,21 @@ class STTRuntime:
 
     def open_stream(self, name: str | None = None, sample_rate: int = SAMPLE_RATE) -> STTStream:
         """Take the lowest free slot (reset) for a new stream; :class:`NoFreeSlotError` if all are taken."""
-        try:
-            slot = self.slots.index(None)
-        except ValueError:
-            raise NoFreeSlotError(f"all {self.max_streams} stream slots are in use") from None
+        if None not in self.slots:
+            raise NoFreeSlotError(f"all {self.max_streams} stream slots are in use")
+        slot = self.slots.index(None)
         stream = STTStream(self, slot, name if name is not None else f"stream-{self.total_steps}-{slot}", sample_rate)
-        self.stepper.reset(slot)
+        got = self.stepper.open()
+        if got != slot:
+            self.stepper.close(got)
+            raise RuntimeError(f"stepper gave slot {got}, runtime expected {slot}")
         self.slots[slot] = stream
         return stream
 
     def _release(self, stream: STTStream) -> None:
         if self.slots[stream.slot] is stream:
             self.slots[stream.slot] = None
+            self.stepper.close(stream.slot)
 
     # ---- stepping ----------------------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -564,6 +599,8 @@ def add_model_args(p) -> None:
                    help="input alignment: pytorch (DSM scripts) or rust (moshi-server)")
     p.add_argument("--timestamps", choices=TIMESTAMP_RULES, default="python",
                    help="word timestamp rule: python (offline script) or rust (server)")
+    p.add_argument("--engine", action="store_true",
+                   help="run the LM on dsm.engine (paged KV pool, batch buckets, CUDA graphs on GPU)")
     p.add_argument("--no-silence-prefix", dest="silence_prefix", action="store_false",
                    help="do not prepend the model's silence prefix (stt-2.6b: 1 s)")
 
@@ -586,7 +623,7 @@ def runtime_from_args(args) -> STTRuntime:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = STTOptions(alignment=args.alignment, timestamps=args.timestamps, silence_prefix=args.silence_prefix)
     return STTRuntime.from_checkpoint(files, device=device, dtype=args.dtype, max_streams=args.batch_size,
-                                      options=opts)
+                                      options=opts, engine=args.engine)
 
 
 def setup_transcribe_cli(p) -> None:

@@ -123,14 +123,14 @@ class Forcer:
     def __call__(self, tokens):
         for s in self.rt.streams:
             seq = self.seqs.get(s.name)
-            if seq is not None:
+            if seq is not None and s.slot < tokens.shape[0]:  # the engine hands over rows [0, bucket)
                 tokens[s.slot] = seq[s.steps] if s.steps < len(seq) else 3
 
 
-def runtime(lm, tok, config, codec=None, forcer=None, **opts) -> STTRuntime:
+def runtime(lm, tok, config, codec=None, forcer=None, engine=False, **opts) -> STTRuntime:
     max_streams = opts.pop("max_streams", 2)
     rt = STTRuntime(lm, codec or StubCodec(), tok, config, max_streams=max_streams, options=STTOptions(**opts),
-                    on_text=forcer)
+                    on_text=forcer, engine=engine)
     if forcer is not None:
         forcer.rt = rt
     return rt
@@ -158,14 +158,15 @@ def config_26b_like(files):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("alignment", ["pytorch", "rust"])
-@pytest.mark.parametrize("model", ["1b-like", "2.6b-like"])
-def test_forced_words_follow_both_rules(lm, tok, files, alignment, model):
+@pytest.mark.parametrize("alignment,model,engine", [("pytorch", "1b-like", False), ("rust", "1b-like", False),
+                                                    ("pytorch", "2.6b-like", False), ("rust", "2.6b-like", False),
+                                                    ("rust", "2.6b-like", True)])
+def test_forced_words_follow_both_rules(lm, tok, files, alignment, model, engine):
     config = files.config if model == "1b-like" else config_26b_like(files)
     prefix, delay, asr_delay = (0, 0.5, 6) if model == "1b-like" else (13, 2.5, 32)
     seqs = {f"s{i}": forced_stream(tok, 120, seed=i) for i in range(3)}
     forcer = Forcer(seqs)
-    rt = runtime(lm, tok, config, forcer=forcer, alignment=alignment, max_streams=3)
+    rt = runtime(lm, tok, config, forcer=forcer, alignment=alignment, max_streams=3, engine=engine)
     assert rt.n_prefix_frames == prefix and rt.asr_delay_in_tokens == asr_delay
     lengths = {"s0": 1920 * 30 + 5, "s1": 1920 * 9, "s2": 100}
     streams = {n: rt.open_stream(n) for n in seqs}
@@ -270,10 +271,10 @@ def test_events_do_not_depend_on_chunk_size(lm, tok, files, rate):
     assert runs[0][-1].transcript.duration == pytest.approx(0.5, abs=1e-3)
 
 
-@pytest.mark.parametrize("codec", ["stub", "mimi"])
-def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files, mimi, codec):
+@pytest.mark.parametrize("codec,engine", [("stub", False), ("stub", True), ("mimi", False)])
+def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files, mimi, codec, engine):
     def make():
-        return runtime(lm, tok, files.config, codec=mimi if codec == "mimi" else None, max_streams=2)
+        return runtime(lm, tok, files.config, codec=mimi if codec == "mimi" else None, max_streams=2, engine=engine)
 
     a, b, c = noise(1920 * 2, 1), noise(1920 * 7 + 17, 2), noise(1920 * 4, 3)
 
@@ -400,12 +401,20 @@ def test_end_to_end_text_tokens_match_moshi(lm, tok, files, mimi):
             state.prev += 1
             return codes[min(i, len(codes) - 1)]
 
-    rt = STTRuntime(lm, Replay(), tok, files.config, max_streams=1, options=STTOptions(alignment="rust"))
+    for engine in (False, True):
+        rt = STTRuntime(lm, Replay(), tok, files.config, max_streams=2, options=STTOptions(alignment="rust"),
+                        engine=engine)
+        s = rt.open_stream("speech")
+        s.push(pcm)
+        s.flush()
+        assert s.steps == n + 8 and s.tokens[: n + 8] == rust_ref[: n + 8]
+        assert s.tokens[1:] != ref_tokens[1:]  # the alignments really differ
+    # the engine-backed stepper on moshi's codes, PyTorch alignment
+    rt = STTRuntime(lm, Replay(), tok, files.config, max_streams=2, engine=True)
     s = rt.open_stream("speech")
     s.push(pcm)
     s.flush()
-    assert s.steps == n + 8 and s.tokens[: n + 8] == rust_ref[: n + 8]
-    assert s.tokens[1:] != ref_tokens[1:]  # the alignments really differ
+    assert s.tokens == ref_tokens
 
 
 def test_transcribe_cli(ckpt, tmp_path, monkeypatch, capsys):
