@@ -1,9 +1,10 @@
 """Paged KV cache of the temporal transformer: one page pool per layer, a ring of pages per stream slot.
 
 Slot ``b`` owns ``pages_per_slot`` pages listed in ``block_table[b]``; absolute position ``p`` lives in
-``block_table[b, (p // page_size) % pages_per_slot]`` (see ``dsm_kernels.reference``). A ring of
-``ceil((context - 1) / page_size) + 1`` pages always holds the last ``context`` positions, so a stream running for
-hours uses bounded memory and every tensor shape stays static (CUDA-graph friendly).
+``block_table[b, (p // page_size) % pages_per_slot]`` (see ``dsm_kernels.reference``). Positions are thus stored
+modulo ``pages_per_slot * page_size``, and a ring of ``ceil(context / page_size)`` pages always holds the last
+``context`` positions distinctly, so a stream running for hours uses bounded memory and every tensor shape stays
+static (CUDA-graph friendly).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 
 def pages_per_slot(context: int, page_size: int) -> int:
-    return -(-(context - 1) // page_size) + 1
+    return -(-context // page_size)
 
 
 @dataclass
