@@ -25,10 +25,15 @@ step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, record rc and seconds
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-# The lent GPU image has no pytest and no network: install wheels carried in $DSM_WHEELS if any (pytest, pluggy,
-# iniconfig, packaging); without pytest the checks fall back to `python -m dsm_kernels.validate` alone.
-if ! python -c "import pytest" 2>/dev/null && [ -d "${DSM_WHEELS:-shared/wheels}" ]; then
-  pip install --no-deps --no-index "${DSM_WHEELS:-shared/wheels}"/*.whl >"$OUT/wheels.log" 2>&1
+# The lent GPU image has no pytest, no moshi and no network. Prepare wheels here first and carry the folder
+# (the device tool's `carry: [".wheels"]`; .wheels/ is git-ignored):
+#   pip download -d .wheels --only-binary :all: --python-version 3.12 pytest pytest-timeout pluggy iniconfig packaging
+#   pip download -d .wheels --no-deps moshi==0.2.13
+# Without pytest the checks fall back to `python -m dsm_kernels.validate` alone; without moshi, `dsm bench` and the
+# Mimi bench time dsm only.
+WHEELS=${DSM_WHEELS:-.wheels}
+if [ -d "$WHEELS" ]; then
+  pip install --no-deps --no-index "$WHEELS"/*.whl >"$OUT/wheels.log" 2>&1
 fi
 
 # Editable install builds dsm_kernels/_C in place; if pip cannot (old setuptools, no `wheel`), build_ext --inplace.
@@ -41,12 +46,17 @@ if step build 300 pip install --no-deps --no-build-isolation -v -e . ||
     step gpu_tests 240 python -m pytest -q -m gpu tests/kernels -p no:cacheprovider
     step triton_tests 240 python -m pytest -q -m "not gpu" -p no:cacheprovider \
       tests/kernels/test_embed.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py
+    # The model and the engine on the GPU: CUDA backend vs reference, CUDA graphs vs eager.
+    step model_gpu_tests 240 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/model
   else
     echo "no pytest on this machine: only dsm_kernels.validate checks the kernels"
   fi
   step validate 120 python -m dsm_kernels.validate
   step bench 330 python benchmarks/bench_kernels.py --out "$OUT/kernels.jsonl"
   cat "$OUT/kernels.jsonl" >>benchmarks/results/kernels.jsonl 2>/dev/null
+  # End to end: the three released shapes on random weights, Mimi included, moshi beside when installed.
+  step dsm_bench 300 python -m dsm.cli bench --batch 1,64 --steps 30 --warmup 5 --output "$OUT/bench.jsonl"
+  step mimi_bench 180 python benchmarks/bench_mimi.py --batch 1 64 --out "$OUT/mimi.jsonl"
 else
   echo "build failed; see $OUT/build.log"
   grep -E "error|Error" "$OUT/build.log" | head -40
@@ -55,5 +65,7 @@ fi
 echo
 echo "=== benchmark summary (ms; speedup = best torch baseline / best custom kernel)"
 sed -n '/^kernel    shape/,$p' "$OUT/bench.log" 2>/dev/null
+echo "=== dsm bench (engine step, Mimi included)"
+sed -n '/^system/,$p' "$OUT/dsm_bench.log" 2>/dev/null
 echo "=== steps"
 printf '%s\n' "${STATUS[@]}"
