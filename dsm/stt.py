@@ -185,10 +185,19 @@ class STTStepper:
                 self.engine.close(slot)
 
     @torch.no_grad()
-    def step(self, pcm: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+    def encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Mimi codes of ``k`` frames for the active rows: pcm ``[B, k * 1920]`` -> ``[B, n_q, k]``."""
         self.mimi_state.set_exec_mask(active.to(self.mimi.device))
-        codes = self.mimi.encode_step(pcm.to(self.mimi.device)[:, None], self.mimi_state)[..., 0].to(self.device)
-        codes = codes[:, : self.n_q]
+        codes = self.mimi.encode_step(pcm.to(self.mimi.device)[:, None], self.mimi_state)
+        return codes[:, : self.n_q].to(self.device)
+
+    def step(self, pcm: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """One frame: :meth:`encode` then :meth:`lm_step`."""
+        return self.lm_step(self.encode(pcm, active)[..., 0], active)
+
+    @torch.no_grad()
+    def lm_step(self, codes: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """One LM step on one frame of codes ``[B, n_q]`` (shifted by a frame here for the Rust alignment)."""
         active = active.to(self.device)
         if self.alignment == "rust":  # step t sees frame t-1 (the initial token at t = 0)
             inp = self.prev_codes.clone()
@@ -232,9 +241,9 @@ class _SampleQueue:
         if r:
             self.append(np.zeros(FRAME_SIZE - r, dtype=np.float32))
 
-    def pop_frame(self) -> np.ndarray:
-        f = self.buf[self.pos : self.pos + FRAME_SIZE]
-        self.pos += FRAME_SIZE
+    def pop(self, n: int) -> np.ndarray:
+        f = self.buf[self.pos : self.pos + n]
+        self.pos += n
         return f
 
 
@@ -330,7 +339,7 @@ class STTStream:
     def ready(self) -> bool:
         return not self.finished and len(self.queue) >= FRAME_SIZE
 
-    def _on_step(self, token: int, probs: list[float] | None) -> None:
+    def _on_step(self, token: int, probs: list[float] | None, last: bool = True) -> None:
         rt = self.rt
         self.tokens.append(token)
         self.steps += 1
@@ -342,7 +351,7 @@ class STTStream:
         if probs is not None:
             eot = probs[rt.options.vad_head] > rt.options.vad_threshold
             self._events.append(VADStep(self.name, self.steps, tuple(probs), bool(eot)))
-        if self.ended and len(self.queue) < FRAME_SIZE:
+        if last and self.ended and len(self.queue) < FRAME_SIZE:
             self._finish()
 
     def _emit_raw(self, raw: list[RawWord | RawEndWord]) -> None:
@@ -459,27 +468,37 @@ class STTRuntime:
             self.stepper.close(stream.slot)
 
     # ---- stepping ----------------------------------------------------------------------------------------------
-    def step(self) -> bool:
-        """One frame for every stream with a full frame queued; False (nothing done) if none has one."""
+    def step(self, max_frames: int = 1) -> int:
+        """Run every stream with a full frame queued; returns the number of LM steps (0: no stream had a frame).
+
+        With ``max_frames > 1``, up to that many frames (as many as every ready stream has) are Mimi-encoded in one
+        call, then stepped one by one: faster offline, same semantics (codes can differ from frame-by-frame encoding
+        only by float rounding at distance ties)."""
         ready = [s for s in self.slots if s is not None and s.ready]
         if not ready:
-            return False
-        pcm = np.zeros((self.max_streams, FRAME_SIZE), dtype=np.float32)
+            return 0
+        k = max(1, min(max_frames, *(len(s.queue) // FRAME_SIZE for s in ready)))
+        pcm = np.zeros((self.max_streams, k * FRAME_SIZE), dtype=np.float32)
         active = torch.zeros(self.max_streams, dtype=torch.bool)
         for s in ready:
-            pcm[s.slot] = s.queue.pop_frame()
+            pcm[s.slot] = s.queue.pop(k * FRAME_SIZE)
             active[s.slot] = True
-        tokens, probs = self.stepper.step(torch.from_numpy(pcm), active)
-        self.total_steps += 1
-        for s in ready:
-            s._on_step(tokens[s.slot], probs[s.slot].tolist() if probs is not None else None)
-        return True
+        codes = self.stepper.encode(torch.from_numpy(pcm), active)
+        for i in range(k):
+            tokens, probs = self.stepper.lm_step(codes[..., i], active)
+            self.total_steps += 1
+            for s in ready:
+                s._on_step(tokens[s.slot], probs[s.slot].tolist() if probs is not None else None, last=i == k - 1)
+        return k
 
-    def run(self, max_steps: int | None = None) -> int:
-        """Step until no stream has a full frame queued (or ``max_steps``); returns the number of steps."""
+    def run(self, max_steps: int | None = None, max_frames: int = 1) -> int:
+        """Step until no stream has a full frame queued (or about ``max_steps``); returns the number of steps."""
         n = 0
-        while (max_steps is None or n < max_steps) and self.step():
-            n += 1
+        while max_steps is None or n < max_steps:
+            k = self.step(max_frames if max_steps is None else max(1, min(max_frames, max_steps - n)))
+            if not k:
+                break
+            n += k
         return n
 
 
@@ -497,11 +516,12 @@ class FileResult:
 
 
 def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool = False,
-                     on_frames: Callable[[int], None] | None = None) -> Iterator[FileResult]:
+                     on_frames: Callable[[int], None] | None = None, frames_per_call: int = 8) -> Iterator[FileResult]:
     """Transcribe audio files through the runtime, up to its free slots at a time; yields in completion order.
 
     Unreadable/invalid files yield a :class:`FileResult` with ``error`` set. ``on_frames(n)`` is called after each
-    step with the number of frames it processed. ``progress`` shows a tqdm bar (files, with RTFx)."""
+    step with the number of frames it processed. ``progress`` shows a tqdm bar (files, with RTFx).
+    ``frames_per_call``: Mimi encodes up to this many frames per call (see :meth:`STTRuntime.step`)."""
     import time
 
     todo = [Path(p) for p in paths]
@@ -531,9 +551,9 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
                 live.append((path, s, pcm.shape[0] / SAMPLE_RATE))
                 opened = True
             n_ready = sum(1 for s in rt.streams if s.ready)
-            stepped = rt.step()
+            stepped = rt.step(frames_per_call)
             if stepped and on_frames is not None:
-                on_frames(n_ready)
+                on_frames(n_ready * stepped)
             finished = [item for item in live if item[1].finished]
             if not (opened or stepped or finished) and (todo or live):
                 raise NoFreeSlotError(f"transcribe_files: no progress possible ({rt.free_slots} free slots, "

@@ -108,10 +108,12 @@ class StubCodec:
         return StubState(torch.zeros(batch_size, 1920), torch.ones(batch_size, dtype=torch.bool))
 
     def encode_step(self, pcm, state):
-        x = pcm[:, 0]
-        feat = (x + 0.5 * state.prev).reshape(x.shape[0], 32, 60).abs().sum(-1)
-        state.prev.copy_(torch.where(state.exec_mask[:, None], x, state.prev))
-        return (((feat * 997).long() + 131 * torch.arange(32)) % 2048)[..., None]
+        out = []
+        for x in pcm[:, 0].split(1920, dim=-1):
+            feat = (x + 0.5 * state.prev).reshape(x.shape[0], 32, 60).abs().sum(-1)
+            state.prev.copy_(torch.where(state.exec_mask[:, None], x, state.prev))
+            out.append(((feat * 997).long() + 131 * torch.arange(32)) % 2048)
+        return torch.stack(out, dim=-1)
 
 
 class Forcer:
@@ -265,6 +267,13 @@ def test_events_do_not_depend_on_chunk_size(lm, tok, files, rate):
             ev += s.push(pcm[i : i + chunk])
         ev += s.flush()
         runs.append(ev)
+    forcer = Forcer({"c": forced_stream(tok, 40, seed=5)})
+    rt = runtime(lm, tok, files.config, forcer=forcer, max_streams=1)
+    s = rt.open_stream("c", sample_rate=rate)
+    s.push(pcm, process=False)
+    s.flush(process=False)
+    rt.run(max_frames=5)  # several frames per Mimi call
+    runs.append(s.events())
     assert any(isinstance(e, Word) for e in runs[0]) and isinstance(runs[0][-1], Finished)
     for ev in runs[1:]:
         assert ev == runs[0]
@@ -387,6 +396,10 @@ def test_end_to_end_text_tokens_match_moshi(lm, tok, files, mimi):
     s.push(pcm[30000:])
     s.flush()
     assert s.tokens == ref_tokens and len(set(ref_tokens)) > 3
+    s = rt.open_stream("offline")  # offline: Mimi encodes 8 frames per call
+    s.push(pcm, process=False)
+    s.flush(process=False)
+    assert rt.run(max_frames=8) == n + 7 and s.finished and s.tokens == ref_tokens
 
     # Rust alignment: step t sees frame t-1; moshi fed the same way on the recorded codes
     rust_ref = []
