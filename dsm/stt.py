@@ -13,6 +13,11 @@ has a full frame queued; the others are masked (their state is frozen). A finish
 reset when reused. Input alignment (§5.2): ``"pytorch"`` (step t sees frame t, frame 0 discarded — the DSM python
 scripts) or ``"rust"`` (step t sees frame t−1 — moshi-server). Word times follow either the offline python rule or
 the server's streaming rule (§5.3); see :mod:`dsm.transcript`.
+
+Times are seconds of the pushed audio: the silence prefix this runtime inserts (stt-2.6b: 13 frames) is
+subtracted from the Rust-rule times (exactly 13/12.5 s) and, as the DSM script does, ``int(13/12.5) = 1`` s from the
+python-rule times. At the end of input, a word the server would still hold (no closing ``0``/``3``, or no
+``EndWord``) is emitted and ended at the current time, so that no text is lost.
 """
 
 from __future__ import annotations
@@ -300,7 +305,8 @@ class STTStream:
         return self._process() if process else self.events()
 
     def flush(self, end: bool = True, process: bool = True) -> list[Event]:
-        """Push ``ceil(audio_delay × 12.5)`` silence frames at once so the last words arrive (§5.5).
+        """Push ``ceil(audio_delay × 12.5)`` silence frames at once so the last words arrive (§5.5); one more with
+        the Rust alignment, where the last audio frame is only seen a step later.
 
         A partial frame is zero-padded first. ``end=True`` (default) also ends the input: once processed the stream
         emits :class:`Finished` and frees its slot. ``end=False`` keeps the stream open (voice agents flush at each
@@ -492,7 +498,7 @@ class STTRuntime:
         return k
 
     def run(self, max_steps: int | None = None, max_frames: int = 1) -> int:
-        """Step until no stream has a full frame queued (or about ``max_steps``); returns the number of steps."""
+        """Step until no stream has a full frame queued (at most ``max_steps``); returns the number of steps."""
         n = 0
         while max_steps is None or n < max_steps:
             k = self.step(max_frames if max_steps is None else max(1, min(max_frames, max_steps - n)))
