@@ -100,6 +100,14 @@ class VADStep:
 
 
 @dataclass(frozen=True)
+class Marker:
+    """Echo of :meth:`STTStream.marker`: all audio pushed before it, plus the model delay, has been processed."""
+
+    stream: str
+    id: int
+
+
+@dataclass(frozen=True)
 class Finished:
     """The stream ended (after :meth:`STTStream.flush`); its slot is free."""
 
@@ -107,7 +115,7 @@ class Finished:
     transcript: Transcript
 
 
-Event = Word | EndWord | Partial | VADStep | Finished
+Event = Word | EndWord | Partial | VADStep | Marker | Finished
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,7 @@ class STTStream:
         self._events: list[Event] = []
         self._raw: list[RawWord | RawEndWord] = []
         self._text = ""  # finished words so far, space-separated
+        self._markers: list[tuple[int, int]] = []  # (due step, id)
         self.tracker = RustWordTracker(runtime.asr_delay_in_tokens)
         self.transcript: Transcript | None = None
         self._resampler = self._new_resampler()
@@ -325,6 +334,18 @@ class STTStream:
             self._finish()
         return self._process() if process else self.events()
 
+    def marker(self, marker_id: int) -> list[Event]:
+        """Ask for a :class:`Marker` event once the audio queued so far plus ``asr_delay_in_tokens`` steps have run
+        (moshi-server's rule, §5.7); pending markers are echoed at the end of the stream at the latest."""
+        due = self.steps + len(self.queue) // FRAME_SIZE + self.rt.asr_delay_in_tokens
+        self._markers.append((due, int(marker_id)))
+        self._due_markers()
+        return self.events()
+
+    def _due_markers(self, all_: bool = False) -> None:
+        while self._markers and (all_ or self._markers[0][0] <= self.steps):
+            self._events.append(Marker(self.name, self._markers.pop(0)[1]))
+
     def close(self) -> None:
         """Abort: drop queued audio and free the slot now (no Finished event)."""
         self.ended = True
@@ -357,6 +378,7 @@ class STTStream:
         if probs is not None:
             eot = probs[rt.options.vad_head] > rt.options.vad_threshold
             self._events.append(VADStep(self.name, self.steps, tuple(probs), bool(eot)))
+        self._due_markers()
         if last and self.ended and len(self.queue) < FRAME_SIZE:
             self._finish()
 
@@ -394,6 +416,7 @@ class STTStream:
 
     def _finish(self) -> None:
         self._emit_raw(self.tracker.finish())
+        self._due_markers(all_=True)
         self.finished = True
         self.transcript = self.words()
         self._events.append(Finished(self.name, self.transcript))

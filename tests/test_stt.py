@@ -27,6 +27,7 @@ from dsm.model import LMModel
 from dsm.stt import (
     EndWord,
     Finished,
+    Marker,
     NoFreeSlotError,
     Partial,
     StreamClosedError,
@@ -249,6 +250,26 @@ def test_flush_without_ending_delivers_words_at_once(lm, tok, files):
     ev = s.push(noise(1920 * 8, 2)) + s.flush()
     assert [e.text for e in ev if isinstance(e, Word)] == ["world"] and isinstance(ev[-1], Finished)
     assert ev[-1].transcript.text == "hello world" and s.words("rust").text == "hello world"
+
+
+def test_markers_follow_the_server_rule(lm, tok, files):
+    rt = runtime(lm, tok, files.config, max_streams=1)
+    s = rt.open_stream("m")
+    s.push(noise(1920 * 5 + 7, 1), process=False)
+    assert s.marker(1) == []  # due at step 0 + 5 queued frames + asr delay 6 = 11
+    ev = s.push(noise(1920 * 6, 2))
+    steps = [e.step_idx for e in ev if isinstance(e, VADStep)]
+    assert steps == list(range(1, 12)) and len(s.queue) == 7
+    assert isinstance(ev[-1], Marker) and ev[-1].id == 1 and isinstance(ev[-2], VADStep) and ev[-2].step_idx == 11
+    assert s.marker(2) == []  # due at 11 + 0 + 6
+    ev = s.flush()
+    i = next(i for i, e in enumerate(ev) if isinstance(e, Marker))
+    assert ev[i].id == 2 and ev[i - 1].step_idx == 17 and isinstance(ev[-1], Finished)
+    rt = runtime(lm, tok, files.config, max_streams=1, asr_delay_in_tokens=50)
+    s = rt.open_stream("late")
+    s.marker(3)
+    ev = s.flush()  # due after the end: echoed at the end, before Finished
+    assert [type(e) for e in ev[-2:]] == [Marker, Finished] and ev[-2].id == 3
 
 
 @pytest.mark.parametrize("rate", [24000, 16000])
