@@ -356,7 +356,8 @@ class Mimi:
     def encode(self, pcm: torch.Tensor) -> torch.Tensor:
         """Whole-file encode: pcm ``[B, 1, T]`` -> codes ``[B, n_q, ceil(T / 1920)]`` (right zero padding).
 
-        Equals streaming for the first 10 s only (§7.8): here every query sees the last 250 positions.
+        Equals streaming for the first 10 s only (§7.8): here every query sees the last 250 positions. Like the
+        reference, the attention mask is ``[T, T]`` at 25 Hz, so use streaming for files longer than a few minutes.
         """
         if pcm.dim() != 3 or pcm.shape[1] != 1:
             raise ValueError(f"pcm must be [B, 1, T], got {tuple(pcm.shape)}")

@@ -6,6 +6,7 @@ Codes must match moshi exactly (fp32 CPU, same mode); PCM within 1e-4 relative (
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,16 @@ def signals(n_frames: int, seed: int = 0) -> torch.Tensor:
     clipped = (1.8 * torch.sin(2 * math.pi * 440 * t)).clamp(-1, 1)
     third = clipped * (t > t[-1] / 3)  # silence, then a hard-clipped tone
     return torch.stack([speech, noise, third]).float()[:, None]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    """One intra-op thread by default: these steps are many small ops, and on a shared 2-core runner OpenMP
+    spin-waits made 2 threads 2-7x slower than 1 (measured). ``DSM_MIMI_TEST_THREADS`` overrides."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("DSM_MIMI_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
