@@ -521,3 +521,36 @@ def write_random_checkpoint(preset_or_config: str | Mapping[str, Any] | Checkpoi
         train_random_tokenizer(out_dir / cfg.tokenizer_name, cfg.lm.text_card, seed)
     return out_dir
 
+
+
+def cache_dir() -> Path:
+    """dsm's cache: ``$DSM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dsm``, else ``~/.cache/dsm``."""
+    if os.environ.get("DSM_CACHE_DIR"):
+        return Path(os.environ["DSM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsm"
+
+
+def random_checkpoint_dir(preset: str, seed: int = 0) -> Path:
+    """Where the random checkpoint of ``preset`` lives in the cache: ``<cache>/random/<preset>-seed<seed>``."""
+    return cache_dir() / "random" / f"{preset}-seed{seed}"
+
+
+def ensure_random_checkpoint(preset: str, seed: int = 0) -> Path:
+    """Write (once; reused afterwards) a random checkpoint of ``preset`` into the cache and return its directory."""
+    import shutil
+    import tempfile
+
+    out = random_checkpoint_dir(preset, seed)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write_random_checkpoint(preset, tmp, seed=seed)
+        os.replace(tmp, out)  # atomic: a concurrent writer's complete copy wins
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

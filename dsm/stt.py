@@ -606,32 +606,6 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """``$DSM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dsm``, else ``~/.cache/dsm``."""
-    import os
-
-    if os.environ.get("DSM_CACHE_DIR"):
-        return Path(os.environ["DSM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dsm"
-
-
-def random_checkpoint_dir(preset: str, seed: int = 0) -> Path:
-    """A random-weights checkpoint of ``preset`` in the cache (written once, reused)."""
-    import shutil
-
-    from .checkpoint import write_random_checkpoint
-
-    out = cache_dir() / "random" / f"{preset}-seed{seed}"
-    if (out / "config.json").is_file():
-        return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_random_checkpoint(preset, tmp, seed=seed)
-    tmp.replace(out)
-    return out
-
-
 def add_model_args(p) -> None:
     """Model source (``--checkpoint`` / ``--hf-repo`` / ``--preset --random-weights``) and runtime options."""
     from .cli import add_checkpoint_args, parse_dtype
@@ -655,7 +629,7 @@ def add_model_args(p) -> None:
 
 
 def runtime_from_args(args) -> STTRuntime:
-    from .checkpoint import CheckpointError, resolve_checkpoint
+    from .checkpoint import CheckpointError, ensure_random_checkpoint, resolve_checkpoint
     from .cli import checkpoint_from_args
 
     given = [args.checkpoint is not None, args.hf_repo is not None, args.preset is not None]
@@ -664,7 +638,7 @@ def runtime_from_args(args) -> STTRuntime:
     if args.preset is not None:
         if not args.random_weights:
             raise CheckpointError(f"--preset {args.preset} needs --random-weights (or use --hf-repo)")
-        files = resolve_checkpoint(random_checkpoint_dir(args.preset))
+        files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
     else:
         if args.random_weights:
             raise CheckpointError("--random-weights goes with --preset")

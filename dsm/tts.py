@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointFiles, hub_file, resolve_checkpoint
+from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoint, hub_file, resolve_checkpoint
 from .conditioning import TensorInput
 from .generate import Generator
 from .mimi import Mimi
@@ -740,39 +740,6 @@ __all__ = ["DEFAULT_VOICE", "Entry", "EntryBuilder", "LMStepper", "MachineState"
 # ---------------------------------------------------------------------------------------------------------------
 # `dsm speak`
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def random_checkpoint_dir(preset: str, seed: int = 0) -> Path:
-    """Cache directory of a random checkpoint: ``$DSM_CACHE_DIR`` or ``$XDG_CACHE_HOME/dsm`` or ``~/.cache/dsm``,
-    then ``random/<preset>-seed<seed>``."""
-    import os
-
-    root = os.environ.get("DSM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsm"
-    return Path(root) / "random" / f"{preset}-seed{seed}"
-
-
-def ensure_random_checkpoint(preset: str, seed: int = 0) -> Path:
-    """Write (once; reused afterwards) a random checkpoint of ``preset`` into the cache."""
-    import os
-    import shutil
-    import tempfile
-
-    from .checkpoint import write_random_checkpoint
-
-    out = random_checkpoint_dir(preset, seed)
-    if (out / "config.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        write_random_checkpoint(preset, tmp, seed=seed)
-        os.replace(tmp, out)  # atomic: a concurrent writer's complete copy wins
-    except OSError:
-        if not (out / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def setup_speak_parser(p) -> None:

@@ -327,8 +327,8 @@ def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
     """`dsm speak --preset tiny-tts --random-weights` reuses the cached checkpoint, streams raw float32 PCM."""
     import numpy as np
 
+    from dsm.checkpoint import random_checkpoint_dir
     from dsm.cli import main
-    from dsm.tts import random_checkpoint_dir
 
     monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
     cached = random_checkpoint_dir("tiny-tts")
