@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
 
 
 def _interpret() -> bool:
@@ -41,11 +42,26 @@ def _interpret() -> bool:
 
 
 @triton.jit
+def _round_e4m3(x, SAT: tl.constexpr):
+    """``clamp(x, -SAT, SAT)`` rounded to nearest even on the e4m3 grid, in fp32, so that the cast to fp8 that
+    follows is exact. Done by hand because the interpreter's fp32->fp8 cast rounds ties away and drops the carry
+    into the exponent (1.97 -> 1.0); on a GPU the native cast of these exact values changes nothing. Comparisons
+    keep a NaN a NaN; the sign bit is kept (-0.0 and tiny negatives give fp8 -0, as torch)."""
+    x = tl.where(x > SAT, SAT, tl.where(x < -SAT, -SAT, x))  # saturate: overflow never becomes NaN
+    bits = x.to(tl.int32, bitcast=True)
+    ax = tl.abs(x)
+    e = tl.maximum((ax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)  # subnormals (< 2^-6) step 2^-9
+    big = ((e + 20) << 23).to(tl.float32, bitcast=True)  # 2^(E+20): fp32 spacing 2^(E-3) = the e4m3 spacing
+    r = (ax + big) - big  # fp32 addition rounds to nearest even on that spacing
+    return (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _append_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     page_size, HD,
     stride_kb, stride_vb, stride_kcp, stride_kcs, stride_vcp, stride_vcs,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, SAT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     row = tl.load(slot_ptr + b).to(tl.int64)
@@ -58,8 +74,20 @@ def _append_kv_kernel(
         v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + offs, mask=mask)
         kc_row = kc_ptr + page * stride_kcp + off * stride_kcs
         vc_row = vc_ptr + page * stride_vcp + off * stride_vcs
-        tl.store(kc_row + offs, k.to(tl.float32).to(kc_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc_row + offs, v.to(tl.float32).to(vc_ptr.dtype.element_ty), mask=mask)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        if SAT > 0:  # fp8 e4m3 cache
+            k = _round_e4m3(k, SAT)
+            v = _round_e4m3(v, SAT)
+        tl.store(kc_row + offs, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_row + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def cache_saturation(dtype: torch.dtype) -> float:
+    """The bound K/V values are clamped to before they are stored in a cache of ``dtype`` (0: no clamp).
+
+    fp8 e4m3 caches store ``clamp(x, -448, 448)`` rounded to nearest even, without a scale (see the module doc)."""
+    return float(torch.finfo(dtype).max) if dtype in FP8_CACHE_DTYPES else 0.0
 
 
 def _check_heads_contiguous(x: torch.Tensor, name: str):
@@ -80,7 +108,7 @@ def append_kv_triton(k_cache, v_cache, k, v, slot_mapping) -> None:
         k, v, k_cache, v_cache, slot_mapping,
         k_cache.shape[1], H * D,
         k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        BLOCK=triton.next_power_of_2(H * D), num_warps=4,
+        BLOCK=triton.next_power_of_2(H * D), SAT=cache_saturation(k_cache.dtype), num_warps=4,
     )  # fmt: skip
 
 

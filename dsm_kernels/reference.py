@@ -90,14 +90,23 @@ def append_kv_ref(
 
     ``k_cache``/``v_cache``: [num_pages, page_size, H, D]; ``k``/``v``: [B, H, D] (keys already rotated);
     ``slot_mapping``: [B] flat row index into the pool (``page * page_size + offset``), ``-1`` = do not write.
+    An fp8 (e4m3) cache stores ``clamp(x, -448, 448)`` rounded to nearest, with no scale: overflow saturates instead
+    of becoming NaN (a NaN input stays NaN).
     """
     for b in range(k.shape[0]):
         row = int(slot_mapping[b])
         if row < 0:
             continue
         page, off = divmod(row, k_cache.shape[1])
-        k_cache[page, off] = k[b].to(k_cache.dtype)
-        v_cache[page, off] = v[b].to(v_cache.dtype)
+        k_cache[page, off] = _to_cache(k[b], k_cache.dtype)
+        v_cache[page, off] = _to_cache(v[b], v_cache.dtype)
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:
+        bound = torch.finfo(dtype).max  # 448
+        x = x.float().clamp(-bound, bound)
+    return x.to(dtype)
 
 
 def paged_decode_attention_ref(
