@@ -16,6 +16,14 @@
 #include "checks.h"
 #include "dsm_cuda.h"
 
+// Decode over a KV cache whose element code may differ from q's (fp8 e4m3); defined in csrc/paged_attention.cu.
+extern "C" cudaError_t dsm_launch_paged_decode_attention_kv(
+    void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
+    const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int cache_dtype, int page_size,
+    int pages_per_slot, int context, float scale, int num_splits, float* part_m, float* part_l, float* part_acc,
+    int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
+    int64_t stride_bt, cudaStream_t stream);
+
 namespace {
 
 int dsm_dtype(const at::Tensor& t) {
@@ -27,6 +35,10 @@ int dsm_dtype(const at::Tensor& t) {
   }
   return -1;
 }
+
+// KV cache element code: the DsmDtype of the tensor, or 3 for fp8 e4m3 (kDsmFp8E4M3 in csrc/paged_attention.cu).
+constexpr int kDsmFp8E4M3 = 3;
+int kv_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat8_e4m3fn ? kDsmFp8E4M3 : dsm_dtype(t); }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
@@ -100,7 +112,7 @@ void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
   const c10::cuda::CUDAGuard guard(k_cache.device());
   DSM_CUDA_OK(dsm_launch_append_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                    slot_mapping.data_ptr<int64_t>(), static_cast<int>(B), static_cast<int>(H * D),
-                                   static_cast<int>(k_cache.size(1)), dsm_dtype(k), dsm_dtype(k_cache), k.stride(0),
+                                   static_cast<int>(k_cache.size(1)), dsm_dtype(k), kv_dtype(k_cache), k.stride(0),
                                    v.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
                                    v_cache.stride(1), stream_of(k_cache)));
 }
@@ -120,8 +132,9 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
               "dsm: q rows must be 16-byte aligned with contiguous head_dim");
   check_pool(k_cache, H, D, "k_cache");
   check_pool(v_cache, H, D, "v_cache");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "dsm: q and the caches must share a dtype");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (k_cache.scalar_type() == q.scalar_type() || k_cache.scalar_type() == at::kFloat8_e4m3fn),
+              "dsm: the caches must share q's dtype or both be float8_e4m3fn");
   TORCH_CHECK(k_cache.stride(1) % 8 == 0 && v_cache.stride(1) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
@@ -138,10 +151,10 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   const int64_t parts = num_splits > 1 ? B * H * num_splits : 1;
   at::Tensor ml = at::empty({2, parts}, q.options().dtype(at::kFloat));
   at::Tensor acc = at::empty({parts, num_splits > 1 ? D : 1}, q.options().dtype(at::kFloat));
-  DSM_CUDA_OK(dsm_launch_paged_decode_attention(
+  DSM_CUDA_OK(dsm_launch_paged_decode_attention_kv(
       out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr<int32_t>(),
       seq_lens.data_ptr<int32_t>(), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), dsm_dtype(q),
-      static_cast<int>(k_cache.size(1)), static_cast<int>(block_table.size(1)), static_cast<int>(context),
+      kv_dtype(k_cache), static_cast<int>(k_cache.size(1)), static_cast<int>(block_table.size(1)), static_cast<int>(context),
       static_cast<float>(scale), static_cast<int>(num_splits), ml.data_ptr<float>(), ml.data_ptr<float>() + parts,
       acc.data_ptr<float>(), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
       v_cache.stride(1), block_table.stride(0), stream_of(out)));

@@ -9,13 +9,52 @@
 // kUnroll of those in flight before any arithmetic (latency hiding at batch 1). Online softmax in fp32, base 2.
 // The partial (m, l, acc) of each split goes to a workspace that a merge kernel reduces; with one split the block
 // writes the output directly.
+//
+// fp8 KV cache (cache dtype code kDsmFp8E4M3): append stores clamp(x, -448, 448) rounded to nearest even as e4m3,
+// no scale (cvt.rn.satfinite: overflow saturates, NaN stays NaN), exactly dsm_kernels.reference.append_kv_ref;
+// decode reads the cache as e4m3 (8 elements = one 8-byte load per lane) and q/out keep their own dtype.
+#include <cuda_fp8.h>
+
 #include "common.cuh"
+
+// Element code of an fp8 e4m3 KV cache, beside DsmDtype (dsm_cuda.h); only the KV cache takes it.
+constexpr int kDsmFp8E4M3 = 3;
 
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kUnroll = 4;
 constexpr float kLog2e = 1.4426950408889634f;
+
+using fp8 = __nv_fp8_e4m3;
+
+template <typename TC>
+__device__ __forceinline__ TC to_cache(float x) {
+  return dsm::from_float<TC>(x);
+}
+template <>
+__device__ __forceinline__ fp8 to_cache<fp8>(float x) {
+  fp8 r;
+  r.__x = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);  // round to nearest even, saturate to +-448
+  return r;
+}
+
+// 8 consecutive cache elements as fp32 (16-byte aligned loads for 16-bit types, 8-byte for fp8).
+template <typename TC>
+__device__ __forceinline__ void load8(const TC* __restrict__ p, float (&v)[8]) {
+  dsm::load_f32<TC, 8, true>(p, v);
+}
+template <>
+__device__ __forceinline__ void load8<fp8>(const fp8* __restrict__ p, float (&v)[8]) {
+  const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+  const __nv_fp8x2_storage_t* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pairs[i], __NV_E4M3)));
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
 
 template <typename TIn, typename TC>
 __global__ void append_kv_kernel(const TIn* __restrict__ k, const TIn* __restrict__ v, TC* __restrict__ kc,
@@ -29,14 +68,14 @@ __global__ void append_kv_kernel(const TIn* __restrict__ k, const TIn* __restric
   TC* krow = kc + page * stride_kcp + off * stride_kcs;
   TC* vrow = vc + page * stride_vcp + off * stride_vcs;
   for (int i = threadIdx.x; i < HD; i += blockDim.x) {
-    krow[i] = dsm::from_float<TC>(dsm::to_float(k[b * stride_kb + i]));
-    vrow[i] = dsm::from_float<TC>(dsm::to_float(v[b * stride_vb + i]));
+    krow[i] = to_cache<TC>(dsm::to_float(k[b * stride_kb + i]));
+    vrow[i] = to_cache<TC>(dsm::to_float(v[b * stride_vb + i]));
   }
 }
 
-template <typename T, int D>
+template <typename T, typename TC, int D>
 __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
-    T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    T* __restrict__ out, const T* __restrict__ q, const TC* __restrict__ k_cache, const TC* __restrict__ v_cache,
     const int32_t* __restrict__ block_table, const int32_t* __restrict__ seq_lens, int H, int page_size,
     int pages_per_slot, int context, float qk_scale, int num_splits, int chunk, float* __restrict__ part_m,
     float* __restrict__ part_l, float* __restrict__ part_acc, int64_t stride_qb, int64_t stride_qh,
@@ -74,8 +113,8 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
       if (p < end) {
         const int64_t page = bt[(p / page_size) % pages_per_slot];
         const int64_t r = p % page_size;
-        dsm::load_f32<T, 8, true>(k_cache + page * stride_kp + r * stride_ks + col, kv[j]);
-        dsm::load_f32<T, 8, true>(v_cache + page * stride_vp + r * stride_vs + col, vv[j]);
+        load8<TC>(k_cache + page * stride_kp + r * stride_ks + col, kv[j]);
+        load8<TC>(v_cache + page * stride_vp + r * stride_vs + col, vv[j]);
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) kv[j][i] = vv[j][i] = 0.f;
@@ -171,7 +210,7 @@ __global__ void paged_decode_merge_kernel(T* __restrict__ out, const float* __re
   }
 }
 
-template <typename T, int D>
+template <typename T, typename TC, int D>
 cudaError_t launch_decode(void* out, const void* q, const void* k_cache, const void* v_cache,
                           const int32_t* block_table, const int32_t* seq_lens, int B, int H, int page_size,
                           int pages_per_slot, int context, float scale, int num_splits, float* part_m,
@@ -179,9 +218,9 @@ cudaError_t launch_decode(void* out, const void* q, const void* k_cache, const v
                           int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt,
                           cudaStream_t stream) {
   const int chunk = (context + num_splits - 1) / num_splits;
-  paged_decode_kernel<T, D><<<dim3(B * H, num_splits), kWarps * 32, 0, stream>>>(
-      static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k_cache),
-      static_cast<const T*>(v_cache), block_table, seq_lens, H, page_size, pages_per_slot, context,
+  paged_decode_kernel<T, TC, D><<<dim3(B * H, num_splits), kWarps * 32, 0, stream>>>(
+      static_cast<T*>(out), static_cast<const T*>(q), static_cast<const TC*>(k_cache),
+      static_cast<const TC*>(v_cache), block_table, seq_lens, H, page_size, pages_per_slot, context,
       scale * kLog2e, num_splits, chunk, part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks,
       stride_vp, stride_vs, stride_bt);
   if (num_splits > 1) {
@@ -189,6 +228,28 @@ cudaError_t launch_decode(void* out, const void* q, const void* k_cache, const v
                                                               num_splits);
   }
   return cudaGetLastError();
+}
+
+#define DSM_DECODE_PARAMS                                                                                        \
+  void *out, const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table,                \
+      const int32_t *seq_lens, int B, int H, int page_size, int pages_per_slot, int context, float scale,       \
+      int num_splits, float *part_m, float *part_l, float *part_acc, int64_t stride_qb, int64_t stride_qh,      \
+      int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt,            \
+      cudaStream_t stream
+#define DSM_DECODE_ARGS                                                                                           \
+  out, q, k_cache, v_cache, block_table, seq_lens, B, H, page_size, pages_per_slot, context, scale, num_splits, \
+      part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt, stream
+
+template <typename T, typename TC>
+cudaError_t launch_decode_head_dim(int head_dim, DSM_DECODE_PARAMS) {
+  switch (head_dim) {  // D/8 lanes per key must divide a warp
+    case 16: return launch_decode<T, TC, 16>(DSM_DECODE_ARGS);
+    case 32: return launch_decode<T, TC, 32>(DSM_DECODE_ARGS);
+    case 64: return launch_decode<T, TC, 64>(DSM_DECODE_ARGS);
+    case 128: return launch_decode<T, TC, 128>(DSM_DECODE_ARGS);
+    case 256: return launch_decode<T, TC, 256>(DSM_DECODE_ARGS);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
@@ -199,12 +260,36 @@ extern "C" cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* 
                                             int64_t stride_kcp, int64_t stride_kcs, int64_t stride_vcp,
                                             int64_t stride_vcs, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  DSM_DISPATCH_DTYPE(in_dtype, TIn, DSM_DISPATCH_DTYPE(cache_dtype, TC, {
-    append_kv_kernel<TIn, TC><<<B, 128, 0, stream>>>(
-        static_cast<const TIn*>(k), static_cast<const TIn*>(v), static_cast<TC*>(k_cache), static_cast<TC*>(v_cache),
-        slot_mapping, HD, page_size, stride_kb, stride_vb, stride_kcp, stride_kcs, stride_vcp, stride_vcs);
-  }));
+#define DSM_APPEND_LAUNCH(TIn, TC)                                                                                   \
+  append_kv_kernel<TIn, TC><<<B, 128, 0, stream>>>(static_cast<const TIn*>(k), static_cast<const TIn*>(v),         \
+                                                   static_cast<TC*>(k_cache), static_cast<TC*>(v_cache), slot_mapping, \
+                                                   HD, page_size, stride_kb, stride_vb, stride_kcp, stride_kcs,      \
+                                                   stride_vcp, stride_vcs)
+  if (cache_dtype == kDsmFp8E4M3) {
+    DSM_DISPATCH_DTYPE(in_dtype, TIn, DSM_APPEND_LAUNCH(TIn, fp8));
+  } else {
+    DSM_DISPATCH_DTYPE(in_dtype, TIn, DSM_DISPATCH_DTYPE(cache_dtype, TC, DSM_APPEND_LAUNCH(TIn, TC)));
+  }
+#undef DSM_APPEND_LAUNCH
   return cudaGetLastError();
+}
+
+// Decode with a KV cache of element code `cache_dtype`: `dtype` (q and out) or kDsmFp8E4M3. Declared in
+// csrc/bindings.cpp; dsm_launch_paged_decode_attention (dsm_cuda.h) is the case cache_dtype == dtype.
+extern "C" cudaError_t dsm_launch_paged_decode_attention_kv(
+    void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
+    const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int cache_dtype, int page_size,
+    int pages_per_slot, int context, float scale, int num_splits, float* part_m, float* part_l, float* part_acc,
+    int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
+    int64_t stride_bt, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (num_splits < 1) return cudaErrorInvalidValue;
+  DSM_DISPATCH_DTYPE(dtype, T, {
+    if (cache_dtype == dtype) return launch_decode_head_dim<T, T>(head_dim, DSM_DECODE_ARGS);
+    if (cache_dtype == kDsmFp8E4M3) return launch_decode_head_dim<T, fp8>(head_dim, DSM_DECODE_ARGS);
+    return cudaErrorInvalidValue;
+  });
+  return cudaErrorInvalidValue;
 }
 
 extern "C" cudaError_t dsm_launch_paged_decode_attention(
@@ -213,21 +298,10 @@ extern "C" cudaError_t dsm_launch_paged_decode_attention(
     float scale, int num_splits, float* part_m, float* part_l, float* part_acc, int64_t stride_qb,
     int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
     int64_t stride_bt, cudaStream_t stream) {
-  if (B == 0) return cudaSuccess;
-  if (num_splits < 1) return cudaErrorInvalidValue;
-#define DSM_DECODE_ARGS                                                                                           \
-  out, q, k_cache, v_cache, block_table, seq_lens, B, H, page_size, pages_per_slot, context, scale, num_splits, \
-      part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt, stream
-  DSM_DISPATCH_DTYPE(dtype, T, {
-    switch (head_dim) {  // D/8 lanes per key must divide a warp
-      case 16: return launch_decode<T, 16>(DSM_DECODE_ARGS);
-      case 32: return launch_decode<T, 32>(DSM_DECODE_ARGS);
-      case 64: return launch_decode<T, 64>(DSM_DECODE_ARGS);
-      case 128: return launch_decode<T, 128>(DSM_DECODE_ARGS);
-      case 256: return launch_decode<T, 256>(DSM_DECODE_ARGS);
-      default: return cudaErrorInvalidValue;
-    }
-  });
-#undef DSM_DECODE_ARGS
-  return cudaErrorInvalidValue;
+  return dsm_launch_paged_decode_attention_kv(out, q, k_cache, v_cache, block_table, seq_lens, B, H, head_dim, dtype,
+                                              dtype, page_size, pages_per_slot, context, scale, num_splits, part_m,
+                                              part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp,
+                                              stride_vs, stride_bt, stream);
 }
+#undef DSM_DECODE_ARGS
+#undef DSM_DECODE_PARAMS
