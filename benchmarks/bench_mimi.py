@@ -115,12 +115,15 @@ def main() -> None:
     p.add_argument("--n-q", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="timed calls (default 50 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 10 on CUDA, 2 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's choice)")
     p.add_argument("--ckpt", type=Path, default=None, help="Mimi safetensors (default: a random one)")
     p.add_argument("--no-moshi", action="store_true", help="skip the moshi baseline")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "mimi.jsonl")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
     args.steps = args.steps or (50 if cuda else 5)
     args.warmup = args.warmup or (10 if cuda else 2)
