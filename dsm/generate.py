@@ -249,7 +249,15 @@ class Generator:
         return self._sample(state, text_logits, self.temp_text, self.top_k_text, 0)
 
     def depformer(self, state: GenState, text_token: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The frame's audio tokens [B, dep_q], sampled codebook by codebook."""
+        """The frame's audio tokens [B, dep_q], sampled codebook by codebook (one fused op without CFG rows)."""
+        if self.cfg_rows == 1:
+            B = state.batch_size
+            t = self.temp if self.use_sampling else 0.0
+            temperature = torch.full((B,), t, dtype=torch.float32, device=z.device)
+            base = state.offsets * (self.model.cfg.dep_q + 1) + 1  # the counters `_sample` uses for stream k + 1
+            return self.model.depformer_step(text_token, z, temperature=temperature, top_k=self.top_k,
+                                             seeds=state.seeds, step_base=base, backend=self.backend)
+
         def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
             return self._sample(state, logits, self.temp, self.top_k, k + 1)
 

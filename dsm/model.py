@@ -269,15 +269,80 @@ class LMModel(nn.Module):
     def extra_head_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
         return [F.softmax(head(z), dim=-1) for head in self.extra_heads]
 
+    def depformer_weights(self):
+        """The depformer's tensors packed for ``dsm_kernels.depformer_frame`` (cached; re-packed when the weights
+        move or change dtype), or None for a layout the fused op does not cover (positional embedding, plain FFN,
+        LayerNorm, grouped K/V), which keeps the module loop."""
+        from dsm_kernels.reference import DepformerLayerWeights, DepformerWeights
+
+        cfg, dep = self.cfg, self.depformer
+        key = (self.depformer_in[0].weight.device, self.depformer_in[0].weight.dtype,
+               self.depformer_in[0].weight.data_ptr())  # fmt: skip
+        cached = self.__dict__.get("_dep_packed")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        norms = {cfg.norm} | ({cfg.depformer_norm} if cfg.depformer_norm else set())
+        if (cfg.dep_q == 0 or dep.pos_emb != "none" or cfg.dep_gating == "none" or cfg.kv_repeat != 1
+                or len(norms) != 1 or not cfg.norm.startswith("rms_norm")):  # fmt: skip
+            packed = None
+        else:
+            with torch.no_grad():
+                # Stack the input projections once and re-point each module at its slice (no copy kept).
+                stacked = torch.stack([m.weight.data for m in self.depformer_in])
+                for i, m in enumerate(self.depformer_in):
+                    m.weight.data = stacked[i]
+                key = (stacked.device, stacked.dtype, stacked.data_ptr())
+                te = self.depformer_text_emb
+                text, text2 = te.fused_tables() if te.demux else (te(torch.arange(te.num, device=stacked.device)),
+                                                                  None)  # fmt: skip
+                full = [e(torch.arange(e.num, device=stacked.device)) for e in self.depformer_emb]  # low rank folded
+                emb = torch.stack(full) if full else text.new_zeros(1, cfg.card + 1, cfg.depformer_dim)
+                dd, S = cfg.depformer_dim, cfg.dep_weight_sets
+                layers = []
+                for layer in dep.layers:
+                    g = layer.gating if isinstance(layer.gating, nn.ModuleList) else [layer.gating]
+                    sc1 = getattr(layer.layer_scale_1, "scale", None)
+                    sc2 = getattr(layer.layer_scale_2, "scale", None)
+                    layers.append(DepformerLayerWeights(
+                        norm1=layer.norm1.alpha.view(-1), norm2=layer.norm2.alpha.view(-1),
+                        in_proj=layer.self_attn.in_proj_weight.view(S, 3 * dd, dd),
+                        out_proj=layer.self_attn.out_proj.weight.view(S, dd, dd),
+                        linear_in=tuple(b.linear_in.weight for b in g),
+                        linear_out=tuple(b.linear_out.weight for b in g),
+                        scale1=sc1, scale2=sc2))  # fmt: skip
+                schedule = tuple(dep.weight_set(k) if cfg.depformer_weights_per_step else 0 for k in range(cfg.dep_q))
+                in_index = tuple((cfg.dep_schedule[k] if cfg.depformer_weights_per_step_schedule else k)
+                                 if cfg.depformer_multi_linear else 0 for k in range(cfg.dep_q))  # fmt: skip
+                packed = DepformerWeights(
+                    num_heads=cfg.dep_num_heads, schedule=schedule, in_index=in_index, in_proj=stacked,
+                    text_emb=text.contiguous(), text_emb2=text2.contiguous() if text2 is not None else None,
+                    emb=emb.contiguous(), heads=tuple(h.weight for h in self.linears),
+                    head_norms=tuple(n.alpha.view(-1) if isinstance(n, Norm) else None for n in self.depformer_norms),
+                    layers=tuple(layers), norm_eps=dep.layers[0].norm1.eps, norm_f32=cfg.norm == "rms_norm_f32",
+                    activation=cfg.dep_gating)  # fmt: skip
+        self.__dict__["_dep_packed"] = (key, packed)
+        return packed
+
     def depformer_step(self, text_token: torch.Tensor, z: torch.Tensor,
-                       sample: Callable[[int, torch.Tensor], torch.Tensor], steps: int | None = None) -> torch.Tensor:
+                       sample: Callable[[int, torch.Tensor], torch.Tensor] | None = None, steps: int | None = None, *,
+                       temperature: torch.Tensor | None = None, top_k: int = 0, seeds: torch.Tensor | None = None,
+                       step_base: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
         """Generate the audio tokens of one frame along the codebook axis (DSM-SPEC §3).
 
         ``sample(k, logits [B, card]) -> [B]`` picks codebook ``k``'s token (CFG mixing and sampling live there).
         Rows of ``z`` may be 2B (CFG), the token fed back is then repeated. Returns [B, steps] int64.
+        Without ``sample`` the whole frame is one ``dsm_kernels.depformer_frame`` op sampling with ``temperature``
+        [B], ``top_k``, ``seeds`` [B] and noise counters ``step_base + k`` (no CFG rows).
         """
         cfg, dep = self.cfg, self.depformer
         steps = cfg.dep_q if steps is None else steps
+        packed = self.depformer_weights() if sample is None else None
+        if sample is None and packed is not None and steps == cfg.dep_q:
+            return dsm_kernels.depformer_frame(packed, z, text_token, temperature, top_k, seeds, step_base,
+                                               backend=backend)
+        if sample is None:  # layouts the fused op does not cover: the same sampling through the module loop
+            def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
+                return dsm_kernels.sample_tokens(logits, temperature, top_k, seeds, step_base + k, backend=backend)
         rows = z.shape[0]
         caches: list[list[torch.Tensor]] = [[] for _ in dep.layers]
         prev, out = text_token, []

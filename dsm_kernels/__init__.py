@@ -41,6 +41,11 @@ _OPS = {
         "triton": "dsm_kernels.sampling:sample_tokens_triton",
         "cuda": "dsm_kernels.cuda_ops:sample_tokens_cuda",
     },
+    # No CUDA C++ twin: a request for "cuda" (or the cuda default) falls back to the best registered backend.
+    "depformer_frame": {
+        "reference": "dsm_kernels.reference:depformer_frame_ref",
+        "triton": "dsm_kernels.depformer:depformer_frame_triton",
+    },
 }
 
 
@@ -94,6 +99,9 @@ def resolve(op: str, backend: str | None, device: torch.device | str):
             f"kernel backend {backend!r} is not available on {torch.device(device)} "
             f"(available: {available_backends(device)})"
         )
+    if backend not in _OPS[op]:  # op without this backend: next best one registered for it
+        avail = [b for b in available_backends(device) if b in _OPS[op]]
+        backend = "triton" if "triton" in avail else "reference"
     return _load(_OPS[op][backend])
 
 
@@ -126,11 +134,18 @@ def sample_tokens(logits, temperature, top_k, seeds, steps, *, null_logits=None,
     return fn(logits, temperature, top_k, seeds, steps, null_logits=null_logits, cfg_coef=cfg_coef)
 
 
+def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, backend=None):
+    """See :func:`dsm_kernels.reference.depformer_frame_ref`."""
+    fn = resolve("depformer_frame", backend, z.device)
+    return fn(weights, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
+
+
 __all__ = [
     "BACKENDS",
     "append_kv",
     "available_backends",
     "default_backend",
+    "depformer_frame",
     "has_cuda_ext",
     "has_triton",
     "multistream_embed",

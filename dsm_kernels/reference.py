@@ -16,7 +16,10 @@ Conventions shared by all backends (see DSM-SPEC §2):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 
 def multistream_embed_ref(
@@ -209,3 +212,132 @@ def sample_tokens_ref(
         score = torch.where(keep, p / -torch.log(u[b]), torch.full_like(p, -1.0))
         out[b] = score.argmax()
     return out
+
+
+# ---- depth transformer (DSM-SPEC §3) --------------------------------------------------------------------------
+
+
+@dataclass
+class DepformerLayerWeights:
+    """One depformer layer. ``in_proj``/``out_proj`` are views of the stacked checkpoint tensors (set ``j`` is
+    ``[j]``); the FFN sets are separate checkpoint tensors, so they stay a tuple (no copy of ~0.6 GB)."""
+
+    norm1: torch.Tensor  # [dd] RMSNorm alpha
+    norm2: torch.Tensor  # [dd]
+    in_proj: torch.Tensor  # [S, 3*dd, dd]: q rows, then k, then v
+    out_proj: torch.Tensor  # [S, dd, dd]
+    linear_in: tuple[torch.Tensor, ...]  # per set [2*hidden, dd]: gate rows, then value rows
+    linear_out: tuple[torch.Tensor, ...]  # per set [dd, hidden]
+    scale1: torch.Tensor | None = None  # LayerScale [dd] or None
+    scale2: torch.Tensor | None = None
+
+
+@dataclass
+class DepformerWeights:
+    """Every tensor one depformer frame reads (packed once by ``LMModel.depformer_weights``).
+
+    The low-rank audio embeddings are folded into full-width tables once (a gather commutes with the row-wise
+    low-rank projection): per step that reads one 2 KB row per slot instead of the 256 KB projection, at the cost
+    of 2049×1024 bf16 = 4 MB of memory per codebook (126 MB for 31 tables). The demuxed text embedding keeps its
+    two tables ``out1(weight)``/``out2(weight)``.
+    """
+
+    num_heads: int
+    schedule: tuple[int, ...]  # weight set of step k (len dep_q)
+    in_index: tuple[int, ...]  # depformer_in projection of step k
+    in_proj: torch.Tensor  # [n_in, dd, d]
+    text_emb: torch.Tensor  # [Vt, dd] (demux: the first id's table)
+    text_emb2: torch.Tensor | None  # [Vt, dd] demux second id's table, or None
+    emb: torch.Tensor  # [max(dep_q - 1, 1), card + 1, dd] audio tables of steps 1..dep_q-1
+    heads: tuple[torch.Tensor, ...]  # per step [card, dd]
+    head_norms: tuple[torch.Tensor | None, ...]  # per step RMSNorm alpha before the head, or None (identity)
+    layers: tuple[DepformerLayerWeights, ...]
+    norm_eps: float = 1e-8
+    norm_f32: bool = True  # rms_norm_f32 (compute in fp32) vs rms_norm (compute in the model dtype)
+    activation: str = "silu"
+
+    @property
+    def dep_q(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def dim(self) -> int:
+        return self.in_proj.shape[1]
+
+    @property
+    def card(self) -> int:
+        return self.heads[0].shape[0]
+
+
+def _dep_rms(x: torch.Tensor, alpha: torch.Tensor, eps: float, f32: bool) -> torch.Tensor:
+    """``dsm.layers.Norm`` (rms kinds), same operation order."""
+    dtype = x.dtype
+    if f32:
+        x = x.float()
+    var = eps + torch.mean(x**2, dim=-1, keepdim=True)
+    return (x * (alpha.view(-1).to(var) * torch.rsqrt(var))).to(dtype)
+
+
+def _dep_embed(w: DepformerWeights, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """``ScaledEmbedding`` on the folded tables: id -1 gives zeros; step 0 demuxes the text id (DSM-SPEC §2.2)."""
+    is_zero = (ids == -1)[:, None]
+    ids = ids.clamp(min=0)
+    if k == 0 and w.text_emb2 is not None:
+        vt = w.text_emb.shape[0]
+        first = w.text_emb[ids % vt]
+        second = ids // vt - 1
+        y = first + torch.where((second < 0)[:, None], torch.zeros((), dtype=first.dtype),
+                                w.text_emb2[second.clamp(min=0)])
+    else:
+        y = (w.text_emb if k == 0 else w.emb[k - 1])[ids]
+    return torch.where(is_zero, torch.zeros((), dtype=y.dtype), y)
+
+
+_DEP_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "relu": F.relu}
+
+
+def depformer_frame_ref(
+    w: DepformerWeights,
+    z: torch.Tensor,
+    text_token: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: int,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    return_logits: bool = False,
+):
+    """All ``dep_q`` audio tokens of one frame (DSM-SPEC §3): the plain per-codebook loop.
+
+    ``z``: [B, d] temporal output; ``text_token``: [B] (fed at step 0); sampling as :func:`sample_tokens_ref` with
+    ``temperature`` [B], ``top_k``, ``seeds`` [B] and noise counter ``steps + k`` at codebook ``k`` (``steps`` [B]).
+    No positional embedding (``depformer_pos_emb: none``), attention over the steps 0..k of this frame.
+    Returns tokens [B, dep_q] int64 (and logits [B, dep_q, card] in the model dtype with ``return_logits``).
+    """
+    act = _DEP_ACTIVATIONS[w.activation]
+    B, H = z.shape[0], w.num_heads
+    caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in w.layers]
+    prev, out, all_logits = text_token, [], []
+    for k in range(w.dep_q):
+        j = w.schedule[k]
+        x = F.linear(z, w.in_proj[w.in_index[k]]) + _dep_embed(w, k, prev)
+        for i, lw in enumerate(w.layers):
+            qkv = F.linear(_dep_rms(x, lw.norm1, w.norm_eps, w.norm_f32), lw.in_proj[j])
+            q, kk, v = qkv.view(B, 3, H, -1).unbind(1)
+            caches[i].append((kk, v))
+            keys = torch.stack([c[0] for c in caches[i]], dim=2)  # [B, H, k+1, D]
+            vals = torch.stack([c[1] for c in caches[i]], dim=2)
+            a = F.scaled_dot_product_attention(q[:, :, None], keys, vals)[:, :, 0]
+            y = F.linear(a.flatten(1), lw.out_proj[j])
+            x = x + (lw.scale1.to(y) * y if lw.scale1 is not None else y)
+            h = F.linear(_dep_rms(x, lw.norm2, w.norm_eps, w.norm_f32), lw.linear_in[j])
+            h = h.view(B, 2, -1)
+            y = F.linear(act(h[:, 0]) * h[:, 1], lw.linear_out[j])
+            x = x + (lw.scale2.to(y) * y if lw.scale2 is not None else y)
+        hn = w.head_norms[k]
+        logits = F.linear(_dep_rms(x, hn, w.norm_eps, w.norm_f32) if hn is not None else x, w.heads[k])
+        prev = sample_tokens_ref(logits, temperature, top_k, seeds, steps + k)
+        out.append(prev)
+        all_logits.append(logits)
+    tokens = torch.stack(out, dim=1)
+    return (tokens, torch.stack(all_logits, dim=1)) if return_logits else tokens

@@ -1,0 +1,354 @@
+"""Triton depth transformer: one frame's ``dep_q`` codebook steps (semantics: ``reference.depformer_frame_ref``).
+
+The step is weight-streaming bound (92.6 MB of weights per codebook at the TTS shapes, M = batch <= 64), so every
+GEMM is a skinny split-K GEMM spread over ~2 programs per SM so that batch 1 still fills the GPU, and everything
+that is not a GEMM rides in a GEMM's prologue or epilogue:
+
+* frame start (1 launch): the ``n_in`` distinct ``depformer_in`` projections of ``z`` in one GEMM (each set read
+  once per frame instead of once per codebook: 46 MB instead of 134 MB at the TTS shapes, DSM-SPEC §10.3);
+* per layer (4 launches):
+  1. RMSNorm prologue + QKV GEMM, split over (head, K). The last program to finish a head (a counter per tile)
+     sums the split-K partials in a fixed order (deterministic, graph-replay stable), appends K/V to the frame's
+     cache and runs that head's attention over steps 0..k. Layer 0 also builds its input ``proj[k] + Emb_k(prev)``
+     in the prologue (the token gather of the previous step's sample);
+  2. out-projection GEMM + LayerScale + residual add (in place);
+  3. RMSNorm prologue + ``linear_in`` GEMM + SiLU gate (gate and value rows in one program);
+  4. ``linear_out`` GEMM + LayerScale + residual add;
+* per codebook (2 launches): (optional RMSNorm) + head GEMM -> logits; the sampler of ``dsm_kernels.sampling``.
+
+Launches per codebook: ``4 * num_layers + 2`` (18 at the TTS shapes), 577 per 32-codebook frame, plus 3 tiny
+setup ops. A persistent kernel (grid barrier instead of a launch boundary, next weights prefetched while waiting)
+is the next step. Everything has static shapes and no host sync, so a frame is capturable in one CUDA graph.
+
+Numerics follow the reference's rounding points: every GEMM accumulates in fp32 and its output is rounded to the
+model dtype where torch's ``F.linear`` would round it; residual adds, LayerScale and the gate product are rounded
+like the corresponding bf16 torch ops. Only the accumulation order and attention's internal precision differ.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import DepformerWeights
+from .sampling import sample_tokens_triton
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr):
+    """Round fp32 to the model dtype and back (where torch would store a model-dtype tensor)."""
+    return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _dot(a, w, acc, DT: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += a @ w. fp32 operands (interpreter, fp32 models) use exact IEEE products, not TF32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), w.to(DT), acc)
+
+
+@triton.jit
+def _input_tile(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, cols, cmask, B, DIM, LDP, vt,
+                INPUT: tl.constexpr, DEMUX: tl.constexpr, DT: tl.constexpr):  # fmt: skip
+    """[BM, BK] fp32 tile of the layer input: the residual stream, or (INPUT) ``proj + Emb(prev)`` built here."""
+    m = rmask[:, None] & cmask[None, :]
+    if INPUT:
+        tok = tl.load(tok_ptr + rows, mask=rmask, other=-1)
+        ids = tl.maximum(tok, 0)
+        if DEMUX:  # text id packs two ids (DSM-SPEC §2.2)
+            first = ids % vt
+            second = ids // vt - 1
+            e = tl.load(t1_ptr + first[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            e2 = tl.load(t2_ptr + tl.maximum(second, 0)[:, None] * DIM + cols[None, :],
+                         mask=m & (second >= 0)[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            e = _rnd(e + e2, DT)
+        else:
+            e = tl.load(t1_ptr + ids[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        e = tl.where((tok >= 0)[:, None], e, 0.0)  # id -1 embeds to zeros
+        p = tl.load(proj_ptr + rows[:, None] * LDP + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        return _rnd(p + e, DT)
+    else:
+        return tl.load(x_ptr + rows[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _inv_rms(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, B, DIM, LDP, vt, eps, INPUT: tl.constexpr,
+             DEMUX: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """rsqrt(eps + mean(x^2)) of each row (fp32), over the whole row (every program of a launch recomputes it:
+    B x dim reads, cheap next to the weight tile)."""
+    ss = tl.zeros([BM], dtype=tl.float32)
+    for k0 in range(0, DIM, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = _input_tile(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, cols, cols < DIM, B, DIM, LDP, vt,
+                        INPUT, DEMUX, DT)  # fmt: skip
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(eps + ss / DIM)
+
+
+@triton.jit
+def _arrive(cnt_ptr, tile, SPLIT: tl.constexpr):
+    """Count this program's partial in; True for the last of the SPLIT programs of ``tile``, which re-arms the
+    counter to 0 for the next launch. The barrier + acq_rel atomic publish the partial stores before the count."""
+    tl.debug_barrier()
+    prev = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    last = prev == SPLIT - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+    return last
+
+
+@triton.jit
+def _partials_sum(ws_ptr, rows, cols, m, B, LDW, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Sum of the SPLIT partial tiles in split order (deterministic); .cg loads read L2, not a stale L1."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for s in range(SPLIT):
+        ptr = ws_ptr + (s * B + rows[:, None]).to(tl.int64) * LDW + cols[None, :]
+        acc += tl.load(ptr, mask=m, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def _store_partial(ws_ptr, acc, rows, cols, m, B, LDW):
+    s = tl.program_id(1)
+    tl.store(ws_ptr + (s * B + rows[:, None]).to(tl.int64) * LDW + cols[None, :], acc, mask=m)
+
+
+@triton.jit
+def _qkv_attn_kernel(
+    x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, alpha_ptr, w_ptr, ws_ptr, cnt_ptr,
+    q_ptr, kc_ptr, vc_ptr, a_ptr,
+    B, DIM, LDP, HEAD_D, pos, vt, eps, scale,
+    INPUT: tl.constexpr, DEMUX: tl.constexpr, DT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """Grid (heads, SPLIT, row blocks). Caches are [B, BP, DIM] (step-major); q/a scratch [B, DIM]."""
+    h, s, pm = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pm * BM + tl.arange(0, BM)
+    rmask = rows < B
+    d = tl.arange(0, BD)
+    dmask = d < HEAD_D
+    inv = _inv_rms(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, B, DIM, LDP, vt, eps, INPUT, DEMUX, DT,
+                   BM, BK)  # fmt: skip
+    if INPUT:  # one program per row block materialises the residual stream for the later launches
+        if (h == 0) & (s == 0):
+            for k0 in range(0, DIM, BK):
+                cols = k0 + tl.arange(0, BK)
+                cm = cols < DIM
+                x = _input_tile(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, cols, cm, B, DIM, LDP, vt,
+                                INPUT, DEMUX, DT)  # fmt: skip
+                tl.store(x_ptr + rows[:, None] * DIM + cols[None, :], x.to(DT), mask=rmask[:, None] & cm[None, :])
+    acc_q = tl.zeros([BM, BD], dtype=tl.float32)
+    acc_k = tl.zeros([BM, BD], dtype=tl.float32)
+    acc_v = tl.zeros([BM, BD], dtype=tl.float32)
+    wrow = h * HEAD_D + d
+    for k0 in range(s * K_PER_SPLIT, s * K_PER_SPLIT + K_PER_SPLIT, BK):
+        cols = k0 + tl.arange(0, BK)
+        cm = cols < DIM
+        x = _input_tile(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, cols, cm, B, DIM, LDP, vt,
+                        INPUT, DEMUX, DT)  # fmt: skip
+        alpha = tl.load(alpha_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        a = _rnd(x * (alpha[None, :] * inv[:, None]), DT)  # Norm's product order; its output is model dtype
+        wm = cm[:, None] & dmask[None, :]
+        wp = w_ptr + wrow[None, :].to(tl.int64) * DIM + cols[:, None]  # [BK, BD] = W^T tile
+        acc_q = _dot(a, tl.load(wp, mask=wm, other=0.0), acc_q, DT, DOT_F32)
+        acc_k = _dot(a, tl.load(wp + DIM * DIM, mask=wm, other=0.0), acc_k, DT, DOT_F32)
+        acc_v = _dot(a, tl.load(wp + 2 * DIM * DIM, mask=wm, other=0.0), acc_v, DT, DOT_F32)
+    m = rmask[:, None] & dmask[None, :]
+    LDW = 3 * DIM
+    _store_partial(ws_ptr, acc_q, rows, wrow, m, B, LDW)
+    _store_partial(ws_ptr, acc_k, rows, DIM + wrow, m, B, LDW)
+    _store_partial(ws_ptr, acc_v, rows, 2 * DIM + wrow, m, B, LDW)
+    if _arrive(cnt_ptr, pm * tl.num_programs(0) + h, SPLIT):
+        q = _partials_sum(ws_ptr, rows, wrow, m, B, LDW, SPLIT, BM, BD)
+        k = _partials_sum(ws_ptr, rows, DIM + wrow, m, B, LDW, SPLIT, BM, BD)
+        v = _partials_sum(ws_ptr, rows, 2 * DIM + wrow, m, B, LDW, SPLIT, BM, BD)
+        tl.store(q_ptr + rows[:, None] * DIM + wrow[None, :], q.to(DT), mask=m)
+        cache_off = (rows[:, None] * BP + pos).to(tl.int64) * DIM + wrow[None, :]
+        tl.store(kc_ptr + cache_off, k.to(DT), mask=m)
+        tl.store(vc_ptr + cache_off, v.to(DT), mask=m)
+        tl.debug_barrier()  # this block's q/K/V stores are visible to its own threads below
+        p = tl.arange(0, BP)
+        pmask = p <= pos
+        for i in range(BM):  # row by row: a [BP, BD] tile per row keeps the registers small
+            b = pm * BM + i
+            if b < B:
+                qr = tl.load(q_ptr + b * DIM + wrow, mask=dmask, other=0.0).to(tl.float32)
+                off = (b * BP + p[:, None]).to(tl.int64) * DIM + wrow[None, :]
+                km = pmask[:, None] & dmask[None, :]
+                kr = tl.load(kc_ptr + off, mask=km, other=0.0).to(tl.float32)
+                vr = tl.load(vc_ptr + off, mask=km, other=0.0).to(tl.float32)
+                sc = tl.where(pmask, tl.sum(kr * qr[None, :], axis=1) * scale, float("-inf"))
+                e = tl.exp(sc - tl.max(sc, axis=0))
+                o = tl.sum(vr * (e / tl.sum(e, axis=0))[:, None], axis=0)
+                tl.store(a_ptr + b * DIM + wrow, o.to(DT), mask=dmask)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, alpha_ptr, w_ptr, ws_ptr, cnt_ptr, out_ptr, scale_ptr,
+    B, N, K, LDO, eps,
+    NORM: tl.constexpr, EPI: tl.constexpr, HAS_SCALE: tl.constexpr, DT: tl.constexpr, DOT_F32: tl.constexpr,
+    SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Grid (N tiles, SPLIT, row blocks); ``x`` [B, K], ``w`` [N(, +N gate values), K]. Epilogues:
+    0: out = y (model dtype); 1: out += scale * y (residual, in place); 2: out = silu(y_gate) * y_value."""
+    pn, s, pm = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pm * BM + tl.arange(0, BM)
+    rmask = rows < B
+    n = pn * BN + tl.arange(0, BN)
+    nmask = n < N
+    if NORM:
+        inv = _inv_rms(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, rows, rmask, B, K, K, 1, eps, False, False, DT, BM, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(s * K_PER_SPLIT, s * K_PER_SPLIT + K_PER_SPLIT, BK):
+        cols = k0 + tl.arange(0, BK)
+        cm = cols < K
+        a = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        if NORM:
+            alpha = tl.load(alpha_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            a = _rnd(a.to(tl.float32) * (alpha[None, :] * inv[:, None]), DT)
+        wm = cm[:, None] & nmask[None, :]
+        wp = w_ptr + n[None, :].to(tl.int64) * K + cols[:, None]
+        acc = _dot(a, tl.load(wp, mask=wm, other=0.0), acc, DT, DOT_F32)
+        if EPI == 2:
+            acc2 = _dot(a, tl.load(wp + N * K, mask=wm, other=0.0), acc2, DT, DOT_F32)
+    m = rmask[:, None] & nmask[None, :]
+    LDW = 2 * N if EPI == 2 else N
+    _store_partial(ws_ptr, acc, rows, n, m, B, LDW)
+    if EPI == 2:
+        _store_partial(ws_ptr, acc2, rows, N + n, m, B, LDW)
+    if _arrive(cnt_ptr, pm * tl.num_programs(0) + pn, SPLIT):
+        y = _rnd(_partials_sum(ws_ptr, rows, n, m, B, LDW, SPLIT, BM, BN), DT)
+        optr = out_ptr + rows[:, None] * LDO + n[None, :]
+        if EPI == 1:
+            if HAS_SCALE:
+                y = _rnd(tl.load(scale_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :] * y, DT)
+            y = tl.load(optr, mask=m, other=0.0).to(tl.float32) + y
+        if EPI == 2:
+            u = _rnd(_partials_sum(ws_ptr, rows, N + n, m, B, LDW, SPLIT, BM, BN), DT)
+            y = _rnd(y / (1.0 + tl.exp(-y)), DT) * u  # F.silu, rounded, times the value half
+        tl.store(optr, y.to(DT), mask=m)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
+
+
+def _gemm_plan(n_tiles: int, m_blocks: int, K: int, bk: int, split: int | None, sms: int) -> tuple[int, int]:
+    """(SPLIT, K per split): enough programs for ~2 per SM (batch 1 must still stream at full bandwidth); one
+    program per tile in the interpreter, whose cost grows with the number of programs."""
+    chunks = triton.cdiv(K, bk)
+    if split is not None:
+        split = min(split, chunks)
+    elif _interpret():
+        split = 1
+    else:
+        split = min(chunks, max(1, 2 * sms // (n_tiles * m_blocks)))
+    per = triton.cdiv(chunks, split) * bk
+    return triton.cdiv(K, per), per
+
+
+def depformer_frame_triton(
+    w: DepformerWeights,
+    z: torch.Tensor,
+    text_token: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: int,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    return_logits: bool = False,
+    split: int | None = None,
+):
+    """Triton twin of :func:`~dsm_kernels.reference.depformer_frame_ref`. ``split`` forces the split-K factor."""
+    if w.activation != "silu" or not w.norm_f32:
+        raise NotImplementedError("Triton depformer: silu gating and rms_norm_f32 only")
+    dev, dt = z.device, w.in_proj.dtype
+    B, dd, H, dq, card = z.shape[0], w.dim, w.num_heads, w.dep_q, w.card
+    D = dd // H
+    n_in, d_model = w.in_proj.shape[0], w.in_proj.shape[2]
+    L = len(w.layers)
+    hid = w.layers[0].linear_out[0].shape[1]
+    DT, interp = _TL_DTYPES[dt], _interpret()
+    dot_f32 = interp or dt == torch.float32
+    bm = max(16, min(64, _pow2(B)))
+    mb = triton.cdiv(B, bm)
+    sms = _sms(dev)
+    bk_max, bn_max = (256, 256) if interp else (128, 64)
+    bd, bp = max(16, _pow2(D)), _pow2(dq)
+
+    # (name: N, K, partial columns, tiles, BN, BK, SPLIT, K per split) of every GEMM shape of the frame
+    plans = {}
+    for name, N, K, cols in (("proj", n_in * dd, d_model, n_in * dd), ("out", dd, dd, dd),
+                             ("in", hid, dd, 2 * hid), ("ffo", dd, hid, dd), ("head", card, dd, card),
+                             ("qkv", dd, dd, 3 * dd)):  # fmt: skip
+        bk = min(_pow2(K), bk_max)
+        bn = bd if name == "qkv" else min(bn_max, _pow2(N))
+        tiles = H if name == "qkv" else triton.cdiv(N, bn)
+        s_, per = _gemm_plan(tiles, mb, K, bk, split, sms)
+        plans[name] = (N, K, cols, tiles, bn, bk, s_, per)
+    # split-K partials (reused by every launch, in stream order) and tile counters (each launch re-arms its own)
+    ws = torch.empty(max(p[6] * B * p[2] for p in plans.values()), dtype=torch.float32, device=dev)
+    cnt = torch.zeros(max(p[3] for p in plans.values()) * mb, dtype=torch.int32, device=dev)
+
+    z = z.to(dt).contiguous()
+    proj = torch.empty(B, n_in * dd, dtype=dt, device=dev)
+    x = torch.empty(B, dd, dtype=dt, device=dev)
+    qb, ab = torch.empty_like(x), torch.empty_like(x)
+    hb = torch.empty(B, hid, dtype=dt, device=dev)
+    kc = torch.empty(L, B, bp, dd, dtype=dt, device=dev)  # this frame's K/V, step-major; rows > k are never read
+    vc = torch.empty_like(kc)
+    logits = torch.empty(dq if return_logits else 1, B, card, dtype=dt, device=dev)
+    toks = torch.empty(dq, B, dtype=torch.int64, device=dev)
+    step_k = steps.long()[None, :] + torch.arange(dq, device=dev)[:, None]
+    temperature, seeds = temperature.float().contiguous(), seeds.long().contiguous()
+
+    def linear(name, xin, wt, out, *, alpha=None, epi=0, scale=None):
+        N, K, _, tiles, bn, bk, s_, per = plans[name]
+        _linear_kernel[(tiles, s_, mb)](
+            xin, alpha if alpha is not None else xin, wt, ws, cnt, out, scale if scale is not None else xin,
+            B, N, K, out.stride(0), w.norm_eps,
+            NORM=alpha is not None, EPI=epi, HAS_SCALE=scale is not None, DT=DT, DOT_F32=dot_f32,
+            SPLIT=s_, K_PER_SPLIT=per, BM=bm, BN=bn, BK=bk, num_warps=4,
+        )  # fmt: skip
+
+    linear("proj", z, w.in_proj.reshape(n_in * dd, d_model), proj)  # every distinct depformer_in of z at once
+    t2 = w.text_emb2 if w.text_emb2 is not None else w.text_emb
+    _, _, _, _, _, bk_q, s_q, per_q = plans["qkv"]
+    for k in range(dq):
+        j = w.schedule[k]
+        prev = text_token.long().contiguous() if k == 0 else toks[k - 1]
+        table = w.text_emb if k == 0 else w.emb[k - 1]
+        for i, lw in enumerate(w.layers):
+            inp = i == 0
+            _qkv_attn_kernel[(H, s_q, mb)](
+                x, proj[:, w.in_index[k] * dd :], table, t2, prev, lw.norm1, lw.in_proj[j], ws, cnt,
+                qb, kc[i], vc[i], ab,
+                B, dd, proj.stride(0), D, k, table.shape[0], w.norm_eps, D**-0.5,
+                INPUT=inp, DEMUX=inp and k == 0 and w.text_emb2 is not None, DT=DT, DOT_F32=dot_f32, SPLIT=s_q,
+                K_PER_SPLIT=per_q, BM=bm, BD=bd, BK=bk_q, BP=bp, num_warps=4,
+            )  # fmt: skip
+            linear("out", ab, lw.out_proj[j], x, epi=1, scale=lw.scale1)
+            linear("in", x, lw.linear_in[j], hb, alpha=lw.norm2, epi=2)
+            linear("ffo", hb, lw.linear_out[j], x, epi=1, scale=lw.scale2)
+        lg = logits[k if return_logits else 0]
+        linear("head", x, w.heads[k], lg, alpha=w.head_norms[k])
+        sample_tokens_triton(lg, temperature, top_k, seeds, step_k[k], out=toks[k])
+    tokens = toks.t().contiguous()
+    return (tokens, logits.permute(1, 0, 2).contiguous()) if return_logits else tokens
