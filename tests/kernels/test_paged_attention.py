@@ -5,13 +5,19 @@ Tolerances (reference-relative, flash-attn rule): kernel error vs the fp32 refer
 error is the final rounding to the dtype; 3x leaves room for a different accumulation order. On CPU the
 interpreter's fp32->bf16/fp16 cast truncates, so one more ulp is allowed there. fp32: 1e-5 absolute (online vs
 one-shot softmax). append_kv: exact.
+
+fp8 (e4m3) caches: append_kv must equal the reference bit for bit (clamp to +-448, round to nearest even; NaN in the
+input stays NaN, checked on the GPU only: the interpreter's fp8 cast turns NaN into 384). Decode over fp8 pages is
+checked tightly against the fp32 reference on the same fp8 values upcast (the bf16 rule above with bf16 q/out; 1e-5
+with fp32 q/out), and against an fp32-cache reference (values never quantized) within 1.5 x the reference's own fp8
+error against it + 1e-5.
 """
 
 import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import assert_close_verbose, kernel_device, poison_, ref_relative_atol
+from dsm_kernels.testing import assert_close_verbose, kernel_device, max_abs_err, poison_, ref_relative_atol
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 KV_LENS = [1, 7, 749, 750, 751, 1501, 0]  # around context 750, plus an inactive slot
@@ -188,3 +194,115 @@ def test_decode_cuda_graph_replay(backend):
         exp = reference.paged_decode_attention_ref(q, kc, vc, bt, seq_lens, context=context)
         exp32 = reference.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), bt, seq_lens, context=context)
         assert_close_verbose(out, exp32, atol=ref_relative_atol(exp, exp32, factor=3.0), name=f"{backend} replay")
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_values(shape, g, scale=4.0):
+    """Post-RoPE-like K/V magnitudes with a few outliers far outside e4m3's range (+-448) and some tiny values."""
+    x = torch.randn(shape, generator=g) * scale
+    x.view(-1)[::97] *= 300.0  # |x| up to ~1e4: must saturate to +-448, never NaN
+    x.view(-1)[5::89] *= 1e-4  # subnormal range of e4m3
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_append_kv_fp8(backend, in_dtype):
+    device = kernel_device(backend)
+    B, H, D, S = 6, 4, 64, 16
+    g = torch.Generator().manual_seed(3)
+    kc = poison_(torch.empty(12, S, H, D, device=device)).to(FP8)  # NaN bytes (0x7f) everywhere
+    vc = kc.clone()
+    k = _fp8_values((B, 3, H, D), g).to(in_dtype).to(device)[:, 1]  # strided view
+    v = _fp8_values((B, H, D), g, scale=1.0).to(in_dtype).to(device)
+    k[0, 0, :4] = torch.tensor([float("inf"), -float("inf"), 448.0, -500.0])
+    v[0, 0, :2] = torch.tensor([-0.0, -1e-9])  # fp8 -0 on every backend
+    if device.type == "cuda":  # the interpreter's fp8 cast maps NaN to 384 (see module doc)
+        k[1, 1, 1] = float("nan")
+    slot_mapping = torch.tensor([5, -1, 190, 16, 47, 100], device=device)
+    kc_ref, vc_ref = kc.clone().cpu(), vc.clone().cpu()
+    resolve("append_kv", backend, device)(kc, vc, k, v, slot_mapping)
+    reference.append_kv_ref(kc_ref, vc_ref, k.cpu(), v.cpu(), slot_mapping.cpu())
+    for got, exp, name in ((kc, kc_ref, "k"), (vc, vc_ref, "v")):
+        got, exp = got.cpu().view(torch.uint8), exp.view(torch.uint8)
+        bad = (got != exp).nonzero()[:5].tolist()
+        assert not bad, f"{backend} {name}: bytes differ at {bad}"
+    rows = kc_ref.flatten(0, 1)[slot_mapping[slot_mapping >= 0].cpu()].float()
+    assert float(rows[~rows.isnan()].abs().max()) == 448.0  # saturated, finite
+    assert int(rows.isnan().sum()) == (1 if device.type == "cuda" else 0)
+    assert bool(kc_ref.flatten(0, 1)[0].float().isnan().all()), "unwritten rows stay poisoned"
+
+
+def _fp8_pool(B, H, D, S, context, device, seed):
+    """``_pool`` with fp8 K/V pages, plus the fp32 values they quantize (already clamped to +-448, so that the
+    fp32-cache reference differs from the fp8 one by e4m3 rounding only)."""
+    g = torch.Generator().manual_seed(seed)
+    pps = -(-context // S)
+    num_pages = B * pps + 3
+    k32 = _fp8_values((num_pages, S, H, D), g, 2.0).clamp(-448, 448)
+    v32 = _fp8_values((num_pages, S, H, D), g, 1.0).clamp(-448, 448)
+    block_table = torch.randperm(num_pages, generator=g)[: B * pps].view(B, pps).int()
+    q = (torch.randn(B, H, D, generator=g) * 0.5).bfloat16()
+    fp8 = [x.to(device) for x in (q, k32.to(FP8), v32.to(FP8), block_table)]
+    return fp8, (k32, v32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("H,D,S,context,kv_lens", [
+    (8, 64, 16, 750, KV_LENS),
+    (16, 128, 64, 375, [375, 1, 0, 1000]),
+    (4, 16, 16, 16, [3, 16, 17, 40]),  # the tiny test models' heads and context
+])  # fmt: skip
+def test_decode_fp8_cache(backend, H, D, S, context, kv_lens):
+    device = kernel_device(backend)
+    (q, kc, vc, bt), (k32, v32) = _fp8_pool(len(kv_lens), H, D, S, context, device, seed=H + D)
+    seq_lens = torch.tensor(kv_lens, dtype=torch.int32, device=device)
+    # tight: the same fp8 values upcast; bf16 q/out (the bf16 rule), and fp32 q/out (1e-5: catches a 0.1% error)
+    _check(backend, device, q, kc, vc, bt, seq_lens, context)
+    _check(backend, device, q.float(), kc, vc, bt, seq_lens, context)
+    # loose: against never-quantized caches, relative to the reference's own fp8 error
+    out = poison_(torch.empty_like(q))
+    resolve("paged_decode_attention", backend, device)(q, kc, vc, bt, seq_lens, context=context, out=out)
+    cpu = [x.cpu() for x in (q, kc, vc, bt, seq_lens)]
+    exp_f32cache = reference.paged_decode_attention_ref(cpu[0].float(), k32, v32, *cpu[3:], context=context)
+    exp_fp8 = reference.paged_decode_attention_ref(cpu[0].float(), *cpu[1:], context=context)
+    fp8_err = max_abs_err(exp_fp8, exp_f32cache)
+    assert fp8_err > 0  # the quantization is real, so the bound below is not vacuous
+    assert_close_verbose(out.cpu(), exp_f32cache, atol=1.5 * fp8_err + 1e-5, name=f"{backend} fp8 vs fp32 cache")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_ring_fp8(backend):
+    """Append bf16 K/V into an fp8 ring (context 20, page 16) step by step; decode equals dense attention over the
+    same history quantized as the reference quantizes it (clamp, round to e4m3)."""
+    device = kernel_device(backend)
+    B, H, D, S, context, T = 2, 4, 64, 16, 20, 30
+    append = resolve("append_kv", backend, device)
+    attend = resolve("paged_decode_attention", backend, device)
+    pps = -(-context // S)
+    kc = poison_(torch.empty(B * pps + 1, S, H, D, device=device)).to(FP8)
+    vc = kc.clone()
+    block_table = torch.randperm(B * pps + 1)[: B * pps].view(B, pps).int().to(device)
+    start = torch.tensor([0, 7])
+    g = torch.Generator().manual_seed(2)
+    ks, vs = (_fp8_values((T, B, H, D), g).bfloat16() for _ in range(2))
+    qs = torch.randn(T, B, H, D, generator=g) * 0.3
+    kq, vq = (x.float().clamp(-448, 448).to(FP8).float() for x in (ks, vs))
+    for t in range(T):
+        n = (t - start + 1).clamp(min=0)
+        pos = n - 1
+        slot_mapping = torch.where(pos >= 0, reference.kv_position_to_slot(block_table.cpu(), pos.clamp(min=0), S), -1)
+        append(kc, vc, ks[t].to(device), vs[t].to(device), slot_mapping.to(device))
+        if t % 4 and t < T - 2:
+            continue
+        got = attend(qs[t].to(device), kc, vc, block_table, n.int().to(device), context=context).cpu()
+        for b in range(B):
+            if n[b] == 0:
+                assert bool((got[b] == 0).all())
+                continue
+            steps = torch.arange(int(start[b]), t + 1)[-context:]
+            att = torch.einsum("hd,thd->ht", qs[t, b], kq[steps, b]) * D**-0.5
+            exp = torch.einsum("ht,thd->hd", att.softmax(-1), vq[steps, b])
+            assert_close_verbose(got[b], exp, atol=1e-4, rtol=1e-5, name=f"{backend} fp8 step {t} slot {b}")
