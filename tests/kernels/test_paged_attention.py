@@ -8,9 +8,9 @@ one-shot softmax). append_kv: exact.
 
 fp8 (e4m3) caches: append_kv must equal the reference bit for bit (clamp to +-448, round to nearest even; NaN in the
 input stays NaN, checked on the GPU only: the interpreter's fp8 cast turns NaN into 384). Decode over fp8 pages is
-checked tightly against the fp32 reference on the same fp8 values upcast (the bf16 rule above with bf16 q/out; 1e-5
-with fp32 q/out), and against an fp32-cache reference (values never quantized) within 1.5 x the reference's own fp8
-error against it + 1e-5.
+checked tightly against the fp32 reference on the same fp8 values upcast (the bf16 rule above with bf16 q/out;
+1e-5 x max|v| with fp32 q/out), and against an fp32-cache reference (values never quantized) within 1.5 x the
+reference's own fp8 error against it + 1e-5.
 """
 
 import pytest
@@ -259,13 +259,18 @@ def test_decode_fp8_cache(backend, H, D, S, context, kv_lens):
     device = kernel_device(backend)
     (q, kc, vc, bt), (k32, v32) = _fp8_pool(len(kv_lens), H, D, S, context, device, seed=H + D)
     seq_lens = torch.tensor(kv_lens, dtype=torch.int32, device=device)
-    # tight: the same fp8 values upcast; bf16 q/out (the bf16 rule), and fp32 q/out (1e-5: catches a 0.1% error)
+    # tight: the same fp8 values upcast; bf16 q/out (the bf16 rule), and fp32 q/out within 1e-5 x max|v| (fp32
+    # accumulation-order error over values up to 448; a 0.1% error in the kernel is ~1e3 times that)
     _check(backend, device, q, kc, vc, bt, seq_lens, context)
-    _check(backend, device, q.float(), kc, vc, bt, seq_lens, context)
+    fn = resolve("paged_decode_attention", backend, device)
+    cpu = [x.cpu() for x in (q, kc, vc, bt, seq_lens)]
+    out32 = fn(q.float(), kc, vc, bt, seq_lens, context=context, out=poison_(torch.empty_like(q, dtype=torch.float32)))
+    exp32 = reference.paged_decode_attention_ref(cpu[0].float(), *cpu[1:], context=context)
+    vmax = float(vc.float().abs().max())
+    assert_close_verbose(out32.cpu(), exp32, atol=1e-5 * vmax, name=f"{backend} fp8 cache, fp32 q")
     # loose: against never-quantized caches, relative to the reference's own fp8 error
     out = poison_(torch.empty_like(q))
-    resolve("paged_decode_attention", backend, device)(q, kc, vc, bt, seq_lens, context=context, out=out)
-    cpu = [x.cpu() for x in (q, kc, vc, bt, seq_lens)]
+    fn(q, kc, vc, bt, seq_lens, context=context, out=out)
     exp_f32cache = reference.paged_decode_attention_ref(cpu[0].float(), k32, v32, *cpu[3:], context=context)
     exp_fp8 = reference.paged_decode_attention_ref(cpu[0].float(), *cpu[1:], context=context)
     fp8_err = max_abs_err(exp_fp8, exp_f32cache)
