@@ -45,8 +45,15 @@ def _interpret() -> bool:
 
 @triton.jit
 def _rnd(x, DT: tl.constexpr):
-    """Round fp32 to the model dtype and back (where torch would store a model-dtype tensor)."""
-    return x.to(DT).to(tl.float32)
+    """Round fp32 to the model dtype and back (where torch would store a model-dtype tensor). bf16 rounds to
+    nearest-even by bit arithmetic: the interpreter's fp32->bf16 cast truncates, a bias that compounds over 4
+    layers x 32 steps. Inputs are finite (NaN keeps a NaN payload)."""
+    if DT == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
 
 
 @triton.jit
@@ -173,10 +180,10 @@ def _qkv_attn_kernel(
         q = _partials_sum(ws_ptr, rows, wrow, m, B, LDW, SPLIT, BM, BD)
         k = _partials_sum(ws_ptr, rows, DIM + wrow, m, B, LDW, SPLIT, BM, BD)
         v = _partials_sum(ws_ptr, rows, 2 * DIM + wrow, m, B, LDW, SPLIT, BM, BD)
-        tl.store(q_ptr + rows[:, None] * DIM + wrow[None, :], q.to(DT), mask=m)
+        tl.store(q_ptr + rows[:, None] * DIM + wrow[None, :], _rnd(q, DT).to(DT), mask=m)
         cache_off = (rows[:, None] * BP + pos).to(tl.int64) * DIM + wrow[None, :]
-        tl.store(kc_ptr + cache_off, k.to(DT), mask=m)
-        tl.store(vc_ptr + cache_off, v.to(DT), mask=m)
+        tl.store(kc_ptr + cache_off, _rnd(k, DT).to(DT), mask=m)
+        tl.store(vc_ptr + cache_off, _rnd(v, DT).to(DT), mask=m)
         tl.debug_barrier()  # this block's q/K/V stores are visible to its own threads below
         p = tl.arange(0, BP)
         pmask = p <= pos
@@ -191,7 +198,7 @@ def _qkv_attn_kernel(
                 sc = tl.where(pmask, tl.sum(kr * qr[None, :], axis=1) * scale, float("-inf"))
                 e = tl.exp(sc - tl.max(sc, axis=0))
                 o = tl.sum(vr * (e / tl.sum(e, axis=0))[:, None], axis=0)
-                tl.store(a_ptr + b * DIM + wrow, o.to(DT), mask=dmask)
+                tl.store(a_ptr + b * DIM + wrow, _rnd(o, DT).to(DT), mask=dmask)
 
 
 @triton.jit
@@ -239,7 +246,7 @@ def _linear_kernel(
         if EPI == 2:
             u = _rnd(_partials_sum(ws_ptr, rows, N + n, m, B, LDW, SPLIT, BM, BN), DT)
             y = _rnd(y / (1.0 + tl.exp(-y)), DT) * u  # F.silu, rounded, times the value half
-        tl.store(optr, y.to(DT), mask=m)
+        tl.store(optr, _rnd(y, DT).to(DT), mask=m)  # exact: the value is representable
 
 
 def _pow2(n: int) -> int:

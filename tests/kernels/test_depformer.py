@@ -1,0 +1,264 @@
+"""Triton depformer frame (``dsm_kernels.depformer``) against the reference loop on fresh random weights.
+
+fp32: logits within 1e-5 relative, identical greedy and sampled tokens. bf16: the Triton error against the fp32
+reference is at most 3x the reference's own bf16 error (interpreter bf16 stores truncate, so a little extra).
+Shapes are small (interpreter speed); the real TTS shapes run under ``-m gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsm_kernels
+from dsm_kernels.reference import DepformerLayerWeights, DepformerWeights, depformer_frame_ref
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="Triton needs a GPU or TRITON_INTERPRET=1",
+)
+
+
+def make_weights(*, dim=32, heads=2, layers=1, hidden=48, card=40, d_model=24, text_vocab=17, schedule=(0, 1, 2, 2),
+                 n_in=None, demux=True, scales=True, head_norm=False, dtype=torch.float32, device="cpu",
+                 seed=0) -> DepformerWeights:  # fmt: skip
+    """Random weights scaled by 1/sqrt(fan_in), so activations stay O(1) through the layers."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=None):
+        t = torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
+        return t.to(device=device, dtype=dtype)
+
+    dq, S = len(schedule), max(schedule) + 1
+    n_in = S if n_in is None else n_in
+    lws = tuple(
+        DepformerLayerWeights(
+            norm1=1 + r(dim, scale=0.1), norm2=1 + r(dim, scale=0.1),
+            in_proj=r(S, 3 * dim, dim), out_proj=r(S, dim, dim),
+            linear_in=tuple(r(2 * hidden, dim) for _ in range(S)), linear_out=tuple(r(dim, hidden) for _ in range(S)),
+            scale1=r(dim, scale=0.3) if scales else None, scale2=r(dim, scale=0.3) if scales else None,
+        )  # fmt: skip
+        for _ in range(layers)
+    )
+    return DepformerWeights(
+        num_heads=heads, schedule=tuple(schedule), in_index=tuple(min(s, n_in - 1) for s in schedule),
+        in_proj=r(n_in, dim, d_model), text_emb=r(text_vocab, dim, scale=0.5),
+        text_emb2=r(text_vocab, dim, scale=0.5) if demux else None, emb=r(max(dq - 1, 1), card + 1, dim, scale=0.5),
+        heads=tuple(r(card, dim, scale=2 * dim**-0.5) for _ in range(dq)),
+        head_norms=tuple((1 + r(dim, scale=0.1)) if head_norm else None for _ in range(dq)), layers=lws,
+    )  # fmt: skip
+
+
+def cast(w: DepformerWeights, dtype) -> DepformerWeights:
+    def c(t):
+        return t.to(dtype) if t is not None else None
+
+    layers = tuple(DepformerLayerWeights(c(lw.norm1), c(lw.norm2), c(lw.in_proj), c(lw.out_proj),
+                                         tuple(map(c, lw.linear_in)), tuple(map(c, lw.linear_out)), c(lw.scale1),
+                                         c(lw.scale2)) for lw in w.layers)  # fmt: skip
+    return DepformerWeights(w.num_heads, w.schedule, w.in_index, c(w.in_proj), c(w.text_emb), c(w.text_emb2), c(w.emb),
+                            tuple(map(c, w.heads)), tuple(map(c, w.head_norms)), layers, w.norm_eps, w.norm_f32,
+                            w.activation)  # fmt: skip
+
+
+def inputs(w: DepformerWeights, B: int, *, temp: float, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    vt = w.text_emb.shape[0]
+    hi = vt * (vt + 1) if w.text_emb2 is not None else vt
+    text = torch.randint(0, hi, (B,), generator=g)
+    text[-1] = -1 if B > 1 else text[-1]  # a zero-embedding row
+    z = torch.randn(B, w.in_proj.shape[2], generator=g)
+    return dict(z=z.to(device, w.in_proj.dtype), text_token=text.to(device),
+                temperature=torch.full((B,), temp, device=device), top_k=5 if temp > 0 else 0,
+                seeds=torch.arange(B, device=device) + 11, steps=torch.arange(B, device=device) * 100 + 3)  # fmt: skip
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), "NaN/inf never passes"
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12))
+
+
+def run_triton(w, args, **kw):
+    from dsm_kernels.depformer import depformer_frame_triton
+
+    return depformer_frame_triton(w, **args, return_logits=True, **kw)
+
+
+CASES = [  # (schedule, layers, heads, batch, split, demux, head_norm)
+    ((0, 1, 2, 3), 1, 2, 1, None, True, False),
+    ((0, 1, 2, 2, 3, 3, 3, 3), 2, 2, 3, 2, False, True),
+    ((0,) * 4 + (1,) * 12 + (2,) * 16, 1, 4, 3, 3, True, False),  # dep_q 32, shared sets
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=["q4-b1", "q8-b3-split2", "q32-b3-split3"])
+@pytest.mark.parametrize("temp", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_fp32_matches_reference(case, temp):
+    schedule, layers, heads, B, split, demux, head_norm = case
+    w = make_weights(schedule=schedule, layers=layers, heads=heads, demux=demux, head_norm=head_norm,
+                     seed=len(schedule))
+    args = inputs(w, B, temp=temp)
+    tok_ref, lg_ref = depformer_frame_ref(w, **args, return_logits=True)
+    tok, lg = run_triton(w, args, split=split)
+    assert tok.shape == (B, len(schedule)) and tok.dtype == torch.int64
+    assert torch.equal(tok, tok_ref), (tok, tok_ref)
+    assert rel(lg, lg_ref) < 1e-5
+    if temp > 0:  # the draw really samples (not argmax everywhere)
+        assert not torch.equal(tok_ref, lg_ref.argmax(-1))
+
+
+@needs_triton
+def test_bf16_error_within_3x_reference_error():
+    w32 = make_weights(schedule=(0, 1, 1, 2, 2, 2), layers=2, heads=2, dim=64, hidden=96, card=64, seed=3)
+    w16 = cast(w32, torch.bfloat16)
+    args32 = inputs(w32, 3, temp=0.0)
+    args16 = dict(args32, z=args32["z"].bfloat16())
+    tok32, lg32 = depformer_frame_ref(w32, **args32, return_logits=True)
+    tok16, lg16 = depformer_frame_ref(w16, **args16, return_logits=True)
+    tok, lg = run_triton(w16, args16, split=2)
+    # compare codebooks while all three chains were fed the same tokens
+    same = (tok32 == tok16) & (tok16 == tok)
+    n = int(same.all(dim=0).long().cumprod(0).sum()) + 1
+    n = min(n, tok.shape[1])
+    assert n >= 2
+    ref_err = rel(lg16[:, :n], lg32[:, :n])
+    assert ref_err > 0
+    assert rel(lg[:, :n], lg32[:, :n]) <= 3 * ref_err + 1e-6, (rel(lg[:, :n], lg32[:, :n]), ref_err)
+
+
+def test_dispatch_resolves():
+    assert dsm_kernels.resolve("depformer_frame", None, "cpu") is depformer_frame_ref
+    w = make_weights()
+    args = inputs(w, 2, temp=0.0)
+    assert torch.equal(dsm_kernels.depformer_frame(w, **args), depformer_frame_ref(w, **args))
+
+
+def test_model_packing_matches_module_loop():
+    """``LMModel.depformer_weights`` + the reference op give the module loop's tokens (folded low-rank tables)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from moshi_oracle import dsm_lm_from_moshi, moshi_lm_from_config
+
+    cfg = dict(delays=[0, 0, 1, 1, 1], n_q=4, dep_q=4, card=32, text_card=30, dim=32, num_layers=1, num_heads=2,
+               context=5, gating="silu", norm="rms_norm_f32", positional_embedding="rope", depformer_dim=16,
+               depformer_num_heads=2, depformer_num_layers=2, depformer_dim_feedforward=48,
+               depformer_multi_linear=True, depformer_weights_per_step=True,
+               depformer_weights_per_step_schedule=[0, 1, 1, 1], depformer_low_rank_embeddings=8,
+               depformer_pos_emb="none", demux_second_stream=True)  # fmt: skip
+    model = dsm_lm_from_moshi(cfg, moshi_lm_from_config(cfg))
+    assert model.depformer_weights() is not None and model.depformer_weights() is model.depformer_weights()
+    B = 3
+    g = torch.Generator().manual_seed(0)
+    z, text = torch.randn(B, 32, generator=g), torch.tensor([5, 31 * 7 + 2, -1])
+    temp, seeds, steps = torch.full((B,), 0.9), torch.arange(B) + 4, torch.arange(B) * 7
+    with torch.no_grad():
+        fused = model.depformer_step(text, z, temperature=temp, top_k=6, seeds=seeds, step_base=steps)
+        loop = model.depformer_step(
+            text, z, lambda k, lg: dsm_kernels.sample_tokens(lg, temp, 6, seeds, steps + k))
+    assert torch.equal(fused, loop)
+
+
+def test_triton_aot_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert res.stdout.count("cubin") == 4, res.stdout
+
+
+def _aot() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from dsm_kernels.depformer import _linear_kernel, _qkv_attn_kernel
+
+    bf = "*bf16"
+    cases = [
+        ("qkv_attn input", _qkv_attn_kernel, {"INPUT": True, "DEMUX": True, "SPLIT": 8, "K_PER_SPLIT": 128, "BM": 16,
+                                              "BD": 64, "BK": 128, "BP": 32}, {"tok_ptr": "*i64"}),
+        ("qkv_attn", _qkv_attn_kernel, {"INPUT": False, "DEMUX": False, "SPLIT": 4, "K_PER_SPLIT": 256, "BM": 64,
+                                        "BD": 64, "BK": 128, "BP": 32}, {"tok_ptr": "*i64"}),
+        ("linear gate", _linear_kernel, {"NORM": True, "EPI": 2, "HAS_SCALE": False, "SPLIT": 8,
+                                         "K_PER_SPLIT": 128, "BM": 16, "BN": 64, "BK": 128}, {}),
+        ("linear resid", _linear_kernel, {"NORM": False, "EPI": 1, "HAS_SCALE": True, "SPLIT": 16,
+                                          "K_PER_SPLIT": 128, "BM": 64, "BN": 64, "BK": 128}, {}),
+    ]  # fmt: skip
+    for label, kernel, consts, extra in cases:
+        consts = {"DT": triton.language.bfloat16, "DOT_F32": False, **consts}
+        sig = {}
+        for n in kernel.arg_names:
+            if n in consts:
+                sig[n] = "constexpr"
+            elif n in extra:
+                sig[n] = extra[n]
+            elif n in ("ws_ptr",):
+                sig[n] = "*fp32"
+            elif n == "cnt_ptr":
+                sig[n] = "*i32"
+            elif n.endswith("_ptr"):
+                sig[n] = bf
+            elif n in ("eps", "scale"):
+                sig[n] = "fp32"
+            else:
+                sig[n] = "i32"
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
+        print(f"{label}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
+
+
+# ---- GPU: the real TTS shapes ---------------------------------------------------------------------------------
+TTS = dict(dim=1024, heads=16, layers=4, hidden=2048, card=2048, d_model=2048, text_vocab=8001,
+           schedule=tuple(range(8)) + (8,) * 8 + (9,) * 8 + (10,) * 8)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 8, 64])
+def test_gpu_tts_shapes_bf16(B):
+    w32 = make_weights(**TTS, device="cuda", seed=7)
+    w16 = cast(w32, torch.bfloat16)
+    args32 = inputs(w32, B, temp=0.0, device="cuda")
+    args16 = dict(args32, z=args32["z"].bfloat16())
+    tok32, lg32 = depformer_frame_ref(w32, **args32, return_logits=True)
+    tok16, lg16 = depformer_frame_ref(w16, **args16, return_logits=True)
+    tok, lg = run_triton(w16, args16)
+    same = ((tok32 == tok16) & (tok16 == tok)).all(dim=0).long().cumprod(0)
+    n = max(1, min(int(same.sum()) + 1, tok.shape[1]))
+    ref_err = rel(lg16[:, :n], lg32[:, :n])
+    assert rel(lg[:, :n], lg32[:, :n]) <= 3 * ref_err + 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_and_graph_replay():
+    w = make_weights(**TTS, device="cuda", seed=8)
+    args = inputs(w, 8, temp=0.8, device="cuda")
+    tok_ref, lg_ref = depformer_frame_ref(w, **args, return_logits=True)
+    tok, lg = run_triton(w, args)
+    assert torch.equal(tok, tok_ref) and rel(lg, lg_ref) < 1e-5
+    from dsm_kernels.depformer import depformer_frame_triton
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        depformer_frame_triton(w, **args)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = depformer_frame_triton(w, **args)
+    for _ in range(3):
+        out.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, tok_ref)
+
+
+if __name__ == "__main__":
+    if "--aot" in sys.argv:
+        _aot()
+        sys.exit(0)
+    sys.exit(pytest.main([__file__, "-q"]))
