@@ -102,13 +102,33 @@ def _random_conditions(model, batch: int, device):
     return conds
 
 
-def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None) -> BenchRow:
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def kv_capacity(model_cfg, kv_dtype: torch.dtype, memory_bytes: int, weights_bytes: int, *,
+                reserve_bytes: int = 8 * 2**30, page_size: int = 16) -> int:
+    """Streams whose full-context KV fits in ``memory_bytes - weights_bytes - reserve_bytes``.
+
+    Per stream: a ring of ``ceil(context / page_size)`` pages x ``page_size`` rows x (K and V) x layers x KV heads x
+    head_dim x element size (1 byte for fp8, 2 for bf16). ``reserve_bytes`` (default 8 GiB) stands for activations,
+    CUDA graphs, Mimi and the allocator's slack; the depformer's per-step cache is small and not counted."""
+    from .kv_cache import pages_per_slot
+
+    rows = pages_per_slot(model_cfg.context, page_size) * page_size
+    elem = torch.empty((), dtype=kv_dtype).element_size()
+    per_stream = 2 * model_cfg.num_layers * rows * (model_cfg.num_heads // model_cfg.kv_repeat) * model_cfg.head_dim
+    free = memory_bytes - weights_bytes - reserve_bytes
+    return max(0, free // (per_stream * elem))
+
+
+def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None,
+              kv_dtype: torch.dtype | None = None) -> BenchRow:
     """Time ``steps`` engine steps with ``batch`` open streams (all active every step), and Mimi separately
     (encode of one frame for STT, decode for TTS); the step total is their sum, as a server runs them in turn."""
     from .engine import Engine
 
     cfg = model.cfg
-    eng = Engine(model, max_slots=batch, buckets=(batch,), temp=0.8, temp_text=0.7)
+    eng = Engine(model, max_slots=batch, buckets=(batch,), temp=0.8, temp_text=0.7, kv_dtype=kv_dtype)
     conds = _random_conditions(model, 1, eng.device)
     for _ in range(batch):
         eng.open(conditions=conds)
@@ -244,6 +264,8 @@ def setup_parser(p) -> None:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default GPU 10, CPU 2)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None,
+                   help="KV cache dtype (default: the LM dtype); fp8 = e4m3, saturating, no scale")
     p.add_argument("--no-mimi", dest="mimi", action="store_false", help="LM only, without Mimi encode/decode")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="do not time moshi beside")
     p.add_argument("--output", default="benchmarks/results/bench.jsonl", help="JSON lines file to append to")
@@ -276,15 +298,22 @@ def run_cli(args) -> int:
         for name in names:
             models.append((name, lambda n=name: (random_model(preset_config(n), device, dtype)[0],
                                                  Mimi(random_mimi_state_dict(0), device=device))))
+    kv_dtype = KV_DTYPES[args.kv_dtype] if args.kv_dtype else None
+    kv_lines: list[str] = []
     rows: list[BenchRow] = []
     total = len(models) * len(batches) * (warmup + steps) * (2 if args.reference else 1)
     with tqdm(total=total, desc="dsm bench", unit="step") as bar:
         for name, load in models:
             model, mimi = load()
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            caps = {k: kv_capacity(model.cfg, dt, 80 * 10**9, weights) for k, dt in KV_DTYPES.items()}
+            kv_lines.append(f"{name}: KV capacity on an 80 GB H100 at full context ({weights / 1e9:.2f} GB weights, "
+                            f"8 GiB reserve): bf16 {caps['bf16']} streams, fp8 {caps['fp8']} streams "
+                            f"(x{caps['fp8'] / max(caps['bf16'], 1):.2f})")
             if not args.mimi:
                 mimi = None
             for b in batches:
-                r = bench_dsm(model, mimi, b, steps, warmup, timer, bar)
+                r = bench_dsm(model, mimi, b, steps, warmup, timer, bar, kv_dtype=kv_dtype)
                 r.model = name
                 rows.append(r)
                 if args.reference:
@@ -299,8 +328,9 @@ def run_cli(args) -> int:
     for name, _ in models:
         mine = [r for r in rows if r.model == name and r.system == "dsm"]
         print(f"{name}: capacity {capacity(mine)} streams within 80 ms per step (largest measured batch)")
+    print("\n".join(kv_lines))
     env = environment()
-    append_results(args.output, rows, env, {"dtype": str(dtype), "steps": steps, "warmup": warmup,
-                                            "mimi": args.mimi})
+    append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype), "steps": steps,
+                                            "warmup": warmup, "mimi": args.mimi})
     print(f"appended to {args.output} ({env['device']}, torch {env['torch']}, commit {env['commit']})")
     return 0
