@@ -54,6 +54,9 @@ if step build 300 pip install --no-deps --no-build-isolation -v -e . ||
   step validate 120 python -m dsm_kernels.validate
   step bench 330 python benchmarks/bench_kernels.py --out "$OUT/kernels.jsonl"
   cat "$OUT/kernels.jsonl" >>benchmarks/results/kernels.jsonl 2>/dev/null
+  # Depth transformer frame (32 codebooks, TTS shapes): reference loop eager / CUDA graph vs Triton in a graph.
+  step depformer_bench 240 python benchmarks/bench_depformer.py --batch 1 8 64 --out "$OUT/depformer.jsonl"
+  cat "$OUT/depformer.jsonl" >>benchmarks/results/depformer.jsonl 2>/dev/null
   # End to end: the three released shapes on random weights, Mimi included, moshi beside when installed.
   step dsm_bench 300 python -m dsm.cli bench --batch 1,64 --steps 30 --warmup 5 --output "$OUT/bench.jsonl"
   step mimi_bench 180 python benchmarks/bench_mimi.py --batch 1 64 --out "$OUT/mimi.jsonl"

@@ -1,0 +1,172 @@
+"""Depth-transformer frame benchmark: all ``dep_q`` codebook steps of one frame at the TTS depformer shapes (dim
+1024, 16 heads, 4 layers, FFN hidden 2048, 11 weight sets, schedule [0..7, 8x8, 9x8, 10x8], heads 1024 -> 2048,
+temporal dim 2048), random bf16 weights, sampling at temperature 0.8 / top-k 250.
+
+Providers: ``ref_eager`` (the reference loop, vectorised sampler), ``ref_graph`` (the same loop captured in one CUDA
+graph), ``triton_graph`` (``dsm_kernels.depformer`` captured in one CUDA graph). Reports ms per frame, the
+achieved GB/s against the weight bytes a frame must read (DSM-SPEC §10.3: 2.96 GB, every codebook re-reads its
+set) and its ratio to the device-to-device copy bandwidth; appends JSON rows to benchmarks/results/depformer.jsonl.
+
+    python benchmarks/bench_depformer.py                   # batch 1 8 64 on cuda
+    python benchmarks/bench_depformer.py --device cpu --small --batch 1   # smoke run of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import triton
+
+import dsm_kernels.reference as ref_mod
+from dsm_kernels.reference import DepformerLayerWeights, DepformerWeights, depformer_frame_ref
+from dsm_kernels.testing import cuda_time_ms, sample_tokens_torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TTS = dict(dim=1024, heads=16, layers=4, hidden=2048, card=2048, d_model=2048, text_vocab=8001, low_rank=128,
+           schedule=tuple(range(8)) + (8,) * 8 + (9,) * 8 + (10,) * 8)  # fmt: skip
+SMALL = dict(dim=64, heads=4, layers=2, hidden=128, card=64, d_model=96, text_vocab=33, low_rank=16,
+             schedule=(0, 1, 2, 2, 3, 3, 3, 3))  # fmt: skip
+
+
+def make_weights(s: dict, device, dtype=torch.bfloat16) -> DepformerWeights:
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def r(*shape, scale=None):
+        t = torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+        return (t * (scale if scale is not None else shape[-1] ** -0.5)).to(dtype)
+
+    dd, h, sched = s["dim"], s["hidden"], s["schedule"]
+    S, dq = max(sched) + 1, len(sched)
+    layers = tuple(DepformerLayerWeights(
+        norm1=1 + r(dd, scale=0.1), norm2=1 + r(dd, scale=0.1), in_proj=r(S, 3 * dd, dd), out_proj=r(S, dd, dd),
+        linear_in=tuple(r(2 * h, dd) for _ in range(S)), linear_out=tuple(r(dd, h) for _ in range(S)),
+        scale1=r(dd, scale=0.3), scale2=r(dd, scale=0.3)) for _ in range(s["layers"]))  # fmt: skip
+    return DepformerWeights(
+        num_heads=s["heads"], schedule=sched, in_index=sched, in_proj=r(S, dd, s["d_model"]),
+        text_emb=r(s["text_vocab"], dd, scale=0.5), text_emb2=r(s["text_vocab"], dd, scale=0.5),
+        emb=r(dq - 1, s["card"] + 1, dd, scale=0.5), heads=tuple(r(s["card"], dd) for _ in range(dq)),
+        head_norms=(None,) * dq, layers=layers)  # fmt: skip
+
+
+def frame_weight_bytes(s: dict, elt: int = 2) -> int:
+    """Weights one frame reads, DSM-SPEC §10.3 accounting: per codebook the 4 layers of its set, one
+    ``depformer_in`` projection, its head and the low-rank embedding (table row + projection)."""
+    dd, h = s["dim"], s["hidden"]
+    per_layer = 3 * dd * dd + dd * dd + 2 * h * dd + dd * h
+    per_step = s["layers"] * per_layer + dd * s["d_model"] + s["card"] * dd + dd * s["low_rank"]
+    return len(s["schedule"]) * per_step * elt
+
+
+@contextmanager
+def capturable_reference():
+    """The reference loop with the row-vectorised sampler (the reference sampler syncs with the host per row)."""
+    orig = ref_mod.sample_tokens_ref
+    ref_mod.sample_tokens_ref = sample_tokens_torch
+    try:
+        yield
+    finally:
+        ref_mod.sample_tokens_ref = orig
+
+
+def graphed(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up: Triton compiles, lazy init
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
+def cpu_ms(fn, iters=3):
+    fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def copy_bandwidth_gbps(device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * 2**30 / cuda_time_ms(lambda: dst.copy_(src), iters=20) / 1e6
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/depformer.jsonl"))
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    shapes = SMALL if args.small else TTS
+    w = make_weights(shapes, dev)
+    wbytes = frame_weight_bytes(shapes)
+    copy_bw = copy_bandwidth_gbps(dev)
+    from dsm_kernels.depformer import depformer_frame_triton
+
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "triton": triton.__version__, "commit": git_commit(), "shapes": "small" if args.small else "tts-1.6b",
+            "dep_q": len(shapes["schedule"]), "weight_bytes": wbytes,
+            "copy_gbps": copy_bw if copy_bw == copy_bw else None}  # fmt: skip
+    rows = []
+    print(f"weights/frame {wbytes / 1e9:.3f} GB, copy bandwidth {copy_bw:.0f} GB/s")
+    print(f"{'provider':14} {'B':>3} {'ms/frame':>9} {'GB/s':>7} {'of copy':>8}")
+    for B in args.batch:
+        g = torch.Generator(device=dev).manual_seed(B)
+        inp = dict(z=torch.randn(B, shapes["d_model"], device=dev, generator=g).bfloat16(),
+                   text_token=torch.randint(0, shapes["text_vocab"], (B,), device=dev, generator=g),
+                   temperature=torch.full((B,), 0.8, device=dev), top_k=min(250, shapes["card"] // 2),
+                   seeds=torch.arange(B, device=dev), steps=torch.full((B,), 33, device=dev))  # fmt: skip
+        providers = {}
+        with capturable_reference():
+            providers["ref_eager"] = lambda inp=inp: depformer_frame_ref(w, **inp)
+            if dev.type == "cuda":
+                gr, _ = graphed(lambda inp=inp: depformer_frame_ref(w, **inp))
+                providers["ref_graph"] = gr.replay
+        if dev.type == "cuda":
+            gt, _ = graphed(lambda inp=inp: depformer_frame_triton(w, **inp))
+            providers["triton_graph"] = gt.replay
+        else:
+            providers["triton_interp"] = lambda inp=inp: depformer_frame_triton(w, **inp)
+        for name, fn in providers.items():
+            with capturable_reference():
+                ms = cuda_time_ms(fn, iters=args.iters) if dev.type == "cuda" else cpu_ms(fn)
+            gbps = wbytes / ms / 1e6
+            row = {**meta, "provider": name, "batch": B, "ms_per_frame": ms, "gbps": gbps,
+                   "frac_of_copy": gbps / copy_bw if copy_bw == copy_bw else None}  # fmt: skip
+            rows.append(row)
+            frac = f"{gbps / copy_bw:8.2f}" if copy_bw == copy_bw else f"{'-':>8}"
+            print(f"{name:14} {B:3d} {ms:9.3f} {gbps:7.0f} {frac}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
