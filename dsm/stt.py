@@ -145,12 +145,12 @@ class STTStepper:
 
     ``open() -> slot`` (lowest free, reset), ``close(slot)``, ``step(pcm [B, 1920], active [B]) -> (text tokens [B]
     list, VAD P(class 0) [B, heads] or None)``. The LM runs on :class:`dsm.generate.Generator` (one state of
-    ``slots`` rows) or, with ``engine=True``, on :class:`dsm.engine.Engine` (paged KV pool, batch buckets, CUDA
-    graphs); Mimi and the Rust-alignment frame shift stay here.
+    ``slots`` rows) or, by default (``engine=True``), on :class:`dsm.engine.Engine` (paged KV pool, batch buckets,
+    CUDA graphs); Mimi and the Rust-alignment frame shift stay here.
     """
 
     def __init__(self, lm, mimi, slots: int, *, alignment: str = "pytorch", temp: float = 0.0,
-                 on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = False):
+                 on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = True):
         from .generate import Generator
 
         if lm.cfg.dep_q != 0:
@@ -432,7 +432,7 @@ class STTRuntime:
     """Shared model + ``max_streams`` slots. Build with :meth:`from_checkpoint` or from loaded parts."""
 
     def __init__(self, lm, mimi, tokenizer, config, *, max_streams: int = 8, options: STTOptions | None = None,
-                 on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = False):
+                 on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = True):
         if max_streams < 1:
             raise ValueError(f"max_streams must be >= 1, got {max_streams}")
         self.options = options or STTOptions()
@@ -622,8 +622,9 @@ def add_model_args(p) -> None:
                    help="input alignment: pytorch (DSM scripts) or rust (moshi-server)")
     p.add_argument("--timestamps", choices=TIMESTAMP_RULES, default="python",
                    help="word timestamp rule: python (offline script) or rust (server)")
-    p.add_argument("--engine", action="store_true",
-                   help="run the LM on dsm.engine (paged KV pool, batch buckets, CUDA graphs on GPU)")
+    p.add_argument("--no-engine", dest="engine", action="store_false",
+                   help="run the LM on the plain generator instead of dsm.engine (paged KV pool, batch buckets, "
+                        "CUDA graphs on GPU)")
     p.add_argument("--no-silence-prefix", dest="silence_prefix", action="store_false",
                    help="do not prepend the model's silence prefix (stt-2.6b: 1 s)")
 

@@ -3,4 +3,4 @@
 set -euo pipefail
 export TRITON_INTERPRET=${TRITON_INTERPRET:-1} NO_TORCH_COMPILE=1 HF_HUB_OFFLINE=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-exec python -m pytest -q -x "$@"
+exec python -m pytest -q -x --durations=15 "$@"
