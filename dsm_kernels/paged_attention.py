@@ -18,6 +18,11 @@ contiguous run, so small pages cost no bandwidth; a slot's ring needs ceil(conte
 overwrites row p - pages * page_size, which must lie outside the window), so smaller pages waste less memory:
 750 -> 47 x 16 = 752 rows versus 12 x 64 = 768 or 6 x 128 = 768, and 375 -> 376 / 384 / 384. Default 16; the
 kernels take any page size (16/32/64/128 tested) and gather rows through the block table per position.
+
+fp8 KV cache (``torch.float8_e4m3fn`` pools): append stores ``clamp(x, -448, 448)`` rounded to nearest even, with no
+scale: post-RoPE K/V of the bf16 models are O(1)-O(10), far inside e4m3's range, and a per-tensor scale would need a
+calibration pass and a scale per layer for nothing; the clamp makes an outlier saturate instead of becoming NaN.
+Decode reads the e4m3 pages and upcasts to fp32 (q and out keep their dtype); pages are half the bytes of bf16.
 """
 
 from __future__ import annotations
