@@ -68,9 +68,13 @@ class Generator:
     def __init__(self, model: LMModel, *, use_sampling: bool = True, temp: float = 0.8, temp_text: float = 0.7,
                  top_k: int = 250, top_k_text: int = 25, cfg_coef: float = 1.0, cfg_is_no_text: bool = False,
                  cfg_is_masked_until: list[int] | None = None, support_out_of_sync: bool = False,
-                 page_size: int = 16, backend: str | None = None):
+                 page_size: int = 16, backend: str | None = None, depformer_steps: int | None = None):
         self.model = model
         cfg = model.cfg
+        # Generate only the first ``depformer_steps`` codebooks (moshi's ``lm.dep_q = n_q``); the others are -1.
+        self.depformer_steps = cfg.dep_q if depformer_steps is None else depformer_steps
+        if not 0 <= self.depformer_steps <= cfg.dep_q:
+            raise ValueError(f"depformer_steps must be in [0, dep_q={cfg.dep_q}], got {depformer_steps}")
         self.use_sampling, self.temp, self.temp_text = use_sampling, temp, temp_text
         self.top_k, self.top_k_text = top_k, top_k_text
         self.cfg_coef, self.cfg_is_no_text, self.cfg_is_masked_until = cfg_coef, cfg_is_no_text, cfg_is_masked_until
@@ -249,19 +253,24 @@ class Generator:
         return self._sample(state, text_logits, self.temp_text, self.top_k_text, 0)
 
     def depformer(self, state: GenState, text_token: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The frame's audio tokens [B, dep_q], sampled codebook by codebook (one fused op without CFG rows)."""
+        """The frame's audio tokens [B, dep_q], sampled codebook by codebook (one fused op without CFG rows);
+        codebooks past ``depformer_steps`` are -1."""
+        dq, steps = self.model.cfg.dep_q, self.depformer_steps
         if self.cfg_rows == 1:
             B = state.batch_size
             t = self.temp if self.use_sampling else 0.0
             temperature = torch.full((B,), t, dtype=torch.float32, device=z.device)
-            base = state.offsets * (self.model.cfg.dep_q + 1) + 1  # the counters `_sample` uses for stream k + 1
-            return self.model.depformer_step(text_token, z, temperature=temperature, top_k=self.top_k,
-                                             seeds=state.seeds, step_base=base, backend=self.backend)
+            base = state.offsets * (dq + 1) + 1  # the counters `_sample` uses for stream k + 1
+            out = self.model.depformer_step(text_token, z, steps=steps, temperature=temperature, top_k=self.top_k,
+                                            seeds=state.seeds, step_base=base, backend=self.backend)
+        else:
+            def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
+                return self._sample(state, logits, self.temp, self.top_k, k + 1)
 
-        def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
-            return self._sample(state, logits, self.temp, self.top_k, k + 1)
-
-        return self.model.depformer_step(text_token, z, sample)
+            out = self.model.depformer_step(text_token, z, sample, steps=steps)
+        if steps < dq:
+            out = torch.cat([out, out.new_full((out.shape[0], dq - steps), ZERO_TOKEN)], dim=1)
+        return out
 
     def commit(self, state: GenState, text_token: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
         """Advance executing slots and cache the generated tokens; returns the un-delayed frame [B, 1 + dep_q]

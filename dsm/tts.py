@@ -314,10 +314,9 @@ class LMStepper:
 
     def __init__(self, model: LMModel, max_batch: int, default_conditions: dict, *, n_q: int, temp: float,
                  top_k: int, top_k_text: int, cfg_coef: float = 1.0, seed: int = 0, backend: str | None = None):
-        stepped = _FewerCodebooks(model, n_q) if n_q < model.cfg.dep_q else model
-        self.gen = Generator(stepped, use_sampling=temp > 0, temp=temp, temp_text=temp, top_k=top_k,
+        self.gen = Generator(model, use_sampling=temp > 0, temp=temp, temp_text=temp, top_k=top_k,
                              top_k_text=top_k_text, cfg_coef=cfg_coef, cfg_is_no_text=True,
-                             support_out_of_sync=True, backend=backend)
+                             support_out_of_sync=True, backend=backend, depformer_steps=n_q)
         self.state = self.gen.init_state(max_batch, default_conditions, seed=seed)
         self.conditions = default_conditions  # per-slot values, kept to rebuild all rows (CFG doubling)
         self.dep_q = model.cfg.dep_q
@@ -352,22 +351,6 @@ class LMStepper:
         out = self.gen.step(self.state, None, depformer_replace_tokens=replace, on_text_logits=on_text_logits,
                             on_text=on_text, on_audio=on_audio)
         return out.tokens
-
-
-class _FewerCodebooks:
-    """``model`` whose depformer runs only the first ``n_q`` codebook steps (moshi ``lm.dep_q = n_q``); the other
-    codebooks come back as -1 (zero inputs for the next steps)."""
-
-    def __init__(self, model: LMModel, n_q: int):
-        self._model, self._n_q = model, n_q
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-    def depformer_step(self, text_token: torch.Tensor, z: torch.Tensor, sample: Callable) -> torch.Tensor:
-        out = self._model.depformer_step(text_token, z, sample, steps=self._n_q)
-        pad = out.new_full((out.shape[0], self._model.cfg.dep_q - self._n_q), ZERO)
-        return torch.cat([out, pad], dim=1)
 
 
 def _set_row(conditions: dict, slot: int, new: dict) -> dict:
