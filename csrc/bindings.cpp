@@ -16,14 +16,6 @@
 #include "checks.h"
 #include "dsm_cuda.h"
 
-// Decode over a KV cache whose element code may differ from q's (fp8 e4m3); defined in csrc/paged_attention.cu.
-extern "C" cudaError_t dsm_launch_paged_decode_attention_kv(
-    void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
-    const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int cache_dtype, int page_size,
-    int pages_per_slot, int context, float scale, int num_splits, float* part_m, float* part_l, float* part_acc,
-    int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
-    int64_t stride_bt, cudaStream_t stream);
-
 namespace {
 
 int dsm_dtype(const at::Tensor& t) {
@@ -36,9 +28,8 @@ int dsm_dtype(const at::Tensor& t) {
   return -1;
 }
 
-// KV cache element code: the DsmDtype of the tensor, or 3 for fp8 e4m3 (kDsmFp8E4M3 in csrc/paged_attention.cu).
-constexpr int kDsmFp8E4M3 = 3;
-int kv_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat8_e4m3fn ? kDsmFp8E4M3 : dsm_dtype(t); }
+// KV cache element code: the tensor's DsmDtype, or DSM_FP8_E4M3.
+int kv_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat8_e4m3fn ? DSM_FP8_E4M3 : dsm_dtype(t); }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
@@ -151,7 +142,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   const int64_t parts = num_splits > 1 ? B * H * num_splits : 1;
   at::Tensor ml = at::empty({2, parts}, q.options().dtype(at::kFloat));
   at::Tensor acc = at::empty({parts, num_splits > 1 ? D : 1}, q.options().dtype(at::kFloat));
-  DSM_CUDA_OK(dsm_launch_paged_decode_attention_kv(
+  DSM_CUDA_OK(dsm_launch_paged_decode_attention(
       out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr<int32_t>(),
       seq_lens.data_ptr<int32_t>(), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), dsm_dtype(q),
       kv_dtype(k_cache), static_cast<int>(k_cache.size(1)), static_cast<int>(block_table.size(1)), static_cast<int>(context),

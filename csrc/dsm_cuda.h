@@ -4,8 +4,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-// Element types of the tensors passed as void*.
-enum DsmDtype { DSM_F32 = 0, DSM_F16 = 1, DSM_BF16 = 2 };
+// Element types of the tensors passed as void*. DSM_FP8_E4M3 is accepted for KV caches only.
+enum DsmDtype { DSM_F32 = 0, DSM_F16 = 1, DSM_BF16 = 2, DSM_FP8_E4M3 = 3 };
 
 #ifdef __cplusplus
 extern "C" {
@@ -26,15 +26,15 @@ cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* k_cache, vo
                                  int cache_dtype, int64_t stride_kb, int64_t stride_vb, int64_t stride_kcp,
                                  int64_t stride_kcs, int64_t stride_vcp, int64_t stride_vcs, cudaStream_t stream);
 
-// Split-K decode attention. q/out/caches share `dtype`; head_dim in {16, 32, 64, 128, 256}.
-// part_m/part_l: [B*H*num_splits], part_acc: [B*H*num_splits*head_dim] fp32 workspace (unused when num_splits == 1).
-cudaError_t dsm_launch_paged_decode_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
-                                              const int32_t* block_table, const int32_t* seq_lens, int B, int H,
-                                              int head_dim, int dtype, int page_size, int pages_per_slot,
-                                              int context, float scale, int num_splits, float* part_m,
-                                              float* part_l, float* part_acc, int64_t stride_qb, int64_t stride_qh,
-                                              int64_t stride_kp, int64_t stride_ks, int64_t stride_vp,
-                                              int64_t stride_vs, int64_t stride_bt, cudaStream_t stream);
+// Split-K decode attention. q/out share `dtype`; the caches hold `cache_dtype` (== dtype, or DSM_FP8_E4M3);
+// head_dim in {16, 32, 64, 128, 256}. part_m/part_l: [B*H*num_splits], part_acc: [B*H*num_splits*head_dim] fp32
+// workspace (unused when num_splits == 1).
+cudaError_t dsm_launch_paged_decode_attention(
+    void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
+    const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int cache_dtype, int page_size,
+    int pages_per_slot, int context, float scale, int num_splits, float* part_m, float* part_l, float* part_acc,
+    int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
+    int64_t stride_bt, cudaStream_t stream);
 
 // One token per row: CFG mix, temperature (<= 0: argmax), top-k, exp race with the reference's hash noise.
 // null_logits may be NULL. V <= 16384.

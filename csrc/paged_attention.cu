@@ -10,15 +10,12 @@
 // The partial (m, l, acc) of each split goes to a workspace that a merge kernel reduces; with one split the block
 // writes the output directly.
 //
-// fp8 KV cache (cache dtype code kDsmFp8E4M3): append stores clamp(x, -448, 448) rounded to nearest even as e4m3,
+// fp8 KV cache (cache dtype code DSM_FP8_E4M3): append stores clamp(x, -448, 448) rounded to nearest even as e4m3,
 // no scale (cvt.rn.satfinite: overflow saturates, NaN stays NaN), exactly dsm_kernels.reference.append_kv_ref;
 // decode reads the cache as e4m3 (8 elements = one 8-byte load per lane) and q/out keep their own dtype.
 #include <cuda_fp8.h>
 
 #include "common.cuh"
-
-// Element code of an fp8 e4m3 KV cache, beside DsmDtype (dsm_cuda.h); only the KV cache takes it.
-constexpr int kDsmFp8E4M3 = 3;
 
 namespace {
 
@@ -265,7 +262,7 @@ extern "C" cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* 
                                                    static_cast<TC*>(k_cache), static_cast<TC*>(v_cache), slot_mapping, \
                                                    HD, page_size, stride_kb, stride_vb, stride_kcp, stride_kcs,      \
                                                    stride_vcp, stride_vcs)
-  if (cache_dtype == kDsmFp8E4M3) {
+  if (cache_dtype == DSM_FP8_E4M3) {
     DSM_DISPATCH_DTYPE(in_dtype, TIn, DSM_APPEND_LAUNCH(TIn, fp8));
   } else {
     DSM_DISPATCH_DTYPE(in_dtype, TIn, DSM_DISPATCH_DTYPE(cache_dtype, TC, DSM_APPEND_LAUNCH(TIn, TC)));
@@ -274,9 +271,7 @@ extern "C" cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* 
   return cudaGetLastError();
 }
 
-// Decode with a KV cache of element code `cache_dtype`: `dtype` (q and out) or kDsmFp8E4M3. Declared in
-// csrc/bindings.cpp; dsm_launch_paged_decode_attention (dsm_cuda.h) is the case cache_dtype == dtype.
-extern "C" cudaError_t dsm_launch_paged_decode_attention_kv(
+extern "C" cudaError_t dsm_launch_paged_decode_attention(
     void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
     const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int cache_dtype, int page_size,
     int pages_per_slot, int context, float scale, int num_splits, float* part_m, float* part_l, float* part_acc,
@@ -286,22 +281,10 @@ extern "C" cudaError_t dsm_launch_paged_decode_attention_kv(
   if (num_splits < 1) return cudaErrorInvalidValue;
   DSM_DISPATCH_DTYPE(dtype, T, {
     if (cache_dtype == dtype) return launch_decode_head_dim<T, T>(head_dim, DSM_DECODE_ARGS);
-    if (cache_dtype == kDsmFp8E4M3) return launch_decode_head_dim<T, fp8>(head_dim, DSM_DECODE_ARGS);
+    if (cache_dtype == DSM_FP8_E4M3) return launch_decode_head_dim<T, fp8>(head_dim, DSM_DECODE_ARGS);
     return cudaErrorInvalidValue;
   });
   return cudaErrorInvalidValue;
-}
-
-extern "C" cudaError_t dsm_launch_paged_decode_attention(
-    void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
-    const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int page_size, int pages_per_slot, int context,
-    float scale, int num_splits, float* part_m, float* part_l, float* part_acc, int64_t stride_qb,
-    int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
-    int64_t stride_bt, cudaStream_t stream) {
-  return dsm_launch_paged_decode_attention_kv(out, q, k_cache, v_cache, block_table, seq_lens, B, H, head_dim, dtype,
-                                              dtype, page_size, pages_per_slot, context, scale, num_splits, part_m,
-                                              part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp,
-                                              stride_vs, stride_bt, stream);
 }
 #undef DSM_DECODE_ARGS
 #undef DSM_DECODE_PARAMS
