@@ -284,7 +284,7 @@ def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dic
 
 
 def setup_parser(p) -> None:
-    from .cli import parse_dtype
+    from .cli_args import parse_dtype
     from .presets import PRESETS
 
     p.add_argument("--preset", action="append", choices=PRESETS,

@@ -2,7 +2,7 @@
 
 Subcommands are registered in :func:`subcommands` (name -> setup function). A setup function receives its
 argparse sub-parser, adds its arguments and sets ``func`` (``func(args) -> int`` exit status). Commands that take a
-model call :func:`add_checkpoint_args` and turn the parsed arguments into files with :func:`checkpoint_from_args`.
+model use ``dsm.cli_args`` (``add_checkpoint_args``, ``checkpoint_from_args``).
 """
 
 from __future__ import annotations
@@ -14,40 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointError, CheckpointFiles, resolve_checkpoint
+from .checkpoint import CheckpointError
+from .cli_args import parse_dtype
 from .config import ConfigError
-
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def add_checkpoint_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--checkpoint DIR`` (local directory, config.json path or ``hf://owner/repo``) or ``--hf-repo REPO``."""
-    group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument("--checkpoint", metavar="DIR",
-                       help="checkpoint directory holding config.json and the files it names, or hf://owner/repo")
-    group.add_argument("--hf-repo", metavar="REPO",
-                       help="Hugging Face repo (owner/name); honours HF_HUB_OFFLINE and HF_HUB_CACHE")
-    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for --hf-repo")
-
-
-def checkpoint_from_args(args: argparse.Namespace) -> CheckpointFiles:
-    """Resolve the checkpoint named by :func:`add_checkpoint_args` arguments."""
-    return resolve_checkpoint(getattr(args, "checkpoint", None), getattr(args, "hf_repo", None),
-                              revision=getattr(args, "revision", None))
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Subcommands

@@ -608,7 +608,7 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
 
 def add_model_args(p) -> None:
     """Model source (``--checkpoint`` / ``--hf-repo`` / ``--preset --random-weights``) and runtime options."""
-    from .cli import add_checkpoint_args, parse_dtype
+    from .cli_args import add_checkpoint_args, parse_dtype
     from .presets import PRESETS
 
     add_checkpoint_args(p, required=False)
@@ -631,7 +631,7 @@ def add_model_args(p) -> None:
 
 def runtime_from_args(args) -> STTRuntime:
     from .checkpoint import CheckpointError, ensure_random_checkpoint, resolve_checkpoint
-    from .cli import checkpoint_from_args
+    from .cli_args import checkpoint_from_args
 
     given = [args.checkpoint is not None, args.hf_repo is not None, args.preset is not None]
     if sum(given) != 1:

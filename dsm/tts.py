@@ -727,7 +727,7 @@ __all__ = ["DEFAULT_VOICE", "Entry", "EntryBuilder", "LMStepper", "MachineState"
 
 def setup_speak_parser(p) -> None:
     """Arguments of ``dsm speak``."""
-    from .cli import add_checkpoint_args, parse_dtype
+    from .cli_args import add_checkpoint_args, parse_dtype
     from .presets import PRESETS
 
     p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file, or - for stdin")
@@ -773,7 +773,7 @@ def cmd_speak(args) -> int:
 
     from tqdm import tqdm
 
-    from .cli import checkpoint_from_args
+    from .cli_args import checkpoint_from_args
     from .tokenizer import TokenizerError
 
     def fail(msg: str) -> int:

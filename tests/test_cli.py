@@ -10,7 +10,8 @@ import torch
 
 from dsm import __version__
 from dsm.checkpoint import load_lm_state_dict, resolve_checkpoint
-from dsm.cli import add_checkpoint_args, build_parser, checkpoint_from_args, main, subcommands
+from dsm.cli import build_parser, main, subcommands
+from dsm.cli_args import add_checkpoint_args, checkpoint_from_args
 from dsm.config import parse_config
 from dsm.presets import preset_config
 
