@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -10,6 +11,18 @@ import torch  # noqa: E402
 
 from dsm.config import lm_to_dict, parse_config  # noqa: E402
 from dsm.model import LMModel  # noqa: E402
+
+
+def moshi_lm_assets() -> Path:
+    """Folder of Kyutai's LM test vectors: $DSM_MOSHI_ASSETS (.ci/run extracts them from the moshi sdist), else the
+    shared test data beside the checkout. A missing folder fails the test: it is not optional."""
+    import pytest
+
+    shared = Path(__file__).resolve().parents[2] / "shared/testdata/moshi-lm-vectors"
+    for candidate in (os.environ.get("DSM_MOSHI_ASSETS"), shared):
+        if candidate and (Path(candidate) / "test_lm_model.safetensors").exists():
+            return Path(candidate)
+    pytest.fail("moshi LM test vectors not found: set DSM_MOSHI_ASSETS (.ci/run fetches them from the moshi sdist)")
 
 
 def moshi_lm_from_config(cfg_dict: dict, seed: int = 0, dtype=torch.float32):

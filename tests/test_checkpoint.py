@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from dsm.config import parse_config
 from dsm.presets import PRESETS, REAL_PRESETS, preset_config
 from dsm.tokenizer import Tokenizer, TokenizerError, train_random_tokenizer
 
-SHARED_LM_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "moshi-lm-vectors"
+sys.path.insert(0, str(Path(__file__).parent))
+from moshi_oracle import moshi_lm_assets  # noqa: E402
 
 # The tiny LMModel of moshi's own test suite (moshi/tests/assets, see shared/testdata/moshi-lm-vectors/README.md).
 MOSHI_TEST_LM = {
@@ -168,9 +170,7 @@ def test_tokenizer_sizes_and_errors(tmp_path):
 
 
 def test_moshi_test_asset_loads():
-    path = SHARED_LM_VECTORS / "test_lm_model.safetensors"
-    if not path.is_file():
-        pytest.skip("moshi LM test vectors not available")
+    path = moshi_lm_assets() / "test_lm_model.safetensors"
     state = load_lm_state_dict(path, parse_config(MOSHI_TEST_LM), dtype=torch.float32)
     assert len(state) == 54
     assert state["depformer.layers.0.self_attn.in_proj_weight"].shape == (2 * 3 * 16, 16)

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from moshi_oracle import dsm_lm_from_moshi, moshi_lm_from_config  # noqa: E402
+from moshi_oracle import dsm_lm_from_moshi, moshi_lm_assets, moshi_lm_from_config  # noqa: E402
 
 from dsm.conditioning import TensorInput  # noqa: E402
 from dsm.config import parse_config  # noqa: E402
@@ -25,14 +24,6 @@ from dsm.generate import Generator  # noqa: E402
 from dsm.model import LMModel  # noqa: E402
 
 REL_TOL = 1e-5
-
-
-def _assets() -> Path:
-    shared = Path(__file__).parents[3] / "shared/testdata/moshi-lm-vectors"
-    for candidate in (os.environ.get("DSM_MOSHI_ASSETS"), shared):
-        if candidate and (Path(candidate) / "test_lm_model.safetensors").exists():
-            return Path(candidate)
-    pytest.fail("moshi LM test vectors not found: set DSM_MOSHI_ASSETS (.ci/run fetches them from the moshi sdist)")
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,7 +49,7 @@ MOSHI_TEST_LM = dict(
 
 def test_kyutai_lm_test_vectors():
     """moshi's own test_lm.py check: masks equal, per-stream cross-entropy within 1e-6 relative."""
-    assets = _assets()
+    assets = moshi_lm_assets()
     model = LMModel(parse_config(MOSHI_TEST_LM).lm)
     model.load_state_dict(load_file(assets / "test_lm_model.safetensors"), strict=True)
     model.eval()
