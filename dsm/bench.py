@@ -80,6 +80,18 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return run
 
 
+def _time_calls(fn, warmup: int, steps: int, timer, progress=None) -> list[float]:
+    """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        ms = timer(fn)
+        if i >= warmup:
+            times.append(ms)
+        if progress is not None:
+            progress.update(1)
+    return times
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
@@ -135,22 +147,14 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     n_in = cfg.num_codebooks - cfg.dep_q - 1
     dev = eng.device
     inputs = torch.randint(0, cfg.card, (batch, n_in), device=dev) if n_in else None
-    lm_times, mimi_times = [], []
-    for i in range(warmup + steps):
-        ms = timer(lambda: eng.step(inputs))
-        if i >= warmup:
-            lm_times.append(ms)
-        if progress is not None:
-            progress.update(1)
+    lm_times = _time_calls(lambda: eng.step(inputs), warmup, steps, timer, progress)
+    mimi_times = []
     if mimi is not None:
         state = mimi.init_state(batch)
         pcm = torch.zeros(batch, 1, 1920, device=dev)
         codes = torch.randint(0, 2048, (batch, 32, 1), device=dev)
         step = (lambda: mimi.encode_step(pcm, state)) if n_in else (lambda: mimi.decode_step(codes, state))
-        for i in range(warmup + max(3, steps // 2)):
-            ms = timer(step)
-            if i >= warmup:
-                mimi_times.append(ms)
+        mimi_times = _time_calls(step, warmup, max(3, steps // 2), timer)
     lm50, mimi50 = _percentile(lm_times, 50), (_percentile(mimi_times, 50) if mimi_times else 0.0)
     total = lm50 + mimi50
     extra = {"lm_p50_ms": lm50, "lm_p99_ms": _percentile(lm_times, 99)}
@@ -216,14 +220,8 @@ def bench_moshi(model, batch: int, steps: int, warmup: int, timer, progress=None
     gen = moshi_lm.LMGen(ref, temp=0.8, temp_text=0.7, condition_tensors=cond_tensors)
     n_in = model.cfg.num_codebooks - model.cfg.dep_q - 1
     inputs = torch.zeros(batch, n_in, 1, dtype=torch.long, device=dev)
-    times = []
     with gen.streaming(batch):
-        for i in range(warmup + steps):
-            ms = timer(lambda: gen.step(inputs))
-            if i >= warmup:
-                times.append(ms)
-            if progress is not None:
-                progress.update(1)
+        times = _time_calls(lambda: gen.step(inputs), warmup, steps, timer, progress)
     p50 = _percentile(times, 50)
     return BenchRow("moshi", "", batch, p50, _percentile(times, 99), 0.0, rtf=p50 / 1e3 / FRAME_S,
                     rtfx=batch * FRAME_S / (p50 / 1e3))
