@@ -125,12 +125,15 @@ class Engine:
     def num_open(self) -> int:
         return len(self.slots)
 
-    def open(self, conditions: dict | None = None, seed: int | None = None) -> int:
-        """Start a stream; returns its slot. ``conditions``: this stream's condition values (TTS voices...)."""
+    def open(self, conditions: dict | None = None, seed: int | None = None, slot: int | None = None) -> int:
+        """Start a stream; returns its slot (the lowest free one unless ``slot`` asks for a given free slot).
+        ``conditions``: this stream's condition values (TTS voices...)."""
         free = [s for s in range(self.max_slots) if s not in self.slots]
         if not free:
             raise EngineFull(f"all {self.max_slots} stream slots are in use")
-        slot = free[0]
+        if slot is not None and slot not in free:
+            raise ValueError(f"slot {slot} is not free (free: {free})")
+        slot = free[0] if slot is None else slot
         if (conditions is None) != (self.model.condition_provider is None):
             raise ValueError("conditions must be given exactly when the model is conditioned")
         mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
@@ -189,6 +192,7 @@ class Engine:
 
     @torch.no_grad()
     def step(self, inputs: torch.Tensor | None = None, active: list[int] | None = None, *,
+             on_text_logits: Callable[[torch.Tensor], None] | None = None,
              on_text: Callable[[torch.Tensor], None] | None = None,
              depformer_replace_tokens: torch.Tensor | None = None,
              on_audio: Callable[[torch.Tensor], None] | None = None) -> StepOutput | None:
@@ -196,7 +200,7 @@ class Engine:
 
         ``inputs``: [max_slots or bucket, n_in] input-stream tokens (audio codes for STT), rows by slot. Returns the
         step output for rows ``[0, bucket)`` (rows of inactive slots hold ``-2`` tokens), or None if no slot runs.
-        Hooks see rows ``[0, bucket)``.
+        Hooks see rows ``[0, bucket)`` and edit their tensor in place.
         """
         active = sorted(self.slots) if active is None else sorted(active)
         unknown = [s for s in active if s not in self.slots]
@@ -213,17 +217,22 @@ class Engine:
         if inputs is not None:
             self._inputs[: inputs.shape[0]].copy_(inputs, non_blocking=True)
         inp = self._inputs[:bucket] if self._inputs.shape[1] else None
-        out = self._run(view, bucket, inp, on_text, depformer_replace_tokens, on_audio)
+        out = self._run(view, bucket, inp, on_text_logits, on_text, depformer_replace_tokens, on_audio)
         for slot in active:
             self.slots[slot].position += 1
         return out
 
-    def _run(self, view, bucket, inp, on_text, replace, on_audio) -> StepOutput:
+    def _run(self, view, bucket, inp, on_text_logits, on_text, replace, on_audio) -> StepOutput:
         gen, dq = self.gen, self.model.cfg.dep_q
         if not self.cuda_graphs:
-            return gen.step(view, inp, on_text=on_text, depformer_replace_tokens=replace, on_audio=on_audio)
-        a = self._graph(bucket, "text", lambda: _text_phase(gen, view, inp))
-        z, text_logits, text_token = a.replay()
+            return gen.step(view, inp, on_text_logits=on_text_logits, on_text=on_text,
+                            depformer_replace_tokens=replace, on_audio=on_audio)
+        if on_text_logits is None:
+            z, text_logits, text_token = self._graph(bucket, "text", lambda: _text_phase(gen, view, inp)).replay()
+        else:  # the logits hook splits graph A in two
+            z, text_logits = self._graph(bucket, "forward", lambda: gen.forward(view, inp)).replay()
+            on_text_logits(text_logits)
+            text_token = self._graph(bucket, "sample", lambda: gen.sample_text(view, text_logits)).replay()
         if on_text is not None:
             on_text(text_token)
         audio = None

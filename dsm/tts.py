@@ -341,7 +341,10 @@ class LMStepper:
         else:
             self.gen.set_conditions(self.state, self.conditions)
 
-    def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable, on_text: Callable,
+    def stop(self, slot: int) -> None:
+        """Nothing to release: each row owns its KV ring for the stepper's lifetime."""
+
+    def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable | None, on_text: Callable,
              on_audio: Callable) -> torch.Tensor:
         """Step the ``active`` [B] bool rows; returns the un-delayed frames [B, 1 + dep_q] (-2 where invalid)."""
         self.state.exec_mask.copy_(active)
@@ -351,6 +354,46 @@ class LMStepper:
         out = self.gen.step(self.state, None, depformer_replace_tokens=replace, on_text_logits=on_text_logits,
                             on_text=on_text, on_audio=on_audio)
         return out.tokens
+
+
+class EngineStepper:
+    """:class:`LMStepper`'s interface over :class:`dsm.engine.Engine`: paged KV pages per stream, batch buckets and
+    CUDA graphs on a GPU. Used when no real CFG row doubling is asked (the released TTS is CFG-distilled)."""
+
+    def __init__(self, model: LMModel, max_batch: int, *, n_q: int, temp: float, top_k: int, top_k_text: int,
+                 seed: int = 0, backend: str | None = None):
+        from .engine import Engine
+
+        self.engine = Engine(model, max_slots=max_batch, backend=backend, seed=seed, use_sampling=temp > 0,
+                             temp=temp, temp_text=temp, top_k=top_k, top_k_text=top_k_text, depformer_steps=n_q)
+        self.dep_q = model.cfg.dep_q
+        self.device = self.engine.device
+        self._rows = max_batch
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """Device offsets of the rows the step in progress runs on (valid inside hooks)."""
+        return self.engine.state.offsets[: self._rows]
+
+    def start(self, slot: int, conditions: dict, seed: int) -> None:
+        self.stop(slot)
+        self.engine.open(conditions, seed=seed, slot=slot)
+
+    def stop(self, slot: int) -> None:
+        """Return the slot's KV pages to the pool (its stream is finished)."""
+        if slot in self.engine.slots:
+            self.engine.close(slot)
+
+    def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable | None, on_text: Callable,
+             on_audio: Callable) -> torch.Tensor:
+        rows = active.nonzero()[:, 0].tolist()
+        self._rows = self.engine.bucket_for(rows)
+        replace = None
+        if text_only:
+            replace = torch.full((self._rows, self.dep_q), ZERO, dtype=torch.long, device=self.device)
+        out = self.engine.step(None, rows, on_text_logits=on_text_logits, on_text=on_text,
+                               depformer_replace_tokens=replace, on_audio=on_audio)
+        return out.tokens  # rows [0, bucket), which covers every active row
 
 
 def _set_row(conditions: dict, slot: int, new: dict) -> dict:
@@ -477,7 +520,8 @@ class TTSRuntime:
     only, no PCM)."""
 
     def __init__(self, model: LMModel, mimi: Mimi | None, tokenizer: Tokenizer, tts_config: dict,
-                 model_id: dict | None = None, config: TTSConfig | None = None, backend: str | None = None):
+                 model_id: dict | None = None, config: TTSConfig | None = None, backend: str | None = None,
+                 engine: bool = True):
         self.model, self.mimi, self.tokenizer = model, mimi, tokenizer
         self.config = config = config or TTSConfig()
         cfg = model.cfg
@@ -500,9 +544,13 @@ class TTSRuntime:
                              "TTSConfig.cfg_coef")
         self.device = next(model.parameters()).device
         B = config.max_batch
-        self.stepper = LMStepper(model, B, self._conditions([None] * B, [None] * B), n_q=config.n_q, temp=config.temp,
-                                 top_k=config.top_k, top_k_text=config.top_k_text, cfg_coef=config.cfg_coef,
-                                 seed=config.seed, backend=backend)
+        if config.cfg_coef == 1.0 and engine:
+            self.stepper = EngineStepper(model, B, n_q=config.n_q, temp=config.temp, top_k=config.top_k,
+                                         top_k_text=config.top_k_text, seed=config.seed, backend=backend)
+        else:  # real CFG doubles the rows: the plain generator handles it
+            self.stepper = LMStepper(model, B, self._conditions([None] * B, [None] * B), n_q=config.n_q,
+                                     temp=config.temp, top_k=config.top_k, top_k_text=config.top_k_text,
+                                     cfg_coef=config.cfg_coef, seed=config.seed, backend=backend)
         self.mimi_state = mimi.init_state(B) if mimi is not None else None
         self.slots: list[TTSStream | None] = [None] * B
         self.waiting: deque[TTSStream] = deque()
@@ -622,8 +670,7 @@ class TTSRuntime:
         machine, bonus = self.machine, self.config.padding_bonus
 
         def on_text_logits(logits: torch.Tensor) -> None:
-            if bonus:
-                logits[..., PAD] += bonus
+            logits[..., PAD] += bonus
 
         def on_text(tokens: torch.Tensor) -> None:
             values = tokens.tolist()
@@ -638,7 +685,8 @@ class TTSRuntime:
             off = self.stepper.offsets[:, None]
             audio.masked_fill_((off < self._audio_start[None]) | self._missing[None], ZERO)
 
-        frames = self.stepper.step(active.to(self.device), text_only, on_text_logits, on_text, on_audio).cpu()
+        frames = self.stepper.step(active.to(self.device), text_only, on_text_logits if bonus else None, on_text,
+                                   on_audio).cpu()
         decode = []
         max_delay = self.model.cfg.max_delay
         for b in rows:
@@ -676,6 +724,7 @@ class TTSRuntime:
         s.done = True
         s.slot = None
         self.slots[slot] = None
+        self.stepper.stop(slot)
 
     def pump(self) -> int:
         """Step while some stream can progress; returns the number of steps."""
