@@ -196,3 +196,33 @@ def test_cuda_graph_engine_equals_eager(stt_model):
             toks.append(eng.step(inputs).tokens[:2].clone())
         outs[graphs] = torch.stack(toks)
     assert torch.equal(outs[False], outs[True])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_engine_with_hooks_equals_eager(tts_model):
+    """TTS-style stepping under graphs: replaced (text-only) steps, then a logits hook, a text hook that forces
+    tokens in place and an audio hook, all between the captured phases."""
+    model = tts_model.to("cuda")
+    outs = {}
+    for graphs in (False, True):
+        eng = Engine(model, max_slots=2, temp=0.6, temp_text=0.6, cuda_graphs=graphs)
+        eng.open(seed=1), eng.open(seed=2)
+        silent = torch.full((2, model.cfg.dep_q), -1, dtype=torch.long, device="cuda")
+        toks = []
+        for t in range(14):
+            def bonus(logits):
+                logits[..., 3] += 0.5
+
+            def force(tok, t=t):
+                if t % 3 == 0:
+                    tok.fill_(5)
+
+            def mute(audio, t=t):
+                if t < 8:
+                    audio[:, 1:].fill_(-1)
+
+            replace = silent if t < 4 else None
+            out = eng.step(on_text_logits=bonus, on_text=force, depformer_replace_tokens=replace, on_audio=mute)
+            toks.append(out.tokens.clone())
+        outs[graphs] = torch.stack(toks)
+    assert torch.equal(outs[False], outs[True])
