@@ -431,6 +431,10 @@ class TTSConfig:
     max_word_tokens: int = 64
     max_batch: int = 1
     seed: int = 0
+    # While some streams are still in their first delay_steps (text only, no depth transformer) and others are
+    # producing audio, run up to this many text-only steps of the former between full steps (moshi-server's
+    # `interleaved_text_only`): new streams reach their first audio sooner, at no cost to a stream's output.
+    interleaved_text_only: int = 2
 
 
 class TTSStream:
@@ -554,6 +558,7 @@ class TTSRuntime:
         self.mimi_state = mimi.init_state(B) if mimi is not None else None
         self.slots: list[TTSStream | None] = [None] * B
         self.waiting: deque[TTSStream] = deque()
+        self._text_only_streak = 0  # consecutive interleaved text-only steps
         delays = torch.tensor(cfg.delays[1 : 1 + cfg.dep_q], device=self.device)
         self._audio_start = delays + self.delay_steps  # [dep_q] first offset with real audio per codebook
         self._missing = torch.arange(cfg.dep_q, device=self.device) >= config.n_q  # codebooks fed as -1
@@ -663,6 +668,12 @@ class TTSRuntime:
         rows = [b for b, s in enumerate(self.slots) if s is not None and s.ready]
         if not rows:
             return 0
+        text_rows = [b for b in rows if self.slots[b].offset < self.delay_steps]
+        if text_rows and len(text_rows) < len(rows) and self._text_only_streak < self.config.interleaved_text_only:
+            rows = text_rows  # the audio rows wait one step
+            self._text_only_streak += 1
+        else:
+            self._text_only_streak = 0
         B = len(self.slots)
         active = torch.zeros(B, dtype=torch.bool)
         active[rows] = True

@@ -7,6 +7,7 @@ ties; the conditioners are random too so that the voice and the cfg value matter
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -272,6 +273,39 @@ def test_batched_rows_join_and_leave(ckpt, moshi_tts):
     res = moshi_generate(tts, ckpt, *([j[k] for j in jobs] for k in range(3)))  # one batch of three rows
     for b, s in enumerate(streams):
         assert_same_as_moshi(s, res, b, n_q)
+
+
+@pytest.mark.parametrize("interleave", [0, 2])
+def test_text_only_steps_interleave(ckpt, interleave):
+    """While one stream produces audio and another is still text-only, up to `interleaved_text_only` steps run
+    the text-only row alone (no depth transformer) between full steps; each stream's frames do not change."""
+    d = ckpt.config_path.parent
+    results = {}
+    for mode in (interleave, 0):
+        rt = runtime(ckpt, n_q=4, max_batch=2, interleaved_text_only=mode)
+        calls = []
+        step = rt.stepper.step
+
+        def spy(active, text_only, *args, step=step, calls=calls):
+            calls.append((tuple(active.nonzero()[:, 0].tolist()), text_only))
+            return step(active, text_only, *args)
+
+        rt.stepper.step = spy
+        first = rt.open_stream(d / "voice.safetensors", cfg=2.0)
+        first.push(TEXT)
+        first.end()
+        for _ in range(20):  # past delay_steps: `first` makes audio
+            rt.step()
+        second = rt.open_stream(d / "other.safetensors", cfg=1.0)
+        second.push("one two three")
+        second.end()
+        rt.run([first, second])
+        # `first` (slot 0) runs all along; steps of slot 1 alone are the interleaved text-only ones.
+        results[mode] = ([torch.stack(s.frames) for s in (first, second)], [c == ((1,), True) for c in calls[20:]])
+    frames, alone = results[interleave]
+    assert all(torch.equal(a, b) for a, b in zip(frames, results[0][0], strict=True))
+    streak = max((len(list(g)) for k, g in itertools.groupby(alone) if k), default=0)
+    assert streak == interleave
 
 
 def test_word_by_word_equals_all_at_once(ckpt):
