@@ -38,24 +38,15 @@ class BenchRow:
 
 def random_model(cfg_dict: dict, device, dtype: torch.dtype, seed: int = 0):
     """An :class:`LMModel` with random weights generated directly on ``device`` (no checkpoint on disk)."""
-    from .checkpoint import expected_lm_tensors, is_fp32_key
+    from .checkpoint import expected_lm_tensors, random_init_value
     from .config import parse_config
     from .model import LMModel
 
     cfg = parse_config(cfg_dict)
     gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, (shape, _) in expected_lm_tensors(cfg, dtype).items():
-        dt = torch.float32 if is_fp32_key(name) else dtype
-        if name.endswith(".alpha") or (name.endswith(".weight") and len(shape) == 1):
-            t = torch.ones(shape, device=device, dtype=dt)
-        elif name.endswith((".bias",)):
-            t = torch.zeros(shape, device=device, dtype=dt)
-        elif name.endswith(".scale"):
-            t = torch.full(shape, 0.1, device=device, dtype=dt)
-        else:
-            t = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dt)
-        state[name] = t
+    layer_scale = cfg.lm.layer_scale if cfg.lm.layer_scale is not None else 0.1
+    state = {name: random_init_value(name, shape, gen, layer_scale).to(dt)
+             for name, (shape, dt) in expected_lm_tensors(cfg, dtype).items()}
     with torch.device("meta"):
         model = LMModel(cfg.lm)
     model.load_state_dict(state, strict=True, assign=True)

@@ -435,14 +435,17 @@ def _resolve_local(path: Path) -> CheckpointFiles:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _init_value(name: str, shape: tuple[int, ...], gen: torch.Generator, layer_scale: float) -> torch.Tensor:
+def random_init_value(name: str, shape: tuple[int, ...], gen: torch.Generator, layer_scale: float) -> torch.Tensor:
+    """The random value of one LM tensor (fp32, on ``gen``'s device): norm scales 1, biases 0, layer scales
+    ``layer_scale``, everything else N(0, 0.02²)."""
+    dev = gen.device
     if name.endswith(".alpha") or (name.endswith(".weight") and len(shape) == 1):  # norm scales (1-D weights)
-        return torch.ones(shape)
+        return torch.ones(shape, device=dev)
     if name.endswith(".bias"):
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=dev)
     if name.endswith(".scale"):
-        return torch.full(shape, layer_scale)
-    return torch.randn(shape, generator=gen) * 0.02
+        return torch.full(shape, layer_scale, device=dev)
+    return torch.randn(shape, generator=gen, device=dev) * 0.02
 
 
 def write_safetensors_streaming(path: str | Path, specs: Mapping[str, TensorSpec],
@@ -506,7 +509,7 @@ def write_random_checkpoint(preset_or_config: str | Mapping[str, Any] | Checkpoi
     layer_scale = cfg.lm.layer_scale if cfg.lm.layer_scale is not None else 0.1
 
     def make(name: str, shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
-        return _init_value(name, shape, gen, layer_scale)
+        return random_init_value(name, shape, gen, layer_scale)
 
     write_safetensors_streaming(out_dir / cfg.moshi_name, specs, make)
     if mimi:

@@ -112,7 +112,7 @@ class Engine:
         # Reference kernels synchronise with the host (they are loops), so they cannot be captured.
         uses_reference = (backend or dsm_kernels.default_backend(self.device)) == "reference"
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and not uses_reference
-        self._graphs: dict[tuple[int, str], object] = {}
+        self._graphs: dict[tuple[int, str], object] = {}  # (bucket, phase) -> _Graph, or "buf:" static inputs
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         pin = self.device.type == "cuda"
         self._mask_host = torch.zeros(max_slots, dtype=torch.bool, pin_memory=pin)
@@ -159,19 +159,11 @@ class Engine:
         self.state.kv.block_table[slot] = 0
 
     def _set_conditions(self, slot: int, conditions: dict) -> None:
-        rows = torch.tensor([slot], device=self.device)
         st = self.state
-        if st.cond_sum is None and st.cross_kv is None:
-            # First conditioned stream: allocate the per-slot condition buffers with its shapes.
-            probe = self.gen.init_state(1, conditions=conditions)
-            if probe.cond_sum is not None:
-                st.cond_sum = probe.cond_sum.new_zeros((self.max_slots, *probe.cond_sum.shape[1:]))
-            if probe.cross_kv is not None:
-                st.cross_kv = [(k.new_zeros((self.max_slots, *k.shape[1:])), v.new_zeros((self.max_slots,
-                                                                                          *v.shape[1:])))
-                               for k, v in probe.cross_kv]
+        allocated = st.cond_sum is not None or st.cross_kv is not None
+        self.gen.set_conditions(st, conditions, rows=torch.tensor([slot], device=self.device))
+        if not allocated:  # the first conditioned stream created the per-slot buffers: graphs must see them
             self._graphs.clear()
-        self.gen.set_conditions(st, conditions, rows=rows)
 
     # ---- stepping --------------------------------------------------------------------------------------------------
     def _assign_pages(self, active: list[int]) -> None:

@@ -125,15 +125,21 @@ class Generator:
         """Compute the sum vector and cross-attention K/V of every slot (CFG: the null half is derived).
 
         With ``rows`` (slot indices, one per conditioned value) only those slots are (re)conditioned, in place; the
-        state must already hold conditions for every slot."""
+        first such call allocates the per-slot buffers (zeros for slots not conditioned yet)."""
         if rows is not None:
             if self.cfg_rows != 1:
                 raise ValueError("per-slot conditioning with CFG row doubling is not supported")
             sub = GenState(state.cache, state.offsets, state.exec_mask, state.seeds, state.kv, state.positions)
             self.set_conditions(sub, conditions)
+            B = state.batch_size
             if sub.cond_sum is not None:
+                if state.cond_sum is None:
+                    state.cond_sum = sub.cond_sum.new_zeros((B, *sub.cond_sum.shape[1:]))
                 state.cond_sum[rows] = sub.cond_sum
             if sub.cross_kv is not None:
+                if state.cross_kv is None:
+                    state.cross_kv = [(k.new_zeros((B, *k.shape[1:])), v.new_zeros((B, *v.shape[1:])))
+                                      for k, v in sub.cross_kv]
                 for (k, v), (nk, nv) in zip(state.cross_kv, sub.cross_kv, strict=True):
                     k[rows], v[rows] = nk, nv
             return

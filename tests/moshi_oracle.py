@@ -9,6 +9,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import torch  # noqa: E402
 
+from dsm.checkpoint import stack_projections  # noqa: E402
 from dsm.config import lm_to_dict, parse_config  # noqa: E402
 from dsm.model import LMModel  # noqa: E402
 
@@ -56,24 +57,7 @@ def _randomize(model, seed: int) -> None:
                 p.copy_((noise * std).to(p.dtype))
 
 
-def released_state_dict(moshi_model) -> dict[str, torch.Tensor]:
-    """moshi's state_dict in the released checkpoint naming (per-set in_projs/out_projs stacked back)."""
-    out: dict[str, torch.Tensor] = {}
-    groups: dict[str, dict[int, torch.Tensor]] = {}
-    for k, v in moshi_model.state_dict().items():
-        for part, target in ((".in_projs.", ".in_proj_weight"), (".out_projs.", ".out_proj.weight")):
-            if part in k:
-                prefix, rest = k.split(part)
-                groups.setdefault(prefix + target, {})[int(rest.split(".")[0])] = v
-                break
-        else:
-            out[k] = v
-    for k, parts in groups.items():
-        out[k] = torch.cat([parts[i] for i in sorted(parts)])
-    return out
-
-
 def dsm_lm_from_moshi(cfg_dict: dict, moshi_model, dtype=torch.float32) -> LMModel:
     model = LMModel(parse_config(cfg_dict).lm)
-    model.load_state_dict(released_state_dict(moshi_model), strict=True)
+    model.load_state_dict(stack_projections(moshi_model.state_dict()), strict=True)  # released names
     return model.to(dtype).eval()
