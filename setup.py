@@ -31,8 +31,9 @@ def cuda_extensions():
         name="dsm_kernels._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            # No -std here: torch's cpp_extension adds the standard its headers need (C++20 from torch 2.10 on).
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
