@@ -139,6 +139,8 @@ def main(argv=None):
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 64, 400])
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--providers", nargs="+", default=None, choices=["reference", "torch", "compile", "triton", "cuda"],
+                    help="time only these providers (default: all available)")
     ap.add_argument("--reference-max-batch", type=int, default=64, help="the loop references are slow beyond this")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels.jsonl"))
     args = ap.parse_args(argv)
@@ -166,7 +168,8 @@ def main(argv=None):
     results = []
     for kname in args.kernels:
         op, torch_fn, cases = KERNELS[kname]
-        compiled = None if args.no_compile else torch.compile(torch_fn, dynamic=True)
+        want_compile = not args.no_compile and (args.providers is None or "compile" in args.providers)
+        compiled = torch.compile(torch_fn, dynamic=True) if want_compile else None
         for B in args.batch:
             for shape, fargs, kw, nbytes in cases(B, device):
                 providers = {"torch": torch_fn}
@@ -175,6 +178,8 @@ def main(argv=None):
                 if compiled is not None:
                     providers["compile"] = compiled
                 providers |= {b: resolve(op, b, device) for b in backends}
+                if args.providers:
+                    providers = {n: f for n, f in providers.items() if n in args.providers}
                 for name, fn in providers.items():
                     try:
                         ms = time_ms(lambda fn=fn, a=fargs, k=kw: fn(*a, **k))

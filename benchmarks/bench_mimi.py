@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsm.mimi import FRAME_SIZE, Mimi, save_random_mimi  # noqa: E402
+from dsm.mimi import FRAME_SIZE, Mimi, cuda_graphed, save_random_mimi  # noqa: E402
 
 FRAME_MS = 80.0
 
@@ -51,20 +51,6 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def graphed(fn, warmup: int):
-    """Capture ``fn`` (static inputs, in-place state) once in a CUDA graph; returns a replay callable."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def bench_ours(mimi: Mimi, batch: int, args, device: torch.device, use_graph: bool) -> dict[str, float]:
     pcm = (0.1 * torch.randn(batch, 1, FRAME_SIZE, device=device)).clamp(-1, 1)
     codes = torch.randint(0, 2048, (batch, mimi.n_q, 1), device=device)
@@ -78,7 +64,7 @@ def bench_ours(mimi: Mimi, batch: int, args, device: torch.device, use_graph: bo
 
     with torch.no_grad():
         if use_graph:
-            enc, dec = graphed(enc, 3), graphed(dec, 3)
+            enc, dec = cuda_graphed(enc), cuda_graphed(dec)
         return {"encode_ms": timed(enc, args.steps, args.warmup, device),
                 "decode_ms": timed(dec, args.steps, args.warmup, device)}
 

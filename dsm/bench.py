@@ -129,6 +129,7 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     """Time ``steps`` engine steps with ``batch`` open streams (all active every step), and Mimi separately
     (encode of one frame for STT, decode for TTS); the step total is their sum, as a server runs them in turn."""
     from .engine import Engine
+    from .mimi import cuda_graphed
 
     cfg = model.cfg
     eng = Engine(model, max_slots=batch, buckets=(batch,), temp=0.8, temp_text=0.7, kv_dtype=kv_dtype)
@@ -142,9 +143,11 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     mimi_times = []
     if mimi is not None:
         state = mimi.init_state(batch)
-        pcm = torch.zeros(batch, 1, 1920, device=dev)
+        pcm = (0.1 * torch.randn(batch, 1, 1920, device=dev)).clamp(-1, 1)
         codes = torch.randint(0, 2048, (batch, 32, 1), device=dev)
         step = (lambda: mimi.encode_step(pcm, state)) if n_in else (lambda: mimi.decode_step(codes, state))
+        if eng.cuda_graphs:  # as the engine's step: one graph per batch size
+            step = cuda_graphed(step)
         mimi_times = _time_calls(step, warmup, max(3, steps // 2), timer)
     lm50, mimi50 = _percentile(lm_times, 50), (_percentile(mimi_times, 50) if mimi_times else 0.0)
     total = lm50 + mimi50

@@ -272,6 +272,22 @@ class Mimi:
         return self._decode(codes, self.init_state(codes.shape[0]), streaming=False)
 
 
+def cuda_graphed(fn, warmup: int = 3):
+    """Capture ``fn`` (a Mimi step on static input tensors, state updated in place) in a CUDA graph and return its
+    replay. ``warmup`` eager calls run first on a side stream (allocator and kernel warm-up); they advance the state,
+    so capture before the stream's first real frame or reset the state after."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _check_pcm_chunk(pcm: torch.Tensor, batch_size: int) -> None:
     if pcm.dim() != 3 or pcm.shape[0] != batch_size or pcm.shape[1] != 1:
         raise ValueError(f"pcm must be [{batch_size}, 1, 1920*n], got {tuple(pcm.shape)}")

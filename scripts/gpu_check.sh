@@ -1,74 +1,99 @@
 #!/usr/bin/env bash
-# The one prepared script for a GPU session (H100/H200): build the CUDA extension, run the kernel tests on the GPU
-# (CUDA backend + compiled Triton), validate, benchmark, and print a short table last. Logs and the benchmark rows
-# go to $OUT (the device tool brings that folder back) and the rows are also appended to benchmarks/results.
-# Budget: ~1 min build, ~2-3 min tests, ~4 min bench; each step has its own timeout so one hang cannot eat the rest.
+# The one prepared script for a GPU session (H100/H200): build the CUDA extension, validate every kernel backend
+# against its reference, run the benchmarks (engine end to end with moshi beside, kernels, Mimi, depformer), the
+# GPU tests, and print a short table last.
+#
+#   bash scripts/gpu_check.sh            # DSM_GPU_DEADLINE=540 s of work by default, then the summary
+#   DSM_GPU_ONLY="tests" bash scripts/gpu_check.sh   # only the named steps (space separated)
+#
+# The device tool brings back at most 8 files from $OUT, so logs go to one tarball ($OUT/logs.tgz) and the rows of
+# each benchmark to one JSON-lines file each. Steps run in order of value; each has a cap, and a step that would not
+# fit before the deadline is skipped (and listed as skipped), so the summary always prints before the tool's timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 NO_TORCH_COMPILE=1
-export MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 OUT=${OUT:-/tmp/dsm_gpu_check}
+LOGS=$(mktemp -d /tmp/dsm_gpu_logs.XXXX)
+DEADLINE=${DSM_GPU_DEADLINE:-540}
+ONLY=${DSM_GPU_ONLY:-}
 mkdir -p "$OUT"
 STATUS=()
 
-step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, record rc and seconds, show the log's tail
-  local name=$1 limit=$2 t0=$SECONDS rc
-  shift 2
-  echo "=== $name: $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+step() {  # step NAME CAP_S MIN_S CMD...: run with timeout min(CAP, time left), keep the log, record rc and seconds
+  local name=$1 cap=$2 need=$3 t0=$SECONDS rc left
+  shift 3
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt "$need" ]; then
+    STATUS+=("$(printf '%-16s skipped (%ss left, needs %ss)' "$name" "$left" "$need")")
+    return 1
+  fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "=== $name (cap ${cap}s): $*"
+  timeout -k 5 "$cap" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
-  STATUS+=("$(printf '%-14s rc=%-4s %4ss' "$name" "$rc" $((SECONDS - t0)))")
-  tail -n 15 "$OUT/$name.log"
+  STATUS+=("$(printf '%-16s rc=%-4s %4ss' "$name" "$rc" $((SECONDS - t0)))")
+  tail -n 8 "$LOGS/$name.log"
   return $rc
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+finish() {
+  {
+    echo "=== kernel benchmark (ms; speedup = best torch baseline / best custom kernel)"
+    for f in "$LOGS"/kbench*.log; do [ -f "$f" ] && sed -n '/^kernel    shape/,$p' "$f"; done
+    echo "=== validate-kernels"
+    grep -E "passed|FAIL" "$LOGS/validate.log" 2>/dev/null
+    echo "=== dsm bench (engine step, Mimi included; moshi = LMGen step alone)"
+    for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && sed -n '/^system/,$p' "$f"; done
+    echo "=== mimi / depformer"
+    tail -n 12 "$LOGS/mimi.log" 2>/dev/null
+    tail -n 12 "$LOGS/depformer.log" 2>/dev/null
+    echo "=== tests"
+    for f in "$LOGS"/tests*.log; do [ -f "$f" ] && grep -E "^FAILED|^ERROR|passed|failed" "$f" | tail -n 12; done
+    echo "=== steps"
+    printf '%s\n' "${STATUS[@]}"
+  } | tee "$OUT/summary.txt"
+  tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+}
+trap finish EXIT
 
-# The lent GPU image has no pytest, no moshi and no network. Prepare wheels here first and carry the folder
-# (the device tool's `carry: [".wheels"]`; .wheels/ is git-ignored):
-#   pip download -d .wheels --only-binary :all: --python-version 3.12 pytest pytest-timeout pluggy iniconfig packaging
-#   pip download -d .wheels --no-deps moshi==0.2.13
-# Without pytest the checks fall back to `python -m dsm_kernels.validate` alone; without moshi, `dsm bench` and the
-# Mimi bench time dsm only.
-WHEELS=${DSM_WHEELS:-.wheels}
-if [ -d "$WHEELS" ]; then
-  pip install --no-deps --no-index "$WHEELS"/*.whl >"$OUT/wheels.log" 2>&1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+} 2>&1 | tee "$LOGS/env.log"
+
+# The image has pytest but not moshi or soxr: carry them as wheels in .whl/ (git-ignored; see benchmarks/results/
+# README.md) and install them into /tmp/site, which stays off the image's own site-packages.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    >"$LOGS/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# Editable install builds dsm_kernels/_C in place; if pip cannot (old setuptools, no `wheel`), build_ext --inplace.
-if step build 300 pip install --no-deps --no-build-isolation -v -e . ||
-  step build_inplace 300 python setup.py build_ext --inplace; then
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  step import 60 python -c "import dsm_kernels as k; import dsm_kernels._C; print(k.available_backends('cuda'))"
-  if python -c "import pytest" 2>/dev/null; then
-    # CUDA backend + graph-replay tests (the `gpu` marker), then the Triton tests, compiled for this GPU.
-    step gpu_tests 240 python -m pytest -q -m gpu tests/kernels -p no:cacheprovider
-    step triton_tests 240 python -m pytest -q -m "not gpu" -p no:cacheprovider \
-      tests/kernels/test_embed.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py
-    # The model and the engine on the GPU: CUDA backend vs reference, CUDA graphs vs eager.
-    step model_gpu_tests 240 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/model
-  else
-    echo "no pytest on this machine: only dsm_kernels.validate checks the kernels"
-  fi
-  step validate 120 python -m dsm_kernels.validate
-  step bench 330 python benchmarks/bench_kernels.py --out "$OUT/kernels.jsonl"
-  cat "$OUT/kernels.jsonl" >>benchmarks/results/kernels.jsonl 2>/dev/null
-  # Depth transformer frame (32 codebooks, TTS shapes): reference loop eager / CUDA graph vs Triton in a graph.
-  step depformer_bench 240 python benchmarks/bench_depformer.py --batch 1 8 64 --out "$OUT/depformer.jsonl"
-  cat "$OUT/depformer.jsonl" >>benchmarks/results/depformer.jsonl 2>/dev/null
-  # End to end: the three released shapes on random weights, Mimi included, moshi beside when installed.
-  step dsm_bench 300 python -m dsm.cli bench --batch 1,64 --steps 30 --warmup 5 --output "$OUT/bench.jsonl"
-  step mimi_bench 180 python benchmarks/bench_mimi.py --batch 1 64 --out "$OUT/mimi.jsonl"
-else
-  echo "build failed; see $OUT/build.log"
-  grep -E "error|Error" "$OUT/build.log" | head -40
+# Editable install builds dsm_kernels/_C in place; fall back to build_ext --inplace.
+if step build 240 60 pip install --no-deps --no-build-isolation -v -e . ||
+  step build_inplace 240 60 python setup.py build_ext --inplace; then
+  step import 60 5 python -c "import dsm_kernels as k, dsm_kernels._C; print(k.available_backends('cuda'))"
 fi
-
-echo
-echo "=== benchmark summary (ms; speedup = best torch baseline / best custom kernel)"
-sed -n '/^kernel    shape/,$p' "$OUT/bench.log" 2>/dev/null
-echo "=== dsm bench (engine step, Mimi included)"
-sed -n '/^system/,$p' "$OUT/dsm_bench.log" 2>/dev/null
-echo "=== steps"
-printf '%s\n' "${STATUS[@]}"
+B=(python -m dsm.cli bench --steps 30 --warmup 5 --output "$OUT/bench.jsonl")
+T=(python -m pytest -q -rf -p no:cacheprovider -m gpu)
+# correctness first: every backend against its reference, then the GPU tests (CUDA graphs vs eager included)
+step validate 90 20 python -m dsm.cli validate-kernels
+step tests_kernels 90 30 "${T[@]}" tests/kernels
+step tests_engine 90 30 "${T[@]}" tests/test_engine.py tests/model
+# then the numbers: engine end to end with moshi beside, kernels, Mimi, depformer, capacity
+step bench_stt1b 120 40 "${B[@]}" --preset stt-1b-en_fr --batch 1,64 ||
+  step bench_stt1b_eager 90 40 env DSM_NO_CUDA_GRAPH=1 "${B[@]}" --preset stt-1b-en_fr --batch 1,64
+step bench_tts 150 50 "${B[@]}" --preset tts-1.6b-en_fr --batch 1,64
+step kbench 90 30 python benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \
+  --out "$OUT/kernels.jsonl"
+step mimi 90 30 python benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
+step depformer 90 30 python benchmarks/bench_depformer.py --batch 1 8 64 --iters 20 --out "$OUT/depformer.jsonl"
+step bench_stt26 100 40 "${B[@]}" --preset stt-2.6b-en --batch 1,64
+step bench_capacity 120 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256,768
+step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1.6b-en_fr --batch 256
+step bench_fp8 60 30 "${B[@]}" --no-reference --kv-dtype fp8 --preset stt-1b-en_fr --batch 1,64
+step kbench_compile 90 40 python benchmarks/bench_kernels.py --providers compile --iters 50 --batch 64 \
+  --out "$OUT/kernels.jsonl"
