@@ -13,6 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 NO_TORCH_COMPILE=1
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}  # the image has python3 (with torch), maybe no `python`
 OUT=${OUT:-/tmp/dsm_gpu_check}
 LOGS=$(mktemp -d /tmp/dsm_gpu_logs.XXXX)
 DEADLINE=${DSM_GPU_DEADLINE:-540}
@@ -60,40 +61,40 @@ trap finish EXIT
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
 } 2>&1 | tee "$LOGS/env.log"
 
 # The image has pytest but not moshi or soxr: carry them as wheels in .whl/ (git-ignored; see benchmarks/results/
 # README.md) and install them into /tmp/site, which stays off the image's own site-packages.
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     >"$LOGS/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # Editable install builds dsm_kernels/_C in place; fall back to build_ext --inplace.
-if step build 240 60 pip install --no-deps --no-build-isolation -v -e . ||
-  step build_inplace 240 60 python setup.py build_ext --inplace; then
-  step import 60 5 python -c "import dsm_kernels as k, dsm_kernels._C; print(k.available_backends('cuda'))"
+if step build 240 60 "$PY" -m pip install --no-deps --no-build-isolation -v -e . ||
+  step build_inplace 240 60 "$PY" setup.py build_ext --inplace; then
+  step import 60 5 "$PY" -c "import dsm_kernels as k, dsm_kernels._C; print(k.available_backends('cuda'))"
 fi
-B=(python -m dsm.cli bench --steps 30 --warmup 5 --output "$OUT/bench.jsonl")
-T=(python -m pytest -q -rf -p no:cacheprovider -m gpu)
+B=("$PY" -m dsm.cli bench --steps 30 --warmup 5 --output "$OUT/bench.jsonl")
+T=("$PY" -m pytest -q -rf -p no:cacheprovider -m gpu)
 # correctness first: every backend against its reference, then the GPU tests (CUDA graphs vs eager included)
-step validate 90 20 python -m dsm.cli validate-kernels
+step validate 90 20 "$PY" -m dsm.cli validate-kernels
 step tests_kernels 90 30 "${T[@]}" tests/kernels
 step tests_engine 90 30 "${T[@]}" tests/test_engine.py tests/model
 # then the numbers: engine end to end with moshi beside, kernels, Mimi, depformer, capacity
 step bench_stt1b 120 40 "${B[@]}" --preset stt-1b-en_fr --batch 1,64 ||
   step bench_stt1b_eager 90 40 env DSM_NO_CUDA_GRAPH=1 "${B[@]}" --preset stt-1b-en_fr --batch 1,64
 step bench_tts 150 50 "${B[@]}" --preset tts-1.6b-en_fr --batch 1,64
-step kbench 90 30 python benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \
+step kbench 90 30 "$PY" benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \
   --out "$OUT/kernels.jsonl"
-step mimi 90 30 python benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
-step depformer 90 30 python benchmarks/bench_depformer.py --batch 1 8 64 --iters 20 --out "$OUT/depformer.jsonl"
+step mimi 90 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
+step depformer 90 30 "$PY" benchmarks/bench_depformer.py --batch 1 8 64 --iters 20 --out "$OUT/depformer.jsonl"
 step bench_stt26 100 40 "${B[@]}" --preset stt-2.6b-en --batch 1,64
 step bench_capacity 120 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256,768
 step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1.6b-en_fr --batch 256
 step bench_fp8 60 30 "${B[@]}" --no-reference --kv-dtype fp8 --preset stt-1b-en_fr --batch 1,64
-step kbench_compile 90 40 python benchmarks/bench_kernels.py --providers compile --iters 50 --batch 64 \
+step kbench_compile 90 40 "$PY" benchmarks/bench_kernels.py --providers compile --iters 50 --batch 64 \
   --out "$OUT/kernels.jsonl"
