@@ -238,6 +238,15 @@ def environment() -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def _release(device: torch.device) -> None:
+    """Free the last engine's KV pool and graphs before the next one (closures make cycles: collect them)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def capacity(rows: list[BenchRow]) -> int:
     """Largest measured batch whose p50 step (Mimi included) fits in one 80 ms frame."""
     ok = [r.batch for r in rows if r.p50_ms <= FRAME_S * 1e3]
@@ -341,14 +350,17 @@ def run_cli(args) -> int:
                 r = bench_dsm(model, mimi, b, steps, warmup, timer, bar, kv_dtype=kv_dtype)
                 r.model = name
                 rows.append(r)
+                bar.write(format_table([r]).splitlines()[2])  # each row as soon as it exists
+                _release(device)
                 if args.reference:
                     ref = bench_moshi(model, b, steps, warmup, timer, bar)
                     if ref is not None:
                         ref.model = name
                         rows.append(ref)
+                        bar.write(format_table([ref]).splitlines()[2])
+                    _release(device)
             del model, mimi
-            if gpu:
-                torch.cuda.empty_cache()
+            _release(device)
     print(format_table(rows))
     if format_ttfa(rows):
         print(format_ttfa(rows))

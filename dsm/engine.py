@@ -219,27 +219,32 @@ class Engine:
         if not self.cuda_graphs:
             return gen.step(view, inp, on_text_logits=on_text_logits, on_text=on_text,
                             depformer_replace_tokens=replace, on_audio=on_audio)
+        # Each graph reads what the previous one wrote through a static buffer: a graph replays the addresses its
+        # closure saw at creation, while the producing graph's outputs move once (eager first call -> capture).
         if on_text_logits is None:
             z, text_logits, text_token = self._graph(bucket, "text", lambda: _text_phase(gen, view, inp)).replay()
         else:  # the logits hook splits graph A in two
             z, text_logits = self._graph(bucket, "forward", lambda: gen.forward(view, inp)).replay()
             on_text_logits(text_logits)
-            text_token = self._graph(bucket, "sample", lambda: gen.sample_text(view, text_logits)).replay()
+            logits_in = self._static(bucket, "text_logits", text_logits)
+            text_token = self._graph(bucket, "sample", lambda: gen.sample_text(view, logits_in)).replay()
         if on_text is not None:
             on_text(text_token)
+        token_in = self._static(bucket, "text_token", text_token)
         audio = None
         if dq:
             if replace is not None:
                 audio = replace.reshape(bucket, dq).long()
             else:
-                audio = self._graph(bucket, "depth", lambda: gen.depformer(view, text_token, z)).replay()
+                z_in = self._static(bucket, "z", z)
+                audio = self._graph(bucket, "depth", lambda: gen.depformer(view, token_in, z_in)).replay()
             if on_audio is not None:
                 on_audio(audio)
         if audio is None:
-            tokens = self._graph(bucket, "commit", lambda: gen.commit(view, text_token, None)).replay()
+            tokens = self._graph(bucket, "commit", lambda: gen.commit(view, token_in, None)).replay()
         else:
-            audio_buf = self._static(bucket, "audio", audio)
-            tokens = self._graph(bucket, "commit_audio", lambda: gen.commit(view, text_token, audio_buf)).replay()
+            audio_in = self._static(bucket, "audio", audio)
+            tokens = self._graph(bucket, "commit_audio", lambda: gen.commit(view, token_in, audio_in)).replay()
         return StepOutput(tokens, text_token, z, text_logits)
 
     def _static(self, bucket: int, name: str, value: torch.Tensor) -> torch.Tensor:

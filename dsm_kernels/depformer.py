@@ -249,6 +249,11 @@ def _linear_kernel(
         tl.store(optr, _rnd(y, DT).to(DT), mask=m)  # exact: the value is representable
 
 
+# Shared memory the pipelined GEMM tiles may use: an H100 block gets at most 227 KiB, and Triton adds its own
+# scratch (reductions, layout conversions) on top of the operand stages.
+SMEM_BUDGET = 160 * 1024
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -269,6 +274,29 @@ def _gemm_plan(n_tiles: int, m_blocks: int, K: int, bk: int, split: int | None, 
         split = min(chunks, max(1, 2 * sms // (n_tiles * m_blocks)))
     per = triton.cdiv(chunks, split) * bk
     return triton.cdiv(K, per), per
+
+
+def frame_plan(B: int, dd: int, H: int, dq: int, n_in: int, d_model: int, hid: int, card: int, elem: int,
+               interp: bool, split: int | None, sms: int):
+    """Block sizes of one frame: (BM, row blocks, BD, BP, plans), where plans maps each GEMM shape to
+    (N, K, partial columns, tiles, BN, BK, SPLIT, K per split)."""
+    bm = max(16, min(64, _pow2(B)))
+    mb = triton.cdiv(B, bm)
+    bk_max, bn_max = (256, 256) if interp else (128, 64)
+    bd, bp = max(16, _pow2(dd // H)), _pow2(dq)
+    plans = {}
+    for name, N, K, cols in (("proj", n_in * dd, d_model, n_in * dd), ("out", dd, dd, dd),
+                             ("in", hid, dd, 2 * hid), ("ffo", dd, hid, dd), ("head", card, dd, card),
+                             ("qkv", dd, dd, 3 * dd)):  # fmt: skip
+        bn = bd if name == "qkv" else min(bn_max, _pow2(N))
+        bk = min(_pow2(K), bk_max)
+        if not interp:  # pipelined tiles (3 stages) of x [bm, bk] and the weights [bk, bn] (q, k and v for qkv)
+            while bk > 16 and 3 * bk * (bm + (3 if name == "qkv" else 1) * bn) * elem > SMEM_BUDGET:
+                bk //= 2
+        tiles = H if name == "qkv" else triton.cdiv(N, bn)
+        s_, per = _gemm_plan(tiles, mb, K, bk, split, sms)
+        plans[name] = (N, K, cols, tiles, bn, bk, s_, per)
+    return bm, mb, bd, bp, plans
 
 
 def depformer_frame_triton(
@@ -294,22 +322,8 @@ def depformer_frame_triton(
     hid = w.layers[0].linear_out[0].shape[1]
     DT, interp = _TL_DTYPES[dt], _interpret()
     dot_f32 = interp or dt == torch.float32
-    bm = max(16, min(64, _pow2(B)))
-    mb = triton.cdiv(B, bm)
-    sms = _sms(dev)
-    bk_max, bn_max = (256, 256) if interp else (128, 64)
-    bd, bp = max(16, _pow2(D)), _pow2(dq)
-
-    # (name: N, K, partial columns, tiles, BN, BK, SPLIT, K per split) of every GEMM shape of the frame
-    plans = {}
-    for name, N, K, cols in (("proj", n_in * dd, d_model, n_in * dd), ("out", dd, dd, dd),
-                             ("in", hid, dd, 2 * hid), ("ffo", dd, hid, dd), ("head", card, dd, card),
-                             ("qkv", dd, dd, 3 * dd)):  # fmt: skip
-        bk = min(_pow2(K), bk_max)
-        bn = bd if name == "qkv" else min(bn_max, _pow2(N))
-        tiles = H if name == "qkv" else triton.cdiv(N, bn)
-        s_, per = _gemm_plan(tiles, mb, K, bk, split, sms)
-        plans[name] = (N, K, cols, tiles, bn, bk, s_, per)
+    bm, mb, bd, bp, plans = frame_plan(B, dd, H, dq, n_in, d_model, hid, card, w.in_proj.element_size(), interp,
+                                       split, _sms(dev))
     # split-K partials (reused by every launch, in stream order) and tile counters (each launch re-arms its own)
     ws = torch.empty(max(p[6] * B * p[2] for p in plans.values()), dtype=torch.float32, device=dev)
     cnt = torch.zeros(max(p[3] for p in plans.values()) * mb, dtype=torch.int32, device=dev)

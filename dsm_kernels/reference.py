@@ -286,7 +286,7 @@ def _dep_embed(w: DepformerWeights, k: int, ids: torch.Tensor) -> torch.Tensor:
         vt = w.text_emb.shape[0]
         first = w.text_emb[ids % vt]
         second = ids // vt - 1
-        y = first + torch.where((second < 0)[:, None], torch.zeros((), dtype=first.dtype),
+        y = first + torch.where((second < 0)[:, None], first.new_zeros(()),
                                 w.text_emb2[second.clamp(min=0)])
     else:
         y = (w.text_emb if k == 0 else w.emb[k - 1])[ids]

@@ -180,34 +180,73 @@ def test_tts_engine_matches_generator(tts_model):
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
 
-@pytest.mark.gpu
-def test_cuda_graph_engine_equals_eager(stt_model):
-    model = stt_model.to("cuda")
+class EmulatedGraph:
+    """CPU stand-in for ``dsm.engine._Graph`` with a CUDA graph's address semantics: every replay runs the closure
+    given at creation (a graph replays the addresses it captured), and from the capture on, results land in the
+    tensors the capture returned. It catches a phase reading a tensor that a real graph would never see again."""
+
+    def __init__(self, fn, pool):
+        self.fn, self.calls, self.out = fn, 0, None
+
+    def replay(self):
+        self.calls += 1
+        new = self.fn()
+        if self.calls == 1:
+            return new
+        if self.out is None:
+            self.out = new
+        else:
+            for dst, src in zip(_tensors(self.out), _tensors(new), strict=True):
+                dst.copy_(src)
+        return self.out
+
+
+def _tensors(out):
+    return [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
+
+
+GRAPH_MODES = [pytest.param("emulated"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _graph_engine(model, mode, monkeypatch, graphs, **kw):
+    if mode == "cuda":
+        return Engine(model.to("cuda"), cuda_graphs=graphs, **kw)
+    eng = Engine(model, cuda_graphs=False, **kw)
+    if graphs:
+        monkeypatch.setattr("dsm.engine._Graph", EmulatedGraph)
+        eng.cuda_graphs = True
+    return eng
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_cuda_graph_engine_equals_eager(stt_model, mode, monkeypatch):
+    dev = "cuda" if mode == "cuda" else "cpu"
     steps = 12
-    audio = _audio(3, steps).cuda()
+    audio = _audio(3, steps).to(dev)
     outs = {}
     for graphs in (False, True):
-        eng = Engine(model, max_slots=4, use_sampling=False, cuda_graphs=graphs)
+        eng = _graph_engine(stt_model, mode, monkeypatch, graphs, max_slots=4, use_sampling=False)
         a, b = eng.open(), eng.open()
-        inputs = torch.zeros(4, 32, dtype=torch.long, device="cuda")
+        inputs = torch.zeros(4, 32, dtype=torch.long, device=dev)
         toks = []
         for t in range(steps):
             inputs[a], inputs[b] = audio[t], audio[steps - 1 - t]
             toks.append(eng.step(inputs).tokens[:2].clone())
         outs[graphs] = torch.stack(toks)
+    assert len(set(outs[False][:, 0, 0].tolist())) > 1  # the tokens move, so a stale replay cannot pass
     assert torch.equal(outs[False], outs[True])
 
 
-@pytest.mark.gpu
-def test_cuda_graph_engine_with_hooks_equals_eager(tts_model):
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_cuda_graph_engine_with_hooks_equals_eager(tts_model, mode, monkeypatch):
     """TTS-style stepping under graphs: replaced (text-only) steps, then a logits hook, a text hook that forces
     tokens in place and an audio hook, all between the captured phases."""
-    model = tts_model.to("cuda")
+    dev = "cuda" if mode == "cuda" else "cpu"
     outs = {}
     for graphs in (False, True):
-        eng = Engine(model, max_slots=2, temp=0.6, temp_text=0.6, cuda_graphs=graphs)
+        eng = _graph_engine(tts_model, mode, monkeypatch, graphs, max_slots=2, temp=0.6, temp_text=0.6)
         eng.open(seed=1), eng.open(seed=2)
-        silent = torch.full((2, model.cfg.dep_q), -1, dtype=torch.long, device="cuda")
+        silent = torch.full((2, tts_model.cfg.dep_q), -1, dtype=torch.long, device=dev)
         toks = []
         for t in range(14):
             def bonus(logits):
@@ -225,4 +264,24 @@ def test_cuda_graph_engine_with_hooks_equals_eager(tts_model):
             out = eng.step(on_text_logits=bonus, on_text=force, depformer_replace_tokens=replace, on_audio=mute)
             toks.append(out.tokens.clone())
         outs[graphs] = torch.stack(toks)
+    assert torch.equal(outs[False], outs[True])
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_cuda_graph_engine_plain_tts_steps_equal_eager(tts_model, mode, monkeypatch):
+    """The default TTS path (one text graph, depth graph, commit) with streams joining and leaving."""
+    dev = "cuda" if mode == "cuda" else "cpu"
+    outs = {}
+    for graphs in (False, True):
+        eng = _graph_engine(tts_model, mode, monkeypatch, graphs, max_slots=4, buckets=(4,), temp=0.6)
+        slots = [eng.open(seed=s) for s in (1, 2)]
+        toks = []
+        for t in range(12):
+            if t == 5:
+                slots.append(eng.open(seed=3))
+            if t == 8:
+                eng.close(slots.pop(0))
+            out = eng.step()
+            toks.append(out.tokens[2].clone())  # the stream that joins at step 5
+        outs[graphs] = torch.stack(toks).to(dev)
     assert torch.equal(outs[False], outs[True])
