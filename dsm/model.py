@@ -24,7 +24,16 @@ from dsm_kernels.reference import kv_position_to_slot
 from .conditioning import ConditionProvider
 from .config import LMConfig
 from .kv_cache import PagedKVCache
-from .layers import Norm, ScaledEmbedding, TransformerLayer, Weight, apply_rope, sin_embedding
+from .layers import (
+    LayerScale,
+    Norm,
+    ScaledEmbedding,
+    TransformerLayer,
+    Weight,
+    apply_rope,
+    rope_frequencies,
+    sin_embedding,
+)
 
 
 class Transformer(nn.Module):
@@ -94,6 +103,10 @@ class Transformer(nn.Module):
 def _repeat_kv(x: torch.Tensor, layer: TransformerLayer) -> torch.Tensor:
     rep = layer.self_attn.num_heads // layer.self_attn.kv_heads
     return x if rep == 1 else x.repeat_interleave(rep, dim=-2)
+
+
+def _scale_of(layer_scale: nn.Module) -> torch.Tensor | None:
+    return layer_scale.scale if isinstance(layer_scale, LayerScale) else None
 
 
 def _cross_attend(layer: TransformerLayer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -251,6 +264,8 @@ class LMModel(nn.Module):
         x = tr.add_sin(x, positions)
         slot = torch.where(write, kv_position_to_slot(kv.block_table, positions, kv.page_size), -1)
         seq_lens = torch.where(write, positions + 1, 0).to(torch.int32)
+        if self._fusable_step():
+            return self._step_layers_fused(x, kv, positions, slot, seq_lens, cross_kv, backend)
         for i, layer in enumerate(tr.layers):
             q, k, v = layer.self_attn.qkv(layer.norm1(x))
             if tr.rope:
@@ -264,6 +279,53 @@ class LMModel(nn.Module):
                 x = x + layer.layer_scale_cross(_cross_attend(layer, x[:, None], *cross_kv[i])[:, 0])
             x = x + layer.layer_scale_2(layer.ffn(layer.norm2(x)))
         z = self.out_norm(x)
+        return z, self.text_linear(z)
+
+    def _fusable_step(self) -> bool:
+        """The released layouts (fp32 RMSNorm, SiLU-gated FFN) take the fused step; others the module path."""
+        return self.cfg.norm == "rms_norm_f32" and self.cfg.gating == "silu"
+
+    def _rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        cached = getattr(self, "_inv_freq", None)
+        if cached is None or cached.device != device:
+            tr = self.transformer
+            cached = self._inv_freq = rope_frequencies(tr.dim // tr.num_heads, tr.max_period, device)
+        return cached
+
+    def _step_layers_fused(self, x, kv, positions, slot, seq_lens, cross_kv, backend):
+        """The layers of :meth:`step_text` with the elementwise glue fused (``dsm_kernels.add_rms_norm``,
+        ``rope_qk``, ``silu_mul``): each residual branch is added inside the next norm's kernel. The reference
+        backend computes exactly what the module path does."""
+        tr = self.transformer
+        B, H, D = x.shape[0], tr.num_heads, tr.dim // tr.num_heads
+        inv_freq = self._rope_inv_freq(x.device) if tr.rope else None
+        delta = scale = None  # the residual branch not yet added to x
+        for i, layer in enumerate(tr.layers):
+            attn = layer.self_attn
+            Hkv = attn.kv_heads
+            x, h = dsm_kernels.add_rms_norm(x, layer.norm1.alpha, layer.norm1.eps, delta=delta, scale=scale,
+                                            backend=backend)
+            qkv = F.linear(h, attn.in_proj_weight)
+            v = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
+            if inv_freq is not None:
+                q, k = dsm_kernels.rope_qk(qkv, positions, inv_freq, H, Hkv, backend=backend)
+            else:
+                q, k = qkv[:, : H * D].view(B, H, D), qkv[:, H * D : (H + Hkv) * D].view(B, Hkv, D)
+            dsm_kernels.append_kv(kv.k[i], kv.v[i], k, v, slot, backend=backend)
+            a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
+                                                   backend=backend)
+            delta, scale = attn.out(a.flatten(1)), _scale_of(layer.layer_scale_1)
+            if layer.cross_attention is not None:
+                x = x + (scale.to(delta) * delta if scale is not None else delta)
+                delta = _cross_attend(layer, x[:, None], *cross_kv[i])[:, 0]
+                scale = _scale_of(layer.layer_scale_cross)
+            x, h = dsm_kernels.add_rms_norm(x, layer.norm2.alpha, layer.norm2.eps, delta=delta, scale=scale,
+                                            backend=backend)
+            g = layer.gating
+            delta = g.linear_out(dsm_kernels.silu_mul(g.linear_in(h), backend=backend))
+            scale = _scale_of(layer.layer_scale_2)
+        x, z = dsm_kernels.add_rms_norm(x, self.out_norm.alpha, self.out_norm.eps, delta=delta, scale=scale,
+                                        backend=backend)
         return z, self.text_linear(z)
 
     def extra_head_probs(self, z: torch.Tensor) -> list[torch.Tensor]:

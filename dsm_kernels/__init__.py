@@ -1,6 +1,8 @@
-"""dsm kernels: fused multistream embedding, paged KV-cache decode attention and sampling.
+"""dsm kernels: fused multistream embedding, paged KV-cache decode attention and sampling, the fused depth
+transformer frame, and the fused glue of a temporal decode step (residual + RMSNorm, RoPE, SiLU gate).
 
-Every op has a pure-torch reference (``dsm_kernels.reference``), a Triton kernel and a CUDA C++ kernel. The
+Every op has a pure-torch reference (``dsm_kernels.reference``) and a Triton kernel; the three core kernels
+(embedding, paged attention with its append, sampling) also have a CUDA C++ kernel. The
 functions below are the single dispatch point: ``backend=None`` picks the fastest backend available for the
 tensors' device (cuda > triton > reference on a GPU; reference on the CPU), or an explicit backend name.
 Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -42,6 +44,18 @@ _OPS = {
         "cuda": "dsm_kernels.cuda_ops:sample_tokens_cuda",
     },
     # No CUDA C++ twin: a request for "cuda" (or the cuda default) falls back to the best registered backend.
+    "add_rms_norm": {
+        "reference": "dsm_kernels.reference:add_rms_norm_ref",
+        "triton": "dsm_kernels.fused:add_rms_norm_triton",
+    },
+    "rope_qk": {
+        "reference": "dsm_kernels.reference:rope_qk_ref",
+        "triton": "dsm_kernels.fused:rope_qk_triton",
+    },
+    "silu_mul": {
+        "reference": "dsm_kernels.reference:silu_mul_ref",
+        "triton": "dsm_kernels.fused:silu_mul_triton",
+    },
     "depformer_frame": {
         "reference": "dsm_kernels.reference:depformer_frame_ref",
         "triton": "dsm_kernels.depformer:depformer_frame_triton",
@@ -134,6 +148,21 @@ def sample_tokens(logits, temperature, top_k, seeds, steps, *, null_logits=None,
     return fn(logits, temperature, top_k, seeds, steps, null_logits=null_logits, cfg_coef=cfg_coef)
 
 
+def add_rms_norm(x, alpha, eps, *, delta=None, scale=None, backend=None):
+    """See :func:`dsm_kernels.reference.add_rms_norm_ref` (``x`` is updated in place)."""
+    return resolve("add_rms_norm", backend, x.device)(x, alpha, eps, delta=delta, scale=scale)
+
+
+def rope_qk(qkv, positions, inv_freq, num_heads, num_kv_heads, *, backend=None):
+    """See :func:`dsm_kernels.reference.rope_qk_ref`."""
+    return resolve("rope_qk", backend, qkv.device)(qkv, positions, inv_freq, num_heads, num_kv_heads)
+
+
+def silu_mul(h, *, backend=None):
+    """See :func:`dsm_kernels.reference.silu_mul_ref`."""
+    return resolve("silu_mul", backend, h.device)(h)
+
+
 def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, backend=None):
     """See :func:`dsm_kernels.reference.depformer_frame_ref`."""
     fn = resolve("depformer_frame", backend, z.device)
@@ -142,6 +171,7 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
 
 __all__ = [
     "BACKENDS",
+    "add_rms_norm",
     "append_kv",
     "available_backends",
     "default_backend",
@@ -152,5 +182,7 @@ __all__ = [
     "paged_decode_attention",
     "reference",
     "resolve",
+    "rope_qk",
     "sample_tokens",
+    "silu_mul",
 ]

@@ -341,3 +341,59 @@ def depformer_frame_ref(
         all_logits.append(logits)
     tokens = torch.stack(out, dim=1)
     return (tokens, torch.stack(all_logits, dim=1)) if return_logits else tokens
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Temporal-step fusions: the elementwise glue between the GEMMs of one decode step (each is one launch on the GPU
+# instead of 5-30). Written as the module path computes them (dsm.layers), so the reference backend is bit-identical
+# to the unfused model.
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    eps: float,
+    delta: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, then fp32 RMSNorm (moshi's ``rms_norm_f32``).
+
+    ``x`` [B, d] is the residual stream, updated in place to ``x + scale * delta`` (``scale`` [d] or None = 1;
+    ``delta`` None: no add). Returns ``(x, y)`` with ``y = (x * (alpha * rsqrt(eps + mean(x^2)))).to(x.dtype)``
+    computed in fp32 from the updated ``x`` as stored (``alpha`` [d] or [1, 1, d])."""
+    if delta is not None:
+        x.copy_(x + (scale.to(delta) * delta if scale is not None else delta))
+    xf = x.float()
+    var = eps + torch.mean(xf**2, dim=-1, keepdim=True)
+    y = (xf * (alpha.view(-1).to(var) * torch.rsqrt(var))).to(x.dtype)
+    return x, (y if out is None else out.copy_(y))
+
+
+def rope_qk_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, num_heads: int, num_kv_heads: int,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved RoPE of the query and key parts of a fused projection.
+
+    ``qkv`` [B, (H + 2 Hkv) D] as ``[q | k | v]``; ``positions`` [B] int (absolute position of each row);
+    ``inv_freq`` [D/2] fp32. Returns contiguous ``q`` [B, H, D] and ``k`` [B, Hkv, D] in ``qkv``'s dtype: pairs
+    ``(x0, x1)`` become ``(x0 cos - x1 sin, x0 sin + x1 cos)`` of the angle ``position * inv_freq`` (fp32)."""
+    B = qkv.shape[0]
+    D = 2 * inv_freq.shape[0]
+    qk = qkv[:, : (num_heads + num_kv_heads) * D].reshape(B, num_heads + num_kv_heads, D // 2, 2)
+    angle = inv_freq * positions.float()[:, None, None]  # [B, 1, D/2]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    xr, xi = qk[..., 0].float(), qk[..., 1].float()
+    rot = torch.stack([(xr * cos - xi * sin).to(qkv.dtype), (xr * sin + xi * cos).to(qkv.dtype)], dim=-1)
+    rot = rot.view(B, num_heads + num_kv_heads, D)
+    q, k = rot[:, :num_heads].contiguous(), rot[:, num_heads:].contiguous()
+    return (q, k) if out is None else (out[0].copy_(q), out[1].copy_(k))
+
+
+def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gated FFN's activation: ``h`` [B, 2F] -> ``silu(h[:, :F]) * h[:, F:]`` [B, F] (each op rounded to the
+    dtype of ``h``, as the module computes it)."""
+    a, b = h.view(h.shape[0], 2, -1).unbind(1)
+    y = F.silu(a) * b
+    return y if out is None else out.copy_(y)

@@ -1,0 +1,162 @@
+"""The fused glue of a temporal decode step (add + RMSNorm, RoPE of q/k, SiLU gate): every backend against its
+reference op on fresh random inputs.
+
+Tolerance: fp32 within 1e-5 relative (reduction order differs); bf16 within 3x the reference's own bf16 error
+against an fp32 reference on the same (bf16-rounded) inputs, plus one bf16 ulp of the value (the interpreter's
+fp32 -> bf16 cast truncates, and the fused add rounds once where the module rounds twice).
+"""
+
+import pytest
+import torch
+
+from dsm_kernels import reference, resolve
+from dsm_kernels.testing import kernel_device, max_abs_err, poison_
+
+BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _check(got, lp_ref, f32_ref, dtype, name):
+    got, lp_ref, f32_ref = got.float().cpu(), lp_ref.float().cpu(), f32_ref.float().cpu()
+    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten output?)"
+    if dtype == torch.float32:
+        tol = 1e-5 * f32_ref.abs().max().item() + 1e-6
+        assert max_abs_err(got, f32_ref) <= tol, f"{name}: {max_abs_err(got, f32_ref):.3g} > {tol:.3g}"
+        return
+    ref_err = (lp_ref - f32_ref).abs()
+    bound = 3 * ref_err.max().item() + 2.0**-7 * f32_ref.abs() + 1e-6
+    bad = (got - f32_ref).abs() > bound
+    assert not bad.any(), f"{name}: {int(bad.sum())} elements off, max err {max_abs_err(got, f32_ref):.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,D,delta,scale", [(1, 2048, False, False), (3, 2048, True, False), (5, 2560, True, True),
+                                             (2, 100, True, True), (64, 1024, True, False)])  # fmt: skip
+def test_add_rms_norm(backend, dtype, B, D, delta, scale):
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(B * 7 + D)
+    x = (3 * torch.randn(B, D, generator=g)).to(dtype)
+    dl = torch.randn(B, D, generator=g).to(dtype) if delta else None
+    sc = (0.1 + torch.rand(D, generator=g)).to(dtype) if scale else None
+    alpha = (0.5 + torch.rand(1, 1, D, generator=g)).to(dtype)
+    eps = 1e-8
+    x_lp, y_lp = reference.add_rms_norm_ref(x.clone(), alpha, eps, delta=dl, scale=sc)
+    up = (lambda t: None if t is None else t.double())  # noqa: E731
+    x_64, y_64 = reference.add_rms_norm_ref(x.double(), alpha.double(), eps, delta=up(dl), scale=up(sc))
+
+    fn = resolve("add_rms_norm", backend, dev)
+    xd = x.to(dev)
+    out = poison_(torch.empty(B, D, dtype=dtype, device=dev))
+    move = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+    x_got, y_got = fn(xd, alpha.to(dev), eps, delta=move(dl), scale=move(sc), out=out)
+    assert y_got.data_ptr() == out.data_ptr() and x_got.data_ptr() == xd.data_ptr()
+    _check(x_got, x_lp, x_64, dtype, "x")
+    _check(y_got, y_lp, y_64, dtype, "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,Hkv,D,max_pos", [(1, 16, 16, 128, 10), (3, 20, 20, 128, 3000), (4, 8, 2, 64, 100000),
+                                                (2, 3, 3, 16, 7)])  # fmt: skip
+def test_rope_qk(backend, dtype, B, H, Hkv, D, max_pos):
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(B + H + D)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    pos = torch.randint(0, max_pos, (B,), generator=g)
+    pos[0] = max_pos - 1
+    inv_freq = torch.exp(torch.arange(D // 2, dtype=torch.float32) * (-torch.log(torch.tensor(1e4)) * 2 / D))
+    q_lp, k_lp = reference.rope_qk_ref(qkv, pos, inv_freq, H, Hkv)
+    q_64, k_64 = reference.rope_qk_ref(qkv.double(), pos, inv_freq.double(), H, Hkv)
+
+    out = (poison_(torch.empty(B, H, D, dtype=dtype, device=dev)), poison_(torch.empty(B, Hkv, D, dtype=dtype,
+                                                                                          device=dev)))
+    q, k = resolve("rope_qk", backend, dev)(qkv.to(dev), pos.to(dev), inv_freq.to(dev), H, Hkv, out=out)
+    # fp32 angles of large positions: cos/sin of the same fp32 angle, so the fp32 reference is the bound
+    q_32, k_32 = reference.rope_qk_ref(qkv.float(), pos, inv_freq, H, Hkv)
+    for got, lp, f32, f64, name in ((q, q_lp, q_32, q_64, "q"), (k, k_lp, k_32, k_64, "k")):
+        _check(got, lp, f32 if dtype == torch.float32 else f64, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F", [(1, 5632), (3, 6912), (7, 100), (64, 2048)])
+def test_silu_mul(backend, dtype, B, F):
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(B * 3 + F)
+    h = (2 * torch.randn(B, 2 * F, generator=g)).to(dtype)
+    y_lp = reference.silu_mul_ref(h)
+    y_64 = reference.silu_mul_ref(h.double())
+    out = poison_(torch.empty(B, F, dtype=dtype, device=dev))
+    y = resolve("silu_mul", backend, dev)(h.to(dev), out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _check(y, y_lp, y_64, dtype, "silu_mul")
+
+
+def test_fused_reference_equals_module_path():
+    """The reference ops compute exactly what dsm.layers does (bitwise, in bf16)."""
+    from dsm.layers import LayerScale, Norm, apply_rope, rope_frequencies
+
+    g = torch.Generator().manual_seed(0)
+    d, H, D = 64, 4, 16
+    norm, ls = Norm("rms_norm_f32", d), LayerScale(d)
+    norm.alpha.data = (0.5 + torch.rand(1, 1, d, generator=g))
+    ls.scale.data = torch.rand(d, generator=g)
+    norm, ls = norm.bfloat16(), ls.bfloat16()
+    x, delta = torch.randn(3, d, generator=g).bfloat16(), torch.randn(3, d, generator=g).bfloat16()
+    x_mod = x + ls(delta)
+    x_ref, y_ref = reference.add_rms_norm_ref(x.clone(), norm.alpha, norm.eps, delta=delta, scale=ls.scale)
+    assert torch.equal(x_ref, x_mod) and torch.equal(y_ref, norm(x_mod))
+
+    qkv = torch.randn(3, 3 * H * D, generator=g).bfloat16()
+    pos = torch.tensor([0, 5, 1234])
+    q, k = reference.rope_qk_ref(qkv, pos, rope_frequencies(D, 1e4, "cpu"), H, H)
+    q_mod = apply_rope(qkv[:, : H * D].view(3, 1, H, D), pos[:, None], 1e4)[:, 0]
+    k_mod = apply_rope(qkv[:, H * D : 2 * H * D].view(3, 1, H, D), pos[:, None], 1e4)[:, 0]
+    assert torch.equal(q, q_mod) and torch.equal(k, k_mod)
+
+    h = torch.randn(3, 2 * 40, generator=g).bfloat16()
+    hv = h.view(3, 2, 40)
+    assert torch.equal(reference.silu_mul_ref(h), torch.nn.functional.silu(hv[:, 0]) * hv[:, 1])
+
+
+def test_triton_aot_compiles_for_sm90():
+    """The kernels compile for an H100 (the interpreter accepts code that the GPU compiler rejects)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert res.stdout.count("cubin") == 3, res.stdout
+
+
+def _aot() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from dsm_kernels.fused import _add_rms_norm_kernel, _rope_qk_kernel, _silu_mul_kernel
+
+    bf = "*bf16"
+    cases = [
+        (_add_rms_norm_kernel, {"x_ptr": bf, "d_ptr": bf, "s_ptr": bf, "a_ptr": bf, "y_ptr": bf, "D": "i32",
+                                "eps": "fp32"}, {"HAS_DELTA": True, "HAS_SCALE": True, "BLOCK": 4096}, 8),
+        (_rope_qk_kernel, {"qkv_ptr": bf, "pos_ptr": "*i64", "f_ptr": "*fp32", "q_ptr": bf, "k_ptr": bf,
+                           "stride_b": "i32", "H": "i32"}, {"HALF": 64, "BLOCK": 64}, 2),
+        (_silu_mul_kernel, {"h_ptr": bf, "o_ptr": bf, "F": "i32"}, {"BLOCK": 1024}, 4),
+    ]  # fmt: skip
+    for kernel, sig, consts, warps in cases:
+        src = triton.compiler.ASTSource(fn=kernel, signature=dict(sig, **dict.fromkeys(consts, "constexpr")),
+                                        constexprs=consts)
+        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert "sm_90" in cc.asm["ptx"]
+        print(f"{kernel.fn.__name__}: {len(cc.asm['cubin'])} B cubin")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    if "--aot" in sys.argv:
+        _aot()
