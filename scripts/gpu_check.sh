@@ -4,7 +4,8 @@
 # GPU tests, and print a short table last.
 #
 #   bash scripts/gpu_check.sh            # DSM_GPU_DEADLINE=540 s of work by default, then the summary
-#   DSM_GPU_ONLY="tests" bash scripts/gpu_check.sh   # only the named steps (space separated)
+#   DSM_GPU_ONLY="validate tests_kernels" bash scripts/gpu_check.sh   # only the named steps (space separated)
+#   DSM_GPU_SKIP="kbench kbench_compile" bash scripts/gpu_check.sh    # all but the named steps
 #
 # The device tool brings back at most 8 files from $OUT, so logs go to one tarball ($OUT/logs.tgz) and the rows of
 # each benchmark to one JSON-lines file each. Steps run in order of value; each has a cap, and a step that would not
@@ -18,6 +19,7 @@ OUT=${OUT:-/tmp/dsm_gpu_check}
 LOGS=$(mktemp -d /tmp/dsm_gpu_logs.XXXX)
 DEADLINE=${DSM_GPU_DEADLINE:-540}
 ONLY=${DSM_GPU_ONLY:-}
+SKIP=${DSM_GPU_SKIP:-}
 mkdir -p "$OUT"
 STATUS=()
 
@@ -25,6 +27,7 @@ step() {  # step NAME CAP_S MIN_S CMD...: run with timeout min(CAP, time left), 
   local name=$1 cap=$2 need=$3 t0=$SECONDS rc left
   shift 3
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  if [[ " $SKIP " == *" $name "* ]]; then return 0; fi
   left=$((DEADLINE - SECONDS))
   if [ "$left" -lt "$need" ]; then
     STATUS+=("$(printf '%-16s skipped (%ss left, needs %ss)' "$name" "$left" "$need")")
@@ -50,6 +53,8 @@ finish() {
     echo "=== mimi / depformer"
     tail -n 12 "$LOGS/mimi.log" 2>/dev/null
     tail -n 12 "$LOGS/depformer.log" 2>/dev/null
+    echo "=== profile (eager kernels per step)"
+    grep -A8 "kernels per step" "$LOGS/profile.log" 2>/dev/null
     echo "=== tests"
     for f in "$LOGS"/tests*.log; do [ -f "$f" ] && grep -E "^FAILED|^ERROR|passed|failed" "$f" | tail -n 12; done
     echo "=== steps"
@@ -80,21 +85,24 @@ if step build 240 60 "$PY" -m pip install --no-deps --no-build-isolation -v -e .
 fi
 B=("$PY" -m dsm.cli bench --steps 30 --warmup 5 --output "$OUT/bench.jsonl")
 T=("$PY" -m pytest -q -rf -p no:cacheprovider -m gpu)
-# correctness first: every backend against its reference, then the GPU tests (CUDA graphs vs eager included)
+# correctness first: every backend against its reference, then the GPU tests (CUDA graphs vs eager included);
+# the image has pytest-xdist: Triton compiles are CPU-bound, so the kernel tests run 8-wide
 step validate 90 20 "$PY" -m dsm.cli validate-kernels
-step tests_kernels 90 30 "${T[@]}" tests/kernels
-step tests_engine 90 30 "${T[@]}" tests/test_engine.py tests/model
-# then the numbers: engine end to end with moshi beside, kernels, Mimi, depformer, capacity
+step tests_kernels 120 30 "${T[@]}" -n 8 tests/kernels
+step tests_engine 90 30 "${T[@]}" tests/test_engine.py tests/model tests/test_mimi.py
+# then the numbers: engine end to end with moshi beside, depformer, Mimi, capacity, kernels
 step bench_stt1b 120 40 "${B[@]}" --preset stt-1b-en_fr --batch 1,64 ||
   step bench_stt1b_eager 90 40 env DSM_NO_CUDA_GRAPH=1 "${B[@]}" --preset stt-1b-en_fr --batch 1,64
 step bench_tts 150 50 "${B[@]}" --preset tts-1.6b-en_fr --batch 1,64
+step bench_stt26 100 40 "${B[@]}" --preset stt-2.6b-en --batch 1,64
+step depformer 90 30 "$PY" benchmarks/bench_depformer.py --batch 1 8 64 --iters 20 --out "$OUT/depformer.jsonl"
+step mimi 90 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
+step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1
+step bench_capacity 120 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256,640
+step bench_capacity_fp8 120 40 "${B[@]}" --no-reference --steps 20 --kv-dtype fp8 --preset stt-1b-en_fr \
+  --batch 1,1024,1280
+step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1.6b-en_fr --batch 256
 step kbench 90 30 "$PY" benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \
   --out "$OUT/kernels.jsonl"
-step mimi 90 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
-step depformer 90 30 "$PY" benchmarks/bench_depformer.py --batch 1 8 64 --iters 20 --out "$OUT/depformer.jsonl"
-step bench_stt26 100 40 "${B[@]}" --preset stt-2.6b-en --batch 1,64
-step bench_capacity 120 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256,768
-step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1.6b-en_fr --batch 256
-step bench_fp8 60 30 "${B[@]}" --no-reference --kv-dtype fp8 --preset stt-1b-en_fr --batch 1,64
 step kbench_compile 90 40 "$PY" benchmarks/bench_kernels.py --providers compile --iters 50 --batch 64 \
   --out "$OUT/kernels.jsonl"
