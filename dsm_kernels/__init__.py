@@ -60,6 +60,14 @@ _OPS = {
         "reference": "dsm_kernels.reference:depformer_frame_ref",
         "triton": "dsm_kernels.depformer:depformer_frame_triton",
     },
+    "rvq_encode": {
+        "reference": "dsm_kernels.reference:rvq_encode_ref",
+        "triton": "dsm_kernels.mimi_kernels:rvq_encode_triton",
+    },
+    "rvq_decode": {
+        "reference": "dsm_kernels.reference:rvq_decode_ref",
+        "triton": "dsm_kernels.mimi_kernels:rvq_decode_triton",
+    },
 }
 
 
@@ -169,6 +177,16 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
     return fn(weights, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
 
 
+def rvq_encode(x, codebooks_aug, group_levels, *, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.rvq_encode_ref` (Mimi's split residual VQ encode)."""
+    return resolve("rvq_encode", backend, x.device)(x, codebooks_aug, tuple(group_levels), out=out)
+
+
+def rvq_decode(codes, tables, *, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.rvq_decode_ref` (sum of Mimi codebook lookups)."""
+    return resolve("rvq_decode", backend, tables.device)(codes, tables, out=out)
+
+
 __all__ = [
     "BACKENDS",
     "add_rms_norm",
@@ -183,6 +201,8 @@ __all__ = [
     "reference",
     "resolve",
     "rope_qk",
+    "rvq_decode",
+    "rvq_encode",
     "sample_tokens",
     "silu_mul",
 ]

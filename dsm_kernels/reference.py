@@ -397,3 +397,50 @@ def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     a, b = h.view(h.shape[0], 2, -1).unbind(1)
     y = F.silu(a) * b
     return y if out is None else out.copy_(y)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Mimi residual vector quantizer (DSM-SPEC §7.6), fp32. Kernels: dsm_kernels.mimi_kernels.
+
+
+def rvq_encode_ref(
+    x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels: tuple[int, ...], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Split residual VQ encode: nearest codebook entry level by level, each level quantizing the residual left by
+    the previous ones.
+
+    ``x`` [B, G*D, T] holds each group's projected latent (channels ``g*D .. g*D+D-1`` for group ``g``);
+    ``codebooks_aug`` [L, K, D+2] rows ``[c, 1, |c|^2]``; group ``g`` uses the ``group_levels[g]`` codebooks that
+    follow those of the groups before it. Returns codes [B, sum(group_levels), T] int64 (group by group).
+
+    Distances are ``torch.cdist``'s matrix-multiply path (one GEMM of ``[-2r, |r|^2, 1]`` against the augmented
+    rows, clamp at 1e-30, square root), the first index on ties: this is moshi's arithmetic, so codes equal its own
+    bit for bit. A kernel may differ only where two distances tie within fp32 rounding."""
+    B, _, T = x.shape
+    D = codebooks_aug.shape[-1] - 2
+    codes = []
+    level0 = 0
+    for g, n in enumerate(group_levels):
+        r = x[:, g * D : (g + 1) * D]
+        for level in range(level0, level0 + n):
+            flat = r.transpose(1, 2).reshape(-1, D)[None]
+            norm = flat.pow(2).sum(-1, keepdim=True)
+            flat_aug = torch.cat([flat.mul(-2), norm, torch.ones_like(norm)], dim=-1)
+            dist = flat_aug.matmul(codebooks_aug[level : level + 1].mT).clamp_min(1e-30).sqrt()
+            c = dist[0].argmin(dim=-1).view(B, T)
+            r = r - F.embedding(c, codebooks_aug[level, :, :D]).transpose(1, 2)
+            codes.append(c)
+        level0 += n
+    res = torch.stack(codes, dim=1)
+    return res if out is None else out.copy_(res)
+
+
+def rvq_decode_ref(codes: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of codebook lookups: ``codes`` [B, L, T] (values in [0, K)), ``tables`` [Lt >= L, K, C] (Mimi folds the
+    output projection into them) -> [B, C, T] fp32, levels added in order starting from an exact zero."""
+    B, L, T = codes.shape
+    acc = torch.zeros(B, T, tables.shape[-1], dtype=torch.float32, device=tables.device)
+    for level in range(L):
+        acc = acc + F.embedding(codes[:, level], tables[level]).float()
+    res = acc.transpose(1, 2)
+    return res if out is None else out.copy_(res)

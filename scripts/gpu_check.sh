@@ -88,6 +88,7 @@ T=("$PY" -m pytest -q -rf -p no:cacheprovider -m gpu)
 # correctness first: every backend against its reference, then the GPU tests (CUDA graphs vs eager included);
 # the image has pytest-xdist: Triton compiles are CPU-bound, so the kernel tests run 8-wide
 step validate 90 20 "$PY" -m dsm.cli validate-kernels
+step tests_quick 60 20 "${T[@]}" -n 8 tests/kernels/test_fused.py tests/kernels/test_depformer.py
 step tests_kernels 120 30 "${T[@]}" -n 8 tests/kernels
 step tests_engine 90 30 "${T[@]}" tests/test_engine.py tests/model tests/test_mimi.py
 # then the numbers: engine end to end with moshi beside, depformer, Mimi, capacity, kernels
