@@ -23,6 +23,7 @@ import torch
 
 from dsm_kernels import available_backends, resolve
 from dsm_kernels.testing import (
+    cuda_graph_time_ms,
     cuda_time_ms,
     multistream_embed_torch,
     paged_decode_attention_torch,
@@ -38,8 +39,10 @@ MODELS = {  # name: (heads, head_dim, context, text vocab)
 DIM, N_AUDIO, AUDIO_CARD = 2048, 32, 2048
 
 
-def timer(device: torch.device, iters: int):
+def timer(device: torch.device, iters: int, graph: bool = False):
     if device.type == "cuda":
+        if graph:
+            return lambda fn: cuda_graph_time_ms(fn, iters=iters)
         return lambda fn: cuda_time_ms(fn, iters=iters)
 
     def cpu_ms(fn):
@@ -139,6 +142,9 @@ def main(argv=None):
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 64, 400])
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--graph", action="store_true",
+                    help="time CUDA-graph replays (kernel time without host launch overhead; the loop reference "
+                         "cannot be captured)")
     ap.add_argument("--providers", nargs="+", default=None, choices=["reference", "torch", "compile", "triton", "cuda"],
                     help="time only these providers (default: all available)")
     ap.add_argument("--reference-max-batch", type=int, default=64, help="the loop references are slow beyond this")
@@ -158,10 +164,11 @@ def main(argv=None):
         "triton": triton_version,
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "timing": "cuda_graph_replay" if args.graph else "cuda_events_eager",
     }
     copy_gbps = copy_bandwidth_gbps(device)
     print(f"# {meta['device']}  torch {meta['torch']}  triton {triton_version}  copy {copy_gbps:.0f} GB/s")
-    time_ms = timer(device, args.iters)
+    time_ms = timer(device, args.iters, args.graph)
     backends = [b for b in available_backends(device) if b != "reference"]
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

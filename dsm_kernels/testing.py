@@ -75,6 +75,22 @@ def cuda_time_ms(fn: Callable[[], object], *, warmup_ms: float = 25.0, iters: in
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
 
 
+def cuda_graph_time_ms(fn: Callable[[], object], *, iters: int = 50, calls_per_graph: int = 20) -> float:
+    """Median time of one call of ``fn`` replayed from a CUDA graph holding ``calls_per_graph`` calls: the kernel's
+    own time without host launch overhead (what a captured decode step pays). ``fn`` must be capturable."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    return cuda_time_ms(graph.replay, iters=iters) / calls_per_graph
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Vectorised torch baselines ("torch eager" in benchmarks): same semantics as the references, no Python loops.
 

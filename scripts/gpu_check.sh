@@ -103,6 +103,8 @@ step bench_capacity 120 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-e
 step bench_capacity_fp8 120 40 "${B[@]}" --no-reference --steps 20 --kv-dtype fp8 --preset stt-1b-en_fr \
   --batch 1,1024,1280
 step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1.6b-en_fr --batch 256
+step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \
+  --out "$OUT/kernels.jsonl"
 step kbench 90 30 "$PY" benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \
   --out "$OUT/kernels.jsonl"
 step kbench_compile 90 40 "$PY" benchmarks/bench_kernels.py --providers compile --iters 50 --batch 64 \

@@ -1,0 +1,94 @@
+"""Count the kernels one streaming Mimi step launches: the CPU proxy for its CUDA-graph replay time.
+
+A captured Mimi step is launch-bound (a few microseconds per kernel on an H100, whatever it computes), so the
+number of kernels per step predicts its GPU time. This counts, on the CPU, every dispatched non-view torch op
+(``TorchDispatchMode``) plus every Triton kernel launch of the ``dsm_kernels`` Mimi ops (the ops run on the
+``triton`` backend under ``TRITON_INTERPRET=1``; the interpreter's own torch calls are not counted).
+
+    python benchmarks/count_mimi_ops.py                    # reference backend (what CPU tests run)
+    TRITON_INTERPRET=1 python benchmarks/count_mimi_ops.py --backend triton   # what a GPU runs
+
+Prints the totals and the most frequent ops for ``encode_step`` and ``decode_step`` (batch 1, one frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsm.mimi import FRAME_SIZE, MAX_CODEBOOKS, Mimi, random_mimi_state_dict  # noqa: E402
+
+# Ops that only make views (no kernel on a GPU).
+VIEW_OPS = frozenset({
+    "view", "unsqueeze", "squeeze", "select", "slice", "t", "expand", "permute", "transpose", "_unsafe_view", "alias",
+    "split", "split_with_sizes", "unbind", "as_strided", "detach", "chunk", "reshape", "narrow", "lift_fresh",
+    "_reshape_alias", "view_as_complex", "view_as_real", "numpy_T", "mT",
+})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched non-view aten ops by name; Triton launches are added by :func:`count_step`."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in VIEW_OPS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(fn) -> collections.Counter[str]:
+    """Ops and Triton launches of one call of ``fn`` (Triton launches are counted as ``triton:<kernel>``)."""
+    from dsm_kernels import mimi_kernels
+
+    counter = OpCounter()
+    launches_before = collections.Counter(mimi_kernels.LAUNCHES)
+    with torch.no_grad(), counter, mimi_kernels.uncounted_launches():
+        fn()
+    launched = collections.Counter(mimi_kernels.LAUNCHES)
+    launched.subtract(launches_before)
+    for name, n in launched.items():
+        if n:
+            counter.ops[f"triton:{name}"] += n
+    return counter.ops
+
+
+def count_mimi(backend: str | None = None, batch: int = 1, warmup: int = 3, seed: int = 0):
+    """(encode counts, decode counts) for one 1-frame streaming step after ``warmup`` steps."""
+    mimi = Mimi(random_mimi_state_dict(seed), backend=backend)
+    enc_state, dec_state = mimi.init_state(batch), mimi.init_state(batch)
+    g = torch.Generator().manual_seed(seed)
+    pcm = torch.randn(batch, 1, FRAME_SIZE, generator=g) * 0.1
+    codes = torch.randint(0, 2048, (batch, MAX_CODEBOOKS, 1), generator=g)
+    with torch.no_grad():
+        for _ in range(warmup):
+            mimi.encode_step(pcm, enc_state)
+            mimi.decode_step(codes, dec_state)
+    enc = count_step(lambda: mimi.encode_step(pcm, enc_state))
+    dec = count_step(lambda: mimi.decode_step(codes, dec_state))
+    return enc, dec
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default=None, help="dsm_kernels backend for the Mimi ops (default: by device)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--top", type=int, default=20, help="how many of the most frequent ops to list")
+    args = p.parse_args()
+    enc, dec = count_mimi(args.backend, args.batch)
+    for name, c in (("encode_step", enc), ("decode_step", dec)):
+        print(f"{name}: {sum(c.values())} kernels  {c.most_common(args.top)}")
+
+
+if __name__ == "__main__":
+    main()
