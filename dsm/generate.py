@@ -225,18 +225,12 @@ class Generator:
         """Write the input-stream tokens into the delay cache, build this step's input column (initial tokens,
         CFG null rows), run the temporal transformer. Returns ``z`` [rows, d] and CFG-mixed text logits [B, V]."""
         m, cfg = self.model, self.model.cfg
-        B, K, CT, dq = state.batch_size, cfg.num_codebooks, state.cache.shape[2], cfg.dep_q
+        B, dq = state.batch_size, cfg.dep_q
         ex = state.exec_mask
-        if input_tokens is not None:
-            cols = (state.offsets[:, None] + self.delays[dq + 1 :][None]) % CT
-            user = state.cache[:, dq + 1 :]
-            cur = user.gather(2, cols[..., None])[..., 0]
-            user.scatter_(2, cols[..., None], torch.where(ex[:, None], input_tokens.long(), cur)[..., None])
-
-        is_init = (state.offsets[:, None] <= self.delays[None]) | ~ex[:, None]
-        inp = state.cache.gather(2, (state.offsets % CT)[:, None, None].expand(B, K, 1))[..., 0]
-        inp = torch.where(is_init, self.initial[None], inp)
-        if self.cfg_rows == 2:
+        inp = dsm_kernels.frame_inputs(state.cache, state.offsets, ex, self.delays, self.initial, input_tokens,
+                                       dq + 1, backend=self.backend)
+        if self.cfg_rows == 2:  # null rows: the same column with the conditioning removed
+            is_init = (state.offsets[:, None] <= self.delays[None]) | ~ex[:, None]
             null = inp
             if state.masked_until is not None:
                 zeroed = state.offsets[:, None] <= self.delays[None] + state.masked_until[:, None]
@@ -245,11 +239,10 @@ class Generator:
                 null = null.clone()
                 null[:, 0] = torch.where(~is_init[:, 0], ZERO_TOKEN, null[:, 0])
             inp = torch.cat([inp, null])
-
-        write = ex.repeat(self.cfg_rows)
+        write = ex if self.cfg_rows == 1 else ex.repeat(self.cfg_rows)
         z, text_logits = m.step_text(inp, state.kv, state.positions, write, tables=self.tables,
                                      cond_sum=state.cond_sum, cross_kv=state.cross_kv, backend=self.backend)
-        state.positions.add_(write.long())
+        state.positions.add_(write)
         if self.cfg_rows == 2:
             cond, null = text_logits[:B], text_logits[B:]
             text_logits = cond if self.cfg_is_no_text else null + (cond - null) * self.cfg_coef
@@ -281,15 +274,5 @@ class Generator:
     def commit(self, state: GenState, text_token: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
         """Advance executing slots and cache the generated tokens; returns the un-delayed frame [B, 1 + dep_q]
         (``-2`` for slots still inside the delay or not executing)."""
-        B, CT, dq = state.batch_size, state.cache.shape[2], self.model.cfg.dep_q
-        ex = state.exec_mask
-        state.offsets.add_(ex.long())
-        col = (state.offsets % CT)[:, None, None].expand(B, 1 + dq, 1)
-        new = text_token[:, None] if audio is None else torch.cat([text_token[:, None], audio], dim=1)
-        gen = state.cache[:, : 1 + dq]
-        cur = gen.gather(2, col)[..., 0]
-        gen.scatter_(2, col, torch.where(ex[:, None], new, cur)[..., None])
-        idx = (state.offsets[:, None] - self.max_delay + self.delays[None, : 1 + dq]) % CT
-        tokens = gen.gather(2, idx[..., None])[..., 0]
-        invalid = (state.offsets <= self.max_delay) | ~ex
-        return torch.where(invalid[:, None], UNGENERATED_TOKEN, tokens)
+        return dsm_kernels.frame_commit(state.cache, state.offsets, state.exec_mask, self.delays, text_token, audio,
+                                        self.max_delay, backend=self.backend)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsm_kernels
-from dsm_kernels.reference import kv_position_to_slot
 
 from .conditioning import ConditionProvider
 from .config import LMConfig
@@ -262,8 +261,7 @@ class LMModel(nn.Module):
         x = dsm_kernels.multistream_embed(tokens, text, audio, text_table2=text2, cond=cond_sum,
                                           out_dtype=text.dtype, backend=backend)
         x = tr.add_sin(x, positions)
-        slot = torch.where(write, kv_position_to_slot(kv.block_table, positions, kv.page_size), -1)
-        seq_lens = torch.where(write, positions + 1, 0).to(torch.int32)
+        slot, seq_lens = dsm_kernels.kv_slots(kv.block_table, positions, write, kv.page_size, backend=backend)
         if self._fusable_step():
             return self._step_layers_fused(x, kv, positions, slot, seq_lens, cross_kv, backend)
         for i, layer in enumerate(tr.layers):

@@ -1,5 +1,6 @@
 """dsm kernels: fused multistream embedding, paged KV-cache decode attention and sampling, the fused depth
-transformer frame, and the fused glue of a temporal decode step (residual + RMSNorm, RoPE, SiLU gate).
+transformer frame, the fused glue of a temporal decode step (residual + RMSNorm, RoPE, SiLU gate) and the
+delayed-stream bookkeeping of a step (input column, commit, KV slots).
 
 Every op has a pure-torch reference (``dsm_kernels.reference``) and a Triton kernel; the three core kernels
 (embedding, paged attention with its append, sampling) also have a CUDA C++ kernel. The
@@ -55,6 +56,18 @@ _OPS = {
     "silu_mul": {
         "reference": "dsm_kernels.reference:silu_mul_ref",
         "triton": "dsm_kernels.fused:silu_mul_triton",
+    },
+    "frame_inputs": {
+        "reference": "dsm_kernels.reference:frame_inputs_ref",
+        "triton": "dsm_kernels.frame:frame_inputs_triton",
+    },
+    "frame_commit": {
+        "reference": "dsm_kernels.reference:frame_commit_ref",
+        "triton": "dsm_kernels.frame:frame_commit_triton",
+    },
+    "kv_slots": {
+        "reference": "dsm_kernels.reference:kv_slots_ref",
+        "triton": "dsm_kernels.frame:kv_slots_triton",
     },
     "depformer_frame": {
         "reference": "dsm_kernels.reference:depformer_frame_ref",
@@ -171,6 +184,23 @@ def silu_mul(h, *, backend=None):
     return resolve("silu_mul", backend, h.device)(h)
 
 
+def frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, *, backend=None):
+    """See :func:`dsm_kernels.reference.frame_inputs_ref` (``cache`` is updated in place)."""
+    fn = resolve("frame_inputs", backend, cache.device)
+    return fn(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen)
+
+
+def frame_commit(cache, offsets, exec_mask, delays, text_token, audio, max_delay, *, backend=None):
+    """See :func:`dsm_kernels.reference.frame_commit_ref` (``cache`` and ``offsets`` are updated in place)."""
+    fn = resolve("frame_commit", backend, cache.device)
+    return fn(cache, offsets, exec_mask, delays, text_token, audio, max_delay)
+
+
+def kv_slots(block_table, positions, write, page_size, *, backend=None):
+    """See :func:`dsm_kernels.reference.kv_slots_ref`."""
+    return resolve("kv_slots", backend, positions.device)(block_table, positions, write, page_size)
+
+
 def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, backend=None):
     """See :func:`dsm_kernels.reference.depformer_frame_ref`."""
     fn = resolve("depformer_frame", backend, z.device)
@@ -194,8 +224,11 @@ __all__ = [
     "available_backends",
     "default_backend",
     "depformer_frame",
+    "frame_commit",
+    "frame_inputs",
     "has_cuda_ext",
     "has_triton",
+    "kv_slots",
     "multistream_embed",
     "paged_decode_attention",
     "reference",

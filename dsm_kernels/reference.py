@@ -444,3 +444,75 @@ def rvq_decode_ref(codes: torch.Tensor, tables: torch.Tensor, out: torch.Tensor 
         acc = acc + F.embedding(codes[:, level], tables[level]).float()
     res = acc.transpose(1, 2)
     return res if out is None else out.copy_(res)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Delayed-stream bookkeeping of one step (DSM-SPEC §4): the token cache in, the un-delayed frame out. Integer-only,
+# so every backend must be exact.
+
+
+def frame_inputs_ref(
+    cache: torch.Tensor,
+    offsets: torch.Tensor,
+    exec_mask: torch.Tensor,
+    delays: torch.Tensor,
+    initial: torch.Tensor,
+    input_tokens: torch.Tensor | None,
+    n_gen: int,
+) -> torch.Tensor:
+    """Write the input-only streams' tokens and read this step's input column.
+
+    ``cache`` [B, K, CT] int64 ring of delayed tokens (updated in place); ``offsets`` [B] frames done since reset;
+    ``exec_mask`` [B] bool; ``delays``/``initial`` [K]; ``input_tokens`` [B, K - n_gen] (streams ``n_gen..K-1``, the
+    audio codes for STT) or None. Executing rows write stream k's token at column ``(offset + delay_k) % CT``.
+    Returns [B, K]: column ``offset % CT``, or the stream's initial token where ``offset <= delay_k`` or the row
+    does not execute."""
+    B, K, CT = cache.shape
+    ex = exec_mask
+    if input_tokens is not None:
+        cols = (offsets[:, None] + delays[n_gen:][None]) % CT
+        user = cache[:, n_gen:]
+        cur = user.gather(2, cols[..., None])[..., 0]
+        user.scatter_(2, cols[..., None], torch.where(ex[:, None], input_tokens.long(), cur)[..., None])
+    is_init = (offsets[:, None] <= delays[None]) | ~ex[:, None]
+    inp = cache.gather(2, (offsets % CT)[:, None, None].expand(B, K, 1))[..., 0]
+    return torch.where(is_init, initial[None], inp)
+
+
+def frame_commit_ref(
+    cache: torch.Tensor,
+    offsets: torch.Tensor,
+    exec_mask: torch.Tensor,
+    delays: torch.Tensor,
+    text_token: torch.Tensor,
+    audio: torch.Tensor | None,
+    max_delay: int,
+) -> torch.Tensor:
+    """Advance executing rows and cache their generated tokens; return the un-delayed frame.
+
+    ``offsets += exec_mask``; executing rows write ``[text_token, audio...]`` (streams ``0..n_gen-1``,
+    ``n_gen = 1 + audio.shape[1]``) at column ``offset % CT``. Returns [B, n_gen]: stream k read at column
+    ``(offset - max_delay + delay_k) % CT``, or ``-2`` where ``offset <= max_delay`` or the row does not execute."""
+    B, _, CT = cache.shape
+    n_gen = 1 + (audio.shape[1] if audio is not None else 0)
+    ex = exec_mask
+    offsets.add_(ex.long())
+    col = (offsets % CT)[:, None, None].expand(B, n_gen, 1)
+    new = text_token[:, None] if audio is None else torch.cat([text_token[:, None], audio], dim=1)
+    gen = cache[:, :n_gen]
+    cur = gen.gather(2, col)[..., 0]
+    gen.scatter_(2, col, torch.where(ex[:, None], new, cur)[..., None])
+    idx = (offsets[:, None] - max_delay + delays[None, :n_gen]) % CT
+    tokens = gen.gather(2, idx[..., None])[..., 0]
+    invalid = (offsets <= max_delay) | ~ex
+    return torch.where(invalid[:, None], -2, tokens)
+
+
+def kv_slots_ref(
+    block_table: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where this step's K/V go and how long each row's sequence is: ``slot`` [B] int64 (the pool row of
+    ``positions``, -1 where ``write`` is False) and ``seq_lens`` [B] int32 (``positions + 1``, 0 where not)."""
+    slot = torch.where(write, kv_position_to_slot(block_table, positions, page_size), -1)
+    seq_lens = torch.where(write, positions + 1, 0).to(torch.int32)
+    return slot, seq_lens

@@ -121,6 +121,79 @@ def _sampling_rows(backend, device, quick):
     return rows
 
 
+def _step_glue_rows(backend, device, quick):
+    """The fused glue of a temporal step (bf16, real widths) against the reference on bf16 inputs, bounded by 3x
+    the reference's own bf16 error against fp64 plus one bf16 ulp; and the integer bookkeeping ops, exact."""
+    rows = []
+    g = torch.Generator().manual_seed(11)
+    B = 8
+    for D in (2048,) if quick else (1024, 2048, 2560):
+        x, delta = (torch.randn(B, D, generator=g).bfloat16() for _ in range(2))
+        scale, alpha = (0.5 + torch.rand(D, generator=g)).bfloat16(), (0.5 + torch.rand(D, generator=g)).bfloat16()
+        lp = reference.add_rms_norm_ref(x.clone(), alpha, 1e-8, delta=delta, scale=scale)[1]
+        ref = reference.add_rms_norm_ref(x.double(), alpha.double(), 1e-8, delta=delta.double(),
+                                         scale=scale.double())[1]  # fmt: skip
+        out = poison_(torch.empty(B, D, dtype=torch.bfloat16, device=device))
+        got = resolve("add_rms_norm", backend, device)(x.to(device), alpha.to(device), 1e-8, delta=delta.to(device),
+                                                       scale=scale.to(device), out=out)[1].cpu()  # fmt: skip
+        rows.append(_bounded("add_rms_norm", backend, f"B{B} D{D} bf16", got, lp, ref))
+    for H, D in ((16, 128),) if quick else ((16, 128), (20, 128), (32, 64)):
+        qkv = torch.randn(B, 3 * H * D, generator=g).bfloat16()
+        pos = torch.randint(0, 100_000, (B,), generator=g)
+        inv = torch.exp(torch.arange(D // 2, dtype=torch.float32) * (-9.210340371976184 * 2 / D))  # 1e4 period
+        lp = reference.rope_qk_ref(qkv, pos, inv, H, H)[0]
+        ref = reference.rope_qk_ref(qkv.double(), pos, inv.double(), H, H)[0]
+        out = (poison_(torch.empty(B, H, D, dtype=torch.bfloat16, device=device)),
+               poison_(torch.empty(B, H, D, dtype=torch.bfloat16, device=device)))
+        got = resolve("rope_qk", backend, device)(qkv.to(device), pos.to(device), inv.to(device), H, H, out=out)
+        rows.append(_bounded("rope_qk", backend, f"{H}x{D} bf16", got[0].cpu(), lp, ref))
+    for F in (5632,) if quick else (2816, 5632, 6912):
+        h = (2 * torch.randn(B, 2 * F, generator=g)).bfloat16()
+        out = poison_(torch.empty(B, F, dtype=torch.bfloat16, device=device))
+        got = resolve("silu_mul", backend, device)(h.to(device), out=out).cpu()
+        rows.append(_bounded("silu_mul", backend, f"F{F} bf16", got, reference.silu_mul_ref(h),
+                             reference.silu_mul_ref(h.double())))
+    # bookkeeping: an STT-like ring (33 streams, delay 6) and a TTS-like one (33 generated streams, delay 2)
+    for K, n_gen, delay in ((33, 1, 6), (33, 33, 2)):
+        CT, B2 = delay + 2, 64
+        cache = torch.randint(-2, 3000, (B2, K, CT), generator=g)
+        offsets = torch.randint(0, 50, (B2,), generator=g)
+        ex = torch.rand(B2, generator=g) < 0.8
+        delays = torch.tensor([0] + [delay] * (K - 1))
+        initial = torch.randint(3000, 4000, (K,), generator=g)
+        tok = torch.randint(0, 2048, (B2, K - n_gen), generator=g) if K > n_gen else None
+        text, audio = torch.randint(0, 8000, (B2,), generator=g), torch.randint(0, 2048, (B2, n_gen - 1), generator=g)
+        c_ref, o_ref = cache.clone(), offsets.clone()
+        exp_in = reference.frame_inputs_ref(c_ref, o_ref, ex, delays, initial, tok, n_gen)
+        exp_out = reference.frame_commit_ref(c_ref, o_ref, ex, delays, text, audio if n_gen > 1 else None, delay)
+        c, o = cache.to(device), offsets.to(device)
+        d = [t.to(device) for t in (ex, delays, initial)]
+        got_in = resolve("frame_inputs", backend, device)(c, o, d[0], d[1], d[2], None if tok is None else
+                                                          tok.to(device), n_gen)  # fmt: skip
+        got_out = resolve("frame_commit", backend, device)(c, o, d[0], d[1], text.to(device),
+                                                           audio.to(device) if n_gen > 1 else None, delay)
+        ok = (torch.equal(got_in.cpu(), exp_in) and torch.equal(got_out.cpu(), exp_out)
+              and torch.equal(c.cpu(), c_ref) and torch.equal(o.cpu(), o_ref))
+        rows.append(Row("frame_inputs+commit", backend, f"K{K} gen{n_gen} delay{delay}", 0.0 if ok else float("inf"),
+                        0.0, ok, "exact"))
+    bt = torch.randperm(64 * 24, generator=g).view(64, 24).int()
+    pos = torch.randint(0, 5000, (64,), generator=g)
+    write = torch.rand(64, generator=g) < 0.8
+    exp = reference.kv_slots_ref(bt, pos, write, 16)
+    got = resolve("kv_slots", backend, device)(bt.to(device), pos.to(device), write.to(device), 16)
+    ok = all(torch.equal(a.cpu(), b) for a, b in zip(got, exp, strict=True))
+    rows.append(Row("kv_slots", backend, "B64 pages24 page16", 0.0 if ok else float("inf"), 0.0, ok, "exact"))
+    return rows
+
+
+def _bounded(op, backend, case, got, lp, ref):
+    ref_err = float((lp.double() - ref).abs().max())
+    bound = 3 * ref_err + (2.0**-7) * ref.abs()
+    err = (got.double() - ref).abs()
+    ok = not bool(torch.isnan(got).any()) and bool((err <= bound).all())
+    return Row(op, backend, case, float(err.max()), 3 * ref_err, ok, "3x ref err + 1 ulp")
+
+
 def validate_kernels(device: torch.device | str = "cuda", quick: bool = False) -> list[Row]:
     """Check every available non-reference backend on ``device``; returns one :class:`Row` per case."""
     device = torch.device(device)
@@ -128,7 +201,7 @@ def validate_kernels(device: torch.device | str = "cuda", quick: bool = False) -
     for backend in available_backends(device):
         if backend == "reference":
             continue
-        for check in (_embed_rows, _attention_rows, _sampling_rows):
+        for check in (_embed_rows, _attention_rows, _sampling_rows, _step_glue_rows):
             try:
                 rows += check(backend, device, quick)
             except Exception as e:  # report, keep validating the other ops

@@ -71,7 +71,9 @@ def test_validate_kernels_passes_under_the_interpreter(capsys, monkeypatch):
     # tests run with TRITON_INTERPRET=1, so the Triton backend is checked on the CPU
     assert main(["validate-kernels", "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "triton" in out and "6/6 passed" in out
+    last = out.strip().splitlines()[-1]  # "n/n passed"
+    n, total = last.split()[0].split("/")
+    assert "triton" in out and n == total and int(total) >= 12, last
 
 
 def test_validate_kernels_without_a_fast_backend_says_why(capsys, monkeypatch):

@@ -1,0 +1,136 @@
+"""Triton kernels for the delayed-stream bookkeeping of one step (twins of ``frame_inputs_ref``,
+``frame_commit_ref`` and ``kv_slots_ref`` in ``dsm_kernels.reference``).
+
+In torch each is 10-15 small integer ops (gather, scatter, where, modulo), ~40 launches per step together; here each
+is one launch. One program per row; a row's streams are one vector. Where a row writes and then reads the same
+cache cell in one step (a stream whose delay is a multiple of the ring length), the value is taken from registers
+rather than re-read, so no ordering between the store and the load is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _frame_inputs_kernel(
+    cache_ptr, off_ptr, ex_ptr, delay_ptr, init_ptr, tok_ptr, out_ptr,
+    K, CT, n_gen, stride_cb, stride_ck, stride_tb,
+    HAS_INPUT: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_K)
+    km = k < K
+    off = tl.load(off_ptr + b)
+    ex = tl.load(ex_ptr + b).to(tl.int32) != 0
+    delay = tl.load(delay_ptr + k, mask=km, other=0)
+    r = off % CT
+    row = cache_ptr + b * stride_cb + k * stride_ck
+    cur = tl.load(row + r, mask=km, other=0)
+    if HAS_INPUT:
+        is_input = km & (k >= n_gen)
+        w = (off + delay) % CT
+        val = tl.load(tok_ptr + b * stride_tb + (k - n_gen), mask=is_input, other=0).to(tl.int64)
+        do_write = is_input & ex
+        tl.store(row + w, val, mask=do_write)
+        cur = tl.where(do_write & (w == r), val, cur)
+    init = (off <= delay) | (ex == 0)
+    out = tl.where(init, tl.load(init_ptr + k, mask=km, other=0), cur)
+    tl.store(out_ptr + b * K + k, out, mask=km)
+
+
+def frame_inputs_triton(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen):
+    """Triton twin of :func:`~dsm_kernels.reference.frame_inputs_ref`."""
+    B, K, CT = cache.shape
+    if cache.stride(2) != 1:
+        raise ValueError(f"frame_inputs: cache {tuple(cache.shape)} must be contiguous along the ring")
+    out = torch.empty(B, K, dtype=torch.int64, device=cache.device)
+    if B == 0:
+        return out
+    tok = input_tokens if input_tokens is not None else offsets
+    if input_tokens is not None and (input_tokens.shape != (B, K - n_gen) or input_tokens.stride(1) != 1):
+        raise ValueError(f"frame_inputs: input_tokens {tuple(input_tokens.shape)} must be [B={B}, {K - n_gen}]")
+    _frame_inputs_kernel[(B,)](
+        cache, offsets, exec_mask, delays, initial, tok, out,
+        K, CT, n_gen, cache.stride(0), cache.stride(1), tok.stride(0),
+        HAS_INPUT=input_tokens is not None, BLOCK_K=triton.next_power_of_2(K), num_warps=1,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _frame_commit_kernel(
+    cache_ptr, off_ptr, ex_ptr, delay_ptr, text_ptr, audio_ptr, out_ptr,
+    CT, n_gen, max_delay, stride_cb, stride_ck, stride_ab,
+    HAS_AUDIO: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_K)
+    km = k < n_gen
+    ex = tl.load(ex_ptr + b).to(tl.int32) != 0
+    off = tl.load(off_ptr + b) + ex.to(tl.int64)
+    tl.store(off_ptr + b, off)
+    new = tl.zeros([BLOCK_K], dtype=tl.int64) + tl.load(text_ptr + b).to(tl.int64)
+    if HAS_AUDIO:
+        audio = tl.load(audio_ptr + b * stride_ab + (k - 1), mask=km & (k >= 1), other=0).to(tl.int64)
+        new = tl.where(k >= 1, audio, new)
+    col = off % CT
+    row = cache_ptr + b * stride_cb + k * stride_ck
+    tl.store(row + col, new, mask=km & ex)
+    delay = tl.load(delay_ptr + k, mask=km, other=0)
+    idx = (off - max_delay + delay) % CT
+    idx = tl.where(idx < 0, idx + CT, idx)  # floor modulo, as torch's %
+    tok = tl.load(row + idx, mask=km, other=0)
+    tok = tl.where(ex & (idx == col), new, tok)
+    invalid = (off <= max_delay) | (ex == 0)
+    tl.store(out_ptr + b * n_gen + k, tl.where(invalid, -2, tok), mask=km)
+
+
+def frame_commit_triton(cache, offsets, exec_mask, delays, text_token, audio, max_delay):
+    """Triton twin of :func:`~dsm_kernels.reference.frame_commit_ref`."""
+    B, _, CT = cache.shape
+    n_gen = 1 + (audio.shape[1] if audio is not None else 0)
+    if cache.stride(2) != 1:
+        raise ValueError(f"frame_commit: cache {tuple(cache.shape)} must be contiguous along the ring")
+    if audio is not None and (audio.shape[0] != B or audio.stride(1) != 1):
+        raise ValueError(f"frame_commit: audio {tuple(audio.shape)} must be [B={B}, dep_q], row-contiguous")
+    out = torch.empty(B, n_gen, dtype=torch.int64, device=cache.device)
+    if B == 0:
+        return out
+    aud = audio if audio is not None else text_token
+    _frame_commit_kernel[(B,)](
+        cache, offsets, exec_mask, delays, text_token, aud, out,
+        CT, n_gen, max_delay, cache.stride(0), cache.stride(1), aud.stride(0),
+        HAS_AUDIO=audio is not None, BLOCK_K=triton.next_power_of_2(n_gen), num_warps=1,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _kv_slots_kernel(bt_ptr, pos_ptr, write_ptr, slot_ptr, len_ptr, B, page_size, pps, stride_bt,
+                     BLOCK: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = b < B
+    pos = tl.load(pos_ptr + b, mask=m, other=0).to(tl.int64)
+    w = tl.load(write_ptr + b, mask=m, other=0).to(tl.int32) != 0
+    logical = (pos // page_size) % pps
+    page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + logical, mask=m & w, other=0).to(tl.int64)
+    tl.store(slot_ptr + b, tl.where(w, page * page_size + pos % page_size, -1), mask=m)
+    tl.store(len_ptr + b, tl.where(w, pos + 1, 0).to(tl.int32), mask=m)
+
+
+def kv_slots_triton(block_table, positions, write, page_size):
+    """Triton twin of :func:`~dsm_kernels.reference.kv_slots_ref`."""
+    B = positions.shape[0]
+    slot = torch.empty(B, dtype=torch.int64, device=positions.device)
+    seq_lens = torch.empty(B, dtype=torch.int32, device=positions.device)
+    if B == 0:
+        return slot, seq_lens
+    block = min(1024, triton.next_power_of_2(B))
+    _kv_slots_kernel[(triton.cdiv(B, block),)](
+        block_table, positions, write, slot, seq_lens, B, page_size, block_table.shape[1], block_table.stride(0),
+        BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return slot, seq_lens

@@ -1,0 +1,135 @@
+"""Delayed-stream bookkeeping ops (frame_inputs, frame_commit, kv_slots): every backend against its reference op on
+fresh random states. Integer ops: results, and the in-place updates of the cache and offsets, must be identical."""
+
+import pytest
+import torch
+
+from dsm_kernels import reference, resolve
+from dsm_kernels.testing import kernel_device
+
+BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _state(B, K, CT, max_delay, seed):
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randint(-2, 3000, (B, K, CT), generator=g)
+    # offsets around the delays (initial tokens on, off) and far past the ring length
+    offsets = torch.randint(0, 3 * CT + max_delay + 2, (B,), generator=g)
+    offsets[0] = 0
+    ex = torch.rand(B, generator=g) < 0.7
+    ex[0] = True
+    return g, cache, offsets, ex
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,K,n_gen,delays,inputs", [
+    (5, 33, 1, [0] + [6] * 32, True),  # STT-like: text + 32 input streams, delay 6 (CT = max_delay + 2 = 8)
+    (4, 33, 1, [0] * 33, True),  # all delays 0: write and read hit the same cell
+    (3, 33, 33, [0, 0] + [2] * 31, False),  # TTS-like: everything generated
+    (6, 5, 2, [0, 1, 2, 4, 4], True),
+])  # fmt: skip
+def test_frame_inputs(backend, B, K, n_gen, delays, inputs):
+    dev = kernel_device(backend)
+    max_delay = max(delays)
+    CT = max_delay + 2
+    g, cache, offsets, ex = _state(B, K, CT, max_delay, seed=B * 31 + K)
+    delays_t = torch.tensor(delays)
+    initial = torch.randint(3000, 4000, (K,), generator=g)
+    tok = torch.randint(0, 2048, (B, K - n_gen), generator=g) if inputs else None
+    exp_cache = cache.clone()
+    exp = reference.frame_inputs_ref(exp_cache, offsets, ex, delays_t, initial, tok, n_gen)
+
+    got_cache = cache.to(dev)
+    move = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+    got = resolve("frame_inputs", backend, dev)(got_cache, offsets.to(dev), ex.to(dev), delays_t.to(dev),
+                                                 initial.to(dev), move(tok), n_gen)  # fmt: skip
+    assert torch.equal(got.cpu(), exp)
+    assert torch.equal(got_cache.cpu(), exp_cache)
+    assert (exp == initial[None]).any() and (exp != initial[None]).any()  # both cases exercised
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,K,dq,delays", [
+    (5, 33, 0, [0] + [6] * 32),
+    (4, 33, 32, [0, 0] + [2] * 31),
+    (3, 9, 8, [0, 3] + [3] * 7),  # max delay == delay: read the cell written this step
+    (7, 5, 4, [0, 0, 2, 2, 2]),
+])  # fmt: skip
+def test_frame_commit(backend, B, K, dq, delays):
+    dev = kernel_device(backend)
+    max_delay = max(delays)
+    CT = max_delay + 2
+    g, cache, offsets, ex = _state(B, K, CT, max_delay, seed=B * 7 + dq)
+    delays_t = torch.tensor(delays)
+    text = torch.randint(0, 8000, (B,), generator=g)
+    audio = torch.randint(-1, 2048, (B, dq), generator=g) if dq else None
+    exp_cache, exp_off = cache.clone(), offsets.clone()
+    exp = reference.frame_commit_ref(exp_cache, exp_off, ex, delays_t, text, audio, max_delay)
+
+    got_cache, got_off = cache.to(dev), offsets.to(dev)
+    got = resolve("frame_commit", backend, dev)(got_cache, got_off, ex.to(dev), delays_t.to(dev), text.to(dev),
+                                                 None if audio is None else audio.to(dev), max_delay)  # fmt: skip
+    assert torch.equal(got.cpu(), exp)
+    assert torch.equal(got_cache.cpu(), exp_cache) and torch.equal(got_off.cpu(), exp_off)
+    assert (exp == -2).any() and (exp != -2).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,pps,page_size", [(1, 24, 16), (9, 3, 16), (70, 12, 64)])
+def test_kv_slots(backend, B, pps, page_size):
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(B + pps)
+    bt = torch.randperm(B * pps + 5, generator=g)[: B * pps].view(B, pps).int()
+    pos = torch.randint(0, 5 * pps * page_size, (B,), generator=g)
+    write = torch.rand(B, generator=g) < 0.8
+    write[0] = True
+    exp_slot, exp_len = reference.kv_slots_ref(bt, pos, write, page_size)
+    slot, lens = resolve("kv_slots", backend, dev)(bt.to(dev), pos.to(dev), write.to(dev), page_size)
+    assert slot.dtype == exp_slot.dtype and lens.dtype == exp_len.dtype
+    assert torch.equal(slot.cpu(), exp_slot) and torch.equal(lens.cpu(), exp_len)
+
+
+def test_triton_aot_compiles_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert res.stdout.count("cubin") == 5, res.stdout
+
+
+def _aot() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from dsm_kernels.frame import _frame_commit_kernel, _frame_inputs_kernel, _kv_slots_kernel
+
+    i64 = "*i64"
+    cases = [
+        (_frame_inputs_kernel, {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64, "init_ptr": i64,
+                                "tok_ptr": i64, "out_ptr": i64}, {"HAS_INPUT": True, "BLOCK_K": 64}),
+        (_frame_inputs_kernel, {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64, "init_ptr": i64,
+                                "tok_ptr": i64, "out_ptr": i64}, {"HAS_INPUT": False, "BLOCK_K": 64}),
+        (_frame_commit_kernel, {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64,
+                                "text_ptr": i64, "audio_ptr": i64, "out_ptr": i64}, {"HAS_AUDIO": True, "BLOCK_K": 64}),
+        (_frame_commit_kernel, {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64,
+                                "text_ptr": i64, "audio_ptr": i64, "out_ptr": i64}, {"HAS_AUDIO": False, "BLOCK_K": 1}),
+        (_kv_slots_kernel, {"bt_ptr": "*i32", "pos_ptr": i64, "write_ptr": "*i1", "slot_ptr": i64, "len_ptr": "*i32"},
+         {"BLOCK": 1024}),
+    ]  # fmt: skip
+    for kernel, ptrs, consts in cases:
+        sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in kernel.arg_names}
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+        assert "sm_90" in cc.asm["ptx"]
+        print(f"{kernel.fn.__name__}: {len(cc.asm['cubin'])} B cubin")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    if "--aot" in sys.argv:
+        _aot()
