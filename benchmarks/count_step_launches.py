@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsm_kernels
-from dsm.bench import random_model
+from dsm.bench import _random_conditions, random_model
 from dsm.engine import Engine
 from dsm.presets import preset_config
 
@@ -64,14 +64,17 @@ def count_kernel_ops(counter: LaunchCounter):
         dsm_kernels.resolve = orig
 
 
-def count_step(preset: str, layers: int | None, batch: int = 2) -> collections.Counter:
+def count_step(preset: str, layers: int | None, dep_layers: int | None = None, batch: int = 2) -> collections.Counter:
     cfg = preset_config(preset)
     if layers is not None:
         cfg = dict(cfg, num_layers=layers)
+    if dep_layers is not None:
+        cfg = dict(cfg, depformer_num_layers=dep_layers)
     model, _ = random_model(cfg, "cpu", torch.float32)
     eng = Engine(model, max_slots=batch, buckets=(batch,))
+    conds = _random_conditions(model, 1, eng.device)
     for _ in range(batch):
-        eng.open()
+        eng.open(conditions=conds)
     n_in = model.cfg.num_codebooks - model.cfg.dep_q - 1
     inp = torch.randint(0, model.cfg.card, (batch, n_in)) if n_in else None
     for _ in range(3):
@@ -86,8 +89,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="stt-1b-en_fr")
     ap.add_argument("--layers", type=int, default=2, help="temporal layers to build (per-layer counts scale)")
+    ap.add_argument("--depformer-layers", type=int, default=None, help="depth-transformer layers to build")
     args = ap.parse_args(argv)
-    counts = count_step(args.preset, args.layers)
+    counts = count_step(args.preset, args.layers, args.depformer_layers)
     print(f"{args.preset} ({args.layers} layers): {sum(counts.values())} launches per step")
     for name, n in counts.most_common():
         print(f"  {n:5d}  {name}")
