@@ -32,6 +32,7 @@ import torch
 
 from .audio import AudioError, load_audio, validate_pcm
 from .mimi import FRAME_SIZE, SAMPLE_RATE
+from .mimi_graph import GraphedMimiStep
 from .transcript import (
     FRAME_RATE,
     RawEndWord,
@@ -167,6 +168,7 @@ class STTStepper:
             self.gen_state = self.gen.init_state(slots)
         self.used = [False] * slots
         self.mimi_state = mimi.init_state(slots)
+        self._encode_step = GraphedMimiStep(mimi.encode_step, self.mimi_state)
         self.n_q = lm.cfg.n_q
         self.prev_codes = torch.full((slots, self.n_q), lm.cfg.card, dtype=torch.long, device=self.device)
         self.has_vad = len(lm.extra_heads) > 0
@@ -201,7 +203,7 @@ class STTStepper:
     def encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Mimi codes of ``k`` frames for the active rows: pcm ``[B, k * 1920]`` -> ``[B, n_q, k]``."""
         self.mimi_state.set_exec_mask(active.to(self.mimi.device))
-        codes = self.mimi.encode_step(pcm.to(self.mimi.device)[:, None], self.mimi_state)
+        codes = self._encode_step(pcm.to(self.mimi.device)[:, None])
         return codes[:, : self.n_q].to(self.device)
 
     def step(self, pcm: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:

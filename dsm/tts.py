@@ -40,6 +40,7 @@ from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoi
 from .conditioning import TensorInput
 from .generate import Generator
 from .mimi import Mimi
+from .mimi_graph import GraphedMimiStep
 from .model import LMModel
 from .tokenizer import Tokenizer
 
@@ -556,6 +557,7 @@ class TTSRuntime:
                                      temp=config.temp, top_k=config.top_k, top_k_text=config.top_k_text,
                                      cfg_coef=config.cfg_coef, seed=config.seed, backend=backend)
         self.mimi_state = mimi.init_state(B) if mimi is not None else None
+        self._decode_step = GraphedMimiStep(mimi.decode_step, self.mimi_state) if mimi is not None else None
         self.slots: list[TTSStream | None] = [None] * B
         self.waiting: deque[TTSStream] = deque()
         self._text_only_streak = 0  # consecutive interleaved text-only steps
@@ -726,7 +728,7 @@ class TTSRuntime:
         self.mimi_state.set_exec_mask(mask.to(self.mimi.device))
         codes = frames[:, 1 : 1 + n_q].clamp(min=0)[..., None].to(self.mimi.device)
         with torch.no_grad():
-            pcm = self.mimi.decode_step(codes, self.mimi_state).clamp(-1, 1).float().cpu()
+            pcm = self._decode_step(codes).clamp(-1, 1).float().cpu()
         for b in rows:
             self.slots[b]._deliver(pcm[b, 0])
 
