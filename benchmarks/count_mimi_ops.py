@@ -31,10 +31,13 @@ VIEW_OPS = frozenset({
     "split", "split_with_sizes", "unbind", "as_strided", "detach", "chunk", "reshape", "narrow", "lift_fresh",
     "_reshape_alias", "view_as_complex", "view_as_real", "numpy_T", "mT",
 })
+# Ops that only allocate (no kernel either).
+ALLOC_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts dispatched non-view aten ops by name; Triton launches are added by :func:`count_step`."""
+    """Counts dispatched aten ops that launch a kernel (not views, not bare allocations) by name; Triton launches
+    are added by :func:`count_step`."""
 
     def __init__(self):
         super().__init__()
@@ -42,7 +45,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name not in VIEW_OPS:
+        if name not in VIEW_OPS and name not in ALLOC_OPS:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 

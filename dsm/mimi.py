@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import dsm_kernels
 from dsm.mimi_checkpoint import (  # noqa: F401  (re-exported: the public Mimi API lives in dsm.mimi)
     CARDINALITY,
     CODE_DIM,
@@ -44,11 +45,12 @@ from dsm.mimi_checkpoint import (  # noqa: F401  (re-exported: the public Mimi A
 from dsm.mimi_modules import (
     KVState,
     LayerWeights,
-    RVQGroup,
+    StepConstants,
     augment_codebook,
     causal_conv1d,
     conv_transpose1d,
     init_kv_state,
+    rope_freqs,
     transformer_forward,
 )
 
@@ -79,7 +81,7 @@ class MimiState:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, KVState):
-                out += v.keys + v.values + [v.pos]
+                out += v.tensors()
             elif isinstance(v, list):
                 out += v
             else:
@@ -104,28 +106,41 @@ class MimiState:
 
 
 class Mimi:
-    """Mimi encoder/decoder over explicit fp32 weights; see the module docstring for the streaming contract."""
+    """Mimi encoder/decoder over explicit fp32 weights; see the module docstring for the streaming contract.
 
-    def __init__(self, sd: dict[str, torch.Tensor], n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu"):
+    ``backend`` picks the ``dsm_kernels`` backend of the residual VQ ops (None: the default for ``device``, i.e.
+    the reference on a CPU and Triton on a GPU). The reference backend reproduces moshi's codes bit for bit; the
+    Triton one may differ where two codebook distances tie within fp32 rounding.
+
+    At load, constant work leaves the step: codebooks (with their norms) are stacked for one encode op, the output
+    projections are folded into the decode tables, the decoder's LayerScales into its weights (the encoder keeps
+    the reference's arithmetic, its codes must match bit for bit), the RoPE frequencies are computed once.
+    """
+
+    def __init__(self, sd: dict[str, torch.Tensor], n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu",
+                 backend: str | None = None):
         if not 1 <= n_q <= MAX_CODEBOOKS:
             raise ValueError(f"n_q must be in [1, {MAX_CODEBOOKS}], got {n_q}")
         sd = check_mimi_state_dict(sd)
         self.device = torch.device(device)
         self.n_q = n_q
+        self.backend = backend
         w = {k: v.to(device=self.device, dtype=torch.float32) for k, v in sd.items()}
         self._w = w
         self.enc_convs = seanet_convs("encoder", ENCODER_OPS)
         self.dec_convs = seanet_convs("decoder", DECODER_OPS)
         self.enc_layers = self._layers(w, "encoder_transformer")
-        self.dec_layers = self._layers(w, "decoder_transformer")
+        self.dec_layers = [lw.fold_layer_scales() for lw in self._layers(w, "decoder_transformer")]
+        self.rope_freqs = rope_freqs(DIM // NUM_HEADS, MAX_PERIOD, self.device)
+        self.consts = StepConstants(self.device)
         self.down_w = w["downsample.conv.conv.conv.weight"]
         self.up_w = w["upsample.convtr.convtr.convtr.weight"]
-        self.rvq_first = self._rvq(w, "rvq_first", 1)
-        self.rvq_rest = self._rvq(w, "rvq_rest", MAX_CODEBOOKS - 1)
+        self._rvq(w)
 
     @classmethod
-    def from_file(cls, path: str | Path, n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu") -> Mimi:
-        return cls(load_mimi_state_dict(path), n_q=n_q, device=device)
+    def from_file(cls, path: str | Path, n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu",
+                  backend: str | None = None) -> Mimi:
+        return cls(load_mimi_state_dict(path), n_q=n_q, device=device, backend=backend)
 
     @staticmethod
     def _layers(w: dict[str, torch.Tensor], side: str) -> list[LayerWeights]:
@@ -148,16 +163,24 @@ class Mimi:
             )
         return out
 
-    @staticmethod
-    def _rvq(w: dict[str, torch.Tensor], group: str, n: int) -> RVQGroup:
-        p = f"quantizer.{group}."
-        books = []
-        for level in range(n):
-            c = f"{p}vq.layers.{level}._codebook."
-            # Codebook = EMA sum / usage, clamped like training did (pitfall 18); computed once in fp32.
-            books.append(w[c + "embedding_sum"] / w[c + "cluster_usage"].clamp(min=1e-5)[:, None])
-        augmented = [augment_codebook(b) for b in books]
-        return RVQGroup(w[p + "input_proj.weight"], w[p + "output_proj.weight"], books, augmented)
+    def _rvq(self, w: dict[str, torch.Tensor]) -> None:
+        """Split RVQ (§7.6): group ``rvq_first`` (1 level) and ``rvq_rest`` (31), each with its own projections
+        into the 256-d code space and back; residuals live in the projected space (pitfall 18)."""
+        self.group_levels = (1, self.n_q - 1) if self.n_q > 1 else (1,)
+        in_proj, books, tables = [], [], []
+        for group, n in zip(("rvq_first", "rvq_rest"), self.group_levels, strict=False):
+            p = f"quantizer.{group}."
+            in_proj.append(w[p + "input_proj.weight"])
+            out_proj = w[p + "output_proj.weight"][:, :, 0]  # [512, 256]
+            for level in range(n):
+                c = f"{p}vq.layers.{level}._codebook."
+                # Codebook = EMA sum / usage, clamped like training did (pitfall 18); computed once in fp32.
+                book = w[c + "embedding_sum"] / w[c + "cluster_usage"].clamp(min=1e-5)[:, None]
+                books.append(augment_codebook(book))
+                tables.append(book @ out_proj.T)  # the output projection folded in: [2048, 512]
+        self.rvq_in_proj = torch.cat(in_proj).contiguous()  # [G * 256, 512, 1]: both groups in one conv
+        self.rvq_books = torch.stack(books).contiguous()  # [n_q, 2048, 258] rows [c, 1, |c|^2]
+        self.rvq_tables = torch.stack(tables).contiguous()  # [n_q, 2048, 512]
 
     # ----------------------------------------------------------------------------------------------- state
     def init_state(self, batch_size: int) -> MimiState:
@@ -216,17 +239,19 @@ class Mimi:
     def _encode(self, pcm: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
         m = state.exec_mask
         emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m)
-        emb = transformer_forward(emb, self.enc_layers, NUM_HEADS, CONTEXT, MAX_PERIOD,
-                                  state.enc_kv if streaming else None, m)
+        emb = transformer_forward(emb, self.enc_layers, NUM_HEADS, CONTEXT, self.rope_freqs,
+                                  state.enc_kv if streaming else None, m, self.consts)
         # Downsample conv with replicate left padding: a stream's first call pads with its own first frame.
         first = (state.down_first & m).view(-1, 1, 1)
-        state.down_prev.copy_(torch.where(first, emb[..., :1], state.down_prev))
+        torch.where(first, emb[..., :1], state.down_prev, out=state.down_prev)
         latent = causal_conv1d(emb, state.down_prev, self.down_w, None, 2, m)
-        state.down_first.copy_(torch.where(m, torch.zeros_like(state.down_first), state.down_first))
-        codes = self.rvq_first.encode(latent, 1)
-        if self.n_q > 1:
-            codes = torch.cat([codes, self.rvq_rest.encode(latent, self.n_q - 1)], dim=1)
-        return codes
+        state.down_first.masked_fill_(m, False)
+        return self._quantize(latent)
+
+    def _quantize(self, latent: torch.Tensor) -> torch.Tensor:
+        """``[B, 512, T]`` -> codes ``[B, n_q, T]`` int64."""
+        x = F.conv1d(latent, self.rvq_in_proj)  # [B, G * 256, T]
+        return dsm_kernels.rvq_encode(x, self.rvq_books, self.group_levels, backend=self.backend)
 
     def encode_step(self, pcm: torch.Tensor, state: MimiState) -> torch.Tensor:
         """Streaming encode: pcm ``[B, 1, 1920 * n]`` (n >= 1) -> codes ``[B, n_q, n]`` int64; updates ``state``."""
@@ -248,12 +273,10 @@ class Mimi:
     # ----------------------------------------------------------------------------------------------- decode
     def _decode(self, codes: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
         m = state.exec_mask
-        latent = self.rvq_first.decode(codes[:, :1])
-        if codes.shape[1] > 1:
-            latent = latent + self.rvq_rest.decode(codes[:, 1:])
+        latent = dsm_kernels.rvq_decode(codes, self.rvq_tables, backend=self.backend)  # [B, 512, T]
         emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM)
-        emb = transformer_forward(emb, self.dec_layers, NUM_HEADS, CONTEXT, MAX_PERIOD,
-                                  state.dec_kv if streaming else None, m)
+        emb = transformer_forward(emb, self.dec_layers, NUM_HEADS, CONTEXT, self.rope_freqs,
+                                  state.dec_kv if streaming else None, m, self.consts)
         return self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m)
 
     def decode_step(self, codes: torch.Tensor, state: MimiState) -> torch.Tensor:
@@ -382,7 +405,8 @@ def random_mimi_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         t.shape, generator=g)
     state = model.init_state(1)
     emb = model._seanet(probe.view(1, 1, -1), ENCODER_OPS, "encoder", state.enc_conv, state.exec_mask)
-    emb = transformer_forward(emb, model.enc_layers, NUM_HEADS, CONTEXT, MAX_PERIOD, None, state.exec_mask)
+    emb = transformer_forward(emb, model.enc_layers, NUM_HEADS, CONTEXT, model.rope_freqs, None, state.exec_mask,
+                              model.consts)
     latent = causal_conv1d(emb, state.down_prev.copy_(emb[..., :1].expand_as(state.down_prev)), model.down_w,
                            None, 2, state.exec_mask)
     for group, n in (("rvq_first", 1), ("rvq_rest", MAX_CODEBOOKS - 1)):

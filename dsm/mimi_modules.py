@@ -29,14 +29,14 @@ def causal_conv1d(
 
     ``prev`` is ``[B, C_in, Ke - S]`` (``None`` when ``Ke == S``). Returns the output; rows
     whose ``exec_mask`` is false keep their old ``prev``. ``prev`` is updated in place (static addresses for
-    graph capture).
+    graph capture) by one masked select written over itself.
     """
     if prev is None:
         return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
     tp = prev.shape[-1]
     x = torch.cat([prev, x], dim=-1)
     y = F.conv1d(x, weight, bias, stride, 0, dilation, groups)
-    prev.copy_(torch.where(exec_mask.view(-1, 1, 1), x[..., -tp:], prev))
+    torch.where(exec_mask.view(-1, 1, 1), x[..., -tp:], prev, out=prev)
     return y
 
 
@@ -52,22 +52,28 @@ def conv_transpose1d(
     """Streaming transposed conv: overlap-add the stored ``K - S`` tail, emit ``T * S`` samples (§7.2).
 
     The stored tail excludes the bias, since the bias is added again when the next call's output overlaps it.
-    Offline use is the same call from a zero ``partial``. ``partial`` is updated in place.
+    Offline use is the same call from a zero ``partial``. ``partial`` is updated in place. Needs ``T * S >= K - S``
+    (Mimi has ``K = 2 S``), so that the head and the tail do not overlap; the output is a view of the conv's.
     """
     pt = partial.shape[-1]
     y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
-    head = y[..., :pt] + partial
+    assert y.shape[-1] >= 2 * pt
+    y[..., :pt].add_(partial)
     tail = y[..., -pt:]
     if bias is not None:
         tail = tail - bias[:, None]
-    out = torch.cat([head, y[..., pt:-pt]], dim=-1)
-    partial.copy_(torch.where(exec_mask.view(-1, 1, 1), tail, partial))
-    return out
+    torch.where(exec_mask.view(-1, 1, 1), tail, partial, out=partial)
+    return y[..., :-pt]
 
 
 @dataclass
 class LayerWeights:
-    """One Mimi transformer layer (§7.5): pre-LayerNorm attention and GELU MLP, both behind a LayerScale."""
+    """One Mimi transformer layer (§7.5): pre-LayerNorm attention and GELU MLP, both behind a LayerScale.
+
+    With ``out_proj_scaled``/``linear2_scaled`` set (``[in, out]``, the LayerScale folded into the transposed
+    weight at load), each residual branch ends in one ``addmm``; otherwise in ``addcmul`` with the scale, which is
+    bitwise the reference's ``h + scale * branch``.
+    """
 
     norm1_w: torch.Tensor
     norm1_b: torch.Tensor
@@ -79,45 +85,80 @@ class LayerWeights:
     linear1: torch.Tensor
     linear2: torch.Tensor
     ls2: torch.Tensor
+    out_proj_scaled: torch.Tensor | None = None
+    linear2_scaled: torch.Tensor | None = None
+
+    def fold_layer_scales(self) -> LayerWeights:
+        self.out_proj_scaled = (self.out_proj * self.ls1[:, None]).T.contiguous()
+        self.linear2_scaled = (self.linear2 * self.ls2[:, None]).T.contiguous()
+        return self
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interleaved RoPE on ``[B, H, T, D]`` at absolute positions ``pos[b] + t`` (§2.5).
+def rope_angles(freqs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """Complex RoPE factors ``[B, T, 3, 1, D/2]`` for a ``[B, T, 3, H, D/2]`` complex view of a fused q|k|v
+    projection at positions ``ts`` ``[B, T]`` (fp32); the v factor is exactly 1, so v passes through unchanged.
 
-    The frequency is ``exp(i * c)`` with ``c`` a host double rounded to fp32, in this exact order, for bit parity.
+    ``freqs`` is ``[3, 1, D/2]``: the RoPE frequencies for q and k, zeros for v. Angles are ``ts * freq`` in fp32
+    and the complex product ``(x0 + i x1)(cos + i sin)`` is bitwise the reference's
+    ``(x0 cos - x1 sin, x0 sin + x1 cos)``, computed once per step for all layers (§2.5).
     """
-    b, _, t, d = q.shape
-    ds = torch.arange(d // 2, device=q.device, dtype=torch.float32)
-    freqs = torch.exp(ds * (-math.log(max_period) * 2 / d))
-    ts = (pos.float().view(-1, 1) + torch.arange(t, device=q.device, dtype=torch.float32)).view(b, 1, -1, 1)
-    cos, sin = torch.cos(freqs * ts), torch.sin(freqs * ts)
+    ang = ts.view(*ts.shape, 1, 1, 1) * freqs
+    return torch.complex(torch.cos(ang), torch.sin(ang))
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x = x.view(*x.shape[:-1], d // 2, 2)
-        xr, xi = x[..., 0].float(), x[..., 1].float()
-        return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).view(*x.shape[:-2], d)
 
-    return rotate(q), rotate(k)
+def rope_freqs(head_dim: int, max_period: float, device) -> torch.Tensor:
+    """``[3, 1, D/2]`` (q, k, v) frequencies for :func:`rope_angles`: ``exp(i * c)`` with ``c`` a host double
+    rounded to fp32, in this exact order, for bit parity with the reference; v's are zero."""
+    ds = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
+    freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
+    return torch.stack([freqs, freqs, torch.zeros_like(freqs)]).view(3, 1, -1)
 
 
 @dataclass
 class KVState:
-    """Ring KV cache of one transformer: per layer ``[B, H, capacity, D]``, plus the tokens-written counter."""
+    """Ring KV cache of one transformer: per layer ``[B + 1, 2, H, capacity, D]`` (keys and values; the extra
+    last row takes the writes of inactive rows, so that one ``index_put_`` per layer leaves them frozen), plus the
+    tokens-written counter."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    cache: list[torch.Tensor]
     pos: torch.Tensor  # [B] int64: tokens written since reset = RoPE offset of the next token
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The per-row state (views without the scratch row) and the counter."""
+        b = self.pos.shape[0]
+        return [c[:b] for c in self.cache] + [self.pos]
 
 
 def init_kv_state(
     batch_size: int, num_layers: int, num_heads: int, head_dim: int, capacity: int, device, dtype=torch.float32
 ) -> KVState:
-    shape = (batch_size, num_heads, capacity, head_dim)
+    shape = (batch_size + 1, 2, num_heads, capacity, head_dim)
     return KVState(
-        keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)],
-        values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)],
+        cache=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)],
         pos=torch.zeros(batch_size, device=device, dtype=torch.long),
     )
+
+
+class StepConstants:
+    """Small constant tensors a step needs (index ranges, scalars), built on first use and then reused, so that
+    a captured step launches nothing to make them. The first call with a new shape must happen before capture
+    (``cuda_graphed`` warms up first)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._cache: dict = {}
+
+    def arange(self, n: int) -> torch.Tensor:
+        key = ("arange", n)
+        if key not in self._cache:
+            self._cache[key] = torch.arange(n, device=self.device, dtype=torch.long)
+        return self._cache[key]
+
+    def full(self, value, dtype) -> torch.Tensor:
+        key = ("full", value, dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.full((), value, device=self.device, dtype=dtype)
+        return self._cache[key]
 
 
 def transformer_forward(
@@ -125,107 +166,75 @@ def transformer_forward(
     layers: list[LayerWeights],
     num_heads: int,
     context: int,
-    max_period: float,
+    freqs: torch.Tensor,
     kv: KVState | None,
     exec_mask: torch.Tensor | None,
+    consts: StepConstants,
 ) -> torch.Tensor:
-    """Run the transformer on conv-layout ``x`` ``[B, C, T]``; returns conv layout again.
+    """Run the transformer on conv-layout ``x`` ``[B, C, T]``; returns ``[B, C, T]`` (a transposed view).
 
     With ``kv`` (streaming) keys go to a ring of exactly ``context`` slots and all ``T`` new tokens are written
     before attending, so after wrap-around the first of the two tokens of a Mimi call sees one key fewer (§2.6),
     exactly like the reference. Without ``kv`` (whole file) every query sees the last ``context`` positions.
-    ``kv`` is updated in place; rows with a false ``exec_mask`` keep it bitwise unchanged.
+    ``kv`` is updated in place; rows with a false ``exec_mask`` keep it bitwise unchanged. ``freqs``: see
+    :func:`rope_freqs`.
     """
     b, c, t = x.shape
-    h = x.transpose(1, 2)  # kept as a strided view, like the reference
-    device = x.device
+    hd = c // num_heads
+    h = x.transpose(1, 2).reshape(b * t, c)
+    trange = consts.arange(t)
+    neg_inf, zero = consts.full(float("-inf"), torch.float32), consts.full(0.0, torch.float32)
     if kv is None:
-        pos = torch.zeros(b, device=device, dtype=torch.long)
-        pos_k = torch.arange(t, device=device, dtype=torch.long).expand(b, -1)
-        new_pos = pos
-        write_idx = None
+        pos_q = trange.expand(b, -1)
+        delta = trange.view(-1, 1) - trange
+        mask = torch.where((delta >= 0) & (delta < context), zero, neg_inf)  # [T, T]
+        write = None
     else:
         assert exec_mask is not None
-        capacity = kv.keys[0].shape[2]
+        capacity = kv.cache[0].shape[3]
+        assert capacity == context, "the ring must hold exactly the attention context"
         pos = kv.pos
-        write_idx = (pos.view(-1, 1) + torch.arange(t, device=device, dtype=torch.long)) % capacity  # [B, T]
-        slots = torch.arange(capacity, device=device, dtype=torch.long)
-        last = pos.view(-1, 1) + t - 1
-        delta_slot = slots - last % capacity
-        pos_k = torch.where(delta_slot <= 0, last + delta_slot, last + delta_slot - capacity)
-        new_pos = torch.where(exec_mask, pos + t, pos)
-        pos_k = torch.where(slots >= new_pos.view(-1, 1), torch.full_like(pos_k, -1), pos_k)
-    pos_q = pos.view(-1, 1, 1) + torch.arange(t, device=device, dtype=torch.long).view(-1, 1)
-    delta = pos_q - pos_k[:, None]
-    mask = ((pos_k[:, None] >= 0) & (delta >= 0) & (delta < context))[:, None]  # [B, 1, T, S]
+        pos_q = pos.view(-1, 1) + trange  # [B, T] absolute positions of the new tokens
+        # Absolute position held by each slot once the T tokens are written (negative: never written). Inactive
+        # rows get a mask as if active: their outputs are garbage anyway and their state is not written.
+        last = pos_q[:, -1:]
+        pos_k = last - torch.remainder(last - consts.arange(capacity), capacity)  # [B, S]
+        delta = pos_q[:, :, None] - pos_k[:, None]  # [B, T, S]; delta < context holds since capacity == context
+        mask = torch.where((delta >= 0) & (pos_k[:, None] >= 0), zero, neg_inf)[:, None]  # [B, 1, T, S]
+        rows = torch.where(exec_mask, consts.arange(b), consts.full(b, torch.long)).view(-1, 1)  # b: scratch row
+        write = (rows, torch.remainder(pos_q, capacity))
+    rot = rope_angles(freqs, pos_q.float())  # [B, T, 3, 1, D/2]
 
     for i, lw in enumerate(layers):
         y = F.layer_norm(h, (c,), lw.norm1_w, lw.norm1_b, 1e-5)
-        q, k, v = F.linear(y, lw.in_proj).view(b, t, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
-        q, k = rope(q, k, pos, max_period)
-        if kv is not None:
-            idx = write_idx.view(b, 1, t, 1).expand(-1, num_heads, t, c // num_heads)
-            keep = exec_mask.view(-1, 1, 1, 1)
-            kc, vc = kv.keys[i], kv.values[i]
-            # Inactive rows write back what was there, so their cache stays bitwise frozen.
-            kc.scatter_(2, idx, torch.where(keep, k, kc.gather(2, idx)))
-            vc.scatter_(2, idx, torch.where(keep, v, vc.gather(2, idx)))
-            k, v = kc, vc
+        qkv = F.linear(y, lw.in_proj).view(b, t, 3, num_heads, hd // 2, 2)
+        qkv = torch.view_as_real(torch.view_as_complex(qkv) * rot).view(b, t, 3, num_heads, hd)
+        q = qkv[:, :, 0].transpose(1, 2)
+        if write is None:
+            k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        else:
+            cache = kv.cache[i]
+            cache[write[0], :, :, write[1]] = qkv[:, :, 1:]  # [B, T, 2, H, D] -> slots; inactive rows: scratch row
+            k, v = cache[:b, 0], cache[:b, 1]
         a = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.0)
-        a = F.linear(a.transpose(1, 2).reshape(b, t, c), lw.out_proj)
-        h = h + lw.ls1 * a
+        a = a.transpose(1, 2).reshape(b * t, c)
+        if lw.out_proj_scaled is not None:
+            h = torch.addmm(h, a, lw.out_proj_scaled)
+        else:
+            h = torch.addcmul(h, lw.ls1, F.linear(a, lw.out_proj))
         y = F.layer_norm(h, (c,), lw.norm2_w, lw.norm2_b, 1e-5)
-        h = h + lw.ls2 * F.linear(F.gelu(F.linear(y, lw.linear1)), lw.linear2)
+        z = F.gelu(F.linear(y, lw.linear1))
+        if lw.linear2_scaled is not None:
+            h = torch.addmm(h, z, lw.linear2_scaled)
+        else:
+            h = torch.addcmul(h, lw.ls2, F.linear(z, lw.linear2))
     if kv is not None:
-        kv.pos.copy_(new_pos)
-    return h.transpose(1, 2)
-
-
-def euclidean_codes(r: torch.Tensor, codebook_aug: torch.Tensor) -> torch.Tensor:
-    """Nearest codebook row for each row of ``r`` ``[N, D]`` -> ``[N]`` int64, first index on ties.
-
-    Same arithmetic as ``torch.cdist(p=2)`` on its matrix-multiply path (taken for > 25 candidates): one GEMM of
-    ``[-2r, |r|^2, 1]`` against the precomputed ``[c, 1, |c|^2]``, clamp at 1e-30, sqrt. Near-ties flip with any
-    other formula, so codes only match the reference bit for bit this way. ``codebook_aug`` is ``[1, K, D + 2]``.
-    """
-    x = r[None]
-    norm = x.pow(2).sum(-1, keepdim=True)
-    x_aug = torch.cat([x.mul(-2), norm, torch.ones_like(norm)], dim=-1)
-    dist = x_aug.matmul(codebook_aug.mT).clamp_min(1e-30).sqrt()
-    return dist[0].argmin(dim=-1)
+        kv.pos.add_(exec_mask, alpha=t)
+    return h.view(b, t, c).transpose(1, 2)
 
 
 def augment_codebook(codebook: torch.Tensor) -> torch.Tensor:
-    """``[K, D]`` -> ``[1, K, D + 2]`` rows ``[c, 1, |c|^2]`` (the constant half of :func:`euclidean_codes`)."""
-    c = codebook[None]
-    norm = c.pow(2).sum(-1, keepdim=True)
-    return torch.cat([c, torch.ones_like(norm), norm], dim=-1).contiguous()
-
-
-@dataclass
-class RVQGroup:
-    """One residual VQ group: ``input_proj`` to the 256-d code space, codebooks, ``output_proj`` back."""
-
-    input_proj: torch.Tensor  # [256, 512, 1]
-    output_proj: torch.Tensor  # [512, 256, 1]
-    codebooks: list[torch.Tensor]  # [2048, 256] each
-    codebooks_aug: list[torch.Tensor]
-
-    def encode(self, latent: torch.Tensor, n_q: int) -> torch.Tensor:
-        """``[B, 512, T]`` -> codes ``[B, n_q, T]``; residuals live in the projected space (pitfall 18)."""
-        b, _, t = latent.shape
-        r = F.conv1d(latent, self.input_proj)
-        codes = []
-        for level in range(n_q):
-            flat = r.transpose(1, 2).reshape(-1, r.shape[1])
-            c = euclidean_codes(flat, self.codebooks_aug[level]).view(b, t)
-            r = r - F.embedding(c, self.codebooks[level]).transpose(1, 2)
-            codes.append(c)
-        return torch.stack(codes, dim=1)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes ``[B, n, T]`` -> ``[B, 512, T]``; levels summed in order starting from an exact zero."""
-        q = torch.zeros((), device=codes.device, dtype=self.input_proj.dtype)
-        for level in range(codes.shape[1]):
-            q = q + F.embedding(codes[:, level], self.codebooks[level]).transpose(1, 2)
-        return F.conv1d(q, self.output_proj)
+    """``[K, D]`` -> ``[K, D + 2]`` rows ``[c, 1, |c|^2]``: the constant half of the distance GEMM of
+    :func:`dsm_kernels.reference.rvq_encode_ref` (and the norms the Triton kernel reads)."""
+    norm = codebook.pow(2).sum(-1, keepdim=True)
+    return torch.cat([codebook, torch.ones_like(norm), norm], dim=-1).contiguous()
