@@ -110,7 +110,14 @@ def subcommands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], No
         "validate-kernels": ("check every kernel backend against the reference ops", _setup_validate_kernels),
         "speak": ("text to speech (streaming); writes a wav or raw float32 PCM", _setup_speak),
         "bench": ("step latency, rtf/rtfx and capacity of the engine, moshi timed beside", _setup_bench),
+        "serve-stt": ("moshi-server compatible streaming ASR websocket (/api/asr-streaming)", _setup_serve_stt),
     }
+
+
+def _setup_serve_stt(p: argparse.ArgumentParser) -> None:
+    from .server import setup_serve_stt_parser
+
+    setup_serve_stt_parser(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,141 @@
+"""The moshi-server compatible ASR websocket: auth, protocol, the same words as the Python API, isolation of a bad
+connection, and slot exhaustion."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
+from dsm.server import ASR_PATH, ASRServer
+from dsm.stt import Marker, STTOptions, STTRuntime, Word
+
+OPTS = STTOptions(alignment="rust", timestamps="rust")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d = write_random_checkpoint("tiny-stt", tmp_path_factory.mktemp("srv") / "tiny-stt", seed=0,
+                                    dtype=torch.float32)
+    finally:
+        torch.set_num_threads(n)
+    return resolve_checkpoint(d)
+
+
+def _audio(seconds: float, seed: int) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    t = np.arange(int(24000 * seconds)) / 24000
+    return (0.3 * np.sin(2 * np.pi * (120 + 40 * seed) * t) + 0.05 * g.standard_normal(t.shape)).astype(np.float32)
+
+
+def _runtime(files, slots=2):
+    return STTRuntime.from_checkpoint(files, max_streams=slots, options=OPTS)
+
+
+async def _client(url, pcm: np.ndarray, marker_id: int, chunk=1920, headers=None):
+    """Send audio and 2 s of silence, a marker, 1 s more silence (the marker is due after the model's delay), and
+    collect messages until the marker comes back."""
+    msgs = []
+    async with connect(url, additional_headers=headers or {"kyutai-api-key": "public_token"}) as ws:
+        msgs.append(msgpack.unpackb(await ws.recv()))
+        for i in range(0, len(pcm), chunk):
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": pcm[i : i + chunk].tolist()}))
+        await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 48000}))
+        await ws.send(msgpack.packb({"type": "Marker", "id": marker_id}))
+        await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 24000}))
+        while True:
+            m = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 60))
+            msgs.append(m)
+            if m["type"] in ("Marker", "Error"):
+                return msgs
+
+
+def _serve(rt, coro_fn):
+    async def main():
+        server = ASRServer(rt)
+        async with await server.serve("127.0.0.1", 0) as ws_server:
+            port = ws_server.sockets[0].getsockname()[1]
+            return await coro_fn(f"ws://127.0.0.1:{port}{ASR_PATH}")
+
+    return asyncio.run(main())
+
+
+def test_words_equal_the_python_api_and_streams_are_isolated(files):
+    pcm_a, pcm_b = _audio(2.0, 1), _audio(1.5, 2)
+
+    async def clients(url):
+        bad = connect(url, additional_headers={"kyutai-api-key": "public_token"})
+
+        async def nan_client():  # a third connection sending NaN must not disturb the others
+            async with bad as ws:
+                await ws.recv()
+                await ws.send(msgpack.packb({"type": "Audio", "pcm": [float("nan")] * 100}))
+                return msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
+
+        return await asyncio.gather(_client(url, pcm_a, 7), _client(url, pcm_b, 8, chunk=777), nan_client())
+
+    got_a, got_b, nan_reply = _serve(_runtime(files, slots=3), clients)
+    assert got_a[0] == {"type": "Ready"} and got_a[-1] == {"type": "Marker", "id": 7}
+    assert got_b[-1] == {"type": "Marker", "id": 8}
+    assert nan_reply["type"] == "Error" and "nan" in nan_reply["message"].lower()
+
+    # the same audio and marker through the Python API, one stream alone: the same words before the marker
+    n_words = 0
+    for pcm, got, mid in ((pcm_a, got_a, 7), (pcm_b, got_b, 8)):
+        rt = _runtime(files, slots=1)
+        s = rt.open_stream()
+        events = s.push(pcm) + s.push(np.zeros(48000, dtype=np.float32)) + s.marker(mid)
+        events += s.push(np.zeros(24000, dtype=np.float32))
+        events = events[: [i for i, e in enumerate(events) if isinstance(e, Marker)][0]]
+        words = [(e.text, round(e.start_time, 6)) for e in events if isinstance(e, Word)]
+        wire = [(m["text"], round(m["start_time"], 6)) for m in got if m["type"] == "Word"]
+        assert wire == words
+        n_words += len(words)
+    assert n_words >= 1  # the comparison is not vacuous
+    assert any(m["type"] == "Step" and len(m["prs"]) == 4 for m in got_a)  # tiny-stt has 4 VAD heads
+
+
+def test_auth_and_path(files):
+    async def attempts(url):
+        out = []
+        for kw in ({"additional_headers": {"kyutai-api-key": "wrong"}}, {}):
+            try:
+                async with connect(url, **kw):
+                    out.append("open")
+            except InvalidStatus as e:
+                out.append(e.response.status_code)
+        async with connect(url + "?auth_id=public_token") as ws:  # the query form works too
+            out.append(msgpack.unpackb(await ws.recv())["type"])
+        try:
+            async with connect(url.replace(ASR_PATH, "/api/nope"), additional_headers={"kyutai-api-key": "x"}):
+                pass
+        except InvalidStatus as e:
+            out.append(e.response.status_code)
+        return out
+
+    assert _serve(_runtime(files), attempts) == [401, 401, "Ready", 404]
+
+
+def test_no_free_channels(files):
+    async def two(url):
+        hdr = {"kyutai-api-key": "public_token"}
+        async with connect(url, additional_headers=hdr) as first:
+            assert msgpack.unpackb(await first.recv())["type"] == "Ready"
+            async with connect(url, additional_headers=hdr) as second:
+                reply = msgpack.unpackb(await second.recv())
+            await first.send(msgpack.packb({"type": "Nope"}))
+            bad_type = msgpack.unpackb(await first.recv())
+            return reply, bad_type
+
+    reply, bad_type = _serve(_runtime(files, slots=1), two)
+    assert reply == {"type": "Error", "message": "no free channels"}
+    assert bad_type["type"] == "Error" and "Nope" in bad_type["message"]
