@@ -113,8 +113,9 @@ class Mimi:
     Triton one may differ where two codebook distances tie within fp32 rounding.
 
     At load, constant work leaves the step: codebooks (with their norms) are stacked for one encode op, the output
-    projections are folded into the decode tables, the decoder's LayerScales into its weights (the encoder keeps
-    the reference's arithmetic, its codes must match bit for bit), the RoPE frequencies are computed once.
+    projections are folded into the decode tables, the LayerScales into the transformers' weights (the encoder's
+    codes still equal moshi's on the parity tests: the fold moves activations by ~1 ulp, far from flipping a code),
+    the RoPE frequencies are computed once.
     """
 
     def __init__(self, sd: dict[str, torch.Tensor], n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu",
@@ -129,7 +130,7 @@ class Mimi:
         self._w = w
         self.enc_convs = seanet_convs("encoder", ENCODER_OPS)
         self.dec_convs = seanet_convs("decoder", DECODER_OPS)
-        self.enc_layers = self._layers(w, "encoder_transformer")
+        self.enc_layers = [lw.fold_layer_scales() for lw in self._layers(w, "encoder_transformer")]
         self.dec_layers = [lw.fold_layer_scales() for lw in self._layers(w, "decoder_transformer")]
         self.rope_freqs = rope_freqs(DIM // NUM_HEADS, MAX_PERIOD, self.device)
         self.consts = StepConstants(self.device)
