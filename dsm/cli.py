@@ -111,6 +111,7 @@ def subcommands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], No
         "speak": ("text to speech (streaming); writes a wav or raw float32 PCM", _setup_speak),
         "bench": ("step latency, rtf/rtfx and capacity of the engine, moshi timed beside", _setup_bench),
         "serve-stt": ("moshi-server compatible streaming ASR websocket (/api/asr-streaming)", _setup_serve_stt),
+        "serve-tts": ("moshi-server compatible streaming TTS websocket (/api/tts_streaming)", _setup_serve_tts),
     }
 
 
@@ -118,6 +119,12 @@ def _setup_serve_stt(p: argparse.ArgumentParser) -> None:
     from .server import setup_serve_stt_parser
 
     setup_serve_stt_parser(p)
+
+
+def _setup_serve_tts(p: argparse.ArgumentParser) -> None:
+    from .server import setup_serve_tts_parser
+
+    setup_serve_tts_parser(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

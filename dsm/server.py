@@ -1,16 +1,23 @@
-"""``dsm serve-stt``: moshi-server's streaming ASR websocket (DSM-SPEC §9.1-9.2) over one :class:`~dsm.stt.STTRuntime`,
-so existing clients (the DSM scripts, unmute) keep working.
+"""moshi-server compatible websockets (DSM-SPEC §9), so existing clients (the DSM scripts, unmute) keep working.
 
-``GET /api/asr-streaming`` upgraded to a websocket; auth by header ``kyutai-api-key`` or query ``?auth_id=`` (the
-header wins) against the configured ids, else HTTP 401. Messages are MessagePack maps tagged by ``"type"``:
+``dsm serve-stt``: ``GET /api/asr-streaming`` over one :class:`~dsm.stt.STTRuntime` (module ``BatchedAsr``).
 
 * client -> server: ``Audio {pcm: [f32]}`` (24 kHz mono, any length), ``Marker {id}``; text frames are ignored.
 * server -> client: ``Ready``; ``Word {text, start_time}``; ``EndWord {stop_time}``; ``Step {step_idx, prs,
-  buffered_pcm}`` (models with VAD heads); ``Marker {id}``; ``Error {message}``.
+  buffered_pcm}`` (models with VAD heads); ``Marker {id}``; ``Error {message}``. Word times follow the server rule
+  (Rust alignment and timestamps, §5.3).
 
-All connections share one runtime: each takes a stream slot (``Error "no free channels"`` when none is left), one
-model loop steps every stream that has a full frame, and a connection's bad input (NaN, wrong types) gets an
-``Error`` for that connection alone. Word times follow the server rule (Rust alignment and timestamps, §5.3).
+``dsm serve-tts``: ``GET /api/tts_streaming?format=PcmMessagePack|Pcm`` over one :class:`~dsm.tts.TTSRuntime`
+(module ``Py``). Ogg/Opus formats (moshi-server's default) are refused with HTTP 400: dsm does not encode Opus.
+
+* client -> server: text frames (words to speak), or ``Text {text}``, ``Eos``, ``Voice {embeddings, shape}`` (only
+  before the first text), or the single byte ``0x00`` (EOS).
+* server -> client (``PcmMessagePack``): ``Ready``, ``Audio {pcm: [f32 x 1920]}`` per frame, ``Text {text, start_s,
+  stop_s}`` per word; ``Pcm``: raw little-endian f32 frames only. The socket closes after the last frame.
+
+Auth: header ``kyutai-api-key`` or query ``?auth_id=`` (the header wins) against the configured ids, else HTTP 401.
+All connections share one runtime and one model loop; a connection's bad input gets an ``Error`` for that connection
+alone and never touches the other streams.
 """
 
 from __future__ import annotations
@@ -23,11 +30,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgpack
 import numpy as np
+import torch
 
 from .audio import AudioError
 from .stt import EndWord, Marker, NoFreeSlotError, STTRuntime, STTStream, VADStep, Word
 
 ASR_PATH = "/api/asr-streaming"
+TTS_PATH = "/api/tts_streaming"
+TTS_FORMATS = ("PcmMessagePack", "Pcm")
+FRAME_RATE = 12.5
 log = logging.getLogger("dsm.server")
 
 
@@ -49,37 +60,81 @@ def event_message(event, buffered_pcm: int) -> dict | None:
     return None
 
 
-class ASRServer:
-    """The ASR endpoint over ``runtime``. Use :meth:`serve` (an async context manager) or ``dsm serve-stt``."""
+class _Endpoint:
+    """One websocket endpoint over a shared runtime: HTTP checks, the connections, and the model loop that steps
+    the runtime while it has work and then sends each connection its output."""
 
-    def __init__(self, runtime: STTRuntime, api_keys: Iterable[str] = ("public_token",)):
-        if runtime.options.alignment != "rust" or runtime.options.timestamps != "rust":
-            log.warning("moshi-server clients expect alignment='rust' and timestamps='rust'")
-        self.rt = runtime
+    path = ""
+
+    def __init__(self, api_keys: Iterable[str]):
         self.api_keys = set(api_keys)
-        self.connections: dict[STTStream, object] = {}
+        self.connections: dict[object, object] = {}  # connection state -> websocket
         self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
 
-    # ---- HTTP layer
+    def _check_query(self, query: dict[str, list[str]]) -> str | None:
+        return None
+
     def _process_request(self, connection, request):
         url = urlsplit(request.path)
-        if url.path != ASR_PATH:
-            return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {url.path!r}; the ASR is at {ASR_PATH}\n")
-        key = request.headers.get("kyutai-api-key") or (parse_qs(url.query).get("auth_id") or [None])[0]
+        if url.path != self.path:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {url.path!r}; this server is {self.path}\n")
+        query = parse_qs(url.query)
+        key = request.headers.get("kyutai-api-key") or (query.get("auth_id") or [None])[0]
         if key not in self.api_keys:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or unknown kyutai-api-key / auth_id\n")
+        problem = self._check_query(query)
+        if problem:
+            return connection.respond(HTTPStatus.BAD_REQUEST, problem + "\n")
         return None
 
     async def serve(self, host: str = "0.0.0.0", port: int = 8080):
-        """``async with server.serve(host, port) as ws_server:`` runs the endpoint and the model loop."""
+        """``async with await endpoint.serve(host, port) as ws_server:`` runs the endpoint and its model loop."""
         from websockets.asyncio.server import serve
 
-        self._loop_task = asyncio.create_task(self._model_loop())
-        return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24),
-                        self._loop_task)
+        task = asyncio.create_task(self._model_loop())
+        return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24), task)
 
-    # ---- one connection
+    async def _handler(self, ws) -> None:
+        raise NotImplementedError
+
+    def _step(self) -> bool:
+        """One runtime step if any stream can progress; False when there was nothing to do."""
+        raise NotImplementedError
+
+    async def _flush(self) -> None:
+        raise NotImplementedError
+
+    async def _model_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                stepped = self._step()
+                await self._flush()
+                if not stepped:
+                    break
+                await asyncio.sleep(0)  # let connections queue input between steps
+
+    @staticmethod
+    async def _send(ws, data) -> bool:
+        try:
+            await ws.send(data)
+            return True
+        except Exception:  # the connection is going away; its handler cleans up
+            return False
+
+
+class ASRServer(_Endpoint):
+    """``/api/asr-streaming`` over ``runtime`` (see the module doc)."""
+
+    path = ASR_PATH
+
+    def __init__(self, runtime: STTRuntime, api_keys: Iterable[str] = ("public_token",)):
+        super().__init__(api_keys)
+        if runtime.options.alignment != "rust" or runtime.options.timestamps != "rust":
+            log.warning("moshi-server clients expect alignment='rust' and timestamps='rust'")
+        self.rt = runtime
+
     async def _handler(self, ws) -> None:
         try:
             stream = self.rt.open_stream(name=f"ws-{id(ws):x}")
@@ -123,27 +178,124 @@ class ASRServer:
             return f"bad {kind} message: {e}"
         return None
 
-    # ---- the model loop: one step for every stream with a full frame, then each connection's events
-    async def _model_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while True:
-                stepped = self.rt.step()
-                await self._send_events()
-                if not stepped:
-                    break
-                await asyncio.sleep(0)  # let connections queue audio between steps
+    def _step(self) -> bool:
+        return self.rt.step() > 0
 
-    async def _send_events(self) -> None:
+    async def _flush(self) -> None:
         for stream, ws in list(self.connections.items()):
             for event in stream.events():
                 msg = event_message(event, len(stream.queue))
-                if msg is not None:
-                    try:
-                        await ws.send(pack(msg))
-                    except Exception:  # the connection is going away; its handler cleans up
-                        break
+                if msg is not None and not await self._send(ws, pack(msg)):
+                    break
+
+
+class _TTSConnection:
+    def __init__(self, fmt: str, voice):
+        self.fmt, self.voice = fmt, voice
+        self.stream = None  # opened at the first text or EOS, so that a Voice message can come first
+        self.words_sent = 0
+
+
+class TTSServer(_Endpoint):
+    """``/api/tts_streaming`` over ``runtime`` (see the module doc). ``voice``: the default voice (a name, file
+    or tensor; None = the model's learnt padding), used when the query names none or an unknown one."""
+
+    path = TTS_PATH
+
+    def __init__(self, runtime, api_keys: Iterable[str] = ("public_token",), voice=None, cfg: float | None = 2.0):
+        super().__init__(api_keys)
+        self.rt, self.default_voice, self.cfg = runtime, voice, cfg
+
+    def _check_query(self, query):
+        fmt = (query.get("format") or ["OggOpus"])[0]
+        if fmt not in TTS_FORMATS:
+            return f"format={fmt} is not supported by dsm (no Opus encoder); use format=PcmMessagePack or format=Pcm"
+        return None
+
+    def _voice(self, name: str | None):
+        if name:
+            try:
+                return self.rt.voice_tensor(name)
+            except Exception as e:  # moshi-server falls back to the default voice
+                log.warning("voice %r: %s; using the default voice", name, e)
+        return self.default_voice
+
+    async def _handler(self, ws) -> None:
+        query = parse_qs(urlsplit(ws.request.path).query)
+        conn = _TTSConnection((query.get("format") or ["OggOpus"])[0], self._voice((query.get("voice") or [""])[0]))
+        self.connections[conn] = ws
+        try:
+            if conn.fmt == "PcmMessagePack":
+                await ws.send(pack({"type": "Ready"}))
+            async for raw in ws:
+                error = self._on_message(conn, raw)
+                if error:
+                    if conn.fmt == "PcmMessagePack":
+                        await ws.send(pack({"type": "Error", "message": error}))
+                    else:
+                        log.warning("tts connection: %s", error)
+                self._wake.set()
+            await ws.wait_closed()
+        finally:
+            self.connections.pop(conn, None)
+            if conn.stream is not None and not conn.stream.done:
+                conn.stream.end()  # the runtime finishes it; nobody reads it any more
+
+    def _open(self, conn: _TTSConnection):
+        if conn.stream is None:
+            conn.stream = self.rt.open_stream(conn.voice, cfg=self.cfg)
+        return conn.stream
+
+    def _on_message(self, conn: _TTSConnection, raw) -> str | None:
+        try:
+            if isinstance(raw, str):
+                self._open(conn).push(raw)
+                return None
+            if raw == b"\x00":
+                self._open(conn).end()
+                return None
+            msg = msgpack.unpackb(raw, raw=False)
+            kind = msg.get("type") if isinstance(msg, dict) else None
+            if kind == "Text":
+                self._open(conn).push(str(msg["text"]))
+            elif kind == "Eos":
+                self._open(conn).end()
+            elif kind == "Voice":
+                if conn.stream is not None:
+                    return "Voice must come before the first Text"
+                emb = torch.tensor(msg["embeddings"], dtype=torch.float32).view(*msg["shape"])
+                conn.voice = self.rt.voice_tensor(emb)
+            else:
+                return f"unknown message type {kind!r} (expected Text, Eos or Voice)"
+        except Exception as e:  # bad text, voice or message: this connection only
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def _step(self) -> bool:
+        return self.rt.step() > 0
+
+    async def _flush(self) -> None:
+        for conn, ws in list(self.connections.items()):
+            s = conn.stream
+            if s is None:
+                continue
+            pcm = s.read()
+            for i in range(0, pcm.shape[0], 1920):
+                chunk = pcm[i : i + 1920].numpy().astype("<f4")
+                data = chunk.tobytes() if conn.fmt == "Pcm" else pack({"type": "Audio", "pcm": chunk.tolist()})
+                if not await self._send(ws, data):
+                    break
+            words = s.transcript
+            last = len(words) if s.done else len(words) - 1  # a word's stop is the next word's start
+            while conn.fmt == "PcmMessagePack" and conn.words_sent < last:
+                text, start = words[conn.words_sent]
+                stop = words[conn.words_sent + 1][1] if conn.words_sent + 1 < len(words) else s.offset
+                conn.words_sent += 1
+                await self._send(ws, pack({"type": "Text", "text": text, "start_s": start / FRAME_RATE,
+                                           "stop_s": stop / FRAME_RATE}))
+            if s.done:
+                self.connections.pop(conn, None)
+                await ws.close()
 
 
 class _Serving:
@@ -158,14 +310,28 @@ class _Serving:
         return await self.server_cm.__aexit__(*exc)
 
 
-def setup_serve_stt_parser(p) -> None:
-    from .stt import add_model_args
-
-    add_model_args(p)
+def _add_server_args(p) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted kyutai-api-key / auth_id values (default: public_token)")
+
+
+def _run(endpoint: _Endpoint, host: str, port: int, what: str) -> int:
+    async def main():
+        async with await endpoint.serve(host, port):
+            print(f"dsm: {what} on ws://{host}:{port}{endpoint.path}", flush=True)
+            await asyncio.Future()
+
+    asyncio.run(main())
+    return 0
+
+
+def setup_serve_stt_parser(p) -> None:
+    from .stt import add_model_args
+
+    add_model_args(p)
+    _add_server_args(p)
     p.set_defaults(func=cmd_serve_stt, alignment="rust", timestamps="rust")
 
 
@@ -173,12 +339,46 @@ def cmd_serve_stt(args) -> int:
     from .stt import runtime_from_args
 
     rt = runtime_from_args(args)
-    server = ASRServer(rt, args.api_key or ["public_token"])
+    return _run(ASRServer(rt, args.api_key or ["public_token"]), args.host, args.port,
+                f"ASR websocket ({rt.max_streams} slots)")
 
-    async def main():
-        async with await server.serve(args.host, args.port):
-            print(f"dsm: ASR websocket on ws://{args.host}:{args.port}{ASR_PATH} ({rt.max_streams} slots)", flush=True)
-            await asyncio.Future()
 
-    asyncio.run(main())
-    return 0
+def setup_serve_tts_parser(p) -> None:
+    from .cli_args import add_checkpoint_args, parse_dtype
+    from .presets import PRESETS
+
+    add_checkpoint_args(p, required=False)
+    p.add_argument("--preset", choices=[n for n in PRESETS if "tts" in n],
+                   help="with --random-weights: model preset (no download)")
+    p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
+    p.add_argument("--batch-size", type=int, default=8, help="stream slots (moshi-server's DSM config: 8)")
+    p.add_argument("--voice", default=None, help="default voice (file or kyutai/tts-voices name)")
+    p.add_argument("--cfg", type=float, default=2.0, help="distilled CFG coefficient (default 2.0)")
+    p.add_argument("--temp", type=float, default=0.6)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default: bf16 on cuda, fp32 on cpu)")
+    _add_server_args(p)
+    p.set_defaults(func=cmd_serve_tts)
+
+
+def cmd_serve_tts(args) -> int:
+    from .checkpoint import CheckpointError, ensure_random_checkpoint, resolve_checkpoint
+    from .cli_args import checkpoint_from_args
+    from .tts import TTSConfig, TTSRuntime, random_voice
+
+    if args.random_weights:
+        if not args.preset:
+            raise CheckpointError("--random-weights needs --preset NAME")
+        files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
+    else:
+        files = checkpoint_from_args(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
+                                    config=TTSConfig(max_batch=args.batch_size, temp=args.temp))
+    voice = args.voice
+    if voice is None and args.random_weights and rt.multi_speaker:
+        voice = random_voice(0, rt.voice_dim)
+    server = TTSServer(rt, args.api_key or ["public_token"], voice=rt.voice_tensor(voice) if voice else None,
+                       cfg=args.cfg)
+    return _run(server, args.host, args.port, f"TTS websocket ({args.batch_size} slots)")

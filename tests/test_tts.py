@@ -433,3 +433,89 @@ def test_real_cfg_parity_with_moshi(ckpt, ckpt_no_cfg):
     del attrs.text["cfg"]
     res = tts.generate([tts.prepare_script([TEXT], padding_between=1)], [attrs])
     assert_same_as_moshi(s, res, 0, n_q)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# moshi-server compatible websocket (dsm serve-tts)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tts_serve(rt, voice, client):
+    import asyncio
+
+    from dsm.server import TTS_PATH, TTSServer
+
+    async def main():
+        server = TTSServer(rt, voice=voice)
+        async with await server.serve("127.0.0.1", 0) as ws_server:
+            port = ws_server.sockets[0].getsockname()[1]
+            return await client(f"ws://127.0.0.1:{port}{TTS_PATH}")
+
+    return asyncio.run(main())
+
+
+def test_websocket_audio_and_words_equal_the_python_api(ckpt):
+    import msgpack
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    voice_file = ckpt.config_path.parent / "voice.safetensors"
+    ref_rt = runtime(ckpt, audio=True, n_q=4)
+    voice = ref_rt.voice_tensor(voice_file)
+    ref = ref_rt.open_stream(voice)
+    for w in TEXT.split():
+        ref.push(w)
+    ref.end()
+    ref_rt.run([ref])
+    ref_pcm = ref.read()
+
+    async def client(url):
+        hdr = {"kyutai-api-key": "public_token"}
+        try:  # moshi-server's default format (Ogg/Opus) is refused clearly
+            async with connect(url, additional_headers=hdr):
+                pass
+        except InvalidStatus as e:
+            refused = (e.response.status_code, e.response.body.decode())
+        msgs, raw = [], b""
+        async with connect(url + "?format=PcmMessagePack", additional_headers=hdr) as ws:
+            for w in TEXT.split():
+                await ws.send(w)  # text frames, one word each, as the DSM client sends them
+            await ws.send(msgpack.packb({"type": "Eos"}))
+            async for m in ws:
+                msgs.append(msgpack.unpackb(m))
+        async with connect(url + "?format=Pcm&auth_id=public_token") as ws:
+            await ws.send(msgpack.packb({"type": "Text", "text": TEXT}))
+            await ws.send(b"\x00")
+            async for m in ws:
+                raw += m
+        return refused, msgs, raw
+
+    refused, msgs, raw = _tts_serve(runtime(ckpt, audio=True, n_q=4), voice, client)
+    assert refused[0] == 400 and "PcmMessagePack" in refused[1]
+    assert msgs[0] == {"type": "Ready"}
+    audio = [m["pcm"] for m in msgs if m["type"] == "Audio"]
+    assert audio and all(len(a) == 1920 for a in audio)
+    assert torch.equal(torch.tensor(sum(audio, []), dtype=torch.float32), ref_pcm)
+    words = [(m["text"], round(m["start_s"] * 12.5)) for m in msgs if m["type"] == "Text"]
+    assert len(words) == len(TEXT.split()) and words == [(w, step) for w, step in ref.transcript]
+    assert all(m["stop_s"] >= m["start_s"] for m in msgs if m["type"] == "Text")
+    pcm = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+    assert torch.equal(pcm, ref_pcm)  # the whole text in one message: the same words, the same audio
+
+
+def test_websocket_bad_voice_message_is_an_error_for_that_connection(ckpt):
+    import msgpack
+    from websockets.asyncio.client import connect
+
+    async def client(url):
+        async with connect(url + "?format=PcmMessagePack&auth_id=public_token") as ws:
+            assert msgpack.unpackb(await ws.recv()) == {"type": "Ready"}
+            await ws.send(msgpack.packb({"type": "Voice", "embeddings": [0.0] * 6, "shape": [1, 2, 3]}))
+            err = msgpack.unpackb(await ws.recv())
+            await ws.send(msgpack.packb({"type": "Eos"}))  # ended before any text: closes with no audio
+            rest = [msgpack.unpackb(m) async for m in ws]
+        return err, rest
+
+    err, rest = _tts_serve(runtime(ckpt, audio=True, n_q=4), None, client)
+    assert err["type"] == "Error" and "voice" in err["message"].lower(), err
+    assert rest == []
