@@ -99,9 +99,9 @@ step bench_stt26 100 40 "${B[@]}" --preset stt-2.6b-en --batch 1,64
 step depformer 90 30 "$PY" benchmarks/bench_depformer.py --batch 1 8 64 --iters 20 --out "$OUT/depformer.jsonl"
 step mimi 90 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
 step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1
-step bench_capacity 120 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256,640
-step bench_capacity_fp8 120 40 "${B[@]}" --no-reference --steps 20 --kv-dtype fp8 --preset stt-1b-en_fr \
-  --batch 1,1024,1280
+step bench_capacity 150 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256 --capacity
+step bench_capacity_fp8 150 40 "${B[@]}" --no-reference --steps 20 --kv-dtype fp8 --preset stt-1b-en_fr \
+  --batch 1,1024 --capacity
 step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1.6b-en_fr --batch 256
 step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \
   --out "$OUT/kernels.jsonl"
