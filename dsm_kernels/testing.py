@@ -4,7 +4,7 @@ vectorised torch baselines of the reference ops (the references are loops writte
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -160,3 +160,38 @@ def kernel_device(backend: str) -> torch.device:
             f"backend {backend!r} unavailable on {device}: build dsm_kernels._C, or set TRITON_INTERPRET=1 on CPU"
         )
     return device
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile checks: the interpreter accepts code that the GPU compiler rejects (and never allocates
+# shared memory), so CPU tests also compile each kernel for an H100.
+
+
+def aot_compile(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int = 4,
+                divisible: Iterable[str] | None = None, arch: int = 90):
+    """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` without a GPU; returns Triton's compiled kernel (``.asm``
+    with ``ptx``/``cubin``, ``.metadata.shared``). Arguments missing from ``arg_types`` are ``i32``. ``divisible``:
+    the arguments given the 16-divisibility hint that run-time specialisation gives aligned pointers and sizes (it
+    lets Triton pipeline loads through shared memory); default: every pointer."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    sig = {n: "constexpr" if n in constexprs else arg_types.get(n, "i32") for n in kernel.arg_names}
+    names = set(divisible) if divisible is not None else {n for n, t in sig.items() if t.startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in names}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def run_aot_script(path: str) -> str:
+    """Run ``python <path> --aot`` without ``TRITON_INTERPRET`` (the AOT path needs the real compiler); returns its
+    stdout, raising with the output's tail if it failed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, path, "--aot"], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise AssertionError((res.stdout + res.stderr)[-4000:])
+    return res.stdout

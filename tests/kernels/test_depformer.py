@@ -8,7 +8,6 @@ Shapes are small (interpreter speed); the real TTS shapes run under ``-m gpu``.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 import dsm_kernels
 from dsm_kernels.reference import DepformerLayerWeights, DepformerWeights, depformer_frame_ref
+from dsm_kernels.testing import run_aot_script
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(
@@ -167,10 +167,7 @@ def test_model_packing_matches_module_loop():
 def test_triton_aot_compiles_for_sm90_within_shared_memory():
     """The block sizes the launcher picks for the TTS shapes (bf16 and fp32, batch 1 and 64) compile for sm_90a
     and fit an H100 block's shared memory (batch 64 once asked for 246016 B: Triton refused it at launch)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert res.stdout.count("cubin") == 12, res.stdout
+    assert run_aot_script(__file__).count("cubin") == 12
 
 
 H100_SMEM_PER_BLOCK = 232448
@@ -178,9 +175,9 @@ H100_SMEM_PER_BLOCK = 232448
 
 def _aot() -> None:
     import triton
-    from triton.backends.compiler import GPUTarget
 
     from dsm_kernels.depformer import _linear_kernel, _qkv_attn_kernel, frame_plan
+    from dsm_kernels.testing import aot_compile
 
     t = TTS
     for dt_name, dt, elem in (("bf16", triton.language.bfloat16, 2), ("fp32", triton.language.float32, 4)):
@@ -196,27 +193,12 @@ def _aot() -> None:
                               "SPLIT": s_, "K_PER_SPLIT": per, "BM": bm, "BN": bn, "BK": bk}, {}))  # fmt: skip
             for label, kernel, consts, extra in cases:
                 consts = {"DT": dt, "DOT_F32": elem == 4, **consts}
-                sig = {}
-                for n in kernel.arg_names:
-                    if n in consts:
-                        sig[n] = "constexpr"
-                    elif n in extra:
-                        sig[n] = extra[n]
-                    elif n in ("ws_ptr",):
-                        sig[n] = "*fp32"
-                    elif n == "cnt_ptr":
-                        sig[n] = "*i32"
-                    elif n.endswith("_ptr"):
-                        sig[n] = "*" + dt_name
-                    elif n in ("eps", "scale"):
-                        sig[n] = "fp32"
-                    else:
-                        sig[n] = "i32"
-                # as at run time: 16-aligned pointers and sizes (what lets Triton pipeline loads through smem)
-                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-                         if sig[n].startswith("*") or (sig[n] == "i32" and n not in ("B", "pos", "vt"))}
-                src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-                cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                types = {n: "*" + dt_name for n in kernel.arg_names if n.endswith("_ptr")}
+                types |= {"ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32", "scale": "fp32", **extra}
+                # as at run time: 16-aligned pointers and sizes (B, the position and the vocabulary may not be)
+                divisible = [n for n in kernel.arg_names if n not in consts and n not in ("B", "pos", "vt", "eps",
+                                                                                          "scale")]  # fmt: skip
+                cc = aot_compile(kernel, types, consts, num_warps=4, divisible=divisible)
                 assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
                 smem = cc.metadata.shared
                 print(f"{label} {dt_name} B={B}: {len(cc.asm['cubin'])} B cubin, {smem} B smem")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import kernel_device
+from dsm_kernels.testing import aot_compile, kernel_device, run_aot_script
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -90,39 +90,24 @@ def test_kv_slots(backend, B, pps, page_size):
 
 
 def test_triton_aot_compiles_for_sm90():
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert res.stdout.count("cubin") == 5, res.stdout
+    assert run_aot_script(__file__).count("cubin") == 5
 
 
 def _aot() -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from dsm_kernels.frame import _frame_commit_kernel, _frame_inputs_kernel, _kv_slots_kernel
 
     i64 = "*i64"
+    ring = {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64, "out_ptr": i64}
     cases = [
-        (_frame_inputs_kernel, {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64, "init_ptr": i64,
-                                "tok_ptr": i64, "out_ptr": i64}, {"HAS_INPUT": True, "BLOCK_K": 64}),
-        (_frame_inputs_kernel, {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64, "init_ptr": i64,
-                                "tok_ptr": i64, "out_ptr": i64}, {"HAS_INPUT": False, "BLOCK_K": 64}),
-        (_frame_commit_kernel, {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64,
-                                "text_ptr": i64, "audio_ptr": i64, "out_ptr": i64}, {"HAS_AUDIO": True, "BLOCK_K": 64}),
-        (_frame_commit_kernel, {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64,
-                                "text_ptr": i64, "audio_ptr": i64, "out_ptr": i64}, {"HAS_AUDIO": False, "BLOCK_K": 1}),
+        (_frame_inputs_kernel, dict(ring, init_ptr=i64, tok_ptr=i64), {"HAS_INPUT": True, "BLOCK_K": 64}),
+        (_frame_inputs_kernel, dict(ring, init_ptr=i64, tok_ptr=i64), {"HAS_INPUT": False, "BLOCK_K": 64}),
+        (_frame_commit_kernel, dict(ring, text_ptr=i64, audio_ptr=i64), {"HAS_AUDIO": True, "BLOCK_K": 64}),
+        (_frame_commit_kernel, dict(ring, text_ptr=i64, audio_ptr=i64), {"HAS_AUDIO": False, "BLOCK_K": 1}),
         (_kv_slots_kernel, {"bt_ptr": "*i32", "pos_ptr": i64, "write_ptr": "*i1", "slot_ptr": i64, "len_ptr": "*i32"},
          {"BLOCK": 1024}),
     ]  # fmt: skip
-    for kernel, ptrs, consts in cases:
-        sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in kernel.arg_names}
-        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
-        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    for kernel, types, consts in cases:
+        cc = aot_compile(kernel, types, consts, num_warps=1)
         assert "sm_90" in cc.asm["ptx"]
         print(f"{kernel.fn.__name__}: {len(cc.asm['cubin'])} B cubin")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import kernel_device, max_abs_err, poison_
+from dsm_kernels.testing import aot_compile, kernel_device, max_abs_err, poison_, run_aot_script
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -122,34 +122,22 @@ def test_fused_reference_equals_module_path():
 
 def test_triton_aot_compiles_for_sm90():
     """The kernels compile for an H100 (the interpreter accepts code that the GPU compiler rejects)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert res.stdout.count("cubin") == 3, res.stdout
+    assert run_aot_script(__file__).count("cubin") == 3
 
 
 def _aot() -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from dsm_kernels.fused import _add_rms_norm_kernel, _rope_qk_kernel, _silu_mul_kernel
 
     bf = "*bf16"
     cases = [
-        (_add_rms_norm_kernel, {"x_ptr": bf, "d_ptr": bf, "s_ptr": bf, "a_ptr": bf, "y_ptr": bf, "D": "i32",
-                                "eps": "fp32"}, {"HAS_DELTA": True, "HAS_SCALE": True, "BLOCK": 4096}, 8),
-        (_rope_qk_kernel, {"qkv_ptr": bf, "pos_ptr": "*i64", "f_ptr": "*fp32", "q_ptr": bf, "k_ptr": bf,
-                           "stride_b": "i32", "H": "i32"}, {"HALF": 64, "BLOCK": 64}, 2),
-        (_silu_mul_kernel, {"h_ptr": bf, "o_ptr": bf, "F": "i32"}, {"BLOCK": 1024}, 4),
+        (_add_rms_norm_kernel, {"x_ptr": bf, "d_ptr": bf, "s_ptr": bf, "a_ptr": bf, "y_ptr": bf, "eps": "fp32"},
+         {"HAS_DELTA": True, "HAS_SCALE": True, "BLOCK": 4096}, 8),
+        (_rope_qk_kernel, {"qkv_ptr": bf, "pos_ptr": "*i64", "f_ptr": "*fp32", "q_ptr": bf, "k_ptr": bf},
+         {"HALF": 64, "BLOCK": 64}, 2),
+        (_silu_mul_kernel, {"h_ptr": bf, "o_ptr": bf}, {"BLOCK": 1024}, 4),
     ]  # fmt: skip
-    for kernel, sig, consts, warps in cases:
-        src = triton.compiler.ASTSource(fn=kernel, signature=dict(sig, **dict.fromkeys(consts, "constexpr")),
-                                        constexprs=consts)
-        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    for kernel, types, consts, warps in cases:
+        cc = aot_compile(kernel, types, consts, num_warps=warps)
         assert "sm_90" in cc.asm["ptx"]
         print(f"{kernel.fn.__name__}: {len(cc.asm['cubin'])} B cubin")
 
