@@ -19,51 +19,18 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsm.mimi import FRAME_SIZE, MAX_CODEBOOKS, Mimi, random_mimi_state_dict  # noqa: E402
-
-# Ops that only make views (no kernel on a GPU).
-VIEW_OPS = frozenset({
-    "view", "unsqueeze", "squeeze", "select", "slice", "t", "expand", "permute", "transpose", "_unsafe_view", "alias",
-    "split", "split_with_sizes", "unbind", "as_strided", "detach", "chunk", "reshape", "narrow", "lift_fresh",
-    "_reshape_alias", "view_as_complex", "view_as_real", "numpy_T", "mT",
-})
-# Ops that only allocate (no kernel either).
-ALLOC_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten ops that launch a kernel (not views, not bare allocations) by name; Triton launches
-    are added by :func:`count_step`."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in VIEW_OPS and name not in ALLOC_OPS:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+from dsm_kernels.testing import LaunchCounter  # noqa: E402
 
 
 def count_step(fn) -> collections.Counter[str]:
-    """Ops and Triton launches of one call of ``fn`` (Triton launches are counted as ``triton:<kernel>``)."""
-    from dsm_kernels import mimi_kernels
-
-    counter = OpCounter()
-    launches_before = collections.Counter(mimi_kernels.LAUNCHES)
-    with torch.no_grad(), counter, mimi_kernels.uncounted_launches():
+    """Kernels of one call of ``fn``: torch ops by aten name, Triton launches as ``triton:<kernel>``."""
+    with torch.no_grad(), LaunchCounter() as counter:
         fn()
-    launched = collections.Counter(mimi_kernels.LAUNCHES)
-    launched.subtract(launches_before)
-    for name, n in launched.items():
-        if n:
-            counter.ops[f"triton:{name}"] += n
-    return counter.ops
+    return counter.counts
 
 
 def count_mimi(backend: str | None = None, batch: int = 1, warmup: int = 3, seed: int = 0):

@@ -9,44 +9,16 @@
 Specifications: :func:`dsm_kernels.reference.rvq_encode_ref` and :func:`dsm_kernels.reference.rvq_decode_ref`.
 Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and takes a square root, like
 ``torch.cdist``): the argmin may differ from the reference only where two candidates tie within fp32 rounding.
-Every launch is counted in :data:`LAUNCHES` (``benchmarks/count_mimi_ops.py``).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import os
 from functools import cache
 
 import torch
 import triton
 import triton.language as tl
-
-LAUNCHES: collections.Counter[str] = collections.Counter()
-_uncounted = [0]
-
-
-@contextlib.contextmanager
-def uncounted_launches():
-    """Run the kernels launched inside with torch dispatch modes disabled, so an op counter sees each launch once
-    (as :data:`LAUNCHES`) and not the interpreter's own tensor calls."""
-    _uncounted[0] += 1
-    try:
-        yield
-    finally:
-        _uncounted[0] -= 1
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    LAUNCHES[kernel.__name__] += 1
-    if _uncounted[0]:
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        with _disable_current_modes():
-            kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
 
 
 @cache
@@ -145,7 +117,7 @@ def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels
     lev = _levels_tensor(tuple(group_levels), x.device)
     grid = (P, triton.cdiv(N, BLOCK_N), G)
     for level in range(max(group_levels) + 1):
-        _launch(_rvq_level_kernel, grid, x, x.stride(0), x.stride(1), x.stride(2), codebooks_aug, lev,
+        _rvq_level_kernel[grid](x, x.stride(0), x.stride(1), x.stride(2), codebooks_aug, lev,
                 out, out.stride(0), out.stride(1), out.stride(2), res, pmin, pidx, level, N, T, K,
                 D=D, P=P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out
@@ -181,6 +153,6 @@ def rvq_decode_triton(codes: torch.Tensor, tables: torch.Tensor, out: torch.Tens
         out = torch.empty(B, C, T, dtype=tables.dtype, device=tables.device)
     BLOCK_C = min(512, triton.next_power_of_2(C))
     grid = (B * T, triton.cdiv(C, BLOCK_C))
-    _launch(_rvq_decode_kernel, grid, codes, codes.stride(0), codes.stride(1), codes.stride(2), tables,
+    _rvq_decode_kernel[grid](codes, codes.stride(0), codes.stride(1), codes.stride(2), tables,
             out, out.stride(0), out.stride(1), out.stride(2), L, T, K, C, BLOCK_C=BLOCK_C)
     return out

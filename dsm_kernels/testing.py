@@ -195,3 +195,68 @@ def run_aot_script(path: str) -> str:
     if res.returncode != 0:
         raise AssertionError((res.stdout + res.stderr)[-4000:])
     return res.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launch counting: at small batch a captured step costs a few microseconds per kernel whatever it computes, so the
+# number of kernels a step launches, counted on the CPU, is the proxy for its GPU time.
+
+_NO_KERNEL_OPS = frozenset({
+    "view", "unsqueeze", "squeeze", "select", "slice", "t", "expand", "permute", "transpose", "_unsafe_view", "alias",
+    "split", "split_with_sizes", "unbind", "as_strided", "detach", "chunk", "reshape", "narrow", "lift_fresh",
+    "_reshape_alias", "view_as_complex", "view_as_real", "numpy_T", "mT",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+})  # fmt: skip
+
+
+class LaunchCounter:
+    """``with LaunchCounter() as c: step()`` then ``c.counts``: every dispatched torch op that launches a kernel
+    (views and bare allocations excluded), by aten name, plus every Triton launch as ``triton:<kernel>`` (compiled or
+    interpreted; the interpreter's own torch calls are not counted)."""
+
+    def __init__(self):
+        import collections
+
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._patched: list[tuple[type, Callable]] = []
+        self._mode = None
+
+    def __enter__(self) -> LaunchCounter:
+        from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        counts = self.counts
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name not in _NO_KERNEL_OPS:
+                    counts[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        def counted(run):
+            def wrapper(fn, *args, **kwargs):
+                if not kwargs.get("warmup", False):
+                    counts["triton:" + getattr(getattr(fn, "fn", fn), "__name__", "kernel")] += 1
+                with _disable_current_modes():
+                    return run(fn, *args, **kwargs)
+
+            return wrapper
+
+        for cls in (JITFunction, InterpretedFunction):
+            self._patched.append((cls, cls.run))
+            cls.run = counted(cls.run)
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        for cls, run in self._patched:
+            cls.run = run
+        self._patched.clear()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

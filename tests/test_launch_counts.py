@@ -1,0 +1,21 @@
+"""Kernel launches per engine step, pinned: a decode step at small batch is launch-bound on a GPU, so an increase in
+this count is a slowdown even when every test still passes (counted on the CPU, benchmarks/count_step_launches.py)."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "count_step_launches.py"
+
+
+def _count(preset, layers):
+    spec = importlib.util.spec_from_file_location("count_step_launches", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return sum(mod.count_step(preset, layers).values())
+
+
+def test_stt_step_launches_pinned():
+    one, two = _count("stt-1b-en_fr", 1), _count("stt-1b-en_fr", 2)
+    per_layer, fixed = two - one, 2 * one - two
+    # measured 2026-11-27: 11 per layer (norm, qkv, rope, append, 2 attention, out, norm, in, gate, out), 15 fixed
+    assert per_layer <= 11 and fixed <= 16, (per_layer, fixed)
