@@ -213,6 +213,7 @@ class STTStepper:
     @torch.no_grad()
     def lm_step(self, codes: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """One LM step on one frame of codes ``[B, n_q]`` (shifted by a frame here for the Rust alignment)."""
+        rows = active.nonzero()[:, 0].tolist() if self.engine is not None else None  # on the host: no device sync
         active = active.to(self.device)
         if self.alignment == "rust":  # step t sees frame t-1 (the initial token at t = 0)
             inp = self.prev_codes.clone()
@@ -220,7 +221,7 @@ class STTStepper:
         else:
             inp = codes
         if self.engine is not None:
-            out = self.engine.step(inp, active=active.nonzero()[:, 0].tolist(), on_text=self.on_text)
+            out = self.engine.step(inp, active=rows, on_text=self.on_text)
         else:
             self.gen_state.exec_mask.copy_(active)
             out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
@@ -518,8 +519,9 @@ class STTRuntime:
         for i in range(k):
             tokens, probs = self.stepper.lm_step(codes[..., i], active)
             self.total_steps += 1
+            probs = probs.tolist() if probs is not None else None  # one conversion, not one per stream
             for s in ready:
-                s._on_step(tokens[s.slot], probs[s.slot].tolist() if probs is not None else None, last=i == k - 1)
+                s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, last=i == k - 1)
         return k
 
     def run(self, max_steps: int | None = None, max_frames: int = 1) -> int:
