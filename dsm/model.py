@@ -292,7 +292,7 @@ class LMModel(nn.Module):
 
     def _step_layers_fused(self, x, kv, positions, slot, seq_lens, cross_kv, backend):
         """The layers of :meth:`step_text` with the elementwise glue fused (``dsm_kernels.add_rms_norm``,
-        ``rope_qk``, ``silu_mul``): each residual branch is added inside the next norm's kernel. The reference
+        ``rope_append_kv``, ``silu_mul``): each residual branch is added inside the next norm's kernel. The reference
         backend computes exactly what the module path does."""
         tr = self.transformer
         B, H, D = x.shape[0], tr.num_heads, tr.dim // tr.num_heads
@@ -304,12 +304,13 @@ class LMModel(nn.Module):
             x, h = dsm_kernels.add_rms_norm(x, layer.norm1.alpha, layer.norm1.eps, delta=delta, scale=scale,
                                             backend=backend)
             qkv = F.linear(h, attn.in_proj_weight)
-            v = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
-            if inv_freq is not None:
-                q, k = dsm_kernels.rope_qk(qkv, positions, inv_freq, H, Hkv, backend=backend)
+            if inv_freq is not None:  # rotate q and k, write k and v into the pages: one kernel
+                q = dsm_kernels.rope_append_kv(qkv, positions, inv_freq, kv.k[i], kv.v[i], slot, H, Hkv,
+                                               backend=backend)
             else:
                 q, k = qkv[:, : H * D].view(B, H, D), qkv[:, H * D : (H + Hkv) * D].view(B, Hkv, D)
-            dsm_kernels.append_kv(kv.k[i], kv.v[i], k, v, slot, backend=backend)
+                v = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
+                dsm_kernels.append_kv(kv.k[i], kv.v[i], k, v, slot, backend=backend)
             a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
                                                    backend=backend)
             delta, scale = attn.out(a.flatten(1)), _scale_of(layer.layer_scale_1)

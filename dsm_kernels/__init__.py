@@ -53,6 +53,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:rope_qk_ref",
         "triton": "dsm_kernels.fused:rope_qk_triton",
     },
+    "rope_append_kv": {
+        "reference": "dsm_kernels.reference:rope_append_kv_ref",
+        "triton": "dsm_kernels.fused:rope_append_kv_triton",
+    },
     "silu_mul": {
         "reference": "dsm_kernels.reference:silu_mul_ref",
         "triton": "dsm_kernels.fused:silu_mul_triton",
@@ -179,6 +183,13 @@ def rope_qk(qkv, positions, inv_freq, num_heads, num_kv_heads, *, backend=None):
     return resolve("rope_qk", backend, qkv.device)(qkv, positions, inv_freq, num_heads, num_kv_heads)
 
 
+def rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, *,
+                   backend=None):
+    """See :func:`dsm_kernels.reference.rope_append_kv_ref` (the caches are written in place)."""
+    fn = resolve("rope_append_kv", backend, qkv.device)
+    return fn(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+
+
 def silu_mul(h, *, backend=None):
     """See :func:`dsm_kernels.reference.silu_mul_ref`."""
     return resolve("silu_mul", backend, h.device)(h)
@@ -233,6 +244,7 @@ __all__ = [
     "paged_decode_attention",
     "reference",
     "resolve",
+    "rope_append_kv",
     "rope_qk",
     "rvq_decode",
     "rvq_encode",

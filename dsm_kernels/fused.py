@@ -1,5 +1,6 @@
 """Triton kernels for the elementwise glue of one temporal decode step (twins of the ``*_ref`` ops in
-``dsm_kernels.reference``): residual add + fp32 RMSNorm, interleaved RoPE of q and k, and the SiLU gate.
+``dsm_kernels.reference``): residual add + fp32 RMSNorm, interleaved RoPE of q and k (alone, or with k and v written
+straight into the paged cache), and the SiLU gate.
 
 At batch 1 a decode step is launch-bound: the unfused glue costs ~50 small kernels per layer (the norm alone is 8,
 RoPE ~30), each ~3 us even inside a CUDA graph, against ~0.7 ms for streaming the 1B model's weights once. These
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .paged_attention import _check_heads_contiguous, _round_e4m3, cache_saturation
 
 
 @triton.jit
@@ -93,6 +96,73 @@ def rope_qk_triton(qkv, positions, inv_freq, num_heads, num_kv_heads, out=None):
         HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1 if half <= 64 else 2,
     )  # fmt: skip
     return q, k
+
+
+@triton.jit
+def _rope_append_kernel(
+    qkv_ptr, pos_ptr, f_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
+    stride_b, H, HKV, page_size, stride_kp, stride_ks, stride_vp, stride_vs,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, SAT: tl.constexpr,
+):  # fmt: skip
+    """Programs (row, head): heads [0, H) rotate q into ``q``; [H, H + HKV) rotate k, [H + HKV, H + 2 HKV) copy v,
+    both into the row's cache slot (skipped where the slot is -1)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    i = tl.arange(0, BLOCK)
+    mask = i < HALF
+    src = qkv_ptr + b * stride_b + h * (2 * HALF)
+    x0 = tl.load(src + 2 * i, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(src + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+    if h < H + HKV:  # q or k: rotate, rounded to the projection's dtype as the unfused path stores it
+        angle = tl.load(f_ptr + i, mask=mask, other=0.0) * tl.load(pos_ptr + b).to(tl.float32)
+        c, s = tl.cos(angle), tl.sin(angle)
+        r0 = (x0 * c - x1 * s).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+        r1 = (x0 * s + x1 * c).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        r0, r1 = x0, x1
+    if h < H:
+        dst = q_ptr + (b * H + h) * (2 * HALF)
+        tl.store(dst + 2 * i, r0.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + 2 * i + 1, r1.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        row = tl.load(slot_ptr + b).to(tl.int64)
+        if row >= 0:
+            page, off = row // page_size, row % page_size
+            if h < H + HKV:
+                dst = kc_ptr + page * stride_kp + off * stride_ks + (h - H) * (2 * HALF)
+            else:
+                dst = vc_ptr + page * stride_vp + off * stride_vs + (h - H - HKV) * (2 * HALF)
+            if SAT > 0:  # fp8 e4m3 cache
+                r0 = _round_e4m3(r0, SAT)
+                r1 = _round_e4m3(r1, SAT)
+            tl.store(dst + 2 * i, r0.to(kc_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + 2 * i + 1, r1.to(kc_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_append_kv_triton(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                          out=None):
+    """Triton twin of :func:`~dsm_kernels.reference.rope_append_kv_ref` (caches written in place; ``out``: the
+    rotated q's buffer)."""
+    B = qkv.shape[0]
+    half = inv_freq.shape[0]
+    D = 2 * half
+    if qkv.stride(-1) != 1 or qkv.shape[1] < (num_heads + 2 * num_kv_heads) * D:
+        raise ValueError(f"rope_append_kv: qkv {tuple(qkv.shape)} must be row-contiguous [B, (H + 2 Hkv) D]")
+    if k_cache.shape[2:] != (num_kv_heads, D) or v_cache.shape != k_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"rope_append_kv: caches {tuple(k_cache.shape)} must be [pages, page, {num_kv_heads}, {D}]")
+    _check_heads_contiguous(k_cache, "k_cache")
+    _check_heads_contiguous(v_cache, "v_cache")
+    q = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    if B == 0:
+        return q
+    _rope_append_kernel[(B, num_heads + 2 * num_kv_heads)](
+        qkv, positions, inv_freq, slot_mapping, q, k_cache, v_cache,
+        qkv.stride(0), num_heads, num_kv_heads, k_cache.shape[1],
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        HALF=half, BLOCK=triton.next_power_of_2(half), SAT=cache_saturation(k_cache.dtype),
+        num_warps=1 if half <= 64 else 2,
+    )  # fmt: skip
+    return q
 
 
 @triton.jit

@@ -391,6 +391,19 @@ def rope_qk_ref(
     return (q, k) if out is None else (out[0].copy_(q), out[1].copy_(k))
 
 
+def rope_append_kv_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`rope_qk_ref`, then :func:`append_kv_ref` of the rotated k and of v (the last ``Hkv * D`` columns of
+    ``qkv``) into the pages; returns the rotated q [B, H, D]."""
+    q, k = rope_qk_ref(qkv, positions, inv_freq, num_heads, num_kv_heads)
+    D = 2 * inv_freq.shape[0]
+    v = qkv[:, (num_heads + num_kv_heads) * D : (num_heads + 2 * num_kv_heads) * D].reshape(-1, num_kv_heads, D)
+    append_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+    return q if out is None else out.copy_(q)
+
+
 def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The gated FFN's activation: ``h`` [B, 2F] -> ``silu(h[:, :F]) * h[:, F:]`` [B, F] (each op rounded to the
     dtype of ``h``, as the module computes it)."""

@@ -79,6 +79,41 @@ def test_rope_qk(backend, dtype, B, H, Hkv, D, max_pos):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("B,H,Hkv,D,page", [(1, 16, 16, 128, 16), (5, 4, 2, 64, 8), (3, 3, 3, 16, 4)])
+def test_rope_append_kv(backend, cache_dtype, B, H, Hkv, D, page):
+    """q rotated as rope_qk, k and v written into their slots' pages (slot -1: untouched), against the reference
+    on the same bf16 inputs: the caches hold the same values up to one ulp of the stored dtype."""
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(B * 13 + D + page)
+    qkv = (4 * torch.randn(B, (H + 2 * Hkv) * D, generator=g)).bfloat16()
+    pos = torch.randint(0, 50_000, (B,), generator=g)
+    inv_freq = torch.exp(torch.arange(D // 2, dtype=torch.float32) * (-9.210340371976184 * 2 / D))
+    pages = 2 * B + 1
+    slot = torch.randperm(pages * page, generator=g)[:B]
+    if B > 1:
+        slot[-1] = -1  # a row that writes nothing
+    caches = [torch.randn(pages, page, Hkv, D, generator=g).to(cache_dtype) for _ in range(2)]
+    exp_k, exp_v = (c.clone() for c in caches)
+    exp_q = reference.rope_append_kv_ref(qkv, pos, inv_freq, exp_k, exp_v, slot, H, Hkv)
+
+    k, v = (c.to(dev) for c in caches)
+    out = poison_(torch.empty(B, H, D, dtype=torch.bfloat16, device=dev))
+    q = resolve("rope_append_kv", backend, dev)(qkv.to(dev), pos.to(dev), inv_freq.to(dev), k, v, slot.to(dev), H,
+                                                 Hkv, out=out)  # fmt: skip
+    assert q.data_ptr() == out.data_ptr()
+    ulp = 2.0**-7 if cache_dtype == torch.bfloat16 else 2.0**-3
+    for got, exp, name in ((q, exp_q, "q"), (k, exp_k, "k_cache"), (v, exp_v, "v_cache")):
+        got, exp = got.float().cpu(), exp.float()
+        assert not torch.isnan(got).any(), name
+        bad = (got - exp).abs() > ulp * exp.abs() + 1e-6
+        assert not bad.any(), f"{name}: {int(bad.sum())} values off, max {float((got - exp).abs().max()):.3g}"
+    written = set((slot[slot >= 0] // page).tolist())
+    untouched = [p for p in range(pages) if p not in written]
+    assert torch.equal(v.cpu()[untouched].float(), caches[1][untouched].float())  # other pages are left alone
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,F", [(1, 5632), (3, 6912), (7, 100), (64, 2048)])
 def test_silu_mul(backend, dtype, B, F):
@@ -122,11 +157,11 @@ def test_fused_reference_equals_module_path():
 
 def test_triton_aot_compiles_for_sm90():
     """The kernels compile for an H100 (the interpreter accepts code that the GPU compiler rejects)."""
-    assert run_aot_script(__file__).count("cubin") == 3
+    assert run_aot_script(__file__).count("cubin") == 5
 
 
 def _aot() -> None:
-    from dsm_kernels.fused import _add_rms_norm_kernel, _rope_qk_kernel, _silu_mul_kernel
+    from dsm_kernels.fused import _add_rms_norm_kernel, _rope_append_kernel, _rope_qk_kernel, _silu_mul_kernel
 
     bf = "*bf16"
     cases = [
@@ -136,6 +171,10 @@ def _aot() -> None:
          {"HALF": 64, "BLOCK": 64}, 2),
         (_silu_mul_kernel, {"h_ptr": bf, "o_ptr": bf}, {"BLOCK": 1024}, 4),
     ]  # fmt: skip
+    for cache, sat in ((bf, 0.0), ("*fp8e4nv", 448.0)):
+        cases.append((_rope_append_kernel, {"qkv_ptr": bf, "pos_ptr": "*i64", "f_ptr": "*fp32", "slot_ptr": "*i64",
+                                             "q_ptr": bf, "kc_ptr": cache, "vc_ptr": cache},
+                      {"HALF": 64, "BLOCK": 64, "SAT": sat}, 2))  # fmt: skip
     for kernel, types, consts, warps in cases:
         cc = aot_compile(kernel, types, consts, num_warps=warps)
         assert "sm_90" in cc.asm["ptx"]
