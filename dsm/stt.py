@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .audio import AudioError, load_audio, validate_pcm
 from .mimi import FRAME_SIZE, SAMPLE_RATE
@@ -172,6 +173,8 @@ class STTStepper:
         self.n_q = lm.cfg.n_q
         self.prev_codes = torch.full((slots, self.n_q), lm.cfg.card, dtype=torch.long, device=self.device)
         self.has_vad = len(lm.extra_heads) > 0
+        if self.has_vad:
+            self._vad_weight = torch.cat([h.weight for h in lm.extra_heads])  # [heads * classes, d]
 
     def open(self) -> int:
         """Reset the lowest free slot and return it (:class:`NoFreeSlotError` if none)."""
@@ -227,8 +230,11 @@ class STTStepper:
             out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
         probs = None
         if self.has_vad:
-            # softmax in fp32 as moshi-server does (PyTorch's extra_head_probs softmaxes the bf16 logits)
-            probs = torch.stack([h(out.z).float().softmax(-1)[:, 0] for h in self.lm.extra_heads], dim=1).cpu()
+            # All heads as one GEMM; softmax in fp32 as moshi-server does (PyTorch's extra_head_probs softmaxes the
+            # bf16 logits). P(class 0) of each head.
+            heads = self.lm.extra_heads
+            logits = F.linear(out.z, self._vad_weight).float().view(-1, len(heads), heads[0].weight.shape[0])
+            probs = logits.softmax(-1)[..., 0].cpu()
         return out.text_token.tolist(), probs  # rows [0, n) with n >= 1 + the highest active slot
 
 
