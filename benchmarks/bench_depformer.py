@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import triton
 
 import dsm_kernels.reference as ref_mod
+from dsm.bench import git_commit  # noqa: E402
 from dsm_kernels.reference import DepformerLayerWeights, DepformerWeights, depformer_frame_ref
 from dsm_kernels.testing import cuda_time_ms, sample_tokens_torch
 
@@ -103,14 +103,6 @@ def copy_bandwidth_gbps(device) -> float:
     src = torch.empty(2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * 2**30 / cuda_time_ms(lambda: dst.copy_(src), iters=20) / 1e6
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from dsm.bench import git_commit
 from dsm_kernels import available_backends, resolve
 from dsm_kernels.testing import (
     cuda_graph_time_ms,
@@ -126,13 +126,6 @@ KERNELS = {
         lambda B, dev: [(f"V{V}", *sampling_case(V, B, dev)) for V in (8000, 4000, 2048)],
     ),
 }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None):

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dsm.bench import git_commit  # noqa: E402
 from dsm.mimi import FRAME_SIZE, Mimi, cuda_graphed, save_random_mimi  # noqa: E402
 
 FRAME_MS = 80.0
@@ -84,14 +84,6 @@ def bench_moshi(path: Path, n_q: int, batch: int, args, device: torch.device) ->
         with ref.streaming(batch):
             out["decode_ms"] = timed(lambda: ref.decode(codes), args.steps, args.warmup, device)
     return out
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -221,13 +222,22 @@ def bench_moshi(model, batch: int, steps: int, warmup: int, timer, progress=None
                     rtfx=batch * FRAME_S / (p50 / 1e3))
 
 
+def git_commit() -> str:
+    """The commit measured: ``DSM_COMMIT`` when set (a copied tree's git metadata can be stale, as on the lent GPU
+    machines), else the checkout's HEAD, else "unknown"."""
+    if os.environ.get("DSM_COMMIT"):
+        return os.environ["DSM_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        out = ""
+    return out or "unknown"
+
+
 def environment() -> dict:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()
     try:
         import triton
 

@@ -3,7 +3,10 @@
 # against its reference, run the benchmarks (engine end to end with moshi beside, kernels, Mimi, depformer), the
 # GPU tests, and print a short table last.
 #
-#   bash scripts/gpu_check.sh            # DSM_GPU_DEADLINE=540 s of work by default, then the summary
+#   DSM_COMMIT=<local HEAD> bash scripts/gpu_check.sh   # DSM_GPU_DEADLINE=540 s of work by default, then the summary
+#
+# Pass the commit explicitly (compute it here with `git rev-parse --short HEAD` and put it in the device command):
+# the lent machine's copy of .git can be older than the working tree it receives, and every row records a commit.
 #   DSM_GPU_ONLY="validate tests_kernels" bash scripts/gpu_check.sh   # only the named steps (space separated)
 #   DSM_GPU_SKIP="kbench kbench_compile" bash scripts/gpu_check.sh    # all but the named steps
 #
