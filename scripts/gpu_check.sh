@@ -70,7 +70,7 @@ trap finish EXIT
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  echo "commit ${DSM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (from the copied .git: may be stale)}"
 } 2>&1 | tee "$LOGS/env.log"
 
 # The image has pytest but not moshi or soxr: carry them as wheels in .whl/ (git-ignored; see benchmarks/results/
