@@ -241,7 +241,7 @@ class Mimi:
         m = state.exec_mask
         emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m)
         emb = transformer_forward(emb, self.enc_layers, NUM_HEADS, CONTEXT, self.rope_freqs,
-                                  state.enc_kv if streaming else None, m, self.consts)
+                                  state.enc_kv if streaming else None, m, self.consts, self.backend)
         # Downsample conv with replicate left padding: a stream's first call pads with its own first frame.
         first = (state.down_first & m).view(-1, 1, 1)
         torch.where(first, emb[..., :1], state.down_prev, out=state.down_prev)
@@ -277,7 +277,7 @@ class Mimi:
         latent = dsm_kernels.rvq_decode(codes, self.rvq_tables, backend=self.backend)  # [B, 512, T]
         emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM)
         emb = transformer_forward(emb, self.dec_layers, NUM_HEADS, CONTEXT, self.rope_freqs,
-                                  state.dec_kv if streaming else None, m, self.consts)
+                                  state.dec_kv if streaming else None, m, self.consts, self.backend)
         return self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m)
 
     def decode_step(self, codes: torch.Tensor, state: MimiState) -> torch.Tensor:

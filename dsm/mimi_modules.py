@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import dsm_kernels
+
 
 def causal_conv1d(
     x: torch.Tensor,
@@ -170,12 +172,14 @@ def transformer_forward(
     kv: KVState | None,
     exec_mask: torch.Tensor | None,
     consts: StepConstants,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Run the transformer on conv-layout ``x`` ``[B, C, T]``; returns ``[B, C, T]`` (a transposed view).
 
     With ``kv`` (streaming) keys go to a ring of exactly ``context`` slots and all ``T`` new tokens are written
     before attending, so after wrap-around the first of the two tokens of a Mimi call sees one key fewer (§2.6),
     exactly like the reference. Without ``kv`` (whole file) every query sees the last ``context`` positions.
+    ``backend``: the ``dsm_kernels`` backend of :func:`dsm_kernels.mimi_rope_kv` (None: by device).
     ``kv`` is updated in place; rows with a false ``exec_mask`` keep it bitwise unchanged. ``freqs``: see
     :func:`rope_freqs`.
     """
@@ -207,14 +211,16 @@ def transformer_forward(
 
     for i, lw in enumerate(layers):
         y = F.layer_norm(h, (c,), lw.norm1_w, lw.norm1_b, 1e-5)
-        qkv = F.linear(y, lw.in_proj).view(b, t, 3, num_heads, hd // 2, 2)
-        qkv = torch.view_as_real(torch.view_as_complex(qkv) * rot).view(b, t, 3, num_heads, hd)
-        q = qkv[:, :, 0].transpose(1, 2)
+        qkv = F.linear(y, lw.in_proj)
         if write is None:
-            k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+            qkv = qkv.view(b, t, 3, num_heads, hd // 2, 2)
+            qkv = torch.view_as_real(torch.view_as_complex(qkv) * rot).view(b, t, 3, num_heads, hd)
+            q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))
         else:
+            # RoPE, then k and v -> their ring slots (inactive rows: the scratch row); one kernel on Triton
             cache = kv.cache[i]
-            cache[write[0], :, :, write[1]] = qkv[:, :, 1:]  # [B, T, 2, H, D] -> slots; inactive rows: scratch row
+            q = dsm_kernels.mimi_rope_kv(qkv.view(b, t, 3, num_heads, hd), rot, cache, write[0], write[1],
+                                         backend=backend)
             k, v = cache[:b, 0], cache[:b, 1]
         a = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.0)
         a = a.transpose(1, 2).reshape(b * t, c)

@@ -85,6 +85,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:rvq_decode_ref",
         "triton": "dsm_kernels.mimi_kernels:rvq_decode_triton",
     },
+    "mimi_rope_kv": {
+        "reference": "dsm_kernels.reference:mimi_rope_kv_ref",
+        "triton": "dsm_kernels.mimi_kernels:mimi_rope_kv_triton",
+    },
 }
 
 
@@ -228,6 +232,11 @@ def rvq_decode(codes, tables, *, out=None, backend=None):
     return resolve("rvq_decode", backend, tables.device)(codes, tables, out=out)
 
 
+def mimi_rope_kv(qkv, rot, cache, rows, slots, *, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_rope_kv_ref` (Mimi's RoPE + KV ring write; ``cache`` in place)."""
+    return resolve("mimi_rope_kv", backend, qkv.device)(qkv, rot, cache, rows, slots, out=out)
+
+
 __all__ = [
     "BACKENDS",
     "add_rms_norm",
@@ -240,6 +249,7 @@ __all__ = [
     "has_cuda_ext",
     "has_triton",
     "kv_slots",
+    "mimi_rope_kv",
     "multistream_embed",
     "paged_decode_attention",
     "reference",

@@ -5,8 +5,11 @@
   argmins over a slice of the codebook, so a 32-level encode is 32 launches instead of ~300 torch ops.
 * :func:`rvq_decode_triton`: the sum of the codebook lookups of all levels (tables with the output projection folded
   in), one launch.
+* :func:`mimi_rope_kv_triton`: a transformer layer's RoPE of q and k and the write of k and v into the streaming KV
+  ring, one launch (was a complex multiply and an ``index_put_``).
 
-Specifications: :func:`dsm_kernels.reference.rvq_encode_ref` and :func:`dsm_kernels.reference.rvq_decode_ref`.
+Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref` and
+:func:`dsm_kernels.reference.mimi_rope_kv_ref`.
 Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and takes a square root, like
 ``torch.cdist``): the argmin may differ from the reference only where two candidates tie within fp32 rounding.
 """
@@ -155,4 +158,74 @@ def rvq_decode_triton(codes: torch.Tensor, tables: torch.Tensor, out: torch.Tens
     grid = (B * T, triton.cdiv(C, BLOCK_C))
     _rvq_decode_kernel[grid](codes, codes.stride(0), codes.stride(1), codes.stride(2), tables,
             out, out.stride(0), out.stride(1), out.stride(2), L, T, K, C, BLOCK_C=BLOCK_C)
+    return out
+
+
+@triton.jit
+def _mimi_rope_kv_kernel(
+    qkv_ptr, sxb, sxt, sx3, sxh,  # [B, T, 3, H, D] fp32, last dim contiguous
+    rot_ptr, srb, srt, sr3,  # [B, T, 3, 1, D/2, 2] fp32 (cos, sin), last two dims contiguous
+    cache_ptr, scr, sck, sch, scs,  # [R, 2, H, S, D] fp32, last dim contiguous
+    rows_ptr, srow,  # [B] int64 cache row
+    slots_ptr, ssb, sst,  # [B, T] int64 ring slot
+    q_ptr, sqb, sqh, sqt,  # [B, H, T, D] fp32, last dim contiguous
+    T, H, P,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n = tl.program_id(0)
+    b = n // T
+    t = n % T
+    h = tl.arange(0, BLOCK_H)
+    p = tl.arange(0, BLOCK_P)
+    m = (h < H)[:, None] & (p < P)[None, :]
+    row = tl.load(rows_ptr + b * srow).to(tl.int64)
+    slot = tl.load(slots_ptr + b * ssb + t * sst).to(tl.int64)
+    x = qkv_ptr + b.to(tl.int64) * sxb + t * sxt + h[:, None] * sxh + 2 * p[None, :]
+    r = rot_ptr + b.to(tl.int64) * srb + t * srt + 2 * p
+    c = cache_ptr + row * scr + h[:, None] * sch + slot * scs + 2 * p[None, :]
+    # q and k: (x0 cos - x1 sin, x0 sin + x1 cos); v: copied (its factor is exactly 1)
+    for j in tl.static_range(3):
+        x0 = tl.load(x + j * sx3, mask=m, other=0.0)
+        x1 = tl.load(x + j * sx3 + 1, mask=m, other=0.0)
+        if j < 2:
+            cs = tl.load(r + j * sr3, mask=p < P, other=0.0)[None, :]
+            sn = tl.load(r + j * sr3 + 1, mask=p < P, other=0.0)[None, :]
+            y0 = x0 * cs - x1 * sn
+            y1 = x0 * sn + x1 * cs
+        else:
+            y0 = x0
+            y1 = x1
+        if j == 0:
+            o = q_ptr + b.to(tl.int64) * sqb + h[:, None] * sqh + t * sqt + 2 * p[None, :]
+            tl.store(o, y0, mask=m)
+            tl.store(o + 1, y1, mask=m)
+        else:
+            tl.store(c + (j - 1) * sck, y0, mask=m)
+            tl.store(c + (j - 1) * sck + 1, y1, mask=m)
+
+
+def mimi_rope_kv_triton(qkv: torch.Tensor, rot: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor,
+                        slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`dsm_kernels.reference.mimi_rope_kv_ref`; returns q ``[B, H, T, D]`` (a transposed view of a
+    ``[B, T, H, D]`` tensor, or ``out``).
+    One program per token, all heads: launches nothing but the kernel (graph capturable, no host sync)."""
+    B, T, three, H, D = qkv.shape
+    assert three == 3 and D % 2 == 0 and qkv.dtype == cache.dtype == torch.float32
+    assert rot.dtype == torch.complex64 and rot.shape == (B, T, 3, 1, D // 2), rot.shape
+    assert cache.shape[1:3] == (2, H) and cache.shape[4] == D, (cache.shape, qkv.shape)
+    assert rows.shape[0] == B and rows.numel() == B and slots.shape == (B, T)
+    assert qkv.stride(4) == 1 and cache.stride(4) == 1
+    rr = torch.view_as_real(rot)  # [B, T, 3, 1, D/2, 2]
+    assert rr.stride(5) == 1 and rr.stride(4) == 2
+    if out is None:
+        # [B, T, H, D] memory (like the reference's view), so the attention output reshapes to [B*T, C] for free
+        out = torch.empty(B, T, H, D, dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
+    assert out.shape == (B, H, T, D) and out.stride(3) == 1
+    _mimi_rope_kv_kernel[(B * T,)](
+        qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+        rr, rr.stride(0), rr.stride(1), rr.stride(2),
+        cache, cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+        rows, rows.stride(0), slots, slots.stride(0), slots.stride(1),
+        out, out.stride(0), out.stride(1), out.stride(2),
+        T, H, D // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_P=triton.next_power_of_2(D // 2))
     return out

@@ -459,6 +459,25 @@ def rvq_decode_ref(codes: torch.Tensor, tables: torch.Tensor, out: torch.Tensor 
     return res if out is None else out.copy_(res)
 
 
+def mimi_rope_kv_ref(
+    qkv: torch.Tensor, rot: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RoPE of a Mimi layer's fused projection and the write of its keys and values into the streaming KV ring.
+
+    ``qkv`` [B, T, 3, H, D] fp32 (``[q | k | v]``, pairs ``(x0, x1)`` interleaved along D); ``rot`` [B, T, 3, 1, D/2]
+    complex64 factors ``cos + i sin`` (the v factor is exactly 1: v passes through); ``cache`` [R, 2, H, S, D]
+    (keys, values); ``rows`` [B, 1] int64 cache row of each batch row (Mimi sends inactive rows to a scratch row
+    ``R - 1``); ``slots`` [B, T] int64 ring slot of each token (distinct within a row). Pairs become
+    ``(x0 cos - x1 sin, x0 sin + x1 cos)``; then ``cache[rows[b], :, :, slots[b, t]] = (k, v)`` in place. Returns
+    the rotated q [B, H, T, D] (a view here; a kernel may return a contiguous tensor)."""
+    b, t, _, h, d = qkv.shape
+    x = torch.view_as_real(torch.view_as_complex(qkv.reshape(b, t, 3, h, d // 2, 2)) * rot).view(b, t, 3, h, d)
+    cache[rows, :, :, slots] = x[:, :, 1:]  # [B, T, 2, H, D] -> slots
+    q = x[:, :, 0].transpose(1, 2)
+    return q if out is None else out.copy_(q)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Delayed-stream bookkeeping of one step (DSM-SPEC §4): the token cache in, the un-delayed frame out. Integer-only,
 # so every backend must be exact.

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dsm.mimi import FRAME_SIZE, Mimi, random_mimi_state_dict
-from dsm_kernels import reference, resolve, rvq_decode, rvq_encode
+from dsm.mimi_modules import rope_angles, rope_freqs
+from dsm_kernels import mimi_rope_kv, reference, resolve, rvq_decode, rvq_encode
 from dsm_kernels.testing import assert_close_verbose, kernel_device, poison_
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,6 +114,51 @@ def test_rvq_decode_triton(B, L, T, K, C):
     assert torch.equal(rvq_decode(codes.to(device), tables.to(device), backend="triton").cpu(), got.cpu())
 
 
+def _rope_kv_inputs(B, T, H, D, S, inactive, seed):
+    """Fresh random q|k|v, a random ring (what must stay), positions that wrap the ring, and Mimi's rows/slots."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B * T, 3 * H * D, generator=g).view(B, T, 3, H, D)
+    cache = torch.randn(B + 1, 2, H, S, D, generator=g)
+    pos = torch.randint(0, 3 * S, (B,), generator=g)
+    pos[0] = S - 1  # the T tokens of row 0 wrap around the end of the ring
+    pos_q = pos[:, None] + torch.arange(T)
+    rot = rope_angles(rope_freqs(D, 10000.0, "cpu"), pos_q.float())
+    active = torch.ones(B, dtype=torch.bool)
+    active[list(inactive)] = False
+    rows = torch.where(active, torch.arange(B), torch.full((), B)).view(-1, 1)
+    return qkv, rot, cache, rows, torch.remainder(pos_q, S)
+
+
+# (B, T, H, D, S, inactive rows): Mimi's shape (8 heads of 64, ring of 250), non-power-of-two heads and pairs.
+ROPE_KV_CASES = [(2, 2, 8, 64, 250, (1,)), (3, 3, 3, 12, 4, ()), (4, 1, 5, 6, 3, (2,)), (1, 2, 2, 8, 2, ())]
+
+
+@pytest.mark.parametrize("B,T,H,D,S,inactive", ROPE_KV_CASES)
+def test_mimi_rope_kv_triton(B, T, H, D, S, inactive):
+    device = kernel_device("triton")
+    qkv, rot, cache, rows, slots = _rope_kv_inputs(B, T, H, D, S, inactive, seed=B * 1000 + T * 100 + H + D + S)
+    want_cache = cache.clone()
+    want_q = reference.mimi_rope_kv_ref(qkv, rot, want_cache, rows, slots)
+    fn = resolve("mimi_rope_kv", "triton", device)
+    got_cache = cache.clone().to(device)  # .to() alone would alias on a CPU device
+    out = poison_(torch.empty(B, T, H, D, device=device)).transpose(1, 2)
+    got_q = fn(qkv.to(device), rot.to(device), got_cache, rows.to(device), slots.to(device), out=out)
+    assert got_q.data_ptr() == out.data_ptr()
+    assert_close_verbose(got_q.cpu(), want_q, atol=1e-5, rtol=1e-6, name="q")
+    assert_close_verbose(got_cache.cpu(), want_cache, atol=1e-5, rtol=1e-6, name="cache")
+    # the written slots hold this step's k and v (mutation check); v is copied exactly; everything else is unchanged
+    written = torch.zeros(B + 1, S, dtype=torch.bool)
+    written[rows.expand(-1, T), slots] = True
+    wc = got_cache.cpu().permute(0, 3, 1, 2, 4)  # [R, S, 2, H, D]
+    assert not torch.equal(wc[written], cache.permute(0, 3, 1, 2, 4)[written])
+    assert torch.equal(wc[rows.expand(-1, T), slots][:, :, 1], qkv[:, :, 2])
+    assert torch.equal(wc[~written], cache.permute(0, 3, 1, 2, 4)[~written])
+    # through the dispatch, with the default q buffer
+    again = cache.clone().to(device)
+    q2 = mimi_rope_kv(qkv.to(device), rot.to(device), again, rows.to(device), slots.to(device), backend="triton")
+    assert torch.equal(q2.cpu(), got_q.cpu()) and torch.equal(again.cpu(), got_cache.cpu())
+
+
 @pytest.fixture(scope="module")
 def mimi_sd():
     return random_mimi_state_dict(0)
@@ -197,9 +243,10 @@ def _count_module():
 
 
 # Kernels per streaming step (batch 1, one frame) on the Triton backend, the path a GPU runs. Measured on this commit:
-# encode 187, decode 156 (before this work: 823 and 538 torch ops). A few ops of slack, not more.
-MAX_ENCODE_KERNELS = 190
-MAX_DECODE_KERNELS = 160
+# encode 179, decode 148 (before the fused RoPE + KV write: 187 and 156; before the RVQ kernels: 823 and 538 torch
+# ops). A few ops of slack, not more.
+MAX_ENCODE_KERNELS = 182
+MAX_DECODE_KERNELS = 151
 
 
 def test_step_kernel_count_pinned():
@@ -212,14 +259,14 @@ def test_step_kernel_count_pinned():
 
 
 def test_triton_aot_compiles_for_sm90():
-    """The RVQ kernels compile for an H100 (fp32 tl.dot with input_precision="ieee" included)."""
+    """The Mimi kernels compile for an H100 (fp32 tl.dot with input_precision="ieee" included)."""
     from dsm_kernels.testing import run_aot_script
 
-    assert run_aot_script(__file__).count("cubin") == 2
+    assert run_aot_script(__file__).count("cubin") == 3
 
 
 def _aot() -> None:
-    from dsm_kernels.mimi_kernels import _rvq_decode_kernel, _rvq_level_kernel
+    from dsm_kernels.mimi_kernels import _mimi_rope_kv_kernel, _rvq_decode_kernel, _rvq_level_kernel
     from dsm_kernels.testing import aot_compile
 
     f32, i32, i64 = "*fp32", "*i32", "*i64"
@@ -227,6 +274,8 @@ def _aot() -> None:
         (_rvq_level_kernel, {"x_ptr": f32, "books_ptr": f32, "lev_ptr": i32, "out_ptr": i64, "res_ptr": f32,
                              "pmin_ptr": f32, "pidx_ptr": i32}, {"D": 256, "P": 64, "BLOCK_N": 16, "BLOCK_K": 32}),
         (_rvq_decode_kernel, {"codes_ptr": i64, "tab_ptr": f32, "out_ptr": f32}, {"BLOCK_C": 512}),
+        (_mimi_rope_kv_kernel, {"qkv_ptr": f32, "rot_ptr": f32, "cache_ptr": f32, "rows_ptr": i64,
+                                "slots_ptr": i64, "q_ptr": f32}, {"BLOCK_H": 8, "BLOCK_P": 32}),
     ]  # fmt: skip
     for kernel, types, consts in cases:
         cc = aot_compile(kernel, types, consts, num_warps=4)
