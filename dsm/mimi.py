@@ -218,23 +218,29 @@ class Mimi:
         w = self._w
         it = iter(states)
 
-        def conv(x: torch.Tensor, name: str, k: int, s: int) -> torch.Tensor:
+        def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False) -> torch.Tensor:
             prev = next(it) if k > s else None
-            return causal_conv1d(x, prev, w[name + ".weight"], w[name + ".bias"], s, exec_mask)
+            return causal_conv1d(x, prev, w[name + ".weight"], w[name + ".bias"], s, exec_mask, elu=elu,
+                                 backend=self.backend)
 
+        elu = False  # an ELU op waiting to be fused into the next conv's input
         for op in ops:
             if op[0] == "elu":
+                elu = True
+                continue
+            if elu and op[0] != "conv":
                 x = F.elu(x)
-            elif op[0] == "conv":
-                x = conv(x, f"{prefix}.model.{op[1]}.conv.conv", op[4], op[5])
+            if op[0] == "conv":
+                x = conv(x, f"{prefix}.model.{op[1]}.conv.conv", op[4], op[5], elu=elu)
             elif op[0] == "convtr":
                 name = f"{prefix}.model.{op[1]}.convtr.convtr"
                 x = conv_transpose1d(x, next(it), w[name + ".weight"], w[name + ".bias"], op[5], exec_mask)
             else:  # residual unit: x + conv1x1(elu(conv3(elu(x))))
                 p = f"{prefix}.model.{op[1]}.block"
-                y = conv(F.elu(x), f"{p}.1.conv.conv", 3, 1)
-                x = x + conv(F.elu(y), f"{p}.3.conv.conv", 1, 1)
-        return x
+                y = conv(x, f"{p}.1.conv.conv", 3, 1, elu=True)
+                x = x + conv(y, f"{p}.3.conv.conv", 1, 1, elu=True)
+            elu = False
+        return F.elu(x) if elu else x
 
     # ----------------------------------------------------------------------------------------------- encode
     def _encode(self, pcm: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:

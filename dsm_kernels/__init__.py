@@ -89,6 +89,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:mimi_rope_kv_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_rope_kv_triton",
     },
+    "mimi_conv_pad": {
+        "reference": "dsm_kernels.reference:mimi_conv_pad_ref",
+        "triton": "dsm_kernels.mimi_kernels:mimi_conv_pad_triton",
+    },
 }
 
 
@@ -237,6 +241,11 @@ def mimi_rope_kv(qkv, rot, cache, rows, slots, *, out=None, backend=None):
     return resolve("mimi_rope_kv", backend, qkv.device)(qkv, rot, cache, rows, slots, out=out)
 
 
+def mimi_conv_pad(x, prev, exec_mask, *, elu=False, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_conv_pad_ref` (Mimi's ELU + conv-state update; ``prev`` in place)."""
+    return resolve("mimi_conv_pad", backend, x.device)(x, prev, exec_mask, elu=elu, out=out)
+
+
 __all__ = [
     "BACKENDS",
     "add_rms_norm",
@@ -249,6 +258,7 @@ __all__ = [
     "has_cuda_ext",
     "has_triton",
     "kv_slots",
+    "mimi_conv_pad",
     "mimi_rope_kv",
     "multistream_embed",
     "paged_decode_attention",

@@ -7,9 +7,12 @@
   in), one launch.
 * :func:`mimi_rope_kv_triton`: a transformer layer's RoPE of q and k and the write of k and v into the streaming KV
   ring, one launch (was a complex multiply and an ``index_put_``).
+* :func:`mimi_conv_pad_triton`: a SEANet streaming conv's input (ELU, the stored left context prepended) and the
+  update of that context, one launch (was ``elu``, ``cat`` and ``where``).
 
 Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref` and
-:func:`dsm_kernels.reference.mimi_rope_kv_ref`.
+:func:`dsm_kernels.reference.mimi_rope_kv_ref`,
+:func:`dsm_kernels.reference.mimi_conv_pad_ref`.
 Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and takes a square root, like
 ``torch.cdist``): the argmin may differ from the reference only where two candidates tie within fp32 rounding.
 """
@@ -228,4 +231,72 @@ def mimi_rope_kv_triton(qkv: torch.Tensor, rot: torch.Tensor, cache: torch.Tenso
         rows, rows.stride(0), slots, slots.stride(0), slots.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),
         T, H, D // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_P=triton.next_power_of_2(D // 2))
+    return out
+
+
+@triton.jit
+def _elu(x):
+    """ELU (alpha 1) with an accurate ``expm1`` (Kahan's ``(u - 1) x / log u``, no libdevice) below zero."""
+    u = tl.exp(x)
+    d = u - 1.0
+    em1 = tl.where(d == 0.0, x, tl.where(d == -1.0, -1.0, d * x / tl.log(u)))
+    return tl.where(x > 0.0, x, em1)
+
+
+@triton.jit
+def _mimi_conv_pad_kernel(
+    x_ptr, sxb, sxc, sxt,  # [B, C, T] fp32
+    prev_ptr, spb, spc, spt,  # [B, C, P] fp32, updated in place
+    mask_ptr,  # [B] bool
+    out_ptr, sob, soc, sot,  # [B, C, P + T] fp32
+    C, T, P,
+    ELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = (c < C)[:, None]
+    j = tl.arange(0, BLOCK_P)[None, :]
+    jm = cm & (j < P)
+    pbase = prev_ptr + b * spb + c[:, None] * spc
+    xbase = x_ptr + b * sxb + c[:, None] * sxc
+    obase = out_ptr + b * sob + c[:, None] * soc
+    tl.store(obase + j * sot, tl.load(pbase + j * spt, mask=jm, other=0.0), mask=jm)
+    # the new context: columns T .. T + P - 1 of [prev | x] (all of this program's reads of prev happen here)
+    src = T + j
+    from_prev = src < P
+    old = tl.load(pbase + src * spt, mask=jm & from_prev, other=0.0)
+    new = tl.load(xbase + (src - P) * sxt, mask=jm & (src >= P), other=0.0)
+    if ELU:
+        new = _elu(new)
+    new = tl.where(from_prev, old, new)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)[None, :]
+        tm = cm & (t < T)
+        v = tl.load(xbase + t * sxt, mask=tm, other=0.0)
+        if ELU:
+            v = _elu(v)
+        tl.store(obase + (P + t) * sot, v, mask=tm)
+    active = tl.load(mask_ptr + b) != 0
+    tl.debug_barrier()  # every thread has read the old context before any overwrites it
+    tl.store(pbase + j * spt, new, mask=jm & active)
+
+
+def mimi_conv_pad_triton(x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.Tensor, elu: bool = False,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`dsm_kernels.reference.mimi_conv_pad_ref`. One program per row and block of channels, which owns
+    that slice of ``prev`` (graph capturable, no host sync)."""
+    B, C, T = x.shape
+    P = prev.shape[-1]
+    assert prev.shape == (B, C, P) and P >= 1 and exec_mask.shape == (B,) and exec_mask.dtype == torch.bool
+    assert x.dtype == prev.dtype == torch.float32
+    if out is None:
+        out = torch.empty(B, C, P + T, dtype=x.dtype, device=x.device)
+    assert out.shape == (B, C, P + T)
+    BLOCK_P = triton.next_power_of_2(P)
+    BLOCK_T = min(triton.next_power_of_2(T), 128)
+    BLOCK_C = max(1, min(triton.next_power_of_2(C), 2048 // max(BLOCK_P, BLOCK_T)))
+    _mimi_conv_pad_kernel[(B, triton.cdiv(C, BLOCK_C))](
+        x, x.stride(0), x.stride(1), x.stride(2), prev, prev.stride(0), prev.stride(1), prev.stride(2), exec_mask,
+        out, out.stride(0), out.stride(1), out.stride(2), C, T, P,
+        ELU=elu, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_T=BLOCK_T)
     return out

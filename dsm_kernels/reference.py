@@ -478,6 +478,19 @@ def mimi_rope_kv_ref(
     return q if out is None else out.copy_(q)
 
 
+def mimi_conv_pad_ref(
+    x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.Tensor, elu: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Input of a streaming causal conv of Mimi's SEANet: ``cat([prev, elu(x) if elu else x], -1)`` [B, C, P + T];
+    then ``prev`` [B, C, P] takes the last ``P`` columns of it, in place, for rows whose ``exec_mask`` [B] is true
+    (the others keep theirs bitwise). ``x`` [B, C, T] fp32; ELU with alpha 1 (``expm1`` below zero)."""
+    if elu:
+        x = F.elu(x)
+    xp = torch.cat([prev, x], dim=-1)
+    torch.where(exec_mask.view(-1, 1, 1), xp[..., -prev.shape[-1] :], prev, out=prev)
+    return xp if out is None else out.copy_(xp)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Delayed-stream bookkeeping of one step (DSM-SPEC §4): the token cache in, the un-delayed frame out. Integer-only,
 # so every backend must be exact.
