@@ -116,12 +116,12 @@ class ScaledEmbedding(nn.Module):
             second = ids // self.num - 1
             second_zero = (second < 0)[..., None]
             second = F.embedding(second.clamp(min=0), self.weight)
-            y = self.out1(first) + torch.where(second_zero, torch.zeros((), dtype=first.dtype), self.out2(second))
-            return torch.where(is_zero, torch.zeros((), dtype=y.dtype), y)
+            y = self.out1(first) + torch.where(second_zero, first.new_zeros(()), self.out2(second))
+            return torch.where(is_zero, y.new_zeros(()), y)
         y = F.embedding(ids, self.weight)
         if self.norm is not None:
             y = self.norm(y)
-        y = torch.where(is_zero, torch.zeros((), dtype=y.dtype), y)
+        y = torch.where(is_zero, y.new_zeros(()), y)
         if self.low_rank is not None:
             y = self.low_rank(y)
         return y

@@ -290,7 +290,7 @@ def _dep_embed(w: DepformerWeights, k: int, ids: torch.Tensor) -> torch.Tensor:
                                 w.text_emb2[second.clamp(min=0)])
     else:
         y = (w.text_emb if k == 0 else w.emb[k - 1])[ids]
-    return torch.where(is_zero, torch.zeros((), dtype=y.dtype), y)
+    return torch.where(is_zero, y.new_zeros(()), y)
 
 
 _DEP_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "relu": F.relu}
