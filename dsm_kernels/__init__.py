@@ -49,10 +49,6 @@ _OPS = {
         "reference": "dsm_kernels.reference:add_rms_norm_ref",
         "triton": "dsm_kernels.fused:add_rms_norm_triton",
     },
-    "rope_qk": {
-        "reference": "dsm_kernels.reference:rope_qk_ref",
-        "triton": "dsm_kernels.fused:rope_qk_triton",
-    },
     "rope_append_kv": {
         "reference": "dsm_kernels.reference:rope_append_kv_ref",
         "triton": "dsm_kernels.fused:rope_append_kv_triton",
@@ -186,11 +182,6 @@ def add_rms_norm(x, alpha, eps, *, delta=None, scale=None, backend=None):
     return resolve("add_rms_norm", backend, x.device)(x, alpha, eps, delta=delta, scale=scale)
 
 
-def rope_qk(qkv, positions, inv_freq, num_heads, num_kv_heads, *, backend=None):
-    """See :func:`dsm_kernels.reference.rope_qk_ref`."""
-    return resolve("rope_qk", backend, qkv.device)(qkv, positions, inv_freq, num_heads, num_kv_heads)
-
-
 def rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, *,
                    backend=None):
     """See :func:`dsm_kernels.reference.rope_append_kv_ref` (the caches are written in place)."""
@@ -265,7 +256,6 @@ __all__ = [
     "reference",
     "resolve",
     "rope_append_kv",
-    "rope_qk",
     "rvq_decode",
     "rvq_encode",
     "sample_tokens",

@@ -1,6 +1,6 @@
 """Triton kernels for the elementwise glue of one temporal decode step (twins of the ``*_ref`` ops in
-``dsm_kernels.reference``): residual add + fp32 RMSNorm, interleaved RoPE of q and k (alone, or with k and v written
-straight into the paged cache), and the SiLU gate.
+``dsm_kernels.reference``): residual add + fp32 RMSNorm, interleaved RoPE of q and k with k and v written straight into
+the paged cache, and the SiLU gate.
 
 At batch 1 a decode step is launch-bound: the unfused glue costs ~50 small kernels per layer (the norm alone is 8,
 RoPE ~30), each ~3 us even inside a CUDA graph, against ~0.7 ms for streaming the 1B model's weights once. These
@@ -53,49 +53,6 @@ def add_rms_norm_triton(x, alpha, eps, delta=None, scale=None, out=None):
         BLOCK=triton.next_power_of_2(D), num_warps=4 if D <= 2048 else 8,
     )  # fmt: skip
     return x, y
-
-
-@triton.jit
-def _rope_qk_kernel(
-    qkv_ptr, pos_ptr, f_ptr, q_ptr, k_ptr, stride_b, H, HALF: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    i = tl.arange(0, BLOCK)
-    mask = i < HALF
-    src = qkv_ptr + b * stride_b + h * (2 * HALF)
-    x0 = tl.load(src + 2 * i, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(src + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
-    angle = tl.load(f_ptr + i, mask=mask, other=0.0) * tl.load(pos_ptr + b).to(tl.float32)
-    c, s = tl.cos(angle), tl.sin(angle)
-    r0 = (x0 * c - x1 * s).to(q_ptr.dtype.element_ty)
-    r1 = (x0 * s + x1 * c).to(q_ptr.dtype.element_ty)
-    if h < H:
-        dst = q_ptr + (b * H + h) * (2 * HALF)
-    else:
-        dst = k_ptr + (b * (tl.num_programs(1) - H) + (h - H)) * (2 * HALF)
-    tl.store(dst + 2 * i, r0, mask=mask)
-    tl.store(dst + 2 * i + 1, r1, mask=mask)
-
-
-def rope_qk_triton(qkv, positions, inv_freq, num_heads, num_kv_heads, out=None):
-    """Triton twin of :func:`~dsm_kernels.reference.rope_qk_ref` (``out``: optional ``(q, k)`` buffers)."""
-    B = qkv.shape[0]
-    half = inv_freq.shape[0]
-    D = 2 * half
-    if qkv.stride(-1) != 1 or qkv.shape[1] < (num_heads + 2 * num_kv_heads) * D:
-        raise ValueError(f"rope_qk: qkv {tuple(qkv.shape)} must be row-contiguous [B, (H + 2 Hkv) D]")
-    if out is None:
-        out = (torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device),
-               torch.empty(B, num_kv_heads, D, dtype=qkv.dtype, device=qkv.device))
-    q, k = out
-    if B == 0:
-        return q, k
-    _rope_qk_kernel[(B, num_heads + num_kv_heads)](
-        qkv, positions, inv_freq, q, k, qkv.stride(0), num_heads,
-        HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1 if half <= 64 else 2,
-    )  # fmt: skip
-    return q, k
 
 
 @triton.jit
