@@ -302,10 +302,11 @@ class Mimi:
         return self._decode(codes, self.init_state(codes.shape[0]), streaming=False)
 
 
-def cuda_graphed(fn, warmup: int = 3):
-    """Capture ``fn`` (a Mimi step on static input tensors, state updated in place) in a CUDA graph and return its
-    replay. ``warmup`` eager calls run first on a side stream (allocator and kernel warm-up); they advance the state,
-    so capture before the stream's first real frame or reset the state after."""
+def capture_cuda_graph(fn, warmup: int = 3):
+    """Capture ``fn`` (a Mimi step on static input tensors, state updated in place) in a CUDA graph; returns
+    ``(graph, output)``, where each replay rewrites ``output``. ``warmup`` eager calls run first on a side stream
+    (allocator and kernel warm-up); they advance the state, so capture before the stream's first real frame or
+    restore the state after."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -314,8 +315,13 @@ def cuda_graphed(fn, warmup: int = 3):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        out = fn()
+    return graph, out
+
+
+def cuda_graphed(fn, warmup: int = 3):
+    """The replay of :func:`capture_cuda_graph` (for timing: the output is read from the tensors ``fn`` writes)."""
+    return capture_cuda_graph(fn, warmup)[0].replay
 
 
 def _check_pcm_chunk(pcm: torch.Tensor, batch_size: int) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .mimi import MimiState
+from .mimi import MimiState, capture_cuda_graph
 
 
 class GraphedMimiStep:
@@ -42,15 +42,7 @@ class GraphedMimiStep:
         # Warm-up calls run the step for real, so keep the streams' state and put it back before the first replay.
         saved = [t.clone() for t in self.state.tensors()]
         static_in = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step(static_in, self.state)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.step(static_in, self.state)
+        graph, static_out = capture_cuda_graph(lambda: self.step(static_in, self.state), warmup=2)
         for t, s in zip(self.state.tensors(), saved, strict=True):
             t.copy_(s)
         return graph, static_in, static_out
