@@ -3,17 +3,19 @@
 temporal dim 2048), random bf16 weights, sampling at temperature 0.8 / top-k 250.
 
 Providers: ``ref_eager`` (the reference loop, vectorised sampler), ``ref_graph`` (the same loop captured in one CUDA
-graph), ``triton_graph`` (``dsm_kernels.depformer`` captured in one CUDA graph). Reports ms per frame, the
+graph), ``triton_gemv_graph`` / ``triton_splitk_graph`` (``dsm_kernels.depformer`` with its GEMV or split-K kernels,
+captured in one CUDA graph; both up to 2 x ``GEMV_MAX_B`` rows, split-K only above). Reports ms per frame, the
 achieved GB/s against the weight bytes a frame must read (DSM-SPEC §10.3: 2.96 GB, every codebook re-reads its
 set) and its ratio to the device-to-device copy bandwidth; appends JSON rows to benchmarks/results/depformer.jsonl.
 
-    python benchmarks/bench_depformer.py                   # batch 1 8 64 on cuda
+    python benchmarks/bench_depformer.py                   # batch 1 2 4 8 64 on cuda
     python benchmarks/bench_depformer.py --device cpu --small --batch 1   # smoke run of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -25,8 +27,8 @@ import triton
 
 import dsm_kernels.reference as ref_mod
 from dsm.bench import git_commit  # noqa: E402
-from dsm_kernels.reference import DepformerLayerWeights, DepformerWeights, depformer_frame_ref
-from dsm_kernels.testing import cuda_time_ms, sample_tokens_torch
+from dsm_kernels.reference import DepformerWeights, depformer_frame_ref
+from dsm_kernels.testing import cuda_time_ms, random_depformer_weights, sample_tokens_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TTS = dict(dim=1024, heads=16, layers=4, hidden=2048, card=2048, d_model=2048, text_vocab=8001, low_rank=128,
@@ -36,23 +38,8 @@ SMALL = dict(dim=64, heads=4, layers=2, hidden=128, card=64, d_model=96, text_vo
 
 
 def make_weights(s: dict, device, dtype=torch.bfloat16) -> DepformerWeights:
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def r(*shape, scale=None):
-        t = torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
-        return (t * (scale if scale is not None else shape[-1] ** -0.5)).to(dtype)
-
-    dd, h, sched = s["dim"], s["hidden"], s["schedule"]
-    S, dq = max(sched) + 1, len(sched)
-    layers = tuple(DepformerLayerWeights(
-        norm1=1 + r(dd, scale=0.1), norm2=1 + r(dd, scale=0.1), in_proj=r(S, 3 * dd, dd), out_proj=r(S, dd, dd),
-        linear_in=tuple(r(2 * h, dd) for _ in range(S)), linear_out=tuple(r(dd, h) for _ in range(S)),
-        scale1=r(dd, scale=0.3), scale2=r(dd, scale=0.3)) for _ in range(s["layers"]))  # fmt: skip
-    return DepformerWeights(
-        num_heads=s["heads"], schedule=sched, in_index=sched, in_proj=r(S, dd, s["d_model"]),
-        text_emb=r(s["text_vocab"], dd, scale=0.5), text_emb2=r(s["text_vocab"], dd, scale=0.5),
-        emb=r(dq - 1, s["card"] + 1, dd, scale=0.5), heads=tuple(r(s["card"], dd) for _ in range(dq)),
-        head_norms=(None,) * dq, layers=layers)  # fmt: skip
+    shapes = {k: v for k, v in s.items() if k != "low_rank"}  # the low-rank tables are folded (bytes only)
+    return random_depformer_weights(**shapes, n_in=len(set(s["schedule"])), dtype=dtype, device=device)
 
 
 def frame_weight_bytes(s: dict, elt: int = 2) -> int:
@@ -107,7 +94,7 @@ def copy_bandwidth_gbps(device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 64])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--iters", type=int, default=30)
@@ -119,6 +106,7 @@ def main() -> None:
     wbytes = frame_weight_bytes(shapes)
     copy_bw = copy_bandwidth_gbps(dev)
     from dsm_kernels.depformer import depformer_frame_triton
+    from dsm_kernels.depformer_gemv import GEMV_MAX_B
 
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": triton.__version__, "commit": git_commit(), "shapes": "small" if args.small else "tts-1.6b",
@@ -126,7 +114,7 @@ def main() -> None:
             "copy_gbps": copy_bw if copy_bw == copy_bw else None}  # fmt: skip
     rows = []
     print(f"weights/frame {wbytes / 1e9:.3f} GB, copy bandwidth {copy_bw:.0f} GB/s")
-    print(f"{'provider':14} {'B':>3} {'ms/frame':>9} {'GB/s':>7} {'of copy':>8}")
+    print(f"{'provider':20} {'B':>3} {'ms/frame':>9} {'GB/s':>7} {'of copy':>8}")
     for B in args.batch:
         g = torch.Generator(device=dev).manual_seed(B)
         inp = dict(z=torch.randn(B, shapes["d_model"], device=dev, generator=g).bfloat16(),
@@ -139,11 +127,14 @@ def main() -> None:
             if dev.type == "cuda":
                 gr, _ = graphed(lambda inp=inp: depformer_frame_ref(w, **inp))
                 providers["ref_graph"] = gr.replay
-        if dev.type == "cuda":
-            gt, _ = graphed(lambda inp=inp: depformer_frame_triton(w, **inp))
-            providers["triton_graph"] = gt.replay
-        else:
-            providers["triton_interp"] = lambda inp=inp: depformer_frame_triton(w, **inp)
+        # both kernel families where the automatic choice is close (GEMV up to GEMV_MAX_B rows, split-K above)
+        paths = ("gemv", "splitk") if B <= 2 * GEMV_MAX_B else ("splitk",)
+        for path in paths:
+            fn = functools.partial(depformer_frame_triton, w, **inp, path=path)
+            if dev.type == "cuda":
+                providers[f"triton_{path}_graph"] = graphed(fn)[0].replay
+            else:
+                providers[f"triton_{path}_interp"] = fn
         for name, fn in providers.items():
             with capturable_reference():
                 ms = cuda_time_ms(fn, iters=args.iters) if dev.type == "cuda" else cpu_ms(fn)
@@ -152,7 +143,7 @@ def main() -> None:
                    "frac_of_copy": gbps / copy_bw if copy_bw == copy_bw else None}  # fmt: skip
             rows.append(row)
             frac = f"{gbps / copy_bw:8.2f}" if copy_bw == copy_bw else f"{'-':>8}"
-            print(f"{name:14} {B:3d} {ms:9.3f} {gbps:7.0f} {frac}")
+            print(f"{name:20} {B:3d} {ms:9.3f} {gbps:7.0f} {frac}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:

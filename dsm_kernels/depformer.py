@@ -17,7 +17,8 @@ that is not a GEMM rides in a GEMM's prologue or epilogue:
 * per codebook (2 launches): (optional RMSNorm) + head GEMM -> logits; the sampler of ``dsm_kernels.sampling``.
 
 Launches per codebook: ``4 * num_layers + 2`` (18 at the TTS shapes), 577 per 32-codebook frame, plus 3 tiny
-setup ops. A persistent kernel (grid barrier instead of a launch boundary, next weights prefetched while waiting)
+setup ops. Up to ``depformer_gemv.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows
+per program, no split-K partials: at batch 1 these GEMMs are latency-bound, see that module). A persistent kernel (grid barrier instead of a launch boundary, next weights prefetched while waiting)
 is the next step. Everything has static shapes and no host sync, so a frame is capturable in one CUDA graph.
 
 Numerics follow the reference's rounding points: every GEMM accumulates in fp32 and its output is rounded to the
@@ -310,8 +311,15 @@ def depformer_frame_triton(
     *,
     return_logits: bool = False,
     split: int | None = None,
+    path: str | None = None,
 ):
-    """Triton twin of :func:`~dsm_kernels.reference.depformer_frame_ref`. ``split`` forces the split-K factor."""
+    """Triton twin of :func:`~dsm_kernels.reference.depformer_frame_ref`. ``split`` forces the split-K factor;
+    ``path`` picks the kernels: ``"gemv"`` (:mod:`dsm_kernels.depformer_gemv`) or ``"splitk"`` (this module's),
+    by default GEMV up to ``GEMV_MAX_B`` rows."""
+    from .depformer_gemv import GEMV_MAX_B, _qkv_gemv_kernel, gemv, gemv_plan
+
+    if path not in (None, "gemv", "splitk"):
+        raise ValueError(f"path must be 'gemv' or 'splitk', got {path!r}")
     if w.activation != "silu" or not w.norm_f32:
         raise NotImplementedError("Triton depformer: silu gating and rms_norm_f32 only")
     dev, dt = z.device, w.in_proj.dtype
@@ -320,10 +328,11 @@ def depformer_frame_triton(
     n_in, d_model = w.in_proj.shape[0], w.in_proj.shape[2]
     L = len(w.layers)
     hid = w.layers[0].linear_out[0].shape[1]
-    DT, interp = _TL_DTYPES[dt], _interpret()
+    DT, interp, sms = _TL_DTYPES[dt], _interpret(), _sms(dev)
     dot_f32 = interp or dt == torch.float32
+    use_gemv = B <= GEMV_MAX_B if path is None else path == "gemv"
     bm, mb, bd, bp, plans = frame_plan(B, dd, H, dq, n_in, d_model, hid, card, w.in_proj.element_size(), interp,
-                                       split, _sms(dev))
+                                       split, sms)
     # split-K partials (reused by every launch, in stream order) and tile counters (each launch re-arms its own)
     ws = torch.empty(max(p[6] * B * p[2] for p in plans.values()), dtype=torch.float32, device=dev)
     cnt = torch.zeros(max(p[3] for p in plans.values()) * mb, dtype=torch.int32, device=dev)
@@ -342,6 +351,10 @@ def depformer_frame_triton(
 
     def linear(name, xin, wt, out, *, alpha=None, epi=0, scale=None):
         N, K, _, tiles, bn, bk, s_, per = plans[name]
+        if use_gemv:
+            gemv(xin, wt, out, sms=sms, interp=interp, dt=DT, alpha=alpha, epi=epi, scale=scale, eps=w.norm_eps,
+                 n_out=N)
+            return
         _linear_kernel[(tiles, s_, mb)](
             xin, alpha if alpha is not None else xin, wt, ws, cnt, out, scale if scale is not None else xin,
             B, N, K, out.stride(0), w.norm_eps,
@@ -352,19 +365,30 @@ def depformer_frame_triton(
     linear("proj", z, w.in_proj.reshape(n_in * dd, d_model), proj)  # every distinct depformer_in of z at once
     t2 = w.text_emb2 if w.text_emb2 is not None else w.text_emb
     _, _, _, _, _, bk_q, s_q, per_q = plans["qkv"]
+    bn_q, kp_q, warps_q = gemv_plan(3 * dd, dd, sms=sms, interp=interp, divides=D)
     for k in range(dq):
         j = w.schedule[k]
         prev = text_token.long().contiguous() if k == 0 else toks[k - 1]
         table = w.text_emb if k == 0 else w.emb[k - 1]
         for i, lw in enumerate(w.layers):
             inp = i == 0
-            _qkv_attn_kernel[(H, s_q, mb)](
-                x, proj[:, w.in_index[k] * dd :], table, t2, prev, lw.norm1, lw.in_proj[j], ws, cnt,
-                qb, kc[i], vc[i], ab,
-                B, dd, proj.stride(0), D, k, table.shape[0], w.norm_eps, D**-0.5,
-                INPUT=inp, DEMUX=inp and k == 0 and w.text_emb2 is not None, DT=DT, DOT_F32=dot_f32, SPLIT=s_q,
-                K_PER_SPLIT=per_q, BM=bm, BD=bd, BK=bk_q, BP=bp, num_warps=4,
-            )  # fmt: skip
+            demux = inp and k == 0 and w.text_emb2 is not None
+            if use_gemv:
+                _qkv_gemv_kernel[(3 * dd // bn_q,)](
+                    x, proj[:, w.in_index[k] * dd :], table, t2, prev, lw.norm1, lw.in_proj[j], cnt,
+                    qb, kc[i], vc[i], ab,
+                    B, dd, proj.stride(0), k, table.shape[0], w.norm_eps, D**-0.5,
+                    INPUT=inp, DEMUX=demux, DT=DT, BB=triton.next_power_of_2(B), BN=bn_q, KP=kp_q, HEAD_D=D, BD=bd,
+                    BP=bp, num_warps=warps_q,
+                )  # fmt: skip
+            else:
+                _qkv_attn_kernel[(H, s_q, mb)](
+                    x, proj[:, w.in_index[k] * dd :], table, t2, prev, lw.norm1, lw.in_proj[j], ws, cnt,
+                    qb, kc[i], vc[i], ab,
+                    B, dd, proj.stride(0), D, k, table.shape[0], w.norm_eps, D**-0.5,
+                    INPUT=inp, DEMUX=demux, DT=DT, DOT_F32=dot_f32, SPLIT=s_q, K_PER_SPLIT=per_q, BM=bm, BD=bd,
+                    BK=bk_q, BP=bp, num_warps=4,
+                )  # fmt: skip
             linear("out", ab, lw.out_proj[j], x, epi=1, scale=lw.scale1)
             linear("in", x, lw.linear_in[j], hb, alpha=lw.norm2, epi=2)
             linear("ffo", hb, lw.linear_out[j], x, epi=1, scale=lw.scale2)

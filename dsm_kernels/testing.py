@@ -150,6 +150,66 @@ def sample_tokens_torch(logits, temperature, top_k, seeds, steps, *, null_logits
     return torch.where(t > 0, score.argmax(-1), greedy)
 
 
+def random_depformer_weights(*, dim=32, heads=2, layers=1, hidden=48, card=40, d_model=24, text_vocab=17,
+                             schedule=(0, 1, 2, 2), n_in=None, demux=True, scales=True, head_norm=False,
+                             dtype=torch.float32, device="cpu", seed=0) -> reference.DepformerWeights:  # fmt: skip
+    """Random depth-transformer weights in the packed layout, scaled by 1/sqrt(fan_in) so activations stay O(1)
+    through the layers. ``schedule``: the weight set of each codebook; ``n_in``: distinct input projections."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape, scale=None):
+        t = torch.randn(*shape, generator=g, device=device)
+        return (t * (scale if scale is not None else shape[-1] ** -0.5)).to(dtype)
+
+    dq, S = len(schedule), max(schedule) + 1
+    n_in = S if n_in is None else n_in
+    lws = tuple(
+        reference.DepformerLayerWeights(
+            norm1=1 + r(dim, scale=0.1), norm2=1 + r(dim, scale=0.1),
+            in_proj=r(S, 3 * dim, dim), out_proj=r(S, dim, dim),
+            linear_in=tuple(r(2 * hidden, dim) for _ in range(S)), linear_out=tuple(r(dim, hidden) for _ in range(S)),
+            scale1=r(dim, scale=0.3) if scales else None, scale2=r(dim, scale=0.3) if scales else None,
+        )  # fmt: skip
+        for _ in range(layers)
+    )
+    return reference.DepformerWeights(
+        num_heads=heads, schedule=tuple(schedule), in_index=tuple(min(s, n_in - 1) for s in schedule),
+        in_proj=r(n_in, dim, d_model), text_emb=r(text_vocab, dim, scale=0.5),
+        text_emb2=r(text_vocab, dim, scale=0.5) if demux else None, emb=r(max(dq - 1, 1), card + 1, dim, scale=0.5),
+        heads=tuple(r(card, dim, scale=2 * dim**-0.5) for _ in range(dq)),
+        head_norms=tuple((1 + r(dim, scale=0.1)) if head_norm else None for _ in range(dq)), layers=lws,
+    )  # fmt: skip
+
+
+def cast_depformer_weights(w: reference.DepformerWeights, dtype: torch.dtype) -> reference.DepformerWeights:
+    """``w`` with every tensor converted to ``dtype``."""
+
+    def c(t):
+        return t.to(dtype) if t is not None else None
+
+    layers = tuple(reference.DepformerLayerWeights(
+        c(lw.norm1), c(lw.norm2), c(lw.in_proj), c(lw.out_proj), tuple(map(c, lw.linear_in)),
+        tuple(map(c, lw.linear_out)), c(lw.scale1), c(lw.scale2)) for lw in w.layers)  # fmt: skip
+    return reference.DepformerWeights(
+        w.num_heads, w.schedule, w.in_index, c(w.in_proj), c(w.text_emb), c(w.text_emb2), c(w.emb),
+        tuple(map(c, w.heads)), tuple(map(c, w.head_norms)), layers, w.norm_eps, w.norm_f32, w.activation,
+    )  # fmt: skip
+
+
+def depformer_inputs(w: reference.DepformerWeights, B: int, *, temp: float, seed=1, device="cpu") -> dict:
+    """Random frame inputs for ``w``: temporal output ``z``, text tokens (demuxed pairs when ``w`` has a second
+    text table; the last row -1 when B > 1, a zero embedding), seeds and steps; top-k 5 when sampling."""
+    g = torch.Generator().manual_seed(seed)
+    vt = w.text_emb.shape[0]
+    hi = vt * (vt + 1) if w.text_emb2 is not None else vt
+    text = torch.randint(0, hi, (B,), generator=g)
+    text[-1] = -1 if B > 1 else text[-1]
+    z = torch.randn(B, w.in_proj.shape[2], generator=g)
+    return dict(z=z.to(device, w.in_proj.dtype), text_token=text.to(device),
+                temperature=torch.full((B,), temp, device=device), top_k=5 if temp > 0 else 0,
+                seeds=torch.arange(B, device=device) + 11, steps=torch.arange(B, device=device) * 100 + 3)  # fmt: skip
+
+
 def kernel_device(backend: str) -> torch.device:
     """The device a kernel test of ``backend`` runs on: the GPU when present, else the CPU (Triton interpreter)."""
     from . import available_backends

@@ -197,6 +197,48 @@ def _step_glue_rows(backend, device, quick):
     return rows
 
 
+def _depformer_rows(backend, device, quick):
+    """The depth-transformer frame (Triton only: the other backends fall back to it) on both kernel families: fp32
+    tokens equal and logits within 1e-5 relative; bf16 logits within 3x the reference's own bf16 error while the
+    three chains were fed the same tokens."""
+    from .depformer import depformer_frame_triton
+    from .testing import cast_depformer_weights, depformer_inputs, random_depformer_weights
+
+    if backend != "triton":
+        return []
+    rows = []
+    small = quick or device.type == "cpu"
+    shapes = (dict(dim=32, heads=2, layers=1, hidden=48, card=40, d_model=24, schedule=(0, 1, 2, 2)) if small else
+              dict(dim=256, heads=4, layers=2, hidden=512, card=512, d_model=384, text_vocab=65,
+                   schedule=(0, 1, 2, 2, 3, 3, 3, 3)))  # fmt: skip
+    w32 = random_depformer_weights(**shapes, device=device, seed=5)
+    w16 = cast_depformer_weights(w32, torch.bfloat16)
+    for B, paths in ((1, ("gemv", "splitk")), (3, ("gemv", "splitk")), (8, ("splitk",))):
+        if small and B == 8:
+            continue
+        for path in paths:
+            a32 = depformer_inputs(w32, B, temp=0.8, device=device)
+            tok_ref, lg_ref = reference.depformer_frame_ref(w32, **a32, return_logits=True)
+            tok, lg = depformer_frame_triton(w32, **a32, return_logits=True, path=path)
+            err = max_abs_err(lg, lg_ref) / float(lg_ref.abs().max())
+            ok = bool(torch.equal(tok, tok_ref)) and err < 1e-5
+            rows.append(Row("depformer_frame", backend, f"B{B} q{len(shapes['schedule'])} {path} fp32", err, 1e-5, ok,
+                            "tokens equal, 1e-5 rel"))  # fmt: skip
+            a32 = dict(a32, temperature=torch.zeros_like(a32["temperature"]), top_k=0)
+            a16 = dict(a32, z=a32["z"].bfloat16())
+            t32, l32 = reference.depformer_frame_ref(w32, **a32, return_logits=True)
+            t16, l16 = reference.depformer_frame_ref(w16, **a16, return_logits=True)
+            t, lg = depformer_frame_triton(w16, **a16, return_logits=True, path=path)
+            same = ((t32 == t16) & (t16 == t)).all(dim=0).long().cumprod(0)
+            n = max(1, min(int(same.sum()) + 1, t.shape[1]))
+            scale = float(l32[:, :n].abs().max())
+            ref_err = max_abs_err(l16[:, :n], l32[:, :n]) / scale
+            err = max_abs_err(lg[:, :n], l32[:, :n]) / scale
+            rows.append(Row("depformer_frame", backend, f"B{B} {path} bf16 ({n} codebooks)", err, 3 * ref_err,
+                            err <= 3 * ref_err + 1e-6, "3x ref err, rel"))  # fmt: skip
+    return rows
+
+
 def _bounded(op, backend, case, got, lp, ref):
     ref_err = float((lp.double() - ref).abs().max())
     bound = 3 * ref_err + (2.0**-7) * ref.abs()
@@ -212,7 +254,7 @@ def validate_kernels(device: torch.device | str = "cuda", quick: bool = False) -
     for backend in available_backends(device):
         if backend == "reference":
             continue
-        for check in (_embed_rows, _attention_rows, _sampling_rows, _step_glue_rows):
+        for check in (_embed_rows, _attention_rows, _sampling_rows, _step_glue_rows, _depformer_rows):
             try:
                 rows += check(backend, device, quick)
             except Exception as e:  # report, keep validating the other ops

@@ -15,8 +15,13 @@ import pytest
 import torch
 
 import dsm_kernels
-from dsm_kernels.reference import DepformerLayerWeights, DepformerWeights, depformer_frame_ref
-from dsm_kernels.testing import run_aot_script
+from dsm_kernels.reference import depformer_frame_ref
+from dsm_kernels.testing import (
+    cast_depformer_weights,
+    depformer_inputs,
+    random_depformer_weights,
+    run_aot_script,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(
@@ -25,58 +30,9 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-def make_weights(*, dim=32, heads=2, layers=1, hidden=48, card=40, d_model=24, text_vocab=17, schedule=(0, 1, 2, 2),
-                 n_in=None, demux=True, scales=True, head_norm=False, dtype=torch.float32, device="cpu",
-                 seed=0) -> DepformerWeights:  # fmt: skip
-    """Random weights scaled by 1/sqrt(fan_in), so activations stay O(1) through the layers."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=None):
-        t = torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
-        return t.to(device=device, dtype=dtype)
-
-    dq, S = len(schedule), max(schedule) + 1
-    n_in = S if n_in is None else n_in
-    lws = tuple(
-        DepformerLayerWeights(
-            norm1=1 + r(dim, scale=0.1), norm2=1 + r(dim, scale=0.1),
-            in_proj=r(S, 3 * dim, dim), out_proj=r(S, dim, dim),
-            linear_in=tuple(r(2 * hidden, dim) for _ in range(S)), linear_out=tuple(r(dim, hidden) for _ in range(S)),
-            scale1=r(dim, scale=0.3) if scales else None, scale2=r(dim, scale=0.3) if scales else None,
-        )  # fmt: skip
-        for _ in range(layers)
-    )
-    return DepformerWeights(
-        num_heads=heads, schedule=tuple(schedule), in_index=tuple(min(s, n_in - 1) for s in schedule),
-        in_proj=r(n_in, dim, d_model), text_emb=r(text_vocab, dim, scale=0.5),
-        text_emb2=r(text_vocab, dim, scale=0.5) if demux else None, emb=r(max(dq - 1, 1), card + 1, dim, scale=0.5),
-        heads=tuple(r(card, dim, scale=2 * dim**-0.5) for _ in range(dq)),
-        head_norms=tuple((1 + r(dim, scale=0.1)) if head_norm else None for _ in range(dq)), layers=lws,
-    )  # fmt: skip
-
-
-def cast(w: DepformerWeights, dtype) -> DepformerWeights:
-    def c(t):
-        return t.to(dtype) if t is not None else None
-
-    layers = tuple(DepformerLayerWeights(c(lw.norm1), c(lw.norm2), c(lw.in_proj), c(lw.out_proj),
-                                         tuple(map(c, lw.linear_in)), tuple(map(c, lw.linear_out)), c(lw.scale1),
-                                         c(lw.scale2)) for lw in w.layers)  # fmt: skip
-    return DepformerWeights(w.num_heads, w.schedule, w.in_index, c(w.in_proj), c(w.text_emb), c(w.text_emb2), c(w.emb),
-                            tuple(map(c, w.heads)), tuple(map(c, w.head_norms)), layers, w.norm_eps, w.norm_f32,
-                            w.activation)  # fmt: skip
-
-
-def inputs(w: DepformerWeights, B: int, *, temp: float, seed=1, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    vt = w.text_emb.shape[0]
-    hi = vt * (vt + 1) if w.text_emb2 is not None else vt
-    text = torch.randint(0, hi, (B,), generator=g)
-    text[-1] = -1 if B > 1 else text[-1]  # a zero-embedding row
-    z = torch.randn(B, w.in_proj.shape[2], generator=g)
-    return dict(z=z.to(device, w.in_proj.dtype), text_token=text.to(device),
-                temperature=torch.full((B,), temp, device=device), top_k=5 if temp > 0 else 0,
-                seeds=torch.arange(B, device=device) + 11, steps=torch.arange(B, device=device) * 100 + 3)  # fmt: skip
+make_weights = random_depformer_weights
+cast = cast_depformer_weights
+inputs = depformer_inputs
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,15 +54,16 @@ CASES = [  # (schedule, layers, heads, batch, split, demux, head_norm)
 
 
 @needs_triton
+@pytest.mark.parametrize("path", ["gemv", "splitk"])
 @pytest.mark.parametrize("case", CASES, ids=["q4-b1", "q8-b3-split2", "q32-b3-split3"])
 @pytest.mark.parametrize("temp", [0.0, 0.8], ids=["greedy", "sampled"])
-def test_fp32_matches_reference(case, temp):
+def test_fp32_matches_reference(case, temp, path):
     schedule, layers, heads, B, split, demux, head_norm = case
     w = make_weights(schedule=schedule, layers=layers, heads=heads, demux=demux, head_norm=head_norm,
                      seed=len(schedule))
     args = inputs(w, B, temp=temp)
     tok_ref, lg_ref = depformer_frame_ref(w, **args, return_logits=True)
-    tok, lg = run_triton(w, args, split=split)
+    tok, lg = run_triton(w, args, split=split, path=path)
     assert tok.shape == (B, len(schedule)) and tok.dtype == torch.int64
     assert torch.equal(tok, tok_ref), (tok, tok_ref)
     assert rel(lg, lg_ref) < 1e-5
@@ -115,14 +72,15 @@ def test_fp32_matches_reference(case, temp):
 
 
 @needs_triton
-def test_bf16_error_within_3x_reference_error():
+@pytest.mark.parametrize("path", ["gemv", "splitk"])
+def test_bf16_error_within_3x_reference_error(path):
     w32 = make_weights(schedule=(0, 1, 1, 2, 2, 2), layers=2, heads=2, dim=64, hidden=96, card=64, seed=3)
     w16 = cast(w32, torch.bfloat16)
     args32 = inputs(w32, 3, temp=0.0)
     args16 = dict(args32, z=args32["z"].bfloat16())
     tok32, lg32 = depformer_frame_ref(w32, **args32, return_logits=True)
     tok16, lg16 = depformer_frame_ref(w16, **args16, return_logits=True)
-    tok, lg = run_triton(w16, args16, split=2)
+    tok, lg = run_triton(w16, args16, split=2, path=path)
     # compare codebooks while all three chains were fed the same tokens
     same = (tok32 == tok16) & (tok16 == tok)
     n = int(same.all(dim=0).long().cumprod(0).sum()) + 1
@@ -165,9 +123,10 @@ def test_model_packing_matches_module_loop():
 
 
 def test_triton_aot_compiles_for_sm90_within_shared_memory():
-    """The block sizes the launcher picks for the TTS shapes (bf16 and fp32, batch 1 and 64) compile for sm_90a
-    and fit an H100 block's shared memory (batch 64 once asked for 246016 B: Triton refused it at launch)."""
-    assert run_aot_script(__file__).count("cubin") == 12
+    """The block sizes the launcher picks for the TTS shapes (bf16 and fp32, batch 1 and 64; the GEMV kernels at
+    batch 1 and 4) compile for sm_90a and fit an H100 block's shared memory (batch 64 once asked for 246016 B:
+    Triton refused it at launch)."""
+    assert run_aot_script(__file__).count("cubin") == 12 + 8
 
 
 H100_SMEM_PER_BLOCK = 232448
@@ -203,6 +162,36 @@ def _aot() -> None:
                 smem = cc.metadata.shared
                 print(f"{label} {dt_name} B={B}: {len(cc.asm['cubin'])} B cubin, {smem} B smem")
                 assert smem <= H100_SMEM_PER_BLOCK, f"{label} {dt_name} B={B}: {smem} B shared memory"
+    _aot_gemv()
+
+
+def _aot_gemv() -> None:
+    import triton
+
+    from dsm_kernels.depformer_gemv import _gemv_kernel, _qkv_gemv_kernel, gemv_plan
+    from dsm_kernels.testing import aot_compile
+
+    t, bf16 = TTS, triton.language.bfloat16
+    for B in (1, 4):
+        cases = []
+        for name, N, K, norm, epi in (("in", t["hidden"], t["dim"], True, 2), ("ffo", t["dim"], t["hidden"], False, 1),
+                                      ("head", t["card"], t["dim"], True, 0)):  # fmt: skip
+            bn, kp, warps = gemv_plan(N, K, gate=epi == 2, sms=132, interp=False)
+            cases.append((f"gemv {name}", _gemv_kernel, warps, {"NORM": norm, "EPI": epi, "HAS_SCALE": epi == 1,
+                          "BN": bn, "KP": kp}, {}))  # fmt: skip
+        D = t["dim"] // t["heads"]
+        bn, kp, warps = gemv_plan(3 * t["dim"], t["dim"], sms=132, interp=False, divides=D)
+        cases.append(("gemv qkv_attn", _qkv_gemv_kernel, warps, {"INPUT": True, "DEMUX": True, "BN": bn, "KP": kp,
+                      "HEAD_D": D, "BD": D, "BP": 32}, {"tok_ptr": "*i64", "cnt_ptr": "*i32"}))  # fmt: skip
+        for label, kernel, warps, consts, extra in cases:
+            consts = {"DT": bf16, "BB": triton.next_power_of_2(B), **consts}
+            types = {n: "*bf16" for n in kernel.arg_names if n.endswith("_ptr")}
+            types |= {"eps": "fp32", "scale": "fp32", **extra}
+            divisible = [n for n in kernel.arg_names if n not in consts and n not in ("B", "pos", "vt", "eps", "scale")]
+            cc = aot_compile(kernel, types, consts, num_warps=warps, divisible=divisible)
+            assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
+            print(f"{label} bf16 B={B}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
+            assert cc.metadata.shared <= H100_SMEM_PER_BLOCK, label
 
 
 # ---- GPU: the real TTS shapes ---------------------------------------------------------------------------------
@@ -211,15 +200,15 @@ TTS = dict(dim=1024, heads=16, layers=4, hidden=2048, card=2048, d_model=2048, t
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B", [1, 8, 64])
-def test_gpu_tts_shapes_bf16(B):
+@pytest.mark.parametrize(("B", "path"), [(1, "gemv"), (1, "splitk"), (4, "gemv"), (8, "splitk"), (64, "splitk")])
+def test_gpu_tts_shapes_bf16(B, path):
     w32 = make_weights(**TTS, device="cuda", seed=7)
     w16 = cast(w32, torch.bfloat16)
     args32 = inputs(w32, B, temp=0.0, device="cuda")
     args16 = dict(args32, z=args32["z"].bfloat16())
     tok32, lg32 = depformer_frame_ref(w32, **args32, return_logits=True)
     tok16, lg16 = depformer_frame_ref(w16, **args16, return_logits=True)
-    tok, lg = run_triton(w16, args16)
+    tok, lg = run_triton(w16, args16, path=path)
     same = ((tok32 == tok16) & (tok16 == tok)).all(dim=0).long().cumprod(0)
     n = max(1, min(int(same.sum()) + 1, tok.shape[1]))
     ref_err = rel(lg16[:, :n], lg32[:, :n])
@@ -227,10 +216,11 @@ def test_gpu_tts_shapes_bf16(B):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_and_graph_replay():
+@pytest.mark.parametrize(("B", "path"), [(2, "gemv"), (8, "splitk")])
+def test_gpu_fp32_and_graph_replay(B, path):
     w = make_weights(**TTS, device="cuda", seed=8)
-    args = inputs(w, 8, temp=0.8, device="cuda")
-    tok_ref, lg_ref = depformer_frame_ref(w, **args, return_logits=True)
+    args = dict(inputs(w, B, temp=0.8, device="cuda"), path=path)
+    tok_ref, lg_ref = depformer_frame_ref(w, **{k: v for k, v in args.items() if k != "path"}, return_logits=True)
     tok, lg = run_triton(w, args)
     assert torch.equal(tok, tok_ref) and rel(lg, lg_ref) < 1e-5
     from dsm_kernels.depformer import depformer_frame_triton

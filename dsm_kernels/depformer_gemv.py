@@ -1,0 +1,172 @@
+"""Small-batch depth-transformer kernels: each GEMM is a GEMV over whole weight rows (batch <= ``GEMV_MAX_B``).
+
+At batch 1 the split-K GEMMs of :mod:`dsm_kernels.depformer` are bound by latency, not bandwidth: H100 run 2 timed
+6.4 µs per linear launch and 11.3 µs per QKV + attention launch, about 0.65 TB/s. Each of their programs makes
+several dependent memory round trips one after the other:
+
+1. the RMSNorm prologue, a loop over the row;
+2. the split-K partial stores;
+3. a counter;
+4. the reads of the other programs' partials.
+
+Here a program owns ``BN`` whole weight rows (all of K). It loads them at once, before and independently of the
+input rows, and finishes its outputs itself. That is one round trip for the weights and no partials, and the
+RMSNorm comes for free from the input row the GEMV loads anyway. Only the attention still waits on a counter: the
+last of a head's QKV programs runs that head's attention.
+
+The rows of the batch are unrolled (``BB`` = next power of two of B, masked), so every load of a launch sits in
+one basic block and can be issued early. Rounding points are those of :mod:`dsm_kernels.depformer` (the reference's);
+only the order of each dot product's sum differs (a fixed tree, so graph replays reproduce bit for bit).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .depformer import _arrive, _input_tile, _rnd
+
+# Up to this batch the GEMV kernels run; above it the split-K tensor-core GEMMs (row-unrolled GEMVs re-read the
+# input rows per program, and tensor cores win once there are enough rows). The depformer benchmark times both.
+GEMV_MAX_B = 4
+
+# Weight elements one program holds (registers): BN x next_pow2(K), twice for the gate/value pair.
+_TILE_ELEMS = 16384
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, alpha_ptr, w_ptr, out_ptr, scale_ptr,
+    B, N, K, LDX, LDO, eps,
+    NORM: tl.constexpr, EPI: tl.constexpr, HAS_SCALE: tl.constexpr, DT: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+):  # fmt: skip
+    """Grid (N tiles,): ``out[b, n] = epi(x'[b] . w[n])`` for rows b < B, with x' = x or RMSNorm(x) * alpha (NORM).
+    Epilogues as ``depformer._linear_kernel``: 0 store; 1 ``out += scale * y`` in place; 2 ``silu(y_gate) * y_value``
+    with the value rows at ``w + N * K``."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = n < N
+    k = tl.arange(0, KP)
+    kmask = k < K
+    wm = nmask[:, None] & kmask[None, :]
+    wp = w_ptr + n[:, None].to(tl.int64) * K + k[None, :]
+    w = tl.load(wp, mask=wm, other=0.0)  # issued first: the weights are the launch's only large read
+    if EPI == 2:
+        wv = tl.load(wp + N * K, mask=wm, other=0.0)
+    if NORM:
+        alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    for i in tl.static_range(BB):
+        live = i < B
+        x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
+        if NORM:
+            inv = 1.0 / tl.sqrt(eps + tl.sum(x * x, axis=0) / K)
+            x = _rnd(x * (alpha * inv), DT)
+        y = _rnd(tl.sum(w.to(tl.float32) * x[None, :], axis=1), DT)
+        om = nmask & live
+        optr = out_ptr + i * LDO + n
+        if EPI == 1:
+            if HAS_SCALE:
+                y = _rnd(sc * y, DT)
+            y = tl.load(optr, mask=om, other=0.0).to(tl.float32) + y
+        if EPI == 2:
+            u = _rnd(tl.sum(wv.to(tl.float32) * x[None, :], axis=1), DT)
+            y = _rnd(y / (1.0 + tl.exp(-y)), DT) * u  # F.silu, rounded, times the value half
+        tl.store(optr, _rnd(y, DT).to(DT), mask=om)
+
+
+@triton.jit
+def _attend_head(q_ptr, kc_ptr, vc_ptr, a_ptr, B, DIM, wrow, dmask, pos, scale, DT: tl.constexpr,
+                 BB: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+    """One head's attention (columns ``wrow``) of rows b < B over this frame's steps 0..pos. Other programs wrote
+    q/K/V: .cg loads read L2, where the counter's release made them visible."""
+    p = tl.arange(0, BP)
+    pmask = p <= pos
+    km = pmask[:, None] & dmask[None, :]
+    for b in tl.static_range(BB):
+        live = b < B
+        qr = tl.load(q_ptr + b * DIM + wrow, mask=dmask & live, other=0.0, cache_modifier=".cg").to(tl.float32)
+        off = (b * BP + p[:, None]).to(tl.int64) * DIM + wrow[None, :]
+        kr = tl.load(kc_ptr + off, mask=km & live, other=0.0, cache_modifier=".cg").to(tl.float32)
+        vr = tl.load(vc_ptr + off, mask=km & live, other=0.0, cache_modifier=".cg").to(tl.float32)
+        s = tl.where(pmask, tl.sum(kr * qr[None, :], axis=1) * scale, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=0))
+        o = tl.sum(vr * (e / tl.sum(e, axis=0))[:, None], axis=0)
+        tl.store(a_ptr + b * DIM + wrow, _rnd(o, DT).to(DT), mask=dmask & live)
+
+
+@triton.jit
+def _qkv_gemv_kernel(
+    x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, alpha_ptr, w_ptr, cnt_ptr,
+    q_ptr, kc_ptr, vc_ptr, a_ptr,
+    B, DIM, LDP, pos, vt, eps, scale,
+    INPUT: tl.constexpr, DEMUX: tl.constexpr, DT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    KP: tl.constexpr, HEAD_D: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """Grid (3 * DIM / BN,): program p computes rows [p * BN, (p + 1) * BN) of the fused QKV projection (BN divides
+    HEAD_D, so a program serves one head of one of q, k, v) of RMSNorm(x) * alpha, stores them to q or this frame's
+    K/V cache at step ``pos``, and the last of the head's ``3 * HEAD_D / BN`` programs runs its attention. Layer 0
+    (INPUT) builds its input ``proj + Emb(prev)`` here; program 0 stores it as the residual stream."""
+    p = tl.program_id(0)
+    r0 = p * BN
+    part = r0 // DIM  # 0: q, 1: k, 2: v
+    col = r0 - part * DIM + tl.arange(0, BN)
+    k = tl.arange(0, KP)
+    kmask = k < DIM
+    w = tl.load(w_ptr + (r0 + tl.arange(0, BN))[:, None].to(tl.int64) * DIM + k[None, :], mask=kmask[None, :],
+                other=0.0)  # fmt: skip
+    alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    for i in tl.static_range(BB):
+        live = i < B
+        rows = i + tl.arange(0, 1)
+        rmask = rows < B
+        x = _input_tile(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, k, kmask, B, DIM, LDP, vt,
+                        INPUT, DEMUX, DT)  # fmt: skip  # [1, KP]
+        if INPUT:
+            if p == 0:
+                tl.store(x_ptr + rows[:, None] * DIM + k[None, :], x.to(DT), mask=rmask[:, None] & kmask[None, :])
+        inv = 1.0 / tl.sqrt(eps + tl.sum(x * x, axis=1) / DIM)  # [1]
+        a = _rnd(x * (alpha[None, :] * inv[:, None]), DT)
+        y = _rnd(tl.sum(w.to(tl.float32) * a, axis=1), DT).to(DT)
+        cache = (i * BP + pos).to(tl.int64) * DIM + col
+        if part == 0:
+            tl.store(q_ptr + i * DIM + col, y, mask=live)
+        elif part == 1:
+            tl.store(kc_ptr + cache, y, mask=live)
+        else:
+            tl.store(vc_ptr + cache, y, mask=live)
+    h = (r0 - part * DIM) // HEAD_D
+    if _arrive(cnt_ptr, h, 3 * HEAD_D // BN):
+        d = tl.arange(0, BD)
+        dmask = d < HEAD_D
+        _attend_head(q_ptr, kc_ptr, vc_ptr, a_ptr, B, DIM, h * HEAD_D + d, dmask, pos, scale, DT, BB, BP)
+
+
+def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, divides: int | None = None):
+    """(BN, KP, num_warps) of a GEMV launch: whole rows of K per program; ~1 program per SM on a GPU (fewer,
+    larger programs in the interpreter, whose cost grows with their number); ``divides``: BN must divide it."""
+    kp = triton.next_power_of_2(K)
+    cap = max(1, (4 * _TILE_ELEMS if interp else _TILE_ELEMS) // (kp * (2 if gate else 1)))
+    want = triton.next_power_of_2(N) if interp else max(1, triton.next_power_of_2(N // max(1, (3 * sms) // 4)) // 2)
+    bn = max(1, min(cap, want, triton.next_power_of_2(N)))
+    if divides is not None:
+        while divides % bn:
+            bn //= 2
+    elems = bn * kp * (2 if gate else 1)
+    return bn, kp, 4 if elems <= 8192 else 8
+
+
+def gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, epi: int = 0, scale=None, eps: float = 0.0,
+         n_out: int | None = None) -> None:
+    """``out[:B] (epi)= x[:B] @ w.T`` by :func:`_gemv_kernel` (``w`` [N(, +N values), K]; ``n_out``: N when the
+    gate/value pair doubles w's rows)."""
+    B, K = x.shape
+    N = n_out or w.shape[0]
+    bn, kp, warps = gemv_plan(N, K, gate=epi == 2, sms=sms, interp=interp)
+    _gemv_kernel[(triton.cdiv(N, bn),)](
+        x, alpha if alpha is not None else x, w, out, scale if scale is not None else x,
+        B, N, K, x.stride(0), out.stride(0), eps,
+        NORM=alpha is not None, EPI=epi, HAS_SCALE=scale is not None, DT=dt,
+        BB=triton.next_power_of_2(B), BN=bn, KP=kp, num_warps=warps,
+    )  # fmt: skip
