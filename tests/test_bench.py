@@ -35,3 +35,62 @@ def test_search_capacity_finds_the_largest_fitting_batch():
         assert n <= expected and n >= expected - max(1, expected // 32), (true_cap, n)
         assert all(seen[k] <= 80.0 for k in seen if k <= n)
         assert len(calls) == len(set(calls)) <= 16  # each batch measured once
+
+
+def test_time_to_first_audio_times_the_spec_sequence_on_one_warm_engine(monkeypatch):
+    """Every run: open the streams, 16 text-only steps (depth transformer skipped), max_delay + 1 full steps, one
+    Mimi decode, close; one engine for all runs, its pages returned, and each run starting from fresh state."""
+    import math
+
+    import torch
+
+    from dsm import bench
+    from dsm.engine import Engine
+    from dsm.generate import Generator
+    from dsm.mimi import Mimi, random_mimi_state_dict
+    from dsm.presets import preset_config
+
+    model, _ = bench.random_model(preset_config("tiny-tts"), torch.device("cpu"), torch.float32)
+    mimi = Mimi(random_mimi_state_dict(0))
+    log, engines, pcm = [], set(), []
+
+    def wrap(cls, name, record):
+        real = getattr(cls, name)
+
+        def wrapper(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            record(self, args, kwargs, out)
+            return out
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    wrap(Engine, "open", lambda eng, a, k, out: (engines.add(eng), log.append("open")))
+    wrap(Engine, "close", lambda eng, a, k, out: log.append(("close", eng.pool.used)))
+    wrap(Engine, "step", lambda eng, a, k, out: log.append(
+        "full" if k.get("depformer_replace_tokens") is None else "text"))
+    wrap(Generator, "depformer", lambda gen, a, k, out: log.append("depformer"))
+    wrap(Mimi, "decode_step", lambda m, a, k, out: (log.append("decode"), pcm.append(out.clone())))
+
+    batch, runs, max_delay = 2, 2, model.cfg.max_delay
+    warm, cold = bench.time_to_first_audio(model, mimi, batch, bench._timer(torch.device("cpu")), runs=runs)
+
+    assert all(math.isfinite(t) and t > 0 for t in (warm, cold))
+    assert len(engines) == 1  # built once, reused by every run
+    eng = engines.pop()
+    assert eng.pool.used == 0 and not eng.slots
+    one_run = (["open"] * batch + ["text"] * 16 + ["depformer", "full"] * (max_delay + 1) + ["decode"]
+               + [("close", mark) for mark in (1, 0)])
+    assert log == one_run * (1 + runs)
+    # Same seeds, same slots: a run that starts from fresh engine rows and Mimi state decodes the same first frame.
+    assert pcm[0].abs().sum() > 0
+    assert all(torch.equal(p, pcm[0]) for p in pcm[1:])
+
+
+def test_format_ttfa_prints_warm_and_cold():
+    from dsm.bench import BenchRow, format_ttfa
+
+    row = BenchRow("dsm", "tts-1.6b-en_fr", 1, 1.0, 1.0, 0.0, 1.0, 1.0,
+                   extra={"ttfa_ms": 50.12, "ttfa_cold_ms": 84.04})
+    assert format_ttfa([row]) == ("tts-1.6b-en_fr: time to first audio at batch 1: 50.1 ms "
+                                  "(warm engine; 84.0 ms cold, including graph capture)")
+    assert format_ttfa([BenchRow("dsm", "stt", 1, 1.0, 1.0, 0.0, 1.0, 1.0)]) == ""
