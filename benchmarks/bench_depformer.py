@@ -4,7 +4,8 @@ temporal dim 2048), random bf16 weights, sampling at temperature 0.8 / top-k 250
 
 Providers: ``ref_eager`` (the reference loop, vectorised sampler), ``ref_graph`` (the same loop captured in one CUDA
 graph), ``triton_gemv_graph`` / ``triton_splitk_graph`` (``dsm_kernels.depformer`` with its GEMV or split-K kernels,
-captured in one CUDA graph; both up to 2 x ``GEMV_MAX_B`` rows, split-K only above). Reports ms per frame, the
+captured in one CUDA graph; both up to 2 x ``GEMV_MAX_B`` rows, split-K only above), ``triton_gemv_nopdl_graph``
+(the GEMV chain without programmatic dependent launch). Reports ms per frame, the
 achieved GB/s against the weight bytes a frame must read (DSM-SPEC §10.3: 2.96 GB, every codebook re-reads its
 set) and its ratio to the device-to-device copy bandwidth; appends JSON rows to benchmarks/results/depformer.jsonl.
 
@@ -128,13 +129,17 @@ def main() -> None:
                 gr, _ = graphed(lambda inp=inp: depformer_frame_ref(w, **inp))
                 providers["ref_graph"] = gr.replay
         # both kernel families where the automatic choice is close (GEMV up to GEMV_MAX_B rows, split-K above)
-        paths = ("gemv", "splitk") if B <= 2 * GEMV_MAX_B else ("splitk",)
-        for path in paths:
-            fn = functools.partial(depformer_frame_triton, w, **inp, path=path)
+        # and the GEMV chain without programmatic dependent launch, to measure what PDL buys
+        variants = {"gemv": {"path": "gemv"}, "gemv_nopdl": {"path": "gemv", "pdl": False},
+                    "splitk": {"path": "splitk"}}
+        for name, kw in variants.items():
+            if B > 2 * GEMV_MAX_B and name != "splitk" or dev.type != "cuda" and name == "gemv_nopdl":
+                continue
+            fn = functools.partial(depformer_frame_triton, w, **inp, **kw)
             if dev.type == "cuda":
-                providers[f"triton_{path}_graph"] = graphed(fn)[0].replay
+                providers[f"triton_{name}_graph"] = graphed(fn)[0].replay
             else:
-                providers[f"triton_{path}_interp"] = fn
+                providers[f"triton_{name}_interp"] = fn
         for name, fn in providers.items():
             with capturable_reference():
                 ms = cuda_time_ms(fn, iters=args.iters) if dev.type == "cuda" else cpu_ms(fn)

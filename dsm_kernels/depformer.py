@@ -18,8 +18,9 @@ that is not a GEMM rides in a GEMM's prologue or epilogue:
 
 Launches per codebook: ``4 * num_layers + 2`` (18 at the TTS shapes), 577 per 32-codebook frame, plus 3 tiny
 setup ops. Up to ``depformer_gemv.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows
-per program, no split-K partials: at batch 1 these GEMMs are latency-bound, see that module). A persistent kernel (grid barrier instead of a launch boundary, next weights prefetched while waiting)
-is the next step. Everything has static shapes and no host sync, so a frame is capturable in one CUDA graph.
+per program, no split-K partials: at batch 1 these GEMMs are latency-bound, see that module), chained by
+programmatic dependent launch on sm_90+ so that each streams its weights while its predecessor runs. Everything has
+static shapes and no host sync, so a frame is capturable in one CUDA graph.
 
 Numerics follow the reference's rounding points: every GEMM accumulates in fp32 and its output is rounded to the
 model dtype where torch's ``F.linear`` would round it; residual adds, LayerScale and the gate product are rounded
@@ -312,11 +313,13 @@ def depformer_frame_triton(
     return_logits: bool = False,
     split: int | None = None,
     path: str | None = None,
+    pdl: bool | None = None,
 ):
     """Triton twin of :func:`~dsm_kernels.reference.depformer_frame_ref`. ``split`` forces the split-K factor;
     ``path`` picks the kernels: ``"gemv"`` (:mod:`dsm_kernels.depformer_gemv`) or ``"splitk"`` (this module's),
-    by default GEMV up to ``GEMV_MAX_B`` rows."""
-    from .depformer_gemv import GEMV_MAX_B, _qkv_gemv_kernel, gemv, gemv_plan
+    by default GEMV up to ``GEMV_MAX_B`` rows; ``pdl``: chain the GEMV kernels by programmatic dependent launch
+    (default: on sm_90+, see :func:`~dsm_kernels.depformer_gemv.use_pdl`)."""
+    from .depformer_gemv import GEMV_MAX_B, _qkv_gemv_kernel, gemv, gemv_plan, use_pdl
 
     if path not in (None, "gemv", "splitk"):
         raise ValueError(f"path must be 'gemv' or 'splitk', got {path!r}")
@@ -331,6 +334,7 @@ def depformer_frame_triton(
     DT, interp, sms = _TL_DTYPES[dt], _interpret(), _sms(dev)
     dot_f32 = interp or dt == torch.float32
     use_gemv = B <= GEMV_MAX_B if path is None else path == "gemv"
+    pdl = use_gemv and not interp and (use_pdl(dev) if pdl is None else pdl)
     bm, mb, bd, bp, plans = frame_plan(B, dd, H, dq, n_in, d_model, hid, card, w.in_proj.element_size(), interp,
                                        split, sms)
     # split-K partials (reused by every launch, in stream order) and tile counters (each launch re-arms its own)
@@ -353,7 +357,7 @@ def depformer_frame_triton(
         N, K, _, tiles, bn, bk, s_, per = plans[name]
         if use_gemv:
             gemv(xin, wt, out, sms=sms, interp=interp, dt=DT, alpha=alpha, epi=epi, scale=scale, eps=w.norm_eps,
-                 n_out=N)
+                 n_out=N, pdl=pdl)
             return
         _linear_kernel[(tiles, s_, mb)](
             xin, alpha if alpha is not None else xin, wt, ws, cnt, out, scale if scale is not None else xin,
@@ -379,7 +383,7 @@ def depformer_frame_triton(
                     qb, kc[i], vc[i], ab,
                     B, dd, proj.stride(0), k, table.shape[0], w.norm_eps, D**-0.5,
                     INPUT=inp, DEMUX=demux, DT=DT, BB=triton.next_power_of_2(B), BN=bn_q, KP=kp_q, HEAD_D=D, BD=bd,
-                    BP=bp, num_warps=warps_q,
+                    BP=bp, PDL=pdl, num_warps=warps_q, launch_pdl=pdl,
                 )  # fmt: skip
             else:
                 _qkv_attn_kernel[(H, s_q, mb)](

@@ -14,6 +14,11 @@ input rows, and finishes its outputs itself. That is one round trip for the weig
 RMSNorm comes for free from the input row the GEMV loads anyway. Only the attention still waits on a counter: the
 last of a head's QKV programs runs that head's attention.
 
+On sm_90+ the kernels are launched as programmatic dependents of the kernel before them (``PDL``): each one starts
+while its predecessor runs, issues its weight loads, and only then waits for the predecessor's outputs. That hides
+the launch gap and the weights' DRAM latency, the two costs that dominate a batch-1 launch (a persistent kernel's
+benefit, without a grid barrier).
+
 The rows of the batch are unrolled (``BB`` = next power of two of B, masked), so every load of a launch sits in
 one basic block and can be issued early. Rounding points are those of :mod:`dsm_kernels.depformer` (the reference's);
 only the order of each dot product's sum differs (a fixed tree, so graph replays reproduce bit for bit).
@@ -21,6 +26,9 @@ only the order of each dot product's sum differs (a fixed tree, so graph replays
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -35,11 +43,21 @@ _TILE_ELEMS = 16384
 
 
 @triton.jit
+def _after_weights(PDL: tl.constexpr):
+    """Programmatic dependent launch (sm_90+): let the next kernel of the chain launch now, so that it streams its
+    weights while this one works, then wait until the previous kernel's outputs are visible. Called once the
+    weight loads are issued; every activation read and every write (counters included) must come after it."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, alpha_ptr, w_ptr, out_ptr, scale_ptr,
     B, N, K, LDX, LDO, eps,
     NORM: tl.constexpr, EPI: tl.constexpr, HAS_SCALE: tl.constexpr, DT: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (N tiles,): ``out[b, n] = epi(x'[b] . w[n])`` for rows b < B, with x' = x or RMSNorm(x) * alpha (NORM).
     Epilogues as ``depformer._linear_kernel``: 0 store; 1 ``out += scale * y`` in place; 2 ``silu(y_gate) * y_value``
@@ -57,6 +75,7 @@ def _gemv_kernel(
         alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    _after_weights(PDL)
     for i in tl.static_range(BB):
         live = i < B
         x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
@@ -102,7 +121,7 @@ def _qkv_gemv_kernel(
     q_ptr, kc_ptr, vc_ptr, a_ptr,
     B, DIM, LDP, pos, vt, eps, scale,
     INPUT: tl.constexpr, DEMUX: tl.constexpr, DT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
-    KP: tl.constexpr, HEAD_D: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
+    KP: tl.constexpr, HEAD_D: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (3 * DIM / BN,): program p computes rows [p * BN, (p + 1) * BN) of the fused QKV projection (BN divides
     HEAD_D, so a program serves one head of one of q, k, v) of RMSNorm(x) * alpha, stores them to q or this frame's
@@ -117,6 +136,7 @@ def _qkv_gemv_kernel(
     w = tl.load(w_ptr + (r0 + tl.arange(0, BN))[:, None].to(tl.int64) * DIM + k[None, :], mask=kmask[None, :],
                 other=0.0)  # fmt: skip
     alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    _after_weights(PDL)
     for i in tl.static_range(BB):
         live = i < B
         rows = i + tl.arange(0, 1)
@@ -143,6 +163,12 @@ def _qkv_gemv_kernel(
         _attend_head(q_ptr, kc_ptr, vc_ptr, a_ptr, B, DIM, h * HEAD_D + d, dmask, pos, scale, DT, BB, BP)
 
 
+def use_pdl(device) -> bool:
+    """Programmatic dependent launch: CUDA devices of compute capability 9.0+, unless ``DSM_NO_PDL=1``."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and os.environ.get("DSM_NO_PDL") != "1")  # fmt: skip
+
+
 def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, divides: int | None = None):
     """(BN, KP, num_warps) of a GEMV launch: whole rows of K per program; ~1 program per SM on a GPU (fewer,
     larger programs in the interpreter, whose cost grows with their number); ``divides``: BN must divide it."""
@@ -158,9 +184,9 @@ def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, div
 
 
 def gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, epi: int = 0, scale=None, eps: float = 0.0,
-         n_out: int | None = None) -> None:
+         n_out: int | None = None, pdl: bool = False) -> None:
     """``out[:B] (epi)= x[:B] @ w.T`` by :func:`_gemv_kernel` (``w`` [N(, +N values), K]; ``n_out``: N when the
-    gate/value pair doubles w's rows)."""
+    gate/value pair doubles w's rows; ``pdl``: launch as a programmatic dependent of the previous kernel)."""
     B, K = x.shape
     N = n_out or w.shape[0]
     bn, kp, warps = gemv_plan(N, K, gate=epi == 2, sms=sms, interp=interp)
@@ -168,5 +194,5 @@ def gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, epi: int = 0, sca
         x, alpha if alpha is not None else x, w, out, scale if scale is not None else x,
         B, N, K, x.stride(0), out.stride(0), eps,
         NORM=alpha is not None, EPI=epi, HAS_SCALE=scale is not None, DT=dt,
-        BB=triton.next_power_of_2(B), BN=bn, KP=kp, num_warps=warps,
+        BB=triton.next_power_of_2(B), BN=bn, KP=kp, PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip

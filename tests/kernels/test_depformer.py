@@ -184,12 +184,14 @@ def _aot_gemv() -> None:
         cases.append(("gemv qkv_attn", _qkv_gemv_kernel, warps, {"INPUT": True, "DEMUX": True, "BN": bn, "KP": kp,
                       "HEAD_D": D, "BD": D, "BP": 32}, {"tok_ptr": "*i64", "cnt_ptr": "*i32"}))  # fmt: skip
         for label, kernel, warps, consts, extra in cases:
-            consts = {"DT": bf16, "BB": triton.next_power_of_2(B), **consts}
+            consts = {"DT": bf16, "BB": triton.next_power_of_2(B), "PDL": True, **consts}
             types = {n: "*bf16" for n in kernel.arg_names if n.endswith("_ptr")}
             types |= {"eps": "fp32", "scale": "fp32", **extra}
             divisible = [n for n in kernel.arg_names if n not in consts and n not in ("B", "pos", "vt", "eps", "scale")]
             cc = aot_compile(kernel, types, consts, num_warps=warps, divisible=divisible)
             assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
+            ptx = cc.asm["ptx"]  # programmatic dependent launch: weights requested before the wait
+            assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global"), label
             print(f"{label} bf16 B={B}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
             assert cc.metadata.shared <= H100_SMEM_PER_BLOCK, label
 
@@ -238,6 +240,28 @@ def test_gpu_fp32_and_graph_replay(B, path):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, tok_ref)
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_chain_equals_plain_launches():
+    """Programmatic dependent launch changes when kernels start, never what they compute: bit-identical logits and
+    tokens with and without it, eagerly and replayed from a CUDA graph (where the launches become graph edges)."""
+    from dsm_kernels.depformer import depformer_frame_triton
+
+    w = cast(make_weights(**TTS, device="cuda", seed=9), torch.bfloat16)
+    args = inputs(w, 1, temp=0.8, device="cuda")
+    tok0, lg0 = depformer_frame_triton(w, **args, return_logits=True, path="gemv", pdl=False)
+    tok1, lg1 = depformer_frame_triton(w, **args, return_logits=True, path="gemv", pdl=True)
+    assert torch.equal(tok0, tok1) and torch.equal(lg0, lg1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tok2, lg2 = depformer_frame_triton(w, **args, return_logits=True, path="gemv", pdl=True)
+    for _ in range(3):
+        tok2.fill_(-7)
+        lg2.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(tok2, tok0) and torch.equal(lg2, lg0)
 
 
 if __name__ == "__main__":
