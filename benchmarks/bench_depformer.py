@@ -107,7 +107,7 @@ def main() -> None:
     wbytes = frame_weight_bytes(shapes)
     copy_bw = copy_bandwidth_gbps(dev)
     from dsm_kernels.depformer import depformer_frame_triton
-    from dsm_kernels.depformer_gemv import GEMV_MAX_B
+    from dsm_kernels.gemv_kernels import GEMV_MAX_B
 
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": triton.__version__, "commit": git_commit(), "shapes": "small" if args.small else "tts-1.6b",

@@ -50,9 +50,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="stt-1b-en_fr")
     ap.add_argument("--layers", type=int, default=None, help="temporal layers to build (default: the preset's)")
+    ap.add_argument("--batch", type=int, default=2, help="streams (default 2; above 4 the GEMMs are cuBLAS calls)")
     args = ap.parse_args(argv)
-    counts = count_step(args.preset, args.layers)
-    print(f"{args.preset} ({args.layers or 'all'} layers): {sum(counts.values())} launches per step")
+    counts = count_step(args.preset, args.layers, args.batch)
+    total = sum(counts.values())
+    print(f"{args.preset} ({args.layers or 'all'} layers, batch {args.batch}): {total} launches per step")
     for name, n in counts.most_common():
         print(f"  {n:5d}  {name}")
 

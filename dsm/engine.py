@@ -27,6 +27,7 @@ import torch
 
 import dsm_kernels
 
+from .cuda_graphs import LazyGraph
 from .generate import Generator, StepOutput
 from .kv_cache import PagedKVCache, pages_per_slot
 from .model import LMModel
@@ -112,7 +113,7 @@ class Engine:
         # Reference kernels synchronise with the host (they are loops), so they cannot be captured.
         uses_reference = (backend or dsm_kernels.default_backend(self.device)) == "reference"
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and not uses_reference
-        self._graphs: dict[tuple[int, str], object] = {}  # (bucket, phase) -> _Graph, or "buf:" static inputs
+        self._graphs: dict[tuple[int, str], object] = {}  # (bucket, phase) -> LazyGraph, or "buf:" static inputs
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         pin = self.device.type == "cuda"
         self._mask_host = torch.zeros(max_slots, dtype=torch.bool, pin_memory=pin)
@@ -257,45 +258,16 @@ class Engine:
             buf.copy_(value)
         return buf
 
-    def _graph(self, bucket: int, name: str, fn: Callable[[], object]) -> _Graph:
+    def _graph(self, bucket: int, name: str, fn: Callable[[], object]) -> LazyGraph:
+        """The graph of phase ``name`` at ``bucket``: eager on its first call (a real step), captured into the
+        engine's shared pool on its second, replayed after (:class:`dsm.cuda_graphs.LazyGraph`)."""
         key = (bucket, name)
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = _Graph(fn, self._pool)
+            g = self._graphs[key] = LazyGraph(fn, self._pool)
         return g
 
 
 def _text_phase(gen: Generator, view, inp):
     z, text_logits = gen.forward(view, inp)
     return z, text_logits, gen.sample_text(view, text_logits)
-
-
-class _Graph:
-    """A CUDA graph of ``fn`` over static tensors.
-
-    The first call runs ``fn`` eagerly on a side stream (a real step that also warms up lazy initialisation); the
-    second captures it (capture records without executing) and every call from then on replays it. ``fn`` must
-    read and write only tensors with fixed addresses (the engine's state, buffers and other graphs' outputs).
-    """
-
-    def __init__(self, fn: Callable[[], object], pool):
-        self.fn, self.pool = fn, pool
-        self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.out = None
-
-    def replay(self):
-        self.calls += 1
-        if self.calls == 1:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.fn()
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool):
-                self.out = self.fn()
-        self.graph.replay()
-        return self.out

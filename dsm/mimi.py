@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import dsm_kernels
+from dsm.cuda_graphs import capture_cuda_graph, cuda_graphed  # noqa: F401  (re-exported: the old home)
 from dsm.mimi_checkpoint import (  # noqa: F401  (re-exported: the public Mimi API lives in dsm.mimi)
     CARDINALITY,
     CODE_DIM,
@@ -112,10 +113,10 @@ class Mimi:
     the reference on a CPU and Triton on a GPU). The reference backend reproduces moshi's codes bit for bit; the
     Triton one may differ where two codebook distances tie within fp32 rounding.
 
-    At load, constant work leaves the step: codebooks (with their norms) are stacked for one encode op, the output
-    projections are folded into the decode tables, the LayerScales into the transformers' weights (the encoder's
-    codes still equal moshi's on the parity tests: the fold moves activations by ~1 ulp, far from flipping a code),
-    the RoPE frequencies are computed once.
+    At load, constant work leaves the step: codebooks (with their norms) are stacked for one encode op (with the
+    groups' level ranges it reads on the device), the output projections are folded into the decode tables, the
+    LayerScales into the transformers' weights (the encoder's codes still equal moshi's on the parity tests: the
+    fold moves activations by ~1 ulp, far from flipping a code), the RoPE frequencies are computed once.
     """
 
     def __init__(self, sd: dict[str, torch.Tensor], n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu",
@@ -181,6 +182,8 @@ class Mimi:
                 tables.append(book @ out_proj.T)  # the output projection folded in: [2048, 512]
         self.rvq_in_proj = torch.cat(in_proj).contiguous()  # [G * 256, 512, 1]: both groups in one conv
         self.rvq_books = torch.stack(books).contiguous()  # [n_q, 2048, 258] rows [c, 1, |c|^2]
+        # [G, 2] int32 (first level, count) per group, read by the encode kernel: made here, never in a step
+        self.rvq_level_ranges = dsm_kernels.reference.rvq_level_ranges(self.group_levels, self.device)
         self.rvq_tables = torch.stack(tables).contiguous()  # [n_q, 2048, 512]
 
     # ----------------------------------------------------------------------------------------------- state
@@ -258,7 +261,8 @@ class Mimi:
     def _quantize(self, latent: torch.Tensor) -> torch.Tensor:
         """``[B, 512, T]`` -> codes ``[B, n_q, T]`` int64."""
         x = F.conv1d(latent, self.rvq_in_proj)  # [B, G * 256, T]
-        return dsm_kernels.rvq_encode(x, self.rvq_books, self.group_levels, backend=self.backend)
+        return dsm_kernels.rvq_encode(x, self.rvq_books, self.group_levels, self.rvq_level_ranges,
+                                      backend=self.backend)
 
     def encode_step(self, pcm: torch.Tensor, state: MimiState) -> torch.Tensor:
         """Streaming encode: pcm ``[B, 1, 1920 * n]`` (n >= 1) -> codes ``[B, n_q, n]`` int64; updates ``state``."""
@@ -300,28 +304,6 @@ class Mimi:
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= CARDINALITY):
             raise ValueError(f"codes must be in [0, {CARDINALITY}), got range [{int(codes.min())}, {int(codes.max())}]")
         return self._decode(codes, self.init_state(codes.shape[0]), streaming=False)
-
-
-def capture_cuda_graph(fn, warmup: int = 3):
-    """Capture ``fn`` (a Mimi step on static input tensors, state updated in place) in a CUDA graph; returns
-    ``(graph, output)``, where each replay rewrites ``output``. ``warmup`` eager calls run first on a side stream
-    (allocator and kernel warm-up); they advance the state, so capture before the stream's first real frame or
-    restore the state after."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-def cuda_graphed(fn, warmup: int = 3):
-    """The replay of :func:`capture_cuda_graph` (for timing: the output is read from the tensors ``fn`` writes)."""
-    return capture_cuda_graph(fn, warmup)[0].replay
 
 
 def _check_pcm_chunk(pcm: torch.Tensor, batch_size: int) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from .mimi import MimiState, capture_cuda_graph
+from .cuda_graphs import capture_cuda_graph
+from .mimi import MimiState
 
 
 class GraphedMimiStep:

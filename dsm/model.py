@@ -263,7 +263,10 @@ class LMModel(nn.Module):
         x = tr.add_sin(x, positions)
         slot, seq_lens = dsm_kernels.kv_slots(kv.block_table, positions, write, kv.page_size, backend=backend)
         if self._fusable_step():
-            return self._step_layers_fused(x, kv, positions, slot, seq_lens, cross_kv, backend)
+            kernels = backend or dsm_kernels.default_backend(x.device)
+            few = x.shape[0] <= dsm_kernels.gemv_max_rows() and kernels != "reference"
+            step = self._step_layers_gemv if few else self._step_layers_fused
+            return step(x, kv, positions, slot, seq_lens, cross_kv, backend)
         for i, layer in enumerate(tr.layers):
             q, k, v = layer.self_attn.qkv(layer.norm1(x))
             if tr.rope:
@@ -295,7 +298,7 @@ class LMModel(nn.Module):
         ``rope_append_kv``, ``silu_mul``): each residual branch is added inside the next norm's kernel. The reference
         backend computes exactly what the module path does."""
         tr = self.transformer
-        B, H, D = x.shape[0], tr.num_heads, tr.dim // tr.num_heads
+        H = tr.num_heads
         inv_freq = self._rope_inv_freq(x.device) if tr.rope else None
         delta = scale = None  # the residual branch not yet added to x
         for i, layer in enumerate(tr.layers):
@@ -304,13 +307,7 @@ class LMModel(nn.Module):
             x, h = dsm_kernels.add_rms_norm(x, layer.norm1.alpha, layer.norm1.eps, delta=delta, scale=scale,
                                             backend=backend)
             qkv = F.linear(h, attn.in_proj_weight)
-            if inv_freq is not None:  # rotate q and k, write k and v into the pages: one kernel
-                q = dsm_kernels.rope_append_kv(qkv, positions, inv_freq, kv.k[i], kv.v[i], slot, H, Hkv,
-                                               backend=backend)
-            else:
-                q, k = qkv[:, : H * D].view(B, H, D), qkv[:, H * D : (H + Hkv) * D].view(B, Hkv, D)
-                v = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
-                dsm_kernels.append_kv(kv.k[i], kv.v[i], k, v, slot, backend=backend)
+            q = self._rope_append(qkv, positions, inv_freq, kv, i, slot, H, Hkv, backend)
             a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
                                                    backend=backend)
             delta, scale = attn.out(a.flatten(1)), _scale_of(layer.layer_scale_1)
@@ -326,6 +323,41 @@ class LMModel(nn.Module):
         x, z = dsm_kernels.add_rms_norm(x, self.out_norm.alpha, self.out_norm.eps, delta=delta, scale=scale,
                                         backend=backend)
         return z, self.text_linear(z)
+
+    def _step_layers_gemv(self, x, kv, positions, slot, seq_lens, cross_kv, backend):
+        """The layers of :meth:`step_text` for a few rows, on ``dsm_kernels.gemv``: each linear layer carries its
+        neighbours (the RMSNorm before it in its prologue; the residual add or the SiLU gate after it in its epilogue),
+        so a layer is 4 GEMVs + the RoPE/KV write + the attention, where the fused step launches 10 kernels. The
+        rounding points are the module path's. On sm_90+ consecutive GEMVs overlap by programmatic dependent launch."""
+        tr = self.transformer
+        H = tr.num_heads
+        inv_freq = self._rope_inv_freq(x.device) if tr.rope else None
+        for i, layer in enumerate(tr.layers):
+            attn, g = layer.self_attn, layer.gating
+            qkv = dsm_kernels.gemv(x, attn.in_proj_weight, alpha=layer.norm1.alpha, eps=layer.norm1.eps,
+                                   backend=backend)  # fmt: skip
+            q = self._rope_append(qkv, positions, inv_freq, kv, i, slot, H, attn.kv_heads, backend)
+            a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
+                                                   backend=backend)
+            dsm_kernels.gemv(a.flatten(1), attn.out_proj.weight, residual=x, scale=_scale_of(layer.layer_scale_1),
+                             backend=backend)  # fmt: skip
+            if layer.cross_attention is not None:
+                x = x + layer.layer_scale_cross(_cross_attend(layer, x[:, None], *cross_kv[i])[:, 0])
+            h = dsm_kernels.gemv(x, g.linear_in.weight, alpha=layer.norm2.alpha, eps=layer.norm2.eps, gate=True,
+                                 backend=backend)  # fmt: skip
+            dsm_kernels.gemv(h, g.linear_out.weight, residual=x, scale=_scale_of(layer.layer_scale_2), backend=backend)
+        x, z = dsm_kernels.add_rms_norm(x, self.out_norm.alpha, self.out_norm.eps, backend=backend)
+        return z, dsm_kernels.gemv(z, self.text_linear.weight, backend=backend)
+
+    def _rope_append(self, qkv, positions, inv_freq, kv, i, slot, H, Hkv, backend):
+        """Rotate q and k of a fused projection and write k and v into layer ``i``'s pages; returns q [B, H, D]."""
+        if inv_freq is not None:  # one kernel
+            return dsm_kernels.rope_append_kv(qkv, positions, inv_freq, kv.k[i], kv.v[i], slot, H, Hkv,
+                                              backend=backend)  # fmt: skip
+        B, D = qkv.shape[0], self.transformer.dim // H
+        q, k = qkv[:, : H * D].view(B, H, D), qkv[:, H * D : (H + Hkv) * D].view(B, Hkv, D)
+        dsm_kernels.append_kv(kv.k[i], kv.v[i], k, qkv[:, (H + Hkv) * D :].view(B, Hkv, D), slot, backend=backend)
+        return q
 
     def extra_head_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
         return [F.softmax(head(z), dim=-1) for head in self.extra_heads]

@@ -1,6 +1,7 @@
 """dsm kernels: fused multistream embedding, paged KV-cache decode attention and sampling, the fused depth
-transformer frame, the fused glue of a temporal decode step (residual + RMSNorm, RoPE, SiLU gate) and the
-delayed-stream bookkeeping of a step (input column, commit, KV slots).
+transformer frame, the fused glue of a temporal decode step (residual + RMSNorm, RoPE, SiLU gate), the small-batch
+GEMV with that glue in its prologue and epilogue, and the delayed-stream bookkeeping of a step (input column, commit,
+KV slots).
 
 Every op has a pure-torch reference (``dsm_kernels.reference``) and a Triton kernel; the three core kernels
 (embedding, paged attention with its append, sampling) also have a CUDA C++ kernel. The
@@ -21,6 +22,15 @@ import torch
 from . import reference
 
 BACKENDS = ("reference", "triton", "cuda")
+
+# The most rows the Triton GEMV kernel takes (its row loop is unrolled); callers use F.linear above it.
+GEMV_MAX_B = 4
+
+
+def gemv_max_rows() -> int:
+    """Up to how many rows the model and the depth transformer take their GEMV kernels: ``GEMV_MAX_B``, or 0 with
+    ``DSM_GEMV=0`` (the tensor-core paths at every batch: to compare the two on a device)."""
+    return 0 if os.environ.get("DSM_GEMV") == "0" else GEMV_MAX_B
 
 # op name -> {backend -> "module:function"}; modules are imported on first use.
 _OPS = {
@@ -52,6 +62,10 @@ _OPS = {
     "rope_append_kv": {
         "reference": "dsm_kernels.reference:rope_append_kv_ref",
         "triton": "dsm_kernels.fused:rope_append_kv_triton",
+    },
+    "gemv": {
+        "reference": "dsm_kernels.reference:gemv_ref",
+        "triton": "dsm_kernels.gemv_kernels:gemv_triton",
     },
     "silu_mul": {
         "reference": "dsm_kernels.reference:silu_mul_ref",
@@ -189,6 +203,13 @@ def rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num
     return fn(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
 
 
+def gemv(x, weight, *, alpha=None, eps=0.0, residual=None, scale=None, gate=False, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.gemv_ref`: a small-batch linear with an RMSNorm prologue and a residual or
+    SiLU-gate epilogue (the Triton kernel takes B <= ``dsm_kernels.gemv_kernels.GEMV_MAX_B`` rows)."""
+    fn = resolve("gemv", backend, x.device)
+    return fn(x, weight, alpha=alpha, eps=eps, residual=residual, scale=scale, gate=gate, out=out)
+
+
 def silu_mul(h, *, backend=None):
     """See :func:`dsm_kernels.reference.silu_mul_ref`."""
     return resolve("silu_mul", backend, h.device)(h)
@@ -217,9 +238,11 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
     return fn(weights, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
 
 
-def rvq_encode(x, codebooks_aug, group_levels, *, out=None, backend=None):
-    """See :func:`dsm_kernels.reference.rvq_encode_ref` (Mimi's split residual VQ encode)."""
-    return resolve("rvq_encode", backend, x.device)(x, codebooks_aug, tuple(group_levels), out=out)
+def rvq_encode(x, codebooks_aug, group_levels, level_ranges, *, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.rvq_encode_ref` (Mimi's split residual VQ encode); ``level_ranges`` is the
+    caller's :func:`dsm_kernels.reference.rvq_level_ranges` of ``group_levels``, built once on ``x``'s device."""
+    fn = resolve("rvq_encode", backend, x.device)
+    return fn(x, codebooks_aug, tuple(group_levels), level_ranges, out=out)
 
 
 def rvq_decode(codes, tables, *, out=None, backend=None):
@@ -239,6 +262,7 @@ def mimi_conv_pad(x, prev, exec_mask, *, elu=False, out=None, backend=None):
 
 __all__ = [
     "BACKENDS",
+    "GEMV_MAX_B",
     "add_rms_norm",
     "append_kv",
     "available_backends",
@@ -246,6 +270,8 @@ __all__ = [
     "depformer_frame",
     "frame_commit",
     "frame_inputs",
+    "gemv",
+    "gemv_max_rows",
     "has_cuda_ext",
     "has_triton",
     "kv_slots",

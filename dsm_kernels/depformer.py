@@ -17,7 +17,7 @@ that is not a GEMM rides in a GEMM's prologue or epilogue:
 * per codebook (2 launches): (optional RMSNorm) + head GEMM -> logits; the sampler of ``dsm_kernels.sampling``.
 
 Launches per codebook: ``4 * num_layers + 2`` (18 at the TTS shapes), 577 per 32-codebook frame, plus 3 tiny
-setup ops. Up to ``depformer_gemv.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows
+setup ops. Up to ``gemv_kernels.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows
 per program, no split-K partials: at batch 1 these GEMMs are latency-bound, see that module), chained by
 programmatic dependent launch on sm_90+ so that each streams its weights while its predecessor runs. Everything has
 static shapes and no host sync, so a frame is capturable in one CUDA graph.
@@ -316,10 +316,11 @@ def depformer_frame_triton(
     pdl: bool | None = None,
 ):
     """Triton twin of :func:`~dsm_kernels.reference.depformer_frame_ref`. ``split`` forces the split-K factor;
-    ``path`` picks the kernels: ``"gemv"`` (:mod:`dsm_kernels.depformer_gemv`) or ``"splitk"`` (this module's),
-    by default GEMV up to ``GEMV_MAX_B`` rows; ``pdl``: chain the GEMV kernels by programmatic dependent launch
-    (default: on sm_90+, see :func:`~dsm_kernels.depformer_gemv.use_pdl`)."""
-    from .depformer_gemv import GEMV_MAX_B, _qkv_gemv_kernel, gemv, gemv_plan, use_pdl
+    ``path`` picks the kernels: ``"gemv"`` (:mod:`dsm_kernels.gemv_kernels`) or ``"splitk"`` (this module's),
+    by default GEMV up to :func:`~dsm_kernels.gemv_max_rows` rows; ``pdl``: chain the GEMV kernels by programmatic
+    dependent launch (default: on sm_90+, see :func:`~dsm_kernels.gemv_kernels.use_pdl`)."""
+    from . import gemv_max_rows
+    from .gemv_kernels import _qkv_gemv_kernel, gemv_plan, launch_gemv, use_pdl
 
     if path not in (None, "gemv", "splitk"):
         raise ValueError(f"path must be 'gemv' or 'splitk', got {path!r}")
@@ -333,7 +334,7 @@ def depformer_frame_triton(
     hid = w.layers[0].linear_out[0].shape[1]
     DT, interp, sms = _TL_DTYPES[dt], _interpret(), _sms(dev)
     dot_f32 = interp or dt == torch.float32
-    use_gemv = B <= GEMV_MAX_B if path is None else path == "gemv"
+    use_gemv = B <= gemv_max_rows() if path is None else path == "gemv"
     pdl = use_gemv and not interp and (use_pdl(dev) if pdl is None else pdl)
     bm, mb, bd, bp, plans = frame_plan(B, dd, H, dq, n_in, d_model, hid, card, w.in_proj.element_size(), interp,
                                        split, sms)
@@ -356,7 +357,7 @@ def depformer_frame_triton(
     def linear(name, xin, wt, out, *, alpha=None, epi=0, scale=None):
         N, K, _, tiles, bn, bk, s_, per = plans[name]
         if use_gemv:
-            gemv(xin, wt, out, sms=sms, interp=interp, dt=DT, alpha=alpha, epi=epi, scale=scale, eps=w.norm_eps,
+            launch_gemv(xin, wt, out, sms=sms, interp=interp, dt=DT, alpha=alpha, epi=epi, scale=scale, eps=w.norm_eps,
                  n_out=N, pdl=pdl)
             return
         _linear_kernel[(tiles, s_, mb)](

@@ -20,18 +20,10 @@ Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and t
 from __future__ import annotations
 
 import os
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
-
-
-@cache
-def _levels_tensor(levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """[G, 2] int32 (first level, level count) per group; cached so a captured step never builds it."""
-    offs = [sum(levels[:g]) for g in range(len(levels))]
-    return torch.tensor([[o, n] for o, n in zip(offs, levels, strict=True)], dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -96,9 +88,12 @@ def _rvq_level_kernel(
 
 
 def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels: tuple[int, ...],
-                      out: torch.Tensor | None = None, block_k: int | None = None) -> torch.Tensor:
+                      level_ranges: torch.Tensor, out: torch.Tensor | None = None,
+                      block_k: int | None = None) -> torch.Tensor:
     """See :func:`dsm_kernels.reference.rvq_encode_ref`.
 
+    The kernel reads each group's levels from ``level_ranges`` (the caller's tensor, made once by
+    :func:`dsm_kernels.reference.rvq_level_ranges`: a captured step builds no tensor here).
     Each launch spreads a level's codebook over ``K / block_k`` programs per 16 rows (default 32 codes each on a
     GPU; the whole codebook in one program under ``TRITON_INTERPRET=1``, where programs run one after another)."""
     B, GD, T = x.shape
@@ -107,6 +102,9 @@ def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels
     D = D2 - 2
     assert GD == G * D and sum(group_levels) <= L, (x.shape, codebooks_aug.shape, group_levels)
     assert x.dtype == codebooks_aug.dtype == torch.float32 and codebooks_aug.is_contiguous()
+    assert level_ranges.shape == (G, 2) and level_ranges.dtype == torch.int32 and level_ranges.is_contiguous(), (
+        level_ranges.shape, level_ranges.dtype, group_levels)
+    assert level_ranges.device == x.device, (level_ranges.device, x.device)
     n_q = sum(group_levels)
     if out is None:
         out = torch.empty(B, n_q, T, dtype=torch.int64, device=x.device)
@@ -120,10 +118,9 @@ def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels
     res = torch.empty(2, G, N, D, dtype=torch.float32, device=x.device)
     pmin = torch.empty(2, G, N, P, dtype=torch.float32, device=x.device)
     pidx = torch.empty(2, G, N, P, dtype=torch.int32, device=x.device)
-    lev = _levels_tensor(tuple(group_levels), x.device)
     grid = (P, triton.cdiv(N, BLOCK_N), G)
     for level in range(max(group_levels) + 1):
-        _rvq_level_kernel[grid](x, x.stride(0), x.stride(1), x.stride(2), codebooks_aug, lev,
+        _rvq_level_kernel[grid](x, x.stride(0), x.stride(1), x.stride(2), codebooks_aug, level_ranges,
                 out, out.stride(0), out.stride(1), out.stride(2), res, pmin, pidx, level, N, T, K,
                 D=D, P=P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out

@@ -404,6 +404,34 @@ def rope_append_kv_ref(
     return q if out is None else out.copy_(q)
 
 
+def gemv_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    alpha: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    gate: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer with its neighbours fused, as the module path computes them (each op rounded to the dtype):
+    ``y = F.linear(RMSNorm_f32(x) * alpha if alpha is given else x, weight)``, then
+
+    * ``residual`` [B, N]: updated in place to ``residual + scale * y`` (``scale`` [N] or None = 1) and returned;
+    * ``gate``: ``weight`` holds 2N rows (gate, value): returns ``silu(y[:, :N]) * y[:, N:]``;
+    * otherwise returns ``y``.
+
+    ``out`` (not with ``residual``): where to write the result.
+    """
+    h = add_rms_norm_ref(x, alpha, eps)[1] if alpha is not None else x
+    y = F.linear(h, weight)
+    if residual is not None:
+        return residual.copy_(residual + (scale.to(y) * y if scale is not None else y))
+    y = silu_mul_ref(y) if gate else y
+    return y if out is None else out.copy_(y)
+
+
 def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The gated FFN's activation: ``h`` [B, 2F] -> ``silu(h[:, :F]) * h[:, F:]`` [B, F] (each op rounded to the
     dtype of ``h``, as the module computes it)."""
@@ -416,8 +444,17 @@ def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 # Mimi residual vector quantizer (DSM-SPEC §7.6), fp32. Kernels: dsm_kernels.mimi_kernels.
 
 
+def rvq_level_ranges(group_levels: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """The device copy of ``group_levels`` that :func:`rvq_encode_ref`'s kernels read: [G, 2] int32 rows
+    ``(first level, level count)`` per group. The caller builds it once (with its codebooks), never in a step."""
+    firsts = [sum(group_levels[:g]) for g in range(len(group_levels))]
+    rows = [[f, n] for f, n in zip(firsts, group_levels, strict=True)]
+    return torch.tensor(rows, dtype=torch.int32, device=device).view(len(group_levels), 2)
+
+
 def rvq_encode_ref(
-    x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels: tuple[int, ...], out: torch.Tensor | None = None
+    x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels: tuple[int, ...], level_ranges: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split residual VQ encode: nearest codebook entry level by level, each level quantizing the residual left by
     the previous ones.
@@ -425,12 +462,15 @@ def rvq_encode_ref(
     ``x`` [B, G*D, T] holds each group's projected latent (channels ``g*D .. g*D+D-1`` for group ``g``);
     ``codebooks_aug`` [L, K, D+2] rows ``[c, 1, |c|^2]``; group ``g`` uses the ``group_levels[g]`` codebooks that
     follow those of the groups before it. Returns codes [B, sum(group_levels), T] int64 (group by group).
+    ``level_ranges`` is ``rvq_level_ranges(group_levels)`` on the kernels' device (they read it; this reference
+    only checks its shape and reads ``group_levels``).
 
     Distances are ``torch.cdist``'s matrix-multiply path (one GEMM of ``[-2r, |r|^2, 1]`` against the augmented
     rows, clamp at 1e-30, square root), the first index on ties: this is moshi's arithmetic, so codes equal its own
     bit for bit. A kernel may differ only where two distances tie within fp32 rounding."""
     B, _, T = x.shape
     D = codebooks_aug.shape[-1] - 2
+    assert level_ranges.shape == (len(group_levels), 2), (level_ranges.shape, group_levels)
     codes = []
     level0 = 0
     for g, n in enumerate(group_levels):

@@ -99,7 +99,13 @@ step bench_stt1b 120 40 "${B[@]}" --preset stt-1b-en_fr --batch 1,64 ||
   step bench_stt1b_eager 90 40 env DSM_NO_CUDA_GRAPH=1 "${B[@]}" --preset stt-1b-en_fr --batch 1,64
 step bench_tts 150 50 "${B[@]}" --preset tts-1.6b-en_fr --batch 1,64
 step bench_stt26 100 40 "${B[@]}" --preset stt-2.6b-en --batch 1,64
-step depformer 90 30 "$PY" benchmarks/bench_depformer.py --batch 1 8 64 --iters 20 --out "$OUT/depformer.jsonl"
+# A/B at batch 1: the same steps without the GEMV kernels (cuBLAS + fused glue), and without programmatic dependent
+# launch; the rows carry the switch in their log name only, so read them beside bench_stt1b / bench_tts
+step bench_nogemv 120 40 env DSM_GEMV=0 "${B[@]}" --no-reference --preset stt-1b-en_fr --preset tts-1.6b-en_fr \
+  --batch 1 --output "$OUT/bench_nogemv.jsonl"
+step bench_nopdl 90 40 env DSM_NO_PDL=1 "${B[@]}" --no-reference --preset stt-1b-en_fr --preset tts-1.6b-en_fr \
+  --batch 1 --output "$OUT/bench_nopdl.jsonl"
+step depformer 120 30 "$PY" benchmarks/bench_depformer.py --batch 1 2 4 8 64 --iters 20 --out "$OUT/depformer.jsonl"
 step mimi 90 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
 step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1
 step bench_capacity 150 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256 --capacity

@@ -181,8 +181,9 @@ def test_tts_engine_matches_generator(tts_model):
 
 
 class EmulatedGraph:
-    """CPU stand-in for ``dsm.engine._Graph`` with a CUDA graph's address semantics: every replay runs the closure
-    given at creation (a graph replays the addresses it captured), and from the capture on, results land in the
+    """CPU stand-in for ``dsm.cuda_graphs.LazyGraph`` (patched in as ``dsm.engine.LazyGraph``) with a CUDA graph's
+    address semantics: the first call is a real eager step, every later one runs the closure given at creation (a
+    graph replays the addresses it captured), and from the capture (the second call) on, results land in the
     tensors the capture returned. It catches a phase reading a tensor that a real graph would never see again."""
 
     def __init__(self, fn, pool):
@@ -213,7 +214,7 @@ def _graph_engine(model, mode, monkeypatch, graphs, **kw):
         return Engine(model.to("cuda"), cuda_graphs=graphs, **kw)
     eng = Engine(model, cuda_graphs=False, **kw)
     if graphs:
-        monkeypatch.setattr("dsm.engine._Graph", EmulatedGraph)
+        monkeypatch.setattr("dsm.engine.LazyGraph", EmulatedGraph)
         eng.cuda_graphs = True
     return eng
 

@@ -168,7 +168,7 @@ def _aot() -> None:
 def _aot_gemv() -> None:
     import triton
 
-    from dsm_kernels.depformer_gemv import _gemv_kernel, _qkv_gemv_kernel, gemv_plan
+    from dsm_kernels.gemv_kernels import _gemv_kernel, _qkv_gemv_kernel, gemv_plan
     from dsm_kernels.testing import aot_compile
 
     t, bf16 = TTS, triton.language.bfloat16

@@ -79,25 +79,33 @@ RVQ_CASES = [
 def test_rvq_encode_triton(B, T, levels, K, D, block_k):
     device = kernel_device("triton")
     x, aug = _rvq_inputs(B, T, levels, K, D, seed=B * 100 + K + D)
-    want = reference.rvq_encode_ref(x, aug, levels)
+    want = reference.rvq_encode_ref(x, aug, levels, reference.rvq_level_ranges(levels))
     fn = resolve("rvq_encode", "triton", device)
+    ranges = reference.rvq_level_ranges(levels, device)
     out = poison_(torch.empty(B, sum(levels), T, dtype=torch.int64, device=device))
-    got = fn(x.to(device), aug.to(device), levels, out=out, block_k=block_k)
+    got = fn(x.to(device), aug.to(device), levels, ranges, out=out, block_k=block_k)
     assert got.data_ptr() == out.data_ptr()
     ties = check_rvq_codes(got.cpu(), want, x, aug, levels)
     assert ties <= max(1, B * T * len(levels) // 10), f"{ties} tied paths: too many for chance"
-    via_dispatch = rvq_encode(x.to(device), aug.to(device), levels, backend="triton")
+    via_dispatch = rvq_encode(x.to(device), aug.to(device), levels, ranges, backend="triton")
     assert torch.equal(via_dispatch.cpu(), got.cpu())
 
 
 def test_rvq_encode_tie_detection_can_fail():
     """The tie rule is not vacuous: a wrong code (not within rounding of the best) is rejected."""
     x, aug = _rvq_inputs(2, 1, (1, 3), 64, 32, seed=5)
-    want = reference.rvq_encode_ref(x, aug, (1, 3))
+    want = reference.rvq_encode_ref(x, aug, (1, 3), reference.rvq_level_ranges((1, 3)))
     bad = want.clone()
     bad[1, 2, 0] = (bad[1, 2, 0] + 1) % 64
     with pytest.raises(AssertionError):
         check_rvq_codes(bad, want, x, aug, (1, 3))
+
+
+def test_rvq_level_ranges():
+    """The encode kernel's [G, 2] int32 (first level, level count) table, made once by the caller."""
+    assert reference.rvq_level_ranges((1, 31)).tolist() == [[0, 1], [1, 31]]
+    assert reference.rvq_level_ranges((1, 0)).tolist() == [[0, 1], [1, 0]]
+    assert reference.rvq_level_ranges((2,)).dtype == torch.int32
 
 
 @pytest.mark.parametrize("B,L,T,K,C", [(1, 32, 1, 64, 512), (3, 5, 2, 16, 48), (2, 8, 3, 128, 700)])
@@ -214,6 +222,9 @@ def test_mimi_steps_triton_equal_reference(mimi_sd, n_q):
     pcm = (torch.randn(2, 1, 4 * FRAME_SIZE, generator=g) * 0.2).to(device)
     ref = Mimi(mimi_sd, n_q=n_q, device=device, backend="reference")
     tri = Mimi(mimi_sd, n_q=n_q, device=device, backend="triton")
+    # the encode kernel's level table is made at load, on the Mimi's device (a captured step never builds it)
+    assert tri.rvq_level_ranges.device == torch.device(device)
+    assert tri.rvq_level_ranges.tolist() == ([[0, 1], [1, n_q - 1]] if n_q > 1 else [[0, 1]])
     codes_r, pcm_r = _steps(ref, pcm, 4, skip_row_at=2)
     codes_t, pcm_t = _steps(tri, pcm, 4, skip_row_at=2)
     assert torch.equal(codes_t, codes_r), f"{int((codes_t != codes_r).sum())} codes differ"
@@ -223,7 +234,7 @@ def test_mimi_steps_triton_equal_reference(mimi_sd, n_q):
 @pytest.mark.gpu
 def test_mimi_triton_real_shapes_gpu(mimi_sd):
     """All 32 levels, batch 4, 20 frames on the GPU, eager and as captured CUDA graphs, against the reference."""
-    from dsm.mimi import cuda_graphed
+    from dsm.cuda_graphs import cuda_graphed
 
     g = torch.Generator().manual_seed(0)
     pcm = (torch.randn(4, 1, 20 * FRAME_SIZE, generator=g) * 0.2).cuda()

@@ -1,4 +1,6 @@
-"""Small-batch depth-transformer kernels: each GEMM is a GEMV over whole weight rows (batch <= ``GEMV_MAX_B``).
+"""Small-batch GEMV kernels (batch <= ``GEMV_MAX_B``): a linear layer over whole weight rows with its RMSNorm
+prologue and residual / SiLU-gate epilogue (the ``dsm_kernels.gemv`` op: the temporal step's and the depth
+transformer's linears), and the depth transformer's QKV projection + attention.
 
 At batch 1 the split-K GEMMs of :mod:`dsm_kernels.depformer` are bound by latency, not bandwidth: H100 run 2 timed
 6.4 µs per linear launch and 11.3 µs per QKV + attention launch, about 0.65 TB/s. Each of their programs makes
@@ -32,11 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import GEMV_MAX_B
 from .depformer import _arrive, _input_tile, _rnd
 
-# Up to this batch the GEMV kernels run; above it the split-K tensor-core GEMMs (row-unrolled GEMVs re-read the
-# input rows per program, and tensor cores win once there are enough rows). The depformer benchmark times both.
-GEMV_MAX_B = 4
+# Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
+# win once there are enough rows). bench_depformer times both sides of the boundary.
 
 # Weight elements one program holds (registers): BN x next_pow2(K), twice for the gate/value pair.
 _TILE_ELEMS = 16384
@@ -183,7 +185,7 @@ def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, div
     return bn, kp, 4 if elems <= 8192 else 8
 
 
-def gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, epi: int = 0, scale=None, eps: float = 0.0,
+def launch_gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, epi: int = 0, scale=None, eps: float = 0.0,
          n_out: int | None = None, pdl: bool = False) -> None:
     """``out[:B] (epi)= x[:B] @ w.T`` by :func:`_gemv_kernel` (``w`` [N(, +N values), K]; ``n_out``: N when the
     gate/value pair doubles w's rows; ``pdl``: launch as a programmatic dependent of the previous kernel)."""
@@ -196,3 +198,32 @@ def gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, epi: int = 0, sca
         NORM=alpha is not None, EPI=epi, HAS_SCALE=scale is not None, DT=dt,
         BB=triton.next_power_of_2(B), BN=bn, KP=kp, PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
+
+
+def gemv_triton(x, weight, *, alpha=None, eps=0.0, residual=None, scale=None, gate=False, out=None):
+    """Triton twin of :func:`~dsm_kernels.reference.gemv_ref` for ``B <= GEMV_MAX_B`` rows (the row loop is
+    unrolled), chained by programmatic dependent launch on sm_90+."""
+    B, K = x.shape
+    if B > GEMV_MAX_B:
+        raise ValueError(f"gemv: {B} rows; the GEMV kernel takes at most {GEMV_MAX_B} (use F.linear above)")
+    if weight.shape[1] != K or x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValueError(f"gemv: x {tuple(x.shape)} (row-contiguous) against weight {tuple(weight.shape)} (contiguous)")
+    N = weight.shape[0] // 2 if gate else weight.shape[0]
+    if residual is not None:
+        if gate or residual.shape != (B, N) or residual.stride(1) != 1:
+            raise ValueError(f"gemv: residual {tuple(residual.shape)} must be [{B}, {N}] row-contiguous, without gate")
+        if out is not None:
+            raise ValueError("gemv: the residual is the output; no out= with it")
+        out, epi = residual, 1
+    else:
+        if out is None:
+            out = torch.empty(B, N, dtype=x.dtype, device=x.device)
+        elif out.shape != (B, N) or out.stride(1) != 1 or out.dtype != x.dtype:
+            raise ValueError(f"gemv: out {tuple(out.shape)} {out.dtype} must be [{B}, {N}] {x.dtype}, row-contiguous")
+        epi = 2 if gate else 0
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
+    dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
+    launch_gemv(x, weight, out, sms=sms, interp=interp, dt=dt, alpha=alpha, epi=epi, scale=scale, eps=eps, n_out=N,
+         pdl=not interp and use_pdl(x.device))  # fmt: skip
+    return out
