@@ -326,17 +326,22 @@ class LMModel(nn.Module):
 
     def _step_layers_gemv(self, x, kv, positions, slot, seq_lens, cross_kv, backend):
         """The layers of :meth:`step_text` for a few rows, on ``dsm_kernels.gemv``: each linear layer carries its
-        neighbours (the RMSNorm before it in its prologue; the residual add or the SiLU gate after it in its epilogue),
-        so a layer is 4 GEMVs + the RoPE/KV write + the attention, where the fused step launches 10 kernels. The
-        rounding points are the module path's. On sm_90+ consecutive GEMVs overlap by programmatic dependent launch."""
+        neighbours (the RMSNorm before it in its prologue; the residual add or the SiLU gate after it in its
+        epilogue), and the QKV projection also rotates q and k and writes k and v into the pages. A layer is then
+        4 GEMVs + the attention (6 launches), where the fused step launches 10. The rounding points are the module
+        path's. On sm_90+ consecutive GEMVs overlap by programmatic dependent launch."""
         tr = self.transformer
         H = tr.num_heads
         inv_freq = self._rope_inv_freq(x.device) if tr.rope else None
         for i, layer in enumerate(tr.layers):
             attn, g = layer.self_attn, layer.gating
-            qkv = dsm_kernels.gemv(x, attn.in_proj_weight, alpha=layer.norm1.alpha, eps=layer.norm1.eps,
-                                   backend=backend)  # fmt: skip
-            q = self._rope_append(qkv, positions, inv_freq, kv, i, slot, H, attn.kv_heads, backend)
+            if inv_freq is not None:  # projection, RoPE and the K/V write: one kernel
+                q = dsm_kernels.qkv_rope_gemv(x, attn.in_proj_weight, layer.norm1.alpha, layer.norm1.eps, positions,
+                                              inv_freq, kv.k[i], kv.v[i], slot, H, attn.kv_heads, backend=backend)
+            else:
+                qkv = dsm_kernels.gemv(x, attn.in_proj_weight, alpha=layer.norm1.alpha, eps=layer.norm1.eps,
+                                       backend=backend)  # fmt: skip
+                q = self._rope_append(qkv, positions, inv_freq, kv, i, slot, H, attn.kv_heads, backend)
             a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
                                                    backend=backend)
             dsm_kernels.gemv(a.flatten(1), attn.out_proj.weight, residual=x, scale=_scale_of(layer.layer_scale_1),

@@ -67,6 +67,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:gemv_ref",
         "triton": "dsm_kernels.gemv_kernels:gemv_triton",
     },
+    "qkv_rope_gemv": {
+        "reference": "dsm_kernels.reference:qkv_rope_gemv_ref",
+        "triton": "dsm_kernels.gemv_kernels:qkv_rope_gemv_triton",
+    },
     "silu_mul": {
         "reference": "dsm_kernels.reference:silu_mul_ref",
         "triton": "dsm_kernels.fused:silu_mul_triton",
@@ -210,6 +214,15 @@ def gemv(x, weight, *, alpha=None, eps=0.0, residual=None, scale=None, gate=Fals
     return fn(x, weight, alpha=alpha, eps=eps, residual=residual, scale=scale, gate=gate, out=out)
 
 
+def qkv_rope_gemv(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads,
+                  num_kv_heads, *, out=None, backend=None):  # fmt: skip
+    """See :func:`dsm_kernels.reference.qkv_rope_gemv_ref` (the caches are written in place; the Triton kernel takes
+    B <= ``GEMV_MAX_B`` rows)."""
+    fn = resolve("qkv_rope_gemv", backend, x.device)
+    return fn(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+              out=out)
+
+
 def silu_mul(h, *, backend=None):
     """See :func:`dsm_kernels.reference.silu_mul_ref`."""
     return resolve("silu_mul", backend, h.device)(h)
@@ -279,6 +292,7 @@ __all__ = [
     "mimi_rope_kv",
     "multistream_embed",
     "paged_decode_attention",
+    "qkv_rope_gemv",
     "reference",
     "resolve",
     "rope_append_kv",

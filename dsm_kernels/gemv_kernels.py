@@ -36,9 +36,12 @@ import triton.language as tl
 
 from . import GEMV_MAX_B
 from .depformer import _arrive, _input_tile, _rnd
+from .paged_attention import _check_heads_contiguous, _round_e4m3, cache_saturation
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 # Weight elements one program holds (registers): BN x next_pow2(K), twice for the gate/value pair.
 _TILE_ELEMS = 16384
@@ -165,6 +168,58 @@ def _qkv_gemv_kernel(
         _attend_head(q_ptr, kc_ptr, vc_ptr, a_ptr, B, DIM, h * HEAD_D + d, dmask, pos, scale, DT, BB, BP)
 
 
+@triton.jit
+def _qkv_rope_gemv_kernel(
+    x_ptr, alpha_ptr, w_ptr, pos_ptr, f_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
+    B, K, LDX, eps, H, HKV, page_size, stride_kp, stride_ks, stride_vp, stride_vs,
+    DT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, SAT: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """Grid (rows of the fused q|k|v projection / (2 BH),): program p computes the BH interleaved RoPE pairs
+    (rows 2m and 2m + 1) of one head from RMSNorm(x) * alpha, rotates q and k at each row's position, and stores q
+    to ``q`` and k, v into the row's cache slot (skipped where the slot is -1), as ``rope_append_kv`` would from
+    the stored projection. The two rows of a pair come from two weight tiles, so no register shuffle is needed."""
+    r0 = tl.program_id(0) * 2 * BH
+    head = r0 // D  # [0, H): q, [H, H + HKV): k, then v
+    c0 = r0 - head * D
+    m = tl.arange(0, BH)
+    k = tl.arange(0, KP)
+    kmask = k < K
+    wp = w_ptr + (r0 + 2 * m)[:, None].to(tl.int64) * K + k[None, :]
+    w0 = tl.load(wp, mask=kmask[None, :], other=0.0)
+    w1 = tl.load(wp + K, mask=kmask[None, :], other=0.0)
+    alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    f = tl.load(f_ptr + c0 // 2 + m)
+    _after_weights(PDL)
+    for i in tl.static_range(BB):
+        live = i < B
+        x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(eps + tl.sum(x * x, axis=0) / K)
+        a = _rnd(x * (alpha * inv), DT)
+        y0 = _rnd(tl.sum(w0.to(tl.float32) * a[None, :], axis=1), DT)
+        y1 = _rnd(tl.sum(w1.to(tl.float32) * a[None, :], axis=1), DT)
+        if head < H + HKV:  # q or k: rotate, rounded as rope_append_kv rounds
+            angle = f * tl.load(pos_ptr + i, mask=live, other=0).to(tl.float32)
+            c, s = tl.cos(angle), tl.sin(angle)
+            y0, y1 = _rnd(y0 * c - y1 * s, DT), _rnd(y0 * s + y1 * c, DT)
+        if head < H:
+            dst = q_ptr + (i * H + head) * D + c0 + 2 * m
+            tl.store(dst, y0.to(DT), mask=live)
+            tl.store(dst + 1, y1.to(DT), mask=live)
+        else:
+            slot = tl.load(slot_ptr + i, mask=live, other=-1).to(tl.int64)
+            page, off = slot // page_size, slot % page_size
+            if head < H + HKV:
+                dst = kc_ptr + page * stride_kp + off * stride_ks + (head - H) * D + c0 + 2 * m
+            else:
+                dst = vc_ptr + page * stride_vp + off * stride_vs + (head - H - HKV) * D + c0 + 2 * m
+            if SAT > 0:  # fp8 e4m3 cache
+                y0, y1 = _round_e4m3(y0, SAT), _round_e4m3(y1, SAT)
+            ok = live & (slot >= 0)
+            tl.store(dst, y0.to(kc_ptr.dtype.element_ty), mask=ok)
+            tl.store(dst + 1, y1.to(kc_ptr.dtype.element_ty), mask=ok)
+
+
 def use_pdl(device) -> bool:
     """Programmatic dependent launch: CUDA devices of compute capability 9.0+, unless ``DSM_NO_PDL=1``."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
@@ -223,7 +278,37 @@ def gemv_triton(x, weight, *, alpha=None, eps=0.0, residual=None, scale=None, ga
         epi = 2 if gate else 0
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
-    dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
-    launch_gemv(x, weight, out, sms=sms, interp=interp, dt=dt, alpha=alpha, epi=epi, scale=scale, eps=eps, n_out=N,
-         pdl=not interp and use_pdl(x.device))  # fmt: skip
+    launch_gemv(x, weight, out, sms=sms, interp=interp, dt=_TL[x.dtype], alpha=alpha, epi=epi, scale=scale, eps=eps,
+                n_out=N, pdl=not interp and use_pdl(x.device))  # fmt: skip
     return out
+
+
+def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads,
+                         num_kv_heads, out=None):  # fmt: skip
+    """Triton twin of :func:`~dsm_kernels.reference.qkv_rope_gemv_ref` for ``B <= GEMV_MAX_B`` rows."""
+    B, K = x.shape
+    D = 2 * inv_freq.shape[0]
+    rows = (num_heads + 2 * num_kv_heads) * D
+    if B > GEMV_MAX_B:
+        raise ValueError(f"qkv_rope_gemv: {B} rows; the GEMV kernel takes at most {GEMV_MAX_B}")
+    if weight.shape != (rows, K) or not weight.is_contiguous() or x.stride(1) != 1:
+        raise ValueError(f"qkv_rope_gemv: weight {tuple(weight.shape)} must be contiguous [{rows}, {K}] against x "
+                         f"{tuple(x.shape)} (row-contiguous)")  # fmt: skip
+    if k_cache.shape[2:] != (num_kv_heads, D) or v_cache.shape != k_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"qkv_rope_gemv: caches {tuple(k_cache.shape)} must be [pages, page, {num_kv_heads}, {D}]")
+    _check_heads_contiguous(k_cache, "k_cache")
+    _check_heads_contiguous(v_cache, "v_cache")
+    q = torch.empty(B, num_heads, D, dtype=x.dtype, device=x.device) if out is None else out
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
+    bn, kp, warps = gemv_plan(rows, K, sms=sms, interp=interp, divides=D)
+    bn = max(bn, 2)  # whole pairs
+    pdl = not interp and use_pdl(x.device)
+    _qkv_rope_gemv_kernel[(rows // bn,)](
+        x, alpha.reshape(-1), weight, positions, inv_freq, slot_mapping, q, k_cache, v_cache,
+        B, K, x.stride(0), float(eps), num_heads, num_kv_heads, k_cache.shape[1],
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        DT=_TL[x.dtype], BB=triton.next_power_of_2(B), BH=bn // 2, KP=kp, D=D,
+        SAT=cache_saturation(k_cache.dtype), PDL=pdl, num_warps=warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return q

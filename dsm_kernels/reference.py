@@ -432,6 +432,19 @@ def gemv_ref(
     return y if out is None else out.copy_(y)
 
 
+def qkv_rope_gemv_ref(
+    x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, eps: float, positions: torch.Tensor,
+    inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The attention's input side in one op: the fused q|k|v projection of ``RMSNorm_f32(x) * alpha``
+    (:func:`gemv_ref`), then :func:`rope_append_kv_ref` (q and k rotated, k and v written into the pages). Returns
+    the rotated q [B, H, D]."""
+    qkv = gemv_ref(x, weight, alpha=alpha, eps=eps)
+    return rope_append_kv_ref(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                              out=out)  # fmt: skip
+
+
 def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The gated FFN's activation: ``h`` [B, 2F] -> ``silu(h[:, :F]) * h[:, F:]`` [B, F] (each op rounded to the
     dtype of ``h``, as the module computes it)."""

@@ -197,6 +197,51 @@ def _step_glue_rows(backend, device, quick):
     return rows
 
 
+def _gemv_rows(backend, device, quick):
+    """The small-batch GEMV op (every epilogue) and the fused QKV + RoPE + K/V write, bf16, against the reference's
+    own bf16 error (Triton only: the other backends fall back to it)."""
+    if backend != "triton":
+        return []
+    rows = []
+    small = quick or device.type == "cpu"
+    K, N = (64, 48) if small else (2048, 2048)
+    for B, epi in ((1, "norm"), (3, "residual"), (4, "gate")):
+        g = torch.Generator().manual_seed(B)
+        x = torch.randn(B, K, generator=g)
+        w = torch.randn(2 * N if epi == "gate" else N, K, generator=g) * K**-0.5
+        alpha, res = 1 + 0.1 * torch.randn(K, generator=g), torch.randn(B, N, generator=g)
+        sc = torch.rand(N, generator=g)
+
+        def run(fn, dt, dev, x=x, w=w, alpha=alpha, res=res, sc=sc, epi=epi):
+            kw = {"norm": {"alpha": alpha.to(dev, dt), "eps": 1e-5}, "gate": {"gate": True},
+                  "residual": {"residual": res.to(dev, dt).clone(), "scale": sc.to(dev, dt)}}[epi]  # fmt: skip
+            return fn(x.to(dev, dt), w.to(dev, dt), **kw).cpu()
+
+        ref = run(reference.gemv_ref, torch.float64, "cpu")
+        lp = run(reference.gemv_ref, torch.bfloat16, "cpu")
+        got = run(resolve("gemv", backend, device), torch.bfloat16, device)
+        rows.append(_bounded("gemv", backend, f"B{B} N{N} K{K} {epi} bf16", got, lp, ref))
+    H, D = (2, 16) if small else (16, 128)
+    B, page = 2, 16
+    g = torch.Generator().manual_seed(11)
+    x, alpha = torch.randn(B, K, generator=g), 1 + 0.1 * torch.randn(K, generator=g)
+    w = torch.randn(3 * H * D, K, generator=g) * K**-0.5
+    pos = torch.tensor([3, 40_000])
+    inv_freq = torch.exp(torch.arange(D // 2, dtype=torch.float64) * (-9.210340371976184 * 2 / D))
+
+    def run_qkv(fn, dt, dev):
+        kc, vc = (torch.zeros(4, page, H, D, dtype=dt, device=dev) for _ in range(2))
+        q = fn(x.to(dev, dt), w.to(dev, dt), alpha.to(dev, dt), 1e-5, pos.to(dev), inv_freq.to(dev, torch.float32 if
+               dt != torch.float64 else dt), kc, vc, torch.tensor([5, 17], device=dev), H, H)  # fmt: skip
+        return torch.cat([q.flatten(), kc.flatten(), vc.flatten()]).cpu()
+
+    ref = run_qkv(reference.qkv_rope_gemv_ref, torch.float64, "cpu")
+    lp = run_qkv(reference.qkv_rope_gemv_ref, torch.bfloat16, "cpu")
+    got = run_qkv(resolve("qkv_rope_gemv", backend, device), torch.bfloat16, device)
+    rows.append(_bounded("qkv_rope_gemv", backend, f"B{B} {H}x{D} K{K} bf16", got, lp, ref))
+    return rows
+
+
 def _depformer_rows(backend, device, quick):
     """The depth-transformer frame (Triton only: the other backends fall back to it) on both kernel families: fp32
     tokens equal and logits within 1e-5 relative; bf16 logits within 3x the reference's own bf16 error while the
@@ -254,7 +299,7 @@ def validate_kernels(device: torch.device | str = "cuda", quick: bool = False) -
     for backend in available_backends(device):
         if backend == "reference":
             continue
-        for check in (_embed_rows, _attention_rows, _sampling_rows, _step_glue_rows, _depformer_rows):
+        for check in (_embed_rows, _attention_rows, _sampling_rows, _step_glue_rows, _gemv_rows, _depformer_rows):
             try:
                 rows += check(backend, device, quick)
             except Exception as e:  # report, keep validating the other ops

@@ -120,3 +120,58 @@ def test_reference_is_the_module_path():
         exp = res + torch.nn.functional.linear(norm(x), w)
         got = gemv_ref(x, w, alpha=norm.alpha, eps=norm.eps, residual=res.clone())
     assert torch.equal(got, exp)
+
+
+ROPE_CASES = [  # (B, H, Hkv, D, K, cache dtype)
+    (1, 4, 4, 32, 96, torch.float32),
+    (3, 4, 2, 16, 64, torch.float32),
+    (4, 2, 2, 64, 48, torch.bfloat16),
+    (2, 3, 3, 16, 40, torch.float8_e4m3fn),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ROPE_CASES, ids=[f"B{c[0]}-H{c[1]}-kv{c[2]}-D{c[3]}-{c[5]}" for c in ROPE_CASES])
+def test_qkv_rope_gemv_matches_reference(case):
+    """Projection + RoPE + K/V write against ``qkv_rope_gemv_ref``: q and the written cache rows within fp32 1e-5
+    relative (fp32), or one ulp of the stored dtype (bf16 model, bf16/fp8 caches); slot -1 and every other row of
+    the caches untouched."""
+    from dsm.layers import rope_frequencies
+
+    B, H, Hkv, D, K, cache_dtype = case
+    dtype = torch.float32 if cache_dtype == torch.float32 else torch.bfloat16
+    g = torch.Generator().manual_seed(B * 31 + D)
+    rows = (H + 2 * Hkv) * D
+    x = (2 * torch.randn(B, K, generator=g)).to(dtype)
+    w = (torch.randn(rows, K, generator=g) * K**-0.5).to(dtype)
+    alpha = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype)
+    pos = torch.randint(0, 50_000, (B,), generator=g)
+    inv_freq = rope_frequencies(D, 10_000.0, "cpu")
+    page, pages = 4, 2 * B + 1
+    slot = torch.randperm(pages * page, generator=g)[:B]
+    if B > 1:
+        slot[-1] = -1  # a row that writes nothing
+    caches = [torch.randn(pages, page, Hkv, D, generator=g).to(cache_dtype) for _ in range(2)]
+    exp_k, exp_v = (c.clone() for c in caches)
+    exp_q = reference_qkv(x, w, alpha, pos, inv_freq, exp_k, exp_v, slot, H, Hkv)
+    k, v = (c.to(DEVICE) for c in caches)
+    out = poison_(torch.empty(B, H, D, dtype=dtype, device=DEVICE))
+    q = dsm_kernels.qkv_rope_gemv(x.to(DEVICE), w.to(DEVICE), alpha.to(DEVICE), 1e-5, pos.to(DEVICE),
+                                  inv_freq.to(DEVICE), k, v, slot.to(DEVICE), H, Hkv, out=out, backend="triton")
+    assert q.data_ptr() == out.data_ptr()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float8_e4m3fn: 2.0**-3}
+    for got, exp, name in ((q, exp_q, "q"), (k, exp_k, "k_cache"), (v, exp_v, "v_cache")):
+        got, exp = got.float().cpu(), exp.float()
+        assert not torch.isnan(got).any(), name
+        t = tol[dtype] if name == "q" else tol[cache_dtype]
+        bad = (got - exp).abs() > t * exp.abs() + 1e-5
+        assert not bad.any(), f"{name}: {int(bad.sum())} values off, max {float((got - exp).abs().max()):.3g}"
+    written = set((slot[slot >= 0] // page).tolist())
+    untouched = [p for p in range(pages) if p not in written]
+    assert torch.equal(v.cpu()[untouched].float(), caches[1][untouched].float())
+
+
+def reference_qkv(x, w, alpha, pos, inv_freq, k, v, slot, H, Hkv):
+    from dsm_kernels.reference import qkv_rope_gemv_ref
+
+    return qkv_rope_gemv_ref(x, w, alpha, 1e-5, pos, inv_freq, k, v, slot, H, Hkv)
