@@ -10,8 +10,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <initializer_list>
 #include <optional>
+#include <string>
 
 #include "checks.h"
 #include "dsm_cuda.h"
@@ -32,6 +34,15 @@ int dsm_dtype(const at::Tensor& t) {
 int kv_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat8_e4m3fn ? DSM_FP8_E4M3 : dsm_dtype(t); }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+// Programmatic dependent launch: on sm_90+ devices unless DSM_NO_PDL=1 (as dsm_kernels.gemv_kernels.use_pdl).
+int use_pdl(const at::Tensor& t) {
+  const char* off = std::getenv("DSM_NO_PDL");
+  if (off != nullptr && std::string(off) == "1") return 0;
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device());
+  return major >= 9 ? 1 : 0;
+}
 
 void multistream_embed(at::Tensor& out, const at::Tensor& tokens, const at::Tensor& text_table,
                        const at::Tensor& audio_tables, const std::optional<at::Tensor>& text_table2,
@@ -148,7 +159,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
       kv_dtype(k_cache), static_cast<int>(k_cache.size(1)), static_cast<int>(block_table.size(1)), static_cast<int>(context),
       static_cast<float>(scale), static_cast<int>(num_splits), ml.data_ptr<float>(), ml.data_ptr<float>() + parts,
       acc.data_ptr<float>(), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
-      v_cache.stride(1), block_table.stride(0), stream_of(out)));
+      v_cache.stride(1), block_table.stride(0), use_pdl(out), stream_of(out)));
 }
 
 void sample_tokens(at::Tensor& out, const at::Tensor& logits, const std::optional<at::Tensor>& null_logits,

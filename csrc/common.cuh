@@ -58,6 +58,33 @@ __device__ __forceinline__ void store_from_f32(T* __restrict__ p, const float (&
   }
 }
 
+// Programmatic dependent launch (sm_90+; a no-op below, and when the kernel was launched without the attribute):
+// let the next kernel of the stream launch now, then wait until the previous kernel has completed and its writes
+// are visible. Call before the first global read of anything an earlier kernel may have written.
+__device__ __forceinline__ void pdl_launch_and_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Launch `kernel` on `stream`, as a programmatic dependent of the previous kernel when `pdl` (it may then start
+// before that kernel ends, and must call pdl_launch_and_wait() before reading its outputs).
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 }  // namespace dsm
 
 // Calls F.template operator()<T>() with T the C++ type of a DsmDtype code; returns cudaErrorInvalidValue otherwise.

@@ -82,6 +82,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
   constexpr int kStep = kWarps * kKpw;  // keys per block per step
   const int bh = blockIdx.x, b = bh / H, h = bh % H, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / kTpk, t = lane % kTpk;
+  dsm::pdl_launch_and_wait();  // q and the new K/V come from the kernel before
 
   const int n = seq_lens[b];
   const int qpos = n - 1;
@@ -192,6 +193,7 @@ __global__ void paged_decode_merge_kernel(T* __restrict__ out, const float* __re
                                           const float* __restrict__ part_l, const float* __restrict__ part_acc,
                                           int num_splits) {
   const int64_t bh = blockIdx.x;
+  dsm::pdl_launch_and_wait();
   const float* pm = part_m + bh * num_splits;
   const float* pl = part_l + bh * num_splits;
   float mm = -INFINITY;
@@ -213,29 +215,32 @@ cudaError_t launch_decode(void* out, const void* q, const void* k_cache, const v
                           int pages_per_slot, int context, float scale, int num_splits, float* part_m,
                           float* part_l, float* part_acc, int64_t stride_qb, int64_t stride_qh, int64_t stride_kp,
                           int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt,
-                          cudaStream_t stream) {
+                          int pdl, cudaStream_t stream) {
   const int chunk = (context + num_splits - 1) / num_splits;
-  paged_decode_kernel<T, TC, D><<<dim3(B * H, num_splits), kWarps * 32, 0, stream>>>(
+  cudaError_t err = dsm::launch(
+      paged_decode_kernel<T, TC, D>, dim3(B * H, num_splits), dim3(kWarps * 32), stream, pdl != 0,
       static_cast<T*>(out), static_cast<const T*>(q), static_cast<const TC*>(k_cache),
       static_cast<const TC*>(v_cache), block_table, seq_lens, H, page_size, pages_per_slot, context,
       scale * kLog2e, num_splits, chunk, part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks,
       stride_vp, stride_vs, stride_bt);
-  if (num_splits > 1) {
-    paged_decode_merge_kernel<T, D><<<B * H, D, 0, stream>>>(static_cast<T*>(out), part_m, part_l, part_acc,
-                                                              num_splits);
+  if (err == cudaSuccess && num_splits > 1) {
+    err = dsm::launch(paged_decode_merge_kernel<T, D>, dim3(B * H), dim3(D), stream, pdl != 0, static_cast<T*>(out),
+                      static_cast<const float*>(part_m), static_cast<const float*>(part_l),
+                      static_cast<const float*>(part_acc), num_splits);
   }
-  return cudaGetLastError();
+  return err;
 }
 
 #define DSM_DECODE_PARAMS                                                                                        \
   void *out, const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table,                \
       const int32_t *seq_lens, int B, int H, int page_size, int pages_per_slot, int context, float scale,       \
       int num_splits, float *part_m, float *part_l, float *part_acc, int64_t stride_qb, int64_t stride_qh,      \
-      int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt,            \
+      int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt, int pdl,   \
       cudaStream_t stream
 #define DSM_DECODE_ARGS                                                                                           \
   out, q, k_cache, v_cache, block_table, seq_lens, B, H, page_size, pages_per_slot, context, scale, num_splits, \
-      part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt, stream
+      part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt, pdl, \
+      stream
 
 template <typename T, typename TC>
 cudaError_t launch_decode_head_dim(int head_dim, DSM_DECODE_PARAMS) {
@@ -276,7 +281,7 @@ extern "C" cudaError_t dsm_launch_paged_decode_attention(
     const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int cache_dtype, int page_size,
     int pages_per_slot, int context, float scale, int num_splits, float* part_m, float* part_l, float* part_acc,
     int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
-    int64_t stride_bt, cudaStream_t stream) {
+    int64_t stride_bt, int pdl, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (num_splits < 1) return cudaErrorInvalidValue;
   DSM_DISPATCH_DTYPE(dtype, T, {
