@@ -1,8 +1,27 @@
 // Sampler: one block per row, the row in registers (kItems per thread, strided for coalescing). CFG mix without FMA
-// contraction (the reference's rounding), greedy argmax, top-k threshold by 33-step bisection on the
-// order-preserving int32 image of the logits (exact k-th largest, no sort, no data-dependent trip count), then the
-// exp race argmax(p / -log u) over kept tokens with the reference's counter-based hash noise. No host sync.
+// contraction (the reference's rounding), greedy argmax, top-k threshold, then the exp race argmax(p / -log u) over
+// the kept tokens with the reference's counter-based hash noise. No host sync, no sort.
+//
+// At batch 1 the kernel is latency-bound and each block-wide reduction (shuffles, shared memory, barrier) costs
+// ~0.3 us, so it makes few. The top-k threshold is exactly the k-th largest order-preserving int32 image ("key") of
+// the logits, found by a radix-16 search instead of bisection (the Triton kernel's search; there the counting is
+// by compares, and R = 8 above V = 4096):
+// * Keys as offsets u = key - kKeyMin in [0, 2^bits): bits = 32, or 16 for bf16 logits without CFG (their fp32 images
+//   have 16 zero low bits, so key >> 16, arithmetic, is exact and order-preserving), 19 for fp16 (13 zero bits).
+// * Invariant: count(u >= lo) >= k > count(u >= lo + 2^(bits - 4p)) before pass p, from lo = 0 (padding has u = 0,
+//   counted only at the first lo, which needs no test). Pass p splits that range into 16 buckets of 2^s,
+//   s = max(bits - 4(p + 1), 0), and tests the thresholds lo + j * 2^s, j < 16, at once: each thread histograms its
+//   keys into 16 byte counters (two 64-bit registers; a shift and an add per key, not 16 compares), suffix-sums them
+//   into the 16 counts(u >= threshold), packs two 16-bit counts per word (a count is <= kItems * kThreads < 2^16),
+//   then a warp redux per word, one shared-memory exchange and ONE barrier; every warp reads the same totals, so the
+//   new lo, the largest threshold with count >= k, is block-uniform, and the range shrinks 16-fold. After
+//   ceil(bits / 4) passes (8 fp32, 4 bf16, 5 fp16) its width is 1: lo is exactly the k-th largest key.
+// * The softmax max needs no reduction: max(x) / t == max(x / t), correctly rounded division by t > 0 being
+//   monotone, and max(x) comes with the greedy argmax.
+// Block-wide rounds per sampled row: greedy argmax + passes + softmax sum + final argmax = 7 for bf16 logits without
+// CFG (fp16: 8) and 11 otherwise, at any V; the bisection (up to 33 steps, plus min, max, softmax max) made ~37-39.
 #include <climits>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -10,6 +29,12 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarpsPerBlock = kThreads / 32;
+
+// Low bits of the fp32 image that are zero for every value of T: dropped from the keys when there is no CFG mix.
+template <typename T>
+constexpr int narrow_key_shift() {
+  return std::is_same<T, __nv_bfloat16>::value ? 16 : (std::is_same<T, __half>::value ? 13 : 0);
+}
 
 __device__ __forceinline__ uint32_t hash32(uint32_t x) {  // lowbias32, as dsm_kernels.reference._hash32
   x ^= x >> 16;
@@ -57,16 +82,20 @@ __device__ __forceinline__ ArgMax block_argmax(ArgMax a, ArgMax* scratch) {
   return a;
 }
 
-template <typename T, int kItems>
+template <typename T, int kItems, int kShift>
 __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ out, const T* __restrict__ logits,
                                                           const T* __restrict__ null_logits, int V, int64_t stride_l,
                                                           int64_t stride_n, float cfg_coef,
                                                           const float* __restrict__ temperature, int top_k,
                                                           const int64_t* __restrict__ seeds,
                                                           const int64_t* __restrict__ steps) {
+  constexpr int kBits = 32 - kShift;          // the keys' range is [kKeyMin, kKeyMin + 2^kBits)
+  constexpr int kPasses = (kBits + 3) / 4;     // radix 16
+  constexpr int kKeyMin = INT_MIN >> kShift;
+  static_assert(kItems * kThreads < 65536, "a 16-bit count must hold a whole row");
+  static_assert(kItems < 256, "a byte counter must hold a thread's keys");
   __shared__ float s_f[kWarpsPerBlock];
-  __shared__ int s_cnt[2][kWarpsPerBlock];
-  __shared__ long long s_ll[kWarpsPerBlock];
+  __shared__ uint32_t s_cnt[2][kWarpsPerBlock][8];  // per warp: 16 counts, two per word
   __shared__ ArgMax s_a[kWarpsPerBlock];
   const int64_t row = blockIdx.x;
   float x[kItems];
@@ -97,56 +126,67 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
     return;
   }
 
-  // k-th largest logit: largest threshold `lo` with count(key >= lo) >= k, by bisection over int32 keys.
-  int key[kItems];
+  // k-th largest key (see the header) as the offset `lo`, block-uniform; 0 keeps every token when top-k is off.
+  uint32_t uk[kItems];  // the keys as offsets u
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int bits = __float_as_int(x[i]);
-    key[i] = (i * kThreads + static_cast<int>(threadIdx.x) < V) ? (bits >= 0 ? bits : bits ^ 0x7fffffff) : INT_MIN;
+    const bool valid = i * kThreads + static_cast<int>(threadIdx.x) < V;
+    const int key = (valid ? (bits >= 0 ? bits : bits ^ 0x7fffffff) : INT_MIN) >> kShift;  // arithmetic shift
+    uk[i] = static_cast<uint32_t>(key) - static_cast<uint32_t>(kKeyMin);
   }
-  long long lo = INT_MIN;
-  const bool use_top_k = top_k > 0 && top_k < V;
-  if (use_top_k) {
-    long long kmin = INT_MAX, kmax = INT_MIN;
+  uint32_t lo = 0;
+  if (top_k > 0 && top_k < V) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll 1
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int s = max(kBits - 4 * (pass + 1), 0);  // the buckets' width is 2^s (fp16's last pass: 1)
+      // bucket b = min((u - lo) >> s, 15) of the keys >= lo: threshold j counts the buckets >= j
+      unsigned long long h0 = 0, h1 = 0;  // byte b of h0 (h1): keys of this thread in bucket b (8 + b)
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      if (i * kThreads + static_cast<int>(threadIdx.x) < V) {
-        kmin = min(kmin, static_cast<long long>(key[i]));
-        kmax = max(kmax, static_cast<long long>(key[i]));
+      for (int i = 0; i < kItems; ++i) {
+        if (uk[i] >= lo) {
+          const uint32_t b = min((uk[i] - lo) >> s, 15u);
+          const unsigned long long one = 1ull << (8 * (b & 7));
+          if (b < 8) h0 += one; else h1 += one;
+        }
       }
-    }
-    lo = block_reduce(kmin, [](long long a, long long b) { return a < b ? a : b; }, s_ll);
-    long long hi = block_reduce(kmax, [](long long a, long long b) { return a > b ? a : b; }, s_ll) + 1;
-    // <= 33 rounds with lo/hi block-uniform. One barrier per round: the per-warp counts alternate between two
-    // scratch rows, and a row is rewritten only two rounds later, after every thread passed the next barrier.
-    for (int round = 0; hi - lo > 1; ++round) {
-      const long long mid = lo + (hi - lo) / 2;
-      unsigned cnt = 0;
+      // suffix sums: the count of threshold j is that of buckets >= j; two 16-bit counts per word (2w low, 2w + 1 high)
+      uint32_t packed[8];
+      uint32_t suffix = 0;
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) cnt += key[i] >= mid;
-      cnt = __reduce_add_sync(0xffffffffu, cnt);
-      int* row_scratch = s_cnt[round & 1];
-      if (threadIdx.x % 32 == 0) row_scratch[threadIdx.x / 32] = static_cast<int>(cnt);
+      for (int b = 15; b >= 0; --b) {
+        suffix += static_cast<uint32_t>(((b < 8 ? h0 : h1) >> (8 * (b & 7))) & 0xff);
+        packed[b / 2] = b & 1 ? suffix << 16 : packed[b / 2] | suffix;
+      }
+      // One barrier per pass: the per-warp counts alternate between two scratch buffers, and a buffer is rewritten
+      // only two passes later, after every thread (having read it) passed the next pass's barrier.
+      uint32_t(*const scratch)[8] = s_cnt[pass & 1];
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        packed[w] = __reduce_add_sync(0xffffffffu, packed[w]);
+        if (lane == 0) scratch[warp][w] = packed[w];
+      }
       __syncthreads();
-      int total = 0;
+      uint32_t total = 0;  // lane w < 8: the block's counts for thresholds 2w (low half) and 2w + 1 (high half)
+      if (lane < 8) {
 #pragma unroll
-      for (int w = 0; w < kWarpsPerBlock; ++w) total += row_scratch[w];
-      if (total >= top_k) lo = mid; else hi = mid;
+        for (int v = 0; v < kWarpsPerBlock; ++v) total += scratch[v][lane];
+      }
+      const bool ok0 = lane < 8 && static_cast<int>(total & 0xffffu) >= top_k;
+      const bool ok1 = lane < 8 && static_cast<int>(total >> 16) >= top_k;
+      // counts fall with j and j = 0 (lo itself) always qualifies: thresholds 0 .. n_ok - 1 qualify
+      const int n_ok = __popc(__ballot_sync(0xffffffffu, ok0)) + __popc(__ballot_sync(0xffffffffu, ok1));
+      lo += static_cast<uint32_t>(n_ok - 1) << s;
     }
   }
 
   // Softmax of x / t over all tokens (as the reference), then the exp race over kept tokens.
-  float mx = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    x[i] = x[i] / t;  // a true division, as torch's CPU `x / t`
-    mx = fmaxf(mx, x[i]);
-  }
-  mx = block_reduce(mx, [](float a, float b) { return fmaxf(a, b); }, s_f);
+  const float mx = greedy.v / t;  // == max(x / t): correctly rounded division by t > 0 is monotone
   float sum = 0.f;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    x[i] = expf(x[i] - mx);
+    x[i] = expf(x[i] / t - mx);  // a true division, as torch's CPU `x / t`
     sum += x[i];
   }
   sum = block_reduce(sum, [](float a, float b) { return a + b; }, s_f);
@@ -157,12 +197,26 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
     const int c = i * kThreads + threadIdx.x;
     if (c < V) {
       const float u = (static_cast<float>(hash32(h ^ static_cast<uint32_t>(c)) >> 8) + 0.5f) * (1.0f / 16777216.0f);
-      const float score = key[i] >= lo ? __fdiv_rn(__fdiv_rn(x[i], sum), -logf(u)) : -1.0f;
+      const float score = uk[i] >= lo ? __fdiv_rn(__fdiv_rn(x[i], sum), -logf(u)) : -1.0f;
       best = better(best, ArgMax{score, c});
     }
   }
   const ArgMax sampled = block_argmax(best, s_a);
   if (threadIdx.x == 0) out[row] = sampled.i;
+}
+
+template <typename T, int kItems>
+void launch_items(int64_t* out, const T* l, const T* n, int B, int V, int64_t stride_l, int64_t stride_n,
+                  float cfg_coef, const float* temperature, int top_k, const int64_t* seeds, const int64_t* steps,
+                  cudaStream_t stream) {
+  constexpr int kNarrow = narrow_key_shift<T>();
+  if (n == nullptr && kNarrow != 0) {  // narrow keys are exact only for unmixed bf16/fp16 logits
+    sample_kernel<T, kItems, kNarrow><<<B, kThreads, 0, stream>>>(out, l, n, V, stride_l, stride_n, cfg_coef,
+                                                                  temperature, top_k, seeds, steps);
+  } else {
+    sample_kernel<T, kItems, 0><<<B, kThreads, 0, stream>>>(out, l, n, V, stride_l, stride_n, cfg_coef, temperature,
+                                                            top_k, seeds, steps);
+  }
 }
 
 template <typename T>
@@ -172,9 +226,8 @@ cudaError_t launch(int64_t* out, const void* logits, const void* null_logits, in
   const T* l = static_cast<const T*>(logits);
   const T* n = static_cast<const T*>(null_logits);
   const int items = (V + kThreads - 1) / kThreads;
-#define DSM_SAMPLE(ITEMS)                                                                                        \
-  sample_kernel<T, ITEMS><<<B, kThreads, 0, stream>>>(out, l, n, V, stride_l, stride_n, cfg_coef, temperature, \
-                                                      top_k, seeds, steps)
+#define DSM_SAMPLE(ITEMS) \
+  launch_items<T, ITEMS>(out, l, n, B, V, stride_l, stride_n, cfg_coef, temperature, top_k, seeds, steps, stream)
   if (items <= 4) DSM_SAMPLE(4);
   else if (items <= 8) DSM_SAMPLE(8);
   else if (items <= 16) DSM_SAMPLE(16);

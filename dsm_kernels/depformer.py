@@ -318,9 +318,10 @@ def depformer_frame_triton(
     """Triton twin of :func:`~dsm_kernels.reference.depformer_frame_ref`. ``split`` forces the split-K factor;
     ``path`` picks the kernels: ``"gemv"`` (:mod:`dsm_kernels.gemv_kernels`) or ``"splitk"`` (this module's),
     by default GEMV up to :func:`~dsm_kernels.gemv_max_rows` rows; ``pdl``: chain the GEMV kernels by programmatic
-    dependent launch (default: on sm_90+, see :func:`~dsm_kernels.gemv_kernels.use_pdl`)."""
+    dependent launch (default: on sm_90+, see :func:`~dsm_kernels.pdl.use_pdl`)."""
     from . import gemv_max_rows
-    from .gemv_kernels import _qkv_gemv_kernel, gemv_plan, launch_gemv, use_pdl
+    from .gemv_kernels import _qkv_gemv_kernel, gemv_plan, launch_gemv
+    from .pdl import use_pdl
 
     if path not in (None, "gemv", "splitk"):
         raise ValueError(f"path must be 'gemv' or 'splitk', got {path!r}")
@@ -399,6 +400,6 @@ def depformer_frame_triton(
             linear("ffo", hb, lw.linear_out[j], x, epi=1, scale=lw.scale2)
         lg = logits[k if return_logits else 0]
         linear("head", x, w.heads[k], lg, alpha=w.head_norms[k])
-        sample_tokens_triton(lg, temperature, top_k, seeds, step_k[k], out=toks[k])
+        sample_tokens_triton(lg, temperature, top_k, seeds, step_k[k], out=toks[k], pdl=pdl)
     tokens = toks.t().contiguous()
     return (tokens, logits.permute(1, 0, 2).contiguous()) if return_logits else tokens

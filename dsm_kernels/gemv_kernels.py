@@ -37,6 +37,7 @@ import triton.language as tl
 from . import GEMV_MAX_B
 from .depformer import _arrive, _input_tile, _rnd
 from .paged_attention import _check_heads_contiguous, _round_e4m3, cache_saturation
+from .pdl import launch_and_wait, use_pdl
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.
@@ -45,16 +46,6 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 # Weight elements one program holds (registers): BN x next_pow2(K), twice for the gate/value pair.
 _TILE_ELEMS = 16384
-
-
-@triton.jit
-def _after_weights(PDL: tl.constexpr):
-    """Programmatic dependent launch (sm_90+): let the next kernel of the chain launch now, so that it streams its
-    weights while this one works, then wait until the previous kernel's outputs are visible. Called once the
-    weight loads are issued; every activation read and every write (counters included) must come after it."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -80,7 +71,7 @@ def _gemv_kernel(
         alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    _after_weights(PDL)
+    launch_and_wait(PDL)  # the weights are in flight
     for i in tl.static_range(BB):
         live = i < B
         x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
@@ -141,7 +132,7 @@ def _qkv_gemv_kernel(
     w = tl.load(w_ptr + (r0 + tl.arange(0, BN))[:, None].to(tl.int64) * DIM + k[None, :], mask=kmask[None, :],
                 other=0.0)  # fmt: skip
     alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    _after_weights(PDL)
+    launch_and_wait(PDL)  # the weights are in flight
     for i in tl.static_range(BB):
         live = i < B
         rows = i + tl.arange(0, 1)
@@ -190,7 +181,7 @@ def _qkv_rope_gemv_kernel(
     w1 = tl.load(wp + K, mask=kmask[None, :], other=0.0)
     alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
     f = tl.load(f_ptr + c0 // 2 + m)
-    _after_weights(PDL)
+    launch_and_wait(PDL)  # the weights are in flight
     for i in tl.static_range(BB):
         live = i < B
         x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
@@ -218,12 +209,6 @@ def _qkv_rope_gemv_kernel(
             ok = live & (slot >= 0)
             tl.store(dst, y0.to(kc_ptr.dtype.element_ty), mask=ok)
             tl.store(dst + 1, y1.to(kc_ptr.dtype.element_ty), mask=ok)
-
-
-def use_pdl(device) -> bool:
-    """Programmatic dependent launch: CUDA devices of compute capability 9.0+, unless ``DSM_NO_PDL=1``."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-            and os.environ.get("DSM_NO_PDL") != "1")  # fmt: skip
 
 
 def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, divides: int | None = None):
@@ -279,7 +264,7 @@ def gemv_triton(x, weight, *, alpha=None, eps=0.0, residual=None, scale=None, ga
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
     launch_gemv(x, weight, out, sms=sms, interp=interp, dt=_TL[x.dtype], alpha=alpha, epi=epi, scale=scale, eps=eps,
-                n_out=N, pdl=not interp and use_pdl(x.device))  # fmt: skip
+                n_out=N, pdl=use_pdl(x.device))  # fmt: skip
     return out
 
 
@@ -303,7 +288,7 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
     bn, kp, warps = gemv_plan(rows, K, sms=sms, interp=interp, divides=D)
     bn = max(bn, 2)  # whole pairs
-    pdl = not interp and use_pdl(x.device)
+    pdl = use_pdl(x.device)
     _qkv_rope_gemv_kernel[(rows // bn,)](
         x, alpha.reshape(-1), weight, positions, inv_freq, slot_mapping, q, k_cache, v_cache,
         B, K, x.stride(0), float(eps), num_heads, num_kv_heads, k_cache.shape[1],

@@ -69,7 +69,7 @@ def _aot_cases():
     """(label, kernel, argument types, constexprs, options) of every Triton kernel at its GPU configurations."""
     from dsm_kernels.embed import _embed_kernel
     from dsm_kernels.paged_attention import _append_kv_kernel, _decode_merge_kernel, _decode_split_kernel
-    from dsm_kernels.sampling import _sample_kernel
+    from dsm_kernels.sampling import _num_warps, _sample_kernel
 
     for dt in ("bf16", "fp32"):
         k = _embed_kernel
@@ -99,8 +99,8 @@ def _aot_cases():
         k = _sample_kernel
         ptrs = {"logits_ptr": f"*{dt}", "null_ptr": f"*{dt}", "temp_ptr": "*fp32", "seed_ptr": "*i64",
                 "step_ptr": "*i64", "out_ptr": "*i64"}  # fmt: skip
-        consts = {"HAS_NULL": True, "ROWS": 1, "BLOCK_V": block_v}
-        opts = {"num_warps": 16 if block_v >= 8192 else 4, "enable_fp_fusion": False}
+        consts = {"HAS_NULL": True, "ROWS": 1, "BLOCK_V": block_v, "PDL": True}
+        opts = {"num_warps": _num_warps(block_v), "enable_fp_fusion": False}
         yield f"sample {dt} V{block_v}", k, _types(k, ptrs, floats=("cfg_coef",)), consts, opts
 
 
@@ -115,6 +115,9 @@ def aot_compile_all() -> list[str]:
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
         cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
+        if constexprs.get("PDL"):  # programmatic dependent launch: the wait precedes every global load
+            ptx = cc.asm["ptx"]
+            assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), label
         done.append(f"{label}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
     return done
 

@@ -168,3 +168,142 @@ def test_cuda_graph_replay_reproduces(backend):
     steps += 1
     graph.replay()
     assert not torch.equal(out, first)
+
+
+# ---- top-k threshold search (radix search over order keys) ----------------------------------------------------------
+
+
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' order-preserving int32 image of fp32 values."""
+    b = x.float().contiguous().view(torch.int32)
+    return torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+def _threshold_inputs(B, V, dtype, seed, huge=True):
+    """Rows that stress the search: wide and narrow ranges, adjacent floats, ties, subnormals, -inf, all-equal, and
+    (``huge``) values up to 3e38, whose softmax overflows (the threshold stays exact; sampling needs finite x / t)."""
+    g = torch.Generator().manual_seed(seed)
+    tiny = {torch.float32: 1e-40, torch.bfloat16: 1e-36, torch.float16: 1e-6}[dtype]
+    wide = torch.randn(V, generator=g).sign() * torch.rand(V, generator=g) ** 8 * (3e38 if huge else 30.0)
+    rows = [
+        torch.randn(V, generator=g) * 3,
+        (torch.randn(V, generator=g) * 3).round(),  # many ties at any threshold
+        1.0 + torch.randint(0, 64, (V,), generator=g) * 2.0**-23,  # adjacent floats (bf16/fp16: ties)
+        # fp32/fp16 subnormals; bf16: tiny normals (the interpreter's bf16 -> fp32 cast mishandles bf16 subnormals)
+        (torch.randn(V, generator=g).abs() + 0.1) * torch.randn(V, generator=g).sign() * tiny,
+        torch.where(torch.rand(V, generator=g) < 0.5, float("-inf"), torch.randn(V, generator=g)),
+        torch.full((V,), -3.5),  # all equal
+        wide,
+        torch.where(torch.rand(V, generator=g) < 0.9, -1e30, torch.randn(V, generator=g)),  # very negative
+    ]
+    x = torch.stack([rows[i % len(rows)] for i in range(B)])
+    if dtype != torch.float32:  # bf16/fp16 images; fp16 overflows to +-inf, which is fine for the search
+        x = x.to(dtype)
+    return x
+
+
+def _expected_kth_key(x, k):
+    """k[b]-th largest key of row b, by torch.topk on the keys."""
+    keys = _order_key(x)
+    return torch.stack([keys[b].topk(int(k[b])).values[-1] for b in range(x.shape[0])])
+
+
+def _many_k(x, V):
+    """Every row kind of ``x`` with each of several k, from 1 to V - 1: (rows, k)."""
+    ks = torch.tensor([1, 2, 17, V // 2, V - 1], dtype=torch.int32)
+    return x.repeat(len(ks), 1), ks.repeat_interleave(x.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1000, 8001])
+def test_kth_largest_key_is_topk_kth_value(dtype, V):
+    """The search returns exactly the k-th largest key (torch.topk on the keys; the value agrees with topk on the
+    floats), for many k, on every row kind, with the sampler's radix for V (16, 8) and narrow keys for bf16/fp16."""
+    from dsm_kernels.sampling import kth_largest_key_triton
+
+    x, k = _many_k(_threshold_inputs(8, V, dtype, seed=V), V)
+    shift = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}[dtype]
+    got = kth_largest_key_triton(x.to(kernel_device("triton")), k).cpu()
+    exp = _expected_kth_key(x, k) >> shift
+    assert torch.equal(got, exp), f"rows {(got != exp).nonzero()[:, 0].tolist()}"
+    # as a value: the k-th largest float (the orders agree but for -0 < +0 among keys, and -0 == +0 as floats)
+    val = x.float().gather(1, (_order_key(x) >> shift == got[:, None]).int().argmax(-1, keepdim=True))[:, 0]
+    assert torch.equal(val, torch.stack([r.topk(int(kk)).values[-1] for r, kk in zip(x.float(), k, strict=True)]))
+
+
+def test_kth_largest_key_any_radix():
+    """Smaller radixes (more passes, as for very large V) find the same threshold."""
+    from dsm_kernels.sampling import kth_largest_key_triton
+
+    for radix in (2, 4, 8):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, k = _many_k(_threshold_inputs(8, 300, dtype, seed=radix), 300)
+            shift = 16 if dtype == torch.bfloat16 else 0
+            assert torch.equal(kth_largest_key_triton(x, k, radix=radix), _expected_kth_key(x, k) >> shift), radix
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_keys_select_the_same_threshold(dtype):
+    """bf16/fp16 logits: the 16-bit (13-bit) key search picks the same threshold, and so the same kept set, as the
+    32-bit search over the same values."""
+    from dsm_kernels.sampling import kth_largest_key_triton
+
+    x, k = _many_k(_threshold_inputs(8, 2048, dtype, seed=7), 2048)
+    shift = 16 if dtype == torch.bfloat16 else 13
+    keys = _order_key(x)
+    narrow = kth_largest_key_triton(x, k)
+    wide = kth_largest_key_triton(x, k, key_shift=0)
+    assert torch.equal(narrow, wide >> shift)
+    assert torch.equal(keys >> shift >= narrow[:, None], keys >= wide[:, None])
+
+
+def test_narrow_keys_are_exact_and_order_preserving():
+    """Over every finite bf16 and fp16 value: the fp32 image's low 16 (13) bits are zero and key >> 16 (13) is strictly
+    increasing with the value, so the narrow search is exact; the launch picks it only without CFG."""
+    import triton.language as tl
+
+    from dsm_kernels.sampling import _key_shift, _passes
+
+    for dtype, shift in ((torch.bfloat16, 16), (torch.float16, 13)):
+        v = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+        v = v[v.isfinite()].unique()  # sorted, -0 == +0 merged
+        bits = v.view(torch.int32)
+        assert bool((bits & ((1 << shift) - 1) == 0).all())
+        k = _order_key(v) >> shift
+        assert bool((k[1:] > k[:-1]).all())
+    assert _key_shift(tl.bfloat16, False) == 16 and _key_shift(tl.float16, False) == 13
+    assert _key_shift(tl.bfloat16, True) == _key_shift(tl.float16, True) == _key_shift(tl.float32, False) == 0
+    # pass counts: the least n with R**n >= the key range (2**32, 2**16, 2**19)
+    assert [_passes(16, s) for s in (0, 16, 13)] == [8, 4, 5] and [_passes(8, s) for s in (0, 16, 13)] == [11, 6, 7]
+    for r in (2, 4, 8, 16):
+        for s in (0, 13, 16):
+            n = _passes(r, s)
+            assert r**n >= 2 ** (32 - s) > r ** (n - 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,cfg", [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+                                       (torch.bfloat16, True)])  # fmt: skip
+@pytest.mark.parametrize("V", [1000, 2048])
+def test_edge_cases_match_threshold_semantics(backend, dtype, cfg, V):
+    """Tie-heavy, -inf, very negative and all-equal rows, k = 1 and k = V - 1, V not a power of two: tokens equal
+    the vectorised reference that keeps every token >= the k-th value (ties included), up to near-tie scores."""
+    device = kernel_device(backend)
+    B = 8
+    x = _threshold_inputs(B, V, dtype, seed=V + 1, huge=False)
+    null = (torch.randn(B, V) * 3).to(dtype) if cfg else None
+    g = torch.Generator().manual_seed(V)
+    temp = torch.rand(B, generator=g) * 4 + 0.5
+    seeds, steps = torch.randint(0, 2**40, (B,), generator=g), torch.randint(0, 2**30, (B,), generator=g)
+    for top_k in (1, 50, V - 1):
+        got = _run(backend, device, *(a.to(device) for a in (x, temp)), top_k, seeds.to(device), steps.to(device),
+                   None if null is None else null.to(device), 1.5)  # fmt: skip
+        exp = sample_tokens_torch(x, temp, top_k, seeds, steps, null_logits=null, cfg_coef=1.5)
+        mixed = _mixed(x, null, 1.5)
+        kth = mixed.topk(top_k, dim=-1).values[:, -1]
+        assert bool((mixed.gather(1, got[:, None])[:, 0] >= kth).all()), f"k={top_k}: a sample outside the top-k"
+        for b in (got != exp).nonzero()[:, 0].tolist():
+            p = torch.softmax(mixed[b] / temp[b].item(), -1)
+            score = p / -torch.log(reference.sampling_uniform_ref(seeds[b : b + 1], steps[b : b + 1], V)[0])
+            rel = (score[exp[b]] - score[got[b]]).abs() / score[exp[b]]
+            assert rel < 1e-5, f"k={top_k} row {b}: kernel {got[b]} vs {exp[b]}, score gap {rel:.3g}"
