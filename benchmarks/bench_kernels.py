@@ -7,6 +7,7 @@ benchmarks/results/kernels.jsonl (device, torch/triton versions, git commit).
 
     python benchmarks/bench_kernels.py                       # all kernels, batch 1 64 400, on cuda
     python benchmarks/bench_kernels.py --kernels attention --batch 1 --no-compile
+    python benchmarks/bench_kernels.py --kernels gemv --batch 1 4 --graph --providers torch triton
     python benchmarks/bench_kernels.py --device cpu --batch 1 --no-compile   # smoke run of the script itself
 """
 
@@ -109,6 +110,32 @@ def sampling_case(V, B, device):
     return (logits, temp, 250, seeds, steps), {"null_logits": null, "cfg_coef": 3.0}, nbytes
 
 
+GEMV_SHAPES = {  # name: (N, K, epilogue) of the linears the GEMV path runs at batch <= 4
+    "lm.qkv": (6144, 2048, "norm"), "lm.in": (5632, 2048, "gate"), "lm.out2": (2048, 5632, "residual"),
+    "lm.text": (8001, 2048, "none"), "dep.qkv": (3072, 1024, "norm"), "dep.in": (2048, 1024, "gate"),
+    "dep.out2": (1024, 2048, "residual"), "dep.head": (2048, 1024, "none"),
+}  # fmt: skip
+
+
+def gemv_case(name, B, device):
+    """The ``gemv`` op at one model linear: bytes = the weights (2N rows for the gate) + input and output rows."""
+    N, K, epi = GEMV_SHAPES[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = 2 * N if epi == "gate" else N
+    x = torch.randn(B, K, device=device, generator=g).bfloat16()
+    w = (torch.randn(rows, K, device=device, generator=g) * K**-0.5).bfloat16()
+    kw = {"norm": {"alpha": torch.ones(K, device=device).bfloat16(), "eps": 1e-8}, "gate": {"gate": True},
+          "residual": {"residual": torch.zeros(B, N, device=device).bfloat16()}, "none": {}}[epi]  # fmt: skip
+    nbytes = rows * K * 2 + B * (K + N) * 2 * (2 if epi == "residual" else 1)
+    return (x, w), kw, nbytes
+
+
+def _gemv_torch(x, w, **kw):
+    from dsm_kernels.reference import gemv_ref
+
+    return gemv_ref(x, w, **kw)
+
+
 KERNELS = {
     "embed": (
         "multistream_embed",
@@ -125,6 +152,8 @@ KERNELS = {
         sample_tokens_torch,
         lambda B, dev: [(f"V{V}", *sampling_case(V, B, dev)) for V in (8000, 4000, 2048)],
     ),
+    # the small-batch GEMV against cuBLAS (F.linear + the torch glue): only batch <= 4 exists
+    "gemv": ("gemv", _gemv_torch, lambda B, dev: [(n, *gemv_case(n, B, dev)) for n in GEMV_SHAPES] if B <= 4 else []),
 }
 
 
