@@ -92,6 +92,9 @@ T=("$PY" -m pytest -q -rf -p no:cacheprovider -m gpu)
 # the image has pytest-xdist: Triton compiles are CPU-bound, so the kernel tests run 8-wide
 step validate 90 20 "$PY" -m dsm.cli validate-kernels
 step tests_quick 60 20 "${T[@]}" -n 8 tests/kernels/test_fused.py tests/kernels/test_depformer.py
+# the GEMV op tests and the model-vs-reference token tests run on the GPU whenever CUDA exists (not gpu-marked)
+step tests_gemv 60 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 tests/kernels/test_gemv.py \
+  tests/model/test_backends.py
 step tests_kernels 120 30 "${T[@]}" -n 8 tests/kernels
 step tests_engine 90 30 "${T[@]}" tests/test_engine.py tests/model tests/test_mimi.py
 # then the numbers: engine end to end with moshi beside, depformer, Mimi, capacity, kernels
