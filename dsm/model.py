@@ -328,7 +328,8 @@ class LMModel(nn.Module):
         """The layers of :meth:`step_text` for a few rows, on ``dsm_kernels.gemv``: each linear layer carries its
         neighbours (the RMSNorm before it in its prologue; the residual add or the SiLU gate after it in its
         epilogue), and the QKV projection also rotates q and k and writes k and v into the pages. A layer is then
-        4 GEMVs + the attention (6 launches), where the fused step launches 10. The rounding points are the module
+        4 GEMVs + the attention (6 launches), where the fused step launches 10; a cross-attention adds 2 GEMVs (the
+        query's with its LayerNorm, the output's with the residual) around SDPA. The rounding points are the module
         path's. On sm_90+ consecutive GEMVs overlap by programmatic dependent launch."""
         tr = self.transformer
         H = tr.num_heads
@@ -346,8 +347,13 @@ class LMModel(nn.Module):
                                                    backend=backend)
             dsm_kernels.gemv(a.flatten(1), attn.out_proj.weight, residual=x, scale=_scale_of(layer.layer_scale_1),
                              backend=backend)  # fmt: skip
-            if layer.cross_attention is not None:
-                x = x + layer.layer_scale_cross(_cross_attend(layer, x[:, None], *cross_kv[i])[:, 0])
+            if layer.cross_attention is not None:  # query GEMV with its LayerNorm, SDPA, out GEMV + residual
+                ca, ln, (ck, cv) = layer.cross_attention, layer.norm_cross, cross_kv[i]
+                q = dsm_kernels.gemv(x, ca.in_proj_weight[: ca.dim], alpha=ln.weight, beta=ln.bias, eps=ln.eps,
+                                     backend=backend)  # fmt: skip
+                a = F.scaled_dot_product_attention(q.view(q.shape[0], 1, H, -1).transpose(1, 2), ck, cv)
+                dsm_kernels.gemv(a.reshape(q.shape[0], -1), ca.out_proj.weight, residual=x,
+                                 scale=_scale_of(layer.layer_scale_cross), backend=backend)  # fmt: skip
             h = dsm_kernels.gemv(x, g.linear_in.weight, alpha=layer.norm2.alpha, eps=layer.norm2.eps, gate=True,
                                  backend=backend)  # fmt: skip
             dsm_kernels.gemv(h, g.linear_out.weight, residual=x, scale=_scale_of(layer.layer_scale_2), backend=backend)

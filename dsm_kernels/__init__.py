@@ -207,11 +207,12 @@ def rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num
     return fn(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
 
 
-def gemv(x, weight, *, alpha=None, eps=0.0, residual=None, scale=None, gate=False, out=None, backend=None):
-    """See :func:`dsm_kernels.reference.gemv_ref`: a small-batch linear with an RMSNorm prologue and a residual or
-    SiLU-gate epilogue (the Triton kernel takes B <= ``dsm_kernels.gemv_kernels.GEMV_MAX_B`` rows)."""
+def gemv(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, scale=None, gate=False, out=None,
+         backend=None):  # fmt: skip
+    """See :func:`dsm_kernels.reference.gemv_ref`: a small-batch linear with an RMSNorm (or LayerNorm) prologue and
+    a residual or SiLU-gate epilogue (the Triton kernel takes B <= ``dsm_kernels.gemv_kernels.GEMV_MAX_B`` rows)."""
     fn = resolve("gemv", backend, x.device)
-    return fn(x, weight, alpha=alpha, eps=eps, residual=residual, scale=scale, gate=gate, out=out)
+    return fn(x, weight, alpha=alpha, beta=beta, eps=eps, residual=residual, scale=scale, gate=gate, out=out)
 
 
 def qkv_rope_gemv(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads,

@@ -50,14 +50,14 @@ _TILE_ELEMS = 16384
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, alpha_ptr, w_ptr, out_ptr, scale_ptr,
+    x_ptr, alpha_ptr, beta_ptr, w_ptr, out_ptr, scale_ptr,
     B, N, K, LDX, LDO, eps,
     NORM: tl.constexpr, EPI: tl.constexpr, HAS_SCALE: tl.constexpr, DT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Grid (N tiles,): ``out[b, n] = epi(x'[b] . w[n])`` for rows b < B, with x' = x or RMSNorm(x) * alpha (NORM).
-    Epilogues as ``depformer._linear_kernel``: 0 store; 1 ``out += scale * y`` in place; 2 ``silu(y_gate) * y_value``
-    with the value rows at ``w + N * K``."""
+    """Grid (N tiles,): ``out[b, n] = epi(x'[b] . w[n])`` for rows b < B, with x' = x (NORM 0), RMSNorm(x) * alpha
+    (1) or LayerNorm(x) * alpha + beta (2). Epilogues as ``depformer._linear_kernel``: 0 store; 1 ``out += scale * y``
+    in place; 2 ``silu(y_gate) * y_value`` with the value rows at ``w + N * K``."""
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < N
     k = tl.arange(0, KP)
@@ -67,17 +67,22 @@ def _gemv_kernel(
     w = tl.load(wp, mask=wm, other=0.0)  # issued first: the weights are the launch's only large read
     if EPI == 2:
         wv = tl.load(wp + N * K, mask=wm, other=0.0)
-    if NORM:
+    if NORM > 0:
         alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    if NORM == 2:
+        beta = tl.load(beta_ptr + k, mask=kmask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     launch_and_wait(PDL)  # the weights are in flight
     for i in tl.static_range(BB):
         live = i < B
         x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
-        if NORM:
+        if NORM == 1:
             inv = 1.0 / tl.sqrt(eps + tl.sum(x * x, axis=0) / K)
             x = _rnd(x * (alpha * inv), DT)
+        if NORM == 2:  # fp32 statistics, as torch's layer_norm computes them for bf16
+            xc = tl.where(kmask, x - tl.sum(x, axis=0) / K, 0.0)
+            x = _rnd(xc * (1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / K + eps)) * alpha + beta, DT)
         y = _rnd(tl.sum(w.to(tl.float32) * x[None, :], axis=1), DT)
         om = nmask & live
         optr = out_ptr + i * LDO + n
@@ -225,22 +230,23 @@ def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, div
     return bn, kp, 4 if elems <= 8192 else 8
 
 
-def launch_gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, epi: int = 0, scale=None, eps: float = 0.0,
-         n_out: int | None = None, pdl: bool = False) -> None:
+def launch_gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, beta=None, epi: int = 0, scale=None,
+                eps: float = 0.0, n_out: int | None = None, pdl: bool = False) -> None:
     """``out[:B] (epi)= x[:B] @ w.T`` by :func:`_gemv_kernel` (``w`` [N(, +N values), K]; ``n_out``: N when the
-    gate/value pair doubles w's rows; ``pdl``: launch as a programmatic dependent of the previous kernel)."""
+    gate/value pair doubles w's rows; ``alpha``: RMSNorm prologue, LayerNorm with ``beta``; ``pdl``: launch as a
+    programmatic dependent of the previous kernel)."""
     B, K = x.shape
     N = n_out or w.shape[0]
     bn, kp, warps = gemv_plan(N, K, gate=epi == 2, sms=sms, interp=interp)
     _gemv_kernel[(triton.cdiv(N, bn),)](
-        x, alpha if alpha is not None else x, w, out, scale if scale is not None else x,
-        B, N, K, x.stride(0), out.stride(0), eps,
-        NORM=alpha is not None, EPI=epi, HAS_SCALE=scale is not None, DT=dt,
+        x, alpha if alpha is not None else x, beta if beta is not None else x, w, out,
+        scale if scale is not None else x, B, N, K, x.stride(0), out.stride(0), eps,
+        NORM=0 if alpha is None else (2 if beta is not None else 1), EPI=epi, HAS_SCALE=scale is not None, DT=dt,
         BB=triton.next_power_of_2(B), BN=bn, KP=kp, PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
 
 
-def gemv_triton(x, weight, *, alpha=None, eps=0.0, residual=None, scale=None, gate=False, out=None):
+def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, scale=None, gate=False, out=None):
     """Triton twin of :func:`~dsm_kernels.reference.gemv_ref` for ``B <= GEMV_MAX_B`` rows (the row loop is
     unrolled), chained by programmatic dependent launch on sm_90+."""
     B, K = x.shape
@@ -263,8 +269,10 @@ def gemv_triton(x, weight, *, alpha=None, eps=0.0, residual=None, scale=None, ga
         epi = 2 if gate else 0
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
-    launch_gemv(x, weight, out, sms=sms, interp=interp, dt=_TL[x.dtype], alpha=alpha, epi=epi, scale=scale, eps=eps,
-                n_out=N, pdl=use_pdl(x.device))  # fmt: skip
+    if beta is not None and alpha is None:
+        raise ValueError("gemv: a LayerNorm bias (beta) needs its weight (alpha)")
+    launch_gemv(x, weight, out, sms=sms, interp=interp, dt=_TL[x.dtype], alpha=alpha, beta=beta, epi=epi,
+                scale=scale, eps=eps, n_out=N, pdl=use_pdl(x.device))  # fmt: skip
     return out
 
 

@@ -414,9 +414,11 @@ def gemv_ref(
     scale: torch.Tensor | None = None,
     gate: bool = False,
     out: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A linear layer with its neighbours fused, as the module path computes them (each op rounded to the dtype):
-    ``y = F.linear(RMSNorm_f32(x) * alpha if alpha is given else x, weight)``, then
+    ``y = F.linear(h, weight)`` with ``h = RMSNorm_f32(x) * alpha`` if ``alpha`` is given (``LayerNorm(x) * alpha +
+    beta`` if ``beta`` is given too), else ``h = x``; then
 
     * ``residual`` [B, N]: updated in place to ``residual + scale * y`` (``scale`` [N] or None = 1) and returned;
     * ``gate``: ``weight`` holds 2N rows (gate, value): returns ``silu(y[:, :N]) * y[:, N:]``;
@@ -424,7 +426,10 @@ def gemv_ref(
 
     ``out`` (not with ``residual``): where to write the result.
     """
-    h = add_rms_norm_ref(x, alpha, eps)[1] if alpha is not None else x
+    if beta is not None:
+        h = F.layer_norm(x, x.shape[-1:], alpha.view(-1), beta.view(-1), eps)
+    else:
+        h = add_rms_norm_ref(x, alpha, eps)[1] if alpha is not None else x
     y = F.linear(h, weight)
     if residual is not None:
         return residual.copy_(residual + (scale.to(y) * y if scale is not None else y))

@@ -27,6 +27,7 @@ def _case(B, N, K, *, norm, epi, scale, dtype, seed):
     x = torch.randn(B, K, generator=g)
     w = torch.randn(2 * N if epi == "gate" else N, K, generator=g) * K**-0.5
     alpha = 1 + 0.1 * torch.randn(K, generator=g) if norm else None
+    beta = 0.1 * torch.randn(K, generator=g) if norm == "layer" else None
     res = torch.randn(B, N, generator=g) if epi == "residual" else None
     sc = 0.3 * torch.randn(N, generator=g) if scale else None
 
@@ -34,7 +35,7 @@ def _case(B, N, K, *, norm, epi, scale, dtype, seed):
         def c(t):
             return None if t is None else t.to(dev, dt)
 
-        kw = dict(alpha=c(alpha), eps=1e-5, residual=c(res), scale=c(sc), gate=epi == "gate")
+        kw = dict(alpha=c(alpha), beta=c(beta), eps=1e-5, residual=c(res), scale=c(sc), gate=epi == "gate")
         return c(x), c(w), kw
 
     return on
@@ -57,18 +58,21 @@ def _rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
-CASES = [  # (B, N, K, norm, epilogue, scale)
-    (1, 64, 128, True, "none", False),
-    (3, 100, 72, False, "none", False),
-    (2, 96, 160, False, "residual", True),
-    (4, 80, 64, True, "residual", False),
-    (1, 48, 200, True, "gate", False),
-    (4, 40, 96, False, "gate", False),
+CASES = [  # (B, N, K, norm prologue, epilogue, scale)
+    (1, 64, 128, "rms", "none", False),
+    (3, 100, 72, None, "none", False),
+    (2, 96, 160, None, "residual", True),
+    (4, 80, 64, "rms", "residual", False),
+    (1, 48, 200, "rms", "gate", False),
+    (4, 40, 96, None, "gate", False),
+    (2, 72, 96, "layer", "none", False),  # the cross-attention query
+    (1, 64, 80, "layer", "residual", True),
 ]
+IDS = [f"B{c[0]}-{c[4]}{'-' + c[3] if c[3] else ''}" for c in CASES]
 
 
 @needs_triton
-@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-{c[4]}{'-norm' if c[3] else ''}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_fp32_matches_reference(case):
     B, N, K, norm, epi, scale = case
     x, w, kw = _case(B, N, K, norm=norm, epi=epi, scale=scale, dtype=torch.float32, seed=B * N + K)(torch.float32,
@@ -80,7 +84,7 @@ def test_fp32_matches_reference(case):
 
 
 @needs_triton
-@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-{c[4]}{'-norm' if c[3] else ''}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bf16_within_3x_reference_error(case):
     B, N, K, norm, epi, scale = case
     make = _case(B, N, K, norm=norm, epi=epi, scale=scale, dtype=torch.bfloat16, seed=7 + B * N + K)
@@ -108,7 +112,8 @@ def test_rejects_what_it_cannot_run():
 
 
 def test_reference_is_the_module_path():
-    """The reference computes what the model's modules do: RMSNorm, linear, then the residual add or the gate."""
+    """The reference computes what the model's modules do: RMSNorm (or LayerNorm), linear, then the residual add or
+    the gate."""
     from dsm.layers import Norm
 
     g = torch.Generator().manual_seed(0)
@@ -119,7 +124,12 @@ def test_reference_is_the_module_path():
         res = torch.randn(2, 24, generator=g).bfloat16()
         exp = res + torch.nn.functional.linear(norm(x), w)
         got = gemv_ref(x, w, alpha=norm.alpha, eps=norm.eps, residual=res.clone())
-    assert torch.equal(got, exp)
+        ln = Norm("layer_norm", 32).bfloat16()
+        ln.weight.copy_(1 + 0.1 * torch.randn(32, generator=g))
+        ln.bias.copy_(0.1 * torch.randn(32, generator=g))
+        exp_ln = torch.nn.functional.linear(ln(x), w)
+        got_ln = gemv_ref(x, w, alpha=ln.weight, beta=ln.bias, eps=ln.eps)
+    assert torch.equal(got, exp) and torch.equal(got_ln, exp_ln)
 
 
 ROPE_CASES = [  # (B, H, Hkv, D, K, cache dtype)

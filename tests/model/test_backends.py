@@ -39,6 +39,43 @@ def test_model_tokens_triton_equal_reference():
     _check("triton", "cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _engine_tokens(model, backend, batch, steps=6):
+    from dsm.bench import _random_conditions
+    from dsm.engine import Engine
+
+    eng = Engine(model, max_slots=batch, buckets=(batch,), backend=backend, temp=0.8, temp_text=0.7, top_k=10,
+                 top_k_text=5, seed=3)  # fmt: skip
+    conds = _random_conditions(model, 1, eng.device)
+    for _ in range(batch):
+        eng.open(conditions=conds)
+    outs = [eng.step() for _ in range(steps)]
+    return torch.stack([o.tokens.cpu() for o in outs]), torch.stack([o.text_logits.float().cpu() for o in outs])
+
+
+@pytest.mark.parametrize("batch", [2, 6], ids=["gemv-path", "cublas-path"])
+def test_tts_engine_tokens_triton_equal_reference(batch):
+    """A conditioned model (cross-attention to the voice, depth transformer, delays) on the Triton kernels, as the
+    engine steps it, samples the reference's tokens with the same text logits. At batch <= 4 it runs the GEMV path
+    (the cross-attention's query and output GEMVs included), above it F.linear. tiny-tts with 8 codebooks, for the
+    interpreter's speed."""
+    from dsm.bench import random_model
+    from dsm.presets import preset_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = dict(preset_config("tiny-tts"), num_layers=1, depformer_num_layers=1, n_q=8, dep_q=8, delays=[0, 0] + [2] * 7)
+    cfg["depformer_weights_per_step_schedule"] = cfg["depformer_weights_per_step_schedule"][:8]
+    model = random_model(cfg, device, torch.float32)[0]
+    ln = model.transformer.layers[0].norm_cross
+    with torch.no_grad():  # a LayerNorm that is not an RMSNorm in disguise (zero bias, zero-mean input)
+        ln.bias.normal_(0, 0.5, generator=torch.Generator(device).manual_seed(1))
+    assert model.transformer.layers[0].cross_attention is not None
+    tok, logits = _engine_tokens(model, "triton", batch)
+    tok_ref, logits_ref = _engine_tokens(model, "reference", batch)
+    assert torch.equal(tok, tok_ref)
+    # fp32: the logits agree closely (tokens alone would miss a small error such as a LayerNorm taken for an RMSNorm)
+    assert float((logits - logits_ref).abs().max()) <= 1e-4 * float(logits_ref.abs().max())
+
+
 @pytest.mark.gpu
 def test_model_tokens_cuda_equal_reference():
     _check("cuda", "cuda")
