@@ -205,7 +205,7 @@ def _gemv_rows(backend, device, quick):
     rows = []
     small = quick or device.type == "cpu"
     K, N = (64, 48) if small else (2048, 2048)
-    for B, epi in ((1, "norm"), (3, "residual"), (4, "gate")):
+    for B, epi in ((1, "norm"), (2, "layer_norm"), (3, "residual"), (4, "gate")):
         g = torch.Generator().manual_seed(B)
         x = torch.randn(B, K, generator=g)
         w = torch.randn(2 * N if epi == "gate" else N, K, generator=g) * K**-0.5
@@ -214,6 +214,7 @@ def _gemv_rows(backend, device, quick):
 
         def run(fn, dt, dev, x=x, w=w, alpha=alpha, res=res, sc=sc, epi=epi):
             kw = {"norm": {"alpha": alpha.to(dev, dt), "eps": 1e-5}, "gate": {"gate": True},
+                  "layer_norm": {"alpha": alpha.to(dev, dt), "beta": (alpha - 1).to(dev, dt), "eps": 1e-5},
                   "residual": {"residual": res.to(dev, dt).clone(), "scale": sc.to(dev, dt)}}[epi]  # fmt: skip
             return fn(x.to(dev, dt), w.to(dev, dt), **kw).cpu()
 
