@@ -57,7 +57,7 @@ finish() {
     tail -n 12 "$LOGS/mimi.log" 2>/dev/null
     tail -n 12 "$LOGS/depformer.log" 2>/dev/null
     echo "=== profile (eager kernels per step)"
-    grep -A8 "kernels per step" "$LOGS/profile.log" 2>/dev/null
+    grep -h -A8 "kernels per step" "$LOGS/profile.log" "$LOGS/profile_mimi.log" 2>/dev/null
     echo "=== tests"
     for f in "$LOGS"/tests*.log; do [ -f "$f" ] && grep -E "^FAILED|^ERROR|passed|failed" "$f" | tail -n 12; done
     echo "=== steps"
@@ -114,6 +114,7 @@ step kbench_gemv 90 30 "$PY" benchmarks/bench_kernels.py --kernels gemv --batch 
   --providers torch triton --out "$OUT/kernels.jsonl"
 step mimi 90 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
 step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1
+step profile_mimi 60 20 "$PY" benchmarks/profile_step.py --mimi --batch 1 --top 25
 step bench_capacity 150 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256 --capacity
 step bench_capacity_fp8 150 40 "${B[@]}" --no-reference --steps 20 --kv-dtype fp8 --preset stt-1b-en_fr \
   --batch 1,1024 --capacity
