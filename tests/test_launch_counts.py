@@ -14,7 +14,7 @@ def _count(preset, layers, batch=2):
     return sum(mod.count_step(preset, layers, batch).values())
 
 
-def test_stt_step_launches_pinned():
+def test_stt_step_launches_pinned(monkeypatch):
     # batch <= GEMV_MAX_B, measured 2026-11-27: 6 per layer (qkv GEMV with its RMSNorm, RoPE and K/V write;
     # 2 attention; out GEMV + residual; in GEMV with its RMSNorm and gate; out GEMV + residual), 15 fixed
     one, two = _count("stt-1b-en_fr", 1), _count("stt-1b-en_fr", 2)
@@ -24,3 +24,7 @@ def test_stt_step_launches_pinned():
     one, two = _count("stt-1b-en_fr", 1, batch=8), _count("stt-1b-en_fr", 2, batch=8)
     per_layer, fixed = two - one, 2 * one - two
     assert per_layer <= 10 and fixed <= 16, (per_layer, fixed)
+    # DSM_GEMV=0 (the A/B switch) takes the cuBLAS path at every batch
+    monkeypatch.setenv("DSM_GEMV", "0")
+    one, two = _count("stt-1b-en_fr", 1), _count("stt-1b-en_fr", 2)
+    assert two - one == 10, two - one
