@@ -1,6 +1,10 @@
-"""Small-batch GEMV kernels (batch <= ``GEMV_MAX_B``): a linear layer over whole weight rows with its RMSNorm
-prologue and residual / SiLU-gate epilogue (the ``dsm_kernels.gemv`` op: the temporal step's and the depth
-transformer's linears), and the depth transformer's QKV projection + attention.
+"""Small-batch GEMV kernels (batch <= ``GEMV_MAX_B``), each over whole weight rows:
+
+* ``_gemv_kernel`` (the ``dsm_kernels.gemv`` op): a linear layer with its RMSNorm or LayerNorm prologue and its
+  residual or SiLU-gate epilogue. It runs the linears of the temporal step and of the depth transformer.
+* ``_qkv_rope_gemv_kernel`` (``dsm_kernels.qkv_rope_gemv``): the temporal QKV projection, which also applies RoPE
+  and writes k and v into the paged cache.
+* ``_qkv_gemv_kernel``: the depth transformer's QKV projection, followed by its attention.
 
 At batch 1 the split-K GEMMs of :mod:`dsm_kernels.depformer` are bound by latency, not bandwidth: H100 run 2 timed
 6.4 µs per linear launch and 11.3 µs per QKV + attention launch, about 0.65 TB/s. Each of their programs makes
