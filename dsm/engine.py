@@ -13,8 +13,9 @@
   ``cuda_graphs=False`` runs eagerly (always the case on CPU).
 
 Isolation: a slot's computation reads only its own rows, pages and seeds, so its outputs do not depend on what
-other slots hold. With one fixed bucket they are bit-identical to running it alone; with several buckets, the
-batch size of the GEMMs changes with the number of slots, which on some BLAS kernels changes rounding.
+other slots hold. With one fixed bucket they are bit-identical to running it alone. With several buckets, the batch
+size of the GEMMs changes with the number of slots, and so can rounding: some BLAS kernels round differently, and
+buckets of up to ``dsm_kernels.GEMV_MAX_B`` rows use the GEMV kernels instead of cuBLAS.
 """
 
 from __future__ import annotations
