@@ -167,6 +167,30 @@ class Engine:
         if not allocated:  # the first conditioned stream created the per-slot buffers: graphs must see them
             self._graphs.clear()
 
+    @torch.no_grad()
+    def warm_up(self, conditions: dict | None = None) -> None:
+        """Capture every bucket's step graphs now, as a server does before its first client, so that no stream pays
+        for the eager first call and the capture. Each bucket is filled with throwaway streams (``conditions``: a
+        conditioned model's per-stream values) that take two plain steps, plus two text-only steps
+        (``depformer_replace_tokens``) for a model with a depth transformer, and are then closed. Their pages go back
+        to the pool and a later stream starts from a reset row, so outputs are those of an engine never warmed up.
+        Steps with hooks that split a phase (``on_text_logits``) still capture on first use. A no-op without CUDA
+        graphs."""
+        if not self.cuda_graphs:
+            return
+        if self.slots:
+            raise RuntimeError(f"warm_up() needs an idle engine; slots {sorted(self.slots)} are open")
+        dq = self.model.cfg.dep_q
+        for bucket in self.buckets:
+            slots = [self.open(conditions=conditions) for _ in range(bucket)]
+            silent = torch.full((bucket, dq), -1, dtype=torch.long, device=self.device) if dq else None
+            for _ in range(2):  # the eager first call, then the capture
+                self.step()
+                if dq:
+                    self.step(depformer_replace_tokens=silent)
+            for slot in slots:
+                self.close(slot)
+
     # ---- stepping --------------------------------------------------------------------------------------------------
     def _assign_pages(self, active: list[int]) -> None:
         updates = []

@@ -339,6 +339,7 @@ def cmd_serve_stt(args) -> int:
     from .stt import runtime_from_args
 
     rt = runtime_from_args(args)
+    rt.warm_up()  # CUDA graphs captured before the first client, not during its first steps
     return _run(ASRServer(rt, args.api_key or ["public_token"]), args.host, args.port,
                 f"ASR websocket ({rt.max_streams} slots)")
 
@@ -376,6 +377,7 @@ def cmd_serve_tts(args) -> int:
     dtype = args.dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
                                     config=TTSConfig(max_batch=args.batch_size, temp=args.temp))
+    rt.warm_up()  # CUDA graphs captured before the first client, not during its first steps
     voice = args.voice
     if voice is None and args.random_weights and rt.multi_speaker:
         voice = random_voice(0, rt.voice_dim)

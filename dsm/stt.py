@@ -478,6 +478,12 @@ class STTRuntime:
         mimi = Mimi.from_file(files.mimi_weights, n_q=lm.cfg.n_q, device=device)
         return cls(lm, mimi, Tokenizer(files.tokenizer), files.config, max_streams=max_streams, options=options, **kw)
 
+    def warm_up(self) -> None:
+        """Capture the engine's step graphs for every batch bucket before the first stream (a no-op on a CPU, or
+        without the engine, or with streams open)."""
+        if self.stepper.engine is not None and not self.streams:
+            self.stepper.engine.warm_up()
+
     # ---- slots -------------------------------------------------------------------------------------------------
     @property
     def streams(self) -> list[STTStream]:

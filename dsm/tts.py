@@ -578,6 +578,12 @@ class TTSRuntime:
         return cls(model, mimi, Tokenizer(files.tokenizer), files.config.tts_config, files.config.model_id, config,
                    backend)
 
+    def warm_up(self) -> None:
+        """Capture the engine's step graphs for every batch bucket before the first stream, with the default
+        conditions (a no-op on a CPU, or on the CFG-doubling stepper)."""
+        if isinstance(self.stepper, EngineStepper) and not self.stepper.engine.slots:
+            self.stepper.engine.warm_up(self._conditions([None], [None]))
+
     # ---- conditioning
     @property
     def voice_dim(self) -> int:

@@ -286,3 +286,26 @@ def test_cuda_graph_engine_plain_tts_steps_equal_eager(tts_model, mode, monkeypa
             toks.append(out.tokens[2].clone())  # the stream that joins at step 5
         outs[graphs] = torch.stack(toks).to(dev)
     assert torch.equal(outs[False], outs[True])
+
+
+def test_warm_up_captures_every_bucket_and_changes_no_output(tts_model, monkeypatch):
+    """After ``warm_up`` every bucket's plain and text-only phases are captured (emulated graphs), no page or slot is
+    held, and a stream samples exactly what it samples on an engine that was never warmed up."""
+
+    def run(warm):
+        eng = _graph_engine(tts_model, "emulated", monkeypatch, True, max_slots=4, temp=0.6, temp_text=0.6)
+        if warm:
+            eng.warm_up()
+            captured = {key for key, g in eng._graphs.items() if isinstance(g, EmulatedGraph) and g.calls >= 2}
+            assert {(b, p) for b in eng.buckets for p in ("text", "depth", "commit_audio")} <= captured, captured
+            assert eng.pool.used == 0 and eng.num_open == 0
+        slot = eng.open(seed=9)
+        silent = torch.full((1, tts_model.cfg.dep_q), -1, dtype=torch.long)
+        return torch.stack([eng.step(depformer_replace_tokens=silent if t < 3 else None).tokens[slot].clone()
+                            for t in range(8)])  # fmt: skip
+
+    assert torch.equal(run(True), run(False))
+    with pytest.raises(RuntimeError, match="idle"):
+        eng = _graph_engine(tts_model, "emulated", monkeypatch, True, max_slots=2, temp=0.6)
+        eng.open()
+        eng.warm_up()

@@ -275,6 +275,30 @@ def test_batched_rows_join_and_leave(ckpt, moshi_tts):
         assert_same_as_moshi(s, res, b, n_q)
 
 
+def test_warm_up_then_speak_equals_a_cold_runtime(ckpt, monkeypatch):
+    """``warm_up`` (CUDA graphs stood in for by eager calls on a CPU) fills every bucket with throwaway streams under
+    the default conditions and closes them; a stream spoken afterwards gets the frames of a fresh runtime."""
+
+    class Eager:  # dsm.cuda_graphs.LazyGraph's interface, every call eager
+        def __init__(self, fn, pool):
+            self.fn = fn
+
+        def replay(self):
+            return self.fn()
+
+    monkeypatch.setattr("dsm.engine.LazyGraph", Eager)
+
+    def frames(warm: bool):
+        rt = runtime(ckpt, n_q=4, max_batch=2)
+        if warm:
+            rt.stepper.engine.cuda_graphs = True
+            rt.warm_up()
+            assert rt.stepper.engine.num_open == 0 and rt.stepper.engine.pool.used == 0
+        return torch.stack(speak(rt, ["one two three"], ckpt.config_path.parent / "voice.safetensors").frames)
+
+    assert torch.equal(frames(True), frames(False))
+
+
 @pytest.mark.parametrize("interleave", [0, 2])
 def test_text_only_steps_interleave(ckpt, interleave):
     """While one stream produces audio and another is still text-only, up to `interleaved_text_only` steps run
