@@ -60,6 +60,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"kernel backends on {dev}: {', '.join(dsm_kernels.available_backends(dev))}")
     if torch.cuda.is_available():
         print(f"gpu: {torch.cuda.get_device_name()}")
+    from dsm_kernels.pdl import use_pdl
+
+    rows = dsm_kernels.gemv_max_rows()
+    print(f"small-batch GEMV kernels: {f'up to {rows} rows' if rows else 'off'} (DSM_GEMV=0 turns them off)")
+    pdl = torch.cuda.is_available() and use_pdl("cuda")
+    print(f"programmatic dependent launch: {'on' if pdl else 'off'} (sm_90+; DSM_NO_PDL=1 turns it off)")
     return 0
 
 

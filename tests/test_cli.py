@@ -65,6 +65,7 @@ def test_info(capsys):
     out = capsys.readouterr().out
     assert f"dsm {__version__}" in out and f"torch {torch.__version__}" in out
     assert "kernel backends on cpu: reference" in out
+    assert "small-batch GEMV kernels: up to 4 rows" in out and "programmatic dependent launch: off" in out
 
 
 def test_validate_kernels_passes_under_the_interpreter(capsys, monkeypatch):
