@@ -66,7 +66,8 @@ class _Endpoint:
 
     path = ""
 
-    def __init__(self, api_keys: Iterable[str]):
+    def __init__(self, runtime, api_keys: Iterable[str]):
+        self.rt = runtime
         self.api_keys = set(api_keys)
         self.connections: dict[object, object] = {}  # connection state -> websocket
         self._wake = asyncio.Event()
@@ -88,9 +89,11 @@ class _Endpoint:
         return None
 
     async def serve(self, host: str = "0.0.0.0", port: int = 8080):
-        """``async with await endpoint.serve(host, port) as ws_server:`` runs the endpoint and its model loop."""
+        """``async with await endpoint.serve(host, port) as ws_server:`` runs the endpoint and its model loop, with
+        the runtime's CUDA graphs captured first (``warm_up``), not during the first clients' steps."""
         from websockets.asyncio.server import serve
 
+        self.rt.warm_up()
         task = asyncio.create_task(self._model_loop())
         return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24), task)
 
@@ -99,7 +102,7 @@ class _Endpoint:
 
     def _step(self) -> bool:
         """One runtime step if any stream can progress; False when there was nothing to do."""
-        raise NotImplementedError
+        return self.rt.step() > 0
 
     async def _flush(self) -> None:
         raise NotImplementedError
@@ -130,10 +133,9 @@ class ASRServer(_Endpoint):
     path = ASR_PATH
 
     def __init__(self, runtime: STTRuntime, api_keys: Iterable[str] = ("public_token",)):
-        super().__init__(api_keys)
+        super().__init__(runtime, api_keys)
         if runtime.options.alignment != "rust" or runtime.options.timestamps != "rust":
             log.warning("moshi-server clients expect alignment='rust' and timestamps='rust'")
-        self.rt = runtime
 
     async def _handler(self, ws) -> None:
         try:
@@ -178,9 +180,6 @@ class ASRServer(_Endpoint):
             return f"bad {kind} message: {e}"
         return None
 
-    def _step(self) -> bool:
-        return self.rt.step() > 0
-
     async def _flush(self) -> None:
         for stream, ws in list(self.connections.items()):
             for event in stream.events():
@@ -203,8 +202,8 @@ class TTSServer(_Endpoint):
     path = TTS_PATH
 
     def __init__(self, runtime, api_keys: Iterable[str] = ("public_token",), voice=None, cfg: float | None = 2.0):
-        super().__init__(api_keys)
-        self.rt, self.default_voice, self.cfg = runtime, voice, cfg
+        super().__init__(runtime, api_keys)
+        self.default_voice, self.cfg = voice, cfg
 
     def _check_query(self, query):
         fmt = (query.get("format") or ["OggOpus"])[0]
@@ -271,9 +270,6 @@ class TTSServer(_Endpoint):
             return f"{type(e).__name__}: {e}"
         return None
 
-    def _step(self) -> bool:
-        return self.rt.step() > 0
-
     async def _flush(self) -> None:
         for conn, ws in list(self.connections.items()):
             s = conn.stream
@@ -339,7 +335,6 @@ def cmd_serve_stt(args) -> int:
     from .stt import runtime_from_args
 
     rt = runtime_from_args(args)
-    rt.warm_up()  # CUDA graphs captured before the first client, not during its first steps
     return _run(ASRServer(rt, args.api_key or ["public_token"]), args.host, args.port,
                 f"ASR websocket ({rt.max_streams} slots)")
 
@@ -377,7 +372,6 @@ def cmd_serve_tts(args) -> int:
     dtype = args.dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
                                     config=TTSConfig(max_batch=args.batch_size, temp=args.temp))
-    rt.warm_up()  # CUDA graphs captured before the first client, not during its first steps
     voice = args.voice
     if voice is None and args.random_weights and rt.multi_speaker:
         voice = random_voice(0, rt.voice_dim)

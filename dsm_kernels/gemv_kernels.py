@@ -32,21 +32,17 @@ only the order of each dot product's sum differs (a fixed tree, so graph replays
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import GEMV_MAX_B
-from .depformer import _arrive, _input_tile, _rnd
+from .depformer import _TL_DTYPES, _arrive, _input_tile, _interpret, _rnd, _sms
 from .paged_attention import _check_heads_contiguous, _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.
-
-_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 # Weight elements one program holds (registers): BN x next_pow2(K), twice for the gate/value pair.
 _TILE_ELEMS = 16384
@@ -258,6 +254,8 @@ def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, sca
         raise ValueError(f"gemv: {B} rows; the GEMV kernel takes at most {GEMV_MAX_B} (use F.linear above)")
     if weight.shape[1] != K or x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError(f"gemv: x {tuple(x.shape)} (row-contiguous) against weight {tuple(weight.shape)} (contiguous)")
+    if beta is not None and alpha is None:
+        raise ValueError("gemv: a LayerNorm bias (beta) needs its weight (alpha)")
     N = weight.shape[0] // 2 if gate else weight.shape[0]
     if residual is not None:
         if gate or residual.shape != (B, N) or residual.stride(1) != 1:
@@ -271,12 +269,8 @@ def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, sca
         elif out.shape != (B, N) or out.stride(1) != 1 or out.dtype != x.dtype:
             raise ValueError(f"gemv: out {tuple(out.shape)} {out.dtype} must be [{B}, {N}] {x.dtype}, row-contiguous")
         epi = 2 if gate else 0
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
-    if beta is not None and alpha is None:
-        raise ValueError("gemv: a LayerNorm bias (beta) needs its weight (alpha)")
-    launch_gemv(x, weight, out, sms=sms, interp=interp, dt=_TL[x.dtype], alpha=alpha, beta=beta, epi=epi,
-                scale=scale, eps=eps, n_out=N, pdl=use_pdl(x.device))  # fmt: skip
+    launch_gemv(x, weight, out, sms=_sms(x.device), interp=_interpret(), dt=_TL_DTYPES[x.dtype], alpha=alpha,
+                beta=beta, epi=epi, scale=scale, eps=eps, n_out=N, pdl=use_pdl(x.device))  # fmt: skip
     return out
 
 
@@ -296,16 +290,14 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
     _check_heads_contiguous(k_cache, "k_cache")
     _check_heads_contiguous(v_cache, "v_cache")
     q = torch.empty(B, num_heads, D, dtype=x.dtype, device=x.device) if out is None else out
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
-    bn, kp, warps = gemv_plan(rows, K, sms=sms, interp=interp, divides=D)
+    bn, kp, warps = gemv_plan(rows, K, sms=_sms(x.device), interp=_interpret(), divides=D)
     bn = max(bn, 2)  # whole pairs
     pdl = use_pdl(x.device)
     _qkv_rope_gemv_kernel[(rows // bn,)](
         x, alpha.reshape(-1), weight, positions, inv_freq, slot_mapping, q, k_cache, v_cache,
         B, K, x.stride(0), float(eps), num_heads, num_kv_heads, k_cache.shape[1],
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        DT=_TL[x.dtype], BB=triton.next_power_of_2(B), BH=bn // 2, KP=kp, D=D,
+        DT=_TL_DTYPES[x.dtype], BB=triton.next_power_of_2(B), BH=bn // 2, KP=kp, D=D,
         SAT=cache_saturation(k_cache.dtype), PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return q

@@ -243,6 +243,19 @@ def aot_compile(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warp
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
+def aot_script_main(aot: Callable[[], object], path: str) -> None:
+    """The ``__main__`` of a kernel test file with sm_90 AOT cases: ``--aot`` (what :func:`run_aot_script` passes)
+    runs ``aot`` and exits; anything else runs the file's tests."""
+    import sys
+
+    import pytest
+
+    if "--aot" in sys.argv:
+        aot()
+        sys.exit(0)
+    sys.exit(pytest.main([path, "-q"]))
+
+
 def run_aot_script(path: str) -> str:
     """Run ``python <path> --aot`` without ``TRITON_INTERPRET`` (the AOT path needs the real compiler); returns its
     stdout, raising with the output's tail if it failed."""

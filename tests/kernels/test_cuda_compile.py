@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pytest
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+
+from dsm_kernels.testing import aot_script_main, run_aot_script
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -126,14 +127,9 @@ def test_triton_aot_compiles_for_sm90():
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert len(aot_compile_all()) == len(list(_aot_cases()))
         return
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert res.stdout.count("cubin") == len(list(_aot_cases())), res.stdout
+    out = run_aot_script(__file__)
+    assert out.count("cubin") == len(list(_aot_cases())), out
 
 
 if __name__ == "__main__":
-    if "--aot" in sys.argv:
-        print("\n".join(aot_compile_all()))
-        sys.exit(0)
-    sys.exit(pytest.main([__file__, "-q"]))
+    aot_script_main(lambda: print("\n".join(aot_compile_all())), __file__)

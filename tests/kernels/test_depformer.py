@@ -17,6 +17,7 @@ import torch
 import dsm_kernels
 from dsm_kernels.reference import depformer_frame_ref
 from dsm_kernels.testing import (
+    aot_script_main,
     cast_depformer_weights,
     depformer_inputs,
     random_depformer_weights,
@@ -265,7 +266,4 @@ def test_gpu_pdl_chain_equals_plain_launches():
 
 
 if __name__ == "__main__":
-    if "--aot" in sys.argv:
-        _aot()
-        sys.exit(0)
-    sys.exit(pytest.main([__file__, "-q"]))
+    aot_script_main(_aot, __file__)

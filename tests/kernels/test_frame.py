@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import aot_compile, kernel_device, run_aot_script
+from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, run_aot_script
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -113,8 +113,4 @@ def _aot() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-    if "--aot" in sys.argv:
-        _aot()
+    aot_script_main(_aot, __file__)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import aot_compile, kernel_device, max_abs_err, poison_, run_aot_script
+from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, max_abs_err, poison_, run_aot_script
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -186,8 +186,4 @@ def _aot() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-    if "--aot" in sys.argv:
-        _aot()
+    aot_script_main(_aot, __file__)

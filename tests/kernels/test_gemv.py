@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dsm_kernels
-from dsm_kernels.reference import gemv_ref
+from dsm_kernels.reference import gemv_ref, qkv_rope_gemv_ref
 from dsm_kernels.testing import poison_
 
 needs_triton = pytest.mark.skipif(
@@ -163,7 +163,7 @@ def test_qkv_rope_gemv_matches_reference(case):
         slot[-1] = -1  # a row that writes nothing
     caches = [torch.randn(pages, page, Hkv, D, generator=g).to(cache_dtype) for _ in range(2)]
     exp_k, exp_v = (c.clone() for c in caches)
-    exp_q = reference_qkv(x, w, alpha, pos, inv_freq, exp_k, exp_v, slot, H, Hkv)
+    exp_q = qkv_rope_gemv_ref(x, w, alpha, 1e-5, pos, inv_freq, exp_k, exp_v, slot, H, Hkv)
     k, v = (c.to(DEVICE) for c in caches)
     out = poison_(torch.empty(B, H, D, dtype=dtype, device=DEVICE))
     q = dsm_kernels.qkv_rope_gemv(x.to(DEVICE), w.to(DEVICE), alpha.to(DEVICE), 1e-5, pos.to(DEVICE),
@@ -179,9 +179,3 @@ def test_qkv_rope_gemv_matches_reference(case):
     written = set((slot[slot >= 0] // page).tolist())
     untouched = [p for p in range(pages) if p not in written]
     assert torch.equal(v.cpu()[untouched].float(), caches[1][untouched].float())
-
-
-def reference_qkv(x, w, alpha, pos, inv_freq, k, v, slot, H, Hkv):
-    from dsm_kernels.reference import qkv_rope_gemv_ref
-
-    return qkv_rope_gemv_ref(x, w, alpha, 1e-5, pos, inv_freq, k, v, slot, H, Hkv)

@@ -19,7 +19,7 @@ import torch
 from dsm.mimi import FRAME_SIZE, Mimi, random_mimi_state_dict
 from dsm.mimi_modules import rope_angles, rope_freqs
 from dsm_kernels import mimi_conv_pad, mimi_rope_kv, reference, resolve, rvq_decode, rvq_encode
-from dsm_kernels.testing import assert_close_verbose, kernel_device, poison_
+from dsm_kernels.testing import aot_script_main, assert_close_verbose, kernel_device, poison_
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -331,8 +331,4 @@ def _aot() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    if "--aot" in sys.argv:
-        _aot()
+    aot_script_main(_aot, __file__)
