@@ -181,12 +181,17 @@ def transformer_forward(
     With ``kv`` (streaming) keys go to a ring of exactly ``context`` slots and all ``T`` new tokens are written
     before attending, so after wrap-around the first of the two tokens of a Mimi call sees one key fewer (§2.6),
     exactly like the reference. Without ``kv`` (whole file) every query sees the last ``context`` positions.
-    ``backend``: the ``dsm_kernels`` backend of :func:`dsm_kernels.mimi_rope_kv` (None: by device).
+    ``backend``: the ``dsm_kernels`` backend of :func:`dsm_kernels.mimi_rope_kv` (None: by device); off the
+    reference backend a streaming call of at most ``dsm_kernels.gemv_max_rows()`` tokens runs on the GEMV kernels
+    (:func:`_transformer_gemv`).
     ``kv`` is updated in place; rows with a false ``exec_mask`` keep it bitwise unchanged. ``freqs``: see
     :func:`rope_freqs`.
     """
     b, c, t = x.shape
     hd = c // num_heads
+    if kv is not None and b * t <= dsm_kernels.gemv_max_rows() and (
+            backend or dsm_kernels.default_backend(x.device)) != "reference":  # fmt: skip
+        return _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, consts, backend)
     h = x.transpose(1, 2).reshape(b * t, c)
     trange = consts.arange(t)
     neg_inf, zero = consts.full(float("-inf"), torch.float32), consts.full(0.0, torch.float32)
@@ -201,12 +206,7 @@ def transformer_forward(
         assert capacity == context, "the ring must hold exactly the attention context"
         pos = kv.pos
         pos_q = pos.view(-1, 1) + trange  # [B, T] absolute positions of the new tokens
-        # Absolute position held by each slot once the T tokens are written (negative: never written). Inactive
-        # rows get a mask as if active: their outputs are garbage anyway and their state is not written.
-        last = pos_q[:, -1:]
-        pos_k = last - torch.remainder(last - consts.arange(capacity), capacity)  # [B, S]
-        delta = pos_q[:, :, None] - pos_k[:, None]  # [B, T, S]; delta < context holds since capacity == context
-        mask = torch.where((delta >= 0) & (pos_k[:, None] >= 0), zero, neg_inf)[:, None]  # [B, 1, T, S]
+        mask = _ring_mask(pos_q, capacity, consts)
         rows = torch.where(exec_mask, consts.arange(b), consts.full(b, torch.long)).view(-1, 1)  # b: scratch row
         write = (rows, torch.remainder(pos_q, capacity))
     rot = rope_angles(freqs, pos_q.float())  # [B, T, 3, 1, D/2]
@@ -238,6 +238,53 @@ def transformer_forward(
             h = torch.addcmul(h, lw.ls2, F.linear(z, lw.linear2))
     if kv is not None:
         kv.pos.add_(exec_mask, alpha=t)
+    return h.view(b, t, c).transpose(1, 2)
+
+
+def _ring_mask(pos_q: torch.Tensor, capacity: int, consts: StepConstants) -> torch.Tensor:
+    """Additive attention mask ``[B, 1, T, S]`` of new tokens at positions ``pos_q`` ``[B, T]`` over a ring of
+    ``capacity`` slots once they are written (see :func:`transformer_forward`)."""
+    # Absolute position held by each slot (negative: never written). Inactive rows get a mask as if active: their
+    # outputs are garbage anyway and their state is not written.
+    last = pos_q[:, -1:]
+    pos_k = last - torch.remainder(last - consts.arange(capacity), capacity)  # [B, S]
+    delta = pos_q[:, :, None] - pos_k[:, None]  # [B, T, S]; delta < context holds since capacity == context
+    zero, neg_inf = consts.full(0.0, torch.float32), consts.full(float("-inf"), torch.float32)
+    return torch.where((delta >= 0) & (pos_k[:, None] >= 0), zero, neg_inf)[:, None]
+
+
+def _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, consts, backend):
+    """The streaming transformer for a few tokens (``B * T <= GEMV_MAX_B``) on the GEMV kernels: a layer is the
+    QKV GEMV with its LayerNorm, RoPE and the ring write (slot -1 for inactive rows); SDPA; the output GEMV with
+    the LayerScaled residual; the FFN's first GEMV with its LayerNorm and GELU; its second with the residual. Five
+    launches where :func:`transformer_forward`'s torch path takes nine. Same math; only the order of each dot
+    product's fp32 sum differs (like cuBLAS picking another kernel), so the codes of chaotic deep RVQ levels may
+    differ from the torch path's in rare frames."""
+    b, c, t = x.shape
+    hd = c // num_heads
+    assert exec_mask is not None
+    capacity = kv.cache[0].shape[3]
+    assert capacity == context, "the ring must hold exactly the attention context"
+    h = torch.empty(b, t, c, dtype=x.dtype, device=x.device)
+    h.copy_(x.transpose(1, 2))  # a buffer of our own: the residual GEMVs update it in place
+    h = h.view(b * t, c)
+    pos_q = kv.pos.view(-1, 1) + consts.arange(t)  # [B, T]
+    mask = _ring_mask(pos_q, capacity, consts)
+    ring = consts.arange(b).view(-1, 1) * capacity + torch.remainder(pos_q, capacity)
+    slots = torch.where(exec_mask.view(-1, 1), ring, consts.full(-1, torch.long)).view(-1)
+    positions, inv_freq = pos_q.view(-1), freqs[0, 0]
+    for i, lw in enumerate(layers):
+        cache = kv.cache[i]  # [B + 1, 2, H, S, D]; seen as [rows, slots, H, D] pages
+        q = dsm_kernels.qkv_rope_gemv(h, lw.in_proj, lw.norm1_w, 1e-5, positions, inv_freq,
+                                      cache[:, 0].permute(0, 2, 1, 3), cache[:, 1].permute(0, 2, 1, 3), slots,
+                                      num_heads, num_heads, beta=lw.norm1_b, backend=backend)  # fmt: skip
+        a = F.scaled_dot_product_attention(q.view(b, t, num_heads, hd).transpose(1, 2), cache[:b, 0], cache[:b, 1],
+                                           mask, dropout_p=0.0)  # fmt: skip
+        dsm_kernels.gemv(a.transpose(1, 2).reshape(b * t, c), lw.out_proj, residual=h, scale=lw.ls1,
+                         backend=backend)  # fmt: skip
+        z = dsm_kernels.gemv(h, lw.linear1, alpha=lw.norm2_w, beta=lw.norm2_b, eps=1e-5, gelu=True, backend=backend)
+        dsm_kernels.gemv(z, lw.linear2, residual=h, scale=lw.ls2, backend=backend)
+    kv.pos.add_(exec_mask, alpha=t)
     return h.view(b, t, c).transpose(1, 2)
 
 

@@ -207,21 +207,22 @@ def rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num
     return fn(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
 
 
-def gemv(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, scale=None, gate=False, out=None,
+def gemv(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, scale=None, gate=False, gelu=False, out=None,
          backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.gemv_ref`: a small-batch linear with an RMSNorm (or LayerNorm) prologue and
-    a residual or SiLU-gate epilogue (the Triton kernel takes B <= ``dsm_kernels.gemv_kernels.GEMV_MAX_B`` rows)."""
+    a residual, SiLU-gate or GELU epilogue (the Triton kernel takes B <= ``GEMV_MAX_B`` rows)."""
     fn = resolve("gemv", backend, x.device)
-    return fn(x, weight, alpha=alpha, beta=beta, eps=eps, residual=residual, scale=scale, gate=gate, out=out)
+    return fn(x, weight, alpha=alpha, beta=beta, eps=eps, residual=residual, scale=scale, gate=gate, gelu=gelu,
+              out=out)  # fmt: skip
 
 
 def qkv_rope_gemv(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads,
-                  num_kv_heads, *, out=None, backend=None):  # fmt: skip
+                  num_kv_heads, *, beta=None, out=None, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.qkv_rope_gemv_ref` (the caches are written in place; the Triton kernel takes
-    B <= ``GEMV_MAX_B`` rows)."""
+    B <= ``GEMV_MAX_B`` rows; ``beta``: LayerNorm instead of RMSNorm)."""
     fn = resolve("qkv_rope_gemv", backend, x.device)
     return fn(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
-              out=out)
+              out=out, beta=beta)
 
 
 def silu_mul(h, *, backend=None):

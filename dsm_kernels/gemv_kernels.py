@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import GEMV_MAX_B
 from .depformer import _TL_DTYPES, _arrive, _input_tile, _interpret, _rnd, _sms
-from .paged_attention import _check_heads_contiguous, _round_e4m3, cache_saturation
+from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
@@ -49,15 +49,27 @@ _TILE_ELEMS = 16384
 
 
 @triton.jit
+def _norm_row(x, alpha, beta, kmask, K, eps, NORM: tl.constexpr, DT: tl.constexpr):
+    """A GEMV's input row (fp32, masked lanes 0): x (NORM 0), RMSNorm(x) * alpha (1) or LayerNorm(x) * alpha + beta
+    (2, with fp32 statistics as torch's layer_norm computes them for bf16), rounded to DT."""
+    if NORM == 1:
+        x = _rnd(x * (alpha * (1.0 / tl.sqrt(eps + tl.sum(x * x, axis=0) / K))), DT)
+    if NORM == 2:
+        xc = tl.where(kmask, x - tl.sum(x, axis=0) / K, 0.0)
+        x = _rnd(xc * (1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / K + eps)) * alpha + beta, DT)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, alpha_ptr, beta_ptr, w_ptr, out_ptr, scale_ptr,
     B, N, K, LDX, LDO, eps,
     NORM: tl.constexpr, EPI: tl.constexpr, HAS_SCALE: tl.constexpr, DT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Grid (N tiles,): ``out[b, n] = epi(x'[b] . w[n])`` for rows b < B, with x' = x (NORM 0), RMSNorm(x) * alpha
-    (1) or LayerNorm(x) * alpha + beta (2). Epilogues as ``depformer._linear_kernel``: 0 store; 1 ``out += scale * y``
-    in place; 2 ``silu(y_gate) * y_value`` with the value rows at ``w + N * K``."""
+    """Grid (N tiles,): ``out[b, n] = epi(x'[b] . w[n])`` for rows b < B, with x' = :func:`_norm_row` (x). Epilogues:
+    0 store; 1 ``out += scale * y`` in place; 2 ``silu(y_gate) * y_value`` with the value rows at ``w + N * K`` (as
+    ``depformer._linear_kernel``); 3 ``gelu(y)`` (erf form, torch's default)."""
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < N
     k = tl.arange(0, KP)
@@ -67,22 +79,15 @@ def _gemv_kernel(
     w = tl.load(wp, mask=wm, other=0.0)  # issued first: the weights are the launch's only large read
     if EPI == 2:
         wv = tl.load(wp + N * K, mask=wm, other=0.0)
-    if NORM > 0:
-        alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    if NORM == 2:
-        beta = tl.load(beta_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    alpha = tl.load(alpha_ptr + k, mask=kmask & (NORM > 0), other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + k, mask=kmask & (NORM == 2), other=0.0).to(tl.float32)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     launch_and_wait(PDL)  # the weights are in flight
     for i in tl.static_range(BB):
         live = i < B
         x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
-        if NORM == 1:
-            inv = 1.0 / tl.sqrt(eps + tl.sum(x * x, axis=0) / K)
-            x = _rnd(x * (alpha * inv), DT)
-        if NORM == 2:  # fp32 statistics, as torch's layer_norm computes them for bf16
-            xc = tl.where(kmask, x - tl.sum(x, axis=0) / K, 0.0)
-            x = _rnd(xc * (1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / K + eps)) * alpha + beta, DT)
+        x = _norm_row(x, alpha, beta, kmask, K, eps, NORM, DT)
         y = _rnd(tl.sum(w.to(tl.float32) * x[None, :], axis=1), DT)
         om = nmask & live
         optr = out_ptr + i * LDO + n
@@ -93,6 +98,8 @@ def _gemv_kernel(
         if EPI == 2:
             u = _rnd(tl.sum(wv.to(tl.float32) * x[None, :], axis=1), DT)
             y = _rnd(y / (1.0 + tl.exp(-y)), DT) * u  # F.silu, rounded, times the value half
+        if EPI == 3:
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))  # F.gelu
         tl.store(optr, _rnd(y, DT).to(DT), mask=om)
 
 
@@ -166,61 +173,67 @@ def _qkv_gemv_kernel(
 
 @triton.jit
 def _qkv_rope_gemv_kernel(
-    x_ptr, alpha_ptr, w_ptr, pos_ptr, f_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
-    B, K, LDX, eps, H, HKV, page_size, stride_kp, stride_ks, stride_vp, stride_vs,
-    DT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, SAT: tl.constexpr,
-    PDL: tl.constexpr,
+    x_ptr, alpha_ptr, beta_ptr, w_ptr, pos_ptr, f_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
+    B, K, LDX, eps, H, HKV, NR, page_size, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    NORM: tl.constexpr, DT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, KP: tl.constexpr, D: tl.constexpr,
+    SAT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Grid (rows of the fused q|k|v projection / (2 BH),): program p computes the BH interleaved RoPE pairs
-    (rows 2m and 2m + 1) of one head from RMSNorm(x) * alpha, rotates q and k at each row's position, and stores q
-    to ``q`` and k, v into the row's cache slot (skipped where the slot is -1), as ``rope_append_kv`` would from
-    the stored projection. The two rows of a pair come from two weight tiles, so no register shuffle is needed."""
-    r0 = tl.program_id(0) * 2 * BH
-    head = r0 // D  # [0, H): q, [H, H + HKV): k, then v
-    c0 = r0 - head * D
-    m = tl.arange(0, BH)
+    """Grid (rows of the fused q|k|v projection / (2 BH),): program p computes BH interleaved RoPE pairs (rows r and
+    r + 1, r even) from :func:`_norm_row` (x) (NORM 1: RMSNorm, 2: LayerNorm), rotates the q and k pairs at each
+    row's position, and stores q to ``q`` and k, v into the row's cache slot (skipped where the slot is -1), as
+    ``rope_append_kv`` would from the stored projection. The two rows of a pair come from two weight tiles, so no
+    register shuffle is needed; a program may span heads (each lane finds its own). Cache heads may be strided
+    (Mimi's ring is [row, head, slot, D])."""
+    r = tl.program_id(0) * 2 * BH + 2 * tl.arange(0, BH)
+    rmask = r < NR
+    head = r // D  # [0, H): q, [H, H + HKV): k, then v
+    col = r - head * D
     k = tl.arange(0, KP)
     kmask = k < K
-    wp = w_ptr + (r0 + 2 * m)[:, None].to(tl.int64) * K + k[None, :]
-    w0 = tl.load(wp, mask=kmask[None, :], other=0.0)
-    w1 = tl.load(wp + K, mask=kmask[None, :], other=0.0)
+    wm = rmask[:, None] & kmask[None, :]
+    wp = w_ptr + r[:, None].to(tl.int64) * K + k[None, :]
+    w0 = tl.load(wp, mask=wm, other=0.0)
+    w1 = tl.load(wp + K, mask=wm, other=0.0)
     alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    f = tl.load(f_ptr + c0 // 2 + m)
+    beta = tl.load(beta_ptr + k, mask=kmask & (NORM == 2), other=0.0).to(tl.float32)
+    f = tl.load(f_ptr + col // 2, mask=rmask, other=0.0)
+    is_q, is_k = rmask & (head < H), rmask & (head >= H) & (head < H + HKV)
+    is_v = rmask & (head >= H + HKV)
+    kdst = kc_ptr + (head - H) * stride_kh + col
+    vdst = vc_ptr + (head - H - HKV) * stride_vh + col
     launch_and_wait(PDL)  # the weights are in flight
     for i in tl.static_range(BB):
         live = i < B
         x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt(eps + tl.sum(x * x, axis=0) / K)
-        a = _rnd(x * (alpha * inv), DT)
+        a = _norm_row(x, alpha, beta, kmask, K, eps, NORM, DT)
         y0 = _rnd(tl.sum(w0.to(tl.float32) * a[None, :], axis=1), DT)
         y1 = _rnd(tl.sum(w1.to(tl.float32) * a[None, :], axis=1), DT)
-        if head < H + HKV:  # q or k: rotate, rounded as rope_append_kv rounds
-            angle = f * tl.load(pos_ptr + i, mask=live, other=0).to(tl.float32)
-            c, s = tl.cos(angle), tl.sin(angle)
-            y0, y1 = _rnd(y0 * c - y1 * s, DT), _rnd(y0 * s + y1 * c, DT)
-        if head < H:
-            dst = q_ptr + (i * H + head) * D + c0 + 2 * m
-            tl.store(dst, y0.to(DT), mask=live)
-            tl.store(dst + 1, y1.to(DT), mask=live)
-        else:
-            slot = tl.load(slot_ptr + i, mask=live, other=-1).to(tl.int64)
-            page, off = slot // page_size, slot % page_size
-            if head < H + HKV:
-                dst = kc_ptr + page * stride_kp + off * stride_ks + (head - H) * D + c0 + 2 * m
-            else:
-                dst = vc_ptr + page * stride_vp + off * stride_vs + (head - H - HKV) * D + c0 + 2 * m
-            if SAT > 0:  # fp8 e4m3 cache
-                y0, y1 = _round_e4m3(y0, SAT), _round_e4m3(y1, SAT)
-            ok = live & (slot >= 0)
-            tl.store(dst, y0.to(kc_ptr.dtype.element_ty), mask=ok)
-            tl.store(dst + 1, y1.to(kc_ptr.dtype.element_ty), mask=ok)
+        # q and k pairs rotate, rounded as rope_append_kv rounds; v passes
+        angle = f * tl.load(pos_ptr + i, mask=live, other=0).to(tl.float32)
+        c, s = tl.cos(angle), tl.sin(angle)
+        y0, y1 = tl.where(is_v, y0, _rnd(y0 * c - y1 * s, DT)), tl.where(is_v, y1, _rnd(y0 * s + y1 * c, DT))
+        qdst = q_ptr + (i * H + head) * D + col
+        tl.store(qdst, y0.to(DT), mask=live & is_q)
+        tl.store(qdst + 1, y1.to(DT), mask=live & is_q)
+        slot = tl.load(slot_ptr + i, mask=live, other=-1).to(tl.int64)
+        page, off = slot // page_size, slot % page_size
+        if SAT > 0:  # fp8 e4m3 cache
+            y0, y1 = _round_e4m3(y0, SAT), _round_e4m3(y1, SAT)
+        y0, y1 = y0.to(kc_ptr.dtype.element_ty), y1.to(kc_ptr.dtype.element_ty)
+        ok = live & (slot >= 0)
+        kd = kdst + page * stride_kp + off * stride_ks
+        vd = vdst + page * stride_vp + off * stride_vs
+        tl.store(kd, y0, mask=ok & is_k)
+        tl.store(kd + 1, y1, mask=ok & is_k)
+        tl.store(vd, y0, mask=ok & is_v)
+        tl.store(vd + 1, y1, mask=ok & is_v)
 
 
 def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, divides: int | None = None):
     """(BN, KP, num_warps) of a GEMV launch: whole rows of K per program; ~1 program per SM on a GPU (fewer,
     larger programs in the interpreter, whose cost grows with their number); ``divides``: BN must divide it."""
     kp = triton.next_power_of_2(K)
-    cap = max(1, (4 * _TILE_ELEMS if interp else _TILE_ELEMS) // (kp * (2 if gate else 1)))
+    cap = max(1, (64 * _TILE_ELEMS if interp else _TILE_ELEMS) // (kp * (2 if gate else 1)))
     want = triton.next_power_of_2(N) if interp else max(1, triton.next_power_of_2(N // max(1, (3 * sms) // 4)) // 2)
     bn = max(1, min(cap, want, triton.next_power_of_2(N)))
     if divides is not None:
@@ -246,7 +259,8 @@ def launch_gemv(x, w, out, *, sms: int, interp: bool, dt, alpha=None, beta=None,
     )  # fmt: skip
 
 
-def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, scale=None, gate=False, out=None):
+def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, scale=None, gate=False, out=None,
+                gelu=False):  # fmt: skip
     """Triton twin of :func:`~dsm_kernels.reference.gemv_ref` for ``B <= GEMV_MAX_B`` rows (the row loop is
     unrolled), chained by programmatic dependent launch on sm_90+."""
     B, K = x.shape
@@ -256,6 +270,8 @@ def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, sca
         raise ValueError(f"gemv: x {tuple(x.shape)} (row-contiguous) against weight {tuple(weight.shape)} (contiguous)")
     if beta is not None and alpha is None:
         raise ValueError("gemv: a LayerNorm bias (beta) needs its weight (alpha)")
+    if gelu and (gate or residual is not None):
+        raise ValueError("gemv: the GELU epilogue goes without the gate and the residual")
     N = weight.shape[0] // 2 if gate else weight.shape[0]
     if residual is not None:
         if gate or residual.shape != (B, N) or residual.stride(1) != 1:
@@ -268,14 +284,14 @@ def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, sca
             out = torch.empty(B, N, dtype=x.dtype, device=x.device)
         elif out.shape != (B, N) or out.stride(1) != 1 or out.dtype != x.dtype:
             raise ValueError(f"gemv: out {tuple(out.shape)} {out.dtype} must be [{B}, {N}] {x.dtype}, row-contiguous")
-        epi = 2 if gate else 0
+        epi = 2 if gate else (3 if gelu else 0)
     launch_gemv(x, weight, out, sms=_sms(x.device), interp=_interpret(), dt=_TL_DTYPES[x.dtype], alpha=alpha,
                 beta=beta, epi=epi, scale=scale, eps=eps, n_out=N, pdl=use_pdl(x.device))  # fmt: skip
     return out
 
 
 def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads,
-                         num_kv_heads, out=None):  # fmt: skip
+                         num_kv_heads, out=None, beta=None):  # fmt: skip
     """Triton twin of :func:`~dsm_kernels.reference.qkv_rope_gemv_ref` for ``B <= GEMV_MAX_B`` rows."""
     B, K = x.shape
     D = 2 * inv_freq.shape[0]
@@ -287,17 +303,22 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
                          f"{tuple(x.shape)} (row-contiguous)")  # fmt: skip
     if k_cache.shape[2:] != (num_kv_heads, D) or v_cache.shape != k_cache.shape or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"qkv_rope_gemv: caches {tuple(k_cache.shape)} must be [pages, page, {num_kv_heads}, {D}]")
-    _check_heads_contiguous(k_cache, "k_cache")
-    _check_heads_contiguous(v_cache, "v_cache")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("qkv_rope_gemv: the caches' head_dim must be contiguous")
+    if beta is not None and beta.numel() != K:
+        raise ValueError(f"qkv_rope_gemv: LayerNorm bias of {beta.numel()} values against {K} input features")
     q = torch.empty(B, num_heads, D, dtype=x.dtype, device=x.device) if out is None else out
-    bn, kp, warps = gemv_plan(rows, K, sms=_sms(x.device), interp=_interpret(), divides=D)
-    bn = max(bn, 2)  # whole pairs
+    if q.shape != (B, num_heads, D) or q.stride(2) != 1 or q.stride(1) != D:
+        raise ValueError(f"qkv_rope_gemv: out {tuple(q.shape)} must be [{B}, {num_heads}, {D}] with heads contiguous")
+    bn, kp, warps = gemv_plan(rows, K, sms=_sms(x.device), interp=_interpret())
+    bn = max(bn, 2)  # whole pairs (rows is even)
     pdl = use_pdl(x.device)
-    _qkv_rope_gemv_kernel[(rows // bn,)](
-        x, alpha.reshape(-1), weight, positions, inv_freq, slot_mapping, q, k_cache, v_cache,
-        B, K, x.stride(0), float(eps), num_heads, num_kv_heads, k_cache.shape[1],
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        DT=_TL_DTYPES[x.dtype], BB=triton.next_power_of_2(B), BH=bn // 2, KP=kp, D=D,
-        SAT=cache_saturation(k_cache.dtype), PDL=pdl, num_warps=warps, launch_pdl=pdl,
+    alpha = alpha.reshape(-1)
+    _qkv_rope_gemv_kernel[(triton.cdiv(rows, bn),)](
+        x, alpha, alpha if beta is None else beta.reshape(-1), weight, positions, inv_freq, slot_mapping, q, k_cache,
+        v_cache, B, K, x.stride(0), float(eps), num_heads, num_kv_heads, rows, k_cache.shape[1],
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), NORM=1 if beta is None else 2, DT=_TL_DTYPES[x.dtype], BB=triton.next_power_of_2(B),
+        BH=bn // 2, KP=kp, D=D, SAT=cache_saturation(k_cache.dtype), PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return q

@@ -415,6 +415,7 @@ def gemv_ref(
     gate: bool = False,
     out: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """A linear layer with its neighbours fused, as the module path computes them (each op rounded to the dtype):
     ``y = F.linear(h, weight)`` with ``h = RMSNorm_f32(x) * alpha`` if ``alpha`` is given (``LayerNorm(x) * alpha +
@@ -422,6 +423,7 @@ def gemv_ref(
 
     * ``residual`` [B, N]: updated in place to ``residual + scale * y`` (``scale`` [N] or None = 1) and returned;
     * ``gate``: ``weight`` holds 2N rows (gate, value): returns ``silu(y[:, :N]) * y[:, N:]``;
+    * ``gelu``: returns ``F.gelu(y)`` (Mimi's FFN);
     * otherwise returns ``y``.
 
     ``out`` (not with ``residual``): where to write the result.
@@ -433,19 +435,20 @@ def gemv_ref(
     y = F.linear(h, weight)
     if residual is not None:
         return residual.copy_(residual + (scale.to(y) * y if scale is not None else y))
-    y = silu_mul_ref(y) if gate else y
+    y = silu_mul_ref(y) if gate else (F.gelu(y) if gelu else y)
     return y if out is None else out.copy_(y)
 
 
 def qkv_rope_gemv_ref(
     x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, eps: float, positions: torch.Tensor,
     inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-    num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
+    num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None, beta: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The attention's input side in one op: the fused q|k|v projection of ``RMSNorm_f32(x) * alpha``
-    (:func:`gemv_ref`), then :func:`rope_append_kv_ref` (q and k rotated, k and v written into the pages). Returns
-    the rotated q [B, H, D]."""
-    qkv = gemv_ref(x, weight, alpha=alpha, eps=eps)
+    """The attention's input side in one op: the fused q|k|v projection of ``RMSNorm_f32(x) * alpha`` (with
+    ``beta``: ``LayerNorm(x) * alpha + beta``; :func:`gemv_ref`), then :func:`rope_append_kv_ref` (q and k rotated,
+    k and v written into the pages). Returns the rotated q [B, H, D]. The caches may be any [pages, page_size, Hkv,
+    D] views with a contiguous last dim (Mimi passes its ring [rows, heads, slots, D] permuted)."""
+    qkv = gemv_ref(x, weight, alpha=alpha, beta=beta, eps=eps)
     return rope_append_kv_ref(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
                               out=out)  # fmt: skip
 

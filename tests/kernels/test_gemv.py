@@ -1,6 +1,6 @@
 """The small-batch GEMV op (``dsm_kernels.gemv``; kernels in ``dsm_kernels.gemv_kernels``) against its reference
-on fresh random inputs: every epilogue (plain, residual with and without scale, SiLU gate), with and without the
-RMSNorm prologue, 1..4 rows, sizes that are not powers of two. fp32: 1e-5 relative; bf16: within 3x the
+on fresh random inputs: every epilogue (plain, residual with and without scale, SiLU gate, GELU), with and without
+the RMSNorm or LayerNorm prologue, 1..4 rows, sizes that are not powers of two. fp32: 1e-5 relative; bf16: within 3x the
 reference's own bf16 error against fp32 (plus one bf16 ulp: the interpreter's bf16 stores truncate). Outputs are
 poisoned first (NaN), so an unwritten element fails."""
 
@@ -35,7 +35,8 @@ def _case(B, N, K, *, norm, epi, scale, dtype, seed):
         def c(t):
             return None if t is None else t.to(dev, dt)
 
-        kw = dict(alpha=c(alpha), beta=c(beta), eps=1e-5, residual=c(res), scale=c(sc), gate=epi == "gate")
+        kw = dict(alpha=c(alpha), beta=c(beta), eps=1e-5, residual=c(res), scale=c(sc), gate=epi == "gate",
+                  gelu=epi == "gelu")
         return c(x), c(w), kw
 
     return on
@@ -67,6 +68,8 @@ CASES = [  # (B, N, K, norm prologue, epilogue, scale)
     (4, 40, 96, None, "gate", False),
     (2, 72, 96, "layer", "none", False),  # the cross-attention query
     (1, 64, 80, "layer", "residual", True),
+    (2, 88, 64, "layer", "gelu", False),  # Mimi's FFN input
+    (3, 40, 48, None, "gelu", False),
 ]
 IDS = [f"B{c[0]}-{c[4]}{'-' + c[3] if c[3] else ''}" for c in CASES]
 
@@ -109,6 +112,8 @@ def test_rejects_what_it_cannot_run():
         gemv_triton(x[:1], w[:, :8])
     with pytest.raises(ValueError, match="residual"):
         gemv_triton(x[:1], w, residual=torch.zeros(1, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="GELU"):
+        gemv_triton(x[:1], w, gelu=True, gate=True)
 
 
 def test_reference_is_the_module_path():
@@ -179,3 +184,88 @@ def test_qkv_rope_gemv_matches_reference(case):
     written = set((slot[slot >= 0] // page).tolist())
     untouched = [p for p in range(pages) if p not in written]
     assert torch.equal(v.cpu()[untouched].float(), caches[1][untouched].float())
+
+
+@needs_triton
+@pytest.mark.parametrize("B", [1, 3])
+def test_qkv_rope_gemv_layer_norm_into_a_ring(B):
+    """Mimi's form of the op: a LayerNorm prologue, and caches that are its ring ``[rows, 2, H, slots, D]`` seen as
+    ``[rows, slots, H, D]`` (strided heads), with a slot -1 row; the ring's other slots stay untouched."""
+    from dsm.mimi_modules import rope_freqs
+
+    H, D, K, S = 4, 16, 64, 10
+    g = torch.Generator().manual_seed(B)
+    x = 2 * torch.randn(B, K, generator=g)
+    w = torch.randn(3 * H * D, K, generator=g) * K**-0.5
+    alpha, beta = 1 + 0.1 * torch.randn(K, generator=g), 0.1 * torch.randn(K, generator=g)
+    pos = torch.randint(0, 5000, (B,), generator=g)
+    inv_freq = rope_freqs(D, 10_000.0, "cpu")[0, 0]
+    slot = torch.arange(B) * S + torch.randint(0, S, (B,), generator=g)
+    if B > 1:
+        slot[1] = -1
+    ring = torch.randn(B + 1, 2, H, S, D, generator=g)
+
+    def run(cache, dev, fn):
+        k, v = (cache[:, j].permute(0, 2, 1, 3) for j in range(2))
+        out = poison_(torch.empty(B, H, D, device=dev))
+        fn(x.to(dev), w.to(dev), alpha.to(dev), 1e-5, pos.to(dev), inv_freq.to(dev), k, v, slot.to(dev), H, H,
+           beta=beta.to(dev), out=out)
+        return out.cpu(), cache.cpu()
+
+    exp_q, exp_ring = run(ring.clone(), "cpu", qkv_rope_gemv_ref)
+    got_q, got_ring = run(ring.to(DEVICE), DEVICE, lambda *a, **k: dsm_kernels.qkv_rope_gemv(*a, **k,
+                                                                                            backend="triton"))
+    assert not torch.isnan(got_q).any()
+    assert _rel(got_q, exp_q) < 1e-5 and _rel(got_ring, exp_ring) < 1e-5
+    assert not torch.equal(exp_ring, ring), "the reference wrote k and v"
+    touched = torch.zeros(B + 1, S, dtype=torch.bool)
+    for s in slot[slot >= 0].tolist():
+        touched[s // S, s % S] = True
+    assert torch.equal(got_ring.permute(0, 3, 1, 2, 4)[~touched], ring.permute(0, 3, 1, 2, 4)[~touched])
+
+
+def test_triton_aot_compiles_for_sm90():
+    """The GEMV kernels at the shapes the models launch compile for an H100, with the weights requested before the
+    PDL wait: the temporal step's (bf16, stt-1b) and Mimi's transformer's (fp32, LayerNorm prologues, GELU)."""
+    from dsm_kernels.testing import run_aot_script
+
+    assert run_aot_script(__file__).count("cubin") == 2 * 5
+
+
+def _aot() -> None:
+    import triton
+
+    from dsm_kernels.gemv_kernels import _gemv_kernel, _qkv_rope_gemv_kernel, gemv_plan
+    from dsm_kernels.testing import aot_compile
+
+    tl = triton.language
+    for B in (1, 4):
+        cases = []
+        for name, N, K, norm, epi, dt in (("stt-1b ffn out", 2048, 5632, 0, 1, tl.bfloat16),
+                                          ("mimi linear1", 2048, 512, 2, 3, tl.float32),
+                                          ("mimi linear2", 512, 2048, 0, 1, tl.float32)):  # fmt: skip
+            bn, kp, warps = gemv_plan(N, K, gate=epi == 2, sms=132, interp=False)
+            cases.append((name, _gemv_kernel, warps, dt, {"NORM": norm, "EPI": epi, "HAS_SCALE": epi == 1, "BN": bn,
+                                                          "KP": kp}))  # fmt: skip
+        for name, rows, K, D, norm, dt in (("stt-1b qkv", 3 * 2048, 2048, 128, 1, tl.bfloat16),
+                                           ("mimi qkv", 3 * 512, 512, 64, 2, tl.float32)):  # fmt: skip
+            bn, kp, warps = gemv_plan(rows, K, sms=132, interp=False)
+            cases.append((name, _qkv_rope_gemv_kernel, warps, dt, {"NORM": norm, "BH": max(bn, 2) // 2, "KP": kp,
+                                                                   "D": D, "SAT": 0.0}))  # fmt: skip
+        for label, kernel, warps, dt, consts in cases:
+            consts = {"DT": dt, "BB": triton.next_power_of_2(B), "PDL": True, **consts}
+            ptr = "*bf16" if dt == tl.bfloat16 else "*fp32"
+            types = {n: ptr for n in kernel.arg_names if n.endswith("_ptr")}
+            types |= {"eps": "fp32", "pos_ptr": "*i64", "slot_ptr": "*i64", "f_ptr": "*fp32"}
+            divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n in ("K", "N", "LDX", "LDO")]
+            cc = aot_compile(kernel, types, consts, num_warps=warps, divisible=divisible)
+            ptx = cc.asm["ptx"]  # programmatic dependent launch: weights requested before the wait
+            assert "sm_90" in ptx and len(cc.asm["cubin"]) > 0, label
+            assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global"), label
+            print(f"{label} B={B}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
+
+
+if __name__ == "__main__":
+    from dsm_kernels.testing import aot_script_main
+
+    aot_script_main(_aot, __file__)

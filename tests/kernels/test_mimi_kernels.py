@@ -215,11 +215,14 @@ def _steps(mimi: Mimi, pcm: torch.Tensor, n: int, skip_row_at: int | None = None
     return torch.cat(codes, -1), torch.cat(out, -1)
 
 
-@pytest.mark.parametrize("n_q", [1, 6])
-def test_mimi_steps_triton_equal_reference(mimi_sd, n_q):
+@pytest.mark.parametrize("n_q, batch", [(1, 3), (6, 2)])
+def test_mimi_steps_triton_equal_reference(mimi_sd, n_q, batch):
+    """Streaming steps on the Triton backend against the reference: codes equal, PCM within 1e-5. Batch 3 (6 tokens
+    per transformer call) takes the transformers' torch path, batch 2 (4 tokens) their GEMV kernels, whose fp32 sums
+    differ from the reference's in order only."""
     device = kernel_device("triton")
     g = torch.Generator().manual_seed(n_q)
-    pcm = (torch.randn(2, 1, 4 * FRAME_SIZE, generator=g) * 0.2).to(device)
+    pcm = (torch.randn(batch, 1, 4 * FRAME_SIZE, generator=g) * 0.2).to(device)
     ref = Mimi(mimi_sd, n_q=n_q, device=device, backend="reference")
     tri = Mimi(mimi_sd, n_q=n_q, device=device, backend="triton")
     # the encode kernel's level table is made at load, on the Mimi's device (a captured step never builds it)
@@ -232,28 +235,34 @@ def test_mimi_steps_triton_equal_reference(mimi_sd, n_q):
 
 
 @pytest.mark.gpu
-def test_mimi_triton_real_shapes_gpu(mimi_sd):
-    """All 32 levels, batch 4, 20 frames on the GPU, eager and as captured CUDA graphs, against the reference."""
+@pytest.mark.parametrize("batch", [1, 4])
+def test_mimi_triton_real_shapes_gpu(mimi_sd, batch):
+    """All 32 levels, 20 frames on the GPU, eager and as captured CUDA graphs, against the reference. Batch 1 runs
+    the transformers on the GEMV kernels, batch 4 on cuBLAS."""
     from dsm.cuda_graphs import cuda_graphed
 
     g = torch.Generator().manual_seed(0)
-    pcm = (torch.randn(4, 1, 20 * FRAME_SIZE, generator=g) * 0.2).cuda()
+    pcm = (torch.randn(batch, 1, 20 * FRAME_SIZE, generator=g) * 0.2).cuda()
     ref = Mimi(mimi_sd, device="cuda", backend="reference")
     tri = Mimi(mimi_sd, device="cuda")  # default on a GPU: Triton
     codes_r, pcm_r = _steps(ref, pcm, 20)
     codes_t, pcm_t = _steps(tri, pcm, 20)
-    agree = (codes_t == codes_r).all(1).float().mean()
-    assert agree >= 0.98, f"only {float(agree):.3f} of frames have identical codes"
+    # Not bit-equal: the RVQ kernel resolves fp32 ties its own way, and at batch 1 the GEMV kernels sum in another
+    # order than cuBLAS. Deep RVQ levels amplify ulps (each level quantizes the previous one's residual), so a flip
+    # now and then is expected; a wrong kernel disagrees almost everywhere.
+    same = codes_t == codes_r
+    per_level = same.float().mean((0, 2))
+    assert float(same.float().mean()) >= 0.95 and float(per_level[0]) >= 0.95, per_level.tolist()
     # decode of the same codes: PCM within tolerance
-    state_r, state_t = ref.init_state(4), tri.init_state(4)
+    state_r, state_t = ref.init_state(batch), tri.init_state(batch)
     with torch.no_grad():
         a = torch.cat([ref.decode_step(codes_r[..., i : i + 1], state_r) for i in range(20)], -1)
         b = torch.cat([tri.decode_step(codes_r[..., i : i + 1], state_t) for i in range(20)], -1)
     assert float((a - b).norm() / a.norm()) < 1e-4
     # captured steps replay to the eager results
-    state = tri.init_state(4)
-    x = torch.zeros(4, 1, FRAME_SIZE, device="cuda")
-    c_in = torch.zeros(4, 32, 1, dtype=torch.long, device="cuda")
+    state = tri.init_state(batch)
+    x = torch.zeros(batch, 1, FRAME_SIZE, device="cuda")
+    c_in = torch.zeros(batch, 32, 1, dtype=torch.long, device="cuda")
     outs = {}
 
     def step():
@@ -262,7 +271,7 @@ def test_mimi_triton_real_shapes_gpu(mimi_sd):
 
     with torch.no_grad():
         replay = cuda_graphed(step)
-        state.reset(torch.ones(4, dtype=torch.bool, device="cuda"))
+        state.reset(torch.ones(batch, dtype=torch.bool, device="cuda"))
         got_codes, got_pcm = [], []
         for i in range(6):
             x.copy_(pcm[..., i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
@@ -283,10 +292,11 @@ def _count_module():
 
 
 # Kernels per streaming step (batch 1, one frame) on the Triton backend, the path a GPU runs. Measured on this commit:
-# encode 169, decode 142 (before the fused SEANet conv inputs: 179 and 148; before the fused RoPE + KV write: 187
-# and 156; before the RVQ kernels: 823 and 538 torch ops). A few ops of slack, not more.
-MAX_ENCODE_KERNELS = 172
-MAX_DECODE_KERNELS = 145
+# encode 135, decode 108 (before the transformers' GEMV path: 169 and 142; before the fused SEANet conv inputs: 179
+# and 148; before the fused RoPE + KV write: 187 and 156; before the RVQ kernels: 823 and 538 torch ops). A few ops
+# of slack, not more.
+MAX_ENCODE_KERNELS = 138
+MAX_DECODE_KERNELS = 111
 
 
 def test_step_kernel_count_pinned():
@@ -294,6 +304,9 @@ def test_step_kernel_count_pinned():
     enc, dec = _count_module().count_mimi("triton", warmup=1)
     n_enc, n_dec = sum(enc.values()), sum(dec.values())
     assert enc["triton:_rvq_level_kernel"] == 32 and dec["triton:_rvq_decode_kernel"] == 1
+    # the transformers at one stream: 4 GEMV launches per layer, one of them the QKV with RoPE and the ring write
+    for counts in (enc, dec):
+        assert counts["triton:_qkv_rope_gemv_kernel"] == 8 and counts["triton:_gemv_kernel"] == 24
     assert n_enc <= MAX_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
     assert n_dec <= MAX_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
 
