@@ -221,10 +221,14 @@ class Mimi:
         w = self._w
         it = iter(states)
 
+        # The decoder's output is audio, compared within a tolerance, so its conv-input kernels may apply the ELU
+        # themselves; the encoder keeps torch's, whose ulps its codes depend on.
+        kernel_elu = prefix == "decoder"
+
         def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False) -> torch.Tensor:
             prev = next(it) if k > s else None
             return causal_conv1d(x, prev, w[name + ".weight"], w[name + ".bias"], s, exec_mask, elu=elu,
-                                 backend=self.backend)
+                                 backend=self.backend, kernel_elu=kernel_elu)
 
         elu = False  # an ELU op waiting to be fused into the next conv's input
         for op in ops:
@@ -237,7 +241,8 @@ class Mimi:
                 x = conv(x, f"{prefix}.model.{op[1]}.conv.conv", op[4], op[5], elu=elu)
             elif op[0] == "convtr":
                 name = f"{prefix}.model.{op[1]}.convtr.convtr"
-                x = conv_transpose1d(x, next(it), w[name + ".weight"], w[name + ".bias"], op[5], exec_mask)
+                x = conv_transpose1d(x, next(it), w[name + ".weight"], w[name + ".bias"], op[5], exec_mask,
+                                     backend=self.backend)  # fmt: skip
             else:  # residual unit: x + conv1x1(elu(conv3(elu(x))))
                 p = f"{prefix}.model.{op[1]}.block"
                 y = conv(x, f"{p}.1.conv.conv", 3, 1, elu=True)
@@ -285,7 +290,7 @@ class Mimi:
     def _decode(self, codes: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
         m = state.exec_mask
         latent = dsm_kernels.rvq_decode(codes, self.rvq_tables, backend=self.backend)  # [B, 512, T]
-        emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM)
+        emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM, backend=self.backend)
         emb = transformer_forward(emb, self.dec_layers, NUM_HEADS, CONTEXT, self.rope_freqs,
                                   state.dec_kv if streaming else None, m, self.consts, self.backend)
         return self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m)

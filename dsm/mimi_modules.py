@@ -28,9 +28,11 @@ def causal_conv1d(
     groups: int = 1,
     elu: bool = False,
     backend: str | None = None,
+    kernel_elu: bool = False,
 ) -> torch.Tensor:
     """Streaming causal conv: left context is the ``Ke - S`` previous input samples (not ``Ke - 1``, §7.2).
-    With ``elu`` the conv reads ``elu(x)``.
+    With ``elu`` the conv reads ``elu(x)``; ``kernel_elu`` lets the input kernel apply it (one launch fewer, ulps
+    apart from torch's ELU: fine where the output is audio, see below).
 
     ``prev`` is ``[B, C_in, Ke - S]`` (``None`` when ``Ke == S``). Returns the output; rows
     whose ``exec_mask`` is false keep their old ``prev``. ``prev`` is updated in place (static addresses for
@@ -40,7 +42,10 @@ def causal_conv1d(
         return F.conv1d(F.elu(x) if elu else x, weight, bias, stride, 0, dilation, groups)
     # The ELU stays torch's: the kernel's (exp-based expm1) differs by ulps, which flipped ~2% of the 32-level codes
     # on an H100 against the reference backend (chaotic deep RVQ levels); torch's keeps Triton == reference.
-    x = dsm_kernels.mimi_conv_pad(F.elu(x) if elu else x, prev, exec_mask, backend=backend)
+    if kernel_elu:
+        x = dsm_kernels.mimi_conv_pad(x, prev, exec_mask, elu=elu, backend=backend)
+    else:
+        x = dsm_kernels.mimi_conv_pad(F.elu(x) if elu else x, prev, exec_mask, backend=backend)
     return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
 
 
@@ -52,22 +57,17 @@ def conv_transpose1d(
     stride: int,
     exec_mask: torch.Tensor,
     groups: int = 1,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Streaming transposed conv: overlap-add the stored ``K - S`` tail, emit ``T * S`` samples (§7.2).
 
     The stored tail excludes the bias, since the bias is added again when the next call's output overlaps it.
-    Offline use is the same call from a zero ``partial``. ``partial`` is updated in place. Needs ``T * S >= K - S``
-    (Mimi has ``K = 2 S``), so that the head and the tail do not overlap; the output is a view of the conv's.
+    Offline use is the same call from a zero ``partial``. ``partial`` is updated in place (one kernel on Triton:
+    :func:`dsm_kernels.mimi_convtr_overlap`). Needs ``T * S >= K - S`` (Mimi has ``K = 2 S``), so that the head and
+    the tail do not overlap; the output is a view of the conv's.
     """
-    pt = partial.shape[-1]
     y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
-    assert y.shape[-1] >= 2 * pt
-    y[..., :pt].add_(partial)
-    tail = y[..., -pt:]
-    if bias is not None:
-        tail = tail - bias[:, None]
-    torch.where(exec_mask.view(-1, 1, 1), tail, partial, out=partial)
-    return y[..., :-pt]
+    return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)
 
 
 @dataclass

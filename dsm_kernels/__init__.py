@@ -107,6 +107,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:mimi_conv_pad_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_conv_pad_triton",
     },
+    "mimi_convtr_overlap": {
+        "reference": "dsm_kernels.reference:mimi_convtr_overlap_ref",
+        "triton": "dsm_kernels.mimi_kernels:mimi_convtr_overlap_triton",
+    },
 }
 
 
@@ -275,6 +279,12 @@ def mimi_conv_pad(x, prev, exec_mask, *, elu=False, out=None, backend=None):
     return resolve("mimi_conv_pad", backend, x.device)(x, prev, exec_mask, elu=elu, out=out)
 
 
+def mimi_convtr_overlap(y, partial, bias, exec_mask, *, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_convtr_overlap_ref` (Mimi's transposed-conv overlap-add; ``y`` and
+    ``partial`` in place)."""
+    return resolve("mimi_convtr_overlap", backend, y.device)(y, partial, bias, exec_mask)
+
+
 __all__ = [
     "BACKENDS",
     "GEMV_MAX_B",
@@ -291,6 +301,7 @@ __all__ = [
     "has_triton",
     "kv_slots",
     "mimi_conv_pad",
+    "mimi_convtr_overlap",
     "mimi_rope_kv",
     "multistream_embed",
     "paged_decode_attention",

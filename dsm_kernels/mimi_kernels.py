@@ -10,9 +10,12 @@
 * :func:`mimi_conv_pad_triton`: a SEANet streaming conv's input (ELU, the stored left context prepended) and the
   update of that context, one launch (was ``elu``, ``cat`` and ``where``).
 
-Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref` and
-:func:`dsm_kernels.reference.mimi_rope_kv_ref`,
-:func:`dsm_kernels.reference.mimi_conv_pad_ref`.
+* :func:`mimi_convtr_overlap_triton`: a SEANet streaming transposed conv's overlap-add and the update of its stored
+  tail, one launch (was ``add_``, ``sub`` and ``where``).
+
+Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref`,
+:func:`dsm_kernels.reference.mimi_rope_kv_ref`, :func:`dsm_kernels.reference.mimi_conv_pad_ref` and
+:func:`dsm_kernels.reference.mimi_convtr_overlap_ref`.
 Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and takes a square root, like
 ``torch.cdist``): the argmin may differ from the reference only where two candidates tie within fp32 rounding.
 """
@@ -297,3 +300,43 @@ def mimi_conv_pad_triton(x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.T
         out, out.stride(0), out.stride(1), out.stride(2), C, T, P,
         ELU=elu, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_T=BLOCK_T)
     return out
+
+
+@triton.jit
+def _mimi_convtr_overlap_kernel(
+    y_ptr, syb, syc, syt,  # [B, C, N] fp32, updated in place
+    part_ptr, spb, spc, spt,  # [B, C, P] fp32, updated in place
+    bias_ptr, mask_ptr,  # [C] fp32 (unused without HAS_BIAS), [B] bool
+    C, N, P,
+    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j = tl.arange(0, BLOCK_P)[None, :]
+    m = (c < C)[:, None] & (j < P)
+    pp = part_ptr + b * spb + c[:, None] * spc + j * spt
+    yp = y_ptr + b * syb + c[:, None] * syc
+    old = tl.load(pp, mask=m, other=0.0)
+    tl.store(yp + j * syt, tl.load(yp + j * syt, mask=m, other=0.0) + old, mask=m)
+    tail = tl.load(yp + (N - P + j) * syt, mask=m, other=0.0)
+    if HAS_BIAS:
+        tail = tail - tl.load(bias_ptr + c, mask=c < C, other=0.0)[:, None]
+    active = tl.load(mask_ptr + b) != 0
+    tl.store(pp, tail, mask=m & active)  # the same lanes read ``old`` above
+
+
+def mimi_convtr_overlap_triton(y: torch.Tensor, partial: torch.Tensor, bias: torch.Tensor | None,
+                               exec_mask: torch.Tensor) -> torch.Tensor:
+    """See :func:`dsm_kernels.reference.mimi_convtr_overlap_ref`. One program per row and block of channels, which
+    owns that slice of ``partial`` (graph capturable, no host sync)."""
+    B, C, N = y.shape
+    P = partial.shape[-1]
+    assert partial.shape == (B, C, P) and N >= 2 * P and exec_mask.shape == (B,) and exec_mask.dtype == torch.bool
+    assert y.dtype == partial.dtype == torch.float32 and (bias is None or bias.shape == (C,))
+    BLOCK_P = triton.next_power_of_2(P)
+    BLOCK_C = max(1, min(triton.next_power_of_2(C), 2048 // BLOCK_P))
+    _mimi_convtr_overlap_kernel[(B, triton.cdiv(C, BLOCK_C))](
+        y, y.stride(0), y.stride(1), y.stride(2), partial, partial.stride(0), partial.stride(1), partial.stride(2),
+        bias if bias is not None else y, exec_mask, C, N, P,
+        HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
+    return y[..., : N - P]

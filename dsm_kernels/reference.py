@@ -552,6 +552,23 @@ def mimi_conv_pad_ref(
     return xp if out is None else out.copy_(xp)
 
 
+def mimi_convtr_overlap_ref(
+    y: torch.Tensor, partial: torch.Tensor, bias: torch.Tensor | None, exec_mask: torch.Tensor
+) -> torch.Tensor:
+    """Overlap-add of a streaming transposed conv of Mimi's SEANet (§7.2), in place: ``y`` [B, C, N] is the conv's
+    output (bias included); its first ``P`` columns get the stored tail ``partial`` [B, C, P] added, and ``partial``
+    takes ``y``'s last ``P`` columns without the bias (added again when the next call overlaps them) for rows whose
+    ``exec_mask`` [B] is true. Needs ``N >= 2 P``. Returns the finished columns ``y[..., :N - P]`` (a view)."""
+    pt = partial.shape[-1]
+    assert y.shape[-1] >= 2 * pt, (y.shape, partial.shape)
+    y[..., :pt].add_(partial)
+    tail = y[..., -pt:]
+    if bias is not None:
+        tail = tail - bias[:, None]
+    torch.where(exec_mask.view(-1, 1, 1), tail, partial, out=partial)
+    return y[..., :-pt]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Delayed-stream bookkeeping of one step (DSM-SPEC §4): the token cache in, the un-delayed frame out. Integer-only,
 # so every backend must be exact.
