@@ -5,13 +5,20 @@
 
 Timings are medians over ``--steps`` calls after ``--warmup`` calls (CUDA events on GPU, perf_counter on CPU).
 A stream is real time while its per-frame step stays under 80 ms; ``streams@RTF1`` = batch * 80 ms / step.
+On CUDA, convolutions and matmuls run in true fp32 (TF32 off, like the bit-exact CPU reference), and two more graph
+variants are timed beside ours: ``nogemv`` (``DSM_GEMV=0``: the transformers on cuBLAS where ours takes the GEMV
+kernels, batch <= 2) and ``tf32`` (cuDNN's TF32 convolutions, PyTorch's default outside this benchmark).
+``--agree-frames`` encodes that many frames of one speech-like stream with each path and prints how many codes
+equal the CPU fp32 reference's (the moshi-parity path), overall and at the semantic level 0.
 Appends one JSON row per run to benchmarks/results/mimi.jsonl (device, torch version, git commit, figures).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -23,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dsm_kernels  # noqa: E402
 from dsm.bench import git_commit  # noqa: E402
-from dsm.mimi import FRAME_SIZE, Mimi, cuda_graphed, save_random_mimi  # noqa: E402
+from dsm.mimi import FRAME_SIZE, Mimi, cuda_graphed, load_mimi_state_dict, save_random_mimi  # noqa: E402
 
 FRAME_MS = 80.0
 
@@ -49,6 +57,57 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Run ours as variant ``name``: "" (as shipped), "nogemv" (DSM_GEMV=0) or "tf32" (cuDNN TF32 convolutions)."""
+    old_env, old_tf32 = os.environ.get("DSM_GEMV"), torch.backends.cudnn.allow_tf32
+    if name == "nogemv":
+        os.environ["DSM_GEMV"] = "0"
+    torch.backends.cudnn.allow_tf32 = name == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old_tf32
+        if old_env is None:
+            os.environ.pop("DSM_GEMV", None)
+        else:
+            os.environ["DSM_GEMV"] = old_env
+
+
+def speech_like(frames: int, seed: int = 0) -> torch.Tensor:
+    """``[1, 1, frames * 1920]``: a gliding harmonic tone with syllable-rate bursts, noise and pauses."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames * FRAME_SIZE) / 24000.0
+    f0 = 140 + 40 * torch.sin(2 * math.pi * 0.7 * t)
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / 24000.0
+    voiced = sum(torch.sin(k * phase) / k for k in range(1, 8))
+    env = (torch.sin(2 * math.pi * 3.1 * t).clamp(min=0) ** 0.5) * (torch.rand(frames, generator=g) > 0.15).float(
+        ).repeat_interleave(FRAME_SIZE)  # fmt: skip
+    return (0.2 * voiced * env + 0.01 * torch.randn(t.shape, generator=g)).view(1, 1, -1)
+
+
+def code_agreement(sd: dict, frames: int, device: torch.device, variants: list[str]) -> dict[str, dict]:
+    """Per path, the fraction of codes equal to the CPU fp32 reference's on :func:`speech_like` (batch 1)."""
+    pcm = speech_like(frames)
+
+    def encode(mimi: Mimi, x: torch.Tensor) -> torch.Tensor:
+        state = mimi.init_state(1)
+        with torch.no_grad():
+            return torch.cat([mimi.encode_step(x[..., i * FRAME_SIZE : (i + 1) * FRAME_SIZE], state)
+                              for i in range(frames)], -1).cpu()  # fmt: skip
+
+    want = encode(Mimi(sd, backend="reference"), pcm)
+    out = {}
+    paths = [("ours" + (f"_{v}" if v else ""), v, None) for v in variants] + [("reference_backend", "", "reference")]
+    for name, v, backend in paths:
+        with variant(v):
+            got = encode(Mimi(sd, device=device, backend=backend), pcm.to(device))
+        same = got == want
+        out[name] = {"codes": round(float(same.float().mean()), 5),
+                     "level0": round(float(same[:, 0].float().mean()), 5)}  # fmt: skip
+    return out
 
 
 def bench_ours(mimi: Mimi, batch: int, args, device: torch.device, use_graph: bool) -> dict[str, float]:
@@ -97,6 +156,9 @@ def main() -> None:
     p.add_argument("--ckpt", type=Path, default=None, help="Mimi safetensors (default: a random one)")
     p.add_argument("--no-moshi", action="store_true", help="skip the moshi baseline")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
+    p.add_argument("--no-variants", action="store_true", help="skip the nogemv / tf32 graph variants")
+    p.add_argument("--agree-frames", type=int, default=None, help="frames of the code agreement check (default: "
+                   "50 on CUDA, 0 on CPU)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "mimi.jsonl")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -115,29 +177,39 @@ def main() -> None:
         path = args.ckpt or save_random_mimi(Path(tmp) / "mimi.safetensors", seed=0)
         mimi = Mimi.from_file(path, n_q=args.n_q, device=device)
         rows = []
+        variants = [""] + ([] if args.no_variants or not cuda else ["nogemv", "tf32"])
         for batch in args.batch:
             row: dict = {"batch": batch, "ours": bench_ours(mimi, batch, args, device, use_graph=False)}
             if cuda and not args.no_graph:
-                row["ours_graph"] = bench_ours(mimi, batch, args, device, use_graph=True)
+                for v in variants:
+                    if v == "nogemv" and batch * 2 > dsm_kernels.GEMV_MAX_B:
+                        continue  # the same path as ours there
+                    with variant(v):
+                        row["ours_graph" + (f"_{v}" if v else "")] = bench_ours(mimi, batch, args, device, True)
             if not args.no_moshi:
                 row["moshi"] = bench_moshi(path, args.n_q, batch, args, device)
             rows.append(row)
             if cuda:
                 torch.cuda.empty_cache()
+        frames = args.agree_frames if args.agree_frames is not None else (50 if cuda else 0)
+        agreement = code_agreement(load_mimi_state_dict(path), frames, device, variants) if frames else {}
 
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"Mimi step per 80 ms frame on {name}, torch {torch.__version__}, n_q={args.n_q}, fp32")
-    print(f"{'batch':>6} {'impl':>11} {'encode ms':>10} {'decode ms':>10} {'streams@RTF1':>13}")
+    print(f"{'batch':>6} {'impl':>18} {'encode ms':>10} {'decode ms':>10} {'streams@RTF1':>13}")
     for row in rows:
-        for impl in ("ours", "ours_graph", "moshi"):
+        for impl in [k for k in row if k != "batch"]:
             r = row.get(impl)
             if r:
                 total = r["encode_ms"] + r["decode_ms"]
                 streams = row["batch"] * FRAME_MS / total
-                print(f"{row['batch']:>6} {impl:>11} {r['encode_ms']:>10.3f} {r['decode_ms']:>10.3f} {streams:>13.1f}")
+                print(f"{row['batch']:>6} {impl:>18} {r['encode_ms']:>10.3f} {r['decode_ms']:>10.3f} {streams:>13.1f}")
     record = {"bench": "mimi", "device": name, "torch": torch.__version__, "commit": git_commit(),
               "n_q": args.n_q, "steps": args.steps, "warmup": args.warmup, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "rows": rows}
+              "rows": rows, "agreement_frames": frames, "agreement": agreement}
+    for name, a in agreement.items():
+        print(f"codes equal to the CPU fp32 reference over {frames} frames, {name}: {100 * a['codes']:.2f}% "
+              f"(level 0: {100 * a['level0']:.2f}%)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         f.write(json.dumps(record) + "\n")

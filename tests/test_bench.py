@@ -94,3 +94,44 @@ def test_format_ttfa_prints_warm_and_cold():
     assert format_ttfa([row]) == ("tts-1.6b-en_fr: time to first audio at batch 1: 50.1 ms "
                                   "(warm engine; 84.0 ms cold, including graph capture)")
     assert format_ttfa([BenchRow("dsm", "stt", 1, 1.0, 1.0, 0.0, 1.0, 1.0)]) == ""
+
+
+def test_bench_mimi_smoke(tmp_path):
+    """benchmarks/bench_mimi.py runs end to end on the CPU (the GPU script's Mimi step): timings, the code agreement
+    check, and its JSON row."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "mimi.jsonl"
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_mimi.py"), "--device", "cpu", "--batch", "1", "--steps",
+           "1", "--warmup", "1", "--no-moshi", "--agree-frames", "2", "--threads", "1", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "codes equal to the CPU fp32 reference over 2 frames, ours: 100.00%" in res.stdout
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["rows"][0]["ours"]["encode_ms"] > 0 and row["agreement"]["reference_backend"]["codes"] == 1.0
+
+
+def test_bench_mimi_variant_restores_switches(monkeypatch):
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mimi.py"
+    spec = importlib.util.spec_from_file_location("bench_mimi", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.delenv("DSM_GEMV", raising=False)
+    tf32 = torch.backends.cudnn.allow_tf32
+    with mod.variant("nogemv"):
+        assert os.environ["DSM_GEMV"] == "0" and not torch.backends.cudnn.allow_tf32
+    with mod.variant("tf32"):
+        assert "DSM_GEMV" not in os.environ and torch.backends.cudnn.allow_tf32
+    assert "DSM_GEMV" not in os.environ and torch.backends.cudnn.allow_tf32 == tf32
+    assert mod.speech_like(3).shape == (1, 1, 3 * 1920)
