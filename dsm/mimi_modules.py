@@ -255,11 +255,11 @@ def _ring_mask(pos_q: torch.Tensor, capacity: int, consts: StepConstants) -> tor
 
 def _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, consts, backend):
     """The streaming transformer for a few tokens (``B * T <= GEMV_MAX_B``) on the GEMV kernels: a layer is the
-    QKV GEMV with its LayerNorm, RoPE and the ring write (slot -1 for inactive rows); SDPA; the output GEMV with
-    the LayerScaled residual; the FFN's first GEMV with its LayerNorm and GELU; its second with the residual. Five
-    launches where :func:`transformer_forward`'s torch path takes nine. Same math; only the order of each dot
-    product's fp32 sum differs (like cuBLAS picking another kernel), so the codes of chaotic deep RVQ levels may
-    differ from the torch path's in rare frames."""
+    QKV GEMV with its LayerNorm, RoPE and the ring write (slot -1 for inactive rows); the ring attention, its mask
+    made in the kernel; the output GEMV with the LayerScaled residual; the FFN's first GEMV with its LayerNorm and
+    GELU; its second with the residual. Five launches where :func:`transformer_forward`'s torch path takes nine,
+    and no mask ops. Same math; only the order of each dot product's fp32 sum differs (like cuBLAS picking another
+    kernel), so the codes of chaotic deep RVQ levels may differ from the torch path's in rare frames."""
     b, c, t = x.shape
     hd = c // num_heads
     assert exec_mask is not None
@@ -269,7 +269,6 @@ def _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, const
     h.copy_(x.transpose(1, 2))  # a buffer of our own: the residual GEMVs update it in place
     h = h.view(b * t, c)
     pos_q = kv.pos.view(-1, 1) + consts.arange(t)  # [B, T]
-    mask = _ring_mask(pos_q, capacity, consts)
     ring = consts.arange(b).view(-1, 1) * capacity + torch.remainder(pos_q, capacity)
     slots = torch.where(exec_mask.view(-1, 1), ring, consts.full(-1, torch.long)).view(-1)
     positions, inv_freq = pos_q.view(-1), freqs[0, 0]
@@ -278,10 +277,8 @@ def _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, const
         q = dsm_kernels.qkv_rope_gemv(h, lw.in_proj, lw.norm1_w, 1e-5, positions, inv_freq,
                                       cache[:, 0].permute(0, 2, 1, 3), cache[:, 1].permute(0, 2, 1, 3), slots,
                                       num_heads, num_heads, beta=lw.norm1_b, backend=backend)  # fmt: skip
-        a = F.scaled_dot_product_attention(q.view(b, t, num_heads, hd).transpose(1, 2), cache[:b, 0], cache[:b, 1],
-                                           mask, dropout_p=0.0)  # fmt: skip
-        dsm_kernels.gemv(a.transpose(1, 2).reshape(b * t, c), lw.out_proj, residual=h, scale=lw.ls1,
-                         backend=backend)  # fmt: skip
+        a = dsm_kernels.mimi_ring_attention(q.view(b, t, num_heads, hd), cache, kv.pos, backend=backend)
+        dsm_kernels.gemv(a.view(b * t, c), lw.out_proj, residual=h, scale=lw.ls1, backend=backend)
         z = dsm_kernels.gemv(h, lw.linear1, alpha=lw.norm2_w, beta=lw.norm2_b, eps=1e-5, gelu=True, backend=backend)
         dsm_kernels.gemv(z, lw.linear2, residual=h, scale=lw.ls2, backend=backend)
     kv.pos.add_(exec_mask, alpha=t)

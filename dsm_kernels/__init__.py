@@ -107,6 +107,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:mimi_conv_pad_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_conv_pad_triton",
     },
+    "mimi_ring_attention": {
+        "reference": "dsm_kernels.reference:mimi_ring_attention_ref",
+        "triton": "dsm_kernels.mimi_kernels:mimi_ring_attention_triton",
+    },
     "mimi_convtr_overlap": {
         "reference": "dsm_kernels.reference:mimi_convtr_overlap_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_convtr_overlap_triton",
@@ -279,6 +283,11 @@ def mimi_conv_pad(x, prev, exec_mask, *, elu=False, out=None, backend=None):
     return resolve("mimi_conv_pad", backend, x.device)(x, prev, exec_mask, elu=elu, out=out)
 
 
+def mimi_ring_attention(q, cache, pos, *, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_ring_attention_ref` (a Mimi layer's new queries over its KV ring)."""
+    return resolve("mimi_ring_attention", backend, q.device)(q, cache, pos, out=out)
+
+
 def mimi_convtr_overlap(y, partial, bias, exec_mask, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_convtr_overlap_ref` (Mimi's transposed-conv overlap-add; ``y`` and
     ``partial`` in place)."""
@@ -302,6 +311,7 @@ __all__ = [
     "kv_slots",
     "mimi_conv_pad",
     "mimi_convtr_overlap",
+    "mimi_ring_attention",
     "mimi_rope_kv",
     "multistream_embed",
     "paged_decode_attention",

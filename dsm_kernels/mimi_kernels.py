@@ -10,12 +10,14 @@
 * :func:`mimi_conv_pad_triton`: a SEANet streaming conv's input (ELU, the stored left context prepended) and the
   update of that context, one launch (was ``elu``, ``cat`` and ``where``).
 
+* :func:`mimi_ring_attention_triton`: a transformer layer's attention of its few new queries over the KV ring, with
+  the ring's mask computed in the kernel from the row's position (was the mask ops + SDPA).
 * :func:`mimi_convtr_overlap_triton`: a SEANet streaming transposed conv's overlap-add and the update of its stored
   tail, one launch (was ``add_``, ``sub`` and ``where``).
 
 Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref`,
-:func:`dsm_kernels.reference.mimi_rope_kv_ref`, :func:`dsm_kernels.reference.mimi_conv_pad_ref` and
-:func:`dsm_kernels.reference.mimi_convtr_overlap_ref`.
+:func:`dsm_kernels.reference.mimi_rope_kv_ref`, :func:`dsm_kernels.reference.mimi_ring_attention_ref`,
+:func:`dsm_kernels.reference.mimi_conv_pad_ref` and :func:`dsm_kernels.reference.mimi_convtr_overlap_ref`.
 Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and takes a square root, like
 ``torch.cdist``): the argmin may differ from the reference only where two candidates tie within fp32 rounding.
 """
@@ -340,3 +342,70 @@ def mimi_convtr_overlap_triton(y: torch.Tensor, partial: torch.Tensor, bias: tor
         bias if bias is not None else y, exec_mask, C, N, P,
         HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
     return y[..., : N - P]
+
+
+@triton.jit
+def _mimi_ring_attention_kernel(
+    q_ptr, sqb, sqt, sqh,  # [B, T, H, D] fp32, last dim contiguous
+    cache_ptr, scr, sck, sch, scs,  # [R, 2, H, S, D] fp32, last dim contiguous
+    pos_ptr,  # [B] int64
+    out_ptr, sob, sot, soh,  # [B, T, H, D] fp32, last dim contiguous
+    T, H, S, scale,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Grid (B * H,): one row's head, all of the row's T queries, the ring in chunks of BLOCK_S slots with an online
+    softmax (fp32)."""
+    b = (tl.program_id(0) // H).to(tl.int64)
+    h = tl.program_id(0) % H
+    t = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, D)
+    tmask = t < T
+    q = tl.load(q_ptr + b * sqb + t[:, None] * sqt + h * sqh + d[None, :], mask=tmask[:, None], other=0.0)
+    pos = tl.load(pos_ptr + b)
+    last = pos + T - 1
+    pos_q = pos + t
+    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, D], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < S
+        kv = cache_ptr + b * scr + h * sch + s[:, None] * scs + d[None, :]
+        k = tl.load(kv, mask=smask[:, None], other=0.0)  # [BLOCK_S, D]
+        v = tl.load(kv + sck, mask=smask[:, None], other=0.0)
+        # The position the slot holds; a slot past ``last`` was never written: a truncating % (GPU) makes it a
+        # future position, a floor mod (interpreter, torch.remainder) a negative one, and the mask hides both.
+        pos_k = last - (last - s) % S
+        ok = (pos_q[:, None] >= pos_k[None, :]) & (pos_k >= 0)[None, :] & smask[None, :]
+        sc = tl.where(ok, tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale, float("-inf"))  # [BLOCK_T, BLOCK_S]
+        m_new = tl.maximum(m, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk with no visible slot yet
+        p = tl.exp(sc - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        den = den * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    tl.store(out_ptr + b * sob + t[:, None] * sot + h * soh + d[None, :], acc / den[:, None], mask=tmask[:, None])
+
+
+def mimi_ring_attention_triton(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor,
+                               out: torch.Tensor | None = None, block_s: int | None = None) -> torch.Tensor:
+    """See :func:`dsm_kernels.reference.mimi_ring_attention_ref`. For the few queries of a streaming step: one
+    program per row and head, over the ring in chunks of ``block_s`` slots (default 64 on a GPU, the whole ring
+    under ``TRITON_INTERPRET=1``); graph capturable, no host sync."""
+    B, T, H, D = q.shape
+    S = cache.shape[3]
+    assert q.dtype == cache.dtype == torch.float32 and cache.shape[0] >= B and cache.shape[1:3] == (2, H)
+    assert cache.shape[4] == D and q.stride(3) == 1 and cache.stride(4) == 1 and pos.shape == (B,), (
+        q.shape, cache.shape, pos.shape)
+    assert T <= 16 and D == triton.next_power_of_2(D), "a streaming step's few queries, a power-of-two head_dim"
+    if out is None:
+        out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    assert out.shape == (B, T, H, D) and out.stride(3) == 1
+    if block_s is None:
+        block_s = 64 if os.environ.get("TRITON_INTERPRET") != "1" else triton.next_power_of_2(S)
+    _mimi_ring_attention_kernel[(B * H,)](
+        q, q.stride(0), q.stride(1), q.stride(2), cache, cache.stride(0), cache.stride(1), cache.stride(2),
+        cache.stride(3), pos, out, out.stride(0), out.stride(1), out.stride(2), T, H, S, D**-0.5,
+        D=D, BLOCK_T=triton.next_power_of_2(T), BLOCK_S=triton.next_power_of_2(block_s), num_warps=8)
+    return out

@@ -539,6 +539,25 @@ def mimi_rope_kv_ref(
     return q if out is None else out.copy_(q)
 
 
+def mimi_ring_attention_ref(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of a Mimi layer's ``T`` new queries ``q`` [B, T, H, D] fp32 over its KV ring ``cache`` [R >= B, 2,
+    H, S, D] once their keys are in it: ``pos`` [B] int64 is the number of tokens the row had written before them,
+    so query t sits at ``pos + t`` and ring slot s holds position ``last - (last - s) mod S`` (``last = pos + T -
+    1``; negative: never written). Query t sees the slots whose position is in ``[0, pos + t]`` (the ring holds
+    exactly the context), with scale ``D ** -0.5``; SDPA with that additive mask, as ``transformer_forward``.
+    Returns [B, T, H, D]."""
+    B, T, H, D = q.shape
+    S = cache.shape[3]
+    pos_q = pos.view(-1, 1) + torch.arange(T, device=q.device)  # [B, T]
+    last = pos_q[:, -1:]
+    pos_k = last - torch.remainder(last - torch.arange(S, device=q.device), S)  # [B, S]
+    ok = (pos_q[:, :, None] >= pos_k[:, None]) & (pos_k[:, None] >= 0)  # [B, T, S]
+    mask = torch.where(ok, 0.0, float("-inf"))[:, None]
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), cache[:B, 0], cache[:B, 1], mask).transpose(1, 2)
+    return a if out is None else out.copy_(a)
+
+
 def mimi_conv_pad_ref(
     x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.Tensor, elu: bool = False, out: torch.Tensor | None = None
 ) -> torch.Tensor:
