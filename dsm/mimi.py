@@ -49,6 +49,7 @@ from dsm.mimi_modules import (
     StepConstants,
     augment_codebook,
     causal_conv1d,
+    conv1d,
     conv_transpose1d,
     init_kv_state,
     rope_freqs,
@@ -259,13 +260,13 @@ class Mimi:
         # Downsample conv with replicate left padding: a stream's first call pads with its own first frame.
         first = (state.down_first & m).view(-1, 1, 1)
         torch.where(first, emb[..., :1], state.down_prev, out=state.down_prev)
-        latent = causal_conv1d(emb, state.down_prev, self.down_w, None, 2, m)
+        latent = causal_conv1d(emb, state.down_prev, self.down_w, None, 2, m, backend=self.backend)
         state.down_first.masked_fill_(m, False)
         return self._quantize(latent)
 
     def _quantize(self, latent: torch.Tensor) -> torch.Tensor:
         """``[B, 512, T]`` -> codes ``[B, n_q, T]`` int64."""
-        x = F.conv1d(latent, self.rvq_in_proj)  # [B, G * 256, T]
+        x = conv1d(latent, self.rvq_in_proj, None, 1, backend=self.backend)  # [B, G * 256, T]
         return dsm_kernels.rvq_encode(x, self.rvq_books, self.group_levels, self.rvq_level_ranges,
                                       backend=self.backend)
 

@@ -39,13 +39,26 @@ def causal_conv1d(
     graph capture) by :func:`dsm_kernels.mimi_conv_pad` (ELU, concatenation and state update: one kernel on Triton).
     """
     if prev is None:
-        return F.conv1d(F.elu(x) if elu else x, weight, bias, stride, 0, dilation, groups)
+        return conv1d(F.elu(x) if elu else x, weight, bias, stride, dilation, groups, backend)
     # The ELU stays torch's: the kernel's (exp-based expm1) differs by ulps, which flipped ~2% of the 32-level codes
     # on an H100 against the reference backend (chaotic deep RVQ levels); torch's keeps Triton == reference.
     if kernel_elu:
         x = dsm_kernels.mimi_conv_pad(x, prev, exec_mask, elu=elu, backend=backend)
     else:
         x = dsm_kernels.mimi_conv_pad(F.elu(x) if elu else x, prev, exec_mask, backend=backend)
+    return conv1d(x, weight, bias, stride, dilation, groups, backend)
+
+
+def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int = 1,
+           groups: int = 1, backend: str | None = None) -> torch.Tensor:
+    """A valid conv1d: off the reference backend, one with at most ``dsm_kernels.gemv_max_rows()`` output columns
+    (batch rows x steps: the deep, wide SEANet layers and the quantizer's projection at one or two streams) runs as
+    a GEMV (:func:`dsm_kernels.conv1d_gemv`), which streams the weights at bandwidth; the rest is cuDNN's."""
+    b, _, t = x.shape
+    t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
+    if groups == 1 and b * t_out <= dsm_kernels.gemv_max_rows() and (
+            backend or dsm_kernels.default_backend(x.device)) != "reference":  # fmt: skip
+        return dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, backend=backend)
     return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
 
 

@@ -71,6 +71,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:qkv_rope_gemv_ref",
         "triton": "dsm_kernels.gemv_kernels:qkv_rope_gemv_triton",
     },
+    "conv1d_gemv": {
+        "reference": "dsm_kernels.reference:conv1d_gemv_ref",
+        "triton": "dsm_kernels.gemv_kernels:conv1d_gemv_triton",
+    },
     "silu_mul": {
         "reference": "dsm_kernels.reference:silu_mul_ref",
         "triton": "dsm_kernels.fused:silu_mul_triton",
@@ -233,6 +237,12 @@ def qkv_rope_gemv(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, 
               out=out, beta=beta)
 
 
+def conv1d_gemv(x, weight, bias=None, stride=1, dilation=1, *, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.conv1d_gemv_ref`: a conv1d with few output columns (the Triton kernel takes
+    at most ``GEMV_MAX_B`` of them, batch rows included)."""
+    return resolve("conv1d_gemv", backend, x.device)(x, weight, bias, stride, dilation, out=out)
+
+
 def silu_mul(h, *, backend=None):
     """See :func:`dsm_kernels.reference.silu_mul_ref`."""
     return resolve("silu_mul", backend, h.device)(h)
@@ -297,6 +307,7 @@ def mimi_convtr_overlap(y, partial, bias, exec_mask, *, backend=None):
 __all__ = [
     "BACKENDS",
     "GEMV_MAX_B",
+    "conv1d_gemv",
     "add_rms_norm",
     "append_kv",
     "available_backends",

@@ -229,6 +229,32 @@ def _qkv_rope_gemv_kernel(
         tl.store(vd + 1, y1, mask=ok & is_v)
 
 
+@triton.jit
+def _conv_gemv_kernel(
+    x_ptr, sxb, sxc, sxt, w_ptr, b_ptr, out_ptr, sob, soc, sot,
+    R, N, K, T_OUT, STRIDE, DIL,
+    KS: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """Grid (N tiles,): a valid conv1d (fp32) with few output columns as a GEMV: weight row n is ``w[n]`` ([C_in,
+    KS] contiguous, K = C_in * KS values); output row i < R is column ``t = i % T_OUT`` of batch row ``i // T_OUT``,
+    whose input patch ``x[b, c, t * STRIDE + j * DIL]`` is gathered in the weight row's (c, j) order."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = n < N
+    k = tl.arange(0, KP)
+    kmask = k < K
+    w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    bias = tl.load(b_ptr + n, mask=nmask & HAS_BIAS, other=0.0)
+    launch_and_wait(PDL)  # the weights are in flight
+    tap = (k // KS) * sxc + (k % KS) * DIL * sxt
+    for i in tl.static_range(BB):
+        live = i < R
+        b, t = i // T_OUT, i % T_OUT
+        x = tl.load(x_ptr + b.to(tl.int64) * sxb + t * STRIDE * sxt + tap, mask=kmask & live, other=0.0)
+        y = tl.sum(w * x[None, :], axis=1) + bias
+        tl.store(out_ptr + b.to(tl.int64) * sob + n * soc + t * sot, y, mask=nmask & live)
+
+
 def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, divides: int | None = None):
     """(BN, KP, num_warps) of a GEMV launch: whole rows of K per program; ~1 program per SM on a GPU (fewer,
     larger programs in the interpreter, whose cost grows with their number); ``divides``: BN must divide it."""
@@ -322,3 +348,31 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
         BH=bn // 2, KP=kp, D=D, SAT=cache_saturation(k_cache.dtype), PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return q
+
+
+def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
+    """Triton twin of :func:`~dsm_kernels.reference.conv1d_gemv_ref` for at most ``GEMV_MAX_B`` output columns in
+    all (batch rows x output steps): each weight row is read once, at bandwidth, where a conv library's tiles would
+    leave most of the GPU idle on a [C_out, C_in * K] x [C_in * K, 2] product."""
+    B, C, T = x.shape
+    N, C_w, KS = weight.shape
+    T_out = (T - dilation * (KS - 1) - 1) // stride + 1
+    if C_w != C or T_out < 1 or not weight.is_contiguous() or torch.float32 != x.dtype or torch.float32 != weight.dtype:
+        raise ValueError(f"conv1d_gemv: x {tuple(x.shape)} {x.dtype} against weight {tuple(weight.shape)} "
+                         f"{weight.dtype} (fp32, contiguous, no groups)")  # fmt: skip
+    if B * T_out > GEMV_MAX_B:
+        raise ValueError(f"conv1d_gemv: {B * T_out} output columns; the kernel takes at most {GEMV_MAX_B}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"conv1d_gemv: bias {tuple(bias.shape)} against {N} output channels")
+    if out is None:
+        out = torch.empty(B, N, T_out, dtype=x.dtype, device=x.device)
+    assert out.shape == (B, N, T_out), (out.shape, (B, N, T_out))
+    bn, kp, warps = gemv_plan(N, C * KS, sms=_sms(x.device), interp=_interpret())
+    pdl = use_pdl(x.device)
+    _conv_gemv_kernel[(triton.cdiv(N, bn),)](
+        x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight, out,
+        out.stride(0), out.stride(1), out.stride(2), B * T_out, N, C * KS, T_out, stride, dilation,
+        KS=KS, HAS_BIAS=bias is not None, BB=triton.next_power_of_2(B * T_out), BN=bn, KP=kp, PDL=pdl,
+        num_warps=warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return out

@@ -439,6 +439,15 @@ def gemv_ref(
     return y if out is None else out.copy_(y)
 
 
+def conv1d_gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                    dilation: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A valid (unpadded) conv1d ``[B, C_in, T] -> [B, C_out, T_out]`` (fp32, no groups), the op Mimi's SEANet runs
+    where only a few output columns remain (its deep, wide layers); the kernels take at most ``GEMV_MAX_B`` output
+    columns in all."""
+    y = F.conv1d(x, weight, bias, stride, 0, dilation)
+    return y if out is None else out.copy_(y)
+
+
 def qkv_rope_gemv_ref(
     x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, eps: float, positions: torch.Tensor,
     inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,

@@ -224,12 +224,53 @@ def test_qkv_rope_gemv_layer_norm_into_a_ring(B):
     assert torch.equal(got_ring.permute(0, 3, 1, 2, 4)[~touched], ring.permute(0, 3, 1, 2, 4)[~touched])
 
 
+CONV_CASES = [  # (B, C_in, C_out, KS, stride, dilation, T_in, bias): Mimi's deep SEANet convs and smaller odd ones
+    (1, 64, 96, 16, 8, 1, 24, True),  # the encoder's last downsampling (T_out 2)
+    (2, 40, 24, 3, 1, 1, 4, True),  # a k3 conv at two streams
+    (1, 32, 48, 4, 2, 1, 4, False),  # the 12.5 Hz downsampling (T_out 1), no bias
+    (1, 24, 40, 3, 1, 3, 10, True),  # dilated, T_out 4
+    (4, 16, 8, 1, 1, 1, 1, False),  # a 1x1 projection at four streams
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CONV_CASES, ids=[f"B{c[0]}-k{c[3]}-s{c[4]}-d{c[5]}" for c in CONV_CASES])
+def test_conv1d_gemv_matches_conv1d(case):
+    from dsm_kernels.reference import conv1d_gemv_ref
+
+    B, C, N, KS, S, dil, T, bias = case
+    g = torch.Generator().manual_seed(B * C + KS)
+    x = torch.randn(B, C, T, generator=g)
+    w = torch.randn(N, C, KS, generator=g) * (C * KS) ** -0.5
+    b = torch.randn(N, generator=g) if bias else None
+    exp = conv1d_gemv_ref(x, w, b, S, dil)
+    assert exp.shape[0] * exp.shape[2] <= 4
+    out = poison_(torch.empty(exp.shape, device=DEVICE))
+    got = dsm_kernels.conv1d_gemv(x.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE), S, dil, out=out,
+                                  backend="triton")  # fmt: skip
+    assert got.data_ptr() == out.data_ptr()
+    assert _rel(got.cpu(), exp) < 1e-5
+
+
+@needs_triton
+def test_conv1d_gemv_rejects_what_it_cannot_run():
+    from dsm_kernels.gemv_kernels import conv1d_gemv_triton
+
+    x, w = torch.randn(1, 8, 12, device=DEVICE), torch.randn(4, 8, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="output columns"):
+        conv1d_gemv_triton(x, w)  # 10 columns
+    with pytest.raises(ValueError, match="weight"):
+        conv1d_gemv_triton(x[..., :4], w[:, :4])
+    with pytest.raises(ValueError, match="bias"):
+        conv1d_gemv_triton(x[..., :4], w, torch.zeros(5, device=DEVICE))
+
+
 def test_triton_aot_compiles_for_sm90():
     """The GEMV kernels at the shapes the models launch compile for an H100, with the weights requested before the
     PDL wait: the temporal step's (bf16, stt-1b) and Mimi's transformer's (fp32, LayerNorm prologues, GELU)."""
     from dsm_kernels.testing import run_aot_script
 
-    assert run_aot_script(__file__).count("cubin") == 2 * 5
+    assert run_aot_script(__file__).count("cubin") == 2 * 5 + 2
 
 
 def _aot() -> None:
@@ -263,6 +304,16 @@ def _aot() -> None:
             assert "sm_90" in ptx and len(cc.asm["cubin"]) > 0, label
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global"), label
             print(f"{label} B={B}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
+    from dsm_kernels.gemv_kernels import _conv_gemv_kernel
+
+    for name, N, C, KS in (("mimi encoder downsampling", 1024, 512, 16), ("mimi decoder input", 1024, 512, 7)):
+        bn, kp, warps = gemv_plan(N, C * KS, sms=132, interp=False)
+        consts = {"KS": KS, "HAS_BIAS": True, "BB": 2, "BN": bn, "KP": kp, "PDL": True}
+        types = {n: "*fp32" for n in _conv_gemv_kernel.arg_names if n.endswith("_ptr")}
+        cc = aot_compile(_conv_gemv_kernel, types, consts, num_warps=warps)
+        ptx = cc.asm["ptx"]
+        assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global"), name
+        print(f"{name}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
 
 
 if __name__ == "__main__":
