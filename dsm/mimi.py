@@ -138,6 +138,15 @@ class Mimi:
         self.consts = StepConstants(self.device)
         self.down_w = w["downsample.conv.conv.conv.weight"]
         self.up_w = w["upsample.convtr.convtr.convtr.weight"]
+        # Transposed convs that see at most GEMV_MAX_B input columns per frame at one stream (the first decoder
+        # block's: 2) also keep their weights as [C_out, K, C_in] rows, for the GEMV path.
+        self.convtr_rows, cols = {}, 2
+        for op in DECODER_OPS:
+            if op[0] == "convtr":
+                if cols <= dsm_kernels.GEMV_MAX_B:
+                    name = f"decoder.model.{op[1]}.convtr.convtr.weight"
+                    self.convtr_rows[name] = w[name].permute(1, 2, 0).contiguous()
+                cols *= op[5]
         self._rvq(w)
 
     @classmethod
@@ -243,7 +252,7 @@ class Mimi:
             elif op[0] == "convtr":
                 name = f"{prefix}.model.{op[1]}.convtr.convtr"
                 x = conv_transpose1d(x, next(it), w[name + ".weight"], w[name + ".bias"], op[5], exec_mask,
-                                     backend=self.backend)  # fmt: skip
+                                     backend=self.backend, w_rows=self.convtr_rows.get(name + ".weight"))  # fmt: skip
             else:  # residual unit: x + conv1x1(elu(conv3(elu(x))))
                 p = f"{prefix}.model.{op[1]}.block"
                 y = conv(x, f"{p}.1.conv.conv", 3, 1, elu=True)

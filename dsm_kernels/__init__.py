@@ -115,6 +115,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:mimi_ring_attention_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_ring_attention_triton",
     },
+    "mimi_convtr_gemv": {
+        "reference": "dsm_kernels.reference:mimi_convtr_gemv_ref",
+        "triton": "dsm_kernels.mimi_kernels:mimi_convtr_gemv_triton",
+    },
     "mimi_convtr_overlap": {
         "reference": "dsm_kernels.reference:mimi_convtr_overlap_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_convtr_overlap_triton",
@@ -298,6 +302,12 @@ def mimi_ring_attention(q, cache, pos, *, out=None, backend=None):
     return resolve("mimi_ring_attention", backend, q.device)(q, cache, pos, out=out)
 
 
+def mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, *, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref` (a Mimi transposed conv with its overlap-add, for few
+    input columns; ``partial`` in place)."""
+    return resolve("mimi_convtr_gemv", backend, x.device)(x, w_rows, bias, stride, partial, exec_mask)
+
+
 def mimi_convtr_overlap(y, partial, bias, exec_mask, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_convtr_overlap_ref` (Mimi's transposed-conv overlap-add; ``y`` and
     ``partial`` in place)."""
@@ -321,6 +331,7 @@ __all__ = [
     "has_triton",
     "kv_slots",
     "mimi_conv_pad",
+    "mimi_convtr_gemv",
     "mimi_convtr_overlap",
     "mimi_ring_attention",
     "mimi_rope_kv",

@@ -12,12 +12,16 @@
 
 * :func:`mimi_ring_attention_triton`: a transformer layer's attention of its few new queries over the KV ring, with
   the ring's mask computed in the kernel from the row's position (was the mask ops + SDPA).
+* :func:`mimi_convtr_gemv_triton`: a transposed conv with few input columns as the GEMV of its taps (each (output
+  channel, tap) row of weights streamed once) plus one kernel that places the taps, adds the bias and the stored
+  tail and keeps the new tail.
 * :func:`mimi_convtr_overlap_triton`: a SEANet streaming transposed conv's overlap-add and the update of its stored
   tail, one launch (was ``add_``, ``sub`` and ``where``).
 
 Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref`,
 :func:`dsm_kernels.reference.mimi_rope_kv_ref`, :func:`dsm_kernels.reference.mimi_ring_attention_ref`,
-:func:`dsm_kernels.reference.mimi_conv_pad_ref` and :func:`dsm_kernels.reference.mimi_convtr_overlap_ref`.
+:func:`dsm_kernels.reference.mimi_conv_pad_ref`, :func:`dsm_kernels.reference.mimi_convtr_overlap_ref` and
+:func:`dsm_kernels.reference.mimi_convtr_gemv_ref`.
 Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and takes a square root, like
 ``torch.cdist``): the argmin may differ from the reference only where two candidates tie within fp32 rounding.
 """
@@ -408,4 +412,61 @@ def mimi_ring_attention_triton(q: torch.Tensor, cache: torch.Tensor, pos: torch.
         q, q.stride(0), q.stride(1), q.stride(2), cache, cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), pos, out, out.stride(0), out.stride(1), out.stride(2), T, H, S, D**-0.5,
         D=D, BLOCK_T=triton.next_power_of_2(T), BLOCK_S=triton.next_power_of_2(block_s), num_warps=8)
+    return out
+
+
+@triton.jit
+def _mimi_convtr_place_kernel(
+    c_ptr, scb, scr, sct,  # [B, C * K, T] fp32: tap k of output channel c from input column t, row c * K + k
+    part_ptr, spb, spc, spt,  # [B, C, S] fp32 (K = 2 S), updated in place
+    bias_ptr, mask_ptr,  # [C] fp32 (unused without HAS_BIAS), [B] bool
+    out_ptr, sob, soc, sot,  # [B, C, T * S] fp32
+    C, T, S, K,
+    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Grid (B, C blocks): output column u = t S + j sums tap j of input column t and tap j + S of column t - 1 (the
+    stored tail for t = 0), plus the bias; then the tail keeps taps S..K-1 of the last column (no bias)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = (c < C)[:, None]
+    bias = tl.load(bias_ptr + c, mask=(c < C) & HAS_BIAS, other=0.0)[:, None]
+    taps = c_ptr + b * scb + (c * K)[:, None] * scr
+    for u0 in range(0, T * S, BLOCK_U):
+        u = u0 + tl.arange(0, BLOCK_U)[None, :]
+        m = cm & (u < T * S)
+        t, j = u // S, u % S
+        cur = tl.load(taps + j * scr + t * sct, mask=m, other=0.0)
+        prev = tl.load(taps + (j + S) * scr + (t - 1) * sct, mask=m & (t > 0), other=0.0)
+        old = tl.load(part_ptr + b * spb + c[:, None] * spc + j * spt, mask=m & (t == 0), other=0.0)
+        tl.store(out_ptr + b * sob + c[:, None] * soc + u * sot, cur + tl.where(t > 0, prev, old) + bias, mask=m)
+    jj = tl.arange(0, BLOCK_S)[None, :]
+    jm = cm & (jj < S)
+    tail = tl.load(taps + (jj + S) * scr + (T - 1) * sct, mask=jm, other=0.0)
+    active = tl.load(mask_ptr + b) != 0
+    tl.debug_barrier()  # every thread has read the old tail before any overwrites it
+    tl.store(part_ptr + b * spb + c[:, None] * spc + jj * spt, tail, mask=jm & active)
+
+
+def mimi_convtr_gemv_triton(x: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                            partial: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
+    """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref`, for at most ``GEMV_MAX_B`` input columns in all
+    (batch rows x steps) and ``K = 2 S`` (Mimi's): the taps are a 1x1 conv with ``C_out K`` output channels
+    (:func:`~dsm_kernels.gemv_kernels.conv1d_gemv_triton`, weights streamed once), placed by one more kernel."""
+    from .gemv_kernels import conv1d_gemv_triton
+
+    B, C_in, T = x.shape
+    C, K, C_w = w_rows.shape
+    S = stride
+    assert C_w == C_in and K == 2 * S and partial.shape == (B, C, K - S) and exec_mask.shape == (B,), (
+        x.shape, w_rows.shape, partial.shape, stride)
+    assert x.dtype == partial.dtype == torch.float32 and (bias is None or bias.shape == (C,))
+    taps = conv1d_gemv_triton(x, w_rows.view(C * K, C_in, 1))  # [B, C * K, T]
+    out = torch.empty(B, C, T * S, dtype=x.dtype, device=x.device)
+    BLOCK_S = triton.next_power_of_2(S)
+    BLOCK_U = min(triton.next_power_of_2(T * S), 256)
+    BLOCK_C = max(1, min(triton.next_power_of_2(C), 4096 // BLOCK_U))
+    _mimi_convtr_place_kernel[(B, triton.cdiv(C, BLOCK_C))](
+        taps, taps.stride(0), taps.stride(1), taps.stride(2), partial, partial.stride(0), partial.stride(1),
+        partial.stride(2), bias if bias is not None else x, exec_mask, out, out.stride(0), out.stride(1),
+        out.stride(2), C, T, S, K, HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, BLOCK_U=BLOCK_U, BLOCK_S=BLOCK_S)
     return out

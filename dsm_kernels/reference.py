@@ -597,6 +597,18 @@ def mimi_convtr_overlap_ref(
     return y[..., :-pt]
 
 
+def mimi_convtr_gemv_ref(
+    x: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None, stride: int, partial: torch.Tensor,
+    exec_mask: torch.Tensor,
+) -> torch.Tensor:
+    """A streaming transposed conv of Mimi's SEANet with its overlap-add (§7.2): ``conv_transpose1d(x, w, bias,
+    stride)`` then :func:`mimi_convtr_overlap_ref`. ``x`` [B, C_in, T] fp32; the weight is given as ``w_rows``
+    [C_out, K, C_in] (the checkpoint's [C_in, C_out, K] permuted, so that each (output channel, tap) is a contiguous
+    row); ``partial`` [B, C_out, K - S]. Returns the finished ``[B, C_out, T * S]``."""
+    y = F.conv_transpose1d(x, w_rows.permute(2, 0, 1), bias, stride)
+    return mimi_convtr_overlap_ref(y, partial, bias, exec_mask)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Delayed-stream bookkeeping of one step (DSM-SPEC §4): the token cache in, the un-delayed frame out. Integer-only,
 # so every backend must be exact.

@@ -251,6 +251,36 @@ def test_mimi_convtr_overlap_triton(B, C, N, P, bias, inactive):
         assert not torch.equal(got_p.cpu()[mask], partial[mask])
 
 
+# (B, C_in, C_out, S, T, bias, inactive rows): the decoder's first transposed conv (narrower), two streams, no bias
+CONVTR_GEMV_CASES = [(1, 64, 32, 8, 2, True, ()), (2, 24, 40, 4, 2, True, (1,)), (1, 16, 8, 5, 4, False, ()),
+                     (4, 8, 12, 2, 1, True, (0, 3))]
+
+
+@pytest.mark.parametrize("B,C_in,C_out,S,T,bias,inactive", CONVTR_GEMV_CASES)
+def test_mimi_convtr_gemv_triton(B, C_in, C_out, S, T, bias, inactive):
+    """The transposed conv as its taps' GEMV + placement against conv_transpose1d + the overlap-add: finished
+    columns and the new tail within fp32 1e-5, inactive rows' tails untouched."""
+    device = kernel_device("triton")
+    g = torch.Generator().manual_seed(B * 100 + C_in + S)
+    x = torch.randn(B, C_in, T, generator=g)
+    w_rows = torch.randn(C_out, 2 * S, C_in, generator=g) * C_in**-0.5
+    b = torch.randn(C_out, generator=g) if bias else None
+    partial = torch.randn(B, C_out, S, generator=g)
+    mask = torch.ones(B, dtype=torch.bool)
+    mask[list(inactive)] = False
+    want_p = partial.clone()
+    want = reference.mimi_convtr_gemv_ref(x, w_rows, b, S, want_p, mask)
+    got_p = partial.clone().to(device)
+    got = resolve("mimi_convtr_gemv", "triton", device)(x.to(device), w_rows.to(device),
+                                                       None if b is None else b.to(device), S, got_p, mask.to(device))
+    assert got.shape == want.shape == (B, C_out, T * S)
+    assert_close_verbose(got.cpu(), want, atol=1e-5, rtol=1e-5, name="finished columns")
+    assert_close_verbose(got_p.cpu(), want_p, atol=1e-5, rtol=1e-5, name="tail")
+    assert torch.equal(got_p.cpu()[~mask], partial[~mask])
+    if mask.any():
+        assert not torch.allclose(want_p[mask], partial[mask])
+
+
 @pytest.fixture(scope="module")
 def mimi_sd():
     return random_mimi_state_dict(0)
@@ -347,10 +377,10 @@ def _count_module():
 
 
 # Kernels per streaming step (batch 1, one frame) on the Triton backend, the path a GPU runs. Measured on this commit:
-# encode 126, decode 86 (the deep, wide convs on the GEMV kernel: same count). Before: the ring attention kernel
-# 135 / 94; the fused transposed-conv overlap and the
-# decoder's kernel ELU 135 / 108; the transformers' GEMV path 169 / 142; the fused SEANet conv inputs 179 / 148; the
-# fused RoPE + KV write 187 / 156; the RVQ kernels 823 / 538 torch ops. A few ops of slack, not more.
+# encode 126, decode 86 (the deep, wide convs and the first transposed conv on the GEMV kernel: same count). Before:
+# the ring attention kernel 135 / 94; the fused transposed-conv overlap and the decoder's kernel ELU 135 / 108; the
+# transformers' GEMV path 169 / 142; the fused SEANet conv inputs 179 / 148; the fused RoPE + KV write 187 / 156;
+# the RVQ kernels 823 / 538 torch ops. A few ops of slack, not more.
 MAX_ENCODE_KERNELS = 129
 MAX_DECODE_KERNELS = 89
 
@@ -366,8 +396,9 @@ def test_step_kernel_count_pinned():
         assert counts["triton:_qkv_rope_gemv_kernel"] == 8 and counts["triton:_gemv_kernel"] == 24
         assert counts["triton:_mimi_ring_attention_kernel"] == 8
     # the convs with at most 4 output columns: encoder 512->1024 k16, 1024->512 k3, the 12.5 Hz downsampling and the
-    # quantizer's projection; decoder 512->1024 k7
-    assert enc["triton:_conv_gemv_kernel"] == 4 and dec["triton:_conv_gemv_kernel"] == 1
+    # quantizer's projection; decoder 512->1024 k7 and the taps of its first transposed conv (1024->512 k16)
+    assert enc["triton:_conv_gemv_kernel"] == 4 and dec["triton:_conv_gemv_kernel"] == 2
+    assert dec["triton:_mimi_convtr_place_kernel"] == 1 and dec["convolution"] == 13
     assert n_enc <= MAX_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
     assert n_dec <= MAX_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
 
@@ -376,13 +407,14 @@ def test_triton_aot_compiles_for_sm90():
     """The Mimi kernels compile for an H100 (fp32 tl.dot with input_precision="ieee" included)."""
     from dsm_kernels.testing import run_aot_script
 
-    assert run_aot_script(__file__).count("cubin") == 6
+    assert run_aot_script(__file__).count("cubin") == 7
 
 
 def _aot() -> None:
     from dsm_kernels.mimi_kernels import (
         _mimi_conv_pad_kernel,
         _mimi_convtr_overlap_kernel,
+        _mimi_convtr_place_kernel,
         _mimi_ring_attention_kernel,
         _mimi_rope_kv_kernel,
         _rvq_decode_kernel,
@@ -401,6 +433,8 @@ def _aot() -> None:
          {"ELU": True, "BLOCK_C": 128, "BLOCK_P": 16, "BLOCK_T": 16}),
         (_mimi_convtr_overlap_kernel, {"y_ptr": f32, "part_ptr": f32, "bias_ptr": f32, "mask_ptr": "*i1"},
          {"HAS_BIAS": True, "BLOCK_C": 256, "BLOCK_P": 8}),
+        (_mimi_convtr_place_kernel, {"c_ptr": f32, "part_ptr": f32, "bias_ptr": f32, "mask_ptr": "*i1",
+                                     "out_ptr": f32}, {"HAS_BIAS": True, "BLOCK_C": 256, "BLOCK_U": 16, "BLOCK_S": 8}),
         (_mimi_ring_attention_kernel, {"q_ptr": f32, "cache_ptr": f32, "pos_ptr": i64, "out_ptr": f32,
                                        "scale": "fp32"}, {"D": 64, "BLOCK_T": 2, "BLOCK_S": 64, "num_warps": 8}),
     ]  # fmt: skip
