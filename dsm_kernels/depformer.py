@@ -320,7 +320,7 @@ def depformer_frame_triton(
     by default GEMV up to :func:`~dsm_kernels.gemv_max_rows` rows; ``pdl``: chain the GEMV kernels by programmatic
     dependent launch (default: on sm_90+, see :func:`~dsm_kernels.pdl.use_pdl`)."""
     from . import gemv_max_rows
-    from .gemv_kernels import _qkv_gemv_kernel, gemv_plan, launch_gemv
+    from .gemv_kernels import _qkv_gemv_kernel, gemv_plan, launch_gemv, launch_head_sample
     from .pdl import use_pdl
 
     if path not in (None, "gemv", "splitk"):
@@ -399,6 +399,10 @@ def depformer_frame_triton(
             linear("in", x, lw.linear_in[j], hb, alpha=lw.norm2, epi=2)
             linear("ffo", hb, lw.linear_out[j], x, epi=1, scale=lw.scale2)
         lg = logits[k if return_logits else 0]
+        if use_gemv:  # the head's last program samples: one launch
+            launch_head_sample(x, w.head_norms[k], w.heads[k], lg, cnt, temperature, seeds, step_k[k], toks[k],
+                               top_k=top_k, eps=w.norm_eps, sms=sms, interp=interp, dt=DT, pdl=pdl)
+            continue
         linear("head", x, w.heads[k], lg, alpha=w.head_norms[k])
         sample_tokens_triton(lg, temperature, top_k, seeds, step_k[k], out=toks[k], pdl=pdl)
     tokens = toks.t().contiguous()

@@ -40,6 +40,8 @@ from . import GEMV_MAX_B
 from .depformer import _TL_DTYPES, _arrive, _input_tile, _interpret, _rnd, _sms
 from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
+from .sampling import _num_warps as _sampler_warps
+from .sampling import _sample_rows
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.
@@ -101,6 +103,35 @@ def _gemv_kernel(
         if EPI == 3:
             y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))  # F.gelu
         tl.store(optr, _rnd(y, DT).to(DT), mask=om)
+
+
+@triton.jit
+def _head_sample_kernel(
+    x_ptr, alpha_ptr, w_ptr, logits_ptr, cnt_ptr, temp_ptr, seed_ptr, step_ptr, tok_ptr,
+    B, N, K, eps, top_k,
+    NORM: tl.constexpr, DT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    NPROG: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Grid (NPROG = N tiles,): an output head (``_gemv_kernel`` with its RMSNorm prologue if NORM, logits stored to
+    ``logits`` [B, N]), and the last program to finish samples every row's token from them (``_sample_rows``: the
+    sampler's own code), which saves the sampler's launch after each head."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = n < N
+    k = tl.arange(0, KP)
+    kmask = k < K
+    w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    alpha = tl.load(alpha_ptr + k, mask=kmask & (NORM > 0), other=0.0).to(tl.float32)
+    launch_and_wait(PDL)  # the weights are in flight
+    for i in tl.static_range(BB):
+        live = i < B
+        x = tl.load(x_ptr + i * K + k, mask=kmask & live, other=0.0).to(tl.float32)
+        x = _norm_row(x, alpha, alpha, kmask, K, eps, NORM, DT)
+        y = _rnd(tl.sum(w.to(tl.float32) * x[None, :], axis=1), DT)
+        tl.store(logits_ptr + i * N + n, y.to(DT), mask=nmask & live)
+    if _arrive(cnt_ptr, 0, NPROG):
+        for i in tl.static_range(BB):
+            _sample_rows(logits_ptr, logits_ptr, temp_ptr, seed_ptr, step_ptr, tok_ptr, i + tl.arange(0, 1), B, N,
+                         top_k, 1.0, N, N, False, BLOCK_V, True)  # fmt: skip
 
 
 @triton.jit
@@ -376,3 +407,22 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
         num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
+
+
+def launch_head_sample(x, alpha, w, logits, cnt, temperature, seeds, steps, tokens, *, top_k: int, eps: float,
+                       sms: int, interp: bool, dt, pdl: bool = False) -> None:
+    """``logits[:B] = RMSNorm(x) * alpha @ w.T`` (``x @ w.T`` without ``alpha``) and ``tokens[:B]`` sampled from
+    them (as :func:`~dsm_kernels.sampling.sample_tokens_triton`) by :func:`_head_sample_kernel`, one launch.
+    ``cnt``: an int32 counter at 0 (the launch re-arms it); ``logits`` [B, N] contiguous."""
+    B, K = x.shape
+    N = w.shape[0]
+    assert x.is_contiguous() and logits.is_contiguous() and logits.shape == (B, N) and B <= GEMV_MAX_B
+    bn, kp, warps = gemv_plan(N, K, sms=sms, interp=interp)
+    block_v = triton.next_power_of_2(N)
+    nprog = triton.cdiv(N, bn)
+    _head_sample_kernel[(nprog,)](
+        x, x if alpha is None else alpha, w, logits, cnt, temperature, seeds, steps, tokens, B, N, K, eps,
+        int(top_k), NORM=0 if alpha is None else 1, DT=dt, BB=triton.next_power_of_2(B), BN=bn, KP=kp,
+        NPROG=nprog, BLOCK_V=block_v, PDL=pdl,
+        num_warps=max(warps, _sampler_warps(block_v)), launch_pdl=pdl,
+    )  # fmt: skip

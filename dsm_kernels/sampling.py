@@ -127,21 +127,24 @@ def _kth_largest_key(key, top_k, KEY_SHIFT: tl.constexpr, RADIX: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(
-    logits_ptr, null_ptr, temp_ptr, seed_ptr, step_ptr, out_ptr,
+def _sample_rows(
+    logits_ptr, null_ptr, temp_ptr, seed_ptr, step_ptr, out_ptr, rows,
     B, V, top_k, cfg_coef, stride_l, stride_n,
-    HAS_NULL: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_NULL: tl.constexpr, BLOCK_V: tl.constexpr, CG: tl.constexpr = False,
 ):  # fmt: skip
+    """Sample the ``rows`` ([ROWS] indices; those >= B are skipped) into ``out``. ``CG``: read the logits from L2
+    (written by other programs of the same launch, published by an acq_rel counter)."""
     KEY_SHIFT: tl.constexpr = _key_shift(logits_ptr.dtype.element_ty, HAS_NULL)
-    launch_and_wait(PDL)  # the logits come from the kernel before
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    CACHE: tl.constexpr = ".cg" if CG else ""
     cols = tl.arange(0, BLOCK_V)
     rmask = rows < B
     mask = rmask[:, None] & (cols[None, :] < V)
-    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=mask, other=0.0,
+                cache_modifier=CACHE)  # fmt: skip
     x = x.to(tl.float32)
     if HAS_NULL:
-        n = tl.load(null_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :], mask=mask, other=0.0)
+        n = tl.load(null_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :], mask=mask, other=0.0,
+                    cache_modifier=CACHE)  # fmt: skip
         n = n.to(tl.float32)
         x = n + (x - n) * cfg_coef
     x = tl.where(mask, x, float("-inf"))
@@ -170,6 +173,18 @@ def _sample_kernel(
     sampled = tl.argmax(score, axis=1)
     tok = tl.where(sample, sampled, greedy)
     tl.store(out_ptr + rows, tok.to(tl.int64), mask=rmask)
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, null_ptr, temp_ptr, seed_ptr, step_ptr, out_ptr,
+    B, V, top_k, cfg_coef, stride_l, stride_n,
+    HAS_NULL: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr = False,
+):  # fmt: skip
+    launch_and_wait(PDL)  # the logits come from the kernel before
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    _sample_rows(logits_ptr, null_ptr, temp_ptr, seed_ptr, step_ptr, out_ptr, rows, B, V, top_k, cfg_coef,
+                 stride_l, stride_n, HAS_NULL, BLOCK_V)  # fmt: skip
 
 
 def _rows_per_program(B: int, block_v: int) -> int:

@@ -54,7 +54,7 @@ finish() {
     echo "=== dsm bench (engine step, Mimi included; moshi = LMGen step alone)"
     for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && sed -n '/^system/,$p' "$f"; done
     echo "=== mimi / depformer"
-    tail -n 12 "$LOGS/mimi.log" 2>/dev/null
+    tail -n 20 "$LOGS/mimi.log" 2>/dev/null
     tail -n 12 "$LOGS/depformer.log" 2>/dev/null
     echo "=== profile (eager kernels per step)"
     grep -h -A8 "kernels per step" "$LOGS/profile.log" "$LOGS/profile_mimi.log" 2>/dev/null
@@ -95,6 +95,8 @@ step tests_quick 60 20 "${T[@]}" -n 8 tests/kernels/test_fused.py tests/kernels/
 # the GEMV op tests and the model-vs-reference token tests run on the GPU whenever CUDA exists (not gpu-marked)
 step tests_gemv 60 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 tests/kernels/test_gemv.py \
   tests/model/test_backends.py
+# Mimi's kernels on the device (GEMV paths at one stream, cuBLAS at four; codes by agreement, PCM within 1e-4)
+step tests_mimi 90 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 tests/kernels/test_mimi_kernels.py
 step tests_kernels 120 30 "${T[@]}" -n 8 tests/kernels
 step tests_engine 90 30 "${T[@]}" tests/test_engine.py tests/model tests/test_mimi.py
 # then the numbers: engine end to end with moshi beside, depformer, Mimi, capacity, kernels
@@ -112,7 +114,8 @@ step depformer 120 30 "$PY" benchmarks/bench_depformer.py --batch 1 4 8 64 --ite
 # the GEMV kernel's bandwidth against cuBLAS + torch glue at the model's linears (the risk named in NOTES.md)
 step kbench_gemv 90 30 "$PY" benchmarks/bench_kernels.py --kernels gemv --batch 1 4 --graph --no-compile \
   --providers torch triton --out "$OUT/kernels.jsonl"
-step mimi 90 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
+# ours (and its nogemv / tf32 variants) beside moshi, and each path's code agreement with the CPU fp32 reference
+step mimi 120 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
 step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1
 step profile_mimi 60 20 "$PY" benchmarks/profile_step.py --mimi --batch 1 --top 25
 step bench_capacity 150 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-en_fr --batch 256 --capacity

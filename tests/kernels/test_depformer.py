@@ -92,6 +92,21 @@ def test_bf16_error_within_3x_reference_error(path):
     assert rel(lg[:, :n], lg32[:, :n]) <= 3 * ref_err + 1e-6, (rel(lg[:, :n], lg32[:, :n]), ref_err)
 
 
+@needs_triton
+def test_gemv_path_launches_per_codebook():
+    """At small batch a codebook is 4 launches per layer and one for the head with its sampling (the head's last
+    program samples), after one input projection for the frame: a count that grows is a slowdown on a GPU."""
+    from dsm_kernels.testing import LaunchCounter
+
+    w = make_weights(schedule=(0, 1, 2, 3), layers=2, heads=2, seed=4)
+    args = inputs(w, 1, temp=0.8)
+    with LaunchCounter() as c:
+        run_triton(w, args, path="gemv")
+    triton_launches = {k: v for k, v in c.counts.items() if k.startswith("triton:")}
+    assert triton_launches == {"triton:_gemv_kernel": 1 + 4 * 2 * 3, "triton:_qkv_gemv_kernel": 4 * 2,
+                               "triton:_head_sample_kernel": 4}, triton_launches  # fmt: skip
+
+
 def test_dispatch_resolves():
     assert dsm_kernels.resolve("depformer_frame", None, "cpu") is depformer_frame_ref
     w = make_weights()
@@ -127,7 +142,7 @@ def test_triton_aot_compiles_for_sm90_within_shared_memory():
     """The block sizes the launcher picks for the TTS shapes (bf16 and fp32, batch 1 and 64; the GEMV kernels at
     batch 1 and 4) compile for sm_90a and fit an H100 block's shared memory (batch 64 once asked for 246016 B:
     Triton refused it at launch)."""
-    assert run_aot_script(__file__).count("cubin") == 12 + 8
+    assert run_aot_script(__file__).count("cubin") == 12 + 10
 
 
 H100_SMEM_PER_BLOCK = 232448
@@ -169,7 +184,8 @@ def _aot() -> None:
 def _aot_gemv() -> None:
     import triton
 
-    from dsm_kernels.gemv_kernels import _gemv_kernel, _qkv_gemv_kernel, gemv_plan
+    from dsm_kernels.gemv_kernels import _gemv_kernel, _head_sample_kernel, _qkv_gemv_kernel, gemv_plan
+    from dsm_kernels.sampling import _num_warps
     from dsm_kernels.testing import aot_compile
 
     t, bf16 = TTS, triton.language.bfloat16
@@ -184,11 +200,17 @@ def _aot_gemv() -> None:
         bn, kp, warps = gemv_plan(3 * t["dim"], t["dim"], sms=132, interp=False, divides=D)
         cases.append(("gemv qkv_attn", _qkv_gemv_kernel, warps, {"INPUT": True, "DEMUX": True, "BN": bn, "KP": kp,
                       "HEAD_D": D, "BD": D, "BP": 32}, {"tok_ptr": "*i64", "cnt_ptr": "*i32"}))  # fmt: skip
+        bn, kp, warps = gemv_plan(t["card"], t["dim"], sms=132, interp=False)
+        cases.append(("head + sample", _head_sample_kernel, max(warps, _num_warps(t["card"])),
+                      {"NORM": 1, "BN": bn, "KP": kp, "NPROG": t["card"] // bn, "BLOCK_V": t["card"]},
+                      {"cnt_ptr": "*i32", "temp_ptr": "*fp32", "seed_ptr": "*i64", "step_ptr": "*i64",
+                       "tok_ptr": "*i64"}))  # fmt: skip
         for label, kernel, warps, consts, extra in cases:
             consts = {"DT": bf16, "BB": triton.next_power_of_2(B), "PDL": True, **consts}
             types = {n: "*bf16" for n in kernel.arg_names if n.endswith("_ptr")}
             types |= {"eps": "fp32", "scale": "fp32", **extra}
-            divisible = [n for n in kernel.arg_names if n not in consts and n not in ("B", "pos", "vt", "eps", "scale")]
+            divisible = [n for n in kernel.arg_names if n not in consts and n not in ("B", "pos", "vt", "eps", "scale",
+                                                                                      "top_k")]  # fmt: skip
             cc = aot_compile(kernel, types, consts, num_warps=warps, divisible=divisible)
             assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
             ptx = cc.asm["ptx"]  # programmatic dependent launch: weights requested before the wait
