@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_and_wait, use_pdl
+
 
 @triton.jit
 def _rvq_level_kernel(
@@ -44,7 +46,7 @@ def _rvq_level_kernel(
     res_ptr,  # [2, G, N, D] fp32 scratch (residual after the previous level, ping-pong)
     pmin_ptr, pidx_ptr,  # [2, G, N, P] partial minima / their indices (ping-pong)
     level, N, T, K,
-    D: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    D: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pk = tl.program_id(0)
     pn = tl.program_id(1)
@@ -52,12 +54,19 @@ def _rvq_level_kernel(
     G = tl.num_programs(2)
     off = tl.load(lev_ptr + 2 * g)
     n_lv = tl.load(lev_ptr + 2 * g + 1)
+    # This level's codebook slice does not depend on the previous level: request it before waiting for that (PDL).
+    d = tl.arange(0, D)
+    k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = (k < K) & (level < n_lv)
+    crow = ((off + level) * K + k).to(tl.int64) * (D + 2)
+    cb = tl.load(books_ptr + crow[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
+    cn = tl.load(books_ptr + crow + D + 1, mask=k_ok, other=float("inf"))
+    launch_and_wait(PDL)
     if level <= n_lv:
         rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         b = rows // T
         t = rows % T
-        d = tl.arange(0, D)
         m2 = row_ok[:, None]
         if level == 0:
             r = tl.load(x_ptr + b[:, None] * sxb + (g * D + d[None, :]) * sxc + t[:, None] * sxt, mask=m2, other=0.0)
@@ -81,11 +90,6 @@ def _rvq_level_kernel(
             cur = level % 2
             if pk == 0:
                 tl.store(res_ptr + ((cur * G + g) * N + rows[:, None]) * D + d[None, :], r, mask=m2)
-            k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = k < K
-            crow = ((off + level) * K + k).to(tl.int64) * (D + 2)
-            cb = tl.load(books_ptr + crow[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, D]
-            cn = tl.load(books_ptr + crow + D + 1, mask=k_ok, other=float("inf"))
             dot = tl.dot(r, tl.trans(cb), input_precision="ieee")  # [BLOCK_N, BLOCK_K]
             dist = cn[None, :] - 2.0 * dot
             dist = tl.where(k_ok[None, :], dist, float("inf"))
@@ -128,10 +132,11 @@ def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels
     pmin = torch.empty(2, G, N, P, dtype=torch.float32, device=x.device)
     pidx = torch.empty(2, G, N, P, dtype=torch.int32, device=x.device)
     grid = (P, triton.cdiv(N, BLOCK_N), G)
+    pdl = use_pdl(x.device)  # each level launches while the previous one runs, its codebook slice already loading
     for level in range(max(group_levels) + 1):
         _rvq_level_kernel[grid](x, x.stride(0), x.stride(1), x.stride(2), codebooks_aug, level_ranges,
                 out, out.stride(0), out.stride(1), out.stride(2), res, pmin, pidx, level, N, T, K,
-                D=D, P=P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                D=D, P=P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -425,7 +425,8 @@ def _aot() -> None:
     f32, i32, i64 = "*fp32", "*i32", "*i64"
     cases = [
         (_rvq_level_kernel, {"x_ptr": f32, "books_ptr": f32, "lev_ptr": i32, "out_ptr": i64, "res_ptr": f32,
-                             "pmin_ptr": f32, "pidx_ptr": i32}, {"D": 256, "P": 64, "BLOCK_N": 16, "BLOCK_K": 32}),
+                             "pmin_ptr": f32, "pidx_ptr": i32},
+         {"D": 256, "P": 64, "BLOCK_N": 16, "BLOCK_K": 32, "PDL": True}),
         (_rvq_decode_kernel, {"codes_ptr": i64, "tab_ptr": f32, "out_ptr": f32}, {"BLOCK_C": 512}),
         (_mimi_rope_kv_kernel, {"qkv_ptr": f32, "rot_ptr": f32, "cache_ptr": f32, "rows_ptr": i64,
                                 "slots_ptr": i64, "q_ptr": f32}, {"BLOCK_H": 8, "BLOCK_P": 32}),
@@ -441,7 +442,10 @@ def _aot() -> None:
     for kernel, types, consts in cases:
         warps = consts.pop("num_warps", 4)  # as the launcher
         cc = aot_compile(kernel, types, consts, num_warps=warps)
-        assert "sm_90" in cc.asm["ptx"]
+        ptx = cc.asm["ptx"]
+        assert "sm_90" in ptx
+        if consts.get("PDL"):  # the codebook slice is requested before the wait for the previous level
+            assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global")
         print(f"{kernel.fn.__name__}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
 
 
