@@ -86,6 +86,7 @@ class Generator:
         self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
         self.initial = model.initial_tokens(1, device)[0]
         self.tables = model.fused_embedding_tables()
+        self._consts: dict = {}  # small per-shape constants of a step (made eagerly, before any graph capture)
         if cfg_coef != 1.0 and not cfg_is_no_text and cfg_is_masked_until is None and model.condition_provider is None:
             raise ValueError("cfg_coef != 1 needs conditions, cfg_is_no_text or cfg_is_masked_until")
 
@@ -168,9 +169,7 @@ class Generator:
         null = None
         if logits.shape[0] == 2 * B:
             logits, null = logits[:B], logits[B:]
-        t = temp if self.use_sampling else 0.0
-        temperature = torch.full((B,), t, dtype=torch.float32, device=logits.device)
-        steps = state.offsets * (self.model.cfg.dep_q + 1) + stream
+        temperature, steps = self._sampling_inputs(state, temp, stream)
         return dsm_kernels.sample_tokens(logits, temperature, top_k, state.seeds, steps, null_logits=null,
                                          cfg_coef=self.cfg_coef, backend=self.backend)
 
@@ -248,6 +247,17 @@ class Generator:
             text_logits = cond if self.cfg_is_no_text else null + (cond - null) * self.cfg_coef
         return z, text_logits
 
+    def _sampling_inputs(self, state: GenState, temp: float, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampler's per-row temperature [B] (a cached constant) and step counters ``offsets * (dep_q + 1) +
+        stream`` [B] (one kernel), so a step launches nothing else for them."""
+        B, t = state.batch_size, temp if self.use_sampling else 0.0
+        key = (B, t, stream)
+        if key not in self._consts:
+            self._consts[key] = (torch.full((B,), t, dtype=torch.float32, device=state.offsets.device),
+                                 torch.tensor(stream, dtype=torch.long, device=state.offsets.device))  # fmt: skip
+        temperature, base = self._consts[key]
+        return temperature, torch.add(base, state.offsets, alpha=self.model.cfg.dep_q + 1)
+
     def sample_text(self, state: GenState, text_logits: torch.Tensor) -> torch.Tensor:
         return self._sample(state, text_logits, self.temp_text, self.top_k_text, 0)
 
@@ -256,10 +266,7 @@ class Generator:
         codebooks past ``depformer_steps`` are -1."""
         dq, steps = self.model.cfg.dep_q, self.depformer_steps
         if self.cfg_rows == 1:
-            B = state.batch_size
-            t = self.temp if self.use_sampling else 0.0
-            temperature = torch.full((B,), t, dtype=torch.float32, device=z.device)
-            base = state.offsets * (dq + 1) + 1  # the counters `_sample` uses for stream k + 1
+            temperature, base = self._sampling_inputs(state, self.temp, 1)  # the counters `_sample` uses for k + 1
             out = self.model.depformer_step(text_token, z, steps=steps, temperature=temperature, top_k=self.top_k,
                                             seeds=state.seeds, step_base=base, backend=self.backend)
         else:
