@@ -205,7 +205,7 @@ def _gemv_rows(backend, device, quick):
     rows = []
     small = quick or device.type == "cpu"
     K, N = (64, 48) if small else (2048, 2048)
-    for B, epi in ((1, "norm"), (2, "layer_norm"), (3, "residual"), (4, "gate")):
+    for B, epi in ((1, "norm"), (2, "layer_norm"), (3, "residual"), (4, "gate"), (2, "gelu")):
         g = torch.Generator().manual_seed(B)
         x = torch.randn(B, K, generator=g)
         w = torch.randn(2 * N if epi == "gate" else N, K, generator=g) * K**-0.5
@@ -215,7 +215,9 @@ def _gemv_rows(backend, device, quick):
         def run(fn, dt, dev, x=x, w=w, alpha=alpha, res=res, sc=sc, epi=epi):
             kw = {"norm": {"alpha": alpha.to(dev, dt), "eps": 1e-5}, "gate": {"gate": True},
                   "layer_norm": {"alpha": alpha.to(dev, dt), "beta": (alpha - 1).to(dev, dt), "eps": 1e-5},
-                  "residual": {"residual": res.to(dev, dt).clone(), "scale": sc.to(dev, dt)}}[epi]  # fmt: skip
+                  "residual": {"residual": res.to(dev, dt).clone(), "scale": sc.to(dev, dt)},
+                  "gelu": {"alpha": alpha.to(dev, dt), "beta": (alpha - 1).to(dev, dt), "eps": 1e-5, "gelu": True},
+                  }[epi]  # fmt: skip
             return fn(x.to(dev, dt), w.to(dev, dt), **kw).cpu()
 
         ref = run(reference.gemv_ref, torch.float64, "cpu")
@@ -285,6 +287,41 @@ def _depformer_rows(backend, device, quick):
     return rows
 
 
+def _mimi_rows(backend, device, quick):
+    """Mimi's fp32 kernels at its shapes (narrower on a CPU), against their references: 1e-5 relative to the output's
+    scale (the overlap-add exactly). Triton only: the other backends fall back to it."""
+    if backend != "triton":
+        return []
+    rows = []
+    small = quick or device.type == "cpu"
+    C, H, S = (64, 2, 40) if small else (512, 8, 250)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, C, 24, generator=g), torch.randn(2 * C, C, 16, generator=g) / (4 * C**0.5)
+    b = torch.randn(2 * C, generator=g)
+    q, cache = torch.randn(2, 2, H, 64, generator=g), torch.randn(3, 2, H, S, 64, generator=g)
+    pos = torch.tensor([5, 3 * S + 7])
+    xt, w_rows = torch.randn(1, 2 * C, 2, generator=g), torch.randn(C, 16, 2 * C, generator=g) / 64
+    part = torch.randn(1, C, 8, generator=g)
+    one = torch.ones(1, dtype=torch.bool)
+
+    def convtr(fn, dev):
+        p = part.clone().to(dev)
+        return torch.cat([fn(xt.to(dev), w_rows.to(dev), b[:C].to(dev), 8, p, one.to(dev)).flatten(), p.flatten()])
+
+    cases = [
+        ("conv1d_gemv", f"{C}->{2 * C} k16 s8, 2 columns", lambda fn, dev: fn(x.to(dev), w.to(dev), b.to(dev), 8)),
+        ("mimi_ring_attention", f"B2 {H}x64 ring {S}", lambda fn, dev: fn(q.to(dev), cache.to(dev), pos.to(dev))),
+        ("mimi_convtr_gemv", f"{2 * C}->{C} k16 s8, 2 columns", convtr),
+    ]
+    for op, case, run in cases:
+        exp = run(getattr(reference, op + "_ref"), "cpu")
+        got = run(resolve(op, backend, device), device).cpu()
+        tol = 1e-5 * float(exp.abs().max())
+        err = max_abs_err(got, exp)
+        rows.append(Row(op, backend, case + " fp32", err, tol, err <= tol, "1e-5 rel"))
+    return rows
+
+
 def _bounded(op, backend, case, got, lp, ref):
     ref_err = float((lp.double() - ref).abs().max())
     bound = 3 * ref_err + (2.0**-7) * ref.abs()
@@ -300,7 +337,8 @@ def validate_kernels(device: torch.device | str = "cuda", quick: bool = False) -
     for backend in available_backends(device):
         if backend == "reference":
             continue
-        for check in (_embed_rows, _attention_rows, _sampling_rows, _step_glue_rows, _gemv_rows, _depformer_rows):
+        for check in (_embed_rows, _attention_rows, _sampling_rows, _step_glue_rows, _gemv_rows, _depformer_rows,
+                      _mimi_rows):  # fmt: skip
             try:
                 rows += check(backend, device, quick)
             except Exception as e:  # report, keep validating the other ops
