@@ -51,6 +51,7 @@ from dsm.mimi_modules import (
     causal_conv1d,
     conv1d,
     conv_transpose1d,
+    gemv_path,
     init_kv_state,
     rope_freqs,
     transformer_forward,
@@ -231,8 +232,9 @@ class Mimi:
         w = self._w
         it = iter(states)
 
-        # The decoder's output is audio, compared within a tolerance, so its conv-input kernels may apply the ELU
-        # themselves; the encoder keeps torch's, whose ulps its codes depend on.
+        # The decoder's output is audio, compared within a tolerance, so its kernels may apply the ELU themselves (the
+        # conv inputs; at a few streams the residual units' ends); the encoder keeps torch's, whose ulps its codes
+        # depend on.
         kernel_elu = prefix == "decoder"
 
         def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False) -> torch.Tensor:
@@ -256,7 +258,11 @@ class Mimi:
             else:  # residual unit: x + conv1x1(elu(conv3(elu(x))))
                 p = f"{prefix}.model.{op[1]}.block"
                 y = conv(x, f"{p}.1.conv.conv", 3, 1, elu=True)
-                x = x + conv(y, f"{p}.3.conv.conv", 1, 1, elu=True)
+                out = f"{p}.3.conv.conv"
+                if kernel_elu and gemv_path(x.shape[0], self.backend, x.device):  # its end in one kernel
+                    x = dsm_kernels.mimi_residual_out(y, w[out + ".weight"], w[out + ".bias"], x, backend=self.backend)
+                else:
+                    x = x + conv(y, out, 1, 1, elu=True)
             elu = False
         return F.elu(x) if elu else x
 

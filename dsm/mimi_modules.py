@@ -56,7 +56,7 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     a GEMV (:func:`dsm_kernels.conv1d_gemv`), which streams the weights at bandwidth; the rest is cuDNN's."""
     b, _, t = x.shape
     t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
-    if groups == 1 and _gemv_path(b * t_out, backend, x.device):
+    if groups == 1 and gemv_path(b * t_out, backend, x.device):
         return dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, backend=backend)
     return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
 
@@ -80,15 +80,16 @@ def conv_transpose1d(
     :func:`dsm_kernels.mimi_convtr_overlap`). Needs ``T * S >= K - S`` (Mimi has ``K = 2 S``), so that the head and
     the tail do not overlap; the output is a view of the conv's.
     """
-    if w_rows is not None and groups == 1 and _gemv_path(x.shape[0] * x.shape[-1], backend, x.device):
+    if w_rows is not None and groups == 1 and gemv_path(x.shape[0] * x.shape[-1], backend, x.device):
         return dsm_kernels.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, backend=backend)
     y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
     return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)
 
 
-def _gemv_path(columns: int, backend: str | None, device: torch.device) -> bool:
-    """Whether an op over ``columns`` input or output columns (batch rows x steps) takes the GEMV kernels: off the
-    reference backend, up to ``dsm_kernels.gemv_max_rows()`` columns."""
+def gemv_path(columns: int, backend: str | None, device: torch.device) -> bool:
+    """Whether an op over ``columns`` input or output columns (batch rows x steps; streams for the decoder's fused
+    residual units) takes the small-batch kernels: off the reference backend, up to ``dsm_kernels.gemv_max_rows()``
+    (so ``DSM_GEMV=0`` turns them all off)."""
     return columns <= dsm_kernels.gemv_max_rows() and (backend or dsm_kernels.default_backend(device)) != "reference"
 
 
@@ -211,7 +212,7 @@ def transformer_forward(
     """
     b, c, t = x.shape
     hd = c // num_heads
-    if kv is not None and _gemv_path(b * t, backend, x.device):
+    if kv is not None and gemv_path(b * t, backend, x.device):
         return _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, consts, backend)
     h = x.transpose(1, 2).reshape(b * t, c)
     trange = consts.arange(t)

@@ -115,6 +115,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:mimi_ring_attention_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_ring_attention_triton",
     },
+    "mimi_residual_out": {
+        "reference": "dsm_kernels.reference:mimi_residual_out_ref",
+        "triton": "dsm_kernels.mimi_kernels:mimi_residual_out_triton",
+    },
     "mimi_convtr_gemv": {
         "reference": "dsm_kernels.reference:mimi_convtr_gemv_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_convtr_gemv_triton",
@@ -302,6 +306,11 @@ def mimi_ring_attention(q, cache, pos, *, out=None, backend=None):
     return resolve("mimi_ring_attention", backend, q.device)(q, cache, pos, out=out)
 
 
+def mimi_residual_out(y, weight, bias, x, *, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_residual_out_ref` (``x + conv1x1(elu(y))``, a SEANet unit's end)."""
+    return resolve("mimi_residual_out", backend, y.device)(y, weight, bias, x)
+
+
 def mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref` (a Mimi transposed conv with its overlap-add, for few
     input columns; ``partial`` in place)."""
@@ -333,6 +342,7 @@ __all__ = [
     "mimi_conv_pad",
     "mimi_convtr_gemv",
     "mimi_convtr_overlap",
+    "mimi_residual_out",
     "mimi_ring_attention",
     "mimi_rope_kv",
     "multistream_embed",

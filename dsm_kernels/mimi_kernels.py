@@ -15,13 +15,15 @@
 * :func:`mimi_convtr_gemv_triton`: a transposed conv with few input columns as the GEMV of its taps (each (output
   channel, tap) row of weights streamed once) plus one kernel that places the taps, adds the bias and the stored
   tail and keeps the new tail.
+* :func:`mimi_residual_out_triton`: the end of a SEANet residual unit, ``x + conv1x1(elu(y))``, one launch (was
+  ``elu``, the conv and ``add``).
 * :func:`mimi_convtr_overlap_triton`: a SEANet streaming transposed conv's overlap-add and the update of its stored
   tail, one launch (was ``add_``, ``sub`` and ``where``).
 
 Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref`,
 :func:`dsm_kernels.reference.mimi_rope_kv_ref`, :func:`dsm_kernels.reference.mimi_ring_attention_ref`,
-:func:`dsm_kernels.reference.mimi_conv_pad_ref`, :func:`dsm_kernels.reference.mimi_convtr_overlap_ref` and
-:func:`dsm_kernels.reference.mimi_convtr_gemv_ref`.
+:func:`dsm_kernels.reference.mimi_conv_pad_ref`, :func:`dsm_kernels.reference.mimi_convtr_overlap_ref`,
+:func:`dsm_kernels.reference.mimi_convtr_gemv_ref` and :func:`dsm_kernels.reference.mimi_residual_out_ref`.
 Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and takes a square root, like
 ``torch.cdist``): the argmin may differ from the reference only where two candidates tie within fp32 rounding.
 """
@@ -474,4 +476,52 @@ def mimi_convtr_gemv_triton(x: torch.Tensor, w_rows: torch.Tensor, bias: torch.T
         taps, taps.stride(0), taps.stride(1), taps.stride(2), partial, partial.stride(0), partial.stride(1),
         partial.stride(2), bias if bias is not None else x, exec_mask, out, out.stride(0), out.stride(1),
         out.stride(2), C, T, S, K, HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, BLOCK_U=BLOCK_U, BLOCK_S=BLOCK_S)
+    return out
+
+
+@triton.jit
+def _mimi_residual_out_kernel(
+    y_ptr, syb, syc, syt,  # [B, C_in, T] fp32
+    w_ptr, b_ptr,  # [C_out, C_in] fp32 (contiguous), [C_out] (unused without HAS_BIAS)
+    x_ptr, sxb, sxc, sxt,  # [B, C_out, T] fp32
+    out_ptr, sob, soc, sot,  # [B, C_out, T] fp32
+    C_IN, C_OUT, T,
+    HAS_BIAS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Grid (B, C_out blocks, T blocks): ``out = x + bias + W @ elu(y)`` on a [BLOCK_CO, BLOCK_T] tile (fp32 dot)."""
+    b = tl.program_id(0).to(tl.int64)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    com, tm = co < C_OUT, t < T
+    acc = tl.zeros([BLOCK_CO, BLOCK_T], dtype=tl.float32)
+    for c0 in range(0, C_IN, BLOCK_CI):
+        ci = c0 + tl.arange(0, BLOCK_CI)
+        cim = ci < C_IN
+        w = tl.load(w_ptr + co[:, None] * C_IN + ci[None, :], mask=com[:, None] & cim[None, :], other=0.0)
+        v = tl.load(y_ptr + b * syb + ci[:, None] * syc + t[None, :] * syt, mask=cim[:, None] & tm[None, :],
+                    other=0.0)  # fmt: skip
+        acc += tl.dot(w, _elu(v), input_precision="ieee")
+    m = com[:, None] & tm[None, :]
+    out = acc + tl.load(x_ptr + b * sxb + co[:, None] * sxc + t[None, :] * sxt, mask=m, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + co, mask=com, other=0.0)[:, None]
+    tl.store(out_ptr + b * sob + co[:, None] * soc + t[None, :] * sot, out, mask=m)
+
+
+def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             x: torch.Tensor) -> torch.Tensor:
+    """See :func:`dsm_kernels.reference.mimi_residual_out_ref` (graph capturable, no host sync)."""
+    B, C_in, T = y.shape
+    C_out = weight.shape[0]
+    assert weight.shape == (C_out, C_in, 1) and weight.is_contiguous() and x.shape == (B, C_out, T), (
+        y.shape, weight.shape, x.shape)
+    assert y.dtype == x.dtype == weight.dtype == torch.float32 and (bias is None or bias.shape == (C_out,))
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    # fp32 dot tiles that fit the registers of 4 warps (151, no spill on sm_90; 64 x 32 x 64 spills)
+    BLOCK_CO, BLOCK_CI = min(32, max(16, triton.next_power_of_2(C_out))), 16
+    BLOCK_T = min(64, max(16, triton.next_power_of_2(T)))
+    _mimi_residual_out_kernel[(B, triton.cdiv(C_out, BLOCK_CO), triton.cdiv(T, BLOCK_T))](
+        y, y.stride(0), y.stride(1), y.stride(2), weight, bias if bias is not None else weight,
+        x, x.stride(0), x.stride(1), x.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
+        C_in, C_out, T, HAS_BIAS=bias is not None, BLOCK_CO=BLOCK_CO, BLOCK_CI=BLOCK_CI, BLOCK_T=BLOCK_T)
     return out

@@ -597,6 +597,13 @@ def mimi_convtr_overlap_ref(
     return y[..., :-pt]
 
 
+def mimi_residual_out_ref(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          x: torch.Tensor) -> torch.Tensor:
+    """The end of a SEANet residual unit (§7.3): ``x + conv1x1(elu(y))``; ``y`` [B, C_in, T], ``weight`` [C_out,
+    C_in, 1], ``x`` [B, C_out, T], fp32. Returns a new tensor."""
+    return x + F.conv1d(F.elu(y), weight, bias)
+
+
 def mimi_convtr_gemv_ref(
     x: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None, stride: int, partial: torch.Tensor,
     exec_mask: torch.Tensor,

@@ -312,6 +312,9 @@ def _mimi_rows(backend, device, quick):
         ("conv1d_gemv", f"{C}->{2 * C} k16 s8, 2 columns", lambda fn, dev: fn(x.to(dev), w.to(dev), b.to(dev), 8)),
         ("mimi_ring_attention", f"B2 {H}x64 ring {S}", lambda fn, dev: fn(q.to(dev), cache.to(dev), pos.to(dev))),
         ("mimi_convtr_gemv", f"{2 * C}->{C} k16 s8, 2 columns", convtr),
+        ("mimi_residual_out", f"{C}->{2 * C} 1x1 + ELU + residual, 24 steps",
+         lambda fn, dev: fn(x.to(dev), w[:, :, :1].contiguous().to(dev), b.to(dev), xt[..., :1].expand(1, 2 * C, 24)
+                            .contiguous().to(dev))),
     ]
     for op, case, run in cases:
         exp = run(getattr(reference, op + "_ref"), "cpu")
