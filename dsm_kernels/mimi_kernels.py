@@ -508,18 +508,22 @@ def _mimi_residual_out_kernel(
     tl.store(out_ptr + b * sob + co[:, None] * soc + t[None, :] * sot, out, mask=m)
 
 
-def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             x: torch.Tensor) -> torch.Tensor:
-    """See :func:`dsm_kernels.reference.mimi_residual_out_ref` (graph capturable, no host sync)."""
+def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+                             interp: bool | None = None) -> torch.Tensor:
+    """See :func:`dsm_kernels.reference.mimi_residual_out_ref` (graph capturable, no host sync). ``interp``: the
+    interpreter's tiles (default: when ``TRITON_INTERPRET=1``); False gives the GPU's, for tests."""
     B, C_in, T = y.shape
     C_out = weight.shape[0]
     assert weight.shape == (C_out, C_in, 1) and weight.is_contiguous() and x.shape == (B, C_out, T), (
         y.shape, weight.shape, x.shape)
     assert y.dtype == x.dtype == weight.dtype == torch.float32 and (bias is None or bias.shape == (C_out,))
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    # fp32 dot tiles that fit the registers of 4 warps (151, no spill on sm_90; 64 x 32 x 64 spills)
-    BLOCK_CO, BLOCK_CI = min(32, max(16, triton.next_power_of_2(C_out))), 16
-    BLOCK_T = min(64, max(16, triton.next_power_of_2(T)))
+    # fp32 dot tiles that fit the registers of 4 warps (151, no spill on sm_90; 64 x 32 x 64 spills); the
+    # interpreter, whose cost grows with the number of programs, takes whole rows
+    interp = os.environ.get("TRITON_INTERPRET") == "1" if interp is None else interp
+    BLOCK_CO = min(512 if interp else 32, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_CI = min(512, max(16, triton.next_power_of_2(C_in))) if interp else 16
+    BLOCK_T = min(2048 if interp else 64, max(16, triton.next_power_of_2(T)))
     _mimi_residual_out_kernel[(B, triton.cdiv(C_out, BLOCK_CO), triton.cdiv(T, BLOCK_T))](
         y, y.stride(0), y.stride(1), y.stride(2), weight, bias if bias is not None else weight,
         x, x.stride(0), x.stride(1), x.stride(2), out, out.stride(0), out.stride(1), out.stride(2),

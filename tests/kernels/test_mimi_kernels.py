@@ -256,8 +256,12 @@ def test_mimi_convtr_overlap_triton(B, C, N, P, bias, inactive):
 RESIDUAL_CASES = [(1, 256, 512, 16, True), (2, 32, 64, 300, True), (1, 8, 12, 5, False), (3, 40, 24, 70, True)]
 
 
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["whole-rows", "gpu-tiles"])
 @pytest.mark.parametrize("B,C_in,C_out,T,bias", RESIDUAL_CASES)
-def test_mimi_residual_out_triton(B, C_in, C_out, T, bias):
+def test_mimi_residual_out_triton(B, C_in, C_out, T, bias, gpu_tiles):
+    """Against the reference; on the CPU also with the GPU's tiles (the loop over input-channel chunks)."""
+    from dsm_kernels.mimi_kernels import mimi_residual_out_triton
+
     device = kernel_device("triton")
     g = torch.Generator().manual_seed(B + C_in + T)
     y = torch.randn(B, C_in, T, generator=g) * torch.logspace(-6, 1, T)  # tiny negatives: expm1, not exp - 1
@@ -265,8 +269,8 @@ def test_mimi_residual_out_triton(B, C_in, C_out, T, bias):
     b = torch.randn(C_out, generator=g) if bias else None
     x = torch.randn(B, C_out, T, generator=g)
     want = reference.mimi_residual_out_ref(y, w, b, x)
-    got = resolve("mimi_residual_out", "triton", device)(y.to(device), w.to(device),
-                                                        None if b is None else b.to(device), x.to(device))
+    got = mimi_residual_out_triton(y.to(device), w.to(device), None if b is None else b.to(device), x.to(device),
+                                   interp=False if gpu_tiles else None)  # fmt: skip
     assert torch.isfinite(got).all()
     assert_close_verbose(got.cpu(), want, atol=1e-5, rtol=1e-5, name="unit output")
     assert not torch.allclose(want, x + torch.nn.functional.conv1d(y, w, b), atol=1e-4)  # the ELU matters
