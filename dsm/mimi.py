@@ -139,12 +139,12 @@ class Mimi:
         self.consts = StepConstants(self.device)
         self.down_w = w["downsample.conv.conv.conv.weight"]
         self.up_w = w["upsample.convtr.convtr.convtr.weight"]
-        # Transposed convs that see at most GEMV_MAX_B input columns per frame at one stream (the first decoder
-        # block's: 2) also keep their weights as [C_out, K, C_in] rows, for the GEMV path.
+        # Transposed convs that see at most CONV_GEMV_MAX_COLUMNS input columns per frame at one stream (the first
+        # two decoder blocks': 2 and 16) also keep their weights as [C_out, K, C_in] rows, for the GEMV path.
         self.convtr_rows, cols = {}, 2
         for op in DECODER_OPS:
             if op[0] == "convtr":
-                if cols <= dsm_kernels.GEMV_MAX_B:
+                if cols <= dsm_kernels.CONV_GEMV_MAX_COLUMNS:
                     name = f"decoder.model.{op[1]}.convtr.convtr.weight"
                     self.convtr_rows[name] = w[name].permute(1, 2, 0).contiguous()
                 cols *= op[5]

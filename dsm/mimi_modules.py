@@ -51,12 +51,12 @@ def causal_conv1d(
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int = 1,
            groups: int = 1, backend: str | None = None) -> torch.Tensor:
-    """A valid conv1d: off the reference backend, one with at most ``dsm_kernels.gemv_max_rows()`` output columns
-    (batch rows x steps: the deep, wide SEANet layers and the quantizer's projection at one or two streams) runs as
-    a GEMV (:func:`dsm_kernels.conv1d_gemv`), which streams the weights at bandwidth; the rest is cuDNN's."""
+    """A valid conv1d: off the reference backend, one with at most ``dsm_kernels.conv_gemv_max_columns()`` output
+    columns (batch rows x steps: the SEANet layers at 25-400 Hz and the quantizer's projection at a few streams) runs
+    as a GEMV (:func:`dsm_kernels.conv1d_gemv`), which streams the weights at bandwidth; the rest is cuDNN's."""
     b, _, t = x.shape
     t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
-    if groups == 1 and gemv_path(b * t_out, backend, x.device):
+    if groups == 1 and gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns()):
         return dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, backend=backend)
     return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
 
@@ -80,17 +80,19 @@ def conv_transpose1d(
     :func:`dsm_kernels.mimi_convtr_overlap`). Needs ``T * S >= K - S`` (Mimi has ``K = 2 S``), so that the head and
     the tail do not overlap; the output is a view of the conv's.
     """
-    if w_rows is not None and groups == 1 and gemv_path(x.shape[0] * x.shape[-1], backend, x.device):
+    if w_rows is not None and groups == 1 and gemv_path(x.shape[0] * x.shape[-1], backend, x.device,
+                                                         dsm_kernels.conv_gemv_max_columns()):  # fmt: skip
         return dsm_kernels.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, backend=backend)
     y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
     return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)
 
 
-def gemv_path(columns: int, backend: str | None, device: torch.device) -> bool:
+def gemv_path(columns: int, backend: str | None, device: torch.device, limit: int | None = None) -> bool:
     """Whether an op over ``columns`` input or output columns (batch rows x steps; streams for the decoder's fused
-    residual units) takes the small-batch kernels: off the reference backend, up to ``dsm_kernels.gemv_max_rows()``
-    (so ``DSM_GEMV=0`` turns them all off)."""
-    return columns <= dsm_kernels.gemv_max_rows() and (backend or dsm_kernels.default_backend(device)) != "reference"
+    residual units) takes the small-batch kernels: off the reference backend, up to ``limit`` (default
+    ``dsm_kernels.gemv_max_rows()``; both limits are 0 with ``DSM_GEMV=0``, which turns these paths off)."""
+    limit = dsm_kernels.gemv_max_rows() if limit is None else limit
+    return columns <= limit and (backend or dsm_kernels.default_backend(device)) != "reference"
 
 
 @dataclass

@@ -27,10 +27,21 @@ BACKENDS = ("reference", "triton", "cuda")
 GEMV_MAX_B = 4
 
 
+# The most output columns (batch rows x steps) conv1d_gemv takes: its weight tile stays in registers while the
+# columns go by, so a conv's weights are read once however many; the work per weight grows with them.
+CONV_GEMV_MAX_COLUMNS = 64
+
+
 def gemv_max_rows() -> int:
     """Up to how many rows the model and the depth transformer take their GEMV kernels: ``GEMV_MAX_B``, or 0 with
     ``DSM_GEMV=0`` (the tensor-core paths at every batch: to compare the two on a device)."""
     return 0 if os.environ.get("DSM_GEMV") == "0" else GEMV_MAX_B
+
+
+def conv_gemv_max_columns() -> int:
+    """Up to how many output columns Mimi takes ``conv1d_gemv`` for a convolution: ``CONV_GEMV_MAX_COLUMNS``, or 0
+    with ``DSM_GEMV=0``."""
+    return 0 if os.environ.get("DSM_GEMV") == "0" else CONV_GEMV_MAX_COLUMNS
 
 # op name -> {backend -> "module:function"}; modules are imported on first use.
 _OPS = {
@@ -247,7 +258,7 @@ def qkv_rope_gemv(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, 
 
 def conv1d_gemv(x, weight, bias=None, stride=1, dilation=1, *, out=None, backend=None):
     """See :func:`dsm_kernels.reference.conv1d_gemv_ref`: a conv1d with few output columns (the Triton kernel takes
-    at most ``GEMV_MAX_B`` of them, batch rows included)."""
+    at most ``CONV_GEMV_MAX_COLUMNS`` of them, batch rows included)."""
     return resolve("conv1d_gemv", backend, x.device)(x, weight, bias, stride, dilation, out=out)
 
 
@@ -325,8 +336,10 @@ def mimi_convtr_overlap(y, partial, bias, exec_mask, *, backend=None):
 
 __all__ = [
     "BACKENDS",
+    "CONV_GEMV_MAX_COLUMNS",
     "GEMV_MAX_B",
     "conv1d_gemv",
+    "conv_gemv_max_columns",
     "add_rms_norm",
     "append_kv",
     "available_backends",

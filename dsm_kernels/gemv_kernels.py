@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import GEMV_MAX_B
+from . import CONV_GEMV_MAX_COLUMNS, GEMV_MAX_B
 from .depformer import _TL_DTYPES, _arrive, _input_tile, _interpret, _rnd, _sms
 from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
@@ -269,7 +269,8 @@ def _conv_gemv_kernel(
 ):  # fmt: skip
     """Grid (N tiles,): a valid conv1d (fp32) with few output columns as a GEMV: weight row n is ``w[n]`` ([C_in,
     KS] contiguous, K = C_in * KS values); output row i < R is column ``t = i % T_OUT`` of batch row ``i // T_OUT``,
-    whose input patch ``x[b, c, t * STRIDE + j * DIL]`` is gathered in the weight row's (c, j) order."""
+    whose input patch ``x[b, c, t * STRIDE + j * DIL]`` is gathered in the weight row's (c, j) order. The weight
+    tile stays in registers while the columns go by, BB at a time."""
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < N
     k = tl.arange(0, KP)
@@ -278,12 +279,14 @@ def _conv_gemv_kernel(
     bias = tl.load(b_ptr + n, mask=nmask & HAS_BIAS, other=0.0)
     launch_and_wait(PDL)  # the weights are in flight
     tap = (k // KS) * sxc + (k % KS) * DIL * sxt
-    for i in tl.static_range(BB):
-        live = i < R
-        b, t = i // T_OUT, i % T_OUT
-        x = tl.load(x_ptr + b.to(tl.int64) * sxb + t * STRIDE * sxt + tap, mask=kmask & live, other=0.0)
-        y = tl.sum(w * x[None, :], axis=1) + bias
-        tl.store(out_ptr + b.to(tl.int64) * sob + n * soc + t * sot, y, mask=nmask & live)
+    for r0 in range(0, R, BB):
+        for j in tl.static_range(BB):
+            i = r0 + j
+            live = i < R
+            b, t = i // T_OUT, i % T_OUT
+            x = tl.load(x_ptr + b.to(tl.int64) * sxb + t * STRIDE * sxt + tap, mask=kmask & live, other=0.0)
+            y = tl.sum(w * x[None, :], axis=1) + bias
+            tl.store(out_ptr + b.to(tl.int64) * sob + n * soc + t * sot, y, mask=nmask & live)
 
 
 def gemv_plan(N: int, K: int, *, gate: bool = False, sms: int, interp: bool, divides: int | None = None):
@@ -382,17 +385,17 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
 
 
 def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
-    """Triton twin of :func:`~dsm_kernels.reference.conv1d_gemv_ref` for at most ``GEMV_MAX_B`` output columns in
-    all (batch rows x output steps): each weight row is read once, at bandwidth, where a conv library's tiles would
-    leave most of the GPU idle on a [C_out, C_in * K] x [C_in * K, 2] product."""
+    """Triton twin of :func:`~dsm_kernels.reference.conv1d_gemv_ref` for at most ``CONV_GEMV_MAX_COLUMNS`` output
+    columns in all (batch rows x output steps): each weight row is read once, at bandwidth, where a conv library's
+    tiles would leave most of the GPU idle on a [C_out, C_in * K] x [C_in * K, 2 .. 64] product."""
     B, C, T = x.shape
     N, C_w, KS = weight.shape
     T_out = (T - dilation * (KS - 1) - 1) // stride + 1
     if C_w != C or T_out < 1 or not weight.is_contiguous() or torch.float32 != x.dtype or torch.float32 != weight.dtype:
         raise ValueError(f"conv1d_gemv: x {tuple(x.shape)} {x.dtype} against weight {tuple(weight.shape)} "
                          f"{weight.dtype} (fp32, contiguous, no groups)")  # fmt: skip
-    if B * T_out > GEMV_MAX_B:
-        raise ValueError(f"conv1d_gemv: {B * T_out} output columns; the kernel takes at most {GEMV_MAX_B}")
+    if B * T_out > CONV_GEMV_MAX_COLUMNS:
+        raise ValueError(f"conv1d_gemv: {B * T_out} output columns; the kernel takes at most {CONV_GEMV_MAX_COLUMNS}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"conv1d_gemv: bias {tuple(bias.shape)} against {N} output channels")
     if out is None:
@@ -403,7 +406,7 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
     _conv_gemv_kernel[(triton.cdiv(N, bn),)](
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight, out,
         out.stride(0), out.stride(1), out.stride(2), B * T_out, N, C * KS, T_out, stride, dilation,
-        KS=KS, HAS_BIAS=bias is not None, BB=triton.next_power_of_2(B * T_out), BN=bn, KP=kp, PDL=pdl,
+        KS=KS, HAS_BIAS=bias is not None, BB=min(GEMV_MAX_B, triton.next_power_of_2(B * T_out)), BN=bn, KP=kp, PDL=pdl,
         num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -456,8 +456,8 @@ def _mimi_convtr_place_kernel(
 
 def mimi_convtr_gemv_triton(x: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None, stride: int,
                             partial: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
-    """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref`, for at most ``GEMV_MAX_B`` input columns in all
-    (batch rows x steps) and ``K = 2 S`` (Mimi's): the taps are a 1x1 conv with ``C_out K`` output channels
+    """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref`, for at most ``CONV_GEMV_MAX_COLUMNS`` input columns
+    in all (batch rows x steps) and ``K = 2 S`` (Mimi's): the taps are a 1x1 conv with ``C_out K`` output channels
     (:func:`~dsm_kernels.gemv_kernels.conv1d_gemv_triton`, weights streamed once), placed by one more kernel."""
     from .gemv_kernels import conv1d_gemv_triton
 

@@ -442,8 +442,8 @@ def gemv_ref(
 def conv1d_gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                     dilation: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """A valid (unpadded) conv1d ``[B, C_in, T] -> [B, C_out, T_out]`` (fp32, no groups), the op Mimi's SEANet runs
-    where only a few output columns remain (its deep, wide layers); the kernels take at most ``GEMV_MAX_B`` output
-    columns in all."""
+    where only a few output columns remain (its deep, wide layers); the kernels take at most
+    ``CONV_GEMV_MAX_COLUMNS`` output columns in all."""
     y = F.conv1d(x, weight, bias, stride, 0, dilation)
     return y if out is None else out.copy_(y)
 

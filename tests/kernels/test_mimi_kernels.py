@@ -278,7 +278,7 @@ def test_mimi_residual_out_triton(B, C_in, C_out, T, bias, gpu_tiles):
 
 # (B, C_in, C_out, S, T, bias, inactive rows): the decoder's first transposed conv (narrower), two streams, no bias
 CONVTR_GEMV_CASES = [(1, 64, 32, 8, 2, True, ()), (2, 24, 40, 4, 2, True, (1,)), (1, 16, 8, 5, 4, False, ()),
-                     (4, 8, 12, 2, 1, True, (0, 3))]
+                     (4, 8, 12, 2, 1, True, (0, 3)), (1, 32, 16, 6, 16, True, ())]  # the second block's 16 columns
 
 
 @pytest.mark.parametrize("B,C_in,C_out,S,T,bias,inactive", CONVTR_GEMV_CASES)
@@ -402,8 +402,8 @@ def _count_module():
 
 
 # Kernels per streaming step (batch 1, one frame) on the Triton backend, the path a GPU runs. Measured on this commit:
-# encode 126, decode 78 (the decoder's residual units end in one kernel: was 86; the deep, wide convs and the first
-# transposed conv on the GEMV kernel: same count). Before:
+# encode 126, decode 78 (the decoder's residual units end in one kernel: was 86; the convs with <= 64 columns and the
+# first two transposed convs on the GEMV kernel: same count). Before:
 # the ring attention kernel 135 / 94; the fused transposed-conv overlap and the decoder's kernel ELU 135 / 108; the
 # transformers' GEMV path 169 / 142; the fused SEANet conv inputs 179 / 148; the fused RoPE + KV write 187 / 156;
 # the RVQ kernels 823 / 538 torch ops. A few ops of slack, not more.
@@ -421,10 +421,11 @@ def test_step_kernel_count_pinned():
     for counts in (enc, dec):
         assert counts["triton:_qkv_rope_gemv_kernel"] == 8 and counts["triton:_gemv_kernel"] == 24
         assert counts["triton:_mimi_ring_attention_kernel"] == 8
-    # the convs with at most 4 output columns: encoder 512->1024 k16, 1024->512 k3, the 12.5 Hz downsampling and the
-    # quantizer's projection; decoder 512->1024 k7 and the taps of its first transposed conv (1024->512 k16)
-    assert enc["triton:_conv_gemv_kernel"] == 4 and dec["triton:_conv_gemv_kernel"] == 2
-    assert dec["triton:_mimi_convtr_place_kernel"] == 1 and dec["convolution"] == 9
+    # the convs with at most 64 output columns: encoder 256->512 k12 and the 512-channel unit's two convs (16 steps),
+    # 512->1024 k16, 1024->512 k3, the 12.5 Hz downsampling and the quantizer's projection; decoder 512->1024 k7,
+    # the taps of its first two transposed convs (1024->512 k16, 512->256 k12) and the 512-channel unit's k3 conv
+    assert enc["triton:_conv_gemv_kernel"] == 7 and dec["triton:_conv_gemv_kernel"] == 4
+    assert enc["convolution"] == 9 and dec["convolution"] == 7 and dec["triton:_mimi_convtr_place_kernel"] == 2
     assert dec["triton:_mimi_residual_out_kernel"] == 4
     assert n_enc <= MAX_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
     assert n_dec <= MAX_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
