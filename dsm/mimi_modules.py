@@ -40,8 +40,8 @@ def causal_conv1d(
     """
     if prev is None:
         return conv1d(F.elu(x) if elu else x, weight, bias, stride, dilation, groups, backend)
-    # The ELU stays torch's: the kernel's (exp-based expm1) differs by ulps, which flipped ~2% of the 32-level codes
-    # on an H100 against the reference backend (chaotic deep RVQ levels); torch's keeps Triton == reference.
+    # Without kernel_elu (the encoder) the ELU stays torch's: the kernel's (exp-based expm1) differs by ulps, which
+    # flipped ~2% of the 32-level codes on an H100 against the reference backend (chaotic deep RVQ levels).
     if kernel_elu:
         x = dsm_kernels.mimi_conv_pad(x, prev, exec_mask, elu=elu, backend=backend)
     else:
@@ -52,8 +52,9 @@ def causal_conv1d(
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int = 1,
            groups: int = 1, backend: str | None = None) -> torch.Tensor:
     """A valid conv1d: off the reference backend, one with at most ``dsm_kernels.conv_gemv_max_columns()`` output
-    columns (batch rows x steps: the SEANet layers at 25-400 Hz and the quantizer's projection at a few streams) runs
-    as a GEMV (:func:`dsm_kernels.conv1d_gemv`), which streams the weights at bandwidth; the rest is cuDNN's."""
+    columns (batch rows x steps: at a few streams the deep SEANet layers, up to 16 steps a frame, and the quantizer's
+    projection) runs as a GEMV (:func:`dsm_kernels.conv1d_gemv`), which streams the weights at bandwidth; the rest
+    is cuDNN's."""
     b, _, t = x.shape
     t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
     if groups == 1 and gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns()):
