@@ -55,6 +55,7 @@ from dsm.mimi_modules import (
     init_kv_state,
     rope_freqs,
     transformer_forward,
+    uses_kernels,
 )
 
 
@@ -139,10 +140,11 @@ class Mimi:
         self.consts = StepConstants(self.device)
         self.down_w = w["downsample.conv.conv.conv.weight"]
         self.up_w = w["upsample.convtr.convtr.convtr.weight"]
-        # Transposed convs that see at most CONV_GEMV_MAX_COLUMNS input columns per frame at one stream (the first
-        # two decoder blocks': 2 and 16) also keep their weights as [C_out, K, C_in] rows, for the GEMV path.
+        # Off the reference backend, transposed convs that see at most CONV_GEMV_MAX_COLUMNS input columns per frame
+        # at one stream (the first two decoder blocks': 2 and 16) also keep their weights as [C_out, K, C_in] rows,
+        # for the GEMV path (40 MB the reference ops never read).
         self.convtr_rows, cols = {}, 2
-        for op in DECODER_OPS:
+        for op in DECODER_OPS if uses_kernels(backend, self.device) else ():
             if op[0] == "convtr":
                 if cols <= dsm_kernels.CONV_GEMV_MAX_COLUMNS:
                     name = f"decoder.model.{op[1]}.convtr.convtr.weight"

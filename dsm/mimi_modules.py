@@ -93,7 +93,12 @@ def gemv_path(columns: int, backend: str | None, device: torch.device, limit: in
     residual units) takes the small-batch kernels: off the reference backend, up to ``limit`` (default
     ``dsm_kernels.gemv_max_rows()``; both limits are 0 with ``DSM_GEMV=0``, which turns these paths off)."""
     limit = dsm_kernels.gemv_max_rows() if limit is None else limit
-    return columns <= limit and (backend or dsm_kernels.default_backend(device)) != "reference"
+    return columns <= limit and uses_kernels(backend, device)
+
+
+def uses_kernels(backend: str | None, device: torch.device) -> bool:
+    """Whether ``backend`` (None: the default for ``device``) runs kernels rather than the reference ops."""
+    return (backend or dsm_kernels.default_backend(device)) != "reference"
 
 
 @dataclass
