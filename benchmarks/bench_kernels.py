@@ -14,6 +14,7 @@ benchmarks/results/kernels.jsonl (device, torch/triton versions, git commit).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -96,7 +97,8 @@ def attention_case(model, B, device, page_size=16):
     seq_lens = torch.full((B,), 10 * context + 3, dtype=torch.int32, device=device)  # full window, ring wrapped
     q = torch.randn(B, H, D, device=device, generator=g).bfloat16()
     nbytes = 2 * B * context * H * D * 2 + 2 * B * H * D * 2
-    return (q, k_cache, v_cache, block_table, seq_lens), {"context": context}, nbytes
+    counters = torch.zeros(B * H, dtype=torch.int32, device=device)  # as the engine runs it: splits merged in-launch
+    return (q, k_cache, v_cache, block_table, seq_lens), {"context": context, "counters": counters}, nbytes
 
 
 def sampling_case(V, B, device):
@@ -170,6 +172,8 @@ def main(argv=None):
     ap.add_argument("--providers", nargs="+", default=None, choices=["reference", "torch", "compile", "triton", "cuda"],
                     help="time only these providers (default: all available)")
     ap.add_argument("--reference-max-batch", type=int, default=64, help="the loop references are slow beyond this")
+    ap.add_argument("--attention-splits", nargs="+", type=int, default=[],
+                    help="also time the triton/cuda attention at these split-K factors (providers 'cuda:s3', ...)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels.jsonl"))
     args = ap.parse_args(argv)
 
@@ -207,8 +211,11 @@ def main(argv=None):
                 if compiled is not None:
                     providers["compile"] = compiled
                 providers |= {b: resolve(op, b, device) for b in backends}
+                if kname == "attention":  # the split-K sweep behind the planner's choice
+                    providers |= {f"{b}:s{n}": functools.partial(resolve(op, b, device), num_splits=n)
+                                  for b in backends for n in args.attention_splits}  # fmt: skip
                 if args.providers:
-                    providers = {n: f for n, f in providers.items() if n in args.providers}
+                    providers = {n: f for n, f in providers.items() if n.split(":")[0] in args.providers}
                 for name, fn in providers.items():
                     try:
                         ms = time_ms(lambda fn=fn, a=fargs, k=kw: fn(*a, **k))

@@ -121,7 +121,7 @@ void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
 
 void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t context, double scale,
-                            int64_t num_splits) {
+                            int64_t num_splits, const std::optional<at::Tensor>& counters) {
   DSM_CHECK_CUDA(out);
   DSM_CHECK_DIM(q, 3);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
@@ -147,6 +147,14 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
               "dsm: block_table must be [B, pages_per_slot] with contiguous rows");
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B && seq_lens.is_contiguous(), "dsm: seq_lens must be [B]");
   TORCH_CHECK(num_splits >= 1 && context >= 1, "dsm: need num_splits >= 1 and context >= 1");
+  int* cnt = nullptr;
+  if (counters && num_splits > 1) {
+    DSM_CHECK_DTYPE((*counters), at::kInt);
+    TORCH_CHECK(counters->is_contiguous() && counters->numel() >= B * H, "dsm: counters must hold >= B*H = ", B * H,
+                " contiguous int32, got ", counters->numel());
+    DSM_CHECK_SAME_DEVICE(out, (*counters));
+    cnt = counters->data_ptr<int32_t>();
+  }
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache, &block_table, &seq_lens}) DSM_CHECK_SAME_DEVICE(out, (*t));
   const c10::cuda::CUDAGuard guard(out.device());
   // Split-K workspace from the caching allocator (graph-capture safe); untouched with a single split.
@@ -158,8 +166,16 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
       seq_lens.data_ptr<int32_t>(), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), dsm_dtype(q),
       kv_dtype(k_cache), static_cast<int>(k_cache.size(1)), static_cast<int>(block_table.size(1)), static_cast<int>(context),
       static_cast<float>(scale), static_cast<int>(num_splits), ml.data_ptr<float>(), ml.data_ptr<float>() + parts,
-      acc.data_ptr<float>(), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+      acc.data_ptr<float>(), cnt, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
       v_cache.stride(1), block_table.stride(0), use_pdl(out), stream_of(out)));
+}
+
+int64_t paged_decode_blocks_per_sm(const at::Tensor& q, const at::Tensor& k_cache) {
+  DSM_CHECK_CUDA(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  int blocks = 0;
+  DSM_CUDA_OK(dsm_paged_decode_blocks_per_sm(static_cast<int>(q.size(-1)), dsm_dtype(q), kv_dtype(k_cache), &blocks));
+  return blocks;
 }
 
 void sample_tokens(at::Tensor& out, const at::Tensor& logits, const std::optional<at::Tensor>& null_logits,
@@ -202,7 +218,8 @@ TORCH_LIBRARY(dsm, m) {
         "Tensor? cond) -> ()");
   m.def("append_kv(Tensor! k_cache, Tensor! v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
   m.def("paged_decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-        "Tensor seq_lens, int context, float scale, int num_splits) -> ()");
+        "Tensor seq_lens, int context, float scale, int num_splits, Tensor(a!)? counters) -> ()");
+  m.def("paged_decode_blocks_per_sm(Tensor q, Tensor k_cache) -> int");
   m.def("sample_tokens(Tensor! out, Tensor logits, Tensor? null_logits, float cfg_coef, Tensor temperature, "
         "int top_k, Tensor seeds, Tensor steps) -> ()");
 }
@@ -211,6 +228,7 @@ TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
   m.impl("multistream_embed", &multistream_embed);
   m.impl("append_kv", &append_kv);
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_blocks_per_sm", &paged_decode_blocks_per_sm);
   m.impl("sample_tokens", &sample_tokens);
 }
 

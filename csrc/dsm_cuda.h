@@ -28,13 +28,18 @@ cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* k_cache, vo
 
 // Split-K decode attention. q/out share `dtype`; the caches hold `cache_dtype` (== dtype, or DSM_FP8_E4M3);
 // head_dim in {16, 32, 64, 128, 256}. part_m/part_l: [B*H*num_splits], part_acc: [B*H*num_splits*head_dim] fp32
-// workspace (unused when num_splits == 1). pdl: launch as programmatic dependents of the previous kernel (sm_90+).
+// workspace (unused when num_splits == 1). counters: NULL (a second kernel merges the splits) or >= B*H int32 at 0,
+// used by one launch at a time (the last split of each (slot, head) merges and re-arms its counter to 0).
+// pdl: launch as programmatic dependents of the previous kernel (sm_90+).
 cudaError_t dsm_launch_paged_decode_attention(
     void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
     const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int cache_dtype, int page_size,
     int pages_per_slot, int context, float scale, int num_splits, float* part_m, float* part_l, float* part_acc,
-    int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
-    int64_t stride_bt, int pdl, cudaStream_t stream);
+    int* counters, int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp,
+    int64_t stride_vs, int64_t stride_bt, int pdl, cudaStream_t stream);
+
+// Resident blocks per SM of the decode kernel for these types (the split count targets whole waves of them).
+cudaError_t dsm_paged_decode_blocks_per_sm(int head_dim, int dtype, int cache_dtype, int* blocks);
 
 // One token per row: CFG mix, temperature (<= 0: argmax), top-k, exp race with the reference's hash noise.
 // null_logits may be NULL. V <= 16384.

@@ -7,8 +7,10 @@
 // Decode: block (b*H + h, split) streams `chunk` positions of the window. A group of D/8 lanes owns one key (each
 // lane 8 columns = one 16-byte load), so a warp reads 32/(D/8) keys at once and a block of 4 warps keeps
 // kUnroll of those in flight before any arithmetic (latency hiding at batch 1). Online softmax in fp32, base 2.
-// The partial (m, l, acc) of each split goes to a workspace that a merge kernel reduces; with one split the block
-// writes the output directly.
+// The partial (m, l, acc) of each split goes to a workspace. With a counter buffer the last split of a (slot, head)
+// to finish merges them (one launch; each counter is re-armed to 0 by its last arriver, so a buffer zeroed once
+// serves every later launch, graph replays included); without one, a second kernel merges. With one split the
+// block writes the output directly.
 //
 // fp8 KV cache (cache dtype code DSM_FP8_E4M3): append stores clamp(x, -448, 448) rounded to nearest even as e4m3,
 // no scale (cvt.rn.satfinite: overflow saturates, NaN stays NaN), exactly dsm_kernels.reference.append_kv_ref;
@@ -70,13 +72,33 @@ __global__ void append_kv_kernel(const TIn* __restrict__ k, const TIn* __restric
   }
 }
 
+// out[d] for one (slot, head) from its num_splits partials (m, l, acc[D]); the block's threads stride over d. The
+// loads go through L2 (__ldcg): in the last-arriver merge the partials were written by other blocks of the launch.
+template <typename T, int D>
+__device__ __forceinline__ void merge_splits(T* __restrict__ out, const float* part_m, const float* part_l,
+                                             const float* part_acc, int num_splits) {
+  float mm = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) mm = fmaxf(mm, __ldcg(part_m + s));
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float ll = 0.f, aa = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < num_splits; ++s) {
+      const float a = exp2f(__ldcg(part_m + s) - mm);
+      ll += __ldcg(part_l + s) * a;
+      aa += __ldcg(part_acc + static_cast<int64_t>(s) * D + d) * a;
+    }
+    out[d] = dsm::from_float<T>(ll > 0.f ? aa / ll : 0.f);  // inactive slot -> 0
+  }
+}
+
 template <typename T, typename TC, int D>
 __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     T* __restrict__ out, const T* __restrict__ q, const TC* __restrict__ k_cache, const TC* __restrict__ v_cache,
     const int32_t* __restrict__ block_table, const int32_t* __restrict__ seq_lens, int H, int page_size,
     int pages_per_slot, int context, float qk_scale, int num_splits, int chunk, float* __restrict__ part_m,
-    float* __restrict__ part_l, float* __restrict__ part_acc, int64_t stride_qb, int64_t stride_qh,
-    int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt) {
+    float* __restrict__ part_l, float* __restrict__ part_acc, int* __restrict__ counters, int64_t stride_qb,
+    int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
+    int64_t stride_bt) {
   constexpr int kTpk = D / 8;          // lanes per key
   constexpr int kKpw = 32 / kTpk;      // keys per warp per step
   constexpr int kStep = kWarps * kKpw;  // keys per block per step
@@ -186,6 +208,21 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
       }
     }
   }
+  if (num_splits == 1 || counters == nullptr) return;
+  // Last arriver: every thread publishes its partial stores before thread 0 counts the block in.
+  __shared__ bool s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(counters + bh, 1) == num_splits - 1;
+    if (s_last) counters[bh] = 0;  // all splits have counted: re-arm for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int64_t first = static_cast<int64_t>(bh) * num_splits;
+  merge_splits<T, D>(out + static_cast<int64_t>(bh) * D, part_m + first, part_l + first, part_acc + first * D,
+                     num_splits);
 }
 
 template <typename T, int D>
@@ -194,36 +231,25 @@ __global__ void paged_decode_merge_kernel(T* __restrict__ out, const float* __re
                                           int num_splits) {
   const int64_t bh = blockIdx.x;
   dsm::pdl_launch_and_wait();
-  const float* pm = part_m + bh * num_splits;
-  const float* pl = part_l + bh * num_splits;
-  float mm = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mm = fmaxf(mm, pm[s]);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float ll = 0.f, aa = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
-      const float a = exp2f(pm[s] - mm);
-      ll += pl[s] * a;
-      aa += part_acc[(bh * num_splits + s) * D + d] * a;
-    }
-    out[bh * D + d] = dsm::from_float<T>(ll > 0.f ? aa / ll : 0.f);  // inactive slot -> 0
-  }
+  merge_splits<T, D>(out + bh * D, part_m + bh * num_splits, part_l + bh * num_splits,
+                     part_acc + bh * num_splits * D, num_splits);
 }
 
 template <typename T, typename TC, int D>
 cudaError_t launch_decode(void* out, const void* q, const void* k_cache, const void* v_cache,
                           const int32_t* block_table, const int32_t* seq_lens, int B, int H, int page_size,
                           int pages_per_slot, int context, float scale, int num_splits, float* part_m,
-                          float* part_l, float* part_acc, int64_t stride_qb, int64_t stride_qh, int64_t stride_kp,
-                          int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt,
-                          int pdl, cudaStream_t stream) {
+                          float* part_l, float* part_acc, int* counters, int64_t stride_qb, int64_t stride_qh,
+                          int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
+                          int64_t stride_bt, int pdl, cudaStream_t stream) {
   const int chunk = (context + num_splits - 1) / num_splits;
   cudaError_t err = dsm::launch(
       paged_decode_kernel<T, TC, D>, dim3(B * H, num_splits), dim3(kWarps * 32), stream, pdl != 0,
       static_cast<T*>(out), static_cast<const T*>(q), static_cast<const TC*>(k_cache),
       static_cast<const TC*>(v_cache), block_table, seq_lens, H, page_size, pages_per_slot, context,
-      scale * kLog2e, num_splits, chunk, part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks,
-      stride_vp, stride_vs, stride_bt);
-  if (err == cudaSuccess && num_splits > 1) {
+      scale * kLog2e, num_splits, chunk, part_m, part_l, part_acc, counters, stride_qb, stride_qh, stride_kp,
+      stride_ks, stride_vp, stride_vs, stride_bt);
+  if (err == cudaSuccess && num_splits > 1 && counters == nullptr) {
     err = dsm::launch(paged_decode_merge_kernel<T, D>, dim3(B * H), dim3(D), stream, pdl != 0, static_cast<T*>(out),
                       static_cast<const float*>(part_m), static_cast<const float*>(part_l),
                       static_cast<const float*>(part_acc), num_splits);
@@ -231,16 +257,16 @@ cudaError_t launch_decode(void* out, const void* q, const void* k_cache, const v
   return err;
 }
 
-#define DSM_DECODE_PARAMS                                                                                        \
-  void *out, const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table,                \
-      const int32_t *seq_lens, int B, int H, int page_size, int pages_per_slot, int context, float scale,       \
-      int num_splits, float *part_m, float *part_l, float *part_acc, int64_t stride_qb, int64_t stride_qh,      \
-      int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs, int64_t stride_bt, int pdl,   \
-      cudaStream_t stream
-#define DSM_DECODE_ARGS                                                                                           \
-  out, q, k_cache, v_cache, block_table, seq_lens, B, H, page_size, pages_per_slot, context, scale, num_splits, \
-      part_m, part_l, part_acc, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt, pdl, \
-      stream
+#define DSM_DECODE_PARAMS                                                                                    \
+  void *out, const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table,            \
+      const int32_t *seq_lens, int B, int H, int page_size, int pages_per_slot, int context, float scale,   \
+      int num_splits, float *part_m, float *part_l, float *part_acc, int *counters, int64_t stride_qb,      \
+      int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,        \
+      int64_t stride_bt, int pdl, cudaStream_t stream
+#define DSM_DECODE_ARGS                                                                                       \
+  out, q, k_cache, v_cache, block_table, seq_lens, B, H, page_size, pages_per_slot, context, scale,          \
+      num_splits, part_m, part_l, part_acc, counters, stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, \
+      stride_vs, stride_bt, pdl, stream
 
 template <typename T, typename TC>
 cudaError_t launch_decode_head_dim(int head_dim, DSM_DECODE_PARAMS) {
@@ -250,6 +276,21 @@ cudaError_t launch_decode_head_dim(int head_dim, DSM_DECODE_PARAMS) {
     case 64: return launch_decode<T, TC, 64>(DSM_DECODE_ARGS);
     case 128: return launch_decode<T, TC, 128>(DSM_DECODE_ARGS);
     case 256: return launch_decode<T, TC, 256>(DSM_DECODE_ARGS);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, typename TC>
+cudaError_t decode_occupancy_head_dim(int head_dim, int* blocks) {
+  constexpr int kThreads = kWarps * 32;
+  switch (head_dim) {
+    case 16: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, paged_decode_kernel<T, TC, 16>, kThreads, 0);
+    case 32: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, paged_decode_kernel<T, TC, 32>, kThreads, 0);
+    case 64: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, paged_decode_kernel<T, TC, 64>, kThreads, 0);
+    case 128:
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, paged_decode_kernel<T, TC, 128>, kThreads, 0);
+    case 256:
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, paged_decode_kernel<T, TC, 256>, kThreads, 0);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -280,8 +321,8 @@ extern "C" cudaError_t dsm_launch_paged_decode_attention(
     void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
     const int32_t* seq_lens, int B, int H, int head_dim, int dtype, int cache_dtype, int page_size,
     int pages_per_slot, int context, float scale, int num_splits, float* part_m, float* part_l, float* part_acc,
-    int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp, int64_t stride_vs,
-    int64_t stride_bt, int pdl, cudaStream_t stream) {
+    int* counters, int64_t stride_qb, int64_t stride_qh, int64_t stride_kp, int64_t stride_ks, int64_t stride_vp,
+    int64_t stride_vs, int64_t stride_bt, int pdl, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (num_splits < 1) return cudaErrorInvalidValue;
   DSM_DISPATCH_DTYPE(dtype, T, {
@@ -293,3 +334,13 @@ extern "C" cudaError_t dsm_launch_paged_decode_attention(
 }
 #undef DSM_DECODE_ARGS
 #undef DSM_DECODE_PARAMS
+
+extern "C" cudaError_t dsm_paged_decode_blocks_per_sm(int head_dim, int dtype, int cache_dtype, int* blocks) {
+  *blocks = 0;
+  DSM_DISPATCH_DTYPE(dtype, T, {
+    if (cache_dtype == dtype) return decode_occupancy_head_dim<T, T>(head_dim, blocks);
+    if (cache_dtype == DSM_FP8_E4M3) return decode_occupancy_head_dim<T, fp8>(head_dim, blocks);
+    return cudaErrorInvalidValue;
+  });
+  return cudaErrorInvalidValue;
+}

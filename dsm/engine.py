@@ -103,7 +103,7 @@ class Engine:
         kv = PagedKVCache(torch.zeros(shape, dtype=dtype, device=self.device),
                           torch.zeros(shape, dtype=dtype, device=self.device),
                           torch.zeros(max_slots, self.pages_per_slot, dtype=torch.int32, device=self.device),
-                          cfg.context)
+                          cfg.context, torch.zeros(max_slots * cfg.num_heads, dtype=torch.int32, device=self.device))
         self.state = self.gen.init_state(max_slots, seed=seed, kv=kv, require_conditions=False)
         self.state.exec_mask.fill_(False)
         self.buckets = tuple(sorted(set(buckets or default_buckets(max_slots))))

@@ -44,7 +44,7 @@ class GenState:
         this state in place (how the engine runs a batch-size bucket). Not available with CFG row doubling."""
         if self.positions.shape[0] != self.batch_size:
             raise ValueError("row views are not supported with CFG (rows are [conditional | null])")
-        kv = PagedKVCache(self.kv.k, self.kv.v, self.kv.block_table[:n], self.kv.context)
+        kv = PagedKVCache(self.kv.k, self.kv.v, self.kv.block_table[:n], self.kv.context, self.kv.counters)
         return GenState(
             cache=self.cache[:n], offsets=self.offsets[:n], exec_mask=self.exec_mask[:n], seeds=self.seeds[:n],
             kv=kv, positions=self.positions[:n],

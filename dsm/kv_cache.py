@@ -24,6 +24,8 @@ class PagedKVCache:
     v: torch.Tensor  # [L, num_pages, page_size, H, D]
     block_table: torch.Tensor  # [B, pages_per_slot] int32
     context: int
+    # [B * H] int32 at 0: the decode kernels' split-merge counters, shared by the layers (each launch leaves them at 0)
+    counters: torch.Tensor | None = None
 
     @property
     def page_size(self) -> int:
@@ -41,4 +43,4 @@ class PagedKVCache:
         k = torch.zeros(shape, dtype=dtype, device=device)
         v = torch.zeros(shape, dtype=dtype, device=device)
         table = torch.arange(batch_size * n, dtype=torch.int32, device=device).view(batch_size, n)
-        return cls(k, v, table, context)
+        return cls(k, v, table, context, torch.zeros(batch_size * heads, dtype=torch.int32, device=device))

@@ -274,7 +274,7 @@ class LMModel(nn.Module):
                     k[:, None], positions[:, None], tr.max_period)[:, 0]
             dsm_kernels.append_kv(kv.k[i], kv.v[i], k, v, slot, backend=backend)
             a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
-                                                   backend=backend)
+                                                   counters=kv.counters, backend=backend)
             x = x + layer.layer_scale_1(layer.self_attn.out(a.flatten(1)))
             if layer.cross_attention is not None:
                 x = x + layer.layer_scale_cross(_cross_attend(layer, x[:, None], *cross_kv[i])[:, 0])
@@ -309,7 +309,7 @@ class LMModel(nn.Module):
             qkv = F.linear(h, attn.in_proj_weight)
             q = self._rope_append(qkv, positions, inv_freq, kv, i, slot, H, Hkv, backend)
             a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
-                                                   backend=backend)
+                                                   counters=kv.counters, backend=backend)
             delta, scale = attn.out(a.flatten(1)), _scale_of(layer.layer_scale_1)
             if layer.cross_attention is not None:
                 x = x + (scale.to(delta) * delta if scale is not None else delta)
@@ -344,7 +344,7 @@ class LMModel(nn.Module):
                                        backend=backend)  # fmt: skip
                 q = self._rope_append(qkv, positions, inv_freq, kv, i, slot, H, attn.kv_heads, backend)
             a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
-                                                   backend=backend)
+                                                   counters=kv.counters, backend=backend)
             dsm_kernels.gemv(a.flatten(1), attn.out_proj.weight, residual=x, scale=_scale_of(layer.layer_scale_1),
                              backend=backend)  # fmt: skip
             if layer.cross_attention is not None:  # query GEMV with its LayerNorm, SDPA, out GEMV + residual

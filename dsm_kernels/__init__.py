@@ -214,10 +214,12 @@ def append_kv(k_cache, v_cache, k, v, slot_mapping, *, backend=None):
     return resolve("append_kv", backend, k.device)(k_cache, v_cache, k, v, slot_mapping)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, backend=None):
-    """See :func:`dsm_kernels.reference.paged_decode_attention_ref`."""
+def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, counters=None,
+                           backend=None):  # fmt: skip
+    """See :func:`dsm_kernels.reference.paged_decode_attention_ref`; ``counters`` (int32, >= B*H, at 0, one launch
+    at a time, e.g. :attr:`dsm.kv_cache.PagedKVCache.counters`) lets the split-K kernels merge in the same launch."""
     fn = resolve("paged_decode_attention", backend, q.device)
-    return fn(q, k_cache, v_cache, block_table, seq_lens, context=context, scale=scale)
+    return fn(q, k_cache, v_cache, block_table, seq_lens, context=context, scale=scale, counters=counters)
 
 
 def sample_tokens(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, backend=None):

@@ -43,25 +43,48 @@ def append_kv_cuda(k_cache, v_cache, k, v, slot_mapping) -> None:
     _ops().append_kv(k_cache, v_cache, k, v, slot_mapping.long())
 
 
-def decode_num_splits(batch: int, heads: int, context: int, device: torch.device) -> int:
-    """Split-K factor from static shapes only: ~4 blocks per SM, each split at least 32 positions long."""
-    want = math.ceil(
-        4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) / (batch * heads)
-    )
-    return max(1, min(want, context // 32))
+def decode_num_splits(batch: int, heads: int, context: int, resident: int) -> int:
+    """Split-K factor from static shapes only (a captured graph stays valid as slots grow).
+
+    The launch is ``batch * heads * splits`` blocks, ``resident`` of which run at once (SMs x blocks per SM). A last
+    wave that is only partly filled leaves bandwidth unused (1024 blocks over 660 resident ones run as 1.55 waves), so
+    take the fewest splits whose last wave is >= 90% full, else the fullest; each split spans >= 32 positions."""
+    base, best, best_fill = batch * heads, 1, 0.0
+    for splits in range(1, max(1, context // 32) + 1):
+        blocks = base * splits
+        fill = blocks / (math.ceil(blocks / resident) * resident)
+        if fill >= 0.9:
+            return splits
+        if fill > best_fill:
+            best, best_fill = splits, fill
+    return best
+
+
+@cache
+def _decode_resident_blocks(index: int, dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> int:
+    """Decode blocks resident on the whole device at once, from the CUDA occupancy calculator."""
+    q = torch.empty(1, 1, head_dim, dtype=dtype, device=torch.device("cuda", index))
+    per_sm = _ops().paged_decode_blocks_per_sm(q, torch.empty(1, dtype=cache_dtype, device=q.device))
+    return max(1, per_sm) * _sm_count(index)
 
 
 def paged_decode_attention_cuda(
-    q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, out=None, num_splits=None
+    q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, out=None, num_splits=None, counters=None
 ) -> torch.Tensor:
-    """CUDA twin of :func:`~dsm_kernels.reference.paged_decode_attention_ref`; head_dim 16/32/64/128/256."""
+    """CUDA twin of :func:`~dsm_kernels.reference.paged_decode_attention_ref`; head_dim 16/32/64/128/256.
+
+    ``counters`` (int32, >= B*H, all 0, used by one launch at a time): the last split of each head merges the
+    splits, re-arming its counter; without it a second kernel merges."""
     B, H, D = q.shape
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    splits = num_splits or decode_num_splits(B, H, context, q.device)
+    if num_splits is None:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        num_splits = decode_num_splits(B, H, context, _decode_resident_blocks(index, q.dtype, k_cache.dtype, D))
     scale = D**-0.5 if scale is None else scale
     _ops().paged_decode_attention(
-        out, q, k_cache, v_cache, block_table.int(), seq_lens.int(), int(context), float(scale), int(splits)
+        out, q, k_cache, v_cache, block_table.int(), seq_lens.int(), int(context), float(scale), int(num_splits),
+        counters,
     )
     return out
 

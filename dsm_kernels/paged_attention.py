@@ -8,7 +8,8 @@ positions; ``seq_lens == 0`` gives zeros).
 Decode is memory-bound (one query row per head), so the only goal is to keep enough bytes in flight. The window of
 each slot is cut into ``num_splits`` chunks of whole ``BLOCK_N``-position blocks (aligned to absolute positions, so
 a block covers whole pages when ``BLOCK_N`` is a multiple of the page size); program ``(b, head block, split)``
-streams its chunk with an fp32 online softmax and writes ``(m, l, acc)``; a second small kernel merges the splits.
+streams its chunk with an fp32 online softmax and writes ``(m, l, acc)``; with a counter buffer the last split of
+each head block to finish merges them (one launch), else a second small kernel does.
 The split count depends only on static shapes (batch, heads, context, SM count), never on ``seq_lens`` values, so
 there is no host sync and a captured graph stays valid as slots grow. Batch 1 with context 750 gets ~12 splits ×
 16 heads; batch 400 gets one split.
@@ -34,6 +35,8 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
+
+from .depformer import _arrive
 
 _LOG2E = 1.4426950408889634
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
@@ -122,11 +125,12 @@ def append_kv_triton(k_cache, v_cache, k, v, slot_mapping) -> None:
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, out_ptr,
     qk_scale, context, page_size, pages_per_slot, blocks_per_split,
-    stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt,
-    H, NUM_SPLITS,
-    HEAD_DIM: tl.constexpr, HB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs, stride_bt, stride_ob, stride_oh,
+    H,
+    NUM_SPLITS: tl.constexpr, MERGE: tl.constexpr, HEAD_DIM: tl.constexpr, HB: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     heads = tl.program_id(1) * HB + tl.arange(0, HB)
@@ -170,6 +174,31 @@ def _decode_split_kernel(
     tl.store(m_ptr + ml_off, m)
     tl.store(l_ptr + ml_off, l)
     tl.store(acc_ptr + ml_off[:, None].to(tl.int64) * BLOCK_D + d[None, :], acc)
+    if MERGE:  # the last split of this (slot, head block) to finish merges them all
+        if _arrive(cnt_ptr, b * tl.num_programs(1) + tl.program_id(1), NUM_SPLITS):
+            _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, heads, stride_ob, stride_oh, H, HEAD_DIM, NUM_SPLITS,
+                          BLOCK_D, BLOCK_S)  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, heads, stride_ob, stride_oh, H, HEAD_DIM, NUM_SPLITS,
+                  BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """out[b, heads] from the NUM_SPLITS partials of each head; .cg loads read L2, where the other programs of a
+    launch published theirs."""
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = sp[None, :] < NUM_SPLITS
+    ml_off = (b * H + heads[:, None]) * NUM_SPLITS + sp[None, :]  # [HB, BLOCK_S]
+    m = tl.load(m_ptr + ml_off, mask=smask, other=-1.0e30, cache_modifier=".cg")
+    l = tl.load(l_ptr + ml_off, mask=smask, other=0.0, cache_modifier=".cg")
+    acc = tl.load(acc_ptr + ml_off[:, :, None].to(tl.int64) * BLOCK_D + d[None, None, :], mask=smask[:, :, None],
+                  other=0.0, cache_modifier=".cg")  # fmt: skip
+    w = tl.exp2(m - tl.max(m, axis=1)[:, None])  # [HB, BLOCK_S]
+    den = tl.sum(w * l, axis=1)
+    num = tl.sum(w[:, :, None] * acc, axis=1)  # [HB, BLOCK_D]
+    o = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)  # inactive slot -> 0
+    optr = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=d[None, :] < HEAD_DIM)
 
 
 @triton.jit
@@ -180,21 +209,8 @@ def _decode_merge_kernel(
 ):  # fmt: skip
     b = tl.program_id(0)
     heads = tl.program_id(1) * HB + tl.arange(0, HB)
-    sp = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    smask = sp[None, :] < NUM_SPLITS
-    ml_off = (b * H + heads[:, None]) * NUM_SPLITS + sp[None, :]  # [HB, BLOCK_S]
-    m = tl.load(m_ptr + ml_off, mask=smask, other=-1.0e30)
-    l = tl.load(l_ptr + ml_off, mask=smask, other=0.0)
-    acc = tl.load(
-        acc_ptr + ml_off[:, :, None].to(tl.int64) * BLOCK_D + d[None, None, :], mask=smask[:, :, None], other=0.0
-    )
-    w = tl.exp2(m - tl.max(m, axis=1)[:, None])  # [HB, BLOCK_S]
-    den = tl.sum(w * l, axis=1)
-    num = tl.sum(w[:, :, None] * acc, axis=1)  # [HB, BLOCK_D]
-    o = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)  # inactive slot -> 0
-    optr = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
-    tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=d[None, :] < HEAD_DIM)
+    _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, heads, stride_ob, stride_oh, H, HEAD_DIM, NUM_SPLITS, BLOCK_D,
+                  BLOCK_S)  # fmt: skip
 
 
 @cache
@@ -227,10 +243,13 @@ def decode_plan(batch: int, heads: int, head_dim: int, context: int, device: tor
 
 def paged_decode_attention_triton(
     q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, out=None, block_n=None,
-    heads_per_program=None, num_splits=None,
+    heads_per_program=None, num_splits=None, counters=None,
 ):  # fmt: skip
     """Triton twin of :func:`~dsm_kernels.reference.paged_decode_attention_ref`; ``out`` ([B, H, D], q.dtype) may
-    be preallocated; ``block_n``/``heads_per_program``/``num_splits`` override the plan (tests, tuning)."""
+    be preallocated; ``block_n``/``heads_per_program``/``num_splits`` override the plan (tests, tuning).
+
+    ``counters`` (int32, >= B*H, all 0, used by one launch at a time): the last split of each head block merges the
+    splits and re-arms its counter, so the step needs one launch; without it a second kernel merges."""
     B, H, D = q.shape
     assert k_cache.shape[2:] == (H, D) and v_cache.shape == k_cache.shape, "pool must be [pages, page_size, H, D]"
     assert q.stride(-1) == 1 and block_table.stride(1) == 1
@@ -244,19 +263,24 @@ def paged_decode_attention_triton(
     hb, block_n, splits, bps = decode_plan(
         B, H, D, context, q.device, block_n=block_n, heads_per_program=heads_per_program, num_splits=num_splits
     )
-    block_d = triton.next_power_of_2(D)
+    merge = counters is not None and splits > 1
+    if merge:
+        assert counters.dtype == torch.int32 and counters.numel() >= B * H, "counters: >= B*H int32 at 0"
+    block_d, block_s = triton.next_power_of_2(D), triton.next_power_of_2(splits)
     m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, H, splits, block_d, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B, H // hb, splits)](
-        q, k_cache, v_cache, block_table, seq_lens, m, l, acc,
+        q, k_cache, v_cache, block_table, seq_lens, m, l, acc, counters if merge else m, out,
         scale * _LOG2E, context, k_cache.shape[1], block_table.shape[1], bps,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_table.stride(0), H, splits,
-        HEAD_DIM=D, HB=hb, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
+        block_table.stride(0), out.stride(0), out.stride(1), H,
+        NUM_SPLITS=splits, MERGE=merge, HEAD_DIM=D, HB=hb, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=block_s,
+        num_warps=4,
     )  # fmt: skip
-    _decode_merge_kernel[(B, H // hb)](
-        m, l, acc, out, out.stride(0), out.stride(1), H, D, splits,
-        HB=hb, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
-    )  # fmt: skip
+    if not merge:
+        _decode_merge_kernel[(B, H // hb)](
+            m, l, acc, out, out.stride(0), out.stride(1), H, D, splits,
+            HB=hb, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4,
+        )  # fmt: skip
     return out

@@ -121,13 +121,16 @@ def paged_decode_attention_ref(
     *,
     context: int,
     scale: float | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per slot attending over its last ``context`` positions in the paged cache.
 
     ``q``: [B, H, D]; ``k_cache``/``v_cache``: [num_pages, page_size, H, D]; ``block_table``: [B, pages_per_slot]
     int32 page ids (ring, see module doc); ``seq_lens``: [B] tokens written so far including the current one.
-    Softmax in fp32; output [B, H, D] in ``q.dtype``; zeros for slots with ``seq_lens == 0``.
+    Softmax in fp32; output [B, H, D] in ``q.dtype``; zeros for slots with ``seq_lens == 0``. ``counters``: the
+    split-K kernels' merge counters (int32, >= B*H, at 0), unused here.
     """
+    del counters
     B, H, D = q.shape
     page_size = k_cache.shape[1]
     scale = D**-0.5 if scale is None else scale

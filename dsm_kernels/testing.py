@@ -113,8 +113,10 @@ def multistream_embed_torch(tokens, text_table, audio_tables, *, text_table2=Non
     return acc.to(out_dtype or text_table.dtype)
 
 
-def paged_decode_attention_torch(q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None):
-    """Gather each slot's window (padded to ``context``) from the pages, then one masked SDPA call."""
+def paged_decode_attention_torch(q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, counters=None):
+    """Gather each slot's window (padded to ``context``) from the pages, then one masked SDPA call (``counters``, the
+    split-K kernels' workspace, is unused)."""
+    del counters
     B, H, D = q.shape
     S = k_cache.shape[1]
     qpos = seq_lens.long() - 1

@@ -49,6 +49,8 @@ finish() {
   {
     echo "=== kernel benchmark (ms; speedup = best torch baseline / best custom kernel)"
     for f in "$LOGS"/kbench*.log; do [ -f "$f" ] && sed -n '/^kernel    shape/,$p' "$f"; done
+    echo "=== attention split-K sweep (ms, % of copy bandwidth)"
+    grep -E "^attention.* (cuda|triton)(:s[0-9]+)? " "$LOGS/kbench_attn.log" 2>/dev/null | awk '{print $2, $3, $4, $5 " ms", $9}'
     echo "=== validate-kernels"
     grep -E "passed|FAIL" "$LOGS/validate.log" 2>/dev/null
     echo "=== dsm bench (engine step, Mimi included; moshi = LMGen step alone)"
@@ -114,6 +116,9 @@ step depformer 120 30 "$PY" benchmarks/bench_depformer.py --batch 1 4 8 64 --ite
 # the GEMV kernel's bandwidth against cuBLAS + torch glue at the model's linears (the risk named in NOTES.md)
 step kbench_gemv 90 30 "$PY" benchmarks/bench_kernels.py --kernels gemv --batch 1 4 --graph --no-compile \
   --providers torch triton --out "$OUT/kernels.jsonl"
+# decode attention at the engine's shapes, with the split-K factor swept around the planner's choice (whole waves)
+step kbench_attn 90 30 "$PY" benchmarks/bench_kernels.py --kernels attention --batch 1 64 400 --graph --no-compile \
+  --providers cuda triton --attention-splits 1 2 3 4 6 --out "$OUT/kernels.jsonl"
 # ours (and its nogemv / tf32 variants) beside moshi, and each path's code agreement with the CPU fp32 reference
 step mimi 120 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
 step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1

@@ -89,6 +89,38 @@ def test_decode_batch_and_splits(backend, B, num_splits):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_decode_merges_in_launch_with_counters(backend, num_splits):
+    """With a counter buffer the last split of each head merges in the same launch: the output matches the
+    reference, every counter is back at 0 afterwards, and the re-armed buffer serves further calls (new queries,
+    other slots, one more position) exactly as a fresh one would."""
+    device = kernel_device(backend)
+    B, H, D, context = 4, 8, 64, 300
+    q, kc, vc, bt = _pool(B, H, D, 16, context, torch.bfloat16, device, seed=num_splits)
+    counters = torch.zeros(B * H + 3, dtype=torch.int32, device=device)  # spare tail entries stay untouched
+    seq_lens = torch.tensor([300, 0, 41, 777], dtype=torch.int32, device=device)
+    for step in range(3):
+        q = torch.randn(q.shape, generator=torch.Generator().manual_seed(step)).to(q).to(device)
+        _check(backend, device, q, kc, vc, bt, seq_lens, context, num_splits=num_splits, counters=counters)
+        assert counters.count_nonzero().item() == 0, f"call {step} left counters armed: {counters.tolist()}"
+        seq_lens = seq_lens + (seq_lens > 0).int()
+
+
+def test_decode_num_splits_fills_waves():
+    """The CUDA split count: the fewest splits whose last wave of blocks is >= 90% full, else the fullest."""
+    from dsm_kernels.cuda_ops import decode_num_splits
+
+    resident = 132 * 5  # an H100's SMs x the decode kernel's 5 blocks per SM (96 registers x 128 threads)
+    assert decode_num_splits(400, 16, 750, resident) == 1  # 6400 blocks: 9.7 waves, 97% full
+    assert decode_num_splits(64, 16, 750, resident) == 3  # 1024 blocks would be 1.55 waves; 3072 are 4.65
+    assert decode_num_splits(1, 16, 750, resident) == 23  # never a full wave: as many as 32-position splits allow
+    assert decode_num_splits(1, 16, 40, resident) == 1
+    for B in (1, 2, 3, 8, 17, 64, 100, 400, 700):
+        s = decode_num_splits(B, 16, 750, resident)
+        assert 1 <= s <= 750 // 32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("page_size", [32, 128])
 def test_decode_other_page_sizes(backend, page_size):
     device = kernel_device(backend)
