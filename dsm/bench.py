@@ -11,6 +11,7 @@ Times are CUDA-event medians after warm-up on a GPU, wall-clock on a CPU.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -360,6 +361,34 @@ def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dic
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str):
+    """``text`` as ``kind`` if ``ok`` accepts it, else an argparse error saying what was ``expected``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):  # NaN fails every comparison, so `ok`
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _batches(text: str) -> list[int]:
+    expected = f"comma-separated positive integers in {text!r}"
+    return [_number(b, int, lambda n: n >= 1, expected) for b in text.split(",")]
+
+
+def _steps(text: str) -> int:
+    return _number(text, int, lambda n: n >= 1, "an integer >= 1")
+
+
+def _warmup(text: str) -> int:
+    return _number(text, int, lambda n: n >= 0, "an integer >= 0")
+
+
+def _frame_ms(text: str) -> float:
+    return _number(text, float, lambda x: 0 < x < math.inf, "a time in ms > 0")
+
+
 def setup_parser(p) -> None:
     from .cli_args import parse_dtype
     from .presets import PRESETS
@@ -369,9 +398,10 @@ def setup_parser(p) -> None:
                         "GPU, tiny-stt and tiny-tts on a CPU)")
     p.add_argument("--checkpoint", metavar="DIR", help="benchmark this checkpoint instead of presets")
     p.add_argument("--hf-repo", metavar="REPO", help="benchmark this hub checkpoint instead of presets")
-    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default GPU 1,8,64,256; CPU 1,2)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per batch (default GPU 50, CPU 4)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default GPU 10, CPU 2)")
+    p.add_argument("--batch", type=_batches, default=None,
+                   help="comma-separated batch sizes (default GPU 1,8,64,256; CPU 1,2)")
+    p.add_argument("--steps", type=_steps, default=None, help="timed steps per batch (default GPU 50, CPU 4)")
+    p.add_argument("--warmup", type=_warmup, default=None, help="warm-up steps (default GPU 10, CPU 2)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None,
@@ -381,7 +411,7 @@ def setup_parser(p) -> None:
     p.add_argument("--capacity", action="store_true",
                    help="also search the most concurrent streams whose p50 step (Mimi included) fits one frame "
                         "(doubling from the largest batch that fits, then bisection; bounded by the KV memory)")
-    p.add_argument("--frame-ms", type=float, default=FRAME_S * 1e3, help="step budget for --capacity (default 80)")
+    p.add_argument("--frame-ms", type=_frame_ms, default=FRAME_S * 1e3, help="step budget for --capacity (default 80)")
     p.add_argument("--output", default="benchmarks/results/bench.jsonl", help="JSON lines file to append to")
     p.set_defaults(func=run_cli)
 
@@ -418,8 +448,8 @@ def run_cli(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     dtype = args.dtype or (torch.bfloat16 if gpu else torch.float32)
-    batches = [int(b) for b in (args.batch or ("1,8,64,256" if gpu else "1,2")).split(",")]
-    steps = args.steps or (50 if gpu else 4)
+    batches = args.batch or ([1, 8, 64, 256] if gpu else [1, 2])
+    steps = args.steps or (50 if gpu else 4)  # parsed as >= 1
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     timer = _timer(device)
     models: list[tuple[str, Callable[[], tuple]]] = []

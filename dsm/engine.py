@@ -184,22 +184,29 @@ class Engine:
         for bucket in self.buckets:
             slots = [self.open(conditions=conditions) for _ in range(bucket)]
             silent = torch.full((bucket, dq), -1, dtype=torch.long, device=self.device) if dq else None
+            inputs = self._inputs if self._inputs.shape[1] else None  # throwaway streams: any input tokens
             for _ in range(2):  # the eager first call, then the capture
-                self.step()
+                self.step(inputs)
                 if dq:
-                    self.step(depformer_replace_tokens=silent)
+                    self.step(inputs, depformer_replace_tokens=silent)
             for slot in slots:
                 self.close(slot)
 
     # ---- stepping --------------------------------------------------------------------------------------------------
     def _assign_pages(self, active: list[int]) -> None:
+        page_size = self.state.kv.page_size
+        need = [slot for slot in active  # first visit of a ring entry: the slot takes a page
+                if (self.slots[slot].position // page_size) % self.pages_per_slot == len(self.slots[slot].pages)]
+        # All or nothing: a page taken before a later slot's alloc() fails would never reach the block table, so its
+        # ring entry would stay on the null page, shared with every other slot in the same case.
+        if len(need) > self.pool.available:
+            raise EngineFull(f"KV page pool exhausted: slots {need} each need a new page, {self.pool.available} free "
+                             f"({self.pool.used} in use); close a stream or give the engine more pages")
         updates = []
-        for slot in active:
+        for slot in need:
             s = self.slots[slot]
-            ring = (s.position // self.state.kv.page_size) % self.pages_per_slot
-            if ring == len(s.pages):  # first visit of this ring entry: take a page
-                s.pages.append(self.pool.alloc())
-                updates.append((slot, ring, s.pages[-1]))
+            s.pages.append(self.pool.alloc())
+            updates.append((slot, len(s.pages) - 1, s.pages[-1]))
         if updates:
             idx = torch.tensor(updates, dtype=torch.long).to(self.device, non_blocking=True)
             self.state.kv.block_table[idx[:, 0], idx[:, 1]] = idx[:, 2].to(torch.int32)
@@ -220,14 +227,22 @@ class Engine:
         step output for rows ``[0, bucket)`` (rows of inactive slots hold ``-2`` tokens), or None if no slot runs.
         Hooks see rows ``[0, bucket)`` and edit their tensor in place.
         """
-        active = sorted(self.slots) if active is None else sorted(active)
+        active = sorted(self.slots) if active is None else sorted(set(active))  # a repeat would count twice
         unknown = [s for s in active if s not in self.slots]
         if unknown:
             raise KeyError(f"slots {unknown} are not open")
         if not active:
             return None
-        self._assign_pages(active)
         bucket = self.bucket_for(active)
+        n_in = self._inputs.shape[1]
+        # Checked before any state changes; rows the inputs do not cover would run on a previous step's tokens.
+        if n_in and inputs is None:
+            raise ValueError(f"this model has {n_in} input streams: pass inputs [rows, {n_in}] (rows by slot)")
+        if inputs is not None and (inputs.dim() != 2 or inputs.shape[1] != n_in
+                                   or not bucket <= inputs.shape[0] <= self.max_slots):
+            raise ValueError(f"inputs: expected shape [rows, {n_in}] with {bucket} <= rows <= {self.max_slots} "
+                             f"(rows by slot, covering slot {active[-1]}), got {tuple(inputs.shape)}")
+        self._assign_pages(active)
         self._mask_host.fill_(False)
         self._mask_host[active] = True
         self.state.exec_mask.copy_(self._mask_host, non_blocking=True)

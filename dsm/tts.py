@@ -275,6 +275,8 @@ def check_voice(t: torch.Tensor, where: str = "voice", dim: int = 512) -> None:
         raise VoiceError(f"{where}: 'speaker_wavs' must be float32, got {t.dtype}")
     if tuple(t.shape) != (1, dim, VOICE_FRAMES):
         raise VoiceError(f"{where}: 'speaker_wavs' must have shape [1, {dim}, {VOICE_FRAMES}], got {list(t.shape)}")
+    if not torch.isfinite(t).all():  # would silently turn every cross-attention output, hence the speech, to noise
+        raise VoiceError(f"{where}: 'speaker_wavs' holds NaN or infinite values")
 
 
 def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VOICE_REPO) -> Path:
@@ -759,8 +761,15 @@ class TTSRuntime:
             if not s.text_ended:
                 raise TTSInputError("run() needs the text of every stream ended (call stream.end())")
         while not all(s.done for s in todo):
-            if not self.step():
-                raise RuntimeError("no stream can progress")  # cannot happen once every text is ended
+            # A stream with no words finishes in a step that runs nothing.
+            if not self.step() and not all(s.done for s in todo):
+                raise self._stalled()
+
+    def _stalled(self) -> RuntimeError:
+        """Why a stream whose text was ended cannot progress: the slots are held by streams waiting for text."""
+        hungry = sum(1 for s in self.slots if s is not None and not s.text_ended)
+        return RuntimeError(f"no stream can progress: {hungry} of the {len(self.slots)} slots hold a stream waiting "
+                            f"for more text (push words or end() it), {len(self.waiting)} stream(s) wait for a slot")
 
     def speak(self, text: str | Sequence[str], voice=None, cfg: float | None = 2.0) -> Iterator[torch.Tensor]:
         """Speak ``text`` (a string, or a list of dialogue turns), yielding PCM chunks as soon as they exist."""
@@ -771,8 +780,8 @@ class TTSRuntime:
             stream.push(turn)
         stream.end()
         while not stream.done:
-            if not self.step():
-                raise RuntimeError("no stream can progress")
+            if not self.step() and not stream.done:
+                raise self._stalled()
             pcm = stream.read()
             if pcm.numel():
                 yield pcm
@@ -825,14 +834,21 @@ def setup_speak_parser(p) -> None:
 
 
 def _read_text(arg: str) -> str:
+    """The text to speak: ``arg`` itself, or the UTF-8 text of the file it names (``-``: stdin)."""
     import sys
 
-    if arg == "-":
-        return sys.stdin.read()
-    p = Path(arg)
-    if p.is_file():
-        return p.read_text()
-    return arg
+    try:
+        if arg == "-":
+            return sys.stdin.read()
+        try:
+            is_file = Path(arg).is_file()
+        except OSError:  # e.g. a text longer than a file name may be (ENAMETOOLONG): it is the text
+            return arg
+        return Path(arg).read_text(encoding="utf-8") if is_file else arg
+    except UnicodeDecodeError as e:
+        raise TTSInputError(f"{'stdin' if arg == '-' else arg}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise TTSInputError(f"{arg}: cannot read ({e})") from None
 
 
 def cmd_speak(args) -> int:
@@ -851,6 +867,10 @@ def cmd_speak(args) -> int:
     raw = args.raw or args.output == "-"
     if not raw and not args.output:
         return fail("give -o OUT.wav, or --raw / -o - for raw float32 PCM on stdout")
+    if args.raw and args.output not in (None, "-"):
+        return fail(f"--raw writes to stdout, not to {args.output}: give one of them")
+    if not raw and not Path(args.output).parent.is_dir():  # before loading the model
+        return fail(f"{args.output}: directory {Path(args.output).parent} does not exist")
     if args.random_weights:
         if not args.preset or args.checkpoint or args.hf_repo:
             return fail("--random-weights needs --preset NAME (and no --checkpoint/--hf-repo)")
@@ -861,7 +881,10 @@ def cmd_speak(args) -> int:
         return fail("give --checkpoint DIR, --hf-repo REPO, or --preset NAME --random-weights")
     else:
         files = checkpoint_from_args(args)
-    text = _read_text(args.text)
+    try:
+        text = _read_text(args.text)
+    except TTSInputError as e:
+        return fail(str(e))
     turns = [t for t in text.splitlines() if t.strip()] if args.turns else [text]
     if not any(t.strip() for t in turns):
         return fail("no text to speak (empty input)")
@@ -882,11 +905,17 @@ def cmd_speak(args) -> int:
         stream.end()
     except (TTSInputError, VoiceError, TokenizerError, ValueError) as e:
         return fail(str(e))
+    if rt._empty(stream):  # e.g. "()": no word is left once parentheses and colons are dropped
+        return fail("no words to speak in the text")
 
     out = sys.stdout.buffer if raw else None
     wav = None
     if not raw:
-        wav = wave.open(args.output, "wb")
+        try:  # opened here, not by wave.open, whose half-built writer then fails again when collected
+            out_file = open(args.output, "wb")  # noqa: SIM115 (closed after the wav, below)
+        except OSError as e:
+            return fail(f"{args.output}: cannot write ({e.strerror or e})")
+        wav = wave.open(out_file, "wb")
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(SAMPLE_RATE)
@@ -910,6 +939,7 @@ def cmd_speak(args) -> int:
         bar.close()
         if wav is not None:
             wav.close()
+            out_file.close()
     elapsed = time.perf_counter() - start
     if args.verbose:
         seconds = stream.samples / SAMPLE_RATE

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from dsm.cli import main
 
 
@@ -18,6 +20,15 @@ def test_bench_cli_smoke(tmp_path, capsys):
     assert {("dsm", 1), ("dsm", 2), ("moshi", 1), ("moshi", 2)} <= systems
     for r in row["rows"]:
         assert r["p50_ms"] > 0 and r["rtfx"] > 0
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--batch", "0"), ("--batch", "1,,2"), ("--batch", "abc"),
+                                             ("--steps", "0"), ("--steps", "-1"), ("--warmup", "-3"),
+                                             ("--frame-ms", "0"), ("--frame-ms", "nan")])
+def test_bench_rejects_bad_counts(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--preset", "tiny-stt", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
 
 
 def test_search_capacity_finds_the_largest_fitting_batch():

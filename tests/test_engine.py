@@ -138,6 +138,18 @@ def test_joins_and_leaves_leak_no_pages(stt_model):
     assert eng.pool.available == total_pages and eng.pool.used == 0
 
 
+def test_step_input_errors_change_nothing(stt_model):
+    eng = Engine(stt_model, max_slots=4, use_sampling=False)
+    eng.open(), eng.open()
+    inputs = torch.zeros(4, 32, dtype=torch.long)
+    for bad in [None, inputs[:1], inputs[0], inputs[:, :31], inputs[..., None]]:
+        with pytest.raises(ValueError, match="input"):
+            eng.step(bad)
+    assert eng.pool.used == 0 and eng.state.positions.tolist() == [0] * 4
+    eng.step(inputs[:2], active=[1, 1, 0])  # the bucket's rows suffice; a repeated slot steps once
+    assert [eng.slots[s].position for s in (0, 1)] == [1, 1] and eng.state.positions[:2].tolist() == [1, 1]
+
+
 def test_long_stream_uses_bounded_pages(stt_model):
     eng = Engine(stt_model, max_slots=2, page_size=4, use_sampling=False)
     slot = eng.open()
@@ -160,6 +172,31 @@ def test_engine_full_errors(stt_model):
     small.open(), small.open()
     with pytest.raises(EngineFull, match="page"):
         small.step(torch.zeros(2, 32, dtype=torch.long))
+
+
+def test_page_exhaustion_changes_nothing(stt_model):
+    """EngineFull from a step where some slots got their page and a later one did not: no page is taken, and once a
+    stream is closed the others go on exactly as on an engine with pages to spare (no ring entry on the null page)."""
+    audio = torch.randint(0, 64, (16, 3, 32), generator=torch.Generator().manual_seed(3))
+
+    def run(num_pages):
+        eng = Engine(stt_model, max_slots=3, page_size=4, num_pages=num_pages, buckets=(3,), use_sampling=False)
+        for _ in range(3):
+            eng.open()
+        zs = []
+        for t in range(16):
+            if t == 8:
+                if num_pages is not None:
+                    used = eng.pool.used
+                    with pytest.raises(EngineFull, match=r"slots \[0, 1, 2\] each need a new page, 2 free"):
+                        eng.step(audio[t])
+                    assert eng.pool.used == used and [len(eng.slots[s].pages) for s in range(3)] == [2, 2, 2]
+                eng.close(2)
+            zs.append(eng.step(audio[t]).z[:2].clone())
+        assert 0 not in eng.state.kv.block_table[:2, :3].tolist()
+        return torch.stack(zs)
+
+    assert torch.equal(run(9), run(None))  # 8 pages: the third stream's page at position 8 is missing
 
 
 def test_tts_engine_matches_generator(tts_model):

@@ -196,6 +196,14 @@ def test_empty_text(ckpt):
     assert s.done and s.read().numel() == 0 and s.frames == [] and s.slot is None
     rt.run([busy])
     assert busy.done and not busy.truncated
+    for text in ["   ", "()"]:  # no word left: no audio, and no error
+        assert runtime(ckpt, n_q=2).synthesize(text).numel() == 0
+        s = speak(runtime(ckpt, n_q=2), [text], random_voice(0))
+        assert s.done and s.frames == [] and s.slot is None
+    rt = runtime(ckpt, n_q=2)
+    rt.open_stream(None).push("words that are never ended")  # holds the only slot
+    with pytest.raises(RuntimeError, match=r"1 of the 1 slots hold a stream waiting for more text.*1 stream\(s\) wait"):
+        rt.synthesize("hello")
     rt = runtime(ckpt, n_q=2, max_gen_length=10)  # defined stop for runaway streams
     s = speak(rt, [TEXT], random_voice(0))
     assert s.done and s.truncated and s.offset == 10 and s.end_step is None
@@ -209,6 +217,7 @@ def test_voice_errors(ckpt, tmp_path):
         "notensor.safetensors": {"other": torch.zeros(1, 512, 125)},
         "shape.safetensors": {"speaker_wavs": torch.zeros(1, 512, 100)},
         "dtype.safetensors": {"speaker_wavs": torch.zeros(1, 512, 125, dtype=torch.float16)},
+        "nan.safetensors": {"speaker_wavs": torch.zeros(1, 512, 125).index_fill_(2, torch.tensor([7]), float("nan"))},
     }
     for name, content in bad.items():
         p = tmp_path / name
@@ -222,6 +231,8 @@ def test_voice_errors(ckpt, tmp_path):
         rt.open_stream("no/such/voice.wav")  # offline: not in the hub cache
     with pytest.raises(VoiceError, match="shape"):
         rt.open_stream(torch.zeros(512, 125))
+    with pytest.raises(VoiceError, match="NaN or infinite"):
+        rt.open_stream(torch.full((1, 512, 125), float("inf")))
     with pytest.raises(ValueError, match="cfg"):
         rt.open_stream(random_voice(0), cfg=7.0)
 
@@ -332,6 +343,19 @@ def test_text_only_steps_interleave(ckpt, interleave):
     assert streak == interleave
 
 
+def test_cli_speak_no_words(ckpt, tmp_path, monkeypatch, capsys):
+    """Text with no word once normalised: a clear error, and no empty wav left behind."""
+    from dsm.checkpoint import random_checkpoint_dir
+    from dsm.cli import main
+
+    monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
+    cached = random_checkpoint_dir("tiny-tts")
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(ckpt.config_path.parent)
+    assert main(["speak", "(:)", "-o", str(tmp_path / "y.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
+    assert "no words to speak" in capsys.readouterr().err and not (tmp_path / "y.wav").exists()
+
+
 def test_word_by_word_equals_all_at_once(ckpt):
     voice = ckpt.config_path.parent / "voice.safetensors"
     ref = speak(runtime(ckpt, n_q=4), [TEXT], voice)
@@ -400,6 +424,21 @@ def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
     assert b"time to first audio" in out.err
     assert main(["speak", "", "-o", str(tmp_path / "x.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
     assert b"no text" in capsysbinary.readouterr().err
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    assert main(["speak", str(binary), "-o", str(tmp_path / "x.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
+    assert b"binary.txt: not UTF-8 text" in capsysbinary.readouterr().err
+
+
+def test_speak_text_argument_or_file(tmp_path):
+    from dsm.tts import _read_text
+
+    long = "the quick brown fox jumps over the lazy dog " * 10  # longer than a file name may be (255 bytes)
+    assert _read_text(long) == long
+    f = tmp_path / "text.txt"
+    f.write_text("h\u00e9llo w\u00f6rld", encoding="utf-8")
+    assert _read_text(str(f)) == "h\u00e9llo w\u00f6rld"
+    assert _read_text(str(tmp_path / "no-such-file.txt")).endswith("no-such-file.txt")  # spoken as it is
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,6 +460,23 @@ def test_sampling_is_per_stream(ckpt):
     rt.run([other])
     assert other.machine.log[:20] != s.machine.log[:20]
     assert TTSConfig().temp == 0.6 and TTSConfig().top_k == 250 and TTSConfig().top_k_text == 25
+
+
+def test_cli_speak_output_errors(ckpt, tmp_path, monkeypatch, capsys):
+    from dsm.checkpoint import random_checkpoint_dir
+    from dsm.cli import main
+
+    monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
+    cached = random_checkpoint_dir("tiny-tts")
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(ckpt.config_path.parent)
+    model = ["--preset", "tiny-tts", "--random-weights"]
+    assert main(["speak", "hi", "-o", str(tmp_path / "no" / "dir.wav"), *model]) == 1
+    assert "dir.wav: directory" in capsys.readouterr().err
+    assert main(["speak", "hi", "-o", str(tmp_path), *model]) == 1  # a directory
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["speak", "hi", "--raw", "-o", str(tmp_path / "x.wav"), *model]) == 1
+    assert "--raw writes to stdout" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="session")
