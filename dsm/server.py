@@ -237,8 +237,8 @@ class TTSServer(_Endpoint):
             await ws.wait_closed()
         finally:
             self.connections.pop(conn, None)
-            if conn.stream is not None and not conn.stream.done:
-                conn.stream.end()  # the runtime finishes it; nobody reads it any more
+            if conn.stream is not None:
+                conn.stream.cancel()  # nobody reads it any more: free its slot now
 
     def _open(self, conn: _TTSConnection):
         if conn.stream is None:
@@ -371,7 +371,7 @@ def cmd_serve_tts(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
-                                    config=TTSConfig(max_batch=args.batch_size, temp=args.temp))
+                                    config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0))
     voice = args.voice
     if voice is None and args.random_weights and rt.multi_speaker:
         voice = random_voice(0, rt.voice_dim)

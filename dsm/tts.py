@@ -88,9 +88,10 @@ class EntryBuilder:
     """
 
     def __init__(self, tokenizer: Tokenizer, multi_speaker: bool = True, padding_between: int = 1,
-                 max_word_tokens: int = 64, frame_rate: float = FRAME_RATE):
+                 max_word_tokens: int = 64, frame_rate: float = FRAME_RATE, max_break_s: float | None = None):
         self.tokenizer, self.multi_speaker = tokenizer, multi_speaker
         self.padding_between, self.max_word_tokens, self.frame_rate = padding_between, max_word_tokens, frame_rate
+        self.max_break_s = max_break_s
         self.turn = 0
         self._first_content = True
         self._last_speaker: int | None = None
@@ -126,7 +127,10 @@ class EntryBuilder:
             if word:
                 out.append(self._word(word))
             if match.group(1):
-                out.append(Entry([], "", int(round(float(match.group(1)) * self.frame_rate))))
+                seconds = float(match.group(1))
+                if self.max_break_s is not None:
+                    seconds = min(seconds, self.max_break_s)
+                out.append(Entry([], "", int(round(seconds * self.frame_rate))))
         if line:
             out.append(self._word(line))
         return out
@@ -432,6 +436,9 @@ class TTSConfig:
     padding_bonus: float = 0.0
     max_gen_length: int = 30000
     max_word_tokens: int = 64
+    # Longest `<break time="Xs"/>` honoured (None: as asked, like moshi's python TTSModel; the server caps at 10 s,
+    # as moshi-server does, so that one tag cannot hold a slot for hours).
+    max_break_s: float | None = None
     max_batch: int = 1
     seed: int = 0
     # While some streams are still in their first delay_steps (text only, no depth transformer) and others are
@@ -449,7 +456,7 @@ class TTSStream:
         self.conditions, self.seed = conditions, seed
         self.on_pcm = on_pcm
         self.builder = EntryBuilder(runtime.tokenizer, runtime.multi_speaker, runtime.config.padding_between,
-                                    runtime.config.max_word_tokens)
+                                    runtime.config.max_word_tokens, max_break_s=runtime.config.max_break_s)
         self.machine = runtime.machine.new_state()
         self.text_ended = False
         self.slot: int | None = None
@@ -459,6 +466,7 @@ class TTSStream:
         self.samples = 0
         self.done = False
         self.truncated = False
+        self.cancelled = False
         self.n_words = 0
         self.opened_at = time.perf_counter()
         self.first_text_at: float | None = None
@@ -485,6 +493,11 @@ class TTSStream:
     def end(self) -> None:
         """No more text: the stream may now always be stepped and finishes after its last word."""
         self.text_ended = True
+
+    def cancel(self) -> None:
+        """Stop now: the stream leaves its slot (or the queue) at once, done, and produces nothing more; PCM
+        already produced can still be read. The other streams are untouched."""
+        self.runtime._cancel(self)
 
     # ---- output
     def read(self) -> torch.Tensor:
@@ -739,6 +752,16 @@ class TTSRuntime:
             pcm = self._decode_step(codes).clamp(-1, 1).float().cpu()
         for b in rows:
             self.slots[b]._deliver(pcm[b, 0])
+
+    def _cancel(self, stream: TTSStream) -> None:
+        if stream.done:
+            return
+        stream.text_ended = stream.cancelled = True
+        if stream.slot is not None:
+            self._finish(stream.slot)
+        else:
+            self.waiting.remove(stream)
+            stream.done = True
 
     def _finish(self, slot: int) -> None:
         s = self.slots[slot]

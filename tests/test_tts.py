@@ -286,6 +286,42 @@ def test_batched_rows_join_and_leave(ckpt, moshi_tts):
         assert_same_as_moshi(s, res, b, n_q)
 
 
+def test_cancel_frees_the_slot_and_leaves_the_others_untouched(ckpt):
+    """A stream cancelled mid-speech leaves its slot at once (the next waiting stream takes it); a waiting stream
+    cancelled leaves the queue; the stream that keeps speaking gives exactly its output alone, and so does the one
+    that took the freed slot."""
+    d = ckpt.config_path.parent
+    alone = [speak(runtime(ckpt, n_q=2), [t], d / "voice.safetensors").frames for t in (TEXT, "one two three")]
+    rt = runtime(ckpt, n_q=2, max_batch=2)
+    keep, doomed, queued, later = (rt.open_stream(d / "voice.safetensors") for _ in range(4))
+    for s, text in ((keep, TEXT), (doomed, TEXT + " " + TEXT), (queued, "never spoken"), (later, "one two three")):
+        s.push(text)
+        s.end()
+    for _ in range(25):
+        rt.step()
+    assert doomed.slot is not None and queued.slot is None and not doomed.done
+    queued.cancel()
+    doomed.cancel()
+    doomed.cancel()  # twice: nothing more
+    assert doomed.done and doomed.cancelled and doomed.slot is None and queued.done and queued.frames == []
+    with pytest.raises(TTSInputError, match="ended"):
+        doomed.push("more")
+    n = len(doomed.frames)
+    rt.run([keep, later])
+    assert len(doomed.frames) == n and rt.slots == [None, None]
+    assert torch.equal(torch.stack(keep.frames), torch.stack(alone[0]))
+    assert torch.equal(torch.stack(later.frames), torch.stack(alone[1]))
+
+
+def test_break_cap(ckpt):
+    """`<break time="Xs"/>` is honoured as asked by default (moshi's TTSModel); ``max_break_s`` caps it (the server
+    uses moshi-server's 10 s, so one tag cannot hold a slot for hours)."""
+    text = 'a <break time="99999s"/> b <break time="0.5s"/>'
+    assert [e.padding for e in runtime(ckpt).open_stream(None).builder.add(text) if not e.tokens] == [1249988, 6]
+    capped = runtime(ckpt, max_break_s=10.0).open_stream(None).builder.add(text)
+    assert [e.padding for e in capped if not e.tokens] == [125, 6]
+
+
 def test_warm_up_then_speak_equals_a_cold_runtime(ckpt, monkeypatch):
     """``warm_up`` (CUDA graphs stood in for by eager calls on a CPU) fills every bucket with throwaway streams under
     the default conditions and closes them; a stream spoken afterwards gets the frames of a fresh runtime."""
@@ -599,3 +635,43 @@ def test_websocket_bad_voice_message_is_an_error_for_that_connection(ckpt):
     err, rest = _tts_serve(runtime(ckpt, audio=True, n_q=4), None, client)
     assert err["type"] == "Error" and "voice" in err["message"].lower(), err
     assert rest == []
+
+
+def test_websocket_disconnect_frees_the_slot(ckpt):
+    """A client that leaves mid-speech gives its slot back at once: the next client, on a one-slot runtime, gets
+    the same audio as the python API, without waiting for the abandoned text (and its long break) to be spoken."""
+    import asyncio
+
+    import msgpack
+    from websockets.asyncio.client import connect
+
+    ref_rt = runtime(ckpt, audio=True, n_q=2)
+    ref = ref_rt.open_stream(None)
+    ref.push("one two three")
+    ref.end()
+    ref_rt.run([ref])
+    rt = runtime(ckpt, audio=True, n_q=2, max_break_s=10.0)
+
+    async def client(url):
+        url += "?format=PcmMessagePack&auth_id=public_token"
+        async with connect(url) as ws:
+            await ws.recv()  # Ready
+            await ws.send(msgpack.packb({"type": "Text", "text": TEXT + ' <break time="10s"/> ' + TEXT}))
+            await ws.send(msgpack.packb({"type": "Eos"}))
+            for _ in range(3):
+                await ws.recv()  # speech has started
+        for _ in range(100):  # the server notices the close
+            if all(s is None for s in rt.slots):
+                break
+            await asyncio.sleep(0.01)
+        freed = all(s is None for s in rt.slots)
+        async with connect(url) as ws:
+            await ws.send(msgpack.packb({"type": "Text", "text": "one two three"}))
+            await ws.send(msgpack.packb({"type": "Eos"}))
+            msgs = [msgpack.unpackb(m) async for m in ws]
+        return freed, msgs
+
+    freed, msgs = _tts_serve(rt, None, client)
+    assert freed
+    audio = [m["pcm"] for m in msgs if m["type"] == "Audio"]
+    assert torch.equal(torch.tensor(sum(audio, []), dtype=torch.float32), ref.read())
