@@ -656,7 +656,7 @@ def test_websocket_disconnect_frees_the_slot(ckpt):
         url += "?format=PcmMessagePack&auth_id=public_token"
         async with connect(url) as ws:
             await ws.recv()  # Ready
-            await ws.send(msgpack.packb({"type": "Text", "text": TEXT + ' <break time="10s"/> ' + TEXT}))
+            await ws.send(msgpack.packb({"type": "Text", "text": (TEXT + ' <break time="10s"/> ') * 20}))  # 3k steps
             await ws.send(msgpack.packb({"type": "Eos"}))
             for _ in range(3):
                 await ws.recv()  # speech has started
