@@ -318,9 +318,9 @@ def search_capacity(measure: Callable[[int], float], start: int, limit: int, bud
     return lo, seen
 
 
-def capacity(rows: list[BenchRow]) -> int:
-    """Largest measured batch whose p50 step (Mimi included) fits in one 80 ms frame."""
-    ok = [r.batch for r in rows if r.p50_ms <= FRAME_S * 1e3]
+def capacity(rows: list[BenchRow], budget_ms: float = FRAME_S * 1e3) -> int:
+    """Largest measured batch whose p50 step (Mimi included) fits in ``budget_ms`` (one 80 ms frame)."""
+    ok = [r.batch for r in rows if r.p50_ms <= budget_ms]
     return max(ok) if ok else 0
 
 
@@ -390,7 +390,7 @@ def _frame_ms(text: str) -> float:
 
 
 def setup_parser(p) -> None:
-    from .cli_args import parse_dtype
+    from .cli_args import parse_device, parse_dtype
     from .presets import PRESETS
 
     p.add_argument("--preset", action="append", choices=PRESETS,
@@ -402,7 +402,7 @@ def setup_parser(p) -> None:
                    help="comma-separated batch sizes (default GPU 1,8,64,256; CPU 1,2)")
     p.add_argument("--steps", type=_steps, default=None, help="timed steps per batch (default GPU 50, CPU 4)")
     p.add_argument("--warmup", type=_warmup, default=None, help="warm-up steps (default GPU 10, CPU 2)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None,
                    help="KV cache dtype (default: the LM dtype); fp8 = e4m3, saturating, no scale")
@@ -500,17 +500,22 @@ def run_cli(args) -> int:
     print(format_table(rows))
     if format_ttfa(rows):
         print(format_ttfa(rows))
+    capacities = {}
     for name, _ in models:
         mine = [r for r in rows if r.model == name and r.system == "dsm"]
         if name in searched:
             n, limit = searched[name]
+            capacities[name] = {"streams": n, "searched": True, "kv_limit": limit}
             print(f"{name}: capacity {n} streams with p50 step <= {args.frame_ms:g} ms"
                   f"{', Mimi included' if args.mimi else ' (LM only)'} (searched; KV memory allows {limit})")
         else:
-            print(f"{name}: capacity {capacity(mine)} streams within 80 ms per step (largest measured batch)")
+            capacities[name] = {"streams": capacity(mine, args.frame_ms), "searched": False}
+            print(f"{name}: capacity {capacities[name]['streams']} streams within {args.frame_ms:g} ms per step "
+                  "(largest measured batch)")
     print("\n".join(kv_lines))
     env = environment()
     append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype), "steps": steps,
-                                            "warmup": warmup, "mimi": args.mimi})
+                                            "warmup": warmup, "mimi": args.mimi, "frame_ms": args.frame_ms,
+                                            "capacity": capacities})
     print(f"appended to {args.output} ({env['device']}, torch {env['torch']}, commit {env['commit']})")
     return 0

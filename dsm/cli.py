@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .cli_args import parse_dtype
+from .cli_args import parse_device, parse_dtype
 from .config import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,7 +70,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _setup_validate_kernels(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="device to validate on (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=parse_device, default=None,
+                   help="device to validate on (default: cuda if available, else cpu)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     p.set_defaults(func=_cmd_validate_kernels)
 

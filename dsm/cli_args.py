@@ -29,6 +29,23 @@ def checkpoint_from_args(args: argparse.Namespace) -> CheckpointFiles:
                               revision=getattr(args, "revision", None))
 
 
+def parse_device(name: str) -> torch.device:
+    """``--device``: a torch device this process can use (a CUDA device needs a CUDA build of torch and a GPU)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r}; e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+            raise argparse.ArgumentTypeError(f"{name}: CUDA is not available here ({build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{name}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"device {name!r}: dsm runs on cpu or cuda")
+    return device
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]

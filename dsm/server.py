@@ -340,7 +340,7 @@ def cmd_serve_stt(args) -> int:
 
 
 def setup_serve_tts_parser(p) -> None:
-    from .cli_args import add_checkpoint_args, parse_dtype
+    from .cli_args import add_checkpoint_args, parse_device, parse_dtype
     from .presets import PRESETS
 
     add_checkpoint_args(p, required=False)
@@ -351,7 +351,7 @@ def setup_serve_tts_parser(p) -> None:
     p.add_argument("--voice", default=None, help="default voice (file or kyutai/tts-voices name)")
     p.add_argument("--cfg", type=float, default=2.0, help="distilled CFG coefficient (default 2.0)")
     p.add_argument("--temp", type=float, default=0.6)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default: bf16 on cuda, fp32 on cpu)")
     _add_server_args(p)
     p.set_defaults(func=cmd_serve_tts)

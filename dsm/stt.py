@@ -624,14 +624,14 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
 
 def add_model_args(p) -> None:
     """Model source (``--checkpoint`` / ``--hf-repo`` / ``--preset --random-weights``) and runtime options."""
-    from .cli_args import add_checkpoint_args, parse_dtype
+    from .cli_args import add_checkpoint_args, parse_device, parse_dtype
     from .presets import PRESETS
 
     add_checkpoint_args(p, required=False)
     p.add_argument("--preset", choices=[n for n in PRESETS if "stt" in n],
                    help="model preset (with --random-weights: no download; for plumbing and speed tests)")
     p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="streams processed together (default 8)")
     p.add_argument("--alignment", choices=ALIGNMENTS, default="pytorch",

@@ -27,6 +27,7 @@ conditioning of CFG-distilled checkpoints is set per stream (``cfg=2.0`` → ``"
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import deque
@@ -446,6 +447,16 @@ class TTSConfig:
     # `interleaved_text_only`): new streams reach their first audio sooner, at no cost to a stream's output.
     interleaved_text_only: int = 2
 
+    def __post_init__(self):
+        # NaN compares false, so each check also refuses it
+        if not 0 <= self.temp < math.inf:
+            raise ValueError(f"TTSConfig.temp must be a finite number >= 0 (0: greedy), got {self.temp}")
+        for name in ("top_k", "top_k_text"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TTSConfig.{name} must be >= 0 (0: no top-k), got {getattr(self, name)}")
+        if self.max_break_s is not None and not 0 <= self.max_break_s < math.inf:
+            raise ValueError(f"TTSConfig.max_break_s must be None or a finite number >= 0, got {self.max_break_s}")
+
 
 class TTSStream:
     """One utterance (or dialogue) being spoken. Push text, :meth:`end` it, read PCM as it is produced."""
@@ -827,7 +838,7 @@ __all__ = ["DEFAULT_VOICE", "Entry", "EntryBuilder", "LMStepper", "MachineState"
 
 def setup_speak_parser(p) -> None:
     """Arguments of ``dsm speak``."""
-    from .cli_args import add_checkpoint_args, parse_dtype
+    from .cli_args import add_checkpoint_args, parse_device, parse_dtype
     from .presets import PRESETS
 
     p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file, or - for stdin")
@@ -848,7 +859,7 @@ def setup_speak_parser(p) -> None:
     p.add_argument("--n-q", type=int, default=32, help="audio codebooks to generate (default 32)")
     p.add_argument("--padding-between", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=parse_device, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="LM dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -892,6 +903,8 @@ def cmd_speak(args) -> int:
         return fail("give -o OUT.wav, or --raw / -o - for raw float32 PCM on stdout")
     if args.raw and args.output not in (None, "-"):
         return fail(f"--raw writes to stdout, not to {args.output}: give one of them")
+    if not raw and Path(args.output).suffix.lower() != ".wav":
+        return fail(f"{args.output}: dsm speak writes WAV files (name it *.wav), or raw PCM with --raw")
     if not raw and not Path(args.output).parent.is_dir():  # before loading the model
         return fail(f"{args.output}: directory {Path(args.output).parent} does not exist")
     if args.random_weights:
@@ -913,9 +926,9 @@ def cmd_speak(args) -> int:
         return fail("no text to speak (empty input)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    config = TTSConfig(n_q=args.n_q, temp=args.temp, top_k=args.top_k, top_k_text=args.top_k_text,
-                       padding_between=args.padding_between, seed=args.seed)
     try:
+        config = TTSConfig(n_q=args.n_q, temp=args.temp, top_k=args.top_k, top_k_text=args.top_k_text,
+                           padding_between=args.padding_between, seed=args.seed)
         rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype, config=config)
         voice = args.voice
         if voice is None:

@@ -92,3 +92,14 @@ def test_subcommand_table():
     help_text = build_parser().format_help()
     for name in names:
         assert name in help_text
+
+
+def test_device_argument_is_checked_up_front():
+    from dsm.cli_args import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu")
+    for bad, msg in [("foo", "unknown device"), ("meta", "cpu or cuda")] + (
+        [] if torch.cuda.is_available() else [("cuda", "CUDA is not available"), ("cuda:3", "CUDA is not available")]
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=msg):
+            parse_device(bad)

@@ -313,6 +313,13 @@ def test_cancel_frees_the_slot_and_leaves_the_others_untouched(ckpt):
     assert torch.equal(torch.stack(later.frames), torch.stack(alone[1]))
 
 
+def test_config_refuses_bad_sampling_values():
+    for bad in [{"temp": -1.0}, {"temp": float("nan")}, {"temp": float("inf")}, {"top_k": -1}, {"top_k_text": -5},
+                {"max_break_s": float("nan")}]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TTSConfig(**bad)
+
+
 def test_break_cap(ckpt):
     """`<break time="Xs"/>` is honoured as asked by default (moshi's TTSModel); ``max_break_s`` caps it (the server
     uses moshi-server's 10 s, so one tag cannot hold a slot for hours)."""
@@ -460,6 +467,11 @@ def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
     assert b"time to first audio" in out.err
     assert main(["speak", "", "-o", str(tmp_path / "x.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
     assert b"no text" in capsysbinary.readouterr().err
+    assert main(["speak", "hi", "-o", str(tmp_path / "x.mp3"), "--preset", "tiny-tts", "--random-weights"]) == 1
+    assert b"writes WAV files" in capsysbinary.readouterr().err and not (tmp_path / "x.mp3").exists()
+    assert main(["speak", "hi", "-o", str(tmp_path / "x.wav"), "--temp", "nan", "--preset", "tiny-tts",
+                 "--random-weights"]) == 1
+    assert b"temp must be" in capsysbinary.readouterr().err
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00 not text")
     assert main(["speak", str(binary), "-o", str(tmp_path / "x.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
