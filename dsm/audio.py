@@ -46,7 +46,9 @@ def validate_pcm(
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     if not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
         raise AudioError(f"{name}: sample rate must be a positive integer, got {sample_rate!r}")
-    t = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+    t = x
+    if isinstance(x, np.ndarray):  # torch refuses negative strides (reversed or flipped arrays)
+        t = torch.as_tensor(x.copy() if any(s < 0 for s in x.strides) else x)
     if not isinstance(t, torch.Tensor):
         raise AudioError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
     if not t.dtype.is_floating_point or t.dtype == torch.float16 or t.dtype == torch.bfloat16:
@@ -58,7 +60,7 @@ def validate_pcm(
         raise AudioError(f"{name}: expected [T] or [C, T] samples, got shape {tuple(t.shape)}")
     if t.shape[-1] == 0 or t.numel() == 0:
         raise AudioError(f"{name}: audio is empty (shape {tuple(t.shape)})")
-    t = t.to(torch.float32)
+    t = t.detach().to(torch.float32)  # samples, not a graph: callers may call .numpy()
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         raise AudioError(f"{name}: {int(bad.sum())} sample(s) are NaN or infinite (first at flat index "
@@ -115,6 +117,8 @@ def load_audio(
     import soundfile as sf
 
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found")
     try:

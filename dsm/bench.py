@@ -377,10 +377,6 @@ def _batches(text: str) -> list[int]:
     return [_number(b, int, lambda n: n >= 1, expected) for b in text.split(",")]
 
 
-def _steps(text: str) -> int:
-    return _number(text, int, lambda n: n >= 1, "an integer >= 1")
-
-
 def _warmup(text: str) -> int:
     return _number(text, int, lambda n: n >= 0, "an integer >= 0")
 
@@ -390,7 +386,7 @@ def _frame_ms(text: str) -> float:
 
 
 def setup_parser(p) -> None:
-    from .cli_args import parse_device, parse_dtype
+    from .cli_args import parse_device, parse_dtype, positive_int
     from .presets import PRESETS
 
     p.add_argument("--preset", action="append", choices=PRESETS,
@@ -400,7 +396,7 @@ def setup_parser(p) -> None:
     p.add_argument("--hf-repo", metavar="REPO", help="benchmark this hub checkpoint instead of presets")
     p.add_argument("--batch", type=_batches, default=None,
                    help="comma-separated batch sizes (default GPU 1,8,64,256; CPU 1,2)")
-    p.add_argument("--steps", type=_steps, default=None, help="timed steps per batch (default GPU 50, CPU 4)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per batch (default GPU 50, CPU 4)")
     p.add_argument("--warmup", type=_warmup, default=None, help="warm-up steps (default GPU 10, CPU 2)")
     p.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default bf16 on GPU, fp32 on CPU)")

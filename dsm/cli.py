@@ -17,6 +17,8 @@ from . import __version__
 from .checkpoint import CheckpointError
 from .cli_args import parse_device, parse_dtype
 from .config import ConfigError
+from .mimi_checkpoint import MimiCheckpointError
+from .tokenizer import TokenizerError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Subcommands
@@ -151,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, MimiCheckpointError, TokenizerError) as e:  # bad model files: no traceback
         print(f"dsm {args.command}: error: {e}", file=sys.stderr)
         return 1
 

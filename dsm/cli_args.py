@@ -46,6 +46,16 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]

@@ -298,8 +298,10 @@ class Mimi:
         Equals streaming for the first 10 s only (§7.8): here every query sees the last 250 positions. Like the
         reference, the attention mask is ``[T, T]`` at 25 Hz, so use streaming for files longer than a few minutes.
         """
-        if pcm.dim() != 3 or pcm.shape[1] != 1:
-            raise ValueError(f"pcm must be [B, 1, T], got {tuple(pcm.shape)}")
+        if pcm.dim() != 3 or pcm.shape[1] != 1 or pcm.shape[-1] == 0:
+            raise ValueError(f"pcm must be [B, 1, T] with T >= 1, got {tuple(pcm.shape)}")
+        if pcm.dtype != torch.float32:  # int16 pcm would otherwise be encoded as huge floats
+            raise ValueError(f"pcm must be float32, got {pcm.dtype}")
         n = math.ceil(pcm.shape[-1] / FRAME_SIZE)
         pcm = F.pad(pcm, (0, n * FRAME_SIZE - pcm.shape[-1]))
         return self._encode(pcm, self.init_state(pcm.shape[0]), streaming=False)
@@ -318,12 +320,12 @@ class Mimi:
 
         Codes are not range-checked here (that would sync with the host); never pass -1/-2 (pitfall 19).
         """
-        _check_codes(codes, state.batch_size)
+        _check_codes(codes, state.batch_size, self.n_q)
         return self._decode(codes, state, streaming=True)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Whole-file decode: codes ``[B, n, T]`` -> pcm ``[B, 1, 1920 * T]`` (checks the code range: host sync)."""
-        _check_codes(codes, codes.shape[0])
+        _check_codes(codes, codes.shape[0], self.n_q)
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= CARDINALITY):
             raise ValueError(f"codes must be in [0, {CARDINALITY}), got range [{int(codes.min())}, {int(codes.max())}]")
         return self._decode(codes, self.init_state(codes.shape[0]), streaming=False)
@@ -339,9 +341,12 @@ def _check_pcm_chunk(pcm: torch.Tensor, batch_size: int) -> None:
         raise ValueError(f"pcm must be float32, got {pcm.dtype}")
 
 
-def _check_codes(codes: torch.Tensor, batch_size: int) -> None:
-    if codes.dim() != 3 or codes.shape[0] != batch_size or not 1 <= codes.shape[1] <= MAX_CODEBOOKS:
-        raise ValueError(f"codes must be [{batch_size}, 1..{MAX_CODEBOOKS}, T], got {tuple(codes.shape)}")
+def _check_codes(codes: torch.Tensor, batch_size: int, n_q: int) -> None:
+    # Only this Mimi's n_q codebooks have decode tables: more would index past them (an IndexError on the CPU, a
+    # bare assert in the Triton kernel).
+    if codes.dim() != 3 or codes.shape[0] != batch_size or not 1 <= codes.shape[1] <= n_q or codes.shape[2] == 0:
+        raise ValueError(f"codes must be [{batch_size}, 1..{n_q}, T >= 1] (this Mimi has n_q = {n_q}), got "
+                         f"{tuple(codes.shape)}")
     if codes.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"codes must be int64 or int32, got {codes.dtype}")
 

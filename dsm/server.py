@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgpack
 import numpy as np
 import torch
+from websockets.exceptions import ConnectionClosed
 
 from .audio import AudioError
 from .stt import EndWord, Marker, NoFreeSlotError, STTRuntime, STTStream, VADStep, Word
@@ -154,6 +155,8 @@ class ASRServer(_Endpoint):
                 if error:
                     await ws.send(pack({"type": "Error", "message": error}))
                 self._wake.set()
+        except ConnectionClosed:  # gone without a close frame (network drop, killed client): the slot is freed below
+            log.info("%s: connection lost", stream.name)
         finally:
             del self.connections[stream]
             stream.close()
@@ -162,7 +165,7 @@ class ASRServer(_Endpoint):
         try:
             msg = msgpack.unpackb(raw, raw=False)
         except (ValueError, msgpack.UnpackException) as e:
-            return f"not a MessagePack message: {e}"
+            return f"not a MessagePack message ({type(e).__name__}: {e})"  # some errors have no text
         kind = msg.get("type") if isinstance(msg, dict) else None
         try:
             if kind == "Audio":
@@ -235,6 +238,8 @@ class TTSServer(_Endpoint):
                         log.warning("tts connection: %s", error)
                 self._wake.set()
             await ws.wait_closed()
+        except ConnectionClosed:  # gone without a close frame: its stream is cancelled below
+            log.info("tts connection lost")
         finally:
             self.connections.pop(conn, None)
             if conn.stream is not None:

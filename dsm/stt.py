@@ -315,7 +315,7 @@ class STTStream:
                              f"{self.sample_rate} Hz (open a new stream to change the rate)")
         if isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim in (1, 2) and pcm.shape[-1] == 0:
             return self._process() if process else self.events()
-        x = validate_pcm(pcm, sr, name=f"stream {self.name} ({sr} Hz)").numpy()
+        x = validate_pcm(pcm, sr, name=f"stream {self.name} ({sr} Hz)").cpu().numpy()  # CUDA tensors too
         if self._resampler is not None:
             x = np.clip(self._resampler.resample_chunk(x, last=False), -1.0, 1.0)
         self.samples_in += x.shape[0]
@@ -348,7 +348,7 @@ class STTStream:
         (moshi-server's rule, §5.7); pending markers are echoed at the end of the stream at the latest."""
         due = self.steps + len(self.queue) // FRAME_SIZE + self.rt.asr_delay_in_tokens
         self._markers.append((due, int(marker_id)))
-        self._due_markers()
+        self._due_markers(all_=self.finished)  # a finished stream runs no more steps: echo it now
         return self.events()
 
     def _due_markers(self, all_: bool = False) -> None:
@@ -468,15 +468,21 @@ class STTRuntime:
     def from_checkpoint(cls, files, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         max_streams: int = 8, options: STTOptions | None = None, **kw) -> STTRuntime:
         """Load LM, Mimi and tokenizer of resolved checkpoint files (``dsm.checkpoint.resolve_checkpoint``)."""
+        from .checkpoint import CheckpointError
         from .mimi import Mimi
         from .model import LMModel
         from .tokenizer import Tokenizer
 
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        tokenizer = Tokenizer(files.tokenizer)
+        # Checked before any weight is read: a smaller tokenizer fails only when the model first emits a missing id.
+        if tokenizer.vocab_size < files.config.lm.text_out:
+            raise CheckpointError(f"{files.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces but the model "
+                                  f"emits text ids below {files.config.lm.text_out} ({files.config_path})")
         lm = LMModel.from_checkpoint(files, device=device, dtype=dtype)
         mimi = Mimi.from_file(files.mimi_weights, n_q=lm.cfg.n_q, device=device)
-        return cls(lm, mimi, Tokenizer(files.tokenizer), files.config, max_streams=max_streams, options=options, **kw)
+        return cls(lm, mimi, tokenizer, files.config, max_streams=max_streams, options=options, **kw)
 
     def warm_up(self) -> None:
         """Capture the engine's step graphs for every batch bucket before the first stream (a no-op on a CPU, or
@@ -624,7 +630,7 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
 
 def add_model_args(p) -> None:
     """Model source (``--checkpoint`` / ``--hf-repo`` / ``--preset --random-weights``) and runtime options."""
-    from .cli_args import add_checkpoint_args, parse_device, parse_dtype
+    from .cli_args import add_checkpoint_args, parse_device, parse_dtype, positive_int
     from .presets import PRESETS
 
     add_checkpoint_args(p, required=False)
@@ -633,7 +639,7 @@ def add_model_args(p) -> None:
     p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
     p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--batch-size", type=int, default=8, help="streams processed together (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="streams processed together (default 8)")
     p.add_argument("--alignment", choices=ALIGNMENTS, default="pytorch",
                    help="input alignment: pytorch (DSM scripts) or rust (moshi-server)")
     p.add_argument("--timestamps", choices=TIMESTAMP_RULES, default="python",
@@ -686,20 +692,32 @@ def _cmd_transcribe(args) -> int:
     except ValueError as e:
         print(f"dsm transcribe: error: {e}", file=sys.stderr)
         return 2
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():  # before the work, not at its end
+        print(f"dsm transcribe: error: --output-dir {args.output_dir} is not a directory", file=sys.stderr)
+        return 2
+    # Output names are fixed here, in command-line order: files finish in order of length, and a name made at
+    # completion ("a" then "a-1") could go to either input or overwrite another input's ("a-1.wav").
+    names: dict[Path, list[str]] = {}
+    used: set[str] = set()
+    for a in args.audio:
+        stem = name = Path(a).stem
+        n = 0
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        names.setdefault(Path(a), []).append(name)
     rt = runtime_from_args(args)
     failed = 0
-    stems: dict[str, int] = {}
     t0, secs = time.perf_counter(), 0.0
     for r in transcribe_files(rt, args.audio, progress=args.progress):
+        name = names[r.path].pop(0)
         if r.error is not None:
             print(f"dsm transcribe: {r.error}", file=sys.stderr)
             failed += 1
             continue
-        stem = r.path.stem
-        n = stems.get(stem, 0)
-        stems[stem] = n + 1
         secs += r.audio_seconds
-        for p in write_transcript(r.transcript, args.output_dir, stem if n == 0 else f"{stem}-{n}", formats):
+        for p in write_transcript(r.transcript, args.output_dir, name, formats):
             print(p)
     dt = time.perf_counter() - t0
     print(f"{len(args.audio) - failed} file(s), {secs:.1f} s of audio in {dt:.1f} s (RTFx {secs / max(dt, 1e-9):.1f})",

@@ -49,6 +49,12 @@ def test_validate_rejects(x, kwargs, pattern):
     assert "clip.wav" in str(info.value)
 
 
+def test_validate_accepts_reversed_arrays_and_tensors_with_grad():
+    x = np.linspace(-0.5, 0.5, 100, dtype=np.float32)
+    assert torch.equal(validate_pcm(x[::-1], 24000), torch.from_numpy(x[::-1].copy()))
+    y = validate_pcm(torch.from_numpy(x).requires_grad_(), 24000)
+    assert not y.requires_grad and np.array_equal(y.numpy(), x)
+
 @pytest.mark.parametrize("sr", [0, -24000, 24000.0])
 def test_validate_rejects_bad_sample_rate(sr):
     with pytest.raises(AudioError, match="sample rate"):
@@ -96,6 +102,8 @@ def test_load_formats(tmp_path, fmt, ext, tol):
 def test_load_errors(tmp_path):
     with pytest.raises(AudioError, match="not found"):
         load_audio(tmp_path / "absent.wav")
+    with pytest.raises(AudioError, match="is a directory"):
+        load_audio(tmp_path)
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF not really a wav file")
     with pytest.raises(AudioError, match="bad.wav.*cannot decode"):

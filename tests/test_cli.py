@@ -60,6 +60,22 @@ def test_bad_preset_and_no_command(capsys):
     assert main([]) == 2
 
 
+@pytest.mark.parametrize("arg,value,pattern", [("--batch-size", "0", "positive integer"),
+                                               ("--device", "foo", "unknown device"),
+                                               ("--device", "cuda:99", "CUDA")])
+def test_transcribe_rejects_bad_arguments_before_loading(capsys, arg, value, pattern):
+    # argparse errors (exit 2), not a ValueError/AssertionError traceback after the model has been loaded
+    with pytest.raises(SystemExit) as e:
+        main(["transcribe", "a.wav", "--preset", "tiny-stt", "--random-weights", arg, value])
+    assert e.value.code == 2 and pattern in capsys.readouterr().err
+
+
+def test_transcribe_output_dir_must_be_a_directory(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert main(["transcribe", "a.wav", "--preset", "tiny-stt", "--random-weights", "-o", str(tmp_path / "f")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
 def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

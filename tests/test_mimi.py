@@ -303,7 +303,7 @@ def test_loading_errors_are_clear(ckpt, tmp_path):
         Mimi.from_file(tmp_path / "absent.safetensors")
 
 
-def test_bad_step_inputs(ours):
+def test_bad_step_inputs(ours, ckpt):
     state = ours.init_state(2)
     with pytest.raises(ValueError, match="multiple of 1920"):
         ours.encode_step(torch.zeros(2, 1, 1000), state)
@@ -311,3 +311,14 @@ def test_bad_step_inputs(ours):
         ours.encode_step(torch.zeros(3, 1, 1920), state)
     with pytest.raises(ValueError, match="codes must be in"):
         ours.decode(torch.full((1, 8, 2), -1))
+    with pytest.raises(ValueError, match="T >= 1"):
+        ours.decode_step(torch.zeros(2, 8, 0, dtype=torch.long), state)
+    with pytest.raises(ValueError, match="float32"):
+        ours.encode(torch.zeros(1, 1, 1920, dtype=torch.int16))
+    with pytest.raises(ValueError, match="T >= 1"):
+        ours.encode(torch.zeros(1, 1, 0))
+    ours8 = Mimi.from_file(ckpt, n_q=8)  # 32 codes would index past its 8 decode tables
+    with pytest.raises(ValueError, match=r"1\.\.8, T >= 1\] \(this Mimi has n_q = 8\)"):
+        ours8.decode_step(torch.zeros(1, 32, 1, dtype=torch.long), ours8.init_state(1))
+    with pytest.raises(ValueError, match="n_q = 8"):
+        ours8.decode(torch.zeros(1, 9, 1, dtype=torch.long))

@@ -4,6 +4,7 @@ connection, and slot exhaustion."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import msgpack
 import numpy as np
@@ -139,3 +140,27 @@ def test_no_free_channels(files):
     reply, bad_type = _serve(_runtime(files, slots=1), two)
     assert reply == {"type": "Error", "message": "no free channels"}
     assert bad_type["type"] == "Error" and "Nope" in bad_type["message"]
+
+
+def test_abrupt_disconnect_frees_the_slot_quietly(files, caplog):
+    """A client gone without a close frame: its slot is reused, and no 'connection handler failed' traceback."""
+    rt = _runtime(files, slots=1)
+
+    async def drops(url):
+        for _ in range(2):  # the second connection gets the slot the first one left
+            ws = await connect(url, additional_headers={"kyutai-api-key": "public_token"})
+            assert msgpack.unpackb(await ws.recv())["type"] == "Ready"
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.1] * 5000}))
+            await ws.send(b"\xc1")  # not MessagePack, and its error has no text of its own
+            reply = msgpack.unpackb(await ws.recv())
+            assert reply["type"] == "Error" and "FormatError" in reply["message"]
+            ws.transport.abort()
+            for _ in range(200):
+                if rt.free_slots:
+                    break
+                await asyncio.sleep(0.01)
+        return rt.free_slots
+
+    with caplog.at_level(logging.INFO):
+        assert _serve(rt, drops) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -359,6 +359,7 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     s.flush()
     with pytest.raises(StreamClosedError, match="mic"):
         s.push(torch.zeros(10))
+    assert s.finished and s.marker(5) == [Marker("mic", 5)]  # no step will come: echoed at once, not never
     with pytest.raises(ValueError, match="alignment"):
         STTOptions(alignment="candle")
     with pytest.raises(ValueError, match="vad_head 4 out of range"):
@@ -483,6 +484,52 @@ def test_transcribe_cli(ckpt, tmp_path, monkeypatch, capsys):
     assert main(["transcribe", str(tmp_path / "a.mp3"), "--preset", "tiny-stt", "--no-progress"]) == 1
     assert "--random-weights" in capsys.readouterr().err
 
+
+def test_transcribe_cli_output_names_follow_the_command_line(ckpt, tmp_path, monkeypatch, capsys):
+    """Same stems: names by argument order, not by completion order (the short file finishes first), and never
+    another input's name ("s-1.wav" is not overwritten by the second "s.wav")."""
+    from dsm.cli import main
+
+    cache = tmp_path / "cache"
+    (cache / "random").mkdir(parents=True)
+    (cache / "random" / "tiny-stt-seed0").symlink_to(ckpt)
+    monkeypatch.setenv("DSM_CACHE_DIR", str(cache))
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+    inputs = [tmp_path / "x" / "s.wav", tmp_path / "y" / "s.wav", tmp_path / "s-1.wav"]
+    for p, n in zip(inputs, (6000, 500, 200), strict=True):
+        sf.write(p, noise(n, n).numpy(), 24000)
+    out = tmp_path / "out"
+    assert main(["transcribe", *map(str, inputs), "--preset", "tiny-stt", "--random-weights", "--output-dir",
+                 str(out), "--output-format", "json", "--batch-size", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    got = {p.name: json.loads(p.read_text())["name"] for p in out.iterdir()}
+    assert got == {"s.json": str(inputs[0]), "s-1.json": str(inputs[1]), "s-1-1.json": str(inputs[2])}
+
+def test_transcribe_cli_bad_model_files_are_clear_errors(ckpt, tmp_path, capsys):
+    """A corrupt Mimi file or a tokenizer smaller than the model's text vocabulary: one line naming the file, exit 1,
+    before any audio is read (the small tokenizer used to fail at the first word with an IndexError)."""
+    from dsm.cli import main
+    from dsm.tokenizer import train_random_tokenizer
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    sf.write(tmp_path / "a.wav", noise(2000, 1).numpy(), 24000)
+    for what, bad in (("mimi_name", "corrupt"), ("tokenizer_name", "small")):
+        d = tmp_path / bad
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        for key in ("moshi_name", "mimi_name", "tokenizer_name"):
+            if key != what:
+                (d / cfg[key]).symlink_to(ckpt / cfg[key])
+        if bad == "corrupt":
+            (d / cfg[what]).write_bytes(b"\x08" + b"\x00" * 15)
+        else:
+            train_random_tokenizer(d / cfg[what], 100)
+        rc = main(["transcribe", str(tmp_path / "a.wav"), "--checkpoint", str(d), "--no-progress", "-o",
+                   str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 1 and "Traceback" not in err and str(d / cfg[what]) in err, err
+    assert "tokenizer has 100 pieces" in err and not (tmp_path / "out").exists()
 
 def test_eval_stt_plumbing(lm, tok, files, tmp_path, capsys):
     from dsm.cli import main
