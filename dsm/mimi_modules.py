@@ -183,10 +183,11 @@ class StepConstants:
         self.device = torch.device(device)
         self._cache: dict = {}
 
-    def arange(self, n: int) -> torch.Tensor:
-        key = ("arange", n)
+    def arange(self, n: int, step: int = 1) -> torch.Tensor:
+        """``[0, step, ..., (n - 1) * step]`` (int64)."""
+        key = ("arange", n, step)
         if key not in self._cache:
-            self._cache[key] = torch.arange(n, device=self.device, dtype=torch.long)
+            self._cache[key] = torch.arange(0, n * step, step, device=self.device, dtype=torch.long)
         return self._cache[key]
 
     def full(self, value, dtype) -> torch.Tensor:
@@ -299,7 +300,7 @@ def _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, const
     h.copy_(x.transpose(1, 2))  # a buffer of our own: the residual GEMVs update it in place
     h = h.view(b * t, c)
     pos_q = kv.pos.view(-1, 1) + consts.arange(t)  # [B, T]
-    ring = consts.arange(b).view(-1, 1) * capacity + torch.remainder(pos_q, capacity)
+    ring = consts.arange(b, capacity).view(-1, 1) + torch.remainder(pos_q, capacity)  # row b's ring starts at b * S
     slots = torch.where(exec_mask.view(-1, 1), ring, consts.full(-1, torch.long)).view(-1)
     positions, inv_freq = pos_q.view(-1), freqs[0, 0]
     for i, lw in enumerate(layers):
