@@ -19,6 +19,8 @@ import torch
 
 MONO_MODES = ("mean", "error", "keep")
 CLIP_MODES = ("warn", "error")
+# Lower rates hold no speech, and 100 samples at 1 Hz would become 100 s of audio to encode.
+MIN_SAMPLE_RATE = 1000
 
 
 class AudioError(ValueError):
@@ -44,8 +46,8 @@ def validate_pcm(
         raise ValueError(f"mono must be one of {MONO_MODES}, got {mono!r}")
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
-    if not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
-        raise AudioError(f"{name}: sample rate must be a positive integer, got {sample_rate!r}")
+    if not isinstance(sample_rate, int | np.integer) or sample_rate < MIN_SAMPLE_RATE:
+        raise AudioError(f"{name}: sample rate must be an integer >= {MIN_SAMPLE_RATE} Hz, got {sample_rate!r}")
     t = x
     if isinstance(x, np.ndarray):  # torch refuses negative strides (reversed or flipped arrays)
         t = torch.as_tensor(x.copy() if any(s < 0 for s in x.strides) else x)

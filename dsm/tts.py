@@ -599,10 +599,14 @@ class TTSRuntime:
         config = config or TTSConfig()
         if not files.config.tts_config:
             raise CheckpointError(f"{files.config_path}: not a TTS checkpoint (no tts_config)")
+        tokenizer = Tokenizer(files.tokenizer)
+        # Checked before any weight is read: a larger tokenizer fails only when a word gets an id past the table.
+        if tokenizer.vocab_size > files.config.lm.text_card:
+            raise CheckpointError(f"{files.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces but the model's "
+                                  f"text embedding has {files.config.lm.text_card} rows ({files.config_path})")
         model = LMModel.from_checkpoint(files, device=device, dtype=dtype)
         mimi = Mimi.from_file(files.mimi_weights, n_q=config.n_q, device=device) if audio else None
-        return cls(model, mimi, Tokenizer(files.tokenizer), files.config.tts_config, files.config.model_id, config,
-                   backend)
+        return cls(model, mimi, tokenizer, files.config.tts_config, files.config.model_id, config, backend)
 
     def warm_up(self) -> None:
         """Capture the engine's step graphs for every batch bucket before the first stream, with the default

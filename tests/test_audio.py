@@ -55,7 +55,8 @@ def test_validate_accepts_reversed_arrays_and_tensors_with_grad():
     y = validate_pcm(torch.from_numpy(x).requires_grad_(), 24000)
     assert not y.requires_grad and np.array_equal(y.numpy(), x)
 
-@pytest.mark.parametrize("sr", [0, -24000, 24000.0])
+
+@pytest.mark.parametrize("sr", [0, -24000, 24000.0, 1, 999])
 def test_validate_rejects_bad_sample_rate(sr):
     with pytest.raises(AudioError, match="sample rate"):
         validate_pcm(torch.zeros(10), sr)

@@ -313,6 +313,23 @@ def test_cancel_frees_the_slot_and_leaves_the_others_untouched(ckpt):
     assert torch.equal(torch.stack(later.frames), torch.stack(alone[1]))
 
 
+def test_tokenizer_larger_than_the_text_table_is_refused(ckpt, tmp_path):
+    import json
+
+    from dsm.checkpoint import CheckpointError, resolve_checkpoint
+    from dsm.tokenizer import train_random_tokenizer
+
+    src = ckpt.config_path.parent
+    cfg = json.loads(ckpt.config_path.read_text())
+    for f in src.iterdir():
+        if f.name not in ("config.json", cfg["tokenizer_name"]):
+            (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    train_random_tokenizer(tmp_path / cfg["tokenizer_name"], ckpt.config.lm.text_card + 50)
+    with pytest.raises(CheckpointError, match=r"tokenizer has \d+ pieces but the model's text embedding has"):
+        TTSRuntime.from_checkpoint(resolve_checkpoint(str(tmp_path)), dtype=torch.float32)
+
+
 def test_config_refuses_bad_sampling_values():
     for bad in [{"temp": -1.0}, {"temp": float("nan")}, {"temp": float("inf")}, {"top_k": -1}, {"top_k_text": -5},
                 {"max_break_s": float("nan")}]:
