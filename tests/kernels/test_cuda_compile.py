@@ -37,10 +37,13 @@ def test_bindings_schemas_parse():
     defs = re.findall(r'm\.def\(((?:"[^"]*"\s*)+)\)', text)
     schemas = ["".join(re.findall(r'"([^"]*)"', d)) for d in defs]
     assert {s.split("(")[0] for s in schemas} == {
-        "multistream_embed", "append_kv", "paged_decode_attention", "sample_tokens"
+        "multistream_embed", "append_kv", "paged_decode_attention", "sample_tokens", "paged_decode_blocks_per_sm"
     }  # fmt: skip
     for s in schemas:
         schema = torch._C.parse_schema("dsm::" + s)
+        if schema.name == "dsm::paged_decode_blocks_per_sm":  # a query: returns the occupancy, writes nothing
+            assert str(schema.returns[0].type) == "int" and all(a.alias_info is None for a in schema.arguments)
+            continue
         assert schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write, s
 
 
@@ -90,9 +93,12 @@ def _aot_cases():
         yield f"append_kv {dt}", k, _types(k, ptrs), {"BLOCK": 2048}, {}
         k = _decode_split_kernel
         ptrs = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr")}
-        ptrs |= {"bt_ptr": "*i32", "len_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-        consts = {"HEAD_DIM": head_dim, "HB": hb, "BLOCK_D": head_dim, "BLOCK_N": 32}
-        yield f"decode_split {dt} d{head_dim}", k, _types(k, ptrs, floats=("qk_scale",)), consts, {}
+        ptrs |= {"bt_ptr": "*i32", "len_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
+                 "cnt_ptr": "*i32", "out_ptr": f"*{dt}"}  # fmt: skip
+        for merge in (False, True):  # the last split merges in the same launch, or a second kernel does
+            consts = {"NUM_SPLITS": 12, "MERGE": merge, "HEAD_DIM": head_dim, "HB": hb, "BLOCK_D": head_dim,
+                      "BLOCK_N": 32, "BLOCK_S": 16}  # fmt: skip
+            yield f"decode_split {dt} d{head_dim} merge={merge}", k, _types(k, ptrs, floats=("qk_scale",)), consts, {}
         k = _decode_merge_kernel
         ptrs = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{dt}"}
         yield f"decode_merge {dt} d{head_dim}", k, _types(k, ptrs), {"HB": hb, "BLOCK_D": head_dim, "BLOCK_S": 16}, {}
