@@ -538,7 +538,8 @@ def test_cli_speak_output_errors(ckpt, tmp_path, monkeypatch, capsys):
     model = ["--preset", "tiny-tts", "--random-weights"]
     assert main(["speak", "hi", "-o", str(tmp_path / "no" / "dir.wav"), *model]) == 1
     assert "dir.wav: directory" in capsys.readouterr().err
-    assert main(["speak", "hi", "-o", str(tmp_path), *model]) == 1  # a directory
+    (tmp_path / "folder.wav").mkdir()
+    assert main(["speak", "hi", "-o", str(tmp_path / "folder.wav"), *model]) == 1  # a directory
     assert "cannot write" in capsys.readouterr().err
     assert main(["speak", "hi", "--raw", "-o", str(tmp_path / "x.wav"), *model]) == 1
     assert "--raw writes to stdout" in capsys.readouterr().err
