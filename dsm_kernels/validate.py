@@ -71,15 +71,20 @@ def _attention_rows(backend, device, quick):
             exp_lp = reference.paged_decode_attention_ref(q, k_cache, v_cache, bt, seq_lens, context=context)
             tol = ref_relative_atol(exp_lp, exp32, factor=3.0)
             fn = resolve("paged_decode_attention", backend, device)
-            out = poison_(torch.empty_like(q, device=device))
             dev = [x.to(device) for x in (q, k_cache, v_cache, bt, seq_lens)]
-            got = fn(*dev, context=context, out=out).cpu()
             # on CPU the Triton interpreter truncates fp32 -> bf16 (one more ulp, as in the tests)
             rtol = 2.0**-7 if device.type == "cpu" else 0.0
-            ok = bool(((got.float() - exp32).abs() <= tol + rtol * exp32.abs()).all())
-            case = f"{H}x{D} ctx{context} page{page_size} bf16"
-            note = "3x ref err" + (" + 1 ulp (interpreter cast)" if rtol else "")
-            rows.append(Row("paged_decode_attention", backend, case, max_abs_err(got, exp32), tol, ok, note))
+            # the splits merged by a second kernel, then in the same launch (the engine's way: counters at 0, which
+            # each launch must leave at 0)
+            for counters in (None, torch.zeros(B * H, dtype=torch.int32, device=device)):
+                out = poison_(torch.empty_like(q, device=device))
+                got = fn(*dev, context=context, out=out, counters=counters).cpu()
+                ok = bool(((got.float() - exp32).abs() <= tol + rtol * exp32.abs()).all())
+                ok &= counters is None or not bool(counters.any())
+                merged = " merged in-launch" if counters is not None else ""
+                case = f"{H}x{D} ctx{context} page{page_size} bf16{merged}"
+                note = "3x ref err" + (" + 1 ulp (interpreter cast)" if rtol else "")
+                rows.append(Row("paged_decode_attention", backend, case, max_abs_err(got, exp32), tol, ok, note))
     # append_kv: exact
     kc = poison_(torch.empty(8, 16, 16, 128, dtype=torch.bfloat16, device=device))
     vc = poison_(torch.empty_like(kc))
