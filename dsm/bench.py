@@ -394,6 +394,9 @@ def setup_parser(p) -> None:
                         "GPU, tiny-stt and tiny-tts on a CPU)")
     p.add_argument("--checkpoint", metavar="DIR", help="benchmark this checkpoint instead of presets")
     p.add_argument("--hf-repo", metavar="REPO", help="benchmark this hub checkpoint instead of presets")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for --hf-repo")
+    p.add_argument("--random-weights", action="store_true",
+                   help="accepted as in the other commands: presets always have random weights")
     p.add_argument("--batch", type=_batches, default=None,
                    help="comma-separated batch sizes (default GPU 1,8,64,256; CPU 1,2)")
     p.add_argument("--steps", type=positive_int, default=None, help="timed steps per batch (default GPU 50, CPU 4)")
@@ -453,7 +456,7 @@ def run_cli(args) -> int:
         from .checkpoint import resolve_checkpoint
         from .model import LMModel
 
-        files = resolve_checkpoint(args.checkpoint, args.hf_repo)
+        files = resolve_checkpoint(args.checkpoint, args.hf_repo, revision=args.revision)
         models.append((files.source, lambda: (LMModel.from_checkpoint(files, device=device, dtype=dtype),
                                               Mimi.from_file(files.mimi_weights, device=device))))
     else:

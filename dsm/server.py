@@ -113,7 +113,13 @@ class _Endpoint:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                stepped = self._step()
+                try:
+                    stepped = self._step()
+                except Exception:  # a dead loop left every client waiting forever: log, close them, keep serving
+                    log.exception("model step failed; closing every connection")
+                    for ws in list(self.connections.values()):  # their handlers cancel their streams
+                        await ws.close(1011, "dsm: model step failed (see the server log)")
+                    break
                 await self._flush()
                 if not stepped:
                     break

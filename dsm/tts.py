@@ -762,7 +762,10 @@ class TTSRuntime:
         mask = torch.zeros(B, dtype=torch.bool)
         mask[rows] = True
         self.mimi_state.set_exec_mask(mask.to(self.mimi.device))
-        codes = frames[:, 1 : 1 + n_q].clamp(min=0)[..., None].to(self.mimi.device)
+        codes = frames[:, 1 : 1 + n_q].clamp(min=0)
+        if codes.shape[0] < B:  # the engine returns rows [0, bucket); Mimi's state holds all B slots
+            codes = torch.cat([codes, codes.new_zeros(B - codes.shape[0], *codes.shape[1:])])
+        codes = codes[..., None].to(self.mimi.device)
         with torch.no_grad():
             pcm = self._decode_step(codes).clamp(-1, 1).float().cpu()
         for b in rows:

@@ -465,6 +465,22 @@ def test_pcm_matches_moshi_mimi(ckpt, moshi_tts):
     torch.testing.assert_close(ours, torch.cat(ref), atol=2e-4, rtol=0)
 
 
+def test_pcm_with_fewer_streams_than_slots(ckpt):
+    """One stream on a 4-slot runtime: the engine returns rows [0, bucket) while Mimi's state holds 4 rows; the
+    PCM equals the 1-slot runtime's (it used to raise in Mimi's decode step, and `dsm serve-tts` hung)."""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    out = []
+    for max_batch in (1, 4):
+        rt = runtime(ckpt, audio=True, n_q=2, max_batch=max_batch)
+        s = rt.open_stream(voice)
+        s.push("hello world")
+        s.end()
+        rt.run([s])
+        out.append(s.read())
+    assert out[0].numel() > 0
+    torch.testing.assert_close(out[1], out[0])
+
+
 def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
     """`dsm speak --preset tiny-tts --random-weights` reuses the cached checkpoint, streams raw float32 PCM."""
     import numpy as np
@@ -705,3 +721,40 @@ def test_websocket_disconnect_frees_the_slot(ckpt):
     assert freed
     audio = [m["pcm"] for m in msgs if m["type"] == "Audio"]
     assert torch.equal(torch.tensor(sum(audio, []), dtype=torch.float32), ref.read())
+
+
+def test_websocket_model_failure_closes_the_connection(ckpt):
+    """A step that raises must not kill the serving loop silently (clients used to wait forever): the connection is
+    closed with 1011, and the server serves the next client."""
+    import msgpack
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError
+
+    rt = runtime(ckpt, audio=True, n_q=2)
+    real_step, calls = rt.step, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step()
+
+    rt.step = failing_once
+
+    async def client(url):
+        url += "?format=PcmMessagePack&auth_id=public_token"
+        codes = []
+        for _ in range(2):
+            try:
+                async with connect(url) as ws:
+                    await ws.send(msgpack.packb({"type": "Text", "text": "one two"}))
+                    await ws.send(msgpack.packb({"type": "Eos"}))
+                    msgs = [msgpack.unpackb(m) async for m in ws]
+                codes.append(("closed", sum(m["type"] == "Audio" for m in msgs)))
+            except ConnectionClosedError as e:
+                codes.append((e.rcvd.code, e.rcvd.reason))
+        return codes
+
+    first, second = _tts_serve(rt, None, client)
+    assert first[0] == 1011 and "model step failed" in first[1]
+    assert second[0] == "closed" and second[1] > 0
