@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -452,6 +453,9 @@ def run_cli(args) -> int:
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     timer = _timer(device)
     models: list[tuple[str, Callable[[], tuple]]] = []
+    if (args.checkpoint or args.hf_repo) and args.preset:
+        print("dsm bench: error: give --preset or --checkpoint/--hf-repo, not both", file=sys.stderr)
+        return 2
     if args.checkpoint or args.hf_repo:
         from .checkpoint import resolve_checkpoint
         from .model import LMModel

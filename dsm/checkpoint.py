@@ -382,14 +382,16 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
         return _resolve_local(Path(checkpoint))
 
     assert hf_repo is not None
+    if hf_repo.count("/") != 1 or not all(hf_repo.split("/")):
+        raise CheckpointError(f"hub repo {hf_repo!r}: expected owner/name (e.g. kyutai/stt-1b-en_fr)")
     folder = config_name.rpartition("/")[0]
     config_path = hub_file(hf_repo, config_name, revision, cache_dir)
     cfg = _load_config(config_path)
 
     def get(name: str) -> Path:
-        if name.startswith("hf://"):
+        if name.startswith("hf://"):  # another repo: its default revision (``revision`` names this repo's)
             repo, fname = _split_hf(name)
-            return hub_file(repo, fname, revision, cache_dir)
+            return hub_file(repo, fname, revision if repo == hf_repo else None, cache_dir)
         return hub_file(hf_repo, f"{folder}/{name}" if folder else name, revision, cache_dir)
 
     return CheckpointFiles(config=cfg, config_path=config_path, lm_weights=get(cfg.moshi_name),

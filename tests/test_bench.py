@@ -31,6 +31,11 @@ def test_bench_rejects_bad_counts(capsys, flag, value):
     assert e.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
 
 
+def test_bench_preset_and_checkpoint_are_exclusive(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny-stt", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "r")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def test_search_capacity_finds_the_largest_fitting_batch():
     from dsm.bench import search_capacity
 

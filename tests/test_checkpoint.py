@@ -378,6 +378,29 @@ def test_resolve_fake_hub_cache(tmp_path, monkeypatch):
         assert files.source == "hf://kyutai/tiny-stt"
     with pytest.raises(CheckpointError, match=r"hf://kyutai/other/config.json: cannot get file"):
         resolve_checkpoint(hf_repo="kyutai/other")
+    for bad in ("kyutai", "kyutai/a/b", "/x"):
+        with pytest.raises(CheckpointError, match="expected owner/name"):
+            resolve_checkpoint(hf_repo=bad)
+    # a file named in another repo comes at that repo's default revision: this repo's commit means nothing there
+    other = _fake_hub_cache(tmp_path / "other", "kyutai/mimi-only", src)
+    for f in (other / "models--kyutai--mimi-only").rglob("*"):
+        dest = cache / f.relative_to(other)
+        if f.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        elif not dest.exists():
+            shutil.copy(f, dest)
+    other_repo = cache / "models--kyutai--mimi-only"
+    other_commit = "f" * 40  # another commit than this repo's
+    next((other_repo / "snapshots").iterdir()).rename(other_repo / "snapshots" / other_commit)
+    (other_repo / "refs" / "main").write_text(other_commit)
+    snap = next((cache / "models--kyutai--tiny-stt" / "snapshots").iterdir())
+    original = (snap / "config.json").read_text()
+    data = json.loads(original)
+    data["mimi_name"] = "hf://kyutai/mimi-only/" + data["mimi_name"]
+    (snap / "config.json").write_text(json.dumps(data))
+    files = resolve_checkpoint(hf_repo="kyutai/tiny-stt", revision=snap.name)
+    assert "models--kyutai--mimi-only" in str(files.mimi_weights) and files.source.endswith("@" + snap.name)
+    (snap / "config.json").write_text(original)
     snap = next((cache / "models--kyutai--tiny-stt" / "snapshots").iterdir())
     (snap / "mimi-pytorch-e351c8d8@125.safetensors").unlink()
     with pytest.raises(CheckpointError,
