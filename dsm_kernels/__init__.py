@@ -156,6 +156,17 @@ def has_cuda_ext() -> bool:
     return True
 
 
+@cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device | str) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (no index: the current device)."""
+    device = torch.device(device)
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -369,5 +380,6 @@ __all__ = [
     "rvq_decode",
     "rvq_encode",
     "sample_tokens",
+    "sm_count",
     "silu_mul",
 ]

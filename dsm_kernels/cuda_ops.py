@@ -13,16 +13,13 @@ from functools import cache
 
 import torch
 
+from . import sm_count
+
 
 @cache
 def _ops():
     importlib.import_module("dsm_kernels._C")  # registers the TORCH_LIBRARY(dsm) schemas and CUDA impls
     return torch.ops.dsm
-
-
-@cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def multistream_embed_cuda(
@@ -65,7 +62,7 @@ def _decode_resident_blocks(index: int, dtype: torch.dtype, cache_dtype: torch.d
     """Decode blocks resident on the whole device at once, from the CUDA occupancy calculator."""
     q = torch.empty(1, 1, head_dim, dtype=dtype, device=torch.device("cuda", index))
     per_sm = _ops().paged_decode_blocks_per_sm(q, torch.empty(1, dtype=cache_dtype, device=q.device))
-    return max(1, per_sm) * _sm_count(index)
+    return max(1, per_sm) * sm_count(q.device)
 
 
 def paged_decode_attention_cuda(

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import sm_count
 from .reference import DepformerWeights
 from .sampling import sample_tokens_triton
 
@@ -261,7 +262,7 @@ def _pow2(n: int) -> int:
 
 
 def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
+    return sm_count(device) if device.type == "cuda" else 64
 
 
 def _gemm_plan(n_tiles: int, m_blocks: int, K: int, bk: int, split: int | None, sms: int) -> tuple[int, int]:

@@ -63,6 +63,15 @@ def _norm_row(x, alpha, beta, kmask, K, eps, NORM: tl.constexpr, DT: tl.constexp
 
 
 @triton.jit
+def _normed_row_dot(x_ptr, k, kmask, live, w, alpha, beta, K, eps, NORM: tl.constexpr, DT: tl.constexpr):
+    """One input row (all masked off unless ``live``) through :func:`_norm_row`, and its dot with each row of the
+    weight tile ``w``, rounded to DT: returns ``(x', y)``."""
+    x = tl.load(x_ptr + k, mask=kmask & live, other=0.0).to(tl.float32)
+    x = _norm_row(x, alpha, beta, kmask, K, eps, NORM, DT)
+    return x, _rnd(tl.sum(w.to(tl.float32) * x[None, :], axis=1), DT)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, alpha_ptr, beta_ptr, w_ptr, out_ptr, scale_ptr,
     B, N, K, LDX, LDO, eps,
@@ -88,9 +97,7 @@ def _gemv_kernel(
     launch_and_wait(PDL)  # the weights are in flight
     for i in tl.static_range(BB):
         live = i < B
-        x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)
-        x = _norm_row(x, alpha, beta, kmask, K, eps, NORM, DT)
-        y = _rnd(tl.sum(w.to(tl.float32) * x[None, :], axis=1), DT)
+        x, y = _normed_row_dot(x_ptr + i * LDX, k, kmask, live, w, alpha, beta, K, eps, NORM, DT)
         om = nmask & live
         optr = out_ptr + i * LDO + n
         if EPI == 1:
@@ -124,9 +131,7 @@ def _head_sample_kernel(
     launch_and_wait(PDL)  # the weights are in flight
     for i in tl.static_range(BB):
         live = i < B
-        x = tl.load(x_ptr + i * K + k, mask=kmask & live, other=0.0).to(tl.float32)
-        x = _norm_row(x, alpha, alpha, kmask, K, eps, NORM, DT)
-        y = _rnd(tl.sum(w.to(tl.float32) * x[None, :], axis=1), DT)
+        _, y = _normed_row_dot(x_ptr + i * K, k, kmask, live, w, alpha, alpha, K, eps, NORM, DT)
         tl.store(logits_ptr + i * N + n, y.to(DT), mask=nmask & live)
     if _arrive(cnt_ptr, 0, NPROG):
         for i in tl.static_range(BB):

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 import os
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
+from . import sm_count
 from .depformer import _arrive
 
 _LOG2E = 1.4426950408889634
@@ -213,11 +213,6 @@ def _decode_merge_kernel(
                   BLOCK_S)  # fmt: skip
 
 
-@cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def decode_plan(batch: int, heads: int, head_dim: int, context: int, device: torch.device, *, block_n=None,
                 heads_per_program=None, num_splits=None) -> tuple[int, int, int, int]:  # fmt: skip
     """Static launch plan ``(heads_per_program, block_n, num_splits, blocks_per_split)`` from shapes only."""
@@ -235,7 +230,7 @@ def decode_plan(batch: int, heads: int, head_dim: int, context: int, device: tor
         if interp:
             num_splits = 2
         else:  # ~4 resident programs per SM so the loads of one hide the latency of another
-            num_splits = math.ceil(4 * _sm_count(device.index or 0) / (batch * (heads // hb)))
+            num_splits = math.ceil(4 * sm_count(device) / (batch * (heads // hb)))
     num_splits = max(1, min(num_splits, max_blocks))
     blocks_per_split = triton.cdiv(max_blocks, num_splits)
     return hb, block_n, triton.cdiv(max_blocks, blocks_per_split), blocks_per_split
