@@ -294,7 +294,7 @@ def _depformer_rows(backend, device, quick):
 
 def _mimi_rows(backend, device, quick):
     """Mimi's fp32 kernels at its shapes (narrower on a CPU), against their references: 1e-5 relative to the output's
-    scale (the overlap-add exactly). Triton only: the other backends fall back to it."""
+    scale. Triton only: the other backends fall back to it."""
     if backend != "triton":
         return []
     rows = []
