@@ -18,6 +18,10 @@
 Auth: header ``kyutai-api-key`` or query ``?auth_id=`` (the header wins) against the configured ids, else HTTP 401.
 All connections share one runtime and one model loop; a connection's bad input gets an ``Error`` for that connection
 alone and never touches the other streams.
+
+Threads: the event loop does the websocket I/O; the steps (and the CUDA graph capture before them) run on one model
+thread, so a long step never stalls pings, reads or sends. Every touch of the runtime, from the loop or the model
+thread, holds one ``asyncio.Lock``; messages that arrive during a step wait for it without blocking the loop.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -63,7 +68,7 @@ def event_message(event, buffered_pcm: int) -> dict | None:
 
 class _Endpoint:
     """One websocket endpoint over a shared runtime: HTTP checks, the connections, and the model loop that steps
-    the runtime while it has work and then sends each connection its output."""
+    the runtime on the model thread while it has work and then sends each connection its output."""
 
     path = ""
 
@@ -71,7 +76,9 @@ class _Endpoint:
         self.rt = runtime
         self.api_keys = set(api_keys)
         self.connections: dict[object, object] = {}  # connection state -> websocket
+        self.lock = asyncio.Lock()  # held by whoever touches the runtime or a stream
         self._wake = asyncio.Event()
+        self._model_thread: ThreadPoolExecutor | None = None
 
     def _check_query(self, query: dict[str, list[str]]) -> str | None:
         return None
@@ -91,21 +98,37 @@ class _Endpoint:
 
     async def serve(self, host: str = "0.0.0.0", port: int = 8080):
         """``async with await endpoint.serve(host, port) as ws_server:`` runs the endpoint and its model loop, with
-        the runtime's CUDA graphs captured first (``warm_up``), not during the first clients' steps."""
+        the runtime's CUDA graphs captured first (``warm_up``, on the model thread), not during the first clients'
+        steps."""
         from websockets.asyncio.server import serve
 
-        self.rt.warm_up()
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dsm-model", initializer=self._thread_init)
+        await self._on_model_thread(self.rt.warm_up)
         task = asyncio.create_task(self._model_loop())
-        return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24), task)
+        return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24), task,
+                        self._model_thread)
+
+    def _thread_init(self) -> None:
+        device = torch.device(self.rt.device)
+        if device.type == "cuda":  # the current device is per thread; graphs replay where they were captured
+            torch.cuda.set_device(device)
+
+    async def _on_model_thread(self, fn):
+        def run():
+            with torch.no_grad():  # grad mode is per thread too
+                return fn()
+
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, run)
 
     async def _handler(self, ws) -> None:
         raise NotImplementedError
 
     def _step(self) -> bool:
-        """One runtime step if any stream can progress; False when there was nothing to do."""
+        """One runtime step if any stream can progress; False when there was nothing to do. Model thread."""
         return self.rt.step() > 0
 
-    async def _flush(self) -> None:
+    def _outgoing(self) -> list[tuple[object, list, bool]]:
+        """Take every connection's new output: ``(ws, payloads, close_after)``. Host work only, under the lock."""
         raise NotImplementedError
 
     async def _model_loop(self) -> None:
@@ -113,17 +136,29 @@ class _Endpoint:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                try:
-                    stepped = self._step()
-                except Exception:  # a dead loop left every client waiting forever: log, close them, keep serving
-                    log.exception("model step failed; closing every connection")
+                failed = False
+                async with self.lock:
+                    try:
+                        stepped = await self._on_model_thread(self._step)
+                    except Exception:  # a dead loop left every client waiting forever: log, close them, keep serving
+                        log.exception("model step failed; closing every connection")
+                        failed, stepped = True, False
+                    outgoing = [] if failed else self._outgoing()
+                if failed:
                     for ws in list(self.connections.values()):  # their handlers cancel their streams
                         await ws.close(1011, "dsm: model step failed (see the server log)")
                     break
-                await self._flush()
+                await self._send_all(outgoing)
                 if not stepped:
                     break
-                await asyncio.sleep(0)  # let connections queue input between steps
+
+    async def _send_all(self, outgoing) -> None:
+        for ws, payloads, close in outgoing:
+            for data in payloads:
+                if not await self._send(ws, data):
+                    break
+            if close:
+                await ws.close()
 
     @staticmethod
     async def _send(ws, data) -> bool:
@@ -145,9 +180,12 @@ class ASRServer(_Endpoint):
             log.warning("moshi-server clients expect alignment='rust' and timestamps='rust'")
 
     async def _handler(self, ws) -> None:
-        try:
-            stream = self.rt.open_stream(name=f"ws-{id(ws):x}")
-        except NoFreeSlotError:
+        async with self.lock:
+            try:
+                stream = self.rt.open_stream(name=f"ws-{id(ws):x}")
+            except NoFreeSlotError:
+                stream = None
+        if stream is None:
             await ws.send(pack({"type": "Error", "message": "no free channels"}))
             await ws.close()
             return
@@ -157,7 +195,8 @@ class ASRServer(_Endpoint):
             async for raw in ws:
                 if isinstance(raw, str):
                     continue  # text frames are ignored by the ASR
-                error = self._on_message(stream, raw)
+                async with self.lock:
+                    error = self._on_message(stream, raw)
                 if error:
                     await ws.send(pack({"type": "Error", "message": error}))
                 self._wake.set()
@@ -165,7 +204,8 @@ class ASRServer(_Endpoint):
             log.info("%s: connection lost", stream.name)
         finally:
             del self.connections[stream]
-            stream.close()
+            async with self.lock:
+                stream.close()
 
     def _on_message(self, stream: STTStream, raw: bytes) -> str | None:
         try:
@@ -189,12 +229,14 @@ class ASRServer(_Endpoint):
             return f"bad {kind} message: {e}"
         return None
 
-    async def _flush(self) -> None:
-        for stream, ws in list(self.connections.items()):
-            for event in stream.events():
-                msg = event_message(event, len(stream.queue))
-                if msg is not None and not await self._send(ws, pack(msg)):
-                    break
+    def _outgoing(self):
+        out = []
+        for stream, ws in self.connections.items():
+            msgs = [event_message(e, len(stream.queue)) for e in stream.events()]
+            payloads = [pack(m) for m in msgs if m is not None]
+            if payloads:
+                out.append((ws, payloads, False))
+        return out
 
 
 class _TTSConnection:
@@ -236,7 +278,8 @@ class TTSServer(_Endpoint):
             if conn.fmt == "PcmMessagePack":
                 await ws.send(pack({"type": "Ready"}))
             async for raw in ws:
-                error = self._on_message(conn, raw)
+                async with self.lock:
+                    error = self._on_message(conn, raw)
                 if error:
                     if conn.fmt == "PcmMessagePack":
                         await ws.send(pack({"type": "Error", "message": error}))
@@ -249,7 +292,8 @@ class TTSServer(_Endpoint):
         finally:
             self.connections.pop(conn, None)
             if conn.stream is not None:
-                conn.stream.cancel()  # nobody reads it any more: free its slot now
+                async with self.lock:
+                    conn.stream.cancel()  # nobody reads it any more: free its slot now
 
     def _open(self, conn: _TTSConnection):
         if conn.stream is None:
@@ -281,40 +325,46 @@ class TTSServer(_Endpoint):
             return f"{type(e).__name__}: {e}"
         return None
 
-    async def _flush(self) -> None:
+    def _outgoing(self):
+        out = []
         for conn, ws in list(self.connections.items()):
             s = conn.stream
             if s is None:
                 continue
             pcm = s.read()
+            payloads = []
             for i in range(0, pcm.shape[0], 1920):
                 chunk = pcm[i : i + 1920].numpy().astype("<f4")
-                data = chunk.tobytes() if conn.fmt == "Pcm" else pack({"type": "Audio", "pcm": chunk.tolist()})
-                if not await self._send(ws, data):
-                    break
+                pcm_msg = chunk.tobytes() if conn.fmt == "Pcm" else pack({"type": "Audio", "pcm": chunk.tolist()})
+                payloads.append(pcm_msg)
             words = s.transcript
             last = len(words) if s.done else len(words) - 1  # a word's stop is the next word's start
             while conn.fmt == "PcmMessagePack" and conn.words_sent < last:
                 text, start = words[conn.words_sent]
                 stop = words[conn.words_sent + 1][1] if conn.words_sent + 1 < len(words) else s.offset
                 conn.words_sent += 1
-                await self._send(ws, pack({"type": "Text", "text": text, "start_s": start / FRAME_RATE,
-                                           "stop_s": stop / FRAME_RATE}))
+                payloads.append(pack({"type": "Text", "text": text, "start_s": start / FRAME_RATE,
+                                      "stop_s": stop / FRAME_RATE}))
             if s.done:
                 self.connections.pop(conn, None)
-                await ws.close()
+            if payloads or s.done:
+                out.append((ws, payloads, s.done))
+        return out
 
 
 class _Serving:
-    def __init__(self, server_cm, loop_task):
-        self.server_cm, self.loop_task = server_cm, loop_task
+    def __init__(self, server_cm, loop_task, model_thread):
+        self.server_cm, self.loop_task, self.model_thread = server_cm, loop_task, model_thread
 
     async def __aenter__(self):
         return await self.server_cm.__aenter__()
 
     async def __aexit__(self, *exc):
         self.loop_task.cancel()
-        return await self.server_cm.__aexit__(*exc)
+        try:
+            return await self.server_cm.__aexit__(*exc)
+        finally:
+            self.model_thread.shutdown(wait=True)  # a step in flight finishes; nothing new starts
 
 
 def _add_server_args(p) -> None:

@@ -458,6 +458,7 @@ class STTRuntime:
         self.max_streams = max_streams
         self.stepper = STTStepper(lm, mimi, max_streams, alignment=self.options.alignment, temp=self.options.temp,
                                   on_text=on_text, engine=engine)
+        self.device = self.stepper.device
         heads = len(lm.extra_heads)
         if heads and not 0 <= self.options.vad_head < heads:
             raise ValueError(f"vad_head {self.options.vad_head} out of range: the model has {heads} VAD heads")

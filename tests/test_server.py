@@ -164,3 +164,41 @@ def test_abrupt_disconnect_frees_the_slot_quietly(files, caplog):
     with caplog.at_level(logging.INFO):
         assert _serve(rt, drops) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_steps_run_on_the_model_thread_and_the_loop_stays_responsive(files):
+    """A slow step (a big batch, a cold GPU) must not stall the websocket I/O: pings are answered and other
+    connections' messages are read while it runs."""
+    import threading
+    import time
+
+    rt = _runtime(files, slots=2)
+    real_step, threads = rt.step, set()
+
+    def slow_step(*a, **kw):
+        n = real_step(*a, **kw)
+        if n:
+            threads.add(threading.current_thread().name)
+            time.sleep(0.4)
+        return n
+
+    rt.step = slow_step
+
+    async def clients(url):
+        hdr = {"kyutai-api-key": "public_token"}
+        async with connect(url, additional_headers=hdr) as a, connect(url, additional_headers=hdr) as b:
+            await a.recv(), await b.recv()
+            await a.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 1920 * 4}))  # four slow steps
+            await asyncio.sleep(0.1)  # the first step is running
+            t0 = time.perf_counter()
+            await asyncio.wait_for(await b.ping(), 5)
+            pong = time.perf_counter() - t0
+            await b.send(msgpack.packb({"type": "Nope"}))  # read and answered while a's steps run
+            reply = msgpack.unpackb(await asyncio.wait_for(b.recv(), 5))
+            return pong, reply, time.perf_counter() - t0
+
+    pong, reply, answered = _serve(rt, clients)
+    assert threads and all(name.startswith("dsm-model") for name in threads), threads
+    assert pong < 0.2, f"ping answered after {pong:.3f} s: the step blocked the event loop"
+    assert reply["type"] == "Error"
+    assert answered < 1.0  # waited for at most the step in flight (0.4 s), not for all four
