@@ -6,7 +6,11 @@ Policy (one place, so every entry point behaves the same):
   ``mono="keep"`` returns ``[C, T]`` untouched;
 * NaN/inf, empty input, non-float dtypes and sample rates <= 0 are errors;
 * samples with ``|x| > 1``: ``clip="warn"`` (default) clips to [-1, 1] and emits a :class:`ClippedAudioWarning`
-  with the count, ``clip="error"`` raises. Clipping rather than rescaling keeps the level of valid audio unchanged.
+  with the count, ``clip="error"`` raises, ``clip="keep"`` leaves them for the caller (a stream clips and counts them
+  itself, and warns once rather than once per chunk). Clipping rather than rescaling keeps the level of valid audio
+  unchanged;
+* a 2-D array is ``[C, T]``; one with more than 64 rows, or more rows than columns past 8 rows (``[10, 2]``), is
+  refused as a likely ``[T, C]``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 MONO_MODES = ("mean", "error", "keep")
-CLIP_MODES = ("warn", "error")
+CLIP_MODES = ("warn", "error", "keep")
 # Lower rates hold no speech, and 100 samples at 1 Hz would become 100 s of audio to encode.
 MIN_SAMPLE_RATE = 1000
 
@@ -68,7 +72,7 @@ def validate_pcm(
         raise AudioError(f"{name}: {int(bad.sum())} sample(s) are NaN or infinite (first at flat index "
                          f"{int(bad.flatten().nonzero()[0])})")
     if t.dim() == 2:
-        if t.shape[0] > 64:
+        if t.shape[0] > 64 or (t.shape[0] > 8 and t.shape[0] > t.shape[1]):
             raise AudioError(f"{name}: shape {tuple(t.shape)} looks like [T, C]; pass channels first ([C, T])")
         if mono == "mean":
             t = t.mean(dim=0)
@@ -79,7 +83,7 @@ def validate_pcm(
     elif mono == "keep":
         t = t[None]
     over = t.abs() > 1
-    if bool(over.any()):
+    if clip != "keep" and bool(over.any()):
         n = int(over.sum())
         peak = float(t.abs().max())
         if clip == "error":

@@ -23,6 +23,7 @@ python-rule times. At the end of input, a word the server would still hold (no c
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import AudioError, load_audio, validate_pcm
+from .audio import AudioError, ClippedAudioWarning, load_audio, validate_pcm
 from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .mimi_graph import GraphedMimiStep
 from .transcript import (
@@ -280,6 +281,7 @@ class STTStream:
         self.tokens: list[int] = []
         self.steps = 0  # frames consumed since open (Rust ``step_idx``)
         self.samples_in = 0  # 24 kHz samples pushed by the caller
+        self.clipped_samples = 0  # input samples outside [-1, 1], clipped
         self.ended = False  # no more input accepted
         self.finished = False  # all input processed, slot freed
         self._events: list[Event] = []
@@ -315,7 +317,15 @@ class STTStream:
                              f"{self.sample_rate} Hz (open a new stream to change the rate)")
         if isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim in (1, 2) and pcm.shape[-1] == 0:
             return self._process() if process else self.events()
-        x = validate_pcm(pcm, sr, name=f"stream {self.name} ({sr} Hz)").cpu().numpy()  # CUDA tensors too
+        x = validate_pcm(pcm, sr, name=f"stream {self.name} ({sr} Hz)", clip="keep").cpu().numpy()  # CUDA too
+        over = int(np.count_nonzero(np.abs(x) > 1))
+        if over:
+            if not self.clipped_samples:  # once per stream: a loud source clips in every chunk
+                warnings.warn(f"stream {self.name}: clipped {over} sample(s) outside [-1, 1] (peak "
+                              f"{float(np.abs(x).max()):.3f}); later clipping is counted in clipped_samples",
+                              ClippedAudioWarning, stacklevel=2)
+            self.clipped_samples += over
+            x = np.clip(x, -1.0, 1.0)
         if self._resampler is not None:
             x = np.clip(self._resampler.resample_chunk(x, last=False), -1.0, 1.0)
         self.samples_in += x.shape[0]

@@ -40,6 +40,7 @@ def test_validate_accepts_and_downmixes():
         (np.zeros(10, dtype=np.int32), {}, "dtype torch.int32"),
         (torch.zeros(1, 2, 3), {}, "shape"),
         (torch.zeros(1000, 2), {}, r"\[T, C\]"),
+        (torch.zeros(10, 2), {}, r"\[T, C\]"),
         (torch.tensor([0.5, 1.5]), {"clip": "error"}, "outside"),
     ],
 )
@@ -69,6 +70,8 @@ def test_out_of_range_is_clipped_with_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate_pcm(torch.tensor([1.0, -1.0]), 24000)  # the boundary itself is valid
+        assert torch.equal(validate_pcm(torch.tensor([1.5]), 24000, clip="keep"), torch.tensor([1.5]))
+    assert validate_pcm(torch.zeros(8, 2), 24000, mono="keep").shape == (8, 2)  # 7.1 audio, two samples
 
 
 def test_resample_keeps_frequency_and_length():

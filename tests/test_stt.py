@@ -373,6 +373,7 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     s3 = r1.open_stream("silent")
     ev = s3.flush()
     assert isinstance(ev[-1], Finished) and ev[-1].transcript.duration == 0.0
+
     # files: empty, corrupt, missing -> errors naming the file; the good one is transcribed
     sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 24000)
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00junk")
@@ -389,6 +390,18 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     r0.open_stream("busy")  # holds the only slot: transcribe_files must not spin
     with pytest.raises(NoFreeSlotError, match="no progress"):
         list(transcribe_files(r0, [tmp_path / "ok.flac"]))
+
+
+def test_loud_stream_warns_once_and_counts_clipped_samples(lm, tok, files):
+    from dsm.audio import ClippedAudioWarning
+
+    rt = runtime(lm, tok, files.config, max_streams=1)
+    s = rt.open_stream("loud")
+    with pytest.warns(ClippedAudioWarning, match="stream loud: clipped 2 sample") as caught:
+        for _ in range(5):  # a loud source clips in every chunk: one warning, every sample counted
+            s.push(torch.tensor([0.5, 1.5, -3.0, 0.2]), process=False)
+    assert len(caught) == 1 and s.clipped_samples == 10
+    assert np.array_equal(s.queue.pop(len(s.queue))[-4:], np.array([0.5, 1.0, -1.0, 0.2], dtype=np.float32))
 
 
 def test_end_to_end_text_tokens_match_moshi(lm, tok, files, mimi, monkeypatch):
