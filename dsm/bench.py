@@ -442,10 +442,11 @@ def _capacity_search(model, mimi, name, rows, args, kv_dtype, timer, weights, ba
 def run_cli(args) -> int:
     from tqdm import tqdm
 
+    from .cli_args import device_or_default
     from .mimi import Mimi, random_mimi_state_dict
     from .presets import preset_config
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_or_default(args.device)
     gpu = device.type == "cuda"
     dtype = args.dtype or (torch.bfloat16 if gpu else torch.float32)
     batches = args.batch or ([1, 8, 64, 256] if gpu else [1, 2])

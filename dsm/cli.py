@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .cli_args import parse_device, parse_dtype
+from .cli_args import device_or_default, parse_device, parse_dtype
 from .config import ConfigError
 from .mimi_checkpoint import MimiCheckpointError
 from .tokenizer import TokenizerError
@@ -82,7 +82,7 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
     import dsm_kernels
     from dsm_kernels.validate import print_table, validate_kernels
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_or_default(args.device)
     rows = validate_kernels(device, quick=args.quick)
     if not rows:
         found = ", ".join(dsm_kernels.available_backends(device))

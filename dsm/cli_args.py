@@ -46,6 +46,11 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
+def device_or_default(device: torch.device | None) -> torch.device:
+    """The parsed ``--device``, else the GPU when there is one, else the CPU."""
+    return device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def positive_int(text: str) -> int:
     try:
         n = int(text)

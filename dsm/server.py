@@ -420,7 +420,7 @@ def setup_serve_tts_parser(p) -> None:
 
 def cmd_serve_tts(args) -> int:
     from .checkpoint import CheckpointError, ensure_random_checkpoint, resolve_checkpoint
-    from .cli_args import checkpoint_from_args
+    from .cli_args import checkpoint_from_args, device_or_default
     from .tts import TTSConfig, TTSRuntime, random_voice
 
     if args.random_weights:
@@ -429,8 +429,8 @@ def cmd_serve_tts(args) -> int:
         files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
     else:
         files = checkpoint_from_args(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    device = device_or_default(args.device)
+    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
                                     config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0))
     voice = args.voice

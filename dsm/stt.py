@@ -664,7 +664,7 @@ def add_model_args(p) -> None:
 
 def runtime_from_args(args) -> STTRuntime:
     from .checkpoint import CheckpointError, ensure_random_checkpoint, resolve_checkpoint
-    from .cli_args import checkpoint_from_args
+    from .cli_args import checkpoint_from_args, device_or_default
 
     given = [args.checkpoint is not None, args.hf_repo is not None, args.preset is not None]
     if sum(given) != 1:
@@ -677,7 +677,7 @@ def runtime_from_args(args) -> STTRuntime:
         if args.random_weights:
             raise CheckpointError("--random-weights goes with --preset")
         files = checkpoint_from_args(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_or_default(args.device)
     opts = STTOptions(alignment=args.alignment, timestamps=args.timestamps, silence_prefix=args.silence_prefix)
     return STTRuntime.from_checkpoint(files, device=device, dtype=args.dtype, max_streams=args.batch_size,
                                       options=opts, engine=args.engine)

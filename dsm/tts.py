@@ -898,7 +898,7 @@ def cmd_speak(args) -> int:
 
     from tqdm import tqdm
 
-    from .cli_args import checkpoint_from_args
+    from .cli_args import checkpoint_from_args, device_or_default
     from .tokenizer import TokenizerError
 
     def fail(msg: str) -> int:
@@ -931,8 +931,8 @@ def cmd_speak(args) -> int:
     turns = [t for t in text.splitlines() if t.strip()] if args.turns else [text]
     if not any(t.strip() for t in turns):
         return fail("no text to speak (empty input)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    device = device_or_default(args.device)
+    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         config = TTSConfig(n_q=args.n_q, temp=args.temp, top_k=args.top_k, top_k_text=args.top_k_text,
                            padding_between=args.padding_between, seed=args.seed)

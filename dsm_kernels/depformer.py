@@ -29,21 +29,15 @@ like the corresponding bf16 torch ops. Only the accumulation order and attention
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import sm_count
+from . import sm_count, triton_interpret
 from .reference import DepformerWeights
 from .sampling import sample_tokens_triton
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -271,7 +265,7 @@ def _gemm_plan(n_tiles: int, m_blocks: int, K: int, bk: int, split: int | None, 
     chunks = triton.cdiv(K, bk)
     if split is not None:
         split = min(split, chunks)
-    elif _interpret():
+    elif triton_interpret():
         split = 1
     else:
         split = min(chunks, max(1, 2 * sms // (n_tiles * m_blocks)))
@@ -334,7 +328,7 @@ def depformer_frame_triton(
     n_in, d_model = w.in_proj.shape[0], w.in_proj.shape[2]
     L = len(w.layers)
     hid = w.layers[0].linear_out[0].shape[1]
-    DT, interp, sms = _TL_DTYPES[dt], _interpret(), _sms(dev)
+    DT, interp, sms = _TL_DTYPES[dt], triton_interpret(), _sms(dev)
     dot_f32 = interp or dt == torch.float32
     use_gemv = B <= gemv_max_rows() if path is None else path == "gemv"
     pdl = use_gemv and not interp and (use_pdl(dev) if pdl is None else pdl)

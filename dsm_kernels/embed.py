@@ -7,11 +7,11 @@ read exactly once and the fp32 accumulator stays in registers. Id ``-1`` moves n
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import triton_interpret
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _embed_kernel(
 def _block_d(D: int) -> int:
     # Interpreter cost scales with the number of programs: one program per slot. On a GPU, 256 columns per program
     # (2 warps x 4 bf16 per thread per row, all K rows in flight) spreads batch 1 over D/256 = 8 programs.
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpret():
         return triton.next_power_of_2(D)
     return min(256, triton.next_power_of_2(D))
 

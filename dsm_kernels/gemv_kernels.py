@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CONV_GEMV_MAX_COLUMNS, GEMV_MAX_B
-from .depformer import _TL_DTYPES, _arrive, _input_tile, _interpret, _rnd, _sms
+from . import CONV_GEMV_MAX_COLUMNS, GEMV_MAX_B, triton_interpret
+from .depformer import _TL_DTYPES, _arrive, _input_tile, _rnd, _sms
 from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 from .sampling import _num_warps as _sampler_warps
@@ -350,7 +350,7 @@ def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, sca
         elif out.shape != (B, N) or out.stride(1) != 1 or out.dtype != x.dtype:
             raise ValueError(f"gemv: out {tuple(out.shape)} {out.dtype} must be [{B}, {N}] {x.dtype}, row-contiguous")
         epi = 2 if gate else (3 if gelu else 0)
-    launch_gemv(x, weight, out, sms=_sms(x.device), interp=_interpret(), dt=_TL_DTYPES[x.dtype], alpha=alpha,
+    launch_gemv(x, weight, out, sms=_sms(x.device), interp=triton_interpret(), dt=_TL_DTYPES[x.dtype], alpha=alpha,
                 beta=beta, epi=epi, scale=scale, eps=eps, n_out=N, pdl=use_pdl(x.device))  # fmt: skip
     return out
 
@@ -375,7 +375,7 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
     q = torch.empty(B, num_heads, D, dtype=x.dtype, device=x.device) if out is None else out
     if q.shape != (B, num_heads, D) or q.stride(2) != 1 or q.stride(1) != D:
         raise ValueError(f"qkv_rope_gemv: out {tuple(q.shape)} must be [{B}, {num_heads}, {D}] with heads contiguous")
-    bn, kp, warps = gemv_plan(rows, K, sms=_sms(x.device), interp=_interpret())
+    bn, kp, warps = gemv_plan(rows, K, sms=_sms(x.device), interp=triton_interpret())
     bn = max(bn, 2)  # whole pairs (rows is even)
     pdl = use_pdl(x.device)
     alpha = alpha.reshape(-1)
@@ -406,7 +406,7 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
     if out is None:
         out = torch.empty(B, N, T_out, dtype=x.dtype, device=x.device)
     assert out.shape == (B, N, T_out), (out.shape, (B, N, T_out))
-    bn, kp, warps = gemv_plan(N, C * KS, sms=_sms(x.device), interp=_interpret())
+    bn, kp, warps = gemv_plan(N, C * KS, sms=_sms(x.device), interp=triton_interpret())
     pdl = use_pdl(x.device)
     _conv_gemv_kernel[(triton.cdiv(N, bn),)](
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight, out,

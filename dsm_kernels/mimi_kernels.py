@@ -30,12 +30,11 @@ Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import triton_interpret
 from .pdl import launch_and_wait, use_pdl
 
 
@@ -125,7 +124,7 @@ def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels
         out = torch.empty(B, n_q, T, dtype=torch.int64, device=x.device)
     N = B * T
     if block_k is None:
-        block_k = K if os.environ.get("TRITON_INTERPRET") == "1" else 32
+        block_k = K if triton_interpret() else 32
     BLOCK_K = max(16, min(triton.next_power_of_2(block_k), triton.next_power_of_2(K)))
     P = triton.cdiv(K, BLOCK_K)
     assert P == triton.next_power_of_2(P), "K / BLOCK_K must be a power of two"
@@ -414,7 +413,7 @@ def mimi_ring_attention_triton(q: torch.Tensor, cache: torch.Tensor, pos: torch.
         out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     assert out.shape == (B, T, H, D) and out.stride(3) == 1
     if block_s is None:
-        block_s = 64 if os.environ.get("TRITON_INTERPRET") != "1" else triton.next_power_of_2(S)
+        block_s = 64 if not triton_interpret() else triton.next_power_of_2(S)
     _mimi_ring_attention_kernel[(B * H,)](
         q, q.stride(0), q.stride(1), q.stride(2), cache, cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), pos, out, out.stride(0), out.stride(1), out.stride(2), T, H, S, D**-0.5,
@@ -520,7 +519,7 @@ def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     # fp32 dot tiles that fit the registers of 4 warps (151, no spill on sm_90; 64 x 32 x 64 spills); the
     # interpreter, whose cost grows with the number of programs, takes whole rows
-    interp = os.environ.get("TRITON_INTERPRET") == "1" if interp is None else interp
+    interp = triton_interpret() if interp is None else interp
     BLOCK_CO = min(512 if interp else 32, max(16, triton.next_power_of_2(C_out)))
     BLOCK_CI = min(512, max(16, triton.next_power_of_2(C_in))) if interp else 16
     BLOCK_T = min(2048 if interp else 64, max(16, triton.next_power_of_2(T)))

@@ -29,21 +29,16 @@ Decode reads the e4m3 pages and upcasts to fp32 (q and out keep their dtype); pa
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import sm_count
+from . import sm_count, triton_interpret
 from .depformer import _arrive
 
 _LOG2E = 1.4426950408889634
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ------------------------------------------------------------------------------------------------- append_kv
@@ -216,7 +211,7 @@ def _decode_merge_kernel(
 def decode_plan(batch: int, heads: int, head_dim: int, context: int, device: torch.device, *, block_n=None,
                 heads_per_program=None, num_splits=None) -> tuple[int, int, int, int]:  # fmt: skip
     """Static launch plan ``(heads_per_program, block_n, num_splits, blocks_per_split)`` from shapes only."""
-    interp = _interpret() or device.type != "cuda"
+    interp = triton_interpret() or device.type != "cuda"
     if heads_per_program is None:  # the largest power of 2 dividing `heads`, capped (all heads in the interpreter)
         cap = heads if interp else max(1, 128 // head_dim)
         heads_per_program = 1

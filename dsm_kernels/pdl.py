@@ -15,11 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_interpret
+
 
 def use_pdl(device) -> bool:
     """Launch with PDL: CUDA devices of compute capability 9.0+, unless ``DSM_NO_PDL=1`` (never in the interpreter)."""
     device = torch.device(device)
-    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    return (device.type == "cuda" and not triton_interpret()
             and torch.cuda.get_device_capability(device)[0] >= 9 and os.environ.get("DSM_NO_PDL") != "1")  # fmt: skip
 
 

@@ -24,12 +24,11 @@ not supported.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import triton_interpret
 from .pdl import launch_and_wait, use_pdl
 
 _MAX_SEARCH_ELEMS = 128  # [R, BLOCK_V] compare elements per thread the launch allows (registers)
@@ -188,7 +187,7 @@ def _sample_kernel(
 
 
 def _rows_per_program(B: int, block_v: int) -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the [ROWS, R, BLOCK_V] compare: <= 2**20 elements
+    if triton_interpret():  # the [ROWS, R, BLOCK_V] compare: <= 2**20 elements
         return min(triton.next_power_of_2(max(B, 1)), max(1, 2**20 // (_radix(block_v) * block_v)))
     return 1
 
