@@ -20,6 +20,7 @@ buckets of up to ``dsm_kernels.GEMV_MAX_B`` rows use the GEMV kernels instead of
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,18 @@ class _Slot:
     position: int = 0  # tokens in this slot's KV since it opened (host mirror of GenState.positions)
 
 
+def check_seed(seed, name: str = "seed") -> int:
+    """A sampling seed as the samplers take it: an integer that fits int64 (floats and strings are refused rather
+    than truncated or failing inside a later step)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(seed).__name__} {seed!r}") from None
+    if isinstance(seed, bool) or not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**63), got {seed!r}")
+    return value
+
+
 def default_buckets(max_slots: int) -> tuple[int, ...]:
     out, b = [], 1
     while b < max_slots:
@@ -104,6 +117,7 @@ class Engine:
                           torch.zeros(shape, dtype=dtype, device=self.device),
                           torch.zeros(max_slots, self.pages_per_slot, dtype=torch.int32, device=self.device),
                           cfg.context, torch.zeros(max_slots * cfg.num_heads, dtype=torch.int32, device=self.device))
+        self.seed = check_seed(seed)
         self.state = self.gen.init_state(max_slots, seed=seed, kv=kv, require_conditions=False)
         self.state.exec_mask.fill_(False)
         self.buckets = tuple(sorted(set(buckets or default_buckets(max_slots))))
@@ -129,7 +143,9 @@ class Engine:
 
     def open(self, conditions: dict | None = None, seed: int | None = None, slot: int | None = None) -> int:
         """Start a stream; returns its slot (the lowest free one unless ``slot`` asks for a given free slot).
-        ``conditions``: this stream's condition values (TTS voices...)."""
+        ``conditions``: this stream's condition values (TTS voices...). ``seed``: its sampling seed (default: the
+        engine's ``seed + slot``, as a fresh engine gives that slot, whatever the slot's previous stream used)."""
+        seed = None if seed is None else check_seed(seed)  # before any state changes
         free = [s for s in range(self.max_slots) if s not in self.slots]
         if not free:
             raise EngineFull(f"all {self.max_slots} stream slots are in use")
@@ -144,8 +160,7 @@ class Engine:
         self.gen.reset(self.state, mask)
         self.state.offset_cpu = offset_cpu  # out-of-sync mode: the host counter is irrelevant per slot
         self.state.kv.block_table[slot] = 0
-        if seed is not None:
-            self.state.seeds[slot] = seed
+        self.state.seeds[slot] = self.seed + slot if seed is None else seed
         if conditions is not None:
             self._set_conditions(slot, conditions)
         self.slots[slot] = _Slot()
@@ -250,7 +265,16 @@ class Engine:
         if inputs is not None:
             self._inputs[: inputs.shape[0]].copy_(inputs, non_blocking=True)
         inp = self._inputs[:bucket] if self._inputs.shape[1] else None
-        out = self._run(view, bucket, inp, on_text_logits, on_text, depformer_replace_tokens, on_audio)
+        try:
+            out = self._run(view, bucket, inp, on_text_logits, on_text, depformer_replace_tokens, on_audio)
+        except BaseException:
+            # A hook raised before the commit: the frame was not committed, but the forward pass appended K/V and
+            # advanced the KV positions. Putting the positions back makes the step never have happened (the next
+            # step overwrites that K/V), so host and device agree on which pages each slot needs.
+            idx = torch.tensor(active, dtype=torch.long)
+            host = torch.tensor([self.slots[s].position for s in active], dtype=torch.long)
+            self.state.positions[idx.to(self.device)] = host.to(self.device)
+            raise
         for slot in active:
             self.slots[slot].position += 1
         return out

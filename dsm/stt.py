@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import AudioError, ClippedAudioWarning, load_audio, validate_pcm
+from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
 from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .mimi_graph import GraphedMimiStep
 from .transcript import (
@@ -274,8 +274,9 @@ class STTStream:
     """One audio stream on an :class:`STTRuntime`; created by :meth:`STTRuntime.open_stream`."""
 
     def __init__(self, runtime: STTRuntime, slot: int, name: str, sample_rate: int):
-        if not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
-            raise AudioError(f"stream {name}: sample rate must be a positive integer, got {sample_rate!r}")
+        if not isinstance(sample_rate, int | np.integer) or sample_rate < MIN_SAMPLE_RATE:
+            raise AudioError(f"stream {name}: sample rate must be an integer >= {MIN_SAMPLE_RATE} Hz, got "
+                             f"{sample_rate!r}")
         self.rt, self.slot, self.name, self.sample_rate = runtime, slot, name, int(sample_rate)
         self.queue = _SampleQueue()
         self.tokens: list[int] = []
@@ -358,7 +359,7 @@ class STTStream:
         (moshi-server's rule, §5.7); pending markers are echoed at the end of the stream at the latest."""
         due = self.steps + len(self.queue) // FRAME_SIZE + self.rt.asr_delay_in_tokens
         self._markers.append((due, int(marker_id)))
-        self._due_markers(all_=self.finished)  # a finished stream runs no more steps: echo it now
+        self._due_markers(all_=self.ended and len(self.queue) < FRAME_SIZE)  # no more steps for it: echo now
         return self.events()
 
     def _due_markers(self, all_: bool = False) -> None:
@@ -366,10 +367,11 @@ class STTStream:
             self._events.append(Marker(self.name, self._markers.pop(0)[1]))
 
     def close(self) -> None:
-        """Abort: drop queued audio and free the slot now (no Finished event)."""
+        """Abort: drop queued audio and free the slot now (no Finished event); pending markers are echoed."""
         self.ended = True
         self.queue = _SampleQueue()
         self.rt._release(self)
+        self._due_markers(all_=True)
 
     def events(self) -> list[Event]:
         """Take this stream's pending events."""
@@ -474,6 +476,7 @@ class STTRuntime:
             raise ValueError(f"vad_head {self.options.vad_head} out of range: the model has {heads} VAD heads")
         self.slots: list[STTStream | None] = [None] * max_streams
         self.total_steps = 0
+        self.opened = 0  # streams opened so far (default stream names)
 
     @classmethod
     def from_checkpoint(cls, files, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -515,7 +518,8 @@ class STTRuntime:
         if None not in self.slots:
             raise NoFreeSlotError(f"all {self.max_streams} stream slots are in use")
         slot = self.slots.index(None)
-        stream = STTStream(self, slot, name if name is not None else f"stream-{self.total_steps}-{slot}", sample_rate)
+        self.opened += 1
+        stream = STTStream(self, slot, name if name is not None else f"stream-{self.opened}", sample_rate)
         got = self.stepper.open()
         if got != slot:
             self.stepper.close(got)

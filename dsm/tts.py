@@ -39,6 +39,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoint, hub_file, resolve_checkpoint
 from .conditioning import TensorInput
+from .engine import check_seed
 from .generate import Generator
 from .mimi import Mimi
 from .mimi_graph import GraphedMimiStep
@@ -118,6 +119,14 @@ class EntryBuilder:
 
     def add(self, text: str) -> list[Entry]:
         """Entries of ``text`` (normalised as the reference: ’→', ':'→space, parentheses dropped, break tags)."""
+        saved = self._first_content, self._last_speaker
+        try:
+            return self._add(text)
+        except Exception:  # all or nothing: a refused push must not eat the turn's speaker token
+            self._first_content, self._last_speaker = saved
+            raise
+
+    def _add(self, text: str) -> list[Entry]:
         line = text.replace("\u2019", "'").replace(":", " ").replace("(", "").replace(")", "")
         out: list[Entry] = []
         while line:
@@ -128,7 +137,11 @@ class EntryBuilder:
             if word:
                 out.append(self._word(word))
             if match.group(1):
-                seconds = float(match.group(1))
+                try:  # the tag pattern is moshi's, whose '.' matches any character: "1x5s" gets here
+                    seconds = float(match.group(1))
+                except ValueError:
+                    raise TTSInputError(f"bad break tag {match.group(0)!r}: the time must be a number of seconds, "
+                                        'e.g. <break time="1.5s"/>') from None
                 if self.max_break_s is not None:
                     seconds = min(seconds, self.max_break_s)
                 out.append(Entry([], "", int(round(seconds * self.frame_rate))))
@@ -454,6 +467,7 @@ class TTSConfig:
         for name in ("top_k", "top_k_text"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TTSConfig.{name} must be >= 0 (0: no top-k), got {getattr(self, name)}")
+        check_seed(self.seed, "TTSConfig.seed")
         if self.max_break_s is not None and not 0 <= self.max_break_s < math.inf:
             raise ValueError(f"TTSConfig.max_break_s must be None or a finite number >= 0, got {self.max_break_s}")
 
@@ -487,7 +501,8 @@ class TTSStream:
     def push(self, text: str) -> int:
         """Add whole words to the current turn; returns the number of entries added."""
         if self.text_ended:
-            raise TTSInputError("text was already ended for this stream (push after end())")
+            what = "cancelled" if self.cancelled else "ended (push after end())"
+            raise TTSInputError(f"text was already {what} for this stream")
         entries = self.builder.add(text)
         if entries and self.first_text_at is None:
             self.first_text_at = time.perf_counter()
@@ -668,7 +683,7 @@ class TTSRuntime:
         if not self.cfg_values:
             cfg = None
         conds = self._conditions([voices], [cfg])
-        stream = TTSStream(self, conds, on_pcm, self.config.seed if seed is None else seed)
+        stream = TTSStream(self, conds, on_pcm, self.config.seed if seed is None else check_seed(seed))
         self.waiting.append(stream)
         return stream
 
@@ -687,10 +702,15 @@ class TTSRuntime:
             if self._empty(stream):
                 stream.done = True
                 continue
-            slot = free.popleft()
+            slot = free[0]
+            try:
+                self.stepper.start(slot, stream.conditions, stream.seed)
+            except Exception:  # this stream cannot start: drop it alone; the slot stays free for the others
+                stream.done = stream.cancelled = stream.text_ended = True
+                raise
+            free.popleft()
             stream.slot = slot
             self.slots[slot] = stream
-            self.stepper.start(slot, stream.conditions, stream.seed)
             if self.mimi is not None:
                 mask = torch.zeros(len(self.slots), dtype=torch.bool, device=self.mimi.device)
                 mask[slot] = True
@@ -745,19 +765,24 @@ class TTSRuntime:
                 s.frames.append(frames[b])
                 if len(s.frames) > self.delay_steps:
                     decode.append(b)
+        errors: list[Exception] = []
         if decode and self.mimi is not None:
-            self._decode(decode, frames)
+            self._decode(decode, frames, errors)
         for b in rows:
             s = self.slots[b]
+            if s is None:  # cancelled by a callback during this step
+                continue
             end = s.machine.end_step
             if end is not None and s.offset >= end + self.delay_steps + self.config.final_padding + 2:
                 self._finish(b)
             elif s.offset >= self.config.max_gen_length:
                 s.truncated = True
                 self._finish(b)
+        if errors:  # a stream's on_pcm raised: raised once every stream has its frame and its bookkeeping
+            raise errors[0]
         return len(rows)
 
-    def _decode(self, rows: list[int], frames: torch.Tensor) -> None:
+    def _decode(self, rows: list[int], frames: torch.Tensor, errors: list[Exception]) -> None:
         B, n_q = len(self.slots), self.config.n_q
         mask = torch.zeros(B, dtype=torch.bool)
         mask[rows] = True
@@ -769,7 +794,13 @@ class TTSRuntime:
         with torch.no_grad():
             pcm = self._decode_step(codes).clamp(-1, 1).float().cpu()
         for b in rows:
-            self.slots[b]._deliver(pcm[b, 0])
+            s = self.slots[b]
+            if s is None:  # cancelled by an earlier stream's callback
+                continue
+            try:
+                s._deliver(pcm[b, 0])
+            except Exception as e:  # one stream's callback must not cost the others their frame
+                errors.append(e)
 
     def _cancel(self, stream: TTSStream) -> None:
         if stream.done:

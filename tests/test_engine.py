@@ -150,6 +150,50 @@ def test_step_input_errors_change_nothing(stt_model):
     assert [eng.slots[s].position for s in (0, 1)] == [1, 1] and eng.state.positions[:2].tolist() == [1, 1]
 
 
+def test_a_raising_hook_leaves_the_step_undone(stt_model):
+    """A hook (STTRuntime's on_text) that raises mid-step: the frame was not committed, and the engine goes on
+    exactly as if that step had never been called (host and device positions agree, no ring entry on the null page,
+    so no page is shared with another stream)."""
+    audio = torch.randint(0, 64, (12, 2, 32), generator=torch.Generator().manual_seed(5))
+
+    def run(fail_at):
+        eng = Engine(stt_model, max_slots=2, page_size=4, buckets=(2,), use_sampling=False)
+        eng.open(), eng.open()
+        zs = []
+        for t in range(12):
+            if t == fail_at:
+                for hook in ("on_text", "on_text_logits"):
+                    with pytest.raises(ZeroDivisionError):
+                        eng.step(audio[t], **{hook: lambda x: 1 / 0})
+                assert eng.state.positions.tolist() == [eng.slots[s].position for s in (0, 1)] == [t, t]
+            zs.append(eng.step(audio[t]).z.clone())
+        assert 0 not in eng.state.kv.block_table.tolist()
+        return torch.stack(zs)
+
+    assert torch.equal(run(4), run(None))  # position 4 starts the second page: the case that hit the null page
+
+
+def test_open_seeds(stt_model):
+    """A stream opened without a seed samples as that slot of a fresh engine does, whatever its slot's previous
+    stream used; a seed that is not an int64 is refused before the slot is touched."""
+    inputs = torch.randint(0, 64, (8, 2, 32), generator=torch.Generator().manual_seed(6))
+
+    def sample(eng, slot):
+        return torch.stack([eng.step(inputs[t], active=[slot]).tokens[slot].clone() for t in range(8)])
+
+    fresh = Engine(stt_model, max_slots=2, buckets=(2,), seed=9)
+    want = sample(fresh, fresh.open())
+    eng = Engine(stt_model, max_slots=2, buckets=(2,), seed=9)
+    slot = eng.open(seed=123)
+    other = sample(eng, slot)
+    eng.close(slot)
+    assert torch.equal(sample(eng, eng.open()), want) and not torch.equal(other, want)
+    for bad, err in ((2**63, ValueError), ("7", TypeError), (1.5, TypeError), (True, ValueError)):
+        with pytest.raises(err, match="seed"):
+            eng.open(seed=bad)
+    assert sorted(eng.slots) == [0]
+
+
 def test_long_stream_uses_bounded_pages(stt_model):
     eng = Engine(stt_model, max_slots=2, page_size=4, use_sampling=False)
     slot = eng.open()

@@ -392,6 +392,21 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
         list(transcribe_files(r0, [tmp_path / "ok.flac"]))
 
 
+def test_open_close_markers_and_names(lm, tok, files):
+    """A rate no push could use is refused at open (not at every push, holding a slot); close() echoes pending
+    markers, and a marker asked after close is echoed at once; default names never repeat."""
+    rt = runtime(lm, tok, files.config, max_streams=1)
+    with pytest.raises(AudioError, match=">= 1000 Hz"):
+        rt.open_stream("slow", sample_rate=500)
+    s = rt.open_stream()
+    s.push(noise(1920 * 3, 2), process=False)
+    assert s.marker(4) == []
+    s.close()
+    assert s.events() == [Marker(s.name, 4)] and s.marker(5) == [Marker(s.name, 5)]
+    t = rt.open_stream()
+    assert t.name != s.name
+
+
 def test_loud_stream_warns_once_and_counts_clipped_samples(lm, tok, files):
     from dsm.audio import ClippedAudioWarning
 

@@ -304,7 +304,7 @@ def test_cancel_frees_the_slot_and_leaves_the_others_untouched(ckpt):
     doomed.cancel()
     doomed.cancel()  # twice: nothing more
     assert doomed.done and doomed.cancelled and doomed.slot is None and queued.done and queued.frames == []
-    with pytest.raises(TTSInputError, match="ended"):
+    with pytest.raises(TTSInputError, match="cancelled"):
         doomed.push("more")
     n = len(doomed.frames)
     rt.run([keep, later])
@@ -463,6 +463,68 @@ def test_pcm_matches_moshi_mimi(ckpt, moshi_tts):
     ours = torch.cat(chunks)
     assert ours.abs().max() <= 1
     torch.testing.assert_close(ours, torch.cat(ref), atol=2e-4, rtol=0)
+
+
+def test_a_refused_push_changes_nothing(ckpt):
+    """A push refused for one bad word (too long, or a malformed break tag) leaves the stream as it was: the next
+    push still opens the turn with its speaker token, as on a fresh stream."""
+    rt = runtime(ckpt, n_q=2)
+    fresh, s = rt.open_stream(None), rt.open_stream(None)
+    with pytest.raises(TTSInputError, match="max_word_tokens"):
+        s.push("hello " + "abcdefghij" * 50)
+    with pytest.raises(TTSInputError, match=r"bad break tag.*1x5s"):
+        s.push('hello <break time="1x5s"/> world')
+    assert s.push("hello world") == fresh.push("hello world") == 2
+    assert s.machine.entries == fresh.machine.entries and s.machine.entries[0].tokens[0] == 1  # MAIN_SPEAKER
+
+
+def test_bad_seeds_are_refused_at_open(ckpt):
+    rt = runtime(ckpt, n_q=2, max_batch=2)
+    for bad, err in ((2**63, ValueError), ("7", TypeError), (1.7, TypeError)):
+        with pytest.raises(err, match="seed"):
+            rt.open_stream(None, seed=bad)
+        with pytest.raises(err, match="seed"):
+            TTSConfig(seed=bad)
+    assert not rt.waiting and rt.slots == [None, None]
+
+
+def test_a_stream_callback_cannot_hurt_the_others(ckpt):
+    """One stream's on_pcm cancels that stream, or raises: the step still gives every other stream its frame and its
+    bookkeeping (the frame a raise used to cost them was already decoded, so it could not be recovered)."""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    rt = runtime(ckpt, audio=True, n_q=2)
+    alone = rt.open_stream(voice)
+    alone.push("hello world this is")
+    alone.end()
+    rt.run([alone])
+    want = alone.read()
+    def pair(mode):
+        rt = runtime(ckpt, audio=True, n_q=2, max_batch=2)
+        calls = []
+
+        def on_pcm(pcm):
+            calls.append(pcm.numel())
+            if len(calls) == 2:
+                if mode == "cancel":
+                    a.cancel()
+                else:
+                    raise OSError("client went away")
+
+        a, b = rt.open_stream(voice, on_pcm=on_pcm), rt.open_stream(voice)
+        for s in (a, b):
+            s.push("hello world this is")
+            s.end()
+        if mode == "raise":
+            with pytest.raises(OSError, match="went away"):
+                rt.run([a, b])
+            a.cancel()
+        rt.run([b])
+        assert len(calls) == 2 and b.done and not b.cancelled
+        return b
+
+    for mode in ("cancel", "raise"):
+        b = pair(mode)
+        torch.testing.assert_close(b.read(), want)  # every frame (batch 2 vs 1 Mimi: float rounding only)
 
 
 def test_pcm_with_fewer_streams_than_slots(ckpt):
