@@ -21,7 +21,9 @@ alone and never touches the other streams.
 
 Threads: the event loop does the websocket I/O; the steps (and the CUDA graph capture before them) run on one model
 thread, so a long step never stalls pings, reads or sends. Every touch of the runtime, from the loop or the model
-thread, holds one ``asyncio.Lock``; messages that arrive during a step wait for it without blocking the loop.
+thread, holds one ``asyncio.Lock``; messages that arrive during a step wait for it without blocking the loop. Each
+connection's output goes through its own outbox, drained by its own task, so a client that reads slowly delays only
+itself; one that lets more than ``OUTBOX_BYTES`` pile up is closed with code 1008.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ ASR_PATH = "/api/asr-streaming"
 TTS_PATH = "/api/tts_streaming"
 TTS_FORMATS = ("PcmMessagePack", "Pcm")
 FRAME_RATE = 12.5
+OUTBOX_BYTES = 64 * 2**20  # unsent output per connection (~5 min of PcmMessagePack audio) before it is closed
 log = logging.getLogger("dsm.server")
 
 
@@ -66,16 +69,54 @@ def event_message(event, buffered_pcm: int) -> dict | None:
     return None
 
 
+class _Outbox:
+    """A connection's messages waiting to be sent, in order, by a task of its own: the model loop only posts."""
+
+    def __init__(self, ws, limit: int):
+        self.ws, self.limit, self.pending = ws, limit, 0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closing: asyncio.Task | None = None  # set when the client fell too far behind
+        self.task = asyncio.create_task(self._drain())
+
+    def post(self, data: bytes | str) -> None:
+        if self.closing is not None:
+            return
+        if self.pending + len(data) > self.limit:  # the client does not keep up: drop it, not the server's memory
+            log.warning("a client left %d bytes unread; closing it", self.pending)
+            self.task.cancel()  # its send may wait on the client forever
+            self.closing = asyncio.create_task(self.ws.close(1008, "dsm: the client reads its output too slowly"))
+            return
+        self.pending += len(data)
+        self.queue.put_nowait(data)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection once everything posted before has been sent."""
+        self.queue.put_nowait((code, reason))
+
+    async def _drain(self) -> None:
+        while True:
+            item = await self.queue.get()
+            try:
+                if isinstance(item, tuple):
+                    await self.ws.close(*item)
+                    return
+                self.pending -= len(item)
+                await self.ws.send(item)
+            except Exception:  # the connection is going away; its handler cleans up
+                return
+
+
 class _Endpoint:
     """One websocket endpoint over a shared runtime: HTTP checks, the connections, and the model loop that steps
     the runtime on the model thread while it has work and then sends each connection its output."""
 
     path = ""
+    outbox_bytes = OUTBOX_BYTES
 
     def __init__(self, runtime, api_keys: Iterable[str]):
         self.rt = runtime
         self.api_keys = set(api_keys)
-        self.connections: dict[object, object] = {}  # connection state -> websocket
+        self.connections: dict[object, _Outbox] = {}  # connection state -> its outbox
         self.lock = asyncio.Lock()  # held by whoever touches the runtime or a stream
         self._wake = asyncio.Event()
         self._model_thread: ThreadPoolExecutor | None = None
@@ -145,28 +186,17 @@ class _Endpoint:
                         failed, stepped = True, False
                     outgoing = [] if failed else self._outgoing()
                 if failed:
-                    for ws in list(self.connections.values()):  # their handlers cancel their streams
-                        await ws.close(1011, "dsm: model step failed (see the server log)")
+                    for box in list(self.connections.values()):  # their handlers cancel their streams
+                        box.close(1011, "dsm: model step failed (see the server log)")
                     break
-                await self._send_all(outgoing)
+                for box, payloads, close in outgoing:
+                    for data in payloads:
+                        box.post(data)
+                    if close:
+                        box.close()
                 if not stepped:
                     break
-
-    async def _send_all(self, outgoing) -> None:
-        for ws, payloads, close in outgoing:
-            for data in payloads:
-                if not await self._send(ws, data):
-                    break
-            if close:
-                await ws.close()
-
-    @staticmethod
-    async def _send(ws, data) -> bool:
-        try:
-            await ws.send(data)
-            return True
-        except Exception:  # the connection is going away; its handler cleans up
-            return False
+                await asyncio.sleep(0)  # let the outboxes and the connections run between steps
 
 
 class ASRServer(_Endpoint):
@@ -189,21 +219,22 @@ class ASRServer(_Endpoint):
             await ws.send(pack({"type": "Error", "message": "no free channels"}))
             await ws.close()
             return
-        self.connections[stream] = ws
+        box = self.connections[stream] = _Outbox(ws, self.outbox_bytes)
         try:
-            await ws.send(pack({"type": "Ready"}))
+            box.post(pack({"type": "Ready"}))
             async for raw in ws:
                 if isinstance(raw, str):
                     continue  # text frames are ignored by the ASR
                 async with self.lock:
                     error = self._on_message(stream, raw)
                 if error:
-                    await ws.send(pack({"type": "Error", "message": error}))
+                    box.post(pack({"type": "Error", "message": error}))
                 self._wake.set()
         except ConnectionClosed:  # gone without a close frame (network drop, killed client): the slot is freed below
             log.info("%s: connection lost", stream.name)
         finally:
             del self.connections[stream]
+            box.task.cancel()
             async with self.lock:
                 stream.close()
 
@@ -231,11 +262,11 @@ class ASRServer(_Endpoint):
 
     def _outgoing(self):
         out = []
-        for stream, ws in self.connections.items():
+        for stream, box in self.connections.items():
             msgs = [event_message(e, len(stream.queue)) for e in stream.events()]
             payloads = [pack(m) for m in msgs if m is not None]
             if payloads:
-                out.append((ws, payloads, False))
+                out.append((box, payloads, False))
         return out
 
 
@@ -273,16 +304,16 @@ class TTSServer(_Endpoint):
     async def _handler(self, ws) -> None:
         query = parse_qs(urlsplit(ws.request.path).query)
         conn = _TTSConnection((query.get("format") or ["OggOpus"])[0], self._voice((query.get("voice") or [""])[0]))
-        self.connections[conn] = ws
+        box = self.connections[conn] = _Outbox(ws, self.outbox_bytes)
         try:
             if conn.fmt == "PcmMessagePack":
-                await ws.send(pack({"type": "Ready"}))
+                box.post(pack({"type": "Ready"}))
             async for raw in ws:
                 async with self.lock:
                     error = self._on_message(conn, raw)
                 if error:
                     if conn.fmt == "PcmMessagePack":
-                        await ws.send(pack({"type": "Error", "message": error}))
+                        box.post(pack({"type": "Error", "message": error}))
                     else:
                         log.warning("tts connection: %s", error)
                 self._wake.set()
@@ -291,6 +322,7 @@ class TTSServer(_Endpoint):
             log.info("tts connection lost")
         finally:
             self.connections.pop(conn, None)
+            box.task.cancel()
             if conn.stream is not None:
                 async with self.lock:
                     conn.stream.cancel()  # nobody reads it any more: free its slot now
@@ -327,7 +359,7 @@ class TTSServer(_Endpoint):
 
     def _outgoing(self):
         out = []
-        for conn, ws in list(self.connections.items()):
+        for conn, box in list(self.connections.items()):
             s = conn.stream
             if s is None:
                 continue
@@ -348,7 +380,7 @@ class TTSServer(_Endpoint):
             if s.done:
                 self.connections.pop(conn, None)
             if payloads or s.done:
-                out.append((ws, payloads, s.done))
+                out.append((box, payloads, s.done))
         return out
 
 

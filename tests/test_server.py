@@ -202,3 +202,60 @@ def test_steps_run_on_the_model_thread_and_the_loop_stays_responsive(files):
     assert pong < 0.2, f"ping answered after {pong:.3f} s: the step blocked the event loop"
     assert reply["type"] == "Error"
     assert answered < 1.0  # waited for at most the step in flight (0.4 s), not for all four
+
+
+class _UnreadClient:
+    """A connection whose client stops reading after the first message: every later send waits forever."""
+
+    request = None
+
+    def __init__(self, messages):
+        self.inbox, self.sent, self.close_code = asyncio.Queue(), 0, None
+        for m in messages:
+            self.inbox.put_nowait(m)
+
+    async def send(self, data):
+        self.sent += 1
+        if self.sent > 1:
+            await asyncio.Event().wait()
+
+    async def close(self, code=1000, reason=""):
+        self.close_code = code
+        self.inbox.put_nowait(None)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self.inbox.get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+
+@pytest.mark.parametrize("limit", [None, 3000])
+def test_a_client_that_stops_reading_delays_only_itself(files, limit):
+    """Its output piles up in its own outbox (the model loop never waits on its socket), so another client gets its
+    words in time; past the outbox limit it is closed with 1008 and its slot is freed."""
+    rt = _runtime(files, slots=2)
+    audio = msgpack.packb({"type": "Audio", "pcm": _audio(2.0, 3).tolist()})
+
+    async def main():
+        server = ASRServer(rt)
+        if limit:
+            server.outbox_bytes = limit
+        async with await server.serve("127.0.0.1", 0) as ws_server:
+            port = ws_server.sockets[0].getsockname()[1]
+            stuck = _UnreadClient([audio] * 3)
+            handler = asyncio.create_task(server._handler(stuck))
+            got = await asyncio.wait_for(_client(f"ws://127.0.0.1:{port}{ASR_PATH}", _audio(1.0, 4), 9), 60)
+            if limit:
+                await asyncio.wait_for(handler, 10)
+            else:
+                handler.cancel()
+            return got, stuck
+
+    got, stuck = asyncio.run(main())
+    assert got[-1] == {"type": "Marker", "id": 9} and stuck.sent >= 2
+    if limit:
+        assert stuck.close_code == 1008 and rt.free_slots == 2
