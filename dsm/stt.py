@@ -450,7 +450,11 @@ class STTStream:
 
 
 class STTRuntime:
-    """Shared model + ``max_streams`` slots. Build with :meth:`from_checkpoint` or from loaded parts."""
+    """Shared model + ``max_streams`` slots. Build with :meth:`from_checkpoint` or from loaded parts.
+
+    ``on_text``: a hook that may edit each step's text tokens in place (rows by slot; forced alignment, tests). If it
+    raises, the LM step is undone but the audio frame of that step, already encoded, is lost for every stream in it.
+    """
 
     def __init__(self, lm, mimi, tokenizer, config, *, max_streams: int = 8, options: STTOptions | None = None,
                  on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = True):
