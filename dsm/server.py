@@ -151,8 +151,8 @@ class _Endpoint:
 
     def _thread_init(self) -> None:
         device = torch.device(self.rt.device)
-        if device.type == "cuda":  # the current device is per thread; graphs replay where they were captured
-            torch.cuda.set_device(device)
+        if device.type == "cuda" and device.index is not None:  # the current device is per thread (set_device
+            torch.cuda.set_device(device)  # refuses an unindexed "cuda", which means the current device anyway)
 
     async def _on_model_thread(self, fn):
         def run():

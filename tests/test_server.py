@@ -259,3 +259,18 @@ def test_a_client_that_stops_reading_delays_only_itself(files, limit):
     assert got[-1] == {"type": "Marker", "id": 9} and stuck.sent >= 2
     if limit:
         assert stuck.close_code == 1008 and rt.free_slots == 2
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", []), ("cuda", []), ("cuda:1", [torch.device("cuda:1")])])
+def test_model_thread_takes_the_runtime_device(monkeypatch, device, expected):
+    """The model thread's current CUDA device is the runtime's (it is per thread); an unindexed "cuda" is left to
+    the default, since torch.cuda.set_device refuses it (and a failing initializer breaks the thread pool)."""
+    import types
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+
+    server = ASRServer.__new__(ASRServer)  # only the runtime's device is read
+    server.rt = types.SimpleNamespace(device=torch.device(device))
+    server._thread_init()
+    assert calls == expected
