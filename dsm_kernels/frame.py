@@ -109,14 +109,14 @@ def frame_commit_triton(cache, offsets, exec_mask, delays, text_token, audio, ma
 
 
 @triton.jit
-def _kv_slots_kernel(bt_ptr, pos_ptr, write_ptr, slot_ptr, len_ptr, B, page_size, pps, stride_bt,
+def _kv_slots_kernel(bt_ptr, pos_ptr, write_ptr, slot_ptr, len_ptr, B, page_size, pps, stride_bt, stride_bp,
                      BLOCK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = b < B
     pos = tl.load(pos_ptr + b, mask=m, other=0).to(tl.int64)
     w = tl.load(write_ptr + b, mask=m, other=0).to(tl.int32) != 0
     logical = (pos // page_size) % pps
-    page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + logical, mask=m & w, other=0).to(tl.int64)
+    page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + logical * stride_bp, mask=m & w, other=0).to(tl.int64)
     tl.store(slot_ptr + b, tl.where(w, page * page_size + pos % page_size, -1), mask=m)
     tl.store(len_ptr + b, tl.where(w, pos + 1, 0).to(tl.int32), mask=m)
 
@@ -130,7 +130,7 @@ def kv_slots_triton(block_table, positions, write, page_size):
         return slot, seq_lens
     block = min(1024, triton.next_power_of_2(B))
     _kv_slots_kernel[(triton.cdiv(B, block),)](
-        block_table, positions, write, slot, seq_lens, B, page_size, block_table.shape[1], block_table.stride(0),
-        BLOCK=block, num_warps=4,
+        block_table, positions, write, slot, seq_lens, B, page_size, block_table.shape[1],
+        block_table.stride(0), block_table.stride(1), BLOCK=block, num_warps=4,
     )  # fmt: skip
     return slot, seq_lens

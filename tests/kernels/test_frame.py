@@ -89,6 +89,17 @@ def test_kv_slots(backend, B, pps, page_size):
     assert torch.equal(slot.cpu(), exp_slot) and torch.equal(lens.cpu(), exp_len)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_slots_strided_block_table(backend):
+    dev = kernel_device(backend)
+    bt = torch.arange(12, dtype=torch.int32).view(4, 3).t().contiguous().t()  # column-major: stride (1, 4)
+    pos, write = torch.tensor([0, 5, 9, 2]), torch.ones(4, dtype=torch.bool)
+    exp = reference.kv_slots_ref(bt, pos, write, 4)[0]
+    assert exp.tolist() == [0, 17, 33, 38]
+    got = resolve("kv_slots", backend, dev)(bt.to(dev), pos.to(dev), write.to(dev), 4)[0]
+    assert torch.equal(got.cpu(), exp)
+
+
 def test_triton_aot_compiles_for_sm90():
     assert run_aot_script(__file__).count("cubin") == 5
 
