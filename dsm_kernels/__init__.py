@@ -4,9 +4,10 @@ GEMV with that glue in its prologue and epilogue, and the delayed-stream bookkee
 KV slots).
 
 Every op has a pure-torch reference (``dsm_kernels.reference``) and a Triton kernel; the three core kernels
-(embedding, paged attention with its append, sampling) also have a CUDA C++ kernel. The
-functions below are the single dispatch point: ``backend=None`` picks the fastest backend available for the
-tensors' device (cuda > triton > reference on a GPU; reference on the CPU), or an explicit backend name.
+(embedding, paged attention with its append, sampling) also have a CUDA C++ kernel. The functions below are the
+single dispatch point: each checks its inputs' shapes once for every backend (:mod:`dsm_kernels.checks`), then
+``backend=None`` picks the fastest backend available for the tensors' device (cuda > triton > reference on a GPU;
+reference on the CPU), or an explicit backend name.
 Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 
@@ -19,7 +20,7 @@ from functools import cache
 
 import torch
 
-from . import reference
+from . import checks, reference
 
 BACKENDS = ("reference", "triton", "cuda")
 
@@ -191,7 +192,8 @@ def default_backend(device: torch.device | str) -> str:
 
 
 def resolve(op: str, backend: str | None, device: torch.device | str):
-    """The implementation of ``op`` for ``backend`` (None = default for ``device``)."""
+    """The implementation of ``op`` for ``backend`` (None = default for ``device``), without the input checks of the
+    dispatch functions below: its caller guarantees the shapes."""
     if op not in _OPS:
         raise KeyError(f"unknown kernel op {op!r}; known: {sorted(_OPS)}")
     backend = backend or default_backend(device)
@@ -216,12 +218,14 @@ def _load(path: str):
 
 def multistream_embed(tokens, text_table, audio_tables, *, text_table2=None, cond=None, out_dtype=None, backend=None):
     """See :func:`dsm_kernels.reference.multistream_embed_ref`."""
+    checks.multistream_embed(tokens, text_table, audio_tables, text_table2, cond)
     fn = resolve("multistream_embed", backend, tokens.device)
     return fn(tokens, text_table, audio_tables, text_table2=text_table2, cond=cond, out_dtype=out_dtype)
 
 
 def append_kv(k_cache, v_cache, k, v, slot_mapping, *, backend=None):
     """See :func:`dsm_kernels.reference.append_kv_ref`."""
+    checks.append_kv(k_cache, v_cache, k, v, slot_mapping)
     return resolve("append_kv", backend, k.device)(k_cache, v_cache, k, v, slot_mapping)
 
 
@@ -229,24 +233,28 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, contex
                            backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.paged_decode_attention_ref`; ``counters`` (int32, >= B*H, at 0, one launch
     at a time, e.g. :attr:`dsm.kv_cache.PagedKVCache.counters`) lets the split-K kernels merge in the same launch."""
+    checks.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, context)
     fn = resolve("paged_decode_attention", backend, q.device)
     return fn(q, k_cache, v_cache, block_table, seq_lens, context=context, scale=scale, counters=counters)
 
 
 def sample_tokens(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, backend=None):
     """See :func:`dsm_kernels.reference.sample_tokens_ref`."""
+    checks.sample_tokens(logits, temperature, seeds, steps, null_logits)
     fn = resolve("sample_tokens", backend, logits.device)
     return fn(logits, temperature, top_k, seeds, steps, null_logits=null_logits, cfg_coef=cfg_coef)
 
 
 def add_rms_norm(x, alpha, eps, *, delta=None, scale=None, backend=None):
     """See :func:`dsm_kernels.reference.add_rms_norm_ref` (``x`` is updated in place)."""
+    checks.add_rms_norm(x, alpha, delta, scale)
     return resolve("add_rms_norm", backend, x.device)(x, alpha, eps, delta=delta, scale=scale)
 
 
 def rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, *,
                    backend=None):
     """See :func:`dsm_kernels.reference.rope_append_kv_ref` (the caches are written in place)."""
+    checks.rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
     fn = resolve("rope_append_kv", backend, qkv.device)
     return fn(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
 
@@ -255,6 +263,7 @@ def gemv(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, scale=None
          backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.gemv_ref`: a small-batch linear with an RMSNorm (or LayerNorm) prologue and
     a residual, SiLU-gate or GELU epilogue (the Triton kernel takes B <= ``GEMV_MAX_B`` rows)."""
+    checks.gemv(x, weight, alpha, beta, residual, scale, gate, gelu, out)
     fn = resolve("gemv", backend, x.device)
     return fn(x, weight, alpha=alpha, beta=beta, eps=eps, residual=residual, scale=scale, gate=gate, gelu=gelu,
               out=out)  # fmt: skip
@@ -264,6 +273,8 @@ def qkv_rope_gemv(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, 
                   num_kv_heads, *, beta=None, out=None, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.qkv_rope_gemv_ref` (the caches are written in place; the Triton kernel takes
     B <= ``GEMV_MAX_B`` rows; ``beta``: LayerNorm instead of RMSNorm)."""
+    checks.qkv_rope_gemv(x, weight, alpha, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads,
+                         num_kv_heads, beta, out)  # fmt: skip
     fn = resolve("qkv_rope_gemv", backend, x.device)
     return fn(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
               out=out, beta=beta)
@@ -272,6 +283,7 @@ def qkv_rope_gemv(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, 
 def conv1d_gemv(x, weight, bias=None, stride=1, dilation=1, *, out=None, backend=None):
     """See :func:`dsm_kernels.reference.conv1d_gemv_ref`: a conv1d with few output columns (the Triton kernel takes
     at most ``CONV_GEMV_MAX_COLUMNS`` of them, batch rows included)."""
+    checks.conv1d_gemv(x, weight, bias, stride, dilation, out)
     return resolve("conv1d_gemv", backend, x.device)(x, weight, bias, stride, dilation, out=out)
 
 
@@ -299,6 +311,7 @@ def kv_slots(block_table, positions, write, page_size, *, backend=None):
 
 def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, backend=None):
     """See :func:`dsm_kernels.reference.depformer_frame_ref`."""
+    checks.depformer_frame(weights, z, text_token, temperature, seeds, steps)
     fn = resolve("depformer_frame", backend, z.device)
     return fn(weights, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
 
@@ -306,12 +319,14 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
 def rvq_encode(x, codebooks_aug, group_levels, level_ranges, *, out=None, backend=None):
     """See :func:`dsm_kernels.reference.rvq_encode_ref` (Mimi's split residual VQ encode); ``level_ranges`` is the
     caller's :func:`dsm_kernels.reference.rvq_level_ranges` of ``group_levels``, built once on ``x``'s device."""
+    checks.rvq_encode(x, codebooks_aug, tuple(group_levels), level_ranges, out)
     fn = resolve("rvq_encode", backend, x.device)
     return fn(x, codebooks_aug, tuple(group_levels), level_ranges, out=out)
 
 
 def rvq_decode(codes, tables, *, out=None, backend=None):
     """See :func:`dsm_kernels.reference.rvq_decode_ref` (sum of Mimi codebook lookups)."""
+    checks.rvq_decode(codes, tables, out)
     return resolve("rvq_decode", backend, tables.device)(codes, tables, out=out)
 
 
@@ -322,6 +337,7 @@ def mimi_rope_kv(qkv, rot, cache, rows, slots, *, out=None, backend=None):
 
 def mimi_conv_pad(x, prev, exec_mask, *, elu=False, out=None, backend=None):
     """See :func:`dsm_kernels.reference.mimi_conv_pad_ref` (Mimi's ELU + conv-state update; ``prev`` in place)."""
+    checks.mimi_conv_pad(x, prev, exec_mask, out)
     return resolve("mimi_conv_pad", backend, x.device)(x, prev, exec_mask, elu=elu, out=out)
 
 
@@ -338,12 +354,14 @@ def mimi_residual_out(y, weight, bias, x, *, backend=None):
 def mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref` (a Mimi transposed conv with its overlap-add, for few
     input columns; ``partial`` in place)."""
+    checks.mimi_convtr("mimi_convtr_gemv", x, partial, exec_mask)
     return resolve("mimi_convtr_gemv", backend, x.device)(x, w_rows, bias, stride, partial, exec_mask)
 
 
 def mimi_convtr_overlap(y, partial, bias, exec_mask, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_convtr_overlap_ref` (Mimi's transposed-conv overlap-add; ``y`` and
     ``partial`` in place)."""
+    checks.mimi_convtr("mimi_convtr_overlap", y, partial, exec_mask)
     return resolve("mimi_convtr_overlap", backend, y.device)(y, partial, bias, exec_mask)
 
 

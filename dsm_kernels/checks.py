@@ -1,0 +1,230 @@
+"""Input checks of the public ops, run by the dispatch point (:mod:`dsm_kernels`) before any backend.
+
+The Triton and CUDA kernels trust their shapes (a short ``positions`` or a one-row ``cond`` is read out of bounds),
+while the reference may broadcast or index its way to an answer. Checking here, once, gives every backend the same
+``ValueError`` naming the tensor. Host-side metadata only (shapes, dtypes): no ``.item()`` and no device sync, since
+the ops run inside captured CUDA graphs. Data-dependent conditions are the caller's to guarantee and are not checked
+on this path: token ids within their table, codes within their codebook, slots and block-table entries within the
+page pool, positions >= 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def shape(op: str, name: str, t: torch.Tensor, want: tuple) -> None:
+    """``t`` has ``len(want)`` dims of the sizes in ``want`` (None: any size)."""
+    if t.dim() != len(want) or any(w is not None and s != w for s, w in zip(t.shape, want, strict=True)):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {_dims(want)}")
+
+
+def numel(op: str, name: str, t: torch.Tensor, n: int, what: str) -> None:
+    if t.numel() != n:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} ({t.numel()} values), expected {n} ({what})")
+
+
+def like(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` has ``ref``'s shape and dtype."""
+    if t.shape != ref.shape or t.dtype != ref.dtype:
+        raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} must match {ref_name} {tuple(ref.shape)} "
+                         f"{ref.dtype}")  # fmt: skip
+
+
+def _pool(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, head_dim: int) -> None:
+    shape(op, "k_cache", k_cache, (None, None, heads, head_dim))
+    like(op, "v_cache", v_cache, "k_cache", k_cache)
+
+
+def _mask(op: str, exec_mask: torch.Tensor, B: int) -> None:
+    shape(op, "exec_mask", exec_mask, (B,))
+    if exec_mask.dtype != torch.bool:
+        raise ValueError(f"{op}: exec_mask must be torch.bool, got {exec_mask.dtype}")
+
+
+def multistream_embed(tokens, text_table, audio_tables, text_table2, cond) -> None:
+    op = "multistream_embed"
+    shape(op, "tokens", tokens, (None, None))
+    shape(op, "text_table", text_table, (None, None))
+    (B, K), D = tokens.shape, text_table.shape[1]
+    shape(op, "audio_tables", audio_tables, (None, None, D))
+    if audio_tables.shape[0] < K - 1:
+        raise ValueError(f"{op}: audio_tables {tuple(audio_tables.shape)} holds {audio_tables.shape[0]} tables for "
+                         f"the {K - 1} audio columns of tokens {tuple(tokens.shape)}")  # fmt: skip
+    if text_table2 is not None:
+        like(op, "text_table2", text_table2, "text_table", text_table)
+    if cond is not None:
+        shape(op, "cond", cond, (B, D))
+
+
+def append_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
+    op = "append_kv"
+    shape(op, "k", k, (None, None, None))
+    like(op, "v", v, "k", k)
+    B, H, D = k.shape
+    _pool(op, k_cache, v_cache, H, D)
+    shape(op, "slot_mapping", slot_mapping, (B,))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, context) -> None:
+    op = "paged_decode_attention"
+    shape(op, "q", q, (None, None, None))
+    B, H, D = q.shape
+    _pool(op, k_cache, v_cache, H, D)
+    shape(op, "block_table", block_table, (B, None))
+    shape(op, "seq_lens", seq_lens, (B,))
+    ring = block_table.shape[1] * k_cache.shape[1]
+    if not 1 <= context <= ring:  # a longer window would read ring positions twice (overwritten ones)
+        raise ValueError(f"{op}: context {context} must be in [1, pages_per_slot * page_size = {ring}] "
+                         f"(block_table {tuple(block_table.shape)}, k_cache {tuple(k_cache.shape)})")  # fmt: skip
+
+
+def sample_tokens(logits, temperature, seeds, steps, null_logits) -> None:
+    op = "sample_tokens"
+    shape(op, "logits", logits, (None, None))
+    B = logits.shape[0]
+    for name, t in (("temperature", temperature), ("seeds", seeds), ("steps", steps)):
+        shape(op, name, t, (B,))
+    if null_logits is not None:
+        shape(op, "null_logits", null_logits, tuple(logits.shape))
+
+
+def add_rms_norm(x, alpha, delta, scale) -> None:
+    op = "add_rms_norm"
+    shape(op, "x", x, (None, None))
+    D = x.shape[1]
+    numel(op, "alpha", alpha, D, "x's width")
+    if delta is not None:
+        shape(op, "delta", delta, tuple(x.shape))
+    if scale is not None:
+        numel(op, "scale", scale, D, "x's width")
+
+
+def _rope(op, B, positions, inv_freq, k_cache, v_cache, slot_mapping, num_kv_heads) -> int:
+    shape(op, "inv_freq", inv_freq, (None,))
+    D = 2 * inv_freq.shape[0]
+    shape(op, "positions", positions, (B,))
+    _pool(op, k_cache, v_cache, num_kv_heads, D)
+    shape(op, "slot_mapping", slot_mapping, (B,))
+    return D
+
+
+def rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads) -> None:
+    op = "rope_append_kv"
+    shape(op, "qkv", qkv, (None, None))
+    D = _rope(op, qkv.shape[0], positions, inv_freq, k_cache, v_cache, slot_mapping, num_kv_heads)
+    if qkv.shape[1] < (num_heads + 2 * num_kv_heads) * D:
+        raise ValueError(f"{op}: qkv has shape {tuple(qkv.shape)}, expected at least (H + 2 Hkv) * D = "
+                         f"{(num_heads + 2 * num_kv_heads) * D} columns")  # fmt: skip
+
+
+def _norm_params(op, alpha, beta, K) -> None:
+    if alpha is not None:
+        numel(op, "alpha", alpha, K, "x's width")
+    if beta is not None:
+        if alpha is None:
+            raise ValueError(f"{op}: a LayerNorm bias (beta) needs its weight (alpha)")
+        numel(op, "beta", beta, K, "x's width")
+
+
+def gemv(x, weight, alpha, beta, residual, scale, gate, gelu, out) -> None:
+    op = "gemv"
+    shape(op, "x", x, (None, None))
+    B, K = x.shape
+    shape(op, "weight", weight, (None, K))
+    if gate and weight.shape[0] % 2:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}; gate=True needs an even number of rows "
+                         "(gate rows, then value rows)")  # fmt: skip
+    N = weight.shape[0] // 2 if gate else weight.shape[0]
+    _norm_params(op, alpha, beta, K)
+    if residual is not None:
+        if gate or gelu or out is not None:
+            raise ValueError(f"{op}: the residual epilogue goes without gate, gelu and out (the residual is the "
+                             "output)")  # fmt: skip
+        shape(op, "residual", residual, (B, N))
+    if scale is not None:
+        numel(op, "scale", scale, N, "output features")
+    if out is not None:
+        shape(op, "out", out, (B, N))
+
+
+def qkv_rope_gemv(x, weight, alpha, positions, inv_freq, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                  beta, out) -> None:  # fmt: skip
+    op = "qkv_rope_gemv"
+    shape(op, "x", x, (None, None))
+    B, K = x.shape
+    D = _rope(op, B, positions, inv_freq, k_cache, v_cache, slot_mapping, num_kv_heads)
+    shape(op, "weight", weight, ((num_heads + 2 * num_kv_heads) * D, K))
+    _norm_params(op, alpha, beta, K)
+    if out is not None:
+        shape(op, "out", out, (B, num_heads, D))
+
+
+def conv1d_gemv(x, weight, bias, stride, dilation, out) -> None:
+    op = "conv1d_gemv"
+    shape(op, "x", x, (None, None, None))
+    B, C, T = x.shape
+    shape(op, "weight", weight, (None, C, None))
+    N, _, KS = weight.shape
+    span = dilation * (KS - 1) + 1
+    if T < span:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: {T} steps, fewer than the kernel's span {span}")
+    if bias is not None:
+        shape(op, "bias", bias, (N,))
+    if out is not None:
+        shape(op, "out", out, (B, N, (T - span) // stride + 1))
+
+
+def depformer_frame(w, z, text_token, temperature, seeds, steps) -> None:
+    op = "depformer_frame"
+    shape(op, "z", z, (None, w.in_proj.shape[2]))
+    B = z.shape[0]
+    for name, t in (("text_token", text_token), ("temperature", temperature), ("seeds", seeds), ("steps", steps)):
+        shape(op, name, t, (B,))
+
+
+def rvq_encode(x, codebooks_aug, group_levels, level_ranges, out) -> None:
+    op = "rvq_encode"
+    shape(op, "x", x, (None, None, None))
+    shape(op, "codebooks_aug", codebooks_aug, (None, None, None))
+    B, GD, T = x.shape
+    L, D = codebooks_aug.shape[0], codebooks_aug.shape[2] - 2
+    G, n_q = len(group_levels), sum(group_levels)
+    if GD != G * D or n_q > L:
+        raise ValueError(f"{op}: x {tuple(x.shape)} against codebooks_aug {tuple(codebooks_aug.shape)}: expected "
+                         f"{G} groups x {D} channels and at most {L} levels, got group_levels {group_levels}")
+    shape(op, "level_ranges", level_ranges, (G, 2))
+    if out is not None:
+        shape(op, "out", out, (B, n_q, T))
+
+
+def rvq_decode(codes, tables, out) -> None:
+    op = "rvq_decode"
+    shape(op, "codes", codes, (None, None, None))
+    shape(op, "tables", tables, (None, None, None))
+    (B, L, T), C = codes.shape, tables.shape[2]
+    if L > tables.shape[0]:
+        raise ValueError(f"{op}: codes {tuple(codes.shape)} has {L} levels, tables {tuple(tables.shape)} only "
+                         f"{tables.shape[0]}")  # fmt: skip
+    if out is not None:
+        shape(op, "out", out, (B, C, T))
+
+
+def mimi_conv_pad(x, prev, exec_mask, out) -> None:
+    op = "mimi_conv_pad"
+    shape(op, "x", x, (None, None, None))
+    B, C, T = x.shape
+    shape(op, "prev", prev, (B, C, None))
+    _mask(op, exec_mask, B)
+    if out is not None:
+        shape(op, "out", out, (B, C, prev.shape[2] + T))
+
+
+def mimi_convtr(op, x, partial, exec_mask) -> None:
+    """``mimi_convtr_gemv`` / ``mimi_convtr_overlap``: ``x`` is the op's first input ([B, C, N])."""
+    shape(op, "partial", partial, (x.shape[0], None, None))
+    _mask(op, exec_mask, x.shape[0])

@@ -1,0 +1,131 @@
+"""The dispatch point's input checks (``dsm_kernels.checks``): malformed shapes that a kernel would read or write out
+of bounds with (or the reference would broadcast) raise the same ValueError, naming the tensor, on every backend."""
+
+import re
+
+import pytest
+import torch
+
+import dsm_kernels as K
+from dsm_kernels.reference import rvq_level_ranges
+from dsm_kernels.testing import depformer_inputs, kernel_device, random_depformer_weights
+
+BACKENDS = [pytest.param("reference"), pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _z(*shape, dtype=torch.float32, dev="cpu"):
+    return torch.zeros(*shape, dtype=dtype, device=dev)
+
+
+def _pool(dev, dtype=torch.float32):  # 4 pages of 2 rows, 2 heads of dim 4
+    return _z(4, 2, 2, 4, dtype=dtype, dev=dev), _z(4, 2, 2, 4, dtype=dtype, dev=dev)
+
+
+def _attention(dev, bt_rows=2, lens=2, context=4):
+    kc, vc = _pool(dev)
+    bt = torch.arange(2 * bt_rows, dtype=torch.int32, device=dev).view(bt_rows, 2)
+    seq = torch.ones(lens, dtype=torch.int32, device=dev)
+    return lambda b: K.paged_decode_attention(_z(2, 2, 4, dev=dev), kc, vc, bt, seq, context=context, backend=b)
+
+
+def _append(dev, slots=2, v_dtype=torch.float32):
+    kc, vc = _z(4, 2, 2, 4, dev=dev), _z(4, 2, 2, 4, dtype=v_dtype, dev=dev)
+    slot = torch.arange(slots, device=dev)
+    return lambda b: K.append_kv(kc, vc, _z(2, 2, 4, dev=dev), _z(2, 2, 4, dev=dev), slot, backend=b)
+
+
+def _rope(dev, positions=2):  # B 2, H = Hkv = 2, D 4
+    kc, vc = _pool(dev)
+    pos, inv, slot = torch.arange(positions, device=dev), torch.ones(2, device=dev), torch.arange(2, device=dev)
+    return lambda b: K.rope_append_kv(_z(2, 24, dev=dev), pos, inv, kc, vc, slot, 2, 2, backend=b)
+
+
+def _qkv(dev, alpha=(8,), positions=2):
+    kc, vc = _pool(dev)
+    pos, inv, slot = torch.arange(positions, device=dev), torch.ones(2, device=dev), torch.arange(2, device=dev)
+    return lambda b: K.qkv_rope_gemv(_z(2, 8, dev=dev), _z(24, 8, dev=dev), torch.ones(alpha, device=dev), 1e-5, pos,
+                                     inv, kc, vc, slot, 2, 2, backend=b)  # fmt: skip
+
+
+def _gemv(dev, rows=6, gate=False, alpha=None):
+    a = None if alpha is None else torch.ones(alpha, device=dev)
+    return lambda b: K.gemv(_z(1, 4, dev=dev), _z(rows, 4, dev=dev), alpha=a, eps=1e-5, gate=gate, backend=b)
+
+
+def _norm(dev, alpha=4, scale=None):
+    s = None if scale is None else torch.ones(scale, device=dev)
+    return lambda b: K.add_rms_norm(_z(2, 4, dev=dev), torch.ones(alpha, device=dev), 1e-5, delta=_z(2, 4, dev=dev),
+                                    scale=s, backend=b)  # fmt: skip
+
+
+def _embed(dev):
+    tok = torch.zeros(2, 2, dtype=torch.long, device=dev)
+    return lambda b: K.multistream_embed(tok, _z(5, 4, dev=dev), _z(1, 5, 4, dev=dev), cond=_z(1, 4, dev=dev),
+                                         backend=b)  # fmt: skip
+
+
+def _sample(dev, temp=(2,), seeds=(2,), null=None):
+    def call(b):
+        nl = None if null is None else _z(*null, dev=dev)
+        return K.sample_tokens(_z(2, 8, dev=dev), torch.ones(temp, device=dev), 0,
+                               torch.zeros(seeds, dtype=torch.long, device=dev),
+                               torch.zeros(2, dtype=torch.long, device=dev), null_logits=nl, backend=b)  # fmt: skip
+
+    return call
+
+
+def _depformer(dev):
+    w = random_depformer_weights(device=dev)
+    args = dict(depformer_inputs(w, 2, temp=0.8, device=dev), temperature=torch.ones(1, device=dev))
+    return lambda b: K.depformer_frame(w, **args, backend=b)
+
+
+def _rvq_decode(dev):
+    codes = torch.zeros(1, 2, 3, dtype=torch.long, device=dev)
+    return lambda b: K.rvq_decode(codes, _z(2, 4, 8, dev=dev), out=_z(1, 8, 2, dev=dev), backend=b)
+
+
+def _rvq_encode(dev):  # 2 groups of 1 level, codebooks [2, 4, 4 + 2]
+    out = torch.zeros(1, 2, 2, dtype=torch.long, device=dev)
+    return lambda b: K.rvq_encode(_z(1, 8, 3, dev=dev), _z(2, 4, 6, dev=dev), (1, 1), rvq_level_ranges((1, 1), dev),
+                                  out=out, backend=b)  # fmt: skip
+
+
+def _conv_pad(dev):
+    mask = torch.ones(1, dtype=torch.int32, device=dev)
+    return lambda b: K.mimi_conv_pad(_z(1, 2, 3, dev=dev), _z(1, 2, 2, dev=dev), mask, backend=b)
+
+
+CASES = {  # name: (call builder, start of the expected message)
+    "embed-cond-one-row": (_embed, "multistream_embed: cond has shape (1, 4), expected [2, 4]"),
+    "norm-alpha": (lambda d: _norm(d, alpha=3), "add_rms_norm: alpha has shape (3,)"),
+    "norm-scale": (lambda d: _norm(d, scale=2), "add_rms_norm: scale has shape (2,)"),
+    "gemv-alpha-0d": (lambda d: _gemv(d, alpha=()), "gemv: alpha has shape ()"),
+    "gemv-alpha-short": (lambda d: _gemv(d, alpha=(3,)), "gemv: alpha has shape (3,)"),
+    "gemv-gate-odd-rows": (lambda d: _gemv(d, rows=5, gate=True), "gemv: weight has shape (5, 4); gate=True"),
+    "qkv-alpha-0d": (lambda d: _qkv(d, alpha=()), "qkv_rope_gemv: alpha has shape ()"),
+    "qkv-positions-short": (lambda d: _qkv(d, positions=1), "qkv_rope_gemv: positions has shape (1,), expected [2]"),
+    "rope-positions-short": (lambda d: _rope(d, positions=1), "rope_append_kv: positions has shape (1,), expected"),
+    "depformer-temperature": (_depformer, "depformer_frame: temperature has shape (1,), expected [2]"),
+    "attn-block-table-short": (lambda d: _attention(d, bt_rows=1), "paged_decode_attention: block_table has shape"),
+    "attn-seq-lens-short": (lambda d: _attention(d, lens=1), "paged_decode_attention: seq_lens has shape (1,)"),
+    "attn-context-past-ring": (lambda d: _attention(d, context=5), "paged_decode_attention: context 5 must be in"),
+    "append-slots-short": (lambda d: _append(d, slots=1), "append_kv: slot_mapping has shape (1,), expected [2]"),
+    "append-cache-dtypes": (lambda d: _append(d, v_dtype=torch.bfloat16), "append_kv: v_cache (4, 2, 2, 4) "
+                            "torch.bfloat16 must match k_cache"),
+    "sample-temperature-column": (lambda d: _sample(d, temp=(2, 1)), "sample_tokens: temperature has shape (2, 1)"),
+    "sample-seeds-column": (lambda d: _sample(d, seeds=(2, 1)), "sample_tokens: seeds has shape (2, 1)"),
+    "sample-null-logits": (lambda d: _sample(d, null=(2, 7)), "sample_tokens: null_logits has shape (2, 7)"),
+    "rvq-decode-out": (_rvq_decode, "rvq_decode: out has shape (1, 8, 2), expected [1, 8, 3]"),
+    "rvq-encode-out": (_rvq_encode, "rvq_encode: out has shape (1, 2, 2), expected [1, 2, 3]"),
+    "conv-pad-int-mask": (_conv_pad, "mimi_conv_pad: exec_mask must be torch.bool"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_malformed_input_raises_the_same_error(case, backend):
+    build, message = CASES[case]
+    call = build(kernel_device(backend))
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        call(backend)
