@@ -324,6 +324,9 @@ def depformer_frame_triton(
         raise NotImplementedError("Triton depformer: silu gating and rms_norm_f32 only")
     dev, dt = z.device, w.in_proj.dtype
     B, dd, H, dq, card = z.shape[0], w.dim, w.num_heads, w.dep_q, w.card
+    if B == 0:  # the kernels' grids and plans assume rows
+        tokens = torch.empty(0, dq, dtype=torch.int64, device=dev)
+        return (tokens, torch.empty(0, dq, card, dtype=dt, device=dev)) if return_logits else tokens
     D = dd // H
     n_in, d_model = w.in_proj.shape[0], w.in_proj.shape[2]
     L = len(w.layers)

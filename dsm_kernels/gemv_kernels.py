@@ -405,7 +405,10 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
         raise ValueError(f"conv1d_gemv: bias {tuple(bias.shape)} against {N} output channels")
     if out is None:
         out = torch.empty(B, N, T_out, dtype=x.dtype, device=x.device)
-    assert out.shape == (B, N, T_out), (out.shape, (B, N, T_out))
+    if out.shape != (B, N, T_out):
+        raise ValueError(f"conv1d_gemv: out has shape {tuple(out.shape)}, expected {(B, N, T_out)}")
+    if out.numel() == 0:
+        return out
     bn, kp, warps = gemv_plan(N, C * KS, sms=_sms(x.device), interp=triton_interpret())
     pdl = use_pdl(x.device)
     _conv_gemv_kernel[(triton.cdiv(N, bn),)](

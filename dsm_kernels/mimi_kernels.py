@@ -304,6 +304,10 @@ def mimi_conv_pad_triton(x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.T
     if out is None:
         out = torch.empty(B, C, P + T, dtype=x.dtype, device=x.device)
     assert out.shape == (B, C, P + T)
+    if out.numel() == 0:
+        return out
+    if T == 0:  # nothing new: the output is the stored context, which stays as it is
+        return out.copy_(prev)
     BLOCK_P = triton.next_power_of_2(P)
     BLOCK_T = min(triton.next_power_of_2(T), 128)
     BLOCK_C = max(1, min(triton.next_power_of_2(C), 2048 // max(BLOCK_P, BLOCK_T)))

@@ -326,7 +326,7 @@ def depformer_frame_ref(
         x = F.linear(z, w.in_proj[w.in_index[k]]) + _dep_embed(w, k, prev)
         for i, lw in enumerate(w.layers):
             qkv = F.linear(_dep_rms(x, lw.norm1, w.norm_eps, w.norm_f32), lw.in_proj[j])
-            q, kk, v = qkv.view(B, 3, H, -1).unbind(1)
+            q, kk, v = qkv.view(B, 3, H, w.dim // H).unbind(1)
             caches[i].append((kk, v))
             keys = torch.stack([c[0] for c in caches[i]], dim=2)  # [B, H, k+1, D]
             vals = torch.stack([c[1] for c in caches[i]], dim=2)
@@ -334,7 +334,7 @@ def depformer_frame_ref(
             y = F.linear(a.flatten(1), lw.out_proj[j])
             x = x + (lw.scale1.to(y) * y if lw.scale1 is not None else y)
             h = F.linear(_dep_rms(x, lw.norm2, w.norm_eps, w.norm_f32), lw.linear_in[j])
-            h = h.view(B, 2, -1)
+            h = h.view(B, 2, h.shape[1] // 2)
             y = F.linear(act(h[:, 0]) * h[:, 1], lw.linear_out[j])
             x = x + (lw.scale2.to(y) * y if lw.scale2 is not None else y)
         hn = w.head_norms[k]
@@ -468,7 +468,7 @@ def qkv_rope_gemv_ref(
 def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The gated FFN's activation: ``h`` [B, 2F] -> ``silu(h[:, :F]) * h[:, F:]`` [B, F] (each op rounded to the
     dtype of ``h``, as the module computes it)."""
-    a, b = h.view(h.shape[0], 2, -1).unbind(1)
+    a, b = h.view(h.shape[0], 2, h.shape[1] // 2).unbind(1)
     y = F.silu(a) * b
     return y if out is None else out.copy_(y)
 

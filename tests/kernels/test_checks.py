@@ -129,3 +129,18 @@ def test_malformed_input_raises_the_same_error(case, backend):
     call = build(kernel_device(backend))
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         call(backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_inputs_give_empty_outputs(backend):
+    dev = kernel_device(backend)
+    w = random_depformer_weights(device=dev)
+    args = {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in depformer_inputs(w, 1, temp=0.8, device=dev)
+            .items()}  # fmt: skip
+    tokens, logits = K.depformer_frame(w, **args, return_logits=True, backend=backend)
+    assert tokens.shape == (0, w.dep_q) and logits.shape == (0, w.dep_q, w.card)
+    assert K.conv1d_gemv(_z(0, 4, 3, dev=dev), _z(6, 4, 2, dev=dev), backend=backend).shape == (0, 6, 2)
+    prev = torch.arange(24.0, device=dev).view(2, 4, 3)
+    out = K.mimi_conv_pad(_z(2, 4, 0, dev=dev), prev, torch.ones(2, dtype=torch.bool, device=dev), backend=backend)
+    assert torch.equal(out, torch.arange(24.0, device=dev).view(2, 4, 3))
+    assert torch.equal(prev, out)
