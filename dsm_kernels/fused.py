@@ -26,9 +26,11 @@ def _add_rms_norm_kernel(
     mask = offs < D
     x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        delta = tl.load(d_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            delta = delta * tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        delta = tl.load(d_ptr + row * D + offs, mask=mask, other=0.0)
+        if HAS_SCALE:  # scale * delta in delta's dtype, rounded before the add (as the module and the reference)
+            scale = tl.load(s_ptr + offs, mask=mask, other=0.0).to(delta.dtype)
+            delta = (scale.to(tl.float32) * delta.to(tl.float32)).to(delta.dtype)
+        delta = delta.to(tl.float32)
         stored = (x + delta).to(x_ptr.dtype.element_ty)
         tl.store(x_ptr + row * D + offs, stored, mask=mask)
         x = stored.to(tl.float32)  # the norm reads the residual as stored, as the unfused model does
