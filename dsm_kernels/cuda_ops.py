@@ -73,6 +73,11 @@ def paged_decode_attention_cuda(
     ``counters`` (int32, >= B*H, all 0, used by one launch at a time): the last split of each head merges the
     splits, re-arming its counter; without it a second kernel merges."""
     B, H, D = q.shape
+    if q.stride(2) != 1:  # the kernel reads rows of head_dim; the reference takes any layout
+        q = q.contiguous()
+    block_table = block_table.int()
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_splits is None:
@@ -80,7 +85,7 @@ def paged_decode_attention_cuda(
         num_splits = decode_num_splits(B, H, context, _decode_resident_blocks(index, q.dtype, k_cache.dtype, D))
     scale = D**-0.5 if scale is None else scale
     _ops().paged_decode_attention(
-        out, q, k_cache, v_cache, block_table.int(), seq_lens.int(), int(context), float(scale), int(num_splits),
+        out, q, k_cache, v_cache, block_table, seq_lens.int(), int(context), float(scale), int(num_splits),
         counters,
     )
     return out
@@ -92,6 +97,10 @@ def sample_tokens_cuda(
     """CUDA twin of :func:`~dsm_kernels.reference.sample_tokens_ref`; vocab <= 16384."""
     if out is None:
         out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    if logits.stride(1) != 1:  # the kernel reads rows; the reference takes any layout
+        logits = logits.contiguous()
+    if null_logits is not None and null_logits.stride(1) != 1:
+        null_logits = null_logits.contiguous()
     _ops().sample_tokens(
         out, logits, null_logits, float(cfg_coef), temperature.float(), int(top_k), seeds.long(), steps.long()
     )

@@ -76,14 +76,18 @@ def multistream_embed_triton(
     """
     B, K = tokens.shape
     Vt, D = text_table.shape
-    assert K - 1 <= audio_tables.shape[0], f"{K - 1} audio columns but only {audio_tables.shape[0]} audio tables"
-    assert audio_tables.shape[2] == D and text_table.stride(1) == 1 and audio_tables.stride(2) == 1
     if out is None:
         out = torch.empty(B, D, dtype=out_dtype or text_table.dtype, device=tokens.device)
-    assert out.shape == (B, D) and out.stride(1) == 1
+    if out.shape != (B, D):
+        raise ValueError(f"multistream_embed: out has shape {tuple(out.shape)}, expected {(B, D)}")
+    if cond is not None and cond.stride(1) != 1:  # small: copied; the tables are not
+        cond = cond.contiguous()
     t2 = text_table2 if text_table2 is not None else text_table
     c = cond if cond is not None else out
-    assert t2.stride(1) == 1 and c.stride(1) == 1
+    for name, t in (("text_table", text_table), ("text_table2", t2), ("audio_tables", audio_tables), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"multistream_embed: {name} {tuple(t.shape)} with strides {t.stride()} must be "
+                             "contiguous along D")  # fmt: skip
     if B == 0:
         return out
     block_d = _block_d(D)

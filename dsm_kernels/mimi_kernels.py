@@ -115,10 +115,12 @@ def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels
     L, K, D2 = codebooks_aug.shape
     D = D2 - 2
     assert GD == G * D and sum(group_levels) <= L, (x.shape, codebooks_aug.shape, group_levels)
-    assert x.dtype == codebooks_aug.dtype == torch.float32 and codebooks_aug.is_contiguous()
-    assert level_ranges.shape == (G, 2) and level_ranges.dtype == torch.int32 and level_ranges.is_contiguous(), (
-        level_ranges.shape, level_ranges.dtype, group_levels)
-    assert level_ranges.device == x.device, (level_ranges.device, x.device)
+    if x.dtype != torch.float32 or codebooks_aug.dtype != torch.float32 or not codebooks_aug.is_contiguous():
+        raise ValueError(f"rvq_encode: x ({x.dtype}) and codebooks_aug ({codebooks_aug.dtype}) must be float32, "
+                         "codebooks_aug contiguous")  # fmt: skip
+    if level_ranges.dtype != torch.int32 or not level_ranges.is_contiguous() or level_ranges.device != x.device:
+        raise ValueError(f"rvq_encode: level_ranges ({level_ranges.dtype} on {level_ranges.device}) must be "
+                         f"rvq_level_ranges(group_levels, {x.device}): contiguous int32 on x's device")
     n_q = sum(group_levels)
     if out is None:
         out = torch.empty(B, n_q, T, dtype=torch.int64, device=x.device)
@@ -158,7 +160,7 @@ def _rvq_decode_kernel(
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for lvl in range(L):
         code = tl.load(codes_ptr + b * scb + lvl * scl + t * sct).to(tl.int64)
-        acc += tl.load(tab_ptr + (lvl * K + code) * C + c, mask=c_ok, other=0.0)
+        acc += tl.load(tab_ptr + (lvl * K + code) * C + c, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * sob + c * soc + t * sot, acc, mask=c_ok)
 
 
@@ -166,9 +168,10 @@ def rvq_decode_triton(codes: torch.Tensor, tables: torch.Tensor, out: torch.Tens
     """See :func:`dsm_kernels.reference.rvq_decode_ref`."""
     B, L, T = codes.shape
     Lt, K, C = tables.shape
-    assert L <= Lt and tables.is_contiguous() and tables.dtype == torch.float32
+    if not tables.is_contiguous():  # too large to copy per call
+        raise ValueError(f"rvq_decode: tables {tuple(tables.shape)} with strides {tables.stride()} must be contiguous")
     if out is None:
-        out = torch.empty(B, C, T, dtype=tables.dtype, device=tables.device)
+        out = torch.empty(B, C, T, dtype=torch.float32, device=tables.device)
     BLOCK_C = min(512, triton.next_power_of_2(C))
     grid = (B * T, triton.cdiv(C, BLOCK_C))
     _rvq_decode_kernel[grid](codes, codes.stride(0), codes.stride(1), codes.stride(2), tables,

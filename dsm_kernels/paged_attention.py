@@ -94,15 +94,14 @@ def cache_saturation(dtype: torch.dtype) -> float:
 
 
 def _check_heads_contiguous(x: torch.Tensor, name: str):
-    H, D = x.shape[-2:]
-    assert x.stride(-1) == 1 and x.stride(-2) == D, f"{name}: the last two dims (heads, head_dim) must be contiguous"
-    del H
+    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        raise ValueError(f"{name} {tuple(x.shape)} with strides {x.stride()}: the last two dims (heads, head_dim) "
+                         "must be contiguous")  # fmt: skip
 
 
 def append_kv_triton(k_cache, v_cache, k, v, slot_mapping) -> None:
     """Triton twin of :func:`~dsm_kernels.reference.append_kv_ref` (in place; ``slot_mapping == -1`` skips)."""
     B, H, D = k.shape
-    assert k_cache.shape[2:] == (H, D) and v_cache.shape == k_cache.shape and v.shape == k.shape
     for x, name in ((k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
         _check_heads_contiguous(x, name)
     if B == 0:
@@ -241,8 +240,10 @@ def paged_decode_attention_triton(
     ``counters`` (int32, >= B*H, all 0, used by one launch at a time): the last split of each head block merges the
     splits and re-arms its counter, so the step needs one launch; without it a second kernel merges."""
     B, H, D = q.shape
-    assert k_cache.shape[2:] == (H, D) and v_cache.shape == k_cache.shape, "pool must be [pages, page_size, H, D]"
-    assert q.stride(-1) == 1 and block_table.stride(1) == 1
+    if q.stride(-1) != 1:  # the kernel reads rows of head_dim; the reference takes any layout
+        q = q.contiguous()
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
     _check_heads_contiguous(k_cache, "k_cache")
     _check_heads_contiguous(v_cache, "v_cache")
     scale = D**-0.5 if scale is None else scale
@@ -255,7 +256,9 @@ def paged_decode_attention_triton(
     )
     merge = counters is not None and splits > 1
     if merge:
-        assert counters.dtype == torch.int32 and counters.numel() >= B * H, "counters: >= B*H int32 at 0"
+        if counters.dtype != torch.int32 or counters.numel() < B * H or not counters.is_contiguous():
+            raise ValueError(f"paged_decode_attention: counters {tuple(counters.shape)} {counters.dtype} must hold "
+                             f">= B*H = {B * H} contiguous int32 (at 0)")
     block_d, block_s = triton.next_power_of_2(D), triton.next_power_of_2(splits)
     m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)

@@ -201,14 +201,16 @@ def sample_tokens_triton(
     ``temperature``: [B] fp32 tensor; ``top_k``: Python int (0 = all); ``seeds``/``steps``: [B] int64 tensors.
     """
     B, V = logits.shape
-    assert logits.stride(1) == 1 and (null_logits is None or (null_logits.shape == logits.shape))
-    assert temperature.shape == (B,) and seeds.shape == (B,) and steps.shape == (B,)
+    # the kernel reads rows and [B] vectors with unit stride; the reference takes any layout (no-ops when already so)
+    logits, temperature, seeds, steps = (t if t.stride(-1) == 1 else t.contiguous()
+                                         for t in (logits, temperature, seeds, steps))  # fmt: skip
+    if null_logits is not None and null_logits.stride(1) != 1:
+        null_logits = null_logits.contiguous()
     if out is None:
         out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out
     nl = null_logits if null_logits is not None else logits
-    assert nl.stride(1) == 1
     block_v = triton.next_power_of_2(V)
     rows = _rows_per_program(B, block_v)
     pdl = use_pdl(logits.device) if pdl is None else bool(pdl)

@@ -144,3 +144,40 @@ def test_empty_inputs_give_empty_outputs(backend):
     out = K.mimi_conv_pad(_z(2, 4, 0, dev=dev), prev, torch.ones(2, dtype=torch.bool, device=dev), backend=backend)
     assert torch.equal(out, torch.arange(24.0, device=dev).view(2, 4, 3))
     assert torch.equal(prev, out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_layouts_the_reference_takes(backend):
+    """Transposed logits, a q strided along head_dim, a non-contiguous block table: copied by the wrappers (small),
+    not refused, so every backend answers like the reference."""
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(0)
+    logits, null = (torch.randn(8, 3, generator=g).t() for _ in range(2))  # [3, 8], strides (1, 3)
+    temp, seeds, steps = torch.tensor([0.0, 1.0, 0.7]), torch.arange(3), torch.arange(3) + 5
+    exp = K.sample_tokens(logits, temp, 4, seeds, steps, null_logits=null, cfg_coef=2.0, backend="reference")
+    got = K.sample_tokens(*(t.to(dev) for t in (logits, temp)), 4, seeds.to(dev), steps.to(dev),
+                          null_logits=null.to(dev), cfg_coef=2.0, backend=backend)  # fmt: skip
+    assert torch.equal(got.cpu(), exp)
+
+    q = torch.randn(2, 16, 2, generator=g).transpose(1, 2)  # [B 2, H 2, D 16], head_dim stride 2
+    kc, vc = (torch.randn(4, 2, 2, 16, generator=g) for _ in range(2))
+    bt = torch.tensor([[0, 2], [1, 3]], dtype=torch.int32).t().contiguous().t()  # column-major
+    seq = torch.tensor([3, 1], dtype=torch.int32)
+    exp = K.paged_decode_attention(q, kc, vc, bt, seq, context=4, backend="reference")
+    got = K.paged_decode_attention(*(t.to(dev) for t in (q, kc, vc, bt, seq)), context=4, backend=backend)
+    torch.testing.assert_close(got.cpu(), exp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_layouts_and_dtypes(backend):
+    """rvq_decode sums bf16 tables in fp32 as the reference does; a table not contiguous along D (too large to copy
+    per call) is a ValueError naming it."""
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(1)
+    codes, tables = torch.randint(0, 4, (2, 3, 2), generator=g), torch.randn(3, 4, 8, generator=g).bfloat16()
+    exp = K.rvq_decode(codes, tables, backend="reference")
+    got = K.rvq_decode(codes.to(dev), tables.to(dev), backend=backend)
+    assert got.dtype == torch.float32 and torch.equal(got.cpu(), exp)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    with pytest.raises(ValueError, match=r"^multistream_embed: text_table \(5, 4\) with strides \(1, 5\)"):
+        K.multistream_embed(tok, _z(4, 5, dev=dev).t(), _z(1, 5, 4, dev=dev), backend=backend)
