@@ -23,13 +23,18 @@ Threads: the event loop does the websocket I/O; the steps (and the CUDA graph ca
 thread, so a long step never stalls pings, reads or sends. Every touch of the runtime, from the loop or the model
 thread, holds one ``asyncio.Lock``; messages that arrive during a step wait for it without blocking the loop. Each
 connection's output goes through its own outbox, drained by its own task, so a client that reads slowly delays only
-itself; one that lets more than ``OUTBOX_BYTES`` pile up is closed with code 1008.
+itself; one that lets more than ``OUTBOX_BYTES`` pile up is closed with code 1008. Input is bounded too: an ASR
+connection with more than ``MAX_BUFFERED_S`` of audio queued is not read until the model catches up (TCP pushes back on
+the client; nothing is dropped), one that sends no audio for ``AUDIO_TIMEOUT_S`` is closed (moshi-server's 120 s), and
+the TTS ``?voice=`` query names a voice of the voice repository only, never a local file or another repository.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import signal
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -38,7 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgpack
 import numpy as np
 import torch
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from .audio import AudioError
 from .stt import EndWord, Marker, NoFreeSlotError, STTRuntime, STTStream, VADStep, Word
@@ -48,6 +53,9 @@ TTS_PATH = "/api/tts_streaming"
 TTS_FORMATS = ("PcmMessagePack", "Pcm")
 FRAME_RATE = 12.5
 OUTBOX_BYTES = 64 * 2**20  # unsent output per connection (~5 min of PcmMessagePack audio) before it is closed
+MAX_BUFFERED_S = 60.0  # ASR audio queued per connection before its socket is left unread
+AUDIO_TIMEOUT_S = 120.0  # an ASR connection without an Audio message for this long is closed (moshi-server)
+BIG_TEXT = 2**16  # TTS text messages longer than this are parsed on a worker thread, not on the event loop
 log = logging.getLogger("dsm.server")
 
 
@@ -55,15 +63,16 @@ def pack(msg: dict) -> bytes:
     return msgpack.packb(msg, use_single_float=False)
 
 
-def event_message(event, buffered_pcm: int) -> dict | None:
-    """The wire message of an STT event (None for events the protocol does not carry)."""
+def event_message(event, buffered_pcm: int, step_idx: int | None = None) -> dict | None:
+    """The wire message of an STT event (None for events the protocol does not carry); ``step_idx`` replaces the
+    stream's own step count in ``Step`` (the server sends its global counter)."""
     if isinstance(event, Word):
         return {"type": "Word", "text": event.text, "start_time": float(event.start_time)}
     if isinstance(event, EndWord):
         return {"type": "EndWord", "stop_time": float(event.stop_time)}
     if isinstance(event, VADStep):
-        return {"type": "Step", "step_idx": event.step_idx, "prs": [float(p) for p in event.probs],
-                "buffered_pcm": buffered_pcm}
+        return {"type": "Step", "step_idx": event.step_idx if step_idx is None else step_idx,
+                "prs": [float(p) for p in event.probs], "buffered_pcm": buffered_pcm}
     if isinstance(event, Marker):
         return {"type": "Marker", "id": event.id}
     return None
@@ -119,6 +128,7 @@ class _Endpoint:
         self.connections: dict[object, _Outbox] = {}  # connection state -> its outbox
         self.lock = asyncio.Lock()  # held by whoever touches the runtime or a stream
         self._wake = asyncio.Event()
+        self._stepped = asyncio.Event()  # set (and replaced) after every model step
         self._model_thread: ThreadPoolExecutor | None = None
 
     def _check_query(self, query: dict[str, list[str]]) -> str | None:
@@ -185,6 +195,8 @@ class _Endpoint:
                         log.exception("model step failed; closing every connection")
                         failed, stepped = True, False
                     outgoing = [] if failed else self._outgoing()
+                self._stepped.set()
+                self._stepped = asyncio.Event()
                 if failed:
                     for box in list(self.connections.values()):  # their handlers cancel their streams
                         box.close(1011, "dsm: model step failed (see the server log)")
@@ -203,6 +215,8 @@ class ASRServer(_Endpoint):
     """``/api/asr-streaming`` over ``runtime`` (see the module doc)."""
 
     path = ASR_PATH
+    max_buffered_s = MAX_BUFFERED_S
+    audio_timeout_s = AUDIO_TIMEOUT_S
 
     def __init__(self, runtime: STTRuntime, api_keys: Iterable[str] = ("public_token",)):
         super().__init__(runtime, api_keys)
@@ -220,13 +234,25 @@ class ASRServer(_Endpoint):
             await ws.close()
             return
         box = self.connections[stream] = _Outbox(ws, self.outbox_bytes)
+        loop = asyncio.get_running_loop()
+        last_audio = loop.time()
         try:
             box.post(pack({"type": "Ready"}))
-            async for raw in ws:
+            while True:
+                await self._backpressure(ws, stream)
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), last_audio + self.audio_timeout_s - loop.time())
+                except TimeoutError:
+                    await ws.close(1008, f"dsm: no audio for {self.audio_timeout_s:g} s")
+                    break
+                except ConnectionClosedOK:
+                    break
                 if isinstance(raw, str):
                     continue  # text frames are ignored by the ASR
                 async with self.lock:
-                    error = self._on_message(stream, raw)
+                    error, audio = self._on_message(stream, raw)
+                if audio:
+                    last_audio = loop.time()
                 if error:
                     box.post(pack({"type": "Error", "message": error}))
                 self._wake.set()
@@ -238,32 +264,51 @@ class ASRServer(_Endpoint):
             async with self.lock:
                 stream.close()
 
-    def _on_message(self, stream: STTStream, raw: bytes) -> str | None:
+    async def _backpressure(self, ws, stream: STTStream) -> None:
+        """Leave the socket unread while the stream has more than ``max_buffered_s`` of audio queued (the model
+        catches up step by step), or until the connection closes (a shutdown must not wait on a step)."""
+        if len(stream.queue) <= self.max_buffered_s * 24000:
+            return
+        closed = asyncio.ensure_future(ws.wait_closed())
+        try:
+            while len(stream.queue) > self.max_buffered_s * 24000 and not closed.done():
+                stepped = asyncio.ensure_future(self._stepped.wait())
+                await asyncio.wait({stepped, closed}, return_when=asyncio.FIRST_COMPLETED)
+                stepped.cancel()
+        finally:
+            closed.cancel()
+
+    def _on_message(self, stream: STTStream, raw: bytes) -> tuple[str | None, bool]:
+        """Apply one client message: ``(error or None, whether it was an Audio message)``."""
         try:
             msg = msgpack.unpackb(raw, raw=False)
         except (ValueError, msgpack.UnpackException) as e:
-            return f"not a MessagePack message ({type(e).__name__}: {e})"  # some errors have no text
+            return f"not a MessagePack message ({type(e).__name__}: {e})", False  # some errors have no text
         kind = msg.get("type") if isinstance(msg, dict) else None
         try:
             if kind == "Audio":
                 pcm = np.asarray(msg.get("pcm", []), dtype=np.float32)
                 if pcm.ndim != 1:
-                    return f"Audio.pcm must be a flat list of floats, got shape {pcm.shape}"
+                    return f"Audio.pcm must be a flat list of floats, got shape {pcm.shape}", True
                 stream.push(pcm, process=False)
-            elif kind == "Marker":
-                stream.marker(int(msg["id"]))
+                return None, True
+            if kind == "Marker":
+                mid = msg["id"]
+                if isinstance(mid, bool) or not isinstance(mid, int) or not -(2**63) <= mid < 2**63:
+                    return f"Marker.id must be an int64, got {mid!r}", False
+                stream.marker(mid)
             elif kind == "OggOpus":
-                return "OggOpus input is not supported by dsm: send Audio messages (24 kHz float PCM)"
+                return "OggOpus input is not supported by dsm: send Audio messages (24 kHz float PCM)", False
             else:
-                return f"unknown message type {kind!r} (expected Audio or Marker)"
+                return f"unknown message type {kind!r} (expected Audio or Marker)", False
         except (AudioError, TypeError, ValueError, KeyError) as e:
-            return f"bad {kind} message: {e}"
-        return None
+            return f"bad {kind} message: {e}", kind == "Audio"
+        return None, False
 
     def _outgoing(self):
         out = []
-        for stream, box in self.connections.items():
-            msgs = [event_message(e, len(stream.queue)) for e in stream.events()]
+        for stream, box in self.connections.items():  # Step.step_idx is the server-wide step counter (§9.2)
+            msgs = [event_message(e, len(stream.queue), self.rt.total_steps) for e in stream.events()]
             payloads = [pack(m) for m in msgs if m is not None]
             if payloads:
                 out.append((box, payloads, False))
@@ -294,23 +339,32 @@ class TTSServer(_Endpoint):
         return None
 
     def _voice(self, name: str | None):
+        """The query's voice: a name in the voice repository (moshi-server: a name in its voice folder), never a
+        local path or another repository, which a client must not choose; else the default voice."""
         if name:
             try:
-                return self.rt.voice_tensor(name)
+                parts = name.replace("\\", "/").split("/")
+                if ":" in name or name.startswith("/") or ".." in parts or name.endswith(".safetensors"):
+                    raise ValueError("only voice names of the voice repository are accepted")
+                return self.rt.voice_tensor(name, local_files=False)
             except Exception as e:  # moshi-server falls back to the default voice
                 log.warning("voice %r: %s; using the default voice", name, e)
         return self.default_voice
 
     async def _handler(self, ws) -> None:
         query = parse_qs(urlsplit(ws.request.path).query)
-        conn = _TTSConnection((query.get("format") or ["OggOpus"])[0], self._voice((query.get("voice") or [""])[0]))
+        voice = await asyncio.to_thread(self._voice, (query.get("voice") or [""])[0])  # may download
+        conn = _TTSConnection((query.get("format") or ["OggOpus"])[0], voice)
         box = self.connections[conn] = _Outbox(ws, self.outbox_bytes)
         try:
             if conn.fmt == "PcmMessagePack":
                 box.post(pack({"type": "Ready"}))
             async for raw in ws:
-                async with self.lock:
-                    error = self._on_message(conn, raw)
+                async with self.lock:  # a long text is split and tokenized off the event loop
+                    if len(raw) > BIG_TEXT:
+                        error = await asyncio.to_thread(self._on_message, conn, raw)
+                    else:
+                        error = self._on_message(conn, raw)
                 if error:
                     if conn.fmt == "PcmMessagePack":
                         box.post(pack({"type": "Error", "message": error}))
@@ -326,6 +380,7 @@ class TTSServer(_Endpoint):
             if conn.stream is not None:
                 async with self.lock:
                     conn.stream.cancel()  # nobody reads it any more: free its slot now
+                self._wake.set()  # a queued stream can take the slot at once
 
     def _open(self, conn: _TTSConnection):
         if conn.stream is None:
@@ -343,14 +398,19 @@ class TTSServer(_Endpoint):
             msg = msgpack.unpackb(raw, raw=False)
             kind = msg.get("type") if isinstance(msg, dict) else None
             if kind == "Text":
-                self._open(conn).push(str(msg["text"]))
+                if not isinstance(msg.get("text"), str):
+                    return f"Text.text must be a string, got {msg.get('text')!r}"
+                self._open(conn).push(msg["text"])
             elif kind == "Eos":
                 self._open(conn).end()
             elif kind == "Voice":
                 if conn.stream is not None:
                     return "Voice must come before the first Text"
-                emb = torch.tensor(msg["embeddings"], dtype=torch.float32).view(*msg["shape"])
-                conn.voice = self.rt.voice_tensor(emb)
+                emb, shape = msg.get("embeddings"), msg.get("shape")
+                if (not isinstance(emb, list) or not isinstance(shape, list) or len(shape) > 4
+                        or not all(isinstance(d, int) and d > 0 for d in shape) or math.prod(shape) != len(emb)):
+                    return "Voice needs embeddings (a flat list of floats) and shape (positive ints; product = length)"
+                conn.voice = self.rt.voice_tensor(torch.tensor(emb, dtype=torch.float32).view(*shape))
             else:
                 return f"unknown message type {kind!r} (expected Text, Eos or Voice)"
         except Exception as e:  # bad text, voice or message: this connection only
@@ -408,9 +468,14 @@ def _add_server_args(p) -> None:
 
 def _run(endpoint: _Endpoint, host: str, port: int, what: str) -> int:
     async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # leaving the block closes the connections with 1001
+            loop.add_signal_handler(sig, stop.set)
         async with await endpoint.serve(host, port):
             print(f"dsm: {what} on ws://{host}:{port}{endpoint.path}", flush=True)
-            await asyncio.Future()
+            await stop.wait()
+        print("dsm: stopped", flush=True)
 
     asyncio.run(main())
     return 0
@@ -468,6 +533,6 @@ def cmd_serve_tts(args) -> int:
     voice = args.voice
     if voice is None and args.random_weights and rt.multi_speaker:
         voice = random_voice(0, rt.voice_dim)
-    server = TTSServer(rt, args.api_key or ["public_token"], voice=rt.voice_tensor(voice) if voice else None,
-                       cfg=args.cfg)
+    default = rt.voice_tensor(voice) if voice is not None else None  # a tensor has no truth value
+    server = TTSServer(rt, args.api_key or ["public_token"], voice=default, cfg=args.cfg)
     return _run(server, args.host, args.port, f"TTS websocket ({args.batch_size} slots)")

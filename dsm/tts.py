@@ -129,11 +129,9 @@ class EntryBuilder:
     def _add(self, text: str) -> list[Entry]:
         line = text.replace("\u2019", "'").replace(":", " ").replace("(", "").replace(")", "")
         out: list[Entry] = []
-        while line:
-            match = _EVENT_RE.search(line)
-            if match is None:
-                break
-            word, line = line[: match.start()], line[match.end() :]
+        pos = 0
+        for match in _EVENT_RE.finditer(line):  # one pass: re-slicing the rest after each word was quadratic
+            word, pos = line[pos : match.start()], match.end()
             if word:
                 out.append(self._word(word))
             if match.group(1):
@@ -145,8 +143,8 @@ class EntryBuilder:
                 if self.max_break_s is not None:
                     seconds = min(seconds, self.max_break_s)
                 out.append(Entry([], "", int(round(seconds * self.frame_rate))))
-        if line:
-            out.append(self._word(line))
+        if line[pos:]:
+            out.append(self._word(line[pos:]))
         return out
 
 
@@ -297,14 +295,15 @@ def check_voice(t: torch.Tensor, where: str = "voice", dim: int = 512) -> None:
         raise VoiceError(f"{where}: 'speaker_wavs' holds NaN or infinite values")
 
 
-def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VOICE_REPO) -> Path:
+def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VOICE_REPO,
+                  local_files: bool = True) -> Path:
     """Local path of a voice: an existing file, ``hf://owner/repo/path``, or a ``kyutai/tts-voices`` name such as
     ``expresso/ex03-ex01_happy_001_channel1_334s.wav`` (the checkpoint's ``.{sig}@{epoch}.safetensors`` suffix is
-    appended)."""
+    appended). ``local_files=False``: repository names only."""
     s = str(name)
-    if Path(s).is_file():
+    if local_files and Path(s).is_file():
         return Path(s)
-    if s.startswith("hf://"):
+    if s.startswith("hf://") and local_files:
         parts = s.removeprefix("hf://").split("/")
         repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
     elif s.endswith(".safetensors"):
@@ -634,11 +633,13 @@ class TTSRuntime:
     def voice_dim(self) -> int:
         return self.conditioners["speaker_wavs"].dim if self.multi_speaker else 0
 
-    def voice_tensor(self, voice: str | Path | torch.Tensor) -> torch.Tensor:
+    def voice_tensor(self, voice: str | Path | torch.Tensor, *, local_files: bool = True) -> torch.Tensor:
+        """A voice's ``speaker_wavs`` tensor from a tensor, a file or a voice name (``local_files=False``: names of
+        the voice repository only, as a server takes them from its clients)."""
         if isinstance(voice, torch.Tensor):
             check_voice(voice, "voice tensor", self.voice_dim)
             return voice
-        return load_voice(resolve_voice(voice, self.model_id), self.voice_dim)
+        return load_voice(resolve_voice(voice, self.model_id, local_files=local_files), self.voice_dim)
 
     def _conditions(self, voices: list[list[torch.Tensor] | None], cfgs: list[float | None]) -> dict:
         out: dict = {}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 
 from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
 from dsm.server import ASR_PATH, ASRServer
@@ -153,6 +153,8 @@ def test_abrupt_disconnect_frees_the_slot_quietly(files, caplog):
             await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.1] * 5000}))
             await ws.send(b"\xc1")  # not MessagePack, and its error has no text of its own
             reply = msgpack.unpackb(await ws.recv())
+            while reply["type"] == "Step":  # the audio's VAD steps may come first
+                reply = msgpack.unpackb(await ws.recv())
             assert reply["type"] == "Error" and "FormatError" in reply["message"]
             ws.transport.abort()
             for _ in range(200):
@@ -223,13 +225,13 @@ class _UnreadClient:
         self.close_code = code
         self.inbox.put_nowait(None)
 
-    def __aiter__(self):
-        return self
+    async def wait_closed(self):
+        await asyncio.Event().wait()
 
-    async def __anext__(self):
+    async def recv(self):
         item = await self.inbox.get()
         if item is None:
-            raise StopAsyncIteration
+            raise ConnectionClosedOK(None, None)
         return item
 
 
@@ -274,3 +276,44 @@ def test_model_thread_takes_the_runtime_device(monkeypatch, device, expected):
     server.rt = types.SimpleNamespace(device=torch.device(device))
     server._thread_init()
     assert calls == expected
+
+
+def test_input_limits_marker_ids_and_the_global_step_counter(files):
+    """Audio beyond the buffer limit is not dropped: the connection is just not read until the model catches up,
+    so the words equal the unlimited server's; a Marker id that is not an int64 is an Error; Step.step_idx is the
+    server's step counter (a later client does not start at 1); a client that sends no audio is closed."""
+
+    async def first_client(url):
+        return await _client(url, _audio(2.0, 1), 7, chunk=48000)  # 2 s per message, limit 0.1 s
+
+    async def later_client(url):
+        await _client(url, _audio(0.5, 2), 1)  # runs some steps first
+        async with connect(url, additional_headers={"kyutai-api-key": "public_token"}) as ws:
+            await ws.recv()
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 1920}))
+            for mid in (float("inf"), 1.5, 2**63):
+                await ws.send(msgpack.packb({"type": "Marker", "id": mid}))
+            msgs = [msgpack.unpackb(await ws.recv()) for _ in range(4)]  # 3 errors and a Step, in any order
+            replies = [m for m in msgs if m["type"] != "Step"]
+            m = next(m for m in msgs if m["type"] == "Step")
+        idle = await connect(url, additional_headers={"kyutai-api-key": "public_token"})
+        await idle.recv()
+        await asyncio.wait_for(idle.wait_closed(), 10)
+        return replies, m["step_idx"], idle.close_code
+
+    def serve(client, **attrs):
+        async def main():
+            server = ASRServer(_runtime(files))
+            for k, v in attrs.items():
+                setattr(server, k, v)
+            async with await server.serve("127.0.0.1", 0) as ws_server:
+                return await client(f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}{ASR_PATH}")
+
+        return asyncio.run(main())
+
+    words = [[(m["text"], m["start_time"]) for m in got if m["type"] == "Word"]
+             for got in (serve(first_client, max_buffered_s=0.1), serve(first_client))]
+    assert words[0] == words[1] and words[0]
+    replies, step_idx, code = serve(later_client, audio_timeout_s=3.0)
+    assert all(r["type"] == "Error" and "int64" in r["message"] for r in replies)
+    assert step_idx > 10 and code == 1008

@@ -820,3 +820,76 @@ def test_websocket_model_failure_closes_the_connection(ckpt):
     first, second = _tts_serve(rt, None, client)
     assert first[0] == 1011 and "model step failed" in first[1]
     assert second[0] == "closed" and second[1] > 0
+
+
+def test_websocket_queued_stream_starts_when_a_holder_disconnects(ckpt):
+    """One slot, held by a client that sent text without Eos; a second client's stream waits in the queue. When the
+    holder leaves, the queued stream starts at once (the disconnect used to free the slot without waking the model
+    loop, so it waited for some other client's message)."""
+    import asyncio
+
+    import msgpack
+    from websockets.asyncio.client import connect
+
+    rt = runtime(ckpt, audio=True, n_q=2)
+
+    async def client(url):
+        url += "?format=PcmMessagePack&auth_id=public_token"
+        holder = await connect(url)
+        await holder.recv()  # Ready
+        await holder.send(msgpack.packb({"type": "Text", "text": "one"}))  # no Eos: it keeps its slot
+        async with connect(url) as ws:
+            await ws.recv()
+            await ws.send(msgpack.packb({"type": "Text", "text": "one two"}))
+            await ws.send(msgpack.packb({"type": "Eos"}))
+            await asyncio.sleep(0.5)
+            assert rt.waiting  # queued behind the holder
+            holder.transport.abort()
+            return await asyncio.wait_for(ws.recv(), 10)  # its first Text or Audio message
+
+    first = msgpack.unpackb(_tts_serve(rt, None, client))
+    assert first["type"] in ("Text", "Audio")
+
+
+def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch):
+    """Message fields of the wrong type are an Error for that connection; ?voice= takes voice-repository names only
+    (a client must not make the server open local files or other repositories); `dsm serve-tts` with random weights
+    starts (its default voice is a tensor)."""
+    import types
+
+    import msgpack
+    from websockets.asyncio.client import connect
+
+    import dsm.server as server_mod
+    from dsm.server import TTSServer
+
+    async def client(url):
+        async with connect(url + "?format=PcmMessagePack&auth_id=public_token") as ws:
+            await ws.recv()
+            replies = []
+            for msg in ({"type": "Text", "text": None}, {"type": "Voice", "embeddings": [0.0], "shape": [2**62, 2]}):
+                await ws.send(msgpack.packb(msg))
+                replies.append(msgpack.unpackb(await ws.recv()))
+            return replies
+
+    replies = _tts_serve(runtime(ckpt, n_q=2), None, client)
+    assert [r["type"] for r in replies] == ["Error", "Error"]
+    assert "Text.text must be a string" in replies[0]["message"] and "shape" in replies[1]["message"]
+
+    asked = []
+    rt = types.SimpleNamespace(voice_tensor=lambda name, local_files=True: asked.append((name, local_files)) or name)
+    srv = TTSServer.__new__(TTSServer)
+    srv.rt, srv.default_voice = rt, "default"
+    for name in ("/etc/passwd", "../../etc/passwd", "hf://someone/repo/v.safetensors", "a\\..\\b", "v.safetensors"):
+        assert srv._voice(name) == "default"
+    assert asked == [] and srv._voice("expresso/ex01") == "expresso/ex01" and asked == [("expresso/ex01", False)]
+
+    import argparse
+
+    started = []
+    p = argparse.ArgumentParser()
+    server_mod.setup_serve_tts_parser(p)
+    args = p.parse_args(["--preset", "tiny-tts", "--random-weights", "--device", "cpu", "--batch-size", "1"])
+    monkeypatch.setattr(server_mod, "_run", lambda endpoint, host, port, what: started.append(endpoint) or 0)
+    assert args.func(args) == 0
+    assert isinstance(started[0], TTSServer) and started[0].default_voice is not None
