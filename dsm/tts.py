@@ -299,11 +299,16 @@ def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VO
                   local_files: bool = True) -> Path:
     """Local path of a voice: an existing file, ``hf://owner/repo/path``, or a ``kyutai/tts-voices`` name such as
     ``expresso/ex03-ex01_happy_001_channel1_334s.wav`` (the checkpoint's ``.{sig}@{epoch}.safetensors`` suffix is
-    appended). ``local_files=False``: repository names only."""
+    appended). ``local_files=False`` (a name from a client): names of ``repo`` only, never a local path, another
+    repository or a path that leaves the repository."""
     s = str(name)
-    if local_files and Path(s).is_file():
+    if not local_files:
+        parts = s.replace("\\", "/").split("/")
+        if ":" in s or s.startswith("/") or ".." in parts or s.endswith(".safetensors"):
+            raise VoiceError(f"{s!r}: only voice names of {repo} are accepted here")
+    elif Path(s).is_file():
         return Path(s)
-    if s.startswith("hf://") and local_files:
+    if s.startswith("hf://"):
         parts = s.removeprefix("hf://").split("/")
         repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
     elif s.endswith(".safetensors"):
@@ -766,9 +771,7 @@ class TTSRuntime:
                 s.frames.append(frames[b])
                 if len(s.frames) > self.delay_steps:
                     decode.append(b)
-        errors: list[Exception] = []
-        if decode and self.mimi is not None:
-            self._decode(decode, frames, errors)
+        errors = self._decode(decode, frames) if decode and self.mimi is not None else []
         for b in rows:
             s = self.slots[b]
             if s is None:  # cancelled by a callback during this step
@@ -783,7 +786,8 @@ class TTSRuntime:
             raise errors[0]
         return len(rows)
 
-    def _decode(self, rows: list[int], frames: torch.Tensor, errors: list[Exception]) -> None:
+    def _decode(self, rows: list[int], frames: torch.Tensor) -> list[Exception]:
+        """Decode and deliver the rows' frames; returns what their callbacks raised (each stream still served)."""
         B, n_q = len(self.slots), self.config.n_q
         mask = torch.zeros(B, dtype=torch.bool)
         mask[rows] = True
@@ -794,6 +798,7 @@ class TTSRuntime:
         codes = codes[..., None].to(self.mimi.device)
         with torch.no_grad():
             pcm = self._decode_step(codes).clamp(-1, 1).float().cpu()
+        errors: list[Exception] = []
         for b in rows:
             s = self.slots[b]
             if s is None:  # cancelled by an earlier stream's callback
@@ -802,6 +807,7 @@ class TTSRuntime:
                 s._deliver(pcm[b, 0])
             except Exception as e:  # one stream's callback must not cost the others their frame
                 errors.append(e)
+        return errors
 
     def _cancel(self, stream: TTSStream) -> None:
         if stream.done:

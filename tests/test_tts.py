@@ -876,13 +876,19 @@ def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch):
     assert [r["type"] for r in replies] == ["Error", "Error"]
     assert "Text.text must be a string" in replies[0]["message"] and "shape" in replies[1]["message"]
 
-    asked = []
-    rt = types.SimpleNamespace(voice_tensor=lambda name, local_files=True: asked.append((name, local_files)) or name)
+    from dsm.tts import VoiceError, resolve_voice
+
+    local = str(ckpt.config_path.parent / "voice.safetensors")  # exists: a local file a client must not get
+    for name in (local, "/etc/passwd", "../../etc/passwd", "hf://someone/repo/v.safetensors", "a\\..\\b",
+                 "v.safetensors"):
+        with pytest.raises(VoiceError, match="only voice names"):
+            resolve_voice(name, local_files=False)
     srv = TTSServer.__new__(TTSServer)
-    srv.rt, srv.default_voice = rt, "default"
-    for name in ("/etc/passwd", "../../etc/passwd", "hf://someone/repo/v.safetensors", "a\\..\\b", "v.safetensors"):
-        assert srv._voice(name) == "default"
-    assert asked == [] and srv._voice("expresso/ex01") == "expresso/ex01" and asked == [("expresso/ex01", False)]
+    srv.rt, srv.default_voice = runtime(ckpt, n_q=2), "default"
+    assert srv._voice(local) == "default"
+    asked = []  # a repository name goes on to be resolved, with local files off
+    srv.rt = types.SimpleNamespace(voice_tensor=lambda name, local_files=True: asked.append((name, local_files)) or 1)
+    assert srv._voice("expresso/ex01") == 1 and asked == [("expresso/ex01", False)]
 
     import argparse
 
