@@ -191,6 +191,15 @@ def default_backend(device: torch.device | str) -> str:
     return "cuda" if "cuda" in avail else ("triton" if "triton" in avail else "reference")
 
 
+def op_names() -> tuple[str, ...]:
+    return tuple(_OPS)
+
+
+def op_backends(op: str) -> tuple[str, ...]:
+    """The backends with an implementation of their own for ``op`` (others fall back, see :func:`resolve`)."""
+    return tuple(_OPS[op])
+
+
 def resolve(op: str, backend: str | None, device: torch.device | str):
     """The implementation of ``op`` for ``backend`` (None = default for ``device``), without the input checks of the
     dispatch functions below: its caller guarantees the shapes."""
@@ -390,6 +399,8 @@ __all__ = [
     "mimi_ring_attention",
     "mimi_rope_kv",
     "multistream_embed",
+    "op_backends",
+    "op_names",
     "paged_decode_attention",
     "qkv_rope_gemv",
     "reference",

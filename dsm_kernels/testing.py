@@ -53,6 +53,45 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x, dtype=torch.float32), e - 8)
 
 
+def _tie_tol(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 rounding scale of a squared distance between ``r`` [D] and rows ``c`` [..., D] (fp64 inputs)."""
+    return 64 * 2.0**-24 * (r.pow(2).sum() + c.pow(2).sum(-1) + 1.0)
+
+
+def check_rvq_codes(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, aug: torch.Tensor, levels) -> int:
+    """Assert Mimi RVQ codes ``got`` are the reference's ``want`` up to honest fp32 ties; returns the number of
+    (row, group) paths that took a tie, for the caller to bound.
+
+    The kernel ranks ``|c|^2 - 2 x.c``, the reference ``sqrt(clamp(|x|^2 - 2 x.c + |c|^2))``, so near ties may
+    round apart. A differing code passes only if, on the residual both sides share at that level (fp64), its
+    distance is within rounding of the reference's choice; every later code must be fp64-near-optimal on the
+    kernel's own residual path."""
+    B, _, T = x.shape
+    D = aug.shape[-1] - 2
+    books = aug[..., :D].double()
+    ties = 0
+    level0 = 0
+    for g, n in enumerate(levels):
+        for b in range(B):
+            for t in range(T):
+                r = x[b, g * D : (g + 1) * D, t].double()
+                diverged = False
+                for j in range(level0, level0 + n):
+                    kg, kw = int(got[b, j, t]), int(want[b, j, t])
+                    assert 0 <= kg < aug.shape[1], f"code {kg} out of range at {(b, j, t)}"
+                    dist = (books[j] - r).pow(2).sum(-1)
+                    tol = _tie_tol(r, books[j])
+                    # the kernel's code is (near-)optimal for the residual it actually had
+                    assert dist[kg] - dist.min() <= tol[kg], f"kernel code not nearest at {(b, j, t)}"
+                    if not diverged and kg != kw:
+                        assert abs(float(dist[kg] - dist[kw])) <= float(tol[kg]), f"no tie at {(b, j, t)}: {kg} vs {kw}"
+                        diverged = True
+                        ties += 1
+                    r = r - books[j, kg]
+        level0 += n
+    return ties
+
+
 def cuda_time_ms(fn: Callable[[], object], *, warmup_ms: float = 25.0, iters: int = 100) -> float:
     """Median CUDA-event time of ``fn`` in ms after a time-based warm-up (each call timed on its own)."""
     fn()

@@ -19,7 +19,7 @@ import torch
 from dsm.mimi import FRAME_SIZE, Mimi, random_mimi_state_dict
 from dsm.mimi_modules import rope_angles, rope_freqs
 from dsm_kernels import mimi_conv_pad, mimi_rope_kv, reference, resolve, rvq_decode, rvq_encode
-from dsm_kernels.testing import aot_script_main, assert_close_verbose, kernel_device, poison_
+from dsm_kernels.testing import aot_script_main, assert_close_verbose, check_rvq_codes, kernel_device, poison_
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,39 +30,6 @@ def _rvq_inputs(B, T, levels, K, D, seed):
     aug = torch.stack([torch.cat([b, torch.ones(K, 1), b.pow(2).sum(-1, keepdim=True)], -1) for b in books])
     x = torch.randn(B, len(levels) * D, T, generator=g) * 1.5
     return x, aug.contiguous()
-
-
-def _tie_tol(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """fp32 rounding scale of a squared distance between ``r`` [D] and rows ``c`` [..., D] (fp64 inputs)."""
-    return 64 * 2.0**-24 * (r.pow(2).sum() + c.pow(2).sum(-1) + 1.0)
-
-
-def check_rvq_codes(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, aug: torch.Tensor, levels) -> int:
-    """Assert ``got`` is ``want`` up to honest fp32 ties; returns the number of (row, group) paths with a tie."""
-    B, _, T = x.shape
-    D = aug.shape[-1] - 2
-    books = aug[..., :D].double()
-    ties = 0
-    level0 = 0
-    for g, n in enumerate(levels):
-        for b in range(B):
-            for t in range(T):
-                r = x[b, g * D : (g + 1) * D, t].double()
-                diverged = False
-                for j in range(level0, level0 + n):
-                    kg, kw = int(got[b, j, t]), int(want[b, j, t])
-                    assert 0 <= kg < aug.shape[1], f"code {kg} out of range at {(b, j, t)}"
-                    dist = (books[j] - r).pow(2).sum(-1)
-                    tol = _tie_tol(r, books[j])
-                    # the kernel's code is (near-)optimal for the residual it actually had
-                    assert dist[kg] - dist.min() <= tol[kg], f"kernel code not nearest at {(b, j, t)}"
-                    if not diverged and kg != kw:
-                        assert abs(float(dist[kg] - dist[kw])) <= float(tol[kg]), f"no tie at {(b, j, t)}: {kg} vs {kw}"
-                        diverged = True
-                        ties += 1
-                    r = r - books[j, kg]
-        level0 += n
-    return ties
 
 
 # (B, T, group levels, K, D, block_k): multiple row blocks, multiple codebook slices, one group, an empty group.

@@ -1,0 +1,76 @@
+"""``dsm validate-kernels`` can fail: a wrong or NaN kernel output is a FAIL row, every op of the dispatch table has
+a check, rows name the backend that really ran, and the printed bound is the one applied."""
+
+from __future__ import annotations
+
+import torch
+
+import dsm_kernels
+from dsm_kernels import validate
+from dsm_kernels.validate import Row, _row, print_table, validate_kernels
+
+
+def test_every_dispatch_op_has_a_check():
+    assert validate.checked_ops() == set(dsm_kernels.op_names())
+
+
+def test_row_reports_the_applied_bound_at_the_closest_element():
+    exp = torch.tensor([1.0, 100.0, 5.0])
+    got = exp + torch.tensor([0.5, 2.0, 0.0])
+    bound = 0.1 + 0.01 * exp.abs()  # 0.11, 1.1, 0.15: element 0 fails by the most relative margin
+    r = _row("op", "triton", "c", got, exp, bound, "m")
+    assert not r.ok and r.err == 0.5 and abs(r.bound - 0.11) < 1e-6
+    r = _row("op", "triton", "c", exp + 0.01, exp, bound, "m")
+    assert r.ok and r.err <= r.bound
+
+
+def test_nan_and_shape_never_pass():
+    exp = torch.zeros(4)
+    got = torch.zeros(4)
+    got[2] = float("nan")
+    assert not _row("op", "triton", "c", got, exp, 1e9, "m").ok
+    assert not _row("op", "triton", "c", torch.zeros(5), exp, 1e9, "m").ok
+
+
+def test_a_wrong_kernel_fails(monkeypatch):
+    """A kernel 8 bf16 ulps off, one that writes NaN and one with a wrong integer are each reported as FAIL."""
+    real = validate.resolve
+
+    def broken(op, backend, device):
+        fn = real(op, backend, device)
+        if op == "silu_mul":
+            return lambda h, out=None: (fn(h).float() * (1 + 8 * 2.0**-8)).bfloat16()
+        if op == "rvq_decode":
+            return lambda codes, tables, out=None: fn(codes, tables, out=out).fill_(float("nan"))
+        if op == "kv_slots":
+            return lambda *a: tuple(t + 1 for t in fn(*a))
+        return fn
+
+    monkeypatch.setattr(validate, "resolve", broken)
+    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items()
+                                              if k[0] in ("silu_mul", "kv_slots", "rvq_encode")})  # fmt: skip
+    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
+    rows = validate_kernels("cpu", quick=True)
+    by_op = {r.op: r for r in rows}
+    assert not by_op["silu_mul"].ok and not by_op["rvq_decode"].ok and not by_op["kv_slots"].ok
+    assert "NaN" in by_op["rvq_decode"].measure
+    assert by_op["rvq_encode"].ok and by_op["mimi_convtr_overlap"].ok  # the untouched ops of a check still pass
+
+
+def test_rows_name_the_backend_that_ran(monkeypatch):
+    """With a CUDA backend, only the ops that have a CUDA kernel of their own get cuda rows (the others fall back to
+    Triton and are checked once, as Triton)."""
+    monkeypatch.setattr(validate, "available_backends", lambda device=None: ["reference", "cuda"])
+    rows = validate_kernels("cpu", quick=True)  # cuda is not available on the CPU: every row is an error row
+    assert {r.op for r in rows} == {op for op in dsm_kernels.op_names() if "cuda" in dsm_kernels.op_backends(op)}
+    assert all(r.backend == "cuda" and not r.ok for r in rows)
+
+
+def test_table_columns_align(capsys):
+    rows = [Row("a", "triton", "short", 1e-3, 2e-3, True, "m"),
+            Row("a_much_longer_op_name", "cuda", "a case name far longer than the others", 5.0, 1.0, False, "m")]
+    print_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "1/2 passed"
+    ends = {line.index(word) + len(word) for line, word in zip(lines[:3], ("bound", "0.002", "1"), strict=True)}
+    assert len(ends) == 1, lines
