@@ -7,6 +7,8 @@ frame for all slots; hooks may edit the text logits, replace the text token and 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +77,15 @@ class Generator:
         self.depformer_steps = cfg.dep_q if depformer_steps is None else depformer_steps
         if not 0 <= self.depformer_steps <= cfg.dep_q:
             raise ValueError(f"depformer_steps must be in [0, dep_q={cfg.dep_q}], got {depformer_steps}")
+        # a NaN temperature or a negative top-k would reach the sampler of every stream (no per-step host checks)
+        for name, t in (("temp", temp), ("temp_text", temp_text)):
+            if not (isinstance(t, numbers.Real) and 0 <= t < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: greedy), got {t!r}")
+        for name, k in (("top_k", top_k), ("top_k_text", top_k_text)):
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0: no top-k), got {k!r}")
+        if not (isinstance(cfg_coef, numbers.Real) and math.isfinite(cfg_coef)):
+            raise ValueError(f"cfg_coef must be a finite number, got {cfg_coef!r}")
         self.use_sampling, self.temp, self.temp_text = use_sampling, temp, temp_text
         self.top_k, self.top_k_text = top_k, top_k_text
         self.cfg_coef, self.cfg_is_no_text, self.cfg_is_masked_until = cfg_coef, cfg_is_no_text, cfg_is_masked_until

@@ -298,23 +298,27 @@ def conv1d_gemv(x, weight, bias=None, stride=1, dilation=1, *, out=None, backend
 
 def silu_mul(h, *, backend=None):
     """See :func:`dsm_kernels.reference.silu_mul_ref`."""
+    checks.silu_mul(h)
     return resolve("silu_mul", backend, h.device)(h)
 
 
 def frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, *, backend=None):
     """See :func:`dsm_kernels.reference.frame_inputs_ref` (``cache`` is updated in place)."""
+    checks.frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen)
     fn = resolve("frame_inputs", backend, cache.device)
     return fn(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen)
 
 
 def frame_commit(cache, offsets, exec_mask, delays, text_token, audio, max_delay, *, backend=None):
     """See :func:`dsm_kernels.reference.frame_commit_ref` (``cache`` and ``offsets`` are updated in place)."""
+    checks.frame_commit(cache, offsets, exec_mask, delays, text_token, audio)
     fn = resolve("frame_commit", backend, cache.device)
     return fn(cache, offsets, exec_mask, delays, text_token, audio, max_delay)
 
 
 def kv_slots(block_table, positions, write, page_size, *, backend=None):
     """See :func:`dsm_kernels.reference.kv_slots_ref`."""
+    checks.kv_slots(block_table, positions, write, page_size)
     return resolve("kv_slots", backend, positions.device)(block_table, positions, write, page_size)
 
 
@@ -341,6 +345,7 @@ def rvq_decode(codes, tables, *, out=None, backend=None):
 
 def mimi_rope_kv(qkv, rot, cache, rows, slots, *, out=None, backend=None):
     """See :func:`dsm_kernels.reference.mimi_rope_kv_ref` (Mimi's RoPE + KV ring write; ``cache`` in place)."""
+    checks.mimi_rope_kv(qkv, rot, cache, rows, slots, out)
     return resolve("mimi_rope_kv", backend, qkv.device)(qkv, rot, cache, rows, slots, out=out)
 
 
@@ -352,25 +357,27 @@ def mimi_conv_pad(x, prev, exec_mask, *, elu=False, out=None, backend=None):
 
 def mimi_ring_attention(q, cache, pos, *, out=None, backend=None):
     """See :func:`dsm_kernels.reference.mimi_ring_attention_ref` (a Mimi layer's new queries over its KV ring)."""
+    checks.mimi_ring_attention(q, cache, pos, out)
     return resolve("mimi_ring_attention", backend, q.device)(q, cache, pos, out=out)
 
 
 def mimi_residual_out(y, weight, bias, x, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_residual_out_ref` (``x + conv1x1(elu(y))``, a SEANet unit's end)."""
+    checks.mimi_residual_out(y, weight, bias, x)
     return resolve("mimi_residual_out", backend, y.device)(y, weight, bias, x)
 
 
 def mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref` (a Mimi transposed conv with its overlap-add, for few
     input columns; ``partial`` in place)."""
-    checks.mimi_convtr("mimi_convtr_gemv", x, partial, exec_mask)
+    checks.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask)
     return resolve("mimi_convtr_gemv", backend, x.device)(x, w_rows, bias, stride, partial, exec_mask)
 
 
 def mimi_convtr_overlap(y, partial, bias, exec_mask, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_convtr_overlap_ref` (Mimi's transposed-conv overlap-add; ``y`` and
     ``partial`` in place)."""
-    checks.mimi_convtr("mimi_convtr_overlap", y, partial, exec_mask)
+    checks.mimi_convtr_overlap(y, partial, bias, exec_mask)
     return resolve("mimi_convtr_overlap", backend, y.device)(y, partial, bias, exec_mask)
 
 

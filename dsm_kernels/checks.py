@@ -40,6 +40,13 @@ def _pool(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, hea
     like(op, "v_cache", v_cache, "k_cache", k_cache)
 
 
+def fp32(op: str, **tensors) -> None:
+    """Mimi's ops run in fp32 (its codes are chaotic in low precision)."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != torch.float32:
+            raise ValueError(f"{op}: {name} must be torch.float32, got {t.dtype}")
+
+
 def _mask(op: str, exec_mask: torch.Tensor, B: int) -> None:
     shape(op, "exec_mask", exec_mask, (B,))
     if exec_mask.dtype != torch.bool:
@@ -219,12 +226,128 @@ def mimi_conv_pad(x, prev, exec_mask, out) -> None:
     shape(op, "x", x, (None, None, None))
     B, C, T = x.shape
     shape(op, "prev", prev, (B, C, None))
+    if prev.shape[2] < 1:
+        raise ValueError(f"{op}: prev has shape {tuple(prev.shape)}: a conv without left context has no state")
     _mask(op, exec_mask, B)
+    fp32(op, x=x, prev=prev, out=out)
     if out is not None:
         shape(op, "out", out, (B, C, prev.shape[2] + T))
 
 
-def mimi_convtr(op, x, partial, exec_mask) -> None:
-    """``mimi_convtr_gemv`` / ``mimi_convtr_overlap``: ``x`` is the op's first input ([B, C, N])."""
-    shape(op, "partial", partial, (x.shape[0], None, None))
-    _mask(op, exec_mask, x.shape[0])
+def mimi_convtr_overlap(y, partial, bias, exec_mask) -> None:
+    op = "mimi_convtr_overlap"
+    shape(op, "y", y, (None, None, None))
+    B, C, N = y.shape
+    shape(op, "partial", partial, (B, C, None))
+    if N < 2 * partial.shape[2]:
+        raise ValueError(f"{op}: y has shape {tuple(y.shape)}: {N} columns, fewer than twice the tail of partial "
+                         f"{tuple(partial.shape)} (head and tail would overlap)")  # fmt: skip
+    if bias is not None:
+        shape(op, "bias", bias, (C,))
+    _mask(op, exec_mask, B)
+    fp32(op, y=y, partial=partial, bias=bias)
+
+
+def mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask) -> None:
+    op = "mimi_convtr_gemv"
+    shape(op, "x", x, (None, None, None))
+    B, C_in, T = x.shape
+    shape(op, "w_rows", w_rows, (None, None, C_in))
+    C, K, _ = w_rows.shape
+    if not 1 <= stride <= K or T * stride < K - stride:
+        raise ValueError(f"{op}: stride {stride} with {K} taps (w_rows {tuple(w_rows.shape)}) and {T} input steps: "
+                         "needs 1 <= stride <= K and T * stride >= K - stride")  # fmt: skip
+    shape(op, "partial", partial, (B, C, K - stride))
+    if bias is not None:
+        shape(op, "bias", bias, (C,))
+    _mask(op, exec_mask, B)
+    fp32(op, x=x, w_rows=w_rows, bias=bias, partial=partial)
+
+
+def mimi_rope_kv(qkv, rot, cache, rows, slots, out) -> None:
+    op = "mimi_rope_kv"
+    shape(op, "qkv", qkv, (None, None, 3, None, None))
+    B, T, _, H, D = qkv.shape
+    if D % 2:
+        raise ValueError(f"{op}: qkv has shape {tuple(qkv.shape)}: head_dim {D} must be even (RoPE pairs)")
+    shape(op, "rot", rot, (B, T, 3, 1, D // 2))
+    if rot.dtype != torch.complex64:
+        raise ValueError(f"{op}: rot must be torch.complex64 (cos + i sin), got {rot.dtype}")
+    shape(op, "cache", cache, (None, 2, H, None, D))
+    numel(op, "rows", rows, B, "one cache row per batch row")
+    shape(op, "slots", slots, (B, T))
+    fp32(op, qkv=qkv, cache=cache, out=out)
+    if out is not None:
+        shape(op, "out", out, (B, H, T, D))
+
+
+def mimi_ring_attention(q, cache, pos, out) -> None:
+    op = "mimi_ring_attention"
+    shape(op, "q", q, (None, None, None, None))
+    B, T, H, D = q.shape
+    shape(op, "cache", cache, (None, 2, H, None, D))
+    if cache.shape[0] < B:
+        raise ValueError(f"{op}: cache {tuple(cache.shape)} has {cache.shape[0]} rows for the {B} rows of q")
+    shape(op, "pos", pos, (B,))
+    fp32(op, q=q, cache=cache, out=out)
+    if out is not None:
+        shape(op, "out", out, (B, T, H, D))
+
+
+def mimi_residual_out(y, weight, bias, x) -> None:
+    op = "mimi_residual_out"
+    shape(op, "y", y, (None, None, None))
+    B, C_in, T = y.shape
+    shape(op, "weight", weight, (None, C_in, 1))
+    C_out = weight.shape[0]
+    shape(op, "x", x, (B, C_out, T))
+    if bias is not None:
+        shape(op, "bias", bias, (C_out,))
+    fp32(op, y=y, weight=weight, bias=bias, x=x)
+
+
+def silu_mul(h) -> None:
+    shape("silu_mul", "h", h, (None, None))
+    if h.shape[1] % 2:
+        raise ValueError(f"silu_mul: h has shape {tuple(h.shape)}: an odd width cannot split into gate and value")
+
+
+def _ring(op, cache, offsets, exec_mask, delays) -> tuple[int, int]:
+    shape(op, "cache", cache, (None, None, None))
+    B, K, _ = cache.shape
+    shape(op, "offsets", offsets, (B,))
+    _mask(op, exec_mask, B)
+    shape(op, "delays", delays, (K,))
+    return B, K
+
+
+def frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen) -> None:
+    op = "frame_inputs"
+    B, K = _ring(op, cache, offsets, exec_mask, delays)
+    shape(op, "initial", initial, (K,))
+    if not 1 <= n_gen <= K:
+        raise ValueError(f"{op}: n_gen {n_gen} must be in [1, {K}] (cache {tuple(cache.shape)})")
+    if input_tokens is not None:
+        shape(op, "input_tokens", input_tokens, (B, K - n_gen))
+
+
+def frame_commit(cache, offsets, exec_mask, delays, text_token, audio) -> None:
+    op = "frame_commit"
+    B, K = _ring(op, cache, offsets, exec_mask, delays)
+    shape(op, "text_token", text_token, (B,))
+    if audio is not None:
+        shape(op, "audio", audio, (B, None))
+        if audio.shape[1] >= K:
+            raise ValueError(f"{op}: audio {tuple(audio.shape)} has more streams than cache {tuple(cache.shape)}")
+
+
+def kv_slots(block_table, positions, write, page_size) -> None:
+    op = "kv_slots"
+    shape(op, "block_table", block_table, (None, None))
+    B = block_table.shape[0]
+    shape(op, "positions", positions, (B,))
+    shape(op, "write", write, (B,))
+    if write.dtype != torch.bool:
+        raise ValueError(f"{op}: write must be torch.bool, got {write.dtype}")
+    if page_size < 1:
+        raise ValueError(f"{op}: page_size must be >= 1, got {page_size}")

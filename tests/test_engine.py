@@ -218,6 +218,23 @@ def test_engine_full_errors(stt_model):
         small.step(torch.zeros(2, 32, dtype=torch.long))
 
 
+@pytest.mark.parametrize("kw,message", [
+    ({"temp": float("nan")}, "temp must be a finite number >= 0"),
+    ({"temp_text": -0.5}, "temp_text must be a finite number >= 0"),
+    ({"temp": "0.8"}, "temp must be a finite number"),
+    ({"top_k": -1}, "top_k must be an int >= 0"),
+    ({"top_k_text": 2.5}, "top_k_text must be an int >= 0"),
+    ({"cfg_coef": float("inf")}, "cfg_coef must be a finite number"),
+])  # fmt: skip
+def test_bad_sampling_settings_are_refused(stt_model, kw, message):
+    """Settings that would reach every stream's sampler (no per-step host check) are refused up front."""
+    if "cfg_coef" not in kw:  # the engine refuses CFG row doubling first
+        with pytest.raises(ValueError, match=message):
+            Engine(stt_model, max_slots=1, **kw)
+    with pytest.raises(ValueError, match=message):
+        Generator(stt_model, **kw)
+
+
 def test_page_exhaustion_changes_nothing(stt_model):
     """EngineFull from a step where some slots got their page and a later one did not: no page is taken, and once a
     stream is closed the others go on exactly as on an engine with pages to spare (no ring entry on the null page)."""

@@ -96,6 +96,55 @@ def _conv_pad(dev):
     return lambda b: K.mimi_conv_pad(_z(1, 2, 3, dev=dev), _z(1, 2, 2, dev=dev), mask, backend=b)
 
 
+def _ones_mask(dev, B=2):
+    return torch.ones(B, dtype=torch.bool, device=dev)
+
+
+def _rope_kv(dev, rows=2, dtype=torch.float32):  # B 2, T 1, H 2, D 4, ring of 3
+    rot = torch.ones(2, 1, 3, 1, 2, dtype=torch.complex64, device=dev)
+    slots = torch.zeros(2, 1, dtype=torch.long, device=dev)
+    qkv, cache = _z(2, 1, 3, 2, 4, dtype=dtype, dev=dev), _z(3, 2, 2, 3, 4, dtype=dtype, dev=dev)
+    rows_t = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+    return lambda b: K.mimi_rope_kv(qkv, rot, cache, rows_t, slots, backend=b)
+
+
+def _ring_attention(dev, cache_rows=3):
+    pos = torch.zeros(2, dtype=torch.long, device=dev)
+    return lambda b: K.mimi_ring_attention(_z(2, 1, 2, 4, dev=dev), _z(cache_rows, 2, 2, 3, 4, dev=dev), pos,
+                                           backend=b)  # fmt: skip
+
+
+def _residual_out(dev):
+    return lambda b: K.mimi_residual_out(_z(1, 4, 3, dev=dev), _z(6, 4, 1, dev=dev), None, _z(1, 5, 3, dev=dev),
+                                         backend=b)  # fmt: skip
+
+
+def _convtr_overlap(dev):
+    return lambda b: K.mimi_convtr_overlap(_z(2, 3, 5, dev=dev), _z(2, 3, 3, dev=dev), None, _ones_mask(dev),
+                                           backend=b)  # fmt: skip
+
+
+def _convtr_gemv(dev):  # 4 -> 3 channels, 4 taps, stride 2: partial needs 2 columns
+    return lambda b: K.mimi_convtr_gemv(_z(2, 4, 1, dev=dev), _z(3, 4, 4, dev=dev), None, 2, _z(2, 3, 3, dev=dev),
+                                        _ones_mask(dev), backend=b)  # fmt: skip
+
+
+def _frame(dev, which):
+    cache, offsets = torch.zeros(2, 3, 4, dtype=torch.long, device=dev), torch.zeros(2, dtype=torch.long, device=dev)
+    delays = torch.zeros(3, dtype=torch.long, device=dev)
+    if which == "inputs":
+        return lambda b: K.frame_inputs(cache, offsets, _ones_mask(dev), delays, torch.zeros(2, dtype=torch.long,
+                                        device=dev), None, 1, backend=b)  # fmt: skip
+    return lambda b: K.frame_commit(cache, offsets, _ones_mask(dev), delays, torch.zeros(1, dtype=torch.long,
+                                    device=dev), None, 0, backend=b)  # fmt: skip
+
+
+def _kv_slots(dev):
+    bt = torch.zeros(2, 3, dtype=torch.int32, device=dev)
+    pos = torch.zeros(2, dtype=torch.long, device=dev)
+    return lambda b: K.kv_slots(bt, pos, torch.ones(2, dtype=torch.int32, device=dev), 16, backend=b)
+
+
 CASES = {  # name: (call builder, start of the expected message)
     "embed-cond-one-row": (_embed, "multistream_embed: cond has shape (1, 4), expected [2, 4]"),
     "norm-alpha": (lambda d: _norm(d, alpha=3), "add_rms_norm: alpha has shape (3,)"),
@@ -119,6 +168,17 @@ CASES = {  # name: (call builder, start of the expected message)
     "rvq-decode-out": (_rvq_decode, "rvq_decode: out has shape (1, 8, 2), expected [1, 8, 3]"),
     "rvq-encode-out": (_rvq_encode, "rvq_encode: out has shape (1, 2, 2), expected [1, 2, 3]"),
     "conv-pad-int-mask": (_conv_pad, "mimi_conv_pad: exec_mask must be torch.bool"),
+    "rope-kv-rows": (lambda d: _rope_kv(d, rows=1), "mimi_rope_kv: rows has shape (1, 1) (1 values), expected 2"),
+    "rope-kv-fp64": (lambda d: _rope_kv(d, dtype=torch.float64), "mimi_rope_kv: qkv must be torch.float32"),
+    "ring-attention-rows": (lambda d: _ring_attention(d, cache_rows=1), "mimi_ring_attention: cache (1, 2, 2, 3, 4) "
+                            "has 1 rows for the 2 rows of q"),
+    "residual-out-x": (_residual_out, "mimi_residual_out: x has shape (1, 5, 3), expected [1, 6, 3]"),
+    "convtr-overlap-short": (_convtr_overlap, "mimi_convtr_overlap: y has shape (2, 3, 5): 5 columns, fewer than"),
+    "convtr-gemv-partial": (_convtr_gemv, "mimi_convtr_gemv: partial has shape (2, 3, 3), expected [2, 3, 2]"),
+    "silu-mul-odd": (lambda d: lambda b: K.silu_mul(_z(2, 5, dev=d), backend=b), "silu_mul: h has shape (2, 5): an"),
+    "frame-inputs-initial": (lambda d: _frame(d, "inputs"), "frame_inputs: initial has shape (2,), expected [3]"),
+    "frame-commit-text": (lambda d: _frame(d, "commit"), "frame_commit: text_token has shape (1,), expected [2]"),
+    "kv-slots-int-write": (_kv_slots, "kv_slots: write must be torch.bool, got torch.int32"),
 }
 
 
