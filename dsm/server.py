@@ -16,6 +16,9 @@
   stop_s}`` per word; ``Pcm``: raw little-endian f32 frames only. The socket closes after the last frame.
 
 Auth: header ``kyutai-api-key`` or query ``?auth_id=`` (the header wins) against the configured ids, else HTTP 401.
+Without auth, as moshi-server: ``GET /api/build_info`` (versions, device, kernel backend), ``GET /api/modules_info``
+(a JSON list with this endpoint's ``type``, ``path``, ``used_slots`` and ``total_slots``) and ``GET /metrics``
+(Prometheus text: connections, open channels, slots, step durations, failed steps; prefix ``asr_`` or ``tts_``).
 All connections share one runtime and one model loop; a connection's bad input gets an ``Error`` for that connection
 alone and never touches the other streams.
 
@@ -32,18 +35,24 @@ the TTS ``?voice=`` query names a voice of the voice repository only, never a lo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import platform
 import signal
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
+from importlib.metadata import PackageNotFoundError, version
 from urllib.parse import parse_qs, urlsplit
 
 import msgpack
 import numpy as np
 import torch
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.http11 import Response
 
 from .audio import AudioError
 from .mimi import SAMPLE_RATE
@@ -77,6 +86,55 @@ def event_message(event, buffered_pcm: int, step_idx: int | None = None) -> dict
     if isinstance(event, Marker):
         return {"type": "Marker", "id": event.id}
     return None
+
+
+def _http(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close")])
+    return Response(status.value, status.phrase, headers, body)
+
+
+def build_info(device: torch.device) -> dict:
+    """What ``GET /api/build_info`` answers: the versions a bug report or a benchmark row needs."""
+    import dsm_kernels
+
+    from . import __version__
+
+    try:
+        triton = version("triton")
+    except PackageNotFoundError:
+        triton = None
+    return {"name": "dsm", "version": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "kernel_backend": dsm_kernels.default_backend(device)}  # fmt: skip
+
+
+class _Metrics:
+    """An endpoint's Prometheus metrics, in a registry of its own (two servers in one process keep theirs apart).
+    Slot and channel gauges read the endpoint's state when scraped."""
+
+    STEP_BUCKETS = (1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 40e-3, 80e-3, 160e-3)  # 80 ms: one frame of audio
+
+    def __init__(self, prefix: str, endpoint: _Endpoint):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.connect = Counter(f"{prefix}_connect", "Connections accepted.", registry=r)
+        self.refused = Counter(f"{prefix}_refused", "Connections refused: no free slot.", registry=r)
+        self.steps = Counter(f"{prefix}_steps", "Model steps that advanced at least one stream.", registry=r)
+        self.failed_steps = Counter(f"{prefix}_failed_steps", "Model steps that raised (every client closed).",
+                                    registry=r)  # fmt: skip
+        self.step_duration = Histogram(f"{prefix}_model_step_duration_seconds", "Wall time of a model step, "
+                                       "host work included.", buckets=self.STEP_BUCKETS, registry=r)  # fmt: skip
+        Gauge(f"{prefix}_open_channels", "Connections open now.", registry=r).set_function(
+            lambda: len(endpoint.connections))
+        Gauge(f"{prefix}_used_slots", "Stream slots in use.", registry=r).set_function(endpoint.used_slots)
+        Gauge(f"{prefix}_total_slots", "Stream slots.", registry=r).set_function(lambda: len(endpoint.rt.slots))
+
+    def render(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return _http(HTTPStatus.OK, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
 
 class _Outbox:
@@ -121,6 +179,8 @@ class _Endpoint:
     the runtime on the model thread while it has work and then sends each connection its output."""
 
     path = ""
+    module_type = ""  # moshi-server's name for the module in /api/modules_info
+    metrics_prefix = ""
     outbox_bytes = OUTBOX_BYTES
 
     def __init__(self, runtime, api_keys: Iterable[str]):
@@ -131,12 +191,35 @@ class _Endpoint:
         self._wake = asyncio.Event()
         self._stepped = asyncio.Event()  # set (and replaced) after every model step
         self._model_thread: ThreadPoolExecutor | None = None
+        self.metrics = _Metrics(self.metrics_prefix, self)
+        self._build_info = json.dumps(build_info(torch.device(runtime.device))).encode()
+
+    def used_slots(self) -> int:
+        return sum(s is not None for s in self.rt.slots)
+
+    def module_info(self) -> dict:
+        """This endpoint's entry of ``/api/modules_info`` (values are strings, as moshi-server sends them)."""
+        return {"type": self.module_type, "path": self.path, "used_slots": str(self.used_slots()),
+                "total_slots": str(len(self.rt.slots))}  # fmt: skip
+
+    def _info(self, path: str) -> Response | None:
+        """The unauthenticated GET endpoints, or None for another path."""
+        if path == "/api/build_info":
+            return _http(HTTPStatus.OK, self._build_info, "application/json")
+        if path == "/api/modules_info":
+            return _http(HTTPStatus.OK, json.dumps([self.module_info()]).encode(), "application/json")
+        if path == "/metrics":
+            return self.metrics.render()
+        return None
 
     def _check_query(self, query: dict[str, list[str]]) -> str | None:
         return None
 
     def _process_request(self, connection, request):
         url = urlsplit(request.path)
+        info = self._info(url.path)
+        if info is not None:
+            return info
         if url.path != self.path:
             return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {url.path!r}; this server is {self.path}\n")
         query = parse_qs(url.query)
@@ -190,11 +273,16 @@ class _Endpoint:
             while True:
                 failed = False
                 async with self.lock:
+                    t0 = time.perf_counter()
                     try:
                         stepped = await self._on_model_thread(self._step)
                     except Exception:  # a dead loop left every client waiting forever: log, close them, keep serving
                         log.exception("model step failed; closing every connection")
                         failed, stepped = True, False
+                        self.metrics.failed_steps.inc()
+                    if stepped:
+                        self.metrics.step_duration.observe(time.perf_counter() - t0)
+                        self.metrics.steps.inc()
                     outgoing = [] if failed else self._outgoing()
                 self._stepped.set()
                 self._stepped = asyncio.Event()
@@ -216,6 +304,8 @@ class ASRServer(_Endpoint):
     """``/api/asr-streaming`` over ``runtime`` (see the module doc)."""
 
     path = ASR_PATH
+    module_type = "batched_asr"
+    metrics_prefix = "asr"
     max_buffered_s = MAX_BUFFERED_S
     audio_timeout_s = AUDIO_TIMEOUT_S
 
@@ -231,9 +321,11 @@ class ASRServer(_Endpoint):
             except NoFreeSlotError:
                 stream = None
         if stream is None:
+            self.metrics.refused.inc()
             await ws.send(pack({"type": "Error", "message": "no free channels"}))
             await ws.close()
             return
+        self.metrics.connect.inc()
         box = self.connections[stream] = _Outbox(ws, self.outbox_bytes)
         loop = asyncio.get_running_loop()
         last_audio = loop.time()
@@ -329,10 +421,15 @@ class TTSServer(_Endpoint):
     or tensor; None = the model's learnt padding), used when the query names none or an unknown one."""
 
     path = TTS_PATH
+    module_type = "py"
+    metrics_prefix = "tts"
 
     def __init__(self, runtime, api_keys: Iterable[str] = ("public_token",), voice=None, cfg: float | None = 2.0):
         super().__init__(runtime, api_keys)
         self.default_voice, self.cfg = voice, cfg
+
+    def module_info(self) -> dict:
+        return {**super().module_info(), "queued": str(len(self.rt.waiting))}  # streams waiting for a slot
 
     def _check_query(self, query):
         fmt = (query.get("format") or ["OggOpus"])[0]
@@ -354,6 +451,7 @@ class TTSServer(_Endpoint):
         query = parse_qs(urlsplit(ws.request.path).query)
         voice = await asyncio.to_thread(self._voice, (query.get("voice") or [""])[0])  # may download
         conn = _TTSConnection((query.get("format") or ["OggOpus"])[0], voice)
+        self.metrics.connect.inc()
         box = self.connections[conn] = _Outbox(ws, self.outbox_bytes)
         try:
             if conn.fmt == "PcmMessagePack":

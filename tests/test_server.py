@@ -317,3 +317,66 @@ def test_input_limits_marker_ids_and_the_global_step_counter(files):
     replies, step_idx, code = serve(later_client, audio_timeout_s=3.0)
     assert all(r["type"] == "Error" and "int64" in r["message"] for r in replies)
     assert step_idx > 10 and code == 1008
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def _samples(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
+
+
+def test_info_endpoints_and_metrics(files):
+    """moshi-server's unauthenticated GETs: build info, slots in use (live), and Prometheus metrics that count
+    connections, refusals and steps."""
+    import json
+
+    import dsm
+
+    async def session(url):
+        base = url.replace("ws://", "http://").replace(ASR_PATH, "")
+        info = await asyncio.to_thread(_get, base + "/api/build_info")
+        before = await asyncio.to_thread(_get, base + "/api/modules_info")
+        hdr = {"kyutai-api-key": "public_token"}
+        async with connect(url, additional_headers=hdr) as ws:
+            assert msgpack.unpackb(await ws.recv())["type"] == "Ready"
+            during = await asyncio.to_thread(_get, base + "/api/modules_info")
+            async with connect(url, additional_headers=hdr) as refused:  # the only slot is taken
+                assert msgpack.unpackb(await refused.recv())["type"] == "Error"
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": _audio(0.5, 3).tolist()}))
+            await ws.send(msgpack.packb({"type": "Marker", "id": 1}))
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 24000}))
+            while msgpack.unpackb(await asyncio.wait_for(ws.recv(), 60))["type"] != "Marker":
+                pass
+            metrics_open = await asyncio.to_thread(_get, base + "/metrics")
+        await asyncio.sleep(0.2)  # the handler frees the slot after the close
+        after = await asyncio.to_thread(_get, base + "/api/modules_info")
+        unknown = await asyncio.to_thread(_get, base + "/api/nope")
+        return info, before, during, metrics_open, after, unknown
+
+    info, before, during, metrics, after, unknown = _serve(_runtime(files, slots=1), session)
+    status, ctype, body = info
+    assert status == 200 and ctype == "application/json"
+    bi = json.loads(body)
+    assert bi["version"] == dsm.__version__ and bi["torch"] == torch.__version__ and bi["device"] == "cpu"
+    assert bi["kernel_backend"] == "reference"
+    slots = [json.loads(b)[0] for _, _, b in (before, during, after)]
+    assert slots[0] == {"type": "batched_asr", "path": ASR_PATH, "used_slots": "0", "total_slots": "1"}
+    assert [s["used_slots"] for s in slots] == ["0", "1", "0"]
+    status, ctype, body = metrics
+    assert status == 200 and ctype.startswith("text/plain")
+    m = _samples(body)
+    assert m["asr_connect_total"] == 1 and m["asr_refused_total"] == 1 and m["asr_failed_steps_total"] == 0
+    assert m["asr_open_channels"] == 1 and m["asr_used_slots"] == 1 and m["asr_total_slots"] == 1
+    assert m["asr_steps_total"] >= 7 and m["asr_model_step_duration_seconds_count"] == m["asr_steps_total"]
+    assert unknown[0] == 404

@@ -8,6 +8,7 @@ ties; the conditioners are random too so that the voice and the cfg value matter
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -664,6 +665,13 @@ def test_real_cfg_parity_with_moshi(ckpt, ckpt_no_cfg):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _http_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read().decode()
+
+
 def _tts_serve(rt, voice, client):
     import asyncio
 
@@ -844,11 +852,17 @@ def test_websocket_queued_stream_starts_when_a_holder_disconnects(ckpt):
             await ws.send(msgpack.packb({"type": "Eos"}))
             await asyncio.sleep(0.5)
             assert rt.waiting  # queued behind the holder
+            base = url.split("/api/")[0].replace("ws://", "http://")
+            info = await asyncio.to_thread(_http_get, base + "/api/modules_info")
+            metrics = await asyncio.to_thread(_http_get, base + "/metrics")
             holder.transport.abort()
-            return await asyncio.wait_for(ws.recv(), 10)  # its first Text or Audio message
+            return await asyncio.wait_for(ws.recv(), 10), info, metrics  # its first Text or Audio message
 
-    first = msgpack.unpackb(_tts_serve(rt, None, client))
-    assert first["type"] in ("Text", "Audio")
+    first, info, metrics = _tts_serve(rt, None, client)
+    assert msgpack.unpackb(first)["type"] in ("Text", "Audio")
+    assert json.loads(info) == [{"type": "py", "path": "/api/tts_streaming", "used_slots": "1", "total_slots": "1",
+                                 "queued": "1"}]  # fmt: skip
+    assert "tts_open_channels 2.0" in metrics and "tts_connect_total 2.0" in metrics
 
 
 def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch):
