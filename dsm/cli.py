@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -75,6 +76,8 @@ def _setup_validate_kernels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=parse_device, default=None,
                    help="device to validate on (default: cuda if available, else cpu)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE",
+                   help="also write the rows, with the device and versions, as JSON (for a CI)")
     p.set_defaults(func=_cmd_validate_kernels)
 
 
@@ -90,6 +93,19 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
               "on a CPU, set TRITON_INTERPRET=1", file=sys.stderr)
         return 1
     print_table(rows)
+    if args.json is not None:
+        import dataclasses
+        import json
+        import math
+
+        from .bench import environment
+
+        def finite(v):  # an error row's inf error is null in strict JSON
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        found = [{k: finite(v) for k, v in dataclasses.asdict(r).items()} for r in rows]
+        doc = {**environment(), "dsm": __version__, "validated_on": str(device), "rows": found}
+        args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return 0 if all(r.ok for r in rows) else 1
 
 

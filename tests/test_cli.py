@@ -84,13 +84,18 @@ def test_info(capsys):
     assert "small-batch GEMV kernels: up to 4 rows" in out and "programmatic dependent launch: off" in out
 
 
-def test_validate_kernels_passes_under_the_interpreter(capsys, monkeypatch):
+def test_validate_kernels_passes_under_the_interpreter(capsys, monkeypatch, tmp_path):
     # tests run with TRITON_INTERPRET=1, so the Triton backend is checked on the CPU
-    assert main(["validate-kernels", "--quick", "--device", "cpu"]) == 0
+    import json
+
+    assert main(["validate-kernels", "--quick", "--device", "cpu", "--json", str(tmp_path / "v.json")]) == 0
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]  # "n/n passed"
     n, total = last.split()[0].split("/")
     assert "triton" in out and n == total and int(total) >= 12, last
+    doc = json.loads((tmp_path / "v.json").read_text())
+    assert doc["validated_on"] == "cpu" and doc["torch"] == torch.__version__ and len(doc["rows"]) == int(total)
+    assert all(r["ok"] and r["err"] <= r["bound"] for r in doc["rows"])
 
 
 def test_validate_kernels_without_a_fast_backend_says_why(capsys, monkeypatch):
