@@ -33,24 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import sm_count, triton_interpret
+from . import gemv_max_rows, triton_interpret
+from .gemv_kernels import _qkv_gemv_kernel, gemv_plan, launch_gemv, launch_head_sample
+from .pdl import use_pdl
 from .reference import DepformerWeights
 from .sampling import sample_tokens_triton
-
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-@triton.jit
-def _rnd(x, DT: tl.constexpr):
-    """Round fp32 to the model dtype and back (where torch would store a model-dtype tensor). bf16 rounds to
-    nearest-even by bit arithmetic: the interpreter's fp32->bf16 cast truncates, a bias that compounds over 4
-    layers x 32 steps. Inputs are finite (NaN keeps a NaN payload)."""
-    if DT == tl.bfloat16:
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        return b.to(tl.float32, bitcast=True)
-    else:
-        return x.to(DT).to(tl.float32)
+from .triton_common import _TL_DTYPES, _arrive, _input_tile, _rnd, _sms
 
 
 @triton.jit
@@ -60,30 +48,6 @@ def _dot(a, w, acc, DT: tl.constexpr, DOT_F32: tl.constexpr):
         return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a.to(DT), w.to(DT), acc)
-
-
-@triton.jit
-def _input_tile(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, cols, cmask, B, DIM, LDP, vt,
-                INPUT: tl.constexpr, DEMUX: tl.constexpr, DT: tl.constexpr):  # fmt: skip
-    """[BM, BK] fp32 tile of the layer input: the residual stream, or (INPUT) ``proj + Emb(prev)`` built here."""
-    m = rmask[:, None] & cmask[None, :]
-    if INPUT:
-        tok = tl.load(tok_ptr + rows, mask=rmask, other=-1)
-        ids = tl.maximum(tok, 0)
-        if DEMUX:  # text id packs two ids (DSM-SPEC §2.2)
-            first = ids % vt
-            second = ids // vt - 1
-            e = tl.load(t1_ptr + first[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            e2 = tl.load(t2_ptr + tl.maximum(second, 0)[:, None] * DIM + cols[None, :],
-                         mask=m & (second >= 0)[:, None], other=0.0).to(tl.float32)  # fmt: skip
-            e = _rnd(e + e2, DT)
-        else:
-            e = tl.load(t1_ptr + ids[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        e = tl.where((tok >= 0)[:, None], e, 0.0)  # id -1 embeds to zeros
-        p = tl.load(proj_ptr + rows[:, None] * LDP + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        return _rnd(p + e, DT)
-    else:
-        return tl.load(x_ptr + rows[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -98,18 +62,6 @@ def _inv_rms(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, B, DIM, LDP,
                         INPUT, DEMUX, DT)  # fmt: skip
         ss += tl.sum(x * x, axis=1)
     return 1.0 / tl.sqrt(eps + ss / DIM)
-
-
-@triton.jit
-def _arrive(cnt_ptr, tile, SPLIT: tl.constexpr):
-    """Count this program's partial in; True for the last of the SPLIT programs of ``tile``, which re-arms the
-    counter to 0 for the next launch. The barrier + acq_rel atomic publish the partial stores before the count."""
-    tl.debug_barrier()
-    prev = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-    last = prev == SPLIT - 1
-    if last:
-        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
-    return last
 
 
 @triton.jit
@@ -255,10 +207,6 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _sms(device: torch.device) -> int:
-    return sm_count(device) if device.type == "cuda" else 64
-
-
 def _gemm_plan(n_tiles: int, m_blocks: int, K: int, bk: int, split: int | None, sms: int) -> tuple[int, int]:
     """(SPLIT, K per split): enough programs for ~2 per SM (batch 1 must still stream at full bandwidth); one
     program per tile in the interpreter, whose cost grows with the number of programs."""
@@ -314,10 +262,6 @@ def depformer_frame_triton(
     ``path`` picks the kernels: ``"gemv"`` (:mod:`dsm_kernels.gemv_kernels`) or ``"splitk"`` (this module's),
     by default GEMV up to :func:`~dsm_kernels.gemv_max_rows` rows; ``pdl``: chain the GEMV kernels by programmatic
     dependent launch (default: on sm_90+, see :func:`~dsm_kernels.pdl.use_pdl`)."""
-    from . import gemv_max_rows
-    from .gemv_kernels import _qkv_gemv_kernel, gemv_plan, launch_gemv, launch_head_sample
-    from .pdl import use_pdl
-
     if path not in (None, "gemv", "splitk"):
         raise ValueError(f"path must be 'gemv' or 'splitk', got {path!r}")
     if w.activation != "silu" or not w.norm_f32:

@@ -37,11 +37,11 @@ import triton
 import triton.language as tl
 
 from . import CONV_GEMV_MAX_COLUMNS, GEMV_MAX_B, triton_interpret
-from .depformer import _TL_DTYPES, _arrive, _input_tile, _rnd, _sms
 from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 from .sampling import _num_warps as _sampler_warps
 from .sampling import _sample_rows
+from .triton_common import _TL_DTYPES, _arrive, _input_tile, _rnd, _sms
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.

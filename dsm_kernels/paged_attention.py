@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import sm_count, triton_interpret
-from .depformer import _arrive
+from .triton_common import _arrive
 
 _LOG2E = 1.4426950408889634
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)

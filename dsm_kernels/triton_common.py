@@ -1,0 +1,66 @@
+"""Device functions and host helpers shared by the Triton kernels of the depth transformer, the GEMVs and the
+paged attention: rounding to the model dtype as torch stores it, the depth transformer's layer-input tile, the
+split-K arrival counter, the SM count that sizes the grids."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import sm_count
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr):
+    """Round fp32 to the model dtype and back (where torch would store a model-dtype tensor). bf16 rounds to
+    nearest-even by bit arithmetic: the interpreter's fp32->bf16 cast truncates, a bias that compounds over 4
+    layers x 32 steps. Inputs are finite (NaN keeps a NaN payload)."""
+    if DT == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _input_tile(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, cols, cmask, B, DIM, LDP, vt,
+                INPUT: tl.constexpr, DEMUX: tl.constexpr, DT: tl.constexpr):  # fmt: skip
+    """[BM, BK] fp32 tile of the layer input: the residual stream, or (INPUT) ``proj + Emb(prev)`` built here."""
+    m = rmask[:, None] & cmask[None, :]
+    if INPUT:
+        tok = tl.load(tok_ptr + rows, mask=rmask, other=-1)
+        ids = tl.maximum(tok, 0)
+        if DEMUX:  # text id packs two ids (DSM-SPEC §2.2)
+            first = ids % vt
+            second = ids // vt - 1
+            e = tl.load(t1_ptr + first[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            e2 = tl.load(t2_ptr + tl.maximum(second, 0)[:, None] * DIM + cols[None, :],
+                         mask=m & (second >= 0)[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            e = _rnd(e + e2, DT)
+        else:
+            e = tl.load(t1_ptr + ids[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        e = tl.where((tok >= 0)[:, None], e, 0.0)  # id -1 embeds to zeros
+        p = tl.load(proj_ptr + rows[:, None] * LDP + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        return _rnd(p + e, DT)
+    else:
+        return tl.load(x_ptr + rows[:, None] * DIM + cols[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _arrive(cnt_ptr, tile, SPLIT: tl.constexpr):
+    """Count this program's partial in; True for the last of the SPLIT programs of ``tile``, which re-arms the
+    counter to 0 for the next launch. The barrier + acq_rel atomic publish the partial stores before the count."""
+    tl.debug_barrier()
+    prev = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    last = prev == SPLIT - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+    return last
+
+
+def _sms(device: torch.device) -> int:
+    return sm_count(device) if device.type == "cuda" else 64
