@@ -230,25 +230,39 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
         raise CheckpointError(f"{path}: not a safetensors file (header is not valid JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
+    if not isinstance(header.pop("__metadata__", None), dict | None):
+        raise CheckpointError(f"{path}: not a safetensors file (__metadata__ is not a JSON object)")
     data_size = size - 8 - n
-    end_max = 0
+
+    def ints(v: Any, n: int | None = None) -> bool:
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
     for name, info in header.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        # Types checked before use: a malformed entry is a corrupt file, not a TypeError traceback.
+        if (not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info)
+                or not isinstance(info["dtype"], str) or not ints(info["shape"]) or not ints(info["data_offsets"], 2)):
             raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {info!r}")
         if info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
         itemsize = torch.empty((), dtype=_ST_DTYPES[info["dtype"]]).element_size()
-        if end - begin != math.prod(info["shape"]) * itemsize or begin < 0:
+        if end - begin != math.prod(info["shape"]) * itemsize:
             raise CheckpointError(f"{path}: tensor {name!r}: data offsets {info['data_offsets']} do not match "
                                   f"shape {info['shape']} of {info['dtype']}")
         if end > data_size:
             raise CheckpointError(f"{path}: truncated file: tensor {name!r} needs bytes up to {8 + n + end}, file "
                                   f"has {size}")
-        end_max = max(end_max, end)
-    if end_max != data_size:
-        raise CheckpointError(f"{path}: corrupt file: tensor data ends at byte {8 + n + end_max} but the file has "
+    # As the safetensors library requires: tensor data packed back to back, no overlap and no gap.
+    pos = 0
+    for name, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = info["data_offsets"]
+        if begin != pos:
+            raise CheckpointError(f"{path}: corrupt file: tensor {name!r} data starts at offset {begin}, expected "
+                                  f"{pos} ({'it overlaps the previous tensor' if begin < pos else 'a gap before it'})")
+        pos = end
+    if pos != data_size:
+        raise CheckpointError(f"{path}: corrupt file: tensor data ends at byte {8 + n + pos} but the file has "
                               f"{size} bytes")
     return header
 
@@ -374,9 +388,9 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
         if inner and not inner.endswith(".json"):
             inner = f"{inner}/config.json"
         config_name = inner or "config.json"
+    elif hf_repo is not None and hf_repo.startswith("hf://"):  # --hf-repo hf://owner/repo[/dir]: as --checkpoint
+        return resolve_checkpoint(hf_repo, revision=revision, cache_dir=cache_dir)
     elif hf_repo is not None:
-        if hf_repo.startswith("hf://"):
-            hf_repo, _ = _split_hf(hf_repo)
         config_name = "config.json"
     else:
         return _resolve_local(Path(checkpoint))
@@ -401,9 +415,14 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
 
 def _load_config(path: Path) -> CheckpointConfig:
     try:
-        return CheckpointConfig.from_file(path)
+        cfg = CheckpointConfig.from_file(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    if cfg.lm.context is None:  # moshi's default (unbounded attention) is valid config, but every dsm KV cache is a
+        # bounded ring: refused here, before any weight is read, not as a TypeError deep in the engine.
+        raise CheckpointError(f"{path}: field 'context' is missing or null; dsm needs the attention window (the "
+                              "released configs set it, e.g. 750 for stt-1b-en_fr)")
+    return cfg
 
 
 def _resolve_local(path: Path) -> CheckpointFiles:
@@ -413,6 +432,9 @@ def _resolve_local(path: Path) -> CheckpointFiles:
         config_path, root = path / "config.json", path
         if not config_path.is_file():
             raise CheckpointError(f"{path}: checkpoint directory has no config.json")
+    elif path.exists():  # e.g. the weights file itself: "not found" would send the user looking elsewhere
+        raise CheckpointError(f"{path}: not a checkpoint directory or config.json (give the directory holding "
+                              "config.json and the files it names)")
     else:
         raise CheckpointError(f"{path}: checkpoint directory not found")
     cfg = _load_config(config_path)

@@ -41,8 +41,13 @@ def _setup_random_checkpoint(p: argparse.ArgumentParser) -> None:
 def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint import write_random_checkpoint
 
-    out = write_random_checkpoint(args.preset, args.out_dir, seed=args.seed, dtype=args.dtype, mimi=args.mimi,
-                                  tokenizer=args.tokenizer)
+    try:
+        out = write_random_checkpoint(args.preset, args.out_dir, seed=args.seed, dtype=args.dtype, mimi=args.mimi,
+                                      tokenizer=args.tokenizer)
+    except OSError as e:  # OUT_DIR is a file, under a file, read-only, the disk is full...
+        print(f"dsm random-checkpoint: error: {e.filename or args.out_dir}: cannot write ({e.strerror or e})",
+              file=sys.stderr)
+        return 1
     for f in sorted(out.iterdir()):
         print(f"{f}  {f.stat().st_size} bytes")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,23 @@ class LMConfig:
         def bad(fld: str, msg: str) -> ConfigError:
             return ConfigError(f"{where}: field {fld!r}: {msg}")
 
+        # Sizes and periods: a zero or negative one would fail later as a ZeroDivisionError or a bad tensor shape.
+        for name in ("card", "text_card", "dim", "num_heads", "kv_repeat"):
+            if getattr(self, name) <= 0:
+                raise bad(name, f"must be positive, got {getattr(self, name)}")
+        for name in ("n_q", "num_layers", "existing_text_padding_id", "existing_text_end_padding_id"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be non-negative, got {getattr(self, name)}")
+        for name in ("hidden_scale", "max_period"):
+            if name == "max_period" and self.positional_embedding == "none":
+                continue
+            if not 0 < getattr(self, name) < math.inf:
+                raise bad(name, f"must be a positive finite number, got {getattr(self, name)}")
+        if self.text_card_out is not None and self.text_card_out <= 0:
+            raise bad("text_card_out", f"must be positive, got {self.text_card_out}")
+        if self.existing_text_padding_id >= self.text_out:
+            raise bad("existing_text_padding_id", f"{self.existing_text_padding_id} is not a text id (text vocabulary "
+                      f"of {self.text_out})")
         if len(self.delays) != self.n_q + 1:
             raise bad("delays", f"has {len(self.delays)} entries, expected n_q + 1 = {self.n_q + 1}")
         if any(d < 0 for d in self.delays):
@@ -197,6 +215,15 @@ class LMConfig:
         if self.context is not None and self.context <= 0:
             raise bad("context", "must be positive")
         if self.dep_q > 0:
+            for name, value in (("depformer_dim", self.depformer_dim), ("depformer_num_heads", self.dep_num_heads),
+                                ("depformer_dim_feedforward", self.dep_ffn_dim),
+                                ("depformer_low_rank_embeddings", self.depformer_low_rank_embeddings or 1)):
+                if value <= 0:
+                    raise bad(name, f"must be positive, got {value}")
+            if self.dep_num_layers < 0:
+                raise bad("depformer_num_layers", f"must be non-negative, got {self.dep_num_layers}")
+            if self.depformer_pos_emb != "none" and not 0 < self.dep_max_period < math.inf:
+                raise bad("depformer_max_period", f"must be a positive finite number, got {self.dep_max_period}")
             if self.depformer_dim % self.dep_num_heads:
                 raise bad("depformer_num_heads", f"depformer_dim {self.depformer_dim} not divisible by "
                           f"{self.dep_num_heads} heads")
@@ -265,15 +292,15 @@ class CheckpointConfig:
         return config_to_dict(self)
 
 
-_META_FIELDS = {f.name for f in dataclasses.fields(CheckpointConfig)} - {"lm", "raw"}
+_META_FIELDS = {f.name: f for f in dataclasses.fields(CheckpointConfig) if f.name not in ("lm", "raw")}
 _LM_FIELDS = {f.name: f for f in dataclasses.fields(LMConfig)} 
 # Keys moshi's loader accepts and drops, or renames.
 _DROPPED = {"depformer_causal", "lora_rank", "lora_scaling", "quantize", "gradient_checkpointing"}
 _RENAMED = {"demux_second_stream": "demux_second_text_stream"}
 _ALWAYS_WRITTEN = {"card", "n_q", "dep_q", "delays", "text_card", "dim", "num_heads", "num_layers", "hidden_scale",
                    "norm", "context", "max_period", "positional_embedding", "gating", "causal"}
-_STT_KEYS = {"audio_delay_seconds", "audio_silence_prefix_seconds"}
-_TTS_KEYS = {"audio_delay", "second_stream_ahead", "multistream"}
+_STT_KEYS = {"audio_delay_seconds": "float", "audio_silence_prefix_seconds": "float"}
+_TTS_KEYS = {"audio_delay": "float", "second_stream_ahead": "int", "multistream": "bool"}
 
 
 def _coerce(where: str, key: str, value: Any, annotation: str) -> Any:
@@ -302,12 +329,25 @@ def _coerce(where: str, key: str, value: Any, annotation: str) -> Any:
         if not isinstance(value, str):
             raise err("a string")
         return value
+    if base == "dict":
+        if not isinstance(value, dict):
+            raise err("an object")
+        return value
+    if base == "tuple[str, ...]":
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise err("a list of strings")
+        return tuple(value)
     if base == "tuple[int, ...]":
         if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                           for v in value):
             raise err("a list of integers")
         return tuple(value)
     raise err(annotation)  # pragma: no cover
+
+
+_CONDITIONER_ARGS = {"dim": "int", "n_bins": "int", "possible_values": "tuple[str, ...] | None", "tokenizer": "str",
+                     "force_linear": "bool", "output_bias": "bool", "learn_padding": "bool", "pad_empty": "bool",
+                     "init_scale": "float | None"}
 
 
 def _parse_conditioners(where: str, data: Any, out_dim: int) -> tuple[ConditionerConfig, ...]:
@@ -324,17 +364,21 @@ def _parse_conditioners(where: str, data: Any, out_dim: int) -> tuple[Conditione
         kw = cfg.get(kind)
         if not isinstance(kw, dict):
             raise ConfigError(f"{where}: field {fld}.{kind}: expected an object of conditioner arguments")
-        known = {"dim", "n_bins", "possible_values", "tokenizer", "force_linear", "output_bias", "learn_padding",
-                 "pad_empty", "init_scale"}
-        unknown = set(kw) - known
+        unknown = set(kw) - set(_CONDITIONER_ARGS)
         if unknown:
             raise ConfigError(f"{where}: field {fld}.{kind}: unknown argument(s) {sorted(unknown)}")
         if "dim" not in kw:
             raise ConfigError(f"{where}: field {fld}.{kind}.dim: missing")
+        for arg, value in kw.items():  # typed here: a string "dim" or n_bins would fail later as a traceback
+            _coerce(where, f"{fld}.{kind}.{arg}", value, _CONDITIONER_ARGS[arg])
+        if kw["dim"] <= 0:
+            raise ConfigError(f"{where}: field {fld}.{kind}.dim: must be positive, got {kw['dim']}")
         pv = kw.get("possible_values")
         if kind == "lut":
             if "n_bins" not in kw:
                 raise ConfigError(f"{where}: field {fld}.lut.n_bins: missing")
+            if kw["n_bins"] <= 0:
+                raise ConfigError(f"{where}: field {fld}.lut.n_bins: must be positive, got {kw['n_bins']}")
             if kw.get("tokenizer", "noop") != "noop":
                 raise ConfigError(f"{where}: field {fld}.lut.tokenizer: only 'noop' is supported")
             if pv is not None and len(pv) > kw["n_bins"]:
@@ -358,8 +402,11 @@ def _parse_fuser(where: str, data: Any) -> FuserConfig | None:
     if unknown:
         raise ConfigError(f"{where}: field 'fuser': unknown key(s) {sorted(unknown)}")
     for k in ("sum", "cross", "prepend"):
-        if not isinstance(data.get(k, []), list):
+        value = data.get(k, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: field 'fuser.{k}': expected a list of condition names")
+    _coerce(where, "fuser.cross_attention_pos_emb", data.get("cross_attention_pos_emb", False), "bool")
+    _coerce(where, "fuser.cross_attention_pos_emb_scale", data.get("cross_attention_pos_emb_scale", 1.0), "float")
     return FuserConfig(
         sum=tuple(data.get("sum", [])), cross=tuple(data.get("cross", [])), prepend=tuple(data.get("prepend", [])),
         cross_attention_pos_emb=bool(data.get("cross_attention_pos_emb", False)),
@@ -376,8 +423,8 @@ def parse_config(data: dict[str, Any], where: str = "config") -> CheckpointConfi
         key = _RENAMED.get(key, key)
         if key in _DROPPED:
             continue
-        if key in _META_FIELDS:
-            meta[key] = value
+        if key in _META_FIELDS:  # typed too: a numeric moshi_name or a string stt_config fails later otherwise
+            meta[key] = _coerce(where, key, value, str(_META_FIELDS[key].type))
         elif key in ("conditioners", "fuser"):
             continue
         elif key in _LM_FIELDS:
@@ -388,9 +435,12 @@ def parse_config(data: dict[str, Any], where: str = "config") -> CheckpointConfi
         sub = meta.get(key, {})
         if not isinstance(sub, dict):
             raise ConfigError(f"{where}: field {key!r}: expected an object")
-        unknown = set(sub) - sub_known
+        unknown = set(sub) - set(sub_known)
         if unknown:
             raise ConfigError(f"{where}: field {key!r}: unknown key(s) {sorted(unknown)}")
+        for name, value in sub.items():
+            if _coerce(where, f"{key}.{name}", value, sub_known[name]) < 0:
+                raise ConfigError(f"{where}: field '{key}.{name}': must be non-negative, got {value!r}")
     dim = lm.get("dim", LMConfig.dim)
     if "conditioners" in data and data["conditioners"]:
         lm["conditioners"] = _parse_conditioners(where, data["conditioners"], dim)

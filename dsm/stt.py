@@ -686,6 +686,9 @@ def runtime_from_args(args) -> STTRuntime:
         if args.random_weights:
             raise CheckpointError("--random-weights goes with --preset")
         files = checkpoint_from_args(args)
+    if files.config.lm.dep_q:  # checked before any weight is read (STTRuntime would refuse it with a traceback)
+        raise CheckpointError(f"{files.config_path}: not an STT checkpoint (dep_q = {files.config.lm.dep_q}: a "
+                              "depth transformer, as in a TTS model)")
     device = device_or_default(args.device)
     opts = STTOptions(alignment=args.alignment, timestamps=args.timestamps, silence_prefix=args.silence_prefix)
     return STTRuntime.from_checkpoint(files, device=device, dtype=args.dtype, max_streams=args.batch_size,
@@ -712,8 +715,12 @@ def _cmd_transcribe(args) -> int:
     except ValueError as e:
         print(f"dsm transcribe: error: {e}", file=sys.stderr)
         return 2
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():  # before the work, not at its end
-        print(f"dsm transcribe: error: --output-dir {args.output_dir} is not a directory", file=sys.stderr)
+    out_dir = Path(args.output_dir)
+    # Before the work, not at its end: the directory, or the nearest existing folder above it, must be a directory.
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), out_dir)
+    if existing.exists() and not existing.is_dir():
+        what = "" if existing == out_dir else f" ({existing} is a file)"
+        print(f"dsm transcribe: error: --output-dir {args.output_dir} is not a directory{what}", file=sys.stderr)
         return 2
     # Output names are fixed here, in command-line order: files finish in order of length, and a name made at
     # completion ("a" then "a-1") could go to either input or overwrite another input's ("a-1.wav").
@@ -728,6 +735,12 @@ def _cmd_transcribe(args) -> int:
         used.add(name)
         names.setdefault(Path(a), []).append(name)
     rt = runtime_from_args(args)
+    try:  # created once the model loaded, before any audio is transcribed: an unwritable place fails early
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"dsm transcribe: error: --output-dir {args.output_dir}: cannot create ({e.strerror or e})",
+              file=sys.stderr)
+        return 1
     failed = 0
     t0, secs = time.perf_counter(), 0.0
     for r in transcribe_files(rt, args.audio, progress=args.progress):
@@ -737,7 +750,13 @@ def _cmd_transcribe(args) -> int:
             failed += 1
             continue
         secs += r.audio_seconds
-        for p in write_transcript(r.transcript, args.output_dir, name, formats):
+        try:
+            written = write_transcript(r.transcript, out_dir, name, formats)
+        except OSError as e:  # e.g. a full disk or a read-only directory: the next files would fail the same way
+            print(f"dsm transcribe: error: {e.filename or out_dir}: cannot write ({e.strerror or e})",
+                  file=sys.stderr)
+            return 1
+        for p in written:
             print(p)
     dt = time.perf_counter() - t0
     print(f"{len(args.audio) - failed} file(s), {secs:.1f} s of audio in {dt:.1f} s (RTFx {secs / max(dt, 1e-9):.1f})",

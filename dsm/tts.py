@@ -918,7 +918,12 @@ def _read_text(arg: str) -> str:
 
     try:
         if arg == "-":
-            return sys.stdin.read()
+            if sys.stdin is None:  # started with stdin closed (<&-)
+                raise TTSInputError("-: stdin is closed")
+            # Decoded here, strictly: the text layer can pass undecodable bytes on as surrogates (C locale), which
+            # the tokenizer then refuses with a traceback.
+            buffer = getattr(sys.stdin, "buffer", None)
+            return buffer.read().decode("utf-8") if buffer is not None else sys.stdin.read()
         try:
             is_file = Path(arg).is_file()
         except OSError:  # e.g. a text longer than a file name may be (ENAMETOOLONG): it is the text
@@ -931,6 +936,7 @@ def _read_text(arg: str) -> str:
 
 
 def cmd_speak(args) -> int:
+    import os
     import sys
     import wave
 
@@ -952,6 +958,8 @@ def cmd_speak(args) -> int:
         return fail(f"{args.output}: dsm speak writes WAV files (name it *.wav), or raw PCM with --raw")
     if not raw and not Path(args.output).parent.is_dir():  # before loading the model
         return fail(f"{args.output}: directory {Path(args.output).parent} does not exist")
+    if raw and sys.stdout is None:  # started with stdout closed (>&-)
+        return fail("raw PCM goes to stdout, which is closed")
     if args.random_weights:
         if not args.preset or args.checkpoint or args.hf_repo:
             return fail("--random-weights needs --preset NAME (and no --checkpoint/--hf-repo)")
@@ -1003,24 +1011,37 @@ def cmd_speak(args) -> int:
     bar = tqdm(total=stream.n_words, unit="word", desc="speaking", file=sys.stderr,
                disable=args.no_progress or stream.n_words < 20)
     start = time.perf_counter()
+    dest = "stdout" if raw else args.output
     try:
-        while not stream.done:
-            if not rt.step():
-                return fail("generation stalled")
-            bar.update(len(stream.machine.transcript) - bar.n)
-            pcm = stream.read()
-            if not pcm.numel():
-                continue
-            if out is not None:
-                out.write(pcm.numpy().astype("<f4").tobytes())
-                out.flush()
-            else:
-                wav.writeframes((pcm.clamp(-1, 1) * 32767).round().to(torch.int16).numpy().tobytes())
-    finally:
-        bar.close()
-        if wav is not None:
-            wav.close()
-            out_file.close()
+        try:
+            while not stream.done:
+                if not rt.step():
+                    return fail("generation stalled")
+                bar.update(len(stream.machine.transcript) - bar.n)
+                pcm = stream.read()
+                if not pcm.numel():
+                    continue
+                if out is not None:
+                    out.write(pcm.numpy().astype("<f4").tobytes())
+                    out.flush()
+                else:
+                    wav.writeframes((pcm.clamp(-1, 1) * 32767).round().to(torch.int16).numpy().tobytes())
+        finally:
+            bar.close()
+            if wav is not None:
+                try:
+                    wav.close()  # flushes: can fail too (disk full)
+                finally:
+                    out_file.close()
+    except BrokenPipeError:  # the reader went away (`dsm speak --raw ... | head -c N`)
+        # Python would report the broken pipe again when flushing stdout at exit: point it at /dev/null.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # no file descriptor (a captured stdout)
+            pass
+        return fail("stdout was closed before all the audio was written (broken pipe)")
+    except OSError as e:  # e.g. a full disk: one line, not a traceback
+        return fail(f"{dest}: cannot write ({e.strerror or e})")
     elapsed = time.perf_counter() - start
     if args.verbose:
         seconds = stream.samples / SAMPLE_RATE

@@ -407,3 +407,65 @@ def test_resolve_fake_hub_cache(tmp_path, monkeypatch):
                        match=r"hf://kyutai/tiny-stt/mimi-pytorch-e351c8d8@125.safetensors: cannot get file.*"
                              r"HF_HUB_OFFLINE is set"):
         resolve_checkpoint(hf_repo="kyutai/tiny-stt")
+
+
+def _raw_safetensors(path: Path, header: dict, nbytes: int) -> Path:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * nbytes)
+    return path
+
+
+@pytest.mark.parametrize("header,nbytes,pattern", [
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}}, 16, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16, 16]}}, 16, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": None}}, 16, "malformed header entry"),
+    ({"a": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, 16, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [-4, -1], "data_offsets": [0, 16]}}, 16, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, 16, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 16, "overlaps the previous tensor"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24, "a gap before it"),
+    ({"__metadata__": 5, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 16, "__metadata__"),
+])
+def test_header_malformed_entries_are_checkpoint_errors(tmp_path, header, nbytes, pattern):
+    """Wrong-typed header entries used to raise TypeError/ValueError tracebacks; overlapping or gapped tensor data
+    (which the safetensors library refuses) passed the header check."""
+    path = _raw_safetensors(tmp_path / "model.safetensors", header, nbytes)
+    with pytest.raises(CheckpointError, match=rf"{path}: .*{pattern}"):
+        read_safetensors_header(path)
+
+
+def test_header_packed_tensors_accepted(tmp_path):
+    path = _raw_safetensors(tmp_path / "m.safetensors", {
+        "__metadata__": {"format": "pt"}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]},
+        "a": {"dtype": "BF16", "shape": [2, 4], "data_offsets": [0, 16]},
+        "e": {"dtype": "F32", "shape": [0], "data_offsets": [32, 32]}}, 32)
+    assert set(read_safetensors_header(path)) == {"a", "b", "e"}
+
+
+def test_resolve_refuses_a_config_without_context(tmp_path):
+    """moshi's default context (None, unbounded) cannot stream on dsm's KV rings: was a TypeError in the engine."""
+    d = _fake_dir(tmp_path)
+    data = json.loads((d / "config.json").read_text())
+    del data["context"]
+    (d / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"config.json: field 'context' is missing or null"):
+        resolve_checkpoint(d)
+
+
+def test_resolve_names_what_a_wrong_path_is(tmp_path, monkeypatch):
+    """The weights file given as --checkpoint: not 'checkpoint directory not found' (the file is right there)."""
+    d = _fake_dir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a checkpoint directory or config.json"):
+        resolve_checkpoint(d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        resolve_checkpoint(d / "nope")
+    # --hf-repo hf://owner/repo/dir means the same as --checkpoint hf://owner/repo/dir (the dir was dropped)
+    nested = tmp_path / "nested"
+    shutil.copytree(d, nested / "sub")
+    cache = _fake_hub_cache(tmp_path, "kyutai/nested", nested)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for files in (resolve_checkpoint(hf_repo="hf://kyutai/nested/sub"), resolve_checkpoint("hf://kyutai/nested/sub")):
+        _check_files(files, nested / "sub")

@@ -124,3 +124,12 @@ def test_device_argument_is_checked_up_front():
     ):
         with pytest.raises(argparse.ArgumentTypeError, match=msg):
             parse_device(bad)
+
+
+def test_random_checkpoint_unwritable_out_dir(tmp_path, capsys):
+    """OUT_DIR that is a file, or below one: one line naming it, exit 1 (was a FileExistsError traceback)."""
+    (tmp_path / "f").write_text("")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        assert main(["random-checkpoint", "--preset", "tiny-stt", str(out), "--no-mimi", "--no-tokenizer"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"dsm random-checkpoint: error: {out}: cannot write") and err.count("\n") == 1, err

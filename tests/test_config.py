@@ -122,3 +122,43 @@ def test_error_from_file_names_the_file(tmp_path):
         CheckpointConfig.from_file(path)
     with pytest.raises(ConfigError, match="config file not found"):
         CheckpointConfig.from_file(tmp_path / "missing.json")
+
+
+def test_error_loader_metadata_types():
+    """File names and sub-configs are typed too: a numeric moshi_name used to fail as an AttributeError traceback
+    when resolving the files, a string audio delay only at the first step."""
+    _bad(lambda d: d.update(moshi_name=1), r"config.json: field 'moshi_name': expected a string, got 1")
+    _bad(lambda d: d.update(tokenizer_name=None), r"field 'tokenizer_name': expected")
+    _bad(lambda d: d.update(model_id="x"), r"field 'model_id': expected an object")
+    _bad(lambda d: d["tts_config"].update(audio_delay="1.28"), r"field 'tts_config.audio_delay': expected a number")
+    _bad(lambda d: d["tts_config"].update(second_stream_ahead=-2), r"field 'tts_config.second_stream_ahead': must be")
+    _bad(lambda d: d["stt_config"].update(audio_delay_seconds="0.5"), r"field 'stt_config.audio_delay_seconds'",
+         name="tiny-stt")
+
+
+def test_error_conditioner_and_fuser_types():
+    lut = lambda **kw: lambda d: d["conditioners"]["cfg"]["lut"].update(**kw)  # noqa: E731
+    _bad(lut(dim="16"), r"field 'conditioners.cfg.lut.dim': expected an integer, got '16'")
+    _bad(lut(n_bins="7"), r"field 'conditioners.cfg.lut.n_bins': expected an integer")
+    _bad(lut(n_bins=0, possible_values=None), r"field conditioners.cfg.lut.n_bins: must be positive")
+    _bad(lut(possible_values=7), r"field 'conditioners.cfg.lut.possible_values': expected a list of strings")
+    _bad(lut(force_linear="false"), r"field 'conditioners.cfg.lut.force_linear': expected a boolean")
+    _bad(lambda d: d["fuser"].update(cross_attention_pos_emb_scale="1"),
+         r"field 'fuser.cross_attention_pos_emb_scale': expected a number")
+
+
+def test_error_sizes_must_be_positive():
+    """Zero or negative sizes and periods: a ConfigError naming the field, not a ZeroDivisionError or a math domain
+    error while building the model."""
+    _bad(lambda d: d.update(num_heads=0), r"field 'num_heads': must be positive, got 0", name="tiny-stt")
+    _bad(lambda d: d.update(kv_repeat=0), r"field 'kv_repeat': must be positive", name="tiny-stt")
+    _bad(lambda d: d.update(max_period=0), r"field 'max_period': must be a positive finite number", name="tiny-stt")
+    _bad(lambda d: d.update(hidden_scale=float("nan")), r"field 'hidden_scale'", name="tiny-stt")
+    _bad(lambda d: d.update(existing_text_padding_id=200), r"field 'existing_text_padding_id': 200 is not a text id",
+         name="tiny-stt")
+    _bad(lambda d: d.update(depformer_num_heads=0), r"field 'depformer_num_heads': must be positive")
+    _bad(lambda d: d.update(depformer_pos_emb="rope", depformer_max_period=-1), r"field 'depformer_max_period'")
+    # The unused depformer fields of an STT config (dep_q = 0) are not checked; nor max_period without positions.
+    data = preset_config("tiny-stt")
+    data.update(depformer_num_heads=0, positional_embedding="none", max_period=0)
+    parse_config(data)

@@ -589,3 +589,37 @@ def test_eval_stt_plumbing(lm, tok, files, tmp_path, capsys):
         read_manifest(tmp_path / "nope.tsv")
     assert main(["eval-stt", str(tmp_path / "bad.jsonl"), "--checkpoint", str(files.config_path.parent)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_transcribe_cli_wrong_model_and_output_errors(ckpt, tmp_path, monkeypatch, capsys):
+    """A TTS checkpoint (was a ValueError traceback after loading its weights), --output-dir below a file (was a
+    NotADirectoryError traceback once every file had been transcribed) and a failed write: one line each."""
+    import errno
+
+    from dsm.cli import main
+    from dsm.presets import preset_config
+
+    sf.write(tmp_path / "a.wav", noise(2000, 1).numpy(), 24000)
+    out = tmp_path / "out"
+    tts = tmp_path / "tts"
+    tts.mkdir()
+    cfg = preset_config("tiny-tts")
+    (tts / "config.json").write_text(json.dumps(cfg))
+    for key in ("moshi_name", "mimi_name", "tokenizer_name"):
+        (tts / cfg[key]).write_bytes(b"never read")
+    assert main(["transcribe", str(tmp_path / "a.wav"), "--checkpoint", str(tts), "--no-progress", "-o",
+                 str(out)]) == 1
+    assert f"{tts / 'config.json'}: not an STT checkpoint" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(["transcribe", str(tmp_path / "a.wav"), "--checkpoint", str(ckpt), "--no-progress", "-o",
+                 str(tmp_path / "f" / "sub")]) == 2
+    assert f"{tmp_path / 'f'} is a file" in capsys.readouterr().err
+
+    def disk_full(t, out_dir, stem, formats):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(out_dir) / f"{stem}.txt"))
+
+    monkeypatch.setattr("dsm.transcript.write_transcript", disk_full)
+    assert main(["transcribe", str(tmp_path / "a.wav"), "--checkpoint", str(ckpt), "--no-progress", "-o",
+                 str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"dsm transcribe: error: {out / 'a.txt'}: cannot write (No space left on device)\n", err

@@ -913,3 +913,64 @@ def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch):
     monkeypatch.setattr(server_mod, "_run", lambda endpoint, host, port, what: started.append(endpoint) or 0)
     assert args.func(args) == 0
     assert isinstance(started[0], TTSServer) and started[0].default_voice is not None
+
+
+def test_cli_speak_stdout_and_write_failures(ckpt, tmp_path, monkeypatch, capsys):
+    """Raw PCM to a closed pipe (`| head -c N`), to a closed stdout, or a WAV on a full disk: one line and exit 1,
+    not a BrokenPipeError / AttributeError / OSError traceback."""
+    import errno
+    import io
+    import sys
+
+    from dsm.checkpoint import random_checkpoint_dir
+    from dsm.cli import main
+
+    monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
+    cached = random_checkpoint_dir("tiny-tts")
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(ckpt.config_path.parent)
+    model = ["--preset", "tiny-tts", "--random-weights", "--n-q", "2", "--no-progress"]
+
+    class Failing(io.RawIOBase):
+        def __init__(self, exc):
+            self.exc = exc
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise self.exc
+
+    for exc, msg in ((BrokenPipeError(errno.EPIPE, "Broken pipe"), "stdout was closed before all the audio"),
+                     (OSError(errno.ENOSPC, "No space left on device"), "stdout: cannot write (No space left")):
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(Failing(exc)))
+        assert main(["speak", "hello world", "--raw", *model]) == 1
+        assert msg in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["speak", "hello world", "-o", "-", *model]) == 1
+    assert "stdout, which is closed" in capsys.readouterr().err
+    monkeypatch.undo()
+    if Path("/dev/full").exists():
+        (tmp_path / "full.wav").symlink_to("/dev/full")
+        monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
+        assert main(["speak", "hello world", "-o", str(tmp_path / "full.wav"), *model]) == 1
+        assert f"{tmp_path / 'full.wav'}: cannot write (No space left on device)" in capsys.readouterr().err
+
+
+def test_speak_text_from_stdin(monkeypatch):
+    """`dsm speak -`: stdin bytes decoded strictly (undecodable bytes used to reach the tokenizer as surrogates and
+    fail there with a RuntimeError traceback); a closed stdin is a clear error, not an AttributeError."""
+    import io
+    import sys
+
+    from dsm.tts import TTSInputError, _read_text
+
+    stdin = io.TextIOWrapper(io.BytesIO("h\u00e9llo\n".encode()), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert _read_text("-") == "h\u00e9llo\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\xff\xfe"), errors="surrogateescape"))
+    with pytest.raises(TTSInputError, match="stdin: not UTF-8 text"):
+        _read_text("-")
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(TTSInputError, match="stdin is closed"):
+        _read_text("-")
