@@ -66,11 +66,13 @@ def validate_pcm(
         raise AudioError(f"{name}: expected [T] or [C, T] samples, got shape {tuple(t.shape)}")
     if t.shape[-1] == 0 or t.numel() == 0:
         raise AudioError(f"{name}: audio is empty (shape {tuple(t.shape)})")
-    t = t.detach().to(torch.float32)  # samples, not a graph: callers may call .numpy()
-    bad = ~torch.isfinite(t)
+    t = t.detach()  # samples, not a graph: callers may call .numpy()
+    bad = ~torch.isfinite(t)  # before the cast: a finite float64 beyond fp32's range is out of range, not NaN/inf
     if bool(bad.any()):
         raise AudioError(f"{name}: {int(bad.sum())} sample(s) are NaN or infinite (first at flat index "
                          f"{int(bad.flatten().nonzero()[0])})")
+    fmax = torch.finfo(torch.float32).max  # exact for in-range samples; a huge float64 must not become inf
+    t = t.clamp(-fmax, fmax).to(torch.float32) if t.dtype == torch.float64 else t.to(torch.float32)
     if t.dim() == 2:
         if t.shape[0] > 64 or (t.shape[0] > 8 and t.shape[0] > t.shape[1]):
             raise AudioError(f"{name}: shape {tuple(t.shape)} looks like [T, C]; pass channels first ([C, T])")
@@ -99,7 +101,19 @@ def resample(x: torch.Tensor | np.ndarray, from_sr: int, to_sr: int) -> torch.Te
     for label, sr in (("from_sr", from_sr), ("to_sr", to_sr)):
         if not isinstance(sr, int | np.integer) or sr <= 0:
             raise AudioError(f"resample: {label} must be a positive integer, got {sr!r}")
-    t = torch.as_tensor(x, dtype=torch.float32)
+    # The same dtype and NaN/inf policy as validate_pcm; tensors that need grad, live on a GPU or numpy arrays with
+    # negative strides (reversed) are accepted instead of failing in .numpy() / torch.as_tensor.
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+    elif isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+    t = torch.as_tensor(x)
+    if not t.dtype.is_floating_point:
+        raise AudioError(f"resample: dtype {t.dtype} is not supported; pass float samples in [-1, 1] "
+                         "(divide int16 pcm by 32768)")
+    if not bool(torch.isfinite(t).all()):
+        raise AudioError(f"resample: {int((~torch.isfinite(t)).sum())} sample(s) are NaN or infinite")
+    t = t.to(torch.float32)
     if from_sr == to_sr:
         return t.clone()
     import soxr

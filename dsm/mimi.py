@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -58,6 +59,8 @@ from dsm.mimi_modules import (
     uses_kernels,
 )
 
+TOKENS_PER_FRAME = 2  # transformer steps (25 Hz) per 1920-sample code frame (12.5 Hz)
+
 
 @dataclass
 class MimiState:
@@ -97,7 +100,7 @@ class MimiState:
 
         KV slots are not cleared: the counters going to zero invalidates them (§2.6). No host sync.
         """
-        mask = mask.to(self.exec_mask.device)
+        mask = self._check_mask(mask, "reset")
         for t in self.enc_conv + self.dec_conv + [self.down_prev, self.up_partial]:
             t.copy_(torch.where(mask.view(-1, 1, 1), torch.zeros_like(t), t))
         for kv in (self.enc_kv, self.dec_kv):
@@ -106,7 +109,15 @@ class MimiState:
         self.exec_mask.copy_(self.exec_mask | mask)
 
     def set_exec_mask(self, mask: torch.Tensor) -> None:
-        self.exec_mask.copy_(mask)
+        self.exec_mask.copy_(self._check_mask(mask, "set_exec_mask"))
+
+    def _check_mask(self, mask: torch.Tensor, what: str) -> torch.Tensor:
+        # Shape and dtype only (no host sync). Without this a [1] mask broadcast to every row (resetting or pausing
+        # all streams) and an int mask failed deep inside torch.where.
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.batch_size,):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{what}: mask must be a bool tensor of shape ({self.batch_size},), got {got}")
+        return mask.to(self.exec_mask.device)
 
 
 class Mimi:
@@ -268,12 +279,26 @@ class Mimi:
             elu = False
         return F.elu(x) if elu else x
 
+    def _transformer(self, x: torch.Tensor, layers: list[LayerWeights], kv: KVState | None,
+                     exec_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder/decoder transformer on ``[B, 512, T]``. Streaming runs it one frame (2 tokens) at a time: a call
+        writes all its keys into the 250-slot ring before attending, so one call of n frames would overwrite keys
+        that its first queries still see once the ring wraps, and its codes would depend on the chunking (from
+        frame ~120 on with 8 frames a call). Frame by frame, any chunking equals one-frame calls (§7.8) bit for bit;
+        the convolutions and the quantizer still see the whole call."""
+        run = functools.partial(transformer_forward, layers=layers, num_heads=NUM_HEADS, context=CONTEXT,
+                                freqs=self.rope_freqs, kv=kv, exec_mask=exec_mask, consts=self.consts,
+                                backend=self.backend)
+        t = x.shape[-1]
+        if kv is None or t <= TOKENS_PER_FRAME:
+            return run(x)
+        return torch.cat([run(x[..., i : i + TOKENS_PER_FRAME]) for i in range(0, t, TOKENS_PER_FRAME)], dim=-1)
+
     # ----------------------------------------------------------------------------------------------- encode
     def _encode(self, pcm: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
         m = state.exec_mask
         emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m)
-        emb = transformer_forward(emb, self.enc_layers, NUM_HEADS, CONTEXT, self.rope_freqs,
-                                  state.enc_kv if streaming else None, m, self.consts, self.backend)
+        emb = self._transformer(emb, self.enc_layers, state.enc_kv if streaming else None, m)
         # Downsample conv with replicate left padding: a stream's first call pads with its own first frame.
         first = (state.down_first & m).view(-1, 1, 1)
         torch.where(first, emb[..., :1], state.down_prev, out=state.down_prev)
@@ -287,21 +312,30 @@ class Mimi:
         return dsm_kernels.rvq_encode(x, self.rvq_books, self.group_levels, self.rvq_level_ranges,
                                       backend=self.backend)
 
+    @torch.no_grad()  # inference only: a pcm that requires grad failed in the in-place state updates
     def encode_step(self, pcm: torch.Tensor, state: MimiState) -> torch.Tensor:
-        """Streaming encode: pcm ``[B, 1, 1920 * n]`` (n >= 1) -> codes ``[B, n_q, n]`` int64; updates ``state``."""
+        """Streaming encode: pcm ``[B, 1, 1920 * n]`` (n >= 1) -> codes ``[B, n_q, n]`` int64; updates ``state``.
+
+        On a CPU NaN/inf samples of active rows are refused before any state changes; on a GPU they are not checked
+        (a host sync) and turn that row's codes and state to garbage until it is reset (other rows are unaffected)."""
         _check_pcm_chunk(pcm, state.batch_size)
+        if pcm.device.type == "cpu" and state.exec_mask.device.type == "cpu":
+            _check_finite(pcm, state.exec_mask)
         return self._encode(pcm, state, streaming=True)
 
+    @torch.no_grad()
     def encode(self, pcm: torch.Tensor) -> torch.Tensor:
         """Whole-file encode: pcm ``[B, 1, T]`` -> codes ``[B, n_q, ceil(T / 1920)]`` (right zero padding).
 
         Equals streaming for the first 10 s only (§7.8): here every query sees the last 250 positions. Like the
         reference, the attention mask is ``[T, T]`` at 25 Hz, so use streaming for files longer than a few minutes.
         """
+        _check_tensor(pcm, "pcm")
         if pcm.dim() != 3 or pcm.shape[1] != 1 or pcm.shape[-1] == 0:
             raise ValueError(f"pcm must be [B, 1, T] with T >= 1, got {tuple(pcm.shape)}")
         if pcm.dtype != torch.float32:  # int16 pcm would otherwise be encoded as huge floats
             raise ValueError(f"pcm must be float32, got {pcm.dtype}")
+        _check_finite(pcm)  # NaN/inf would be encoded silently to meaningless codes
         n = math.ceil(pcm.shape[-1] / FRAME_SIZE)
         pcm = F.pad(pcm, (0, n * FRAME_SIZE - pcm.shape[-1]))
         return self._encode(pcm, self.init_state(pcm.shape[0]), streaming=False)
@@ -311,27 +345,51 @@ class Mimi:
         m = state.exec_mask
         latent = dsm_kernels.rvq_decode(codes, self.rvq_tables, backend=self.backend)  # [B, 512, T]
         emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM, backend=self.backend)
-        emb = transformer_forward(emb, self.dec_layers, NUM_HEADS, CONTEXT, self.rope_freqs,
-                                  state.dec_kv if streaming else None, m, self.consts, self.backend)
+        emb = self._transformer(emb, self.dec_layers, state.dec_kv if streaming else None, m)
         return self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m)
 
+    @torch.no_grad()
     def decode_step(self, codes: torch.Tensor, state: MimiState) -> torch.Tensor:
         """Streaming decode: codes ``[B, n, T]`` (1 <= n <= 32, values in [0, 2048)) -> pcm ``[B, 1, 1920 * T]``.
 
-        Codes are not range-checked here (that would sync with the host); never pass -1/-2 (pitfall 19).
+        Codes on a GPU are not range-checked here (that would sync with the host); never pass -1/-2 (pitfall 19).
+        Codes on the CPU are, at no sync cost (else -1 indexed the table from its end or failed in F.embedding).
         """
         _check_codes(codes, state.batch_size, self.n_q)
+        if codes.device.type == "cpu":
+            _check_code_range(codes)
         return self._decode(codes, state, streaming=True)
 
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Whole-file decode: codes ``[B, n, T]`` -> pcm ``[B, 1, 1920 * T]`` (checks the code range: host sync)."""
-        _check_codes(codes, codes.shape[0], self.n_q)
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= CARDINALITY):
-            raise ValueError(f"codes must be in [0, {CARDINALITY}), got range [{int(codes.min())}, {int(codes.max())}]")
+        _check_tensor(codes, "codes")
+        _check_codes(codes, codes.shape[0] if codes.dim() else 0, self.n_q)
+        _check_code_range(codes)
         return self._decode(codes, self.init_state(codes.shape[0]), streaming=False)
 
 
+def _check_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):  # a numpy array failed with "'numpy.ndarray' object has no attribute 'dim'"
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_finite(pcm: torch.Tensor, active: torch.Tensor | None = None) -> None:
+    bad = ~torch.isfinite(pcm)
+    if active is not None:  # inactive rows' inputs are ignored
+        bad &= active.view(-1, 1, 1)
+    if bool(bad.any()):
+        rows = bad.flatten(1).any(1).nonzero()[:, 0].tolist()
+        raise ValueError(f"pcm has {int(bad.sum())} NaN or infinite sample(s) (batch rows {rows})")
+
+
+def _check_code_range(codes: torch.Tensor) -> None:
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= CARDINALITY):
+        raise ValueError(f"codes must be in [0, {CARDINALITY}), got range [{int(codes.min())}, {int(codes.max())}]")
+
+
 def _check_pcm_chunk(pcm: torch.Tensor, batch_size: int) -> None:
+    _check_tensor(pcm, "pcm")
     if pcm.dim() != 3 or pcm.shape[0] != batch_size or pcm.shape[1] != 1:
         raise ValueError(f"pcm must be [{batch_size}, 1, 1920*n], got {tuple(pcm.shape)}")
     if pcm.shape[-1] == 0 or pcm.shape[-1] % FRAME_SIZE:
@@ -342,6 +400,7 @@ def _check_pcm_chunk(pcm: torch.Tensor, batch_size: int) -> None:
 
 
 def _check_codes(codes: torch.Tensor, batch_size: int, n_q: int) -> None:
+    _check_tensor(codes, "codes")
     # Only this Mimi's n_q codebooks have decode tables: more would index past them (an IndexError on the CPU, a
     # bare assert in the Triton kernel).
     if codes.dim() != 3 or codes.shape[0] != batch_size or not 1 <= codes.shape[1] <= n_q or codes.shape[2] == 0:
@@ -364,7 +423,7 @@ class FrameBuffer:
     def push(self, pcm: torch.Tensor) -> torch.Tensor:
         x = pcm if self._pending is None else torch.cat([self._pending, pcm], dim=-1)
         n = x.shape[-1] // self.frame_size * self.frame_size
-        self._pending = x[..., n:]
+        self._pending = x[..., n:].clone()  # not a view: callers may refill the chunk they passed
         return x[..., :n]
 
     @property

@@ -112,3 +112,28 @@ def test_load_errors(tmp_path):
     bad.write_bytes(b"RIFF not really a wav file")
     with pytest.raises(AudioError, match="bad.wav.*cannot decode"):
         load_audio(bad)
+
+
+def test_resample_accepts_any_float_layout_and_refuses_bad_samples():
+    """resample is public: reversed arrays and tensors that need grad used to fail in torch.as_tensor/.numpy(), int16
+    was resampled as +-32768 floats and NaN passed through silently."""
+    x = tone(440, 16000, 0.1)
+    want = resample(x[::-1].copy(), 16000, 24000)
+    assert torch.equal(resample(x[::-1], 16000, 24000), want)
+    assert torch.equal(resample(torch.from_numpy(x).requires_grad_(), 16000, 24000), resample(x, 16000, 24000))
+    with pytest.raises(AudioError, match=r"resample: dtype torch\.int16"):
+        resample((x * 32767).astype(np.int16), 16000, 24000)
+    bad = x.copy()
+    bad[3] = np.nan
+    with pytest.raises(AudioError, match="resample: 1 sample.*NaN or infinite"):
+        resample(bad, 16000, 24000)
+
+
+def test_huge_float64_samples_are_out_of_range_not_infinite():
+    """A finite float64 beyond fp32's range was cast first and then reported as "NaN or infinite"."""
+    x = np.array([0.1, 1e300, -1e300])
+    with pytest.warns(ClippedAudioWarning, match="clipped 2 sample"):
+        assert torch.equal(validate_pcm(x, 24000), torch.tensor([0.1, 1.0, -1.0]))
+    with pytest.raises(AudioError, match="2 sample.*outside"):
+        validate_pcm(x, 24000, clip="error")
+    assert bool(torch.isfinite(validate_pcm(x, 24000, clip="keep")).all())

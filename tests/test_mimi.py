@@ -199,6 +199,18 @@ def test_frame_buffer_arbitrary_chunks(ours):
     assert torch.equal(torch.cat(codes, -1), offline)
 
 
+def test_frame_buffer_owns_its_remainder():
+    """Audio callbacks reuse one input buffer: the remainder kept by push must not be a view of the caller's chunk
+    (found: the first push kept a view, so refilling the buffer rewrote the pending samples)."""
+    pcm = torch.randn(2, 1, 4 * FRAME_SIZE)
+    buf, scratch, out = FrameBuffer(), torch.empty(2, 1, 1000), []
+    for start in range(0, pcm.shape[-1], 1000):
+        chunk = pcm[..., start : start + 1000]
+        scratch[..., : chunk.shape[-1]] = chunk
+        out.append(buf.push(scratch[..., : chunk.shape[-1]]).clone())
+    assert torch.equal(torch.cat(out, -1), pcm[..., : 4 * FRAME_SIZE])
+
+
 def test_inactive_row_frozen_and_others_unchanged(ours):
     pcm = signals(8, seed=6)
     garbage = torch.randn(3, 1, FRAME_SIZE)
@@ -256,6 +268,87 @@ def test_row_reset_equals_fresh_stream(ours):
             assert torch.equal(c_reset[1], c_fresh[1]) and torch.equal(y_reset[1], y_fresh[1])
             for row in (0, 2):
                 assert torch.equal(c_reset[row], c_keep[row]) and torch.equal(y_reset[row], y_keep[row])
+
+
+def _copy_state(mimi: Mimi, state):
+    out = mimi.init_state(state.batch_size)
+    for a, b in zip(out.tensors(), state.tensors(), strict=True):
+        a.copy_(b)
+    return out
+
+
+@pytest.mark.parametrize("frames_per_call", [3, 8])
+def test_multi_frame_calls_equal_frame_by_frame_across_the_ring_wrap(ours, frames_per_call):
+    """A call of n frames gives what n one-frame calls give (the reference pipelines' mode, §7.8), also where it
+    crosses the 250-token ring wrap: writing all 2n keys before attending would overwrite keys its first queries
+    still see (found: 8-frame calls changed codes from frame 120 on, inside the first 10 s)."""
+    g = torch.Generator().manual_seed(21)
+    pcm = signals(frames_per_call + 1, seed=21)[:2]
+    with torch.no_grad():
+        state = ours.init_state(2)
+        codes0 = ours.encode_step(pcm[..., :FRAME_SIZE], state)
+        ours.decode_step(codes0, state)
+        for kv in (state.enc_kv, state.dec_kv):  # a history of 236 tokens: the next 8 frames wrap the ring
+            for c in kv.cache:
+                c.copy_(torch.randn(c.shape, generator=g))
+            kv.pos.fill_(236)
+        whole, single = state, _copy_state(ours, state)
+        x = pcm[..., FRAME_SIZE:]
+        codes = ours.encode_step(x, whole)
+        out = ours.decode_step(codes, whole)
+        codes1 = torch.cat([ours.encode_step(x[..., i * FRAME_SIZE : (i + 1) * FRAME_SIZE], single)
+                            for i in range(frames_per_call)], -1)
+        out1 = torch.cat([ours.decode_step(codes[..., i : i + 1], single) for i in range(frames_per_call)], -1)
+    assert torch.equal(codes, codes1), f"{int((codes != codes1).sum())} codes differ"
+    assert rel(out, out1) < 1e-6  # the decoder's convolutions over n frames round differently from 1 frame
+    enc = [*whole.enc_conv, *whole.enc_kv.tensors(), whole.down_prev]
+    enc1 = [*single.enc_conv, *single.enc_kv.tensors(), single.down_prev]
+    assert all(torch.equal(a, b) for a, b in zip(enc, enc1, strict=True))
+
+
+def test_bad_masks_refused_without_touching_streams(ours):
+    """A mask for one row must name every row: a [1] mask used to broadcast and reset (or pause) all streams."""
+    with torch.no_grad():
+        state = ours.init_state(3)
+        ours.decode_step(ours.encode_step(signals(1, seed=22), state), state)
+        before = [t.clone() for t in state.tensors()]
+        for bad in (torch.tensor([True]), torch.tensor([True, False]), torch.tensor([0, 1, 0]), [False, True, False]):
+            with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(3,\)"):
+                state.reset(bad)
+            with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(3,\)"):
+                state.set_exec_mask(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, state.tensors(), strict=True))
+
+
+def test_bad_inputs_are_refused_before_any_state_changes(ours):
+    """NaN/inf pcm (CPU), out-of-range codes in a streaming decode (CPU), non-tensors: clear errors naming the input,
+    and the streams' state untouched (found: NaN was encoded silently to codes and poisoned the row's state, -1 failed
+    as a bare IndexError, a numpy array as an AttributeError, a pcm requiring grad inside torch.where)."""
+    with torch.no_grad():
+        state = ours.init_state(2)
+        ours.decode_step(ours.encode_step(signals(1, seed=23)[:2], state), state)
+    before = [t.clone() for t in state.tensors()]
+    pcm = signals(1, seed=24)[:2]
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = pcm.clone()
+        bad[1, 0, 100] = value
+        with pytest.raises(ValueError, match=r"pcm has 1 NaN or infinite sample\(s\) \(batch rows \[1\]\)"):
+            ours.encode_step(bad, state)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            ours.encode(bad)
+    for value in (-1, 2048, 5000):
+        codes = torch.zeros(2, 32, 1, dtype=torch.long)
+        codes[0, 3, 0] = value
+        with pytest.raises(ValueError, match=r"codes must be in \[0, 2048\)"):
+            ours.decode_step(codes, state)
+    with pytest.raises(TypeError, match="pcm must be a torch.Tensor, got ndarray"):
+        ours.encode_step(pcm.numpy(), state)
+    with pytest.raises(TypeError, match="codes must be a torch.Tensor, got list"):
+        ours.decode([[[0]]])
+    assert all(torch.equal(a, b) for a, b in zip(before, state.tensors(), strict=True))
+    assert torch.equal(ours.encode(pcm.clone().requires_grad_()), ours.encode(pcm))
+    state.set_exec_mask(torch.tensor([True, False]))  # an inactive row's input is ignored, NaN included
+    ours.encode_step(bad, state)
 
 
 def test_old_codebook_names_accepted(ckpt, tmp_path, ours):
