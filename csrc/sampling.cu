@@ -82,6 +82,11 @@ __device__ __forceinline__ ArgMax block_argmax(ArgMax a, ArgMax* scratch) {
   return a;
 }
 
+// A row whose values are all NaN (one NaN logit makes every sampling score NaN) leaves the argmax at its start index
+// INT_MAX: token 0 instead, never an id past the vocabulary that the next step's embedding gather would read out of
+// bounds with (a fault that would end every stream of the process).
+__device__ __forceinline__ int64_t in_vocab(int i, int V) { return i < V ? i : 0; }
+
 template <typename T, int kItems, int kShift>
 __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ out, const T* __restrict__ logits,
                                                           const T* __restrict__ null_logits, int V, int64_t stride_l,
@@ -122,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
   const ArgMax greedy = block_argmax(best, s_a);
   const float t = temperature[row];
   if (!(t > 0.f)) {  // block-uniform branch
-    if (threadIdx.x == 0) out[row] = greedy.i;
+    if (threadIdx.x == 0) out[row] = in_vocab(greedy.i, V);
     return;
   }
 
@@ -202,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
     }
   }
   const ArgMax sampled = block_argmax(best, s_a);
-  if (threadIdx.x == 0) out[row] = sampled.i;
+  if (threadIdx.x == 0) out[row] = in_vocab(sampled.i, V);
 }
 
 template <typename T, int kItems>

@@ -171,6 +171,9 @@ def _sample_rows(
     score = tl.where(keep, p / -tl.log(u), -1.0)
     sampled = tl.argmax(score, axis=1)
     tok = tl.where(sample, sampled, greedy)
+    # a NaN logit makes every score NaN: should the compiled argmax then land on a padding column, token 0, never an
+    # id past the vocabulary for the next step's embedding gather (which reads it unchecked)
+    tok = tl.where(tok < V, tok, 0)
     tl.store(out_ptr + rows, tok.to(tl.int64), mask=rmask)
 
 

@@ -307,3 +307,29 @@ def test_edge_cases_match_threshold_semantics(backend, dtype, cfg, V):
             score = p / -torch.log(reference.sampling_uniform_ref(seeds[b : b + 1], steps[b : b + 1], V)[0])
             rel = (score[exp[b]] - score[got[b]]).abs() / score[exp[b]]
             assert rel < 1e-5, f"k={top_k} row {b}: kernel {got[b]} vs {exp[b]}, score gap {rel:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [2049, 8001])
+def test_nan_and_inf_rows_give_ids_in_the_vocabulary(backend, dtype, V):
+    """A row with NaN or infinite logits (a diverged stream) gets a token id in [0, V): the next step's embedding
+    gather reads that id unchecked, and one past the table would read out of bounds for the whole process. Which id
+    is backend-defined (the reference's torch.topk and argmax order NaN their own way)."""
+    device = kernel_device(backend)
+    B = 8
+    x = torch.randn(B, V)
+    x[0] = float("nan")
+    x[1, V // 2] = float("nan")
+    x[2] = float("-inf")
+    x[3, 7] = float("inf")
+    x[4] = float("inf")
+    x[5, 9] = float("nan")
+    x[6, V - 1] = float("nan")
+    temp = torch.tensor([1.0, 0.7, 1.0, 1.0, 1.0, 0.0, 0.0, 0.5])
+    seeds, steps = torch.arange(B), torch.zeros(B, dtype=torch.long)
+    for top_k in (0, 1, 250):
+        got = _run(backend, device, x.to(dtype).to(device), temp.to(device), top_k, seeds.to(device),
+                   steps.to(device)) if backend != "reference" else resolve("sample_tokens", "reference", device)(
+                       x.to(dtype), temp, top_k, seeds, steps)  # fmt: skip
+        assert bool(((got >= 0) & (got < V)).all()), f"top_k={top_k}: ids out of range: {got.tolist()}"
