@@ -3,7 +3,8 @@
 For each batch size the engine runs ``batch`` streams on random weights at the model's real shapes (or a given
 checkpoint). A step is one 80 ms frame for every stream: Mimi encode + LM step (STT), or LM step + depth transformer
 + Mimi decode (TTS). Reported: p50/p99 step latency, ``rtf = compute / audio`` and ``rtfx = audio / compute``
-(audio = batch x 80 ms per step), and capacity = the largest measured batch whose p50 step fits in 80 ms.
+(aggregate: audio = batch x 80 ms per step, so rtf = 1 / rtfx at every batch), and capacity = the largest
+measured batch whose p50 step fits in 80 ms.
 TTS models also get their time to first audio (:func:`time_to_first_audio`): warm, on an engine whose graphs are
 captured, and cold, the first run on a new engine.
 Times are CUDA-event medians after warm-up on a GPU, wall-clock on a CPU.
@@ -88,6 +89,13 @@ def _time_calls(fn, warmup: int, steps: int, timer, progress=None) -> list[float
     return times
 
 
+def _rates(step_ms: float, batch: int) -> tuple[float, float]:
+    """``(rtf, rtfx)`` of one step of ``step_ms`` serving ``batch`` streams: both over the same aggregate audio
+    (``batch`` x 80 ms), so ``rtf = 1 / rtfx`` (rtf once divided by one stream's 80 ms only: batch x too large)."""
+    audio_ms = batch * FRAME_S * 1e3
+    return step_ms / audio_ms, (audio_ms / step_ms if step_ms > 0 else math.inf)
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
@@ -161,8 +169,8 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     extra = {"lm_p50_ms": lm50, "lm_p99_ms": _percentile(lm_times, 99)}
     if cfg.dep_q and mimi is not None:
         extra["ttfa_ms"], extra["ttfa_cold_ms"] = time_to_first_audio(model, mimi, batch, timer, kv_dtype)
-    return BenchRow("dsm", "", batch, total, _percentile(lm_times, 99) + mimi50, mimi50,
-                    rtf=total / 1e3 / FRAME_S, rtfx=batch * FRAME_S / (total / 1e3), extra=extra)
+    return BenchRow("dsm", "", batch, total, _percentile(lm_times, 99) + mimi50, mimi50, *_rates(total, batch),
+                    extra=extra)
 
 
 def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_steps: int = 16,
@@ -244,8 +252,7 @@ def bench_moshi(model, batch: int, steps: int, warmup: int, timer, progress=None
     with gen.streaming(batch):
         times = _time_calls(lambda: gen.step(inputs), warmup, steps, timer, progress)
     p50 = _percentile(times, 50)
-    return BenchRow("moshi", "", batch, p50, _percentile(times, 99), 0.0, rtf=p50 / 1e3 / FRAME_S,
-                    rtfx=batch * FRAME_S / (p50 / 1e3))
+    return BenchRow("moshi", "", batch, p50, _percentile(times, 99), 0.0, *_rates(p50, batch))
 
 
 def git_commit() -> str:
@@ -261,8 +268,20 @@ def git_commit() -> str:
     return out or "unknown"
 
 
-def environment() -> dict:
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+def environment(device: torch.device | str | None = None) -> dict:
+    """Device, versions and commit of a measurement. ``device``: the one measured on (default: the GPU if any) — a
+    ``--device cpu`` run on a GPU machine must not be recorded under the GPU's name."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        dev = torch.cuda.get_device_name(device)
+    else:
+        dev = platform.processor() or "cpu"
     commit = git_commit()
     try:
         import triton
@@ -270,7 +289,12 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": dev, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+    try:
+        moshi_version = version("moshi")  # the reference timed beside
+    except PackageNotFoundError:
+        moshi_version = None
+    return {"device": dev, "torch": torch.__version__, "triton": triton_version, "dsm": __version__,
+            "moshi": moshi_version, "python": platform.python_version(), "commit": commit,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -286,8 +310,8 @@ def _release(device: torch.device) -> None:
 def search_capacity(measure: Callable[[int], float], start: int, limit: int, budget_ms: float,
                     max_probes: int = 8) -> tuple[int, dict[int, float]]:
     """Largest batch ``n <= limit`` whose ``measure(n)`` (a step time in ms, growing with n) fits ``budget_ms``:
-    double from ``start`` until a batch misses the budget or ``limit`` is reached, then bisect. Returns
-    ``(n, {batch: ms measured})``; n = 0 when even batch 1 misses."""
+    double from ``start`` until a batch misses the budget or ``limit`` is reached, then bisect (at most
+    ``max_probes`` more). Returns ``(n, {batch: ms measured})``; n = 0 when even batch 1 misses."""
     seen: dict[int, float] = {}
 
     def fits(n: int) -> bool:
@@ -297,7 +321,9 @@ def search_capacity(measure: Callable[[int], float], start: int, limit: int, bud
 
     lo, hi = 0, None  # lo fits (0: nothing yet), hi misses
     n = max(1, min(start, limit))
-    while len(seen) < max_probes:
+    # Doubling is bounded by the limit (log2(limit / start) + 1 probes), not by max_probes: cut short, it reported
+    # its last fitting batch as the capacity (128 from start 1) with no batch ever missing the budget.
+    while hi is None:
         if fits(n):
             lo = n
             if n >= limit:
@@ -305,10 +331,8 @@ def search_capacity(measure: Callable[[int], float], start: int, limit: int, bud
             n = min(2 * n, limit)
         else:
             hi = n
-            break
-    if hi is None and lo == 0:
-        return 0, seen
-    while hi is not None and hi - lo > max(1, lo // 32) and len(seen) < max_probes:  # ~3% resolution
+    bisect_until = len(seen) + max_probes
+    while hi is not None and hi - lo > max(1, lo // 32) and len(seen) < bisect_until:  # ~3% resolution
         mid = (lo + hi) // 2
         if mid <= 0:
             break
@@ -345,16 +369,43 @@ def format_table(rows: list[BenchRow]) -> str:
     for r in rows:
         lm = r.extra.get("lm_p50_ms", r.p50_ms)
         lines.append(f"{r.system:<7} {r.model:<16} {r.batch:>5} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {lm:>9.2f} "
-                     f"{r.mimi_ms:>8.2f} {r.rtf:>8.3f} {r.rtfx:>9.1f}")
+                     f"{r.mimi_ms:>8.2f} {r.rtf:>8.3g} {r.rtfx:>9.4g}")  # significant digits: rtf ~1e-4 at batch 256
     lines.append("moshi rows: LMGen step only (no Mimi); dsm p50/p99 include Mimi (column 'mimi ms').")
     return "\n".join(lines)
+
+
+def _finite(v):
+    """``v`` with every non-finite float as None: strict JSON has no NaN/Infinity (json.dumps writes them)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
+def check_output(path: str | Path) -> str | None:
+    """Why ``path`` cannot be appended to (checked before the benchmark runs, not after it), or None. Leaves no
+    new file behind."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.open("a").close()
+    except OSError as e:
+        return f"cannot write --output {str(path)!r}: {e.strerror or e}"
+    if not existed:
+        path.unlink()
+    return None
 
 
 def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    row = _finite({**env, **extra, "rows": [asdict(r) for r in rows]})
     with path.open("a") as f:
-        f.write(json.dumps({**env, **extra, "rows": [asdict(r) for r in rows]}) + "\n")
+        f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,7 +426,10 @@ def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str):
 
 def _batches(text: str) -> list[int]:
     expected = f"comma-separated positive integers in {text!r}"
-    return [_number(b, int, lambda n: n >= 1, expected) for b in text.split(",")]
+    batches = [_number(b, int, lambda n: n >= 1, expected) for b in text.split(",")]
+    if len(set(batches)) != len(batches):  # would measure, print and record the same batch twice
+        raise argparse.ArgumentTypeError(f"expected distinct batch sizes, got {text!r}")
+    return batches
 
 
 def _warmup(text: str) -> int:
@@ -457,6 +511,9 @@ def run_cli(args) -> int:
     if (args.checkpoint or args.hf_repo) and args.preset:
         print("dsm bench: error: give --preset or --checkpoint/--hf-repo, not both", file=sys.stderr)
         return 2
+    if (why := check_output(args.output)) is not None:
+        print(f"dsm bench: error: {why}", file=sys.stderr)
+        return 2
     if args.checkpoint or args.hf_repo:
         from .checkpoint import resolve_checkpoint
         from .model import LMModel
@@ -517,7 +574,7 @@ def run_cli(args) -> int:
             print(f"{name}: capacity {capacities[name]['streams']} streams within {args.frame_ms:g} ms per step "
                   "(largest measured batch)")
     print("\n".join(kv_lines))
-    env = environment()
+    env = environment(device)
     append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype), "steps": steps,
                                             "warmup": warmup, "mimi": args.mimi, "frame_ms": args.frame_ms,
                                             "capacity": capacities})

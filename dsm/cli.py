@@ -109,7 +109,7 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
         found = [{k: finite(v) for k, v in dataclasses.asdict(r).items()} for r in rows]
-        doc = {**environment(), "dsm": __version__, "validated_on": str(device), "rows": found}
+        doc = {**environment(device), "validated_on": str(device), "rows": found}
         args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return 0 if all(r.ok for r in rows) else 1
 

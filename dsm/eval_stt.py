@@ -112,8 +112,9 @@ def evaluate(rt, pairs: list[tuple[Path, str]], normalize: Callable[[str], str] 
             skipped += 1
             continue
         rows.append({"audio": str(audio), "reference": ref, "hypothesis": normalize(hyps[audio])})
-    if not rows:
-        raise ManifestError("no utterance could be scored (all failed or had empty references)")
+    if not rows:  # say why: the per-file errors are printed only for a result, which this is not
+        why = f"; {len(errors)} failed, the first: {errors[0]}" if errors else ""
+        raise ManifestError(f"no utterance could be scored (all failed or had empty references){why}")
     wer = jiwer.wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
     return EvalResult(wer=float(wer), n_utterances=len(rows), n_skipped=skipped, audio_seconds=secs,
                       wall_seconds=wall, errors=errors, rows=rows)
@@ -130,6 +131,7 @@ def setup_eval_cli(p) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from .bench import check_output
     from .stt import runtime_from_args
 
     try:
@@ -137,6 +139,9 @@ def _cmd_eval(args) -> int:
         normalize = english_normalizer()
     except (ManifestError, ImportError) as e:
         print(f"dsm eval-stt: error: {e}", file=sys.stderr)
+        return 2
+    if args.output and (why := check_output(args.output)) is not None:  # before the run, not a traceback after it
+        print(f"dsm eval-stt: error: {why}", file=sys.stderr)
         return 2
     rt = runtime_from_args(args)
     try:

@@ -13,8 +13,10 @@ Output formats follow whisper's writers: ``txt`` (one segment per line), ``json`
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,8 +213,10 @@ def make_segments(words: Sequence[TimedWord], max_gap: float = 1.0, max_chars: i
     cur: list[TimedWord] = []
 
     def close() -> None:
-        if cur:
-            segs.append(Segment(cur[0].start, cur[-1].end, " ".join(w.text for w in cur), list(cur)))
+        if cur:  # spans all its words, even overlapping or out-of-order ones: a cue never ends before it starts
+            start = min(w.start for w in cur)
+            end = max(start, *(w.end for w in cur))
+            segs.append(Segment(start, end, " ".join(w.text for w in cur), list(cur)))
             cur.clear()
 
     for w in words:
@@ -235,8 +239,23 @@ def format_timestamp(seconds: float, always_include_hours: bool = False, decimal
     return f"{hours}{m:02d}:{s:02d}{decimal_marker}{ms:03d}"
 
 
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks as spaces: every format has one line per segment (txt, tsv) or ends a cue at a
+    blank line (srt, vtt)."""
+    return _LINE_BREAKS.sub(" ", text)
+
+
+def _cue_text(text: str) -> str:
+    """SRT cue text: one line, and no ``-->`` (which starts a timing line). ``-{2,}>`` as a whole, since replacing
+    ``-->`` once leaves ``--->`` as ``-->``."""
+    return re.sub(r"-{2,}>", "->", _one_line(text))
+
+
 def to_txt(t: Transcript) -> str:
-    return "".join(s.text + "\n" for s in t.segments())
+    return "".join(_one_line(s.text) + "\n" for s in t.segments())
 
 
 def to_json(t: Transcript) -> str:
@@ -253,21 +272,23 @@ def to_srt(t: Transcript) -> str:
     for i, s in enumerate(t.segments(), start=1):
         a = format_timestamp(s.start, True, ",")
         b = format_timestamp(s.end, True, ",")
-        out.append(f"{i}\n{a} --> {b}\n{s.text.replace('-->', '->')}\n\n")
+        out.append(f"{i}\n{a} --> {b}\n{_cue_text(s.text)}\n\n")
     return "".join(out)
 
 
 def to_vtt(t: Transcript) -> str:
     out = ["WEBVTT\n\n"]
     for s in t.segments():
-        out.append(f"{format_timestamp(s.start)} --> {format_timestamp(s.end)}\n{s.text.replace('-->', '->')}\n\n")
+        # WebVTT cue text is markup: a bare & or < is an error (or a tag), and escaped ">" cannot form "-->".
+        text = html.escape(_one_line(s.text), quote=False)
+        out.append(f"{format_timestamp(s.start)} --> {format_timestamp(s.end)}\n{text}\n\n")
     return "".join(out)
 
 
 def to_tsv(t: Transcript) -> str:
     rows = ["start\tend\ttext\n"]
     for s in t.segments():
-        rows.append(f"{round(1000 * s.start)}\t{round(1000 * s.end)}\t{s.text.replace(chr(9), ' ')}\n")
+        rows.append(f"{round(1000 * s.start)}\t{round(1000 * s.end)}\t{_one_line(s.text).replace(chr(9), ' ')}\n")
     return "".join(rows)
 
 

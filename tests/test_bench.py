@@ -151,3 +151,113 @@ def test_bench_mimi_variant_restores_switches(monkeypatch):
         assert "DSM_GEMV" not in os.environ and torch.backends.cudnn.allow_tf32
     assert "DSM_GEMV" not in os.environ and torch.backends.cudnn.allow_tf32 == tf32
     assert mod.speech_like(3).shape == (1, 1, 3 * 1920)
+
+
+def test_rtf_and_rtfx_are_reciprocal_at_every_batch():
+    """rtf = compute / audio and rtfx = audio / compute over the same audio (batch x 80 ms per step): rtf was one
+    step over one stream's 80 ms, so rtf x rtfx came out as the batch size, not 1. Both systems, same arithmetic."""
+    import torch
+
+    from dsm import bench
+    from dsm.presets import preset_config
+
+    model, _ = bench.random_model(preset_config("tiny-stt"), torch.device("cpu"), torch.float32)
+
+    def timer(fn):  # every step takes 40 ms
+        fn()
+        return 40.0
+
+    for batch in (1, 4):
+        rows = [bench.bench_dsm(model, None, batch, 1, 0, timer), bench.bench_moshi(model, batch, 1, 0, timer)]
+        for r in rows:
+            assert r.p50_ms == 40.0
+            assert r.rtfx == pytest.approx(batch * 80.0 / 40.0), r
+            assert r.rtf == pytest.approx(40.0 / (batch * 80.0)), r
+    assert bench._rates(0.0, 2) == (0.0, float("inf"))  # a zero-time step divides by nothing
+
+
+def test_bench_json_row_is_strict_json(tmp_path):
+    """NaN/Infinity (an infinite rtfx, say) are not JSON: the row writes them as null."""
+    from dsm.bench import BenchRow, append_results
+
+    row = BenchRow("dsm", "m", 1, 0.0, float("nan"), 0.0, 0.0, float("inf"), extra={"ttfa_ms": float("-inf")})
+    out = tmp_path / "r" / "bench.jsonl"
+    append_results(out, [row], {"device": "cpu"}, {"capacity": {"m": {"streams": 0}}})
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in a JSON row")
+
+    got = json.loads(out.read_text(), parse_constant=no_constants)
+    assert got["rows"][0]["rtfx"] is None and got["rows"][0]["p99_ms"] is None
+    assert got["rows"][0]["extra"]["ttfa_ms"] is None and got["rows"][0]["p50_ms"] == 0.0
+
+
+def test_environment_names_the_measured_device_and_versions(monkeypatch):
+    """A `--device cpu` run on a GPU machine was recorded under the GPU's name; the row also names the versions of
+    dsm, the moshi reference and python."""
+    import platform
+
+    import torch
+
+    from dsm import __version__
+    from dsm.bench import environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    assert environment(torch.device("cpu"))["device"] != "Fake GPU"
+    assert environment("cuda")["device"] == "Fake GPU"
+    assert environment()["device"] == "Fake GPU"
+    env = environment(torch.device("cpu"))
+    assert env["dsm"] == __version__ and env["python"] == platform.python_version() and env["moshi"]
+    assert {"torch", "triton", "commit", "time"} <= set(env)
+
+
+def test_search_capacity_is_not_cut_short_while_doubling():
+    """From batch 1 (`--batch 1 --capacity`) with a limit of 1400 and a true capacity of 700, the default probe
+    budget ran out while every probe still fitted and 128 was reported as the capacity."""
+    from dsm.bench import search_capacity
+
+    calls: list[int] = []
+
+    def measure(n):
+        calls.append(n)
+        return 10.0 + 70.0 * n / 700
+
+    n, seen = search_capacity(measure, 1, 1400, 80.0)
+    assert 700 - 700 // 32 <= n <= 700, (n, calls)
+    assert any(ms > 80.0 for ms in seen.values())  # the search saw a batch miss the budget
+    assert len(calls) == len(set(calls)) <= 11 + 8  # doubling 1..1024, then at most max_probes bisection steps
+    # The limit reached with every batch fitting: the limit, without probing past it.
+    assert search_capacity(lambda n: 1.0, 3, 40, 80.0) == (40, {3: 1.0, 6: 1.0, 12: 1.0, 24: 1.0, 40: 1.0})
+    # Batch 1 already over budget: 0, after measuring batch 1 once.
+    assert search_capacity(lambda n: 100.0, 1, 64, 80.0) == (0, {1: 100.0})
+    # Non-monotonic timings: whatever is returned is a measured batch that fitted.
+    times = {1: 50.0, 2: 90.0, 4: 70.0}
+    n, seen = search_capacity(lambda n: times.get(n, 200.0), 1, 64, 80.0)
+    assert n == 1 and seen[n] <= 80.0
+
+
+def test_bench_rejects_duplicate_batches(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--preset", "tiny-stt", "--batch", "1,2,1", "--steps", "1", "--warmup", "0", "--no-mimi",
+              "--no-reference", "--output", str(tmp_path / "r.jsonl")])
+    assert e.value.code == 2 and "argument --batch: expected distinct batch sizes" in capsys.readouterr().err
+
+
+def test_bench_unwritable_output_fails_before_running(tmp_path, capsys, monkeypatch):
+    """--output that is a directory, or below a file: one error line before any model is built (was a traceback
+    after the whole benchmark); and no file is left behind by the check itself."""
+    from dsm import bench
+
+    def never(*a, **k):
+        raise AssertionError("the benchmark ran before --output was checked")
+
+    monkeypatch.setattr(bench, "bench_dsm", never)
+    monkeypatch.setattr(bench, "random_model", never)
+    (tmp_path / "f").write_text("")
+    for out in (tmp_path, tmp_path / "f" / "bench.jsonl"):
+        assert main(["bench", "--preset", "tiny-stt", "--no-mimi", "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dsm bench: error: cannot write --output") and err.count("\n") == 1, err
+    assert bench.check_output(tmp_path / "new" / "bench.jsonl") is None
+    assert not (tmp_path / "new" / "bench.jsonl").exists()

@@ -133,3 +133,16 @@ def test_random_checkpoint_unwritable_out_dir(tmp_path, capsys):
         assert main(["random-checkpoint", "--preset", "tiny-stt", str(out), "--no-mimi", "--no-tokenizer"]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"dsm random-checkpoint: error: {out}: cannot write") and err.count("\n") == 1, err
+
+
+def test_eval_stt_unwritable_output_and_failures_are_one_clear_line(tmp_path, capsys):
+    """An unwritable --output is refused before the model is loaded (was a traceback after the whole evaluation);
+    when every file fails, the error says why (the per-file errors were dropped)."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "missing.wav", "text": "hello"}) + "\n")
+    assert main(["eval-stt", str(manifest), "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsm eval-stt: error: cannot write --output") and err.count("\n") == 1, err
+    assert main(["eval-stt", str(manifest), "--preset", "tiny-stt", "--random-weights", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no utterance could be scored" in err and "1 failed, the first:" in err and "missing.wav" in err, err

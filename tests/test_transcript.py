@@ -23,6 +23,8 @@ from dsm.transcript import (
     pair_rust_words,
     python_offset_seconds,
     python_words,
+    to_srt,
+    to_vtt,
     write_transcript,
 )
 
@@ -221,3 +223,45 @@ def test_output_formats():
     assert output_formats("srt,json") == ("srt", "json")
     with pytest.raises(ValueError, match="unknown output format"):
         output_formats("docx")
+
+
+def test_writers_keep_cues_valid_for_any_word_text(tmp_path):
+    """Words with line breaks, `-->` (also inside `--->`), `&` and `<`: every SRT/VTT cue stays one timing line and
+    one text line, VTT text is escaped markup (so `>` never ends a `-->`), TXT/TSV keep one line per segment; JSON
+    keeps the text as it is."""
+    import html
+    import re
+
+    words = [TimedWord("a--->b", 0.0, 0.5), TimedWord("x&<i>y", 0.5, 1.0), TimedWord("two\n\nlines", 1.0, 1.5),
+             TimedWord("crlf\r\nend", 1.5, 2.0), TimedWord("été 日本", 2.0, 2.5)]
+    t = Transcript("c", words)
+    got = {p.suffix[1:]: p.read_text(encoding="utf-8") for p in write_transcript(t, tmp_path, "c", FORMATS)}
+    for fmt in ("srt", "vtt"):
+        cues = got[fmt].removeprefix("WEBVTT\n\n").split("\n\n")
+        assert cues[-1] == "" and len(cues) == 2, got[fmt]  # one segment, one cue
+        lines = cues[0].split("\n")
+        text = lines[-1]
+        assert len(lines) == (3 if fmt == "srt" else 2) and "-->" not in text and "\r" not in text, lines
+    assert re.sub(r"&(amp|lt|gt);", "", got["vtt"].split("\n")[3]).count("&") == 0
+    assert "<" not in got["vtt"].split("\n")[3] and html.unescape(got["vtt"].split("\n")[3]).startswith("a--->b x&<i>y")
+    assert "été 日本" in got["srt"] and "été 日本" in got["vtt"]
+    assert got["txt"].count("\n") == 1 and got["tsv"].count("\n") == 2
+    assert json.loads(got["json"])["words"][2]["text"] == "two\n\nlines"
+
+
+def test_segments_span_overlapping_words():
+    """A segment's cue covers all its words: overlapping or out-of-order word times never give an end before the
+    start (an invalid SRT/VTT cue) or cut a longer earlier word short."""
+    t = Transcript("o", [TimedWord("late", 5.0, 6.0), TimedWord("early.", 3.0, 4.0)])
+    assert to_srt(t) == "1\n00:00:03,000 --> 00:00:06,000\nlate early.\n\n"
+    segs = make_segments([TimedWord("long", 5.0, 9.0), TimedWord("short", 5.5, 6.0), TimedWord("bad", 7.0, 6.5)])
+    assert [(s.start, s.end) for s in segs] == [(5.0, 9.0)]
+
+
+def test_timestamps_round_up_across_units():
+    """Rounding to the millisecond carries into seconds, minutes and hours (never `00:00:60,000`)."""
+    assert format_timestamp(59.9996, True, ",") == "00:01:00,000"
+    assert format_timestamp(3599.9996, True, ",") == "01:00:00,000"
+    assert format_timestamp(359999.9996) == "100:00:00.000"
+    vtt = to_vtt(Transcript("h", [TimedWord("late", 3600.0, 3601.0)]))
+    assert vtt.endswith("01:00:00.000 --> 01:00:01.000\nlate\n\n")
