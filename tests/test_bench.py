@@ -261,3 +261,41 @@ def test_bench_unwritable_output_fails_before_running(tmp_path, capsys, monkeypa
         assert err.startswith("dsm bench: error: cannot write --output") and err.count("\n") == 1, err
     assert bench.check_output(tmp_path / "new" / "bench.jsonl") is None
     assert not (tmp_path / "new" / "bench.jsonl").exists()
+
+
+def test_step_p99_is_the_whole_steps_tail(monkeypatch):
+    """The row's p99 is the p99 of whole steps (Mimi then LM), not the LM's p99 plus Mimi's median: steps where both
+    are slow count once, whole. Fake costs: LM 10 ms (40 every 4th call), Mimi 5 ms (25 every 4th call)."""
+    import torch
+
+    from dsm import bench
+    from dsm.engine import Engine
+    from dsm.mimi import Mimi, random_mimi_state_dict
+    from dsm.presets import preset_config
+
+    model, _ = bench.random_model(preset_config("tiny-stt"), torch.device("cpu"), torch.float32)
+    mimi = Mimi(random_mimi_state_dict(0))
+    calls = {"lm": 0, "mimi": 0}
+
+    def counted(real, key):
+        def wrapper(self, *a, **k):
+            calls[key] += 1
+            return real(self, *a, **k)
+
+        return wrapper
+
+    monkeypatch.setattr(Engine, "step", counted(Engine.step, "lm"))
+    monkeypatch.setattr(Mimi, "encode_step", counted(Mimi.encode_step, "mimi"))
+
+    def timer(fn):
+        before = dict(calls)
+        fn()
+        ms = 0.0
+        for key, base, spike in (("lm", 10.0, 40.0), ("mimi", 5.0, 25.0)):
+            for n in range(before[key] + 1, calls[key] + 1):
+                ms += spike if n % 4 == 0 else base
+        return ms
+
+    row = bench.bench_dsm(model, mimi, 1, 8, 0, timer)
+    assert row.extra["lm_p50_ms"] == 10.0 and row.mimi_ms == 5.0
+    assert row.p50_ms == 15.0 and row.p99_ms == 65.0, row  # was 40 + 5
