@@ -130,23 +130,34 @@ def resample(x: torch.Tensor | np.ndarray, from_sr: int, to_sr: int) -> torch.Te
 def load_audio(
     path: str | Path, target_sr: int = 24000, mono: str = "mean", clip: str = "warn"
 ) -> tuple[torch.Tensor, int]:
-    """Read wav/flac/ogg/mp3 with soundfile, validate, resample to ``target_sr``.
+    """Read wav/flac/ogg/mp3 with soundfile, validate, resample to ``target_sr``. ``"-"`` reads a whole file from
+    stdin (``ffmpeg ... -f wav - | dsm transcribe -``).
 
     Returns ``(pcm, target_sr)`` with pcm float32 ``[T]`` (or ``[C, T]`` with ``mono="keep"``).
     """
+    import io
+    import sys
+
     import soundfile as sf
 
-    path = Path(path)
-    if path.is_dir():
-        raise AudioError(f"{path}: is a directory, not an audio file")
-    if not path.is_file():
-        raise AudioError(f"{path}: audio file not found")
+    if str(path) == "-":
+        name = "stdin"
+        if sys.stdin is None:  # started with stdin closed (<&-)
+            raise AudioError("stdin is closed")
+        src = io.BytesIO(getattr(sys.stdin, "buffer", sys.stdin).read())
+    else:
+        path = Path(path)
+        name, src = str(path), str(path)
+        if path.is_dir():
+            raise AudioError(f"{path}: is a directory, not an audio file")
+        if not path.is_file():
+            raise AudioError(f"{path}: audio file not found")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        data, sr = sf.read(src, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile errors are RuntimeError/LibsndfileError with terse messages
-        raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
+        raise AudioError(f"{name}: cannot decode audio ({type(e).__name__}: {e})") from e
     # Validate at the source rate first, so errors refer to what is in the file.
-    pcm = validate_pcm(np.ascontiguousarray(data.T), int(sr), name=str(path), mono=mono, clip=clip)
+    pcm = validate_pcm(np.ascontiguousarray(data.T), int(sr), name=name, mono=mono, clip=clip)
     pcm = resample(pcm, int(sr), target_sr)
     if target_sr != sr:  # soxr can overshoot slightly near full scale
         pcm = pcm.clamp(-1.0, 1.0)

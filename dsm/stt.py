@@ -696,7 +696,8 @@ def runtime_from_args(args) -> STTRuntime:
 
 
 def setup_transcribe_cli(p) -> None:
-    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, mp3, ogg)")
+    p.add_argument("audio", nargs="+", metavar="AUDIO",
+                   help="audio files (wav, flac, mp3, ogg); - reads one from stdin")
     add_model_args(p)
     p.add_argument("--output-format", "-f", default="all", help="txt, json, srt, vtt, tsv or all (default all)")
     p.add_argument("--output-dir", "-o", default=".", help="directory for the outputs (default .)")
@@ -724,10 +725,13 @@ def _cmd_transcribe(args) -> int:
         return 2
     # Output names are fixed here, in command-line order: files finish in order of length, and a name made at
     # completion ("a" then "a-1") could go to either input or overwrite another input's ("a-1.wav").
+    if args.audio.count("-") > 1:  # stdin holds one file
+        print("dsm transcribe: error: '-' (stdin) can be given once", file=sys.stderr)
+        return 2
     names: dict[Path, list[str]] = {}
     used: set[str] = set()
     for a in args.audio:
-        stem = name = Path(a).stem
+        stem = name = "stdin" if a == "-" else Path(a).stem
         n = 0
         while name in used:
             n += 1

@@ -623,3 +623,38 @@ def test_transcribe_cli_wrong_model_and_output_errors(ckpt, tmp_path, monkeypatc
                  str(out)]) == 1
     err = capsys.readouterr().err
     assert err == f"dsm transcribe: error: {out / 'a.txt'}: cannot write (No space left on device)\n", err
+
+
+def test_transcribe_cli_reads_one_file_from_stdin(ckpt, tmp_path, monkeypatch, capsys):
+    """`dsm transcribe -` reads a whole audio file from stdin (a pipe from ffmpeg): its outputs are named stdin.*;
+    '-' twice is refused (stdin holds one file), and bytes that are not audio are one clear error."""
+    import io
+    import sys
+    import types
+
+    from dsm.cli import main
+
+    cache = tmp_path / "cache"
+    (cache / "random").mkdir(parents=True)
+    (cache / "random" / "tiny-stt-seed0").symlink_to(ckpt)
+    monkeypatch.setenv("DSM_CACHE_DIR", str(cache))
+    wav = io.BytesIO()
+    sf.write(wav, noise(3000, 3).numpy(), 16000, format="WAV")
+    sf.write(tmp_path / "a.wav", noise(2000, 4).numpy(), 24000)
+
+    def stdin(data: bytes):
+        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(data)))
+
+    out = tmp_path / "out"
+    stdin(wav.getvalue())
+    assert main(["transcribe", "-", str(tmp_path / "a.wav"), "--preset", "tiny-stt", "--random-weights",
+                 "--output-dir", str(out), "--output-format", "json", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "stdin.json"]
+    capsys.readouterr()
+    assert main(["transcribe", "-", "-", "--preset", "tiny-stt", "--random-weights", "--no-progress"]) == 2
+    assert "stdin) can be given once" in capsys.readouterr().err
+    stdin(b"not audio at all")
+    assert main(["transcribe", "-", "--preset", "tiny-stt", "--random-weights", "--output-dir", str(out),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "stdin: cannot decode audio" in err and "Traceback" not in err
