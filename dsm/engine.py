@@ -121,8 +121,10 @@ class Engine:
         self.state = self.gen.init_state(max_slots, seed=seed, kv=kv, require_conditions=False)
         self.state.exec_mask.fill_(False)
         self.buckets = tuple(sorted(set(buckets or default_buckets(max_slots))))
-        if self.buckets[-1] < max_slots:
-            raise ValueError(f"buckets {self.buckets} do not cover max_slots={max_slots}")
+        # A bucket past max_slots would be picked for the top slots, yet its row view holds only max_slots rows: every
+        # step there would then refuse its inputs (they cannot have more rows than max_slots) or mis-shape its tokens.
+        if self.buckets[0] < 1 or self.buckets[-1] != max_slots:
+            raise ValueError(f"buckets {self.buckets} must lie in [1, max_slots={max_slots}] and include max_slots")
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and os.environ.get("DSM_NO_CUDA_GRAPH", "0") != "1"
         # Reference kernels synchronise with the host (they are loops), so they cannot be captured.
@@ -130,8 +132,7 @@ class Engine:
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and not uses_reference
         self._graphs: dict[tuple[int, str], object] = {}  # (bucket, phase) -> LazyGraph, or "buf:" static inputs
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        pin = self.device.type == "cuda"
-        self._mask_host = torch.zeros(max_slots, dtype=torch.bool, pin_memory=pin)
+        self._pin = self.device.type == "cuda"
         self.slots: dict[int, _Slot] = {}
         n_in = cfg.num_codebooks - cfg.dep_q - 1
         self._inputs = torch.zeros(max_slots, n_in, dtype=torch.long, device=self.device)
@@ -160,7 +161,8 @@ class Engine:
         self.gen.reset(self.state, mask)
         self.state.offset_cpu = offset_cpu  # out-of-sync mode: the host counter is irrelevant per slot
         self.state.kv.block_table[slot] = 0
-        self.state.seeds[slot] = self.seed + slot if seed is None else seed
+        # seed + slot wraps to int64 as the fresh engine's seeds tensor does (else a seed near 2**63 overflows here)
+        self.state.seeds[slot] = (self.seed + slot + 2**63) % 2**64 - 2**63 if seed is None else seed
         if conditions is not None:
             self._set_conditions(slot, conditions)
         self.slots[slot] = _Slot()
@@ -257,10 +259,19 @@ class Engine:
                                    or not bucket <= inputs.shape[0] <= self.max_slots):
             raise ValueError(f"inputs: expected shape [rows, {n_in}] with {bucket} <= rows <= {self.max_slots} "
                              f"(rows by slot, covering slot {active[-1]}), got {tuple(inputs.shape)}")
+        dq = self.model.cfg.dep_q
+        if dq and depformer_replace_tokens is not None:
+            # Checked here too: the generator would refuse a wrong shape only after this step's pages are taken.
+            if depformer_replace_tokens.numel() != bucket * dq:
+                raise ValueError(f"depformer_replace_tokens: expected [{bucket}, {dq}] tokens (rows [0, bucket) by "
+                                 f"slot), got {tuple(depformer_replace_tokens.shape)}")
+            depformer_replace_tokens = depformer_replace_tokens.reshape(bucket, dq).to(self.device, torch.long)
         self._assign_pages(active)
-        self._mask_host.fill_(False)
-        self._mask_host[active] = True
-        self.state.exec_mask.copy_(self._mask_host, non_blocking=True)
+        # A fresh pinned buffer each step: the async copy reads it only when the device gets there, possibly after the
+        # host has prepared later steps (a step does not sync), and the host allocator keeps it until the copy is done.
+        mask = torch.zeros(self.max_slots, dtype=torch.bool, pin_memory=self._pin)
+        mask[active] = True
+        self.state.exec_mask.copy_(mask, non_blocking=True)
         view = self.state.rows(bucket)
         if inputs is not None:
             self._inputs[: inputs.shape[0]].copy_(inputs, non_blocking=True)
@@ -298,8 +309,8 @@ class Engine:
         token_in = self._static(bucket, "text_token", text_token)
         audio = None
         if dq:
-            if replace is not None:
-                audio = replace.reshape(bucket, dq).long()
+            if replace is not None:  # into a buffer of ours: on_audio edits it, never the caller's tensor (as eager)
+                audio = self._static(bucket, "audio", replace)
             else:
                 z_in = self._static(bucket, "z", z)
                 audio = self._graph(bucket, "depth", lambda: gen.depformer(view, token_in, z_in)).replay()

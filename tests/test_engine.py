@@ -192,6 +192,10 @@ def test_open_seeds(stt_model):
         with pytest.raises(err, match="seed"):
             eng.open(seed=bad)
     assert sorted(eng.slots) == [0]
+    top = Engine(stt_model, max_slots=2, seed=2**63 - 1)  # seed + slot wraps to int64, as in a fresh engine
+    fresh_seeds = top.state.seeds.tolist()
+    top.open(), top.open()
+    assert top.state.seeds.tolist() == fresh_seeds
 
 
 def test_long_stream_uses_bounded_pages(stt_model):
@@ -384,6 +388,59 @@ def test_cuda_graph_engine_plain_tts_steps_equal_eager(tts_model, mode, monkeypa
             toks.append(out.tokens[2].clone())  # the stream that joins at step 5
         outs[graphs] = torch.stack(toks).to(dev)
     assert torch.equal(outs[False], outs[True])
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_cuda_graph_audio_hook_leaves_replace_tokens_alone(tts_model, mode, monkeypatch):
+    """An ``on_audio`` hook edits the step's audio, not the caller's ``depformer_replace_tokens`` (eager clones it):
+    a replace tensor reused across steps gives the same tokens under graphs as eagerly."""
+    dev = "cuda" if mode == "cuda" else "cpu"
+    outs = {}
+    for graphs in (False, True):
+        eng = _graph_engine(tts_model, mode, monkeypatch, graphs, max_slots=2, buckets=(2,), temp=0.6)
+        eng.open(seed=1), eng.open(seed=2)
+        replace = torch.full((2, tts_model.cfg.dep_q), 3, dtype=torch.long, device=dev)
+        toks = [eng.step(depformer_replace_tokens=replace, on_audio=lambda a: a.add_(1)).tokens.clone()
+                for _ in range(6)]
+        assert replace.eq(3).all(), replace
+        outs[graphs] = torch.stack(toks)
+    assert torch.equal(outs[False], outs[True])
+
+
+def test_bad_replace_tokens_change_nothing(tts_model):
+    """A ``depformer_replace_tokens`` of the wrong size is refused before the step takes pages or runs."""
+    eng = Engine(tts_model, max_slots=4, buckets=(4,), use_sampling=False)
+    eng.open(), eng.open()
+    dq = tts_model.cfg.dep_q
+    for rows, cols in ((2, dq), (4, dq - 1), (8, dq)):
+        with pytest.raises(ValueError, match="depformer_replace_tokens"):
+            eng.step(depformer_replace_tokens=torch.full((rows, cols), -1))
+    assert eng.pool.used == 0 and eng.state.positions.tolist() == [0] * 4
+    eng.step(depformer_replace_tokens=torch.full((4, dq), -1, dtype=torch.int32))  # rows [0, bucket), any int dtype
+    assert [eng.slots[s].position for s in (0, 1)] == [1, 1]
+
+
+def test_buckets_must_fit_max_slots(stt_model):
+    """A bucket above ``max_slots`` would be chosen for the top slots with only ``max_slots`` rows behind it."""
+    for buckets in ((2, 8), (0, 4), (2,)):
+        with pytest.raises(ValueError, match="buckets"):
+            Engine(stt_model, max_slots=4, buckets=buckets)
+
+
+@pytest.mark.gpu
+def test_steps_queued_without_sync_keep_their_exec_masks(stt_model):
+    """Two steps queued behind a busy GPU with different active slots: each runs on its own exec mask (the host
+    buffer of the first one's mask copy must not be refilled by the second step before that copy runs)."""
+    eng = Engine(stt_model.to("cuda"), max_slots=2, buckets=(2,), use_sampling=False)
+    a, b = eng.open(), eng.open()
+    inputs = torch.zeros(2, 32, dtype=torch.long, device="cuda")
+    for _ in range(3):  # eager call, capture, replay
+        eng.step(inputs)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the host queues both steps long before the device reaches them
+    eng.step(inputs, active=[a, b])
+    eng.step(inputs, active=[a])
+    assert eng.state.positions.tolist() == [eng.slots[a].position, eng.slots[b].position] == [5, 4]
 
 
 def test_warm_up_captures_every_bucket_and_changes_no_output(tts_model, monkeypatch):
