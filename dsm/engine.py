@@ -134,6 +134,7 @@ class Engine:
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._pin = self.device.type == "cuda"
         self.slots: dict[int, _Slot] = {}
+        self._in_step = False  # hooks run inside a step: a slot opened or closed there would desync the bookkeeping
         n_in = cfg.num_codebooks - cfg.dep_q - 1
         self._inputs = torch.zeros(max_slots, n_in, dtype=torch.long, device=self.device)
 
@@ -146,6 +147,7 @@ class Engine:
         """Start a stream; returns its slot (the lowest free one unless ``slot`` asks for a given free slot).
         ``conditions``: this stream's condition values (TTS voices...). ``seed``: its sampling seed (default: the
         engine's ``seed + slot``, as a fresh engine gives that slot, whatever the slot's previous stream used)."""
+        self._check_not_in_step("open")
         seed = None if seed is None else check_seed(seed)  # before any state changes
         free = [s for s in range(self.max_slots) if s not in self.slots]
         if not free:
@@ -170,12 +172,17 @@ class Engine:
 
     def close(self, slot: int) -> None:
         """End a stream: its pages return to the pool and its row stops executing."""
+        self._check_not_in_step("close")
         s = self.slots.pop(slot, None)
         if s is None:
             raise KeyError(f"slot {slot} is not open")
         self.pool.release(s.pages)
         self.state.exec_mask[slot] = False
         self.state.kv.block_table[slot] = 0
+
+    def _check_not_in_step(self, what: str) -> None:
+        if self._in_step:  # the step would advance (or roll back) a slot that changed under it
+            raise RuntimeError(f"Engine.{what}() from a step hook: open and close streams between steps")
 
     def _set_conditions(self, slot: int, conditions: dict) -> None:
         st = self.state
@@ -276,6 +283,7 @@ class Engine:
         if inputs is not None:
             self._inputs[: inputs.shape[0]].copy_(inputs, non_blocking=True)
         inp = self._inputs[:bucket] if self._inputs.shape[1] else None
+        self._in_step = True
         try:
             out = self._run(view, bucket, inp, on_text_logits, on_text, depformer_replace_tokens, on_audio)
         except BaseException:
@@ -286,6 +294,8 @@ class Engine:
             host = torch.tensor([self.slots[s].position for s in active], dtype=torch.long)
             self.state.positions[idx.to(self.device)] = host.to(self.device)
             raise
+        finally:
+            self._in_step = False
         for slot in active:
             self.slots[slot].position += 1
         return out

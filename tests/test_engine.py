@@ -173,6 +173,29 @@ def test_a_raising_hook_leaves_the_step_undone(stt_model):
     assert torch.equal(run(4), run(None))  # position 4 starts the second page: the case that hit the null page
 
 
+def test_hooks_cannot_open_or_close_streams(stt_model):
+    """A hook that closes (or opens) a stream mid-step is refused: the step then undoes itself like any raising hook,
+    and the engine goes on as if it had not been called. Closing there used to raise a KeyError after the frame was
+    committed, leaving the later slots with stale host positions."""
+    audio = torch.randint(0, 64, (6, 2, 32), generator=torch.Generator().manual_seed(6))
+
+    def run(interfere):
+        eng = Engine(stt_model, max_slots=2, page_size=4, buckets=(2,), use_sampling=False)
+        eng.open(), eng.open()
+        zs = []
+        for t in range(6):
+            if interfere and t == 4:
+                for hook in (lambda x: eng.close(0), lambda x: eng.open()):
+                    with pytest.raises(RuntimeError, match="from a step hook"):
+                        eng.step(audio[t], on_text=hook)
+                assert sorted(eng.slots) == [0, 1]
+                assert eng.state.positions.tolist() == [eng.slots[s].position for s in (0, 1)] == [t, t]
+            zs.append(eng.step(audio[t]).z.clone())
+        return torch.stack(zs)
+
+    assert torch.equal(run(True), run(False))
+
+
 def test_open_seeds(stt_model):
     """A stream opened without a seed samples as that slot of a fresh engine does, whatever its slot's previous
     stream used; a seed that is not an int64 is refused before the slot is touched."""
