@@ -127,6 +127,10 @@ class EntryBuilder:
             raise
 
     def _add(self, text: str) -> list[Entry]:
+        try:  # lone surrogates (non-UTF-8 bytes in argv) would fail in the tokenizer binding with a RuntimeError
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TTSInputError(f"text is not valid Unicode ({e})") from None
         line = text.replace("\u2019", "'").replace(":", " ").replace("(", "").replace(")", "")
         out: list[Entry] = []
         pos = 0
@@ -142,6 +146,8 @@ class EntryBuilder:
                                         'e.g. <break time="1.5s"/>') from None
                 if self.max_break_s is not None:
                     seconds = min(seconds, self.max_break_s)
+                if not math.isfinite(seconds):  # e.g. "1e400s" (float: inf): no number of steps
+                    raise TTSInputError(f"bad break tag {match.group(0)!r}: the time is too long")
                 out.append(Entry([], "", int(round(seconds * self.frame_rate))))
         if line[pos:]:
             out.append(self._word(line[pos:]))
@@ -507,6 +513,8 @@ class TTSStream:
         if self.text_ended:
             what = "cancelled" if self.cancelled else "ended (push after end())"
             raise TTSInputError(f"text was already {what} for this stream")
+        if not isinstance(text, str):
+            raise TTSInputError(f"push takes text (str), got {type(text).__name__}")
         entries = self.builder.add(text)
         if entries and self.first_text_at is None:
             self.first_text_at = time.perf_counter()

@@ -974,3 +974,24 @@ def test_speak_text_from_stdin(monkeypatch):
     monkeypatch.setattr(sys, "stdin", None)
     with pytest.raises(TTSInputError, match="stdin is closed"):
         _read_text("-")
+
+
+def test_unspeakable_text_is_an_input_error(ckpt):
+    """A break too long for a float (`1e400s`: the tag's pattern, moshi's, lets any character follow the first digits)
+    and text that is not valid Unicode (lone surrogates, which is what Python makes of non-UTF-8 bytes in argv) are
+    TTSInputErrors, not an OverflowError or the tokenizer binding's RuntimeError; the refused push changes nothing."""
+    s = runtime(ckpt, n_q=2).open_stream(None)
+    with pytest.raises(TTSInputError, match="bad break tag"):
+        s.push('a <break time="1e400s"/> b')
+    with pytest.raises(TTSInputError, match="not valid Unicode"):
+        s.push("a \udcff b")
+    assert s.push("a b") == 2 and s.machine.entries[0].tokens[0] == 1  # the speaker token was not eaten
+    capped = runtime(ckpt, max_break_s=10.0).open_stream(None).builder.add('<break time="1e400s"/>')
+    assert [e.padding for e in capped] == [125]  # capped: as long as the server allows
+
+
+def test_push_takes_text_only(ckpt):
+    s = runtime(ckpt).open_stream(None)
+    for bad in (None, 3, b"bytes"):
+        with pytest.raises(TTSInputError, match="push takes text"):
+            s.push(bad)
