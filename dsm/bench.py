@@ -379,14 +379,14 @@ def format_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def _finite(v):
+def strict_json(v):
     """``v`` with every non-finite float as None: strict JSON has no NaN/Infinity (json.dumps writes them)."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
+        return {k: strict_json(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_finite(x) for x in v]
+        return [strict_json(x) for x in v]
     return v
 
 
@@ -408,7 +408,7 @@ def check_output(path: str | Path) -> str | None:
 def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    row = _finite({**env, **extra, "rows": [asdict(r) for r in rows]})
+    row = strict_json({**env, **extra, "rows": [asdict(r) for r in rows]})
     with path.open("a") as f:
         f.write(json.dumps(row, allow_nan=False) + "\n")
 

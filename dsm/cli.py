@@ -101,15 +101,12 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
     if args.json is not None:
         import dataclasses
         import json
-        import math
 
-        from .bench import environment
+        from .bench import environment, strict_json
 
-        def finite(v):  # an error row's inf error is null in strict JSON
-            return None if isinstance(v, float) and not math.isfinite(v) else v
-
-        found = [{k: finite(v) for k, v in dataclasses.asdict(r).items()} for r in rows]
-        doc = {**environment(device), "validated_on": str(device), "rows": found}
+        # an error row's inf error is null in strict JSON
+        doc = strict_json({**environment(device), "validated_on": str(device),
+                           "rows": [dataclasses.asdict(r) for r in rows]})
         args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return 0 if all(r.ok for r in rows) else 1
 

@@ -49,7 +49,6 @@ from dsm.mimi_modules import (
     KVState,
     LayerWeights,
     StepConstants,
-    augment_codebook,
     causal_conv1d,
     conv1d,
     conv_transpose1d,
@@ -203,7 +202,7 @@ class Mimi:
                 c = f"{p}vq.layers.{level}._codebook."
                 # Codebook = EMA sum / usage, clamped like training did (pitfall 18); computed once in fp32.
                 book = w[c + "embedding_sum"] / w[c + "cluster_usage"].clamp(min=1e-5)[:, None]
-                books.append(augment_codebook(book))
+                books.append(dsm_kernels.reference.augment_codebook(book))
                 tables.append(book @ out_proj.T)  # the output projection folded in: [2048, 512]
         self.rvq_in_proj = torch.cat(in_proj).contiguous()  # [G * 256, 512, 1]: both groups in one conv
         self.rvq_books = torch.stack(books).contiguous()  # [n_q, 2048, 258] rows [c, 1, |c|^2]

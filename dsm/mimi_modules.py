@@ -314,10 +314,3 @@ def _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, const
         dsm_kernels.gemv(z, lw.linear2, residual=h, scale=lw.ls2, backend=backend)
     kv.pos.add_(exec_mask, alpha=t)
     return h.view(b, t, c).transpose(1, 2)
-
-
-def augment_codebook(codebook: torch.Tensor) -> torch.Tensor:
-    """``[K, D]`` -> ``[K, D + 2]`` rows ``[c, 1, |c|^2]``: the constant half of the distance GEMM of
-    :func:`dsm_kernels.reference.rvq_encode_ref` (and the norms the Triton kernel reads)."""
-    norm = codebook.pow(2).sum(-1, keepdim=True)
-    return torch.cat([codebook, torch.ones_like(norm), norm], dim=-1).contiguous()

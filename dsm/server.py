@@ -38,13 +38,11 @@ import asyncio
 import json
 import logging
 import math
-import platform
 import signal
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from importlib.metadata import PackageNotFoundError, version
 from urllib.parse import parse_qs, urlsplit
 
 import msgpack
@@ -94,19 +92,16 @@ def _http(status: HTTPStatus, body: bytes, content_type: str) -> Response:
 
 
 def build_info(device: torch.device) -> dict:
-    """What ``GET /api/build_info`` answers: the versions a bug report or a benchmark row needs."""
+    """What ``GET /api/build_info`` answers: the versions a bug report or a benchmark row needs (those of
+    :func:`dsm.bench.environment`, under moshi-server-like names)."""
     import dsm_kernels
 
-    from . import __version__
+    from .bench import environment
 
-    try:
-        triton = version("triton")
-    except PackageNotFoundError:
-        triton = None
-    return {"name": "dsm", "version": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "kernel_backend": dsm_kernels.default_backend(device)}  # fmt: skip
+    env = environment(device)
+    return {"name": "dsm", "version": env["dsm"], "commit": env["commit"], "python": env["python"],
+            "torch": env["torch"], "cuda": torch.version.cuda, "triton": env["triton"], "device": str(device),
+            "device_name": env["device"], "kernel_backend": dsm_kernels.default_backend(device)}  # fmt: skip
 
 
 class _Metrics:

@@ -47,10 +47,11 @@ def fp32(op: str, **tensors) -> None:
             raise ValueError(f"{op}: {name} must be torch.float32, got {t.dtype}")
 
 
-def _mask(op: str, exec_mask: torch.Tensor, B: int) -> None:
-    shape(op, "exec_mask", exec_mask, (B,))
-    if exec_mask.dtype != torch.bool:
-        raise ValueError(f"{op}: exec_mask must be torch.bool, got {exec_mask.dtype}")
+def _mask(op: str, mask: torch.Tensor, B: int, name: str = "exec_mask") -> None:
+    """A [B] bool mask (per-row flags the kernels read as bytes)."""
+    shape(op, name, mask, (B,))
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{op}: {name} must be torch.bool, got {mask.dtype}")
 
 
 def multistream_embed(tokens, text_table, audio_tables, text_table2, cond) -> None:
@@ -346,8 +347,6 @@ def kv_slots(block_table, positions, write, page_size) -> None:
     shape(op, "block_table", block_table, (None, None))
     B = block_table.shape[0]
     shape(op, "positions", positions, (B,))
-    shape(op, "write", write, (B,))
-    if write.dtype != torch.bool:
-        raise ValueError(f"{op}: write must be torch.bool, got {write.dtype}")
+    _mask(op, write, B, "write")
     if page_size < 1:
         raise ValueError(f"{op}: page_size must be >= 1, got {page_size}")

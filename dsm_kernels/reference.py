@@ -477,6 +477,13 @@ def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 # Mimi residual vector quantizer (DSM-SPEC §7.6), fp32. Kernels: dsm_kernels.mimi_kernels.
 
 
+def augment_codebook(codebook: torch.Tensor) -> torch.Tensor:
+    """``[K, D]`` -> ``[K, D + 2]`` rows ``[c, 1, |c|^2]``: the constant half of the distance GEMM of
+    :func:`rvq_encode_ref` (and the norms the Triton kernel reads)."""
+    norm = codebook.pow(2).sum(-1, keepdim=True)
+    return torch.cat([codebook, torch.ones_like(norm), norm], dim=-1).contiguous()
+
+
 def rvq_level_ranges(group_levels: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
     """The device copy of ``group_levels`` that :func:`rvq_encode_ref`'s kernels read: [G, 2] int32 rows
     ``(first level, level count)`` per group. The caller builds it once (with its codebooks), never in a step."""

@@ -388,7 +388,7 @@ def _mimi_codec_rows(backend, device, quick):
     B, T = 3, 2
     K, D, levels = (64, 32, (1, 3)) if quick or device.type == "cpu" else (2048, 256, (1, 31))
     books = torch.randn(sum(levels), K, D, generator=g) * torch.rand(sum(levels), 1, 1, generator=g)
-    aug = torch.stack([torch.cat([b, torch.ones(K, 1), b.pow(2).sum(-1, keepdim=True)], -1) for b in books])
+    aug = torch.stack([reference.augment_codebook(b) for b in books])
     x = torch.randn(B, len(levels) * D, T, generator=g) * 1.5
     want = reference.rvq_encode_ref(x, aug, levels, reference.rvq_level_ranges(levels))
     out = poison_(torch.empty(B, sum(levels), T, dtype=torch.int64, device=device))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _rvq_inputs(B, T, levels, K, D, seed):
     g = torch.Generator().manual_seed(seed)
     books = torch.randn(sum(levels), K, D, generator=g) * torch.rand(sum(levels), 1, 1, generator=g)
-    aug = torch.stack([torch.cat([b, torch.ones(K, 1), b.pow(2).sum(-1, keepdim=True)], -1) for b in books])
+    aug = torch.stack([reference.augment_codebook(b) for b in books])
     x = torch.randn(B, len(levels) * D, T, generator=g) * 1.5
     return x, aug.contiguous()
 
