@@ -363,8 +363,7 @@ class Mimi:
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Whole-file decode: codes ``[B, n, T]`` -> pcm ``[B, 1, 1920 * T]`` (checks the code range: host sync)."""
-        _check_tensor(codes, "codes")
-        _check_codes(codes, codes.shape[0] if codes.dim() else 0, self.n_q)
+        _check_codes(codes, None, self.n_q)
         _check_code_range(codes)
         return self._decode(codes, self.init_state(codes.shape[0]), streaming=False)
 
@@ -412,12 +411,15 @@ def _check_pcm_chunk(pcm: torch.Tensor, batch_size: int) -> None:
         raise ValueError(f"pcm must be float32, got {pcm.dtype}")
 
 
-def _check_codes(codes: torch.Tensor, batch_size: int, n_q: int) -> None:
+def _check_codes(codes: torch.Tensor, batch_size: int | None, n_q: int) -> None:
+    """``batch_size`` None takes any batch (whole-file decode)."""
     _check_tensor(codes, "codes")
+    if batch_size is None and codes.dim():
+        batch_size = codes.shape[0]
     # Only this Mimi's n_q codebooks have decode tables: more would index past them (an IndexError on the CPU, a
     # bare assert in the Triton kernel).
     if codes.dim() != 3 or codes.shape[0] != batch_size or not 1 <= codes.shape[1] <= n_q or codes.shape[2] == 0:
-        raise ValueError(f"codes must be [{batch_size}, 1..{n_q}, T >= 1] (this Mimi has n_q = {n_q}), got "
+        raise ValueError(f"codes must be [{batch_size or 'B'}, 1..{n_q}, T >= 1] (this Mimi has n_q = {n_q}), got "
                          f"{tuple(codes.shape)}")
     if codes.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"codes must be int64 or int32, got {codes.dtype}")
