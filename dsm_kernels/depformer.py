@@ -10,14 +10,15 @@ that is not a GEMM rides in a GEMM's prologue or epilogue:
   1. RMSNorm prologue + QKV GEMM, split over (head, K). The last program to finish a head (a counter per tile)
      sums the split-K partials in a fixed order (deterministic, graph-replay stable), appends K/V to the frame's
      cache and runs that head's attention over steps 0..k. Layer 0 also builds its input ``proj[k] + Emb_k(prev)``
-     in the prologue (the token gather of the previous step's sample);
+     in the prologue (the token gather of the previous step's sample). Above ``ATTN_INLINE_ROWS`` rows the
+     attention is a launch of its own over every (head, row): in the last program it runs row after row;
   2. out-projection GEMM + LayerScale + residual add (in place);
   3. RMSNorm prologue + ``linear_in`` GEMM + SiLU gate (gate and value rows in one program);
   4. ``linear_out`` GEMM + LayerScale + residual add;
 * per codebook (2 launches): (optional RMSNorm) + head GEMM -> logits; the sampler of ``dsm_kernels.sampling``.
 
 Launches per codebook: ``4 * num_layers + 2`` (18 at the TTS shapes), 577 per 32-codebook frame, plus 3 tiny
-setup ops. Up to ``gemv_kernels.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows
+setup ops; above ``ATTN_INLINE_ROWS`` rows ``5 * num_layers + 2`` (22, 705 a frame). Up to ``gemv_kernels.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows
 per program, no split-K partials: at batch 1 these GEMMs are latency-bound, see that module), chained by
 programmatic dependent launch on sm_90+ so that each streams its weights while its predecessor runs. Everything has
 static shapes and no host sync, so a frame is capturable in one CUDA graph.
@@ -87,8 +88,10 @@ def _qkv_attn_kernel(
     B, DIM, LDP, HEAD_D, pos, vt, eps, scale,
     INPUT: tl.constexpr, DEMUX: tl.constexpr, DT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
     K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+    ATTN: tl.constexpr,
 ):  # fmt: skip
-    """Grid (heads, SPLIT, row blocks). Caches are [B, BP, DIM] (step-major); q/a scratch [B, DIM]."""
+    """Grid (heads, SPLIT, row blocks). Caches are [B, BP, DIM] (step-major); q/a scratch [B, DIM]. ``ATTN``: the
+    last program of a head also runs its attention, one row after another (else :func:`_dep_attn_kernel` does)."""
     h, s, pm = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pm * BM + tl.arange(0, BM)
     rmask = rows < B
@@ -133,21 +136,42 @@ def _qkv_attn_kernel(
         cache_off = (rows[:, None] * BP + pos).to(tl.int64) * DIM + wrow[None, :]
         tl.store(kc_ptr + cache_off, _rnd(k, DT).to(DT), mask=m)
         tl.store(vc_ptr + cache_off, _rnd(v, DT).to(DT), mask=m)
-        tl.debug_barrier()  # this block's q/K/V stores are visible to its own threads below
-        p = tl.arange(0, BP)
-        pmask = p <= pos
-        for i in range(BM):  # row by row: a [BP, BD] tile per row keeps the registers small
-            b = pm * BM + i
-            if b < B:
-                qr = tl.load(q_ptr + b * DIM + wrow, mask=dmask, other=0.0).to(tl.float32)
-                off = (b * BP + p[:, None]).to(tl.int64) * DIM + wrow[None, :]
-                km = pmask[:, None] & dmask[None, :]
-                kr = tl.load(kc_ptr + off, mask=km, other=0.0).to(tl.float32)
-                vr = tl.load(vc_ptr + off, mask=km, other=0.0).to(tl.float32)
-                sc = tl.where(pmask, tl.sum(kr * qr[None, :], axis=1) * scale, float("-inf"))
-                e = tl.exp(sc - tl.max(sc, axis=0))
-                o = tl.sum(vr * (e / tl.sum(e, axis=0))[:, None], axis=0)
-                tl.store(a_ptr + b * DIM + wrow, _rnd(o, DT).to(DT), mask=dmask)
+        if ATTN:
+            tl.debug_barrier()  # this block's q/K/V stores are visible to its own threads below
+            for i in range(BM):  # row by row: a [BP, BD] tile per row keeps the registers small
+                b = pm * BM + i
+                if b < B:
+                    _attend_row(q_ptr, kc_ptr, vc_ptr, a_ptr, b, h, DIM, HEAD_D, pos, scale, DT, BD, BP)
+
+
+@triton.jit
+def _attend_row(q_ptr, kc_ptr, vc_ptr, a_ptr, b, h, DIM, HEAD_D, pos, scale, DT: tl.constexpr, BD: tl.constexpr,
+                BP: tl.constexpr):  # fmt: skip
+    """Head ``h`` of row ``b``: softmax(q K^T * scale) V over this frame's steps 0..pos, in fp32."""
+    d = tl.arange(0, BD)
+    dmask = d < HEAD_D
+    wrow = h * HEAD_D + d
+    p = tl.arange(0, BP)
+    pmask = p <= pos
+    qr = tl.load(q_ptr + b * DIM + wrow, mask=dmask, other=0.0).to(tl.float32)
+    off = (b * BP + p[:, None]).to(tl.int64) * DIM + wrow[None, :]
+    km = pmask[:, None] & dmask[None, :]
+    kr = tl.load(kc_ptr + off, mask=km, other=0.0).to(tl.float32)
+    vr = tl.load(vc_ptr + off, mask=km, other=0.0).to(tl.float32)
+    sc = tl.where(pmask, tl.sum(kr * qr[None, :], axis=1) * scale, float("-inf"))
+    e = tl.exp(sc - tl.max(sc, axis=0))
+    o = tl.sum(vr * (e / tl.sum(e, axis=0))[:, None], axis=0)
+    tl.store(a_ptr + b * DIM + wrow, _rnd(o, DT).to(DT), mask=dmask)
+
+
+@triton.jit
+def _dep_attn_kernel(q_ptr, kc_ptr, vc_ptr, a_ptr, DIM, HEAD_D, pos, scale, DT: tl.constexpr, BD: tl.constexpr,
+                     BP: tl.constexpr):  # fmt: skip
+    """Grid (heads, B): the attention of the split-K path above a few rows, every (head, row) in parallel. In the
+    QKV kernel's last program it would run B rows one after another, each a dependent L2 round trip: ~1 us a row,
+    tens of microseconds a launch at batch 64, 128 launches a frame."""
+    _attend_row(q_ptr, kc_ptr, vc_ptr, a_ptr, tl.program_id(1), tl.program_id(0), DIM, HEAD_D, pos, scale, DT, BD,
+                BP)
 
 
 @triton.jit
@@ -197,6 +221,10 @@ def _linear_kernel(
             y = _rnd(y / (1.0 + tl.exp(-y)), DT) * u  # F.silu, rounded, times the value half
         tl.store(optr, _rnd(y, DT).to(DT), mask=m)  # exact: the value is representable
 
+
+# Up to this many rows the split-K QKV kernel's last program of a head runs the head's attention itself (rows one
+# after another); above, a separate launch runs every (head, row) at once.
+ATTN_INLINE_ROWS = 4
 
 # Shared memory the pipelined GEMM tiles may use: an H100 block gets at most 227 KiB, and Triton adds its own
 # scratch (reductions, layout conversions) on top of the operand stages.
@@ -314,6 +342,7 @@ def depformer_frame_triton(
     t2 = w.text_emb2 if w.text_emb2 is not None else w.text_emb
     _, _, _, _, _, bk_q, s_q, per_q = plans["qkv"]
     bn_q, kp_q, warps_q = gemv_plan(3 * dd, dd, sms=sms, interp=interp, divides=D)
+    inline_attn = B <= ATTN_INLINE_ROWS
     for k in range(dq):
         j = w.schedule[k]
         prev = text_token.long().contiguous() if k == 0 else toks[k - 1]
@@ -335,8 +364,10 @@ def depformer_frame_triton(
                     qb, kc[i], vc[i], ab,
                     B, dd, proj.stride(0), D, k, table.shape[0], w.norm_eps, D**-0.5,
                     INPUT=inp, DEMUX=demux, DT=DT, DOT_F32=dot_f32, SPLIT=s_q, K_PER_SPLIT=per_q, BM=bm, BD=bd,
-                    BK=bk_q, BP=bp, num_warps=4,
+                    BK=bk_q, BP=bp, ATTN=inline_attn, num_warps=4,
                 )  # fmt: skip
+                if not inline_attn:
+                    _dep_attn_kernel[(H, B)](qb, kc[i], vc[i], ab, dd, D, k, D**-0.5, DT=DT, BD=bd, BP=bp)
             linear("out", ab, lw.out_proj[j], x, epi=1, scale=lw.scale1)
             linear("in", x, lw.linear_in[j], hb, alpha=lw.norm2, epi=2)
             linear("ffo", hb, lw.linear_out[j], x, epi=1, scale=lw.scale2)

@@ -73,6 +73,26 @@ def test_fp32_matches_reference(case, temp, path):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_splitk_attention_launch_equals_inline(dtype, monkeypatch):
+    """Above ATTN_INLINE_ROWS rows the split-K path runs the attention as its own launch, every (head, row) at once:
+    the same tokens as the reference, and the same bits as the QKV kernel's last program running it inline."""
+    import dsm_kernels.depformer as dep
+
+    w = make_weights(schedule=(0, 1, 2, 2, 3), layers=2, heads=2, seed=11)
+    w = cast(w, dtype) if dtype != torch.float32 else w
+    args = inputs(w, 6, temp=0.0)
+    args["z"] = args["z"].to(dtype)
+    tok, lg = run_triton(w, args, split=2, path="splitk")
+    monkeypatch.setattr(dep, "ATTN_INLINE_ROWS", 6)
+    tok_inline, lg_inline = run_triton(w, args, split=2, path="splitk")
+    assert torch.equal(tok, tok_inline) and torch.equal(lg, lg_inline)
+    if dtype == torch.float32:
+        tok_ref, lg_ref = depformer_frame_ref(w, **args, return_logits=True)
+        assert torch.equal(tok, tok_ref) and rel(lg, lg_ref) < 1e-5
+
+
+@needs_triton
 @pytest.mark.parametrize("path", ["gemv", "splitk"])
 def test_bf16_error_within_3x_reference_error(path):
     w32 = make_weights(schedule=(0, 1, 1, 2, 2, 2), layers=2, heads=2, dim=64, hidden=96, card=64, seed=3)
@@ -139,10 +159,11 @@ def test_model_packing_matches_module_loop():
 
 
 def test_triton_aot_compiles_for_sm90_within_shared_memory():
-    """The block sizes the launcher picks for the TTS shapes (bf16 and fp32, batch 1 and 64; the GEMV kernels at
+    """The block sizes the launcher picks for the TTS shapes (bf16 and fp32, batch 1 and 64, with the separate
+    attention kernel of the split-K path; the GEMV kernels at
     batch 1 and 4) compile for sm_90a and fit an H100 block's shared memory (batch 64 once asked for 246016 B:
     Triton refused it at launch)."""
-    assert run_aot_script(__file__).count("cubin") == 12 + 10
+    assert run_aot_script(__file__).count("cubin") == 16 + 10
 
 
 H100_SMEM_PER_BLOCK = 232448
@@ -151,7 +172,7 @@ H100_SMEM_PER_BLOCK = 232448
 def _aot() -> None:
     import triton
 
-    from dsm_kernels.depformer import _linear_kernel, _qkv_attn_kernel, frame_plan
+    from dsm_kernels.depformer import ATTN_INLINE_ROWS, _dep_attn_kernel, _linear_kernel, _qkv_attn_kernel, frame_plan
     from dsm_kernels.testing import aot_compile
 
     t = TTS
@@ -161,13 +182,15 @@ def _aot() -> None:
                                               elem, False, None, 132)  # fmt: skip
             _, _, _, _, _, bk_q, s_q, per_q = plans["qkv"]
             cases = [("qkv_attn", _qkv_attn_kernel, {"INPUT": True, "DEMUX": True, "SPLIT": s_q, "K_PER_SPLIT": per_q,
-                                                     "BM": bm, "BD": bd, "BK": bk_q, "BP": bp}, {"tok_ptr": "*i64"})]
+                                                     "BM": bm, "BD": bd, "BK": bk_q, "BP": bp,
+                                                     "ATTN": B <= ATTN_INLINE_ROWS}, {"tok_ptr": "*i64"}),
+                     ("attn", _dep_attn_kernel, {"BD": bd, "BP": bp}, {})]
             for name, epi in (("in", 2), ("head", 0)):
                 _, _, _, _, bn, bk, s_, per = plans[name]
                 cases.append((f"linear {name}", _linear_kernel, {"NORM": True, "EPI": epi, "HAS_SCALE": epi == 1,
                               "SPLIT": s_, "K_PER_SPLIT": per, "BM": bm, "BN": bn, "BK": bk}, {}))  # fmt: skip
             for label, kernel, consts, extra in cases:
-                consts = {"DT": dt, "DOT_F32": elem == 4, **consts}
+                consts = {"DT": dt, **({"DOT_F32": elem == 4} if "DOT_F32" in kernel.arg_names else {}), **consts}
                 types = {n: "*" + dt_name for n in kernel.arg_names if n.endswith("_ptr")}
                 types |= {"ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32", "scale": "fp32", **extra}
                 # as at run time: 16-aligned pointers and sizes (B, the position and the vocabulary may not be)
