@@ -357,18 +357,18 @@ class Engine:
 
 
 def _check_token_range(tokens: torch.Tensor, name: str, card: int) -> None:
-    """Host tokens must be ids in [-1, card) (-1: a zero embedding); a float tensor or an id past the tables would
-    read outside them on the GPU, faulting the device for every stream. Device tokens are not checked (a host sync);
-    the embedding kernels read ids outside the tables as zero rows."""
+    """Host tokens must be ids in [-1, card] (-1: a zero embedding; card: the initial token, the tables' last row); a
+    float tensor or an id past the tables would read outside them on the GPU, faulting the device for every stream.
+    Device tokens are not checked (a host sync)."""
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(f"{name}: expected integer token ids, got {tokens.dtype}")
     if tokens.device.type != "cpu" or not tokens.numel():
         return
     t = tokens.numpy()  # numpy: no op is dispatched, so a step's counted kernels stay what a GPU launches
     lo, hi = int(t.min()), int(t.max())
-    if lo < -1 or hi >= card:
-        raise ValueError(f"{name}: token ids must be in [-1, {card}) (-1 gives a zero embedding), got range "
-                         f"[{lo}, {hi}]")
+    if lo < -1 or hi > card:
+        raise ValueError(f"{name}: token ids must be in [-1, {card}] (-1 gives a zero embedding, {card} is the "
+                         f"initial token), got range [{lo}, {hi}]")
 
 
 def _text_phase(gen: Generator, view, inp):

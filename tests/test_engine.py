@@ -146,13 +146,14 @@ def test_step_input_errors_change_nothing(stt_model):
         with pytest.raises(ValueError, match="input"):
             eng.step(bad)
     card = stt_model.cfg.card
-    for bad, what in [(inputs.float(), "integer"), (inputs - 2, r"\[-2, -2\]"), (inputs + card, f"{card}")]:
+    for bad, what in [(inputs.float(), "integer"), (inputs - 2, r"\[-2, -2\]"), (inputs + card + 1, f"{card}")]:
         with pytest.raises(ValueError, match=f"inputs: .*{what}"):  # past the tables: a device fault on a GPU
             eng.step(bad)
     assert eng.pool.used == 0 and eng.state.positions.tolist() == [0] * 4
     eng.step(inputs[:2] - 1, active=[1, 1, 0])  # -1 is a zero embedding
+    eng.step(inputs[:2] + card, active=[1, 1, 0])  # card: the initial token (moshi's Rust alignment feeds it)
     eng.step(inputs[:2], active=[1, 1, 0])  # the bucket's rows suffice; a repeated slot steps once
-    assert [eng.slots[s].position for s in (0, 1)] == [2, 2] and eng.state.positions[:2].tolist() == [2, 2]
+    assert [eng.slots[s].position for s in (0, 1)] == [3, 3] and eng.state.positions[:2].tolist() == [3, 3]
 
 
 def test_a_raising_hook_leaves_the_step_undone(stt_model):

@@ -301,6 +301,43 @@ def test_events_do_not_depend_on_chunk_size(lm, tok, files, rate):
     assert runs[0][-1].transcript.duration == pytest.approx(0.5, abs=1e-3)
 
 
+def test_rust_alignment_on_the_engine_matches_moshi(lm, tok, files, mimi):
+    """Rust alignment (serve-stt's default) on the engine with real Mimi, a second stream joining a later step in
+    slot 1, vs moshi fed frame t-1 at step t. The frame shift feeds the audio initial token (card) at a stream's
+    first step and in unopened slots: an engine that took ids in [-1, card) only refused every step."""
+    loaders = pytest.importorskip("moshi.models.loaders")
+    from moshi.models.lm import LMGen
+
+    info = loaders.CheckpointInfo.from_hf_repo("local/unused", moshi_weights=files.lm_weights,
+                                               mimi_weights=files.mimi_weights, tokenizer=files.tokenizer,
+                                               config_path=files.config_path)
+    ref_lm = info.get_moshi(device="cpu", dtype=torch.float32).eval()
+    ref_mimi = loaders.get_mimi(str(files.mimi_weights), device="cpu", num_codebooks=32)
+    pcm = load_audio(SPEECH)[0][: 24000 // 2]
+    a, b = pcm[:9000], pcm[9000:]
+
+    def moshi_rust(x):  # the DSM script loop with the one-frame shift; 7 + 1 flush frames (the last frame seen late)
+        x = torch.nn.functional.pad(x, (0, (-x.shape[0]) % 1920 + 8 * 1920))
+        gen, prev, out = LMGen(ref_lm, temp=0, temp_text=0), None, []
+        with torch.no_grad(), ref_mimi.streaming(1), gen.streaming(1):
+            for i in range(x.shape[0] // 1920):
+                codes = ref_mimi.encode(x[None, None, i * 1920 : (i + 1) * 1920])
+                out.append(int(gen.step(codes if prev is None else prev)[0, 0, 0]))  # step 0 sees initial tokens
+                prev = codes
+        return out
+
+    rt = STTRuntime(lm, mimi, tok, files.config, max_streams=2, options=STTOptions(alignment="rust"), engine=True)
+    sa = rt.open_stream("a")
+    sa.push(a[:5000])
+    sb = rt.open_stream("b")  # slot 1, its first step is a's third
+    sa.push(a[5000:], process=False)
+    sb.push(b, process=False)
+    sa.flush(process=False)
+    sb.flush()
+    assert sa.finished and sb.finished and sb.slot == 1
+    assert sa.tokens == moshi_rust(a) and sb.tokens == moshi_rust(b)
+
+
 @pytest.mark.parametrize("codec,engine", [("stub", False), ("stub", True), ("mimi", False)])
 def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files, mimi, codec, engine):
     def make():
