@@ -49,6 +49,9 @@ from .transcript import (
 
 ALIGNMENTS = ("pytorch", "rust")
 TIMESTAMP_RULES = ("python", "rust")
+# stt_config keys a config may omit: the defaults of Kyutai's STT scripts (stt-1b sets 0.5 s / 0, stt-2.6b 2.5 / 1)
+DEFAULT_AUDIO_DELAY_SECONDS = 5.0
+DEFAULT_SILENCE_PREFIX_SECONDS = 1.0
 
 
 class NoFreeSlotError(RuntimeError):
@@ -465,8 +468,10 @@ class STTRuntime:
         self.tokenizer = tokenizer
         self.config = config
         stt = config.stt_config or {}
-        self.audio_delay_seconds = float(stt.get("audio_delay_seconds", 0.5))
-        prefix_s = float(stt.get("audio_silence_prefix_seconds", 0.0)) if self.options.silence_prefix else 0.0
+        # a config without them takes Kyutai's scripts' defaults (the released configs set both)
+        self.audio_delay_seconds = float(stt.get("audio_delay_seconds", DEFAULT_AUDIO_DELAY_SECONDS))
+        prefix_s = (float(stt.get("audio_silence_prefix_seconds", DEFAULT_SILENCE_PREFIX_SECONDS))
+                    if self.options.silence_prefix else 0.0)
         self.n_prefix_frames = math.ceil(prefix_s * FRAME_RATE)
         self.n_flush_frames = math.ceil(self.audio_delay_seconds * FRAME_RATE) + (
             1 if self.options.alignment == "rust" else 0)

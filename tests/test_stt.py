@@ -421,7 +421,12 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     assert "not found" in res["missing.mp3"].error and str(tmp_path) in res["missing.mp3"].error
     assert res["ok.flac"].error is None and res["ok.flac"].audio_seconds == 0.25
     # a model without delay and no audio: nothing to run, the stream finishes at flush
-    r0 = runtime(lm, tok, dataclasses.replace(files.config, stt_config={"audio_delay_seconds": 0.0}), max_streams=1)
+    r0 = runtime(lm, tok, dataclasses.replace(files.config, stt_config={"audio_delay_seconds": 0.0,
+                                                                         "audio_silence_prefix_seconds": 0.0}),
+                 max_streams=1)
+    # a config without stt_config takes Kyutai's scripts' defaults: 5 s of delay, 1 s of silence prefix
+    rd = runtime(lm, tok, dataclasses.replace(files.config, stt_config={}), max_streams=1)
+    assert (rd.audio_delay_seconds, rd.n_prefix_frames, rd.n_flush_frames) == (5.0, 13, 63)
     ev = r0.open_stream("nodelay").flush()
     assert isinstance(ev[-1], Finished) and ev[-1].transcript.words == [] and r0.free_slots == 1
     r0.open_stream("busy")  # holds the only slot: transcribe_files must not spin
