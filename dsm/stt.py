@@ -16,8 +16,9 @@ the server's streaming rule (§5.3); see :mod:`dsm.transcript`.
 
 Times are seconds of the pushed audio: the silence prefix this runtime inserts (stt-2.6b: 13 frames) is
 subtracted from the Rust-rule times (exactly 13/12.5 s) and, as the DSM script does, ``int(13/12.5) = 1`` s from the
-python-rule times. At the end of input, a word the server would still hold (no closing ``0``/``3``, or no
-``EndWord``) is emitted and ended at the current time, so that no text is lost.
+python-rule times; the silence of each ``flush(end=False)`` is taken out of later times (a time inside such a silence
+is its start). At the end of input, a word the server would still hold (no closing ``0``/``3``, or no ``EndWord``)
+is emitted and ended at the current time, so that no text is lost.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -262,10 +263,12 @@ class _SampleQueue:
             self.buf = np.concatenate([self.buf[self.pos :], x.astype(np.float32, copy=False)])
             self.pos = 0
 
-    def pad_to_frame(self) -> None:
+    def pad_to_frame(self) -> int:
+        """Zero-pad to a whole frame; returns the samples added."""
         r = len(self) % FRAME_SIZE
         if r:
             self.append(np.zeros(FRAME_SIZE - r, dtype=np.float32))
+        return (FRAME_SIZE - r) % FRAME_SIZE
 
     def pop(self, n: int) -> np.ndarray:
         f = self.buf[self.pos : self.pos + n]
@@ -292,6 +295,9 @@ class STTStream:
         self._raw: list[RawWord | RawEndWord] = []
         self._text = ""  # finished words so far, space-separated
         self._markers: list[tuple[int, int]] = []  # (due step, id)
+        # silence a flush(end=False) inserted, as (start, seconds) on the model's clock (prefix removed): later words
+        # are moved back onto the clock of the pushed audio
+        self._gaps: list[tuple[float, float]] = []
         self.tracker = RustWordTracker(runtime.asr_delay_in_tokens)
         self.transcript: Transcript | None = None
         self._resampler = self._new_resampler()
@@ -351,8 +357,11 @@ class STTStream:
             self.samples_in += tail.shape[0]
             self.queue.append(np.clip(tail, -1.0, 1.0))
             self._resampler = None if end else self._new_resampler()
-        self.queue.pad_to_frame()
+        padded = self.queue.pad_to_frame()
         self.queue.append(np.zeros(self.rt.n_flush_frames * FRAME_SIZE, dtype=np.float32))
+        if not end:  # the stream goes on after this silence: its words keep the pushed audio's times
+            start = self.samples_in / SAMPLE_RATE + sum(g for _, g in self._gaps)
+            self._gaps.append((start, (padded + self.rt.n_flush_frames * FRAME_SIZE) / SAMPLE_RATE))
         self.ended = end
         if end and len(self.queue) < FRAME_SIZE:  # nothing left to run (no audio and no flush frames)
             self._finish()
@@ -414,9 +423,19 @@ class STTStream:
             if isinstance(e, RawWord):
                 text = self.rt.tokenizer.decode(list(e.tokens))
                 self._text = f"{self._text} {text}" if self._text else text
-                self._events.append(Word(self.name, text, max(0.0, e.start_time - shift), e.tokens))
+                self._events.append(Word(self.name, text, self._audio_time(e.start_time - shift), e.tokens))
             else:
-                self._events.append(EndWord(self.name, max(0.0, e.stop_time - shift)))
+                self._events.append(EndWord(self.name, self._audio_time(e.stop_time - shift)))
+
+    def _audio_time(self, t: float) -> float:
+        """Model-clock seconds (prefix removed) -> seconds of the pushed audio: the silence of each earlier
+        flush(end=False) is taken out, and a time inside one is its start."""
+        out = t
+        for start, dur in self._gaps:
+            if t <= start:
+                break
+            out -= min(t - start, dur)
+        return max(0.0, out)
 
     def words(self, rule: str | None = None) -> Transcript:
         """Transcript of the tokens so far by ``rule`` (``"python"`` or ``"rust"``; default: runtime option)."""
@@ -436,6 +455,9 @@ class STTStream:
             words = pair_rust_words(raw, rt.tokenizer, shift=rt.n_prefix_frames / FRAME_RATE)
         else:
             raise ValueError(f"timestamps rule must be one of {TIMESTAMP_RULES}, got {rule!r}")
+        if self._gaps:
+            words = [replace(w, start=self._audio_time(w.start), end=self._audio_time(w.end))
+                     for w in words]
         return Transcript(self.name, words, duration=duration, timestamps=rule,
                           meta={"alignment": rt.options.alignment, "steps": self.steps})
 

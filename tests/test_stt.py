@@ -211,6 +211,35 @@ def test_forced_words_follow_both_rules(lm, tok, files, alignment, model, engine
     assert rt.free_slots == 3
 
 
+@pytest.mark.parametrize("timestamps", ["python", "rust"])
+def test_flush_without_ending_keeps_the_pushed_audios_times(lm, tok, files, timestamps):
+    """flush(end=False) inserts silence (a frame's padding + the flush frames) the caller never pushed: later word
+    times leave it out. Stream "a" flushes mid-way; stream "b" pushes the same silence as audio: the same tokens, and
+    a's times are b's with that silence taken out (a time inside it is its start)."""
+    seq = forced_stream(tok, 120, seed=7)
+    rt = runtime(lm, tok, files.config, forcer=Forcer({"a": seq, "b": seq}), timestamps=timestamps)
+    x1, x2 = noise(1920 * 10 + 700, seed=1), noise(1920 * 12, seed=2)
+    gap = 1920 - 700 + rt.n_flush_frames * 1920
+    a, b = rt.open_stream("a"), rt.open_stream("b")
+    ev = {"a": a.push(x1) + a.flush(end=False) + a.push(x2) + a.flush(),
+          "b": b.push(x1) + b.push(torch.zeros(gap)) + b.push(x2) + b.flush()}
+    assert a.tokens == b.tokens and a.finished and b.finished
+    start, dur = x1.shape[0] / 24000, gap / 24000
+
+    def moved(t):
+        return t if t <= start else max(start, t - dur)
+
+    wa, wb = a.transcript.words, b.transcript.words
+    assert len(wa) == len(wb) >= 4 and any(w.start > start + dur for w in wb)  # words on both sides of the gap
+    for x, y in zip(wa, wb, strict=True):
+        assert x.text == y.text and x.start == pytest.approx(moved(y.start)) and x.end == pytest.approx(moved(y.end))
+    times = {n: [e.start_time if isinstance(e, Word) else e.stop_time for e in ev[n] if isinstance(e, Word | EndWord)]
+             for n in ev}
+    assert len(times["a"]) == len(times["b"]) and all(
+        x == pytest.approx(moved(y)) for x, y in zip(times["a"], times["b"], strict=True))
+    assert a.transcript.duration == pytest.approx((x1.shape[0] + x2.shape[0]) / 24000)
+
+
 def test_vad_events_and_end_of_turn(lm, tok, files):
     pcm = noise(1920 * 12, seed=3)
     probe = runtime(lm, tok, files.config, max_streams=1)
