@@ -18,9 +18,10 @@ that is not a GEMM rides in a GEMM's prologue or epilogue:
 * per codebook (2 launches): (optional RMSNorm) + head GEMM -> logits; the sampler of ``dsm_kernels.sampling``.
 
 Launches per codebook: ``4 * num_layers + 2`` (18 at the TTS shapes), 577 per 32-codebook frame, plus 3 tiny
-setup ops; above ``ATTN_INLINE_ROWS`` rows ``5 * num_layers + 2`` (22, 705 a frame). Up to ``gemv_kernels.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows
-per program, no split-K partials: at batch 1 these GEMMs are latency-bound, see that module), chained by
-programmatic dependent launch on sm_90+ so that each streams its weights while its predecessor runs. Everything has
+setup ops; above ``ATTN_INLINE_ROWS`` rows ``5 * num_layers + 2`` (22, 705 a frame). Up to
+``gemv_kernels.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows per program, no
+split-K partials: at batch 1 these GEMMs are latency-bound, see that module), chained by programmatic dependent
+launch on sm_90+ so that each streams its weights while its predecessor runs. Everything has
 static shapes and no host sync, so a frame is capturable in one CUDA graph.
 
 Numerics follow the reference's rounding points: every GEMM accumulates in fp32 and its output is rounded to the

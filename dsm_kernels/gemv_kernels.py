@@ -23,7 +23,9 @@ last of a head's QKV programs runs that head's attention.
 On sm_90+ the kernels are launched as programmatic dependents of the kernel before them (``PDL``): each one starts
 while its predecessor runs, issues its weight loads, and only then waits for the predecessor's outputs. That hides
 the launch gap and the weights' DRAM latency, the two costs that dominate a batch-1 launch (a persistent kernel's
-benefit, without a grid barrier).
+benefit, without a grid barrier). The norm weights, biases and scales are read before the wait too: like the
+weights, they must be parameters, never outputs of the kernels just before (the AOT tests check which loads precede
+the wait).
 
 The rows of the batch are unrolled (``BB`` = next power of two of B, masked), so every load of a launch sits in
 one basic block and can be issued early. Rounding points are those of :mod:`dsm_kernels.depformer` (the reference's);
@@ -232,12 +234,13 @@ def _qkv_rope_gemv_kernel(
     w1 = tl.load(wp + K, mask=wm, other=0.0)
     alpha = tl.load(alpha_ptr + k, mask=kmask, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + k, mask=kmask & (NORM == 2), other=0.0).to(tl.float32)
-    f = tl.load(f_ptr + col // 2, mask=rmask, other=0.0)
     is_q, is_k = rmask & (head < H), rmask & (head >= H) & (head < H + HKV)
     is_v = rmask & (head >= H + HKV)
     kdst = kc_ptr + (head - H) * stride_kh + col
     vdst = vc_ptr + (head - H - HKV) * stride_vh + col
     launch_and_wait(PDL)  # the weights are in flight
+    # the frequencies after the wait: the model builds them on the device just before its first step
+    f = tl.load(f_ptr + col // 2, mask=rmask, other=0.0)
     for i in tl.static_range(BB):
         live = i < B
         x = tl.load(x_ptr + i * LDX + k, mask=kmask & live, other=0.0).to(tl.float32)

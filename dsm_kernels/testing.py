@@ -284,6 +284,45 @@ def aot_compile(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warp
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
+def prewait_loads(ptx: str) -> set[str]:
+    """The names that a PDL kernel's global loads issued before its ``griddepcontrol.wait`` assign (``w`` for
+    ``w = tl.load(...)``), read off the PTX line info: a kernel may request before the wait only what no kernel
+    before it can be writing (weights, norm and scale parameters)."""
+    import re
+    from pathlib import Path
+
+    files = dict(re.findall(r'\.file\s+(\d+)\s+"([^"]+)"', ptx))
+    names, loc = set(), None
+    for line in ptx.splitlines():
+        m = re.search(r"\.loc\s+(\d+)\s+(\d+)", line)
+        if m:
+            loc = (files[m.group(1)], int(m.group(2)))
+        elif "griddepcontrol.wait" in line:
+            return names
+        elif re.search(r"\bld\.global", line):
+            src = Path(loc[0]).read_text().splitlines()[loc[1] - 1]
+            names.add(re.match(r"\s*(\w+)", src).group(1))
+    raise AssertionError("no griddepcontrol.wait in the PTX")
+
+
+def check_arrival_protocol(ptx: str) -> None:
+    """The split-K arrival counter (``triton_common._arrive``) as compiled: every partial store, then a CTA barrier,
+    then ONE thread's gpu-scope acq_rel add (release of the CTA's stores, acquire for the last arriver), and the last
+    arriver reads the other programs' partials from L2 (``.cg``) only after it."""
+    import re
+
+    lines = ptx.splitlines()
+    atom = [i for i, line in enumerate(lines) if re.search(r"\batom\.global\S*\.add", line)]
+    assert len(atom) == 1, f"one arrival add expected, got {len(atom)}"
+    a = atom[0]
+    assert re.search(r"atom\.global\.(gpu\.acq_rel|acq_rel\.gpu)\.add", lines[a]), lines[a].strip()
+    assert lines[a].lstrip().startswith("@"), "the add must be predicated to one thread"
+    stores = [i for i in range(a) if re.search(r"\b(st|red)\.global|cp\.async\.bulk", lines[i])]
+    assert not stores or any("bar.sync" in lines[i] for i in range(stores[-1], a)), "no barrier after the stores"
+    cg = [i for i, line in enumerate(lines) if "ld.global.cg" in line]
+    assert cg and min(cg) > a, "the partials must be read from L2 after the count"
+
+
 def aot_script_main(aot: Callable[[], object], path: str) -> None:
     """The ``__main__`` of a kernel test file with sm_90 AOT cases: ``--aot`` (what :func:`run_aot_script` passes)
     runs ``aot`` and exits; anything else runs the file's tests."""

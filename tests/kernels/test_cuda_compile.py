@@ -13,7 +13,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from dsm_kernels.testing import aot_script_main, run_aot_script
+from dsm_kernels.testing import aot_script_main, check_arrival_protocol, run_aot_script
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -125,6 +125,8 @@ def aot_compile_all() -> list[str]:
         if constexprs.get("PDL"):  # programmatic dependent launch: the wait precedes every global load
             ptx = cc.asm["ptx"]
             assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), label
+        if constexprs.get("MERGE"):  # the last split merges: barrier, acq_rel count, partials read from L2
+            check_arrival_protocol(cc.asm["ptx"])
         done.append(f"{label}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
     return done
 

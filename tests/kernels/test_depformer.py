@@ -173,7 +173,7 @@ def _aot() -> None:
     import triton
 
     from dsm_kernels.depformer import ATTN_INLINE_ROWS, _dep_attn_kernel, _linear_kernel, _qkv_attn_kernel, frame_plan
-    from dsm_kernels.testing import aot_compile
+    from dsm_kernels.testing import aot_compile, check_arrival_protocol
 
     t = TTS
     for dt_name, dt, elem in (("bf16", triton.language.bfloat16, 2), ("fp32", triton.language.float32, 4)):
@@ -198,6 +198,8 @@ def _aot() -> None:
                                                                                           "scale")]  # fmt: skip
                 cc = aot_compile(kernel, types, consts, num_warps=4, divisible=divisible)
                 assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
+                if "cnt_ptr" in kernel.arg_names:  # the last split-K program sums the partials
+                    check_arrival_protocol(cc.asm["ptx"])
                 smem = cc.metadata.shared
                 print(f"{label} {dt_name} B={B}: {len(cc.asm['cubin'])} B cubin, {smem} B smem")
                 assert smem <= H100_SMEM_PER_BLOCK, f"{label} {dt_name} B={B}: {smem} B shared memory"
@@ -209,7 +211,7 @@ def _aot_gemv() -> None:
 
     from dsm_kernels.gemv_kernels import _gemv_kernel, _head_sample_kernel, _qkv_gemv_kernel, gemv_plan
     from dsm_kernels.sampling import _num_warps
-    from dsm_kernels.testing import aot_compile
+    from dsm_kernels.testing import aot_compile, check_arrival_protocol, prewait_loads
 
     t, bf16 = TTS, triton.language.bfloat16
     for B in (1, 4):
@@ -236,8 +238,11 @@ def _aot_gemv() -> None:
                                                                                       "top_k")]  # fmt: skip
             cc = aot_compile(kernel, types, consts, num_warps=warps, divisible=divisible)
             assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
-            ptx = cc.asm["ptx"]  # programmatic dependent launch: weights requested before the wait
+            ptx = cc.asm["ptx"]  # programmatic dependent launch: weights requested before the wait, nothing else
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global"), label
+            assert prewait_loads(ptx) <= {"w", "wv", "alpha", "beta", "sc"}, (label, prewait_loads(ptx))
+            if kernel is not _gemv_kernel:  # the last of a head's programs attends; the head's last one samples
+                check_arrival_protocol(ptx)
             print(f"{label} bf16 B={B}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
             assert cc.metadata.shared <= H100_SMEM_PER_BLOCK, label
 

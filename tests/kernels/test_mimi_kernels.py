@@ -417,7 +417,7 @@ def _aot() -> None:
         _rvq_decode_kernel,
         _rvq_level_kernel,
     )
-    from dsm_kernels.testing import aot_compile
+    from dsm_kernels.testing import aot_compile, prewait_loads
 
     f32, i32, i64 = "*fp32", "*i32", "*i64"
     cases = [
@@ -445,6 +445,8 @@ def _aot() -> None:
         assert "sm_90" in ptx
         if consts.get("PDL"):  # the codebook slice is requested before the wait for the previous level
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global")
+            # nothing but the codebook slice and the level ranges (built once, at Mimi's construction)
+            assert prewait_loads(ptx) <= {"off", "n_lv", "cb", "cn"}, prewait_loads(ptx)
         print(f"{kernel.fn.__name__}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
 
 
