@@ -57,20 +57,12 @@ def validate_pcm(
         t = torch.as_tensor(x.copy() if any(s < 0 for s in x.strides) else x)
     if not isinstance(t, torch.Tensor):
         raise AudioError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
-    if not t.dtype.is_floating_point or t.dtype == torch.float16 or t.dtype == torch.bfloat16:
-        raise AudioError(
-            f"{name}: dtype {t.dtype} is not supported; pass float32/float64 samples in [-1, 1] "
-            "(divide int16 pcm by 32768)"
-        )
+    _check_samples(t, name)
     if t.dim() not in (1, 2):
         raise AudioError(f"{name}: expected [T] or [C, T] samples, got shape {tuple(t.shape)}")
     if t.shape[-1] == 0 or t.numel() == 0:
         raise AudioError(f"{name}: audio is empty (shape {tuple(t.shape)})")
     t = t.detach()  # samples, not a graph: callers may call .numpy()
-    bad = ~torch.isfinite(t)  # before the cast: a finite float64 beyond fp32's range is out of range, not NaN/inf
-    if bool(bad.any()):
-        raise AudioError(f"{name}: {int(bad.sum())} sample(s) are NaN or infinite (first at flat index "
-                         f"{int(bad.flatten().nonzero()[0])})")
     fmax = torch.finfo(torch.float32).max  # exact for in-range samples; a huge float64 must not become inf
     t = t.clamp(-fmax, fmax).to(torch.float32) if t.dtype == torch.float64 else t.to(torch.float32)
     if t.dim() == 2:
@@ -96,6 +88,18 @@ def validate_pcm(
     return t.contiguous()
 
 
+def _check_samples(t: torch.Tensor, name: str) -> None:
+    """float32/float64 samples without NaN/inf (checked before any cast: a finite float64 beyond fp32's range is out
+    of range, not NaN/inf)."""
+    if not t.dtype.is_floating_point or t.dtype == torch.float16 or t.dtype == torch.bfloat16:
+        raise AudioError(f"{name}: dtype {t.dtype} is not supported; pass float32/float64 samples in [-1, 1] "
+                         "(divide int16 pcm by 32768)")
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        raise AudioError(f"{name}: {int(bad.sum())} sample(s) are NaN or infinite (first at flat index "
+                         f"{int(bad.flatten().nonzero()[0])})")
+
+
 def resample(x: torch.Tensor | np.ndarray, from_sr: int, to_sr: int) -> torch.Tensor:
     """Resample ``[T]`` or ``[C, T]`` float pcm with soxr (high quality); identity when the rates are equal."""
     for label, sr in (("from_sr", from_sr), ("to_sr", to_sr)):
@@ -108,12 +112,12 @@ def resample(x: torch.Tensor | np.ndarray, from_sr: int, to_sr: int) -> torch.Te
     elif isinstance(x, np.ndarray):
         x = np.ascontiguousarray(x)
     t = torch.as_tensor(x)
-    if not t.dtype.is_floating_point:
-        raise AudioError(f"resample: dtype {t.dtype} is not supported; pass float samples in [-1, 1] "
-                         "(divide int16 pcm by 32768)")
-    if not bool(torch.isfinite(t).all()):
-        raise AudioError(f"resample: {int((~torch.isfinite(t)).sum())} sample(s) are NaN or infinite")
-    t = t.to(torch.float32)
+    _check_samples(t, "resample")
+    return _resample(t.to(torch.float32), from_sr, to_sr)
+
+
+def _resample(t: torch.Tensor, from_sr: int, to_sr: int) -> torch.Tensor:
+    """:func:`resample` of checked float32 samples."""
     if from_sr == to_sr:
         return t.clone()
     import soxr
@@ -136,15 +140,17 @@ def load_audio(
     Returns ``(pcm, target_sr)`` with pcm float32 ``[T]`` (or ``[C, T]`` with ``mono="keep"``).
     """
     import io
-    import sys
 
     import soundfile as sf
 
+    from .cli_args import read_stdin_bytes
+
     if str(path) == "-":
         name = "stdin"
-        if sys.stdin is None:  # started with stdin closed (<&-)
-            raise AudioError("stdin is closed")
-        src = io.BytesIO(getattr(sys.stdin, "buffer", sys.stdin).read())
+        try:
+            src = io.BytesIO(read_stdin_bytes())
+        except OSError as e:
+            raise AudioError(f"stdin: cannot read ({e})") from None
     else:
         path = Path(path)
         name, src = str(path), str(path)
@@ -158,7 +164,7 @@ def load_audio(
         raise AudioError(f"{name}: cannot decode audio ({type(e).__name__}: {e})") from e
     # Validate at the source rate first, so errors refer to what is in the file.
     pcm = validate_pcm(np.ascontiguousarray(data.T), int(sr), name=name, mono=mono, clip=clip)
-    pcm = resample(pcm, int(sr), target_sr)
+    pcm = _resample(pcm, int(sr), target_sr)  # validate_pcm checked the samples
     if target_sr != sr:  # soxr can overshoot slightly near full scale
         pcm = pcm.clamp(-1.0, 1.0)
     return pcm, target_sr

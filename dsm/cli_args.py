@@ -66,3 +66,14 @@ def parse_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+def read_stdin_bytes() -> bytes:
+    """All of stdin as bytes, for a ``-`` file argument; OSError when the process was started with stdin closed."""
+    import sys
+
+    if sys.stdin is None:  # started with stdin closed (<&-)
+        raise OSError("stdin is closed")
+    buffer = getattr(sys.stdin, "buffer", None)  # a replaced stdin (tests, embedding apps) may have none
+    data = buffer.read() if buffer is not None else sys.stdin.read()
+    return data if isinstance(data, bytes) else data.encode("utf-8")

@@ -922,16 +922,13 @@ def setup_speak_parser(p) -> None:
 
 def _read_text(arg: str) -> str:
     """The text to speak: ``arg`` itself, or the UTF-8 text of the file it names (``-``: stdin)."""
-    import sys
+    from .cli_args import read_stdin_bytes
 
     try:
         if arg == "-":
-            if sys.stdin is None:  # started with stdin closed (<&-)
-                raise TTSInputError("-: stdin is closed")
             # Decoded here, strictly: the text layer can pass undecodable bytes on as surrogates (C locale), which
             # the tokenizer then refuses with a traceback.
-            buffer = getattr(sys.stdin, "buffer", None)
-            return buffer.read().decode("utf-8") if buffer is not None else sys.stdin.read()
+            return read_stdin_bytes().decode("utf-8")
         try:
             is_file = Path(arg).is_file()
         except OSError:  # e.g. a text longer than a file name may be (ENAMETOOLONG): it is the text

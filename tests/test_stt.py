@@ -729,3 +729,8 @@ def test_transcribe_cli_reads_one_file_from_stdin(ckpt, tmp_path, monkeypatch, c
                  "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "stdin: cannot decode audio" in err and "Traceback" not in err
+    monkeypatch.setattr(sys, "stdin", None)  # started with stdin closed (<&-)
+    assert main(["transcribe", "-", "--preset", "tiny-stt", "--random-weights", "--output-dir", str(out),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "stdin: cannot read (stdin is closed)" in err and "Traceback" not in err
