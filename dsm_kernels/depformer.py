@@ -17,6 +17,10 @@ that is not a GEMM rides in a GEMM's prologue or epilogue:
   4. ``linear_out`` GEMM + LayerScale + residual add;
 * per codebook (2 launches): (optional RMSNorm) + head GEMM -> logits; the sampler of ``dsm_kernels.sampling``.
 
+Each residual epilogue (2., 4.) also leaves the new rows' sums of squares per column tile, so that the next RMSNorm
+prologue (1. past layer 0, 3., the head) is one small load instead of a loop over the row: a chain of dependent L2
+round trips before the weights stream, in 8 of the 9 normed launches of a codebook.
+
 Launches per codebook: ``4 * num_layers + 2`` (18 at the TTS shapes), 577 per 32-codebook frame, plus 3 tiny
 setup ops; above ``ATTN_INLINE_ROWS`` rows ``5 * num_layers + 2`` (22, 705 a frame). Up to
 ``gemv_kernels.GEMV_MAX_B`` rows the same launches run GEMV kernels instead (whole weight rows per program, no
@@ -67,6 +71,15 @@ def _inv_rms(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, B, DIM, LDP,
 
 
 @triton.jit
+def _inv_rms_from_tiles(ssq_ptr, rows, rmask, B, DIM, eps, SS_T: tl.constexpr):
+    """rsqrt(eps + mean(x^2)) of each row from the sums of squares that the residual epilogue that wrote ``x`` left
+    per column tile ([SS_T, B], summed in tile order): one load instead of a loop over the row."""
+    t = tl.arange(0, SS_T)
+    ss = tl.load(ssq_ptr + t[None, :] * B + rows[:, None], mask=rmask[:, None], other=0.0)
+    return 1.0 / tl.sqrt(eps + tl.sum(ss, axis=1) / DIM)
+
+
+@triton.jit
 def _partials_sum(ws_ptr, rows, cols, m, B, LDW, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Sum of the SPLIT partial tiles in split order (deterministic); .cg loads read L2, not a stale L1."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -84,12 +97,12 @@ def _store_partial(ws_ptr, acc, rows, cols, m, B, LDW):
 
 @triton.jit
 def _qkv_attn_kernel(
-    x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, alpha_ptr, w_ptr, ws_ptr, cnt_ptr,
+    x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, alpha_ptr, w_ptr, ws_ptr, cnt_ptr, ssq_ptr,
     q_ptr, kc_ptr, vc_ptr, a_ptr,
     B, DIM, LDP, HEAD_D, pos, vt, eps, scale,
     INPUT: tl.constexpr, DEMUX: tl.constexpr, DT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
     K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
-    ATTN: tl.constexpr,
+    ATTN: tl.constexpr, SS_T: tl.constexpr,
 ):  # fmt: skip
     """Grid (heads, SPLIT, row blocks). Caches are [B, BP, DIM] (step-major); q/a scratch [B, DIM]. ``ATTN``: the
     last program of a head also runs its attention, one row after another (else :func:`_dep_attn_kernel` does)."""
@@ -98,8 +111,11 @@ def _qkv_attn_kernel(
     rmask = rows < B
     d = tl.arange(0, BD)
     dmask = d < HEAD_D
-    inv = _inv_rms(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, B, DIM, LDP, vt, eps, INPUT, DEMUX, DT,
-                   BM, BK)  # fmt: skip
+    if SS_T > 0:  # the residual stream's sums of squares, left by the launch that wrote it
+        inv = _inv_rms_from_tiles(ssq_ptr, rows, rmask, B, DIM, eps, SS_T)
+    else:
+        inv = _inv_rms(x_ptr, proj_ptr, t1_ptr, t2_ptr, tok_ptr, rows, rmask, B, DIM, LDP, vt, eps, INPUT, DEMUX,
+                       DT, BM, BK)  # fmt: skip
     if INPUT:  # one program per row block materialises the residual stream for the later launches
         if (h == 0) & (s == 0):
             for k0 in range(0, DIM, BK):
@@ -177,20 +193,26 @@ def _dep_attn_kernel(q_ptr, kc_ptr, vc_ptr, a_ptr, DIM, HEAD_D, pos, scale, DT: 
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, alpha_ptr, w_ptr, ws_ptr, cnt_ptr, out_ptr, scale_ptr,
+    x_ptr, alpha_ptr, w_ptr, ws_ptr, cnt_ptr, out_ptr, scale_ptr, ssq_ptr,
     B, N, K, LDO, eps,
     NORM: tl.constexpr, EPI: tl.constexpr, HAS_SCALE: tl.constexpr, DT: tl.constexpr, DOT_F32: tl.constexpr,
     SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SS_T: tl.constexpr,
 ):  # fmt: skip
     """Grid (N tiles, SPLIT, row blocks); ``x`` [B, K], ``w`` [N(, +N gate values), K]. Epilogues:
-    0: out = y (model dtype); 1: out += scale * y (residual, in place); 2: out = silu(y_gate) * y_value."""
+    0: out = y (model dtype); 1: out += scale * y (residual, in place), and the new rows' sums of squares per column
+    tile into ``ssq`` [N tiles, B] for the next RMSNorm; 2: out = silu(y_gate) * y_value. ``SS_T`` > 0: the RMSNorm
+    prologue reads ``x``'s sums of squares from ``ssq`` ([SS_T, B]) instead of a loop over the row."""
     pn, s, pm = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pm * BM + tl.arange(0, BM)
     rmask = rows < B
     n = pn * BN + tl.arange(0, BN)
     nmask = n < N
     if NORM:
-        inv = _inv_rms(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, rows, rmask, B, K, K, 1, eps, False, False, DT, BM, BK)
+        if SS_T > 0:
+            inv = _inv_rms_from_tiles(ssq_ptr, rows, rmask, B, K, eps, SS_T)
+        else:
+            inv = _inv_rms(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, rows, rmask, B, K, K, 1, eps, False, False, DT, BM, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc2 = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(s * K_PER_SPLIT, s * K_PER_SPLIT + K_PER_SPLIT, BK):
@@ -216,7 +238,8 @@ def _linear_kernel(
         if EPI == 1:
             if HAS_SCALE:
                 y = _rnd(tl.load(scale_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :] * y, DT)
-            y = tl.load(optr, mask=m, other=0.0).to(tl.float32) + y
+            y = _rnd(tl.load(optr, mask=m, other=0.0).to(tl.float32) + y, DT)  # the stored value
+            tl.store(ssq_ptr + pn * B + rows, tl.sum(tl.where(m, y * y, 0.0), axis=1), mask=rmask)
         if EPI == 2:
             u = _rnd(_partials_sum(ws_ptr, rows, N + n, m, B, LDW, SPLIT, BM, BN), DT)
             y = _rnd(y / (1.0 + tl.exp(-y)), DT) * u  # F.silu, rounded, times the value half
@@ -313,6 +336,11 @@ def depformer_frame_triton(
     # split-K partials (reused by every launch, in stream order) and tile counters (each launch re-arms its own)
     ws = torch.empty(max(p[6] * B * p[2] for p in plans.values()), dtype=torch.float32, device=dev)
     cnt = torch.zeros(max(p[3] for p in plans.values()) * mb, dtype=torch.int32, device=dev)
+    # the residual stream's sums of squares per column tile of the residual epilogues ("out", "ffo": N = dim), read
+    # by the next RMSNorm; padded to a power of two with rows that stay zero
+    ss_t = _pow2(plans["out"][3])
+    assert plans["ffo"][3] == plans["out"][3]
+    ssq = torch.zeros(ss_t, B, dtype=torch.float32, device=dev)
 
     z = z.to(dt).contiguous()
     proj = torch.empty(B, n_in * dd, dtype=dt, device=dev)
@@ -333,10 +361,10 @@ def depformer_frame_triton(
                  n_out=N, pdl=pdl)
             return
         _linear_kernel[(tiles, s_, mb)](
-            xin, alpha if alpha is not None else xin, wt, ws, cnt, out, scale if scale is not None else xin,
+            xin, alpha if alpha is not None else xin, wt, ws, cnt, out, scale if scale is not None else xin, ssq,
             B, N, K, out.stride(0), w.norm_eps,
             NORM=alpha is not None, EPI=epi, HAS_SCALE=scale is not None, DT=DT, DOT_F32=dot_f32,
-            SPLIT=s_, K_PER_SPLIT=per, BM=bm, BN=bn, BK=bk, num_warps=4,
+            SPLIT=s_, K_PER_SPLIT=per, BM=bm, BN=bn, BK=bk, SS_T=ss_t if alpha is not None else 0, num_warps=4,
         )  # fmt: skip
 
     linear("proj", z, w.in_proj.reshape(n_in * dd, d_model), proj)  # every distinct depformer_in of z at once
@@ -361,11 +389,11 @@ def depformer_frame_triton(
                 )  # fmt: skip
             else:
                 _qkv_attn_kernel[(H, s_q, mb)](
-                    x, proj[:, w.in_index[k] * dd :], table, t2, prev, lw.norm1, lw.in_proj[j], ws, cnt,
+                    x, proj[:, w.in_index[k] * dd :], table, t2, prev, lw.norm1, lw.in_proj[j], ws, cnt, ssq,
                     qb, kc[i], vc[i], ab,
                     B, dd, proj.stride(0), D, k, table.shape[0], w.norm_eps, D**-0.5,
                     INPUT=inp, DEMUX=demux, DT=DT, DOT_F32=dot_f32, SPLIT=s_q, K_PER_SPLIT=per_q, BM=bm, BD=bd,
-                    BK=bk_q, BP=bp, ATTN=inline_attn, num_warps=4,
+                    BK=bk_q, BP=bp, ATTN=inline_attn, SS_T=0 if inp else ss_t, num_warps=4,
                 )  # fmt: skip
                 if not inline_attn:
                     _dep_attn_kernel[(H, B)](qb, kc[i], vc[i], ab, dd, D, k, D**-0.5, DT=DT, BD=bd, BP=bp)

@@ -163,7 +163,7 @@ def test_triton_aot_compiles_for_sm90_within_shared_memory():
     attention kernel of the split-K path; the GEMV kernels at
     batch 1 and 4) compile for sm_90a and fit an H100 block's shared memory (batch 64 once asked for 246016 B:
     Triton refused it at launch)."""
-    assert run_aot_script(__file__).count("cubin") == 16 + 10
+    assert run_aot_script(__file__).count("cubin") == 24 + 10
 
 
 H100_SMEM_PER_BLOCK = 232448
@@ -181,18 +181,24 @@ def _aot() -> None:
             bm, _, bd, bp, plans = frame_plan(B, t["dim"], t["heads"], 32, 11, t["d_model"], t["hidden"], t["card"],
                                               elem, False, None, 132)  # fmt: skip
             _, _, _, _, _, bk_q, s_q, per_q = plans["qkv"]
+            ss_t = triton.next_power_of_2(plans["out"][3])
             cases = [("qkv_attn", _qkv_attn_kernel, {"INPUT": True, "DEMUX": True, "SPLIT": s_q, "K_PER_SPLIT": per_q,
                                                      "BM": bm, "BD": bd, "BK": bk_q, "BP": bp,
-                                                     "ATTN": B <= ATTN_INLINE_ROWS}, {"tok_ptr": "*i64"}),
+                                                     "ATTN": B <= ATTN_INLINE_ROWS, "SS_T": 0}, {"tok_ptr": "*i64"}),
+                     ("qkv_attn layer > 0", _qkv_attn_kernel, {"INPUT": False, "DEMUX": False, "SPLIT": s_q,
+                      "K_PER_SPLIT": per_q, "BM": bm, "BD": bd, "BK": bk_q, "BP": bp, "ATTN": B <= ATTN_INLINE_ROWS,
+                      "SS_T": ss_t}, {"tok_ptr": "*i64"}),
                      ("attn", _dep_attn_kernel, {"BD": bd, "BP": bp}, {})]
-            for name, epi in (("in", 2), ("head", 0)):
+            for name, norm, epi in (("in", True, 2), ("head", True, 0), ("out", False, 1)):
                 _, _, _, _, bn, bk, s_, per = plans[name]
-                cases.append((f"linear {name}", _linear_kernel, {"NORM": True, "EPI": epi, "HAS_SCALE": epi == 1,
-                              "SPLIT": s_, "K_PER_SPLIT": per, "BM": bm, "BN": bn, "BK": bk}, {}))  # fmt: skip
+                cases.append((f"linear {name}", _linear_kernel, {"NORM": norm, "EPI": epi, "HAS_SCALE": epi == 1,
+                              "SPLIT": s_, "K_PER_SPLIT": per, "BM": bm, "BN": bn, "BK": bk,
+                              "SS_T": ss_t if norm else 0}, {}))  # fmt: skip
             for label, kernel, consts, extra in cases:
                 consts = {"DT": dt, **({"DOT_F32": elem == 4} if "DOT_F32" in kernel.arg_names else {}), **consts}
                 types = {n: "*" + dt_name for n in kernel.arg_names if n.endswith("_ptr")}
-                types |= {"ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32", "scale": "fp32", **extra}
+                types |= {"ws_ptr": "*fp32", "cnt_ptr": "*i32", "ssq_ptr": "*fp32", "eps": "fp32", "scale": "fp32",
+                          **extra}
                 # as at run time: 16-aligned pointers and sizes (B, the position and the vocabulary may not be)
                 divisible = [n for n in kernel.arg_names if n not in consts and n not in ("B", "pos", "vt", "eps",
                                                                                           "scale")]  # fmt: skip
