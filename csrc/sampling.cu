@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
   uint32_t uk[kItems];  // the keys as offsets u
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    const int bits = __float_as_int(x[i]);
+    const int bits = x[i] == 0.f ? 0 : __float_as_int(x[i]);  // -0 == +0: one key, so a threshold at 0 keeps both
     const bool valid = i * kThreads + static_cast<int>(threadIdx.x) < V;
     const int key = (valid ? (bits >= 0 ? bits : bits ^ 0x7fffffff) : INT_MIN) >> kShift;  // arithmetic shift
     uk[i] = static_cast<uint32_t>(key) - static_cast<uint32_t>(kKeyMin);

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import unit_stride
+
 
 @triton.jit
 def _frame_inputs_kernel(
@@ -52,6 +54,7 @@ def frame_inputs_triton(cache, offsets, exec_mask, delays, initial, input_tokens
     tok = input_tokens if input_tokens is not None else offsets
     if input_tokens is not None and (input_tokens.shape != (B, K - n_gen) or input_tokens.stride(1) != 1):
         raise ValueError(f"frame_inputs: input_tokens {tuple(input_tokens.shape)} must be [B={B}, {K - n_gen}]")
+    offsets, exec_mask, delays, initial = unit_stride(offsets, exec_mask, delays, initial)
     _frame_inputs_kernel[(B,)](
         cache, offsets, exec_mask, delays, initial, tok, out,
         K, CT, n_gen, cache.stride(0), cache.stride(1), tok.stride(0),
@@ -100,11 +103,14 @@ def frame_commit_triton(cache, offsets, exec_mask, delays, text_token, audio, ma
     if B == 0:
         return out
     aud = audio if audio is not None else text_token
+    off, exec_mask, delays, text_token = unit_stride(offsets, exec_mask, delays, text_token)
     _frame_commit_kernel[(B,)](
-        cache, offsets, exec_mask, delays, text_token, aud, out,
+        cache, off, exec_mask, delays, text_token, aud, out,
         CT, n_gen, max_delay, cache.stride(0), cache.stride(1), aud.stride(0),
         HAS_AUDIO=audio is not None, BLOCK_K=triton.next_power_of_2(n_gen), num_warps=1,
     )  # fmt: skip
+    if off is not offsets:  # updated in place: back into the caller's strided view
+        offsets.copy_(off)
     return out
 
 
@@ -129,6 +135,7 @@ def kv_slots_triton(block_table, positions, write, page_size):
     if B == 0:
         return slot, seq_lens
     block = min(1024, triton.next_power_of_2(B))
+    positions, write = unit_stride(positions, write)
     _kv_slots_kernel[(triton.cdiv(B, block),)](
         block_table, positions, write, slot, seq_lens, B, page_size, block_table.shape[1],
         block_table.stride(0), block_table.stride(1), BLOCK=block, num_warps=4,

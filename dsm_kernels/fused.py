@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .paged_attention import _check_heads_contiguous, _round_e4m3, cache_saturation
+from .triton_common import unit_stride
 
 
 @triton.jit
@@ -49,8 +50,9 @@ def add_rms_norm_triton(x, alpha, eps, delta=None, scale=None, out=None):
     y = torch.empty_like(x) if out is None else out
     if B == 0:
         return x, y
+    alpha, scale = unit_stride(alpha.reshape(-1), scale)
     _add_rms_norm_kernel[(B,)](
-        x, delta if delta is not None else x, scale if scale is not None else alpha, alpha.reshape(-1), y, D,
+        x, delta if delta is not None else x, scale if scale is not None else alpha, alpha, y, D,
         float(eps), HAS_DELTA=delta is not None, HAS_SCALE=scale is not None,
         BLOCK=triton.next_power_of_2(D), num_warps=4 if D <= 2048 else 8,
     )  # fmt: skip
@@ -114,6 +116,7 @@ def rope_append_kv_triton(qkv, positions, inv_freq, k_cache, v_cache, slot_mappi
     q = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device) if out is None else out
     if B == 0:
         return q
+    positions, inv_freq, slot_mapping = unit_stride(positions, inv_freq, slot_mapping)
     _rope_append_kernel[(B, num_heads + 2 * num_kv_heads)](
         qkv, positions, inv_freq, slot_mapping, q, k_cache, v_cache,
         qkv.stride(0), num_heads, num_kv_heads, k_cache.shape[1],

@@ -43,7 +43,7 @@ from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 from .sampling import _num_warps as _sampler_warps
 from .sampling import _sample_rows
-from .triton_common import _TL_DTYPES, _arrive, _input_tile, _rnd, _sms
+from .triton_common import _TL_DTYPES, _arrive, _input_tile, _rnd, _sms, unit_stride
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.
@@ -342,8 +342,9 @@ def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, sca
         raise ValueError("gemv: the GELU epilogue goes without the gate and the residual")
     N = weight.shape[0] // 2 if gate else weight.shape[0]
     if residual is not None:
-        if gate or residual.shape != (B, N) or residual.stride(1) != 1:
-            raise ValueError(f"gemv: residual {tuple(residual.shape)} must be [{B}, {N}] row-contiguous, without gate")
+        if gate or residual.shape != (B, N) or residual.stride(1) != 1 or residual.dtype != x.dtype:
+            raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} must be [{B}, {N}] {x.dtype}, "
+                             "row-contiguous, without gate")  # fmt: skip
         if out is not None:
             raise ValueError("gemv: the residual is the output; no out= with it")
         out, epi = residual, 1
@@ -353,6 +354,7 @@ def gemv_triton(x, weight, *, alpha=None, beta=None, eps=0.0, residual=None, sca
         elif out.shape != (B, N) or out.stride(1) != 1 or out.dtype != x.dtype:
             raise ValueError(f"gemv: out {tuple(out.shape)} {out.dtype} must be [{B}, {N}] {x.dtype}, row-contiguous")
         epi = 2 if gate else (3 if gelu else 0)
+    alpha, beta, scale = unit_stride(alpha, beta, scale)
     launch_gemv(x, weight, out, sms=_sms(x.device), interp=triton_interpret(), dt=_TL_DTYPES[x.dtype], alpha=alpha,
                 beta=beta, epi=epi, scale=scale, eps=eps, n_out=N, pdl=use_pdl(x.device))  # fmt: skip
     return out
@@ -376,12 +378,14 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
     if beta is not None and beta.numel() != K:
         raise ValueError(f"qkv_rope_gemv: LayerNorm bias of {beta.numel()} values against {K} input features")
     q = torch.empty(B, num_heads, D, dtype=x.dtype, device=x.device) if out is None else out
-    if q.shape != (B, num_heads, D) or q.stride(2) != 1 or q.stride(1) != D:
-        raise ValueError(f"qkv_rope_gemv: out {tuple(q.shape)} must be [{B}, {num_heads}, {D}] with heads contiguous")
+    if q.shape != (B, num_heads, D) or not q.is_contiguous():
+        raise ValueError(f"qkv_rope_gemv: out {tuple(q.shape)} with strides {q.stride()} must be a contiguous "
+                         f"[{B}, {num_heads}, {D}]")  # fmt: skip
     bn, kp, warps = gemv_plan(rows, K, sms=_sms(x.device), interp=triton_interpret())
     bn = max(bn, 2)  # whole pairs (rows is even)
     pdl = use_pdl(x.device)
-    alpha = alpha.reshape(-1)
+    alpha, beta, positions, inv_freq, slot_mapping = unit_stride(alpha.reshape(-1), beta, positions, inv_freq,
+                                                                 slot_mapping)  # fmt: skip
     _qkv_rope_gemv_kernel[(triton.cdiv(rows, bn),)](
         x, alpha, alpha if beta is None else beta.reshape(-1), weight, positions, inv_freq, slot_mapping, q, k_cache,
         v_cache, B, K, x.stride(0), float(eps), num_heads, num_kv_heads, rows, k_cache.shape[1],
@@ -412,6 +416,7 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
         raise ValueError(f"conv1d_gemv: out has shape {tuple(out.shape)}, expected {(B, N, T_out)}")
     if out.numel() == 0:
         return out
+    (bias,) = unit_stride(bias)
     bn, kp, warps = gemv_plan(N, C * KS, sms=_sms(x.device), interp=triton_interpret())
     pdl = use_pdl(x.device)
     _conv_gemv_kernel[(triton.cdiv(N, bn),)](

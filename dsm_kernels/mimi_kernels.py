@@ -36,6 +36,7 @@ import triton.language as tl
 
 from . import triton_interpret
 from .pdl import launch_and_wait, use_pdl
+from .triton_common import unit_stride
 
 
 @triton.jit
@@ -311,6 +312,7 @@ def mimi_conv_pad_triton(x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.T
         return out
     if T == 0:  # nothing new: the output is the stored context, which stays as it is
         return out.copy_(prev)
+    (exec_mask,) = unit_stride(exec_mask)
     BLOCK_P = triton.next_power_of_2(P)
     BLOCK_T = min(triton.next_power_of_2(T), 128)
     BLOCK_C = max(1, min(triton.next_power_of_2(C), 2048 // max(BLOCK_P, BLOCK_T)))
@@ -352,6 +354,7 @@ def mimi_convtr_overlap_triton(y: torch.Tensor, partial: torch.Tensor, bias: tor
     P = partial.shape[-1]
     assert partial.shape == (B, C, P) and N >= 2 * P and exec_mask.shape == (B,) and exec_mask.dtype == torch.bool
     assert y.dtype == partial.dtype == torch.float32 and (bias is None or bias.shape == (C,))
+    bias, exec_mask = unit_stride(bias, exec_mask)
     BLOCK_P = triton.next_power_of_2(P)
     BLOCK_C = max(1, min(triton.next_power_of_2(C), 2048 // BLOCK_P))
     _mimi_convtr_overlap_kernel[(B, triton.cdiv(C, BLOCK_C))](
@@ -421,6 +424,7 @@ def mimi_ring_attention_triton(q: torch.Tensor, cache: torch.Tensor, pos: torch.
     assert out.shape == (B, T, H, D) and out.stride(3) == 1
     if block_s is None:
         block_s = 64 if not triton_interpret() else triton.next_power_of_2(S)
+    (pos,) = unit_stride(pos)
     _mimi_ring_attention_kernel[(B * H,)](
         q, q.stride(0), q.stride(1), q.stride(2), cache, cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), pos, out, out.stride(0), out.stride(1), out.stride(2), T, H, S, D**-0.5,
@@ -473,6 +477,7 @@ def mimi_convtr_gemv_triton(x: torch.Tensor, w_rows: torch.Tensor, bias: torch.T
     assert C_w == C_in and K == 2 * S and partial.shape == (B, C, K - S) and exec_mask.shape == (B,), (
         x.shape, w_rows.shape, partial.shape, stride)
     assert x.dtype == partial.dtype == torch.float32 and (bias is None or bias.shape == (C,))
+    bias, exec_mask = unit_stride(bias, exec_mask)
     taps = conv1d_gemv_triton(x, w_rows.view(C * K, C_in, 1))  # [B, C * K, T]
     out = torch.empty(B, C, T * S, dtype=x.dtype, device=x.device)
     BLOCK_S = triton.next_power_of_2(S)
@@ -524,6 +529,7 @@ def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.
         y.shape, weight.shape, x.shape)
     assert y.dtype == x.dtype == weight.dtype == torch.float32 and (bias is None or bias.shape == (C_out,))
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    (bias,) = unit_stride(bias)
     # fp32 dot tiles that fit the registers of 4 warps (151, no spill on sm_90; 64 x 32 x 64 spills); the
     # interpreter, whose cost grows with the number of programs, takes whole rows
     interp = triton_interpret() if interp is None else interp

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import sm_count, triton_interpret
-from .triton_common import _arrive
+from .triton_common import _arrive, unit_stride
 
 _LOG2E = 1.4426950408889634
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
@@ -106,6 +106,7 @@ def append_kv_triton(k_cache, v_cache, k, v, slot_mapping) -> None:
         _check_heads_contiguous(x, name)
     if B == 0:
         return
+    (slot_mapping,) = unit_stride(slot_mapping)
     _append_kv_kernel[(B,)](
         k, v, k_cache, v_cache, slot_mapping,
         k_cache.shape[1], H * D,
@@ -244,6 +245,7 @@ def paged_decode_attention_triton(
         q = q.contiguous()
     if block_table.stride(1) != 1:
         block_table = block_table.contiguous()
+    (seq_lens,) = unit_stride(seq_lens)
     _check_heads_contiguous(k_cache, "k_cache")
     _check_heads_contiguous(v_cache, "v_cache")
     scale = D**-0.5 if scale is None else scale

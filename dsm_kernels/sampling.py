@@ -88,8 +88,9 @@ def _hash32(x):
 def _order_key(x, mask, KEY_SHIFT: tl.constexpr):
     """Order-preserving int32 image of fp32 (flip the magnitude bits of negatives), arithmetic-shifted right by
     ``KEY_SHIFT`` (exact where those bits are zero for the input dtype: negatives then have them all one, so the
-    floor division by 2**KEY_SHIFT stays injective). Padding gets the least key."""
-    bits = x.to(tl.int32, bitcast=True)
+    floor division by 2**KEY_SHIFT stays injective). -0 gets +0's key: the two compare equal, so a top-k threshold at
+    zero keeps both (a tie). Padding gets the least key."""
+    bits = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >> KEY_SHIFT
     return tl.where(mask, key, -0x80000000 >> KEY_SHIFT)
 
@@ -168,7 +169,9 @@ def _sample_rows(
     h = _hash32(_hash32(seed) ^ step)
     r = _hash32(h[:, None] ^ cols[None, :].to(tl.uint32)) >> 8
     u = (r.to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    score = tl.where(keep, p / -tl.log(u), -1.0)
+    # -log(u) as log(u) * -1: Triton's unary minus is 0 - x, which turns log(1) = 0 into +0 (a score of +inf, a sure
+    # win), where the reference's -0 gives -inf (u rounds to 1.0 for 24 bits of 1s)
+    score = tl.where(keep, p / (tl.log(u) * -1.0), -1.0)
     sampled = tl.argmax(score, axis=1)
     tok = tl.where(sample, sampled, greedy)
     # a NaN logit makes every score NaN: should the compiled argmax then land on a padding column, token 0, never an

@@ -16,6 +16,14 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan") if t.is_floating_point() else -(2**31) + 7)
 
 
+def strided(t: torch.Tensor, fill) -> torch.Tensor:
+    """``t`` [N] as a stride-2 view on its device whose gaps hold ``fill``: what a kernel that reads a vector at unit
+    stride would see instead of the values (pick an in-bounds ``fill``, so such a kernel errs rather than crashes)."""
+    big = torch.full((2 * t.shape[0],), fill, dtype=t.dtype, device=t.device)
+    big[::2] = t
+    return big[::2]
+
+
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max |actual - expected| in fp32; inf when either side holds a NaN (NaN never passes)."""
     a, e = actual.float(), expected.float()

@@ -62,5 +62,12 @@ def _arrive(cnt_ptr, tile, SPLIT: tl.constexpr):
     return last
 
 
+def unit_stride(*ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``ts`` with a unit last stride (a copy where not, e.g. a strided or expanded [B] view; None stays None): the
+    kernels read their [B]/[K]/[D] vectors and rows at unit stride, while the checks and the reference take any
+    layout. A no-op, and no launch, for the tensors the model passes."""
+    return tuple(t if t is None or t.stride(-1) == 1 else t.contiguous() for t in ts)
+
+
 def _sms(device: torch.device) -> int:
     return sm_count(device) if device.type == "cuda" else 64

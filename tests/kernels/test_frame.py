@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, run_aot_script
+from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, run_aot_script, strided
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -98,6 +98,34 @@ def test_kv_slots_strided_block_table(backend):
     assert exp.tolist() == [0, 17, 33, 38]
     got = resolve("kv_slots", backend, dev)(bt.to(dev), pos.to(dev), write.to(dev), 4)[0]
     assert torch.equal(got.cpu(), exp)
+
+
+def test_triton_takes_strided_vectors():
+    """[B] and [K] vectors as strided or expanded views (the checks and the reference take any layout): the Triton
+    kernels read them at unit stride, so they must get them so, and frame_commit's offsets reach the caller's view."""
+    dev = kernel_device("triton")
+    B, K, CT = 3, 4, 5
+    g = torch.Generator().manual_seed(5)
+    bt = torch.randperm(14, generator=g)[:12].view(B, 4).to(dev)
+    pos, write = torch.tensor([5, 17, 40], device=dev), torch.tensor([True, False, True], device=dev)
+    every = torch.ones((), dtype=torch.bool, device=dev).expand(B)
+    for p, w in ((strided(pos, 0), strided(write, False)), (pos, every)):
+        got, exp = resolve("kv_slots", "triton", dev)(bt, p, w, 4), reference.kv_slots_ref(bt, p, w, 4)
+        assert all(torch.equal(a, b) for a, b in zip(got, exp, strict=True)), (got, exp)
+    cache = torch.randint(0, 100, (B, K, CT), generator=g).to(dev)
+    offsets, ex = torch.tensor([3, 7, 12], device=dev), torch.tensor([True, True, False], device=dev)
+    delays, initial = torch.tensor([0, 2, 1, 3], device=dev), torch.tensor([9, 8, 7, 6], device=dev)
+    inp = torch.randint(0, 50, (B, 2), generator=g).to(dev)
+    args = (strided(offsets, 0), strided(ex, False), strided(delays, 0), strided(initial, 0))
+    c1, c2 = cache.clone(), cache.clone()
+    got = resolve("frame_inputs", "triton", dev)(c1, *args, inp, 2)
+    assert torch.equal(got, reference.frame_inputs_ref(c2, *args, inp, 2)) and torch.equal(c1, c2)
+    text, audio = torch.tensor([1, 2, 3], device=dev), torch.randint(0, 50, (B, 2), generator=g).to(dev)
+    (c1, o1), (c2, o2) = [(cache.clone(), strided(offsets, 0)) for _ in range(2)]
+    rest = (strided(ex, False), strided(delays, 0), strided(text, 0), audio, 3)
+    got = resolve("frame_commit", "triton", dev)(c1, o1, *rest)
+    exp = reference.frame_commit_ref(c2, o2, *rest)
+    assert torch.equal(got, exp) and torch.equal(c1, c2) and torch.equal(o1, o2), (got, exp, o1, o2)
 
 
 def test_triton_aot_compiles_for_sm90():

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, max_abs_err, poison_, run_aot_script
+from dsm_kernels.testing import (
+    aot_compile,
+    aot_script_main,
+    kernel_device,
+    max_abs_err,
+    poison_,
+    run_aot_script,
+    strided,
+)
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -172,6 +180,29 @@ def test_fused_reference_equals_module_path():
     h = torch.randn(3, 2 * 40, generator=g).bfloat16()
     hv = h.view(3, 2, 40)
     assert torch.equal(reference.silu_mul_ref(h), torch.nn.functional.silu(hv[:, 0]) * hv[:, 1])
+
+
+def test_triton_takes_strided_vectors():
+    """alpha, scale, positions, inv_freq and slot_mapping as strided views (the checks and the reference take any
+    layout): the Triton kernels read them at unit stride, so they must get them so."""
+    dev = kernel_device("triton")
+    g = torch.Generator().manual_seed(2)
+    x, delta = torch.randn(3, 16, generator=g).to(dev), torch.randn(3, 16, generator=g).to(dev)
+    alpha, scale = (strided(torch.randn(16, generator=g).to(dev), 0.0) for _ in range(2))
+    x1, x2 = x.clone(), x.clone()
+    _, y1 = resolve("add_rms_norm", "triton", dev)(x1, alpha, 1e-5, delta=delta, scale=scale)
+    _, y2 = reference.add_rms_norm_ref(x2, alpha, 1e-5, delta=delta, scale=scale)
+    _check(x1, x2, x2, torch.float32, "x")
+    _check(y1, y2, y2, torch.float32, "y")
+    H, Hkv, D = 2, 1, 8
+    qkv = torch.randn(3, (H + 2 * Hkv) * D, generator=g).to(dev)
+    pos, slot = strided(torch.tensor([3, 100, 7], device=dev), 0), strided(torch.tensor([1, -1, 9], device=dev), -1)
+    inv = strided(torch.exp(torch.arange(D // 2, dtype=torch.float32) * -1.1).to(dev), 0.0)
+    k1, v1, k2, v2 = (torch.zeros(4, 4, Hkv, D, device=dev) for _ in range(4))
+    q1 = resolve("rope_append_kv", "triton", dev)(qkv, pos, inv, k1, v1, slot, H, Hkv)
+    q2 = reference.rope_append_kv_ref(qkv, pos, inv, k2, v2, slot, H, Hkv)
+    for got, exp, name in ((q1, q2, "q"), (k1, k2, "k_cache"), (v1, v2, "v_cache")):
+        _check(got, exp, exp, torch.float32, name)
 
 
 def test_triton_aot_compiles_for_sm90():

@@ -13,7 +13,7 @@ import torch
 
 import dsm_kernels
 from dsm_kernels.reference import gemv_ref, qkv_rope_gemv_ref
-from dsm_kernels.testing import poison_
+from dsm_kernels.testing import poison_, strided
 
 needs_triton = pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -114,6 +114,39 @@ def test_rejects_what_it_cannot_run():
         gemv_triton(x[:1], w, residual=torch.zeros(1, 9, device=DEVICE))
     with pytest.raises(ValueError, match="GELU"):
         gemv_triton(x[:1], w, gelu=True, gate=True)
+    with pytest.raises(ValueError, match="residual"):  # its sum would be rounded to x's dtype, not the residual's
+        gemv_triton(x[:1].bfloat16(), w.bfloat16(), residual=torch.zeros(1, 8, device=DEVICE))
+
+
+@needs_triton
+def test_strided_vectors_and_out():
+    """alpha, beta, scale, bias, positions, inv_freq and slot_mapping as strided views (the checks and the reference
+    take any layout): the kernels read them at unit stride, so they must get them so; an ``out`` whose rows are not
+    contiguous is refused, not written at the wrong place."""
+    g = torch.Generator().manual_seed(4)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    x, w, res = r(2, 16), r(6, 16), r(2, 6)
+    kw = dict(alpha=strided(r(16), 0.0), beta=strided(r(16), 0.0), eps=1e-5, scale=strided(r(6), 0.0))
+    got = dsm_kernels.gemv(x, w, residual=res.clone(), **kw, backend="triton")
+    assert _rel(got, gemv_ref(x, w, residual=res.clone(), **kw)) < 1e-5
+    H, Hkv, D = 2, 1, 8
+    wq, alpha = r((H + 2 * Hkv) * D, 16), strided(r(16), 0.0)
+    pos = strided(torch.tensor([3, 100], device=DEVICE), 0)
+    slot = strided(torch.tensor([1, 9], device=DEVICE), -1)
+    inv = strided(torch.exp(torch.arange(D // 2, dtype=torch.float32, device=DEVICE) * -1.1), 0.0)
+    k1, v1, k2, v2 = (torch.zeros(4, 4, Hkv, D, device=DEVICE) for _ in range(4))
+    q1 = dsm_kernels.qkv_rope_gemv(x, wq, alpha, 1e-5, pos, inv, k1, v1, slot, H, Hkv, backend="triton")
+    q2 = qkv_rope_gemv_ref(x, wq, alpha, 1e-5, pos, inv, k2, v2, slot, H, Hkv)
+    assert _rel(q1, q2) < 1e-5 and _rel(k1, k2) < 1e-5 and _rel(v1, v2) < 1e-5
+    wide = torch.zeros(2, H + 1, D, device=DEVICE)[:, :H]  # rows H + 1 heads apart
+    with pytest.raises(ValueError, match="out"):
+        dsm_kernels.qkv_rope_gemv(x, wq, alpha, 1e-5, pos, inv, k1, v1, slot, H, Hkv, out=wide, backend="triton")
+    xc, wc, bias = r(1, 3, 5), r(4, 3, 2), strided(r(4), 0.0)
+    got = dsm_kernels.conv1d_gemv(xc, wc, bias, backend="triton")
+    assert _rel(got, torch.nn.functional.conv1d(xc, wc, bias)) < 1e-5
 
 
 def test_reference_is_the_module_path():

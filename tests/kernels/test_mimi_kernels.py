@@ -19,7 +19,14 @@ import torch
 from dsm.mimi import FRAME_SIZE, Mimi, random_mimi_state_dict
 from dsm.mimi_modules import rope_angles, rope_freqs
 from dsm_kernels import mimi_conv_pad, mimi_rope_kv, reference, resolve, rvq_decode, rvq_encode
-from dsm_kernels.testing import aot_script_main, assert_close_verbose, check_rvq_codes, kernel_device, poison_
+from dsm_kernels.testing import (
+    aot_script_main,
+    assert_close_verbose,
+    check_rvq_codes,
+    kernel_device,
+    poison_,
+    strided,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -271,6 +278,43 @@ def test_mimi_convtr_gemv_triton(B, C_in, C_out, S, T, bias, inactive):
     assert torch.equal(got_p.cpu()[~mask], partial[~mask])
     if mask.any():
         assert not torch.allclose(want_p[mask], partial[mask])
+
+
+def test_mimi_triton_takes_strided_vectors():
+    """exec_mask, bias and pos as strided views (the checks and the reference take any layout): the Triton kernels
+    read them at unit stride, so they must get them so."""
+    device = kernel_device("triton")
+    g = torch.Generator().manual_seed(9)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    def fn(op):
+        return resolve(op, "triton", device)
+
+    mask, B = strided(torch.tensor([True, False, True], device=device), False), 3
+    x, prev = r(B, 4, 3), r(B, 4, 2)
+    p1, p2 = prev.clone(), prev.clone()
+    got, exp = fn("mimi_conv_pad")(x, p1, mask, elu=True), reference.mimi_conv_pad_ref(x, p2, mask, elu=True)
+    assert_close_verbose(got, exp, atol=1e-6, name="conv pad")
+    assert_close_verbose(p1, p2, atol=1e-6, name="conv pad context")
+    y, part, bias = r(B, 4, 6), r(B, 4, 2), strided(r(4), 0.0)
+    y1, y2, p1, p2 = y.clone(), y.clone(), part.clone(), part.clone()
+    fn("mimi_convtr_overlap")(y1, p1, bias, mask)
+    reference.mimi_convtr_overlap_ref(y2, p2, bias, mask)
+    assert torch.equal(y1, y2) and torch.equal(p1, p2)
+    x, w, bias, part = r(B, 4, 2), r(5, 4, 4), strided(r(5), 0.0), r(B, 5, 2)
+    p1, p2 = part.clone(), part.clone()
+    got = fn("mimi_convtr_gemv")(x, w, bias, 2, p1, mask)
+    exp = reference.mimi_convtr_gemv_ref(x, w, bias, 2, p2, mask)
+    assert_close_verbose(got, exp, atol=1e-5, name="convtr")
+    assert_close_verbose(p1, p2, atol=1e-5, name="convtr tail")
+    y, w, bias, x = r(B, 4, 3), r(5, 4, 1), strided(r(5), 0.0), r(B, 5, 3)
+    got, exp = fn("mimi_residual_out")(y, w, bias, x), reference.mimi_residual_out_ref(y, w, bias, x)
+    assert_close_verbose(got, exp, atol=1e-5, name="residual out")
+    q, cache, pos = r(B, 2, 2, 8), r(B, 2, 2, 6, 8), strided(torch.tensor([0, 5, 30], device=device), 0)
+    got, exp = fn("mimi_ring_attention")(q, cache, pos), reference.mimi_ring_attention_ref(q, cache, pos)
+    assert_close_verbose(got, exp, atol=1e-5, name="ring attention")
 
 
 @pytest.fixture(scope="module")

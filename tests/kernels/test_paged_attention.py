@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import assert_close_verbose, kernel_device, max_abs_err, poison_, ref_relative_atol
+from dsm_kernels.testing import assert_close_verbose, kernel_device, max_abs_err, poison_, ref_relative_atol, strided
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 KV_LENS = [1, 7, 749, 750, 751, 1501, 0]  # around context 750, plus an inactive slot
@@ -343,3 +343,22 @@ def test_streaming_ring_fp8(backend):
             att = torch.einsum("hd,thd->ht", qs[t, b], kq[steps, b]) * D**-0.5
             exp = torch.einsum("ht,thd->hd", att.softmax(-1), vq[steps, b])
             assert_close_verbose(got[b], exp, atol=1e-4, rtol=1e-5, name=f"{backend} fp8 step {t} slot {b}")
+
+
+def test_triton_takes_strided_slots_and_lengths():
+    """slot_mapping and seq_lens as strided or expanded [B] views (the checks and the reference take any layout):
+    the Triton kernels read them at unit stride, so they must get them so."""
+    device = kernel_device("triton")
+    B, H, D, S, context = 3, 2, 8, 4, 8
+    q, kc, vc, bt = _pool(B, H, D, S, context, torch.float32, device, seed=3)
+    k, v = torch.randn(B, H, D, device=device), torch.randn(B, H, D, device=device)
+    slot = strided(torch.tensor([3, -1, 20], device=device), -1)
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    resolve("append_kv", "triton", device)(k1, v1, k, v, slot)
+    reference.append_kv_ref(k2, v2, k, v, slot)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    for seq in (strided(torch.tensor([5, 0, 7], dtype=torch.int32, device=device), 0),
+                torch.full((), 6, dtype=torch.int32, device=device).expand(B)):
+        got = resolve("paged_decode_attention", "triton", device)(q, kc, vc, bt, seq, context=context)
+        exp = reference.paged_decode_attention_ref(q, kc, vc, bt, seq, context=context)
+        assert_close_verbose(got, exp, atol=1e-5, name=f"seq_lens strides {seq.stride()}")

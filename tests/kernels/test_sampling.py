@@ -174,8 +174,8 @@ def test_cuda_graph_replay_reproduces(backend):
 
 
 def _order_key(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' order-preserving int32 image of fp32 values."""
-    b = x.float().contiguous().view(torch.int32)
+    """The kernels' order-preserving int32 image of fp32 values (-0 and +0, equal as floats, share +0's key)."""
+    b = torch.where(x == 0, 0, x.float().contiguous().view(torch.int32))
     return torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
 
 
@@ -226,7 +226,7 @@ def test_kth_largest_key_is_topk_kth_value(dtype, V):
     got = kth_largest_key_triton(x.to(kernel_device("triton")), k).cpu()
     exp = _expected_kth_key(x, k) >> shift
     assert torch.equal(got, exp), f"rows {(got != exp).nonzero()[:, 0].tolist()}"
-    # as a value: the k-th largest float (the orders agree but for -0 < +0 among keys, and -0 == +0 as floats)
+    # as a value: the k-th largest float
     val = x.float().gather(1, (_order_key(x) >> shift == got[:, None]).int().argmax(-1, keepdim=True))[:, 0]
     assert torch.equal(val, torch.stack([r.topk(int(kk)).values[-1] for r, kk in zip(x.float(), k, strict=True)]))
 
@@ -333,3 +333,37 @@ def test_nan_and_inf_rows_give_ids_in_the_vocabulary(backend, dtype, V):
                    steps.to(device)) if backend != "reference" else resolve("sample_tokens", "reference", device)(
                        x.to(dtype), temp, top_k, seeds, steps)  # fmt: skip
         assert bool(((got >= 0) & (got < V)).all()), f"top_k={top_k}: ids out of range: {got.tolist()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_of_one_never_wins(backend):
+    """24 bits of 1s make u = (2^24 - 0.5) / 2^24, which rounds to 1.0 in fp32: -log(u) = -0.0 and the reference's
+    score p / -0.0 is -inf, so that token never wins. (Triton's unary minus is 0 - x, +0.0 here: a score of +inf,
+    a token drawn whatever its probability.)"""
+    device = kernel_device(backend)
+    V, hit = 2049, 2013  # (seed 1, step 915954746) draws u == 1.0 at token 2013
+    seeds, steps = torch.tensor([1, 1]), torch.tensor([915954746, 915954746])
+    assert float(reference.sampling_uniform_ref(seeds, steps, V)[0, hit]) == 1.0
+    x = torch.linspace(-1.0, 1.0, V).expand(2, V).clone()  # no ties: the top-k sets agree
+    x[:, hit], x[:, 0] = -30.0, -40.0  # probability ~1e-16, kept by top-k V - 1
+    temp = torch.tensor([1.0, 0.5])
+    for top_k in (0, V - 1):
+        got = _run(backend, device, x.to(device), temp.to(device), top_k, seeds.to(device), steps.to(device))
+        exp = reference.sample_tokens_ref(x, temp, top_k, seeds, steps)
+        assert hit not in exp.tolist() and torch.equal(got, exp), (top_k, got.tolist(), exp.tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_signed_zeros_tie_at_the_threshold(backend, dtype):
+    """-0 and +0 compare equal: with the k-th largest logit at zero, every zero of either sign is kept (a tie, as the
+    vectorised reference keeps ``x >= kth``), not only the +0 ones."""
+    device = kernel_device(backend)
+    B, V = 64, 9
+    row = torch.tensor([0.5, 0.0, -0.0, 0.0, -0.0, -0.0, -3.0, -4.0, 0.25])  # top 3: 0.5, 0.25 and a zero
+    x = row.expand(B, V).contiguous().to(dtype)
+    temp, seeds, steps = torch.ones(B), torch.arange(B) * 7 + 1, torch.arange(B)
+    got = _run(backend, device, x.to(device), temp.to(device), 3, seeds.to(device), steps.to(device))
+    exp = sample_tokens_torch(x, temp, 3, seeds, steps)
+    assert {2, 4, 5} & set(exp.tolist()), "the -0 tokens must win some draws"
+    assert torch.equal(got, exp), f"rows {(got != exp).nonzero()[:, 0].tolist()}: {got.tolist()} vs {exp.tolist()}"
