@@ -240,6 +240,9 @@ def mimi_convtr_overlap(y, partial, bias, exec_mask) -> None:
     shape(op, "y", y, (None, None, None))
     B, C, N = y.shape
     shape(op, "partial", partial, (B, C, None))
+    if partial.shape[2] == 0:
+        raise ValueError(f"{op}: partial has shape {tuple(partial.shape)}: an empty tail (stride == kernel size) has "
+                         "nothing to overlap")
     if N < 2 * partial.shape[2]:
         raise ValueError(f"{op}: y has shape {tuple(y.shape)}: {N} columns, fewer than twice the tail of partial "
                          f"{tuple(partial.shape)} (head and tail would overlap)")  # fmt: skip
@@ -255,9 +258,9 @@ def mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask) -> None:
     B, C_in, T = x.shape
     shape(op, "w_rows", w_rows, (None, None, C_in))
     C, K, _ = w_rows.shape
-    if not 1 <= stride <= K or T * stride < K - stride:
+    if not 1 <= stride < K or T * stride < K - stride:  # stride == K: no overlap, an empty partial
         raise ValueError(f"{op}: stride {stride} with {K} taps (w_rows {tuple(w_rows.shape)}) and {T} input steps: "
-                         "needs 1 <= stride <= K and T * stride >= K - stride")  # fmt: skip
+                         "needs 1 <= stride < K and T * stride >= K - stride")  # fmt: skip
     shape(op, "partial", partial, (B, C, K - stride))
     if bias is not None:
         shape(op, "bias", bias, (C,))

@@ -165,9 +165,10 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def sampling_uniform_ref(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Counter-based uniform noise in (0, 1), [B, vocab] fp32, from per-slot ``seeds`` and ``steps`` ([B] int64).
+    """Counter-based uniform noise in (0, 1], [B, vocab] fp32, from per-slot ``seeds`` and ``steps`` ([B] int64).
 
-    ``u = (hash(hash(hash(seed) ^ step) ^ token) >> 8 + 0.5) / 2**24``: 24 random bits, never 0 or 1.
+    ``u = (hash(hash(hash(seed) ^ step) ^ token) >> 8 + 0.5) / 2**24``: 24 random bits, never 0; the top value rounds
+    to exactly 1.0 in fp32 (then ``-log(u)`` is 0 and that token's score is ``-inf``, never drawn).
     """
     h = _hash32(_hash32(seeds.long()) ^ (steps.long() & _MASK32))
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)

@@ -175,6 +175,13 @@ CASES = {  # name: (call builder, start of the expected message)
     "residual-out-x": (_residual_out, "mimi_residual_out: x has shape (1, 5, 3), expected [1, 6, 3]"),
     "convtr-overlap-short": (_convtr_overlap, "mimi_convtr_overlap: y has shape (2, 3, 5): 5 columns, fewer than"),
     "convtr-gemv-partial": (_convtr_gemv, "mimi_convtr_gemv: partial has shape (2, 3, 3), expected [2, 3, 2]"),
+    # stride == taps leaves no overlap: the reference failed on a size mismatch, Triton divided by zero
+    "convtr-gemv-stride-k": (lambda d: lambda b: K.mimi_convtr_gemv(
+        _z(2, 4, 1, dev=d), _z(3, 4, 4, dev=d), None, 4, _z(2, 3, 0, dev=d), _ones_mask(d), backend=b),
+        "mimi_convtr_gemv: stride 4 with 4 taps"),
+    "convtr-overlap-empty": (lambda d: lambda b: K.mimi_convtr_overlap(
+        _z(2, 3, 4, dev=d), _z(2, 3, 0, dev=d), None, _ones_mask(d), backend=b),
+        "mimi_convtr_overlap: partial has shape (2, 3, 0): an empty tail"),
     "silu-mul-odd": (lambda d: lambda b: K.silu_mul(_z(2, 5, dev=d), backend=b), "silu_mul: h has shape (2, 5): an"),
     "frame-inputs-initial": (lambda d: _frame(d, "inputs"), "frame_inputs: initial has shape (2,), expected [3]"),
     "frame-commit-text": (lambda d: _frame(d, "commit"), "frame_commit: text_token has shape (1,), expected [2]"),
