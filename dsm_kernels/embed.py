@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import triton_interpret
+from .triton_common import unit_stride
 
 
 @triton.jit
@@ -80,8 +81,7 @@ def multistream_embed_triton(
         out = torch.empty(B, D, dtype=out_dtype or text_table.dtype, device=tokens.device)
     if out.shape != (B, D):
         raise ValueError(f"multistream_embed: out has shape {tuple(out.shape)}, expected {(B, D)}")
-    if cond is not None and cond.stride(1) != 1:  # small: copied; the tables are not
-        cond = cond.contiguous()
+    (cond,) = unit_stride(cond)  # small: copied; the tables are not
     t2 = text_table2 if text_table2 is not None else text_table
     c = cond if cond is not None else out
     for name, t in (("text_table", text_table), ("text_table2", t2), ("audio_tables", audio_tables), ("out", out)):

@@ -241,11 +241,8 @@ def paged_decode_attention_triton(
     ``counters`` (int32, >= B*H, all 0, used by one launch at a time): the last split of each head block merges the
     splits and re-arms its counter, so the step needs one launch; without it a second kernel merges."""
     B, H, D = q.shape
-    if q.stride(-1) != 1:  # the kernel reads rows of head_dim; the reference takes any layout
-        q = q.contiguous()
-    if block_table.stride(1) != 1:
-        block_table = block_table.contiguous()
-    (seq_lens,) = unit_stride(seq_lens)
+    # the kernel reads rows of head_dim, of the block table and seq_lens at unit stride; the reference takes any layout
+    q, block_table, seq_lens = unit_stride(q, block_table, seq_lens)
     _check_heads_contiguous(k_cache, "k_cache")
     _check_heads_contiguous(v_cache, "v_cache")
     scale = D**-0.5 if scale is None else scale

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import triton_interpret
 from .pdl import launch_and_wait, use_pdl
+from .triton_common import unit_stride
 
 _MAX_SEARCH_ELEMS = 128  # [R, BLOCK_V] compare elements per thread the launch allows (registers)
 
@@ -207,11 +208,8 @@ def sample_tokens_triton(
     ``temperature``: [B] fp32 tensor; ``top_k``: Python int (0 = all); ``seeds``/``steps``: [B] int64 tensors.
     """
     B, V = logits.shape
-    # the kernel reads rows and [B] vectors with unit stride; the reference takes any layout (no-ops when already so)
-    logits, temperature, seeds, steps = (t if t.stride(-1) == 1 else t.contiguous()
-                                         for t in (logits, temperature, seeds, steps))  # fmt: skip
-    if null_logits is not None and null_logits.stride(1) != 1:
-        null_logits = null_logits.contiguous()
+    # the kernel reads rows and [B] vectors with unit stride; the reference takes any layout
+    logits, null_logits, temperature, seeds, steps = unit_stride(logits, null_logits, temperature, seeds, steps)
     if out is None:
         out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:

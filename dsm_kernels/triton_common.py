@@ -1,6 +1,6 @@
-"""Device functions and host helpers shared by the Triton kernels of the depth transformer, the GEMVs and the
-paged attention: rounding to the model dtype as torch stores it, the depth transformer's layer-input tile, the
-split-K arrival counter, the SM count that sizes the grids."""
+"""Device functions and host helpers shared by the Triton kernels: rounding to the model dtype as torch stores it,
+the depth transformer's layer-input tile, the split-K arrival counter, the unit-stride copy of the launchers'
+inputs, the SM count that sizes the grids."""
 
 from __future__ import annotations
 
