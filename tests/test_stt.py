@@ -330,10 +330,8 @@ def test_events_do_not_depend_on_chunk_size(lm, tok, files, rate):
     assert runs[0][-1].transcript.duration == pytest.approx(0.5, abs=1e-3)
 
 
-def test_rust_alignment_on_the_engine_matches_moshi(lm, tok, files, mimi):
-    """Rust alignment (serve-stt's default) on the engine with real Mimi, a second stream joining a later step in
-    slot 1, vs moshi fed frame t-1 at step t. The frame shift feeds the audio initial token (card) at a stream's
-    first step and in unopened slots: an engine that took ids in [-1, card) only refused every step."""
+def moshi_reference(files):
+    """moshi's LMGen class, LM (fp32) and Mimi (32 codebooks) on the checkpoint's files, for the end-to-end tests."""
     loaders = pytest.importorskip("moshi.models.loaders")
     from moshi.models.lm import LMGen
 
@@ -341,7 +339,14 @@ def test_rust_alignment_on_the_engine_matches_moshi(lm, tok, files, mimi):
                                                mimi_weights=files.mimi_weights, tokenizer=files.tokenizer,
                                                config_path=files.config_path)
     ref_lm = info.get_moshi(device="cpu", dtype=torch.float32).eval()
-    ref_mimi = loaders.get_mimi(str(files.mimi_weights), device="cpu", num_codebooks=32)
+    return LMGen, ref_lm, loaders.get_mimi(str(files.mimi_weights), device="cpu", num_codebooks=32)
+
+
+def test_rust_alignment_on_the_engine_matches_moshi(lm, tok, files, mimi):
+    """Rust alignment (serve-stt's default) on the engine with real Mimi, a second stream joining a later step in
+    slot 1, vs moshi fed frame t-1 at step t. The frame shift feeds the audio initial token (card) at a stream's
+    first step and in unopened slots: an engine that took ids in [-1, card) only refused every step."""
+    LMGen, ref_lm, ref_mimi = moshi_reference(files)
     pcm = load_audio(SPEECH)[0][: 24000 // 2]
     a, b = pcm[:9000], pcm[9000:]
 
@@ -492,14 +497,7 @@ def test_loud_stream_warns_once_and_counts_clipped_samples(lm, tok, files):
 
 def test_end_to_end_text_tokens_match_moshi(lm, tok, files, mimi, monkeypatch):
     """Real Mimi + LM of the tiny-stt random checkpoint vs moshi (Mimi encode + greedy LMGen, DSM script loop)."""
-    loaders = pytest.importorskip("moshi.models.loaders")
-    from moshi.models.lm import LMGen
-
-    info = loaders.CheckpointInfo.from_hf_repo("local/unused", moshi_weights=files.lm_weights,
-                                               mimi_weights=files.mimi_weights, tokenizer=files.tokenizer,
-                                               config_path=files.config_path)
-    ref_lm = info.get_moshi(device="cpu", dtype=torch.float32).eval()
-    ref_mimi = loaders.get_mimi(str(files.mimi_weights), device="cpu", num_codebooks=32)
+    LMGen, ref_lm, ref_mimi = moshi_reference(files)
     pcm, _ = load_audio(SPEECH)
     pcm = pcm[: 2 * 24000]
     n = math.ceil(pcm.shape[0] / 1920)
