@@ -33,9 +33,8 @@ FP8 = torch.float8_e4m3fn
 
 def _engine(model, kv_dtype, streams):
     eng = Engine(model, max_slots=streams, buckets=(streams,), kv_dtype=kv_dtype, use_sampling=False)
-    conds = _random_conditions(model, 1, eng.device)
     for s in range(streams):
-        eng.open(conditions=conds, seed=s)
+        eng.open(conditions=_random_conditions(model, s), seed=s)
     return eng
 
 

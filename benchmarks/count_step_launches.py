@@ -34,9 +34,8 @@ def count_step(preset: str, layers: int | None = None, batch: int = 2) -> collec
         cfg["num_layers"] = layers
     model, _ = random_model(cfg, "cpu", torch.float32)
     eng = Engine(model, max_slots=batch, buckets=(batch,), backend="triton")
-    conds = _random_conditions(model, 1, eng.device)
-    for _ in range(batch):
-        eng.open(conditions=conds)
+    for b in range(batch):
+        eng.open(conditions=_random_conditions(model, b))
     n_in = model.cfg.num_codebooks - model.cfg.dep_q - 1
     inp = torch.randint(0, model.cfg.card, (batch, n_in)) if n_in else None
     for _ in range(model.cfg.max_delay + 2):  # past the delays: every phase runs

@@ -61,9 +61,8 @@ def main(argv=None):
     for name in args.preset or ["stt-1b-en_fr", "tts-1.6b-en_fr"]:
         model, _ = random_model(preset_config(name), "cuda", torch.bfloat16)
         eng = Engine(model, max_slots=args.batch, buckets=(args.batch,), cuda_graphs=False)
-        conds = _random_conditions(model, 1, eng.device)
-        for _ in range(args.batch):
-            eng.open(conditions=conds)
+        for b in range(args.batch):
+            eng.open(conditions=_random_conditions(model, b))
         n_in = model.cfg.num_codebooks - model.cfg.dep_q - 1
         inp = torch.randint(0, model.cfg.card, (args.batch, n_in), device="cuda") if n_in else None
         for _ in range(5):

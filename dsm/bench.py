@@ -101,8 +101,13 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
 
 
-def _random_conditions(model, batch: int, device):
+def _random_conditions(model, stream: int = 0, batch: int = 1):
+    """Condition values of ``batch`` streams, each with a voice of its own (drawn from ``stream + b``): the released
+    layout of the DSM scripts, one voice in the first of 5 speaker slots and the learnt padding in the others (a
+    tensor condition of another width: 10 positions, 5 of them padding). Host tensors, as the TTS runtime passes
+    them, so the engine shares the padding pages but no voice page."""
     from .conditioning import TensorInput
+    from .tts import MAX_SPEAKERS, VOICE_FRAMES
 
     if model.condition_provider is None:
         return None
@@ -110,9 +115,13 @@ def _random_conditions(model, batch: int, device):
     for name, cond in model.condition_provider.conditioners.items():
         c = cond.cfg
         if c.type == "tensor":
-            g = torch.Generator(device="cpu").manual_seed(0)
-            conds[name] = TensorInput(torch.randn(batch, 625 if c.dim == 512 else 10, c.dim, generator=g).to(device),
-                                      torch.ones(batch, 625 if c.dim == 512 else 10, dtype=torch.bool, device=device))
+            length, real = (MAX_SPEAKERS * VOICE_FRAMES, VOICE_FRAMES) if c.dim == 512 else (10, 5)
+            t = torch.zeros(batch, length, c.dim)
+            for b in range(batch):
+                t[b, :real] = torch.randn(real, c.dim, generator=torch.Generator().manual_seed(stream + b))
+            mask = torch.zeros(batch, length, dtype=torch.bool)
+            mask[:, :real] = True
+            conds[name] = TensorInput(t, mask)
         else:
             conds[name] = [c.possible_values[min(1, len(c.possible_values) - 1)]] * batch
     return conds
@@ -149,9 +158,8 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
 
     cfg = model.cfg
     eng = Engine(model, max_slots=batch, buckets=(batch,), temp=0.8, temp_text=0.7, kv_dtype=kv_dtype)
-    conds = _random_conditions(model, 1, eng.device)
-    for _ in range(batch):
-        eng.open(conditions=conds)
+    for b in range(batch):
+        eng.open(conditions=_random_conditions(model, b))
     n_in = cfg.num_codebooks - cfg.dep_q - 1
     dev = eng.device
     inputs = torch.randint(0, cfg.card, (batch, n_in), device=dev) if n_in else None
@@ -182,10 +190,11 @@ def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_ste
                         runs: int = 5) -> tuple[float, float]:
     """TTS time to first audio (DSM-SPEC §6.8) of ``batch`` streams starting together, in ms: ``(warm, cold)``.
 
-    One run, timed from first text to first PCM: open the ``batch`` streams with their conditions (this computes
-    the voice cross-attention K/V) and reset their Mimi rows, ``delay_steps`` text-only steps (depth transformer
-    skipped, audio forced to -1), ``max_delay + 1`` full steps, then the Mimi decode of the first frame (replayed
-    from a CUDA graph on a GPU, as the TTS runtime does; eager on a CPU). Closing the streams is not timed.
+    One run, timed from first text to first PCM: open the ``batch`` streams with their conditions (voices no
+    earlier run used, so this computes their cross-attention K/V) and reset their Mimi rows, ``delay_steps``
+    text-only steps (depth transformer skipped, audio forced to -1), ``max_delay + 1`` full steps, then the Mimi
+    decode of the first frame (replayed from a CUDA graph on a GPU, as the TTS runtime does; eager on a CPU).
+    Closing the streams is not timed.
 
     The engine and the Mimi decode are built once, untimed, and kept across runs as a server keeps them: ``cold``
     is the first run (eager first calls and graph captures included), ``warm`` the median of the ``runs`` after it,
@@ -196,15 +205,14 @@ def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_ste
 
     cfg = model.cfg
     eng = Engine(model, max_slots=batch, buckets=(batch,), temp=0.6, temp_text=0.6, kv_dtype=kv_dtype)
-    conds = _random_conditions(model, 1, eng.device)
     silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=eng.device)
     state = mimi.init_state(batch)
     decode = GraphedMimiStep(mimi.decode_step, state)
     every_row = torch.ones(batch, dtype=torch.bool, device=mimi.device)
 
-    def run():
-        for _ in range(batch):
-            eng.open(conditions=conds)
+    def run(conds):
+        for c in conds:
+            eng.open(conditions=c)
         state.reset(every_row)  # new streams start from a fresh Mimi state, not the last run's
         for _ in range(delay_steps):
             eng.step(depformer_replace_tokens=silent)
@@ -214,8 +222,9 @@ def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_ste
 
     times = []
     with torch.no_grad():
-        for _ in range(1 + runs):
-            times.append(timer(run))
+        for r in range(1 + runs):  # new voices each run: the engine computes their K/V, no cached page is reused
+            conds = [_random_conditions(model, 1000 * r + b) for b in range(batch)]
+            times.append(timer(lambda conds=conds: run(conds)))
             for slot in list(eng.slots):  # returns the streams' KV pages to the pool
                 eng.close(slot)
             if eng.device.type == "cuda":
@@ -244,11 +253,12 @@ def bench_moshi(model, batch: int, steps: int, warmup: int, timer, progress=None
     if ref.condition_provider is not None:
         from moshi.conditioners import ConditionAttributes, TensorCondition
 
-        conds = _random_conditions(model, 1, dev)
         attrs = []
-        for _ in range(batch):
+        for b in range(batch):  # the streams of bench_dsm
+            conds = _random_conditions(model, b)
             text = {k: v[0] for k, v in conds.items() if isinstance(v, list)}
-            tensor = {k: TensorCondition(v.tensor, v.mask) for k, v in conds.items() if not isinstance(v, list)}
+            tensor = {k: TensorCondition(v.tensor.to(dev), v.mask.to(dev)) for k, v in conds.items()
+                      if not isinstance(v, list)}
             attrs.append(ConditionAttributes(text=text, tensor=tensor))
         cond_tensors = ref.condition_provider.prepare_and_provide(attrs)
     gen = moshi_lm.LMGen(ref, temp=0.8, temp_text=0.7, condition_tensors=cond_tensors)

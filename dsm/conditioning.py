@@ -5,6 +5,7 @@ Conditioners stay in fp32 whatever the LM dtype, as in the reference.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -112,4 +113,47 @@ def condition_tensors(provider: ConditionProvider, fuser: FuserConfig, values: d
     return fuse_conditions(fuser, conds)
 
 
-__all__ = ["ConditionProvider", "TensorInput", "condition_tensors", "fuse_conditions", "null_condition_values"]
+def cross_page_keys(provider: ConditionProvider, fuser: FuserConfig, values: dict,
+                    page_size: int) -> list[bytes] | None:
+    """Content keys of one stream's cross source, page by page: equal keys mean equal source rows, hence equal K/V.
+
+    Row ``p`` of the source depends only on position ``p`` and that position's input (a conditioner maps each row on
+    its own: masked rows become the learnt padding), so a page's key digests its index and its rows' inputs and
+    masks. Computed on the host from the values, with no device work. None when a value is a device tensor (reading
+    it would wait for the device): the stream's pages are then not shared."""
+    rows = []  # per cross condition: (name, length, per-row digest input)
+    for name in fuser.cross:
+        value = values[name]
+        if provider.conditioners[name].cfg.type == "lut":
+            rows.append((name, 1, lambda a, b, v=value: repr(v[0]).encode()))
+            continue
+        if value.tensor.device.type != "cpu" or value.mask.device.type != "cpu":
+            return None
+        t, m = value.tensor[0].to(torch.float32), value.mask[0].to(torch.bool)
+        rows.append((name, t.shape[0], lambda a, b, t=t, m=m: _tensor_rows(t[a:b], m[a:b])))
+    length = sum(n for _, n, _ in rows)
+    keys = []
+    for start in range(0, length, page_size):
+        h = hashlib.blake2b(f"{start}:{page_size}".encode(), digest_size=32)
+        offset = 0
+        for name, n, data in rows:
+            a, b = max(start, offset) - offset, min(start + page_size, offset + n) - offset
+            if a < b:
+                h.update(f"|{name}:{a}:{b}|".encode())
+                h.update(data(a, b))
+            offset += n
+        keys.append(h.digest())
+    return keys
+
+
+def _tensor_rows(t: torch.Tensor, mask: torch.Tensor) -> bytes:
+    """What rows of a tensor condition depend on: the mask and the rows it keeps. Masked rows become the padding,
+    but only if finite (``cond * 0``), so their values count too unless all zero (the usual case: digesting only
+    the kept rows is ~4x faster for one voice in five slots)."""
+    out = mask.numpy().tobytes() + t[mask].numpy().tobytes()
+    dropped = t[~mask]
+    return out + dropped.numpy().tobytes() if dropped.any() else out
+
+
+__all__ = ["ConditionProvider", "TensorInput", "condition_tensors", "cross_page_keys", "fuse_conditions",
+           "null_condition_values"]

@@ -6,6 +6,10 @@
 * **Pages.** Each slot owns a ring of at most ``pages_per_slot`` KV pages (``dsm.kv_cache``), taken from a shared
   pool only when the stream's position first reaches them: a 5 s stream holds 5 s of pages, a 2 h stream holds
   one context window. Page 0 is a never-written null page that unassigned ring entries point at.
+* **Condition pages.** A conditioned stream's cross-attention K/V (the TTS voice slots) lives in pages of a shared
+  pool, keyed by content (``dsm.conditioning.cross_page_keys``): streams whose condition rows are equal (the learnt
+  padding of unused voice slots; a voice many streams use) share one page, stored once and read once per step. A
+  page nobody uses stays cached under its key until the pool needs it, so reopening a voice computes nothing.
 * **Steps.** :meth:`Engine.step` runs one 80 ms frame for every open slot (slots without input this step are
   frozen by the exec mask). On CUDA, the device phases of :class:`dsm.generate.Generator` are captured once per
   bucket (graph A: input column + temporal transformer + text sampling; graph B: depth transformer + commit);
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,9 +34,10 @@ import torch
 
 import dsm_kernels
 
+from .conditioning import cross_page_keys
 from .cuda_graphs import LazyGraph
 from .generate import Generator, StepOutput
-from .kv_cache import PagedKVCache, pages_per_slot
+from .kv_cache import PagedKVCache, cross_page_size, pages_per_slot
 from .model import LMModel
 
 
@@ -65,9 +71,85 @@ class PagePool:
         self._free.extend(reversed(pages))
 
 
+class SharedPagePool:
+    """Host-side allocator of content-keyed pages with reference counts (the condition's cross-attention pages); page
+    0 is reserved as the null page. A page whose last user leaves stays cached under its key, and is reused for a new
+    key only when no page is free (least recently released first)."""
+
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"a page pool needs at least 2 pages (one is the null page), got {num_pages}")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))
+        self._page_of: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self._refs: dict[int, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached pages nobody references, oldest first
+
+    @property
+    def used(self) -> int:
+        """Pages referenced by at least one stream."""
+        return len(self._refs) - len(self._idle)
+
+    @property
+    def cached(self) -> int:
+        """Pages kept under their key with no stream referencing them."""
+        return len(self._idle)
+
+    def acquire(self, keys: list[bytes | None]) -> tuple[list[int], list[bool]]:
+        """Pages for one stream's parts (a None key: a page of its own); returns the pages and which of them are new
+        and must be written. All or nothing: raises :class:`EngineFull` and takes no page if they do not fit."""
+        hits = {self._page_of[k] for k in keys if k is not None and k in self._page_of}
+        new = len({k for k in keys if k is not None and k not in self._page_of}) + sum(k is None for k in keys)
+        room = len(self._free) + len(self._idle) - len(hits & self._idle.keys())
+        if new > room:
+            raise EngineFull(f"condition page pool exhausted: this stream needs {new} new pages, {room} can be "
+                             f"freed ({self.used} of {self.num_pages - 1} in use); close a stream or raise cross_pages")
+        pages = [self._page_of.get(k) if k is not None else None for k in keys]
+        fresh = [p is None for p in pages]
+        for page in pages:  # hits first, so that no new page evicts one of them
+            if page is not None:
+                self._idle.pop(page, None)
+                self._refs[page] = self._refs.get(page, 0) + 1
+        for j, key in enumerate(keys):
+            if pages[j] is None:
+                page = self._page_of.get(key) if key is not None else None  # a key repeated in this stream
+                if page is None:
+                    page = self._take()
+                    if key is not None:
+                        self._page_of[key], self._key_of[page] = page, key
+                self._refs[page] = self._refs.get(page, 0) + 1
+                pages[j] = page
+        return pages, fresh
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        page, _ = self._idle.popitem(last=False)  # evict the least recently released cached page
+        del self._page_of[self._key_of.pop(page)], self._refs[page]
+        return page
+
+    def release(self, pages: list[int], forget: list[bool] | None = None) -> None:
+        """Drop one reference to each page; ``forget[i]``: also drop page ``i``'s key (its content was never
+        written, so it must not be found again)."""
+        for i, page in enumerate(pages):
+            if forget is not None and forget[i] and page in self._key_of:
+                del self._page_of[self._key_of.pop(page)]
+            self._refs[page] -= 1
+            if self._refs[page]:
+                continue
+            del self._refs[page]
+            if page in self._key_of:
+                self._refs[page] = 0
+                self._idle[page] = None
+            else:
+                self._free.append(page)
+
+
 @dataclass
 class _Slot:
     pages: list[int] = field(default_factory=list)  # ring entry i -> pool page
+    cross_pages: list[int] = field(default_factory=list)  # part j of the condition -> shared pool page
     position: int = 0  # tokens in this slot's KV since it opened (host mirror of GenState.positions)
 
 
@@ -94,13 +176,17 @@ def default_buckets(max_slots: int) -> tuple[int, ...]:
 class Engine:
     """N stream slots sharing one :class:`LMModel`, a paged KV pool and per-bucket CUDA graphs.
 
+    ``num_pages``: KV pages of the self-attention pool (default: every slot's full ring, plus the null page).
+    ``cross_pages``: pages of the shared condition pool (default: every slot's whole condition unshared, plus the
+    null page, so an open never fails for it; fewer bound the memory, see :class:`SharedPagePool`).
     ``gen_kwargs`` go to :class:`Generator` (temperatures, top-k, greedy...). CFG row doubling is not supported by
     the engine (the released TTS is CFG-distilled); use :class:`Generator` directly for it.
     """
 
     def __init__(self, model: LMModel, *, max_slots: int = 64, page_size: int = 16, num_pages: int | None = None,
                  kv_dtype: torch.dtype | None = None, buckets: tuple[int, ...] | None = None,
-                 cuda_graphs: bool | None = None, backend: str | None = None, seed: int = 0, **gen_kwargs):
+                 cuda_graphs: bool | None = None, backend: str | None = None, seed: int = 0,
+                 cross_pages: int | None = None, **gen_kwargs):
         if gen_kwargs.get("cfg_coef", 1.0) != 1.0:
             raise ValueError("the engine does not support CFG row doubling; use dsm.generate.Generator")
         cfg = model.cfg
@@ -134,6 +220,10 @@ class Engine:
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._pin = self.device.type == "cuda"
         self.slots: dict[int, _Slot] = {}
+        if cross_pages is not None and cross_pages < 2:
+            raise ValueError(f"cross_pages must be >= 2 (one is the null page), got {cross_pages}")
+        self._cross_pages = cross_pages
+        self.cross_pool: SharedPagePool | None = None  # made with the pages, by the first conditioned stream
         self._in_step = False  # hooks run inside a step: a slot opened or closed there would desync the bookkeeping
         n_in = cfg.num_codebooks - cfg.dep_q - 1
         self._inputs = torch.zeros(max_slots, n_in, dtype=torch.long, device=self.device)
@@ -165,13 +255,12 @@ class Engine:
         self.state.kv.block_table[slot] = 0
         # seed + slot wraps to int64 as the fresh engine's seeds tensor does (else a seed near 2**63 overflows here)
         self.state.seeds[slot] = (self.seed + slot + 2**63) % 2**64 - 2**63 if seed is None else seed
-        if conditions is not None:
-            self._set_conditions(slot, conditions)
-        self.slots[slot] = _Slot()
+        cross_pages = self._set_conditions(slot, conditions) if conditions is not None else []
+        self.slots[slot] = _Slot(cross_pages=cross_pages)
         return slot
 
     def close(self, slot: int) -> None:
-        """End a stream: its pages return to the pool and its row stops executing."""
+        """End a stream: its pages return to the pools and its row stops executing."""
         self._check_not_in_step("close")
         s = self.slots.pop(slot, None)
         if s is None:
@@ -179,17 +268,52 @@ class Engine:
         self.pool.release(s.pages)
         self.state.exec_mask[slot] = False
         self.state.kv.block_table[slot] = 0
+        if s.cross_pages:
+            self.cross_pool.release(s.cross_pages)
+            self.state.cross.block_table[slot] = 0
 
     def _check_not_in_step(self, what: str) -> None:
         if self._in_step:  # the step would advance (or roll back) a slot that changed under it
             raise RuntimeError(f"Engine.{what}() from a step hook: open and close streams between steps")
 
-    def _set_conditions(self, slot: int, conditions: dict) -> None:
-        st = self.state
-        allocated = st.cond_sum is not None or st.cross_kv is not None
-        self.gen.set_conditions(st, conditions, rows=torch.tensor([slot], device=self.device))
-        if not allocated:  # the first conditioned stream created the per-slot buffers: graphs must see them
-            self._graphs.clear()
+    def _set_conditions(self, slot: int, conditions: dict) -> list[int]:
+        """Write ``slot``'s sum vector, and point its cross-attention table at the pages of its condition (computing
+        only pages the pool does not hold yet). Returns the pages it took."""
+        st, gen = self.state, self.gen
+        total, src = gen.condition_tensors(conditions)
+        if total is not None and total.shape[0] != 1:
+            raise ValueError(f"conditions: expected the values of one stream, got {total.shape[0]}")
+        if total is not None and st.cond_sum is None:
+            st.cond_sum = total.new_zeros((self.max_slots, total.shape[1]))
+            self._graphs.clear()  # the first conditioned stream creates the per-slot buffers: graphs must see them
+        pages: list[int] = []
+        if src is not None:
+            if src.shape[0] != 1:
+                raise ValueError(f"conditions: expected the values of one stream, got {src.shape[0]}")
+            if st.cross is None:
+                n = src.shape[1] // cross_page_size(src.shape[1])
+                num = self._cross_pages or self.max_slots * n + 1
+                st.cross, self.cross_pool = gen.allocate_cross(src.shape[1], self.max_slots, num), SharedPagePool(num)
+                self._graphs.clear()
+            elif src.shape[1] != st.cross.length:
+                raise ValueError(f"conditions: a cross-attention source of {src.shape[1]} positions, but this "
+                                 f"engine's streams have {st.cross.length}")
+            keys = cross_page_keys(self.model.condition_provider, self.model.cfg.fuser, conditions,
+                                   st.cross.page_size)
+            pages, fresh = self.cross_pool.acquire(keys or [None] * st.cross.block_table.shape[1])
+            try:
+                if any(fresh):
+                    with torch.no_grad():
+                        kv = self.model.cross_kv(src)
+                    st.cross.write([p if f else None for p, f in zip(pages, fresh, strict=True)],
+                                   [(k[0], v[0]) for k, v in kv])
+                st.cross.block_table[slot] = torch.tensor(pages, dtype=torch.int32).to(self.device, non_blocking=True)
+            except BaseException:
+                self.cross_pool.release(pages, forget=fresh)
+                raise
+        if total is not None:
+            st.cond_sum[slot] = total[0]
+        return pages
 
     @torch.no_grad()
     def warm_up(self, conditions: dict | None = None) -> None:

@@ -17,7 +17,7 @@ import torch
 import dsm_kernels
 
 from .conditioning import condition_tensors, null_condition_values
-from .kv_cache import PagedKVCache
+from .kv_cache import CrossKVCache, PagedKVCache, cross_page_size
 from .model import LMModel
 
 ZERO_TOKEN = -1  # embeds to an exact zero vector
@@ -33,7 +33,7 @@ class GenState:
     kv: PagedKVCache  # rows = B, or 2B with CFG (conditional rows first)
     positions: torch.Tensor  # [rows] tokens in the KV cache since reset
     cond_sum: torch.Tensor | None = None  # [rows, d]
-    cross_kv: list | None = None  # per layer (k, v) [rows, H, S, D]
+    cross: CrossKVCache | None = None  # the condition's cross-attention K/V, in pages
     masked_until: torch.Tensor | None = None  # [B] CFG prefix masking
     offset_cpu: int = 0  # host step counter (moshi's global ``offset_cpu``)
 
@@ -51,7 +51,7 @@ class GenState:
             cache=self.cache[:n], offsets=self.offsets[:n], exec_mask=self.exec_mask[:n], seeds=self.seeds[:n],
             kv=kv, positions=self.positions[:n],
             cond_sum=self.cond_sum[:n] if self.cond_sum is not None else None,
-            cross_kv=[(k[:n], v[:n]) for k, v in self.cross_kv] if self.cross_kv is not None else None,
+            cross=self.cross.rows(n) if self.cross is not None else None,
             masked_until=self.masked_until[:n] if self.masked_until is not None else None,
             offset_cpu=self.offset_cpu)
 
@@ -133,28 +133,9 @@ class Generator:
             raise ValueError("this model has no conditioners, but conditions were given")
         return state
 
-    def set_conditions(self, state: GenState, conditions: dict, rows: torch.Tensor | None = None) -> None:
-        """Compute the sum vector and cross-attention K/V of every slot (CFG: the null half is derived).
-
-        With ``rows`` (slot indices, one per conditioned value) only those slots are (re)conditioned, in place; the
-        first such call allocates the per-slot buffers (zeros for slots not conditioned yet)."""
-        if rows is not None:
-            if self.cfg_rows != 1:
-                raise ValueError("per-slot conditioning with CFG row doubling is not supported")
-            sub = GenState(state.cache, state.offsets, state.exec_mask, state.seeds, state.kv, state.positions)
-            self.set_conditions(sub, conditions)
-            B = state.batch_size
-            if sub.cond_sum is not None:
-                if state.cond_sum is None:
-                    state.cond_sum = sub.cond_sum.new_zeros((B, *sub.cond_sum.shape[1:]))
-                state.cond_sum[rows] = sub.cond_sum
-            if sub.cross_kv is not None:
-                if state.cross_kv is None:
-                    state.cross_kv = [(k.new_zeros((B, *k.shape[1:])), v.new_zeros((B, *v.shape[1:])))
-                                      for k, v in sub.cross_kv]
-                for (k, v), (nk, nv) in zip(state.cross_kv, sub.cross_kv, strict=True):
-                    k[rows], v[rows] = nk, nv
-            return
+    def condition_tensors(self, conditions: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sum vectors [rows, d] and cross sources [rows, S, d] (model dtype; or None) of condition values for
+        ``B`` slots; with CFG the null rows follow (rows = 2B)."""
         m = self.model
         dtype = next(m.transformer.parameters()).dtype
         with torch.no_grad():
@@ -164,8 +145,44 @@ class Generator:
                     m.condition_provider, m.cfg.fuser, null_condition_values(m.condition_provider, conditions))
                 total = torch.cat([total, null_total]) if total is not None else None
                 cross = torch.cat([cross, null_cross]) if cross is not None else None
-            state.cond_sum = total[:, 0].to(dtype) if total is not None else None
-            state.cross_kv = m.cross_kv(cross.to(dtype)) if cross is not None else None
+        return (total[:, 0].to(dtype) if total is not None else None,
+                cross.to(dtype) if cross is not None else None)
+
+    def set_conditions(self, state: GenState, conditions: dict, rows: list[int] | None = None) -> None:
+        """Compute the sum vector and cross-attention K/V of every slot (CFG: the null half is derived).
+
+        With ``rows`` (slot indices, one per conditioned value) only those slots are (re)conditioned, in place; the
+        first such call allocates the per-slot buffers (zeros for slots not conditioned yet). Each row owns its
+        cross-attention pages here; :class:`dsm.engine.Engine` shares equal pages between its streams."""
+        if rows is not None and self.cfg_rows != 1:
+            raise ValueError("per-slot conditioning with CFG row doubling is not supported")
+        total, src = self.condition_tensors(conditions)
+        n_rows = state.positions.shape[0]
+        rows = list(range(n_rows)) if rows is None else rows
+        if total is not None:
+            if state.cond_sum is None:
+                state.cond_sum = total.new_zeros((n_rows, total.shape[1]))
+            state.cond_sum[torch.tensor(rows, device=total.device)] = total
+        if src is not None:
+            if state.cross is None:
+                state.cross = self.allocate_cross(src.shape[1], n_rows, n_rows * (src.shape[1] // cross_page_size(
+                    src.shape[1])) + 1)
+                n = state.cross.block_table.shape[1]
+                state.cross.block_table.copy_(torch.arange(1, n_rows * n + 1, dtype=torch.int32).view(n_rows, n))
+            cross, n = state.cross, state.cross.block_table.shape[1]
+            if src.shape[1] != cross.length:
+                raise ValueError(f"cross-attention source of {src.shape[1]} positions; this state holds {cross.length}")
+            with torch.no_grad():
+                kv = self.model.cross_kv(src)
+            for r, row in enumerate(rows):  # row ``row`` owns pages 1 + row * n ... (page 0: the null page)
+                cross.write([1 + row * n + j for j in range(n)], [(k[r], v[r]) for k, v in kv])
+
+    def allocate_cross(self, length: int, rows: int, num_pages: int) -> CrossKVCache:
+        """A zeroed cross-attention page pool for sources of ``length`` positions (page 0: the null page)."""
+        cfg = self.model.cfg
+        return CrossKVCache.allocate(num_layers=cfg.num_layers, num_pages=num_pages, batch_size=rows,
+                                     heads=cfg.num_heads, head_dim=cfg.head_dim, length=length,
+                                     dtype=next(self.model.transformer.parameters()).dtype, device=self.device)
 
     def reset(self, state: GenState, mask: torch.Tensor) -> None:
         """Restart the selected slots (``mask`` [B] bool): offsets and KV positions to 0, exec mask on."""
@@ -251,7 +268,7 @@ class Generator:
             inp = torch.cat([inp, null])
         write = ex if self.cfg_rows == 1 else ex.repeat(self.cfg_rows)
         z, text_logits = m.step_text(inp, state.kv, state.positions, write, tables=self.tables,
-                                     cond_sum=state.cond_sum, cross_kv=state.cross_kv, backend=self.backend)
+                                     cond_sum=state.cond_sum, cross=state.cross, backend=self.backend)
         state.positions.add_(write)
         if self.cfg_rows == 2:
             cond, null = text_logits[:B], text_logits[B:]

@@ -1,4 +1,6 @@
-"""Paged KV cache of the temporal transformer: one page pool per layer, a ring of pages per stream slot.
+"""Paged KV caches of the temporal transformer: one page pool per layer, a ring of pages per stream slot
+(:class:`PagedKVCache`, self-attention), and fixed page lists over a shared pool (:class:`CrossKVCache`,
+cross-attention to the condition).
 
 Slot ``b`` owns ``pages_per_slot`` pages listed in ``block_table[b]``; absolute position ``p`` lives in
 ``block_table[b, (p // page_size) % pages_per_slot]`` (see ``dsm_kernels.reference``). Positions are thus stored
@@ -44,3 +46,61 @@ class PagedKVCache:
         v = torch.zeros(shape, dtype=dtype, device=device)
         table = torch.arange(batch_size * n, dtype=torch.int32, device=device).view(batch_size, n)
         return cls(k, v, table, context, torch.zeros(batch_size * heads, dtype=torch.int32, device=device))
+
+
+def cross_page_size(length: int, limit: int = 128) -> int:
+    """Page size of a cross-attention source of ``length`` positions: its largest divisor <= ``limit``, so the pages
+    tile it exactly (the TTS's 625 positions, 5 voice slots of 125 frames, give one page per voice slot)."""
+    return max(p for p in range(1, min(length, limit) + 1) if length % p == 0)
+
+
+@dataclass
+class CrossKVCache:
+    """Cross-attention K/V in pages, which rows may share: row ``b`` attends over the ``length`` positions stored in
+    pages ``block_table[b]`` (page ``j`` holds positions ``[j * page_size, (j + 1) * page_size)``).
+
+    The condition's K/V is computed once per stream and never changes, so pages whose source rows are equal (the
+    learnt padding of unused voice slots, or a voice many streams use) are stored and read once. It is read with
+    ``dsm_kernels.paged_decode_attention`` (``seq_lens == context == length``: every position is visible)."""
+
+    k: torch.Tensor  # [L, num_pages, page_size, H, D]
+    v: torch.Tensor  # [L, num_pages, page_size, H, D]
+    block_table: torch.Tensor  # [B, length // page_size] int32
+    seq_lens: torch.Tensor  # [B] int32, all ``length``
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.block_table.shape[1] * self.page_size
+
+    def rows(self, n: int) -> CrossKVCache:
+        return CrossKVCache(self.k, self.v, self.block_table[:n], self.seq_lens[:n])
+
+    @classmethod
+    def allocate(cls, *, num_layers: int, num_pages: int, batch_size: int, heads: int, head_dim: int, length: int,
+                 page_size: int | None = None, dtype=torch.float32, device="cpu") -> CrossKVCache:
+        """A zeroed pool of ``num_pages`` pages; every row's table points at page 0 until it is conditioned."""
+        page_size = page_size or cross_page_size(length)
+        if length <= 0 or length % page_size:
+            raise ValueError(f"cross-attention length {length} must be a positive multiple of page_size {page_size}")
+        shape = (num_layers, num_pages, page_size, heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(batch_size, length // page_size, dtype=torch.int32, device=device),
+                   torch.full((batch_size,), length, dtype=torch.int32, device=device))
+
+    def write(self, pages: list[int | None], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Store one source's K/V (per layer ``(k, v)`` [H, length, D]) into pool pages: part ``j`` of the source goes
+        to page ``pages[j]``, or nowhere if it is None (already stored)."""
+        parts = [j for j, p in enumerate(pages) if p is not None]
+        if not parts:
+            return
+        dst = torch.tensor([pages[j] for j in parts], dtype=torch.long).to(self.k.device, non_blocking=True)
+        src_parts = torch.tensor(parts, dtype=torch.long).to(self.k.device, non_blocking=True)
+        for i, layer in enumerate(kv):
+            for pool, src in zip((self.k[i], self.v[i]), layer, strict=True):
+                H, _, D = src.shape
+                paged = src.transpose(0, 1).reshape(-1, self.page_size, H, D)  # [parts, page_size, H, D]
+                pool[dst] = paged[src_parts].to(pool.dtype)

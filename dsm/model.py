@@ -22,7 +22,7 @@ import dsm_kernels
 
 from .conditioning import ConditionProvider
 from .config import LMConfig
-from .kv_cache import PagedKVCache
+from .kv_cache import CrossKVCache, PagedKVCache
 from .layers import (
     LayerScale,
     Norm,
@@ -114,6 +114,18 @@ def _cross_attend(layer: TransformerLayer, x: torch.Tensor, k: torch.Tensor, v: 
     q = layer.cross_attention.cross_q(layer.norm_cross(x)).transpose(1, 2)
     a = F.scaled_dot_product_attention(q, k, v)
     return layer.cross_attention.out(a.transpose(1, 2).reshape(B, T, -1))
+
+
+def _cross_attend_step(layer: TransformerLayer, x: torch.Tensor, cross: CrossKVCache, i: int, counters, backend):
+    """:func:`_cross_attend` of one token per row [B, d] over layer ``i``'s paged condition K/V."""
+    q = layer.cross_attention.cross_q(layer.norm_cross(x))
+    return layer.cross_attention.out(_cross_paged(q, cross, i, counters, backend).flatten(1))
+
+
+def _cross_paged(q: torch.Tensor, cross: CrossKVCache, i: int, counters, backend) -> torch.Tensor:
+    """Attention of ``q`` [B, H, D] over every position of the rows' condition pages (``seq_lens == context``)."""
+    return dsm_kernels.paged_decode_attention(q, cross.k[i], cross.v[i], cross.block_table, cross.seq_lens,
+                                              context=cross.length, counters=counters, backend=backend)
 
 
 class LMModel(nn.Module):
@@ -251,7 +263,7 @@ class LMModel(nn.Module):
         return text, stacked, text2
 
     def step_text(self, tokens: torch.Tensor, kv: PagedKVCache, positions: torch.Tensor, write: torch.Tensor, *,
-                  tables, cond_sum: torch.Tensor | None = None, cross_kv: list | None = None,
+                  tables, cond_sum: torch.Tensor | None = None, cross: CrossKVCache | None = None,
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One temporal step for every slot. ``tokens`` [B, K]; ``positions`` [B] (tokens written since reset);
         ``write`` [B] bool (False: the slot's step is discarded, its cache is not written). Returns ``z`` [B, d]
@@ -266,7 +278,7 @@ class LMModel(nn.Module):
             kernels = backend or dsm_kernels.default_backend(x.device)
             few = x.shape[0] <= dsm_kernels.gemv_max_rows() and kernels != "reference"
             step = self._step_layers_gemv if few else self._step_layers_fused
-            return step(x, kv, positions, slot, seq_lens, cross_kv, backend)
+            return step(x, kv, positions, slot, seq_lens, cross, backend)
         for i, layer in enumerate(tr.layers):
             q, k, v = layer.self_attn.qkv(layer.norm1(x))
             if tr.rope:
@@ -277,7 +289,7 @@ class LMModel(nn.Module):
                                                    counters=kv.counters, backend=backend)
             x = x + layer.layer_scale_1(layer.self_attn.out(a.flatten(1)))
             if layer.cross_attention is not None:
-                x = x + layer.layer_scale_cross(_cross_attend(layer, x[:, None], *cross_kv[i])[:, 0])
+                x = x + layer.layer_scale_cross(_cross_attend_step(layer, x, cross, i, kv.counters, backend))
             x = x + layer.layer_scale_2(layer.ffn(layer.norm2(x)))
         z = self.out_norm(x)
         return z, self.text_linear(z)
@@ -293,7 +305,7 @@ class LMModel(nn.Module):
             cached = self._inv_freq = rope_frequencies(tr.dim // tr.num_heads, tr.max_period, device)
         return cached
 
-    def _step_layers_fused(self, x, kv, positions, slot, seq_lens, cross_kv, backend):
+    def _step_layers_fused(self, x, kv, positions, slot, seq_lens, cross, backend):
         """The layers of :meth:`step_text` with the elementwise glue fused (``dsm_kernels.add_rms_norm``,
         ``rope_append_kv``, ``silu_mul``): each residual branch is added inside the next norm's kernel. The reference
         backend computes exactly what the module path does."""
@@ -313,7 +325,7 @@ class LMModel(nn.Module):
             delta, scale = attn.out(a.flatten(1)), _scale_of(layer.layer_scale_1)
             if layer.cross_attention is not None:
                 x = x + (scale.to(delta) * delta if scale is not None else delta)
-                delta = _cross_attend(layer, x[:, None], *cross_kv[i])[:, 0]
+                delta = _cross_attend_step(layer, x, cross, i, kv.counters, backend)
                 scale = _scale_of(layer.layer_scale_cross)
             x, h = dsm_kernels.add_rms_norm(x, layer.norm2.alpha, layer.norm2.eps, delta=delta, scale=scale,
                                             backend=backend)
@@ -324,13 +336,14 @@ class LMModel(nn.Module):
                                         backend=backend)
         return z, self.text_linear(z)
 
-    def _step_layers_gemv(self, x, kv, positions, slot, seq_lens, cross_kv, backend):
+    def _step_layers_gemv(self, x, kv, positions, slot, seq_lens, cross, backend):
         """The layers of :meth:`step_text` for a few rows, on ``dsm_kernels.gemv``: each linear layer carries its
         neighbours (the RMSNorm before it in its prologue; the residual add or the SiLU gate after it in its
         epilogue), and the QKV projection also rotates q and k and writes k and v into the pages. A layer is then
         4 GEMVs + the attention (6 launches), where the fused step launches 10; a cross-attention adds 2 GEMVs (the
-        query's with its LayerNorm, the output's with the residual) around SDPA. The rounding points are the module
-        path's. On sm_90+ consecutive GEMVs overlap by programmatic dependent launch."""
+        query's with its LayerNorm, the output's with the residual) around the paged attention over the condition.
+        The rounding points are the module path's. On sm_90+ consecutive GEMVs overlap by programmatic dependent
+        launch."""
         tr = self.transformer
         H = tr.num_heads
         inv_freq = self._rope_inv_freq(x.device) if tr.rope else None
@@ -348,11 +361,11 @@ class LMModel(nn.Module):
             dsm_kernels.gemv(a.flatten(1), attn.out_proj.weight, residual=x, scale=_scale_of(layer.layer_scale_1),
                              backend=backend)  # fmt: skip
             if layer.cross_attention is not None:  # query GEMV with its LayerNorm, SDPA, out GEMV + residual
-                ca, ln, (ck, cv) = layer.cross_attention, layer.norm_cross, cross_kv[i]
+                ca, ln = layer.cross_attention, layer.norm_cross
                 q = dsm_kernels.gemv(x, ca.in_proj_weight[: ca.dim], alpha=ln.weight, beta=ln.bias, eps=ln.eps,
                                      backend=backend)  # fmt: skip
-                a = F.scaled_dot_product_attention(q.view(q.shape[0], 1, H, -1).transpose(1, 2), ck, cv)
-                dsm_kernels.gemv(a.reshape(q.shape[0], -1), ca.out_proj.weight, residual=x,
+                a = _cross_paged(q.view(q.shape[0], H, -1), cross, i, kv.counters, backend)
+                dsm_kernels.gemv(a.flatten(1), ca.out_proj.weight, residual=x,
                                  scale=_scale_of(layer.layer_scale_cross), backend=backend)  # fmt: skip
             h = dsm_kernels.gemv(x, g.linear_in.weight, alpha=layer.norm2.alpha, eps=layer.norm2.eps, gate=True,
                                  backend=backend)  # fmt: skip

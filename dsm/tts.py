@@ -368,7 +368,7 @@ class LMStepper:
         self.gen.reset(self.state, mask)
         self.conditions = _set_row(self.conditions, slot, conditions)
         if self.gen.cfg_rows == 1:
-            self.gen.set_conditions(self.state, conditions, rows=torch.tensor([slot], device=self.device))
+            self.gen.set_conditions(self.state, conditions, rows=[slot])
         else:
             self.gen.set_conditions(self.state, self.conditions)
 

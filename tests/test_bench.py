@@ -87,6 +87,11 @@ def test_time_to_first_audio_times_the_spec_sequence_on_one_warm_engine(monkeypa
     wrap(Generator, "depformer", lambda gen, a, k, out: log.append("depformer"))
     wrap(Mimi, "decode_step", lambda m, a, k, out: (log.append("decode"), pcm.append(out.clone())))
 
+    # Each run asks for voices no earlier run used (so it computes their K/V); here they are mapped back onto the
+    # first run's, so that every run must decode the same first frame.
+    voices, real_conditions, real_cross_kv, cross_kv_calls = [], bench._random_conditions, model.cross_kv, []
+    monkeypatch.setattr(bench, "_random_conditions", lambda m, s: (voices.append(s), real_conditions(m, s % 1000))[1])
+    monkeypatch.setattr(model, "cross_kv", lambda src: (cross_kv_calls.append(1), real_cross_kv(src))[1])
     batch, runs, max_delay = 2, 2, model.cfg.max_delay
     warm, cold = bench.time_to_first_audio(model, mimi, batch, bench._timer(torch.device("cpu")), runs=runs)
 
@@ -97,6 +102,8 @@ def test_time_to_first_audio_times_the_spec_sequence_on_one_warm_engine(monkeypa
     one_run = (["open"] * batch + ["text"] * 16 + ["depformer", "full"] * (max_delay + 1) + ["decode"]
                + [("close", mark) for mark in (1, 0)])
     assert log == one_run * (1 + runs)
+    assert len(set(voices)) == len(voices) == batch * (1 + runs)
+    assert len(cross_kv_calls) == batch  # later runs found the (mapped) voices' pages in the engine's pool
     # Same seeds, same slots: a run that starts from fresh engine rows and Mimi state decodes the same first frame.
     assert pcm[0].abs().sum() > 0
     assert all(torch.equal(p, pcm[0]) for p in pcm[1:])

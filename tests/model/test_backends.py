@@ -45,9 +45,8 @@ def _engine_tokens(model, backend, batch, steps=6):
 
     eng = Engine(model, max_slots=batch, buckets=(batch,), backend=backend, temp=0.8, temp_text=0.7, top_k=10,
                  top_k_text=5, seed=3)  # fmt: skip
-    conds = _random_conditions(model, 1, eng.device)
-    for _ in range(batch):
-        eng.open(conditions=conds)
+    for b in range(batch):
+        eng.open(conditions=_random_conditions(model, b))
     outs = [eng.step() for _ in range(steps)]
     return torch.stack([o.tokens.cpu() for o in outs]), torch.stack([o.text_logits.float().cpu() for o in outs])
 
