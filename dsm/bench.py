@@ -180,6 +180,10 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     lm50, mimi50 = _percentile(lm_times, 50), (_percentile(mimi_times, 50) if mimi_times else 0.0)
     total = _percentile(step_times, 50)
     extra = {"lm_p50_ms": lm50, "lm_p99_ms": _percentile(lm_times, 99)}
+    if eng.cross_pool is not None:  # the condition K/V the streams hold (shared pages counted once)
+        page_bytes = 2 * eng.state.cross.k[:, 0].numel() * eng.state.cross.k.element_size()
+        extra["condition_pages"] = eng.cross_pool.used
+        extra["condition_kv_mb"] = eng.cross_pool.used * page_bytes / 1e6
     if cfg.dep_q and mimi is not None:
         extra["ttfa_ms"], extra["ttfa_cold_ms"] = time_to_first_audio(model, mimi, batch, timer, kv_dtype)
     return BenchRow("dsm", "", batch, total, _percentile(step_times, 99), mimi50, *_rates(total, batch),

@@ -306,3 +306,17 @@ def test_step_p99_is_the_whole_steps_tail(monkeypatch):
     row = bench.bench_dsm(model, mimi, 1, 8, 0, timer)
     assert row.extra["lm_p50_ms"] == 10.0 and row.mimi_ms == 5.0
     assert row.p50_ms == 15.0 and row.p99_ms == 65.0, row  # was 40 + 5
+
+
+def test_bench_tts_streams_have_their_own_voices_and_share_the_padding():
+    """The benchmark's TTS streams each open a voice of their own in the first speaker slot (the DSM scripts'
+    layout): their condition pages are one each plus the 4 shared padding pages, and the row reports them."""
+    import torch
+
+    from dsm import bench
+    from dsm.presets import preset_config
+
+    model, _ = bench.random_model(preset_config("tiny-tts"), torch.device("cpu"), torch.float32)
+    row = bench.bench_dsm(model, None, 3, 1, 0, bench._timer(torch.device("cpu")))
+    assert row.extra["condition_pages"] == 4 + 3
+    assert row.extra["condition_kv_mb"] > 0
