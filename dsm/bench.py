@@ -131,19 +131,53 @@ KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def kv_capacity(model_cfg, kv_dtype: torch.dtype, memory_bytes: int, weights_bytes: int, *,
-                reserve_bytes: int = 8 * 2**30, page_size: int = 16) -> int:
+                reserve_bytes: int = 8 * 2**30, page_size: int = 16, condition_rows: int = 0,
+                condition_dtype: torch.dtype = torch.bfloat16) -> int:
     """Streams whose full-context KV fits in ``memory_bytes - weights_bytes - reserve_bytes``.
 
     Per stream: a ring of ``ceil(context / page_size)`` pages x ``page_size`` rows x (K and V) x layers x KV heads x
-    head_dim x element size (1 byte for fp8, 2 for bf16). ``reserve_bytes`` (default 8 GiB) stands for activations,
-    CUDA graphs, Mimi and the allocator's slack; the depformer's per-step cache is small and not counted."""
+    head_dim x element size (1 byte for fp8, 2 for bf16), plus the cross-attention K/V of ``condition_rows``
+    condition positions of its own (in ``condition_dtype``; shared pages are not counted). ``reserve_bytes``
+    (default 8 GiB) stands for activations, CUDA graphs, Mimi and the allocator's slack; the depformer's per-step
+    cache is small and not counted."""
     from .kv_cache import pages_per_slot
 
     rows = pages_per_slot(model_cfg.context, page_size) * page_size
     elem = torch.empty((), dtype=kv_dtype).element_size()
     per_stream = 2 * model_cfg.num_layers * rows * (model_cfg.num_heads // model_cfg.kv_repeat) * model_cfg.head_dim
+    per_stream *= elem
+    if model_cfg.cross_attention:
+        cond_elem = torch.empty((), dtype=condition_dtype).element_size()
+        per_stream += 2 * model_cfg.num_layers * condition_rows * model_cfg.dim * cond_elem
     free = memory_bytes - weights_bytes - reserve_bytes
-    return max(0, free // (per_stream * elem))
+    return max(0, free // per_stream)
+
+
+def _condition_layout(model) -> tuple[int, int, int]:
+    """(pages of its own, shared pages, page size) of a benchmark stream's condition K/V: with
+    :func:`_random_conditions`' layout, the voice's page is its own and the padding pages are shared."""
+    from .conditioning import cross_page_keys
+    from .kv_cache import cross_page_size
+
+    if not model.cfg.cross_attention:
+        return 0, 0, 0
+    prov, fuser = model.condition_provider, model.cfg.fuser
+    first = _random_conditions(model, 0)
+    length = sum(first[n].tensor.shape[1] if prov.conditioners[n].cfg.type == "tensor" else 1 for n in fuser.cross)
+    page = cross_page_size(length)
+    a, b = (cross_page_keys(prov, fuser, _random_conditions(model, s), page) for s in (0, 1))
+    own = sum(x != y for x, y in zip(a, b, strict=True))
+    return own, len(a) - own, page
+
+
+def _engine_for(model, batch: int, **kw):
+    """An engine for ``batch`` benchmark streams whose condition pool holds just what they use (the default pool
+    holds 5 distinct voices a stream: 5x the condition memory)."""
+    from .engine import Engine
+
+    own, shared, _ = _condition_layout(model)
+    cross_pages = batch * own + shared + 1 if own + shared else None
+    return Engine(model, max_slots=batch, buckets=(batch,), cross_pages=cross_pages, **kw)
 
 
 def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None,
@@ -153,11 +187,10 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     whole step, the LM and Mimi medians are kept for the breakdown.
     TTS models with Mimi also get ``extra["ttfa_ms"]`` (warm) and ``extra["ttfa_cold_ms"]``: see
     :func:`time_to_first_audio`."""
-    from .engine import Engine
     from .mimi import cuda_graphed
 
     cfg = model.cfg
-    eng = Engine(model, max_slots=batch, buckets=(batch,), temp=0.8, temp_text=0.7, kv_dtype=kv_dtype)
+    eng = _engine_for(model, batch, temp=0.8, temp_text=0.7, kv_dtype=kv_dtype)
     for b in range(batch):
         eng.open(conditions=_random_conditions(model, b))
     n_in = cfg.num_codebooks - cfg.dep_q - 1
@@ -204,11 +237,10 @@ def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_ste
     is the first run (eager first calls and graph captures included), ``warm`` the median of the ``runs`` after it,
     where every graph replays. The TTS runtime's host hooks (text state machine) are not run.
     """
-    from .engine import Engine
     from .mimi_graph import GraphedMimiStep
 
     cfg = model.cfg
-    eng = Engine(model, max_slots=batch, buckets=(batch,), temp=0.6, temp_text=0.6, kv_dtype=kv_dtype)
+    eng = _engine_for(model, batch, temp=0.6, temp_text=0.6, kv_dtype=kv_dtype)
     silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=eng.device)
     state = mimi.init_state(batch)
     decode = GraphedMimiStep(mimi.decode_step, state)
@@ -494,7 +526,9 @@ def _capacity_search(model, mimi, name, rows, args, kv_dtype, timer, weights, ba
     device = next(model.parameters()).device
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
-        limit = kv_capacity(model.cfg, kv_dtype or next(model.parameters()).dtype, memory, weights)
+        own, _, page = _condition_layout(model)
+        limit = kv_capacity(model.cfg, kv_dtype or next(model.parameters()).dtype, memory, weights,
+                            condition_rows=own * page, condition_dtype=next(model.transformer.parameters()).dtype)
     else:
         limit = 64
     fitting = [r.batch for r in rows if r.model == name and r.system == "dsm" and r.p50_ms <= args.frame_ms]
@@ -554,7 +588,10 @@ def run_cli(args) -> int:
         for name, load in models:
             model, mimi = load()
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            caps = {k: kv_capacity(model.cfg, dt, 80 * 10**9, weights) for k, dt in KV_DTYPES.items()}
+            own, _, page = _condition_layout(model)
+            caps = {k: kv_capacity(model.cfg, dt, 80 * 10**9, weights, condition_rows=own * page,
+                                   condition_dtype=next(model.transformer.parameters()).dtype)
+                    for k, dt in KV_DTYPES.items()}
             kv_lines.append(f"{name}: KV capacity on an 80 GB H100 at full context ({weights / 1e9:.2f} GB weights, "
                             f"8 GiB reserve): bf16 {caps['bf16']} streams, fp8 {caps['fp8']} streams "
                             f"(x{caps['fp8'] / max(caps['bf16'], 1):.2f})")

@@ -102,6 +102,7 @@ def test_time_to_first_audio_times_the_spec_sequence_on_one_warm_engine(monkeypa
     one_run = (["open"] * batch + ["text"] * 16 + ["depformer", "full"] * (max_delay + 1) + ["decode"]
                + [("close", mark) for mark in (1, 0)])
     assert log == one_run * (1 + runs)
+    voices = voices[-batch * (1 + runs):]  # those of the runs (the engine's pool sizing asked for some first)
     assert len(set(voices)) == len(voices) == batch * (1 + runs)
     assert len(cross_kv_calls) == batch  # later runs found the (mapped) voices' pages in the engine's pool
     # Same seeds, same slots: a run that starts from fresh engine rows and Mimi state decodes the same first frame.
@@ -320,3 +321,12 @@ def test_bench_tts_streams_have_their_own_voices_and_share_the_padding():
     row = bench.bench_dsm(model, None, 3, 1, 0, bench._timer(torch.device("cpu")))
     assert row.extra["condition_pages"] == 4 + 3
     assert row.extra["condition_kv_mb"] > 0
+    assert bench._condition_layout(model) == (1, 4, 125)
+    # the capacity estimate counts each stream's own voice page: 2 x layers x 125 rows x dim x 2 bytes more
+    cfg = model.cfg
+    self_kv = 2 * cfg.num_layers * 16 * cfg.num_heads * cfg.head_dim * 2
+    voice = 2 * cfg.num_layers * 125 * cfg.dim * 2
+    free = 10**9
+    assert bench.kv_capacity(cfg, torch.bfloat16, free, 0, reserve_bytes=0) == free // self_kv
+    assert bench.kv_capacity(cfg, torch.bfloat16, free, 0, reserve_bytes=0, condition_rows=125) == \
+        free // (self_kv + voice)
