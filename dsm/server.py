@@ -599,6 +599,9 @@ def setup_serve_tts_parser(p) -> None:
     p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
     p.add_argument("--batch-size", type=int, default=8, help="stream slots (moshi-server's DSM config: 8)")
     p.add_argument("--voice", default=None, help="default voice (file or kyutai/tts-voices name)")
+    p.add_argument("--condition-pages", type=int, default=None,
+                   help="pages of the shared voice K/V pool, one voice slot each (default: 5 distinct voices per slot; "
+                        "fewer bound the memory, and a stream that does not fit waits for one to end)")
     p.add_argument("--cfg", type=float, default=2.0, help="distilled CFG coefficient (default 2.0)")
     p.add_argument("--temp", type=float, default=0.6)
     p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")
@@ -621,7 +624,8 @@ def cmd_serve_tts(args) -> int:
     device = device_or_default(args.device)
     dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
-                                    config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0))
+                                    config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0,
+                                                     condition_pages=args.condition_pages))
     voice = args.voice
     if voice is None and args.random_weights and rt.multi_speaker:
         voice = random_voice(0, rt.voice_dim)

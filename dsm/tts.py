@@ -39,7 +39,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoint, hub_file, resolve_checkpoint
 from .conditioning import TensorInput
-from .engine import check_seed
+from .engine import EngineFull, check_seed
 from .generate import Generator
 from .mimi import Mimi
 from .mimi_graph import GraphedMimiStep
@@ -392,10 +392,11 @@ class EngineStepper:
     CUDA graphs on a GPU. Used when no real CFG row doubling is asked (the released TTS is CFG-distilled)."""
 
     def __init__(self, model: LMModel, max_batch: int, *, n_q: int, temp: float, top_k: int, top_k_text: int,
-                 seed: int = 0, backend: str | None = None):
+                 seed: int = 0, backend: str | None = None, cross_pages: int | None = None):
         from .engine import Engine
 
-        self.engine = Engine(model, max_slots=max_batch, backend=backend, seed=seed, use_sampling=temp > 0,
+        self.engine = Engine(model, max_slots=max_batch, backend=backend, seed=seed, cross_pages=cross_pages,
+                             use_sampling=temp > 0,
                              temp=temp, temp_text=temp, top_k=top_k, top_k_text=top_k_text, depformer_steps=n_q)
         self.dep_q = model.cfg.dep_q
         self.device = self.engine.device
@@ -465,6 +466,10 @@ class TTSConfig:
     max_break_s: float | None = None
     max_batch: int = 1
     seed: int = 0
+    # Pages of the engine's shared voice K/V pool (125 condition positions each, a voice slot; one copy of the 4
+    # padding pages of a one-voice stream, and of a voice several streams use). None: room for 5 distinct voices in
+    # every slot. Fewer bound the memory; a stream that does not fit waits for a slot whose stream ends.
+    condition_pages: int | None = None
     # While some streams are still in their first delay_steps (text only, no depth transformer) and others are
     # producing audio, run up to this many text-only steps of the former between full steps (moshi-server's
     # `interleaved_text_only`): new streams reach their first audio sooner, at no cost to a stream's output.
@@ -604,7 +609,8 @@ class TTSRuntime:
         B = config.max_batch
         if config.cfg_coef == 1.0 and engine:
             self.stepper = EngineStepper(model, B, n_q=config.n_q, temp=config.temp, top_k=config.top_k,
-                                         top_k_text=config.top_k_text, seed=config.seed, backend=backend)
+                                         top_k_text=config.top_k_text, seed=config.seed, backend=backend,
+                                         cross_pages=config.condition_pages)
         else:  # real CFG doubles the rows: the plain generator handles it
             self.stepper = LMStepper(model, B, self._conditions([None] * B, [None] * B), n_q=config.n_q,
                                      temp=config.temp, top_k=config.top_k, top_k_text=config.top_k_text,
@@ -719,6 +725,12 @@ class TTSRuntime:
             slot = free[0]
             try:
                 self.stepper.start(slot, stream.conditions, stream.seed)
+            except EngineFull:
+                if any(s is not None for s in self.slots):  # its voice pages will be free when a stream ends
+                    self.waiting.appendleft(stream)
+                    break
+                stream.done = stream.cancelled = stream.text_ended = True  # it cannot fit even alone
+                raise
             except Exception:  # this stream cannot start: drop it alone; the slot stays free for the others
                 stream.done = stream.cancelled = stream.text_ended = True
                 raise

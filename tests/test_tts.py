@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint  # noqa: E402
+from dsm.engine import EngineFull  # noqa: E402
 from dsm.presets import preset_config  # noqa: E402
 from dsm.tts import (  # noqa: E402
     PAD,
@@ -285,6 +286,38 @@ def test_batched_rows_join_and_leave(ckpt, moshi_tts):
     res = moshi_generate(tts, ckpt, *([j[k] for j in jobs] for k in range(3)))  # one batch of three rows
     for b, s in enumerate(streams):
         assert_same_as_moshi(s, res, b, n_q)
+
+
+def test_a_stream_waits_for_voice_pages_and_then_speaks_as_alone(ckpt):
+    """A voice K/V pool with room for one voice page beside the shared padding: a stream with another voice waits
+    (though slots are free) until the speaking one ends, then gives exactly its output alone; admission stays in
+    order (the stream behind it waits too, though its voice is the speaker's); a stream that cannot fit even alone
+    is refused clearly."""
+    d = ckpt.config_path.parent
+    alone = {v: torch.stack(speak(runtime(ckpt, n_q=8), ["one two three"], d / v).frames)
+             for v in ("voice.safetensors", "other.safetensors")}
+    rt = runtime(ckpt, n_q=8, max_batch=3, condition_pages=1 + 4 + 1)
+    first, other, same = (rt.open_stream(d / v) for v in ("voice.safetensors", "other.safetensors",
+                                                           "voice.safetensors"))
+    for s in (first, other, same):
+        s.push("one two three")
+        s.end()
+    rt.step()
+    assert first.slot is not None and other.slot is None and same.slot is None  # wait for a voice page, in order
+    assert list(rt.waiting) == [other, same]
+    rt.run([first, other, same])
+    frames = {name: torch.stack(s.frames) for name, s in (("first", first), ("other", other), ("same", same))}
+    assert torch.equal(frames["first"], alone["voice.safetensors"])
+    assert torch.equal(frames["same"], alone["voice.safetensors"])
+    assert torch.equal(frames["other"], alone["other.safetensors"])
+    assert not torch.equal(alone["voice.safetensors"], alone["other.safetensors"])
+    small = runtime(ckpt, n_q=8, max_batch=2, condition_pages=1 + 4)  # a stream needs 5 pages: 1 voice + 4 padding
+    doomed = small.open_stream(d / "voice.safetensors")
+    doomed.push("one")
+    doomed.end()
+    with pytest.raises(EngineFull, match="condition page pool"):
+        small.step()
+    assert doomed.done and doomed.cancelled and small.slots == [None] * 2 and not small.waiting
 
 
 def test_cancel_frees_the_slot_and_leaves_the_others_untouched(ckpt):
