@@ -16,13 +16,7 @@ from dsm.presets import preset_config
 PADDING_PAGES = 4  # one voice in the first of 5 speaker slots: slots 1-4 are learnt padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small for intra-op threads; on a busy 2-core box they only add spin waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ DIALOGUE = ["hello world, this is", "yes (it): <break time=\"0.4s\"/> fine", "ok
 TEXT = "the quick brown fox jumps over the lazy dog"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small for intra-op threads; on a busy 2-core box they only add spin waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
