@@ -422,6 +422,21 @@ class TTSServer(_Endpoint):
     def __init__(self, runtime, api_keys: Iterable[str] = ("public_token",), voice=None, cfg: float | None = 2.0):
         super().__init__(runtime, api_keys)
         self.default_voice, self.cfg = voice, cfg
+        from prometheus_client import Gauge
+
+        r = self.metrics.registry
+        Gauge("tts_queued_streams", "Streams waiting for a slot or for voice pages.", registry=r).set_function(
+            lambda: len(self.rt.waiting))
+        for name, doc, read in (("used", "Voice K/V pages streams hold (shared pages once).", lambda p: p.used),
+                                ("cached", "Voice K/V pages kept for reuse, held by no stream.", lambda p: p.cached),
+                                ("total", "Voice K/V pages of the pool.", lambda p: p.num_pages - 1)):
+            Gauge(f"tts_voice_pages_{name}", doc, registry=r).set_function(
+                lambda read=read: read(pool) if (pool := self._voice_pages()) is not None else 0)
+
+    def _voice_pages(self):
+        """The engine's shared voice K/V page pool (None before the first stream, or without the engine)."""
+        engine = getattr(self.rt.stepper, "engine", None)
+        return engine.cross_pool if engine is not None else None
 
     def module_info(self) -> dict:
         return {**super().module_info(), "queued": str(len(self.rt.waiting))}  # streams waiting for a slot

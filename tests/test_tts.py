@@ -890,6 +890,10 @@ def test_websocket_queued_stream_starts_when_a_holder_disconnects(ckpt):
     assert json.loads(info) == [{"type": "py", "path": "/api/tts_streaming", "used_slots": "1", "total_slots": "1",
                                  "queued": "1"}]  # fmt: skip
     assert "tts_open_channels 2.0" in metrics and "tts_connect_total 2.0" in metrics
+    assert "tts_queued_streams 1.0" in metrics
+    # the holder's voice (the learnt padding in all 5 slots: no voice) in 5 pages of a pool sized for 5 a slot
+    assert "tts_voice_pages_used 5.0" in metrics and "tts_voice_pages_total 5.0" in metrics
+    assert "tts_voice_pages_cached 0.0" in metrics
 
 
 def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch):
