@@ -23,17 +23,23 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // N consecutive elements as fp32, in 16-byte transactions when `VECTOR` (caller guarantees 16-byte alignment).
-template <typename T, int N, bool VECTOR>
+// `L2` loads through L2 only (ld.global.cg) instead of the non-coherent path (__ldg), which PTX allows only for data
+// read-only for the kernel's whole lifetime: a programmatic dependent starts while its predecessor still writes.
+template <typename T, int N, bool VECTOR, bool L2 = false>
 __device__ __forceinline__ void load_f32(const T* __restrict__ p, float (&v)[N]) {
   if constexpr (VECTOR && (N * sizeof(T)) % 16 == 0) {
     constexpr int kPer = 16 / sizeof(T);
 #pragma unroll
     for (int c = 0; c < N / kPer; ++c) {
-      uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + c);
+      const uint4* src = reinterpret_cast<const uint4*>(p) + c;
+      uint4 raw = L2 ? __ldcg(src) : __ldg(src);
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int i = 0; i < kPer; ++i) v[c * kPer + i] = to_float(e[i]);
     }
+  } else if constexpr (L2) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = to_float(__ldcg(p + i));
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = to_float(p[i]);

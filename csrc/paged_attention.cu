@@ -38,14 +38,15 @@ __device__ __forceinline__ fp8 to_cache<fp8>(float x) {
   return r;
 }
 
-// 8 consecutive cache elements as fp32 (16-byte aligned loads for 16-bit types, 8-byte for fp8).
+// 8 consecutive cache elements as fp32 (16-byte aligned loads for 16-bit types, 8-byte for fp8), through L2: the
+// kernel before (a programmatic dependency) wrote this step's K/V (dsm::load_f32).
 template <typename TC>
 __device__ __forceinline__ void load8(const TC* __restrict__ p, float (&v)[8]) {
-  dsm::load_f32<TC, 8, true>(p, v);
+  dsm::load_f32<TC, 8, true, true>(p, v);
 }
 template <>
 __device__ __forceinline__ void load8<fp8>(const fp8* __restrict__ p, float (&v)[8]) {
-  const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+  const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(p));
   const __nv_fp8x2_storage_t* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -106,14 +107,15 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / kTpk, t = lane % kTpk;
   dsm::pdl_launch_and_wait();  // q and the new K/V come from the kernel before
 
-  const int n = seq_lens[b];
+  // Every input may come from a kernel of this step, the one before included: loads go through L2 (dsm::load_f32).
+  const int n = __ldcg(seq_lens + b);
   const int qpos = n - 1;
   const int lo = max(qpos - context + 1, 0);
   const int start = lo + split * chunk;
   const int end = min(start + chunk, n);  // n == 0 -> empty
 
   float qv[8];
-  dsm::load_f32<T, 8, true>(q + b * stride_qb + h * stride_qh + t * 8, qv);
+  dsm::load_f32<T, 8, true, true>(q + b * stride_qb + h * stride_qh + t * 8, qv);
 #pragma unroll
   for (int i = 0; i < 8; ++i) qv[i] *= qk_scale;
   const int32_t* bt = block_table + b * stride_bt;
@@ -131,7 +133,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     for (int j = 0; j < kUnroll; ++j) {  // issue all loads first
       const int p = base + j * kStep;
       if (p < end) {
-        const int64_t page = bt[(p / page_size) % pages_per_slot];
+        const int64_t page = __ldcg(bt + (p / page_size) % pages_per_slot);
         const int64_t r = p % page_size;
         load8<TC>(k_cache + page * stride_kp + r * stride_ks + col, kv[j]);
         load8<TC>(v_cache + page * stride_vp + r * stride_vs + col, vv[j]);

@@ -32,6 +32,24 @@ def test_nvcc_compiles_for_sm90a(source, tmp_path):
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
+@needs_nvcc
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu") if "pdl_launch_and_wait" in p.read_text()))
+def test_programmatic_dependents_never_load_through_the_non_coherent_path(source, tmp_path):
+    """A kernel launched as a programmatic dependent (it calls griddepcontrol.wait) starts while the kernel before
+    still writes, and PTX allows ld.global.nc only for data read-only for the kernel's whole lifetime: every such
+    kernel must load through L2 (.cg) or L1-coherent paths. 30 instantiations loaded q, K/V, seq_lens and the block
+    table with .nc before."""
+    cmd = [NVCC, "-ptx", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", str(CSRC / source), "-o",
+           str(tmp_path / "k.ptx")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    entries = re.split(r"(?m)^\.(?:visible\s+)?entry\s+", (tmp_path / "k.ptx").read_text())[1:]
+    dependents = [e for e in entries if "griddepcontrol.wait" in e]
+    assert dependents
+    bad = [e.split("(")[0] for e in dependents if re.search(r"\bld\.global\.nc", e)]
+    assert not bad, f"{len(bad)} programmatic dependents load with .nc, e.g. {bad[0]}"
+
+
 def test_bindings_schemas_parse():
     text = (CSRC / "bindings.cpp").read_text()
     defs = re.findall(r'm\.def\(((?:"[^"]*"\s*)+)\)', text)
