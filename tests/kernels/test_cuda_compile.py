@@ -140,9 +140,11 @@ def aot_compile_all() -> list[str]:
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
         cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert "sm_90" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0, label
+        ptx = cc.asm["ptx"]
         if constexprs.get("PDL"):  # programmatic dependent launch: the wait precedes every global load
-            ptx = cc.asm["ptx"]
             assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), label
+        if "griddepcontrol.wait" in ptx:  # as the CUDA kernels: nothing through the non-coherent path
+            assert not re.search(r"\bld\.global\.nc", ptx), label
         if constexprs.get("MERGE"):  # the last split merges: barrier, acq_rel count, partials read from L2
             check_arrival_protocol(cc.asm["ptx"])
         done.append(f"{label}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
