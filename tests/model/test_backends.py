@@ -51,12 +51,14 @@ def _engine_tokens(model, backend, batch, steps=6):
     return torch.stack([o.tokens.cpu() for o in outs]), torch.stack([o.text_logits.float().cpu() for o in outs])
 
 
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("batch", [2, 6], ids=["gemv-path", "cublas-path"])
-def test_tts_engine_tokens_triton_equal_reference(batch):
+def test_tts_engine_tokens_equal_reference(batch, backend):
     """A conditioned model (cross-attention to the voice, depth transformer, delays) on the Triton kernels, as the
     engine steps it, samples the reference's tokens with the same text logits. At batch <= 4 it runs the GEMV path
     (the cross-attention's query and output GEMVs included), above it F.linear. tiny-tts with 8 codebooks, for the
-    interpreter's speed."""
+    interpreter's speed. The CUDA backend (GPU only) runs the voice cross-attention on its decode-attention kernel
+    too, over 125-position condition pages."""
     from dsm.bench import random_model
     from dsm.presets import preset_config
 
@@ -68,7 +70,7 @@ def test_tts_engine_tokens_triton_equal_reference(batch):
     with torch.no_grad():  # a LayerNorm that is not an RMSNorm in disguise (zero bias, zero-mean input)
         ln.bias.normal_(0, 0.5, generator=torch.Generator(device).manual_seed(1))
     assert model.transformer.layers[0].cross_attention is not None
-    tok, logits = _engine_tokens(model, "triton", batch)
+    tok, logits = _engine_tokens(model, backend, batch)
     tok_ref, logits_ref = _engine_tokens(model, "reference", batch)
     assert torch.equal(tok, tok_ref)
     # fp32: the logits agree closely (tokens alone would miss a small error such as a LayerNorm taken for an RMSNorm)
