@@ -84,32 +84,46 @@ def _attention_rows(backend, device, quick):
             g = torch.Generator().manual_seed(H * D + page_size)
             lens = [1, 7, context - 1, context, context + 1, 2 * context + 1, 0]
             B, pps = len(lens), -(-context // page_size)
-            dtype = torch.bfloat16
-            k_cache = torch.randn(B * pps + 2, page_size, H, D, generator=g).to(dtype)
-            v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(dtype)
+            k_cache = torch.randn(B * pps + 2, page_size, H, D, generator=g).to(torch.bfloat16)
+            v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(torch.bfloat16)
             bt = torch.randperm(B * pps + 2, generator=g)[: B * pps].view(B, pps).int()
-            q = torch.randn(B, H, D, generator=g).to(dtype)
+            q = torch.randn(B, H, D, generator=g).to(torch.bfloat16)
             seq_lens = torch.tensor(lens, dtype=torch.int32)
-            exp32 = reference.paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), bt, seq_lens,
-                                                         context=context)  # fmt: skip
-            exp_lp = reference.paged_decode_attention_ref(q, k_cache, v_cache, bt, seq_lens, context=context)
-            tol = ref_relative_atol(exp_lp, exp32, factor=3.0)
-            fn = resolve("paged_decode_attention", backend, device)
-            dev = [x.to(device) for x in (q, k_cache, v_cache, bt, seq_lens)]
-            # on CPU the Triton interpreter truncates fp32 -> bf16 (one more ulp, as in the tests)
-            rtol = 2.0**-7 if device.type == "cpu" else 0.0
-            # the splits merged by a second kernel, then in the same launch (the engine's way: counters at 0, which
-            # each launch must leave at 0)
-            for counters in (None, torch.zeros(B * H, dtype=torch.int32, device=device)):
-                out = poison_(torch.empty_like(q, device=device))
-                got = fn(*dev, context=context, out=out, counters=counters).cpu()
-                merged = " merged in-launch" if counters is not None else ""
-                case = f"{H}x{D} ctx{context} page{page_size} bf16{merged}"
-                measure = "abs err <= 3x ref bf16 err" + (" + 1 ulp (interpreter cast)" if rtol else "")
-                row = _row("paged_decode_attention", backend, case, got, exp32, tol + rtol * exp32.abs(), measure)
-                if counters is not None and bool(counters.any()):
-                    row.ok, row.measure = False, measure + "; split counters not left at 0"
-                rows.append(row)
+            rows += _attention_case(backend, device, q, k_cache, v_cache, bt, seq_lens, context,
+                                    f"{H}x{D} ctx{context} page{page_size} bf16")
+    # the TTS voice cross-attention (dsm.kv_cache.CrossKVCache): 5 pages of 125 positions, all visible, shared pages
+    g = torch.Generator().manual_seed(625)
+    k_cache = torch.randn(9, 125, 16, 128, generator=g).to(torch.bfloat16)
+    v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(torch.bfloat16)
+    bt = torch.tensor([[1, 5, 6, 7, 8], [2, 5, 6, 7, 8], [1, 5, 6, 7, 8]], dtype=torch.int32)
+    q = torch.randn(3, 16, 128, generator=g).to(torch.bfloat16)
+    rows += _attention_case(backend, device, q, k_cache, v_cache, bt, torch.full((3,), 625, dtype=torch.int32), 625,
+                            "16x128 voice 625 page125 shared bf16")
+    return rows
+
+
+def _attention_case(backend, device, q, k_cache, v_cache, bt, seq_lens, context, label):
+    exp32 = reference.paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), bt, seq_lens,
+                                                 context=context)  # fmt: skip
+    exp_lp = reference.paged_decode_attention_ref(q, k_cache, v_cache, bt, seq_lens, context=context)
+    tol = ref_relative_atol(exp_lp, exp32, factor=3.0)
+    fn = resolve("paged_decode_attention", backend, device)
+    dev = [x.to(device) for x in (q, k_cache, v_cache, bt, seq_lens)]
+    # on CPU the Triton interpreter truncates fp32 -> bf16 (one more ulp, as in the tests)
+    rtol = 2.0**-7 if device.type == "cpu" else 0.0
+    rows = []
+    # the splits merged by a second kernel, then in the same launch (the engine's way: counters at 0, which each
+    # launch must leave at 0)
+    B, H = q.shape[:2]
+    for counters in (None, torch.zeros(B * H, dtype=torch.int32, device=device)):
+        out = poison_(torch.empty_like(q, device=device))
+        got = fn(*dev, context=context, out=out, counters=counters).cpu()
+        case = label + (" merged in-launch" if counters is not None else "")
+        measure = "abs err <= 3x ref bf16 err" + (" + 1 ulp (interpreter cast)" if rtol else "")
+        row = _row("paged_decode_attention", backend, case, got, exp32, tol + rtol * exp32.abs(), measure)
+        if counters is not None and bool(counters.any()):
+            row.ok, row.measure = False, measure + "; split counters not left at 0"
+        rows.append(row)
     return rows
 
 

@@ -130,6 +130,28 @@ def test_decode_other_page_sizes(backend, page_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("counters", [False, True], ids=["merge-kernel", "merged-in-launch"])
+def test_decode_over_shared_condition_pages(backend, counters):
+    """The TTS voice cross-attention's layout (dsm.kv_cache.CrossKVCache): 625 positions in pages of 125 (not a power
+    of two), all visible (seq_lens == context == 625), rows sharing pages (the padding pages every row lists, a voice
+    page two rows list), the shared ones in other table positions per row."""
+    device = kernel_device(backend)
+    g = torch.Generator().manual_seed(5)
+    H, D, S, n = 16, 128, 125, 5
+    k_cache = torch.randn(12, S, H, D, generator=g).to(torch.bfloat16)
+    v_cache = torch.randn(12, S, H, D, generator=g).to(torch.bfloat16)
+    table = torch.tensor([[3, 7, 8, 9, 10], [4, 7, 8, 9, 10], [3, 7, 8, 9, 10], [5, 6, 8, 9, 10], [10, 9, 8, 7, 11]],
+                         dtype=torch.int32)  # fmt: skip
+    q = torch.randn(len(table), H, D, generator=g).to(torch.bfloat16)
+    seq_lens = torch.full((len(table),), S * n, dtype=torch.int32)
+    kw = {"counters": torch.zeros(len(table) * H, dtype=torch.int32, device=device)} if counters else {}
+    dev = [x.to(device) for x in (q, k_cache, v_cache, table, seq_lens)]
+    _check(backend, device, *dev, S * n, **kw)
+    if counters:
+        assert not bool(kw["counters"].any()), "each launch leaves its counters at 0"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_append_kv(backend, dtype):
     device = kernel_device(backend)
