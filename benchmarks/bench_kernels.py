@@ -7,6 +7,7 @@ benchmarks/results/kernels.jsonl (device, torch/triton versions, git commit).
 
     python benchmarks/bench_kernels.py                       # all kernels, batch 1 64 400, on cuda
     python benchmarks/bench_kernels.py --kernels attention --batch 1 --no-compile
+    python benchmarks/bench_kernels.py --kernels voice --batch 1 64 256 --no-compile   # shared pages vs dense SDPA
     python benchmarks/bench_kernels.py --kernels gemv --batch 1 4 --graph --providers torch triton
     python benchmarks/bench_kernels.py --device cpu --batch 1 --no-compile   # smoke run of the script itself
 """
@@ -101,6 +102,28 @@ def attention_case(model, B, device, page_size=16):
     return (q, k_cache, v_cache, block_table, seq_lens), {"context": context, "counters": counters}, nbytes
 
 
+def voice_case(B, device):
+    """The TTS voice cross-attention (tts-1.6b: 16 x 128 heads, 625 condition positions) of ``B`` streams, each with a
+    voice of its own (one page of 125) and the 4 padding pages shared (dsm.kv_cache.CrossKVCache). Its torch provider
+    is what the engine ran before the pages: SDPA over every stream's dense K/V. Bytes: the distinct pages once."""
+    H, D, S, n = 16, 128, 125, 5
+    g = torch.Generator(device=device).manual_seed(0)
+    k_cache = torch.randn(B + n, S, H, D, device=device, generator=g).bfloat16()  # page 0 null, 1-4 shared
+    v_cache = torch.randn_like(k_cache)
+    table = torch.cat([torch.arange(n, n + B, device=device)[:, None],
+                       torch.arange(1, n, device=device).expand(B, n - 1)], dim=1).int()  # fmt: skip
+    seq_lens = torch.full((B,), S * n, dtype=torch.int32, device=device)
+    q = torch.randn(B, H, D, device=device, generator=g).bfloat16()
+    dense_k, dense_v = (c[table.long()].flatten(1, 2).transpose(1, 2).contiguous() for c in (k_cache, v_cache))
+
+    def sdpa_dense(*args, **kw):  # [B, H, 1, D] over [B, H, 625, D]
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], dense_k, dense_v)[:, :, 0]
+
+    nbytes = 2 * (B + n - 1) * S * H * D * 2 + 2 * B * H * D * 2
+    counters = torch.zeros(B * H, dtype=torch.int32, device=device)
+    return (q, k_cache, v_cache, table, seq_lens), {"context": S * n, "counters": counters}, nbytes, sdpa_dense
+
+
 def sampling_case(V, B, device):
     g = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(B, V, device=device, generator=g) * 3
@@ -149,6 +172,7 @@ KERNELS = {
         paged_decode_attention_torch,
         lambda B, dev: [(m, *attention_case(m, B, dev)) for m in MODELS],
     ),
+    "voice": ("paged_decode_attention", None, lambda B, dev: [("tts-1.6b", *voice_case(B, dev))]),
     "sampling": (
         "sample_tokens",
         sample_tokens_torch,
@@ -202,10 +226,10 @@ def main(argv=None):
     for kname in args.kernels:
         op, torch_fn, cases = KERNELS[kname]
         want_compile = not args.no_compile and (args.providers is None or "compile" in args.providers)
-        compiled = torch.compile(torch_fn, dynamic=True) if want_compile else None
+        compiled = torch.compile(torch_fn, dynamic=True) if want_compile and torch_fn is not None else None
         for B in args.batch:
-            for shape, fargs, kw, nbytes in cases(B, device):
-                providers = {"torch": torch_fn}
+            for shape, fargs, kw, nbytes, *own_torch in cases(B, device):  # a case may bring its torch baseline
+                providers = {"torch": own_torch[0] if own_torch else torch_fn}
                 if B <= args.reference_max_batch:
                     providers["reference"] = resolve(op, "reference", device)
                 if compiled is not None:

@@ -119,6 +119,9 @@ step kbench_gemv 90 30 "$PY" benchmarks/bench_kernels.py --kernels gemv --batch 
 # decode attention at the engine's shapes, with the split-K factor swept around the planner's choice (whole waves)
 step kbench_attn 90 30 "$PY" benchmarks/bench_kernels.py --kernels attention --batch 1 64 400 --graph --no-compile \
   --providers cuda triton --attention-splits 1 2 3 4 6 --out "$OUT/kernels.jsonl"
+# the voice cross-attention over shared condition pages against the SDPA over dense per-stream K/V it replaced
+step kbench_voice 60 15 "$PY" benchmarks/bench_kernels.py --kernels voice --batch 1 64 256 --graph --no-compile \
+  --providers torch cuda triton --out "$OUT/kernels.jsonl"
 # ours (and its nogemv / tf32 variants) beside moshi, and each path's code agreement with the CPU fp32 reference
 step mimi 120 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
 step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1
