@@ -340,17 +340,19 @@ def _steps(mimi: Mimi, pcm: torch.Tensor, n: int, skip_row_at: int | None = None
 def test_mimi_steps_triton_equal_reference(mimi_sd, n_q, batch):
     """Streaming steps on the Triton backend against the reference: codes equal, PCM within 1e-5. Batch 3 (6 tokens
     per transformer call) takes the transformers' torch path, batch 2 (4 tokens) their GEMV kernels, whose fp32 sums
-    differ from the reference's in order only."""
+    differ from the reference's in order only. Three frames: the first call, one with row 1 paused (its state must
+    stay frozen), and one after it (row 1 resumes from the state of two frames back); a fourth frame ran the same
+    steady-state step again at ~8 s of the interpreter per case."""
     device = kernel_device("triton")
     g = torch.Generator().manual_seed(n_q)
-    pcm = (torch.randn(batch, 1, 4 * FRAME_SIZE, generator=g) * 0.2).to(device)
+    pcm = (torch.randn(batch, 1, 3 * FRAME_SIZE, generator=g) * 0.2).to(device)
     ref = Mimi(mimi_sd, n_q=n_q, device=device, backend="reference")
     tri = Mimi(mimi_sd, n_q=n_q, device=device, backend="triton")
     # the encode kernel's level table is made at load, on the Mimi's device (a captured step never builds it)
     assert tri.rvq_level_ranges.device == torch.device(device)
     assert tri.rvq_level_ranges.tolist() == ([[0, 1], [1, n_q - 1]] if n_q > 1 else [[0, 1]])
-    codes_r, pcm_r = _steps(ref, pcm, 4, skip_row_at=2)
-    codes_t, pcm_t = _steps(tri, pcm, 4, skip_row_at=2)
+    codes_r, pcm_r = _steps(ref, pcm, 3, skip_row_at=1)
+    codes_t, pcm_t = _steps(tri, pcm, 3, skip_row_at=1)
     assert torch.equal(codes_t, codes_r), f"{int((codes_t != codes_r).sum())} codes differ"
     assert_close_verbose(pcm_t, pcm_r, atol=1e-5, name="pcm")
 
