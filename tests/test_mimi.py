@@ -75,6 +75,20 @@ def ref(ckpt):
     return loaders.get_mimi(str(ckpt), device="cpu", num_codebooks=32)
 
 
+@pytest.fixture(scope="module")
+def long_pcm() -> torch.Tensor:
+    """3 rows x 10.4 s: the 250-token context limit is reached (offline) and the ring wraps (streaming)."""
+    return signals(STREAM_FRAMES, seed=1)
+
+
+@pytest.fixture(scope="module")
+def long_offline_codes(ours, long_pcm) -> torch.Tensor:
+    """Our whole-file codes of ``long_pcm``: checked against moshi's by the offline parity test, against our own
+    streaming codes by the streaming one (one encode of 130 frames x 3 rows for both)."""
+    with torch.no_grad():
+        return ours.encode(long_pcm)
+
+
 def ref_stream(ref, pcm: torch.Tensor, codes_in: torch.Tensor | None = None):
     """moshi streaming, one 1920-sample frame per call; decodes ``codes_in`` (default: its own codes)."""
     b, n = pcm.shape[0], pcm.shape[-1] // FRAME_SIZE
@@ -112,11 +126,10 @@ def test_random_checkpoint_layout_and_varied_codes(ckpt, ours):
         assert codes[:, level].unique().numel() > 20, level
 
 
-def test_offline_parity_with_moshi(ours, ref):
-    pcm = signals(STREAM_FRAMES, seed=1)  # 3 rows x 10.4 s: the 250-token context limit is reached
+def test_offline_parity_with_moshi(ours, ref, long_pcm, long_offline_codes):
+    pcm, got = long_pcm, long_offline_codes
     with torch.no_grad():
         want = ref.encode(pcm)
-        got = ours.encode(pcm)
         assert got.shape == want.shape == (3, 32, STREAM_FRAMES)
         assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
         pcm_ref = ref.decode(want)
@@ -125,16 +138,15 @@ def test_offline_parity_with_moshi(ours, ref):
     assert rel(pcm_ours, pcm_ref) < PCM_RTOL
 
 
-def test_streaming_parity_with_moshi(ours, ref):
-    pcm = signals(STREAM_FRAMES, seed=2)
+def test_streaming_parity_with_moshi(ours, ref, long_pcm, long_offline_codes):
+    pcm = long_pcm
     want_codes, want_pcm = ref_stream(ref, pcm)
     got_codes, got_pcm = our_stream(ours, pcm, want_codes)
     assert torch.equal(got_codes, want_codes), f"{int((got_codes != want_codes).sum())} codes differ"
     assert rel(got_pcm, want_pcm) < PCM_RTOL
     # The last frames see the ring wrap-around: streaming differs from whole-file there (§7.8), so this test
     # would catch an implementation that ignored the 2-tokens-per-call quirk.
-    with torch.no_grad():
-        offline = ours.encode(pcm)
+    offline = long_offline_codes
     assert torch.equal(offline[..., :125], got_codes[..., :125])
     assert not torch.equal(offline[..., 125:], got_codes[..., 125:])
 
@@ -176,7 +188,9 @@ def test_fewer_codebooks_parity(ckpt):
 
 @pytest.mark.parametrize("frames_per_call", [2, 5])
 def test_streaming_matches_offline_within_10s(ours, frames_per_call):
-    pcm = signals(30, seed=4)
+    """Calls of several frames carry the state across calls: 10 frames are 5 calls of 2, 2 of 5 (20 tokens, far below
+    the 250-token ring, where streaming must equal offline; the wrap is the parity and multi-frame tests' business)."""
+    pcm = signals(10, seed=4)
     with torch.no_grad():
         offline = ours.encode(pcm)
         offline_pcm = ours.decode(offline)
