@@ -412,6 +412,13 @@ def format_ttfa(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+def format_condition_pages(rows: list[BenchRow]) -> str:
+    """One line per row with condition pages: the voice K/V its streams held, shared pages counted once."""
+    return "\n".join(f"{r.model}: voice K/V at batch {r.batch}: {r.extra['condition_pages']} pages, "
+                     f"{r.extra['condition_kv_mb']:.1f} MB (a voice page per stream, the padding pages shared)"
+                     for r in rows if "condition_pages" in r.extra and not r.extra.get("capacity_probe"))
+
+
 def format_table(rows: list[BenchRow]) -> str:
     """p50/p99: whole step (LM + Mimi for dsm); lm p50: the LM step alone (what the moshi rows time)."""
     head = (f"{'system':<7} {'model':<16} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'lm p50':>9} {'mimi ms':>8} "
@@ -615,8 +622,9 @@ def run_cli(args) -> int:
             del model, mimi
             _release(device)
     print(format_table(rows))
-    if format_ttfa(rows):
-        print(format_ttfa(rows))
+    for text in (format_ttfa(rows), format_condition_pages(rows)):
+        if text:
+            print(text)
     capacities = {}
     for name, _ in models:
         mine = [r for r in rows if r.model == name and r.system == "dsm"]

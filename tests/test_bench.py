@@ -321,6 +321,7 @@ def test_bench_tts_streams_have_their_own_voices_and_share_the_padding():
     row = bench.bench_dsm(model, None, 3, 1, 0, bench._timer(torch.device("cpu")))
     assert row.extra["condition_pages"] == 4 + 3
     assert row.extra["condition_kv_mb"] > 0
+    assert "voice K/V at batch 3: 7 pages" in bench.format_condition_pages([row])
     assert bench._condition_layout(model) == (1, 4, 125)
     # the capacity estimate counts each stream's own voice page: 2 x layers x 125 rows x dim x 2 bytes more
     cfg = model.cfg
