@@ -53,7 +53,7 @@ def test_search_capacity_finds_the_largest_fitting_batch():
         assert len(calls) == len(set(calls)) <= 16  # each batch measured once
 
 
-def test_time_to_first_audio_times_the_spec_sequence_on_one_warm_engine(monkeypatch):
+def test_time_to_first_audio_times_the_spec_sequence_on_one_warm_engine(monkeypatch, mimi_sd):
     """Every run: open the streams, 16 text-only steps (depth transformer skipped), max_delay + 1 full steps, one
     Mimi decode, close; one engine for all runs, its pages returned, and each run starting from fresh state."""
     import math
@@ -63,11 +63,11 @@ def test_time_to_first_audio_times_the_spec_sequence_on_one_warm_engine(monkeypa
     from dsm import bench
     from dsm.engine import Engine
     from dsm.generate import Generator
-    from dsm.mimi import Mimi, random_mimi_state_dict
+    from dsm.mimi import Mimi
     from dsm.presets import preset_config
 
     model, _ = bench.random_model(preset_config("tiny-tts"), torch.device("cpu"), torch.float32)
-    mimi = Mimi(random_mimi_state_dict(0))
+    mimi = Mimi(mimi_sd)  # conftest: random_mimi_state_dict(0)
     log, engines, pcm = [], set(), []
 
     def wrap(cls, name, record):
@@ -271,18 +271,18 @@ def test_bench_unwritable_output_fails_before_running(tmp_path, capsys, monkeypa
     assert not (tmp_path / "new" / "bench.jsonl").exists()
 
 
-def test_step_p99_is_the_whole_steps_tail(monkeypatch):
+def test_step_p99_is_the_whole_steps_tail(monkeypatch, mimi_sd):
     """The row's p99 is the p99 of whole steps (Mimi then LM), not the LM's p99 plus Mimi's median: steps where both
     are slow count once, whole. Fake costs: LM 10 ms (40 every 4th call), Mimi 5 ms (25 every 4th call)."""
     import torch
 
     from dsm import bench
     from dsm.engine import Engine
-    from dsm.mimi import Mimi, random_mimi_state_dict
+    from dsm.mimi import Mimi
     from dsm.presets import preset_config
 
     model, _ = bench.random_model(preset_config("tiny-stt"), torch.device("cpu"), torch.float32)
-    mimi = Mimi(random_mimi_state_dict(0))
+    mimi = Mimi(mimi_sd)  # conftest: random_mimi_state_dict(0)
     calls = {"lm": 0, "mimi": 0}
 
     def counted(real, key):

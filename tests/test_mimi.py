@@ -13,14 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsm.checkpoint import resolve_checkpoint
 from dsm.mimi import (
     FRAME_SIZE,
     FrameBuffer,
     Mimi,
     MimiCheckpointError,
     mimi_tensor_shapes,
-    random_mimi_state_dict,
-    save_random_mimi,
 )
 
 SPEECH = Path("/work/shared/testdata/speech/arctic_a0007.wav")
@@ -60,8 +59,9 @@ def _threads():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return save_random_mimi(tmp_path_factory.mktemp("mimi") / "mimi.safetensors", seed=0)
+def ckpt(tiny_stt_ckpt) -> Path:
+    """``save_random_mimi(seed=0)``'s file: the one in conftest's tiny-stt checkpoint (written once per session)."""
+    return resolve_checkpoint(tiny_stt_ckpt).mimi_weights
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def our_stream(mimi: Mimi, pcm: torch.Tensor, codes_in: torch.Tensor, frames_per
     return torch.cat(codes, -1), torch.cat(out, -1)
 
 
-def test_random_checkpoint_layout_and_varied_codes(ckpt, ours):
-    sd = random_mimi_state_dict(0)
+def test_random_checkpoint_layout_and_varied_codes(ckpt, ours, mimi_sd):
+    sd = mimi_sd  # conftest's random_mimi_state_dict(0): built apart from the file's, so this checks determinism
     shapes = mimi_tensor_shapes()
     assert len(sd) == len(shapes) == 318
     assert all(tuple(sd[k].shape) == s and sd[k].dtype == torch.float32 for k, s in shapes.items())

@@ -28,8 +28,8 @@ def _run(mimi, graphed: bool, device, frames=6, B=3):
     return torch.stack(codes), torch.stack(out)
 
 
-def test_eager_on_cpu_is_the_plain_step():
-    mimi = Mimi(random_mimi_state_dict(0))
+def test_eager_on_cpu_is_the_plain_step(mimi_sd):
+    mimi = Mimi(mimi_sd)
     step = GraphedMimiStep(mimi.encode_step, mimi.init_state(3))
     assert not step.enabled
     codes, pcm = _run(mimi, graphed=True, device="cpu", frames=2)

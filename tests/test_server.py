@@ -13,7 +13,7 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 
-from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
+from dsm.checkpoint import resolve_checkpoint
 from dsm.server import ASR_PATH, ASRServer
 from dsm.stt import Marker, STTOptions, STTRuntime, Word
 
@@ -21,15 +21,8 @@ OPTS = STTOptions(alignment="rust", timestamps="rust")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        d = write_random_checkpoint("tiny-stt", tmp_path_factory.mktemp("srv") / "tiny-stt", seed=0,
-                                    dtype=torch.float32)
-    finally:
-        torch.set_num_threads(n)
-    return resolve_checkpoint(d)
+def files(tiny_stt_ckpt):
+    return resolve_checkpoint(tiny_stt_ckpt)  # conftest: the tiny-stt checkpoint the STT tests also read
 
 
 def _audio(seconds: float, seed: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 from test_transcript import ref_python_rule, ref_rust_rule
 
 from dsm.audio import AudioError, load_audio, resample
-from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
+from dsm.checkpoint import resolve_checkpoint
 from dsm.generate import Generator
 from dsm.mimi import Mimi
 from dsm.model import LMModel
@@ -60,10 +60,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def ckpt(tmp_path_factory) -> Path:
-    with one_thread():
-        return write_random_checkpoint("tiny-stt", tmp_path_factory.mktemp("stt") / "tiny-stt", seed=0,
-                                       dtype=torch.float32)
+def ckpt(tiny_stt_ckpt) -> Path:
+    return tiny_stt_ckpt  # conftest: shared with the server and Mimi tests
 
 
 @pytest.fixture(scope="session")

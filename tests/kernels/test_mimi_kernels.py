@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsm.mimi import FRAME_SIZE, Mimi, random_mimi_state_dict
+from dsm.mimi import FRAME_SIZE, Mimi
 from dsm.mimi_modules import rope_angles, rope_freqs
 from dsm_kernels import mimi_conv_pad, mimi_rope_kv, reference, resolve, rvq_decode, rvq_encode
 from dsm_kernels.testing import (
@@ -317,11 +317,6 @@ def test_mimi_triton_takes_strided_vectors():
     assert_close_verbose(got, exp, atol=1e-5, name="ring attention")
 
 
-@pytest.fixture(scope="module")
-def mimi_sd():
-    return random_mimi_state_dict(0)
-
-
 def _steps(mimi: Mimi, pcm: torch.Tensor, n: int, skip_row_at: int | None = None):
     state = mimi.init_state(pcm.shape[0])
     codes, out = [], []
@@ -425,9 +420,11 @@ MAX_ENCODE_KERNELS = 128
 MAX_DECODE_KERNELS = 80
 
 
-def test_step_kernel_count_pinned():
+def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
     kernel_device("triton")
-    enc, dec = _count_module().count_mimi("triton", warmup=1)
+    count = _count_module()
+    monkeypatch.setattr(count, "random_mimi_state_dict", {0: mimi_sd}.__getitem__)  # conftest's, built once
+    enc, dec = count.count_mimi("triton", warmup=1, seed=0)
     n_enc, n_dec = sum(enc.values()), sum(dec.values())
     assert enc["triton:_rvq_level_kernel"] == 32 and dec["triton:_rvq_decode_kernel"] == 1
     # the transformers at one stream: 4 GEMV launches per layer (one of them the QKV with RoPE and the ring write)
