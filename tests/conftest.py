@@ -1,4 +1,8 @@
 import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +63,125 @@ def tiny_stt_ckpt(tmp_path_factory):
                                        dtype=torch.float32)
     finally:
         torch.set_num_threads(n)
+
+
+class _BackgroundJobs:
+    """Subprocesses started at collection and run one at a time on a worker thread while the tests go on: the suite's
+    own process keeps one core busy (the Triton interpreter is single-threaded), these jobs (compilers) use another.
+    A test asking for a job that has not started yet runs it itself, so the answer never waits behind the queue; one
+    waiting on a job the worker runs takes the next queued job meanwhile."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._jobs: dict = {}
+        self._queue: list = []
+        self._closed = False
+        self._thread = None
+
+    def submit(self, key, args, env):
+        with self._cv:
+            if self._closed or key in self._jobs:
+                return
+            self._jobs[key] = {"args": args, "env": env, "state": "queued", "proc": None, "result": None}
+            self._queue.append(key)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="dsm-test-jobs", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self, job):
+        try:
+            proc = subprocess.Popen(job["args"], env=job["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            with self._cv:
+                job["proc"] = proc
+                if self._closed:  # the session ended while it started
+                    proc.kill()
+            out, err = proc.communicate()
+            result = (proc.returncode, out, err)
+        except Exception as e:  # noqa: BLE001 - reported by the test that asks, never a stuck waiter
+            result = (None, "", f"{job['args']}: {e!r}")
+        with self._cv:
+            job["result"], job["state"] = result, "done"
+            self._cv.notify_all()
+
+    def _work(self):
+        while True:
+            with self._cv:
+                while not self._closed and not self._queue:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                job = self._jobs[self._queue.pop(0)]
+                job["state"] = "running"
+            self._run(job)
+
+    def result(self, key, args, env):
+        """(returncode, stdout, stderr) of the job ``key``: its background run's, or a run now."""
+        with self._cv:
+            job = self._jobs.get(key)
+            mine = job is None or job["state"] == "queued"
+            if job is None:
+                job = self._jobs[key] = {"args": args, "env": env, "proc": None, "result": None}
+            elif mine:
+                self._queue.remove(key)
+            job["state"] = "running" if mine else job["state"]
+        if mine:
+            self._run(job)
+        while True:  # waiting on the worker: run the next queued job meanwhile rather than idle
+            with self._cv:
+                if job["state"] == "done":
+                    return job["result"]
+                if not self._queue:
+                    self._cv.wait()
+                    continue
+                other = self._jobs[self._queue.pop(0)]
+                other["state"] = "running"
+            self._run(other)
+
+    def close(self):
+        with self._cv:
+            self._closed = True
+            self._queue.clear()
+            running = [j["proc"] for j in self._jobs.values() if j["state"] == "running" and j["proc"] is not None]
+            self._cv.notify_all()
+        for proc in running:  # a session stopped early (-x): no compiler outlives it
+            proc.kill()
+
+
+_JOBS = _BackgroundJobs()
+
+
+def _aot_job(path):
+    """``dsm_kernels.testing.run_aot_script``'s run of ``path``: ``python <path> --aot`` without TRITON_INTERPRET."""
+    path = str(Path(path).resolve())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return ("aot", path), [sys.executable, path, "--aot"], env
+
+
+def pytest_collection_finish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker collects every item but runs a share: run on demand
+        return
+    for item in session.items:  # after -k / -m selection: only the AOT checks that will run
+        if "aot_output" in getattr(item, "fixturenames", ()):
+            _JOBS.submit(*_aot_job(item.path))
+
+
+def pytest_sessionfinish(session):
+    _JOBS.close()
+
+
+@pytest.fixture
+def aot_output():
+    """``run_aot_script`` (the file's sm_90 AOT compile, ``<file> --aot`` in a subprocess without the interpreter),
+    started in the background when the test was collected: the same command, environment, output and failure (an
+    AssertionError with the output's tail); the compiles (~40 s on a fresh CI runner, whose Triton cache is empty)
+    overlap the interpreter-bound tests instead of following them."""
+
+    def run(path) -> str:
+        rc, out, err = _JOBS.result(*_aot_job(path))
+        if rc != 0:
+            raise AssertionError((out + err)[-4000:])
+        return out
+
+    return run

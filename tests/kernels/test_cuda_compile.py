@@ -13,7 +13,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from dsm_kernels.testing import aot_script_main, check_arrival_protocol, run_aot_script
+from dsm_kernels.testing import aot_script_main, check_arrival_protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -151,11 +151,11 @@ def aot_compile_all() -> list[str]:
     return done
 
 
-def test_triton_aot_compiles_for_sm90():
+def test_triton_aot_compiles_for_sm90(aot_output):
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert len(aot_compile_all()) == len(list(_aot_cases()))
         return
-    out = run_aot_script(__file__)
+    out = aot_output(__file__)
     assert out.count("cubin") == len(list(_aot_cases())), out
 
 

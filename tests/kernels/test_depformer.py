@@ -21,7 +21,6 @@ from dsm_kernels.testing import (
     cast_depformer_weights,
     depformer_inputs,
     random_depformer_weights,
-    run_aot_script,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,12 +162,12 @@ def test_model_packing_matches_module_loop():
     assert torch.equal(fused, loop)
 
 
-def test_triton_aot_compiles_for_sm90_within_shared_memory():
+def test_triton_aot_compiles_for_sm90_within_shared_memory(aot_output):
     """The block sizes the launcher picks for the TTS shapes (bf16 and fp32, batch 1 and 64, with the separate
     attention kernel of the split-K path; the GEMV kernels at
     batch 1 and 4) compile for sm_90a and fit an H100 block's shared memory (batch 64 once asked for 246016 B:
     Triton refused it at launch)."""
-    assert run_aot_script(__file__).count("cubin") == 24 + 10
+    assert aot_output(__file__).count("cubin") == 24 + 10
 
 
 H100_SMEM_PER_BLOCK = 232448

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, run_aot_script, strided
+from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, strided
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -128,8 +128,8 @@ def test_triton_takes_strided_vectors():
     assert torch.equal(got, exp) and torch.equal(c1, c2) and torch.equal(o1, o2), (got, exp, o1, o2)
 
 
-def test_triton_aot_compiles_for_sm90():
-    assert run_aot_script(__file__).count("cubin") == 5
+def test_triton_aot_compiles_for_sm90(aot_output):
+    assert aot_output(__file__).count("cubin") == 5
 
 
 def _aot() -> None:

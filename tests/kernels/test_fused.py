@@ -16,7 +16,6 @@ from dsm_kernels.testing import (
     kernel_device,
     max_abs_err,
     poison_,
-    run_aot_script,
     strided,
 )
 
@@ -205,9 +204,9 @@ def test_triton_takes_strided_vectors():
         _check(got, exp, exp, torch.float32, name)
 
 
-def test_triton_aot_compiles_for_sm90():
+def test_triton_aot_compiles_for_sm90(aot_output):
     """The kernels compile for an H100 (the interpreter accepts code that the GPU compiler rejects)."""
-    assert run_aot_script(__file__).count("cubin") == 4
+    assert aot_output(__file__).count("cubin") == 4
 
 
 def _aot() -> None:

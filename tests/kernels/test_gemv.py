@@ -301,13 +301,11 @@ def test_conv1d_gemv_rejects_what_it_cannot_run():
         conv1d_gemv_triton(x[..., :4], w, torch.zeros(5, device=DEVICE))
 
 
-def test_triton_aot_compiles_for_sm90():
+def test_triton_aot_compiles_for_sm90(aot_output):
     """The GEMV kernels at the shapes the models launch compile for an H100, with the weights requested before the
     PDL wait and nothing else: the temporal step's (bf16, stt-1b) and Mimi's transformer's (fp32, LayerNorm
     prologues, GELU)."""
-    from dsm_kernels.testing import run_aot_script
-
-    assert run_aot_script(__file__).count("cubin") == 2 * 5 + 3
+    assert aot_output(__file__).count("cubin") == 2 * 5 + 3
 
 
 # What a PDL kernel may read before its wait: weights and norm/scale/bias parameters, which no kernel of the step

@@ -442,11 +442,9 @@ def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
     assert n_dec <= MAX_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
 
 
-def test_triton_aot_compiles_for_sm90():
+def test_triton_aot_compiles_for_sm90(aot_output):
     """The Mimi kernels compile for an H100 (fp32 tl.dot with input_precision="ieee" included)."""
-    from dsm_kernels.testing import run_aot_script
-
-    assert run_aot_script(__file__).count("cubin") == 8
+    assert aot_output(__file__).count("cubin") == 8
 
 
 def _aot() -> None:
