@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -159,16 +161,48 @@ def _aot_job(path):
     return ("aot", path), [sys.executable, path, "--aot"], env
 
 
+_JOB_DIR = None
+
+
+def _job_dir() -> Path:
+    """Where background jobs write their files: one folder per session, removed at its end."""
+    global _JOB_DIR
+    if _JOB_DIR is None:
+        _JOB_DIR = Path(tempfile.mkdtemp(prefix="dsm-test-jobs-"))
+    return _JOB_DIR
+
+
 def pytest_collection_finish(session):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker collects every item but runs a share: run on demand
         return
-    for item in session.items:  # after -k / -m selection: only the AOT checks that will run
-        if "aot_output" in getattr(item, "fixturenames", ()):
+    for item in session.items:  # after -k / -m selection: only the checks that will run, in the order they run
+        names = getattr(item, "fixturenames", ())
+        if "aot_output" in names:
             _JOBS.submit(*_aot_job(item.path))
+        jobs = getattr(getattr(item, "module", None), "background_jobs", None)
+        if "background" in names and jobs is not None:
+            for key, args in jobs(item.originalname, getattr(getattr(item, "callspec", None), "params", {}),
+                                  _job_dir()):
+                _JOBS.submit(key, args, dict(os.environ))
 
 
 def pytest_sessionfinish(session):
     _JOBS.close()
+    if _JOB_DIR is not None:
+        shutil.rmtree(_JOB_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def background():
+    """``background(key, args)``: (returncode, stdout, stderr) of ``subprocess.run(args)`` (current environment) for a
+    test whose module's ``background_jobs(test_name, params, job_dir)`` named that job at collection, so that it ran
+    (or is running) in the background queue; ``background.dir`` is the ``job_dir`` its files went to."""
+
+    def run(key, args):
+        return _JOBS.result(key, args, dict(os.environ))
+
+    run.dir = _job_dir()
+    return run
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ headers (syntax), its TORCH_LIBRARY schemas (parsed by torch), and every Triton 
 import os
 import re
 import shutil
-import subprocess
 import sysconfig
 from pathlib import Path
 
@@ -22,28 +21,61 @@ NVCC = shutil.which("nvcc") or (str(CUDA_HOME / "bin/nvcc") if (CUDA_HOME / "bin
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
 
 
+def _nvcc_object(source: str, out_dir: Path) -> list[str]:
+    return [NVCC, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a",
+            "-Werror", "all-warnings", str(CSRC / source), "-o", str(out_dir / f"{source}.o")]  # fmt: skip
+
+
+def _nvcc_ptx(source: str, out_dir: Path) -> list[str]:
+    return [NVCC, "-ptx", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", str(CSRC / source), "-o",
+            str(out_dir / f"{source}.ptx")]  # fmt: skip
+
+
+def _gxx_bindings(out_dir: Path) -> list[str]:
+    """g++ -fsyntax-only of bindings.cpp. A CPU wheel lacks c10's generated cuda_cmake_macros.h only, so an empty
+    stand-in is provided (under ``out_dir``)."""
+    from torch.utils.cpp_extension import include_paths
+
+    inc = [f"-I{p}" for p in include_paths()]
+    if not any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in include_paths()):
+        stub = out_dir / "stub/c10/cuda/impl"
+        stub.mkdir(parents=True, exist_ok=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+        inc.insert(0, f"-I{out_dir / 'stub'}")
+    return ["g++", "-fsyntax-only", "-std=c++17", *inc, f"-I{sysconfig.get_paths()['include']}",
+            f"-I{CUDA_HOME / 'include'}", "-DTORCH_EXTENSION_NAME=_C", str(CSRC / "bindings.cpp")]  # fmt: skip
+
+
+def background_jobs(test: str, params: dict, out_dir: Path):
+    """The compiler runs a collected test below will ask for (conftest starts them in the background queue at
+    collection: on 2 cores two compile at once instead of one after another)."""
+    if test == "test_nvcc_compiles_for_sm90a" and NVCC:
+        return [(("nvcc -c", params["source"]), _nvcc_object(params["source"], out_dir))]
+    if test == "test_programmatic_dependents_never_load_through_the_non_coherent_path" and NVCC:
+        return [(("nvcc -ptx", params["source"]), _nvcc_ptx(params["source"], out_dir))]
+    if test == "test_bindings_cpp_syntax" and shutil.which("g++"):
+        return [(("g++", "bindings.cpp"), _gxx_bindings(out_dir))]
+    return []
+
+
 @needs_nvcc
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
-def test_nvcc_compiles_for_sm90a(source, tmp_path):
-    cmd = [NVCC, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a",
-           "-Werror", "all-warnings", str(CSRC / source), "-o", str(tmp_path / "k.o")]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert (tmp_path / "k.o").stat().st_size > 0
+def test_nvcc_compiles_for_sm90a(source, background):
+    rc, _, err = background(("nvcc -c", source), _nvcc_object(source, background.dir))
+    assert rc == 0, err[-4000:]
+    assert (background.dir / f"{source}.o").stat().st_size > 0
 
 
 @needs_nvcc
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu") if "pdl_launch_and_wait" in p.read_text()))
-def test_programmatic_dependents_never_load_through_the_non_coherent_path(source, tmp_path):
+def test_programmatic_dependents_never_load_through_the_non_coherent_path(source, background):
     """A kernel launched as a programmatic dependent (it calls griddepcontrol.wait) starts while the kernel before
     still writes, and PTX allows ld.global.nc only for data read-only for the kernel's whole lifetime: every such
     kernel must load through L2 (.cg) or L1-coherent paths. 30 instantiations loaded q, K/V, seq_lens and the block
     table with .nc before."""
-    cmd = [NVCC, "-ptx", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", str(CSRC / source), "-o",
-           str(tmp_path / "k.ptx")]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    entries = re.split(r"(?m)^\.(?:visible\s+)?entry\s+", (tmp_path / "k.ptx").read_text())[1:]
+    rc, _, err = background(("nvcc -ptx", source), _nvcc_ptx(source, background.dir))
+    assert rc == 0, err[-4000:]
+    entries = re.split(r"(?m)^\.(?:visible\s+)?entry\s+", (background.dir / f"{source}.ptx").read_text())[1:]
     dependents = [e for e in entries if "griddepcontrol.wait" in e]
     assert dependents
     bad = [e.split("(")[0] for e in dependents if re.search(r"\bld\.global\.nc", e)]
@@ -66,21 +98,11 @@ def test_bindings_schemas_parse():
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
-def test_bindings_cpp_syntax(tmp_path):
-    """bindings.cpp against this torch's headers. A CPU wheel lacks c10's generated cuda_cmake_macros.h only, so an
-    empty stand-in is provided; linking needs a CUDA torch and happens in the GPU session (scripts/gpu_check.sh)."""
-    from torch.utils.cpp_extension import include_paths
-
-    inc = [f"-I{p}" for p in include_paths()]
-    if not any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in include_paths()):
-        stub = tmp_path / "c10/cuda/impl"
-        stub.mkdir(parents=True)
-        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-        inc.insert(0, f"-I{tmp_path}")
-    cmd = ["g++", "-fsyntax-only", "-std=c++17", *inc, f"-I{sysconfig.get_paths()['include']}",
-           f"-I{CUDA_HOME / 'include'}", "-DTORCH_EXTENSION_NAME=_C", str(CSRC / "bindings.cpp")]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, "\n".join(line for line in res.stderr.splitlines() if "error" in line)[-4000:]
+def test_bindings_cpp_syntax(background):
+    """bindings.cpp against this torch's headers (see ``_gxx_bindings``); linking needs a CUDA torch and happens in
+    the GPU session (scripts/gpu_check.sh)."""
+    rc, _, err = background(("g++", "bindings.cpp"), _gxx_bindings(background.dir))
+    assert rc == 0, "\n".join(line for line in err.splitlines() if "error" in line)[-4000:]
 
 
 def _types(kernel, ptrs: dict, default="i32", floats=()):
