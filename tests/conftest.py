@@ -69,7 +69,8 @@ def tiny_stt_ckpt(tmp_path_factory):
 
 class _BackgroundJobs:
     """Subprocesses started at collection and run one at a time on a worker thread while the tests go on: the suite's
-    own process keeps one core busy (the Triton interpreter is single-threaded), these jobs (compilers) use another.
+    own process keeps one core busy (the Triton interpreter is single-threaded), these jobs (compilers, a few
+    self-contained CLI runs) use another.
     A test asking for a job that has not started yet runs it itself, so the answer never waits behind the queue; one
     waiting on a job the worker runs takes the next queued job meanwhile."""
 
@@ -80,11 +81,12 @@ class _BackgroundJobs:
         self._closed = False
         self._thread = None
 
-    def submit(self, key, args, env):
+    def submit(self, key, args, env, timeout=None):
         with self._cv:
             if self._closed or key in self._jobs:
                 return
-            self._jobs[key] = {"args": args, "env": env, "state": "queued", "proc": None, "result": None}
+            self._jobs[key] = {"args": args, "env": env, "timeout": timeout, "state": "queued", "proc": None,
+                               "result": None}
             self._queue.append(key)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="dsm-test-jobs", daemon=True)
@@ -99,8 +101,13 @@ class _BackgroundJobs:
                 job["proc"] = proc
                 if self._closed:  # the session ended while it started
                     proc.kill()
-            out, err = proc.communicate()
-            result = (proc.returncode, out, err)
+            try:
+                out, err = proc.communicate(timeout=job["timeout"])
+                result = (proc.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                result = (None, out, f"{err}\n{job['args']}: timed out after {job['timeout']} s")
         except Exception as e:  # noqa: BLE001 - reported by the test that asks, never a stuck waiter
             result = (None, "", f"{job['args']}: {e!r}")
         with self._cv:
@@ -118,13 +125,14 @@ class _BackgroundJobs:
                 job["state"] = "running"
             self._run(job)
 
-    def result(self, key, args, env):
-        """(returncode, stdout, stderr) of the job ``key``: its background run's, or a run now."""
+    def result(self, key, args, env, timeout=None):
+        """(returncode, stdout, stderr) of the job ``key``: its background run's, or a run now (returncode None: it
+        could not start, or timed out)."""
         with self._cv:
             job = self._jobs.get(key)
             mine = job is None or job["state"] == "queued"
             if job is None:
-                job = self._jobs[key] = {"args": args, "env": env, "proc": None, "result": None}
+                job = self._jobs[key] = {"args": args, "env": env, "timeout": timeout, "proc": None, "result": None}
             elif mine:
                 self._queue.remove(key)
             job["state"] = "running" if mine else job["state"]
@@ -181,9 +189,10 @@ def pytest_collection_finish(session):
             _JOBS.submit(*_aot_job(item.path))
         jobs = getattr(getattr(item, "module", None), "background_jobs", None)
         if "background" in names and jobs is not None:
-            for key, args in jobs(item.originalname, getattr(getattr(item, "callspec", None), "params", {}),
-                                  _job_dir()):
-                _JOBS.submit(key, args, dict(os.environ))
+            for key, args, *rest in jobs(item.originalname, getattr(getattr(item, "callspec", None), "params", {}),
+                                         _job_dir()):
+                env, timeout = (*rest, None, None)[:2]
+                _JOBS.submit(key, args, dict(os.environ) if env is None else env, timeout)
 
 
 def pytest_sessionfinish(session):
@@ -194,12 +203,14 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture
 def background():
-    """``background(key, args)``: (returncode, stdout, stderr) of ``subprocess.run(args)`` (current environment) for a
-    test whose module's ``background_jobs(test_name, params, job_dir)`` named that job at collection, so that it ran
-    (or is running) in the background queue; ``background.dir`` is the ``job_dir`` its files went to."""
+    """``background(key, args, env=None, timeout=None)``: (returncode, stdout, stderr) of ``subprocess.run(args,
+    env=env, timeout=timeout)`` (env None: the current environment; returncode None: it could not start or timed out)
+    for a test whose module's ``background_jobs(test_name, params, job_dir)`` named that job, as ``(key, args[, env[,
+    timeout]])``, at collection, so that it ran (or is running) in the background queue; ``background.dir`` is the
+    ``job_dir`` its files went to."""
 
-    def run(key, args):
-        return _JOBS.result(key, args, dict(os.environ))
+    def run(key, args, env=None, timeout=None):
+        return _JOBS.result(key, args, dict(os.environ) if env is None else env, timeout)
 
     run.dir = _job_dir()
     return run

@@ -120,22 +120,32 @@ def test_format_ttfa_prints_warm_and_cold():
     assert format_ttfa([BenchRow("dsm", "stt", 1, 1.0, 1.0, 0.0, 1.0, 1.0)]) == ""
 
 
-def test_bench_mimi_smoke(tmp_path):
-    """benchmarks/bench_mimi.py runs end to end on the CPU (the GPU script's Mimi step): timings, the code agreement
-    check, and its JSON row."""
+def _bench_mimi_job(out_dir):
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "mimi.jsonl"
     cmd = [sys.executable, str(root / "benchmarks" / "bench_mimi.py"), "--device", "cpu", "--batch", "1", "--steps",
-           "1", "--warmup", "1", "--no-moshi", "--agree-frames", "2", "--threads", "1", "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "codes equal to the CPU fp32 reference over 2 frames, ours: 100.00%" in res.stdout
+           "1", "--warmup", "1", "--no-moshi", "--agree-frames", "2", "--threads", "1", "--out",
+           str(out_dir / "mimi.jsonl")]  # fmt: skip
+    return "bench_mimi.py smoke", cmd, {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, 600
+
+
+def background_jobs(test, params, out_dir):
+    """bench_mimi.py's smoke run (a process of its own anyway, ~6 s) starts at collection in conftest's background
+    queue and runs beside the other tests."""
+    return [_bench_mimi_job(out_dir)] if test == "test_bench_mimi_smoke" else []
+
+
+def test_bench_mimi_smoke(background):
+    """benchmarks/bench_mimi.py runs end to end on the CPU (the GPU script's Mimi step): timings, the code agreement
+    check, and its JSON row."""
+    tmp_path = background.dir
+    out = tmp_path / "mimi.jsonl"
+    rc, stdout, stderr = background(*_bench_mimi_job(tmp_path))
+    assert rc == 0, stderr[-2000:]
+    assert "codes equal to the CPU fp32 reference over 2 frames, ours: 100.00%" in stdout
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["rows"][0]["ours"]["encode_ms"] > 0 and row["agreement"]["reference_backend"]["codes"] == 1.0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -84,12 +85,26 @@ def test_info(capsys):
     assert "small-batch GEMV kernels: up to 4 rows" in out and "programmatic dependent launch: off" in out
 
 
-def test_validate_kernels_passes_under_the_interpreter(capsys, monkeypatch, tmp_path):
+def _validate_kernels_cmd(out_dir) -> list[str]:
+    return [sys.executable, "-m", "dsm.cli", "validate-kernels", "--quick", "--device", "cpu", "--json",
+            str(out_dir / "v.json")]
+
+
+def background_jobs(test, params, out_dir):
+    """``dsm validate-kernels --quick`` (~12 s of the interpreter) as a process of its own, started at collection in
+    conftest's background queue, so that it runs beside the other tests instead of in turn."""
+    if test == "test_validate_kernels_passes_under_the_interpreter":
+        return [("validate-kernels --quick", _validate_kernels_cmd(out_dir))]
+    return []
+
+
+def test_validate_kernels_passes_under_the_interpreter(background):
     # tests run with TRITON_INTERPRET=1, so the Triton backend is checked on the CPU
     import json
 
-    assert main(["validate-kernels", "--quick", "--device", "cpu", "--json", str(tmp_path / "v.json")]) == 0
-    out = capsys.readouterr().out
+    tmp_path = background.dir
+    rc, out, err = background("validate-kernels --quick", _validate_kernels_cmd(tmp_path))
+    assert rc == 0, (out + err)[-4000:]
     last = out.strip().splitlines()[-1]  # "n/n passed"
     n, total = last.split()[0].split("/")
     assert "triton" in out and n == total and int(total) >= 12, last
