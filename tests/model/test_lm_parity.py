@@ -25,6 +25,8 @@ from dsm.model import LMModel  # noqa: E402
 
 REL_TOL = 1e-5
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only spin on a busy 2-core box
+
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
