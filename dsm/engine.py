@@ -71,16 +71,13 @@ class PagePool:
         self._free.extend(reversed(pages))
 
 
-class SharedPagePool:
-    """Host-side allocator of content-keyed pages with reference counts (the condition's cross-attention pages); page
-    0 is reserved as the null page. A page whose last user leaves stays cached under its key, and is reused for a new
-    key only when no page is free (least recently released first)."""
+class SharedPagePool(PagePool):
+    """A :class:`PagePool` of content-keyed pages with reference counts (the condition's cross-attention pages). A
+    page whose last user leaves stays cached under its key, and is reused for a new key only when no page is free
+    (least recently released first)."""
 
     def __init__(self, num_pages: int):
-        if num_pages < 2:
-            raise ValueError(f"a page pool needs at least 2 pages (one is the null page), got {num_pages}")
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, 0, -1))
+        super().__init__(num_pages)
         self._page_of: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
         self._refs: dict[int, int] = {}
@@ -124,7 +121,7 @@ class SharedPagePool:
 
     def _take(self) -> int:
         if self._free:
-            return self._free.pop()
+            return self.alloc()
         page, _ = self._idle.popitem(last=False)  # evict the least recently released cached page
         del self._page_of[self._key_of.pop(page)], self._refs[page]
         return page
