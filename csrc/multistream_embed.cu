@@ -61,11 +61,10 @@ cudaError_t launch(const int64_t* tokens, int64_t stride_tb, int64_t stride_tk, 
   const int64_t threads_needed = (D + VEC - 1) / VEC;
   const int threads = threads_needed < 128 ? static_cast<int>((threads_needed + 31) / 32 * 32) : 128;
   const dim3 grid(B, static_cast<unsigned>((threads_needed + threads - 1) / threads));
-  multistream_embed_kernel<T, TO, VEC, VECTOR><<<grid, threads, 0, stream>>>(
-      tokens, stride_tb, stride_tk, K, static_cast<const T*>(text), static_cast<const T*>(text2),
-      static_cast<const T*>(audio), cond, static_cast<TO*>(out), D, Vt, stride_text, stride_text2, stride_aq,
-      stride_av, stride_cond, stride_out);
-  return cudaGetLastError();
+  return dsm::launch(multistream_embed_kernel<T, TO, VEC, VECTOR>, grid, dim3(threads), stream, false, tokens,
+                     stride_tb, stride_tk, K, static_cast<const T*>(text), static_cast<const T*>(text2),
+                     static_cast<const T*>(audio), cond, static_cast<TO*>(out), D, Vt, stride_text, stride_text2,
+                     stride_aq, stride_av, stride_cond, stride_out);
 }
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

@@ -305,18 +305,17 @@ extern "C" cudaError_t dsm_launch_append_kv(const void* k, const void* v, void* 
                                             int64_t stride_kcp, int64_t stride_kcs, int64_t stride_vcp,
                                             int64_t stride_vcs, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-#define DSM_APPEND_LAUNCH(TIn, TC)                                                                                   \
-  append_kv_kernel<TIn, TC><<<B, 128, 0, stream>>>(static_cast<const TIn*>(k), static_cast<const TIn*>(v),         \
-                                                   static_cast<TC*>(k_cache), static_cast<TC*>(v_cache), slot_mapping, \
-                                                   HD, page_size, stride_kb, stride_vb, stride_kcp, stride_kcs,      \
-                                                   stride_vcp, stride_vcs)
+#define DSM_APPEND_LAUNCH(TIn, TC)                                                                                 \
+  return dsm::launch(append_kv_kernel<TIn, TC>, dim3(B), dim3(128), stream, false, static_cast<const TIn*>(k),   \
+                     static_cast<const TIn*>(v), static_cast<TC*>(k_cache), static_cast<TC*>(v_cache), slot_mapping, \
+                     HD, page_size, stride_kb, stride_vb, stride_kcp, stride_kcs, stride_vcp, stride_vcs)
   if (cache_dtype == DSM_FP8_E4M3) {
     DSM_DISPATCH_DTYPE(in_dtype, TIn, DSM_APPEND_LAUNCH(TIn, fp8));
   } else {
     DSM_DISPATCH_DTYPE(in_dtype, TIn, DSM_DISPATCH_DTYPE(cache_dtype, TC, DSM_APPEND_LAUNCH(TIn, TC)));
   }
 #undef DSM_APPEND_LAUNCH
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 extern "C" cudaError_t dsm_launch_paged_decode_attention(

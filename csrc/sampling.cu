@@ -211,17 +211,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
 }
 
 template <typename T, int kItems>
-void launch_items(int64_t* out, const T* l, const T* n, int B, int V, int64_t stride_l, int64_t stride_n,
-                  float cfg_coef, const float* temperature, int top_k, const int64_t* seeds, const int64_t* steps,
-                  cudaStream_t stream) {
+cudaError_t launch_items(int64_t* out, const T* l, const T* n, int B, int V, int64_t stride_l, int64_t stride_n,
+                         float cfg_coef, const float* temperature, int top_k, const int64_t* seeds,
+                         const int64_t* steps, cudaStream_t stream) {
   constexpr int kNarrow = narrow_key_shift<T>();
-  if (n == nullptr && kNarrow != 0) {  // narrow keys are exact only for unmixed bf16/fp16 logits
-    sample_kernel<T, kItems, kNarrow><<<B, kThreads, 0, stream>>>(out, l, n, V, stride_l, stride_n, cfg_coef,
-                                                                  temperature, top_k, seeds, steps);
-  } else {
-    sample_kernel<T, kItems, 0><<<B, kThreads, 0, stream>>>(out, l, n, V, stride_l, stride_n, cfg_coef, temperature,
-                                                            top_k, seeds, steps);
-  }
+  // narrow keys are exact only for unmixed bf16/fp16 logits
+  auto kernel = n == nullptr && kNarrow != 0 ? sample_kernel<T, kItems, kNarrow> : sample_kernel<T, kItems, 0>;
+  return dsm::launch(kernel, dim3(B), dim3(kThreads), stream, false, out, l, n, V, stride_l, stride_n, cfg_coef,
+                     temperature, top_k, seeds, steps);
 }
 
 template <typename T>
@@ -233,13 +230,12 @@ cudaError_t launch(int64_t* out, const void* logits, const void* null_logits, in
   const int items = (V + kThreads - 1) / kThreads;
 #define DSM_SAMPLE(ITEMS) \
   launch_items<T, ITEMS>(out, l, n, B, V, stride_l, stride_n, cfg_coef, temperature, top_k, seeds, steps, stream)
-  if (items <= 4) DSM_SAMPLE(4);
-  else if (items <= 8) DSM_SAMPLE(8);
-  else if (items <= 16) DSM_SAMPLE(16);
-  else if (items <= 32) DSM_SAMPLE(32);
-  else return cudaErrorInvalidValue;
+  if (items <= 4) return DSM_SAMPLE(4);
+  if (items <= 8) return DSM_SAMPLE(8);
+  if (items <= 16) return DSM_SAMPLE(16);
+  if (items <= 32) return DSM_SAMPLE(32);
+  return cudaErrorInvalidValue;
 #undef DSM_SAMPLE
-  return cudaGetLastError();
 }
 
 }  // namespace

@@ -15,11 +15,11 @@ reference's own fp8 error against it + 1e-5.
 
 import pytest
 import torch
+from kernel_backends import BACKENDS, kernel_device, resolve
 
-from dsm_kernels import reference, resolve
-from dsm_kernels.testing import assert_close_verbose, kernel_device, max_abs_err, poison_, ref_relative_atol, strided
+from dsm_kernels import reference
+from dsm_kernels.testing import assert_close_verbose, max_abs_err, poison_, ref_relative_atol, strided
 
-BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 KV_LENS = [1, 7, 749, 750, 751, 1501, 0]  # around context 750, plus an inactive slot
 
 

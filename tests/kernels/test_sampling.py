@@ -10,11 +10,10 @@ Statistical check: frequencies of 2^20 draws (the reference's noise and formula,
 
 import pytest
 import torch
+from kernel_backends import BACKENDS, kernel_device, resolve
 
-from dsm_kernels import reference, resolve
-from dsm_kernels.testing import kernel_device, poison_, sample_tokens_torch
-
-BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
+from dsm_kernels import reference
+from dsm_kernels.testing import poison_, sample_tokens_torch
 
 
 def _inputs(B, V, device, dtype=torch.float32, seed=0, cfg=False):
@@ -118,7 +117,9 @@ def _check_frequencies(tokens, probs, label):
     assert bool((freq[probs == 0] == 0).all()), f"{label}: drew a token outside the top-k set"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Not cuda_emu (65536 emulated rows would take minutes): the emulated kernel draws the reference's own tokens
+# (test_matches_reference), whose distribution the first half of this test checks over 2^20 draws.
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "cuda_emu"])
 def test_distribution_matches_renormalised_top_k(backend):
     device = kernel_device(backend)
     V, top_k, t, rows = 64, 10, 0.8, 4096

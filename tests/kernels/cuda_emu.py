@@ -1,0 +1,168 @@
+"""The CUDA C++ kernels of ``csrc/`` run on the CPU, for tests (backend name ``cuda_emu``).
+
+``csrc/*.cu`` are compiled by the host C++ compiler against ``cuda_emu_include/`` (an emulation of the CUDA subset
+they use: threads as fibers, barriers, warp collectives, bf16/fp16/fp8 conversions) into a shared library whose C
+launchers (``csrc/dsm_cuda.h``) are called through ctypes on CPU tensors. So CPU CI executes the kernels' own logic
+against the reference ops, where it could otherwise only compile them; the GPU tests still run the real thing.
+
+The wrappers below have the signatures of ``dsm_kernels.cuda_ops``' and pass the same arguments as
+``csrc/bindings.cpp`` (without its input checks: the tests give valid inputs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from dsm_kernels.cuda_ops import decode_num_splits
+
+ROOT = Path(__file__).resolve().parents[2]
+INCLUDE = Path(__file__).resolve().parent / "cuda_emu_include"
+SOURCES = [ROOT / "csrc" / f for f in ("multistream_embed.cu", "paged_attention.cu", "sampling.cu")]
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+# No FMA contraction (the kernels' *_rn intrinsics and the sampler's CFG mix round each operation, as on the GPU).
+FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-x", "c++", f"-I{INCLUDE}",
+         f"-I{ROOT / 'csrc'}"]
+EMULATED_SMS = 132  # an H100's: the split planner sees the GPU's block counts
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3}
+
+
+def build_command(out: Path) -> list[str]:
+    return [CXX or "g++", *FLAGS, *map(str, SOURCES), "-o", str(out)]
+
+
+def library_path() -> Path:
+    """Where the library for the current sources lives (keyed by their content, so an edit rebuilds)."""
+    h = hashlib.sha256(" ".join(FLAGS).encode())
+    for f in [*SOURCES, *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "dsm_cuda.h",
+              *sorted(INCLUDE.glob("*.h"))]:
+        h.update(f.read_bytes())
+    return Path(tempfile.gettempdir()) / f"dsm-cuda-emu-{h.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """Compile the library unless this content's is already there (written under a temporary name, then renamed,
+    so concurrent test processes never load a half-written file)."""
+    path = library_path()
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(build_command(tmp), check=True, capture_output=True, text=True, timeout=600)
+        tmp.replace(path)
+    return path
+
+
+@cache
+def _lib():
+    lib = ctypes.CDLL(str(build()))
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.dsm_launch_multistream_embed.argtypes = [p, i64, i64, i32, i32, p, p, p, p, p, i32, i32, i64, i64, i64, i64,
+                                                 i64, i64, i64, i64, p]
+    lib.dsm_launch_append_kv.argtypes = [p, p, p, p, p, i32, i32, i32, i32, i32, i64, i64, i64, i64, i64, i64, p]
+    lib.dsm_launch_paged_decode_attention.argtypes = [p, p, p, p, p, p, i32, i32, i32, i32, i32, i32, i32, i32, f32,
+                                                      i32, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, p]
+    lib.dsm_paged_decode_blocks_per_sm.argtypes = [i32, i32, i32, ctypes.POINTER(i32)]
+    lib.dsm_launch_sample_tokens.argtypes = [p, p, p, i32, i32, i32, i64, i64, f32, p, i32, p, p, p]
+    for fn in (lib.dsm_launch_multistream_embed, lib.dsm_launch_append_kv, lib.dsm_launch_paged_decode_attention,
+               lib.dsm_paged_decode_blocks_per_sm, lib.dsm_launch_sample_tokens):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _ok(err: int, what: str) -> None:
+    if err != 0:
+        raise RuntimeError(f"{what}: emulated launch failed with cudaError {err}")
+
+
+def multistream_embed_emu(tokens, text_table, audio_tables, *, text_table2=None, cond=None, out_dtype=None, out=None):
+    B, K = tokens.shape
+    D = text_table.shape[1]
+    tokens = tokens.long()
+    cond = None if cond is None else cond.float()
+    if out is None:
+        out = torch.empty(B, D, dtype=out_dtype or text_table.dtype)
+    _ok(_lib().dsm_launch_multistream_embed(
+        _ptr(tokens), tokens.stride(0), tokens.stride(1), B, K, _ptr(text_table), _ptr(text_table2),
+        _ptr(audio_tables), _ptr(cond), _ptr(out), _DTYPES[text_table.dtype], _DTYPES[out.dtype], D,
+        text_table.shape[0], text_table.stride(0), 0 if text_table2 is None else text_table2.stride(0),
+        audio_tables.stride(0), audio_tables.stride(1), 0 if cond is None else cond.stride(0), out.stride(0), None,
+    ), "multistream_embed")
+    return out
+
+
+def append_kv_emu(k_cache, v_cache, k, v, slot_mapping) -> None:
+    B, H, D = k.shape
+    slot_mapping = slot_mapping.long().contiguous()
+    _ok(_lib().dsm_launch_append_kv(
+        _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), _ptr(slot_mapping), B, H * D, k_cache.shape[1],
+        _DTYPES[k.dtype], _DTYPES[k_cache.dtype], k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), None,
+    ), "append_kv")
+
+
+def paged_decode_attention_emu(
+    q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, out=None, num_splits=None, counters=None
+):
+    B, H, D = q.shape
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    block_table = block_table.int()
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    seq_lens = seq_lens.int().contiguous()
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_splits is None:
+        per_sm = ctypes.c_int(0)
+        _ok(_lib().dsm_paged_decode_blocks_per_sm(D, _DTYPES[q.dtype], _DTYPES[k_cache.dtype], ctypes.byref(per_sm)),
+            "paged_decode_blocks_per_sm")
+        num_splits = decode_num_splits(B, H, context, per_sm.value * EMULATED_SMS)
+    scale = D**-0.5 if scale is None else scale
+    parts = B * H * num_splits if num_splits > 1 else 1
+    ml = torch.empty(2, parts)
+    acc = torch.empty(parts, D if num_splits > 1 else 1)
+    cnt = counters if counters is not None and num_splits > 1 else None
+    _ok(_lib().dsm_launch_paged_decode_attention(
+        _ptr(out), _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(block_table), _ptr(seq_lens), B, H, D,
+        _DTYPES[q.dtype], _DTYPES[k_cache.dtype], k_cache.shape[1], block_table.shape[1], int(context), float(scale),
+        int(num_splits), _ptr(ml), _ptr(ml) + 4 * parts, _ptr(acc), _ptr(cnt), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), block_table.stride(0), 0, None,
+    ), "paged_decode_attention")
+    return out
+
+
+def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, out=None):
+    B, V = logits.shape
+    if out is None:
+        out = torch.empty(B, dtype=torch.int64)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if null_logits is not None and null_logits.stride(1) != 1:
+        null_logits = null_logits.contiguous()
+    temperature, seeds, steps = temperature.float().contiguous(), seeds.long().contiguous(), steps.long().contiguous()
+    _ok(_lib().dsm_launch_sample_tokens(
+        _ptr(out), _ptr(logits), _ptr(null_logits), _DTYPES[logits.dtype], B, V, logits.stride(0),
+        0 if null_logits is None else null_logits.stride(0), float(cfg_coef), _ptr(temperature), int(top_k),
+        _ptr(seeds), _ptr(steps), None,
+    ), "sample_tokens")
+    return out
+
+
+OPS = {
+    "multistream_embed": multistream_embed_emu,
+    "append_kv": append_kv_emu,
+    "paged_decode_attention": paged_decode_attention_emu,
+    "sample_tokens": sample_tokens_emu,
+}
