@@ -156,15 +156,13 @@ def kv_capacity(model_cfg, kv_dtype: torch.dtype, memory_bytes: int, weights_byt
 def _condition_layout(model) -> tuple[int, int, int]:
     """(pages of its own, shared pages, page size) of a benchmark stream's condition K/V: with
     :func:`_random_conditions`' layout, the voice's page is its own and the padding pages are shared."""
-    from .conditioning import cross_page_keys
+    from .conditioning import cross_length, cross_page_keys
     from .kv_cache import cross_page_size
 
     if not model.cfg.cross_attention:
         return 0, 0, 0
     prov, fuser = model.condition_provider, model.cfg.fuser
-    first = _random_conditions(model, 0)
-    length = sum(first[n].tensor.shape[1] if prov.conditioners[n].cfg.type == "tensor" else 1 for n in fuser.cross)
-    page = cross_page_size(length)
+    page = cross_page_size(cross_length(prov, fuser, _random_conditions(model, 0)))
     a, b = (cross_page_keys(prov, fuser, _random_conditions(model, s), page) for s in (0, 1))
     own = sum(x != y for x, y in zip(a, b, strict=True))
     return own, len(a) - own, page

@@ -113,6 +113,11 @@ def condition_tensors(provider: ConditionProvider, fuser: FuserConfig, values: d
     return fuse_conditions(fuser, conds)
 
 
+def cross_length(provider: ConditionProvider, fuser: FuserConfig, values: dict) -> int:
+    """Positions of the cross-attention source that ``values`` give (a lookup-table condition is one)."""
+    return sum(values[n].tensor.shape[1] if provider.conditioners[n].cfg.type == "tensor" else 1 for n in fuser.cross)
+
+
 def cross_page_keys(provider: ConditionProvider, fuser: FuserConfig, values: dict,
                     page_size: int) -> list[bytes] | None:
     """Content keys of one stream's cross source, page by page: equal keys mean equal source rows, hence equal K/V.

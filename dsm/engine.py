@@ -95,9 +95,13 @@ class SharedPagePool(PagePool):
 
     def acquire(self, keys: list[bytes | None]) -> tuple[list[int], list[bool]]:
         """Pages for one stream's parts (a None key: a page of its own); returns the pages and which of them are new
-        and must be written. All or nothing: raises :class:`EngineFull` and takes no page if they do not fit."""
-        hits = {self._page_of[k] for k in keys if k is not None and k in self._page_of}
-        new = len({k for k in keys if k is not None and k not in self._page_of}) + sum(k is None for k in keys)
+        and must be written. All or nothing: raises :class:`EngineFull` and takes no page if they do not fit. The keys
+        of one stream are distinct (:func:`dsm.conditioning.cross_page_keys` digests the page index into each)."""
+        named = [k for k in keys if k is not None]
+        if len(set(named)) != len(named):
+            raise ValueError("a stream's condition page keys must be distinct")
+        hits = {self._page_of[k] for k in named if k in self._page_of}
+        new = len(keys) - len(hits)
         room = len(self._free) + len(self._idle) - len(hits & self._idle.keys())
         if new > room:
             raise EngineFull(f"condition page pool exhausted: this stream needs {new} new pages, {room} can be "
@@ -110,13 +114,10 @@ class SharedPagePool(PagePool):
                 self._refs[page] = self._refs.get(page, 0) + 1
         for j, key in enumerate(keys):
             if pages[j] is None:
-                page = self._page_of.get(key) if key is not None else None  # a key repeated in this stream
-                if page is None:
-                    page = self._take()
-                    if key is not None:
-                        self._page_of[key], self._key_of[page] = page, key
-                self._refs[page] = self._refs.get(page, 0) + 1
-                pages[j] = page
+                pages[j] = page = self._take()
+                self._refs[page] = 1
+                if key is not None:
+                    self._page_of[key], self._key_of[page] = page, key
         return pages, fresh
 
     def _take(self) -> int:
