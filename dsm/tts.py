@@ -218,7 +218,13 @@ class StateMachine:
             return False
         if not state.entries[0].tokens or not self.second_stream_ahead:
             return True
-        return sum(1 for e in state.entries if e.tokens) >= self.second_stream_ahead + 1
+        need = self.second_stream_ahead + 1  # words queued; stop counting there (the text may be a whole book)
+        for e in state.entries:
+            if e.tokens:
+                need -= 1
+                if not need:
+                    return True
+        return False
 
     def process(self, step: int, state: MachineState, token: int) -> tuple[int, bool]:
         """(input id replacing the sampled ``token``, whether an entry was consumed); ``step`` = row offset."""

@@ -341,3 +341,28 @@ def test_bench_tts_streams_have_their_own_voices_and_share_the_padding():
     assert bench.kv_capacity(cfg, torch.bfloat16, free, 0, reserve_bytes=0) == free // self_kv
     assert bench.kv_capacity(cfg, torch.bfloat16, free, 0, reserve_bytes=0, condition_rows=125) == \
         free // (self_kv + voice)
+
+
+def test_bench_host_runs_both_runtimes_on_stand_ins(tmp_path, tiny_stt_ckpt, one_thread, monkeypatch):
+    """benchmarks/bench_host.py: the runtimes' host work per step with stand-in model steps; the TTS steps it times
+    decode audio for every stream (the stand-in Mimi is called)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
+    from dsm.tts import TTSRuntime
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_host.py"
+    spec = importlib.util.spec_from_file_location("bench_host", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.stt_host_ms(resolve_checkpoint(tiny_stt_ckpt), 3, 2) > 0
+    decoded = []
+    real = TTSRuntime._decode
+    monkeypatch.setattr(TTSRuntime, "_decode", lambda self, rows, frames: decoded.append(len(rows)) or real(
+        self, rows, frames))
+    tts = write_random_checkpoint("tiny-tts", tmp_path / "tts", seed=0, dtype=torch.float32)
+    assert mod.tts_host_ms(resolve_checkpoint(tts), 3, 2) > 0
+    assert decoded[-2:] == [3, 3], decoded

@@ -1,0 +1,113 @@
+"""Host work per step of the STT and TTS runtimes at N streams, with the model step and Mimi replaced by stand-ins that
+cost nothing: what the Python side adds to every frame. The device waits for it (each step's tokens go through the
+host: word assembly for STT, the state machine for TTS), so at high stream counts it eats into the frame budget
+(80 ms for STT, 40 ms for the TTS p99 goal) on top of the GPU's step time.
+
+    python benchmarks/bench_host.py --streams 64 256 700 [--steps 20]
+
+Runs on any machine (tiny random presets). The stand-in tokens: STT text is padding 85% of steps, a word start 7%,
+word pieces 8%; TTS text comes from the state machine as in a real run, audio tokens are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
+
+
+def _times(step, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        step()
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(out)
+
+
+def stt_host_ms(files, n: int, steps: int) -> float:
+    from dsm.stt import FRAME_SIZE, STTRuntime
+
+    rt = STTRuntime.from_checkpoint(files, max_streams=n)
+    heads = len(rt.stepper.lm.extra_heads)
+    g = torch.Generator().manual_seed(0)
+
+    def lm_step(codes, active):
+        r = torch.rand(n, generator=g)
+        tok = torch.where(r < 0.85, 3, torch.where(r < 0.92, 0, torch.randint(4, 50, (n,), generator=g)))
+        return tok.tolist(), torch.rand(n, heads) if heads else None
+
+    rt.stepper.encode = lambda pcm, active: torch.zeros(n, rt.stepper.n_q, pcm.shape[1] // FRAME_SIZE,
+                                                        dtype=torch.long)
+    rt.stepper.lm_step = lm_step
+    streams = [rt.open_stream() for _ in range(n)]
+    for s in streams:
+        s.push(np.zeros(FRAME_SIZE * (steps + 5), dtype=np.float32), process=False)
+
+    def step():
+        rt.step()
+        for s in streams:
+            s.events()
+
+    return _times(step, steps)
+
+
+def tts_host_ms(files, n: int, steps: int) -> float:
+    from dsm.tts import TTSConfig, TTSRuntime
+
+    rt = TTSRuntime.from_checkpoint(files, dtype=torch.float32, config=TTSConfig(max_batch=n))
+    g = torch.Generator().manual_seed(0)
+    stepper, dep_q, card = rt.stepper, rt.model.cfg.dep_q, rt.model.cfg.card
+
+    def lm_step(active, text_only, on_text_logits, on_text, on_audio):
+        rows = stepper.engine.bucket_for(active.nonzero()[:, 0].tolist())
+        stepper._rows = rows
+        text = torch.randint(0, 50, (rows,), generator=g)
+        on_text(text)
+        audio = torch.randint(0, card, (rows, dep_q), generator=g)
+        on_audio(audio)
+        return torch.cat([text[:, None], audio], 1)
+
+    stepper.step = lm_step
+    pcm = torch.zeros(n, 1, 1920)
+    rt._decode_step = lambda codes: pcm
+    words = " ".join(["hello world"] * 200)
+    streams = [rt.open_stream() for _ in range(n)]
+    for s in streams:
+        s.push(words)
+    rt.step()  # admits every stream (opens its slot: real model work, not timed)
+
+    def step():
+        rt.step()
+        for s in streams:
+            s.read()
+
+    return _times(step, steps, warmup=rt.delay_steps + rt.model.cfg.max_delay + 3)  # timed steps decode audio
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--streams", type=int, nargs="+", default=[64, 256, 700])
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        stt = resolve_checkpoint(write_random_checkpoint("tiny-stt", Path(d) / "stt", seed=0, dtype=torch.float32))
+        tts = resolve_checkpoint(write_random_checkpoint("tiny-tts", Path(d) / "tts", seed=0, dtype=torch.float32))
+        print("runtime  streams  host ms/step (median)")
+        for n in args.streams:
+            print(f"stt      {n:7d}  {stt_host_ms(stt, n, args.steps):8.2f}", flush=True)
+            print(f"tts      {n:7d}  {tts_host_ms(tts, n, args.steps):8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
