@@ -312,7 +312,7 @@ class ASRServer(_Endpoint):
     async def _handler(self, ws) -> None:
         async with self.lock:
             try:
-                stream = self.rt.open_stream(name=f"ws-{id(ws):x}")
+                stream = self.rt.open_stream(name=f"ws-{id(ws):x}", history=False)  # events only: bounded memory
             except NoFreeSlotError:
                 stream = None
         if stream is None:

@@ -119,7 +119,7 @@ class Finished:
     """The stream ended (after :meth:`STTStream.flush`); its slot is free."""
 
     stream: str
-    transcript: Transcript
+    transcript: Transcript | None  # None for a stream opened with history=False
 
 
 Event = Word | EndWord | Partial | VADStep | Marker | Finished
@@ -279,13 +279,14 @@ class _SampleQueue:
 class STTStream:
     """One audio stream on an :class:`STTRuntime`; created by :meth:`STTRuntime.open_stream`."""
 
-    def __init__(self, runtime: STTRuntime, slot: int, name: str, sample_rate: int):
+    def __init__(self, runtime: STTRuntime, slot: int, name: str, sample_rate: int, history: bool = True):
         if not isinstance(sample_rate, int | np.integer) or sample_rate < MIN_SAMPLE_RATE:
             raise AudioError(f"stream {name}: sample rate must be an integer >= {MIN_SAMPLE_RATE} Hz, got "
                              f"{sample_rate!r}")
         self.rt, self.slot, self.name, self.sample_rate = runtime, slot, name, int(sample_rate)
         self.queue = _SampleQueue()
-        self.tokens: list[int] = []
+        self.history = history
+        self.tokens: list[int] = []  # every text token, with history (for words())
         self.steps = 0  # frames consumed since open (Rust ``step_idx``)
         self.samples_in = 0  # 24 kHz samples pushed by the caller
         self.clipped_samples = 0  # input samples outside [-1, 1], clipped
@@ -404,7 +405,8 @@ class STTStream:
         # Runs for every stream at every step (700 streams: 700 calls per 80 ms frame), so it skips what a step
         # without a new word or marker does not need.
         rt, tracker = self.rt, self.tracker
-        self.tokens.append(token)
+        if self.history:
+            self.tokens.append(token)
         self.steps += 1
         before = len(tracker.word_tokens)
         raw = tracker.push(token)
@@ -425,7 +427,8 @@ class STTStream:
     def _emit_raw(self, raw: list[RawWord | RawEndWord]) -> None:
         shift = self.rt.n_prefix_frames / FRAME_RATE
         for e in raw:
-            self._raw.append(e)
+            if self.history:
+                self._raw.append(e)
             if isinstance(e, RawWord):
                 text = self.rt.tokenizer.decode(list(e.tokens))
                 self._text = f"{self._text} {text}" if self._text else text
@@ -445,6 +448,9 @@ class STTStream:
 
     def words(self, rule: str | None = None) -> Transcript:
         """Transcript of the tokens so far by ``rule`` (``"python"`` or ``"rust"``; default: runtime option)."""
+        if not self.history:
+            raise RuntimeError(f"stream {self.name} was opened with history=False: it keeps no words (use its "
+                               "Word events)")
         rt = self.rt
         rule = rule or rt.options.timestamps
         duration = self.samples_in / SAMPLE_RATE
@@ -471,7 +477,7 @@ class STTStream:
         self._emit_raw(self.tracker.finish())
         self._due_markers(all_=True)
         self.finished = True
-        self.transcript = self.words()
+        self.transcript = self.words() if self.history else None
         self._events.append(Finished(self.name, self.transcript))
         self.rt._release(self)
 
@@ -551,13 +557,17 @@ class STTRuntime:
     def free_slots(self) -> int:
         return sum(s is None for s in self.slots)
 
-    def open_stream(self, name: str | None = None, sample_rate: int = SAMPLE_RATE) -> STTStream:
-        """Take the lowest free slot (reset) for a new stream; :class:`NoFreeSlotError` if all are taken."""
+    def open_stream(self, name: str | None = None, sample_rate: int = SAMPLE_RATE, history: bool = True) -> STTStream:
+        """Take the lowest free slot (reset) for a new stream; :class:`NoFreeSlotError` if all are taken.
+
+        ``history=False``: the stream keeps no token or word history (its events are all it gives: no
+        :meth:`STTStream.words`, and its :class:`Finished` has no transcript), so its host memory stays bounded
+        however long it runs (a server's connection: 12.5 tokens a second for hours)."""
         if None not in self.slots:
             raise NoFreeSlotError(f"all {self.max_streams} stream slots are in use")
         slot = self.slots.index(None)
         self.opened += 1
-        stream = STTStream(self, slot, name if name is not None else f"stream-{self.opened}", sample_rate)
+        stream = STTStream(self, slot, name if name is not None else f"stream-{self.opened}", sample_rate, history)
         got = self.stepper.open()
         if got != slot:
             self.stepper.close(got)

@@ -209,6 +209,29 @@ def test_forced_words_follow_both_rules(lm, tok, files, alignment, model, engine
     assert rt.free_slots == 3
 
 
+def test_stream_without_history_gives_the_same_events_and_keeps_nothing(lm, tok, files):
+    """history=False (the server's streams): the same events, token for token, as a stream with history, beside it
+    on the same runtime; it keeps no tokens or words (bounded memory however long it runs), words() says why, and
+    its Finished has no transcript."""
+    seq = forced_stream(tok, 80, seed=4)
+    forcer = Forcer({"kept": seq, "bare": seq})
+    rt = runtime(lm, tok, files.config, forcer=forcer, alignment="rust", max_streams=2)
+    kept, bare = rt.open_stream("kept"), rt.open_stream("bare", history=False)
+    events = {}
+    for s in (kept, bare):
+        s.push(noise(1920 * 40, seed=1), process=False)
+    rt.run()
+    for s in (kept, bare):
+        events[s.name] = [dataclasses.replace(e, stream="x") for e in s.flush() + s.events()]
+    assert events["kept"][:-1] == events["bare"][:-1]
+    assert sum(isinstance(e, Word) for e in events["bare"]) >= 3
+    assert isinstance(events["bare"][-1], Finished) and events["bare"][-1].transcript is None
+    assert events["kept"][-1].transcript.words and len(kept.tokens) == kept.steps
+    assert bare.tokens == [] and bare._raw == [] and bare.steps == kept.steps
+    with pytest.raises(RuntimeError, match="history=False"):
+        bare.words()
+
+
 @pytest.mark.parametrize("timestamps", ["python", "rust"])
 def test_flush_without_ending_keeps_the_pushed_audios_times(lm, tok, files, timestamps):
     """flush(end=False) inserts silence (a frame's padding + the flush frames) the caller never pushed: later word
