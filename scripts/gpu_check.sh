@@ -55,6 +55,8 @@ finish() {
     grep -E "passed|FAIL" "$LOGS/validate.log" 2>/dev/null
     echo "=== dsm bench (engine step, Mimi included; moshi = LMGen step alone)"
     for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && sed -n '/^system/,$p' "$f"; done
+    echo "=== runtime host work per step (ms, stand-in model; add to the capacity rows)"
+    sed -n '/^runtime/,$p' "$LOGS/host.log" 2>/dev/null
     echo "=== mimi / depformer"
     tail -n 20 "$LOGS/mimi.log" 2>/dev/null
     tail -n 12 "$LOGS/depformer.log" 2>/dev/null
@@ -132,6 +134,8 @@ step bench_capacity 150 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-e
 step bench_capacity_fp8 150 40 "${B[@]}" --no-reference --steps 20 --kv-dtype fp8 --preset stt-1b-en_fr \
   --batch 1,1024 --capacity
 step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1.6b-en_fr --batch 256
+# the runtimes' host work per step on this machine's CPU (stand-in model steps): add it to the capacity rows above
+step host 60 20 "$PY" benchmarks/bench_host.py --streams 64 256 700 --steps 20
 step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \
   --out "$OUT/kernels.jsonl"
 step kbench 90 30 "$PY" benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \
