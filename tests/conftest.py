@@ -230,3 +230,37 @@ def aot_output():
         return out
 
     return run
+
+
+@pytest.fixture
+def cuda_emulated(monkeypatch):
+    """dsm_kernels' ``cuda`` backend on the CPU: its ops run the CUDA C++ kernels of csrc/ through
+    ``tests/kernels/cuda_emu.py``, and the ops without a CUDA kernel fall back to Triton, as on a GPU. So a model or
+    engine test can run its ``cuda`` configuration (the arguments the model passes to the CUDA kernels) in CPU CI.
+    Returns a Counter of the emulated kernels' calls, so that a test can check they ran."""
+    import collections
+
+    import dsm_kernels
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "kernels"))
+    import cuda_emu
+
+    calls = collections.Counter()
+    ops = {op: dict(impls) for op, impls in dsm_kernels._OPS.items()}
+    for op, fn in cuda_emu.OPS.items():
+        def counted(*args, _fn=fn, _op=op, **kw):
+            calls[_op] += 1
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(cuda_emu, fn.__name__, counted)
+        ops[op]["cuda"] = f"cuda_emu:{fn.__name__}"
+    monkeypatch.setattr(dsm_kernels, "_OPS", ops)
+    real = dsm_kernels.available_backends
+
+    def available(device="cpu"):
+        return [*real(device), "cuda"] if torch.device(device).type == "cpu" else real(device)
+
+    monkeypatch.setattr(dsm_kernels, "available_backends", available)
+    dsm_kernels._load.cache_clear()  # resolve() caches what it imported: no stale function either side of the test
+    yield calls
+    dsm_kernels._load.cache_clear()

@@ -51,9 +51,9 @@ def _engine_tokens(model, backend, batch, steps=6):
     return torch.stack([o.tokens.cpu() for o in outs]), torch.stack([o.text_logits.float().cpu() for o in outs])
 
 
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu), "cuda_emu"])
 @pytest.mark.parametrize("batch", [2, 6], ids=["gemv-path", "cublas-path"])
-def test_tts_engine_tokens_equal_reference(batch, backend):
+def test_tts_engine_tokens_equal_reference(batch, backend, request):
     """A conditioned model (cross-attention to the voice, depth transformer, delays) on the Triton kernels, as the
     engine steps it, samples the reference's tokens with the same text logits. At batch <= 4 it runs the GEMV path
     (the cross-attention's query and output GEMVs included), above it F.linear. tiny-tts with 8 codebooks, for the
@@ -62,7 +62,11 @@ def test_tts_engine_tokens_equal_reference(batch, backend):
     from dsm.bench import random_model
     from dsm.presets import preset_config
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and backend != "cuda_emu" else "cpu"
+    calls = None
+    if backend == "cuda_emu":  # the CUDA configuration with csrc/'s kernels emulated on the CPU
+        calls = request.getfixturevalue("cuda_emulated")
+        backend = "cuda"
     cfg = dict(preset_config("tiny-tts"), num_layers=1, depformer_num_layers=1, n_q=8, dep_q=8, delays=[0, 0] + [2] * 7)
     cfg["depformer_weights_per_step_schedule"] = cfg["depformer_weights_per_step_schedule"][:8]
     model = random_model(cfg, device, torch.float32)[0]
@@ -75,8 +79,17 @@ def test_tts_engine_tokens_equal_reference(batch, backend):
     assert torch.equal(tok, tok_ref)
     # fp32: the logits agree closely (tokens alone would miss a small error such as a LayerNorm taken for an RMSNorm)
     assert float((logits - logits_ref).abs().max()) <= 1e-4 * float(logits_ref.abs().max())
+    if calls is not None:  # self- and voice cross-attention, embedding and text sampling ran on the CUDA kernels
+        assert calls["paged_decode_attention"] >= 12 and calls["multistream_embed"] and calls["sample_tokens"], calls
 
 
 @pytest.mark.gpu
 def test_model_tokens_cuda_equal_reference():
     _check("cuda", "cuda")
+
+
+def test_model_tokens_emulated_cuda_equal_reference(cuda_emulated):
+    """The same on the CPU with the CUDA kernels emulated (tests/kernels/cuda_emu.py)."""
+    _check("cuda", "cpu")
+    assert all(cuda_emulated[op] for op in ("multistream_embed", "paged_decode_attention", "sample_tokens")), (
+        cuda_emulated)

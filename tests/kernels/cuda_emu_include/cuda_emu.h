@@ -14,7 +14,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -165,7 +167,7 @@ template <typename T>
 inline T __ldcg(const T* p) {
   return *p;
 }
-inline int atomicAdd(int* p, int v) {  // one OS thread: plain read-modify-write is atomic
+inline int atomicAdd(int* p, int v) {  // threads switch only at barriers: nothing interleaves with this
   const int old = *p;
   *p = v + old;
   return old;
@@ -264,7 +266,7 @@ struct Fiber {
 };
 
 struct Launch {
-  dim3 grid, block;
+  dim3 block;
   std::function<void()> body;
   Context scheduler;
   std::vector<Fiber> fibers;
@@ -403,7 +405,6 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
   const dim3 g = cfg->gridDim, b = cfg->blockDim;
   if (b.y != 1 || b.z != 1 || b.x == 0 || b.x > 1024) return dsm_emu::last_error = cudaErrorInvalidValue;
   dsm_emu::Launch L;
-  L.grid = g;
   L.block = b;
   blockDim = b;
   gridDim = g;
