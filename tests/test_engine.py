@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from moshi_oracle import dsm_lm_from_moshi, moshi_lm_from_config  # noqa: E402
 
+import dsm_kernels  # noqa: E402
 from dsm.engine import Engine, EngineFull, PagePool  # noqa: E402
 from dsm.generate import Generator  # noqa: E402
 
@@ -67,8 +69,8 @@ def test_single_stream_equals_generator(stt_model):
         assert torch.equal(out.tokens[slot], ref[t])
 
 
-def _run_alone(model, audio, buckets, max_slots):
-    eng = Engine(model, max_slots=max_slots, buckets=buckets, use_sampling=False)
+def _run_alone(model, audio, buckets, max_slots, backend=None):
+    eng = Engine(model, max_slots=max_slots, buckets=buckets, use_sampling=False, backend=backend)
     slot = eng.open()
     inputs = torch.zeros(max_slots, 32, dtype=torch.long)
     toks = []
@@ -78,20 +80,31 @@ def _run_alone(model, audio, buckets, max_slots):
     return slot, toks
 
 
-def test_stream_isolation_among_63_others(stt_model):
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cuda", marks=pytest.mark.gpu), "cuda_emu"])
+def test_stream_isolation_among_63_others(stt_model, backend, request, monkeypatch):
     """A stream's tokens among 63 others (different start times and lengths, joining, leaving, pausing) are
-    bit-identical to the same stream alone in an engine of the same bucket."""
-    max_slots, steps, start = 64, 30, 7
+    bit-identical to the same stream alone in an engine of the same bucket: on the reference ops, on the GPU's
+    kernels, and on the CUDA kernels emulated on the CPU: a kernel that read another slot's pages or state would
+    show here."""
+    calls, model, max_slots = None, stt_model, 64
+    if backend == "cuda_emu":
+        calls, backend = request.getfixturevalue("cuda_emulated"), "cuda"
+        # the ops without a CUDA kernel on the reference, not the (slow) Triton interpreter: the CUDA kernels are
+        # what this case is about
+        monkeypatch.setattr(dsm_kernels, "available_backends", lambda device="cpu": ["reference", "cuda"])
+    elif backend == "cuda":
+        model = copy.deepcopy(stt_model).to("cuda")
+    steps, start = 30, 7
     target = _audio(99, steps)
-    _, alone = _run_alone(stt_model, target, (64,), max_slots)
-    eng = Engine(stt_model, max_slots=max_slots, buckets=(64,), use_sampling=False)
+    _, alone = _run_alone(model, target, (max_slots,), max_slots, backend)
+    eng = Engine(model, max_slots=max_slots, buckets=(max_slots,), use_sampling=False, backend=backend)
     rng = random.Random(0)
     others: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (step it joined, its audio)
 
     def join(step):
         others[eng.open()] = (step, _audio(rng.randrange(10**6), start + steps))
 
-    for _ in range(20):
+    for _ in range(max_slots * 5 // 16):
         join(0)
     inputs = torch.zeros(max_slots, 32, dtype=torch.long)
     target_slot, got, full = None, [], False
@@ -116,9 +129,10 @@ def test_stream_isolation_among_63_others(stt_model):
         out = eng.step(inputs, active=active)
         if target_slot is not None:
             got.append(out.tokens[target_slot].clone())
-    assert full, "the test never had 64 streams open at once"
+    assert full, f"the test never had {max_slots} streams open at once"
     assert len(got) == steps
     assert all(torch.equal(a, b) for a, b in zip(got, alone, strict=True))
+    assert calls is None or calls["paged_decode_attention"] and calls["sample_tokens"], calls
 
 
 def test_joins_and_leaves_leak_no_pages(stt_model):
