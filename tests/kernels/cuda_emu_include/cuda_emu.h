@@ -2,9 +2,10 @@
 // this folder first on the include path, so <cuda_runtime.h> etc. land here) and run on CPU memory, so CI executes
 // their logic (indexing, split-K merge, radix top-k, fp8 rounding) against the reference ops, not only compiles it.
 //
-// Model: the blocks of a launch run one after another; the threads of a block run as fibers (coroutines with their own stacks) on the calling
-// OS thread, switched only at __syncthreads and warp collectives, which are barriers (a thread that returns leaves
-// them, as an exited GPU thread does). __shared__ becomes `static`: one copy per kernel instantiation, which is one
+// Model: the blocks of a launch run one after another, in a shuffled order; the threads of a block run as fibers
+// (coroutines with their own stacks) on the calling OS thread, switched only at __syncthreads and warp collectives,
+// which are barriers (a thread that returns leaves them, as an exited GPU thread does), in a new random order between
+// each two barriers. __shared__ becomes `static`: one copy per kernel instantiation, which is one
 // block's shared memory since blocks never overlap. A block in which no thread can move (threads at different
 // barriers) ends the launch with cudaErrorLaunchFailure instead of hanging.
 //
@@ -274,6 +275,7 @@ struct Launch {
   std::vector<Barrier> warp_barriers;
   std::vector<std::array<uint64_t, 32>> warp_slots;  // the lanes' values of a warp collective
   unsigned long progress = 0;                        // arrivals + completions: none in a round = deadlock
+  std::mt19937 rng{12345};                           // thread and block orders (fixed: reproducible runs)
 };
 
 inline Launch* current_launch = nullptr;
@@ -330,15 +332,20 @@ inline bool run_block(Launch& L) {
     f.done = false;
     prepare(f.ctx, f.stack.get(), fiber_main);
   }
+  std::vector<Fiber*> order;
+  for (int i = 0; i < n; ++i) order.push_back(&L.fibers[i]);
   int live = n;
   while (live > 0) {
+    // Each round runs the threads, each up to its next barrier, in a new random order: a thread that reads what
+    // another wrote with no barrier between them sees it or not depending on the order (a GPU promises neither).
+    std::shuffle(order.begin(), order.end(), L.rng);
     const unsigned long before = L.progress;
-    for (Fiber& f : L.fibers) {
-      if (f.done) continue;
-      current_fiber = &f;
-      threadIdx = {f.tid, 0, 0};
-      swap(L.scheduler, f.ctx);
-      if (f.done) --live;
+    for (Fiber* f : order) {
+      if (f->done) continue;
+      current_fiber = f;
+      threadIdx = {f->tid, 0, 0};
+      swap(L.scheduler, f->ctx);
+      if (f->done) --live;
     }
     if (live > 0 && L.progress == before) return false;  // every live thread waits at a barrier nobody else reaches
   }
@@ -418,7 +425,7 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
       for (unsigned x = 0; x < g.x; ++x) order.push_back({x, y, z});
-  std::shuffle(order.begin(), order.end(), std::mt19937(12345));
+  std::shuffle(order.begin(), order.end(), L.rng);
   bool ok = true;
   for (size_t i = 0; i < order.size() && ok; ++i) {
     blockIdx = order[i];
