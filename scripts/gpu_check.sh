@@ -97,8 +97,9 @@ T=("$PY" -m pytest -q -rf -p no:cacheprovider -m gpu)
 step validate 90 20 "$PY" -m dsm.cli validate-kernels
 step tests_quick 60 20 "${T[@]}" -n 8 tests/kernels/test_fused.py tests/kernels/test_depformer.py
 # the GEMV op tests and the model-vs-reference token tests run on the GPU whenever CUDA exists (not gpu-marked)
-step tests_gemv 60 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 tests/kernels/test_gemv.py \
-  tests/model/test_backends.py
+# (not the cases that emulate the CUDA kernels on the CPU: CPU CI runs those)
+step tests_gemv 60 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 -k "not cuda_emu and not emulated" \
+  tests/kernels/test_gemv.py tests/model/test_backends.py
 # Mimi's kernels on the device (GEMV paths at one stream, cuBLAS at four; codes by agreement, PCM within 1e-4)
 step tests_mimi 90 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 tests/kernels/test_mimi_kernels.py
 step tests_kernels 120 30 "${T[@]}" -n 8 tests/kernels
