@@ -441,6 +441,7 @@ class Engine:
             text_token = self._graph(bucket, "sample", lambda: gen.sample_text(view, logits_in)).replay()
         if on_text is not None:
             on_text(text_token)
+            gen.check_hook_tokens(text_token, "on_text")
         token_in = self._static(bucket, "text_token", text_token)
         audio = None
         if dq:
@@ -451,6 +452,7 @@ class Engine:
                 audio = self._graph(bucket, "depth", lambda: gen.depformer(view, token_in, z_in)).replay()
             if on_audio is not None:
                 on_audio(audio)
+                gen.check_hook_tokens(audio, "on_audio")
         if audio is None:
             tokens = self._graph(bucket, "commit", lambda: gen.commit(view, token_in, None)).replay()
         else:

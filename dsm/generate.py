@@ -221,6 +221,7 @@ class Generator:
         text_token = self.sample_text(state, text_logits)
         if on_text is not None:
             on_text(text_token)
+            self.check_hook_tokens(text_token, "on_text")
         audio = None
         if dq:
             if depformer_replace_tokens is not None:
@@ -229,11 +230,31 @@ class Generator:
                 audio = self.depformer(state, text_token, z)
             if on_audio is not None:
                 on_audio(audio)
+                self.check_hook_tokens(audio, "on_audio")
         tokens = self.commit(state, text_token, audio)
         state.offset_cpu += 1
         if not self.support_out_of_sync and state.offset_cpu <= self.max_delay:
             tokens = None
         return StepOutput(tokens, text_token, z[:B], text_logits)
+
+    def check_hook_tokens(self, tokens: torch.Tensor, hook: str) -> None:
+        """Raise if a hook left token ids the next step's embedding cannot gather (text: [-1, text_card] or, with
+        a demultiplexed second text stream, the packed ids below (text_card + 1) * (text_card + 2); audio: [-1,
+        card]). On a GPU an id past a table would read outside it and fault the device for every stream; raising
+        here undoes the step instead. Costs one small reduction and a host sync, only when a hook ran (the runtimes'
+        hooks read the tokens on the host anyway)."""
+        cfg = self.model.cfg
+        if hook == "on_text":
+            vt = cfg.text_card + 1
+            hi = vt * (vt + 1) - 1 if cfg.demux_second_text_stream else cfg.text_card
+        else:
+            hi = cfg.card
+        if not tokens.numel():
+            return
+        lo_got, hi_got = (int(v) for v in torch.stack(torch.aminmax(tokens)).tolist())
+        if lo_got < -1 or hi_got > hi:
+            raise ValueError(f"{hook}: the hook left token ids in [{lo_got}, {hi_got}]; the embedding takes [-1, {hi}] "
+                             "(-1: a zero embedding)")
 
     def check_inputs(self, state: GenState, input_tokens: torch.Tensor | None) -> torch.Tensor | None:
         cfg, B = self.model.cfg, state.batch_size

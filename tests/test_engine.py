@@ -365,6 +365,35 @@ def _graph_engine(model, mode, monkeypatch, graphs, **kw):
 
 
 @pytest.mark.parametrize("mode", GRAPH_MODES)
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_hooks_that_leave_ids_past_the_tables_are_refused(tts_model, mode, graphs, monkeypatch):
+    """A text or audio hook that leaves a token id no embedding table has fails the step with an error naming the
+    hook, before the id is committed (on a GPU the next step's gather would read outside the table and fault every
+    stream); the step is undone, and the engine goes on as if it had never been called. The largest valid text id
+    (a demultiplexed pair) is taken."""
+    cfg = tts_model.cfg
+    vt = cfg.text_card + 1
+    text_max = vt * (vt + 1) - 1 if cfg.demux_second_text_stream else cfg.text_card
+
+    def run(bad):
+        eng = _graph_engine(tts_model, mode, monkeypatch, graphs, max_slots=2, temp=0.6, temp_text=0.6)
+        eng.open(seed=1), eng.open(seed=2)
+        toks = []
+        for t in range(6):
+            if t == 3 and bad:
+                for hook, value, match in (("on_text", text_max + 1, r"on_text: .*\[-1, "),
+                                           ("on_text", -2, "on_text"), ("on_audio", cfg.card + 1, "on_audio"),
+                                           ("on_audio", -7, "on_audio")):
+                    with pytest.raises(ValueError, match=match):
+                        eng.step(**{hook: lambda x, v=value: x.__setitem__(1, v)})
+                assert eng.state.positions.tolist() == [eng.slots[s].position for s in (0, 1)] == [t, t]
+            toks.append(eng.step(on_text=lambda x: x.__setitem__(0, text_max)).tokens.clone())
+        return torch.stack(toks)
+
+    assert torch.equal(run(True), run(False))
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
 def test_cuda_graph_engine_equals_eager(stt_model, mode, monkeypatch):
     dev = "cuda" if mode == "cuda" else "cpu"
     steps = 12
