@@ -26,7 +26,7 @@ from dsm_kernels.cuda_ops import decode_num_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 INCLUDE = Path(__file__).resolve().parent / "cuda_emu_include"
-SOURCES = [ROOT / "csrc" / f for f in ("multistream_embed.cu", "paged_attention.cu", "sampling.cu")]
+SOURCES = sorted((ROOT / "csrc").glob("*.cu"))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 # No FMA contraction (the kernels' *_rn intrinsics and the sampler's CFG mix round each operation, as on the GPU).
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-x", "c++", f"-I{INCLUDE}",
@@ -60,7 +60,9 @@ def build() -> Path:
     path = library_path()
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run(build_command(tmp), check=True, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(build_command(tmp), capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"building the CUDA emulation failed:\n{done.stderr[-4000:]}")
         tmp.replace(path)
     return path
 
