@@ -31,11 +31,13 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 # No FMA contraction (the kernels' *_rn intrinsics and the sampler's CFG mix round each operation, as on the GPU).
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-x", "c++", f"-I{INCLUDE}",
          f"-I{ROOT / 'csrc'}"]
-# DSM_CUDA_EMU_SANITIZE=1: built with AddressSanitizer and UndefinedBehaviorSanitizer, so a read or write outside
-# every tensor, or an integer overflow in index math, stops the process with a report; the process must have libasan
-# preloaded (test_cuda_emu_sanitized.py).
+# DSM_CUDA_EMU_SANITIZE=1: built with AddressSanitizer and UBSan's integer checks (signed overflow, shifts, array
+# bounds: what index math can get wrong; the whole UBSan group would triple the build), so a read or write outside
+# every tensor, or an overflowing index, stops the process with a report; the process must have libasan preloaded
+# (test_cuda_emu_sanitized.py).
 if os.environ.get("DSM_CUDA_EMU_SANITIZE") == "1":
-    FLAGS += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+    FLAGS += ["-fsanitize=address,signed-integer-overflow,shift,bounds", "-fno-sanitize-recover=all",
+              "-fno-omit-frame-pointer", "-g"]
 EMULATED_SMS = 132  # an H100's: the split planner sees the GPU's block counts
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3}
