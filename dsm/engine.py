@@ -36,7 +36,7 @@ import dsm_kernels
 
 from .conditioning import cross_page_keys
 from .cuda_graphs import LazyGraph
-from .generate import Generator, StepOutput
+from .generate import Generator, StepOutput, check_token_range
 from .kv_cache import PagedKVCache, cross_page_size, pages_per_slot
 from .model import LMModel
 
@@ -389,10 +389,10 @@ class Engine:
             raise ValueError(f"inputs: expected shape [rows, {n_in}] with {bucket} <= rows <= {self.max_slots} "
                              f"(rows by slot, covering slot {active[-1]}), got {tuple(inputs.shape)}")
         if inputs is not None:
-            _check_token_range(inputs, "inputs", self.model.cfg.card)
+            check_token_range(inputs, "inputs", self.model.cfg.card)
         dq = self.model.cfg.dep_q
         if dq and depformer_replace_tokens is not None:
-            _check_token_range(depformer_replace_tokens, "depformer_replace_tokens", self.model.cfg.card)
+            check_token_range(depformer_replace_tokens, "depformer_replace_tokens", self.model.cfg.card)
             # Checked here too: the generator would refuse a wrong shape only after this step's pages are taken.
             if depformer_replace_tokens.numel() != bucket * dq:
                 raise ValueError(f"depformer_replace_tokens: expected [{bucket}, {dq}] tokens (rows [0, bucket) by "
@@ -478,21 +478,6 @@ class Engine:
         if g is None:
             g = self._graphs[key] = LazyGraph(fn, self._pool)
         return g
-
-
-def _check_token_range(tokens: torch.Tensor, name: str, card: int) -> None:
-    """Host tokens must be ids in [-1, card] (-1: a zero embedding; card: the initial token, the tables' last row); a
-    float tensor or an id past the tables would read outside them on the GPU, faulting the device for every stream.
-    Device tokens are not checked (a host sync)."""
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"{name}: expected integer token ids, got {tokens.dtype}")
-    if tokens.device.type != "cpu" or not tokens.numel():
-        return
-    t = tokens.numpy()  # numpy: no op is dispatched, so a step's counted kernels stay what a GPU launches
-    lo, hi = int(t.min()), int(t.max())
-    if lo < -1 or hi > card:
-        raise ValueError(f"{name}: token ids must be in [-1, {card}] (-1 gives a zero embedding, {card} is the "
-                         f"initial token), got range [{lo}, {hi}]")
 
 
 def _text_phase(gen: Generator, view, inp):

@@ -24,6 +24,24 @@ ZERO_TOKEN = -1  # embeds to an exact zero vector
 UNGENERATED_TOKEN = -2  # fill value of the token cache; never reaches an embedding
 
 
+def check_token_range(tokens: torch.Tensor, name: str, hi: int, *, on_device: bool = False) -> None:
+    """Token ids the embeddings can gather: integers in [-1, hi] (-1 gives a zero embedding; for audio ``hi`` is
+    ``card``, the initial token, the tables' last row). A float tensor or an id past a table would read outside it
+    on the GPU, faulting the device for every stream. Device tokens are checked only ``on_device`` (a host sync)."""
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"{name}: expected integer token ids, got {tokens.dtype}")
+    if not tokens.numel() or (tokens.device.type != "cpu" and not on_device):
+        return
+    if tokens.device.type == "cpu":
+        t = tokens.numpy()  # numpy: no op is dispatched, so a step's counted kernels stay what a GPU launches
+        lo, top = int(t.min()), int(t.max())
+    else:
+        lo, top = (int(v) for v in torch.stack(torch.aminmax(tokens)).tolist())
+    if lo < -1 or top > hi:
+        raise ValueError(f"{name}: token ids must be in [-1, {hi}] (-1 gives a zero embedding), got range "
+                         f"[{lo}, {top}]")
+
+
 @dataclass
 class GenState:
     cache: torch.Tensor  # [B, K, CT] delayed token cache
@@ -238,23 +256,17 @@ class Generator:
         return StepOutput(tokens, text_token, z[:B], text_logits)
 
     def check_hook_tokens(self, tokens: torch.Tensor, hook: str) -> None:
-        """Raise if a hook left token ids the next step's embedding cannot gather (text: [-1, text_card] or, with
-        a demultiplexed second text stream, the packed ids below (text_card + 1) * (text_card + 2); audio: [-1,
-        card]). On a GPU an id past a table would read outside it and fault the device for every stream; raising
-        here undoes the step instead. Costs one small reduction and a host sync, only when a hook ran (the runtimes'
-        hooks read the tokens on the host anyway)."""
+        """:func:`check_token_range` of what a hook left, on the device too (one small reduction and a host sync,
+        only when a hook ran; the runtimes' hooks read the tokens on the host anyway): text ids in [-1, text_card]
+        or, with a demultiplexed second text stream, the packed ids below (text_card + 1) * (text_card + 2); audio
+        ids in [-1, card]. Raising here undoes the step."""
         cfg = self.model.cfg
         if hook == "on_text":
             vt = cfg.text_card + 1
             hi = vt * (vt + 1) - 1 if cfg.demux_second_text_stream else cfg.text_card
         else:
             hi = cfg.card
-        if not tokens.numel():
-            return
-        lo_got, hi_got = (int(v) for v in torch.stack(torch.aminmax(tokens)).tolist())
-        if lo_got < -1 or hi_got > hi:
-            raise ValueError(f"{hook}: the hook left token ids in [{lo_got}, {hi_got}]; the embedding takes [-1, {hi}] "
-                             "(-1: a zero embedding)")
+        check_token_range(tokens, hook, hi, on_device=True)
 
     def check_inputs(self, state: GenState, input_tokens: torch.Tensor | None) -> torch.Tensor | None:
         cfg, B = self.model.cfg, state.batch_size
