@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <climits>
 #include <functional>
 #include <memory>
@@ -68,28 +69,15 @@ struct __half2 {
   explicit __half2(const __half2_raw& r) : x{r.x}, y{r.y} {}
 };
 
-inline float __half2float(__half h) {
-  _Float16 f;
-  memcpy(&f, &h.__x, 2);
-  return static_cast<float>(f);
-}
+inline float __half2float(__half h) { return static_cast<float>(std::bit_cast<_Float16>(h.__x)); }
 inline __half __float2half_rn(float x) {  // libgcc's float -> _Float16 rounds to nearest even
-  const _Float16 f = static_cast<_Float16>(x);
-  __half h;
-  memcpy(&h.__x, &f, 2);
-  return h;
+  return {std::bit_cast<uint16_t>(static_cast<_Float16>(x))};
 }
 inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
 
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t u = static_cast<uint32_t>(h.__x) << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return std::bit_cast<float>(static_cast<uint32_t>(h.__x) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  uint32_t u;
-  memcpy(&u, &x, 4);
+  uint32_t u = std::bit_cast<uint32_t>(x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40)};  // quiet NaN, sign kept
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even; overflow carries into the exponent (-> inf)
   return {static_cast<uint16_t>(u >> 16)};
@@ -149,16 +137,8 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
-inline int __float_as_int(float x) {
-  int i;
-  memcpy(&i, &x, 4);
-  return i;
-}
-inline float __int_as_float(int i) {
-  float x;
-  memcpy(&x, &i, 4);
-  return x;
-}
+inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
+inline float __int_as_float(int i) { return std::bit_cast<float>(i); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 template <typename T>
 inline T __ldg(const T* p) {
