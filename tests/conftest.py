@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import subprocess
@@ -27,14 +28,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): their ops are too small
     for intra-op threads, which on a busy 2-core box only add spin waits (one module went from 179 s to 5 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with _single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +53,8 @@ def mimi_sd():
     ``tiny_stt_ckpt`` Mimi file is, so that the two are the same weights."""
     from dsm.mimi import random_mimi_state_dict
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _single_thread():
         return random_mimi_state_dict(0)
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -58,13 +63,9 @@ def tiny_stt_ckpt(tmp_path_factory):
     per session, on one thread, for the STT, server and Mimi tests, which only read it."""
     from dsm.checkpoint import write_random_checkpoint
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _single_thread():
         return write_random_checkpoint("tiny-stt", tmp_path_factory.mktemp("stt") / "tiny-stt", seed=0,
                                        dtype=torch.float32)
-    finally:
-        torch.set_num_threads(n)
 
 
 class _BackgroundJobs:

@@ -6,7 +6,6 @@ cores; the moshi parity test and the CLI tests use the real Mimi of the tiny-stt
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -42,21 +41,7 @@ from dsm.tokenizer import Tokenizer
 SPEECH = Path("/work/shared/testdata/speech/arctic_a0007.wav")  # 16 kHz, 4 s; read in place, never copied
 
 
-@contextlib.contextmanager
-def one_thread():
-    """The tiny models are all per-op overhead: one thread avoids OpenMP oversubscription on busy 2-core runners."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only spin on a busy 2-core box
 
 
 @pytest.fixture(scope="session")
