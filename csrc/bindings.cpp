@@ -5,6 +5,7 @@
 // clang-format off
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 // clang-format on
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -211,6 +212,77 @@ void sample_tokens(at::Tensor& out, const at::Tensor& logits, const std::optiona
                                        stream_of(out)));
 }
 
+// The persistent depth-transformer frame (csrc/depformer.cu). dims: heads, hidden, card, dep_q, layers, n_in,
+// text_vocab, top_k, blocks (0: one per SM). The weights are reached through `table` (dsm_kernels.cuda_ops builds it
+// from tensors it checked); the tensors here are checked for shape, dtype and device.
+void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& table, const at::Tensor& in_proj,
+                     const std::optional<at::Tensor>& text_emb2, const at::Tensor& z, const at::Tensor& text_token,
+                     const at::Tensor& temperature, const at::Tensor& seeds, const at::Tensor& steps,
+                     at::IntArrayRef dims, double eps) {
+  DSM_CHECK_CUDA(tokens);
+  TORCH_CHECK(dims.size() == 9, "dsm: depformer_frame dims must be 9 ints, got ", dims.size());
+  DSM_CHECK_DIM(z, 2);
+  DSM_CHECK_DIM(in_proj, 2);
+  const int64_t B = z.size(0), d_model = z.size(1), n_in = dims[5], dep_q = dims[3], card = dims[2];
+  TORCH_CHECK(n_in >= 1 && in_proj.size(0) % n_in == 0 && in_proj.size(1) == d_model,
+              "dsm: in_proj must be [n_in * dim, d_model] with d_model = z.size(1)");
+  const int64_t dim = in_proj.size(0) / n_in, layers = dims[4];
+  TORCH_CHECK(z.scalar_type() == in_proj.scalar_type() && logits.scalar_type() == z.scalar_type(),
+              "dsm: z, in_proj and logits must share the model dtype");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.numel() == dep_q * (8 * layers + 4),
+              "dsm: table must hold dep_q * (8 layers + 4) int64");
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == dep_q && tokens.size(1) == B && tokens.is_contiguous(),
+              "dsm: tokens must be [dep_q, B] contiguous");
+  DSM_CHECK_DTYPE(tokens, at::kLong);
+  TORCH_CHECK(logits.dim() == 3 && logits.size(0) == dep_q && logits.size(1) == B && logits.size(2) == card &&
+                  logits.is_contiguous(), "dsm: logits must be [dep_q, B, card] contiguous");
+  DSM_CHECK_DTYPE(text_token, at::kLong);
+  DSM_CHECK_DTYPE(temperature, at::kFloat);
+  DSM_CHECK_DTYPE(seeds, at::kLong);
+  DSM_CHECK_DTYPE(steps, at::kLong);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&text_token, &temperature, &seeds, &steps})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->is_contiguous(),
+                "dsm: text_token/temperature/seeds/steps must be [B]");
+  TORCH_CHECK(z.is_contiguous() && in_proj.is_contiguous() && table.is_contiguous(),
+              "dsm: z, in_proj and table must be contiguous");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&logits, &table, &in_proj, &z, &text_token,
+                                                                       &temperature, &seeds, &steps})
+    DSM_CHECK_SAME_DEVICE(tokens, (*t));
+  if (text_emb2) DSM_CHECK_SAME_DEVICE(tokens, (*text_emb2));
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  DsmDepformerArgs a{};
+  a.B = static_cast<int>(B);
+  a.dim = static_cast<int>(dim);
+  a.heads = static_cast<int>(dims[0]);
+  a.hidden = static_cast<int>(dims[1]);
+  a.card = static_cast<int>(card);
+  a.dep_q = static_cast<int>(dep_q);
+  a.layers = static_cast<int>(layers);
+  a.d_model = static_cast<int>(d_model);
+  a.n_in = static_cast<int>(n_in);
+  a.text_vocab = static_cast<int>(dims[6]);
+  a.top_k = static_cast<int>(dims[7]);
+  a.blocks = static_cast<int>(dims[8]);
+  a.dtype = dsm_dtype(z);
+  a.eps = static_cast<float>(eps);
+  const size_t work_bytes = dsm_depformer_work_bytes(a.B, a.dim, a.hidden, a.n_in, a.layers, a.dep_q, a.dtype);
+  at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, z.options().dtype(at::kByte));
+  at::Tensor barrier = at::zeros({2}, z.options().dtype(at::kInt));
+  a.table = table.data_ptr<int64_t>();
+  a.in_proj = in_proj.data_ptr();
+  a.text_emb2 = text_emb2 ? text_emb2->data_ptr() : nullptr;
+  a.z = z.data_ptr();
+  a.text_token = text_token.data_ptr<int64_t>();
+  a.temperature = temperature.data_ptr<float>();
+  a.seeds = seeds.data_ptr<int64_t>();
+  a.steps = steps.data_ptr<int64_t>();
+  a.tokens = tokens.data_ptr<int64_t>();
+  a.logits = logits.data_ptr();
+  a.work = work.data_ptr();
+  a.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+  DSM_CUDA_OK(dsm_launch_depformer_frame(&a, stream_of(tokens)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsm, m) {
@@ -222,6 +294,8 @@ TORCH_LIBRARY(dsm, m) {
   m.def("paged_decode_blocks_per_sm(Tensor q, Tensor k_cache) -> int");
   m.def("sample_tokens(Tensor! out, Tensor logits, Tensor? null_logits, float cfg_coef, Tensor temperature, "
         "int top_k, Tensor seeds, Tensor steps) -> ()");
+  m.def("depformer_frame(Tensor! tokens, Tensor! logits, Tensor table, Tensor in_proj, Tensor? text_emb2, "
+        "Tensor z, Tensor text_token, Tensor temperature, Tensor seeds, Tensor steps, int[] dims, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
@@ -230,6 +304,7 @@ TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("paged_decode_blocks_per_sm", &paged_decode_blocks_per_sm);
   m.impl("sample_tokens", &sample_tokens);
+  m.impl("depformer_frame", &depformer_frame);
 }
 
 // `import dsm_kernels._C` loads the library, which registers torch.ops.dsm.*; the module itself is empty (plain

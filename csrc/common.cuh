@@ -91,6 +91,100 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
+// Launch `kernel` cooperatively (all `grid` blocks resident at once, or the launch fails instead of deadlocking): the
+// launch a kernel that waits at grid_barrier() needs. `smem`: dynamic shared memory bytes.
+template <typename... Params, typename... Args>
+cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
+// ---- Persistent kernels. Each primitive has a CPU-emulated twin (DSM_CUDA_EMU: tests/kernels/cuda_emu_include).
+
+// The block's dynamic shared memory (16-byte aligned).
+__device__ __forceinline__ char* dynamic_smem() {
+#ifdef DSM_CUDA_EMU
+  return dsm_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) char dsm_dynamic_smem[];
+  return dsm_dynamic_smem;
+#endif
+}
+
+// 16 bytes global -> shared, asynchronously and through L2 only (cp.async.cg, sm_80+). The copies a thread issued
+// before a cp_async_commit() form a group; cp_async_wait<N>() returns when at most the N most recent groups of this
+// thread are still in flight (then a __syncthreads makes the bytes visible to the block).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#ifdef DSM_CUDA_EMU
+  dsm_emu::cp_async(smem, gmem, 16);
+#else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef DSM_CUDA_EMU
+  dsm_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef DSM_CUDA_EMU
+  dsm_emu::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+#ifdef DSM_CUDA_EMU
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#else
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#endif
+}
+
+// Grid-wide barrier of a cooperative launch, reusable and self-resetting: `state` = {arrivals, generation}, both 0
+// before the launch's first barrier (arrivals is back at 0 after each barrier). The generation is read before
+// arriving: it can only move once every block has arrived. The fences make each block's writes before the barrier
+// visible to every block after it; readers still load data other blocks wrote through L2 (__ldcg), as L1 is not
+// coherent. A barrier that never opens (a bug: a block skipped it) traps after seconds instead of hanging the device.
+__device__ __forceinline__ void grid_barrier(unsigned* state) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned blocks = gridDim.x * gridDim.y * gridDim.z;
+    const unsigned generation = load_acquire(state + 1);
+    __threadfence();
+    if (atomicAdd(state, 1u) == blocks - 1) {
+      atomicExch(state, 0u);
+      __threadfence();
+      atomicAdd(state + 1, 1u);
+    } else {
+      unsigned spins = 0;
+      while (load_acquire(state + 1) == generation) {
+        __nanosleep(20);
+        if (++spins == (1u << 27)) __trap();
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
 }  // namespace dsm
 
 // Calls F.template operator()<T>() with T the C++ type of a DsmDtype code; returns cudaErrorInvalidValue otherwise.

@@ -48,6 +48,33 @@ cudaError_t dsm_launch_sample_tokens(int64_t* out, const void* logits, const voi
                                      const float* temperature, int top_k, const int64_t* seeds,
                                      const int64_t* steps, cudaStream_t stream);
 
+// One depth-transformer frame (dsm_kernels.reference.depformer_frame_ref) for 1..4 rows in one cooperative launch
+// (csrc/depformer.cu). Weights are reached through `table`, a device array of DSM_DEP_TABLE_STRIDE(layers) int64 per
+// codebook k: per layer i at [8 i]: the QKV, out, linear_in and linear_out weights of k's weight set, norm1, norm2,
+// scale1 and scale2 (NULL: no LayerScale); then at [8 layers]: the head weight, its RMSNorm alpha (NULL: none), the
+// embedding table of the token fed at k (k = 0: the first text table) and k's depformer_in index (an integer).
+#define DSM_DEP_TABLE_STRIDE(layers) (8 * (layers) + 4)
+typedef struct {
+  int B, dim, heads, hidden, card, dep_q, layers, d_model, n_in, text_vocab, top_k, dtype;
+  int blocks;  // grid size: 0 = one block per SM; fewer (tests) split the work more coarsely
+  float eps;
+  const int64_t* table;
+  const void* in_proj;     // [n_in * dim, d_model]: every depformer_in projection
+  const void* text_emb2;   // the demux second text table [text_vocab, dim], or NULL (no demux)
+  const void* z;           // [B, d_model] temporal output, model dtype
+  const int64_t* text_token;  // [B], fed at k = 0
+  const float* temperature;   // [B]
+  const int64_t* seeds;       // [B]
+  const int64_t* steps;       // [B]: codebook k draws with noise counter steps + k
+  int64_t* tokens;            // [dep_q, B]
+  void* logits;               // [dep_q, B, card]
+  void* work;                 // dsm_depformer_work_bytes() of scratch
+  unsigned* barrier;          // 2 x uint32 at 0
+} DsmDepformerArgs;
+
+size_t dsm_depformer_work_bytes(int B, int dim, int hidden, int n_in, int layers, int dep_q, int dtype);
+cudaError_t dsm_launch_depformer_frame(const DsmDepformerArgs* args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -14,6 +14,7 @@ from functools import cache
 import torch
 
 from . import sm_count
+from .reference import DepformerWeights
 
 
 @cache
@@ -105,3 +106,82 @@ def sample_tokens_cuda(
         out, logits, null_logits, float(cfg_coef), temperature.float(), int(top_k), seeds.long(), steps.long()
     )
     return out
+
+
+# The persistent depth-transformer kernel (csrc/depformer.cu) keeps each row's accumulators in registers.
+DEPFORMER_MAX_ROWS = 4
+
+
+def depformer_unsupported(w: DepformerWeights, z: torch.Tensor) -> str | None:
+    """Why the persistent kernel does not take this frame (the caller then runs the Triton kernels), or None."""
+    B, dd, H = z.shape[0], w.dim, w.num_heads
+    vec = 16 // w.in_proj.element_size()
+    hidden = w.layers[0].linear_out[0].shape[1]
+    tensors = [w.in_proj, w.text_emb, w.text_emb2, w.emb, *w.heads, *w.head_norms]
+    for lw in w.layers:
+        tensors += [lw.in_proj, lw.out_proj, *lw.linear_in, *lw.linear_out, lw.norm1, lw.norm2, lw.scale1, lw.scale2]
+    if not 1 <= B <= DEPFORMER_MAX_ROWS:
+        return f"{B} rows (it takes 1..{DEPFORMER_MAX_ROWS})"
+    if w.activation != "silu" or not w.norm_f32:
+        return "silu gating and rms_norm_f32 only"
+    if w.in_proj.dtype not in (torch.float32, torch.float16, torch.bfloat16) or z.dtype != w.in_proj.dtype:
+        return f"dtype {w.in_proj.dtype} (z {z.dtype})"
+    if dd % H or dd // H > 256 or w.card > 8192:
+        return f"head dim {dd // H}, card {w.card}"
+    if dd % vec or hidden % vec or w.in_proj.shape[2] % vec:
+        return f"dims ({dd}, {hidden}, {w.in_proj.shape[2]}) not multiples of {vec} (16-byte rows)"
+    if any(t is not None and (not t.is_contiguous() or t.data_ptr() % 16) for t in tensors):
+        return "a weight tensor that is not contiguous and 16-byte aligned"
+    return None
+
+
+def depformer_table(w: DepformerWeights, device: torch.device) -> torch.Tensor:
+    """The kernel's device table of weight pointers (layout: ``DSM_DEP_TABLE_STRIDE`` in csrc/dsm_cuda.h), built once
+    per weights and device (not under graph capture: it is a host-to-device copy)."""
+    key = ("cuda_table", str(device))
+    if key not in w.derived:
+        def ptr(t):
+            return 0 if t is None else t.data_ptr()
+
+        rows = []
+        for k, j in enumerate(w.schedule):
+            for lw in w.layers:
+                rows += [ptr(lw.in_proj[j]), ptr(lw.out_proj[j]), ptr(lw.linear_in[j]), ptr(lw.linear_out[j]),
+                         ptr(lw.norm1), ptr(lw.norm2), ptr(lw.scale1), ptr(lw.scale2)]
+            rows += [ptr(w.heads[k]), ptr(w.head_norms[k]), ptr(w.text_emb if k == 0 else w.emb[k - 1]),
+                     w.in_index[k]]
+        w.derived[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+    return w.derived[key]
+
+
+def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, seeds, steps) -> dict:
+    """Outputs and inputs of one persistent-kernel frame, as both launch routes (the torch op, the tests' CPU
+    emulation) pass them: ``tokens`` [dep_q, B] and ``logits`` [dep_q, B, card] to fill, and ``dims``."""
+    B, dev = z.shape[0], z.device
+    hidden = w.layers[0].linear_out[0].shape[1]
+    return dict(
+        tokens=torch.empty(w.dep_q, B, dtype=torch.int64, device=dev),
+        logits=torch.empty(w.dep_q, B, w.card, dtype=w.in_proj.dtype, device=dev),
+        table=depformer_table(w, dev), in_proj=w.in_proj, text_emb2=w.text_emb2, z=z.contiguous(),
+        text_token=text_token.long().contiguous(), temperature=temperature.float().contiguous(),
+        seeds=seeds.long().contiguous(), steps=steps.long().contiguous(),
+        dims=[w.num_heads, hidden, w.card, w.dep_q, len(w.layers), w.in_proj.shape[0], w.text_emb.shape[0],
+              int(top_k)],
+        eps=float(w.norm_eps),
+    )
+
+
+def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, blocks=0):
+    """CUDA twin of :func:`~dsm_kernels.reference.depformer_frame_ref`: the persistent kernel, one cooperative launch
+    a frame, for up to ``DEPFORMER_MAX_ROWS`` rows; other frames (:func:`depformer_unsupported`) run
+    :func:`~dsm_kernels.depformer.depformer_frame_triton`. ``blocks``: grid size (0 = one block per SM)."""
+    if depformer_unsupported(w, z) is not None:
+        from .depformer import depformer_frame_triton
+
+        return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
+    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps)
+    _ops().depformer_frame(ops["tokens"], ops["logits"], ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
+                           ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"], [*ops["dims"], blocks],
+                           ops["eps"])  # fmt: skip
+    tokens = ops["tokens"].t().contiguous()
+    return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens

@@ -16,7 +16,7 @@ Conventions shared by all backends (see DSM-SPEC §2):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -259,6 +259,8 @@ class DepformerWeights:
     norm_eps: float = 1e-8
     norm_f32: bool = True  # rms_norm_f32 (compute in fp32) vs rms_norm (compute in the model dtype)
     activation: str = "silu"
+    # what a backend derives once from these tensors (the CUDA kernel's device table of weight pointers), by key
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def dep_q(self) -> int:

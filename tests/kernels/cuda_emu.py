@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dsm_kernels.cuda_ops import decode_num_splits
+from dsm_kernels.cuda_ops import decode_num_splits, depformer_operands, depformer_unsupported
 
 ROOT = Path(__file__).resolve().parents[2]
 INCLUDE = Path(__file__).resolve().parent / "cuda_emu_include"
@@ -80,10 +80,23 @@ def _lib():
                                                       i32, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, p]
     lib.dsm_paged_decode_blocks_per_sm.argtypes = [i32, i32, i32, ctypes.POINTER(i32)]
     lib.dsm_launch_sample_tokens.argtypes = [p, p, p, i32, i32, i32, i64, i64, f32, p, i32, p, p, p]
+    lib.dsm_launch_depformer_frame.argtypes = [ctypes.POINTER(DepformerArgs), p]
+    lib.dsm_depformer_work_bytes.argtypes = [i32] * 7
+    lib.dsm_depformer_work_bytes.restype = ctypes.c_size_t
     for fn in (lib.dsm_launch_multistream_embed, lib.dsm_launch_append_kv, lib.dsm_launch_paged_decode_attention,
-               lib.dsm_paged_decode_blocks_per_sm, lib.dsm_launch_sample_tokens):
+               lib.dsm_paged_decode_blocks_per_sm, lib.dsm_launch_sample_tokens, lib.dsm_launch_depformer_frame):
         fn.restype = ctypes.c_int
     return lib
+
+
+class DepformerArgs(ctypes.Structure):
+    """``DsmDepformerArgs`` of csrc/dsm_cuda.h."""
+
+    _fields_ = [*((n, ctypes.c_int) for n in ("B", "dim", "heads", "hidden", "card", "dep_q", "layers", "d_model",
+                                              "n_in", "text_vocab", "top_k", "dtype", "blocks")),
+                ("eps", ctypes.c_float),
+                *((n, ctypes.c_void_p) for n in ("table", "in_proj", "text_emb2", "z", "text_token", "temperature",
+                                                 "seeds", "steps", "tokens", "logits", "work", "barrier"))]
 
 
 def _ptr(t: torch.Tensor | None):
@@ -169,9 +182,33 @@ def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, null_logits=N
     return out
 
 
+
+def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, blocks=3):
+    """``cuda_ops.depformer_frame_cuda`` on the emulated persistent kernel; ``blocks``: its grid (the emulation runs
+    every block's 512 threads at once, so a few; their count changes every block's share of the rows)."""
+    if depformer_unsupported(w, z) is not None:
+        from dsm_kernels.depformer import depformer_frame_triton
+
+        return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
+    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps)
+    heads, hidden, card, dep_q, layers, n_in, vocab, top_k = ops["dims"]
+    B, dim, dtype = z.shape[0], w.dim, _DTYPES[z.dtype]
+    work = torch.empty(_lib().dsm_depformer_work_bytes(B, dim, hidden, n_in, layers, dep_q, dtype), dtype=torch.uint8)
+    barrier = torch.zeros(2, dtype=torch.int32)
+    args = DepformerArgs(B, dim, heads, hidden, card, dep_q, layers, z.shape[1], n_in, vocab, top_k, dtype, blocks,
+                         ops["eps"], *map(_ptr, (ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
+                                                 ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"],
+                                                 ops["tokens"], ops["logits"], work, barrier)))  # fmt: skip
+    _ok(_lib().dsm_launch_depformer_frame(ctypes.byref(args), None), "depformer_frame")
+    assert int(barrier[0]) == 0, "the grid barrier must leave its arrival count at 0"
+    tokens = ops["tokens"].t().contiguous()
+    return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens
+
+
 OPS = {
     "multistream_embed": multistream_embed_emu,
     "append_kv": append_kv_emu,
     "paged_decode_attention": paged_decode_attention_emu,
     "sample_tokens": sample_tokens_emu,
+    "depformer_frame": depformer_frame_emu,
 }

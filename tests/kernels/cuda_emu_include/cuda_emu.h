@@ -4,10 +4,17 @@
 //
 // Model: the blocks of a launch run one after another, in a shuffled order; the threads of a block run as fibers
 // (coroutines with their own stacks) on the calling OS thread, switched only at __syncthreads and warp collectives,
-// which are barriers (a thread that returns leaves them, as an exited GPU thread does), in a new random order between
-// each two barriers. __shared__ becomes `static`: one copy per kernel instantiation, which is one
-// block's shared memory since blocks never overlap. A block in which no thread can move (threads at different
-// barriers) ends the launch with cudaErrorLaunchFailure instead of hanging.
+// which are barriers (a thread that returns leaves them, as an exited GPU thread does), and at __nanosleep (a spin
+// loop's pause), in a new random order between each two of those. __shared__ becomes `static`: one copy per kernel
+// instantiation, which is one block's shared memory since blocks never overlap. Threads in which none can move
+// (threads at different barriers, or spinning on what nobody will write) end the launch with
+// cudaErrorLaunchFailure instead of hanging.
+//
+// A cooperative launch (cudaLaunchAttributeCooperative) runs all its blocks at once, their threads interleaved in one
+// random order, so that a grid-wide barrier made of atomics and spin loops works; such kernels use dynamic shared
+// memory only (dsm::dynamic_smem(), one buffer per block), since a `static` __shared__ would be shared by the blocks.
+// cp.async copies (dsm::cp_async16) are deferred to the issuing thread's cp.async.wait_group: a read of the
+// destination before the wait (or, by another thread, before the barrier after it) sees the old bytes.
 //
 // What it cannot check: memory-model races between blocks or warps, timing, PDL (griddepcontrol is compiled out with
 // __CUDA_ARCH__ undefined) and the device math library's ulps (libm here).
@@ -23,6 +30,7 @@
 #include <array>
 #include <bit>
 #include <climits>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <random>
@@ -34,6 +42,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define DSM_CUDA_EMU 1  // csrc/common.cuh takes the emulated dynamic shared memory, cp.async and atomics below
 
 // ---------------------------------------------------------------------------------------------------- vector types
 struct dim3 {
@@ -148,18 +157,27 @@ template <typename T>
 inline T __ldcg(const T* p) {
   return *p;
 }
-inline int atomicAdd(int* p, int v) {  // threads switch only at barriers: nothing interleaves with this
-  const int old = *p;
+template <typename I>
+inline I atomicAdd(I* p, I v) {  // threads switch only at barriers and pauses: nothing interleaves with this
+  const I old = *p;
   *p = v + old;
   return old;
 }
+template <typename I>
+inline I atomicExch(I* p, I v) {
+  const I old = *p;
+  *p = v;
+  return old;
+}
 inline void __threadfence() {}
+[[noreturn]] inline void __trap() { __builtin_trap(); }
 
 // ---------------------------------------------------------------------------------------------------- runtime API
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
-enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
-struct cudaLaunchAttributeValue {
+enum cudaLaunchAttributeID { cudaLaunchAttributeCooperative = 2, cudaLaunchAttributeProgrammaticStreamSerialization = 6 };
+union cudaLaunchAttributeValue {
+  int cooperative;
   int programmaticStreamSerializationAllowed;
 };
 struct cudaLaunchAttribute {
@@ -238,24 +256,40 @@ struct Barrier {
   unsigned long generation = 0;
 };
 
+struct Block {  // what the threads of one resident block share
+  uint3 idx{0, 0, 0};
+  Barrier barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<std::array<uint64_t, 32>> warp_slots;  // the lanes' values of a warp collective
+  std::unique_ptr<uint4[]> smem;                     // dynamic shared memory (16-byte aligned)
+};
+
+struct Copy {  // a pending cp.async
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+
 struct Fiber {
   Context ctx;
   std::unique_ptr<char[]> stack;
+  Block* block = nullptr;
   unsigned tid = 0;
   int warp = 0, lane = 0;
   bool done = false;
+  std::vector<Copy> open;                     // cp.async copies since the last commit
+  std::deque<std::vector<Copy>> committed;    // committed groups, oldest first
 };
 
 struct Launch {
   dim3 block;
+  size_t smem_bytes = 0;
   std::function<void()> body;
   Context scheduler;
   std::vector<Fiber> fibers;
-  Barrier block_barrier;
-  std::vector<Barrier> warp_barriers;
-  std::vector<std::array<uint64_t, 32>> warp_slots;  // the lanes' values of a warp collective
-  unsigned long progress = 0;                        // arrivals + completions: none in a round = deadlock
-  std::mt19937 rng{12345};                           // thread and block orders (fixed: reproducible runs)
+  std::vector<Block> blocks;    // the resident blocks: one, or the whole grid of a cooperative launch
+  unsigned long progress = 0;   // arrivals + completions: none in a round = deadlock
+  std::mt19937 rng{12345};      // thread and block orders (fixed: reproducible runs)
 };
 
 inline Launch* current_launch = nullptr;
@@ -287,34 +321,68 @@ inline void fiber_main() {
   Fiber& f = *current_fiber;
   f.done = true;
   ++L.progress;
-  leave(L.block_barrier);
-  leave(L.warp_barriers[f.warp]);
+  leave(f.block->barrier);
+  leave(f.block->warp_barriers[f.warp]);
   swap(f.ctx, L.scheduler);  // never resumed
 }
+
+// A spin loop's pause: the thread lets the others run (no progress of its own).
+inline void pause() { swap(current_fiber->ctx, current_launch->scheduler); }
+
+inline void cp_async(void* dst, const void* src, size_t bytes) { current_fiber->open.push_back({dst, src, bytes}); }
+inline void cp_async_commit() {
+  Fiber& f = *current_fiber;
+  f.committed.push_back(std::move(f.open));
+  f.open.clear();
+}
+inline void cp_async_wait(int pending) {  // complete all but the `pending` most recent committed groups
+  Fiber& f = *current_fiber;
+  while (static_cast<int>(f.committed.size()) > pending) {
+    for (const Copy& c : f.committed.front()) memcpy(c.dst, c.src, c.bytes);
+    f.committed.pop_front();
+  }
+}
+inline char* dynamic_smem() { return reinterpret_cast<char*>(current_fiber->block->smem.get()); }
 
 inline int warp_size(const Launch& L, int warp) {
   const int n = static_cast<int>(L.block.x) - 32 * warp;
   return n < 32 ? n : 32;
 }
 
-inline bool run_block(Launch& L) {
+// Runs the blocks `idx` at once (their threads interleaved) until all their threads return.
+inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
   const int n = static_cast<int>(L.block.x);
-  L.block_barrier = Barrier{n, 0, 0};
   const int warps = (n + 31) / 32;
-  L.warp_barriers.assign(warps, Barrier{});
-  L.warp_slots.assign(warps, {});
-  for (int w = 0; w < warps; ++w) L.warp_barriers[w].expected = warp_size(L, w);
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = L.fibers[i];
-    f.tid = i;
-    f.warp = i / 32;
-    f.lane = i % 32;
-    f.done = false;
-    prepare(f.ctx, f.stack.get(), fiber_main);
+  L.blocks.resize(idx.size());
+  if (L.fibers.size() < idx.size() * n) {
+    L.fibers.resize(idx.size() * n);
+    for (Fiber& f : L.fibers)
+      if (!f.stack) f.stack.reset(new char[kStackBytes]);
   }
   std::vector<Fiber*> order;
-  for (int i = 0; i < n; ++i) order.push_back(&L.fibers[i]);
-  int live = n;
+  for (size_t blk = 0; blk < idx.size(); ++blk) {
+    Block& B = L.blocks[blk];
+    B.idx = idx[blk];
+    B.barrier = Barrier{n, 0, 0};
+    B.warp_barriers.assign(warps, Barrier{});
+    B.warp_slots.assign(warps, {});
+    for (int w = 0; w < warps; ++w) B.warp_barriers[w].expected = warp_size(L, w);
+    if (!B.smem && L.smem_bytes > 0) B.smem.reset(new uint4[(L.smem_bytes + 15) / 16]);
+    if (B.smem) memset(B.smem.get(), 0xff, L.smem_bytes);  // uninitialised, as on a GPU: NaN for floats
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = L.fibers[blk * n + i];
+      f.block = &B;
+      f.tid = i;
+      f.warp = i / 32;
+      f.lane = i % 32;
+      f.done = false;
+      f.open.clear();
+      f.committed.clear();
+      prepare(f.ctx, f.stack.get(), fiber_main);
+      order.push_back(&f);
+    }
+  }
+  int live = static_cast<int>(order.size());
   while (live > 0) {
     // Each round runs the threads, each up to its next barrier, in a new random order: a thread that reads what
     // another wrote with no barrier between them sees it or not depending on the order (a GPU promises neither).
@@ -324,10 +392,11 @@ inline bool run_block(Launch& L) {
       if (f->done) continue;
       current_fiber = f;
       threadIdx = {f->tid, 0, 0};
+      blockIdx = f->block->idx;
       swap(L.scheduler, f->ctx);
       if (f->done) --live;
     }
-    if (live > 0 && L.progress == before) return false;  // every live thread waits at a barrier nobody else reaches
+    if (live > 0 && L.progress == before) return false;  // every live thread waits for what nobody else does
   }
   return true;
 }
@@ -336,11 +405,12 @@ inline bool run_block(Launch& L) {
 template <typename Read>
 inline auto warp_exchange(uint64_t bits, Read read) {
   Launch& L = *current_launch;
+  Block& B = *current_fiber->block;
   const int w = current_fiber->warp, lane = current_fiber->lane;
-  L.warp_slots[w][lane] = bits;
-  wait(L.warp_barriers[w]);
-  const auto result = read(L.warp_slots[w], lane, warp_size(L, w));
-  wait(L.warp_barriers[w]);  // nobody overwrites a slot before every lane has read
+  B.warp_slots[w][lane] = bits;
+  wait(B.warp_barriers[w]);
+  const auto result = read(B.warp_slots[w], lane, warp_size(L, w));
+  wait(B.warp_barriers[w]);  // nobody overwrites a slot before every lane has read
   return result;
 }
 
@@ -354,7 +424,8 @@ inline uint64_t to_bits(T v) {
 
 }  // namespace dsm_emu
 
-inline void __syncthreads() { dsm_emu::wait(dsm_emu::current_launch->block_barrier); }
+inline void __syncthreads() { dsm_emu::wait(dsm_emu::current_fiber->block->barrier); }
+inline void __nanosleep(unsigned) { dsm_emu::pause(); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
@@ -391,13 +462,15 @@ template <typename... Params, typename... Args>
 inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Params...), Args... args) {
   const dim3 g = cfg->gridDim, b = cfg->blockDim;
   if (b.y != 1 || b.z != 1 || b.x == 0 || b.x > 1024) return dsm_emu::last_error = cudaErrorInvalidValue;
+  bool cooperative = false;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+    if (cfg->attrs[i].id == cudaLaunchAttributeCooperative) cooperative = cfg->attrs[i].val.cooperative != 0;
   dsm_emu::Launch L;
   L.block = b;
+  L.smem_bytes = cfg->dynamicSmemBytes;
   blockDim = b;
   gridDim = g;
   L.body = [&]() { kernel(static_cast<Params>(args)...); };
-  L.fibers.resize(b.x);
-  for (dsm_emu::Fiber& f : L.fibers) f.stack.reset(new char[dsm_emu::kStackBytes]);
   dsm_emu::current_launch = &L;
   // A GPU runs blocks in no set order: a fixed shuffle of them, so that no kernel passes only because the last block
   // of a launch is the highest-numbered one.
@@ -407,9 +480,10 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
       for (unsigned x = 0; x < g.x; ++x) order.push_back({x, y, z});
   std::shuffle(order.begin(), order.end(), L.rng);
   bool ok = true;
-  for (size_t i = 0; i < order.size() && ok; ++i) {
-    blockIdx = order[i];
-    ok = dsm_emu::run_block(L);
+  if (cooperative) {
+    ok = dsm_emu::run_blocks(L, order);
+  } else {
+    for (size_t i = 0; i < order.size() && ok; ++i) ok = dsm_emu::run_blocks(L, {order[i]});
   }
   dsm_emu::current_launch = nullptr;
   dsm_emu::current_fiber = nullptr;
@@ -419,5 +493,22 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
 template <typename Kernel>
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, size_t) {
   *blocks = 4;  // any positive count: the split planner only needs one
+  return cudaSuccess;
+}
+
+// The device queries of the persistent kernel's launcher: an H100's shared memory, and few SMs (a grid of one block
+// per SM stays small; its tests choose their block counts).
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97, cudaDevAttrMultiProcessorCount = 16 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? 4 : 232448;
+  return cudaSuccess;
+}
+template <typename Kernel>
+inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
   return cudaSuccess;
 }
