@@ -4,7 +4,8 @@ GEMV with that glue in its prologue and epilogue, and the delayed-stream bookkee
 KV slots).
 
 Every op has a pure-torch reference (``dsm_kernels.reference``) and a Triton kernel; the three core kernels
-(embedding, paged attention with its append, sampling) also have a CUDA C++ kernel. The functions below are the
+(embedding, paged attention with its append, sampling) and the depth-transformer frame (a persistent kernel, one
+launch a frame at batch <= 4) also have a CUDA C++ kernel. The functions below are the
 single dispatch point: each checks its inputs' shapes once for every backend (:mod:`dsm_kernels.checks`), then
 ``backend=None`` picks the fastest backend available for the tensors' device (cuda > triton > reference on a GPU;
 reference on the CPU), or an explicit backend name.
@@ -106,6 +107,7 @@ _OPS = {
     "depformer_frame": {
         "reference": "dsm_kernels.reference:depformer_frame_ref",
         "triton": "dsm_kernels.depformer:depformer_frame_triton",
+        "cuda": "dsm_kernels.cuda_ops:depformer_frame_cuda",
     },
     "rvq_encode": {
         "reference": "dsm_kernels.reference:rvq_encode_ref",

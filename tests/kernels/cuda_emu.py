@@ -193,7 +193,11 @@ def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, r
     ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps)
     heads, hidden, card, dep_q, layers, n_in, vocab, top_k = ops["dims"]
     B, dim, dtype = z.shape[0], w.dim, _DTYPES[z.dtype]
-    work = torch.empty(_lib().dsm_depformer_work_bytes(B, dim, hidden, n_in, layers, dep_q, dtype), dtype=torch.uint8)
+    # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN or -7
+    work = torch.full((_lib().dsm_depformer_work_bytes(B, dim, hidden, n_in, layers, dep_q, dtype),), 0xFF,
+                      dtype=torch.uint8)
+    ops["tokens"].fill_(-7)
+    ops["logits"].fill_(float("nan"))
     barrier = torch.zeros(2, dtype=torch.int32)
     args = DepformerArgs(B, dim, heads, hidden, card, dep_q, layers, z.shape[1], n_in, vocab, top_k, dtype, blocks,
                          ops["eps"], *map(_ptr, (ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],

@@ -257,6 +257,112 @@ def _aot_gemv() -> None:
             assert cc.metadata.shared <= H100_SMEM_PER_BLOCK, label
 
 
+# ---- the persistent CUDA kernel (csrc/depformer.cu): on the GPU, and emulated on the CPU ------------------------
+PERSISTENT = [pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("cuda_emu")]
+PERSISTENT_CASES = {  # (schedule, layers, heads, batch, demux, head_norm, LayerScale, grid blocks)
+    "q4-b1": ((0, 1, 2, 3), 1, 2, 1, True, False, True, 1),
+    "q8-b3": ((0, 1, 2, 2, 3, 3, 3, 3), 2, 2, 3, False, True, True, 3),
+    "q32-b4": ((0,) * 4 + (1,) * 12 + (2,) * 16, 1, 4, 4, True, False, False, 6),  # dep_q 32, shared sets
+}
+
+
+def run_persistent(backend, w, args, blocks):
+    """The persistent kernel's frame (tokens, logits) on ``backend``; the emulated one poisons its outputs and
+    scratch first (NaN / -7: what the kernel never wrote shows)."""
+    if backend == "cuda_emu":
+        import cuda_emu
+
+        return cuda_emu.depformer_frame_emu(w, **args, return_logits=True, blocks=blocks)
+    from dsm_kernels.cuda_ops import depformer_frame_cuda
+
+    return depformer_frame_cuda(w, **args, return_logits=True, blocks=blocks)
+
+
+def persistent_device(backend):
+    return torch.device("cuda" if backend == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("backend", PERSISTENT)
+@pytest.mark.parametrize("temp", [0.0, 0.8], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("case", list(PERSISTENT_CASES))
+def test_persistent_fp32_matches_reference(case, temp, backend):
+    schedule, layers, heads, B, demux, head_norm, scales, blocks = PERSISTENT_CASES[case]
+    dev = persistent_device(backend)
+    w = make_weights(schedule=schedule, layers=layers, heads=heads, demux=demux, head_norm=head_norm, scales=scales,
+                     seed=len(schedule), device=dev)  # fmt: skip
+    args = inputs(w, B, temp=temp, device=dev)
+    tok_ref, lg_ref = depformer_frame_ref(w, **args, return_logits=True)
+    tok, lg = run_persistent(backend, w, args, blocks)
+    assert tok.shape == (B, len(schedule)) and tok.dtype == torch.int64
+    assert torch.equal(tok, tok_ref), (tok, tok_ref)
+    assert rel(lg, lg_ref) < 1e-5
+    if temp > 0:  # the draw really samples (not argmax everywhere)
+        assert not torch.equal(tok_ref, lg_ref.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", PERSISTENT)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_persistent_low_precision_error_within_3x_reference_error(dtype, backend):
+    dev = persistent_device(backend)
+    w32 = make_weights(schedule=(0, 1, 1, 2, 2, 2), layers=2, heads=2, dim=64, hidden=96, card=64, seed=3, device=dev)
+    w16 = cast(w32, dtype)
+    args32 = inputs(w32, 3, temp=0.0, device=dev)
+    args16 = dict(args32, z=args32["z"].to(dtype))
+    tok32, lg32 = depformer_frame_ref(w32, **args32, return_logits=True)
+    tok16, lg16 = depformer_frame_ref(w16, **args16, return_logits=True)
+    tok, lg = run_persistent(backend, w16, args16, 2)
+    same = (tok32 == tok16) & (tok16 == tok)  # codebooks while all three chains were fed the same tokens
+    n = min(int(same.all(dim=0).long().cumprod(0).sum()) + 1, tok.shape[1])
+    assert n >= 2
+    ref_err = rel(lg16[:, :n], lg32[:, :n])
+    assert ref_err > 0
+    assert rel(lg[:, :n], lg32[:, :n]) <= 3 * ref_err + 1e-6, (rel(lg[:, :n], lg32[:, :n]), ref_err)
+
+
+@pytest.mark.parametrize("backend", PERSISTENT)
+def test_persistent_output_does_not_depend_on_the_grid(backend, monkeypatch):
+    """Each row's dot product is one warp's, whichever block owns it: the same bits for any block count, and with
+    weight rows read from global memory instead of the shared-memory ring (emulated: a ring too small for them)."""
+    dev = persistent_device(backend)
+    w = cast(make_weights(schedule=(0, 1, 2, 2, 3), layers=2, heads=2, dim=64, hidden=96, card=72, seed=5,
+                          device=dev), torch.bfloat16)  # fmt: skip
+    args = inputs(w, 4, temp=0.8, device=dev)
+    args["z"] = args["z"].bfloat16()
+    tok, lg = run_persistent(backend, w, args, 1)
+    for blocks in (2, 5, 7):
+        tok_b, lg_b = run_persistent(backend, w, args, blocks)
+        assert torch.equal(tok_b, tok) and torch.equal(lg_b, lg), blocks
+    if backend == "cuda_emu":
+        monkeypatch.setenv("DSM_CUDA_EMU_SMEM", "5000")  # room for a row or so of each phase
+        tok_b, lg_b = run_persistent(backend, w, args, 2)
+        assert torch.equal(tok_b, tok) and torch.equal(lg_b, lg)
+
+
+@pytest.mark.parametrize("backend", PERSISTENT)
+def test_persistent_takes_what_it_can_and_hands_the_rest_to_triton(backend):
+    """Past 4 rows, or with rows that are not 16-byte multiples, the frame runs the Triton kernels (same results)."""
+    if backend == "cuda_emu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fallback runs Triton: TRITON_INTERPRET=1 on the CPU")
+    from dsm_kernels.cuda_ops import depformer_unsupported
+
+    dev = persistent_device(backend)
+    w = make_weights(schedule=(0, 1, 2), seed=6, device=dev)
+    assert depformer_unsupported(w, inputs(w, 5, temp=0.0, device=dev)["z"]) == "5 rows (it takes 1..4)"
+    odd = make_weights(schedule=(0, 1, 2), dim=36, hidden=50, seed=6, device=dev)
+    assert "16-byte rows" in depformer_unsupported(odd, inputs(odd, 1, temp=0.0, device=dev)["z"])
+    for weights, B in ((w, 5), (odd, 2)):
+        args = inputs(weights, B, temp=0.8, device=dev)
+        tok, lg = run_persistent(backend, weights, args, 2)
+        tok_ref, lg_ref = depformer_frame_ref(weights, **args, return_logits=True)
+        assert torch.equal(tok, tok_ref) and rel(lg, lg_ref) < 1e-5
+
+
+def test_persistent_is_the_cuda_backend():
+    from dsm_kernels.cuda_ops import depformer_frame_cuda
+
+    assert dsm_kernels._load(dsm_kernels._OPS["depformer_frame"]["cuda"]) is depformer_frame_cuda
+
+
 # ---- GPU: the real TTS shapes ---------------------------------------------------------------------------------
 TTS = dict(dim=1024, heads=16, layers=4, hidden=2048, card=2048, d_model=2048, text_vocab=8001,
            schedule=tuple(range(8)) + (8,) * 8 + (9,) * 8 + (10,) * 8)  # fmt: skip
@@ -323,6 +429,43 @@ def test_gpu_pdl_chain_equals_plain_launches():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(tok2, tok0) and torch.equal(lg2, lg0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 4])
+def test_gpu_persistent_tts_shapes(B):
+    """The persistent kernel at the TTS shapes: bf16 within 3x the reference's own bf16 error, fp32 equal to the
+    reference, bit-identical across grid sizes and under CUDA-graph replay."""
+    from dsm_kernels.cuda_ops import depformer_frame_cuda
+
+    w32 = make_weights(**TTS, device="cuda", seed=10)
+    args32 = inputs(w32, B, temp=0.8, device="cuda")
+    tok_ref, lg_ref = depformer_frame_ref(w32, **args32, return_logits=True)
+    tok, lg = depformer_frame_cuda(w32, **args32, return_logits=True)
+    assert torch.equal(tok, tok_ref) and rel(lg, lg_ref) < 1e-5
+    w16 = cast(w32, torch.bfloat16)
+    args16 = dict(args32, z=args32["z"].bfloat16(), temperature=torch.zeros_like(args32["temperature"]))
+    tok32, lg32 = depformer_frame_ref(w32, **dict(args32, temperature=args16["temperature"]), return_logits=True)
+    tok16, lg16 = depformer_frame_ref(w16, **args16, return_logits=True)
+    tok, lg = depformer_frame_cuda(w16, **args16, return_logits=True)
+    same = ((tok32 == tok16) & (tok16 == tok)).all(dim=0).long().cumprod(0)
+    n = max(1, min(int(same.sum()) + 1, tok.shape[1]))
+    assert rel(lg[:, :n], lg32[:, :n]) <= 3 * rel(lg16[:, :n], lg32[:, :n]) + 1e-6
+    tok7, lg7 = depformer_frame_cuda(w16, **args16, return_logits=True, blocks=7)
+    assert torch.equal(tok7, tok) and torch.equal(lg7, lg)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        depformer_frame_cuda(w16, **args16)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = depformer_frame_cuda(w16, **args16)
+    for _ in range(3):
+        out.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, tok)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@
 #pragma once
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -496,8 +497,9 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Ke
   return cudaSuccess;
 }
 
-// The device queries of the persistent kernel's launcher: an H100's shared memory, and few SMs (a grid of one block
-// per SM stays small; its tests choose their block counts).
+// The device queries of the persistent kernel's launcher: an H100's shared memory per block (or DSM_CUDA_EMU_SMEM
+// bytes: a test's way to make the weight ring too small for a block's rows), and few SMs (a grid of one block per SM
+// stays small; its tests choose their block counts).
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97, cudaDevAttrMultiProcessorCount = 16 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 inline cudaError_t cudaGetDevice(int* device) {
@@ -505,7 +507,8 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? 4 : 232448;
+  const char* smem = getenv("DSM_CUDA_EMU_SMEM");
+  *value = attr == cudaDevAttrMultiProcessorCount ? 4 : (smem ? atoi(smem) : 232448);
   return cudaSuccess;
 }
 template <typename Kernel>
