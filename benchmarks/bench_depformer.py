@@ -5,7 +5,8 @@ temporal dim 2048), random bf16 weights, sampling at temperature 0.8 / top-k 250
 Providers: ``ref_eager`` (the reference loop, vectorised sampler), ``ref_graph`` (the same loop captured in one CUDA
 graph), ``triton_gemv_graph`` / ``triton_splitk_graph`` (``dsm_kernels.depformer`` with its GEMV or split-K kernels,
 captured in one CUDA graph; both up to 2 x ``GEMV_MAX_B`` rows, split-K only above), ``triton_gemv_nopdl_graph``
-(the GEMV chain without programmatic dependent launch). Reports ms per frame, the
+(the GEMV chain without programmatic dependent launch), ``cuda_persistent_graph`` (the CUDA backend: one cooperative
+launch a frame, csrc/depformer.cu, up to 4 rows). Reports ms per frame, the
 achieved GB/s against the weight bytes a frame must read (DSM-SPEC §10.3: 2.96 GB, every codebook re-reads its
 set) and its ratio to the device-to-device copy bandwidth; appends JSON rows to benchmarks/results/depformer.jsonl.
 
@@ -106,6 +107,8 @@ def main() -> None:
     w = make_weights(shapes, dev)
     wbytes = frame_weight_bytes(shapes)
     copy_bw = copy_bandwidth_gbps(dev)
+    from dsm_kernels import has_cuda_ext
+    from dsm_kernels.cuda_ops import DEPFORMER_MAX_ROWS
     from dsm_kernels.depformer import depformer_frame_triton
     from dsm_kernels.gemv_kernels import GEMV_MAX_B
 
@@ -140,6 +143,10 @@ def main() -> None:
                 providers[f"triton_{name}_graph"] = graphed(fn)[0].replay
             else:
                 providers[f"triton_{name}_interp"] = fn
+        if dev.type == "cuda" and B <= DEPFORMER_MAX_ROWS and has_cuda_ext():
+            from dsm_kernels.cuda_ops import depformer_frame_cuda
+
+            providers["cuda_persistent_graph"] = graphed(functools.partial(depformer_frame_cuda, w, **inp))[0].replay
         for name, fn in providers.items():
             with capturable_reference():
                 ms = cuda_time_ms(fn, iters=args.iters) if dev.type == "cuda" else cpu_ms(fn)

@@ -318,9 +318,9 @@ def _qkv_rope_gemv_rows(backend, device, quick):
 
 
 def _depformer_rows(backend, device, quick):
-    """The depth-transformer frame on both kernel families (GEMV and split-K): fp32
-    tokens equal and logits within 1e-5 relative; bf16 logits within 3x the reference's own bf16 error while the
-    three chains were fed the same tokens."""
+    """The depth-transformer frame on each kernel family (Triton: GEMV and split-K; CUDA: the persistent kernel, and
+    its hand-off to Triton past 4 rows): fp32 tokens equal and logits within 1e-5 relative; bf16 logits within 3x the
+    reference's own bf16 error while the three chains were fed the same tokens."""
     from .testing import cast_depformer_weights, depformer_inputs, random_depformer_weights
 
     frame = resolve("depformer_frame", backend, device)
@@ -331,13 +331,18 @@ def _depformer_rows(backend, device, quick):
                    schedule=(0, 1, 2, 2, 3, 3, 3, 3)))  # fmt: skip
     w32 = random_depformer_weights(**shapes, device=device, seed=5)
     w16 = cast_depformer_weights(w32, torch.bfloat16)
-    for B, paths in ((1, ("gemv", "splitk")), (3, ("gemv", "splitk")), (8, ("splitk",))):
+    if backend == "cuda":
+        families = ((1, ("persistent",)), (3, ("persistent",)), (8, ("triton",)))
+    else:
+        families = ((1, ("gemv", "splitk")), (3, ("gemv", "splitk")), (8, ("splitk",)))
+    for B, paths in families:
         if small and B == 8:
             continue
         for path in paths:
+            kw = {"path": path} if backend == "triton" else {}
             a32 = depformer_inputs(w32, B, temp=0.8, device=device)
             tok_ref, lg_ref = reference.depformer_frame_ref(w32, **a32, return_logits=True)
-            tok, lg = frame(w32, **a32, return_logits=True, path=path)
+            tok, lg = frame(w32, **a32, return_logits=True, **kw)
             err = max_abs_err(lg, lg_ref) / float(lg_ref.abs().max())
             same = bool(torch.equal(tok, tok_ref))
             rows.append(Row("depformer_frame", backend, f"B{B} q{len(shapes['schedule'])} {path} fp32", err, 1e-5,
@@ -347,7 +352,7 @@ def _depformer_rows(backend, device, quick):
             a16 = dict(a32, z=a32["z"].bfloat16())
             t32, l32 = reference.depformer_frame_ref(w32, **a32, return_logits=True)
             t16, l16 = reference.depformer_frame_ref(w16, **a16, return_logits=True)
-            t, lg = frame(w16, **a16, return_logits=True, path=path)
+            t, lg = frame(w16, **a16, return_logits=True, **kw)
             same = ((t32 == t16) & (t16 == t)).all(dim=0).long().cumprod(0)
             n = max(1, min(int(same.sum()) + 1, t.shape[1]))
             scale = float(l32[:, :n].abs().max())

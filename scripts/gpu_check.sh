@@ -59,7 +59,7 @@ finish() {
     sed -n '/^runtime/,$p' "$LOGS/host.log" 2>/dev/null
     echo "=== mimi / depformer"
     tail -n 20 "$LOGS/mimi.log" 2>/dev/null
-    tail -n 12 "$LOGS/depformer.log" 2>/dev/null
+    tail -n 22 "$LOGS/depformer.log" 2>/dev/null
     echo "=== profile (eager kernels per step)"
     grep -h -A8 "kernels per step" "$LOGS/profile.log" "$LOGS/profile_mimi.log" "$LOGS/profile_tts64.log" 2>/dev/null
     echo "=== tests"

@@ -357,6 +357,15 @@ def test_persistent_takes_what_it_can_and_hands_the_rest_to_triton(backend):
         assert torch.equal(tok, tok_ref) and rel(lg, lg_ref) < 1e-5
 
 
+def test_validate_kernels_checks_the_persistent_kernel(cuda_emulated):
+    """``dsm validate-kernels`` on the CUDA backend runs the persistent kernel (here emulated) and passes."""
+    from dsm_kernels.validate import _depformer_rows
+
+    rows = _depformer_rows("cuda", torch.device("cpu"), quick=True)
+    assert len(rows) == 4 and all(r.ok for r in rows), rows
+    assert {r.case.split()[2] for r in rows} == {"persistent"} and cuda_emulated["depformer_frame"] == 4
+
+
 def test_persistent_is_the_cuda_backend():
     from dsm_kernels.cuda_ops import depformer_frame_cuda
 
