@@ -267,7 +267,7 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   a.eps = static_cast<float>(eps);
   const size_t work_bytes = dsm_depformer_work_bytes(a.B, a.dim, a.hidden, a.n_in, a.layers, a.dep_q, a.dtype);
   at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, z.options().dtype(at::kByte));
-  at::Tensor barrier = at::zeros({2}, z.options().dtype(at::kInt));
+  at::Tensor sync = at::zeros({3 + dims[0]}, z.options().dtype(at::kInt));  // barrier + arrival counters
   a.table = table.data_ptr<int64_t>();
   a.in_proj = in_proj.data_ptr();
   a.text_emb2 = text_emb2 ? text_emb2->data_ptr() : nullptr;
@@ -279,7 +279,7 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   a.tokens = tokens.data_ptr<int64_t>();
   a.logits = logits.data_ptr();
   a.work = work.data_ptr();
-  a.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+  a.sync = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
   DSM_CUDA_OK(dsm_launch_depformer_frame(&a, stream_of(tokens)));
 }
 

@@ -8,10 +8,12 @@
 // weights do not depend on activations, so the HBM stream runs ahead of the dependent chain.
 //
 // Phases: the frame's input projections (every distinct depformer_in of z at once), then per codebook k:
-// per layer: (1) RMSNorm + QKV (layer 0 first builds x = proj[k] + Emb_k(prev token)); (2) attention over the steps
-// 0..k of this frame, one warp per (head, row); (3) out-projection + LayerScale + residual; (4) RMSNorm + linear_in +
-// SiLU gate; (5) linear_out + LayerScale + residual; then the head (+ optional RMSNorm) and the sampling of each row by
-// one block (sample_row.cuh, the sampler kernel's code). 1 + dep_q (5 layers + 2) phases, one barrier after each.
+// per layer: (1) RMSNorm + QKV (layer 0 first builds x = proj[k] + Emb_k(prev token)), and the attention over the
+// steps 0..k of this frame: the last block to write a head's q/k/v rows (a counter per head) runs that head's
+// attention, one warp per row; (2) out-projection + LayerScale + residual; (3) RMSNorm + linear_in + SiLU gate;
+// (4) linear_out + LayerScale + residual; then the head (+ optional RMSNorm), whose last block samples every row
+// (sample_row.cuh, the sampler kernel's code). 1 + dep_q (4 layers + 1) phases (545 at the TTS shapes), a grid
+// barrier after each: the Triton kernels' last-program tricks, with barriers in place of launches.
 //
 // Work split: block g of G owns rows [N g / G, N (g + 1) / G) of a phase's N weight rows (the gate phase: pairs of
 // rows c, hidden + c); a warp computes whole rows (dot products over K, reduced by shuffles). The residual stream x
@@ -34,7 +36,7 @@ constexpr int kStages = 3;   // phases in flight in the shared-memory weight rin
 constexpr int kMaxRows = 4;  // batch rows: accumulators live in registers
 constexpr int kMaxHeadDim = 256;
 
-enum Kind { kProj, kQkv, kAttn, kOut, kIn, kFfo, kHead, kSample };
+enum Kind { kProj, kQkv, kOut, kIn, kFfo, kHead };
 
 struct Phase {
   Kind kind;
@@ -54,28 +56,23 @@ __device__ __forceinline__ Phase phase_of(const DsmDepformerArgs& a, int p) {
     ph.K = a.d_model;
     return ph;
   }
-  const int per_k = 5 * a.layers + 2, q = p - 1;
+  const int per_k = 4 * a.layers + 1, q = p - 1;
   ph.k = q / per_k;
   const int s = q % per_k;
   const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
-  if (s == 5 * a.layers) {
+  if (s == 4 * a.layers) {
     ph.kind = kHead;
     ph.w = reinterpret_cast<const char*>(t[8 * a.layers]);
     ph.n = a.card;
     ph.K = a.dim;
     return ph;
   }
-  if (s == 5 * a.layers + 1) {
-    ph.kind = kSample;
-    return ph;
-  }
-  ph.layer = s / 5;
+  ph.layer = s / 4;
   const int64_t* lw = t + 8 * ph.layer;
-  switch (s % 5) {
+  switch (s % 4) {
     case 0: ph.kind = kQkv; ph.w = reinterpret_cast<const char*>(lw[0]); ph.n = 3 * a.dim; ph.K = a.dim; break;
-    case 1: ph.kind = kAttn; break;
-    case 2: ph.kind = kOut; ph.w = reinterpret_cast<const char*>(lw[1]); ph.n = a.dim; ph.K = a.dim; break;
-    case 3:
+    case 1: ph.kind = kOut; ph.w = reinterpret_cast<const char*>(lw[1]); ph.n = a.dim; ph.K = a.dim; break;
+    case 2:
       ph.kind = kIn; ph.w = reinterpret_cast<const char*>(lw[2]); ph.n = a.hidden; ph.K = a.dim; ph.gate = true;
       break;
     default: ph.kind = kFfo; ph.w = reinterpret_cast<const char*>(lw[3]); ph.n = a.dim; ph.K = a.hidden; break;
@@ -312,84 +309,130 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
   }
 }
 
-// Attention of one query per (head, row) over this frame's steps 0..k: one warp each, online softmax in fp32.
+// Attention of row b's query in head h over this frame's steps 0..k: one warp, online softmax in fp32.
 template <typename T>
-__device__ void attention_phase(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, float scale) {
+__device__ void attend(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, float scale, int h, int b) {
   const int B = a.B, D = a.dim / a.heads, lane = threadIdx.x % 32;
   constexpr int kPer = kMaxHeadDim / 32;
-  for (int item = blockIdx.x * kWarps + threadIdx.x / 32; item < a.heads * B; item += gridDim.x * kWarps) {
-    const int h = item / B, b = item % B;
-    float q[kPer], acc[kPer];
+  float q[kPer], acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int d = lane + 32 * i;
+    q[i] = d < D ? dsm::to_float(__ldcg(w.q + b * a.dim + h * D + d)) : 0.f;
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int s = 0; s <= ph.k; ++s) {
+    const int64_t base = ((static_cast<int64_t>(ph.layer) * a.dep_q + s) * B + b) * a.dim + h * D;
+    float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int d = lane + 32 * i;
-      q[i] = d < D ? dsm::to_float(__ldcg(w.q + b * a.dim + h * D + d)) : 0.f;
-      acc[i] = 0.f;
+      if (d < D) dot += q[i] * dsm::to_float(__ldcg(w.kc + base + d));
     }
-    float m = -INFINITY, l = 0.f;
-    for (int s = 0; s <= ph.k; ++s) {
-      const int64_t base = ((static_cast<int64_t>(ph.layer) * a.dep_q + s) * B + b) * a.dim + h * D;
-      float dot = 0.f;
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int d = lane + 32 * i;
-        if (d < D) dot += q[i] * dsm::to_float(__ldcg(w.kc + base + d));
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-      const float score = dot * scale, m_new = fmaxf(m, score);
-      const float corr = expf(m - m_new), pr = expf(score - m_new);
-      l = l * corr + pr;
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int d = lane + 32 * i;
-        if (d < D) acc[i] = acc[i] * corr + pr * dsm::to_float(__ldcg(w.vc + base + d));
-      }
-      m = m_new;
-    }
+    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    const float score = dot * scale, m_new = fmaxf(m, score);
+    const float corr = expf(m - m_new), pr = expf(score - m_new);
+    l = l * corr + pr;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int d = lane + 32 * i;
-      if (d < D) w.attn[b * a.dim + h * D + d] = dsm::from_float<T>(acc[i] / l);
+      if (d < D) acc[i] = acc[i] * corr + pr * dsm::to_float(__ldcg(w.vc + base + d));
     }
+    m = m_new;
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int d = lane + 32 * i;
+    if (d < D) w.attn[b * a.dim + h * D + d] = dsm::from_float<T>(acc[i] / l);
+  }
+}
+
+// Arrival of this block's `rows` outputs at `counter`, which completes when `total` have arrived: true for the block
+// that completes it (it re-arms the counter). The writes before it are published by the fence (the programming
+// guide's last-block pattern); the completing block reads them through L2 after its own fence. Thread 0 only.
+__device__ __forceinline__ bool arrive_last(unsigned* counter, int rows, int total) {
+  if (rows <= 0) return false;  // a block with no rows never completes a counter (it could arrive after all others)
+  if (atomicAdd(counter, static_cast<unsigned>(rows)) + rows != static_cast<unsigned>(total)) return false;
+  atomicExch(counter, 0u);
+  return true;
+}
+
+// After the QKV GEMV: heads whose 3 D rows are all written get their attention from the block that wrote the last.
+template <typename T>
+__device__ void attend_finished_heads(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, float scale,
+                                      int* heads_done) {
+  const int D = a.dim / a.heads;
+  const int lo = split_lo(ph.n, blockIdx.x, gridDim.x), hi = split_lo(ph.n, blockIdx.x + 1, gridDim.x);
+  __syncthreads();  // every q/k/v row of this block is written
+  if (threadIdx.x == 0) {
+    __threadfence();
+    int n = 0;
+    for (int h = 0; h < a.heads; ++h) {
+      int rows = 0;  // this block's rows among head h's q, k and v rows
+      for (int sec = 0; sec < 3; ++sec) {
+        const int r0 = sec * a.dim + h * D;
+        rows += max(0, min(hi, r0 + D) - max(lo, r0));
+      }
+      if (arrive_last(a.sync + 2 + h, rows, 3 * D)) heads_done[n++] = h;
+    }
+    heads_done[a.heads] = n;
+    __threadfence();
+  }
+  __syncthreads();
+  const int items = heads_done[a.heads] * a.B;
+  for (int item = threadIdx.x / 32; item < items; item += kWarps)
+    attend<T>(a, w, ph, scale, heads_done[item / a.B], item % a.B);
+}
+
+// After the head GEMV: the block that wrote the last logits samples every row's token.
+template <typename T, int kItems>
+__device__ void sample_if_last(const DsmDepformerArgs& a, const Phase& ph, SampleScratch& scratch, int* flag) {
+  const int lo = split_lo(ph.n, blockIdx.x, gridDim.x), hi = split_lo(ph.n, blockIdx.x + 1, gridDim.x);
+  __syncthreads();  // every logit row of this block is written
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *flag = arrive_last(a.sync + 2 + a.heads, hi - lo, a.card);
+    __threadfence();
+  }
+  __syncthreads();
+  if (!*flag) return;
+  constexpr int kShift = dsm::sampling::narrow_key_shift<T>();
+  for (int b = 0; b < a.B; ++b) {
+    const T* row = static_cast<const T*>(a.logits) + (static_cast<int64_t>(ph.k) * a.B + b) * a.card;
+    const int64_t token = dsm::sampling::sample_row<T, kItems, kShift>(
+        row, nullptr, a.card, 1.f, a.temperature[b], a.top_k, a.seeds[b], a.steps[b] + ph.k, scratch);
+    if (threadIdx.x == 0) a.tokens[static_cast<int64_t>(ph.k) * a.B + b] = token;
   }
 }
 
 template <typename T, int kItems>
 __global__ void __launch_bounds__(kThreads, 1) depformer_kernel(const DsmDepformerArgs a, float scale, size_t slot_bytes) {
-  constexpr int kShift = dsm::sampling::narrow_key_shift<T>();
   const Work<T> w(a);
-  // shared memory: sampler scratch | row sums | staged inputs xs [B, max K] | kStages ring slots
+  // shared memory: sampler scratch | row sums | finished heads (+ count) | staged inputs xs [B, max K] | ring slots
   char* smem = dsm::dynamic_smem();
   SampleScratch& sample_scratch = *reinterpret_cast<SampleScratch*>(smem);
   float* red = reinterpret_cast<float*>(smem + align16(sizeof(SampleScratch)));
-  T* xs = reinterpret_cast<T*>(smem + align16(sizeof(SampleScratch)) + align16(kWarps * kMaxRows * sizeof(float)));
+  int* heads_done = reinterpret_cast<int*>(reinterpret_cast<char*>(red) + align16(kWarps * kMaxRows * sizeof(float)));
+  T* xs = reinterpret_cast<T*>(reinterpret_cast<char*>(heads_done) + align16((a.heads + 1) * sizeof(int)));
   const int k_max = max(a.d_model, max(a.dim, a.hidden));
   char* ring = reinterpret_cast<char*>(xs) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
 
-  const int P = 1 + a.dep_q * (5 * a.layers + 2);
+  const int P = 1 + a.dep_q * (4 * a.layers + 1);
   for (int p = 0; p < kStages; ++p) prefetch<T>(a, p, P, ring + p * slot_bytes, slot_bytes);
   for (int p = 0; p < P; ++p) {
     const Phase ph = phase_of(a, p);
     char* slot = ring + (p % kStages) * slot_bytes;
-    if (ph.kind == kAttn) {
-      attention_phase<T>(a, w, ph, scale);
-    } else if (ph.kind == kSample) {
-      for (int b = blockIdx.x; b < a.B; b += gridDim.x) {
-        const T* row = static_cast<const T*>(a.logits) + (static_cast<int64_t>(ph.k) * a.B + b) * a.card;
-        const int64_t token = dsm::sampling::sample_row<T, kItems, kShift>(
-            row, nullptr, a.card, 1.f, a.temperature[b], a.top_k, a.seeds[b], a.steps[b] + ph.k, sample_scratch);
-        if (threadIdx.x == 0) a.tokens[static_cast<int64_t>(ph.k) * a.B + b] = token;
-      }
-    } else {
-      stage_input<T>(a, w, ph, xs, red);
-    }
+    stage_input<T>(a, w, ph, xs, red);
     dsm::cp_async_wait<kStages - 1>();  // this phase's weights are in its slot
     __syncthreads();
-    if (ph.w != nullptr) gemv_phase<T>(a, w, ph, xs, slot, slot_bytes);
+    gemv_phase<T>(a, w, ph, xs, slot, slot_bytes);
+    if (ph.kind == kQkv) attend_finished_heads<T>(a, w, ph, scale, heads_done);
+    if (ph.kind == kHead) sample_if_last<T, kItems>(a, ph, sample_scratch, heads_done);
     __syncthreads();  // the slot is free
     prefetch<T>(a, p + kStages, P, slot, slot_bytes);
-    if (p + 1 < P) dsm::grid_barrier(a.barrier);
+    if (p + 1 < P) dsm::grid_barrier(a.sync);
   }
   dsm::cp_async_wait<0>();
 }
@@ -412,7 +455,7 @@ cudaError_t launch(const DsmDepformerArgs& a, cudaStream_t stream) {
   const int G = a.blocks > 0 ? a.blocks : sms;
   const int k_max = std::max({a.d_model, a.dim, a.hidden});
   const size_t fixed = align16(sizeof(SampleScratch)) + align16(kWarps * kMaxRows * sizeof(float)) +
-                       align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
+                       align16((a.heads + 1) * sizeof(int)) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
   if (fixed + kStages * 16 > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
   const size_t slot = std::min(align16(max_block_bytes(a, G, sizeof(T))), (optin - fixed) / kStages / 16 * 16);
   const size_t smem = fixed + kStages * slot;

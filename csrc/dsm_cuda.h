@@ -69,7 +69,7 @@ typedef struct {
   int64_t* tokens;            // [dep_q, B]
   void* logits;               // [dep_q, B, card]
   void* work;                 // dsm_depformer_work_bytes() of scratch
-  unsigned* barrier;          // 2 x uint32 at 0
+  unsigned* sync;             // 3 + heads uint32 at 0: the grid barrier's, a counter per head, the head's
 } DsmDepformerArgs;
 
 size_t dsm_depformer_work_bytes(int B, int dim, int hidden, int n_in, int layers, int dep_q, int dtype);

@@ -140,7 +140,7 @@ def depformer_table(w: DepformerWeights, device: torch.device) -> torch.Tensor:
     per weights and device (not under graph capture: it is a host-to-device copy)."""
     key = ("cuda_table", str(device))
     if key not in w.derived:
-        if torch.cuda.is_current_stream_capturing():
+        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("depformer_frame (cuda): call it once eagerly before capturing it in a CUDA graph (its "
                                "weight-pointer table is a host-to-device copy, which a capture cannot hold)")
         def ptr(t):

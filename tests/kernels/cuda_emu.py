@@ -96,7 +96,7 @@ class DepformerArgs(ctypes.Structure):
                                               "n_in", "text_vocab", "top_k", "dtype", "blocks")),
                 ("eps", ctypes.c_float),
                 *((n, ctypes.c_void_p) for n in ("table", "in_proj", "text_emb2", "z", "text_token", "temperature",
-                                                 "seeds", "steps", "tokens", "logits", "work", "barrier"))]
+                                                 "seeds", "steps", "tokens", "logits", "work", "sync"))]
 
 
 def _ptr(t: torch.Tensor | None):
@@ -198,13 +198,13 @@ def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, r
                       dtype=torch.uint8)
     ops["tokens"].fill_(-7)
     ops["logits"].fill_(float("nan"))
-    barrier = torch.zeros(2, dtype=torch.int32)
+    sync = torch.zeros(3 + heads, dtype=torch.int32)  # the grid barrier, the arrival counters
     args = DepformerArgs(B, dim, heads, hidden, card, dep_q, layers, z.shape[1], n_in, vocab, top_k, dtype, blocks,
                          ops["eps"], *map(_ptr, (ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
                                                  ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"],
-                                                 ops["tokens"], ops["logits"], work, barrier)))  # fmt: skip
+                                                 ops["tokens"], ops["logits"], work, sync)))  # fmt: skip
     _ok(_lib().dsm_launch_depformer_frame(ctypes.byref(args), None), "depformer_frame")
-    assert int(barrier[0]) == 0, "the grid barrier must leave its arrival count at 0"
+    assert int(sync[0]) == 0 and not sync[2:].any(), f"barrier and counters must be re-armed: {sync.tolist()}"
     tokens = ops["tokens"].t().contiguous()
     return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens
 
