@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+import dsm_kernels
+
 FRAME_S = 0.08
 
 
@@ -179,7 +181,7 @@ def _engine_for(model, batch: int, **kw):
 
 
 def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None,
-              kv_dtype: torch.dtype | None = None) -> BenchRow:
+              kv_dtype: torch.dtype | None = None, backend: str | None = None) -> BenchRow:
     """Time ``steps`` engine steps with ``batch`` open streams (all active every step), Mimi alone (encode of one
     frame for STT, decode for TTS), and then both in turn, as a server runs them: the row's p50/p99 are those of the
     whole step, the LM and Mimi medians are kept for the breakdown.
@@ -188,7 +190,7 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     from .mimi import cuda_graphed
 
     cfg = model.cfg
-    eng = _engine_for(model, batch, temp=0.8, temp_text=0.7, kv_dtype=kv_dtype)
+    eng = _engine_for(model, batch, temp=0.8, temp_text=0.7, kv_dtype=kv_dtype, backend=backend)
     for b in range(batch):
         eng.open(conditions=_random_conditions(model, b))
     n_in = cfg.num_codebooks - cfg.dep_q - 1
@@ -216,13 +218,14 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
         extra["condition_pages"] = eng.cross_pool.used
         extra["condition_kv_mb"] = eng.cross_pool.used * page_bytes / 1e6
     if cfg.dep_q and mimi is not None:
-        extra["ttfa_ms"], extra["ttfa_cold_ms"] = time_to_first_audio(model, mimi, batch, timer, kv_dtype)
+        extra["ttfa_ms"], extra["ttfa_cold_ms"] = time_to_first_audio(model, mimi, batch, timer, kv_dtype,
+                                                                      backend=backend)
     return BenchRow("dsm", "", batch, total, _percentile(step_times, 99), mimi50, *_rates(total, batch),
                     extra=extra)
 
 
 def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_steps: int = 16,
-                        runs: int = 5) -> tuple[float, float]:
+                        runs: int = 5, backend: str | None = None) -> tuple[float, float]:
     """TTS time to first audio (DSM-SPEC §6.8) of ``batch`` streams starting together, in ms: ``(warm, cold)``.
 
     One run, timed from first text to first PCM: open the ``batch`` streams with their conditions (voices no
@@ -238,7 +241,7 @@ def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_ste
     from .mimi_graph import GraphedMimiStep
 
     cfg = model.cfg
-    eng = _engine_for(model, batch, temp=0.6, temp_text=0.6, kv_dtype=kv_dtype)
+    eng = _engine_for(model, batch, temp=0.6, temp_text=0.6, kv_dtype=kv_dtype, backend=backend)
     silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=eng.device)
     state = mimi.init_state(batch)
     decode = GraphedMimiStep(mimi.decode_step, state)
@@ -516,6 +519,9 @@ def setup_parser(p) -> None:
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None,
                    help="KV cache dtype (default: the LM dtype); fp8 = e4m3, saturating, no scale")
+    p.add_argument("--backend", choices=dsm_kernels.BACKENDS, default=None,
+                   help="kernel backend of the engine (default: the fastest available; e.g. triton for an A/B "
+                        "against the CUDA kernels)")
     p.add_argument("--no-mimi", dest="mimi", action="store_false", help="LM only, without Mimi encode/decode")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="do not time moshi beside")
     p.add_argument("--capacity", action="store_true",
@@ -540,7 +546,7 @@ def _capacity_search(model, mimi, name, rows, args, kv_dtype, timer, weights, ba
     steps = 10 if device.type == "cuda" else 2
 
     def measure(n: int) -> float:
-        r = bench_dsm(model, mimi, n, steps, 2, timer, kv_dtype=kv_dtype)
+        r = bench_dsm(model, mimi, n, steps, 2, timer, kv_dtype=kv_dtype, backend=args.backend)
         r.model, r.extra["capacity_probe"] = name, True
         rows.append(r)
         bar.write(format_table([r]).splitlines()[2] + "  (capacity probe)")
@@ -571,6 +577,10 @@ def run_cli(args) -> int:
         return 2
     if (why := check_output(args.output)) is not None:
         print(f"dsm bench: error: {why}", file=sys.stderr)
+        return 2
+    if args.backend and args.backend not in dsm_kernels.available_backends(device):
+        print(f"dsm bench: error: kernel backend {args.backend!r} is not available on {device} (available: "
+              f"{', '.join(dsm_kernels.available_backends(device))})", file=sys.stderr)
         return 2
     if args.checkpoint or args.hf_repo:
         from .checkpoint import resolve_checkpoint
@@ -603,7 +613,7 @@ def run_cli(args) -> int:
             if not args.mimi:
                 mimi = None
             for b in batches:
-                r = bench_dsm(model, mimi, b, steps, warmup, timer, bar, kv_dtype=kv_dtype)
+                r = bench_dsm(model, mimi, b, steps, warmup, timer, bar, kv_dtype=kv_dtype, backend=args.backend)
                 r.model = name
                 rows.append(r)
                 bar.write(format_table([r]).splitlines()[2])  # each row as soon as it exists
@@ -638,6 +648,7 @@ def run_cli(args) -> int:
     print("\n".join(kv_lines))
     env = environment(device)
     append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype), "steps": steps,
+                                            "backend": args.backend or dsm_kernels.default_backend(device),
                                             "warmup": warmup, "mimi": args.mimi, "frame_ms": args.frame_ms,
                                             "capacity": capacities})
     print(f"appended to {args.output} ({env['device']}, torch {env['torch']}, commit {env['commit']})")

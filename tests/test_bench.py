@@ -15,7 +15,7 @@ def test_bench_cli_smoke(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "rtf" in text and "rtfx" in text and "capacity" in text
     row = json.loads(out.read_text().splitlines()[-1])
-    assert {"device", "torch", "commit"} <= set(row)
+    assert {"device", "torch", "commit"} <= set(row) and row["backend"] == "reference"  # a CPU's default
     systems = {(r["system"], r["batch"]) for r in row["rows"]}
     assert {("dsm", 1), ("dsm", 2), ("moshi", 1), ("moshi", 2)} <= systems
     for r in row["rows"]:
@@ -34,6 +34,12 @@ def test_bench_rejects_bad_counts(capsys, flag, value):
 def test_bench_preset_and_checkpoint_are_exclusive(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny-stt", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "r")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_backend_the_device_lacks(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny-stt", "--backend", "cuda", "--device", "cpu",
+                 "--output", str(tmp_path / "r")]) == 2  # fmt: skip
+    assert "kernel backend 'cuda' is not available on cpu" in capsys.readouterr().err
 
 
 def test_search_capacity_finds_the_largest_fitting_batch():

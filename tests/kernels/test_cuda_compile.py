@@ -87,7 +87,8 @@ def test_bindings_schemas_parse():
     defs = re.findall(r'm\.def\(((?:"[^"]*"\s*)+)\)', text)
     schemas = ["".join(re.findall(r'"([^"]*)"', d)) for d in defs]
     assert {s.split("(")[0] for s in schemas} == {
-        "multistream_embed", "append_kv", "paged_decode_attention", "sample_tokens", "paged_decode_blocks_per_sm"
+        "multistream_embed", "append_kv", "paged_decode_attention", "sample_tokens", "paged_decode_blocks_per_sm",
+        "depformer_frame",
     }  # fmt: skip
     for s in schemas:
         schema = torch._C.parse_schema("dsm::" + s)
@@ -95,6 +96,8 @@ def test_bindings_schemas_parse():
             assert str(schema.returns[0].type) == "int" and all(a.alias_info is None for a in schema.arguments)
             continue
         assert schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write, s
+        if schema.name == "dsm::depformer_frame":  # tokens and logits
+            assert schema.arguments[1].alias_info is not None and schema.arguments[1].alias_info.is_write, s
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
