@@ -23,7 +23,8 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_H
 
 def _nvcc_object(source: str, out_dir: Path) -> list[str]:
     return [NVCC, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a",
-            "-Werror", "all-warnings", str(CSRC / source), "-o", str(out_dir / f"{source}.o")]  # fmt: skip
+            "-Werror", "all-warnings", "-Xptxas", "-v", str(CSRC / source), "-o",
+            str(out_dir / f"{source}.o")]  # fmt: skip
 
 
 def _nvcc_ptx(source: str, out_dir: Path) -> list[str]:
@@ -64,6 +65,10 @@ def test_nvcc_compiles_for_sm90a(source, background):
     rc, _, err = background(("nvcc -c", source), _nvcc_object(source, background.dir))
     assert rc == 0, err[-4000:]
     assert (background.dir / f"{source}.o").stat().st_size > 0
+    if source == "depformer.cu":  # 512 threads, one block per SM: the whole register file, and nothing spilled
+        regs = [int(n) for n in re.findall(r"Used (\d+) registers", err)]
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", err)]
+        assert regs and max(regs) <= 128 and not any(spills), (regs, spills)
 
 
 @needs_nvcc
