@@ -192,7 +192,7 @@ def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, r
         return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
     ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps)
     heads, hidden, card, dep_q, layers, n_in, vocab, top_k = ops["dims"]
-    B, dim, dtype = z.shape[0], w.dim, _DTYPES[z.dtype]
+    B, dim, dtype = z.shape[0], w.dim, _DTYPES[ops["z"].dtype]
     # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN or -7
     work = torch.full((_lib().dsm_depformer_work_bytes(B, dim, hidden, n_in, layers, dep_q, dtype),), 0xFF,
                       dtype=torch.uint8)

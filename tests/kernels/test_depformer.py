@@ -311,6 +311,8 @@ def test_persistent_low_precision_error_within_3x_reference_error(dtype, backend
     tok32, lg32 = depformer_frame_ref(w32, **args32, return_logits=True)
     tok16, lg16 = depformer_frame_ref(w16, **args16, return_logits=True)
     tok, lg = run_persistent(backend, w16, args16, 2)
+    tok_z32, lg_z32 = run_persistent(backend, w16, args32, 2)  # z in fp32 is cast to the weights' dtype first
+    assert torch.equal(tok_z32, tok) and torch.equal(lg_z32, lg)
     same = (tok32 == tok16) & (tok16 == tok)  # codebooks while all three chains were fed the same tokens
     n = min(int(same.all(dim=0).long().cumprod(0).sum()) + 1, tok.shape[1])
     assert n >= 2
