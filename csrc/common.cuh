@@ -74,6 +74,20 @@ __device__ __forceinline__ void pdl_launch_and_wait() {
 #endif
 }
 
+// Launch `kernel` on `stream` with `smem` bytes of dynamic shared memory and the launch attributes `attrs`.
+template <typename... Params, typename... Args>
+cudaError_t launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                      cudaLaunchAttribute* attrs, unsigned num_attrs, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attrs;
+  cfg.numAttrs = num_attrs;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 // Launch `kernel` on `stream`, as a programmatic dependent of the previous kernel when `pdl` (it may then start
 // before that kernel ends, and must call pdl_launch_and_wait() before reading its outputs).
 template <typename... Params, typename... Args>
@@ -81,32 +95,18 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  return launch_ex(kernel, grid, block, 0, stream, attr, pdl ? 1 : 0, args...);
 }
 
 // Launch `kernel` cooperatively (all `grid` blocks resident at once, or the launch fails instead of deadlocking): the
-// launch a kernel that waits at grid_barrier() needs. `smem`: dynamic shared memory bytes.
+// launch a kernel that waits at grid_barrier() needs.
 template <typename... Params, typename... Args>
 cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                                Args... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  return launch_ex(kernel, grid, block, smem, stream, attr, 1, args...);
 }
 
 // ---- Persistent kernels. Each primitive has a CPU-emulated twin (DSM_CUDA_EMU: tests/kernels/cuda_emu_include).

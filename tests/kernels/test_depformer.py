@@ -405,19 +405,24 @@ def test_gpu_fp32_and_graph_replay(B, path):
     assert torch.equal(tok, tok_ref) and rel(lg, lg_ref) < 1e-5
     from dsm_kernels.depformer import depformer_frame_triton
 
+    assert_graph_replays_give(lambda: depformer_frame_triton(w, **args), tok_ref)
+
+
+def assert_graph_replays_give(frame, tokens):
+    """``frame()`` captured in a CUDA graph (after an eager call on a side stream) writes ``tokens`` at each replay."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        depformer_frame_triton(w, **args)
+        frame()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = depformer_frame_triton(w, **args)
+        out = frame()
     for _ in range(3):
         out.fill_(-7)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, tok_ref)
+        assert torch.equal(out, tokens)
 
 
 @pytest.mark.gpu
@@ -464,19 +469,7 @@ def test_gpu_persistent_tts_shapes(B):
     assert rel(lg[:, :n], lg32[:, :n]) <= 3 * rel(lg16[:, :n], lg32[:, :n]) + 1e-6
     tok7, lg7 = depformer_frame_cuda(w16, **args16, return_logits=True, blocks=7)
     assert torch.equal(tok7, tok) and torch.equal(lg7, lg)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        depformer_frame_cuda(w16, **args16)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = depformer_frame_cuda(w16, **args16)
-    for _ in range(3):
-        out.fill_(-7)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, tok)
+    assert_graph_replays_give(lambda: depformer_frame_cuda(w16, **args16), tok)
 
 
 if __name__ == "__main__":
