@@ -25,15 +25,12 @@
 #include <algorithm>
 #include <cmath>
 
-#include "sample_row.cuh"
+#include "persistent.cuh"
 
 namespace {
 
+using namespace dsm::persistent;
 using dsm::sampling::SampleScratch;
-using dsm::sampling::kThreads;
-constexpr int kWarps = kThreads / 32;
-constexpr int kStages = 3;   // phases in flight in the shared-memory weight ring
-constexpr int kMaxRows = 4;  // batch rows: accumulators live in registers
 constexpr int kMaxHeadDim = 256;
 
 enum Kind { kProj, kQkv, kOut, kIn, kFfo, kHead };
@@ -41,9 +38,7 @@ enum Kind { kProj, kQkv, kOut, kIn, kFfo, kHead };
 struct Phase {
   Kind kind;
   int k = 0, layer = 0;
-  const char* w = nullptr;  // weight rows [n or 2 n (gate), K]
-  int n = 0, K = 0;         // rows (gate: row pairs) and row length
-  bool gate = false;
+  Rows rows;
 };
 
 // The phase `p` of the frame, from the shapes and the table alone (every block derives the same).
@@ -51,9 +46,7 @@ __device__ __forceinline__ Phase phase_of(const DsmDepformerArgs& a, int p) {
   Phase ph;
   if (p == 0) {
     ph.kind = kProj;
-    ph.w = static_cast<const char*>(a.in_proj);
-    ph.n = a.n_in * a.dim;
-    ph.K = a.d_model;
+    ph.rows = Rows{static_cast<const char*>(a.in_proj), a.n_in * a.dim, a.d_model};
     return ph;
   }
   const int per_k = 4 * a.layers + 1, q = p - 1;
@@ -62,78 +55,27 @@ __device__ __forceinline__ Phase phase_of(const DsmDepformerArgs& a, int p) {
   const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
   if (s == 4 * a.layers) {
     ph.kind = kHead;
-    ph.w = reinterpret_cast<const char*>(t[8 * a.layers]);
-    ph.n = a.card;
-    ph.K = a.dim;
+    ph.rows = Rows{reinterpret_cast<const char*>(t[8 * a.layers]), a.card, a.dim};
     return ph;
   }
   ph.layer = s / 4;
   const int64_t* lw = t + 8 * ph.layer;
   switch (s % 4) {
-    case 0: ph.kind = kQkv; ph.w = reinterpret_cast<const char*>(lw[0]); ph.n = 3 * a.dim; ph.K = a.dim; break;
-    case 1: ph.kind = kOut; ph.w = reinterpret_cast<const char*>(lw[1]); ph.n = a.dim; ph.K = a.dim; break;
-    case 2:
-      ph.kind = kIn; ph.w = reinterpret_cast<const char*>(lw[2]); ph.n = a.hidden; ph.K = a.dim; ph.gate = true;
+    case 0: ph.kind = kQkv; ph.rows = Rows{reinterpret_cast<const char*>(lw[0]), 3 * a.dim, a.dim}; break;
+    case 1: ph.kind = kOut; ph.rows = Rows{reinterpret_cast<const char*>(lw[1]), a.dim, a.dim}; break;
+    case 2:  // gate rows u and value rows hidden + u
+      ph.kind = kIn;
+      ph.rows = Rows{reinterpret_cast<const char*>(lw[2]), a.hidden, a.dim, 2, 1, a.hidden};
       break;
-    default: ph.kind = kFfo; ph.w = reinterpret_cast<const char*>(lw[3]); ph.n = a.dim; ph.K = a.hidden; break;
+    default: ph.kind = kFfo; ph.rows = Rows{reinterpret_cast<const char*>(lw[3]), a.dim, a.hidden}; break;
   }
   return ph;
 }
 
-__device__ __forceinline__ int split_lo(int n, int g, int G) {
-  return static_cast<int>(static_cast<int64_t>(n) * g / G);
-}
-
-// Weight row `li` of this block's list for phase `ph` (rows lo.. hi, then, for the gate, hidden + lo .. hidden + hi).
-__device__ __forceinline__ int64_t block_row(const Phase& ph, int lo, int hi, int li) {
-  return li < hi - lo ? lo + li : static_cast<int64_t>(ph.n) + lo + (li - (hi - lo));
-}
-
-// Rows of this block's list that the ring slot holds (the rest stream from global memory at compute time).
-template <typename T>
-__device__ __forceinline__ int rows_in_slot(const Phase& ph, int rows, size_t slot_bytes) {
-  if (ph.w == nullptr) return 0;
-  const size_t per = static_cast<size_t>(ph.K) * sizeof(T);
-  return static_cast<int>(min(static_cast<size_t>(rows), slot_bytes / per));
-}
-
-// Issue the copies of phase p's weights into `slot`, as one cp.async group (empty past the frame's end).
 template <typename T>
 __device__ void prefetch(const DsmDepformerArgs& a, int p, int P, char* slot, size_t slot_bytes) {
-  if (p < P) {
-    const Phase ph = phase_of(a, p);
-    const int lo = split_lo(ph.n, blockIdx.x, gridDim.x), hi = split_lo(ph.n, blockIdx.x + 1, gridDim.x);
-    const int rows = rows_in_slot<T>(ph, (ph.gate ? 2 : 1) * (hi - lo), slot_bytes);
-    const int vecs = ph.K * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces per row
-    for (int i = threadIdx.x; i < rows * vecs; i += kThreads) {
-      const int li = i / vecs, v = i % vecs;
-      const char* src = ph.w + block_row(ph, lo, hi, li) * ph.K * static_cast<int64_t>(sizeof(T)) + 16 * v;
-      dsm::cp_async16(slot + static_cast<size_t>(li) * ph.K * sizeof(T) + 16 * v, src);
-    }
-  }
-  dsm::cp_async_commit();
+  prefetch_rows<T>(p < P ? phase_of(a, p).rows : Rows{}, slot, slot_bytes);
 }
-
-// Sum over the block of each row's value (B <= kMaxRows); every thread gets the sums.
-__device__ __forceinline__ void block_sum_rows(float (&v)[kMaxRows], float* red) {
-#pragma unroll
-  for (int b = 0; b < kMaxRows; ++b)
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v[b] += __shfl_xor_sync(0xffffffffu, v[b], off);
-  __syncthreads();  // red may still be read by the previous reduction
-  if (threadIdx.x % 32 == 0)
-#pragma unroll
-    for (int b = 0; b < kMaxRows; ++b) red[(threadIdx.x / 32) * kMaxRows + b] = v[b];
-  __syncthreads();
-#pragma unroll
-  for (int b = 0; b < kMaxRows; ++b) {
-    float s = 0.f;
-    for (int w = 0; w < kWarps; ++w) s += red[w * kMaxRows + b];
-    v[b] = s;
-  }
-}
-
-__host__ __device__ __forceinline__ size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // The scratch tensors in `a.work`, each 16-byte aligned: the frame's input projections [B, n_in dim], the residual
 // stream x, q and the attention output [B, dim], the gated hidden [B, hidden], and this frame's K and V caches
@@ -161,125 +103,74 @@ struct Work {
   }
 };
 
-// Stage the input rows of a GEMV phase into xs ([B, K] in T, as the reference's F.linear input), RMSNormed when
-// `alpha`; layer 0's QKV builds the residual stream x = proj[k] + Emb_k(prev) and writes its owned columns.
+// Layer 0's input: the residual stream x = proj[k] + Emb_k(prev token) (the text token at k = 0, demuxed), built by
+// every block into xs; each block writes the columns of x it owns, then the RMSNorm as stage_rows.
 template <typename T>
-__device__ void stage_input(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, T* xs, float* red) {
-  const int B = a.B, K = ph.K;
+__device__ void stage_codebook_input(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, const T* alpha,
+                                     T* xs, float* red) {
+  const int B = a.B, K = a.dim;
   const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
-  const T* alpha = nullptr;
-  const T* src = nullptr;
-  bool build = false;
-  switch (ph.kind) {
-    case kProj: src = static_cast<const T*>(a.z); break;
-    case kQkv:
-      alpha = reinterpret_cast<const T*>(t[8 * ph.layer + 4]);
-      build = ph.layer == 0;
-      src = w.x;
-      break;
-    case kOut: src = w.attn; break;
-    case kIn: alpha = reinterpret_cast<const T*>(t[8 * ph.layer + 5]); src = w.x; break;
-    case kFfo: src = w.gh; break;
-    default: alpha = reinterpret_cast<const T*>(t[8 * a.layers + 1]); src = w.x; break;  // head
-  }
-  float ss[kMaxRows] = {0.f, 0.f, 0.f, 0.f};
-  if (build) {
-    const T* table = reinterpret_cast<const T*>(t[8 * a.layers + 2]);
-    const T* text2 = static_cast<const T*>(a.text_emb2);
-    const int64_t in_index = t[8 * a.layers + 3];
-    const int own_lo = split_lo(a.dim, blockIdx.x, gridDim.x), own_hi = split_lo(a.dim, blockIdx.x + 1, gridDim.x);
-    for (int b = 0; b < B; ++b) {
-      const int64_t id = ph.k == 0 ? a.text_token[b] : __ldcg(a.tokens + static_cast<int64_t>(ph.k - 1) * B + b);
-      const bool demux = ph.k == 0 && text2 != nullptr;
-      const int64_t row = demux ? id % a.text_vocab : id, second = demux ? id / a.text_vocab - 1 : -1;
-      for (int c = threadIdx.x; c < K; c += kThreads) {
-        float e = 0.f;
-        if (id >= 0) {
-          e = dsm::to_float(table[row * a.dim + c]);
-          if (second >= 0) e = dsm::to_float(dsm::from_float<T>(e + dsm::to_float(text2[second * a.dim + c])));
-        }
-        const float p = dsm::to_float(__ldcg(w.proj + static_cast<int64_t>(b) * a.n_in * a.dim + in_index * a.dim + c));
-        const T xv = dsm::from_float<T>(p + e);
-        xs[b * K + c] = xv;
-        if (c >= own_lo && c < own_hi) w.x[b * a.dim + c] = xv;
-        ss[b] += dsm::to_float(xv) * dsm::to_float(xv);
+  const T* table = reinterpret_cast<const T*>(t[8 * a.layers + 2]);
+  const T* text2 = static_cast<const T*>(a.text_emb2);
+  const int64_t in_index = t[8 * a.layers + 3];
+  const int own_lo = split_lo(a.dim, blockIdx.x, gridDim.x), own_hi = split_lo(a.dim, blockIdx.x + 1, gridDim.x);
+  float ss[kMaxRows] = {};
+  for (int b = 0; b < B; ++b) {
+    const int64_t id = ph.k == 0 ? a.text_token[b] : __ldcg(a.tokens + static_cast<int64_t>(ph.k - 1) * B + b);
+    const bool demux = ph.k == 0 && text2 != nullptr;
+    const int64_t row = demux ? id % a.text_vocab : id, second = demux ? id / a.text_vocab - 1 : -1;
+    for (int c = threadIdx.x; c < K; c += kThreads) {
+      float e = 0.f;
+      if (id >= 0) {
+        e = dsm::to_float(table[row * a.dim + c]);
+        if (second >= 0) e = dsm::to_float(dsm::from_float<T>(e + dsm::to_float(text2[second * a.dim + c])));
       }
+      const float p = dsm::to_float(__ldcg(w.proj + static_cast<int64_t>(b) * a.n_in * a.dim + in_index * a.dim + c));
+      const T xv = dsm::from_float<T>(p + e);
+      xs[b * K + c] = xv;
+      if (c >= own_lo && c < own_hi) w.x[b * a.dim + c] = xv;
+      ss[b] += dsm::to_float(xv) * dsm::to_float(xv);
     }
-  } else {
-    for (int b = 0; b < B; ++b)
-      for (int c = threadIdx.x; c < K; c += kThreads) {
-        const T xv = __ldcg(src + static_cast<int64_t>(b) * K + c);
-        xs[b * K + c] = xv;
-        ss[b] += dsm::to_float(xv) * dsm::to_float(xv);
-      }
   }
-  if (alpha == nullptr) return;  // the caller's barrier publishes xs
   block_sum_rows(ss, red);
   for (int b = 0; b < B; ++b) {
-    const float inv = 1.f / sqrtf(a.eps + ss[b] / K);  // torch: x * (alpha * rsqrt(eps + mean(x^2))), in fp32
+    const float inv = 1.f / sqrtf(a.eps + ss[b] / K);
     for (int c = threadIdx.x; c < K; c += kThreads)
       xs[b * K + c] = dsm::from_float<T>(dsm::to_float(xs[b * K + c]) * (dsm::to_float(alpha[c]) * inv));
   }
 }
 
-// acc[b] = dot(weight row, xs[b]) over K, summed over the warp (every lane gets it): each lane takes 16-byte pieces,
-// lane-strided; the row may be in the ring (shared memory) or still in global memory.
-// 16 bytes at p (shared or global memory: a generic load) as fp32.
+// Stage the input rows of a GEMV phase into xs ([B, K] in T, as the reference's F.linear input), RMSNormed where the
+// reference norms them.
 template <typename T>
-__device__ __forceinline__ void load16(const T* p, float (&v)[16 / sizeof(T)]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < static_cast<int>(16 / sizeof(T)); ++i) v[i] = dsm::to_float(e[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void row_dot(const T* wrow, const T* xs, int K, int B, float (&acc)[kMaxRows]) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int lane = threadIdx.x % 32;
-  for (int c0 = lane * kVec; c0 < K; c0 += 32 * kVec) {
-    float wv[kVec];
-    load16<T>(wrow + c0, wv);
-#pragma unroll
-    for (int b = 0; b < kMaxRows; ++b) {
-      if (b < B) {
-        float xv[kVec];
-        load16<T>(xs + b * K + c0, xv);
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[b] += wv[i] * xv[i];
-      }
+__device__ void stage_input(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, T* xs, float* red) {
+  const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
+  switch (ph.kind) {
+    case kProj: stage_rows<T>(static_cast<const T*>(a.z), a.B, a.d_model, nullptr, a.eps, xs, red); break;
+    case kQkv: {
+      const T* alpha = reinterpret_cast<const T*>(t[8 * ph.layer + 4]);
+      if (ph.layer == 0) stage_codebook_input<T>(a, w, ph, alpha, xs, red);
+      else stage_rows<T>(w.x, a.B, a.dim, alpha, a.eps, xs, red);
+      break;
     }
+    case kOut: stage_rows<T>(w.attn, a.B, a.dim, nullptr, a.eps, xs, red); break;
+    case kIn: stage_rows<T>(w.x, a.B, a.dim, reinterpret_cast<const T*>(t[8 * ph.layer + 5]), a.eps, xs, red); break;
+    case kFfo: stage_rows<T>(w.gh, a.B, a.hidden, nullptr, a.eps, xs, red); break;
+    default: stage_rows<T>(w.x, a.B, a.dim, reinterpret_cast<const T*>(t[8 * a.layers + 1]), a.eps, xs, red); break;
   }
-#pragma unroll
-  for (int b = 0; b < kMaxRows; ++b)
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], off);
 }
 
-// The GEMV of a phase with its epilogue: warps take the block's rows (pairs for the gate) in turn.
+// The GEMV of a phase with its epilogue (lane 0 of the warp that computed the unit).
 template <typename T>
 __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, const T* xs,
                            const char* slot, size_t slot_bytes) {
-  const int B = a.B, K = ph.K;
-  const int lo = split_lo(ph.n, blockIdx.x, gridDim.x), hi = split_lo(ph.n, blockIdx.x + 1, gridDim.x);
-  const int in_slot = rows_in_slot<T>(ph, (ph.gate ? 2 : 1) * (hi - lo), slot_bytes);
+  const int B = a.B;
   const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  auto row_ptr = [&](int li) {
-    return li < in_slot ? reinterpret_cast<const T*>(slot) + static_cast<size_t>(li) * K
-                        : reinterpret_cast<const T*>(ph.w) + block_row(ph, lo, hi, li) * K;
-  };
-  for (int i = warp; i < hi - lo; i += kWarps) {
-    const int r = lo + i;
-    float acc[kMaxRows] = {0.f, 0.f, 0.f, 0.f};
-    row_dot<T>(row_ptr(i), xs, K, B, acc);
-    float acc2[kMaxRows] = {0.f, 0.f, 0.f, 0.f};
-    if (ph.gate) row_dot<T>(row_ptr(hi - lo + i), xs, K, B, acc2);
-    if (lane != 0) continue;
+  gemv_units<T>(ph.rows, xs, B, slot, slot_bytes, [&](int r, const float (&acc)[2][kMaxRows]) {
     for (int b = 0; b < B; ++b) {
-      const T y = dsm::from_float<T>(acc[b]);
+      const T y = dsm::from_float<T>(acc[0][b]);
       switch (ph.kind) {
-        case kProj: w.proj[static_cast<int64_t>(b) * ph.n + r] = y; break;
+        case kProj: w.proj[static_cast<int64_t>(b) * ph.rows.units + r] = y; break;
         case kQkv: {
           T* dst = r < a.dim ? w.q + b * a.dim + r
                              : (r < 2 * a.dim ? w.kc : w.vc) +
@@ -290,7 +181,7 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
         case kIn: {  // silu(gate) * value, each rounded as torch's bf16 ops
           const float g = dsm::to_float(y);
           const T act = dsm::from_float<T>(g / (1.f + expf(-g)));
-          w.gh[b * a.hidden + r] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc2[b])));
+          w.gh[b * a.hidden + r] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc[1][b])));
           break;
         }
         case kOut:
@@ -306,7 +197,7 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
           break;
       }
     }
-  }
+  });
 }
 
 // Attention of row b's query in head h over this frame's steps 0..k: one warp, online softmax in fp32.
@@ -349,22 +240,13 @@ __device__ void attend(const DsmDepformerArgs& a, const Work<T>& w, const Phase&
   }
 }
 
-// Arrival of this block's `rows` outputs at `counter`, which completes when `total` have arrived: true for the block
-// that completes it (it re-arms the counter). The writes before it are published by the fence (the programming
-// guide's last-block pattern); the completing block reads them through L2 after its own fence. Thread 0 only.
-__device__ __forceinline__ bool arrive_last(unsigned* counter, int rows, int total) {
-  if (rows <= 0) return false;  // a block with no rows never completes a counter (it could arrive after all others)
-  if (atomicAdd(counter, static_cast<unsigned>(rows)) + rows != static_cast<unsigned>(total)) return false;
-  atomicExch(counter, 0u);
-  return true;
-}
-
 // After the QKV GEMV: heads whose 3 D rows are all written get their attention from the block that wrote the last.
 template <typename T>
 __device__ void attend_finished_heads(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, float scale,
                                       int* heads_done) {
   const int D = a.dim / a.heads;
-  const int lo = split_lo(ph.n, blockIdx.x, gridDim.x), hi = split_lo(ph.n, blockIdx.x + 1, gridDim.x);
+  const Share own = share_of(ph.rows);
+  const int lo = own.lo, hi = own.lo + own.count;
   __syncthreads();  // every q/k/v row of this block is written
   if (threadIdx.x == 0) {
     __threadfence();
@@ -389,11 +271,10 @@ __device__ void attend_finished_heads(const DsmDepformerArgs& a, const Work<T>& 
 // After the head GEMV: the block that wrote the last logits samples every row's token.
 template <typename T, int kItems>
 __device__ void sample_if_last(const DsmDepformerArgs& a, const Phase& ph, SampleScratch& scratch, int* flag) {
-  const int lo = split_lo(ph.n, blockIdx.x, gridDim.x), hi = split_lo(ph.n, blockIdx.x + 1, gridDim.x);
   __syncthreads();  // every logit row of this block is written
   if (threadIdx.x == 0) {
     __threadfence();
-    *flag = arrive_last(a.sync + 2 + a.heads, hi - lo, a.card);
+    *flag = arrive_last(a.sync + 2 + a.heads, share_of(ph.rows).count, a.card);
     __threadfence();
   }
   __syncthreads();
@@ -447,26 +328,15 @@ size_t max_block_bytes(const DsmDepformerArgs& a, int G, size_t elem) {
 template <typename T, int kItems>
 cudaError_t launch(const DsmDepformerArgs& a, cudaStream_t stream) {
   auto kernel = depformer_kernel<T, kItems>;
-  int device = 0, sms = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  const int G = a.blocks > 0 ? a.blocks : sms;
+  const int G0 = a.blocks > 0 ? a.blocks : device_sms();
   const int k_max = std::max({a.d_model, a.dim, a.hidden});
   const size_t fixed = align16(sizeof(SampleScratch)) + align16(kWarps * kMaxRows * sizeof(float)) +
                        align16((a.heads + 1) * sizeof(int)) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
-  if (fixed + kStages * 16 > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
-  const size_t slot = std::min(align16(max_block_bytes(a, G, sizeof(T))), (optin - fixed) / kStages / 16 * 16);
-  const size_t smem = fixed + kStages * slot;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-  if (err != cudaSuccess) return err;
-  if (per_sm < 1 || G > per_sm * sms) return cudaErrorInvalidValue;  // the cooperative launch would refuse it
+  const Smem smem = smem_plan(fixed, max_block_bytes(a, std::max(G0, 1), sizeof(T)), optin_smem());
+  const int G = G0 > 0 && smem.total > 0 ? resident_grid(kernel, a.blocks, smem.total) : 0;
+  if (G == 0) return cudaErrorInvalidValue;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(a.dim / a.heads)));  // as D**-0.5
-  return dsm::launch_cooperative(kernel, dim3(G), dim3(kThreads), smem, stream, a, scale, slot);
+  return dsm::launch_cooperative(kernel, dim3(G), dim3(kThreads), smem.total, stream, a, scale, smem.slot);
 }
 
 }  // namespace

@@ -337,41 +337,46 @@ class LMModel(nn.Module):
         return z, self.text_linear(z)
 
     def _step_layers_gemv(self, x, kv, positions, slot, seq_lens, cross, backend):
-        """The layers of :meth:`step_text` for a few rows, on ``dsm_kernels.gemv``: each linear layer carries its
-        neighbours (the RMSNorm before it in its prologue; the residual add or the SiLU gate after it in its
-        epilogue), and the QKV projection also rotates q and k and writes k and v into the pages. A layer is then
-        4 GEMVs + the attention (6 launches), where the fused step launches 10; a cross-attention adds 2 GEMVs (the
-        query's with its LayerNorm, the output's with the residual) around the paged attention over the condition.
-        The rounding points are the module path's. On sm_90+ consecutive GEMVs overlap by programmatic dependent
-        launch."""
+        """The layers of :meth:`step_text` for a few rows: ``dsm_kernels.decoder_step`` (on the Triton backend each
+        linear layer is a GEMV carrying its neighbours, the RMSNorm before it and the residual add or SiLU gate after
+        it, and the QKV GEMV also rotates q and k and writes the pages: 6 launches a layer where the fused step
+        launches 10; the CUDA backend runs the whole step as one persistent kernel where it can). The rounding
+        points are the module path's."""
+        return dsm_kernels.decoder_step(self.decoder_weights(), x, positions, slot, seq_lens, kv.k, kv.v,
+                                        kv.block_table, context=kv.context, counters=kv.counters, cross=cross,
+                                        backend=backend)  # fmt: skip
+
+    def decoder_weights(self):
+        """The temporal transformer's tensors packed for ``dsm_kernels.decoder_step`` (views, no copies; cached, and
+        re-packed when the weights move or change dtype)."""
+        from dsm_kernels.decoder import DecoderCrossWeights, DecoderLayerWeights, DecoderWeights
+
         tr = self.transformer
-        H = tr.num_heads
-        inv_freq = self._rope_inv_freq(x.device) if tr.rope else None
-        for i, layer in enumerate(tr.layers):
+        w0 = tr.layers[0].self_attn.in_proj_weight
+        key = (w0.device, w0.dtype, w0.data_ptr())
+        cached = self.__dict__.get("_decoder_packed")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        layers = []
+        for layer in tr.layers:
             attn, g = layer.self_attn, layer.gating
-            if inv_freq is not None:  # projection, RoPE and the K/V write: one kernel
-                q = dsm_kernels.qkv_rope_gemv(x, attn.in_proj_weight, layer.norm1.alpha, layer.norm1.eps, positions,
-                                              inv_freq, kv.k[i], kv.v[i], slot, H, attn.kv_heads, backend=backend)
-            else:
-                qkv = dsm_kernels.gemv(x, attn.in_proj_weight, alpha=layer.norm1.alpha, eps=layer.norm1.eps,
-                                       backend=backend)  # fmt: skip
-                q = self._rope_append(qkv, positions, inv_freq, kv, i, slot, H, attn.kv_heads, backend)
-            a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
-                                                   counters=kv.counters, backend=backend)
-            dsm_kernels.gemv(a.flatten(1), attn.out_proj.weight, residual=x, scale=_scale_of(layer.layer_scale_1),
-                             backend=backend)  # fmt: skip
-            if layer.cross_attention is not None:  # query GEMV with its LayerNorm, SDPA, out GEMV + residual
+            cross = None
+            if layer.cross_attention is not None:
                 ca, ln = layer.cross_attention, layer.norm_cross
-                q = dsm_kernels.gemv(x, ca.in_proj_weight[: ca.dim], alpha=ln.weight, beta=ln.bias, eps=ln.eps,
-                                     backend=backend)  # fmt: skip
-                a = _cross_paged(q.view(q.shape[0], H, -1), cross, i, kv.counters, backend)
-                dsm_kernels.gemv(a.flatten(1), ca.out_proj.weight, residual=x,
-                                 scale=_scale_of(layer.layer_scale_cross), backend=backend)  # fmt: skip
-            h = dsm_kernels.gemv(x, g.linear_in.weight, alpha=layer.norm2.alpha, eps=layer.norm2.eps, gate=True,
-                                 backend=backend)  # fmt: skip
-            dsm_kernels.gemv(h, g.linear_out.weight, residual=x, scale=_scale_of(layer.layer_scale_2), backend=backend)
-        x, z = dsm_kernels.add_rms_norm(x, self.out_norm.alpha, self.out_norm.eps, backend=backend)
-        return z, dsm_kernels.gemv(z, self.text_linear.weight, backend=backend)
+                cross = DecoderCrossWeights(norm_weight=ln.weight, norm_bias=ln.bias, norm_eps=ln.eps,
+                                            q_proj=ca.in_proj_weight[: ca.dim], out_proj=ca.out_proj.weight,
+                                            scale=_scale_of(layer.layer_scale_cross))  # fmt: skip
+            layers.append(DecoderLayerWeights(
+                norm1=layer.norm1.alpha.view(-1), in_proj=attn.in_proj_weight, out_proj=attn.out_proj.weight,
+                norm2=layer.norm2.alpha.view(-1), linear_in=g.linear_in.weight, linear_out=g.linear_out.weight,
+                scale1=_scale_of(layer.layer_scale_1), scale2=_scale_of(layer.layer_scale_2), cross=cross))  # fmt: skip
+        packed = DecoderWeights(
+            num_heads=tr.num_heads, num_kv_heads=tr.layers[0].self_attn.kv_heads,
+            inv_freq=self._rope_inv_freq(w0.device) if tr.rope else None, norm_eps=tr.layers[0].norm1.eps,
+            layers=tuple(layers), out_norm=self.out_norm.alpha.view(-1), out_norm_eps=self.out_norm.eps,
+            text_linear=self.text_linear.weight)  # fmt: skip
+        self.__dict__["_decoder_packed"] = (key, packed)
+        return packed
 
     def _rope_append(self, qkv, positions, inv_freq, kv, i, slot, H, Hkv, backend):
         """Rotate q and k of a fused projection and write k and v into layer ``i``'s pages; returns q [B, H, D]."""

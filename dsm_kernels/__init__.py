@@ -1,5 +1,6 @@
 """dsm kernels: fused multistream embedding, paged KV-cache decode attention and sampling, the fused depth
-transformer frame, the fused glue of a temporal decode step (residual + RMSNorm, RoPE, SiLU gate), the small-batch
+transformer frame, the temporal transformer's decode step at a few rows, the fused glue of a temporal decode step
+(residual + RMSNorm, RoPE, SiLU gate), the small-batch
 GEMV with that glue in its prologue and epilogue, and the delayed-stream bookkeeping of a step (input column, commit,
 KV slots).
 
@@ -108,6 +109,11 @@ _OPS = {
         "reference": "dsm_kernels.reference:depformer_frame_ref",
         "triton": "dsm_kernels.depformer:depformer_frame_triton",
         "cuda": "dsm_kernels.cuda_ops:depformer_frame_cuda",
+    },
+    "decoder_step": {
+        "reference": "dsm_kernels.decoder:decoder_step_ref",
+        "triton": "dsm_kernels.decoder:decoder_step_triton",
+        "cuda": "dsm_kernels.cuda_ops:decoder_step_cuda",
     },
     "rvq_encode": {
         "reference": "dsm_kernels.reference:rvq_encode_ref",
@@ -331,6 +337,16 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
     return fn(weights, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
 
 
+def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
+                 cross=None, backend=None):  # fmt: skip
+    """See :func:`dsm_kernels.decoder.decoder_step_composed`: the temporal transformer's whole decode step for a few
+    rows (``x`` is updated in place); returns ``(z, logits)``."""
+    checks.decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table)
+    fn = resolve("decoder_step", backend, x.device)
+    return fn(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
+              counters=counters, cross=cross)
+
+
 def rvq_encode(x, codebooks_aug, group_levels, level_ranges, *, out=None, backend=None):
     """See :func:`dsm_kernels.reference.rvq_encode_ref` (Mimi's split residual VQ encode); ``level_ranges`` is the
     caller's :func:`dsm_kernels.reference.rvq_level_ranges` of ``group_levels``, built once on ``x``'s device."""
@@ -392,6 +408,7 @@ __all__ = [
     "add_rms_norm",
     "append_kv",
     "available_backends",
+    "decoder_step",
     "default_backend",
     "depformer_frame",
     "frame_commit",

@@ -195,6 +195,17 @@ def depformer_frame(w, z, text_token, temperature, seeds, steps) -> None:
         shape(op, name, t, (B,))
 
 
+def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table) -> None:
+    op = "decoder_step"
+    shape(op, "x", x, (None, w.dim))
+    B = x.shape[0]
+    for name, t in (("positions", positions), ("slot", slot), ("seq_lens", seq_lens)):
+        shape(op, name, t, (B,))
+    shape(op, "k_cache", k_cache, (len(w.layers), None, None, w.num_kv_heads, w.head_dim))
+    like(op, "v_cache", v_cache, "k_cache", k_cache)
+    shape(op, "block_table", block_table, (B, None))
+
+
 def rvq_encode(x, codebooks_aug, group_levels, level_ranges, out) -> None:
     op = "rvq_encode"
     shape(op, "x", x, (None, None, None))

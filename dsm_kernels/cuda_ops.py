@@ -188,3 +188,13 @@ def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, 
                            ops["eps"])  # fmt: skip
     tokens = ops["tokens"].t().contiguous()
     return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens
+
+
+def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
+                      cross=None):  # fmt: skip
+    """CUDA backend of :func:`~dsm_kernels.decoder.decoder_step_composed`: the single ops with the CUDA kernels where
+    they exist (paged attention) and Triton's elsewhere."""
+    from .decoder import decoder_step_composed
+
+    return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
+                                 counters=counters, cross=cross, backend="cuda")

@@ -259,6 +259,52 @@ def depformer_inputs(w: reference.DepformerWeights, B: int, *, temp: float, seed
                 seeds=torch.arange(B, device=device) + 11, steps=torch.arange(B, device=device) * 100 + 3)  # fmt: skip
 
 
+def random_decoder_weights(*, dim=64, heads=4, kv_heads=None, layers=2, hidden=96, vocab=40, rope=True,
+                           scales=False, dtype=torch.float32, device="cpu", seed=0):  # fmt: skip
+    """Random temporal-transformer step weights (``dsm_kernels.decoder.DecoderWeights``), scaled by 1/sqrt(fan_in)."""
+    from .decoder import DecoderLayerWeights, DecoderWeights
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape, scale=None):
+        t = torch.randn(*shape, generator=g, device=device)
+        return (t * (scale if scale is not None else shape[-1] ** -0.5)).to(dtype)
+
+    hkv = heads if kv_heads is None else kv_heads
+    D = dim // heads
+    lws = tuple(DecoderLayerWeights(
+        norm1=1 + r(dim, scale=0.1), in_proj=r((heads + 2 * hkv) * D, dim), out_proj=r(dim, heads * D),
+        norm2=1 + r(dim, scale=0.1), linear_in=r(2 * hidden, dim), linear_out=r(dim, hidden),
+        scale1=r(dim, scale=0.3) if scales else None, scale2=r(dim, scale=0.3) if scales else None,
+    ) for _ in range(layers))  # fmt: skip
+    inv_freq = torch.exp(torch.arange(D // 2, device=device) * (-9.21 * 2 / D)) if rope else None
+    return DecoderWeights(num_heads=heads, num_kv_heads=hkv, inv_freq=inv_freq, norm_eps=1e-5, layers=lws,
+                          out_norm=1 + r(dim, scale=0.1), out_norm_eps=1e-5, text_linear=r(vocab, dim))
+
+
+def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positions=None, seed=1, device="cpu"):
+    """Inputs of one decode step for ``w``: ``x``, caches full of random history (pages in a shuffled order), each
+    row at its own position (some past the context, so the ring wraps; the last row of several not written this step:
+    ``slot`` -1, ``seq_lens`` 0), as ``dsm_kernels.kv_slots`` gives them. Keyword arguments of ``decoder_step``."""
+    g = torch.Generator().manual_seed(seed)
+    dt = w.text_linear.dtype
+    n = -(-context // page_size)
+    pages = B * n + 3
+    shape = (len(w.layers), pages, page_size, w.num_kv_heads, w.head_dim)
+    k = torch.randn(*shape, generator=g).to(kv_dtype or dt)
+    v = torch.randn(*shape, generator=g).to(kv_dtype or dt)
+    table = torch.randperm(pages, generator=g)[: B * n].view(B, n).int()
+    if positions is None:
+        positions = torch.tensor([(7 * b * b + 3 * b) % (3 * context) for b in range(B)])
+    write = torch.ones(B, dtype=torch.bool)
+    if B > 1:
+        write[-1] = False
+    slot, seq_lens = reference.kv_slots_ref(table, positions, write, page_size)
+    x = torch.randn(B, w.dim, generator=g).to(dt)
+    return dict(x=x.to(device), positions=positions.to(device), slot=slot.to(device), seq_lens=seq_lens.to(device),
+                k_cache=k.to(device), v_cache=v.to(device), block_table=table.to(device), context=context)
+
+
 def kernel_device(backend: str) -> torch.device:
     """The device a kernel test of ``backend`` runs on: the GPU when present, else the CPU (Triton interpreter)."""
     from . import available_backends

@@ -1,0 +1,115 @@
+"""The temporal transformer's decode step for a few rows (DSM-SPEC §2): every layer, then the output norm and the text
+head, from the embedded input ``x`` [B, d] to ``(z, logits)``.
+
+:class:`DecoderWeights` holds what a step reads (``dsm.model.LMModel.decoder_weights`` packs it once). Its
+reference and Triton implementations are one composition of the single ops (:func:`decoder_step_composed`), run on
+that backend: per layer the QKV GEMV with its RMSNorm, RoPE and paged K/V write (``qkv_rope_gemv``), the paged decode
+attention, the out-projection GEMV with the residual, the optional cross-attention (LayerNorm + query GEMV, paged
+attention over the condition pages, out GEMV + residual), the gated FFN as two GEMVs; 6 launches a layer (8 with the
+cross-attention). The CUDA backend (``dsm_kernels.cuda_ops.decoder_step_cuda``) runs the whole step as one
+persistent kernel where it can. The rounding points are the module path's (``dsm.model``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DecoderCrossWeights:
+    """A layer's cross-attention to the condition (TTS): LayerNorm, query and output projections."""
+
+    norm_weight: torch.Tensor  # [d]
+    norm_bias: torch.Tensor  # [d]
+    norm_eps: float
+    q_proj: torch.Tensor  # [H D, d]
+    out_proj: torch.Tensor  # [d, H D]
+    scale: torch.Tensor | None = None  # LayerScale [d]
+
+
+@dataclass
+class DecoderLayerWeights:
+    norm1: torch.Tensor  # [d] RMSNorm alpha
+    in_proj: torch.Tensor  # [(H + 2 Hkv) D, d]: q rows, then k, then v
+    out_proj: torch.Tensor  # [d, H D]
+    norm2: torch.Tensor  # [d]
+    linear_in: torch.Tensor  # [2 hidden, d]: gate rows, then value rows
+    linear_out: torch.Tensor  # [d, hidden]
+    scale1: torch.Tensor | None = None  # LayerScale [d] or None
+    scale2: torch.Tensor | None = None
+    cross: DecoderCrossWeights | None = None
+
+
+@dataclass
+class DecoderWeights:
+    """Every tensor of a decode step (fp32 RMSNorms, SiLU-gated FFNs: the released layouts)."""
+
+    num_heads: int
+    num_kv_heads: int
+    inv_freq: torch.Tensor | None  # [D/2] fp32 RoPE frequencies, or None (no RoPE)
+    norm_eps: float
+    layers: tuple[DecoderLayerWeights, ...]
+    out_norm: torch.Tensor  # [d] RMSNorm alpha before the text head
+    out_norm_eps: float
+    text_linear: torch.Tensor  # [V, d]
+    # what a backend derives once from these tensors (the CUDA kernel's device table of pointers), by key
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def dim(self) -> int:
+        return self.out_norm.shape[-1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.layers[0].out_proj.shape[1] // self.num_heads
+
+
+def decoder_step_composed(w: DecoderWeights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *,
+                          context, counters=None, cross=None, backend=None):  # fmt: skip
+    """The step as single ops on ``backend``. ``x`` [B, d] (the embedded input; updated in place into the residual
+    stream); ``positions``, ``slot`` and ``seq_lens`` [B] as ``dsm_kernels.kv_slots`` gives them; ``k_cache`` and
+    ``v_cache`` [L, pages, page_size, Hkv, D] with ``block_table`` [B, pages_per_slot]; ``cross``: the condition's
+    paged K/V (``dsm.kv_cache.CrossKVCache``: ``k``, ``v``, ``block_table``, ``seq_lens``, ``length``) or None.
+    Returns ``(z, logits)``: the normed output [B, d] and the text logits [B, V]."""
+    import dsm_kernels as K
+
+    H, Hkv = w.num_heads, w.num_kv_heads
+    for i, lw in enumerate(w.layers):
+        if w.inv_freq is not None:  # projection, RoPE and the K/V write: one kernel
+            q = K.qkv_rope_gemv(x, lw.in_proj, lw.norm1, w.norm_eps, positions, w.inv_freq, k_cache[i], v_cache[i],
+                                slot, H, Hkv, backend=backend)  # fmt: skip
+        else:
+            qkv = K.gemv(x, lw.in_proj, alpha=lw.norm1, eps=w.norm_eps, backend=backend)
+            B, D = qkv.shape[0], w.head_dim
+            q = qkv[:, : H * D].reshape(B, H, D)
+            K.append_kv(k_cache[i], v_cache[i], qkv[:, H * D : (H + Hkv) * D].reshape(B, Hkv, D),
+                        qkv[:, (H + Hkv) * D :].reshape(B, Hkv, D), slot, backend=backend)  # fmt: skip
+        a = K.paged_decode_attention(q, k_cache[i], v_cache[i], block_table, seq_lens, context=context,
+                                     counters=counters, backend=backend)  # fmt: skip
+        K.gemv(a.flatten(1), lw.out_proj, residual=x, scale=lw.scale1, backend=backend)
+        if lw.cross is not None:  # query GEMV with its LayerNorm, attention over the condition, out GEMV + residual
+            c = lw.cross
+            q = K.gemv(x, c.q_proj, alpha=c.norm_weight, beta=c.norm_bias, eps=c.norm_eps, backend=backend)
+            a = K.paged_decode_attention(q.view(q.shape[0], H, -1), cross.k[i], cross.v[i], cross.block_table,
+                                         cross.seq_lens, context=cross.length, counters=counters, backend=backend)
+            K.gemv(a.flatten(1), c.out_proj, residual=x, scale=c.scale, backend=backend)
+        h = K.gemv(x, lw.linear_in, alpha=lw.norm2, eps=w.norm_eps, gate=True, backend=backend)
+        K.gemv(h, lw.linear_out, residual=x, scale=lw.scale2, backend=backend)
+    x, z = K.add_rms_norm(x, w.out_norm, w.out_norm_eps, backend=backend)
+    return z, K.gemv(z, w.text_linear, backend=backend)
+
+
+def decoder_step_ref(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
+                     cross=None):  # fmt: skip
+    """The step on the reference ops (see :func:`decoder_step_composed`)."""
+    return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
+                                 counters=counters, cross=cross, backend="reference")  # fmt: skip
+
+
+def decoder_step_triton(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
+                        cross=None):  # fmt: skip
+    """The step on the Triton kernels (see :func:`decoder_step_composed`)."""
+    return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
+                                 counters=counters, cross=cross, backend="triton")  # fmt: skip
