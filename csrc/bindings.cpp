@@ -283,6 +283,88 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   DSM_CUDA_OK(dsm_launch_depformer_frame(&a, stream_of(tokens)));
 }
 
+// The persistent decode step (csrc/decoder.cu). dims: heads, kv_heads, hidden, layers, page_size, context, blocks
+// (0: one per SM). The layer weights are reached through `table` (dsm_kernels.cuda_ops builds it from tensors it
+// checked); the tensors here are checked for shape, dtype and device.
+void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& k_cache, at::Tensor& v_cache,
+                  const at::Tensor& table, const at::Tensor& out_norm, const at::Tensor& text_linear,
+                  const std::optional<at::Tensor>& inv_freq, const at::Tensor& positions, const at::Tensor& slot,
+                  const at::Tensor& seq_lens, const at::Tensor& block_table, at::IntArrayRef dims, double eps,
+                  double out_eps, double scale) {
+  DSM_CHECK_CUDA(x);
+  TORCH_CHECK(dims.size() == 7, "dsm: decoder_step dims must be 7 ints, got ", dims.size());
+  DSM_CHECK_DIM(x, 2);
+  DSM_CHECK_DIM(k_cache, 5);
+  DSM_CHECK_DIM(block_table, 2);
+  DSM_CHECK_DIM(text_linear, 2);
+  const int64_t B = x.size(0), dim = x.size(1), layers = dims[3], vocab = text_linear.size(0);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == layers && k_cache.size(2) == dims[4] &&
+                  k_cache.size(3) == dims[1], "dsm: k_cache/v_cache must be [layers, pages, page_size, kv_heads, D]");
+  TORCH_CHECK(x.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && table.is_contiguous() &&
+                  text_linear.is_contiguous() && block_table.is_contiguous(), "dsm: decoder_step tensors must be contiguous");
+  TORCH_CHECK(z.sizes() == x.sizes() && logits.dim() == 2 && logits.size(0) == B && logits.size(1) == vocab &&
+                  text_linear.size(1) == dim, "dsm: z must be like x, logits [B, vocab], text_linear [vocab, dim]");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&z, &logits, &k_cache, &v_cache, &out_norm,
+                                                                       &text_linear})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "dsm: decoder_step tensors must share x's dtype");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.numel() == layers * DSM_DEC_TABLE_STRIDE,
+              "dsm: table must hold layers * 8 int64");
+  DSM_CHECK_DTYPE(positions, at::kLong);
+  DSM_CHECK_DTYPE(slot, at::kLong);
+  DSM_CHECK_DTYPE(seq_lens, at::kInt);
+  DSM_CHECK_DTYPE(block_table, at::kInt);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&positions, &slot, &seq_lens})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->is_contiguous(), "dsm: positions/slot/seq_lens must be [B]");
+  TORCH_CHECK(block_table.size(0) == B, "dsm: block_table must be [B, pages_per_slot]");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&z, &logits, &k_cache, &v_cache, &table,
+                                                                       &out_norm, &text_linear, &positions, &slot,
+                                                                       &seq_lens, &block_table})
+    DSM_CHECK_SAME_DEVICE(x, (*t));
+  if (inv_freq) {
+    DSM_CHECK_DTYPE((*inv_freq), at::kFloat);
+    TORCH_CHECK(inv_freq->numel() * 2 == k_cache.size(4), "dsm: inv_freq must hold head_dim / 2 values");
+    DSM_CHECK_SAME_DEVICE(x, (*inv_freq));
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  DsmDecoderArgs a{};
+  a.B = static_cast<int>(B);
+  a.dim = static_cast<int>(dim);
+  a.heads = static_cast<int>(dims[0]);
+  a.kv_heads = static_cast<int>(dims[1]);
+  a.head_dim = static_cast<int>(k_cache.size(4));
+  a.hidden = static_cast<int>(dims[2]);
+  a.vocab = static_cast<int>(vocab);
+  a.layers = static_cast<int>(layers);
+  a.dtype = dsm_dtype(x);
+  a.page_size = static_cast<int>(dims[4]);
+  a.pages_per_slot = static_cast<int>(block_table.size(1));
+  a.context = static_cast<int>(dims[5]);
+  a.blocks = static_cast<int>(dims[6]);
+  a.eps = static_cast<float>(eps);
+  a.out_eps = static_cast<float>(out_eps);
+  a.scale = static_cast<float>(scale);
+  a.table = table.data_ptr<int64_t>();
+  a.out_norm = out_norm.data_ptr();
+  a.text_linear = text_linear.data_ptr();
+  a.inv_freq = inv_freq ? inv_freq->data_ptr<float>() : nullptr;
+  a.positions = positions.data_ptr<int64_t>();
+  a.slot = slot.data_ptr<int64_t>();
+  a.seq_lens = seq_lens.data_ptr<int>();
+  a.block_table = block_table.data_ptr<int>();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.cache_layer_stride = k_cache.stride(0);
+  a.x = x.data_ptr();
+  a.z = z.data_ptr();
+  a.logits = logits.data_ptr();
+  const size_t work_bytes = dsm_decoder_work_bytes(a.B, a.heads, a.head_dim, a.hidden, a.dtype);
+  at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, x.options().dtype(at::kByte));
+  at::Tensor sync = at::zeros({2 + B * dims[0]}, x.options().dtype(at::kInt));  // barrier + attention counters
+  a.work = work.data_ptr();
+  a.sync = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
+  DSM_CUDA_OK(dsm_launch_decoder_step(&a, stream_of(x)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsm, m) {
@@ -296,6 +378,9 @@ TORCH_LIBRARY(dsm, m) {
         "int top_k, Tensor seeds, Tensor steps) -> ()");
   m.def("depformer_frame(Tensor! tokens, Tensor! logits, Tensor table, Tensor in_proj, Tensor? text_emb2, "
         "Tensor z, Tensor text_token, Tensor temperature, Tensor seeds, Tensor steps, int[] dims, float eps) -> ()");
+  m.def("decoder_step(Tensor! x, Tensor! z, Tensor! logits, Tensor! k_cache, Tensor! v_cache, Tensor table, "
+        "Tensor out_norm, Tensor text_linear, Tensor? inv_freq, Tensor positions, Tensor slot, Tensor seq_lens, "
+        "Tensor block_table, int[] dims, float eps, float out_eps, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
@@ -305,6 +390,7 @@ TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
   m.impl("paged_decode_blocks_per_sm", &paged_decode_blocks_per_sm);
   m.impl("sample_tokens", &sample_tokens);
   m.impl("depformer_frame", &depformer_frame);
+  m.impl("decoder_step", &decoder_step);
 }
 
 // `import dsm_kernels._C` loads the library, which registers torch.ops.dsm.*; the module itself is empty (plain

@@ -75,6 +75,38 @@ typedef struct {
 size_t dsm_depformer_work_bytes(int B, int dim, int hidden, int n_in, int layers, int dep_q, int dtype);
 cudaError_t dsm_launch_depformer_frame(const DsmDepformerArgs* args, cudaStream_t stream);
 
+// The temporal transformer's decode step (dsm_kernels.decoder) for 1..4 rows in one cooperative launch
+// (csrc/decoder.cu): every layer (RMSNorm + QKV + RoPE + paged K/V write, paged attention, out + residual, RMSNorm +
+// gated FFN + residual), then the output RMSNorm and the text head. `table`: DSM_DEC_TABLE_STRIDE int64 per layer: the
+// QKV, out, linear_in and linear_out weights, norm1, norm2, scale1 and scale2 (NULL: no LayerScale).
+#define DSM_DEC_TABLE_STRIDE 8
+#define DSM_DEC_MAX_SPLITS 128
+typedef struct {
+  int B, dim, heads, kv_heads, head_dim, hidden, vocab, layers, dtype;
+  int page_size, pages_per_slot, context;
+  int blocks;  // grid size: 0 = one block per SM
+  float eps, out_eps, scale;
+  const int64_t* table;
+  const void* out_norm;     // [dim]
+  const void* text_linear;  // [vocab, dim]
+  const float* inv_freq;    // [head_dim / 2], or NULL: no RoPE
+  const int64_t* positions;  // [B]
+  const int64_t* slot;       // [B] pool row of this step's K/V, -1: not written
+  const int32_t* seq_lens;   // [B] positions + 1, 0: inactive row (zero attention)
+  const int32_t* block_table;  // [B, pages_per_slot]
+  void* k_cache;             // [layers, pages, page_size, kv_heads, head_dim], the model dtype
+  void* v_cache;
+  int64_t cache_layer_stride;  // elements between two layers' pools
+  void* x;                   // [B, dim]: the embedded input, updated into the residual stream
+  void* z;                   // [B, dim] out: the normed output
+  void* logits;              // [B, vocab] out
+  void* work;                // dsm_decoder_work_bytes() of scratch
+  unsigned* sync;            // 2 + B * heads uint32 at 0
+} DsmDecoderArgs;
+
+size_t dsm_decoder_work_bytes(int B, int heads, int head_dim, int hidden, int dtype);
+cudaError_t dsm_launch_decoder_step(const DsmDecoderArgs* args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -190,11 +190,83 @@ def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, 
     return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens
 
 
-def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
-                      cross=None):  # fmt: skip
-    """CUDA backend of :func:`~dsm_kernels.decoder.decoder_step_composed`: the single ops with the CUDA kernels where
-    they exist (paged attention) and Triton's elsewhere."""
-    from .decoder import decoder_step_composed
 
-    return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
-                                 counters=counters, cross=cross, backend="cuda")
+# The persistent decode-step kernel (csrc/decoder.cu): rows in registers, and head dims up to 128.
+DECODER_MAX_ROWS, DECODER_MAX_HEAD_DIM = 4, 128
+
+
+def decoder_unsupported(w, x, k_cache, cross) -> str | None:
+    """Why the persistent step kernel does not take this step (the single ops then run it), or None."""
+    from .decoder import DecoderWeights
+
+    assert isinstance(w, DecoderWeights)
+    B, D = x.shape[0], w.head_dim
+    vec = 16 // x.element_size()
+    hidden = w.layers[0].linear_out.shape[1]
+    if cross is not None:
+        return "cross-attention"
+    if not 1 <= B <= DECODER_MAX_ROWS:
+        return f"{B} rows (it takes 1..{DECODER_MAX_ROWS})"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k_cache.dtype != x.dtype:
+        return f"dtype {x.dtype}, cache {k_cache.dtype}"
+    if D % 2 or D > DECODER_MAX_HEAD_DIM or w.num_heads != w.num_kv_heads:  # as paged_decode_attention
+        return f"head dim {D}, heads {w.num_heads}/{w.num_kv_heads}"
+    if w.dim % vec or hidden % vec or (w.num_heads * D) % vec:
+        return f"dims ({w.dim}, {hidden}) not multiples of {vec} (16-byte rows)"
+    tensors = [w.out_norm, w.text_linear, x, k_cache]
+    for lw in w.layers:
+        tensors += [lw.norm1, lw.in_proj, lw.out_proj, lw.norm2, lw.linear_in, lw.linear_out, lw.scale1, lw.scale2]
+    if any(t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.data_ptr() % 16) for t in tensors):
+        return "a tensor that is not contiguous, 16-byte aligned and of the model dtype"
+    return None
+
+
+def decoder_table(w, device: torch.device) -> torch.Tensor:
+    """The kernel's device table of layer weight pointers (``DSM_DEC_TABLE_STRIDE`` per layer), built once per
+    weights and device (not under graph capture: it is a host-to-device copy)."""
+    key = ("cuda_table", str(device))
+    if key not in w.derived:
+        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decoder_step (cuda): call it once eagerly before capturing it in a CUDA graph (its "
+                               "weight-pointer table is a host-to-device copy, which a capture cannot hold)")
+        rows = []
+        for lw in w.layers:
+            rows += [t.data_ptr() if t is not None else 0 for t in (lw.in_proj, lw.out_proj, lw.linear_in,
+                                                                     lw.linear_out, lw.norm1, lw.norm2, lw.scale1,
+                                                                     lw.scale2)]  # fmt: skip
+        w.derived[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+    return w.derived[key]
+
+
+def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context) -> dict:
+    """Outputs and inputs of one persistent step, as both launch routes (the torch op, the tests' CPU emulation) pass
+    them: ``z`` [B, d] and ``logits`` [B, V] to fill, and ``dims``."""
+    B = x.shape[0]
+    return dict(
+        z=torch.empty_like(x), logits=torch.empty(B, w.text_linear.shape[0], dtype=x.dtype, device=x.device),
+        table=decoder_table(w, x.device), out_norm=w.out_norm, text_linear=w.text_linear,
+        inv_freq=None if w.inv_freq is None else w.inv_freq.float().contiguous(),
+        positions=positions.long().contiguous(),
+        slot=slot.long().contiguous(), seq_lens=seq_lens.int().contiguous(),
+        block_table=block_table.int().contiguous(),
+        dims=[w.num_heads, w.num_kv_heads, w.layers[0].linear_out.shape[1], len(w.layers), k_cache.shape[2],
+              int(context)],
+        eps=float(w.norm_eps), out_eps=float(w.out_norm_eps), scale=float(w.head_dim**-0.5),
+    )
+
+
+def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
+                      cross=None, blocks=0):  # fmt: skip
+    """CUDA backend of :func:`~dsm_kernels.decoder.decoder_step_composed`: the persistent kernel (one cooperative
+    launch a step) where :func:`decoder_unsupported` allows, else the single ops with the CUDA kernels where they
+    exist (paged attention) and Triton's elsewhere. ``blocks``: the persistent kernel's grid (0 = one per SM)."""
+    if decoder_unsupported(w, x, k_cache, cross) is not None:
+        from .decoder import decoder_step_composed
+
+        return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
+                                     counters=counters, cross=cross, backend="cuda")
+    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context)
+    _ops().decoder_step(x, ops["z"], ops["logits"], k_cache, v_cache, ops["table"], ops["out_norm"],
+                        ops["text_linear"], ops["inv_freq"], ops["positions"], ops["slot"], ops["seq_lens"],
+                        ops["block_table"], [*ops["dims"], blocks], ops["eps"], ops["out_eps"], ops["scale"])
+    return ops["z"], ops["logits"]

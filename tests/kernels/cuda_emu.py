@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
-from dsm_kernels.cuda_ops import decode_num_splits, depformer_operands, depformer_unsupported
+from dsm_kernels.cuda_ops import (
+    decode_num_splits,
+    decoder_operands,
+    decoder_unsupported,
+    depformer_operands,
+    depformer_unsupported,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 INCLUDE = Path(__file__).resolve().parent / "cuda_emu_include"
@@ -81,10 +87,14 @@ def _lib():
     lib.dsm_paged_decode_blocks_per_sm.argtypes = [i32, i32, i32, ctypes.POINTER(i32)]
     lib.dsm_launch_sample_tokens.argtypes = [p, p, p, i32, i32, i32, i64, i64, f32, p, i32, p, p, p]
     lib.dsm_launch_depformer_frame.argtypes = [ctypes.POINTER(DepformerArgs), p]
+    lib.dsm_launch_decoder_step.argtypes = [ctypes.POINTER(DecoderArgs), p]
+    lib.dsm_decoder_work_bytes.argtypes = [i32] * 5
+    lib.dsm_decoder_work_bytes.restype = ctypes.c_size_t
     lib.dsm_depformer_work_bytes.argtypes = [i32] * 7
     lib.dsm_depformer_work_bytes.restype = ctypes.c_size_t
     for fn in (lib.dsm_launch_multistream_embed, lib.dsm_launch_append_kv, lib.dsm_launch_paged_decode_attention,
-               lib.dsm_paged_decode_blocks_per_sm, lib.dsm_launch_sample_tokens, lib.dsm_launch_depformer_frame):
+               lib.dsm_paged_decode_blocks_per_sm, lib.dsm_launch_sample_tokens, lib.dsm_launch_depformer_frame,
+               lib.dsm_launch_decoder_step):
         fn.restype = ctypes.c_int
     return lib
 
@@ -183,6 +193,47 @@ def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, null_logits=N
 
 
 
+
+class DecoderArgs(ctypes.Structure):
+    """``DsmDecoderArgs`` of csrc/dsm_cuda.h."""
+
+    _fields_ = [*((n, ctypes.c_int) for n in ("B", "dim", "heads", "kv_heads", "head_dim", "hidden", "vocab", "layers",
+                                              "dtype", "page_size", "pages_per_slot", "context", "blocks")),
+                *((n, ctypes.c_float) for n in ("eps", "out_eps", "scale")),
+                *((n, ctypes.c_void_p) for n in ("table", "out_norm", "text_linear", "inv_freq", "positions", "slot",
+                                                 "seq_lens", "block_table", "k_cache", "v_cache")),
+                ("cache_layer_stride", ctypes.c_int64),
+                *((n, ctypes.c_void_p) for n in ("x", "z", "logits", "work", "sync"))]
+
+
+def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
+                     cross=None, blocks=3):  # fmt: skip
+    """``cuda_ops.decoder_step_cuda`` on the emulated persistent kernel (``blocks``: its grid, as in
+    :func:`depformer_frame_emu`); steps it does not take run the single ops (Triton, emulated CUDA attention)."""
+    if decoder_unsupported(w, x, k_cache, cross) is not None:
+        from dsm_kernels.decoder import decoder_step_composed
+
+        return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
+                                     counters=counters, cross=cross, backend="triton")
+    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context)
+    heads, kv_heads, hidden, layers, page_size, context = ops["dims"]
+    B, D, dtype = x.shape[0], k_cache.shape[4], _DTYPES[x.dtype]
+    # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN
+    work = torch.full((_lib().dsm_decoder_work_bytes(B, heads, D, hidden, dtype),), 0xFF, dtype=torch.uint8)
+    ops["z"].fill_(float("nan"))
+    ops["logits"].fill_(float("nan"))
+    sync = torch.zeros(2 + B * heads, dtype=torch.int32)  # the grid barrier, the attention counters
+    args = DecoderArgs(B, w.dim, heads, kv_heads, D, hidden, w.text_linear.shape[0], layers, dtype, page_size,
+                       ops["block_table"].shape[1], context, blocks, ops["eps"], ops["out_eps"], ops["scale"],
+                       *map(_ptr, (ops["table"], ops["out_norm"], ops["text_linear"], ops["inv_freq"],
+                                   ops["positions"], ops["slot"], ops["seq_lens"], ops["block_table"], k_cache,
+                                   v_cache)),
+                       k_cache.stride(0), *map(_ptr, (x, ops["z"], ops["logits"], work, sync)))  # fmt: skip
+    _ok(_lib().dsm_launch_decoder_step(ctypes.byref(args), None), "decoder_step")
+    assert int(sync[0]) == 0 and not sync[2:].any(), f"barrier and counters must be re-armed: {sync.tolist()}"
+    return ops["z"], ops["logits"]
+
+
 def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, blocks=3):
     """``cuda_ops.depformer_frame_cuda`` on the emulated persistent kernel; ``blocks``: its grid (the emulation runs
     every block's 512 threads at once, so a few; their count changes every block's share of the rows)."""
@@ -215,4 +266,5 @@ OPS = {
     "paged_decode_attention": paged_decode_attention_emu,
     "sample_tokens": sample_tokens_emu,
     "depformer_frame": depformer_frame_emu,
+    "decoder_step": decoder_step_emu,
 }

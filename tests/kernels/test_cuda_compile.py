@@ -65,7 +65,7 @@ def test_nvcc_compiles_for_sm90a(source, background):
     rc, _, err = background(("nvcc -c", source), _nvcc_object(source, background.dir))
     assert rc == 0, err[-4000:]
     assert (background.dir / f"{source}.o").stat().st_size > 0
-    if source == "depformer.cu":  # 512 threads, one block per SM: the whole register file, and nothing spilled
+    if source in ("depformer.cu", "decoder.cu"):  # persistent: 512 threads a block, one per SM; nothing spilled
         regs = [int(n) for n in re.findall(r"Used (\d+) registers", err)]
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", err)]
         assert regs and max(regs) <= 128 and not any(spills), (regs, spills)
@@ -93,7 +93,7 @@ def test_bindings_schemas_parse():
     schemas = ["".join(re.findall(r'"([^"]*)"', d)) for d in defs]
     assert {s.split("(")[0] for s in schemas} == {
         "multistream_embed", "append_kv", "paged_decode_attention", "sample_tokens", "paged_decode_blocks_per_sm",
-        "depformer_frame",
+        "depformer_frame", "decoder_step",
     }  # fmt: skip
     for s in schemas:
         schema = torch._C.parse_schema("dsm::" + s)
@@ -101,8 +101,9 @@ def test_bindings_schemas_parse():
             assert str(schema.returns[0].type) == "int" and all(a.alias_info is None for a in schema.arguments)
             continue
         assert schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write, s
-        if schema.name == "dsm::depformer_frame":  # tokens and logits
-            assert schema.arguments[1].alias_info is not None and schema.arguments[1].alias_info.is_write, s
+        if schema.name in ("dsm::depformer_frame", "dsm::decoder_step"):  # every output, and the caches
+            written = {"depformer_frame": 2, "decoder_step": 5}[schema.name.split("::")[1]]
+            assert all(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments[:written]), s
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")

@@ -438,6 +438,19 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   memcpy(&out, &bits, sizeof(T));
   return out;
 }
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src_lane) {
+  const uint64_t bits = dsm_emu::warp_exchange(dsm_emu::to_bits(v), [&](const auto& s, int, int) {
+    return s[src_lane & 31];
+  });
+  T out;
+  memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  dsm_emu::Fiber& f = *dsm_emu::current_fiber;
+  dsm_emu::wait(f.block->warp_barriers[f.warp]);
+}
 inline unsigned __reduce_add_sync(unsigned, unsigned v) {
   return dsm_emu::warp_exchange(v, [](const auto& s, int, int n) {
     unsigned sum = 0;

@@ -1,0 +1,324 @@
+// Persistent temporal decode step: every layer of the temporal transformer, then the output RMSNorm and the text head,
+// for 1..4 rows in ONE cooperative launch (semantics: dsm_kernels.decoder.decoder_step_composed on the reference ops).
+//
+// Why: at batch 1 the step is ~5 dependent GEMV launches a layer (93 a step for stt-1b), each paying a launch gap
+// and a cold start of its weight stream. As in depformer.cu (same building blocks, persistent.cuh), one block per SM
+// runs the phases in order with a grid barrier after each, and copies the next phases' weight rows into shared
+// memory while it computes and waits. At these shapes a phase's weights (8-25 MB) exceed what the ring holds, so the
+// ring covers the start of each phase and the rest streams at compute time: the gain is the launch gaps and the
+// ramp-up of each weight stream, not a longer queue.
+//
+// Phases per layer (5, plus the head): (1) RMSNorm + QKV GEMV over pairs of rows, RoPE of the q and k pairs
+// (interleaved), q to scratch, k and v into the paged cache at this step's slot; (2) paged attention of each (row,
+// head) over its last `context` positions, split over warps across the grid, the last split of a (row, head) to finish
+// merging them (a counter per pair); (3) out-projection + LayerScale + residual; (4) RMSNorm + linear_in + SiLU gate;
+// (5) linear_out + LayerScale + residual; last, the output RMSNorm (z) and the text head.
+//
+// Numerics: fp32 accumulation and rounding to the model dtype T where the reference's torch ops round.
+#include <algorithm>
+
+#include "persistent.cuh"
+
+namespace {
+
+using namespace dsm::persistent;
+constexpr int kMaxHeadDim = 128;  // the released models: 128 (stt-1b, tts) and 64 (stt-2.6b)
+
+enum Kind { kQkv, kAttn, kOut, kIn, kFfo, kHead };
+
+struct Phase {
+  Kind kind;
+  int layer = 0;
+  Rows rows;
+};
+
+__device__ __forceinline__ Phase phase_of(const DsmDecoderArgs& a, int p) {
+  Phase ph;
+  if (p == 5 * a.layers) {
+    ph.kind = kHead;
+    ph.rows = Rows{static_cast<const char*>(a.text_linear), a.vocab, a.dim};
+    return ph;
+  }
+  ph.layer = p / 5;
+  const int64_t* lw = a.table + static_cast<int64_t>(ph.layer) * DSM_DEC_TABLE_STRIDE;
+  const int qkv_rows = (a.heads + 2 * a.kv_heads) * a.head_dim;
+  switch (p % 5) {
+    case 0:  // rows 2u and 2u + 1: a RoPE pair
+      ph.kind = kQkv;
+      ph.rows = Rows{reinterpret_cast<const char*>(lw[0]), qkv_rows / 2, a.dim, 2, 2, 1};
+      break;
+    case 1: ph.kind = kAttn; break;
+    case 2: ph.kind = kOut; ph.rows = Rows{reinterpret_cast<const char*>(lw[1]), a.dim, a.heads * a.head_dim}; break;
+    case 3:  // gate rows u and value rows hidden + u
+      ph.kind = kIn;
+      ph.rows = Rows{reinterpret_cast<const char*>(lw[2]), a.hidden, a.dim, 2, 1, a.hidden};
+      break;
+    default: ph.kind = kFfo; ph.rows = Rows{reinterpret_cast<const char*>(lw[3]), a.dim, a.hidden}; break;
+  }
+  return ph;
+}
+
+template <typename T>
+__device__ void prefetch(const DsmDecoderArgs& a, int p, int P, char* slot, size_t slot_bytes) {
+  prefetch_rows<T>(p < P ? phase_of(a, p).rows : Rows{}, slot, slot_bytes);
+}
+
+// Scratch in `a.work`: q and the attention output [B, H D] (T), the gated hidden [B, hidden] (T), and the attention
+// splits' partials: (max, sum) [B H S, 2] and the weighted values [B H S, D] (fp32), S <= DSM_DEC_MAX_SPLITS.
+enum WorkPart { kWorkQ, kWorkAttn, kWorkGh, kWorkML, kWorkAcc, kWorkParts };
+
+__host__ __device__ __forceinline__ size_t work_offset(int B, int heads, int head_dim, int hidden, size_t elem,
+                                                       int part) {
+  const size_t bh = static_cast<size_t>(B) * heads, parts = bh * DSM_DEC_MAX_SPLITS;
+  const size_t bytes[kWorkParts] = {bh * head_dim * elem, bh * head_dim * elem, static_cast<size_t>(B) * hidden * elem,
+                                    parts * 2 * sizeof(float), parts * head_dim * sizeof(float)};
+  size_t off = 0;
+  for (int i = 0; i < part; ++i) off += align16(bytes[i]);
+  return off;
+}
+
+template <typename T>
+struct Work {
+  T *q, *attn, *gh;
+  float *ml, *acc;
+  __device__ explicit Work(const DsmDecoderArgs& a) {
+    char* base = static_cast<char*>(a.work);
+    auto at = [&](int part) { return base + work_offset(a.B, a.heads, a.head_dim, a.hidden, sizeof(T), part); };
+    q = reinterpret_cast<T*>(at(kWorkQ));
+    attn = reinterpret_cast<T*>(at(kWorkAttn));
+    gh = reinterpret_cast<T*>(at(kWorkGh));
+    ml = reinterpret_cast<float*>(at(kWorkML));
+    acc = reinterpret_cast<float*>(at(kWorkAcc));
+  }
+};
+
+// Attention splits of one (row, head): enough to give every warp of the grid work, each split >= 16 positions.
+inline int attention_splits(const DsmDecoderArgs& a, int grid) {
+  const int by_len = (a.context + 15) / 16, by_warps = grid * kWarps / (a.B * a.heads);
+  return std::max(1, std::min({by_len, by_warps, DSM_DEC_MAX_SPLITS}));
+}
+
+template <typename T>
+__device__ void stage_input(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, T* xs, float* red) {
+  const int64_t* lw = a.table + static_cast<int64_t>(ph.layer) * DSM_DEC_TABLE_STRIDE;
+  const T* x = static_cast<const T*>(a.x);
+  switch (ph.kind) {
+    case kQkv: stage_rows<T>(x, a.B, a.dim, reinterpret_cast<const T*>(lw[4]), a.eps, xs, red); break;
+    case kOut: stage_rows<T>(w.attn, a.B, a.heads * a.head_dim, nullptr, a.eps, xs, red); break;
+    case kIn: stage_rows<T>(x, a.B, a.dim, reinterpret_cast<const T*>(lw[5]), a.eps, xs, red); break;
+    case kFfo: stage_rows<T>(w.gh, a.B, a.hidden, nullptr, a.eps, xs, red); break;
+    case kHead: {  // z = RMSNorm(x), written by the owner of each column (this thread normed these columns)
+      stage_rows<T>(x, a.B, a.dim, static_cast<const T*>(a.out_norm), a.out_eps, xs, red);
+      const int lo = split_lo(a.dim, blockIdx.x, gridDim.x), hi = split_lo(a.dim, blockIdx.x + 1, gridDim.x);
+      for (int b = 0; b < a.B; ++b)
+        for (int c = threadIdx.x; c < a.dim; c += kThreads)
+          if (c >= lo && c < hi) static_cast<T*>(a.z)[b * a.dim + c] = xs[b * a.dim + c];
+      break;
+    }
+    default: break;
+  }
+}
+
+template <typename T>
+__device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, const T* xs,
+                           const char* slot, size_t slot_bytes) {
+  const int B = a.B, D = a.head_dim, HD = a.heads * D, KD = a.kv_heads * D;
+  const int64_t* lw = a.table + static_cast<int64_t>(ph.layer) * DSM_DEC_TABLE_STRIDE;
+  T* x = static_cast<T*>(a.x);
+  gemv_units<T>(ph.rows, xs, B, slot, slot_bytes, [&](int u, const float (&acc)[2][kMaxRows]) {
+    for (int b = 0; b < B; ++b) {
+      switch (ph.kind) {
+        case kQkv: {  // rows r, r + 1: RoPE of q and k pairs, then q to scratch, k and v into the pages
+          const int r = 2 * u;
+          const T y0 = dsm::from_float<T>(acc[0][b]), y1 = dsm::from_float<T>(acc[1][b]);
+          T o0 = y0, o1 = y1;
+          if (r < HD + KD && a.inv_freq != nullptr) {
+            const float angle = __fmul_rn(a.inv_freq[(r % D) / 2], static_cast<float>(a.positions[b]));
+            const float c = cosf(angle), s = sinf(angle), f0 = dsm::to_float(y0), f1 = dsm::to_float(y1);
+            o0 = dsm::from_float<T>(__fsub_rn(__fmul_rn(f0, c), __fmul_rn(f1, s)));
+            o1 = dsm::from_float<T>(__fadd_rn(__fmul_rn(f0, s), __fmul_rn(f1, c)));
+          }
+          if (r < HD) {
+            w.q[b * HD + r] = o0;
+            w.q[b * HD + r + 1] = o1;
+          } else if (a.slot[b] >= 0) {
+            const bool is_k = r < HD + KD;
+            T* cache = static_cast<T*>(is_k ? a.k_cache : a.v_cache) + ph.layer * a.cache_layer_stride +
+                       a.slot[b] * KD + (is_k ? r - HD : r - HD - KD);
+            cache[0] = o0;
+            cache[1] = o1;
+          }
+          break;
+        }
+        case kIn: {  // silu(gate) * value, each rounded as torch's ops
+          const float g = dsm::to_float(dsm::from_float<T>(acc[0][b]));
+          const T act = dsm::from_float<T>(g / (1.f + expf(-g)));
+          w.gh[b * a.hidden + u] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc[1][b])));
+          break;
+        }
+        case kOut:
+        case kFfo: {  // x += LayerScale(y); this block owns column u of x
+          const T y = dsm::from_float<T>(acc[0][b]);
+          const T* scale = reinterpret_cast<const T*>(lw[ph.kind == kOut ? 6 : 7]);
+          const T ys = scale ? dsm::from_float<T>(dsm::to_float(scale[u]) * dsm::to_float(y)) : y;
+          T* xp = x + b * a.dim + u;
+          *xp = dsm::from_float<T>(dsm::to_float(__ldcg(xp)) + dsm::to_float(ys));
+          break;
+        }
+        default:  // head
+          static_cast<T*>(a.logits)[static_cast<int64_t>(b) * a.vocab + u] = dsm::from_float<T>(acc[0][b]);
+          break;
+      }
+    }
+  });
+}
+
+// One warp's split of a (row, head): online softmax over its positions of the row's window, then its partial; the
+// warp that completes the (row, head) merges every split's partial into the attention output.
+template <typename T>
+__device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, int S) {
+  const int D = a.head_dim, HD = a.heads * D, KD = a.kv_heads * D, lane = threadIdx.x % 32;
+  constexpr int kPer = kMaxHeadDim / 32;
+  const T* kc = static_cast<const T*>(a.k_cache) + ph.layer * a.cache_layer_stride;
+  const T* vc = static_cast<const T*>(a.v_cache) + ph.layer * a.cache_layer_stride;
+  const int items = a.B * a.heads * S;
+  for (int item = blockIdx.x * kWarps + threadIdx.x / 32; item < items; item += gridDim.x * kWarps) {
+    const int s = item % S, h = (item / S) % a.heads, b = item / (S * a.heads);
+    const int hk = h / (a.heads / a.kv_heads);
+    const int n = a.seq_lens[b], start = max(0, n - a.context), m = n - start;
+    const int p0 = start + static_cast<int>(static_cast<int64_t>(m) * s / S);
+    const int p1 = start + static_cast<int>(static_cast<int64_t>(m) * (s + 1) / S);
+    float q[kPer], acc[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int d = lane + 32 * i;
+      q[i] = d < D ? dsm::to_float(__ldcg(w.q + b * HD + h * D + d)) : 0.f;
+      acc[i] = 0.f;
+    }
+    float mx = -INFINITY, l = 0.f;
+    for (int p = p0; p < p1; ++p) {
+      const int64_t row = static_cast<int64_t>(a.block_table[b * a.pages_per_slot + (p / a.page_size) %
+                                                                                        a.pages_per_slot]) *
+                              a.page_size + p % a.page_size;  // fmt: skip
+      const T* kp = kc + row * KD + hk * D;
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) dot += q[i] * dsm::to_float(__ldcg(kp + d));
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      const float score = dot * a.scale, m_new = fmaxf(mx, score);
+      const float corr = expf(mx - m_new), pr = expf(score - m_new);
+      l = l * corr + pr;
+      const T* vp = vc + row * KD + hk * D;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) acc[i] = acc[i] * corr + pr * dsm::to_float(__ldcg(vp + d));
+      }
+      mx = m_new;
+    }
+    // this split's partial, then the arrival: every lane fences its own writes
+    if (lane == 0) {
+      w.ml[2 * item] = mx;
+      w.ml[2 * item + 1] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int d = lane + 32 * i;
+      if (d < D) w.acc[static_cast<int64_t>(item) * D + d] = acc[i];
+    }
+    __threadfence();
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) {
+      last = arrive_last(a.sync + 2 + b * a.heads + h, 1, S);
+      __threadfence();
+    }
+    if (!__shfl_sync(0xffffffffu, last, 0)) continue;
+    const int first = item - s;  // the (row, head)'s split 0
+    float M = -INFINITY;
+    for (int t = 0; t < S; ++t) M = fmaxf(M, __ldcg(w.ml + 2 * (first + t)));
+    float L = 0.f, out[kPer] = {};
+    for (int t = 0; t < S; ++t) {
+      const float mt = __ldcg(w.ml + 2 * (first + t));
+      if (mt == -INFINITY) continue;  // an empty split
+      const float f = expf(mt - M);
+      L += __ldcg(w.ml + 2 * (first + t) + 1) * f;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) out[i] += __ldcg(w.acc + static_cast<int64_t>(first + t) * D + d) * f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int d = lane + 32 * i;
+      if (d < D) w.attn[b * HD + h * D + d] = dsm::from_float<T>(L > 0.f ? out[i] / L : 0.f);  // n = 0: zeros
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderArgs a, size_t slot_bytes, int splits) {
+  const Work<T> w(a);
+  // shared memory: row sums | staged inputs xs [B, max K] | ring slots
+  char* smem = dsm::dynamic_smem();
+  float* red = reinterpret_cast<float*>(smem);
+  T* xs = reinterpret_cast<T*>(smem + align16(kWarps * kMaxRows * sizeof(float)));
+  const int k_max = max(a.dim, max(a.heads * a.head_dim, a.hidden));
+  char* ring = reinterpret_cast<char*>(xs) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
+
+  const int P = 5 * a.layers + 1;
+  for (int p = 0; p < kStages; ++p) prefetch<T>(a, p, P, ring + p * slot_bytes, slot_bytes);
+  for (int p = 0; p < P; ++p) {
+    const Phase ph = phase_of(a, p);
+    char* slot = ring + (p % kStages) * slot_bytes;
+    if (ph.kind == kAttn) attention_phase<T>(a, w, ph, splits);
+    else stage_input<T>(a, w, ph, xs, red);
+    dsm::cp_async_wait<kStages - 1>();  // this phase's weights are in its slot
+    __syncthreads();
+    if (ph.kind != kAttn) gemv_phase<T>(a, w, ph, xs, slot, slot_bytes);
+    __syncthreads();  // the slot is free
+    prefetch<T>(a, p + kStages, P, slot, slot_bytes);
+    if (p + 1 < P) dsm::grid_barrier(a.sync);
+  }
+  dsm::cp_async_wait<0>();
+}
+
+template <typename T>
+cudaError_t launch(const DsmDecoderArgs& a, cudaStream_t stream) {
+  auto kernel = decoder_kernel<T>;
+  const int G0 = std::max(a.blocks > 0 ? a.blocks : device_sms(), 1);
+  const int k_max = std::max({a.dim, a.heads * a.head_dim, a.hidden});
+  const size_t fixed = align16(kWarps * kMaxRows * sizeof(float)) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
+  auto share = [&](int units, int K, int per) { return static_cast<size_t>((units + G0 - 1) / G0) * per * K * sizeof(T); };
+  const size_t largest = std::max({share((a.heads + 2 * a.kv_heads) * a.head_dim / 2, a.dim, 2),
+                                   share(a.dim, a.heads * a.head_dim, 1), share(a.hidden, a.dim, 2),
+                                   share(a.dim, a.hidden, 1), share(a.vocab, a.dim, 1)});
+  const Smem smem = smem_plan(fixed, largest, optin_smem());
+  const int G = smem.total > 0 ? resident_grid(kernel, a.blocks, smem.total) : 0;
+  if (G == 0) return cudaErrorInvalidValue;
+  return dsm::launch_cooperative(kernel, dim3(G), dim3(kThreads), smem.total, stream, a, smem.slot,
+                                 attention_splits(a, G));
+}
+
+}  // namespace
+
+extern "C" size_t dsm_decoder_work_bytes(int B, int heads, int head_dim, int hidden, int dtype) {
+  return work_offset(B, heads, head_dim, hidden, dtype == DSM_F32 ? 4 : 2, kWorkParts);
+}
+
+extern "C" cudaError_t dsm_launch_decoder_step(const DsmDecoderArgs* args, cudaStream_t stream) {
+  const DsmDecoderArgs& a = *args;
+  const int vec = a.dtype == DSM_F32 ? 4 : 8;  // 16-byte weight rows: the ring copies and vector loads
+  if (a.B < 1 || a.B > kMaxRows || a.layers < 1 || a.heads < 1 || a.kv_heads < 1 || a.heads % a.kv_heads != 0 ||
+      a.head_dim < 2 || a.head_dim % 2 != 0 || a.head_dim > kMaxHeadDim || a.vocab < 1 || a.context < 1 ||
+      a.page_size < 1 || a.pages_per_slot < 1 || a.dim % vec != 0 || a.hidden % vec != 0 ||
+      (a.heads * a.head_dim) % vec != 0)
+    return cudaErrorInvalidValue;
+  DSM_DISPATCH_DTYPE(a.dtype, T, { return launch<T>(a, stream); });
+  return cudaErrorInvalidValue;
+}
