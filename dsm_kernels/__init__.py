@@ -339,9 +339,11 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
 
 def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
                  cross=None, backend=None):  # fmt: skip
-    """See :func:`dsm_kernels.decoder.decoder_step_composed`: the temporal transformer's whole decode step for a few
-    rows (``x`` is updated in place); returns ``(z, logits)``."""
+    """See :func:`dsm_kernels.decoder.decoder_step_composed`: the temporal transformer's whole decode step for up to
+    ``GEMV_MAX_B`` rows (``x`` is updated in place); returns ``(z, logits)``."""
     checks.decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table)
+    if x.shape[0] > GEMV_MAX_B:  # the GEMV kernels' limit; the model's fused step covers more rows
+        raise ValueError(f"decoder_step: {x.shape[0]} rows; it takes at most {GEMV_MAX_B}")
     fn = resolve("decoder_step", backend, x.device)
     return fn(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
               counters=counters, cross=cross)
