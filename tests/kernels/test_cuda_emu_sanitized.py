@@ -13,7 +13,8 @@ from pathlib import Path
 import cuda_emu
 
 HERE = Path(__file__).resolve().parent
-FILES = ["test_embed.py", "test_paged_attention.py", "test_sampling.py", "test_depformer.py"]
+FILES = ["test_embed.py", "test_paged_attention.py", "test_sampling.py", "test_depformer.py",
+         "test_decoder.py"]
 
 
 def _libasan() -> str:
