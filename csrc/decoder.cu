@@ -125,12 +125,12 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
   const int B = a.B, D = a.head_dim, HD = a.heads * D, KD = a.kv_heads * D;
   const int64_t* lw = a.table + static_cast<int64_t>(ph.layer) * DSM_DEC_TABLE_STRIDE;
   T* x = static_cast<T*>(a.x);
-  gemv_units<T>(ph.rows, xs, B, slot, slot_bytes, [&](int u, const float (&acc)[2][kMaxRows]) {
+  gemv_units<T>(ph.rows, xs, B, slot, slot_bytes, [&](int u, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
     for (int b = 0; b < B; ++b) {
       switch (ph.kind) {
         case kQkv: {  // rows r, r + 1: RoPE of q and k pairs, then q to scratch, k and v into the pages
           const int r = 2 * u;
-          const T y0 = dsm::from_float<T>(acc[0][b]), y1 = dsm::from_float<T>(acc[1][b]);
+          const T y0 = dsm::from_float<T>(acc0[b]), y1 = dsm::from_float<T>(acc1[b]);
           T o0 = y0, o1 = y1;
           if (r < HD + KD && a.inv_freq != nullptr) {
             const float angle = __fmul_rn(a.inv_freq[(r % D) / 2], static_cast<float>(a.positions[b]));
@@ -151,14 +151,14 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
           break;
         }
         case kIn: {  // silu(gate) * value, each rounded as torch's ops
-          const float g = dsm::to_float(dsm::from_float<T>(acc[0][b]));
+          const float g = dsm::to_float(dsm::from_float<T>(acc0[b]));
           const T act = dsm::from_float<T>(g / (1.f + expf(-g)));
-          w.gh[b * a.hidden + u] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc[1][b])));
+          w.gh[b * a.hidden + u] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc1[b])));
           break;
         }
         case kOut:
         case kFfo: {  // x += LayerScale(y); this block owns column u of x
-          const T y = dsm::from_float<T>(acc[0][b]);
+          const T y = dsm::from_float<T>(acc0[b]);
           const T* scale = reinterpret_cast<const T*>(lw[ph.kind == kOut ? 6 : 7]);
           const T ys = scale ? dsm::from_float<T>(dsm::to_float(scale[u]) * dsm::to_float(y)) : y;
           T* xp = x + b * a.dim + u;
@@ -166,7 +166,7 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
           break;
         }
         default:  // head
-          static_cast<T*>(a.logits)[static_cast<int64_t>(b) * a.vocab + u] = dsm::from_float<T>(acc[0][b]);
+          static_cast<T*>(a.logits)[static_cast<int64_t>(b) * a.vocab + u] = dsm::from_float<T>(acc0[b]);
           break;
       }
     }

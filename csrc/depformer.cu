@@ -166,9 +166,9 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
                            const char* slot, size_t slot_bytes) {
   const int B = a.B;
   const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
-  gemv_units<T>(ph.rows, xs, B, slot, slot_bytes, [&](int r, const float (&acc)[2][kMaxRows]) {
+  gemv_units<T>(ph.rows, xs, B, slot, slot_bytes, [&](int r, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
     for (int b = 0; b < B; ++b) {
-      const T y = dsm::from_float<T>(acc[0][b]);
+      const T y = dsm::from_float<T>(acc0[b]);
       switch (ph.kind) {
         case kProj: w.proj[static_cast<int64_t>(b) * ph.rows.units + r] = y; break;
         case kQkv: {
@@ -181,7 +181,7 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
         case kIn: {  // silu(gate) * value, each rounded as torch's bf16 ops
           const float g = dsm::to_float(y);
           const T act = dsm::from_float<T>(g / (1.f + expf(-g)));
-          w.gh[b * a.hidden + r] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc[1][b])));
+          w.gh[b * a.hidden + r] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc1[b])));
           break;
         }
         case kOut:

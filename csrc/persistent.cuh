@@ -82,6 +82,8 @@ template <typename T>
 __device__ __forceinline__ void row_dot(const T* wrow, const T* xs, int K, int B, float (&acc)[kMaxRows]) {
   constexpr int kVec = 16 / sizeof(T);
   const int lane = threadIdx.x % 32;
+  // unrolled so that a lane has 4 loads of a global-memory row in flight (16 warps: 32 KB a block), not one
+#pragma unroll 4
   for (int c0 = lane * kVec; c0 < K; c0 += 32 * kVec) {
     float wv[kVec];
     load16<T>(wrow + c0, wv);
@@ -102,21 +104,21 @@ __device__ __forceinline__ void row_dot(const T* wrow, const T* xs, int K, int B
 }
 
 // The GEMV of the block's units of `r` against xs [B, K] (T, shared memory): warps take the units in turn and lane 0
-// calls epi(unit, acc) with acc[j][b] the dot products of the unit's row j.
+// calls epi(unit, acc0, acc1) with acc0[b] / acc1[b] the dot products of the unit's first / second row.
 template <typename T, typename Epilogue>
 __device__ void gemv_units(const Rows& r, const T* xs, int B, const char* slot, size_t slot_bytes, Epilogue epi) {
   const Share s = share_of(r);
   const int in_slot = rows_in_slot<T>(r, s, slot_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto row = [&](int li) {
+    return li < in_slot ? reinterpret_cast<const T*>(slot) + static_cast<size_t>(li) * r.K
+                        : reinterpret_cast<const T*>(r.w) + list_row(r, s, li) * r.K;
+  };
   for (int i = warp; i < s.count; i += kWarps) {
-    float acc[2][kMaxRows] = {};
-    for (int j = 0; j < r.per; ++j) {
-      const int li = j * s.count + i;
-      const T* wrow = li < in_slot ? reinterpret_cast<const T*>(slot) + static_cast<size_t>(li) * r.K
-                                   : reinterpret_cast<const T*>(r.w) + list_row(r, s, li) * r.K;
-      row_dot<T>(wrow, xs, r.K, B, acc[j]);
-    }
-    if (lane == 0) epi(s.lo + i, acc);
+    float acc0[kMaxRows] = {}, acc1[kMaxRows] = {};  // named, not [2][...]: registers, not the stack
+    row_dot<T>(row(i), xs, r.K, B, acc0);
+    if (r.per == 2) row_dot<T>(row(s.count + i), xs, r.K, B, acc1);
+    if (lane == 0) epi(s.lo + i, acc0, acc1);
   }
 }
 
