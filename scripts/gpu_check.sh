@@ -115,9 +115,9 @@ step bench_nogemv 120 40 env DSM_GEMV=0 "${B[@]}" --no-reference --preset stt-1b
   --batch 1 --output "$OUT/bench_nogemv.jsonl"
 step bench_nopdl 90 40 env DSM_NO_PDL=1 "${B[@]}" --no-reference --preset stt-1b-en_fr --preset tts-1.6b-en_fr \
   --batch 1 --output "$OUT/bench_nopdl.jsonl"
-# the TTS step with the depth transformer on Triton instead of the persistent CUDA kernel (batch 1: its range)
-step bench_triton 90 40 "${B[@]}" --no-reference --backend triton --preset tts-1.6b-en_fr --batch 1 \
-  --output "$OUT/bench_triton.jsonl"
+# the steps on Triton instead of the persistent CUDA kernels (decode step, depth transformer; batch 1: their range)
+step bench_triton 120 40 "${B[@]}" --no-reference --backend triton --preset stt-1b-en_fr --preset tts-1.6b-en_fr \
+  --batch 1 --output "$OUT/bench_triton.jsonl"
 step depformer 120 30 "$PY" benchmarks/bench_depformer.py --batch 1 4 8 64 --iters 20 --out "$OUT/depformer.jsonl"
 # the GEMV kernel's bandwidth against cuBLAS + torch glue at the model's linears (the risk named in NOTES.md)
 step kbench_gemv 90 30 "$PY" benchmarks/bench_kernels.py --kernels gemv --batch 1 4 --graph --no-compile \
