@@ -58,11 +58,6 @@ __device__ __forceinline__ Phase phase_of(const DsmDecoderArgs& a, int p) {
   return ph;
 }
 
-template <typename T>
-__device__ void prefetch(const DsmDecoderArgs& a, int p, int P, char* slot, size_t slot_bytes) {
-  prefetch_rows<T>(p < P ? phase_of(a, p).rows : Rows{}, slot, slot_bytes);
-}
-
 // Scratch in `a.work`: q and the attention output [B, H D] (T), the gated hidden [B, hidden] (T), and the attention
 // splits' partials: (max, sum) [B H S, 2] and the weighted values [B H S, D] (fp32), S <= DSM_DEC_MAX_SPLITS.
 enum WorkPart { kWorkQ, kWorkAttn, kWorkGh, kWorkML, kWorkAcc, kWorkParts };
@@ -119,13 +114,12 @@ __device__ void stage_input(const DsmDecoderArgs& a, const Work<T>& w, const Pha
   }
 }
 
-template <typename T>
-__device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, const T* xs,
-                           const char* slot, size_t slot_bytes) {
+template <typename T, typename Stream>
+__device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, const T* xs, Stream& stream) {
   const int B = a.B, D = a.head_dim, HD = a.heads * D, KD = a.kv_heads * D;
   const int64_t* lw = a.table + static_cast<int64_t>(ph.layer) * DSM_DEC_TABLE_STRIDE;
   T* x = static_cast<T*>(a.x);
-  gemv_units<T>(ph.rows, xs, B, slot, slot_bytes, [&](int u, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
+  stream.gemv(ph.rows, xs, B, [&](int u, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
     for (int b = 0; b < B; ++b) {
       switch (ph.kind) {
         case kQkv: {  // rows r, r + 1: RoPE of q and k pairs, then q to scratch, k and v into the pages
@@ -272,20 +266,20 @@ __global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderAr
   char* ring = reinterpret_cast<char*>(xs) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
 
   const int P = 5 * a.layers + 1;
-  for (int p = 0; p < kStages; ++p) prefetch<T>(a, p, P, ring + p * slot_bytes, slot_bytes);
+  auto rows_of = [&](int p) { return phase_of(a, p).rows; };
+  WeightStream<T, decltype(rows_of)> stream{rows_of, P, ring, slot_bytes};
+  stream.start();
   for (int p = 0; p < P; ++p) {
     const Phase ph = phase_of(a, p);
-    char* slot = ring + (p % kStages) * slot_bytes;
-    if (ph.kind == kAttn) attention_phase<T>(a, w, ph, splits);
-    else stage_input<T>(a, w, ph, xs, red);
-    dsm::cp_async_wait<kStages - 1>();  // this phase's weights are in its slot
-    __syncthreads();
-    if (ph.kind != kAttn) gemv_phase<T>(a, w, ph, xs, slot, slot_bytes);
-    __syncthreads();  // the slot is free
-    prefetch<T>(a, p + kStages, P, slot, slot_bytes);
+    if (ph.kind == kAttn) {
+      attention_phase<T>(a, w, ph, splits);
+    } else {
+      stage_input<T>(a, w, ph, xs, red);
+      gemv_phase<T>(a, w, ph, xs, stream);  // its chunks' barriers publish xs
+    }
     if (p + 1 < P) dsm::grid_barrier(a.sync);
   }
-  dsm::cp_async_wait<0>();
+  stream.finish();
 }
 
 template <typename T>

@@ -72,11 +72,6 @@ __device__ __forceinline__ Phase phase_of(const DsmDepformerArgs& a, int p) {
   return ph;
 }
 
-template <typename T>
-__device__ void prefetch(const DsmDepformerArgs& a, int p, int P, char* slot, size_t slot_bytes) {
-  prefetch_rows<T>(p < P ? phase_of(a, p).rows : Rows{}, slot, slot_bytes);
-}
-
 // The scratch tensors in `a.work`, each 16-byte aligned: the frame's input projections [B, n_in dim], the residual
 // stream x, q and the attention output [B, dim], the gated hidden [B, hidden], and this frame's K and V caches
 // [layers, dep_q, B, dim].
@@ -161,12 +156,11 @@ __device__ void stage_input(const DsmDepformerArgs& a, const Work<T>& w, const P
 }
 
 // The GEMV of a phase with its epilogue (lane 0 of the warp that computed the unit).
-template <typename T>
-__device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, const T* xs,
-                           const char* slot, size_t slot_bytes) {
+template <typename T, typename Stream>
+__device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, const T* xs, Stream& stream) {
   const int B = a.B;
   const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
-  gemv_units<T>(ph.rows, xs, B, slot, slot_bytes, [&](int r, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
+  stream.gemv(ph.rows, xs, B, [&](int r, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
     for (int b = 0; b < B; ++b) {
       const T y = dsm::from_float<T>(acc0[b]);
       switch (ph.kind) {
@@ -301,21 +295,18 @@ __global__ void __launch_bounds__(kThreads, 1) depformer_kernel(const DsmDepform
   char* ring = reinterpret_cast<char*>(xs) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
 
   const int P = 1 + a.dep_q * (4 * a.layers + 1);
-  for (int p = 0; p < kStages; ++p) prefetch<T>(a, p, P, ring + p * slot_bytes, slot_bytes);
+  auto rows_of = [&](int p) { return phase_of(a, p).rows; };
+  WeightStream<T, decltype(rows_of)> stream{rows_of, P, ring, slot_bytes};
+  stream.start();
   for (int p = 0; p < P; ++p) {
     const Phase ph = phase_of(a, p);
-    char* slot = ring + (p % kStages) * slot_bytes;
     stage_input<T>(a, w, ph, xs, red);
-    dsm::cp_async_wait<kStages - 1>();  // this phase's weights are in its slot
-    __syncthreads();
-    gemv_phase<T>(a, w, ph, xs, slot, slot_bytes);
+    gemv_phase<T>(a, w, ph, xs, stream);  // its chunks' barriers publish xs
     if (ph.kind == kQkv) attend_finished_heads<T>(a, w, ph, scale, heads_done);
     if (ph.kind == kHead) sample_if_last<T, kItems>(a, ph, sample_scratch, heads_done);
-    __syncthreads();  // the slot is free
-    prefetch<T>(a, p + kStages, P, slot, slot_bytes);
     if (p + 1 < P) dsm::grid_barrier(a.sync);
   }
-  dsm::cp_async_wait<0>();
+  stream.finish();
 }
 
 // The largest share of one phase's weight bytes a block streams (its rows, both rows of a gate pair).

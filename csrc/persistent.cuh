@@ -1,8 +1,13 @@
 // Building blocks of the persistent kernels (depformer.cu, decoder.cu): one block of kThreads per SM runs a sequence
 // of phases separated by grid barriers (dsm::grid_barrier). A phase is a GEMV over its weight rows for 1..kMaxRows
-// batch rows; each block owns a contiguous share of the rows, which it copies into a ring of kStages shared-memory
-// slots kStages phases ahead (cp.async), since weights do not depend on activations: the weight stream runs ahead of
-// the chain of dependent phases. Rows that do not fit a slot stream from global memory when the phase computes.
+// batch rows; each block owns a contiguous share of the rows ("units": a row, or the two rows of a gate or RoPE pair).
+//
+// The weight stream: every weight byte a block reads goes through a ring of kStages shared-memory slots by cp.async,
+// in chunks of whole units, kStages chunks ahead of the chunk being computed, across phase boundaries (weights do
+// not depend on activations, so the stream runs ahead of the chain of dependent phases and its grid barriers). Each
+// computed chunk frees a slot and issues the next chunk (one cp.async group per chunk, empty past the end), so that a
+// wait for all but the kStages - 1 most recent groups is always the wait for the chunk at hand. A unit larger than a
+// slot is read from global memory when computed (nothing copied for it).
 #pragma once
 #include <algorithm>
 
@@ -13,7 +18,7 @@ namespace dsm::persistent {
 
 constexpr int kThreads = dsm::sampling::kThreads;  // the sampler's block (a persistent kernel's block may sample)
 constexpr int kWarps = kThreads / 32;
-constexpr int kStages = 3;   // phases in flight in the weight ring
+constexpr int kStages = 4;   // chunks in flight in the weight ring
 constexpr int kMaxRows = 4;  // batch rows: each lane keeps an accumulator per row in registers
 
 __host__ __device__ __forceinline__ size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -39,31 +44,15 @@ __device__ __forceinline__ Share share_of(const Rows& r) {
   return {lo, split_lo(r.units, blockIdx.x + 1, gridDim.x) - lo};
 }
 
-// Weight row of entry `li` of the block's list: the first rows of its units, then their second rows.
-__device__ __forceinline__ int64_t list_row(const Rows& r, Share s, int li) {
-  return static_cast<int64_t>(s.lo + li % s.count) * r.a + static_cast<int64_t>(li / s.count) * r.b;
+// Units of `r` a chunk holds: as many whole units as fit a slot (0: a unit is larger than a slot).
+template <typename T>
+__device__ __forceinline__ int chunk_units(const Rows& r, size_t slot_bytes) {
+  return static_cast<int>(slot_bytes / (static_cast<size_t>(r.per) * r.K * sizeof(T)));
 }
 
-// Entries of the block's list that a ring slot of `slot_bytes` holds.
-template <typename T>
-__device__ __forceinline__ int rows_in_slot(const Rows& r, Share s, size_t slot_bytes) {
-  if (r.w == nullptr || s.count <= 0) return 0;
-  return static_cast<int>(min(static_cast<size_t>(r.per) * s.count, slot_bytes / (static_cast<size_t>(r.K) * sizeof(T))));
-}
-
-// Issue the cp.async copies of the block's rows of `r` into `slot` and commit them as one group (an empty group for a
-// phase without weights or past the end, so that every phase owns exactly one group).
-template <typename T>
-__device__ void prefetch_rows(const Rows& r, char* slot, size_t slot_bytes) {
-  const Share s = share_of(r);
-  const int rows = rows_in_slot<T>(r, s, slot_bytes);
-  const int vecs = r.K * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces per row
-  for (int i = threadIdx.x; i < rows * vecs; i += kThreads) {
-    const int li = i / vecs, v = i % vecs;
-    dsm::cp_async16(slot + static_cast<size_t>(li) * r.K * sizeof(T) + 16 * v,
-                    r.w + list_row(r, s, li) * r.K * static_cast<int64_t>(sizeof(T)) + 16 * v);
-  }
-  dsm::cp_async_commit();
+// Units [u0, u0 + n) of this block's share in a chunk: u0 from the share's start.
+__device__ __forceinline__ int chunk_size(int per_chunk, int count, int u0) {
+  return per_chunk > 0 ? min(per_chunk, count - u0) : 1;
 }
 
 // 16 bytes at p (shared or global memory: a generic load) as fp32.
@@ -103,24 +92,81 @@ __device__ __forceinline__ void row_dot(const T* wrow, const T* xs, int K, int B
     for (int off = 16; off > 0; off >>= 1) acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], off);
 }
 
-// The GEMV of the block's units of `r` against xs [B, K] (T, shared memory): warps take the units in turn and lane 0
-// calls epi(unit, acc0, acc1) with acc0[b] / acc1[b] the dot products of the unit's first / second row.
-template <typename T, typename Epilogue>
-__device__ void gemv_units(const Rows& r, const T* xs, int B, const char* slot, size_t slot_bytes, Epilogue epi) {
-  const Share s = share_of(r);
-  const int in_slot = rows_in_slot<T>(r, s, slot_bytes);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  auto row = [&](int li) {
-    return li < in_slot ? reinterpret_cast<const T*>(slot) + static_cast<size_t>(li) * r.K
-                        : reinterpret_cast<const T*>(r.w) + list_row(r, s, li) * r.K;
-  };
-  for (int i = warp; i < s.count; i += kWarps) {
-    float acc0[kMaxRows] = {}, acc1[kMaxRows] = {};  // named, not [2][...]: registers, not the stack
-    row_dot<T>(row(i), xs, r.K, B, acc0);
-    if (r.per == 2) row_dot<T>(row(s.count + i), xs, r.K, B, acc1);
-    if (lane == 0) epi(s.lo + i, acc0, acc1);
+// The block's weight stream (see the header): `rows_of(p)` gives phase p's Rows, for p < phases.
+template <typename T, typename RowsOf>
+struct WeightStream {
+  RowsOf rows_of;
+  int phases;
+  char* ring;
+  size_t slot_bytes;
+  int issued = 0, consumed = 0;  // chunks
+  int next_phase = 0, next_unit = 0;  // the producer's position
+
+  // Issue the next chunk of the stream into its slot, as one cp.async group (empty past the end).
+  __device__ void issue() {
+    while (next_phase < phases) {
+      const Rows r = rows_of(next_phase);
+      const Share s = share_of(r);
+      if (r.w == nullptr || next_unit >= s.count) {
+        ++next_phase;
+        next_unit = 0;
+        continue;
+      }
+      const int per_chunk = chunk_units<T>(r, slot_bytes);
+      const int n = chunk_size(per_chunk, s.count, next_unit);
+      if (per_chunk > 0) {  // rows in unit-major order: unit i's row j at slot row i * per + j
+        char* slot = ring + (issued % kStages) * slot_bytes;
+        const int vecs = r.K * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces per row
+        for (int i = threadIdx.x; i < n * r.per * vecs; i += kThreads) {
+          const int row = i / vecs, v = i % vecs, u = s.lo + next_unit + row / r.per;
+          const int64_t src_row = static_cast<int64_t>(u) * r.a + static_cast<int64_t>(row % r.per) * r.b;
+          dsm::cp_async16(slot + static_cast<size_t>(row) * r.K * sizeof(T) + 16 * v,
+                          r.w + src_row * r.K * static_cast<int64_t>(sizeof(T)) + 16 * v);
+        }
+      }
+      next_unit += n;
+      break;
+    }
+    dsm::cp_async_commit();
+    ++issued;
   }
-}
+
+  __device__ void start() {
+    for (int i = 0; i < kStages; ++i) issue();
+  }
+
+  // The GEMV of this block's units of phase p's rows `r` against xs [B, K] (T, shared memory), chunk by chunk: warps
+  // take a chunk's units in turn and lane 0 calls epi(unit, acc0, acc1) with the dot products of the unit's rows.
+  template <typename Epilogue>
+  __device__ void gemv(const Rows& r, const T* xs, int B, Epilogue epi) {
+    const Share s = share_of(r);
+    const int per_chunk = chunk_units<T>(r, slot_bytes);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int u0 = 0; u0 < s.count;) {
+      const int n = chunk_size(per_chunk, s.count, u0);
+      dsm::cp_async_wait<kStages - 1>();  // this chunk's copies (each thread's own) ...
+      __syncthreads();                    // ... and everyone else's
+      const T* slot = reinterpret_cast<const T*>(ring + (consumed % kStages) * slot_bytes);
+      for (int i = warp; i < n; i += kWarps) {
+        const int u = s.lo + u0 + i;
+        auto row = [&](int j) {
+          return per_chunk > 0 ? slot + static_cast<size_t>(i * r.per + j) * r.K
+                               : reinterpret_cast<const T*>(r.w) + (static_cast<int64_t>(u) * r.a + j * r.b) * r.K;
+        };
+        float acc0[kMaxRows] = {}, acc1[kMaxRows] = {};  // named, not [2][...]: registers, not the stack
+        row_dot<T>(row(0), xs, r.K, B, acc0);
+        if (r.per == 2) row_dot<T>(row(1), xs, r.K, B, acc1);
+        if (lane == 0) epi(u, acc0, acc1);
+      }
+      __syncthreads();  // the slot is free
+      ++consumed;
+      issue();
+      u0 += n;
+    }
+  }
+
+  __device__ void finish() { dsm::cp_async_wait<0>(); }
+};
 
 // Sum over the block of each batch row's value; every thread gets the sums. `red`: kWarps * kMaxRows floats.
 __device__ __forceinline__ void block_sum_rows(float (&v)[kMaxRows], float* red) {

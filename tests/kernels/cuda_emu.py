@@ -210,11 +210,13 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
                      cross=None, blocks=3):  # fmt: skip
     """``cuda_ops.decoder_step_cuda`` on the emulated persistent kernel (``blocks``: its grid, as in
     :func:`depformer_frame_emu`); steps it does not take run the single ops (Triton, emulated CUDA attention)."""
-    if decoder_unsupported(w, x, k_cache, cross) is not None:
+    if decoder_unsupported(w, x, k_cache, cross) is not None:  # the single ops, as cuda_ops: emulated CUDA ones
+        import dsm_kernels  # where the cuda_emulated fixture routes the cuda backend here, else Triton's
         from dsm_kernels.decoder import decoder_step_composed
 
+        single = "cuda" if "cuda" in dsm_kernels.available_backends(x.device) else "triton"
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
-                                     counters=counters, cross=cross, backend="triton")
+                                     counters=counters, cross=cross, backend=single)
     ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context)
     heads, kv_heads, hidden, layers, page_size, context = ops["dims"]
     B, D, dtype = x.shape[0], k_cache.shape[4], _DTYPES[x.dtype]

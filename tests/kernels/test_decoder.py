@@ -123,14 +123,16 @@ def test_persistent_low_precision_within_3x_reference_error(dtype, backend):
 
 @pytest.mark.parametrize("backend", PERSISTENT)
 def test_persistent_output_does_not_depend_on_the_grid(backend, monkeypatch):
-    """A row's dot products are one warp's whichever block owns it: the same bits for any block count, and with the
-    weight rows read from global memory instead of the ring (emulated: a ring too small for them)."""
+    """A row's dot products are one warp's whichever block owns it: the same bits for any block count, and however
+    the weight stream is chunked (emulated: slots of ~1.2 KB, several chunks a phase; of 240 B, where a RoPE or gate
+    pair of rows is larger than a slot and is read from global memory)."""
     dev = device_of(backend)
     w = cast(random_decoder_weights(layers=2, scales=True, seed=5, device=dev), torch.bfloat16)
     outs = [run(backend, w, inputs(w, 4, torch.bfloat16, device=dev), blocks) for blocks in (1, 2, 5)]
     if backend == "cuda_emu":
-        monkeypatch.setenv("DSM_CUDA_EMU_SMEM", "6000")
-        outs.append(run(backend, w, inputs(w, 4, torch.bfloat16, device=dev), 2))
+        for smem in ("6000", "2000"):
+            monkeypatch.setenv("DSM_CUDA_EMU_SMEM", smem)
+            outs.append(run(backend, w, inputs(w, 4, torch.bfloat16, device=dev), 2))
     for z, lg in outs[1:]:
         assert torch.equal(z, outs[0][0]) and torch.equal(lg, outs[0][1])
 
