@@ -13,8 +13,9 @@
 // A cooperative launch (cudaLaunchAttributeCooperative) runs all its blocks at once, their threads interleaved in one
 // random order, so that a grid-wide barrier made of atomics and spin loops works; such kernels use dynamic shared
 // memory only (dsm::dynamic_smem(), one buffer per block), since a `static` __shared__ would be shared by the blocks.
-// cp.async copies (dsm::cp_async16) are deferred to the issuing thread's cp.async.wait_group: a read of the
-// destination before the wait (or, by another thread, before the barrier after it) sees the old bytes.
+// cp.async copies (dsm::cp_async16) land either at their issue or at the issuing thread's cp.async.wait_group, at
+// random: a read of the destination before the wait (or, by another thread, before the barrier after it) may see the
+// old bytes, and a copy into a slot that another thread still reads may overwrite it.
 //
 // What it cannot check: memory-model races between blocks or warps, timing, PDL (griddepcontrol is compiled out with
 // __CUDA_ARCH__ undefined) and the device math library's ulps (libm here).
@@ -330,7 +331,12 @@ inline void fiber_main() {
 // A spin loop's pause: the thread lets the others run (no progress of its own).
 inline void pause() { swap(current_fiber->ctx, current_launch->scheduler); }
 
-inline void cp_async(void* dst, const void* src, size_t bytes) { current_fiber->open.push_back({dst, src, bytes}); }
+// A copy lands at any time between its issue and its wait on a GPU: here at one of the two ends, at random, so that
+// both a read before the wait and a reissue of a slot someone still reads show.
+inline void cp_async(void* dst, const void* src, size_t bytes) {
+  if (current_launch->rng() & 1) memcpy(dst, src, bytes);
+  else current_fiber->open.push_back({dst, src, bytes});
+}
 inline void cp_async_commit() {
   Fiber& f = *current_fiber;
   f.committed.push_back(std::move(f.open));
