@@ -289,8 +289,10 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
 void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& k_cache, at::Tensor& v_cache,
                   const at::Tensor& table, const at::Tensor& out_norm, const at::Tensor& text_linear,
                   const std::optional<at::Tensor>& inv_freq, const at::Tensor& positions, const at::Tensor& slot,
-                  const at::Tensor& seq_lens, const at::Tensor& block_table, at::IntArrayRef dims, double eps,
-                  double out_eps, double scale) {
+                  const at::Tensor& seq_lens, const at::Tensor& block_table, const std::optional<at::Tensor>& cross_k,
+                  const std::optional<at::Tensor>& cross_v, const std::optional<at::Tensor>& cross_block_table,
+                  const std::optional<at::Tensor>& cross_seq_lens, at::IntArrayRef dims, double eps, double out_eps,
+                  double scale, double cross_eps) {
   DSM_CHECK_CUDA(x);
   TORCH_CHECK(dims.size() == 7, "dsm: decoder_step dims must be 7 ints, got ", dims.size());
   DSM_CHECK_DIM(x, 2);
@@ -308,7 +310,7 @@ void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& 
                                                                        &text_linear})
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "dsm: decoder_step tensors must share x's dtype");
   TORCH_CHECK(table.scalar_type() == at::kLong && table.numel() == layers * DSM_DEC_TABLE_STRIDE,
-              "dsm: table must hold layers * 8 int64");
+              "dsm: table must hold layers * 13 int64");
   DSM_CHECK_DTYPE(positions, at::kLong);
   DSM_CHECK_DTYPE(slot, at::kLong);
   DSM_CHECK_DTYPE(seq_lens, at::kInt);
@@ -324,6 +326,24 @@ void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& 
     DSM_CHECK_DTYPE((*inv_freq), at::kFloat);
     TORCH_CHECK(inv_freq->numel() * 2 == k_cache.size(4), "dsm: inv_freq must hold head_dim / 2 values");
     DSM_CHECK_SAME_DEVICE(x, (*inv_freq));
+  }
+  const bool cross = cross_k.has_value();
+  if (cross) {
+    TORCH_CHECK(cross_v && cross_block_table && cross_seq_lens, "dsm: decoder_step takes all four cross tensors or none");
+    DSM_CHECK_DIM((*cross_k), 5);
+    DSM_CHECK_DIM((*cross_block_table), 2);
+    TORCH_CHECK(cross_v->sizes() == cross_k->sizes() && cross_k->size(0) == layers && cross_k->size(3) == dims[0] &&
+                    cross_k->size(4) == k_cache.size(4) && cross_k->is_contiguous() && cross_v->is_contiguous() &&
+                    cross_k->scalar_type() == x.scalar_type() && cross_v->scalar_type() == x.scalar_type(),
+                "dsm: cross_k/cross_v must be contiguous [layers, pages, page_size, heads, D] of x's dtype");
+    DSM_CHECK_DTYPE((*cross_block_table), at::kInt);
+    DSM_CHECK_DTYPE((*cross_seq_lens), at::kInt);
+    TORCH_CHECK(cross_block_table->size(0) == B && cross_block_table->is_contiguous() &&
+                    cross_seq_lens->numel() == B && cross_seq_lens->is_contiguous(),
+                "dsm: cross_block_table must be [B, pages] and cross_seq_lens [B], contiguous");
+    for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&(*cross_k), &(*cross_v),
+                                                                         &(*cross_block_table), &(*cross_seq_lens)})
+      DSM_CHECK_SAME_DEVICE(x, (*t));
   }
   const c10::cuda::CUDAGuard guard(x.device());
   DsmDecoderArgs a{};
@@ -343,6 +363,16 @@ void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& 
   a.eps = static_cast<float>(eps);
   a.out_eps = static_cast<float>(out_eps);
   a.scale = static_cast<float>(scale);
+  a.cross_eps = static_cast<float>(cross_eps);
+  if (cross) {
+    a.cross_k = cross_k->data_ptr();
+    a.cross_v = cross_v->data_ptr();
+    a.cross_layer_stride = cross_k->stride(0);
+    a.cross_block_table = cross_block_table->data_ptr<int>();
+    a.cross_seq_lens = cross_seq_lens->data_ptr<int>();
+    a.cross_page_size = static_cast<int>(cross_k->size(2));
+    a.cross_length = static_cast<int>(cross_block_table->size(1) * cross_k->size(2));
+  }
   a.table = table.data_ptr<int64_t>();
   a.out_norm = out_norm.data_ptr();
   a.text_linear = text_linear.data_ptr();
@@ -380,7 +410,8 @@ TORCH_LIBRARY(dsm, m) {
         "Tensor z, Tensor text_token, Tensor temperature, Tensor seeds, Tensor steps, int[] dims, float eps) -> ()");
   m.def("decoder_step(Tensor! x, Tensor! z, Tensor! logits, Tensor! k_cache, Tensor! v_cache, Tensor table, "
         "Tensor out_norm, Tensor text_linear, Tensor? inv_freq, Tensor positions, Tensor slot, Tensor seq_lens, "
-        "Tensor block_table, int[] dims, float eps, float out_eps, float scale) -> ()");
+        "Tensor block_table, Tensor? cross_k, Tensor? cross_v, Tensor? cross_block_table, Tensor? cross_seq_lens, "
+        "int[] dims, float eps, float out_eps, float scale, float cross_eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dsm, CUDA, m) {

@@ -8,11 +8,13 @@
 // ring covers the start of each phase and the rest streams at compute time: the gain is the launch gaps and the
 // ramp-up of each weight stream, not a longer queue.
 //
-// Phases per layer (5, plus the head): (1) RMSNorm + QKV GEMV over pairs of rows, RoPE of the q and k pairs
-// (interleaved), q to scratch, k and v into the paged cache at this step's slot; (2) paged attention of each (row,
-// head) over its last `context` positions, split over warps across the grid, the last split of a (row, head) to finish
-// merging them (a counter per pair); (3) out-projection + LayerScale + residual; (4) RMSNorm + linear_in + SiLU gate;
-// (5) linear_out + LayerScale + residual; last, the output RMSNorm (z) and the text head.
+// Phases per layer (5, or 8 with a cross-attention, plus the head): (1) RMSNorm + QKV GEMV over pairs of rows, RoPE
+// of the q and k pairs (interleaved), q to scratch, k and v into the paged cache at this step's slot; (2) paged
+// attention of each (row, head) over its last `context` positions, split over warps across the grid, the last split
+// of a (row, head) to finish merging them (a counter per pair); (3) out-projection + LayerScale + residual; with a
+// cross-attention (TTS): (3a) LayerNorm + query GEMV, (3b) the same attention over every position of the row's
+// condition pages, (3c) out + LayerScale + residual; (4) RMSNorm + linear_in + SiLU gate; (5) linear_out +
+// LayerScale + residual; last, the output RMSNorm (z) and the text head.
 //
 // Numerics: fp32 accumulation and rounding to the model dtype T where the reference's torch ops round.
 #include <algorithm>
@@ -24,7 +26,7 @@ namespace {
 using namespace dsm::persistent;
 constexpr int kMaxHeadDim = 128;  // the released models: 128 (stt-1b, tts) and 64 (stt-2.6b)
 
-enum Kind { kQkv, kAttn, kOut, kIn, kFfo, kHead };
+enum Kind { kQkv, kAttn, kOut, kCrossQ, kCrossAttn, kCrossOut, kIn, kFfo, kHead };
 
 struct Phase {
   Kind kind;
@@ -32,17 +34,28 @@ struct Phase {
   Rows rows;
 };
 
+__device__ __forceinline__ int phases_per_layer(const DsmDecoderArgs& a) { return a.cross_k ? 8 : 5; }
+
 __device__ __forceinline__ Phase phase_of(const DsmDecoderArgs& a, int p) {
   Phase ph;
-  if (p == 5 * a.layers) {
+  const int per = phases_per_layer(a);
+  if (p == per * a.layers) {
     ph.kind = kHead;
     ph.rows = Rows{static_cast<const char*>(a.text_linear), a.vocab, a.dim};
     return ph;
   }
-  ph.layer = p / 5;
+  ph.layer = p / per;
   const int64_t* lw = a.table + static_cast<int64_t>(ph.layer) * DSM_DEC_TABLE_STRIDE;
-  const int qkv_rows = (a.heads + 2 * a.kv_heads) * a.head_dim;
-  switch (p % 5) {
+  const int qkv_rows = (a.heads + 2 * a.kv_heads) * a.head_dim, hd = a.heads * a.head_dim;
+  int stage = p % per;
+  if (per == 8 && stage >= 3 && stage < 6) {  // the cross-attention's phases
+    ph.kind = stage == 3 ? kCrossQ : (stage == 4 ? kCrossAttn : kCrossOut);
+    if (stage == 3) ph.rows = Rows{reinterpret_cast<const char*>(lw[10]), hd, a.dim};
+    if (stage == 5) ph.rows = Rows{reinterpret_cast<const char*>(lw[11]), a.dim, hd};
+    return ph;
+  }
+  if (per == 8 && stage >= 6) stage -= 3;
+  switch (stage) {
     case 0:  // rows 2u and 2u + 1: a RoPE pair
       ph.kind = kQkv;
       ph.rows = Rows{reinterpret_cast<const char*>(lw[0]), qkv_rows / 2, a.dim, 2, 2, 1};
@@ -87,9 +100,10 @@ struct Work {
   }
 };
 
-// Attention splits of one (row, head): enough to give every warp of the grid work, each split >= 16 positions.
-inline int attention_splits(const DsmDecoderArgs& a, int grid) {
-  const int by_len = (a.context + 15) / 16, by_warps = grid * kWarps / (a.B * a.heads);
+// Attention splits of one (row, head) over `context` positions: enough to give every warp of the grid work, each
+// split >= 16 positions.
+inline int attention_splits(const DsmDecoderArgs& a, int context, int grid) {
+  const int by_len = (context + 15) / 16, by_warps = grid * kWarps / (a.B * a.heads);
   return std::max(1, std::min({by_len, by_warps, DSM_DEC_MAX_SPLITS}));
 }
 
@@ -99,7 +113,12 @@ __device__ void stage_input(const DsmDecoderArgs& a, const Work<T>& w, const Pha
   const T* x = static_cast<const T*>(a.x);
   switch (ph.kind) {
     case kQkv: stage_rows<T>(x, a.B, a.dim, reinterpret_cast<const T*>(lw[4]), a.eps, xs, red); break;
-    case kOut: stage_rows<T>(w.attn, a.B, a.heads * a.head_dim, nullptr, a.eps, xs, red); break;
+    case kOut:
+    case kCrossOut: stage_rows<T>(w.attn, a.B, a.heads * a.head_dim, nullptr, a.eps, xs, red); break;
+    case kCrossQ:
+      stage_rows_layernorm<T>(x, a.B, a.dim, reinterpret_cast<const T*>(lw[8]), reinterpret_cast<const T*>(lw[9]),
+                              a.cross_eps, xs, red);
+      break;
     case kIn: stage_rows<T>(x, a.B, a.dim, reinterpret_cast<const T*>(lw[5]), a.eps, xs, red); break;
     case kFfo: stage_rows<T>(w.gh, a.B, a.hidden, nullptr, a.eps, xs, red); break;
     case kHead: {  // z = RMSNorm(x), written by the owner of each column (this thread normed these columns)
@@ -150,10 +169,12 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
           w.gh[b * a.hidden + u] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc1[b])));
           break;
         }
+        case kCrossQ: w.q[b * HD + u] = dsm::from_float<T>(acc0[b]); break;
         case kOut:
+        case kCrossOut:
         case kFfo: {  // x += LayerScale(y); this block owns column u of x
           const T y = dsm::from_float<T>(acc0[b]);
-          const T* scale = reinterpret_cast<const T*>(lw[ph.kind == kOut ? 6 : 7]);
+          const T* scale = reinterpret_cast<const T*>(lw[ph.kind == kOut ? 6 : (ph.kind == kFfo ? 7 : 12)]);
           const T ys = scale ? dsm::from_float<T>(dsm::to_float(scale[u]) * dsm::to_float(y)) : y;
           T* xp = x + b * a.dim + u;
           *xp = dsm::from_float<T>(dsm::to_float(__ldcg(xp)) + dsm::to_float(ys));
@@ -167,19 +188,39 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
   });
 }
 
+// What an attention phase reads: one layer's K/V pages, the rows' page tables, lengths and window.
+template <typename T>
+struct Keys {
+  const T *k, *v;
+  const int32_t *block_table, *seq_lens;
+  int pages_per_row, page_size, context, kv_heads;
+};
+
+template <typename T>
+__device__ __forceinline__ Keys<T> keys_of(const DsmDecoderArgs& a, const Phase& ph) {
+  if (ph.kind == kCrossAttn)
+    return {static_cast<const T*>(a.cross_k) + ph.layer * a.cross_layer_stride,
+            static_cast<const T*>(a.cross_v) + ph.layer * a.cross_layer_stride, a.cross_block_table, a.cross_seq_lens,
+            a.cross_length / a.cross_page_size, a.cross_page_size, a.cross_length, a.heads};
+  return {static_cast<const T*>(a.k_cache) + ph.layer * a.cache_layer_stride,
+          static_cast<const T*>(a.v_cache) + ph.layer * a.cache_layer_stride, a.block_table, a.seq_lens,
+          a.pages_per_slot, a.page_size, a.context, a.kv_heads};
+}
+
 // One warp's split of a (row, head): online softmax over its positions of the row's window, then its partial; the
 // warp that completes the (row, head) merges every split's partial into the attention output.
 template <typename T>
 __device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, int S) {
-  const int D = a.head_dim, HD = a.heads * D, KD = a.kv_heads * D, lane = threadIdx.x % 32;
+  const Keys<T> keys = keys_of<T>(a, ph);
+  const int D = a.head_dim, HD = a.heads * D, KD = keys.kv_heads * D, lane = threadIdx.x % 32;
   constexpr int kPer = kMaxHeadDim / 32;
-  const T* kc = static_cast<const T*>(a.k_cache) + ph.layer * a.cache_layer_stride;
-  const T* vc = static_cast<const T*>(a.v_cache) + ph.layer * a.cache_layer_stride;
+  const T* kc = keys.k;
+  const T* vc = keys.v;
   const int items = a.B * a.heads * S;
   for (int item = blockIdx.x * kWarps + threadIdx.x / 32; item < items; item += gridDim.x * kWarps) {
     const int s = item % S, h = (item / S) % a.heads, b = item / (S * a.heads);
-    const int hk = h / (a.heads / a.kv_heads);
-    const int n = a.seq_lens[b], start = max(0, n - a.context), m = n - start;
+    const int hk = h / (a.heads / keys.kv_heads);
+    const int n = keys.seq_lens[b], start = max(0, n - keys.context), m = n - start;
     const int p0 = start + static_cast<int>(static_cast<int64_t>(m) * s / S);
     const int p1 = start + static_cast<int>(static_cast<int64_t>(m) * (s + 1) / S);
     float q[kPer], acc[kPer];
@@ -191,9 +232,9 @@ __device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const
     }
     float mx = -INFINITY, l = 0.f;
     for (int p = p0; p < p1; ++p) {
-      const int64_t row = static_cast<int64_t>(a.block_table[b * a.pages_per_slot + (p / a.page_size) %
-                                                                                        a.pages_per_slot]) *
-                              a.page_size + p % a.page_size;  // fmt: skip
+      const int64_t row = static_cast<int64_t>(keys.block_table[b * keys.pages_per_row +
+                                                                 (p / keys.page_size) % keys.pages_per_row]) *
+                              keys.page_size + p % keys.page_size;  // fmt: skip
       const T* kp = kc + row * KD + hk * D;
       float dot = 0.f;
 #pragma unroll
@@ -256,7 +297,8 @@ __device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderArgs a, size_t slot_bytes, int splits) {
+__global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderArgs a, size_t slot_bytes, int splits,
+                                                               int cross_splits) {
   const Work<T> w(a);
   // shared memory: row sums | staged inputs xs [B, max K] | ring slots
   char* smem = dsm::dynamic_smem();
@@ -265,14 +307,14 @@ __global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderAr
   const int k_max = max(a.dim, max(a.heads * a.head_dim, a.hidden));
   char* ring = reinterpret_cast<char*>(xs) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
 
-  const int P = 5 * a.layers + 1;
+  const int P = phases_per_layer(a) * a.layers + 1;
   auto rows_of = [&](int p) { return phase_of(a, p).rows; };
   WeightStream<T, decltype(rows_of)> stream{rows_of, P, ring, slot_bytes};
   stream.start();
   for (int p = 0; p < P; ++p) {
     const Phase ph = phase_of(a, p);
-    if (ph.kind == kAttn) {
-      attention_phase<T>(a, w, ph, splits);
+    if (ph.kind == kAttn || ph.kind == kCrossAttn) {
+      attention_phase<T>(a, w, ph, ph.kind == kAttn ? splits : cross_splits);
     } else {
       stage_input<T>(a, w, ph, xs, red);
       gemv_phase<T>(a, w, ph, xs, stream);  // its chunks' barriers publish xs
@@ -288,7 +330,9 @@ cudaError_t launch(const DsmDecoderArgs& a, cudaStream_t stream) {
   const int G0 = std::max(a.blocks > 0 ? a.blocks : device_sms(), 1);
   const int k_max = std::max({a.dim, a.heads * a.head_dim, a.hidden});
   const size_t fixed = align16(kWarps * kMaxRows * sizeof(float)) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
-  auto share = [&](int units, int K, int per) { return static_cast<size_t>((units + G0 - 1) / G0) * per * K * sizeof(T); };
+  auto share = [&](int units, int K, int per) {
+    return static_cast<size_t>((units + G0 - 1) / G0) * per * K * sizeof(T);
+  };
   const size_t largest = std::max({share((a.heads + 2 * a.kv_heads) * a.head_dim / 2, a.dim, 2),
                                    share(a.dim, a.heads * a.head_dim, 1), share(a.hidden, a.dim, 2),
                                    share(a.dim, a.hidden, 1), share(a.vocab, a.dim, 1)});
@@ -296,7 +340,8 @@ cudaError_t launch(const DsmDecoderArgs& a, cudaStream_t stream) {
   const int G = smem.total > 0 ? resident_grid(kernel, a.blocks, smem.total) : 0;
   if (G == 0) return cudaErrorInvalidValue;
   return dsm::launch_cooperative(kernel, dim3(G), dim3(kThreads), smem.total, stream, a, smem.slot,
-                                 attention_splits(a, G));
+                                 attention_splits(a, a.context, G),
+                                 a.cross_k ? attention_splits(a, a.cross_length, G) : 1);
 }
 
 }  // namespace
@@ -311,7 +356,8 @@ extern "C" cudaError_t dsm_launch_decoder_step(const DsmDecoderArgs* args, cudaS
   if (a.B < 1 || a.B > kMaxRows || a.layers < 1 || a.heads < 1 || a.kv_heads < 1 || a.heads % a.kv_heads != 0 ||
       a.head_dim < 2 || a.head_dim % 2 != 0 || a.head_dim > kMaxHeadDim || a.vocab < 1 || a.context < 1 ||
       a.page_size < 1 || a.pages_per_slot < 1 || a.dim % vec != 0 || a.hidden % vec != 0 ||
-      (a.heads * a.head_dim) % vec != 0)
+      (a.heads * a.head_dim) % vec != 0 ||
+      (a.cross_k != nullptr && (a.cross_page_size < 1 || a.cross_length < 1 || a.cross_length % a.cross_page_size)))
     return cudaErrorInvalidValue;
   DSM_DISPATCH_DTYPE(a.dtype, T, { return launch<T>(a, stream); });
   return cudaErrorInvalidValue;

@@ -76,16 +76,18 @@ size_t dsm_depformer_work_bytes(int B, int dim, int hidden, int n_in, int layers
 cudaError_t dsm_launch_depformer_frame(const DsmDepformerArgs* args, cudaStream_t stream);
 
 // The temporal transformer's decode step (dsm_kernels.decoder) for 1..4 rows in one cooperative launch
-// (csrc/decoder.cu): every layer (RMSNorm + QKV + RoPE + paged K/V write, paged attention, out + residual, RMSNorm +
-// gated FFN + residual), then the output RMSNorm and the text head. `table`: DSM_DEC_TABLE_STRIDE int64 per layer: the
-// QKV, out, linear_in and linear_out weights, norm1, norm2, scale1 and scale2 (NULL: no LayerScale).
-#define DSM_DEC_TABLE_STRIDE 8
+// (csrc/decoder.cu): every layer (RMSNorm + QKV + RoPE + paged K/V write, paged attention, out + residual, [LayerNorm +
+// cross query, attention over the condition pages, cross out + residual,] RMSNorm + gated FFN + residual), then the
+// output RMSNorm and the text head. `table`: DSM_DEC_TABLE_STRIDE int64 per layer: the QKV, out, linear_in and
+// linear_out weights, norm1, norm2, scale1 and scale2 (NULL: no LayerScale); then, with a cross-attention, its
+// LayerNorm weight and bias, query and out weights, and its LayerScale (or NULL).
+#define DSM_DEC_TABLE_STRIDE 13
 #define DSM_DEC_MAX_SPLITS 128
 typedef struct {
   int B, dim, heads, kv_heads, head_dim, hidden, vocab, layers, dtype;
   int page_size, pages_per_slot, context;
   int blocks;  // grid size: 0 = one block per SM
-  float eps, out_eps, scale;
+  float eps, out_eps, scale, cross_eps;
   const int64_t* table;
   const void* out_norm;     // [dim]
   const void* text_linear;  // [vocab, dim]
@@ -97,6 +99,14 @@ typedef struct {
   void* k_cache;             // [layers, pages, page_size, kv_heads, head_dim], the model dtype
   void* v_cache;
   int64_t cache_layer_stride;  // elements between two layers' pools
+  // the condition's K/V pages (cross-attention; cross_k NULL: none): [layers, pages, cross_page_size, heads, head_dim];
+  // row b attends over all cross_length positions of pages cross_block_table[b] ([B, cross_length / page_size])
+  void* cross_k;
+  void* cross_v;
+  int64_t cross_layer_stride;
+  const int32_t* cross_block_table;
+  const int32_t* cross_seq_lens;  // [B], all cross_length
+  int cross_page_size, cross_length;
   void* x;                   // [B, dim]: the embedded input, updated into the residual stream
   void* z;                   // [B, dim] out: the normed output
   void* logits;              // [B, vocab] out

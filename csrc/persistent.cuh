@@ -207,6 +207,36 @@ __device__ void stage_rows(const T* src, int B, int K, const T* alpha, float eps
   }
 }
 
+// Stage B input rows into xs as stage_rows, LayerNormed: (x - mean) * rsqrt(var + eps) * weight + bias in fp32
+// (biased variance, as torch's layer_norm), rounded to T.
+template <typename T>
+__device__ void stage_rows_layernorm(const T* src, int B, int K, const T* weight, const T* bias, float eps, T* xs,
+                                     float* red) {
+  float mean[kMaxRows] = {};
+  for (int b = 0; b < B; ++b)
+    for (int c = threadIdx.x; c < K; c += kThreads) {
+      const T v = __ldcg(src + static_cast<int64_t>(b) * K + c);
+      xs[b * K + c] = v;
+      mean[b] += dsm::to_float(v);
+    }
+  block_sum_rows(mean, red);
+  float var[kMaxRows] = {};
+  for (int b = 0; b < B; ++b) {
+    mean[b] /= K;
+    for (int c = threadIdx.x; c < K; c += kThreads) {
+      const float d = dsm::to_float(xs[b * K + c]) - mean[b];
+      var[b] += d * d;
+    }
+  }
+  block_sum_rows(var, red);
+  for (int b = 0; b < B; ++b) {
+    const float inv = 1.f / sqrtf(var[b] / K + eps);
+    for (int c = threadIdx.x; c < K; c += kThreads)
+      xs[b * K + c] = dsm::from_float<T>((dsm::to_float(xs[b * K + c]) - mean[b]) * inv * dsm::to_float(weight[c]) +
+                                         dsm::to_float(bias[c]));
+  }
+}
+
 // Arrival of `n` items at `counter`, which completes when `total` have arrived: true for the caller that completes
 // it (which re-arms it to 0). The caller fences its writes before; the completer fences before reading the others'
 // (the programming guide's last-block pattern). One thread per arrival.

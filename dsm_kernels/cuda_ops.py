@@ -196,15 +196,14 @@ DECODER_MAX_ROWS, DECODER_MAX_HEAD_DIM = 4, 128
 
 
 def decoder_unsupported(w, x, k_cache, cross) -> str | None:
-    """Why the persistent step kernel does not take this step (the single ops then run it), or None."""
+    """Why the persistent step kernel does not take this step (the single ops then run it), or None. ``cross``: the
+    condition's pages (``dsm.kv_cache.CrossKVCache``) or None."""
     from .decoder import DecoderWeights
 
     assert isinstance(w, DecoderWeights)
     B, D = x.shape[0], w.head_dim
     vec = 16 // x.element_size()
     hidden = w.layers[0].linear_out.shape[1]
-    if cross is not None:
-        return "cross-attention"
     if not 1 <= B <= DECODER_MAX_ROWS:
         return f"{B} rows (it takes 1..{DECODER_MAX_ROWS})"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k_cache.dtype != x.dtype:
@@ -216,13 +215,22 @@ def decoder_unsupported(w, x, k_cache, cross) -> str | None:
     tensors = [w.out_norm, w.text_linear, x, k_cache]
     for lw in w.layers:
         tensors += [lw.norm1, lw.in_proj, lw.out_proj, lw.norm2, lw.linear_in, lw.linear_out, lw.scale1, lw.scale2]
+        if (lw.cross is None) != (cross is None) or lw.cross is not None and lw.cross.norm_bias is None:
+            return "a cross-attention in some layers only, or without its LayerNorm bias"
+        if lw.cross is not None:
+            c = lw.cross
+            tensors += [c.norm_weight, c.norm_bias, c.q_proj, c.out_proj, c.scale]
+    if cross is not None:
+        if cross.k.shape[1:] != (cross.k.shape[1], cross.page_size, w.num_heads, D) or cross.length % cross.page_size:
+            return f"condition pages {tuple(cross.k.shape)}"
+        tensors += [cross.k, cross.v]
     if any(t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.data_ptr() % 16) for t in tensors):
         return "a tensor that is not contiguous, 16-byte aligned and of the model dtype"
     return None
 
 
 def decoder_table(w, device: torch.device) -> torch.Tensor:
-    """The kernel's device table of layer weight pointers (``DSM_DEC_TABLE_STRIDE`` per layer), built once per
+    """The kernel's device table of layer weight pointers (``DSM_DEC_TABLE_STRIDE`` = 13 per layer), built once per
     weights and device (not under graph capture: it is a host-to-device copy)."""
     key = ("cuda_table", str(device))
     if key not in w.derived:
@@ -231,14 +239,16 @@ def decoder_table(w, device: torch.device) -> torch.Tensor:
                                "weight-pointer table is a host-to-device copy, which a capture cannot hold)")
         rows = []
         for lw in w.layers:
+            c = lw.cross
+            cross = (c.norm_weight, c.norm_bias, c.q_proj, c.out_proj, c.scale) if c is not None else (None,) * 5
             rows += [t.data_ptr() if t is not None else 0 for t in (lw.in_proj, lw.out_proj, lw.linear_in,
                                                                      lw.linear_out, lw.norm1, lw.norm2, lw.scale1,
-                                                                     lw.scale2)]  # fmt: skip
+                                                                     lw.scale2, *cross)]  # fmt: skip
         w.derived[key] = torch.tensor(rows, dtype=torch.int64, device=device)
     return w.derived[key]
 
 
-def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context) -> dict:
+def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross) -> dict:
     """Outputs and inputs of one persistent step, as both launch routes (the torch op, the tests' CPU emulation) pass
     them: ``z`` [B, d] and ``logits`` [B, V] to fill, and ``dims``."""
     B = x.shape[0]
@@ -252,6 +262,10 @@ def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, cont
         dims=[w.num_heads, w.num_kv_heads, w.layers[0].linear_out.shape[1], len(w.layers), k_cache.shape[2],
               int(context)],
         eps=float(w.norm_eps), out_eps=float(w.out_norm_eps), scale=float(w.head_dim**-0.5),
+        cross_k=None if cross is None else cross.k, cross_v=None if cross is None else cross.v,
+        cross_block_table=None if cross is None else cross.block_table.int().contiguous(),
+        cross_seq_lens=None if cross is None else cross.seq_lens.int().contiguous(),
+        cross_eps=float(w.layers[0].cross.norm_eps) if cross is not None else 0.0,
     )
 
 
@@ -265,8 +279,10 @@ def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_t
 
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
                                      counters=counters, cross=cross, backend="cuda")
-    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context)
+    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross)
     _ops().decoder_step(x, ops["z"], ops["logits"], k_cache, v_cache, ops["table"], ops["out_norm"],
                         ops["text_linear"], ops["inv_freq"], ops["positions"], ops["slot"], ops["seq_lens"],
-                        ops["block_table"], [*ops["dims"], blocks], ops["eps"], ops["out_eps"], ops["scale"])
+                        ops["block_table"], ops["cross_k"], ops["cross_v"], ops["cross_block_table"],
+                        ops["cross_seq_lens"], [*ops["dims"], blocks], ops["eps"], ops["out_eps"], ops["scale"],
+                        ops["cross_eps"])
     return ops["z"], ops["logits"]

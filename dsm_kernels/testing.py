@@ -260,9 +260,10 @@ def depformer_inputs(w: reference.DepformerWeights, B: int, *, temp: float, seed
 
 
 def random_decoder_weights(*, dim=64, heads=4, kv_heads=None, layers=2, hidden=96, vocab=40, rope=True,
-                           scales=False, dtype=torch.float32, device="cpu", seed=0):  # fmt: skip
-    """Random temporal-transformer step weights (``dsm_kernels.decoder.DecoderWeights``), scaled by 1/sqrt(fan_in)."""
-    from .decoder import DecoderLayerWeights, DecoderWeights
+                           scales=False, cross=False, dtype=torch.float32, device="cpu", seed=0):  # fmt: skip
+    """Random temporal-transformer step weights (``dsm_kernels.decoder.DecoderWeights``), scaled by 1/sqrt(fan_in);
+    ``cross``: every layer with a cross-attention (LayerNorm, query and out projections, LayerScale with ``scales``)."""
+    from .decoder import DecoderCrossWeights, DecoderLayerWeights, DecoderWeights
 
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -276,16 +277,22 @@ def random_decoder_weights(*, dim=64, heads=4, kv_heads=None, layers=2, hidden=9
         norm1=1 + r(dim, scale=0.1), in_proj=r((heads + 2 * hkv) * D, dim), out_proj=r(dim, heads * D),
         norm2=1 + r(dim, scale=0.1), linear_in=r(2 * hidden, dim), linear_out=r(dim, hidden),
         scale1=r(dim, scale=0.3) if scales else None, scale2=r(dim, scale=0.3) if scales else None,
+        cross=DecoderCrossWeights(norm_weight=1 + r(dim, scale=0.1), norm_bias=r(dim, scale=0.3), norm_eps=1e-5,
+                                  q_proj=r(heads * D, dim), out_proj=r(dim, heads * D),
+                                  scale=r(dim, scale=0.3) if scales else None) if cross else None,
     ) for _ in range(layers))  # fmt: skip
     inv_freq = torch.exp(torch.arange(D // 2, device=device) * (-9.21 * 2 / D)) if rope else None
     return DecoderWeights(num_heads=heads, num_kv_heads=hkv, inv_freq=inv_freq, norm_eps=1e-5, layers=lws,
                           out_norm=1 + r(dim, scale=0.1), out_norm_eps=1e-5, text_linear=r(vocab, dim))
 
 
-def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positions=None, seed=1, device="cpu"):
+def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positions=None, cross_length=20,
+                   seed=1, device="cpu"):  # fmt: skip
     """Inputs of one decode step for ``w``: ``x``, caches full of random history (pages in a shuffled order), each
     row at its own position (some past the context, so the ring wraps; the last row of several not written this step:
-    ``slot`` -1, ``seq_lens`` 0), as ``dsm_kernels.kv_slots`` gives them. Keyword arguments of ``decoder_step``."""
+    ``slot`` -1, ``seq_lens`` 0), as ``dsm_kernels.kv_slots`` gives them; with cross-attention weights, condition
+    pages of ``cross_length`` positions (pages of 4, some shared by rows, as the voice pool shares them) as ``cross``.
+    Keyword arguments of ``decoder_step``."""
     g = torch.Generator().manual_seed(seed)
     dt = w.text_linear.dtype
     n = -(-context // page_size)
@@ -301,8 +308,21 @@ def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positio
         write[-1] = False
     slot, seq_lens = reference.kv_slots_ref(table, positions, write, page_size)
     x = torch.randn(B, w.dim, generator=g).to(dt)
+    cross = None
+    if w.layers[0].cross is not None:
+        import types
+
+        cps, n_cross = 4, cross_length // 4
+        cshape = (len(w.layers), B * n_cross + 2, cps, w.num_heads, w.head_dim)
+        ck, cv = torch.randn(*cshape, generator=g).to(dt), torch.randn(*cshape, generator=g).to(dt)
+        ctable = torch.randperm(cshape[1], generator=g)[: B * n_cross].view(B, n_cross).int()
+        ctable[:, 0] = ctable[0, 0]  # a page every row reads, as the voices' shared padding
+        cross = types.SimpleNamespace(k=ck.to(device), v=cv.to(device), block_table=ctable.to(device),
+                                      seq_lens=torch.full((B,), cross_length, dtype=torch.int32, device=device),
+                                      length=cross_length, page_size=cps)  # fmt: skip
     return dict(x=x.to(device), positions=positions.to(device), slot=slot.to(device), seq_lens=seq_lens.to(device),
-                k_cache=k.to(device), v_cache=v.to(device), block_table=table.to(device), context=context)
+                k_cache=k.to(device), v_cache=v.to(device), block_table=table.to(device), context=context,
+                cross=cross)
 
 
 def kernel_device(backend: str) -> torch.device:

@@ -199,10 +199,13 @@ class DecoderArgs(ctypes.Structure):
 
     _fields_ = [*((n, ctypes.c_int) for n in ("B", "dim", "heads", "kv_heads", "head_dim", "hidden", "vocab", "layers",
                                               "dtype", "page_size", "pages_per_slot", "context", "blocks")),
-                *((n, ctypes.c_float) for n in ("eps", "out_eps", "scale")),
+                *((n, ctypes.c_float) for n in ("eps", "out_eps", "scale", "cross_eps")),
                 *((n, ctypes.c_void_p) for n in ("table", "out_norm", "text_linear", "inv_freq", "positions", "slot",
                                                  "seq_lens", "block_table", "k_cache", "v_cache")),
-                ("cache_layer_stride", ctypes.c_int64),
+                ("cache_layer_stride", ctypes.c_int64), ("cross_k", ctypes.c_void_p), ("cross_v", ctypes.c_void_p),
+                ("cross_layer_stride", ctypes.c_int64),
+                *((n, ctypes.c_void_p) for n in ("cross_block_table", "cross_seq_lens")),
+                ("cross_page_size", ctypes.c_int), ("cross_length", ctypes.c_int),
                 *((n, ctypes.c_void_p) for n in ("x", "z", "logits", "work", "sync"))]
 
 
@@ -217,7 +220,7 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
         single = "cuda" if "cuda" in dsm_kernels.available_backends(x.device) else "triton"
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
                                      counters=counters, cross=cross, backend=single)
-    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context)
+    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross)
     heads, kv_heads, hidden, layers, page_size, context = ops["dims"]
     B, D, dtype = x.shape[0], k_cache.shape[4], _DTYPES[x.dtype]
     # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN
@@ -227,10 +230,15 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
     sync = torch.zeros(2 + B * heads, dtype=torch.int32)  # the grid barrier, the attention counters
     args = DecoderArgs(B, w.dim, heads, kv_heads, D, hidden, w.text_linear.shape[0], layers, dtype, page_size,
                        ops["block_table"].shape[1], context, blocks, ops["eps"], ops["out_eps"], ops["scale"],
+                       ops["cross_eps"],
                        *map(_ptr, (ops["table"], ops["out_norm"], ops["text_linear"], ops["inv_freq"],
                                    ops["positions"], ops["slot"], ops["seq_lens"], ops["block_table"], k_cache,
                                    v_cache)),
-                       k_cache.stride(0), *map(_ptr, (x, ops["z"], ops["logits"], work, sync)))  # fmt: skip
+                       k_cache.stride(0), _ptr(ops["cross_k"]), _ptr(ops["cross_v"]),
+                       0 if cross is None else cross.k.stride(0), _ptr(ops["cross_block_table"]),
+                       _ptr(ops["cross_seq_lens"]), 0 if cross is None else cross.page_size,
+                       0 if cross is None else cross.length,
+                       *map(_ptr, (x, ops["z"], ops["logits"], work, sync)))  # fmt: skip
     _ok(_lib().dsm_launch_decoder_step(ctypes.byref(args), None), "decoder_step")
     assert int(sync[0]) == 0 and not sync[2:].any(), f"barrier and counters must be re-armed: {sync.tolist()}"
     return ops["z"], ops["logits"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dsm_kernels
-from dsm_kernels.decoder import DecoderLayerWeights, DecoderWeights, decoder_step_ref
+from dsm_kernels.decoder import DecoderCrossWeights, DecoderLayerWeights, DecoderWeights, decoder_step_ref
 from dsm_kernels.testing import decoder_inputs, random_decoder_weights
 
 needs_triton = pytest.mark.skipif(
@@ -51,8 +51,13 @@ def cast(w: DecoderWeights, dtype: torch.dtype) -> DecoderWeights:
     def c(t):
         return None if t is None else t.to(dtype)
 
+    def cc(x):
+        return None if x is None else DecoderCrossWeights(c(x.norm_weight), c(x.norm_bias), x.norm_eps, c(x.q_proj),
+                                                          c(x.out_proj), c(x.scale))  # fmt: skip
+
     layers = tuple(DecoderLayerWeights(c(lw.norm1), c(lw.in_proj), c(lw.out_proj), c(lw.norm2), c(lw.linear_in),
-                                       c(lw.linear_out), c(lw.scale1), c(lw.scale2)) for lw in w.layers)  # fmt: skip
+                                       c(lw.linear_out), c(lw.scale1), c(lw.scale2), cc(lw.cross))
+                   for lw in w.layers)  # fmt: skip
     return DecoderWeights(w.num_heads, w.num_kv_heads, w.inv_freq, w.norm_eps, layers, c(w.out_norm),
                           w.out_norm_eps, c(w.text_linear))  # fmt: skip
 
@@ -61,6 +66,8 @@ def inputs(w, B, dtype=None, **kw):
     ins = decoder_inputs(w, B, **kw)
     if dtype is not None:
         ins = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in ins.items()}
+        if ins["cross"] is not None:
+            ins["cross"].k, ins["cross"].v = ins["cross"].k.to(dtype), ins["cross"].v.to(dtype)
     return ins
 
 
@@ -81,6 +88,8 @@ CASES = {  # weights, rows, grid blocks
     "b3-layerscale": (dict(layers=2, scales=True), 3, 3),
     "b4-no-rope-d32": (dict(layers=1, heads=2, rope=False), 4, 5),
     "b2-wide-hidden": (dict(layers=1, heads=4, hidden=136, vocab=300), 2, 7),
+    "b2-cross": (dict(layers=2, cross=True), 2, 3),  # the TTS layout: cross-attention to the condition pages
+    "b4-cross-layerscale": (dict(layers=1, cross=True, scales=True), 4, 6),
 }
 
 
@@ -140,14 +149,16 @@ def test_persistent_output_does_not_depend_on_the_grid(backend, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("backend", PERSISTENT)
 def test_persistent_hands_other_steps_to_the_single_ops(backend):
-    """Heads wider than 128 (or a cross-attention, or an fp8 cache) run the single ops: the same results."""
+    """Heads wider than 128 (or an fp8 cache, or grouped K/V heads) run the single ops: the same results."""
     from dsm_kernels.cuda_ops import decoder_unsupported
 
     dev = device_of(backend)
     w = random_decoder_weights(dim=512, heads=2, layers=1, seed=6, device=dev)
     ins = inputs(w, 2, device=dev)
     assert decoder_unsupported(w, ins["x"], ins["k_cache"], None) == "head dim 256, heads 2/2"
-    assert decoder_unsupported(w, ins["x"], ins["k_cache"], object()) == "cross-attention"
+    plain = random_decoder_weights(layers=1, seed=6, device=dev)  # condition pages for a model without cross-attention
+    assert "cross-attention in some layers" in decoder_unsupported(plain, inputs(plain, 2, device=dev)["x"],
+                                                                   inputs(plain, 2, device=dev)["k_cache"], object())
     assert_step_matches_reference(w, 2, backend)
 
 

@@ -57,8 +57,9 @@ def test_tts_engine_tokens_equal_reference(batch, backend, request):
     """A conditioned model (cross-attention to the voice, depth transformer, delays) on the Triton kernels, as the
     engine steps it, samples the reference's tokens with the same text logits. At batch <= 4 it runs the GEMV path
     (the cross-attention's query and output GEMVs included), above it F.linear. tiny-tts with 8 codebooks, for the
-    interpreter's speed. The CUDA backend runs the voice cross-attention on its decode-attention kernel too, over
-    125-position condition pages, and the depth transformer on the persistent kernel."""
+    interpreter's speed. The CUDA backend runs the decode step (cross-attention included) and the depth transformer as
+    persistent kernels at batch <= 4; above, the voice cross-attention on its decode-attention kernel over
+    125-position condition pages."""
     from dsm.bench import random_model
     from dsm.presets import preset_config
 
@@ -79,9 +80,12 @@ def test_tts_engine_tokens_equal_reference(batch, backend, request):
     assert torch.equal(tok, tok_ref)
     # fp32: the logits agree closely (tokens alone would miss a small error such as a LayerNorm taken for an RMSNorm)
     assert float((logits - logits_ref).abs().max()) <= 1e-4 * float(logits_ref.abs().max())
-    if calls is not None:  # self- and voice cross-attention, embedding, text sampling, depth transformer ran on CUDA
-        assert calls["paged_decode_attention"] >= 12 and calls["multistream_embed"] and calls["sample_tokens"], calls
-        assert calls["depformer_frame"] >= 3, calls  # the persistent kernel (batch <= 4) or its hand-off to Triton
+    if calls is not None:  # embedding, text sampling, depth transformer and both attentions ran on CUDA kernels
+        assert calls["multistream_embed"] and calls["sample_tokens"] and calls["depformer_frame"] >= 3, calls
+        if batch <= 4:  # the persistent decode step, voice cross-attention included, and the persistent depformer
+            assert calls["decoder_step"] == 6 and not calls["paged_decode_attention"], calls
+        else:  # the single ops: self- and voice cross-attention on the decode-attention kernel
+            assert calls["paged_decode_attention"] >= 12, calls
 
 
 @pytest.mark.gpu
