@@ -287,12 +287,12 @@ def random_decoder_weights(*, dim=64, heads=4, kv_heads=None, layers=2, hidden=9
 
 
 def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positions=None, cross_length=20,
-                   seed=1, device="cpu"):  # fmt: skip
+                   cross_page_size=4, seed=1, device="cpu"):  # fmt: skip
     """Inputs of one decode step for ``w``: ``x``, caches full of random history (pages in a shuffled order), each
     row at its own position (some past the context, so the ring wraps; the last row of several not written this step:
     ``slot`` -1, ``seq_lens`` 0), as ``dsm_kernels.kv_slots`` gives them; with cross-attention weights, condition
-    pages of ``cross_length`` positions (pages of 4, some shared by rows, as the voice pool shares them) as ``cross``.
-    Keyword arguments of ``decoder_step``."""
+    pages of ``cross_length`` positions (one page shared by all rows, as the voice pool shares the padding) as
+    ``cross``. Keyword arguments of ``decoder_step``."""
     g = torch.Generator().manual_seed(seed)
     dt = w.text_linear.dtype
     n = -(-context // page_size)
@@ -312,7 +312,7 @@ def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positio
     if w.layers[0].cross is not None:
         import types
 
-        cps, n_cross = 4, cross_length // 4
+        cps, n_cross = cross_page_size, cross_length // cross_page_size
         cshape = (len(w.layers), B * n_cross + 2, cps, w.num_heads, w.head_dim)
         ck, cv = torch.randn(*cshape, generator=g).to(dt), torch.randn(*cshape, generator=g).to(dt)
         ctable = torch.randperm(cshape[1], generator=g)[: B * n_cross].view(B, n_cross).int()

@@ -181,17 +181,25 @@ def test_dispatch():
         dsm_kernels.decoder_step(w, **inputs(w, 5))
 
 
+GPU_SHAPES = {  # 2 layers of each released layout
+    "stt-1b": dict(dim=2048, heads=16, layers=2, hidden=5632, vocab=8001),
+    "stt-2.6b": dict(dim=2048, heads=32, layers=2, hidden=5632, vocab=4001),
+    "tts-1.6b": dict(dim=2048, heads=16, layers=2, hidden=5632, vocab=8001, cross=True),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 4])
-def test_gpu_persistent_stt_shapes_bf16_and_graph_replay(B):
-    """stt-1b's layer shapes (dim 2048, 16 heads of 128, hidden 5632, context 750; 2 layers): bf16 within 3x the
-    reference's own error, and bit-identical when replayed from a CUDA graph."""
+@pytest.mark.parametrize("shapes", list(GPU_SHAPES))
+def test_gpu_persistent_real_shapes_bf16_and_graph_replay(shapes, B):
+    """The released layers' shapes (context 750 in pages of 16; TTS: 625 voice positions in pages of 125): bf16
+    within 3x the reference's own error, and bit-identical when replayed from a CUDA graph."""
     from dsm_kernels.cuda_ops import decoder_step_cuda
 
-    shapes = dict(dim=2048, heads=16, layers=2, hidden=5632, vocab=8001)
-    w32 = random_decoder_weights(**shapes, device="cuda", seed=11)
+    w32 = random_decoder_weights(**GPU_SHAPES[shapes], device="cuda", seed=11)
     w16 = cast(w32, torch.bfloat16)
-    kw = dict(context=750, page_size=16, positions=torch.tensor([745, 2000, 30, 9][:B]), device="cuda")
+    kw = dict(context=750, page_size=16, positions=torch.tensor([745, 2000, 30, 9][:B]), cross_length=625,
+              cross_page_size=125, device="cuda")  # fmt: skip
     _, lg32 = decoder_step_ref(w32, **inputs(w32, B, **kw))
     _, lg16 = decoder_step_ref(w16, **inputs(w32, B, torch.bfloat16, **kw))
     _, lg = decoder_step_cuda(w16, **inputs(w32, B, torch.bfloat16, **kw))
