@@ -62,10 +62,7 @@ __device__ __forceinline__ Phase phase_of(const DsmDecoderArgs& a, int p) {
       break;
     case 1: ph.kind = kAttn; break;
     case 2: ph.kind = kOut; ph.rows = Rows{reinterpret_cast<const char*>(lw[1]), a.dim, a.heads * a.head_dim}; break;
-    case 3:  // gate rows u and value rows hidden + u
-      ph.kind = kIn;
-      ph.rows = Rows{reinterpret_cast<const char*>(lw[2]), a.hidden, a.dim, 2, 1, a.hidden};
-      break;
+    case 3: ph.kind = kIn; ph.rows = gate_rows(reinterpret_cast<const void*>(lw[2]), a.hidden, a.dim); break;
     default: ph.kind = kFfo; ph.rows = Rows{reinterpret_cast<const char*>(lw[3]), a.dim, a.hidden}; break;
   }
   return ph;
@@ -163,23 +160,14 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
           }
           break;
         }
-        case kIn: {  // silu(gate) * value, each rounded as torch's ops
-          const float g = dsm::to_float(dsm::from_float<T>(acc0[b]));
-          const T act = dsm::from_float<T>(g / (1.f + expf(-g)));
-          w.gh[b * a.hidden + u] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc1[b])));
-          break;
-        }
+        case kIn: w.gh[b * a.hidden + u] = silu_gate<T>(acc0[b], acc1[b]); break;
         case kCrossQ: w.q[b * HD + u] = dsm::from_float<T>(acc0[b]); break;
         case kOut:
         case kCrossOut:
-        case kFfo: {  // x += LayerScale(y); this block owns column u of x
-          const T y = dsm::from_float<T>(acc0[b]);
-          const T* scale = reinterpret_cast<const T*>(lw[ph.kind == kOut ? 6 : (ph.kind == kFfo ? 7 : 12)]);
-          const T ys = scale ? dsm::from_float<T>(dsm::to_float(scale[u]) * dsm::to_float(y)) : y;
-          T* xp = x + b * a.dim + u;
-          *xp = dsm::from_float<T>(dsm::to_float(__ldcg(xp)) + dsm::to_float(ys));
+        case kFfo:  // this block owns column u of x
+          add_residual<T>(x + b * a.dim + u, acc0[b],
+                          reinterpret_cast<const T*>(lw[ph.kind == kOut ? 6 : (ph.kind == kFfo ? 7 : 12)]), u);
           break;
-        }
         default:  // head
           static_cast<T*>(a.logits)[static_cast<int64_t>(b) * a.vocab + u] = dsm::from_float<T>(acc0[b]);
           break;

@@ -63,10 +63,7 @@ __device__ __forceinline__ Phase phase_of(const DsmDepformerArgs& a, int p) {
   switch (s % 4) {
     case 0: ph.kind = kQkv; ph.rows = Rows{reinterpret_cast<const char*>(lw[0]), 3 * a.dim, a.dim}; break;
     case 1: ph.kind = kOut; ph.rows = Rows{reinterpret_cast<const char*>(lw[1]), a.dim, a.dim}; break;
-    case 2:  // gate rows u and value rows hidden + u
-      ph.kind = kIn;
-      ph.rows = Rows{reinterpret_cast<const char*>(lw[2]), a.hidden, a.dim, 2, 1, a.hidden};
-      break;
+    case 2: ph.kind = kIn; ph.rows = gate_rows(reinterpret_cast<const void*>(lw[2]), a.hidden, a.dim); break;
     default: ph.kind = kFfo; ph.rows = Rows{reinterpret_cast<const char*>(lw[3]), a.dim, a.hidden}; break;
   }
   return ph;
@@ -172,20 +169,12 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
           *dst = y;
           break;
         }
-        case kIn: {  // silu(gate) * value, each rounded as torch's bf16 ops
-          const float g = dsm::to_float(y);
-          const T act = dsm::from_float<T>(g / (1.f + expf(-g)));
-          w.gh[b * a.hidden + r] = dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(acc1[b])));
-          break;
-        }
+        case kIn: w.gh[b * a.hidden + r] = silu_gate<T>(acc0[b], acc1[b]); break;
         case kOut:
-        case kFfo: {  // x += LayerScale(y); this block owns column r of x
-          const T* scale = reinterpret_cast<const T*>(t[8 * ph.layer + (ph.kind == kOut ? 6 : 7)]);
-          const T ys = scale ? dsm::from_float<T>(dsm::to_float(scale[r]) * dsm::to_float(y)) : y;
-          T* xp = w.x + b * a.dim + r;
-          *xp = dsm::from_float<T>(dsm::to_float(__ldcg(xp)) + dsm::to_float(ys));
+        case kFfo:  // this block owns column r of x
+          add_residual<T>(w.x + b * a.dim + r, acc0[b],
+                          reinterpret_cast<const T*>(t[8 * ph.layer + (ph.kind == kOut ? 6 : 7)]), r);
           break;
-        }
         default:  // head
           static_cast<T*>(a.logits)[(static_cast<int64_t>(ph.k) * B + b) * a.card + r] = y;
           break;

@@ -237,6 +237,27 @@ __device__ void stage_rows_layernorm(const T* src, int B, int K, const T* weight
   }
 }
 
+// The FFN's gate rows: unit u is rows u (gate) and hidden + u (value) of linear_in [2 hidden, K].
+__device__ __forceinline__ Rows gate_rows(const void* w, int hidden, int K) {
+  return Rows{static_cast<const char*>(w), hidden, K, 2, 1, hidden};
+}
+
+// Epilogues with the reference's rounding points (each torch op rounds to T): silu(gate) * value of a gate pair ...
+template <typename T>
+__device__ __forceinline__ T silu_gate(float gate_acc, float value_acc) {
+  const float g = dsm::to_float(dsm::from_float<T>(gate_acc));
+  const T act = dsm::from_float<T>(g / (1.f + expf(-g)));
+  return dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(value_acc)));
+}
+
+// ... and x += LayerScale(y) at column c of the residual stream (scale NULL: none); the caller owns the column.
+template <typename T>
+__device__ __forceinline__ void add_residual(T* xp, float acc, const T* scale, int c) {
+  const T y = dsm::from_float<T>(acc);
+  const T ys = scale ? dsm::from_float<T>(dsm::to_float(scale[c]) * dsm::to_float(y)) : y;
+  *xp = dsm::from_float<T>(dsm::to_float(__ldcg(xp)) + dsm::to_float(ys));
+}
+
 // Arrival of `n` items at `counter`, which completes when `total` have arrived: true for the caller that completes
 // it (which re-arms it to 0). The caller fences its writes before; the completer fences before reading the others'
 // (the programming guide's last-block pattern). One thread per arrival.
