@@ -211,47 +211,24 @@ __device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const
     const int n = keys.seq_lens[b], start = max(0, n - keys.context), m = n - start;
     const int p0 = start + static_cast<int>(static_cast<int64_t>(m) * s / S);
     const int p1 = start + static_cast<int>(static_cast<int64_t>(m) * (s + 1) / S);
-    float q[kPer], acc[kPer];
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int d = lane + 32 * i;
-      q[i] = d < D ? dsm::to_float(__ldcg(w.q + b * HD + h * D + d)) : 0.f;
-      acc[i] = 0.f;
-    }
-    float mx = -INFINITY, l = 0.f;
+    float q[kPer];
+    load_query<kPer>(w.q + b * HD + h * D, D, q);
+    WarpSoftmax<kPer> sm;
     for (int p = p0; p < p1; ++p) {
       const int64_t row = static_cast<int64_t>(keys.block_table[b * keys.pages_per_row +
                                                                  (p / keys.page_size) % keys.pages_per_row]) *
                               keys.page_size + p % keys.page_size;  // fmt: skip
-      const T* kp = kc + row * KD + hk * D;
-      float dot = 0.f;
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int d = lane + 32 * i;
-        if (d < D) dot += q[i] * dsm::to_float(__ldcg(kp + d));
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-      const float score = dot * a.scale, m_new = fmaxf(mx, score);
-      const float corr = expf(mx - m_new), pr = expf(score - m_new);
-      l = l * corr + pr;
-      const T* vp = vc + row * KD + hk * D;
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int d = lane + 32 * i;
-        if (d < D) acc[i] = acc[i] * corr + pr * dsm::to_float(__ldcg(vp + d));
-      }
-      mx = m_new;
+      sm.absorb(q, kc + row * KD + hk * D, vc + row * KD + hk * D, D, a.scale);
     }
     // this split's partial, then the arrival: every lane fences its own writes
     if (lane == 0) {
-      w.ml[2 * item] = mx;
-      w.ml[2 * item + 1] = l;
+      w.ml[2 * item] = sm.m;
+      w.ml[2 * item + 1] = sm.l;
     }
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int d = lane + 32 * i;
-      if (d < D) w.acc[static_cast<int64_t>(item) * D + d] = acc[i];
+      if (d < D) w.acc[static_cast<int64_t>(item) * D + d] = sm.acc[i];
     }
     __threadfence();
     __syncwarp();

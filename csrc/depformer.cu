@@ -188,39 +188,16 @@ template <typename T>
 __device__ void attend(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, float scale, int h, int b) {
   const int B = a.B, D = a.dim / a.heads, lane = threadIdx.x % 32;
   constexpr int kPer = kMaxHeadDim / 32;
-  float q[kPer], acc[kPer];
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int d = lane + 32 * i;
-    q[i] = d < D ? dsm::to_float(__ldcg(w.q + b * a.dim + h * D + d)) : 0.f;
-    acc[i] = 0.f;
-  }
-  float m = -INFINITY, l = 0.f;
+  float q[kPer];
+  load_query<kPer>(w.q + b * a.dim + h * D, D, q);
+  WarpSoftmax<kPer> sm;
   for (int s = 0; s <= ph.k; ++s) {
     const int64_t base = ((static_cast<int64_t>(ph.layer) * a.dep_q + s) * B + b) * a.dim + h * D;
-    float dot = 0.f;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int d = lane + 32 * i;
-      if (d < D) dot += q[i] * dsm::to_float(__ldcg(w.kc + base + d));
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    const float score = dot * scale, m_new = fmaxf(m, score);
-    const float corr = expf(m - m_new), pr = expf(score - m_new);
-    l = l * corr + pr;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int d = lane + 32 * i;
-      if (d < D) acc[i] = acc[i] * corr + pr * dsm::to_float(__ldcg(w.vc + base + d));
-    }
-    m = m_new;
+    sm.absorb(q, w.kc + base, w.vc + base, D, scale);
   }
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int d = lane + 32 * i;
-    if (d < D) w.attn[b * a.dim + h * D + d] = dsm::from_float<T>(acc[i] / l);
-  }
+  for (int i = 0; i < kPer; ++i)
+    if (lane + 32 * i < D) w.attn[b * a.dim + h * D + lane + 32 * i] = dsm::from_float<T>(sm.acc[i] / sm.l);
 }
 
 // After the QKV GEMV: heads whose 3 D rows are all written get their attention from the block that wrote the last.

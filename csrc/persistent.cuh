@@ -237,6 +237,39 @@ __device__ void stage_rows_layernorm(const T* src, int B, int K, const T* weight
   }
 }
 
+// One query's attention, kept by a warp: lane l holds elements d = l + 32 i < D (i < kPer) of the query and of the
+// weighted sum, in fp32; keys are absorbed one at a time (online softmax), read through L2 (other blocks wrote them).
+template <int kPer>
+struct WarpSoftmax {
+  float m = -INFINITY, l = 0.f, acc[kPer] = {};
+
+  template <typename T>
+  __device__ __forceinline__ void absorb(const float (&q)[kPer], const T* k, const T* v, int D, float scale) {
+    const int lane = threadIdx.x % 32;
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < D) dot += q[i] * dsm::to_float(__ldcg(k + lane + 32 * i));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    const float score = dot * scale, m_new = fmaxf(m, score);
+    const float corr = expf(m - m_new), pr = expf(score - m_new);
+    l = l * corr + pr;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < D) acc[i] = acc[i] * corr + pr * dsm::to_float(__ldcg(v + lane + 32 * i));
+    m = m_new;
+  }
+};
+
+// A query of D elements from global memory (through L2) into a warp's registers, as WarpSoftmax holds it.
+template <int kPer, typename T>
+__device__ __forceinline__ void load_query(const T* q, int D, float (&out)[kPer]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) out[i] = lane + 32 * i < D ? dsm::to_float(__ldcg(q + lane + 32 * i)) : 0.f;
+}
+
 // The FFN's gate rows: unit u is rows u (gate) and hidden + u (value) of linear_in [2 hidden, K].
 __device__ __forceinline__ Rows gate_rows(const void* w, int hidden, int K) {
   return Rows{static_cast<const char*>(w), hidden, K, 2, 1, hidden};
