@@ -60,6 +60,7 @@ finish() {
     echo "=== mimi / depformer"
     tail -n 20 "$LOGS/mimi.log" 2>/dev/null
     tail -n 22 "$LOGS/depformer.log" 2>/dev/null
+    tail -n 20 "$LOGS/decoder.log" 2>/dev/null
     echo "=== profile (eager kernels per step)"
     grep -h -A8 "kernels per step" "$LOGS/profile.log" "$LOGS/profile_mimi.log" "$LOGS/profile_tts64.log" 2>/dev/null
     echo "=== tests"
@@ -119,6 +120,8 @@ step bench_nopdl 90 40 env DSM_NO_PDL=1 "${B[@]}" --no-reference --preset stt-1b
 step bench_triton 120 40 "${B[@]}" --no-reference --backend triton --preset stt-1b-en_fr --preset tts-1.6b-en_fr \
   --batch 1 --output "$OUT/bench_triton.jsonl"
 step depformer 120 30 "$PY" benchmarks/bench_depformer.py --batch 1 4 8 64 --iters 20 --out "$OUT/depformer.jsonl"
+# the decode step alone (stt-1b, stt-2.6b, tts layouts): Triton, the single ops with CUDA attention, the persistent kernel
+step decoder 200 40 "$PY" benchmarks/bench_decoder.py --batch 1 4 --iters 20 --out "$OUT/decoder.jsonl"
 # the GEMV kernel's bandwidth against cuBLAS + torch glue at the model's linears (the risk named in NOTES.md)
 step kbench_gemv 90 30 "$PY" benchmarks/bench_kernels.py --kernels gemv --batch 1 4 --graph --no-compile \
   --providers torch triton --out "$OUT/kernels.jsonl"
