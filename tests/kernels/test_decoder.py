@@ -110,10 +110,10 @@ def test_persistent_fp32_matches_reference(case, backend):
 
 @pytest.mark.parametrize("backend", PERSISTENT)
 def test_persistent_long_context_wraps_the_ring(backend):
-    """Positions far past a 40-position context with 8-position pages: each row attends over its last 40 keys, read
-    from a ring of 5 pages in a shuffled order, split over many warps and merged."""
+    """Positions far past a 100-position context with 8-position pages: each row attends over its last 100 keys, read
+    from a ring of 13 pages in a shuffled order, in 7 splits over 7 blocks' warps, merged by the last split."""
     w = random_decoder_weights(layers=1, seed=9, device=device_of(backend))
-    assert_step_matches_reference(w, 3, backend, 2, context=40, page_size=8, positions=torch.tensor([39, 123, 517]))
+    assert_step_matches_reference(w, 3, backend, 7, context=100, page_size=8, positions=torch.tensor([99, 123, 517]))
 
 
 @pytest.mark.parametrize("backend", PERSISTENT)

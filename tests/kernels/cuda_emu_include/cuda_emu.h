@@ -5,7 +5,8 @@
 // Model: the blocks of a launch run one after another, in a shuffled order; the threads of a block run as fibers
 // (coroutines with their own stacks) on the calling OS thread, switched only at __syncthreads and warp collectives,
 // which are barriers (a thread that returns leaves them, as an exited GPU thread does), and at __nanosleep (a spin
-// loop's pause), in a new random order between each two of those. __shared__ becomes `static`: one copy per kernel
+// loop's pause), in a new random order between each two of those, while a random quarter of the warps sits out
+// each round (so warps drift apart). __shared__ becomes `static`: one copy per kernel
 // instantiation, which is one block's shared memory since blocks never overlap. Threads in which none can move
 // (threads at different barriers, or spinning on what nobody will write) end the launch with
 // cudaErrorLaunchFailure instead of hanging.
@@ -395,15 +396,26 @@ inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
     // another wrote with no barrier between them sees it or not depending on the order (a GPU promises neither).
     std::shuffle(order.begin(), order.end(), L.rng);
     const unsigned long before = L.progress;
+    // A quarter of the warps, drawn anew each round, sit the round out: warps drift apart by whole segments, as on a
+    // GPU, so that one warp's late write is seen missing by another that does not wait for it.
+    const uint64_t salt = L.rng();
+    bool skipped = false;
     for (Fiber* f : order) {
       if (f->done) continue;
+      uint64_t key = salt ^ (reinterpret_cast<uintptr_t>(f->block) * 0x9E3779B97F4A7C15ull) ^ (f->warp * 0xBF58476D1CE4E5B9ull);
+      key ^= key >> 31;
+      key *= 0x94D049BB133111EBull;
+      if (((key >> 29) & 3) == 0) {
+        skipped = true;
+        continue;
+      }
       current_fiber = f;
       threadIdx = {f->tid, 0, 0};
       blockIdx = f->block->idx;
       swap(L.scheduler, f->ctx);
       if (f->done) --live;
     }
-    if (live > 0 && L.progress == before) return false;  // every live thread waits for what nobody else does
+    if (live > 0 && L.progress == before && !skipped) return false;  // every live thread waits for what nobody does
   }
   return true;
 }
