@@ -112,16 +112,23 @@ def sample_tokens_cuda(
 DEPFORMER_MAX_ROWS = 4
 
 
-def depformer_unsupported(w: DepformerWeights, z: torch.Tensor) -> str | None:
-    """Why the persistent kernel does not take this frame (the caller then runs the Triton kernels), or None."""
-    B, dd, H = z.shape[0], w.dim, w.num_heads
+def _aligned(tensors, dtype) -> bool:
+    """Every tensor (None skipped) contiguous, 16-byte aligned and of ``dtype``: what the kernels' 16-byte loads and
+    cp.async copies need."""
+    return all(t is None or (t.dtype == dtype and t.is_contiguous() and t.data_ptr() % 16 == 0) for t in tensors)
+
+
+def _weights_verdict(w, check) -> str | None:
+    """``check(w)`` once per weights object (its result kept in ``w.derived``): the weights do not change shape."""
+    if "cuda_weights_verdict" not in w.derived:
+        w.derived["cuda_weights_verdict"] = check(w)
+    return w.derived["cuda_weights_verdict"]
+
+
+def _depformer_weights_verdict(w: DepformerWeights) -> str | None:
+    dd, H = w.dim, w.num_heads
     vec = 16 // w.in_proj.element_size()
     hidden = w.layers[0].linear_out[0].shape[1]
-    tensors = [w.in_proj, w.text_emb, w.text_emb2, w.emb, *w.heads, *w.head_norms]
-    for lw in w.layers:
-        tensors += [lw.in_proj, lw.out_proj, *lw.linear_in, *lw.linear_out, lw.norm1, lw.norm2, lw.scale1, lw.scale2]
-    if not 1 <= B <= DEPFORMER_MAX_ROWS:
-        return f"{B} rows (it takes 1..{DEPFORMER_MAX_ROWS})"
     if w.activation != "silu" or not w.norm_f32:
         return "silu gating and rms_norm_f32 only"
     if w.in_proj.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -130,9 +137,19 @@ def depformer_unsupported(w: DepformerWeights, z: torch.Tensor) -> str | None:
         return f"head dim {dd // H}, card {w.card}"
     if dd % vec or hidden % vec or w.in_proj.shape[2] % vec:
         return f"dims ({dd}, {hidden}, {w.in_proj.shape[2]}) not multiples of {vec} (16-byte rows)"
-    if any(t is not None and (not t.is_contiguous() or t.data_ptr() % 16) for t in tensors):
-        return "a weight tensor that is not contiguous and 16-byte aligned"
+    tensors = [w.in_proj, w.text_emb, w.text_emb2, w.emb, *w.heads, *w.head_norms]
+    for lw in w.layers:
+        tensors += [lw.in_proj, lw.out_proj, *lw.linear_in, *lw.linear_out, lw.norm1, lw.norm2, lw.scale1, lw.scale2]
+    if not _aligned(tensors, w.in_proj.dtype):
+        return "a weight tensor that is not contiguous, 16-byte aligned and of the model dtype"
     return None
+
+
+def depformer_unsupported(w: DepformerWeights, z: torch.Tensor) -> str | None:
+    """Why the persistent kernel does not take this frame (the caller then runs the Triton kernels), or None."""
+    if not 1 <= z.shape[0] <= DEPFORMER_MAX_ROWS:
+        return f"{z.shape[0]} rows (it takes 1..{DEPFORMER_MAX_ROWS})"
+    return _weights_verdict(w, _depformer_weights_verdict)
 
 
 def depformer_table(w: DepformerWeights, device: torch.device) -> torch.Tensor:
@@ -195,37 +212,47 @@ def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, 
 DECODER_MAX_ROWS, DECODER_MAX_HEAD_DIM = 4, 128
 
 
+def _decoder_weights_verdict(w) -> str | None:
+    D, dt = w.head_dim, w.text_linear.dtype
+    vec = 16 // w.text_linear.element_size()
+    hidden = w.layers[0].linear_out.shape[1]
+    if dt not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {dt}"
+    if D % 2 or D > DECODER_MAX_HEAD_DIM or w.num_heads != w.num_kv_heads:  # as paged_decode_attention
+        return f"head dim {D}, heads {w.num_heads}/{w.num_kv_heads}"
+    if w.dim % vec or hidden % vec or (w.num_heads * D) % vec:
+        return f"dims ({w.dim}, {hidden}) not multiples of {vec} (16-byte rows)"
+    tensors = [w.out_norm, w.text_linear]
+    for lw in w.layers:
+        tensors += [lw.norm1, lw.in_proj, lw.out_proj, lw.norm2, lw.linear_in, lw.linear_out, lw.scale1, lw.scale2]
+        if (lw.cross is None) != (w.layers[0].cross is None) or lw.cross is not None and lw.cross.norm_bias is None:
+            return "a cross-attention in some layers only, or without its LayerNorm bias"
+        if lw.cross is not None:
+            c = lw.cross
+            tensors += [c.norm_weight, c.norm_bias, c.q_proj, c.out_proj, c.scale]
+    if not _aligned(tensors, dt):
+        return "a weight tensor that is not contiguous, 16-byte aligned and of the model dtype"
+    return None
+
+
 def decoder_unsupported(w, x, k_cache, cross) -> str | None:
     """Why the persistent step kernel does not take this step (the single ops then run it), or None. ``cross``: the
     condition's pages (``dsm.kv_cache.CrossKVCache``) or None."""
     from .decoder import DecoderWeights
 
     assert isinstance(w, DecoderWeights)
-    B, D = x.shape[0], w.head_dim
-    vec = 16 // x.element_size()
-    hidden = w.layers[0].linear_out.shape[1]
-    if not 1 <= B <= DECODER_MAX_ROWS:
-        return f"{B} rows (it takes 1..{DECODER_MAX_ROWS})"
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k_cache.dtype != x.dtype:
-        return f"dtype {x.dtype}, cache {k_cache.dtype}"
-    if D % 2 or D > DECODER_MAX_HEAD_DIM or w.num_heads != w.num_kv_heads:  # as paged_decode_attention
-        return f"head dim {D}, heads {w.num_heads}/{w.num_kv_heads}"
-    if w.dim % vec or hidden % vec or (w.num_heads * D) % vec:
-        return f"dims ({w.dim}, {hidden}) not multiples of {vec} (16-byte rows)"
-    tensors = [w.out_norm, w.text_linear, x, k_cache]
-    for lw in w.layers:
-        tensors += [lw.norm1, lw.in_proj, lw.out_proj, lw.norm2, lw.linear_in, lw.linear_out, lw.scale1, lw.scale2]
-        if (lw.cross is None) != (cross is None) or lw.cross is not None and lw.cross.norm_bias is None:
-            return "a cross-attention in some layers only, or without its LayerNorm bias"
-        if lw.cross is not None:
-            c = lw.cross
-            tensors += [c.norm_weight, c.norm_bias, c.q_proj, c.out_proj, c.scale]
-    if cross is not None:
-        if cross.k.shape[1:] != (cross.k.shape[1], cross.page_size, w.num_heads, D) or cross.length % cross.page_size:
-            return f"condition pages {tuple(cross.k.shape)}"
-        tensors += [cross.k, cross.v]
-    if any(t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.data_ptr() % 16) for t in tensors):
-        return "a tensor that is not contiguous, 16-byte aligned and of the model dtype"
+    if (why := _weights_verdict(w, _decoder_weights_verdict)) is not None:
+        return why
+    if not 1 <= x.shape[0] <= DECODER_MAX_ROWS:
+        return f"{x.shape[0]} rows (it takes 1..{DECODER_MAX_ROWS})"
+    if (w.layers[0].cross is None) != (cross is None):
+        return "a cross-attention in some layers only (or condition pages without one)"
+    tensors = [x, k_cache] + ([cross.k, cross.v] if cross is not None else [])
+    if not _aligned(tensors, w.text_linear.dtype):
+        return f"x {x.dtype} or the caches ({k_cache.dtype}) not contiguous, 16-byte aligned and of the model dtype"
+    if cross is not None and (cross.k.shape[2:] != (cross.page_size, w.num_heads, w.head_dim)
+                              or cross.length % cross.page_size):  # fmt: skip
+        return f"condition pages {tuple(cross.k.shape)}"
     return None
 
 
