@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsm_kernels
+from dsm_kernels.decoder import condition_attention, rope_append
 
 from .conditioning import ConditionProvider
 from .config import LMConfig
@@ -119,13 +120,8 @@ def _cross_attend(layer: TransformerLayer, x: torch.Tensor, k: torch.Tensor, v: 
 def _cross_attend_step(layer: TransformerLayer, x: torch.Tensor, cross: CrossKVCache, i: int, counters, backend):
     """:func:`_cross_attend` of one token per row [B, d] over layer ``i``'s paged condition K/V."""
     q = layer.cross_attention.cross_q(layer.norm_cross(x))
-    return layer.cross_attention.out(_cross_paged(q, cross, i, counters, backend).flatten(1))
-
-
-def _cross_paged(q: torch.Tensor, cross: CrossKVCache, i: int, counters, backend) -> torch.Tensor:
-    """Attention of ``q`` [B, H, D] over every position of the rows' condition pages (``seq_lens == context``)."""
-    return dsm_kernels.paged_decode_attention(q, cross.k[i], cross.v[i], cross.block_table, cross.seq_lens,
-                                              context=cross.length, counters=counters, backend=backend)
+    a = condition_attention(q, cross, i, counters=counters, backend=backend)
+    return layer.cross_attention.out(a.flatten(1))
 
 
 class LMModel(nn.Module):
@@ -319,7 +315,7 @@ class LMModel(nn.Module):
             x, h = dsm_kernels.add_rms_norm(x, layer.norm1.alpha, layer.norm1.eps, delta=delta, scale=scale,
                                             backend=backend)
             qkv = F.linear(h, attn.in_proj_weight)
-            q = self._rope_append(qkv, positions, inv_freq, kv, i, slot, H, Hkv, backend)
+            q = rope_append(qkv, positions, inv_freq, kv.k[i], kv.v[i], slot, H, Hkv, backend=backend)
             a = dsm_kernels.paged_decode_attention(q, kv.k[i], kv.v[i], kv.block_table, seq_lens, context=kv.context,
                                                    counters=kv.counters, backend=backend)
             delta, scale = attn.out(a.flatten(1)), _scale_of(layer.layer_scale_1)
@@ -377,16 +373,6 @@ class LMModel(nn.Module):
             text_linear=self.text_linear.weight)  # fmt: skip
         self.__dict__["_decoder_packed"] = (key, packed)
         return packed
-
-    def _rope_append(self, qkv, positions, inv_freq, kv, i, slot, H, Hkv, backend):
-        """Rotate q and k of a fused projection and write k and v into layer ``i``'s pages; returns q [B, H, D]."""
-        if inv_freq is not None:  # one kernel
-            return dsm_kernels.rope_append_kv(qkv, positions, inv_freq, kv.k[i], kv.v[i], slot, H, Hkv,
-                                              backend=backend)  # fmt: skip
-        B, D = qkv.shape[0], self.transformer.dim // H
-        q, k = qkv[:, : H * D].view(B, H, D), qkv[:, H * D : (H + Hkv) * D].view(B, Hkv, D)
-        dsm_kernels.append_kv(kv.k[i], kv.v[i], k, qkv[:, (H + Hkv) * D :].view(B, Hkv, D), slot, backend=backend)
-        return q
 
     def extra_head_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
         return [F.softmax(head(z), dim=-1) for head in self.extra_heads]

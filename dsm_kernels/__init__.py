@@ -1,13 +1,12 @@
 """dsm kernels: fused multistream embedding, paged KV-cache decode attention and sampling, the fused depth
 transformer frame, the temporal transformer's decode step at a few rows, the fused glue of a temporal decode step
-(residual + RMSNorm, RoPE, SiLU gate), the small-batch
-GEMV with that glue in its prologue and epilogue, and the delayed-stream bookkeeping of a step (input column, commit,
-KV slots).
+(residual + RMSNorm, RoPE, SiLU gate), the small-batch GEMV with that glue in its prologue and epilogue, and the
+delayed-stream bookkeeping of a step (input column, commit, KV slots).
 
 Every op has a pure-torch reference (``dsm_kernels.reference``) and a Triton kernel; the three core kernels
-(embedding, paged attention with its append, sampling) and the depth-transformer frame (a persistent kernel, one
-launch a frame at batch <= 4) also have a CUDA C++ kernel. The functions below are the
-single dispatch point: each checks its inputs' shapes once for every backend (:mod:`dsm_kernels.checks`), then
+(embedding, paged attention with its append, sampling), the depth-transformer frame and the decode step (persistent
+kernels, one launch a frame or step at batch <= 4) also have a CUDA C++ kernel. The functions below are the single
+dispatch point: each checks its inputs' shapes once for every backend (:mod:`dsm_kernels.checks`), then
 ``backend=None`` picks the fastest backend available for the tensors' device (cuda > triton > reference on a GPU;
 reference on the CPU), or an explicit backend name.
 Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).

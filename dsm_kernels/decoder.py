@@ -66,6 +66,29 @@ class DecoderWeights:
         return self.layers[0].out_proj.shape[1] // self.num_heads
 
 
+def rope_append(qkv, positions, inv_freq, k_cache, v_cache, slot, num_heads, num_kv_heads, *, backend=None):
+    """Of a fused ``[q | k | v]`` projection ``qkv`` [B, (H + 2 Hkv) D]: rotate q and k (interleaved RoPE, when
+    ``inv_freq``) and write k and v into one layer's pages at ``slot``; returns q [B, H, D]."""
+    import dsm_kernels as K
+
+    H, Hkv = num_heads, num_kv_heads
+    if inv_freq is not None:  # one kernel
+        return K.rope_append_kv(qkv, positions, inv_freq, k_cache, v_cache, slot, H, Hkv, backend=backend)
+    B, D = qkv.shape[0], qkv.shape[1] // (H + 2 * Hkv)
+    q, k = qkv[:, : H * D].view(B, H, D), qkv[:, H * D : (H + Hkv) * D].view(B, Hkv, D)
+    K.append_kv(k_cache, v_cache, k, qkv[:, (H + Hkv) * D :].view(B, Hkv, D), slot, backend=backend)
+    return q
+
+
+def condition_attention(q, cross, layer: int, *, counters=None, backend=None):
+    """Attention of ``q`` [B, H, D] over every position of the rows' condition pages of layer ``layer`` (``cross``:
+    ``dsm.kv_cache.CrossKVCache``; ``seq_lens == context == length``)."""
+    import dsm_kernels as K
+
+    return K.paged_decode_attention(q, cross.k[layer], cross.v[layer], cross.block_table, cross.seq_lens,
+                                    context=cross.length, counters=counters, backend=backend)
+
+
 def decoder_step_composed(w: DecoderWeights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *,
                           context, counters=None, cross=None, backend=None):  # fmt: skip
     """The step as single ops on ``backend``. ``x`` [B, d] (the embedded input; updated in place into the residual
@@ -82,18 +105,14 @@ def decoder_step_composed(w: DecoderWeights, x, positions, slot, seq_lens, k_cac
                                 slot, H, Hkv, backend=backend)  # fmt: skip
         else:
             qkv = K.gemv(x, lw.in_proj, alpha=lw.norm1, eps=w.norm_eps, backend=backend)
-            B, D = qkv.shape[0], w.head_dim
-            q = qkv[:, : H * D].reshape(B, H, D)
-            K.append_kv(k_cache[i], v_cache[i], qkv[:, H * D : (H + Hkv) * D].reshape(B, Hkv, D),
-                        qkv[:, (H + Hkv) * D :].reshape(B, Hkv, D), slot, backend=backend)  # fmt: skip
+            q = rope_append(qkv, positions, None, k_cache[i], v_cache[i], slot, H, Hkv, backend=backend)
         a = K.paged_decode_attention(q, k_cache[i], v_cache[i], block_table, seq_lens, context=context,
                                      counters=counters, backend=backend)  # fmt: skip
         K.gemv(a.flatten(1), lw.out_proj, residual=x, scale=lw.scale1, backend=backend)
         if lw.cross is not None:  # query GEMV with its LayerNorm, attention over the condition, out GEMV + residual
             c = lw.cross
             q = K.gemv(x, c.q_proj, alpha=c.norm_weight, beta=c.norm_bias, eps=c.norm_eps, backend=backend)
-            a = K.paged_decode_attention(q.view(q.shape[0], H, -1), cross.k[i], cross.v[i], cross.block_table,
-                                         cross.seq_lens, context=cross.length, counters=counters, backend=backend)
+            a = condition_attention(q.view(q.shape[0], H, -1), cross, i, counters=counters, backend=backend)
             K.gemv(a.flatten(1), c.out_proj, residual=x, scale=c.scale, backend=backend)
         h = K.gemv(x, lw.linear_in, alpha=lw.norm2, eps=w.norm_eps, gate=True, backend=backend)
         K.gemv(h, lw.linear_out, residual=x, scale=lw.scale2, backend=backend)
