@@ -286,15 +286,34 @@ def random_decoder_weights(*, dim=64, heads=4, kv_heads=None, layers=2, hidden=9
                           out_norm=1 + r(dim, scale=0.1), out_norm_eps=1e-5, text_linear=r(vocab, dim))
 
 
+def cast_decoder_weights(w, dtype: torch.dtype):
+    """``w`` (``dsm_kernels.decoder.DecoderWeights``) with every weight in ``dtype`` (the RoPE frequencies stay
+    fp32)."""
+    from dataclasses import replace
+
+    def c(t):
+        return None if t is None else t.to(dtype)
+
+    def cross(x):
+        return None if x is None else replace(x, norm_weight=c(x.norm_weight), norm_bias=c(x.norm_bias),
+                                              q_proj=c(x.q_proj), out_proj=c(x.out_proj), scale=c(x.scale))
+
+    layers = tuple(replace(lw, norm1=c(lw.norm1), in_proj=c(lw.in_proj), out_proj=c(lw.out_proj), norm2=c(lw.norm2),
+                           linear_in=c(lw.linear_in), linear_out=c(lw.linear_out), scale1=c(lw.scale1),
+                           scale2=c(lw.scale2), cross=cross(lw.cross)) for lw in w.layers)  # fmt: skip
+    return replace(w, layers=layers, out_norm=c(w.out_norm), text_linear=c(w.text_linear))
+
+
 def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positions=None, cross_length=20,
-                   cross_page_size=4, seed=1, device="cpu"):  # fmt: skip
+                   cross_page_size=4, dtype=None, seed=1, device="cpu"):  # fmt: skip
     """Inputs of one decode step for ``w``: ``x``, caches full of random history (pages in a shuffled order), each
     row at its own position (some past the context, so the ring wraps; the last row of several not written this step:
     ``slot`` -1, ``seq_lens`` 0), as ``dsm_kernels.kv_slots`` gives them; with cross-attention weights, condition
     pages of ``cross_length`` positions (one page shared by all rows, as the voice pool shares the padding) as
-    ``cross``. Keyword arguments of ``decoder_step``."""
+    ``cross``. ``dtype``: that of x and the caches (default the weights'); the values do not depend on it. Keyword
+    arguments of ``decoder_step``; fresh tensors at every call (the step writes x and the caches in place)."""
     g = torch.Generator().manual_seed(seed)
-    dt = w.text_linear.dtype
+    dt = dtype or w.text_linear.dtype
     n = -(-context // page_size)
     pages = B * n + 3
     shape = (len(w.layers), pages, page_size, w.num_kv_heads, w.head_dim)

@@ -368,8 +368,8 @@ def _decoder_rows(backend, device, quick):
     """The temporal transformer's step at a few rows (rows at different positions, a ring that wraps, an inactive
     row): fp32 logits within 1e-5 relative of the reference and the written K/V within 1e-5; bf16 logits within 3x
     the reference's own bf16 error."""
-    from .decoder import DecoderLayerWeights, DecoderWeights, decoder_step_ref
-    from .testing import decoder_inputs, random_decoder_weights
+    from .decoder import decoder_step_ref
+    from .testing import cast_decoder_weights, decoder_inputs, random_decoder_weights
 
     step = resolve("decoder_step", backend, device)
     small = quick or device.type == "cpu"
@@ -378,11 +378,7 @@ def _decoder_rows(backend, device, quick):
     w32 = random_decoder_weights(**shapes, scales=True, device=device, seed=3)
     rows = []
     for B in (1, 3):
-        def fresh(dt=None, B=B):  # the step writes x and the caches in place: each run gets its own copy
-            return {k: (v.to(dt) if dt is not None and v.is_floating_point() else v.clone()) if torch.is_tensor(v)
-                    else v for k, v in decoder_inputs(w32, B, device=device).items()}  # fmt: skip
-
-        ins, mine = fresh(), fresh()
+        ins, mine = decoder_inputs(w32, B, device=device), decoder_inputs(w32, B, device=device)  # written in place
         z_ref, lg_ref = decoder_step_ref(w32, **ins)
         z, lg = step(w32, **mine)
         err = max_abs_err(lg, lg_ref) / float(lg_ref.abs().max())
@@ -390,18 +386,9 @@ def _decoder_rows(backend, device, quick):
         ok = err <= 1e-5 and kv_err <= 1e-5 and max_abs_err(z, z_ref) <= 1e-5 * float(z_ref.abs().max())
         rows.append(Row("decoder_step", backend, f"B{B} L{len(w32.layers)} fp32", err, 1e-5, ok,
                         f"logit err / max|logit| (K/V err {kv_err:.2g})"))  # fmt: skip
-
-        def cast(w, dt):
-            c = {"dtype": dt}
-            layers = tuple(DecoderLayerWeights(*(t.to(**c) if torch.is_tensor(t) else t for t in (
-                lw.norm1, lw.in_proj, lw.out_proj, lw.norm2, lw.linear_in, lw.linear_out, lw.scale1, lw.scale2)))
-                for lw in w.layers)  # fmt: skip
-            return DecoderWeights(w.num_heads, w.num_kv_heads, w.inv_freq, w.norm_eps, layers, w.out_norm.to(**c),
-                                  w.out_norm_eps, w.text_linear.to(**c))  # fmt: skip
-
-        w16 = cast(w32, torch.bfloat16)
-        _, l16 = decoder_step_ref(w16, **fresh(torch.bfloat16))
-        _, lg = step(w16, **fresh(torch.bfloat16))
+        w16 = cast_decoder_weights(w32, torch.bfloat16)
+        _, l16 = decoder_step_ref(w16, **decoder_inputs(w32, B, dtype=torch.bfloat16, device=device))
+        _, lg = step(w16, **decoder_inputs(w32, B, dtype=torch.bfloat16, device=device))
         scale = float(lg_ref.abs().max())
         ref_err = max_abs_err(l16, lg_ref) / scale
         err = max_abs_err(lg, lg_ref) / scale

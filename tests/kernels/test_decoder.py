@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import dsm_kernels
-from dsm_kernels.decoder import DecoderCrossWeights, DecoderLayerWeights, DecoderWeights, decoder_step_ref
-from dsm_kernels.testing import decoder_inputs, random_decoder_weights
+from dsm_kernels.decoder import decoder_step_ref
+from dsm_kernels.testing import cast_decoder_weights, decoder_inputs, random_decoder_weights
 
 needs_triton = pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -47,33 +47,9 @@ def run(backend, w, ins, blocks=3):
     return dsm_kernels.decoder_step(w, **ins, backend=backend)
 
 
-def cast(w: DecoderWeights, dtype: torch.dtype) -> DecoderWeights:
-    def c(t):
-        return None if t is None else t.to(dtype)
-
-    def cc(x):
-        return None if x is None else DecoderCrossWeights(c(x.norm_weight), c(x.norm_bias), x.norm_eps, c(x.q_proj),
-                                                          c(x.out_proj), c(x.scale))  # fmt: skip
-
-    layers = tuple(DecoderLayerWeights(c(lw.norm1), c(lw.in_proj), c(lw.out_proj), c(lw.norm2), c(lw.linear_in),
-                                       c(lw.linear_out), c(lw.scale1), c(lw.scale2), cc(lw.cross))
-                   for lw in w.layers)  # fmt: skip
-    return DecoderWeights(w.num_heads, w.num_kv_heads, w.inv_freq, w.norm_eps, layers, c(w.out_norm),
-                          w.out_norm_eps, c(w.text_linear))  # fmt: skip
-
-
-def inputs(w, B, dtype=None, **kw):
-    ins = decoder_inputs(w, B, **kw)
-    if dtype is not None:
-        ins = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in ins.items()}
-        if ins["cross"] is not None:
-            ins["cross"].k, ins["cross"].v = ins["cross"].k.to(dtype), ins["cross"].v.to(dtype)
-    return ins
-
-
 def assert_step_matches_reference(w, B, backend, blocks=3, **kw):
     dev = device_of(backend)
-    ref, mine = inputs(w, B, device=dev, **kw), inputs(w, B, device=dev, **kw)
+    ref, mine = decoder_inputs(w, B, device=dev, **kw), decoder_inputs(w, B, device=dev, **kw)
     z_ref, lg_ref = decoder_step_ref(w, **ref)
     z, lg = run(backend, w, mine, blocks)
     assert z.shape == z_ref.shape and lg.shape == lg_ref.shape
@@ -121,10 +97,10 @@ def test_persistent_long_context_wraps_the_ring(backend):
 def test_persistent_low_precision_within_3x_reference_error(dtype, backend):
     dev = device_of(backend)
     w32 = random_decoder_weights(layers=2, scales=True, seed=4, device=dev)
-    w16 = cast(w32, dtype)
-    _, lg32 = decoder_step_ref(w32, **inputs(w32, 3, device=dev))
-    _, lg16 = decoder_step_ref(w16, **inputs(w32, 3, dtype, device=dev))
-    _, lg = run(backend, w16, inputs(w32, 3, dtype, device=dev), 2)
+    w16 = cast_decoder_weights(w32, dtype)
+    _, lg32 = decoder_step_ref(w32, **decoder_inputs(w32, 3, device=dev))
+    _, lg16 = decoder_step_ref(w16, **decoder_inputs(w32, 3, dtype=dtype, device=dev))
+    _, lg = run(backend, w16, decoder_inputs(w32, 3, dtype=dtype, device=dev), 2)
     ref_err = rel(lg16, lg32)
     assert ref_err > 0
     assert rel(lg, lg32) <= 3 * ref_err + 1e-6, (rel(lg, lg32), ref_err)
@@ -136,12 +112,12 @@ def test_persistent_output_does_not_depend_on_the_grid(backend, monkeypatch):
     the weight stream is chunked (emulated: slots of ~1.2 KB, several chunks a phase; of 240 B, where a RoPE or gate
     pair of rows is larger than a slot and is read from global memory)."""
     dev = device_of(backend)
-    w = cast(random_decoder_weights(layers=2, scales=True, seed=5, device=dev), torch.bfloat16)
-    outs = [run(backend, w, inputs(w, 4, torch.bfloat16, device=dev), blocks) for blocks in (1, 2, 5)]
+    w = cast_decoder_weights(random_decoder_weights(layers=2, scales=True, seed=5, device=dev), torch.bfloat16)
+    outs = [run(backend, w, decoder_inputs(w, 4, dtype=torch.bfloat16, device=dev), blocks) for blocks in (1, 2, 5)]
     if backend == "cuda_emu":
         for smem in ("6000", "2000"):
             monkeypatch.setenv("DSM_CUDA_EMU_SMEM", smem)
-            outs.append(run(backend, w, inputs(w, 4, torch.bfloat16, device=dev), 2))
+            outs.append(run(backend, w, decoder_inputs(w, 4, dtype=torch.bfloat16, device=dev), 2))
     for z, lg in outs[1:]:
         assert torch.equal(z, outs[0][0]) and torch.equal(lg, outs[0][1])
 
@@ -154,11 +130,12 @@ def test_persistent_hands_other_steps_to_the_single_ops(backend):
 
     dev = device_of(backend)
     w = random_decoder_weights(dim=512, heads=2, layers=1, seed=6, device=dev)
-    ins = inputs(w, 2, device=dev)
+    ins = decoder_inputs(w, 2, device=dev)
     assert decoder_unsupported(w, ins["x"], ins["k_cache"], None) == "head dim 256, heads 2/2"
     plain = random_decoder_weights(layers=1, seed=6, device=dev)  # condition pages for a model without cross-attention
-    assert "cross-attention in some layers" in decoder_unsupported(plain, inputs(plain, 2, device=dev)["x"],
-                                                                   inputs(plain, 2, device=dev)["k_cache"], object())
+    plain_ins = decoder_inputs(plain, 2, device=dev)
+    assert "cross-attention in some layers" in decoder_unsupported(plain, plain_ins["x"], plain_ins["k_cache"],
+                                                                   object())
     assert_step_matches_reference(w, 2, backend)
 
 
@@ -176,9 +153,9 @@ def test_dispatch():
     assert dsm_kernels._load(dsm_kernels._OPS["decoder_step"]["cuda"]) is decoder_step_cuda
     w = random_decoder_weights(layers=1, seed=7)
     with pytest.raises(ValueError, match="decoder_step: x has shape"):
-        dsm_kernels.decoder_step(w, **dict(inputs(w, 2), x=torch.zeros(2, 3)))
+        dsm_kernels.decoder_step(w, **dict(decoder_inputs(w, 2), x=torch.zeros(2, 3)))
     with pytest.raises(ValueError, match="decoder_step: 5 rows"):
-        dsm_kernels.decoder_step(w, **inputs(w, 5))
+        dsm_kernels.decoder_step(w, **decoder_inputs(w, 5))
 
 
 GPU_SHAPES = {  # 2 layers of each released layout
@@ -197,14 +174,14 @@ def test_gpu_persistent_real_shapes_bf16_and_graph_replay(shapes, B):
     from dsm_kernels.cuda_ops import decoder_step_cuda
 
     w32 = random_decoder_weights(**GPU_SHAPES[shapes], device="cuda", seed=11)
-    w16 = cast(w32, torch.bfloat16)
+    w16 = cast_decoder_weights(w32, torch.bfloat16)
     kw = dict(context=750, page_size=16, positions=torch.tensor([745, 2000, 30, 9][:B]), cross_length=625,
               cross_page_size=125, device="cuda")  # fmt: skip
-    _, lg32 = decoder_step_ref(w32, **inputs(w32, B, **kw))
-    _, lg16 = decoder_step_ref(w16, **inputs(w32, B, torch.bfloat16, **kw))
-    _, lg = decoder_step_cuda(w16, **inputs(w32, B, torch.bfloat16, **kw))
+    _, lg32 = decoder_step_ref(w32, **decoder_inputs(w32, B, **kw))
+    _, lg16 = decoder_step_ref(w16, **decoder_inputs(w32, B, dtype=torch.bfloat16, **kw))
+    _, lg = decoder_step_cuda(w16, **decoder_inputs(w32, B, dtype=torch.bfloat16, **kw))
     assert rel(lg, lg32) <= 3 * rel(lg16, lg32) + 1e-6
-    static = inputs(w32, B, torch.bfloat16, **kw)
+    static = decoder_inputs(w32, B, dtype=torch.bfloat16, **kw)
     x0 = static["x"].clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
