@@ -152,26 +152,31 @@ def depformer_unsupported(w: DepformerWeights, z: torch.Tensor) -> str | None:
     return _weights_verdict(w, _depformer_weights_verdict)
 
 
-def depformer_table(w: DepformerWeights, device: torch.device) -> torch.Tensor:
-    """The kernel's device table of weight pointers (layout: ``DSM_DEP_TABLE_STRIDE`` in csrc/dsm_cuda.h), built once
-    per weights and device (not under graph capture: it is a host-to-device copy)."""
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _pointer_table(w, device: torch.device, op: str, entries) -> torch.Tensor:
+    """A persistent kernel's device table of weight pointers (and indices), ``entries(w)`` as int64, built once per
+    weights and device and kept in ``w.derived`` (not under graph capture: it is a host-to-device copy)."""
     key = ("cuda_table", str(device))
     if key not in w.derived:
         if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("depformer_frame (cuda): call it once eagerly before capturing it in a CUDA graph (its "
+            raise RuntimeError(f"{op} (cuda): call it once eagerly before capturing it in a CUDA graph (its "
                                "weight-pointer table is a host-to-device copy, which a capture cannot hold)")
-        def ptr(t):
-            return 0 if t is None else t.data_ptr()
-
-        rows = []
-        for k, j in enumerate(w.schedule):
-            for lw in w.layers:
-                rows += [ptr(lw.in_proj[j]), ptr(lw.out_proj[j]), ptr(lw.linear_in[j]), ptr(lw.linear_out[j]),
-                         ptr(lw.norm1), ptr(lw.norm2), ptr(lw.scale1), ptr(lw.scale2)]
-            rows += [ptr(w.heads[k]), ptr(w.head_norms[k]), ptr(w.text_emb if k == 0 else w.emb[k - 1]),
-                     w.in_index[k]]
-        w.derived[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+        w.derived[key] = torch.tensor(entries(w), dtype=torch.int64, device=device)
     return w.derived[key]
+
+
+def _depformer_entries(w: DepformerWeights) -> list[int]:
+    """Layout: ``DSM_DEP_TABLE_STRIDE`` in csrc/dsm_cuda.h."""
+    rows = []
+    for k, j in enumerate(w.schedule):
+        for lw in w.layers:
+            rows += map(_ptr, (lw.in_proj[j], lw.out_proj[j], lw.linear_in[j], lw.linear_out[j], lw.norm1, lw.norm2,
+                               lw.scale1, lw.scale2))
+        rows += [*map(_ptr, (w.heads[k], w.head_norms[k], w.text_emb if k == 0 else w.emb[k - 1])), w.in_index[k]]
+    return rows
 
 
 def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, seeds, steps) -> dict:
@@ -182,7 +187,8 @@ def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, s
     return dict(
         tokens=torch.empty(w.dep_q, B, dtype=torch.int64, device=dev),
         logits=torch.empty(w.dep_q, B, w.card, dtype=w.in_proj.dtype, device=dev),
-        table=depformer_table(w, dev), in_proj=w.in_proj, text_emb2=w.text_emb2, z=z.to(w.in_proj.dtype).contiguous(),
+        table=_pointer_table(w, dev, "depformer_frame", _depformer_entries), in_proj=w.in_proj,
+        text_emb2=w.text_emb2, z=z.to(w.in_proj.dtype).contiguous(),
         text_token=text_token.long().contiguous(), temperature=temperature.float().contiguous(),
         seeds=seeds.long().contiguous(), steps=steps.long().contiguous(),
         dims=[w.num_heads, hidden, w.card, w.dep_q, len(w.layers), w.in_proj.shape[0], w.text_emb.shape[0],
@@ -205,7 +211,6 @@ def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, 
                            ops["eps"])  # fmt: skip
     tokens = ops["tokens"].t().contiguous()
     return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens
-
 
 
 # The persistent decode-step kernel (csrc/decoder.cu): rows in registers, and head dims up to 128.
@@ -256,23 +261,15 @@ def decoder_unsupported(w, x, k_cache, cross) -> str | None:
     return None
 
 
-def decoder_table(w, device: torch.device) -> torch.Tensor:
-    """The kernel's device table of layer weight pointers (``DSM_DEC_TABLE_STRIDE`` = 13 per layer), built once per
-    weights and device (not under graph capture: it is a host-to-device copy)."""
-    key = ("cuda_table", str(device))
-    if key not in w.derived:
-        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decoder_step (cuda): call it once eagerly before capturing it in a CUDA graph (its "
-                               "weight-pointer table is a host-to-device copy, which a capture cannot hold)")
-        rows = []
-        for lw in w.layers:
-            c = lw.cross
-            cross = (c.norm_weight, c.norm_bias, c.q_proj, c.out_proj, c.scale) if c is not None else (None,) * 5
-            rows += [t.data_ptr() if t is not None else 0 for t in (lw.in_proj, lw.out_proj, lw.linear_in,
-                                                                     lw.linear_out, lw.norm1, lw.norm2, lw.scale1,
-                                                                     lw.scale2, *cross)]  # fmt: skip
-        w.derived[key] = torch.tensor(rows, dtype=torch.int64, device=device)
-    return w.derived[key]
+def _decoder_entries(w) -> list[int]:
+    """Layout: ``DSM_DEC_TABLE_STRIDE`` (13) per layer in csrc/dsm_cuda.h."""
+    rows = []
+    for lw in w.layers:
+        c = lw.cross
+        cross = (c.norm_weight, c.norm_bias, c.q_proj, c.out_proj, c.scale) if c is not None else (None,) * 5
+        rows += map(_ptr, (lw.in_proj, lw.out_proj, lw.linear_in, lw.linear_out, lw.norm1, lw.norm2, lw.scale1,
+                           lw.scale2, *cross))
+    return rows
 
 
 def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross) -> dict:
@@ -281,7 +278,8 @@ def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, cont
     B = x.shape[0]
     return dict(
         z=torch.empty_like(x), logits=torch.empty(B, w.text_linear.shape[0], dtype=x.dtype, device=x.device),
-        table=decoder_table(w, x.device), out_norm=w.out_norm, text_linear=w.text_linear,
+        table=_pointer_table(w, x.device, "decoder_step", _decoder_entries), out_norm=w.out_norm,
+        text_linear=w.text_linear,
         inv_freq=None if w.inv_freq is None else w.inv_freq.float().contiguous(),
         positions=positions.long().contiguous(),
         slot=slot.long().contiguous(), seq_lens=seq_lens.int().contiguous(),
