@@ -292,21 +292,18 @@ __global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderAr
 template <typename T>
 cudaError_t launch(const DsmDecoderArgs& a, cudaStream_t stream) {
   auto kernel = decoder_kernel<T>;
-  const int G0 = std::max(a.blocks > 0 ? a.blocks : device_sms(), 1);
   const int k_max = std::max({a.dim, a.heads * a.head_dim, a.hidden});
   const size_t fixed = align16(kWarps * kMaxRows * sizeof(float)) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
-  auto share = [&](int units, int K, int per) {
-    return static_cast<size_t>((units + G0 - 1) / G0) * per * K * sizeof(T);
-  };
-  const size_t largest = std::max({share((a.heads + 2 * a.kv_heads) * a.head_dim / 2, a.dim, 2),
-                                   share(a.dim, a.heads * a.head_dim, 1), share(a.hidden, a.dim, 2),
-                                   share(a.dim, a.hidden, 1), share(a.vocab, a.dim, 1)});
-  const Smem smem = smem_plan(fixed, largest, optin_smem());
-  const int G = smem.total > 0 ? resident_grid(kernel, a.blocks, smem.total) : 0;
-  if (G == 0) return cudaErrorInvalidValue;
-  return dsm::launch_cooperative(kernel, dim3(G), dim3(kThreads), smem.total, stream, a, smem.slot,
-                                 attention_splits(a, a.context, G),
-                                 a.cross_k ? attention_splits(a, a.cross_length, G) : 1);
+  const Plan plan = plan_launch(kernel, a.blocks, fixed, [&](int G) {
+    auto share = [&](int units, int K, int per) { return share_bytes(units, K, per, G, sizeof(T)); };
+    return std::max({share((a.heads + 2 * a.kv_heads) * a.head_dim / 2, a.dim, 2),
+                     share(a.dim, a.heads * a.head_dim, 1), share(a.hidden, a.dim, 2), share(a.dim, a.hidden, 1),
+                     share(a.vocab, a.dim, 1)});
+  });
+  if (plan.grid == 0) return cudaErrorInvalidValue;
+  return dsm::launch_cooperative(kernel, dim3(plan.grid), dim3(kThreads), plan.smem, stream, a, plan.slot,
+                                 attention_splits(a, a.context, plan.grid),
+                                 a.cross_k ? attention_splits(a, a.cross_length, plan.grid) : 1);
 }
 
 }  // namespace

@@ -96,7 +96,7 @@ struct Work {
 };
 
 // Layer 0's input: the residual stream x = proj[k] + Emb_k(prev token) (the text token at k = 0, demuxed), built by
-// every block into xs; each block writes the columns of x it owns, then the RMSNorm as stage_rows.
+// every block into xs; each block writes the columns of x it owns, then its RMSNorm.
 template <typename T>
 __device__ void stage_codebook_input(const DsmDepformerArgs& a, const Work<T>& w, const Phase& ph, const T* alpha,
                                      T* xs, float* red) {
@@ -124,12 +124,7 @@ __device__ void stage_codebook_input(const DsmDepformerArgs& a, const Work<T>& w
       ss[b] += dsm::to_float(xv) * dsm::to_float(xv);
     }
   }
-  block_sum_rows(ss, red);
-  for (int b = 0; b < B; ++b) {
-    const float inv = 1.f / sqrtf(a.eps + ss[b] / K);
-    for (int c = threadIdx.x; c < K; c += kThreads)
-      xs[b * K + c] = dsm::from_float<T>(dsm::to_float(xs[b * K + c]) * (dsm::to_float(alpha[c]) * inv));
-  }
+  rms_norm_staged<T>(xs, B, K, alpha, a.eps, ss, red);
 }
 
 // Stage the input rows of a GEMV phase into xs ([B, K] in T, as the reference's F.linear input), RMSNormed where the
@@ -275,25 +270,20 @@ __global__ void __launch_bounds__(kThreads, 1) depformer_kernel(const DsmDepform
   stream.finish();
 }
 
-// The largest share of one phase's weight bytes a block streams (its rows, both rows of a gate pair).
-size_t max_block_bytes(const DsmDepformerArgs& a, int G, size_t elem) {
-  auto share = [&](int n, int K, int per) { return static_cast<size_t>((n + G - 1) / G) * per * K * elem; };
-  return std::max({share(a.n_in * a.dim, a.d_model, 1), share(3 * a.dim, a.dim, 1), share(a.dim, a.dim, 1),
-                   share(a.hidden, a.dim, 2), share(a.dim, a.hidden, 1), share(a.card, a.dim, 1)});
-}
-
 template <typename T, int kItems>
 cudaError_t launch(const DsmDepformerArgs& a, cudaStream_t stream) {
   auto kernel = depformer_kernel<T, kItems>;
-  const int G0 = a.blocks > 0 ? a.blocks : device_sms();
   const int k_max = std::max({a.d_model, a.dim, a.hidden});
   const size_t fixed = align16(sizeof(SampleScratch)) + align16(kWarps * kMaxRows * sizeof(float)) +
                        align16((a.heads + 1) * sizeof(int)) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
-  const Smem smem = smem_plan(fixed, max_block_bytes(a, std::max(G0, 1), sizeof(T)), optin_smem());
-  const int G = G0 > 0 && smem.total > 0 ? resident_grid(kernel, a.blocks, smem.total) : 0;
-  if (G == 0) return cudaErrorInvalidValue;
+  const Plan plan = plan_launch(kernel, a.blocks, fixed, [&](int G) {
+    auto share = [&](int units, int K, int per) { return share_bytes(units, K, per, G, sizeof(T)); };
+    return std::max({share(a.n_in * a.dim, a.d_model, 1), share(3 * a.dim, a.dim, 1), share(a.dim, a.dim, 1),
+                     share(a.hidden, a.dim, 2), share(a.dim, a.hidden, 1), share(a.card, a.dim, 1)});
+  });
+  if (plan.grid == 0) return cudaErrorInvalidValue;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(a.dim / a.heads)));  // as D**-0.5
-  return dsm::launch_cooperative(kernel, dim3(G), dim3(kThreads), smem.total, stream, a, scale, smem.slot);
+  return dsm::launch_cooperative(kernel, dim3(plan.grid), dim3(kThreads), plan.smem, stream, a, scale, plan.slot);
 }
 
 }  // namespace

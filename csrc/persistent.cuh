@@ -187,8 +187,21 @@ __device__ __forceinline__ void block_sum_rows(float (&v)[kMaxRows], float* red)
   }
 }
 
+// RMSNorm in place of B staged rows xs [B, K] whose per-thread sums of squares are `ss` (each thread normalizes the
+// columns it staged, c = threadIdx.x + j kThreads): fp32 math, x * (alpha * rsqrt(eps + mean(x^2))), rounded to T,
+// as torch.
+template <typename T>
+__device__ void rms_norm_staged(T* xs, int B, int K, const T* alpha, float eps, float (&ss)[kMaxRows], float* red) {
+  block_sum_rows(ss, red);
+  for (int b = 0; b < B; ++b) {
+    const float inv = 1.f / sqrtf(eps + ss[b] / K);
+    for (int c = threadIdx.x; c < K; c += kThreads)
+      xs[b * K + c] = dsm::from_float<T>(dsm::to_float(xs[b * K + c]) * (dsm::to_float(alpha[c]) * inv));
+  }
+}
+
 // Stage B input rows of K values into xs (T) from `src` (row stride K, read through L2: other blocks wrote them),
-// then RMSNorm them in place when `alpha` (fp32 math: x * (alpha * rsqrt(eps + mean(x^2))), rounded to T, as torch).
+// then RMSNorm them in place when `alpha`.
 template <typename T>
 __device__ void stage_rows(const T* src, int B, int K, const T* alpha, float eps, T* xs, float* red) {
   float ss[kMaxRows] = {};
@@ -198,13 +211,7 @@ __device__ void stage_rows(const T* src, int B, int K, const T* alpha, float eps
       xs[b * K + c] = v;
       ss[b] += dsm::to_float(v) * dsm::to_float(v);
     }
-  if (alpha == nullptr) return;  // the caller's __syncthreads publishes xs
-  block_sum_rows(ss, red);
-  for (int b = 0; b < B; ++b) {
-    const float inv = 1.f / sqrtf(eps + ss[b] / K);
-    for (int c = threadIdx.x; c < K; c += kThreads)
-      xs[b * K + c] = dsm::from_float<T>(dsm::to_float(xs[b * K + c]) * (dsm::to_float(alpha[c]) * inv));
-  }
+  if (alpha != nullptr) rms_norm_staged<T>(xs, B, K, alpha, eps, ss, red);  // else the caller's barrier publishes xs
 }
 
 // Stage B input rows into xs as stage_rows, LayerNormed: (x - mean) * rsqrt(var + eps) * weight + bias in fp32
@@ -301,40 +308,41 @@ __device__ __forceinline__ bool arrive_last(unsigned* counter, int n, int total)
   return true;
 }
 
-// Shared memory of a persistent kernel: `fixed` bytes of the kernel's own, then kStages ring slots, each of the
-// largest share of one phase's weight bytes a block of the G-block grid streams (capped by the device's limit).
-struct Smem {
-  size_t slot, total;
+inline int device_attribute(cudaDeviceAttr attr) {  // of the current device; 0 when it cannot be read
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) return 0;
+  return value;
+}
+
+// Bytes of the largest share of a phase of `units` units (`per` rows of K elements each) a block of G streams.
+inline size_t share_bytes(int units, int K, int per, int G, size_t elem) {
+  return static_cast<size_t>((units + G - 1) / G) * per * K * elem;
+}
+
+// How a persistent kernel launches: `grid` blocks, all resident at once (0: it cannot run), each with `smem` bytes of
+// shared memory: the kernel's `fixed` bytes, then kStages ring slots of `slot` bytes, each as large as the largest
+// share of one phase's weights (`largest_share(G)`) or as the device's limit allows.
+struct Plan {
+  int grid = 0;
+  size_t slot = 0, smem = 0;
 };
-inline Smem smem_plan(size_t fixed, size_t largest_share, int optin) {
-  if (fixed + kStages * 16 > static_cast<size_t>(optin)) return {0, 0};
-  const size_t slot = std::min(align16(largest_share), (optin - fixed) / kStages / 16 * 16);
-  return {slot, fixed + kStages * slot};
-}
 
-// The grid of a persistent kernel: `blocks` (0 = one per SM), all resident at once with `smem` bytes each, or 0.
-template <typename Kernel>
-int resident_grid(Kernel kernel, int blocks, size_t smem) {
-  int device = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
-    return 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess) return 0;
-  const int G = blocks > 0 ? blocks : sms;
-  return per_sm >= 1 && G <= per_sm * sms ? G : 0;  // else the cooperative launch would refuse it
-}
-
-inline int optin_smem() {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  return cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess ? optin : 0;
-}
-
-inline int device_sms() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess ? sms : 0;
+template <typename Kernel, typename LargestShare>
+Plan plan_launch(Kernel kernel, int blocks, size_t fixed, LargestShare largest_share) {
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const int G = blocks > 0 ? blocks : sms;  // one block per SM by default
+  if (G < 1 || fixed + kStages * 16 > static_cast<size_t>(optin)) return {};
+  Plan plan;
+  plan.slot = std::min(align16(largest_share(G)), (optin - fixed) / kStages / 16 * 16);
+  plan.smem = fixed + kStages * plan.slot;
+  int per_sm = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)) !=
+          cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem) != cudaSuccess)
+    return {};
+  plan.grid = per_sm >= 1 && G <= per_sm * sms ? G : 0;  // else the cooperative launch would refuse it
+  return plan;
 }
 
 }  // namespace dsm::persistent
