@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from pathlib import Path
 
 import torch
-from bench_depformer import copy_bandwidth_gbps, cpu_ms, graphed
+from bench_depformer import append_jsonl, bandwidth, copy_bandwidth_gbps, cpu_ms, graphed
 
 from dsm.bench import git_commit
 from dsm_kernels.testing import cuda_time_ms, decoder_inputs, random_decoder_weights
@@ -89,19 +88,14 @@ def main() -> None:
                 providers["triton_interp"] = functools.partial(decoder_step_composed, w, **ins, backend="triton")
             for prov, fn in providers.items():
                 ms = cuda_time_ms(graphed(fn)[0].replay, iters=args.iters) if dev.type == "cuda" else cpu_ms(fn)
-                gbps = nbytes / ms / 1e6
+                gbps, frac, cell = bandwidth(ms, nbytes, copy_bw)
                 rows.append({**meta, "layout": name, "provider": prov, "batch": B, "ms_per_step": ms, "gbps": gbps,
-                             "bytes": nbytes, "frac_of_copy": gbps / copy_bw if copy_bw == copy_bw else None})
-                frac = f"{gbps / copy_bw:8.2f}" if copy_bw == copy_bw else f"{'-':>8}"
-                print(f"{name:9} {prov:16} {B:2d} {ms:8.3f} {gbps:6.0f} {frac}")
+                             "bytes": nbytes, "frac_of_copy": frac})
+                print(f"{name:9} {prov:16} {B:2d} {ms:8.3f} {gbps:6.0f} {cell}")
         del w
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_jsonl(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,22 @@ def copy_bandwidth_gbps(device) -> float:
     return 2 * 2**30 / cuda_time_ms(lambda: dst.copy_(src), iters=20) / 1e6
 
 
+def bandwidth(ms: float, nbytes: int, copy_bw: float) -> tuple[float, float | None, str]:
+    """Achieved GB/s of reading ``nbytes`` in ``ms``, its fraction of the copy bandwidth (None without one: a CPU)
+    and that fraction as a table cell."""
+    gbps = nbytes / ms / 1e6
+    frac = gbps / copy_bw if copy_bw == copy_bw else None
+    return gbps, frac, f"{frac:8.2f}" if frac is not None else f"{'-':>8}"
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 64])
@@ -150,17 +166,10 @@ def main() -> None:
         for name, fn in providers.items():
             with capturable_reference():
                 ms = cuda_time_ms(fn, iters=args.iters) if dev.type == "cuda" else cpu_ms(fn)
-            gbps = wbytes / ms / 1e6
-            row = {**meta, "provider": name, "batch": B, "ms_per_frame": ms, "gbps": gbps,
-                   "frac_of_copy": gbps / copy_bw if copy_bw == copy_bw else None}  # fmt: skip
-            rows.append(row)
-            frac = f"{gbps / copy_bw:8.2f}" if copy_bw == copy_bw else f"{'-':>8}"
-            print(f"{name:20} {B:3d} {ms:9.3f} {gbps:7.0f} {frac}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+            gbps, frac, cell = bandwidth(ms, wbytes, copy_bw)
+            rows.append({**meta, "provider": name, "batch": B, "ms_per_frame": ms, "gbps": gbps, "frac_of_copy": frac})
+            print(f"{name:20} {B:3d} {ms:9.3f} {gbps:7.0f} {cell}")
+    append_jsonl(args.out, rows)
 
 
 if __name__ == "__main__":
