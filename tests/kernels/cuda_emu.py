@@ -192,6 +192,15 @@ def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, null_logits=N
     return out
 
 
+def _poisoned_work(nbytes: int) -> torch.Tensor:
+    """A persistent kernel's scratch, all 0xFF bytes: what it reads before writing is NaN."""
+    return torch.full((nbytes,), 0xFF, dtype=torch.uint8)
+
+
+def _run_persistent(launcher, args, sync: torch.Tensor, what: str) -> None:
+    """Launch an emulated persistent kernel; its grid barrier and arrival counters (``sync``) must end re-armed."""
+    _ok(launcher(ctypes.byref(args), None), what)
+    assert int(sync[0]) == 0 and not sync[2:].any(), f"barrier and counters must be re-armed: {sync.tolist()}"
 
 
 class DecoderArgs(ctypes.Structure):
@@ -224,7 +233,7 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
     heads, kv_heads, hidden, layers, page_size, context = ops["dims"]
     B, D, dtype = x.shape[0], k_cache.shape[4], _DTYPES[x.dtype]
     # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN
-    work = torch.full((_lib().dsm_decoder_work_bytes(B, heads, D, hidden, dtype),), 0xFF, dtype=torch.uint8)
+    work = _poisoned_work(_lib().dsm_decoder_work_bytes(B, heads, D, hidden, dtype))
     ops["z"].fill_(float("nan"))
     ops["logits"].fill_(float("nan"))
     sync = torch.zeros(2 + B * heads, dtype=torch.int32)  # the grid barrier, the attention counters
@@ -239,8 +248,7 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
                        _ptr(ops["cross_seq_lens"]), 0 if cross is None else cross.page_size,
                        0 if cross is None else cross.length,
                        *map(_ptr, (x, ops["z"], ops["logits"], work, sync)))  # fmt: skip
-    _ok(_lib().dsm_launch_decoder_step(ctypes.byref(args), None), "decoder_step")
-    assert int(sync[0]) == 0 and not sync[2:].any(), f"barrier and counters must be re-armed: {sync.tolist()}"
+    _run_persistent(_lib().dsm_launch_decoder_step, args, sync, "decoder_step")
     return ops["z"], ops["logits"]
 
 
@@ -255,8 +263,7 @@ def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, r
     heads, hidden, card, dep_q, layers, n_in, vocab, top_k = ops["dims"]
     B, dim, dtype = z.shape[0], w.dim, _DTYPES[ops["z"].dtype]
     # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN or -7
-    work = torch.full((_lib().dsm_depformer_work_bytes(B, dim, hidden, n_in, layers, dep_q, dtype),), 0xFF,
-                      dtype=torch.uint8)
+    work = _poisoned_work(_lib().dsm_depformer_work_bytes(B, dim, hidden, n_in, layers, dep_q, dtype))
     ops["tokens"].fill_(-7)
     ops["logits"].fill_(float("nan"))
     sync = torch.zeros(3 + heads, dtype=torch.int32)  # the grid barrier, the arrival counters
@@ -264,8 +271,7 @@ def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, r
                          ops["eps"], *map(_ptr, (ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
                                                  ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"],
                                                  ops["tokens"], ops["logits"], work, sync)))  # fmt: skip
-    _ok(_lib().dsm_launch_depformer_frame(ctypes.byref(args), None), "depformer_frame")
-    assert int(sync[0]) == 0 and not sync[2:].any(), f"barrier and counters must be re-armed: {sync.tolist()}"
+    _run_persistent(_lib().dsm_launch_depformer_frame, args, sync, "depformer_frame")
     tokens = ops["tokens"].t().contiguous()
     return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens
 
