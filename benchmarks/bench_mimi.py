@@ -5,9 +5,11 @@
 
 Timings are medians over ``--steps`` calls after ``--warmup`` calls (CUDA events on GPU, perf_counter on CPU).
 A stream is real time while its per-frame step stays under 80 ms; ``streams@RTF1`` = batch * 80 ms / step.
-On CUDA, convolutions and matmuls run in true fp32 (TF32 off, like the bit-exact CPU reference), and two more graph
-variants are timed beside ours: ``nogemv`` (``DSM_GEMV=0``: the transformers on cuBLAS where ours takes the GEMV
-kernels, batch <= 2) and ``tf32`` (cuDNN's TF32 convolutions, PyTorch's default outside this benchmark).
+On CUDA, convolutions and matmuls run in true fp32 (TF32 off, like the bit-exact CPU reference), and more graph
+variants are timed beside ours: ``triton`` (the Triton backend: at batch <= 2 the transformers as 5 GEMV-kernel
+launches a layer where ours, with the CUDA extension, runs each as one persistent kernel), ``nogemv`` (``DSM_GEMV=0``:
+the transformers on cuBLAS, batch <= 2) and ``tf32`` (cuDNN's TF32 convolutions, PyTorch's default outside this
+benchmark).
 ``--agree-frames`` encodes that many frames of one speech-like stream with each path and prints how many codes
 equal the CPU fp32 reference's (the moshi-parity path), overall and at the semantic level 0.
 Appends one JSON row per run to benchmarks/results/mimi.jsonl (device, torch version, git commit, figures).
@@ -61,13 +63,14 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
 
 @contextlib.contextmanager
 def variant(name: str):
-    """Run ours as variant ``name``: "" (as shipped), "nogemv" (DSM_GEMV=0) or "tf32" (cuDNN TF32 convolutions)."""
+    """Run ours as variant ``name``: "" (as shipped), "triton" (the Triton backend; yields that backend name for the
+    Mimi to build), "nogemv" (DSM_GEMV=0) or "tf32" (cuDNN TF32 convolutions)."""
     old_env, old_tf32 = os.environ.get("DSM_GEMV"), torch.backends.cudnn.allow_tf32
     if name == "nogemv":
         os.environ["DSM_GEMV"] = "0"
     torch.backends.cudnn.allow_tf32 = name == "tf32"
     try:
-        yield
+        yield "triton" if name == "triton" else None
     finally:
         torch.backends.cudnn.allow_tf32 = old_tf32
         if old_env is None:
@@ -102,8 +105,8 @@ def code_agreement(sd: dict, frames: int, device: torch.device, variants: list[s
     out = {}
     paths = [("ours" + (f"_{v}" if v else ""), v, None) for v in variants] + [("reference_backend", "", "reference")]
     for name, v, backend in paths:
-        with variant(v):
-            got = encode(Mimi(sd, device=device, backend=backend), pcm.to(device))
+        with variant(v) as variant_backend:
+            got = encode(Mimi(sd, device=device, backend=backend or variant_backend), pcm.to(device))
         same = got == want
         out[name] = {"codes": round(float(same.float().mean()), 5),
                      "level0": round(float(same[:, 0].float().mean()), 5)}  # fmt: skip
@@ -177,15 +180,18 @@ def main() -> None:
         path = args.ckpt or save_random_mimi(Path(tmp) / "mimi.safetensors", seed=0)
         mimi = Mimi.from_file(path, n_q=args.n_q, device=device)
         rows = []
-        variants = [""] + ([] if args.no_variants or not cuda else ["nogemv", "tf32"])
+        variants = [""] + ([] if args.no_variants or not cuda else ["triton", "nogemv", "tf32"])
+        if "cuda" not in dsm_kernels.available_backends(device):  # ours is the Triton backend already
+            variants = [v for v in variants if v != "triton"]
         for batch in args.batch:
             row: dict = {"batch": batch, "ours": bench_ours(mimi, batch, args, device, use_graph=False)}
             if cuda and not args.no_graph:
                 for v in variants:
-                    if v == "nogemv" and batch * 2 > dsm_kernels.GEMV_MAX_B:
+                    if v in ("nogemv", "triton") and batch * 2 > dsm_kernels.GEMV_MAX_B:
                         continue  # the same path as ours there
-                    with variant(v):
-                        row["ours_graph" + (f"_{v}" if v else "")] = bench_ours(mimi, batch, args, device, True)
+                    with variant(v) as backend:
+                        m = Mimi.from_file(path, n_q=args.n_q, device=device, backend=backend) if backend else mimi
+                        row["ours_graph" + (f"_{v}" if v else "")] = bench_ours(m, batch, args, device, True)
             if not args.no_moshi:
                 row["moshi"] = bench_moshi(path, args.n_q, batch, args, device)
             rows.append(row)

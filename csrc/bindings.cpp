@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <optional>
+#include <vector>
 #include <string>
 
 #include "checks.h"
@@ -283,34 +284,47 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   DSM_CUDA_OK(dsm_launch_depformer_frame(&a, stream_of(tokens)));
 }
 
-// The persistent decode step (csrc/decoder.cu). dims: heads, kv_heads, hidden, layers, page_size, context, blocks
-// (0: one per SM). The layer weights are reached through `table` (dsm_kernels.cuda_ops builds it from tensors it
+// The persistent decode step (csrc/decoder.cu). dims: heads, kv_heads, hidden, layers, page_size, context, gelu,
+// blocks (0: one per SM). Without text_linear (Mimi's transformer) there is no head: out_norm, z and logits are None.
+// The caches may be strided views ([layers, pages, page_size, kv_heads, D], unit stride in D). The layer weights are reached through `table` (dsm_kernels.cuda_ops builds it from tensors it
 // checked); the tensors here are checked for shape, dtype and device.
-void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& k_cache, at::Tensor& v_cache,
-                  const at::Tensor& table, const at::Tensor& out_norm, const at::Tensor& text_linear,
+void decoder_step(at::Tensor& x, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& logits,
+                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& table,
+                  const std::optional<at::Tensor>& out_norm, const std::optional<at::Tensor>& text_linear,
                   const std::optional<at::Tensor>& inv_freq, const at::Tensor& positions, const at::Tensor& slot,
-                  const at::Tensor& seq_lens, const at::Tensor& block_table, const std::optional<at::Tensor>& cross_k,
+                  const at::Tensor& seq_lens, const std::optional<at::Tensor>& starts, const at::Tensor& block_table,
+                  const std::optional<at::Tensor>& cross_k,
                   const std::optional<at::Tensor>& cross_v, const std::optional<at::Tensor>& cross_block_table,
                   const std::optional<at::Tensor>& cross_seq_lens, at::IntArrayRef dims, double eps, double out_eps,
                   double scale, double cross_eps) {
   DSM_CHECK_CUDA(x);
-  TORCH_CHECK(dims.size() == 7, "dsm: decoder_step dims must be 7 ints, got ", dims.size());
+  TORCH_CHECK(dims.size() == 8, "dsm: decoder_step dims must be 8 ints, got ", dims.size());
   DSM_CHECK_DIM(x, 2);
   DSM_CHECK_DIM(k_cache, 5);
   DSM_CHECK_DIM(block_table, 2);
-  DSM_CHECK_DIM(text_linear, 2);
-  const int64_t B = x.size(0), dim = x.size(1), layers = dims[3], vocab = text_linear.size(0);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == layers && k_cache.size(2) == dims[4] &&
-                  k_cache.size(3) == dims[1], "dsm: k_cache/v_cache must be [layers, pages, page_size, kv_heads, D]");
-  TORCH_CHECK(x.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && table.is_contiguous() &&
-                  text_linear.is_contiguous() && block_table.is_contiguous(), "dsm: decoder_step tensors must be contiguous");
-  TORCH_CHECK(z.sizes() == x.sizes() && logits.dim() == 2 && logits.size(0) == B && logits.size(1) == vocab &&
-                  text_linear.size(1) == dim, "dsm: z must be like x, logits [B, vocab], text_linear [vocab, dim]");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&z, &logits, &k_cache, &v_cache, &out_norm,
-                                                                       &text_linear})
+  const bool head = text_linear.has_value();
+  TORCH_CHECK(head == out_norm.has_value() && head == z.has_value() && head == logits.has_value(),
+              "dsm: decoder_step takes text_linear, out_norm, z and logits together, or none of them");
+  const int64_t B = x.size(0), dim = x.size(1), layers = dims[3], vocab = head ? text_linear->size(0) : 0;
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides() &&
+                  k_cache.size(0) == layers && k_cache.size(2) == dims[4] && k_cache.size(3) == dims[1] &&
+                  k_cache.stride(4) == 1,
+              "dsm: k_cache/v_cache must be [layers, pages, page_size, kv_heads, D] alike, unit stride in D");
+  TORCH_CHECK(x.is_contiguous() && table.is_contiguous() && block_table.is_contiguous(),
+              "dsm: decoder_step tensors must be contiguous");
+  std::vector<const at::Tensor*> same_dtype{&k_cache, &v_cache};
+  if (head) {
+    DSM_CHECK_DIM((*text_linear), 2);
+    TORCH_CHECK(text_linear->is_contiguous() && z->sizes() == x.sizes() && z->is_contiguous() && logits->dim() == 2 &&
+                    logits->size(0) == B && logits->size(1) == vocab && logits->is_contiguous() &&
+                    text_linear->size(1) == dim,
+                "dsm: z must be like x, logits [B, vocab], text_linear [vocab, dim], all contiguous");
+    same_dtype.insert(same_dtype.end(), {&(*z), &(*logits), &(*out_norm), &(*text_linear)});
+  }
+  for (const at::Tensor* t : same_dtype)
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "dsm: decoder_step tensors must share x's dtype");
   TORCH_CHECK(table.scalar_type() == at::kLong && table.numel() == layers * DSM_DEC_TABLE_STRIDE,
-              "dsm: table must hold layers * 13 int64");
+              "dsm: table must hold layers * ", DSM_DEC_TABLE_STRIDE, " int64");
   DSM_CHECK_DTYPE(positions, at::kLong);
   DSM_CHECK_DTYPE(slot, at::kLong);
   DSM_CHECK_DTYPE(seq_lens, at::kInt);
@@ -318,10 +332,15 @@ void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& 
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&positions, &slot, &seq_lens})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->is_contiguous(), "dsm: positions/slot/seq_lens must be [B]");
   TORCH_CHECK(block_table.size(0) == B, "dsm: block_table must be [B, pages_per_slot]");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&z, &logits, &k_cache, &v_cache, &table,
-                                                                       &out_norm, &text_linear, &positions, &slot,
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k_cache, &v_cache, &table, &positions, &slot,
                                                                        &seq_lens, &block_table})
     DSM_CHECK_SAME_DEVICE(x, (*t));
+  for (const at::Tensor* t : same_dtype) DSM_CHECK_SAME_DEVICE(x, (*t));
+  if (starts) {
+    DSM_CHECK_DTYPE((*starts), at::kInt);
+    TORCH_CHECK(starts->dim() == 1 && starts->size(0) == B && starts->is_contiguous(), "dsm: starts must be [B]");
+    DSM_CHECK_SAME_DEVICE(x, (*starts));
+  }
   if (inv_freq) {
     DSM_CHECK_DTYPE((*inv_freq), at::kFloat);
     TORCH_CHECK(inv_freq->numel() * 2 == k_cache.size(4), "dsm: inv_freq must hold head_dim / 2 values");
@@ -359,7 +378,8 @@ void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& 
   a.page_size = static_cast<int>(dims[4]);
   a.pages_per_slot = static_cast<int>(block_table.size(1));
   a.context = static_cast<int>(dims[5]);
-  a.blocks = static_cast<int>(dims[6]);
+  a.gelu = static_cast<int>(dims[6]);
+  a.blocks = static_cast<int>(dims[7]);
   a.eps = static_cast<float>(eps);
   a.out_eps = static_cast<float>(out_eps);
   a.scale = static_cast<float>(scale);
@@ -374,19 +394,23 @@ void decoder_step(at::Tensor& x, at::Tensor& z, at::Tensor& logits, at::Tensor& 
     a.cross_length = static_cast<int>(cross_block_table->size(1) * cross_k->size(2));
   }
   a.table = table.data_ptr<int64_t>();
-  a.out_norm = out_norm.data_ptr();
-  a.text_linear = text_linear.data_ptr();
+  a.out_norm = head ? out_norm->data_ptr() : nullptr;
+  a.text_linear = head ? text_linear->data_ptr() : nullptr;
   a.inv_freq = inv_freq ? inv_freq->data_ptr<float>() : nullptr;
   a.positions = positions.data_ptr<int64_t>();
   a.slot = slot.data_ptr<int64_t>();
   a.seq_lens = seq_lens.data_ptr<int>();
+  a.starts = starts ? starts->data_ptr<int>() : nullptr;
   a.block_table = block_table.data_ptr<int>();
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
   a.cache_layer_stride = k_cache.stride(0);
+  a.page_stride = k_cache.stride(1);
+  a.slot_stride = k_cache.stride(2);
+  a.head_stride = k_cache.stride(3);
   a.x = x.data_ptr();
-  a.z = z.data_ptr();
-  a.logits = logits.data_ptr();
+  a.z = head ? z->data_ptr() : nullptr;
+  a.logits = head ? logits->data_ptr() : nullptr;
   const size_t work_bytes = dsm_decoder_work_bytes(a.B, a.heads, a.head_dim, a.hidden, a.dtype);
   at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, x.options().dtype(at::kByte));
   at::Tensor sync = at::zeros({2 + B * dims[0]}, x.options().dtype(at::kInt));  // barrier + attention counters
@@ -408,9 +432,9 @@ TORCH_LIBRARY(dsm, m) {
         "int top_k, Tensor seeds, Tensor steps) -> ()");
   m.def("depformer_frame(Tensor! tokens, Tensor! logits, Tensor table, Tensor in_proj, Tensor? text_emb2, "
         "Tensor z, Tensor text_token, Tensor temperature, Tensor seeds, Tensor steps, int[] dims, float eps) -> ()");
-  m.def("decoder_step(Tensor! x, Tensor! z, Tensor! logits, Tensor! k_cache, Tensor! v_cache, Tensor table, "
-        "Tensor out_norm, Tensor text_linear, Tensor? inv_freq, Tensor positions, Tensor slot, Tensor seq_lens, "
-        "Tensor block_table, Tensor? cross_k, Tensor? cross_v, Tensor? cross_block_table, Tensor? cross_seq_lens, "
+  m.def("decoder_step(Tensor! x, Tensor(a!)? z, Tensor(b!)? logits, Tensor! k_cache, Tensor! v_cache, Tensor table, "
+        "Tensor? out_norm, Tensor? text_linear, Tensor? inv_freq, Tensor positions, Tensor slot, Tensor seq_lens, "
+        "Tensor? starts, Tensor block_table, Tensor? cross_k, Tensor? cross_v, Tensor? cross_block_table, Tensor? cross_seq_lens, "
         "int[] dims, float eps, float out_eps, float scale, float cross_eps) -> ()");
 }
 

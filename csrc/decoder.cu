@@ -8,13 +8,16 @@
 // ring covers the start of each phase and the rest streams at compute time: the gain is the launch gaps and the
 // ramp-up of each weight stream, not a longer queue.
 //
-// Phases per layer (5, or 8 with a cross-attention, plus the head): (1) RMSNorm + QKV GEMV over pairs of rows, RoPE
+// Phases per layer (5, or 8 with a cross-attention, plus the head if any): (1) norm + QKV GEMV over pairs of rows, RoPE
 // of the q and k pairs (interleaved), q to scratch, k and v into the paged cache at this step's slot; (2) paged
 // attention of each (row, head) over its last `context` positions, split over warps across the grid, the last split
 // of a (row, head) to finish merging them (a counter per pair); (3) out-projection + LayerScale + residual; with a
 // cross-attention (TTS): (3a) LayerNorm + query GEMV, (3b) the same attention over every position of the row's
-// condition pages, (3c) out + LayerScale + residual; (4) RMSNorm + linear_in + SiLU gate; (5) linear_out +
-// LayerScale + residual; last, the output RMSNorm (z) and the text head.
+// condition pages, (3c) out + LayerScale + residual; (4) norm + linear_in + SiLU gate (or GELU); (5) linear_out +
+// LayerScale + residual; last, the output RMSNorm (z) and the text head. The norms are RMSNorms, or LayerNorms where
+// the table gives biases. Mimi's transformer (no head, LayerNorms, GELU) runs here too: its K/V ring is one page per
+// stream of `context` slots, its two tokens of a step are two rows, and `starts` hides from the first the slot that
+// the second overwrote (as the reference's ring mask does).
 //
 // Numerics: fp32 accumulation and rounding to the model dtype T where the reference's torch ops round.
 #include <algorithm>
@@ -39,7 +42,7 @@ __device__ __forceinline__ int phases_per_layer(const DsmDecoderArgs& a) { retur
 __device__ __forceinline__ Phase phase_of(const DsmDecoderArgs& a, int p) {
   Phase ph;
   const int per = phases_per_layer(a);
-  if (p == per * a.layers) {
+  if (p == per * a.layers) {  // only with a head
     ph.kind = kHead;
     ph.rows = Rows{static_cast<const char*>(a.text_linear), a.vocab, a.dim};
     return ph;
@@ -62,7 +65,11 @@ __device__ __forceinline__ Phase phase_of(const DsmDecoderArgs& a, int p) {
       break;
     case 1: ph.kind = kAttn; break;
     case 2: ph.kind = kOut; ph.rows = Rows{reinterpret_cast<const char*>(lw[1]), a.dim, a.heads * a.head_dim}; break;
-    case 3: ph.kind = kIn; ph.rows = gate_rows(reinterpret_cast<const void*>(lw[2]), a.hidden, a.dim); break;
+    case 3:
+      ph.kind = kIn;
+      ph.rows = a.gelu ? Rows{reinterpret_cast<const char*>(lw[2]), a.hidden, a.dim}
+                       : gate_rows(reinterpret_cast<const void*>(lw[2]), a.hidden, a.dim);
+      break;
     default: ph.kind = kFfo; ph.rows = Rows{reinterpret_cast<const char*>(lw[3]), a.dim, a.hidden}; break;
   }
   return ph;
@@ -104,19 +111,29 @@ inline int attention_splits(const DsmDecoderArgs& a, int context, int grid) {
   return std::max(1, std::min({by_len, by_warps, DSM_DEC_MAX_SPLITS}));
 }
 
+// The pre-norm of a layer's attention or FFN: a LayerNorm where the table gives its bias, else an RMSNorm.
+template <typename T>
+__device__ __forceinline__ void stage_normed(const T* x, int B, int K, int64_t weight, int64_t bias, float eps, T* xs,
+                                             float* red) {
+  if (bias != 0)
+    stage_rows_layernorm<T>(x, B, K, reinterpret_cast<const T*>(weight), reinterpret_cast<const T*>(bias), eps, xs, red);
+  else
+    stage_rows<T>(x, B, K, reinterpret_cast<const T*>(weight), eps, xs, red);
+}
+
 template <typename T>
 __device__ void stage_input(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, T* xs, float* red) {
   const int64_t* lw = a.table + static_cast<int64_t>(ph.layer) * DSM_DEC_TABLE_STRIDE;
   const T* x = static_cast<const T*>(a.x);
   switch (ph.kind) {
-    case kQkv: stage_rows<T>(x, a.B, a.dim, reinterpret_cast<const T*>(lw[4]), a.eps, xs, red); break;
+    case kQkv: stage_normed<T>(x, a.B, a.dim, lw[4], lw[13], a.eps, xs, red); break;
     case kOut:
     case kCrossOut: stage_rows<T>(w.attn, a.B, a.heads * a.head_dim, nullptr, a.eps, xs, red); break;
     case kCrossQ:
       stage_rows_layernorm<T>(x, a.B, a.dim, reinterpret_cast<const T*>(lw[8]), reinterpret_cast<const T*>(lw[9]),
                               a.cross_eps, xs, red);
       break;
-    case kIn: stage_rows<T>(x, a.B, a.dim, reinterpret_cast<const T*>(lw[5]), a.eps, xs, red); break;
+    case kIn: stage_normed<T>(x, a.B, a.dim, lw[5], lw[14], a.eps, xs, red); break;
     case kFfo: stage_rows<T>(w.gh, a.B, a.hidden, nullptr, a.eps, xs, red); break;
     case kHead: {  // z = RMSNorm(x), written by the owner of each column (this thread normed these columns)
       stage_rows<T>(x, a.B, a.dim, static_cast<const T*>(a.out_norm), a.out_eps, xs, red);
@@ -153,14 +170,16 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
             w.q[b * HD + r + 1] = o1;
           } else if (a.slot[b] >= 0) {
             const bool is_k = r < HD + KD;
+            const int e = is_k ? r - HD : r - HD - KD;  // (kv head, d) of the pair; d even, so both in one head
             T* cache = static_cast<T*>(is_k ? a.k_cache : a.v_cache) + ph.layer * a.cache_layer_stride +
-                       a.slot[b] * KD + (is_k ? r - HD : r - HD - KD);
+                       (a.slot[b] / a.page_size) * a.page_stride + (a.slot[b] % a.page_size) * a.slot_stride +
+                       (e / D) * a.head_stride + e % D;
             cache[0] = o0;
             cache[1] = o1;
           }
           break;
         }
-        case kIn: w.gh[b * a.hidden + u] = silu_gate<T>(acc0[b], acc1[b]); break;
+        case kIn: w.gh[b * a.hidden + u] = a.gelu ? gelu<T>(acc0[b]) : silu_gate<T>(acc0[b], acc1[b]); break;
         case kCrossQ: w.q[b * HD + u] = dsm::from_float<T>(acc0[b]); break;
         case kOut:
         case kCrossOut:
@@ -176,23 +195,28 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
   });
 }
 
-// What an attention phase reads: one layer's K/V pages, the rows' page tables, lengths and window.
+// What an attention phase reads: one layer's K/V pages (and their strides), the rows' page tables, lengths and
+// window.
 template <typename T>
 struct Keys {
   const T *k, *v;
-  const int32_t *block_table, *seq_lens;
+  const int32_t *block_table, *seq_lens, *starts;
   int pages_per_row, page_size, context, kv_heads;
+  int64_t page_stride, slot_stride, head_stride;
 };
 
 template <typename T>
 __device__ __forceinline__ Keys<T> keys_of(const DsmDecoderArgs& a, const Phase& ph) {
-  if (ph.kind == kCrossAttn)
+  if (ph.kind == kCrossAttn) {  // contiguous [layers, pages, page_size, heads, D]
+    const int64_t hd = static_cast<int64_t>(a.heads) * a.head_dim;
     return {static_cast<const T*>(a.cross_k) + ph.layer * a.cross_layer_stride,
             static_cast<const T*>(a.cross_v) + ph.layer * a.cross_layer_stride, a.cross_block_table, a.cross_seq_lens,
-            a.cross_length / a.cross_page_size, a.cross_page_size, a.cross_length, a.heads};
+            nullptr, a.cross_length / a.cross_page_size, a.cross_page_size, a.cross_length, a.heads,
+            a.cross_page_size * hd, hd, a.head_dim};
+  }
   return {static_cast<const T*>(a.k_cache) + ph.layer * a.cache_layer_stride,
-          static_cast<const T*>(a.v_cache) + ph.layer * a.cache_layer_stride, a.block_table, a.seq_lens,
-          a.pages_per_slot, a.page_size, a.context, a.kv_heads};
+          static_cast<const T*>(a.v_cache) + ph.layer * a.cache_layer_stride, a.block_table, a.seq_lens, a.starts,
+          a.pages_per_slot, a.page_size, a.context, a.kv_heads, a.page_stride, a.slot_stride, a.head_stride};
 }
 
 // One warp's split of a (row, head): online softmax over its positions of the row's window, then its partial; the
@@ -200,7 +224,7 @@ __device__ __forceinline__ Keys<T> keys_of(const DsmDecoderArgs& a, const Phase&
 template <typename T>
 __device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, int S) {
   const Keys<T> keys = keys_of<T>(a, ph);
-  const int D = a.head_dim, HD = a.heads * D, KD = keys.kv_heads * D, lane = threadIdx.x % 32;
+  const int D = a.head_dim, HD = a.heads * D, lane = threadIdx.x % 32;
   constexpr int kPer = kMaxHeadDim / 32;
   const T* kc = keys.k;
   const T* vc = keys.v;
@@ -208,17 +232,18 @@ __device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const
   for (int item = blockIdx.x * kWarps + threadIdx.x / 32; item < items; item += gridDim.x * kWarps) {
     const int s = item % S, h = (item / S) % a.heads, b = item / (S * a.heads);
     const int hk = h / (a.heads / keys.kv_heads);
-    const int n = keys.seq_lens[b], start = max(0, n - keys.context), m = n - start;
+    const int n = keys.seq_lens[b];
+    const int start = min(n, max(max(0, n - keys.context), keys.starts ? keys.starts[b] : 0)), m = n - start;
     const int p0 = start + static_cast<int>(static_cast<int64_t>(m) * s / S);
     const int p1 = start + static_cast<int>(static_cast<int64_t>(m) * (s + 1) / S);
     float q[kPer];
     load_query<kPer>(w.q + b * HD + h * D, D, q);
     WarpSoftmax<kPer> sm;
     for (int p = p0; p < p1; ++p) {
-      const int64_t row = static_cast<int64_t>(keys.block_table[b * keys.pages_per_row +
-                                                                 (p / keys.page_size) % keys.pages_per_row]) *
-                              keys.page_size + p % keys.page_size;  // fmt: skip
-      sm.absorb(q, kc + row * KD + hk * D, vc + row * KD + hk * D, D, a.scale);
+      const int64_t at =
+          keys.block_table[b * keys.pages_per_row + (p / keys.page_size) % keys.pages_per_row] * keys.page_stride +
+          (p % keys.page_size) * keys.slot_stride + hk * keys.head_stride;
+      sm.absorb(q, kc + at, vc + at, D, a.scale);
     }
     // this split's partial, then the arrival: every lane fences its own writes
     if (lane == 0) {
@@ -272,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderAr
   const int k_max = max(a.dim, max(a.heads * a.head_dim, a.hidden));
   char* ring = reinterpret_cast<char*>(xs) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
 
-  const int P = phases_per_layer(a) * a.layers + 1;
+  const int P = phases_per_layer(a) * a.layers + (a.vocab > 0);
   auto rows_of = [&](int p) { return phase_of(a, p).rows; };
   WeightStream<T, decltype(rows_of)> stream{rows_of, P, ring, slot_bytes};
   stream.start();
@@ -297,8 +322,8 @@ cudaError_t launch(const DsmDecoderArgs& a, cudaStream_t stream) {
   const Plan plan = plan_launch(kernel, a.blocks, fixed, [&](int G) {
     auto share = [&](int units, int K, int per) { return share_bytes(units, K, per, G, sizeof(T)); };
     return std::max({share((a.heads + 2 * a.kv_heads) * a.head_dim / 2, a.dim, 2),
-                     share(a.dim, a.heads * a.head_dim, 1), share(a.hidden, a.dim, 2), share(a.dim, a.hidden, 1),
-                     share(a.vocab, a.dim, 1)});
+                     share(a.dim, a.heads * a.head_dim, 1), share(a.hidden, a.dim, a.gelu ? 1 : 2),
+                     share(a.dim, a.hidden, 1), share(a.vocab, a.dim, 1)});
   });
   if (plan.grid == 0) return cudaErrorInvalidValue;
   return dsm::launch_cooperative(kernel, dim3(plan.grid), dim3(kThreads), plan.smem, stream, a, plan.slot,
@@ -316,7 +341,8 @@ extern "C" cudaError_t dsm_launch_decoder_step(const DsmDecoderArgs* args, cudaS
   const DsmDecoderArgs& a = *args;
   const int vec = a.dtype == DSM_F32 ? 4 : 8;  // 16-byte weight rows: the ring copies and vector loads
   if (a.B < 1 || a.B > kMaxRows || a.layers < 1 || a.heads < 1 || a.kv_heads < 1 || a.heads % a.kv_heads != 0 ||
-      a.head_dim < 2 || a.head_dim % 2 != 0 || a.head_dim > kMaxHeadDim || a.vocab < 1 || a.context < 1 ||
+      a.head_dim < 2 || a.head_dim % 2 != 0 || a.head_dim > kMaxHeadDim || a.vocab < 0 || a.context < 1 ||
+      (a.vocab > 0 && (a.out_norm == nullptr || a.text_linear == nullptr || a.z == nullptr || a.logits == nullptr)) ||
       a.page_size < 1 || a.pages_per_slot < 1 || a.dim % vec != 0 || a.hidden % vec != 0 ||
       (a.heads * a.head_dim) % vec != 0 ||
       (a.cross_k != nullptr && (a.cross_page_size < 1 || a.cross_length < 1 || a.cross_length % a.cross_page_size)))

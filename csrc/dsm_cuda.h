@@ -76,29 +76,33 @@ size_t dsm_depformer_work_bytes(int B, int dim, int hidden, int n_in, int layers
 cudaError_t dsm_launch_depformer_frame(const DsmDepformerArgs* args, cudaStream_t stream);
 
 // The temporal transformer's decode step (dsm_kernels.decoder) for 1..4 rows in one cooperative launch
-// (csrc/decoder.cu): every layer (RMSNorm + QKV + RoPE + paged K/V write, paged attention, out + residual, [LayerNorm +
-// cross query, attention over the condition pages, cross out + residual,] RMSNorm + gated FFN + residual), then the
-// output RMSNorm and the text head. `table`: DSM_DEC_TABLE_STRIDE int64 per layer: the QKV, out, linear_in and
-// linear_out weights, norm1, norm2, scale1 and scale2 (NULL: no LayerScale); then, with a cross-attention, its
-// LayerNorm weight and bias, query and out weights, and its LayerScale (or NULL).
-#define DSM_DEC_TABLE_STRIDE 13
+// (csrc/decoder.cu): every layer (norm + QKV + RoPE + paged K/V write, paged attention, out + residual, [LayerNorm +
+// cross query, attention over the condition pages, cross out + residual,] norm + FFN + residual), then, with a head
+// (vocab > 0), the output RMSNorm and the text head. Mimi's streaming transformer is the same step without a head,
+// with LayerNorms, a GELU FFN and its K/V ring seen as one page per stream (dsm_kernels.mimi_transformer).
+// `table`: DSM_DEC_TABLE_STRIDE int64 per layer: the QKV, out, linear_in and linear_out weights, norm1, norm2, scale1
+// and scale2 (NULL: no LayerScale); then, with a cross-attention, its LayerNorm weight and bias, query and out weights,
+// and its LayerScale (or NULL); last the biases of norm1 and norm2 (NULL: RMSNorms; else LayerNorms).
+#define DSM_DEC_TABLE_STRIDE 15
 #define DSM_DEC_MAX_SPLITS 128
 typedef struct {
   int B, dim, heads, kv_heads, head_dim, hidden, vocab, layers, dtype;
   int page_size, pages_per_slot, context;
   int blocks;  // grid size: 0 = one block per SM
+  int gelu;    // the FFN: 0 = SiLU-gated (linear_in [2 hidden, dim]), 1 = GELU (linear_in [hidden, dim])
   float eps, out_eps, scale, cross_eps;
   const int64_t* table;
-  const void* out_norm;     // [dim]
-  const void* text_linear;  // [vocab, dim]
+  const void* out_norm;     // [dim], NULL when vocab == 0
+  const void* text_linear;  // [vocab, dim], NULL when vocab == 0
   const float* inv_freq;    // [head_dim / 2], or NULL: no RoPE
   const int64_t* positions;  // [B]
-  const int64_t* slot;       // [B] pool row of this step's K/V, -1: not written
+  const int64_t* slot;       // [B] pool row of this step's K/V (page slot / page_size, offset slot % page_size), -1: none
   const int32_t* seq_lens;   // [B] positions + 1, 0: inactive row (zero attention)
+  const int32_t* starts;     // [B] first position a row may see (a ring overwritten by later rows), or NULL
   const int32_t* block_table;  // [B, pages_per_slot]
-  void* k_cache;             // [layers, pages, page_size, kv_heads, head_dim], the model dtype
-  void* v_cache;
-  int64_t cache_layer_stride;  // elements between two layers' pools
+  void* k_cache;             // pages of the model dtype, element (layer, page, slot, kv head, d) at
+  void* v_cache;             //   layer * cache_layer_stride + page * page_stride + slot * slot_stride + head * head_stride + d
+  int64_t cache_layer_stride, page_stride, slot_stride, head_stride;
   // the condition's K/V pages (cross-attention; cross_k NULL: none): [layers, pages, cross_page_size, heads, head_dim];
   // row b attends over all cross_length positions of pages cross_block_table[b] ([B, cross_length / page_size])
   void* cross_k;
@@ -108,8 +112,8 @@ typedef struct {
   const int32_t* cross_seq_lens;  // [B], all cross_length
   int cross_page_size, cross_length;
   void* x;                   // [B, dim]: the embedded input, updated into the residual stream
-  void* z;                   // [B, dim] out: the normed output
-  void* logits;              // [B, vocab] out
+  void* z;                   // [B, dim] out: the normed output (NULL when vocab == 0)
+  void* logits;              // [B, vocab] out (NULL when vocab == 0)
   void* work;                // dsm_decoder_work_bytes() of scratch
   unsigned* sync;            // 2 + B * heads uint32 at 0
 } DsmDecoderArgs;

@@ -290,6 +290,13 @@ __device__ __forceinline__ T silu_gate(float gate_acc, float value_acc) {
   return dsm::from_float<T>(dsm::to_float(act) * dsm::to_float(dsm::from_float<T>(value_acc)));
 }
 
+// ... GELU (erf form, torch's default) of a row ...
+template <typename T>
+__device__ __forceinline__ T gelu(float acc) {
+  const float y = dsm::to_float(dsm::from_float<T>(acc));
+  return dsm::from_float<T>(y * 0.5f * (1.f + erff(y * 0.70710678118654752f)));
+}
+
 // ... and x += LayerScale(y) at column c of the residual stream (scale NULL: none); the caller owns the column.
 template <typename T>
 __device__ __forceinline__ void add_residual(T* xp, float acc, const T* scale, int c) {

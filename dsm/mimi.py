@@ -148,6 +148,9 @@ class Mimi:
         self.enc_layers = [lw.fold_layer_scales() for lw in self._layers(w, "encoder_transformer")]
         self.dec_layers = [lw.fold_layer_scales() for lw in self._layers(w, "decoder_transformer")]
         self.rope_freqs = rope_freqs(DIM // NUM_HEADS, MAX_PERIOD, self.device)
+        # the same layers as the few-token streaming step's kernels take them (unused on the reference backend)
+        self.enc_step, self.dec_step = (LayerWeights.step_weights(layers, NUM_HEADS, self.rope_freqs)
+                                        for layers in (self.enc_layers, self.dec_layers))  # fmt: skip
         self.consts = StepConstants(self.device)
         self.down_w = w["downsample.conv.conv.conv.weight"]
         self.up_w = w["upsample.convtr.convtr.convtr.weight"]
@@ -279,16 +282,16 @@ class Mimi:
             elu = False
         return F.elu(x) if elu else x
 
-    def _transformer(self, x: torch.Tensor, layers: list[LayerWeights], kv: KVState | None,
-                     exec_mask: torch.Tensor) -> torch.Tensor:
+    def _transformer(self, x: torch.Tensor, side: str, kv: KVState | None, exec_mask: torch.Tensor) -> torch.Tensor:
         """Encoder/decoder transformer on ``[B, 512, T]``. Streaming runs it one frame (2 tokens) at a time: a call
         writes all its keys into the 250-slot ring before attending, so one call of n frames would overwrite keys
         that its first queries still see once the ring wraps, and its codes would depend on the chunking (from
         frame ~120 on with 8 frames a call). Frame by frame, any chunking equals one-frame calls (§7.8) bit for bit;
         the convolutions and the quantizer still see the whole call."""
+        layers, step = (self.enc_layers, self.enc_step) if side == "encoder" else (self.dec_layers, self.dec_step)
         run = functools.partial(transformer_forward, layers=layers, num_heads=NUM_HEADS, context=CONTEXT,
                                 freqs=self.rope_freqs, kv=kv, exec_mask=exec_mask, consts=self.consts,
-                                backend=self.backend)
+                                backend=self.backend, step_weights=step)
         t = x.shape[-1]
         if kv is None or t <= TOKENS_PER_FRAME:
             return run(x)
@@ -298,7 +301,7 @@ class Mimi:
     def _encode(self, pcm: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
         m = state.exec_mask
         emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m)
-        emb = self._transformer(emb, self.enc_layers, state.enc_kv if streaming else None, m)
+        emb = self._transformer(emb, "encoder", state.enc_kv if streaming else None, m)
         # Downsample conv with replicate left padding: a stream's first call pads with its own first frame.
         first = (state.down_first & m).view(-1, 1, 1)
         torch.where(first, emb[..., :1], state.down_prev, out=state.down_prev)
@@ -345,7 +348,7 @@ class Mimi:
         m = state.exec_mask
         latent = dsm_kernels.rvq_decode(codes, self.rvq_tables, backend=self.backend)  # [B, 512, T]
         emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM, backend=self.backend)
-        emb = self._transformer(emb, self.dec_layers, state.dec_kv if streaming else None, m)
+        emb = self._transformer(emb, "decoder", state.dec_kv if streaming else None, m)
         return self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m)
 
     @torch.no_grad()

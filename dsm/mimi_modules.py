@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dsm_kernels
+from dsm_kernels.decoder import DecoderLayerWeights, DecoderWeights
 
 
 def causal_conv1d(
@@ -123,6 +124,17 @@ class LayerWeights:
     out_proj_scaled: torch.Tensor | None = None
     linear2_scaled: torch.Tensor | None = None
 
+    @staticmethod
+    def step_weights(layers: list[LayerWeights], num_heads: int, freqs: torch.Tensor) -> DecoderWeights:
+        """The layers as the streaming step's kernels take them (``dsm_kernels.mimi_transformer``): LayerNorms,
+        GELU FFNs, the LayerScales unfolded, no head."""
+        lws = tuple(DecoderLayerWeights(norm1=lw.norm1_w, norm1_bias=lw.norm1_b, in_proj=lw.in_proj,
+                                        out_proj=lw.out_proj, scale1=lw.ls1, norm2=lw.norm2_w, norm2_bias=lw.norm2_b,
+                                        linear_in=lw.linear1, linear_out=lw.linear2, scale2=lw.ls2)
+                    for lw in layers)  # fmt: skip
+        return DecoderWeights(num_heads=num_heads, num_kv_heads=num_heads, inv_freq=freqs[0, 0].contiguous(),
+                              norm_eps=1e-5, layers=lws, out_norm=None, out_norm_eps=0.0, text_linear=None, gelu=True)
+
     def fold_layer_scales(self) -> LayerWeights:
         self.out_proj_scaled = (self.out_proj * self.ls1[:, None]).T.contiguous()
         self.linear2_scaled = (self.linear2 * self.ls2[:, None]).T.contiguous()
@@ -151,11 +163,11 @@ def rope_freqs(head_dim: int, max_period: float, device) -> torch.Tensor:
 
 @dataclass
 class KVState:
-    """Ring KV cache of one transformer: per layer ``[B + 1, 2, H, capacity, D]`` (keys and values; the extra
-    last row takes the writes of inactive rows, so that one ``index_put_`` per layer leaves them frozen), plus the
-    tokens-written counter."""
+    """Ring KV cache of one transformer: ``[L, B + 1, 2, H, capacity, D]`` (per layer keys and values, one tensor so
+    that one kernel can reach every layer's; the extra last row takes the writes of inactive rows, so that one
+    ``index_put_`` per layer leaves them frozen), plus the tokens-written counter."""
 
-    cache: list[torch.Tensor]
+    cache: torch.Tensor
     pos: torch.Tensor  # [B] int64: tokens written since reset = RoPE offset of the next token
 
     def tensors(self) -> list[torch.Tensor]:
@@ -167,9 +179,9 @@ class KVState:
 def init_kv_state(
     batch_size: int, num_layers: int, num_heads: int, head_dim: int, capacity: int, device, dtype=torch.float32
 ) -> KVState:
-    shape = (batch_size + 1, 2, num_heads, capacity, head_dim)
+    shape = (num_layers, batch_size + 1, 2, num_heads, capacity, head_dim)
     return KVState(
-        cache=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)],
+        cache=torch.zeros(shape, device=device, dtype=dtype),
         pos=torch.zeros(batch_size, device=device, dtype=torch.long),
     )
 
@@ -207,6 +219,7 @@ def transformer_forward(
     exec_mask: torch.Tensor | None,
     consts: StepConstants,
     backend: str | None = None,
+    step_weights: DecoderWeights | None = None,
 ) -> torch.Tensor:
     """Run the transformer on conv-layout ``x`` ``[B, C, T]``; returns ``[B, C, T]`` (a transposed view).
 
@@ -214,15 +227,16 @@ def transformer_forward(
     before attending, so after wrap-around the first of the two tokens of a Mimi call sees one key fewer (§2.6),
     exactly like the reference. Without ``kv`` (whole file) every query sees the last ``context`` positions.
     ``backend``: the ``dsm_kernels`` backend of :func:`dsm_kernels.mimi_rope_kv` (None: by device); off the
-    reference backend a streaming call of at most ``dsm_kernels.gemv_max_rows()`` tokens runs on the GEMV kernels
-    (:func:`_transformer_gemv`).
+    reference backend a streaming call of at most ``dsm_kernels.gemv_max_rows()`` tokens runs as one
+    ``dsm_kernels.mimi_transformer`` step on ``step_weights`` (:meth:`LayerWeights.step_weights` of ``layers``): the
+    GEMV kernels, or on CUDA one persistent kernel for all layers.
     ``kv`` is updated in place; rows with a false ``exec_mask`` keep it bitwise unchanged. ``freqs``: see
     :func:`rope_freqs`.
     """
     b, c, t = x.shape
     hd = c // num_heads
-    if kv is not None and gemv_path(b * t, backend, x.device):
-        return _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, consts, backend)
+    if kv is not None and step_weights is not None and gemv_path(b * t, backend, x.device):
+        return _transformer_step(x, step_weights, context, kv, exec_mask, backend)
     h = x.transpose(1, 2).reshape(b * t, c)
     trange = consts.arange(t)
     neg_inf, zero = consts.full(float("-inf"), torch.float32), consts.full(0.0, torch.float32)
@@ -284,33 +298,17 @@ def _ring_mask(pos_q: torch.Tensor, capacity: int, consts: StepConstants) -> tor
     return torch.where((delta >= 0) & (pos_k[:, None] >= 0), zero, neg_inf)[:, None]
 
 
-def _transformer_gemv(x, layers, num_heads, context, freqs, kv, exec_mask, consts, backend):
-    """The streaming transformer for a few tokens (``B * T <= GEMV_MAX_B``) on the GEMV kernels: a layer is the
-    QKV GEMV with its LayerNorm, RoPE and the ring write (slot -1 for inactive rows); the ring attention, its mask
-    made in the kernel; the output GEMV with the LayerScaled residual; the FFN's first GEMV with its LayerNorm and
-    GELU; its second with the residual. Five launches where :func:`transformer_forward`'s torch path takes nine,
-    and no mask ops. Same math; only the order of each dot product's fp32 sum differs (like cuBLAS picking another
-    kernel), so the codes of chaotic deep RVQ levels may differ from the torch path's in rare frames."""
+def _transformer_step(x, weights: DecoderWeights, context: int, kv: KVState, exec_mask, backend):
+    """The streaming transformer for a few tokens (``B * T <= GEMV_MAX_B``) as one ``dsm_kernels.mimi_transformer``
+    step: on Triton five GEMV-kernel launches a layer where :func:`transformer_forward`'s torch path takes nine (and no
+    mask ops), on CUDA one persistent kernel for every layer. Same math; only the order of each dot product's fp32 sum
+    differs (like cuBLAS picking another kernel), so the codes of chaotic deep RVQ levels may differ from the torch
+    path's in rare frames."""
     b, c, t = x.shape
-    hd = c // num_heads
     assert exec_mask is not None
-    capacity = kv.cache[0].shape[3]
-    assert capacity == context, "the ring must hold exactly the attention context"
+    assert kv.cache.shape[4] == context, "the ring must hold exactly the attention context"
     h = torch.empty(b, t, c, dtype=x.dtype, device=x.device)
-    h.copy_(x.transpose(1, 2))  # a buffer of our own: the residual GEMVs update it in place
-    h = h.view(b * t, c)
-    pos_q = kv.pos.view(-1, 1) + consts.arange(t)  # [B, T]
-    ring = consts.arange(b, capacity).view(-1, 1) + torch.remainder(pos_q, capacity)  # row b's ring starts at b * S
-    slots = torch.where(exec_mask.view(-1, 1), ring, consts.full(-1, torch.long)).view(-1)
-    positions, inv_freq = pos_q.view(-1), freqs[0, 0]
-    for i, lw in enumerate(layers):
-        cache = kv.cache[i]  # [B + 1, 2, H, S, D]; seen as [rows, slots, H, D] pages
-        q = dsm_kernels.qkv_rope_gemv(h, lw.in_proj, lw.norm1_w, 1e-5, positions, inv_freq,
-                                      cache[:, 0].permute(0, 2, 1, 3), cache[:, 1].permute(0, 2, 1, 3), slots,
-                                      num_heads, num_heads, beta=lw.norm1_b, backend=backend)  # fmt: skip
-        a = dsm_kernels.mimi_ring_attention(q.view(b, t, num_heads, hd), cache, kv.pos, backend=backend)
-        dsm_kernels.gemv(a.view(b * t, c), lw.out_proj, residual=h, scale=lw.ls1, backend=backend)
-        z = dsm_kernels.gemv(h, lw.linear1, alpha=lw.norm2_w, beta=lw.norm2_b, eps=1e-5, gelu=True, backend=backend)
-        dsm_kernels.gemv(z, lw.linear2, residual=h, scale=lw.ls2, backend=backend)
+    h.copy_(x.transpose(1, 2))  # a buffer of our own: the step updates it in place
+    dsm_kernels.mimi_transformer(weights, h.view(b * t, c), kv.pos, exec_mask, kv.cache, tokens=t, backend=backend)
     kv.pos.add_(exec_mask, alpha=t)
-    return h.view(b, t, c).transpose(1, 2)
+    return h.transpose(1, 2)

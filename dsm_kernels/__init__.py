@@ -114,6 +114,11 @@ _OPS = {
         "triton": "dsm_kernels.decoder:decoder_step_triton",
         "cuda": "dsm_kernels.cuda_ops:decoder_step_cuda",
     },
+    "mimi_transformer": {
+        "reference": "dsm_kernels.decoder:mimi_transformer_ref",
+        "triton": "dsm_kernels.decoder:mimi_transformer_triton",
+        "cuda": "dsm_kernels.cuda_ops:mimi_transformer_cuda",
+    },
     "rvq_encode": {
         "reference": "dsm_kernels.reference:rvq_encode_ref",
         "triton": "dsm_kernels.mimi_kernels:rvq_encode_triton",
@@ -348,6 +353,15 @@ def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_
               counters=counters, cross=cross)
 
 
+def mimi_transformer(weights, h, pos, exec_mask, cache, *, tokens, backend=None) -> None:
+    """See :func:`dsm_kernels.decoder.mimi_transformer_composed`: Mimi's streaming transformer over ``tokens`` new
+    tokens of each stream, ``h`` [B tokens, d] updated in place, for up to ``GEMV_MAX_B`` rows."""
+    checks.mimi_transformer(weights, h, pos, exec_mask, cache, tokens)
+    if h.shape[0] > GEMV_MAX_B:  # the GEMV kernels' limit; more rows take dsm.mimi_modules' batched path
+        raise ValueError(f"mimi_transformer: {h.shape[0]} rows; it takes at most {GEMV_MAX_B}")
+    resolve("mimi_transformer", backend, h.device)(weights, h, pos, exec_mask, cache, tokens=tokens)
+
+
 def rvq_encode(x, codebooks_aug, group_levels, level_ranges, *, out=None, backend=None):
     """See :func:`dsm_kernels.reference.rvq_encode_ref` (Mimi's split residual VQ encode); ``level_ranges`` is the
     caller's :func:`dsm_kernels.reference.rvq_level_ranges` of ``group_levels``, built once on ``x``'s device."""
@@ -424,6 +438,7 @@ __all__ = [
     "mimi_convtr_overlap",
     "mimi_residual_out",
     "mimi_ring_attention",
+    "mimi_transformer",
     "mimi_rope_kv",
     "multistream_embed",
     "op_backends",

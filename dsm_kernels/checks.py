@@ -206,6 +206,19 @@ def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table)
     shape(op, "block_table", block_table, (B, None))
 
 
+def mimi_transformer(w, h, pos, exec_mask, cache, tokens: int) -> None:
+    op = "mimi_transformer"
+    shape(op, "pos", pos, (None,))
+    B = pos.shape[0]
+    if tokens < 1:
+        raise ValueError(f"{op}: tokens must be >= 1, got {tokens}")
+    shape(op, "h", h, (B * tokens, w.dim))
+    shape(op, "exec_mask", exec_mask, (B,))
+    shape(op, "cache", cache, (len(w.layers), B + 1, 2, w.num_heads, None, w.head_dim))
+    if cache.shape[4] < tokens:
+        raise ValueError(f"{op}: a ring of {cache.shape[4]} slots cannot take {tokens} new tokens a step")
+
+
 def rvq_encode(x, codebooks_aug, group_levels, level_ranges, out) -> None:
     op = "rvq_encode"
     shape(op, "x", x, (None, None, None))

@@ -218,8 +218,8 @@ DECODER_MAX_ROWS, DECODER_MAX_HEAD_DIM = 4, 128
 
 
 def _decoder_weights_verdict(w) -> str | None:
-    D, dt = w.head_dim, w.text_linear.dtype
-    vec = 16 // w.text_linear.element_size()
+    D, dt = w.head_dim, w.dtype
+    vec = 16 // dt.itemsize
     hidden = w.layers[0].linear_out.shape[1]
     if dt not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {dt}"
@@ -229,7 +229,8 @@ def _decoder_weights_verdict(w) -> str | None:
         return f"dims ({w.dim}, {hidden}) not multiples of {vec} (16-byte rows)"
     tensors = [w.out_norm, w.text_linear]
     for lw in w.layers:
-        tensors += [lw.norm1, lw.in_proj, lw.out_proj, lw.norm2, lw.linear_in, lw.linear_out, lw.scale1, lw.scale2]
+        tensors += [lw.norm1, lw.in_proj, lw.out_proj, lw.norm2, lw.linear_in, lw.linear_out, lw.scale1, lw.scale2,
+                    lw.norm1_bias, lw.norm2_bias]
         if (lw.cross is None) != (w.layers[0].cross is None) or lw.cross is not None and lw.cross.norm_bias is None:
             return "a cross-attention in some layers only, or without its LayerNorm bias"
         if lw.cross is not None:
@@ -242,7 +243,7 @@ def _decoder_weights_verdict(w) -> str | None:
 
 def decoder_unsupported(w, x, k_cache, cross) -> str | None:
     """Why the persistent step kernel does not take this step (the single ops then run it), or None. ``cross``: the
-    condition's pages (``dsm.kv_cache.CrossKVCache``) or None."""
+    condition's pages (``dsm.kv_cache.CrossKVCache``) or None. ``k_cache`` may be a strided view (Mimi's ring)."""
     from .decoder import DecoderWeights
 
     assert isinstance(w, DecoderWeights)
@@ -252,9 +253,12 @@ def decoder_unsupported(w, x, k_cache, cross) -> str | None:
         return f"{x.shape[0]} rows (it takes 1..{DECODER_MAX_ROWS})"
     if (w.layers[0].cross is None) != (cross is None):
         return "a cross-attention in some layers only (or condition pages without one)"
-    tensors = [x, k_cache] + ([cross.k, cross.v] if cross is not None else [])
-    if not _aligned(tensors, w.text_linear.dtype):
-        return f"x {x.dtype} or the caches ({k_cache.dtype}) not contiguous, 16-byte aligned and of the model dtype"
+    vec = 16 // w.dtype.itemsize
+    if k_cache.dtype != w.dtype or k_cache.stride(-1) != 1 or any(st % vec for st in k_cache.stride()[:-1]):
+        return f"a {k_cache.dtype} cache with strides {k_cache.stride()} (it takes the model dtype, 16-byte rows)"
+    tensors = [x] + ([cross.k, cross.v] if cross is not None else [])
+    if not _aligned(tensors, w.dtype) or k_cache.data_ptr() % 16:
+        return f"x {x.dtype} or the caches not contiguous, 16-byte aligned and of the model dtype"
     if cross is not None and (cross.k.shape[2:] != (cross.page_size, w.num_heads, w.head_dim)
                               or cross.length % cross.page_size):  # fmt: skip
         return f"condition pages {tuple(cross.k.shape)}"
@@ -262,30 +266,32 @@ def decoder_unsupported(w, x, k_cache, cross) -> str | None:
 
 
 def _decoder_entries(w) -> list[int]:
-    """Layout: ``DSM_DEC_TABLE_STRIDE`` (13) per layer in csrc/dsm_cuda.h."""
+    """Layout: ``DSM_DEC_TABLE_STRIDE`` (15) per layer in csrc/dsm_cuda.h."""
     rows = []
     for lw in w.layers:
         c = lw.cross
         cross = (c.norm_weight, c.norm_bias, c.q_proj, c.out_proj, c.scale) if c is not None else (None,) * 5
         rows += map(_ptr, (lw.in_proj, lw.out_proj, lw.linear_in, lw.linear_out, lw.norm1, lw.norm2, lw.scale1,
-                           lw.scale2, *cross))
+                           lw.scale2, *cross, lw.norm1_bias, lw.norm2_bias))
     return rows
 
 
-def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross) -> dict:
+def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross, starts=None) -> dict:
     """Outputs and inputs of one persistent step, as both launch routes (the torch op, the tests' CPU emulation) pass
-    them: ``z`` [B, d] and ``logits`` [B, V] to fill, and ``dims``."""
-    B = x.shape[0]
+    them: ``z`` [B, d] and ``logits`` [B, V] to fill (None without a head), and ``dims``."""
+    B, head = x.shape[0], w.text_linear is not None
     return dict(
-        z=torch.empty_like(x), logits=torch.empty(B, w.text_linear.shape[0], dtype=x.dtype, device=x.device),
+        z=torch.empty_like(x) if head else None,
+        logits=torch.empty(B, w.text_linear.shape[0], dtype=x.dtype, device=x.device) if head else None,
         table=_pointer_table(w, x.device, "decoder_step", _decoder_entries), out_norm=w.out_norm,
         text_linear=w.text_linear,
         inv_freq=None if w.inv_freq is None else w.inv_freq.float().contiguous(),
         positions=positions.long().contiguous(),
         slot=slot.long().contiguous(), seq_lens=seq_lens.int().contiguous(),
+        starts=None if starts is None else starts.int().contiguous(),
         block_table=block_table.int().contiguous(),
         dims=[w.num_heads, w.num_kv_heads, w.layers[0].linear_out.shape[1], len(w.layers), k_cache.shape[2],
-              int(context)],
+              int(context), int(w.gelu)],
         eps=float(w.norm_eps), out_eps=float(w.out_norm_eps), scale=float(w.head_dim**-0.5),
         cross_k=None if cross is None else cross.k, cross_v=None if cross is None else cross.v,
         cross_block_table=None if cross is None else cross.block_table.int().contiguous(),
@@ -294,20 +300,55 @@ def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, cont
     )
 
 
+def _decoder_launch(x, k_cache, v_cache, ops, blocks) -> None:
+    _ops().decoder_step(x, ops["z"], ops["logits"], k_cache, v_cache, ops["table"], ops["out_norm"],
+                        ops["text_linear"], ops["inv_freq"], ops["positions"], ops["slot"], ops["seq_lens"],
+                        ops["starts"], ops["block_table"], ops["cross_k"], ops["cross_v"], ops["cross_block_table"],
+                        ops["cross_seq_lens"], [*ops["dims"], blocks], ops["eps"], ops["out_eps"], ops["scale"],
+                        ops["cross_eps"])
+
+
 def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
                       cross=None, blocks=0):  # fmt: skip
     """CUDA backend of :func:`~dsm_kernels.decoder.decoder_step_composed`: the persistent kernel (one cooperative
     launch a step) where :func:`decoder_unsupported` allows, else the single ops with the CUDA kernels where they
     exist (paged attention) and Triton's elsewhere. ``blocks``: the persistent kernel's grid (0 = one per SM)."""
-    if decoder_unsupported(w, x, k_cache, cross) is not None:
+    if w.text_linear is None or decoder_unsupported(w, x, k_cache, cross) is not None:
         from .decoder import decoder_step_composed
 
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
                                      counters=counters, cross=cross, backend="cuda")
     ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross)
-    _ops().decoder_step(x, ops["z"], ops["logits"], k_cache, v_cache, ops["table"], ops["out_norm"],
-                        ops["text_linear"], ops["inv_freq"], ops["positions"], ops["slot"], ops["seq_lens"],
-                        ops["block_table"], ops["cross_k"], ops["cross_v"], ops["cross_block_table"],
-                        ops["cross_seq_lens"], [*ops["dims"], blocks], ops["eps"], ops["out_eps"], ops["scale"],
-                        ops["cross_eps"])
+    _decoder_launch(x, k_cache, v_cache, ops, blocks)
     return ops["z"], ops["logits"]
+
+
+def mimi_operands(w, h, pos, exec_mask, cache, tokens: int):
+    """Mimi's transformer step as the persistent kernel's operands: ``(k_pages, v_pages, operands)``. Stream b's ring
+    is page b of ``context`` slots ([L, B + 1, S, H, D] views of ``cache``), row ``b * tokens + j`` sees positions
+    from ``pos[b] + tokens - S`` (what the ring still holds once every new key is written) to its own."""
+    from .decoder import mimi_rows
+
+    B, S = pos.shape[0], cache.shape[4]
+    positions, slots = mimi_rows(w, pos, exec_mask, tokens, S)
+    key = ("mimi_pages", B, tokens, S, str(h.device))
+    if key not in w.derived:  # row b * tokens + j: page b, and first visible position = its own + (tokens - S) - j
+        rows = torch.arange(B * tokens, device=h.device)
+        w.derived[key] = ((rows // tokens).int().view(-1, 1), (tokens - S) - rows % tokens)
+    block_table, start_offset = w.derived[key]
+    starts = positions + start_offset
+    pages = cache.transpose(3, 4)  # [L, B + 1, 2, S, H, D]
+    k_pages, v_pages = pages[:, :, 0], pages[:, :, 1]
+    ops = decoder_operands(w, h, positions, slots, positions + 1, k_pages, block_table, S, None, starts=starts)
+    return k_pages, v_pages, ops
+
+
+def mimi_transformer_cuda(w, h, pos, exec_mask, cache, *, tokens, blocks=0) -> None:
+    """CUDA backend of :func:`~dsm_kernels.decoder.mimi_transformer_composed`: the persistent decode-step kernel
+    (one cooperative launch for all layers) where :func:`decoder_unsupported` allows, else the single ops."""
+    if decoder_unsupported(w, h, cache.transpose(3, 4)[:, :, 0], None) is not None:
+        from .decoder import mimi_transformer_composed
+
+        return mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens, backend="cuda")
+    k_pages, v_pages, ops = mimi_operands(w, h, pos, exec_mask, cache, tokens)
+    _decoder_launch(h, k_pages, v_pages, ops, blocks)

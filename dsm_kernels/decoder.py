@@ -8,6 +8,10 @@ attention, the out-projection GEMV with the residual, the optional cross-attenti
 attention over the condition pages, out GEMV + residual), the gated FFN as two GEMVs; 6 launches a layer (8 with the
 cross-attention). The CUDA backend (``dsm_kernels.cuda_ops.decoder_step_cuda``) runs the whole step as one
 persistent kernel where it can. The rounding points are the module path's (``dsm.model``).
+
+Mimi's streaming transformer (DSM-SPEC §7.5) is the same kind of step with LayerNorms, a GELU FFN and no head, over a
+K/V ring per stream: :func:`mimi_transformer_composed` is its composition of single ops, and the CUDA backend runs
+it on the same persistent kernel (``dsm_kernels.cuda_ops.mimi_transformer_cuda``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class DecoderCrossWeights:
 
 @dataclass
 class DecoderLayerWeights:
-    norm1: torch.Tensor  # [d] RMSNorm alpha
+    norm1: torch.Tensor  # [d] RMSNorm alpha (LayerNorm weight with norm1_bias)
     in_proj: torch.Tensor  # [(H + 2 Hkv) D, d]: q rows, then k, then v
     out_proj: torch.Tensor  # [d, H D]
     norm2: torch.Tensor  # [d]
@@ -40,26 +44,34 @@ class DecoderLayerWeights:
     scale1: torch.Tensor | None = None  # LayerScale [d] or None
     scale2: torch.Tensor | None = None
     cross: DecoderCrossWeights | None = None
+    norm1_bias: torch.Tensor | None = None  # [d]: the norms are LayerNorms (Mimi), else RMSNorms
+    norm2_bias: torch.Tensor | None = None
 
 
 @dataclass
 class DecoderWeights:
-    """Every tensor of a decode step (fp32 RMSNorms, SiLU-gated FFNs: the released layouts)."""
+    """Every tensor of a decode step: the LM's (RMSNorms, SiLU-gated FFNs, a text head) or Mimi's transformer's
+    (LayerNorms, GELU FFNs, ``linear_in`` [hidden, d], no head: ``out_norm`` and ``text_linear`` None)."""
 
     num_heads: int
     num_kv_heads: int
     inv_freq: torch.Tensor | None  # [D/2] fp32 RoPE frequencies, or None (no RoPE)
     norm_eps: float
     layers: tuple[DecoderLayerWeights, ...]
-    out_norm: torch.Tensor  # [d] RMSNorm alpha before the text head
+    out_norm: torch.Tensor | None  # [d] RMSNorm alpha before the text head
     out_norm_eps: float
-    text_linear: torch.Tensor  # [V, d]
+    text_linear: torch.Tensor | None  # [V, d]
+    gelu: bool = False  # the FFN: GELU of linear_in (Mimi), else SiLU-gated
     # what a backend derives once from these tensors (the CUDA kernel's device table of pointers), by key
     derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
-        return self.out_norm.shape[-1]
+        return self.layers[0].norm1.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].in_proj.dtype
 
     @property
     def head_dim(self) -> int:
@@ -98,14 +110,9 @@ def decoder_step_composed(w: DecoderWeights, x, positions, slot, seq_lens, k_cac
     Returns ``(z, logits)``: the normed output [B, d] and the text logits [B, V]."""
     import dsm_kernels as K
 
-    H, Hkv = w.num_heads, w.num_kv_heads
+    H = w.num_heads
     for i, lw in enumerate(w.layers):
-        if w.inv_freq is not None:  # projection, RoPE and the K/V write: one kernel
-            q = K.qkv_rope_gemv(x, lw.in_proj, lw.norm1, w.norm_eps, positions, w.inv_freq, k_cache[i], v_cache[i],
-                                slot, H, Hkv, backend=backend)  # fmt: skip
-        else:
-            qkv = K.gemv(x, lw.in_proj, alpha=lw.norm1, eps=w.norm_eps, backend=backend)
-            q = rope_append(qkv, positions, None, k_cache[i], v_cache[i], slot, H, Hkv, backend=backend)
+        q = _attention_input(w, i, x, positions, k_cache[i], v_cache[i], slot, backend)
         a = K.paged_decode_attention(q, k_cache[i], v_cache[i], block_table, seq_lens, context=context,
                                      counters=counters, backend=backend)  # fmt: skip
         K.gemv(a.flatten(1), lw.out_proj, residual=x, scale=lw.scale1, backend=backend)
@@ -114,10 +121,79 @@ def decoder_step_composed(w: DecoderWeights, x, positions, slot, seq_lens, k_cac
             q = K.gemv(x, c.q_proj, alpha=c.norm_weight, beta=c.norm_bias, eps=c.norm_eps, backend=backend)
             a = condition_attention(q.view(q.shape[0], H, -1), cross, i, counters=counters, backend=backend)
             K.gemv(a.flatten(1), c.out_proj, residual=x, scale=c.scale, backend=backend)
-        h = K.gemv(x, lw.linear_in, alpha=lw.norm2, eps=w.norm_eps, gate=True, backend=backend)
-        K.gemv(h, lw.linear_out, residual=x, scale=lw.scale2, backend=backend)
+        _feed_forward(w, i, x, backend)
+    if w.text_linear is None:
+        raise ValueError("decoder_step: these weights have no text head (Mimi's: use mimi_transformer)")
     x, z = K.add_rms_norm(x, w.out_norm, w.out_norm_eps, backend=backend)
     return z, K.gemv(z, w.text_linear, backend=backend)
+
+
+def _attention_input(w: DecoderWeights, i: int, x, positions, k_cache, v_cache, slot, backend):
+    """Layer ``i``'s norm + QKV projection of ``x``, RoPE, and the K/V write at ``slot``; returns q [B, H, D]."""
+    import dsm_kernels as K
+
+    lw, H, Hkv = w.layers[i], w.num_heads, w.num_kv_heads
+    if w.inv_freq is not None:  # projection, RoPE and the K/V write: one kernel
+        return K.qkv_rope_gemv(x, lw.in_proj, lw.norm1, w.norm_eps, positions, w.inv_freq, k_cache, v_cache, slot, H,
+                               Hkv, beta=lw.norm1_bias, backend=backend)  # fmt: skip
+    qkv = K.gemv(x, lw.in_proj, alpha=lw.norm1, beta=lw.norm1_bias, eps=w.norm_eps, backend=backend)
+    return rope_append(qkv, positions, None, k_cache, v_cache, slot, H, Hkv, backend=backend)
+
+
+def _feed_forward(w: DecoderWeights, i: int, x, backend) -> None:
+    """Layer ``i``'s norm + FFN (SiLU-gated, or GELU), added to the residual stream ``x`` in place."""
+    import dsm_kernels as K
+
+    lw = w.layers[i]
+    h = K.gemv(x, lw.linear_in, alpha=lw.norm2, beta=lw.norm2_bias, eps=w.norm_eps, gate=not w.gelu, gelu=w.gelu,
+               backend=backend)  # fmt: skip
+    K.gemv(h, lw.linear_out, residual=x, scale=lw.scale2, backend=backend)
+
+
+def mimi_rows(w: DecoderWeights, pos, exec_mask, tokens: int, capacity: int):
+    """Per-row indices of a Mimi transformer step of ``tokens`` new tokens per stream (rows ``b * tokens + j``):
+    ``positions`` [B T] int64 (``pos[b] + j``) and ``slots`` [B T] int64 (``b * capacity + position % capacity`` in
+    the ring seen as pages of ``capacity`` slots; -1 for inactive streams: no write). Index constants are made once
+    per shape (in ``w.derived``), so a captured step launches only the index math."""
+    B, dev = pos.shape[0], pos.device
+    key = ("mimi_rows", B, tokens, capacity, str(dev))
+    if key not in w.derived:
+        w.derived[key] = (torch.arange(tokens, device=dev), torch.arange(B, device=dev).view(-1, 1) * capacity)
+    j, base = w.derived[key]
+    positions = pos.view(-1, 1) + j  # [B, T]
+    slots = torch.where(exec_mask.view(-1, 1), base + torch.remainder(positions, capacity), -1)
+    return positions.view(-1), slots.view(-1)
+
+
+def mimi_transformer_composed(w: DecoderWeights, h, pos, exec_mask, cache, *, tokens: int, backend=None) -> None:
+    """Mimi's streaming transformer over ``tokens`` new tokens of each of B streams, as single ops on ``backend``:
+    ``h`` [B T, d] (rows ``b * tokens + j``; updated in place), ``pos`` [B] int64 (tokens each stream has written:
+    the RoPE position of its first new token), ``exec_mask`` [B] bool (inactive streams write nothing; their rows'
+    outputs are meaningless), ``cache`` [L, B + 1, 2, H, S, D] (the K/V ring of ``S == context`` slots per stream).
+    Every new key is written before any query attends, so after the ring wraps a stream's first token sees one key
+    fewer (the slot its second token overwrote), as in the reference. Per layer: the QKV GEMV with its LayerNorm,
+    RoPE and the ring write; the ring attention; out + LayerScaled residual; the FFN's GEMV with its LayerNorm and
+    GELU; its out GEMV + residual. ``pos`` is not advanced (the caller's state does that)."""
+    import dsm_kernels as K
+
+    B, S = pos.shape[0], cache.shape[4]
+    positions, slots = mimi_rows(w, pos, exec_mask, tokens, S)
+    for i in range(len(w.layers)):
+        pages = cache[i].transpose(2, 3)  # [B + 1, 2, S, H, D]: stream b's ring is page b
+        q = _attention_input(w, i, h, positions, pages[:, 0], pages[:, 1], slots, backend)
+        a = K.mimi_ring_attention(q.view(B, tokens, w.num_heads, w.head_dim), cache[i], pos, backend=backend)
+        K.gemv(a.view(B * tokens, -1), w.layers[i].out_proj, residual=h, scale=w.layers[i].scale1, backend=backend)
+        _feed_forward(w, i, h, backend)
+
+
+def mimi_transformer_ref(w, h, pos, exec_mask, cache, *, tokens):
+    """Mimi's transformer step on the reference ops (see :func:`mimi_transformer_composed`)."""
+    mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens, backend="reference")
+
+
+def mimi_transformer_triton(w, h, pos, exec_mask, cache, *, tokens):
+    """Mimi's transformer step on the Triton kernels (see :func:`mimi_transformer_composed`)."""
+    mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens, backend="triton")
 
 
 def decoder_step_ref(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,

@@ -300,8 +300,42 @@ def cast_decoder_weights(w, dtype: torch.dtype):
 
     layers = tuple(replace(lw, norm1=c(lw.norm1), in_proj=c(lw.in_proj), out_proj=c(lw.out_proj), norm2=c(lw.norm2),
                            linear_in=c(lw.linear_in), linear_out=c(lw.linear_out), scale1=c(lw.scale1),
-                           scale2=c(lw.scale2), cross=cross(lw.cross)) for lw in w.layers)  # fmt: skip
+                           scale2=c(lw.scale2), cross=cross(lw.cross), norm1_bias=c(lw.norm1_bias),
+                           norm2_bias=c(lw.norm2_bias)) for lw in w.layers)  # fmt: skip
     return replace(w, layers=layers, out_norm=c(w.out_norm), text_linear=c(w.text_linear))
+
+
+def random_mimi_transformer_weights(*, dim=64, heads=4, layers=2, hidden=96, device="cpu", seed=0):
+    """Random weights of Mimi's transformer as ``dsm_kernels.decoder.DecoderWeights`` (fp32 LayerNorms with biases,
+    GELU FFNs, LayerScales, RoPE, no head), scaled by 1/sqrt(fan_in)."""
+    from dataclasses import replace
+
+    w = random_decoder_weights(dim=dim, heads=heads, layers=layers, hidden=hidden, scales=True, device=device,
+                               seed=seed)  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def r(*shape, scale):
+        return torch.randn(*shape, generator=g, device=device) * scale
+
+    lws = tuple(replace(lw, linear_in=lw.linear_in[:hidden].contiguous(), norm1_bias=r(dim, scale=0.3),
+                        norm2_bias=r(dim, scale=0.3)) for lw in w.layers)  # fmt: skip
+    return replace(w, layers=lws, out_norm=None, text_linear=None, gelu=True)
+
+
+def mimi_transformer_inputs(w, B: int, *, tokens=2, capacity=12, pos=None, active=None, seed=1, device="cpu"):
+    """Inputs of one Mimi transformer step for ``w``: ``h`` [B tokens, d], ``pos`` (default: streams at different
+    points of their ring: the first wrapped, the second fresh), ``exec_mask`` (default: all active), and a ring
+    ``cache`` of ``capacity`` slots full of random history. Keyword arguments of ``mimi_transformer``; fresh tensors
+    at every call (the step writes ``h`` and the cache in place)."""
+    g = torch.Generator().manual_seed(seed)
+    if pos is None:
+        pos = torch.tensor([(5 * capacity + 3, 0, capacity - 1, 2 * capacity - 2)[b % 4] + 7 * (b // 4)
+                            for b in range(B)])  # fmt: skip
+    cache = torch.randn(len(w.layers), B + 1, 2, w.num_heads, capacity, w.head_dim, generator=g)
+    h = torch.randn(B * tokens, w.dim, generator=g)
+    mask = torch.ones(B, dtype=torch.bool) if active is None else torch.as_tensor(active, dtype=torch.bool)
+    return dict(h=h.to(device), pos=torch.as_tensor(pos, dtype=torch.long).to(device), exec_mask=mask.to(device),
+                cache=cache.to(device), tokens=tokens)
 
 
 def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positions=None, cross_length=20,

@@ -400,6 +400,31 @@ def _decoder_rows(backend, device, quick):
     return rows
 
 
+def _mimi_transformer_rows(backend, device, quick):
+    """Mimi's streaming transformer step (one stream whose ring has wrapped, and two streams with one paused): h of
+    the active rows and the ring within 1e-5 relative of the reference (fp32, Mimi's only dtype)."""
+    from .decoder import mimi_transformer_ref
+    from .testing import mimi_transformer_inputs, random_mimi_transformer_weights
+
+    step = resolve("mimi_transformer", backend, device)
+    small = quick or device.type == "cpu"
+    shapes, S = (dict(dim=64, heads=4, layers=2, hidden=96), 12) if small else \
+        (dict(dim=512, heads=8, layers=8, hidden=2048), 250)  # fmt: skip
+    w = random_mimi_transformer_weights(**shapes, device=device, seed=3)
+    rows = []
+    for B, active in ((1, None), (2, [True, False])):
+        ref, mine = (mimi_transformer_inputs(w, B, capacity=S, active=active, device=device) for _ in range(2))
+        mimi_transformer_ref(w, **ref)
+        step(w, **mine)
+        live = ref["exec_mask"].repeat_interleave(2)
+        err = max_abs_err(mine["h"][live], ref["h"][live]) / float(ref["h"][live].abs().max())
+        kv_err = max_abs_err(mine["cache"], ref["cache"]) / float(ref["cache"].abs().max())
+        tol = 1e-5 if small else 5e-5  # 8 layers of fp32 sums in another order than cuBLAS's
+        rows.append(Row("mimi_transformer", backend, f"B{B} T2 L{len(w.layers)} ring {S} fp32", max(err, kv_err),
+                        tol, max(err, kv_err) <= tol, "max of h and ring err / max|ref|"))  # fmt: skip
+    return rows
+
+
 def _mimi_rows(backend, device, quick):
     """Mimi's fp32 kernels at its shapes (narrower on a CPU), against their references: 1e-5 relative to the output's
     scale."""
@@ -532,6 +557,7 @@ _CHECKS = {
     ("qkv_rope_gemv",): _qkv_rope_gemv_rows,
     ("depformer_frame",): _depformer_rows,
     ("decoder_step",): _decoder_rows,
+    ("mimi_transformer",): _mimi_transformer_rows,
     ("conv1d_gemv", "mimi_ring_attention", "mimi_convtr_gemv", "mimi_residual_out"): _mimi_rows,
     ("rvq_encode", "rvq_decode", "mimi_rope_kv", "mimi_conv_pad", "mimi_convtr_overlap"): _mimi_codec_rows,
 }

@@ -28,6 +28,7 @@ from dsm_kernels.cuda_ops import (
     decoder_unsupported,
     depformer_operands,
     depformer_unsupported,
+    mimi_operands,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,49 +208,73 @@ class DecoderArgs(ctypes.Structure):
     """``DsmDecoderArgs`` of csrc/dsm_cuda.h."""
 
     _fields_ = [*((n, ctypes.c_int) for n in ("B", "dim", "heads", "kv_heads", "head_dim", "hidden", "vocab", "layers",
-                                              "dtype", "page_size", "pages_per_slot", "context", "blocks")),
+                                              "dtype", "page_size", "pages_per_slot", "context", "blocks", "gelu")),
                 *((n, ctypes.c_float) for n in ("eps", "out_eps", "scale", "cross_eps")),
                 *((n, ctypes.c_void_p) for n in ("table", "out_norm", "text_linear", "inv_freq", "positions", "slot",
-                                                 "seq_lens", "block_table", "k_cache", "v_cache")),
-                ("cache_layer_stride", ctypes.c_int64), ("cross_k", ctypes.c_void_p), ("cross_v", ctypes.c_void_p),
-                ("cross_layer_stride", ctypes.c_int64),
+                                                 "seq_lens", "starts", "block_table", "k_cache", "v_cache")),
+                *((n, ctypes.c_int64) for n in ("cache_layer_stride", "page_stride", "slot_stride", "head_stride")),
+                ("cross_k", ctypes.c_void_p), ("cross_v", ctypes.c_void_p), ("cross_layer_stride", ctypes.c_int64),
                 *((n, ctypes.c_void_p) for n in ("cross_block_table", "cross_seq_lens")),
                 ("cross_page_size", ctypes.c_int), ("cross_length", ctypes.c_int),
                 *((n, ctypes.c_void_p) for n in ("x", "z", "logits", "work", "sync"))]
+
+
+def _decoder_launch_emu(x, k_cache, v_cache, ops, cross, blocks) -> None:
+    """The persistent decode-step kernel, emulated, on ``decoder_operands``' ``ops`` (as bindings.cpp passes them)."""
+    heads, kv_heads, hidden, layers, page_size, context, gelu = ops["dims"]
+    B, D, dtype = x.shape[0], k_cache.shape[4], _DTYPES[x.dtype]
+    # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN
+    work = _poisoned_work(_lib().dsm_decoder_work_bytes(B, heads, D, hidden, dtype))
+    for out in (ops["z"], ops["logits"]):
+        if out is not None:
+            out.fill_(float("nan"))
+    sync = torch.zeros(2 + B * heads, dtype=torch.int32)  # the grid barrier, the attention counters
+    vocab = 0 if ops["text_linear"] is None else ops["text_linear"].shape[0]
+    args = DecoderArgs(B, x.shape[1], heads, kv_heads, D, hidden, vocab, layers, dtype, page_size,
+                       ops["block_table"].shape[1], context, blocks, gelu, ops["eps"], ops["out_eps"], ops["scale"],
+                       ops["cross_eps"],
+                       *map(_ptr, (ops["table"], ops["out_norm"], ops["text_linear"], ops["inv_freq"],
+                                   ops["positions"], ops["slot"], ops["seq_lens"], ops["starts"], ops["block_table"],
+                                   k_cache, v_cache)),
+                       *k_cache.stride()[:4], _ptr(ops["cross_k"]), _ptr(ops["cross_v"]),
+                       0 if cross is None else cross.k.stride(0), _ptr(ops["cross_block_table"]),
+                       _ptr(ops["cross_seq_lens"]), 0 if cross is None else cross.page_size,
+                       0 if cross is None else cross.length,
+                       *map(_ptr, (x, ops["z"], ops["logits"], work, sync)))  # fmt: skip
+    _run_persistent(_lib().dsm_launch_decoder_step, args, sync, "decoder_step")
+
+
+def _single_ops_backend(device) -> str:
+    """What the single ops run on where the persistent kernel does not: the emulated CUDA ones where the
+    cuda_emulated fixture routes the cuda backend here, else Triton's."""
+    import dsm_kernels
+
+    return "cuda" if "cuda" in dsm_kernels.available_backends(device) else "triton"
 
 
 def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
                      cross=None, blocks=3):  # fmt: skip
     """``cuda_ops.decoder_step_cuda`` on the emulated persistent kernel (``blocks``: its grid, as in
     :func:`depformer_frame_emu`); steps it does not take run the single ops (Triton, emulated CUDA attention)."""
-    if decoder_unsupported(w, x, k_cache, cross) is not None:  # the single ops, as cuda_ops: emulated CUDA ones
-        import dsm_kernels  # where the cuda_emulated fixture routes the cuda backend here, else Triton's
+    if decoder_unsupported(w, x, k_cache, cross) is not None:
         from dsm_kernels.decoder import decoder_step_composed
 
-        single = "cuda" if "cuda" in dsm_kernels.available_backends(x.device) else "triton"
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
-                                     counters=counters, cross=cross, backend=single)
+                                     counters=counters, cross=cross, backend=_single_ops_backend(x.device))
     ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross)
-    heads, kv_heads, hidden, layers, page_size, context = ops["dims"]
-    B, D, dtype = x.shape[0], k_cache.shape[4], _DTYPES[x.dtype]
-    # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN
-    work = _poisoned_work(_lib().dsm_decoder_work_bytes(B, heads, D, hidden, dtype))
-    ops["z"].fill_(float("nan"))
-    ops["logits"].fill_(float("nan"))
-    sync = torch.zeros(2 + B * heads, dtype=torch.int32)  # the grid barrier, the attention counters
-    args = DecoderArgs(B, w.dim, heads, kv_heads, D, hidden, w.text_linear.shape[0], layers, dtype, page_size,
-                       ops["block_table"].shape[1], context, blocks, ops["eps"], ops["out_eps"], ops["scale"],
-                       ops["cross_eps"],
-                       *map(_ptr, (ops["table"], ops["out_norm"], ops["text_linear"], ops["inv_freq"],
-                                   ops["positions"], ops["slot"], ops["seq_lens"], ops["block_table"], k_cache,
-                                   v_cache)),
-                       k_cache.stride(0), _ptr(ops["cross_k"]), _ptr(ops["cross_v"]),
-                       0 if cross is None else cross.k.stride(0), _ptr(ops["cross_block_table"]),
-                       _ptr(ops["cross_seq_lens"]), 0 if cross is None else cross.page_size,
-                       0 if cross is None else cross.length,
-                       *map(_ptr, (x, ops["z"], ops["logits"], work, sync)))  # fmt: skip
-    _run_persistent(_lib().dsm_launch_decoder_step, args, sync, "decoder_step")
+    _decoder_launch_emu(x, k_cache, v_cache, ops, cross, blocks)
     return ops["z"], ops["logits"]
+
+
+def mimi_transformer_emu(w, h, pos, exec_mask, cache, *, tokens, blocks=3) -> None:
+    """``cuda_ops.mimi_transformer_cuda`` on the emulated persistent kernel."""
+    if decoder_unsupported(w, h, cache.transpose(3, 4)[:, :, 0], None) is not None:
+        from dsm_kernels.decoder import mimi_transformer_composed
+
+        return mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens,
+                                         backend=_single_ops_backend(h.device))  # fmt: skip
+    k_pages, v_pages, ops = mimi_operands(w, h, pos, exec_mask, cache, tokens)
+    _decoder_launch_emu(h, k_pages, v_pages, ops, None, blocks)
 
 
 def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, blocks=3):
@@ -283,4 +308,5 @@ OPS = {
     "sample_tokens": sample_tokens_emu,
     "depformer_frame": depformer_frame_emu,
     "decoder_step": decoder_step_emu,
+    "mimi_transformer": mimi_transformer_emu,
 }

@@ -16,7 +16,13 @@ import torch
 
 import dsm_kernels
 from dsm_kernels.decoder import decoder_step_ref
-from dsm_kernels.testing import cast_decoder_weights, decoder_inputs, random_decoder_weights
+from dsm_kernels.testing import (
+    cast_decoder_weights,
+    decoder_inputs,
+    mimi_transformer_inputs,
+    random_decoder_weights,
+    random_mimi_transformer_weights,
+)
 
 needs_triton = pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -198,3 +204,115 @@ def test_gpu_persistent_real_shapes_bf16_and_graph_replay(shapes, B):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, lg)
+
+
+# Mimi's streaming transformer (dsm_kernels.mimi_transformer): the same persistent kernel with LayerNorms, GELU FFNs,
+# no head, and a K/V ring per stream whose first token of a step must not see the slot its second token overwrote.
+MIMI_CASES = {  # streams, tokens a step, active streams, grid blocks
+    "b1-t2-wrapped": (1, 2, None, 3),
+    "b2-t2-one-paused": (2, 2, [True, False], 4),
+    "b1-t4": (1, 4, None, 2),
+    "b4-t1": (4, 1, None, 5),
+}
+
+
+def run_mimi(backend, w, ins, blocks=3) -> None:
+    if backend == "cuda_emu":
+        import cuda_emu
+
+        return cuda_emu.mimi_transformer_emu(w, **ins, blocks=blocks)
+    if backend == "cuda":
+        from dsm_kernels.cuda_ops import mimi_transformer_cuda
+
+        return mimi_transformer_cuda(w, **ins, blocks=blocks)
+    return dsm_kernels.mimi_transformer(w, **ins, backend=backend)
+
+
+def assert_mimi_matches_reference(w, backend, B, tokens, active=None, blocks=3, tol=1e-5, **kw):
+    """``h`` of the active streams' rows and the whole ring (new K/V where the reference writes them, nothing for a
+    paused stream) within ``tol`` of the reference."""
+    from dsm_kernels.cuda_ops import decoder_unsupported
+    from dsm_kernels.decoder import mimi_transformer_ref
+
+    dev = device_of(backend)
+    ref, mine = (mimi_transformer_inputs(w, B, tokens=tokens, active=active, device=dev, **kw) for _ in range(2))
+    if backend != "triton":  # the persistent kernel takes it (not the single ops)
+        assert decoder_unsupported(w, mine["h"], mine["cache"].transpose(3, 4)[:, :, 0], None) is None
+    before = mine["cache"].clone()
+    mimi_transformer_ref(w, **ref)
+    run_mimi(backend, w, mine, blocks)
+    rows = ref["exec_mask"].repeat_interleave(tokens)
+    assert rel(mine["h"][rows], ref["h"][rows]) < tol
+    assert rel(mine["cache"], ref["cache"]) < tol
+    for b in (~ref["exec_mask"]).nonzero().flatten().tolist():
+        assert torch.equal(mine["cache"][:, b], before[:, b]), "a paused stream's ring was written"
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", *PERSISTENT])
+@pytest.mark.parametrize("case", list(MIMI_CASES))
+def test_mimi_transformer_matches_reference(case, backend):
+    B, tokens, active, blocks = MIMI_CASES[case]
+    w = random_mimi_transformer_weights(layers=2, seed=len(case), device=device_of(backend))
+    assert_mimi_matches_reference(w, backend, B, tokens, active, blocks)
+
+
+@pytest.mark.parametrize("backend", PERSISTENT)
+def test_mimi_transformer_output_does_not_depend_on_the_grid(backend):
+    dev = device_of(backend)
+    w = random_mimi_transformer_weights(layers=2, seed=8, device=dev)
+    outs = []
+    for blocks in (1, 2, 5):
+        ins = mimi_transformer_inputs(w, 2, device=dev)
+        run_mimi(backend, w, ins, blocks)
+        outs.append((ins["h"], ins["cache"]))
+    for h, cache in outs[1:]:
+        assert torch.equal(h, outs[0][0]) and torch.equal(cache, outs[0][1])
+
+
+def test_mimi_transformer_checks_its_inputs():
+    w = random_mimi_transformer_weights(layers=1, seed=2)
+    ins = mimi_transformer_inputs(w, 2)
+    with pytest.raises(ValueError, match="mimi_transformer: h has shape"):
+        dsm_kernels.mimi_transformer(w, **dict(ins, tokens=3))
+    with pytest.raises(ValueError, match="mimi_transformer: cache has shape"):
+        dsm_kernels.mimi_transformer(w, **dict(ins, cache=ins["cache"][:, :2]))
+    with pytest.raises(ValueError, match="mimi_transformer: 6 rows"):
+        dsm_kernels.mimi_transformer(w, **mimi_transformer_inputs(w, 3))
+    with pytest.raises(ValueError, match="no text head"):
+        dsm_kernels.decoder_step(w, **decoder_inputs(random_decoder_weights(layers=1), 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 2])
+def test_gpu_mimi_transformer_released_shapes_and_graph_replay(B):
+    """Mimi's 8 layers (512 wide, 8 heads of 64, FFN 2048, ring of 250) in fp32 against the reference ops on the GPU
+    (5e-5: 8 layers of fp32 sums in another order than cuBLAS's), and bit-identical from a CUDA graph."""
+    from dsm_kernels.cuda_ops import mimi_transformer_cuda
+
+    w = random_mimi_transformer_weights(dim=512, heads=8, layers=8, hidden=2048, device="cuda", seed=12)
+    assert_mimi_matches_reference(w, "cuda", B, 2, blocks=0, tol=5e-5, capacity=250)
+    static = mimi_transformer_inputs(w, B, capacity=250, device="cuda")
+    h0, cache0 = static["h"].clone(), static["cache"].clone()
+    mimi_transformer_cuda(w, **static)  # eager: its pointer table is built outside the capture
+    eager = static["h"].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(graph):
+        mimi_transformer_cuda(w, **static)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        static["h"].copy_(h0)
+        static["cache"].copy_(cache0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static["h"], eager)
+
+
+def test_validate_kernels_checks_the_mimi_step(cuda_emulated):
+    from dsm_kernels.validate import _mimi_transformer_rows
+
+    rows = _mimi_transformer_rows("cuda", torch.device("cpu"), quick=True)
+    assert len(rows) == 2 and all(r.ok for r in rows), rows
+    assert cuda_emulated["mimi_transformer"] == 2

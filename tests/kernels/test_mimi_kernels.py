@@ -352,6 +352,22 @@ def test_mimi_steps_triton_equal_reference(mimi_sd, n_q, batch):
     assert_close_verbose(pcm_t, pcm_r, atol=1e-5, name="pcm")
 
 
+def test_mimi_steps_cuda_emulated_equal_reference(mimi_sd, cuda_emulated):
+    """Mimi's ``cuda`` configuration on the CPU: at two streams (4 tokens a transformer call) both transformers run
+    as one persistent-kernel launch each (emulated ``csrc/decoder.cu``), the rest on Triton. Codes equal the
+    reference's and PCM is within 1e-5 over three frames, one of them with row 1 paused."""
+    kernel_device("triton")
+    g = torch.Generator().manual_seed(5)
+    pcm = torch.randn(2, 1, 3 * FRAME_SIZE, generator=g) * 0.2
+    ref = Mimi(mimi_sd, n_q=6, backend="reference")
+    emu = Mimi(mimi_sd, n_q=6, backend="cuda")
+    codes_r, pcm_r = _steps(ref, pcm, 3, skip_row_at=1)
+    codes_e, pcm_e = _steps(emu, pcm, 3, skip_row_at=1)
+    assert cuda_emulated["mimi_transformer"] == 6  # encoder and decoder, every frame: the kernel ran
+    assert torch.equal(codes_e, codes_r), f"{int((codes_e != codes_r).sum())} codes differ"
+    assert_close_verbose(pcm_e, pcm_r, atol=1e-5, name="pcm")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 4])
 def test_mimi_triton_real_shapes_gpu(mimi_sd, batch):
