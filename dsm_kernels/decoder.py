@@ -158,10 +158,11 @@ def mimi_rows(w: DecoderWeights, pos, exec_mask, tokens: int, capacity: int):
     B, dev = pos.shape[0], pos.device
     key = ("mimi_rows", B, tokens, capacity, str(dev))
     if key not in w.derived:
-        w.derived[key] = (torch.arange(tokens, device=dev), torch.arange(B, device=dev).view(-1, 1) * capacity)
-    j, base = w.derived[key]
+        w.derived[key] = (torch.arange(tokens, device=dev), torch.arange(B, device=dev).view(-1, 1) * capacity,
+                          torch.full((), -1, device=dev))  # fmt: skip
+    j, base, none = w.derived[key]
     positions = pos.view(-1, 1) + j  # [B, T]
-    slots = torch.where(exec_mask.view(-1, 1), base + torch.remainder(positions, capacity), -1)
+    slots = torch.where(exec_mask.view(-1, 1), base + torch.remainder(positions, capacity), none)
     return positions.view(-1), slots.view(-1)
 
 

@@ -434,6 +434,10 @@ def _count_module():
 # the RVQ kernels 823 / 538 torch ops. A few ops of slack, not more.
 MAX_ENCODE_KERNELS = 128
 MAX_DECODE_KERNELS = 80
+# The same on the cuda backend (the transformers as one persistent kernel each, csrc/decoder.cu, and 8 ops of index
+# math each), measured: encode 90, decode 42.
+CUDA_ENCODE_KERNELS = 92
+CUDA_DECODE_KERNELS = 44
 
 
 def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
@@ -456,6 +460,32 @@ def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
     assert dec["triton:_mimi_residual_out_kernel"] == 4
     assert n_enc <= MAX_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
     assert n_dec <= MAX_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
+
+
+def test_step_kernel_count_on_the_cuda_backend(mimi_sd, cuda_emulated, monkeypatch):
+    """With the CUDA extension, each transformer at one stream is one persistent-kernel launch (emulated here, and
+    counted as one kernel) plus its index math, instead of 40 Triton launches."""
+    import cuda_emu
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    kernel_device("triton")
+    count, launches, real = _count_module(), [], cuda_emu._decoder_launch_emu
+
+    def one_kernel(*args, **kw):  # the emulation's own torch calls are not the GPU's
+        launches.append(1)
+        with _disable_current_modes():
+            return real(*args, **kw)
+
+    monkeypatch.setattr(cuda_emu, "_decoder_launch_emu", one_kernel)
+    monkeypatch.setattr(count, "random_mimi_state_dict", {0: mimi_sd}.__getitem__)
+    enc, dec = count.count_mimi("cuda", warmup=1, seed=0)
+    assert len(launches) == 4  # encode and decode, warm-up and counted step
+    for counts in (enc, dec):
+        assert not any(k in counts for k in ("triton:_qkv_rope_gemv_kernel", "triton:_mimi_ring_attention_kernel"))
+        assert counts["triton:_gemv_kernel"] == 0
+    n_enc, n_dec = sum(enc.values()) + 1, sum(dec.values()) + 1
+    assert n_enc <= CUDA_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
+    assert n_dec <= CUDA_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
 
 
 def test_triton_aot_compiles_for_sm90(aot_output):
