@@ -253,10 +253,10 @@ class Mimi:
         # depend on.
         kernel_elu = prefix == "decoder"
 
-        def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False) -> torch.Tensor:
+        def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False, residual=None) -> torch.Tensor:
             prev = next(it) if k > s else None
             return causal_conv1d(x, prev, w[name + ".weight"], w[name + ".bias"], s, exec_mask, elu=elu,
-                                 backend=self.backend, kernel_elu=kernel_elu)
+                                 backend=self.backend, kernel_elu=kernel_elu, residual=residual)
 
         elu = False  # an ELU op waiting to be fused into the next conv's input
         for op in ops:
@@ -277,8 +277,8 @@ class Mimi:
                 out = f"{p}.3.conv.conv"
                 if kernel_elu and gemv_path(x.shape[0], self.backend, x.device):  # its end in one kernel
                     x = dsm_kernels.mimi_residual_out(y, w[out + ".weight"], w[out + ".bias"], x, backend=self.backend)
-                else:
-                    x = x + conv(y, out, 1, 1, elu=True)
+                else:  # the residual added in the conv's epilogue where a kernel runs it
+                    x = conv(y, out, 1, 1, elu=True, residual=x)
             elu = False
         return F.elu(x) if elu else x
 

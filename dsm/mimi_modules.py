@@ -30,37 +30,44 @@ def causal_conv1d(
     elu: bool = False,
     backend: str | None = None,
     kernel_elu: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Streaming causal conv: left context is the ``Ke - S`` previous input samples (not ``Ke - 1``, §7.2).
     With ``elu`` the conv reads ``elu(x)``; ``kernel_elu`` lets the input kernel apply it (one launch fewer, ulps
-    apart from torch's ELU: fine where the output is audio, see below).
+    apart from torch's ELU: fine where the output is audio, see below). ``residual``: returns ``residual + conv``.
 
     ``prev`` is ``[B, C_in, Ke - S]`` (``None`` when ``Ke == S``). Returns the output; rows
     whose ``exec_mask`` is false keep their old ``prev``. ``prev`` is updated in place (static addresses for
     graph capture) by :func:`dsm_kernels.mimi_conv_pad` (ELU, concatenation and state update: one kernel on Triton).
     """
     if prev is None:
-        return conv1d(F.elu(x) if elu else x, weight, bias, stride, dilation, groups, backend)
+        return conv1d(F.elu(x) if elu else x, weight, bias, stride, dilation, groups, backend, residual)
     # Without kernel_elu (the encoder) the ELU stays torch's: the kernel's (exp-based expm1) differs by ulps, which
     # flipped ~2% of the 32-level codes on an H100 against the reference backend (chaotic deep RVQ levels).
     if kernel_elu:
         x = dsm_kernels.mimi_conv_pad(x, prev, exec_mask, elu=elu, backend=backend)
     else:
         x = dsm_kernels.mimi_conv_pad(F.elu(x) if elu else x, prev, exec_mask, backend=backend)
-    return conv1d(x, weight, bias, stride, dilation, groups, backend)
+    return conv1d(x, weight, bias, stride, dilation, groups, backend, residual)
 
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int = 1,
-           groups: int = 1, backend: str | None = None) -> torch.Tensor:
-    """A valid conv1d: off the reference backend, one with at most ``dsm_kernels.conv_gemv_max_columns()`` output
-    columns (batch rows x steps: at a few streams the deep SEANet layers, up to 16 steps a frame, and the quantizer's
-    projection) runs as a GEMV (:func:`dsm_kernels.conv1d_gemv`), which streams the weights at bandwidth; the rest
-    is cuDNN's."""
+           groups: int = 1, backend: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A valid conv1d (plus ``residual`` if given). Off the reference backend, one with at most
+    ``dsm_kernels.conv_gemv_max_columns()`` output columns (batch rows x steps: at a few streams the deep SEANet
+    layers, up to 16 steps a frame, and the quantizer's projection) runs as a GEMV (:func:`dsm_kernels.conv1d_gemv`),
+    which streams the weights at bandwidth; one with more as an implicit GEMM on tensor cores in fp32-accurate TF32
+    passes (:func:`dsm_kernels.conv1d_igemm`, the residual added in its epilogue; ``DSM_CONV_IGEMM=0``: cuDNN's fp32
+    convolution, on the CUDA cores)."""
     b, _, t = x.shape
     t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
     if groups == 1 and gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns()):
-        return dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, backend=backend)
-    return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
+        y = dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, backend=backend)
+    elif groups == 1 and dilation == 1 and igemm_path(backend, x.device):
+        return dsm_kernels.conv1d_igemm(x, weight, bias, stride, residual=residual, backend=backend)
+    else:
+        y = F.conv1d(x, weight, bias, stride, 0, dilation, groups)
+    return y if residual is None else residual + y
 
 
 def conv_transpose1d(
@@ -85,7 +92,10 @@ def conv_transpose1d(
     if w_rows is not None and groups == 1 and gemv_path(x.shape[0] * x.shape[-1], backend, x.device,
                                                          dsm_kernels.conv_gemv_max_columns()):  # fmt: skip
         return dsm_kernels.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, backend=backend)
-    y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
+    if groups == 1 and igemm_path(backend, x.device):  # S phase GEMMs on tensor cores (see conv1d)
+        y = dsm_kernels.conv_transpose1d_igemm(x, weight, bias, stride, backend=backend)
+    else:
+        y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
     return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)
 
 
@@ -95,6 +105,12 @@ def gemv_path(columns: int, backend: str | None, device: torch.device, limit: in
     ``dsm_kernels.gemv_max_rows()``; both limits are 0 with ``DSM_GEMV=0``, which turns these paths off)."""
     limit = dsm_kernels.gemv_max_rows() if limit is None else limit
     return columns <= limit and uses_kernels(backend, device)
+
+
+def igemm_path(backend: str | None, device: torch.device) -> bool:
+    """Whether a convolution with more columns than the GEMV kernels take runs as an implicit GEMM
+    (``dsm_kernels.conv1d_igemm``): off the reference backend, unless ``DSM_CONV_IGEMM=0``."""
+    return uses_kernels(backend, device) and dsm_kernels.conv_igemm_enabled()
 
 
 def uses_kernels(backend: str | None, device: torch.device) -> bool:

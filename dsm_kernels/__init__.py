@@ -84,6 +84,14 @@ _OPS = {
         "reference": "dsm_kernels.reference:qkv_rope_gemv_ref",
         "triton": "dsm_kernels.gemv_kernels:qkv_rope_gemv_triton",
     },
+    "conv1d_igemm": {
+        "reference": "dsm_kernels.reference:conv1d_igemm_ref",
+        "triton": "dsm_kernels.conv_kernels:conv1d_igemm_triton",
+    },
+    "conv_transpose1d_igemm": {
+        "reference": "dsm_kernels.reference:conv_transpose1d_igemm_ref",
+        "triton": "dsm_kernels.conv_kernels:conv_transpose1d_igemm_triton",
+    },
     "conv1d_gemv": {
         "reference": "dsm_kernels.reference:conv1d_gemv_ref",
         "triton": "dsm_kernels.gemv_kernels:conv1d_gemv_triton",
@@ -308,6 +316,25 @@ def conv1d_gemv(x, weight, bias=None, stride=1, dilation=1, *, out=None, backend
     return resolve("conv1d_gemv", backend, x.device)(x, weight, bias, stride, dilation, out=out)
 
 
+def conv_igemm_enabled() -> bool:
+    """Whether Mimi's convolutions at many columns take the implicit-GEMM kernels (``conv1d_igemm``,
+    ``conv_transpose1d_igemm``) off the reference backend; ``DSM_CONV_IGEMM=0`` leaves them to cuDNN."""
+    return os.environ.get("DSM_CONV_IGEMM") != "0"
+
+
+def conv1d_igemm(x, weight, bias=None, stride=1, *, residual=None, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.conv1d_igemm_ref`: a conv1d (+ residual) as an implicit GEMM on tensor cores
+    in fp32-accurate TF32 passes, for many output columns."""
+    checks.conv1d_igemm(x, weight, bias, stride, residual, out)
+    return resolve("conv1d_igemm", backend, x.device)(x, weight, bias, stride, residual=residual, out=out)
+
+
+def conv_transpose1d_igemm(x, weight, bias=None, stride=1, *, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.conv_transpose1d_igemm_ref`: a transposed conv1d as S phase GEMMs."""
+    checks.conv_transpose1d_igemm(x, weight, bias, stride, out)
+    return resolve("conv_transpose1d_igemm", backend, x.device)(x, weight, bias, stride, out=out)
+
+
 def silu_mul(h, *, backend=None):
     """See :func:`dsm_kernels.reference.silu_mul_ref`."""
     checks.silu_mul(h)
@@ -419,6 +446,9 @@ __all__ = [
     "CONV_GEMV_MAX_COLUMNS",
     "GEMV_MAX_B",
     "conv1d_gemv",
+    "conv1d_igemm",
+    "conv_igemm_enabled",
+    "conv_transpose1d_igemm",
     "conv_gemv_max_columns",
     "add_rms_norm",
     "append_kv",

@@ -187,6 +187,37 @@ def conv1d_gemv(x, weight, bias, stride, dilation, out) -> None:
         shape(op, "out", out, (B, N, (T - span) // stride + 1))
 
 
+def conv1d_igemm(x, weight, bias, stride, residual, out) -> None:
+    op = "conv1d_igemm"
+    shape(op, "x", x, (None, None, None))
+    B, C, T = x.shape
+    shape(op, "weight", weight, (None, C, None))
+    N, _, KS = weight.shape
+    if T < KS or stride < 1:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: {T} steps, fewer than the kernel's {KS} (stride "
+                         f"{stride})")  # fmt: skip
+    if bias is not None:
+        shape(op, "bias", bias, (N,))
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None:
+            shape(op, name, t, (B, N, (T - KS) // stride + 1))
+
+
+def conv_transpose1d_igemm(x, weight, bias, stride, out) -> None:
+    op = "conv_transpose1d_igemm"
+    shape(op, "x", x, (None, None, None))
+    B, C, T = x.shape
+    shape(op, "weight", weight, (C, None, None))
+    N, K = weight.shape[1:]
+    if stride < 1 or K % stride:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}: kernel {K} is not a multiple of the stride "
+                         f"{stride}")  # fmt: skip
+    if bias is not None:
+        shape(op, "bias", bias, (N,))
+    if out is not None:
+        shape(op, "out", out, (B, N, (T - 1) * stride + K))
+
+
 def depformer_frame(w, z, text_token, temperature, seeds, steps) -> None:
     op = "depformer_frame"
     shape(op, "z", z, (None, w.in_proj.shape[2]))

@@ -454,6 +454,26 @@ def conv1d_gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y if out is None else out.copy_(y)
 
 
+def conv1d_igemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                     residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A valid conv1d ``[B, C_in, T] -> [B, C_out, T_out]`` (fp32, no groups, no dilation) plus ``residual``
+    ``[B, C_out, T_out]`` if given: the op Mimi's SEANet runs at many output columns (a residual unit's end is
+    ``x + conv1x1(y)``). The kernels compute the products on tensor cores in three TF32 passes (a few fp32 ulps)."""
+    y = F.conv1d(x, weight, bias, stride)
+    if residual is not None:
+        y = residual + y
+    return y if out is None else out.copy_(y)
+
+
+def conv_transpose1d_igemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                               stride: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A transposed conv1d ``[B, C_in, T] -> [B, C_out, (T - 1) stride + K]`` (fp32, no groups, weight
+    ``[C_in, C_out, K]`` with K a multiple of the stride: Mimi's are twice it), the whole output with the bias (the
+    streaming overlap-add is :func:`mimi_convtr_overlap_ref`'s)."""
+    y = F.conv_transpose1d(x, weight, bias, stride)
+    return y if out is None else out.copy_(y)
+
+
 def qkv_rope_gemv_ref(
     x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, eps: float, positions: torch.Tensor,
     inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,

@@ -1,0 +1,159 @@
+"""Triton implicit-GEMM convolutions for Mimi's SEANet at many columns (fp32 data, tensor-core products).
+
+At many streams Mimi is compute-bound in its fp32 convolutions (run 2, H100, batch 400: encode 23 ms, decode 30 ms a
+frame for ~0.5 GFLOP a stream, i.e. ~8 TFLOP/s), which cuDNN runs on the CUDA cores since TF32 would change the
+codes. These kernels compute the same products on the tensor cores in three TF32 passes (``tf32x3``: each fp32
+operand split into a TF32 head and a TF32 tail; the tail x tail term dropped), which keeps the result within a few
+fp32 ulps of an fp32 product, with fp32 accumulation.
+
+* :func:`conv1d_igemm_triton`: a valid conv1d (no groups, no dilation) as the GEMM ``W [C_out, C_in K] x
+  im2col(x) [C_in K, B T_out]``, the im2col gathered on the fly; bias and an optional residual added in the
+  epilogue (a SEANet residual unit's ``x + conv1x1(y)`` in one pass).
+* :func:`conv_transpose1d_igemm_triton`: a transposed conv with ``K = J S`` as S interleaved J-tap convs: output
+  ``q S + p`` is ``sum_j W[:, :, p + j S]^T x[q - j]``, one GEMM per phase p, written strided.
+
+Specifications: :func:`dsm_kernels.reference.conv1d_igemm_ref` and
+:func:`dsm_kernels.reference.conv_transpose1d_igemm_ref` (torch's convolutions). Under ``TRITON_INTERPRET=1`` the
+products run in plain fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_interpret
+from .triton_common import unit_stride
+
+
+@triton.jit
+def _conv_igemm_kernel(
+    x_ptr, sxb, sxc, sxt,  # [B, C_in, T] fp32
+    w_ptr,  # [C_out, C_in * KS] fp32, contiguous
+    bias_ptr,  # [C_out] (unused without HAS_BIAS)
+    res_ptr, srb, src, srt,  # [B, C_out, T_out] residual (unused without HAS_RES)
+    out_ptr, sob, soc, sot,  # [B, C_out, T_out]
+    C_out, KD, T_out, N, stride,
+    KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    co = tl.program_id(0) * BM + tl.arange(0, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)  # output column: batch row b, step t
+    com, nm = co < C_out, n < N
+    b = (n // T_out).to(tl.int64)
+    t = n % T_out
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, KD, BK):
+        kk = k0 + tl.arange(0, BK)  # reduction index: input channel kk // KS, tap kk % KS
+        km = kk < KD
+        a = tl.load(w_ptr + co[:, None] * KD + kk[None, :], mask=com[:, None] & km[None, :], other=0.0)
+        src_t = t[None, :] * stride + (kk % KS)[:, None]
+        xb = tl.load(x_ptr + b[None, :] * sxb + (kk // KS)[:, None] * sxc + src_t * sxt,
+                     mask=km[:, None] & nm[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(a, xb, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=com, other=0.0)[:, None]
+    m = com[:, None] & nm[None, :]
+    if HAS_RES:
+        acc = tl.load(res_ptr + b[None, :] * srb + co[:, None] * src + t[None, :] * srt, mask=m, other=0.0) + acc
+    tl.store(out_ptr + b[None, :] * sob + co[:, None] * soc + t[None, :] * sot, acc, mask=m)
+
+
+@triton.jit
+def _convtr_igemm_kernel(
+    x_ptr, sxb, sxc, sxt,  # [B, C_in, T] fp32
+    w_ptr,  # [C_in, C_out, K] fp32, contiguous (torch's transposed-conv layout)
+    bias_ptr,  # [C_out] (unused without HAS_BIAS)
+    out_ptr, sob, soc, sot,  # [B, C_out, Q * S]
+    C_in, C_out, T, Q, N, S,
+    J: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    co = tl.program_id(0) * BM + tl.arange(0, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)  # output column of this phase: batch row b, step q
+    p = tl.program_id(2)  # the phase: output positions q S + p
+    com, nm = co < C_out, n < N
+    b = (n // Q).to(tl.int64)
+    q = n % Q
+    K = J * S
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, J * C_in, BK):
+        kk = k0 + tl.arange(0, BK)  # reduction index: tap j = kk // C_in, input channel kk % C_in
+        km = kk < J * C_in
+        j, ci = kk // C_in, kk % C_in
+        a = tl.load(w_ptr + ci[None, :] * (C_out * K) + co[:, None] * K + (p + j * S)[None, :],
+                    mask=com[:, None] & km[None, :], other=0.0)  # fmt: skip
+        src_t = q[None, :] - j[:, None]
+        xm = km[:, None] & nm[None, :] & (src_t >= 0) & (src_t < T)
+        xb = tl.load(x_ptr + b[None, :] * sxb + ci[:, None] * sxc + src_t * sxt, mask=xm, other=0.0)
+        acc = tl.dot(a, xb, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=com, other=0.0)[:, None]
+    o = q * S + p
+    tl.store(out_ptr + b[None, :] * sob + co[:, None] * soc + o[None, :] * sot, acc, mask=com[:, None] & nm[None, :])
+
+
+def _tiles(c_out: int) -> tuple[int, int, int]:
+    """(BM, BN, BK): output channels x columns x reduction per program. Under the interpreter, which runs programs
+    one after another at a fixed cost each, few large ones (numpy takes the tiles)."""
+    bm = max(16, min(64, triton.next_power_of_2(c_out)))
+    return (bm, 1024, 128) if triton_interpret() else (bm, 128, 32)
+
+
+def _precision() -> str:
+    return "ieee" if triton_interpret() else "tf32x3"
+
+
+def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, out=None):
+    """See :func:`dsm_kernels.reference.conv1d_igemm_ref`."""
+    B, C, T = x.shape
+    C_out, C_w, KS = weight.shape
+    T_out = (T - KS) // stride + 1
+    if C_w != C or T_out < 1 or torch.float32 != x.dtype or torch.float32 != weight.dtype:
+        raise ValueError(f"conv1d_igemm: x {tuple(x.shape)} {x.dtype} against weight {tuple(weight.shape)} "
+                         f"{weight.dtype} (fp32, no groups)")  # fmt: skip
+    weight = weight.contiguous()
+    if out is None:
+        out = torch.empty(B, C_out, T_out, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    (bias,) = unit_stride(bias)
+    BM, BN, BK = _tiles(C_out)
+    N = B * T_out
+    res = residual if residual is not None else out
+    _conv_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN))](
+        x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight,
+        res, res.stride(0), res.stride(1), res.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
+        C_out, C * KS, T_out, N, stride,
+        KS=KS, HAS_BIAS=bias is not None, HAS_RES=residual is not None, PREC=_precision(), BM=BM, BN=BN, BK=BK,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return out
+
+
+def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, out=None):
+    """See :func:`dsm_kernels.reference.conv_transpose1d_igemm_ref`; the kernel size must be a multiple of the
+    stride (Mimi's are twice it)."""
+    B, C, T = x.shape
+    C_w, C_out, K = weight.shape
+    if C_w != C or K % stride or torch.float32 != x.dtype or torch.float32 != weight.dtype:
+        raise ValueError(f"conv_transpose1d_igemm: x {tuple(x.shape)} {x.dtype} against weight "
+                         f"{tuple(weight.shape)} {weight.dtype} (fp32, no groups, kernel a multiple of the stride "
+                         f"{stride})")  # fmt: skip
+    weight = weight.contiguous()
+    J = K // stride
+    Q = T + J - 1
+    if out is None:
+        out = torch.empty(B, C_out, Q * stride, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    (bias,) = unit_stride(bias)
+    BM, BN, BK = _tiles(C_out)
+    N = B * Q
+    _convtr_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN), stride)](
+        x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight,
+        out, out.stride(0), out.stride(1), out.stride(2), C, C_out, T, Q, N, stride,
+        J=J, HAS_BIAS=bias is not None, PREC=_precision(), BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,116 @@
+"""Mimi's convolutions at many columns as implicit GEMMs (``dsm_kernels.conv1d_igemm``,
+``conv_transpose1d_igemm``) against torch's convolutions, on fresh random inputs.
+
+CPU: the Triton kernels under ``TRITON_INTERPRET=1`` (plain fp32 products there): within 1e-5 of the reference, over
+shapes with ragged tiles, strided inputs, a residual, one output channel. GPU: Mimi's SEANet shapes at 64 streams,
+where the products run in three TF32 passes: the error against an fp64 convolution at most 4x cuDNN's fp32 error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsm_kernels
+from dsm_kernels.reference import conv1d_igemm_ref, conv_transpose1d_igemm_ref
+from dsm_kernels.testing import kernel_device
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), "NaN/inf never passes"
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+def inputs(B, C_in, C_out, T, K, transposed=False, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C_in, T + 3, generator=g)[..., 2:-1]  # a strided view, as the padded conv inputs are
+    shape = (C_in, C_out, K) if transposed else (C_out, C_in, K)
+    w = torch.randn(*shape, generator=g) / (C_in * K) ** 0.5
+    return x.to(device), w.to(device), torch.randn(C_out, generator=g).to(device)
+
+
+CONV_CASES = [  # B, C_in, C_out, T, K, stride, bias, residual
+    (2, 1, 64, 37, 7, 1, True, False),  # the encoder's first conv (reduction of 7)
+    (1, 64, 32, 50, 3, 1, True, False),  # a residual unit's k3 conv
+    (3, 32, 64, 20, 1, 1, True, True),  # a residual unit's end: x + conv1x1(y)
+    (2, 64, 128, 41, 8, 4, True, False),  # a strided downsampling conv
+    (1, 40, 1, 33, 3, 1, False, False),  # one output channel, no bias (the decoder's last conv has a bias)
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "b{}-{}to{}-t{}-k{}s{}".format(*c[:6]))
+def test_conv1d_igemm_matches_reference(case):
+    B, C_in, C_out, T, K, S, has_bias, has_res = case
+    device = kernel_device("triton")
+    x, w, bias = inputs(B, C_in, C_out, T, K, device=device)
+    bias = bias if has_bias else None
+    T_out = (T - K) // S + 1
+    res = torch.randn(B, C_out, T_out).to(device) if has_res else None
+    out = torch.full((B, C_out, T_out), float("nan"), device=device)  # poisoned: every element must be written
+    got = dsm_kernels.conv1d_igemm(x, w, bias, S, residual=res, out=out, backend="triton")
+    assert got is out
+    assert rel(got, conv1d_igemm_ref(x, w, bias, S, residual=res)) < 1e-5
+
+
+CONVTR_CASES = [  # B, C_in, C_out, T, K, stride, bias
+    (2, 64, 32, 9, 8, 4, True),
+    (1, 32, 16, 5, 10, 5, True),
+    (3, 16, 24, 7, 12, 6, False),
+    (1, 48, 64, 3, 16, 8, True),
+]
+
+
+@pytest.mark.parametrize("case", CONVTR_CASES, ids=lambda c: "b{}-{}to{}-t{}-k{}s{}".format(*c[:6]))
+def test_conv_transpose1d_igemm_matches_reference(case):
+    B, C_in, C_out, T, K, S, has_bias = case
+    device = kernel_device("triton")
+    x, w, bias = inputs(B, C_in, C_out, T, K, transposed=True, device=device)
+    bias = bias if has_bias else None
+    out = torch.full((B, C_out, (T - 1) * S + K), float("nan"), device=device)
+    got = dsm_kernels.conv_transpose1d_igemm(x, w, bias, S, out=out, backend="triton")
+    assert rel(got, conv_transpose1d_igemm_ref(x, w, bias, S)) < 1e-5
+
+
+def test_igemm_checks_its_inputs():
+    x, w, _ = inputs(1, 8, 4, 10, 3)
+    with pytest.raises(ValueError, match="conv1d_igemm: weight has shape"):
+        dsm_kernels.conv1d_igemm(x, w[:, :5])
+    with pytest.raises(ValueError, match="fewer than the kernel's 3"):
+        dsm_kernels.conv1d_igemm(x[..., :2], w)
+    with pytest.raises(ValueError, match="conv1d_igemm: residual has shape"):
+        dsm_kernels.conv1d_igemm(x, w, residual=torch.zeros(1, 4, 9))
+    wt = torch.zeros(8, 4, 10)
+    with pytest.raises(ValueError, match="kernel 10 is not a multiple of the stride 4"):
+        dsm_kernels.conv_transpose1d_igemm(x, wt, None, 4)
+
+
+def test_igemm_path_follows_its_switch(monkeypatch):
+    """Off the reference backend Mimi's wide convolutions take these kernels (counted in test_mimi_kernels.py's
+    pinned launch counts); ``DSM_CONV_IGEMM=0`` hands them back to cuDNN."""
+    from dsm.mimi_modules import igemm_path
+
+    cpu = torch.device("cpu")
+    assert igemm_path("triton", cpu) and not igemm_path("reference", cpu)
+    monkeypatch.setenv("DSM_CONV_IGEMM", "0")
+    assert not igemm_path("triton", cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gpu_igemm_mimi_shapes_within_4x_cudnn_fp32_error(transposed):
+    """Mimi's SEANet convs at 64 streams and one frame (the encoder's at 1920..96 columns a stream, the decoder's
+    transposed convs): tf32x3 products stay within 4x the error of cuDNN's fp32 convolution, both against fp64."""
+    torch.backends.cudnn.allow_tf32 = False
+    cases = ([(64, 128, 485, 10, 5), (128, 256, 100, 12, 6), (64, 64, 1922, 3, 1), (32, 64, 1920, 1, 1),
+              (1, 64, 1926, 7, 1)] if not transposed else
+             [(512, 256, 16, 12, 6), (256, 128, 96, 10, 5), (128, 64, 480, 8, 4)])  # fmt: skip
+    for C_in, C_out, T, K, S in cases:
+        x, w, bias = inputs(64, C_in, C_out, T, K, transposed=transposed, seed=T, device="cuda")
+        if transposed:
+            exact = conv_transpose1d_igemm_ref(x.double(), w.double(), bias.double(), S)
+            ref, got = conv_transpose1d_igemm_ref(x, w, bias, S), dsm_kernels.conv_transpose1d_igemm(x, w, bias, S)
+        else:
+            exact = conv1d_igemm_ref(x.double(), w.double(), bias.double(), S)
+            ref, got = conv1d_igemm_ref(x, w, bias, S), dsm_kernels.conv1d_igemm(x, w, bias, S)
+        ref_err = rel(ref, exact)
+        assert rel(got, exact) <= 4 * ref_err + 1e-7, ((C_in, C_out, T, K, S), rel(got, exact), ref_err)
