@@ -8,8 +8,9 @@ A stream is real time while its per-frame step stays under 80 ms; ``streams@RTF1
 On CUDA, convolutions and matmuls run in true fp32 (TF32 off, like the bit-exact CPU reference), and more graph
 variants are timed beside ours: ``triton`` (the Triton backend: at batch <= 2 the transformers as 5 GEMV-kernel
 launches a layer where ours, with the CUDA extension, runs each as one persistent kernel), ``nogemv`` (``DSM_GEMV=0``:
-the transformers on cuBLAS, batch <= 2) and ``tf32`` (cuDNN's TF32 convolutions, PyTorch's default outside this
-benchmark).
+the transformers on cuBLAS, batch <= 2), ``cudnn`` (``DSM_CONV_IGEMM=0``: the wide convolutions on cuDNN in fp32
+where ours runs tf32x3 implicit GEMMs) and ``tf32`` (that, with cuDNN's TF32 convolutions, PyTorch's default outside
+this benchmark).
 ``--agree-frames`` encodes that many frames of one speech-like stream with each path and prints how many codes
 equal the CPU fp32 reference's (the moshi-parity path), overall and at the semantic level 0.
 Appends one JSON row per run to benchmarks/results/mimi.jsonl (device, torch version, git commit, figures).
@@ -64,19 +65,21 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
 @contextlib.contextmanager
 def variant(name: str):
     """Run ours as variant ``name``: "" (as shipped), "triton" (the Triton backend; yields that backend name for the
-    Mimi to build), "nogemv" (DSM_GEMV=0) or "tf32" (cuDNN TF32 convolutions)."""
-    old_env, old_tf32 = os.environ.get("DSM_GEMV"), torch.backends.cudnn.allow_tf32
-    if name == "nogemv":
-        os.environ["DSM_GEMV"] = "0"
+    Mimi to build), "nogemv" (DSM_GEMV=0), "cudnn" (DSM_CONV_IGEMM=0) or "tf32" (that, with cuDNN's TF32
+    convolutions)."""
+    env = {"nogemv": {"DSM_GEMV": "0"}, "cudnn": {"DSM_CONV_IGEMM": "0"}, "tf32": {"DSM_CONV_IGEMM": "0"}}.get(name, {})
+    old_env, old_tf32 = {k: os.environ.get(k) for k in env}, torch.backends.cudnn.allow_tf32
+    os.environ.update(env)
     torch.backends.cudnn.allow_tf32 = name == "tf32"
     try:
         yield "triton" if name == "triton" else None
     finally:
         torch.backends.cudnn.allow_tf32 = old_tf32
-        if old_env is None:
-            os.environ.pop("DSM_GEMV", None)
-        else:
-            os.environ["DSM_GEMV"] = old_env
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def speech_like(frames: int, seed: int = 0) -> torch.Tensor:
@@ -159,7 +162,7 @@ def main() -> None:
     p.add_argument("--ckpt", type=Path, default=None, help="Mimi safetensors (default: a random one)")
     p.add_argument("--no-moshi", action="store_true", help="skip the moshi baseline")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
-    p.add_argument("--no-variants", action="store_true", help="skip the nogemv / tf32 graph variants")
+    p.add_argument("--no-variants", action="store_true", help="skip the triton / nogemv / cudnn / tf32 graph variants")
     p.add_argument("--agree-frames", type=int, default=None, help="frames of the code agreement check (default: "
                    "50 on CUDA, 0 on CPU)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "mimi.jsonl")
@@ -180,7 +183,7 @@ def main() -> None:
         path = args.ckpt or save_random_mimi(Path(tmp) / "mimi.safetensors", seed=0)
         mimi = Mimi.from_file(path, n_q=args.n_q, device=device)
         rows = []
-        variants = [""] + ([] if args.no_variants or not cuda else ["triton", "nogemv", "tf32"])
+        variants = [""] + ([] if args.no_variants or not cuda else ["triton", "nogemv", "cudnn", "tf32"])
         if "cuda" not in dsm_kernels.available_backends(device):  # ours is the Triton backend already
             variants = [v for v in variants if v != "triton"]
         for batch in args.batch:

@@ -58,6 +58,7 @@ from dsm.mimi_modules import (
     transformer_forward,
     uses_kernels,
 )
+from dsm_kernels.reference import convtr_phase_weight
 
 TOKENS_PER_FRAME = 2  # transformer steps (25 Hz) per 1920-sample code frame (12.5 Hz)
 
@@ -157,12 +158,15 @@ class Mimi:
         # Off the reference backend, transposed convs that see at most CONV_GEMV_MAX_COLUMNS input columns per frame
         # at one stream (the first two decoder blocks': 2 and 16) also keep their weights as [C_out, K, C_in] rows,
         # for the GEMV path (40 MB the reference ops never read).
-        self.convtr_rows, cols = {}, 2
+        # More columns (more streams) take the implicit-GEMM kernel, which reads every transposed conv's weights
+        # phase-major (another 45 MB).
+        self.convtr_rows, self.convtr_phases, cols = {}, {}, 2
         for op in DECODER_OPS if uses_kernels(backend, self.device) else ():
             if op[0] == "convtr":
+                name = f"decoder.model.{op[1]}.convtr.convtr.weight"
                 if cols <= dsm_kernels.CONV_GEMV_MAX_COLUMNS:
-                    name = f"decoder.model.{op[1]}.convtr.convtr.weight"
                     self.convtr_rows[name] = w[name].permute(1, 2, 0).contiguous()
+                self.convtr_phases[name] = convtr_phase_weight(w[name], op[5])
                 cols *= op[5]
         self._rvq(w)
 
@@ -270,7 +274,8 @@ class Mimi:
             elif op[0] == "convtr":
                 name = f"{prefix}.model.{op[1]}.convtr.convtr"
                 x = conv_transpose1d(x, next(it), w[name + ".weight"], w[name + ".bias"], op[5], exec_mask,
-                                     backend=self.backend, w_rows=self.convtr_rows.get(name + ".weight"))  # fmt: skip
+                                     backend=self.backend, w_rows=self.convtr_rows.get(name + ".weight"),
+                                     w_phases=self.convtr_phases.get(name + ".weight"))  # fmt: skip
             else:  # residual unit: x + conv1x1(elu(conv3(elu(x))))
                 p = f"{prefix}.model.{op[1]}.block"
                 y = conv(x, f"{p}.1.conv.conv", 3, 1, elu=True)

@@ -80,9 +80,11 @@ def conv_transpose1d(
     groups: int = 1,
     backend: str | None = None,
     w_rows: torch.Tensor | None = None,
+    w_phases: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Streaming transposed conv: overlap-add the stored ``K - S`` tail, emit ``T * S`` samples (§7.2).
-    With ``w_rows`` (the weight as [C_out, K, C_in]) few input columns take :func:`dsm_kernels.mimi_convtr_gemv`.
+    With ``w_rows`` (the weight as [C_out, K, C_in]) few input columns take :func:`dsm_kernels.mimi_convtr_gemv`;
+    more take :func:`dsm_kernels.conv_transpose1d_igemm` (``w_phases``: its weight layout, made once).
 
     The stored tail excludes the bias, since the bias is added again when the next call's output overlaps it.
     Offline use is the same call from a zero ``partial``. ``partial`` is updated in place (one kernel on Triton:
@@ -93,7 +95,7 @@ def conv_transpose1d(
                                                          dsm_kernels.conv_gemv_max_columns()):  # fmt: skip
         return dsm_kernels.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, backend=backend)
     if groups == 1 and igemm_path(backend, x.device):  # S phase GEMMs on tensor cores (see conv1d)
-        y = dsm_kernels.conv_transpose1d_igemm(x, weight, bias, stride, backend=backend)
+        y = dsm_kernels.conv_transpose1d_igemm(x, weight, bias, stride, phase_weight=w_phases, backend=backend)
     else:
         y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
     return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)

@@ -329,10 +329,12 @@ def conv1d_igemm(x, weight, bias=None, stride=1, *, residual=None, out=None, bac
     return resolve("conv1d_igemm", backend, x.device)(x, weight, bias, stride, residual=residual, out=out)
 
 
-def conv_transpose1d_igemm(x, weight, bias=None, stride=1, *, out=None, backend=None):
-    """See :func:`dsm_kernels.reference.conv_transpose1d_igemm_ref`: a transposed conv1d as S phase GEMMs."""
+def conv_transpose1d_igemm(x, weight, bias=None, stride=1, *, phase_weight=None, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.conv_transpose1d_igemm_ref`: a transposed conv1d as S phase GEMMs
+    (``phase_weight``: ``dsm_kernels.reference.convtr_phase_weight(weight, stride)``, made once by the caller)."""
     checks.conv_transpose1d_igemm(x, weight, bias, stride, out)
-    return resolve("conv_transpose1d_igemm", backend, x.device)(x, weight, bias, stride, out=out)
+    return resolve("conv_transpose1d_igemm", backend, x.device)(x, weight, bias, stride, phase_weight=phase_weight,
+                                                                out=out)  # fmt: skip
 
 
 def silu_mul(h, *, backend=None):

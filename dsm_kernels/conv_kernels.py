@@ -10,7 +10,9 @@ fp32 ulps of an fp32 product, with fp32 accumulation.
   im2col(x) [C_in K, B T_out]``, the im2col gathered on the fly; bias and an optional residual added in the
   epilogue (a SEANet residual unit's ``x + conv1x1(y)`` in one pass).
 * :func:`conv_transpose1d_igemm_triton`: a transposed conv with ``K = J S`` as S interleaved J-tap convs: output
-  ``q S + p`` is ``sum_j W[:, :, p + j S]^T x[q - j]``, one GEMM per phase p, written strided.
+  ``q S + p`` is ``sum_j W[:, :, p + j S]^T x[q - j]``, one GEMM per phase p, written strided. Its weights are
+  read phase-major (:func:`~dsm_kernels.reference.convtr_phase_weight`, made once by the caller), so that a tile's
+  rows are contiguous.
 
 Specifications: :func:`dsm_kernels.reference.conv1d_igemm_ref` and
 :func:`dsm_kernels.reference.conv_transpose1d_igemm_ref` (torch's convolutions). Under ``TRITON_INTERPRET=1`` the
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import triton_interpret
+from .reference import convtr_phase_weight
 from .triton_common import unit_stride
 
 
@@ -63,7 +66,7 @@ def _conv_igemm_kernel(
 @triton.jit
 def _convtr_igemm_kernel(
     x_ptr, sxb, sxc, sxt,  # [B, C_in, T] fp32
-    w_ptr,  # [C_in, C_out, K] fp32, contiguous (torch's transposed-conv layout)
+    w_ptr,  # [S, C_out, J * C_in] fp32: convtr_phase_weight
     bias_ptr,  # [C_out] (unused without HAS_BIAS)
     out_ptr, sob, soc, sot,  # [B, C_out, Q * S]
     C_in, C_out, T, Q, N, S,
@@ -76,13 +79,13 @@ def _convtr_igemm_kernel(
     com, nm = co < C_out, n < N
     b = (n // Q).to(tl.int64)
     q = n % Q
-    K = J * S
+    KD = J * C_in
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, J * C_in, BK):
+    for k0 in range(0, KD, BK):
         kk = k0 + tl.arange(0, BK)  # reduction index: tap j = kk // C_in, input channel kk % C_in
-        km = kk < J * C_in
+        km = kk < KD
         j, ci = kk // C_in, kk % C_in
-        a = tl.load(w_ptr + ci[None, :] * (C_out * K) + co[:, None] * K + (p + j * S)[None, :],
+        a = tl.load(w_ptr + (p * C_out + co[:, None]).to(tl.int64) * KD + kk[None, :],
                     mask=com[:, None] & km[None, :], other=0.0)  # fmt: skip
         src_t = q[None, :] - j[:, None]
         xm = km[:, None] & nm[None, :] & (src_t >= 0) & (src_t < T)
@@ -132,17 +135,22 @@ def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, out=None)
     return out
 
 
-def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, out=None):
+def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, phase_weight=None, out=None):
     """See :func:`dsm_kernels.reference.conv_transpose1d_igemm_ref`; the kernel size must be a multiple of the
-    stride (Mimi's are twice it)."""
+    stride (Mimi's are twice it). ``phase_weight``: :func:`convtr_phase_weight` of ``weight``, made once (else made
+    here, a copy per call)."""
     B, C, T = x.shape
     C_w, C_out, K = weight.shape
     if C_w != C or K % stride or torch.float32 != x.dtype or torch.float32 != weight.dtype:
         raise ValueError(f"conv_transpose1d_igemm: x {tuple(x.shape)} {x.dtype} against weight "
                          f"{tuple(weight.shape)} {weight.dtype} (fp32, no groups, kernel a multiple of the stride "
                          f"{stride})")  # fmt: skip
-    weight = weight.contiguous()
     J = K // stride
+    if phase_weight is None:
+        phase_weight = convtr_phase_weight(weight, stride)
+    if phase_weight.shape != (stride, C_out, J * C) or not phase_weight.is_contiguous():
+        raise ValueError(f"conv_transpose1d_igemm: phase_weight {tuple(phase_weight.shape)} is not "
+                         f"convtr_phase_weight(weight {tuple(weight.shape)}, {stride})")  # fmt: skip
     Q = T + J - 1
     if out is None:
         out = torch.empty(B, C_out, Q * stride, dtype=x.dtype, device=x.device)
@@ -152,7 +160,7 @@ def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, out=None):
     BM, BN, BK = _tiles(C_out)
     N = B * Q
     _convtr_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN), stride)](
-        x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight,
+        x, x.stride(0), x.stride(1), x.stride(2), phase_weight, bias if bias is not None else phase_weight,
         out, out.stride(0), out.stride(1), out.stride(2), C, C_out, T, Q, N, stride,
         J=J, HAS_BIAS=bias is not None, PREC=_precision(), BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=3,
     )  # fmt: skip

@@ -465,11 +465,21 @@ def conv1d_igemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y if out is None else out.copy_(y)
 
 
+def convtr_phase_weight(weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """A transposed conv's weight [C_in, C_out, J S] as the phase GEMMs read it: [S, C_out, J C_in], element
+    ``[p, co, j C_in + ci] = weight[ci, co, p + j S]``."""
+    C_in, C_out, K = weight.shape
+    J = K // stride
+    return weight.view(C_in, C_out, J, stride).permute(3, 1, 2, 0).reshape(stride, C_out, J * C_in).contiguous()
+
+
 def conv_transpose1d_igemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                               stride: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+                               stride: int = 1, phase_weight: torch.Tensor | None = None,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
     """A transposed conv1d ``[B, C_in, T] -> [B, C_out, (T - 1) stride + K]`` (fp32, no groups, weight
     ``[C_in, C_out, K]`` with K a multiple of the stride: Mimi's are twice it), the whole output with the bias (the
-    streaming overlap-add is :func:`mimi_convtr_overlap_ref`'s)."""
+    streaming overlap-add is :func:`mimi_convtr_overlap_ref`'s). ``phase_weight``: the kernels' layout of the same
+    weight (:func:`convtr_phase_weight`), unused here."""
     y = F.conv_transpose1d(x, weight, bias, stride)
     return y if out is None else out.copy_(y)
 

@@ -8,12 +8,14 @@ where the products run in three TF32 passes: the error against an fp64 convoluti
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import dsm_kernels
-from dsm_kernels.reference import conv1d_igemm_ref, conv_transpose1d_igemm_ref
-from dsm_kernels.testing import kernel_device
+from dsm_kernels.reference import conv1d_igemm_ref, conv_transpose1d_igemm_ref, convtr_phase_weight
+from dsm_kernels.testing import aot_script_main, kernel_device
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,9 +68,18 @@ def test_conv_transpose1d_igemm_matches_reference(case):
     device = kernel_device("triton")
     x, w, bias = inputs(B, C_in, C_out, T, K, transposed=True, device=device)
     bias = bias if has_bias else None
-    out = torch.full((B, C_out, (T - 1) * S + K), float("nan"), device=device)
-    got = dsm_kernels.conv_transpose1d_igemm(x, w, bias, S, out=out, backend="triton")
-    assert rel(got, conv_transpose1d_igemm_ref(x, w, bias, S)) < 1e-5
+    want = conv_transpose1d_igemm_ref(x, w, bias, S)
+    for phase_weight in (None, convtr_phase_weight(w, S)):  # made per call, or once by the caller
+        out = torch.full((B, C_out, (T - 1) * S + K), float("nan"), device=device)
+        got = dsm_kernels.conv_transpose1d_igemm(x, w, bias, S, phase_weight=phase_weight, out=out, backend="triton")
+        assert rel(got, want) < 1e-5
+
+
+def test_convtr_phase_weight_layout():
+    w = torch.randn(5, 3, 12)
+    pw = convtr_phase_weight(w, 4)  # J = 3 taps a phase
+    for p, co, j, ci in ((0, 0, 0, 0), (3, 2, 2, 4), (1, 1, 2, 3), (2, 0, 1, 1)):
+        assert pw[p, co, j * 5 + ci] == w[ci, co, p + j * 4]
 
 
 def test_igemm_checks_its_inputs():
@@ -82,6 +93,11 @@ def test_igemm_checks_its_inputs():
     wt = torch.zeros(8, 4, 10)
     with pytest.raises(ValueError, match="kernel 10 is not a multiple of the stride 4"):
         dsm_kernels.conv_transpose1d_igemm(x, wt, None, 4)
+    if dsm_kernels.has_triton():
+        from dsm_kernels.conv_kernels import conv_transpose1d_igemm_triton
+
+        with pytest.raises(ValueError, match="phase_weight"):
+            conv_transpose1d_igemm_triton(x, wt, None, 5, phase_weight=torch.zeros(5, 4, 8))
 
 
 def test_igemm_path_follows_its_switch(monkeypatch):
@@ -114,3 +130,33 @@ def test_gpu_igemm_mimi_shapes_within_4x_cudnn_fp32_error(transposed):
             ref, got = conv1d_igemm_ref(x, w, bias, S), dsm_kernels.conv1d_igemm(x, w, bias, S)
         ref_err = rel(ref, exact)
         assert rel(got, exact) <= 4 * ref_err + 1e-7, ((C_in, C_out, T, K, S), rel(got, exact), ref_err)
+
+
+def test_triton_aot_compiles_for_sm90(aot_output):
+    """Both kernels compile for an H100 with tf32x3 products on the tensor cores."""
+    assert aot_output(__file__).count("mma") == 2
+
+
+def _aot() -> None:
+    from dsm_kernels.conv_kernels import _conv_igemm_kernel, _convtr_igemm_kernel
+    from dsm_kernels.testing import aot_compile
+
+    f32 = "*fp32"
+    tiles = {"PREC": "tf32x3", "BM": 64, "BN": 128, "BK": 32}
+    cases = [
+        (_conv_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "res_ptr": f32, "out_ptr": f32},
+         {"KS": 3, "HAS_BIAS": True, "HAS_RES": True, **tiles}),
+        (_convtr_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "out_ptr": f32},
+         {"J": 2, "HAS_BIAS": True, **tiles}),
+    ]  # fmt: skip
+    for kernel, types, consts in cases:
+        cc = aot_compile(kernel, types, consts, num_warps=4)
+        ptx = cc.asm["ptx"]
+        assert "sm_90" in ptx
+        n_mma = len(re.findall(r"mma[a-z0-9_.]*\.tf32", ptx))
+        assert n_mma >= 3, f"{kernel.fn.__name__}: {n_mma} tf32 MMA instructions"  # three passes at least
+        print(f"{kernel.fn.__name__}: mma tf32 x{n_mma}, {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
+
+
+if __name__ == "__main__":
+    aot_script_main(_aot, __file__)
