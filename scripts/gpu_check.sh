@@ -101,8 +101,10 @@ step tests_quick 60 20 "${T[@]}" -n 8 tests/kernels/test_fused.py tests/kernels/
 # (not the cases that emulate the CUDA kernels on the CPU: CPU CI runs those)
 step tests_gemv 60 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 -k "not cuda_emu and not emulated" \
   tests/kernels/test_gemv.py tests/model/test_backends.py
-# Mimi's kernels on the device (GEMV paths at one stream, cuBLAS at four; codes by agreement, PCM within 1e-4)
-step tests_mimi 90 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 tests/kernels/test_mimi_kernels.py
+# Mimi's kernels on the device (GEMV paths at one stream, cuBLAS at four, tf32x3 implicit-GEMM convs; codes by
+# agreement, PCM within 1e-4)
+step tests_mimi 90 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 tests/kernels/test_mimi_kernels.py \
+  tests/kernels/test_conv_igemm.py
 step tests_kernels 120 30 "${T[@]}" -n 8 tests/kernels
 step tests_engine 90 30 "${T[@]}" tests/test_engine.py tests/test_cross_pages.py tests/model tests/test_mimi.py
 # then the numbers: engine end to end with moshi beside, depformer, Mimi, capacity, kernels
@@ -131,7 +133,8 @@ step kbench_attn 90 30 "$PY" benchmarks/bench_kernels.py --kernels attention --b
 # the voice cross-attention over shared condition pages against the SDPA over dense per-stream K/V it replaced
 step kbench_voice 60 15 "$PY" benchmarks/bench_kernels.py --kernels voice --batch 1 64 256 --graph --no-compile \
   --providers torch cuda triton --out "$OUT/kernels.jsonl"
-# ours (and its nogemv / tf32 variants) beside moshi, and each path's code agreement with the CPU fp32 reference
+# ours (and its triton / nogemv / cudnn / tf32 variants) beside moshi, and each path's code agreement with the
+# CPU fp32 reference
 step mimi 120 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
 step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1
 step profile_mimi 60 20 "$PY" benchmarks/profile_step.py --mimi --batch 1 --top 25

@@ -168,12 +168,19 @@ def test_bench_mimi_variant_restores_switches(monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.delenv("DSM_GEMV", raising=False)
+    monkeypatch.setenv("DSM_CONV_IGEMM", "1")
     tf32 = torch.backends.cudnn.allow_tf32
-    with mod.variant("nogemv"):
-        assert os.environ["DSM_GEMV"] == "0" and not torch.backends.cudnn.allow_tf32
+    with mod.variant("nogemv") as backend:
+        assert os.environ["DSM_GEMV"] == "0" and not torch.backends.cudnn.allow_tf32 and backend is None
     with mod.variant("tf32"):
         assert "DSM_GEMV" not in os.environ and torch.backends.cudnn.allow_tf32
+        assert os.environ["DSM_CONV_IGEMM"] == "0"  # cuDNN's convolutions, in TF32
+    with mod.variant("cudnn"):
+        assert os.environ["DSM_CONV_IGEMM"] == "0" and not torch.backends.cudnn.allow_tf32
+    with mod.variant("triton") as backend:
+        assert backend == "triton"
     assert "DSM_GEMV" not in os.environ and torch.backends.cudnn.allow_tf32 == tf32
+    assert os.environ["DSM_CONV_IGEMM"] == "1"
     assert mod.speech_like(3).shape == (1, 1, 3 * 1920)
 
 
