@@ -135,7 +135,7 @@ step kbench_voice 60 15 "$PY" benchmarks/bench_kernels.py --kernels voice --batc
   --providers torch cuda triton --out "$OUT/kernels.jsonl"
 # ours (and its triton / nogemv / cudnn / tf32 variants) beside moshi, and each path's code agreement with the
 # CPU fp32 reference
-step mimi 120 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 30 --warmup 5 --out "$OUT/mimi.jsonl"
+step mimi 180 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 20 --warmup 5 --out "$OUT/mimi.jsonl"
 step profile 90 20 "$PY" benchmarks/profile_step.py --batch 1
 step profile_mimi 60 20 "$PY" benchmarks/profile_step.py --mimi --batch 1 --top 25
 # run 2's TTS step at batch 64 (29 ms, no faster than moshi) was never profiled: where does it go?
