@@ -252,22 +252,20 @@ class Mimi:
         w = self._w
         it = iter(states)
 
-        # The decoder's output is audio, compared within a tolerance, so its kernels may apply the ELU themselves (the
-        # conv inputs; at a few streams the residual units' ends); the encoder keeps torch's, whose ulps its codes
-        # depend on.
-        kernel_elu = prefix == "decoder"
-
+        # Off the reference backend the kernels apply the ELUs as they load a conv's input (the conv inputs with
+        # stored context, the implicit-GEMM convs; at a few streams the residual units' ends). On a GPU theirs is
+        # libdevice's expm1f, the function torch's CUDA ELU calls: the encoder's codes depend on those bits.
         def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False, residual=None) -> torch.Tensor:
             prev = next(it) if k > s else None
             return causal_conv1d(x, prev, w[name + ".weight"], w[name + ".bias"], s, exec_mask, elu=elu,
-                                 backend=self.backend, kernel_elu=kernel_elu, residual=residual)
+                                 backend=self.backend, kernel_elu=True, residual=residual)
 
         elu = False  # an ELU op waiting to be fused into the next conv's input
         for op in ops:
             if op[0] == "elu":
                 elu = True
                 continue
-            if elu and op[0] != "conv":
+            if elu and op[0] == "res":  # (not in Mimi's layouts: an ELU always feeds a conv)
                 x = F.elu(x)
             if op[0] == "conv":
                 x = conv(x, f"{prefix}.model.{op[1]}.conv.conv", op[4], op[5], elu=elu)
@@ -275,12 +273,12 @@ class Mimi:
                 name = f"{prefix}.model.{op[1]}.convtr.convtr"
                 x = conv_transpose1d(x, next(it), w[name + ".weight"], w[name + ".bias"], op[5], exec_mask,
                                      backend=self.backend, w_rows=self.convtr_rows.get(name + ".weight"),
-                                     w_phases=self.convtr_phases.get(name + ".weight"))  # fmt: skip
+                                     w_phases=self.convtr_phases.get(name + ".weight"), elu=elu)  # fmt: skip
             else:  # residual unit: x + conv1x1(elu(conv3(elu(x))))
                 p = f"{prefix}.model.{op[1]}.block"
                 y = conv(x, f"{p}.1.conv.conv", 3, 1, elu=True)
                 out = f"{p}.3.conv.conv"
-                if kernel_elu and gemv_path(x.shape[0], self.backend, x.device):  # its end in one kernel
+                if gemv_path(x.shape[0], self.backend, x.device):  # its end in one kernel
                     x = dsm_kernels.mimi_residual_out(y, w[out + ".weight"], w[out + ".bias"], x, backend=self.backend)
                 else:  # the residual added in the conv's epilogue where a kernel runs it
                     x = conv(y, out, 1, 1, elu=True, residual=x)

@@ -33,17 +33,16 @@ def causal_conv1d(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Streaming causal conv: left context is the ``Ke - S`` previous input samples (not ``Ke - 1``, §7.2).
-    With ``elu`` the conv reads ``elu(x)``; ``kernel_elu`` lets the input kernel apply it (one launch fewer, ulps
-    apart from torch's ELU: fine where the output is audio, see below). ``residual``: returns ``residual + conv``.
+    With ``elu`` the conv reads ``elu(x)``; ``kernel_elu`` lets the input kernel apply it (one launch fewer; on a GPU
+    the same bits as torch's ELU, under the Triton interpreter an ulp or two apart). ``residual``: returns
+    ``residual + conv``.
 
     ``prev`` is ``[B, C_in, Ke - S]`` (``None`` when ``Ke == S``). Returns the output; rows
     whose ``exec_mask`` is false keep their old ``prev``. ``prev`` is updated in place (static addresses for
     graph capture) by :func:`dsm_kernels.mimi_conv_pad` (ELU, concatenation and state update: one kernel on Triton).
     """
     if prev is None:
-        return conv1d(F.elu(x) if elu else x, weight, bias, stride, dilation, groups, backend, residual)
-    # Without kernel_elu (the encoder) the ELU stays torch's: the kernel's (exp-based expm1) differs by ulps, which
-    # flipped ~2% of the 32-level codes on an H100 against the reference backend (chaotic deep RVQ levels).
+        return conv1d(x, weight, bias, stride, dilation, groups, backend, residual, elu=elu, kernel_elu=kernel_elu)
     if kernel_elu:
         x = dsm_kernels.mimi_conv_pad(x, prev, exec_mask, elu=elu, backend=backend)
     else:
@@ -52,8 +51,10 @@ def causal_conv1d(
 
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int = 1,
-           groups: int = 1, backend: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """A valid conv1d (plus ``residual`` if given). Off the reference backend, one with at most
+           groups: int = 1, backend: str | None = None, residual: torch.Tensor | None = None, elu: bool = False,
+           kernel_elu: bool = False) -> torch.Tensor:
+    """A valid conv1d of ``x`` (of ``elu(x)`` with ``elu``; ``kernel_elu``: the implicit-GEMM kernel may apply it
+    as it loads x), plus ``residual`` if given. Off the reference backend, one with at most
     ``dsm_kernels.conv_gemv_max_columns()`` output columns (batch rows x steps: at a few streams the deep SEANet
     layers, up to 16 steps a frame, and the quantizer's projection) runs as a GEMV (:func:`dsm_kernels.conv1d_gemv`),
     which streams the weights at bandwidth; one with more as an implicit GEMM on tensor cores in fp32-accurate TF32
@@ -61,10 +62,13 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     convolution, on the CUDA cores)."""
     b, _, t = x.shape
     t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
-    if groups == 1 and gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns()):
+    narrow = groups == 1 and gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns())
+    if not narrow and groups == 1 and dilation == 1 and igemm_path(backend, x.device):
+        return dsm_kernels.conv1d_igemm(x if kernel_elu or not elu else F.elu(x), weight, bias, stride,
+                                        residual=residual, elu=elu and kernel_elu, backend=backend)  # fmt: skip
+    x = F.elu(x) if elu else x
+    if narrow:
         y = dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, backend=backend)
-    elif groups == 1 and dilation == 1 and igemm_path(backend, x.device):
-        return dsm_kernels.conv1d_igemm(x, weight, bias, stride, residual=residual, backend=backend)
     else:
         y = F.conv1d(x, weight, bias, stride, 0, dilation, groups)
     return y if residual is None else residual + y
@@ -81,23 +85,28 @@ def conv_transpose1d(
     backend: str | None = None,
     w_rows: torch.Tensor | None = None,
     w_phases: torch.Tensor | None = None,
+    elu: bool = False,
 ) -> torch.Tensor:
     """Streaming transposed conv: overlap-add the stored ``K - S`` tail, emit ``T * S`` samples (§7.2).
     With ``w_rows`` (the weight as [C_out, K, C_in]) few input columns take :func:`dsm_kernels.mimi_convtr_gemv`;
-    more take :func:`dsm_kernels.conv_transpose1d_igemm` (``w_phases``: its weight layout, made once).
+    more take :func:`dsm_kernels.conv_transpose1d_igemm` (``w_phases``: its weight layout, made once), which applies
+    ``elu`` (the conv reads ``elu(x)``) as it loads x.
 
     The stored tail excludes the bias, since the bias is added again when the next call's output overlaps it.
     Offline use is the same call from a zero ``partial``. ``partial`` is updated in place (one kernel on Triton:
     :func:`dsm_kernels.mimi_convtr_overlap`). Needs ``T * S >= K - S`` (Mimi has ``K = 2 S``), so that the head and
     the tail do not overlap; the output is a view of the conv's.
     """
-    if w_rows is not None and groups == 1 and gemv_path(x.shape[0] * x.shape[-1], backend, x.device,
-                                                         dsm_kernels.conv_gemv_max_columns()):  # fmt: skip
+    narrow = w_rows is not None and groups == 1 and gemv_path(x.shape[0] * x.shape[-1], backend, x.device,
+                                                              dsm_kernels.conv_gemv_max_columns())  # fmt: skip
+    if not narrow and groups == 1 and igemm_path(backend, x.device):  # S phase GEMMs on tensor cores (see conv1d)
+        y = dsm_kernels.conv_transpose1d_igemm(x, weight, bias, stride, phase_weight=w_phases, elu=elu,
+                                               backend=backend)  # fmt: skip
+        return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)
+    x = F.elu(x) if elu else x
+    if narrow:
         return dsm_kernels.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, backend=backend)
-    if groups == 1 and igemm_path(backend, x.device):  # S phase GEMMs on tensor cores (see conv1d)
-        y = dsm_kernels.conv_transpose1d_igemm(x, weight, bias, stride, phase_weight=w_phases, backend=backend)
-    else:
-        y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
+    y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
     return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)
 
 

@@ -322,19 +322,20 @@ def conv_igemm_enabled() -> bool:
     return os.environ.get("DSM_CONV_IGEMM") != "0"
 
 
-def conv1d_igemm(x, weight, bias=None, stride=1, *, residual=None, out=None, backend=None):
-    """See :func:`dsm_kernels.reference.conv1d_igemm_ref`: a conv1d (+ residual) as an implicit GEMM on tensor cores
-    in fp32-accurate TF32 passes, for many output columns."""
+def conv1d_igemm(x, weight, bias=None, stride=1, *, residual=None, elu=False, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.conv1d_igemm_ref`: a conv1d (of ``elu(x)`` with ``elu``; + residual) as an
+    implicit GEMM on tensor cores in fp32-accurate TF32 passes, for many output columns."""
     checks.conv1d_igemm(x, weight, bias, stride, residual, out)
-    return resolve("conv1d_igemm", backend, x.device)(x, weight, bias, stride, residual=residual, out=out)
+    return resolve("conv1d_igemm", backend, x.device)(x, weight, bias, stride, residual=residual, elu=elu, out=out)
 
 
-def conv_transpose1d_igemm(x, weight, bias=None, stride=1, *, phase_weight=None, out=None, backend=None):
+def conv_transpose1d_igemm(x, weight, bias=None, stride=1, *, phase_weight=None, elu=False, out=None, backend=None):
     """See :func:`dsm_kernels.reference.conv_transpose1d_igemm_ref`: a transposed conv1d as S phase GEMMs
-    (``phase_weight``: ``dsm_kernels.reference.convtr_phase_weight(weight, stride)``, made once by the caller)."""
+    of ``x`` (of ``elu(x)`` with ``elu``; ``phase_weight``: ``dsm_kernels.reference.convtr_phase_weight(weight,
+    stride)``, made once by the caller)."""
     checks.conv_transpose1d_igemm(x, weight, bias, stride, out)
     return resolve("conv_transpose1d_igemm", backend, x.device)(x, weight, bias, stride, phase_weight=phase_weight,
-                                                                out=out)  # fmt: skip
+                                                                elu=elu, out=out)  # fmt: skip
 
 
 def silu_mul(h, *, backend=None):

@@ -7,8 +7,9 @@ operand split into a TF32 head and a TF32 tail; the tail x tail term dropped), w
 fp32 ulps of an fp32 product, with fp32 accumulation.
 
 * :func:`conv1d_igemm_triton`: a valid conv1d (no groups, no dilation) as the GEMM ``W [C_out, C_in K] x
-  im2col(x) [C_in K, B T_out]``, the im2col gathered on the fly; bias and an optional residual added in the
-  epilogue (a SEANet residual unit's ``x + conv1x1(y)`` in one pass).
+  im2col(x) [C_in K, B T_out]``, the im2col gathered on the fly (with an optional ELU of the input, the one that
+  precedes every SEANet conv without stored context); bias and an optional residual added in the epilogue (a SEANet
+  residual unit's ``x + conv1x1(elu(y))`` in one pass).
 * :func:`conv_transpose1d_igemm_triton`: a transposed conv with ``K = J S`` as S interleaved J-tap convs: output
   ``q S + p`` is ``sum_j W[:, :, p + j S]^T x[q - j]``, one GEMM per phase p, written strided. Its weights are
   read phase-major (:func:`~dsm_kernels.reference.convtr_phase_weight`, made once by the caller), so that a tile's
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import triton_interpret
+from .mimi_kernels import _elu
 from .reference import convtr_phase_weight
 from .triton_common import unit_stride
 
@@ -38,8 +40,8 @@ def _conv_igemm_kernel(
     res_ptr, srb, src, srt,  # [B, C_out, T_out] residual (unused without HAS_RES)
     out_ptr, sob, soc, sot,  # [B, C_out, T_out]
     C_out, KD, T_out, N, stride,
-    KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ELU: tl.constexpr, EXACT_ELU: tl.constexpr,
+    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     co = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)  # output column: batch row b, step t
@@ -54,6 +56,8 @@ def _conv_igemm_kernel(
         src_t = t[None, :] * stride + (kk % KS)[:, None]
         xb = tl.load(x_ptr + b[None, :] * sxb + (kk // KS)[:, None] * sxc + src_t * sxt,
                      mask=km[:, None] & nm[None, :], other=0.0)  # fmt: skip
+        if ELU:  # elu(0) = 0: the masked elements stay out of the sum
+            xb = _elu(xb, EXACT_ELU)
         acc = tl.dot(a, xb, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=com, other=0.0)[:, None]
@@ -70,7 +74,7 @@ def _convtr_igemm_kernel(
     bias_ptr,  # [C_out] (unused without HAS_BIAS)
     out_ptr, sob, soc, sot,  # [B, C_out, Q * S]
     C_in, C_out, T, Q, N, S,
-    J: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    J: tl.constexpr, HAS_BIAS: tl.constexpr, ELU: tl.constexpr, EXACT_ELU: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     co = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -90,6 +94,8 @@ def _convtr_igemm_kernel(
         src_t = q[None, :] - j[:, None]
         xm = km[:, None] & nm[None, :] & (src_t >= 0) & (src_t < T)
         xb = tl.load(x_ptr + b[None, :] * sxb + ci[:, None] * sxc + src_t * sxt, mask=xm, other=0.0)
+        if ELU:
+            xb = _elu(xb, EXACT_ELU)
         acc = tl.dot(a, xb, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=com, other=0.0)[:, None]
@@ -108,7 +114,7 @@ def _precision() -> str:
     return "ieee" if triton_interpret() else "tf32x3"
 
 
-def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, out=None):
+def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False, out=None):
     """See :func:`dsm_kernels.reference.conv1d_igemm_ref`."""
     B, C, T = x.shape
     C_out, C_w, KS = weight.shape
@@ -129,13 +135,14 @@ def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, out=None)
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight,
         res, res.stride(0), res.stride(1), res.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
         C_out, C * KS, T_out, N, stride,
-        KS=KS, HAS_BIAS=bias is not None, HAS_RES=residual is not None, PREC=_precision(), BM=BM, BN=BN, BK=BK,
+        KS=KS, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ELU=elu, EXACT_ELU=not triton_interpret(),
+        PREC=_precision(), BM=BM, BN=BN, BK=BK,
         num_warps=4, num_stages=3,
     )  # fmt: skip
     return out
 
 
-def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, phase_weight=None, out=None):
+def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, phase_weight=None, elu=False, out=None):
     """See :func:`dsm_kernels.reference.conv_transpose1d_igemm_ref`; the kernel size must be a multiple of the
     stride (Mimi's are twice it). ``phase_weight``: :func:`convtr_phase_weight` of ``weight``, made once (else made
     here, a copy per call)."""
@@ -162,6 +169,7 @@ def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, phase_weight=N
     _convtr_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN), stride)](
         x, x.stride(0), x.stride(1), x.stride(2), phase_weight, bias if bias is not None else phase_weight,
         out, out.stride(0), out.stride(1), out.stride(2), C, C_out, T, Q, N, stride,
-        J=J, HAS_BIAS=bias is not None, PREC=_precision(), BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=3,
+        J=J, HAS_BIAS=bias is not None, ELU=elu, EXACT_ELU=not triton_interpret(), PREC=_precision(), BM=BM, BN=BN,
+        BK=BK, num_warps=4, num_stages=3,
     )  # fmt: skip
     return out

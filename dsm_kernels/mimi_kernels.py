@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import triton_interpret
 from .pdl import launch_and_wait, use_pdl
@@ -251,11 +252,16 @@ def mimi_rope_kv_triton(qkv: torch.Tensor, rot: torch.Tensor, cache: torch.Tenso
 
 
 @triton.jit
-def _elu(x):
-    """ELU (alpha 1) with an accurate ``expm1`` (Kahan's ``(u - 1) x / log u``, no libdevice) below zero."""
-    u = tl.exp(x)
-    d = u - 1.0
-    em1 = tl.where(d == 0.0, x, tl.where(d == -1.0, -1.0, d * x / tl.log(u)))
+def _elu(x, EXACT: tl.constexpr):
+    """ELU (alpha 1). ``EXACT`` (on a GPU): libdevice's ``expm1f``, the function torch's CUDA ELU calls, so the same
+    bits (the encoder's codes depend on them); else (the interpreter, which has no libdevice) Kahan's accurate
+    ``expm1`` = ``(u - 1) x / log u``, within an ulp or two."""
+    if EXACT:
+        em1 = libdevice.expm1(x)
+    else:
+        u = tl.exp(x)
+        d = u - 1.0
+        em1 = tl.where(d == 0.0, x, tl.where(d == -1.0, -1.0, d * x / tl.log(u)))
     return tl.where(x > 0.0, x, em1)
 
 
@@ -267,6 +273,7 @@ def _mimi_conv_pad_kernel(
     out_ptr, sob, soc, sot,  # [B, C, P + T] fp32
     C, T, P,
     ELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    EXACT_ELU: tl.constexpr = False,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -283,14 +290,14 @@ def _mimi_conv_pad_kernel(
     old = tl.load(pbase + src * spt, mask=jm & from_prev, other=0.0)
     new = tl.load(xbase + (src - P) * sxt, mask=jm & (src >= P), other=0.0)
     if ELU:
-        new = _elu(new)
+        new = _elu(new, EXACT_ELU)
     new = tl.where(from_prev, old, new)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)[None, :]
         tm = cm & (t < T)
         v = tl.load(xbase + t * sxt, mask=tm, other=0.0)
         if ELU:
-            v = _elu(v)
+            v = _elu(v, EXACT_ELU)
         tl.store(obase + (P + t) * sot, v, mask=tm)
     active = tl.load(mask_ptr + b) != 0
     tl.debug_barrier()  # every thread has read the old context before any overwrites it
@@ -319,7 +326,7 @@ def mimi_conv_pad_triton(x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.T
     _mimi_conv_pad_kernel[(B, triton.cdiv(C, BLOCK_C))](
         x, x.stride(0), x.stride(1), x.stride(2), prev, prev.stride(0), prev.stride(1), prev.stride(2), exec_mask,
         out, out.stride(0), out.stride(1), out.stride(2), C, T, P,
-        ELU=elu, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_T=BLOCK_T)
+        ELU=elu, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_T=BLOCK_T, EXACT_ELU=not triton_interpret())
     return out
 
 
@@ -498,6 +505,7 @@ def _mimi_residual_out_kernel(
     out_ptr, sob, soc, sot,  # [B, C_out, T] fp32
     C_IN, C_OUT, T,
     HAS_BIAS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
+    EXACT_ELU: tl.constexpr = False,
 ):
     """Grid (B, C_out blocks, T blocks): ``out = x + bias + W @ elu(y)`` on a [BLOCK_CO, BLOCK_T] tile (fp32 dot)."""
     b = tl.program_id(0).to(tl.int64)
@@ -511,7 +519,7 @@ def _mimi_residual_out_kernel(
         w = tl.load(w_ptr + co[:, None] * C_IN + ci[None, :], mask=com[:, None] & cim[None, :], other=0.0)
         v = tl.load(y_ptr + b * syb + ci[:, None] * syc + t[None, :] * syt, mask=cim[:, None] & tm[None, :],
                     other=0.0)  # fmt: skip
-        acc += tl.dot(w, _elu(v), input_precision="ieee")
+        acc += tl.dot(w, _elu(v, EXACT_ELU), input_precision="ieee")
     m = com[:, None] & tm[None, :]
     out = acc + tl.load(x_ptr + b * sxb + co[:, None] * sxc + t[None, :] * sxt, mask=m, other=0.0)
     if HAS_BIAS:
@@ -539,5 +547,6 @@ def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.
     _mimi_residual_out_kernel[(B, triton.cdiv(C_out, BLOCK_CO), triton.cdiv(T, BLOCK_T))](
         y, y.stride(0), y.stride(1), y.stride(2), weight, bias if bias is not None else weight,
         x, x.stride(0), x.stride(1), x.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
-        C_in, C_out, T, HAS_BIAS=bias is not None, BLOCK_CO=BLOCK_CO, BLOCK_CI=BLOCK_CI, BLOCK_T=BLOCK_T)
+        C_in, C_out, T, HAS_BIAS=bias is not None, BLOCK_CO=BLOCK_CO, BLOCK_CI=BLOCK_CI, BLOCK_T=BLOCK_T,
+        EXACT_ELU=not triton_interpret())
     return out

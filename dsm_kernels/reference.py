@@ -455,11 +455,13 @@ def conv1d_gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def conv1d_igemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
-                     residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A valid conv1d ``[B, C_in, T] -> [B, C_out, T_out]`` (fp32, no groups, no dilation) plus ``residual``
-    ``[B, C_out, T_out]`` if given: the op Mimi's SEANet runs at many output columns (a residual unit's end is
-    ``x + conv1x1(y)``). The kernels compute the products on tensor cores in three TF32 passes (a few fp32 ulps)."""
-    y = F.conv1d(x, weight, bias, stride)
+                     residual: torch.Tensor | None = None, elu: bool = False,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """A valid conv1d ``[B, C_in, T] -> [B, C_out, T_out]`` of ``x`` (of ``elu(x)`` with ``elu``; fp32, no groups,
+    no dilation) plus ``residual`` ``[B, C_out, T_out]`` if given: the op Mimi's SEANet runs at many output columns
+    (a residual unit's end is ``x + conv1x1(elu(y))``). The kernels compute the products on tensor cores in three
+    TF32 passes (a few fp32 ulps)."""
+    y = F.conv1d(F.elu(x) if elu else x, weight, bias, stride)
     if residual is not None:
         y = residual + y
     return y if out is None else out.copy_(y)
@@ -474,13 +476,13 @@ def convtr_phase_weight(weight: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def conv_transpose1d_igemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                               stride: int = 1, phase_weight: torch.Tensor | None = None,
+                               stride: int = 1, phase_weight: torch.Tensor | None = None, elu: bool = False,
                                out: torch.Tensor | None = None) -> torch.Tensor:
     """A transposed conv1d ``[B, C_in, T] -> [B, C_out, (T - 1) stride + K]`` (fp32, no groups, weight
     ``[C_in, C_out, K]`` with K a multiple of the stride: Mimi's are twice it), the whole output with the bias (the
     streaming overlap-add is :func:`mimi_convtr_overlap_ref`'s). ``phase_weight``: the kernels' layout of the same
-    weight (:func:`convtr_phase_weight`), unused here."""
-    y = F.conv_transpose1d(x, weight, bias, stride)
+    weight (:func:`convtr_phase_weight`), unused here. ``elu``: of ``elu(x)``."""
+    y = F.conv_transpose1d(F.elu(x) if elu else x, weight, bias, stride)
     return y if out is None else out.copy_(y)
 
 

@@ -427,7 +427,7 @@ def _mimi_transformer_rows(backend, device, quick):
 
 def _mimi_rows(backend, device, quick):
     """Mimi's fp32 kernels at its shapes (narrower on a CPU), against their references: 1e-5 relative to the output's
-    scale."""
+    scale (the implicit-GEMM convs' tf32x3 products included: a few fp32 ulps)."""
     rows = []
     small = quick or device.type == "cpu"
     C, H, S = (64, 2, 40) if small else (512, 8, 250)
@@ -439,6 +439,7 @@ def _mimi_rows(backend, device, quick):
     xt, w_rows = torch.randn(1, 2 * C, 2, generator=g), torch.randn(C, 16, 2 * C, generator=g) / 64
     part = torch.randn(1, C, 8, generator=g)
     one = torch.ones(1, dtype=torch.bool)
+    xi, res = torch.randn(4, C, 101, generator=g), torch.randn(4, 2 * C, 24, generator=g)  # 96 output columns
 
     def convtr(fn, dev):
         p = part.clone().to(dev)
@@ -451,6 +452,11 @@ def _mimi_rows(backend, device, quick):
         ("mimi_residual_out", f"{C}->{2 * C} 1x1 + ELU + residual, 24 steps",
          lambda fn, dev: fn(x.to(dev), w[:, :, :1].contiguous().to(dev), b.to(dev), xt[..., :1].expand(1, 2 * C, 24)
                             .contiguous().to(dev))),
+        ("conv1d_igemm", f"B4 {C}->{2 * C} k8 s4 of ELU + residual, 96 columns",
+         lambda fn, dev: fn(xi.to(dev), w[..., :8].contiguous().to(dev), b.to(dev), 4, residual=res.to(dev),
+                            elu=True)),
+        ("conv_transpose1d_igemm", f"B4 {2 * C}->{C} k16 s8 of ELU, 24 columns",
+         lambda fn, dev: fn(res.to(dev), w.to(dev), b[:C].to(dev), 8, elu=True)),
     ]
     for op, case, run in cases:
         exp = run(getattr(reference, op + "_ref"), "cpu")
@@ -558,7 +564,8 @@ _CHECKS = {
     ("depformer_frame",): _depformer_rows,
     ("decoder_step",): _decoder_rows,
     ("mimi_transformer",): _mimi_transformer_rows,
-    ("conv1d_gemv", "mimi_ring_attention", "mimi_convtr_gemv", "mimi_residual_out"): _mimi_rows,
+    ("conv1d_gemv", "mimi_ring_attention", "mimi_convtr_gemv", "mimi_residual_out", "conv1d_igemm",
+     "conv_transpose1d_igemm"): _mimi_rows,
     ("rvq_encode", "rvq_decode", "mimi_rope_kv", "mimi_conv_pad", "mimi_convtr_overlap"): _mimi_codec_rows,
 }
 

@@ -42,47 +42,48 @@ def inputs(B, C_in, C_out, T, K, transposed=False, seed=0, device="cpu"):
     return x.to(device), w.to(device), torch.randn(C_out, generator=g).to(device)
 
 
-CONV_CASES = [  # B, C_in, C_out, T, K, stride, bias, residual
-    (2, 1, 64, 37, 7, 1, True, False),  # the encoder's first conv (reduction of 7)
-    (1, 64, 32, 50, 3, 1, True, False),  # a residual unit's k3 conv
-    (3, 32, 64, 20, 1, 1, True, True),  # a residual unit's end: x + conv1x1(y)
-    (2, 64, 128, 41, 8, 4, True, False),  # a strided downsampling conv
-    (1, 40, 1, 33, 3, 1, False, False),  # one output channel, no bias (the decoder's last conv has a bias)
+CONV_CASES = [  # B, C_in, C_out, T, K, stride, bias, residual, elu
+    (2, 1, 64, 37, 7, 1, True, False, False),  # the encoder's first conv (reduction of 7)
+    (1, 64, 32, 50, 3, 1, True, False, False),  # a residual unit's k3 conv
+    (3, 32, 64, 20, 1, 1, True, True, True),  # a residual unit's end: x + conv1x1(elu(y))
+    (2, 64, 128, 41, 8, 4, True, False, True),  # a strided downsampling conv of an ELU
+    (1, 40, 1, 33, 3, 1, False, False, False),  # one output channel, no bias (the decoder's last conv has a bias)
 ]
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "b{}-{}to{}-t{}-k{}s{}".format(*c[:6]))
 def test_conv1d_igemm_matches_reference(case):
-    B, C_in, C_out, T, K, S, has_bias, has_res = case
+    B, C_in, C_out, T, K, S, has_bias, has_res, elu = case
     device = kernel_device("triton")
     x, w, bias = inputs(B, C_in, C_out, T, K, device=device)
     bias = bias if has_bias else None
     T_out = (T - K) // S + 1
     res = torch.randn(B, C_out, T_out).to(device) if has_res else None
     out = torch.full((B, C_out, T_out), float("nan"), device=device)  # poisoned: every element must be written
-    got = dsm_kernels.conv1d_igemm(x, w, bias, S, residual=res, out=out, backend="triton")
+    got = dsm_kernels.conv1d_igemm(x, w, bias, S, residual=res, elu=elu, out=out, backend="triton")
     assert got is out
-    assert rel(got, conv1d_igemm_ref(x, w, bias, S, residual=res)) < tolerance(device)
+    assert rel(got, conv1d_igemm_ref(x, w, bias, S, residual=res, elu=elu)) < tolerance(device)
 
 
-CONVTR_CASES = [  # B, C_in, C_out, T, K, stride, bias
-    (2, 64, 32, 9, 8, 4, True),
-    (1, 32, 16, 5, 10, 5, True),
-    (3, 16, 24, 7, 12, 6, False),
-    (1, 48, 64, 3, 16, 8, True),
+CONVTR_CASES = [  # B, C_in, C_out, T, K, stride, bias, elu
+    (2, 64, 32, 9, 8, 4, True, True),
+    (1, 32, 16, 5, 10, 5, True, False),
+    (3, 16, 24, 7, 12, 6, False, True),
+    (1, 48, 64, 3, 16, 8, True, False),
 ]
 
 
 @pytest.mark.parametrize("case", CONVTR_CASES, ids=lambda c: "b{}-{}to{}-t{}-k{}s{}".format(*c[:6]))
 def test_conv_transpose1d_igemm_matches_reference(case):
-    B, C_in, C_out, T, K, S, has_bias = case
+    B, C_in, C_out, T, K, S, has_bias, elu = case
     device = kernel_device("triton")
     x, w, bias = inputs(B, C_in, C_out, T, K, transposed=True, device=device)
     bias = bias if has_bias else None
-    want = conv_transpose1d_igemm_ref(x, w, bias, S)
+    want = conv_transpose1d_igemm_ref(x, w, bias, S, elu=elu)
     for phase_weight in (None, convtr_phase_weight(w, S)):  # made per call, or once by the caller
         out = torch.full((B, C_out, (T - 1) * S + K), float("nan"), device=device)
-        got = dsm_kernels.conv_transpose1d_igemm(x, w, bias, S, phase_weight=phase_weight, out=out, backend="triton")
+        got = dsm_kernels.conv_transpose1d_igemm(x, w, bias, S, phase_weight=phase_weight, elu=elu, out=out,
+                                                 backend="triton")  # fmt: skip
         assert rel(got, want) < tolerance(device)
 
 
@@ -155,9 +156,9 @@ def _aot() -> None:
     tiles = {"PREC": "tf32x3", "BM": 64, "BN": 128, "BK": 32}
     cases = [
         (_conv_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "res_ptr": f32, "out_ptr": f32},
-         {"KS": 3, "HAS_BIAS": True, "HAS_RES": True, **tiles}),
+         {"KS": 3, "HAS_BIAS": True, "HAS_RES": True, "ELU": True, "EXACT_ELU": True, **tiles}),
         (_convtr_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "out_ptr": f32},
-         {"J": 2, "HAS_BIAS": True, **tiles}),
+         {"J": 2, "HAS_BIAS": True, "ELU": True, "EXACT_ELU": True, **tiles}),
     ]  # fmt: skip
     for kernel, types, consts in cases:
         cc = aot_compile(kernel, types, consts, num_warps=4)
