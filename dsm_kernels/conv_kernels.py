@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_interpret
+from . import sm_count, triton_interpret
 from .mimi_kernels import _elu
 from .reference import convtr_phase_weight
 from .triton_common import unit_stride
@@ -103,11 +103,17 @@ def _convtr_igemm_kernel(
     tl.store(out_ptr + b[None, :] * sob + co[:, None] * soc + o[None, :] * sot, acc, mask=com[:, None] & nm[None, :])
 
 
-def _tiles(c_out: int) -> tuple[int, int, int]:
-    """(BM, BN, BK): output channels x columns x reduction per program. Under the interpreter, which runs programs
-    one after another at a fixed cost each, few large ones (numpy takes the tiles)."""
+def _tiles(c_out: int, columns: int, device: torch.device) -> tuple[int, int, int]:
+    """(BM, BN, BK): output channels x columns x reduction per program. On a GPU, 128 columns a program where that
+    still gives half the SMs a program, else 64 or 32 (one stream's convs have 96-1920 columns: 128-wide tiles would
+    leave most SMs idle); under the interpreter, which runs programs one after another at a fixed cost each, few
+    large ones (numpy takes the tiles)."""
     bm = max(16, min(64, triton.next_power_of_2(c_out)))
-    return (bm, 1024, 128) if triton_interpret() else (bm, 128, 32)
+    if triton_interpret():
+        return bm, 1024, 128
+    m_tiles, want = triton.cdiv(c_out, bm), sm_count(device) // 2
+    bn = next((bn for bn in (128, 64) if m_tiles * triton.cdiv(columns, bn) >= want), 32)
+    return bm, bn, 32
 
 
 def _precision() -> str:
@@ -128,8 +134,8 @@ def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False
     if out.numel() == 0:
         return out
     (bias,) = unit_stride(bias)
-    BM, BN, BK = _tiles(C_out)
     N = B * T_out
+    BM, BN, BK = _tiles(C_out, N, x.device)
     res = residual if residual is not None else out
     _conv_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN))](
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight,
@@ -164,8 +170,8 @@ def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, phase_weight=N
     if out.numel() == 0:
         return out
     (bias,) = unit_stride(bias)
-    BM, BN, BK = _tiles(C_out)
     N = B * Q
+    BM, BN, BK = _tiles(C_out, N * stride, x.device)  # the S phases are programs too
     _convtr_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN), stride)](
         x, x.stride(0), x.stride(1), x.stride(2), phase_weight, bias if bias is not None else phase_weight,
         out, out.stride(0), out.stride(1), out.stride(2), C, C_out, T, Q, N, stride,
