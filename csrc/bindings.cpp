@@ -419,6 +419,53 @@ void decoder_step(at::Tensor& x, const std::optional<at::Tensor>& z, const std::
   DSM_CUDA_OK(dsm_launch_decoder_step(&a, stream_of(x)));
 }
 
+// Mimi's residual-VQ encode for 1..4 rows (csrc/rvq.cu). dims: max_levels (the largest group's level count), blocks
+// (0: one per SM).
+void rvq_encode(at::Tensor& out, const at::Tensor& x, const at::Tensor& books, const at::Tensor& level_ranges,
+                at::IntArrayRef dims) {
+  DSM_CHECK_CUDA(x);
+  TORCH_CHECK(dims.size() == 2, "dsm: rvq_encode dims must be 2 ints, got ", dims.size());
+  DSM_CHECK_DIM(x, 3);
+  DSM_CHECK_DIM(books, 3);
+  DSM_CHECK_DIM(out, 3);
+  DSM_CHECK_DTYPE(x, at::kFloat);
+  DSM_CHECK_DTYPE(books, at::kFloat);
+  DSM_CHECK_DTYPE(out, at::kLong);
+  DSM_CHECK_DTYPE(level_ranges, at::kInt);
+  const int64_t D = books.size(2) - 2, G = level_ranges.size(0);
+  TORCH_CHECK(books.is_contiguous() && level_ranges.is_contiguous() && level_ranges.dim() == 2 &&
+                  level_ranges.size(1) == 2 && x.size(1) == G * D && out.size(0) == x.size(0) &&
+                  out.size(2) == x.size(2),
+              "dsm: rvq_encode takes x [B, G * D, T], books [L, K, D + 2] and level_ranges [G, 2] contiguous, "
+              "out [B, n_q, T]");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &books, &level_ranges})
+    DSM_CHECK_SAME_DEVICE(x, (*t));
+  const c10::cuda::CUDAGuard guard(x.device());
+  DsmRvqArgs a{};
+  a.N = static_cast<int>(x.size(0) * x.size(2));
+  a.T = static_cast<int>(x.size(2));
+  a.D = static_cast<int>(D);
+  a.K = static_cast<int>(books.size(1));
+  a.groups = static_cast<int>(G);
+  a.max_levels = static_cast<int>(dims[0]);
+  a.blocks = static_cast<int>(dims[1]);
+  a.x = x.data_ptr<float>();
+  a.sxb = x.stride(0);
+  a.sxc = x.stride(1);
+  a.sxt = x.stride(2);
+  a.books = books.data_ptr<float>();
+  a.level_ranges = level_ranges.data_ptr<int>();
+  a.out = out.data_ptr<int64_t>();
+  a.sob = out.stride(0);
+  a.sol = out.stride(1);
+  a.sot = out.stride(2);
+  at::Tensor work = at::empty({static_cast<int64_t>(dsm_rvq_work_bytes(a.N, a.groups))}, x.options().dtype(at::kByte));
+  at::Tensor sync = at::zeros({2}, x.options().dtype(at::kInt));  // the grid barrier
+  a.work = work.data_ptr();
+  a.sync = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
+  DSM_CUDA_OK(dsm_launch_rvq_encode(&a, stream_of(x)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsm, m) {
@@ -436,6 +483,7 @@ TORCH_LIBRARY(dsm, m) {
         "Tensor? out_norm, Tensor? text_linear, Tensor? inv_freq, Tensor positions, Tensor slot, Tensor seq_lens, "
         "Tensor? starts, Tensor block_table, Tensor? cross_k, Tensor? cross_v, Tensor? cross_block_table, Tensor? cross_seq_lens, "
         "int[] dims, float eps, float out_eps, float scale, float cross_eps) -> ()");
+  m.def("rvq_encode(Tensor! out, Tensor x, Tensor books, Tensor level_ranges, int[] dims) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
@@ -446,6 +494,7 @@ TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
   m.impl("sample_tokens", &sample_tokens);
   m.impl("depformer_frame", &depformer_frame);
   m.impl("decoder_step", &decoder_step);
+  m.impl("rvq_encode", &rvq_encode);
 }
 
 // `import dsm_kernels._C` loads the library, which registers torch.ops.dsm.*; the module itself is empty (plain

@@ -148,6 +148,15 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Ask L2 for the 128-byte line at p (no register written, nothing waited for): data a later phase reads.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifdef DSM_CUDA_EMU
+  (void)p;
+#else
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#endif
+}
+
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 #ifdef DSM_CUDA_EMU
   return __atomic_load_n(p, __ATOMIC_ACQUIRE);

@@ -121,6 +121,30 @@ typedef struct {
 size_t dsm_decoder_work_bytes(int B, int heads, int head_dim, int hidden, int dtype);
 cudaError_t dsm_launch_decoder_step(const DsmDecoderArgs* args, cudaStream_t stream);
 
+// Mimi's split residual-VQ encode (dsm_kernels.rvq_encode) for 1..4 rows in one cooperative launch (csrc/rvq.cu):
+// every level of every group, each block scoring its share of a level's codebook, a grid barrier, then every block
+// resolving the level's codes from the blocks' partial minima and updating its own copy of the residuals.
+#define DSM_RVQ_MAX_GROUPS 2
+#define DSM_RVQ_MAX_DIM 256
+#define DSM_RVQ_MAX_BLOCKS 256
+typedef struct {
+  int N, T;          // rows = batch rows x steps (1..4); row n is batch row n / T, step n % T
+  int D, K, groups;  // code dim (even, <= 256), codebook entries, groups (<= 2)
+  int max_levels;    // the largest level count of a group
+  int blocks;        // grid size: 0 = one block per SM (at most DSM_RVQ_MAX_BLOCKS)
+  const float* x;    // [B, groups * D, T]: the projected latents, strided
+  int64_t sxb, sxc, sxt;
+  const float* books;  // [L, K, D + 2] rows [c, 1, |c|^2]
+  const int32_t* level_ranges;  // [groups, 2]: first level, level count
+  int64_t* out;      // codes [B, n_q, T], strided
+  int64_t sob, sol, sot;
+  void* work;        // dsm_rvq_work_bytes(): the blocks' partial minima, two levels' worth
+  unsigned* sync;    // 2 uint32 at 0: the grid barrier
+} DsmRvqArgs;
+
+size_t dsm_rvq_work_bytes(int N, int groups);
+cudaError_t dsm_launch_rvq_encode(const DsmRvqArgs* args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -130,6 +130,7 @@ _OPS = {
     "rvq_encode": {
         "reference": "dsm_kernels.reference:rvq_encode_ref",
         "triton": "dsm_kernels.mimi_kernels:rvq_encode_triton",
+        "cuda": "dsm_kernels.cuda_ops:rvq_encode_cuda",
     },
     "rvq_decode": {
         "reference": "dsm_kernels.reference:rvq_decode_ref",

@@ -352,3 +352,33 @@ def mimi_transformer_cuda(w, h, pos, exec_mask, cache, *, tokens, blocks=0) -> N
         return mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens, backend="cuda")
     k_pages, v_pages, ops = mimi_operands(w, h, pos, exec_mask, cache, tokens)
     _decoder_launch(h, k_pages, v_pages, ops, blocks)
+
+
+# The persistent residual-VQ encode (csrc/rvq.cu): every level in one cooperative launch, for a few rows.
+RVQ_MAX_ROWS, RVQ_MAX_GROUPS, RVQ_MAX_DIM = 4, 2, 256
+
+
+def rvq_unsupported(x, codebooks_aug, group_levels) -> str | None:
+    """Why the persistent RVQ kernel does not take this encode (the Triton kernels then run it), or None."""
+    B, _, T = x.shape
+    D = codebooks_aug.shape[-1] - 2
+    if not 1 <= B * T <= RVQ_MAX_ROWS:
+        return f"{B * T} rows (it takes 1..{RVQ_MAX_ROWS})"
+    if len(group_levels) > RVQ_MAX_GROUPS or D % 2 or D > RVQ_MAX_DIM:
+        return f"{len(group_levels)} groups of dim {D}"
+    if x.dtype != torch.float32 or codebooks_aug.dtype != torch.float32 or not codebooks_aug.is_contiguous():
+        return f"x {x.dtype}, codebooks_aug {codebooks_aug.dtype} (fp32, contiguous)"
+    return None
+
+
+def rvq_encode_cuda(x, codebooks_aug, group_levels, level_ranges, out=None, blocks=0):
+    """CUDA backend of :func:`~dsm_kernels.reference.rvq_encode_ref`: the persistent kernel where
+    :func:`rvq_unsupported` allows (one launch for all levels), else the Triton kernels (one launch a level)."""
+    if rvq_unsupported(x, codebooks_aug, group_levels) is not None:
+        from .mimi_kernels import rvq_encode_triton
+
+        return rvq_encode_triton(x, codebooks_aug, tuple(group_levels), level_ranges, out=out)
+    if out is None:
+        out = torch.empty(x.shape[0], sum(group_levels), x.shape[2], dtype=torch.int64, device=x.device)
+    _ops().rvq_encode(out, x, codebooks_aug, level_ranges, [max(group_levels), blocks])
+    return out

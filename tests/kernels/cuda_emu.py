@@ -29,6 +29,7 @@ from dsm_kernels.cuda_ops import (
     depformer_operands,
     depformer_unsupported,
     mimi_operands,
+    rvq_unsupported,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,13 +90,16 @@ def _lib():
     lib.dsm_launch_sample_tokens.argtypes = [p, p, p, i32, i32, i32, i64, i64, f32, p, i32, p, p, p]
     lib.dsm_launch_depformer_frame.argtypes = [ctypes.POINTER(DepformerArgs), p]
     lib.dsm_launch_decoder_step.argtypes = [ctypes.POINTER(DecoderArgs), p]
+    lib.dsm_launch_rvq_encode.argtypes = [ctypes.POINTER(RvqArgs), p]
+    lib.dsm_rvq_work_bytes.argtypes = [i32] * 2
+    lib.dsm_rvq_work_bytes.restype = ctypes.c_size_t
     lib.dsm_decoder_work_bytes.argtypes = [i32] * 5
     lib.dsm_decoder_work_bytes.restype = ctypes.c_size_t
     lib.dsm_depformer_work_bytes.argtypes = [i32] * 7
     lib.dsm_depformer_work_bytes.restype = ctypes.c_size_t
     for fn in (lib.dsm_launch_multistream_embed, lib.dsm_launch_append_kv, lib.dsm_launch_paged_decode_attention,
                lib.dsm_paged_decode_blocks_per_sm, lib.dsm_launch_sample_tokens, lib.dsm_launch_depformer_frame,
-               lib.dsm_launch_decoder_step):
+               lib.dsm_launch_decoder_step, lib.dsm_launch_rvq_encode):
         fn.restype = ctypes.c_int
     return lib
 
@@ -219,6 +223,35 @@ class DecoderArgs(ctypes.Structure):
                 *((n, ctypes.c_void_p) for n in ("x", "z", "logits", "work", "sync"))]
 
 
+class RvqArgs(ctypes.Structure):
+    """``DsmRvqArgs`` of csrc/dsm_cuda.h."""
+
+    _fields_ = [*((n, ctypes.c_int) for n in ("N", "T", "D", "K", "groups", "max_levels", "blocks")),
+                ("x", ctypes.c_void_p), *((n, ctypes.c_int64) for n in ("sxb", "sxc", "sxt")),
+                *((n, ctypes.c_void_p) for n in ("books", "level_ranges", "out")),
+                *((n, ctypes.c_int64) for n in ("sob", "sol", "sot")),
+                *((n, ctypes.c_void_p) for n in ("work", "sync"))]
+
+
+def rvq_encode_emu(x, codebooks_aug, group_levels, level_ranges, out=None, blocks=3):
+    """``cuda_ops.rvq_encode_cuda`` on the emulated persistent kernel; encodes it does not take run Triton's."""
+    if rvq_unsupported(x, codebooks_aug, group_levels) is not None:
+        from dsm_kernels.mimi_kernels import rvq_encode_triton
+
+        return rvq_encode_triton(x, codebooks_aug, tuple(group_levels), level_ranges, out=out)
+    B, _, T = x.shape
+    if out is None:
+        out = torch.empty(B, sum(group_levels), T, dtype=torch.int64)
+    out.fill_(-7)  # poisoned: a code the kernel never wrote
+    work = _poisoned_work(_lib().dsm_rvq_work_bytes(B * T, len(group_levels)))
+    sync = torch.zeros(2, dtype=torch.int32)
+    args = RvqArgs(B * T, T, codebooks_aug.shape[2] - 2, codebooks_aug.shape[1], len(group_levels),
+                   max(group_levels), blocks, _ptr(x), *x.stride(), _ptr(codebooks_aug), _ptr(level_ranges),
+                   _ptr(out), *out.stride(), _ptr(work), _ptr(sync))  # fmt: skip
+    _run_persistent(_lib().dsm_launch_rvq_encode, args, sync, "rvq_encode")
+    return out
+
+
 def _decoder_launch_emu(x, k_cache, v_cache, ops, cross, blocks) -> None:
     """The persistent decode-step kernel, emulated, on ``decoder_operands``' ``ops`` (as bindings.cpp passes them)."""
     heads, kv_heads, hidden, layers, page_size, context, gelu = ops["dims"]
@@ -309,4 +342,5 @@ OPS = {
     "depformer_frame": depformer_frame_emu,
     "decoder_step": decoder_step_emu,
     "mimi_transformer": mimi_transformer_emu,
+    "rvq_encode": rvq_encode_emu,
 }

@@ -14,7 +14,7 @@ import cuda_emu
 
 HERE = Path(__file__).resolve().parent
 FILES = ["test_embed.py", "test_paged_attention.py", "test_sampling.py", "test_depformer.py",
-         "test_decoder.py"]
+         "test_decoder.py", "test_mimi_kernels.py"]
 
 
 def _libasan() -> str:

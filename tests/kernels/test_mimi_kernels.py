@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dsm_kernels
 from dsm.mimi import FRAME_SIZE, Mimi
 from dsm.mimi_modules import rope_angles, rope_freqs
 from dsm_kernels import mimi_conv_pad, mimi_rope_kv, reference, resolve, rvq_decode, rvq_encode
@@ -63,6 +64,58 @@ def test_rvq_encode_triton(B, T, levels, K, D, block_k):
     assert ties <= max(1, B * T * len(levels) // 10), f"{ties} tied paths: too many for chance"
     via_dispatch = rvq_encode(x.to(device), aug.to(device), levels, ranges, backend="triton")
     assert torch.equal(via_dispatch.cpu(), got.cpu())
+
+
+# (B, T, group levels, K, D, grid blocks): Mimi's split (1 + 31 levels, here fewer and narrower), one stream of 4
+# frames, 2 x 2, one group, an empty group, a codebook split unevenly over blocks, fewer codes than warps.
+RVQ_PERSISTENT_CASES = [
+    (1, 1, (1, 7), 256, 64, 3),
+    (1, 4, (1, 3), 100, 32, 4),
+    (2, 2, (2, 3), 64, 16, 1),
+    (2, 1, (3,), 37, 8, 5),
+    (3, 1, (1, 0), 64, 256, 2),
+]
+PERSISTENT = [pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("cuda_emu")]
+
+
+@pytest.mark.parametrize("backend", PERSISTENT)
+@pytest.mark.parametrize("B,T,levels,K,D,blocks", RVQ_PERSISTENT_CASES)
+def test_rvq_encode_persistent(B, T, levels, K, D, blocks, backend):
+    """The persistent kernel (csrc/rvq.cu; emulated on the CPU): the reference's codes (or a tie within rounding),
+    every code written (the output is poisoned), x strided."""
+    device = torch.device("cuda" if backend == "cuda" else "cpu")
+    x, aug = _rvq_inputs(B, T, levels, K, D, seed=B * 10 + K + D)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels strided, as the quantizer's projection leaves them
+    want = reference.rvq_encode_ref(x, aug, levels, reference.rvq_level_ranges(levels))
+    ranges = reference.rvq_level_ranges(levels, device)
+    out = poison_(torch.empty(B, sum(levels), T, dtype=torch.int64, device=device))
+    if backend == "cuda_emu":
+        import cuda_emu
+
+        got = cuda_emu.rvq_encode_emu(x, aug, levels, ranges, out=out, blocks=blocks)
+    else:
+        from dsm_kernels.cuda_ops import rvq_encode_cuda
+
+        got = rvq_encode_cuda(x.to(device), aug.to(device), levels, ranges, out=out, blocks=blocks)
+    assert got.data_ptr() == out.data_ptr()
+    ties = check_rvq_codes(got.cpu(), want, x, aug, levels)
+    assert ties <= max(1, B * T * sum(levels) // 10), f"{ties} tied paths: too many for chance"
+
+
+def test_validate_kernels_checks_the_persistent_rvq(cuda_emulated):
+    from dsm_kernels.validate import _rvq_encode_rows
+
+    rows = _rvq_encode_rows("cuda", torch.device("cpu"), quick=True)
+    assert len(rows) == 2 and all(r.ok for r in rows), rows
+    assert cuda_emulated["rvq_encode"] == 2  # the 6-row case hands over to Triton inside the op
+
+
+def test_rvq_encode_persistent_hands_more_rows_to_triton():
+    from dsm_kernels.cuda_ops import rvq_unsupported
+
+    x, aug = _rvq_inputs(5, 1, (1, 3), 64, 32, seed=1)
+    assert rvq_unsupported(x, aug, (1, 3)) == "5 rows (it takes 1..4)"
+    assert rvq_unsupported(x[:2], aug, (1, 3)) is None
 
 
 def test_rvq_encode_tie_detection_can_fail():
@@ -448,9 +501,9 @@ def _count_module():
 # the RVQ kernels 823 / 538 torch ops. A few ops of slack, not more.
 MAX_ENCODE_KERNELS = 110
 MAX_DECODE_KERNELS = 77
-# The same on the cuda backend (the transformers as one persistent kernel each, csrc/decoder.cu, and 8 ops of index
-# math each), measured: encode 73, decode 40.
-CUDA_ENCODE_KERNELS = 75
+# The same on the cuda backend (each transformer one persistent kernel, csrc/decoder.cu, with 8 ops of index math;
+# the residual-VQ encode one, csrc/rvq.cu; each also zeroes its barrier), measured: encode 44, decode 41.
+CUDA_ENCODE_KERNELS = 45
 CUDA_DECODE_KERNELS = 42
 
 
@@ -485,27 +538,37 @@ def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
 
 
 def test_step_kernel_count_on_the_cuda_backend(mimi_sd, cuda_emulated, monkeypatch):
-    """With the CUDA extension, each transformer at one stream is one persistent-kernel launch (emulated here, and
-    counted as one kernel) plus its index math, instead of 40 Triton launches."""
+    """With the CUDA extension, each transformer at one stream is one persistent-kernel launch plus its index math
+    (instead of 40 Triton launches), and the residual-VQ encode one (instead of 32). Each persistent op counts as two
+    kernels, the binding's zeroing of its barrier and the kernel; the emulation's own torch calls are not counted."""
     import cuda_emu
     from torch.utils._python_dispatch import _disable_current_modes
 
     kernel_device("triton")
-    count, launches, real = _count_module(), [], cuda_emu._decoder_launch_emu
+    count, ops = _count_module(), []
 
-    def one_kernel(*args, **kw):  # the emulation's own torch calls are not the GPU's
-        launches.append(1)
-        with _disable_current_modes():
-            return real(*args, **kw)
+    def on_gpu(name: str):
+        real = getattr(cuda_emu, name)
 
-    monkeypatch.setattr(cuda_emu, "_decoder_launch_emu", one_kernel)
+        def run(*args, **kw):
+            ops.append(name)
+            with _disable_current_modes():
+                return real(*args, **kw)
+
+        monkeypatch.setattr(cuda_emu, name, run)
+
+    on_gpu("_decoder_launch_emu")  # mimi_transformer_emu's index math before it counts
+    on_gpu("rvq_encode_emu")
+    dsm_kernels._load.cache_clear()
     monkeypatch.setattr(count, "random_mimi_state_dict", {0: mimi_sd}.__getitem__)
     enc, dec = count.count_mimi("cuda", warmup=1, seed=0)
-    assert len(launches) == 4  # encode and decode, warm-up and counted step
+    # encode: both persistent ops, decode: the transformer's; warm-up and counted step
+    assert sorted(ops) == sorted(["_decoder_launch_emu"] * 4 + ["rvq_encode_emu"] * 2), ops
     for counts in (enc, dec):
-        assert not any(k in counts for k in ("triton:_qkv_rope_gemv_kernel", "triton:_mimi_ring_attention_kernel"))
+        assert not any(k in counts for k in ("triton:_qkv_rope_gemv_kernel", "triton:_mimi_ring_attention_kernel",
+                                             "triton:_rvq_level_kernel"))  # fmt: skip
         assert counts["triton:_gemv_kernel"] == 0
-    n_enc, n_dec = sum(enc.values()) + 1, sum(dec.values()) + 1
+    n_enc, n_dec = sum(enc.values()) + 2 * 2, sum(dec.values()) + 2
     assert n_enc <= CUDA_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
     assert n_dec <= CUDA_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
 

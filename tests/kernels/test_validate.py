@@ -48,13 +48,13 @@ def test_a_wrong_kernel_fails(monkeypatch):
 
     monkeypatch.setattr(validate, "resolve", broken)
     monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items()
-                                              if k[0] in ("silu_mul", "kv_slots", "rvq_encode")})  # fmt: skip
+                                              if k[0] in ("silu_mul", "kv_slots", "rvq_decode")})  # fmt: skip
     monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
     rows = validate_kernels("cpu", quick=True)
     by_op = {r.op: r for r in rows}
     assert not by_op["silu_mul"].ok and not by_op["rvq_decode"].ok and not by_op["kv_slots"].ok
     assert "NaN" in by_op["rvq_decode"].measure
-    assert by_op["rvq_encode"].ok and by_op["mimi_convtr_overlap"].ok  # the untouched ops of a check still pass
+    assert by_op["mimi_rope_kv"].ok and by_op["mimi_convtr_overlap"].ok  # the untouched ops of a check still pass
 
 
 def test_rows_name_the_backend_that_ran(monkeypatch):
