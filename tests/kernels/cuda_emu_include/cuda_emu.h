@@ -6,7 +6,8 @@
 // (coroutines with their own stacks) on the calling OS thread, switched only at __syncthreads and warp collectives,
 // which are barriers (a thread that returns leaves them, as an exited GPU thread does), and at __nanosleep (a spin
 // loop's pause), in a new random order between each two of those, while a random quarter of the warps sits out
-// each round (so warps drift apart). __shared__ becomes `static`: one copy per kernel
+// each round (so warps drift apart) and, in a cooperative launch, a random block now and then stalls for a few
+// rounds (so blocks drift apart). __shared__ becomes `static`: one copy per kernel
 // instantiation, which is one block's shared memory since blocks never overlap. Threads in which none can move
 // (threads at different barriers, or spinning on what nobody will write) end the launch with
 // cudaErrorLaunchFailure instead of hanging.
@@ -391,7 +392,14 @@ inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
     }
   }
   int live = static_cast<int>(order.size());
+  // Of blocks run at once (a cooperative launch), one drawn at random every other round stalls for 1..8 rounds, so
+  // that blocks too drift apart: one may run a whole phase ahead while another has not yet read what the last
+  // phase left (a buffer reused too early is then overwritten under its reader, as on a GPU).
+  std::vector<unsigned long> stalled_until(idx.size(), 0);
+  unsigned long round = 0;
   while (live > 0) {
+    ++round;
+    if (idx.size() > 1 && (L.rng() & 1)) stalled_until[L.rng() % idx.size()] = round + 1 + L.rng() % 8;
     // Each round runs the threads, each up to its next barrier, in a new random order: a thread that reads what
     // another wrote with no barrier between them sees it or not depending on the order (a GPU promises neither).
     std::shuffle(order.begin(), order.end(), L.rng);
@@ -402,6 +410,10 @@ inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
     bool skipped = false;
     for (Fiber* f : order) {
       if (f->done) continue;
+      if (stalled_until[f->block - L.blocks.data()] > round) {
+        skipped = true;
+        continue;
+      }
       uint64_t key = salt ^ (reinterpret_cast<uintptr_t>(f->block) * 0x9E3779B97F4A7C15ull) ^ (f->warp * 0xBF58476D1CE4E5B9ull);
       key ^= key >> 31;
       key *= 0x94D049BB133111EBull;
