@@ -167,27 +167,23 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 #endif
 }
 
-// Grid-wide barrier of a cooperative launch, reusable and self-resetting: `state` = {arrivals, generation}, both 0
-// before the launch's first barrier (arrivals is back at 0 after each barrier). The generation is read before
-// arriving: it can only move once every block has arrived. The fences make each block's writes before the barrier
-// visible to every block after it; readers still load data other blocks wrote through L2 (__ldcg), as L1 is not
-// coherent. A barrier that never opens (a bug: a block skipped it) traps after seconds instead of hanging the device.
-__device__ __forceinline__ void grid_barrier(unsigned* state) {
+// The k-th (k = 1, 2, ...) grid-wide barrier of a cooperative launch. `arrivals` counts every block's arrivals since
+// the launch (0 before its first barrier: the launcher zeroes it), so barrier k opens once it reaches k * blocks: one
+// atomic per block and a spin, nothing reset on the critical path (a reset, and a generation read before arriving,
+// cost the last block three more L2 round trips a barrier). The fence before arriving makes the block's writes
+// (all of them, through the __syncthreads) visible to every block after the barrier; readers still load data other
+// blocks wrote through L2 (__ldcg), as L1 is not coherent. A barrier that never opens (a bug: a block skipped it)
+// traps after seconds instead of hanging the device.
+__device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned k) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned blocks = gridDim.x * gridDim.y * gridDim.z;
-    const unsigned generation = load_acquire(state + 1);
+    const unsigned target = k * (gridDim.x * gridDim.y * gridDim.z);
     __threadfence();
-    if (atomicAdd(state, 1u) == blocks - 1) {
-      atomicExch(state, 0u);
-      __threadfence();
-      atomicAdd(state + 1, 1u);
-    } else {
-      unsigned spins = 0;
-      while (load_acquire(state + 1) == generation) {
-        __nanosleep(20);
-        if (++spins == (1u << 27)) __trap();
-      }
+    atomicAdd(arrivals, 1u);
+    unsigned spins = 0;
+    while (load_acquire(arrivals) < target) {
+      __nanosleep(20);
+      if (++spins == (1u << 27)) __trap();
     }
     __threadfence();
   }

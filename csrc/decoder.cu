@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderAr
       stage_input<T>(a, w, ph, xs, red);
       gemv_phase<T>(a, w, ph, xs, stream);  // its chunks' barriers publish xs
     }
-    if (p + 1 < P) dsm::grid_barrier(a.sync);
+    if (p + 1 < P) dsm::grid_barrier(a.sync, p + 1);
   }
   stream.finish();
 }

@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1) depformer_kernel(const DsmDepform
     gemv_phase<T>(a, w, ph, xs, stream);  // its chunks' barriers publish xs
     if (ph.kind == kQkv) attend_finished_heads<T>(a, w, ph, scale, heads_done);
     if (ph.kind == kHead) sample_if_last<T, kItems>(a, ph, sample_scratch, heads_done);
-    if (p + 1 < P) dsm::grid_barrier(a.sync);
+    if (p + 1 < P) dsm::grid_barrier(a.sync, p + 1);
   }
   stream.finish();
 }

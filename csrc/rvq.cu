@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, 1) rvq_kernel(const DsmRvqArgs a) {
         if (live(g, l + 1))
           for (int64_t o = static_cast<int64_t>(threadIdx.x) * 32; o < (hi - lo) * row; o += kThreads * 32)
             dsm::prefetch_l2(book(g, l + 1) + lo * row + o);
-    dsm::grid_barrier(a.sync);
+    dsm::grid_barrier(a.sync, l + 1);
     // the level's codes: warp j < G N reduces the blocks' partials of (group j / N, row j % N)
     if (warp < GN && live(warp / N, l)) {
       const int g = warp / N, n = warp % N;
