@@ -9,6 +9,8 @@ benchmarks/results/kernels.jsonl (device, torch/triton versions, git commit).
     python benchmarks/bench_kernels.py --kernels attention --batch 1 --no-compile
     python benchmarks/bench_kernels.py --kernels voice --batch 1 64 256 --no-compile   # shared pages vs dense SDPA
     python benchmarks/bench_kernels.py --kernels gemv --batch 1 4 --graph --providers torch triton
+    python benchmarks/bench_kernels.py --kernels conv convtr --batch 1 64 400 --graph --no-compile \
+        --providers torch triton     # Mimi's convs: tf32x3 implicit GEMMs against cuDNN in fp32 (TF32 off)
     python benchmarks/bench_kernels.py --device cpu --batch 1 --no-compile   # smoke run of the script itself
 """
 
@@ -155,6 +157,40 @@ def gemv_case(name, B, device):
     return (x, w), kw, nbytes
 
 
+# Mimi's SEANet convolutions with more than 64 output columns a frame (C_in, C_out, kernel, stride, input columns of one
+# stream's frame, its stored context included)
+CONV_SHAPES = {
+    "enc.in": (1, 64, 7, 1, 1926), "enc.k3": (64, 32, 3, 1, 1922), "enc.down1": (64, 128, 8, 4, 1924),
+    "enc.down2": (128, 256, 10, 5, 485), "dec.last": (64, 1, 3, 1, 1922),
+}  # fmt: skip
+CONVTR_SHAPES = {"dec.up3": (256, 128, 10, 5, 96), "dec.up4": (128, 64, 8, 4, 480)}  # from 96 / 480 columns
+
+
+def _fp32(conv):
+    """torch's convolution in fp32 as Mimi's reference runs it (cuDNN's TF32 off: it would move the codes)."""
+
+    def run(x, w, b, stride, **kw):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return conv(x, w, b, stride)
+
+    return run
+
+
+def conv_case(name, B, device, transposed=False):
+    """A Mimi conv at ``B`` streams: bytes = input + weights + output once (the kernels are compute-bound at many
+    streams; read the ms and the speedup)."""
+    C_in, C_out, K, S, T = (CONVTR_SHAPES if transposed else CONV_SHAPES)[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, C_in, T, device=device, generator=g)
+    shape = (C_in, C_out, K) if transposed else (C_out, C_in, K)
+    w = torch.randn(*shape, device=device, generator=g) / (C_in * K) ** 0.5
+    b = torch.randn(C_out, device=device, generator=g)
+    T_out = (T - 1) * S + K if transposed else (T - K) // S + 1
+    nbytes = 4 * (x.numel() + w.numel() + B * C_out * T_out)
+    conv = torch.nn.functional.conv_transpose1d if transposed else torch.nn.functional.conv1d
+    return (x, w, b, S), {}, nbytes, _fp32(conv)
+
+
 def _gemv_torch(x, w, **kw):
     from dsm_kernels.reference import gemv_ref
 
@@ -180,6 +216,10 @@ KERNELS = {
     ),
     # the small-batch GEMV against cuBLAS (F.linear + the torch glue): only batch <= 4 exists
     "gemv": ("gemv", _gemv_torch, lambda B, dev: [(n, *gemv_case(n, B, dev)) for n in GEMV_SHAPES] if B <= 4 else []),
+    # Mimi's wide convolutions: the tf32x3 implicit GEMMs against cuDNN's fp32 convolutions
+    "conv": ("conv1d_igemm", None, lambda B, dev: [(n, *conv_case(n, B, dev)) for n in CONV_SHAPES]),
+    "convtr": ("conv_transpose1d_igemm", None,
+               lambda B, dev: [(n, *conv_case(n, B, dev, transposed=True)) for n in CONVTR_SHAPES]),
 }
 
 

@@ -133,6 +133,9 @@ step kbench_attn 90 30 "$PY" benchmarks/bench_kernels.py --kernels attention --b
 # the voice cross-attention over shared condition pages against the SDPA over dense per-stream K/V it replaced
 step kbench_voice 60 15 "$PY" benchmarks/bench_kernels.py --kernels voice --batch 1 64 256 --graph --no-compile \
   --providers torch cuda triton --out "$OUT/kernels.jsonl"
+# Mimi's wide convolutions alone: the tf32x3 implicit GEMMs against cuDNN's fp32 ones (the capacity lever at 64-400)
+step kbench_conv 90 30 "$PY" benchmarks/bench_kernels.py --kernels conv convtr --batch 1 64 400 --graph --no-compile \
+  --providers torch triton --out "$OUT/kernels.jsonl"
 # ours (and its triton / nogemv / cudnn / tf32 variants) beside moshi, and each path's code agreement with the
 # CPU fp32 reference
 step mimi 180 30 "$PY" benchmarks/bench_mimi.py --batch 1 64 400 --steps 20 --warmup 5 --out "$OUT/mimi.jsonl"
