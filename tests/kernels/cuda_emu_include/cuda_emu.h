@@ -399,7 +399,7 @@ inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
   unsigned long round = 0;
   while (live > 0) {
     ++round;
-    if (idx.size() > 1 && (L.rng() & 1)) stalled_until[L.rng() % idx.size()] = round + 1 + L.rng() % 8;
+    if (idx.size() > 1 && L.rng() % 8 == 0) stalled_until[L.rng() % idx.size()] = round + 1 + L.rng() % 6;
     // Each round runs the threads, each up to its next barrier, in a new random order: a thread that reads what
     // another wrote with no barrier between them sees it or not depending on the order (a GPU promises neither).
     std::shuffle(order.begin(), order.end(), L.rng);
