@@ -69,7 +69,7 @@ typedef struct {
   int64_t* tokens;            // [dep_q, B]
   void* logits;               // [dep_q, B, card]
   void* work;                 // dsm_depformer_work_bytes() of scratch
-  unsigned* sync;             // 3 + heads uint32 at 0: the grid barrier's arrivals, unused, a counter per head, the head's
+  unsigned* sync;             // 3 + heads uint32 at 0: barrier arrivals, unused, a counter per head, the head's
 } DsmDepformerArgs;
 
 size_t dsm_depformer_work_bytes(int B, int dim, int hidden, int n_in, int layers, int dep_q, int dtype);
@@ -96,12 +96,15 @@ typedef struct {
   const void* text_linear;  // [vocab, dim], NULL when vocab == 0
   const float* inv_freq;    // [head_dim / 2], or NULL: no RoPE
   const int64_t* positions;  // [B]
-  const int64_t* slot;       // [B] pool row of this step's K/V (page slot / page_size, offset slot % page_size), -1: none
+  // [B] pool row of this step's K/V (page slot / page_size, offset slot % page_size), -1: not written
+  const int64_t* slot;
   const int32_t* seq_lens;   // [B] positions + 1, 0: inactive row (zero attention)
   const int32_t* starts;     // [B] first position a row may see (a ring overwritten by later rows), or NULL
   const int32_t* block_table;  // [B, pages_per_slot]
-  void* k_cache;             // pages of the model dtype, element (layer, page, slot, kv head, d) at
-  void* v_cache;             //   layer * cache_layer_stride + page * page_stride + slot * slot_stride + head * head_stride + d
+  // pages of the model dtype; element (layer, page, slot, kv head, d) at layer * cache_layer_stride +
+  // page * page_stride + slot * slot_stride + head * head_stride + d
+  void* k_cache;
+  void* v_cache;
   int64_t cache_layer_stride, page_stride, slot_stride, head_stride;
   // the condition's K/V pages (cross-attention; cross_k NULL: none): [layers, pages, cross_page_size, heads, head_dim];
   // row b attends over all cross_length positions of pages cross_block_table[b] ([B, cross_length / page_size])
@@ -115,7 +118,7 @@ typedef struct {
   void* z;                   // [B, dim] out: the normed output (NULL when vocab == 0)
   void* logits;              // [B, vocab] out (NULL when vocab == 0)
   void* work;                // dsm_decoder_work_bytes() of scratch
-  unsigned* sync;            // 2 + B * heads uint32 at 0: the grid barrier's arrivals, unused, the attention counters
+  unsigned* sync;            // 2 + B * heads uint32 at 0: barrier arrivals, unused, the attention counters
 } DsmDecoderArgs;
 
 size_t dsm_decoder_work_bytes(int B, int heads, int head_dim, int hidden, int dtype);

@@ -392,9 +392,9 @@ inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
     }
   }
   int live = static_cast<int>(order.size());
-  // Of blocks run at once (a cooperative launch), one drawn at random every other round stalls for 1..8 rounds, so
-  // that blocks too drift apart: one may run a whole phase ahead while another has not yet read what the last
-  // phase left (a buffer reused too early is then overwritten under its reader, as on a GPU).
+  // Of blocks run at once (a cooperative launch), one drawn at random about every eighth round stalls for 1..6
+  // rounds, so that blocks too drift apart: one may run a whole phase ahead while another has not yet read what the
+  // last phase left (a buffer reused too early is then overwritten under its reader, as on a GPU).
   std::vector<unsigned long> stalled_until(idx.size(), 0);
   unsigned long round = 0;
   while (live > 0) {
