@@ -323,11 +323,18 @@ def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_t
     return ops["z"], ops["logits"]
 
 
+def mimi_unsupported(w, h, cache) -> str | None:
+    """Why the persistent kernel does not take this Mimi transformer step (the single ops then run it), or None."""
+    from .decoder import mimi_pages
+
+    return decoder_unsupported(w, h, mimi_pages(cache)[0], None)
+
+
 def mimi_operands(w, h, pos, exec_mask, cache, tokens: int):
     """Mimi's transformer step as the persistent kernel's operands: ``(k_pages, v_pages, operands)``. Stream b's ring
     is page b of ``context`` slots ([L, B + 1, S, H, D] views of ``cache``), row ``b * tokens + j`` sees positions
     from ``pos[b] + tokens - S`` (what the ring still holds once every new key is written) to its own."""
-    from .decoder import mimi_rows
+    from .decoder import mimi_pages, mimi_rows
 
     B, S = pos.shape[0], cache.shape[4]
     positions, slots = mimi_rows(w, pos, exec_mask, tokens, S)
@@ -337,16 +344,15 @@ def mimi_operands(w, h, pos, exec_mask, cache, tokens: int):
         w.derived[key] = ((rows // tokens).int().view(-1, 1), (tokens - S) - rows % tokens)
     block_table, start_offset = w.derived[key]
     starts = positions + start_offset
-    pages = cache.transpose(3, 4)  # [L, B + 1, 2, S, H, D]
-    k_pages, v_pages = pages[:, :, 0], pages[:, :, 1]
+    k_pages, v_pages = mimi_pages(cache)
     ops = decoder_operands(w, h, positions, slots, positions + 1, k_pages, block_table, S, None, starts=starts)
     return k_pages, v_pages, ops
 
 
 def mimi_transformer_cuda(w, h, pos, exec_mask, cache, *, tokens, blocks=0) -> None:
     """CUDA backend of :func:`~dsm_kernels.decoder.mimi_transformer_composed`: the persistent decode-step kernel
-    (one cooperative launch for all layers) where :func:`decoder_unsupported` allows, else the single ops."""
-    if decoder_unsupported(w, h, cache.transpose(3, 4)[:, :, 0], None) is not None:
+    (one cooperative launch for all layers) where :func:`mimi_unsupported` allows, else the single ops."""
+    if mimi_unsupported(w, h, cache) is not None:
         from .decoder import mimi_transformer_composed
 
         return mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens, backend="cuda")

@@ -150,6 +150,13 @@ def _feed_forward(w: DecoderWeights, i: int, x, backend) -> None:
     K.gemv(h, lw.linear_out, residual=x, scale=lw.scale2, backend=backend)
 
 
+def mimi_pages(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mimi's K/V ring ``[L, B + 1, 2, H, S, D]`` as the decode step's pages: K and V ``[L, B + 1, S, H, D]`` views
+    (stream b's ring is page b of S slots)."""
+    pages = cache.transpose(3, 4)
+    return pages[:, :, 0], pages[:, :, 1]
+
+
 def mimi_rows(w: DecoderWeights, pos, exec_mask, tokens: int, capacity: int):
     """Per-row indices of a Mimi transformer step of ``tokens`` new tokens per stream (rows ``b * tokens + j``):
     ``positions`` [B T] int64 (``pos[b] + j``) and ``slots`` [B T] int64 (``b * capacity + position % capacity`` in
@@ -179,9 +186,9 @@ def mimi_transformer_composed(w: DecoderWeights, h, pos, exec_mask, cache, *, to
 
     B, S = pos.shape[0], cache.shape[4]
     positions, slots = mimi_rows(w, pos, exec_mask, tokens, S)
+    k_pages, v_pages = mimi_pages(cache)
     for i in range(len(w.layers)):
-        pages = cache[i].transpose(2, 3)  # [B + 1, 2, S, H, D]: stream b's ring is page b
-        q = _attention_input(w, i, h, positions, pages[:, 0], pages[:, 1], slots, backend)
+        q = _attention_input(w, i, h, positions, k_pages[i], v_pages[i], slots, backend)
         a = K.mimi_ring_attention(q.view(B, tokens, w.num_heads, w.head_dim), cache[i], pos, backend=backend)
         K.gemv(a.view(B * tokens, -1), w.layers[i].out_proj, residual=h, scale=w.layers[i].scale1, backend=backend)
         _feed_forward(w, i, h, backend)

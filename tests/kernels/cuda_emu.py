@@ -29,6 +29,7 @@ from dsm_kernels.cuda_ops import (
     depformer_operands,
     depformer_unsupported,
     mimi_operands,
+    mimi_unsupported,
     rvq_unsupported,
 )
 
@@ -302,7 +303,7 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
 
 def mimi_transformer_emu(w, h, pos, exec_mask, cache, *, tokens, blocks=3) -> None:
     """``cuda_ops.mimi_transformer_cuda`` on the emulated persistent kernel."""
-    if decoder_unsupported(w, h, cache.transpose(3, 4)[:, :, 0], None) is not None:
+    if mimi_unsupported(w, h, cache) is not None:
         from dsm_kernels.decoder import mimi_transformer_composed
 
         return mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens,
