@@ -110,6 +110,8 @@ def decoder_step_composed(w: DecoderWeights, x, positions, slot, seq_lens, k_cac
     Returns ``(z, logits)``: the normed output [B, d] and the text logits [B, V]."""
     import dsm_kernels as K
 
+    if w.text_linear is None:  # before any layer updates x in place
+        raise ValueError("decoder_step: these weights have no text head (Mimi's: use mimi_transformer)")
     H = w.num_heads
     for i, lw in enumerate(w.layers):
         q = _attention_input(w, i, x, positions, k_cache[i], v_cache[i], slot, backend)
@@ -122,8 +124,6 @@ def decoder_step_composed(w: DecoderWeights, x, positions, slot, seq_lens, k_cac
             a = condition_attention(q.view(q.shape[0], H, -1), cross, i, counters=counters, backend=backend)
             K.gemv(a.flatten(1), c.out_proj, residual=x, scale=c.scale, backend=backend)
         _feed_forward(w, i, x, backend)
-    if w.text_linear is None:
-        raise ValueError("decoder_step: these weights have no text head (Mimi's: use mimi_transformer)")
     x, z = K.add_rms_norm(x, w.out_norm, w.out_norm_eps, backend=backend)
     return z, K.gemv(z, w.text_linear, backend=backend)
 
