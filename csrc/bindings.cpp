@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 #include <string>
 
@@ -213,6 +214,19 @@ void sample_tokens(at::Tensor& out, const at::Tensor& logits, const std::optiona
                                        stream_of(out)));
 }
 
+// A persistent kernel's scratch (uninitialised) and its barrier and counter words (zeroed: the barrier counts
+// arrivals from 0, the counters start re-armed), on `like`'s device, set in the launch arguments `a`. The returned
+// tensors must outlive the launch call (the caching allocator then keeps their memory for the stream's work).
+template <typename Args>
+std::pair<at::Tensor, at::Tensor> persistent_scratch(Args& a, const at::Tensor& like, size_t work_bytes,
+                                                     int64_t sync_words) {
+  at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, like.options().dtype(at::kByte));
+  at::Tensor sync = at::zeros({sync_words}, like.options().dtype(at::kInt));
+  a.work = work.data_ptr();
+  a.sync = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
+  return {work, sync};
+}
+
 // The persistent depth-transformer frame (csrc/depformer.cu). dims: heads, hidden, card, dep_q, layers, n_in,
 // text_vocab, top_k, blocks (0: one per SM). The weights are reached through `table` (dsm_kernels.cuda_ops builds it
 // from tensors it checked); the tensors here are checked for shape, dtype and device.
@@ -266,9 +280,9 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   a.blocks = static_cast<int>(dims[8]);
   a.dtype = dsm_dtype(z);
   a.eps = static_cast<float>(eps);
-  const size_t work_bytes = dsm_depformer_work_bytes(a.B, a.dim, a.hidden, a.n_in, a.layers, a.dep_q, a.dtype);
-  at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, z.options().dtype(at::kByte));
-  at::Tensor sync = at::zeros({3 + dims[0]}, z.options().dtype(at::kInt));  // barrier + arrival counters
+  // barrier + arrival counters
+  const auto scratch = persistent_scratch(
+      a, z, dsm_depformer_work_bytes(a.B, a.dim, a.hidden, a.n_in, a.layers, a.dep_q, a.dtype), 3 + dims[0]);
   a.table = table.data_ptr<int64_t>();
   a.in_proj = in_proj.data_ptr();
   a.text_emb2 = text_emb2 ? text_emb2->data_ptr() : nullptr;
@@ -279,8 +293,6 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   a.steps = steps.data_ptr<int64_t>();
   a.tokens = tokens.data_ptr<int64_t>();
   a.logits = logits.data_ptr();
-  a.work = work.data_ptr();
-  a.sync = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
   DSM_CUDA_OK(dsm_launch_depformer_frame(&a, stream_of(tokens)));
 }
 
@@ -411,11 +423,9 @@ void decoder_step(at::Tensor& x, const std::optional<at::Tensor>& z, const std::
   a.x = x.data_ptr();
   a.z = head ? z->data_ptr() : nullptr;
   a.logits = head ? logits->data_ptr() : nullptr;
-  const size_t work_bytes = dsm_decoder_work_bytes(a.B, a.heads, a.head_dim, a.hidden, a.dtype);
-  at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, x.options().dtype(at::kByte));
-  at::Tensor sync = at::zeros({2 + B * dims[0]}, x.options().dtype(at::kInt));  // barrier + attention counters
-  a.work = work.data_ptr();
-  a.sync = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
+  // barrier + attention counters
+  const auto scratch = persistent_scratch(a, x, dsm_decoder_work_bytes(a.B, a.heads, a.head_dim, a.hidden, a.dtype),
+                                          2 + B * dims[0]);
   DSM_CUDA_OK(dsm_launch_decoder_step(&a, stream_of(x)));
 }
 
@@ -459,10 +469,7 @@ void rvq_encode(at::Tensor& out, const at::Tensor& x, const at::Tensor& books, c
   a.sob = out.stride(0);
   a.sol = out.stride(1);
   a.sot = out.stride(2);
-  at::Tensor work = at::empty({static_cast<int64_t>(dsm_rvq_work_bytes(a.N, a.groups))}, x.options().dtype(at::kByte));
-  at::Tensor sync = at::zeros({2}, x.options().dtype(at::kInt));  // the grid barrier
-  a.work = work.data_ptr();
-  a.sync = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
+  const auto scratch = persistent_scratch(a, x, dsm_rvq_work_bytes(), 2);  // the grid barrier
   DSM_CUDA_OK(dsm_launch_rvq_encode(&a, stream_of(x)));
 }
 

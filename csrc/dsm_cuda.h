@@ -145,7 +145,7 @@ typedef struct {
   unsigned* sync;    // 2 uint32 at 0: the grid barrier's arrivals, unused
 } DsmRvqArgs;
 
-size_t dsm_rvq_work_bytes(int N, int groups);
+size_t dsm_rvq_work_bytes(void);
 cudaError_t dsm_launch_rvq_encode(const DsmRvqArgs* args, cudaStream_t stream);
 
 #ifdef __cplusplus

@@ -92,7 +92,7 @@ def _lib():
     lib.dsm_launch_depformer_frame.argtypes = [ctypes.POINTER(DepformerArgs), p]
     lib.dsm_launch_decoder_step.argtypes = [ctypes.POINTER(DecoderArgs), p]
     lib.dsm_launch_rvq_encode.argtypes = [ctypes.POINTER(RvqArgs), p]
-    lib.dsm_rvq_work_bytes.argtypes = [i32] * 2
+    lib.dsm_rvq_work_bytes.argtypes = []
     lib.dsm_rvq_work_bytes.restype = ctypes.c_size_t
     lib.dsm_decoder_work_bytes.argtypes = [i32] * 5
     lib.dsm_decoder_work_bytes.restype = ctypes.c_size_t
@@ -245,7 +245,7 @@ def rvq_encode_emu(x, codebooks_aug, group_levels, level_ranges, out=None, block
     if out is None:
         out = torch.empty(B, sum(group_levels), T, dtype=torch.int64)
     out.fill_(-7)  # poisoned: a code the kernel never wrote
-    work = _poisoned_work(_lib().dsm_rvq_work_bytes(B * T, len(group_levels)))
+    work = _poisoned_work(_lib().dsm_rvq_work_bytes())
     sync = torch.zeros(2, dtype=torch.int32)
     args = RvqArgs(B * T, T, codebooks_aug.shape[2] - 2, codebooks_aug.shape[1], len(group_levels),
                    max(group_levels), blocks, _ptr(x), *x.stride(), _ptr(codebooks_aug), _ptr(level_ranges),
