@@ -172,35 +172,30 @@ def qkv_rope_gemv(x, weight, alpha, positions, inv_freq, k_cache, v_cache, slot_
         shape(op, "out", out, (B, num_heads, D))
 
 
-def conv1d_gemv(x, weight, bias, stride, dilation, out) -> None:
-    op = "conv1d_gemv"
+def _conv1d(op, x, weight, bias, stride, dilation, outputs) -> None:
+    """A valid conv1d's operands: x [B, C, T] and weight [N, C, KS] with T at least the kernel's span, a stride of at
+    least 1, bias [N], and each named output [B, N, T_out]."""
     shape(op, "x", x, (None, None, None))
     B, C, T = x.shape
     shape(op, "weight", weight, (None, C, None))
     N, _, KS = weight.shape
     span = dilation * (KS - 1) + 1
-    if T < span:
-        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: {T} steps, fewer than the kernel's span {span}")
+    if T < span or stride < 1:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: {T} steps, fewer than the kernel's span {span} "
+                         f"(stride {stride})")  # fmt: skip
     if bias is not None:
         shape(op, "bias", bias, (N,))
-    if out is not None:
-        shape(op, "out", out, (B, N, (T - span) // stride + 1))
+    for name, t in outputs:
+        if t is not None:
+            shape(op, name, t, (B, N, (T - span) // stride + 1))
+
+
+def conv1d_gemv(x, weight, bias, stride, dilation, out) -> None:
+    _conv1d("conv1d_gemv", x, weight, bias, stride, dilation, (("out", out),))
 
 
 def conv1d_igemm(x, weight, bias, stride, residual, out) -> None:
-    op = "conv1d_igemm"
-    shape(op, "x", x, (None, None, None))
-    B, C, T = x.shape
-    shape(op, "weight", weight, (None, C, None))
-    N, _, KS = weight.shape
-    if T < KS or stride < 1:
-        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: {T} steps, fewer than the kernel's {KS} (stride "
-                         f"{stride})")  # fmt: skip
-    if bias is not None:
-        shape(op, "bias", bias, (N,))
-    for name, t in (("residual", residual), ("out", out)):
-        if t is not None:
-            shape(op, name, t, (B, N, (T - KS) // stride + 1))
+    _conv1d("conv1d_igemm", x, weight, bias, stride, 1, (("residual", residual), ("out", out)))
 
 
 def conv_transpose1d_igemm(x, weight, bias, stride, out) -> None:

@@ -98,7 +98,7 @@ def test_igemm_checks_its_inputs():
     x, w, _ = inputs(1, 8, 4, 10, 3)
     with pytest.raises(ValueError, match="conv1d_igemm: weight has shape"):
         dsm_kernels.conv1d_igemm(x, w[:, :5])
-    with pytest.raises(ValueError, match="fewer than the kernel's 3"):
+    with pytest.raises(ValueError, match="fewer than the kernel's span 3"):
         dsm_kernels.conv1d_igemm(x[..., :2], w)
     with pytest.raises(ValueError, match="conv1d_igemm: residual has shape"):
         dsm_kernels.conv1d_igemm(x, w, residual=torch.zeros(1, 4, 9))
