@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -68,18 +69,13 @@ def variant(name: str):
     Mimi to build), "nogemv" (DSM_GEMV=0), "cudnn" (DSM_CONV_IGEMM=0) or "tf32" (that, with cuDNN's TF32
     convolutions)."""
     env = {"nogemv": {"DSM_GEMV": "0"}, "cudnn": {"DSM_CONV_IGEMM": "0"}, "tf32": {"DSM_CONV_IGEMM": "0"}}.get(name, {})
-    old_env, old_tf32 = {k: os.environ.get(k) for k in env}, torch.backends.cudnn.allow_tf32
-    os.environ.update(env)
+    old_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = name == "tf32"
     try:
-        yield "triton" if name == "triton" else None
+        with mock.patch.dict(os.environ, env):
+            yield "triton" if name == "triton" else None
     finally:
         torch.backends.cudnn.allow_tf32 = old_tf32
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def speech_like(frames: int, seed: int = 0) -> torch.Tensor:
