@@ -19,10 +19,10 @@ import functools
 from pathlib import Path
 
 import torch
-from bench_depformer import append_jsonl, bandwidth, copy_bandwidth_gbps, cpu_ms, graphed
+from bench_depformer import append_jsonl, bandwidth, copy_bandwidth_gbps, graphed, measure
 
 from dsm.bench import git_commit
-from dsm_kernels.testing import cuda_time_ms, decoder_inputs, random_decoder_weights
+from dsm_kernels.testing import decoder_inputs, random_decoder_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {  # the temporal transformers of the released models
@@ -45,7 +45,7 @@ def step_bytes(w, ins, B: int) -> int:
     return weights + per_pos * (window + cross)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--layout", nargs="+", default=None, help=f"of {list(LAYOUTS)}")
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/decoder.jsonl"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dev = torch.device(args.device)
     import dsm_kernels
     from dsm_kernels.decoder import decoder_step_composed
@@ -87,11 +87,12 @@ def main() -> None:
             else:
                 providers["triton_interp"] = functools.partial(decoder_step_composed, w, **ins, backend="triton")
             for prov, fn in providers.items():
-                ms = cuda_time_ms(graphed(fn)[0].replay, iters=args.iters) if dev.type == "cuda" else cpu_ms(fn)
+                ms, err = measure((lambda fn=fn: graphed(fn)[0].replay) if dev.type == "cuda" else (lambda fn=fn: fn),
+                                  dev, args.iters)
                 gbps, frac, cell = bandwidth(ms, nbytes, copy_bw)
                 rows.append({**meta, "layout": name, "provider": prov, "batch": B, "ms_per_step": ms, "gbps": gbps,
-                             "bytes": nbytes, "frac_of_copy": frac})
-                print(f"{name:9} {prov:16} {B:2d} {ms:8.3f} {gbps:6.0f} {cell}")
+                             "bytes": nbytes, "frac_of_copy": frac, **({"error": err} if err else {})})
+                print(f"{name:9} {prov:16} {B:2d} {ms:8.3f} {gbps:6.0f} {cell}" + (f"  {err}" if err else ""))
         del w
         if dev.type == "cuda":
             torch.cuda.empty_cache()

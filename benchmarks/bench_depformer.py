@@ -86,6 +86,17 @@ def cpu_ms(fn, iters=3):
     return statistics.median(ts)
 
 
+def measure(make, device, iters: int) -> tuple[float, str | None]:
+    """ms per call of the function ``make()`` returns (CUDA events on a GPU, wall clock on a CPU), or ``(nan, the
+    error)``: a provider that fails (in its graph capture too) must not lose the other providers' rows, as GPU time
+    is scarce."""
+    try:
+        fn = make()
+        return (cuda_time_ms(fn, iters=iters) if device.type == "cuda" else cpu_ms(fn, min(iters, 3))), None
+    except Exception as e:  # reported in the row and the table
+        return float("nan"), repr(e)[:200]
+
+
 def copy_bandwidth_gbps(device) -> float:
     if device.type != "cuda":
         return float("nan")
@@ -110,14 +121,16 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 64])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--providers", nargs="+", default=None, metavar="PREFIX",
+                    help="time only the providers whose names start with one of these (default: all)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/depformer.jsonl"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dev = torch.device(args.device)
     shapes = SMALL if args.small else TTS
     w = make_weights(shapes, dev)
@@ -141,12 +154,10 @@ def main() -> None:
                    text_token=torch.randint(0, shapes["text_vocab"], (B,), device=dev, generator=g),
                    temperature=torch.full((B,), 0.8, device=dev), top_k=min(250, shapes["card"] // 2),
                    seeds=torch.arange(B, device=dev), steps=torch.full((B,), 33, device=dev))  # fmt: skip
-        providers = {}
-        with capturable_reference():
-            providers["ref_eager"] = lambda inp=inp: depformer_frame_ref(w, **inp)
-            if dev.type == "cuda":
-                gr, _ = graphed(lambda inp=inp: depformer_frame_ref(w, **inp))
-                providers["ref_graph"] = gr.replay
+        # name -> a function making what is timed (a graph's replay is made, i.e. captured, inside the measurement)
+        providers = {"ref_eager": lambda inp=inp: lambda: depformer_frame_ref(w, **inp)}
+        if dev.type == "cuda":
+            providers["ref_graph"] = lambda inp=inp: graphed(lambda: depformer_frame_ref(w, **inp))[0].replay
         # both kernel families where the automatic choice is close (GEMV up to GEMV_MAX_B rows, split-K above)
         # and the GEMV chain without programmatic dependent launch, to measure what PDL buys
         variants = {"gemv": {"path": "gemv"}, "gemv_nopdl": {"path": "gemv", "pdl": False},
@@ -156,19 +167,23 @@ def main() -> None:
                 continue
             fn = functools.partial(depformer_frame_triton, w, **inp, **kw)
             if dev.type == "cuda":
-                providers[f"triton_{name}_graph"] = graphed(fn)[0].replay
+                providers[f"triton_{name}_graph"] = lambda fn=fn: graphed(fn)[0].replay
             else:
-                providers[f"triton_{name}_interp"] = fn
+                providers[f"triton_{name}_interp"] = lambda fn=fn: fn
         if dev.type == "cuda" and B <= DEPFORMER_MAX_ROWS and has_cuda_ext():
             from dsm_kernels.cuda_ops import depformer_frame_cuda
 
-            providers["cuda_persistent_graph"] = graphed(functools.partial(depformer_frame_cuda, w, **inp))[0].replay
-        for name, fn in providers.items():
+            fn = functools.partial(depformer_frame_cuda, w, **inp)
+            providers["cuda_persistent_graph"] = lambda fn=fn: graphed(fn)[0].replay
+        for name, make in providers.items():
+            if args.providers and not name.startswith(tuple(args.providers)):
+                continue
             with capturable_reference():
-                ms = cuda_time_ms(fn, iters=args.iters) if dev.type == "cuda" else cpu_ms(fn)
+                ms, err = measure(make, dev, args.iters)
             gbps, frac, cell = bandwidth(ms, wbytes, copy_bw)
-            rows.append({**meta, "provider": name, "batch": B, "ms_per_frame": ms, "gbps": gbps, "frac_of_copy": frac})
-            print(f"{name:20} {B:3d} {ms:9.3f} {gbps:7.0f} {cell}")
+            rows.append({**meta, "provider": name, "batch": B, "ms_per_frame": ms, "gbps": gbps, "frac_of_copy": frac,
+                         **({"error": err} if err else {})})
+            print(f"{name:20} {B:3d} {ms:9.3f} {gbps:7.0f} {cell}" + (f"  {err}" if err else ""))
     append_jsonl(args.out, rows)
 
 

@@ -90,16 +90,24 @@ def embed_case(model, B, device):
     return args, kw, nbytes
 
 
-def attention_case(model, B, device, page_size=16):
+ATTENTION_KV = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def _attention_label(model, page_size, kv):
+    """``stt-1b`` at the engine's defaults (16-position pages, bf16), else e.g. ``stt-1b/p64/fp8``."""
+    return model + (f"/p{page_size}" if page_size != 16 else "") + (f"/{kv}" if kv != "bf16" else "")
+
+
+def attention_case(model, B, device, page_size=16, kv_dtype=torch.bfloat16):
     H, D, context, _ = MODELS[model]
     pps = -(-context // page_size)
     g = torch.Generator(device=device).manual_seed(0)
-    k_cache = torch.randn(B * pps, page_size, H, D, device=device, generator=g).bfloat16()
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(B * pps, page_size, H, D, device=device, generator=g).to(kv_dtype)
+    v_cache = torch.randn(B * pps, page_size, H, D, device=device, generator=g).to(kv_dtype)
     block_table = torch.randperm(B * pps, device=device, generator=g).view(B, pps).int()
     seq_lens = torch.full((B,), 10 * context + 3, dtype=torch.int32, device=device)  # full window, ring wrapped
     q = torch.randn(B, H, D, device=device, generator=g).bfloat16()
-    nbytes = 2 * B * context * H * D * 2 + 2 * B * H * D * 2
+    nbytes = 2 * B * context * H * D * k_cache.element_size() + 2 * B * H * D * 2
     counters = torch.zeros(B * H, dtype=torch.int32, device=device)  # as the engine runs it: splits merged in-launch
     return (q, k_cache, v_cache, block_table, seq_lens), {"context": context, "counters": counters}, nbytes
 
@@ -201,25 +209,27 @@ KERNELS = {
     "embed": (
         "multistream_embed",
         multistream_embed_torch,
-        lambda B, dev: [(m, *embed_case(m, B, dev)) for m in MODELS],
+        lambda B, dev, args: [(m, *embed_case(m, B, dev)) for m in MODELS],
     ),
     "attention": (
         "paged_decode_attention",
         paged_decode_attention_torch,
-        lambda B, dev: [(m, *attention_case(m, B, dev)) for m in MODELS],
+        lambda B, dev, args: [(_attention_label(m, ps, kv), *attention_case(m, B, dev, ps, ATTENTION_KV[kv]))
+                              for m in MODELS for ps in args.page_sizes for kv in args.kv_dtypes],
     ),
-    "voice": ("paged_decode_attention", None, lambda B, dev: [("tts-1.6b", *voice_case(B, dev))]),
+    "voice": ("paged_decode_attention", None, lambda B, dev, args: [("tts-1.6b", *voice_case(B, dev))]),
     "sampling": (
         "sample_tokens",
         sample_tokens_torch,
-        lambda B, dev: [(f"V{V}", *sampling_case(V, B, dev)) for V in (8000, 4000, 2048)],
+        lambda B, dev, args: [(f"V{V}", *sampling_case(V, B, dev)) for V in (8000, 4000, 2048)],
     ),
     # the small-batch GEMV against cuBLAS (F.linear + the torch glue): only batch <= 4 exists
-    "gemv": ("gemv", _gemv_torch, lambda B, dev: [(n, *gemv_case(n, B, dev)) for n in GEMV_SHAPES] if B <= 4 else []),
+    "gemv": ("gemv", _gemv_torch,
+             lambda B, dev, args: [(n, *gemv_case(n, B, dev)) for n in GEMV_SHAPES] if B <= 4 else []),
     # Mimi's wide convolutions: the tf32x3 implicit GEMMs against cuDNN's fp32 convolutions
-    "conv": ("conv1d_igemm", None, lambda B, dev: [(n, *conv_case(n, B, dev)) for n in CONV_SHAPES]),
+    "conv": ("conv1d_igemm", None, lambda B, dev, args: [(n, *conv_case(n, B, dev)) for n in CONV_SHAPES]),
     "convtr": ("conv_transpose1d_igemm", None,
-               lambda B, dev: [(n, *conv_case(n, B, dev, transposed=True)) for n in CONVTR_SHAPES]),
+               lambda B, dev, args: [(n, *conv_case(n, B, dev, transposed=True)) for n in CONVTR_SHAPES]),
 }
 
 
@@ -238,6 +248,10 @@ def main(argv=None):
     ap.add_argument("--reference-max-batch", type=int, default=64, help="the loop references are slow beyond this")
     ap.add_argument("--attention-splits", nargs="+", type=int, default=[],
                     help="also time the triton/cuda attention at these split-K factors (providers 'cuda:s3', ...)")
+    ap.add_argument("--page-sizes", nargs="+", type=int, default=[16],
+                    help="attention: KV page sizes to time (positions a page; the engine's default is 16)")
+    ap.add_argument("--kv-dtypes", nargs="+", default=["bf16"], choices=list(ATTENTION_KV),
+                    help="attention: KV page dtypes to time (fp8 = e4m3, half the bytes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels.jsonl"))
     args = ap.parse_args(argv)
 
@@ -268,7 +282,7 @@ def main(argv=None):
         want_compile = not args.no_compile and (args.providers is None or "compile" in args.providers)
         compiled = torch.compile(torch_fn, dynamic=True) if want_compile and torch_fn is not None else None
         for B in args.batch:
-            for shape, fargs, kw, nbytes, *own_torch in cases(B, device):  # a case may bring its torch baseline
+            for shape, fargs, kw, nbytes, *own_torch in cases(B, device, args):  # a case may bring its torch baseline
                 providers = {"torch": own_torch[0] if own_torch else torch_fn}
                 if B <= args.reference_max_batch:
                     providers["reference"] = resolve(op, "reference", device)
@@ -294,7 +308,7 @@ def main(argv=None):
                     results.append(row)
                     with out_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                    print(f"{kname:<10}{shape:<10}B={B:<5}{name:<10}{ms:>9.4f} ms {gbps:>8.1f} GB/s "
+                    print(f"{kname:<10}{shape:<18} B={B:<5}{name:<10}{ms:>9.4f} ms {gbps:>8.1f} GB/s "
                           f"{100 * gbps / copy_gbps:>6.1f}% copy" + (f"  {err}" if err else ""))  # fmt: skip
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -308,12 +322,12 @@ def print_summary(results):
     for r in results:
         groups.setdefault((r["kernel"], r["shape"], r["batch"]), {})[r["provider"]] = r["ms"]
     names = ["reference", "torch", "compile", "triton", "cuda"]
-    print("\n" + f"{'kernel':<10}{'shape':<10}{'B':>5}" + "".join(f"{n:>11}" for n in names) + f"{'speedup':>9}")
+    print("\n" + f"{'kernel':<10}{'shape':<18}{'B':>5}" + "".join(f"{n:>11}" for n in names) + f"{'speedup':>9}")
     for (k, s, b), p in groups.items():
         base = min((p[n] for n in ("torch", "compile") if n in p and p[n] == p[n]), default=float("nan"))
         best = min((p[n] for n in ("triton", "cuda") if n in p and p[n] == p[n]), default=float("nan"))
         cells = "".join(f"{p[n]:>11.4f}" if n in p else f"{'-':>11}" for n in names)
-        print(f"{k:<10}{s:<10}{b:>5}{cells}{base / best:>8.2f}x")
+        print(f"{k:<10}{s:<18}{b:>5}{cells}{base / best:>8.2f}x")
 
 
 if __name__ == "__main__":

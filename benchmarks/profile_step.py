@@ -3,6 +3,7 @@ from torch.profiler, grouped by kernel name, with the launch count per step.
 
     python benchmarks/profile_step.py --preset stt-1b-en_fr --batch 1
     python benchmarks/profile_step.py --mimi --batch 1     # Mimi's encode and decode of one 80 ms frame
+    python benchmarks/profile_step.py --device cpu --preset tiny-stt    # smoke run (CPU time of the torch ops)
 """
 
 from __future__ import annotations
@@ -17,34 +18,46 @@ from dsm.engine import Engine
 from dsm.presets import preset_config
 
 
-def report(name: str, prof, steps: int, top: int) -> None:
-    """Kernel time and launches per step, and the ``top`` kernels by time."""
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]  # the kernels
-    total_us = sum(e.self_device_time_total for e in events) / steps
+def profiled(device: torch.device, fn, steps: int):
+    """torch.profiler over ``steps`` calls of ``fn`` (after the caller's warm-up): the device's kernels on a GPU, the
+    torch ops on a CPU."""
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        if gpu:
+            torch.cuda.synchronize()
+    return prof
+
+
+def report(name: str, prof, steps: int, top: int, device: torch.device) -> None:
+    """Kernel time and launches per step, and the ``top`` kernels by time (on a CPU: the torch ops' own CPU time)."""
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]  # the kernels
+    total_us = sum(getattr(e, attr) for e in events) / steps
     launches = sum(e.count for e in events) / steps
-    print(f"\n{name}: {launches:.0f} kernels per step, {total_us / 1e3:.3f} ms of kernel time "
+    what = "kernel" if device.type == "cuda" else "torch op (CPU, nested ops included)"
+    print(f"\n{name}: {launches:.0f} {what} calls per step, {total_us / 1e3:.3f} ms of {what} time "
           f"per step (eager; gaps not counted)")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"  {e.self_device_time_total / steps:9.1f} us  {e.count / steps:6.1f}x  {e.key[:90]}")
+    for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
+        print(f"  {getattr(e, attr) / steps:9.1f} us  {e.count / steps:6.1f}x  {e.key[:90]}")
 
 
-def profile_mimi(batch: int, steps: int, top: int) -> None:
+def profile_mimi(batch: int, steps: int, top: int, device: torch.device) -> None:
     """Mimi (random weights, fp32) encoding one frame of noise and decoding one frame of codes per step."""
     from dsm.mimi import FRAME_SIZE, Mimi, random_mimi_state_dict
 
-    mimi = Mimi(random_mimi_state_dict(0), device="cuda")
-    pcm = 0.1 * torch.randn(batch, 1, FRAME_SIZE, device="cuda")
-    codes = torch.randint(0, 2048, (batch, 32, 1), device="cuda")
+    mimi = Mimi(random_mimi_state_dict(0), device=device)
+    pcm = 0.1 * torch.randn(batch, 1, FRAME_SIZE, device=device)
+    codes = torch.randint(0, 2048, (batch, 32, 1), device=device)
     for label, fn, arg in (("encode", mimi.encode_step, pcm), ("decode", mimi.decode_step, codes)):
         state = mimi.init_state(batch)
         for _ in range(5):
             fn(arg, state)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                fn(arg, state)
-            torch.cuda.synchronize()
-        report(f"mimi {label} batch {batch}", prof, steps, top)
+        prof = profiled(device, lambda fn=fn, arg=arg, state=state: fn(arg, state), steps)
+        report(f"mimi {label} batch {batch}", prof, steps, top, device)
 
 
 def main(argv=None):
@@ -54,27 +67,27 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--device", type=torch.device, default=torch.device("cuda"))
     args = ap.parse_args(argv)
+    dev = args.device
     if args.mimi:
-        profile_mimi(args.batch, args.steps, args.top)
+        profile_mimi(args.batch, args.steps, args.top, dev)
         return
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     for name in args.preset or ["stt-1b-en_fr", "tts-1.6b-en_fr"]:
-        model, _ = random_model(preset_config(name), "cuda", torch.bfloat16)
+        model, _ = random_model(preset_config(name), dev, dtype)
         eng = Engine(model, max_slots=args.batch, buckets=(args.batch,), cuda_graphs=False)
         for b in range(args.batch):
             eng.open(conditions=_random_conditions(model, b))
         n_in = model.cfg.num_codebooks - model.cfg.dep_q - 1
-        inp = torch.randint(0, model.cfg.card, (args.batch, n_in), device="cuda") if n_in else None
+        inp = torch.randint(0, model.cfg.card, (args.batch, n_in), device=dev) if n_in else None
         for _ in range(5):
             eng.step(inp)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
-                eng.step(inp)
-            torch.cuda.synchronize()
-        report(f"{name} batch {args.batch}", prof, args.steps, args.top)
+        report(f"{name} batch {args.batch}", profiled(dev, lambda eng=eng, inp=inp: eng.step(inp), args.steps),
+               args.steps, args.top, dev)
         del eng, model
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -180,17 +180,17 @@ def _engine_for(model, batch: int, **kw):
     return Engine(model, max_slots=batch, buckets=(batch,), cross_pages=cross_pages, **kw)
 
 
-def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None,
-              kv_dtype: torch.dtype | None = None, backend: str | None = None) -> BenchRow:
+def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None, **engine_kw) -> BenchRow:
     """Time ``steps`` engine steps with ``batch`` open streams (all active every step), Mimi alone (encode of one
     frame for STT, decode for TTS), and then both in turn, as a server runs them: the row's p50/p99 are those of the
-    whole step, the LM and Mimi medians are kept for the breakdown.
+    whole step, the LM and Mimi medians are kept for the breakdown. ``engine_kw`` (``kv_dtype``, ``backend``,
+    ``page_size``) go to the :class:`~dsm.engine.Engine`.
     TTS models with Mimi also get ``extra["ttfa_ms"]`` (warm) and ``extra["ttfa_cold_ms"]``: see
     :func:`time_to_first_audio`."""
     from .mimi import cuda_graphed
 
     cfg = model.cfg
-    eng = _engine_for(model, batch, temp=0.8, temp_text=0.7, kv_dtype=kv_dtype, backend=backend)
+    eng = _engine_for(model, batch, temp=0.8, temp_text=0.7, **engine_kw)
     for b in range(batch):
         eng.open(conditions=_random_conditions(model, b))
     n_in = cfg.num_codebooks - cfg.dep_q - 1
@@ -218,14 +218,13 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
         extra["condition_pages"] = eng.cross_pool.used
         extra["condition_kv_mb"] = eng.cross_pool.used * page_bytes / 1e6
     if cfg.dep_q and mimi is not None:
-        extra["ttfa_ms"], extra["ttfa_cold_ms"] = time_to_first_audio(model, mimi, batch, timer, kv_dtype,
-                                                                      backend=backend)
+        extra["ttfa_ms"], extra["ttfa_cold_ms"] = time_to_first_audio(model, mimi, batch, timer, **engine_kw)
     return BenchRow("dsm", "", batch, total, _percentile(step_times, 99), mimi50, *_rates(total, batch),
                     extra=extra)
 
 
-def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_steps: int = 16,
-                        runs: int = 5, backend: str | None = None) -> tuple[float, float]:
+def time_to_first_audio(model, mimi, batch: int, timer, delay_steps: int = 16, runs: int = 5,
+                        **engine_kw) -> tuple[float, float]:
     """TTS time to first audio (DSM-SPEC §6.8) of ``batch`` streams starting together, in ms: ``(warm, cold)``.
 
     One run, timed from first text to first PCM: open the ``batch`` streams with their conditions (voices no
@@ -241,7 +240,7 @@ def time_to_first_audio(model, mimi, batch: int, timer, kv_dtype=None, delay_ste
     from .mimi_graph import GraphedMimiStep
 
     cfg = model.cfg
-    eng = _engine_for(model, batch, temp=0.6, temp_text=0.6, kv_dtype=kv_dtype, backend=backend)
+    eng = _engine_for(model, batch, temp=0.6, temp_text=0.6, **engine_kw)
     silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=eng.device)
     state = mimi.init_state(batch)
     decode = GraphedMimiStep(mimi.decode_step, state)
@@ -522,6 +521,9 @@ def setup_parser(p) -> None:
     p.add_argument("--backend", choices=dsm_kernels.BACKENDS, default=None,
                    help="kernel backend of the engine (default: the fastest available; e.g. triton for an A/B "
                         "against the CUDA kernels)")
+    p.add_argument("--page-size", type=positive_int, default=16,
+                   help="KV cache page size in positions (default 16; a slot's ring is ceil(context / page_size) "
+                        "pages, so larger pages waste up to a page a stream)")
     p.add_argument("--no-mimi", dest="mimi", action="store_false", help="LM only, without Mimi encode/decode")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="do not time moshi beside")
     p.add_argument("--capacity", action="store_true",
@@ -532,13 +534,14 @@ def setup_parser(p) -> None:
     p.set_defaults(func=run_cli)
 
 
-def _capacity_search(model, mimi, name, rows, args, kv_dtype, timer, weights, bar) -> tuple[int, int]:
+def _capacity_search(model, mimi, name, rows, args, engine_kw, timer, weights, bar) -> tuple[int, int]:
     """Search the capacity of one model; probes are appended to ``rows`` (``extra["capacity_probe"]``)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
         own, _, page = _condition_layout(model)
-        limit = kv_capacity(model.cfg, kv_dtype or next(model.parameters()).dtype, memory, weights,
+        limit = kv_capacity(model.cfg, engine_kw["kv_dtype"] or next(model.parameters()).dtype, memory, weights,
+                            page_size=engine_kw["page_size"],
                             condition_rows=own * page, condition_dtype=next(model.transformer.parameters()).dtype)
     else:
         limit = 64
@@ -546,7 +549,7 @@ def _capacity_search(model, mimi, name, rows, args, kv_dtype, timer, weights, ba
     steps = 10 if device.type == "cuda" else 2
 
     def measure(n: int) -> float:
-        r = bench_dsm(model, mimi, n, steps, 2, timer, kv_dtype=kv_dtype, backend=args.backend)
+        r = bench_dsm(model, mimi, n, steps, 2, timer, **engine_kw)
         r.model, r.extra["capacity_probe"] = name, True
         rows.append(r)
         bar.write(format_table([r]).splitlines()[2] + "  (capacity probe)")
@@ -595,6 +598,7 @@ def run_cli(args) -> int:
             models.append((name, lambda n=name: (random_model(preset_config(n), device, dtype)[0],
                                                  Mimi(random_mimi_state_dict(0), device=device))))
     kv_dtype = KV_DTYPES[args.kv_dtype] if args.kv_dtype else None
+    engine_kw = {"kv_dtype": kv_dtype, "backend": args.backend, "page_size": args.page_size}
     kv_lines: list[str] = []
     rows: list[BenchRow] = []
     searched: dict[str, tuple[int, int]] = {}
@@ -604,7 +608,8 @@ def run_cli(args) -> int:
             model, mimi = load()
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             own, _, page = _condition_layout(model)
-            caps = {k: kv_capacity(model.cfg, dt, 80 * 10**9, weights, condition_rows=own * page,
+            caps = {k: kv_capacity(model.cfg, dt, 80 * 10**9, weights, page_size=args.page_size,
+                                   condition_rows=own * page,
                                    condition_dtype=next(model.transformer.parameters()).dtype)
                     for k, dt in KV_DTYPES.items()}
             kv_lines.append(f"{name}: KV capacity on an 80 GB H100 at full context ({weights / 1e9:.2f} GB weights, "
@@ -613,7 +618,7 @@ def run_cli(args) -> int:
             if not args.mimi:
                 mimi = None
             for b in batches:
-                r = bench_dsm(model, mimi, b, steps, warmup, timer, bar, kv_dtype=kv_dtype, backend=args.backend)
+                r = bench_dsm(model, mimi, b, steps, warmup, timer, bar, **engine_kw)
                 r.model = name
                 rows.append(r)
                 bar.write(format_table([r]).splitlines()[2])  # each row as soon as it exists
@@ -626,7 +631,7 @@ def run_cli(args) -> int:
                         bar.write(format_table([ref]).splitlines()[2])
                     _release(device)
             if args.capacity:
-                searched[name] = _capacity_search(model, mimi, name, rows, args, kv_dtype, timer, weights, bar)
+                searched[name] = _capacity_search(model, mimi, name, rows, args, engine_kw, timer, weights, bar)
             del model, mimi
             _release(device)
     print(format_table(rows))
@@ -647,7 +652,8 @@ def run_cli(args) -> int:
                   "(largest measured batch)")
     print("\n".join(kv_lines))
     env = environment(device)
-    append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype), "steps": steps,
+    append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype),
+                                            "page_size": args.page_size, "steps": steps,
                                             "backend": args.backend or dsm_kernels.default_backend(device),
                                             "warmup": warmup, "mimi": args.mimi, "frame_ms": args.frame_ms,
                                             "capacity": capacities})

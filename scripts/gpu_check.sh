@@ -51,6 +51,8 @@ finish() {
     for f in "$LOGS"/kbench*.log; do [ -f "$f" ] && sed -n '/^kernel    shape/,$p' "$f"; done
     echo "=== attention split-K sweep (ms, % of copy bandwidth)"
     grep -E "^attention.* (cuda|triton)(:s[0-9]+)? " "$LOGS/kbench_attn.log" 2>/dev/null | awk '{print $2, $3, $4, $5 " ms", $9}'
+    echo "=== attention by page size (pN) and KV dtype (ms, % of copy bandwidth)"
+    grep -E "^attention +[a-z0-9.-]+(/p[0-9]+)?(/fp8)? +B=" "$LOGS/kbench_pages.log" 2>/dev/null | awk '{print $2, $3, $4, $5 " ms", $9}'
     echo "=== validate-kernels"
     grep -E "passed|FAIL" "$LOGS/validate.log" 2>/dev/null
     echo "=== dsm bench (engine step, Mimi included; moshi = LMGen step alone)"
@@ -62,7 +64,7 @@ finish() {
     tail -n 22 "$LOGS/depformer.log" 2>/dev/null
     tail -n 20 "$LOGS/decoder.log" 2>/dev/null
     echo "=== profile (eager kernels per step)"
-    grep -h -A8 "kernels per step" "$LOGS/profile.log" "$LOGS/profile_mimi.log" "$LOGS/profile_tts64.log" 2>/dev/null
+    grep -h -A8 "kernel calls per step" "$LOGS/profile.log" "$LOGS/profile_mimi.log" "$LOGS/profile_tts64.log" 2>/dev/null
     echo "=== tests"
     for f in "$LOGS"/tests*.log; do [ -f "$f" ] && grep -E "^FAILED|^ERROR|passed|failed" "$f" | tail -n 12; done
     echo "=== steps"
@@ -130,6 +132,10 @@ step kbench_gemv 90 30 "$PY" benchmarks/bench_kernels.py --kernels gemv --batch 
 # decode attention at the engine's shapes, with the split-K factor swept around the planner's choice (whole waves)
 step kbench_attn 90 30 "$PY" benchmarks/bench_kernels.py --kernels attention --batch 1 64 400 --graph --no-compile \
   --providers cuda triton --attention-splits 1 2 3 4 6 --out "$OUT/kernels.jsonl"
+# the page size, chosen by measurement (issue #4): decode attention at 16..128-position pages, bf16 and fp8 pools, at
+# the planner's split counts (a page is a contiguous 4-64 KB run of a pool; a stream's ring wastes < 1 page)
+step kbench_pages 90 30 "$PY" benchmarks/bench_kernels.py --kernels attention --batch 64 400 --graph --no-compile \
+  --providers cuda triton --page-sizes 16 32 64 128 --kv-dtypes bf16 fp8 --out "$OUT/kernels.jsonl"
 # the voice cross-attention over shared condition pages against the SDPA over dense per-stream K/V it replaced
 step kbench_voice 60 15 "$PY" benchmarks/bench_kernels.py --kernels voice --batch 1 64 256 --graph --no-compile \
   --providers torch cuda triton --out "$OUT/kernels.jsonl"
@@ -147,6 +153,9 @@ step bench_capacity 150 40 "${B[@]}" --no-reference --steps 20 --preset stt-1b-e
 step bench_capacity_fp8 150 40 "${B[@]}" --no-reference --steps 20 --kv-dtype fp8 --preset stt-1b-en_fr \
   --batch 1,1024 --capacity
 step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1.6b-en_fr --batch 256
+# the page size in the whole step (the persistent decode step and the append read pages too): stt-1b LM at 64 pages
+step bench_pages 90 40 "${B[@]}" --no-reference --no-mimi --preset stt-1b-en_fr --batch 1,64 --page-size 64 \
+  --output "$OUT/bench_pages.jsonl"
 # the runtimes' host work per step on this machine's CPU (stand-in model steps): add it to the capacity rows above
 step host 60 20 "$PY" benchmarks/bench_host.py --streams 64 256 700 --steps 20
 step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \

@@ -7,15 +7,27 @@ import pytest
 from dsm.cli import main
 
 
-def test_bench_cli_smoke(tmp_path, capsys):
-    out = tmp_path / "bench.jsonl"
+def test_bench_cli_smoke(tmp_path, capsys, monkeypatch):
+    from dsm import bench
+
+    out, pages = tmp_path / "bench.jsonl", []
+    real = bench._engine_for
+
+    def engine_for(*args, **kw):
+        eng = real(*args, **kw)
+        pages.append(eng.state.kv.page_size)
+        return eng
+
+    monkeypatch.setattr(bench, "_engine_for", engine_for)
     rc = main(["bench", "--preset", "tiny-stt", "--batch", "1,2", "--steps", "2", "--warmup", "0", "--no-mimi",
-               "--output", str(out)])
+               "--page-size", "8", "--output", str(out)])
     assert rc == 0
+    assert pages == [8, 8]  # every engine the run built has the asked page size
     text = capsys.readouterr().out
     assert "rtf" in text and "rtfx" in text and "capacity" in text
     row = json.loads(out.read_text().splitlines()[-1])
     assert {"device", "torch", "commit"} <= set(row) and row["backend"] == "reference"  # a CPU's default
+    assert row["page_size"] == 8
     systems = {(r["system"], r["batch"]) for r in row["rows"]}
     assert {("dsm", 1), ("dsm", 2), ("moshi", 1), ("moshi", 2)} <= systems
     for r in row["rows"]:
@@ -24,6 +36,7 @@ def test_bench_cli_smoke(tmp_path, capsys):
 
 @pytest.mark.parametrize(("flag", "value"), [("--batch", "0"), ("--batch", "1,,2"), ("--batch", "abc"),
                                              ("--steps", "0"), ("--steps", "-1"), ("--warmup", "-3"),
+                                             ("--page-size", "0"),
                                              ("--frame-ms", "0"), ("--frame-ms", "nan")])
 def test_bench_rejects_bad_counts(capsys, flag, value):
     with pytest.raises(SystemExit) as e:

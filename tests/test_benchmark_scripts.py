@@ -1,0 +1,74 @@
+"""The benchmark scripts the GPU script runs (scripts/gpu_check.sh), each in its CPU smoke mode: GPU time is scarce, so
+a script that crashes, or whose providers fail and are reported as errors, must fail here first.
+
+Each run is a process of its own, started at collection in conftest's background queue (beside the other tests)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _cmd(name: str, out_dir: Path) -> list[str]:
+    out = str(out_dir / f"{name}.jsonl")
+    py = [sys.executable]
+    return {
+        # every kernel's torch baseline, the attention at two page sizes and both KV dtypes
+        "kernels_torch": py + [str(BENCH / "bench_kernels.py"), "--device", "cpu", "--batch", "1", "--no-compile",
+                               "--providers", "torch", "--iters", "3", "--page-sizes", "16", "64",
+                               "--kv-dtypes", "bf16", "fp8", "--out", out],
+        # the Triton attention (interpreted) through the same plumbing, with a split-K override
+        "kernels_triton": py + [str(BENCH / "bench_kernels.py"), "--device", "cpu", "--batch", "1", "--no-compile",
+                                "--kernels", "attention", "--providers", "triton", "--iters", "3",
+                                "--page-sizes", "32", "--kv-dtypes", "fp8", "--attention-splits", "2", "--out", out],
+        "decoder": py + [str(BENCH / "bench_decoder.py"), "--device", "cpu", "--small", "--batch", "1", "--iters", "1",
+                         "--out", out],
+        "depformer": py + [str(BENCH / "bench_depformer.py"), "--device", "cpu", "--small", "--batch", "1",
+                           "--iters", "1", "--providers", "ref_eager", "triton_gemv", "--out", out],
+        "fp8_kv": py + [str(BENCH / "bench_fp8_kv.py"), "--preset", "tiny-stt", "--steps", "4", "--streams", "2",
+                        "--output", out],
+        "profile": py + [str(BENCH / "profile_step.py"), "--device", "cpu", "--preset", "tiny-stt", "--steps", "1",
+                         "--top", "3"],
+    }[name]
+
+
+SCRIPTS = ["kernels_torch", "kernels_triton", "decoder", "depformer", "fp8_kv", "profile"]
+_ENV = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+
+
+def background_jobs(test: str, params: dict, out_dir: Path):
+    if test == "test_benchmark_script_runs_on_the_cpu":
+        return [(("bench", params["name"]), _cmd(params["name"], out_dir), _ENV, 600)]
+    return []
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_benchmark_script_runs_on_the_cpu(name, background):
+    rc, out, err = background(("bench", name), _cmd(name, background.dir), _ENV, 600)
+    assert rc == 0, (out + err)[-4000:]
+    if name == "profile":
+        assert "tiny-stt batch 1:" in out and "calls per step" in out, out[-2000:]
+        return
+    rows = _rows(background.dir / f"{name}.jsonl")
+    assert rows and not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
+    timed = [r.get("ms", r.get("ms_per_step", r.get("ms_per_frame"))) for r in rows]
+    if name != "fp8_kv":
+        assert all(t is not None and t > 0 for t in timed), timed  # nan fails too
+    if name == "kernels_torch":
+        assert {r["kernel"] for r in rows} == {"embed", "attention", "voice", "sampling", "gemv", "conv", "convtr"}
+        shapes = {r["shape"] for r in rows if r["kernel"] == "attention"}
+        assert {"stt-1b", "stt-1b/fp8", "stt-1b/p64", "stt-1b/p64/fp8"} <= shapes, shapes
+    if name == "kernels_triton":
+        assert {(r["shape"], r["provider"]) for r in rows if r["shape"].startswith("stt-1b")} == {
+            ("stt-1b/p32/fp8", "triton"), ("stt-1b/p32/fp8", "triton:s2")}
+    if name == "depformer":
+        assert {r["provider"] for r in rows} == {"ref_eager", "triton_gemv_interp"}
