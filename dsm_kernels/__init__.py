@@ -148,6 +148,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:mimi_ring_attention_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_ring_attention_triton",
     },
+    "mimi_rows": {
+        "reference": "dsm_kernels.reference:mimi_rows_ref",
+        "triton": "dsm_kernels.mimi_kernels:mimi_rows_triton",
+    },
     "mimi_residual_out": {
         "reference": "dsm_kernels.reference:mimi_residual_out_ref",
         "triton": "dsm_kernels.mimi_kernels:mimi_residual_out_triton",
@@ -425,6 +429,12 @@ def mimi_ring_attention(q, cache, pos, *, out=None, backend=None):
     return resolve("mimi_ring_attention", backend, q.device)(q, cache, pos, out=out)
 
 
+def mimi_rows(pos, exec_mask, tokens, capacity, *, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_rows_ref` (a Mimi transformer step's per-row indices)."""
+    checks.mimi_rows(pos, exec_mask, tokens, capacity)
+    return resolve("mimi_rows", backend, pos.device)(pos, exec_mask, tokens, capacity)
+
+
 def mimi_residual_out(y, weight, bias, x, *, backend=None):
     """See :func:`dsm_kernels.reference.mimi_residual_out_ref` (``x + conv1x1(elu(y))``, a SEANet unit's end)."""
     checks.mimi_residual_out(y, weight, bias, x)
@@ -472,6 +482,7 @@ __all__ = [
     "mimi_convtr_overlap",
     "mimi_residual_out",
     "mimi_ring_attention",
+    "mimi_rows",
     "mimi_transformer",
     "mimi_rope_kv",
     "multistream_embed",

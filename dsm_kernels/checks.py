@@ -232,6 +232,18 @@ def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table)
     shape(op, "block_table", block_table, (B, None))
 
 
+def mimi_rows(pos, exec_mask, tokens: int, capacity: int) -> None:
+    op = "mimi_rows"
+    shape(op, "pos", pos, (None,))
+    shape(op, "exec_mask", exec_mask, (pos.shape[0],))
+    if exec_mask.dtype != torch.bool:
+        raise ValueError(f"{op}: exec_mask must be torch.bool, got {exec_mask.dtype}")
+    if pos.dtype != torch.int64:
+        raise ValueError(f"{op}: pos must be torch.int64, got {pos.dtype}")
+    if not 1 <= tokens <= capacity:
+        raise ValueError(f"{op}: tokens must be in [1, capacity = {capacity}], got {tokens}")
+
+
 def mimi_transformer(w, h, pos, exec_mask, cache, tokens: int) -> None:
     op = "mimi_transformer"
     shape(op, "pos", pos, (None,))

@@ -334,18 +334,17 @@ def mimi_operands(w, h, pos, exec_mask, cache, tokens: int):
     """Mimi's transformer step as the persistent kernel's operands: ``(k_pages, v_pages, operands)``. Stream b's ring
     is page b of ``context`` slots ([L, B + 1, S, H, D] views of ``cache``), row ``b * tokens + j`` sees positions
     from ``pos[b] + tokens - S`` (what the ring still holds once every new key is written) to its own."""
-    from .decoder import mimi_pages, mimi_rows
+    from . import available_backends, mimi_rows
+    from .decoder import mimi_pages
 
     B, S = pos.shape[0], cache.shape[4]
-    positions, slots = mimi_rows(w, pos, exec_mask, tokens, S)
-    key = ("mimi_pages", B, tokens, S, str(h.device))
-    if key not in w.derived:  # row b * tokens + j: page b, and first visible position = its own + (tokens - S) - j
-        rows = torch.arange(B * tokens, device=h.device)
-        w.derived[key] = ((rows // tokens).int().view(-1, 1), (tokens - S) - rows % tokens)
-    block_table, start_offset = w.derived[key]
-    starts = positions + start_offset
+    index_backend = "triton" if "triton" in available_backends(h.device) else "reference"  # Triton: one launch
+    positions, slots, seq_lens, starts = mimi_rows(pos, exec_mask, tokens, S, backend=index_backend)
+    key = ("mimi_pages", B, tokens, str(h.device))
+    if key not in w.derived:  # row b * tokens + j: page b
+        w.derived[key] = (torch.arange(B * tokens, device=h.device) // tokens).int().view(-1, 1)
     k_pages, v_pages = mimi_pages(cache)
-    ops = decoder_operands(w, h, positions, slots, positions + 1, k_pages, block_table, S, None, starts=starts)
+    ops = decoder_operands(w, h, positions, slots, seq_lens, k_pages, w.derived[key], S, None, starts=starts)
     return k_pages, v_pages, ops
 
 

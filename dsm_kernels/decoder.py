@@ -157,22 +157,6 @@ def mimi_pages(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pages[:, :, 0], pages[:, :, 1]
 
 
-def mimi_rows(w: DecoderWeights, pos, exec_mask, tokens: int, capacity: int):
-    """Per-row indices of a Mimi transformer step of ``tokens`` new tokens per stream (rows ``b * tokens + j``):
-    ``positions`` [B T] int64 (``pos[b] + j``) and ``slots`` [B T] int64 (``b * capacity + position % capacity`` in
-    the ring seen as pages of ``capacity`` slots; -1 for inactive streams: no write). Index constants are made once
-    per shape (in ``w.derived``), so a captured step launches only the index math."""
-    B, dev = pos.shape[0], pos.device
-    key = ("mimi_rows", B, tokens, capacity, str(dev))
-    if key not in w.derived:
-        w.derived[key] = (torch.arange(tokens, device=dev), torch.arange(B, device=dev).view(-1, 1) * capacity,
-                          torch.full((), -1, device=dev))  # fmt: skip
-    j, base, none = w.derived[key]
-    positions = pos.view(-1, 1) + j  # [B, T]
-    slots = torch.where(exec_mask.view(-1, 1), base + torch.remainder(positions, capacity), none)
-    return positions.view(-1), slots.view(-1)
-
-
 def mimi_transformer_composed(w: DecoderWeights, h, pos, exec_mask, cache, *, tokens: int, backend=None) -> None:
     """Mimi's streaming transformer over ``tokens`` new tokens of each of B streams, as single ops on ``backend``:
     ``h`` [B T, d] (rows ``b * tokens + j``; updated in place), ``pos`` [B] int64 (tokens each stream has written:
@@ -185,7 +169,7 @@ def mimi_transformer_composed(w: DecoderWeights, h, pos, exec_mask, cache, *, to
     import dsm_kernels as K
 
     B, S = pos.shape[0], cache.shape[4]
-    positions, slots = mimi_rows(w, pos, exec_mask, tokens, S)
+    positions, slots, _, _ = K.mimi_rows(pos, exec_mask, tokens, S, backend=backend)
     k_pages, v_pages = mimi_pages(cache)
     for i in range(len(w.layers)):
         q = _attention_input(w, i, h, positions, k_pages[i], v_pages[i], slots, backend)

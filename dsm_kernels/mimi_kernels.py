@@ -19,11 +19,14 @@
   ``elu``, the conv and ``add``).
 * :func:`mimi_convtr_overlap_triton`: a SEANet streaming transposed conv's overlap-add and the update of its stored
   tail, one launch (was ``add_``, ``sub`` and ``where``).
+* :func:`mimi_rows_triton`: a streaming transformer step's per-row indices (RoPE positions, ring slots, window
+  bounds), one launch (was eight index ops, dtype conversions included).
 
 Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref`,
 :func:`dsm_kernels.reference.mimi_rope_kv_ref`, :func:`dsm_kernels.reference.mimi_ring_attention_ref`,
 :func:`dsm_kernels.reference.mimi_conv_pad_ref`, :func:`dsm_kernels.reference.mimi_convtr_overlap_ref`,
-:func:`dsm_kernels.reference.mimi_convtr_gemv_ref` and :func:`dsm_kernels.reference.mimi_residual_out_ref`.
+:func:`dsm_kernels.reference.mimi_convtr_gemv_ref`, :func:`dsm_kernels.reference.mimi_residual_out_ref` and
+:func:`dsm_kernels.reference.mimi_rows_ref`.
 Distances here are ``|c|^2 - 2 x.c`` (the reference adds ``|x|^2``, clamps and takes a square root, like
 ``torch.cdist``): the argmin may differ from the reference only where two candidates tie within fp32 rounding.
 """
@@ -550,3 +553,32 @@ def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.
         C_in, C_out, T, HAS_BIAS=bias is not None, BLOCK_CO=BLOCK_CO, BLOCK_CI=BLOCK_CI, BLOCK_T=BLOCK_T,
         EXACT_ELU=not triton_interpret())
     return out
+
+
+@triton.jit
+def _mimi_rows_kernel(pos_ptr, exec_ptr, positions_ptr, slots_ptr, lens_ptr, starts_ptr, n_rows, tokens, capacity,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = r < n_rows
+    b = r // tokens
+    j = r % tokens
+    p = tl.load(pos_ptr + b, mask=m, other=0).to(tl.int64) + j
+    live = tl.load(exec_ptr + b, mask=m, other=0).to(tl.int32) != 0
+    tl.store(positions_ptr + r, p, mask=m)
+    tl.store(slots_ptr + r, tl.where(live, b.to(tl.int64) * capacity + p % capacity, -1), mask=m)
+    tl.store(lens_ptr + r, (p + 1).to(tl.int32), mask=m)
+    tl.store(starts_ptr + r, (p + tokens - capacity - j).to(tl.int32), mask=m)
+
+
+def mimi_rows_triton(pos: torch.Tensor, exec_mask: torch.Tensor, tokens: int, capacity: int):
+    """Triton twin of :func:`~dsm_kernels.reference.mimi_rows_ref`."""
+    n = pos.shape[0] * tokens
+    dev = pos.device
+    positions, slots = (torch.empty(n, dtype=torch.int64, device=dev) for _ in range(2))
+    seq_lens, starts = (torch.empty(n, dtype=torch.int32, device=dev) for _ in range(2))
+    if n:
+        block = min(1024, triton.next_power_of_2(n))
+        pos, exec_mask = unit_stride(pos, exec_mask)
+        _mimi_rows_kernel[(triton.cdiv(n, block),)](pos, exec_mask, positions, slots, seq_lens, starts, n, tokens,
+                                                    capacity, BLOCK=block, num_warps=1)  # fmt: skip
+    return positions, slots, seq_lens, starts

@@ -731,3 +731,20 @@ def kv_slots_ref(
     slot = torch.where(write, kv_position_to_slot(block_table, positions, page_size), -1)
     seq_lens = torch.where(write, positions + 1, 0).to(torch.int32)
     return slot, seq_lens
+
+
+def mimi_rows_ref(
+    pos: torch.Tensor, exec_mask: torch.Tensor, tokens: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row indices of a Mimi transformer step of ``tokens`` new tokens per stream, rows ``b * tokens + j`` over a
+    ring of ``capacity`` slots per stream (stream b's ring seen as page b): ``positions`` [B T] int64 (``pos[b] + j``,
+    the RoPE position), ``slots`` [B T] int64 (``b * capacity + positions % capacity``; -1 where ``exec_mask[b]`` is
+    False: no write), ``seq_lens`` [B T] int32 (``positions + 1``) and ``starts`` [B T] int32 (the first position the
+    row sees, ``positions + tokens - capacity - j``: what the ring still holds once every new key is written)."""
+    B = pos.shape[0]
+    j = torch.arange(tokens, device=pos.device)
+    positions = pos.long().view(-1, 1) + j  # [B, T]
+    base = torch.arange(B, device=pos.device).view(-1, 1) * capacity
+    slots = torch.where(exec_mask.view(-1, 1), base + positions % capacity, -1)
+    starts = positions + (tokens - capacity) - j
+    return positions.view(-1), slots.view(-1), (positions + 1).int().view(-1), starts.int().view(-1)

@@ -262,7 +262,11 @@ def _kv_slots_rows(backend, device, quick):
     write = torch.rand(64, generator=g) < 0.8
     exp = reference.kv_slots_ref(bt, pos, write, 16)
     got = resolve("kv_slots", backend, device)(bt.to(device), pos.to(device), write.to(device), 16)
-    return [_exact("kv_slots", backend, "B64 pages24 page16", list(zip(got, exp, strict=True)))]
+    rows = [_exact("kv_slots", backend, "B64 pages24 page16", list(zip(got, exp, strict=True)))]
+    # Mimi's ring (250 slots a stream, 2 tokens a step): positions before and after its wrap
+    exp = reference.mimi_rows_ref(pos, write, 2, 250)
+    got = resolve("mimi_rows", backend, device)(pos.to(device), write.to(device), 2, 250)
+    return rows + [_exact("mimi_rows", backend, "B64 tokens2 ring250", list(zip(got, exp, strict=True)))]
 
 
 def _gemv_rows(backend, device, quick):
@@ -567,7 +571,7 @@ _CHECKS = {
     ("rope_append_kv",): _rope_append_kv_rows,
     ("silu_mul",): _silu_mul_rows,
     ("frame_inputs", "frame_commit"): _frame_rows,
-    ("kv_slots",): _kv_slots_rows,
+    ("kv_slots", "mimi_rows"): _kv_slots_rows,
     ("gemv",): _gemv_rows,
     ("qkv_rope_gemv",): _qkv_rope_gemv_rows,
     ("depformer_frame",): _depformer_rows,

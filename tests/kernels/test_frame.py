@@ -1,5 +1,6 @@
-"""Delayed-stream bookkeeping ops (frame_inputs, frame_commit, kv_slots): every backend against its reference op on
-fresh random states. Integer ops: results, and the in-place updates of the cache and offsets, must be identical."""
+"""Delayed-stream bookkeeping ops (frame_inputs, frame_commit, kv_slots, Mimi's mimi_rows): every backend against its
+reference op on fresh random states. Integer ops: results, and the in-place updates of the cache and offsets, must be
+identical."""
 
 import pytest
 import torch
@@ -90,6 +91,34 @@ def test_kv_slots(backend, B, pps, page_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,tokens,capacity", [(1, 2, 250), (3, 1, 250), (5, 4, 7), (33, 2, 250)])
+def test_mimi_rows(backend, B, tokens, capacity, monkeypatch):
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(B * tokens)
+    pos = torch.randint(0, 4 * capacity, (B,), generator=g)
+    pos[0] = capacity - 1  # its tokens straddle the ring's wrap
+    live = torch.rand(B, generator=g) < 0.7
+    live[0] = True
+    # the specification, row by row
+    rows = [(b, j) for b in range(B) for j in range(tokens)]
+    p = [int(pos[b]) + j for b, j in rows]
+    spec = (p, [b * capacity + x % capacity if live[b] else -1 for (b, _), x in zip(rows, p, strict=True)],
+            [x + 1 for x in p], [x + tokens - capacity - j for (_, j), x in zip(rows, p, strict=True)])
+    exp = reference.mimi_rows_ref(pos, live, tokens, capacity)
+    assert [t.tolist() for t in exp] == [list(v) for v in spec]
+    real_empty = torch.empty  # poisoned outputs: a store the kernel misses shows
+
+    def poisoned(*args, **kw):
+        return real_empty(*args, **kw).fill_(-7)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got = resolve("mimi_rows", backend, dev)(pos.to(dev), live.to(dev), tokens, capacity)
+    monkeypatch.undo()
+    for x, e in zip(got, exp, strict=True):
+        assert x.dtype == e.dtype and torch.equal(x.cpu(), e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kv_slots_strided_block_table(backend):
     dev = kernel_device(backend)
     bt = torch.arange(12, dtype=torch.int32).view(4, 3).t().contiguous().t()  # column-major: stride (1, 4)
@@ -129,11 +158,12 @@ def test_triton_takes_strided_vectors():
 
 
 def test_triton_aot_compiles_for_sm90(aot_output):
-    assert aot_output(__file__).count("cubin") == 5
+    assert aot_output(__file__).count("cubin") == 6
 
 
 def _aot() -> None:
     from dsm_kernels.frame import _frame_commit_kernel, _frame_inputs_kernel, _kv_slots_kernel
+    from dsm_kernels.mimi_kernels import _mimi_rows_kernel
 
     i64 = "*i64"
     ring = {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64, "out_ptr": i64}
@@ -144,6 +174,8 @@ def _aot() -> None:
         (_frame_commit_kernel, dict(ring, text_ptr=i64, audio_ptr=i64), {"HAS_AUDIO": False, "BLOCK_K": 1}),
         (_kv_slots_kernel, {"bt_ptr": "*i32", "pos_ptr": i64, "write_ptr": "*i1", "slot_ptr": i64, "len_ptr": "*i32"},
          {"BLOCK": 1024}),
+        (_mimi_rows_kernel, {"pos_ptr": i64, "exec_ptr": "*i1", "positions_ptr": i64, "slots_ptr": i64,
+                             "lens_ptr": "*i32", "starts_ptr": "*i32"}, {"BLOCK": 4}),
     ]  # fmt: skip
     for kernel, types, consts in cases:
         cc = aot_compile(kernel, types, consts, num_warps=1)
