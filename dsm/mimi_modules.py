@@ -89,8 +89,8 @@ def conv_transpose1d(
 ) -> torch.Tensor:
     """Streaming transposed conv: overlap-add the stored ``K - S`` tail, emit ``T * S`` samples (§7.2).
     With ``w_rows`` (the weight as [C_out, K, C_in]) few input columns take :func:`dsm_kernels.mimi_convtr_gemv`;
-    more take :func:`dsm_kernels.conv_transpose1d_igemm` (``w_phases``: its weight layout, made once), which applies
-    ``elu`` (the conv reads ``elu(x)``) as it loads x.
+    more take :func:`dsm_kernels.conv_transpose1d_igemm` (``w_phases``: its weight layout, made once); both apply
+    ``elu`` (the conv reads ``elu(x)``) as they load x.
 
     The stored tail excludes the bias, since the bias is added again when the next call's output overlaps it.
     Offline use is the same call from a zero ``partial``. ``partial`` is updated in place (one kernel on Triton:
@@ -103,10 +103,9 @@ def conv_transpose1d(
         y = dsm_kernels.conv_transpose1d_igemm(x, weight, bias, stride, phase_weight=w_phases, elu=elu,
                                                backend=backend)  # fmt: skip
         return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)
-    x = F.elu(x) if elu else x
     if narrow:
-        return dsm_kernels.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, backend=backend)
-    y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups)
+        return dsm_kernels.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, elu=elu, backend=backend)
+    y = F.conv_transpose1d(F.elu(x) if elu else x, weight, bias, stride, 0, 0, groups)
     return dsm_kernels.mimi_convtr_overlap(y, partial, bias, exec_mask, backend=backend)
 
 

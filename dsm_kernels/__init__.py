@@ -441,11 +441,11 @@ def mimi_residual_out(y, weight, bias, x, *, backend=None):
     return resolve("mimi_residual_out", backend, y.device)(y, weight, bias, x)
 
 
-def mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, *, backend=None):
+def mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask, *, elu=False, backend=None):
     """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref` (a Mimi transposed conv with its overlap-add, for few
-    input columns; ``partial`` in place)."""
+    input columns; ``partial`` in place; ``elu``: of ``elu(x)``)."""
     checks.mimi_convtr_gemv(x, w_rows, bias, stride, partial, exec_mask)
-    return resolve("mimi_convtr_gemv", backend, x.device)(x, w_rows, bias, stride, partial, exec_mask)
+    return resolve("mimi_convtr_gemv", backend, x.device)(x, w_rows, bias, stride, partial, exec_mask, elu=elu)
 
 
 def mimi_convtr_overlap(y, partial, bias, exec_mask, *, backend=None):

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import CONV_GEMV_MAX_COLUMNS, GEMV_MAX_B, triton_interpret
+from .mimi_kernels import _elu
 from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 from .sampling import _num_warps as _sampler_warps
@@ -273,12 +274,12 @@ def _conv_gemv_kernel(
     x_ptr, sxb, sxc, sxt, w_ptr, b_ptr, out_ptr, sob, soc, sot,
     R, N, K, T_OUT, STRIDE, DIL,
     KS: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, ELU: tl.constexpr = False, EXACT_ELU: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (N tiles,): a valid conv1d (fp32) with few output columns as a GEMV: weight row n is ``w[n]`` ([C_in,
     KS] contiguous, K = C_in * KS values); output row i < R is column ``t = i % T_OUT`` of batch row ``i // T_OUT``,
-    whose input patch ``x[b, c, t * STRIDE + j * DIL]`` is gathered in the weight row's (c, j) order. The weight
-    tile stays in registers while the columns go by, BB at a time."""
+    whose input patch ``x[b, c, t * STRIDE + j * DIL]`` is gathered in the weight row's (c, j) order (``ELU``: of
+    ``elu(x)``). The weight tile stays in registers while the columns go by, BB at a time."""
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < N
     k = tl.arange(0, KP)
@@ -293,6 +294,8 @@ def _conv_gemv_kernel(
             live = i < R
             b, t = i // T_OUT, i % T_OUT
             x = tl.load(x_ptr + b.to(tl.int64) * sxb + t * STRIDE * sxt + tap, mask=kmask & live, other=0.0)
+            if ELU:  # elu(0) = 0: the masked elements stay out of the sum
+                x = _elu(x, EXACT_ELU)
             y = tl.sum(w * x[None, :], axis=1) + bias
             tl.store(out_ptr + b.to(tl.int64) * sob + n * soc + t * sot, y, mask=nmask & live)
 
@@ -396,10 +399,11 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
     return q
 
 
-def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
+def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None, elu=False):
     """Triton twin of :func:`~dsm_kernels.reference.conv1d_gemv_ref` for at most ``CONV_GEMV_MAX_COLUMNS`` output
     columns in all (batch rows x output steps): each weight row is read once, at bandwidth, where a conv library's
-    tiles would leave most of the GPU idle on a [C_out, C_in * K] x [C_in * K, 2 .. 64] product."""
+    tiles would leave most of the GPU idle on a [C_out, C_in * K] x [C_in * K, 2 .. 64] product. ``elu``: the conv
+    of ``elu(x)``, applied as x loads (on a GPU torch's bits, see :func:`~dsm_kernels.mimi_kernels._elu`)."""
     B, C, T = x.shape
     N, C_w, KS = weight.shape
     T_out = (T - dilation * (KS - 1) - 1) // stride + 1
@@ -423,7 +427,7 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None):
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight, out,
         out.stride(0), out.stride(1), out.stride(2), B * T_out, N, C * KS, T_out, stride, dilation,
         KS=KS, HAS_BIAS=bias is not None, BB=min(GEMV_MAX_B, triton.next_power_of_2(B * T_out)), BN=bn, KP=kp, PDL=pdl,
-        num_warps=warps, launch_pdl=pdl,
+        ELU=elu, EXACT_ELU=elu and not triton_interpret(), num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

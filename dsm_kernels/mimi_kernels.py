@@ -475,10 +475,11 @@ def _mimi_convtr_place_kernel(
 
 
 def mimi_convtr_gemv_triton(x: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                            partial: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
+                            partial: torch.Tensor, exec_mask: torch.Tensor, elu: bool = False) -> torch.Tensor:
     """See :func:`dsm_kernels.reference.mimi_convtr_gemv_ref`, for at most ``CONV_GEMV_MAX_COLUMNS`` input columns
     in all (batch rows x steps) and ``K = 2 S`` (Mimi's): the taps are a 1x1 conv with ``C_out K`` output channels
-    (:func:`~dsm_kernels.gemv_kernels.conv1d_gemv_triton`, weights streamed once), placed by one more kernel."""
+    (:func:`~dsm_kernels.gemv_kernels.conv1d_gemv_triton`, weights streamed once, the ELU applied as x loads),
+    placed by one more kernel."""
     from .gemv_kernels import conv1d_gemv_triton
 
     B, C_in, T = x.shape
@@ -488,7 +489,7 @@ def mimi_convtr_gemv_triton(x: torch.Tensor, w_rows: torch.Tensor, bias: torch.T
         x.shape, w_rows.shape, partial.shape, stride)
     assert x.dtype == partial.dtype == torch.float32 and (bias is None or bias.shape == (C,))
     bias, exec_mask = unit_stride(bias, exec_mask)
-    taps = conv1d_gemv_triton(x, w_rows.view(C * K, C_in, 1))  # [B, C * K, T]
+    taps = conv1d_gemv_triton(x, w_rows.view(C * K, C_in, 1), elu=elu)  # [B, C * K, T]
     out = torch.empty(B, C, T * S, dtype=x.dtype, device=x.device)
     BLOCK_S = triton.next_power_of_2(S)
     BLOCK_U = min(triton.next_power_of_2(T * S), 256)

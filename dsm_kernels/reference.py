@@ -651,13 +651,13 @@ def mimi_residual_out_ref(y: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def mimi_convtr_gemv_ref(
     x: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None, stride: int, partial: torch.Tensor,
-    exec_mask: torch.Tensor,
+    exec_mask: torch.Tensor, elu: bool = False,
 ) -> torch.Tensor:
-    """A streaming transposed conv of Mimi's SEANet with its overlap-add (§7.2): ``conv_transpose1d(x, w, bias,
-    stride)`` then :func:`mimi_convtr_overlap_ref`. ``x`` [B, C_in, T] fp32; the weight is given as ``w_rows``
-    [C_out, K, C_in] (the checkpoint's [C_in, C_out, K] permuted, so that each (output channel, tap) is a contiguous
-    row); ``partial`` [B, C_out, K - S]. Returns the finished ``[B, C_out, T * S]``."""
-    y = F.conv_transpose1d(x, w_rows.permute(2, 0, 1), bias, stride)
+    """A streaming transposed conv of Mimi's SEANet with its overlap-add (§7.2): ``conv_transpose1d(elu(x) if elu
+    else x, w, bias, stride)`` then :func:`mimi_convtr_overlap_ref`. ``x`` [B, C_in, T] fp32; the weight is given as
+    ``w_rows`` [C_out, K, C_in] (the checkpoint's [C_in, C_out, K] permuted, so that each (output channel, tap) is a
+    contiguous row); ``partial`` [B, C_out, K - S]. Returns the finished ``[B, C_out, T * S]``."""
+    y = F.conv_transpose1d(F.elu(x) if elu else x, w_rows.permute(2, 0, 1), bias, stride)
     return mimi_convtr_overlap_ref(y, partial, bias, exec_mask)
 
 

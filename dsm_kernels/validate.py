@@ -447,12 +447,13 @@ def _mimi_rows(backend, device, quick):
 
     def convtr(fn, dev):
         p = part.clone().to(dev)
-        return torch.cat([fn(xt.to(dev), w_rows.to(dev), b[:C].to(dev), 8, p, one.to(dev)).flatten(), p.flatten()])
+        return torch.cat([fn(xt.to(dev), w_rows.to(dev), b[:C].to(dev), 8, p, one.to(dev), elu=True).flatten(),
+                          p.flatten()])
 
     cases = [
         ("conv1d_gemv", f"{C}->{2 * C} k16 s8, 2 columns", lambda fn, dev: fn(x.to(dev), w.to(dev), b.to(dev), 8)),
         ("mimi_ring_attention", f"B2 {H}x64 ring {S}", lambda fn, dev: fn(q.to(dev), cache.to(dev), pos.to(dev))),
-        ("mimi_convtr_gemv", f"{2 * C}->{C} k16 s8, 2 columns", convtr),
+        ("mimi_convtr_gemv", f"{2 * C}->{C} k16 s8 of ELU, 2 columns", convtr),
         ("mimi_residual_out", f"{C}->{2 * C} 1x1 + ELU + residual, 24 steps",
          lambda fn, dev: fn(x.to(dev), w[:, :, :1].contiguous().to(dev), b.to(dev), xt[..., :1].expand(1, 2 * C, 24)
                             .contiguous().to(dev))),

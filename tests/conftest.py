@@ -164,9 +164,12 @@ _JOBS = _BackgroundJobs()
 
 
 def _aot_job(path):
-    """``dsm_kernels.testing.run_aot_script``'s run of ``path``: ``python <path> --aot`` without TRITON_INTERPRET."""
+    """``dsm_kernels.testing.run_aot_script``'s run of ``path``: ``python <path> --aot`` without TRITON_INTERPRET, with
+    a Triton cache of this session's own: a compile cached from another checkout keeps that checkout's file paths
+    and line numbers in its PTX, which the PTX checks read source lines through (``testing.prewait_loads``)."""
     path = str(Path(path).resolve())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(_job_dir() / "triton-cache")
     return ("aot", path), [sys.executable, path, "--aot"], env
 
 

@@ -305,7 +305,7 @@ def test_triton_aot_compiles_for_sm90(aot_output):
     """The GEMV kernels at the shapes the models launch compile for an H100, with the weights requested before the
     PDL wait and nothing else: the temporal step's (bf16, stt-1b) and Mimi's transformer's (fp32, LayerNorm
     prologues, GELU)."""
-    assert aot_output(__file__).count("cubin") == 2 * 5 + 3
+    assert aot_output(__file__).count("cubin") == 2 * 5 + 4
 
 
 # What a PDL kernel may read before its wait: weights and norm/scale/bias parameters, which no kernel of the step
@@ -348,10 +348,12 @@ def _aot() -> None:
             print(f"{label} B={B}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
     from dsm_kernels.gemv_kernels import _conv_gemv_kernel
 
-    for name, N, C, KS, BB in (("mimi encoder downsampling", 1024, 512, 16, 2), ("mimi decoder input", 1024, 512, 7, 2),
-                               ("mimi 16-column stage", 512, 256, 12, 4)):  # fmt: skip
+    for name, N, C, KS, BB, elu in (("mimi encoder downsampling", 1024, 512, 16, 2, False),
+                                    ("mimi decoder input", 1024, 512, 7, 2, False),
+                                    ("mimi 16-column stage", 512, 256, 12, 4, False),
+                                    ("mimi decoder transposed-conv taps of ELU", 512 * 16, 1024, 1, 2, True)):
         bn, kp, warps = gemv_plan(N, C * KS, sms=132, interp=False)
-        consts = {"KS": KS, "HAS_BIAS": True, "BB": BB, "BN": bn, "KP": kp, "PDL": True}
+        consts = {"KS": KS, "HAS_BIAS": True, "BB": BB, "BN": bn, "KP": kp, "PDL": True, "ELU": elu, "EXACT_ELU": elu}
         types = {n: "*fp32" for n in _conv_gemv_kernel.arg_names if n.endswith("_ptr")}
         cc = aot_compile(_conv_gemv_kernel, types, consts, num_warps=warps)
         ptx = cc.asm["ptx"]
