@@ -36,7 +36,7 @@ import dsm_kernels
 
 from .conditioning import cross_page_keys
 from .cuda_graphs import LazyGraph
-from .generate import Generator, StepOutput, check_token_range
+from .generate import Generator, GenState, StepOutput, check_token_range
 from .kv_cache import PagedKVCache, cross_page_size, pages_per_slot
 from .model import LMModel
 
@@ -217,6 +217,11 @@ class Engine:
         self._graphs: dict[tuple[int, str], object] = {}  # (bucket, phase) -> LazyGraph, or "buf:" static inputs
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._pin = self.device.type == "cuda"
+        # Host work a step may skip (it stands before the step's first launch, so the device waits for it): the
+        # active set the device's exec mask holds (None: unknown, e.g. after open() or close() wrote it), and each
+        # bucket's row view of the state (a graph replays the view it captured; the eager path reads the same slices).
+        self._mask_active: tuple[int, ...] | None = None
+        self._views: dict[int, GenState] = {}
         self.slots: dict[int, _Slot] = {}
         if cross_pages is not None and cross_pages < 2:
             raise ValueError(f"cross_pages must be >= 2 (one is the null page), got {cross_pages}")
@@ -248,6 +253,7 @@ class Engine:
         mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
         mask[slot] = True
         offset_cpu = self.state.offset_cpu
+        self._mask_active = None  # the reset turns the slot's row on
         self.gen.reset(self.state, mask)
         self.state.offset_cpu = offset_cpu  # out-of-sync mode: the host counter is irrelevant per slot
         self.state.kv.block_table[slot] = 0
@@ -264,11 +270,17 @@ class Engine:
         if s is None:
             raise KeyError(f"slot {slot} is not open")
         self.pool.release(s.pages)
+        self._mask_active = None
         self.state.exec_mask[slot] = False
         self.state.kv.block_table[slot] = 0
         if s.cross_pages:
             self.cross_pool.release(s.cross_pages)
             self.state.cross.block_table[slot] = 0
+
+    def _new_state_buffers(self) -> None:
+        """The state gained a buffer: the graphs and row views made before it do not see it."""
+        self._graphs.clear()
+        self._views.clear()
 
     def _check_not_in_step(self, what: str) -> None:
         if self._in_step:  # the step would advance (or roll back) a slot that changed under it
@@ -283,7 +295,7 @@ class Engine:
             raise ValueError(f"conditions: expected the values of one stream, got {total.shape[0]}")
         if total is not None and st.cond_sum is None:
             st.cond_sum = total.new_zeros((self.max_slots, total.shape[1]))
-            self._graphs.clear()  # the first conditioned stream creates the per-slot buffers: graphs must see them
+            self._new_state_buffers()  # the first conditioned stream creates the per-slot buffers
         pages: list[int] = []
         if src is not None:
             if src.shape[0] != 1:
@@ -292,7 +304,7 @@ class Engine:
                 n = src.shape[1] // cross_page_size(src.shape[1])
                 num = self._cross_pages or self.max_slots * n + 1
                 st.cross, self.cross_pool = gen.allocate_cross(src.shape[1], self.max_slots, num), SharedPagePool(num)
-                self._graphs.clear()
+                self._new_state_buffers()
             elif src.shape[1] != st.cross.length:
                 raise ValueError(f"conditions: a cross-attention source of {src.shape[1]} positions, but this "
                                  f"engine's streams have {st.cross.length}")
@@ -399,12 +411,16 @@ class Engine:
                                  f"slot), got {tuple(depformer_replace_tokens.shape)}")
             depformer_replace_tokens = depformer_replace_tokens.reshape(bucket, dq).to(self.device, torch.long)
         self._assign_pages(active)
-        # A fresh pinned buffer each step: the async copy reads it only when the device gets there, possibly after the
-        # host has prepared later steps (a step does not sync), and the host allocator keeps it until the copy is done.
-        mask = torch.zeros(self.max_slots, dtype=torch.bool, pin_memory=self._pin)
-        mask[active] = True
-        self.state.exec_mask.copy_(mask, non_blocking=True)
-        view = self.state.rows(bucket)
+        if self._mask_active != tuple(active):
+            # A fresh pinned buffer: the async copy reads it only when the device gets there, possibly after the host
+            # has prepared later steps (a step does not sync), and the host allocator keeps it until the copy is done.
+            mask = torch.zeros(self.max_slots, dtype=torch.bool, pin_memory=self._pin)
+            mask[active] = True
+            self.state.exec_mask.copy_(mask, non_blocking=True)
+            self._mask_active = tuple(active)
+        view = self._views.get(bucket)
+        if view is None:
+            view = self._views[bucket] = self.state.rows(bucket)
         if inputs is not None:
             self._inputs[: inputs.shape[0]].copy_(inputs, non_blocking=True)
         inp = self._inputs[:bucket] if self._inputs.shape[1] else None

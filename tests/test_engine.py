@@ -499,6 +499,23 @@ def test_buckets_must_fit_max_slots(stt_model):
             Engine(stt_model, max_slots=4, buckets=buckets)
 
 
+def test_a_slot_opened_between_steps_stays_frozen_until_it_is_stepped(stt_model):
+    """A step uploads the exec mask only when its active set changes; open() turns the new slot's row on, so the
+    next step must upload it again even with the same active set, or the new slot would run without being asked."""
+    eng = Engine(stt_model, max_slots=3, buckets=(3,), use_sampling=False)
+    a = eng.open()
+    inputs = torch.zeros(3, 32, dtype=torch.long)
+    for _ in range(2):  # the second step reuses the uploaded mask
+        eng.step(inputs, active=[a])
+    b = eng.open()
+    eng.step(inputs, active=[a])
+    assert eng.state.positions.tolist()[: b + 1] == [3, 0] and eng.state.offsets.tolist()[b] == 0
+    eng.step(inputs, active=[a, b])
+    eng.close(a)
+    eng.step(inputs, active=[b])
+    assert eng.state.positions.tolist()[b] == eng.slots[b].position == 2
+
+
 @pytest.mark.gpu
 def test_steps_queued_without_sync_keep_their_exec_masks(stt_model):
     """Two steps queued behind a busy GPU with different active slots: each runs on its own exec mask (the host
