@@ -5,6 +5,9 @@ host: word assembly for STT, the state machine for TTS), so at high stream count
 
     python benchmarks/bench_host.py --streams 64 256 700 [--steps 20]
 
+The ``engine-*`` rows are ``Engine.step`` alone (its CUDA-graph path with the replays stubbed): the host work before
+and between a step's launches, which a GPU waits for at small batch.
+
 Runs on any machine (tiny random presets). The stand-in tokens: STT text is padding 85% of steps, a word start 7%,
 word pieces 8%; TTS text comes from the state machine as in a real run, audio tokens are random.
 """
@@ -94,6 +97,32 @@ def tts_host_ms(files, n: int, steps: int) -> float:
     return _times(step, steps, warmup=rt.delay_steps + rt.model.cfg.max_delay + 3)  # timed steps decode audio
 
 
+def engine_host_ms(files, n: int, steps: int) -> float:
+    """``Engine.step``'s own host work at ``n`` active streams: the graph path with every replay a no-op that returns
+    the first (eager) call's outputs, so only the Python between the launches is timed."""
+    from unittest import mock
+
+    from dsm.bench import _random_conditions
+    from dsm.cuda_graphs import LazyGraph
+    from dsm.engine import Engine
+    from dsm.model import LMModel
+
+    def replay(graph):
+        if graph.out is None:
+            graph.out = graph.fn()
+        return graph.out
+
+    model = LMModel.from_checkpoint(files, dtype=torch.float32)
+    eng = Engine(model, max_slots=n, buckets=(n,))
+    eng.cuda_graphs = True  # the GPU's path through step(), replays stubbed
+    for b in range(n):
+        eng.open(conditions=_random_conditions(model, b) if model.condition_provider is not None else None)
+    n_in = model.cfg.num_codebooks - model.cfg.dep_q - 1
+    inputs = torch.zeros(n, n_in, dtype=torch.long) if n_in else None
+    with mock.patch.object(LazyGraph, "replay", replay):
+        return _times(lambda: eng.step(inputs), steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, nargs="+", default=[64, 256, 700])
@@ -104,6 +133,9 @@ def main() -> None:
         stt = resolve_checkpoint(write_random_checkpoint("tiny-stt", Path(d) / "stt", seed=0, dtype=torch.float32))
         tts = resolve_checkpoint(write_random_checkpoint("tiny-tts", Path(d) / "tts", seed=0, dtype=torch.float32))
         print("runtime  streams  host ms/step (median)")
+        for n in [1, *args.streams]:  # the engine's own step (inside the runtimes' rows below)
+            print(f"engine-stt {n:5d}  {engine_host_ms(stt, n, args.steps):8.3f}", flush=True)
+            print(f"engine-tts {n:5d}  {engine_host_ms(tts, n, args.steps):8.3f}", flush=True)
         for n in args.streams:
             print(f"stt      {n:7d}  {stt_host_ms(stt, n, args.steps):8.2f}", flush=True)
             print(f"tts      {n:7d}  {tts_host_ms(tts, n, args.steps):8.2f}", flush=True)

@@ -392,3 +392,12 @@ def test_bench_host_runs_both_runtimes_on_stand_ins(tmp_path, tiny_stt_ckpt, one
     tts = write_random_checkpoint("tiny-tts", tmp_path / "tts", seed=0, dtype=torch.float32)
     assert mod.tts_host_ms(resolve_checkpoint(tts), 3, 2) > 0
     assert decoded[-2:] == [3, 3], decoded
+    # Engine.step alone, its graph path with the replays stubbed: the model runs once (the stub's first call)
+    from dsm.generate import Generator
+
+    forwards, real_forward = [], Generator.forward
+    monkeypatch.setattr(Generator, "forward", lambda self, *a: forwards.append(1) or real_forward(self, *a))
+    for files in (resolve_checkpoint(tiny_stt_ckpt), resolve_checkpoint(tts)):
+        forwards.clear()
+        assert mod.engine_host_ms(files, 2, 3) > 0
+        assert len(forwards) == 1, len(forwards)
