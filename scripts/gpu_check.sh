@@ -157,7 +157,7 @@ step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1
 step bench_pages 90 40 "${B[@]}" --no-reference --no-mimi --preset stt-1b-en_fr --batch 1,64 --page-size 64 \
   --output "$OUT/bench_pages.jsonl"
 # the runtimes' host work per step on this machine's CPU (stand-in model steps): add it to the capacity rows above
-step host 60 20 "$PY" benchmarks/bench_host.py --streams 64 256 700 --steps 20
+step host 120 30 "$PY" benchmarks/bench_host.py --streams 64 256 700 --steps 20
 step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \
   --out "$OUT/kernels.jsonl"
 step kbench 90 30 "$PY" benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \
