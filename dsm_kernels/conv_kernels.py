@@ -27,9 +27,8 @@ import triton
 import triton.language as tl
 
 from . import sm_count, triton_interpret
-from .mimi_kernels import _elu
 from .reference import convtr_phase_weight
-from .triton_common import unit_stride
+from .triton_common import _elu, unit_stride
 
 
 @triton.jit

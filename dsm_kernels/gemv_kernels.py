@@ -39,12 +39,11 @@ import triton
 import triton.language as tl
 
 from . import CONV_GEMV_MAX_COLUMNS, GEMV_MAX_B, triton_interpret
-from .mimi_kernels import _elu
 from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 from .sampling import _num_warps as _sampler_warps
 from .sampling import _sample_rows
-from .triton_common import _TL_DTYPES, _arrive, _input_tile, _rnd, _sms, unit_stride
+from .triton_common import _TL_DTYPES, _arrive, _elu, _input_tile, _rnd, _sms, unit_stride
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.
@@ -403,7 +402,7 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None, elu
     """Triton twin of :func:`~dsm_kernels.reference.conv1d_gemv_ref` for at most ``CONV_GEMV_MAX_COLUMNS`` output
     columns in all (batch rows x output steps): each weight row is read once, at bandwidth, where a conv library's
     tiles would leave most of the GPU idle on a [C_out, C_in * K] x [C_in * K, 2 .. 64] product. ``elu``: the conv
-    of ``elu(x)``, applied as x loads (on a GPU torch's bits, see :func:`~dsm_kernels.mimi_kernels._elu`)."""
+    of ``elu(x)``, applied as x loads (on a GPU torch's bits, see :func:`~dsm_kernels.triton_common._elu`)."""
     B, C, T = x.shape
     N, C_w, KS = weight.shape
     T_out = (T - dilation * (KS - 1) - 1) // stride + 1

@@ -36,11 +36,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from . import triton_interpret
 from .pdl import launch_and_wait, use_pdl
-from .triton_common import unit_stride
+from .triton_common import _elu, unit_stride
 
 
 @triton.jit
@@ -252,20 +251,6 @@ def mimi_rope_kv_triton(qkv: torch.Tensor, rot: torch.Tensor, cache: torch.Tenso
         out, out.stride(0), out.stride(1), out.stride(2),
         T, H, D // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_P=triton.next_power_of_2(D // 2))
     return out
-
-
-@triton.jit
-def _elu(x, EXACT: tl.constexpr):
-    """ELU (alpha 1). ``EXACT`` (on a GPU): libdevice's ``expm1f``, the function torch's CUDA ELU calls, so the same
-    bits (the encoder's codes depend on them); else (the interpreter, which has no libdevice) Kahan's accurate
-    ``expm1`` = ``(u - 1) x / log u``, within an ulp or two."""
-    if EXACT:
-        em1 = libdevice.expm1(x)
-    else:
-        u = tl.exp(x)
-        d = u - 1.0
-        em1 = tl.where(d == 0.0, x, tl.where(d == -1.0, -1.0, d * x / tl.log(u)))
-    return tl.where(x > 0.0, x, em1)
 
 
 @triton.jit

@@ -1,12 +1,13 @@
 """Device functions and host helpers shared by the Triton kernels: rounding to the model dtype as torch stores it,
-the depth transformer's layer-input tile, the split-K arrival counter, the unit-stride copy of the launchers'
-inputs, the SM count that sizes the grids."""
+torch's ELU, the depth transformer's layer-input tile, the split-K arrival counter, the unit-stride copy of the
+launchers' inputs, the SM count that sizes the grids."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import sm_count
 
@@ -24,6 +25,20 @@ def _rnd(x, DT: tl.constexpr):
         return b.to(tl.float32, bitcast=True)
     else:
         return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _elu(x, EXACT: tl.constexpr):
+    """ELU (alpha 1). ``EXACT`` (on a GPU): libdevice's ``expm1f``, the function torch's CUDA ELU calls, so the same
+    bits (the encoder's codes depend on them); else (the interpreter, which has no libdevice) Kahan's accurate
+    ``expm1`` = ``(u - 1) x / log u``, within an ulp or two."""
+    if EXACT:
+        em1 = libdevice.expm1(x)
+    else:
+        u = tl.exp(x)
+        d = u - 1.0
+        em1 = tl.where(d == 0.0, x, tl.where(d == -1.0, -1.0, d * x / tl.log(u)))
+    return tl.where(x > 0.0, x, em1)
 
 
 @triton.jit
