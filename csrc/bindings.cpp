@@ -298,8 +298,9 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
 
 // The persistent decode step (csrc/decoder.cu). dims: heads, kv_heads, hidden, layers, page_size, context, gelu,
 // blocks (0: one per SM). Without text_linear (Mimi's transformer) there is no head: out_norm, z and logits are None.
-// The caches may be strided views ([layers, pages, page_size, kv_heads, D], unit stride in D). The layer weights are reached through `table` (dsm_kernels.cuda_ops builds it from tensors it
-// checked); the tensors here are checked for shape, dtype and device.
+// The caches may be strided views ([layers, pages, page_size, kv_heads, D], unit stride in D) of x's dtype or e4m3.
+// The layer weights are reached through `table` (dsm_kernels.cuda_ops builds it from tensors it checked); the tensors
+// here are checked for shape, dtype and device.
 void decoder_step(at::Tensor& x, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& logits,
                   at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& table,
                   const std::optional<at::Tensor>& out_norm, const std::optional<at::Tensor>& text_linear,
@@ -324,7 +325,10 @@ void decoder_step(at::Tensor& x, const std::optional<at::Tensor>& z, const std::
               "dsm: k_cache/v_cache must be [layers, pages, page_size, kv_heads, D] alike, unit stride in D");
   TORCH_CHECK(x.is_contiguous() && table.is_contiguous() && block_table.is_contiguous(),
               "dsm: decoder_step tensors must be contiguous");
-  std::vector<const at::Tensor*> same_dtype{&k_cache, &v_cache};
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (k_cache.scalar_type() == x.scalar_type() || k_cache.scalar_type() == at::kFloat8_e4m3fn),
+              "dsm: k_cache/v_cache must hold x's dtype, or both float8_e4m3fn");
+  std::vector<const at::Tensor*> same_dtype;
   if (head) {
     DSM_CHECK_DIM((*text_linear), 2);
     TORCH_CHECK(text_linear->is_contiguous() && z->sizes() == x.sizes() && z->is_contiguous() && logits->dim() == 2 &&
@@ -387,6 +391,7 @@ void decoder_step(at::Tensor& x, const std::optional<at::Tensor>& z, const std::
   a.vocab = static_cast<int>(vocab);
   a.layers = static_cast<int>(layers);
   a.dtype = dsm_dtype(x);
+  a.cache_dtype = kv_dtype(k_cache);
   a.page_size = static_cast<int>(dims[4]);
   a.pages_per_slot = static_cast<int>(block_table.size(1));
   a.context = static_cast<int>(dims[5]);

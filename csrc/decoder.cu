@@ -19,9 +19,12 @@
 // stream of `context` slots, its two tokens of a step are two rows, and `starts` hides from the first the slot that
 // the second overwrote (as the reference's ring mask does).
 //
-// Numerics: fp32 accumulation and rounding to the model dtype T where the reference's torch ops round.
+// Numerics: fp32 accumulation and rounding to the model dtype T where the reference's torch ops round. The K/V pages
+// hold TC: T, or e4m3 (the fp8 cache option: written as the append op rounds, read upcast; kv_cache.cuh). The
+// condition pages of the cross-attention are always T.
 #include <algorithm>
 
+#include "kv_cache.cuh"
 #include "persistent.cuh"
 
 namespace {
@@ -147,7 +150,7 @@ __device__ void stage_input(const DsmDecoderArgs& a, const Work<T>& w, const Pha
   }
 }
 
-template <typename T, typename Stream>
+template <typename T, typename TC, typename Stream>
 __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, const T* xs, Stream& stream) {
   const int B = a.B, D = a.head_dim, HD = a.heads * D, KD = a.kv_heads * D;
   const int64_t* lw = a.table + static_cast<int64_t>(ph.layer) * DSM_DEC_TABLE_STRIDE;
@@ -171,11 +174,11 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
           } else if (a.slot[b] >= 0) {
             const bool is_k = r < HD + KD;
             const int e = is_k ? r - HD : r - HD - KD;  // (kv head, d) of the pair; d even, so both in one head
-            T* cache = static_cast<T*>(is_k ? a.k_cache : a.v_cache) + ph.layer * a.cache_layer_stride +
-                       (a.slot[b] / a.page_size) * a.page_stride + (a.slot[b] % a.page_size) * a.slot_stride +
-                       (e / D) * a.head_stride + e % D;
-            cache[0] = o0;
-            cache[1] = o1;
+            TC* cache = static_cast<TC*>(is_k ? a.k_cache : a.v_cache) + ph.layer * a.cache_layer_stride +
+                        (a.slot[b] / a.page_size) * a.page_stride + (a.slot[b] % a.page_size) * a.slot_stride +
+                        (e / D) * a.head_stride + e % D;
+            cache[0] = dsm::to_cache<TC>(dsm::to_float(o0));  // TC == T: o0 itself
+            cache[1] = dsm::to_cache<TC>(dsm::to_float(o1));
           }
           break;
         }
@@ -195,39 +198,40 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
   });
 }
 
-// What an attention phase reads: one layer's K/V pages (and their strides), the rows' page tables, lengths and
-// window.
-template <typename T>
+// What an attention phase reads: one layer's K/V pages of element type TK (and their strides), the rows' page tables,
+// lengths and window.
+template <typename TK>
 struct Keys {
-  const T *k, *v;
+  const TK *k, *v;
   const int32_t *block_table, *seq_lens, *starts;
   int pages_per_row, page_size, context, kv_heads;
   int64_t page_stride, slot_stride, head_stride;
 };
 
-template <typename T>
-__device__ __forceinline__ Keys<T> keys_of(const DsmDecoderArgs& a, const Phase& ph) {
-  if (ph.kind == kCrossAttn) {  // contiguous [layers, pages, page_size, heads, D]
-    const int64_t hd = static_cast<int64_t>(a.heads) * a.head_dim;
-    return {static_cast<const T*>(a.cross_k) + ph.layer * a.cross_layer_stride,
-            static_cast<const T*>(a.cross_v) + ph.layer * a.cross_layer_stride, a.cross_block_table, a.cross_seq_lens,
-            nullptr, a.cross_length / a.cross_page_size, a.cross_page_size, a.cross_length, a.heads,
-            a.cross_page_size * hd, hd, a.head_dim};
-  }
-  return {static_cast<const T*>(a.k_cache) + ph.layer * a.cache_layer_stride,
-          static_cast<const T*>(a.v_cache) + ph.layer * a.cache_layer_stride, a.block_table, a.seq_lens, a.starts,
+template <typename TC>  // this step's K/V pages
+__device__ __forceinline__ Keys<TC> self_keys(const DsmDecoderArgs& a, const Phase& ph) {
+  return {static_cast<const TC*>(a.k_cache) + ph.layer * a.cache_layer_stride,
+          static_cast<const TC*>(a.v_cache) + ph.layer * a.cache_layer_stride, a.block_table, a.seq_lens, a.starts,
           a.pages_per_slot, a.page_size, a.context, a.kv_heads, a.page_stride, a.slot_stride, a.head_stride};
+}
+
+template <typename T>  // the condition's pages: contiguous [layers, pages, page_size, heads, D]
+__device__ __forceinline__ Keys<T> cross_keys(const DsmDecoderArgs& a, const Phase& ph) {
+  const int64_t hd = static_cast<int64_t>(a.heads) * a.head_dim;
+  return {static_cast<const T*>(a.cross_k) + ph.layer * a.cross_layer_stride,
+          static_cast<const T*>(a.cross_v) + ph.layer * a.cross_layer_stride, a.cross_block_table, a.cross_seq_lens,
+          nullptr, a.cross_length / a.cross_page_size, a.cross_page_size, a.cross_length, a.heads,
+          a.cross_page_size * hd, hd, a.head_dim};
 }
 
 // One warp's split of a (row, head): online softmax over its positions of the row's window, then its partial; the
 // warp that completes the (row, head) merges every split's partial into the attention output.
-template <typename T>
-__device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phase& ph, int S) {
-  const Keys<T> keys = keys_of<T>(a, ph);
+template <typename T, typename TK>
+__device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const Keys<TK>& keys, int S) {
   const int D = a.head_dim, HD = a.heads * D, lane = threadIdx.x % 32;
   constexpr int kPer = kMaxHeadDim / 32;
-  const T* kc = keys.k;
-  const T* vc = keys.v;
+  const TK* kc = keys.k;
+  const TK* vc = keys.v;
   const int items = a.B * a.heads * S;
   for (int item = blockIdx.x * kWarps + threadIdx.x / 32; item < items; item += gridDim.x * kWarps) {
     const int s = item % S, h = (item / S) % a.heads, b = item / (S * a.heads);
@@ -286,7 +290,7 @@ __device__ void attention_phase(const DsmDecoderArgs& a, const Work<T>& w, const
   }
 }
 
-template <typename T>
+template <typename T, typename TC>
 __global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderArgs a, size_t slot_bytes, int splits,
                                                                int cross_splits) {
   const Work<T> w(a);
@@ -303,20 +307,22 @@ __global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderAr
   stream.start();
   for (int p = 0; p < P; ++p) {
     const Phase ph = phase_of(a, p);
-    if (ph.kind == kAttn || ph.kind == kCrossAttn) {
-      attention_phase<T>(a, w, ph, ph.kind == kAttn ? splits : cross_splits);
+    if (ph.kind == kAttn) {
+      attention_phase<T>(a, w, self_keys<TC>(a, ph), splits);
+    } else if (ph.kind == kCrossAttn) {
+      attention_phase<T>(a, w, cross_keys<T>(a, ph), cross_splits);
     } else {
       stage_input<T>(a, w, ph, xs, red);
-      gemv_phase<T>(a, w, ph, xs, stream);  // its chunks' barriers publish xs
+      gemv_phase<T, TC>(a, w, ph, xs, stream);  // its chunks' barriers publish xs
     }
     if (p + 1 < P) dsm::grid_barrier(a.sync, p + 1);
   }
   stream.finish();
 }
 
-template <typename T>
+template <typename T, typename TC>
 cudaError_t launch(const DsmDecoderArgs& a, cudaStream_t stream) {
-  auto kernel = decoder_kernel<T>;
+  auto kernel = decoder_kernel<T, TC>;
   const int k_max = std::max({a.dim, a.heads * a.head_dim, a.hidden});
   const size_t fixed = align16(kWarps * kMaxRows * sizeof(float)) + align16(static_cast<size_t>(a.B) * k_max * sizeof(T));
   const Plan plan = plan_launch(kernel, a.blocks, fixed, [&](int G) {
@@ -347,6 +353,10 @@ extern "C" cudaError_t dsm_launch_decoder_step(const DsmDecoderArgs* args, cudaS
       (a.heads * a.head_dim) % vec != 0 ||
       (a.cross_k != nullptr && (a.cross_page_size < 1 || a.cross_length < 1 || a.cross_length % a.cross_page_size)))
     return cudaErrorInvalidValue;
-  DSM_DISPATCH_DTYPE(a.dtype, T, { return launch<T>(a, stream); });
+  if (a.cache_dtype == DSM_FP8_E4M3) {
+    DSM_DISPATCH_DTYPE(a.dtype, T, { return launch<T, dsm::fp8>(a, stream); });
+  } else if (a.cache_dtype == a.dtype) {
+    DSM_DISPATCH_DTYPE(a.dtype, T, { return launch<T, T>(a, stream); });
+  }
   return cudaErrorInvalidValue;
 }

@@ -90,6 +90,7 @@ typedef struct {
   int page_size, pages_per_slot, context;
   int blocks;  // grid size: 0 = one block per SM
   int gelu;    // the FFN: 0 = SiLU-gated (linear_in [2 hidden, dim]), 1 = GELU (linear_in [hidden, dim])
+  int cache_dtype;  // the K/V pages: dtype, or DSM_FP8_E4M3 (stored saturated and rounded to nearest even)
   float eps, out_eps, scale, cross_eps;
   const int64_t* table;
   const void* out_norm;     // [dim], NULL when vocab == 0
@@ -101,7 +102,7 @@ typedef struct {
   const int32_t* seq_lens;   // [B] positions + 1, 0: inactive row (zero attention)
   const int32_t* starts;     // [B] first position a row may see (a ring overwritten by later rows), or NULL
   const int32_t* block_table;  // [B, pages_per_slot]
-  // pages of the model dtype; element (layer, page, slot, kv head, d) at layer * cache_layer_stride +
+  // pages of cache_dtype; element (layer, page, slot, kv head, d) at layer * cache_layer_stride +
   // page * page_stride + slot * slot_stride + head * head_stride + d
   void* k_cache;
   void* v_cache;

@@ -15,9 +15,7 @@
 // fp8 KV cache (cache dtype code DSM_FP8_E4M3): append stores clamp(x, -448, 448) rounded to nearest even as e4m3,
 // no scale (cvt.rn.satfinite: overflow saturates, NaN stays NaN), exactly dsm_kernels.reference.append_kv_ref;
 // decode reads the cache as e4m3 (8 elements = one 8-byte load per lane) and q/out keep their own dtype.
-#include <cuda_fp8.h>
-
-#include "common.cuh"
+#include "kv_cache.cuh"
 
 namespace {
 
@@ -25,18 +23,8 @@ constexpr int kWarps = 4;
 constexpr int kUnroll = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 
-using fp8 = __nv_fp8_e4m3;
-
-template <typename TC>
-__device__ __forceinline__ TC to_cache(float x) {
-  return dsm::from_float<TC>(x);
-}
-template <>
-__device__ __forceinline__ fp8 to_cache<fp8>(float x) {
-  fp8 r;
-  r.__x = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);  // round to nearest even, saturate to +-448
-  return r;
-}
+using dsm::fp8;
+using dsm::to_cache;
 
 // 8 consecutive cache elements as fp32 (16-byte aligned loads for 16-bit types, 8-byte for fp8), through L2: the
 // kernel before (a programmatic dependency) wrote this step's K/V (dsm::load_f32).

@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "kv_cache.cuh"
 #include "sample_row.cuh"
 
 namespace dsm::persistent {
@@ -245,7 +246,8 @@ __device__ void stage_rows_layernorm(const T* src, int B, int K, const T* weight
 }
 
 // One query's attention, kept by a warp: lane l holds elements d = l + 32 i < D (i < kPer) of the query and of the
-// weighted sum, in fp32; keys are absorbed one at a time (online softmax), read through L2 (other blocks wrote them).
+// weighted sum, in fp32; keys are absorbed one at a time (online softmax), read through L2 (other blocks wrote them),
+// of any cache element type (kv_cache.cuh).
 template <int kPer>
 struct WarpSoftmax {
   float m = -INFINITY, l = 0.f, acc[kPer] = {};
@@ -256,7 +258,7 @@ struct WarpSoftmax {
     float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
-      if (lane + 32 * i < D) dot += q[i] * dsm::to_float(__ldcg(k + lane + 32 * i));
+      if (lane + 32 * i < D) dot += q[i] * dsm::cache_ldcg(k + lane + 32 * i);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     const float score = dot * scale, m_new = fmaxf(m, score);
@@ -264,7 +266,7 @@ struct WarpSoftmax {
     l = l * corr + pr;
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
-      if (lane + 32 * i < D) acc[i] = acc[i] * corr + pr * dsm::to_float(__ldcg(v + lane + 32 * i));
+      if (lane + 32 * i < D) acc[i] = acc[i] * corr + pr * dsm::cache_ldcg(v + lane + 32 * i);
     m = m_new;
   }
 };

@@ -253,9 +253,11 @@ def decoder_unsupported(w, x, k_cache, cross) -> str | None:
         return f"{x.shape[0]} rows (it takes 1..{DECODER_MAX_ROWS})"
     if (w.layers[0].cross is None) != (cross is None):
         return "a cross-attention in some layers only (or condition pages without one)"
-    vec = 16 // w.dtype.itemsize
-    if k_cache.dtype != w.dtype or k_cache.stride(-1) != 1 or any(st % vec for st in k_cache.stride()[:-1]):
-        return f"a {k_cache.dtype} cache with strides {k_cache.stride()} (it takes the model dtype, 16-byte rows)"
+    vec = 16 // k_cache.element_size()
+    if k_cache.dtype not in (w.dtype, torch.float8_e4m3fn) or k_cache.stride(-1) != 1 or any(
+            st % vec for st in k_cache.stride()[:-1]):
+        return (f"a {k_cache.dtype} cache with strides {k_cache.stride()} (it takes the model dtype or e4m3, "
+                "16-byte rows)")
     tensors = [x] + ([cross.k, cross.v] if cross is not None else [])
     if not _aligned(tensors, w.dtype) or k_cache.data_ptr() % 16:
         return f"x {x.dtype} or the caches not contiguous, 16-byte aligned and of the model dtype"

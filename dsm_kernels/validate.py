@@ -371,7 +371,7 @@ def _depformer_rows(backend, device, quick):
 def _decoder_rows(backend, device, quick):
     """The temporal transformer's step at a few rows (rows at different positions, a ring that wraps, an inactive
     row): fp32 logits within 1e-5 relative of the reference and the written K/V within 1e-5; bf16 logits within 3x
-    the reference's own bf16 error."""
+    the reference's own bf16 error; with e4m3 pages, fp32 logits within 1e-4."""
     from .decoder import decoder_step_ref
     from .testing import cast_decoder_weights, decoder_inputs, random_decoder_weights
 
@@ -399,6 +399,13 @@ def _decoder_rows(backend, device, quick):
         bound = 3 * ref_err + 1e-6
         rows.append(Row("decoder_step", backend, f"B{B} L{len(w32.layers)} bf16", err, bound, err <= bound,
                         "logit err / max|logit| <= 3x ref bf16 err"))  # fmt: skip
+        # e4m3 pages (the fp8 cache option), fp32 weights: the same pages on both sides
+        fp8 = dict(kv_dtype=torch.float8_e4m3fn, device=device)
+        _, lg_ref = decoder_step_ref(w32, **decoder_inputs(w32, B, **fp8))
+        _, lg = step(w32, **decoder_inputs(w32, B, **fp8))
+        err = max_abs_err(lg, lg_ref) / float(lg_ref.abs().max())
+        rows.append(Row("decoder_step", backend, f"B{B} L{len(w32.layers)} fp32, fp8 pages", err, 1e-4, err <= 1e-4,
+                        "logit err / max|logit|"))  # fmt: skip
         if small:
             break
     return rows

@@ -1,5 +1,6 @@
-"""fp8 (e4m3) KV cache through the engine on CPU (reference kernels): valid tokens past the context wrap, and a
-stream's output does not depend on the other streams (isolation) with fp8 pages too."""
+"""fp8 (e4m3) KV cache through the engine on CPU (reference kernels, and the emulated persistent CUDA step): valid
+tokens past the context wrap, and a stream's output does not depend on the other streams (isolation) with fp8 pages
+too."""
 
 from __future__ import annotations
 
@@ -83,3 +84,22 @@ def test_fp8_cache_really_quantizes(stt):
         res[dt] = torch.stack([eng.step(audio[t]).text_logits[0].float().clone() for t in range(steps)])
     diff = (res[FP8] - res[torch.bfloat16]).abs().max()
     assert 0 < float(diff) < 0.5 * float(res[torch.bfloat16].abs().max()), diff
+
+
+def test_fp8_engine_on_the_emulated_persistent_step_equals_reference(cuda_emulated):
+    """The CUDA configuration at 2 streams with fp8 pages: every step on the persistent decode-step kernel (it takes
+    e4m3 pages: written as the append op rounds, read upcast), the reference's tokens and logits past the ring wrap
+    (fp32 weights, greedy)."""
+    model = random_model(preset_config("tiny-stt"), "cpu", torch.float32)[0]
+    steps = model.cfg.context + 4
+    audio = _inputs(model, 3, steps, 2)
+    out = {}
+    for backend in ("cuda", "reference"):
+        eng = Engine(model, max_slots=2, buckets=(2,), kv_dtype=FP8, use_sampling=False, backend=backend)
+        eng.open(), eng.open()
+        res = [eng.step(audio[t]) for t in range(steps)]
+        out[backend] = (torch.stack([r.text_token for r in res]), torch.stack([r.text_logits.float() for r in res]))
+    assert cuda_emulated["decoder_step"] == steps  # not handed to the single ops
+    assert torch.equal(out["cuda"][0], out["reference"][0])
+    err = (out["cuda"][1] - out["reference"][1]).abs().max()
+    assert float(err) <= 1e-4 * float(out["reference"][1].abs().max()), err

@@ -214,7 +214,8 @@ class DecoderArgs(ctypes.Structure):
     """``DsmDecoderArgs`` of csrc/dsm_cuda.h."""
 
     _fields_ = [*((n, ctypes.c_int) for n in ("B", "dim", "heads", "kv_heads", "head_dim", "hidden", "vocab", "layers",
-                                              "dtype", "page_size", "pages_per_slot", "context", "blocks", "gelu")),
+                                              "dtype", "page_size", "pages_per_slot", "context", "blocks", "gelu",
+                                              "cache_dtype")),
                 *((n, ctypes.c_float) for n in ("eps", "out_eps", "scale", "cross_eps")),
                 *((n, ctypes.c_void_p) for n in ("table", "out_norm", "text_linear", "inv_freq", "positions", "slot",
                                                  "seq_lens", "starts", "block_table", "k_cache", "v_cache")),
@@ -266,7 +267,8 @@ def _decoder_launch_emu(x, k_cache, v_cache, ops, cross, blocks) -> None:
     sync = torch.zeros(2 + B * heads, dtype=torch.int32)  # the grid barrier, the attention counters
     vocab = 0 if ops["text_linear"] is None else ops["text_linear"].shape[0]
     args = DecoderArgs(B, x.shape[1], heads, kv_heads, D, hidden, vocab, layers, dtype, page_size,
-                       ops["block_table"].shape[1], context, blocks, gelu, ops["eps"], ops["out_eps"], ops["scale"],
+                       ops["block_table"].shape[1], context, blocks, gelu, _DTYPES[k_cache.dtype], ops["eps"],
+                       ops["out_eps"], ops["scale"],
                        ops["cross_eps"],
                        *map(_ptr, (ops["table"], ops["out_norm"], ops["text_linear"], ops["inv_freq"],
                                    ops["positions"], ops["slot"], ops["seq_lens"], ops["starts"], ops["block_table"],

@@ -113,6 +113,33 @@ def test_persistent_low_precision_within_3x_reference_error(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", PERSISTENT)
+def test_persistent_fp8_cache_matches_reference(backend):
+    """e4m3 K/V pages (the fp8 cache option; the TTS layout, whose voice pages stay in the model dtype): the step on
+    the persistent kernel, not handed to the single ops, against the reference on the same fp8 pages. fp32 weights:
+    logits within 1e-4, the K/V it writes the reference's bytes (a rounding tie may flip one in ~1e3); bf16 weights:
+    within 3x the reference's own error against fp32 weights (the same fp8 pages on both sides)."""
+    from dsm_kernels.cuda_ops import decoder_unsupported
+
+    fp8 = torch.float8_e4m3fn
+    dev = device_of(backend)
+    w32 = random_decoder_weights(layers=2, cross=True, scales=True, seed=9, device=dev)
+    ins = decoder_inputs(w32, 3, kv_dtype=fp8, device=dev)
+    assert decoder_unsupported(w32, ins["x"], ins["k_cache"], ins["cross"]) is None
+    ref = decoder_inputs(w32, 3, kv_dtype=fp8, device=dev)
+    z_ref, lg_ref = decoder_step_ref(w32, **ref)
+    z, lg = run(backend, w32, ins, 3)
+    assert rel(lg, lg_ref) < 1e-4 and rel(z, z_ref) < 1e-4
+    for name in ("k_cache", "v_cache"):
+        same = (ins[name].view(torch.uint8) == ref[name].view(torch.uint8)).float().mean()
+        assert same > 0.999 and rel(ins[name].float(), ref[name].float()) < 0.07, (name, float(same))
+    w16 = cast_decoder_weights(w32, torch.bfloat16)
+    _, lg16 = decoder_step_ref(w16, **decoder_inputs(w32, 3, dtype=torch.bfloat16, kv_dtype=fp8, device=dev))
+    _, lg = run(backend, w16, decoder_inputs(w32, 3, dtype=torch.bfloat16, kv_dtype=fp8, device=dev), 2)
+    ref_err = rel(lg16, lg_ref)
+    assert ref_err > 0 and rel(lg, lg_ref) <= 3 * ref_err + 1e-6, (rel(lg, lg_ref), ref_err)
+
+
+@pytest.mark.parametrize("backend", PERSISTENT)
 def test_persistent_output_does_not_depend_on_the_grid(backend, monkeypatch):
     """A row's dot products are one warp's whichever block owns it: the same bits for any block count, and however
     the weight stream is chunked (emulated: slots of ~1.2 KB, several chunks a phase; of 240 B, where a RoPE or gate
@@ -131,7 +158,7 @@ def test_persistent_output_does_not_depend_on_the_grid(backend, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("backend", PERSISTENT)
 def test_persistent_hands_other_steps_to_the_single_ops(backend):
-    """Heads wider than 128 (or an fp8 cache, or grouped K/V heads) run the single ops: the same results."""
+    """Heads wider than 128 (or grouped K/V heads) run the single ops: the same results."""
     from dsm_kernels.cuda_ops import decoder_unsupported
 
     dev = device_of(backend)
@@ -149,8 +176,8 @@ def test_validate_kernels_checks_the_persistent_step(cuda_emulated):
     from dsm_kernels.validate import _decoder_rows
 
     rows = _decoder_rows("cuda", torch.device("cpu"), quick=True)
-    assert len(rows) == 2 and all(r.ok for r in rows), rows
-    assert cuda_emulated["decoder_step"] == 2
+    assert len(rows) == 3 and all(r.ok for r in rows), rows
+    assert cuda_emulated["decoder_step"] == 3  # fp32, bf16, fp8 pages: each on the persistent kernel
 
 
 def test_dispatch():
