@@ -223,6 +223,18 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
                     extra=extra)
 
 
+def _bench_or_oom(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None, **engine_kw) -> BenchRow:
+    """:func:`bench_dsm`, or, where the device runs out of memory, a row that misses every budget and says so: a
+    batch too large for the device (a capacity probe on a larger GPU, a reserve too small for Mimi's activations)
+    ends its own measurement, not the run, whose rows reach the JSON line only at its end."""
+    try:
+        return bench_dsm(model, mimi, batch, steps, warmup, timer, progress, **engine_kw)
+    except torch.cuda.OutOfMemoryError as e:
+        error = f"out of device memory: {str(e).splitlines()[0][:200]}"
+    _release(next(model.parameters()).device)  # after the except block: its traceback held the step's tensors
+    return BenchRow("dsm", "", batch, math.inf, math.inf, math.nan, math.inf, 0.0, extra={"error": error})
+
+
 def time_to_first_audio(model, mimi, batch: int, timer, delay_steps: int = 16, runs: int = 5,
                         **engine_kw) -> tuple[float, float]:
     """TTS time to first audio (DSM-SPEC §6.8) of ``batch`` streams starting together, in ms: ``(warm, cold)``.
@@ -427,7 +439,8 @@ def format_table(rows: list[BenchRow]) -> str:
     for r in rows:
         lm = r.extra.get("lm_p50_ms", r.p50_ms)
         lines.append(f"{r.system:<7} {r.model:<16} {r.batch:>5} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {lm:>9.2f} "
-                     f"{r.mimi_ms:>8.2f} {r.rtf:>8.3g} {r.rtfx:>9.4g}")  # significant digits: rtf ~1e-4 at batch 256
+                     f"{r.mimi_ms:>8.2f} {r.rtf:>8.3g} {r.rtfx:>9.4g}"  # significant digits: rtf ~1e-4 at batch 256
+                     + (f"  ({r.extra['error']})" if "error" in r.extra else ""))
     lines.append("moshi rows: LMGen step only (no Mimi); dsm p50/p99 include Mimi (column 'mimi ms').")
     return "\n".join(lines)
 
@@ -549,7 +562,7 @@ def _capacity_search(model, mimi, name, rows, args, engine_kw, timer, weights, b
     steps = 10 if device.type == "cuda" else 2
 
     def measure(n: int) -> float:
-        r = bench_dsm(model, mimi, n, steps, 2, timer, **engine_kw)
+        r = _bench_or_oom(model, mimi, n, steps, 2, timer, **engine_kw)
         r.model, r.extra["capacity_probe"] = name, True
         rows.append(r)
         bar.write(format_table([r]).splitlines()[2] + "  (capacity probe)")
@@ -618,7 +631,7 @@ def run_cli(args) -> int:
             if not args.mimi:
                 mimi = None
             for b in batches:
-                r = bench_dsm(model, mimi, b, steps, warmup, timer, bar, **engine_kw)
+                r = _bench_or_oom(model, mimi, b, steps, warmup, timer, bar, **engine_kw)
                 r.model = name
                 rows.append(r)
                 bar.write(format_table([r]).splitlines()[2])  # each row as soon as it exists

@@ -281,6 +281,33 @@ def test_search_capacity_is_not_cut_short_while_doubling():
     assert n == 1 and seen[n] <= 80.0
 
 
+def test_a_batch_out_of_device_memory_ends_its_probe_not_the_run(tmp_path, capsys, monkeypatch):
+    """A capacity probe (or an asked batch) that runs out of device memory counts as missing the budget, with the
+    error in its row: the search goes on below it, and the run still prints its table and appends its JSON line."""
+    import torch
+
+    from dsm import bench
+
+    real, asked = bench.bench_dsm, []
+
+    def bench_dsm(model, mimi, batch, *args, **kw):
+        asked.append(batch)
+        if batch > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, mimi, batch, *args, **kw)
+
+    monkeypatch.setattr(bench, "bench_dsm", bench_dsm)
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--preset", "tiny-stt", "--batch", "1,8", "--steps", "1", "--warmup", "0", "--no-mimi",
+                 "--no-reference", "--capacity", "--frame-ms", "1e6", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "out of device memory" in text and "tiny-stt: capacity 5 streams" in text, text
+    row = json.loads(out.read_text())
+    oom = [r for r in row["rows"] if r["batch"] > 5]
+    assert oom and all(r["p50_ms"] is None and "out of device memory" in r["extra"]["error"] for r in oom)
+    assert max(asked) > 5 and 5 in asked
+
+
 def test_bench_rejects_duplicate_batches(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--preset", "tiny-stt", "--batch", "1,2,1", "--steps", "1", "--warmup", "0", "--no-mimi",
