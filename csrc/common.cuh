@@ -185,6 +185,9 @@ __device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned k) {
       __nanosleep(20);
       if (++spins == (1u << 27)) __trap();
     }
+#ifdef DSM_CUDA_EMU
+    dsm_emu::left_grid_barrier();  // the emulation's adversarial schedule: this block may leave late
+#endif
     __threadfence();
   }
   __syncthreads();

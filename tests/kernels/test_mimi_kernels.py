@@ -102,6 +102,26 @@ def test_rvq_encode_persistent(B, T, levels, K, D, blocks, backend):
     assert ties <= max(1, B * T * sum(levels) // 10), f"{ties} tied paths: too many for chance"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_rvq_partials_survive_a_block_left_behind(seed):
+    """The blocks' partial minima are double-buffered by level parity: a block that leaves a level's grid barrier late
+    (the emulation makes one in three late by up to 64 rounds, about a phase) still reads that level's partials, not
+    the next level's that the others have written meanwhile. The levels alternate between a codebook far from every
+    residual (its best distance large and positive) and one near it (best near zero), so a partial read one level
+    late wins its reduction and moves a code. Mutation caught: a single buffer (all four seeds fail)."""
+    import cuda_emu
+
+    levels, K, D = (1, 15), 40, 8
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([30.0 if lv % 2 == 0 else 0.05 for lv in range(sum(levels))]).view(-1, 1, 1)
+    aug = torch.stack([reference.augment_codebook(b) for b in torch.randn(sum(levels), K, D, generator=g) * scale])
+    x = torch.randn(1, len(levels) * D, 1, generator=g)
+    ranges = reference.rvq_level_ranges(levels)
+    want = reference.rvq_encode_ref(x, aug.contiguous(), levels, ranges)
+    got = cuda_emu.rvq_encode_emu(x, aug.contiguous(), levels, ranges, blocks=5)
+    assert torch.equal(got, want)
+
+
 def test_validate_kernels_checks_the_persistent_rvq(cuda_emulated):
     from dsm_kernels.validate import _rvq_encode_rows
 

@@ -7,7 +7,8 @@
 // which are barriers (a thread that returns leaves them, as an exited GPU thread does), and at __nanosleep (a spin
 // loop's pause), in a new random order between each two of those, while a random quarter of the warps sits out
 // each round (so warps drift apart) and, in a cooperative launch, a random block now and then stalls for a few
-// rounds (so blocks drift apart). __shared__ becomes `static`: one copy per kernel
+// rounds (so blocks drift apart) and a block leaving a grid barrier is now and then late by up to a phase (so one
+// reading what the last phase left may find the next phase's writes). __shared__ becomes `static`: one copy per kernel
 // instantiation, which is one block's shared memory since blocks never overlap. Threads in which none can move
 // (threads at different barriers, or spinning on what nobody will write) end the launch with
 // cudaErrorLaunchFailure instead of hanging.
@@ -266,6 +267,7 @@ struct Block {  // what the threads of one resident block share
   std::vector<Barrier> warp_barriers;
   std::vector<std::array<uint64_t, 32>> warp_slots;  // the lanes' values of a warp collective
   std::unique_ptr<uint4[]> smem;                     // dynamic shared memory (16-byte aligned)
+  unsigned long stalled_until = 0;                   // the block sits out the scheduler's rounds before this one
 };
 
 struct Copy {  // a pending cp.async
@@ -293,6 +295,7 @@ struct Launch {
   std::vector<Fiber> fibers;
   std::vector<Block> blocks;    // the resident blocks: one, or the whole grid of a cooperative launch
   unsigned long progress = 0;   // arrivals + completions: none in a round = deadlock
+  unsigned long round = 0;      // the scheduler's round
   std::mt19937 rng{12345};      // thread and block orders (fixed: reproducible runs)
 };
 
@@ -333,6 +336,15 @@ inline void fiber_main() {
 // A spin loop's pause: the thread lets the others run (no progress of its own).
 inline void pause() { swap(current_fiber->ctx, current_launch->scheduler); }
 
+// A block leaving a grid barrier (called by the thread that saw it open, dsm::grid_barrier) is, one time in three,
+// late by 1..64 rounds (a phase is tens of rounds: every warp collective is a yield): the others run ahead into the
+// next phase while it has not yet read what the last one left, so a buffer reused one phase too early is overwritten
+// under its reader, as on a GPU (the random stalls alone rarely line up with a barrier's opening).
+inline void left_grid_barrier() {
+  Launch& L = *current_launch;
+  if (L.blocks.size() > 1 && L.rng() % 3 == 0) current_fiber->block->stalled_until = L.round + 2 + L.rng() % 64;
+}
+
 // A copy lands at any time between its issue and its wait on a GPU: here at one of the two ends, at random, so that
 // both a read before the wait and a reissue of a slot someone still reads show.
 inline void cp_async(void* dst, const void* src, size_t bytes) {
@@ -372,6 +384,7 @@ inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
   for (size_t blk = 0; blk < idx.size(); ++blk) {
     Block& B = L.blocks[blk];
     B.idx = idx[blk];
+    B.stalled_until = 0;
     B.barrier = Barrier{n, 0, 0};
     B.warp_barriers.assign(warps, Barrier{});
     B.warp_slots.assign(warps, {});
@@ -395,11 +408,9 @@ inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
   // Of blocks run at once (a cooperative launch), one drawn at random about every eighth round stalls for 1..6
   // rounds, so that blocks too drift apart: one may run a whole phase ahead while another has not yet read what the
   // last phase left (a buffer reused too early is then overwritten under its reader, as on a GPU).
-  std::vector<unsigned long> stalled_until(idx.size(), 0);
-  unsigned long round = 0;
   while (live > 0) {
-    ++round;
-    if (idx.size() > 1 && L.rng() % 8 == 0) stalled_until[L.rng() % idx.size()] = round + 1 + L.rng() % 6;
+    const unsigned long round = ++L.round;
+    if (idx.size() > 1 && L.rng() % 8 == 0) L.blocks[L.rng() % idx.size()].stalled_until = round + 1 + L.rng() % 6;
     // Each round runs the threads, each up to its next barrier, in a new random order: a thread that reads what
     // another wrote with no barrier between them sees it or not depending on the order (a GPU promises neither).
     std::shuffle(order.begin(), order.end(), L.rng);
@@ -410,7 +421,7 @@ inline bool run_blocks(Launch& L, const std::vector<uint3>& idx) {
     bool skipped = false;
     for (Fiber* f : order) {
       if (f->done) continue;
-      if (stalled_until[f->block - L.blocks.data()] > round) {
+      if (f->block->stalled_until > round) {
         skipped = true;
         continue;
       }
