@@ -258,7 +258,7 @@ class Mimi:
         def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False, residual=None) -> torch.Tensor:
             prev = next(it) if k > s else None
             return causal_conv1d(x, prev, w[name + ".weight"], w[name + ".bias"], s, exec_mask, elu=elu,
-                                 backend=self.backend, kernel_elu=True, residual=residual)
+                                 backend=self.backend, residual=residual)
 
         elu = False  # an ELU op waiting to be fused into the next conv's input
         for op in ops:

@@ -29,32 +29,27 @@ def causal_conv1d(
     groups: int = 1,
     elu: bool = False,
     backend: str | None = None,
-    kernel_elu: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Streaming causal conv: left context is the ``Ke - S`` previous input samples (not ``Ke - 1``, §7.2).
-    With ``elu`` the conv reads ``elu(x)``; ``kernel_elu`` lets the input kernel apply it (one launch fewer; on a GPU
-    the same bits as torch's ELU, under the Triton interpreter an ulp or two apart). ``residual``: returns
-    ``residual + conv``.
+    With ``elu`` the conv reads ``elu(x)``, which the input kernel applies (one launch fewer; on a GPU the same bits
+    as torch's ELU, under the Triton interpreter an ulp or two apart). ``residual``: returns ``residual + conv``.
 
     ``prev`` is ``[B, C_in, Ke - S]`` (``None`` when ``Ke == S``). Returns the output; rows
     whose ``exec_mask`` is false keep their old ``prev``. ``prev`` is updated in place (static addresses for
     graph capture) by :func:`dsm_kernels.mimi_conv_pad` (ELU, concatenation and state update: one kernel on Triton).
     """
     if prev is None:
-        return conv1d(x, weight, bias, stride, dilation, groups, backend, residual, elu=elu, kernel_elu=kernel_elu)
-    if kernel_elu:
-        x = dsm_kernels.mimi_conv_pad(x, prev, exec_mask, elu=elu, backend=backend)
-    else:
-        x = dsm_kernels.mimi_conv_pad(F.elu(x) if elu else x, prev, exec_mask, backend=backend)
+        return conv1d(x, weight, bias, stride, dilation, groups, backend, residual, elu=elu)
+    x = dsm_kernels.mimi_conv_pad(x, prev, exec_mask, elu=elu, backend=backend)
     return conv1d(x, weight, bias, stride, dilation, groups, backend, residual)
 
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int = 1,
-           groups: int = 1, backend: str | None = None, residual: torch.Tensor | None = None, elu: bool = False,
-           kernel_elu: bool = False) -> torch.Tensor:
-    """A valid conv1d of ``x`` (of ``elu(x)`` with ``elu``; ``kernel_elu``: the implicit-GEMM kernel may apply it
-    as it loads x), plus ``residual`` if given. Off the reference backend, one with at most
+           groups: int = 1, backend: str | None = None, residual: torch.Tensor | None = None,
+           elu: bool = False) -> torch.Tensor:
+    """A valid conv1d of ``x`` (of ``elu(x)`` with ``elu``, which the implicit-GEMM kernel applies as it loads x),
+    plus ``residual`` if given. Off the reference backend, one with at most
     ``dsm_kernels.conv_gemv_max_columns()`` output columns (batch rows x steps: at a few streams the deep SEANet
     layers, up to 16 steps a frame, and the quantizer's projection) runs as a GEMV (:func:`dsm_kernels.conv1d_gemv`),
     which streams the weights at bandwidth; one with more as an implicit GEMM on tensor cores in fp32-accurate TF32
@@ -64,8 +59,7 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
     narrow = groups == 1 and gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns())
     if not narrow and groups == 1 and dilation == 1 and igemm_path(backend, x.device):
-        return dsm_kernels.conv1d_igemm(x if kernel_elu or not elu else F.elu(x), weight, bias, stride,
-                                        residual=residual, elu=elu and kernel_elu, backend=backend)  # fmt: skip
+        return dsm_kernels.conv1d_igemm(x, weight, bias, stride, residual=residual, elu=elu, backend=backend)
     x = F.elu(x) if elu else x
     if narrow:
         y = dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, backend=backend)

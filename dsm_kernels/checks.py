@@ -235,9 +235,7 @@ def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table)
 def mimi_rows(pos, exec_mask, tokens: int, capacity: int) -> None:
     op = "mimi_rows"
     shape(op, "pos", pos, (None,))
-    shape(op, "exec_mask", exec_mask, (pos.shape[0],))
-    if exec_mask.dtype != torch.bool:
-        raise ValueError(f"{op}: exec_mask must be torch.bool, got {exec_mask.dtype}")
+    _mask(op, exec_mask, pos.shape[0])
     if pos.dtype != torch.int64:
         raise ValueError(f"{op}: pos must be torch.int64, got {pos.dtype}")
     if not 1 <= tokens <= capacity:
