@@ -23,10 +23,64 @@ def _ops():
     return torch.ops.dsm
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# What the single-op CUDA kernels take (csrc/bindings.cpp checks the same); other inputs run the Triton kernels.
+EMBED_MAX_COLUMNS = 64  # token columns: the kernel's unrolled lookups
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)  # head_dim / 8 lanes a key must divide a warp
+SAMPLE_MAX_VOCAB = 16384  # a row's logits in one block's registers
+
+
+def _rows16(t: torch.Tensor) -> bool:
+    """Unit stride in the last dim, every other stride a multiple of 8 elements, a 16-byte aligned start: what the
+    kernels' vector loads of 8 elements need (the bindings check the same)."""
+    return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+
+def embed_unsupported(tokens, text_table, audio_tables, text_table2) -> str | None:
+    """Why the CUDA embedding kernel does not take these inputs (Triton's then runs them), or None."""
+    if not 1 <= tokens.shape[1] <= EMBED_MAX_COLUMNS:
+        return f"{tokens.shape[1]} token columns (it takes 1..{EMBED_MAX_COLUMNS})"
+    tables = [t for t in (text_table, audio_tables, text_table2) if t is not None]
+    if text_table.dtype not in _FLOATS or any(t.dtype != text_table.dtype or t.stride(-1) != 1 for t in tables):
+        return "tables of different dtypes, or not contiguous in the model dim"
+    return None
+
+
+def _pool_rows(cache: torch.Tensor) -> bool:
+    return cache.stride(2) == cache.shape[3] and _rows16(cache)
+
+
+def attention_unsupported(q, k_cache, v_cache) -> str | None:
+    """Why the CUDA decode-attention kernel does not take these inputs (Triton's then runs them), or None."""
+    D = q.shape[2]
+    if D not in ATTENTION_HEAD_DIMS:
+        return f"head_dim {D} (it takes {ATTENTION_HEAD_DIMS})"
+    if q.dtype not in _FLOATS or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn) or v_cache.dtype != k_cache.dtype:
+        return f"q {q.dtype}, caches {k_cache.dtype}/{v_cache.dtype}"
+    if not (_pool_rows(k_cache) and _pool_rows(v_cache)):
+        return "cache pages not contiguous, 16-byte aligned (heads, head_dim) rows"
+    return None
+
+
+def sample_unsupported(logits) -> str | None:
+    """Why the CUDA sampling kernel does not take these logits (Triton's then samples them), or None."""
+    if not 1 <= logits.shape[1] <= SAMPLE_MAX_VOCAB:
+        return f"vocabulary {logits.shape[1]} (it takes 1..{SAMPLE_MAX_VOCAB})"
+    if logits.dtype not in _FLOATS:
+        return f"logits {logits.dtype}"
+    return None
+
+
 def multistream_embed_cuda(
     tokens, text_table, audio_tables, *, text_table2=None, cond=None, out_dtype=None, out=None
 ) -> torch.Tensor:
-    """CUDA twin of :func:`~dsm_kernels.reference.multistream_embed_ref` (ids in ``[-1, V)``, unchecked on device)."""
+    """CUDA twin of :func:`~dsm_kernels.reference.multistream_embed_ref` (ids in ``[-1, V)``, unchecked on device);
+    the Triton kernel where :func:`embed_unsupported` says the CUDA one does not take the inputs."""
+    if embed_unsupported(tokens, text_table, audio_tables, text_table2) is not None:
+        from .embed import multistream_embed_triton
+
+        return multistream_embed_triton(tokens, text_table, audio_tables, text_table2=text_table2, cond=cond,
+                                        out_dtype=out_dtype, out=out)  # fmt: skip
     B, D = tokens.shape[0], text_table.shape[1]
     if out is None:
         out = torch.empty(B, D, dtype=out_dtype or text_table.dtype, device=tokens.device)
@@ -72,9 +126,15 @@ def paged_decode_attention_cuda(
     """CUDA twin of :func:`~dsm_kernels.reference.paged_decode_attention_ref`; head_dim 16/32/64/128/256.
 
     ``counters`` (int32, >= B*H, all 0, used by one launch at a time): the last split of each head merges the
-    splits, re-arming its counter; without it a second kernel merges."""
+    splits, re-arming its counter; without it a second kernel merges. The Triton kernel runs what
+    :func:`attention_unsupported` names."""
+    if attention_unsupported(q, k_cache, v_cache) is not None:
+        from .paged_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, context=context, scale=scale,
+                                             out=out, num_splits=num_splits, counters=counters)  # fmt: skip
     B, H, D = q.shape
-    if q.stride(2) != 1:  # the kernel reads rows of head_dim; the reference takes any layout
+    if not _rows16(q):  # the kernel reads 16-byte aligned rows of head_dim; the reference takes any layout
         q = q.contiguous()
     block_table = block_table.int()
     if block_table.stride(1) != 1:
@@ -95,7 +155,13 @@ def paged_decode_attention_cuda(
 def sample_tokens_cuda(
     logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, out=None
 ) -> torch.Tensor:
-    """CUDA twin of :func:`~dsm_kernels.reference.sample_tokens_ref`; vocab <= 16384."""
+    """CUDA twin of :func:`~dsm_kernels.reference.sample_tokens_ref`; the Triton kernel for what
+    :func:`sample_unsupported` names (a vocabulary above ``SAMPLE_MAX_VOCAB``)."""
+    if sample_unsupported(logits) is not None:
+        from .sampling import sample_tokens_triton
+
+        return sample_tokens_triton(logits, temperature, top_k, seeds, steps, null_logits=null_logits,
+                                    cfg_coef=cfg_coef, out=out)  # fmt: skip
     if out is None:
         out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     if logits.stride(1) != 1:  # the kernel reads rows; the reference takes any layout

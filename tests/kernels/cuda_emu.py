@@ -23,15 +23,22 @@ from pathlib import Path
 import torch
 
 from dsm_kernels.cuda_ops import (
+    _rows16,
+    attention_unsupported,
     decode_num_splits,
     decoder_operands,
     decoder_unsupported,
     depformer_operands,
     depformer_unsupported,
+    embed_unsupported,
     mimi_operands,
     mimi_unsupported,
     rvq_unsupported,
+    sample_unsupported,
 )
+from dsm_kernels.embed import multistream_embed_triton
+from dsm_kernels.paged_attention import paged_decode_attention_triton
+from dsm_kernels.sampling import sample_tokens_triton
 
 ROOT = Path(__file__).resolve().parents[2]
 INCLUDE = Path(__file__).resolve().parent / "cuda_emu_include"
@@ -125,6 +132,9 @@ def _ok(err: int, what: str) -> None:
 
 
 def multistream_embed_emu(tokens, text_table, audio_tables, *, text_table2=None, cond=None, out_dtype=None, out=None):
+    if embed_unsupported(tokens, text_table, audio_tables, text_table2) is not None:  # as on a GPU
+        return multistream_embed_triton(tokens, text_table, audio_tables, text_table2=text_table2, cond=cond,
+                                        out_dtype=out_dtype, out=out)  # fmt: skip
     B, K = tokens.shape
     D = text_table.shape[1]
     tokens = tokens.long()
@@ -153,8 +163,11 @@ def append_kv_emu(k_cache, v_cache, k, v, slot_mapping) -> None:
 def paged_decode_attention_emu(
     q, k_cache, v_cache, block_table, seq_lens, *, context, scale=None, out=None, num_splits=None, counters=None
 ):
+    if attention_unsupported(q, k_cache, v_cache) is not None:  # as on a GPU
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, context=context, scale=scale,
+                                             out=out, num_splits=num_splits, counters=counters)  # fmt: skip
     B, H, D = q.shape
-    if q.stride(2) != 1:
+    if not _rows16(q):
         q = q.contiguous()
     block_table = block_table.int()
     if block_table.stride(1) != 1:
@@ -182,6 +195,9 @@ def paged_decode_attention_emu(
 
 
 def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, out=None):
+    if sample_unsupported(logits) is not None:  # as on a GPU
+        return sample_tokens_triton(logits, temperature, top_k, seeds, steps, null_logits=null_logits,
+                                    cfg_coef=cfg_coef, out=out)  # fmt: skip
     B, V = logits.shape
     if out is None:
         out = torch.empty(B, dtype=torch.int64)

@@ -57,6 +57,20 @@ def test_multistream_embed(backend, dtype, B, K, D, text2, cond):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_multistream_embed_columns_beyond_the_cuda_kernel(backend):
+    """More token columns than the CUDA kernel unrolls (EMBED_MAX_COLUMNS) run Triton's kernel from the cuda
+    backend: the reference's sums, not a launch error."""
+    from dsm_kernels.cuda_ops import EMBED_MAX_COLUMNS, embed_unsupported
+
+    device = kernel_device(backend)
+    tokens, text, audio, t2, c = _inputs(2, EMBED_MAX_COLUMNS + 2, 64, torch.float32, device, text2=True, cond=True)
+    assert embed_unsupported(tokens, text, audio, t2) is not None
+    got = resolve("multistream_embed", backend, device)(tokens, text, audio, text_table2=t2, cond=c)
+    exp = reference.multistream_embed_ref(tokens.cpu(), text.cpu(), audio.cpu(), text_table2=t2.cpu(), cond=c.cpu())
+    assert_close_verbose(got.cpu(), exp, atol=1e-6, rtol=1e-6, name=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_multistream_embed_out_dtype_and_extra_tables(backend):
     """bf16 tables, fp32 output; more audio tables than token columns (Q > K - 1) must be ignored."""
     device = kernel_device(backend)

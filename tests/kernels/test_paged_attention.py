@@ -77,6 +77,19 @@ def test_decode_boundaries(backend, dtype, H, D, page_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 96), (torch.float32, 48), (torch.float16, 80)])
+def test_decode_head_dims_outside_the_cuda_kernel(backend, dtype, D):
+    """Head dims the CUDA kernel does not take (it needs head_dim / 8 lanes to divide a warp) run the Triton kernel
+    from the cuda backend: right values, not a launch error."""
+    from dsm_kernels.cuda_ops import attention_unsupported
+
+    device = kernel_device(backend)
+    q, kc, vc, bt = _pool(len(KV_LENS), 3, D, 16, 750, dtype, device)
+    assert attention_unsupported(q, kc, vc) is not None
+    _check(backend, device, q, kc, vc, bt, torch.tensor(KV_LENS, dtype=torch.int32, device=device), 750)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,num_splits", [(1, None), (1, 1), (1, 3), (3, 5), (17, None)])
 def test_decode_batch_and_splits(backend, B, num_splits):
     """Batch sweep and split-K partitioning (1 split, a few, the planner's choice) at the 32x64 / 375 layout."""

@@ -106,6 +106,22 @@ def test_matches_reference(backend, V, top_k, cfg, dtype):
         assert rel < 1e-5, f"row {b}: kernel {got[b]} vs reference {exp[b]}, score gap {rel:.3g} is not a near tie"
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_beyond_the_cuda_kernel(backend):
+    """A vocabulary the CUDA kernel does not hold in one block (> SAMPLE_MAX_VOCAB) is sampled by Triton's kernel
+    from the cuda backend, with the reference's tokens, not a launch error."""
+    from dsm_kernels.cuda_ops import SAMPLE_MAX_VOCAB, sample_unsupported
+
+    device = kernel_device(backend)
+    logits, null, temp, seeds, steps = _inputs(3, SAMPLE_MAX_VOCAB + 5, device, dtype=torch.float32, seed=1, cfg=True)
+    temp[0] = 0.0
+    assert sample_unsupported(logits) is not None
+    for top_k in (0, 40):
+        got = _run(backend, device, logits, temp, top_k, seeds, steps, null, 2.0)
+        args = [x.cpu() for x in (logits, temp)] + [top_k] + [x.cpu() for x in (seeds, steps)]
+        assert torch.equal(got.cpu(), reference.sample_tokens_ref(*args, null_logits=null.cpu(), cfg_coef=2.0))
+
 def _check_frequencies(tokens, probs, label):
     n = tokens.numel()
     freq = torch.bincount(tokens, minlength=probs.numel()).double() / n
