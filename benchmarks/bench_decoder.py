@@ -4,7 +4,8 @@ context.
 
 Providers, each captured in one CUDA graph: ``triton`` (the single ops: GEMV kernels with their fused glue, the
 attention on Triton), ``cuda_single`` (the same with the CUDA decode attention: what the CUDA backend ran before the
-persistent kernel), ``cuda_persistent`` (``csrc/decoder.cu``: one cooperative launch a step). Reports ms per step, the
+persistent kernel), ``cuda_persistent`` (``csrc/decoder.cu``: one cooperative launch a step; ``--grids`` adds it at
+other grid sizes). Reports ms per step, the
 achieved GB/s against the bytes a step must read (weights + the K/V of its window + the voice K/V for TTS) and the
 ratio to the device-to-device copy bandwidth; appends JSON rows to benchmarks/results/decoder.jsonl.
 
@@ -52,6 +53,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--grids", nargs="+", type=int, default=[],
+                    help="also time the persistent kernel at these grid sizes (providers cuda_persistent:g66, ...; its "
+                         "default is one block per SM)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/decoder.jsonl"))
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -63,7 +67,7 @@ def main(argv=None) -> None:
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "commit": git_commit(), "copy_gbps": copy_bw if copy_bw == copy_bw else None}  # fmt: skip
     print(f"copy bandwidth {copy_bw:.0f} GB/s")
-    print(f"{'layout':9} {'provider':16} {'B':>2} {'ms/step':>8} {'GB/s':>6} {'of copy':>8}")
+    print(f"{'layout':9} {'provider':20} {'B':>2} {'ms/step':>8} {'GB/s':>6} {'of copy':>8}")
     rows = []
     for name, shape in layouts.items():
         shape = dict(shape)
@@ -83,7 +87,9 @@ def main(argv=None) -> None:
                     from dsm_kernels.cuda_ops import decoder_step_cuda
 
                     providers["cuda_single"] = functools.partial(decoder_step_composed, w, **ins, backend="cuda")
-                    providers["cuda_persistent"] = functools.partial(decoder_step_cuda, w, **ins)
+                    for n in [0, *args.grids]:  # 0: the kernel's own grid
+                        name_n = "cuda_persistent" + (f":g{n}" if n else "")
+                        providers[name_n] = functools.partial(decoder_step_cuda, w, **ins, blocks=n)
             else:
                 providers["triton_interp"] = functools.partial(decoder_step_composed, w, **ins, backend="triton")
             for prov, fn in providers.items():
@@ -92,7 +98,7 @@ def main(argv=None) -> None:
                 gbps, frac, cell = bandwidth(ms, nbytes, copy_bw)
                 rows.append({**meta, "layout": name, "provider": prov, "batch": B, "ms_per_step": ms, "gbps": gbps,
                              "bytes": nbytes, "frac_of_copy": frac, **({"error": err} if err else {})})
-                print(f"{name:9} {prov:16} {B:2d} {ms:8.3f} {gbps:6.0f} {cell}" + (f"  {err}" if err else ""))
+                print(f"{name:9} {prov:20} {B:2d} {ms:8.3f} {gbps:6.0f} {cell}" + (f"  {err}" if err else ""))
         del w
         if dev.type == "cuda":
             torch.cuda.empty_cache()

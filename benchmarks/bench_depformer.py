@@ -6,7 +6,7 @@ Providers: ``ref_eager`` (the reference loop, vectorised sampler), ``ref_graph``
 graph), ``triton_gemv_graph`` / ``triton_splitk_graph`` (``dsm_kernels.depformer`` with its GEMV or split-K kernels,
 captured in one CUDA graph; both up to 2 x ``GEMV_MAX_B`` rows, split-K only above), ``triton_gemv_nopdl_graph``
 (the GEMV chain without programmatic dependent launch), ``cuda_persistent_graph`` (the CUDA backend: one cooperative
-launch a frame, csrc/depformer.cu, up to 4 rows). Reports ms per frame, the
+launch a frame, csrc/depformer.cu, up to 4 rows; ``--grids`` adds it at other grid sizes). Reports ms per frame, the
 achieved GB/s against the weight bytes a frame must read (DSM-SPEC §10.3: 2.96 GB, every codebook re-reads its
 set) and its ratio to the device-to-device copy bandwidth; appends JSON rows to benchmarks/results/depformer.jsonl.
 
@@ -129,6 +129,9 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--providers", nargs="+", default=None, metavar="PREFIX",
                     help="time only the providers whose names start with one of these (default: all)")
+    ap.add_argument("--grids", nargs="+", type=int, default=[],
+                    help="also time the persistent kernel at these grid sizes (providers cuda_persistent_graph:g66, "
+                         "...; its default is one block per SM)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/depformer.jsonl"))
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -147,7 +150,7 @@ def main(argv=None) -> None:
             "copy_gbps": copy_bw if copy_bw == copy_bw else None}  # fmt: skip
     rows = []
     print(f"weights/frame {wbytes / 1e9:.3f} GB, copy bandwidth {copy_bw:.0f} GB/s")
-    print(f"{'provider':20} {'B':>3} {'ms/frame':>9} {'GB/s':>7} {'of copy':>8}")
+    print(f"{'provider':27} {'B':>3} {'ms/frame':>9} {'GB/s':>7} {'of copy':>8}")
     for B in args.batch:
         g = torch.Generator(device=dev).manual_seed(B)
         inp = dict(z=torch.randn(B, shapes["d_model"], device=dev, generator=g).bfloat16(),
@@ -173,8 +176,9 @@ def main(argv=None) -> None:
         if dev.type == "cuda" and B <= DEPFORMER_MAX_ROWS and has_cuda_ext():
             from dsm_kernels.cuda_ops import depformer_frame_cuda
 
-            fn = functools.partial(depformer_frame_cuda, w, **inp)
-            providers["cuda_persistent_graph"] = lambda fn=fn: graphed(fn)[0].replay
+            for n in [0, *args.grids]:  # 0: the kernel's own grid
+                fn = functools.partial(depformer_frame_cuda, w, **inp, blocks=n)
+                providers["cuda_persistent_graph" + (f":g{n}" if n else "")] = lambda fn=fn: graphed(fn)[0].replay
         for name, make in providers.items():
             if args.providers and not name.startswith(tuple(args.providers)):
                 continue
@@ -183,7 +187,7 @@ def main(argv=None) -> None:
             gbps, frac, cell = bandwidth(ms, wbytes, copy_bw)
             rows.append({**meta, "provider": name, "batch": B, "ms_per_frame": ms, "gbps": gbps, "frac_of_copy": frac,
                          **({"error": err} if err else {})})
-            print(f"{name:20} {B:3d} {ms:9.3f} {gbps:7.0f} {cell}" + (f"  {err}" if err else ""))
+            print(f"{name:27} {B:3d} {ms:9.3f} {gbps:7.0f} {cell}" + (f"  {err}" if err else ""))
     append_jsonl(args.out, rows)
 
 

@@ -199,6 +199,25 @@ def conv_case(name, B, device, transposed=False):
     return (x, w, b, S), {}, nbytes, _fp32(conv)
 
 
+def rvq_case(B, device):
+    """Mimi's split residual-VQ encode of one frame at ``B`` streams (1 + 31 levels of 2048 codes in 256 dims, the
+    latent random): bytes = the 32 augmented codebooks read once (the CUDA kernel runs 1..4 rows, more run Triton's)."""
+    from dsm_kernels.reference import augment_codebook, rvq_encode_ref, rvq_level_ranges
+
+    g = torch.Generator(device=device).manual_seed(0)
+    books = torch.stack([augment_codebook(torch.randn(2048, 256, device=device, generator=g)) for _ in range(32)])
+    x = torch.randn(B, 2 * 256, 1, device=device, generator=g) * 4
+    levels = (1, 31)
+    args = (x, books.contiguous(), levels, rvq_level_ranges(levels, device))
+    return args, {}, books.numel() * 4, rvq_encode_ref  # the reference runs every row of a level as one GEMM
+
+
+def grid_providers(fn, grids: list[int], name: str = "cuda") -> dict:
+    """A persistent kernel at other grid sizes than its default (one block per SM): providers ``cuda:g66``, ... (the
+    grid a planner should pick, by measurement)."""
+    return {f"{name}:g{n}": functools.partial(fn, blocks=n) for n in grids}
+
+
 def _gemv_torch(x, w, **kw):
     from dsm_kernels.reference import gemv_ref
 
@@ -230,6 +249,8 @@ KERNELS = {
     "conv": ("conv1d_igemm", None, lambda B, dev, args: [(n, *conv_case(n, B, dev)) for n in CONV_SHAPES]),
     "convtr": ("conv_transpose1d_igemm", None,
                lambda B, dev, args: [(n, *conv_case(n, B, dev, transposed=True)) for n in CONVTR_SHAPES]),
+    # Mimi's residual-VQ encode: 32 dependent levels (one cooperative launch on CUDA at 1..4 rows, else one a level)
+    "rvq": ("rvq_encode", None, lambda B, dev, args: [("mimi", *rvq_case(B, dev))]),
 }
 
 
@@ -252,6 +273,8 @@ def main(argv=None):
                     help="attention: KV page sizes to time (positions a page; the engine's default is 16)")
     ap.add_argument("--kv-dtypes", nargs="+", default=["bf16"], choices=list(ATTENTION_KV),
                     help="attention: KV page dtypes to time (fp8 = e4m3, half the bytes)")
+    ap.add_argument("--grids", nargs="+", type=int, default=[],
+                    help="rvq: also time the persistent CUDA kernel at these grid sizes (providers 'cuda:g66', ...)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels.jsonl"))
     args = ap.parse_args(argv)
 
@@ -292,6 +315,10 @@ def main(argv=None):
                 if kname == "attention":  # the split-K sweep behind the planner's choice
                     providers |= {f"{b}:s{n}": functools.partial(resolve(op, b, device), num_splits=n)
                                   for b in backends for n in args.attention_splits}  # fmt: skip
+                if kname == "rvq" and "cuda" in backends:
+                    from dsm_kernels.cuda_ops import rvq_encode_cuda
+
+                    providers |= grid_providers(rvq_encode_cuda, args.grids)
                 if args.providers:
                     providers = {n: f for n, f in providers.items() if n.split(":")[0] in args.providers}
                 for name, fn in providers.items():

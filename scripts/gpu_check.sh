@@ -51,6 +51,9 @@ finish() {
     for f in "$LOGS"/kbench*.log; do [ -f "$f" ] && sed -n '/^kernel    shape/,$p' "$f"; done
     echo "=== attention split-K sweep (ms, % of copy bandwidth)"
     grep -E "^attention.* (cuda|triton)(:s[0-9]+)? " "$LOGS/kbench_attn.log" 2>/dev/null | awk '{print $2, $3, $4, $5 " ms", $9}'
+    echo "=== persistent kernels by grid size (:gN blocks; none = one per SM)"
+    grep -E "^rvq .* (cuda|triton)(:g[0-9]+)? " "$LOGS/grids_rvq.log" 2>/dev/null | awk '{print $1, $3, $4, $5 " ms"}'
+    grep -E "cuda_persistent" "$LOGS/grids_decoder.log" "$LOGS/grids_depformer.log" 2>/dev/null | cut -d: -f2-
     echo "=== attention by page size (pN) and KV dtype (ms, % of copy bandwidth)"
     grep -E "^attention +[a-z0-9.-]+(/p[0-9]+)?(/fp8)? +B=" "$LOGS/kbench_pages.log" 2>/dev/null | awk '{print $2, $3, $4, $5 " ms", $9}'
     echo "=== validate-kernels"
@@ -126,6 +129,14 @@ step bench_triton 120 40 "${B[@]}" --no-reference --backend triton --preset stt-
 step depformer 120 30 "$PY" benchmarks/bench_depformer.py --batch 1 4 8 64 --iters 20 --out "$OUT/depformer.jsonl"
 # the decode step alone (stt-1b, stt-2.6b, tts layouts): Triton, the single ops with CUDA attention, the persistent kernel
 step decoder 200 40 "$PY" benchmarks/bench_decoder.py --batch 1 4 --iters 20 --out "$OUT/decoder.jsonl"
+# the persistent kernels' grid, by measurement: each runs one block per SM (132) and a grid barrier between phases;
+# fewer blocks make each barrier cheaper but stream the weights through fewer SMs (RVQ: 2 MB a level, 32 levels)
+step grids_rvq 60 20 "$PY" benchmarks/bench_kernels.py --kernels rvq --batch 1 4 --graph --no-compile \
+  --providers torch triton cuda --grids 8 16 33 66 99 --out "$OUT/kernels.jsonl"
+step grids_decoder 90 30 "$PY" benchmarks/bench_decoder.py --layout stt-1b tts-1.6b --batch 1 --iters 20 \
+  --grids 33 66 99 --out "$OUT/decoder.jsonl"
+step grids_depformer 90 30 "$PY" benchmarks/bench_depformer.py --batch 1 --iters 20 --providers cuda_persistent \
+  --grids 33 66 99 --out "$OUT/depformer.jsonl"
 # the GEMV kernel's bandwidth against cuBLAS + torch glue at the model's linears (the risk named in NOTES.md)
 step kbench_gemv 90 30 "$PY" benchmarks/bench_kernels.py --kernels gemv --batch 1 4 --graph --no-compile \
   --providers torch triton --out "$OUT/kernels.jsonl"

@@ -21,15 +21,15 @@ def _cmd(name: str, out_dir: Path) -> list[str]:
         # every kernel's torch baseline, the attention at two page sizes and both KV dtypes
         "kernels_torch": py + [str(BENCH / "bench_kernels.py"), "--device", "cpu", "--batch", "1", "--no-compile",
                                "--providers", "torch", "--iters", "3", "--page-sizes", "16", "64",
-                               "--kv-dtypes", "bf16", "fp8", "--out", out],
+                               "--kv-dtypes", "bf16", "fp8", "--grids", "2", "--out", out],
         # the Triton attention (interpreted) through the same plumbing, with a split-K override
         "kernels_triton": py + [str(BENCH / "bench_kernels.py"), "--device", "cpu", "--batch", "1", "--no-compile",
                                 "--kernels", "attention", "--providers", "triton", "--iters", "3",
                                 "--page-sizes", "32", "--kv-dtypes", "fp8", "--attention-splits", "2", "--out", out],
         "decoder": py + [str(BENCH / "bench_decoder.py"), "--device", "cpu", "--small", "--batch", "1", "--iters", "1",
-                         "--out", out],
+                         "--grids", "2", "--out", out],
         "depformer": py + [str(BENCH / "bench_depformer.py"), "--device", "cpu", "--small", "--batch", "1",
-                           "--iters", "1", "--providers", "ref_eager", "triton_gemv", "--out", out],
+                           "--iters", "1", "--providers", "ref_eager", "triton_gemv", "--grids", "2", "--out", out],
         "fp8_kv": py + [str(BENCH / "bench_fp8_kv.py"), "--preset", "tiny-stt", "--steps", "4", "--streams", "2",
                         "--output", out],
         "profile": py + [str(BENCH / "profile_step.py"), "--device", "cpu", "--preset", "tiny-stt", "--steps", "1",
@@ -64,7 +64,8 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
     if name != "fp8_kv":
         assert all(t is not None and t > 0 for t in timed), timed  # nan fails too
     if name == "kernels_torch":
-        assert {r["kernel"] for r in rows} == {"embed", "attention", "voice", "sampling", "gemv", "conv", "convtr"}
+        assert {r["kernel"] for r in rows} == {"embed", "attention", "voice", "sampling", "gemv", "conv", "convtr",
+                                               "rvq"}
         shapes = {r["shape"] for r in rows if r["kernel"] == "attention"}
         assert {"stt-1b", "stt-1b/fp8", "stt-1b/p64", "stt-1b/p64/fp8"} <= shapes, shapes
     if name == "kernels_triton":
