@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import sm_count, triton_interpret
 from .reference import convtr_phase_weight
-from .triton_common import _elu, unit_stride
+from .triton_common import _elu, exact_elu, unit_stride
 
 
 @triton.jit
@@ -140,7 +140,7 @@ def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight,
         res, res.stride(0), res.stride(1), res.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
         C_out, C * KS, T_out, N, stride,
-        KS=KS, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ELU=elu, EXACT_ELU=not triton_interpret(),
+        KS=KS, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ELU=elu, EXACT_ELU=exact_elu(),
         PREC=_precision(), BM=BM, BN=BN, BK=BK,
         num_warps=4, num_stages=3,
     )  # fmt: skip
@@ -174,7 +174,7 @@ def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, phase_weight=N
     _convtr_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN), stride)](
         x, x.stride(0), x.stride(1), x.stride(2), phase_weight, bias if bias is not None else phase_weight,
         out, out.stride(0), out.stride(1), out.stride(2), C, C_out, T, Q, N, stride,
-        J=J, HAS_BIAS=bias is not None, ELU=elu, EXACT_ELU=not triton_interpret(), PREC=_precision(), BM=BM, BN=BN,
+        J=J, HAS_BIAS=bias is not None, ELU=elu, EXACT_ELU=exact_elu(), PREC=_precision(), BM=BM, BN=BN,
         BK=BK, num_warps=4, num_stages=3,
     )  # fmt: skip
     return out

@@ -43,7 +43,7 @@ from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 from .sampling import _num_warps as _sampler_warps
 from .sampling import _sample_rows
-from .triton_common import _TL_DTYPES, _arrive, _elu, _input_tile, _rnd, _sms, unit_stride
+from .triton_common import _TL_DTYPES, _arrive, _elu, _input_tile, _rnd, _sms, exact_elu, unit_stride
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.
@@ -426,7 +426,7 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None, elu
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight, out,
         out.stride(0), out.stride(1), out.stride(2), B * T_out, N, C * KS, T_out, stride, dilation,
         KS=KS, HAS_BIAS=bias is not None, BB=min(GEMV_MAX_B, triton.next_power_of_2(B * T_out)), BN=bn, KP=kp, PDL=pdl,
-        ELU=elu, EXACT_ELU=elu and not triton_interpret(), num_warps=warps, launch_pdl=pdl,
+        ELU=elu, EXACT_ELU=elu and exact_elu(), num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

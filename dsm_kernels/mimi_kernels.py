@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import triton_interpret
 from .pdl import launch_and_wait, use_pdl
-from .triton_common import _elu, unit_stride
+from .triton_common import _elu, exact_elu, unit_stride
 
 
 @triton.jit
@@ -314,7 +314,7 @@ def mimi_conv_pad_triton(x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.T
     _mimi_conv_pad_kernel[(B, triton.cdiv(C, BLOCK_C))](
         x, x.stride(0), x.stride(1), x.stride(2), prev, prev.stride(0), prev.stride(1), prev.stride(2), exec_mask,
         out, out.stride(0), out.stride(1), out.stride(2), C, T, P,
-        ELU=elu, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_T=BLOCK_T, EXACT_ELU=not triton_interpret())
+        ELU=elu, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_T=BLOCK_T, EXACT_ELU=exact_elu())
     return out
 
 
@@ -537,7 +537,7 @@ def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.
         y, y.stride(0), y.stride(1), y.stride(2), weight, bias if bias is not None else weight,
         x, x.stride(0), x.stride(1), x.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
         C_in, C_out, T, HAS_BIAS=bias is not None, BLOCK_CO=BLOCK_CO, BLOCK_CI=BLOCK_CI, BLOCK_T=BLOCK_T,
-        EXACT_ELU=not triton_interpret())
+        EXACT_ELU=exact_elu())
     return out
 
 

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import sm_count
+from . import sm_count, triton_interpret
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -39,6 +39,11 @@ def _elu(x, EXACT: tl.constexpr):
         d = u - 1.0
         em1 = tl.where(d == 0.0, x, tl.where(d == -1.0, -1.0, d * x / tl.log(u)))
     return tl.where(x > 0.0, x, em1)
+
+
+def exact_elu() -> bool:
+    """The ``EXACT`` argument of :func:`_elu` for a launch: libdevice exists on a GPU, not in the interpreter."""
+    return not triton_interpret()
 
 
 @triton.jit
