@@ -53,6 +53,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--providers", nargs="+", default=None, metavar="PREFIX",
+                    help="time only the providers whose names start with one of these (default: all)")
     ap.add_argument("--grids", nargs="+", type=int, default=[],
                     help="also time the persistent kernel at these grid sizes (providers cuda_persistent:g66, ...; its "
                          "default is one block per SM)")
@@ -93,6 +95,8 @@ def main(argv=None) -> None:
             else:
                 providers["triton_interp"] = functools.partial(decoder_step_composed, w, **ins, backend="triton")
             for prov, fn in providers.items():
+                if args.providers and not prov.startswith(tuple(args.providers)):
+                    continue
                 ms, err = measure((lambda fn=fn: graphed(fn)[0].replay) if dev.type == "cuda" else (lambda fn=fn: fn),
                                   dev, args.iters)
                 gbps, frac, cell = bandwidth(ms, nbytes, copy_bw)

@@ -134,7 +134,7 @@ step decoder 200 40 "$PY" benchmarks/bench_decoder.py --batch 1 4 --iters 20 --o
 step grids_rvq 60 20 "$PY" benchmarks/bench_kernels.py --kernels rvq --batch 1 4 --graph --no-compile \
   --providers torch triton cuda --grids 8 16 33 66 99 --out "$OUT/kernels.jsonl"
 step grids_decoder 90 30 "$PY" benchmarks/bench_decoder.py --layout stt-1b tts-1.6b --batch 1 --iters 20 \
-  --grids 33 66 99 --out "$OUT/decoder.jsonl"
+  --providers cuda_persistent --grids 33 66 99 --out "$OUT/decoder.jsonl"
 step grids_depformer 90 30 "$PY" benchmarks/bench_depformer.py --batch 1 --iters 20 --providers cuda_persistent \
   --grids 33 66 99 --out "$OUT/depformer.jsonl"
 # the GEMV kernel's bandwidth against cuBLAS + torch glue at the model's linears (the risk named in NOTES.md)

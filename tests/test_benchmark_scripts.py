@@ -27,7 +27,7 @@ def _cmd(name: str, out_dir: Path) -> list[str]:
                                 "--kernels", "attention", "--providers", "triton", "--iters", "3",
                                 "--page-sizes", "32", "--kv-dtypes", "fp8", "--attention-splits", "2", "--out", out],
         "decoder": py + [str(BENCH / "bench_decoder.py"), "--device", "cpu", "--small", "--batch", "1", "--iters", "1",
-                         "--grids", "2", "--out", out],
+                         "--grids", "2", "--providers", "triton", "--out", out],
         "depformer": py + [str(BENCH / "bench_depformer.py"), "--device", "cpu", "--small", "--batch", "1",
                            "--iters", "1", "--providers", "ref_eager", "triton_gemv", "--grids", "2", "--out", out],
         "fp8_kv": py + [str(BENCH / "bench_fp8_kv.py"), "--preset", "tiny-stt", "--steps", "4", "--streams", "2",
@@ -73,3 +73,5 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
             ("stt-1b/p32/fp8", "triton"), ("stt-1b/p32/fp8", "triton:s2")}
     if name == "depformer":
         assert {r["provider"] for r in rows} == {"ref_eager", "triton_gemv_interp"}
+    if name == "decoder":
+        assert {r["provider"] for r in rows} == {"triton_interp"}
