@@ -65,19 +65,24 @@ TOKENS_PER_FRAME = 2  # transformer steps (25 Hz) per 1920-sample code frame (12
 
 @dataclass
 class MimiState:
-    """Streaming state of ``B`` independent Mimi streams; every tensor has the batch dimension first.
+    """Streaming state of ``B`` independent Mimi streams; every tensor has the batch dimension first, but the
+    double-buffered conv contexts (``[2, B, ...]``, see :meth:`current`) and the two phases.
 
     ``exec_mask[b] = False`` makes steps leave row ``b`` untouched (its outputs are then garbage).
     """
 
     exec_mask: torch.Tensor  # [B] bool
-    enc_conv: list[torch.Tensor]  # SEANet encoder conv inputs kept for the next call, [B, C_in, Ke - S]
+    # SEANet encoder conv inputs kept for the next call, double-buffered: [2, B, C_in, Ke - S], half enc_phase current
+    enc_conv: list[torch.Tensor]
     enc_kv: KVState
-    down_prev: torch.Tensor  # [B, 512, 2]
-    down_first: torch.Tensor  # [B] bool: the next call refills down_prev with its first frame (replicate pad)
+    down_prev: torch.Tensor  # [2, B, 512, 2], half enc_phase current
+    down_first: torch.Tensor  # [B] bool: the next call pads down_prev with its first frame (replicate pad)
     up_partial: torch.Tensor  # [B, 512, 2]
     dec_kv: KVState
-    dec_conv: list[torch.Tensor]  # decoder conv inputs [B, C_in, Ke - S] and convtr tails [B, C_out, K - S]
+    # decoder conv inputs [2, B, C_in, Ke - S] (half dec_phase current) and convtr tails [B, C_out, K - S]
+    dec_conv: list[torch.Tensor]
+    enc_phase: torch.Tensor  # [1] int32: which half of the encoder's conv contexts holds the current one
+    dec_phase: torch.Tensor  # [1] int32: the same for the decoder's
 
     @property
     def batch_size(self) -> int:
@@ -96,14 +101,29 @@ class MimiState:
                 out.append(v)
         return out
 
+    def current(self) -> list[torch.Tensor]:
+        """The state as the next call reads it, batch dimension first: the current half of each double-buffered conv
+        context (the other half holds what an earlier call left), every other tensor but the two phases as it is.
+        Two states that agree here give the same outputs from here on."""
+        contexts = [(t, self.enc_phase) for t in (*self.enc_conv, self.down_prev)] + [
+            (t, self.dec_phase) for t in self.dec_conv if t.dim() == 4]  # not the transposed convs' tails
+        phase_of = {id(t): phase for t, phase in contexts}
+        out = []
+        for t in self.tensors():
+            if t is self.enc_phase or t is self.dec_phase:
+                continue
+            phase = phase_of.get(id(t))
+            out.append(t if phase is None else t.index_select(0, phase.long())[0])
+        return out
+
     def reset(self, mask: torch.Tensor) -> None:
         """Reset rows where ``mask`` is true to a fresh stream (and make them active); other rows are untouched.
 
         KV slots are not cleared: the counters going to zero invalidates them (§2.6). No host sync.
         """
         mask = self._check_mask(mask, "reset")
-        for t in self.enc_conv + self.dec_conv + [self.down_prev, self.up_partial]:
-            t.copy_(torch.where(mask.view(-1, 1, 1), torch.zeros_like(t), t))
+        for t in self.enc_conv + self.dec_conv + [self.down_prev, self.up_partial]:  # both halves of a context
+            t.masked_fill_(mask.view(-1, 1, 1) if t.dim() == 3 else mask.view(1, -1, 1, 1), 0.0)
         for kv in (self.enc_kv, self.dec_kv):
             kv.pos.copy_(torch.where(mask, torch.zeros_like(kv.pos), kv.pos))
         self.down_first.copy_(self.down_first | mask)
@@ -225,8 +245,9 @@ class Mimi:
         def conv_states(convs) -> list[torch.Tensor]:
             out = []
             for _, cin, cout, k, s, transposed in convs:
-                if k > s:
-                    out.append(torch.zeros(batch_size, cout if transposed else cin, k - s, device=dev, dtype=f32))
+                if k > s:  # a transposed conv's tail, or a conv's double-buffered context
+                    shape = (batch_size, cout, k - s) if transposed else (2, batch_size, cin, k - s)
+                    out.append(torch.zeros(shape, device=dev, dtype=f32))
             return out
 
         head_dim = DIM // NUM_HEADS
@@ -234,11 +255,13 @@ class Mimi:
             exec_mask=torch.ones(batch_size, dtype=torch.bool, device=dev),
             enc_conv=conv_states(self.enc_convs),
             enc_kv=init_kv_state(batch_size, NUM_LAYERS, NUM_HEADS, head_dim, CONTEXT, dev),
-            down_prev=torch.zeros(batch_size, DIM, 2, device=dev, dtype=f32),
+            down_prev=torch.zeros(2, batch_size, DIM, 2, device=dev, dtype=f32),
             down_first=torch.ones(batch_size, dtype=torch.bool, device=dev),
             up_partial=torch.zeros(batch_size, DIM, 2, device=dev, dtype=f32),
             dec_kv=init_kv_state(batch_size, NUM_LAYERS, NUM_HEADS, head_dim, CONTEXT, dev),
             dec_conv=conv_states(self.dec_convs),
+            enc_phase=torch.zeros(1, dtype=torch.int32, device=dev),
+            dec_phase=torch.zeros(1, dtype=torch.int32, device=dev),
         )
 
     @staticmethod
@@ -248,7 +271,9 @@ class Mimi:
 
     # ----------------------------------------------------------------------------------------------- seanet
     def _seanet(self, x: torch.Tensor, ops: tuple[tuple, ...], prefix: str, states: list[torch.Tensor],
-                exec_mask: torch.Tensor) -> torch.Tensor:
+                exec_mask: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        """The SEANet encoder or decoder; its convs read half ``phase`` of their contexts and write the other (the
+        caller flips ``phase`` once the step's last conv has run)."""
         w = self._w
         it = iter(states)
 
@@ -256,8 +281,8 @@ class Mimi:
         # stored context, the implicit-GEMM convs; at a few streams the residual units' ends). On a GPU theirs is
         # libdevice's expm1f, the function torch's CUDA ELU calls: the encoder's codes depend on those bits.
         def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False, residual=None) -> torch.Tensor:
-            prev = next(it) if k > s else None
-            return causal_conv1d(x, prev, w[name + ".weight"], w[name + ".bias"], s, exec_mask, elu=elu,
+            ctx = next(it) if k > s else None
+            return causal_conv1d(x, ctx, w[name + ".weight"], w[name + ".bias"], s, exec_mask, phase, elu=elu,
                                  backend=self.backend, residual=residual)
 
         elu = False  # an ELU op waiting to be fused into the next conv's input
@@ -303,13 +328,13 @@ class Mimi:
     # ----------------------------------------------------------------------------------------------- encode
     def _encode(self, pcm: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
         m = state.exec_mask
-        emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m)
+        emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m, state.enc_phase)
         emb = self._transformer(emb, "encoder", state.enc_kv if streaming else None, m)
         # Downsample conv with replicate left padding: a stream's first call pads with its own first frame.
-        first = (state.down_first & m).view(-1, 1, 1)
-        torch.where(first, emb[..., :1], state.down_prev, out=state.down_prev)
-        latent = causal_conv1d(emb, state.down_prev, self.down_w, None, 2, m, backend=self.backend)
+        latent = causal_conv1d(emb, state.down_prev, self.down_w, None, 2, m, state.enc_phase, backend=self.backend,
+                               first=state.down_first)  # fmt: skip
         state.down_first.masked_fill_(m, False)
+        state.enc_phase.bitwise_xor_(1)  # every conv has read its context: next call, the halves they wrote
         return self._quantize(latent)
 
     def _quantize(self, latent: torch.Tensor) -> torch.Tensor:
@@ -352,7 +377,9 @@ class Mimi:
         latent = dsm_kernels.rvq_decode(codes, self.rvq_tables, backend=self.backend)  # [B, 512, T]
         emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM, backend=self.backend)
         emb = self._transformer(emb, "decoder", state.dec_kv if streaming else None, m)
-        return self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m)
+        pcm = self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m, state.dec_phase)
+        state.dec_phase.bitwise_xor_(1)  # every conv has read its context: next call, the halves they wrote
+        return pcm
 
     @torch.no_grad()
     def decode_step(self, codes: torch.Tensor, state: MimiState) -> torch.Tensor:
@@ -507,11 +534,12 @@ def random_mimi_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     probe = 0.3 * torch.sin(2 * math.pi * 180 * t) * torch.sin(2 * math.pi * 1.5 * t) + 0.1 * torch.randn(
         t.shape, generator=g)
     state = model.init_state(1)
-    emb = model._seanet(probe.view(1, 1, -1), ENCODER_OPS, "encoder", state.enc_conv, state.exec_mask)
+    emb = model._seanet(probe.view(1, 1, -1), ENCODER_OPS, "encoder", state.enc_conv, state.exec_mask,
+                        state.enc_phase)  # fmt: skip
     emb = transformer_forward(emb, model.enc_layers, NUM_HEADS, CONTEXT, model.rope_freqs, None, state.exec_mask,
                               model.consts)
-    latent = causal_conv1d(emb, state.down_prev.copy_(emb[..., :1].expand_as(state.down_prev)), model.down_w,
-                           None, 2, state.exec_mask)
+    latent = causal_conv1d(emb, state.down_prev, model.down_w, None, 2, state.exec_mask, state.enc_phase,
+                           first=state.down_first)  # replicate left padding, as a stream's first call
     for group, n in (("rvq_first", 1), ("rvq_rest", MAX_CODEBOOKS - 1)):
         p = f"quantizer.{group}."
         r = F.conv1d(latent, sd[p + "input_proj.weight"])[0].T  # [frames, 256]

@@ -20,51 +20,56 @@ from dsm_kernels.decoder import DecoderLayerWeights, DecoderWeights
 
 def causal_conv1d(
     x: torch.Tensor,
-    prev: torch.Tensor | None,
+    ctx: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     stride: int,
     exec_mask: torch.Tensor,
+    phase: torch.Tensor | None = None,
     dilation: int = 1,
-    groups: int = 1,
     elu: bool = False,
     backend: str | None = None,
     residual: torch.Tensor | None = None,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Streaming causal conv: left context is the ``Ke - S`` previous input samples (not ``Ke - 1``, §7.2).
-    With ``elu`` the conv reads ``elu(x)``, which the input kernel applies (one launch fewer; on a GPU the same bits
-    as torch's ELU, under the Triton interpreter an ulp or two apart). ``residual``: returns ``residual + conv``.
+    With ``elu`` the conv reads ``elu(x)`` (on a GPU the same bits as torch's ELU, under the Triton interpreter an
+    ulp or two apart). ``residual``: returns ``residual + conv``. ``first`` [B] bool: rows that replicate x's first
+    column as their context (the 12.5 Hz downsampling's first call).
 
-    ``prev`` is ``[B, C_in, Ke - S]`` (``None`` when ``Ke == S``). Returns the output; rows
-    whose ``exec_mask`` is false keep their old ``prev``. ``prev`` is updated in place (static addresses for
-    graph capture) by :func:`dsm_kernels.mimi_conv_pad` (ELU, concatenation and state update: one kernel on Triton).
-    """
-    if prev is None:
-        return conv1d(x, weight, bias, stride, dilation, groups, backend, residual, elu=elu)
-    x = dsm_kernels.mimi_conv_pad(x, prev, exec_mask, elu=elu, backend=backend)
-    return conv1d(x, weight, bias, stride, dilation, groups, backend, residual)
+    ``ctx`` is ``[2, B, C_in, Ke - S]`` (``None`` when ``Ke == S``), double-buffered: half ``phase`` is read and the
+    other half written (:func:`dsm_kernels.reference.conv_context_input`; rows whose ``exec_mask`` is false keep
+    theirs); the caller flips ``phase`` after its step's last conv. Off the reference backend the GEMV and
+    implicit-GEMM kernels read the context in place (no input copy, no launch of its own); torch's convolution reads
+    the input :func:`dsm_kernels.mimi_conv_pad` builds (ELU, context and its update: one kernel on Triton)."""
+    context = {} if ctx is None else dict(ctx=ctx, phase=phase, exec_mask=exec_mask, first=first)
+    return conv1d(x, weight, bias, stride, dilation, backend, residual, elu=elu, **context)
 
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int = 1,
-           groups: int = 1, backend: str | None = None, residual: torch.Tensor | None = None,
-           elu: bool = False) -> torch.Tensor:
-    """A valid conv1d of ``x`` (of ``elu(x)`` with ``elu``, which the implicit-GEMM kernel applies as it loads x),
-    plus ``residual`` if given. Off the reference backend, one with at most
+           backend: str | None = None, residual: torch.Tensor | None = None, elu: bool = False,
+           **context) -> torch.Tensor:  # fmt: skip
+    """A valid conv1d of ``x`` (of ``elu(x)`` with ``elu``, which the kernels apply as they load x), plus
+    ``residual`` if given; with ``context`` (``ctx``, ``phase``, ``exec_mask``, ``first``: see
+    :func:`causal_conv1d`) of the input ``[context | x]``. Off the reference backend, one with at most
     ``dsm_kernels.conv_gemv_max_columns()`` output columns (batch rows x steps: at a few streams the deep SEANet
     layers, up to 16 steps a frame, and the quantizer's projection) runs as a GEMV (:func:`dsm_kernels.conv1d_gemv`),
     which streams the weights at bandwidth; one with more as an implicit GEMM on tensor cores in fp32-accurate TF32
     passes (:func:`dsm_kernels.conv1d_igemm`, the residual added in its epilogue; ``DSM_CONV_IGEMM=0``: cuDNN's fp32
     convolution, on the CUDA cores)."""
-    b, _, t = x.shape
+    b, t = x.shape[0], x.shape[-1] + (context["ctx"].shape[-1] if context else 0)
     t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
-    narrow = groups == 1 and gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns())
-    if not narrow and groups == 1 and dilation == 1 and igemm_path(backend, x.device):
-        return dsm_kernels.conv1d_igemm(x, weight, bias, stride, residual=residual, elu=elu, backend=backend)
-    x = F.elu(x) if elu else x
-    if narrow:
-        y = dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, backend=backend)
+    if gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns()):
+        y = dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, elu=elu, backend=backend, **context)
+    elif dilation == 1 and igemm_path(backend, x.device):
+        return dsm_kernels.conv1d_igemm(x, weight, bias, stride, residual=residual, elu=elu, backend=backend,
+                                        **context)  # fmt: skip
     else:
-        y = F.conv1d(x, weight, bias, stride, 0, dilation, groups)
+        if context:  # torch's conv reads a copy of [context | x] (ELU applied)
+            x = dsm_kernels.mimi_conv_pad(x, elu=elu, backend=backend, **context)
+        elif elu:
+            x = F.elu(x)
+        y = F.conv1d(x, weight, bias, stride, 0, dilation)
     return y if residual is None else residual + y
 
 

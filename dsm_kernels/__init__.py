@@ -314,11 +314,14 @@ def qkv_rope_gemv(x, weight, alpha, eps, positions, inv_freq, k_cache, v_cache, 
               out=out, beta=beta)
 
 
-def conv1d_gemv(x, weight, bias=None, stride=1, dilation=1, *, out=None, backend=None):
+def conv1d_gemv(x, weight, bias=None, stride=1, dilation=1, *, elu=False, ctx=None, phase=None, exec_mask=None,
+                first=None, out=None, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.conv1d_gemv_ref`: a conv1d with few output columns (the Triton kernel takes
-    at most ``CONV_GEMV_MAX_COLUMNS`` of them, batch rows included)."""
-    checks.conv1d_gemv(x, weight, bias, stride, dilation, out)
-    return resolve("conv1d_gemv", backend, x.device)(x, weight, bias, stride, dilation, out=out)
+    at most ``CONV_GEMV_MAX_COLUMNS`` of them, batch rows included); with ``ctx``, a streaming causal conv reading
+    and updating its stored context (:func:`dsm_kernels.reference.conv_context_input`)."""
+    checks.conv1d_gemv(x, weight, bias, stride, dilation, out, ctx, phase, exec_mask, first)
+    return resolve("conv1d_gemv", backend, x.device)(x, weight, bias, stride, dilation, out=out, elu=elu, ctx=ctx,
+                                                     phase=phase, exec_mask=exec_mask, first=first)  # fmt: skip
 
 
 def conv_igemm_enabled() -> bool:
@@ -327,11 +330,15 @@ def conv_igemm_enabled() -> bool:
     return os.environ.get("DSM_CONV_IGEMM") != "0"
 
 
-def conv1d_igemm(x, weight, bias=None, stride=1, *, residual=None, elu=False, out=None, backend=None):
+def conv1d_igemm(x, weight, bias=None, stride=1, *, residual=None, elu=False, ctx=None, phase=None, exec_mask=None,
+                 first=None, out=None, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.conv1d_igemm_ref`: a conv1d (of ``elu(x)`` with ``elu``; + residual) as an
-    implicit GEMM on tensor cores in fp32-accurate TF32 passes, for many output columns."""
-    checks.conv1d_igemm(x, weight, bias, stride, residual, out)
-    return resolve("conv1d_igemm", backend, x.device)(x, weight, bias, stride, residual=residual, elu=elu, out=out)
+    implicit GEMM on tensor cores in fp32-accurate TF32 passes, for many output columns; with ``ctx``, a streaming
+    causal conv reading and updating its stored context (:func:`dsm_kernels.reference.conv_context_input`)."""
+    checks.conv1d_igemm(x, weight, bias, stride, residual, out, ctx, phase, exec_mask, first)
+    fn = resolve("conv1d_igemm", backend, x.device)
+    return fn(x, weight, bias, stride, residual=residual, elu=elu, out=out, ctx=ctx, phase=phase, exec_mask=exec_mask,
+              first=first)
 
 
 def conv_transpose1d_igemm(x, weight, bias=None, stride=1, *, phase_weight=None, elu=False, out=None, backend=None):
@@ -417,10 +424,11 @@ def mimi_rope_kv(qkv, rot, cache, rows, slots, *, out=None, backend=None):
     return resolve("mimi_rope_kv", backend, qkv.device)(qkv, rot, cache, rows, slots, out=out)
 
 
-def mimi_conv_pad(x, prev, exec_mask, *, elu=False, out=None, backend=None):
-    """See :func:`dsm_kernels.reference.mimi_conv_pad_ref` (Mimi's ELU + conv-state update; ``prev`` in place)."""
-    checks.mimi_conv_pad(x, prev, exec_mask, out)
-    return resolve("mimi_conv_pad", backend, x.device)(x, prev, exec_mask, elu=elu, out=out)
+def mimi_conv_pad(x, ctx, phase, exec_mask, *, elu=False, first=None, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_conv_pad_ref` (a streaming conv's input with its stored context, ELU;
+    the context's other half written)."""
+    checks.mimi_conv_pad(x, ctx, phase, exec_mask, first, out)
+    return resolve("mimi_conv_pad", backend, x.device)(x, ctx, phase, exec_mask, elu=elu, first=first, out=out)
 
 
 def mimi_ring_attention(q, cache, pos, *, out=None, backend=None):

@@ -172,17 +172,23 @@ def qkv_rope_gemv(x, weight, alpha, positions, inv_freq, k_cache, v_cache, slot_
         shape(op, "out", out, (B, num_heads, D))
 
 
-def _conv1d(op, x, weight, bias, stride, dilation, outputs) -> None:
-    """A valid conv1d's operands: x [B, C, T] and weight [N, C, KS] with T at least the kernel's span, a stride of at
-    least 1, bias [N], and each named output [B, N, T_out]."""
+def _conv1d(op, x, weight, bias, stride, dilation, outputs, ctx=None, phase=None, exec_mask=None, first=None) -> None:
+    """A valid conv1d's operands: x [B, C, T] and weight [N, C, KS] with T (plus the context's P columns) at least
+    the kernel's span, a stride of at least 1, bias [N], each named output [B, N, T_out], and a streaming conv's
+    context (:func:`context`)."""
     shape(op, "x", x, (None, None, None))
     B, C, T = x.shape
     shape(op, "weight", weight, (None, C, None))
     N, _, KS = weight.shape
     span = dilation * (KS - 1) + 1
+    if ctx is not None:
+        context(op, x, ctx, phase, exec_mask, first)
+        T += ctx.shape[-1]
+    elif phase is not None or exec_mask is not None or first is not None:
+        raise ValueError(f"{op}: phase, exec_mask and first go with a context (ctx)")
     if T < span or stride < 1:
-        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: {T} steps, fewer than the kernel's span {span} "
-                         f"(stride {stride})")  # fmt: skip
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: {T} steps (context included), fewer than the "
+                         f"kernel's span {span} (stride {stride})")  # fmt: skip
     if bias is not None:
         shape(op, "bias", bias, (N,))
     for name, t in outputs:
@@ -190,12 +196,34 @@ def _conv1d(op, x, weight, bias, stride, dilation, outputs) -> None:
             shape(op, name, t, (B, N, (T - span) // stride + 1))
 
 
-def conv1d_gemv(x, weight, bias, stride, dilation, out) -> None:
-    _conv1d("conv1d_gemv", x, weight, bias, stride, dilation, (("out", out),))
+def context(op, x, ctx, phase, exec_mask, first) -> None:
+    """A streaming conv's double-buffered context: ctx [2, B, C, P >= 1] fp32 like x [B, C, T], phase a [1] int32
+    tensor (0 or 1: the half read now), exec_mask and the optional first flags [B] bool."""
+    B, C, _ = x.shape
+    shape(op, "ctx", ctx, (2, B, C, None))
+    if ctx.shape[3] < 1:
+        raise ValueError(f"{op}: ctx has shape {tuple(ctx.shape)}: a conv without left context has no state")
+    fp32(op, x=x, ctx=ctx)
+    if phase is None or phase.dtype != torch.int32 or tuple(phase.shape) != (1,):
+        got = "None" if phase is None else f"{phase.dtype} {tuple(phase.shape)}"
+        raise ValueError(f"{op}: phase must be an int32 tensor of shape (1,), got {got}")
+    if exec_mask is None:
+        raise ValueError(f"{op}: a context needs the exec_mask of its rows")
+    _mask(op, exec_mask, B)
+    if first is not None:
+        _mask(op, first, B, "first")
+    for name, t in (("ctx", ctx), ("phase", phase), ("exec_mask", exec_mask), ("first", first)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
 
 
-def conv1d_igemm(x, weight, bias, stride, residual, out) -> None:
-    _conv1d("conv1d_igemm", x, weight, bias, stride, 1, (("residual", residual), ("out", out)))
+def conv1d_gemv(x, weight, bias, stride, dilation, out, ctx=None, phase=None, exec_mask=None, first=None) -> None:
+    _conv1d("conv1d_gemv", x, weight, bias, stride, dilation, (("out", out),), ctx, phase, exec_mask, first)
+
+
+def conv1d_igemm(x, weight, bias, stride, residual, out, ctx=None, phase=None, exec_mask=None, first=None) -> None:
+    _conv1d("conv1d_igemm", x, weight, bias, stride, 1, (("residual", residual), ("out", out)), ctx, phase, exec_mask,
+            first)  # fmt: skip
 
 
 def conv_transpose1d_igemm(x, weight, bias, stride, out) -> None:
@@ -282,17 +310,14 @@ def rvq_decode(codes, tables, out) -> None:
         shape(op, "out", out, (B, C, T))
 
 
-def mimi_conv_pad(x, prev, exec_mask, out) -> None:
+def mimi_conv_pad(x, ctx, phase, exec_mask, first, out) -> None:
     op = "mimi_conv_pad"
     shape(op, "x", x, (None, None, None))
-    B, C, T = x.shape
-    shape(op, "prev", prev, (B, C, None))
-    if prev.shape[2] < 1:
-        raise ValueError(f"{op}: prev has shape {tuple(prev.shape)}: a conv without left context has no state")
-    _mask(op, exec_mask, B)
-    fp32(op, x=x, prev=prev, out=out)
+    context(op, x, ctx, phase, exec_mask, first)
+    fp32(op, out=out)
     if out is not None:
-        shape(op, "out", out, (B, C, prev.shape[2] + T))
+        B, C, T = x.shape
+        shape(op, "out", out, (B, C, ctx.shape[3] + T))
 
 
 def mimi_convtr_overlap(y, partial, bias, exec_mask) -> None:

@@ -8,8 +8,10 @@ fp32 ulps of an fp32 product, with fp32 accumulation.
 
 * :func:`conv1d_igemm_triton`: a valid conv1d (no groups, no dilation) as the GEMM ``W [C_out, C_in K] x
   im2col(x) [C_in K, B T_out]``, the im2col gathered on the fly (with an optional ELU of the input, the one that
-  precedes every SEANet conv without stored context); bias and an optional residual added in the epilogue (a SEANet
-  residual unit's ``x + conv1x1(elu(y))`` in one pass).
+  precedes every SEANet conv); bias and an optional residual added in the epilogue (a SEANet residual unit's
+  ``x + conv1x1(elu(y))`` in one pass). A streaming causal conv reads its stored left context in place (the im2col
+  gathers from ``[ctx[phase] | x]``) and extra programs of the launch write the context's other half
+  (:func:`~dsm_kernels.reference.conv_context_input`), so no kernel copies the input first.
 * :func:`conv_transpose1d_igemm_triton`: a transposed conv with ``K = J S`` as S interleaved J-tap convs: output
   ``q S + p`` is ``sum_j W[:, :, p + j S]^T x[q - j]``, one GEMM per phase p, written strided. Its weights are
   read phase-major (:func:`~dsm_kernels.reference.convtr_phase_weight`, made once by the caller), so that a tile's
@@ -28,7 +30,7 @@ import triton.language as tl
 
 from . import sm_count, triton_interpret
 from .reference import convtr_phase_weight
-from .triton_common import _elu, exact_elu, unit_stride
+from .triton_common import _ctx_gather, _ctx_update, _elu, ctx_args, exact_elu, unit_stride
 
 
 @triton.jit
@@ -39,9 +41,38 @@ def _conv_igemm_kernel(
     res_ptr, srb, src, srt,  # [B, C_out, T_out] residual (unused without HAS_RES)
     out_ptr, sob, soc, sot,  # [B, C_out, T_out]
     C_out, KD, T_out, N, stride,
+    ctx_ptr, sch, scb, scc, sct, phase_ptr, mask_ptr, first_ptr,  # CTX: [2, B, C_in, P], [1] int32, [B] bool x2
+    C_in, T_in, P, N_TILES,  # CTX: x holds T_in new columns; grid columns >= N_TILES update the context
     KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ELU: tl.constexpr, EXACT_ELU: tl.constexpr,
     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    CTX: tl.constexpr = False, FIRST: tl.constexpr = False, BR: tl.constexpr = 1, BP: tl.constexpr = 1,
 ):  # fmt: skip
+    if CTX:  # a streaming causal conv: its input is [ctx[phase] | x]; extra programs write ctx[1 - phase]
+        if tl.program_id(1) >= N_TILES:
+            if tl.program_id(0) == 0:
+                rows = (tl.program_id(1) - N_TILES) * BR + tl.arange(0, BR)
+                _ctx_update(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, mask_ptr,
+                            tl.load(phase_ptr).to(tl.int64), rows, (N // T_out) * C_in, C_in, T_in, P, FIRST,
+                            BP)  # fmt: skip
+        else:
+            _conv_igemm_tile(x_ptr, sxb, sxc, sxt, w_ptr, bias_ptr, res_ptr, srb, src, srt, out_ptr, sob, soc, sot,
+                             C_out, KD, T_out, N, stride, ctx_ptr, sch, scb, scc, sct, first_ptr,
+                             tl.load(phase_ptr).to(tl.int64), P, KS, HAS_BIAS, HAS_RES, ELU, EXACT_ELU, PREC, BM, BN,
+                             BK, True, FIRST)  # fmt: skip
+    else:
+        _conv_igemm_tile(x_ptr, sxb, sxc, sxt, w_ptr, bias_ptr, res_ptr, srb, src, srt, out_ptr, sob, soc, sot,
+                         C_out, KD, T_out, N, stride, ctx_ptr, sch, scb, scc, sct, first_ptr, 0, P, KS, HAS_BIAS,
+                         HAS_RES, ELU, EXACT_ELU, PREC, BM, BN, BK, False, False)  # fmt: skip
+
+
+@triton.jit
+def _conv_igemm_tile(
+    x_ptr, sxb, sxc, sxt, w_ptr, bias_ptr, res_ptr, srb, src, srt, out_ptr, sob, soc, sot,
+    C_out, KD, T_out, N, stride, ctx_ptr, sch, scb, scc, sct, first_ptr, cur, P,
+    KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ELU: tl.constexpr, EXACT_ELU: tl.constexpr,
+    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CTX: tl.constexpr, FIRST: tl.constexpr,
+):  # fmt: skip
+    """One (output channels, columns) tile of :func:`_conv_igemm_kernel` (``CTX``: the input is [ctx[cur] | x])."""
     co = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)  # output column: batch row b, step t
     com, nm = co < C_out, n < N
@@ -53,8 +84,12 @@ def _conv_igemm_kernel(
         km = kk < KD
         a = tl.load(w_ptr + co[:, None] * KD + kk[None, :], mask=com[:, None] & km[None, :], other=0.0)
         src_t = t[None, :] * stride + (kk % KS)[:, None]
-        xb = tl.load(x_ptr + b[None, :] * sxb + (kk // KS)[:, None] * sxc + src_t * sxt,
-                     mask=km[:, None] & nm[None, :], other=0.0)  # fmt: skip
+        xm = km[:, None] & nm[None, :]
+        if CTX:
+            xb = _ctx_gather(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, cur, P, b[None, :],
+                             (kk // KS)[:, None], src_t, xm, FIRST)  # fmt: skip
+        else:
+            xb = tl.load(x_ptr + b[None, :] * sxb + (kk // KS)[:, None] * sxc + src_t * sxt, mask=xm, other=0.0)
         if ELU:  # elu(0) = 0: the masked elements stay out of the sum
             xb = _elu(xb, EXACT_ELU)
         acc = tl.dot(a, xb, acc, input_precision=PREC)
@@ -119,11 +154,14 @@ def _precision() -> str:
     return "ieee" if triton_interpret() else "tf32x3"
 
 
-def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False, out=None):
-    """See :func:`dsm_kernels.reference.conv1d_igemm_ref`."""
+def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False, out=None, ctx=None, phase=None,
+                        exec_mask=None, first=None):  # fmt: skip
+    """See :func:`dsm_kernels.reference.conv1d_igemm_ref`. With ``ctx``, the stored context is read in place and
+    its other half written by extra programs of the same launch (no input copy)."""
     B, C, T = x.shape
     C_out, C_w, KS = weight.shape
-    T_out = (T - KS) // stride + 1
+    P = 0 if ctx is None else ctx.shape[-1]
+    T_out = (P + T - KS) // stride + 1
     if C_w != C or T_out < 1 or torch.float32 != x.dtype or torch.float32 != weight.dtype:
         raise ValueError(f"conv1d_igemm: x {tuple(x.shape)} {x.dtype} against weight {tuple(weight.shape)} "
                          f"{weight.dtype} (fp32, no groups)")  # fmt: skip
@@ -132,17 +170,20 @@ def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False
         out = torch.empty(B, C_out, T_out, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    (bias,) = unit_stride(bias)
+    bias, phase, exec_mask, first = unit_stride(bias, phase, exec_mask, first)
     N = B * T_out
     BM, BN, BK = _tiles(C_out, N, x.device)
+    n_tiles = triton.cdiv(N, BN)
+    BR = max(1, 1024 // triton.next_power_of_2(max(P, 1)))  # context rows (b, c) a state program writes
+    state_tiles = triton.cdiv(B * C, BR) if ctx is not None else 0
     res = residual if residual is not None else out
-    _conv_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN))](
+    _conv_igemm_kernel[(triton.cdiv(C_out, BM), n_tiles + state_tiles)](
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight,
         res, res.stride(0), res.stride(1), res.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
-        C_out, C * KS, T_out, N, stride,
+        C_out, C * KS, T_out, N, stride, *ctx_args(ctx, phase, exec_mask, first, fallback=x)[:8], C, T, P, n_tiles,
         KS=KS, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ELU=elu, EXACT_ELU=exact_elu(),
-        PREC=_precision(), BM=BM, BN=BN, BK=BK,
-        num_warps=4, num_stages=3,
+        PREC=_precision(), BM=BM, BN=BN, BK=BK, CTX=ctx is not None, FIRST=first is not None, BR=BR,
+        BP=triton.next_power_of_2(max(P, 1)), num_warps=4, num_stages=3,
     )  # fmt: skip
     return out
 

@@ -43,7 +43,19 @@ from .paged_attention import _round_e4m3, cache_saturation
 from .pdl import launch_and_wait, use_pdl
 from .sampling import _num_warps as _sampler_warps
 from .sampling import _sample_rows
-from .triton_common import _TL_DTYPES, _arrive, _elu, _input_tile, _rnd, _sms, exact_elu, unit_stride
+from .triton_common import (
+    _TL_DTYPES,
+    _arrive,
+    _ctx_gather,
+    _ctx_update,
+    _elu,
+    _input_tile,
+    _rnd,
+    _sms,
+    ctx_args,
+    exact_elu,
+    unit_stride,
+)
 
 # Up to GEMV_MAX_B rows the GEMV kernels run; above it tensor-core GEMMs (the row loop is unrolled, and tensor cores
 # win once there are enough rows). bench_depformer times both sides of the boundary.
@@ -272,13 +284,42 @@ def _qkv_rope_gemv_kernel(
 def _conv_gemv_kernel(
     x_ptr, sxb, sxc, sxt, w_ptr, b_ptr, out_ptr, sob, soc, sot,
     R, N, K, T_OUT, STRIDE, DIL,
+    ctx_ptr, sch, scb, scc, sct, phase_ptr, mask_ptr, first_ptr,  # CTX: [2, B, C_in, P], [1] int32, [B] bool x2
+    C_in, T_in, P, N_TILES,  # CTX: x holds T_in new columns; programs >= N_TILES update the context
     KS: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
     PDL: tl.constexpr, ELU: tl.constexpr = False, EXACT_ELU: tl.constexpr = False,
+    CTX: tl.constexpr = False, FIRST: tl.constexpr = False, BR: tl.constexpr = 1, BP: tl.constexpr = 1,
 ):  # fmt: skip
-    """Grid (N tiles,): a valid conv1d (fp32) with few output columns as a GEMV: weight row n is ``w[n]`` ([C_in,
-    KS] contiguous, K = C_in * KS values); output row i < R is column ``t = i % T_OUT`` of batch row ``i // T_OUT``,
-    whose input patch ``x[b, c, t * STRIDE + j * DIL]`` is gathered in the weight row's (c, j) order (``ELU``: of
-    ``elu(x)``). The weight tile stays in registers while the columns go by, BB at a time."""
+    """Grid (N tiles (+ context tiles),): a valid conv1d (fp32) with few output columns as a GEMV: weight row n is
+    ``w[n]`` ([C_in, KS] contiguous, K = C_in * KS values); output row i < R is column ``t = i % T_OUT`` of batch row
+    ``i // T_OUT``, whose input patch ``x[b, c, t * STRIDE + j * DIL]`` is gathered in the weight row's (c, j) order
+    (``ELU``: of ``elu(x)``; ``CTX``: of the input ``[ctx[phase] | x]``, the context's other half written by the
+    programs past N_TILES). The weight tile stays in registers while the columns go by, BB at a time."""
+    if CTX:
+        if tl.program_id(0) >= N_TILES:
+            launch_and_wait(PDL)  # x and the phase come from earlier kernels
+            rows = (tl.program_id(0) - N_TILES) * BR + tl.arange(0, BR)
+            _ctx_update(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, mask_ptr,
+                        tl.load(phase_ptr).to(tl.int64), rows, (R // T_OUT) * C_in, C_in, T_in, P, FIRST,
+                        BP)  # fmt: skip
+        else:
+            _conv_gemv_rows(x_ptr, sxb, sxc, sxt, w_ptr, b_ptr, out_ptr, sob, soc, sot, R, N, K, T_OUT, STRIDE, DIL,
+                            ctx_ptr, sch, scb, scc, sct, phase_ptr, first_ptr, P, KS, HAS_BIAS, BB, BN, KP, PDL, ELU,
+                            EXACT_ELU, True, FIRST)  # fmt: skip
+    else:
+        _conv_gemv_rows(x_ptr, sxb, sxc, sxt, w_ptr, b_ptr, out_ptr, sob, soc, sot, R, N, K, T_OUT, STRIDE, DIL,
+                        ctx_ptr, sch, scb, scc, sct, phase_ptr, first_ptr, P, KS, HAS_BIAS, BB, BN, KP, PDL, ELU,
+                        EXACT_ELU, False, False)  # fmt: skip
+
+
+@triton.jit
+def _conv_gemv_rows(
+    x_ptr, sxb, sxc, sxt, w_ptr, b_ptr, out_ptr, sob, soc, sot, R, N, K, T_OUT, STRIDE, DIL,
+    ctx_ptr, sch, scb, scc, sct, phase_ptr, first_ptr, P,
+    KS: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    PDL: tl.constexpr, ELU: tl.constexpr, EXACT_ELU: tl.constexpr, CTX: tl.constexpr, FIRST: tl.constexpr,
+):  # fmt: skip
+    """The output rows of one weight tile of :func:`_conv_gemv_kernel`."""
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < N
     k = tl.arange(0, KP)
@@ -287,12 +328,18 @@ def _conv_gemv_kernel(
     bias = tl.load(b_ptr + n, mask=nmask & HAS_BIAS, other=0.0)
     launch_and_wait(PDL)  # the weights are in flight
     tap = (k // KS) * sxc + (k % KS) * DIL * sxt
+    if CTX:
+        cur = tl.load(phase_ptr).to(tl.int64)
     for r0 in range(0, R, BB):
         for j in tl.static_range(BB):
             i = r0 + j
             live = i < R
             b, t = i // T_OUT, i % T_OUT
-            x = tl.load(x_ptr + b.to(tl.int64) * sxb + t * STRIDE * sxt + tap, mask=kmask & live, other=0.0)
+            if CTX:
+                x = _ctx_gather(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, cur, P, b.to(tl.int64),
+                                k // KS, t * STRIDE + (k % KS) * DIL, kmask & live, FIRST)  # fmt: skip
+            else:
+                x = tl.load(x_ptr + b.to(tl.int64) * sxb + t * STRIDE * sxt + tap, mask=kmask & live, other=0.0)
             if ELU:  # elu(0) = 0: the masked elements stay out of the sum
                 x = _elu(x, EXACT_ELU)
             y = tl.sum(w * x[None, :], axis=1) + bias
@@ -398,14 +445,17 @@ def qkv_rope_gemv_triton(x, weight, alpha, eps, positions, inv_freq, k_cache, v_
     return q
 
 
-def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None, elu=False):
+def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None, elu=False, ctx=None, phase=None,
+                       exec_mask=None, first=None):  # fmt: skip
     """Triton twin of :func:`~dsm_kernels.reference.conv1d_gemv_ref` for at most ``CONV_GEMV_MAX_COLUMNS`` output
     columns in all (batch rows x output steps): each weight row is read once, at bandwidth, where a conv library's
     tiles would leave most of the GPU idle on a [C_out, C_in * K] x [C_in * K, 2 .. 64] product. ``elu``: the conv
-    of ``elu(x)``, applied as x loads (on a GPU torch's bits, see :func:`~dsm_kernels.triton_common._elu`)."""
+    of ``elu(x)``, applied as x loads (on a GPU torch's bits, see :func:`~dsm_kernels.triton_common._elu`). With
+    ``ctx``, the stored context is read in place and its other half written by extra programs of the launch."""
     B, C, T = x.shape
     N, C_w, KS = weight.shape
-    T_out = (T - dilation * (KS - 1) - 1) // stride + 1
+    P = 0 if ctx is None else ctx.shape[-1]
+    T_out = (P + T - dilation * (KS - 1) - 1) // stride + 1
     if C_w != C or T_out < 1 or not weight.is_contiguous() or torch.float32 != x.dtype or torch.float32 != weight.dtype:
         raise ValueError(f"conv1d_gemv: x {tuple(x.shape)} {x.dtype} against weight {tuple(weight.shape)} "
                          f"{weight.dtype} (fp32, contiguous, no groups)")  # fmt: skip
@@ -419,14 +469,20 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None, elu
         raise ValueError(f"conv1d_gemv: out has shape {tuple(out.shape)}, expected {(B, N, T_out)}")
     if out.numel() == 0:
         return out
-    (bias,) = unit_stride(bias)
+    bias, phase, exec_mask, first = unit_stride(bias, phase, exec_mask, first)
     bn, kp, warps = gemv_plan(N, C * KS, sms=_sms(x.device), interp=triton_interpret())
+    n_tiles = triton.cdiv(N, bn)
+    bp = triton.next_power_of_2(max(P, 1))
+    br = max(1, 1024 // bp)  # context rows (b, c) a state program writes
+    state_tiles = triton.cdiv(B * C, br) if ctx is not None else 0
     pdl = use_pdl(x.device)
-    _conv_gemv_kernel[(triton.cdiv(N, bn),)](
+    _conv_gemv_kernel[(n_tiles + state_tiles,)](
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight, out,
         out.stride(0), out.stride(1), out.stride(2), B * T_out, N, C * KS, T_out, stride, dilation,
+        *ctx_args(ctx, phase, exec_mask, first, fallback=x)[:8], C, T, P, n_tiles,
         KS=KS, HAS_BIAS=bias is not None, BB=min(GEMV_MAX_B, triton.next_power_of_2(B * T_out)), BN=bn, KP=kp, PDL=pdl,
-        ELU=elu, EXACT_ELU=elu and exact_elu(), num_warps=warps, launch_pdl=pdl,
+        ELU=elu, EXACT_ELU=elu and exact_elu(), CTX=ctx is not None, FIRST=first is not None, BR=br, BP=bp,
+        num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

@@ -7,8 +7,9 @@
   in), one launch.
 * :func:`mimi_rope_kv_triton`: a transformer layer's RoPE of q and k and the write of k and v into the streaming KV
   ring, one launch (was a complex multiply and an ``index_put_``).
-* :func:`mimi_conv_pad_triton`: a SEANet streaming conv's input (ELU, the stored left context prepended) and the
-  update of that context, one launch (was ``elu``, ``cat`` and ``where``).
+* :func:`mimi_conv_pad_triton`: a SEANet streaming conv's input (the stored left context prepended, ELU) and the
+  update of that context, one launch, for the convolutions that cannot read the context themselves (torch's; the
+  implicit-GEMM and GEMV conv kernels do).
 
 * :func:`mimi_ring_attention_triton`: a transformer layer's attention of its few new queries over the KV ring, with
   the ring's mask computed in the kernel from the row's position (was the mask ops + SDPA).
@@ -39,7 +40,7 @@ import triton.language as tl
 
 from . import triton_interpret
 from .pdl import launch_and_wait, use_pdl
-from .triton_common import _elu, exact_elu, unit_stride
+from .triton_common import _ctx_gather, _ctx_update, _elu, ctx_args, exact_elu, unit_stride
 
 
 @triton.jit
@@ -256,65 +257,49 @@ def mimi_rope_kv_triton(qkv: torch.Tensor, rot: torch.Tensor, cache: torch.Tenso
 @triton.jit
 def _mimi_conv_pad_kernel(
     x_ptr, sxb, sxc, sxt,  # [B, C, T] fp32
-    prev_ptr, spb, spc, spt,  # [B, C, P] fp32, updated in place
-    mask_ptr,  # [B] bool
+    ctx_ptr, sch, scb, scc, sct,  # [2, B, C, P] fp32: half ``phase`` read, the other written
+    phase_ptr, mask_ptr, first_ptr,  # [1] int32, [B] bool, [B] bool (unused without FIRST)
     out_ptr, sob, soc, sot,  # [B, C, P + T] fp32
     C, T, P,
-    ELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    ELU: tl.constexpr, FIRST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
     EXACT_ELU: tl.constexpr = False,
-):
+):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = (c < C)[:, None]
-    j = tl.arange(0, BLOCK_P)[None, :]
-    jm = cm & (j < P)
-    pbase = prev_ptr + b * spb + c[:, None] * spc
-    xbase = x_ptr + b * sxb + c[:, None] * sxc
-    obase = out_ptr + b * sob + c[:, None] * soc
-    tl.store(obase + j * sot, tl.load(pbase + j * spt, mask=jm, other=0.0), mask=jm)
-    # the new context: columns T .. T + P - 1 of [prev | x] (all of this program's reads of prev happen here)
-    src = T + j
-    from_prev = src < P
-    old = tl.load(pbase + src * spt, mask=jm & from_prev, other=0.0)
-    new = tl.load(xbase + (src - P) * sxt, mask=jm & (src >= P), other=0.0)
-    if ELU:
-        new = _elu(new, EXACT_ELU)
-    new = tl.where(from_prev, old, new)
-    for t0 in range(0, T, BLOCK_T):
+    cur = tl.load(phase_ptr).to(tl.int64)
+    for t0 in range(0, P + T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)[None, :]
-        tm = cm & (t < T)
-        v = tl.load(xbase + t * sxt, mask=tm, other=0.0)
+        m = (c < C)[:, None] & (t < P + T)
+        v = _ctx_gather(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, cur, P, b, c[:, None], t, m,
+                        FIRST)  # fmt: skip
         if ELU:
             v = _elu(v, EXACT_ELU)
-        tl.store(obase + (P + t) * sot, v, mask=tm)
-    active = tl.load(mask_ptr + b) != 0
-    tl.debug_barrier()  # every thread has read the old context before any overwrites it
-    tl.store(pbase + j * spt, new, mask=jm & active)
+        tl.store(out_ptr + b * sob + c[:, None] * soc + t * sot, v, mask=m)
+    _ctx_update(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, mask_ptr, cur, b * C + c, b * C + C, C,
+                T, P, FIRST, BLOCK_P)  # fmt: skip
 
 
-def mimi_conv_pad_triton(x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.Tensor, elu: bool = False,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """See :func:`dsm_kernels.reference.mimi_conv_pad_ref`. One program per row and block of channels, which owns
-    that slice of ``prev`` (graph capturable, no host sync)."""
+def mimi_conv_pad_triton(x: torch.Tensor, ctx: torch.Tensor, phase: torch.Tensor, exec_mask: torch.Tensor,
+                         elu: bool = False, first: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """See :func:`dsm_kernels.reference.mimi_conv_pad_ref`. One program per row and block of channels, which writes
+    that slice of the context's other half (graph capturable, no host sync)."""
     B, C, T = x.shape
-    P = prev.shape[-1]
-    assert prev.shape == (B, C, P) and P >= 1 and exec_mask.shape == (B,) and exec_mask.dtype == torch.bool
-    assert x.dtype == prev.dtype == torch.float32
+    P = ctx.shape[-1]
+    assert ctx.shape == (2, B, C, P) and P >= 1 and exec_mask.shape == (B,) and exec_mask.dtype == torch.bool
+    assert x.dtype == ctx.dtype == torch.float32
     if out is None:
         out = torch.empty(B, C, P + T, dtype=x.dtype, device=x.device)
     assert out.shape == (B, C, P + T)
-    if out.numel() == 0:
+    if B == 0 or C == 0:
         return out
-    if T == 0:  # nothing new: the output is the stored context, which stays as it is
-        return out.copy_(prev)
-    (exec_mask,) = unit_stride(exec_mask)
-    BLOCK_P = triton.next_power_of_2(P)
-    BLOCK_T = min(triton.next_power_of_2(T), 128)
-    BLOCK_C = max(1, min(triton.next_power_of_2(C), 2048 // max(BLOCK_P, BLOCK_T)))
+    args = ctx_args(ctx, *unit_stride(phase, exec_mask, first), fallback=x)
+    BLOCK_T = min(triton.next_power_of_2(P + T), 128)
+    BLOCK_C = max(1, min(triton.next_power_of_2(C), 2048 // BLOCK_T))
     _mimi_conv_pad_kernel[(B, triton.cdiv(C, BLOCK_C))](
-        x, x.stride(0), x.stride(1), x.stride(2), prev, prev.stride(0), prev.stride(1), prev.stride(2), exec_mask,
-        out, out.stride(0), out.stride(1), out.stride(2), C, T, P,
-        ELU=elu, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_T=BLOCK_T, EXACT_ELU=exact_elu())
+        x, x.stride(0), x.stride(1), x.stride(2), *args[:8], out, out.stride(0), out.stride(1), out.stride(2), C, T,
+        P, ELU=elu, FIRST=first is not None, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, BLOCK_P=triton.next_power_of_2(P),
+        EXACT_ELU=exact_elu())  # fmt: skip
     return out
 
 

@@ -446,21 +446,32 @@ def gemv_ref(
 
 
 def conv1d_gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
-                    dilation: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A valid (unpadded) conv1d ``[B, C_in, T] -> [B, C_out, T_out]`` (fp32, no groups), the op Mimi's SEANet runs
-    where only a few output columns remain (its deep, wide layers); the kernels take at most
-    ``CONV_GEMV_MAX_COLUMNS`` output columns in all."""
-    y = F.conv1d(x, weight, bias, stride, 0, dilation)
+                    dilation: int = 1, out: torch.Tensor | None = None, elu: bool = False,
+                    ctx: torch.Tensor | None = None, phase: torch.Tensor | None = None,
+                    exec_mask: torch.Tensor | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
+    """A valid (unpadded) conv1d ``[B, C_in, T] -> [B, C_out, T_out]`` of ``x`` (of ``elu(x)`` with ``elu``; fp32,
+    no groups), the op Mimi's SEANet runs where only a few output columns remain (its deep, wide layers); the
+    kernels take at most ``CONV_GEMV_MAX_COLUMNS`` output columns in all. With ``ctx`` (and ``phase``,
+    ``exec_mask``, optionally ``first``) a streaming causal conv: the input is :func:`conv_context_input`'s (the
+    stored context prepended, and updated)."""
+    if ctx is not None:
+        x = conv_context_input(x, ctx, phase, exec_mask, first)
+    y = F.conv1d(F.elu(x) if elu else x, weight, bias, stride, 0, dilation)
     return y if out is None else out.copy_(y)
 
 
 def conv1d_igemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                      residual: torch.Tensor | None = None, elu: bool = False,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, ctx: torch.Tensor | None = None,
+                     phase: torch.Tensor | None = None, exec_mask: torch.Tensor | None = None,
+                     first: torch.Tensor | None = None) -> torch.Tensor:
     """A valid conv1d ``[B, C_in, T] -> [B, C_out, T_out]`` of ``x`` (of ``elu(x)`` with ``elu``; fp32, no groups,
     no dilation) plus ``residual`` ``[B, C_out, T_out]`` if given: the op Mimi's SEANet runs at many output columns
     (a residual unit's end is ``x + conv1x1(elu(y))``). The kernels compute the products on tensor cores in three
-    TF32 passes (a few fp32 ulps)."""
+    TF32 passes (a few fp32 ulps). With ``ctx`` (and ``phase``, ``exec_mask``, optionally ``first``) a streaming
+    causal conv: the input is :func:`conv_context_input`'s (the stored context prepended, and updated)."""
+    if ctx is not None:
+        x = conv_context_input(x, ctx, phase, exec_mask, first)
     y = F.conv1d(F.elu(x) if elu else x, weight, bias, stride)
     if residual is not None:
         y = residual + y
@@ -612,16 +623,34 @@ def mimi_ring_attention_ref(q: torch.Tensor, cache: torch.Tensor, pos: torch.Ten
     return a if out is None else out.copy_(a)
 
 
-def mimi_conv_pad_ref(
-    x: torch.Tensor, prev: torch.Tensor, exec_mask: torch.Tensor, elu: bool = False, out: torch.Tensor | None = None
+def conv_context_input(
+    x: torch.Tensor, ctx: torch.Tensor, phase: torch.Tensor, exec_mask: torch.Tensor, first: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Input of a streaming causal conv of Mimi's SEANet: ``cat([prev, elu(x) if elu else x], -1)`` [B, C, P + T];
-    then ``prev`` [B, C, P] takes the last ``P`` columns of it, in place, for rows whose ``exec_mask`` [B] is true
-    (the others keep theirs bitwise). ``x`` [B, C, T] fp32; ELU with alpha 1 (``expm1`` below zero)."""
+    """The raw input ``[B, C, P + T]`` of a streaming causal conv of Mimi's SEANet: its stored left context, then
+    ``x`` [B, C, T]. The context is double-buffered: ``ctx`` [2, B, C, P] holds it in half ``phase`` ([1] int32 on
+    the device, 0 or 1; the caller flips it once a step has run all its convs). Rows whose ``first`` [B] bool is
+    true (a stream's first call of the 12.5 Hz downsampling, replicate-padded) take x's first column for every
+    context column instead. Half ``1 - phase`` takes the input's last ``P`` columns for rows whose ``exec_mask`` is
+    true, half ``phase``'s for the others (kept bitwise). Nothing reads half ``1 - phase`` in a step, so a kernel
+    may read one half while it writes the other: no launch of its own for the context."""
+    cur_i, nxt_i = phase.long(), (1 - phase).long()
+    cur = ctx.index_select(0, cur_i)[0]  # [B, C, P]
+    head = cur if first is None else torch.where(first.view(-1, 1, 1), x[..., :1].expand_as(cur), cur)
+    xp = torch.cat([head, x], dim=-1)
+    ctx.index_copy_(0, nxt_i, torch.where(exec_mask.view(-1, 1, 1), xp[..., -ctx.shape[-1] :], cur)[None])
+    return xp
+
+
+def mimi_conv_pad_ref(
+    x: torch.Tensor, ctx: torch.Tensor, phase: torch.Tensor, exec_mask: torch.Tensor, elu: bool = False,
+    first: torch.Tensor | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """A streaming causal conv's input for a convolution that cannot read the context itself (torch's):
+    ``elu(conv_context_input(...))`` (without ``elu``: as is) [B, C, P + T], the context updated as
+    :func:`conv_context_input` says. ``x`` [B, C, T] fp32; ELU with alpha 1 (``expm1`` below zero)."""
+    xp = conv_context_input(x, ctx, phase, exec_mask, first)
     if elu:
-        x = F.elu(x)
-    xp = torch.cat([prev, x], dim=-1)
-    torch.where(exec_mask.view(-1, 1, 1), xp[..., -prev.shape[-1] :], prev, out=prev)
+        xp = F.elu(xp)
     return xp if out is None else out.copy_(xp)
 
 

@@ -401,9 +401,14 @@ def aot_compile(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warp
     with ``ptx``/``cubin``, ``.metadata.shared``). Arguments missing from ``arg_types`` are ``i32``. ``divisible``:
     the arguments given the 16-divisibility hint that run-time specialisation gives aligned pointers and sizes (it
     lets Triton pipeline loads through shared memory); default: every pointer."""
+    import inspect
+
     import triton
     from triton.backends.compiler import GPUTarget
 
+    # constexpr parameters not given take their defaults, as at a launch (not run-time i32 arguments)
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}
     sig = {n: "constexpr" if n in constexprs else arg_types.get(n, "i32") for n in kernel.arg_names}
     names = set(divisible) if divisible is not None else {n for n, t in sig.items() if t.startswith("*")}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in names}

@@ -41,6 +41,46 @@ def _elu(x, EXACT: tl.constexpr):
     return tl.where(x > 0.0, x, em1)
 
 
+@triton.jit
+def _ctx_gather(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, cur, P, b, c, src, m,
+                FIRST: tl.constexpr):  # fmt: skip
+    """Elements (b, c, src) (broadcast together; ``m`` their mask) of a streaming conv's input ``[ctx[cur] | x]``
+    (:func:`~dsm_kernels.reference.conv_context_input`): column src < P from the stored context (``FIRST``: x's
+    column 0 for rows whose first flag is set), the others from x. Masked elements are 0."""
+    in_ctx = src < P
+    v = tl.load(x_ptr + b * sxb + c * sxc + (src - P) * sxt, mask=m & (src >= P), other=0.0)
+    held = tl.load(ctx_ptr + cur * sch + b * scb + c * scc + src * sct, mask=m & in_ctx, other=0.0)
+    if FIRST:
+        f = tl.load(first_ptr + b + 0 * src, mask=m & in_ctx, other=0) != 0  # b broadcast to the block
+        held = tl.where(f, tl.load(x_ptr + b * sxb + c * sxc, mask=m & in_ctx & f, other=0.0), held)
+    return tl.where(in_ctx, held, v)
+
+
+@triton.jit
+def _ctx_update(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, mask_ptr, cur, rows, R, C, T, P,
+                FIRST: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+    """Half ``1 - cur`` of a streaming conv's stored context for the flat rows ``b * C + c`` in ``rows`` (< R): the
+    last P columns of its input ``[ctx[cur] | x]`` (x [B, C, T]) where ``mask[b]``, half ``cur``'s elsewhere. Only
+    half ``cur`` is read in a step: the conv's programs may still be reading it."""
+    rm = rows < R
+    b = (rows // C).to(tl.int64)[:, None]
+    c = (rows % C)[:, None]
+    j = tl.arange(0, BP)[None, :]
+    m = rm[:, None] & (j < P)
+    new = _ctx_gather(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, cur, P, b, c, T + j, m, FIRST)
+    held = tl.load(ctx_ptr + cur * sch + b * scb + c * scc + j * sct, mask=m, other=0.0)
+    active = tl.load(mask_ptr + b, mask=rm[:, None], other=0) != 0
+    tl.store(ctx_ptr + (1 - cur) * sch + b * scb + c * scc + j * sct, tl.where(active, new, held), mask=m)
+
+
+def ctx_args(ctx: torch.Tensor | None, phase, exec_mask, first, fallback: torch.Tensor) -> tuple:
+    """The kernels' context arguments ``(ctx, sch, scb, scc, sct, phase, exec_mask, first, P)``: placeholders (any
+    pointer, zero strides) without a context, so that one signature serves both."""
+    if ctx is None:
+        return (fallback, 0, 0, 0, 0, fallback, fallback, fallback, 0)
+    return (ctx, *ctx.stride(), phase, exec_mask, first if first is not None else exec_mask, ctx.shape[-1])
+
+
 def exact_elu() -> bool:
     """The ``EXACT`` argument of :func:`_elu` for a launch: libdevice exists on a GPU, not in the interpreter."""
     return not triton_interpret()

@@ -457,6 +457,19 @@ def _mimi_rows(backend, device, quick):
         return torch.cat([fn(xt.to(dev), w_rows.to(dev), b[:C].to(dev), 8, p, one.to(dev), elu=True).flatten(),
                           p.flatten()])
 
+    # a streaming conv reading its stored context (k7: 6 columns) in place and writing the context's other half
+    ctx0, phase = torch.randn(2, 4, C, 6, generator=g), torch.ones(1, dtype=torch.int32)
+    live, w7 = torch.tensor([True, False, True, True]), w[..., :7].contiguous()
+
+    def with_context(xs: torch.Tensor):
+        def run(fn, dev):
+            ctx = ctx0[:, : xs.shape[0]].clone().to(dev)
+            y = fn(xs.to(dev), w7.to(dev), b.to(dev), 1, elu=True, ctx=ctx, phase=phase.to(dev),
+                   exec_mask=live[: xs.shape[0]].to(dev))  # fmt: skip
+            return torch.cat([y.flatten(), ctx.flatten()])
+
+        return run
+
     cases = [
         ("conv1d_gemv", f"{C}->{2 * C} k16 s8, 2 columns", lambda fn, dev: fn(x.to(dev), w.to(dev), b.to(dev), 8)),
         ("mimi_ring_attention", f"B2 {H}x64 ring {S}", lambda fn, dev: fn(q.to(dev), cache.to(dev), pos.to(dev))),
@@ -469,6 +482,9 @@ def _mimi_rows(backend, device, quick):
                             elu=True)),
         ("conv_transpose1d_igemm", f"B4 {2 * C}->{C} k16 s8 of ELU, 24 columns",
          lambda fn, dev: fn(res.to(dev), w.to(dev), b[:C].to(dev), 8, elu=True)),
+        ("conv1d_gemv", f"{C}->{2 * C} k7 of ELU, stored context, 2 columns", with_context(xt[:, :C])),
+        ("conv1d_igemm", f"B4 {C}->{2 * C} k7 of ELU, stored context (1 row paused), 120 columns",
+         with_context(xi[..., :30])),
     ]
     for op, case, run in cases:
         exp = run(getattr(reference, op + "_ref"), "cpu")
@@ -539,17 +555,17 @@ def _mimi_codec_rows(backend, device, quick):
                      1e-5 + 1e-6 * torch.cat([exp_q.flatten(), exp_cache.flatten()]).abs(),
                      "abs err <= 1e-5 + 1e-6 |ref| (q and ring)"))  # fmt: skip
 
-    mask = torch.tensor([True, False, True])
+    mask, phase = torch.tensor([True, False, True]), torch.zeros(1, dtype=torch.int32)
     for P, elu in ((6, True), (2, False)):
         xc = torch.randn(B, 640, T, generator=g) * 3
-        prev = torch.randn(B, 640, P, generator=g)
-        exp_prev = prev.clone()
-        exp = reference.mimi_conv_pad_ref(xc, exp_prev, mask, elu=elu)
-        got_prev = prev.clone().to(device)
-        got = resolve("mimi_conv_pad", backend, device)(xc.to(device), got_prev, mask.to(device), elu=elu,
-                                                        out=poison_(torch.empty(B, 640, P + T, device=device)))
-        both_got, both_exp = torch.cat([got.flatten(), got_prev.flatten()]), torch.cat([exp.flatten(),
-                                                                                        exp_prev.flatten()])
+        ctx = torch.randn(2, B, 640, P, generator=g)
+        exp_ctx = ctx.clone()
+        exp = reference.mimi_conv_pad_ref(xc, exp_ctx, phase, mask, elu=elu)
+        got_ctx = ctx.clone().to(device)
+        got = resolve("mimi_conv_pad", backend, device)(xc.to(device), got_ctx, phase.to(device), mask.to(device),
+                                                        elu=elu, out=poison_(torch.empty(B, 640, P + T, device=device)))
+        both_got, both_exp = torch.cat([got.flatten(), got_ctx.flatten()]), torch.cat([exp.flatten(),
+                                                                                       exp_ctx.flatten()])
         rows.append(_row("mimi_conv_pad", backend, f"B{B} C640 T{T} context {P}{' ELU' if elu else ''}", both_got,
                          both_exp, 1e-7 + 1e-6 * both_exp.abs(), "abs err <= 1e-7 + 1e-6 |ref| (input and state)"))
 

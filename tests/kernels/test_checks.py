@@ -91,9 +91,10 @@ def _rvq_encode(dev):  # 2 groups of 1 level, codebooks [2, 4, 4 + 2]
                                   out=out, backend=b)  # fmt: skip
 
 
-def _conv_pad(dev):
-    mask = torch.ones(1, dtype=torch.int32, device=dev)
-    return lambda b: K.mimi_conv_pad(_z(1, 2, 3, dev=dev), _z(1, 2, 2, dev=dev), mask, backend=b)
+def _conv_pad(dev, mask_dtype=torch.int32, phase_dtype=torch.int32, ctx_shape=(2, 1, 2, 2)):
+    mask = torch.ones(1, dtype=mask_dtype, device=dev)
+    phase = torch.zeros(1, dtype=phase_dtype, device=dev)
+    return lambda b: K.mimi_conv_pad(_z(1, 2, 3, dev=dev), _z(*ctx_shape, dev=dev), phase, mask, backend=b)
 
 
 def _ones_mask(dev, B=2):
@@ -168,6 +169,10 @@ CASES = {  # name: (call builder, start of the expected message)
     "rvq-decode-out": (_rvq_decode, "rvq_decode: out has shape (1, 8, 2), expected [1, 8, 3]"),
     "rvq-encode-out": (_rvq_encode, "rvq_encode: out has shape (1, 2, 2), expected [1, 2, 3]"),
     "conv-pad-int-mask": (_conv_pad, "mimi_conv_pad: exec_mask must be torch.bool"),
+    "conv-pad-one-half": (lambda d: _conv_pad(d, torch.bool, ctx_shape=(1, 2, 2)),
+                          "mimi_conv_pad: ctx has shape (1, 2, 2), expected [2, 1, 2, *]"),
+    "conv-pad-phase-int64": (lambda d: _conv_pad(d, torch.bool, torch.int64),
+                             "mimi_conv_pad: phase must be an int32 tensor of shape (1,), got torch.int64 (1,)"),
     "rope-kv-rows": (lambda d: _rope_kv(d, rows=1), "mimi_rope_kv: rows has shape (1, 1) (1 values), expected 2"),
     "rope-kv-fp64": (lambda d: _rope_kv(d, dtype=torch.float64), "mimi_rope_kv: qkv must be torch.float32"),
     "ring-attention-rows": (lambda d: _ring_attention(d, cache_rows=1), "mimi_ring_attention: cache (1, 2, 2, 3, 4) "
@@ -207,10 +212,12 @@ def test_empty_inputs_give_empty_outputs(backend):
     tokens, logits = K.depformer_frame(w, **args, return_logits=True, backend=backend)
     assert tokens.shape == (0, w.dep_q) and logits.shape == (0, w.dep_q, w.card)
     assert K.conv1d_gemv(_z(0, 4, 3, dev=dev), _z(6, 4, 2, dev=dev), backend=backend).shape == (0, 6, 2)
-    prev = torch.arange(24.0, device=dev).view(2, 4, 3)
-    out = K.mimi_conv_pad(_z(2, 4, 0, dev=dev), prev, torch.ones(2, dtype=torch.bool, device=dev), backend=backend)
-    assert torch.equal(out, torch.arange(24.0, device=dev).view(2, 4, 3))
-    assert torch.equal(prev, out)
+    ctx = torch.arange(48.0, device=dev).view(2, 2, 4, 3)  # no new column: the input is the context, carried over
+    phase = torch.ones(1, dtype=torch.int32, device=dev)
+    out = K.mimi_conv_pad(_z(2, 4, 0, dev=dev), ctx, phase, torch.ones(2, dtype=torch.bool, device=dev),
+                          backend=backend)  # fmt: skip
+    assert torch.equal(out, torch.arange(24.0, 48.0, device=dev).view(2, 4, 3))
+    assert torch.equal(ctx[0], out) and torch.equal(ctx[1], out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS[1:])

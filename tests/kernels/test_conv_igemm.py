@@ -145,8 +145,9 @@ def test_gpu_igemm_mimi_shapes_within_4x_cudnn_fp32_error(transposed):
 
 def test_triton_aot_compiles_for_sm90(aot_output):
     """Both kernels compile for an H100 with tf32x3 products on the tensor cores (wgmma at 64-channel tiles, mma
-    at 16: the decoder's one-channel last conv; 32-column tiles: one stream's convs)."""
-    assert aot_output(__file__).count("mma") == 3
+    at 16: the decoder's one-channel last conv; 32-column tiles: one stream's convs), the conv also reading its
+    stored context in place."""
+    assert aot_output(__file__).count("mma") == 4
 
 
 def _aot() -> None:
@@ -162,6 +163,11 @@ def _aot() -> None:
          {"J": 2, "HAS_BIAS": True, "ELU": True, "EXACT_ELU": True, **tiles}),
         (_conv_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "res_ptr": f32, "out_ptr": f32},
          {"KS": 3, "HAS_BIAS": True, "HAS_RES": False, "ELU": True, "EXACT_ELU": True, **tiles, "BM": 16, "BN": 32}),
+        # a streaming conv reading its stored context in place (the encoder's k7 first conv), its context programs
+        (_conv_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "res_ptr": f32, "out_ptr": f32,
+                              "ctx_ptr": f32, "phase_ptr": "*i32", "mask_ptr": "*i1", "first_ptr": "*i1"},
+         {"KS": 7, "HAS_BIAS": True, "HAS_RES": False, "ELU": False, "EXACT_ELU": True, **tiles, "CTX": True,
+          "FIRST": False, "BR": 128, "BP": 8}),
     ]  # fmt: skip
     for kernel, types, consts in cases:
         cc = aot_compile(kernel, types, consts, num_warps=4)

@@ -305,7 +305,7 @@ def test_triton_aot_compiles_for_sm90(aot_output):
     """The GEMV kernels at the shapes the models launch compile for an H100, with the weights requested before the
     PDL wait and nothing else: the temporal step's (bf16, stt-1b) and Mimi's transformer's (fp32, LayerNorm
     prologues, GELU)."""
-    assert aot_output(__file__).count("cubin") == 2 * 5 + 4
+    assert aot_output(__file__).count("cubin") == 2 * 5 + 4 + 2
 
 
 # What a PDL kernel may read before its wait: weights and norm/scale/bias parameters, which no kernel of the step
@@ -359,6 +359,19 @@ def _aot() -> None:
         ptx = cc.asm["ptx"]
         assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global"), name
         assert prewait_loads(ptx) <= _PREWAIT_OK, (name, prewait_loads(ptx))
+        print(f"{name}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
+    # streaming convs reading their stored context in place, its other half written by extra programs (which wait
+    # for the previous kernel too: they read its output)
+    for name, N, C, KS, P, first in (("mimi decoder input, context", 1024, 512, 7, 6, False),
+                                     ("mimi 12.5 Hz downsampling, context", 512, 512, 4, 2, True)):
+        bn, kp, warps = gemv_plan(N, C * KS, sms=132, interp=False)
+        consts = {"KS": KS, "HAS_BIAS": True, "BB": 1, "BN": bn, "KP": kp, "PDL": True, "CTX": True, "FIRST": first,
+                  "BR": 1024 // triton.next_power_of_2(P), "BP": triton.next_power_of_2(P)}
+        types = {n: "*fp32" for n in _conv_gemv_kernel.arg_names if n.endswith("_ptr")}
+        types |= {"phase_ptr": "*i32", "mask_ptr": "*i1", "first_ptr": "*i1"}
+        cc = aot_compile(_conv_gemv_kernel, types, consts, num_warps=warps)
+        ptx = cc.asm["ptx"]
+        assert ptx.count("griddepcontrol.wait") >= 2, name  # both kinds of program wait before reading x
         print(f"{name}: {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
 
 

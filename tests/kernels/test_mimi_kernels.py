@@ -220,27 +220,75 @@ CONV_PAD_CASES = [(2, 5, 3, 2, True, (1,)), (3, 4, 1, 6, True, (0, 2)), (2, 3, 3
                   (2, 1500, 2, 2, True, (0,))]
 
 
-@pytest.mark.parametrize("B,C,T,P,elu,inactive", CONV_PAD_CASES)
-def test_mimi_conv_pad_triton(B, C, T, P, elu, inactive):
-    device = kernel_device("triton")
-    g = torch.Generator().manual_seed(B * 1000 + C + T + P)
+def _context_inputs(B, C, T, P, inactive, phase, first, seed):
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, T, generator=g) * torch.logspace(-6, 1, T)  # tiny negatives: expm1, not exp - 1
-    prev = torch.randn(B, C, P, generator=g)
+    ctx = torch.randn(2, B, C, P, generator=g)
+    ctx[1 - phase] = float("nan")  # the half written: every element of it must be
     mask = torch.ones(B, dtype=torch.bool)
     mask[list(inactive)] = False
-    want_prev = prev.clone()
-    want = reference.mimi_conv_pad_ref(x, want_prev, mask, elu=elu)
-    got_prev = prev.clone().to(device)
+    fst = torch.arange(B) % 2 == 0 if first else None
+    return x, ctx, torch.tensor([phase], dtype=torch.int32), mask, fst
+
+
+def _check_context(got_ctx, want_ctx, ctx, phase, mask):
+    assert not got_ctx.isnan().any(), "a context element left unwritten"
+    assert torch.equal(got_ctx[phase], ctx[phase]), "the half read was written"
+    assert_close_verbose(got_ctx, want_ctx, atol=1e-7, rtol=1e-6, name="context")
+    assert torch.equal(got_ctx[1 - phase][~mask], ctx[phase][~mask])  # inactive rows carried over bitwise
+
+
+@pytest.mark.parametrize("phase,first", [(0, False), (1, True)])
+@pytest.mark.parametrize("B,C,T,P,elu,inactive", CONV_PAD_CASES)
+def test_mimi_conv_pad_triton(B, C, T, P, elu, inactive, phase, first):
+    """The input of a torch conv with its stored context prepended (rows with ``first``: x's first column in its
+    place) and ELU, and the context's other half: the reference's, the half read untouched."""
+    device = kernel_device("triton")
+    x, ctx, ph, mask, fst = _context_inputs(B, C, T, P, inactive, phase, first, seed=B * 1000 + C + T + P)
+    want_ctx = ctx.clone()
+    want = reference.mimi_conv_pad_ref(x, want_ctx, ph, mask, elu=elu, first=fst)
+    got_ctx = ctx.clone().to(device)
     out = poison_(torch.empty(B, C, P + T, device=device))
-    got = resolve("mimi_conv_pad", "triton", device)(x.to(device), got_prev, mask.to(device), elu=elu, out=out)
+    dev = [None if t is None else t.to(device) for t in (x, ph, mask, fst)]
+    got = resolve("mimi_conv_pad", "triton", device)(dev[0], got_ctx, dev[1], dev[2], elu=elu, first=dev[3], out=out)
     assert got.data_ptr() == out.data_ptr()
     assert_close_verbose(got.cpu(), want, atol=1e-7, rtol=1e-6, name="conv input")
-    assert_close_verbose(got_prev.cpu(), want_prev, atol=1e-7, rtol=1e-6, name="context")
-    assert torch.equal(got_prev.cpu()[~mask], prev[~mask])  # inactive rows frozen bitwise
-    assert not torch.equal(got_prev.cpu()[mask], prev[mask])  # active rows updated
-    again = prev.clone().to(device)
-    got2 = mimi_conv_pad(x.to(device), again, mask.to(device), elu=elu, backend="triton")
-    assert torch.equal(got2.cpu(), got.cpu()) and torch.equal(again.cpu(), got_prev.cpu())
+    _check_context(got_ctx.cpu(), want_ctx, ctx, phase, mask)
+    again = ctx.clone().to(device)
+    got2 = mimi_conv_pad(dev[0], again, dev[1], dev[2], elu=elu, first=dev[3], backend="triton")
+    assert torch.equal(got2.cpu(), got.cpu()) and torch.equal(again.cpu(), got_ctx.cpu())
+
+
+# (kernel, B, C, T, P, KS, stride, C_out, inactive): the SEANet shapes' kinds at small sizes: the first conv (1
+# channel, k7), a residual unit's k3, a downsampling conv (k = 2 stride), a context longer than the input (the
+# decoder's first conv at one frame), the 12.5 Hz downsampling (k4 s2 at two tokens)
+CONV_CONTEXT_CASES = [("igemm", 2, 1, 40, 6, 7, 1, 8, (1,)), ("igemm", 3, 16, 30, 2, 3, 1, 8, (0, 2)),
+                      ("igemm", 2, 8, 24, 4, 8, 4, 16, ()), ("igemm", 2, 8, 2, 6, 7, 1, 16, (0,)),
+                      ("gemv", 2, 16, 2, 2, 4, 2, 24, (1,)), ("gemv", 1, 32, 2, 6, 7, 1, 8, ()),
+                      ("gemv", 2, 16, 8, 2, 3, 1, 24, (0,))]  # fmt: skip
+
+
+@pytest.mark.parametrize("phase,first,elu", [(0, False, True), (1, True, False)])
+@pytest.mark.parametrize("kernel,B,C,T,P,KS,stride,C_out,inactive", CONV_CONTEXT_CASES)
+def test_conv_kernels_read_and_update_the_context(kernel, B, C, T, P, KS, stride, C_out, inactive, phase, first, elu):
+    """The implicit-GEMM and GEMV convs of a streaming causal conv read the stored context in place (no input copy)
+    and write its other half from extra programs of the same launch: outputs within fp32 rounding of the reference's
+    conv over [context | x], the context the reference's bit for bit, the half read untouched."""
+    device = kernel_device("triton")
+    x, ctx, ph, mask, fst = _context_inputs(B, C, T, P, inactive, phase, first, seed=B + C + T + P + KS)
+    g = torch.Generator().manual_seed(KS)
+    w, bias = torch.randn(C_out, C, KS, generator=g) / (C * KS) ** 0.5, torch.randn(C_out, generator=g)
+    want_ctx = ctx.clone().double()
+    op = dsm_kernels.conv1d_igemm if kernel == "igemm" else dsm_kernels.conv1d_gemv
+    ref = reference.conv1d_igemm_ref if kernel == "igemm" else reference.conv1d_gemv_ref  # in fp64: no checks
+    want = ref(x.double(), w.double(), bias.double(), stride, elu=elu, ctx=want_ctx, phase=ph, exec_mask=mask,
+               first=fst)  # fmt: skip
+    got_ctx = ctx.clone().to(device)
+    dev = [None if t is None else t.to(device) for t in (x, w, bias, ph, mask, fst)]
+    got = op(dev[0], dev[1], dev[2], stride, elu=elu, ctx=got_ctx, phase=dev[3], exec_mask=dev[4], first=dev[5],
+             backend="triton")  # fmt: skip
+    assert_close_verbose(got.cpu().double(), want, atol=1e-5, rtol=1e-5, name=f"{kernel} output")
+    _check_context(got_ctx.cpu(), want_ctx.float(), ctx, phase, mask)
 
 
 # (B, T, H, D, S, positions, block_s): first calls (unwritten slots), mid-ring, wrap-around; the whole ring in one
@@ -373,9 +421,10 @@ def test_mimi_triton_takes_strided_vectors():
         return resolve(op, "triton", device)
 
     mask, B = strided(torch.tensor([True, False, True], device=device), False), 3
-    x, prev = r(B, 4, 3), r(B, 4, 2)
-    p1, p2 = prev.clone(), prev.clone()
-    got, exp = fn("mimi_conv_pad")(x, p1, mask, elu=True), reference.mimi_conv_pad_ref(x, p2, mask, elu=True)
+    x, ctx, phase = r(B, 4, 3), r(2, B, 4, 2), strided(torch.tensor([1], dtype=torch.int32, device=device), 0)
+    p1, p2 = ctx.clone(), ctx.clone()
+    got = fn("mimi_conv_pad")(x, p1, phase, mask, elu=True)
+    exp = reference.mimi_conv_pad_ref(x, p2, phase, mask, elu=True)
     assert_close_verbose(got, exp, atol=1e-6, name="conv pad")
     assert_close_verbose(p1, p2, atol=1e-6, name="conv pad context")
     y, part, bias = r(B, 4, 6), r(B, 4, 2), strided(r(4), 0.0)
@@ -439,8 +488,8 @@ def test_gpu_kernel_elu_is_torchs_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(2, 64, 3000, generator=g) * s for s in (1e-6, 1e-2, 1.0, 10.0, 100.0)], -1).cuda()
     x[0, 0, :4] = torch.tensor([0.0, -0.0, -1e-38, -104.0])
-    prev = torch.zeros(2, 64, 2, device="cuda")
-    got = mimi_conv_pad(x, prev, torch.ones(2, dtype=torch.bool, device="cuda"), elu=True, backend="triton")
+    ctx, phase = torch.zeros(2, 2, 64, 2, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+    got = mimi_conv_pad(x, ctx, phase, torch.ones(2, dtype=torch.bool, device="cuda"), elu=True, backend="triton")
     assert torch.equal(got[..., 2:], torch.nn.functional.elu(x))
 
 
@@ -520,7 +569,9 @@ def _count_module():
 
 
 # Kernels per streaming step (batch 1, one frame) on the Triton backend, the path a GPU runs. Measured on this commit:
-# encode 105, decode 70 (the transformers' row indices in one kernel, mimi_rows; the ELUs before the decoder's first
+# encode 93, decode 65 (the conv kernels read their stored context in place and write its other half: no conv-pad
+# launch, one phase flip a step; the downsampling's replicate padding in its kernel). Before: encode 105, decode 70
+# (the transformers' row indices in one kernel, mimi_rows; the ELUs before the decoder's first
 # two transposed convs in their GEMV kernel). Before: encode 108, decode 75 (the encoder's ELUs in its kernels, as
 # libdevice's expm1f = torch's on a GPU; the residual units' ends in one kernel at one stream for the encoder too; the
 # ELUs of the wide transposed convs in them). Before:
@@ -530,14 +581,14 @@ def _count_module():
 # the ring attention kernel 135 / 94; the fused transposed-conv overlap and the decoder's kernel ELU 135 / 108; the
 # transformers' GEMV path 169 / 142; the fused SEANet conv inputs 179 / 148; the fused RoPE + KV write 187 / 156;
 # the RVQ kernels 823 / 538 torch ops. A few ops of slack, not more.
-MAX_ENCODE_KERNELS = 106
-MAX_DECODE_KERNELS = 71
+MAX_ENCODE_KERNELS = 94
+MAX_DECODE_KERNELS = 66
 # The same on the cuda backend (each transformer one persistent kernel, csrc/decoder.cu, with its row indices in one
 # kernel, its input copied into a buffer of its own and its position advanced; the residual-VQ encode one,
-# csrc/rvq.cu; each persistent kernel also zeroes its barrier), measured: encode 37, decode 32 (before mimi_rows and
-# the decoder's GEMV ELUs: 44 / 41, the index math 8 ops).
-CUDA_ENCODE_KERNELS = 38
-CUDA_DECODE_KERNELS = 33
+# csrc/rvq.cu; each persistent kernel also zeroes its barrier), measured: encode 25, decode 27 (before the convs read
+# their context in place: 37 / 32; before mimi_rows and the decoder's GEMV ELUs: 44 / 41, the index math 8 ops).
+CUDA_ENCODE_KERNELS = 26
+CUDA_DECODE_KERNELS = 28
 
 
 def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
@@ -566,6 +617,11 @@ def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
     # every ELU in a kernel (the decoder's GEMV transposed convs apply theirs as they load x); the residual units end
     # in one
     assert "elu" not in enc and "elu" not in dec and enc["triton:_mimi_residual_out_kernel"] == 4
+    # every conv reads its stored context in place (no input copy): the conv-pad kernel is for torch's convs only,
+    # and the replicate padding of the downsampling is in its kernel too
+    for counts in (enc, dec):
+        assert "triton:_mimi_conv_pad_kernel" not in counts and counts["bitwise_xor_"] == 1
+    assert "where" not in enc and "bitwise_and" not in enc
     assert dec["triton:_mimi_residual_out_kernel"] == 4
     assert n_enc <= MAX_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
     assert n_dec <= MAX_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
@@ -633,8 +689,9 @@ def _aot() -> None:
         (_rvq_decode_kernel, {"codes_ptr": i64, "tab_ptr": f32, "out_ptr": f32}, {"BLOCK_C": 512}),
         (_mimi_rope_kv_kernel, {"qkv_ptr": f32, "rot_ptr": f32, "cache_ptr": f32, "rows_ptr": i64,
                                 "slots_ptr": i64, "q_ptr": f32}, {"BLOCK_H": 8, "BLOCK_P": 32}),
-        (_mimi_conv_pad_kernel, {"x_ptr": f32, "prev_ptr": f32, "mask_ptr": "*i1", "out_ptr": f32},
-         {"ELU": True, "BLOCK_C": 128, "BLOCK_P": 16, "BLOCK_T": 16, "EXACT_ELU": True}),
+        (_mimi_conv_pad_kernel, {"x_ptr": f32, "ctx_ptr": f32, "phase_ptr": i32, "mask_ptr": "*i1",
+                                 "first_ptr": "*i1", "out_ptr": f32},
+         {"ELU": True, "FIRST": True, "BLOCK_C": 128, "BLOCK_T": 16, "BLOCK_P": 8, "EXACT_ELU": True}),
         (_mimi_convtr_overlap_kernel, {"y_ptr": f32, "part_ptr": f32, "bias_ptr": f32, "mask_ptr": "*i1"},
          {"HAS_BIAS": True, "BLOCK_C": 256, "BLOCK_P": 8}),
         (_mimi_convtr_place_kernel, {"c_ptr": f32, "part_ptr": f32, "bias_ptr": f32, "mask_ptr": "*i1",
