@@ -48,12 +48,13 @@ def _ctx_gather(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, cu
     (:func:`~dsm_kernels.reference.conv_context_input`): column src < P from the stored context (``FIRST``: x's
     column 0 for rows whose first flag is set), the others from x. Masked elements are 0."""
     in_ctx = src < P
-    v = tl.load(x_ptr + b * sxb + c * sxc + (src - P) * sxt, mask=m & (src >= P), other=0.0)
-    held = tl.load(ctx_ptr + cur * sch + b * scb + c * scc + src * sct, mask=m & in_ctx, other=0.0)
+    # one load through a selected pointer (not two masked loads: a pipelined loop would stage both in shared memory)
+    held = ctx_ptr + cur * sch + b * scb + c * scc + src * sct
+    ptr = tl.where(in_ctx, held, x_ptr + b * sxb + c * sxc + (src - P) * sxt)
     if FIRST:
         f = tl.load(first_ptr + b + 0 * src, mask=m & in_ctx, other=0) != 0  # b broadcast to the block
-        held = tl.where(f, tl.load(x_ptr + b * sxb + c * sxc, mask=m & in_ctx & f, other=0.0), held)
-    return tl.where(in_ctx, held, v)
+        ptr = tl.where(in_ctx & f, x_ptr + b * sxb + c * sxc, ptr)
+    return tl.load(ptr, mask=m, other=0.0)
 
 
 @triton.jit
