@@ -1,6 +1,7 @@
 """Device functions and host helpers shared by the Triton kernels: rounding to the model dtype as torch stores it,
-torch's ELU, the depth transformer's layer-input tile, the split-K arrival counter, the unit-stride copy of the
-launchers' inputs, the SM count that sizes the grids."""
+torch's ELU, a streaming conv's input with its double-buffered stored context (gather and update), the depth
+transformer's layer-input tile, the split-K arrival counter, the unit-stride copy of the launchers' inputs, the SM
+count that sizes the grids."""
 
 from __future__ import annotations
 
