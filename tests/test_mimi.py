@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,35 @@ def test_inactive_row_frozen_and_others_unchanged(ours):
         assert torch.equal(codes_a[row], codes_b[row]) and torch.equal(pcm_a[row], pcm_b[row])
     # Row 1 skipped frame 4 entirely; afterwards it continues as if frame 4 were frame 5's predecessor.
     assert not torch.equal(codes_a[1, :, 5:], codes_b[1, :, 5:])
+
+
+def test_random_pauses_and_resets_equal_solo_runs(ours):
+    """Three streams on one state under a random schedule of pauses and resets (the double-buffered conv contexts
+    flip every call, paused rows carry theirs over): each stream's codes equal, bit for bit, and its PCM within 1e-5
+    of a stream alone fed only its own active frames (a reset starts a fresh one)."""
+    rng, B, steps = random.Random(5), 3, 8
+    pcm = signals(steps, seed=9).view(B, 1, steps, FRAME_SIZE).permute(2, 0, 1, 3)  # [step, B, 1, 1920]
+    state, runs = ours.init_state(B), [[[]] for _ in range(B)]  # per stream: runs since a reset of (step, codes, pcm)
+    with torch.no_grad():
+        for t in range(steps):
+            active = torch.tensor([rng.random() < 0.7 for _ in range(B)])
+            reset = torch.tensor([rng.random() < 0.2 for _ in range(B)])
+            state.reset(reset)
+            for b in reset.nonzero()[:, 0].tolist():
+                runs[b].append([])
+            state.set_exec_mask(active)
+            codes = ours.encode_step(pcm[t], state)
+            out = ours.decode_step(codes, state)
+            for b in active.nonzero()[:, 0].tolist():
+                runs[b][-1].append((t, codes[b], out[b]))
+        assert sum(len(r) for rs in runs for r in rs) >= steps and sum(len(rs) for rs in runs) > B  # both happened
+        for b, rs in enumerate(runs):
+            for run in rs:
+                alone = ours.init_state(1)
+                for t, codes, out in run:
+                    got = ours.encode_step(pcm[t][b : b + 1], alone)
+                    assert torch.equal(got[0], codes), (b, t)
+                    assert rel(ours.decode_step(got, alone)[0], out) < 1e-5, (b, t)
 
 
 def test_row_reset_equals_fresh_stream(ours):
