@@ -790,11 +790,12 @@ class TTSRuntime:
                                    on_audio).cpu()
         decode = []
         max_delay = self.model.cfg.max_delay
+        frame_rows = frames.unbind(0)  # one call for every row's view (256 indexings cost ~0.3 ms on the host)
         for b in rows:
             s = self.slots[b]
             s.offset += 1
             if s.offset > max_delay:
-                s.frames.append(frames[b])
+                s.frames.append(frame_rows[b])
                 if len(s.frames) > self.delay_steps:
                     decode.append(b)
         errors = self._decode(decode, frames) if decode and self.mimi is not None else []
@@ -825,12 +826,13 @@ class TTSRuntime:
         with torch.no_grad():
             pcm = self._decode_step(codes).clamp(-1, 1).float().cpu()
         errors: list[Exception] = []
+        pcm_rows = pcm[:, 0].unbind(0)  # every row's view in one call
         for b in rows:
             s = self.slots[b]
             if s is None:  # cancelled by an earlier stream's callback
                 continue
             try:
-                s._deliver(pcm[b, 0])
+                s._deliver(pcm_rows[b])
             except Exception as e:  # one stream's callback must not cost the others their frame
                 errors.append(e)
         return errors
