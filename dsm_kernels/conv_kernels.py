@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import sm_count, triton_interpret
 from .reference import convtr_phase_weight
-from .triton_common import _ctx_gather, _ctx_update, _elu, ctx_args, exact_elu, unit_stride
+from .triton_common import _ctx_gather, _ctx_update, _elu, ctx_args, ctx_plan, exact_elu, unit_stride
 
 
 @triton.jit
@@ -174,16 +174,15 @@ def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False
     N = B * T_out
     BM, BN, BK = _tiles(C_out, N, x.device)
     n_tiles = triton.cdiv(N, BN)
-    BR = max(1, 1024 // triton.next_power_of_2(max(P, 1)))  # context rows (b, c) a state program writes
-    state_tiles = triton.cdiv(B * C, BR) if ctx is not None else 0
+    BR, BP, state_tiles = ctx_plan(ctx)
     res = residual if residual is not None else out
     _conv_igemm_kernel[(triton.cdiv(C_out, BM), n_tiles + state_tiles)](
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight,
         res, res.stride(0), res.stride(1), res.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
-        C_out, C * KS, T_out, N, stride, *ctx_args(ctx, phase, exec_mask, first, fallback=x)[:8], C, T, P, n_tiles,
+        C_out, C * KS, T_out, N, stride, *ctx_args(ctx, phase, exec_mask, first, fallback=x), C, T, P, n_tiles,
         KS=KS, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ELU=elu, EXACT_ELU=exact_elu(),
         PREC=_precision(), BM=BM, BN=BN, BK=BK, CTX=ctx is not None, FIRST=first is not None, BR=BR,
-        BP=triton.next_power_of_2(max(P, 1)), num_warps=4, num_stages=3,
+        BP=BP, num_warps=4, num_stages=3,
     )  # fmt: skip
     return out
 

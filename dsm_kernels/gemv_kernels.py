@@ -53,6 +53,7 @@ from .triton_common import (
     _rnd,
     _sms,
     ctx_args,
+    ctx_plan,
     exact_elu,
     unit_stride,
 )
@@ -472,14 +473,12 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None, elu
     bias, phase, exec_mask, first = unit_stride(bias, phase, exec_mask, first)
     bn, kp, warps = gemv_plan(N, C * KS, sms=_sms(x.device), interp=triton_interpret())
     n_tiles = triton.cdiv(N, bn)
-    bp = triton.next_power_of_2(max(P, 1))
-    br = max(1, 1024 // bp)  # context rows (b, c) a state program writes
-    state_tiles = triton.cdiv(B * C, br) if ctx is not None else 0
+    br, bp, state_tiles = ctx_plan(ctx)
     pdl = use_pdl(x.device)
     _conv_gemv_kernel[(n_tiles + state_tiles,)](
         x, x.stride(0), x.stride(1), x.stride(2), weight, bias if bias is not None else weight, out,
         out.stride(0), out.stride(1), out.stride(2), B * T_out, N, C * KS, T_out, stride, dilation,
-        *ctx_args(ctx, phase, exec_mask, first, fallback=x)[:8], C, T, P, n_tiles,
+        *ctx_args(ctx, phase, exec_mask, first, fallback=x), C, T, P, n_tiles,
         KS=KS, HAS_BIAS=bias is not None, BB=min(GEMV_MAX_B, triton.next_power_of_2(B * T_out)), BN=bn, KP=kp, PDL=pdl,
         ELU=elu, EXACT_ELU=elu and exact_elu(), CTX=ctx is not None, FIRST=first is not None, BR=br, BP=bp,
         num_warps=warps, launch_pdl=pdl,

@@ -297,7 +297,7 @@ def mimi_conv_pad_triton(x: torch.Tensor, ctx: torch.Tensor, phase: torch.Tensor
     BLOCK_T = min(triton.next_power_of_2(P + T), 128)
     BLOCK_C = max(1, min(triton.next_power_of_2(C), 2048 // BLOCK_T))
     _mimi_conv_pad_kernel[(B, triton.cdiv(C, BLOCK_C))](
-        x, x.stride(0), x.stride(1), x.stride(2), *args[:8], out, out.stride(0), out.stride(1), out.stride(2), C, T,
+        x, x.stride(0), x.stride(1), x.stride(2), *args, out, out.stride(0), out.stride(1), out.stride(2), C, T,
         P, ELU=elu, FIRST=first is not None, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, BLOCK_P=triton.next_power_of_2(P),
         EXACT_ELU=exact_elu())  # fmt: skip
     return out

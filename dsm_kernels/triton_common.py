@@ -76,11 +76,19 @@ def _ctx_update(x_ptr, sxb, sxc, sxt, ctx_ptr, sch, scb, scc, sct, first_ptr, ma
 
 
 def ctx_args(ctx: torch.Tensor | None, phase, exec_mask, first, fallback: torch.Tensor) -> tuple:
-    """The kernels' context arguments ``(ctx, sch, scb, scc, sct, phase, exec_mask, first, P)``: placeholders (any
+    """The kernels' context arguments ``(ctx, sch, scb, scc, sct, phase, exec_mask, first)``: placeholders (any
     pointer, zero strides) without a context, so that one signature serves both."""
     if ctx is None:
-        return (fallback, 0, 0, 0, 0, fallback, fallback, fallback, 0)
-    return (ctx, *ctx.stride(), phase, exec_mask, first if first is not None else exec_mask, ctx.shape[-1])
+        return (fallback, 0, 0, 0, 0, fallback, fallback, fallback)
+    return (ctx, *ctx.stride(), phase, exec_mask, first if first is not None else exec_mask)
+
+
+def ctx_plan(ctx: torch.Tensor | None) -> tuple[int, int, int]:
+    """``(BR, BP, programs)`` of the context update (:func:`_ctx_update`) riding in a conv launch: BR context rows
+    (b, c) of BP >= P columns a program, and the extra programs that take all of them (none without a context)."""
+    bp = triton.next_power_of_2(ctx.shape[-1]) if ctx is not None else 1
+    br = max(1, 1024 // bp)
+    return br, bp, triton.cdiv(ctx.shape[1] * ctx.shape[2], br) if ctx is not None else 0
 
 
 def exact_elu() -> bool:
