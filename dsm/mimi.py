@@ -271,19 +271,25 @@ class Mimi:
 
     # ----------------------------------------------------------------------------------------------- seanet
     def _seanet(self, x: torch.Tensor, ops: tuple[tuple, ...], prefix: str, states: list[torch.Tensor],
-                exec_mask: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+                exec_mask: torch.Tensor, phase: torch.Tensor, time_major: bool = False) -> torch.Tensor:
         """The SEANet encoder or decoder; its convs read half ``phase`` of their contexts and write the other (the
-        caller flips ``phase`` once the step's last conv has run)."""
+        caller flips ``phase`` once the step's last conv has run). ``time_major``: the last conv writes a new
+        [B, T, C] buffer (returned as its [B, C, T] view), the layout the transformer reads and updates in place."""
         w = self._w
         it = iter(states)
 
         # Off the reference backend the kernels apply the ELUs as they load a conv's input (the conv inputs with
         # stored context, the implicit-GEMM convs; at a few streams the residual units' ends). On a GPU theirs is
         # libdevice's expm1f, the function torch's CUDA ELU calls: the encoder's codes depend on those bits.
-        def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False, residual=None) -> torch.Tensor:
+        def conv(x: torch.Tensor, name: str, k: int, s: int, elu: bool = False, residual=None,
+                 time_major: bool = False) -> torch.Tensor:
             ctx = next(it) if k > s else None
-            return causal_conv1d(x, ctx, w[name + ".weight"], w[name + ".bias"], s, exec_mask, phase, elu=elu,
-                                 backend=self.backend, residual=residual)
+            weight = w[name + ".weight"]
+            out = None
+            if time_major:  # a causal conv's output has T / s columns
+                out = x.new_empty(x.shape[0], x.shape[-1] // s, weight.shape[0]).transpose(1, 2)
+            return causal_conv1d(x, ctx, weight, w[name + ".bias"], s, exec_mask, phase, elu=elu,
+                                 backend=self.backend, residual=residual, out=out)
 
         elu = False  # an ELU op waiting to be fused into the next conv's input
         for op in ops:
@@ -293,7 +299,8 @@ class Mimi:
             if elu and op[0] == "res":  # (not in Mimi's layouts: an ELU always feeds a conv)
                 x = F.elu(x)
             if op[0] == "conv":
-                x = conv(x, f"{prefix}.model.{op[1]}.conv.conv", op[4], op[5], elu=elu)
+                x = conv(x, f"{prefix}.model.{op[1]}.conv.conv", op[4], op[5], elu=elu,
+                         time_major=time_major and op is ops[-1])
             elif op[0] == "convtr":
                 name = f"{prefix}.model.{op[1]}.convtr.convtr"
                 x = conv_transpose1d(x, next(it), w[name + ".weight"], w[name + ".bias"], op[5], exec_mask,
@@ -310,26 +317,28 @@ class Mimi:
             elu = False
         return F.elu(x) if elu else x
 
-    def _transformer(self, x: torch.Tensor, side: str, kv: KVState | None, exec_mask: torch.Tensor) -> torch.Tensor:
+    def _transformer(self, x: torch.Tensor, side: str, kv: KVState | None, exec_mask: torch.Tensor,
+                     owned: bool = False) -> torch.Tensor:
         """Encoder/decoder transformer on ``[B, 512, T]``. Streaming runs it one frame (2 tokens) at a time: a call
         writes all its keys into the 250-slot ring before attending, so one call of n frames would overwrite keys
         that its first queries still see once the ring wraps, and its codes would depend on the chunking (from
         frame ~120 on with 8 frames a call). Frame by frame, any chunking equals one-frame calls (§7.8) bit for bit;
-        the convolutions and the quantizer still see the whole call."""
+        the convolutions and the quantizer still see the whole call. ``owned``: ``x`` is a buffer no one else reads,
+        which a one-frame step may update in place."""
         layers, step = (self.enc_layers, self.enc_step) if side == "encoder" else (self.dec_layers, self.dec_step)
         run = functools.partial(transformer_forward, layers=layers, num_heads=NUM_HEADS, context=CONTEXT,
                                 freqs=self.rope_freqs, kv=kv, exec_mask=exec_mask, consts=self.consts,
                                 backend=self.backend, step_weights=step)
         t = x.shape[-1]
         if kv is None or t <= TOKENS_PER_FRAME:
-            return run(x)
+            return run(x, owned=owned)
         return torch.cat([run(x[..., i : i + TOKENS_PER_FRAME]) for i in range(0, t, TOKENS_PER_FRAME)], dim=-1)
 
     # ----------------------------------------------------------------------------------------------- encode
     def _encode(self, pcm: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
         m = state.exec_mask
-        emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m, state.enc_phase)
-        emb = self._transformer(emb, "encoder", state.enc_kv if streaming else None, m)
+        emb = self._seanet(pcm, ENCODER_OPS, "encoder", state.enc_conv, m, state.enc_phase, time_major=True)
+        emb = self._transformer(emb, "encoder", state.enc_kv if streaming else None, m, owned=True)
         # Downsample conv with replicate left padding: a stream's first call pads with its own first frame.
         latent = causal_conv1d(emb, state.down_prev, self.down_w, None, 2, m, state.enc_phase, backend=self.backend,
                                first=state.down_first)  # fmt: skip
@@ -374,9 +383,11 @@ class Mimi:
     # ----------------------------------------------------------------------------------------------- decode
     def _decode(self, codes: torch.Tensor, state: MimiState, streaming: bool) -> torch.Tensor:
         m = state.exec_mask
-        latent = dsm_kernels.rvq_decode(codes, self.rvq_tables, backend=self.backend)  # [B, 512, T]
-        emb = conv_transpose1d(latent, state.up_partial, self.up_w, None, 2, m, groups=DIM, backend=self.backend)
-        emb = self._transformer(emb, "decoder", state.dec_kv if streaming else None, m)
+        # the codebook lookups and the upsampling to 25 Hz in one kernel, written in the transformer's layout: a
+        # [B, 512, 2T] view of a [B, 2T, 512] buffer of our own, which the transformer may update in place
+        emb = dsm_kernels.rvq_decode_upsample(codes, self.rvq_tables, self.up_w, state.up_partial, m,
+                                              backend=self.backend)  # fmt: skip
+        emb = self._transformer(emb, "decoder", state.dec_kv if streaming else None, m, owned=True)
         pcm = self._seanet(emb, DECODER_OPS, "decoder", state.dec_conv, m, state.dec_phase)
         state.dec_phase.bitwise_xor_(1)  # every conv has read its context: next call, the halves they wrote
         return pcm

@@ -31,11 +31,13 @@ def causal_conv1d(
     backend: str | None = None,
     residual: torch.Tensor | None = None,
     first: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Streaming causal conv: left context is the ``Ke - S`` previous input samples (not ``Ke - 1``, §7.2).
     With ``elu`` the conv reads ``elu(x)`` (on a GPU the same bits as torch's ELU, under the Triton interpreter an
     ulp or two apart). ``residual``: returns ``residual + conv``. ``first`` [B] bool: rows that replicate x's first
-    column as their context (the 12.5 Hz downsampling's first call).
+    column as their context (the 12.5 Hz downsampling's first call). ``out``: where to write the result (any
+    strides: the encoder's last conv writes the transformer's time-major layout).
 
     ``ctx`` is ``[2, B, C_in, Ke - S]`` (``None`` when ``Ke == S``), double-buffered: half ``phase`` is read and the
     other half written (:func:`dsm_kernels.reference.conv_context_input`; rows whose ``exec_mask`` is false keep
@@ -43,12 +45,12 @@ def causal_conv1d(
     implicit-GEMM kernels read the context in place (no input copy, no launch of its own); torch's convolution reads
     the input :func:`dsm_kernels.mimi_conv_pad` builds (ELU, context and its update: one kernel on Triton)."""
     context = {} if ctx is None else dict(ctx=ctx, phase=phase, exec_mask=exec_mask, first=first)
-    return conv1d(x, weight, bias, stride, dilation, backend, residual, elu=elu, **context)
+    return conv1d(x, weight, bias, stride, dilation, backend, residual, elu=elu, out=out, **context)
 
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int = 1,
            backend: str | None = None, residual: torch.Tensor | None = None, elu: bool = False,
-           **context) -> torch.Tensor:  # fmt: skip
+           out: torch.Tensor | None = None, **context) -> torch.Tensor:  # fmt: skip
     """A valid conv1d of ``x`` (of ``elu(x)`` with ``elu``, which the kernels apply as they load x), plus
     ``residual`` if given; with ``context`` (``ctx``, ``phase``, ``exec_mask``, ``first``: see
     :func:`causal_conv1d`) of the input ``[context | x]``. Off the reference backend, one with at most
@@ -56,21 +58,24 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     layers, up to 16 steps a frame, and the quantizer's projection) runs as a GEMV (:func:`dsm_kernels.conv1d_gemv`),
     which streams the weights at bandwidth; one with more as an implicit GEMM on tensor cores in fp32-accurate TF32
     passes (:func:`dsm_kernels.conv1d_igemm`, the residual added in its epilogue; ``DSM_CONV_IGEMM=0``: cuDNN's fp32
-    convolution, on the CUDA cores)."""
+    convolution, on the CUDA cores). ``out``: where to write the result (returned)."""
     b, t = x.shape[0], x.shape[-1] + (context["ctx"].shape[-1] if context else 0)
     t_out = (t - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
     if gemv_path(b * t_out, backend, x.device, dsm_kernels.conv_gemv_max_columns()):
-        y = dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, elu=elu, backend=backend, **context)
+        y = dsm_kernels.conv1d_gemv(x, weight, bias, stride, dilation, elu=elu, backend=backend,
+                                    out=None if residual is not None else out, **context)  # fmt: skip
     elif dilation == 1 and igemm_path(backend, x.device):
         return dsm_kernels.conv1d_igemm(x, weight, bias, stride, residual=residual, elu=elu, backend=backend,
-                                        **context)  # fmt: skip
+                                        out=out, **context)  # fmt: skip
     else:
         if context:  # torch's conv reads a copy of [context | x] (ELU applied)
             x = dsm_kernels.mimi_conv_pad(x, elu=elu, backend=backend, **context)
         elif elu:
             x = F.elu(x)
         y = F.conv1d(x, weight, bias, stride, 0, dilation)
-    return y if residual is None else residual + y
+    if residual is not None:
+        y = residual + y
+    return y if out is None or y is out else out.copy_(y)
 
 
 def conv_transpose1d(
@@ -245,8 +250,10 @@ def transformer_forward(
     consts: StepConstants,
     backend: str | None = None,
     step_weights: DecoderWeights | None = None,
+    owned: bool = False,
 ) -> torch.Tensor:
-    """Run the transformer on conv-layout ``x`` ``[B, C, T]``; returns ``[B, C, T]`` (a transposed view).
+    """Run the transformer on conv-layout ``x`` ``[B, C, T]``; returns ``[B, C, T]`` (a transposed view). ``owned``:
+    ``x`` is a buffer no one else reads, which a step may update in place.
 
     With ``kv`` (streaming) keys go to a ring of exactly ``context`` slots and all ``T`` new tokens are written
     before attending, so after wrap-around the first of the two tokens of a Mimi call sees one key fewer (§2.6),
@@ -261,7 +268,7 @@ def transformer_forward(
     b, c, t = x.shape
     hd = c // num_heads
     if kv is not None and step_weights is not None and gemv_path(b * t, backend, x.device):
-        return _transformer_step(x, step_weights, context, kv, exec_mask, backend)
+        return _transformer_step(x, step_weights, context, kv, exec_mask, backend, owned)
     h = x.transpose(1, 2).reshape(b * t, c)
     trange = consts.arange(t)
     neg_inf, zero = consts.full(float("-inf"), torch.float32), consts.full(0.0, torch.float32)
@@ -323,7 +330,7 @@ def _ring_mask(pos_q: torch.Tensor, capacity: int, consts: StepConstants) -> tor
     return torch.where((delta >= 0) & (pos_k[:, None] >= 0), zero, neg_inf)[:, None]
 
 
-def _transformer_step(x, weights: DecoderWeights, context: int, kv: KVState, exec_mask, backend):
+def _transformer_step(x, weights: DecoderWeights, context: int, kv: KVState, exec_mask, backend, owned: bool):
     """The streaming transformer for a few tokens (``B * T <= GEMV_MAX_B``) as one ``dsm_kernels.mimi_transformer``
     step: on Triton five GEMV-kernel launches a layer where :func:`transformer_forward`'s torch path takes nine (and no
     mask ops), on CUDA one persistent kernel for every layer. Same math; only the order of each dot product's fp32 sum
@@ -332,8 +339,9 @@ def _transformer_step(x, weights: DecoderWeights, context: int, kv: KVState, exe
     b, c, t = x.shape
     assert exec_mask is not None
     assert kv.cache.shape[4] == context, "the ring must hold exactly the attention context"
-    h = torch.empty(b, t, c, dtype=x.dtype, device=x.device)
-    h.copy_(x.transpose(1, 2))  # a buffer of our own: the step updates it in place
+    h = x.transpose(1, 2)
+    if not (owned and h.is_contiguous()):  # the step updates h in place: a buffer of our own, time-major
+        h = torch.empty(b, t, c, dtype=x.dtype, device=x.device)
+        h.copy_(x.transpose(1, 2))
     dsm_kernels.mimi_transformer(weights, h.view(b * t, c), kv.pos, exec_mask, kv.cache, tokens=t, backend=backend)
-    kv.pos.add_(exec_mask, alpha=t)
     return h.transpose(1, 2)

@@ -132,9 +132,9 @@ _OPS = {
         "triton": "dsm_kernels.mimi_kernels:rvq_encode_triton",
         "cuda": "dsm_kernels.cuda_ops:rvq_encode_cuda",
     },
-    "rvq_decode": {
-        "reference": "dsm_kernels.reference:rvq_decode_ref",
-        "triton": "dsm_kernels.mimi_kernels:rvq_decode_triton",
+    "rvq_decode_upsample": {
+        "reference": "dsm_kernels.reference:rvq_decode_upsample_ref",
+        "triton": "dsm_kernels.mimi_kernels:rvq_decode_upsample_triton",
     },
     "mimi_rope_kv": {
         "reference": "dsm_kernels.reference:mimi_rope_kv_ref",
@@ -397,7 +397,8 @@ def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_
 
 def mimi_transformer(weights, h, pos, exec_mask, cache, *, tokens, backend=None) -> None:
     """See :func:`dsm_kernels.decoder.mimi_transformer_composed`: Mimi's streaming transformer over ``tokens`` new
-    tokens of each stream, ``h`` [B tokens, d] updated in place, for up to ``GEMV_MAX_B`` rows."""
+    tokens of each stream, ``h`` [B tokens, d] updated in place and ``pos`` advanced, for up to ``GEMV_MAX_B``
+    rows."""
     checks.mimi_transformer(weights, h, pos, exec_mask, cache, tokens)
     if h.shape[0] > GEMV_MAX_B:  # the GEMV kernels' limit; more rows take dsm.mimi_modules' batched path
         raise ValueError(f"mimi_transformer: {h.shape[0]} rows; it takes at most {GEMV_MAX_B}")
@@ -412,10 +413,11 @@ def rvq_encode(x, codebooks_aug, group_levels, level_ranges, *, out=None, backen
     return fn(x, codebooks_aug, tuple(group_levels), level_ranges, out=out)
 
 
-def rvq_decode(codes, tables, *, out=None, backend=None):
-    """See :func:`dsm_kernels.reference.rvq_decode_ref` (sum of Mimi codebook lookups)."""
-    checks.rvq_decode(codes, tables, out)
-    return resolve("rvq_decode", backend, tables.device)(codes, tables, out=out)
+def rvq_decode_upsample(codes, tables, weight, partial, exec_mask, *, out=None, backend=None):
+    """See :func:`dsm_kernels.reference.rvq_decode_upsample_ref` (the sum of Mimi's codebook lookups and its streaming
+    12.5 -> 25 Hz upsampling; ``partial`` in place)."""
+    checks.rvq_decode_upsample(codes, tables, weight, partial, exec_mask, out)
+    return resolve("rvq_decode_upsample", backend, tables.device)(codes, tables, weight, partial, exec_mask, out=out)
 
 
 def mimi_rope_kv(qkv, rot, cache, rows, slots, *, out=None, backend=None):
@@ -437,10 +439,11 @@ def mimi_ring_attention(q, cache, pos, *, out=None, backend=None):
     return resolve("mimi_ring_attention", backend, q.device)(q, cache, pos, out=out)
 
 
-def mimi_rows(pos, exec_mask, tokens, capacity, *, backend=None):
-    """See :func:`dsm_kernels.reference.mimi_rows_ref` (a Mimi transformer step's per-row indices)."""
+def mimi_rows(pos, exec_mask, tokens, capacity, *, advance=False, backend=None):
+    """See :func:`dsm_kernels.reference.mimi_rows_ref` (a Mimi transformer step's per-row indices; ``advance``: then
+    ``pos`` moves on, in place)."""
     checks.mimi_rows(pos, exec_mask, tokens, capacity)
-    return resolve("mimi_rows", backend, pos.device)(pos, exec_mask, tokens, capacity)
+    return resolve("mimi_rows", backend, pos.device)(pos, exec_mask, tokens, capacity, advance)
 
 
 def mimi_residual_out(y, weight, bias, x, *, backend=None):
@@ -501,7 +504,7 @@ __all__ = [
     "reference",
     "resolve",
     "rope_append_kv",
-    "rvq_decode",
+    "rvq_decode_upsample",
     "rvq_encode",
     "sample_tokens",
     "sm_count",

@@ -298,16 +298,23 @@ def rvq_encode(x, codebooks_aug, group_levels, level_ranges, out) -> None:
         shape(op, "out", out, (B, n_q, T))
 
 
-def rvq_decode(codes, tables, out) -> None:
-    op = "rvq_decode"
+def rvq_decode_upsample(codes, tables, weight, partial, exec_mask, out) -> None:
+    op = "rvq_decode_upsample"
     shape(op, "codes", codes, (None, None, None))
     shape(op, "tables", tables, (None, None, None))
     (B, L, T), C = codes.shape, tables.shape[2]
     if L > tables.shape[0]:
         raise ValueError(f"{op}: codes {tuple(codes.shape)} has {L} levels, tables {tuple(tables.shape)} only "
                          f"{tables.shape[0]}")  # fmt: skip
+    shape(op, "weight", weight, (C, 1, None))
+    if weight.shape[2] == 0 or weight.shape[2] % 2:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}: the kernel must be twice the stride")
+    S = weight.shape[2] // 2
+    shape(op, "partial", partial, (B, C, S))
+    _mask(op, exec_mask, B)
+    fp32(op, tables=tables, weight=weight, partial=partial, out=out)
     if out is not None:
-        shape(op, "out", out, (B, C, T))
+        shape(op, "out", out, (B, T * S, C))
 
 
 def mimi_conv_pad(x, ctx, phase, exec_mask, first, out) -> None:

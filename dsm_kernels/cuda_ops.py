@@ -399,7 +399,8 @@ def mimi_unsupported(w, h, cache) -> str | None:
 
 
 def mimi_operands(w, h, pos, exec_mask, cache, tokens: int):
-    """Mimi's transformer step as the persistent kernel's operands: ``(k_pages, v_pages, operands)``. Stream b's ring
+    """Mimi's transformer step as the persistent kernel's operands: ``(k_pages, v_pages, operands)``; ``pos``
+    advanced by ``tokens`` for the active streams (the step's, done by the index kernel). Stream b's ring
     is page b of ``context`` slots ([L, B + 1, S, H, D] views of ``cache``), row ``b * tokens + j`` sees positions
     from ``pos[b] + tokens - S`` (what the ring still holds once every new key is written) to its own."""
     from . import available_backends, mimi_rows
@@ -407,7 +408,8 @@ def mimi_operands(w, h, pos, exec_mask, cache, tokens: int):
 
     B, S = pos.shape[0], cache.shape[4]
     index_backend = "triton" if "triton" in available_backends(h.device) else "reference"  # Triton: one launch
-    positions, slots, seq_lens, starts = mimi_rows(pos, exec_mask, tokens, S, backend=index_backend)
+    # pos advanced here: the persistent kernel reads the rows' positions, never pos
+    positions, slots, seq_lens, starts = mimi_rows(pos, exec_mask, tokens, S, advance=True, backend=index_backend)
     key = ("mimi_pages", B, tokens, str(h.device))
     if key not in w.derived:  # row b * tokens + j: page b
         w.derived[key] = (torch.arange(B * tokens, device=h.device) // tokens).int().view(-1, 1)

@@ -165,7 +165,7 @@ def mimi_transformer_composed(w: DecoderWeights, h, pos, exec_mask, cache, *, to
     Every new key is written before any query attends, so after the ring wraps a stream's first token sees one key
     fewer (the slot its second token overwrote), as in the reference. Per layer: the QKV GEMV with its LayerNorm,
     RoPE and the ring write; the ring attention; out + LayerScaled residual; the FFN's GEMV with its LayerNorm and
-    GELU; its out GEMV + residual. ``pos`` is not advanced (the caller's state does that)."""
+    GELU; its out GEMV + residual. Then ``pos`` of the active streams moves on by ``tokens``, in place."""
     import dsm_kernels as K
 
     B, S = pos.shape[0], cache.shape[4]
@@ -176,6 +176,7 @@ def mimi_transformer_composed(w: DecoderWeights, h, pos, exec_mask, cache, *, to
         a = K.mimi_ring_attention(q.view(B, tokens, w.num_heads, w.head_dim), cache[i], pos, backend=backend)
         K.gemv(a.view(B * tokens, -1), w.layers[i].out_proj, residual=h, scale=w.layers[i].scale1, backend=backend)
         _feed_forward(w, i, h, backend)
+    pos.add_(exec_mask, alpha=tokens)  # the ring attention read it
 
 
 def mimi_transformer_ref(w, h, pos, exec_mask, cache, *, tokens):

@@ -3,8 +3,9 @@
 * :func:`rvq_encode_triton`: the split RVQ encode, one launch per level (plus one that writes the last codes). Each
   launch fuses the previous level's argmin resolution, the residual update and this level's distances and partial
   argmins over a slice of the codebook, so a 32-level encode is 32 launches instead of ~300 torch ops.
-* :func:`rvq_decode_triton`: the sum of the codebook lookups of all levels (tables with the output projection folded
-  in), one launch.
+* :func:`rvq_decode_upsample_triton`: the sum of the codebook lookups of all levels (tables with the output projection
+  folded in) and the depthwise transposed conv from 12.5 to 25 Hz with its overlap-add, one launch, written in the
+  transformer's time-major layout.
 * :func:`mimi_rope_kv_triton`: a transformer layer's RoPE of q and k and the write of k and v into the streaming KV
   ring, one launch (was a complex multiply and an ``index_put_``).
 * :func:`mimi_conv_pad_triton`: a SEANet streaming conv's input (the stored left context prepended, ELU) and the
@@ -23,7 +24,7 @@
 * :func:`mimi_rows_triton`: a streaming transformer step's per-row indices (RoPE positions, ring slots, window
   bounds), one launch (was eight index ops, dtype conversions included).
 
-Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_ref`,
+Specifications: :func:`dsm_kernels.reference.rvq_encode_ref`, :func:`dsm_kernels.reference.rvq_decode_upsample_ref`,
 :func:`dsm_kernels.reference.mimi_rope_kv_ref`, :func:`dsm_kernels.reference.mimi_ring_attention_ref`,
 :func:`dsm_kernels.reference.mimi_conv_pad_ref`, :func:`dsm_kernels.reference.mimi_convtr_overlap_ref`,
 :func:`dsm_kernels.reference.mimi_convtr_gemv_ref`, :func:`dsm_kernels.reference.mimi_residual_out_ref` and
@@ -149,39 +150,59 @@ def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels
 
 
 @triton.jit
-def _rvq_decode_kernel(
+def _rvq_decode_upsample_kernel(
     codes_ptr, scb, scl, sct,  # [B, L, T] int
-    tab_ptr,  # [Lt, K, C]
-    out_ptr, sob, soc, sot,  # [B, C, T]
+    tab_ptr,  # [Lt, K, C] fp32, contiguous
+    w_ptr, swc, swk,  # [C, 1, 2 S] fp32
+    part_ptr, spb, spc, spj,  # [B, C, S] fp32, updated in place
+    mask_ptr,  # [B] bool
+    out_ptr, sob, sot, soc,  # [B, T S, C] fp32
     L, T, K, C,
-    BLOCK_C: tl.constexpr,
+    S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    pc = tl.program_id(1)
-    b = n // T
-    t = n % T
-    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for lvl in range(L):
-        code = tl.load(codes_ptr + b * scb + lvl * scl + t * sct).to(tl.int64)
-        acc += tl.load(tab_ptr + (lvl * K + code) * C + c, mask=c_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * sob + c * soc + t * sot, acc, mask=c_ok)
+    """Grid (B, C / BLOCK_C): a row's channels over its T frames in order, the transposed conv's tail carried in
+    registers from frame to frame (the stored one before the first)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j = tl.arange(0, BLOCK_S)[None, :]
+    m = (c < C)[:, None] & (j < S)
+    w_head = tl.load(w_ptr + c[:, None] * swc + j * swk, mask=m, other=0.0)  # taps 0..S-1: this frame's columns
+    w_tail = tl.load(w_ptr + c[:, None] * swc + (S + j) * swk, mask=m, other=0.0)  # taps S..2S-1: the next frame's
+    pp = part_ptr + b * spb + c[:, None] * spc + j * spj
+    tail = tl.load(pp, mask=m, other=0.0)
+    for t in range(T):
+        x = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for lvl in range(L):  # in level order from an exact zero, as the reference sums
+            code = tl.load(codes_ptr + b * scb + lvl * scl + t * sct).to(tl.int64)
+            x += tl.load(tab_ptr + (lvl * K + code) * C + c, mask=c < C, other=0.0)
+        # the conv's output columns plus the tail that overlaps them
+        tl.store(out_ptr + b * sob + (t * S + j) * sot + c[:, None] * soc, x[:, None] * w_head + tail, mask=m)
+        tail = x[:, None] * w_tail
+    active = tl.load(mask_ptr + b) != 0
+    tl.store(pp, tail, mask=m & active)
 
 
-def rvq_decode_triton(codes: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """See :func:`dsm_kernels.reference.rvq_decode_ref`."""
+def rvq_decode_upsample_triton(codes: torch.Tensor, tables: torch.Tensor, weight: torch.Tensor,
+                               partial: torch.Tensor, exec_mask: torch.Tensor,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`dsm_kernels.reference.rvq_decode_upsample_ref`. One launch (was the lookups' kernel, cuDNN's
+    depthwise transposed conv and the overlap-add kernel); each program owns its slice of ``partial``."""
     B, L, T = codes.shape
-    Lt, K, C = tables.shape
+    _, K, C = tables.shape
+    S = weight.shape[-1] // 2
     if not tables.is_contiguous():  # too large to copy per call
-        raise ValueError(f"rvq_decode: tables {tuple(tables.shape)} with strides {tables.stride()} must be contiguous")
+        raise ValueError(f"rvq_decode_upsample: tables {tuple(tables.shape)} with strides {tables.stride()} must be "
+                         "contiguous")
     if out is None:
-        out = torch.empty(B, C, T, dtype=torch.float32, device=tables.device)
-    BLOCK_C = min(512, triton.next_power_of_2(C))
-    grid = (B * T, triton.cdiv(C, BLOCK_C))
-    _rvq_decode_kernel[grid](codes, codes.stride(0), codes.stride(1), codes.stride(2), tables,
-            out, out.stride(0), out.stride(1), out.stride(2), L, T, K, C, BLOCK_C=BLOCK_C)
-    return out
+        out = torch.empty(B, T * S, C, dtype=torch.float32, device=tables.device)
+    (exec_mask,) = unit_stride(exec_mask)
+    BLOCK_C = min(128, triton.next_power_of_2(C))
+    _rvq_decode_upsample_kernel[(B, triton.cdiv(C, BLOCK_C))](
+        codes, codes.stride(0), codes.stride(1), codes.stride(2), tables, weight, weight.stride(0), weight.stride(2),
+        partial, partial.stride(0), partial.stride(1), partial.stride(2), exec_mask,
+        out, out.stride(0), out.stride(1), out.stride(2), L, T, K, C, S=S, BLOCK_S=triton.next_power_of_2(S),
+        BLOCK_C=BLOCK_C)
+    return out.transpose(1, 2)
 
 
 @triton.jit
@@ -527,29 +548,36 @@ def mimi_residual_out_triton(y: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 @triton.jit
-def _mimi_rows_kernel(pos_ptr, exec_ptr, positions_ptr, slots_ptr, lens_ptr, starts_ptr, n_rows, tokens, capacity,
-                      BLOCK: tl.constexpr):  # fmt: skip
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = r < n_rows
-    b = r // tokens
-    j = r % tokens
-    p = tl.load(pos_ptr + b, mask=m, other=0).to(tl.int64) + j
+def _mimi_rows_kernel(pos_ptr, exec_ptr, positions_ptr, slots_ptr, lens_ptr, starts_ptr, B, tokens, capacity,
+                      ADVANCE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """A lane a stream: its rows ``b * tokens + j``, then (ADVANCE) its position moved on by the lane that read it."""
+    b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = b < B
+    pos = tl.load(pos_ptr + b, mask=m, other=0).to(tl.int64)
     live = tl.load(exec_ptr + b, mask=m, other=0).to(tl.int32) != 0
-    tl.store(positions_ptr + r, p, mask=m)
-    tl.store(slots_ptr + r, tl.where(live, b.to(tl.int64) * capacity + p % capacity, -1), mask=m)
-    tl.store(lens_ptr + r, (p + 1).to(tl.int32), mask=m)
-    tl.store(starts_ptr + r, (p + tokens - capacity - j).to(tl.int32), mask=m)
+    for j in range(tokens):
+        r = b * tokens + j
+        p = pos + j
+        tl.store(positions_ptr + r, p, mask=m)
+        tl.store(slots_ptr + r, tl.where(live, b.to(tl.int64) * capacity + p % capacity, -1), mask=m)
+        tl.store(lens_ptr + r, (p + 1).to(tl.int32), mask=m)
+        tl.store(starts_ptr + r, (p + tokens - capacity - j).to(tl.int32), mask=m)
+    if ADVANCE:
+        tl.store(pos_ptr + b, pos + tl.where(live, tokens, 0), mask=m)
 
 
-def mimi_rows_triton(pos: torch.Tensor, exec_mask: torch.Tensor, tokens: int, capacity: int):
+def mimi_rows_triton(pos: torch.Tensor, exec_mask: torch.Tensor, tokens: int, capacity: int, advance: bool = False):
     """Triton twin of :func:`~dsm_kernels.reference.mimi_rows_ref`."""
-    n = pos.shape[0] * tokens
+    B = pos.shape[0]
+    n = B * tokens
     dev = pos.device
     positions, slots = (torch.empty(n, dtype=torch.int64, device=dev) for _ in range(2))
     seq_lens, starts = (torch.empty(n, dtype=torch.int32, device=dev) for _ in range(2))
     if n:
-        block = min(1024, triton.next_power_of_2(n))
+        if advance and pos.stride(0) != 1:  # unit_stride would advance a copy
+            raise ValueError(f"mimi_rows: pos with stride {pos.stride(0)} cannot be advanced in place")
+        block = min(1024, triton.next_power_of_2(B))
         pos, exec_mask = unit_stride(pos, exec_mask)
-        _mimi_rows_kernel[(triton.cdiv(n, block),)](pos, exec_mask, positions, slots, seq_lens, starts, n, tokens,
-                                                    capacity, BLOCK=block, num_warps=1)  # fmt: skip
+        _mimi_rows_kernel[(triton.cdiv(B, block),)](pos, exec_mask, positions, slots, seq_lens, starts, B, tokens,
+                                                    capacity, ADVANCE=advance, BLOCK=block, num_warps=1)  # fmt: skip
     return positions, slots, seq_lens, starts

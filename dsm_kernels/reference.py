@@ -585,6 +585,25 @@ def rvq_decode_ref(codes: torch.Tensor, tables: torch.Tensor, out: torch.Tensor 
     return res if out is None else out.copy_(res)
 
 
+def rvq_decode_upsample_ref(
+    codes: torch.Tensor, tables: torch.Tensor, weight: torch.Tensor, partial: torch.Tensor, exec_mask: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mimi's decode up to its transformer: the sum of codebook lookups (:func:`rvq_decode_ref`), then the streaming
+    depthwise transposed conv from 12.5 to 25 Hz (``weight`` [C, 1, 2 S], stride S, no bias) with its overlap-add
+    (:func:`mimi_convtr_overlap_ref`: ``partial`` [B, C, S] in place; rows whose ``exec_mask`` is false keep
+    theirs). Returns [B, C, T S] fp32, a transposed view of a time-major [B, T S, C] tensor (``out``, if given):
+    the layout the transformer reads."""
+    B, _, T = codes.shape
+    C, S = weight.shape[0], weight.shape[-1] // 2
+    y = F.conv_transpose1d(rvq_decode_ref(codes, tables), weight, None, S, 0, 0, C)
+    y = mimi_convtr_overlap_ref(y, partial, None, exec_mask)
+    if out is None:
+        out = torch.empty(B, T * S, C, dtype=torch.float32, device=tables.device)
+    out.copy_(y.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
 def mimi_rope_kv_ref(
     qkv: torch.Tensor, rot: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
     out: torch.Tensor | None = None,
@@ -763,17 +782,20 @@ def kv_slots_ref(
 
 
 def mimi_rows_ref(
-    pos: torch.Tensor, exec_mask: torch.Tensor, tokens: int, capacity: int
+    pos: torch.Tensor, exec_mask: torch.Tensor, tokens: int, capacity: int, advance: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row indices of a Mimi transformer step of ``tokens`` new tokens per stream, rows ``b * tokens + j`` over a
     ring of ``capacity`` slots per stream (stream b's ring seen as page b): ``positions`` [B T] int64 (``pos[b] + j``,
     the RoPE position), ``slots`` [B T] int64 (``b * capacity + positions % capacity``; -1 where ``exec_mask[b]`` is
     False: no write), ``seq_lens`` [B T] int32 (``positions + 1``) and ``starts`` [B T] int32 (the first position the
-    row sees, ``positions + tokens - capacity - j``: what the ring still holds once every new key is written)."""
+    row sees, ``positions + tokens - capacity - j``: what the ring still holds once every new key is written). With
+    ``advance``, ``pos`` of the active streams then moves on by ``tokens``, in place."""
     B = pos.shape[0]
     j = torch.arange(tokens, device=pos.device)
     positions = pos.long().view(-1, 1) + j  # [B, T]
     base = torch.arange(B, device=pos.device).view(-1, 1) * capacity
     slots = torch.where(exec_mask.view(-1, 1), base + positions % capacity, -1)
     starts = positions + (tokens - capacity) - j
+    if advance:
+        pos.add_(exec_mask, alpha=tokens)
     return positions.view(-1), slots.view(-1), (positions + 1).int().view(-1), starts.int().view(-1)

@@ -520,8 +520,8 @@ def _rvq_encode_rows(backend, device, quick):
 
 
 def _mimi_codec_rows(backend, device, quick):
-    """Mimi's RVQ decode, its RoPE + KV ring write, conv state update and transposed-conv overlap-add, fp32, at its
-    shapes, with inactive rows that must stay untouched; tolerances as in tests/kernels."""
+    """Mimi's RVQ decode with its upsampling, its RoPE + KV ring write, conv state update and transposed-conv
+    overlap-add, fp32, at its shapes, with inactive rows that must stay untouched; tolerances as in tests/kernels."""
     rows = []
     g = torch.Generator().manual_seed(4)
     B, T = 3, 2
@@ -529,11 +529,17 @@ def _mimi_codec_rows(backend, device, quick):
     C = 512
     tables = torch.randn(33, K, C, generator=g)
     codes = torch.randint(0, K, (B, 32, T), generator=g)
-    exp = reference.rvq_decode_ref(codes, tables)
-    got = resolve("rvq_decode", backend, device)(codes.to(device), tables.to(device),
-                                                 out=poison_(torch.empty(B, C, T, device=device)))  # fmt: skip
-    rows.append(_row("rvq_decode", backend, f"B{B} T{T} 32 books of {K}x{C}", got, exp, 1e-5 + 1e-6 * exp.abs(),
-                     "abs err <= 1e-5 + 1e-6 |ref|"))  # fmt: skip
+    up_w, partial = torch.randn(C, 1, 4, generator=g), torch.randn(B, C, 2, generator=g)
+    mask = torch.tensor([True, False, True])
+    exp_p = partial.clone()
+    exp = reference.rvq_decode_upsample_ref(codes, tables, up_w, exp_p, mask)
+    got_p = partial.clone().to(device)
+    got = resolve("rvq_decode_upsample", backend, device)(
+        codes.to(device), tables.to(device), up_w.to(device), got_p, mask.to(device),
+        out=poison_(torch.empty(B, 2 * T, C, device=device)))
+    both_got, both_exp = torch.cat([got.flatten(), got_p.flatten()]), torch.cat([exp.flatten(), exp_p.flatten()])
+    rows.append(_row("rvq_decode_upsample", backend, f"B{B} T{T} 32 books of {K}x{C}, upsampling x2", both_got,
+                     both_exp, 1e-5 + 1e-6 * both_exp.abs(), "abs err <= 1e-5 + 1e-6 |ref| (output and tail)"))
 
     H, Dh, S = 8, 64, 250
     qkv = torch.randn(B, T, 3, H, Dh, generator=g)
@@ -555,7 +561,7 @@ def _mimi_codec_rows(backend, device, quick):
                      1e-5 + 1e-6 * torch.cat([exp_q.flatten(), exp_cache.flatten()]).abs(),
                      "abs err <= 1e-5 + 1e-6 |ref| (q and ring)"))  # fmt: skip
 
-    mask, phase = torch.tensor([True, False, True]), torch.zeros(1, dtype=torch.int32)
+    phase = torch.zeros(1, dtype=torch.int32)
     for P, elu in ((6, True), (2, False)):
         xc = torch.randn(B, 640, T, generator=g) * 3
         ctx = torch.randn(2, B, 640, P, generator=g)
@@ -604,7 +610,7 @@ _CHECKS = {
     ("conv1d_gemv", "mimi_ring_attention", "mimi_convtr_gemv", "mimi_residual_out", "conv1d_igemm",
      "conv_transpose1d_igemm"): _mimi_rows,
     ("rvq_encode",): _rvq_encode_rows,
-    ("rvq_decode", "mimi_rope_kv", "mimi_conv_pad", "mimi_convtr_overlap"): _mimi_codec_rows,
+    ("rvq_decode_upsample", "mimi_rope_kv", "mimi_conv_pad", "mimi_convtr_overlap"): _mimi_codec_rows,
 }
 
 

@@ -81,8 +81,9 @@ def _depformer(dev):
 
 
 def _rvq_decode(dev):
-    codes = torch.zeros(1, 2, 3, dtype=torch.long, device=dev)
-    return lambda b: K.rvq_decode(codes, _z(2, 4, 8, dev=dev), out=_z(1, 8, 2, dev=dev), backend=b)
+    codes, mask = torch.zeros(1, 2, 3, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.bool, device=dev)
+    return lambda b: K.rvq_decode_upsample(codes, _z(2, 4, 8, dev=dev), _z(8, 1, 4, dev=dev), _z(1, 8, 2, dev=dev),
+                                           mask, out=_z(1, 8, 6, dev=dev), backend=b)
 
 
 def _rvq_encode(dev):  # 2 groups of 1 level, codebooks [2, 4, 4 + 2]
@@ -166,7 +167,7 @@ CASES = {  # name: (call builder, start of the expected message)
     "sample-temperature-column": (lambda d: _sample(d, temp=(2, 1)), "sample_tokens: temperature has shape (2, 1)"),
     "sample-seeds-column": (lambda d: _sample(d, seeds=(2, 1)), "sample_tokens: seeds has shape (2, 1)"),
     "sample-null-logits": (lambda d: _sample(d, null=(2, 7)), "sample_tokens: null_logits has shape (2, 7)"),
-    "rvq-decode-out": (_rvq_decode, "rvq_decode: out has shape (1, 8, 2), expected [1, 8, 3]"),
+    "rvq-decode-out": (_rvq_decode, "rvq_decode_upsample: out has shape (1, 8, 6), expected [1, 6, 8]"),
     "rvq-encode-out": (_rvq_encode, "rvq_encode: out has shape (1, 2, 2), expected [1, 2, 3]"),
     "conv-pad-int-mask": (_conv_pad, "mimi_conv_pad: exec_mask must be torch.bool"),
     "conv-pad-one-half": (lambda d: _conv_pad(d, torch.bool, ctx_shape=(1, 2, 2)),
@@ -244,14 +245,21 @@ def test_layouts_the_reference_takes(backend):
 
 @pytest.mark.parametrize("backend", ["triton"])
 def test_triton_layouts_and_dtypes(backend):
-    """rvq_decode sums bf16 tables in fp32 as the reference does; a table not contiguous along D (too large to copy
-    per call) is a ValueError naming it."""
+    """Mimi's decode tables are fp32 (a bf16 one is refused by name) and too large to copy per call (a table not
+    contiguous is a ValueError naming it), like the embedding's."""
     dev = kernel_device(backend)
     g = torch.Generator().manual_seed(1)
-    codes, tables = torch.randint(0, 4, (2, 3, 2), generator=g), torch.randn(3, 4, 8, generator=g).bfloat16()
-    exp = K.rvq_decode(codes, tables, backend="reference")
-    got = K.rvq_decode(codes.to(dev), tables.to(dev), backend=backend)
-    assert got.dtype == torch.float32 and torch.equal(got.cpu(), exp)
+    codes, tables = torch.randint(0, 4, (2, 3, 2), generator=g), torch.randn(3, 4, 8, generator=g)
+    up = (torch.randn(8, 1, 4, generator=g), torch.randn(2, 8, 2, generator=g), torch.tensor([True, False]))
+    on_dev = [t.clone().to(dev) for t in (codes, *up)]  # partial is updated in place
+    with pytest.raises(ValueError, match=r"^rvq_decode_upsample: tables must be torch.float32"):
+        K.rvq_decode_upsample(on_dev[0], tables.bfloat16().to(dev), *on_dev[1:], backend=backend)
+    with pytest.raises(ValueError, match=r"^rvq_decode_upsample: tables \(3, 4, 8\) with strides"):
+        K.rvq_decode_upsample(on_dev[0], tables.transpose(0, 1).contiguous().transpose(0, 1).to(dev), *on_dev[1:],
+                              backend=backend)
+    got = K.rvq_decode_upsample(on_dev[0], tables.to(dev), *on_dev[1:], backend=backend)
+    exp = K.rvq_decode_upsample(codes, tables, *up, backend="reference")
+    torch.testing.assert_close(got.cpu(), exp, rtol=1e-6, atol=1e-6)
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
     with pytest.raises(ValueError, match=r"^multistream_embed: text_table \(5, 4\) with strides \(1, 5\)"):
         K.multistream_embed(tok, _z(4, 5, dev=dev).t(), _z(1, 5, 4, dev=dev), backend=backend)

@@ -269,6 +269,8 @@ def assert_mimi_matches_reference(w, backend, B, tokens, active=None, blocks=3, 
     mimi_transformer_ref(w, **ref)
     run_mimi(backend, w, mine, blocks)
     rows = ref["exec_mask"].repeat_interleave(tokens)
+    assert torch.equal(mine["pos"].cpu(), ref["pos"].cpu())  # the active streams' advanced by tokens
+    assert not torch.equal(ref["pos"].cpu(), mimi_transformer_inputs(w, B, tokens=tokens, active=active, **kw)["pos"])
     assert rel(mine["h"][rows], ref["h"][rows]) < tol
     assert rel(mine["cache"], ref["cache"]) < tol
     for b in (~ref["exec_mask"]).nonzero().flatten().tolist():

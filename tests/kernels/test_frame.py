@@ -116,6 +116,15 @@ def test_mimi_rows(backend, B, tokens, capacity, monkeypatch):
     monkeypatch.undo()
     for x, e in zip(got, exp, strict=True):
         assert x.dtype == e.dtype and torch.equal(x.cpu(), e)
+    # advance: the same rows, then the active streams' positions moved on by tokens (paused ones kept)
+    moved = pos.clone().to(dev)
+    got = resolve("mimi_rows", backend, dev)(moved, live.to(dev), tokens, capacity, True)
+    for x, e in zip(got, exp, strict=True):
+        assert torch.equal(x.cpu(), e)
+    assert torch.equal(moved.cpu(), pos + tokens * live)
+    with pytest.raises(ValueError, match="pos with stride 2 cannot be advanced"):
+        resolve("mimi_rows", backend, dev)(torch.zeros(2 * B, dtype=torch.long, device=dev)[::2], live.to(dev),
+                                           tokens, capacity, True)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -175,7 +184,7 @@ def _aot() -> None:
         (_kv_slots_kernel, {"bt_ptr": "*i32", "pos_ptr": i64, "write_ptr": "*i1", "slot_ptr": i64, "len_ptr": "*i32"},
          {"BLOCK": 1024}),
         (_mimi_rows_kernel, {"pos_ptr": i64, "exec_ptr": "*i1", "positions_ptr": i64, "slots_ptr": i64,
-                             "lens_ptr": "*i32", "starts_ptr": "*i32"}, {"BLOCK": 4}),
+                             "lens_ptr": "*i32", "starts_ptr": "*i32"}, {"ADVANCE": True, "BLOCK": 4}),
     ]  # fmt: skip
     for kernel, types, consts in cases:
         cc = aot_compile(kernel, types, consts, num_warps=1)

@@ -19,7 +19,7 @@ import torch
 import dsm_kernels
 from dsm.mimi import FRAME_SIZE, Mimi
 from dsm.mimi_modules import rope_angles, rope_freqs
-from dsm_kernels import mimi_conv_pad, mimi_rope_kv, reference, resolve, rvq_decode, rvq_encode
+from dsm_kernels import mimi_conv_pad, mimi_rope_kv, reference, resolve, rvq_decode_upsample, rvq_encode
 from dsm_kernels.testing import (
     aot_script_main,
     assert_close_verbose,
@@ -155,18 +155,57 @@ def test_rvq_level_ranges():
     assert reference.rvq_level_ranges((2,)).dtype == torch.int32
 
 
-@pytest.mark.parametrize("B,L,T,K,C", [(1, 32, 1, 64, 512), (3, 5, 2, 16, 48), (2, 8, 3, 128, 700)])
-def test_rvq_decode_triton(B, L, T, K, C):
+# (B, L, T, K, C, S, inactive rows): Mimi's shape at one stream (32 levels, 512 channels, stride 2), several frames
+# in one call (the tail carried from frame to frame), several channel blocks, a stride of 3, paused rows.
+RVQ_DECODE_CASES = [(1, 32, 1, 64, 512, 2, ()), (3, 5, 2, 16, 48, 2, (1,)), (2, 8, 3, 128, 700, 2, (0,)),
+                    (2, 3, 4, 8, 20, 3, ())]
+
+
+@pytest.mark.parametrize("B,L,T,K,C,S,inactive", RVQ_DECODE_CASES)
+def test_rvq_decode_upsample_triton(B, L, T, K, C, S, inactive):
+    """The lookups' sum and the depthwise transposed conv with its overlap-add against the reference (the lookups
+    summed in the same order, one product and one add per output: equal within an fp32 ulp), the stored tail
+    updated only for active rows, the output in the transformer's time-major layout."""
     device = kernel_device("triton")
-    g = torch.Generator().manual_seed(B + L + K + C)
+    g = torch.Generator().manual_seed(B + L + K + C + S)
     tables = torch.randn(L + 1, K, C, generator=g)
     codes = torch.randint(0, K, (B, L, T), generator=g)
-    want = reference.rvq_decode_ref(codes, tables)
-    out = poison_(torch.empty(B, C, T, device=device))
-    got = resolve("rvq_decode", "triton", device)(codes.to(device), tables.to(device), out=out)
-    assert got.data_ptr() == out.data_ptr()
-    assert_close_verbose(got.cpu(), want, atol=1e-5, rtol=1e-6, name="rvq_decode")
-    assert torch.equal(rvq_decode(codes.to(device), tables.to(device), backend="triton").cpu(), got.cpu())
+    weight = torch.randn(C, 1, 2 * S, generator=g)
+    partial = torch.randn(B, C, S, generator=g)
+    mask = torch.ones(B, dtype=torch.bool)
+    mask[list(inactive)] = False
+    want_p = partial.clone()
+    want = reference.rvq_decode_upsample_ref(codes, tables, weight, want_p, mask)
+    assert want.shape == (B, C, T * S) and want.transpose(1, 2).is_contiguous()
+    got_p = partial.clone().to(device)
+    out = poison_(torch.empty(B, T * S, C, device=device))
+    got = resolve("rvq_decode_upsample", "triton", device)(codes.to(device), tables.to(device), weight.to(device),
+                                                          got_p, mask.to(device), out=out)  # fmt: skip
+    assert got.data_ptr() == out.data_ptr() and got.shape == (B, C, T * S)
+    assert_close_verbose(got.cpu(), want, atol=1e-5, rtol=1e-6, name="rvq_decode_upsample")
+    assert_close_verbose(got_p.cpu(), want_p, atol=1e-5, rtol=1e-6, name="partial")
+    assert torch.equal(got_p.cpu()[~mask], partial[~mask])  # paused rows keep their tail
+    assert not torch.equal(want_p[mask], partial[mask])
+    # the stored tail reaches the output: a zero one gives another first frame
+    zero = reference.rvq_decode_upsample_ref(codes, tables, weight, torch.zeros_like(partial), mask)
+    assert not torch.allclose(zero[..., :S], want[..., :S])
+    again = rvq_decode_upsample(codes.to(device), tables.to(device), weight.to(device), partial.clone().to(device),
+                                mask.to(device), backend="triton")  # fmt: skip
+    assert torch.equal(again.cpu(), got.cpu())
+
+
+def test_rvq_decode_upsample_checks():
+    """Shapes the kernel would misread are refused with the tensor's name."""
+    codes, tables = torch.zeros(2, 4, 1, dtype=torch.long), torch.zeros(4, 8, 16)
+    partial, mask = torch.zeros(2, 16, 2), torch.ones(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="weight has shape"):
+        rvq_decode_upsample(codes, tables, torch.zeros(16, 1, 3), partial, mask)
+    with pytest.raises(ValueError, match="partial has shape"):
+        rvq_decode_upsample(codes, tables, torch.zeros(16, 1, 4), torch.zeros(2, 16, 3), mask)
+    with pytest.raises(ValueError, match="codes .* has 5 levels"):
+        rvq_decode_upsample(torch.zeros(2, 5, 1, dtype=torch.long), tables, torch.zeros(16, 1, 4), partial, mask)
+    with pytest.raises(ValueError, match="exec_mask must be torch.bool"):
+        rvq_decode_upsample(codes, tables, torch.zeros(16, 1, 4), partial, mask.int())
 
 
 def _rope_kv_inputs(B, T, H, D, S, inactive, seed):
@@ -569,6 +608,8 @@ def _count_module():
 
 
 # Kernels per streaming step (batch 1, one frame) on the Triton backend, the path a GPU runs. Measured on this commit:
+# encode 92, decode 62 (the decoder's upsampling in the codebook lookups' kernel, written where the transformer reads
+# it: no cuDNN conv, overlap-add or input copy; the encoder's last conv writes the transformer's layout too). Before:
 # encode 93, decode 65 (the conv kernels read their stored context in place and write its other half: no conv-pad
 # launch, one phase flip a step; the downsampling's replicate padding in its kernel). Before: encode 105, decode 70
 # (the transformers' row indices in one kernel, mimi_rows; the ELUs before the decoder's first
@@ -581,14 +622,15 @@ def _count_module():
 # the ring attention kernel 135 / 94; the fused transposed-conv overlap and the decoder's kernel ELU 135 / 108; the
 # transformers' GEMV path 169 / 142; the fused SEANet conv inputs 179 / 148; the fused RoPE + KV write 187 / 156;
 # the RVQ kernels 823 / 538 torch ops. A few ops of slack, not more.
-MAX_ENCODE_KERNELS = 94
-MAX_DECODE_KERNELS = 66
-# The same on the cuda backend (each transformer one persistent kernel, csrc/decoder.cu, with its row indices in one
-# kernel, its input copied into a buffer of its own and its position advanced; the residual-VQ encode one,
-# csrc/rvq.cu; each persistent kernel also zeroes its barrier), measured: encode 25, decode 27 (before the convs read
-# their context in place: 37 / 32; before mimi_rows and the decoder's GEMV ELUs: 44 / 41, the index math 8 ops).
-CUDA_ENCODE_KERNELS = 26
-CUDA_DECODE_KERNELS = 28
+MAX_ENCODE_KERNELS = 93
+MAX_DECODE_KERNELS = 63
+# The same on the cuda backend (each transformer one persistent kernel, csrc/decoder.cu, with its row indices and
+# the advance of its position in one kernel; the residual-VQ encode one, csrc/rvq.cu; each persistent kernel also
+# zeroes its barrier), measured: encode 23, decode 23 (before the transformers read their input where the kernel
+# before them wrote it, their position advanced by the index kernel, and the upsampling in the lookups' kernel: 25 /
+# 27; before the convs read their context in place: 37 / 32; before mimi_rows and the decoder's GEMV ELUs: 44 / 41).
+CUDA_ENCODE_KERNELS = 24
+CUDA_DECODE_KERNELS = 24
 
 
 def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
@@ -597,7 +639,7 @@ def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
     monkeypatch.setattr(count, "random_mimi_state_dict", {0: mimi_sd}.__getitem__)  # conftest's, built once
     enc, dec = count.count_mimi("triton", warmup=1, seed=0)
     n_enc, n_dec = sum(enc.values()), sum(dec.values())
-    assert enc["triton:_rvq_level_kernel"] == 32 and dec["triton:_rvq_decode_kernel"] == 1
+    assert enc["triton:_rvq_level_kernel"] == 32 and dec["triton:_rvq_decode_upsample_kernel"] == 1
     # the transformers at one stream: 4 GEMV launches per layer (one of them the QKV with RoPE and the ring write)
     # and the ring attention
     for counts in (enc, dec):
@@ -610,10 +652,12 @@ def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
     assert dec["triton:_mimi_convtr_place_kernel"] == 2
     # the wider ones as implicit GEMMs: the encoder's first conv and the k3 and downsampling convs of its first three
     # blocks, the decoder's three k3 unit convs and last conv, and its last two transposed convs (their ELU applied
-    # as they load x); only the decoder's depthwise upsampling stays cuDNN's
+    # as they load x); the decoder's depthwise upsampling in the codebook lookups' kernel, which writes the
+    # transformer's input in place (no copy) and leaves the overlap-add kernel to the two wide transposed convs
     assert enc["triton:_conv_igemm_kernel"] == 6 and "convolution" not in enc
     assert dec["triton:_conv_igemm_kernel"] == 4 and dec["triton:_convtr_igemm_kernel"] == 2
-    assert dec["convolution"] == 1
+    assert "convolution" not in dec and dec["triton:_mimi_convtr_overlap_kernel"] == 2
+    assert "copy_" not in enc and "copy_" not in dec  # the transformers' inputs written in their layout
     # every ELU in a kernel (the decoder's GEMV transposed convs apply theirs as they load x); the residual units end
     # in one
     assert "elu" not in enc and "elu" not in dec and enc["triton:_mimi_residual_out_kernel"] == 4
@@ -658,6 +702,7 @@ def test_step_kernel_count_on_the_cuda_backend(mimi_sd, cuda_emulated, monkeypat
         assert not any(k in counts for k in ("triton:_qkv_rope_gemv_kernel", "triton:_mimi_ring_attention_kernel",
                                              "triton:_rvq_level_kernel"))  # fmt: skip
         assert counts["triton:_gemv_kernel"] == 0
+        assert "add_" not in counts and "copy_" not in counts  # the position advanced by the index kernel
     n_enc, n_dec = sum(enc.values()) + 2 * 2, sum(dec.values()) + 2
     assert n_enc <= CUDA_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
     assert n_dec <= CUDA_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
@@ -676,7 +721,7 @@ def _aot() -> None:
         _mimi_residual_out_kernel,
         _mimi_ring_attention_kernel,
         _mimi_rope_kv_kernel,
-        _rvq_decode_kernel,
+        _rvq_decode_upsample_kernel,
         _rvq_level_kernel,
     )
     from dsm_kernels.testing import aot_compile, prewait_loads
@@ -686,7 +731,8 @@ def _aot() -> None:
         (_rvq_level_kernel, {"x_ptr": f32, "books_ptr": f32, "lev_ptr": i32, "out_ptr": i64, "res_ptr": f32,
                              "pmin_ptr": f32, "pidx_ptr": i32},
          {"D": 256, "P": 64, "BLOCK_N": 16, "BLOCK_K": 32, "PDL": True}),
-        (_rvq_decode_kernel, {"codes_ptr": i64, "tab_ptr": f32, "out_ptr": f32}, {"BLOCK_C": 512}),
+        (_rvq_decode_upsample_kernel, {"codes_ptr": i64, "tab_ptr": f32, "w_ptr": f32, "part_ptr": f32,
+                                       "mask_ptr": "*i1", "out_ptr": f32}, {"S": 2, "BLOCK_S": 2, "BLOCK_C": 128}),
         (_mimi_rope_kv_kernel, {"qkv_ptr": f32, "rot_ptr": f32, "cache_ptr": f32, "rows_ptr": i64,
                                 "slots_ptr": i64, "q_ptr": f32}, {"BLOCK_H": 8, "BLOCK_P": 32}),
         (_mimi_conv_pad_kernel, {"x_ptr": f32, "ctx_ptr": f32, "phase_ptr": i32, "mask_ptr": "*i1",

@@ -40,20 +40,20 @@ def test_a_wrong_kernel_fails(monkeypatch):
         fn = real(op, backend, device)
         if op == "silu_mul":
             return lambda h, out=None: (fn(h).float() * (1 + 8 * 2.0**-8)).bfloat16()
-        if op == "rvq_decode":
-            return lambda codes, tables, out=None: fn(codes, tables, out=out).fill_(float("nan"))
+        if op == "rvq_decode_upsample":
+            return lambda *a, out=None: fn(*a, out=out).fill_(float("nan"))
         if op == "kv_slots":
             return lambda *a: tuple(t + 1 for t in fn(*a))
         return fn
 
     monkeypatch.setattr(validate, "resolve", broken)
     monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items()
-                                              if k[0] in ("silu_mul", "kv_slots", "rvq_decode")})  # fmt: skip
+                                              if k[0] in ("silu_mul", "kv_slots", "rvq_decode_upsample")})  # fmt: skip
     monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
     rows = validate_kernels("cpu", quick=True)
     by_op = {r.op: r for r in rows}
-    assert not by_op["silu_mul"].ok and not by_op["rvq_decode"].ok and not by_op["kv_slots"].ok
-    assert "NaN" in by_op["rvq_decode"].measure
+    assert not by_op["silu_mul"].ok and not by_op["rvq_decode_upsample"].ok and not by_op["kv_slots"].ok
+    assert "NaN" in by_op["rvq_decode_upsample"].measure
     assert by_op["mimi_rope_kv"].ok and by_op["mimi_convtr_overlap"].ok  # the untouched ops of a check still pass
 
 
