@@ -11,9 +11,10 @@
   padding of unused voice slots; a voice many streams use) share one page, stored once and read once per step. A
   page nobody uses stays cached under its key until the pool needs it, so reopening a voice computes nothing.
 * **Steps.** :meth:`Engine.step` runs one 80 ms frame for every open slot (slots without input this step are
-  frozen by the exec mask). On CUDA, the device phases of :class:`dsm.generate.Generator` are captured once per
-  bucket (graph A: input column + temporal transformer + text sampling; graph B: depth transformer + commit);
-  host hooks (e.g. the TTS state machine) run between them on small tensors. ``DSM_NO_CUDA_GRAPH=1`` or
+  frozen by the exec mask). On CUDA, a step without hooks (STT) is one graph per bucket; with hooks, the device
+  phases of :class:`dsm.generate.Generator` are captured once per bucket (input column + temporal transformer + text
+  sampling; depth transformer; commit) and the host hooks (e.g. the TTS state machine) run between them on small
+  tensors. ``DSM_NO_CUDA_GRAPH=1`` or
   ``cuda_graphs=False`` runs eagerly (always the case on CPU).
 
 Isolation: a slot's computation reads only its own rows, pages and seeds, so its outputs do not depend on what
@@ -329,7 +330,8 @@ class Engine:
     def warm_up(self, conditions: dict | None = None) -> None:
         """Capture every bucket's step graphs now, as a server does before its first client, so that no stream pays
         for the eager first call and the capture. Each bucket is filled with throwaway streams (``conditions``: a
-        conditioned model's per-stream values) that take two plain steps, plus two text-only steps
+        conditioned model's per-stream values) that take two plain steps (one graph a step), two steps with a text
+        hook (the phases between which hooks run, as the TTS runtime steps), plus two text-only steps
         (``depformer_replace_tokens``) for a model with a depth transformer, and are then closed. Their pages go back
         to the pool and a later stream starts from a reset row, so outputs are those of an engine never warmed up.
         Steps with hooks that split a phase (``on_text_logits``) still capture on first use. A no-op without CUDA
@@ -345,6 +347,7 @@ class Engine:
             inputs = self._inputs if self._inputs.shape[1] else None  # throwaway streams: any input tokens
             for _ in range(2):  # the eager first call, then the capture
                 self.step(inputs)
+                self.step(inputs, on_text=lambda tokens: None)  # the phases hooks run between
                 if dq:
                     self.step(inputs, depformer_replace_tokens=silent)
             for slot in slots:
@@ -446,6 +449,9 @@ class Engine:
         if not self.cuda_graphs:
             return gen.step(view, inp, on_text_logits=on_text_logits, on_text=on_text,
                             depformer_replace_tokens=replace, on_audio=on_audio)
+        if on_text_logits is None and on_text is None and replace is None and on_audio is None:
+            # no host work between the phases: the whole step is one graph (one launch, no buffers between phases)
+            return StepOutput(*self._graph(bucket, "step", lambda: _whole_step(gen, view, inp)).replay())
         # Each graph reads what the previous one wrote through a static buffer: a graph replays the addresses its
         # closure saw at creation, while the producing graph's outputs move once (eager first call -> capture).
         if on_text_logits is None:
@@ -499,3 +505,10 @@ class Engine:
 def _text_phase(gen: Generator, view, inp):
     z, text_logits = gen.forward(view, inp)
     return z, text_logits, gen.sample_text(view, text_logits)
+
+
+def _whole_step(gen: Generator, view, inp):
+    """A step without hooks, as one graph: the fields of :class:`~dsm.generate.StepOutput` in order."""
+    z, text_logits, text_token = _text_phase(gen, view, inp)
+    audio = gen.depformer(view, text_token, z) if gen.model.cfg.dep_q else None
+    return gen.commit(view, text_token, audio), text_token, z, text_logits

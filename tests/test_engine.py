@@ -408,6 +408,8 @@ def test_cuda_graph_engine_equals_eager(stt_model, mode, monkeypatch):
             inputs[a], inputs[b] = audio[t], audio[steps - 1 - t]
             toks.append(eng.step(inputs).tokens[:2].clone())
         outs[graphs] = torch.stack(toks)
+        if graphs:  # no hooks: every step one graph, nothing copied between phases
+            assert {phase for _, phase in eng._graphs} == {"step"}
     assert len(set(outs[False][:, 0, 0].tolist())) > 1  # the tokens move, so a stale replay cannot pass
     assert torch.equal(outs[False], outs[True])
 
@@ -444,21 +446,24 @@ def test_cuda_graph_engine_with_hooks_equals_eager(tts_model, mode, monkeypatch)
 
 @pytest.mark.parametrize("mode", GRAPH_MODES)
 def test_cuda_graph_engine_plain_tts_steps_equal_eager(tts_model, mode, monkeypatch):
-    """The default TTS path (one text graph, depth graph, commit) with streams joining and leaving."""
+    """Plain TTS steps (the whole step one graph) mixed with steps whose hook changes nothing (the phase graphs: text,
+    depth, commit), with streams joining and leaving: both graph sets step the same state, as eagerly."""
     dev = "cuda" if mode == "cuda" else "cpu"
     outs = {}
     for graphs in (False, True):
         eng = _graph_engine(tts_model, mode, monkeypatch, graphs, max_slots=4, buckets=(4,), temp=0.6)
         slots = [eng.open(seed=s) for s in (1, 2)]
         toks = []
-        for t in range(12):
+        for t in range(14):
             if t == 5:
                 slots.append(eng.open(seed=3))
             if t == 8:
                 eng.close(slots.pop(0))
-            out = eng.step()
+            out = eng.step(**({"on_text": lambda tokens: None} if t % 4 == 3 else {}))
             toks.append(out.tokens[2].clone())  # the stream that joins at step 5
         outs[graphs] = torch.stack(toks).to(dev)
+        if graphs:
+            assert {"step", "text", "depth", "commit_audio"} <= {phase for _, phase in eng._graphs}
     assert torch.equal(outs[False], outs[True])
 
 
@@ -541,7 +546,8 @@ def test_warm_up_captures_every_bucket_and_changes_no_output(tts_model, monkeypa
         if warm:
             eng.warm_up()
             captured = {key for key, g in eng._graphs.items() if isinstance(g, EmulatedGraph) and g.calls >= 2}
-            assert {(b, p) for b in eng.buckets for p in ("text", "depth", "commit_audio")} <= captured, captured
+            phases = ("step", "text", "depth", "commit_audio")
+            assert {(b, p) for b in eng.buckets for p in phases} <= captured, captured
             assert eng.pool.used == 0 and eng.num_open == 0
         slot = eng.open(seed=9)
         silent = torch.full((1, tts_model.cfg.dep_q), -1, dtype=torch.long)
