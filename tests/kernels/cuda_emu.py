@@ -48,11 +48,12 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-x", "c++", f"-I{INCLUDE}",
          f"-I{ROOT / 'csrc'}"]
 # DSM_CUDA_EMU_SANITIZE=1: built with AddressSanitizer and UBSan's integer checks (signed overflow, shifts, array
-# bounds: what index math can get wrong; the whole UBSan group would triple the build), so a read or write outside
-# every tensor, or an overflowing index, stops the process with a report; the process must have libasan preloaded
-# (test_cuda_emu_sanitized.py).
+# bounds: what index math can get wrong; the whole UBSan group would triple the build) and its alignment check (a
+# 16-byte vector access through a misaligned pointer, which faults on a GPU and passes on a CPU), so a read or write
+# outside every tensor, an overflowing index or a misaligned vector access stops the process with a report; the
+# process must have libasan preloaded (test_cuda_emu_sanitized.py).
 if os.environ.get("DSM_CUDA_EMU_SANITIZE") == "1":
-    FLAGS += ["-fsanitize=address,signed-integer-overflow,shift,bounds", "-fno-sanitize-recover=all",
+    FLAGS += ["-fsanitize=address,signed-integer-overflow,shift,bounds,alignment", "-fno-sanitize-recover=all",
               "-fno-omit-frame-pointer", "-g"]
 EMULATED_SMS = 132  # an H100's: the split planner sees the GPU's block counts
 

@@ -1,6 +1,7 @@
 """The emulated CUDA kernels' tests (backend ``cuda_emu``) once more, built with AddressSanitizer and UBSan's integer
-checks: a kernel that reads or writes past a tensor (a load its mask should have stopped, a wrong stride), or
-overflows a 32-bit index, fails here even when the bytes it touched happened not to change its output. A GPU run
+and alignment checks: a kernel that reads or writes past a tensor (a load its mask should have stopped, a wrong
+stride), overflows a 32-bit index, or makes a 16-byte access through a misaligned pointer, fails here even when the
+bytes it touched happened not to change its output. A GPU run
 would need compute-sanitizer for the same check.
 
 It runs in a subprocess (libasan must be loaded before Python starts), from the background queue at collection."""

@@ -348,6 +348,8 @@ inline void left_grid_barrier() {
 // A copy lands at any time between its issue and its wait on a GPU: here at one of the two ends, at random, so that
 // both a read before the wait and a reissue of a slot someone still reads show.
 inline void cp_async(void* dst, const void* src, size_t bytes) {
+  // cp.async of 16 bytes needs both addresses 16-byte aligned (a misaligned-address fault on a GPU)
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % bytes) __builtin_trap();
   if (current_launch->rng() & 1) memcpy(dst, src, bytes);
   else current_fiber->open.push_back({dst, src, bytes});
 }
