@@ -108,6 +108,7 @@ __device__ void stage_codebook_input(const DsmDepformerArgs& a, const Work<T>& w
   const int own_lo = split_lo(a.dim, blockIdx.x, gridDim.x), own_hi = split_lo(a.dim, blockIdx.x + 1, gridDim.x);
   float ss[kMaxRows] = {};
   for (int b = 0; b < B; ++b) {
+    float s = 0.f;
     const int64_t id = ph.k == 0 ? a.text_token[b] : __ldcg(a.tokens + static_cast<int64_t>(ph.k - 1) * B + b);
     const bool demux = ph.k == 0 && text2 != nullptr;
     const int64_t row = demux ? id % a.text_vocab : id, second = demux ? id / a.text_vocab - 1 : -1;
@@ -121,8 +122,9 @@ __device__ void stage_codebook_input(const DsmDepformerArgs& a, const Work<T>& w
       const T xv = dsm::from_float<T>(p + e);
       xs[b * K + c] = xv;
       if (c >= own_lo && c < own_hi) w.x[b * a.dim + c] = xv;
-      ss[b] += dsm::to_float(xv) * dsm::to_float(xv);
+      s += dsm::to_float(xv) * dsm::to_float(xv);
     }
+    set_row(ss, b, s);
   }
   rms_norm_staged<T>(xs, B, K, alpha, a.eps, ss, red);
 }
@@ -154,7 +156,7 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
   const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
   stream.gemv(ph.rows, xs, B, [&](int r, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
     for (int b = 0; b < B; ++b) {
-      const T y = dsm::from_float<T>(acc0[b]);
+      const T y = dsm::from_float<T>(row_value(acc0, b));
       switch (ph.kind) {
         case kProj: w.proj[static_cast<int64_t>(b) * ph.rows.units + r] = y; break;
         case kQkv: {
@@ -164,10 +166,10 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
           *dst = y;
           break;
         }
-        case kIn: w.gh[b * a.hidden + r] = silu_gate<T>(acc0[b], acc1[b]); break;
+        case kIn: w.gh[b * a.hidden + r] = silu_gate<T>(row_value(acc0, b), row_value(acc1, b)); break;
         case kOut:
         case kFfo:  // this block owns column r of x
-          add_residual<T>(w.x + b * a.dim + r, acc0[b],
+          add_residual<T>(w.x + b * a.dim + r, row_value(acc0, b),
                           reinterpret_cast<const T*>(t[8 * ph.layer + (ph.kind == kOut ? 6 : 7)]), r);
           break;
         default:  // head
