@@ -137,17 +137,20 @@ def _convtr_igemm_kernel(
     tl.store(out_ptr + b[None, :] * sob + co[:, None] * soc + o[None, :] * sot, acc, mask=com[:, None] & nm[None, :])
 
 
-def _tiles(c_out: int, columns: int, device: torch.device) -> tuple[int, int, int]:
-    """(BM, BN, BK): output channels x columns x reduction per program. On a GPU, 128 columns a program where that
-    still gives half the SMs a program, else 64 or 32 (one stream's convs have 96-1920 columns: 128-wide tiles would
-    leave most SMs idle); under the interpreter, which runs programs one after another at a fixed cost each, few
-    large ones (numpy takes the tiles)."""
+def _tiles(c_out: int, columns: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, warps): output channels x columns x reduction per program, and its warps. On a GPU, 64 columns
+    a program where that still gives half the SMs a program, else 32 (one stream's convs have 96-1920 columns: wide
+    tiles would leave most SMs idle), with 8 warps for 64 columns and 4 for 32: the tile configurations whose tf32x3
+    products and gathers fit the registers (128 columns spilled 100-450 registers' worth in every k-step at 4 or 8
+    warps, 64 columns at 4 warps; checked by tests/kernels/test_conv_igemm.py on the sm_90 SASS). Under the
+    interpreter, which runs programs one after another at a fixed cost each, few large ones (numpy takes the
+    tiles)."""
     bm = max(16, min(64, triton.next_power_of_2(c_out)))
     if triton_interpret():
-        return bm, 1024, 128
+        return bm, 1024, 128, 4
     m_tiles, want = triton.cdiv(c_out, bm), sm_count(device) // 2
-    bn = next((bn for bn in (128, 64) if m_tiles * triton.cdiv(columns, bn) >= want), 32)
-    return bm, bn, 32
+    bn = 64 if m_tiles * triton.cdiv(columns, 64) >= want else 32
+    return bm, bn, 32, 8 if bn == 64 else 4
 
 
 def _precision() -> str:
@@ -172,7 +175,7 @@ def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False
         return out
     bias, phase, exec_mask, first = unit_stride(bias, phase, exec_mask, first)
     N = B * T_out
-    BM, BN, BK = _tiles(C_out, N, x.device)
+    BM, BN, BK, warps = _tiles(C_out, N, x.device)
     n_tiles = triton.cdiv(N, BN)
     BR, BP, state_tiles = ctx_plan(ctx)
     res = residual if residual is not None else out
@@ -182,7 +185,7 @@ def conv1d_igemm_triton(x, weight, bias=None, stride=1, residual=None, elu=False
         C_out, C * KS, T_out, N, stride, *ctx_args(ctx, phase, exec_mask, first, fallback=x), C, T, P, n_tiles,
         KS=KS, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ELU=elu, EXACT_ELU=exact_elu(),
         PREC=_precision(), BM=BM, BN=BN, BK=BK, CTX=ctx is not None, FIRST=first is not None, BR=BR,
-        BP=BP, num_warps=4, num_stages=3,
+        BP=BP, num_warps=warps, num_stages=3,
     )  # fmt: skip
     return out
 
@@ -210,11 +213,11 @@ def conv_transpose1d_igemm_triton(x, weight, bias=None, stride=1, phase_weight=N
         return out
     (bias,) = unit_stride(bias)
     N = B * Q
-    BM, BN, BK = _tiles(C_out, N * stride, x.device)  # the S phases are programs too
+    BM, BN, BK, warps = _tiles(C_out, N * stride, x.device)  # the S phases are programs too
     _convtr_igemm_kernel[(triton.cdiv(C_out, BM), triton.cdiv(N, BN), stride)](
         x, x.stride(0), x.stride(1), x.stride(2), phase_weight, bias if bias is not None else phase_weight,
         out, out.stride(0), out.stride(1), out.stride(2), C, C_out, T, Q, N, stride,
         J=J, HAS_BIAS=bias is not None, ELU=elu, EXACT_ELU=exact_elu(), PREC=_precision(), BM=BM, BN=BN,
-        BK=BK, num_warps=4, num_stages=3,
+        BK=BK, num_warps=warps, num_stages=3,
     )  # fmt: skip
     return out

@@ -395,7 +395,7 @@ def kernel_device(backend: str) -> torch.device:
 # shared memory), so CPU tests also compile each kernel for an H100.
 
 
-def aot_compile(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int = 4,
+def aot_compile(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int = 4, num_stages: int = 3,
                 divisible: Iterable[str] | None = None, arch: int = 90):
     """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` without a GPU; returns Triton's compiled kernel (``.asm``
     with ``ptx``/``cubin``, ``.metadata.shared``). Arguments missing from ``arg_types`` are ``i32``. ``divisible``:
@@ -413,7 +413,26 @@ def aot_compile(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warp
     names = set(divisible) if divisible is not None else {n for n, t in sig.items() if t.startswith("*")}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in names}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def local_memory_ops(cubin: bytes) -> int:
+    """Local-memory loads and stores (``LDL``/``STL``: register spills, arrays indexed at run time) in a compiled
+    kernel's SASS, read with the ``nvdisasm`` that Triton's wheel ships."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], check=True, capture_output=True, text=True).stdout
+    return len(re.findall(r"\b(?:LDL|STL)\b", sass))
 
 
 def prewait_loads(ptx: str) -> set[str]:

@@ -146,36 +146,63 @@ def test_gpu_igemm_mimi_shapes_within_4x_cudnn_fp32_error(transposed):
 def test_triton_aot_compiles_for_sm90(aot_output):
     """Both kernels compile for an H100 with tf32x3 products on the tensor cores (wgmma at 64-channel tiles, mma
     at 16: the decoder's one-channel last conv; 32-column tiles: one stream's convs), the conv also reading its
-    stored context in place."""
-    assert aot_output(__file__).count("mma") == 4
+    stored context in place, and at every tile configuration the launcher picks none spills to local memory."""
+    out = aot_output(__file__)
+    assert out.count("mma tf32") == 5 and "13 tile configurations without local memory" in out
+
+
+def test_tiles_keep_to_the_configurations_checked_for_spills(monkeypatch):
+    """The launcher's tiles on a GPU are those ``_aot`` compiles and checks for local memory: 16-64 channels x 32
+    columns on 4 warps or x 64 columns on 8 (half the SMs given a program where 64 columns allow it)."""
+    from dsm_kernels import conv_kernels
+
+    monkeypatch.setattr(conv_kernels, "triton_interpret", lambda: False)
+    monkeypatch.setattr(conv_kernels, "sm_count", lambda device: 132)
+    seen = {conv_kernels._tiles(c_out, cols, "cuda") for c_out in (1, 16, 32, 64, 512) for cols in (96, 1920, 10**6)}
+    assert {(bm, bn, warps) for bm, bn, _, warps in seen} <= set(AOT_TILES)
+    assert conv_kernels._tiles(512, 400 * 1920, "cuda")[1:] == (64, 32, 8)  # many streams: 64 columns, 8 warps
+    assert conv_kernels._tiles(64, 96, "cuda")[1:] == (32, 32, 4)  # one stream's 12.5 Hz conv
+
+
+# (BM, BN, warps): every tile configuration the launcher picks on a GPU (see conv_kernels._tiles)
+AOT_TILES = [(bm, bn, 8 if bn == 64 else 4) for bm in (16, 32, 64) for bn in (32, 64)]
 
 
 def _aot() -> None:
     from dsm_kernels.conv_kernels import _conv_igemm_kernel, _convtr_igemm_kernel
-    from dsm_kernels.testing import aot_compile
+    from dsm_kernels.testing import aot_compile, local_memory_ops
 
     f32 = "*fp32"
-    tiles = {"PREC": "tf32x3", "BM": 64, "BN": 128, "BK": 32}
-    cases = [
-        (_conv_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "res_ptr": f32, "out_ptr": f32},
-         {"KS": 3, "HAS_BIAS": True, "HAS_RES": True, "ELU": True, "EXACT_ELU": True, **tiles}),
+    conv = {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "res_ptr": f32, "out_ptr": f32}
+    ctx = dict(conv, ctx_ptr=f32, phase_ptr="*i32", mask_ptr="*i1", first_ptr="*i1")
+    variants = [
+        (_conv_igemm_kernel, conv, {"KS": 3, "HAS_BIAS": True, "HAS_RES": True, "ELU": True, "EXACT_ELU": True}),
         (_convtr_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "out_ptr": f32},
-         {"J": 2, "HAS_BIAS": True, "ELU": True, "EXACT_ELU": True, **tiles}),
-        (_conv_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "res_ptr": f32, "out_ptr": f32},
-         {"KS": 3, "HAS_BIAS": True, "HAS_RES": False, "ELU": True, "EXACT_ELU": True, **tiles, "BM": 16, "BN": 32}),
-        # a streaming conv reading its stored context in place (the encoder's k7 first conv), its context programs
-        (_conv_igemm_kernel, {"x_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "res_ptr": f32, "out_ptr": f32,
-                              "ctx_ptr": f32, "phase_ptr": "*i32", "mask_ptr": "*i1", "first_ptr": "*i1"},
-         {"KS": 7, "HAS_BIAS": True, "HAS_RES": False, "ELU": False, "EXACT_ELU": True, **tiles, "CTX": True,
-          "FIRST": False, "BR": 128, "BP": 8}),
+         {"J": 2, "HAS_BIAS": True, "ELU": True, "EXACT_ELU": True}),
+        # a streaming conv reading its stored context in place (a residual unit's k3 conv, the heaviest gather), its
+        # context programs
+        (_conv_igemm_kernel, ctx, {"KS": 3, "HAS_BIAS": True, "HAS_RES": False, "ELU": True, "EXACT_ELU": True,
+                                   "CTX": True, "FIRST": False, "BR": 128, "BP": 8}),
     ]  # fmt: skip
-    for kernel, types, consts in cases:
-        cc = aot_compile(kernel, types, consts, num_warps=4)
-        ptx = cc.asm["ptx"]
-        assert "sm_90" in ptx
-        n_mma = len(re.findall(r"mma[a-z0-9_.]*\.tf32", ptx))
-        assert n_mma >= 3, f"{kernel.fn.__name__}: {n_mma} tf32 MMA instructions"  # three passes at least
-        print(f"{kernel.fn.__name__}: mma tf32 x{n_mma}, {len(cc.asm['cubin'])} B cubin, {cc.metadata.shared} B smem")
+    n_compiled = 0
+    for bm, bn, warps in AOT_TILES:
+        for kernel, types, consts in variants:
+            if (bm, bn) != (64, 64) and kernel is _convtr_igemm_kernel:
+                continue  # the transposed conv's gather is the lightest: its largest tile stands for the others
+            cc = aot_compile(kernel, types, {**consts, "PREC": "tf32x3", "BM": bm, "BN": bn, "BK": 32},
+                             num_warps=warps)
+            ptx = cc.asm["ptx"]
+            assert "sm_90" in ptx
+            n_mma = len(re.findall(r"mma[a-z0-9_.]*\.tf32", ptx))
+            assert n_mma >= 3, f"{kernel.fn.__name__}: {n_mma} tf32 MMA instructions"  # three passes at least
+            # a spill would sit in the k-loop: 100-450 local loads and stores at 128 columns before
+            spills = local_memory_ops(cc.asm["cubin"])
+            assert spills == 0, f"{kernel.fn.__name__} {bm}x{bn} on {warps} warps: {spills} local loads/stores"
+            n_compiled += 1
+            if (bm, bn) in ((64, 64), (16, 32)):
+                print(f"{kernel.fn.__name__} {bm}x{bn}: mma tf32 x{n_mma}, {len(cc.asm['cubin'])} B cubin, "
+                      f"{cc.metadata.shared} B smem")
+    print(f"{n_compiled} tile configurations without local memory")
 
 
 if __name__ == "__main__":
