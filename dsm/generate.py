@@ -301,8 +301,7 @@ class Generator:
             inp = torch.cat([inp, null])
         write = ex if self.cfg_rows == 1 else ex.repeat(self.cfg_rows)
         z, text_logits = m.step_text(inp, state.kv, state.positions, write, tables=self.tables,
-                                     cond_sum=state.cond_sum, cross=state.cross, backend=self.backend)
-        state.positions.add_(write)
+                                     cond_sum=state.cond_sum, cross=state.cross, backend=self.backend)  # fmt: skip
         if self.cfg_rows == 2:
             cond, null = text_logits[:B], text_logits[B:]
             text_logits = cond if self.cfg_is_no_text else null + (cond - null) * self.cfg_coef

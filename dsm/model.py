@@ -261,15 +261,17 @@ class LMModel(nn.Module):
     def step_text(self, tokens: torch.Tensor, kv: PagedKVCache, positions: torch.Tensor, write: torch.Tensor, *,
                   tables, cond_sum: torch.Tensor | None = None, cross: CrossKVCache | None = None,
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One temporal step for every slot. ``tokens`` [B, K]; ``positions`` [B] (tokens written since reset);
-        ``write`` [B] bool (False: the slot's step is discarded, its cache is not written). Returns ``z`` [B, d]
-        (after ``out_norm``) and text logits [B, text_out]."""
+        """One temporal step for every slot. ``tokens`` [B, K]; ``positions`` [B] (tokens written since reset; the
+        written rows' move on by one, in place, in the same kernel that finds their K/V slots); ``write`` [B] bool
+        (False: the slot's step is discarded, its cache is not written). Returns ``z`` [B, d] (after ``out_norm``)
+        and text logits [B, text_out]."""
         tr = self.transformer
         text, audio, text2 = tables
         x = dsm_kernels.multistream_embed(tokens, text, audio, text_table2=text2, cond=cond_sum,
                                           out_dtype=text.dtype, backend=backend)
         x = tr.add_sin(x, positions)
-        slot, seq_lens = dsm_kernels.kv_slots(kv.block_table, positions, write, kv.page_size, backend=backend)
+        slot, seq_lens, positions = dsm_kernels.kv_slots(kv.block_table, positions, write, kv.page_size, advance=True,
+                                                         backend=backend)  # fmt: skip
         if self._fusable_step():
             kernels = backend or dsm_kernels.default_backend(x.device)
             few = x.shape[0] <= dsm_kernels.gemv_max_rows() and kernels != "reference"

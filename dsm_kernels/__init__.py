@@ -370,10 +370,11 @@ def frame_commit(cache, offsets, exec_mask, delays, text_token, audio, max_delay
     return fn(cache, offsets, exec_mask, delays, text_token, audio, max_delay)
 
 
-def kv_slots(block_table, positions, write, page_size, *, backend=None):
-    """See :func:`dsm_kernels.reference.kv_slots_ref`."""
+def kv_slots(block_table, positions, write, page_size, *, advance=False, backend=None):
+    """See :func:`dsm_kernels.reference.kv_slots_ref` (``advance``: the written rows' ``positions`` then move on, in
+    place, and the positions the step had come third)."""
     checks.kv_slots(block_table, positions, write, page_size)
-    return resolve("kv_slots", backend, positions.device)(block_table, positions, write, page_size)
+    return resolve("kv_slots", backend, positions.device)(block_table, positions, write, page_size, advance)
 
 
 def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, backend=None):

@@ -115,8 +115,8 @@ def frame_commit_triton(cache, offsets, exec_mask, delays, text_token, audio, ma
 
 
 @triton.jit
-def _kv_slots_kernel(bt_ptr, pos_ptr, write_ptr, slot_ptr, len_ptr, B, page_size, pps, stride_bt, stride_bp,
-                     BLOCK: tl.constexpr):  # fmt: skip
+def _kv_slots_kernel(bt_ptr, pos_ptr, write_ptr, slot_ptr, len_ptr, before_ptr, B, page_size, pps, stride_bt,
+                     stride_bp, ADVANCE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = b < B
     pos = tl.load(pos_ptr + b, mask=m, other=0).to(tl.int64)
@@ -125,19 +125,26 @@ def _kv_slots_kernel(bt_ptr, pos_ptr, write_ptr, slot_ptr, len_ptr, B, page_size
     page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + logical * stride_bp, mask=m & w, other=0).to(tl.int64)
     tl.store(slot_ptr + b, tl.where(w, page * page_size + pos % page_size, -1), mask=m)
     tl.store(len_ptr + b, tl.where(w, pos + 1, 0).to(tl.int32), mask=m)
+    if ADVANCE:  # each lane moves on the position it read
+        tl.store(before_ptr + b, pos, mask=m)
+        tl.store(pos_ptr + b, pos + w.to(tl.int64), mask=m)
 
 
-def kv_slots_triton(block_table, positions, write, page_size):
-    """Triton twin of :func:`~dsm_kernels.reference.kv_slots_ref`."""
+def kv_slots_triton(block_table, positions, write, page_size, advance=False):
+    """Triton twin of :func:`~dsm_kernels.reference.kv_slots_ref`: one launch, the advance of ``positions``
+    included."""
     B = positions.shape[0]
     slot = torch.empty(B, dtype=torch.int64, device=positions.device)
     seq_lens = torch.empty(B, dtype=torch.int32, device=positions.device)
-    if B == 0:
-        return slot, seq_lens
-    block = min(1024, triton.next_power_of_2(B))
-    positions, write = unit_stride(positions, write)
-    _kv_slots_kernel[(triton.cdiv(B, block),)](
-        block_table, positions, write, slot, seq_lens, B, page_size, block_table.shape[1],
-        block_table.stride(0), block_table.stride(1), BLOCK=block, num_warps=4,
-    )  # fmt: skip
-    return slot, seq_lens
+    before = torch.empty(B, dtype=positions.dtype, device=positions.device) if advance else None
+    if B:
+        if advance and positions.stride(0) != 1:  # unit_stride would advance a copy
+            raise ValueError(f"kv_slots: positions with stride {positions.stride(0)} cannot be advanced in place")
+        block = min(1024, triton.next_power_of_2(B))
+        positions, write = unit_stride(positions, write)
+        _kv_slots_kernel[(triton.cdiv(B, block),)](
+            block_table, positions, write, slot, seq_lens, before if advance else slot, B, page_size,
+            block_table.shape[1], block_table.stride(0), block_table.stride(1), ADVANCE=advance, BLOCK=block,
+            num_warps=4,
+        )  # fmt: skip
+    return (slot, seq_lens, before) if advance else (slot, seq_lens)

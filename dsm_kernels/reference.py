@@ -772,13 +772,19 @@ def frame_commit_ref(
 
 
 def kv_slots_ref(
-    block_table: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, page_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    block_table: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, page_size: int, advance: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Where this step's K/V go and how long each row's sequence is: ``slot`` [B] int64 (the pool row of
-    ``positions``, -1 where ``write`` is False) and ``seq_lens`` [B] int32 (``positions + 1``, 0 where not)."""
+    ``positions``, -1 where ``write`` is False) and ``seq_lens`` [B] int32 (``positions + 1``, 0 where not). With
+    ``advance`` the written rows' ``positions`` then move on by one, in place, and a third tensor holds the positions
+    this step had (its RoPE positions)."""
     slot = torch.where(write, kv_position_to_slot(block_table, positions, page_size), -1)
     seq_lens = torch.where(write, positions + 1, 0).to(torch.int32)
-    return slot, seq_lens
+    if not advance:
+        return slot, seq_lens
+    before = positions.clone()
+    positions.add_(write)
+    return slot, seq_lens, before
 
 
 def mimi_rows_ref(

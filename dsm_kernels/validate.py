@@ -263,6 +263,12 @@ def _kv_slots_rows(backend, device, quick):
     exp = reference.kv_slots_ref(bt, pos, write, 16)
     got = resolve("kv_slots", backend, device)(bt.to(device), pos.to(device), write.to(device), 16)
     rows = [_exact("kv_slots", backend, "B64 pages24 page16", list(zip(got, exp, strict=True)))]
+    # advancing the written rows' positions in place (as the engine's step does)
+    exp_pos, got_pos = pos.clone(), pos.clone().to(device)
+    exp = reference.kv_slots_ref(bt, exp_pos, write, 16, True)
+    got = resolve("kv_slots", backend, device)(bt.to(device), got_pos, write.to(device), 16, True)
+    rows.append(_exact("kv_slots", backend, "B64 pages24 page16, positions advanced",
+                       [*zip(got, exp, strict=True), (got_pos, exp_pos)]))
     # Mimi's ring (250 slots a stream, 2 tokens a step): positions before and after its wrap
     exp = reference.mimi_rows_ref(pos, write, 2, 250)
     got = resolve("mimi_rows", backend, device)(pos.to(device), write.to(device), 2, 250)

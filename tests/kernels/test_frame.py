@@ -88,6 +88,23 @@ def test_kv_slots(backend, B, pps, page_size):
     slot, lens = resolve("kv_slots", backend, dev)(bt.to(dev), pos.to(dev), write.to(dev), page_size)
     assert slot.dtype == exp_slot.dtype and lens.dtype == exp_len.dtype
     assert torch.equal(slot.cpu(), exp_slot) and torch.equal(lens.cpu(), exp_len)
+    # advance: the same slots, the step's positions returned, the written rows' moved on by one in place
+    moved = pos.clone().to(dev)
+    if B > 1:
+        write[1] = False  # a row not written keeps its position
+    exp = reference.kv_slots_ref(bt, pos, write, page_size)
+    got = resolve("kv_slots", backend, dev)(bt.to(dev), moved, write.to(dev), page_size, True)
+    assert len(got) == 3 and torch.equal(got[2].cpu(), pos) and got[2].data_ptr() != moved.data_ptr()
+    for x, e in zip(got[:2], exp, strict=True):
+        assert torch.equal(x.cpu(), e)
+    assert torch.equal(moved.cpu(), pos + write)
+    strided = torch.zeros(2 * B, dtype=torch.long, device=dev)[::2]
+    if backend == "reference":  # moves the view's elements on
+        resolve("kv_slots", backend, dev)(bt.to(dev), strided, write.to(dev), page_size, True)
+        assert torch.equal(strided.cpu(), write.long())
+    else:  # a kernel reads positions at unit stride: it refuses rather than advance a copy
+        with pytest.raises(ValueError, match="positions with stride 2 cannot be advanced"):
+            resolve("kv_slots", backend, dev)(bt.to(dev), strided, write.to(dev), page_size, True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -181,8 +198,8 @@ def _aot() -> None:
         (_frame_inputs_kernel, dict(ring, init_ptr=i64, tok_ptr=i64), {"HAS_INPUT": False, "BLOCK_K": 64}),
         (_frame_commit_kernel, dict(ring, text_ptr=i64, audio_ptr=i64), {"HAS_AUDIO": True, "BLOCK_K": 64}),
         (_frame_commit_kernel, dict(ring, text_ptr=i64, audio_ptr=i64), {"HAS_AUDIO": False, "BLOCK_K": 1}),
-        (_kv_slots_kernel, {"bt_ptr": "*i32", "pos_ptr": i64, "write_ptr": "*i1", "slot_ptr": i64, "len_ptr": "*i32"},
-         {"BLOCK": 1024}),
+        (_kv_slots_kernel, {"bt_ptr": "*i32", "pos_ptr": i64, "write_ptr": "*i1", "slot_ptr": i64, "len_ptr": "*i32",
+                            "before_ptr": i64}, {"ADVANCE": True, "BLOCK": 1024}),
         (_mimi_rows_kernel, {"pos_ptr": i64, "exec_ptr": "*i1", "positions_ptr": i64, "slots_ptr": i64,
                              "lens_ptr": "*i32", "starts_ptr": "*i32"}, {"ADVANCE": True, "BLOCK": 4}),
     ]  # fmt: skip
