@@ -455,9 +455,10 @@ class Engine:
         # Each graph reads what the previous one wrote through a static buffer: a graph replays the addresses its
         # closure saw at creation, while the producing graph's outputs move once (eager first call -> capture).
         if on_text_logits is None:
-            z, text_logits, text_token = self._graph(bucket, "text", lambda: _text_phase(gen, view, inp)).replay()
+            text = self._graph(bucket, "text", lambda: _text_phase(gen, view, inp))
+            z, text_logits, extra, text_token = text.replay()
         else:  # the logits hook splits graph A in two
-            z, text_logits = self._graph(bucket, "forward", lambda: gen.forward(view, inp)).replay()
+            z, text_logits, extra = self._graph(bucket, "forward", lambda: _forward_phase(gen, view, inp)).replay()
             on_text_logits(text_logits)
             logits_in = self._static(bucket, "text_logits", text_logits)
             text_token = self._graph(bucket, "sample", lambda: gen.sample_text(view, logits_in)).replay()
@@ -480,7 +481,7 @@ class Engine:
         else:
             audio_in = self._static(bucket, "audio", audio)
             tokens = self._graph(bucket, "commit_audio", lambda: gen.commit(view, token_in, audio_in)).replay()
-        return StepOutput(tokens, text_token, z, text_logits)
+        return StepOutput(tokens, text_token, z, text_logits, extra)
 
     def _static(self, bucket: int, name: str, value: torch.Tensor) -> torch.Tensor:
         """A persistent buffer fed to a graph, refreshed with ``value`` (hooks may have replaced the tensor)."""
@@ -502,13 +503,18 @@ class Engine:
         return g
 
 
-def _text_phase(gen: Generator, view, inp):
+def _forward_phase(gen: Generator, view, inp):
     z, text_logits = gen.forward(view, inp)
-    return z, text_logits, gen.sample_text(view, text_logits)
+    return z, text_logits, gen.extra_probs(z)
+
+
+def _text_phase(gen: Generator, view, inp):
+    z, text_logits, extra = _forward_phase(gen, view, inp)
+    return z, text_logits, extra, gen.sample_text(view, text_logits)
 
 
 def _whole_step(gen: Generator, view, inp):
     """A step without hooks, as one graph: the fields of :class:`~dsm.generate.StepOutput` in order."""
-    z, text_logits, text_token = _text_phase(gen, view, inp)
+    z, text_logits, extra, text_token = _text_phase(gen, view, inp)
     audio = gen.depformer(view, text_token, z) if gen.model.cfg.dep_q else None
-    return gen.commit(view, text_token, audio), text_token, z, text_logits
+    return gen.commit(view, text_token, audio), text_token, z, text_logits, extra

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import dsm_kernels
 
@@ -80,6 +81,7 @@ class StepOutput:
     text_token: torch.Tensor  # [B] text token sampled (after the hook) at this step
     z: torch.Tensor  # [B, d] temporal transformer output (after out_norm), conditional rows
     text_logits: torch.Tensor  # [B, text_out] (after CFG)
+    extra_probs: torch.Tensor | None = None  # [B, heads] fp32 P(class 0) of each extra head (semantic VAD), or None
 
 
 class Generator:
@@ -116,6 +118,9 @@ class Generator:
         self.initial = model.initial_tokens(1, device)[0]
         self.tables = model.fused_embedding_tables()
         self._consts: dict = {}  # small per-shape constants of a step (made eagerly, before any graph capture)
+        # the extra heads (stt-1b's semantic VAD) as one GEMM, computed in the step (its CUDA graph on a GPU)
+        heads = model.extra_heads
+        self._extra_weight = torch.cat([h.weight for h in heads]).detach() if len(heads) else None
         if cfg_coef != 1.0 and not cfg_is_no_text and cfg_is_masked_until is None and model.condition_provider is None:
             raise ValueError("cfg_coef != 1 needs conditions, cfg_is_no_text or cfg_is_masked_until")
 
@@ -233,6 +238,7 @@ class Generator:
         a CUDA graph) with the host hooks between them."""
         B, dq = state.batch_size, self.model.cfg.dep_q
         z, text_logits = self.forward(state, self.check_inputs(state, input_tokens))
+        extra = self.extra_probs(z[:B])
         if on_text_logits is not None:
             text_logits = text_logits.clone()
             on_text_logits(text_logits)
@@ -253,7 +259,17 @@ class Generator:
         state.offset_cpu += 1
         if not self.support_out_of_sync and state.offset_cpu <= self.max_delay:
             tokens = None
-        return StepOutput(tokens, text_token, z[:B], text_logits)
+        return StepOutput(tokens, text_token, z[:B], text_logits, extra)
+
+    def extra_probs(self, z: torch.Tensor) -> torch.Tensor | None:
+        """P(class 0) of each extra head for ``z`` [B, d]: [B, heads] fp32 (None without extra heads). The heads as
+        one GEMM in the model dtype, the softmax in fp32, as moshi-server does (PyTorch moshi's ``extra_head_probs``
+        softmaxes the low-precision logits)."""
+        w = self._extra_weight
+        if w is None:
+            return None
+        heads = len(self.model.extra_heads)
+        return F.linear(z, w).float().view(z.shape[0], heads, -1).softmax(-1)[..., 0]
 
     def check_hook_tokens(self, tokens: torch.Tensor, hook: str) -> None:
         """:func:`check_token_range` of what a hook left, on the device too (one small reduction and a host sync,

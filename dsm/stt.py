@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
 from .mimi import FRAME_SIZE, SAMPLE_RATE
@@ -178,8 +177,6 @@ class STTStepper:
         self.n_q = lm.cfg.n_q
         self.prev_codes = torch.full((slots, self.n_q), lm.cfg.card, dtype=torch.long, device=self.device)
         self.has_vad = len(lm.extra_heads) > 0
-        if self.has_vad:
-            self._vad_weight = torch.cat([h.weight for h in lm.extra_heads])  # [heads * classes, d]
 
     def open(self) -> int:
         """Reset the lowest free slot and return it (:class:`NoFreeSlotError` if none)."""
@@ -233,13 +230,8 @@ class STTStepper:
         else:
             self.gen_state.exec_mask.copy_(active)
             out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
-        probs = None
-        if self.has_vad:
-            # All heads as one GEMM; softmax in fp32 as moshi-server does (PyTorch's extra_head_probs softmaxes the
-            # bf16 logits). P(class 0) of each head.
-            heads = self.lm.extra_heads
-            logits = F.linear(out.z, self._vad_weight).float().view(-1, len(heads), heads[0].weight.shape[0])
-            probs = logits.softmax(-1)[..., 0].cpu()
+        # the VAD heads' P(class 0) [rows, heads], computed in the step (Generator.extra_probs)
+        probs = out.extra_probs.cpu() if self.has_vad else None
         return out.text_token.tolist(), probs  # rows [0, n) with n >= 1 + the highest active slot
 
 

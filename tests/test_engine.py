@@ -20,7 +20,7 @@ from dsm.generate import Generator  # noqa: E402
 STT = dict(
     delays=[0] * 33, n_q=32, dep_q=0, card=64, text_card=40, dim=32, num_layers=2, num_heads=2, context=10,
     gating="silu", norm="rms_norm_f32", positional_embedding="rope", max_period=100000.0, hidden_scale=4.125,
-    depformer_multi_linear=True,
+    depformer_multi_linear=True, extra_heads_num_heads=4, extra_heads_dim=6,
 )
 TTS = dict(
     delays=[0, 0, 2, 2, 2], n_q=4, dep_q=4, card=32, text_card=30, dim=32, num_layers=2, num_heads=2, context=6,
@@ -410,6 +410,8 @@ def test_cuda_graph_engine_equals_eager(stt_model, mode, monkeypatch):
         outs[graphs] = torch.stack(toks)
         if graphs:  # no hooks: every step one graph, nothing copied between phases
             assert {phase for _, phase in eng._graphs} == {"step"}
+        outs[graphs, "vad"] = eng.step(inputs).extra_probs[:2].clone()  # the VAD heads, in the graph
+    assert outs[True, "vad"].shape == (2, 4) and torch.equal(outs[False, "vad"], outs[True, "vad"])
     assert len(set(outs[False][:, 0, 0].tolist())) > 1  # the tokens move, so a stale replay cannot pass
     assert torch.equal(outs[False], outs[True])
 
@@ -460,6 +462,7 @@ def test_cuda_graph_engine_plain_tts_steps_equal_eager(tts_model, mode, monkeypa
             if t == 8:
                 eng.close(slots.pop(0))
             out = eng.step(**({"on_text": lambda tokens: None} if t % 4 == 3 else {}))
+            assert out.extra_probs is None  # no extra heads
             toks.append(out.tokens[2].clone())  # the stream that joins at step 5
         outs[graphs] = torch.stack(toks).to(dev)
         if graphs:

@@ -144,6 +144,10 @@ def test_stt_like_greedy_parity():
     r, o = outs[-1]
     for ours, theirs in zip(dm.extra_head_probs(o.z), r[1], strict=True):
         assert _rel_err(ours, theirs[:, 0]) < REL_TOL
+    # and the step's own: P(class 0) of every head, every step (softmax in fp32 from the same logits)
+    for r, o in outs:
+        assert o.extra_probs.shape == (batch, 4) and o.extra_probs.dtype == torch.float32
+        assert _rel_err(o.extra_probs, torch.stack([h[:, 0, 0] for h in r[1]], 1).float()) < REL_TOL
 
 
 def _tts_conditions(batch, with_null: bool):
