@@ -157,10 +157,11 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
   T* x = static_cast<T*>(a.x);
   stream.gemv(ph.rows, xs, B, [&](int u, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
     for (int b = 0; b < B; ++b) {
+      const float v0 = row_value(acc0, b), v1 = row_value(acc1, b);  // the unit's rows' dot products for row b
       switch (ph.kind) {
         case kQkv: {  // rows r, r + 1: RoPE of q and k pairs, then q to scratch, k and v into the pages
           const int r = 2 * u;
-          const T y0 = dsm::from_float<T>(row_value(acc0, b)), y1 = dsm::from_float<T>(row_value(acc1, b));
+          const T y0 = dsm::from_float<T>(v0), y1 = dsm::from_float<T>(v1);
           T o0 = y0, o1 = y1;
           if (r < HD + KD && a.inv_freq != nullptr) {
             const float angle = __fmul_rn(a.inv_freq[(r % D) / 2], static_cast<float>(a.positions[b]));
@@ -182,16 +183,16 @@ __device__ void gemv_phase(const DsmDecoderArgs& a, const Work<T>& w, const Phas
           }
           break;
         }
-        case kIn: w.gh[b * a.hidden + u] = a.gelu ? gelu<T>(row_value(acc0, b)) : silu_gate<T>(row_value(acc0, b), row_value(acc1, b)); break;
-        case kCrossQ: w.q[b * HD + u] = dsm::from_float<T>(row_value(acc0, b)); break;
+        case kIn: w.gh[b * a.hidden + u] = a.gelu ? gelu<T>(v0) : silu_gate<T>(v0, v1); break;
+        case kCrossQ: w.q[b * HD + u] = dsm::from_float<T>(v0); break;
         case kOut:
         case kCrossOut:
         case kFfo:  // this block owns column u of x
-          add_residual<T>(x + b * a.dim + u, row_value(acc0, b),
+          add_residual<T>(x + b * a.dim + u, v0,
                           reinterpret_cast<const T*>(lw[ph.kind == kOut ? 6 : (ph.kind == kFfo ? 7 : 12)]), u);
           break;
         default:  // head
-          static_cast<T*>(a.logits)[static_cast<int64_t>(b) * a.vocab + u] = dsm::from_float<T>(row_value(acc0, b));
+          static_cast<T*>(a.logits)[static_cast<int64_t>(b) * a.vocab + u] = dsm::from_float<T>(v0);
           break;
       }
     }

@@ -156,7 +156,8 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
   const int64_t* t = a.table + static_cast<int64_t>(ph.k) * DSM_DEP_TABLE_STRIDE(a.layers);
   stream.gemv(ph.rows, xs, B, [&](int r, const float (&acc0)[kMaxRows], const float (&acc1)[kMaxRows]) {
     for (int b = 0; b < B; ++b) {
-      const T y = dsm::from_float<T>(row_value(acc0, b));
+      const float v0 = row_value(acc0, b), v1 = row_value(acc1, b);  // the unit's rows' dot products for row b
+      const T y = dsm::from_float<T>(v0);
       switch (ph.kind) {
         case kProj: w.proj[static_cast<int64_t>(b) * ph.rows.units + r] = y; break;
         case kQkv: {
@@ -166,10 +167,10 @@ __device__ void gemv_phase(const DsmDepformerArgs& a, const Work<T>& w, const Ph
           *dst = y;
           break;
         }
-        case kIn: w.gh[b * a.hidden + r] = silu_gate<T>(row_value(acc0, b), row_value(acc1, b)); break;
+        case kIn: w.gh[b * a.hidden + r] = silu_gate<T>(v0, v1); break;
         case kOut:
         case kFfo:  // this block owns column r of x
-          add_residual<T>(w.x + b * a.dim + r, row_value(acc0, b),
+          add_residual<T>(w.x + b * a.dim + r, v0,
                           reinterpret_cast<const T*>(t[8 * ph.layer + (ph.kind == kOut ? 6 : 7)]), r);
           break;
         default:  // head
