@@ -269,7 +269,7 @@ class Generator:
         if w is None:
             return None
         heads = len(self.model.extra_heads)
-        return F.linear(z, w).float().view(z.shape[0], heads, -1).softmax(-1)[..., 0]
+        return torch.softmax(F.linear(z, w).view(z.shape[0], heads, -1), -1, dtype=torch.float32)[..., 0]  # 2 kernels
 
     def check_hook_tokens(self, tokens: torch.Tensor, hook: str) -> None:
         """:func:`check_token_range` of what a hook left, on the device too (one small reduction and a host sync,
