@@ -327,15 +327,16 @@ class Engine:
         return pages
 
     @torch.no_grad()
-    def warm_up(self, conditions: dict | None = None) -> None:
+    def warm_up(self, conditions: dict | None = None, *, plain: bool = True, hooked: bool = True) -> None:
         """Capture every bucket's step graphs now, as a server does before its first client, so that no stream pays
         for the eager first call and the capture. Each bucket is filled with throwaway streams (``conditions``: a
-        conditioned model's per-stream values) that take two plain steps (one graph a step), two steps with a text
-        hook (the phases between which hooks run, as the TTS runtime steps), plus two text-only steps
-        (``depformer_replace_tokens``) for a model with a depth transformer, and are then closed. Their pages go back
-        to the pool and a later stream starts from a reset row, so outputs are those of an engine never warmed up.
-        Steps with hooks that split a phase (``on_text_logits``) still capture on first use. A no-op without CUDA
-        graphs."""
+        conditioned model's per-stream values) that take two plain steps (``plain``: one graph a step, what steps
+        without hooks replay), two steps with a text hook (``hooked``: the phases between which hooks run, as the
+        TTS runtime steps), plus two text-only steps (``depformer_replace_tokens``) for a model with a depth
+        transformer, and are then closed; a runtime that never takes one of the two paths skips its capture. Their
+        pages go back to the pool and a later stream starts from a reset row, so outputs are those of an engine never
+        warmed up. Steps with hooks that split a phase (``on_text_logits``) still capture on first use. A no-op
+        without CUDA graphs."""
         if not self.cuda_graphs:
             return
         if self.slots:
@@ -346,8 +347,10 @@ class Engine:
             silent = torch.full((bucket, dq), -1, dtype=torch.long, device=self.device) if dq else None
             inputs = self._inputs if self._inputs.shape[1] else None  # throwaway streams: any input tokens
             for _ in range(2):  # the eager first call, then the capture
-                self.step(inputs)
-                self.step(inputs, on_text=lambda tokens: None)  # the phases hooks run between
+                if plain:
+                    self.step(inputs)
+                if hooked:
+                    self.step(inputs, on_text=lambda tokens: None)  # the phases hooks run between
                 if dq:
                     self.step(inputs, depformer_replace_tokens=silent)
             for slot in slots:

@@ -538,7 +538,9 @@ class STTRuntime:
         """Capture the engine's step graphs for every batch bucket before the first stream (a no-op on a CPU, or
         without the engine, or with streams open)."""
         if self.stepper.engine is not None and not self.streams:
-            self.stepper.engine.warm_up()
+            # the path its steps take: one graph a step, or the phases when a text hook runs between them
+            hooked = self.stepper.on_text is not None
+            self.stepper.engine.warm_up(plain=not hooked, hooked=hooked)
 
     # ---- slots -------------------------------------------------------------------------------------------------
     @property

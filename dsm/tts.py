@@ -651,7 +651,8 @@ class TTSRuntime:
         """Capture the engine's step graphs for every batch bucket before the first stream, with the default
         conditions (a no-op on a CPU, or on the CFG-doubling stepper)."""
         if isinstance(self.stepper, EngineStepper) and not self.stepper.engine.slots:
-            self.stepper.engine.warm_up(self._conditions([None], [None]))
+            # every TTS step runs the state machine's text hook between the phases: no plain one-graph steps
+            self.stepper.engine.warm_up(self._conditions([None], [None]), plain=False)
 
     # ---- conditioning
     @property

@@ -558,6 +558,12 @@ def test_warm_up_captures_every_bucket_and_changes_no_output(tts_model, monkeypa
                             for t in range(8)])  # fmt: skip
 
     assert torch.equal(run(True), run(False))
+    # a runtime that takes one path captures only its graphs: the TTS runtime (every step hooked), the STT one
+    for kw, absent, present in (({"plain": False}, "step", "text"), ({"hooked": False}, "depth", "step")):
+        eng = _graph_engine(tts_model, "emulated", monkeypatch, True, max_slots=2, temp=0.6)
+        eng.warm_up(**kw)
+        phases = {phase for _, phase in eng._graphs}
+        assert present in phases and absent not in phases, (kw, phases)
     with pytest.raises(RuntimeError, match="idle"):
         eng = _graph_engine(tts_model, "emulated", monkeypatch, True, max_slots=2, temp=0.6)
         eng.open()
