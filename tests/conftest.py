@@ -14,7 +14,14 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")  # the moshi oracle would otherwi
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _waits_on_background(item) -> bool:
+    return bool({"aot_output", "background"} & set(getattr(item, "fixturenames", ())))
+
+
 def pytest_collection_modifyitems(config, items):
+    # The tests that wait on a background job (sm_90 compiles, ~3 min on a 2-core runner) run last, so that the
+    # interpreter-bound tests run while the compilers do instead of the session idling on the wait.
+    items.sort(key=_waits_on_background)  # stable: the order within each group is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
