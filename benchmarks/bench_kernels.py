@@ -209,7 +209,9 @@ def rvq_case(B, device):
     x = torch.randn(B, 2 * 256, 1, device=device, generator=g) * 4
     levels = (1, 31)
     args = (x, books.contiguous(), levels, rvq_level_ranges(levels, device))
-    return args, {}, books.numel() * 4, rvq_encode_ref  # the reference runs every row of a level as one GEMM
+    counters = torch.zeros(2, dtype=torch.int32, device=device)  # the persistent kernel's barrier, as Mimi's state
+    # keeps it (no zeroing a launch); the reference runs every row of a level as one GEMM
+    return args, {"counters": counters}, books.numel() * 4, rvq_encode_ref
 
 
 def grid_providers(fn, grids: list[int], name: str = "cuda") -> dict:

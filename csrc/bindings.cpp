@@ -214,14 +214,25 @@ void sample_tokens(at::Tensor& out, const at::Tensor& logits, const std::optiona
                                        stream_of(out)));
 }
 
-// A persistent kernel's scratch (uninitialised) and its barrier and counter words (zeroed: the barrier counts
-// arrivals from 0, the counters start re-armed), on `like`'s device, set in the launch arguments `a`. The returned
-// tensors must outlive the launch call (the caching allocator then keeps their memory for the stream's work).
+// A persistent kernel's scratch (uninitialised) and its barrier and counter words (at 0: the barrier counts arrivals
+// from 0, the counters start re-armed), on `like`'s device, set in the launch arguments `a`. The words are the
+// caller's `counters` when given (the kernels leave them at 0, so a caller that keeps them launches no memset before
+// each launch), else zeroed here. The returned tensors must outlive the launch call (the caching allocator then keeps
+// their memory for the stream's work).
 template <typename Args>
 std::pair<at::Tensor, at::Tensor> persistent_scratch(Args& a, const at::Tensor& like, size_t work_bytes,
-                                                     int64_t sync_words) {
+                                                     int64_t sync_words, const std::optional<at::Tensor>& counters) {
   at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, like.options().dtype(at::kByte));
-  at::Tensor sync = at::zeros({sync_words}, like.options().dtype(at::kInt));
+  at::Tensor sync;
+  if (counters) {
+    DSM_CHECK_DTYPE((*counters), at::kInt);
+    DSM_CHECK_SAME_DEVICE(like, (*counters));
+    TORCH_CHECK(counters->is_contiguous() && counters->numel() >= sync_words, "dsm: counters must hold >= ",
+                sync_words, " contiguous int32 at 0, got ", counters->numel());
+    sync = *counters;
+  } else {
+    sync = at::zeros({sync_words}, like.options().dtype(at::kInt));
+  }
   a.work = work.data_ptr();
   a.sync = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
   return {work, sync};
@@ -233,7 +244,7 @@ std::pair<at::Tensor, at::Tensor> persistent_scratch(Args& a, const at::Tensor& 
 void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& table, const at::Tensor& in_proj,
                      const std::optional<at::Tensor>& text_emb2, const at::Tensor& z, const at::Tensor& text_token,
                      const at::Tensor& temperature, const at::Tensor& seeds, const at::Tensor& steps,
-                     at::IntArrayRef dims, double eps) {
+                     at::IntArrayRef dims, double eps, const std::optional<at::Tensor>& counters) {
   DSM_CHECK_CUDA(tokens);
   TORCH_CHECK(dims.size() == 9, "dsm: depformer_frame dims must be 9 ints, got ", dims.size());
   DSM_CHECK_DIM(z, 2);
@@ -246,8 +257,8 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
               "dsm: z, in_proj and logits must share the model dtype");
   TORCH_CHECK(table.scalar_type() == at::kLong && table.numel() == dep_q * (8 * layers + 4),
               "dsm: table must hold dep_q * (8 layers + 4) int64");
-  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == dep_q && tokens.size(1) == B && tokens.is_contiguous(),
-              "dsm: tokens must be [dep_q, B] contiguous");
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == B && tokens.size(1) == dep_q && tokens.is_contiguous(),
+              "dsm: tokens must be [B, dep_q] contiguous");
   DSM_CHECK_DTYPE(tokens, at::kLong);
   TORCH_CHECK(logits.dim() == 3 && logits.size(0) == dep_q && logits.size(1) == B && logits.size(2) == card &&
                   logits.is_contiguous(), "dsm: logits must be [dep_q, B, card] contiguous");
@@ -282,7 +293,8 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   a.eps = static_cast<float>(eps);
   // barrier + arrival counters
   const auto scratch = persistent_scratch(
-      a, z, dsm_depformer_work_bytes(a.B, a.dim, a.hidden, a.n_in, a.layers, a.dep_q, a.dtype), 3 + dims[0]);
+      a, z, dsm_depformer_work_bytes(a.B, a.dim, a.hidden, a.n_in, a.layers, a.dep_q, a.dtype), 3 + dims[0],
+      counters);
   a.table = table.data_ptr<int64_t>();
   a.in_proj = in_proj.data_ptr();
   a.text_emb2 = text_emb2 ? text_emb2->data_ptr() : nullptr;
@@ -309,7 +321,7 @@ void decoder_step(at::Tensor& x, const std::optional<at::Tensor>& z, const std::
                   const std::optional<at::Tensor>& cross_k,
                   const std::optional<at::Tensor>& cross_v, const std::optional<at::Tensor>& cross_block_table,
                   const std::optional<at::Tensor>& cross_seq_lens, at::IntArrayRef dims, double eps, double out_eps,
-                  double scale, double cross_eps) {
+                  double scale, double cross_eps, const std::optional<at::Tensor>& counters) {
   DSM_CHECK_CUDA(x);
   TORCH_CHECK(dims.size() == 8, "dsm: decoder_step dims must be 8 ints, got ", dims.size());
   DSM_CHECK_DIM(x, 2);
@@ -430,14 +442,14 @@ void decoder_step(at::Tensor& x, const std::optional<at::Tensor>& z, const std::
   a.logits = head ? logits->data_ptr() : nullptr;
   // barrier + attention counters
   const auto scratch = persistent_scratch(a, x, dsm_decoder_work_bytes(a.B, a.heads, a.head_dim, a.hidden, a.dtype),
-                                          2 + B * dims[0]);
+                                          2 + B * dims[0], counters);
   DSM_CUDA_OK(dsm_launch_decoder_step(&a, stream_of(x)));
 }
 
 // Mimi's residual-VQ encode for 1..4 rows (csrc/rvq.cu). dims: max_levels (the largest group's level count), blocks
 // (0: one per SM).
 void rvq_encode(at::Tensor& out, const at::Tensor& x, const at::Tensor& books, const at::Tensor& level_ranges,
-                at::IntArrayRef dims) {
+                at::IntArrayRef dims, const std::optional<at::Tensor>& counters) {
   DSM_CHECK_CUDA(x);
   TORCH_CHECK(dims.size() == 2, "dsm: rvq_encode dims must be 2 ints, got ", dims.size());
   DSM_CHECK_DIM(x, 3);
@@ -474,7 +486,7 @@ void rvq_encode(at::Tensor& out, const at::Tensor& x, const at::Tensor& books, c
   a.sob = out.stride(0);
   a.sol = out.stride(1);
   a.sot = out.stride(2);
-  const auto scratch = persistent_scratch(a, x, dsm_rvq_work_bytes(), 2);  // the grid barrier
+  const auto scratch = persistent_scratch(a, x, dsm_rvq_work_bytes(), 2, counters);  // the grid barrier
   DSM_CUDA_OK(dsm_launch_rvq_encode(&a, stream_of(x)));
 }
 
@@ -490,12 +502,14 @@ TORCH_LIBRARY(dsm, m) {
   m.def("sample_tokens(Tensor! out, Tensor logits, Tensor? null_logits, float cfg_coef, Tensor temperature, "
         "int top_k, Tensor seeds, Tensor steps) -> ()");
   m.def("depformer_frame(Tensor! tokens, Tensor! logits, Tensor table, Tensor in_proj, Tensor? text_emb2, "
-        "Tensor z, Tensor text_token, Tensor temperature, Tensor seeds, Tensor steps, int[] dims, float eps) -> ()");
+        "Tensor z, Tensor text_token, Tensor temperature, Tensor seeds, Tensor steps, int[] dims, float eps, "
+        "Tensor(b!)? counters) -> ()");
   m.def("decoder_step(Tensor! x, Tensor(a!)? z, Tensor(b!)? logits, Tensor! k_cache, Tensor! v_cache, Tensor table, "
         "Tensor? out_norm, Tensor? text_linear, Tensor? inv_freq, Tensor positions, Tensor slot, Tensor seq_lens, "
         "Tensor? starts, Tensor block_table, Tensor? cross_k, Tensor? cross_v, Tensor? cross_block_table, Tensor? cross_seq_lens, "
-        "int[] dims, float eps, float out_eps, float scale, float cross_eps) -> ()");
-  m.def("rvq_encode(Tensor! out, Tensor x, Tensor books, Tensor level_ranges, int[] dims) -> ()");
+        "int[] dims, float eps, float out_eps, float scale, float cross_eps, Tensor(c!)? counters) -> ()");
+  m.def("rvq_encode(Tensor! out, Tensor x, Tensor books, Tensor level_ranges, int[] dims, Tensor(a!)? counters) "
+        "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(dsm, CUDA, m) {

@@ -168,12 +168,12 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 }
 
 // The k-th (k = 1, 2, ...) grid-wide barrier of a cooperative launch. `arrivals` counts every block's arrivals since
-// the launch (0 before its first barrier: the launcher zeroes it), so barrier k opens once it reaches k * blocks: one
-// atomic per block and a spin, nothing reset on the critical path (a reset, and a generation read before arriving,
-// cost the last block three more L2 round trips a barrier). The fence before arriving makes the block's writes
-// (all of them, through the __syncthreads) visible to every block after the barrier; readers still load data other
-// blocks wrote through L2 (__ldcg), as L1 is not coherent. A barrier that never opens (a bug: a block skipped it)
-// traps after seconds instead of hanging the device.
+// the launch (0 before its first barrier; grid_exit puts it back to 0 at the end), so barrier k opens once it
+// reaches k * blocks: one atomic per block and a spin, nothing reset on the critical path (a reset, and a generation
+// read before arriving, cost the last block three more L2 round trips a barrier). The fence before arriving makes the
+// block's writes (all of them, through the __syncthreads) visible to every block after the barrier; readers still
+// load data other blocks wrote through L2 (__ldcg), as L1 is not coherent. A barrier that never opens (a bug: a block
+// skipped it) traps after seconds instead of hanging the device.
 __device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned k) {
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -191,6 +191,19 @@ __device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned k) {
     __threadfence();
   }
   __syncthreads();
+}
+
+// The end of a kernel whose barriers counted in sync[0] (grid_barrier); sync[1] counts the blocks that got here. The
+// last of them, when every block has left every barrier, puts both back to 0: the caller's sync words are then at 0
+// for its next launch, with no memset before each launch (a node of its own in a CUDA graph). Every block's thread
+// 0 must get here.
+__device__ __forceinline__ void grid_exit(unsigned* sync) {
+  if (threadIdx.x != 0) return;
+  const unsigned blocks = gridDim.x * gridDim.y * gridDim.z;
+  if (atomicAdd(sync + 1, 1u) + 1 == blocks) {
+    atomicExch(sync, 0u);
+    atomicExch(sync + 1, 0u);
+  }
 }
 
 }  // namespace dsm

@@ -319,6 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1) decoder_kernel(const DsmDecoderAr
     if (p + 1 < P) dsm::grid_barrier(a.sync, p + 1);
   }
   stream.finish();
+  dsm::grid_exit(a.sync);
 }
 
 template <typename T, typename TC>

@@ -109,7 +109,7 @@ __device__ void stage_codebook_input(const DsmDepformerArgs& a, const Work<T>& w
   float ss[kMaxRows] = {};
   for (int b = 0; b < B; ++b) {
     float s = 0.f;
-    const int64_t id = ph.k == 0 ? a.text_token[b] : __ldcg(a.tokens + static_cast<int64_t>(ph.k - 1) * B + b);
+    const int64_t id = ph.k == 0 ? a.text_token[b] : __ldcg(a.tokens + static_cast<int64_t>(b) * a.dep_q + ph.k - 1);
     const bool demux = ph.k == 0 && text2 != nullptr;
     const int64_t row = demux ? id % a.text_vocab : id, second = demux ? id / a.text_vocab - 1 : -1;
     for (int c = threadIdx.x; c < K; c += kThreads) {
@@ -242,7 +242,7 @@ __device__ void sample_if_last(const DsmDepformerArgs& a, const Phase& ph, Sampl
     const T* row = static_cast<const T*>(a.logits) + (static_cast<int64_t>(ph.k) * a.B + b) * a.card;
     const int64_t token = dsm::sampling::sample_row<T, kItems, kShift>(
         row, nullptr, a.card, 1.f, a.temperature[b], a.top_k, a.seeds[b], a.steps[b] + ph.k, scratch);
-    if (threadIdx.x == 0) a.tokens[static_cast<int64_t>(ph.k) * a.B + b] = token;
+    if (threadIdx.x == 0) a.tokens[static_cast<int64_t>(b) * a.dep_q + ph.k] = token;
   }
 }
 
@@ -271,6 +271,7 @@ __global__ void __launch_bounds__(kThreads, 1) depformer_kernel(const DsmDepform
     if (p + 1 < P) dsm::grid_barrier(a.sync, p + 1);
   }
   stream.finish();
+  dsm::grid_exit(a.sync);
 }
 
 template <typename T, int kItems>

@@ -66,10 +66,10 @@ typedef struct {
   const float* temperature;   // [B]
   const int64_t* seeds;       // [B]
   const int64_t* steps;       // [B]: codebook k draws with noise counter steps + k
-  int64_t* tokens;            // [dep_q, B]
+  int64_t* tokens;            // [B, dep_q]
   void* logits;               // [dep_q, B, card]
   void* work;                 // dsm_depformer_work_bytes() of scratch
-  unsigned* sync;             // 3 + heads uint32 at 0: barrier arrivals, unused, a counter per head, the head's
+  unsigned* sync;             // 3 + heads uint32 at 0: barrier arrivals and exits, a counter per head, the head's
 } DsmDepformerArgs;
 
 size_t dsm_depformer_work_bytes(int B, int dim, int hidden, int n_in, int layers, int dep_q, int dtype);
@@ -119,7 +119,7 @@ typedef struct {
   void* z;                   // [B, dim] out: the normed output (NULL when vocab == 0)
   void* logits;              // [B, vocab] out (NULL when vocab == 0)
   void* work;                // dsm_decoder_work_bytes() of scratch
-  unsigned* sync;            // 2 + B * heads uint32 at 0: barrier arrivals, unused, the attention counters
+  unsigned* sync;            // 2 + B * heads uint32 at 0, left at 0: barrier arrivals, exits, attention counters
 } DsmDecoderArgs;
 
 size_t dsm_decoder_work_bytes(int B, int heads, int head_dim, int hidden, int dtype);
@@ -143,7 +143,7 @@ typedef struct {
   int64_t* out;      // codes [B, n_q, T], strided
   int64_t sob, sol, sot;
   void* work;        // dsm_rvq_work_bytes(): the blocks' partial minima, two levels' worth
-  unsigned* sync;    // 2 uint32 at 0: the grid barrier's arrivals, unused
+  unsigned* sync;    // 2 uint32 at 0, left at 0: the grid barrier's arrivals, exits
 } DsmRvqArgs;
 
 size_t dsm_rvq_work_bytes(void);

@@ -135,6 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1) rvq_kernel(const DsmRvqArgs a) {
     }
     __syncthreads();
   }
+  dsm::grid_exit(a.sync);
 }
 
 size_t fixed_smem() {

@@ -198,10 +198,11 @@ class Engine:
         self.pool = PagePool(num_pages)
         dtype = kv_dtype or next(model.transformer.parameters()).dtype
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_heads // cfg.kv_repeat, cfg.head_dim)
+        words = dsm_kernels.counter_words(max_slots, cfg.num_heads)
         kv = PagedKVCache(torch.zeros(shape, dtype=dtype, device=self.device),
                           torch.zeros(shape, dtype=dtype, device=self.device),
                           torch.zeros(max_slots, self.pages_per_slot, dtype=torch.int32, device=self.device),
-                          cfg.context, torch.zeros(max_slots * cfg.num_heads, dtype=torch.int32, device=self.device))
+                          cfg.context, torch.zeros(words, dtype=torch.int32, device=self.device))
         self.seed = check_seed(seed)
         self.state = self.gen.init_state(max_slots, seed=seed, kv=kv, require_conditions=False)
         self.state.exec_mask.fill_(False)

@@ -344,7 +344,8 @@ class Generator:
         if self.cfg_rows == 1:
             temperature, base = self._sampling_inputs(state, self.temp, 1)  # the counters `_sample` uses for k + 1
             out = self.model.depformer_step(text_token, z, steps=steps, temperature=temperature, top_k=self.top_k,
-                                            seeds=state.seeds, step_base=base, backend=self.backend)
+                                            seeds=state.seeds, step_base=base, counters=state.kv.counters,
+                                            backend=self.backend)  # fmt: skip
         else:
             def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
                 return self._sample(state, logits, self.temp, self.top_k, k + 1)

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from dsm_kernels import counter_words
+
 
 def pages_per_slot(context: int, page_size: int) -> int:
     return -(-context // page_size)
+
+
 
 
 @dataclass
@@ -26,7 +30,8 @@ class PagedKVCache:
     v: torch.Tensor  # [L, num_pages, page_size, H, D]
     block_table: torch.Tensor  # [B, pages_per_slot] int32
     context: int
-    # [B * H] int32 at 0: the decode kernels' split-merge counters, shared by the layers (each launch leaves them at 0)
+    # [dsm_kernels.counter_words(B, H)] int32 at 0: the decode kernels' split-merge counters, shared by the layers,
+    # and the persistent kernels' barrier words (each launch leaves them at 0, one launch at a time)
     counters: torch.Tensor | None = None
 
     @property
@@ -45,7 +50,8 @@ class PagedKVCache:
         k = torch.zeros(shape, dtype=dtype, device=device)
         v = torch.zeros(shape, dtype=dtype, device=device)
         table = torch.arange(batch_size * n, dtype=torch.int32, device=device).view(batch_size, n)
-        return cls(k, v, table, context, torch.zeros(batch_size * heads, dtype=torch.int32, device=device))
+        counters = torch.zeros(counter_words(batch_size, heads), dtype=torch.int32, device=device)
+        return cls(k, v, table, context, counters)
 
 
 def cross_page_size(length: int, limit: int = 128) -> int:

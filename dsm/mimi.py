@@ -344,12 +344,12 @@ class Mimi:
                                first=state.down_first)  # fmt: skip
         state.down_first.masked_fill_(m, False)
         state.enc_phase.bitwise_xor_(1)  # every conv has read its context: next call, the halves they wrote
-        return self._quantize(latent)
+        return self._quantize(latent, state.enc_kv.counters)
 
-    def _quantize(self, latent: torch.Tensor) -> torch.Tensor:
-        """``[B, 512, T]`` -> codes ``[B, n_q, T]`` int64."""
+    def _quantize(self, latent: torch.Tensor, counters: torch.Tensor | None) -> torch.Tensor:
+        """``[B, 512, T]`` -> codes ``[B, n_q, T]`` int64 (``counters``: the persistent kernel's barrier words)."""
         x = conv1d(latent, self.rvq_in_proj, None, 1, backend=self.backend)  # [B, G * 256, T]
-        return dsm_kernels.rvq_encode(x, self.rvq_books, self.group_levels, self.rvq_level_ranges,
+        return dsm_kernels.rvq_encode(x, self.rvq_books, self.group_levels, self.rvq_level_ranges, counters=counters,
                                       backend=self.backend)
 
     @torch.no_grad()  # inference only: a pcm that requires grad failed in the in-place state updates

@@ -199,6 +199,9 @@ class KVState:
 
     cache: torch.Tensor
     pos: torch.Tensor  # [B] int64: tokens written since reset = RoPE offset of the next token
+    # int32 at 0 between steps: the CUDA persistent kernels' barrier and counter words for this side's steps (and the
+    # encoder's RVQ), kept so that no launch zeroes words of its own first; not stream state
+    counters: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """The per-row state (views without the scratch row) and the counter."""
@@ -213,6 +216,8 @@ def init_kv_state(
     return KVState(
         cache=torch.zeros(shape, device=device, dtype=dtype),
         pos=torch.zeros(batch_size, device=device, dtype=torch.long),
+        # a streaming step's rows: two tokens a stream (one frame at 25 Hz)
+        counters=torch.zeros(dsm_kernels.counter_words(2 * batch_size, num_heads), device=device, dtype=torch.int32),
     )
 
 
@@ -343,5 +348,6 @@ def _transformer_step(x, weights: DecoderWeights, context: int, kv: KVState, exe
     if not (owned and h.is_contiguous()):  # the step updates h in place: a buffer of our own, time-major
         h = torch.empty(b, t, c, dtype=x.dtype, device=x.device)
         h.copy_(x.transpose(1, 2))
-    dsm_kernels.mimi_transformer(weights, h.view(b * t, c), kv.pos, exec_mask, kv.cache, tokens=t, backend=backend)
+    dsm_kernels.mimi_transformer(weights, h.view(b * t, c), kv.pos, exec_mask, kv.cache, tokens=t,
+                                 counters=kv.counters, backend=backend)  # fmt: skip
     return h.transpose(1, 2)

@@ -34,6 +34,14 @@ GEMV_MAX_B = 4
 CONV_GEMV_MAX_COLUMNS = 64
 
 
+def counter_words(rows: int, heads: int) -> int:
+    """Size of a ``counters`` tensor (int32 at 0) for the ops on up to ``rows`` rows of ``heads`` heads: a split-merge
+    counter per (row, head) for the decode attention, and the CUDA persistent kernels' words (two of the grid
+    barrier's, one of the depth transformer's, which also counts its own heads: enough when they are no more than
+    ``rows * heads``). A caller that keeps such a tensor lets every launch skip zeroing words of its own."""
+    return rows * heads + 3
+
+
 def gemv_max_rows() -> int:
     """Up to how many rows the model and the depth transformer take their GEMV kernels: ``GEMV_MAX_B``, or 0 with
     ``DSM_GEMV=0`` (the tensor-core paths at every batch: to compare the two on a device)."""
@@ -377,18 +385,23 @@ def kv_slots(block_table, positions, write, page_size, *, advance=False, backend
     return resolve("kv_slots", backend, positions.device)(block_table, positions, write, page_size, advance)
 
 
-def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, backend=None):
-    """See :func:`dsm_kernels.reference.depformer_frame_ref`."""
-    checks.depformer_frame(weights, z, text_token, temperature, seeds, steps)
+def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, counters=None,
+                    backend=None):  # fmt: skip
+    """See :func:`dsm_kernels.reference.depformer_frame_ref`. ``counters``: as :func:`decoder_step`'s."""
+    checks.depformer_frame(weights, z, text_token, temperature, seeds, steps, counters)
     fn = resolve("depformer_frame", backend, z.device)
-    return fn(weights, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
+    return fn(weights, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits,
+              counters=counters)
 
 
 def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
                  cross=None, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.decoder.decoder_step_composed`: the temporal transformer's whole decode step for up to
-    ``GEMV_MAX_B`` rows (``x`` is updated in place); returns ``(z, logits)``."""
-    checks.decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table)
+    ``GEMV_MAX_B`` rows (``x`` is updated in place); returns ``(z, logits)``. ``counters`` (int32 at 0, used by one
+    launch at a time, left at 0, e.g. :attr:`dsm.kv_cache.PagedKVCache.counters`): the split-K attention's merge
+    counters and, on the CUDA backend, the persistent kernel's barrier words where it holds enough of them (else the
+    op zeroes words of its own, one more kernel a launch)."""
+    checks.decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, counters)
     if x.shape[0] > GEMV_MAX_B:  # the GEMV kernels' limit; the model's fused step covers more rows
         raise ValueError(f"decoder_step: {x.shape[0]} rows; it takes at most {GEMV_MAX_B}")
     fn = resolve("decoder_step", backend, x.device)
@@ -396,22 +409,23 @@ def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_
               counters=counters, cross=cross)
 
 
-def mimi_transformer(weights, h, pos, exec_mask, cache, *, tokens, backend=None) -> None:
+def mimi_transformer(weights, h, pos, exec_mask, cache, *, tokens, counters=None, backend=None) -> None:
     """See :func:`dsm_kernels.decoder.mimi_transformer_composed`: Mimi's streaming transformer over ``tokens`` new
     tokens of each stream, ``h`` [B tokens, d] updated in place and ``pos`` advanced, for up to ``GEMV_MAX_B``
-    rows."""
-    checks.mimi_transformer(weights, h, pos, exec_mask, cache, tokens)
+    rows. ``counters``: as :func:`decoder_step`'s."""
+    checks.mimi_transformer(weights, h, pos, exec_mask, cache, tokens, counters)
     if h.shape[0] > GEMV_MAX_B:  # the GEMV kernels' limit; more rows take dsm.mimi_modules' batched path
         raise ValueError(f"mimi_transformer: {h.shape[0]} rows; it takes at most {GEMV_MAX_B}")
-    resolve("mimi_transformer", backend, h.device)(weights, h, pos, exec_mask, cache, tokens=tokens)
+    resolve("mimi_transformer", backend, h.device)(weights, h, pos, exec_mask, cache, tokens=tokens, counters=counters)
 
 
-def rvq_encode(x, codebooks_aug, group_levels, level_ranges, *, out=None, backend=None):
+def rvq_encode(x, codebooks_aug, group_levels, level_ranges, *, out=None, counters=None, backend=None):
     """See :func:`dsm_kernels.reference.rvq_encode_ref` (Mimi's split residual VQ encode); ``level_ranges`` is the
-    caller's :func:`dsm_kernels.reference.rvq_level_ranges` of ``group_levels``, built once on ``x``'s device."""
-    checks.rvq_encode(x, codebooks_aug, tuple(group_levels), level_ranges, out)
+    caller's :func:`dsm_kernels.reference.rvq_level_ranges` of ``group_levels``, built once on ``x``'s device.
+    ``counters``: as :func:`decoder_step`'s."""
+    checks.rvq_encode(x, codebooks_aug, tuple(group_levels), level_ranges, out, counters)
     fn = resolve("rvq_encode", backend, x.device)
-    return fn(x, codebooks_aug, tuple(group_levels), level_ranges, out=out)
+    return fn(x, codebooks_aug, tuple(group_levels), level_ranges, out=out, counters=counters)
 
 
 def rvq_decode_upsample(codes, tables, weight, partial, exec_mask, *, out=None, backend=None):

@@ -245,13 +245,22 @@ def _depformer_entries(w: DepformerWeights) -> list[int]:
     return rows
 
 
-def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, seeds, steps) -> dict:
+def sync_words(counters, words: int):
+    """The caller's ``counters`` as a persistent kernel's barrier and counter words when it holds ``words`` int32
+    (at 0; the kernels leave them at 0, so no memset runs before each launch), else None: the binding then zeroes
+    words of its own, one more kernel a launch."""
+    ok = counters is not None and counters.dtype == torch.int32 and counters.is_contiguous()
+    return counters if ok and counters.numel() >= words else None
+
+
+def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, seeds, steps, counters=None) -> dict:
     """Outputs and inputs of one persistent-kernel frame, as both launch routes (the torch op, the tests' CPU
-    emulation) pass them: ``tokens`` [dep_q, B] and ``logits`` [dep_q, B, card] to fill, and ``dims``."""
+    emulation) pass them: ``tokens`` [B, dep_q] and ``logits`` [dep_q, B, card] to fill, ``dims``, and the sync
+    words (:func:`sync_words` of ``counters``)."""
     B, dev = z.shape[0], z.device
     hidden = w.layers[0].linear_out[0].shape[1]
     return dict(
-        tokens=torch.empty(w.dep_q, B, dtype=torch.int64, device=dev),
+        tokens=torch.empty(B, w.dep_q, dtype=torch.int64, device=dev),
         logits=torch.empty(w.dep_q, B, w.card, dtype=w.in_proj.dtype, device=dev),
         table=_pointer_table(w, dev, "depformer_frame", _depformer_entries), in_proj=w.in_proj,
         text_emb2=w.text_emb2, z=z.to(w.in_proj.dtype).contiguous(),
@@ -259,11 +268,12 @@ def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, s
         seeds=seeds.long().contiguous(), steps=steps.long().contiguous(),
         dims=[w.num_heads, hidden, w.card, w.dep_q, len(w.layers), w.in_proj.shape[0], w.text_emb.shape[0],
               int(top_k)],
-        eps=float(w.norm_eps),
+        eps=float(w.norm_eps), counters=sync_words(counters, 3 + w.num_heads),
     )
 
 
-def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, blocks=0):
+def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, counters=None,
+                         blocks=0):  # fmt: skip
     """CUDA twin of :func:`~dsm_kernels.reference.depformer_frame_ref`: the persistent kernel, one cooperative launch
     a frame, for up to ``DEPFORMER_MAX_ROWS`` rows; other frames (:func:`depformer_unsupported`) run
     :func:`~dsm_kernels.depformer.depformer_frame_triton`. ``blocks``: grid size (0 = one block per SM)."""
@@ -271,12 +281,11 @@ def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, 
         from .depformer import depformer_frame_triton
 
         return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
-    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps)
+    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps, counters)
     _ops().depformer_frame(ops["tokens"], ops["logits"], ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
                            ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"], [*ops["dims"], blocks],
-                           ops["eps"])  # fmt: skip
-    tokens = ops["tokens"].t().contiguous()
-    return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens
+                           ops["eps"], ops["counters"])  # fmt: skip
+    return (ops["tokens"], ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else ops["tokens"]
 
 
 # The persistent decode-step kernel (csrc/decoder.cu): rows in registers, and head dims up to 128.
@@ -344,9 +353,11 @@ def _decoder_entries(w) -> list[int]:
     return rows
 
 
-def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross, starts=None) -> dict:
+def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross, starts=None,
+                     counters=None) -> dict:  # fmt: skip
     """Outputs and inputs of one persistent step, as both launch routes (the torch op, the tests' CPU emulation) pass
-    them: ``z`` [B, d] and ``logits`` [B, V] to fill (None without a head), and ``dims``."""
+    them: ``z`` [B, d] and ``logits`` [B, V] to fill (None without a head), ``dims``, and the sync words
+    (:func:`sync_words` of ``counters``)."""
     B, head = x.shape[0], w.text_linear is not None
     return dict(
         z=torch.empty_like(x) if head else None,
@@ -365,6 +376,7 @@ def decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, cont
         cross_block_table=None if cross is None else cross.block_table.int().contiguous(),
         cross_seq_lens=None if cross is None else cross.seq_lens.int().contiguous(),
         cross_eps=float(w.layers[0].cross.norm_eps) if cross is not None else 0.0,
+        counters=sync_words(counters, 2 + B * w.num_heads),
     )
 
 
@@ -373,7 +385,7 @@ def _decoder_launch(x, k_cache, v_cache, ops, blocks) -> None:
                         ops["text_linear"], ops["inv_freq"], ops["positions"], ops["slot"], ops["seq_lens"],
                         ops["starts"], ops["block_table"], ops["cross_k"], ops["cross_v"], ops["cross_block_table"],
                         ops["cross_seq_lens"], [*ops["dims"], blocks], ops["eps"], ops["out_eps"], ops["scale"],
-                        ops["cross_eps"])
+                        ops["cross_eps"], ops["counters"])
 
 
 def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,
@@ -386,7 +398,7 @@ def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_t
 
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
                                      counters=counters, cross=cross, backend="cuda")
-    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross)
+    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross, counters=counters)
     _decoder_launch(x, k_cache, v_cache, ops, blocks)
     return ops["z"], ops["logits"]
 
@@ -398,7 +410,7 @@ def mimi_unsupported(w, h, cache) -> str | None:
     return decoder_unsupported(w, h, mimi_pages(cache)[0], None)
 
 
-def mimi_operands(w, h, pos, exec_mask, cache, tokens: int):
+def mimi_operands(w, h, pos, exec_mask, cache, tokens: int, counters=None):
     """Mimi's transformer step as the persistent kernel's operands: ``(k_pages, v_pages, operands)``; ``pos``
     advanced by ``tokens`` for the active streams (the step's, done by the index kernel). Stream b's ring
     is page b of ``context`` slots ([L, B + 1, S, H, D] views of ``cache``), row ``b * tokens + j`` sees positions
@@ -414,18 +426,19 @@ def mimi_operands(w, h, pos, exec_mask, cache, tokens: int):
     if key not in w.derived:  # row b * tokens + j: page b
         w.derived[key] = (torch.arange(B * tokens, device=h.device) // tokens).int().view(-1, 1)
     k_pages, v_pages = mimi_pages(cache)
-    ops = decoder_operands(w, h, positions, slots, seq_lens, k_pages, w.derived[key], S, None, starts=starts)
+    ops = decoder_operands(w, h, positions, slots, seq_lens, k_pages, w.derived[key], S, None, starts=starts,
+                           counters=counters)  # fmt: skip
     return k_pages, v_pages, ops
 
 
-def mimi_transformer_cuda(w, h, pos, exec_mask, cache, *, tokens, blocks=0) -> None:
+def mimi_transformer_cuda(w, h, pos, exec_mask, cache, *, tokens, counters=None, blocks=0) -> None:
     """CUDA backend of :func:`~dsm_kernels.decoder.mimi_transformer_composed`: the persistent decode-step kernel
     (one cooperative launch for all layers) where :func:`mimi_unsupported` allows, else the single ops."""
     if mimi_unsupported(w, h, cache) is not None:
         from .decoder import mimi_transformer_composed
 
         return mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens, backend="cuda")
-    k_pages, v_pages, ops = mimi_operands(w, h, pos, exec_mask, cache, tokens)
+    k_pages, v_pages, ops = mimi_operands(w, h, pos, exec_mask, cache, tokens, counters)
     _decoder_launch(h, k_pages, v_pages, ops, blocks)
 
 
@@ -446,7 +459,7 @@ def rvq_unsupported(x, codebooks_aug, group_levels) -> str | None:
     return None
 
 
-def rvq_encode_cuda(x, codebooks_aug, group_levels, level_ranges, out=None, blocks=0):
+def rvq_encode_cuda(x, codebooks_aug, group_levels, level_ranges, out=None, counters=None, blocks=0):
     """CUDA backend of :func:`~dsm_kernels.reference.rvq_encode_ref`: the persistent kernel where
     :func:`rvq_unsupported` allows (one launch for all levels), else the Triton kernels (one launch a level)."""
     if rvq_unsupported(x, codebooks_aug, group_levels) is not None:
@@ -455,5 +468,5 @@ def rvq_encode_cuda(x, codebooks_aug, group_levels, level_ranges, out=None, bloc
         return rvq_encode_triton(x, codebooks_aug, tuple(group_levels), level_ranges, out=out)
     if out is None:
         out = torch.empty(x.shape[0], sum(group_levels), x.shape[2], dtype=torch.int64, device=x.device)
-    _ops().rvq_encode(out, x, codebooks_aug, level_ranges, [max(group_levels), blocks])
+    _ops().rvq_encode(out, x, codebooks_aug, level_ranges, [max(group_levels), blocks], sync_words(counters, 2))
     return out

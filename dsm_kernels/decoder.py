@@ -179,13 +179,17 @@ def mimi_transformer_composed(w: DecoderWeights, h, pos, exec_mask, cache, *, to
     pos.add_(exec_mask, alpha=tokens)  # the ring attention read it
 
 
-def mimi_transformer_ref(w, h, pos, exec_mask, cache, *, tokens):
-    """Mimi's transformer step on the reference ops (see :func:`mimi_transformer_composed`)."""
+def mimi_transformer_ref(w, h, pos, exec_mask, cache, *, tokens, counters=None):
+    """Mimi's transformer step on the reference ops (see :func:`mimi_transformer_composed`; ``counters``: the CUDA
+    persistent kernel's, unused here)."""
+    del counters
     mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens, backend="reference")
 
 
-def mimi_transformer_triton(w, h, pos, exec_mask, cache, *, tokens):
-    """Mimi's transformer step on the Triton kernels (see :func:`mimi_transformer_composed`)."""
+def mimi_transformer_triton(w, h, pos, exec_mask, cache, *, tokens, counters=None):
+    """Mimi's transformer step on the Triton kernels (see :func:`mimi_transformer_composed`; ``counters``: the CUDA
+    persistent kernel's, unused here)."""
+    del counters
     mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens, backend="triton")
 
 

@@ -306,6 +306,7 @@ def depformer_frame_triton(
     steps: torch.Tensor,
     *,
     return_logits: bool = False,
+    counters: torch.Tensor | None = None,
     split: int | None = None,
     path: str | None = None,
     pdl: bool | None = None,
@@ -313,7 +314,9 @@ def depformer_frame_triton(
     """Triton twin of :func:`~dsm_kernels.reference.depformer_frame_ref`. ``split`` forces the split-K factor;
     ``path`` picks the kernels: ``"gemv"`` (:mod:`dsm_kernels.gemv_kernels`) or ``"splitk"`` (this module's),
     by default GEMV up to :func:`~dsm_kernels.gemv_max_rows` rows; ``pdl``: chain the GEMV kernels by programmatic
-    dependent launch (default: on sm_90+, see :func:`~dsm_kernels.pdl.use_pdl`)."""
+    dependent launch (default: on sm_90+, see :func:`~dsm_kernels.pdl.use_pdl`); ``counters``: the CUDA persistent
+    kernel's barrier words, unused here (the split-K kernels re-arm tile counters of their own)."""
+    del counters
     if path not in (None, "gemv", "splitk"):
         raise ValueError(f"path must be 'gemv' or 'splitk', got {path!r}")
     if w.activation != "silu" or not w.norm_f32:

@@ -108,14 +108,16 @@ def _rvq_level_kernel(
 
 
 def rvq_encode_triton(x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels: tuple[int, ...],
-                      level_ranges: torch.Tensor, out: torch.Tensor | None = None,
+                      level_ranges: torch.Tensor, out: torch.Tensor | None = None, counters=None,
                       block_k: int | None = None) -> torch.Tensor:
     """See :func:`dsm_kernels.reference.rvq_encode_ref`.
 
     The kernel reads each group's levels from ``level_ranges`` (the caller's tensor, made once by
     :func:`dsm_kernels.reference.rvq_level_ranges`: a captured step builds no tensor here).
     Each launch spreads a level's codebook over ``K / block_k`` programs per 16 rows (default 32 codes each on a
-    GPU; the whole codebook in one program under ``TRITON_INTERPRET=1``, where programs run one after another)."""
+    GPU; the whole codebook in one program under ``TRITON_INTERPRET=1``, where programs run one after another).
+    ``counters``: the CUDA persistent kernel's barrier words, unused here."""
+    del counters
     B, GD, T = x.shape
     G = len(group_levels)
     L, K, D2 = codebooks_aug.shape

@@ -312,6 +312,7 @@ def depformer_frame_ref(
     steps: torch.Tensor,
     *,
     return_logits: bool = False,
+    counters: torch.Tensor | None = None,
 ):
     """All ``dep_q`` audio tokens of one frame (DSM-SPEC §3): the plain per-codebook loop.
 
@@ -319,7 +320,9 @@ def depformer_frame_ref(
     ``temperature`` [B], ``top_k``, ``seeds`` [B] and noise counter ``steps + k`` at codebook ``k`` (``steps`` [B]).
     No positional embedding (``depformer_pos_emb: none``), attention over the steps 0..k of this frame.
     Returns tokens [B, dep_q] int64 (and logits [B, dep_q, card] in the model dtype with ``return_logits``).
+    ``counters``: the persistent kernel's barrier words (int32 at 0), unused here.
     """
+    del counters
     act = _DEP_ACTIVATIONS[w.activation]
     B, H = z.shape[0], w.num_heads
     caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in w.layers]
@@ -540,7 +543,7 @@ def rvq_level_ranges(group_levels: tuple[int, ...], device: torch.device | str |
 
 def rvq_encode_ref(
     x: torch.Tensor, codebooks_aug: torch.Tensor, group_levels: tuple[int, ...], level_ranges: torch.Tensor,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split residual VQ encode: nearest codebook entry level by level, each level quantizing the residual left by
     the previous ones.
@@ -553,7 +556,9 @@ def rvq_encode_ref(
 
     Distances are ``torch.cdist``'s matrix-multiply path (one GEMM of ``[-2r, |r|^2, 1]`` against the augmented
     rows, clamp at 1e-30, square root), the first index on ties: this is moshi's arithmetic, so codes equal its own
-    bit for bit. A kernel may differ only where two distances tie within fp32 rounding."""
+    bit for bit. A kernel may differ only where two distances tie within fp32 rounding. ``counters``: the persistent
+    kernel's barrier words, unused here."""
+    del counters
     B, _, T = x.shape
     D = codebooks_aug.shape[-1] - 2
     assert level_ranges.shape == (len(group_levels), 2), (level_ranges.shape, group_levels)

@@ -256,7 +256,8 @@ def depformer_inputs(w: reference.DepformerWeights, B: int, *, temp: float, seed
     z = torch.randn(B, w.in_proj.shape[2], generator=g)
     return dict(z=z.to(device, w.in_proj.dtype), text_token=text.to(device),
                 temperature=torch.full((B,), temp, device=device), top_k=5 if temp > 0 else 0,
-                seeds=torch.arange(B, device=device) + 11, steps=torch.arange(B, device=device) * 100 + 3)  # fmt: skip
+                seeds=torch.arange(B, device=device) + 11, steps=torch.arange(B, device=device) * 100 + 3,
+                counters=_counters(B, w.num_heads, device))  # fmt: skip
 
 
 def random_decoder_weights(*, dim=64, heads=4, kv_heads=None, layers=2, hidden=96, vocab=40, rope=True,
@@ -322,6 +323,14 @@ def random_mimi_transformer_weights(*, dim=64, heads=4, layers=2, hidden=96, dev
     return replace(w, layers=lws, out_norm=None, text_linear=None, gelu=True)
 
 
+def _counters(rows: int, heads: int, device) -> torch.Tensor:
+    """The ``counters`` an op's inputs carry, as the engine's and Mimi's state hold them (so that the persistent
+    kernels run without zeroing words of their own, as in a real step)."""
+    from . import counter_words
+
+    return torch.zeros(counter_words(rows, heads), dtype=torch.int32, device=device)
+
+
 def mimi_transformer_inputs(w, B: int, *, tokens=2, capacity=12, pos=None, active=None, seed=1, device="cpu"):
     """Inputs of one Mimi transformer step for ``w``: ``h`` [B tokens, d], ``pos`` (default: streams at different
     points of their ring: the first wrapped, the second fresh), ``exec_mask`` (default: all active), and a ring
@@ -335,7 +344,7 @@ def mimi_transformer_inputs(w, B: int, *, tokens=2, capacity=12, pos=None, activ
     h = torch.randn(B * tokens, w.dim, generator=g)
     mask = torch.ones(B, dtype=torch.bool) if active is None else torch.as_tensor(active, dtype=torch.bool)
     return dict(h=h.to(device), pos=torch.as_tensor(pos, dtype=torch.long).to(device), exec_mask=mask.to(device),
-                cache=cache.to(device), tokens=tokens)
+                cache=cache.to(device), tokens=tokens, counters=_counters(B * tokens, w.num_heads, device))
 
 
 def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positions=None, cross_length=20,
@@ -375,7 +384,7 @@ def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positio
                                       length=cross_length, page_size=cps)  # fmt: skip
     return dict(x=x.to(device), positions=positions.to(device), slot=slot.to(device), seq_lens=seq_lens.to(device),
                 k_cache=k.to(device), v_cache=v.to(device), block_table=table.to(device), context=context,
-                cross=cross)
+                cross=cross, counters=_counters(B, w.num_heads, device))
 
 
 def kernel_device(backend: str) -> torch.device:

@@ -35,6 +35,7 @@ from dsm_kernels.cuda_ops import (
     mimi_unsupported,
     rvq_unsupported,
     sample_unsupported,
+    sync_words,
 )
 from dsm_kernels.embed import multistream_embed_triton
 from dsm_kernels.paged_attention import paged_decode_attention_triton
@@ -220,11 +221,17 @@ def _poisoned_work(nbytes: int) -> torch.Tensor:
     return torch.full((nbytes,), 0xFF, dtype=torch.uint8)
 
 
+def _sync(ops_counters, words: int) -> torch.Tensor:
+    """A persistent kernel's barrier and counter words: the caller's (``cuda_ops.sync_words``), else zeroed here, as
+    the binding does."""
+    return ops_counters if ops_counters is not None else torch.zeros(words, dtype=torch.int32)
+
+
 def _run_persistent(launcher, args, sync: torch.Tensor, what: str) -> None:
-    """Launch an emulated persistent kernel (on ``args.blocks`` blocks); every block must have arrived at every grid
-    barrier (``sync[0]`` counts the arrivals) and its arrival counters (``sync[1:]``) must end re-armed."""
+    """Launch an emulated persistent kernel (on ``args.blocks`` blocks); it must leave every barrier and counter word
+    (``sync``) at 0, as the next launch on the same words needs them."""
     _ok(launcher(ctypes.byref(args), None), what)
-    assert int(sync[0]) % args.blocks == 0 and not sync[1:].any(), f"barrier arrivals or counters: {sync.tolist()}"
+    assert not sync.any(), f"barrier or counter words left at {sync.tolist()}"
 
 
 class DecoderArgs(ctypes.Structure):
@@ -253,7 +260,7 @@ class RvqArgs(ctypes.Structure):
                 *((n, ctypes.c_void_p) for n in ("work", "sync"))]
 
 
-def rvq_encode_emu(x, codebooks_aug, group_levels, level_ranges, out=None, blocks=3):
+def rvq_encode_emu(x, codebooks_aug, group_levels, level_ranges, out=None, counters=None, blocks=3):
     """``cuda_ops.rvq_encode_cuda`` on the emulated persistent kernel; encodes it does not take run Triton's."""
     if rvq_unsupported(x, codebooks_aug, group_levels) is not None:
         from dsm_kernels.mimi_kernels import rvq_encode_triton
@@ -264,7 +271,7 @@ def rvq_encode_emu(x, codebooks_aug, group_levels, level_ranges, out=None, block
         out = torch.empty(B, sum(group_levels), T, dtype=torch.int64)
     out.fill_(-7)  # poisoned: a code the kernel never wrote
     work = _poisoned_work(_lib().dsm_rvq_work_bytes())
-    sync = torch.zeros(2, dtype=torch.int32)
+    sync = _sync(sync_words(counters, 2), 2)
     args = RvqArgs(B * T, T, codebooks_aug.shape[2] - 2, codebooks_aug.shape[1], len(group_levels),
                    max(group_levels), blocks, _ptr(x), *x.stride(), _ptr(codebooks_aug), _ptr(level_ranges),
                    _ptr(out), *out.stride(), _ptr(work), _ptr(sync))  # fmt: skip
@@ -281,7 +288,7 @@ def _decoder_launch_emu(x, k_cache, v_cache, ops, cross, blocks) -> None:
     for out in (ops["z"], ops["logits"]):
         if out is not None:
             out.fill_(float("nan"))
-    sync = torch.zeros(2 + B * heads, dtype=torch.int32)  # the grid barrier, the attention counters
+    sync = _sync(ops["counters"], 2 + B * heads)  # the grid barrier, the attention counters
     vocab = 0 if ops["text_linear"] is None else ops["text_linear"].shape[0]
     args = DecoderArgs(B, x.shape[1], heads, kv_heads, D, hidden, vocab, layers, dtype, page_size,
                        ops["block_table"].shape[1], context, blocks, gelu, _DTYPES[k_cache.dtype], ops["eps"],
@@ -315,43 +322,44 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
 
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
                                      counters=counters, cross=cross, backend=_single_ops_backend(x.device))
-    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross)
+    ops = decoder_operands(w, x, positions, slot, seq_lens, k_cache, block_table, context, cross, counters=counters)
     _decoder_launch_emu(x, k_cache, v_cache, ops, cross, blocks)
     return ops["z"], ops["logits"]
 
 
-def mimi_transformer_emu(w, h, pos, exec_mask, cache, *, tokens, blocks=3) -> None:
+def mimi_transformer_emu(w, h, pos, exec_mask, cache, *, tokens, counters=None, blocks=3) -> None:
     """``cuda_ops.mimi_transformer_cuda`` on the emulated persistent kernel."""
     if mimi_unsupported(w, h, cache) is not None:
         from dsm_kernels.decoder import mimi_transformer_composed
 
         return mimi_transformer_composed(w, h, pos, exec_mask, cache, tokens=tokens,
                                          backend=_single_ops_backend(h.device))  # fmt: skip
-    k_pages, v_pages, ops = mimi_operands(w, h, pos, exec_mask, cache, tokens)
+    k_pages, v_pages, ops = mimi_operands(w, h, pos, exec_mask, cache, tokens, counters)
     _decoder_launch_emu(h, k_pages, v_pages, ops, None, blocks)
 
 
-def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, blocks=3):
+def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, counters=None,
+                        blocks=3):  # fmt: skip
     """``cuda_ops.depformer_frame_cuda`` on the emulated persistent kernel; ``blocks``: its grid (the emulation runs
     every block's 512 threads at once, so a few; their count changes every block's share of the rows)."""
     if depformer_unsupported(w, z) is not None:
         from dsm_kernels.depformer import depformer_frame_triton
 
         return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
-    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps)
+    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps, counters)
     heads, hidden, card, dep_q, layers, n_in, vocab, top_k = ops["dims"]
     B, dim, dtype = z.shape[0], w.dim, _DTYPES[ops["z"].dtype]
     # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN or -7
     work = _poisoned_work(_lib().dsm_depformer_work_bytes(B, dim, hidden, n_in, layers, dep_q, dtype))
     ops["tokens"].fill_(-7)
     ops["logits"].fill_(float("nan"))
-    sync = torch.zeros(3 + heads, dtype=torch.int32)  # the grid barrier, the arrival counters
+    sync = _sync(ops["counters"], 3 + heads)  # the grid barrier, the arrival counters
     args = DepformerArgs(B, dim, heads, hidden, card, dep_q, layers, z.shape[1], n_in, vocab, top_k, dtype, blocks,
                          ops["eps"], *map(_ptr, (ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
                                                  ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"],
                                                  ops["tokens"], ops["logits"], work, sync)))  # fmt: skip
     _run_persistent(_lib().dsm_launch_depformer_frame, args, sync, "depformer_frame")
-    tokens = ops["tokens"].t().contiguous()
+    tokens = ops["tokens"]
     return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens
 
 

@@ -625,12 +625,13 @@ def _count_module():
 MAX_ENCODE_KERNELS = 93
 MAX_DECODE_KERNELS = 63
 # The same on the cuda backend (each transformer one persistent kernel, csrc/decoder.cu, with its row indices and
-# the advance of its position in one kernel; the residual-VQ encode one, csrc/rvq.cu; each persistent kernel also
-# zeroes its barrier), measured: encode 23, decode 23 (before the transformers read their input where the kernel
-# before them wrote it, their position advanced by the index kernel, and the upsampling in the lookups' kernel: 25 /
-# 27; before the convs read their context in place: 37 / 32; before mimi_rows and the decoder's GEMV ELUs: 44 / 41).
-CUDA_ENCODE_KERNELS = 24
-CUDA_DECODE_KERNELS = 24
+# the advance of its position in one kernel; the residual-VQ encode one, csrc/rvq.cu; their barrier words kept at 0
+# in the state, not zeroed before each launch), measured: encode 21, decode 22 (before the barrier words were kept:
+# 23 / 23; before the transformers read their input where the kernel before them wrote it, their position advanced
+# by the index kernel, and the upsampling in the lookups' kernel: 25 / 27; before the convs read their context in
+# place: 37 / 32; before mimi_rows and the decoder's GEMV ELUs: 44 / 41).
+CUDA_ENCODE_KERNELS = 21
+CUDA_DECODE_KERNELS = 22
 
 
 def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
@@ -673,37 +674,42 @@ def test_step_kernel_count_pinned(mimi_sd, monkeypatch):
 
 def test_step_kernel_count_on_the_cuda_backend(mimi_sd, cuda_emulated, monkeypatch):
     """With the CUDA extension, each transformer at one stream is one persistent-kernel launch plus its index math
-    (instead of 40 Triton launches), and the residual-VQ encode one (instead of 32). Each persistent op counts as two
-    kernels, the binding's zeroing of its barrier and the kernel; the emulation's own torch calls are not counted,
-    and the kernels do not run (their values do not matter to a count; the emulation would take seconds)."""
+    (instead of 40 Triton launches), and the residual-VQ encode one (instead of 32). A persistent op counts as one
+    kernel when it is given barrier words it can use (the state's, kept at 0), else as two (the binding zeroes words
+    of its own first); the emulation's own torch calls are not counted, and the kernels do not run (their values do
+    not matter to a count; the emulation would take seconds)."""
     import cuda_emu
     from torch.utils._python_dispatch import _disable_current_modes
+
+    from dsm_kernels.cuda_ops import sync_words
 
     kernel_device("triton")
     count, ops = _count_module(), []
 
-    def on_gpu(name: str, result=lambda *args, **kw: None):
+    def on_gpu(name: str, kept, result=lambda *args, **kw: None):
         def run(*args, **kw):
-            ops.append(name)
+            ops.append((name, kept(*args, **kw)))
             with _disable_current_modes():
                 return result(*args, **kw)
 
         monkeypatch.setattr(cuda_emu, name, run)
 
-    on_gpu("_decoder_launch_emu")  # mimi_transformer_emu's index math before it counts
-    on_gpu("rvq_encode_emu", lambda x, books, levels, ranges, out=None: torch.zeros(x.shape[0], sum(levels),
-                                                                                   x.shape[2], dtype=torch.long))
+    # mimi_transformer_emu's index math before it counts
+    on_gpu("_decoder_launch_emu", lambda x, k, v, ops, cross, blocks: ops["counters"] is not None)
+    on_gpu("rvq_encode_emu", lambda *a, counters=None, **kw: sync_words(counters, 2) is not None,
+           lambda x, books, levels, ranges, out=None, counters=None: torch.zeros(x.shape[0], sum(levels), x.shape[2],
+                                                                               dtype=torch.long))  # fmt: skip
     dsm_kernels._load.cache_clear()
     monkeypatch.setattr(count, "random_mimi_state_dict", {0: mimi_sd}.__getitem__)
     enc, dec = count.count_mimi("cuda", warmup=1, seed=0)
-    # encode: both persistent ops, decode: the transformer's; warm-up and counted step
-    assert sorted(ops) == sorted(["_decoder_launch_emu"] * 4 + ["rvq_encode_emu"] * 2), ops
+    # encode: both persistent ops, decode: the transformer's; warm-up and counted step; each with the state's words
+    assert sorted(ops) == sorted([("_decoder_launch_emu", True)] * 4 + [("rvq_encode_emu", True)] * 2), ops
     for counts in (enc, dec):
         assert not any(k in counts for k in ("triton:_qkv_rope_gemv_kernel", "triton:_mimi_ring_attention_kernel",
                                              "triton:_rvq_level_kernel"))  # fmt: skip
         assert counts["triton:_gemv_kernel"] == 0
         assert "add_" not in counts and "copy_" not in counts  # the position advanced by the index kernel
-    n_enc, n_dec = sum(enc.values()) + 2 * 2, sum(dec.values()) + 2
+    n_enc, n_dec = sum(enc.values()) + 2, sum(dec.values()) + 1
     assert n_enc <= CUDA_ENCODE_KERNELS, f"encode_step launches {n_enc} kernels: {enc.most_common(12)}"
     assert n_dec <= CUDA_DECODE_KERNELS, f"decode_step launches {n_dec} kernels: {dec.most_common(12)}"
 
