@@ -183,7 +183,7 @@ int64_t paged_decode_blocks_per_sm(const at::Tensor& q, const at::Tensor& k_cach
 
 void sample_tokens(at::Tensor& out, const at::Tensor& logits, const std::optional<at::Tensor>& null_logits,
                    double cfg_coef, const at::Tensor& temperature, int64_t top_k, const at::Tensor& seeds,
-                   const at::Tensor& steps) {
+                   const at::Tensor& steps, int64_t step_scale, int64_t step_offset) {
   DSM_CHECK_CUDA(out);
   DSM_CHECK_DIM(logits, 2);
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -211,7 +211,7 @@ void sample_tokens(at::Tensor& out, const at::Tensor& logits, const std::optiona
                                        static_cast<int>(B), static_cast<int>(V), logits.stride(0), stride_n,
                                        static_cast<float>(cfg_coef), temperature.data_ptr<float>(),
                                        static_cast<int>(top_k), seeds.data_ptr<int64_t>(), steps.data_ptr<int64_t>(),
-                                       stream_of(out)));
+                                       step_scale, step_offset, stream_of(out)));
 }
 
 // A persistent kernel's scratch (uninitialised) and its barrier and counter words (at 0: the barrier counts arrivals
@@ -239,14 +239,15 @@ std::pair<at::Tensor, at::Tensor> persistent_scratch(Args& a, const at::Tensor& 
 }
 
 // The persistent depth-transformer frame (csrc/depformer.cu). dims: heads, hidden, card, dep_q, layers, n_in,
-// text_vocab, top_k, blocks (0: one per SM). The weights are reached through `table` (dsm_kernels.cuda_ops builds it
-// from tensors it checked); the tensors here are checked for shape, dtype and device.
+// text_vocab, top_k, blocks (0: one per SM), step_scale, step_offset (codebook k's noise counter: steps * step_scale
+// + step_offset + k). The weights are reached through `table` (dsm_kernels.cuda_ops builds it from tensors it
+// checked); the tensors here are checked for shape, dtype and device.
 void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& table, const at::Tensor& in_proj,
                      const std::optional<at::Tensor>& text_emb2, const at::Tensor& z, const at::Tensor& text_token,
                      const at::Tensor& temperature, const at::Tensor& seeds, const at::Tensor& steps,
                      at::IntArrayRef dims, double eps, const std::optional<at::Tensor>& counters) {
   DSM_CHECK_CUDA(tokens);
-  TORCH_CHECK(dims.size() == 9, "dsm: depformer_frame dims must be 9 ints, got ", dims.size());
+  TORCH_CHECK(dims.size() == 11, "dsm: depformer_frame dims must be 11 ints, got ", dims.size());
   DSM_CHECK_DIM(z, 2);
   DSM_CHECK_DIM(in_proj, 2);
   const int64_t B = z.size(0), d_model = z.size(1), n_in = dims[5], dep_q = dims[3], card = dims[2];
@@ -289,6 +290,8 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   a.text_vocab = static_cast<int>(dims[6]);
   a.top_k = static_cast<int>(dims[7]);
   a.blocks = static_cast<int>(dims[8]);
+  a.step_scale = static_cast<int>(dims[9]);
+  a.step_offset = static_cast<int>(dims[10]);
   a.dtype = dsm_dtype(z);
   a.eps = static_cast<float>(eps);
   // barrier + arrival counters
@@ -500,7 +503,7 @@ TORCH_LIBRARY(dsm, m) {
         "Tensor seq_lens, int context, float scale, int num_splits, Tensor(a!)? counters) -> ()");
   m.def("paged_decode_blocks_per_sm(Tensor q, Tensor k_cache) -> int");
   m.def("sample_tokens(Tensor! out, Tensor logits, Tensor? null_logits, float cfg_coef, Tensor temperature, "
-        "int top_k, Tensor seeds, Tensor steps) -> ()");
+        "int top_k, Tensor seeds, Tensor steps, int step_scale, int step_offset) -> ()");
   m.def("depformer_frame(Tensor! tokens, Tensor! logits, Tensor table, Tensor in_proj, Tensor? text_emb2, "
         "Tensor z, Tensor text_token, Tensor temperature, Tensor seeds, Tensor steps, int[] dims, float eps, "
         "Tensor(b!)? counters) -> ()");

@@ -241,7 +241,8 @@ __device__ void sample_if_last(const DsmDepformerArgs& a, const Phase& ph, Sampl
   for (int b = 0; b < a.B; ++b) {
     const T* row = static_cast<const T*>(a.logits) + (static_cast<int64_t>(ph.k) * a.B + b) * a.card;
     const int64_t token = dsm::sampling::sample_row<T, kItems, kShift>(
-        row, nullptr, a.card, 1.f, a.temperature[b], a.top_k, a.seeds[b], a.steps[b] + ph.k, scratch);
+        row, nullptr, a.card, 1.f, a.temperature[b], a.top_k, a.seeds[b],
+        a.steps[b] * a.step_scale + a.step_offset + ph.k, scratch);
     if (threadIdx.x == 0) a.tokens[static_cast<int64_t>(b) * a.dep_q + ph.k] = token;
   }
 }

@@ -41,12 +41,13 @@ cudaError_t dsm_launch_paged_decode_attention(
 // Resident blocks per SM of the decode kernel for these types (the split count targets whole waves of them).
 cudaError_t dsm_paged_decode_blocks_per_sm(int head_dim, int dtype, int cache_dtype, int* blocks);
 
-// One token per row: CFG mix, temperature (<= 0: argmax), top-k, exp race with the reference's hash noise.
-// null_logits may be NULL. V <= 16384.
+// One token per row: CFG mix, temperature (<= 0: argmax), top-k, exp race with the reference's hash noise (row b's
+// noise counter: steps[b] * step_scale + step_offset). null_logits may be NULL. V <= 16384.
 cudaError_t dsm_launch_sample_tokens(int64_t* out, const void* logits, const void* null_logits, int dtype, int B,
                                      int V, int64_t stride_l, int64_t stride_n, float cfg_coef,
                                      const float* temperature, int top_k, const int64_t* seeds,
-                                     const int64_t* steps, cudaStream_t stream);
+                                     const int64_t* steps, int64_t step_scale, int64_t step_offset,
+                                     cudaStream_t stream);
 
 // One depth-transformer frame (dsm_kernels.reference.depformer_frame_ref) for 1..4 rows in one cooperative launch
 // (csrc/depformer.cu). Weights are reached through `table`, a device array of DSM_DEP_TABLE_STRIDE(layers) int64 per
@@ -57,6 +58,7 @@ cudaError_t dsm_launch_sample_tokens(int64_t* out, const void* logits, const voi
 typedef struct {
   int B, dim, heads, hidden, card, dep_q, layers, d_model, n_in, text_vocab, top_k, dtype;
   int blocks;  // grid size: 0 = one block per SM; fewer (tests) split the work more coarsely
+  int step_scale, step_offset;  // codebook k's noise counter: steps * step_scale + step_offset + k
   float eps;
   const int64_t* table;
   const void* in_proj;     // [n_in * dim, d_model]: every depformer_in projection
@@ -65,7 +67,7 @@ typedef struct {
   const int64_t* text_token;  // [B], fed at k = 0
   const float* temperature;   // [B]
   const int64_t* seeds;       // [B]
-  const int64_t* steps;       // [B]: codebook k draws with noise counter steps + k
+  const int64_t* steps;       // [B]: see step_scale
   int64_t* tokens;            // [B, dep_q]
   void* logits;               // [dep_q, B, card]
   void* work;                 // dsm_depformer_work_bytes() of scratch

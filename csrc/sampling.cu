@@ -32,12 +32,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
                                                           int64_t stride_n, float cfg_coef,
                                                           const float* __restrict__ temperature, int top_k,
                                                           const int64_t* __restrict__ seeds,
-                                                          const int64_t* __restrict__ steps) {
+                                                          const int64_t* __restrict__ steps, int64_t step_scale,
+                                                          int64_t step_offset) {
   __shared__ SampleScratch scratch;
   const int64_t row = blockIdx.x;
   const int64_t token = sample_row<T, kItems, kShift>(logits + row * stride_l,
                                                       null_logits ? null_logits + row * stride_n : nullptr, V,
-                                                      cfg_coef, temperature[row], top_k, seeds[row], steps[row],
+                                                      cfg_coef, temperature[row], top_k, seeds[row],
+                                                      steps[row] * step_scale + step_offset,
                                                       scratch);
   if (threadIdx.x == 0) out[row] = token;
 }
@@ -45,23 +47,24 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int64_t* __restrict__ 
 template <typename T, int kItems>
 cudaError_t launch_items(int64_t* out, const T* l, const T* n, int B, int V, int64_t stride_l, int64_t stride_n,
                          float cfg_coef, const float* temperature, int top_k, const int64_t* seeds,
-                         const int64_t* steps, cudaStream_t stream) {
+                         const int64_t* steps, int64_t step_scale, int64_t step_offset, cudaStream_t stream) {
   constexpr int kNarrow = narrow_key_shift<T>();
   // narrow keys are exact only for unmixed bf16/fp16 logits
   auto kernel = n == nullptr && kNarrow != 0 ? sample_kernel<T, kItems, kNarrow> : sample_kernel<T, kItems, 0>;
   return dsm::launch(kernel, dim3(B), dim3(kThreads), stream, false, out, l, n, V, stride_l, stride_n, cfg_coef,
-                     temperature, top_k, seeds, steps);
+                     temperature, top_k, seeds, steps, step_scale, step_offset);
 }
 
 template <typename T>
 cudaError_t launch(int64_t* out, const void* logits, const void* null_logits, int B, int V, int64_t stride_l,
                    int64_t stride_n, float cfg_coef, const float* temperature, int top_k, const int64_t* seeds,
-                   const int64_t* steps, cudaStream_t stream) {
+                   const int64_t* steps, int64_t step_scale, int64_t step_offset, cudaStream_t stream) {
   const T* l = static_cast<const T*>(logits);
   const T* n = static_cast<const T*>(null_logits);
   const int items = (V + kThreads - 1) / kThreads;
 #define DSM_SAMPLE(ITEMS) \
-  launch_items<T, ITEMS>(out, l, n, B, V, stride_l, stride_n, cfg_coef, temperature, top_k, seeds, steps, stream)
+  launch_items<T, ITEMS>(out, l, n, B, V, stride_l, stride_n, cfg_coef, temperature, top_k, seeds, steps, \
+                         step_scale, step_offset, stream)
   if (items <= 4) return DSM_SAMPLE(4);
   if (items <= 8) return DSM_SAMPLE(8);
   if (items <= 16) return DSM_SAMPLE(16);
@@ -75,11 +78,12 @@ cudaError_t launch(int64_t* out, const void* logits, const void* null_logits, in
 extern "C" cudaError_t dsm_launch_sample_tokens(int64_t* out, const void* logits, const void* null_logits, int dtype,
                                                 int B, int V, int64_t stride_l, int64_t stride_n, float cfg_coef,
                                                 const float* temperature, int top_k, const int64_t* seeds,
-                                                const int64_t* steps, cudaStream_t stream) {
+                                                const int64_t* steps, int64_t step_scale, int64_t step_offset,
+                                                cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   DSM_DISPATCH_DTYPE(dtype, T, {
     return launch<T>(out, logits, null_logits, B, V, stride_l, stride_n, cfg_coef, temperature, top_k, seeds, steps,
-                     stream);
+                     step_scale, step_offset, stream);
   });
   return cudaErrorInvalidValue;
 }

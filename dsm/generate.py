@@ -220,9 +220,9 @@ class Generator:
         null = None
         if logits.shape[0] == 2 * B:
             logits, null = logits[:B], logits[B:]
-        temperature, steps = self._sampling_inputs(state, temp, stream)
-        return dsm_kernels.sample_tokens(logits, temperature, top_k, state.seeds, steps, null_logits=null,
-                                         cfg_coef=self.cfg_coef, backend=self.backend)
+        return dsm_kernels.sample_tokens(logits, self._temperature(state, temp), top_k, state.seeds, state.offsets,
+                                         step_scale=self.model.cfg.dep_q + 1, step_offset=stream, null_logits=null,
+                                         cfg_coef=self.cfg_coef, backend=self.backend)  # fmt: skip
 
     @torch.no_grad()
     def step(self, state: GenState, input_tokens: torch.Tensor | None = None, *,
@@ -323,16 +323,14 @@ class Generator:
             text_logits = cond if self.cfg_is_no_text else null + (cond - null) * self.cfg_coef
         return z, text_logits
 
-    def _sampling_inputs(self, state: GenState, temp: float, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampler's per-row temperature [B] (a cached constant) and step counters ``offsets * (dep_q + 1) +
-        stream`` [B] (one kernel), so a step launches nothing else for them."""
+    def _temperature(self, state: GenState, temp: float) -> torch.Tensor:
+        """The sampler's per-row temperature [B], a cached constant (a step launches nothing for it). Its noise
+        counters are ``offsets * (dep_q + 1) + stream``, which the sampling kernels compute from the offsets."""
         B, t = state.batch_size, temp if self.use_sampling else 0.0
-        key = (B, t, stream)
+        key = (B, t)
         if key not in self._consts:
-            self._consts[key] = (torch.full((B,), t, dtype=torch.float32, device=state.offsets.device),
-                                 torch.tensor(stream, dtype=torch.long, device=state.offsets.device))  # fmt: skip
-        temperature, base = self._consts[key]
-        return temperature, torch.add(base, state.offsets, alpha=self.model.cfg.dep_q + 1)
+            self._consts[key] = torch.full((B,), t, dtype=torch.float32, device=state.offsets.device)
+        return self._consts[key]
 
     def sample_text(self, state: GenState, text_logits: torch.Tensor) -> torch.Tensor:
         return self._sample(state, text_logits, self.temp_text, self.top_k_text, 0)
@@ -342,9 +340,10 @@ class Generator:
         codebooks past ``depformer_steps`` are -1."""
         dq, steps = self.model.cfg.dep_q, self.depformer_steps
         if self.cfg_rows == 1:
-            temperature, base = self._sampling_inputs(state, self.temp, 1)  # the counters `_sample` uses for k + 1
-            out = self.model.depformer_step(text_token, z, steps=steps, temperature=temperature, top_k=self.top_k,
-                                            seeds=state.seeds, step_base=base, counters=state.kv.counters,
+            # codebook k's noise counters are those `_sample` uses for stream k + 1
+            out = self.model.depformer_step(text_token, z, steps=steps, temperature=self._temperature(state, self.temp),
+                                            top_k=self.top_k, seeds=state.seeds, step_base=state.offsets,
+                                            step_scale=dq + 1, step_offset=1, counters=state.kv.counters,
                                             backend=self.backend)  # fmt: skip
         else:
             def sample(k: int, logits: torch.Tensor) -> torch.Tensor:

@@ -436,25 +436,27 @@ class LMModel(nn.Module):
     def depformer_step(self, text_token: torch.Tensor, z: torch.Tensor,
                        sample: Callable[[int, torch.Tensor], torch.Tensor] | None = None, steps: int | None = None, *,
                        temperature: torch.Tensor | None = None, top_k: int = 0, seeds: torch.Tensor | None = None,
-                       step_base: torch.Tensor | None = None, counters: torch.Tensor | None = None,
-                       backend: str | None = None) -> torch.Tensor:
+                       step_base: torch.Tensor | None = None, step_scale: int = 1, step_offset: int = 0,
+                       counters: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
         """Generate the audio tokens of one frame along the codebook axis (DSM-SPEC §3).
 
         ``sample(k, logits [B, card]) -> [B]`` picks codebook ``k``'s token (CFG mixing and sampling live there).
         Rows of ``z`` may be 2B (CFG), the token fed back is then repeated. Returns [B, steps] int64.
         Without ``sample`` the whole frame is one ``dsm_kernels.depformer_frame`` op sampling with ``temperature``
-        [B], ``top_k``, ``seeds`` [B] and noise counters ``step_base + k`` (no CFG rows); ``counters``: its barrier
-        words (:func:`dsm_kernels.decoder_step`'s).
+        [B], ``top_k``, ``seeds`` [B] and noise counters ``step_base * step_scale + step_offset + k`` (no CFG rows);
+        ``counters``: its barrier words (:func:`dsm_kernels.decoder_step`'s).
         """
         cfg, dep = self.cfg, self.depformer
         steps = cfg.dep_q if steps is None else steps
         packed = self.depformer_weights() if sample is None else None
         if sample is None and packed is not None and steps == cfg.dep_q:
             return dsm_kernels.depformer_frame(packed, z, text_token, temperature, top_k, seeds, step_base,
-                                               counters=counters, backend=backend)  # fmt: skip
+                                               step_scale=step_scale, step_offset=step_offset, counters=counters,
+                                               backend=backend)  # fmt: skip
         if sample is None:  # layouts the fused op does not cover: the same sampling through the module loop
             def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
-                return dsm_kernels.sample_tokens(logits, temperature, top_k, seeds, step_base + k, backend=backend)
+                return dsm_kernels.sample_tokens(logits, temperature, top_k, seeds, step_base, step_scale=step_scale,
+                                                 step_offset=step_offset + k, backend=backend)  # fmt: skip
         rows = z.shape[0]
         caches: list[list[torch.Tensor]] = [[] for _ in dep.layers]
         prev, out = text_token, []

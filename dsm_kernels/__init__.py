@@ -280,11 +280,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, contex
     return fn(q, k_cache, v_cache, block_table, seq_lens, context=context, scale=scale, counters=counters)
 
 
-def sample_tokens(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, backend=None):
-    """See :func:`dsm_kernels.reference.sample_tokens_ref`."""
+def sample_tokens(logits, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0, null_logits=None,
+                  cfg_coef=1.0, backend=None):  # fmt: skip
+    """See :func:`dsm_kernels.reference.sample_tokens_ref` (row b's noise counter: ``steps[b] * step_scale +
+    step_offset``)."""
     checks.sample_tokens(logits, temperature, seeds, steps, null_logits)
     fn = resolve("sample_tokens", backend, logits.device)
-    return fn(logits, temperature, top_k, seeds, steps, null_logits=null_logits, cfg_coef=cfg_coef)
+    return fn(logits, temperature, top_k, seeds, steps, step_scale=int(step_scale), step_offset=int(step_offset),
+              null_logits=null_logits, cfg_coef=cfg_coef)
 
 
 def add_rms_norm(x, alpha, eps, *, delta=None, scale=None, backend=None):
@@ -385,13 +388,14 @@ def kv_slots(block_table, positions, write, page_size, *, advance=False, backend
     return resolve("kv_slots", backend, positions.device)(block_table, positions, write, page_size, advance)
 
 
-def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, counters=None,
-                    backend=None):  # fmt: skip
-    """See :func:`dsm_kernels.reference.depformer_frame_ref`. ``counters``: as :func:`decoder_step`'s."""
+def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0,
+                    return_logits=False, counters=None, backend=None):  # fmt: skip
+    """See :func:`dsm_kernels.reference.depformer_frame_ref` (codebook k's noise counters: ``steps * step_scale +
+    step_offset + k``). ``counters``: as :func:`decoder_step`'s."""
     checks.depformer_frame(weights, z, text_token, temperature, seeds, steps, counters)
     fn = resolve("depformer_frame", backend, z.device)
-    return fn(weights, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits,
-              counters=counters)
+    return fn(weights, z, text_token, temperature, top_k, seeds, steps, step_scale=int(step_scale),
+              step_offset=int(step_offset), return_logits=return_logits, counters=counters)
 
 
 def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,

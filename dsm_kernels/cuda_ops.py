@@ -153,15 +153,15 @@ def paged_decode_attention_cuda(
 
 
 def sample_tokens_cuda(
-    logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, out=None
+    logits, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0, null_logits=None, cfg_coef=1.0, out=None
 ) -> torch.Tensor:
     """CUDA twin of :func:`~dsm_kernels.reference.sample_tokens_ref`; the Triton kernel for what
     :func:`sample_unsupported` names (a vocabulary above ``SAMPLE_MAX_VOCAB``)."""
     if sample_unsupported(logits) is not None:
         from .sampling import sample_tokens_triton
 
-        return sample_tokens_triton(logits, temperature, top_k, seeds, steps, null_logits=null_logits,
-                                    cfg_coef=cfg_coef, out=out)  # fmt: skip
+        return sample_tokens_triton(logits, temperature, top_k, seeds, steps, step_scale=step_scale,
+                                    step_offset=step_offset, null_logits=null_logits, cfg_coef=cfg_coef, out=out)
     if out is None:
         out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     if logits.stride(1) != 1:  # the kernel reads rows; the reference takes any layout
@@ -169,7 +169,8 @@ def sample_tokens_cuda(
     if null_logits is not None and null_logits.stride(1) != 1:
         null_logits = null_logits.contiguous()
     _ops().sample_tokens(
-        out, logits, null_logits, float(cfg_coef), temperature.float(), int(top_k), seeds.long(), steps.long()
+        out, logits, null_logits, float(cfg_coef), temperature.float(), int(top_k), seeds.long(), steps.long(),
+        int(step_scale), int(step_offset),
     )
     return out
 
@@ -253,7 +254,8 @@ def sync_words(counters, words: int):
     return counters if ok and counters.numel() >= words else None
 
 
-def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, seeds, steps, counters=None) -> dict:
+def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, seeds, steps, counters=None,
+                       step_scale=1, step_offset=0) -> dict:  # fmt: skip
     """Outputs and inputs of one persistent-kernel frame, as both launch routes (the torch op, the tests' CPU
     emulation) pass them: ``tokens`` [B, dep_q] and ``logits`` [dep_q, B, card] to fill, ``dims``, and the sync
     words (:func:`sync_words` of ``counters``)."""
@@ -267,24 +269,26 @@ def depformer_operands(w: DepformerWeights, z, text_token, temperature, top_k, s
         text_token=text_token.long().contiguous(), temperature=temperature.float().contiguous(),
         seeds=seeds.long().contiguous(), steps=steps.long().contiguous(),
         dims=[w.num_heads, hidden, w.card, w.dep_q, len(w.layers), w.in_proj.shape[0], w.text_emb.shape[0],
-              int(top_k)],
+              int(top_k), int(step_scale), int(step_offset)],
         eps=float(w.norm_eps), counters=sync_words(counters, 3 + w.num_heads),
     )
 
 
-def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, counters=None,
-                         blocks=0):  # fmt: skip
+def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, step_scale=1,
+                         step_offset=0, counters=None, blocks=0):  # fmt: skip
     """CUDA twin of :func:`~dsm_kernels.reference.depformer_frame_ref`: the persistent kernel, one cooperative launch
     a frame, for up to ``DEPFORMER_MAX_ROWS`` rows; other frames (:func:`depformer_unsupported`) run
     :func:`~dsm_kernels.depformer.depformer_frame_triton`. ``blocks``: grid size (0 = one block per SM)."""
     if depformer_unsupported(w, z) is not None:
         from .depformer import depformer_frame_triton
 
-        return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
-    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps, counters)
+        return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits,
+                                      step_scale=step_scale, step_offset=step_offset)  # fmt: skip
+    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps, counters, step_scale, step_offset)
+    dims = [*ops["dims"][:8], blocks, *ops["dims"][8:]]  # the binding's order: ..., top_k, blocks, step scale, offset
     _ops().depformer_frame(ops["tokens"], ops["logits"], ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
-                           ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"], [*ops["dims"], blocks],
-                           ops["eps"], ops["counters"])  # fmt: skip
+                           ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"], dims, ops["eps"],
+                           ops["counters"])  # fmt: skip
     return (ops["tokens"], ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else ops["tokens"]
 
 

@@ -306,6 +306,8 @@ def depformer_frame_triton(
     steps: torch.Tensor,
     *,
     return_logits: bool = False,
+    step_scale: int = 1,
+    step_offset: int = 0,
     counters: torch.Tensor | None = None,
     split: int | None = None,
     path: str | None = None,
@@ -354,7 +356,7 @@ def depformer_frame_triton(
     vc = torch.empty_like(kc)
     logits = torch.empty(dq if return_logits else 1, B, card, dtype=dt, device=dev)
     toks = torch.empty(dq, B, dtype=torch.int64, device=dev)
-    step_k = steps.long()[None, :] + torch.arange(dq, device=dev)[:, None]
+    steps = steps.long().contiguous()
     temperature, seeds = temperature.float().contiguous(), seeds.long().contiguous()
 
     def linear(name, xin, wt, out, *, alpha=None, epi=0, scale=None):
@@ -405,10 +407,12 @@ def depformer_frame_triton(
             linear("ffo", hb, lw.linear_out[j], x, epi=1, scale=lw.scale2)
         lg = logits[k if return_logits else 0]
         if use_gemv:  # the head's last program samples: one launch
-            launch_head_sample(x, w.head_norms[k], w.heads[k], lg, cnt, temperature, seeds, step_k[k], toks[k],
-                               top_k=top_k, eps=w.norm_eps, sms=sms, interp=interp, dt=DT, pdl=pdl)
+            launch_head_sample(x, w.head_norms[k], w.heads[k], lg, cnt, temperature, seeds, steps, toks[k],
+                               top_k=top_k, eps=w.norm_eps, sms=sms, interp=interp, dt=DT, pdl=pdl,
+                               step_scale=step_scale, step_offset=step_offset + k)  # fmt: skip
             continue
         linear("head", x, w.heads[k], lg, alpha=w.head_norms[k])
-        sample_tokens_triton(lg, temperature, top_k, seeds, step_k[k], out=toks[k], pdl=pdl)
+        sample_tokens_triton(lg, temperature, top_k, seeds, steps, step_scale=step_scale,
+                             step_offset=step_offset + k, out=toks[k], pdl=pdl)  # fmt: skip
     tokens = toks.t().contiguous()
     return (tokens, logits.permute(1, 0, 2).contiguous()) if return_logits else tokens

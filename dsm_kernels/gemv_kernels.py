@@ -127,10 +127,10 @@ def _gemv_kernel(
         tl.store(optr, _rnd(y, DT).to(DT), mask=om)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step_scale", "step_offset"])  # one compile for every codebook
 def _head_sample_kernel(
     x_ptr, alpha_ptr, w_ptr, logits_ptr, cnt_ptr, temp_ptr, seed_ptr, step_ptr, tok_ptr,
-    B, N, K, eps, top_k,
+    B, N, K, eps, top_k, step_scale, step_offset,
     NORM: tl.constexpr, DT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
     NPROG: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -151,7 +151,7 @@ def _head_sample_kernel(
     if _arrive(cnt_ptr, 0, NPROG):
         for i in tl.static_range(BB):
             _sample_rows(logits_ptr, logits_ptr, temp_ptr, seed_ptr, step_ptr, tok_ptr, i + tl.arange(0, 1), B, N,
-                         top_k, 1.0, N, N, False, BLOCK_V, True)  # fmt: skip
+                         top_k, 1.0, N, N, step_scale, step_offset, False, BLOCK_V, True)  # fmt: skip
 
 
 @triton.jit
@@ -487,9 +487,11 @@ def conv1d_gemv_triton(x, weight, bias=None, stride=1, dilation=1, out=None, elu
 
 
 def launch_head_sample(x, alpha, w, logits, cnt, temperature, seeds, steps, tokens, *, top_k: int, eps: float,
-                       sms: int, interp: bool, dt, pdl: bool = False) -> None:
+                       sms: int, interp: bool, dt, pdl: bool = False, step_scale: int = 1,
+                       step_offset: int = 0) -> None:  # fmt: skip
     """``logits[:B] = RMSNorm(x) * alpha @ w.T`` (``x @ w.T`` without ``alpha``) and ``tokens[:B]`` sampled from
-    them (as :func:`~dsm_kernels.sampling.sample_tokens_triton`) by :func:`_head_sample_kernel`, one launch.
+    them (as :func:`~dsm_kernels.sampling.sample_tokens_triton`, noise counters ``steps * step_scale +
+    step_offset``) by :func:`_head_sample_kernel`, one launch.
     ``cnt``: an int32 counter at 0 (the launch re-arms it); ``logits`` [B, N] contiguous."""
     B, K = x.shape
     N = w.shape[0]
@@ -499,7 +501,7 @@ def launch_head_sample(x, alpha, w, logits, cnt, temperature, seeds, steps, toke
     nprog = triton.cdiv(N, bn)
     _head_sample_kernel[(nprog,)](
         x, x if alpha is None else alpha, w, logits, cnt, temperature, seeds, steps, tokens, B, N, K, eps,
-        int(top_k), NORM=0 if alpha is None else 1, DT=dt, BB=triton.next_power_of_2(B), BN=bn, KP=kp,
-        NPROG=nprog, BLOCK_V=block_v, PDL=pdl,
-        num_warps=max(warps, _sampler_warps(block_v)), launch_pdl=pdl,
+        int(top_k), int(step_scale), int(step_offset),
+        NORM=0 if alpha is None else 1, DT=dt, BB=triton.next_power_of_2(B), BN=bn, KP=kp, NPROG=nprog,
+        BLOCK_V=block_v, PDL=pdl, num_warps=max(warps, _sampler_warps(block_v)), launch_pdl=pdl,
     )  # fmt: skip

@@ -183,13 +183,17 @@ def sample_tokens_ref(
     seeds: torch.Tensor,
     steps: torch.Tensor,
     *,
+    step_scale: int = 1,
+    step_offset: int = 0,
     null_logits: torch.Tensor | None = None,
     cfg_coef: float = 1.0,
 ) -> torch.Tensor:
     """Sample one token per row (moshi's ``sample_token`` with a deterministic noise source).
 
     ``logits``: [B, V]; ``temperature``: [B] fp32 (``<= 0`` means greedy argmax, lowest index on ties);
-    ``top_k``: keep the ``top_k`` largest logits (0 = all); ``seeds``/``steps``: [B] int64 noise counters.
+    ``top_k``: keep the ``top_k`` largest logits (0 = all); ``seeds``/``steps``: [B] int64, row ``b``'s noise
+    counter being ``steps[b] * step_scale + step_offset`` (a generator's frame offsets, and its stream's place among
+    the ``step_scale`` streams of a frame, with no kernel of its own to combine them).
     With ``null_logits`` the logits are first mixed as ``null + (cond - null) * cfg_coef`` (in fp32).
     Sampling draws ``argmax(p / e)`` over the kept tokens with ``e = -log(u)`` ~ Exp(1), which is a draw from the
     (renormalised) softmax of ``logits / temperature`` restricted to the top-k set.
@@ -201,7 +205,7 @@ def sample_tokens_ref(
         x = n + (x - n) * cfg_coef
     B, V = x.shape
     greedy = x.argmax(dim=-1)
-    u = sampling_uniform_ref(seeds, steps, V)
+    u = sampling_uniform_ref(seeds, steps.long() * step_scale + step_offset, V)
     out = torch.empty(B, dtype=torch.int64, device=x.device)
     for b in range(B):
         t = float(temperature[b])
@@ -312,12 +316,15 @@ def depformer_frame_ref(
     steps: torch.Tensor,
     *,
     return_logits: bool = False,
+    step_scale: int = 1,
+    step_offset: int = 0,
     counters: torch.Tensor | None = None,
 ):
     """All ``dep_q`` audio tokens of one frame (DSM-SPEC §3): the plain per-codebook loop.
 
     ``z``: [B, d] temporal output; ``text_token``: [B] (fed at step 0); sampling as :func:`sample_tokens_ref` with
-    ``temperature`` [B], ``top_k``, ``seeds`` [B] and noise counter ``steps + k`` at codebook ``k`` (``steps`` [B]).
+    ``temperature`` [B], ``top_k``, ``seeds`` [B] and noise counter ``steps * step_scale + step_offset + k`` at
+    codebook ``k`` (``steps`` [B]).
     No positional embedding (``depformer_pos_emb: none``), attention over the steps 0..k of this frame.
     Returns tokens [B, dep_q] int64 (and logits [B, dep_q, card] in the model dtype with ``return_logits``).
     ``counters``: the persistent kernel's barrier words (int32 at 0), unused here.
@@ -345,7 +352,8 @@ def depformer_frame_ref(
             x = x + (lw.scale2.to(y) * y if lw.scale2 is not None else y)
         hn = w.head_norms[k]
         logits = F.linear(_dep_rms(x, hn, w.norm_eps, w.norm_f32) if hn is not None else x, w.heads[k])
-        prev = sample_tokens_ref(logits, temperature, top_k, seeds, steps + k)
+        prev = sample_tokens_ref(logits, temperature, top_k, seeds, steps, step_scale=step_scale,
+                                 step_offset=step_offset + k)
         out.append(prev)
         all_logits.append(logits)
     tokens = torch.stack(out, dim=1)

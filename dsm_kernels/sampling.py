@@ -130,11 +130,12 @@ def _kth_largest_key(key, top_k, KEY_SHIFT: tl.constexpr, RADIX: tl.constexpr):
 @triton.jit
 def _sample_rows(
     logits_ptr, null_ptr, temp_ptr, seed_ptr, step_ptr, out_ptr, rows,
-    B, V, top_k, cfg_coef, stride_l, stride_n,
+    B, V, top_k, cfg_coef, stride_l, stride_n, step_scale, step_offset,
     HAS_NULL: tl.constexpr, BLOCK_V: tl.constexpr, CG: tl.constexpr = False,
 ):  # fmt: skip
-    """Sample the ``rows`` ([ROWS] indices; those >= B are skipped) into ``out``. ``CG``: read the logits from L2
-    (written by other programs of the same launch, published by an acq_rel counter)."""
+    """Sample the ``rows`` ([ROWS] indices; those >= B are skipped) into ``out``; row b's noise counter is
+    ``steps[b] * step_scale + step_offset``. ``CG``: read the logits from L2 (written by other programs of the same
+    launch, published by an acq_rel counter)."""
     KEY_SHIFT: tl.constexpr = _key_shift(logits_ptr.dtype.element_ty, HAS_NULL)
     CACHE: tl.constexpr = ".cg" if CG else ""
     cols = tl.arange(0, BLOCK_V)
@@ -166,7 +167,7 @@ def _sample_rows(
     p = e / tl.where(den > 0, den, 1.0)[:, None]  # den == 0 only on padding rows
 
     seed = tl.load(seed_ptr + rows, mask=rmask, other=0).to(tl.uint32)  # low 32 bits, as the reference masks
-    step = tl.load(step_ptr + rows, mask=rmask, other=0).to(tl.uint32)
+    step = (tl.load(step_ptr + rows, mask=rmask, other=0).to(tl.int64) * step_scale + step_offset).to(tl.uint32)
     h = _hash32(_hash32(seed) ^ step)
     r = _hash32(h[:, None] ^ cols[None, :].to(tl.uint32)) >> 8
     u = (r.to(tl.float32) + 0.5) * (1.0 / 16777216.0)
@@ -181,16 +182,16 @@ def _sample_rows(
     tl.store(out_ptr + rows, tok.to(tl.int64), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step_scale", "step_offset"])  # one compile for every stream of a frame
 def _sample_kernel(
     logits_ptr, null_ptr, temp_ptr, seed_ptr, step_ptr, out_ptr,
-    B, V, top_k, cfg_coef, stride_l, stride_n,
+    B, V, top_k, cfg_coef, stride_l, stride_n, step_scale, step_offset,
     HAS_NULL: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     launch_and_wait(PDL)  # the logits come from the kernel before
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     _sample_rows(logits_ptr, null_ptr, temp_ptr, seed_ptr, step_ptr, out_ptr, rows, B, V, top_k, cfg_coef,
-                 stride_l, stride_n, HAS_NULL, BLOCK_V)  # fmt: skip
+                 stride_l, stride_n, step_scale, step_offset, HAS_NULL, BLOCK_V)  # fmt: skip
 
 
 def _rows_per_program(B: int, block_v: int) -> int:
@@ -200,7 +201,8 @@ def _rows_per_program(B: int, block_v: int) -> int:
 
 
 def sample_tokens_triton(
-    logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, out=None, pdl=None
+    logits, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0, null_logits=None, cfg_coef=1.0,
+    out=None, pdl=None,
 ) -> torch.Tensor:
     """Triton twin of :func:`~dsm_kernels.reference.sample_tokens_ref`; ``out`` ([B] int64) may be preallocated;
     ``pdl``: launch as a programmatic dependent of the previous kernel (default :func:`~dsm_kernels.pdl.use_pdl`).
@@ -220,7 +222,7 @@ def sample_tokens_triton(
     pdl = use_pdl(logits.device) if pdl is None else bool(pdl)
     _sample_kernel[(triton.cdiv(B, rows),)](
         logits, nl, temperature, seeds, steps, out,
-        B, V, int(top_k), float(cfg_coef), logits.stride(0), nl.stride(0),
+        B, V, int(top_k), float(cfg_coef), logits.stride(0), nl.stride(0), int(step_scale), int(step_offset),
         HAS_NULL=null_logits is not None, ROWS=rows, BLOCK_V=block_v, PDL=pdl, num_warps=_num_warps(block_v),
         enable_fp_fusion=False,  # keep the reference's rounding: no FMA in the CFG mix
         launch_pdl=pdl,

@@ -97,7 +97,7 @@ def _lib():
     lib.dsm_launch_paged_decode_attention.argtypes = [p, p, p, p, p, p, i32, i32, i32, i32, i32, i32, i32, i32, f32,
                                                       i32, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, p]
     lib.dsm_paged_decode_blocks_per_sm.argtypes = [i32, i32, i32, ctypes.POINTER(i32)]
-    lib.dsm_launch_sample_tokens.argtypes = [p, p, p, i32, i32, i32, i64, i64, f32, p, i32, p, p, p]
+    lib.dsm_launch_sample_tokens.argtypes = [p, p, p, i32, i32, i32, i64, i64, f32, p, i32, p, p, i64, i64, p]
     lib.dsm_launch_depformer_frame.argtypes = [ctypes.POINTER(DepformerArgs), p]
     lib.dsm_launch_decoder_step.argtypes = [ctypes.POINTER(DecoderArgs), p]
     lib.dsm_launch_rvq_encode.argtypes = [ctypes.POINTER(RvqArgs), p]
@@ -118,7 +118,8 @@ class DepformerArgs(ctypes.Structure):
     """``DsmDepformerArgs`` of csrc/dsm_cuda.h."""
 
     _fields_ = [*((n, ctypes.c_int) for n in ("B", "dim", "heads", "hidden", "card", "dep_q", "layers", "d_model",
-                                              "n_in", "text_vocab", "top_k", "dtype", "blocks")),
+                                              "n_in", "text_vocab", "top_k", "dtype", "blocks", "step_scale",
+                                              "step_offset")),
                 ("eps", ctypes.c_float),
                 *((n, ctypes.c_void_p) for n in ("table", "in_proj", "text_emb2", "z", "text_token", "temperature",
                                                  "seeds", "steps", "tokens", "logits", "work", "sync"))]
@@ -196,10 +197,11 @@ def paged_decode_attention_emu(
     return out
 
 
-def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0, out=None):
+def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0, null_logits=None,
+                      cfg_coef=1.0, out=None):  # fmt: skip
     if sample_unsupported(logits) is not None:  # as on a GPU
-        return sample_tokens_triton(logits, temperature, top_k, seeds, steps, null_logits=null_logits,
-                                    cfg_coef=cfg_coef, out=out)  # fmt: skip
+        return sample_tokens_triton(logits, temperature, top_k, seeds, steps, step_scale=step_scale,
+                                    step_offset=step_offset, null_logits=null_logits, cfg_coef=cfg_coef, out=out)
     B, V = logits.shape
     if out is None:
         out = torch.empty(B, dtype=torch.int64)
@@ -211,7 +213,7 @@ def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, null_logits=N
     _ok(_lib().dsm_launch_sample_tokens(
         _ptr(out), _ptr(logits), _ptr(null_logits), _DTYPES[logits.dtype], B, V, logits.stride(0),
         0 if null_logits is None else null_logits.stride(0), float(cfg_coef), _ptr(temperature), int(top_k),
-        _ptr(seeds), _ptr(steps), None,
+        _ptr(seeds), _ptr(steps), int(step_scale), int(step_offset), None,
     ), "sample_tokens")
     return out
 
@@ -338,16 +340,17 @@ def mimi_transformer_emu(w, h, pos, exec_mask, cache, *, tokens, counters=None, 
     _decoder_launch_emu(h, k_pages, v_pages, ops, None, blocks)
 
 
-def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, counters=None,
-                        blocks=3):  # fmt: skip
+def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, return_logits=False, step_scale=1,
+                        step_offset=0, counters=None, blocks=3):  # fmt: skip
     """``cuda_ops.depformer_frame_cuda`` on the emulated persistent kernel; ``blocks``: its grid (the emulation runs
     every block's 512 threads at once, so a few; their count changes every block's share of the rows)."""
     if depformer_unsupported(w, z) is not None:
         from dsm_kernels.depformer import depformer_frame_triton
 
-        return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits)
-    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps, counters)
-    heads, hidden, card, dep_q, layers, n_in, vocab, top_k = ops["dims"]
+        return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits,
+                                      step_scale=step_scale, step_offset=step_offset)  # fmt: skip
+    ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps, counters, step_scale, step_offset)
+    heads, hidden, card, dep_q, layers, n_in, vocab, top_k, step_scale, step_offset = ops["dims"]
     B, dim, dtype = z.shape[0], w.dim, _DTYPES[ops["z"].dtype]
     # poisoned: scratch read before the kernel wrote it is NaN, an output it never wrote stays NaN or -7
     work = _poisoned_work(_lib().dsm_depformer_work_bytes(B, dim, hidden, n_in, layers, dep_q, dtype))
@@ -355,9 +358,10 @@ def depformer_frame_emu(w, z, text_token, temperature, top_k, seeds, steps, *, r
     ops["logits"].fill_(float("nan"))
     sync = _sync(ops["counters"], 3 + heads)  # the grid barrier, the arrival counters
     args = DepformerArgs(B, dim, heads, hidden, card, dep_q, layers, z.shape[1], n_in, vocab, top_k, dtype, blocks,
-                         ops["eps"], *map(_ptr, (ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
-                                                 ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"],
-                                                 ops["tokens"], ops["logits"], work, sync)))  # fmt: skip
+                         step_scale, step_offset, ops["eps"],
+                         *map(_ptr, (ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"], ops["text_token"],
+                                     ops["temperature"], ops["seeds"], ops["steps"], ops["tokens"], ops["logits"],
+                                     work, sync)))  # fmt: skip
     _run_persistent(_lib().dsm_launch_depformer_frame, args, sync, "depformer_frame")
     tokens = ops["tokens"]
     return (tokens, ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else tokens

@@ -341,6 +341,24 @@ def test_persistent_output_does_not_depend_on_the_grid(backend, monkeypatch):
             assert torch.equal(tok_b, tok) and torch.equal(lg_b, lg), smem
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", *PERSISTENT])
+def test_step_scale_and_offset_make_the_counters(backend):
+    """Codebook k's noise counters are ``steps * step_scale + step_offset + k``: the same frame as with the counters
+    computed beforehand (as the generator passes its frame offsets and the depth transformer's first stream)."""
+    dev = persistent_device(backend)
+    w = make_weights(schedule=(0, 1, 2, 3), layers=1, heads=2, seed=8, device=dev)
+    args = inputs(w, 2, temp=0.8, device=dev)
+
+    def frame(steps, **kw):
+        a = dict(args, steps=steps, **kw)
+        if backend in ("reference", "triton"):
+            return dsm_kernels.depformer_frame(w, **a, backend=backend)
+        return run_persistent(backend, w, a, 2)[0]
+
+    got = frame(args["steps"], step_scale=33, step_offset=1)
+    assert torch.equal(got, frame(args["steps"] * 33 + 1)) and not torch.equal(got, frame(args["steps"]))
+
+
 @pytest.mark.parametrize("backend", PERSISTENT)
 def test_persistent_takes_what_it_can_and_hands_the_rest_to_triton(backend):
     """Past 4 rows, or with rows that are not 16-byte multiples, the frame runs the Triton kernels (same results)."""

@@ -85,6 +85,19 @@ def test_same_seed_and_step_same_tokens(backend):
     assert not torch.equal(a, c), "the step counter must change the noise"
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_step_scale_and_offset_make_the_counter(backend):
+    """Row b's noise counter is ``steps[b] * step_scale + step_offset`` (a generator passes its frame offsets and
+    its stream's place): the same tokens as the counters computed beforehand, and not those of ``steps`` alone."""
+    device = kernel_device(backend)
+    logits, _, temp, seeds, steps = _inputs(17, 2049, device)
+    fn = resolve("sample_tokens", backend, device)
+    got = fn(logits, temp * 4, 0, seeds, steps, step_scale=33, step_offset=5).cpu()
+    want = fn(logits, temp * 4, 0, seeds, steps * 33 + 5).cpu()
+    plain = fn(logits, temp * 4, 0, seeds, steps).cpu()
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("V", [2049, 4000, 8001])
 @pytest.mark.parametrize("top_k", [0, 1, 50, 250])
