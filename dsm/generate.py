@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import dsm_kernels
 
@@ -268,8 +267,7 @@ class Generator:
         w = self._extra_weight
         if w is None:
             return None
-        heads = len(self.model.extra_heads)
-        return torch.softmax(F.linear(z, w).view(z.shape[0], heads, -1), -1, dtype=torch.float32)[..., 0]  # 2 kernels
+        return dsm_kernels.head_probs(z, w, len(self.model.extra_heads), backend=self.backend)  # one kernel
 
     def check_hook_tokens(self, tokens: torch.Tensor, hook: str) -> None:
         """:func:`check_token_range` of what a hook left, on the device too (one small reduction and a host sync,

@@ -108,6 +108,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:silu_mul_ref",
         "triton": "dsm_kernels.fused:silu_mul_triton",
     },
+    "head_probs": {
+        "reference": "dsm_kernels.reference:head_probs_ref",
+        "triton": "dsm_kernels.fused:head_probs_triton",
+    },
     "frame_inputs": {
         "reference": "dsm_kernels.reference:frame_inputs_ref",
         "triton": "dsm_kernels.frame:frame_inputs_triton",
@@ -361,6 +365,12 @@ def conv_transpose1d_igemm(x, weight, bias=None, stride=1, *, phase_weight=None,
                                                                 elu=elu, out=out)  # fmt: skip
 
 
+def head_probs(x, weight, heads, *, backend=None):
+    """See :func:`dsm_kernels.reference.head_probs_ref` (class-0 probabilities of stacked classifier heads)."""
+    checks.head_probs(x, weight, heads)
+    return resolve("head_probs", backend, x.device)(x, weight, heads)
+
+
 def silu_mul(h, *, backend=None):
     """See :func:`dsm_kernels.reference.silu_mul_ref`."""
     checks.silu_mul(h)
@@ -494,6 +504,7 @@ __all__ = [
     "conv_igemm_enabled",
     "conv_transpose1d_igemm",
     "conv_gemv_max_columns",
+    "counter_words",
     "add_rms_norm",
     "append_kv",
     "available_backends",
@@ -518,6 +529,7 @@ __all__ = [
     "multistream_embed",
     "op_backends",
     "op_names",
+    "head_probs",
     "paged_decode_attention",
     "qkv_rope_gemv",
     "reference",

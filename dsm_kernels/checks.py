@@ -413,6 +413,17 @@ def mimi_residual_out(y, weight, bias, x) -> None:
     fp32(op, y=y, weight=weight, bias=bias, x=x)
 
 
+def head_probs(x, weight, heads: int) -> None:
+    op = "head_probs"
+    shape(op, "x", x, (None, None))
+    shape(op, "weight", weight, (None, x.shape[1]))
+    if heads < 1 or weight.shape[0] % heads:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}: {weight.shape[0]} rows do not split into "
+                         f"{heads} heads")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"{op}: weight {weight.dtype} must match x {x.dtype}")
+
+
 def silu_mul(h) -> None:
     shape("silu_mul", "h", h, (None, None))
     if h.shape[1] % 2:

@@ -1,6 +1,6 @@
 """Triton kernels for the elementwise glue of one temporal decode step (twins of the ``*_ref`` ops in
 ``dsm_kernels.reference``): residual add + fp32 RMSNorm, interleaved RoPE of q and k with k and v written straight into
-the paged cache, and the SiLU gate.
+the paged cache, the SiLU gate, and the classifier heads' probabilities (stt-1b's semantic VAD).
 
 At batch 1 a decode step is launch-bound: the unfused glue costs ~50 small kernels per layer (the norm alone is 8,
 RoPE ~30), each ~3 us even inside a CUDA graph, against ~0.7 ms for streaming the 1B model's weights once. These
@@ -136,6 +136,46 @@ def _silu_mul_kernel(h_ptr, o_ptr, F, BLOCK: tl.constexpr):
     g = tl.load(h_ptr + b * 2 * F + F + j, mask=mask, other=0.0).to(tl.float32)
     act = (a / (1.0 + tl.exp(-a))).to(o_ptr.dtype.element_ty).to(tl.float32)  # rounded like F.silu's output
     tl.store(o_ptr + b * F + j, (act * g).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head_probs_kernel(x_ptr, w_ptr, out_ptr, D, C, HEADS, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_D: tl.constexpr):  # fmt: skip
+    """Grid (B,): row b's logits of every head ([BLOCK_H, BLOCK_C] tile, head h's class c at weight row h C + c),
+    fp32 dots rounded to x's dtype, then each head's softmax in fp32 and its class-0 probability."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None, None]
+    c = tl.arange(0, BLOCK_C)[None, :, None]
+    rmask = (h < HEADS) & (c < C)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + b * D + d, mask=d < D, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + (h * C + c) * D + d[None, None, :], mask=rmask & (d < D)[None, None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, None, :], axis=2)
+    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # F.linear's output dtype
+    cls = tl.arange(0, BLOCK_C)[None, :]
+    logits = tl.where(cls < C, logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p0 = tl.sum(tl.where(cls == 0, e, 0.0), axis=1) / tl.sum(e, axis=1)
+    hh = tl.arange(0, BLOCK_H)
+    tl.store(out_ptr + b * HEADS + hh, p0, mask=hh < HEADS)
+
+
+def head_probs_triton(x, weight, heads, out=None):
+    """Triton twin of :func:`~dsm_kernels.reference.head_probs_ref`: one launch (the linear layer and the softmax in
+    one program per row), where the module path takes a GEMM and a softmax."""
+    B, D = x.shape
+    C = weight.shape[0] // heads
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(B, heads, dtype=torch.float32, device=x.device) if out is None else out
+    if B == 0:
+        return out
+    block_h, block_c = triton.next_power_of_2(heads), triton.next_power_of_2(C)
+    block_d = max(16, min(triton.next_power_of_2(D), 4096 // (block_h * block_c)))
+    _head_probs_kernel[(B,)](x, weight, out, D, C, heads, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_D=block_d,
+                             num_warps=4)  # fmt: skip
+    return out
 
 
 def silu_mul_triton(h, out=None):

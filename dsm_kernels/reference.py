@@ -530,6 +530,14 @@ def silu_mul_ref(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     return y if out is None else out.copy_(y)
 
 
+def head_probs_ref(x: torch.Tensor, weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The probability of class 0 of ``heads`` classifier heads stacked in ``weight`` [heads * C, d] (head h: rows
+    ``h * C .. h * C + C - 1``), for rows ``x`` [B, d]: the heads as one linear layer in ``x``'s dtype (logits rounded
+    to it, as ``F.linear``), each head's softmax in fp32 (as moshi-server computes stt-1b's semantic VAD).
+    Returns [B, heads] fp32."""
+    return torch.softmax(F.linear(x, weight).view(x.shape[0], heads, -1), -1, dtype=torch.float32)[..., 0]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Mimi residual vector quantizer (DSM-SPEC §7.6), fp32. Kernels: dsm_kernels.mimi_kernels.
 

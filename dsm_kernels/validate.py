@@ -227,6 +227,20 @@ def _silu_mul_rows(backend, device, quick):
     return rows
 
 
+def _head_probs_rows(backend, device, quick):
+    rows = []
+    g = torch.Generator().manual_seed(17)
+    for B in (1,) if quick else (1, 4, 64):  # stt-1b's semantic VAD: 4 heads of 6 classes over d = 2048
+        x = torch.randn(B, 2048, generator=g).bfloat16()
+        w = (torch.randn(24, 2048, generator=g) * 3 * 2048**-0.5).bfloat16()
+        out = poison_(torch.empty(B, 4, dtype=torch.float32, device=device))
+        got = resolve("head_probs", backend, device)(x.to(device), w.to(device), 4, out=out).cpu()
+        exact = torch.softmax(torch.nn.functional.linear(x.double(), w.double()).view(B, 4, 6), -1)[..., 0]
+        rows.append(_bounded("head_probs", backend, f"B{B} 4x6 d2048 bf16", got, reference.head_probs_ref(x, w, 4),
+                             exact))  # fmt: skip
+    return rows
+
+
 def _frame_rows(backend, device, quick):
     """The delayed-stream bookkeeping of a step: an STT-like ring (33 streams, delay 6) and a TTS-like one (33
     generated streams, delay 2), exact, including the cache and offsets they update in place."""
@@ -606,6 +620,7 @@ _CHECKS = {
     ("add_rms_norm",): _add_rms_norm_rows,
     ("rope_append_kv",): _rope_append_kv_rows,
     ("silu_mul",): _silu_mul_rows,
+    ("head_probs",): _head_probs_rows,
     ("frame_inputs", "frame_commit"): _frame_rows,
     ("kv_slots", "mimi_rows"): _kv_slots_rows,
     ("gemv",): _gemv_rows,
