@@ -22,8 +22,6 @@ def pages_per_slot(context: int, page_size: int) -> int:
     return -(-context // page_size)
 
 
-
-
 @dataclass
 class PagedKVCache:
     k: torch.Tensor  # [L, num_pages, page_size, H, D]
