@@ -180,7 +180,8 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_table, seq_lens, *, 
     return torch.where((seq_lens > 0)[:, None, None], out, torch.zeros_like(out))
 
 
-def sample_tokens_torch(logits, temperature, top_k, seeds, steps, *, null_logits=None, cfg_coef=1.0):
+def sample_tokens_torch(logits, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0, null_logits=None,
+                        cfg_coef=1.0):  # fmt: skip
     """Row-vectorised :func:`~dsm_kernels.reference.sample_tokens_ref` (topk threshold, exp race)."""
     x = logits.float()
     if null_logits is not None:
@@ -194,7 +195,7 @@ def sample_tokens_torch(logits, temperature, top_k, seeds, steps, *, null_logits
         keep = x >= x.topk(top_k, dim=-1).values[:, -1:]
     else:
         keep = torch.ones_like(x, dtype=torch.bool)
-    u = reference.sampling_uniform_ref(seeds, steps, V)
+    u = reference.sampling_uniform_ref(seeds, steps.long() * step_scale + step_offset, V)
     score = torch.where(keep, p / -torch.log(u), -1.0)
     return torch.where(t > 0, score.argmax(-1), greedy)
 

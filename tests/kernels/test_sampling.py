@@ -96,6 +96,8 @@ def test_step_scale_and_offset_make_the_counter(backend):
     want = fn(logits, temp * 4, 0, seeds, steps * 33 + 5).cpu()
     plain = fn(logits, temp * 4, 0, seeds, steps).cpu()
     assert torch.equal(got, want) and not torch.equal(got, plain)
+    if backend == "reference":  # and the vectorised torch twin (the benchmarks' baseline) agrees
+        assert torch.equal(sample_tokens_torch(logits, temp * 4, 0, seeds, steps, step_scale=33, step_offset=5), got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
