@@ -101,7 +101,8 @@ T=("$PY" -m pytest -q -rf -p no:cacheprovider -m gpu)
 # correctness first: every backend against its reference, then the GPU tests (CUDA graphs vs eager included);
 # the image has pytest-xdist: Triton compiles are CPU-bound, so the kernel tests run 8-wide
 step validate 90 20 "$PY" -m dsm.cli validate-kernels
-step tests_quick 60 20 "${T[@]}" -n 8 tests/kernels/test_fused.py tests/kernels/test_depformer.py tests/kernels/test_decoder.py
+step tests_quick 60 20 "${T[@]}" -n 8 tests/kernels/test_fused.py tests/kernels/test_depformer.py tests/kernels/test_decoder.py \
+  tests/kernels/test_persistent_sync.py
 # the GEMV op tests and the model-vs-reference token tests run on the GPU whenever CUDA exists (not gpu-marked)
 # (not the cases that emulate the CUDA kernels on the CPU: CPU CI runs those)
 step tests_gemv 60 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 -k "not cuda_emu and not emulated" \
