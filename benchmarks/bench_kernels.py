@@ -214,6 +214,17 @@ def rvq_case(B, device):
     return args, {"counters": counters}, books.numel() * 4, rvq_encode_ref
 
 
+def vad_case(B, device):
+    """stt-1b's semantic-VAD heads (4 heads of 6 classes over d = 2048, bf16) on ``B`` rows: bytes = the heads'
+    weights and the rows read once; the torch baseline is the reference (a GEMM and an fp32 softmax)."""
+    from dsm_kernels.reference import head_probs_ref
+
+    g = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(B, 2048, device=device, generator=g).bfloat16()
+    w = (torch.randn(24, 2048, device=device, generator=g) * 2048**-0.5).bfloat16()
+    return (z, w, 4), {}, (w.numel() + z.numel()) * 2, head_probs_ref
+
+
 def grid_providers(fn, grids: list[int], name: str = "cuda") -> dict:
     """A persistent kernel at other grid sizes than its default (one block per SM): providers ``cuda:g66``, ... (the
     grid a planner should pick, by measurement)."""
@@ -253,6 +264,8 @@ KERNELS = {
                lambda B, dev, args: [(n, *conv_case(n, B, dev, transposed=True)) for n in CONVTR_SHAPES]),
     # Mimi's residual-VQ encode: 32 dependent levels (one cooperative launch on CUDA at 1..4 rows, else one a level)
     "rvq": ("rvq_encode", None, lambda B, dev, args: [("mimi", *rvq_case(B, dev))]),
+    # stt-1b's semantic VAD: one kernel against a GEMM and a softmax
+    "vad": ("head_probs", None, lambda B, dev, args: [("stt-1b", *vad_case(B, dev))]),
 }
 
 
