@@ -341,7 +341,7 @@ def test_persistent_output_does_not_depend_on_the_grid(backend, monkeypatch):
             assert torch.equal(tok_b, tok) and torch.equal(lg_b, lg), smem
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", *PERSISTENT])
+@pytest.mark.parametrize("backend", ["reference", "triton", "triton-splitk", *PERSISTENT])
 def test_step_scale_and_offset_make_the_counters(backend):
     """Codebook k's noise counters are ``steps * step_scale + step_offset + k``: the same frame as with the counters
     computed beforehand (as the generator passes its frame offsets and the depth transformer's first stream)."""
@@ -351,6 +351,8 @@ def test_step_scale_and_offset_make_the_counters(backend):
 
     def frame(steps, **kw):
         a = dict(args, steps=steps, **kw)
+        if backend == "triton-splitk":  # the path above GEMV_MAX_B rows: split-K GEMMs, then the sampler
+            return run_triton(w, a, path="splitk")[0]
         if backend in ("reference", "triton"):
             return dsm_kernels.depformer_frame(w, **a, backend=backend)
         return run_persistent(backend, w, a, 2)[0]
