@@ -220,16 +220,15 @@ class STTStepper:
         """One LM step on one frame of codes ``[B, n_q]`` (shifted by a frame here for the Rust alignment)."""
         rows = active.nonzero()[:, 0].tolist() if self.engine is not None else None  # on the host: no device sync
         active = active.to(self.device)
-        if self.alignment == "rust":  # step t sees frame t-1 (the initial token at t = 0)
-            inp = self.prev_codes.clone()
-            self.prev_codes.copy_(torch.where(active[:, None], codes, self.prev_codes))
-        else:
-            inp = codes
+        rust = self.alignment == "rust"  # step t sees frame t-1 (the initial token at t = 0)
+        inp = self.prev_codes if rust else codes
         if self.engine is not None:
             out = self.engine.step(inp, active=rows, on_text=self.on_text)
         else:
             self.gen_state.exec_mask.copy_(active)
             out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
+        if rust:  # this frame's codes wait for the next step; the step above has read (in stream order) the last ones
+            torch.where(active[:, None], codes, self.prev_codes, out=self.prev_codes)
         # the VAD heads' P(class 0) [rows, heads], computed in the step (Generator.extra_probs)
         probs = out.extra_probs.cpu() if self.has_vad else None
         return out.text_token.tolist(), probs  # rows [0, n) with n >= 1 + the highest active slot
