@@ -177,6 +177,7 @@ class STTStepper:
         self.n_q = lm.cfg.n_q
         self.prev_codes = torch.full((slots, self.n_q), lm.cfg.card, dtype=torch.long, device=self.device)
         self.has_vad = len(lm.extra_heads) > 0
+        self._active: tuple[torch.Tensor, torch.Tensor] | None = None  # the last host mask and its device copy
 
     def open(self) -> int:
         """Reset the lowest free slot and return it (:class:`NoFreeSlotError` if none)."""
@@ -207,9 +208,19 @@ class STTStepper:
     @torch.no_grad()
     def encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Mimi codes of ``k`` frames for the active rows: pcm ``[B, k * 1920]`` -> ``[B, n_q, k]``."""
-        self.mimi_state.set_exec_mask(active.to(self.mimi.device))
+        self.mimi_state.set_exec_mask(self._on_device(active, self.mimi.device))
         codes = self._encode_step(pcm.to(self.mimi.device)[:, None])
         return codes[:, : self.n_q].to(self.device)
+
+    def _on_device(self, active: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The host mask ``active`` on ``device``, copied only when it changed: a copy from pageable host memory
+        waits for the stream, and between the Mimi graph and the LM step that wait would keep the host from queuing
+        the step while Mimi runs."""
+        if active.device.type != "cpu" or torch.device(device) != self.device:
+            return active.to(device)
+        if self._active is None or not torch.equal(self._active[0], active):
+            self._active = (active.clone(), active.to(device, copy=True))  # never the caller's tensor
+        return self._active[1]
 
     def step(self, pcm: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """One frame: :meth:`encode` then :meth:`lm_step`."""
@@ -219,7 +230,7 @@ class STTStepper:
     def lm_step(self, codes: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """One LM step on one frame of codes ``[B, n_q]`` (shifted by a frame here for the Rust alignment)."""
         rows = active.nonzero()[:, 0].tolist() if self.engine is not None else None  # on the host: no device sync
-        active = active.to(self.device)
+        active = self._on_device(active, self.device)
         rust = self.alignment == "rust"  # step t sees frame t-1 (the initial token at t = 0)
         inp = self.prev_codes if rust else codes
         if self.engine is not None:
