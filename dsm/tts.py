@@ -787,8 +787,9 @@ class TTSRuntime:
             off = self.stepper.offsets[:, None]
             audio.masked_fill_((off < self._audio_start[None]) | self._missing[None], ZERO)
 
-        frames = self.stepper.step(active.to(self.device), text_only, on_text_logits if bonus else None, on_text,
-                                   on_audio).cpu()
+        on_device = self.stepper.step(active.to(self.device), text_only, on_text_logits if bonus else None, on_text,
+                                      on_audio)  # fmt: skip
+        frames = on_device.cpu()
         decode = []
         max_delay = self.model.cfg.max_delay
         frame_rows = frames.unbind(0)  # one call for every row's view (256 indexings cost ~0.3 ms on the host)
@@ -799,7 +800,8 @@ class TTSRuntime:
                 s.frames.append(frame_rows[b])
                 if len(s.frames) > self.delay_steps:
                     decode.append(b)
-        errors = self._decode(decode, frames) if decode and self.mimi is not None else []
+        # Mimi takes the codes from the device copy: no host-to-device copy (a synchronous one, from pageable memory)
+        errors = self._decode(decode, on_device) if decode and self.mimi is not None else []
         for b in rows:
             s = self.slots[b]
             if s is None:  # cancelled by a callback during this step
