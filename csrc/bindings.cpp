@@ -239,8 +239,8 @@ std::pair<at::Tensor, at::Tensor> persistent_scratch(Args& a, const at::Tensor& 
 }
 
 // The persistent depth-transformer frame (csrc/depformer.cu). dims: heads, hidden, card, dep_q, layers, n_in,
-// text_vocab, top_k, blocks (0: one per SM), step_scale, step_offset (codebook k's noise counter: steps * step_scale
-// + step_offset + k). The weights are reached through `table` (dsm_kernels.cuda_ops builds it from tensors it
+// text_vocab, top_k, step_scale, step_offset (codebook k's noise counter: steps * step_scale + step_offset + k),
+// blocks (0: one per SM). The weights are reached through `table` (dsm_kernels.cuda_ops builds it from tensors it
 // checked); the tensors here are checked for shape, dtype and device.
 void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& table, const at::Tensor& in_proj,
                      const std::optional<at::Tensor>& text_emb2, const at::Tensor& z, const at::Tensor& text_token,
@@ -289,9 +289,9 @@ void depformer_frame(at::Tensor& tokens, at::Tensor& logits, const at::Tensor& t
   a.n_in = static_cast<int>(n_in);
   a.text_vocab = static_cast<int>(dims[6]);
   a.top_k = static_cast<int>(dims[7]);
-  a.blocks = static_cast<int>(dims[8]);
-  a.step_scale = static_cast<int>(dims[9]);
-  a.step_offset = static_cast<int>(dims[10]);
+  a.step_scale = static_cast<int>(dims[8]);
+  a.step_offset = static_cast<int>(dims[9]);
+  a.blocks = static_cast<int>(dims[10]);
   a.dtype = dsm_dtype(z);
   a.eps = static_cast<float>(eps);
   // barrier + arrival counters

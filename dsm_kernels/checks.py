@@ -47,7 +47,7 @@ def fp32(op: str, **tensors) -> None:
             raise ValueError(f"{op}: {name} must be torch.float32, got {t.dtype}")
 
 
-def counters(op: str, c: torch.Tensor | None) -> None:
+def counter_tensor(op: str, c: torch.Tensor | None) -> None:
     """Counter words the kernels keep at 0 between launches: flat, contiguous int32 (their size is the op's to judge:
     one too small for a launch is not used)."""
     if c is not None and (c.dim() != 1 or c.dtype != torch.int32 or not c.is_contiguous()):
@@ -248,18 +248,18 @@ def conv_transpose1d_igemm(x, weight, bias, stride, out) -> None:
         shape(op, "out", out, (B, N, (T - 1) * stride + K))
 
 
-def depformer_frame(w, z, text_token, temperature, seeds, steps, counters_=None) -> None:
+def depformer_frame(w, z, text_token, temperature, seeds, steps, counters=None) -> None:
     op = "depformer_frame"
-    counters(op, counters_)
+    counter_tensor(op, counters)
     shape(op, "z", z, (None, w.in_proj.shape[2]))
     B = z.shape[0]
     for name, t in (("text_token", text_token), ("temperature", temperature), ("seeds", seeds), ("steps", steps)):
         shape(op, name, t, (B,))
 
 
-def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, counters_=None) -> None:
+def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, counters=None) -> None:
     op = "decoder_step"
-    counters(op, counters_)
+    counter_tensor(op, counters)
     shape(op, "x", x, (None, w.dim))
     B = x.shape[0]
     for name, t in (("positions", positions), ("slot", slot), ("seq_lens", seq_lens)):
@@ -279,9 +279,9 @@ def mimi_rows(pos, exec_mask, tokens: int, capacity: int) -> None:
         raise ValueError(f"{op}: tokens must be in [1, capacity = {capacity}], got {tokens}")
 
 
-def mimi_transformer(w, h, pos, exec_mask, cache, tokens: int, counters_=None) -> None:
+def mimi_transformer(w, h, pos, exec_mask, cache, tokens: int, counters=None) -> None:
     op = "mimi_transformer"
-    counters(op, counters_)
+    counter_tensor(op, counters)
     shape(op, "pos", pos, (None,))
     B = pos.shape[0]
     if tokens < 1:
@@ -293,9 +293,9 @@ def mimi_transformer(w, h, pos, exec_mask, cache, tokens: int, counters_=None) -
         raise ValueError(f"{op}: a ring of {cache.shape[4]} slots cannot take {tokens} new tokens a step")
 
 
-def rvq_encode(x, codebooks_aug, group_levels, level_ranges, out, counters_=None) -> None:
+def rvq_encode(x, codebooks_aug, group_levels, level_ranges, out, counters=None) -> None:
     op = "rvq_encode"
-    counters(op, counters_)
+    counter_tensor(op, counters)
     shape(op, "x", x, (None, None, None))
     shape(op, "codebooks_aug", codebooks_aug, (None, None, None))
     B, GD, T = x.shape

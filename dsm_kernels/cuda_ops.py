@@ -285,10 +285,9 @@ def depformer_frame_cuda(w, z, text_token, temperature, top_k, seeds, steps, *, 
         return depformer_frame_triton(w, z, text_token, temperature, top_k, seeds, steps, return_logits=return_logits,
                                       step_scale=step_scale, step_offset=step_offset)  # fmt: skip
     ops = depformer_operands(w, z, text_token, temperature, top_k, seeds, steps, counters, step_scale, step_offset)
-    dims = [*ops["dims"][:8], blocks, *ops["dims"][8:]]  # the binding's order: ..., top_k, blocks, step scale, offset
     _ops().depformer_frame(ops["tokens"], ops["logits"], ops["table"], ops["in_proj"], ops["text_emb2"], ops["z"],
-                           ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"], dims, ops["eps"],
-                           ops["counters"])  # fmt: skip
+                           ops["text_token"], ops["temperature"], ops["seeds"], ops["steps"], [*ops["dims"], blocks],
+                           ops["eps"], ops["counters"])  # fmt: skip
     return (ops["tokens"], ops["logits"].permute(1, 0, 2).contiguous()) if return_logits else ops["tokens"]
 
 
