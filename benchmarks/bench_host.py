@@ -44,14 +44,15 @@ def stt_host_ms(files, n: int, steps: int) -> float:
     heads = len(rt.stepper.lm.extra_heads)
     g = torch.Generator().manual_seed(0)
 
-    def lm_step(codes, active):
-        r = torch.rand(n, generator=g)
-        tok = torch.where(r < 0.85, 3, torch.where(r < 0.92, 0, torch.randint(4, 50, (n,), generator=g)))
-        return tok.tolist(), torch.rand(n, heads) if heads else None
+    def lm_steps(codes, active, on_frame):
+        for i in range(codes.shape[-1]):
+            r = torch.rand(n, generator=g)
+            tok = torch.where(r < 0.85, 3, torch.where(r < 0.92, 0, torch.randint(4, 50, (n,), generator=g)))
+            on_frame(i, tok.tolist(), torch.rand(n, heads) if heads else None)
 
     rt.stepper.encode = lambda pcm, active: torch.zeros(n, rt.stepper.n_q, pcm.shape[1] // FRAME_SIZE,
                                                         dtype=torch.long)
-    rt.stepper.lm_step = lm_step
+    rt.stepper.lm_steps = lm_steps
     streams = [rt.open_stream() for _ in range(n)]
     for s in streams:
         s.push(np.zeros(FRAME_SIZE * (steps + 5), dtype=np.float32), process=False)

@@ -385,12 +385,14 @@ class Engine:
              on_text_logits: Callable[[torch.Tensor], None] | None = None,
              on_text: Callable[[torch.Tensor], None] | None = None,
              depformer_replace_tokens: torch.Tensor | None = None,
-             on_audio: Callable[[torch.Tensor], None] | None = None) -> StepOutput | None:
+             on_audio: Callable[[torch.Tensor], None] | None = None,
+             check_hooks: bool = True) -> StepOutput | None:
         """One frame for the ``active`` slots (default: every open slot); other open slots are frozen.
 
         ``inputs``: [max_slots or bucket, n_in] input-stream tokens (audio codes for STT), rows by slot. Returns the
         step output for rows ``[0, bucket)`` (rows of inactive slots hold ``-2`` tokens), or None if no slot runs.
-        Hooks see rows ``[0, bucket)`` and edit their tensor in place.
+        Hooks see rows ``[0, bucket)`` and edit their tensor in place; ``check_hooks`` as
+        :meth:`dsm.generate.Generator.step`.
         """
         active = sorted(self.slots) if active is None else sorted(set(active))  # a repeat would count twice
         unknown = [s for s in active if s not in self.slots]
@@ -433,7 +435,8 @@ class Engine:
         inp = self._inputs[:bucket] if self._inputs.shape[1] else None
         self._in_step = True
         try:
-            out = self._run(view, bucket, inp, on_text_logits, on_text, depformer_replace_tokens, on_audio)
+            out = self._run(view, bucket, inp, on_text_logits, on_text, depformer_replace_tokens, on_audio,
+                            check_hooks)
         except BaseException:
             # A hook raised before the commit: the frame was not committed, but the forward pass appended K/V and
             # advanced the KV positions. Putting the positions back makes the step never have happened (the next
@@ -448,11 +451,11 @@ class Engine:
             self.slots[slot].position += 1
         return out
 
-    def _run(self, view, bucket, inp, on_text_logits, on_text, replace, on_audio) -> StepOutput:
+    def _run(self, view, bucket, inp, on_text_logits, on_text, replace, on_audio, check_hooks) -> StepOutput:
         gen, dq = self.gen, self.model.cfg.dep_q
         if not self.cuda_graphs:
             return gen.step(view, inp, on_text_logits=on_text_logits, on_text=on_text,
-                            depformer_replace_tokens=replace, on_audio=on_audio)
+                            depformer_replace_tokens=replace, on_audio=on_audio, check_hooks=check_hooks)
         if on_text_logits is None and on_text is None and replace is None and on_audio is None:
             # no host work between the phases: the whole step is one graph (one launch, no buffers between phases)
             return StepOutput(*self._graph(bucket, "step", lambda: _whole_step(gen, view, inp)).replay())
@@ -468,7 +471,8 @@ class Engine:
             text_token = self._graph(bucket, "sample", lambda: gen.sample_text(view, logits_in)).replay()
         if on_text is not None:
             on_text(text_token)
-            gen.check_hook_tokens(text_token, "on_text")
+            if check_hooks:
+                gen.check_hook_tokens(text_token, "on_text")
         token_in = self._static(bucket, "text_token", text_token)
         audio = None
         if dq:
@@ -479,7 +483,8 @@ class Engine:
                 audio = self._graph(bucket, "depth", lambda: gen.depformer(view, token_in, z_in)).replay()
             if on_audio is not None:
                 on_audio(audio)
-                gen.check_hook_tokens(audio, "on_audio")
+                if check_hooks:
+                    gen.check_hook_tokens(audio, "on_audio")
         if audio is None:
             tokens = self._graph(bucket, "commit", lambda: gen.commit(view, token_in, None)).replay()
         else:

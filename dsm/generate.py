@@ -228,13 +228,16 @@ class Generator:
              depformer_replace_tokens: torch.Tensor | None = None,
              on_text_logits: Callable[[torch.Tensor], None] | None = None,
              on_text: Callable[[torch.Tensor], None] | None = None,
-             on_audio: Callable[[torch.Tensor], None] | None = None) -> StepOutput:
+             on_audio: Callable[[torch.Tensor], None] | None = None,
+             check_hooks: bool = True) -> StepOutput:
         """One frame for every slot. ``input_tokens``: [B, n_in] (or [B, n_in, 1]) tokens of the input-only
         streams (the audio codes for STT). ``tokens`` of the output is None while ``offset_cpu <= max_delay``
         (synchronous mode), as moshi returns nothing then.
 
         The step is three device-only phases (:meth:`forward`, :meth:`depformer`, :meth:`commit`, each capturable in
-        a CUDA graph) with the host hooks between them."""
+        a CUDA graph) with the host hooks between them. ``check_hooks``: range-check what the hooks wrote
+        (:meth:`check_hook_tokens`, a host wait for the device each); a caller whose hooks write only ids it knows
+        valid (the TTS runtime's state machine) turns it off."""
         B, dq = state.batch_size, self.model.cfg.dep_q
         z, text_logits = self.forward(state, self.check_inputs(state, input_tokens))
         extra = self.extra_probs(z[:B])
@@ -244,7 +247,8 @@ class Generator:
         text_token = self.sample_text(state, text_logits)
         if on_text is not None:
             on_text(text_token)
-            self.check_hook_tokens(text_token, "on_text")
+            if check_hooks:
+                self.check_hook_tokens(text_token, "on_text")
         audio = None
         if dq:
             if depformer_replace_tokens is not None:
@@ -253,7 +257,8 @@ class Generator:
                 audio = self.depformer(state, text_token, z)
             if on_audio is not None:
                 on_audio(audio)
-                self.check_hook_tokens(audio, "on_audio")
+                if check_hooks:
+                    self.check_hook_tokens(audio, "on_audio")
         tokens = self.commit(state, text_token, audio)
         state.offset_cpu += 1
         if not self.support_out_of_sync and state.offset_cpu <= self.max_delay:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
+from .host_copies import HostReads, to_device
 from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .mimi_graph import GraphedMimiStep
 from .transcript import (
@@ -209,40 +210,70 @@ class STTStepper:
     def encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Mimi codes of ``k`` frames for the active rows: pcm ``[B, k * 1920]`` -> ``[B, n_q, k]``."""
         self.mimi_state.set_exec_mask(self._on_device(active, self.mimi.device))
-        codes = self._encode_step(pcm.to(self.mimi.device)[:, None])
+        codes = self._encode_step(to_device(pcm, self.mimi.device)[:, None])
         return codes[:, : self.n_q].to(self.device)
 
     def _on_device(self, active: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The host mask ``active`` on ``device``, copied only when it changed: a copy from pageable host memory
-        waits for the stream, and between the Mimi graph and the LM step that wait would keep the host from queuing
-        the step while Mimi runs."""
+        """The host mask ``active`` on ``device``, copied (without waiting for the device) only when it changed."""
         if active.device.type != "cpu" or torch.device(device) != self.device:
-            return active.to(device)
+            return to_device(active, device) if active.device.type == "cpu" else active.to(device)
         if self._active is None or not torch.equal(self._active[0], active):
-            self._active = (active.clone(), active.to(device, copy=True))  # never the caller's tensor
+            self._active = (active.clone(), to_device(active, device))  # never the caller's tensor
         return self._active[1]
 
     def step(self, pcm: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """One frame: :meth:`encode` then :meth:`lm_step`."""
         return self.lm_step(self.encode(pcm, active)[..., 0], active)
 
-    @torch.no_grad()
     def lm_step(self, codes: torch.Tensor, active: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """One LM step on one frame of codes ``[B, n_q]`` (shifted by a frame here for the Rust alignment)."""
+        """One LM step on one frame of codes ``[B, n_q]``: :meth:`lm_steps` of one frame; returns its text tokens
+        and VAD probabilities."""
+        got = []
+        self.lm_steps(codes[..., None], active, lambda i, tokens, probs: got.append((tokens, probs)))
+        return got[0]
+
+    @torch.no_grad()
+    def lm_steps(self, codes: torch.Tensor, active: torch.Tensor,
+                 on_frame: Callable[[int, list[int], torch.Tensor | None], None]) -> None:
+        """LM steps on ``k`` frames of codes ``[B, n_q, k]`` (shifted by a frame here for the Rust alignment), queued
+        back to back; then ``on_frame(i, text tokens [rows] list, VAD P(class 0) [rows, heads] or None)`` for each
+        frame in order, rows [0, n) with n >= 1 + the highest active slot.
+
+        The host reads every frame's outputs after the last step is queued, with one wait for the device (not two
+        per frame): the GPU runs the steps without idling between them. With a text hook, which may read the state
+        ``on_frame`` keeps (a stream's step count), each frame is handed over before the next step. If a step raises
+        (a text hook), the frames before it are still handed to ``on_frame``, then the error propagates."""
         rows = active.nonzero()[:, 0].tolist() if self.engine is not None else None  # on the host: no device sync
         active = self._on_device(active, self.device)
         rust = self.alignment == "rust"  # step t sees frame t-1 (the initial token at t = 0)
-        inp = self.prev_codes if rust else codes
-        if self.engine is not None:
-            out = self.engine.step(inp, active=rows, on_text=self.on_text)
-        else:
-            self.gen_state.exec_mask.copy_(active)
-            out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
-        if rust:  # this frame's codes wait for the next step; the step above has read (in stream order) the last ones
-            torch.where(active[:, None], codes, self.prev_codes, out=self.prev_codes)
-        # the VAD heads' P(class 0) [rows, heads], computed in the step (Generator.extra_probs)
-        probs = out.extra_probs.cpu() if self.has_vad else None
-        return out.text_token.tolist(), probs  # rows [0, n) with n >= 1 + the highest active slot
+        reads, done = HostReads(), []  # done: the frames whose outputs are read, not handed over yet
+        handed = 0
+
+        def hand_over():
+            nonlocal handed
+            host = reads.wait()
+            for tokens, probs in done:
+                on_frame(handed, host[tokens].tolist(), host[probs] if probs is not None else None)
+                handed += 1
+            done.clear()
+
+        try:
+            for i in range(codes.shape[-1]):
+                inp = self.prev_codes if rust else codes[..., i]
+                if self.engine is not None:
+                    out = self.engine.step(inp, active=rows, on_text=self.on_text)
+                else:
+                    self.gen_state.exec_mask.copy_(active)
+                    out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
+                if rust:  # this frame's codes wait for the next step, which reads them in stream order
+                    torch.where(active[:, None], codes[..., i], self.prev_codes, out=self.prev_codes)
+                # the VAD heads' P(class 0) [rows, heads], computed in the step (Generator.extra_probs)
+                done.append((reads.read(out.text_token), reads.read(out.extra_probs) if self.has_vad else None))
+                if self.on_text is not None:
+                    hand_over()
+        finally:
+            if done:
+                hand_over()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -602,12 +633,14 @@ class STTRuntime:
             active[s.slot] = True
         active = torch.from_numpy(active)
         codes = self.stepper.encode(torch.from_numpy(pcm), active)
-        for i in range(k):
-            tokens, probs = self.stepper.lm_step(codes[..., i], active)
+
+        def on_frame(i: int, tokens: list[int], probs: torch.Tensor | None) -> None:
             self.total_steps += 1
             probs = probs.tolist() if probs is not None else None  # one conversion, not one per stream
             for s in ready:
                 s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, last=i == k - 1)
+
+        self.stepper.lm_steps(codes, active, on_frame)
         return k
 
     def run(self, max_steps: int | None = None, max_frames: int = 1) -> int:

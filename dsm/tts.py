@@ -41,6 +41,7 @@ from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoi
 from .conditioning import TensorInput
 from .engine import EngineFull, check_seed
 from .generate import Generator
+from .host_copies import HostReads, copy_from_host, to_device
 from .mimi import Mimi
 from .mimi_graph import GraphedMimiStep
 from .model import LMModel
@@ -383,13 +384,14 @@ class LMStepper:
 
     def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable | None, on_text: Callable,
              on_audio: Callable) -> torch.Tensor:
-        """Step the ``active`` [B] bool rows; returns the un-delayed frames [B, 1 + dep_q] (-2 where invalid)."""
-        self.state.exec_mask.copy_(active)
+        """Step the ``active`` [B] bool rows (a host tensor); returns the un-delayed frames [B, 1 + dep_q] on the
+        device (-2 where invalid)."""
+        copy_from_host(self.state.exec_mask, active)
         replace = None
         if text_only:
             replace = torch.full((self.state.batch_size, self.dep_q), ZERO, dtype=torch.long, device=self.device)
         out = self.gen.step(self.state, None, depformer_replace_tokens=replace, on_text_logits=on_text_logits,
-                            on_text=on_text, on_audio=on_audio)
+                            on_text=on_text, on_audio=on_audio, check_hooks=False)  # (see EngineStepper.step)
         return out.tokens
 
 
@@ -429,8 +431,10 @@ class EngineStepper:
         replace = None
         if text_only:
             replace = torch.full((self._rows, self.dep_q), ZERO, dtype=torch.long, device=self.device)
+        # The hooks are the runtime's own and write ids it knows valid (the state machine's, from a tokenizer
+        # checked against the text table at load; ZERO): no range check, a host wait for the device each.
         out = self.engine.step(None, rows, on_text_logits=on_text_logits, on_text=on_text,
-                               depformer_replace_tokens=replace, on_audio=on_audio)
+                               depformer_replace_tokens=replace, on_audio=on_audio, check_hooks=False)
         return out.tokens  # rows [0, bucket), which covers every active row
 
 
@@ -781,27 +785,29 @@ class TTSRuntime:
                 forced, consumed = machine.process(s.offset, s.machine, values[b])
                 s.machine.log.append((values[b], forced))
                 values[b] = forced
-            tokens.copy_(torch.tensor(values, dtype=tokens.dtype))
+            copy_from_host(tokens, torch.tensor(values, dtype=tokens.dtype))
 
         def on_audio(audio: torch.Tensor) -> None:
             off = self.stepper.offsets[:, None]
             audio.masked_fill_((off < self._audio_start[None]) | self._missing[None], ZERO)
 
-        on_device = self.stepper.step(active.to(self.device), text_only, on_text_logits if bonus else None, on_text,
-                                      on_audio)  # fmt: skip
-        frames = on_device.cpu()
-        decode = []
+        on_device = self.stepper.step(active, text_only, on_text_logits if bonus else None, on_text, on_audio)
+        # Which rows Mimi decodes depends on counts only, so its decode is queued before the host reads anything:
+        # the frames and the PCM then come back with one wait for the device.
         max_delay = self.model.cfg.max_delay
-        frame_rows = frames.unbind(0)  # one call for every row's view (256 indexings cost ~0.3 ms on the host)
+        decode = [b for b in rows if self.slots[b].offset >= max_delay
+                  and len(self.slots[b].frames) >= self.delay_steps] if self.mimi is not None else []
+        reads = HostReads()
+        frames_at = reads.read(on_device)
+        pcm_at = reads.read(self._decode(decode, on_device)) if decode else None
+        host = reads.wait()
+        frame_rows = host[frames_at].unbind(0)  # one call for every row's view (256 indexings cost ~0.3 ms)
         for b in rows:
             s = self.slots[b]
             s.offset += 1
             if s.offset > max_delay:
                 s.frames.append(frame_rows[b])
-                if len(s.frames) > self.delay_steps:
-                    decode.append(b)
-        # Mimi takes the codes from the device copy: no host-to-device copy (a synchronous one, from pageable memory)
-        errors = self._decode(decode, on_device) if decode and self.mimi is not None else []
+        errors = self._deliver(decode, host[pcm_at]) if decode else []
         for b in rows:
             s = self.slots[b]
             if s is None:  # cancelled by a callback during this step
@@ -816,18 +822,22 @@ class TTSRuntime:
             raise errors[0]
         return len(rows)
 
-    def _decode(self, rows: list[int], frames: torch.Tensor) -> list[Exception]:
-        """Decode and deliver the rows' frames; returns what their callbacks raised (each stream still served)."""
+    def _decode(self, rows: list[int], frames: torch.Tensor) -> torch.Tensor:
+        """Queue Mimi's decode of the rows' codes, read from the step's device frames [rows, 1 + dep_q] (no copy
+        through the host); returns the PCM [B, 1, 1920] on Mimi's device, clamped to [-1, 1]."""
         B, n_q = len(self.slots), self.config.n_q
         mask = torch.zeros(B, dtype=torch.bool)
         mask[rows] = True
-        self.mimi_state.set_exec_mask(mask.to(self.mimi.device))
+        self.mimi_state.set_exec_mask(to_device(mask, self.mimi.device))
         codes = frames[:, 1 : 1 + n_q].clamp(min=0)
         if codes.shape[0] < B:  # the engine returns rows [0, bucket); Mimi's state holds all B slots
             codes = torch.cat([codes, codes.new_zeros(B - codes.shape[0], *codes.shape[1:])])
-        codes = codes[..., None].to(self.mimi.device)
         with torch.no_grad():
-            pcm = self._decode_step(codes).clamp(-1, 1).float().cpu()
+            return self._decode_step(codes[..., None].to(self.mimi.device)).clamp(-1, 1).float()
+
+    def _deliver(self, rows: list[int], pcm: torch.Tensor) -> list[Exception]:
+        """Hand each row its frame of ``pcm`` [B, 1, 1920] (host); returns what the callbacks raised (each stream
+        is still served)."""
         errors: list[Exception] = []
         pcm_rows = pcm[:, 0].unbind(0)  # every row's view in one call
         for b in rows:

@@ -393,6 +393,24 @@ def test_hooks_that_leave_ids_past_the_tables_are_refused(tts_model, mode, graph
     assert torch.equal(run(True), run(False))
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_unchecked_hooks_skip_the_range_check_only(tts_model, graphs, monkeypatch):
+    """``check_hooks=False`` (the TTS runtime, whose hooks write ids it built itself): the hooks' tokens are not
+    range-checked (a host wait for the device each), and the steps give the same tokens as with the check."""
+    calls, real = [], Generator.check_hook_tokens
+    monkeypatch.setattr(Generator, "check_hook_tokens", lambda self, t, hook: calls.append(hook) or real(self, t, hook))
+    outs = []
+    for check in (True, False):
+        eng = _graph_engine(tts_model, "emulated", monkeypatch, graphs, max_slots=2, temp=0.6, temp_text=0.6)
+        eng.open(seed=1), eng.open(seed=2)
+        calls.clear()
+        toks = [eng.step(on_text=lambda x: x.__setitem__(0, 3), on_audio=lambda a: a.__setitem__(1, 0),
+                         check_hooks=check).tokens.clone() for _ in range(4)]
+        assert calls == (["on_text", "on_audio"] * 4 if check else [])
+        outs.append(torch.stack(toks))
+    assert torch.equal(*outs)
+
+
 @pytest.mark.parametrize("mode", GRAPH_MODES)
 def test_cuda_graph_engine_equals_eager(stt_model, mode, monkeypatch):
     dev = "cuda" if mode == "cuda" else "cpu"

@@ -307,6 +307,91 @@ def test_markers_follow_the_server_rule(lm, tok, files):
     assert [type(e) for e in ev[-2:]] == [Marker, Finished] and ev[-2].id == 3
 
 
+@pytest.mark.parametrize("engine", [False, True])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_the_frames_of_a_call_are_read_with_one_wait(lm, tok, files, monkeypatch, engine, hooked):
+    """``step(max_frames=k)`` queues its k LM steps and reads their tokens (and VAD probabilities) with one wait for
+    the device, not two per frame; the events are those of frame-by-frame steps. With a text hook (which may read a
+    stream's step count) each frame is handed over before the next step: one wait per frame."""
+    from dsm.host_copies import HostReads
+
+    waits, real = [], HostReads.wait
+    monkeypatch.setattr(HostReads, "wait", lambda self: waits.append(len(self._copies)) or real(self))
+    reads_per_frame = 2 if lm.extra_heads else 1
+    events = {}
+    for k in (1, 4):
+        forcer = Forcer({"a": forced_stream(tok, 40, seed=1), "b": forced_stream(tok, 40, seed=2)}) if hooked else None
+        rt = runtime(lm, tok, files.config, forcer=forcer, engine=engine)
+        a, b = rt.open_stream("a"), rt.open_stream("b")
+        a.push(noise(1920 * 11, 1), process=False)
+        b.push(noise(1920 * 7, 2), process=False)
+        waits.clear()
+        frames = []
+        while n := rt.step(k):
+            frames.append(n)
+        assert max(frames) == k  # several frames a call (the streams' queues allow it)
+        if hooked:
+            assert waits == [reads_per_frame] * sum(frames)
+        else:
+            assert waits == [reads_per_frame * n for n in frames]
+        events[k] = (a.events(), b.events())
+    assert any(isinstance(e, Word) for e in events[1][0]) or not hooked
+    assert events[4] == events[1]
+
+
+def cuda_syncs(fn) -> list[str]:
+    """The host's waits for the device during ``fn()``, as PyTorch's sync debug mode reports them."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message).lower()]
+
+
+@pytest.mark.gpu
+def test_cuda_a_call_of_frames_waits_once(files):
+    """On the GPU (real Mimi, the engine's graphs): a call of 4 frames makes the host wait for the device at most
+    once (the runtime's read of the tokens; PyTorch may not count an explicit wait). It used to wait twice a frame
+    (text tokens, VAD probabilities) and at every copy of the input PCM and of a changed mask."""
+    rt = STTRuntime.from_checkpoint(files, device="cuda", max_streams=2)
+    rt.warm_up()
+    s = rt.open_stream("a")
+    s.push(noise(1920 * 40, 1), process=False)
+    for _ in range(3):  # Mimi's capture for 4 frames, the engine's eager call and capture
+        assert rt.step(4) == 4
+    torch.cuda.synchronize()
+    syncs = cuda_syncs(lambda: rt.step(4))
+    assert len(syncs) <= 1, syncs
+    assert s.steps == 16
+
+
+def test_a_hook_error_keeps_the_frames_before_it(lm, tok, files):
+    """A text hook raising at the third of four frames of a call: the two frames before it reach the streams, the
+    error propagates, and the runtime steps on afterwards."""
+
+    class Boom(Forcer):
+        calls = 0
+
+        def __call__(self, tokens):
+            Boom.calls += 1
+            if Boom.calls == 3:
+                raise RuntimeError("boom")
+            super().__call__(tokens)
+
+    rt = runtime(lm, tok, files.config, forcer=Boom(), engine=True)
+    s = rt.open_stream("a")
+    s.push(noise(1920 * 10, 1), process=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        rt.step(4)
+    assert s.steps == 2 and rt.total_steps == 2
+    assert rt.step(4) == 4 and s.steps == 6  # the 4 frames of the failed call are gone (documented in STTRuntime)
+
+
 @pytest.mark.parametrize("rate", [24000, 16000])
 def test_events_do_not_depend_on_chunk_size(lm, tok, files, rate):
     data, sr = sf.read(str(SPEECH), dtype="float32")

@@ -571,6 +571,53 @@ def test_pcm_with_fewer_streams_than_slots(ckpt):
     torch.testing.assert_close(out[1], out[0])
 
 
+def test_a_frame_is_read_with_one_wait(ckpt, monkeypatch):
+    """Mimi's decode is queued before the host reads the step's frame, so the frame and the PCM come back with one
+    wait for the device (and the state machine's hook adds no wait of this kind: it reads the sampled tokens)."""
+    from dsm.host_copies import HostReads
+
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    waits, real = [], HostReads.wait
+    monkeypatch.setattr(HostReads, "wait", lambda self: waits.append(len(self._copies)) or real(self))
+    rt = runtime(ckpt, audio=True, n_q=2, max_batch=2)
+    a, b = rt.open_stream(voice), rt.open_stream(voice, cfg=1.0)
+    a.push("hello world")
+    a.end()
+    b.push("one two three four")
+    b.end()
+    steps = 0
+    while rt.step():
+        steps += 1
+    assert len(waits) == steps
+    assert set(waits) == {1, 2}  # the frame alone, or the frame and the PCM of the rows with audio
+    assert waits.count(2) * 1920 >= max(a.read().numel(), b.read().numel()) > 0
+
+
+@pytest.mark.gpu
+def test_cuda_a_frame_waits_twice_at_most(ckpt):
+    """On the GPU (engine graphs, real Mimi): a TTS frame with audio makes the host wait for the device at most
+    twice: the state machine reads the sampled text tokens, and the runtime reads the frame and the PCM together
+    (PyTorch may not count that explicit wait). It used to wait at about nine points: masks and forced tokens copied
+    from pageable memory, the active rows found on the device, the range checks of both hooks' tokens, the frame and
+    the PCM read apart."""
+    from test_stt import cuda_syncs
+
+    rt = TTSRuntime.from_checkpoint(ckpt, device="cuda", config=TTSConfig(n_q=2, max_batch=2, temp=0.0))
+    rt.warm_up()
+    s = rt.open_stream(ckpt.config_path.parent / "voice.safetensors")
+    s.push("hello world one two three four five six seven eight nine ten")
+    s.end()
+    for _ in range(200):  # until audio comes (graphs captured on the way)
+        rt.step()
+        if s.read().numel():
+            break
+    rt.step()
+    torch.cuda.synchronize()
+    syncs = cuda_syncs(rt.step)
+    assert s.read().numel() == 1920, "the timed step decoded no audio"
+    assert len(syncs) <= 2, syncs
+
+
 def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
     """`dsm speak --preset tiny-tts --random-weights` reuses the cached checkpoint, streams raw float32 PCM."""
     import numpy as np
