@@ -10,9 +10,10 @@
 #   DSM_GPU_ONLY="validate tests_kernels" bash scripts/gpu_check.sh   # only the named steps (space separated)
 #   DSM_GPU_SKIP="kbench kbench_compile" bash scripts/gpu_check.sh    # all but the named steps
 #
-# The device tool brings back at most 8 files from $OUT, so logs go to one tarball ($OUT/logs.tgz) and the rows of
-# each benchmark to one JSON-lines file each. Steps run in order of value; each has a cap, and a step that would not
-# fit before the deadline is skipped (and listed as skipped), so the summary always prints before the tool's timeout.
+# The device tool brings back at most 8 files from $OUT: the logs go to one tarball ($OUT/logs.tgz), and the JSON-lines
+# files of the benchmarks' rows to another at the end ($OUT/rows.tgz), beside summary.txt. Steps run in order of
+# value; each has a cap, and a step that would not fit before the deadline is skipped (and listed as skipped), so the
+# summary always prints before the tool's timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 NO_TORCH_COMPILE=1
@@ -60,6 +61,8 @@ finish() {
     grep -E "passed|FAIL" "$LOGS/validate.log" 2>/dev/null
     echo "=== dsm bench (engine step, Mimi included; moshi = LMGen step alone)"
     for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && sed -n '/^system/,$p' "$f"; done
+    echo "=== runtimes end to end (ms per frame, host included)"
+    grep -h -A4 "^preset " "$LOGS/runtime.log" "$LOGS/runtime_tts.log" 2>/dev/null
     echo "=== runtime host work per step (ms, stand-in model; add to the capacity rows)"
     sed -n '/^runtime/,$p' "$LOGS/host.log" 2>/dev/null
     echo "=== mimi / depformer"
@@ -74,6 +77,8 @@ finish() {
     printf '%s\n' "${STATUS[@]}"
   } | tee "$OUT/summary.txt"
   tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+  # the device tool brings back 8 files at most: the benchmarks' JSON rows travel as one tarball
+  (cd "$OUT" && ls ./*.jsonl >/dev/null 2>&1 && tar -czf rows.tgz ./*.jsonl && rm -f ./*.jsonl)
 }
 trap finish EXIT
 
@@ -169,6 +174,11 @@ step bench_capacity_tts 90 40 "${B[@]}" --no-reference --steps 20 --preset tts-1
 # the page size in the whole step (the persistent decode step and the append read pages too): stt-1b LM at 64 pages
 step bench_pages 90 40 "${B[@]}" --no-reference --no-mimi --preset stt-1b-en_fr --batch 1,64 --page-size 64 \
   --output "$OUT/bench_pages.jsonl"
+# the runtimes end to end (host work included) beside their stepper alone: what `dsm transcribe` / `dsm speak` get
+step runtime 150 60 "$PY" benchmarks/bench_runtime.py --preset stt-1b-en_fr --streams 1 64 --frames-per-call 1 8 \
+  --output "$OUT/runtime.jsonl"
+step runtime_tts 150 60 "$PY" benchmarks/bench_runtime.py --preset tts-1.6b-en_fr --streams 1 64 \
+  --output "$OUT/runtime.jsonl"
 # the runtimes' host work per step on this machine's CPU (stand-in model steps): add it to the capacity rows above
 step host 120 30 "$PY" benchmarks/bench_host.py --streams 64 256 700 --steps 20
 step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \

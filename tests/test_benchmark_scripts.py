@@ -34,10 +34,14 @@ def _cmd(name: str, out_dir: Path) -> list[str]:
                         "--output", out],
         "profile": py + [str(BENCH / "profile_step.py"), "--device", "cpu", "--preset", "tiny-stt", "--steps", "1",
                          "--top", "3"],
+        "runtime_stt": py + [str(BENCH / "bench_runtime.py"), "--device", "cpu", "--preset", "tiny-stt", "--streams",
+                             "2", "--frames-per-call", "1", "4", "--calls", "2", "--output", out],
+        "runtime_tts": py + [str(BENCH / "bench_runtime.py"), "--device", "cpu", "--preset", "tiny-tts", "--streams",
+                             "2", "--frames", "3", "--output", out],
     }[name]
 
 
-SCRIPTS = ["kernels_torch", "kernels_triton", "decoder", "depformer", "fp8_kv", "profile"]
+SCRIPTS = ["kernels_torch", "kernels_triton", "decoder", "depformer", "fp8_kv", "profile", "runtime_stt", "runtime_tts"]
 _ENV = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
 
 
@@ -60,7 +64,8 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
         return
     rows = _rows(background.dir / f"{name}.jsonl")
     assert rows and not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
-    timed = [r.get("ms", r.get("ms_per_step", r.get("ms_per_frame"))) for r in rows]
+    timed = [r.get("ms", r.get("ms_per_step", r.get("ms_per_frame", r.get("runtime_ms", r.get("frame_p50_ms")))))
+             for r in rows]
     if name != "fp8_kv":
         assert all(t is not None and t > 0 for t in timed), timed  # nan fails too
     if name == "kernels_torch":
@@ -75,3 +80,9 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
         assert {r["provider"] for r in rows} == {"ref_eager", "triton_gemv_interp"}
     if name == "decoder":
         assert {r["provider"] for r in rows} == {"triton_interp"}
+    if name == "runtime_stt":
+        assert [(r["streams"], r["frames_per_call"]) for r in rows] == [(2, 1), (2, 4)]
+        assert all(r["stepper_ms"] > 0 and r["rtfx"] > 0 for r in rows), rows
+    if name == "runtime_tts":
+        assert [r["streams"] for r in rows] == [2] and rows[0]["frame_p99_ms"] >= rows[0]["frame_p50_ms"]
+        assert rows[0]["ttfa_p50_ms"] > 0
