@@ -44,7 +44,7 @@ def stt_host_ms(files, n: int, steps: int) -> float:
     heads = len(rt.stepper.lm.extra_heads)
     g = torch.Generator().manual_seed(0)
 
-    def lm_steps(codes, active, on_frame):
+    def lm_steps(codes, active, on_frame, defer=False):
         for i in range(codes.shape[-1]):
             r = torch.rand(n, generator=g)
             tok = torch.where(r < 0.85, 3, torch.where(r < 0.92, 0, torch.randint(4, 50, (n,), generator=g)))

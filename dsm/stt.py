@@ -234,7 +234,8 @@ class STTStepper:
 
     @torch.no_grad()
     def lm_steps(self, codes: torch.Tensor, active: torch.Tensor,
-                 on_frame: Callable[[int, list[int], torch.Tensor | None], None]) -> None:
+                 on_frame: Callable[[int, list[int], torch.Tensor | None], None],
+                 defer: bool = False) -> Callable[[], None] | None:
         """LM steps on ``k`` frames of codes ``[B, n_q, k]`` (shifted by a frame here for the Rust alignment), queued
         back to back; then ``on_frame(i, text tokens [rows] list, VAD P(class 0) [rows, heads] or None)`` for each
         frame in order, rows [0, n) with n >= 1 + the highest active slot.
@@ -242,7 +243,9 @@ class STTStepper:
         The host reads every frame's outputs after the last step is queued, with one wait for the device (not two
         per frame): the GPU runs the steps without idling between them. With a text hook, which may read the state
         ``on_frame`` keeps (a stream's step count), each frame is handed over before the next step. If a step raises
-        (a text hook), the frames before it are still handed to ``on_frame``, then the error propagates."""
+        (a text hook), the frames before it are still handed to ``on_frame``, then the error propagates.
+
+        ``defer`` (no text hook): return without waiting; the returned function waits and hands the frames over."""
         rows = active.nonzero()[:, 0].tolist() if self.engine is not None else None  # on the host: no device sync
         active = self._on_device(active, self.device)
         rust = self.alignment == "rust"  # step t sees frame t-1 (the initial token at t = 0)
@@ -271,9 +274,15 @@ class STTStepper:
                 done.append((reads.read(out.text_token), reads.read(out.extra_probs) if self.has_vad else None))
                 if self.on_text is not None:
                     hand_over()
-        finally:
+        except BaseException:
             if done:
                 hand_over()
+            raise
+        if done and defer:
+            return hand_over
+        if done:
+            hand_over()
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,7 +443,7 @@ class STTStream:
     def ready(self) -> bool:
         return not self.finished and len(self.queue) >= FRAME_SIZE
 
-    def _on_step(self, token: int, probs: list[float] | None, last: bool = True) -> None:
+    def _on_step(self, token: int, probs: list[float] | None, finish: bool = False) -> None:
         # Runs for every stream at every step (700 streams: 700 calls per 80 ms frame), so it skips what a step
         # without a new word or marker does not need.
         rt, tracker = self.rt, self.tracker
@@ -454,7 +463,7 @@ class STTStream:
                                         options.vad_threshold))
         if self._markers:
             self._due_markers()
-        if last and self.ended and len(self.queue) < FRAME_SIZE:
+        if finish:  # the stream's last frame (its queue drained after the input ended)
             self._finish()
 
     def _emit_raw(self, raw: list[RawWord | RawEndWord]) -> None:
@@ -552,6 +561,7 @@ class STTRuntime:
         if heads and not 0 <= self.options.vad_head < heads:
             raise ValueError(f"vad_head {self.options.vad_head} out of range: the model has {heads} VAD heads")
         self.slots: list[STTStream | None] = [None] * max_streams
+        self._pending: Callable[[], None] | None = None  # an overlapped call's hand-over (step(overlap=True))
         self.total_steps = 0
         self.opened = 0  # streams opened so far (default stream names)
 
@@ -616,12 +626,32 @@ class STTRuntime:
             self.stepper.close(stream.slot)
 
     # ---- stepping ----------------------------------------------------------------------------------------------
-    def step(self, max_frames: int = 1) -> int:
+    def step(self, max_frames: int = 1, overlap: bool = False) -> int:
         """Run every stream with a full frame queued; returns the number of LM steps (0: no stream had a frame).
 
         With ``max_frames > 1``, up to that many frames (as many as every ready stream has) are Mimi-encoded in one
         call, then stepped one by one: faster offline, same semantics (codes can differ from frame-by-frame encoding
-        only by float rounding at distance ties)."""
+        only by float rounding at distance ties).
+
+        ``overlap`` (offline transcription): the call's steps are queued on the device, and their tokens reach the
+        streams at the next call (or :meth:`settle`), after that call has queued its own: the host's work on one
+        call's tokens (words, events) runs while the device computes the next. Events arrive a call late, and a
+        stream's state (steps, markers) lags its queue meanwhile. A call without ``overlap`` settles first."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not overlap:
+            pending()
+        k = self._queue(max_frames, defer=overlap)
+        if pending is not None and overlap:
+            pending()
+        return k
+
+    def settle(self) -> None:
+        """Hand the streams the tokens of an overlapped call still pending (see :meth:`step`)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending()
+
+    def _queue(self, max_frames: int, defer: bool) -> int:
         ready = [s for s in self.slots if s is not None and s.ready]
         if not ready:
             return 0
@@ -631,16 +661,20 @@ class STTRuntime:
         for s in ready:
             pcm[s.slot] = s.queue.pop(k * FRAME_SIZE)
             active[s.slot] = True
+        # decided now, from the queues: with overlap they move on before these frames are handed over
+        drained = [s.ended and len(s.queue) < FRAME_SIZE for s in ready]
         active = torch.from_numpy(active)
         codes = self.stepper.encode(torch.from_numpy(pcm), active)
 
         def on_frame(i: int, tokens: list[int], probs: torch.Tensor | None) -> None:
             self.total_steps += 1
             probs = probs.tolist() if probs is not None else None  # one conversion, not one per stream
-            for s in ready:
-                s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, last=i == k - 1)
+            last = i == k - 1
+            for s, end in zip(ready, drained, strict=True):
+                if self.slots[s.slot] is s:  # not closed meanwhile (overlap)
+                    s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=last and end)
 
-        self.stepper.lm_steps(codes, active, on_frame)
+        self._pending = self.stepper.lm_steps(codes, active, on_frame, defer=defer)
         return k
 
     def run(self, max_steps: int | None = None, max_frames: int = 1) -> int:
@@ -668,12 +702,14 @@ class FileResult:
 
 
 def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool = False,
-                     on_frames: Callable[[int], None] | None = None, frames_per_call: int = 8) -> Iterator[FileResult]:
+                     on_frames: Callable[[int], None] | None = None, frames_per_call: int = 8,
+                     overlap: bool = True) -> Iterator[FileResult]:
     """Transcribe audio files through the runtime, up to its free slots at a time; yields in completion order.
 
     Unreadable/invalid files yield a :class:`FileResult` with ``error`` set. ``on_frames(n)`` is called after each
     step with the number of frames it processed. ``progress`` shows a tqdm bar (files, with RTFx).
-    ``frames_per_call``: Mimi encodes up to this many frames per call (see :meth:`STTRuntime.step`)."""
+    ``frames_per_call``: Mimi encodes up to this many frames per call, and ``overlap`` overlaps the host's work on a
+    call's tokens with the device's next call (see :meth:`STTRuntime.step`)."""
     import time
 
     todo = [Path(p) for p in paths]
@@ -703,7 +739,7 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
                 live.append((path, s, pcm.shape[0] / SAMPLE_RATE))
                 opened = True
             n_ready = sum(1 for s in rt.streams if s.ready)
-            stepped = rt.step(frames_per_call)
+            stepped = rt.step(frames_per_call, overlap=overlap)  # the words of a call while the GPU runs the next
             if stepped and on_frames is not None:
                 on_frames(n_ready * stepped)
             finished = [item for item in live if item[1].finished]

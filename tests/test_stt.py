@@ -559,6 +559,59 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
         list(transcribe_files(r0, [tmp_path / "ok.flac"]))
 
 
+def test_overlapped_calls_give_the_results_of_synchronous_ones(lm, tok, files, tmp_path, monkeypatch):
+    """``transcribe_files`` overlaps its calls (a call's words are made while the next call runs): six files of
+    different lengths through two slots, each slot reused while a call is still pending, give the tokens, VAD
+    probabilities, last frames and transcripts of the synchronous calls (the files land in other slots: a slot is
+    freed a call later)."""
+    paths = []
+    for i, seconds in enumerate([0.3, 1.1, 0.2, 0.7, 1.5, 0.4]):
+        paths.append(tmp_path / f"f{i}.wav")
+        sf.write(paths[-1], noise(int(24000 * seconds), 10 + i).numpy(), 24000)
+    from dsm.stt import STTStream
+
+    got, tokens, real = {}, {}, STTStream._on_step
+
+    def spy(self, token, probs, finish=False):
+        tokens[self.rt][self.name].append((token, probs, finish))
+        real(self, token, probs, finish)
+
+    monkeypatch.setattr(STTStream, "_on_step", spy)
+    for overlap in (False, True):
+        rt = runtime(lm, tok, files.config, max_streams=2, engine=True)
+        tokens[rt] = {str(p): [] for p in paths}
+        got[overlap] = {r.path.name: r.transcript for r in transcribe_files(rt, paths, frames_per_call=3,
+                                                                              overlap=overlap)}
+        assert rt._pending is None and rt.free_slots == 2
+        got[overlap, "tokens"] = tokens[rt]
+    assert len(got[True]) == 6 and got[True] == got[False]
+    for name, seq in got[True, "tokens"].items():  # files took other slots beside other files: the VAD's fp32 rounds
+        want = got[False, "tokens"][name]
+        assert [(t, f) for t, _, f in seq] == [(t, f) for t, _, f in want], name
+        torch.testing.assert_close(torch.tensor([p for _, p, _ in seq]), torch.tensor([p for _, p, _ in want]))
+    assert len({t for seq in got[True, "tokens"].values() for t, _, _ in seq}) > 3  # the tokens move
+
+
+def test_an_overlapped_call_hands_its_tokens_over_at_the_next(lm, tok, files):
+    """``step(overlap=True)``: the call's frames reach the stream at the next call (after it has queued its own) or
+    at ``settle()``; a synchronous step settles first; a stream closed while its frames are pending gets none of
+    them (no events, no Finished)."""
+    rt = runtime(lm, tok, files.config, max_streams=2, engine=True)
+    a, b = rt.open_stream("a"), rt.open_stream("b")
+    a.push(noise(1920 * 10, 1), process=False)
+    b.push(noise(1920 * 10, 2), process=False)
+    assert rt.step(4, overlap=True) == 4 and a.steps == 0 and rt._pending is not None
+    assert rt.step(4, overlap=True) == 4 and a.steps == b.steps == 4
+    b.close()
+    rt.settle()
+    assert a.steps == 8 and b.steps == 4 and rt._pending is None
+    assert not any(isinstance(e, Finished) for e in b.events())
+    assert rt.step(2, overlap=True) == 2 and a.steps == 8
+    left = rt.n_prefix_frames + 10 - 10  # a's frames not yet queued
+    n = rt.step()  # synchronous: the pending call's frames first, then its own
+    assert n == min(1, left) and a.steps == 10 + n and rt._pending is None
+
+
 def test_open_close_markers_and_names(lm, tok, files):
     """A rate no push could use is refused at open (not at every push, holding a slot); close() echoes pending
     markers, and a marker asked after close is echoed at once; default names never repeat."""
