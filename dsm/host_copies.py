@@ -24,7 +24,7 @@ class HostReads:
 
     def __init__(self):
         self._copies: list[torch.Tensor] = []
-        self._device: torch.device | None = None
+        self._done: torch.cuda.Event | None = None  # recorded after the last copy
 
     def read(self, t: torch.Tensor) -> int:
         if t.device.type == "cpu":
@@ -33,14 +33,16 @@ class HostReads:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             self._copies.append(host)
-            self._device = t.device
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(t.device))
         return len(self._copies) - 1
 
     def wait(self) -> list[torch.Tensor]:
-        """The host copies, in the order read; waits for the device once if any read was from one."""
-        if self._device is not None:
-            torch.cuda.current_stream(self._device).synchronize()
-            self._device = None
+        """The host copies, in the order read; waits for the device once if any read was from one, for the copies
+        only: work queued after the last read (an overlapped runtime's next call) keeps running."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
         out, self._copies = self._copies, []
         return out
 
