@@ -548,8 +548,9 @@ class TTSStream:
         self.text_ended = True
 
     def cancel(self) -> None:
-        """Stop now: the stream leaves its slot (or the queue) at once, done, and produces nothing more; PCM
-        already produced can still be read. The other streams are untouched."""
+        """Stop now: the stream leaves its slot (or the queue) at once, done, and produces nothing more (its last
+        step's PCM, not handed over yet, is dropped); PCM already handed over can still be read. The other streams
+        are untouched."""
         self.runtime._cancel(self)
 
     # ---- output
@@ -629,6 +630,7 @@ class TTSRuntime:
         self._decode_step = GraphedMimiStep(mimi.decode_step, self.mimi_state) if mimi is not None else None
         self.slots: list[TTSStream | None] = [None] * B
         self.waiting: deque[TTSStream] = deque()
+        self._pending: Callable[[], list[Exception]] | None = None  # the last step's hand-over (see step())
         self._text_only_streak = 0  # consecutive interleaved text-only steps
         delays = torch.tensor(cfg.delays[1 : 1 + cfg.dep_q], device=self.device)
         self._audio_start = delays + self.delay_steps  # [dep_q] first offset with real audio per codebook
@@ -758,10 +760,17 @@ class TTSRuntime:
 
     # ---- stepping
     def step(self) -> int:
-        """One LM step for every slot whose stream is ready; returns how many rows ran (0: nothing to do)."""
+        """One LM step for every slot whose stream is ready; returns how many rows ran (0: nothing to do).
+
+        A step's frames and PCM reach the streams at the next call, once it has queued its own step (or when
+        nothing is left to run): the host's work on them (and the streams' ``on_pcm`` callbacks) runs while the
+        device computes. A stream is ``done`` once its last PCM has been handed over."""
         self._admit()
         rows = [b for b, s in enumerate(self.slots) if s is not None and s.ready]
         if not rows:
+            errors = self._settle()
+            if errors:
+                raise errors[0]
             return 0
         text_rows = [b for b in rows if self.slots[b].offset < self.delay_steps]
         if text_rows and len(text_rows) < len(rows) and self._text_only_streak < self.config.interleaved_text_only:
@@ -792,35 +801,49 @@ class TTSRuntime:
             audio.masked_fill_((off < self._audio_start[None]) | self._missing[None], ZERO)
 
         on_device = self.stepper.step(active, text_only, on_text_logits if bonus else None, on_text, on_audio)
-        # Which rows Mimi decodes depends on counts only, so its decode is queued before the host reads anything:
-        # the frames and the PCM then come back with one wait for the device.
-        max_delay = self.model.cfg.max_delay
-        decode = [b for b in rows if self.slots[b].offset >= max_delay
-                  and len(self.slots[b].frames) >= self.delay_steps] if self.mimi is not None else []
+        # Which rows have a frame, which Mimi decodes and which finish depend on counts only: decided now, with
+        # Mimi's decode queued before the host reads anything (the frames and the PCM then come back with one wait,
+        # at the next call).
+        max_delay, streams = self.model.cfg.max_delay, {b: self.slots[b] for b in rows}
+        decode = [b for b in rows if streams[b].offset >= max_delay + self.delay_steps] if self.mimi is not None else []
         reads = HostReads()
         frames_at = reads.read(on_device)
         pcm_at = reads.read(self._decode(decode, on_device)) if decode else None
-        host = reads.wait()
-        frame_rows = host[frames_at].unbind(0)  # one call for every row's view (256 indexings cost ~0.3 ms)
-        for b in rows:
-            s = self.slots[b]
-            s.offset += 1
-            if s.offset > max_delay:
-                s.frames.append(frame_rows[b])
-        errors = self._deliver(decode, host[pcm_at]) if decode else []
-        for b in rows:
-            s = self.slots[b]
-            if s is None:  # cancelled by a callback during this step
-                continue
-            end = s.machine.end_step
-            if end is not None and s.offset >= end + self.delay_steps + self.config.final_padding + 2:
-                self._finish(b)
-            elif s.offset >= self.config.max_gen_length:
-                s.truncated = True
-                self._finish(b)
+        last, framed = [], []
+        for b, st in streams.items():
+            st.offset += 1
+            if st.offset > max_delay:  # the frame of this step exists (the delays are behind it)
+                framed.append(b)
+            end = st.machine.end_step
+            if end is not None and st.offset >= end + self.delay_steps + self.config.final_padding + 2:
+                last.append(st)
+            elif st.offset >= self.config.max_gen_length:
+                st.truncated = True
+                last.append(st)
+        for st in last:  # the slot is free for the next step; the stream is done once its frames are handed over
+            self._release(st)
+        errors = self._settle()  # the previous step's frames and PCM, while the device runs this one
+
+        def hand_over() -> list[Exception]:
+            host = reads.wait()
+            frame_rows = host[frames_at].unbind(0)  # one call for every row's view (256 indexings cost ~0.3 ms)
+            for b in framed:
+                if not streams[b].cancelled:
+                    streams[b].frames.append(frame_rows[b])
+            errs = self._deliver([(b, streams[b]) for b in decode], host[pcm_at]) if decode else []
+            for st in last:
+                st.done = True
+            return errs
+
+        self._pending = hand_over
         if errors:  # a stream's on_pcm raised: raised once every stream has its frame and its bookkeeping
             raise errors[0]
         return len(rows)
+
+    def _settle(self) -> list[Exception]:
+        """Hand the last step's frames and PCM to its streams; returns what their callbacks raised."""
+        pending, self._pending = self._pending, None
+        return pending() if pending is not None else []
 
     def _decode(self, rows: list[int], frames: torch.Tensor) -> torch.Tensor:
         """Queue Mimi's decode of the rows' codes, read from the step's device frames [rows, 1 + dep_q] (no copy
@@ -835,37 +858,43 @@ class TTSRuntime:
         with torch.no_grad():
             return self._decode_step(codes[..., None].to(self.mimi.device)).clamp(-1, 1).float()
 
-    def _deliver(self, rows: list[int], pcm: torch.Tensor) -> list[Exception]:
-        """Hand each row its frame of ``pcm`` [B, 1, 1920] (host); returns what the callbacks raised (each stream
-        is still served)."""
+    def _deliver(self, rows: list[tuple[int, TTSStream]], pcm: torch.Tensor) -> list[Exception]:
+        """Hand each (row, stream) its frame of ``pcm`` [B, 1, 1920] (host); returns what the callbacks raised (each
+        stream is still served)."""
         errors: list[Exception] = []
         pcm_rows = pcm[:, 0].unbind(0)  # every row's view in one call
-        for b in rows:
-            s = self.slots[b]
-            if s is None:  # cancelled by an earlier stream's callback
+        for b, st in rows:
+            if st.cancelled:  # cancelled by an earlier stream's callback
                 continue
             try:
-                s._deliver(pcm_rows[b])
+                st._deliver(pcm_rows[b])
             except Exception as e:  # one stream's callback must not cost the others their frame
                 errors.append(e)
         return errors
 
     def _cancel(self, stream: TTSStream) -> None:
+        """Stop ``stream`` now: frames of its last step not handed over yet are dropped with it."""
         if stream.done:
             return
         stream.text_ended = stream.cancelled = True
         if stream.slot is not None:
             self._finish(stream.slot)
-        else:
+        elif stream in self.waiting:
             self.waiting.remove(stream)
             stream.done = True
+        else:  # its slot is already free: its last step's frames were waiting to be handed over
+            stream.done = True
+
+    def _release(self, stream: TTSStream) -> None:
+        """Free the stream's slot (its KV pages back to the pool)."""
+        self.slots[stream.slot] = None
+        self.stepper.stop(stream.slot)
+        stream.slot = None
 
     def _finish(self, slot: int) -> None:
         s = self.slots[slot]
+        self._release(s)
         s.done = True
-        s.slot = None
-        self.slots[slot] = None
-        self.stepper.stop(slot)
 
     def pump(self) -> int:
         """Step while some stream can progress; returns the number of steps."""
@@ -1053,7 +1082,7 @@ def cmd_speak(args) -> int:
     try:
         try:
             while not stream.done:
-                if not rt.step():
+                if not rt.step() and not stream.done:  # (a call that runs nothing may hand the last PCM over)
                     return fail("generation stalled")
                 bar.update(len(stream.machine.transcript) - bar.n)
                 pcm = stream.read()

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[np.ndarray]:
             elif not s.text_ended:
                 s.end()  # no more text: the stream finishes after its last word
             if args.max_frames is not None and step >= args.max_frames and not s.done:
-                s.cancel()  # leaves its slot at once; what was produced stays readable
+                s.cancel()  # leaves its slot at once; what was handed over stays readable
         rt.step()  # one batched step: every stream that can progress does
         step += 1
         for i, s in enumerate(streams):

@@ -469,8 +469,9 @@ def test_word_by_word_equals_all_at_once(ckpt):
 
 
 def test_pcm_matches_moshi_mimi(ckpt, moshi_tts):
-    """Streaming Mimi per row: first PCM after 19 LM steps, the first decoded frames equal moshi's Mimi decode of
-    moshi's frames (frames 16...), clipped to [-1, 1]."""
+    """Streaming Mimi per row: first PCM after 19 LM steps (handed over by the next call, once it has queued its own
+    step), the first decoded frames equal moshi's Mimi decode of moshi's frames (frames 16...), clipped to
+    [-1, 1]."""
     n_q, n_pcm = 8, 4
     rt = runtime(ckpt, audio=True, n_q=n_q)
     s = rt.open_stream(ckpt.config_path.parent / "voice.safetensors")
@@ -483,7 +484,7 @@ def test_pcm_matches_moshi_mimi(ckpt, moshi_tts):
         if pcm.numel():
             assert pcm.numel() == 1920 and len(s.frames) == 17 + len(chunks)
             chunks.append(pcm)
-    assert s.offset == 19 + n_pcm - 1 and s.time_to_first_audio is not None
+    assert s.offset == 19 + n_pcm and s.time_to_first_audio is not None
     tts = moshi_tts(n_q)
     res = moshi_generate(tts, ckpt, [["hello world"]], ["voice.safetensors"])
     with torch.no_grad(), tts.mimi.streaming(1):
@@ -616,6 +617,37 @@ def test_cuda_a_frame_waits_twice_at_most(ckpt):
     syncs = cuda_syncs(rt.step)
     assert s.read().numel() == 1920, "the timed step decoded no audio"
     assert len(syncs) <= 2, syncs
+
+
+def test_a_steps_pcm_reaches_the_stream_at_the_next_call(ckpt):
+    """A step's frame and PCM are handed over by the next call, after it has queued its own step (the host's work
+    on them overlaps the device's); a call with nothing left to run hands the last ones over, and only then is the
+    stream done. A cancel drops the PCM not handed over yet: no callback after it."""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    rt = runtime(ckpt, audio=True, n_q=2)
+    s = rt.open_stream(voice)
+    s.push("hello world")
+    s.end()
+    while not s.read().numel():
+        assert rt.step()
+    first_audio_at = s.offset  # the step that made it ran one call before
+    assert len(s.frames) == s.offset - 1 - rt.model.cfg.max_delay
+    assert rt.step() and s.read().numel() == 1920
+    while rt.step():
+        assert not s.done
+        s.read()
+    assert s.done and s.read().numel() == 1920  # the last step's PCM, handed over by the call that ran nothing
+    assert first_audio_at == 1 + rt.delay_steps + rt.model.cfg.max_delay + 1
+
+    calls = []
+    c = rt.open_stream(voice, on_pcm=lambda pcm: calls.append(pcm.numel()))
+    c.push("hello world")
+    c.end()
+    while not calls:
+        assert rt.step()
+    assert rt.step() and len(calls) == 2  # the step just queued has made PCM too
+    c.cancel()
+    assert rt.step() == 0 and len(calls) == 2 and c.done and c.cancelled
 
 
 def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
