@@ -306,6 +306,15 @@ class Generator:
         m, cfg = self.model, self.model.cfg
         B, dq = state.batch_size, cfg.dep_q
         ex = state.exec_mask
+        if self.cfg_rows == 1 and m.transformer.pos_emb not in ("sin", "sin_rope"):
+            # the input column, its embedding and the K/V slots in one launch (three otherwise)
+            text, audio, text2 = self.tables
+            kv = state.kv
+            x, _, slot, seq_lens, positions = dsm_kernels.frame_embed(
+                state.cache, state.offsets, ex, self.delays, self.initial, input_tokens, dq + 1, text, audio,
+                kv.block_table, state.positions, kv.page_size, text_table2=text2, cond=state.cond_sum,
+                out_dtype=text.dtype, backend=self.backend)  # fmt: skip
+            return m.step_layers(x, kv, positions, slot, seq_lens, cross=state.cross, backend=self.backend)
         inp = dsm_kernels.frame_inputs(state.cache, state.offsets, ex, self.delays, self.initial, input_tokens,
                                        dq + 1, backend=self.backend)
         if self.cfg_rows == 2:  # null rows: the same column with the conditioning removed

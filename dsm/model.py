@@ -272,6 +272,14 @@ class LMModel(nn.Module):
         x = tr.add_sin(x, positions)
         slot, seq_lens, positions = dsm_kernels.kv_slots(kv.block_table, positions, write, kv.page_size, advance=True,
                                                          backend=backend)  # fmt: skip
+        return self.step_layers(x, kv, positions, slot, seq_lens, cross=cross, backend=backend)
+
+    def step_layers(self, x: torch.Tensor, kv: PagedKVCache, positions: torch.Tensor, slot: torch.Tensor,
+                    seq_lens: torch.Tensor, *, cross: CrossKVCache | None = None,
+                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers, output norm and text head of :meth:`step_text` on the embedded input ``x`` [B, d], at RoPE
+        ``positions`` with the K/V ``slot`` and ``seq_lens`` of ``dsm_kernels.kv_slots``."""
+        tr = self.transformer
         if self._fusable_step():
             kernels = backend or dsm_kernels.default_backend(x.device)
             few = x.shape[0] <= dsm_kernels.gemv_max_rows() and kernels != "reference"

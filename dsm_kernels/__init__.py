@@ -124,6 +124,10 @@ _OPS = {
         "reference": "dsm_kernels.reference:kv_slots_ref",
         "triton": "dsm_kernels.frame:kv_slots_triton",
     },
+    "frame_embed": {
+        "reference": "dsm_kernels.reference:frame_embed_ref",
+        "triton": "dsm_kernels.frame:frame_embed_triton",
+    },
     "depformer_frame": {
         "reference": "dsm_kernels.reference:depformer_frame_ref",
         "triton": "dsm_kernels.depformer:depformer_frame_triton",
@@ -391,6 +395,21 @@ def frame_commit(cache, offsets, exec_mask, delays, text_token, audio, max_delay
     return fn(cache, offsets, exec_mask, delays, text_token, audio, max_delay)
 
 
+def frame_embed(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, text_table, audio_tables,
+                block_table, positions, page_size, *, text_table2=None, cond=None, out_dtype=None, out=None,
+                backend=None):
+    """See :func:`dsm_kernels.reference.frame_embed_ref`: :func:`frame_inputs`, :func:`multistream_embed` and
+    :func:`kv_slots` (``write = exec_mask``, advanced) of a decode step in one launch on Triton (and on the CUDA
+    backend, which has no kernel of its own for it); ``cache`` and ``positions`` are updated in place."""
+    checks.frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, op="frame_embed")
+    B, K = cache.shape[:2]
+    checks.multistream_embed(cache.new_empty(B, K), text_table, audio_tables, text_table2, cond, op="frame_embed")
+    checks.kv_slots(block_table, positions, exec_mask, page_size, op="frame_embed")
+    fn = resolve("frame_embed", backend, cache.device)
+    return fn(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, text_table, audio_tables, block_table,
+              positions, page_size, text_table2=text_table2, cond=cond, out_dtype=out_dtype, out=out)
+
+
 def kv_slots(block_table, positions, write, page_size, *, advance=False, backend=None):
     """See :func:`dsm_kernels.reference.kv_slots_ref` (``advance``: the written rows' ``positions`` then move on, in
     place, and the positions the step had come third)."""
@@ -512,6 +531,7 @@ __all__ = [
     "default_backend",
     "depformer_frame",
     "frame_commit",
+    "frame_embed",
     "frame_inputs",
     "gemv",
     "gemv_max_rows",

@@ -61,8 +61,7 @@ def _mask(op: str, mask: torch.Tensor, B: int, name: str = "exec_mask") -> None:
         raise ValueError(f"{op}: {name} must be torch.bool, got {mask.dtype}")
 
 
-def multistream_embed(tokens, text_table, audio_tables, text_table2, cond) -> None:
-    op = "multistream_embed"
+def multistream_embed(tokens, text_table, audio_tables, text_table2, cond, op="multistream_embed") -> None:
     shape(op, "tokens", tokens, (None, None))
     shape(op, "text_table", text_table, (None, None))
     (B, K), D = tokens.shape, text_table.shape[1]
@@ -439,8 +438,7 @@ def _ring(op, cache, offsets, exec_mask, delays) -> tuple[int, int]:
     return B, K
 
 
-def frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen) -> None:
-    op = "frame_inputs"
+def frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, op="frame_inputs") -> None:
     B, K = _ring(op, cache, offsets, exec_mask, delays)
     shape(op, "initial", initial, (K,))
     if not 1 <= n_gen <= K:
@@ -459,8 +457,7 @@ def frame_commit(cache, offsets, exec_mask, delays, text_token, audio) -> None:
             raise ValueError(f"{op}: audio {tuple(audio.shape)} has more streams than cache {tuple(cache.shape)}")
 
 
-def kv_slots(block_table, positions, write, page_size) -> None:
-    op = "kv_slots"
+def kv_slots(block_table, positions, write, page_size, op="kv_slots") -> None:
     shape(op, "block_table", block_table, (None, None))
     B = block_table.shape[0]
     shape(op, "positions", positions, (B,))

@@ -148,3 +148,124 @@ def kv_slots_triton(block_table, positions, write, page_size, advance=False):
             num_warps=4,
         )  # fmt: skip
     return (slot, seq_lens, before) if advance else (slot, seq_lens)
+
+
+@triton.jit
+def _column_token(cache_row, stride_ck, tok_row, delay_ptr, init_ptr, off, r, CT, exi, first,
+                  k: tl.constexpr, N_GEN: tl.constexpr, HAS_INPUT: tl.constexpr):  # fmt: skip
+    """Stream k's token of this step's input column (frame_inputs' rule for one stream, as a scalar); the
+    input-only streams' new token is written into the ring by the row's first program only."""
+    delay = tl.load(delay_ptr + k)
+    cell = cache_row + k * stride_ck
+    cur = tl.load(cell + r)
+    if HAS_INPUT:
+        if k >= N_GEN:
+            w = (off + delay) % CT
+            val = tl.load(tok_row + (k - N_GEN)).to(tl.int64)
+            tl.store(cell + w, val, mask=(exi != 0) & first)
+            cur = tl.where((exi != 0) & (w == r), val, cur)  # a cell written and read this step: the new value
+    init = (off <= delay) | (exi == 0)
+    return tl.where(init, tl.load(init_ptr + k), cur)
+
+
+@triton.jit
+def _frame_embed_kernel(
+    cache_ptr, off_ptr, ex_ptr, delay_ptr, init_ptr, in_ptr, text_ptr, text2_ptr, audio_ptr, cond_ptr,
+    bt_ptr, pos_ptr, out_ptr, tok_ptr, slot_ptr, len_ptr, before_ptr,
+    D, Vt, CT, page_size, pps,
+    stride_cb, stride_ck, stride_in, stride_text, stride_text2, stride_aq, stride_av, stride_cond, stride_out,
+    stride_bt, stride_bp,
+    K: tl.constexpr, N_GEN: tl.constexpr, HAS_INPUT: tl.constexpr, HAS_TEXT2: tl.constexpr, HAS_COND: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) == 0  # the row's one program that writes its bookkeeping
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs < D
+    zero = tl.zeros([BLOCK_D], dtype=tl.int64)  # turns a scalar condition into a block-constant vector mask
+    off = tl.load(off_ptr + b)
+    exi = tl.load(ex_ptr + b).to(tl.int32)
+    r = off % CT
+    cache_row = cache_ptr + b * stride_cb
+    in_row = in_ptr + b * stride_in
+    # every program of the row derives the column itself (K scalars): no ordering between programs is needed, as
+    # only the first writes, and a ring cell it writes is read by no program this step but through `val`
+    text = _column_token(cache_row, stride_ck, in_row, delay_ptr, init_ptr, off, r, CT, exi, first, 0, N_GEN,
+                         HAS_INPUT)  # fmt: skip
+    tl.store(tok_ptr + b * K, text, mask=first)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # the reference's order (audio 0..K-2, text, text2, cond): fp32 sums equal multistream_embed's bit for bit
+    for k in tl.static_range(1, K):
+        t = _column_token(cache_row, stride_ck, in_row, delay_ptr, init_ptr, off, r, CT, exi, first, k, N_GEN,
+                          HAS_INPUT)  # fmt: skip
+        tl.store(tok_ptr + b * K + k, t, mask=first)
+        row = audio_ptr + (k - 1) * stride_aq + tl.maximum(t, 0) * stride_av
+        acc += tl.load(row + offs, mask=dmask & (zero + t >= 0), other=0.0).to(tl.float32)
+    vv = tl.maximum(text, 0)
+    if HAS_TEXT2:
+        second = vv // Vt - 1
+        acc += tl.load(text_ptr + (vv % Vt) * stride_text + offs, mask=dmask & (zero + text >= 0),
+                       other=0.0).to(tl.float32)  # fmt: skip
+        ok2 = (zero + text >= 0) & (zero + second >= 0)
+        acc += tl.load(text2_ptr + tl.maximum(second, 0) * stride_text2 + offs, mask=dmask & ok2,
+                       other=0.0).to(tl.float32)  # fmt: skip
+    else:
+        acc += tl.load(text_ptr + vv * stride_text + offs, mask=dmask & (zero + text >= 0), other=0.0).to(tl.float32)
+    if HAS_COND:
+        acc += tl.load(cond_ptr + b * stride_cond + offs, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+    # kv_slots of the executing rows, positions advanced (first program only)
+    pos = tl.load(pos_ptr + b).to(tl.int64)
+    w = exi != 0
+    page = tl.load(bt_ptr + b * stride_bt + ((pos // page_size) % pps) * stride_bp, mask=w, other=0).to(tl.int64)
+    tl.store(slot_ptr + b, tl.where(w, page * page_size + pos % page_size, -1), mask=first)
+    tl.store(len_ptr + b, tl.where(w, pos + 1, 0).to(tl.int32), mask=first)
+    tl.store(before_ptr + b, pos, mask=first)
+    tl.store(pos_ptr + b, pos + w.to(tl.int64), mask=first)
+
+
+def frame_embed_triton(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, text_table, audio_tables,
+                       block_table, positions, page_size, *, text_table2=None, cond=None, out_dtype=None,
+                       out=None, block_d=None):  # fmt: skip
+    """Triton twin of :func:`~dsm_kernels.reference.frame_embed_ref`: one launch for ``frame_inputs``,
+    ``multistream_embed`` and ``kv_slots`` (three before), a program per row and ``block_d`` columns (default: the
+    embedding kernel's)."""
+    from .embed import _block_d
+
+    B, K, CT = cache.shape
+    D = text_table.shape[1]
+    if cache.stride(2) != 1:
+        raise ValueError(f"frame_embed: cache {tuple(cache.shape)} must be contiguous along the ring")
+    if input_tokens is not None and input_tokens.stride(1) != 1:
+        raise ValueError(f"frame_embed: input_tokens {tuple(input_tokens.shape)} must be row-contiguous")
+    if B and positions.stride(0) != 1:  # unit_stride would advance a copy
+        raise ValueError(f"frame_embed: positions with stride {positions.stride(0)} cannot be advanced in place")
+    t2 = text_table2 if text_table2 is not None else text_table
+    for name, t in (("text_table", text_table), ("text_table2", t2), ("audio_tables", audio_tables)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"frame_embed: {name} {tuple(t.shape)} with strides {t.stride()} must be contiguous "
+                             "along D")  # fmt: skip
+    dev = cache.device
+    x = out if out is not None else torch.empty(B, D, dtype=out_dtype or text_table.dtype, device=dev)
+    if x.shape != (B, D) or x.stride(-1) != 1:
+        raise ValueError(f"frame_embed: out {tuple(x.shape)} must be [{B}, {D}], contiguous along D")
+    tokens = torch.empty(B, K, dtype=torch.int64, device=dev)
+    slot = torch.empty(B, dtype=torch.int64, device=dev)
+    seq_lens = torch.empty(B, dtype=torch.int32, device=dev)
+    before = torch.empty(B, dtype=positions.dtype, device=dev)
+    if B == 0:
+        return x, tokens, slot, seq_lens, before
+    offsets, exec_mask, delays, initial, cond = unit_stride(offsets, exec_mask, delays, initial, cond)
+    inp = input_tokens if input_tokens is not None else offsets
+    c = cond if cond is not None else x
+    block_d = block_d or _block_d(D)
+    _frame_embed_kernel[(B, triton.cdiv(D, block_d))](
+        cache, offsets, exec_mask, delays, initial, inp, text_table, t2, audio_tables, c,
+        block_table, positions, x, tokens, slot, seq_lens, before,
+        D, text_table.shape[0], CT, page_size, block_table.shape[1],
+        cache.stride(0), cache.stride(1), inp.stride(0), text_table.stride(0), t2.stride(0), audio_tables.stride(0),
+        audio_tables.stride(1), c.stride(0), x.stride(0), block_table.stride(0), block_table.stride(1),
+        K=K, N_GEN=n_gen, HAS_INPUT=input_tokens is not None, HAS_TEXT2=text_table2 is not None,
+        HAS_COND=cond is not None, BLOCK_D=block_d, num_warps=2,
+    )  # fmt: skip
+    return x, tokens, slot, seq_lens, before

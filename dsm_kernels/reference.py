@@ -792,6 +792,38 @@ def frame_commit_ref(
     return torch.where(invalid[:, None], -2, tokens)
 
 
+def frame_embed_ref(
+    cache: torch.Tensor,
+    offsets: torch.Tensor,
+    exec_mask: torch.Tensor,
+    delays: torch.Tensor,
+    initial: torch.Tensor,
+    input_tokens: torch.Tensor | None,
+    n_gen: int,
+    text_table: torch.Tensor,
+    audio_tables: torch.Tensor,
+    block_table: torch.Tensor,
+    positions: torch.Tensor,
+    page_size: int,
+    *,
+    text_table2: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """A decode step's bookkeeping and input as one op: :func:`frame_inputs_ref` (``cache`` updated in place), the
+    :func:`multistream_embed_ref` of its column, and :func:`kv_slots_ref` of the executing rows with ``advance``
+    (``positions`` moved on in place). Returns ``(x [B, D], tokens [B, K], slot [B], seq_lens [B], before [B])``:
+    the embedded input (written into ``out`` when given), the input column, and the K/V slots, sequence lengths and
+    RoPE positions of this step."""
+    tokens = frame_inputs_ref(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen)
+    x = multistream_embed_ref(tokens, text_table, audio_tables, text_table2=text_table2, cond=cond,
+                              out_dtype=out.dtype if out is not None else out_dtype)
+    if out is not None:
+        x = out.copy_(x)
+    return (x, tokens, *kv_slots_ref(block_table, positions, exec_mask, page_size, advance=True))
+
+
 def kv_slots_ref(
     block_table: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, page_size: int, advance: bool = False
 ) -> tuple[torch.Tensor, ...]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsm_kernels import reference, resolve
-from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, strided
+from dsm_kernels.testing import aot_compile, aot_script_main, kernel_device, poison_, strided
 
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -184,12 +184,14 @@ def test_triton_takes_strided_vectors():
 
 
 def test_triton_aot_compiles_for_sm90(aot_output):
-    assert aot_output(__file__).count("cubin") == 6
+    out = aot_output(__file__)
+    assert out.count("cubin") == 8 and out.count("0 local memory ops") == 2, out
 
 
 def _aot() -> None:
-    from dsm_kernels.frame import _frame_commit_kernel, _frame_inputs_kernel, _kv_slots_kernel
+    from dsm_kernels.frame import _frame_commit_kernel, _frame_embed_kernel, _frame_inputs_kernel, _kv_slots_kernel
     from dsm_kernels.mimi_kernels import _mimi_rows_kernel
+    from dsm_kernels.testing import local_memory_ops
 
     i64 = "*i64"
     ring = {"cache_ptr": i64, "off_ptr": i64, "ex_ptr": "*i1", "delay_ptr": i64, "out_ptr": i64}
@@ -207,7 +209,84 @@ def _aot() -> None:
         cc = aot_compile(kernel, types, consts, num_warps=1)
         assert "sm_90" in cc.asm["ptx"]
         print(f"{kernel.fn.__name__}: {len(cc.asm['cubin'])} B cubin")
+    # frame_embed at the STT (33 streams, 32 of them input) and TTS (all generated, demultiplexed text, a condition)
+    # layouts, bf16 tables, as launched (256 columns a program, 2 warps)
+    bf16 = "*bf16"
+    types = dict(ring, init_ptr=i64, in_ptr=i64, text_ptr=bf16, text2_ptr=bf16, audio_ptr=bf16, cond_ptr=bf16,
+                 bt_ptr="*i32", pos_ptr=i64, tok_ptr=i64, slot_ptr=i64, len_ptr="*i32", before_ptr=i64, out_ptr=bf16)
+    for consts in ({"K": 33, "N_GEN": 1, "HAS_INPUT": True, "HAS_TEXT2": False, "HAS_COND": False, "BLOCK_D": 256},
+                   {"K": 33, "N_GEN": 33, "HAS_INPUT": False, "HAS_TEXT2": True, "HAS_COND": True, "BLOCK_D": 256}):
+        cc = aot_compile(_frame_embed_kernel, types, consts, num_warps=2)
+        print(f"_frame_embed_kernel: {len(cc.asm['cubin'])} B cubin, {local_memory_ops(cc.asm['cubin'])} local "
+              "memory ops")
 
 
 if __name__ == "__main__":
     aot_script_main(_aot, __file__)
+
+
+def _embed_tables(K, D, Vt, Va, dtype, g):
+    text = (torch.randn(Vt, D, generator=g) * 0.5).to(dtype)
+    audio = (torch.randn(K - 1, Va, D, generator=g) * 0.5).to(dtype)
+    return text, audio
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["stt", "tts", "same-cell", "fp32-odd-D"])
+def test_frame_embed(backend, case):
+    """frame_embed = frame_inputs + multistream_embed + kv_slots (advanced) in one launch: the ring, the input
+    column, the slots, sequence lengths, RoPE positions and the advanced positions exactly as the reference; the
+    embedding as multistream_embed (fp32: equal; bf16: within one bf16 ulp of the fp32 sum). Several programs per
+    row (a narrow block of columns), of which only the first may write the row's bookkeeping."""
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    B, K, n_gen, delays, D, dtype, text2, cond, inputs = {
+        "stt": (5, 33, 1, [0] + [6] * 32, 64, torch.bfloat16, False, False, True),
+        "tts": (4, 33, 33, [0, 0] + [2] * 31, 64, torch.bfloat16, True, True, False),
+        "same-cell": (3, 9, 1, [0] * 9, 32, torch.bfloat16, False, False, True),  # delay % ring == 0
+        "fp32-odd-D": (6, 5, 2, [0, 1, 2, 4, 4], 40, torch.float32, False, True, True),
+    }[case]
+    CT = max(delays) + 2
+    _, cache, offsets, ex = _state(B, K, CT, max(delays), seed=B * 7 + K)
+    ex[-1] = False  # a row that does not execute: no ring write, no K/V slot, its position kept
+    Vt, Va = 40, 30
+    cache = cache.clamp(-1, min(Vt, Va) - 1)  # ids the tables have (-1: no embedding)
+    delays_t = torch.tensor(delays)
+    initial = torch.randint(0, min(Vt, Va), (K,), generator=g)
+    if text2:  # demultiplexed text ids (first + (second + 1) * Vt) in column 0
+        cache[:, 0] = torch.randint(-1, Vt * (Vt + 1), (B, CT), generator=g)
+    tok = torch.randint(0, Va, (B, K - n_gen), generator=g) if inputs else None
+    text, audio = _embed_tables(K, D, Vt, Va, dtype, g)
+    t2 = _embed_tables(K, D, Vt, Va, dtype, g)[0] if text2 else None
+    c = torch.randn(B, D, generator=g).to(dtype) if cond else None
+    bt = torch.randint(0, 50, (B, 3), generator=g, dtype=torch.int32)
+    pos = torch.randint(0, 200, (B,), generator=g)
+    exp_cache, exp_pos = cache.clone(), pos.clone()
+    exp = reference.frame_embed_ref(exp_cache, offsets, ex, delays_t, initial, tok, n_gen, text, audio, bt, exp_pos,
+                                    16, text_table2=t2, cond=c)  # fmt: skip
+    exp32 = reference.multistream_embed_ref(exp[1], text.float(), audio.float(),
+                                            text_table2=None if t2 is None else t2.float(),
+                                            cond=None if c is None else c.float())  # fmt: skip
+
+    def move(t):
+        return None if t is None else t.to(dev)
+
+    got_cache, got_pos = cache.to(dev), pos.to(dev)
+    kw = {"block_d": 16} if backend == "triton" else {}
+    out = poison_(torch.empty(B, D, dtype=dtype, device=dev))
+    got = resolve("frame_embed", backend, dev)(got_cache, move(offsets), move(ex), move(delays_t), move(initial),
+                                               move(tok), n_gen, move(text), move(audio), move(bt), got_pos, 16,
+                                               text_table2=move(t2), cond=move(c), out=out, **kw)  # fmt: skip
+    assert got[0] is out
+    got = [t.cpu() for t in got]
+    for name, a, b in zip(("tokens", "slot", "seq_lens", "before"), got[1:], exp[1:], strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(got_cache.cpu(), exp_cache) and torch.equal(got_pos.cpu(), exp_pos)
+    assert got[0].dtype == dtype and not got[0].isnan().any()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[0], exp32, atol=1e-6, rtol=1e-6)
+    else:
+        from dsm_kernels.testing import bf16_ulp
+
+        assert ((got[0].float() - exp32).abs() <= bf16_ulp(exp32)).all()
+    assert (exp[2] == -1).any() and (exp[2] >= 0).any()  # inactive and active rows both exercised
