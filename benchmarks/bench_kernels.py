@@ -225,6 +225,35 @@ def vad_case(B, device):
     return (z, w, 4), {}, (w.numel() + z.numel()) * 2, head_probs_ref
 
 
+def frame_case(model, B, device):
+    """A decode step's input kernel (``frame_embed``: the delay ring, the embedding of its column, the K/V slots) at
+    ``model``'s layout: STT with 32 input streams (delay 6), TTS with every stream generated (delay 2, demultiplexed
+    text, a condition). Bytes: as ``embed``. The torch baseline is the three ops it replaces, on the fastest backend
+    (on CUDA: Triton's ring and slot kernels around the CUDA embedding kernel)."""
+    import dsm_kernels
+
+    (tokens, text, audio), kw, nbytes = embed_case(model, B, device)
+    tts = model.startswith("tts")
+    K, delay = tokens.shape[1], 2 if tts else 6
+    cache = tokens[:, :, None].repeat(1, 1, delay + 2).contiguous()
+    offsets = torch.arange(B, device=device) + 10
+    ex = torch.ones(B, dtype=torch.bool, device=device)
+    delays = torch.tensor([0] + [delay] * (K - 1), device=device)
+    initial = torch.full((K,), AUDIO_CARD, device=device)
+    n_gen = K if tts else 1
+    inputs = None if tts else tokens[:, 1:].contiguous()
+    bt = torch.arange(B * 47, device=device, dtype=torch.int32).view(B, 47)
+    positions = torch.zeros(B, dtype=torch.int64, device=device)
+    fast = "cuda" if "cuda" in dsm_kernels.available_backends(device) else "triton"
+
+    def three_ops(cache, offsets, ex, delays, initial, inputs, n_gen, text, audio, bt, positions, page_size, **kw):
+        col = dsm_kernels.frame_inputs(cache, offsets, ex, delays, initial, inputs, n_gen, backend=fast)
+        x = dsm_kernels.multistream_embed(col, text, audio, backend=fast, **kw)
+        return x, *dsm_kernels.kv_slots(bt, positions, ex, page_size, advance=True, backend=fast)
+
+    return (cache, offsets, ex, delays, initial, inputs, n_gen, text, audio, bt, positions, 16), kw, nbytes, three_ops
+
+
 def grid_providers(fn, grids: list[int], name: str = "cuda") -> dict:
     """A persistent kernel at other grid sizes than its default (one block per SM): providers ``cuda:g66``, ... (the
     grid a planner should pick, by measurement)."""
@@ -266,6 +295,8 @@ KERNELS = {
     "rvq": ("rvq_encode", None, lambda B, dev, args: [("mimi", *rvq_case(B, dev))]),
     # stt-1b's semantic VAD: one kernel against a GEMM and a softmax
     "vad": ("head_probs", None, lambda B, dev, args: [("stt-1b", *vad_case(B, dev))]),
+    # a step's input kernel against the three it replaces
+    "frame": ("frame_embed", None, lambda B, dev, args: [(m, *frame_case(m, B, dev)) for m in ("stt-1b", "tts-1.6b")]),
 }
 
 

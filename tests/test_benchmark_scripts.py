@@ -70,7 +70,7 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
         assert all(t is not None and t > 0 for t in timed), timed  # nan fails too
     if name == "kernels_torch":
         assert {r["kernel"] for r in rows} == {"embed", "attention", "voice", "sampling", "gemv", "conv", "convtr",
-                                               "rvq", "vad"}
+                                               "rvq", "vad", "frame"}
         shapes = {r["shape"] for r in rows if r["kernel"] == "attention"}
         assert {"stt-1b", "stt-1b/fp8", "stt-1b/p64", "stt-1b/p64/fp8"} <= shapes, shapes
     if name == "kernels_triton":
