@@ -640,10 +640,12 @@ class STTRuntime:
         pending, self._pending = self._pending, None
         if pending is not None and not overlap:
             pending()
-        k = self._queue(max_frames, defer=overlap)
-        if pending is not None and overlap:
-            pending()
-        return k
+            pending = None
+        try:
+            return self._queue(max_frames, defer=overlap)
+        finally:  # even when this call's steps fail: the previous call's frames are not lost
+            if pending is not None:
+                pending()
 
     def settle(self) -> None:
         """Hand the streams the tokens of an overlapped call still pending (see :meth:`step`)."""

@@ -639,6 +639,23 @@ def test_an_overlapped_call_hands_its_tokens_over_at_the_next(lm, tok, files):
     assert n == min(1, left) and a.steps == 10 + n and rt._pending is None
 
 
+def test_a_failing_overlapped_call_still_hands_over_the_previous_one(lm, tok, files, monkeypatch):
+    """An overlapped call whose own steps fail (here the stepper raises) still hands the previous call's frames to
+    the streams before the error propagates: none of them is lost."""
+    rt = runtime(lm, tok, files.config, max_streams=1, engine=True)
+    a = rt.open_stream("a")
+    a.push(noise(1920 * 10, 1), process=False)
+    assert rt.step(4, overlap=True) == 4 and a.steps == 0
+
+    def boom(*args, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rt.stepper, "lm_steps", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        rt.step(4, overlap=True)
+    assert a.steps == 4 and rt._pending is None
+
+
 def test_open_close_markers_and_names(lm, tok, files):
     """A rate no push could use is refused at open (not at every push, holding a slot); close() echoes pending
     markers, and a marker asked after close is echoed at once; default names never repeat."""
