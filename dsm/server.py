@@ -367,6 +367,11 @@ class ASRServer(_Endpoint):
         finally:
             closed.cancel()
 
+    def _step(self) -> bool:
+        """An overlapped runtime call: the streams' words and events of one call are made while the device runs the
+        next (a call that finds no frame hands the last ones over, so none waits for new audio). Model thread."""
+        return self.rt.step(overlap=True) > 0
+
     def _on_message(self, stream: STTStream, raw: bytes) -> tuple[str | None, bool]:
         """Apply one client message: ``(error or None, whether it was an Audio message)``."""
         try:

@@ -330,6 +330,7 @@ class STTStream:
         self.history = history
         self.tokens: list[int] = []  # every text token, with history (for words())
         self.steps = 0  # frames consumed since open (Rust ``step_idx``)
+        self.in_flight = 0  # frames taken from the queue whose tokens are not handed over yet (overlapped calls)
         self.samples_in = 0  # 24 kHz samples pushed by the caller
         self.clipped_samples = 0  # input samples outside [-1, 1], clipped
         self.ended = False  # no more input accepted
@@ -413,9 +414,10 @@ class STTStream:
     def marker(self, marker_id: int) -> list[Event]:
         """Ask for a :class:`Marker` event once the audio queued so far plus ``asr_delay_in_tokens`` steps have run
         (moshi-server's rule, §5.7); pending markers are echoed at the end of the stream at the latest."""
-        due = self.steps + len(self.queue) // FRAME_SIZE + self.rt.asr_delay_in_tokens
+        due = self.steps + self.in_flight + len(self.queue) // FRAME_SIZE + self.rt.asr_delay_in_tokens
         self._markers.append((due, int(marker_id)))
-        self._due_markers(all_=self.ended and len(self.queue) < FRAME_SIZE)  # no more steps for it: echo now
+        # no more steps for it: echo now
+        self._due_markers(all_=self.ended and len(self.queue) < FRAME_SIZE and not self.in_flight)
         return self.events()
 
     def _due_markers(self, all_: bool = False) -> None:
@@ -668,15 +670,27 @@ class STTRuntime:
         active = torch.from_numpy(active)
         codes = self.stepper.encode(torch.from_numpy(pcm), active)
 
+        handed = 0
+
         def on_frame(i: int, tokens: list[int], probs: torch.Tensor | None) -> None:
+            nonlocal handed
+            handed += 1
             self.total_steps += 1
             probs = probs.tolist() if probs is not None else None  # one conversion, not one per stream
             last = i == k - 1
             for s, end in zip(ready, drained, strict=True):
+                s.in_flight -= 1
                 if self.slots[s.slot] is s:  # not closed meanwhile (overlap)
                     s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=last and end)
 
-        self._pending = self.stepper.lm_steps(codes, active, on_frame, defer=defer)
+        for s in ready:
+            s.in_flight += k
+        try:
+            self._pending = self.stepper.lm_steps(codes, active, on_frame, defer=defer)
+        except BaseException:
+            for s in ready:  # the frames not handed over are lost with the error
+                s.in_flight -= k - handed
+            raise
         return k
 
     def run(self, max_steps: int | None = None, max_frames: int = 1) -> int:

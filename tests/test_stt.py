@@ -388,7 +388,7 @@ def test_a_hook_error_keeps_the_frames_before_it(lm, tok, files):
     s.push(noise(1920 * 10, 1), process=False)
     with pytest.raises(RuntimeError, match="boom"):
         rt.step(4)
-    assert s.steps == 2 and rt.total_steps == 2
+    assert s.steps == 2 and rt.total_steps == 2 and s.in_flight == 0
     assert rt.step(4) == 4 and s.steps == 6  # the 4 frames of the failed call are gone (documented in STTRuntime)
 
 
@@ -653,7 +653,33 @@ def test_a_failing_overlapped_call_still_hands_over_the_previous_one(lm, tok, fi
     monkeypatch.setattr(rt.stepper, "lm_steps", boom)
     with pytest.raises(RuntimeError, match="boom"):
         rt.step(4, overlap=True)
-    assert a.steps == 4 and rt._pending is None
+    assert a.steps == 4 and rt._pending is None and a.in_flight == 0
+
+
+def test_a_marker_during_an_overlapped_call_is_due_as_without_overlap(lm, tok, files):
+    """A marker asked while a call's frames are in flight counts them (moshi-server's rule: the audio queued so far
+    plus the delay), and a stream whose last frames are in flight echoes it when they are handed over, not before."""
+    dues = []
+    for overlap in (False, True):
+        rt = runtime(lm, tok, files.config, max_streams=1, engine=True)
+        a = rt.open_stream("a")
+        a.push(noise(1920 * 10, 1), process=False)
+        for _ in range(3):
+            rt.step(1, overlap=overlap)
+        assert a.in_flight == (1 if overlap else 0)
+        a.marker(5)
+        dues.append(a._markers[-1][0])
+        rt.settle()
+    assert dues[0] == dues[1]
+    rt = runtime(lm, tok, files.config, max_streams=1, engine=True)
+    b = rt.open_stream("b")
+    b.flush(process=False)
+    frames = len(b.queue) // 1920
+    assert rt.step(frames, overlap=True) == frames and b.in_flight == frames and not b.queue
+    assert not any(isinstance(e, Marker) for e in b.marker(6))  # its frames still to come
+    rt.settle()
+    ev = b.events()
+    assert Marker("b", 6) in ev and isinstance(ev[-1], Finished) and b.in_flight == 0
 
 
 def test_open_close_markers_and_names(lm, tok, files):
