@@ -50,7 +50,8 @@ class HostReads:
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Host tensor ``t`` on ``device`` (a copy), queued behind the stream's work without waiting for it: it leaves
-    from a pinned copy, which PyTorch's pinned allocator keeps until the device has read it."""
+    from pinned memory (``t`` itself if pinned, else a pinned copy), which PyTorch's pinned allocator keeps until the
+    device has read it; the caller must not write a pinned ``t`` until then."""
     if torch.device(device).type != "cuda":
         return t.to(device, copy=True)
     return t.pin_memory().to(device, non_blocking=True)
