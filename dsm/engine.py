@@ -13,9 +13,9 @@
 * **Steps.** :meth:`Engine.step` runs one 80 ms frame for every open slot (slots without input this step are
   frozen by the exec mask). On CUDA, a step without hooks (STT) is one graph per bucket; with hooks, the device
   phases of :class:`dsm.generate.Generator` are captured once per bucket (input column + temporal transformer + text
-  sampling; depth transformer; commit) and the host hooks (e.g. the TTS state machine) run between them on small
-  tensors. ``DSM_NO_CUDA_GRAPH=1`` or
-  ``cuda_graphs=False`` runs eagerly (always the case on CPU).
+  sampling; depth transformer; commit; the last two as one graph when no hook runs between them, as in the TTS
+  runtime's steps) and the host hooks (e.g. the TTS state machine) run between them on small tensors.
+  ``DSM_NO_CUDA_GRAPH=1`` or ``cuda_graphs=False`` runs eagerly (always the case on CPU).
 
 Isolation: a slot's computation reads only its own rows, pages and seeds, so its outputs do not depend on what
 other slots hold. With one fixed bucket they are bit-identical to running it alone. With several buckets, the batch
@@ -474,6 +474,11 @@ class Engine:
             if check_hooks:
                 gen.check_hook_tokens(text_token, "on_text")
         token_in = self._static(bucket, "text_token", text_token)
+        if dq and replace is None and on_audio is None:  # no host work after the text hook: the rest is one graph
+            z_in = self._static(bucket, "z", z)
+            tokens = self._graph(bucket, "depth_commit",
+                                 lambda: gen.commit(view, token_in, gen.depformer(view, token_in, z_in))).replay()
+            return StepOutput(tokens, text_token, z, text_logits, extra)
         audio = None
         if dq:
             if replace is not None:  # into a buffer of ours: on_audio edits it, never the caller's tensor (as eager)

@@ -89,13 +89,18 @@ class Generator:
     def __init__(self, model: LMModel, *, use_sampling: bool = True, temp: float = 0.8, temp_text: float = 0.7,
                  top_k: int = 250, top_k_text: int = 25, cfg_coef: float = 1.0, cfg_is_no_text: bool = False,
                  cfg_is_masked_until: list[int] | None = None, support_out_of_sync: bool = False,
-                 page_size: int = 16, backend: str | None = None, depformer_steps: int | None = None):
+                 page_size: int = 16, backend: str | None = None, depformer_steps: int | None = None,
+                 audio_delay_steps: int | None = None):
         self.model = model
         cfg = model.cfg
         # Generate only the first ``depformer_steps`` codebooks (moshi's ``lm.dep_q = n_q``); the others are -1.
         self.depformer_steps = cfg.dep_q if depformer_steps is None else depformer_steps
         if not 0 <= self.depformer_steps <= cfg.dep_q:
             raise ValueError(f"depformer_steps must be in [0, dep_q={cfg.dep_q}], got {depformer_steps}")
+        # TTS (moshi TTSModel's audio hook): a row's codebook q stays -1 until its offset reaches its delay plus
+        # ``audio_delay_steps``, the text stream's lead; applied in the step, on the device (no host hook)
+        if audio_delay_steps is not None and (isinstance(audio_delay_steps, bool) or audio_delay_steps < 0):
+            raise ValueError(f"audio_delay_steps must be an int >= 0 or None, got {audio_delay_steps!r}")
         # a NaN temperature or a negative top-k would reach the sampler of every stream (no per-step host checks)
         for name, t in (("temp", temp), ("temp_text", temp_text)):
             if not (isinstance(t, numbers.Real) and 0 <= t < math.inf):
@@ -114,6 +119,8 @@ class Generator:
         device = next(model.parameters()).device
         self.device = device
         self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
+        self._audio_start = (None if audio_delay_steps is None or not cfg.dep_q else
+                             self.delays[1 : 1 + cfg.dep_q] + audio_delay_steps)  # fmt: skip
         self.initial = model.initial_tokens(1, device)[0]
         self.tables = model.fused_embedding_tables()
         self._consts: dict = {}  # small per-shape constants of a step (made eagerly, before any graph capture)
@@ -349,7 +356,8 @@ class Generator:
 
     def depformer(self, state: GenState, text_token: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The frame's audio tokens [B, dep_q], sampled codebook by codebook (one fused op without CFG rows);
-        codebooks past ``depformer_steps`` are -1."""
+        codebooks past ``depformer_steps`` are -1, and so are those still before their delay with
+        ``audio_delay_steps``."""
         dq, steps = self.model.cfg.dep_q, self.depformer_steps
         if self.cfg_rows == 1:
             # codebook k's noise counters are those `_sample` uses for stream k + 1
@@ -364,6 +372,8 @@ class Generator:
             out = self.model.depformer_step(text_token, z, sample, steps=steps)
         if steps < dq:
             out = torch.cat([out, out.new_full((out.shape[0], dq - steps), ZERO_TOKEN)], dim=1)
+        if self._audio_start is not None:
+            out = out.masked_fill(state.offsets[:, None] < self._audio_start[None], ZERO_TOKEN)
         return out
 
     def commit(self, state: GenState, text_token: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:

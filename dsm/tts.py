@@ -350,20 +350,17 @@ class LMStepper:
     """Steps ``max_batch`` LM slots with hooks (moshi ``LMGen`` semantics, out-of-sync mode: every slot has its
     own offset and frames come back for every row, -2 where not yet valid)."""
 
-    def __init__(self, model: LMModel, max_batch: int, default_conditions: dict, *, n_q: int, temp: float,
-                 top_k: int, top_k_text: int, cfg_coef: float = 1.0, seed: int = 0, backend: str | None = None):
+    def __init__(self, model: LMModel, max_batch: int, default_conditions: dict, *, n_q: int, delay_steps: int,
+                 temp: float, top_k: int, top_k_text: int, cfg_coef: float = 1.0, seed: int = 0,
+                 backend: str | None = None):
         self.gen = Generator(model, use_sampling=temp > 0, temp=temp, temp_text=temp, top_k=top_k,
                              top_k_text=top_k_text, cfg_coef=cfg_coef, cfg_is_no_text=True,
-                             support_out_of_sync=True, backend=backend, depformer_steps=n_q)
+                             support_out_of_sync=True, backend=backend, depformer_steps=n_q,
+                             audio_delay_steps=delay_steps)
         self.state = self.gen.init_state(max_batch, default_conditions, seed=seed)
         self.conditions = default_conditions  # per-slot values, kept to rebuild all rows (CFG doubling)
         self.dep_q = model.cfg.dep_q
         self.device = self.gen.device
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        """[B] device offsets before the step in progress (valid inside hooks)."""
-        return self.state.offsets
 
     def start(self, slot: int, conditions: dict, seed: int) -> None:
         """Restart ``slot`` as a fresh stream with ``conditions`` (batch-1 condition values) and sampling ``seed``
@@ -382,16 +379,17 @@ class LMStepper:
     def stop(self, slot: int) -> None:
         """Nothing to release: each row owns its KV ring for the stepper's lifetime."""
 
-    def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable | None, on_text: Callable,
-             on_audio: Callable) -> torch.Tensor:
+    def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable | None,
+             on_text: Callable) -> torch.Tensor:
         """Step the ``active`` [B] bool rows (a host tensor); returns the un-delayed frames [B, 1 + dep_q] on the
-        device (-2 where invalid)."""
+        device (-2 where invalid). The audio before each codebook's delay is -1: the generator's
+        ``audio_delay_steps``, on the device."""
         copy_from_host(self.state.exec_mask, active)
         replace = None
         if text_only:
             replace = torch.full((self.state.batch_size, self.dep_q), ZERO, dtype=torch.long, device=self.device)
         out = self.gen.step(self.state, None, depformer_replace_tokens=replace, on_text_logits=on_text_logits,
-                            on_text=on_text, on_audio=on_audio, check_hooks=False)  # (see EngineStepper.step)
+                            on_text=on_text, check_hooks=False)  # (see EngineStepper.step)
         return out.tokens
 
 
@@ -399,21 +397,15 @@ class EngineStepper:
     """:class:`LMStepper`'s interface over :class:`dsm.engine.Engine`: paged KV pages per stream, batch buckets and
     CUDA graphs on a GPU. Used when no real CFG row doubling is asked (the released TTS is CFG-distilled)."""
 
-    def __init__(self, model: LMModel, max_batch: int, *, n_q: int, temp: float, top_k: int, top_k_text: int,
-                 seed: int = 0, backend: str | None = None, cross_pages: int | None = None):
+    def __init__(self, model: LMModel, max_batch: int, *, n_q: int, delay_steps: int, temp: float, top_k: int,
+                 top_k_text: int, seed: int = 0, backend: str | None = None, cross_pages: int | None = None):
         from .engine import Engine
 
         self.engine = Engine(model, max_slots=max_batch, backend=backend, seed=seed, cross_pages=cross_pages,
-                             use_sampling=temp > 0,
-                             temp=temp, temp_text=temp, top_k=top_k, top_k_text=top_k_text, depformer_steps=n_q)
+                             use_sampling=temp > 0, temp=temp, temp_text=temp, top_k=top_k, top_k_text=top_k_text,
+                             depformer_steps=n_q, audio_delay_steps=delay_steps)
         self.dep_q = model.cfg.dep_q
         self.device = self.engine.device
-        self._rows = max_batch
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        """Device offsets of the rows the step in progress runs on (valid inside hooks)."""
-        return self.engine.state.offsets[: self._rows]
 
     def start(self, slot: int, conditions: dict, seed: int) -> None:
         self.stop(slot)
@@ -424,17 +416,17 @@ class EngineStepper:
         if slot in self.engine.slots:
             self.engine.close(slot)
 
-    def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable | None, on_text: Callable,
-             on_audio: Callable) -> torch.Tensor:
+    def step(self, active: torch.Tensor, text_only: bool, on_text_logits: Callable | None,
+             on_text: Callable) -> torch.Tensor:
         rows = active.nonzero()[:, 0].tolist()
-        self._rows = self.engine.bucket_for(rows)
         replace = None
-        if text_only:
-            replace = torch.full((self._rows, self.dep_q), ZERO, dtype=torch.long, device=self.device)
-        # The hooks are the runtime's own and write ids it knows valid (the state machine's, from a tokenizer
-        # checked against the text table at load; ZERO): no range check, a host wait for the device each.
+        if text_only:  # the engine's rows [0, bucket)
+            replace = torch.full((self.engine.bucket_for(rows), self.dep_q), ZERO, dtype=torch.long,
+                                 device=self.device)
+        # The hook is the runtime's own and writes ids it knows valid (the state machine's, from a tokenizer checked
+        # against the text table at load): no range check, a host wait for the device.
         out = self.engine.step(None, rows, on_text_logits=on_text_logits, on_text=on_text,
-                               depformer_replace_tokens=replace, on_audio=on_audio, check_hooks=False)
+                               depformer_replace_tokens=replace, check_hooks=False)
         return out.tokens  # rows [0, bucket), which covers every active row
 
 
@@ -619,22 +611,20 @@ class TTSRuntime:
         self.device = next(model.parameters()).device
         B = config.max_batch
         if config.cfg_coef == 1.0 and engine:
-            self.stepper = EngineStepper(model, B, n_q=config.n_q, temp=config.temp, top_k=config.top_k,
-                                         top_k_text=config.top_k_text, seed=config.seed, backend=backend,
-                                         cross_pages=config.condition_pages)
+            self.stepper = EngineStepper(model, B, n_q=config.n_q, delay_steps=self.delay_steps, temp=config.temp,
+                                         top_k=config.top_k, top_k_text=config.top_k_text, seed=config.seed,
+                                         backend=backend, cross_pages=config.condition_pages)
         else:  # real CFG doubles the rows: the plain generator handles it
             self.stepper = LMStepper(model, B, self._conditions([None] * B, [None] * B), n_q=config.n_q,
-                                     temp=config.temp, top_k=config.top_k, top_k_text=config.top_k_text,
-                                     cfg_coef=config.cfg_coef, seed=config.seed, backend=backend)
+                                     delay_steps=self.delay_steps, temp=config.temp, top_k=config.top_k,
+                                     top_k_text=config.top_k_text, cfg_coef=config.cfg_coef, seed=config.seed,
+                                     backend=backend)
         self.mimi_state = mimi.init_state(B) if mimi is not None else None
         self._decode_step = GraphedMimiStep(mimi.decode_step, self.mimi_state) if mimi is not None else None
         self.slots: list[TTSStream | None] = [None] * B
         self.waiting: deque[TTSStream] = deque()
         self._pending: Callable[[], list[Exception]] | None = None  # the last step's hand-over (see step())
         self._text_only_streak = 0  # consecutive interleaved text-only steps
-        delays = torch.tensor(cfg.delays[1 : 1 + cfg.dep_q], device=self.device)
-        self._audio_start = delays + self.delay_steps  # [dep_q] first offset with real audio per codebook
-        self._missing = torch.arange(cfg.dep_q, device=self.device) >= config.n_q  # codebooks fed as -1
 
     @classmethod
     def from_checkpoint(cls, files: CheckpointFiles, *, device: str | torch.device = "cpu",
@@ -796,11 +786,7 @@ class TTSRuntime:
                 values[b] = forced
             copy_from_host(tokens, torch.tensor(values, dtype=tokens.dtype))
 
-        def on_audio(audio: torch.Tensor) -> None:
-            off = self.stepper.offsets[:, None]
-            audio.masked_fill_((off < self._audio_start[None]) | self._missing[None], ZERO)
-
-        on_device = self.stepper.step(active, text_only, on_text_logits if bonus else None, on_text, on_audio)
+        on_device = self.stepper.step(active, text_only, on_text_logits if bonus else None, on_text)
         # Which rows have a frame, which Mimi decodes and which finish depend on counts only: decided now, with
         # Mimi's decode queued before the host reads anything (the frames and the PCM then come back with one wait,
         # at the next call).

@@ -484,8 +484,34 @@ def test_cuda_graph_engine_plain_tts_steps_equal_eager(tts_model, mode, monkeypa
             toks.append(out.tokens[2].clone())  # the stream that joins at step 5
         outs[graphs] = torch.stack(toks).to(dev)
         if graphs:
-            assert {"step", "text", "depth", "commit_audio"} <= {phase for _, phase in eng._graphs}
+            # a text hook alone: the depth transformer and the commit in one graph
+            assert {"step", "text", "depth_commit"} <= {phase for _, phase in eng._graphs}
     assert torch.equal(outs[False], outs[True])
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_audio_delay_steps_equals_the_tts_audio_hook(tts_model, graphs, monkeypatch):
+    """``audio_delay_steps=d`` keeps each codebook's audio at -1 until the row's offset reaches its delay + d, on the
+    device inside the step (a text hook alone then leaves the depth transformer and the commit one graph): the tokens
+    of an ``on_audio`` hook doing the same (the TTS runtime's former hook)."""
+    d, dq = 3, tts_model.cfg.dep_q
+    start = torch.tensor(tts_model.cfg.delays[1 : 1 + dq]) + d
+    outs = []
+    for option in (False, True):
+        eng = _graph_engine(tts_model, "emulated", monkeypatch, graphs, max_slots=2, temp=0.6, temp_text=0.6,
+                            **({"audio_delay_steps": d} if option else {}))  # fmt: skip
+        eng.open(seed=1), eng.open(seed=2)
+
+        def hook(audio, eng=eng):
+            audio.masked_fill_(eng.state.offsets[:2, None] < start[None], -1)
+
+        outs.append(torch.stack([eng.step(on_text=lambda t: None, **({} if option else {"on_audio": hook})).tokens
+                                 .clone() for _ in range(12)]))  # fmt: skip
+        if graphs and option:
+            assert "depth_commit" in {phase for _, phase in eng._graphs}
+    assert torch.equal(outs[0], outs[1])
+    audio = outs[0][..., 1:]
+    assert (audio == -1).any() and (audio >= 0).any()  # both sides of the delay reached
 
 
 @pytest.mark.parametrize("mode", GRAPH_MODES)
@@ -567,7 +593,7 @@ def test_warm_up_captures_every_bucket_and_changes_no_output(tts_model, monkeypa
         if warm:
             eng.warm_up()
             captured = {key for key, g in eng._graphs.items() if isinstance(g, EmulatedGraph) and g.calls >= 2}
-            phases = ("step", "text", "depth", "commit_audio")
+            phases = ("step", "text", "depth_commit", "commit_audio")  # commit_audio: the text-only steps
             assert {(b, p) for b in eng.buckets for p in phases} <= captured, captured
             assert eng.pool.used == 0 and eng.num_open == 0
         slot = eng.open(seed=9)
@@ -577,7 +603,7 @@ def test_warm_up_captures_every_bucket_and_changes_no_output(tts_model, monkeypa
 
     assert torch.equal(run(True), run(False))
     # a runtime that takes one path captures only its graphs: the TTS runtime (every step hooked), the STT one
-    for kw, absent, present in (({"plain": False}, "step", "text"), ({"hooked": False}, "depth", "step")):
+    for kw, absent, present in (({"plain": False}, "step", "text"), ({"hooked": False}, "depth_commit", "step")):
         eng = _graph_engine(tts_model, "emulated", monkeypatch, True, max_slots=2, temp=0.6)
         eng.warm_up(**kw)
         phases = {phase for _, phase in eng._graphs}
