@@ -401,10 +401,8 @@ def frame_embed(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen,
     """See :func:`dsm_kernels.reference.frame_embed_ref`: :func:`frame_inputs`, :func:`multistream_embed` and
     :func:`kv_slots` (``write = exec_mask``, advanced) of a decode step in one launch on Triton (and on the CUDA
     backend, which has no kernel of its own for it); ``cache`` and ``positions`` are updated in place."""
-    checks.frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, op="frame_embed")
-    B, K = cache.shape[:2]
-    checks.multistream_embed(cache.new_empty(B, K), text_table, audio_tables, text_table2, cond, op="frame_embed")
-    checks.kv_slots(block_table, positions, exec_mask, page_size, op="frame_embed")
+    checks.frame_embed(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, text_table, audio_tables,
+                       block_table, positions, page_size, text_table2, cond)
     fn = resolve("frame_embed", backend, cache.device)
     return fn(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, text_table, audio_tables, block_table,
               positions, page_size, text_table2=text_table2, cond=cond, out_dtype=out_dtype, out=out)

@@ -61,14 +61,20 @@ def _mask(op: str, mask: torch.Tensor, B: int, name: str = "exec_mask") -> None:
         raise ValueError(f"{op}: {name} must be torch.bool, got {mask.dtype}")
 
 
-def multistream_embed(tokens, text_table, audio_tables, text_table2, cond, op="multistream_embed") -> None:
+def multistream_embed(tokens, text_table, audio_tables, text_table2, cond) -> None:
+    op = "multistream_embed"
     shape(op, "tokens", tokens, (None, None))
+    _embed_tables(op, *tokens.shape, "tokens", tokens, text_table, audio_tables, text_table2, cond)
+
+
+def _embed_tables(op, B, K, what, columns, text_table, audio_tables, text_table2, cond) -> None:
+    """The tables (and condition rows) of an embedding of ``B`` rows of ``K`` token columns, held by ``what``."""
     shape(op, "text_table", text_table, (None, None))
-    (B, K), D = tokens.shape, text_table.shape[1]
+    D = text_table.shape[1]
     shape(op, "audio_tables", audio_tables, (None, None, D))
     if audio_tables.shape[0] < K - 1:
         raise ValueError(f"{op}: audio_tables {tuple(audio_tables.shape)} holds {audio_tables.shape[0]} tables for "
-                         f"the {K - 1} audio columns of tokens {tuple(tokens.shape)}")  # fmt: skip
+                         f"the {K - 1} audio columns of {what} {tuple(columns.shape)}")  # fmt: skip
     if text_table2 is not None:
         like(op, "text_table2", text_table2, "text_table", text_table)
     if cond is not None:
@@ -436,6 +442,14 @@ def _ring(op, cache, offsets, exec_mask, delays) -> tuple[int, int]:
     _mask(op, exec_mask, B)
     shape(op, "delays", delays, (K,))
     return B, K
+
+
+def frame_embed(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, text_table, audio_tables,
+                block_table, positions, page_size, text_table2, cond) -> None:
+    op = "frame_embed"
+    frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, op)
+    _embed_tables(op, *cache.shape[:2], "cache", cache, text_table, audio_tables, text_table2, cond)
+    kv_slots(block_table, positions, exec_mask, page_size, op)
 
 
 def frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, op="frame_inputs") -> None:

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .embed import _block_d
 from .triton_common import unit_stride
 
 
@@ -230,8 +231,6 @@ def frame_embed_triton(cache, offsets, exec_mask, delays, initial, input_tokens,
     """Triton twin of :func:`~dsm_kernels.reference.frame_embed_ref`: one launch for ``frame_inputs``,
     ``multistream_embed`` and ``kv_slots`` (three before), a program per row and ``block_d`` columns (default: the
     embedding kernel's)."""
-    from .embed import _block_d
-
     B, K, CT = cache.shape
     D = text_table.shape[1]
     if cache.stride(2) != 1:

@@ -137,8 +137,14 @@ def _frame(dev, which):
     if which == "inputs":
         return lambda b: K.frame_inputs(cache, offsets, _ones_mask(dev), delays, torch.zeros(2, dtype=torch.long,
                                         device=dev), None, 1, backend=b)  # fmt: skip
-    return lambda b: K.frame_commit(cache, offsets, _ones_mask(dev), delays, torch.zeros(1, dtype=torch.long,
-                                    device=dev), None, 0, backend=b)  # fmt: skip
+    if which == "commit":
+        return lambda b: K.frame_commit(cache, offsets, _ones_mask(dev), delays, torch.zeros(1, dtype=torch.long,
+                                        device=dev), None, 0, backend=b)  # fmt: skip
+    # embed: one audio table for the ring's 2 audio streams (the step would read past the tables)
+    bt, pos = torch.zeros(2, 3, dtype=torch.int32, device=dev), torch.zeros(2, dtype=torch.long, device=dev)
+    return lambda b: K.frame_embed(cache, offsets, _ones_mask(dev), delays, torch.zeros(3, dtype=torch.long,
+                                   device=dev), None, 3, _z(5, 4, dev=dev), _z(1, 5, 4, dev=dev), bt, pos, 16,
+                                   backend=b)  # fmt: skip
 
 
 def _kv_slots(dev):
@@ -191,6 +197,8 @@ CASES = {  # name: (call builder, start of the expected message)
     "silu-mul-odd": (lambda d: lambda b: K.silu_mul(_z(2, 5, dev=d), backend=b), "silu_mul: h has shape (2, 5): an"),
     "frame-inputs-initial": (lambda d: _frame(d, "inputs"), "frame_inputs: initial has shape (2,), expected [3]"),
     "frame-commit-text": (lambda d: _frame(d, "commit"), "frame_commit: text_token has shape (1,), expected [2]"),
+    "frame-embed-tables": (lambda d: _frame(d, "embed"), "frame_embed: audio_tables (1, 5, 4) holds 1 tables for the "
+                           "2 audio columns of cache (2, 3, 4)"),
     "kv-slots-int-write": (_kv_slots, "kv_slots: write must be torch.bool, got torch.int32"),
 }
 
