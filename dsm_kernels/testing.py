@@ -388,6 +388,41 @@ def decoder_inputs(w, B: int, *, context=24, page_size=4, kv_dtype=None, positio
                 cross=cross, counters=_counters(B, w.num_heads, device))
 
 
+def frame_embed_inputs(B: int, D: int, *, tts: bool, dtype: torch.dtype = torch.bfloat16, vt: int = 49,
+                       seed: int = 0) -> dict:
+    """Keyword inputs of ``dsm_kernels.frame_embed`` at a model's layout, on the CPU: 33 streams over their delay
+    ring, STT (32 input streams of audio codes, delay 6) or TTS (every stream generated, delay 2, demultiplexed text
+    ids and a condition row each); about a fifth of the rows do not execute; ``vt`` text ids, 2049 audio ids, each
+    row's ring of 4 pages of 16 positions in a shuffled pool."""
+    g = torch.Generator().manual_seed(seed)
+    K, va, delay = 33, 2049, 2 if tts else 6
+    n_gen, CT = K if tts else 1, delay + 2
+    cache = torch.randint(-1, min(vt, va), (B, K, CT), generator=g)
+    if tts:
+        cache[:, 0] = torch.randint(-1, vt * (vt + 1), (B, CT), generator=g)
+    return dict(
+        cache=cache, offsets=torch.randint(0, 50, (B,), generator=g), exec_mask=torch.rand(B, generator=g) < 0.8,
+        delays=torch.tensor([0] + [delay] * (K - 1)), initial=torch.randint(0, min(vt, va), (K,), generator=g),
+        input_tokens=None if tts else torch.randint(0, va, (B, K - n_gen), generator=g), n_gen=n_gen,
+        text_table=torch.randn(vt, D, generator=g).to(dtype),
+        audio_tables=torch.randn(K - 1, va, D, generator=g).to(dtype),
+        block_table=torch.randperm(B * 4, generator=g).view(B, 4).int(),
+        positions=torch.randint(0, 500, (B,), generator=g), page_size=16,
+        text_table2=torch.randn(vt, D, generator=g).to(dtype) if tts else None,
+        cond=torch.randn(B, D, generator=g).to(dtype) if tts else None,
+    )
+
+
+def frame_embed_fp32(inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """The fp32 sum that ``frame_embed``'s output rounds: the embedding of the column ``tokens`` over ``inputs``'
+    tables taken in fp32."""
+    def f32(t):
+        return None if t is None else t.float()
+
+    return reference.multistream_embed_ref(tokens.cpu(), f32(inputs["text_table"]), f32(inputs["audio_tables"]),
+                                           text_table2=f32(inputs["text_table2"]), cond=f32(inputs["cond"]))
+
+
 def kernel_device(backend: str) -> torch.device:
     """The device a kernel test of ``backend`` runs on: the GPU when present, else the CPU (Triton interpreter)."""
     from . import available_backends

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from . import available_backends, op_backends, op_names, reference, resolve
-from .testing import bf16_ulp, check_rvq_codes, max_abs_err, poison_, ref_relative_atol
+from .testing import (
+    bf16_ulp,
+    check_rvq_codes,
+    frame_embed_fp32,
+    frame_embed_inputs,
+    max_abs_err,
+    poison_,
+    ref_relative_atol,
+)
 
 
 @dataclass
@@ -274,41 +282,19 @@ def _frame_embed_rows(backend, device, quick):
     one (demultiplexed text, a condition vector; fp32), the bookkeeping exact, the embedding within one bf16 ulp of
     the fp32 sum (fp32: 1e-6 relative)."""
     rows = []
-    g = torch.Generator().manual_seed(16)
     D = 64 if quick or device.type == "cpu" else 2048
-    for K, n_gen, delay, demux, dtype in ((33, 1, 6, False, torch.bfloat16), (33, 33, 2, True, torch.float32)):
-        B, CT, Vt, Va = 64, delay + 2, 49, 2049
-        cache = torch.randint(-1, 49, (B, K, CT), generator=g)
-        if demux:
-            cache[:, 0] = torch.randint(-1, Vt * (Vt + 1), (B, CT), generator=g)
-        offsets = torch.randint(0, 50, (B,), generator=g)
-        ex = torch.rand(B, generator=g) < 0.8
-        delays = torch.tensor([0] + [delay] * (K - 1))
-        initial = torch.randint(0, 49, (K,), generator=g)
-        tok = torch.randint(0, Va, (B, K - n_gen), generator=g) if K > n_gen else None
-        text, audio = torch.randn(Vt, D, generator=g).to(dtype), torch.randn(K - 1, Va, D, generator=g).to(dtype)
-        text2 = torch.randn(Vt, D, generator=g).to(dtype) if demux else None
-        cond = torch.randn(B, D, generator=g).to(dtype) if demux else None
-        bt = torch.randperm(B * 4, generator=g).view(B, 4).int()
-        pos = torch.randint(0, 500, (B,), generator=g)
-        exp_cache, exp_pos = cache.clone(), pos.clone()
-        exp = reference.frame_embed_ref(exp_cache, offsets, ex, delays, initial, tok, n_gen, text, audio, bt, exp_pos,
-                                        16, text_table2=text2, cond=cond)  # fmt: skip
-        exp32 = reference.multistream_embed_ref(exp[1], text.float(), audio.float(),
-                                                text_table2=None if text2 is None else text2.float(),
-                                                cond=None if cond is None else cond.float())  # fmt: skip
-
-        def dev(t):
-            return None if t is None else t.to(device)
-
-        got_cache, got_pos = cache.to(device), pos.to(device)
-        out = poison_(torch.empty(B, D, dtype=dtype, device=device))
-        got = resolve("frame_embed", backend, device)(got_cache, dev(offsets), dev(ex), dev(delays), dev(initial),
-                                                      dev(tok), n_gen, dev(text), dev(audio), dev(bt), got_pos, 16,
-                                                      text_table2=dev(text2), cond=dev(cond), out=out)  # fmt: skip
-        case = f"B{B} K{K} gen{n_gen} D{D} {'demux+cond ' if demux else ''}{str(dtype)[6:]}"
+    for tts, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        inputs = frame_embed_inputs(64, D, tts=tts, dtype=dtype, seed=16)
+        exp_in = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        exp = reference.frame_embed_ref(**exp_in)
+        got_in = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        out = poison_(torch.empty(64, D, dtype=dtype, device=device))
+        got = resolve("frame_embed", backend, device)(**got_in, out=out)
+        exp32 = frame_embed_fp32(inputs, exp[1])
+        case = f"B64 K33 gen{inputs['n_gen']} D{D} {'demux+cond ' if tts else ''}{str(dtype)[6:]}"
         rows.append(_exact("frame_embed", backend, case + ", bookkeeping",
-                           [*zip(got[1:], exp[1:], strict=True), (got_cache, exp_cache), (got_pos, exp_pos)]))
+                           [*zip(got[1:], exp[1:], strict=True), (got_in["cache"], exp_in["cache"]),
+                            (got_in["positions"], exp_in["positions"])]))  # fmt: skip
         bound = bf16_ulp(exp32) if dtype == torch.bfloat16 else 1e-6 * (1 + exp32.abs())
         rows.append(_row("frame_embed", backend, case, got[0], exp32, bound,
                          "abs err <= 1 bf16 ulp of the fp32 sum" if dtype == torch.bfloat16 else "abs err <= 1e-6"))

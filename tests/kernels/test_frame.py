@@ -189,58 +189,33 @@ def test_cuda_frame_embed_real_shapes_and_graph_replay(tts):
     """On the GPU at the models' shapes (64 rows, 33 streams, d = 2048 bf16: 8 programs a row running at once, only
     the first writing the row's bookkeeping), replayed from a CUDA graph over three steps: the ring, column, slots
     and positions exactly as the reference's, the embedding within one bf16 ulp of the fp32 sum."""
-    from dsm_kernels.testing import bf16_ulp
+    from dsm_kernels.testing import bf16_ulp, frame_embed_fp32, frame_embed_inputs
 
-    g = torch.Generator().manual_seed(5)
-    B, K, D, Vt, Va = 64, 33, 2048, 8001, 2049
-    delay = 2 if tts else 6
-    CT = delay + 2
-    cache = torch.randint(0, 2048, (B, K, CT), generator=g)
-    offsets = torch.randint(0, 30, (B,), generator=g)
-    ex = torch.rand(B, generator=g) < 0.8
-    delays = torch.tensor([0] + [delay] * (K - 1))
-    initial = torch.full((K,), 2048)
-    n_gen = K if tts else 1
-    text = torch.randn(Vt, D, generator=g).bfloat16()
-    audio = torch.randn(K - 1, Va, D, generator=g).bfloat16()
-    t2 = torch.randn(Vt, D, generator=g).bfloat16() if tts else None
-    cond = torch.randn(B, D, generator=g).bfloat16() if tts else None
-    bt = torch.randperm(B * 47, generator=g).view(B, 47).int()
-    pos = torch.randint(0, 700, (B,), generator=g)
-    steps = [torch.randint(0, 2048, (B, K - n_gen), generator=g) if not tts else None for _ in range(3)]
-    dev = "cuda"
-    d_cache, d_off, d_pos = cache.to(dev), offsets.to(dev), pos.to(dev)
-    d_in = torch.zeros(B, K - n_gen, dtype=torch.long, device=dev) if not tts else None
-    args = [t.to(dev) if t is not None else None for t in (ex, delays, initial, text, audio, bt, t2, cond)]
-
-    def run():
-        return resolve("frame_embed", "cuda", dev)(d_cache, d_off, args[0], args[1], args[2], d_in, n_gen, args[3],
-                                                   args[4], args[5], d_pos, 16, text_table2=args[6], cond=args[7])
-
+    ref = frame_embed_inputs(64, 2048, tts=tts, vt=8001, seed=5)
+    dev = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in ref.items()}
+    g = torch.Generator().manual_seed(6)
     graph, out = None, None
-    for i, tok in enumerate(steps):
-        if d_in is not None:
-            d_in.copy_(tok.to(dev))
+    for i in range(3):
+        if not tts:  # this step's audio codes
+            ref["input_tokens"] = torch.randint(0, 2049, ref["input_tokens"].shape, generator=g)
+            dev["input_tokens"].copy_(ref["input_tokens"])
         if i == 0:  # eager (and compiled); then captured, which records without running
-            got = run()
+            got = resolve("frame_embed", "cuda", "cuda")(**dev)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = run()
+                out = resolve("frame_embed", "cuda", "cuda")(**dev)
         else:
             graph.replay()
             got = out
-        exp = reference.frame_embed_ref(cache, offsets, ex, delays, initial, tok, n_gen, text, audio, bt, pos, 16,
-                                        text_table2=t2, cond=cond)  # fmt: skip
+        exp = reference.frame_embed_ref(**ref)
         got = [t.cpu() for t in got]
         for name, a, b in zip(("tokens", "slot", "seq_lens", "before"), got[1:], exp[1:], strict=True):
             assert torch.equal(a, b), (i, name)
-        assert torch.equal(d_cache.cpu(), cache) and torch.equal(d_pos.cpu(), pos), i
-        exp32 = reference.multistream_embed_ref(exp[1], text.float(), audio.float(),
-                                                text_table2=None if t2 is None else t2.float(),
-                                                cond=None if cond is None else cond.float())  # fmt: skip
+        assert torch.equal(dev["cache"].cpu(), ref["cache"]) and torch.equal(dev["positions"].cpu(), ref["positions"])
+        exp32 = frame_embed_fp32(ref, exp[1])
         assert ((got[0].float() - exp32).abs() <= bf16_ulp(exp32)).all(), i
-        offsets += ex.long()  # the commit's advance between steps (frame_commit's job)
-        d_off.copy_(offsets.to(dev))
+        ref["offsets"] += ref["exec_mask"].long()  # the commit's advance between steps (frame_commit's job)
+        dev["offsets"].copy_(ref["offsets"])
 
 
 def test_triton_aot_compiles_for_sm90(aot_output):
