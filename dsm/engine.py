@@ -38,6 +38,7 @@ import dsm_kernels
 from .conditioning import cross_page_keys
 from .cuda_graphs import LazyGraph
 from .generate import Generator, GenState, StepOutput, check_token_range
+from .host_copies import copy_from_host
 from .kv_cache import PagedKVCache, cross_page_size, pages_per_slot
 from .model import LMModel
 
@@ -218,7 +219,6 @@ class Engine:
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and not uses_reference
         self._graphs: dict[tuple[int, str], object] = {}  # (bucket, phase) -> LazyGraph, or "buf:" static inputs
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self._pin = self.device.type == "cuda"
         # Host work a step may skip (it stands before the step's first launch, so the device waits for it): the
         # active set the device's exec mask holds (None: unknown, e.g. after open() or close() wrote it), and each
         # bucket's row view of the state (a graph replays the view it captured; the eager path reads the same slices).
@@ -421,11 +421,11 @@ class Engine:
             depformer_replace_tokens = depformer_replace_tokens.reshape(bucket, dq).to(self.device, torch.long)
         self._assign_pages(active)
         if self._mask_active != tuple(active):
-            # A fresh pinned buffer: the async copy reads it only when the device gets there, possibly after the host
-            # has prepared later steps (a step does not sync), and the host allocator keeps it until the copy is done.
-            mask = torch.zeros(self.max_slots, dtype=torch.bool, pin_memory=self._pin)
+            # From a fresh pinned copy: the device reads it only when it gets there, possibly after the host has
+            # prepared later steps (a step does not sync), and the host allocator keeps it until the copy is done.
+            mask = torch.zeros(self.max_slots, dtype=torch.bool)
             mask[active] = True
-            self.state.exec_mask.copy_(mask, non_blocking=True)
+            copy_from_host(self.state.exec_mask, mask)
             self._mask_active = tuple(active)
         view = self._views.get(bucket)
         if view is None:

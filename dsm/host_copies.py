@@ -24,7 +24,7 @@ class HostReads:
 
     def __init__(self):
         self._copies: list[torch.Tensor] = []
-        self._done: torch.cuda.Event | None = None  # recorded after the last copy
+        self._done: torch.cuda.Event | None = None  # recorded again after each copy: the last one is waited for
 
     def read(self, t: torch.Tensor) -> int:
         if t.device.type == "cpu":
@@ -33,19 +33,18 @@ class HostReads:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             self._copies.append(host)
-            self._done = torch.cuda.Event()
+            if self._done is None:
+                self._done = torch.cuda.Event()
             self._done.record(torch.cuda.current_stream(t.device))
         return len(self._copies) - 1
 
     def wait(self) -> list[torch.Tensor]:
         """The host copies, in the order read; waits for the device once if any read was from one, for the copies
         only: work queued after the last read (an overlapped runtime's next call) keeps running."""
-        if self._done is not None:
+        if self._done is not None:  # (a second wait finds it done)
             self._done.synchronize()
-            self._done = None
         out, self._copies = self._copies, []
         return out
-
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
