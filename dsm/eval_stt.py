@@ -46,9 +46,16 @@ def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark (some editors write one) is not the first path
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the manifest as UTF-8"
+                            ) from None
     pairs = []
     jsonl = path.suffix in (".jsonl", ".json")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if jsonl or (line.lstrip().startswith("{") and path.suffix != ".tsv"):

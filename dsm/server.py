@@ -23,13 +23,18 @@ All connections share one runtime and one model loop; a connection's bad input g
 alone and never touches the other streams.
 
 Threads: the event loop does the websocket I/O; the steps (and the CUDA graph capture before them) run on one model
-thread, so a long step never stalls pings, reads or sends. Every touch of the runtime, from the loop or the model
-thread, holds one ``asyncio.Lock``; messages that arrive during a step wait for it without blocking the loop. Each
-connection's output goes through its own outbox, drained by its own task, so a client that reads slowly delays only
-itself; one that lets more than ``OUTBOX_BYTES`` pile up is closed with code 1008. Input is bounded too: an ASR
-connection with more than ``MAX_BUFFERED_S`` of audio queued is not read until the model catches up (TCP pushes back on
-the client; nothing is dropped), one that sends no audio for ``AUDIO_TIMEOUT_S`` is closed (moshi-server's 120 s), and
-the TTS ``?voice=`` query names a voice of the voice repository only, never a local file or another repository.
+thread, so a long step never stalls pings, reads or sends. A connection's messages are parsed as they arrive and
+queued in the endpoint's inbox; the model loop applies the inbox to the streams before each step, on the model thread,
+so a handler never waits for a step to take in a message (a client is read at network speed, and one that leaves is
+seen at once, not after its buffered messages have trickled in one step at a time). Every touch of the runtime holds
+one ``asyncio.Lock`` (the model loop holds it for a step, a handler to open or close its stream). Each connection's
+output goes through its own outbox, drained by its own task, so a client that reads slowly delays only itself; one
+that lets more than ``OUTBOX_BYTES`` pile up is closed with code 1008. Input is bounded too: an ASR connection with
+more than ``MAX_BUFFERED_S`` of audio waiting is not read until the model catches up (TCP pushes back on the client;
+nothing is dropped; the ASR server therefore does not close a connection whose pongs are late, since they wait behind
+its audio, and a client that far ahead must pace its audio or not time out its own pings), one that sends no audio
+for ``AUDIO_TIMEOUT_S`` is closed (moshi-server's 120 s), and the TTS ``?voice=`` query names a voice of the voice
+repository only, never a local file or another repository.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -63,7 +69,6 @@ FRAME_RATE = 12.5
 OUTBOX_BYTES = 64 * 2**20  # unsent output per connection (~5 min of PcmMessagePack audio) before it is closed
 MAX_BUFFERED_S = 60.0  # ASR audio queued per connection before its socket is left unread
 AUDIO_TIMEOUT_S = 120.0  # an ASR connection without an Audio message for this long is closed (moshi-server)
-BIG_TEXT = 2**16  # TTS text messages longer than this are parsed on a worker thread, not on the event loop
 log = logging.getLogger("dsm.server")
 
 
@@ -177,12 +182,14 @@ class _Endpoint:
     module_type = ""  # moshi-server's name for the module in /api/modules_info
     metrics_prefix = ""
     outbox_bytes = OUTBOX_BYTES
+    ping_timeout: float | None = 20.0  # websockets' keepalive: close a connection whose pong is this late
 
     def __init__(self, runtime, api_keys: Iterable[str]):
         self.rt = runtime
         self.api_keys = set(api_keys)
         self.connections: dict[object, _Outbox] = {}  # connection state -> its outbox
         self.lock = asyncio.Lock()  # held by whoever touches the runtime or a stream
+        self._inbox: list[tuple[object, Callable[[], str | None]]] = []  # (connection, message's change) to apply
         self._wake = asyncio.Event()
         self._stepped = asyncio.Event()  # set (and replaced) after every model step
         self._model_thread: ThreadPoolExecutor | None = None
@@ -235,8 +242,8 @@ class _Endpoint:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dsm-model", initializer=self._thread_init)
         await self._on_model_thread(self.rt.warm_up)
         task = asyncio.create_task(self._model_loop())
-        return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24), task,
-                        self._model_thread)
+        return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24,
+                              ping_timeout=self.ping_timeout), task, self._model_thread)
 
     def _thread_init(self) -> None:
         device = torch.device(self.rt.device)
@@ -253,6 +260,28 @@ class _Endpoint:
     async def _handler(self, ws) -> None:
         raise NotImplementedError
 
+    def _submit(self, conn, change: Callable[[], str | None]) -> None:
+        """Queue a parsed message's ``change`` to the runtime (returns an error text or None): the model loop applies
+        it before its next step, in arrival order, unless ``conn`` has left by then."""
+        self._inbox.append((conn, change))
+        self._wake.set()
+
+    def _error(self, conn, message: str) -> None:
+        """Tell ``conn`` that one of its messages was bad (an ``Error`` message)."""
+        box = self.connections.get(conn)
+        if box is not None:
+            box.post(pack({"type": "Error", "message": message}))
+
+    def _apply_and_step(self, inbox: list) -> tuple[list[tuple[object, str]], bool]:
+        """Apply the queued messages of connections still open, then step: ``(errors, stepped)``. Model thread."""
+        errors = []
+        for conn, change in inbox:
+            if conn in self.connections:
+                error = change()
+                if error:
+                    errors.append((conn, error))
+        return errors, self._step()
+
     def _step(self) -> bool:
         """One runtime step if any stream can progress; False when there was nothing to do. Model thread."""
         return self.rt.step() > 0
@@ -266,11 +295,12 @@ class _Endpoint:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                failed = False
+                failed, errors = False, []
                 async with self.lock:
+                    inbox, self._inbox = self._inbox, []
                     t0 = time.perf_counter()
                     try:
-                        stepped = await self._on_model_thread(self._step)
+                        errors, stepped = await self._on_model_thread(partial(self._apply_and_step, inbox))
                     except Exception:  # a dead loop left every client waiting forever: log, close them, keep serving
                         log.exception("model step failed; closing every connection")
                         failed, stepped = True, False
@@ -281,6 +311,8 @@ class _Endpoint:
                     outgoing = [] if failed else self._outgoing()
                 self._stepped.set()
                 self._stepped = asyncio.Event()
+                for conn, error in errors:
+                    self._error(conn, error)
                 if failed:
                     for box in list(self.connections.values()):  # their handlers cancel their streams
                         box.close(1011, "dsm: model step failed (see the server log)")
@@ -295,6 +327,18 @@ class _Endpoint:
                 await asyncio.sleep(0)  # let the outboxes and the connections run between steps
 
 
+class _ASRConnection:
+    def __init__(self, stream: STTStream):
+        self.stream = stream
+        self.received = 0  # Audio samples parsed (event loop) ...
+        self.applied = 0  # ... and pushed to the stream (model thread): the difference waits in the inbox
+        self.events: list = []  # events a message's change returned, sent with the step's
+
+    def waiting(self) -> int:
+        """Samples not stepped yet: in the inbox or in the stream's queue."""
+        return self.received - self.applied + len(self.stream.queue)
+
+
 class ASRServer(_Endpoint):
     """``/api/asr-streaming`` over ``runtime`` (see the module doc)."""
 
@@ -303,6 +347,7 @@ class ASRServer(_Endpoint):
     metrics_prefix = "asr"
     max_buffered_s = MAX_BUFFERED_S
     audio_timeout_s = AUDIO_TIMEOUT_S
+    ping_timeout = None  # a connection left unread (max_buffered_s) reads its pongs late: that is no dead client
 
     def __init__(self, runtime: STTRuntime, api_keys: Iterable[str] = ("public_token",)):
         super().__init__(runtime, api_keys)
@@ -321,13 +366,14 @@ class ASRServer(_Endpoint):
             await ws.close()
             return
         self.metrics.connect.inc()
-        box = self.connections[stream] = _Outbox(ws, self.outbox_bytes)
+        conn = _ASRConnection(stream)
+        box = self.connections[conn] = _Outbox(ws, self.outbox_bytes)
         loop = asyncio.get_running_loop()
         last_audio = loop.time()
         try:
             box.post(pack({"type": "Ready"}))
             while True:
-                await self._backpressure(ws, stream)
+                await self._backpressure(ws, conn)
                 try:
                     raw = await asyncio.wait_for(ws.recv(), last_audio + self.audio_timeout_s - loop.time())
                 except TimeoutError:
@@ -337,30 +383,31 @@ class ASRServer(_Endpoint):
                     break
                 if isinstance(raw, str):
                     continue  # text frames are ignored by the ASR
-                async with self.lock:
-                    error, audio = self._on_message(stream, raw)
-                if audio:
+                kind, value, error = self._parse(raw)
+                if kind == "Audio":
                     last_audio = loop.time()
                 if error:
                     box.post(pack({"type": "Error", "message": error}))
-                self._wake.set()
+                else:
+                    conn.received += value.shape[0] if kind == "Audio" else 0
+                    self._submit(conn, partial(self._apply, conn, kind, value))
         except ConnectionClosed:  # gone without a close frame (network drop, killed client): the slot is freed below
             log.info("%s: connection lost", stream.name)
         finally:
-            del self.connections[stream]
+            del self.connections[conn]
             box.task.cancel()
             async with self.lock:
                 stream.close()
 
-    async def _backpressure(self, ws, stream: STTStream) -> None:
-        """Leave the socket unread while the stream has more than ``max_buffered_s`` of audio queued (the model
+    async def _backpressure(self, ws, conn: _ASRConnection) -> None:
+        """Leave the socket unread while the connection has more than ``max_buffered_s`` of audio waiting (the model
         catches up step by step), or until the connection closes (a shutdown must not wait on a step)."""
         limit = self.max_buffered_s * SAMPLE_RATE
-        if len(stream.queue) <= limit:
+        if conn.waiting() <= limit:
             return
         closed = asyncio.ensure_future(ws.wait_closed())
         try:
-            while len(stream.queue) > limit and not closed.done():
+            while conn.waiting() > limit and not closed.done():
                 stepped = asyncio.ensure_future(self._stepped.wait())
                 await asyncio.wait({stepped, closed}, return_when=asyncio.FIRST_COMPLETED)
                 stepped.cancel()
@@ -372,37 +419,52 @@ class ASRServer(_Endpoint):
         next (a call that finds no frame hands the last ones over, so none waits for new audio). Model thread."""
         return self.rt.step(overlap=True) > 0
 
-    def _on_message(self, stream: STTStream, raw: bytes) -> tuple[str | None, bool]:
-        """Apply one client message: ``(error or None, whether it was an Audio message)``."""
+    @staticmethod
+    def _parse(raw: bytes) -> tuple[str | None, object, str | None]:
+        """Read one client message on the event loop: ``(type, value, error)``, the value being an Audio message's
+        samples (float32 [T]) or a Marker's id."""
         try:
             msg = msgpack.unpackb(raw, raw=False)
         except (ValueError, msgpack.UnpackException) as e:
-            return f"not a MessagePack message ({type(e).__name__}: {e})", False  # some errors have no text
+            return None, None, f"not a MessagePack message ({type(e).__name__}: {e})"  # some errors have no text
         kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "Audio":
+            try:
+                pcm = np.asarray(msg.get("pcm", []), dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                return kind, None, f"bad Audio message: {e}"
+            if pcm.ndim != 1:
+                return kind, None, f"Audio.pcm must be a flat list of floats, got shape {pcm.shape}"
+            return kind, pcm, None
+        if kind == "Marker":
+            mid = msg.get("id")
+            if isinstance(mid, bool) or not isinstance(mid, int) or not -(2**63) <= mid < 2**63:
+                return kind, None, f"Marker.id must be an int64, got {mid!r}"
+            return kind, mid, None
+        if kind == "OggOpus":
+            return kind, None, "OggOpus input is not supported by dsm: send Audio messages (24 kHz float PCM)"
+        return kind, None, f"unknown message type {kind!r} (expected Audio or Marker)"
+
+    @staticmethod
+    def _apply(conn: _ASRConnection, kind: str, value) -> str | None:
+        """An Audio message's samples queued on the stream, or a Marker asked (model thread, before a step); returns
+        an error text."""
         try:
             if kind == "Audio":
-                pcm = np.asarray(msg.get("pcm", []), dtype=np.float32)
-                if pcm.ndim != 1:
-                    return f"Audio.pcm must be a flat list of floats, got shape {pcm.shape}", True
-                stream.push(pcm, process=False)
-                return None, True
-            if kind == "Marker":
-                mid = msg["id"]
-                if isinstance(mid, bool) or not isinstance(mid, int) or not -(2**63) <= mid < 2**63:
-                    return f"Marker.id must be an int64, got {mid!r}", False
-                stream.marker(mid)
-            elif kind == "OggOpus":
-                return "OggOpus input is not supported by dsm: send Audio messages (24 kHz float PCM)", False
+                conn.events += conn.stream.push(value, process=False)
             else:
-                return f"unknown message type {kind!r} (expected Audio or Marker)", False
-        except (AudioError, TypeError, ValueError, KeyError) as e:
-            return f"bad {kind} message: {e}", kind == "Audio"
-        return None, False
+                conn.events += conn.stream.marker(value)
+        except AudioError as e:
+            return f"bad Audio message: {e}"
+        finally:
+            conn.applied += value.shape[0] if kind == "Audio" else 0
+        return None
 
     def _outgoing(self):
         out = []
-        for stream, box in self.connections.items():  # Step.step_idx is the server-wide step counter (§9.2)
-            msgs = [event_message(e, len(stream.queue), self.rt.total_steps) for e in stream.events()]
+        for conn, box in self.connections.items():  # Step.step_idx is the server-wide step counter (§9.2)
+            events, conn.events = conn.events + conn.stream.events(), []
+            msgs = [event_message(e, conn.waiting(), self.rt.total_steps) for e in events]
             payloads = [pack(m) for m in msgs if m is not None]
             if payloads:
                 out.append((box, payloads, False))
@@ -471,28 +533,24 @@ class TTSServer(_Endpoint):
         try:
             if conn.fmt == "PcmMessagePack":
                 box.post(pack({"type": "Ready"}))
-            async for raw in ws:
-                async with self.lock:  # a long text is split and tokenized off the event loop
-                    if len(raw) > BIG_TEXT:
-                        error = await asyncio.to_thread(self._on_message, conn, raw)
-                    else:
-                        error = self._on_message(conn, raw)
-                if error:
-                    if conn.fmt == "PcmMessagePack":
-                        box.post(pack({"type": "Error", "message": error}))
-                    else:
-                        log.warning("tts connection: %s", error)
-                self._wake.set()
+            async for raw in ws:  # applied by the model thread (texts are split and tokenized there)
+                self._submit(conn, partial(self._on_message, conn, raw))
             await ws.wait_closed()
         except ConnectionClosed:  # gone without a close frame: its stream is cancelled below
             log.info("tts connection lost")
         finally:
-            self.connections.pop(conn, None)
+            self.connections.pop(conn, None)  # its messages not applied yet are dropped
             box.task.cancel()
-            if conn.stream is not None:
-                async with self.lock:
+            async with self.lock:  # the model thread may be opening its stream
+                if conn.stream is not None:
                     conn.stream.cancel()  # nobody reads it any more: free its slot now
-                self._wake.set()  # a queued stream can take the slot at once
+            self._wake.set()  # a queued stream can take the slot at once
+
+    def _error(self, conn: _TTSConnection, message: str) -> None:
+        if conn.fmt == "PcmMessagePack":
+            super()._error(conn, message)
+        else:  # raw PCM has no message to carry it
+            log.warning("tts connection: %s", message)
 
     def _open(self, conn: _TTSConnection):
         if conn.stream is None:

@@ -190,13 +190,53 @@ def test_steps_run_on_the_model_thread_and_the_loop_stays_responsive(files):
             pong = time.perf_counter() - t0
             await b.send(msgpack.packb({"type": "Nope"}))  # read and answered while a's steps run
             reply = msgpack.unpackb(await asyncio.wait_for(b.recv(), 5))
-            return pong, reply, time.perf_counter() - t0
+            answered = time.perf_counter() - t0
+            await asyncio.wait_for(a.recv(), 10)  # a's first step's output: that step has run
+            return pong, reply, answered
 
     pong, reply, answered = _serve(rt, clients)
     assert threads and all(name.startswith("dsm-model") for name in threads), threads
     assert pong < 0.2, f"ping answered after {pong:.3f} s: the step blocked the event loop"
     assert reply["type"] == "Error"
     assert answered < 1.0  # waited for at most the step in flight (0.4 s), not for all four
+
+
+def test_a_client_ahead_of_the_model_is_read_at_once_and_its_leaving_seen_at_once(files):
+    """A client that sends audio faster than the steps run: its messages are taken in as they arrive (not one per
+    step, which left them in the socket's buffers, where they held back the pings and the client's close), so the
+    audio waiting shows in Step.buffered_pcm, and a client that drops its connection frees its slot at once, its
+    audio not transcribed."""
+    import time
+
+    rt = _runtime(files, slots=1)
+    real_step = rt.step
+
+    def slow_step(*a, **kw):
+        n = real_step(*a, **kw)
+        time.sleep(0.3)
+        return n
+
+    rt.step = slow_step
+    n_msgs = 40  # 3.2 s of audio, 12 s of steps
+
+    async def client(url):
+        ws = await connect(url, additional_headers={"kyutai-api-key": "public_token"})
+        assert msgpack.unpackb(await ws.recv())["type"] == "Ready"
+        pcm = _audio(n_msgs * 0.08, 5)
+        for i in range(n_msgs):
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": pcm[i * 1920 : (i + 1) * 1920].tolist()}))
+        await asyncio.sleep(1.0)
+        buffered = [m["buffered_pcm"] for m in [msgpack.unpackb(await ws.recv()) for _ in range(3)]]
+        steps_before = rt.total_steps
+        ws.transport.abort()
+        t0 = time.perf_counter()
+        while not rt.free_slots:
+            await asyncio.sleep(0.01)
+        return buffered, time.perf_counter() - t0, rt.total_steps - steps_before
+
+    buffered, freed_after, steps = _serve(rt, client)
+    assert max(buffered) >= (n_msgs - 10) * 1920, buffered  # one message a step: at most ~4 frames waiting
+    assert freed_after < 2.0 and steps <= 3, (freed_after, steps)  # one message a step: ~10 s and ~30 steps
 
 
 class _UnreadClient:

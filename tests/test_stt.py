@@ -870,6 +870,11 @@ def test_eval_stt_plumbing(lm, tok, files, tmp_path, capsys):
         read_manifest(tmp_path / "bad.jsonl")
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(tmp_path / "nope.tsv")
+    (tmp_path / "latin1.tsv").write_bytes("one.wav\thello\ntwo.wav\tcaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"latin1.tsv:2: not UTF-8 text \(byte 0xe9\)"):
+        read_manifest(tmp_path / "latin1.tsv")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "m.jsonl").read_bytes())
+    assert read_manifest(tmp_path / "bom.jsonl") == pairs
     assert main(["eval-stt", str(tmp_path / "bad.jsonl"), "--checkpoint", str(files.config_path.parent)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
 
