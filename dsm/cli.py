@@ -174,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ConfigError, MimiCheckpointError, TokenizerError) as e:  # bad model files: no traceback
         print(f"dsm {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was written so far stays (a wav keeps a valid header)
+        print(f"dsm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

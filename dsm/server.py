@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,11 @@ def event_message(event, buffered_pcm: int, step_idx: int | None = None) -> dict
     if isinstance(event, Marker):
         return {"type": "Marker", "id": event.id}
     return None
+
+
+def _describe(e: Exception) -> str:
+    """An exception as a client reads it: its type, and its text where it has one (msgpack's often have none)."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _http(status: HTTPStatus, body: bytes, content_type: str) -> Response:
@@ -255,7 +261,16 @@ class _Endpoint:
             with torch.no_grad():  # grad mode is per thread too
                 return fn()
 
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, run)
+        done = asyncio.get_running_loop().run_in_executor(self._model_thread, run)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:  # (shutdown) the caller's lock must outlive the step: wait for it to end
+            while not done.done():
+                try:
+                    await asyncio.wait({done})
+                except asyncio.CancelledError:
+                    continue
+            raise
 
     async def _handler(self, ws) -> None:
         raise NotImplementedError
@@ -426,7 +441,7 @@ class ASRServer(_Endpoint):
         try:
             msg = msgpack.unpackb(raw, raw=False)
         except (ValueError, msgpack.UnpackException) as e:
-            return None, None, f"not a MessagePack message ({type(e).__name__}: {e})"  # some errors have no text
+            return None, None, f"not a MessagePack message ({_describe(e)})"
         kind = msg.get("type") if isinstance(msg, dict) else None
         if kind == "Audio":
             try:
@@ -475,6 +490,7 @@ class _TTSConnection:
     def __init__(self, fmt: str, voice):
         self.fmt, self.voice = fmt, voice
         self.stream = None  # opened at the first text or EOS, so that a Voice message can come first
+        self.open_failed = False  # then the connection is closed: none of its messages could be spoken
         self.words_sent = 0
 
 
@@ -551,10 +567,17 @@ class TTSServer(_Endpoint):
             super()._error(conn, message)
         else:  # raw PCM has no message to carry it
             log.warning("tts connection: %s", message)
+        box = self.connections.get(conn)
+        if conn.open_failed and box is not None:
+            box.close(1011, "dsm: no stream could be opened for this connection")
 
     def _open(self, conn: _TTSConnection):
         if conn.stream is None:
-            conn.stream = self.rt.open_stream(conn.voice, cfg=self.cfg)
+            try:
+                conn.stream = self.rt.open_stream(conn.voice, cfg=self.cfg)
+            except Exception:
+                conn.open_failed = True
+                raise
         return conn.stream
 
     def _on_message(self, conn: _TTSConnection, raw) -> str | None:
@@ -584,7 +607,7 @@ class TTSServer(_Endpoint):
             else:
                 return f"unknown message type {kind!r} (expected Text, Eos or Voice)"
         except Exception as e:  # bad text, voice or message: this connection only
-            return f"{type(e).__name__}: {e}"
+            return _describe(e)
         return None
 
     def _outgoing(self):
@@ -630,8 +653,10 @@ class _Serving:
 
 
 def _add_server_args(p) -> None:
+    from .cli_args import port_number
+
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=port_number, default=8080)
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted kyutai-api-key / auth_id values (default: public_token)")
 
@@ -647,7 +672,11 @@ def _run(endpoint: _Endpoint, host: str, port: int, what: str) -> int:
             await stop.wait()
         print("dsm: stopped", flush=True)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as e:  # the address is taken, or not this machine's
+        print(f"dsm: error: cannot serve on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -668,14 +697,14 @@ def cmd_serve_stt(args) -> int:
 
 
 def setup_serve_tts_parser(p) -> None:
-    from .cli_args import add_checkpoint_args, parse_device, parse_dtype
+    from .cli_args import add_checkpoint_args, parse_device, parse_dtype, positive_int
     from .presets import PRESETS
 
     add_checkpoint_args(p, required=False)
     p.add_argument("--preset", choices=[n for n in PRESETS if "tts" in n],
                    help="with --random-weights: model preset (no download)")
     p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
-    p.add_argument("--batch-size", type=int, default=8, help="stream slots (moshi-server's DSM config: 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="stream slots (moshi-server's DSM config: 8)")
     p.add_argument("--voice", default=None, help="default voice (file or kyutai/tts-voices name)")
     p.add_argument("--condition-pages", type=int, default=None,
                    help="pages of the shared voice K/V pool, one voice slot each (default: 5 distinct voices per slot; "
@@ -701,12 +730,17 @@ def cmd_serve_tts(args) -> int:
         files = checkpoint_from_args(args)
     device = device_or_default(args.device)
     dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
-                                    config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0,
-                                                     condition_pages=args.condition_pages))
-    voice = args.voice
-    if voice is None and args.random_weights and rt.multi_speaker:
-        voice = random_voice(0, rt.voice_dim)
-    default = rt.voice_tensor(voice) if voice is not None else None  # a tensor has no truth value
+    try:  # bad settings are found before the server starts, not by its first clients
+        rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
+                                        config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0,
+                                                         condition_pages=args.condition_pages))
+        rt.check_cfg(args.cfg)
+        voice = args.voice
+        if voice is None and args.random_weights and rt.multi_speaker:
+            voice = random_voice(0, rt.voice_dim)
+        default = rt.voice_tensor(voice) if voice is not None else None  # a tensor has no truth value
+    except ValueError as e:  # VoiceError included
+        print(f"dsm serve-tts: error: {e}", file=sys.stderr)
+        return 1
     server = TTSServer(rt, args.api_key or ["public_token"], voice=default, cfg=args.cfg)
     return _run(server, args.host, args.port, f"TTS websocket ({args.batch_size} slots)")

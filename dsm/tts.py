@@ -679,6 +679,11 @@ class TTSRuntime:
             out["cfg"] = [None if c is None else self._cfg_value(c) for c in cfgs]
         return out
 
+    def check_cfg(self, cfg: float | None) -> None:
+        """ValueError unless :meth:`open_stream` takes ``cfg`` (a checkpoint without a cfg conditioner takes any)."""
+        if cfg is not None and self.cfg_values:
+            self._cfg_value(cfg)
+
     def _cfg_value(self, cfg: float) -> str:
         value = format(float(cfg), ".1f")
         if value not in self.cfg_values:
@@ -939,7 +944,7 @@ __all__ = ["DEFAULT_VOICE", "Entry", "EntryBuilder", "LMStepper", "MachineState"
 
 def setup_speak_parser(p) -> None:
     """Arguments of ``dsm speak``."""
-    from .cli_args import add_checkpoint_args, parse_device, parse_dtype
+    from .cli_args import add_checkpoint_args, nonnegative_int, parse_device, parse_dtype
     from .presets import PRESETS
 
     p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file, or - for stdin")
@@ -958,7 +963,8 @@ def setup_speak_parser(p) -> None:
     p.add_argument("--top-k", type=int, default=250)
     p.add_argument("--top-k-text", type=int, default=25)
     p.add_argument("--n-q", type=int, default=32, help="audio codebooks to generate (default 32)")
-    p.add_argument("--padding-between", type=int, default=1)
+    p.add_argument("--padding-between", type=nonnegative_int, default=1,
+                   help="padding steps after each word, beyond its tokens (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", type=parse_device, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", type=parse_dtype, default=None,

@@ -161,3 +161,15 @@ def test_eval_stt_unwritable_output_and_failures_are_one_clear_line(tmp_path, ca
     assert main(["eval-stt", str(manifest), "--preset", "tiny-stt", "--random-weights", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "no utterance could be scored" in err and "1 failed, the first:" in err and "missing.wav" in err, err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    """Ctrl-C during a command (a long `dsm speak`): 'interrupted' and the shell's 130, not a traceback."""
+    import dsm.server
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dsm.server, "cmd_serve_stt", interrupted)
+    assert main(["serve-stt", "--preset", "tiny-stt", "--random-weights"]) == 130
+    assert capsys.readouterr().err == "dsm serve-stt: interrupted\n"

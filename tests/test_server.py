@@ -239,6 +239,50 @@ def test_a_client_ahead_of_the_model_is_read_at_once_and_its_leaving_seen_at_onc
     assert freed_after < 2.0 and steps <= 3, (freed_after, steps)  # one message a step: ~10 s and ~30 steps
 
 
+def test_shutdown_waits_for_the_step_in_flight(files):
+    """Stopping the server mid-step: the model loop is cancelled, but it keeps the runtime's lock until the step on
+    the model thread is over, so the handlers closing their streams never touch the runtime during it."""
+    import time
+
+    rt = _runtime(files, slots=1)
+    real_step, real_open, in_step, closes = rt.step, rt.open_stream, [False], []
+
+    def slow_step(*a, **kw):
+        in_step[0] = True
+        try:
+            n = real_step(*a, **kw)
+            time.sleep(0.5)
+            return n
+        finally:
+            in_step[0] = False
+
+    def open_stream(*a, **kw):
+        s = real_open(*a, **kw)
+        real_close = s.close
+        s.close = lambda: closes.append(in_step[0]) or real_close()
+        return s
+
+    rt.step, rt.open_stream = slow_step, open_stream
+
+    async def main():
+        server = ASRServer(rt)
+        async with await server.serve("127.0.0.1", 0) as ws_server:
+            port = ws_server.sockets[0].getsockname()[1]
+            ws = await connect(f"ws://127.0.0.1:{port}{ASR_PATH}?auth_id=public_token")
+            await ws.recv()
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 1920 * 4}))
+            for _ in range(100):  # until the first step runs
+                if in_step[0]:
+                    break
+                await asyncio.sleep(0.01)
+            assert in_step[0]
+        await ws.wait_closed()
+        return ws.close_code
+
+    assert asyncio.run(main()) == 1001
+    assert closes == [False]  # the stream was closed after the step, not during it
+
+
 class _UnreadClient:
     """A connection whose client stops reading after the first message: every later send waits forever."""
 

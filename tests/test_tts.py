@@ -975,7 +975,7 @@ def test_websocket_queued_stream_starts_when_a_holder_disconnects(ckpt):
     assert "tts_voice_pages_cached 0.0" in metrics
 
 
-def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch):
+def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch, capsys):
     """Message fields of the wrong type are an Error for that connection; ?voice= takes voice-repository names only
     (a client must not make the server open local files or other repositories); `dsm serve-tts` with random weights
     starts (its default voice is a tensor)."""
@@ -1023,6 +1023,18 @@ def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch):
     monkeypatch.setattr(server_mod, "_run", lambda endpoint, host, port, what: started.append(endpoint) or 0)
     assert args.func(args) == 0
     assert isinstance(started[0], TTSServer) and started[0].default_voice is not None
+    # settings the clients would find out one by one are refused at startup, in one line (no traceback)
+    for flags, expected in ((["--cfg", "7"], "supports cfg in"), (["--temp", "-1"], "temp"),
+                            (["--condition-pages", "1"], "pages"), (["--voice", "nothere.safetensors"], "not found")):
+        capsys.readouterr()
+        args = p.parse_args(["--preset", "tiny-tts", "--random-weights", "--device", "cpu", *flags])
+        assert args.func(args) == 1, flags
+        err = capsys.readouterr().err
+        assert err.startswith("dsm serve-tts: error:") and expected in err and "Traceback" not in err, (flags, err)
+    assert len(started) == 1
+    for flags in (["--batch-size", "0"], ["--port", "99999"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(flags)
 
 
 def test_cli_speak_stdout_and_write_failures(ckpt, tmp_path, monkeypatch, capsys):
