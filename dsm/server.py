@@ -733,7 +733,7 @@ def cmd_serve_tts(args) -> int:
     try:  # bad settings are found before the server starts, not by its first clients
         rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
                                         config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0,
-                                                         condition_pages=args.condition_pages))
+                                                         text_rules="server", condition_pages=args.condition_pages))
         rt.check_cfg(args.cfg)
         voice = args.voice
         if voice is None and args.random_weights and rt.multi_speaker:

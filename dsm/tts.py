@@ -56,7 +56,9 @@ MAX_SPEAKERS = 5  # cross-attention speaker slots (moshi TTSModel.max_speakers)
 VOICE_FRAMES = 125  # 10 s of voice latents at 12.5 Hz
 VOICE_REPO = "kyutai/tts-voices"
 DEFAULT_VOICE = "expresso/ex03-ex01_happy_001_channel1_334s.wav"  # the DSM scripts' default
-_EVENT_RE = re.compile(r"(?:<break\s+time=\"([0-9]+(?:.[0-9]*)?)s\"\s*/?>)|(?:\s+)")
+_EVENT_RE = re.compile(r"(?:<break\s+time=\"([0-9]+(?:.[0-9]*)?)s\"\s*/?>)|(?:\s+)")  # moshi's script_to_entries
+_SERVER_EVENT_RE = re.compile(r"(?:<break\s+time=\"([0-9.]+)s\"\s*/>)|(?:\s+)")  # moshi-server's (self-closing only)
+TEXT_RULES = ("python", "server")
 
 
 class TTSInputError(ValueError):
@@ -91,10 +93,14 @@ class EntryBuilder:
     """
 
     def __init__(self, tokenizer: Tokenizer, multi_speaker: bool = True, padding_between: int = 1,
-                 max_word_tokens: int = 64, frame_rate: float = FRAME_RATE, max_break_s: float | None = None):
+                 max_word_tokens: int = 64, frame_rate: float = FRAME_RATE, max_break_s: float | None = None,
+                 rules: str = "python"):
         self.tokenizer, self.multi_speaker = tokenizer, multi_speaker
         self.padding_between, self.max_word_tokens, self.frame_rate = padding_between, max_word_tokens, frame_rate
         self.max_break_s = max_break_s
+        if rules not in TEXT_RULES:
+            raise ValueError(f"text rules must be one of {TEXT_RULES}, got {rules!r}")
+        self.server = rules == "server"
         self.turn = 0
         self._first_content = True
         self._last_speaker: int | None = None
@@ -119,7 +125,11 @@ class EntryBuilder:
         return Entry(tokens, word, padding)
 
     def add(self, text: str) -> list[Entry]:
-        """Entries of ``text`` (normalised as the reference: ’→', ':'→space, parentheses dropped, break tags)."""
+        """Entries of ``text`` (normalised as the reference: ’→', ':'→space, parentheses dropped, break tags).
+
+        ``rules="server"`` reads text as moshi-server's preprocessing does before the python state machine
+        (DSM-SPEC §6.2): en dashes dropped too, only self-closing break tags, and a break of X s is
+        ``max(1, int(X · 12.5))`` pad steps (truncated, not rounded; none for X = 0)."""
         saved = self._first_content, self._last_speaker
         try:
             return self._add(text)
@@ -133,9 +143,12 @@ class EntryBuilder:
         except UnicodeEncodeError as e:
             raise TTSInputError(f"text is not valid Unicode ({e})") from None
         line = text.replace("\u2019", "'").replace(":", " ").replace("(", "").replace(")", "")
+        if self.server:
+            line = line.replace("\u2013", "")
         out: list[Entry] = []
         pos = 0
-        for match in _EVENT_RE.finditer(line):  # one pass: re-slicing the rest after each word was quadratic
+        event_re = _SERVER_EVENT_RE if self.server else _EVENT_RE
+        for match in event_re.finditer(line):  # one pass: re-slicing the rest after each word was quadratic
             word, pos = line[pos : match.start()], match.end()
             if word:
                 out.append(self._word(word))
@@ -149,7 +162,10 @@ class EntryBuilder:
                     seconds = min(seconds, self.max_break_s)
                 if not math.isfinite(seconds):  # e.g. "1e400s" (float: inf): no number of steps
                     raise TTSInputError(f"bad break tag {match.group(0)!r}: the time is too long")
-                out.append(Entry([], "", int(round(seconds * self.frame_rate))))
+                if not self.server:
+                    out.append(Entry([], "", int(round(seconds * self.frame_rate))))
+                elif seconds > 0:
+                    out.append(Entry([], "", max(1, int(seconds * self.frame_rate))))
         if line[pos:]:
             out.append(self._word(line[pos:]))
         return out
@@ -466,6 +482,9 @@ class TTSConfig:
     # Longest `<break time="Xs"/>` honoured (None: as asked, like moshi's python TTSModel; the server caps at 10 s,
     # as moshi-server does, so that one tag cannot hold a slot for hours).
     max_break_s: float | None = None
+    # How text becomes entries: "python" (moshi's TTSModel) or "server" (moshi-server's preprocessing, as its
+    # clients get; see EntryBuilder.add). dsm serve-tts uses "server".
+    text_rules: str = "python"
     max_batch: int = 1
     seed: int = 0
     # Pages of the engine's shared voice K/V pool (125 condition positions each, a voice slot; one copy of the 4
@@ -487,6 +506,8 @@ class TTSConfig:
         check_seed(self.seed, "TTSConfig.seed")
         if self.max_break_s is not None and not 0 <= self.max_break_s < math.inf:
             raise ValueError(f"TTSConfig.max_break_s must be None or a finite number >= 0, got {self.max_break_s}")
+        if self.text_rules not in TEXT_RULES:
+            raise ValueError(f"TTSConfig.text_rules must be one of {TEXT_RULES}, got {self.text_rules!r}")
 
 
 class TTSStream:
@@ -498,7 +519,8 @@ class TTSStream:
         self.conditions, self.seed = conditions, seed
         self.on_pcm = on_pcm
         self.builder = EntryBuilder(runtime.tokenizer, runtime.multi_speaker, runtime.config.padding_between,
-                                    runtime.config.max_word_tokens, max_break_s=runtime.config.max_break_s)
+                                    runtime.config.max_word_tokens, max_break_s=runtime.config.max_break_s,
+                                    rules=runtime.config.text_rules)
         self.machine = runtime.machine.new_state()
         self.text_ended = False
         self.slot: int | None = None

@@ -374,6 +374,28 @@ def test_break_cap(ckpt):
     assert [e.padding for e in capped if not e.tokens] == [125, 6]
 
 
+def test_server_text_rules(ckpt):
+    """``text_rules="server"`` (dsm serve-tts) reads text as moshi-server's preprocessing (DSM-SPEC §6.2): en dashes
+    dropped, only self-closing break tags, a break of X s is max(1, int(X * 12.5)) steps (none for 0 s), capped at
+    10 s; words otherwise as moshi's python rules."""
+    text = 'a \u2013 b <break time="0.6s"/> c <break time="0.6s"> d <break time="0s"/> e <break time="0.01s"/> ' \
+           'f <break time="30s"/>'
+
+    def entries(rules):
+        rt = runtime(ckpt, max_break_s=10.0, text_rules=rules)
+        return [(e.text, e.padding) if e.tokens else ("", e.padding) for e in rt.open_stream(None).builder.add(text)]
+
+    python, server = entries("python"), entries("server")
+    assert [w for w, _ in python if w] == ["a", "\u2013", "b", "c", "d", "e", "f"]
+    assert [p for w, p in python if not w] == [8, 8, 0, 0, 125]  # round(7.5) = 8; round(0.125) = 0
+    assert [w for w, _ in server if w] == ["a", "b", "c", '<break', 'time="0.6s">', "d", "e", "f"]
+    assert [p for w, p in server if not w] == [7, 1, 125]  # int(7.5) = 7; 0 s: no break; max(1, int(0.125))
+    words = ("a", "b", "c", "d", "e", "f")  # read alike by both
+    assert [x for x in python if x[0] in words] == [x for x in server if x[0] in words]
+    with pytest.raises(ValueError, match="text_rules"):
+        TTSConfig(text_rules="rust")
+
+
 def test_warm_up_then_speak_equals_a_cold_runtime(ckpt, monkeypatch):
     """``warm_up`` (CUDA graphs stood in for by eager calls on a CPU) fills every bucket with throwaway streams under
     the default conditions and closes them; a stream spoken afterwards gets the frames of a fresh runtime."""
