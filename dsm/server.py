@@ -444,8 +444,11 @@ class ASRServer(_Endpoint):
             return None, None, f"not a MessagePack message ({_describe(e)})"
         kind = msg.get("type") if isinstance(msg, dict) else None
         if kind == "Audio":
+            if "pcm" not in msg:
+                return kind, None, "Audio message without pcm"
             try:
-                pcm = np.asarray(msg.get("pcm", []), dtype=np.float32)
+                with np.errstate(over="ignore"):  # 1e300 -> inf, refused by the stream with a clear message
+                    pcm = np.asarray(msg["pcm"], dtype=np.float32)
             except (TypeError, ValueError) as e:
                 return kind, None, f"bad Audio message: {e}"
             if pcm.ndim != 1:

@@ -457,3 +457,27 @@ def test_info_endpoints_and_metrics(files):
     assert m["asr_open_channels"] == 1 and m["asr_used_slots"] == 1 and m["asr_total_slots"] == 1
     assert m["asr_steps_total"] >= 7 and m["asr_model_step_duration_seconds_count"] == m["asr_steps_total"]
     assert unknown[0] == 404
+
+
+def test_message_parsing(files, recwarn):
+    """Each client message is read into (type, value, error) on the event loop, before any runtime work: the ones a
+    stream would refuse later still reach it (an infinite sample is named by the stream), without numpy warnings."""
+    parse = ASRServer._parse
+    assert parse(msgpack.packb({"type": "Audio"}))[2] == "Audio message without pcm"
+    kind, pcm, error = parse(msgpack.packb({"type": "Audio", "pcm": [0.5, 1e300]}))
+    assert kind == "Audio" and error is None and pcm.dtype == np.float32 and np.isinf(pcm[1])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert "shape" in parse(msgpack.packb({"type": "Audio", "pcm": [[0.1], [0.2]]}))[2]
+    assert parse(msgpack.packb({"type": "Marker", "id": 3})) == ("Marker", 3, None)
+    assert "int64" in parse(msgpack.packb({"type": "Marker"}))[2]
+    assert parse(b"\xc1")[2] == "not a MessagePack message (FormatError)"
+    assert "OggOpus" in parse(msgpack.packb({"type": "OggOpus", "data": [1]}))[2]
+
+    from dsm.server import _ASRConnection
+
+    rt = _runtime(files, slots=1)
+    conn = _ASRConnection(rt.open_stream())
+    conn.received = 2
+    assert "inf" in ASRServer._apply(conn, "Audio", pcm).lower() and conn.applied == 2 and conn.waiting() == 0
+    conn.received += 100
+    assert ASRServer._apply(conn, "Audio", np.zeros(100, np.float32)) is None and conn.waiting() == 100  # queued
