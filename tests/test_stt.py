@@ -508,6 +508,9 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     s = rt.open_stream("mic", sample_rate=16000)
     with pytest.raises(AudioError, match=r"stream mic \(16000 Hz\).*NaN"):
         s.push(torch.tensor([0.1, float("nan"), 0.0]))
+    for bad in (np.float32("nan"), np.float32("inf")):  # float32 numpy chunks (a server's) are checked in numpy
+        with pytest.raises(AudioError, match=r"stream mic \(16000 Hz\): 1 sample\(s\) are NaN or infinite"):
+            s.push(np.array([0.1, bad, 0.0], dtype=np.float32))
     with pytest.raises(AudioError, match="mic.*44100 Hz.*opened at 16000 Hz"):
         s.push(torch.zeros(10), sample_rate=44100)
     with pytest.raises(AudioError, match="dtype"):
@@ -703,10 +706,34 @@ def test_loud_stream_warns_once_and_counts_clipped_samples(lm, tok, files):
     rt = runtime(lm, tok, files.config, max_streams=1)
     s = rt.open_stream("loud")
     with pytest.warns(ClippedAudioWarning, match="stream loud: clipped 2 sample") as caught:
-        for _ in range(5):  # a loud source clips in every chunk: one warning, every sample counted
-            s.push(torch.tensor([0.5, 1.5, -3.0, 0.2]), process=False)
+        for i in range(5):  # a loud source clips in every chunk: one warning, every sample counted
+            chunk = [0.5, 1.5, -3.0, 0.2]  # torch and float32 numpy chunks (checked in numpy) alike
+            s.push(torch.tensor(chunk) if i % 2 else np.array(chunk, dtype=np.float32), process=False)
     assert len(caught) == 1 and s.clipped_samples == 10
-    assert np.array_equal(s.queue.pop(len(s.queue))[-4:], np.array([0.5, 1.0, -1.0, 0.2], dtype=np.float32))
+    queued = np.empty(len(s.queue), dtype=np.float32)
+    s.queue.pop_into(queued)
+    assert np.array_equal(queued[-4:], np.array([0.5, 1.0, -1.0, 0.2], dtype=np.float32))
+
+
+def test_sample_queue_chunks_and_caller_buffers():
+    """The queue keeps copies of the pushed chunks (a caller reusing its buffer changes nothing queued) and hands
+    frames across chunk boundaries in order; asking more than it holds is an error, not a short frame."""
+    from dsm.stt import _SampleQueue
+
+    q, buf, expected = _SampleQueue(), np.zeros(700, dtype=np.float32), []
+    for i in range(9):  # 6300 samples in 700-sample chunks from one reused buffer
+        buf[:] = np.arange(700) + 1000 * i
+        q.append(buf)
+        expected.append(buf.copy())
+    q.append(np.zeros(0, dtype=np.float32))
+    expected = np.concatenate(expected)
+    got = [np.full(n, np.nan, dtype=np.float32) for n in (1920, 1, 1919, 2000)]
+    for g in got:
+        q.pop_into(g)
+    assert np.array_equal(np.concatenate(got), expected[:5840]) and len(q) == 460
+    assert q.pad_to_frame() == 1920 - 460 and len(q) == 1920
+    with pytest.raises(ValueError, match="1921 samples asked from a queue of 1920"):
+        q.pop_into(np.empty(1921, dtype=np.float32))
 
 
 def test_end_to_end_text_tokens_match_moshi(lm, tok, files, mimi, monkeypatch):
