@@ -342,6 +342,39 @@ class _Endpoint:
                 await asyncio.sleep(0)  # let the outboxes and the connections run between steps
 
 
+_AUDIO_HEAD = msgpack.packb({"type": "Audio"})[1:] + msgpack.packb("pcm")  # after the map's 0x82 header
+_FLOAT_CODES = {0xCA: np.dtype(">f4"), 0xCB: np.dtype(">f8")}  # msgpack float32 / float64
+
+
+def _audio_samples(raw: bytes) -> np.ndarray | None:
+    """The samples of ``{"type": "Audio", "pcm": [floats]}`` read straight from its bytes when every sample has the
+    same float encoding (what moshi-server's clients send: Python's msgpack float64, Rust's float32), else None
+    (then msgpack reads it). A 1920-sample message: ~50 us through msgpack and numpy, a few us here, at every
+    message of every stream on the event loop."""
+    if raw[:1] != b"\x82" or raw[1 : 1 + len(_AUDIO_HEAD)] != _AUDIO_HEAD:
+        return None
+    at = 1 + len(_AUDIO_HEAD)
+    kind = raw[at] if at < len(raw) else None
+    if kind is not None and 0x90 <= kind <= 0x9F:
+        n, at = kind - 0x90, at + 1
+    elif kind == 0xDC:
+        n, at = int.from_bytes(raw[at + 1 : at + 3], "big"), at + 3
+    elif kind == 0xDD:
+        n, at = int.from_bytes(raw[at + 1 : at + 5], "big"), at + 5
+    else:
+        return None
+    if n == 0 or at >= len(raw) or raw[at] not in _FLOAT_CODES:
+        return None
+    dtype = _FLOAT_CODES[raw[at]]
+    if len(raw) - at != n * (1 + dtype.itemsize):
+        return None
+    items = np.frombuffer(raw, dtype=np.dtype([("code", "u1"), ("value", dtype)]), count=n, offset=at)
+    if not (items["code"] == raw[at]).all():
+        return None
+    with np.errstate(over="ignore"):  # 1e300 -> inf, refused by the stream with a clear message
+        return items["value"].astype(np.float32)
+
+
 class _ASRConnection:
     def __init__(self, stream: STTStream):
         self.stream = stream
@@ -438,6 +471,9 @@ class ASRServer(_Endpoint):
     def _parse(raw: bytes) -> tuple[str | None, object, str | None]:
         """Read one client message on the event loop: ``(type, value, error)``, the value being an Audio message's
         samples (float32 [T]) or a Marker's id."""
+        pcm = _audio_samples(raw)
+        if pcm is not None:
+            return "Audio", pcm, None
         try:
             msg = msgpack.unpackb(raw, raw=False)
         except (ValueError, msgpack.UnpackException) as e:

@@ -481,3 +481,28 @@ def test_message_parsing(files, recwarn):
     assert "inf" in ASRServer._apply(conn, "Audio", pcm).lower() and conn.applied == 2 and conn.waiting() == 0
     conn.received += 100
     assert ASRServer._apply(conn, "Audio", np.zeros(100, np.float32)) is None and conn.waiting() == 100  # queued
+
+
+def test_audio_messages_read_from_their_bytes_equal_msgpack():
+    """The fast reading of Audio messages gives msgpack's samples for every array length encoding and both float
+    encodings, and leaves every other message to msgpack (None): other key orders or keys, ints among the floats,
+    trailing bytes, an empty list."""
+    from dsm.server import _audio_samples
+
+    g = np.random.default_rng(0)
+    for n in (1, 15, 16, 1920, 70000):  # fixarray, array16, array32
+        x = g.standard_normal(n) * 0.3
+        for single in (False, True):
+            raw = msgpack.packb({"type": "Audio", "pcm": x.tolist()}, use_single_float=single)
+            got = _audio_samples(raw)
+            assert got is not None and got.dtype == np.float32
+            assert np.array_equal(got, np.asarray(msgpack.unpackb(raw)["pcm"], dtype=np.float32))
+    huge = _audio_samples(msgpack.packb({"type": "Audio", "pcm": [0.5, 1e300, float("nan")]}))
+    assert huge[0] == 0.5 and np.isinf(huge[1]) and np.isnan(huge[2])  # refused later by the stream, by name
+    for msg in ({"pcm": [0.5, 0.25], "type": "Audio"}, {"type": "Audio", "pcm": [0.5, 0.25], "x": 1},
+                {"type": "Audio", "pcm": [0.5, 0, 0.25]}, {"type": "Audio", "pcm": []},
+                {"type": "Audio", "pcm": [[0.5]]}, {"type": "Marker", "id": 3}):
+        assert _audio_samples(msgpack.packb(msg)) is None, msg
+    raw = msgpack.packb({"type": "Audio", "pcm": [0.5, 0.25]})
+    assert _audio_samples(raw + b"\x00") is None and _audio_samples(raw[:-1]) is None
+    assert ASRServer._parse(raw + b"\x00")[2].startswith("not a MessagePack message")
