@@ -5,6 +5,10 @@ host: word assembly for STT, the state machine for TTS), so at high stream count
 
     python benchmarks/bench_host.py --streams 64 256 700 [--steps 20]
 
+The ``asr-serv`` rows are ``dsm serve-stt``'s host work a frame: every client's Audio message read and pushed, the
+step, the Step/Word messages packed (the reading runs on the event loop, beside the device's step; the rest on the
+model thread). Each runtime holds Mimi's encoder state for every stream on the host (~20 MB a stream here).
+
 The ``engine-*`` rows are ``Engine.step`` alone (its CUDA-graph path with the replays stubbed): the host work before
 and between a step's launches, which a GPU waits for at small batch.
 
@@ -37,10 +41,10 @@ def _times(step, steps: int, warmup: int = 3) -> float:
     return 1e3 * statistics.median(out)
 
 
-def stt_host_ms(files, n: int, steps: int) -> float:
-    from dsm.stt import FRAME_SIZE, STTRuntime
+def _stub_stt(rt, n: int) -> None:
+    """Replace the runtime's Mimi encode and LM steps by stand-ins that cost nothing."""
+    from dsm.stt import FRAME_SIZE
 
-    rt = STTRuntime.from_checkpoint(files, max_streams=n)
     heads = len(rt.stepper.lm.extra_heads)
     g = torch.Generator().manual_seed(0)
 
@@ -53,6 +57,13 @@ def stt_host_ms(files, n: int, steps: int) -> float:
     rt.stepper.encode = lambda pcm, active: torch.zeros(n, rt.stepper.n_q, pcm.shape[1] // FRAME_SIZE,
                                                         dtype=torch.long)
     rt.stepper.lm_steps = lm_steps
+
+
+def stt_host_ms(files, n: int, steps: int) -> float:
+    from dsm.stt import FRAME_SIZE, STTRuntime
+
+    rt = STTRuntime.from_checkpoint(files, max_streams=n)
+    _stub_stt(rt, n)
     streams = [rt.open_stream() for _ in range(n)]
     for s in streams:
         s.push(np.zeros(FRAME_SIZE * (steps + 5), dtype=np.float32), process=False)
@@ -122,6 +133,40 @@ def engine_host_ms(files, n: int, steps: int) -> float:
         return _times(lambda: eng.step(inputs), steps)
 
 
+def asr_server_host_ms(files, n: int, steps: int) -> float:
+    """``dsm serve-stt``'s host work a frame at n streams: each client's 1920-sample Audio message (float64, as
+    Python clients send it) read on the event loop, pushed to its stream, the (stubbed) step, and the Step/Word
+    messages packed for every connection."""
+    import msgpack
+
+    from dsm.server import ASRServer, _ASRConnection
+    from dsm.stt import FRAME_SIZE, STTOptions, STTRuntime
+
+    class Box:  # a connection's outbox: posted messages are dropped
+        def post(self, data):
+            pass
+
+    rt = STTRuntime.from_checkpoint(files, max_streams=n, options=STTOptions(alignment="rust", timestamps="rust"))
+    _stub_stt(rt, n)
+    server = ASRServer(rt)
+    conns = [_ASRConnection(rt.open_stream(history=False)) for _ in range(n)]
+    for c in conns:
+        server.connections[c] = Box()
+    raw = msgpack.packb({"type": "Audio", "pcm": (np.random.default_rng(0).standard_normal(FRAME_SIZE) * 0.1).tolist()})
+
+    def step():
+        for c in conns:
+            _, pcm, _ = server._parse(raw)
+            c.received += pcm.shape[0]
+            server._apply(c, "Audio", pcm)
+        server._step()
+        for box, payloads, _ in server._outgoing():
+            for data in payloads:
+                box.post(data)
+
+    return _times(step, steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, nargs="+", default=[64, 256, 700])
@@ -138,6 +183,7 @@ def main() -> None:
         for n in args.streams:
             print(f"stt      {n:7d}  {stt_host_ms(stt, n, args.steps):8.2f}", flush=True)
             print(f"tts      {n:7d}  {tts_host_ms(tts, n, args.steps):8.2f}", flush=True)
+            print(f"asr-serv {n:7d}  {asr_server_host_ms(stt, n, args.steps):8.2f}", flush=True)
 
 
 if __name__ == "__main__":

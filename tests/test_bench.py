@@ -412,6 +412,14 @@ def test_bench_host_runs_both_runtimes_on_stand_ins(tmp_path, tiny_stt_ckpt, one
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.stt_host_ms(resolve_checkpoint(tiny_stt_ckpt), 3, 2) > 0
+    from dsm.stt import STTStream
+
+    pushed = []  # the serve-stt row pushes one frame a stream a step, and steps them
+    real_push = STTStream.push
+    monkeypatch.setattr(STTStream, "push", lambda self, pcm, *a, **kw: pushed.append(len(pcm)) or real_push(
+        self, pcm, *a, **kw))
+    assert mod.asr_server_host_ms(resolve_checkpoint(tiny_stt_ckpt), 3, 2) > 0
+    assert pushed == [1920] * 3 * 5  # 3 streams, 3 warm-up steps and 2 timed
     decoded = []
     real = TTSRuntime._decode
     monkeypatch.setattr(TTSRuntime, "_decode", lambda self, rows, frames: decoded.append(len(rows)) or real(
