@@ -134,14 +134,15 @@ KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 def kv_capacity(model_cfg, kv_dtype: torch.dtype, memory_bytes: int, weights_bytes: int, *,
                 reserve_bytes: int = 8 * 2**30, page_size: int = 16, condition_rows: int = 0,
-                condition_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Streams whose full-context KV fits in ``memory_bytes - weights_bytes - reserve_bytes``.
+                condition_dtype: torch.dtype = torch.bfloat16, mimi_bytes: int = 0) -> int:
+    """Streams whose full-context KV (and ``mimi_bytes`` of Mimi state each) fit in ``memory_bytes - weights_bytes -
+    reserve_bytes``.
 
     Per stream: a ring of ``ceil(context / page_size)`` pages x ``page_size`` rows x (K and V) x layers x KV heads x
     head_dim x element size (1 byte for fp8, 2 for bf16), plus the cross-attention K/V of ``condition_rows``
     condition positions of its own (in ``condition_dtype``; shared pages are not counted). ``reserve_bytes``
-    (default 8 GiB) stands for activations, CUDA graphs, Mimi and the allocator's slack; the depformer's per-step
-    cache is small and not counted."""
+    (default 8 GiB) stands for activations, CUDA graphs, Mimi's weights and the allocator's slack; the depformer's
+    per-step cache is small and not counted."""
     from .kv_cache import pages_per_slot
 
     rows = pages_per_slot(model_cfg.context, page_size) * page_size
@@ -151,8 +152,17 @@ def kv_capacity(model_cfg, kv_dtype: torch.dtype, memory_bytes: int, weights_byt
     if model_cfg.cross_attention:
         cond_elem = torch.empty((), dtype=condition_dtype).element_size()
         per_stream += 2 * model_cfg.num_layers * condition_rows * model_cfg.dim * cond_elem
+    per_stream += mimi_bytes
     free = memory_bytes - weights_bytes - reserve_bytes
     return max(0, free // per_stream)
+
+
+def _mimi_stream_bytes(model, mimi) -> int:
+    """Mimi state a stream of ``model`` holds on the device: the encoder's for STT, the decoder's for TTS."""
+    if mimi is None:
+        return 0
+    stt = model.cfg.num_codebooks - model.cfg.dep_q - 1 > 0
+    return mimi.stream_state_bytes(encoder=stt, decoder=not stt)
 
 
 def _condition_layout(model) -> tuple[int, int, int]:
@@ -202,7 +212,7 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     lm_times = _time_calls(lambda: eng.step(inputs, **hooks), warmup, steps, timer, progress)
     mimi_times = []
     if mimi is not None:
-        state = mimi.init_state(batch)
+        state = mimi.init_state(batch, encoder=bool(n_in), decoder=not n_in)  # as the runtimes hold it
         pcm = (0.1 * torch.randn(batch, 1, 1920, device=dev)).clamp(-1, 1)
         codes = torch.randint(0, 2048, (batch, 32, 1), device=dev)
         step = (lambda: mimi.encode_step(pcm, state)) if n_in else (lambda: mimi.decode_step(codes, state))
@@ -258,7 +268,7 @@ def time_to_first_audio(model, mimi, batch: int, timer, delay_steps: int = 16, r
     cfg = model.cfg
     eng = _engine_for(model, batch, temp=0.6, temp_text=0.6, **engine_kw)
     silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=eng.device)
-    state = mimi.init_state(batch)
+    state = mimi.init_state(batch, encoder=False)
     decode = GraphedMimiStep(mimi.decode_step, state)
     every_row = torch.ones(batch, dtype=torch.bool, device=mimi.device)
 
@@ -558,7 +568,7 @@ def _capacity_search(model, mimi, name, rows, args, engine_kw, timer, weights, b
         memory = torch.cuda.get_device_properties(device).total_memory
         own, _, page = _condition_layout(model)
         limit = kv_capacity(model.cfg, engine_kw["kv_dtype"] or next(model.parameters()).dtype, memory, weights,
-                            page_size=engine_kw["page_size"],
+                            page_size=engine_kw["page_size"], mimi_bytes=_mimi_stream_bytes(model, mimi),
                             condition_rows=own * page, condition_dtype=next(model.transformer.parameters()).dtype)
     else:
         limit = 64
@@ -626,12 +636,12 @@ def run_cli(args) -> int:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             own, _, page = _condition_layout(model)
             caps = {k: kv_capacity(model.cfg, dt, 80 * 10**9, weights, page_size=args.page_size,
-                                   condition_rows=own * page,
+                                   condition_rows=own * page, mimi_bytes=_mimi_stream_bytes(model, mimi),
                                    condition_dtype=next(model.transformer.parameters()).dtype)
                     for k, dt in KV_DTYPES.items()}
             kv_lines.append(f"{name}: KV capacity on an 80 GB H100 at full context ({weights / 1e9:.2f} GB weights, "
-                            f"8 GiB reserve): bf16 {caps['bf16']} streams, fp8 {caps['fp8']} streams "
-                            f"(x{caps['fp8'] / max(caps['bf16'], 1):.2f})")
+                            f"8 GiB reserve, Mimi's state included): bf16 {caps['bf16']} streams, "
+                            f"fp8 {caps['fp8']} streams (x{caps['fp8'] / max(caps['bf16'], 1):.2f})")
             if not args.mimi:
                 mimi = None
             for b in batches:

@@ -174,7 +174,7 @@ class STTStepper:
             self.gen = Generator(lm, use_sampling=temp > 0, temp_text=temp)
             self.gen_state = self.gen.init_state(slots)
         self.used = [False] * slots
-        self.mimi_state = mimi.init_state(slots)
+        self.mimi_state = mimi.init_state(slots, decoder=False)
         self._encode_step = GraphedMimiStep(mimi.encode_step, self.mimi_state)
         self.n_q = lm.cfg.n_q
         self.prev_codes = torch.full((slots, self.n_q), lm.cfg.card, dtype=torch.long, device=self.device)

@@ -641,7 +641,7 @@ class TTSRuntime:
                                      delay_steps=self.delay_steps, temp=config.temp, top_k=config.top_k,
                                      top_k_text=config.top_k_text, cfg_coef=config.cfg_coef, seed=config.seed,
                                      backend=backend)
-        self.mimi_state = mimi.init_state(B) if mimi is not None else None
+        self.mimi_state = mimi.init_state(B, encoder=False) if mimi is not None else None
         self._decode_step = GraphedMimiStep(mimi.decode_step, self.mimi_state) if mimi is not None else None
         self.slots: list[TTSStream | None] = [None] * B
         self.waiting: deque[TTSStream] = deque()

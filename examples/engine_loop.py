@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[int]]:
     tokenizer = Tokenizer(files.tokenizer)
     max_slots = 2
     engine = Engine(model, max_slots=max_slots, temp=0, temp_text=0)  # greedy, as Kyutai's STT scripts
-    codec = mimi.init_state(max_slots)  # one Mimi encoder state row per slot
+    codec = mimi.init_state(max_slots, decoder=False)  # one Mimi encoder state row per slot
 
     slot_of: dict[str, int] = {}
     tokens: dict[str, list[int]] = {name: [] for name in SCHEDULE}

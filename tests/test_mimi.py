@@ -314,6 +314,27 @@ def test_row_reset_equals_fresh_stream(ours):
                 assert torch.equal(c_reset[row], c_keep[row]) and torch.equal(y_reset[row], y_keep[row])
 
 
+def test_one_side_states(ours):
+    """A state made for one side (STT encodes, TTS decodes) gives that side's outputs of a full state, holds the
+    bytes ``stream_state_bytes`` says, and refuses the other side by name."""
+    pcm = signals(4, seed=9)
+    with torch.no_grad():
+        full, enc, dec = ours.init_state(2), ours.init_state(2, decoder=False), ours.init_state(2, encoder=False)
+        for i in range(3):
+            x = pcm[:2, :, i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
+            codes = ours.encode_step(x, full)
+            assert torch.equal(ours.encode_step(x, enc), codes)
+            assert torch.equal(ours.decode_step(codes, dec), ours.decode_step(codes, full))
+        with pytest.raises(ValueError, match="no decoder side"):
+            ours.decode_step(codes, enc)
+        with pytest.raises(ValueError, match="no encoder side"):
+            ours.encode_step(pcm[:2, :, :FRAME_SIZE], dec)
+    for state, sides in ((full, (True, True)), (enc, (True, False)), (dec, (False, True))):
+        per_row = sum(t.numel() * t.element_size() for t in state.tensors() if t.dim()) / 2
+        assert abs(ours.stream_state_bytes(*sides) - per_row) <= 4, sides  # the two [1] phases, shared
+    assert ours.stream_state_bytes(True, False) < 0.51 * ours.stream_state_bytes()
+
+
 def _copy_state(mimi: Mimi, state):
     out = mimi.init_state(state.batch_size)
     for a, b in zip(out.tensors(), state.tensors(), strict=True):

@@ -88,7 +88,7 @@ class StubCodec:
 
     device = torch.device("cpu")
 
-    def init_state(self, batch_size):
+    def init_state(self, batch_size, encoder=True, decoder=True):
         return StubState(torch.zeros(batch_size, 1920), torch.ones(batch_size, dtype=torch.bool))
 
     def encode_step(self, pcm, state):
