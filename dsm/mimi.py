@@ -368,8 +368,9 @@ class Mimi:
     def encode_step(self, pcm: torch.Tensor, state: MimiState) -> torch.Tensor:
         """Streaming encode: pcm ``[B, 1, 1920 * n]`` (n >= 1) -> codes ``[B, n_q, n]`` int64; updates ``state``.
 
-        On a CPU NaN/inf samples of active rows are refused before any state changes; on a GPU they are not checked
-        (a host sync) and turn that row's codes and state to garbage until it is reset (other rows are unaffected)."""
+        On a CPU NaN/inf samples of active rows (or samples beyond ``MAX_ABS_SAMPLE``) are refused before any state
+        changes; on a GPU they are not checked (a host sync) and turn that row's codes and state to garbage until it
+        is reset (other rows are unaffected)."""
         _check_pcm_chunk(pcm, state.batch_size)
         if pcm.device.type == "cpu" and state.exec_mask.device.type == "cpu":
             _check_finite(pcm, state.exec_mask)
@@ -431,21 +432,26 @@ def _check_tensor(x, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
+MAX_ABS_SAMPLE = 1e6  # beyond it the convolutions overflow: codes all 0, and from ~1e25 a row's state non-finite
+
+
 def _check_finite(pcm: torch.Tensor, active: torch.Tensor | None = None) -> None:
-    """NaN/inf samples of ``pcm`` [B, 1, T] (of the ``active`` rows only) are a ValueError naming the rows."""
+    """NaN/inf samples of ``pcm`` [B, 1, T] (of the ``active`` rows only), or samples beyond ``MAX_ABS_SAMPLE``,
+    are a ValueError naming the rows."""
     if pcm.device.type == "cpu" and (active is None or active.device.type == "cpu"):
         # numpy, not torch: no op is dispatched, so the count of a streaming step's kernels (what a GPU launches, as
         # benchmarks/count_mimi_ops.py counts them on the CPU) stays the same
-        bad = ~np.isfinite(pcm.detach().numpy())
+        bad = ~(np.abs(pcm.detach().numpy()) <= MAX_ABS_SAMPLE)  # NaN compares false
         if active is not None:  # inactive rows' inputs are ignored
             bad &= active.numpy().reshape(-1, 1, 1)
     else:
-        bad = ~torch.isfinite(pcm)
+        bad = ~(pcm.abs() <= MAX_ABS_SAMPLE)
         if active is not None:
             bad &= active.view(-1, 1, 1)
     if bool(bad.any()):
         rows = [i for i in range(bad.shape[0]) if bool(bad[i].any())]
-        raise ValueError(f"pcm has {int(bad.sum())} NaN or infinite sample(s) (batch rows {rows})")
+        raise ValueError(f"pcm has {int(bad.sum())} NaN or infinite sample(s), or beyond +-{MAX_ABS_SAMPLE:g} "
+                         f"(batch rows {rows}; Mimi reads samples in [-1, 1])")
 
 
 def _check_code_range(codes: torch.Tensor) -> None:

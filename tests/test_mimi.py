@@ -395,10 +395,10 @@ def test_bad_inputs_are_refused_before_any_state_changes(ours):
         ours.decode_step(ours.encode_step(signals(1, seed=23)[:2], state), state)
     before = [t.clone() for t in state.tensors()]
     pcm = signals(1, seed=24)[:2]
-    for value in (float("nan"), float("inf"), float("-inf")):
+    for value in (float("nan"), float("inf"), float("-inf"), 1e7, -1e25):  # huge: codes 0, then a non-finite state
         bad = pcm.clone()
         bad[1, 0, 100] = value
-        with pytest.raises(ValueError, match=r"pcm has 1 NaN or infinite sample\(s\) \(batch rows \[1\]\)"):
+        with pytest.raises(ValueError, match=r"1 NaN or infinite sample\(s\), or beyond \+-1e\+06 \(batch rows \[1\]"):
             ours.encode_step(bad, state)
         with pytest.raises(ValueError, match="NaN or infinite"):
             ours.encode(bad)
