@@ -189,13 +189,20 @@ class Engine:
                  cross_pages: int | None = None, **gen_kwargs):
         if gen_kwargs.get("cfg_coef", 1.0) != 1.0:
             raise ValueError("the engine does not support CFG row doubling; use dsm.generate.Generator")
+        for name, value, least in (("max_slots", max_slots, 1), ("page_size", page_size, 1),
+                                   ("num_pages", 2 if num_pages is None else num_pages, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Engine: {name} must be an integer >= {least}, got {value!r}")
+        if kv_dtype is not None and (not isinstance(kv_dtype, torch.dtype) or not kv_dtype.is_floating_point):
+            raise ValueError(f"Engine: kv_dtype must be a floating-point torch dtype (e.g. torch.bfloat16, "
+                             f"torch.float8_e4m3fn), got {kv_dtype!r}")
         cfg = model.cfg
         self.model = model
         self.gen = Generator(model, page_size=page_size, backend=backend, support_out_of_sync=True, **gen_kwargs)
         self.device = self.gen.device
         self.max_slots = max_slots
         self.pages_per_slot = pages_per_slot(cfg.context, page_size)
-        num_pages = num_pages or max_slots * self.pages_per_slot + 1
+        num_pages = max_slots * self.pages_per_slot + 1 if num_pages is None else num_pages
         self.pool = PagePool(num_pages)
         dtype = kv_dtype or next(model.transformer.parameters()).dtype
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_heads // cfg.kv_repeat, cfg.head_dim)
@@ -247,6 +254,8 @@ class Engine:
         free = [s for s in range(self.max_slots) if s not in self.slots]
         if not free:
             raise EngineFull(f"all {self.max_slots} stream slots are in use")
+        if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
+            raise TypeError(f"slot must be an int, got {slot!r}")
         if slot is not None and slot not in free:
             raise ValueError(f"slot {slot} is not free (free: {free})")
         slot = free[0] if slot is None else slot
@@ -403,6 +412,8 @@ class Engine:
         bucket = self.bucket_for(active)
         n_in = self._inputs.shape[1]
         # Checked before any state changes; rows the inputs do not cover would run on a previous step's tokens.
+        if inputs is not None and not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor of token ids, got {type(inputs).__name__}")
         if n_in and inputs is None:
             raise ValueError(f"this model has {n_in} input streams: pass inputs [rows, {n_in}] (rows by slot)")
         if inputs is not None and (inputs.dim() != 2 or inputs.shape[1] != n_in

@@ -141,6 +141,13 @@ class STTOptions:
             raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
         if self.timestamps not in TIMESTAMP_RULES:
             raise ValueError(f"timestamps must be one of {TIMESTAMP_RULES}, got {self.timestamps!r}")
+        if self.asr_delay_in_tokens is not None and (isinstance(self.asr_delay_in_tokens, bool) or not isinstance(
+                self.asr_delay_in_tokens, int) or self.asr_delay_in_tokens < 0):
+            raise ValueError(f"asr_delay_in_tokens must be None or an int >= 0, got {self.asr_delay_in_tokens!r}")
+        if not 0 <= self.vad_threshold <= 1:  # NaN too: the end of turn would never fire
+            raise ValueError(f"vad_threshold must be a probability in [0, 1], got {self.vad_threshold!r}")
+        if not 0 <= self.temp < math.inf:
+            raise ValueError(f"temp must be a finite number >= 0 (0: greedy), got {self.temp!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ def multistream_embed(tokens, text_table, audio_tables, text_table2, cond) -> No
 
 def _embed_tables(op, B, K, what, columns, text_table, audio_tables, text_table2, cond) -> None:
     """The tables (and condition rows) of an embedding of ``B`` rows of ``K`` token columns, held by ``what``."""
+    if K < 1:  # the text column is read by every row
+        raise ValueError(f"{op}: {what} {tuple(columns.shape)} has no token column (at least the text one)")
     shape(op, "text_table", text_table, (None, None))
     D = text_table.shape[1]
     shape(op, "audio_tables", audio_tables, (None, None, D))

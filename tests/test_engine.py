@@ -7,6 +7,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -263,6 +264,29 @@ def test_engine_full_errors(stt_model):
     small.open(), small.open()
     with pytest.raises(EngineFull, match="page"):
         small.step(torch.zeros(2, 32, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"max_slots": 0}, "max_slots must be an integer >= 1"),
+    ({"page_size": 0}, "page_size must be an integer >= 1"),
+    ({"num_pages": 0}, "num_pages must be an integer >= 2"),
+    ({"kv_dtype": torch.int8}, "kv_dtype must be a floating-point torch dtype"),
+    ({"kv_dtype": torch.bool}, "kv_dtype must be a floating-point torch dtype"),
+])  # fmt: skip
+def test_bad_engine_settings_are_refused(stt_model, kw, message):
+    """Pool and cache settings that made a misleading error, a ZeroDivisionError, a silent default (num_pages=0) or
+    wrong tokens (an integer KV cache truncates K and V) are refused by name."""
+    with pytest.raises(ValueError, match=message):
+        Engine(stt_model, **{"max_slots": 2, **kw})
+
+
+def test_bad_open_and_step_arguments(stt_model):
+    eng = Engine(stt_model, max_slots=2, use_sampling=False)
+    with pytest.raises(TypeError, match="slot must be an int, got True"):
+        eng.open(slot=True)
+    eng.open()
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor of token ids, got ndarray"):
+        eng.step(np.zeros((2, 32), dtype=np.int64))
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -527,6 +527,10 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     assert s.finished and s.marker(5) == [Marker("mic", 5)]  # no step will come: echoed at once, not never
     with pytest.raises(ValueError, match="alignment"):
         STTOptions(alignment="candle")
+    for bad, message in (({"asr_delay_in_tokens": -5}, "asr_delay_in_tokens"), ({"vad_threshold": math.nan},
+                         "vad_threshold"), ({"vad_threshold": 1.5}, "vad_threshold"), ({"temp": -1.0}, "temp")):
+        with pytest.raises(ValueError, match=message):
+            STTOptions(**bad)
     with pytest.raises(ValueError, match="vad_head 4 out of range"):
         runtime(lm, tok, files.config, vad_head=4)
     # multi-channel input is averaged: same events as the mono mean

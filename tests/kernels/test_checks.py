@@ -200,6 +200,9 @@ CASES = {  # name: (call builder, start of the expected message)
     "frame-embed-tables": (lambda d: _frame(d, "embed"), "frame_embed: audio_tables (1, 5, 4) holds 1 tables for the "
                            "2 audio columns of cache (2, 3, 4)"),
     "kv-slots-int-write": (_kv_slots, "kv_slots: write must be torch.bool, got torch.int32"),
+    "embed-no-column": (lambda d: lambda b: K.multistream_embed(  # the Triton kernel read column 0: a segfault
+        torch.zeros(2, 0, dtype=torch.long, device=d), _z(5, 4, dev=d), _z(1, 5, 4, dev=d), backend=b),
+        "multistream_embed: tokens (2, 0) has no token column"),
 }
 
 
