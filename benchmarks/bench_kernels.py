@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dsm.bench import git_commit
+from dsm.bench import git_commit, strict_json
 from dsm_kernels import available_backends, resolve
 from dsm_kernels.testing import (
     cuda_graph_time_ms,
@@ -337,7 +337,8 @@ def main(argv=None):
         "triton": triton_version,
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "timing": "cuda_graph_replay" if args.graph else "cuda_events_eager",
+        "timing": ("cuda_graph_replay" if args.graph else "cuda_events_eager") if device.type == "cuda"
+        else "perf_counter",
     }
     copy_gbps = copy_bandwidth_gbps(device)
     print(f"# {meta['device']}  torch {meta['torch']}  triton {triton_version}  copy {copy_gbps:.0f} GB/s")
@@ -380,7 +381,7 @@ def main(argv=None):
                         row["error"] = err
                     results.append(row)
                     with out_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                        f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")  # a failed row's NaN: null
                     print(f"{kname:<10}{shape:<18} B={B:<5}{name:<10}{ms:>9.4f} ms {gbps:>8.1f} GB/s "
                           f"{100 * gbps / copy_gbps:>6.1f}% copy" + (f"  {err}" if err else ""))  # fmt: skip
         if device.type == "cuda":
