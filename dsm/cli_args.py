@@ -51,34 +51,24 @@ def device_or_default(device: torch.device | None) -> torch.device:
     return device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+def int_in_range(low: int, high: int | None, expected: str):
+    """An argparse ``type``: an integer in ``[low, high]`` (no upper bound for None), else "expected <expected>"."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return n
+
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return n
-
-
-def port_number(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port in 0..65535, got {text!r}")
-    return n
+positive_int = int_in_range(1, None, "a positive integer")
+nonnegative_int = int_in_range(0, None, "an integer >= 0")
+port_number = int_in_range(0, 65535, "a TCP port in 0..65535")
 
 
 def parse_dtype(name: str) -> torch.dtype:
