@@ -292,7 +292,11 @@ class _Endpoint:
         errors = []
         for conn, change in inbox:
             if conn in self.connections:
-                error = change()
+                try:
+                    error = change()
+                except Exception as e:  # one connection's message must not fail every stream's step
+                    log.exception("applying a client message failed")
+                    error = f"dsm could not apply this message ({_describe(e)})"
                 if error:
                     errors.append((conn, error))
         return errors, self._step()

@@ -506,3 +506,25 @@ def test_audio_messages_read_from_their_bytes_equal_msgpack():
     raw = msgpack.packb({"type": "Audio", "pcm": [0.5, 0.25]})
     assert _audio_samples(raw + b"\x00") is None and _audio_samples(raw[:-1]) is None
     assert ASRServer._parse(raw + b"\x00")[2].startswith("not a MessagePack message")
+
+
+def test_a_message_that_fails_to_apply_is_that_connections_error(files, caplog):
+    """A message whose change raises where nothing expected it (here a stream's push, patched to fail) is an Error
+    for its connection; the step runs and the other connection is served."""
+    rt = _runtime(files, slots=2)
+
+    async def clients(url):
+        hdr = {"kyutai-api-key": "public_token"}
+        async with connect(url, additional_headers=hdr) as bad:
+            await bad.recv()
+            stream = next(s for s in rt.slots if s is not None)
+            stream.push = lambda *a, **kw: 1 / 0
+            await bad.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 1920}))
+            reply = msgpack.unpackb(await asyncio.wait_for(bad.recv(), 30))
+            good = await _client(url, _audio(0.5, 6), 4)
+            return reply, good
+
+    with caplog.at_level(logging.ERROR):
+        reply, good = _serve(rt, clients)
+    assert reply["type"] == "Error" and "ZeroDivisionError" in reply["message"], reply
+    assert good[-1] == {"type": "Marker", "id": 4}
