@@ -528,3 +528,20 @@ def test_a_message_that_fails_to_apply_is_that_connections_error(files, caplog):
         reply, good = _serve(rt, clients)
     assert reply["type"] == "Error" and "ZeroDivisionError" in reply["message"], reply
     assert good[-1] == {"type": "Marker", "id": 4}
+
+
+def test_sample_and_probability_arrays_go_out_as_float32():
+    """As moshi-server (DSM-SPEC §9.1): PCM and VAD probabilities as msgpack float32, times as float64. The Audio
+    message built with numpy is byte for byte msgpack's, for every array-length encoding."""
+    from dsm.server import audio_message, event_message, pack
+    from dsm.stt import VADStep
+
+    g = np.random.default_rng(1)
+    for n in (0, 1, 15, 16, 1920, 70000):
+        x = g.standard_normal(n).astype(np.float32)
+        assert audio_message(x) == msgpack.packb({"type": "Audio", "pcm": x.tolist()}, use_single_float=True), n
+    step = event_message(VADStep("s", 3, (0.25, 0.5, 0.75, 1.0), False), 1920, 7)
+    raw = pack(step, single_float=step["type"] == "Step")
+    assert raw.count(b"\xca") == 4 and b"\xcb" not in raw and msgpack.unpackb(raw)["prs"] == [0.25, 0.5, 0.75, 1.0]
+    word = pack(event_message(Word("s", "hi", 0.1, (5,)), 0))
+    assert b"\xcb" in word and msgpack.unpackb(word)["start_time"] == 0.1
