@@ -7,7 +7,8 @@ host: word assembly for STT, the state machine for TTS), so at high stream count
 
 The ``asr-serv`` rows are ``dsm serve-stt``'s host work a frame: every client's Audio message read and pushed, the
 step, the Step/Word messages packed (the reading runs on the event loop, beside the device's step; the rest on the
-model thread). Each runtime holds Mimi's encoder state for every stream on the host (~20 MB a stream here).
+model thread). An STT runtime holds Mimi's encoder state for every stream on the host (~8 MB a stream). The
+``tts-serv`` rows are ``dsm serve-tts``'s: the step, then every connection's Audio and Text messages built.
 
 The ``engine-*`` rows are ``Engine.step`` alone (its CUDA-graph path with the replays stubbed): the host work before
 and between a step's launches, which a GPU waits for at small batch.
@@ -77,6 +78,51 @@ def stt_host_ms(files, n: int, steps: int) -> float:
 
 
 def tts_host_ms(files, n: int, steps: int) -> float:
+    rt = _stubbed_tts(files, n)
+    streams = [rt.open_stream() for _ in range(n)]
+    for s in streams:
+        s.push(" ".join(["hello world"] * 200))
+    rt.step()  # admits every stream (opens its slot: real model work, not timed)
+
+    def step():
+        rt.step()
+        for s in streams:
+            s.read()
+
+    return _times(step, steps, warmup=rt.delay_steps + rt.model.cfg.max_delay + 3)  # timed steps decode audio
+
+
+def tts_server_host_ms(files, n: int, steps: int) -> float:
+    """``dsm serve-tts``'s host work a frame at n streams (PcmMessagePack): the (stubbed) step, then every
+    connection's Audio (and Text) messages built."""
+    from dsm.server import TTSServer, _TTSConnection
+
+    class Box:  # a connection's outbox: posted messages are dropped
+        def post(self, data):
+            pass
+
+        def close(self, code=1000, reason=""):
+            pass
+
+    rt = _stubbed_tts(files, n)
+    server = TTSServer(rt)
+    for _ in range(n):
+        conn = _TTSConnection("PcmMessagePack", None)
+        server._open(conn).push(" ".join(["hello world"] * 200))
+        server.connections[conn] = Box()
+    rt.step()
+
+    def step():
+        server._step()
+        for box, payloads, _ in server._outgoing():
+            for data in payloads:
+                box.post(data)
+
+    return _times(step, steps, warmup=rt.delay_steps + rt.model.cfg.max_delay + 3)
+
+
+def _stubbed_tts(files, n: int):
+    """A TTS runtime of n slots whose LM step and Mimi decode are stand-ins that cost nothing."""
     from dsm.tts import TTSConfig, TTSRuntime
 
     rt = TTSRuntime.from_checkpoint(files, dtype=torch.float32, config=TTSConfig(max_batch=n))
@@ -93,18 +139,7 @@ def tts_host_ms(files, n: int, steps: int) -> float:
     stepper.step = lm_step
     pcm = torch.zeros(n, 1, 1920)
     rt._decode_step = lambda codes: pcm
-    words = " ".join(["hello world"] * 200)
-    streams = [rt.open_stream() for _ in range(n)]
-    for s in streams:
-        s.push(words)
-    rt.step()  # admits every stream (opens its slot: real model work, not timed)
-
-    def step():
-        rt.step()
-        for s in streams:
-            s.read()
-
-    return _times(step, steps, warmup=rt.delay_steps + rt.model.cfg.max_delay + 3)  # timed steps decode audio
+    return rt
 
 
 def engine_host_ms(files, n: int, steps: int) -> float:
@@ -184,6 +219,7 @@ def main() -> None:
             print(f"stt      {n:7d}  {stt_host_ms(stt, n, args.steps):8.2f}", flush=True)
             print(f"tts      {n:7d}  {tts_host_ms(tts, n, args.steps):8.2f}", flush=True)
             print(f"asr-serv {n:7d}  {asr_server_host_ms(stt, n, args.steps):8.2f}", flush=True)
+            print(f"tts-serv {n:7d}  {tts_server_host_ms(tts, n, args.steps):8.2f}", flush=True)
 
 
 if __name__ == "__main__":

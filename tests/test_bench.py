@@ -427,6 +427,13 @@ def test_bench_host_runs_both_runtimes_on_stand_ins(tmp_path, tiny_stt_ckpt, one
     tts = write_random_checkpoint("tiny-tts", tmp_path / "tts", seed=0, dtype=torch.float32)
     assert mod.tts_host_ms(resolve_checkpoint(tts), 3, 2) > 0
     assert decoded[-2:] == [3, 3], decoded
+    import dsm.server
+
+    built = []  # the serve-tts row builds every stream's Audio message of the timed steps
+    real_audio = dsm.server.audio_message
+    monkeypatch.setattr(dsm.server, "audio_message", lambda pcm: built.append(pcm.shape[0]) or real_audio(pcm))
+    assert mod.tts_server_host_ms(resolve_checkpoint(tts), 3, 2) > 0
+    assert built[-6:] == [1920] * 6, built
     # Engine.step alone, its graph path with the replays stubbed: the model runs once (the stub's first call)
     from dsm.generate import Generator
 
