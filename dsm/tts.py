@@ -642,7 +642,11 @@ class TTSRuntime:
                                      top_k_text=config.top_k_text, cfg_coef=config.cfg_coef, seed=config.seed,
                                      backend=backend)
         self.mimi_state = mimi.init_state(B, encoder=False) if mimi is not None else None
-        self._decode_step = GraphedMimiStep(mimi.decode_step, self.mimi_state) if mimi is not None else None
+        if mimi is not None:  # the codes' clamp (-1: not generated yet) and the PCM's clip replay inside Mimi's graph
+            self._decode_step = GraphedMimiStep(
+                lambda codes, state: mimi.decode_step(codes.clamp(min=0), state).clamp(-1, 1), self.mimi_state)
+        else:
+            self._decode_step = None
         self.slots: list[TTSStream | None] = [None] * B
         self.waiting: deque[TTSStream] = deque()
         self._pending: Callable[[], list[Exception]] | None = None  # the last step's hand-over (see step())
@@ -865,11 +869,11 @@ class TTSRuntime:
         mask = torch.zeros(B, dtype=torch.bool)
         mask[rows] = True
         self.mimi_state.set_exec_mask(to_device(mask, self.mimi.device))
-        codes = frames[:, 1 : 1 + n_q].clamp(min=0)
+        codes = frames[:, 1 : 1 + n_q]
         if codes.shape[0] < B:  # the engine returns rows [0, bucket); Mimi's state holds all B slots
             codes = torch.cat([codes, codes.new_zeros(B - codes.shape[0], *codes.shape[1:])])
         with torch.no_grad():
-            return self._decode_step(codes[..., None].to(self.mimi.device)).clamp(-1, 1).float()
+            return self._decode_step(codes[..., None].to(self.mimi.device))
 
     def _deliver(self, rows: list[tuple[int, TTSStream]], pcm: torch.Tensor) -> list[Exception]:
         """Hand each (row, stream) its frame of ``pcm`` [B, 1, 1920] (host); returns what the callbacks raised (each
