@@ -26,7 +26,8 @@ Threads: the event loop does the websocket I/O; the steps (and the CUDA graph ca
 thread, so a long step never stalls pings, reads or sends. A connection's messages are parsed as they arrive and
 queued in the endpoint's inbox; the model loop applies the inbox to the streams before each step, on the model thread,
 so a handler never waits for a step to take in a message (a client is read at network speed, and one that leaves is
-seen at once, not after its buffered messages have trickled in one step at a time). Every touch of the runtime holds
+seen at once, not after its buffered messages have trickled in one step at a time; a connection's Errors follow the
+order of its messages). Every touch of the runtime holds
 one ``asyncio.Lock`` (the model loop holds it for a step, a handler to open or close its stream). Each connection's
 output goes through its own outbox, drained by its own task, so a client that reads slowly delays only itself; one
 that lets more than ``OUTBOX_BYTES`` pile up is closed with code 1008. Input is bounded too: an ASR connection with
@@ -306,9 +307,9 @@ class _Endpoint:
         if box is not None:
             box.post(pack({"type": "Error", "message": message}))
 
-    def _apply_and_step(self, inbox: list) -> tuple[list[tuple[object, str]], bool]:
-        """Apply the queued messages of connections still open, then step: ``(errors, stepped)``. Model thread."""
-        errors = []
+    def _apply_and_step(self, inbox: list, loop: asyncio.AbstractEventLoop) -> bool:
+        """Apply the queued messages of connections still open (their errors posted as they come, so a connection
+        gets them in the order of its messages), then step: whether it stepped. Model thread."""
         for conn, change in inbox:
             if conn in self.connections:
                 try:
@@ -317,8 +318,8 @@ class _Endpoint:
                     log.exception("applying a client message failed")
                     error = f"dsm could not apply this message ({_describe(e)})"
                 if error:
-                    errors.append((conn, error))
-        return errors, self._step()
+                    loop.call_soon_threadsafe(self._error, conn, error)
+        return self._step()
 
     def _step(self) -> bool:
         """One runtime step if any stream can progress; False when there was nothing to do. Model thread."""
@@ -333,12 +334,13 @@ class _Endpoint:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                failed, errors = False, []
+                failed = False
                 async with self.lock:
                     inbox, self._inbox = self._inbox, []
                     t0 = time.perf_counter()
                     try:
-                        errors, stepped = await self._on_model_thread(partial(self._apply_and_step, inbox))
+                        stepped = await self._on_model_thread(
+                            partial(self._apply_and_step, inbox, asyncio.get_running_loop()))
                     except Exception:  # a dead loop left every client waiting forever: log, close them, keep serving
                         log.exception("model step failed; closing every connection")
                         failed, stepped = True, False
@@ -349,8 +351,6 @@ class _Endpoint:
                     outgoing = [] if failed else self._outgoing()
                 self._stepped.set()
                 self._stepped = asyncio.Event()
-                for conn, error in errors:
-                    self._error(conn, error)
                 if failed:
                     for box in list(self.connections.values()):  # their handlers cancel their streams
                         box.close(1011, "dsm: model step failed (see the server log)")
@@ -440,7 +440,8 @@ class ASRServer(_Endpoint):
         try:
             box.post(pack({"type": "Ready"}))
             while True:
-                await self._backpressure(ws, conn)
+                if await self._backpressure(ws, conn):
+                    last_audio = loop.time()  # the socket was left unread: its silence is the server's doing
                 try:
                     raw = await asyncio.wait_for(ws.recv(), last_audio + self.audio_timeout_s - loop.time())
                 except TimeoutError:
@@ -453,8 +454,8 @@ class ASRServer(_Endpoint):
                 kind, value, error = self._parse(raw)
                 if kind == "Audio":
                     last_audio = loop.time()
-                if error:
-                    box.post(pack({"type": "Error", "message": error}))
+                if error:  # through the inbox too, so that the Errors come back in the order of the messages
+                    self._submit(conn, lambda error=error: error)
                 else:
                     conn.received += value.shape[0] if kind == "Audio" else 0
                     self._submit(conn, partial(self._apply, conn, kind, value))
@@ -466,12 +467,14 @@ class ASRServer(_Endpoint):
             async with self.lock:
                 stream.close()
 
-    async def _backpressure(self, ws, conn: _ASRConnection) -> None:
+    async def _backpressure(self, ws, conn: _ASRConnection) -> bool:
         """Leave the socket unread while the connection has more than ``max_buffered_s`` of audio waiting (the model
-        catches up step by step), or until the connection closes (a shutdown must not wait on a step)."""
+        catches up step by step), or until the connection closes (a shutdown must not wait on a step). Whether it
+        waited. Unread, the socket holds the client's control frames too: its pings, and a clean close, are seen once
+        the model has caught up (an abrupt disconnect at once)."""
         limit = self.max_buffered_s * SAMPLE_RATE
         if conn.waiting() <= limit:
-            return
+            return False
         closed = asyncio.ensure_future(ws.wait_closed())
         try:
             while conn.waiting() > limit and not closed.done():
@@ -480,6 +483,7 @@ class ASRServer(_Endpoint):
                 stepped.cancel()
         finally:
             closed.cancel()
+        return True
 
     def _step(self) -> bool:
         """An overlapped runtime call: the streams' words and events of one call are made while the device runs the
@@ -502,8 +506,11 @@ class ASRServer(_Endpoint):
             if "pcm" not in msg:
                 return kind, None, "Audio message without pcm"
             try:
+                values = np.asarray(msg["pcm"])
+                if values.dtype.kind not in "fiu":  # None would become NaN, "0.5" and True numbers
+                    return kind, None, f"Audio.pcm must be a list of numbers, got {values.dtype} values"
                 with np.errstate(over="ignore"):  # 1e300 -> inf, refused by the stream with a clear message
-                    pcm = np.asarray(msg["pcm"], dtype=np.float32)
+                    pcm = values.astype(np.float32)
             except (TypeError, ValueError) as e:
                 return kind, None, f"bad Audio message: {e}"
             if pcm.ndim != 1:

@@ -545,3 +545,49 @@ def test_sample_and_probability_arrays_go_out_as_float32():
     assert raw.count(b"\xca") == 4 and b"\xcb" not in raw and msgpack.unpackb(raw)["prs"] == [0.25, 0.5, 0.75, 1.0]
     word = pack(event_message(Word("s", "hi", 0.1, (5,)), 0))
     assert b"\xcb" in word and msgpack.unpackb(word)["start_time"] == 0.1
+
+
+def test_errors_come_back_in_message_order_and_pcm_must_be_numbers(files):
+    """A connection's Errors follow its messages' order, whether found on reading (bad MessagePack, a Marker id) or
+    on applying (NaN samples, refused by the stream); pcm values that are not numbers are refused by name."""
+
+    async def client(url):
+        async with connect(url, additional_headers={"kyutai-api-key": "public_token"}) as ws:
+            await ws.recv()
+            for msg in ({"type": "Audio", "pcm": [float("nan")] * 10}, b"\xc1", {"type": "Marker", "id": "x"},
+                        {"type": "Audio", "pcm": [None, 1.0]}, {"type": "Audio", "pcm": ["0.5"]},
+                        {"type": "Audio", "pcm": [True]}):
+                await ws.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
+            return [msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))["message"] for _ in range(6)]
+
+    got = _serve(_runtime(files), client)
+    assert "NaN" in got[0] and "FormatError" in got[1] and "int64" in got[2], got
+    assert all("must be a list of numbers" in m for m in got[3:]), got
+
+
+def test_the_audio_timeout_does_not_count_the_time_the_server_left_the_socket_unread(files):
+    """A client far enough ahead that the server stops reading it (max_buffered_s) is not closed for 'no audio'
+    when the model catches up: its messages waited in the socket, not at the client."""
+    import time
+
+    rt = _runtime(files, slots=1)
+    real_step = rt.step
+
+    def slow_step(*a, **kw):
+        n = real_step(*a, **kw)
+        time.sleep(0.15)
+        return n
+
+    rt.step = slow_step
+
+    async def client(url):
+        return await _client(url, _audio(1.5, 8), 5, chunk=36000)  # one message: ~2.5 s of steps to drain
+
+    async def main():
+        server = ASRServer(rt)
+        server.max_buffered_s, server.audio_timeout_s = 0.2, 1.0
+        async with await server.serve("127.0.0.1", 0) as ws_server:
+            return await client(f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}{ASR_PATH}")
+
+    got = asyncio.run(main())
+    assert got[-1] == {"type": "Marker", "id": 5}, got[-3:]
