@@ -59,6 +59,7 @@ import torch
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Response
+from websockets.protocol import State
 
 from .audio import AudioError
 from .mimi import SAMPLE_RATE
@@ -680,6 +681,10 @@ class TTSServer(_Endpoint):
         for conn, box in list(self.connections.items()):
             s = conn.stream
             if s is None:
+                continue
+            if box.ws.state is not State.OPEN:  # closing: a client that stopped reading and closed has its close
+                s.cancel()  # handshake wait behind our unsent audio (websockets' 10 s timeout); free its slot now
+                self.connections.pop(conn, None)
                 continue
             pcm = s.read()
             payloads = []

@@ -881,6 +881,35 @@ def test_websocket_bad_voice_message_is_an_error_for_that_connection(ckpt):
     assert rest == []
 
 
+def test_a_closing_connection_frees_its_slot_at_the_next_step(ckpt):
+    """A client that stopped reading its audio and then closed: its close handshake waits behind the unsent audio
+    (websockets' 10 s timeout), so the handler is not told yet; the model loop sees the connection closing and
+    cancels its stream, freeing the slot, and builds no more audio for it."""
+    import types
+
+    from websockets.protocol import State
+
+    from dsm.server import TTSServer, _TTSConnection
+
+    rt = runtime(ckpt, n_q=2, max_batch=2)
+    server = TTSServer.__new__(TTSServer)  # only the runtime and the connections are used
+    server.rt, server.connections, server.cfg = rt, {}, 2.0
+    socks = {}
+    for name in ("leaving", "staying"):
+        conn = _TTSConnection("PcmMessagePack", None)
+        server._open(conn).push(TEXT)
+        socks[name] = types.SimpleNamespace(state=State.OPEN)
+        server.connections[conn] = types.SimpleNamespace(ws=socks[name])
+    for _ in range(3):
+        rt.step()
+    assert all(s is not None for s in rt.slots)
+    socks["leaving"].state = State.CLOSING
+    server._outgoing()
+    rt.step()  # the cancelled stream's slot is handed back at the next step
+    assert sum(s is None for s in rt.slots) == 1 and len(server.connections) == 1
+    assert next(iter(server.connections)).stream.slot is not None
+
+
 def test_websocket_disconnect_frees_the_slot(ckpt):
     """A client that leaves mid-speech gives its slot back at once: the next client, on a one-slot runtime, gets
     the same audio as the python API, without waiting for the abandoned text (and its long break) to be spoken."""
