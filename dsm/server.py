@@ -219,6 +219,7 @@ class _Endpoint:
         self._inbox: list[tuple[object, Callable[[], str | None]]] = []  # (connection, message's change) to apply
         self._wake = asyncio.Event()
         self._stepped = asyncio.Event()  # set (and replaced) after every model step
+        self._stopping = asyncio.Event()  # set when the server shuts down
         self._model_thread: ThreadPoolExecutor | None = None
         self.metrics = _Metrics(self.metrics_prefix, self)
         self._build_info = json.dumps(build_info(torch.device(runtime.device))).encode()
@@ -270,7 +271,7 @@ class _Endpoint:
         await self._on_model_thread(self.rt.warm_up)
         task = asyncio.create_task(self._model_loop())
         return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24,
-                              ping_timeout=self.ping_timeout), task, self._model_thread)
+                              ping_timeout=self.ping_timeout), task, self._model_thread, self._stopping)
 
     def _thread_init(self) -> None:
         device = torch.device(self.rt.device)
@@ -450,8 +451,8 @@ class ASRServer(_Endpoint):
                     break
                 except ConnectionClosedOK:
                     break
-                if isinstance(raw, str):
-                    continue  # text frames are ignored by the ASR
+                if isinstance(raw, str) or self._stopping.is_set():
+                    continue  # text frames are ignored by the ASR; at shutdown the rest is read only to reach the close
                 kind, value, error = self._parse(raw)
                 if kind == "Audio":
                     last_audio = loop.time()
@@ -477,13 +478,15 @@ class ASRServer(_Endpoint):
         if conn.waiting() <= limit:
             return False
         closed = asyncio.ensure_future(ws.wait_closed())
+        stopping = asyncio.ensure_future(self._stopping.wait())  # then its close must be read (behind its audio)
         try:
-            while conn.waiting() > limit and not closed.done():
+            while conn.waiting() > limit and not closed.done() and not stopping.done():
                 stepped = asyncio.ensure_future(self._stepped.wait())
-                await asyncio.wait({stepped, closed}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({stepped, closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stepped.cancel()
         finally:
             closed.cancel()
+            stopping.cancel()
         return True
 
     def _step(self) -> bool:
@@ -708,13 +711,14 @@ class TTSServer(_Endpoint):
 
 
 class _Serving:
-    def __init__(self, server_cm, loop_task, model_thread):
-        self.server_cm, self.loop_task, self.model_thread = server_cm, loop_task, model_thread
+    def __init__(self, server_cm, loop_task, model_thread, stopping: asyncio.Event):
+        self.server_cm, self.loop_task, self.model_thread, self.stopping = server_cm, loop_task, model_thread, stopping
 
     async def __aenter__(self):
         return await self.server_cm.__aenter__()
 
     async def __aexit__(self, *exc):
+        self.stopping.set()
         self.loop_task.cancel()
         try:
             return await self.server_cm.__aexit__(*exc)

@@ -591,3 +591,39 @@ def test_the_audio_timeout_does_not_count_the_time_the_server_left_the_socket_un
 
     got = asyncio.run(main())
     assert got[-1] == {"type": "Marker", "id": 5}, got[-3:]
+
+
+def test_shutdown_reads_past_the_audio_of_a_client_far_ahead(files):
+    """A client so far ahead that the server left its socket unread: at shutdown the rest of its audio is read (and
+    dropped) so that its close reply, behind it, is reached at once; before, the shutdown waited for websockets'
+    close timeout (10 s) on it."""
+    import time
+
+    rt = _runtime(files, slots=1)
+    real_step = rt.step
+
+    def slow_step(*a, **kw):
+        n = real_step(*a, **kw)
+        time.sleep(0.3)
+        return n
+
+    rt.step = slow_step
+
+    async def main():
+        server = ASRServer(rt)
+        server.max_buffered_s = 0.1
+        async with await server.serve("127.0.0.1", 0) as ws_server:
+            url = f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}{ASR_PATH}?auth_id=public_token"
+            ws = await connect(url)
+            await ws.recv()
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 72000}))  # 3 s: ~11 s of steps
+            for _ in range(60):  # more than websockets' queue of 16 messages: the rest waits in the socket
+                await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 1920}))
+            await asyncio.sleep(0.5)
+            t0 = time.perf_counter()
+        took = time.perf_counter() - t0
+        await ws.wait_closed()
+        return took, ws.close_code
+
+    took, code = asyncio.run(main())
+    assert code == 1001 and took < 5.0, (took, code)
