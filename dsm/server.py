@@ -62,7 +62,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from .audio import AudioError
-from .mimi import SAMPLE_RATE
+from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .stt import EndWord, Marker, NoFreeSlotError, STTRuntime, STTStream, VADStep, Word
 
 ASR_PATH = "/api/asr-streaming"
@@ -447,6 +447,9 @@ class ASRServer(_Endpoint):
                 try:
                     raw = await asyncio.wait_for(ws.recv(), last_audio + self.audio_timeout_s - loop.time())
                 except TimeoutError:
+                    if conn.waiting() >= FRAME_SIZE or stream.in_flight:  # not idle: its audio is still being run
+                        last_audio = loop.time()
+                        continue
                     await ws.close(1008, f"dsm: no audio for {self.audio_timeout_s:g} s")
                     break
                 except ConnectionClosedOK:

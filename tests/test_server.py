@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosedOK, InvalidStatus
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidStatus
 
 from dsm.checkpoint import resolve_checkpoint
 from dsm.server import ASR_PATH, ASRServer
@@ -627,3 +627,38 @@ def test_shutdown_reads_past_the_audio_of_a_client_far_ahead(files):
 
     took, code = asyncio.run(main())
     assert code == 1001 and took < 5.0, (took, code)
+
+
+def test_a_client_whose_audio_is_still_running_is_not_idle(files):
+    """The no-audio timeout closes idle clients only: one that sent its audio and waits for its results while a slow
+    model still runs it gets every step, and is closed for silence only once its audio has run."""
+    import time
+
+    rt = _runtime(files, slots=1)
+    real_step = rt.step
+
+    def slow_step(*a, **kw):
+        n = real_step(*a, **kw)
+        time.sleep(0.15)
+        return n
+
+    rt.step = slow_step
+
+    async def main():
+        server = ASRServer(rt)
+        server.audio_timeout_s = 1.0
+        async with await server.serve("127.0.0.1", 0) as ws_server:
+            url = f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}{ASR_PATH}?auth_id=public_token"
+            async with connect(url) as ws:
+                await ws.recv()
+                await ws.send(msgpack.packb({"type": "Audio", "pcm": _audio(1.6, 9).tolist()}))  # 20 frames: ~3 s
+                steps = 0
+                try:
+                    while True:
+                        steps += msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))["type"] == "Step"
+                except ConnectionClosed:  # 1008: a ConnectionClosedError
+                    pass
+                return steps, ws.close_code
+
+    steps, code = asyncio.run(main())
+    assert steps == 20 and code == 1008, (steps, code)
