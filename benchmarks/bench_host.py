@@ -23,6 +23,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,13 @@ def tts_host_ms(files, n: int, steps: int) -> float:
 def tts_server_host_ms(files, n: int, steps: int) -> float:
     """``dsm serve-tts``'s host work a frame at n streams (PcmMessagePack): the (stubbed) step, then every
     connection's Audio (and Text) messages built."""
+    from websockets.protocol import State
+
     from dsm.server import TTSServer, _TTSConnection
 
-    class Box:  # a connection's outbox: posted messages are dropped
+    class Box:  # a connection's outbox on an open socket: posted messages are dropped
+        ws = types.SimpleNamespace(state=State.OPEN)
+
         def post(self, data):
             pass
 
