@@ -53,6 +53,22 @@ async def _client(url, pcm: np.ndarray, marker_id: int, chunk=1920, headers=None
                 return msgs
 
 
+def _slow_runtime(files, seconds: float, slots: int = 1):
+    """A runtime whose every step takes ``seconds`` longer: a slow model (a big batch, a loaded device)."""
+    import time
+
+    rt = _runtime(files, slots=slots)
+    real_step = rt.step
+
+    def slow_step(*a, **kw):
+        n = real_step(*a, **kw)
+        time.sleep(seconds)
+        return n
+
+    rt.step = slow_step
+    return rt
+
+
 def _serve(rt, coro_fn):
     async def main():
         server = ASRServer(rt)
@@ -208,15 +224,7 @@ def test_a_client_ahead_of_the_model_is_read_at_once_and_its_leaving_seen_at_onc
     audio not transcribed."""
     import time
 
-    rt = _runtime(files, slots=1)
-    real_step = rt.step
-
-    def slow_step(*a, **kw):
-        n = real_step(*a, **kw)
-        time.sleep(0.3)
-        return n
-
-    rt.step = slow_step
+    rt = _slow_runtime(files, 0.3)
     n_msgs = 40  # 3.2 s of audio, 12 s of steps
 
     async def client(url):
@@ -568,17 +576,8 @@ def test_errors_come_back_in_message_order_and_pcm_must_be_numbers(files):
 def test_the_audio_timeout_does_not_count_the_time_the_server_left_the_socket_unread(files):
     """A client far enough ahead that the server stops reading it (max_buffered_s) is not closed for 'no audio'
     when the model catches up: its messages waited in the socket, not at the client."""
-    import time
 
-    rt = _runtime(files, slots=1)
-    real_step = rt.step
-
-    def slow_step(*a, **kw):
-        n = real_step(*a, **kw)
-        time.sleep(0.15)
-        return n
-
-    rt.step = slow_step
+    rt = _slow_runtime(files, 0.15)
 
     async def client(url):
         return await _client(url, _audio(1.5, 8), 5, chunk=36000)  # one message: ~2.5 s of steps to drain
@@ -599,15 +598,7 @@ def test_shutdown_reads_past_the_audio_of_a_client_far_ahead(files):
     close timeout (10 s) on it."""
     import time
 
-    rt = _runtime(files, slots=1)
-    real_step = rt.step
-
-    def slow_step(*a, **kw):
-        n = real_step(*a, **kw)
-        time.sleep(0.3)
-        return n
-
-    rt.step = slow_step
+    rt = _slow_runtime(files, 0.3)
 
     async def main():
         server = ASRServer(rt)
@@ -632,17 +623,8 @@ def test_shutdown_reads_past_the_audio_of_a_client_far_ahead(files):
 def test_a_client_whose_audio_is_still_running_is_not_idle(files):
     """The no-audio timeout closes idle clients only: one that sent its audio and waits for its results while a slow
     model still runs it gets every step, and is closed for silence only once its audio has run."""
-    import time
 
-    rt = _runtime(files, slots=1)
-    real_step = rt.step
-
-    def slow_step(*a, **kw):
-        n = real_step(*a, **kw)
-        time.sleep(0.15)
-        return n
-
-    rt.step = slow_step
+    rt = _slow_runtime(files, 0.15)
 
     async def main():
         server = ASRServer(rt)
