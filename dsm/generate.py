@@ -24,6 +24,13 @@ ZERO_TOKEN = -1  # embeds to an exact zero vector
 UNGENERATED_TOKEN = -2  # fill value of the token cache; never reaches an embedding
 
 
+def check_temperature(value, name: str) -> None:
+    """A sampling temperature: a finite number >= 0 (0: greedy). A NaN or negative one would reach the sampler of
+    every stream, which has no per-step host check."""
+    if not (isinstance(value, numbers.Real) and 0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= 0 (0: greedy), got {value!r}")
+
+
 def check_token_range(tokens: torch.Tensor, name: str, hi: int, *, on_device: bool = False) -> None:
     """Token ids the embeddings can gather: integers in [-1, hi] (-1 gives a zero embedding; for audio ``hi`` is
     ``card``, the initial token, the tables' last row). A float tensor or an id past a table would read outside it
@@ -102,9 +109,8 @@ class Generator:
         if audio_delay_steps is not None and (isinstance(audio_delay_steps, bool) or audio_delay_steps < 0):
             raise ValueError(f"audio_delay_steps must be an int >= 0 or None, got {audio_delay_steps!r}")
         # a NaN temperature or a negative top-k would reach the sampler of every stream (no per-step host checks)
-        for name, t in (("temp", temp), ("temp_text", temp_text)):
-            if not (isinstance(t, numbers.Real) and 0 <= t < math.inf):
-                raise ValueError(f"{name} must be a finite number >= 0 (0: greedy), got {t!r}")
+        check_temperature(temp, "temp")
+        check_temperature(temp_text, "temp_text")
         for name, k in (("top_k", top_k), ("top_k_text", top_k_text)):
             if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: no top-k), got {k!r}")

@@ -551,7 +551,8 @@ class ASRServer(_Endpoint):
         out = []
         for conn, box in self.connections.items():  # Step.step_idx is the server-wide step counter (§9.2)
             events, conn.events = conn.events + conn.stream.events(), []
-            msgs = [event_message(e, conn.waiting(), self.rt.total_steps) for e in events]
+            waiting = conn.waiting()
+            msgs = [event_message(e, waiting, self.rt.total_steps) for e in events]
             payloads = [pack(m, single_float=m["type"] == "Step") for m in msgs if m is not None]
             if payloads:
                 out.append((box, payloads, False))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
+from .generate import check_temperature
 from .host_copies import HostReads, to_device
 from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .mimi_graph import GraphedMimiStep
@@ -146,8 +147,7 @@ class STTOptions:
             raise ValueError(f"asr_delay_in_tokens must be None or an int >= 0, got {self.asr_delay_in_tokens!r}")
         if not 0 <= self.vad_threshold <= 1:  # NaN too: the end of turn would never fire
             raise ValueError(f"vad_threshold must be a probability in [0, 1], got {self.vad_threshold!r}")
-        if not 0 <= self.temp < math.inf:
-            raise ValueError(f"temp must be a finite number >= 0 (0: greedy), got {self.temp!r}")
+        check_temperature(self.temp, "temp")
 
 
 # ---------------------------------------------------------------------------------------------------------------

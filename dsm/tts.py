@@ -40,7 +40,7 @@ import torch
 from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoint, hub_file, resolve_checkpoint
 from .conditioning import TensorInput
 from .engine import EngineFull, check_seed
-from .generate import Generator
+from .generate import Generator, check_temperature
 from .host_copies import HostReads, copy_from_host, to_device
 from .mimi import Mimi
 from .mimi_graph import GraphedMimiStep
@@ -498,8 +498,7 @@ class TTSConfig:
 
     def __post_init__(self):
         # NaN compares false, so each check also refuses it
-        if not 0 <= self.temp < math.inf:
-            raise ValueError(f"TTSConfig.temp must be a finite number >= 0 (0: greedy), got {self.temp}")
+        check_temperature(self.temp, "TTSConfig.temp")
         for name in ("top_k", "top_k_text"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TTSConfig.{name} must be >= 0 (0: no top-k), got {getattr(self, name)}")
