@@ -69,9 +69,13 @@ def _slow_runtime(files, seconds: float, slots: int = 1):
     return rt
 
 
-def _serve(rt, coro_fn):
+def _serve(rt, coro_fn, **attrs):
+    """Run ``coro_fn(url)`` against an ASR server over ``rt`` (``attrs``: server settings, e.g. its limits)."""
+
     async def main():
         server = ASRServer(rt)
+        for k, v in attrs.items():
+            setattr(server, k, v)
         async with await server.serve("127.0.0.1", 0) as ws_server:
             port = ws_server.sockets[0].getsockname()[1]
             return await coro_fn(f"ws://127.0.0.1:{port}{ASR_PATH}")
@@ -386,20 +390,11 @@ def test_input_limits_marker_ids_and_the_global_step_counter(files):
         await asyncio.wait_for(idle.wait_closed(), 10)
         return replies, m["step_idx"], idle.close_code
 
-    def serve(client, **attrs):
-        async def main():
-            server = ASRServer(_runtime(files))
-            for k, v in attrs.items():
-                setattr(server, k, v)
-            async with await server.serve("127.0.0.1", 0) as ws_server:
-                return await client(f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}{ASR_PATH}")
-
-        return asyncio.run(main())
-
     words = [[(m["text"], m["start_time"]) for m in got if m["type"] == "Word"]
-             for got in (serve(first_client, max_buffered_s=0.1), serve(first_client))]
+             for got in (_serve(_runtime(files), first_client, max_buffered_s=0.1),
+                         _serve(_runtime(files), first_client))]
     assert words[0] == words[1] and words[0]
-    replies, step_idx, code = serve(later_client, audio_timeout_s=3.0)
+    replies, step_idx, code = _serve(_runtime(files), later_client, audio_timeout_s=3.0)
     assert all(r["type"] == "Error" and "int64" in r["message"] for r in replies)
     assert step_idx > 10 and code == 1008
 
@@ -582,13 +577,7 @@ def test_the_audio_timeout_does_not_count_the_time_the_server_left_the_socket_un
     async def client(url):
         return await _client(url, _audio(1.5, 8), 5, chunk=36000)  # one message: ~2.5 s of steps to drain
 
-    async def main():
-        server = ASRServer(rt)
-        server.max_buffered_s, server.audio_timeout_s = 0.2, 1.0
-        async with await server.serve("127.0.0.1", 0) as ws_server:
-            return await client(f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}{ASR_PATH}")
-
-    got = asyncio.run(main())
+    got = _serve(rt, client, max_buffered_s=0.2, audio_timeout_s=1.0)
     assert got[-1] == {"type": "Marker", "id": 5}, got[-3:]
 
 
@@ -626,21 +615,17 @@ def test_a_client_whose_audio_is_still_running_is_not_idle(files):
 
     rt = _slow_runtime(files, 0.15)
 
-    async def main():
-        server = ASRServer(rt)
-        server.audio_timeout_s = 1.0
-        async with await server.serve("127.0.0.1", 0) as ws_server:
-            url = f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}{ASR_PATH}?auth_id=public_token"
-            async with connect(url) as ws:
-                await ws.recv()
-                await ws.send(msgpack.packb({"type": "Audio", "pcm": _audio(1.6, 9).tolist()}))  # 20 frames: ~3 s
-                steps = 0
-                try:
-                    while True:
-                        steps += msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))["type"] == "Step"
-                except ConnectionClosed:  # 1008: a ConnectionClosedError
-                    pass
-                return steps, ws.close_code
+    async def client(url):
+        async with connect(url + "?auth_id=public_token") as ws:
+            await ws.recv()
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": _audio(1.6, 9).tolist()}))  # 20 frames: ~3 s
+            steps = 0
+            try:
+                while True:
+                    steps += msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))["type"] == "Step"
+            except ConnectionClosed:  # 1008: a ConnectionClosedError
+                pass
+            return steps, ws.close_code
 
-    steps, code = asyncio.run(main())
+    steps, code = _serve(rt, client, audio_timeout_s=1.0)
     assert steps == 20 and code == 1008, (steps, code)
