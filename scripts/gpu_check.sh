@@ -65,6 +65,8 @@ finish() {
     grep -h -A4 "^preset " "$LOGS/runtime.log" "$LOGS/runtime_tts.log" 2>/dev/null
     echo "=== runtime host work per step (ms, stand-in model; add to the capacity rows)"
     sed -n '/^runtime/,$p' "$LOGS/host.log" 2>/dev/null
+    echo "=== servers under load (benchmarks/bench_serve.py; ms from the clients' side)"
+    grep -hv "^starting" "$LOGS/serve_stt.log" "$LOGS/serve_tts.log" 2>/dev/null | tail -n 12
     echo "=== mimi / depformer"
     tail -n 20 "$LOGS/mimi.log" 2>/dev/null
     tail -n 22 "$LOGS/depformer.log" 2>/dev/null
@@ -181,6 +183,10 @@ step runtime_tts 150 60 "$PY" benchmarks/bench_runtime.py --preset tts-1.6b-en_f
   --output "$OUT/runtime.jsonl"
 # the runtimes' host work per step on this machine's CPU (stand-in model steps): add it to the capacity rows above
 step host 120 30 "$PY" benchmarks/bench_host.py --streams 64 256 700 --steps 20
+# the servers under load over real sockets, measured from the clients (each step starts its server: graph capture)
+step serve_stt 150 60 "$PY" benchmarks/bench_serve.py stt --clients 1 64 256 --seconds 10 --output "$OUT/serve.jsonl"
+step serve_tts 150 60 "$PY" benchmarks/bench_serve.py tts --clients 1 16 64 \
+  --text "Twelve short words make a sentence that takes a few seconds to say." --output "$OUT/serve.jsonl"
 step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \
   --out "$OUT/kernels.jsonl"
 step kbench 90 30 "$PY" benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \

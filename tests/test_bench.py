@@ -1,10 +1,24 @@
 """`dsm bench` runs end to end on a CPU preset and appends a result row with the environment."""
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from dsm.cli import main
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    """A benchmark script of benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_bench_cli_smoke(tmp_path, capsys, monkeypatch):
@@ -170,16 +184,11 @@ def test_bench_mimi_smoke(background):
 
 
 def test_bench_mimi_variant_restores_switches(monkeypatch):
-    import importlib.util
     import os
-    from pathlib import Path
 
     import torch
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mimi.py"
-    spec = importlib.util.spec_from_file_location("bench_mimi", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("bench_mimi")
     monkeypatch.delenv("DSM_GEMV", raising=False)
     monkeypatch.setenv("DSM_CONV_IGEMM", "1")
     tf32 = torch.backends.cudnn.allow_tf32
@@ -399,18 +408,13 @@ def test_bench_tts_streams_have_their_own_voices_and_share_the_padding():
 def test_bench_host_runs_both_runtimes_on_stand_ins(tmp_path, tiny_stt_ckpt, one_thread, monkeypatch):
     """benchmarks/bench_host.py: the runtimes' host work per step with stand-in model steps; the TTS steps it times
     decode audio for every stream (the stand-in Mimi is called)."""
-    import importlib.util
-    from pathlib import Path
 
     import torch
 
     from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
     from dsm.tts import TTSRuntime
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_host.py"
-    spec = importlib.util.spec_from_file_location("bench_host", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("bench_host")
     assert mod.stt_host_ms(resolve_checkpoint(tiny_stt_ckpt), 3, 2) > 0
     from dsm.stt import STTStream
 
@@ -443,3 +447,36 @@ def test_bench_host_runs_both_runtimes_on_stand_ins(tmp_path, tiny_stt_ckpt, one
         forwards.clear()
         assert mod.engine_host_ms(files, 2, 3) > 0
         assert len(forwards) == 1, len(forwards)
+
+
+def test_bench_serve_playback_stalls_and_verdicts():
+    """benchmarks/bench_serve.py's measures (its runs against real servers are in test_benchmark_scripts.py): a frame
+    arriving after its playback time stalls the playback, which then resumes from that frame; a row keeps up only when
+    every client was served without an Error, (STT) every last Marker came back and the latency did not grow."""
+    mod = _script("bench_serve")
+    assert mod.stalls([1.0, 1.08, 1.16, 1.24], 0.0) == (0, 0.0)  # on time, to the frame
+    count, stalled = mod.stalls([1.0, 1.08, 1.30, 1.38, 1.60], 0.0)  # 1.30 is due 1.16; then 1.60 is due 1.46
+    assert count == 2 and stalled == pytest.approx(0.14 + 0.14)
+    assert mod.stalls([1.0, 1.08, 1.30], 0.2) == (0, 0.0)  # a jitter buffer absorbs it
+    assert mod.stalls([], 0.0) == (0, 0.0)
+
+    def stt(markers, **kw):
+        return mod.STTClient(frame_latency=[0.05, 0.07], marker_latency=markers, lateness=[0.0, 0.001],
+                             open_s=0.01, last_marker_back=True, **kw)
+
+    row = mod.stt_row([stt([0.55, 0.56]), stt([0.55, 0.60])], 2)
+    assert row["keeps_up"] and row["drift_max_ms"] == pytest.approx(50.0) and row["frames"] == 4
+    assert not mod.stt_row([stt([0.55, 1.2]), stt([0.55, 0.6])], 2)["keeps_up"]  # one client falls behind
+    assert not mod.stt_row([stt([0.55, 0.56]), stt([0.55], error="ConnectionClosedError")], 2)["keeps_up"]
+    lost_client = stt([0.55, 0.56])
+    lost_client.last_marker_back = False
+    assert not mod.stt_row([stt([0.55, 0.56]), lost_client], 2)["keeps_up"]
+    rejected = mod.stt_row([stt([0.55, 0.56]), mod.STTClient(rejected="no free channels")], 2)
+    assert not rejected["keeps_up"] and rejected["rejected"] == 1 and rejected["first_error"] == "no free channels"
+    tts = [mod.TTSClient(frames=[1.2, 1.28, 1.36], first_word=1.0), mod.TTSClient(frames=[1.3, 1.5], first_word=1.0)]
+    row = mod.tts_row(tts, 2, 0.0)
+    assert row["stalled_clients"] == 1 and not row["keeps_up"] and row["ttfa_p50_ms"] == pytest.approx(250.0)
+    assert mod.tts_row(tts[:1], 1, 0.0)["keeps_up"]
+    assert not mod.tts_row([mod.TTSClient(first_word=1.0)], 1, 0.0)["keeps_up"]  # no audio at all
+    assert mod.endpoint("ws://h:1", "tts") == ("ws://h:1/api/tts_streaming?format=PcmMessagePack", "http://h:1")
+    assert mod.endpoint("wss://h:1/api/asr-streaming", "stt") == ("wss://h:1/api/asr-streaming", "https://h:1")
