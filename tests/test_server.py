@@ -83,7 +83,9 @@ def _serve(rt, coro_fn, **attrs):
     return asyncio.run(main())
 
 
-def test_words_equal_the_python_api_and_streams_are_isolated(files):
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu_calls", "overlapped_calls"])
+def test_words_equal_the_python_api_and_streams_are_isolated(files, overlap):
+    """Both model loops: calls that settle (a CPU's) and overlapped calls (a GPU's, whose events come a call late)."""
     pcm_a, pcm_b = _audio(2.0, 1), _audio(1.5, 2)
 
     async def clients(url):
@@ -97,7 +99,7 @@ def test_words_equal_the_python_api_and_streams_are_isolated(files):
 
         return await asyncio.gather(_client(url, pcm_a, 7), _client(url, pcm_b, 8, chunk=777), nan_client())
 
-    got_a, got_b, nan_reply = _serve(_runtime(files, slots=3), clients)
+    got_a, got_b, nan_reply = _serve(_runtime(files, slots=3), clients, overlap=overlap)
     assert got_a[0] == {"type": "Ready"} and got_a[-1] == {"type": "Marker", "id": 7}
     assert got_b[-1] == {"type": "Marker", "id": 8}
     assert nan_reply["type"] == "Error" and "nan" in nan_reply["message"].lower()
