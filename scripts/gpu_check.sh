@@ -184,7 +184,7 @@ step runtime_tts 150 60 "$PY" benchmarks/bench_runtime.py --preset tts-1.6b-en_f
 # the runtimes' host work per step on this machine's CPU (stand-in model steps): add it to the capacity rows above
 step host 120 30 "$PY" benchmarks/bench_host.py --streams 64 256 700 --steps 20
 # the servers under load over real sockets, measured from the clients (each step starts its server: graph capture)
-step serve_stt 150 60 "$PY" benchmarks/bench_serve.py stt --clients 1 64 256 --seconds 10 --output "$OUT/serve.jsonl"
+step serve_stt 180 60 "$PY" benchmarks/bench_serve.py stt --clients 1 64 256 --seconds 10 --output "$OUT/serve.jsonl"
 step serve_tts 150 60 "$PY" benchmarks/bench_serve.py tts --clients 1 16 64 \
   --text "Twelve short words make a sentence that takes a few seconds to say." --output "$OUT/serve.jsonl"
 step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \
