@@ -9,6 +9,9 @@ frames (several context wraps). Two numbers per model:
   ``depformer_replace_tokens``), so every step compares the argmax under the same history; text and audio (the
   depformer's codebooks, TTS) are reported separately.
 
+The same two numbers for a bf16 KV cache against an fp32 one (``bf16_vs_fp32_*``) give the scale: random weights
+have small logit margins, so greedy tokens flip under any rounding, and fp8's cost is read against bf16's own.
+
 STT-like models take random audio codes as inputs; TTS-like models run the depformer. On a CPU the tiny presets are
 used (``tiny-stt``, ``tiny-tts``; tiny random weights, so the numbers say little about real checkpoints), on a GPU the
 released presets. A JSON row per model is appended to ``benchmarks/results/fp8_kv.jsonl``.
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import dsm_kernels
 from dsm.bench import _random_conditions, environment, random_model
 from dsm.engine import Engine
 from dsm.presets import preset_config
@@ -38,13 +42,15 @@ def _engine(model, kv_dtype, streams):
     return eng
 
 
-def agreement(model, steps: int, streams: int, seed: int = 0) -> dict:
+def agreement(model, steps: int, streams: int, seed: int = 0, ref_kv: torch.dtype = torch.bfloat16,
+              kv: torch.dtype = FP8) -> dict:
+    """Greedy-token agreement of an engine with a ``kv`` KV cache against one with ``ref_kv``."""
     cfg, dq = model.cfg, model.cfg.dep_q
     n_in = cfg.num_codebooks - dq - 1
     dev = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)
     inputs = torch.randint(0, cfg.card, (steps, streams, n_in), generator=g).to(dev) if n_in else None
-    ref, free, forced = (_engine(model, dt, streams) for dt in (torch.bfloat16, FP8, FP8))
+    ref, free, forced = (_engine(model, dt, streams) for dt in (ref_kv, kv, kv))
     same = total = text_ok = audio_ok = audio_n = 0
     first_div = None
     for t in range(steps):
@@ -64,7 +70,7 @@ def agreement(model, steps: int, streams: int, seed: int = 0) -> dict:
         if first_div is None and not bool(eq.all()):
             first_div = t
 
-        def force(name, d=seen):  # record the fp8 engine's own choice, then feed it the bf16 engine's tokens
+        def force(name, d=seen):  # record the tested engine's own choice, then feed it the reference's tokens
             def hook(x):
                 d["forced_" + name] = x.clone()
                 x.copy_(d[name])
@@ -102,16 +108,15 @@ def main(argv=None) -> int:
         model = random_model(preset_config(name), device, torch.bfloat16)[0]
         steps = args.steps or 4 * model.cfg.context
         res = agreement(model, steps, streams)
+        base = agreement(model, steps, streams, ref_kv=torch.float32, kv=torch.bfloat16)
+        res.update({f"bf16_vs_fp32_{k}": v for k, v in base.items()})
         row = {
             **env,
             "bench": "fp8_kv_agreement",
             "model": name,
             "weights": "random (dsm.bench.random_model)",
-            "note": (
-                "CPU, tiny random-weight preset, reference kernels"
-                if not gpu
-                else "GPU, released preset shapes with random weights"
-            ),
+            "note": f"{device.upper()}, {name} shapes with random weights, {dsm_kernels.default_backend(device)} "
+                    "kernels",
             "lm_dtype": "bfloat16",
             "kv_dtypes": ["bfloat16", "float8_e4m3fn"],
             "greedy": True,
