@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -84,7 +85,40 @@ def _pct(xs, q) -> float | None:
 
 
 @dataclass
-class STTClient:
+class Client:
+    """What every client ends with: refused before its Ready (``rejected``), or an Error / a dropped connection
+    after it (``error``)."""
+
+    rejected: str | None = None
+    error: str | None = None
+
+    def failed(self, e: Exception, opened: bool) -> None:
+        if opened:
+            self.error = self.error or f"{type(e).__name__}: {e}"
+        else:
+            self.rejected = f"{type(e).__name__}: {e}"
+
+
+@asynccontextmanager
+async def session(url: str, headers: dict, start_at: float, client: Client):
+    """Connect at loop time ``start_at`` and read the server's first message: yields the socket once it said Ready,
+    None when it refused (``client.rejected``)."""
+    await asyncio.sleep(max(0.0, start_at - asyncio.get_running_loop().time()))
+    async with connect(url, additional_headers=headers, ping_interval=None, max_size=None) as ws:
+        first = msgpack.unpackb(await ws.recv())
+        if first.get("type") == "Ready":
+            yield ws
+        else:
+            client.rejected = str(first.get("message", first))
+            yield None
+
+
+def _first_error(clients: list[Client]) -> str | None:
+    return next((c.error or c.rejected for c in clients if c.error or c.rejected), None)
+
+
+@dataclass
+class STTClient(Client):
     frame_latency: list[float] = field(default_factory=list)
     marker_latency: list[float] = field(default_factory=list)
     lateness: list[float] = field(default_factory=list)
@@ -92,8 +126,6 @@ class STTClient:
     open_s: float | None = None
     last_marker_back: bool = False
     extra_steps: int = 0  # Steps beyond the frames sent (a server-side silence prefix): latency unmatched
-    rejected: str | None = None
-    error: str | None = None
 
 
 async def stt_client(url: str, headers: dict, frames: list[bytes], offset: int, n_frames: int, drain_s: float,
@@ -101,15 +133,12 @@ async def stt_client(url: str, headers: dict, frames: list[bytes], offset: int, 
     """One live user: ``n_frames`` of ``frames`` from ``offset`` in real time, Markers, then silence until the last
     Marker is back (at most ``drain_s``)."""
     res, loop = STTClient(), asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, start_at - loop.time()))
-    t_open = time.perf_counter()
+    t_open = max(start_at, loop.time())  # when the session starts to connect
     try:
-        async with connect(url, additional_headers=headers, ping_interval=None, max_size=None) as ws:
-            first = msgpack.unpackb(await ws.recv())
-            if first.get("type") != "Ready":
-                res.rejected = str(first.get("message", first))
+        async with session(url, headers, start_at, res) as ws:
+            if ws is None:
                 return res
-            res.open_s = time.perf_counter() - t_open
+            res.open_s = loop.time() - t_open
             sent: list[float] = []  # send time of every frame
             markers: dict[int, float] = {}
             last_id, last_back = n_frames, asyncio.Event()
@@ -159,11 +188,8 @@ async def stt_client(url: str, headers: dict, frames: list[bytes], offset: int, 
                     await ws.send(msgpack.packb({"type": "Marker", "id": i}))
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
-    except (InvalidHandshake, ConnectionClosed, OSError) as e:  # before Ready: not served; after: an error
-        if res.open_s is None:
-            res.rejected = f"{type(e).__name__}: {e}"
-        else:
-            res.error = res.error or f"{type(e).__name__}: {e}"
+    except (InvalidHandshake, ConnectionClosed, OSError) as e:
+        res.failed(e, opened=res.open_s is not None)
     return res
 
 
@@ -185,9 +211,8 @@ def stt_row(clients: list[STTClient], n: int) -> dict:
            "extra_steps": sum(c.extra_steps for c in served)}  # fmt: skip
     row["keeps_up"] = bool(served and len(served) == n and not errors and not lost and drift is not None
                            and drift < DRIFT_LIMIT_S)
-    first_error = next((c.error or c.rejected for c in clients if c.error or c.rejected), None)
-    if first_error:
-        row["first_error"] = first_error
+    if _first_error(clients):
+        row["first_error"] = _first_error(clients)
     return row
 
 
@@ -208,22 +233,17 @@ async def run_stt(url: str, headers: dict, n: int, pcm: np.ndarray, seconds: flo
 
 
 @dataclass
-class TTSClient:
+class TTSClient(Client):
     frames: list[float] = field(default_factory=list)  # arrival times
     first_word: float | None = None
     texts: int = 0
-    rejected: str | None = None
-    error: str | None = None
 
 
 async def tts_client(url: str, headers: dict, words: list[str], start_at: float) -> TTSClient:
-    res, loop = TTSClient(), asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, start_at - loop.time()))
+    res = TTSClient()
     try:
-        async with connect(url, additional_headers=headers, ping_interval=None, max_size=None) as ws:
-            first = msgpack.unpackb(await ws.recv())
-            if first.get("type") != "Ready":
-                res.rejected = str(first.get("message", first))
+        async with session(url, headers, start_at, res) as ws:
+            if ws is None:
                 return res
             res.first_word = time.perf_counter()
             for w in words:
@@ -241,11 +261,8 @@ async def tts_client(url: str, headers: dict, words: list[str], start_at: float)
                     res.texts += 1
                 elif m.get("type") == "Error":
                     res.error = str(m.get("message"))
-    except (InvalidHandshake, ConnectionClosed, OSError) as e:  # before Ready: not served; after: an error
-        if res.first_word is None:
-            res.rejected = f"{type(e).__name__}: {e}"
-        else:
-            res.error = res.error or f"{type(e).__name__}: {e}"
+    except (InvalidHandshake, ConnectionClosed, OSError) as e:
+        res.failed(e, opened=res.first_word is not None)
     return res
 
 
@@ -277,9 +294,8 @@ def tts_row(clients: list[TTSClient], n: int, jitter_s: float) -> dict:
            "stall_max_ms": round(max((s[1] for s in st), default=0.0) * 1e3, 2),
            "rtfx_p50": round(float(np.median(rtfx)), 2) if rtfx else None}  # fmt: skip
     row["keeps_up"] = bool(len(spoke) == n and not errors and row["stalled_clients"] == 0)
-    first_error = next((c.error or c.rejected for c in clients if c.error or c.rejected), None)
-    if first_error:
-        row["first_error"] = first_error
+    if _first_error(clients):
+        row["first_error"] = _first_error(clients)
     return row
 
 
