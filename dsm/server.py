@@ -72,6 +72,11 @@ FRAME_RATE = 12.5
 OUTBOX_BYTES = 64 * 2**20  # unsent output per connection (~5 min of PcmMessagePack audio) before it is closed
 MAX_BUFFERED_S = 60.0  # ASR audio queued per connection before its socket is left unread
 AUDIO_TIMEOUT_S = 120.0  # an ASR connection without an Audio message for this long is closed (moshi-server)
+# TTS text is split and tokenized on the model thread, so one connection's text must not stall every stream's step:
+MAX_TEXT_CHARS = 2**15  # characters of one text message (~5000 words, ~15 ms to tokenize)
+MAX_PENDING_WORDS = 4096  # words a TTS stream holds not yet spoken (~25 min of speech) before more text is refused
+VOICE_LOOKUPS = 2  # ?voice= lookups (hub downloads) at once, on the default executor's threads
+VOICE_RETRY_S = 60.0  # a voice name that failed is not looked up again for this long (offline, a lookup takes ~20 s)
 log = logging.getLogger("dsm.server")
 
 
@@ -435,8 +440,11 @@ class ASRServer(_Endpoint):
                 stream = None
         if stream is None:
             self.metrics.refused.inc()
-            await ws.send(pack({"type": "Error", "message": "no free channels"}))
-            await ws.close()
+            try:
+                await ws.send(pack({"type": "Error", "message": "no free channels"}))
+                await ws.close()
+            except ConnectionClosed:  # the refused client did not wait for the reason
+                pass
             return
         self.metrics.connect.inc()
         conn = _ASRConnection(stream)
@@ -583,6 +591,8 @@ class TTSServer(_Endpoint):
     def __init__(self, runtime, api_keys: Iterable[str] = ("public_token",), voice=None, cfg: float | None = 2.0):
         super().__init__(runtime, api_keys)
         self.default_voice, self.cfg = voice, cfg
+        self._voice_lookups = asyncio.Semaphore(VOICE_LOOKUPS)  # slow lookups never take every executor thread
+        self._failed_voices: dict[str, float] = {}  # name -> when its lookup failed (the last 1024 names)
         from prometheus_client import Gauge
 
         r = self.metrics.registry
@@ -608,19 +618,32 @@ class TTSServer(_Endpoint):
             return f"format={fmt} is not supported by dsm (no Opus encoder); use format=PcmMessagePack or format=Pcm"
         return None
 
-    def _voice(self, name: str | None):
+    def _voice(self, name: str):
         """The query's voice: a name in the voice repository (moshi-server: a name in its voice folder), never a
-        local path or another repository, which a client must not choose; else the default voice."""
-        if name:
-            try:
-                return self.rt.voice_tensor(name, local_files=False)
-            except Exception as e:  # moshi-server falls back to the default voice
-                log.warning("voice %r: %s; using the default voice", name, e)
-        return self.default_voice
+        local path or another repository, which a client must not choose; else the default voice. Blocking (may
+        download)."""
+        try:
+            return self.rt.voice_tensor(name, local_files=False)
+        except Exception as e:  # moshi-server falls back to the default voice
+            log.warning("voice %r: %s; using the default voice", name, e)
+            self._failed_voices.pop(name, None)
+            self._failed_voices[name] = time.monotonic()
+            if len(self._failed_voices) > 1024:
+                self._failed_voices.pop(next(iter(self._failed_voices)))
+            return self.default_voice
+
+    async def _query_voice(self, name: str):
+        """:meth:`_voice` off the event loop, at most ``VOICE_LOOKUPS`` at once; no lookup for no name or for a name
+        that failed less than ``VOICE_RETRY_S`` ago (a connection without a voice never waits behind others')."""
+        failed = self._failed_voices.get(name)
+        if not name or (failed is not None and time.monotonic() - failed < VOICE_RETRY_S):
+            return self.default_voice
+        async with self._voice_lookups:
+            return await asyncio.to_thread(self._voice, name)
 
     async def _handler(self, ws) -> None:
         query = parse_qs(urlsplit(ws.request.path).query)
-        voice = await asyncio.to_thread(self._voice, (query.get("voice") or [""])[0])  # may download
+        voice = await self._query_voice((query.get("voice") or [""])[0])
         conn = _TTSConnection((query.get("format") or ["OggOpus"])[0], voice)
         self.metrics.connect.inc()
         box = self.connections[conn] = _Outbox(ws, self.outbox_bytes)
@@ -658,11 +681,22 @@ class TTSServer(_Endpoint):
                 raise
         return conn.stream
 
+    def _push(self, conn: _TTSConnection, text: str) -> str | None:
+        """Add a text message's words to the connection's stream, unless the text is over the server's limits."""
+        if len(text) > MAX_TEXT_CHARS:
+            return (f"text of {len(text)} characters refused: this server takes at most {MAX_TEXT_CHARS} in one "
+                    "message (send it in parts)")
+        stream = self._open(conn)
+        if len(stream.machine.entries) >= MAX_PENDING_WORDS:
+            return (f"text refused: the stream already holds {len(stream.machine.entries)} words not yet spoken (this "
+                    f"server's limit is {MAX_PENDING_WORDS}); send more once it has spoken some")
+        stream.push(text)
+        return None
+
     def _on_message(self, conn: _TTSConnection, raw) -> str | None:
         try:
             if isinstance(raw, str):
-                self._open(conn).push(raw)
-                return None
+                return self._push(conn, raw)
             if raw == b"\x00":
                 self._open(conn).end()
                 return None
@@ -671,7 +705,7 @@ class TTSServer(_Endpoint):
             if kind == "Text":
                 if not isinstance(msg.get("text"), str):
                     return f"Text.text must be a string, got {msg.get('text')!r}"
-                self._open(conn).push(msg["text"])
+                return self._push(conn, msg["text"])
             elif kind == "Eos":
                 self._open(conn).end()
             elif kind == "Voice":

@@ -631,3 +631,24 @@ def test_a_client_whose_audio_is_still_running_is_not_idle(files):
 
     steps, code = _serve(rt, client, audio_timeout_s=1.0)
     assert steps == 20 and code == 1008, (steps, code)
+
+
+def test_a_refused_client_that_already_left_is_no_error(files, caplog):
+    """No free slot: the "no free channels" Error goes to a client that may have closed already; that is no
+    handler failure (it logged a traceback)."""
+    from websockets.exceptions import ConnectionClosedOK
+
+    rt = _runtime(files, slots=1)
+    rt.open_stream()  # the only slot
+
+    class LeftAlready:
+        async def send(self, data):
+            raise ConnectionClosedOK(None, None)
+
+        async def close(self):
+            raise AssertionError("not reached")
+
+    server = ASRServer(rt)
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(server._handler(LeftAlready()))
+    assert server.metrics.refused._value.get() == 1 and not caplog.records

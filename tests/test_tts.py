@@ -1058,8 +1058,7 @@ def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch, capsys):
                  "v.safetensors"):
         with pytest.raises(VoiceError, match="only voice names"):
             resolve_voice(name, local_files=False)
-    srv = TTSServer.__new__(TTSServer)
-    srv.rt, srv.default_voice = runtime(ckpt, n_q=2), "default"
+    srv = TTSServer(runtime(ckpt, n_q=2), voice="default")
     assert srv._voice(local) == "default"
     asked = []  # a repository name goes on to be resolved, with local files off
     srv.rt = types.SimpleNamespace(voice_tensor=lambda name, local_files=True: asked.append((name, local_files)) or 1)
@@ -1168,3 +1167,80 @@ def test_push_takes_text_only(ckpt):
     for bad in (None, 3, b"bytes"):
         with pytest.raises(TTSInputError, match="push takes text"):
             s.push(bad)
+
+
+def test_websocket_text_limits_keep_the_model_thread_free(ckpt, monkeypatch):
+    """Text is split and tokenized on the model thread, so a huge text would stall every stream's step: a message
+    over MAX_TEXT_CHARS, or text while the stream holds MAX_PENDING_WORDS unspoken words, is an Error for that
+    connection naming the limit; the words already taken are still spoken."""
+    import msgpack
+    from websockets.asyncio.client import connect
+
+    import dsm.server as server_mod
+
+    monkeypatch.setattr(server_mod, "MAX_PENDING_WORDS", 4)
+
+    async def client(url):
+        async with connect(url + "?format=PcmMessagePack&auth_id=public_token") as ws:
+            await ws.recv()  # Ready
+            await ws.send(msgpack.packb({"type": "Text", "text": "a" * (server_mod.MAX_TEXT_CHARS + 1)}))
+            too_long = msgpack.unpackb(await ws.recv())
+            await ws.send(msgpack.packb({"type": "Text", "text": "one two three four five"}))
+            await ws.send(msgpack.packb({"type": "Text", "text": "six"}))
+            await ws.send(msgpack.packb({"type": "Eos"}))
+            msgs = [msgpack.unpackb(m) async for m in ws]
+        return too_long, msgs
+
+    too_long, msgs = _tts_serve(runtime(ckpt, audio=True, n_q=2), None, client)
+    assert too_long["type"] == "Error" and "32769 characters" in too_long["message"], too_long
+    assert str(server_mod.MAX_TEXT_CHARS) in too_long["message"]
+    errors = [m["message"] for m in msgs if m["type"] == "Error"]
+    assert len(errors) == 1 and "5 words not yet spoken" in errors[0] and "limit is 4" in errors[0], errors
+    assert [m["text"] for m in msgs if m["type"] == "Text"] == ["one", "two", "three", "four", "five"]
+    assert sum(m["type"] == "Audio" for m in msgs) > 0
+
+
+def test_voice_lookups_are_bounded_and_never_delay_a_connection_without_one(ckpt, monkeypatch):
+    """?voice= lookups may take ~20 s (a hub download; offline, its retries): at most VOICE_LOOKUPS run at once (the
+    default executor's other threads stay free), a connection naming no voice never waits, and a name that failed
+    is not looked up again for VOICE_RETRY_S."""
+    import asyncio
+    import threading
+    import time
+
+    import dsm.server as server_mod
+    from dsm.server import TTSServer
+
+    srv = TTSServer(runtime(ckpt, n_q=2), voice="default")
+    running, peak, looked_up, lock = [0], [0], [], threading.Lock()
+
+    def slow_voice_tensor(name, local_files=True):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            looked_up.append(name)
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        if name.startswith("bad"):
+            raise FileNotFoundError(name)
+        return name.upper()
+
+    srv.rt = type("Rt", (), {"voice_tensor": staticmethod(slow_voice_tensor)})()
+
+    async def main():
+        lookups = [asyncio.create_task(srv._query_voice(f"v{i}")) for i in range(5)]
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        none = await srv._query_voice("")
+        waited = time.perf_counter() - t0
+        got = await asyncio.gather(*lookups)
+        bad = [await srv._query_voice("bad"), await srv._query_voice("bad")]
+        return none, waited, got, bad
+
+    none, waited, got, bad = asyncio.run(main())
+    assert none == "default" and waited < 0.05, waited
+    assert got == ["V0", "V1", "V2", "V3", "V4"] and peak[0] == server_mod.VOICE_LOOKUPS
+    assert bad == ["default", "default"] and looked_up.count("bad") == 1  # the failure is remembered
+    monkeypatch.setattr(server_mod, "VOICE_RETRY_S", 0.0)
+    assert asyncio.run(srv._query_voice("bad")) == "default" and looked_up.count("bad") == 2
