@@ -378,12 +378,16 @@ def wait_idle(base: str, timeout_s: float = 30.0) -> None:
 
 
 def endpoint(url: str, kind: str) -> tuple[str, str]:
-    """(websocket URL of the endpoint, http base) from ``ws://host:port`` with or without the endpoint's path."""
+    """(websocket URL of the endpoint, http base) from ``ws://host:port`` (or ``http://``, ``wss://``, ``https://``)
+    with or without the endpoint's path."""
     parts = urlsplit(url)
+    schemes = {"ws": ("ws", "http"), "http": ("ws", "http"), "wss": ("wss", "https"), "https": ("wss", "https")}
+    if parts.scheme not in schemes or not parts.netloc:
+        raise ValueError(f"--url {url!r}: expected ws://HOST:PORT[/path] (or wss, http, https)")
+    ws, http = schemes[parts.scheme]
     path = parts.path if parts.path not in ("", "/") else (ASR_PATH if kind == "stt" else TTS_PATH)
     query = parts.query or ("format=PcmMessagePack" if kind == "tts" else "")
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((parts.scheme, parts.netloc, path, query, "")), f"{scheme}://{parts.netloc}"
+    return urlunsplit((ws, parts.netloc, path, query, "")), f"{http}://{parts.netloc}"
 
 
 def default_serve_args(kind: str) -> list[str]:
@@ -439,30 +443,37 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_rows(url: str) -> int:
         ws_url, base = endpoint(url, args.kind)
-        info = _http_json(base, "/api/build_info")
-        rows, cols = [], _columns(args.kind)
-        print(_line(cols), flush=True)
-        for n in args.clients:
-            wait_idle(base)
-            if args.kind == "stt":
-                row = asyncio.run(run_stt(ws_url, headers, n, pcm, args.seconds, args.drain, args.ramp))
-                row["seconds"] = args.seconds
-            else:
-                row = asyncio.run(run_tts(ws_url, headers, n, words, args.jitter_buffer, args.ramp))
-                row["words"] = len(words)
-            rows.append({"bench": f"serve-{args.kind}", **row, "server": info})
-            print(_line(rows[-1].get(c) for c in cols), flush=True)
-        if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            with args.output.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-        for r in rows:
-            if "first_error" in r:
-                print(f"clients={r['clients']}: {r['first_error']}", file=sys.stderr)
+        cols = _columns(args.kind)
+        try:
+            info = _http_json(base, "/api/build_info")
+            print(_line(cols), flush=True)
+            for n in args.clients:
+                wait_idle(base)
+                if args.kind == "stt":
+                    row = asyncio.run(run_stt(ws_url, headers, n, pcm, args.seconds, args.drain, args.ramp))
+                    row["seconds"] = args.seconds
+                else:
+                    row = asyncio.run(run_tts(ws_url, headers, n, words, args.jitter_buffer, args.ramp))
+                    row["words"] = len(words)
+                row = {"bench": f"serve-{args.kind}", **row, "server": info}
+                print(_line(row.get(c) for c in cols), flush=True)
+                if "first_error" in row:
+                    print(f"clients={n}: {row['first_error']}", file=sys.stderr)
+                if args.output:  # row by row: a server that goes away later leaves the rows measured so far
+                    with args.output.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+        except OSError as e:  # URLError included: the server went away, or was never there
+            print(f"bench_serve: the server at {base} does not answer ({e})", file=sys.stderr)
+            return 1
         return 0
 
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.url:
-        return run_rows(args.url)
+        try:
+            return run_rows(args.url)
+        except ValueError as e:
+            ap.error(str(e))
     serve_args = shlex.split(args.serve) if args.serve is not None else default_serve_args(args.kind)
     try:
         with SpawnedServer(args.kind, serve_args, max(args.clients), args.startup_timeout) as base:

@@ -34,8 +34,9 @@ that lets more than ``OUTBOX_BYTES`` pile up is closed with code 1008. Input is 
 more than ``MAX_BUFFERED_S`` of audio waiting is not read until the model catches up (TCP pushes back on the client;
 nothing is dropped; the ASR server therefore does not close a connection whose pongs are late, since they wait behind
 its audio, and a client that far ahead must pace its audio or not time out its own pings), one that sends no audio
-for ``AUDIO_TIMEOUT_S`` is closed (moshi-server's 120 s), and the TTS ``?voice=`` query names a voice of the voice
-repository only, never a local file or another repository.
+for ``AUDIO_TIMEOUT_S`` is closed (moshi-server's 120 s), a TTS text over ``MAX_TEXT_CHARS`` or beyond
+``MAX_PENDING_WORDS`` unspoken words is refused (it is tokenized on the model thread), and the TTS ``?voice=`` query
+names a voice of the voice repository only, never a local file or another repository (``VOICE_LOOKUPS`` at once).
 """
 
 from __future__ import annotations

@@ -480,3 +480,21 @@ def test_bench_serve_playback_stalls_and_verdicts():
     assert not mod.tts_row([mod.TTSClient(first_word=1.0)], 1, 0.0)["keeps_up"]  # no audio at all
     assert mod.endpoint("ws://h:1", "tts") == ("ws://h:1/api/tts_streaming?format=PcmMessagePack", "http://h:1")
     assert mod.endpoint("wss://h:1/api/asr-streaming", "stt") == ("wss://h:1/api/asr-streaming", "https://h:1")
+    assert mod.endpoint("http://h:1", "stt") == ("ws://h:1/api/asr-streaming", "http://h:1")
+    for bad in ("ftp://h:1", "ws://", "h:1"):
+        with pytest.raises(ValueError, match="expected ws://HOST:PORT"):
+            mod.endpoint(bad, "stt")
+
+
+def test_bench_serve_says_when_the_server_does_not_answer(tmp_path, capsys):
+    """No server at --url: one line naming it, exit 1, no traceback (and no row)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rows.jsonl"
+    rc = _script("bench_serve").main(["stt", "--url", f"ws://127.0.0.1:{port}", "--clients", "1", "--output",
+                                      str(out)])
+    assert rc == 1 and f"the server at http://127.0.0.1:{port} does not answer" in capsys.readouterr().err
+    assert not out.exists() or not out.read_text()
