@@ -9,8 +9,9 @@ frames (several context wraps). Two numbers per model:
   ``depformer_replace_tokens``), so every step compares the argmax under the same history; text and audio (the
   depformer's codebooks, TTS) are reported separately.
 
-The same two numbers for a bf16 KV cache against an fp32 one (``bf16_vs_fp32_*``) give the scale: random weights
-have small logit margins, so greedy tokens flip under any rounding, and fp8's cost is read against bf16's own.
+The same numbers for a bf16 KV cache against an fp32 one, both under the same weights in fp32 (``bf16_vs_fp32_*``;
+with a bf16 LM the K/V are bf16 values already, which fp32 storage holds exactly), give the scale: random weights
+have small logit margins, so greedy tokens flip under small roundings, and fp8's cost is read against bf16's own.
 
 STT-like models take random audio codes as inputs; TTS-like models run the depformer. On a CPU the tiny presets are
 used (``tiny-stt``, ``tiny-tts``; tiny random weights, so the numbers say little about real checkpoints), on a GPU the
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
         model = random_model(preset_config(name), device, torch.bfloat16)[0]
         steps = args.steps or 4 * model.cfg.context
         res = agreement(model, steps, streams)
+        model.float()  # in place: the same weights in fp32, whose K/V bf16 storage does round
         base = agreement(model, steps, streams, ref_kv=torch.float32, kv=torch.bfloat16)
         res.update({f"bf16_vs_fp32_{k}": v for k, v in base.items()})
         row = {
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
             "weights": "random (dsm.bench.random_model)",
             "note": f"{device.upper()}, {name} shapes with random weights, {dsm_kernels.default_backend(device)} "
                     "kernels",
-            "lm_dtype": "bfloat16",
+            "lm_dtype": "bfloat16 (fp32 for the bf16_vs_fp32 figures)",
             "kv_dtypes": ["bfloat16", "float8_e4m3fn"],
             "greedy": True,
             "streams": streams,
