@@ -230,7 +230,9 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
         page_bytes = 2 * eng.state.cross.k[:, 0].numel() * eng.state.cross.k.element_size()
         extra["condition_pages"] = eng.cross_pool.used
         extra["condition_kv_mb"] = eng.cross_pool.used * page_bytes / 1e6
-    if cfg.dep_q and mimi is not None:
+    if cfg.dep_q and mimi is not None:  # on an engine and a Mimi state of its own: free this batch's first (a
+        del eng, step, state  # capacity probe near the memory limit would run out with both held)
+        _release(dev)
         extra["ttfa_ms"], extra["ttfa_cold_ms"] = time_to_first_audio(model, mimi, batch, timer, **engine_kw)
     return BenchRow("dsm", "", batch, total, _percentile(step_times, 99), mimi50, *_rates(total, batch),
                     extra=extra)

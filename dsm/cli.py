@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .cli_args import device_or_default, parse_device, parse_dtype
+from .cli_args import device_or_default, parse_device, parse_dtype, select_device
 from .config import ConfigError
 from .mimi_checkpoint import MimiCheckpointError
 from .tokenizer import TokenizerError
@@ -169,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    select_device(getattr(args, "device", None))
     try:
         return int(args.func(args) or 0)
     except (CheckpointError, ConfigError, MimiCheckpointError, TokenizerError) as e:  # bad model files: no traceback

@@ -46,6 +46,13 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
+def select_device(device: torch.device | None) -> None:
+    """Make ``--device cuda:N`` the current CUDA device: Triton launches and CUDA-graph captures go to the current
+    device, not to their tensors' (``dsm.cuda_graphs.check_current_device`` refuses a mismatch)."""
+    if device is not None and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def device_or_default(device: torch.device | None) -> torch.device:
     """The parsed ``--device``, else the GPU when there is one, else the CPU."""
     return device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,6 +19,16 @@ from collections.abc import Callable
 import torch
 
 
+def check_current_device(device: torch.device | str, what: str) -> None:
+    """Triton launches and CUDA-graph captures go to the current CUDA device: refuse ``what`` on another one (its
+    graphs would capture nothing, and their replays silently do nothing)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        raise RuntimeError(f"{what} is on {device} but the current CUDA device is cuda:{torch.cuda.current_device()}: "
+                           f"call torch.cuda.set_device({device.index}) first (Triton kernels and CUDA graphs run on "
+                           "the current device)")
+
+
 def run_on_side_stream(fn: Callable[[], object], calls: int = 1):
     """Call ``fn`` ``calls`` times on a fresh side stream ordered after the current stream's work (and before the
     current stream's later work); returns the last call's result (None for no call)."""

@@ -36,7 +36,7 @@ import torch
 import dsm_kernels
 
 from .conditioning import cross_page_keys
-from .cuda_graphs import LazyGraph
+from .cuda_graphs import LazyGraph, check_current_device
 from .generate import Generator, GenState, StepOutput, check_token_range
 from .host_copies import copy_from_host
 from .kv_cache import PagedKVCache, cross_page_size, pages_per_slot
@@ -200,6 +200,7 @@ class Engine:
         self.model = model
         self.gen = Generator(model, page_size=page_size, backend=backend, support_out_of_sync=True, **gen_kwargs)
         self.device = self.gen.device
+        check_current_device(self.device, "Engine's model")
         self.max_slots = max_slots
         self.pages_per_slot = pages_per_slot(cfg.context, page_size)
         num_pages = max_slots * self.pages_per_slot + 1 if num_pages is None else num_pages

@@ -24,7 +24,9 @@ class HostReads:
 
     def __init__(self):
         self._copies: list[torch.Tensor] = []
-        self._done: torch.cuda.Event | None = None  # recorded again after each copy: the last one is waited for
+        # per device (Mimi and the LM may be on two GPUs; an event belongs to one), recorded again after each copy:
+        # the last one is waited for
+        self._done: dict[torch.device, torch.cuda.Event] = {}
 
     def read(self, t: torch.Tensor) -> int:
         if t.device.type == "cpu":
@@ -33,16 +35,17 @@ class HostReads:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             self._copies.append(host)
-            if self._done is None:
-                self._done = torch.cuda.Event()
-            self._done.record(torch.cuda.current_stream(t.device))
+            done = self._done.get(t.device)
+            if done is None:
+                done = self._done[t.device] = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(t.device))
         return len(self._copies) - 1
 
     def wait(self) -> list[torch.Tensor]:
-        """The host copies, in the order read; waits for the device once if any read was from one, for the copies
-        only: work queued after the last read (an overlapped runtime's next call) keeps running."""
-        if self._done is not None:  # (a second wait finds it done)
-            self._done.synchronize()
+        """The host copies, in the order read; waits for each device read from once, for the copies only: work
+        queued after the last read (an overlapped runtime's next call) keeps running."""
+        for done in self._done.values():  # (a second wait finds them done)
+            done.synchronize()
         out, self._copies = self._copies, []
         return out
 

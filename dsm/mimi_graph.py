@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .cuda_graphs import capture_cuda_graph
+from .cuda_graphs import capture_cuda_graph, check_current_device
 from .mimi import MimiState
 
 
@@ -24,6 +24,7 @@ class GraphedMimiStep:
     def __init__(self, step: Callable[[torch.Tensor, MimiState], torch.Tensor], state: MimiState):
         self.step, self.state = step, state
         dev = state.exec_mask.device
+        check_current_device(dev, "Mimi's state")
         self.enabled = dev.type == "cuda" and os.environ.get("DSM_NO_CUDA_GRAPH", "0") != "1"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 

@@ -498,3 +498,70 @@ def test_bench_serve_says_when_the_server_does_not_answer(tmp_path, capsys):
                                       str(out)])
     assert rc == 1 and f"the server at http://127.0.0.1:{port} does not answer" in capsys.readouterr().err
     assert not out.exists() or not out.read_text()
+
+
+def test_tts_time_to_first_audio_runs_after_the_batch_engine_is_freed(monkeypatch, mimi_sd):
+    """bench_dsm times a TTS batch's first audio on an engine of its own: the batch's engine must be gone first, or
+    a capacity probe near the memory limit holds two full KV pools and reports out of memory for a batch that fits."""
+    import gc
+    import weakref
+
+    import torch
+
+    from dsm import bench
+    from dsm.engine import Engine
+    from dsm.mimi import Mimi
+    from dsm.presets import preset_config
+
+    model, _ = bench.random_model(preset_config("tiny-tts"), torch.device("cpu"), torch.float32)
+    engines = []
+    real_init = Engine.__init__
+
+    def tracked(self, *a, **kw):
+        real_init(self, *a, **kw)
+        engines.append(weakref.ref(self))
+
+    monkeypatch.setattr(Engine, "__init__", tracked)
+    alive_at_ttfa = []
+
+    def ttfa(*a, **kw):
+        gc.collect()
+        alive_at_ttfa.append(sum(r() is not None for r in engines))
+        return 1.0, 2.0
+
+    monkeypatch.setattr(bench, "time_to_first_audio", ttfa)
+    row = bench.bench_dsm(model, Mimi(mimi_sd), 2, 2, 1, lambda fn: (fn(), 1.0)[1])
+    assert row.extra["ttfa_ms"] == 1.0 and alive_at_ttfa == [0]
+
+
+def test_a_cuda_device_must_be_the_current_one(monkeypatch):
+    """Triton launches and CUDA-graph captures go to the current CUDA device, whatever their tensors' device: an
+    Engine or a Mimi graph on cuda:1 while cuda:0 is current would capture empty graphs whose replays do nothing.
+    `--device cuda:N` makes N current; the engine and Mimi refuse a mismatch with the fix in the message."""
+    import torch
+
+    import dsm.cli
+    from dsm.cli_args import select_device
+    from dsm.cuda_graphs import check_current_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(RuntimeError, match=r"cuda:1 but the current CUDA device is cuda:0: call "
+                                           r"torch.cuda.set_device\(1\)"):
+        check_current_device(torch.device("cuda:1"), "Engine's model")
+    for ok in ("cuda", "cuda:0", "cpu"):
+        check_current_device(ok, "x")
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    for device in (None, torch.device("cpu"), torch.device("cuda"), torch.device("cuda:1")):
+        select_device(device)
+    assert selected == [torch.device("cuda:1")]
+
+    class Selected(Exception):
+        pass
+
+    def stop(device):
+        raise Selected(device)
+
+    monkeypatch.setattr(dsm.cli, "select_device", stop)  # every command goes through it before running
+    with pytest.raises(Selected, match="cpu"):
+        main(["bench", "--device", "cpu"])
