@@ -24,7 +24,8 @@ TTS: each client sends a text as one Text message per word, then Eos (as Kyutai'
 --ramp seconds. A row gives time to first audio (from the first word sent) p50/p99, the frames' largest arrival gap,
 and playback stalls: playback starts when the first frame arrives (plus --jitter-buffer), and a frame that arrives
 after its time stalls it. "keeps up" = every client served, no Error, no stall.
-Rejected connections (no free slot, HTTP errors) and Errors are counted in every row.
+Rejected connections (no free slot, HTTP errors) and Errors are counted in every row. ``--capacity`` then searches
+the most clients the server keeps up with (up to its slots), a row per probe.
 
 Rows go to stdout as a table and to --output as JSON lines, with the server's /api/build_info (device, versions,
 commit).
@@ -405,6 +406,20 @@ def _columns(kind: str) -> list[str]:
              "stalled_clients", "stall_max_ms", "rtfx_p50", "keeps_up"])  # fmt: skip
 
 
+def search_capacity(keeps_up, known: int, limit: int) -> int:
+    """The most clients ``n <= limit`` for which ``keeps_up(n)`` holds, ``known`` keeping up already (0: none known):
+    doubling from ``known`` until a probe fails or reaches ``limit``, then bisection to within 1/16 (a probe is a
+    whole row, seconds of real time)."""
+    lo, hi = known, limit + 1  # lo keeps up, hi does not (limit + 1: beyond the server's slots)
+    while hi > limit and lo < limit:
+        n = min(max(1, 2 * lo), limit)
+        lo, hi = (n, hi) if keeps_up(n) else (lo, n)
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if keeps_up(mid) else (lo, mid)
+    return lo
+
+
 def _line(values) -> str:
     return " ".join(f"{'-' if v is None else v!s:>15}" for v in values)
 
@@ -425,10 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter-buffer", type=float, default=0.0, help="TTS: playback starts this long after the "
                     "first frame")
     ap.add_argument("--ramp", type=float, default=FRAME_S, help="seconds over which the clients of a row start")
+    ap.add_argument("--capacity", action="store_true", help="after the rows, search the most clients the server "
+                    "keeps up with (doubling from the largest row that kept up, then bisection; a row per probe)")
+    ap.add_argument("--max-clients", type=int, help="--capacity's bound (default: the server's slots; a server this "
+                    "script starts gets this many)")
     ap.add_argument("--output", type=Path, help="append the rows to this JSON-lines file")
     args = ap.parse_args(argv)
-    if min(args.clients) < 1 or args.seconds <= 0:
-        ap.error("--clients and --seconds must be positive")
+    if min(args.clients) < 1 or args.seconds <= 0 or (args.max_clients is not None and args.max_clients < 1):
+        ap.error("--clients, --max-clients and --seconds must be positive")
 
     if args.kind == "stt":
         if args.audio:
@@ -444,24 +463,39 @@ def main(argv: list[str] | None = None) -> int:
     def run_rows(url: str) -> int:
         ws_url, base = endpoint(url, args.kind)
         cols = _columns(args.kind)
+
+        def emit(row: dict) -> None:
+            if args.output:  # row by row: a server that goes away later leaves the rows measured so far
+                with args.output.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        def measure(n: int, **extra) -> bool:
+            wait_idle(base)
+            if args.kind == "stt":
+                row = asyncio.run(run_stt(ws_url, headers, n, pcm, args.seconds, args.drain, args.ramp))
+                row["seconds"] = args.seconds
+            else:
+                row = asyncio.run(run_tts(ws_url, headers, n, words, args.jitter_buffer, args.ramp))
+                row["words"] = len(words)
+            row = {"bench": f"serve-{args.kind}", **row, **extra, "server": info}
+            print(_line(row.get(c) for c in cols), flush=True)
+            if "first_error" in row:
+                print(f"clients={n}: {row['first_error']}", file=sys.stderr)
+            emit(row)
+            return row["keeps_up"]
+
         try:
             info = _http_json(base, "/api/build_info")
             print(_line(cols), flush=True)
-            for n in args.clients:
-                wait_idle(base)
-                if args.kind == "stt":
-                    row = asyncio.run(run_stt(ws_url, headers, n, pcm, args.seconds, args.drain, args.ramp))
-                    row["seconds"] = args.seconds
-                else:
-                    row = asyncio.run(run_tts(ws_url, headers, n, words, args.jitter_buffer, args.ramp))
-                    row["words"] = len(words)
-                row = {"bench": f"serve-{args.kind}", **row, "server": info}
-                print(_line(row.get(c) for c in cols), flush=True)
-                if "first_error" in row:
-                    print(f"clients={n}: {row['first_error']}", file=sys.stderr)
-                if args.output:  # row by row: a server that goes away later leaves the rows measured so far
-                    with args.output.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+            kept = [n for n in args.clients if measure(n)]
+            if args.capacity:
+                slots = sum(int(m["total_slots"]) for m in _http_json(base, "/api/modules_info")
+                            if m.get("path") == urlsplit(ws_url).path)
+                limit = min(args.max_clients or slots, slots)
+                n = search_capacity(lambda n: measure(n, capacity_probe=True), max(kept, default=0), limit)
+                print(f"capacity: {n} clients keep up (searched up to {limit}, the server's {slots} slots)", flush=True)
+                emit({"bench": f"serve-{args.kind}-capacity", "capacity": n, "limit": limit, "server": info,
+                      **({"seconds": args.seconds} if args.kind == "stt" else {"words": len(words)})})
         except OSError as e:  # URLError included: the server went away, or was never there
             print(f"bench_serve: the server at {base} does not answer ({e})", file=sys.stderr)
             return 1
@@ -476,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(e))
     serve_args = shlex.split(args.serve) if args.serve is not None else default_serve_args(args.kind)
     try:
-        with SpawnedServer(args.kind, serve_args, max(args.clients), args.startup_timeout) as base:
+        with SpawnedServer(args.kind, serve_args, max(*args.clients, args.max_clients or 0), args.startup_timeout) \
+                as base:
             return run_rows(base.replace("http://", "ws://"))
     except RuntimeError as e:  # the server did not start: its log says why
         print(f"bench_serve: {e}", file=sys.stderr)

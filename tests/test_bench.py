@@ -486,6 +486,24 @@ def test_bench_serve_playback_stalls_and_verdicts():
             mod.endpoint(bad, "stt")
 
 
+def test_bench_serve_capacity_search():
+    """--capacity: doubling from the largest row that kept up, then bisection to within 1/16, never past the slots;
+    every probe is a whole row (seconds of real time), so no count is probed twice."""
+    search = _script("bench_serve").search_capacity
+    for true_cap, known, limit in ((700, 256, 1024), (700, 0, 1024), (5, 1, 8), (0, 0, 64), (64, 64, 64),
+                                   (3000, 1, 1024), (1, 0, 1)):
+        probed = []
+
+        def keeps_up(n, cap=true_cap, probed=probed):
+            probed.append(n)
+            return n <= cap
+
+        got = search(keeps_up, known, limit)
+        assert min(true_cap, limit) - max(1, got // 16) <= got <= min(true_cap, limit), (true_cap, known, got)
+        assert len(probed) == len(set(probed)) and all(1 <= n <= limit for n in probed), probed
+    assert search(lambda n: n <= 700, 256, 1024) >= 660
+
+
 def test_bench_serve_says_when_the_server_does_not_answer(tmp_path, capsys):
     """No server at --url: one line naming it, exit 1, no traceback (and no row)."""
     import socket

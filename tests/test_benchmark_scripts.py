@@ -40,7 +40,8 @@ def _cmd(name: str, out_dir: Path) -> list[str]:
                              "2", "--frames", "3", "--output", out],
         # the servers under load over real sockets, each started by the script in a process of its own
         "serve_stt": py + [str(BENCH / "bench_serve.py"), "stt", "--clients", "2", "--seconds", "1.5", "--drain", "30",
-                           "--serve", "--preset tiny-stt --random-weights --device cpu", "--output", out],
+                           "--serve", "--preset tiny-stt --random-weights --device cpu", "--capacity",
+                           "--max-clients", "2", "--output", out],
         "serve_tts": py + [str(BENCH / "bench_serve.py"), "tts", "--clients", "2", "--text", "Hello there.",
                            "--serve", "--preset tiny-tts --random-weights --device cpu", "--output", out],
     }[name]
@@ -69,6 +70,11 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
         assert "tiny-stt batch 1:" in out and "calls per step" in out, out[-2000:]
         return
     rows = _rows(background.dir / f"{name}.jsonl")
+    if name == "serve_stt":  # --capacity --max-clients 2: probes below the 2-client row if it did not keep up
+        capacity = [r for r in rows if r["bench"] == "serve-stt-capacity"]
+        assert len(capacity) == 1 and 0 <= capacity[0]["capacity"] <= 2 and capacity[0]["limit"] == 2, capacity
+        assert (capacity[0]["capacity"] == 2) == rows[0]["keeps_up"], rows
+        rows = [r for r in rows if r["bench"] == "serve-stt" and not r.get("capacity_probe")]
     assert rows and not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
     keys = ("ms", "ms_per_step", "ms_per_frame", "runtime_ms", "frame_p50_ms", "ttfa_p50_ms")
     timed = [next((r[k] for k in keys if k in r), None) for r in rows]
