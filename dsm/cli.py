@@ -68,6 +68,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"kernel backends on {dev}: {', '.join(dsm_kernels.available_backends(dev))}")
     if torch.cuda.is_available():
         print(f"gpu: {torch.cuda.get_device_name()}")
+    if not dsm_kernels.has_triton():  # the kernel switches below are Triton's
+        print("triton: not installed (pip install 'dsm[triton]' for the Triton kernels, or their CPU interpreter)")
+        return 0
     from dsm_kernels.pdl import use_pdl
 
     rows = dsm_kernels.gemv_max_rows()
@@ -94,8 +97,9 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
     rows = validate_kernels(device, quick=args.quick)
     if not rows:
         found = ", ".join(dsm_kernels.available_backends(device))
-        print(f"dsm validate-kernels: no fast kernel backend on {device} (only {found}); "
-              "on a CPU, set TRITON_INTERPRET=1", file=sys.stderr)
+        hint = ("on a CPU, set TRITON_INTERPRET=1" if dsm_kernels.has_triton() else
+                "Triton is not installed: pip install 'dsm[triton]'")
+        print(f"dsm validate-kernels: no fast kernel backend on {device} (only {found}); {hint}", file=sys.stderr)
         return 1
     print_table(rows)
     if args.json is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import pytest
@@ -83,6 +84,20 @@ def test_info(capsys):
     assert f"dsm {__version__}" in out and f"torch {torch.__version__}" in out
     assert "kernel backends on cpu: reference" in out
     assert "small-batch GEMV kernels: up to 4 rows" in out and "programmatic dependent launch: off" in out
+
+
+def test_info_and_validate_kernels_without_triton():
+    """The README's CPU install has no Triton (the CPU torch wheel does not bring it): `dsm info` says so instead of
+    failing on an import, and `validate-kernels` says to install it (TRITON_INTERPRET=1 alone cannot help)."""
+    import subprocess
+
+    hide = "import sys; sys.modules['triton'] = None; from dsm.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    info = subprocess.run([sys.executable, "-c", hide, "info"], capture_output=True, text=True, env=env, timeout=120)
+    assert info.returncode == 0 and "triton: not installed" in info.stdout, info.stdout + info.stderr
+    val = subprocess.run([sys.executable, "-c", hide, "validate-kernels", "--device", "cpu"], capture_output=True,
+                         text=True, env={**env, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert val.returncode == 1 and "pip install 'dsm[triton]'" in val.stderr, val.stderr
 
 
 def _validate_kernels_cmd(out_dir) -> list[str]:
