@@ -13,6 +13,7 @@ Times are CUDA-event medians after warm-up on a GPU, wall-clock on a CPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -435,7 +436,8 @@ def format_ttfa(rows: list[BenchRow]) -> str:
         if "ttfa_ms" not in r.extra:
             continue
         cold = r.extra.get("ttfa_cold_ms")
-        note = "warm engine" + (f"; {cold:.1f} ms cold, including graph capture" if cold is not None else "")
+        note = "warm engine" + (f"; {cold:.1f} ms cold: the first run, one-time setup and any graph capture "
+                                "included" if cold is not None else "")
         lines.append(f"{r.model}: time to first audio at batch {r.batch}: {r.extra['ttfa_ms']:.1f} ms ({note})")
     return "\n".join(lines)
 
@@ -457,7 +459,10 @@ def format_table(rows: list[BenchRow]) -> str:
         lines.append(f"{r.system:<7} {r.model:<16} {r.batch:>5} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {lm:>9.2f} "
                      f"{r.mimi_ms:>8.2f} {r.rtf:>8.3g} {r.rtfx:>9.4g}"  # significant digits: rtf ~1e-4 at batch 256
                      + (f"  ({r.extra['error']})" if "error" in r.extra else ""))
-    lines.append("moshi rows: LMGen step only (no Mimi); dsm p50/p99 include Mimi (column 'mimi ms').")
+    if any(r.system == "moshi" for r in rows):
+        lines.append("moshi rows: LMGen step only (no Mimi); dsm p50/p99 include Mimi (column 'mimi ms').")
+    lines.append("rtf: step time / audio time of the batch (batch x 80 ms); rtfx = 1 / rtf; under 1 / over 1: "
+                 "faster than real time.")
     return "\n".join(lines)
 
 
@@ -559,7 +564,8 @@ def setup_parser(p) -> None:
                    help="also search the most concurrent streams whose p50 step (Mimi included) fits one frame "
                         "(doubling from the largest batch that fits, then bisection; bounded by the KV memory)")
     p.add_argument("--frame-ms", type=_frame_ms, default=FRAME_S * 1e3, help="step budget for --capacity (default 80)")
-    p.add_argument("--output", default="benchmarks/results/bench.jsonl", help="JSON lines file to append to")
+    p.add_argument("--output", default="benchmarks/results/bench.jsonl",
+                   help="JSON lines file to append to (default: %(default)s)")
     p.set_defaults(func=run_cli)
 
 
@@ -631,7 +637,10 @@ def run_cli(args) -> int:
     kv_lines: list[str] = []
     rows: list[BenchRow] = []
     searched: dict[str, tuple[int, int]] = {}
-    total = len(models) * len(batches) * (warmup + steps) * (2 if args.reference else 1)
+    reference = args.reference and importlib.util.find_spec("moshi") is not None
+    if args.reference and not reference:
+        print("moshi is not installed: no reference rows (pip install --no-deps moshi==0.2.13 to time it beside)")
+    total = len(models) * len(batches) * (warmup + steps) * (2 if reference else 1)
     with tqdm(total=total, desc="dsm bench", unit="step") as bar:
         for name, load in models:
             model, mimi = load()
@@ -652,7 +661,7 @@ def run_cli(args) -> int:
                 rows.append(r)
                 bar.write(format_table([r]).splitlines()[2])  # each row as soon as it exists
                 _release(device)
-                if args.reference:
+                if reference:
                     ref = bench_moshi(model, b, steps, warmup, timer, bar)
                     if ref is not None:
                         ref.model = name

@@ -149,7 +149,8 @@ def test_format_ttfa_prints_warm_and_cold():
     row = BenchRow("dsm", "tts-1.6b-en_fr", 1, 1.0, 1.0, 0.0, 1.0, 1.0,
                    extra={"ttfa_ms": 50.12, "ttfa_cold_ms": 84.04})
     assert format_ttfa([row]) == ("tts-1.6b-en_fr: time to first audio at batch 1: 50.1 ms "
-                                  "(warm engine; 84.0 ms cold, including graph capture)")
+                                  "(warm engine; 84.0 ms cold: the first run, one-time setup and any graph capture "
+                                  "included)")
     assert format_ttfa([BenchRow("dsm", "stt", 1, 1.0, 1.0, 0.0, 1.0, 1.0)]) == ""
 
 
@@ -467,6 +468,8 @@ def test_bench_serve_playback_stalls_and_verdicts():
     row = mod.stt_row([stt([0.55, 0.56]), stt([0.55, 0.60])], 2)
     assert row["keeps_up"] and row["drift_max_ms"] == pytest.approx(50.0) and row["frames"] == 4
     assert not mod.stt_row([stt([0.55, 1.2]), stt([0.55, 0.6])], 2)["keeps_up"]  # one client falls behind
+    assert not mod.stt_row([stt([0.55, 0.7, 0.85])], 1)["keeps_up"]  # 0.3 s over 1.9 s of audio: slower than real time
+    assert mod.stt_row([stt([0.55] + [0.56] * 19 + [0.85])], 1)["keeps_up"]  # 0.3 s over 19 s: within 2%
     assert not mod.stt_row([stt([0.55, 0.56]), stt([0.55], error="ConnectionClosedError")], 2)["keeps_up"]
     lost_client = stt([0.55, 0.56])
     lost_client.last_marker_back = False
