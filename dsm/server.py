@@ -621,17 +621,13 @@ class TTSServer(_Endpoint):
 
     def _voice(self, name: str):
         """The query's voice: a name in the voice repository (moshi-server: a name in its voice folder), never a
-        local path or another repository, which a client must not choose; else the default voice. Blocking (may
+        local path or another repository, which a client must not choose; None when it fails. Blocking (may
         download)."""
         try:
             return self.rt.voice_tensor(name, local_files=False)
         except Exception as e:  # moshi-server falls back to the default voice
             log.warning("voice %r: %s; using the default voice", name, e)
-            self._failed_voices.pop(name, None)
-            self._failed_voices[name] = time.monotonic()
-            if len(self._failed_voices) > 1024:
-                self._failed_voices.pop(next(iter(self._failed_voices)))
-            return self.default_voice
+            return None
 
     async def _query_voice(self, name: str):
         """:meth:`_voice` off the event loop, at most ``VOICE_LOOKUPS`` at once; no lookup for no name or for a name
@@ -640,7 +636,14 @@ class TTSServer(_Endpoint):
         if not name or (failed is not None and time.monotonic() - failed < VOICE_RETRY_S):
             return self.default_voice
         async with self._voice_lookups:
-            return await asyncio.to_thread(self._voice, name)
+            voice = await asyncio.to_thread(self._voice, name)
+        if voice is not None:
+            return voice
+        self._failed_voices.pop(name, None)  # (on the event loop: the lookups' threads never touch this dict)
+        self._failed_voices[name] = time.monotonic()
+        if len(self._failed_voices) > 1024:
+            self._failed_voices.pop(next(iter(self._failed_voices)))
+        return self.default_voice
 
     async def _handler(self, ws) -> None:
         query = parse_qs(urlsplit(ws.request.path).query)

@@ -1030,6 +1030,7 @@ def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch, capsys):
     """Message fields of the wrong type are an Error for that connection; ?voice= takes voice-repository names only
     (a client must not make the server open local files or other repositories); `dsm serve-tts` with random weights
     starts (its default voice is a tensor)."""
+    import asyncio
     import types
 
     import msgpack
@@ -1059,7 +1060,7 @@ def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch, capsys):
         with pytest.raises(VoiceError, match="only voice names"):
             resolve_voice(name, local_files=False)
     srv = TTSServer(runtime(ckpt, n_q=2), voice="default")
-    assert srv._voice(local) == "default"
+    assert srv._voice(local) is None and asyncio.run(srv._query_voice(local)) == "default"
     asked = []  # a repository name goes on to be resolved, with local files off
     srv.rt = types.SimpleNamespace(voice_tensor=lambda name, local_files=True: asked.append((name, local_files)) or 1)
     assert srv._voice("expresso/ex01") == 1 and asked == [("expresso/ex01", False)]
