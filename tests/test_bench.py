@@ -46,6 +46,20 @@ def test_bench_cli_smoke(tmp_path, capsys, monkeypatch):
     assert {("dsm", 1), ("dsm", 2), ("moshi", 1), ("moshi", 2)} <= systems
     for r in row["rows"]:
         assert r["p50_ms"] > 0 and r["rtfx"] > 0
+    assert "moshi rows: LMGen step only" in text and "moshi is not installed" not in text
+
+
+def test_bench_without_moshi_says_so_once(tmp_path, capsys, monkeypatch):
+    """The README's install has no moshi: one line says there are no reference rows, and the table does not
+    describe moshi rows it does not have."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moshi" else real(name, *a))
+    rc = main(["bench", "--preset", "tiny-stt", "--batch", "1", "--steps", "1", "--warmup", "0", "--no-mimi",
+               "--output", str(tmp_path / "bench.jsonl")])
+    text = capsys.readouterr().out
+    assert rc == 0 and text.count("moshi is not installed") == 1 and "moshi rows:" not in text
+    row = json.loads((tmp_path / "bench.jsonl").read_text())
+    assert {r["system"] for r in row["rows"]} == {"dsm"}
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--batch", "0"), ("--batch", "1,,2"), ("--batch", "abc"),
