@@ -189,7 +189,7 @@ step serve_tts 150 60 "$PY" benchmarks/bench_serve.py tts --clients 1 16 64 \
   --text "Twelve short words make a sentence that takes a few seconds to say." --output "$OUT/serve.jsonl"
 # the most live STT clients one server keeps up with (the 700-stream goal, sockets and Mimi included)
 step serve_capacity 300 120 "$PY" benchmarks/bench_serve.py stt --clients 256 --seconds 8 --capacity \
-  --max-clients 1024 --output "$OUT/serve.jsonl"
+  --max-clients 768 --output "$OUT/serve.jsonl"
 step kbench_graph 90 30 "$PY" benchmarks/bench_kernels.py --graph --no-compile --providers torch triton cuda \
   --out "$OUT/kernels.jsonl"
 step kbench 90 30 "$PY" benchmarks/bench_kernels.py --no-compile --iters 50 --reference-max-batch 1 \
