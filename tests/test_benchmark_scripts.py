@@ -106,3 +106,16 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
     if name == "serve_stt":  # tiny-stt has VAD heads: a Step per frame, matched to the frames sent
         assert rows[0]["lost_markers"] == 0 and rows[0]["extra_steps"] == 0, rows
         assert 0 < rows[0]["frame_p50_ms"] <= rows[0]["frame_p99_ms"] and rows[0]["marker_p50_ms"] > 0, rows
+
+
+def test_the_next_gpu_runs_steps_exist_in_the_gpu_script():
+    """benchmarks/NOTES.md's command for the next GPU run names the steps to run (DSM_GPU_ONLY); a name the script
+    does not have is silently never run, found out only after the device time is spent."""
+    import re
+
+    notes = (ROOT / "benchmarks" / "NOTES.md").read_text()
+    names = re.search(r'DSM_GPU_ONLY="([^"]+)"', notes).group(1).replace("\\\n", " ").split()
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    steps = set(re.findall(r"(?:^|\|\|\s*|if )\s*step (\w+) \d+ \d+ ", script, re.M))
+    assert len(names) > 20 and "build" in steps and "serve_stt" in steps, (names, steps)
+    assert [n for n in names if n not in steps] == []
