@@ -87,8 +87,8 @@ def pack(msg: dict, single_float: bool = False) -> bytes:
 
 
 _AUDIO_HEAD = msgpack.packb({"type": "Audio"})[1:] + msgpack.packb("pcm")  # after the map's 0x82 header
-_FLOAT_CODES = {0xCA: np.dtype(">f4"), 0xCB: np.dtype(">f8")}  # msgpack float32 / float64
-_F32_ITEM = np.dtype([("code", "u1"), ("value", ">f4")])  # one msgpack float32: 0xca and 4 big-endian bytes
+# one msgpack float array item: its type code and the big-endian value (float32 / float64)
+_FLOAT_ITEMS = {code: np.dtype([("code", "u1"), ("value", v)]) for code, v in ((0xCA, ">f4"), (0xCB, ">f8"))}
 
 
 def audio_message(pcm: np.ndarray) -> bytes:
@@ -99,7 +99,7 @@ def audio_message(pcm: np.ndarray) -> bytes:
         head = bytes([0x90 | n])
     else:
         head = b"\xdc" + n.to_bytes(2, "big") if n < 2**16 else b"\xdd" + n.to_bytes(4, "big")
-    items = np.empty(n, dtype=_F32_ITEM)
+    items = np.empty(n, dtype=_FLOAT_ITEMS[0xCA])
     items["code"], items["value"] = 0xCA, pcm
     return b"\x82" + _AUDIO_HEAD + head + items.tobytes()
 
@@ -390,12 +390,10 @@ def _audio_samples(raw: bytes) -> np.ndarray | None:
         n, at = int.from_bytes(raw[at + 1 : at + 5], "big"), at + 5
     else:
         return None
-    if n == 0 or at >= len(raw) or raw[at] not in _FLOAT_CODES:
+    item = _FLOAT_ITEMS.get(raw[at]) if n and at < len(raw) else None
+    if item is None or len(raw) - at != n * item.itemsize:
         return None
-    dtype = _FLOAT_CODES[raw[at]]
-    if len(raw) - at != n * (1 + dtype.itemsize):
-        return None
-    items = np.frombuffer(raw, dtype=np.dtype([("code", "u1"), ("value", dtype)]), count=n, offset=at)
+    items = np.frombuffer(raw, dtype=item, count=n, offset=at)
     if not (items["code"] == raw[at]).all():
         return None
     with np.errstate(over="ignore"):  # 1e300 -> inf, refused by the stream with a clear message
