@@ -158,12 +158,16 @@ def kv_capacity(model_cfg, kv_dtype: torch.dtype, memory_bytes: int, weights_byt
     return max(0, free // per_stream)
 
 
+def _mimi_sides(cfg) -> dict[str, bool]:
+    """The side of Mimi a stream of a model with config ``cfg`` holds, as the runtimes hold it: the encoder for STT
+    (audio input streams), the decoder for TTS (``init_state`` / ``stream_state_bytes`` keywords)."""
+    stt = cfg.num_codebooks - cfg.dep_q - 1 > 0
+    return {"encoder": stt, "decoder": not stt}
+
+
 def _mimi_stream_bytes(model, mimi) -> int:
-    """Mimi state a stream of ``model`` holds on the device: the encoder's for STT, the decoder's for TTS."""
-    if mimi is None:
-        return 0
-    stt = model.cfg.num_codebooks - model.cfg.dep_q - 1 > 0
-    return mimi.stream_state_bytes(encoder=stt, decoder=not stt)
+    """Mimi state a stream of ``model`` holds on the device (see :func:`_mimi_sides`)."""
+    return 0 if mimi is None else mimi.stream_state_bytes(**_mimi_sides(model.cfg))
 
 
 def _condition_layout(model) -> tuple[int, int, int]:
@@ -213,7 +217,7 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
     lm_times = _time_calls(lambda: eng.step(inputs, **hooks), warmup, steps, timer, progress)
     mimi_times = []
     if mimi is not None:
-        state = mimi.init_state(batch, encoder=bool(n_in), decoder=not n_in)  # as the runtimes hold it
+        state = mimi.init_state(batch, **_mimi_sides(cfg))
         pcm = (0.1 * torch.randn(batch, 1, 1920, device=dev)).clamp(-1, 1)
         codes = torch.randint(0, 2048, (batch, 32, 1), device=dev)
         step = (lambda: mimi.encode_step(pcm, state)) if n_in else (lambda: mimi.decode_step(codes, state))
