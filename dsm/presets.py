@@ -210,6 +210,8 @@ _BUILDERS = {
 PRESETS: tuple[str, ...] = tuple(_BUILDERS)
 REAL_PRESETS: tuple[str, ...] = ("stt-1b-en_fr", "stt-2.6b-en", "tts-1.6b-en_fr")
 TINY_PRESETS: tuple[str, ...] = ("tiny-stt", "tiny-tts")
+STT_PRESETS: tuple[str, ...] = tuple(n for n in PRESETS if "stt" in n)  # what `dsm transcribe --preset` takes
+TTS_PRESETS: tuple[str, ...] = tuple(n for n in PRESETS if "tts" in n)  # `dsm speak` / `serve-tts --preset`
 
 
 def preset_config(name: str) -> dict[str, Any]:

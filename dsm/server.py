@@ -817,10 +817,10 @@ def cmd_serve_stt(args) -> int:
 
 def setup_serve_tts_parser(p) -> None:
     from .cli_args import add_checkpoint_args, parse_device, parse_dtype, positive_int
-    from .presets import PRESETS
+    from .presets import TTS_PRESETS
 
     add_checkpoint_args(p, required=False)
-    p.add_argument("--preset", choices=[n for n in PRESETS if "tts" in n],
+    p.add_argument("--preset", choices=TTS_PRESETS,
                    help="with --random-weights: model preset (no download)")
     p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
     p.add_argument("--batch-size", type=positive_int, default=8, help="stream slots (moshi-server's DSM config: 8)")

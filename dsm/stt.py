@@ -813,10 +813,10 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
 def add_model_args(p) -> None:
     """Model source (``--checkpoint`` / ``--hf-repo`` / ``--preset --random-weights``) and runtime options."""
     from .cli_args import add_checkpoint_args, parse_device, parse_dtype, positive_int
-    from .presets import PRESETS
+    from .presets import STT_PRESETS
 
     add_checkpoint_args(p, required=False)
-    p.add_argument("--preset", choices=[n for n in PRESETS if "stt" in n],
+    p.add_argument("--preset", choices=STT_PRESETS,
                    help="model preset (with --random-weights: no download; for plumbing and speed tests)")
     p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
     p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")

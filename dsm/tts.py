@@ -970,7 +970,7 @@ __all__ = ["DEFAULT_VOICE", "Entry", "EntryBuilder", "LMStepper", "MachineState"
 def setup_speak_parser(p) -> None:
     """Arguments of ``dsm speak``."""
     from .cli_args import add_checkpoint_args, nonnegative_int, parse_device, parse_dtype
-    from .presets import PRESETS
+    from .presets import TTS_PRESETS
 
     p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file, or - for stdin")
     p.add_argument("-o", "--output", metavar="OUT.wav", help="output wav (16-bit, 24 kHz); - = raw float32 to stdout")
@@ -979,7 +979,7 @@ def setup_speak_parser(p) -> None:
                    f"{VOICE_REPO} name (default: {DEFAULT_VOICE}; with --random-weights: a fixed random voice, "
                    "torch.randn seed 0)")
     add_checkpoint_args(p, required=False)
-    p.add_argument("--preset", choices=[n for n in PRESETS if "tts" in n], help="with --random-weights: model preset")
+    p.add_argument("--preset", choices=TTS_PRESETS, help="with --random-weights: model preset")
     p.add_argument("--random-weights", action="store_true",
                    help="use a random checkpoint of --preset, written once to ~/.cache/dsm/random/<preset>-seed0")
     p.add_argument("--turns", action="store_true", help="dialogue: each non-empty line is a turn, speakers alternate")
