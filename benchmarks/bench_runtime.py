@@ -44,10 +44,11 @@ def _wall(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def stt_rows(files, streams: int, k: int, calls: int, device: torch.device) -> dict:
+def stt_rows(files, streams: int, k: int, calls: int, device: torch.device, slots: int | None = None) -> dict:
     from dsm.stt import STTRuntime
 
-    rt = STTRuntime.from_checkpoint(files, device=device, max_streams=streams)
+    slots = max(slots or streams, streams)
+    rt = STTRuntime.from_checkpoint(files, device=device, max_streams=slots)
     rt.warm_up()
     warm = 3  # Mimi's eager call and capture for k frames, the engine's eager call and capture
     noise = np.random.default_rng(0).standard_normal(FRAME * k * (2 * calls + warm + 1)).astype(np.float32) * 0.1
@@ -73,8 +74,8 @@ def stt_rows(files, streams: int, k: int, calls: int, device: torch.device) -> d
     overlapped = (time.perf_counter() - t) / (calls * k)
     # the stepper alone: the same calls, the tokens read and dropped
     stepper = rt.stepper
-    pcm = torch.from_numpy(noise[: FRAME * k]).expand(streams, -1).contiguous()
-    active = torch.ones(streams, dtype=torch.bool)
+    pcm = torch.from_numpy(noise[: FRAME * k]).expand(slots, -1).contiguous()
+    active = torch.arange(slots) < streams
 
     def device_call():
         stepper.lm_steps(stepper.encode(pcm, active), active, lambda i, tokens, probs: None)
@@ -83,15 +84,16 @@ def stt_rows(files, streams: int, k: int, calls: int, device: torch.device) -> d
     alone = [_wall(device_call, device) / k for _ in range(calls)]
     r, d = 1e3 * statistics.median(runtime), 1e3 * statistics.median(alone)
     o = 1e3 * overlapped
-    return {"runtime": "stt", "streams": streams, "frames_per_call": k, "runtime_ms": r, "overlap_ms": o,
-            "stepper_ms": d, "events_ms": r - d, "rtf": o / 80.0, "rtfx": 80.0 * streams / o}
+    return {"runtime": "stt", "streams": streams, "slots": slots, "frames_per_call": k, "runtime_ms": r,
+            "overlap_ms": o, "stepper_ms": d, "events_ms": r - d, "rtf": o / 80.0, "rtfx": 80.0 * streams / o}
 
 
-def tts_rows(files, streams: int, frames: int, device: torch.device) -> dict:
+def tts_rows(files, streams: int, frames: int, device: torch.device, slots: int | None = None) -> dict:
     from dsm.tts import TTSConfig, TTSRuntime
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype, config=TTSConfig(max_batch=streams))
+    slots = max(slots or streams, streams)
+    rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype, config=TTSConfig(max_batch=slots))
     rt.warm_up()
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
 
@@ -117,7 +119,7 @@ def tts_rows(files, streams: int, frames: int, device: torch.device) -> dict:
             s.read()
     times.sort()
     p50, p99 = statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
-    return {"runtime": "tts", "streams": streams, "frame_p50_ms": p50, "frame_p99_ms": p99,
+    return {"runtime": "tts", "streams": streams, "slots": slots, "frame_p50_ms": p50, "frame_p99_ms": p99,
             "ttfa_p50_ms": statistics.median(ttfa), "ttfa_max_ms": max(ttfa), "rtf": p50 / 80.0}
 
 
@@ -128,6 +130,8 @@ def main() -> None:
     ap.add_argument("--frames-per-call", type=int, nargs="+", default=[1, 8], help="STT: frames a runtime call takes")
     ap.add_argument("--calls", type=int, default=20, help="STT: timed calls per row")
     ap.add_argument("--frames", type=int, default=40, help="TTS: timed frames per row")
+    ap.add_argument("--slots", type=int, help="the runtime's stream slots (default: as many as the streams): a server "
+                    "sized for more streams than it serves")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--output", type=Path, help="append the rows to this JSON-lines file")
     args = ap.parse_args()
@@ -137,8 +141,8 @@ def main() -> None:
     rows, env = [], environment(device)
     with torch.no_grad():
         for n in args.streams:
-            new = ([tts_rows(files, n, args.frames, device)] if tts else
-                   [stt_rows(files, n, k, args.calls, device) for k in args.frames_per_call])
+            new = ([tts_rows(files, n, args.frames, device, args.slots)] if tts else
+                   [stt_rows(files, n, k, args.calls, device, args.slots) for k in args.frames_per_call])
             for r in new:
                 r = {"preset": args.preset, **r, **env}
                 print(json.dumps(r), flush=True)
@@ -149,18 +153,18 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
     print()
     if tts:
-        print(f"{'preset':16} {'streams':>7} {'frame p50 ms':>12} {'p99':>8} {'ttfa p50':>9} {'ttfa max':>9} "
-              f"{'rtf':>7}")
+        print(f"{'preset':16} {'streams':>7} {'slots':>5} {'frame p50 ms':>12} {'p99':>8} {'ttfa p50':>9} "
+              f"{'ttfa max':>9} {'rtf':>7}")
         for r in rows:
-            print(f"{r['preset']:16} {r['streams']:7d} {r['frame_p50_ms']:12.3f} {r['frame_p99_ms']:8.3f} "
-                  f"{r['ttfa_p50_ms']:9.1f} {r['ttfa_max_ms']:9.1f} {r['rtf']:7.4f}")
+            print(f"{r['preset']:16} {r['streams']:7d} {r['slots']:5d} {r['frame_p50_ms']:12.3f} "
+                  f"{r['frame_p99_ms']:8.3f} {r['ttfa_p50_ms']:9.1f} {r['ttfa_max_ms']:9.1f} {r['rtf']:7.4f}")
     else:
-        print(f"{'preset':16} {'streams':>7} {'k':>3} {'ms/frame':>9} {'overlap':>8} {'stepper':>8} {'events':>7} "
-              f"{'rtf':>7} {'rtfx':>8}")
+        print(f"{'preset':16} {'streams':>7} {'slots':>5} {'k':>3} {'ms/frame':>9} {'overlap':>8} {'stepper':>8} "
+              f"{'events':>7} {'rtf':>7} {'rtfx':>8}")
         for r in rows:
-            print(f"{r['preset']:16} {r['streams']:7d} {r['frames_per_call']:3d} {r['runtime_ms']:9.3f} "
-                  f"{r['overlap_ms']:8.3f} {r['stepper_ms']:8.3f} {r['events_ms']:7.3f} {r['rtf']:7.4f} "
-                  f"{r['rtfx']:8.1f}")
+            print(f"{r['preset']:16} {r['streams']:7d} {r['slots']:5d} {r['frames_per_call']:3d} "
+                  f"{r['runtime_ms']:9.3f} {r['overlap_ms']:8.3f} {r['stepper_ms']:8.3f} {r['events_ms']:7.3f} "
+                  f"{r['rtf']:7.4f} {r['rtfx']:8.1f}")
 
 if __name__ == "__main__":
     main()

@@ -116,6 +116,28 @@ class MimiState:
             out.append(t if phase is None else t.index_select(0, phase.long())[0])
         return out
 
+    def rows(self, n: int) -> MimiState:
+        """Rows ``[0, n)`` as a state of ``n`` streams: views sharing this state's memory (and its two phases), so a
+        step on it updates these rows in place and costs ``n`` rows, not :attr:`batch_size`. A server steps the
+        smallest such prefix that holds every open stream.
+
+        Rows from ``n`` on must hold no stream while it steps: they are not updated (their conv contexts fall out of
+        phase) and row ``n`` takes the inactive rows' scratch writes. A stream opened there later is reset first
+        (:meth:`reset` clears both halves of every context and restarts the ring), which makes them fresh again."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"rows: n must be in [1, {self.batch_size}], got {n}")
+        if n == self.batch_size:
+            return self
+
+        def ctx(t: torch.Tensor) -> torch.Tensor:  # [2, B, ...] double-buffered contexts, else batch first
+            return t[:, :n] if t.dim() == 4 else t[:n]
+
+        return MimiState(
+            exec_mask=self.exec_mask[:n], enc_conv=[ctx(t) for t in self.enc_conv], enc_kv=self.enc_kv.rows(n),
+            down_prev=self.down_prev[:, :n], down_first=self.down_first[:n], up_partial=self.up_partial[:n],
+            dec_kv=self.dec_kv.rows(n), dec_conv=[ctx(t) for t in self.dec_conv], enc_phase=self.enc_phase,
+            dec_phase=self.dec_phase)
+
     def reset(self, mask: torch.Tensor) -> None:
         """Reset rows where ``mask`` is true to a fresh stream (and make them active); other rows are untouched.
 

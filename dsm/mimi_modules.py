@@ -208,6 +208,11 @@ class KVState:
         b = self.pos.shape[0]
         return [c[:b] for c in self.cache] + [self.pos]
 
+    def rows(self, n: int) -> KVState:
+        """Rows ``[0, n)`` as a state of ``n`` streams sharing this one's memory; its scratch row is row ``n`` (the
+        torch path writes inactive rows' keys there), so row ``n`` must hold no stream. The counters are shared."""
+        return KVState(cache=self.cache[:, : n + 1], pos=self.pos[:n], counters=self.counters)
+
 
 def init_kv_state(
     batch_size: int, num_layers: int, num_heads: int, head_dim: int, capacity: int, device, dtype=torch.float32

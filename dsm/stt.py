@@ -166,6 +166,7 @@ class STTStepper:
 
     def __init__(self, lm, mimi, slots: int, *, alignment: str = "pytorch", temp: float = 0.0,
                  on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = True):
+        from .engine import Engine, default_buckets
         from .generate import Generator
 
         if lm.cfg.dep_q != 0:
@@ -173,14 +174,15 @@ class STTStepper:
         self.lm, self.mimi, self.slots, self.alignment, self.on_text = lm, mimi, slots, alignment, on_text
         self.device = next(lm.parameters()).device
         if engine:
-            from .engine import Engine
-
             self.engine = Engine(lm, max_slots=slots, use_sampling=temp > 0, temp_text=temp)
         else:
             self.engine = None
             self.gen = Generator(lm, use_sampling=temp > 0, temp_text=temp)
             self.gen_state = self.gen.init_state(slots)
         self.used = [False] * slots
+        # Mimi steps the smallest of these row prefixes that holds every open slot (the LM's buckets: its step then
+        # takes Mimi's codes as they are)
+        self.buckets = self.engine.buckets if engine else default_buckets(slots)
         self.mimi_state = mimi.init_state(slots, decoder=False)
         self._encode_step = GraphedMimiStep(mimi.encode_step, self.mimi_state)
         self.n_q = lm.cfg.n_q
@@ -214,12 +216,30 @@ class STTStepper:
             if self.engine is not None:
                 self.engine.close(slot)
 
+    def warm_up_mimi(self, frames: int = 1) -> None:
+        """Capture Mimi's encode graphs of ``frames`` frames a call for every bucket (a no-op without graphs)."""
+        self._encode_step.warm_up(torch.zeros(1, 1, frames * FRAME_SIZE, device=self.mimi.device), self.buckets)
+
+    def mimi_rows(self) -> int:
+        """The rows ``[0, n)`` Mimi steps: the smallest bucket holding every open slot (the rows above hold no stream,
+        as :meth:`dsm.mimi.MimiState.rows` needs). A few streams pay a few rows' encode, not every slot's."""
+        need = max((i for i, used in enumerate(self.used) if used), default=0) + 1
+        return next(b for b in self.buckets if b >= need)
+
     @torch.no_grad()
     def encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Mimi codes of ``k`` frames for the active rows: pcm ``[B, k * 1920]`` -> ``[B, n_q, k]``."""
+        """Mimi codes of ``k`` frames for the active rows: pcm ``[B, k * 1920]`` -> ``[n, n_q, k]``, rows ``[0, n)``
+        with ``n = mimi_rows()`` (the active rows are open slots: ``n`` covers them)."""
         self.mimi_state.set_exec_mask(self._on_device(active, self.mimi.device))
-        codes = self._encode_step(to_device(pcm, self.mimi.device)[:, None])
+        n = self.mimi_rows()
+        codes = self._encode_step(to_device(pcm[:n], self.mimi.device)[:, None])
         return codes[:, : self.n_q].to(self.device)
+
+    def _all_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[n, n_q]`` of rows ``[0, n)`` as all ``slots`` rows (the plain generator steps every row)."""
+        if codes.shape[0] == self.slots:
+            return codes
+        return torch.cat([codes, codes.new_full((self.slots - codes.shape[0], codes.shape[1]), self.lm.cfg.card)])
 
     def _on_device(self, active: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The host mask ``active`` on ``device``, copied (without waiting for the device) only when it changed."""
@@ -244,9 +264,10 @@ class STTStepper:
     def lm_steps(self, codes: torch.Tensor, active: torch.Tensor,
                  on_frame: Callable[[int, list[int], torch.Tensor | None], None],
                  defer: bool = False) -> Callable[[], None] | None:
-        """LM steps on ``k`` frames of codes ``[B, n_q, k]`` (shifted by a frame here for the Rust alignment), queued
-        back to back; then ``on_frame(i, text tokens [rows] list, VAD P(class 0) [rows, heads] or None)`` for each
-        frame in order, rows [0, n) with n >= 1 + the highest active slot.
+        """LM steps on ``k`` frames of codes ``[n, n_q, k]`` (rows ``[0, n)`` covering the active slots; shifted by a
+        frame here for the Rust alignment), queued back to back; then ``on_frame(i, text tokens [rows] list, VAD
+        P(class 0) [rows, heads] or None)`` for each frame in order, rows [0, m) with m >= 1 + the highest active
+        slot.
 
         The host reads every frame's outputs after the last step is queued, with one wait for the device (not two
         per frame): the GPU runs the steps without idling between them. With a text hook, which may read the state
@@ -275,9 +296,10 @@ class STTStepper:
                     out = self.engine.step(inp, active=rows, on_text=self.on_text)
                 else:
                     self.gen_state.exec_mask.copy_(active)
-                    out = self.gen.step(self.gen_state, inp, on_text=self.on_text)
+                    out = self.gen.step(self.gen_state, self._all_rows(inp), on_text=self.on_text)
                 if rust:  # this frame's codes wait for the next step, which reads them in stream order
-                    torch.where(active[:, None], codes[..., i], self.prev_codes, out=self.prev_codes)
+                    n = codes.shape[0]
+                    torch.where(active[:n, None], codes[..., i], self.prev_codes[:n], out=self.prev_codes[:n])
                 # the VAD heads' P(class 0) [rows, heads], computed in the step (Generator.extra_probs)
                 done.append((reads.read(out.text_token), reads.read(out.extra_probs) if self.has_vad else None))
                 if self.on_text is not None:
@@ -614,9 +636,12 @@ class STTRuntime:
         return cls(lm, mimi, tokenizer, files.config, max_streams=max_streams, options=options, **kw)
 
     def warm_up(self) -> None:
-        """Capture the engine's step graphs for every batch bucket before the first stream (a no-op on a CPU, or
-        without the engine, or with streams open)."""
-        if self.stepper.engine is not None and not self.streams:
+        """Capture the engine's step graphs and Mimi's one-frame encode graphs for every batch bucket before the first
+        stream (a no-op on a CPU, or with streams open; the engine's without the engine)."""
+        if self.streams:
+            return
+        self.stepper.warm_up_mimi()
+        if self.stepper.engine is not None:
             # the path its steps take: one graph a step, or the phases when a text hook runs between them
             hooked = self.stepper.on_text is not None
             self.stepper.engine.warm_up(plain=not hooked, hooked=hooked)

@@ -39,7 +39,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoint, hub_file, resolve_checkpoint
 from .conditioning import TensorInput
-from .engine import EngineFull, check_seed
+from .engine import EngineFull, check_seed, default_buckets
 from .generate import Generator, check_temperature
 from .host_copies import HostReads, copy_from_host, to_device
 from .mimi import Mimi
@@ -640,6 +640,9 @@ class TTSRuntime:
                                      delay_steps=self.delay_steps, temp=config.temp, top_k=config.top_k,
                                      top_k_text=config.top_k_text, cfg_coef=config.cfg_coef, seed=config.seed,
                                      backend=backend)
+        # Mimi decodes the smallest of these row prefixes that holds every slot with a stream (the engine's buckets)
+        self.mimi_buckets = self.stepper.engine.buckets if isinstance(self.stepper, EngineStepper) else \
+            default_buckets(B)
         self.mimi_state = mimi.init_state(B, encoder=False) if mimi is not None else None
         if mimi is not None:  # the codes' clamp (-1: not generated yet) and the PCM's clip replay inside Mimi's graph
             self._decode_step = GraphedMimiStep(
@@ -669,8 +672,13 @@ class TTSRuntime:
         return cls(model, mimi, tokenizer, files.config.tts_config, files.config.model_id, config, backend)
 
     def warm_up(self) -> None:
-        """Capture the engine's step graphs for every batch bucket before the first stream, with the default
-        conditions (a no-op on a CPU, or on the CFG-doubling stepper)."""
+        """Capture the engine's step graphs (with the default conditions) and Mimi's decode graphs for every batch
+        bucket before the first stream (a no-op on a CPU, or with streams; the engine's on the CFG-doubling stepper)."""
+        if any(s is not None for s in self.slots):
+            return
+        if self._decode_step is not None:
+            codes = torch.zeros(1, self.config.n_q, 1, dtype=torch.long, device=self.mimi.device)
+            self._decode_step.warm_up(codes, self.mimi_buckets)
         if isinstance(self.stepper, EngineStepper) and not self.stepper.engine.slots:
             # every TTS step runs the state machine's text hook between the phases: no plain one-graph steps
             self.stepper.engine.warm_up(self._conditions([None], [None]), plain=False)
@@ -868,11 +876,18 @@ class TTSRuntime:
         mask = torch.zeros(B, dtype=torch.bool)
         mask[rows] = True
         self.mimi_state.set_exec_mask(to_device(mask, self.mimi.device))
-        codes = frames[:, 1 : 1 + n_q]
-        if codes.shape[0] < B:  # the engine returns rows [0, bucket); Mimi's state holds all B slots
-            codes = torch.cat([codes, codes.new_zeros(B - codes.shape[0], *codes.shape[1:])])
+        n = self.mimi_rows()
+        codes = frames[:n, 1 : 1 + n_q]
+        if codes.shape[0] < n:  # the engine returns rows [0, its bucket), which may hold fewer rows
+            codes = torch.cat([codes, codes.new_zeros(n - codes.shape[0], *codes.shape[1:])])
         with torch.no_grad():
             return self._decode_step(codes[..., None].to(self.mimi.device))
+
+    def mimi_rows(self) -> int:
+        """The rows ``[0, n)`` Mimi decodes: the smallest bucket holding every slot with a stream (the rows above
+        hold none, as :meth:`dsm.mimi.MimiState.rows` needs). A few streams pay a few rows' decode, not every slot's."""
+        need = max((b for b, s in enumerate(self.slots) if s is not None), default=0) + 1
+        return next(b for b in self.mimi_buckets if b >= need)
 
     def _deliver(self, rows: list[tuple[int, TTSStream]], pcm: torch.Tensor) -> list[Exception]:
         """Hand each (row, stream) its frame of ``pcm`` [B, 1, 1920] (host); returns what the callbacks raised (each

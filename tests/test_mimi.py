@@ -314,6 +314,53 @@ def test_row_reset_equals_fresh_stream(ours):
                 assert torch.equal(c_reset[row], c_keep[row]) and torch.equal(y_reset[row], y_keep[row])
 
 
+def test_row_prefix_steps_like_the_whole_state(ours):
+    """A server steps rows [0, n) of its state (``MimiState.rows``) while the rows from n on hold no stream. Against
+    the whole state stepped with those rows paused: the same codes bit for bit and PCM within 1e-5 (another batch
+    size); the rows past n untouched; and a stream opened in row n afterwards (its reset clears the scratch row's
+    writes and the contexts the prefix steps left out of phase) runs like a fresh stream."""
+    N, n, steps = 5, 2, 8
+    pcm = signals(steps, seed=11)[:n].view(n, 1, steps, FRAME_SIZE).permute(2, 0, 1, 3)  # [step, n, 1, 1920]
+    late = signals(steps, seed=12)[2:].view(1, 1, steps, FRAME_SIZE).permute(2, 0, 1, 3)
+    whole, prefix = ours.init_state(N), ours.init_state(N)
+    rows = prefix.rows(n)
+    assert rows.batch_size == n and prefix.rows(N) is prefix
+    for t in prefix.tensors():  # rows from n on hold garbage (a closed stream's leftovers): it must not matter
+        if t.dtype == torch.float32:
+            (t[n:] if t.shape[0] == N else t[:, n:]).normal_()
+    past = [t.clone() for t in prefix.tensors()]
+    with torch.no_grad():
+        for t in range(steps):
+            if t == 5:  # a stream opens in row n: both states reset it; from now on both step every row
+                opened = torch.arange(N) == n
+                whole.reset(opened)
+                prefix.reset(opened)
+            active = torch.tensor([True, t % 3 != 1] + [t >= 5] + [False] * (N - n - 1))
+            x = torch.zeros(N, 1, FRAME_SIZE)
+            x[:n] = pcm[t]
+            x[n] = late[t]
+            whole.set_exec_mask(active)
+            prefix.set_exec_mask(active)
+            want = ours.encode_step(x, whole)
+            want_pcm = ours.decode_step(want, whole)
+            state, k = (rows, n) if t < 5 else (prefix, N)
+            got = ours.encode_step(x[:k], state)
+            got_pcm = ours.decode_step(got, state)
+            on = active[:k].nonzero()[:, 0]
+            assert torch.equal(got[on], want[on]), t
+            assert rel(got_pcm[on], want_pcm[on]) < 1e-5, t
+            if t < 5:  # nothing past row n was written (row n: the transformer's scratch writes)
+                for a, b in zip(prefix.tensors(), past, strict=True):
+                    if a is prefix.exec_mask:  # (set by the test)
+                        continue
+                    if a.dim() and a.shape[0] == N:
+                        assert torch.equal(a[n + 1 :], b[n + 1 :]), t
+                    elif a.dim() > 1 and a.shape[1] == N:
+                        assert torch.equal(a[:, n + 1 :], b[:, n + 1 :]), t
+    with pytest.raises(ValueError, match=r"rows: n must be in \[1, 5\]"):
+        prefix.rows(0)
+
+
 def test_one_side_states(ours):
     """A state made for one side (STT encodes, TTS decodes) gives that side's outputs of a full state, holds the
     bytes ``stream_state_bytes`` says, and refuses the other side by name."""

@@ -45,3 +45,53 @@ def test_graph_replay_equals_eager_with_resets_and_pauses():
     assert torch.equal(codes[:, 1:], ref_codes[:, 1:])  # row 0's codes at its paused frame are garbage by contract
     assert torch.equal(codes[[0, 1, 2, 3, 5], 0], ref_codes[[0, 1, 2, 3, 5], 0])
     assert (pcm[[0, 1, 2, 3, 5]] - ref_pcm[[0, 1, 2, 3, 5]]).abs().max() <= 1e-5
+
+
+def _run_prefixes(mimi, graphed: bool, device, warm: bool = False):
+    """Rows [0, 2) of a 4-row state for 3 frames (row 1 paused at the second), then row 2 opens and every row steps:
+    the runtimes' buckets. Returns the codes and PCM of the rows with a stream, per frame."""
+    g = torch.Generator().manual_seed(1)
+    pcm = (0.1 * torch.randn(6, 4, 1, 1920, generator=g)).clamp(-1, 1).to(device)
+    enc_state, dec_state = mimi.init_state(4), mimi.init_state(4)
+    if graphed:
+        enc, dec = GraphedMimiStep(mimi.encode_step, enc_state), GraphedMimiStep(mimi.decode_step, dec_state)
+        if warm:
+            enc.warm_up(pcm[0, :1], [2, 4])
+            dec.warm_up(torch.zeros(1, mimi.n_q, 1, dtype=torch.long, device=device), [2, 4])
+    else:
+        enc, dec = (lambda x: mimi.encode_step(x, enc_state.rows(x.shape[0]))), (
+            lambda c: mimi.decode_step(c, dec_state.rows(c.shape[0])))
+    out = []
+    for t in range(6):
+        n = 2 if t < 3 else 4
+        if t == 3:
+            opened = torch.arange(4, device=device) == 2
+            enc_state.reset(opened)
+            dec_state.reset(opened)
+        active = torch.tensor([True, t != 1, t >= 3, False], device=device)
+        enc_state.set_exec_mask(active)
+        dec_state.set_exec_mask(active)
+        c = enc(pcm[t, :n])
+        y = dec(c)
+        rows = active[:n].nonzero()[:, 0]
+        out.append((c[rows].clone(), y[rows].clone()))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warm", [False, True])
+def test_graph_replay_of_row_prefixes_equals_eager(warm):
+    """One graph per row count over views of one state (captured on first use, or beforehand by ``warm_up``, which
+    must leave the state as it found it): replays equal eager steps on the same views."""
+    mimi = Mimi(random_mimi_state_dict(0), device="cuda")
+    got, want = _run_prefixes(mimi, True, "cuda", warm), _run_prefixes(mimi, False, "cuda")
+    for t, ((c, y), (c_ref, y_ref)) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(c, c_ref), t
+        assert (y - y_ref).abs().max() <= 1e-5, t
+
+
+def test_row_prefixes_on_cpu_equal_the_views_eager_steps(mimi_sd):
+    mimi = Mimi(mimi_sd)
+    for (c, y), (c_ref, y_ref) in zip(_run_prefixes(mimi, True, "cpu"), _run_prefixes(mimi, False, "cpu"),
+                                      strict=True):
+        assert torch.equal(c, c_ref) and torch.equal(y, y_ref)

@@ -81,6 +81,13 @@ class StubState:
     def set_exec_mask(self, mask):
         self.exec_mask.copy_(mask)
 
+    @property
+    def batch_size(self):
+        return self.exec_mask.shape[0]
+
+    def rows(self, n):
+        return StubState(self.prev[:n], self.exec_mask[:n])
+
 
 class StubCodec:
     """Stand-in for Mimi: codes of a frame depend on it and on the row's previous frame (state frozen by the exec
@@ -501,6 +508,79 @@ def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files, m
     assert sb.tokens == tb and sc.tokens == tc
     assert tokens_and_vad(ev_b) == tokens_and_vad(evb) and tokens_and_vad(ev_c) == tokens_and_vad(evc)
     assert len(set(tb)) > 3  # the tokens depend on the audio: the comparison is not vacuous
+
+
+class CountingMimi:
+    """Mimi, recording how many rows each encode call steps."""
+
+    def __init__(self, mimi):
+        self.mimi, self.rows = mimi, []
+
+    def __getattr__(self, name):
+        return getattr(self.mimi, name)
+
+    def encode_step(self, pcm, state):
+        self.rows.append(pcm.shape[0])
+        return self.mimi.encode_step(pcm, state)
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine):
+    """Mimi encodes the smallest bucket of rows that holds every open slot, not every slot: a stream alone in a
+    4-slot runtime costs one row, a stream opened in slot 2 makes it 4, and its end 2 while slot 1 is open (also at
+    a step where its stream is silent: its frozen state must stay in step), then 1 once slot 1 ends. Across those
+    changes every stream's tokens equal its run alone (VAD within batch rounding), including one opened in a row
+    Mimi had left behind."""
+    a, b, c, d = (noise(1920 * n, seed) for n, seed in ((12, 4), (4, 7), (3, 5), (3, 6)))
+    codec = CountingMimi(mimi)
+    rt = runtime(lm, tok, files.config, codec=codec, max_streams=4, engine=engine)
+
+    def rows_of(run) -> set[int]:
+        n = len(codec.rows)
+        run()
+        assert len(codec.rows) > n
+        return set(codec.rows[n:])
+
+    sa = rt.open_stream("a")
+    ev = {"a": [], "b": [], "c": [], "d": []}
+    assert rows_of(lambda: ev["a"].extend(sa.push(a[: 1920 * 3]))) == {1}
+    sb, sc = rt.open_stream("b"), rt.open_stream("c")
+    sa.push(a[1920 * 3 : 1920 * 6], process=False)
+    ev["c"] += sc.push(c, process=False)
+
+    def run_c():
+        rt.run()  # (a's events wait in the stream for its next push)
+        ev["c"].extend(sc.flush())
+
+    assert rows_of(run_c) == {4} and sc.finished
+    sb.push(b[:1920], process=False)
+    assert rows_of(lambda: ev["a"].extend(sa.push(a[1920 * 6 : 1920 * 7]))) == {2}  # b's first frame too
+    assert rows_of(lambda: ev["a"].extend(sa.push(a[1920 * 7 : 1920 * 8]))) == {2}  # b silent: frozen, in step
+    assert rows_of(lambda: ev["b"].extend(sb.push(b[1920:]) + sb.flush())) == {2} and sb.finished
+    assert rows_of(lambda: ev["a"].extend(sa.push(a[1920 * 8 :]))) == {1}
+    sd = rt.open_stream("d")  # slot 1 again
+    ev["d"] += sd.push(d) + sd.flush()
+    ev["a"] += sa.flush()
+
+    def alone(pcm, slot):
+        rt1 = runtime(lm, tok, files.config, codec=mimi, max_streams=4, engine=engine)
+        held = [rt1.open_stream(f"hold{i}") for i in range(slot)]  # same row as in the run above
+        s = rt1.open_stream("x")
+        for h in held:
+            h.close()
+        events = s.push(pcm) + s.flush()
+        return s.tokens, events
+
+    def vad(events):
+        return torch.tensor([e.probs for e in events if isinstance(e, VADStep)])
+
+    for s, pcm in ((sa, a), (sb, b), (sc, c), (sd, d)):
+        tokens, events = alone(pcm, s.slot)
+        assert s.tokens == tokens, s.name
+        # the engine's LM runs each step on the bucket of the highest active slot: batch rounding
+        got, want = vad(ev[s.name]), vad(events)
+        assert got.shape == want.shape and got.numel() and (got - want).abs().max() < 1e-6, s.name
+    assert len(set(sa.tokens)) > 3  # the tokens depend on the audio: the comparison is not vacuous
 
 
 def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):

@@ -594,6 +594,39 @@ def test_pcm_with_fewer_streams_than_slots(ckpt):
     torch.testing.assert_close(out[1], out[0])
 
 
+def test_mimi_decodes_the_rows_of_the_open_slots(ckpt):
+    """Mimi decodes the smallest bucket of rows that holds every slot with a stream, not every slot: one stream on a
+    4-slot runtime costs one row, two more (slots 1 and 2) make it 4, and 2 then 1 as they end. The first stream's
+    PCM equals its run alone throughout."""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    text = "hello world this is a longer text that keeps going for a while yet"
+    rt = runtime(ckpt, audio=True, n_q=2, max_batch=4)
+    rows, step = [], rt._decode_step.step
+    rt._decode_step.step = lambda codes, state: rows.append(codes.shape[0]) or step(codes, state)
+    a = rt.open_stream(voice)
+    a.push(text)
+    a.end()
+    while len(rows) < 3:
+        assert rt.step()
+    b, c = rt.open_stream(voice), rt.open_stream(voice)
+    b.push("one")
+    c.push("one two three four five")
+    b.end()
+    c.end()
+    rt.run([a, b, c])
+    assert b.read().numel() and c.read().numel()
+    changes = [r for i, r in enumerate(rows) if i == 0 or rows[i - 1] != r]
+    assert changes == [1, 4, 1] or changes == [1, 4, 2, 1], changes
+    alone = runtime(ckpt, audio=True, n_q=2, max_batch=1)
+    want = alone.open_stream(voice)
+    want.push(text)
+    want.end()
+    alone.run([want])
+    got, want = a.read(), want.read()
+    assert want.numel() > 1920 * 10
+    torch.testing.assert_close(got, want)  # (batch 4 vs 1 Mimi: float rounding only)
+
+
 def test_a_frame_is_read_with_one_wait(ckpt, monkeypatch):
     """Mimi's decode is queued before the host reads the step's frame, so the frame and the PCM come back with one
     wait for the device (and the state machine's hook adds no wait of this kind: it reads the sampled tokens)."""

@@ -286,6 +286,36 @@ def test_mimi_transformer_matches_reference(case, backend):
     assert_mimi_matches_reference(w, backend, B, tokens, active, blocks)
 
 
+@needs_triton
+@pytest.mark.parametrize("backend", ["reference", "triton", *PERSISTENT])
+def test_mimi_transformer_on_rows_of_a_larger_state(backend):
+    """A server steps rows [0, n) of its Mimi state (``dsm.mimi.MimiState.rows``): ``pos``, ``exec_mask`` and ``h``
+    prefixes, the ring a strided ``[L, n + 1, ...]`` slice of ``[L, N + 1, ...]``. Bit for bit the step of an n-row
+    state of the same values, and no row from n on written."""
+    from dsm_kernels.cuda_ops import mimi_unsupported
+
+    dev = device_of(backend)
+    w = random_mimi_transformer_weights(layers=2, seed=5, device=dev)
+    N, n, tokens = 5, 2, 2
+    whole = mimi_transformer_inputs(w, N, tokens=tokens, active=[True, False, True, True, True], device=dev)
+    rows = dict(h=whole["h"][: n * tokens], pos=whole["pos"][:n], exec_mask=whole["exec_mask"][:n],
+                cache=whole["cache"][:, : n + 1], tokens=tokens, counters=whole["counters"])
+    alone = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rows.items()}
+    assert not rows["cache"].is_contiguous() and alone["cache"].is_contiguous()
+    if backend in ("cuda", "cuda_emu"):  # the persistent kernel takes it (not the single ops)
+        assert mimi_unsupported(w, rows["h"], rows["cache"]) is None
+    before = {k: v.clone() for k, v in whole.items() if isinstance(v, torch.Tensor)}
+    run_mimi(backend, w, rows)
+    run_mimi(backend, w, alone)
+    for k in ("h", "pos"):
+        assert torch.equal(rows[k], alone[k]), k
+    assert torch.equal(rows["cache"], alone["cache"])
+    assert not torch.equal(whole["cache"][:, 0], before["cache"][:, 0])  # the active stream wrote its ring
+    assert torch.equal(whole["cache"][:, n:], before["cache"][:, n:])
+    assert torch.equal(whole["pos"][n:], before["pos"][n:]) and torch.equal(whole["h"][n * tokens :],
+                                                                            before["h"][n * tokens :])
+
+
 @pytest.mark.parametrize("backend", PERSISTENT)
 def test_mimi_transformer_output_does_not_depend_on_the_grid(backend):
     dev = device_of(backend)

@@ -485,8 +485,10 @@ def test_mimi_triton_takes_strided_vectors():
     assert_close_verbose(got, exp, atol=1e-5, name="ring attention")
 
 
-def _steps(mimi: Mimi, pcm: torch.Tensor, n: int, skip_row_at: int | None = None):
-    state = mimi.init_state(pcm.shape[0])
+def _steps(mimi: Mimi, pcm: torch.Tensor, n: int, skip_row_at: int | None = None, rows_of: int | None = None):
+    """``n`` streaming frames (row 1 paused at frame ``skip_row_at``); ``rows_of``: on the first rows of a state of
+    that many rows (``MimiState.rows``, as a server steps them: strided contexts and rings)."""
+    state = mimi.init_state(pcm.shape[0]) if rows_of is None else mimi.init_state(rows_of).rows(pcm.shape[0])
     codes, out = [], []
     with torch.no_grad():
         for i in range(n):
@@ -503,9 +505,10 @@ def _steps(mimi: Mimi, pcm: torch.Tensor, n: int, skip_row_at: int | None = None
 def test_mimi_steps_triton_equal_reference(mimi_sd, n_q, batch):
     """Streaming steps on the Triton backend against the reference: codes equal, PCM within 1e-5. Batch 3 (6 tokens
     per transformer call) takes the transformers' torch path, batch 2 (4 tokens) their GEMV kernels, whose fp32 sums
-    differ from the reference's in order only. Three frames: the first call, one with row 1 paused (its state must
-    stay frozen), and one after it (row 1 resumes from the state of two frames back); a fourth frame ran the same
-    steady-state step again at ~8 s of the interpreter per case."""
+    differ from the reference's in order only, both on the first rows of a larger state (as a server steps them).
+    Three frames: the first call, one with row 1 paused (its state must stay frozen), and one after it (row 1 resumes
+    from the state of two frames back); a fourth frame ran the same steady-state step again at ~8 s of the
+    interpreter per case."""
     device = kernel_device("triton")
     g = torch.Generator().manual_seed(n_q)
     pcm = (torch.randn(batch, 1, 3 * FRAME_SIZE, generator=g) * 0.2).to(device)
@@ -515,7 +518,7 @@ def test_mimi_steps_triton_equal_reference(mimi_sd, n_q, batch):
     assert tri.rvq_level_ranges.device == torch.device(device)
     assert tri.rvq_level_ranges.tolist() == ([[0, 1], [1, n_q - 1]] if n_q > 1 else [[0, 1]])
     codes_r, pcm_r = _steps(ref, pcm, 3, skip_row_at=1)
-    codes_t, pcm_t = _steps(tri, pcm, 3, skip_row_at=1)
+    codes_t, pcm_t = _steps(tri, pcm, 3, skip_row_at=1, rows_of=batch + 2)
     assert torch.equal(codes_t, codes_r), f"{int((codes_t != codes_r).sum())} codes differ"
     assert_close_verbose(pcm_t, pcm_r, atol=1e-5, name="pcm")
 
@@ -536,14 +539,15 @@ def test_mimi_steps_cuda_emulated_equal_reference(mimi_sd, cuda_emulated):
     """Mimi's ``cuda`` configuration on the CPU: at two streams (4 tokens a transformer call) both transformers run
     as one persistent-kernel launch each (emulated ``csrc/decoder.cu``), and the residual-VQ encode as one
     (``csrc/rvq.cu``), the rest on Triton. Codes equal the reference's and PCM is within 1e-5 over two frames, the
-    second with row 1 paused (~5 s of emulation a transformer call)."""
+    second with row 1 paused (~5 s of emulation a transformer call); on the first rows of a larger state (strided
+    contexts and rings, as a server steps them)."""
     kernel_device("triton")
     g = torch.Generator().manual_seed(5)
     pcm = torch.randn(2, 1, 2 * FRAME_SIZE, generator=g) * 0.2
     ref = Mimi(mimi_sd, n_q=6, backend="reference")
     emu = Mimi(mimi_sd, n_q=6, backend="cuda")
     codes_r, pcm_r = _steps(ref, pcm, 2, skip_row_at=1)
-    codes_e, pcm_e = _steps(emu, pcm, 2, skip_row_at=1)
+    codes_e, pcm_e = _steps(emu, pcm, 2, skip_row_at=1, rows_of=5)
     # encoder and decoder every frame, and the RVQ: the kernels ran
     assert cuda_emulated["mimi_transformer"] == 4 and cuda_emulated["rvq_encode"] == 2
     assert torch.equal(codes_e, codes_r), f"{int((codes_e != codes_r).sum())} codes differ"
