@@ -583,6 +583,50 @@ def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine):
     assert len(set(sa.tokens)) > 3  # the tokens depend on the audio: the comparison is not vacuous
 
 
+def test_random_churn_every_stream_equals_its_run_alone(lm, tok, files, mimi):
+    """Streams open, speak, fall silent, finish or are aborted at random steps of a 6-slot runtime (engine, real
+    Mimi), so the LM's bucket and Mimi's grow and shrink under them and rows are left behind and taken again. Every
+    stream that finishes has the tokens of its run alone in the same slot."""
+    rng, codec = random.Random(3), CountingMimi(mimi)
+    rt = runtime(lm, tok, files.config, codec=codec, max_streams=6, engine=True)
+    live, sent, finished, aborted = [], {}, [], 0
+    for t in range(28):
+        if rt.free_slots and rng.random() < 0.5:
+            s = rt.open_stream(f"s{t}")
+            live.append(s)
+            sent[s.name] = []
+        for s in list(live):
+            r = rng.random()
+            if r < 0.55:  # a frame or two (else silent this step)
+                chunk = noise(1920 * rng.randint(1, 2) - rng.randint(0, 700), seed=1000 * t + s.slot)
+                s.push(chunk, process=False)
+                sent[s.name].append(chunk)
+            elif r < 0.63 and sent[s.name]:
+                s.flush(process=False)
+                live.remove(s)
+                finished.append(s)
+            elif r < 0.66:
+                s.close()
+                live.remove(s)
+                aborted += 1
+        rt.run()
+    for s in live:
+        s.flush(process=False)
+        finished.append(s)
+    rt.run()
+    assert len(finished) >= 5 and aborted >= 1 and all(s.finished for s in finished)
+    assert set(codec.rows) == {1, 2, 4, 6}, set(codec.rows)  # every bucket of Mimi's rows ran
+    for s in finished:
+        alone = runtime(lm, tok, files.config, codec=mimi, max_streams=6, engine=True)
+        held = [alone.open_stream(f"hold{i}") for i in range(s.slot)]
+        x = alone.open_stream("x")
+        for h in held:
+            h.close()
+        x.push(torch.cat(sent[s.name]) if sent[s.name] else torch.zeros(0))
+        x.flush()
+        assert x.tokens == s.tokens, s.name
+
+
 def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     rt = runtime(lm, tok, files.config, max_streams=2)
     s = rt.open_stream("mic", sample_rate=16000)
