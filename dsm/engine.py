@@ -399,7 +399,8 @@ class Engine:
              check_hooks: bool = True) -> StepOutput | None:
         """One frame for the ``active`` slots (default: every open slot); other open slots are frozen.
 
-        ``inputs``: [max_slots or bucket, n_in] input-stream tokens (audio codes for STT), rows by slot. Returns the
+        ``inputs``: [rows, n_in] input-stream tokens (audio codes for STT), rows by slot, covering every active slot
+        (rows past them and below the bucket are inactive: they keep earlier tokens, which only they read). Returns the
         step output for rows ``[0, bucket)`` (rows of inactive slots hold ``-2`` tokens), or None if no slot runs.
         Hooks see rows ``[0, bucket)`` and edit their tensor in place; ``check_hooks`` as
         :meth:`dsm.generate.Generator.step`.
@@ -412,15 +413,17 @@ class Engine:
             return None
         bucket = self.bucket_for(active)
         n_in = self._inputs.shape[1]
-        # Checked before any state changes; rows the inputs do not cover would run on a previous step's tokens.
+        # Checked before any state changes; an active slot the inputs do not cover would run on a previous step's
+        # tokens.
         if inputs is not None and not isinstance(inputs, torch.Tensor):
             raise TypeError(f"inputs must be a torch.Tensor of token ids, got {type(inputs).__name__}")
         if n_in and inputs is None:
             raise ValueError(f"this model has {n_in} input streams: pass inputs [rows, {n_in}] (rows by slot)")
         if inputs is not None and (inputs.dim() != 2 or inputs.shape[1] != n_in
-                                   or not bucket <= inputs.shape[0] <= self.max_slots):
-            raise ValueError(f"inputs: expected shape [rows, {n_in}] with {bucket} <= rows <= {self.max_slots} "
-                             f"(rows by slot, covering slot {active[-1]}), got {tuple(inputs.shape)}")
+                                   or not active[-1] < inputs.shape[0] <= self.max_slots):
+            raise ValueError(f"inputs: expected shape [rows, {n_in}] with {active[-1] + 1} <= rows <= "
+                             f"{self.max_slots} (rows by slot, covering active slot {active[-1]}), got "
+                             f"{tuple(inputs.shape)}")
         if inputs is not None:
             check_token_range(inputs, "inputs", self.model.cfg.card)
         dq = self.model.cfg.dep_q

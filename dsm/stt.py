@@ -37,7 +37,7 @@ from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio,
 from .generate import check_temperature
 from .host_copies import HostReads, to_device
 from .mimi import FRAME_SIZE, SAMPLE_RATE
-from .mimi_graph import GraphedMimiStep
+from .mimi_graph import GraphedMimiStep, mimi_buckets
 from .transcript import (
     FRAME_RATE,
     RawEndWord,
@@ -166,7 +166,7 @@ class STTStepper:
 
     def __init__(self, lm, mimi, slots: int, *, alignment: str = "pytorch", temp: float = 0.0,
                  on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = True):
-        from .engine import Engine, default_buckets
+        from .engine import Engine
         from .generate import Generator
 
         if lm.cfg.dep_q != 0:
@@ -180,9 +180,7 @@ class STTStepper:
             self.gen = Generator(lm, use_sampling=temp > 0, temp_text=temp)
             self.gen_state = self.gen.init_state(slots)
         self.used = [False] * slots
-        # Mimi steps the smallest of these row prefixes that holds every open slot (the LM's buckets: its step then
-        # takes Mimi's codes as they are)
-        self.buckets = self.engine.buckets if engine else default_buckets(slots)
+        self.mimi_buckets = mimi_buckets(slots)  # Mimi steps the smallest of these row prefixes holding every open slot
         self.mimi_state = mimi.init_state(slots, decoder=False)
         self._encode_step = GraphedMimiStep(mimi.encode_step, self.mimi_state)
         self.n_q = lm.cfg.n_q
@@ -218,13 +216,14 @@ class STTStepper:
 
     def warm_up_mimi(self, frames: int = 1) -> None:
         """Capture Mimi's encode graphs of ``frames`` frames a call for every bucket (a no-op without graphs)."""
-        self._encode_step.warm_up(torch.zeros(1, 1, frames * FRAME_SIZE, device=self.mimi.device), self.buckets)
+        self._encode_step.warm_up(torch.zeros(1, 1, frames * FRAME_SIZE, device=self.mimi.device), self.mimi_buckets)
 
     def mimi_rows(self) -> int:
-        """The rows ``[0, n)`` Mimi steps: the smallest bucket holding every open slot (the rows above hold no stream,
-        as :meth:`dsm.mimi.MimiState.rows` needs). A few streams pay a few rows' encode, not every slot's."""
+        """The rows ``[0, n)`` Mimi steps: the smallest of :func:`~dsm.mimi_graph.mimi_buckets` holding every open
+        slot (the rows above hold no stream, as :meth:`dsm.mimi.MimiState.rows` needs; and the active slots are open,
+        so the LM's inputs cover them). A few streams pay a few rows' encode, not every slot's."""
         need = max((i for i, used in enumerate(self.used) if used), default=0) + 1
-        return next(b for b in self.buckets if b >= need)
+        return next(b for b in self.mimi_buckets if b >= need)
 
     @torch.no_grad()
     def encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -39,11 +39,11 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoint, hub_file, resolve_checkpoint
 from .conditioning import TensorInput
-from .engine import EngineFull, check_seed, default_buckets
+from .engine import EngineFull, check_seed
 from .generate import Generator, check_temperature
 from .host_copies import HostReads, copy_from_host, to_device
 from .mimi import Mimi
-from .mimi_graph import GraphedMimiStep
+from .mimi_graph import GraphedMimiStep, mimi_buckets
 from .model import LMModel
 from .tokenizer import Tokenizer
 
@@ -640,9 +640,7 @@ class TTSRuntime:
                                      delay_steps=self.delay_steps, temp=config.temp, top_k=config.top_k,
                                      top_k_text=config.top_k_text, cfg_coef=config.cfg_coef, seed=config.seed,
                                      backend=backend)
-        # Mimi decodes the smallest of these row prefixes that holds every slot with a stream (the engine's buckets)
-        self.mimi_buckets = self.stepper.engine.buckets if isinstance(self.stepper, EngineStepper) else \
-            default_buckets(B)
+        self.mimi_buckets = mimi_buckets(B)  # Mimi decodes the smallest of these row prefixes holding every stream
         self.mimi_state = mimi.init_state(B, encoder=False) if mimi is not None else None
         if mimi is not None:  # the codes' clamp (-1: not generated yet) and the PCM's clip replay inside Mimi's graph
             self._decode_step = GraphedMimiStep(

@@ -171,6 +171,23 @@ def test_step_input_errors_change_nothing(stt_model):
     assert [eng.slots[s].position for s in (0, 1)] == [3, 3] and eng.state.positions[:2].tolist() == [3, 3]
 
 
+def test_inputs_need_to_cover_the_active_slots_only(stt_model):
+    """Inputs may stop after the highest active slot (the STT runtime passes Mimi's codes for the rows Mimi ran,
+    which can be fewer than the LM's bucket): the bucket's rows they miss are inactive, and the steps equal steps
+    given every row. Missing an active slot is refused."""
+    audio = torch.randint(0, 64, (4, 4, 32), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for rows in (4, 3):
+        eng = Engine(stt_model, max_slots=4, buckets=(1, 4), use_sampling=False)
+        for _ in range(3):
+            eng.open()
+        outs.append(torch.stack([eng.step(audio[t, :rows], active=[0, 2]).z[[0, 2]].clone() for t in range(4)]))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match=r"3 <= rows <= 4 \(rows by slot, covering active slot 2\), got \(2, 32\)"):
+        eng.step(audio[0, :2], active=[0, 2])
+    assert eng.state.positions.tolist() == [4, 0, 4, 0]
+
+
 def test_a_raising_hook_leaves_the_step_undone(stt_model):
     """A hook (STTRuntime's on_text) that raises mid-step: the frame was not committed, and the engine goes on
     exactly as if that step had never been called (host and device positions agree, no ring entry on the null page,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsm.mimi import Mimi, random_mimi_state_dict
-from dsm.mimi_graph import GraphedMimiStep
+from dsm.mimi_graph import GraphedMimiStep, mimi_buckets
 
 
 def _run(mimi, graphed: bool, device, frames=6, B=3):
@@ -95,3 +95,11 @@ def test_row_prefixes_on_cpu_equal_the_views_eager_steps(mimi_sd):
     for (c, y), (c_ref, y_ref) in zip(_run_prefixes(mimi, True, "cpu"), _run_prefixes(mimi, False, "cpu"),
                                       strict=True):
         assert torch.equal(c, c_ref) and torch.equal(y, y_ref)
+
+
+def test_mimi_buckets():
+    assert mimi_buckets(1) == (1,) and mimi_buckets(3) == (1, 2, 3) and mimi_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert mimi_buckets(200) == (1, 2, 4, 8, 16, 32, 64, 128, 192, 200)
+    assert mimi_buckets(768)[-4:] == (576, 640, 704, 768)
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        mimi_buckets(0)

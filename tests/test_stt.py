@@ -583,10 +583,12 @@ def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine):
     assert len(set(sa.tokens)) > 3  # the tokens depend on the audio: the comparison is not vacuous
 
 
-def test_random_churn_every_stream_equals_its_run_alone(lm, tok, files, mimi):
+def test_random_churn_every_stream_equals_its_run_alone(lm, tok, files, mimi, monkeypatch):
     """Streams open, speak, fall silent, finish or are aborted at random steps of a 6-slot runtime (engine, real
-    Mimi), so the LM's bucket and Mimi's grow and shrink under them and rows are left behind and taken again. Every
-    stream that finishes has the tokens of its run alone in the same slot."""
+    Mimi), so the LM's bucket and Mimi's grow and shrink under them and rows are left behind and taken again. Mimi
+    steps any row count here (its buckets past 64 rows are finer than the LM's), so its codes often cover fewer rows
+    than the LM's bucket. Every stream that finishes has the tokens of its run alone in the same slot."""
+    monkeypatch.setattr("dsm.stt.mimi_buckets", lambda n: tuple(range(1, n + 1)))
     rng, codec = random.Random(3), CountingMimi(mimi)
     rt = runtime(lm, tok, files.config, codec=codec, max_streams=6, engine=True)
     live, sent, finished, aborted = [], {}, [], 0
@@ -615,7 +617,7 @@ def test_random_churn_every_stream_equals_its_run_alone(lm, tok, files, mimi):
         finished.append(s)
     rt.run()
     assert len(finished) >= 5 and aborted >= 1 and all(s.finished for s in finished)
-    assert set(codec.rows) == {1, 2, 4, 6}, set(codec.rows)  # every bucket of Mimi's rows ran
+    assert {3, 5} <= set(codec.rows), set(codec.rows)  # fewer rows than the LM's buckets (4, 6)
     for s in finished:
         alone = runtime(lm, tok, files.config, codec=mimi, max_streams=6, engine=True)
         held = [alone.open_stream(f"hold{i}") for i in range(s.slot)]
