@@ -5,9 +5,13 @@ encode 18.9 ms eager, 2.95 ms replayed from a graph). :class:`GraphedMimiStep` c
 the runtime's own :class:`~dsm.mimi.MimiState`: inputs are copied into a static buffer, the state is updated in place,
 and resets or exec masks set between steps are seen by the replay (they write the same tensors in place).
 
-An input of ``n`` rows steps the state's rows ``[0, n)`` (:meth:`~dsm.mimi.MimiState.rows`): a server passes the
-smallest batch bucket that holds its open streams, so a few streams pay for a few rows, not for every slot. Measured
-on an H100 (run 2): encode 2.0 ms a frame at batch 1 against 23 ms at batch 400.
+An input of ``n`` rows steps the state's rows ``[0, n)`` (:meth:`~dsm.mimi.MimiState.rows`): a runtime passes the
+smallest of :func:`mimi_buckets` that holds its open streams, so a few streams pay for a few rows, not for every slot
+(measured on an H100, run 2: encode 2.0 ms a frame at batch 1 against 23 ms at batch 400). As with the LM's buckets
+(see :mod:`dsm.engine`), a stream's outputs then depend on the row count in float rounding only: the kernels' paths
+change with it (the GEMV kernels and the CUDA persistent ones at a few rows, implicit GEMMs past them), so the deep
+RVQ levels of a stream's codes can differ in rare frames from its run alone. On the CPU's reference backend the ops
+are the same at every row count (its tests compare codes bit for bit).
 """
 
 from __future__ import annotations
@@ -84,10 +88,11 @@ class GraphedMimiStep:
                     self._graphs[key] = self._capture(x.new_zeros(key[0]), self.rows(n))
 
     def _capture(self, x: torch.Tensor, state: MimiState):
-        # Warm-up calls run the step for real, so keep the streams' state and put it back before the first replay.
-        saved = [t.clone() for t in self.state.tensors()]
+        # Warm-up calls run the step for real, so keep the streams' state and put it back before the first replay:
+        # the rows this view steps and the phases (rows past them hold no stream, and its scratch row no state).
+        saved = [t.clone() for t in state.tensors()]
         static_in = x.clone()
         graph, static_out = capture_cuda_graph(lambda: self.step(static_in, state), warmup=2, pool=self._pool)
-        for t, s in zip(self.state.tensors(), saved, strict=True):
+        for t, s in zip(state.tensors(), saved, strict=True):
             t.copy_(s)
         return graph, static_in, static_out

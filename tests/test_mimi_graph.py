@@ -48,27 +48,28 @@ def test_graph_replay_equals_eager_with_resets_and_pauses():
 
 
 def _run_prefixes(mimi, graphed: bool, device, warm: bool = False):
-    """Rows [0, 2) of a 4-row state for 3 frames (row 1 paused at the second), then row 2 opens and every row steps:
-    the runtimes' buckets. Returns the codes and PCM of the rows with a stream, per frame."""
+    """Rows [0, 3) of a 6-row state for 3 frames (row 1 paused at the second; on a GPU 3 rows take the transformers'
+    torch path, whose scratch row is row 3), then row 3 opens and rows [0, 4) step: the runtimes' buckets. Returns
+    the codes and PCM of the rows with a stream, per frame."""
     g = torch.Generator().manual_seed(1)
     pcm = (0.1 * torch.randn(6, 4, 1, 1920, generator=g)).clamp(-1, 1).to(device)
-    enc_state, dec_state = mimi.init_state(4), mimi.init_state(4)
+    enc_state, dec_state = mimi.init_state(6), mimi.init_state(6)
     if graphed:
         enc, dec = GraphedMimiStep(mimi.encode_step, enc_state), GraphedMimiStep(mimi.decode_step, dec_state)
         if warm:
-            enc.warm_up(pcm[0, :1], [2, 4])
-            dec.warm_up(torch.zeros(1, mimi.n_q, 1, dtype=torch.long, device=device), [2, 4])
+            enc.warm_up(pcm[0, :1], [3, 4])
+            dec.warm_up(torch.zeros(1, mimi.n_q, 1, dtype=torch.long, device=device), [3, 4])
     else:
         enc, dec = (lambda x: mimi.encode_step(x, enc_state.rows(x.shape[0]))), (
             lambda c: mimi.decode_step(c, dec_state.rows(c.shape[0])))
     out = []
     for t in range(6):
-        n = 2 if t < 3 else 4
+        n = 3 if t < 3 else 4
         if t == 3:
-            opened = torch.arange(4, device=device) == 2
+            opened = torch.arange(6, device=device) == 3
             enc_state.reset(opened)
             dec_state.reset(opened)
-        active = torch.tensor([True, t != 1, t >= 3, False], device=device)
+        active = torch.tensor([True, t != 1, True, t >= 3, False, False], device=device)
         enc_state.set_exec_mask(active)
         dec_state.set_exec_mask(active)
         c = enc(pcm[t, :n])
