@@ -636,7 +636,7 @@ class STTRuntime:
 
     def warm_up(self) -> None:
         """Capture the engine's step graphs and Mimi's one-frame encode graphs for every batch bucket before the first
-        stream (a no-op on a CPU, or with streams open; the engine's without the engine)."""
+        stream (a no-op on a CPU or with streams open; no engine graphs on the plain generator)."""
         if self.streams:
             return
         self.stepper.warm_up_mimi()

@@ -671,7 +671,8 @@ class TTSRuntime:
 
     def warm_up(self) -> None:
         """Capture the engine's step graphs (with the default conditions) and Mimi's decode graphs for every batch
-        bucket before the first stream (a no-op on a CPU, or with streams; the engine's on the CFG-doubling stepper)."""
+        bucket before the first stream (a no-op on a CPU or with streams open; no engine graphs on the CFG-doubling
+        stepper)."""
         if any(s is not None for s in self.slots):
             return
         if self._decode_step is not None:
