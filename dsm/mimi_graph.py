@@ -6,12 +6,8 @@ the runtime's own :class:`~dsm.mimi.MimiState`: inputs are copied into a static 
 and resets or exec masks set between steps are seen by the replay (they write the same tensors in place).
 
 An input of ``n`` rows steps the state's rows ``[0, n)`` (:meth:`~dsm.mimi.MimiState.rows`): a runtime passes the
-smallest of :func:`mimi_buckets` that holds its open streams, so a few streams pay for a few rows, not for every slot
-(measured on an H100, run 2: encode 2.0 ms a frame at batch 1 against 23 ms at batch 400). As with the LM's buckets
-(see :mod:`dsm.engine`), a stream's outputs then depend on the row count in float rounding only: the kernels' paths
-change with it (the GEMV kernels and the CUDA persistent ones at a few rows, implicit GEMMs past them), so the deep
-RVQ levels of a stream's codes can differ in rare frames from its run alone. On the CPU's reference backend the ops
-are the same at every row count (its tests compare codes bit for bit).
+smallest of :func:`mimi_buckets` that holds its open streams, so a few streams on a runtime sized for hundreds pay for
+128 rows, not for every slot (measured on an H100, run 2: encode 4.4 ms a frame at batch 64 against 23 ms at 400).
 """
 
 from __future__ import annotations
@@ -21,26 +17,34 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+import dsm_kernels
+
 from .cuda_graphs import capture_cuda_graph, check_current_device
 from .mimi import MimiState
 
+# Mimi's buckets start past every small-batch kernel path: its 12.5 Hz convs see one column a row a frame, and the
+# conv GEMV path takes up to CONV_GEMV_MAX_COLUMNS columns (the transformer's GEMV and the persistent RVQ kernels
+# take fewer rows still).
+MIMI_MIN_ROWS = 2 * dsm_kernels.CONV_GEMV_MAX_COLUMNS
 MIMI_BUCKET_STEP = 64
 
 
-def mimi_buckets(max_rows: int) -> tuple[int, ...]:
+def mimi_buckets(max_rows: int, smallest: int = MIMI_MIN_ROWS, step: int = MIMI_BUCKET_STEP) -> tuple[int, ...]:
     """The row counts a runtime of ``max_rows`` slots steps Mimi on (the smallest one holding every open slot):
-    powers of two up to ``MIMI_BUCKET_STEP``, then its multiples, then ``max_rows``. A Mimi step is launch-bound up to
-    ~64 rows and then linear in its rows (run 2, H100, graphs: encode 2.0 / 4.4 / 23 ms at 1 / 64 / 400 rows), so
-    steps of 64 keep a bucket's padding rows under ~4 ms a frame, where powers of two would step up to twice the rows
-    (the LM's buckets, which cost little more at twice the rows, are coarser)."""
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    out, b = [], 1
-    while b < min(max_rows, MIMI_BUCKET_STEP):
-        out.append(b)
-        b *= 2
-    out += range(MIMI_BUCKET_STEP, max_rows, MIMI_BUCKET_STEP)
-    return (*out, max_rows)
+    ``smallest``, then every ``step`` rows, then ``max_rows`` (only ``max_rows`` when it is not above ``smallest``).
+
+    Why these: a stream's codes must not depend on the other streams (isolation). Every bucket past the small-batch
+    paths runs the same kernels, whose sums do not depend on the row count (on this CPU, 2 rows and more give the
+    same bits, 1 row does not: measured; our GPU kernels reduce in a fixed order: not measured); fewer rows would
+    take other kernels, and a near-tie at a deep RVQ level
+    then flips a code, which can flip a text token (seen in 3 of 19 churn runs over a server). Where a library picks
+    its kernels by size (cuBLAS and SDPA in the transformer's torch path on a GPU), rounding can still differ between
+    buckets, as with the LM's buckets (see :mod:`dsm.engine`). Past ~64 rows a Mimi step is linear in its rows (run 2,
+    H100, graphs: encode 4.4 / 23 ms at 64 / 400 rows), so steps of 64 keep a bucket's padding rows under ~4 ms a
+    frame, where powers of two would step up to twice the rows."""
+    if max_rows < 1 or smallest < 1 or step < 1:
+        raise ValueError(f"max_rows, smallest and step must be >= 1, got {max_rows}, {smallest}, {step}")
+    return (*range(smallest, max_rows, step), max_rows)
 
 
 class GraphedMimiStep:

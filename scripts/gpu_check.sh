@@ -181,8 +181,8 @@ step runtime 150 60 "$PY" benchmarks/bench_runtime.py --preset stt-1b-en_fr --st
   --output "$OUT/runtime.jsonl"
 step runtime_tts 150 60 "$PY" benchmarks/bench_runtime.py --preset tts-1.6b-en_fr --streams 1 64 \
   --output "$OUT/runtime.jsonl"
-# a few streams on a runtime sized for many: Mimi steps the bucket of the open slots, not every slot (before: 1 stream
-# on 512 slots paid Mimi's 512-row encode, ~25 ms a frame by run 2's batch-400 row)
+# a few streams on a runtime sized for many: Mimi steps the bucket of the open slots (128 rows here), not every slot
+# (before: 1 stream on 512 slots paid Mimi's 512-row encode, ~28 ms a frame by run 2's slope)
 step runtime_slots 150 60 "$PY" benchmarks/bench_runtime.py --preset stt-1b-en_fr --streams 1 64 --slots 512 \
   --frames-per-call 1 --output "$OUT/runtime.jsonl"
 # the runtimes' host work per step on this machine's CPU (stand-in model steps): add it to the capacity rows above

@@ -99,8 +99,12 @@ def test_row_prefixes_on_cpu_equal_the_views_eager_steps(mimi_sd):
 
 
 def test_mimi_buckets():
-    assert mimi_buckets(1) == (1,) and mimi_buckets(3) == (1, 2, 3) and mimi_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
-    assert mimi_buckets(200) == (1, 2, 4, 8, 16, 32, 64, 128, 192, 200)
-    assert mimi_buckets(768)[-4:] == (576, 640, 704, 768)
-    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+    """Past every small-batch kernel path (the 12.5 Hz convs' columns are the rows), then steps of 64."""
+    import dsm_kernels
+
+    assert mimi_buckets(1) == (1,) and mimi_buckets(100) == (100,) and mimi_buckets(128) == (128,)
+    assert mimi_buckets(200) == (128, 192, 200) and mimi_buckets(768)[-3:] == (640, 704, 768)
+    assert mimi_buckets(768)[0] > dsm_kernels.CONV_GEMV_MAX_COLUMNS >= 2 * dsm_kernels.GEMV_MAX_B
+    assert mimi_buckets(6, smallest=2, step=1) == (2, 3, 4, 5, 6) and mimi_buckets(4, smallest=2, step=2) == (2, 4)
+    with pytest.raises(ValueError, match="must be >= 1"):
         mimi_buckets(0)

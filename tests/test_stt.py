@@ -22,6 +22,7 @@ from dsm.audio import AudioError, load_audio, resample
 from dsm.checkpoint import resolve_checkpoint
 from dsm.generate import Generator
 from dsm.mimi import Mimi
+from dsm.mimi_graph import mimi_buckets
 from dsm.model import LMModel
 from dsm.stt import (
     EndWord,
@@ -524,16 +525,25 @@ class CountingMimi:
         return self.mimi.encode_step(pcm, state)
 
 
+def test_mimi_buckets_are_whole_below_the_large_batch_paths(lm, tok, files):
+    """A runtime with no more slots than Mimi's smallest bucket encodes every slot (its streams' codes then never
+    depend on one another); one with more steps the buckets."""
+    assert runtime(lm, tok, files.config, codec=StubCodec(), max_streams=8).stepper.mimi_buckets == (8,)
+    assert runtime(lm, tok, files.config, codec=StubCodec(), max_streams=300).stepper.mimi_buckets == (
+        128, 192, 256, 300)
+
+
 @pytest.mark.parametrize("engine", [False, True])
-def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine):
-    """Mimi encodes the smallest bucket of rows that holds every open slot, not every slot: a stream alone in a
-    4-slot runtime costs one row, a stream opened in slot 2 makes it 4, and its end 2 while slot 1 is open (also at
-    a step where its stream is silent: its frozen state must stay in step), then 1 once slot 1 ends. Across those
-    changes every stream's tokens equal its run alone (VAD within batch rounding), including one opened in a row
-    Mimi had left behind."""
-    a, b, c, d = (noise(1920 * n, seed) for n, seed in ((12, 4), (4, 7), (3, 5), (3, 6)))
+def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine, monkeypatch):
+    """Mimi encodes the smallest bucket of rows that holds every open slot, not every slot (buckets of 2, 4, 6 rows
+    here, as a large runtime's 128, 192, ...): one stream costs 2 rows, a third stream 4, and 4 still while the
+    third is silent but open (its frozen state must stay in step: a bucket by active slots fails here), then 2 again
+    once it ends. Every stream's tokens equal its run alone (VAD within batch rounding), including one opened in
+    the scratch row Mimi had left behind."""
+    monkeypatch.setattr("dsm.stt.mimi_buckets", lambda n: mimi_buckets(n, smallest=2, step=2))
+    a, b, c, e = (noise(1920 * n, seed) for n, seed in ((12, 4), (3, 7), (4, 5), (3, 6)))
     codec = CountingMimi(mimi)
-    rt = runtime(lm, tok, files.config, codec=codec, max_streams=4, engine=engine)
+    rt = runtime(lm, tok, files.config, codec=codec, max_streams=6, engine=engine)
 
     def rows_of(run) -> set[int]:
         n = len(codec.rows)
@@ -541,29 +551,28 @@ def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine):
         assert len(codec.rows) > n
         return set(codec.rows[n:])
 
+    ev = {"a": [], "b": [], "c": [], "e": []}
     sa = rt.open_stream("a")
-    ev = {"a": [], "b": [], "c": [], "d": []}
-    assert rows_of(lambda: ev["a"].extend(sa.push(a[: 1920 * 3]))) == {1}
+    assert rows_of(lambda: ev["a"].extend(sa.push(a[: 1920 * 3]))) == {2}
     sb, sc = rt.open_stream("b"), rt.open_stream("c")
-    sa.push(a[1920 * 3 : 1920 * 6], process=False)
-    ev["c"] += sc.push(c, process=False)
-
-    def run_c():
-        rt.run()  # (a's events wait in the stream for its next push)
-        ev["c"].extend(sc.flush())
-
-    assert rows_of(run_c) == {4} and sc.finished
-    sb.push(b[:1920], process=False)
-    assert rows_of(lambda: ev["a"].extend(sa.push(a[1920 * 6 : 1920 * 7]))) == {2}  # b's first frame too
-    assert rows_of(lambda: ev["a"].extend(sa.push(a[1920 * 7 : 1920 * 8]))) == {2}  # b silent: frozen, in step
-    assert rows_of(lambda: ev["b"].extend(sb.push(b[1920:]) + sb.flush())) == {2} and sb.finished
-    assert rows_of(lambda: ev["a"].extend(sa.push(a[1920 * 8 :]))) == {1}
-    sd = rt.open_stream("d")  # slot 1 again
-    ev["d"] += sd.push(d) + sd.flush()
-    ev["a"] += sa.flush()
+    for s, pcm in ((sa, a[1920 * 3 : 1920 * 4]), (sb, b[:1920]), (sc, c[:1920])):
+        ev[s.name] += s.push(pcm, process=False)
+    assert rows_of(rt.run) == {4}
+    ev["a"] += sa.push(a[1920 * 4 : 1920 * 5], process=False)
+    ev["b"] += sb.push(b[1920 : 1920 * 2], process=False)
+    assert rows_of(rt.run) == {4}  # c silent: frozen, in step
+    ev["b"] += sb.push(b[1920 * 2 :], process=False) + sb.flush(process=False)
+    assert rows_of(lambda: ev["c"].extend(sc.push(c[1920:]) + sc.flush())) == {4} and sc.finished and sb.finished
+    ev["b"] += sb.events()
+    assert rows_of(lambda: ev["a"].extend(sa.push(a[1920 * 5 : 1920 * 8]))) == {2}  # row 2: the scratch row
+    sd, se = rt.open_stream("d"), rt.open_stream("e")
+    assert se.slot == 2
+    ev["e"] += se.push(e) + se.flush()
+    sd.close()
+    ev["a"] += sa.push(a[1920 * 8 :]) + sa.flush()
 
     def alone(pcm, slot):
-        rt1 = runtime(lm, tok, files.config, codec=mimi, max_streams=4, engine=engine)
+        rt1 = runtime(lm, tok, files.config, codec=mimi, max_streams=6, engine=engine)
         held = [rt1.open_stream(f"hold{i}") for i in range(slot)]  # same row as in the run above
         s = rt1.open_stream("x")
         for h in held:
@@ -574,7 +583,7 @@ def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine):
     def vad(events):
         return torch.tensor([e.probs for e in events if isinstance(e, VADStep)])
 
-    for s, pcm in ((sa, a), (sb, b), (sc, c), (sd, d)):
+    for s, pcm in ((sa, a), (sb, b), (sc, c), (se, e)):
         tokens, events = alone(pcm, s.slot)
         assert s.tokens == tokens, s.name
         # the engine's LM runs each step on the bucket of the highest active slot: batch rounding
@@ -586,9 +595,9 @@ def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine):
 def test_random_churn_every_stream_equals_its_run_alone(lm, tok, files, mimi, monkeypatch):
     """Streams open, speak, fall silent, finish or are aborted at random steps of a 6-slot runtime (engine, real
     Mimi), so the LM's bucket and Mimi's grow and shrink under them and rows are left behind and taken again. Mimi
-    steps any row count here (its buckets past 64 rows are finer than the LM's), so its codes often cover fewer rows
+    steps any row count from 2 here (a large runtime's buckets step 64 rows), so its codes often cover fewer rows
     than the LM's bucket. Every stream that finishes has the tokens of its run alone in the same slot."""
-    monkeypatch.setattr("dsm.stt.mimi_buckets", lambda n: tuple(range(1, n + 1)))
+    monkeypatch.setattr("dsm.stt.mimi_buckets", lambda n: mimi_buckets(n, smallest=2, step=1))
     rng, codec = random.Random(3), CountingMimi(mimi)
     rt = runtime(lm, tok, files.config, codec=codec, max_streams=6, engine=True)
     live, sent, finished, aborted = [], {}, [], 0
