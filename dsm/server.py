@@ -832,6 +832,9 @@ def setup_serve_tts_parser(p) -> None:
     p.add_argument("--temp", type=float, default=0.6)
     p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every step runs every slot: a stream's audio is the same bits whatever the other streams do "
+                        "(default: the steps run the streams' batch buckets, which can round differently)")
     _add_server_args(p)
     p.set_defaults(func=cmd_serve_tts)
 
@@ -852,7 +855,8 @@ def cmd_serve_tts(args) -> int:
     try:  # bad settings are found before the server starts, not by its first clients
         rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
                                         config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0,
-                                                         text_rules="server", condition_pages=args.condition_pages))
+                                                         text_rules="server", condition_pages=args.condition_pages,
+                                                         batch_invariant=args.batch_invariant))
         rt.check_cfg(args.cfg)
         voice = args.voice
         if voice is None and args.random_weights and rt.multi_speaker:

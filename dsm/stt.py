@@ -136,6 +136,9 @@ class STTOptions:
     vad_head: int = 2  # end of turn when P(class 0) of this head > vad_threshold (Kyutai: head 2, 0.5)
     vad_threshold: float = 0.5
     temp: float = 0.0  # text temperature (0 = greedy, as the DSM scripts)
+    # Every step runs every slot (the LM's and Mimi's): a stream's outputs are then the same bits whatever the other
+    # streams do, at the cost of the whole batch's step at any load. Default: buckets (see dsm.engine, mimi_buckets).
+    batch_invariant: bool = False
 
     def __post_init__(self):
         if self.alignment not in ALIGNMENTS:
@@ -165,7 +168,8 @@ class STTStepper:
     """
 
     def __init__(self, lm, mimi, slots: int, *, alignment: str = "pytorch", temp: float = 0.0,
-                 on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = True):
+                 on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = True,
+                 batch_invariant: bool = False):
         from .engine import Engine
         from .generate import Generator
 
@@ -174,13 +178,15 @@ class STTStepper:
         self.lm, self.mimi, self.slots, self.alignment, self.on_text = lm, mimi, slots, alignment, on_text
         self.device = next(lm.parameters()).device
         if engine:
-            self.engine = Engine(lm, max_slots=slots, use_sampling=temp > 0, temp_text=temp)
+            self.engine = Engine(lm, max_slots=slots, use_sampling=temp > 0, temp_text=temp,
+                                 buckets=(slots,) if batch_invariant else None)
         else:
             self.engine = None
             self.gen = Generator(lm, use_sampling=temp > 0, temp_text=temp)
             self.gen_state = self.gen.init_state(slots)
         self.used = [False] * slots
-        self.mimi_buckets = mimi_buckets(slots)  # Mimi steps the smallest of these row prefixes holding every open slot
+        # Mimi steps the smallest of these row prefixes holding every open slot
+        self.mimi_buckets = (slots,) if batch_invariant else mimi_buckets(slots)
         self.mimi_state = mimi.init_state(slots, decoder=False)
         self._encode_step = GraphedMimiStep(mimi.encode_step, self.mimi_state)
         self.n_q = lm.cfg.n_q
@@ -604,7 +610,7 @@ class STTRuntime:
                                     else default_asr_delay_in_tokens(self.audio_delay_seconds))
         self.max_streams = max_streams
         self.stepper = STTStepper(lm, mimi, max_streams, alignment=self.options.alignment, temp=self.options.temp,
-                                  on_text=on_text, engine=engine)
+                                  on_text=on_text, engine=engine, batch_invariant=self.options.batch_invariant)
         self.device = self.stepper.device
         heads = len(lm.extra_heads)
         if heads and not 0 <= self.options.vad_head < heads:
@@ -855,6 +861,9 @@ def add_model_args(p) -> None:
                         "CUDA graphs on GPU)")
     p.add_argument("--no-silence-prefix", dest="silence_prefix", action="store_false",
                    help="do not prepend the model's silence prefix (stt-2.6b: 1 s)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every step runs every slot: a stream's outputs are the same bits whatever the other streams "
+                        "do (default: the steps run the streams' batch buckets, which can round differently)")
 
 
 def runtime_from_args(args) -> STTRuntime:
@@ -876,7 +885,8 @@ def runtime_from_args(args) -> STTRuntime:
         raise CheckpointError(f"{files.config_path}: not an STT checkpoint (dep_q = {files.config.lm.dep_q}: a "
                               "depth transformer, as in a TTS model)")
     device = device_or_default(args.device)
-    opts = STTOptions(alignment=args.alignment, timestamps=args.timestamps, silence_prefix=args.silence_prefix)
+    opts = STTOptions(alignment=args.alignment, timestamps=args.timestamps, silence_prefix=args.silence_prefix,
+                      batch_invariant=args.batch_invariant)
     return STTRuntime.from_checkpoint(files, device=device, dtype=args.dtype, max_streams=args.batch_size,
                                       options=opts, engine=args.engine)
 

@@ -414,12 +414,13 @@ class EngineStepper:
     CUDA graphs on a GPU. Used when no real CFG row doubling is asked (the released TTS is CFG-distilled)."""
 
     def __init__(self, model: LMModel, max_batch: int, *, n_q: int, delay_steps: int, temp: float, top_k: int,
-                 top_k_text: int, seed: int = 0, backend: str | None = None, cross_pages: int | None = None):
+                 top_k_text: int, seed: int = 0, backend: str | None = None, cross_pages: int | None = None,
+                 buckets: tuple[int, ...] | None = None):
         from .engine import Engine
 
         self.engine = Engine(model, max_slots=max_batch, backend=backend, seed=seed, cross_pages=cross_pages,
                              use_sampling=temp > 0, temp=temp, temp_text=temp, top_k=top_k, top_k_text=top_k_text,
-                             depformer_steps=n_q, audio_delay_steps=delay_steps)
+                             depformer_steps=n_q, audio_delay_steps=delay_steps, buckets=buckets)
         self.dep_q = model.cfg.dep_q
         self.device = self.engine.device
 
@@ -495,6 +496,9 @@ class TTSConfig:
     # producing audio, run up to this many text-only steps of the former between full steps (moshi-server's
     # `interleaved_text_only`): new streams reach their first audio sooner, at no cost to a stream's output.
     interleaved_text_only: int = 2
+    # Every step runs every slot (the LM's and Mimi's): a stream's outputs are then the same bits whatever the other
+    # streams do, at the cost of the whole batch's step at any load. Default: buckets (see dsm.engine, mimi_buckets).
+    batch_invariant: bool = False
 
     def __post_init__(self):
         # NaN compares false, so each check also refuses it
@@ -634,13 +638,15 @@ class TTSRuntime:
         if config.cfg_coef == 1.0 and engine:
             self.stepper = EngineStepper(model, B, n_q=config.n_q, delay_steps=self.delay_steps, temp=config.temp,
                                          top_k=config.top_k, top_k_text=config.top_k_text, seed=config.seed,
-                                         backend=backend, cross_pages=config.condition_pages)
+                                         backend=backend, cross_pages=config.condition_pages,
+                                         buckets=(B,) if config.batch_invariant else None)
         else:  # real CFG doubles the rows: the plain generator handles it
             self.stepper = LMStepper(model, B, self._conditions([None] * B, [None] * B), n_q=config.n_q,
                                      delay_steps=self.delay_steps, temp=config.temp, top_k=config.top_k,
                                      top_k_text=config.top_k_text, cfg_coef=config.cfg_coef, seed=config.seed,
                                      backend=backend)
-        self.mimi_buckets = mimi_buckets(B)  # Mimi decodes the smallest of these row prefixes holding every stream
+        # Mimi decodes the smallest of these row prefixes holding every stream
+        self.mimi_buckets = (B,) if config.batch_invariant else mimi_buckets(B)
         self.mimi_state = mimi.init_state(B, encoder=False) if mimi is not None else None
         if mimi is not None:  # the codes' clamp (-1: not generated yet) and the PCM's clip replay inside Mimi's graph
             self._decode_step = GraphedMimiStep(

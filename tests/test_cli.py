@@ -188,3 +188,25 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
     monkeypatch.setattr(dsm.server, "cmd_serve_stt", interrupted)
     assert main(["serve-stt", "--preset", "tiny-stt", "--random-weights"]) == 130
     assert capsys.readouterr().err == "dsm serve-stt: interrupted\n"
+
+
+def test_batch_invariant_flag_reaches_both_runtimes(monkeypatch):
+    """``--batch-invariant`` (serve-stt, serve-tts, transcribe) makes every step run every slot."""
+    import dsm.server as server
+    from dsm.stt import runtime_from_args
+
+    p = build_parser()
+    stt = p.parse_args(["serve-stt", "--preset", "tiny-stt", "--random-weights", "--batch-size", "3", "--device", "cpu",
+                        "--batch-invariant"])
+    rt = runtime_from_args(stt)
+    assert rt.options.batch_invariant and rt.stepper.engine.buckets == (3,) and rt.stepper.mimi_buckets == (3,)
+    plain = runtime_from_args(p.parse_args(["transcribe", "a.wav", "--preset", "tiny-stt", "--random-weights",
+                                            "--batch-size", "3", "--device", "cpu"]))
+    assert not plain.options.batch_invariant and plain.stepper.engine.buckets == (1, 2, 3)
+    served = []
+    monkeypatch.setattr(server, "_run", lambda srv, *a: served.append(srv) or 0)
+    tts = p.parse_args(["serve-tts", "--preset", "tiny-tts", "--random-weights", "--batch-size", "3", "--device",
+                        "cpu", "--batch-invariant"])
+    assert tts.func(tts) == 0
+    rt = served[0].rt
+    assert rt.config.batch_invariant and rt.stepper.engine.buckets == (3,) and rt.mimi_buckets == (3,)

@@ -592,6 +592,32 @@ def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine, m
     assert len(set(sa.tokens)) > 3  # the tokens depend on the audio: the comparison is not vacuous
 
 
+def test_batch_invariant_steps_every_slot_and_gives_the_same_bits(lm, tok, files, mimi):
+    """``batch_invariant``: the LM and Mimi step every slot, so a stream's VAD probabilities (not only its tokens)
+    are the same bits as in its run alone while other streams join, speak and leave (without it they differ in
+    the last bits: the LM's buckets)."""
+    def make():
+        return runtime(lm, tok, files.config, codec=mimi, max_streams=4, engine=True, batch_invariant=True)
+
+    rt = make()
+    assert rt.stepper.engine.buckets == (4,) and rt.stepper.mimi_buckets == (4,)
+    a, b = noise(1920 * 10, 8), noise(1920 * 3, 9)
+    sa = rt.open_stream("a")
+    events = sa.push(a[: 1920 * 3])
+    sb = rt.open_stream("b")
+    sb.push(b, process=False)
+    sb.flush(process=False)
+    events += sa.push(a[1920 * 3 :]) + sa.flush()
+    assert sb.finished
+    alone = make().open_stream("a")
+    want = alone.push(a) + alone.flush()
+
+    def vad(ev):
+        return [e.probs for e in ev if isinstance(e, VADStep)]
+
+    assert sa.tokens == alone.tokens and vad(events) == vad(want) and len(vad(want)) > 10
+
+
 def test_random_churn_every_stream_equals_its_run_alone(lm, tok, files, mimi, monkeypatch):
     """Streams open, speak, fall silent, finish or are aborted at random steps of a 6-slot runtime (engine, real
     Mimi), so the LM's bucket and Mimi's grow and shrink under them and rows are left behind and taken again. Mimi
