@@ -629,6 +629,36 @@ def test_mimi_decodes_the_rows_of_the_open_slots(ckpt, monkeypatch):
     assert torch.equal(got, want)  # (on this CPU Mimi's rows give the same bits from 2 rows on)
 
 
+def test_batch_invariant_pcm_is_the_same_bits_among_others(ckpt):
+    """``TTSConfig.batch_invariant``: the LM and Mimi step every slot, so a stream's PCM is the same bits as alone
+    while other streams join and end around it. (On this CPU the tiny model's PCM comes out the same without the
+    flag too; the buckets' assertion is what fails without it. The STT test shows the flag's effect on the bits.)"""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    text = "hello world this is a longer text that keeps going"
+
+    def make():
+        return runtime(ckpt, audio=True, n_q=2, max_batch=3, batch_invariant=True)
+
+    rt = make()
+    assert rt.stepper.engine.buckets == (3,) and rt.mimi_buckets == (3,)
+    a = rt.open_stream(voice)
+    a.push(text)
+    a.end()
+    for _ in range(5):
+        rt.step()
+    b = rt.open_stream(voice)
+    b.push("one two")
+    b.end()
+    rt.run([a, b])
+    alone = make()
+    want = alone.open_stream(voice)
+    want.push(text)
+    want.end()
+    alone.run([want])
+    got, want = a.read(), want.read()
+    assert b.read().numel() and want.numel() > 1920 * 10 and torch.equal(got, want)
+
+
 def test_a_frame_is_read_with_one_wait(ckpt, monkeypatch):
     """Mimi's decode is queued before the host reads the step's frame, so the frame and the PCM come back with one
     wait for the device (and the state machine's hook adds no wait of this kind: it reads the sampled tokens)."""
