@@ -120,7 +120,7 @@ step tests_mimi 90 20 "$PY" -m pytest -q -rf -p no:cacheprovider -n 8 tests/kern
   tests/kernels/test_conv_igemm.py
 step tests_kernels 120 30 "${T[@]}" -n 8 tests/kernels
 step tests_engine 100 30 "${T[@]}" tests/test_engine.py tests/test_cross_pages.py tests/model tests/test_mimi.py \
-  tests/test_stt.py tests/test_tts.py tests/test_host_copies.py
+  tests/test_mimi_graph.py tests/test_stt.py tests/test_tts.py tests/test_host_copies.py
 # then the numbers: engine end to end with moshi beside, depformer, Mimi, capacity, kernels
 step bench_stt1b 120 40 "${B[@]}" --preset stt-1b-en_fr --batch 1,64 ||
   step bench_stt1b_eager 90 40 env DSM_NO_CUDA_GRAPH=1 "${B[@]}" --preset stt-1b-en_fr --batch 1,64
