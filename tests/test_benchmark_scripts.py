@@ -119,3 +119,19 @@ def test_the_next_gpu_runs_steps_exist_in_the_gpu_script():
     steps = set(re.findall(r"(?:^|\|\|\s*|if )\s*step (\w+) \d+ \d+ ", script, re.M))
     assert len(names) > 20 and "build" in steps and "serve_stt" in steps, (names, steps)
     assert [n for n in names if n not in steps] == []
+
+
+def test_every_gpu_test_file_runs_in_a_gpu_step():
+    """A test file with GPU-marked tests that no step of the GPU script names (itself or its folder) is never run on
+    a device: its tests skip in CI and nowhere else runs them (tests/test_mimi_graph.py's graph replays were such)."""
+    import re
+
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    gpu = re.compile(r"^\s*@pytest\.mark\.gpu|marks=pytest\.mark\.gpu|^pytestmark = pytest\.mark\.gpu", re.M)
+    marked = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").rglob("test_*.py"))
+              if gpu.search(p.read_text())]
+    assert len(marked) > 10, marked
+    missed = [f for f in marked if f not in script and not any(f"{d} " in script or f"{d}\n" in script
+                                                               for d in ("tests/kernels", "tests/model")
+                                                               if f.startswith(d + "/"))]
+    assert missed == []
