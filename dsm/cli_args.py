@@ -23,6 +23,14 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, required: bool = True) 
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for --hf-repo")
 
 
+def add_batch_invariant_arg(parser: argparse.ArgumentParser) -> None:
+    """``--batch-invariant`` of the runtimes' commands (``STTOptions`` / ``TTSConfig.batch_invariant``)."""
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="every step runs every slot: a stream's outputs are the same bits whatever the other "
+                             "streams do (default: the steps run the streams' batch buckets, which can round "
+                             "differently)")
+
+
 def checkpoint_from_args(args: argparse.Namespace) -> CheckpointFiles:
     """Resolve the checkpoint named by :func:`add_checkpoint_args` arguments."""
     return resolve_checkpoint(getattr(args, "checkpoint", None), getattr(args, "hf_repo", None),

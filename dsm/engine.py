@@ -28,7 +28,7 @@ from __future__ import annotations
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -163,6 +163,13 @@ def check_seed(seed, name: str = "seed") -> int:
     if isinstance(seed, bool) or not -(2**63) <= value < 2**63:
         raise ValueError(f"{name} must be an integer in [-2**63, 2**63), got {seed!r}")
     return value
+
+
+def bucket_for(buckets: tuple[int, ...], slots: Iterable[int]) -> int:
+    """The smallest of ``buckets`` (ascending) whose rows ``[0, bucket)`` hold every slot of ``slots`` (none: the
+    smallest bucket)."""
+    need = max(slots, default=0) + 1
+    return next(b for b in buckets if b >= need)
 
 
 def default_buckets(max_slots: int) -> tuple[int, ...]:
@@ -387,8 +394,7 @@ class Engine:
             self.state.kv.block_table[idx[:, 0], idx[:, 1]] = idx[:, 2].to(torch.int32)
 
     def bucket_for(self, active: list[int]) -> int:
-        need = max(active) + 1
-        return next(b for b in self.buckets if b >= need)
+        return bucket_for(self.buckets, active)
 
     @torch.no_grad()
     def step(self, inputs: torch.Tensor | None = None, active: list[int] | None = None, *,

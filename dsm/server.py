@@ -816,7 +816,7 @@ def cmd_serve_stt(args) -> int:
 
 
 def setup_serve_tts_parser(p) -> None:
-    from .cli_args import add_checkpoint_args, parse_device, parse_dtype, positive_int
+    from .cli_args import add_batch_invariant_arg, add_checkpoint_args, parse_device, parse_dtype, positive_int
     from .presets import TTS_PRESETS
 
     add_checkpoint_args(p, required=False)
@@ -832,9 +832,7 @@ def setup_serve_tts_parser(p) -> None:
     p.add_argument("--temp", type=float, default=0.6)
     p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--batch-invariant", action="store_true",
-                   help="every step runs every slot: a stream's audio is the same bits whatever the other streams do "
-                        "(default: the steps run the streams' batch buckets, which can round differently)")
+    add_batch_invariant_arg(p)
     _add_server_args(p)
     p.set_defaults(func=cmd_serve_tts)
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
+from .engine import Engine, bucket_for
 from .generate import check_temperature
 from .host_copies import HostReads, to_device
 from .mimi import FRAME_SIZE, SAMPLE_RATE
@@ -170,7 +171,6 @@ class STTStepper:
     def __init__(self, lm, mimi, slots: int, *, alignment: str = "pytorch", temp: float = 0.0,
                  on_text: Callable[[torch.Tensor], None] | None = None, engine: bool = True,
                  batch_invariant: bool = False):
-        from .engine import Engine
         from .generate import Generator
 
         if lm.cfg.dep_q != 0:
@@ -228,8 +228,7 @@ class STTStepper:
         """The rows ``[0, n)`` Mimi steps: the smallest of :func:`~dsm.mimi_graph.mimi_buckets` holding every open
         slot (the rows above hold no stream, as :meth:`dsm.mimi.MimiState.rows` needs; and the active slots are open,
         so the LM's inputs cover them). A few streams pay a few rows' encode, not every slot's."""
-        need = max((i for i, used in enumerate(self.used) if used), default=0) + 1
-        return next(b for b in self.mimi_buckets if b >= need)
+        return bucket_for(self.mimi_buckets, (i for i, used in enumerate(self.used) if used))
 
     @torch.no_grad()
     def encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -842,7 +841,7 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
 
 def add_model_args(p) -> None:
     """Model source (``--checkpoint`` / ``--hf-repo`` / ``--preset --random-weights``) and runtime options."""
-    from .cli_args import add_checkpoint_args, parse_device, parse_dtype, positive_int
+    from .cli_args import add_batch_invariant_arg, add_checkpoint_args, parse_device, parse_dtype, positive_int
     from .presets import STT_PRESETS
 
     add_checkpoint_args(p, required=False)
@@ -861,9 +860,7 @@ def add_model_args(p) -> None:
                         "CUDA graphs on GPU)")
     p.add_argument("--no-silence-prefix", dest="silence_prefix", action="store_false",
                    help="do not prepend the model's silence prefix (stt-2.6b: 1 s)")
-    p.add_argument("--batch-invariant", action="store_true",
-                   help="every step runs every slot: a stream's outputs are the same bits whatever the other streams "
-                        "do (default: the steps run the streams' batch buckets, which can round differently)")
+    add_batch_invariant_arg(p)
 
 
 def runtime_from_args(args) -> STTRuntime:

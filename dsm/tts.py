@@ -39,7 +39,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoint, hub_file, resolve_checkpoint
 from .conditioning import TensorInput
-from .engine import EngineFull, check_seed
+from .engine import EngineFull, bucket_for, check_seed
 from .generate import Generator, check_temperature
 from .host_copies import HostReads, copy_from_host, to_device
 from .mimi import Mimi
@@ -891,8 +891,7 @@ class TTSRuntime:
     def mimi_rows(self) -> int:
         """The rows ``[0, n)`` Mimi decodes: the smallest bucket holding every slot with a stream (the rows above
         hold none, as :meth:`dsm.mimi.MimiState.rows` needs). A few streams pay a few rows' decode, not every slot's."""
-        need = max((b for b, s in enumerate(self.slots) if s is not None), default=0) + 1
-        return next(b for b in self.mimi_buckets if b >= need)
+        return bucket_for(self.mimi_buckets, (b for b, s in enumerate(self.slots) if s is not None))
 
     def _deliver(self, rows: list[tuple[int, TTSStream]], pcm: torch.Tensor) -> list[Exception]:
         """Hand each (row, stream) its frame of ``pcm`` [B, 1, 1920] (host); returns what the callbacks raised (each
