@@ -130,6 +130,18 @@ def runtime(lm, tok, config, codec=None, forcer=None, engine=False, **opts) -> S
     return rt
 
 
+def run_alone(rt: STTRuntime, pcm: torch.Tensor, slot: int) -> tuple[list[int], list]:
+    """``pcm`` as the only stream of the fresh runtime ``rt``, in row ``slot`` (the slots below are taken, then
+    given back): its tokens and events."""
+    held = [rt.open_stream(f"hold{i}") for i in range(slot)]
+    s = rt.open_stream("x")
+    for h in held:
+        h.close()
+    assert s.slot == slot
+    events = s.push(pcm) + s.flush()
+    return s.tokens, events
+
+
 def noise(n: int, seed: int) -> torch.Tensor:
     return 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(seed))
 
@@ -494,18 +506,8 @@ def test_ended_stream_frees_its_slot_without_disturbing_others(lm, tok, files, m
     ev_c = sc.push(c) + sc.flush()
     ev_b += sb.flush()
 
-    def alone(pcm, slot):
-        rt1 = make()
-        hold = rt1.open_stream("hold") if slot == 1 else None  # same row as in the batched run
-        s = rt1.open_stream("x")
-        if hold is not None:
-            hold.close()
-        assert s.slot == slot
-        ev = s.push(pcm) + s.flush()
-        return s.tokens, ev
-
-    tb, evb = alone(b, sb.slot)
-    tc, evc = alone(c, sc.slot)
+    tb, evb = run_alone(make(), b, sb.slot)  # in the same row as in the batched run
+    tc, evc = run_alone(make(), c, sc.slot)
     assert sb.tokens == tb and sc.tokens == tc
     assert tokens_and_vad(ev_b) == tokens_and_vad(evb) and tokens_and_vad(ev_c) == tokens_and_vad(evc)
     assert len(set(tb)) > 3  # the tokens depend on the audio: the comparison is not vacuous
@@ -571,20 +573,12 @@ def test_mimi_encodes_the_rows_of_the_open_slots(lm, tok, files, mimi, engine, m
     sd.close()
     ev["a"] += sa.push(a[1920 * 8 :]) + sa.flush()
 
-    def alone(pcm, slot):
-        rt1 = runtime(lm, tok, files.config, codec=mimi, max_streams=6, engine=engine)
-        held = [rt1.open_stream(f"hold{i}") for i in range(slot)]  # same row as in the run above
-        s = rt1.open_stream("x")
-        for h in held:
-            h.close()
-        events = s.push(pcm) + s.flush()
-        return s.tokens, events
-
     def vad(events):
         return torch.tensor([e.probs for e in events if isinstance(e, VADStep)])
 
-    for s, pcm in ((sa, a), (sb, b), (sc, c), (se, e)):
-        tokens, events = alone(pcm, s.slot)
+    for s, pcm in ((sa, a), (sb, b), (sc, c), (se, e)):  # each in the same row as in the run above
+        tokens, events = run_alone(runtime(lm, tok, files.config, codec=mimi, max_streams=6, engine=engine), pcm,
+                                   s.slot)
         assert s.tokens == tokens, s.name
         # the engine's LM runs each step on the bucket of the highest active slot: batch rounding
         got, want = vad(ev[s.name]), vad(events)
@@ -654,14 +648,9 @@ def test_random_churn_every_stream_equals_its_run_alone(lm, tok, files, mimi, mo
     assert len(finished) >= 5 and aborted >= 1 and all(s.finished for s in finished)
     assert {3, 5} <= set(codec.rows), set(codec.rows)  # fewer rows than the LM's buckets (4, 6)
     for s in finished:
-        alone = runtime(lm, tok, files.config, codec=mimi, max_streams=6, engine=True)
-        held = [alone.open_stream(f"hold{i}") for i in range(s.slot)]
-        x = alone.open_stream("x")
-        for h in held:
-            h.close()
-        x.push(torch.cat(sent[s.name]) if sent[s.name] else torch.zeros(0))
-        x.flush()
-        assert x.tokens == s.tokens, s.name
+        pcm = torch.cat(sent[s.name]) if sent[s.name] else torch.zeros(0)
+        tokens, _ = run_alone(runtime(lm, tok, files.config, codec=mimi, max_streams=6, engine=True), pcm, s.slot)
+        assert tokens == s.tokens, s.name
 
 
 def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
