@@ -23,6 +23,7 @@ is emitted and ended at the current time, so that no text is lost.
 
 from __future__ import annotations
 
+import errno
 import math
 import warnings
 from collections import deque
@@ -898,6 +899,10 @@ def setup_transcribe_cli(p) -> None:
     p.set_defaults(func=_cmd_transcribe)
 
 
+# Write errors of the place, not of one file's name: the files after it would fail the same way.
+_FATAL_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def _cmd_transcribe(args) -> int:
     import sys
     import time
@@ -949,10 +954,13 @@ def _cmd_transcribe(args) -> int:
         secs += r.audio_seconds
         try:
             written = write_transcript(r.transcript, out_dir, name, formats)
-        except OSError as e:  # e.g. a full disk or a read-only directory: the next files would fail the same way
+        except OSError as e:
             print(f"dsm transcribe: error: {e.filename or out_dir}: cannot write ({e.strerror or e})",
                   file=sys.stderr)
-            return 1
+            if e.errno in _FATAL_WRITE_ERRORS:  # the next files would fail the same way
+                return 1
+            failed += 1  # this name only (a directory in the way, a name too long): the other files go on
+            continue
         for p in written:
             print(p)
     dt = time.perf_counter() - t0

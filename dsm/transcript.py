@@ -299,7 +299,7 @@ def output_formats(spec: str) -> tuple[str, ...]:
     """``"all"`` or one of :data:`FORMATS` (comma-separated lists accepted) -> formats."""
     if spec == "all":
         return FORMATS
-    fmts = tuple(f.strip() for f in spec.split(",") if f.strip())
+    fmts = tuple(dict.fromkeys(f.strip() for f in spec.split(",") if f.strip()))  # each once, in order given
     bad = [f for f in fmts if f not in WRITERS]
     if bad or not fmts:
         raise ValueError(f"unknown output format {spec!r}; choose from {', '.join(FORMATS)} or all")

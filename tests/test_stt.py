@@ -1094,6 +1094,22 @@ def test_transcribe_cli_wrong_model_and_output_errors(ckpt, tmp_path, monkeypatc
     assert err == f"dsm transcribe: error: {out / 'a.txt'}: cannot write (No space left on device)\n", err
 
 
+def test_transcribe_cli_a_name_that_cannot_be_written_loses_no_other_file(ckpt, tmp_path, capsys):
+    """A directory where one output goes fails that file only: the files after it are still transcribed and written
+    (the run used to stop there, dropping them), and the exit status says one failed."""
+    from dsm.cli import main
+
+    for name in ("a", "b", "c"):
+        sf.write(tmp_path / f"{name}.wav", noise(1500, len(name)).numpy(), 24000)
+    out = tmp_path / "out"
+    (out / "b.txt").mkdir(parents=True)
+    assert main(["transcribe", *(str(tmp_path / f"{n}.wav") for n in "abc"), "--checkpoint", str(ckpt),
+                 "--no-progress", "-o", str(out), "-f", "txt", "--batch-size", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'b.txt'}: cannot write" in err and "2 file(s)" in err, err
+    assert (out / "a.txt").is_file() and (out / "c.txt").is_file()
+
+
 def test_transcribe_cli_reads_one_file_from_stdin(ckpt, tmp_path, monkeypatch, capsys):
     """`dsm transcribe -` reads a whole audio file from stdin (a pipe from ffmpeg): its outputs are named stdin.*;
     '-' twice is refused (stdin holds one file), and bytes that are not audio are one clear error."""

@@ -221,6 +221,7 @@ def test_writers(tmp_path):
 def test_output_formats():
     assert output_formats("all") == FORMATS
     assert output_formats("srt,json") == ("srt", "json")
+    assert output_formats("txt, srt,txt") == ("txt", "srt")  # each written once
     with pytest.raises(ValueError, match="unknown output format"):
         output_formats("docx")
 
