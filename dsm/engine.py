@@ -305,6 +305,22 @@ class Engine:
         if self._in_step:  # the step would advance (or roll back) a slot that changed under it
             raise RuntimeError(f"Engine.{what}() from a step hook: open and close streams between steps")
 
+    def _cross_pool_size(self, length: int) -> int:
+        """Pages of the shared cross-attention pool for sources of ``length`` positions: ``cross_pages``, or every
+        slot's own pages and the null page. A bound too small for one stream is refused here, not by every open."""
+        n = length // cross_page_size(length)
+        if self._cross_pages is not None and self._cross_pages < n + 1:
+            raise ValueError(f"cross_pages (TTS: condition_pages) = {self._cross_pages} cannot hold one stream: its "
+                             f"condition takes {n} pages, plus the null page (give at least {n + 1})")
+        return self._cross_pages or self.max_slots * n + 1
+
+    def check_conditions(self, conditions: dict) -> None:
+        """Raise ``ValueError`` now if streams with these condition values could never open (a ``cross_pages``
+        bound below one stream's pages), as a server checks its settings before its first client."""
+        _, src = self.gen.condition_tensors(conditions)
+        if src is not None:
+            self._cross_pool_size(src.shape[1])
+
     def _set_conditions(self, slot: int, conditions: dict) -> list[int]:
         """Write ``slot``'s sum vector, and point its cross-attention table at the pages of its condition (computing
         only pages the pool does not hold yet). Returns the pages it took."""
@@ -320,8 +336,7 @@ class Engine:
             if src.shape[0] != 1:
                 raise ValueError(f"conditions: expected the values of one stream, got {src.shape[0]}")
             if st.cross is None:
-                n = src.shape[1] // cross_page_size(src.shape[1])
-                num = self._cross_pages or self.max_slots * n + 1
+                num = self._cross_pool_size(src.shape[1])
                 st.cross, self.cross_pool = gen.allocate_cross(src.shape[1], self.max_slots, num), SharedPagePool(num)
                 self._new_state_buffers()
             elif src.shape[1] != st.cross.length:

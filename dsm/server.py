@@ -827,7 +827,8 @@ def setup_serve_tts_parser(p) -> None:
     p.add_argument("--voice", default=None, help="default voice (file or kyutai/tts-voices name)")
     p.add_argument("--condition-pages", type=int, default=None,
                    help="pages of the shared voice K/V pool, one voice slot each (default: 5 distinct voices per slot; "
-                        "fewer bound the memory, and a stream that does not fit waits for one to end)")
+                        "fewer bound the memory, and a stream that does not fit waits for one to end; at least one "
+                        "stream's pages and the null page, 6 for the released TTS)")
     p.add_argument("--cfg", type=float, default=2.0, help="distilled CFG coefficient (default 2.0)")
     p.add_argument("--temp", type=float, default=0.6)
     p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")

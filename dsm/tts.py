@@ -645,6 +645,8 @@ class TTSRuntime:
                                      delay_steps=self.delay_steps, temp=config.temp, top_k=config.top_k,
                                      top_k_text=config.top_k_text, cfg_coef=config.cfg_coef, seed=config.seed,
                                      backend=backend)
+        if isinstance(self.stepper, EngineStepper):  # a condition_pages bound that no stream fits in fails here
+            self.stepper.engine.check_conditions(self._conditions([None], [None]))
         # Mimi decodes the smallest of these row prefixes holding every stream
         self.mimi_buckets = (B,) if config.batch_invariant else mimi_buckets(B)
         self.mimi_state = mimi.init_state(B, encoder=False) if mimi is not None else None

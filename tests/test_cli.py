@@ -210,3 +210,17 @@ def test_batch_invariant_flag_reaches_both_runtimes(monkeypatch):
     assert tts.func(tts) == 0
     rt = served[0].rt
     assert rt.config.batch_invariant and rt.stepper.engine.buckets == (3,) and rt.mimi_buckets == (3,)
+
+
+def test_serve_tts_refuses_a_voice_pool_no_stream_fits_in_before_serving(monkeypatch, capsys):
+    """``--condition-pages 3``: every stream needs 5 voice pages and the null page; the server used to start and then
+    fail every client's step (1011). It is one line at startup now, and the server never runs."""
+    import dsm.server as server
+
+    monkeypatch.setattr(server, "_run", lambda *a: pytest.fail("the server started"))
+    args = build_parser().parse_args(["serve-tts", "--preset", "tiny-tts", "--random-weights", "--device", "cpu",
+                                      "--condition-pages", "3"])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dsm serve-tts: error: cross_pages (TTS: condition_pages) = 3 cannot hold one stream"), err
+    assert "at least 6" in err

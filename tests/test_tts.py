@@ -20,7 +20,6 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint  # noqa: E402
-from dsm.engine import EngineFull  # noqa: E402
 from dsm.mimi_graph import mimi_buckets  # noqa: E402
 from dsm.presets import preset_config  # noqa: E402
 from dsm.tts import (  # noqa: E402
@@ -287,7 +286,7 @@ def test_a_stream_waits_for_voice_pages_and_then_speaks_as_alone(ckpt):
     """A voice K/V pool with room for one voice page beside the shared padding: a stream with another voice waits
     (though slots are free) until the speaking one ends, then gives exactly its output alone; admission stays in
     order (the stream behind it waits too, though its voice is the speaker's); a stream that cannot fit even alone
-    is refused clearly."""
+    is refused clearly, by the runtime's constructor (a server's settings fail before its first client)."""
     d = ckpt.config_path.parent
     alone = {v: torch.stack(speak(runtime(ckpt, n_q=8), ["one two three"], d / v).frames)
              for v in ("voice.safetensors", "other.safetensors")}
@@ -306,13 +305,9 @@ def test_a_stream_waits_for_voice_pages_and_then_speaks_as_alone(ckpt):
     assert torch.equal(frames["same"], alone["voice.safetensors"])
     assert torch.equal(frames["other"], alone["other.safetensors"])
     assert not torch.equal(alone["voice.safetensors"], alone["other.safetensors"])
-    small = runtime(ckpt, n_q=8, max_batch=2, condition_pages=1 + 4)  # a stream needs 5 pages: 1 voice + 4 padding
-    doomed = small.open_stream(d / "voice.safetensors")
-    doomed.push("one")
-    doomed.end()
-    with pytest.raises(EngineFull, match="condition page pool"):
-        small.step()
-    assert doomed.done and doomed.cancelled and small.slots == [None] * 2 and not small.waiting
+    # a stream needs 5 pages (1 voice + 4 padding) and the pool holds the null page
+    with pytest.raises(ValueError, match=r"condition_pages\) = 5 cannot hold one stream.*at least 6"):
+        runtime(ckpt, n_q=8, max_batch=2, condition_pages=1 + 4)
 
 
 def test_cancel_frees_the_slot_and_leaves_the_others_untouched(ckpt):
