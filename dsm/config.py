@@ -251,6 +251,8 @@ class LMConfig:
                 raise bad("fuser.cross", "cross conditions need cross_attention: true")
         if self.extra_heads_num_heads < 0:
             raise bad("extra_heads_num_heads", "must be >= 0")
+        if self.extra_heads_num_heads and self.extra_heads_dim <= 0:
+            raise bad("extra_heads_dim", f"must be positive, got {self.extra_heads_dim}")
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,8 @@ class CheckpointConfig:
             raise ConfigError(f"{path}: config file not found") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a JSON object")
         return parse_config(data, str(path))
@@ -322,8 +326,8 @@ def _coerce(where: str, key: str, value: Any, annotation: str) -> Any:
             raise err("an integer")
         return value
     if base == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise err("a number")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise err("a finite number")  # JSON's NaN and Infinity parse, and then fail far from here
         return float(value)
     if base == "str":
         if not isinstance(value, str):

@@ -668,6 +668,9 @@ class TTSRuntime:
         config = config or TTSConfig()
         if not files.config.tts_config:
             raise CheckpointError(f"{files.config_path}: not a TTS checkpoint (no tts_config)")
+        if "audio_delay" not in files.config.tts_config:
+            raise CheckpointError(f"{files.config_path}: field 'tts_config.audio_delay' is missing (the text's lead "
+                                  "over the audio, in seconds)")
         tokenizer = Tokenizer(files.tokenizer)
         # Checked before any weight is read: a larger tokenizer fails only when a word gets an id past the table.
         if tokenizer.vocab_size > files.config.lm.text_card:

@@ -124,13 +124,29 @@ def test_error_from_file_names_the_file(tmp_path):
         CheckpointConfig.from_file(tmp_path / "missing.json")
 
 
+def test_error_non_finite_numbers_and_bad_bytes(tmp_path):
+    """JSON's NaN and Infinity parse as floats: a NaN audio delay used to fail at the first stream as a ValueError
+    traceback, and a config that is not UTF-8 as a UnicodeDecodeError one."""
+    _bad(lambda d: d["stt_config"].update(audio_delay_seconds=float("nan")),
+         r"field 'stt_config.audio_delay_seconds': expected a finite number, got nan", name="tiny-stt")
+    _bad(lambda d: d["tts_config"].update(audio_delay=float("inf")), r"'tts_config.audio_delay': expected a finite")
+    _bad(lambda d: d.update(positional_scale=float("-inf")), r"field 'positional_scale': expected a finite number")
+    _bad(lambda d: d.update(extra_heads_dim=0), r"field 'extra_heads_dim': must be positive, got 0", name="tiny-stt")
+    path = tmp_path / "config.json"
+    data = preset_config("tiny-stt")
+    data["tokenizer_name"] = "caf@.model"  # latin-1 bytes for "café"
+    path.write_bytes(json.dumps(data).encode().replace(b"caf@", b"caf\xe9"))
+    with pytest.raises(ConfigError, match=f"{path}: not UTF-8 text \\(byte 0xe9 at offset"):
+        CheckpointConfig.from_file(path)
+
+
 def test_error_loader_metadata_types():
     """File names and sub-configs are typed too: a numeric moshi_name used to fail as an AttributeError traceback
     when resolving the files, a string audio delay only at the first step."""
     _bad(lambda d: d.update(moshi_name=1), r"config.json: field 'moshi_name': expected a string, got 1")
     _bad(lambda d: d.update(tokenizer_name=None), r"field 'tokenizer_name': expected")
     _bad(lambda d: d.update(model_id="x"), r"field 'model_id': expected an object")
-    _bad(lambda d: d["tts_config"].update(audio_delay="1.28"), r"field 'tts_config.audio_delay': expected a number")
+    _bad(lambda d: d["tts_config"].update(audio_delay="1.28"), r"field 'tts_config.audio_delay': expected a finite")
     _bad(lambda d: d["tts_config"].update(second_stream_ahead=-2), r"field 'tts_config.second_stream_ahead': must be")
     _bad(lambda d: d["stt_config"].update(audio_delay_seconds="0.5"), r"field 'stt_config.audio_delay_seconds'",
          name="tiny-stt")
@@ -144,7 +160,7 @@ def test_error_conditioner_and_fuser_types():
     _bad(lut(possible_values=7), r"field 'conditioners.cfg.lut.possible_values': expected a list of strings")
     _bad(lut(force_linear="false"), r"field 'conditioners.cfg.lut.force_linear': expected a boolean")
     _bad(lambda d: d["fuser"].update(cross_attention_pos_emb_scale="1"),
-         r"field 'fuser.cross_attention_pos_emb_scale': expected a number")
+         r"field 'fuser.cross_attention_pos_emb_scale': expected a finite")
 
 
 def test_error_sizes_must_be_positive():

@@ -337,7 +337,7 @@ def test_cancel_frees_the_slot_and_leaves_the_others_untouched(ckpt):
     assert torch.equal(torch.stack(later.frames), torch.stack(alone[1]))
 
 
-def test_tokenizer_larger_than_the_text_table_is_refused(ckpt, tmp_path):
+def test_tokenizer_larger_than_the_text_table_or_no_audio_delay_is_refused(ckpt, tmp_path):
     import json
 
     from dsm.checkpoint import CheckpointError, resolve_checkpoint
@@ -351,6 +351,12 @@ def test_tokenizer_larger_than_the_text_table_is_refused(ckpt, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     train_random_tokenizer(tmp_path / cfg["tokenizer_name"], ckpt.config.lm.text_card + 50)
     with pytest.raises(CheckpointError, match=r"tokenizer has \d+ pieces but the model's text embedding has"):
+        TTSRuntime.from_checkpoint(resolve_checkpoint(str(tmp_path)), dtype=torch.float32)
+    # a tts_config without its delay (optional to the config parser) was a KeyError traceback in speak and serve-tts
+    train_random_tokenizer(tmp_path / cfg["tokenizer_name"], ckpt.config.lm.text_card)
+    del cfg["tts_config"]["audio_delay"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config.json: field 'tts_config.audio_delay' is missing"):
         TTSRuntime.from_checkpoint(resolve_checkpoint(str(tmp_path)), dtype=torch.float32)
 
 
