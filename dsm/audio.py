@@ -41,10 +41,12 @@ def validate_pcm(
     name: str = "pcm",
     mono: str = "mean",
     clip: str = "warn",
+    channels_first: bool = False,
 ) -> torch.Tensor:
     """Check and normalise pcm to float32: ``[T]`` (mono modes) or ``[C, T]`` (``mono="keep"``).
 
-    ``x`` is ``[T]`` or ``[C, T]`` (channels first). See the module docstring for the policy.
+    ``x`` is ``[T]`` or ``[C, T]`` (channels first). See the module docstring for the policy. ``channels_first``:
+    the layout is known (a decoded file), so a 2-D input with many channels is not refused as a likely ``[T, C]``.
     """
     if mono not in MONO_MODES:
         raise ValueError(f"mono must be one of {MONO_MODES}, got {mono!r}")
@@ -66,7 +68,7 @@ def validate_pcm(
     fmax = torch.finfo(torch.float32).max  # exact for in-range samples; a huge float64 must not become inf
     t = t.clamp(-fmax, fmax).to(torch.float32) if t.dtype == torch.float64 else t.to(torch.float32)
     if t.dim() == 2:
-        if t.shape[0] > 64 or (t.shape[0] > 8 and t.shape[0] > t.shape[1]):
+        if not channels_first and (t.shape[0] > 64 or (t.shape[0] > 8 and t.shape[0] > t.shape[1])):
             raise AudioError(f"{name}: shape {tuple(t.shape)} looks like [T, C]; pass channels first ([C, T])")
         if mono == "mean":
             t = t.mean(dim=0)
@@ -148,9 +150,12 @@ def load_audio(
     if str(path) == "-":
         name = "stdin"
         try:
-            src = io.BytesIO(read_stdin_bytes())
+            raw = read_stdin_bytes()
         except OSError as e:
             raise AudioError(f"stdin: cannot read ({e})") from None
+        if not raw:
+            raise AudioError("stdin: no audio (the input is empty)")
+        src = io.BytesIO(raw)
     else:
         path = Path(path)
         name, src = str(path), str(path)
@@ -159,11 +164,12 @@ def load_audio(
         if not path.is_file():
             raise AudioError(f"{path}: audio file not found")
     try:
-        data, sr = sf.read(src, dtype="float32", always_2d=True)
+        with sf.SoundFile(src) as f:  # float64 files are read as such: a finite sample past fp32's range is not inf
+            data, sr = f.read(dtype="float64" if f.subtype == "DOUBLE" else "float32", always_2d=True), f.samplerate
     except Exception as e:  # libsndfile errors are RuntimeError/LibsndfileError with terse messages
         raise AudioError(f"{name}: cannot decode audio ({type(e).__name__}: {e})") from e
     # Validate at the source rate first, so errors refer to what is in the file.
-    pcm = validate_pcm(np.ascontiguousarray(data.T), int(sr), name=name, mono=mono, clip=clip)
+    pcm = validate_pcm(np.ascontiguousarray(data.T), int(sr), name=name, mono=mono, clip=clip, channels_first=True)
     pcm = _resample(pcm, int(sr), target_sr)  # validate_pcm checked the samples
     if target_sr != sr:  # soxr can overshoot slightly near full scale
         pcm = pcm.clamp(-1.0, 1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -167,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_warning_printer(command: str, default):
+    """``showwarning`` that prints dsm's warnings about the user's input (clipped audio) as one line, as errors
+    are, rather than Python's format with our source line; other warnings keep ``default``."""
+    from .audio import ClippedAudioWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ClippedAudioWarning):
+            print(f"dsm {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -175,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     select_device(getattr(args, "device", None))
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _user_warning_printer(args.command, warnings.showwarning)
+            return int(args.func(args) or 0)
     except (CheckpointError, ConfigError, MimiCheckpointError, TokenizerError) as e:  # bad model files: no traceback
         print(f"dsm {args.command}: error: {e}", file=sys.stderr)
         return 1

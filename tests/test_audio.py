@@ -137,3 +137,26 @@ def test_huge_float64_samples_are_out_of_range_not_infinite():
     with pytest.raises(AudioError, match="2 sample.*outside"):
         validate_pcm(x, 24000, clip="error")
     assert bool(torch.isfinite(validate_pcm(x, 24000, clip="keep")).all())
+
+
+def test_files_keep_their_float64_samples_and_their_channel_layout(tmp_path):
+    """A float64 file's finite 1e300 is out of range (clipped), not "NaN or infinite" (it was read as float32 first);
+    a file's layout is known, so 100 channels are averaged, not refused as a likely [T, C] array."""
+    x = np.full(2400, 0.25)
+    x[7] = 1e300
+    sf.write(tmp_path / "huge.wav", x, 24000, subtype="DOUBLE")
+    with pytest.warns(ClippedAudioWarning, match="huge.wav: clipped 1 sample"):
+        pcm, _ = load_audio(tmp_path / "huge.wav")
+    assert pcm[7] == 1.0 and pcm[6] == 0.25
+    many = np.tile(np.linspace(-0.5, 0.5, 100, dtype=np.float32), (50, 1))  # [T=50, C=100]: mean 0
+    sf.write(tmp_path / "many.wav", many, 24000, subtype="FLOAT")
+    pcm, _ = load_audio(tmp_path / "many.wav")
+    assert pcm.shape == (50,) and float(pcm.abs().max()) < 1e-6
+    with pytest.raises(AudioError, match=r"looks like \[T, C\]"):  # an array's layout is still guessed
+        validate_pcm(np.zeros((1000, 2), dtype=np.float32), 24000)
+
+
+def test_empty_stdin_says_so(monkeypatch):
+    monkeypatch.setattr("dsm.cli_args.read_stdin_bytes", lambda: b"")
+    with pytest.raises(AudioError, match=r"^stdin: no audio \(the input is empty\)$"):
+        load_audio("-")

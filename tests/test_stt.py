@@ -1148,3 +1148,18 @@ def test_transcribe_cli_reads_one_file_from_stdin(ckpt, tmp_path, monkeypatch, c
                  "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "stdin: cannot read (stdin is closed)" in err and "Traceback" not in err
+
+
+def test_transcribe_cli_prints_a_clipping_warning_as_one_line(ckpt, tmp_path, capsys):
+    """Python's warning format showed our source line under the message (``audio.py:85: ClippedAudioWarning: ...``
+    then ``warnings.warn(...``); the CLI prints it as it prints errors."""
+    from dsm.cli import main
+
+    loud = noise(2000, 3).numpy() * 4
+    sf.write(tmp_path / "loud.wav", loud, 24000, subtype="FLOAT")
+    assert main(["transcribe", str(tmp_path / "loud.wav"), "--checkpoint", str(ckpt), "--no-progress", "-o",
+                 str(tmp_path / "out"), "-f", "txt"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "clipped" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"dsm transcribe: warning: {tmp_path / 'loud.wav'}: clipped"), err
+    assert not any("Warning" in line or "warnings.warn" in line for line in err), err
