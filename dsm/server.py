@@ -124,6 +124,20 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def _float32_list(values, what: str) -> tuple[np.ndarray | None, str | None]:
+    """A message's flat list of numbers as float32 ``[N]``, or the error a client reads."""
+    try:
+        a = np.asarray(values)
+    except (TypeError, ValueError) as e:  # ragged nested lists
+        return None, f"{what} must be a flat list of numbers ({e})"
+    if a.dtype.kind not in "fiu":  # None would become NaN, "0.5" and True numbers
+        return None, f"{what} must be a list of numbers, got {a.dtype} values"
+    if a.ndim != 1:
+        return None, f"{what} must be a flat list of numbers, got shape {a.shape}"
+    with np.errstate(over="ignore"):  # 1e300 -> inf, refused downstream with a clear message
+        return a.astype(np.float32), None
+
+
 def _http(status: HTTPStatus, body: bytes, content_type: str) -> Response:
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close")])
     return Response(status.value, status.phrase, headers, body)
@@ -524,17 +538,8 @@ class ASRServer(_Endpoint):
         if kind == "Audio":
             if "pcm" not in msg:
                 return kind, None, "Audio message without pcm"
-            try:
-                values = np.asarray(msg["pcm"])
-                if values.dtype.kind not in "fiu":  # None would become NaN, "0.5" and True numbers
-                    return kind, None, f"Audio.pcm must be a list of numbers, got {values.dtype} values"
-                with np.errstate(over="ignore"):  # 1e300 -> inf, refused by the stream with a clear message
-                    pcm = values.astype(np.float32)
-            except (TypeError, ValueError) as e:
-                return kind, None, f"bad Audio message: {e}"
-            if pcm.ndim != 1:
-                return kind, None, f"Audio.pcm must be a flat list of floats, got shape {pcm.shape}"
-            return kind, pcm, None
+            pcm, error = _float32_list(msg["pcm"], "Audio.pcm")
+            return kind, pcm, error
         if kind == "Marker":
             mid = msg.get("id")
             if isinstance(mid, bool) or not isinstance(mid, int) or not -(2**63) <= mid < 2**63:
@@ -702,7 +707,10 @@ class TTSServer(_Endpoint):
             if raw == b"\x00":
                 self._open(conn).end()
                 return None
-            msg = msgpack.unpackb(raw, raw=False)
+            try:
+                msg = msgpack.unpackb(raw, raw=False)
+            except (ValueError, msgpack.UnpackException) as e:
+                return f"not a MessagePack message ({_describe(e)})"
             kind = msg.get("type") if isinstance(msg, dict) else None
             if kind == "Text":
                 if not isinstance(msg.get("text"), str):
@@ -715,9 +723,13 @@ class TTSServer(_Endpoint):
                     return "Voice must come before the first Text"
                 emb, shape = msg.get("embeddings"), msg.get("shape")
                 if (not isinstance(emb, list) or not isinstance(shape, list) or len(shape) > 4
-                        or not all(isinstance(d, int) and d > 0 for d in shape) or math.prod(shape) != len(emb)):
+                        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+                        or math.prod(shape) != len(emb)):
                     return "Voice needs embeddings (a flat list of floats) and shape (positive ints; product = length)"
-                conn.voice = self.rt.voice_tensor(torch.tensor(emb, dtype=torch.float32).view(*shape))
+                values, error = _float32_list(emb, "Voice.embeddings")
+                if error is not None:
+                    return error
+                conn.voice = self.rt.voice_tensor(torch.from_numpy(values).view(*shape))
             else:
                 return f"unknown message type {kind!r} (expected Text, Eos or Voice)"
         except Exception as e:  # bad text, voice or message: this connection only

@@ -1109,14 +1109,20 @@ def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch, capsys):
         async with connect(url + "?format=PcmMessagePack&auth_id=public_token") as ws:
             await ws.recv()
             replies = []
-            for msg in ({"type": "Text", "text": None}, {"type": "Voice", "embeddings": [0.0], "shape": [2**62, 2]}):
-                await ws.send(msgpack.packb(msg))
+            for msg in ({"type": "Text", "text": None}, {"type": "Voice", "embeddings": [0.0], "shape": [2**62, 2]},
+                        {"type": "Voice", "embeddings": [0.0], "shape": [True]},  # a bool is no size
+                        {"type": "Voice", "embeddings": ["a", "b"], "shape": [2]}, b"\xc1", b"hello"):
+                await ws.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
                 replies.append(msgpack.unpackb(await ws.recv()))
             return replies
 
     replies = _tts_serve(runtime(ckpt, n_q=2), None, client)
-    assert [r["type"] for r in replies] == ["Error", "Error"]
-    assert "Text.text must be a string" in replies[0]["message"] and "shape" in replies[1]["message"]
+    assert [r["type"] for r in replies] == ["Error"] * 6
+    messages = [r["message"] for r in replies]
+    assert "Text.text must be a string" in messages[0] and "shape" in messages[1] and "shape" in messages[2]
+    assert messages[3] == "Voice.embeddings must be a list of numbers, got <U1 values", messages
+    assert messages[4] == "not a MessagePack message (FormatError)", messages  # as the ASR server says it
+    assert messages[5].startswith("not a MessagePack message (ExtraData"), messages
 
     from dsm.tts import VoiceError, resolve_voice
 
