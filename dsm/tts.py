@@ -337,6 +337,8 @@ def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VO
             raise VoiceError(f"{s!r}: only voice names of {repo} are accepted here")
     elif Path(s).is_file():
         return Path(s)
+    elif Path(s).is_dir():
+        raise VoiceError(f"{s}: is a directory, not a voice file")
     if s.startswith("hf://"):
         parts = s.removeprefix("hf://").split("/")
         repo, fname = "/".join(parts[:2]), "/".join(parts[2:])

@@ -225,6 +225,8 @@ def test_voice_errors(ckpt, tmp_path):
             rt.open_stream(p)
     with pytest.raises(VoiceError, match=r"unknown voice 'no/such/voice.wav'.*kyutai/tts-voices"):
         rt.open_stream("no/such/voice.wav")  # offline: not in the hub cache
+    with pytest.raises(VoiceError, match=f"^{tmp_path}: is a directory, not a voice file$"):
+        rt.open_stream(tmp_path)  # was "voice file not found"
     with pytest.raises(VoiceError, match="shape"):
         rt.open_stream(torch.zeros(512, 125))
     with pytest.raises(VoiceError, match="NaN or infinite"):
