@@ -426,7 +426,8 @@ class Engine:
         Hooks see rows ``[0, bucket)`` and edit their tensor in place; ``check_hooks`` as
         :meth:`dsm.generate.Generator.step`.
         """
-        active = sorted(self.slots) if active is None else sorted(set(active))  # a repeat would count twice
+        # a repeat would count twice; slot numbers may come as numpy or 0-d tensor ints (not as floats)
+        active = sorted(self.slots) if active is None else sorted({operator.index(s) for s in active})
         unknown = [s for s in active if s not in self.slots]
         if unknown:
             raise KeyError(f"slots {unknown} are not open")

@@ -513,6 +513,15 @@ class TTSConfig:
             raise ValueError(f"TTSConfig.max_break_s must be None or a finite number >= 0, got {self.max_break_s}")
         if self.text_rules not in TEXT_RULES:
             raise ValueError(f"TTSConfig.text_rules must be one of {TEXT_RULES}, got {self.text_rules!r}")
+        for name, least in (("max_batch", 1), ("max_gen_length", 1), ("max_word_tokens", 1), ("initial_padding", 0),
+                            ("max_padding", 0), ("final_padding", 0), ("padding_between", 0),
+                            ("interleaved_text_only", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"TTSConfig.{name} must be an integer >= {least}, got {value!r}")
+        if self.condition_pages is not None and (isinstance(self.condition_pages, bool)
+                                                 or not isinstance(self.condition_pages, int)):
+            raise ValueError(f"TTSConfig.condition_pages must be None or an integer, got {self.condition_pages!r}")
 
 
 class TTSStream:
@@ -705,7 +714,7 @@ class TTSRuntime:
         the voice repository only, as a server takes them from its clients)."""
         if isinstance(voice, torch.Tensor):
             check_voice(voice, "voice tensor", self.voice_dim)
-            return voice
+            return voice.detach()  # values, not a graph: the conditioning reads them with .numpy()
         return load_voice(resolve_voice(voice, self.model_id, local_files=local_files), self.voice_dim)
 
     def _conditions(self, voices: list[list[torch.Tensor] | None], cfgs: list[float | None]) -> dict:

@@ -277,6 +277,10 @@ def test_engine_full_errors(stt_model):
         eng.open()
     with pytest.raises(KeyError, match="not open"):
         eng.close(5)
+    codes = torch.zeros(2, 32, dtype=torch.long)
+    assert eng.step(codes, active=torch.tensor([1])).text_token.shape[0] == 2  # a tensor's slot numbers are slots
+    with pytest.raises(TypeError):
+        eng.step(codes, active=[0.0])  # not a slot number: refused, not truncated
     small = Engine(stt_model, max_slots=2, num_pages=2, page_size=4, use_sampling=False)
     small.open(), small.open()
     with pytest.raises(EngineFull, match="page"):

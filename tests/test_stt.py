@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,11 @@ def test_markers_follow_the_server_rule(lm, tok, files):
     s.marker(3)
     ev = s.flush()  # due after the end: echoed at the end, before Finished
     assert [type(e) for e in ev[-2:]] == [Marker, Finished] and ev[-2].id == 3
+    s = rt.open_stream("ids")
+    for bad in ("x", 1.7, True, 2**63):  # were a bare int() error, or truncated, or accepted
+        with pytest.raises(ValueError, match=f"stream ids: a marker id is an int64, got {re.escape(repr(bad))}"):
+            s.marker(bad)
+    assert s.marker(np.int64(-(2**63))) == []
 
 
 @pytest.mark.parametrize("engine", [False, True])

@@ -233,6 +233,10 @@ def test_voice_errors(ckpt, tmp_path):
         rt.open_stream(torch.full((1, 512, 125), float("inf")))
     with pytest.raises(ValueError, match="cfg"):
         rt.open_stream(random_voice(0), cfg=7.0)
+    s = rt.open_stream(random_voice(0).requires_grad_())  # a tensor that needs grad used to fail at the step
+    s.push("a")
+    rt.step()
+    assert not s.cancelled and s.slot is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,9 +366,10 @@ def test_tokenizer_larger_than_the_text_table_or_no_audio_delay_is_refused(ckpt,
         TTSRuntime.from_checkpoint(resolve_checkpoint(str(tmp_path)), dtype=torch.float32)
 
 
-def test_config_refuses_bad_sampling_values():
+def test_config_refuses_bad_values():
     for bad in [{"temp": -1.0}, {"temp": float("nan")}, {"temp": float("inf")}, {"top_k": -1}, {"top_k_text": -5},
-                {"max_break_s": float("nan")}]:
+                {"max_break_s": float("nan")}, {"max_batch": 0}, {"max_gen_length": 0}, {"padding_between": -1},
+                {"final_padding": 1.5}, {"interleaved_text_only": -1}, {"condition_pages": "6"}]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             TTSConfig(**bad)
 
