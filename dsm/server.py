@@ -73,6 +73,7 @@ FRAME_RATE = 12.5
 OUTBOX_BYTES = 64 * 2**20  # unsent output per connection (~5 min of PcmMessagePack audio) before it is closed
 MAX_BUFFERED_S = 60.0  # ASR audio queued per connection before its socket is left unread
 AUDIO_TIMEOUT_S = 120.0  # an ASR connection without an Audio message for this long is closed (moshi-server)
+CLOSE_TIMEOUT_S = 10.0  # an idle ASR client has this long to take the output sent before its close
 # TTS text is split and tokenized on the model thread, so one connection's text must not stall every stream's step:
 MAX_TEXT_CHARS = 2**15  # characters of one text message (~5000 words, ~15 ms to tokenize)
 MAX_PENDING_WORDS = 4096  # words a TTS stream holds not yet spoken (~25 min of speech) before more text is refused
@@ -472,10 +473,17 @@ class ASRServer(_Endpoint):
                 try:
                     raw = await asyncio.wait_for(ws.recv(), last_audio + self.audio_timeout_s - loop.time())
                 except TimeoutError:
-                    if conn.waiting() >= FRAME_SIZE or stream.in_flight:  # not idle: its audio is still being run
+                    # Under the lock: a step running now may take this stream's last frames, and its output (the
+                    # last Steps and words) is posted before the model loop lets go of the lock.
+                    async with self.lock:
+                        busy = conn.waiting() >= FRAME_SIZE or stream.in_flight
+                    if busy:  # not idle: its audio is still being run
                         last_audio = loop.time()
                         continue
-                    await ws.close(1008, f"dsm: no audio for {self.audio_timeout_s:g} s")
+                    reason = f"dsm: no audio for {self.audio_timeout_s:g} s"
+                    box.close(1008, reason)  # after the output posted before it
+                    if not (await asyncio.wait({box.task}, timeout=CLOSE_TIMEOUT_S))[0]:
+                        await ws.close(1008, reason)  # a client that does not read its output
                     break
                 except ConnectionClosedOK:
                     break
