@@ -196,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ConfigError, MimiCheckpointError, TokenizerError) as e:  # bad model files: no traceback
         print(f"dsm {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except (MemoryError, torch.OutOfMemoryError) as e:  # a batch, context or config size past this machine
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"dsm {args.command}: error: out of memory ({what}); use a smaller batch, or check the sizes in the "
+              "model's config", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: what was written so far stays (a wav keeps a valid header)
         print(f"dsm {args.command}: interrupted", file=sys.stderr)
         return 130

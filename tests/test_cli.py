@@ -178,7 +178,7 @@ def test_eval_stt_unwritable_output_and_failures_are_one_clear_line(tmp_path, ca
     assert "no utterance could be scored" in err and "1 failed, the first:" in err and "missing.wav" in err, err
 
 
-def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+def test_ctrl_c_and_out_of_memory_are_one_line(capsys, monkeypatch):
     """Ctrl-C during a command (a long `dsm speak`): 'interrupted' and the shell's 130, not a traceback."""
     import dsm.server
 
@@ -188,6 +188,14 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
     monkeypatch.setattr(dsm.server, "cmd_serve_stt", interrupted)
     assert main(["serve-stt", "--preset", "tiny-stt", "--random-weights"]) == 130
     assert capsys.readouterr().err == "dsm serve-stt: interrupted\n"
+
+    def huge(args):  # a config's context of 10^12 positions was a MemoryError traceback
+        raise MemoryError()
+
+    monkeypatch.setattr(dsm.server, "cmd_serve_stt", huge)
+    assert main(["serve-stt", "--preset", "tiny-stt", "--random-weights"]) == 1
+    assert capsys.readouterr().err == ("dsm serve-stt: error: out of memory (MemoryError); use a smaller batch, or "
+                                       "check the sizes in the model's config\n")
 
 
 def test_batch_invariant_flag_reaches_both_runtimes(monkeypatch):
