@@ -192,6 +192,7 @@ class _Outbox:
         self.ws, self.limit, self.pending = ws, limit, 0
         self.queue: asyncio.Queue = asyncio.Queue()
         self.closing: asyncio.Task | None = None  # set when the client fell too far behind
+        self.shut = asyncio.Event()  # the server is closing this connection: its input is no longer run
         self.task = asyncio.create_task(self._drain())
 
     def post(self, data: bytes | str) -> None:
@@ -201,6 +202,7 @@ class _Outbox:
             log.warning("a client left %d bytes unread; closing it", self.pending)
             self.task.cancel()  # its send may wait on the client forever
             self.closing = asyncio.create_task(self.ws.close(1008, "dsm: the client reads its output too slowly"))
+            self.shut.set()
             return
         self.pending += len(data)
         self.queue.put_nowait(data)
@@ -208,6 +210,7 @@ class _Outbox:
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection once everything posted before has been sent."""
         self.queue.put_nowait((code, reason))
+        self.shut.set()
 
     async def _drain(self) -> None:
         while True:
@@ -476,7 +479,7 @@ class ASRServer(_Endpoint):
                     # Under the lock: a step running now may take this stream's last frames, and its output (the
                     # last Steps and words) is posted before the model loop lets go of the lock.
                     async with self.lock:
-                        busy = conn.waiting() >= FRAME_SIZE or stream.in_flight
+                        busy = self._busy(conn)
                     if busy:  # not idle: its audio is still being run
                         last_audio = loop.time()
                         continue
@@ -487,8 +490,8 @@ class ASRServer(_Endpoint):
                     break
                 except ConnectionClosedOK:
                     break
-                if isinstance(raw, str) or self._stopping.is_set():
-                    continue  # text frames are ignored by the ASR; at shutdown the rest is read only to reach the close
+                if isinstance(raw, str) or self._stopping.is_set() or box.shut.is_set():
+                    continue  # text frames are ignored by the ASR; closing, the rest is read only to reach the close
                 kind, value, error = self._parse(raw)
                 if kind == "Audio":
                     last_audio = loop.time()
@@ -505,6 +508,12 @@ class ASRServer(_Endpoint):
             async with self.lock:
                 stream.close()
 
+    def _busy(self, conn: _ASRConnection) -> bool:
+        """Whether ``conn`` has work the model has not done: a frame of audio, frames in flight, or a message not
+        applied yet (whose Error must go out before a close). Under the lock: the inbox is swapped under it."""
+        return (conn.waiting() >= FRAME_SIZE or bool(conn.stream.in_flight)
+                or any(c is conn for c, _ in self._inbox))
+
     async def _backpressure(self, ws, conn: _ASRConnection) -> bool:
         """Leave the socket unread while the connection has more than ``max_buffered_s`` of audio waiting (the model
         catches up step by step), or until the connection closes (a shutdown must not wait on a step). Whether it
@@ -514,15 +523,18 @@ class ASRServer(_Endpoint):
         if conn.waiting() <= limit:
             return False
         closed = asyncio.ensure_future(ws.wait_closed())
-        stopping = asyncio.ensure_future(self._stopping.wait())  # then its close must be read (behind its audio)
+        # Shutdown, or the server closing this connection (a failed step: no step may come to drain its queue): its
+        # close reply must then be read, behind its audio.
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        shut = asyncio.ensure_future(self.connections[conn].shut.wait())
         try:
-            while conn.waiting() > limit and not closed.done() and not stopping.done():
+            while conn.waiting() > limit and not any(f.done() for f in (closed, stopping, shut)):
                 stepped = asyncio.ensure_future(self._stepped.wait())
-                await asyncio.wait({stepped, closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({stepped, closed, stopping, shut}, return_when=asyncio.FIRST_COMPLETED)
                 stepped.cancel()
         finally:
-            closed.cancel()
-            stopping.cancel()
+            for f in (closed, stopping, shut):
+                f.cancel()
         return True
 
     def _step(self) -> bool:

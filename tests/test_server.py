@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidS
 
 from dsm.checkpoint import resolve_checkpoint
 from dsm.server import ASR_PATH, ASRServer
-from dsm.stt import Marker, STTOptions, STTRuntime, Word
+from dsm.stt import FRAME_SIZE, Marker, STTOptions, STTRuntime, Word
 
 OPTS = STTOptions(alignment="rust", timestamps="rust")
 
@@ -609,6 +609,60 @@ def test_shutdown_reads_past_the_audio_of_a_client_far_ahead(files):
 
     took, code = asyncio.run(main())
     assert code == 1001 and took < 5.0, (took, code)
+
+
+def test_a_failed_step_closes_a_client_far_ahead_at_once(files):
+    """A step fails while a client is so far ahead that the server left its socket unread: its 1011 close reply
+    waits behind its audio, and no step comes to drain that (the loop waits for work). The rest of its audio is now
+    read and dropped, as at shutdown; before, the close took websockets' close timeout (10 s) and held the slot."""
+    import time
+
+    rt = _slow_runtime(files, 0.3)
+    real, calls, failed_at = rt.step, [0], []
+
+    def step(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 3:
+            failed_at.append(time.perf_counter())
+            raise RuntimeError("injected step failure")
+        return real(*a, **kw)
+
+    rt.step = step
+
+    async def client(url):
+        async with connect(url + "?auth_id=public_token") as ws:
+            await ws.recv()
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 72000}))
+            for _ in range(60):  # more than websockets' queue of 16 messages: the rest waits in the socket
+                await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 1920}))
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 30)
+            except ConnectionClosed:
+                pass
+            took = time.perf_counter() - failed_at[0]
+        while rt.free_slots == 0 and time.perf_counter() - failed_at[0] < 30:
+            await asyncio.sleep(0.05)
+        return took, ws.close_code, time.perf_counter() - failed_at[0]
+
+    took, code, freed = _serve(rt, client, max_buffered_s=0.1)
+    assert code == 1011 and took < 5.0 and freed < 5.0, (took, code, freed)
+
+
+def test_a_message_not_applied_yet_keeps_its_connection_from_idling(files):
+    """The no-audio close waits for a connection's messages still in the inbox: their Errors were posted behind the
+    close, and never sent (an unknown message type sent in the last step before the timeout)."""
+    from dsm.server import _ASRConnection
+
+    rt = _runtime(files, slots=1)
+    server = ASRServer(rt)
+    conn = _ASRConnection(rt.open_stream())
+    assert not server._busy(conn)
+    server._submit(conn, lambda: "unknown message type")
+    assert server._busy(conn)
+    conn.received = FRAME_SIZE  # a frame parsed, not applied yet
+    server._inbox.clear()
+    assert server._busy(conn)
 
 
 def test_a_client_whose_audio_is_still_running_is_not_idle(files):
