@@ -34,7 +34,8 @@ that lets more than ``OUTBOX_BYTES`` pile up is closed with code 1008. Input is 
 more than ``MAX_BUFFERED_S`` of audio waiting is not read until the model catches up (TCP pushes back on the client;
 nothing is dropped; the ASR server therefore does not close a connection whose pongs are late, since they wait behind
 its audio, and a client that far ahead must pace its audio or not time out its own pings), one that sends no audio
-for ``AUDIO_TIMEOUT_S`` is closed (moshi-server's 120 s), a TTS text over ``MAX_TEXT_CHARS`` or beyond
+for ``AUDIO_TIMEOUT_S`` is closed (moshi-server's 120 s), a Marker beyond ``MAX_PENDING_MARKERS`` not yet echoed is
+refused, a TTS text over ``MAX_TEXT_CHARS`` or beyond
 ``MAX_PENDING_WORDS`` unspoken words is refused (it is tokenized on the model thread), and the TTS ``?voice=`` query
 names a voice of the voice repository only, never a local file or another repository (``VOICE_LOOKUPS`` at once).
 """
@@ -76,6 +77,7 @@ AUDIO_TIMEOUT_S = 120.0  # an ASR connection without an Audio message for this l
 CLOSE_TIMEOUT_S = 10.0  # an idle ASR client has this long to take the output sent before its close
 # TTS text is split and tokenized on the model thread, so one connection's text must not stall every stream's step:
 MAX_TEXT_CHARS = 2**15  # characters of one text message (~5000 words, ~15 ms to tokenize)
+MAX_PENDING_MARKERS = 4096  # markers an ASR stream holds not yet echoed before more are refused (bounded memory)
 MAX_PENDING_WORDS = 4096  # words a TTS stream holds not yet spoken (~25 min of speech) before more text is refused
 VOICE_LOOKUPS = 2  # ?voice= lookups (hub downloads) at once, on the default executor's threads
 VOICE_RETRY_S = 60.0  # a voice name that failed is not looked up again for this long (offline, a lookup takes ~20 s)
@@ -576,6 +578,9 @@ class ASRServer(_Endpoint):
         try:
             if kind == "Audio":
                 conn.events += conn.stream.push(value, process=False)
+            elif conn.stream.pending_markers >= MAX_PENDING_MARKERS:
+                return (f"Marker refused: the stream already holds {MAX_PENDING_MARKERS} markers not yet echoed (this "
+                        "server's limit); send more once some have come back")
             else:
                 conn.events += conn.stream.marker(value)
         except AudioError as e:

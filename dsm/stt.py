@@ -389,7 +389,7 @@ class STTStream:
         self._events: list[Event] = []
         self._raw: list[RawWord | RawEndWord] = []
         self._text = ""  # finished words so far, space-separated
-        self._markers: list[tuple[int, int]] = []  # (due step, id)
+        self._markers: deque[tuple[int, int]] = deque()  # (due step, id), in due order
         # silence a flush(end=False) inserted, as (start, seconds) on the model's clock (prefix removed): later words
         # are moved back onto the clock of the pushed audio
         self._gaps: list[tuple[float, float]] = []
@@ -477,9 +477,14 @@ class STTStream:
         self._due_markers(all_=self.ended and len(self.queue) < FRAME_SIZE and not self.in_flight)
         return self.events()
 
+    @property
+    def pending_markers(self) -> int:
+        """Markers asked and not echoed yet."""
+        return len(self._markers)
+
     def _due_markers(self, all_: bool = False) -> None:
         while self._markers and (all_ or self._markers[0][0] <= self.steps):
-            self._events.append(Marker(self.name, self._markers.pop(0)[1]))
+            self._events.append(Marker(self.name, self._markers.popleft()[1]))
 
     def close(self) -> None:
         """Abort: drop queued audio and free the slot now (no Finished event); pending markers are echoed."""

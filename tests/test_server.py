@@ -706,3 +706,21 @@ def test_a_refused_client_that_already_left_is_no_error(files, caplog):
     with caplog.at_level(logging.ERROR):
         asyncio.run(server._handler(LeftAlready()))
     assert server.metrics.refused._value.get() == 1 and not caplog.records
+
+
+def test_markers_not_yet_echoed_are_bounded(files, monkeypatch):
+    """A client asking markers faster than they come due grew its stream's list without bound; past the limit a
+    Marker is an Error, and the markers taken are still echoed."""
+    import dsm.server as server_mod
+    from dsm.server import _ASRConnection
+
+    monkeypatch.setattr(server_mod, "MAX_PENDING_MARKERS", 2)
+    rt = _runtime(files, slots=1)
+    conn = _ASRConnection(rt.open_stream())
+    conn.stream.push(np.zeros(FRAME_SIZE, np.float32), process=False)
+    assert [ASRServer._apply(conn, "Marker", i) for i in range(2)] == [None, None]
+    error = ASRServer._apply(conn, "Marker", 2)
+    assert error.startswith("Marker refused: the stream already holds 2 markers not yet echoed"), error
+    assert conn.stream.pending_markers == 2
+    events = conn.stream.flush()
+    assert [e.id for e in events if isinstance(e, Marker)] == [0, 1]
