@@ -37,13 +37,13 @@ def mimi_buckets(max_rows: int, smallest: int = MIMI_MIN_ROWS, step: int = MIMI_
     paths runs the same kernels, whose sums do not depend on the row count (on this CPU every count from 16 rows up
     gives the same bits, measured at 16 to 256; 2 to 12 rows differ from them by up to 2.9e-9 in decoded PCM, 1 row by
     2.4e-8, so a runtime of at most 128 slots, which steps them all, rounds with its slot count; our GPU kernels
-    reduce in a fixed order: not measured). Fewer rows would
-    take other kernels, and a near-tie at a deep RVQ level then flips a code, which can flip a text token (seen in 3
-    of 19 churn runs over a server). Where a library picks its kernels by size (cuBLAS and SDPA in the transformer's
-    torch path on a GPU), rounding can still differ between buckets, as with the LM's buckets (see
-    :mod:`dsm.engine`; ``batch_invariant`` in the runtimes steps every slot instead). Past ~64 rows a Mimi step is
-    linear in its rows (run 2, H100, graphs: encode 4.4 / 23 ms at 64 / 400 rows), so steps of 64 keep a bucket's
-    padding rows under ~4 ms a frame, where powers of two would step up to twice the rows."""
+    reduce in a fixed order: not measured). Fewer rows would take other kernels, and a near-tie at a deep RVQ level
+    then flips a code, which can flip a text token (seen in 3 of 19 churn runs over a server). Where a library picks
+    its kernels by size (cuBLAS and SDPA in the transformer's torch path on a GPU), rounding can still differ between
+    buckets, as with the LM's buckets (see :mod:`dsm.engine`; ``batch_invariant`` in the runtimes steps every slot
+    instead). Past ~64 rows a Mimi step is linear in its rows (run 2, H100, graphs: encode 4.4 / 23 ms at 64 / 400
+    rows), so steps of 64 keep a bucket's padding rows under ~4 ms a frame, where powers of two would step up to twice
+    the rows."""
     if max_rows < 1 or smallest < 1 or step < 1:
         raise ValueError(f"max_rows, smallest and step must be >= 1, got {max_rows}, {smallest}, {step}")
     return (*range(smallest, max_rows, step), max_rows)
