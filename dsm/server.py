@@ -705,6 +705,8 @@ class TTSServer(_Endpoint):
             box.close(1011, "dsm: no stream could be opened for this connection")
 
     def _open(self, conn: _TTSConnection):
+        if conn.open_failed:  # it is closing (1011): a later message must not open a stream that nobody reads
+            raise RuntimeError("no stream could be opened for this connection")
         if conn.stream is None:
             try:
                 conn.stream = self.rt.open_stream(conn.voice, cfg=self.cfg)

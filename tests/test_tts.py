@@ -1324,3 +1324,28 @@ def test_voice_lookups_are_bounded_and_never_delay_a_connection_without_one(ckpt
     assert bad == ["default", "default"] and looked_up.count("bad") == 1  # the failure is remembered
     monkeypatch.setattr(server_mod, "VOICE_RETRY_S", 0.0)
     assert asyncio.run(srv._query_voice("bad")) == "default" and looked_up.count("bad") == 2
+
+
+def test_a_connection_whose_stream_failed_to_open_opens_no_other(ckpt):
+    """Its first open failed, so it is being closed (1011): its later messages used to open a stream (and take a
+    slot) whose output was dropped behind the close."""
+    from dsm.server import TTSServer, _TTSConnection
+
+    rt = runtime(ckpt, n_q=2)
+    srv = TTSServer(rt)
+    calls = []
+    real = rt.open_stream
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected open failure")
+        return real(*a, **kw)
+
+    rt.open_stream = flaky
+    conn = _TTSConnection("PcmMessagePack", None)
+    with pytest.raises(RuntimeError, match="injected"):
+        srv._open(conn)
+    with pytest.raises(RuntimeError, match="no stream could be opened"):
+        srv._open(conn)
+    assert len(calls) == 1 and conn.stream is None and rt.slots == [None]
