@@ -906,7 +906,8 @@ class TTSRuntime:
 
     def mimi_rows(self) -> int:
         """The rows ``[0, n)`` Mimi decodes: the smallest bucket holding every slot with a stream (the rows above
-        hold none, as :meth:`dsm.mimi.MimiState.rows` needs). A few streams pay a few rows' decode, not every slot's."""
+        hold none, as :meth:`dsm.mimi.MimiState.rows` needs). In a runtime past the smallest bucket (128 slots), a few
+        streams pay that bucket's decode, not every slot's."""
         return bucket_for(self.mimi_buckets, (b for b, s in enumerate(self.slots) if s is not None))
 
     def _deliver(self, rows: list[tuple[int, TTSStream]], pcm: torch.Tensor) -> list[Exception]:

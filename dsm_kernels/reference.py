@@ -10,8 +10,8 @@ Conventions shared by all backends (see DSM-SPEC §2):
   ``block_table[b, (p // page_size) % pages_per_slot]`` at row ``p % page_size``. The query of a slot sits at
   position ``seq_lens[b] - 1`` and sees key ``k`` iff ``0 <= q - k < context`` (moshi's rule). ``seq_lens[b] == 0``
   marks an inactive slot, whose output is zero.
-* sampling noise is a counter-based hash of ``(seed, step, row, token)`` so that every backend, and every replay of a
-  captured CUDA graph, draws the same tokens for the same inputs.
+* sampling noise is a counter-based hash of ``(seed, step, token)``, the seed being the row's own, so that every
+  backend, and every replay of a captured CUDA graph, draws the same tokens for the same inputs.
 """
 
 from __future__ import annotations
