@@ -656,7 +656,8 @@ class TTSRuntime:
                                      delay_steps=self.delay_steps, temp=config.temp, top_k=config.top_k,
                                      top_k_text=config.top_k_text, cfg_coef=config.cfg_coef, seed=config.seed,
                                      backend=backend)
-        if isinstance(self.stepper, EngineStepper):  # a condition_pages bound that no stream fits in fails here
+        if config.condition_pages is not None and isinstance(self.stepper, EngineStepper):
+            # a bound that no stream fits in fails here (without one, the pool is sized to fit every slot)
             self.stepper.engine.check_conditions(self._conditions([None], [None]))
         # Mimi decodes the smallest of these row prefixes holding every stream
         self.mimi_buckets = (B,) if config.batch_invariant else mimi_buckets(B)
