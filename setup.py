@@ -7,6 +7,7 @@ pure Python, so a CPU machine installs the package without compiling anything.
 
 import glob
 import os
+import re
 
 from setuptools import setup
 
@@ -24,6 +25,8 @@ def cuda_extensions():
         return [], {}
     os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
     arch = os.environ.get("DSM_CUDA_ARCH", "90a")
+    if re.fullmatch(r"\d{2,3}[af]?", arch) is None:
+        raise SystemExit(f"dsm: DSM_CUDA_ARCH={arch!r} is not a GPU architecture like 90a, 89 or 100a")
     sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
     if not sources:
         return [], {}
@@ -32,7 +35,7 @@ def cuda_extensions():
         sources=sources,
         extra_compile_args={
             # No -std here: torch's cpp_extension adds the standard its headers need (C++20 from torch 2.10 on).
-            "cxx": ["-O3"],
+            "cxx": ["-O3", f"-DDSM_CUDA_ARCH_NAME={arch}"],  # recorded as dsm_kernels._C.cuda_arch
             "nvcc": ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
         },
     )

@@ -528,8 +528,19 @@ TORCH_LIBRARY_IMPL(dsm, CUDA, m) {
 
 // `import dsm_kernels._C` loads the library, which registers torch.ops.dsm.*; the module itself is empty (plain
 // CPython init instead of pybind11 keeps this file off the heavy torch/extension.h include).
+// `cuda_arch` names the sm_<arch> the kernels were compiled for (setup.py's DSM_CUDA_ARCH), so that Python can tell
+// a GPU they cannot run on before a launch fails with "no kernel image is available".
+#define DSM_STRINGIFY2(x) #x
+#define DSM_STRINGIFY(x) DSM_STRINGIFY2(x)
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dsm CUDA kernels: use torch.ops.dsm.*", -1,
                                       nullptr};
-  return PyModule_Create(&module);
+  PyObject* mod = PyModule_Create(&module);
+#ifdef DSM_CUDA_ARCH_NAME
+  if (mod != nullptr && PyModule_AddStringConstant(mod, "cuda_arch", DSM_STRINGIFY(DSM_CUDA_ARCH_NAME)) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+#endif
+  return mod;
 }

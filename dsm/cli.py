@@ -68,7 +68,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for dev in devices:
         print(f"kernel backends on {dev}: {', '.join(dsm_kernels.available_backends(dev))}")
     if torch.cuda.is_available():
-        print(f"gpu: {torch.cuda.get_device_name()}")
+        major, minor = torch.cuda.get_device_capability()
+        print(f"gpu: {torch.cuda.get_device_name()} (sm_{major}{minor})")
+        why = dsm_kernels.cuda_ext_unavailable("cuda")
+        print(f"cuda kernels: {why or 'built for sm_%s, run on this GPU' % (dsm_kernels.cuda_ext_arch() or '?')}")
     if not dsm_kernels.has_triton():  # the kernel switches below are Triton's
         print("triton: not installed (pip install 'dsm[triton]' for the Triton kernels, or their CPU interpreter)")
         return 0

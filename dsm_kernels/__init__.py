@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 from functools import cache
 
 import torch
@@ -198,6 +199,47 @@ def has_cuda_ext() -> bool:
     return True
 
 
+def cuda_ext_arch() -> str | None:
+    """The GPU architecture ``dsm_kernels._C`` was compiled for (``DSM_CUDA_ARCH`` at build time, e.g. ``"90a"``), or
+    None without the extension (or one built before it recorded its architecture)."""
+    return getattr(importlib.import_module("dsm_kernels._C"), "cuda_arch", None) if has_cuda_ext() else None
+
+
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether machine code for ``sm_<arch>`` runs on a GPU of compute ``capability``. The extension carries machine
+    code only (no PTX for the driver to compile), which runs on the same major version at an equal or higher minor
+    one; an ``a`` (architecture-specific, e.g. 90a) build runs on exactly its own capability."""
+    m = re.fullmatch(r"(\d+)(\d)([af]?)", arch)
+    if m is None:
+        return False
+    major, minor = int(m[1]), int(m[2])
+    if m[3] == "a":
+        return capability == (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+@cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_ext_unavailable(device: torch.device | str) -> str | None:
+    """Why the CUDA C++ backend cannot run on ``device`` (a sentence naming the fix), or None when it can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the CUDA kernels run on a GPU, not on {device.type}"
+    if not has_cuda_ext():
+        return ("dsm_kernels._C is not built (install with a CUDA build of torch and nvcc present, without "
+                "DSM_SKIP_CUDA_BUILD=1)")
+    arch = cuda_ext_arch()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = _capability(index)
+    if arch is not None and not arch_runs_on(arch, (major, minor)):
+        return (f"dsm_kernels._C was built for sm_{arch}, and {device} is sm_{major}{minor}: reinstall with "
+                f"DSM_CUDA_ARCH={major}{minor}{'a' if major >= 9 else ''} (or use the Triton kernels)")
+    return None
+
+
 @cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -219,7 +261,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     out = ["reference"]
     if has_triton() and (device.type == "cuda" or triton_interpret()):
         out.append("triton")
-    if device.type == "cuda" and has_cuda_ext():
+    if device.type == "cuda" and cuda_ext_unavailable(device) is None:
         out.append("cuda")
     return out
 
@@ -250,9 +292,10 @@ def resolve(op: str, backend: str | None, device: torch.device | str):
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
     if backend not in available_backends(device):
+        why = cuda_ext_unavailable(device) if backend == "cuda" and torch.device(device).type == "cuda" else None
         raise RuntimeError(
             f"kernel backend {backend!r} is not available on {torch.device(device)} "
-            f"(available: {available_backends(device)})"
+            f"(available: {available_backends(device)}){f': {why}' if why else ''}"
         )
     if backend not in _OPS[op]:  # op without this backend: next best one registered for it
         avail = [b for b in available_backends(device) if b in _OPS[op]]
@@ -533,6 +576,9 @@ __all__ = [
     "frame_inputs",
     "gemv",
     "gemv_max_rows",
+    "arch_runs_on",
+    "cuda_ext_arch",
+    "cuda_ext_unavailable",
     "has_cuda_ext",
     "has_triton",
     "kv_slots",

@@ -50,7 +50,8 @@ def _gxx_bindings(out_dir: Path) -> list[str]:
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
         inc.insert(0, f"-I{out_dir / 'stub'}")
     return ["g++", "-fsyntax-only", "-std=c++17", *inc, f"-I{sysconfig.get_paths()['include']}",
-            f"-I{CUDA_HOME / 'include'}", "-DTORCH_EXTENSION_NAME=_C", str(CSRC / "bindings.cpp")]  # fmt: skip
+            f"-I{CUDA_HOME / 'include'}", "-DTORCH_EXTENSION_NAME=_C", "-DDSM_CUDA_ARCH_NAME=90a",
+            str(CSRC / "bindings.cpp")]  # fmt: skip
 
 
 def background_jobs(test: str, params: dict, out_dir: Path):
