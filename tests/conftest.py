@@ -18,10 +18,18 @@ def _waits_on_background(item) -> bool:
     return bool({"aot_output", "background"} & set(getattr(item, "fixturenames", ())))
 
 
+def pytest_configure(config):
+    # pytest-xdist: its workers share the cores already, and intra-op threads on top of them only add spin waits.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
-    # The tests that wait on a background job (sm_90 compiles, ~3 min on a 2-core runner) run last, so that the
-    # interpreter-bound tests run while the compilers do instead of the session idling on the wait.
-    items.sort(key=_waits_on_background)  # stable: the order within each group is kept
+    # The tests that wait on a background job (sm_90 compiles, the sanitized emulator run: ~4 min on a 2-core runner)
+    # run last, so that the interpreter-bound tests run while the compilers do instead of the session idling on the
+    # wait. Under pytest-xdist a worker runs its jobs itself, and they go first: the longest work at the start leaves
+    # no long job alone at the end while the other worker idles.
+    items.sort(key=_waits_on_background, reverse=bool(os.environ.get("PYTEST_XDIST_WORKER")))  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

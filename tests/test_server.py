@@ -196,7 +196,7 @@ def test_steps_run_on_the_model_thread_and_the_loop_stays_responsive(files):
         n = real_step(*a, **kw)
         if n:
             threads.add(threading.current_thread().name)
-            time.sleep(0.4)
+            time.sleep(0.6)
         return n
 
     rt.step = slow_step
@@ -220,7 +220,8 @@ def test_steps_run_on_the_model_thread_and_the_loop_stays_responsive(files):
     assert threads and all(name.startswith("dsm-model") for name in threads), threads
     assert pong < 0.2, f"ping answered after {pong:.3f} s: the step blocked the event loop"
     assert reply["type"] == "Error"
-    assert answered < 1.0  # waited for at most the step in flight (0.4 s), not for all four
+    # waited for at most the step in flight (0.6 s and its compute, on a busy 2-core runner), not for all four (2.4 s)
+    assert answered < 1.8, answered
 
 
 def test_a_client_ahead_of_the_model_is_read_at_once_and_its_leaving_seen_at_once(files):
