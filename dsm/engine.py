@@ -39,7 +39,7 @@ from .conditioning import cross_page_keys
 from .cuda_graphs import LazyGraph, check_current_device
 from .generate import Generator, GenState, StepOutput, check_token_range
 from .host_copies import copy_from_host
-from .kv_cache import PagedKVCache, cross_page_size, pages_per_slot
+from .kv_cache import PagedKVCache, cross_page_size, pages_per_slot, zeros_kv
 from .model import LMModel
 
 
@@ -215,8 +215,9 @@ class Engine:
         dtype = kv_dtype or next(model.transformer.parameters()).dtype
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_heads // cfg.kv_repeat, cfg.head_dim)
         words = dsm_kernels.counter_words(max_slots, cfg.num_heads)
-        kv = PagedKVCache(torch.zeros(shape, dtype=dtype, device=self.device),
-                          torch.zeros(shape, dtype=dtype, device=self.device),
+        k, v = zeros_kv(shape, dtype, self.device,
+                        f"Engine's KV cache ({max_slots} slots x context {cfg.context}, {cfg.num_layers} layers)")
+        kv = PagedKVCache(k, v,
                           torch.zeros(max_slots, self.pages_per_slot, dtype=torch.int32, device=self.device),
                           cfg.context, torch.zeros(words, dtype=torch.int32, device=self.device))
         self.seed = check_seed(seed)

@@ -11,6 +11,8 @@ static (CUDA-graph friendly).
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,40 @@ from dsm_kernels import counter_words
 
 def pages_per_slot(context: int, page_size: int) -> int:
     return -(-context // page_size)
+
+
+def memory_room(device: torch.device) -> tuple[int, str] | None:
+    """(bytes, words) an allocation on ``device`` can have at most: a GPU's free memory plus what torch's allocator
+    holds unused; a CPU's physical memory (Linux overcommits, so only a size that could never fit is caught, before
+    the page fills of ``torch.zeros`` meet the OOM killer). None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), "free"
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of memory"
+        except (AttributeError, OSError, ValueError):
+            return None
+    return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def zeros_kv(shape: tuple[int, ...], dtype: torch.dtype, device, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zeroed K and V pool of ``shape``, refused first (torch.OutOfMemoryError naming ``what`` and the sizes) when
+    the two cannot fit on ``device``: a batch or context too large then says which cache, instead of failing inside
+    the allocator or, on a CPU, being killed. Zero-filled so that never-written rows cannot inject NaN/inf through a
+    masked-out score."""
+    device = torch.device(device)
+    need = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    room = memory_room(device)
+    if room is not None and need > room[0]:
+        raise torch.OutOfMemoryError(
+            f"{what} needs {_size(need)} for K and V ({' x '.join(map(str, shape))} {str(dtype)[6:]}), and {device} "
+            f"has {_size(room[0])} {room[1]}")
+    return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
 
 @dataclass
@@ -44,9 +80,7 @@ class PagedKVCache:
             raise ValueError(f"a streaming KV cache needs a positive context, got {context!r}")
         n = pages_per_slot(context, page_size)
         shape = (num_layers, batch_size * n, page_size, heads, head_dim)
-        # Zero-filled so that never-written rows cannot inject NaN/inf through a masked-out score.
-        k = torch.zeros(shape, dtype=dtype, device=device)
-        v = torch.zeros(shape, dtype=dtype, device=device)
+        k, v = zeros_kv(shape, dtype, device, f"the KV cache of {batch_size} rows x context {context}")
         table = torch.arange(batch_size * n, dtype=torch.int32, device=device).view(batch_size, n)
         counters = torch.zeros(counter_words(batch_size, heads), dtype=torch.int32, device=device)
         return cls(k, v, table, context, counters)
@@ -90,8 +124,9 @@ class CrossKVCache:
         page_size = page_size or cross_page_size(length)
         if length <= 0 or length % page_size:
             raise ValueError(f"cross-attention length {length} must be a positive multiple of page_size {page_size}")
-        shape = (num_layers, num_pages, page_size, heads, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+        k, v = zeros_kv((num_layers, num_pages, page_size, heads, head_dim), dtype, device,
+                        f"the condition's cross-attention cache of {num_pages} pages")
+        return cls(k, v,
                    torch.zeros(batch_size, length // page_size, dtype=torch.int32, device=device),
                    torch.full((batch_size,), length, dtype=torch.int32, device=device))
 

@@ -301,6 +301,28 @@ def test_bad_engine_settings_are_refused(stt_model, kw, message):
         Engine(stt_model, **{"max_slots": 2, **kw})
 
 
+def test_a_kv_cache_past_the_memory_is_refused_in_words(stt_model, monkeypatch):
+    """A batch or context whose KV cache cannot fit is refused before anything is allocated (on a CPU, torch.zeros
+    would fill pages until the OOM killer came), naming the cache and the sizes; bench's probes and the CLI take it
+    as the out-of-memory error it is."""
+    import dsm.kv_cache
+    from dsm.kv_cache import PagedKVCache
+
+    with pytest.raises(torch.OutOfMemoryError, match=r"Engine's KV cache \(10000000 slots x context \d+, 2 layers\) "
+                       r"needs [\d.]+ GiB for K and V \(2 x \d+ x 16 x \d+ x \d+ float32\), and cpu has [\d.]+ GiB "
+                       "of memory"):
+        Engine(stt_model, max_slots=10**7)
+    with pytest.raises(torch.OutOfMemoryError, match=r"the KV cache of 2 rows x context 100000000000 needs"):
+        PagedKVCache.allocate(num_layers=1, batch_size=2, heads=2, head_dim=8, context=10**11)
+    mib = 2**20  # a GPU's room is its free memory plus what torch's allocator holds unused
+    monkeypatch.setattr(dsm.kv_cache, "memory_room", lambda device: (mib, "free"))
+    with pytest.raises(torch.OutOfMemoryError, match=r"^x needs 1.0 MiB for K and V \(131073 float32\), and cpu has "
+                       r"1.0 MiB free$"):
+        dsm.kv_cache.zeros_kv((mib // 8 + 1,), torch.float32, "cpu", "x")  # 8 bytes past the room: refused
+    k, v = dsm.kv_cache.zeros_kv((mib // 4,), torch.bfloat16, "cpu", "x")  # exactly the room: allocated
+    assert k.shape == v.shape == (mib // 4,) and not k.any() and not v.any()
+
+
 def test_bad_open_and_step_arguments(stt_model):
     eng = Engine(stt_model, max_slots=2, use_sampling=False)
     with pytest.raises(TypeError, match="slot must be an int, got True"):
