@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -243,16 +244,31 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
                     extra=extra)
 
 
-def _bench_or_oom(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None, **engine_kw) -> BenchRow:
-    """:func:`bench_dsm`, or, where the device runs out of memory, a row that misses every budget and says so: a
-    batch too large for the device (a capacity probe on a larger GPU, a reserve too small for Mimi's activations)
-    ends its own measurement, not the run, whose rows reach the JSON line only at its end."""
+def _out_of_memory(e: BaseException) -> bool:
+    # torch raises OutOfMemoryError on a GPU (and dsm's own checks do everywhere); a CPU allocation that fails is a
+    # plain RuntimeError from its allocator
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+def _or_oom(system: str, batch: int, device, run) -> BenchRow | None:
+    """``run()``'s row, or, where the device runs out of memory, a row of ``system`` that misses every budget and
+    says so: a batch too large for the device (a capacity probe on a larger GPU, a reserve too small for Mimi's
+    activations) ends its own measurement, not the run, whose rows reach the JSON line only at its end."""
     try:
-        return bench_dsm(model, mimi, batch, steps, warmup, timer, progress, **engine_kw)
-    except torch.cuda.OutOfMemoryError as e:
+        return run()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
         error = f"out of device memory: {str(e).splitlines()[0][:200]}"
-    _release(next(model.parameters()).device)  # after the except block: its traceback held the step's tensors
-    return BenchRow("dsm", "", batch, math.inf, math.inf, math.nan, math.inf, 0.0, extra={"error": error})
+    _release(device)  # after the except block: its traceback held the step's tensors
+    return BenchRow(system, "", batch, math.inf, math.inf, math.nan, math.inf, 0.0, extra={"error": error})
+
+
+def _bench_or_oom(model, mimi, batch: int, steps: int, warmup: int, timer, progress=None, **engine_kw) -> BenchRow:
+    """:func:`bench_dsm`, or its row of :func:`_or_oom` where the device runs out of memory."""
+    return _or_oom("dsm", batch, next(model.parameters()).device,
+                   partial(bench_dsm, model, mimi, batch, steps, warmup, timer, progress, **engine_kw))
 
 
 def time_to_first_audio(model, mimi, batch: int, timer, delay_steps: int = 16, runs: int = 5,
@@ -667,7 +683,7 @@ def run_cli(args) -> int:
                 bar.write(format_table([r]).splitlines()[2])  # each row as soon as it exists
                 _release(device)
                 if reference:
-                    ref = bench_moshi(model, b, steps, warmup, timer, bar)
+                    ref = _or_oom("moshi", b, device, partial(bench_moshi, model, b, steps, warmup, timer, bar))
                     if ref is not None:
                         ref.model = name
                         rows.append(ref)

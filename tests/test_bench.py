@@ -332,6 +332,31 @@ def test_a_batch_out_of_device_memory_ends_its_probe_not_the_run(tmp_path, capsy
     assert max(asked) > 5 and 5 in asked
 
 
+def test_the_reference_out_of_memory_ends_its_row_not_the_run(tmp_path, capsys, monkeypatch):
+    """moshi's run at a batch past the machine gets the row dsm's gets (a CPU's allocator fails with a RuntimeError
+    of its own); any other error of it still stops the run."""
+    from dsm import bench
+
+    def oom(model, batch, *args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 8 GB")
+
+    monkeypatch.setattr(bench, "bench_moshi", oom)
+    out = tmp_path / "r.jsonl"
+    argv = ["bench", "--preset", "tiny-stt", "--batch", "1", "--steps", "1", "--warmup", "0", "--no-mimi", "--output",
+            str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["system"] for r in rows] == ["dsm", "moshi"] and rows[0]["p50_ms"] is not None
+    assert rows[1]["p50_ms"] is None and "can't allocate memory" in rows[1]["extra"]["error"]
+
+    def broken(model, batch, *args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(bench, "bench_moshi", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(argv)
+
+
 def test_bench_rejects_duplicate_batches(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--preset", "tiny-stt", "--batch", "1,2,1", "--steps", "1", "--warmup", "0", "--no-mimi",
