@@ -153,16 +153,26 @@ class _Slot:
     position: int = 0  # tokens in this slot's KV since it opened (host mirror of GenState.positions)
 
 
+def int64_value(value) -> int | None:
+    """``value`` as an int when it is an integer (not a bool) that fits int64, as seeds and the wire's marker ids
+    are; else None (floats and strings are refused rather than truncated)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        value = operator.index(value)
+    except TypeError:
+        return None
+    return value if -(2**63) <= value < 2**63 else None
+
+
 def check_seed(seed, name: str = "seed") -> int:
     """A sampling seed as the samplers take it: an integer that fits int64 (floats and strings are refused rather
     than truncated or failing inside a later step)."""
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(seed).__name__} {seed!r}") from None
-    if isinstance(seed, bool) or not -(2**63) <= value < 2**63:
+    if (value := int64_value(seed)) is not None:
+        return value
+    if isinstance(seed, bool) or hasattr(type(seed), "__index__"):
         raise ValueError(f"{name} must be an integer in [-2**63, 2**63), got {seed!r}")
-    return value
+    raise TypeError(f"{name} must be an integer, got {type(seed).__name__} {seed!r}")
 
 
 def bucket_for(buckets: tuple[int, ...], slots: Iterable[int]) -> int:

@@ -64,6 +64,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from .audio import AudioError
+from .engine import int64_value
 from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .stt import EndWord, Marker, NoFreeSlotError, STTRuntime, STTStream, VADStep, Word
 
@@ -563,9 +564,8 @@ class ASRServer(_Endpoint):
             pcm, error = _float32_list(msg["pcm"], "Audio.pcm")
             return kind, pcm, error
         if kind == "Marker":
-            mid = msg.get("id")
-            if isinstance(mid, bool) or not isinstance(mid, int) or not -(2**63) <= mid < 2**63:
-                return kind, None, f"Marker.id must be an int64, got {mid!r}"
+            if (mid := int64_value(msg.get("id"))) is None:
+                return kind, None, f"Marker.id must be an int64, got {msg.get('id')!r}"
             return kind, mid, None
         if kind == "OggOpus":
             return kind, None, "OggOpus input is not supported by dsm: send Audio messages (24 kHz float PCM)"

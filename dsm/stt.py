@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import math
-import numbers
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
-from .engine import Engine, bucket_for
+from .engine import Engine, bucket_for, int64_value
 from .generate import check_temperature
 from .host_copies import HostReads, to_device
 from .mimi import FRAME_SIZE, SAMPLE_RATE
@@ -468,11 +467,10 @@ class STTStream:
     def marker(self, marker_id: int) -> list[Event]:
         """Ask for a :class:`Marker` event once the audio queued so far plus ``asr_delay_in_tokens`` steps have run
         (moshi-server's rule, §5.7); pending markers are echoed at the end of the stream at the latest."""
-        if isinstance(marker_id, bool) or not isinstance(marker_id, numbers.Integral) \
-                or not -(2**63) <= marker_id < 2**63:  # the wire's int64
+        if (mid := int64_value(marker_id)) is None:  # the wire's int64
             raise ValueError(f"stream {self.name}: a marker id is an int64, got {marker_id!r}")
         due = self.steps + self.in_flight + len(self.queue) // FRAME_SIZE + self.rt.asr_delay_in_tokens
-        self._markers.append((due, int(marker_id)))
+        self._markers.append((due, mid))
         # no more steps for it: echo now
         self._due_markers(all_=self.ended and len(self.queue) < FRAME_SIZE and not self.in_flight)
         return self.events()
