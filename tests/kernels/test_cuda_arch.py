@@ -56,3 +56,14 @@ def test_without_the_extension_or_a_gpu(monkeypatch):
     monkeypatch.setattr(dsm_kernels, "has_cuda_ext", lambda: False)
     assert "dsm_kernels._C is not built" in dsm_kernels.cuda_ext_unavailable("cuda:0")
     assert "cuda" not in dsm_kernels.available_backends("cuda:0")
+
+
+@pytest.mark.gpu
+def test_the_built_extension_names_its_arch_and_runs_here():
+    """On the GPU the extension was built for (the H100/H200 of gpu_check.sh): it records its arch, and dsm uses it."""
+    import torch
+
+    assert dsm_kernels.has_cuda_ext(), "dsm_kernels._C is not built"
+    arch = dsm_kernels.cuda_ext_arch()
+    assert arch is not None and dsm_kernels.arch_runs_on(arch, torch.cuda.get_device_capability()), arch
+    assert dsm_kernels.cuda_ext_unavailable("cuda") is None and dsm_kernels.default_backend("cuda") == "cuda"
