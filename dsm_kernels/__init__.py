@@ -199,12 +199,14 @@ def has_cuda_ext() -> bool:
     return True
 
 
+@cache
 def cuda_ext_arch() -> str | None:
     """The GPU architecture ``dsm_kernels._C`` was compiled for (``DSM_CUDA_ARCH`` at build time, e.g. ``"90a"``), or
     None without the extension (or one built before it recorded its architecture)."""
     return getattr(importlib.import_module("dsm_kernels._C"), "cuda_arch", None) if has_cuda_ext() else None
 
 
+@cache
 def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
     """Whether machine code for ``sm_<arch>`` runs on a GPU of compute ``capability``. The extension carries machine
     code only (no PTX for the driver to compile), which runs on the same major version at an equal or higher minor
