@@ -1319,7 +1319,7 @@ def test_voice_lookups_are_bounded_and_never_delay_a_connection_without_one(ckpt
         return none, waited, got, bad
 
     none, waited, got, bad = asyncio.run(main())
-    assert none == "default" and waited < 0.05, waited
+    assert none == "default" and waited < 0.15, waited  # not behind the lookups (0.2 s), on a busy runner too
     assert got == ["V0", "V1", "V2", "V3", "V4"] and peak[0] == server_mod.VOICE_LOOKUPS
     assert bad == ["default", "default"] and looked_up.count("bad") == 1  # the failure is remembered
     monkeypatch.setattr(server_mod, "VOICE_RETRY_S", 0.0)
