@@ -252,7 +252,25 @@ class Generator:
         (:meth:`check_hook_tokens`, a host wait for the device each); a caller whose hooks write only ids it knows
         valid (the TTS runtime's state machine) turns it off."""
         B, dq = state.batch_size, self.model.cfg.dep_q
+        # A hook that raises leaves the frame uncommitted, but the forward pass has appended K/V and advanced the KV
+        # positions: putting them back makes the step never have happened (the next one overwrites that K/V), as
+        # the engine does. Only hooks (and replacement tokens of a wrong shape) fail between the forward pass and
+        # the commit.
+        hooked = any(h is not None for h in (on_text_logits, on_text, on_audio, depformer_replace_tokens))
+        positions = state.positions.clone() if hooked else None
         z, text_logits = self.forward(state, self.check_inputs(state, input_tokens))
+        try:
+            return self._finish_step(state, z, text_logits, depformer_replace_tokens, on_text_logits, on_text,
+                                     on_audio, check_hooks)
+        except BaseException:
+            if positions is not None:
+                state.positions.copy_(positions)
+            raise
+
+    def _finish_step(self, state, z, text_logits, depformer_replace_tokens, on_text_logits, on_text, on_audio,
+                     check_hooks) -> StepOutput:
+        """:meth:`step` after the forward pass: the hooks, sampling, the depth transformer and the commit."""
+        B, dq = state.batch_size, self.model.cfg.dep_q
         extra = self.extra_probs(z[:B])
         if on_text_logits is not None:
             text_logits = text_logits.clone()

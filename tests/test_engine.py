@@ -211,6 +211,33 @@ def test_a_raising_hook_leaves_the_step_undone(stt_model):
     assert torch.equal(run(4), run(None))  # position 4 starts the second page: the case that hit the null page
 
 
+def test_a_raising_hook_leaves_the_generators_step_undone(stt_model, tts_model):
+    """The same on the plain Generator (what STTRuntime(engine=False) steps): its KV positions had advanced past the
+    uncommitted frame, so every later step attended over a stale K/V row at the wrong position."""
+    for model in (stt_model, tts_model):
+        n_in = model.cfg.num_codebooks - model.cfg.dep_q - 1
+        audio = torch.randint(0, 64, (8, 2, n_in), generator=torch.Generator().manual_seed(5)) if n_in else None
+        hooks = [("on_text", lambda x: 1 / 0), ("on_text_logits", lambda x: 1 / 0)]
+        if model.cfg.dep_q:
+            hooks += [("on_audio", lambda x: 1 / 0), ("depformer_replace_tokens", torch.zeros(3))]
+
+        def run(fail_at, model=model, audio=audio, hooks=hooks):
+            gen = Generator(model, use_sampling=False)
+            st = gen.init_state(2, require_conditions=False)
+            logits = []
+            for t in range(8):
+                inp = None if audio is None else audio[t]
+                if t == fail_at:
+                    for hook, value in hooks:
+                        with pytest.raises((ZeroDivisionError, RuntimeError)):
+                            gen.step(st, inp, **{hook: value})
+                        assert st.positions.tolist() == [t] * st.positions.shape[0], hook
+                logits.append(gen.step(st, inp).text_logits.clone())
+            return torch.stack(logits)
+
+        assert torch.equal(run(3), run(None))
+
+
 def test_hooks_cannot_open_or_close_streams(stt_model):
     """A hook that closes (or opens) a stream mid-step is refused: the step then undoes itself like any raising hook,
     and the engine goes on as if it had not been called. Closing there used to raise a KeyError after the frame was
