@@ -93,7 +93,8 @@ class EndWord:
 
 @dataclass(frozen=True)
 class Partial:
-    """The pending (not yet closed) word changed; ``text`` is the whole transcript so far including it."""
+    """The pending (not yet closed) word changed; ``text`` is the whole transcript so far including it (for a stream
+    opened with ``history=False``, which keeps no transcript, the pending word alone)."""
 
     stream: str
     pending: str
@@ -387,7 +388,7 @@ class STTStream:
         self.finished = False  # all input processed, slot freed
         self._events: list[Event] = []
         self._raw: list[RawWord | RawEndWord] = []
-        self._text = ""  # finished words so far, space-separated
+        self._text = ""  # finished words so far, space-separated (with history only: it grows with the stream)
         self._markers: deque[tuple[int, int]] = deque()  # (due step, id), in due order
         # silence a flush(end=False) inserted, as (start, seconds) on the model's clock (prefix removed): later words
         # are moved back onto the clock of the pushed audio
@@ -535,7 +536,8 @@ class STTStream:
                 self._raw.append(e)
             if isinstance(e, RawWord):
                 text = self.rt.tokenizer.decode(list(e.tokens))
-                self._text = f"{self._text} {text}" if self._text else text
+                if self.history:
+                    self._text = f"{self._text} {text}" if self._text else text
                 self._events.append(Word(self.name, text, self._audio_time(e.start_time - shift), e.tokens))
             else:
                 self._events.append(EndWord(self.name, self._audio_time(e.stop_time - shift)))

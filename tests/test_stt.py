@@ -217,7 +217,8 @@ def test_forced_words_follow_both_rules(lm, tok, files, alignment, model, engine
 
 def test_stream_without_history_gives_the_same_events_and_keeps_nothing(lm, tok, files):
     """history=False (the server's streams): the same events, token for token, as a stream with history, beside it
-    on the same runtime; it keeps no tokens or words (bounded memory however long it runs), words() says why, and
+    on the same runtime, but for a Partial's text, its pending word alone; it keeps no tokens, words or text
+    (bounded memory however long it runs: the whole text so far in each Partial grew with it), words() says why, and
     its Finished has no transcript."""
     seq = forced_stream(tok, 80, seed=4)
     forcer = Forcer({"kept": seq, "bare": seq})
@@ -229,6 +230,11 @@ def test_stream_without_history_gives_the_same_events_and_keeps_nothing(lm, tok,
     rt.run()
     for s in (kept, bare):
         events[s.name] = [dataclasses.replace(e, stream="x") for e in s.flush() + s.events()]
+    partials = {k: [e for e in v if isinstance(e, Partial)] for k, v in events.items()}
+    assert all(e.text == e.pending for e in partials["bare"]) and bare._text == ""
+    assert any(e.text != e.pending and e.text.endswith(e.pending) for e in partials["kept"])
+    for k, v in events.items():
+        events[k] = [dataclasses.replace(e, text=e.pending) if isinstance(e, Partial) else e for e in v]
     assert events["kept"][:-1] == events["bare"][:-1]
     assert sum(isinstance(e, Word) for e in events["bare"]) >= 3
     assert isinstance(events["bare"][-1], Finished) and events["bare"][-1].transcript is None
