@@ -603,6 +603,26 @@ def test_pcm_with_fewer_streams_than_slots(ckpt):
     torch.testing.assert_close(out[1], out[0])
 
 
+def test_frames_and_pcm_own_their_memory(ckpt):
+    """A stream's frames and PCM chunks (kept by the stream, by a consumer's on_pcm, or read) hold their own bytes:
+    as views of the step's batch, a long stream among 4 kept 4x its own bytes alive (256x among 256)."""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    rt = runtime(ckpt, audio=True, n_q=2, max_batch=4)
+    chunks = []
+    streams = [rt.open_stream(voice, on_pcm=chunks.append if i == 0 else None) for i in range(4)]
+    for i, s in enumerate(streams):
+        s.push("hello" + " a" * i)
+        s.end()
+    rt.run(streams)
+    pcm = [c for s in streams[1:] for c in s.pending] + chunks
+    owned = [t for s in streams for t in s.frames] + pcm
+    assert len(chunks) > 1 and all(t.numel() for t in owned)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in owned)
+    assert all(t.shape == (1920,) and t.dtype == torch.float32 for t in pcm)
+    frames = [t for s in streams for t in s.frames]
+    assert len({t.shape for t in frames}) == 1 and frames[0].dim() == 1 and frames[0].dtype == torch.long
+
+
 def test_mimi_decodes_the_rows_of_the_open_slots(ckpt, monkeypatch):
     """Mimi decodes the smallest bucket of rows that holds every slot with a stream, not every slot (buckets of 2
     and 4 rows here, as a large runtime's 128, 192, ...): one stream costs 2 rows, two more (slots 1 and 2) make it
