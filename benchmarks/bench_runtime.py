@@ -85,7 +85,8 @@ def stt_rows(files, streams: int, k: int, calls: int, device: torch.device, slot
     r, d = 1e3 * statistics.median(runtime), 1e3 * statistics.median(alone)
     o = 1e3 * overlapped
     return {"runtime": "stt", "streams": streams, "slots": slots, "frames_per_call": k, "runtime_ms": r,
-            "overlap_ms": o, "stepper_ms": d, "events_ms": r - d, "rtf": o / 80.0, "rtfx": 80.0 * streams / o}
+            "overlap_ms": o, "stepper_ms": d, "events_ms": r - d, "rtf": o / (80.0 * streams),
+            "rtfx": 80.0 * streams / o}
 
 
 def tts_rows(files, streams: int, frames: int, device: torch.device, slots: int | None = None) -> dict:
@@ -120,7 +121,7 @@ def tts_rows(files, streams: int, frames: int, device: torch.device, slots: int 
     times.sort()
     p50, p99 = statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
     return {"runtime": "tts", "streams": streams, "slots": slots, "frame_p50_ms": p50, "frame_p99_ms": p99,
-            "ttfa_p50_ms": statistics.median(ttfa), "ttfa_max_ms": max(ttfa), "rtf": p50 / 80.0}
+            "ttfa_p50_ms": statistics.median(ttfa), "ttfa_max_ms": max(ttfa), "rtf": p50 / (80.0 * streams)}
 
 
 def main() -> None:

@@ -512,6 +512,18 @@ def check_output(path: str | Path) -> str | None:
     return None
 
 
+def write_replacing(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, renamed over it once complete: a write that
+    fails (a full disk) leaves the previous file whole, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,12 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
     from dsm_kernels.validate import print_table, validate_kernels
 
     device = device_or_default(args.device)
+    if args.json is not None:
+        from .bench import check_output
+
+        if (why := check_output(args.json)) is not None:  # before the run, not a traceback after it
+            print(f"dsm validate-kernels: error: {why.replace('--output', '--json')}", file=sys.stderr)
+            return 2
     rows = validate_kernels(device, quick=args.quick)
     if not rows:
         found = ", ".join(dsm_kernels.available_backends(device))
@@ -110,12 +116,17 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
         import dataclasses
         import json
 
-        from .bench import environment, strict_json
+        from .bench import environment, strict_json, write_replacing
 
         # an error row's inf error is null in strict JSON
         doc = strict_json({**environment(device), "validated_on": str(device),
                            "rows": [dataclasses.asdict(r) for r in rows]})
-        args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        try:
+            write_replacing(args.json, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        except OSError as e:
+            print(f"dsm validate-kernels: error: cannot write --json {str(args.json)!r}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 1
     return 0 if all(r.ok for r in rows) else 1
 
 

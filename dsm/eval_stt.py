@@ -72,10 +72,10 @@ def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
             if len(parts) != 2:
                 raise ManifestError(f"{path}:{n}: expected 'audio<TAB>text'")
             audio, text = parts
-            if n == 1 and audio.strip().lower() in AUDIO_KEYS and text.strip().lower() in TEXT_KEYS:
-                continue
-        p = Path(audio)
-        pairs.append((p if p.is_absolute() else path.parent / p, text))
+            if not pairs and audio.strip().lower() in AUDIO_KEYS and text.strip().lower() in TEXT_KEYS:
+                continue  # a header, on the first line with an entry
+        p = Path(audio)  # relative to the manifest, and absolute: "-" names a file there, never stdin
+        pairs.append((p if p.is_absolute() else path.parent.absolute() / p, text))
     if not pairs:
         raise ManifestError(f"{path}: manifest has no entries")
     return pairs
@@ -138,7 +138,7 @@ def setup_eval_cli(p) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .bench import check_output
+    from .bench import check_output, write_replacing
     from .stt import runtime_from_args
 
     try:
@@ -146,6 +146,10 @@ def _cmd_eval(args) -> int:
         normalize = english_normalizer()
     except (ManifestError, ImportError) as e:
         print(f"dsm eval-stt: error: {e}", file=sys.stderr)
+        return 2
+    if args.output and Path(args.output).resolve() in {Path(args.manifest).resolve(), *(p.resolve() for p, _ in pairs)}:
+        print(f"dsm eval-stt: error: --output {args.output!r} is the manifest or one of its audio files",
+              file=sys.stderr)
         return 2
     if args.output and (why := check_output(args.output)) is not None:  # before the run, not a traceback after it
         print(f"dsm eval-stt: error: {why}", file=sys.stderr)
@@ -164,5 +168,9 @@ def _cmd_eval(args) -> int:
         out = {"wer": res.wer, "rtfx": res.rtfx, "n_utterances": res.n_utterances, "n_skipped": res.n_skipped,
                "audio_seconds": res.audio_seconds, "wall_seconds": res.wall_seconds, "errors": res.errors,
                "rows": res.rows}
-        Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+        try:
+            write_replacing(args.output, json.dumps(out, indent=2) + "\n")
+        except OSError as e:
+            print(f"dsm eval-stt: error: cannot write --output {args.output!r}: {e.strerror or e}", file=sys.stderr)
+            return 1
     return 1 if res.errors else 0

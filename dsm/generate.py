@@ -251,7 +251,6 @@ class Generator:
         a CUDA graph) with the host hooks between them. ``check_hooks``: range-check what the hooks wrote
         (:meth:`check_hook_tokens`, a host wait for the device each); a caller whose hooks write only ids it knows
         valid (the TTS runtime's state machine) turns it off."""
-        B, dq = state.batch_size, self.model.cfg.dep_q
         # A hook that raises leaves the frame uncommitted, but the forward pass has appended K/V and advanced the KV
         # positions: putting them back makes the step never have happened (the next one overwrites that K/V), as
         # the engine does. Only hooks (and replacement tokens of a wrong shape) fail between the forward pass and

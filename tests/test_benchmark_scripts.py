@@ -97,9 +97,11 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
     if name == "runtime_stt":
         assert [(r["streams"], r["frames_per_call"]) for r in rows] == [(2, 1), (2, 4)]
         assert all(r["stepper_ms"] > 0 and r["overlap_ms"] > 0 and r["rtfx"] > 0 for r in rows), rows
+        assert all(abs(r["rtf"] * r["rtfx"] - 1) < 1e-9 for r in rows), rows  # of the streams' audio, not one's
     if name == "runtime_tts":
         assert [r["streams"] for r in rows] == [2] and rows[0]["frame_p99_ms"] >= rows[0]["frame_p50_ms"]
         assert rows[0]["ttfa_p50_ms"] > 0
+        assert rows[0]["rtf"] == rows[0]["frame_p50_ms"] / (80.0 * 2)  # a frame's step runs both streams' 80 ms
     if name.startswith("serve"):  # every client served to the end; the server's build_info in the row
         assert [(r["clients"], r["served"], r["errors"]) for r in rows] == [(2, 2, 0)], rows
         assert rows[0]["server"]["device"] == "cpu" and rows[0]["frames"] > 0, rows

@@ -178,6 +178,39 @@ def test_eval_stt_unwritable_output_and_failures_are_one_clear_line(tmp_path, ca
     assert "no utterance could be scored" in err and "1 failed, the first:" in err and "missing.wav" in err, err
 
 
+def test_outputs_are_checked_first_and_replaced_whole(tmp_path, capsys, monkeypatch):
+    """validate-kernels --json to a path it cannot write is refused before the run (was a traceback after it); a
+    write that fails at the end (a full disk) leaves the previous file whole; eval-stt refuses to write over its
+    manifest; a manifest's header may follow blank lines, and its entry "-" is a file beside it, not stdin."""
+    import dsm.bench
+    from dsm.eval_stt import read_manifest
+
+    assert main(["validate-kernels", "--quick", "--device", "cpu", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsm validate-kernels: error: cannot write --json") and err.count("\n") == 1, err
+    old = tmp_path / "old.json"
+    old.write_text('{"previous": 1}\n')
+
+    def full(self, text, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(old), "write_text", full)
+    with pytest.raises(OSError):
+        dsm.bench.write_replacing(old, "{}")
+    monkeypatch.undo()
+    assert old.read_text() == '{"previous": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
+    dsm.bench.write_replacing(old, "{}\n")
+    assert old.read_text() == "{}\n"
+
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("\naudio\ttext\n-\thello\n")
+    assert read_manifest(manifest) == [(tmp_path / "-", "hello")]
+    assert main(["eval-stt", str(manifest), "--preset", "tiny-stt", "--random-weights", "--output",
+                 str(manifest)]) == 2
+    assert "is the manifest or one of its audio files" in capsys.readouterr().err
+    assert manifest.read_text() == "\naudio\ttext\n-\thello\n"
+
+
 def test_ctrl_c_and_out_of_memory_are_one_line(capsys, monkeypatch):
     """Ctrl-C during a command (a long `dsm speak`): 'interrupted' and the shell's 130, not a traceback."""
     import dsm.server
