@@ -13,6 +13,7 @@ Times are CUDA-event medians after warm-up on a GPU, wall-clock on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -453,7 +454,7 @@ def format_ttfa(rows: list[BenchRow]) -> str:
     """One line per row with a TTS time to first audio: the warm-engine figure, and the cold one beside it."""
     lines = []
     for r in rows:
-        if "ttfa_ms" not in r.extra:
+        if "ttfa_ms" not in r.extra or r.extra.get("capacity_probe"):
             continue
         cold = r.extra.get("ttfa_cold_ms")
         note = "warm engine" + (f"; {cold:.1f} ms cold: the first run, one-time setup and any graph capture "
@@ -499,16 +500,19 @@ def strict_json(v):
 
 def check_output(path: str | Path) -> str | None:
     """Why ``path`` cannot be appended to (checked before the benchmark runs, not after it), or None. Leaves no
-    new file behind."""
+    new file or folder behind (the run makes them when it writes)."""
     path = Path(path)
     existed = path.exists()
+    made = [p for p in path.parents if not p.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.open("a").close()
     except OSError as e:
         return f"cannot write --output {str(path)!r}: {e.strerror or e}"
-    if not existed:
-        path.unlink()
+    finally:
+        for p in ([] if existed else [path]) + made:
+            with contextlib.suppress(OSError):  # what was never made (a parent that is a file) is not there
+                p.unlink() if p is path else p.rmdir()
     return None
 
 
@@ -516,6 +520,7 @@ def write_replacing(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it, renamed over it once complete: a write that
     fails (a full disk) leaves the previous file whole, never a truncated one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)
@@ -610,9 +615,9 @@ def _capacity_search(model, mimi, name, rows, args, engine_kw, timer, weights, b
         limit = kv_capacity(model.cfg, engine_kw["kv_dtype"] or next(model.parameters()).dtype, memory, weights,
                             page_size=engine_kw["page_size"], mimi_bytes=_mimi_stream_bytes(model, mimi),
                             condition_rows=own * page, condition_dtype=next(model.transformer.parameters()).dtype)
-    else:
-        limit = 64
     fitting = [r.batch for r in rows if r.model == name and r.system == "dsm" and r.p50_ms <= args.frame_ms]
+    if device.type != "cuda":  # no KV bound worked out on a CPU: a search bound, never below a measured fit
+        limit = max(64, *fitting)
     steps = 10 if device.type == "cuda" else 2
 
     def measure(n: int) -> float:
@@ -714,9 +719,10 @@ def run_cli(args) -> int:
         mine = [r for r in rows if r.model == name and r.system == "dsm"]
         if name in searched:
             n, limit = searched[name]
-            capacities[name] = {"streams": n, "searched": True, "kv_limit": limit}
+            capacities[name] = {"streams": n, "searched": True, "kv_limit": limit if gpu else None}
+            bound = f"KV memory allows {limit}" if gpu else f"searched up to {limit} on a CPU"
             print(f"{name}: capacity {n} streams with p50 step <= {args.frame_ms:g} ms"
-                  f"{', Mimi included' if args.mimi else ' (LM only)'} (searched; KV memory allows {limit})")
+                  f"{', Mimi included' if args.mimi else ' (LM only)'} (searched; {bound})")
         else:
             capacities[name] = {"streams": capacity(mine, args.frame_ms), "searched": False}
             print(f"{name}: capacity {capacities[name]['streams']} streams within {args.frame_ms:g} ms per step "

@@ -985,17 +985,21 @@ class TTSRuntime:
     def speak(self, text: str | Sequence[str], voice=None, cfg: float | None = 2.0) -> Iterator[torch.Tensor]:
         """Speak ``text`` (a string, or a list of dialogue turns), yielding PCM chunks as soon as they exist."""
         stream = self.open_stream(voice, cfg)
-        for i, turn in enumerate([text] if isinstance(text, str) else text):
-            if i:
-                stream.next_turn()
-            stream.push(turn)
-        stream.end()
-        while not stream.done:
-            if not self.step() and not stream.done:
-                raise self._stalled()
-            pcm = stream.read()
-            if pcm.numel():
-                yield pcm
+        try:
+            for i, turn in enumerate([text] if isinstance(text, str) else text):
+                if i:
+                    stream.next_turn()
+                stream.push(turn)
+            stream.end()
+            while not stream.done:
+                if not self.step() and not stream.done:
+                    raise self._stalled()
+                pcm = stream.read()
+                if pcm.numel():
+                    yield pcm
+        finally:  # abandoned (the caller closed the generator) or failed: the slot is not left generating for no one
+            if not stream.done:
+                stream.cancel()
 
     def synthesize(self, text: str | Sequence[str], voice=None, cfg: float | None = 2.0) -> torch.Tensor:
         """Whole utterance as float32 PCM [N] (24 kHz)."""

@@ -357,6 +357,34 @@ def test_the_reference_out_of_memory_ends_its_row_not_the_run(tmp_path, capsys, 
         main(argv)
 
 
+def test_checking_an_output_leaves_nothing_behind(tmp_path):
+    """check_output makes the folders it tries, then removes them with the file (a run refused later left them)."""
+    from dsm.bench import check_output
+
+    assert check_output(tmp_path / "a" / "b" / "r.jsonl") is None and list(tmp_path.iterdir()) == []
+    (tmp_path / "f").write_text("kept")
+    assert "Not a directory" in check_output(tmp_path / "f" / "x" / "r.jsonl")
+    assert check_output(tmp_path / "f") is None and (tmp_path / "f").read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_a_cpu_capacity_is_never_below_a_measured_fit(tmp_path, capsys, monkeypatch):
+    """On a CPU the capacity search has no KV bound: its bound (64) reported 64 streams after batch 100 fit, and
+    called itself a KV-memory limit."""
+    from dsm import bench
+
+    def bench_dsm(model, mimi, batch, *args, **kw):  # a step of 1 ms a stream, measured instantly
+        return bench.BenchRow("dsm", "", batch, float(batch), float(batch), 0.0, *bench._rates(float(batch), batch))
+
+    monkeypatch.setattr(bench, "bench_dsm", bench_dsm)
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--preset", "tiny-stt", "--batch", "100", "--no-mimi", "--no-reference", "--capacity",
+                 "--frame-ms", "150", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tiny-stt: capacity 100 streams" in text and "searched up to 100 on a CPU" in text, text
+    assert json.loads(out.read_text())["capacity"]["tiny-stt"]["kv_limit"] is None
+
+
 def test_bench_rejects_duplicate_batches(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--preset", "tiny-stt", "--batch", "1,2,1", "--steps", "1", "--warmup", "0", "--no-mimi",

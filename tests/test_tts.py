@@ -1248,6 +1248,17 @@ def test_speak_text_from_stdin(monkeypatch):
         _read_text("-")
 
 
+def test_an_abandoned_speak_frees_its_slot(ckpt):
+    """A caller that stops reading speak() (closes the generator after the first chunk) cancels its stream: the slot
+    was left generating the whole text for no one, ahead of every stream waiting for it."""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    rt = runtime(ckpt, audio=True, n_q=2, max_batch=1)
+    chunks = rt.speak("hello world " * 20, voice)
+    assert next(chunks).numel()
+    chunks.close()
+    assert rt.slots == [None] and not rt.waiting
+
+
 def test_unspeakable_text_is_an_input_error(ckpt):
     """A break too long for a float (`1e400s`: the tag's pattern, moshi's, lets any character follow the first digits)
     and text that is not valid Unicode (lone surrogates, which is what Python makes of non-UTF-8 bytes in argv) are
