@@ -23,6 +23,7 @@ is emitted and ended at the current time, so that no text is lost.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import warnings
@@ -842,6 +843,12 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
     finally:
         if bar:
             bar.close()
+        if live:  # abandoned (the caller closed the generator) or failed: the files in flight free their slots
+            with contextlib.suppress(Exception):  # a failed call's error is already on its way
+                rt.settle()
+            for _, s, _ in live:
+                if not s.finished:
+                    s.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

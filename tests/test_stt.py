@@ -714,6 +714,13 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     assert "empty" in res["empty.wav"].error and "cannot decode" in res["corrupt.wav"].error
     assert "not found" in res["missing.mp3"].error and str(tmp_path) in res["missing.mp3"].error
     assert res["ok.flac"].error is None and res["ok.flac"].audio_seconds == 0.25
+    # a caller that stops reading (closes the generator at the first result): the files in flight free their slots
+    sf.write(tmp_path / "long.flac", noise(24000 * 4, 2).numpy(), 24000)
+    r4 = runtime(lm, tok, files.config, max_streams=3)
+    results = transcribe_files(r4, [tmp_path / "ok.flac", tmp_path / "long.flac", tmp_path / "long.flac"])
+    assert next(results).path.name == "ok.flac" and r4.free_slots == 1
+    results.close()
+    assert r4.free_slots == 3
     # a model without delay and no audio: nothing to run, the stream finishes at flush
     r0 = runtime(lm, tok, dataclasses.replace(files.config, stt_config={"audio_delay_seconds": 0.0,
                                                                          "audio_silence_prefix_seconds": 0.0}),
