@@ -404,11 +404,12 @@ def _columns(kind: str) -> list[str]:
              "stalled_clients", "stall_max_ms", "rtfx_p50", "keeps_up"])  # fmt: skip
 
 
-def search_capacity(keeps_up, known: int, limit: int) -> int:
-    """The most clients ``n <= limit`` for which ``keeps_up(n)`` holds, ``known`` keeping up already (0: none known):
-    doubling from ``known`` until a probe fails or reaches ``limit``, then bisection to within 1/16 (a probe is a
-    whole row, seconds of real time)."""
-    lo, hi = known, limit + 1  # lo keeps up, hi does not (limit + 1: beyond the server's slots)
+def search_capacity(keeps_up, known: int, limit: int, failed: int | None = None) -> int:
+    """The most clients ``n <= limit`` for which ``keeps_up(n)`` holds, ``known`` keeping up already (0: none known)
+    and ``failed`` not (None: none known): doubling from ``known`` until a probe fails or reaches ``limit``, then
+    bisection to within 1/16 (a probe is a whole row, seconds of real time; one already measured is not run again,
+    and a second run of a failed count, on a noisy machine, could contradict its row)."""
+    lo, hi = known, limit + 1 if failed is None else min(failed, limit + 1)  # lo keeps up, hi does not
     while hi > limit and lo < limit:
         n = min(max(1, 2 * lo), limit)
         lo, hi = (n, hi) if keeps_up(n) else (lo, n)
@@ -491,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                 slots = sum(int(m["total_slots"]) for m in _http_json(base, "/api/modules_info")
                             if m.get("path") == urlsplit(ws_url).path)
                 limit = min(args.max_clients or slots, slots)
-                n = search_capacity(lambda n: measure(n, capacity_probe=True), max(kept, default=0), limit)
+                failed = min((n for n in args.clients if n not in kept), default=None)
+                known = max((n for n in kept if failed is None or n < failed), default=0)
+                n = search_capacity(lambda n: measure(n, capacity_probe=True), known, limit, failed)
                 print(f"capacity: {n} clients keep up (searched up to {limit}, the server's {slots} slots)", flush=True)
                 emit({"bench": f"serve-{args.kind}-capacity", "capacity": n, "limit": limit, "server": info,
                       **({"seconds": args.seconds} if args.kind == "stt" else {"words": len(words)})})
