@@ -11,7 +11,7 @@ achieved GB/s against the weight bytes a frame must read (DSM-SPEC §10.3: 2.96 
 set) and its ratio to the device-to-device copy bandwidth; appends JSON rows to benchmarks/results/depformer.jsonl.
 
     python benchmarks/bench_depformer.py                   # batch 1 2 4 8 64 on cuda
-    python benchmarks/bench_depformer.py --device cpu --small --batch 1   # smoke run of the script itself
+    TRITON_INTERPRET=1 python benchmarks/bench_depformer.py --device cpu --small --batch 1   # smoke run of the script
 """
 
 from __future__ import annotations
@@ -114,11 +114,14 @@ def bandwidth(ms: float, nbytes: int, copy_bw: float) -> tuple[float, float | No
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append ``rows`` as strict JSON lines (a failed measurement's NaN is null, as in every other results file)."""
+    from dsm.bench import strict_json
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
 
 
 def main(argv=None) -> None:

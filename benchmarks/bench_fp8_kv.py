@@ -30,6 +30,7 @@ import torch
 
 import dsm_kernels
 from dsm.bench import _random_conditions, environment, random_model
+from dsm.cli_args import positive_int
 from dsm.engine import Engine
 from dsm.presets import preset_config
 
@@ -95,19 +96,19 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", action="append", help="default GPU: the released presets; CPU: tiny-stt, tiny-tts")
-    p.add_argument("--steps", type=int, default=None, help="frames per run (default: 4 context windows)")
-    p.add_argument("--streams", type=int, default=None, help="streams per engine (default GPU 8, CPU 4)")
+    p.add_argument("--steps", type=positive_int, default=None, help="frames per run (default: 4 context windows)")
+    p.add_argument("--streams", type=positive_int, default=None, help="streams per engine (default GPU 8, CPU 4)")
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "fp8_kv.jsonl"))
     args = p.parse_args(argv)
     device = "cuda" if gpu else "cpu"
     presets = args.preset or (["stt-1b-en_fr", "stt-2.6b-en", "tts-1.6b-en_fr"] if gpu else ["tiny-stt", "tiny-tts"])
-    streams = args.streams or (8 if gpu else 4)
+    streams = (8 if gpu else 4) if args.streams is None else args.streams
     env = environment()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in presets:
         model = random_model(preset_config(name), device, torch.bfloat16)[0]
-        steps = args.steps or 4 * model.cfg.context
+        steps = 4 * model.cfg.context if args.steps is None else args.steps
         res = agreement(model, steps, streams)
         model.float()  # in place: the same weights in fp32, whose K/V bf16 storage does round
         base = agreement(model, steps, streams, ref_kv=torch.float32, kv=torch.bfloat16)

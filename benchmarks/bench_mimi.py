@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsm_kernels  # noqa: E402
 from dsm.bench import git_commit  # noqa: E402
+from dsm.cli_args import nonnegative_int, positive_int  # noqa: E402
 from dsm.mimi import FRAME_SIZE, Mimi, cuda_graphed, load_mimi_state_dict, save_random_mimi  # noqa: E402
 
 FRAME_MS = 80.0
@@ -152,8 +153,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 400])
     p.add_argument("--n-q", type=int, default=32)
-    p.add_argument("--steps", type=int, default=None, help="timed calls (default 50 on CUDA, 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 10 on CUDA, 2 on CPU)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed calls (default 50 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up calls (default 10 on CUDA, 2 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's choice)")
     p.add_argument("--ckpt", type=Path, default=None, help="Mimi safetensors (default: a random one)")
     p.add_argument("--no-moshi", action="store_true", help="skip the moshi baseline")
@@ -167,8 +168,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    args.steps = args.steps or (50 if cuda else 5)
-    args.warmup = args.warmup or (10 if cuda else 2)
+    args.steps = (50 if cuda else 5) if args.steps is None else args.steps  # an asked 0 warm-up stays 0
+    args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
     if cuda:
         # fp32 convs like the bit-exact reference; TF32 would change codes (DSM-SPEC §0).

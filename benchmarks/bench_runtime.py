@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsm.bench import environment
+from dsm.bench import check_output, environment
 from dsm.checkpoint import ensure_random_checkpoint, resolve_checkpoint
 
 FRAME = 1920  # samples at 24 kHz: 80 ms
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--output", type=Path, help="append the rows to this JSON-lines file")
     args = ap.parse_args()
+    if args.output and (why := check_output(args.output)) is not None:  # before the run, not a traceback after it
+        ap.error(why)
     device = torch.device(args.device)
     files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
     tts = files.config.tts_config is not None and bool(files.config.tts_config)
@@ -149,6 +151,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         with args.output.open("a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
