@@ -498,7 +498,7 @@ def strict_json(v):
     return v
 
 
-def check_output(path: str | Path) -> str | None:
+def check_output(path: str | Path, flag: str = "--output") -> str | None:
     """Why ``path`` cannot be appended to (checked before the benchmark runs, not after it), or None. Leaves no
     new file or folder behind (the run makes them when it writes)."""
     path = Path(path)
@@ -508,7 +508,7 @@ def check_output(path: str | Path) -> str | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.open("a").close()
     except OSError as e:
-        return f"cannot write --output {str(path)!r}: {e.strerror or e}"
+        return f"cannot write {flag} {str(path)!r}: {e.strerror or e}"
     finally:
         for p in ([] if existed else [path]) + made:
             with contextlib.suppress(OSError):  # what was never made (a parent that is a file) is not there

@@ -101,8 +101,8 @@ def _cmd_validate_kernels(args: argparse.Namespace) -> int:
     if args.json is not None:
         from .bench import check_output
 
-        if (why := check_output(args.json)) is not None:  # before the run, not a traceback after it
-            print(f"dsm validate-kernels: error: {why.replace('--output', '--json')}", file=sys.stderr)
+        if (why := check_output(args.json, "--json")) is not None:  # before the run, not a traceback after it
+            print(f"dsm validate-kernels: error: {why}", file=sys.stderr)
             return 2
     rows = validate_kernels(device, quick=args.quick)
     if not rows:

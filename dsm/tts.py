@@ -924,12 +924,11 @@ class TTSRuntime:
         """Hand each (row, stream) its frame of ``pcm`` [B, 1, 1920] (host); returns what the callbacks raised (each
         stream is still served)."""
         errors: list[Exception] = []
-        pcm = pcm[:, 0]
-        for b, st in rows:
+        for (_, st), chunk in zip(rows, own_rows(pcm[:, 0], [b for b, _ in rows]), strict=True):
             if st.cancelled:  # cancelled by an earlier stream's callback
                 continue
             try:
-                st._deliver(own_rows(pcm, (b,))[0])
+                st._deliver(chunk)
             except Exception as e:  # one stream's callback must not cost the others their frame
                 errors.append(e)
         return errors
