@@ -31,8 +31,8 @@ def check_temperature(value, name: str) -> None:
         raise ValueError(f"{name} must be a finite number >= 0 (0: greedy), got {value!r}")
 
 
-def check_token_range(tokens: torch.Tensor, name: str, hi: int, *, on_device: bool = False) -> None:
-    """Token ids the embeddings can gather: integers in [-1, hi] (-1 gives a zero embedding; for audio ``hi`` is
+def check_token_range(tokens: torch.Tensor, name: str, hi: int, *, lo: int = -1, on_device: bool = False) -> None:
+    """Token ids the embeddings can gather: integers in [lo, hi] (-1 gives a zero embedding; for audio ``hi`` is
     ``card``, the initial token, the tables' last row). A float tensor or an id past a table would read outside it
     on the GPU, faulting the device for every stream. Device tokens are checked only ``on_device`` (a host sync)."""
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -41,12 +41,12 @@ def check_token_range(tokens: torch.Tensor, name: str, hi: int, *, on_device: bo
         return
     if tokens.device.type == "cpu":
         t = tokens.numpy()  # numpy: no op is dispatched, so a step's counted kernels stay what a GPU launches
-        lo, top = int(t.min()), int(t.max())
+        low, top = int(t.min()), int(t.max())
     else:
-        lo, top = (int(v) for v in torch.stack(torch.aminmax(tokens)).tolist())
-    if lo < -1 or top > hi:
-        raise ValueError(f"{name}: token ids must be in [-1, {hi}] (-1 gives a zero embedding), got range "
-                         f"[{lo}, {top}]")
+        low, top = (int(v) for v in torch.stack(torch.aminmax(tokens)).tolist())
+    if low < lo or top > hi:
+        why = " (-1 gives a zero embedding)" if lo == -1 else ""
+        raise ValueError(f"{name}: token ids must be in [{lo}, {hi}]{why}, got range [{low}, {top}]")
 
 
 @dataclass

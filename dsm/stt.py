@@ -37,7 +37,7 @@ import torch
 
 from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
 from .engine import Engine, bucket_for, int64_value
-from .generate import check_temperature
+from .generate import check_temperature, check_token_range
 from .host_copies import HostReads, to_device
 from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .mimi_graph import GraphedMimiStep, mimi_buckets
@@ -267,6 +267,19 @@ class STTStepper:
         self.lm_steps(codes[..., None], active, lambda i, tokens, probs: got.append((tokens, probs)))
         return got[0]
 
+    def _checked_hook(self, rows: list[int]) -> Callable[[torch.Tensor], None] | None:
+        """The text hook, followed by a check of what it left in the active ``rows``."""
+        hook, hi = self.on_text, self.lm.cfg.text_card - 1
+        if hook is None:
+            return None
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+
+        def checked(tokens: torch.Tensor) -> None:
+            hook(tokens)
+            check_token_range(tokens[idx], "on_text (the STT text hook)", hi, lo=0, on_device=True)
+
+        return checked
+
     @torch.no_grad()
     def lm_steps(self, codes: torch.Tensor, active: torch.Tensor,
                  on_frame: Callable[[int, list[int], torch.Tensor | None], None],
@@ -281,29 +294,45 @@ class STTStepper:
         ``on_frame`` keeps (a stream's step count), each frame is handed over before the next step. If a step raises
         (a text hook), the frames before it are still handed to ``on_frame``, then the error propagates.
 
+        A text hook must leave the active rows' tokens decodable, in [0, text_card): it raises otherwise (and the
+        step is undone), as a word holding an id the tokenizer cannot decode would fail that stream at every later
+        step.
+
         ``defer`` (no text hook): return without waiting; the returned function waits and hands the frames over."""
-        rows = active.nonzero()[:, 0].tolist() if self.engine is not None else None  # on the host: no device sync
+        rows = active.nonzero()[:, 0].tolist()  # on the host: no device sync
+        on_text = self._checked_hook(rows)
         active = self._on_device(active, self.device)
         rust = self.alignment == "rust"  # step t sees frame t-1 (the initial token at t = 0)
         reads, done = HostReads(), []  # done: the frames whose outputs are read, not handed over yet
+        errors: list[Exception] = []  # on_frame's: raised once every frame is handed over (as many as were stepped)
         handed = 0
 
         def hand_over():
             nonlocal handed
             host = reads.wait()
-            for tokens, probs in done:
-                on_frame(handed, host[tokens].tolist(), host[probs] if probs is not None else None)
+            frames = done.copy()
+            done.clear()  # first: the error path hands over what is left, never a frame twice
+            for tokens, probs in frames:
                 handed += 1
-            done.clear()
+                try:
+                    on_frame(handed - 1, host[tokens].tolist(), host[probs] if probs is not None else None)
+                except Exception as e:
+                    errors.append(e)
+
+        def finish():
+            if done:
+                hand_over()
+            if errors:
+                raise errors[0]
 
         try:
             for i in range(codes.shape[-1]):
                 inp = self.prev_codes if rust else codes[..., i]
                 if self.engine is not None:
-                    out = self.engine.step(inp, active=rows, on_text=self.on_text)
+                    out = self.engine.step(inp, active=rows, on_text=on_text)
                 else:
                     self.gen_state.exec_mask.copy_(active)
-                    out = self.gen.step(self.gen_state, self._all_rows(inp), on_text=self.on_text)
+                    out = self.gen.step(self.gen_state, self._all_rows(inp), on_text=on_text)
                 if rust:  # this frame's codes wait for the next step, which reads them in stream order
                     n = codes.shape[0]
                     torch.where(active[:n, None], codes[..., i], self.prev_codes[:n], out=self.prev_codes[:n])
@@ -316,9 +345,8 @@ class STTStepper:
                 hand_over()
             raise
         if done and defer:
-            return hand_over
-        if done:
-            hand_over()
+            return finish
+        finish()
         return None
 
 
@@ -392,8 +420,10 @@ class STTStream:
         self._text = ""  # finished words so far, space-separated (with history only: it grows with the stream)
         self._markers: deque[tuple[int, int]] = deque()  # (due step, id), in due order
         # silence a flush(end=False) inserted, as (start, seconds) on the model's clock (prefix removed): later words
-        # are moved back onto the clock of the pushed audio
-        self._gaps: list[tuple[float, float]] = []
+        # are moved back onto the clock of the pushed audio. Without history, the gaps before every later event's time
+        # are summed into _gaps_passed as they go by: a stream flushing at each turn for hours keeps a few, not all.
+        self._gaps: deque[tuple[float, float]] = deque()
+        self._gaps_passed = 0.0
         self.tracker = RustWordTracker(runtime.asr_delay_in_tokens)
         self.transcript: Transcript | None = None
         self._resampler = self._new_resampler()
@@ -459,7 +489,7 @@ class STTStream:
         padded = self.queue.pad_to_frame()
         self.queue.append(np.zeros(self.rt.n_flush_frames * FRAME_SIZE, dtype=np.float32))
         if not end:  # the stream goes on after this silence: its words keep the pushed audio's times
-            start = self.samples_in / SAMPLE_RATE + sum(g for _, g in self._gaps)
+            start = self.samples_in / SAMPLE_RATE + self._gaps_passed + sum(g for _, g in self._gaps)
             self._gaps.append((start, (padded + self.rt.n_flush_frames * FRAME_SIZE) / SAMPLE_RATE))
         self.ended = end
         if end and len(self.queue) < FRAME_SIZE:  # nothing left to run (no audio and no flush frames)
@@ -542,11 +572,15 @@ class STTStream:
                 self._events.append(Word(self.name, text, self._audio_time(e.start_time - shift), e.tokens))
             else:
                 self._events.append(EndWord(self.name, self._audio_time(e.stop_time - shift)))
+        if not self.history:  # the tracker's times never go back: no later event falls before its last stop
+            passed = self.tracker.last_stop_time - shift
+            while self._gaps and sum(self._gaps[0]) <= passed:
+                self._gaps_passed += self._gaps.popleft()[1]
 
     def _audio_time(self, t: float) -> float:
         """Model-clock seconds (prefix removed) -> seconds of the pushed audio: the silence of each earlier
         flush(end=False) is taken out, and a time inside one is its start."""
-        out = t
+        out = t - self._gaps_passed
         for start, dur in self._gaps:
             if t <= start:
                 break
@@ -747,10 +781,17 @@ class STTRuntime:
             self.total_steps += 1
             probs = probs.tolist() if probs is not None else None  # one conversion, not one per stream
             last = i == k - 1
+            error = None
             for s, end in zip(ready, drained, strict=True):
                 s.in_flight -= 1
                 if self.slots[s.slot] is s:  # not closed meanwhile (overlap)
-                    s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=last and end)
+                    try:
+                        s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=last and end)
+                    except Exception as e:  # one stream's failure does not take this frame from the others
+                        e.add_note(f"(in STT stream {s.name!r}, slot {s.slot})")
+                        error = error or e
+            if error is not None:
+                raise error
 
         for s in ready:
             s.in_flight += k

@@ -273,6 +273,26 @@ def test_flush_without_ending_keeps_the_pushed_audios_times(lm, tok, files, time
     assert a.transcript.duration == pytest.approx((x1.shape[0] + x2.shape[0]) / 24000)
 
 
+def test_a_stream_without_history_keeps_few_gaps_and_the_same_times(lm, tok, files):
+    """Without history, a stream flushing at every turn sums the gaps its events are past, instead of keeping (and
+    walking, at every word) one per flush for as long as it runs; its events' times stay those of a stream with
+    history."""
+    seq = forced_stream(tok, 600, seed=11)
+    rt = runtime(lm, tok, files.config, forcer=Forcer({"kept": seq, "bare": seq}))
+    kept, bare = rt.open_stream("kept"), rt.open_stream("bare", history=False)
+    ev, most = {"kept": [], "bare": []}, 0
+    for turn in range(12):
+        x = noise(1920 * 3 + 100 * turn, seed=turn)
+        for s in (kept, bare):
+            ev[s.name] += s.push(x) + s.flush(end=turn == 11)
+        most = max(most, len(bare._gaps))
+    assert len(kept._gaps) == 11 and most <= 2 and bare._gaps_passed > 0
+    times = {n: [(type(e).__name__, e.start_time if isinstance(e, Word) else e.stop_time) for e in ev[n]
+                 if isinstance(e, Word | EndWord)] for n in ev}
+    assert len(times["kept"]) >= 10 and [k for k, _ in times["kept"]] == [k for k, _ in times["bare"]]
+    assert [t for _, t in times["bare"]] == pytest.approx([t for _, t in times["kept"]], abs=1e-9)  # summed apart
+
+
 def test_vad_events_and_end_of_turn(lm, tok, files):
     pcm = noise(1920 * 12, seed=3)
     probe = runtime(lm, tok, files.config, max_streams=1)
@@ -422,6 +442,61 @@ def test_a_hook_error_keeps_the_frames_before_it(lm, tok, files):
         rt.step(4)
     assert s.steps == 2 and rt.total_steps == 2 and s.in_flight == 0
     assert rt.step(4) == 4 and s.steps == 6  # the 4 frames of the failed call are gone (documented in STTRuntime)
+
+
+@pytest.mark.parametrize("engine", [True, False])
+@pytest.mark.parametrize("bad", ["-1", "text_card"])
+def test_a_hook_leaving_an_undecodable_token_is_refused_and_undone(lm, tok, files, engine, bad):
+    """A text hook writing an id the tokenizer cannot decode (-1, or text_card: valid as a model input, not as a
+    word) into one stream's row at a step: that step raises and is undone; both streams keep the frames before it and
+    step on afterwards (before, the id sat in the stream's word and every later step of every stream raised)."""
+    value = -1 if bad == "-1" else lm.cfg.text_card
+
+    class Bad(Forcer):
+        calls = 0
+
+        def __call__(self, tokens):
+            super().__call__(tokens)
+            Bad.calls += 1
+            if Bad.calls == 3:
+                tokens[self.rt.streams[0].slot] = value
+
+    rt = runtime(lm, tok, files.config, forcer=Bad(), engine=engine)
+    a, b = rt.open_stream("a"), rt.open_stream("b")
+    for i, s in enumerate((a, b)):
+        s.push(noise(1920 * 10, i), process=False)
+    with pytest.raises(ValueError, match=rf"on_text \(the STT text hook\): token ids must be in \[0, "
+                                         rf"{lm.cfg.text_card - 1}\]"):
+        rt.step(4)
+    assert [a.steps, b.steps, a.in_flight, b.in_flight, rt.total_steps] == [2, 2, 0, 0, 2]
+    assert rt.step(4) == 4 and a.steps == b.steps == 6
+    a.flush(), b.flush()
+    assert all(0 <= t < lm.cfg.text_card for t in a.tokens + b.tokens)
+
+
+def test_one_streams_failure_does_not_take_the_frame_from_the_others(lm, tok, files, monkeypatch):
+    """A stream whose host-side work for a token raises (stubbed here): every other stream still gets every frame of
+    the call, no frame is handed over twice, nothing stays in flight, and the error names the stream."""
+    rt = runtime(lm, tok, files.config, engine=True, max_streams=3)
+    streams = [rt.open_stream(n) for n in "abc"]
+    for i, s in enumerate(streams):
+        s.push(noise(1920 * 8, i), process=False)
+    failing = streams[1]
+    push, calls = failing.tracker.push, []
+
+    def broken(token):
+        calls.append(token)
+        if len(calls) == 2:
+            raise RuntimeError("tokenizer broke")
+        return push(token)
+
+    monkeypatch.setattr(failing.tracker, "push", broken)
+    with pytest.raises(RuntimeError, match="tokenizer broke") as info:
+        rt.step(4)
+    assert "(in STT stream 'b', slot 1)" in info.value.__notes__
+    assert [s.steps for s in streams] == [4, 4, 4] and len(calls) == 4
+    assert [s.in_flight for s in streams] == [0, 0, 0] and rt.total_steps == 4
+    assert rt.step(4) == 4 and [s.steps for s in streams] == [8, 8, 8]
 
 
 @pytest.mark.parametrize("rate", [24000, 16000])
