@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .cli_args import device_or_default, parse_device, parse_dtype, select_device
+from .cli_args import device_or_default, parse_device, parse_dtype, select_device, stdout_to_devnull
 from .config import ConfigError
 from .mimi_checkpoint import MimiCheckpointError
 from .tokenizer import TokenizerError
@@ -66,7 +66,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"python {sys.version.split()[0]}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
-        print(f"kernel backends on {dev}: {', '.join(dsm_kernels.available_backends(dev))}")
+        backends = dsm_kernels.available_backends(dev)
+        hint = ""
+        if dev == "cpu" and "triton" not in backends and dsm_kernels.has_triton():
+            hint = " (TRITON_INTERPRET=1 adds triton: its kernels in Triton's interpreter, for tests, slow)"
+        print(f"kernel backends on {dev}: {', '.join(backends)}{hint}")
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         print(f"gpu: {torch.cuda.get_device_name()} (sm_{major}{minor})")
@@ -214,6 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"dsm {args.command}: error: out of memory ({what}); use a smaller batch, or check the sizes in the "
               "model's config", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader of stdout went away (`dsm info | head -1`): one line, not a traceback
+        stdout_to_devnull()
+        print(f"dsm {args.command}: error: stdout was closed before all the output was written (broken pipe)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: what was written so far stays (a wav keeps a valid header)
         print(f"dsm {args.command}: interrupted", file=sys.stderr)

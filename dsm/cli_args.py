@@ -4,6 +4,8 @@ that the subcommand modules can use them without importing the command table tha
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
@@ -51,6 +53,8 @@ def parse_device(name: str) -> torch.device:
             raise argparse.ArgumentTypeError(f"{name}: there are {torch.cuda.device_count()} CUDA devices")
     elif device.type != "cpu":
         raise argparse.ArgumentTypeError(f"device {name!r}: dsm runs on cpu or cuda")
+    elif device.index not in (None, 0):  # torch takes any index and runs on the one CPU device
+        raise argparse.ArgumentTypeError(f"{name}: there is one CPU device: use cpu")
     return device
 
 
@@ -102,3 +106,11 @@ def read_stdin_bytes() -> bytes:
     buffer = getattr(sys.stdin, "buffer", None)  # a replaced stdin (tests, embedding apps) may have none
     data = buffer.read() if buffer is not None else sys.stdin.read()
     return data if isinstance(data, bytes) else data.encode("utf-8")
+
+
+def stdout_to_devnull() -> None:
+    """After a broken pipe (``dsm ... | head``): Python would report it again when it flushes stdout at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout)
+        pass

@@ -3,8 +3,9 @@
 Manifest: JSON lines with ``audio`` (or ``audio_filepath`` / ``path``) and ``text`` (or ``reference`` /
 ``transcript``) keys, or TSV lines ``audio<TAB>text`` (a header line ``audio\\ttext`` is skipped). Relative audio
 paths are relative to the manifest. Texts are normalised with whisper's English normaliser (as the Open ASR
-leaderboard does) and scored with jiwer over the whole corpus; pairs whose normalised reference is empty are
-skipped, as the leaderboard does. RTFx = seconds of audio / seconds of wall time.
+leaderboard does; invisible format characters such as a zero-width space are then removed) and scored with jiwer
+over the whole corpus; pairs whose normalised reference is empty are skipped, as the leaderboard does, and pairs
+whose audio failed are counted apart. RTFx = seconds of audio / seconds of wall time.
 
 Needs the ``eval`` extra (``pip install dsm[eval]``: jiwer, whisper-normalizer).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +32,12 @@ class ManifestError(ValueError):
 class EvalResult:
     wer: float
     n_utterances: int
-    n_skipped: int
+    n_skipped: int  # empty normalised reference
     audio_seconds: float
     wall_seconds: float
     errors: list[str] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)  # per utterance: audio, reference, hypothesis (normalised)
+    n_failed: int = 0  # pairs whose audio could not be transcribed (``errors`` says why)
 
     @property
     def rtfx(self) -> float:
@@ -89,6 +92,12 @@ def english_normalizer() -> Callable[[str], str]:
     return EnglishTextNormalizer()
 
 
+def visible(text: str) -> str:
+    """``text`` without format characters (Unicode Cf: zero-width spaces and joiners, byte-order marks): whisper's
+    normaliser keeps them, and a reference holding only one would be scored as a word no transcript can match."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf")
+
+
 def evaluate(rt, pairs: list[tuple[Path, str]], normalize: Callable[[str], str] | None = None,
              progress: bool = False) -> EvalResult:
     """Transcribe every pair's audio through the runtime and score it (see the module docstring)."""
@@ -112,19 +121,21 @@ def evaluate(rt, pairs: list[tuple[Path, str]], normalize: Callable[[str], str] 
         hyps[r.path] = r.transcript.text
         secs += r.audio_seconds
     wall = time.perf_counter() - t0
-    rows, skipped = [], 0
+    rows, skipped, failed = [], 0, 0
     for audio, text in pairs:
-        ref = normalize(text)
-        if not ref.strip() or audio not in hyps:
+        ref = visible(normalize(text))
+        if audio not in hyps:
+            failed += 1
+        elif not ref.split():
             skipped += 1
-            continue
-        rows.append({"audio": str(audio), "reference": ref, "hypothesis": normalize(hyps[audio])})
+        else:
+            rows.append({"audio": str(audio), "reference": ref, "hypothesis": visible(normalize(hyps[audio]))})
     if not rows:  # say why: the per-file errors are printed only for a result, which this is not
         why = f"; {len(errors)} failed, the first: {errors[0]}" if errors else ""
         raise ManifestError(f"no utterance could be scored (all failed or had empty references){why}")
     wer = jiwer.wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
     return EvalResult(wer=float(wer), n_utterances=len(rows), n_skipped=skipped, audio_seconds=secs,
-                      wall_seconds=wall, errors=errors, rows=rows)
+                      wall_seconds=wall, errors=errors, rows=rows, n_failed=failed)
 
 
 def setup_eval_cli(p) -> None:
@@ -162,12 +173,14 @@ def _cmd_eval(args) -> int:
         return 1
     for e in res.errors:
         print(f"dsm eval-stt: {e}", file=sys.stderr)
-    print(f"WER {100 * res.wer:.2f} %  ({res.n_utterances} utterances, {res.n_skipped} skipped)")
+    failed = f", {res.n_failed} failed" if res.n_failed else ""
+    print(f"WER {100 * res.wer:.2f} %  ({res.n_utterances} utterances, {res.n_skipped} skipped for an empty "
+          f"reference{failed})")
     print(f"RTFx {res.rtfx:.1f}  ({res.audio_seconds:.1f} s of audio in {res.wall_seconds:.1f} s)")
     if args.output:
         out = {"wer": res.wer, "rtfx": res.rtfx, "n_utterances": res.n_utterances, "n_skipped": res.n_skipped,
-               "audio_seconds": res.audio_seconds, "wall_seconds": res.wall_seconds, "errors": res.errors,
-               "rows": res.rows}
+               "n_failed": res.n_failed, "audio_seconds": res.audio_seconds, "wall_seconds": res.wall_seconds,
+               "errors": res.errors, "rows": res.rows}
         try:
             write_replacing(args.output, json.dumps(out, indent=2) + "\n")
         except OSError as e:

@@ -1069,13 +1069,12 @@ def _read_text(arg: str) -> str:
 
 
 def cmd_speak(args) -> int:
-    import os
     import sys
     import wave
 
     from tqdm import tqdm
 
-    from .cli_args import checkpoint_from_args, device_or_default
+    from .cli_args import checkpoint_from_args, device_or_default, stdout_to_devnull
     from .tokenizer import TokenizerError
 
     def fail(msg: str) -> int:
@@ -1167,11 +1166,7 @@ def cmd_speak(args) -> int:
                 finally:
                     out_file.close()
     except BrokenPipeError:  # the reader went away (`dsm speak --raw ... | head -c N`)
-        # Python would report the broken pipe again when flushing stdout at exit: point it at /dev/null.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # no file descriptor (a captured stdout)
-            pass
+        stdout_to_devnull()
         return fail("stdout was closed before all the audio was written (broken pipe)")
     except OSError as e:  # e.g. a full disk: one line, not a traceback
         return fail(f"{dest}: cannot write ({e.strerror or e})")

@@ -86,6 +86,23 @@ def test_info(capsys):
     assert "small-batch GEMV kernels: up to 4 rows" in out and "programmatic dependent launch: off" in out
 
 
+def test_info_hints_the_interpreter_and_a_closed_stdout_is_one_line():
+    """On a CPU without TRITON_INTERPRET, `dsm info` says how to get the triton backend; `dsm info | head -0` (its
+    stdout closed before it writes) is one line on stderr and exit 1, not a BrokenPipeError traceback."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "dsm.cli", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    proc.stdout.close()  # before the child has imported torch, long before it prints
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err
+    assert err == "dsm info: error: stdout was closed before all the output was written (broken pipe)\n", err
+    out = subprocess.run([sys.executable, "-m", "dsm.cli", "info"], capture_output=True, text=True, env=env,
+                         timeout=120).stdout
+    assert "kernel backends on cpu: reference (TRITON_INTERPRET=1 adds triton" in out, out
+
+
 def test_info_and_validate_kernels_without_triton():
     """The README's CPU install has no Triton (the CPU torch wheel does not bring it): `dsm info` says so instead of
     failing on an import, and `validate-kernels` says to install it (TRITON_INTERPRET=1 alone cannot help)."""
@@ -148,8 +165,8 @@ def test_subcommand_table():
 def test_device_argument_is_checked_up_front():
     from dsm.cli_args import parse_device
 
-    assert parse_device("cpu") == torch.device("cpu")
-    for bad, msg in [("foo", "unknown device"), ("meta", "cpu or cuda")] + (
+    assert parse_device("cpu") == torch.device("cpu") and parse_device("cpu:0") == torch.device("cpu:0")
+    for bad, msg in [("foo", "unknown device"), ("meta", "cpu or cuda"), ("cpu:1", "one CPU device")] + (
         [] if torch.cuda.is_available() else [("cuda", "CUDA is not available"), ("cuda:3", "CUDA is not available")]
     ):
         with pytest.raises(argparse.ArgumentTypeError, match=msg):

@@ -1139,7 +1139,13 @@ def test_eval_stt_plumbing(lm, tok, files, tmp_path, capsys):
     res = evaluate(rt, pairs)
     assert res.wer == pytest.approx(0.25) and res.n_utterances == 2, res.rows  # 1 substitution / 4 reference words
     assert res.rows[0]["hypothesis"] == res.rows[0]["reference"] == "hello world"
-    assert res.audio_seconds == pytest.approx(54000 / 24000) and res.rtfx > 0
+    assert res.audio_seconds == pytest.approx(54000 / 24000) and res.rtfx > 0 and res.n_skipped == res.n_failed == 0
+    # a reference of only a zero-width space is empty (it was scored as one word), a missing file is failed, not
+    # skipped (the two were counted together)
+    res = evaluate(runtime(lm, tok, files.config, forcer=forcer, max_streams=2),
+                   [*pairs, (tmp_path / "one.wav", "\u200b"), (tmp_path / "gone.wav", "hello")])
+    assert (res.n_utterances, res.n_skipped, res.n_failed, len(res.errors)) == (2, 1, 1, 1)
+    assert res.wer == pytest.approx(0.25) and "gone.wav" in res.errors[0]
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(ManifestError, match="bad.jsonl:1"):
         read_manifest(tmp_path / "bad.jsonl")
