@@ -141,9 +141,8 @@ def expected_lm_tensors(cfg: LMConfig | CheckpointConfig, dtype: torch.dtype = t
         if cfg.depformer_norm is not None:
             for k in range(cfg.dep_q):
                 _norm(shapes, f"depformer_norms.{k}", cfg.depformer_norm, dd)
-        dep_layer_scale = cfg.depformer_layer_scale if cfg.depformer_layer_scale is not None else cfg.layer_scale
         _transformer(shapes, "depformer", d=dd, num_heads=cfg.dep_num_heads, num_layers=cfg.dep_num_layers,
-                     ffn=cfg.dep_ffn_dim, norm=cfg.norm, gating=cfg.dep_gating, layer_scale=dep_layer_scale,
+                     ffn=cfg.dep_ffn_dim, norm=cfg.norm, gating=cfg.dep_gating, layer_scale=cfg.depformer_layer_scale,
                      kv_repeat=cfg.kv_repeat, weight_sets=cfg.dep_weight_sets,
                      per_step=cfg.depformer_weights_per_step, cross_attention=False)
     for i in range(cfg.extra_heads_num_heads):
@@ -343,6 +342,28 @@ class CheckpointFiles:
     mimi_weights: Path
     tokenizer: Path
     source: str = ""
+
+
+def check_model_files(files: CheckpointFiles, vocab_size: int | None, n_q: int | None = None) -> None:
+    """What the runtimes need of a checkpoint beyond its own consistency, checked before any weight is read (a
+    mismatch fails otherwise after the whole LM has loaded, or mid-stream): the LM's audio tokens are Mimi's codes
+    (``card`` = Mimi's 2048 entries, ``n_q`` of its 32 codebooks, or ``n_q`` codebooks decoded), and the tokenizer
+    has exactly the model's text vocabulary (a smaller one fails at the first missing id; a larger one is another
+    model's, and decodes the wrong pieces)."""
+    from .mimi_checkpoint import CARDINALITY, MAX_CODEBOOKS
+
+    lm, where = files.config.lm, files.config_path
+    if lm.card != CARDINALITY:
+        raise CheckpointError(f"{where}: field 'card': {lm.card} audio tokens, but Mimi's codebooks have "
+                              f"{CARDINALITY} entries")
+    for name, value in (("field 'n_q'", lm.n_q), ("the asked number of codebooks", n_q)):
+        if value is not None and not 1 <= value <= MAX_CODEBOOKS:
+            raise CheckpointError(f"{where}: {name} is {value}; Mimi has 1 to {MAX_CODEBOOKS} codebooks")
+    if n_q is not None and n_q > lm.dep_q:
+        raise CheckpointError(f"{where}: {n_q} codebooks asked, but the model generates {lm.dep_q} (field 'dep_q')")
+    if vocab_size is not None and vocab_size != lm.text_card or vocab_size is not None and vocab_size < lm.text_out:
+        raise CheckpointError(f"{files.tokenizer}: tokenizer has {vocab_size} pieces but the model's text vocabulary "
+                              f"is {lm.text_card} (field 'text_card' of {where}): not this model's tokenizer")
 
 
 def _offline() -> bool:

@@ -94,7 +94,7 @@ class LMConfig:
     depformer_norm: str | None = None
     depformer_gating: str | None = None  # None: same as gating
     depformer_max_period: float | None = None  # None: same as max_period
-    depformer_layer_scale: float | None = None
+    depformer_layer_scale: float | None = None  # a config.json without it inherits layer_scale (parse_config)
     depformer_context: int | None = None  # forced to None by moshi; kept for completeness
     # Conditioning (TTS).
     conditioners: tuple[ConditionerConfig, ...] = ()
@@ -212,6 +212,9 @@ class LMConfig:
         for name, value in (("gating", self.gating), ("depformer_gating", self.dep_gating)):
             if value not in GATINGS:
                 raise bad(name, f"unknown gating {value!r}; known: {GATINGS}")
+        if self.positional_embedding in ("rope", "sin_rope") and self.head_dim % 2:
+            raise bad("num_heads", f"RoPE rotates pairs of channels: head dim {self.head_dim} (dim {self.dim} / "
+                      f"{self.num_heads} heads) must be even")
         if self.context is not None and self.context <= 0:
             raise bad("context", "must be positive")
         if self.dep_q > 0:
@@ -227,6 +230,9 @@ class LMConfig:
             if self.depformer_dim % self.dep_num_heads:
                 raise bad("depformer_num_heads", f"depformer_dim {self.depformer_dim} not divisible by "
                           f"{self.dep_num_heads} heads")
+            if self.depformer_pos_emb in ("rope", "sin_rope") and self.depformer_dim // self.dep_num_heads % 2:
+                raise bad("depformer_num_heads", f"RoPE rotates pairs of channels: head dim "
+                          f"{self.depformer_dim // self.dep_num_heads} must be even")
             sched = self.depformer_weights_per_step_schedule
             if sched is not None:
                 if not self.depformer_weights_per_step:
@@ -445,6 +451,21 @@ def parse_config(data: dict[str, Any], where: str = "config") -> CheckpointConfi
         for name, value in sub.items():
             if _coerce(where, f"{key}.{name}", value, sub_known[name]) < 0:
                 raise ConfigError(f"{where}: field '{key}.{name}': must be non-negative, got {value!r}")
+    if "depformer_layer_scale" not in data:  # moshi: absent inherits the main one, null is no LayerScale
+        lm["depformer_layer_scale"] = lm.get("layer_scale")
+    # Fields moshi acts on that dsm does not implement: refused, rather than running another model than moshi builds.
+    unsupported = {"lora": "LoRA adapters (field 'lora' is true)",
+                   "mimi_config_name": "a custom Mimi config (field 'mimi_config_name')"}
+    for key, what in unsupported.items():
+        if meta.get(key):
+            raise ConfigError(f"{where}: {what} are not supported by dsm")
+    if meta.get("tts_config", {}).get("multistream"):
+        raise ConfigError(f"{where}: field 'tts_config.multistream': multistream TTS models are not supported by dsm")
+    model_id = meta.get("model_id", {})
+    if model_id and not (isinstance(model_id.get("sig"), str) and isinstance(model_id.get("epoch"), int | str)
+                         and not isinstance(model_id.get("epoch"), bool)):
+        raise ConfigError(f"{where}: field 'model_id': expected {{\"sig\": str, \"epoch\": int}} (it names the voice "
+                          f"files), got {model_id!r}")
     dim = lm.get("dim", LMConfig.dim)
     if "conditioners" in data and data["conditioners"]:
         lm["conditioners"] = _parse_conditioners(where, data["conditioners"], dim)
@@ -473,6 +494,10 @@ def lm_to_dict(lm: LMConfig) -> dict[str, Any]:
         if f.name in ("conditioners", "fuser"):
             continue
         value = getattr(lm, f.name)
+        if f.name == "depformer_layer_scale":  # absent inherits layer_scale: written (null too) where it differs
+            if value != lm.layer_scale:
+                out[f.name] = value
+            continue
         if value == f.default and f.name not in _ALWAYS_WRITTEN:
             continue
         if isinstance(value, tuple):

@@ -668,7 +668,7 @@ class STTRuntime:
     def from_checkpoint(cls, files, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         max_streams: int = 8, options: STTOptions | None = None, **kw) -> STTRuntime:
         """Load LM, Mimi and tokenizer of resolved checkpoint files (``dsm.checkpoint.resolve_checkpoint``)."""
-        from .checkpoint import CheckpointError
+        from .checkpoint import check_model_files
         from .mimi import Mimi
         from .model import LMModel
         from .tokenizer import Tokenizer
@@ -676,10 +676,7 @@ class STTRuntime:
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         tokenizer = Tokenizer(files.tokenizer)
-        # Checked before any weight is read: a smaller tokenizer fails only when the model first emits a missing id.
-        if tokenizer.vocab_size < files.config.lm.text_out:
-            raise CheckpointError(f"{files.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces but the model "
-                                  f"emits text ids below {files.config.lm.text_out} ({files.config_path})")
+        check_model_files(files, tokenizer.vocab_size)
         lm = LMModel.from_checkpoint(files, device=device, dtype=dtype)
         mimi = Mimi.from_file(files.mimi_weights, n_q=lm.cfg.n_q, device=device)
         return cls(lm, mimi, tokenizer, files.config, max_streams=max_streams, options=options, **kw)

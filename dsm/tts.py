@@ -37,7 +37,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointFiles, ensure_random_checkpoint, hub_file, resolve_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    CheckpointFiles,
+    check_model_files,
+    ensure_random_checkpoint,
+    hub_file,
+    resolve_checkpoint,
+)
 from .conditioning import TensorInput
 from .engine import EngineFull, bucket_for, check_seed
 from .generate import Generator, check_temperature
@@ -694,10 +701,7 @@ class TTSRuntime:
             raise CheckpointError(f"{files.config_path}: field 'tts_config.audio_delay' is missing (the text's lead "
                                   "over the audio, in seconds)")
         tokenizer = Tokenizer(files.tokenizer)
-        # Checked before any weight is read: a larger tokenizer fails only when a word gets an id past the table.
-        if tokenizer.vocab_size > files.config.lm.text_card:
-            raise CheckpointError(f"{files.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces but the model's "
-                                  f"text embedding has {files.config.lm.text_card} rows ({files.config_path})")
+        check_model_files(files, tokenizer.vocab_size, config.n_q)
         model = LMModel.from_checkpoint(files, device=device, dtype=dtype)
         mimi = Mimi.from_file(files.mimi_weights, n_q=config.n_q, device=device) if audio else None
         return cls(model, mimi, tokenizer, files.config.tts_config, files.config.model_id, config, backend)

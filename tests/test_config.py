@@ -178,3 +178,22 @@ def test_error_sizes_must_be_positive():
     data = preset_config("tiny-stt")
     data.update(depformer_num_heads=0, positional_embedding="none", max_period=0)
     parse_config(data)
+
+
+def test_error_what_dsm_does_not_build_and_odd_rope_heads():
+    """Fields moshi acts on that dsm does not implement (LoRA, a custom Mimi config, multistream TTS) and a model_id
+    that cannot name voice files: refused at parse, not ignored (a different model ran) or a KeyError traceback at
+    the first voice. An odd RoPE head dim: refused here, not a shape error at the first step."""
+    _bad(lambda d: d.update(lora=True, lora_name="lora.safetensors"), r"LoRA adapters \(field 'lora' is true\) are "
+         "not supported")
+    _bad(lambda d: d.update(mimi_config_name="mimi.json"), r"field 'mimi_config_name'\) are not supported")
+    _bad(lambda d: d["tts_config"].update(multistream=True), r"field 'tts_config.multistream'")
+    _bad(lambda d: d.update(model_id={"sig": "1e68beda"}), r"field 'model_id': expected \{\"sig\": str")
+    _bad(lambda d: d.update(model_id={"sig": 1, "epoch": 2}), r"field 'model_id'")
+    _bad(lambda d: d.update(dim=68, num_heads=4, positional_embedding="rope"), r"field 'num_heads': RoPE rotates "
+         r"pairs of channels: head dim 17 \(dim 68 / 4 heads\) must be even", name="tiny-stt")
+    _bad(lambda d: d.update(depformer_dim=36, depformer_num_heads=4, depformer_pos_emb="rope"),
+         r"field 'depformer_num_heads': RoPE .* head dim 9 must be even")
+    data = preset_config("tiny-tts")
+    data.update(lora=False, model_id={"sig": "1e68beda", "epoch": 240}, dim=68, num_heads=4, positional_embedding="sin")
+    parse_config(data)  # no LoRA, a full model_id, an odd head dim without RoPE: fine

@@ -1116,6 +1116,15 @@ def test_transcribe_cli_bad_model_files_are_clear_errors(ckpt, tmp_path, capsys)
         err = capsys.readouterr().err
         assert rc == 1 and "Traceback" not in err and str(d / cfg[what]) in err, err
     assert "tokenizer has 100 pieces" in err and not (tmp_path / "out").exists()
+    # 40 codebooks (Mimi has 32) was a ValueError traceback from Mimi after the whole LM had loaded
+    d = tmp_path / "nq40"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**cfg, "n_q": 40, "delays": cfg["delays"] + [cfg["delays"][-1]] * 8}))
+    for key in ("moshi_name", "mimi_name", "tokenizer_name"):
+        (d / cfg[key]).symlink_to(ckpt / cfg[key])
+    assert main(["transcribe", str(tmp_path / "a.wav"), "--checkpoint", str(d), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"dsm transcribe: error: {d / 'config.json'}: field 'n_q' is 40; Mimi has 1 to 32 codebooks\n", err
 
 def test_eval_stt_plumbing(lm, tok, files, tmp_path, capsys):
     from dsm.cli import main

@@ -343,7 +343,10 @@ def test_cancel_frees_the_slot_and_leaves_the_others_untouched(ckpt):
     assert torch.equal(torch.stack(later.frames), torch.stack(alone[1]))
 
 
-def test_tokenizer_larger_than_the_text_table_or_no_audio_delay_is_refused(ckpt, tmp_path):
+def test_another_tokenizer_a_card_mimi_lacks_or_no_audio_delay_is_refused(ckpt, tmp_path):
+    """Before any weight is read: a tokenizer larger or smaller than the text vocabulary (another model's: the
+    smaller one loaded, and decoded through the wrong pieces), an audio card Mimi's codebooks do not have (a
+    ValueError from Mimi after the whole LM had loaded, and an empty WAV left by `dsm speak`), a missing delay."""
     import json
 
     from dsm.checkpoint import CheckpointError, resolve_checkpoint
@@ -355,9 +358,16 @@ def test_tokenizer_larger_than_the_text_table_or_no_audio_delay_is_refused(ckpt,
         if f.name not in ("config.json", cfg["tokenizer_name"]):
             (tmp_path / f.name).symlink_to(f)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    train_random_tokenizer(tmp_path / cfg["tokenizer_name"], ckpt.config.lm.text_card + 50)
-    with pytest.raises(CheckpointError, match=r"tokenizer has \d+ pieces but the model's text embedding has"):
+    for size in (ckpt.config.lm.text_card + 50, ckpt.config.lm.text_card - 50):
+        train_random_tokenizer(tmp_path / cfg["tokenizer_name"], size)
+        with pytest.raises(CheckpointError, match=rf"tokenizer has {size} pieces but the model's text vocabulary is "
+                                                  rf"{ckpt.config.lm.text_card} \(field 'text_card' of "):
+            TTSRuntime.from_checkpoint(resolve_checkpoint(str(tmp_path)), dtype=torch.float32)
+    train_random_tokenizer(tmp_path / cfg["tokenizer_name"], ckpt.config.lm.text_card)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "card": 4096}))
+    with pytest.raises(CheckpointError, match=r"config.json: field 'card': 4096 audio tokens, but Mimi's codebooks"):
         TTSRuntime.from_checkpoint(resolve_checkpoint(str(tmp_path)), dtype=torch.float32)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     # a tts_config without its delay (optional to the config parser) was a KeyError traceback in speak and serve-tts
     train_random_tokenizer(tmp_path / cfg["tokenizer_name"], ckpt.config.lm.text_card)
     del cfg["tts_config"]["audio_delay"]

@@ -49,6 +49,23 @@ MOSHI_TEST_LM = dict(
 )
 
 
+@pytest.mark.parametrize("dep", ["absent", None, 0.02])
+def test_depformer_layer_scale_follows_moshi(dep):
+    """moshi's depformer takes every main-transformer keyword it is not given a depformer_ one for: a config.json
+    without depformer_layer_scale inherits layer_scale, and an explicit null means none. The checkpoint's expected
+    tensors and the model's parameters both follow moshi's (they disagreed: the model built none, the file check
+    wanted inherited ones), through a config written back by lm_to_dict (moshi is built from that)."""
+    from dsm.checkpoint import expected_lm_tensors, stack_projections
+
+    cfg_dict = {**MOSHI_TEST_LM, "layer_scale": 0.01}
+    if dep != "absent":
+        cfg_dict["depformer_layer_scale"] = dep
+    theirs = set(stack_projections(moshi_lm_from_config(cfg_dict).state_dict()))
+    lm_cfg = parse_config(cfg_dict).lm
+    assert set(expected_lm_tensors(lm_cfg)) == set(LMModel(lm_cfg).state_dict()) == theirs
+    assert any(k.startswith("depformer.") and "layer_scale" in k for k in theirs) == (dep is not None)
+
+
 def test_kyutai_lm_test_vectors():
     """moshi's own test_lm.py check: masks equal, per-stream cross-entropy within 1e-6 relative."""
     assets = moshi_lm_assets()
