@@ -413,6 +413,9 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
         return resolve_checkpoint(hf_repo, revision=revision, cache_dir=cache_dir)
     elif hf_repo is not None:
         config_name = "config.json"
+    elif revision is not None:  # it would be ignored: the files read might not be the ones the user meant
+        raise CheckpointError(f"{checkpoint}: a local checkpoint has no revisions (--revision {revision} names a "
+                              "commit, branch or tag of a hub repo)")
     else:
         return _resolve_local(Path(checkpoint))
 
@@ -422,16 +425,27 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
     folder = config_name.rpartition("/")[0]
     config_path = hub_file(hf_repo, config_name, revision, cache_dir)
     cfg = _load_config(config_path)
+    # The other files at the config's commit: the files of one commit (a branch may move meanwhile), and a cached
+    # file at a commit is used without asking the hub (which, unreachable, costs retries for every file).
+    pinned = _snapshot_commit(config_path) or revision
 
     def get(name: str) -> Path:
         if name.startswith("hf://"):  # another repo: its default revision (``revision`` names this repo's)
             repo, fname = _split_hf(name)
-            return hub_file(repo, fname, revision if repo == hf_repo else None, cache_dir)
-        return hub_file(hf_repo, f"{folder}/{name}" if folder else name, revision, cache_dir)
+            return hub_file(repo, fname, pinned if repo == hf_repo else None, cache_dir)
+        return hub_file(hf_repo, f"{folder}/{name}" if folder else name, pinned, cache_dir)
 
     return CheckpointFiles(config=cfg, config_path=config_path, lm_weights=get(cfg.moshi_name),
                            mimi_weights=get(cfg.mimi_name), tokenizer=get(cfg.tokenizer_name),
                            source=f"hf://{hf_repo}" + (f"@{revision}" if revision else ""))
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit of a file in the hub cache's layout (``.../snapshots/<commit>/[dir/]file``), else None."""
+    for p in path.parents:
+        if p.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", p.name):
+            return p.name
+    return None
 
 
 def _load_config(path: Path) -> CheckpointConfig:
@@ -511,16 +525,22 @@ def write_safetensors_streaming(path: str | Path, specs: Mapping[str, TensorSpec
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(path.name + ".partial")
-    with tmp.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in names:
-            shape, dtype = specs[name]
-            t = make(name, shape, dtype).to(dtype).contiguous()
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"tensor {name}: made shape {tuple(t.shape)}, expected {shape}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name in names:
+                shape, dtype = specs[name]
+                t = make(name, shape, dtype).to(dtype).contiguous()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"tensor {name}: made shape {tuple(t.shape)}, expected {shape}")
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # no partial file left beside the checkpoint
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: this one
+            e.filename = str(path)
+        raise
     return path
 
 
@@ -547,7 +567,6 @@ def write_random_checkpoint(preset_or_config: str | Mapping[str, Any] | Checkpoi
     where = f"{out_dir / 'config.json'}"
     cfg = parse_config(data, where)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(data, indent=2) + "\n")
 
     specs = expected_lm_tensors(cfg, dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -567,6 +586,8 @@ def write_random_checkpoint(preset_or_config: str | Mapping[str, Any] | Checkpoi
         from .tokenizer import train_random_tokenizer
 
         train_random_tokenizer(out_dir / cfg.tokenizer_name, cfg.lm.text_card, seed)
+    # last: a directory whose writing failed half-way has no config.json, so nothing takes it for a checkpoint
+    (out_dir / "config.json").write_text(json.dumps(data, indent=2) + "\n")
     return out_dir
 
 
@@ -595,6 +616,8 @@ def ensure_random_checkpoint(preset: str, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         write_random_checkpoint(preset, tmp, seed=seed)
+        if out.exists() and not (out / "config.json").is_file():  # left incomplete by an older dsm or a crash
+            shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)  # atomic: a concurrent writer's complete copy wins
     except OSError:
         if not (out / "config.json").is_file():

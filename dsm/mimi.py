@@ -616,8 +616,9 @@ def random_mimi_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def save_random_mimi(path: str | Path, seed: int = 0) -> Path:
     """Write :func:`random_mimi_state_dict` as a safetensors file loadable by moshi's ``get_mimi`` and ours."""
-    from safetensors.torch import save_file
+    from .checkpoint import write_safetensors_streaming
 
-    path = Path(path)
-    save_file(random_mimi_state_dict(seed), str(path))
-    return path
+    sd = random_mimi_state_dict(seed)
+    # written as the LM's are: a failed write is an OSError naming the file, and leaves no partial file
+    return write_safetensors_streaming(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()},
+                                       lambda name, shape, dtype: sd[name])

@@ -404,9 +404,33 @@ def test_resolve_fake_hub_cache(tmp_path, monkeypatch):
     snap = next((cache / "models--kyutai--tiny-stt" / "snapshots").iterdir())
     (snap / "mimi-pytorch-e351c8d8@125.safetensors").unlink()
     with pytest.raises(CheckpointError,
-                       match=r"hf://kyutai/tiny-stt/mimi-pytorch-e351c8d8@125.safetensors: cannot get file.*"
-                             r"HF_HUB_OFFLINE is set"):
+                       match=r"hf://kyutai/tiny-stt/mimi-pytorch-e351c8d8@125.safetensors@0123456789abcdef"
+                             r"0123456789abcdef01234567: cannot get file.*HF_HUB_OFFLINE is set"):
         resolve_checkpoint(hf_repo="kyutai/tiny-stt")
+
+
+def test_hub_files_come_from_the_configs_commit(tmp_path, monkeypatch):
+    """After config.json, the files are asked at the commit of its snapshot: the files of one commit, and a cached
+    file at a commit is used without a request (an unreachable hub cost five retries per file, 92 s for a cached
+    checkpoint). A --revision beside a local checkpoint is refused (it was ignored)."""
+    import huggingface_hub
+
+    src = _fake_dir(tmp_path)
+    cache = _fake_hub_cache(tmp_path, "kyutai/tiny-stt", src)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    asked, download = [], huggingface_hub.hf_hub_download
+
+    def recording(repo, filename, revision=None, **kw):
+        asked.append((filename, revision))
+        return download(repo, filename, revision=revision, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
+    _check_files(resolve_checkpoint(hf_repo="kyutai/tiny-stt"), src)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert asked[0] == ("config.json", None) and len(asked) == 4 and all(r == commit for _, r in asked[1:]), asked
+    with pytest.raises(CheckpointError, match=r"a local checkpoint has no revisions \(--revision v2 names"):
+        resolve_checkpoint(src, revision="v2")
 
 
 def _raw_safetensors(path: Path, header: dict, nbytes: int) -> Path:

@@ -173,6 +173,43 @@ def test_device_argument_is_checked_up_front():
             parse_device(bad)
 
 
+def test_random_checkpoint_write_failures_leave_no_checkpoint(tmp_path):
+    """A write failing half-way (here a file-size limit; a full disk alike): one line naming the file that failed,
+    exit 1, no .partial file and no config.json, so the directory is not taken for a checkpoint (config.json came
+    first and the .partial stayed; a failed Mimi write was a SafetensorError traceback)."""
+    import subprocess
+
+    whole = tmp_path / "whole"
+    assert main(["random-checkpoint", "--preset", "tiny-stt", str(whole), "--no-tokenizer", "--no-mimi"]) == 0
+    cfg = json.loads((whole / "config.json").read_text())
+    lm_bytes = (whole / cfg["moshi_name"]).stat().st_size
+    for limit, failing in ((lm_bytes // 2, cfg["moshi_name"]), (lm_bytes + 1024, cfg["mimi_name"])):
+        out = tmp_path / f"limit{limit}"
+        code = ("import resource, sys, torch, dsm.mimi; "
+                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY)); "
+                "dsm.mimi.random_mimi_state_dict = lambda seed: {'x': torch.zeros(1 << 23)}; "  # 32 MB: past the limit
+                "from dsm.cli import main; sys.exit(main(sys.argv[1:]))")
+        run = subprocess.run([sys.executable, "-c", code, "random-checkpoint", "--preset", "tiny-stt", str(out),
+                              "--no-tokenizer"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+        assert run.stderr.startswith(f"dsm random-checkpoint: error: {out / failing}: cannot write"), run.stderr
+        assert not (out / "config.json").exists() and not list(out.glob("*.partial")), list(out.iterdir())
+
+
+def test_a_stale_random_checkpoint_in_the_cache_is_replaced(tmp_path, monkeypatch):
+    """A cache entry without config.json (left by a crash) made every --random-weights run fail with a 'Directory
+    not empty' traceback."""
+    from dsm.checkpoint import ensure_random_checkpoint, random_checkpoint_dir
+
+    monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("dsm.mimi.random_mimi_state_dict", lambda seed: {"x": torch.zeros(4)})  # not read here
+    stale = random_checkpoint_dir("tiny-stt")
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors.partial").write_bytes(b"half")
+    assert ensure_random_checkpoint("tiny-stt") == stale and (stale / "config.json").is_file()
+    assert not (stale / "model.safetensors.partial").exists()
+
+
 def test_random_checkpoint_unwritable_out_dir(tmp_path, capsys):
     """OUT_DIR that is a file, or below one: one line naming it, exit 1 (was a FileExistsError traceback)."""
     (tmp_path / "f").write_text("")
