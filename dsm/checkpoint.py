@@ -169,34 +169,44 @@ def count_params(tensors: Mapping[str, TensorSpec]) -> int:
     return sum(math.prod(shape) for shape, _ in tensors.values())
 
 
-def stack_projections(state: Mapping[str, Any]) -> dict[str, Any]:
+def stack_projections(state: Mapping[str, Any], source: str = "state dict") -> dict[str, Any]:
     """Map the unstacked ``*.in_projs.{i}.weight`` / ``*.out_projs.{i}.weight`` forms (moshi's module names) to the
-    released stacked ``*.in_proj_weight`` / ``*.out_proj.weight``; ``*.in_proj.weight`` is renamed too.
+    released stacked ``*.in_proj_weight`` / ``*.out_proj.weight``; ``*.in_proj.weight`` is renamed too. A tensor
+    given in two of these forms is refused (one would silently win).
 
     Values may be tensors (stacked with ``torch.cat``, meta tensors included) or shapes (tuples).
     """
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # released name -> the name it came from
+
+    def put(name: str, value: Any, key: str) -> None:
+        if name in given:
+            raise CheckpointError(f"{source}: tensor {name!r} is given twice, as {given[name]!r} and as {key!r}")
+        out[name], given[name] = value, key
+
     groups: dict[tuple[str, str], dict[int, Any]] = {}
     for key, value in state.items():
         m = _UNSTACKED.match(key)
         if m:
             groups.setdefault((m["prefix"], m["kind"]), {})[int(m["idx"])] = value
         elif key.endswith(".in_proj.weight"):
-            out[key[: -len(".in_proj.weight")] + ".in_proj_weight"] = value
+            put(key[: -len(".in_proj.weight")] + ".in_proj_weight", value, key)
         else:
-            out[key] = value
+            put(key, value, key)
     for (prefix, kind), parts in groups.items():
         name = f"{prefix}.in_proj_weight" if kind == "in_projs" else f"{prefix}.out_proj.weight"
         if sorted(parts) != list(range(len(parts))):
-            raise CheckpointError(f"tensor {prefix}.{kind}.*: weight sets {sorted(parts)} are not 0..{len(parts) - 1}")
+            raise CheckpointError(f"{source}: tensor {prefix}.{kind}.*: weight sets {sorted(parts)} are not "
+                                  f"0..{len(parts) - 1}")
         seq = [parts[i] for i in range(len(parts))]
         if isinstance(seq[0], torch.Tensor):
-            out[name] = seq[0] if len(seq) == 1 else torch.cat(seq, dim=0)
+            value = seq[0] if len(seq) == 1 else torch.cat(seq, dim=0)
         else:
             first = tuple(seq[0])
             if any(tuple(s)[1:] != first[1:] for s in seq):
-                raise CheckpointError(f"tensor {prefix}.{kind}.*: weight sets have different shapes")
-            out[name] = (sum(tuple(s)[0] for s in seq), *first[1:])
+                raise CheckpointError(f"{source}: tensor {prefix}.{kind}.*: weight sets have different shapes")
+            value = (sum(tuple(s)[0] for s in seq), *first[1:])
+        put(name, value, f"{prefix}.{kind}.*")
     return out
 
 
@@ -272,10 +282,7 @@ def check_lm_header(path: str | Path, cfg: LMConfig | CheckpointConfig) -> dict[
     header = read_safetensors_header(path)
     expected = expected_lm_tensors(cfg)
     shapes = {name: tuple(info["shape"]) for name, info in header.items()}
-    try:
-        canon = stack_projections(shapes)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    canon = stack_projections(shapes, str(path))
     for name, info in header.items():
         dt = _ST_DTYPES[info["dtype"]]
         if not dt.is_floating_point:
@@ -319,14 +326,29 @@ def load_lm_state_dict(path: str | Path, cfg: LMConfig | CheckpointConfig, dtype
         raise
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
-    state = stack_projections(raw)
+    state = stack_projections(raw, str(path))
     out = {}
     for name, (shape, _) in expected.items():
         t = state[name]
         if tuple(t.shape) != shape:
             t = t.reshape(shape)
         out[name] = t.to(device)
+    check_finite(out, path)
     return out
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str | Path, error: type[Exception] = CheckpointError
+                 ) -> None:
+    """Refuse weights holding NaN or infinity (a damaged or badly converted file): the model would run and emit
+    nothing but padding or noise. One host sync for all the tensors, on their device."""
+    names = [n for n, t in tensors.items() if t.dtype.is_floating_point and t.numel()]
+    if not names:
+        return
+    ok = torch.stack([torch.isfinite(tensors[n]).all() for n in names]).tolist()
+    bad = [n for n, good in zip(names, ok, strict=True) if not good]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise error(f"{path}: tensor {bad[0]!r}{more} holds NaN or infinite values")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -143,6 +143,8 @@ def load_mimi_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read and validate a Mimi safetensors file (fp32 on CPU)."""
     from safetensors.torch import load_file
 
+    from .checkpoint import check_finite
+
     path = Path(path)
     if not path.is_file():
         raise MimiCheckpointError(f"{path}: Mimi checkpoint file not found")
@@ -150,4 +152,6 @@ def load_mimi_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         sd = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise MimiCheckpointError(f"{path}: cannot read Mimi safetensors ({type(e).__name__}: {e})") from e
-    return check_mimi_state_dict(sd, str(path))
+    sd = check_mimi_state_dict(sd, str(path))
+    check_finite(sd, path, MimiCheckpointError)
+    return sd

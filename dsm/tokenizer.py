@@ -66,6 +66,9 @@ def train_random_tokenizer(path: str | Path, vocab_size: int, seed: int = 0) -> 
     return path
 
 
+MAX_MODEL_BYTES = 64 << 20  # a SentencePiece model of 256k pieces is ~5 MiB
+
+
 class Tokenizer:
     """A loaded SentencePiece model."""
 
@@ -73,6 +76,10 @@ class Tokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             raise TokenizerError(f"{self.path}: tokenizer file not found")
+        size = self.path.stat().st_size
+        if size > MAX_MODEL_BYTES:  # SentencePiece would read it all first (a 5 GB weights file named by mistake)
+            raise TokenizerError(f"{self.path}: {size / 2**20:.0f} MiB is not a SentencePiece model (those are a few "
+                                 "MiB; is this a weights file?)")
         sp = spm.SentencePieceProcessor()
         try:
             ok = sp.Load(str(self.path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 import sys
@@ -167,6 +168,11 @@ def test_tokenizer_sizes_and_errors(tmp_path):
         Tokenizer(bad)
     with pytest.raises(TokenizerError, match="tokenizer file not found"):
         Tokenizer(tmp_path / "missing.model")
+    huge = tmp_path / "model.safetensors"  # a weights file named as the tokenizer: refused unread (it was read whole)
+    with huge.open("wb") as f:
+        f.truncate(65 << 20)
+    with pytest.raises(TokenizerError, match=rf"{huge}: 65 MiB is not a SentencePiece model"):
+        Tokenizer(huge)
 
 
 def test_moshi_test_asset_loads():
@@ -291,6 +297,36 @@ def test_load_unstacked_and_flat_alpha_forms(tmp_path, tiny_tts_state):
     assert set(loaded) == set(state)
     for k, v in state.items():
         assert loaded[k].shape == v.shape and torch.equal(loaded[k], v), k
+
+
+def test_load_refuses_a_tensor_given_twice_and_non_finite_weights(tmp_path, tiny_tts_state):
+    """A file holding a projection both stacked and unstacked (or as in_proj.weight too): refused, not one copy
+    silently winning. NaN or infinity in an LM or Mimi tensor: refused naming the tensor (it loaded, and the model
+    emitted only padding)."""
+    from dsm.mimi import random_mimi_state_dict
+    from dsm.mimi_checkpoint import MimiCheckpointError, load_mimi_state_dict
+
+    cfg, state = tiny_tts_state
+    key = next(k for k in state if k.startswith("depformer.") and k.endswith("self_attn.in_proj_weight"))
+    for twin in (key.replace("in_proj_weight", "in_projs.0.weight"), key.replace("in_proj_weight", "in_proj.weight")):
+        extra = {twin: (state[key].chunk(cfg.lm.dep_weight_sets)[0] if "in_projs" in twin else state[key]).clone()}
+        path = _save(tmp_path, {**state, **extra})
+        with pytest.raises(CheckpointError, match=rf"{path}: tensor '{re.escape(key)}' is given twice"):
+            load_lm_state_dict(path, cfg)
+    for value in (float("nan"), float("inf")):
+        broken = dict(state)
+        broken["text_linear.weight"] = state["text_linear.weight"].clone()
+        broken["text_linear.weight"][3, 1] = value
+        path = _save(tmp_path, broken)
+        with pytest.raises(CheckpointError, match=rf"{path}: tensor 'text_linear.weight' holds NaN or infinite"):
+            load_lm_state_dict(path, cfg)
+    sd = random_mimi_state_dict(0)
+    name = next(iter(sd))
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[0] = float("nan")
+    save_file(sd, str(tmp_path / "mimi.safetensors"))
+    with pytest.raises(MimiCheckpointError, match=rf"mimi.safetensors: tensor '{re.escape(name)}' holds NaN"):
+        load_mimi_state_dict(tmp_path / "mimi.safetensors")
 
 
 def test_load_casts_but_keeps_conditioners_fp32(tmp_path, tiny_tts_state):
