@@ -653,10 +653,8 @@ def run_cli(args) -> int:
     if (why := check_output(args.output)) is not None:
         print(f"dsm bench: error: {why}", file=sys.stderr)
         return 2
-    if args.backend and args.backend not in dsm_kernels.available_backends(device):
-        why = dsm_kernels.cuda_ext_unavailable(device) if args.backend == "cuda" and device.type == "cuda" else None
-        print(f"dsm bench: error: kernel backend {args.backend!r} is not available on {device} (available: "
-              f"{', '.join(dsm_kernels.available_backends(device))}){f': {why}' if why else ''}", file=sys.stderr)
+    if args.backend and (why := dsm_kernels.backend_unavailable(args.backend, device)) is not None:
+        print(f"dsm bench: error: {why}", file=sys.stderr)
         return 2
     if args.checkpoint or args.hf_repo:
         from .checkpoint import resolve_checkpoint

@@ -110,6 +110,51 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
         assert 0 < rows[0]["frame_p50_ms"] <= rows[0]["frame_p99_ms"] and rows[0]["marker_p50_ms"] > 0, rows
 
 
+def _module(name: str, monkeypatch):
+    """A benchmark script as a module of this process, for its flag checks (they run before anything is built).
+    With TRITON_INTERPRET=1 as the suite runs (count_step_launches sets it on import; restored after the test)."""
+    import importlib.util
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import each other as `python benchmarks/x.py` lets them
+    spec = importlib.util.spec_from_file_location(f"_flags_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
+    ("count_mimi_ops", ["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("count_mimi_ops", ["--top", "-1"], "argument --top: expected a positive integer, got '-1'"),
+    ("count_mimi_ops", ["--backend", "fast"], "argument --backend: invalid choice: 'fast'"),
+    ("count_mimi_ops", ["--backend", "cuda"], "argument --backend: kernel backend 'cuda' is not available on cpu"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), BAD_FLAGS,
+                         ids=[f"{s}{''.join(a)}" for s, a, _ in BAD_FLAGS])
+def test_benchmark_script_refuses_a_bad_flag(script, argv, message, capsys, monkeypatch):
+    """A bad value is one usage error naming its flag, exit 2, before any model or weight is built (they were
+    tracebacks, or runs that divided by zero at the end, or a silent run of nothing)."""
+    mod = _module(script, monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {message}" in err and "Traceback" not in err, err
+
+
+def test_count_mimi_ops_says_how_to_count_the_triton_kernels_on_a_cpu(capsys, monkeypatch):
+    """--backend triton without TRITON_INTERPRET (the count runs on the CPU) was a RuntimeError from deep in Mimi;
+    it is a usage error with the command that works."""
+    mod = _module("count_mimi_ops", monkeypatch)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--backend", "triton"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --backend: kernel backend 'triton' is not available on cpu" in err, err
+    assert "TRITON_INTERPRET=1 python benchmarks/count_mimi_ops.py --backend triton" in err, err
+
+
 def test_the_next_gpu_runs_steps_exist_in_the_gpu_script():
     """benchmarks/NOTES.md's command for the next GPU run names the steps to run (DSM_GPU_ONLY); a name the script
     does not have is silently never run, found out only after the device time is spent."""
