@@ -128,6 +128,15 @@ BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
     ("count_mimi_ops", ["--top", "-1"], "argument --top: expected a positive integer, got '-1'"),
     ("count_mimi_ops", ["--backend", "fast"], "argument --backend: invalid choice: 'fast'"),
     ("count_mimi_ops", ["--backend", "cuda"], "argument --backend: kernel backend 'cuda' is not available on cpu"),
+    ("count_step_launches", ["--layers", "0"], "argument --layers: expected a positive integer, got '0'"),
+    ("count_step_launches", ["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("count_step_launches", ["--preset", "stt-1b"], "argument --preset: invalid choice: 'stt-1b'"),
+    ("profile_step", ["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    ("profile_step", ["--batch", "-2"], "argument --batch: expected a positive integer, got '-2'"),
+    ("profile_step", ["--top", "0"], "argument --top: expected a positive integer, got '0'"),
+    ("profile_step", ["--preset", "tiny"], "argument --preset: invalid choice: 'tiny'"),
+    ("profile_step", ["--device", "tpu"], "argument --device: unknown device 'tpu'"),
+    ("profile_step", ["--mimi", "--preset", "tiny-stt"], "argument --preset: not with --mimi"),
 ]
 
 
@@ -153,6 +162,28 @@ def test_count_mimi_ops_says_how_to_count_the_triton_kernels_on_a_cpu(capsys, mo
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --backend: kernel backend 'triton' is not available on cpu" in err, err
     assert "TRITON_INTERPRET=1 python benchmarks/count_mimi_ops.py --backend triton" in err, err
+
+
+def test_profile_step_defaults_to_the_machines_device(monkeypatch):
+    """Without --device the profile ran on cuda, a traceback on a CPU machine; it is cuda where there is one, else
+    the CPU with the tiny presets (as dsm bench): checked at the first model it builds."""
+    import torch
+
+    mod = _module("profile_step", monkeypatch)
+    built = []
+
+    def random_model(cfg, device, dtype):
+        built.append((torch.device(device).type, dtype, cfg))
+        raise KeyboardInterrupt  # stop there: nothing is built
+
+    monkeypatch.setattr(mod, "random_model", random_model)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main([])
+    from dsm.presets import preset_config
+
+    gpu = torch.cuda.is_available()
+    assert built == [("cuda", torch.bfloat16, preset_config("stt-1b-en_fr")) if gpu else
+                     ("cpu", torch.float32, preset_config("tiny-stt"))]
 
 
 def test_the_next_gpu_runs_steps_exist_in_the_gpu_script():
