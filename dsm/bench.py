@@ -529,12 +529,29 @@ def write_replacing(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dict) -> None:
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append ``rows`` to ``path`` as strict JSON lines (a non-finite float is null), whole or not at all: one
+    append of complete lines, and a write that fails part-way (a full disk) is cut back to the file's previous end,
+    so that a reader of the file never finds half a row. OSError when the append fails."""
+    data = memoryview("".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows).encode())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    row = strict_json({**env, **extra, "rows": [asdict(r) for r in rows]})
-    with path.open("a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            while data:  # a regular file takes it in one write unless the disk fills
+                data = data[os.write(fd, data):]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
+
+
+def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dict) -> None:
+    append_jsonl(path, [{**env, **extra, "rows": [asdict(r) for r in rows]}])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -727,10 +744,14 @@ def run_cli(args) -> int:
                   "(largest measured batch)")
     print("\n".join(kv_lines))
     env = environment(device)
-    append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype),
-                                            "page_size": args.page_size, "steps": steps,
-                                            "backend": args.backend or dsm_kernels.default_backend(device),
-                                            "warmup": warmup, "mimi": args.mimi, "frame_ms": args.frame_ms,
-                                            "capacity": capacities})
+    try:
+        append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype),
+                                                "page_size": args.page_size, "steps": steps,
+                                                "backend": args.backend or dsm_kernels.default_backend(device),
+                                                "warmup": warmup, "mimi": args.mimi, "frame_ms": args.frame_ms,
+                                                "capacity": capacities})
+    except OSError as e:  # checked before the run, but the disk can fill since: the table above is the result
+        print(f"dsm bench: error: cannot append to --output {args.output!r}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"appended to {args.output} ({env['device']}, torch {env['torch']}, commit {env['commit']})")
     return 0

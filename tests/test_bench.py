@@ -411,6 +411,66 @@ def test_bench_unwritable_output_fails_before_running(tmp_path, capsys, monkeypa
     assert not (tmp_path / "new" / "bench.jsonl").exists()
 
 
+def _instant_bench_dsm(monkeypatch):
+    """``dsm.bench.bench_dsm`` as a 1 ms step a stream, measured instantly (for the tests of the run around it)."""
+    from dsm import bench
+
+    def bench_dsm(model, mimi, batch, *args, **kw):
+        return bench.BenchRow("dsm", "", batch, float(batch), float(batch), 0.0, *bench._rates(float(batch), batch))
+
+    monkeypatch.setattr(bench, "bench_dsm", bench_dsm)
+
+
+def test_append_jsonl_leaves_no_half_row(tmp_path, monkeypatch):
+    """A results append that fails part-way (a full disk) is cut back to the file's previous rows: a reader never
+    finds half a row; the error still reaches the caller."""
+    import errno
+    import os
+
+    from dsm import bench
+
+    out = tmp_path / "r.jsonl"
+    bench.append_jsonl(out, [{"a": 1}])
+    before, ino, real_write, calls = out.read_bytes(), out.stat().st_ino, os.write, []
+
+    def write(fd, data):  # the results file takes half the bytes, then the disk is full
+        if os.fstat(fd).st_ino != ino:
+            return real_write(fd, data)
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, bytes(data[: len(data) // 2]))
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        bench.append_jsonl(out, [{"b": float("nan"), "c": "x" * 100}])
+    monkeypatch.undo()
+    assert len(calls) == 2 and out.read_bytes() == before
+    bench.append_jsonl(out, [{"b": float("nan")}, {"c": 2}])  # strict JSON lines, whole
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [{"a": 1}, {"b": None}, {"c": 2}]
+
+
+def test_bench_output_failing_after_the_run_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """--output checked before the run can still fail to take the row after it (the disk filled): an error line
+    naming --output, exit 1, the table printed (it was a traceback)."""
+    import errno
+
+    from dsm import bench
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _instant_bench_dsm(monkeypatch)
+    monkeypatch.setattr(bench, "append_jsonl", full)
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--preset", "tiny-stt", "--batch", "1", "--no-mimi", "--no-reference",
+                 "--output", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "rtfx" in captured.out and "appended to" not in captured.out
+    assert captured.err.endswith(f"\ndsm bench: error: cannot append to --output {str(out)!r}: No space left on "
+                                 "device\n"), captured.err  # after tqdm's bar
+
+
 def test_step_p99_is_the_whole_steps_tail(monkeypatch, mimi_sd):
     """The row's p99 is the p99 of whole steps (Mimi then LM), not the LM's p99 plus Mimi's median: steps where both
     are slow count once, whole. Fake costs: LM 10 ms (40 every 4th call), Mimi 5 ms (25 every 4th call)."""
