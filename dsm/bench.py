@@ -667,6 +667,11 @@ def run_cli(args) -> int:
     if (args.checkpoint or args.hf_repo) and args.preset:
         print("dsm bench: error: give --preset or --checkpoint/--hf-repo, not both", file=sys.stderr)
         return 2
+    if args.preset and (twice := sorted({p for p in args.preset if args.preset.count(p) > 1})):
+        # its rows would be measured twice and mixed in one capacity (the rows are told apart by model name)
+        print(f"dsm bench: error: argument --preset: {', '.join(twice)} given twice (give each preset once)",
+              file=sys.stderr)
+        return 2
     if (why := check_output(args.output)) is not None:
         print(f"dsm bench: error: {why}", file=sys.stderr)
         return 2
@@ -677,14 +682,18 @@ def run_cli(args) -> int:
         from .checkpoint import resolve_checkpoint
         from .model import LMModel
 
-        files = resolve_checkpoint(args.checkpoint, args.hf_repo, revision=args.revision)
+        # no Mimi under --no-mimi: a checkpoint without its weights benchmarks its LM, and none is fetched
+        files = resolve_checkpoint(args.checkpoint, args.hf_repo, revision=args.revision, mimi=args.mimi,
+                                   tokenizer=False)
         models.append((files.source, lambda: (LMModel.from_checkpoint(files, device=device, dtype=dtype),
-                                              Mimi.from_file(files.mimi_weights, device=device))))
+                                              Mimi.from_file(files.mimi_weights, device=device) if args.mimi
+                                              else None)))
     else:
         names = args.preset or (["stt-1b-en_fr", "stt-2.6b-en", "tts-1.6b-en_fr"] if gpu else ["tiny-stt", "tiny-tts"])
         for name in names:
             models.append((name, lambda n=name: (random_model(preset_config(n), device, dtype)[0],
-                                                 Mimi(random_mimi_state_dict(0), device=device))))
+                                                 Mimi(random_mimi_state_dict(0), device=device) if args.mimi
+                                                 else None)))
     kv_dtype = KV_DTYPES[args.kv_dtype] if args.kv_dtype else None
     engine_kw = {"kv_dtype": kv_dtype, "backend": args.backend, "page_size": args.page_size}
     kv_lines: list[str] = []
@@ -703,11 +712,10 @@ def run_cli(args) -> int:
                                    condition_rows=own * page, mimi_bytes=_mimi_stream_bytes(model, mimi),
                                    condition_dtype=next(model.transformer.parameters()).dtype)
                     for k, dt in KV_DTYPES.items()}
+            state = "Mimi's state included" if mimi is not None else "LM only: --no-mimi"
             kv_lines.append(f"{name}: KV capacity on an 80 GB H100 at full context ({weights / 1e9:.2f} GB weights, "
-                            f"8 GiB reserve, Mimi's state included): bf16 {caps['bf16']} streams, "
-                            f"fp8 {caps['fp8']} streams (x{caps['fp8'] / max(caps['bf16'], 1):.2f})")
-            if not args.mimi:
-                mimi = None
+                            f"8 GiB reserve, {state}): bf16 {caps['bf16']} streams, fp8 {caps['fp8']} streams "
+                            f"(x{caps['fp8'] / max(caps['bf16'], 1):.2f})")
             for b in batches:
                 r = _bench_or_oom(model, mimi, b, steps, warmup, timer, bar, **engine_kw)
                 r.model = name

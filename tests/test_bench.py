@@ -421,6 +421,56 @@ def _instant_bench_dsm(monkeypatch):
     monkeypatch.setattr(bench, "bench_dsm", bench_dsm)
 
 
+def test_bench_refuses_a_preset_given_twice(tmp_path, capsys, monkeypatch):
+    """--preset is repeatable for several presets; the same one twice measured it twice and mixed both runs' rows in
+    one capacity (rows are told apart by model name): one error line before any model is built."""
+    from dsm import bench
+
+    def never(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(bench, "random_model", never)
+    assert main(["bench", "--preset", "tiny-stt", "--preset", "tiny-tts", "--preset", "tiny-stt",
+                 "--output", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err == "dsm bench: error: argument --preset: tiny-stt given twice (give each preset once)\n", err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_bench_without_mimi_builds_none_and_says_lm_only(tmp_path, capsys, monkeypatch):
+    """--no-mimi: no Mimi is built (its random weights' calibration alone took ~1.5 s a model) and the KV capacity
+    line does not claim Mimi's state is included (it was, of a Mimi the run did not use)."""
+    import dsm.mimi
+
+    def never(*a, **k):
+        raise AssertionError("Mimi was built under --no-mimi")
+
+    monkeypatch.setattr(dsm.mimi, "random_mimi_state_dict", never)
+    _instant_bench_dsm(monkeypatch)
+    assert main(["bench", "--preset", "tiny-stt", "--batch", "1", "--no-mimi", "--no-reference",
+                 "--output", str(tmp_path / "r.jsonl")]) == 0
+    text = capsys.readouterr().out
+    assert "Mimi's state included" not in text and "LM only: --no-mimi" in text, text
+
+
+def test_bench_no_mimi_runs_a_checkpoint_without_mimi_weights(tmp_path, capsys, monkeypatch):
+    """A checkpoint written without Mimi weights (or a tokenizer, which bench never reads) benchmarks its LM under
+    --no-mimi; without --no-mimi the missing file is still one error line."""
+    import torch
+
+    from dsm.checkpoint import write_random_checkpoint
+
+    ckpt = write_random_checkpoint("tiny-stt", tmp_path / "ckpt", dtype=torch.float32, mimi=False, tokenizer=False)
+    _instant_bench_dsm(monkeypatch)
+    out = tmp_path / "r.jsonl"
+    argv = ["bench", "--checkpoint", str(ckpt), "--batch", "1", "--no-reference", "--output", str(out)]
+    assert main([*argv, "--no-mimi"]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["mimi"] is False
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "Mimi weights file named by" in capsys.readouterr().err
+
+
 def test_append_jsonl_leaves_no_half_row(tmp_path, monkeypatch):
     """A results append that fails part-way (a full disk) is cut back to the file's previous rows: a reader never
     finds half a row; the error still reaches the caller."""
