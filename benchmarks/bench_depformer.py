@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ import torch
 import triton
 
 import dsm_kernels.reference as ref_mod
-from dsm.bench import git_commit  # noqa: E402
+from dsm.bench import append_jsonl, git_commit  # noqa: E402
 from dsm_kernels.reference import DepformerWeights, depformer_frame_ref
 from dsm_kernels.testing import cuda_time_ms, random_depformer_weights, sample_tokens_torch
 
@@ -111,17 +110,6 @@ def bandwidth(ms: float, nbytes: int, copy_bw: float) -> tuple[float, float | No
     gbps = nbytes / ms / 1e6
     frac = gbps / copy_bw if copy_bw == copy_bw else None
     return gbps, frac, f"{frac:8.2f}" if frac is not None else f"{'-':>8}"
-
-
-def append_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Append ``rows`` as strict JSON lines (a failed measurement's NaN is null, as in every other results file)."""
-    from dsm.bench import strict_json
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
 
 
 def main(argv=None) -> None:

@@ -137,6 +137,14 @@ BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
     ("profile_step", ["--preset", "tiny"], "argument --preset: invalid choice: 'tiny'"),
     ("profile_step", ["--device", "tpu"], "argument --device: unknown device 'tpu'"),
     ("profile_step", ["--mimi", "--preset", "tiny-stt"], "argument --preset: not with --mimi"),
+    ("bench_decoder", ["--layout", "stt-1b", "stt_2.6b"], "argument --layout: invalid choice: 'stt_2.6b'"),
+    ("bench_decoder", ["--small", "--batch", "1", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("bench_decoder", ["--small", "--iters", "0"], "argument --iters: expected a positive integer, got '0'"),
+    ("bench_decoder", ["--small", "--grids", "-1"], "argument --grids: expected a positive integer, got '-1'"),
+    ("bench_decoder", ["--small", "--layout", "stt-1b"], "argument --layout: not with --small"),
+    ("bench_decoder", ["--device", "cpu", "--layout", "stt-1b"],
+     "on cpu the decode step runs in the Triton interpreter, at the --small shapes only: TRITON_INTERPRET=1 python "
+     "benchmarks/bench_decoder.py --device cpu --small"),
 ]
 
 
@@ -184,6 +192,30 @@ def test_profile_step_defaults_to_the_machines_device(monkeypatch):
     gpu = torch.cuda.is_available()
     assert built == [("cuda", torch.bfloat16, preset_config("stt-1b-en_fr")) if gpu else
                      ("cpu", torch.float32, preset_config("tiny-stt"))]
+
+
+def test_bench_decoder_on_a_cpu_says_how_to_run_it(tmp_path, capsys, monkeypatch):
+    """Its default device was cuda: on a CPU machine a traceback (torch not compiled with CUDA) after the imports. It
+    is cuda where there is one, else the CPU, where it needs the interpreter and --small (the released layouts'
+    weights are GBs, interpreted) and says so; --out is checked before the run as in the other scripts."""
+    import torch
+
+    mod = _module("bench_decoder", monkeypatch)
+
+    def refused(argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        err = refused(["--small"])  # the default device: the CPU, without the interpreter
+        assert "on cpu the decode step runs in the Triton interpreter" in err and "TRITON_INTERPRET=1" in err, err
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (tmp_path / "f").write_text("")
+    err = refused(["--device", "cpu", "--small", "--out", str(tmp_path / "f" / "decoder.jsonl")])
+    assert "error: cannot write --out" in err and not (tmp_path / "f" / "decoder.jsonl").exists(), err
 
 
 def test_the_next_gpu_runs_steps_exist_in_the_gpu_script():
