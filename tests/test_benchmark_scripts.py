@@ -145,6 +145,13 @@ BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
     ("bench_decoder", ["--device", "cpu", "--layout", "stt-1b"],
      "on cpu the decode step runs in the Triton interpreter, at the --small shapes only: TRITON_INTERPRET=1 python "
      "benchmarks/bench_decoder.py --device cpu --small"),
+    ("bench_kernels", ["--page-sizes", "16", "0"], "argument --page-sizes: expected a positive integer, got '0'"),
+    ("bench_kernels", ["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("bench_kernels", ["--iters", "0"], "argument --iters: expected a positive integer, got '0'"),
+    ("bench_kernels", ["--attention-splits", "0"], "argument --attention-splits: expected a positive integer"),
+    ("bench_kernels", ["--grids", "0"], "argument --grids: expected a positive integer, got '0'"),
+    ("bench_kernels", ["--reference-max-batch", "-1"], "argument --reference-max-batch: expected an integer >= 0"),
+    ("bench_kernels", ["--device", "gpu"], "argument --device: unknown device 'gpu'"),
 ]
 
 
@@ -216,6 +223,28 @@ def test_bench_decoder_on_a_cpu_says_how_to_run_it(tmp_path, capsys, monkeypatch
     (tmp_path / "f").write_text("")
     err = refused(["--device", "cpu", "--small", "--out", str(tmp_path / "f" / "decoder.jsonl")])
     assert "error: cannot write --out" in err and not (tmp_path / "f" / "decoder.jsonl").exists(), err
+
+
+def test_bench_kernels_defaults_to_the_machines_device_and_checks_out(tmp_path, capsys, monkeypatch):
+    """Its default device was cuda (a traceback on a CPU machine), and --out was first opened after the first
+    measurement: cuda where there is one, else the CPU; an unwritable --out is a usage error before anything runs."""
+    import torch
+
+    mod = _module("bench_kernels", monkeypatch)
+    seen = []
+
+    def copy_bandwidth_gbps(device):  # the first thing the run measures
+        seen.append(torch.device(device).type)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "copy_bandwidth_gbps", copy_bandwidth_gbps)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(["--out", str(tmp_path / "k.jsonl")])
+    assert seen == ["cuda" if torch.cuda.is_available() else "cpu"]
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--out", str(tmp_path)])  # a directory
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: cannot write --out" in err and seen == [seen[0]], err
 
 
 def test_the_next_gpu_runs_steps_exist_in_the_gpu_script():
