@@ -703,6 +703,25 @@ def test_bench_serve_says_when_the_server_does_not_answer(tmp_path, capsys):
     assert not out.exists() or not out.read_text()
 
 
+def test_bench_serve_blames_a_failed_output_on_the_output(tmp_path, capsys, monkeypatch):
+    """A row that cannot be appended to --output (here: it became a directory after the check) is an error naming
+    --output, exit 1; it was caught with the server's errors and reported as "the server ... does not answer"."""
+    mod = _script("bench_serve")
+    out = tmp_path / "rows.jsonl"
+
+    async def run_stt(*args):  # a row measured; meanwhile --output went bad
+        out.mkdir()
+        return {"clients": 1, "keeps_up": True}
+
+    monkeypatch.setattr(mod, "_http_json", lambda base, path, timeout=5.0: {"device": "cpu"})
+    monkeypatch.setattr(mod, "wait_idle", lambda base: None)
+    monkeypatch.setattr(mod, "run_stt", run_stt)
+    rc = mod.main(["stt", "--url", "ws://127.0.0.1:9", "--clients", "1", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"bench_serve: error: cannot append to --output {str(out)!r}: Is a directory" in err, err
+    assert "does not answer" not in err
+
+
 def test_tts_time_to_first_audio_runs_after_the_batch_engine_is_freed(monkeypatch, mimi_sd):
     """bench_dsm times a TTS batch's first audio on an engine of its own: the batch's engine must be gone first, or
     a capacity probe near the memory limit holds two full KV pools and reports out of memory for a batch that fits."""

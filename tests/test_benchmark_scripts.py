@@ -119,6 +119,7 @@ def _module(name: str, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))  # the scripts import each other as `python benchmarks/x.py` lets them
     spec = importlib.util.spec_from_file_location(f"_flags_{name}", BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -152,6 +153,12 @@ BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
     ("bench_kernels", ["--grids", "0"], "argument --grids: expected a positive integer, got '0'"),
     ("bench_kernels", ["--reference-max-batch", "-1"], "argument --reference-max-batch: expected an integer >= 0"),
     ("bench_kernels", ["--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    ("bench_serve", ["stt", "--clients", "1", "0"], "argument --clients: expected a positive integer, got '0'"),
+    ("bench_serve", ["stt", "--capacity", "--max-clients", "0"], "argument --max-clients: expected a positive"),
+    ("bench_serve", ["stt", "--seconds", "0"], "argument --seconds: expected a time > 0, got 0"),
+    ("bench_serve", ["stt", "--seconds", "nan"], "argument --seconds: expected a time > 0, got nan"),
+    ("bench_serve", ["tts", "--url", "localhost:8080"], "--url 'localhost:8080': expected ws://HOST:PORT"),
+    ("bench_serve", ["stt", "--output", "/"], "cannot write --output '/'"),
 ]
 
 
