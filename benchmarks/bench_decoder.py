@@ -20,7 +20,7 @@ import functools
 from pathlib import Path
 
 import torch
-from bench_depformer import bandwidth, copy_bandwidth_gbps, graphed, measure
+from bench_depformer import bandwidth, copy_bandwidth_gbps, device_error, graphed, measure
 
 from dsm.bench import append_jsonl, check_output, git_commit
 from dsm.cli_args import device_or_default, parse_device, positive_int
@@ -66,11 +66,8 @@ def main(argv=None) -> None:
     dev = device_or_default(args.device)
     if args.small and args.layout:
         ap.error("argument --layout: not with --small, which times its own tiny shapes")
-    if dev.type != "cuda":  # the Triton kernels interpreted: only the tiny shapes run in a reasonable time
-        if (why := dsm_kernels.backend_unavailable("triton", dev)) is not None or not args.small:
-            ap.error(f"on {dev} the decode step runs in the Triton interpreter, at the --small shapes only"
-                     f"{f' ({why})' if why else ''}: TRITON_INTERPRET=1 python benchmarks/bench_decoder.py "
-                     "--device cpu --small")
+    if (why := device_error("bench_decoder", "the decode step", dev, args.small)) is not None:
+        ap.error(why)
     if (why := check_output(args.out, "--out")) is not None:  # before the run, not a traceback after it
         ap.error(why)
     from dsm_kernels.decoder import decoder_step_composed

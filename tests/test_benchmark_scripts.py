@@ -146,6 +146,12 @@ BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
     ("bench_decoder", ["--device", "cpu", "--layout", "stt-1b"],
      "on cpu the decode step runs in the Triton interpreter, at the --small shapes only: TRITON_INTERPRET=1 python "
      "benchmarks/bench_decoder.py --device cpu --small"),
+    ("bench_depformer", ["--small", "--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("bench_depformer", ["--small", "--iters", "0"], "argument --iters: expected a positive integer, got '0'"),
+    ("bench_depformer", ["--small", "--grids", "0"], "argument --grids: expected a positive integer, got '0'"),
+    ("bench_depformer", ["--device", "cpu"],
+     "on cpu the depth transformer runs in the Triton interpreter, at the --small shapes only: TRITON_INTERPRET=1 "
+     "python benchmarks/bench_depformer.py --device cpu --small"),
     ("bench_kernels", ["--page-sizes", "16", "0"], "argument --page-sizes: expected a positive integer, got '0'"),
     ("bench_kernels", ["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
     ("bench_kernels", ["--iters", "0"], "argument --iters: expected a positive integer, got '0'"),
@@ -208,13 +214,14 @@ def test_profile_step_defaults_to_the_machines_device(monkeypatch):
                      ("cpu", torch.float32, preset_config("tiny-stt"))]
 
 
-def test_bench_decoder_on_a_cpu_says_how_to_run_it(tmp_path, capsys, monkeypatch):
-    """Its default device was cuda: on a CPU machine a traceback (torch not compiled with CUDA) after the imports. It
-    is cuda where there is one, else the CPU, where it needs the interpreter and --small (the released layouts'
-    weights are GBs, interpreted) and says so; --out is checked before the run as in the other scripts."""
+@pytest.mark.parametrize("script", ["bench_decoder", "bench_depformer"])
+def test_decoder_and_depformer_benchmarks_on_a_cpu_say_how_to_run_them(script, tmp_path, capsys, monkeypatch):
+    """Their default device was cuda: on a CPU machine a traceback (torch not compiled with CUDA) after the imports.
+    It is cuda where there is one, else the CPU, where they need the interpreter and --small (the real shapes'
+    weights are GBs, interpreted) and say so; --out is checked before the run as in the other scripts."""
     import torch
 
-    mod = _module("bench_decoder", monkeypatch)
+    mod = _module(script, monkeypatch)
 
     def refused(argv) -> str:
         with pytest.raises(SystemExit) as e:
@@ -225,11 +232,11 @@ def test_bench_decoder_on_a_cpu_says_how_to_run_it(tmp_path, capsys, monkeypatch
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET")
         err = refused(["--small"])  # the default device: the CPU, without the interpreter
-        assert "on cpu the decode step runs in the Triton interpreter" in err and "TRITON_INTERPRET=1" in err, err
+        assert "runs in the Triton interpreter" in err and "TRITON_INTERPRET=1 python" in err, err
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     (tmp_path / "f").write_text("")
-    err = refused(["--device", "cpu", "--small", "--out", str(tmp_path / "f" / "decoder.jsonl")])
-    assert "error: cannot write --out" in err and not (tmp_path / "f" / "decoder.jsonl").exists(), err
+    err = refused(["--device", "cpu", "--small", "--out", str(tmp_path / "f" / "rows.jsonl")])
+    assert "error: cannot write --out" in err and not (tmp_path / "f" / "rows.jsonl").exists(), err
 
 
 def test_bench_kernels_defaults_to_the_machines_device_and_checks_out(tmp_path, capsys, monkeypatch):
