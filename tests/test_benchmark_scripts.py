@@ -165,6 +165,22 @@ BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
     ("bench_serve", ["stt", "--seconds", "nan"], "argument --seconds: expected a time > 0, got nan"),
     ("bench_serve", ["tts", "--url", "localhost:8080"], "--url 'localhost:8080': expected ws://HOST:PORT"),
     ("bench_serve", ["stt", "--output", "/"], "cannot write --output '/'"),
+    ("bench_mimi", ["--batch", "1", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("bench_mimi", ["--n-q", "33"], "argument --n-q: expected a codebook count in 1..32, got '33'"),
+    ("bench_mimi", ["--threads", "-1"], "argument --threads: expected a positive integer, got '-1'"),
+    ("bench_mimi", ["--agree-frames", "-1"], "argument --agree-frames: expected an integer >= 0, got '-1'"),
+    ("bench_mimi", ["--device", "cpu", "--out", "/"], "cannot write --out '/'"),
+    ("bench_runtime", ["--preset", "tiny"], "argument --preset: invalid choice: 'tiny'"),
+    ("bench_runtime", ["--streams", "0"], "argument --streams: expected a positive integer, got '0'"),
+    ("bench_runtime", ["--frames-per-call", "0"], "argument --frames-per-call: expected a positive integer"),
+    ("bench_runtime", ["--calls", "0"], "argument --calls: expected a positive integer, got '0'"),
+    ("bench_runtime", ["--frames", "0"], "argument --frames: expected a positive integer, got '0'"),
+    ("bench_runtime", ["--slots", "0"], "argument --slots: expected a positive integer, got '0'"),
+    ("bench_runtime", ["--device", "mps"], "argument --device: device 'mps': dsm runs on cpu or cuda"),
+    ("bench_host", ["--streams", "64", "0"], "argument --streams: expected a positive integer, got '0'"),
+    ("bench_host", ["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    ("bench_fp8_kv", ["--preset", "tiny"], "argument --preset: invalid choice: 'tiny'"),
+    ("bench_fp8_kv", ["--preset", "tiny-stt", "--output", "/"], "cannot write --output '/'"),
 ]
 
 
