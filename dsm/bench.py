@@ -591,8 +591,8 @@ def setup_parser(p) -> None:
     from .presets import PRESETS
 
     p.add_argument("--preset", action="append", choices=PRESETS,
-                   help="model preset with random weights, repeatable (default: the three released models on a "
-                        "GPU, tiny-stt and tiny-tts on a CPU)")
+                   help="model preset with random weights, repeatable for several presets, each once (default: the "
+                        "three released models on a GPU, tiny-stt and tiny-tts on a CPU)")
     p.add_argument("--checkpoint", metavar="DIR", help="benchmark this checkpoint instead of presets")
     p.add_argument("--hf-repo", metavar="REPO", help="benchmark this hub checkpoint instead of presets")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for --hf-repo")
@@ -612,7 +612,8 @@ def setup_parser(p) -> None:
     p.add_argument("--page-size", type=positive_int, default=16,
                    help="KV cache page size in positions (default 16; a slot's ring is ceil(context / page_size) "
                         "pages, so larger pages waste up to a page a stream)")
-    p.add_argument("--no-mimi", dest="mimi", action="store_false", help="LM only, without Mimi encode/decode")
+    p.add_argument("--no-mimi", dest="mimi", action="store_false",
+                   help="LM only, without Mimi encode/decode (a checkpoint needs no Mimi weights then)")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="do not time moshi beside")
     p.add_argument("--capacity", action="store_true",
                    help="also search the most concurrent streams whose p50 step (Mimi included) fits one frame "
