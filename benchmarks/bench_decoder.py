@@ -20,9 +20,10 @@ import functools
 from pathlib import Path
 
 import torch
-from bench_depformer import append_jsonl, bandwidth, copy_bandwidth_gbps, graphed, measure
+from bench_depformer import bandwidth, copy_bandwidth_gbps, device_error, graphed, measure
 
-from dsm.bench import git_commit
+from dsm.bench import append_jsonl, check_output, git_commit
+from dsm.cli_args import device_or_default, parse_device, positive_int
 from dsm_kernels.testing import decoder_inputs, random_decoder_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,20 +49,27 @@ def step_bytes(w, ins, B: int) -> int:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--layout", nargs="+", default=None, help=f"of {list(LAYOUTS)}")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 4])
+    ap.add_argument("--layout", nargs="+", default=None, choices=list(LAYOUTS), help="default: all")
+    ap.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters", type=positive_int, default=30)
     ap.add_argument("--providers", nargs="+", default=None, metavar="PREFIX",
                     help="time only the providers whose names start with one of these (default: all)")
-    ap.add_argument("--grids", nargs="+", type=int, default=[],
+    ap.add_argument("--grids", nargs="+", type=positive_int, default=[],
                     help="also time the persistent kernel at these grid sizes (providers cuda_persistent:g66, ...; its "
                          "default is one block per SM)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/decoder.jsonl"))
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
     import dsm_kernels
+
+    dev = device_or_default(args.device)
+    if args.small and args.layout:
+        ap.error("argument --layout: not with --small, which times its own tiny shapes")
+    if (why := device_error("bench_decoder", "the decode step", dev, args.small)) is not None:
+        ap.error(why)
+    if (why := check_output(args.out, "--out")) is not None:  # before the run, not a traceback after it
+        ap.error(why)
     from dsm_kernels.decoder import decoder_step_composed
 
     layouts = SMALL if args.small else {k: LAYOUTS[k] for k in (args.layout or LAYOUTS)}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from contextlib import contextmanager
@@ -27,8 +26,10 @@ from pathlib import Path
 import torch
 import triton
 
+import dsm_kernels
 import dsm_kernels.reference as ref_mod
-from dsm.bench import git_commit  # noqa: E402
+from dsm.bench import append_jsonl, check_output, git_commit  # noqa: E402
+from dsm.cli_args import device_or_default, parse_device, positive_int
 from dsm_kernels.reference import DepformerWeights, depformer_frame_ref
 from dsm_kernels.testing import cuda_time_ms, random_depformer_weights, sample_tokens_torch
 
@@ -113,31 +114,37 @@ def bandwidth(ms: float, nbytes: int, copy_bw: float) -> tuple[float, float | No
     return gbps, frac, f"{frac:8.2f}" if frac is not None else f"{'-':>8}"
 
 
-def append_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Append ``rows`` as strict JSON lines (a failed measurement's NaN is null, as in every other results file)."""
-    from dsm.bench import strict_json
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
+def device_error(script: str, what: str, device: torch.device, small: bool) -> str | None:
+    """Why ``benchmarks/<script>.py`` cannot time ``what`` on ``device`` as asked (with the command that can), or
+    None: off a GPU it runs the Triton kernels interpreted, which takes TRITON_INTERPRET=1 and the --small shapes
+    (the real ones' weights are GBs, interpreted)."""
+    if device.type == "cuda":
+        return None
+    why = dsm_kernels.backend_unavailable("triton", device)
+    if why is None and small:
+        return None
+    return (f"on {device} {what} runs in the Triton interpreter, at the --small shapes only{f' ({why})' if why else ''}"
+            f": TRITON_INTERPRET=1 python benchmarks/{script}.py --device cpu --small")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 64])
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 2, 4, 8, 64])
+    ap.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters", type=positive_int, default=30)
     ap.add_argument("--providers", nargs="+", default=None, metavar="PREFIX",
                     help="time only the providers whose names start with one of these (default: all)")
-    ap.add_argument("--grids", nargs="+", type=int, default=[],
+    ap.add_argument("--grids", nargs="+", type=positive_int, default=[],
                     help="also time the persistent kernel at these grid sizes (providers cuda_persistent_graph:g66, "
                          "...; its default is one block per SM)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/depformer.jsonl"))
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
+    dev = device_or_default(args.device)
+    if (why := device_error("bench_depformer", "the depth transformer", dev, args.small)) is not None:
+        ap.error(why)
+    if (why := check_output(args.out, "--out")) is not None:  # before the run, not a traceback after it
+        ap.error(why)
     shapes = SMALL if args.small else TTS
     w = make_weights(shapes, dev)
     wbytes = frame_weight_bytes(shapes)

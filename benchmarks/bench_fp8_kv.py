@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 import dsm_kernels
-from dsm.bench import _random_conditions, environment, random_model
+from dsm.bench import _random_conditions, append_jsonl, check_output, environment, random_model
 from dsm.cli_args import positive_int
 from dsm.engine import Engine
-from dsm.presets import preset_config
+from dsm.presets import PRESETS, preset_config
 
 FP8 = torch.float8_e4m3fn
 
@@ -95,17 +95,19 @@ def agreement(model, steps: int, streams: int, seed: int = 0, ref_kv: torch.dtyp
 def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", action="append", help="default GPU: the released presets; CPU: tiny-stt, tiny-tts")
+    p.add_argument("--preset", action="append", choices=PRESETS,
+                   help="repeatable (default GPU: the released presets; CPU: tiny-stt, tiny-tts)")
     p.add_argument("--steps", type=positive_int, default=None, help="frames per run (default: 4 context windows)")
     p.add_argument("--streams", type=positive_int, default=None, help="streams per engine (default GPU 8, CPU 4)")
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "fp8_kv.jsonl"))
     args = p.parse_args(argv)
+    if (why := check_output(args.output)) is not None:  # before the run, not a traceback after its first model
+        p.error(why)
     device = "cuda" if gpu else "cpu"
     presets = args.preset or (["stt-1b-en_fr", "stt-2.6b-en", "tts-1.6b-en_fr"] if gpu else ["tiny-stt", "tiny-tts"])
     streams = (8 if gpu else 4) if args.streams is None else args.streams
     env = environment()
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for name in presets:
         model = random_model(preset_config(name), device, torch.bfloat16)[0]
         steps = 4 * model.cfg.context if args.steps is None else args.steps
@@ -129,8 +131,7 @@ def main(argv=None) -> int:
             **res,
         }
         print(json.dumps({k: row[k] for k in ("model", "steps", "streams", *res)}))
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(out, [row])
         del model
     print(f"appended to {out}")
     return 0

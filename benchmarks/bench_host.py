@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dsm.checkpoint import resolve_checkpoint, write_random_checkpoint
+from dsm.cli_args import positive_int
 
 
 def _times(step, steps: int, warmup: int = 3) -> float:
@@ -207,11 +208,11 @@ def asr_server_host_ms(files, n: int, steps: int) -> float:
     return _times(step, steps)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--streams", type=int, nargs="+", default=[64, 256, 700])
-    ap.add_argument("--steps", type=int, default=20)
-    args = ap.parse_args()
+    ap.add_argument("--streams", type=positive_int, nargs="+", default=[64, 256, 700])
+    ap.add_argument("--steps", type=positive_int, default=20)
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         stt = resolve_checkpoint(write_random_checkpoint("tiny-stt", Path(d) / "stt", seed=0, dtype=torch.float32))

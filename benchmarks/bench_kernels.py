@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from dsm.bench import git_commit, strict_json
+from dsm.bench import append_jsonl, check_output, git_commit
+from dsm.cli_args import device_or_default, nonnegative_int, parse_device, positive_int
 from dsm_kernels import available_backends, resolve
 from dsm_kernels.testing import (
     cuda_graph_time_ms,
@@ -302,29 +302,32 @@ KERNELS = {
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
-    ap.add_argument("--batch", nargs="+", type=int, default=[1, 64, 400])
-    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--batch", nargs="+", type=positive_int, default=[1, 64, 400])
+    ap.add_argument("--iters", type=positive_int, default=100)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     ap.add_argument("--graph", action="store_true",
                     help="time CUDA-graph replays (kernel time without host launch overhead; the loop reference "
                          "cannot be captured)")
     ap.add_argument("--providers", nargs="+", default=None, choices=["reference", "torch", "compile", "triton", "cuda"],
                     help="time only these providers (default: all available)")
-    ap.add_argument("--reference-max-batch", type=int, default=64, help="the loop references are slow beyond this")
-    ap.add_argument("--attention-splits", nargs="+", type=int, default=[],
+    ap.add_argument("--reference-max-batch", type=nonnegative_int, default=64,
+                    help="the loop references are slow beyond this (0: none)")
+    ap.add_argument("--attention-splits", nargs="+", type=positive_int, default=[],
                     help="also time the triton/cuda attention at these split-K factors (providers 'cuda:s3', ...)")
-    ap.add_argument("--page-sizes", nargs="+", type=int, default=[16],
+    ap.add_argument("--page-sizes", nargs="+", type=positive_int, default=[16],
                     help="attention: KV page sizes to time (positions a page; the engine's default is 16)")
     ap.add_argument("--kv-dtypes", nargs="+", default=["bf16"], choices=list(ATTENTION_KV),
                     help="attention: KV page dtypes to time (fp8 = e4m3, half the bytes)")
-    ap.add_argument("--grids", nargs="+", type=int, default=[],
+    ap.add_argument("--grids", nargs="+", type=positive_int, default=[],
                     help="rvq: also time the persistent CUDA kernel at these grid sizes (providers 'cuda:g66', ...)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels.jsonl"))
     args = ap.parse_args(argv)
+    if (why := check_output(args.out, "--out")) is not None:  # before the run, not a traceback after its first row
+        ap.error(why)
 
-    device = torch.device(args.device)
+    device = device_or_default(args.device)
     try:
         import triton
 
@@ -344,8 +347,6 @@ def main(argv=None):
     print(f"# {meta['device']}  torch {meta['torch']}  triton {triton_version}  copy {copy_gbps:.0f} GB/s")
     time_ms = timer(device, args.iters, args.graph)
     backends = [b for b in available_backends(device) if b != "reference"]
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for kname in args.kernels:
         op, torch_fn, cases = KERNELS[kname]
@@ -380,8 +381,7 @@ def main(argv=None):
                     if err:
                         row["error"] = err
                     results.append(row)
-                    with out_path.open("a") as f:
-                        f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")  # a failed row's NaN: null
+                    append_jsonl(args.out, [row])  # row by row, each whole; a failed row's NaN: null
                     print(f"{kname:<10}{shape:<18} B={B:<5}{name:<10}{ms:>9.4f} ms {gbps:>8.1f} GB/s "
                           f"{100 * gbps / copy_gbps:>6.1f}% copy" + (f"  {err}" if err else ""))  # fmt: skip
         if device.type == "cuda":

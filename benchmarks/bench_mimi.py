@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -35,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsm_kernels  # noqa: E402
-from dsm.bench import git_commit  # noqa: E402
-from dsm.cli_args import nonnegative_int, positive_int  # noqa: E402
-from dsm.mimi import FRAME_SIZE, Mimi, cuda_graphed, load_mimi_state_dict, save_random_mimi  # noqa: E402
+from dsm.bench import append_jsonl, check_output, git_commit  # noqa: E402
+from dsm.cli_args import device_or_default, int_in_range, nonnegative_int, parse_device, positive_int  # noqa: E402
+from dsm.mimi import FRAME_SIZE, MAX_CODEBOOKS, Mimi, cuda_graphed, load_mimi_state_dict, save_random_mimi  # noqa: E402
 
 FRAME_MS = 80.0
 
@@ -148,23 +147,26 @@ def bench_moshi(path: Path, n_q: int, batch: int, args, device: torch.device) ->
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 400])
-    p.add_argument("--n-q", type=int, default=32)
+    p.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 64, 400])
+    p.add_argument("--n-q", type=int_in_range(1, MAX_CODEBOOKS, f"a codebook count in 1..{MAX_CODEBOOKS}"),
+                   default=MAX_CODEBOOKS)
     p.add_argument("--steps", type=positive_int, default=None, help="timed calls (default 50 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up calls (default 10 on CUDA, 2 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU intra-op threads (default: torch's choice)")
     p.add_argument("--ckpt", type=Path, default=None, help="Mimi safetensors (default: a random one)")
     p.add_argument("--no-moshi", action="store_true", help="skip the moshi baseline")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
     p.add_argument("--no-variants", action="store_true", help="skip the triton / nogemv / cudnn / tf32 graph variants")
-    p.add_argument("--agree-frames", type=int, default=None, help="frames of the code agreement check (default: "
-                   "50 on CUDA, 0 on CPU)")
+    p.add_argument("--agree-frames", type=nonnegative_int, default=None,
+                   help="frames of the code agreement check (default: 50 on CUDA, 0 on CPU)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "mimi.jsonl")
-    args = p.parse_args()
-    device = torch.device(args.device)
+    args = p.parse_args(argv)
+    if (why := check_output(args.out, "--out")) is not None:  # before the run, not a traceback after it
+        p.error(why)
+    device = device_or_default(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
@@ -216,9 +218,7 @@ def main() -> None:
     for name, a in agreement.items():
         print(f"codes equal to the CPU fp32 reference over {frames} frames, {name}: {100 * a['codes']:.2f}% "
               f"(level 0: {100 * a['level0']:.2f}%)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(args.out, [record])
     print(f"appended to {args.out}")
 
 

@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsm.bench import check_output, environment
+from dsm.bench import append_jsonl, check_output, environment
 from dsm.checkpoint import ensure_random_checkpoint, resolve_checkpoint
+from dsm.cli_args import device_or_default, parse_device, positive_int
+from dsm.presets import PRESETS
 
 FRAME = 1920  # samples at 24 kHz: 80 ms
 
@@ -124,21 +126,22 @@ def tts_rows(files, streams: int, frames: int, device: torch.device, slots: int 
             "ttfa_p50_ms": statistics.median(ttfa), "ttfa_max_ms": max(ttfa), "rtf": p50 / (80.0 * streams)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny-stt", help="a preset name (random weights), e.g. stt-1b-en_fr")
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--frames-per-call", type=int, nargs="+", default=[1, 8], help="STT: frames a runtime call takes")
-    ap.add_argument("--calls", type=int, default=20, help="STT: timed calls per row")
-    ap.add_argument("--frames", type=int, default=40, help="TTS: timed frames per row")
-    ap.add_argument("--slots", type=int, help="the runtime's stream slots (default: as many as the streams): a server "
-                    "sized for more streams than it serves")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="tiny-stt", choices=PRESETS, help="a preset (random weights)")
+    ap.add_argument("--streams", type=positive_int, nargs="+", default=[1, 4])
+    ap.add_argument("--frames-per-call", type=positive_int, nargs="+", default=[1, 8],
+                    help="STT: frames a runtime call takes")
+    ap.add_argument("--calls", type=positive_int, default=20, help="STT: timed calls per row")
+    ap.add_argument("--frames", type=positive_int, default=40, help="TTS: timed frames per row")
+    ap.add_argument("--slots", type=positive_int, help="the runtime's stream slots (default: as many as the "
+                    "streams): a server sized for more streams than it serves")
+    ap.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--output", type=Path, help="append the rows to this JSON-lines file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.output and (why := check_output(args.output)) is not None:  # before the run, not a traceback after it
         ap.error(why)
-    device = torch.device(args.device)
+    device = device_or_default(args.device)
     files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
     tts = files.config.tts_config is not None and bool(files.config.tts_config)
     rows, env = [], environment(device)
@@ -151,10 +154,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        with args.output.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.output, rows)
     print()
     if tts:
         print(f"{'preset':16} {'streams':>7} {'slots':>5} {'frame p50 ms':>12} {'p99':>8} {'ttfa p50':>9} "

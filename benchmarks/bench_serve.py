@@ -54,6 +54,8 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from dsm.bench import append_jsonl, check_output
+from dsm.cli_args import positive_int
 from dsm.server import ASR_PATH, TTS_PATH, audio_message
 
 FRAME = 1920  # samples at 24 kHz
@@ -320,6 +322,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class OutputError(Exception):
+    """A row could not be appended to --output: the file's failure, not the server's."""
+
+
 class SpawnedServer:
     """``dsm serve-KIND ARGS`` in a process of its own on a free local port, its output in a log file."""
 
@@ -351,8 +357,8 @@ class SpawnedServer:
 
     def __exit__(self, exc_type, *_):
         self._stop()
-        if exc_type is None:
-            Path(self.log.name).unlink(missing_ok=True)  # kept when something failed
+        if exc_type is None or issubclass(exc_type, OutputError):
+            Path(self.log.name).unlink(missing_ok=True)  # kept when the server or a client failed
 
     def _stop(self):
         if self.proc.poll() is None:
@@ -427,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("kind", choices=["stt", "tts"])
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one row each")
+    ap.add_argument("--clients", type=positive_int, nargs="+", default=[1, 8],
+                    help="concurrent clients, one row each")
     ap.add_argument("--url", help="a running server (ws://host:port[/path]); default: start one")
     ap.add_argument("--serve", default=None, help="arguments of the server this script starts (default: the "
                     "released shape with random weights on CUDA, the tiny preset on a CPU)")
@@ -442,12 +449,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ramp", type=float, default=FRAME_S, help="seconds over which the clients of a row start")
     ap.add_argument("--capacity", action="store_true", help="after the rows, search the most clients the server "
                     "keeps up with (doubling from the largest row that kept up, then bisection; a row per probe)")
-    ap.add_argument("--max-clients", type=int, help="--capacity's bound (default: the server's slots; a server this "
-                    "script starts gets this many)")
+    ap.add_argument("--max-clients", type=positive_int, help="--capacity's bound (default: the server's slots; a "
+                    "server this script starts gets this many)")
     ap.add_argument("--output", type=Path, help="append the rows to this JSON-lines file")
     args = ap.parse_args(argv)
-    if min(args.clients) < 1 or args.seconds <= 0 or (args.max_clients is not None and args.max_clients < 1):
-        ap.error("--clients, --max-clients and --seconds must be positive")
+    if not 0 < args.seconds < float("inf"):
+        ap.error(f"argument --seconds: expected a time > 0, got {args.seconds:g}")
+    if args.url:
+        try:
+            endpoint(args.url, args.kind)
+        except ValueError as e:
+            ap.error(str(e))
+    if args.output and (why := check_output(args.output)) is not None:  # before the server starts and the rows run
+        ap.error(why)
 
     if args.kind == "stt":
         if args.audio:
@@ -466,8 +480,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def emit(row: dict) -> None:
             if args.output:  # row by row: a server that goes away later leaves the rows measured so far
-                with args.output.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                try:
+                    append_jsonl(args.output, [row])
+                except OSError as e:  # not the server's failure: run_rows' OSError is a server that went away
+                    raise OutputError(f"cannot append to --output {str(args.output)!r}: {e.strerror or e}") from None
 
         def measure(n: int, **extra) -> bool:
             wait_idle(base)
@@ -503,20 +519,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-    if args.url:
-        try:
-            return run_rows(args.url)
-        except ValueError as e:
-            ap.error(str(e))
-    serve_args = shlex.split(args.serve) if args.serve is not None else default_serve_args(args.kind)
     try:
-        with SpawnedServer(args.kind, serve_args, max(*args.clients, args.max_clients or 0), args.startup_timeout) \
-                as base:
-            return run_rows(base.replace("http://", "ws://"))
-    except RuntimeError as e:  # the server did not start: its log says why
-        print(f"bench_serve: {e}", file=sys.stderr)
+        if args.url:
+            return run_rows(args.url)
+        serve_args = shlex.split(args.serve) if args.serve is not None else default_serve_args(args.kind)
+        try:
+            with SpawnedServer(args.kind, serve_args, max(*args.clients, args.max_clients or 0),
+                               args.startup_timeout) as base:
+                return run_rows(base.replace("http://", "ws://"))
+        except RuntimeError as e:  # the server did not start: its log says why
+            print(f"bench_serve: {e}", file=sys.stderr)
+            return 1
+    except OutputError as e:
+        print(f"bench_serve: error: {e}", file=sys.stderr)
         return 1
 
 

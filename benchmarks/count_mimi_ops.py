@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dsm_kernels  # noqa: E402
+from dsm.cli_args import positive_int  # noqa: E402
 from dsm.mimi import FRAME_SIZE, MAX_CODEBOOKS, Mimi, random_mimi_state_dict  # noqa: E402
 from dsm_kernels.testing import LaunchCounter  # noqa: E402
 
@@ -49,12 +51,17 @@ def count_mimi(backend: str | None = None, batch: int = 1, warmup: int = 3, seed
     return enc, dec
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default=None, help="dsm_kernels backend for the Mimi ops (default: by device)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--top", type=int, default=20, help="how many of the most frequent ops to list")
-    args = p.parse_args()
+    p.add_argument("--backend", default=None, choices=dsm_kernels.BACKENDS,
+                   help="dsm_kernels backend for the Mimi ops (default: the CPU's, reference)")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--top", type=positive_int, default=20, help="how many of the most frequent ops to list")
+    args = p.parse_args(argv)
+    # the count runs on the CPU: the Triton kernels only under the interpreter (the error says how to run it)
+    if args.backend and (why := dsm_kernels.backend_unavailable(args.backend, "cpu")) is not None:
+        p.error(f"argument --backend: {why}; this count runs on the CPU, where what a GPU runs is counted with: "
+                "TRITON_INTERPRET=1 python benchmarks/count_mimi_ops.py --backend triton")
     enc, dec = count_mimi(args.backend, args.batch)
     for name, c in (("encode_step", enc), ("decode_step", dec)):
         print(f"{name}: {sum(c.values())} kernels  {c.most_common(args.top)}")

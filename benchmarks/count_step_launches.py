@@ -21,8 +21,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 from dsm.bench import _random_conditions, random_model  # noqa: E402
+from dsm.cli_args import positive_int  # noqa: E402
 from dsm.engine import Engine  # noqa: E402
-from dsm.presets import preset_config  # noqa: E402
+from dsm.presets import PRESETS, preset_config  # noqa: E402
 from dsm_kernels.testing import LaunchCounter  # noqa: E402
 
 NARROW = {"dim": 128, "num_heads": 4, "depformer_dim": 64, "depformer_num_heads": 4, "depformer_dim_feedforward": 192}
@@ -47,9 +48,11 @@ def count_step(preset: str, layers: int | None = None, batch: int = 2) -> collec
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="stt-1b-en_fr")
-    ap.add_argument("--layers", type=int, default=None, help="temporal layers to build (default: the preset's)")
-    ap.add_argument("--batch", type=int, default=2, help="streams (default 2; above 4 the GEMMs are cuBLAS calls)")
+    ap.add_argument("--preset", default="stt-1b-en_fr", choices=PRESETS)
+    ap.add_argument("--layers", type=positive_int, default=None,
+                    help="temporal layers to build (default: the preset's)")
+    ap.add_argument("--batch", type=positive_int, default=2,
+                    help="streams (default 2; above 4 the GEMMs are cuBLAS calls)")
     args = ap.parse_args(argv)
     counts = count_step(args.preset, args.layers, args.batch)
     total = sum(counts.values())

@@ -14,8 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dsm.bench import _random_conditions, random_model
+from dsm.cli_args import device_or_default, parse_device, positive_int
 from dsm.engine import Engine
-from dsm.presets import preset_config
+from dsm.presets import PRESETS, preset_config
 
 
 def profiled(device: torch.device, fn, steps: int):
@@ -62,19 +63,24 @@ def profile_mimi(batch: int, steps: int, top: int, device: torch.device) -> None
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", action="append", default=None)
+    ap.add_argument("--preset", action="append", default=None, choices=PRESETS,
+                    help="repeatable (default: stt-1b-en_fr and tts-1.6b-en_fr on a GPU, tiny-stt and tiny-tts on a "
+                         "CPU)")
     ap.add_argument("--mimi", action="store_true", help="profile Mimi's encode and decode instead of the LM")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--device", type=torch.device, default=torch.device("cuda"))
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--steps", type=positive_int, default=5, help="profiled steps (default 5)")
+    ap.add_argument("--top", type=positive_int, default=15, help="kernels listed (default 15)")
+    ap.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     args = ap.parse_args(argv)
-    dev = args.device
+    if args.mimi and args.preset:
+        ap.error("argument --preset: not with --mimi, which profiles Mimi alone")
+    dev = device_or_default(args.device)
     if args.mimi:
         profile_mimi(args.batch, args.steps, args.top, dev)
         return
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    for name in args.preset or ["stt-1b-en_fr", "tts-1.6b-en_fr"]:
+    default = ["stt-1b-en_fr", "tts-1.6b-en_fr"] if dev.type == "cuda" else ["tiny-stt", "tiny-tts"]
+    for name in args.preset or default:
         model, _ = random_model(preset_config(name), dev, dtype)
         eng = Engine(model, max_slots=args.batch, buckets=(args.batch,), cuda_graphs=False)
         for b in range(args.batch):

@@ -529,12 +529,29 @@ def write_replacing(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dict) -> None:
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append ``rows`` to ``path`` as strict JSON lines (a non-finite float is null), whole or not at all: one
+    append of complete lines, and a write that fails part-way (a full disk) is cut back to the file's previous end,
+    so that a reader of the file never finds half a row. OSError when the append fails."""
+    data = memoryview("".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows).encode())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    row = strict_json({**env, **extra, "rows": [asdict(r) for r in rows]})
-    with path.open("a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            while data:  # a regular file takes it in one write unless the disk fills
+                data = data[os.write(fd, data):]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
+
+
+def append_results(path: str | Path, rows: list[BenchRow], env: dict, extra: dict) -> None:
+    append_jsonl(path, [{**env, **extra, "rows": [asdict(r) for r in rows]}])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -574,8 +591,8 @@ def setup_parser(p) -> None:
     from .presets import PRESETS
 
     p.add_argument("--preset", action="append", choices=PRESETS,
-                   help="model preset with random weights, repeatable (default: the three released models on a "
-                        "GPU, tiny-stt and tiny-tts on a CPU)")
+                   help="model preset with random weights, repeatable for several presets, each once (default: the "
+                        "three released models on a GPU, tiny-stt and tiny-tts on a CPU)")
     p.add_argument("--checkpoint", metavar="DIR", help="benchmark this checkpoint instead of presets")
     p.add_argument("--hf-repo", metavar="REPO", help="benchmark this hub checkpoint instead of presets")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for --hf-repo")
@@ -595,7 +612,8 @@ def setup_parser(p) -> None:
     p.add_argument("--page-size", type=positive_int, default=16,
                    help="KV cache page size in positions (default 16; a slot's ring is ceil(context / page_size) "
                         "pages, so larger pages waste up to a page a stream)")
-    p.add_argument("--no-mimi", dest="mimi", action="store_false", help="LM only, without Mimi encode/decode")
+    p.add_argument("--no-mimi", dest="mimi", action="store_false",
+                   help="LM only, without Mimi encode/decode (a checkpoint needs no Mimi weights then)")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="do not time moshi beside")
     p.add_argument("--capacity", action="store_true",
                    help="also search the most concurrent streams whose p50 step (Mimi included) fits one frame "
@@ -650,26 +668,33 @@ def run_cli(args) -> int:
     if (args.checkpoint or args.hf_repo) and args.preset:
         print("dsm bench: error: give --preset or --checkpoint/--hf-repo, not both", file=sys.stderr)
         return 2
+    if args.preset and (twice := sorted({p for p in args.preset if args.preset.count(p) > 1})):
+        # its rows would be measured twice and mixed in one capacity (the rows are told apart by model name)
+        print(f"dsm bench: error: argument --preset: {', '.join(twice)} given twice (give each preset once)",
+              file=sys.stderr)
+        return 2
     if (why := check_output(args.output)) is not None:
         print(f"dsm bench: error: {why}", file=sys.stderr)
         return 2
-    if args.backend and args.backend not in dsm_kernels.available_backends(device):
-        why = dsm_kernels.cuda_ext_unavailable(device) if args.backend == "cuda" and device.type == "cuda" else None
-        print(f"dsm bench: error: kernel backend {args.backend!r} is not available on {device} (available: "
-              f"{', '.join(dsm_kernels.available_backends(device))}){f': {why}' if why else ''}", file=sys.stderr)
+    if args.backend and (why := dsm_kernels.backend_unavailable(args.backend, device)) is not None:
+        print(f"dsm bench: error: {why}", file=sys.stderr)
         return 2
     if args.checkpoint or args.hf_repo:
         from .checkpoint import resolve_checkpoint
         from .model import LMModel
 
-        files = resolve_checkpoint(args.checkpoint, args.hf_repo, revision=args.revision)
+        # no Mimi under --no-mimi: a checkpoint without its weights benchmarks its LM, and none is fetched
+        files = resolve_checkpoint(args.checkpoint, args.hf_repo, revision=args.revision, mimi=args.mimi,
+                                   tokenizer=False)
         models.append((files.source, lambda: (LMModel.from_checkpoint(files, device=device, dtype=dtype),
-                                              Mimi.from_file(files.mimi_weights, device=device))))
+                                              Mimi.from_file(files.mimi_weights, device=device) if args.mimi
+                                              else None)))
     else:
         names = args.preset or (["stt-1b-en_fr", "stt-2.6b-en", "tts-1.6b-en_fr"] if gpu else ["tiny-stt", "tiny-tts"])
         for name in names:
             models.append((name, lambda n=name: (random_model(preset_config(n), device, dtype)[0],
-                                                 Mimi(random_mimi_state_dict(0), device=device))))
+                                                 Mimi(random_mimi_state_dict(0), device=device) if args.mimi
+                                                 else None)))
     kv_dtype = KV_DTYPES[args.kv_dtype] if args.kv_dtype else None
     engine_kw = {"kv_dtype": kv_dtype, "backend": args.backend, "page_size": args.page_size}
     kv_lines: list[str] = []
@@ -688,11 +713,10 @@ def run_cli(args) -> int:
                                    condition_rows=own * page, mimi_bytes=_mimi_stream_bytes(model, mimi),
                                    condition_dtype=next(model.transformer.parameters()).dtype)
                     for k, dt in KV_DTYPES.items()}
+            state = "Mimi's state included" if mimi is not None else "LM only: --no-mimi"
             kv_lines.append(f"{name}: KV capacity on an 80 GB H100 at full context ({weights / 1e9:.2f} GB weights, "
-                            f"8 GiB reserve, Mimi's state included): bf16 {caps['bf16']} streams, "
-                            f"fp8 {caps['fp8']} streams (x{caps['fp8'] / max(caps['bf16'], 1):.2f})")
-            if not args.mimi:
-                mimi = None
+                            f"8 GiB reserve, {state}): bf16 {caps['bf16']} streams, fp8 {caps['fp8']} streams "
+                            f"(x{caps['fp8'] / max(caps['bf16'], 1):.2f})")
             for b in batches:
                 r = _bench_or_oom(model, mimi, b, steps, warmup, timer, bar, **engine_kw)
                 r.model = name
@@ -729,10 +753,14 @@ def run_cli(args) -> int:
                   "(largest measured batch)")
     print("\n".join(kv_lines))
     env = environment(device)
-    append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype),
-                                            "page_size": args.page_size, "steps": steps,
-                                            "backend": args.backend or dsm_kernels.default_backend(device),
-                                            "warmup": warmup, "mimi": args.mimi, "frame_ms": args.frame_ms,
-                                            "capacity": capacities})
+    try:
+        append_results(args.output, rows, env, {"dtype": str(dtype), "kv_dtype": str(kv_dtype or dtype),
+                                                "page_size": args.page_size, "steps": steps,
+                                                "backend": args.backend or dsm_kernels.default_backend(device),
+                                                "warmup": warmup, "mimi": args.mimi, "frame_ms": args.frame_ms,
+                                                "capacity": capacities})
+    except OSError as e:  # checked before the run, but the disk can fill since: the table above is the result
+        print(f"dsm bench: error: cannot append to --output {args.output!r}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"appended to {args.output} ({env['device']}, torch {env['torch']}, commit {env['commit']})")
     return 0

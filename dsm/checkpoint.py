@@ -361,8 +361,8 @@ class CheckpointFiles:
     config: CheckpointConfig
     config_path: Path
     lm_weights: Path
-    mimi_weights: Path
-    tokenizer: Path
+    mimi_weights: Path | None  # None only when resolved without it (resolve_checkpoint(mimi=False))
+    tokenizer: Path | None  # likewise (tokenizer=False)
     source: str = ""
 
 
@@ -417,12 +417,15 @@ def _split_hf(url: str) -> tuple[str, str]:
 
 
 def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None = None,
-                       revision: str | None = None, cache_dir: str | Path | None = None) -> CheckpointFiles:
+                       revision: str | None = None, cache_dir: str | Path | None = None, mimi: bool = True,
+                       tokenizer: bool = True) -> CheckpointFiles:
     """Find config.json, LM weights, Mimi weights and tokenizer of a checkpoint.
 
     ``checkpoint``: a local directory holding ``config.json`` and the files it names, a path to such a
     ``config.json``, or ``hf://owner/repo[/dir/config.json]``. ``hf_repo``: ``owner/name`` on the Hugging Face hub
-    (honours ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE``). Exactly one of the two must be given.
+    (honours ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE``). Exactly one of the two must be given. ``mimi=False`` /
+    ``tokenizer=False``: a caller that does not use that file (``dsm bench --no-mimi``) neither needs nor fetches it
+    (its field is None).
     """
     if (checkpoint is None) == (hf_repo is None):
         raise CheckpointError("give exactly one of a checkpoint directory (--checkpoint) or a hub repo (--hf-repo)")
@@ -432,14 +435,14 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
             inner = f"{inner}/config.json"
         config_name = inner or "config.json"
     elif hf_repo is not None and hf_repo.startswith("hf://"):  # --hf-repo hf://owner/repo[/dir]: as --checkpoint
-        return resolve_checkpoint(hf_repo, revision=revision, cache_dir=cache_dir)
+        return resolve_checkpoint(hf_repo, revision=revision, cache_dir=cache_dir, mimi=mimi, tokenizer=tokenizer)
     elif hf_repo is not None:
         config_name = "config.json"
     elif revision is not None:  # it would be ignored: the files read might not be the ones the user meant
         raise CheckpointError(f"{checkpoint}: a local checkpoint has no revisions (--revision {revision} names a "
                               "commit, branch or tag of a hub repo)")
     else:
-        return _resolve_local(Path(checkpoint))
+        return _resolve_local(Path(checkpoint), mimi, tokenizer)
 
     assert hf_repo is not None
     if hf_repo.count("/") != 1 or not all(hf_repo.split("/")):
@@ -458,7 +461,8 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
         return hub_file(hf_repo, f"{folder}/{name}" if folder else name, pinned, cache_dir)
 
     return CheckpointFiles(config=cfg, config_path=config_path, lm_weights=get(cfg.moshi_name),
-                           mimi_weights=get(cfg.mimi_name), tokenizer=get(cfg.tokenizer_name),
+                           mimi_weights=get(cfg.mimi_name) if mimi else None,
+                           tokenizer=get(cfg.tokenizer_name) if tokenizer else None,
                            source=f"hf://{hf_repo}" + (f"@{revision}" if revision else ""))
 
 
@@ -482,7 +486,7 @@ def _load_config(path: Path) -> CheckpointConfig:
     return cfg
 
 
-def _resolve_local(path: Path) -> CheckpointFiles:
+def _resolve_local(path: Path, mimi: bool = True, tokenizer: bool = True) -> CheckpointFiles:
     if path.is_file() and path.suffix == ".json":
         config_path, root = path, path.parent
     elif path.is_dir():
@@ -507,8 +511,8 @@ def _resolve_local(path: Path) -> CheckpointFiles:
         return p
 
     return CheckpointFiles(config=cfg, config_path=config_path, lm_weights=get(cfg.moshi_name, "LM weights"),
-                           mimi_weights=get(cfg.mimi_name, "Mimi weights"),
-                           tokenizer=get(cfg.tokenizer_name, "tokenizer"), source=str(root))
+                           mimi_weights=get(cfg.mimi_name, "Mimi weights") if mimi else None,
+                           tokenizer=get(cfg.tokenizer_name, "tokenizer") if tokenizer else None, source=str(root))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -268,6 +268,23 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return out
 
 
+def backend_unavailable(backend: str, device: torch.device | str) -> str | None:
+    """Why kernel ``backend`` cannot run on ``device`` in this process (a sentence naming the fix where there is
+    one: on a CPU, the Triton interpreter), or None when it can."""
+    device = torch.device(device)
+    avail = available_backends(device)
+    if backend in avail:
+        return None
+    why = None
+    if backend == "cuda" and device.type == "cuda":
+        why = cuda_ext_unavailable(device)
+    elif backend == "triton":
+        why = ("Triton is not installed: pip install 'dsm[triton]'" if not has_triton() else
+               "set TRITON_INTERPRET=1 to run the Triton kernels on a CPU")
+    return (f"kernel backend {backend!r} is not available on {device} (available: {', '.join(avail)})"
+            + (f": {why}" if why else ""))
+
+
 def default_backend(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cuda":
@@ -293,12 +310,8 @@ def resolve(op: str, backend: str | None, device: torch.device | str):
     backend = backend or default_backend(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
-    if backend not in available_backends(device):
-        why = cuda_ext_unavailable(device) if backend == "cuda" and torch.device(device).type == "cuda" else None
-        raise RuntimeError(
-            f"kernel backend {backend!r} is not available on {torch.device(device)} "
-            f"(available: {available_backends(device)}){f': {why}' if why else ''}"
-        )
+    if (why := backend_unavailable(backend, device)) is not None:
+        raise RuntimeError(why)
     if backend not in _OPS[op]:  # op without this backend: next best one registered for it
         avail = [b for b in available_backends(device) if b in _OPS[op]]
         backend = "triton" if "triton" in avail else "reference"

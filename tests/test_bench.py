@@ -411,6 +411,116 @@ def test_bench_unwritable_output_fails_before_running(tmp_path, capsys, monkeypa
     assert not (tmp_path / "new" / "bench.jsonl").exists()
 
 
+def _instant_bench_dsm(monkeypatch):
+    """``dsm.bench.bench_dsm`` as a 1 ms step a stream, measured instantly (for the tests of the run around it)."""
+    from dsm import bench
+
+    def bench_dsm(model, mimi, batch, *args, **kw):
+        return bench.BenchRow("dsm", "", batch, float(batch), float(batch), 0.0, *bench._rates(float(batch), batch))
+
+    monkeypatch.setattr(bench, "bench_dsm", bench_dsm)
+
+
+def test_bench_refuses_a_preset_given_twice(tmp_path, capsys, monkeypatch):
+    """--preset is repeatable for several presets; the same one twice measured it twice and mixed both runs' rows in
+    one capacity (rows are told apart by model name): one error line before any model is built."""
+    from dsm import bench
+
+    def never(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(bench, "random_model", never)
+    assert main(["bench", "--preset", "tiny-stt", "--preset", "tiny-tts", "--preset", "tiny-stt",
+                 "--output", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err == "dsm bench: error: argument --preset: tiny-stt given twice (give each preset once)\n", err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_bench_without_mimi_builds_none_and_says_lm_only(tmp_path, capsys, monkeypatch):
+    """--no-mimi: no Mimi is built (its random weights' calibration alone took ~1.5 s a model) and the KV capacity
+    line does not claim Mimi's state is included (it was, of a Mimi the run did not use)."""
+    import dsm.mimi
+
+    def never(*a, **k):
+        raise AssertionError("Mimi was built under --no-mimi")
+
+    monkeypatch.setattr(dsm.mimi, "random_mimi_state_dict", never)
+    _instant_bench_dsm(monkeypatch)
+    assert main(["bench", "--preset", "tiny-stt", "--batch", "1", "--no-mimi", "--no-reference",
+                 "--output", str(tmp_path / "r.jsonl")]) == 0
+    text = capsys.readouterr().out
+    assert "Mimi's state included" not in text and "LM only: --no-mimi" in text, text
+
+
+def test_bench_no_mimi_runs_a_checkpoint_without_mimi_weights(tmp_path, capsys, monkeypatch):
+    """A checkpoint written without Mimi weights (or a tokenizer, which bench never reads) benchmarks its LM under
+    --no-mimi; without --no-mimi the missing file is still one error line."""
+    import torch
+
+    from dsm.checkpoint import write_random_checkpoint
+
+    ckpt = write_random_checkpoint("tiny-stt", tmp_path / "ckpt", dtype=torch.float32, mimi=False, tokenizer=False)
+    _instant_bench_dsm(monkeypatch)
+    out = tmp_path / "r.jsonl"
+    argv = ["bench", "--checkpoint", str(ckpt), "--batch", "1", "--no-reference", "--output", str(out)]
+    assert main([*argv, "--no-mimi"]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["mimi"] is False
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "Mimi weights file named by" in capsys.readouterr().err
+
+
+def test_append_jsonl_leaves_no_half_row(tmp_path, monkeypatch):
+    """A results append that fails part-way (a full disk) is cut back to the file's previous rows: a reader never
+    finds half a row; the error still reaches the caller."""
+    import errno
+    import os
+
+    from dsm import bench
+
+    out = tmp_path / "r.jsonl"
+    bench.append_jsonl(out, [{"a": 1}])
+    before, ino, real_write, calls = out.read_bytes(), out.stat().st_ino, os.write, []
+
+    def write(fd, data):  # the results file takes half the bytes, then the disk is full
+        if os.fstat(fd).st_ino != ino:
+            return real_write(fd, data)
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, bytes(data[: len(data) // 2]))
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        bench.append_jsonl(out, [{"b": float("nan"), "c": "x" * 100}])
+    monkeypatch.undo()
+    assert len(calls) == 2 and out.read_bytes() == before
+    bench.append_jsonl(out, [{"b": float("nan")}, {"c": 2}])  # strict JSON lines, whole
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [{"a": 1}, {"b": None}, {"c": 2}]
+
+
+def test_bench_output_failing_after_the_run_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """--output checked before the run can still fail to take the row after it (the disk filled): an error line
+    naming --output, exit 1, the table printed (it was a traceback)."""
+    import errno
+
+    from dsm import bench
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _instant_bench_dsm(monkeypatch)
+    monkeypatch.setattr(bench, "append_jsonl", full)
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--preset", "tiny-stt", "--batch", "1", "--no-mimi", "--no-reference",
+                 "--output", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "rtfx" in captured.out and "appended to" not in captured.out
+    assert captured.err.endswith(f"\ndsm bench: error: cannot append to --output {str(out)!r}: No space left on "
+                                 "device\n"), captured.err  # after tqdm's bar
+
+
 def test_step_p99_is_the_whole_steps_tail(monkeypatch, mimi_sd):
     """The row's p99 is the p99 of whole steps (Mimi then LM), not the LM's p99 plus Mimi's median: steps where both
     are slow count once, whole. Fake costs: LM 10 ms (40 every 4th call), Mimi 5 ms (25 every 4th call)."""
@@ -591,6 +701,25 @@ def test_bench_serve_says_when_the_server_does_not_answer(tmp_path, capsys):
                                       str(out)])
     assert rc == 1 and f"the server at http://127.0.0.1:{port} does not answer" in capsys.readouterr().err
     assert not out.exists() or not out.read_text()
+
+
+def test_bench_serve_blames_a_failed_output_on_the_output(tmp_path, capsys, monkeypatch):
+    """A row that cannot be appended to --output (here: it became a directory after the check) is an error naming
+    --output, exit 1; it was caught with the server's errors and reported as "the server ... does not answer"."""
+    mod = _script("bench_serve")
+    out = tmp_path / "rows.jsonl"
+
+    async def run_stt(*args):  # a row measured; meanwhile --output went bad
+        out.mkdir()
+        return {"clients": 1, "keeps_up": True}
+
+    monkeypatch.setattr(mod, "_http_json", lambda base, path, timeout=5.0: {"device": "cpu"})
+    monkeypatch.setattr(mod, "wait_idle", lambda base: None)
+    monkeypatch.setattr(mod, "run_stt", run_stt)
+    rc = mod.main(["stt", "--url", "ws://127.0.0.1:9", "--clients", "1", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"bench_serve: error: cannot append to --output {str(out)!r}: Is a directory" in err, err
+    assert "does not answer" not in err
 
 
 def test_tts_time_to_first_audio_runs_after_the_batch_engine_is_freed(monkeypatch, mimi_sd):

@@ -110,6 +110,173 @@ def test_benchmark_script_runs_on_the_cpu(name, background):
         assert 0 < rows[0]["frame_p50_ms"] <= rows[0]["frame_p99_ms"] and rows[0]["marker_p50_ms"] > 0, rows
 
 
+def _module(name: str, monkeypatch):
+    """A benchmark script as a module of this process, for its flag checks (they run before anything is built).
+    With TRITON_INTERPRET=1 as the suite runs (count_step_launches sets it on import; restored after the test)."""
+    import importlib.util
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import each other as `python benchmarks/x.py` lets them
+    spec = importlib.util.spec_from_file_location(f"_flags_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
+    ("count_mimi_ops", ["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("count_mimi_ops", ["--top", "-1"], "argument --top: expected a positive integer, got '-1'"),
+    ("count_mimi_ops", ["--backend", "fast"], "argument --backend: invalid choice: 'fast'"),
+    ("count_mimi_ops", ["--backend", "cuda"], "argument --backend: kernel backend 'cuda' is not available on cpu"),
+    ("count_step_launches", ["--layers", "0"], "argument --layers: expected a positive integer, got '0'"),
+    ("count_step_launches", ["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("count_step_launches", ["--preset", "stt-1b"], "argument --preset: invalid choice: 'stt-1b'"),
+    ("profile_step", ["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    ("profile_step", ["--batch", "-2"], "argument --batch: expected a positive integer, got '-2'"),
+    ("profile_step", ["--top", "0"], "argument --top: expected a positive integer, got '0'"),
+    ("profile_step", ["--preset", "tiny"], "argument --preset: invalid choice: 'tiny'"),
+    ("profile_step", ["--device", "tpu"], "argument --device: unknown device 'tpu'"),
+    ("profile_step", ["--mimi", "--preset", "tiny-stt"], "argument --preset: not with --mimi"),
+    ("bench_decoder", ["--layout", "stt-1b", "stt_2.6b"], "argument --layout: invalid choice: 'stt_2.6b'"),
+    ("bench_decoder", ["--small", "--batch", "1", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("bench_decoder", ["--small", "--iters", "0"], "argument --iters: expected a positive integer, got '0'"),
+    ("bench_decoder", ["--small", "--grids", "-1"], "argument --grids: expected a positive integer, got '-1'"),
+    ("bench_decoder", ["--small", "--layout", "stt-1b"], "argument --layout: not with --small"),
+    ("bench_decoder", ["--device", "cpu", "--layout", "stt-1b"],
+     "on cpu the decode step runs in the Triton interpreter, at the --small shapes only: TRITON_INTERPRET=1 python "
+     "benchmarks/bench_decoder.py --device cpu --small"),
+    ("bench_depformer", ["--small", "--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("bench_depformer", ["--small", "--iters", "0"], "argument --iters: expected a positive integer, got '0'"),
+    ("bench_depformer", ["--small", "--grids", "0"], "argument --grids: expected a positive integer, got '0'"),
+    ("bench_depformer", ["--device", "cpu"],
+     "on cpu the depth transformer runs in the Triton interpreter, at the --small shapes only: TRITON_INTERPRET=1 "
+     "python benchmarks/bench_depformer.py --device cpu --small"),
+    ("bench_kernels", ["--page-sizes", "16", "0"], "argument --page-sizes: expected a positive integer, got '0'"),
+    ("bench_kernels", ["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("bench_kernels", ["--iters", "0"], "argument --iters: expected a positive integer, got '0'"),
+    ("bench_kernels", ["--attention-splits", "0"], "argument --attention-splits: expected a positive integer"),
+    ("bench_kernels", ["--grids", "0"], "argument --grids: expected a positive integer, got '0'"),
+    ("bench_kernels", ["--reference-max-batch", "-1"], "argument --reference-max-batch: expected an integer >= 0"),
+    ("bench_kernels", ["--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    ("bench_serve", ["stt", "--clients", "1", "0"], "argument --clients: expected a positive integer, got '0'"),
+    ("bench_serve", ["stt", "--capacity", "--max-clients", "0"], "argument --max-clients: expected a positive"),
+    ("bench_serve", ["stt", "--seconds", "0"], "argument --seconds: expected a time > 0, got 0"),
+    ("bench_serve", ["stt", "--seconds", "nan"], "argument --seconds: expected a time > 0, got nan"),
+    ("bench_serve", ["tts", "--url", "localhost:8080"], "--url 'localhost:8080': expected ws://HOST:PORT"),
+    ("bench_serve", ["stt", "--output", "/"], "cannot write --output '/'"),
+    ("bench_mimi", ["--batch", "1", "0"], "argument --batch: expected a positive integer, got '0'"),
+    ("bench_mimi", ["--n-q", "33"], "argument --n-q: expected a codebook count in 1..32, got '33'"),
+    ("bench_mimi", ["--threads", "-1"], "argument --threads: expected a positive integer, got '-1'"),
+    ("bench_mimi", ["--agree-frames", "-1"], "argument --agree-frames: expected an integer >= 0, got '-1'"),
+    ("bench_mimi", ["--device", "cpu", "--out", "/"], "cannot write --out '/'"),
+    ("bench_runtime", ["--preset", "tiny"], "argument --preset: invalid choice: 'tiny'"),
+    ("bench_runtime", ["--streams", "0"], "argument --streams: expected a positive integer, got '0'"),
+    ("bench_runtime", ["--frames-per-call", "0"], "argument --frames-per-call: expected a positive integer"),
+    ("bench_runtime", ["--calls", "0"], "argument --calls: expected a positive integer, got '0'"),
+    ("bench_runtime", ["--frames", "0"], "argument --frames: expected a positive integer, got '0'"),
+    ("bench_runtime", ["--slots", "0"], "argument --slots: expected a positive integer, got '0'"),
+    ("bench_runtime", ["--device", "mps"], "argument --device: device 'mps': dsm runs on cpu or cuda"),
+    ("bench_host", ["--streams", "64", "0"], "argument --streams: expected a positive integer, got '0'"),
+    ("bench_host", ["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    ("bench_fp8_kv", ["--preset", "tiny"], "argument --preset: invalid choice: 'tiny'"),
+    ("bench_fp8_kv", ["--preset", "tiny-stt", "--output", "/"], "cannot write --output '/'"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), BAD_FLAGS,
+                         ids=[f"{s}{''.join(a)}" for s, a, _ in BAD_FLAGS])
+def test_benchmark_script_refuses_a_bad_flag(script, argv, message, capsys, monkeypatch):
+    """A bad value is one usage error naming its flag, exit 2, before any model or weight is built (they were
+    tracebacks, or runs that divided by zero at the end, or a silent run of nothing)."""
+    mod = _module(script, monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {message}" in err and "Traceback" not in err, err
+
+
+def test_count_mimi_ops_says_how_to_count_the_triton_kernels_on_a_cpu(capsys, monkeypatch):
+    """--backend triton without TRITON_INTERPRET (the count runs on the CPU) was a RuntimeError from deep in Mimi;
+    it is a usage error with the command that works."""
+    mod = _module("count_mimi_ops", monkeypatch)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--backend", "triton"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --backend: kernel backend 'triton' is not available on cpu" in err, err
+    assert "TRITON_INTERPRET=1 python benchmarks/count_mimi_ops.py --backend triton" in err, err
+
+
+def test_profile_step_defaults_to_the_machines_device(monkeypatch):
+    """Without --device the profile ran on cuda, a traceback on a CPU machine; it is cuda where there is one, else
+    the CPU with the tiny presets (as dsm bench): checked at the first model it builds."""
+    import torch
+
+    mod = _module("profile_step", monkeypatch)
+    built = []
+
+    def random_model(cfg, device, dtype):
+        built.append((torch.device(device).type, dtype, cfg))
+        raise KeyboardInterrupt  # stop there: nothing is built
+
+    monkeypatch.setattr(mod, "random_model", random_model)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main([])
+    from dsm.presets import preset_config
+
+    gpu = torch.cuda.is_available()
+    assert built == [("cuda", torch.bfloat16, preset_config("stt-1b-en_fr")) if gpu else
+                     ("cpu", torch.float32, preset_config("tiny-stt"))]
+
+
+@pytest.mark.parametrize("script", ["bench_decoder", "bench_depformer"])
+def test_decoder_and_depformer_benchmarks_on_a_cpu_say_how_to_run_them(script, tmp_path, capsys, monkeypatch):
+    """Their default device was cuda: on a CPU machine a traceback (torch not compiled with CUDA) after the imports.
+    It is cuda where there is one, else the CPU, where they need the interpreter and --small (the real shapes'
+    weights are GBs, interpreted) and say so; --out is checked before the run as in the other scripts."""
+    import torch
+
+    mod = _module(script, monkeypatch)
+
+    def refused(argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        err = refused(["--small"])  # the default device: the CPU, without the interpreter
+        assert "runs in the Triton interpreter" in err and "TRITON_INTERPRET=1 python" in err, err
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (tmp_path / "f").write_text("")
+    err = refused(["--device", "cpu", "--small", "--out", str(tmp_path / "f" / "rows.jsonl")])
+    assert "error: cannot write --out" in err and not (tmp_path / "f" / "rows.jsonl").exists(), err
+
+
+def test_bench_kernels_defaults_to_the_machines_device_and_checks_out(tmp_path, capsys, monkeypatch):
+    """Its default device was cuda (a traceback on a CPU machine), and --out was first opened after the first
+    measurement: cuda where there is one, else the CPU; an unwritable --out is a usage error before anything runs."""
+    import torch
+
+    mod = _module("bench_kernels", monkeypatch)
+    seen = []
+
+    def copy_bandwidth_gbps(device):  # the first thing the run measures
+        seen.append(torch.device(device).type)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "copy_bandwidth_gbps", copy_bandwidth_gbps)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(["--out", str(tmp_path / "k.jsonl")])
+    assert seen == ["cuda" if torch.cuda.is_available() else "cpu"]
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--out", str(tmp_path)])  # a directory
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: cannot write --out" in err and seen == [seen[0]], err
+
+
 def test_the_next_gpu_runs_steps_exist_in_the_gpu_script():
     """benchmarks/NOTES.md's command for the next GPU run names the steps to run (DSM_GPU_ONLY); a name the script
     does not have is silently never run, found out only after the device time is spent."""
