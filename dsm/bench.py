@@ -680,12 +680,14 @@ def run_cli(args) -> int:
         print(f"dsm bench: error: {why}", file=sys.stderr)
         return 2
     if args.checkpoint or args.hf_repo:
-        from .checkpoint import resolve_checkpoint
+        from .checkpoint import check_model_files, resolve_checkpoint
         from .model import LMModel
 
         # no Mimi under --no-mimi: a checkpoint without its weights benchmarks its LM, and none is fetched
         files = resolve_checkpoint(args.checkpoint, args.hf_repo, revision=args.revision, mimi=args.mimi,
                                    tokenizer=False)
+        if args.mimi:
+            check_model_files(files, None)  # before any weight is read: codes Mimi has
         models.append((files.source, lambda: (LMModel.from_checkpoint(files, device=device, dtype=dtype),
                                               Mimi.from_file(files.mimi_weights, device=device) if args.mimi
                                               else None)))
