@@ -38,6 +38,11 @@ for ``AUDIO_TIMEOUT_S`` is closed (moshi-server's 120 s), a Marker beyond ``MAX_
 refused, a TTS text over ``MAX_TEXT_CHARS`` or beyond
 ``MAX_PENDING_WORDS`` unspoken words is refused (it is tokenized on the model thread), and the TTS ``?voice=`` query
 names a voice of the voice repository only, never a local file or another repository (``VOICE_LOOKUPS`` at once).
+So that one client's messages cannot stall the others' (the event loop reads them all, the model thread applies
+them), a connection with ``MAX_QUEUED_MESSAGES`` messages not yet applied is not read until the next step, a TTS
+message is at most ``TTS_MAX_MESSAGE_BYTES`` and is decoded on the event loop, and a message msgpack must read (any
+but an Audio message whose samples share one float encoding, read straight from its bytes) is at most
+``SLOW_PARSE_MAX_BYTES``.
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ CLOSE_TIMEOUT_S = 10.0  # an idle ASR client has this long to take the output se
 MAX_TEXT_CHARS = 2**15  # characters of one text message (~5000 words, ~15 ms to tokenize)
 MAX_PENDING_MARKERS = 4096  # markers an ASR stream holds not yet echoed before more are refused (bounded memory)
 MAX_PENDING_WORDS = 4096  # words a TTS stream holds not yet spoken (~25 min of speech) before more text is refused
+MAX_QUEUED_MESSAGES = 256  # a connection's messages not yet applied before its socket is left unread until a step
+ASR_MAX_MESSAGE_BYTES = 2**24  # ~60 s of float32 Audio in one message
+TTS_MAX_MESSAGE_BYTES = 2**20  # a Voice of 1 x 512 x 125 float64s is ~0.6 MiB; a text of MAX_TEXT_CHARS ~0.1 MiB
+SLOW_PARSE_MAX_BYTES = 2**18  # a message msgpack reads into Python objects: ~20 ms at this size, on the event loop
 VOICE_LOOKUPS = 2  # ?voice= lookups (hub downloads) at once, on the default executor's threads
 VOICE_RETRY_S = 60.0  # a voice name that failed is not looked up again for this long (offline, a lookup takes ~20 s)
 log = logging.getLogger("dsm.server")
@@ -140,6 +149,28 @@ def _float32_list(values, what: str) -> tuple[np.ndarray | None, str | None]:
         return None, f"{what} must be a flat list of numbers, got shape {a.shape}"
     with np.errstate(over="ignore"):  # 1e300 -> inf, refused downstream with a clear message
         return a.astype(np.float32), None
+
+
+def _unpack(raw: bytes) -> tuple[object, str | None]:
+    """A client message read by msgpack into Python objects, or the error a client reads."""
+    try:
+        return msgpack.unpackb(raw, raw=False), None
+    except (ValueError, msgpack.UnpackException) as e:
+        return None, f"not a MessagePack message ({_describe(e)})"
+
+
+def _guarded(change: Callable[[], str | None]) -> str | None:
+    """A message's change, its failure (bad text, voice) being this connection's error alone."""
+    try:
+        return change()
+    except Exception as e:
+        return _describe(e)
+
+
+def _close_reason(text: str) -> str:
+    """``text`` cut to what a websocket close frame carries (123 UTF-8 bytes)."""
+    raw = text.encode()
+    return text if len(raw) <= 123 else raw[:120].decode(errors="ignore") + "..."
 
 
 def _http(status: HTTPStatus, body: bytes, content_type: str) -> Response:
@@ -236,6 +267,7 @@ class _Endpoint:
     module_type = ""  # moshi-server's name for the module in /api/modules_info
     metrics_prefix = ""
     outbox_bytes = OUTBOX_BYTES
+    max_message_bytes = ASR_MAX_MESSAGE_BYTES
     ping_timeout: float | None = 20.0  # websockets' keepalive: close a connection whose pong is this late
 
     def __init__(self, runtime, api_keys: Iterable[str]):
@@ -244,6 +276,7 @@ class _Endpoint:
         self.connections: dict[object, _Outbox] = {}  # connection state -> its outbox
         self.lock = asyncio.Lock()  # held by whoever touches the runtime or a stream
         self._inbox: list[tuple[object, Callable[[], str | None]]] = []  # (connection, message's change) to apply
+        self._queued: dict[object, int] = {}  # connection -> its messages in the inbox or being applied (event loop)
         self._wake = asyncio.Event()
         self._stepped = asyncio.Event()  # set (and replaced) after every model step
         self._stopping = asyncio.Event()  # set when the server shuts down
@@ -297,7 +330,8 @@ class _Endpoint:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dsm-model", initializer=self._thread_init)
         await self._on_model_thread(self.rt.warm_up)
         task = asyncio.create_task(self._model_loop())
-        return _Serving(serve(self._handler, host, port, process_request=self._process_request, max_size=2**24,
+        return _Serving(serve(self._handler, host, port, process_request=self._process_request,
+                              max_size=self.max_message_bytes,
                               ping_timeout=self.ping_timeout), task, self._model_thread, self._stopping)
 
     def _thread_init(self) -> None:
@@ -328,7 +362,43 @@ class _Endpoint:
         """Queue a parsed message's ``change`` to the runtime (returns an error text or None): the model loop applies
         it before its next step, in arrival order, unless ``conn`` has left by then."""
         self._inbox.append((conn, change))
+        self._queued[conn] = self._queued.get(conn, 0) + 1
         self._wake.set()
+
+    def _applied(self, inbox: list) -> None:
+        """Count the messages of ``inbox`` off their connections' queues (event loop)."""
+        for conn, _ in inbox:
+            left = self._queued[conn] - 1
+            if left:
+                self._queued[conn] = left
+            else:
+                del self._queued[conn]
+
+    def _held(self, conn) -> bool:
+        """Whether ``conn`` is left unread until the model catches up (see :meth:`_backpressure`)."""
+        return self._queued.get(conn, 0) >= MAX_QUEUED_MESSAGES
+
+    async def _backpressure(self, ws, conn) -> bool:
+        """Leave the socket unread while :meth:`_held` (the model catches up step by step), or until the connection
+        closes (a shutdown must not wait on a step). Whether it waited. Unread, the socket holds the client's control
+        frames too: its pings, and a clean close, are seen once the model has caught up (an abrupt disconnect at
+        once)."""
+        if not self._held(conn):
+            return False
+        closed = asyncio.ensure_future(ws.wait_closed())
+        # Shutdown, or the server closing this connection (a failed step: no step may come to drain its queue): its
+        # close reply must then be read, behind its input.
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        shut = asyncio.ensure_future(self.connections[conn].shut.wait())
+        try:
+            while self._held(conn) and not any(f.done() for f in (closed, stopping, shut)):
+                stepped = asyncio.ensure_future(self._stepped.wait())
+                await asyncio.wait({stepped, closed, stopping, shut}, return_when=asyncio.FIRST_COMPLETED)
+                stepped.cancel()
+        finally:
+            for f in (closed, stopping, shut):
+                f.cancel()
+        return True
 
     def _error(self, conn, message: str) -> None:
         """Tell ``conn`` that one of its messages was bad (an ``Error`` message)."""
@@ -354,8 +424,9 @@ class _Endpoint:
         """One runtime step if any stream can progress; False when there was nothing to do. Model thread."""
         return self.rt.step() > 0
 
-    def _outgoing(self) -> list[tuple[object, list, bool]]:
-        """Take every connection's new output: ``(outbox, payloads, close_after)``. Host work only, under the lock."""
+    def _outgoing(self) -> list[tuple[object, list, bool | tuple[int, str]]]:
+        """Take every connection's new output: ``(outbox, payloads, close_after)``, ``close_after`` being a bool or
+        the close's ``(code, reason)``. Host work only, under the lock."""
         raise NotImplementedError
 
     async def _model_loop(self) -> None:
@@ -374,6 +445,8 @@ class _Endpoint:
                         log.exception("model step failed; closing every connection")
                         failed, stepped = True, False
                         self.metrics.failed_steps.inc()
+                    finally:
+                        self._applied(inbox)
                     if stepped:
                         self.metrics.step_duration.observe(time.perf_counter() - t0)
                         self.metrics.steps.inc()
@@ -387,8 +460,8 @@ class _Endpoint:
                 for box, payloads, close in outgoing:
                     for data in payloads:
                         box.post(data)
-                    if close:
-                        box.close()
+                    if close:  # True, or (code, reason)
+                        box.close(*close) if isinstance(close, tuple) else box.close()
                 if not stepped:
                     break
                 await asyncio.sleep(0)  # let the outboxes and the connections run between steps
@@ -517,28 +590,8 @@ class ASRServer(_Endpoint):
         return (conn.waiting() >= FRAME_SIZE or bool(conn.stream.in_flight)
                 or any(c is conn for c, _ in self._inbox))
 
-    async def _backpressure(self, ws, conn: _ASRConnection) -> bool:
-        """Leave the socket unread while the connection has more than ``max_buffered_s`` of audio waiting (the model
-        catches up step by step), or until the connection closes (a shutdown must not wait on a step). Whether it
-        waited. Unread, the socket holds the client's control frames too: its pings, and a clean close, are seen once
-        the model has caught up (an abrupt disconnect at once)."""
-        limit = self.max_buffered_s * SAMPLE_RATE
-        if conn.waiting() <= limit:
-            return False
-        closed = asyncio.ensure_future(ws.wait_closed())
-        # Shutdown, or the server closing this connection (a failed step: no step may come to drain its queue): its
-        # close reply must then be read, behind its audio.
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        shut = asyncio.ensure_future(self.connections[conn].shut.wait())
-        try:
-            while conn.waiting() > limit and not any(f.done() for f in (closed, stopping, shut)):
-                stepped = asyncio.ensure_future(self._stepped.wait())
-                await asyncio.wait({stepped, closed, stopping, shut}, return_when=asyncio.FIRST_COMPLETED)
-                stepped.cancel()
-        finally:
-            for f in (closed, stopping, shut):
-                f.cancel()
-        return True
+    def _held(self, conn: _ASRConnection) -> bool:
+        return super()._held(conn) or conn.waiting() > self.max_buffered_s * SAMPLE_RATE
 
     def _step(self) -> bool:
         """A runtime call, overlapped on a GPU (``overlap``): the streams' words and events of one call are made while
@@ -553,10 +606,13 @@ class ASRServer(_Endpoint):
         pcm = _audio_samples(raw)
         if pcm is not None:
             return "Audio", pcm, None
-        try:
-            msg = msgpack.unpackb(raw, raw=False)
-        except (ValueError, msgpack.UnpackException) as e:
-            return None, None, f"not a MessagePack message ({_describe(e)})"
+        if len(raw) > SLOW_PARSE_MAX_BYTES:  # into Python objects, it would hold the event loop (and the GIL) from
+            # every other connection for its length: ~1.4 s for 16 MiB of mixed numbers
+            return None, None, (f"message of {len(raw)} bytes refused: only an Audio message whose samples are all "
+                                f"float32 or all float64 may be over {SLOW_PARSE_MAX_BYTES} bytes (send it in parts)")
+        msg, error = _unpack(raw)
+        if error:
+            return None, None, error
         kind = msg.get("type") if isinstance(msg, dict) else None
         if kind == "Audio":
             if "pcm" not in msg:
@@ -616,6 +672,7 @@ class TTSServer(_Endpoint):
     path = TTS_PATH
     module_type = "py"
     metrics_prefix = "tts"
+    max_message_bytes = TTS_MAX_MESSAGE_BYTES
 
     def __init__(self, runtime, api_keys: Iterable[str] = ("public_token",), voice=None, cfg: float | None = 2.0):
         super().__init__(runtime, api_keys)
@@ -682,8 +739,15 @@ class TTSServer(_Endpoint):
         try:
             if conn.fmt == "PcmMessagePack":
                 box.post(pack({"type": "Ready"}))
-            async for raw in ws:  # applied by the model thread (texts are split and tokenized there)
-                self._submit(conn, partial(self._on_message, conn, raw))
+            while True:
+                await self._backpressure(ws, conn)
+                try:
+                    raw = await ws.recv()
+                except ConnectionClosedOK:
+                    break
+                # read here; applied by the model thread (texts are split and tokenized there)
+                change, error = self._parse(conn, raw)
+                self._submit(conn, (lambda error=error: error) if error else partial(_guarded, change))
             await ws.wait_closed()
         except ConnectionClosed:  # gone without a close frame: its stream is cancelled below
             log.info("tts connection lost")
@@ -696,11 +760,13 @@ class TTSServer(_Endpoint):
             self._wake.set()  # a queued stream can take the slot at once
 
     def _error(self, conn: _TTSConnection, message: str) -> None:
+        box = self.connections.get(conn)
         if conn.fmt == "PcmMessagePack":
             super()._error(conn, message)
-        else:  # raw PCM has no message to carry it
+        else:  # raw PCM has no message to carry it: the close does, rather than the audio going on without the text
             log.warning("tts connection: %s", message)
-        box = self.connections.get(conn)
+            if box is not None and not conn.open_failed:
+                box.close(1008, _close_reason(message))
         if conn.open_failed and box is not None:
             box.close(1011, "dsm: no stream could be opened for this connection")
 
@@ -727,40 +793,43 @@ class TTSServer(_Endpoint):
         stream.push(text)
         return None
 
-    def _on_message(self, conn: _TTSConnection, raw) -> str | None:
-        try:
-            if isinstance(raw, str):
-                return self._push(conn, raw)
-            if raw == b"\x00":
-                self._open(conn).end()
-                return None
-            try:
-                msg = msgpack.unpackb(raw, raw=False)
-            except (ValueError, msgpack.UnpackException) as e:
-                return f"not a MessagePack message ({_describe(e)})"
-            kind = msg.get("type") if isinstance(msg, dict) else None
-            if kind == "Text":
-                if not isinstance(msg.get("text"), str):
-                    return f"Text.text must be a string, got {msg.get('text')!r}"
-                return self._push(conn, msg["text"])
-            elif kind == "Eos":
-                self._open(conn).end()
-            elif kind == "Voice":
-                if conn.stream is not None:
-                    return "Voice must come before the first Text"
-                emb, shape = msg.get("embeddings"), msg.get("shape")
-                if (not isinstance(emb, list) or not isinstance(shape, list) or len(shape) > 4
-                        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-                        or math.prod(shape) != len(emb)):
-                    return "Voice needs embeddings (a flat list of floats) and shape (positive ints; product = length)"
-                values, error = _float32_list(emb, "Voice.embeddings")
-                if error is not None:
-                    return error
-                conn.voice = self.rt.voice_tensor(torch.from_numpy(values).view(*shape))
-            else:
-                return f"unknown message type {kind!r} (expected Text, Eos or Voice)"
-        except Exception as e:  # bad text, voice or message: this connection only
-            return _describe(e)
+    def _parse(self, conn: _TTSConnection, raw) -> tuple[Callable[[], str | None] | None, str | None]:
+        """Read one client message on the event loop (a Voice's numbers are converted here, not on the model
+        thread): ``(change, error)``, the change to apply on the model thread."""
+        if isinstance(raw, str):
+            return partial(self._push, conn, raw), None
+        if raw == b"\x00":
+            return partial(self._end, conn), None
+        msg, error = _unpack(raw)
+        if error:
+            return None, error
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "Text":
+            if not isinstance(msg.get("text"), str):
+                return None, f"Text.text must be a string, got {msg.get('text')!r}"
+            return partial(self._push, conn, msg["text"]), None
+        if kind == "Eos":
+            return partial(self._end, conn), None
+        if kind == "Voice":
+            emb, shape = msg.get("embeddings"), msg.get("shape")
+            if (not isinstance(emb, list) or not isinstance(shape, list) or len(shape) > 4
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+                    or math.prod(shape) != len(emb)):
+                return None, ("Voice needs embeddings (a flat list of floats) and shape (positive ints; product = "
+                              "length)")
+            values, error = _float32_list(emb, "Voice.embeddings")
+            if error is not None:
+                return None, error
+            return partial(self._set_voice, conn, torch.from_numpy(values).view(*shape)), None
+        return None, f"unknown message type {kind!r} (expected Text, Eos or Voice)"
+
+    def _end(self, conn: _TTSConnection) -> None:
+        self._open(conn).end()
+
+    def _set_voice(self, conn: _TTSConnection, embeddings: torch.Tensor) -> str | None:
+        if conn.stream is not None:
+            return "Voice must come before the first Text"
+        conn.voice = self.rt.voice_tensor(embeddings)
         return None
 
     def _outgoing(self):
@@ -787,10 +856,17 @@ class TTSServer(_Endpoint):
                 conn.words_sent += 1
                 payloads.append(pack({"type": "Text", "text": text, "start_s": start / FRAME_RATE,
                                       "stop_s": stop / FRAME_RATE}))
+            close = s.done
+            if s.done and s.truncated:  # the end of the text was not spoken: say so, never a plain end
+                why = (f"dsm: stopped at max_gen_length={self.rt.config.max_gen_length} steps; the rest of the text "
+                       "was not spoken")
+                if conn.fmt == "PcmMessagePack":
+                    payloads.append(pack({"type": "Error", "message": why}))
+                close = (1000, _close_reason(why))
             if s.done:
                 self.connections.pop(conn, None)
             if payloads or s.done:
-                out.append((box, payloads, s.done))
+                out.append((box, payloads, close))
         return out
 
 

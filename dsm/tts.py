@@ -1182,6 +1182,8 @@ def cmd_speak(args) -> int:
               else "time to first audio: no audio", file=sys.stderr)
         print(f"audio: {seconds:.2f} s, {stream.offset} LM steps, {stream.n_words} words, generated in "
               f"{elapsed:.2f} s ({seconds / max(elapsed, 1e-9):.2f}x real time) on {device}", file=sys.stderr)
-        if stream.truncated:
-            print(f"warning: stopped at max_gen_length={config.max_gen_length} steps", file=sys.stderr)
+    if stream.truncated:  # the audio written so far stays; the exit status says the text was not all spoken
+        steps = config.max_gen_length
+        return fail(f"stopped at max_gen_length={steps} steps ({steps / FRAME_RATE:.0f} s of audio): the rest of the "
+                    "text was not spoken (split it)")
     return 0

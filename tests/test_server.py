@@ -69,11 +69,11 @@ def _slow_runtime(files, seconds: float, slots: int = 1):
     return rt
 
 
-def _serve(rt, coro_fn, **attrs):
+def _serve(rt, coro_fn, server_cls=ASRServer, **attrs):
     """Run ``coro_fn(url)`` against an ASR server over ``rt`` (``attrs``: server settings, e.g. its limits)."""
 
     async def main():
-        server = ASRServer(rt)
+        server = server_cls(rt)
         for k, v in attrs.items():
             setattr(server, k, v)
         async with await server.serve("127.0.0.1", 0) as ws_server:
@@ -478,6 +478,13 @@ def test_message_parsing(files, recwarn):
     assert "int64" in parse(msgpack.packb({"type": "Marker"}))[2]
     assert parse(b"\xc1")[2] == "not a MessagePack message (FormatError)"
     assert "OggOpus" in parse(msgpack.packb({"type": "OggOpus", "data": [1]}))[2]
+    # Read into Python objects, a large message held the event loop from every connection (~1.4 s for 16 MiB):
+    # over 256 KiB only an Audio message read straight from its bytes is taken.
+    mixed = msgpack.packb({"type": "Audio", "pcm": [0, 0.5] * 40000})  # ints among the floats: msgpack reads it
+    assert parse(mixed)[2] == (f"message of {len(mixed)} bytes refused: only an Audio message whose samples are all "
+                               "float32 or all float64 may be over 262144 bytes (send it in parts)")
+    assert parse(msgpack.packb({"type": "Audio", "pcm": [0.5] * 80000}))[0:3:2] == ("Audio", None)
+    assert parse(msgpack.packb({"type": "Audio", "pcm": [0, 0.5] * 10000}))[0:3:2] == ("Audio", None)
 
     from dsm.server import _ASRConnection
 
@@ -725,3 +732,37 @@ def test_markers_not_yet_echoed_are_bounded(files, monkeypatch):
     assert conn.stream.pending_markers == 2
     events = conn.stream.flush()
     assert [e.id for e in events if isinstance(e, Marker)] == [0, 1]
+
+
+def test_a_flood_of_small_messages_is_read_a_step_at_a_time(files):
+    """A client sending thousands of tiny Audio messages: at most MAX_QUEUED_MESSAGES of them wait to be applied
+    before its socket is left unread until a step (each applied message costs the model thread, which every stream
+    shares), and none is lost."""
+    from dsm.server import MAX_QUEUED_MESSAGES
+
+    sizes, servers = [], []
+
+    class Recording(ASRServer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            servers.append(self)
+
+        def _apply_and_step(self, inbox, loop):
+            sizes.append(len(inbox))
+            return super()._apply_and_step(inbox, loop)
+
+    async def flood(url):
+        async with connect(url, additional_headers={"kyutai-api-key": "public_token"}) as ws:
+            await ws.recv()
+            for _ in range(2000):
+                await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.01] * 12}))
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 48000}))
+            await ws.send(msgpack.packb({"type": "Marker", "id": 9}))
+            await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 24000}))
+            while (m := msgpack.unpackb(await asyncio.wait_for(ws.recv(), 60)))["type"] not in ("Marker", "Error"):
+                pass
+            return m
+
+    last = _serve(_slow_runtime(files, 0.02), flood, server_cls=Recording)
+    assert last == {"type": "Marker", "id": 9} and servers[0]._queued == {}
+    assert MAX_QUEUED_MESSAGES // 2 <= max(sizes) <= MAX_QUEUED_MESSAGES and sum(sizes) == 2003, sizes

@@ -485,6 +485,28 @@ def test_cli_speak_no_words(ckpt, tmp_path, monkeypatch, capsys):
     assert "no words to speak" in capsys.readouterr().err and not (tmp_path / "y.wav").exists()
 
 
+def test_cli_speak_says_when_the_text_was_cut(ckpt, tmp_path, monkeypatch, capsys):
+    """A text longer than max_gen_length steps: the audio so far is written, and the command says the rest was not
+    spoken, exit 1, without -v (it said so only with -v, exit 0: a book's tail was lost silently)."""
+    import functools
+
+    import dsm.tts
+    from dsm.checkpoint import random_checkpoint_dir
+    from dsm.cli import main
+
+    monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
+    cached = random_checkpoint_dir("tiny-tts")
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(ckpt.config_path.parent)
+    monkeypatch.setattr(dsm.tts, "TTSConfig", functools.partial(TTSConfig, max_gen_length=20))
+    assert main(["speak", TEXT, "-o", str(tmp_path / "y.wav"), "--preset", "tiny-tts", "--random-weights",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("dsm speak: error: stopped at max_gen_length=20 steps (2 s of audio): the rest of the text was not "
+                   "spoken (split it)\n"), err
+    assert (tmp_path / "y.wav").stat().st_size > 44
+
+
 def test_word_by_word_equals_all_at_once(ckpt):
     voice = ckpt.config_path.parent / "voice.safetensors"
     ref = speak(runtime(ckpt, n_q=4), [TEXT], voice)
@@ -982,6 +1004,56 @@ def test_websocket_bad_voice_message_is_an_error_for_that_connection(ckpt):
     err, rest = _tts_serve(runtime(ckpt, audio=True, n_q=4), None, client)
     assert err["type"] == "Error" and "voice" in err["message"].lower(), err
     assert rest == []
+
+
+def test_websocket_bounds_what_one_client_can_make_every_stream_wait_for(ckpt):
+    """One client's input is bounded so that it cannot stall the others: a message over 1 MiB closes its connection
+    (1009; 16 MiB Voice messages were each decoded on the model thread, ~0.65 s a message, while every stream
+    waited). A refused text on a raw-PCM connection, which has no message to carry the error, closes it with 1008
+    and the reason (the audio went on without the words); a text cut at max_gen_length says so (an Error, or the
+    close's reason; it ended like a whole text)."""
+    import asyncio
+    import contextlib
+
+    import msgpack
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    long_word = "".join(chr(97 + (i * 7) % 26) for i in range(900))
+
+    async def client(url):
+        url += "?auth_id=public_token&format="
+        async with connect(url + "PcmMessagePack", max_size=None) as ws:
+            await ws.recv()  # Ready
+            await ws.send(msgpack.packb({"type": "Voice", "embeddings": [0.5] * 140000, "shape": [140000]}))
+            try:
+                await asyncio.wait_for(ws.recv(), 30)
+            except ConnectionClosed:
+                pass
+            big = (ws.close_code, ws.close_reason)
+        async with connect(url + "Pcm") as ws:
+            await ws.send(msgpack.packb({"type": "Text", "text": f"hello {long_word} there"}))
+            await ws.send(b"\x00")
+            with contextlib.suppress(ConnectionClosed):  # not a normal close
+                _ = [m async for m in ws]
+            refused = (ws.close_code, ws.close_reason)
+        closes = {}
+        for fmt in ("PcmMessagePack", "Pcm"):
+            async with connect(url + fmt) as ws:
+                await ws.send(msgpack.packb({"type": "Text", "text": TEXT}))
+                await ws.send(msgpack.packb({"type": "Eos"}))
+                msgs = [m async for m in ws]
+                errors = [msgpack.unpackb(m)["message"] for m in msgs if fmt == "PcmMessagePack"
+                          and msgpack.unpackb(m)["type"] == "Error"]
+                closes[fmt] = (ws.close_code, ws.close_reason, errors)
+        return big, refused, closes
+
+    big, refused, closes = _tts_serve(runtime(ckpt, audio=True, n_q=2, max_gen_length=20), None, client)
+    assert big[0] == 1009, big
+    assert refused[0] == 1008 and "TTSInputError: word 'ahovc" in refused[1] and "tokens long" in refused[1], refused
+    why = "dsm: stopped at max_gen_length=20 steps; the rest of the text was not spoken"
+    assert closes["PcmMessagePack"] == (1000, why, [why]), closes
+    assert closes["Pcm"] == (1000, why, []), closes
 
 
 def test_a_closing_connection_frees_its_slot_at_the_next_step(ckpt):
