@@ -181,8 +181,8 @@ class EntryBuilder:
                     raise TTSInputError(f"bad break tag {match.group(0)!r}: the time is too long")
                 if not self.server:
                     out.append(Entry([], "", int(round(seconds * self.frame_rate))))
-                elif seconds > 0:
-                    out.append(Entry([], "", max(1, int(seconds * self.frame_rate))))
+                elif seconds > 0:  # a pseudo-word of the transcript, as moshi-server's Text messages name it
+                    out.append(Entry([], f'<break time="{seconds:.2f}s">', max(1, int(seconds * self.frame_rate))))
         if line[pos:]:
             out.append(self._word(line[pos:]))
         return out
@@ -274,8 +274,9 @@ class StateMachine:
                 entry = state.entries.popleft()
                 state.consumption_times.append(step)
                 consumed = True
-                if entry.tokens:
+                if entry.tokens or entry.text:  # a word, or a break under the server's rules (its pseudo-word)
                     state.transcript.append((entry.text, step))
+                if entry.tokens:
                     state.queued.extend(entry.tokens)
                     if self.second_stream_ahead:
                         state.lookahead_queued.extend(state.tokens_ahead(self.second_stream_ahead))

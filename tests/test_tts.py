@@ -411,6 +411,14 @@ def test_server_text_rules(ckpt):
     assert [p for w, p in server if not w] == [7, 1, 125]  # int(7.5) = 7; 0 s: no break; max(1, int(0.125))
     words = ("a", "b", "c", "d", "e", "f")  # read alike by both
     assert [x for x in python if x[0] in words] == [x for x in server if x[0] in words]
+    # moshi-server's Text messages name each break as a pseudo-word (DSM-SPEC §9.3): it ends the word before it
+    rt = runtime(ckpt, max_break_s=10.0, text_rules="server")
+    breaks = [e.text for e in rt.open_stream(None).builder.add(text) if not e.tokens]
+    assert breaks == ['<break time="0.60s">', '<break time="0.01s">', '<break time="10.00s">']
+    s = speak(runtime(ckpt, max_break_s=10.0, text_rules="server"), ['one <break time="0.5s"/> two'], None)
+    assert [w for w, _ in s.transcript] == ["one", '<break time="0.50s">', "two"]
+    assert [t for _, t in s.transcript] == sorted(t for _, t in s.transcript)
+    assert speak(runtime(ckpt), ['one <break time="0.5s"/> two'], None).transcript[1][0] == "two"  # python: none
     with pytest.raises(ValueError, match="text_rules"):
         TTSConfig(text_rules="rust")
 
