@@ -49,7 +49,7 @@ def _wall(fn, device: torch.device) -> float:
 def stt_rows(files, streams: int, k: int, calls: int, device: torch.device, slots: int | None = None) -> dict:
     from dsm.stt import STTRuntime
 
-    slots = max(slots or streams, streams)
+    slots = slots or streams
     rt = STTRuntime.from_checkpoint(files, device=device, max_streams=slots)
     rt.warm_up()
     warm = 3  # Mimi's eager call and capture for k frames, the engine's eager call and capture
@@ -95,7 +95,7 @@ def tts_rows(files, streams: int, frames: int, device: torch.device, slots: int 
     from dsm.tts import TTSConfig, TTSRuntime
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    slots = max(slots or streams, streams)
+    slots = slots or streams
     rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype, config=TTSConfig(max_batch=slots))
     rt.warm_up()
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--output", type=Path, help="append the rows to this JSON-lines file")
     args = ap.parse_args(argv)
+    if args.slots is not None and args.slots < max(args.streams):  # it was raised to the streams without a word
+        ap.error(f"argument --slots: {args.slots} slots cannot hold --streams {max(args.streams)}")
     if args.output and (why := check_output(args.output)) is not None:  # before the run, not a traceback after it
         ap.error(why)
     device = device_or_default(args.device)

@@ -4,6 +4,7 @@ that the subcommand modules can use them without importing the command table tha
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -81,6 +82,22 @@ def int_in_range(low: int, high: int | None, expected: str):
         if n is None or n < low or (high is not None and n > high):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return n
+
+    return parse
+
+
+def seconds(zero: bool):
+    """An argparse ``type``: a finite number of seconds, > 0 (or >= 0 with ``zero``); NaN, inf and negatives are
+    refused."""
+
+    def parse(text: str) -> float:
+        try:
+            t = float(text)
+        except ValueError:
+            t = math.nan
+        if not (0 <= t if zero else 0 < t) or not math.isfinite(t):
+            raise argparse.ArgumentTypeError(f"expected a time in seconds {'>=' if zero else '>'} 0, got {text!r}")
+        return t
 
     return parse
 
