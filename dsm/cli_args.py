@@ -67,7 +67,9 @@ def select_device(device: torch.device | None) -> None:
 
 
 def device_or_default(device: torch.device | None) -> torch.device:
-    """The parsed ``--device``, else the GPU when there is one, else the CPU."""
+    """The parsed ``--device``, else the GPU when there is one, else the CPU; a ``cuda:N`` becomes the current CUDA
+    device (:func:`select_device`: every command and benchmark script that takes ``--device`` comes here)."""
+    select_device(device)
     return device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -763,7 +763,7 @@ def test_a_cuda_device_must_be_the_current_one(monkeypatch):
     import torch
 
     import dsm.cli
-    from dsm.cli_args import select_device
+    from dsm.cli_args import device_or_default, select_device
     from dsm.cuda_graphs import check_current_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -777,6 +777,8 @@ def test_a_cuda_device_must_be_the_current_one(monkeypatch):
     for device in (None, torch.device("cpu"), torch.device("cuda"), torch.device("cuda:1")):
         select_device(device)
     assert selected == [torch.device("cuda:1")]
+    selected.clear()  # the benchmark scripts' path (profile_step --device cuda:1 timed cuda:0's launches)
+    assert device_or_default(torch.device("cuda:1")) == torch.device("cuda:1") and selected == [torch.device("cuda:1")]
 
     class Selected(Exception):
         pass
