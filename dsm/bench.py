@@ -31,6 +31,8 @@ import torch
 
 import dsm_kernels
 
+from .memory import out_of_memory
+
 FRAME_S = 0.08
 
 
@@ -245,13 +247,6 @@ def bench_dsm(model, mimi, batch: int, steps: int, warmup: int, timer, progress=
                     extra=extra)
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    # torch raises OutOfMemoryError on a GPU (and dsm's own checks do everywhere); a CPU allocation that fails is a
-    # plain RuntimeError from its allocator
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
-
-
 def _or_oom(system: str, batch: int, device, run) -> BenchRow | None:
     """``run()``'s row, or, where the device runs out of memory, a row of ``system`` that misses every budget and
     says so: a batch too large for the device (a capacity probe on a larger GPU, a reserve too small for Mimi's
@@ -259,7 +254,7 @@ def _or_oom(system: str, batch: int, device, run) -> BenchRow | None:
     try:
         return run()
     except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         error = f"out of device memory: {str(e).splitlines()[0][:200]}"
     _release(device)  # after the except block: its traceback held the step's tensors

@@ -19,6 +19,7 @@ from . import __version__
 from .checkpoint import CheckpointError
 from .cli_args import device_or_default, parse_device, parse_dtype, select_device, stdout_to_devnull
 from .config import ConfigError
+from .memory import out_of_memory
 from .mimi_checkpoint import MimiCheckpointError
 from .tokenizer import TokenizerError
 
@@ -214,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ConfigError, MimiCheckpointError, TokenizerError) as e:  # bad model files: no traceback
         print(f"dsm {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (MemoryError, torch.OutOfMemoryError) as e:  # a batch, context or config size past this machine
+    except (MemoryError, RuntimeError) as e:  # a batch, context or config size past this machine
+        if not out_of_memory(e):
+            raise
         what = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"dsm {args.command}: error: out of memory ({what}); use a smaller batch, or check the sizes in the "
               "model's config", file=sys.stderr)

@@ -39,6 +39,7 @@ from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio,
 from .engine import Engine, bucket_for, int64_value
 from .generate import check_temperature, check_token_range
 from .host_copies import HostReads, to_device
+from .memory import out_of_memory
 from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .mimi_graph import GraphedMimiStep, mimi_buckets
 from .transcript import (
@@ -824,6 +825,10 @@ class FileResult:
     audio_seconds: float = 0.0
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool = False,
                      on_frames: Callable[[int], None] | None = None, frames_per_call: int = 8,
                      overlap: bool = True) -> Iterator[FileResult]:
@@ -848,18 +853,25 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
         while todo or live:
             opened = False
             while todo and rt.free_slots:
-                path = todo.pop()
+                path, s = todo.pop(), None
                 try:
                     pcm, _ = load_audio(path)
-                except AudioError as e:
+                    s = rt.open_stream(str(path))
+                    s.push(pcm, process=False)
+                    s.flush(process=False)
+                except (AudioError, MemoryError, RuntimeError) as e:
+                    if not isinstance(e, AudioError) and not out_of_memory(e):
+                        raise
+                    if s is not None:
+                        s.close()
                     if bar:
                         bar.update(1)
-                    yield FileResult(path, None, str(e))
+                    # a file too long for this machine's memory is that file's error: the others go on
+                    oom = f"{path}: out of memory reading it ({_first_line(e)})"
+                    yield FileResult(path, None, str(e) if isinstance(e, AudioError) else oom)
                     continue
-                s = rt.open_stream(str(path))
-                s.push(pcm, process=False)
-                s.flush(process=False)
                 live.append((path, s, pcm.shape[0] / SAMPLE_RATE))
+                del pcm  # the stream holds its own copy: a long file is not kept twice while it runs
                 opened = True
             n_ready = sum(1 for s in rt.streams if s.ready)
             stepped = rt.step(frames_per_call, overlap=overlap)  # the words of a call while the GPU runs the next
@@ -982,10 +994,15 @@ def _cmd_transcribe(args) -> int:
         return 2
     names: dict[Path, list[str]] = {}
     used: set[str] = set()
+    inputs = {Path(a).resolve() for a in args.audio if a != "-"}
+
+    def taken(name: str) -> bool:  # by another input's outputs, or an output would be an input (talk.txt -o .)
+        return name in used or any((out_dir / f"{name}.{fmt}").resolve() in inputs for fmt in formats)
+
     for a in args.audio:
         stem = name = "stdin" if a == "-" else Path(a).stem
         n = 0
-        while name in used:
+        while taken(name):
             n += 1
             name = f"{stem}-{n}"
         used.add(name)
@@ -1005,7 +1022,6 @@ def _cmd_transcribe(args) -> int:
             print(f"dsm transcribe: {r.error}", file=sys.stderr)
             failed += 1
             continue
-        secs += r.audio_seconds
         try:
             written = write_transcript(r.transcript, out_dir, name, formats)
         except OSError as e:
@@ -1015,6 +1031,7 @@ def _cmd_transcribe(args) -> int:
                 return 1
             failed += 1  # this name only (a directory in the way, a name too long): the other files go on
             continue
+        secs += r.audio_seconds  # the files written, as the count below
         for p in written:
             print(p)
     dt = time.perf_counter() - t0

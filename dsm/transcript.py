@@ -13,9 +13,11 @@ Output formats follow whisper's writers: ``txt`` (one segment per line), ``json`
 
 from __future__ import annotations
 
+import errno
 import html
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -307,12 +309,28 @@ def output_formats(spec: str) -> tuple[str, ...]:
 
 
 def write_transcript(t: Transcript, out_dir: str | Path, stem: str, formats: Sequence[str]) -> list[Path]:
-    """Write ``<out_dir>/<stem>.<fmt>`` for every format; returns the paths."""
+    """Write ``<out_dir>/<stem>.<fmt>`` for every format; returns the paths. All or none: each is written beside
+    its place first, and they take their names once every one is written (a failed write left some formats, and
+    an empty file in the failing one's place)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        p = out_dir / f"{stem}.{fmt}"
-        p.write_text(WRITERS[fmt](t), encoding="utf-8")
-        paths.append(p)
+    paths = [out_dir / f"{stem}.{fmt}" for fmt in formats]
+    for p in paths:  # the one way a rename below fails in practice: refused before any output moves
+        if p.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(p))
+    written: list[Path] = []
+    p = paths[0] if paths else out_dir
+    try:
+        for fmt, p in zip(formats, paths, strict=True):
+            tmp = p.with_name(f".{p.name}.partial")
+            written.append(tmp)
+            tmp.write_text(WRITERS[fmt](t), encoding="utf-8")
+        for tmp, p in zip(written, paths, strict=True):
+            tmp.replace(p)
+    except BaseException as e:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # named by the output that failed, not by its temporary name
+            e.filename, e.filename2 = str(p), None
+        raise
     return paths

@@ -160,3 +160,30 @@ def test_empty_stdin_says_so(monkeypatch):
     monkeypatch.setattr("dsm.cli_args.read_stdin_bytes", lambda: b"")
     with pytest.raises(AudioError, match=r"^stdin: no audio \(the input is empty\)$"):
         load_audio("-")
+
+
+def test_a_multichannel_file_is_downmixed_a_block_at_a_time(tmp_path):
+    """A multichannel file is averaged block by block as it is read (it was read whole, transposed, then averaged):
+    the same samples, non-finite ones still found, and a 120 s 48 kHz stereo file grows the process's peak memory by
+    ~60 MB, not the ~165 MB it took (a 1 h file took ~5 GB)."""
+    import subprocess
+    import sys
+
+    x = np.random.default_rng(1).uniform(-0.3, 0.3, (300_000, 3)).astype(np.float32)  # over one block
+    sf.write(tmp_path / "three.wav", x, 24000, subtype="FLOAT")
+    pcm, _ = load_audio(tmp_path / "three.wav")
+    assert torch.allclose(pcm, torch.from_numpy(x).mean(dim=1), atol=1e-7, rtol=0)
+    x[280_000, 2] = np.inf
+    sf.write(tmp_path / "three.wav", x, 24000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"three.wav: 1 sample\(s\) are NaN or infinite \(first at flat index 280000"):
+        load_audio(tmp_path / "three.wav")
+    long = (np.random.default_rng(0).standard_normal((48000 * 120, 2)) * 3000).astype(np.int16)
+    sf.write(tmp_path / "long.wav", long, 48000)
+    sf.write(tmp_path / "short.wav", long[:4800], 48000)
+    code = ("import resource, sys; from dsm.audio import load_audio; load_audio(sys.argv[2]); "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; load_audio(sys.argv[1]); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")  # Linux: KiB
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "long.wav"), str(tmp_path / "short.wav")],
+                         capture_output=True, text=True, timeout=300)
+    grown_mib = float(out.stdout.strip().splitlines()[-1])
+    assert grown_mib < 100, f"peak memory grew by {grown_mib:.0f} MiB reading 22 MiB of 48 kHz mono samples"

@@ -1217,6 +1217,47 @@ def test_transcribe_cli_a_name_that_cannot_be_written_loses_no_other_file(ckpt, 
     err = capsys.readouterr().err
     assert f"{out / 'b.txt'}: cannot write" in err and "2 file(s)" in err, err
     assert (out / "a.txt").is_file() and (out / "c.txt").is_file()
+    # all formats or none: b.json failing left b.txt (empty) beside it; the audio counted is the written files'
+    (out / "b.txt").rmdir()
+    (out / "b.json").mkdir()
+    assert main(["transcribe", str(tmp_path / "b.wav"), "--checkpoint", str(ckpt), "--no-progress", "-o", str(out),
+                 "-f", "txt,json"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'b.json'}: cannot write" in err and "0 file(s), 0.0 s of audio" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.json", "c.txt"]
+
+
+def test_transcribe_cli_never_writes_over_an_input_and_a_file_past_memory_fails_alone(ckpt, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """An input named like an output (a WAV called talk.txt, transcribed into its own folder) was overwritten by
+    its transcript; its outputs now take the next free name. A file that does not fit in memory is that file's
+    error (it was a traceback that lost every other file's output)."""
+    import dsm.stt
+    from dsm.cli import main
+
+    talk = tmp_path / "talk.txt"
+    sf.write(talk, noise(1500, 1).numpy(), 24000, format="WAV")
+    before = talk.read_bytes()
+    assert main(["transcribe", str(talk), "--checkpoint", str(ckpt), "--no-progress", "-o", str(tmp_path),
+                 "-f", "txt"]) == 0
+    assert talk.read_bytes() == before and (tmp_path / "talk-1.txt").is_file()
+    capsys.readouterr()
+    sf.write(tmp_path / "big.wav", noise(1500, 2).numpy(), 24000)
+    real = dsm.stt.load_audio
+
+    def load(path):
+        if Path(path).name == "big.wav":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you "
+                               "tried to allocate 460800000 bytes")
+        return real(path)
+
+    monkeypatch.setattr(dsm.stt, "load_audio", load)
+    out = tmp_path / "out"
+    assert main(["transcribe", str(tmp_path / "big.wav"), str(talk), "--checkpoint", str(ckpt), "--no-progress",
+                 "-o", str(out), "-f", "txt"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'big.wav'}: out of memory reading it ([enforce fail" in err and "1 file(s)" in err, err
+    assert [p.name for p in out.iterdir()] == ["talk.txt"]
 
 
 def test_transcribe_cli_reads_one_file_from_stdin(ckpt, tmp_path, monkeypatch, capsys):
