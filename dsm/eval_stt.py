@@ -1,7 +1,8 @@
 """``dsm eval-stt MANIFEST``: word error rate and speed over (audio, reference text) pairs.
 
 Manifest: JSON lines with ``audio`` (or ``audio_filepath`` / ``path``) and ``text`` (or ``reference`` /
-``transcript``) keys, or TSV lines ``audio<TAB>text`` (a header line ``audio\\ttext`` is skipped). Relative audio
+``transcript``) keys (a NeMo ``duration`` must be the whole file's: segments, by ``offset`` or a shorter duration, are
+refused), or TSV lines ``audio<TAB>text`` (a header line ``audio\\ttext`` is skipped). Relative audio
 paths are relative to the manifest. Texts are normalised with whisper's English normaliser (as the Open ASR
 leaderboard does; invisible format characters such as a zero-width space are then removed) and scored with jiwer
 over the whole corpus; pairs whose normalised reference is empty are skipped, as the leaderboard does, and pairs
@@ -70,6 +71,7 @@ def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
             text = next((row[k] for k in TEXT_KEYS if k in row), None) if isinstance(row, dict) else None
             if not isinstance(audio, str) or not isinstance(text, str):
                 raise ManifestError(f"{path}:{n}: expected an object with one of {AUDIO_KEYS} and one of {TEXT_KEYS}")
+            _check_whole_file(row, path, n, audio)
         else:
             parts = line.split("\t", 1)
             if len(parts) != 2:
@@ -82,6 +84,28 @@ def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
     if not pairs:
         raise ManifestError(f"{path}: manifest has no entries")
     return pairs
+
+
+def _check_whole_file(row: dict, manifest: Path, n: int, audio: str) -> None:
+    """NeMo-style ``offset`` / ``duration`` naming a segment of a longer file: refused (each utterance is a whole
+    file here; the segments were scored against the whole file's transcript). A ``duration`` equal to the file's
+    (within 0.1 s: NeMo writes it for whole files too) is fine."""
+    offset, duration = row.get("offset", 0), row.get("duration")
+    if offset not in (0, 0.0, None):
+        raise ManifestError(f"{manifest}:{n}: offset {offset!r}: segments of a file are not supported (cut each "
+                            "utterance into a file of its own)")
+    if duration is None:
+        return
+    p = Path(audio) if Path(audio).is_absolute() else manifest.parent / audio
+    try:
+        import soundfile as sf
+
+        seconds = sf.info(str(p)).duration
+    except Exception:  # a missing or unreadable file fails as that file's error when it is transcribed
+        return
+    if not isinstance(duration, int | float) or abs(seconds - duration) > 0.1:
+        raise ManifestError(f"{manifest}:{n}: duration {duration!r} but {audio} is {seconds:.2f} s long: segments of "
+                            "a file are not supported (cut each utterance into a file of its own)")
 
 
 def english_normalizer() -> Callable[[str], str]:

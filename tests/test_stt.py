@@ -1165,6 +1165,16 @@ def test_eval_stt_plumbing(lm, tok, files, tmp_path, capsys):
         read_manifest(tmp_path / "latin1.tsv")
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "m.jsonl").read_bytes())
     assert read_manifest(tmp_path / "bom.jsonl") == pairs
+    # NeMo segments of one file were each scored against the whole file's transcript: refused; a whole file's
+    # duration (NeMo writes one for every entry) is fine
+    nemo = tmp_path / "nemo.jsonl"
+    for rows, match in (([{"offset": 0.5, "duration": 0.2}], r"nemo.jsonl:1: offset 0.5: segments of a file"),
+                        ([{"duration": 1.0}, {"duration": 0.4}], r"nemo.jsonl:2: duration 0.4 but one.wav is 1.00 s")):
+        nemo.write_text("".join(json.dumps({"audio_filepath": "one.wav", "text": "x", **r}) + "\n" for r in rows))
+        with pytest.raises(ManifestError, match=match):
+            read_manifest(nemo)
+    nemo.write_text(json.dumps({"audio_filepath": "one.wav", "text": "x", "duration": 1.04, "offset": 0}) + "\n")
+    assert read_manifest(nemo) == [(tmp_path / "one.wav", "x")]
     assert main(["eval-stt", str(tmp_path / "bad.jsonl"), "--checkpoint", str(files.config_path.parent)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
 
