@@ -109,7 +109,9 @@ __device__ __forceinline__ int64_t sample_row(const T* __restrict__ logits, cons
     if (c < V) best = better(best, ArgMax{x[i], c});
   }
   const ArgMax greedy = block_argmax(best, sh.a);
-  if (!(t > 0.f)) return in_vocab(greedy.i, V);  // block-uniform branch
+  // block-uniform branch; greedy too where max(x) / t overflows (a tiny t): its limit, as the reference (the
+  // softmax of inf - inf was NaN, and the argmax of NaN scores token 0, maybe outside the top-k)
+  if (!(t > 0.f) || isinf(__fdiv_rn(greedy.v, t))) return in_vocab(greedy.i, V);
 
   // k-th largest key (see the header) as the offset `lo`, block-uniform; 0 keeps every token when top-k is off.
   uint32_t uk[kItems];  // the keys as offsets u

@@ -209,8 +209,8 @@ def sample_tokens_ref(
     out = torch.empty(B, dtype=torch.int64, device=x.device)
     for b in range(B):
         t = float(temperature[b])
-        if t <= 0:
-            out[b] = greedy[b]
+        if t <= 0 or not torch.isfinite(x[b].max() / t):  # max(x) / t overflows: the limit t -> 0, greedy (softmax
+            out[b] = greedy[b]  # of inf - inf was NaN, and each backend drew another token)
             continue
         p = torch.softmax(x[b] / t, dim=-1)
         keep = torch.ones(V, dtype=torch.bool, device=x.device)

@@ -159,7 +159,8 @@ def _sample_rows(
         keep = mask & (key >= _kth_largest_key(key, top_k, KEY_SHIFT, _radix(BLOCK_V)))
 
     t = tl.load(temp_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    sample = t > 0
+    # greedy where max(x) / t overflows (a tiny t): its limit, as the reference (the softmax of inf - inf was NaN)
+    sample = (t > 0) & (tl.abs(xmax / tl.where(t > 0, t, 1.0)) < float("inf"))
     t = tl.where(sample, t, 1.0)
     xs = x / t[:, None]  # a true division, as the reference's CPU `x / t`
     e = tl.exp(xs - (xmax / t)[:, None])  # max(x) / t == max(x / t): correctly rounded division by t > 0 is monotone

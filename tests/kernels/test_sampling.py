@@ -367,6 +367,27 @@ def test_nan_and_inf_rows_give_ids_in_the_vocabulary(backend, dtype, V):
         assert bool(((got >= 0) & (got < V)).all()), f"top_k={top_k}: ids out of range: {got.tolist()}"
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("top_k", [0, 1, 250])
+def test_a_tiny_temperature_is_its_limit_greedy(backend, top_k):
+    """A temperature so small that max(x) / t overflows: the argmax, its limit as t -> 0 (the softmax of inf - inf
+    was NaN: the CUDA kernel then drew token 0, outside the top-1 set, and the three backends disagreed). A small
+    temperature that does not overflow still samples, as before."""
+    device = kernel_device(backend)
+    B, V = 6, 2049
+    x = torch.randn(B, V, generator=torch.Generator().manual_seed(3)) * 3
+    x[:, 7] = 20.0
+    x[3:] = -x[3:].abs() - 1  # the max is negative in these rows: max(x) / t overflows to -inf
+    x[3:, 9] = -0.25
+    temp = torch.tensor([1e-38, 1e-44, 1e-30, 1e-38, 1e-44, 1e-45])
+    seeds, steps = torch.arange(B), torch.zeros(B, dtype=torch.long)
+    if backend == "reference":
+        got = resolve("sample_tokens", "reference", device)(x, temp, top_k, seeds, steps)
+    else:
+        got = _run(backend, device, x.to(device), temp.to(device), top_k, seeds.to(device), steps.to(device))
+    assert got.tolist() == x.argmax(-1).tolist() == [7, 7, 7, 9, 9, 9], got.tolist()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noise_of_one_never_wins(backend):
     """24 bits of 1s make u = (2^24 - 0.5) / 2^24, which rounds to 1.0 in fp32: -log(u) = -0.0 and the reference's

@@ -3,6 +3,7 @@ a check, rows name the backend that really ran, and the printed bound is the one
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dsm_kernels
@@ -74,3 +75,41 @@ def test_table_columns_align(capsys):
     assert lines[-1] == "1/2 passed"
     ends = {line.index(word) + len(word) for line, word in zip(lines[:3], ("bound", "0.002", "1"), strict=True)}
     assert len(ends) == 1, lines
+
+
+@pytest.mark.parametrize("k_fault", ["nan", "doubled"])
+def test_kernels_broken_where_only_a_side_output_shows_fail(monkeypatch, k_fault):
+    """Found by a probe, each passed: NaN written into the K cache (Python's max() of the per-tensor errors kept the
+    first, a finite one), an append that zeroes the slots it must not touch (both sides went through nan_to_num,
+    so the poison equalled 0), and a residual add + RMSNorm that never writes the residual back (only the normed
+    output was compared). On a CPU the K/V caches were also the reference's own tensors (.cpu() and .to() alias
+    there), so any wrong K passed."""
+    real = validate.resolve
+
+    def broken(op, backend, device):
+        fn = real(op, backend, device)
+        if op == "rope_append_kv":
+            def nan_k(qkv, pos, inv, kc, vc, slots, h, hkv, out=None):
+                q = fn(qkv, pos, inv, kc, vc, slots, h, hkv, out=out)
+                rows = kc.view(kc.shape[0] * kc.shape[1], -1)
+                rows[slots] = float("nan") if k_fault == "nan" else rows[slots] * 2
+                return q
+            return nan_k
+        if op == "append_kv":
+            def zeroing(kc, vc, k, v, slots):
+                kc.zero_()
+                vc.zero_()
+                return fn(kc, vc, k, v, slots)
+            return zeroing
+        if op == "add_rms_norm":
+            return lambda x, *a, **kw: fn(x.clone(), *a, **kw)  # the caller's x is never updated
+        return fn
+
+    monkeypatch.setattr(validate, "resolve", broken)
+    ops = ("rope_append_kv", "append_kv", "add_rms_norm")
+    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] in ops})
+    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
+    rows = [r for r in validate_kernels("cpu", quick=True) if r.backend != "reference"]
+    failed = {(r.op, r.case) for r in rows if not r.ok}
+    assert {op for op, _ in failed} == set(ops), rows
+    assert ("add_rms_norm", "B8 D2048 bf16 residual") in failed and ("add_rms_norm", "B8 D2048 bf16") not in failed
