@@ -490,7 +490,7 @@ def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_
     launch at a time, left at 0, e.g. :attr:`dsm.kv_cache.PagedKVCache.counters`): the split-K attention's merge
     counters and, on the CUDA backend, the persistent kernel's barrier words where it holds enough of them (else the
     op zeroes words of its own, one more kernel a launch)."""
-    checks.decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, counters)
+    checks.decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context, counters)
     if x.shape[0] > GEMV_MAX_B:  # the GEMV kernels' limit; the model's fused step covers more rows
         raise ValueError(f"decoder_step: {x.shape[0]} rows; it takes at most {GEMV_MAX_B}")
     fn = resolve("decoder_step", backend, x.device)

@@ -264,7 +264,7 @@ def depformer_frame(w, z, text_token, temperature, seeds, steps, counters=None) 
         shape(op, name, t, (B,))
 
 
-def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, counters=None) -> None:
+def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context, counters=None) -> None:
     op = "decoder_step"
     counter_tensor(op, counters)
     shape(op, "x", x, (None, w.dim))
@@ -274,6 +274,10 @@ def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table,
     shape(op, "k_cache", k_cache, (len(w.layers), None, None, w.num_kv_heads, w.head_dim))
     like(op, "v_cache", v_cache, "k_cache", k_cache)
     shape(op, "block_table", block_table, (B, None))
+    ring = block_table.shape[1] * k_cache.shape[2]
+    if not 1 <= context <= ring:  # as paged_decode_attention: the persistent CUDA kernel read overwritten slots
+        raise ValueError(f"{op}: context {context} must be in [1, pages_per_slot * page_size = {ring}] "
+                         f"(block_table {tuple(block_table.shape)}, k_cache {tuple(k_cache.shape)})")  # fmt: skip
 
 
 def mimi_rows(pos, exec_mask, tokens: int, capacity: int) -> None:

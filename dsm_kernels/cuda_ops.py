@@ -92,7 +92,7 @@ def multistream_embed_cuda(
 
 def append_kv_cuda(k_cache, v_cache, k, v, slot_mapping) -> None:
     """CUDA twin of :func:`~dsm_kernels.reference.append_kv_ref` (in place)."""
-    _ops().append_kv(k_cache, v_cache, k, v, slot_mapping.long())
+    _ops().append_kv(k_cache, v_cache, k, v, slot_mapping.long().contiguous())
 
 
 def decode_num_splits(batch: int, heads: int, context: int, resident: int) -> int:
@@ -146,7 +146,7 @@ def paged_decode_attention_cuda(
         num_splits = decode_num_splits(B, H, context, _decode_resident_blocks(index, q.dtype, k_cache.dtype, D))
     scale = D**-0.5 if scale is None else scale
     _ops().paged_decode_attention(
-        out, q, k_cache, v_cache, block_table, seq_lens.int(), int(context), float(scale), int(num_splits),
+        out, q, k_cache, v_cache, block_table, seq_lens.int().contiguous(), int(context), float(scale), int(num_splits),
         counters,
     )
     return out
@@ -169,7 +169,9 @@ def sample_tokens_cuda(
     if null_logits is not None and null_logits.stride(1) != 1:
         null_logits = null_logits.contiguous()
     _ops().sample_tokens(
-        out, logits, null_logits, float(cfg_coef), temperature.float(), int(top_k), seeds.long(), steps.long(),
+        # [B] views of any stride (an expanded temperature): the kernel reads them dense; the other backends take them
+        out, logits, null_logits, float(cfg_coef), temperature.float().contiguous(), int(top_k),
+        seeds.long().contiguous(), steps.long().contiguous(),
         int(step_scale), int(step_offset),
     )
     return out

@@ -375,3 +375,16 @@ def test_validate_kernels_checks_the_mimi_step(cuda_emulated):
     rows = _mimi_transformer_rows("cuda", torch.device("cpu"), quick=True)
     assert len(rows) == 2 and all(r.ok for r in rows), rows
     assert cuda_emulated["mimi_transformer"] == 2
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("context", [0, 25])
+def test_a_context_past_the_ring_is_refused_by_the_dispatch(backend, context):
+    """decoder_step's dispatch check had no context bound (paged_decode_attention's has): the persistent CUDA kernel
+    took a context past the ring of pages_per_slot * page_size slots and attended over overwritten positions."""
+    w = random_decoder_weights(layers=1)
+    ins = decoder_inputs(w, 2, context=24, page_size=4)  # a ring of 6 pages x 4 slots
+    ins["context"] = context
+    with pytest.raises(ValueError, match=rf"^decoder_step: context {context} must be in \[1, pages_per_slot \* "
+                                         r"page_size = 24\]"):
+        dsm_kernels.decoder_step(w, **ins, backend=backend)
