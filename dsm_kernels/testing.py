@@ -200,6 +200,16 @@ def sample_tokens_torch(logits, temperature, top_k, seeds, steps, *, step_scale=
     return torch.where(t > 0, score.argmax(-1), greedy)
 
 
+def sample_score_gap(x: torch.Tensor, temperature: float, seed: torch.Tensor, step: torch.Tensor, got: int,
+                     expected: int) -> float:
+    """The relative gap between the exp-race scores of two tokens of one row (mixed logits ``x`` [V], its seed and
+    noise counter as ``[1]`` tensors): a kernel may differ from the reference only on a near tie (< 1e-5), decided by
+    last-bit differences in exp/log."""
+    p = torch.softmax(x.float().cpu() / temperature, -1)
+    score = p / -torch.log(reference.sampling_uniform_ref(seed.cpu(), step.cpu(), x.shape[-1])[0])
+    return float((score[expected] - score[got]).abs() / score[expected])
+
+
 def random_depformer_weights(*, dim=32, heads=2, layers=1, hidden=48, card=40, d_model=24, text_vocab=17,
                              schedule=(0, 1, 2, 2), n_in=None, demux=True, scales=True, head_norm=False,
                              dtype=torch.float32, device="cpu", seed=0) -> reference.DepformerWeights:  # fmt: skip

@@ -113,3 +113,27 @@ def test_kernels_broken_where_only_a_side_output_shows_fail(monkeypatch, k_fault
     failed = {(r.op, r.case) for r in rows if not r.ok}
     assert {op for op, _ in failed} == set(ops), rows
     assert ("add_rms_norm", "B8 D2048 bf16 residual") in failed and ("add_rms_norm", "B8 D2048 bf16") not in failed
+
+
+def test_a_sampler_off_by_one_in_one_row_fails(monkeypatch):
+    """One mismatched row of 64 passed whatever it was (a near tie was assumed); now only a near tie of the two
+    exp-race scores, or a token tied with the k-th value, may differ from the reference. The rows cover bf16 logits
+    without CFG too (the kernels' narrow top-k keys)."""
+    real = validate.resolve
+
+    def broken(op, backend, device):
+        fn = real(op, backend, device)
+        if op != "sample_tokens":
+            return fn
+
+        def next_token(logits, *a, **kw):
+            out = fn(logits, *a, **kw)
+            out[10] = (out[10] + 1) % logits.shape[1]
+            return out
+        return next_token
+
+    monkeypatch.setattr(validate, "resolve", broken)
+    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] == "sample_tokens"})
+    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
+    rows = [r for r in validate_kernels("cpu", quick=True) if r.backend != "reference"]
+    assert {r.case for r in rows} >= {"B64 V2049 k0 fp32 cfg", "B64 V2049 k0 bf16"} and not any(r.ok for r in rows)
