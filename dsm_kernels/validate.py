@@ -112,6 +112,10 @@ def _attention_rows(backend, device, quick):
             seq_lens = torch.tensor(lens, dtype=torch.int32)
             rows += _attention_case(backend, device, q, k_cache, v_cache, bt, seq_lens, context,
                                     f"{H}x{D} ctx{context} page{page_size} bf16")
+            if (H, D, context, page_size) == (16, 128, 750, 16) and not quick:  # --kv-dtype fp8's pages
+                rows += _attention_case(backend, device, q, k_cache.to(torch.float8_e4m3fn),
+                                        v_cache.to(torch.float8_e4m3fn), bt, seq_lens, context,
+                                        f"{H}x{D} ctx{context} page{page_size} fp8 e4m3 cache")  # fmt: skip
     # the TTS voice cross-attention (dsm.kv_cache.CrossKVCache): 5 pages of 125 positions, all visible, shared pages
     g = torch.Generator().manual_seed(625)
     k_cache = torch.randn(9, 125, 16, 128, generator=g).to(torch.bfloat16)
@@ -149,15 +153,18 @@ def _attention_case(backend, device, q, k_cache, v_cache, bt, seq_lens, context,
 
 
 def _append_kv_rows(backend, device, quick):
-    kc = poison_(torch.empty(8, 16, 16, 128, dtype=torch.bfloat16, device=device))
-    vc = poison_(torch.empty_like(kc))
-    k, v = (torch.randn(4, 16, 128).to(torch.bfloat16) for _ in range(2))
-    sm = torch.tensor([3, -1, 100, 127])
-    kr, vr = kc.cpu().clone(), vc.cpu().clone()  # copies: on a CPU .cpu() is the kernel's own tensor
-    resolve("append_kv", backend, device)(kc, vc, k.to(device), v.to(device), sm.to(device))
-    reference.append_kv_ref(kr, vr, k, v, sm)
-    pairs = [(kc.cpu(), kr), (vc.cpu(), vr)]  # the untouched slots keep the poison on both sides
-    return [_exact("append_kv", backend, "16x128 page16 bf16, one slot -1", pairs)]
+    rows = []
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float8_e4m3fn, "fp8 e4m3")):  # fp8: --kv-dtype fp8's pages
+        kc = poison_(torch.empty(8, 16, 16, 128, dtype=dtype, device=device))
+        vc = poison_(torch.empty_like(kc))
+        k, v = (torch.randn(4, 16, 128).to(torch.bfloat16) for _ in range(2))
+        sm = torch.tensor([3, -1, 100, 127])
+        kr, vr = kc.cpu().clone(), vc.cpu().clone()  # copies: on a CPU .cpu() is the kernel's own tensor
+        resolve("append_kv", backend, device)(kc, vc, k.to(device), v.to(device), sm.to(device))
+        reference.append_kv_ref(kr, vr, k, v, sm)
+        pairs = [(kc.cpu(), kr), (vc.cpu(), vr)]  # the untouched slots keep the poison on both sides
+        rows.append(_exact("append_kv", backend, f"16x128 page16 {name}, one slot -1", pairs))
+    return rows
 
 
 def _sampling_rows(backend, device, quick):
