@@ -535,7 +535,9 @@ def head_probs_ref(x: torch.Tensor, weight: torch.Tensor, heads: int) -> torch.T
     ``h * C .. h * C + C - 1``), for rows ``x`` [B, d]: the heads as one linear layer in ``x``'s dtype (logits rounded
     to it, as ``F.linear``), each head's softmax in fp32 (as moshi-server computes stt-1b's semantic VAD).
     Returns [B, heads] fp32."""
-    return torch.softmax(F.linear(x, weight).view(x.shape[0], heads, -1), -1, dtype=torch.float32)[..., 0]
+    # the class count given, not inferred (-1): view() cannot infer it for B = 0 rows, which the kernels take
+    return torch.softmax(F.linear(x, weight).view(x.shape[0], heads, weight.shape[0] // heads), -1,
+                         dtype=torch.float32)[..., 0]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -448,8 +448,14 @@ def _depformer_rows(backend, device, quick):
             ref_err = max_abs_err(l16[:, :n], l32[:, :n]) / scale
             err = max_abs_err(lg[:, :n], l32[:, :n]) / scale
             bound = 3 * ref_err + 1e-6
-            rows.append(Row("depformer_frame", backend, f"B{B} q{n} {path} bf16", err, bound, err <= bound,
-                            "logit err / max|logit| <= 3x ref bf16 err (codebooks fed equal tokens)"))  # fmt: skip
+            # temperature 0: each token is its own logits' argmax (within a bf16 ulp of the max: the logits it returns
+            # may be rounded apart from the ones it sampled), as a kernel that returns wrong tokens beside right logits
+            # must fail
+            lgf, top = lg.float().cpu(), lg.float().cpu().amax(-1)
+            greedy = bool((lgf.gather(-1, t.cpu().long()[..., None])[..., 0] >= top - 2.0**-7 * top.abs()).all())
+            rows.append(Row("depformer_frame", backend, f"B{B} q{n} {path} bf16", err, bound, err <= bound and greedy,
+                            "logit err / max|logit| <= 3x ref bf16 err (codebooks fed equal tokens); greedy tokens "
+                            + ("= argmax of its logits" if greedy else "!= ARGMAX of its logits")))  # fmt: skip
     return rows
 
 

@@ -137,3 +137,26 @@ def test_a_sampler_off_by_one_in_one_row_fails(monkeypatch):
     monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
     rows = [r for r in validate_kernels("cpu", quick=True) if r.backend != "reference"]
     assert {r.case for r in rows} >= {"B64 V2049 k0 fp32 cfg", "B64 V2049 k0 bf16"} and not any(r.ok for r in rows)
+
+
+def test_a_depformer_returning_wrong_bf16_tokens_fails(monkeypatch):
+    """The bf16 depformer rows compared logits only, up to the first codebook whose tokens differed: a kernel
+    returning token 0 everywhere beside right logits passed. At temperature 0 each token must be its logits'
+    argmax."""
+    real = validate.resolve
+
+    def broken(op, backend, device):
+        fn = real(op, backend, device)
+        if op != "depformer_frame":
+            return fn
+
+        def zero_tokens(w, *a, **kw):
+            tok, lg = fn(w, *a, **kw)
+            return (torch.zeros_like(tok) if w.in_proj.dtype == torch.bfloat16 else tok), lg
+        return zero_tokens
+
+    monkeypatch.setattr(validate, "resolve", broken)
+    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] == "depformer_frame"})
+    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
+    rows = [r for r in validate_kernels("cpu", quick=True) if r.backend != "reference"]
+    assert rows and all(r.ok == r.case.endswith("fp32") for r in rows), rows
