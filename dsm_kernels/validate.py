@@ -173,7 +173,9 @@ def _sampling_rows(backend, device, quick):
     rows = []
     for V in (2049,) if quick else (2048, 4000, 8001):
         for top_k in (0, 250) if quick else (0, 1, 50, 250):
-            for dtype, cfg in ((torch.float32, True), (torch.bfloat16, False)):
+            # quick: each top-k once, fp32 with CFG for k = 0 and bf16 without for the top-k path
+            for dtype, cfg in ((((torch.float32, True),) if top_k == 0 else ((torch.bfloat16, False),)) if quick
+                               else ((torch.float32, True), (torch.bfloat16, False))):
                 g = torch.Generator().manual_seed(V + top_k)
                 B = 64
                 logits, null = ((torch.randn(B, V, generator=g) * 3).to(dtype) for _ in range(2))
