@@ -31,7 +31,7 @@ import torch
 
 import dsm_kernels
 
-from .memory import out_of_memory
+from .memory import first_line, out_of_memory
 
 FRAME_S = 0.08
 
@@ -256,7 +256,7 @@ def _or_oom(system: str, batch: int, device, run) -> BenchRow | None:
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        error = f"out of device memory: {str(e).splitlines()[0][:200]}"
+        error = f"out of device memory: {first_line(e)[:200]}"
     _release(device)  # after the except block: its traceback held the step's tensors
     return BenchRow(system, "", batch, math.inf, math.inf, math.nan, math.inf, 0.0, extra={"error": error})
 

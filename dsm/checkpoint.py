@@ -383,7 +383,7 @@ def check_model_files(files: CheckpointFiles, vocab_size: int | None, n_q: int |
             raise CheckpointError(f"{where}: {name} is {value}; Mimi has 1 to {MAX_CODEBOOKS} codebooks")
     if n_q is not None and n_q > lm.dep_q:
         raise CheckpointError(f"{where}: {n_q} codebooks asked, but the model generates {lm.dep_q} (field 'dep_q')")
-    if vocab_size is not None and vocab_size != lm.text_card or vocab_size is not None and vocab_size < lm.text_out:
+    if vocab_size is not None and (vocab_size != lm.text_card or vocab_size < lm.text_out):
         raise CheckpointError(f"{files.tokenizer}: tokenizer has {vocab_size} pieces but the model's text vocabulary "
                               f"is {lm.text_card} (field 'text_card' of {where}): not this model's tokenizer")
 

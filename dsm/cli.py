@@ -19,7 +19,7 @@ from . import __version__
 from .checkpoint import CheckpointError
 from .cli_args import device_or_default, parse_device, parse_dtype, select_device, stdout_to_devnull
 from .config import ConfigError
-from .memory import out_of_memory
+from .memory import first_line, out_of_memory
 from .mimi_checkpoint import MimiCheckpointError
 from .tokenizer import TokenizerError
 
@@ -218,9 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:  # a batch, context or config size past this machine
         if not out_of_memory(e):
             raise
-        what = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"dsm {args.command}: error: out of memory ({what}); use a smaller batch, or check the sizes in the "
-              "model's config", file=sys.stderr)
+        print(f"dsm {args.command}: error: out of memory ({first_line(e)}); use a smaller batch, or check the sizes "
+              "in the model's config", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader of stdout went away (`dsm info | head -1`): one line, not a traceback
         stdout_to_devnull()

@@ -62,6 +62,7 @@ def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        row = None
         if jsonl or (line.lstrip().startswith("{") and path.suffix != ".tsv"):
             try:
                 row = json.loads(line)
@@ -71,7 +72,6 @@ def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
             text = next((row[k] for k in TEXT_KEYS if k in row), None) if isinstance(row, dict) else None
             if not isinstance(audio, str) or not isinstance(text, str):
                 raise ManifestError(f"{path}:{n}: expected an object with one of {AUDIO_KEYS} and one of {TEXT_KEYS}")
-            _check_whole_file(row, path, n, audio)
         else:
             parts = line.split("\t", 1)
             if len(parts) != 2:
@@ -80,13 +80,16 @@ def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
             if not pairs and audio.strip().lower() in AUDIO_KEYS and text.strip().lower() in TEXT_KEYS:
                 continue  # a header, on the first line with an entry
         p = Path(audio)  # relative to the manifest, and absolute: "-" names a file there, never stdin
-        pairs.append((p if p.is_absolute() else path.parent.absolute() / p, text))
+        p = p if p.is_absolute() else path.parent.absolute() / p
+        if row is not None:
+            _check_whole_file(row, path, n, audio, p)
+        pairs.append((p, text))
     if not pairs:
         raise ManifestError(f"{path}: manifest has no entries")
     return pairs
 
 
-def _check_whole_file(row: dict, manifest: Path, n: int, audio: str) -> None:
+def _check_whole_file(row: dict, manifest: Path, n: int, audio: str, file: Path) -> None:
     """NeMo-style ``offset`` / ``duration`` naming a segment of a longer file: refused (each utterance is a whole
     file here; the segments were scored against the whole file's transcript). A ``duration`` equal to the file's
     (within 0.1 s: NeMo writes it for whole files too) is fine."""
@@ -96,11 +99,10 @@ def _check_whole_file(row: dict, manifest: Path, n: int, audio: str) -> None:
                             "utterance into a file of its own)")
     if duration is None:
         return
-    p = Path(audio) if Path(audio).is_absolute() else manifest.parent / audio
     try:
         import soundfile as sf
 
-        seconds = sf.info(str(p)).duration
+        seconds = sf.info(str(file)).duration
     except Exception:  # a missing or unreadable file fails as that file's error when it is transcribed
         return
     if not isinstance(duration, int | float) or abs(seconds - duration) > 0.1:

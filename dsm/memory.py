@@ -10,3 +10,8 @@ def out_of_memory(e: BaseException) -> bool:
     (a GPU, and dsm's own size checks), or the plain ``RuntimeError`` of torch's CPU allocator."""
     return isinstance(e, MemoryError | torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+def first_line(e: BaseException) -> str:
+    """What ``e`` says, in one line for an error message (torch's allocation errors run to several)."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

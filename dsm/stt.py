@@ -39,7 +39,7 @@ from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio,
 from .engine import Engine, bucket_for, int64_value
 from .generate import check_temperature, check_token_range
 from .host_copies import HostReads, to_device
-from .memory import out_of_memory
+from .memory import first_line, out_of_memory
 from .mimi import FRAME_SIZE, SAMPLE_RATE
 from .mimi_graph import GraphedMimiStep, mimi_buckets
 from .transcript import (
@@ -825,10 +825,6 @@ class FileResult:
     audio_seconds: float = 0.0
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool = False,
                      on_frames: Callable[[int], None] | None = None, frames_per_call: int = 8,
                      overlap: bool = True) -> Iterator[FileResult]:
@@ -867,7 +863,7 @@ def transcribe_files(rt: STTRuntime, paths: Iterable[str | Path], progress: bool
                     if bar:
                         bar.update(1)
                     # a file too long for this machine's memory is that file's error: the others go on
-                    oom = f"{path}: out of memory reading it ({_first_line(e)})"
+                    oom = f"{path}: out of memory reading it ({first_line(e)})"
                     yield FileResult(path, None, str(e) if isinstance(e, AudioError) else oom)
                     continue
                 live.append((path, s, pcm.shape[0] / SAMPLE_RATE))

@@ -92,6 +92,14 @@ def append_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
     shape(op, "slot_mapping", slot_mapping, (B,))
 
 
+def _context_in_ring(op: str, context: int, block_table, k_cache, page_size: int) -> None:
+    """A window longer than a slot's ring of pages would read ring positions twice (overwritten ones)."""
+    ring = block_table.shape[1] * page_size
+    if not 1 <= context <= ring:
+        raise ValueError(f"{op}: context {context} must be in [1, pages_per_slot * page_size = {ring}] "
+                         f"(block_table {tuple(block_table.shape)}, k_cache {tuple(k_cache.shape)})")  # fmt: skip
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, context) -> None:
     op = "paged_decode_attention"
     shape(op, "q", q, (None, None, None))
@@ -99,10 +107,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, context) 
     _pool(op, k_cache, v_cache, H, D)
     shape(op, "block_table", block_table, (B, None))
     shape(op, "seq_lens", seq_lens, (B,))
-    ring = block_table.shape[1] * k_cache.shape[1]
-    if not 1 <= context <= ring:  # a longer window would read ring positions twice (overwritten ones)
-        raise ValueError(f"{op}: context {context} must be in [1, pages_per_slot * page_size = {ring}] "
-                         f"(block_table {tuple(block_table.shape)}, k_cache {tuple(k_cache.shape)})")  # fmt: skip
+    _context_in_ring(op, context, block_table, k_cache, page_size=k_cache.shape[1])
 
 
 def sample_tokens(logits, temperature, seeds, steps, null_logits) -> None:
@@ -274,10 +279,7 @@ def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table,
     shape(op, "k_cache", k_cache, (len(w.layers), None, None, w.num_kv_heads, w.head_dim))
     like(op, "v_cache", v_cache, "k_cache", k_cache)
     shape(op, "block_table", block_table, (B, None))
-    ring = block_table.shape[1] * k_cache.shape[2]
-    if not 1 <= context <= ring:  # as paged_decode_attention: the persistent CUDA kernel read overwritten slots
-        raise ValueError(f"{op}: context {context} must be in [1, pages_per_slot * page_size = {ring}] "
-                         f"(block_table {tuple(block_table.shape)}, k_cache {tuple(k_cache.shape)})")  # fmt: skip
+    _context_in_ring(op, context, block_table, k_cache, page_size=k_cache.shape[2])  # per layer: [L, P, page, ...]
 
 
 def mimi_rows(pos, exec_mask, tokens: int, capacity: int) -> None:

@@ -33,6 +33,14 @@ def test_nan_and_shape_never_pass():
     assert not _row("op", "triton", "c", torch.zeros(5), exp, 1e9, "m").ok
 
 
+def _validate_broken(monkeypatch, resolve, ops):
+    """The quick validation of the checks of ``ops`` only, with ``resolve`` handing out the (broken) kernels."""
+    monkeypatch.setattr(validate, "resolve", resolve)
+    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] in ops})
+    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
+    return validate_kernels("cpu", quick=True)
+
+
 def test_a_wrong_kernel_fails(monkeypatch):
     """A kernel 8 bf16 ulps off, one that writes NaN and one with a wrong integer are each reported as FAIL."""
     real = validate.resolve
@@ -47,11 +55,7 @@ def test_a_wrong_kernel_fails(monkeypatch):
             return lambda *a: tuple(t + 1 for t in fn(*a))
         return fn
 
-    monkeypatch.setattr(validate, "resolve", broken)
-    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items()
-                                              if k[0] in ("silu_mul", "kv_slots", "rvq_decode_upsample")})  # fmt: skip
-    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
-    rows = validate_kernels("cpu", quick=True)
+    rows = _validate_broken(monkeypatch, broken, ("silu_mul", "kv_slots", "rvq_decode_upsample"))
     by_op = {r.op: r for r in rows}
     assert not by_op["silu_mul"].ok and not by_op["rvq_decode_upsample"].ok and not by_op["kv_slots"].ok
     assert "NaN" in by_op["rvq_decode_upsample"].measure
@@ -105,11 +109,8 @@ def test_kernels_broken_where_only_a_side_output_shows_fail(monkeypatch, k_fault
             return lambda x, *a, **kw: fn(x.clone(), *a, **kw)  # the caller's x is never updated
         return fn
 
-    monkeypatch.setattr(validate, "resolve", broken)
     ops = ("rope_append_kv", "append_kv", "add_rms_norm")
-    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] in ops})
-    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
-    rows = [r for r in validate_kernels("cpu", quick=True) if r.backend != "reference"]
+    rows = [r for r in _validate_broken(monkeypatch, broken, ops) if r.backend != "reference"]
     failed = {(r.op, r.case) for r in rows if not r.ok}
     assert {op for op, _ in failed} == set(ops), rows
     assert ("add_rms_norm", "B8 D2048 bf16 residual") in failed and ("add_rms_norm", "B8 D2048 bf16") not in failed
@@ -132,10 +133,7 @@ def test_a_sampler_off_by_one_in_one_row_fails(monkeypatch):
             return out
         return next_token
 
-    monkeypatch.setattr(validate, "resolve", broken)
-    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] == "sample_tokens"})
-    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
-    rows = [r for r in validate_kernels("cpu", quick=True) if r.backend != "reference"]
+    rows = [r for r in _validate_broken(monkeypatch, broken, ("sample_tokens",)) if r.backend != "reference"]
     assert {r.case for r in rows} == {"B64 V2049 k0 fp32 cfg", "B64 V2049 k250 bf16"} and not any(r.ok for r in rows)
 
 
@@ -155,8 +153,5 @@ def test_a_depformer_returning_wrong_bf16_tokens_fails(monkeypatch):
             return (torch.zeros_like(tok) if w.in_proj.dtype == torch.bfloat16 else tok), lg
         return zero_tokens
 
-    monkeypatch.setattr(validate, "resolve", broken)
-    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] == "depformer_frame"})
-    monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
-    rows = [r for r in validate_kernels("cpu", quick=True) if r.backend != "reference"]
+    rows = [r for r in _validate_broken(monkeypatch, broken, ("depformer_frame",)) if r.backend != "reference"]
     assert rows and all(r.ok == r.case.endswith("fp32") for r in rows), rows
