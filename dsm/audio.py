@@ -9,12 +9,15 @@ Policy (one place, so every entry point behaves the same):
   with the count, ``clip="error"`` raises, ``clip="keep"`` leaves them for the caller (a stream clips and counts them
   itself, and warns once rather than once per chunk). Clipping rather than rescaling keeps the level of valid audio
   unchanged;
+* a file that holds less audio than its header says (cut short) is read as far as it goes, with a
+  :class:`TruncatedAudioWarning`;
 * a 2-D array is ``[C, T]``; one with more than 64 rows, or more rows than columns past 8 rows (``[10, 2]``), is
   refused as a likely ``[T, C]``.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -31,8 +34,21 @@ class AudioError(ValueError):
     """The audio cannot be used as given (the message names the input and the problem)."""
 
 
-class ClippedAudioWarning(UserWarning):
+class AudioInputWarning(UserWarning):
+    """Something in the user's audio was repaired or may be missing; the message names the input."""
+
+
+class ClippedAudioWarning(AudioInputWarning):
     """Samples outside [-1, 1] were clipped."""
+
+
+class TruncatedAudioWarning(AudioInputWarning):
+    """A file holds less audio than its header says (an interrupted copy or download); what is there is read."""
+
+
+# Data sizes that writers put in a WAV header when they cannot seek back to fill it in (ffmpeg and sox writing to a
+# pipe): the file then holds less than its header says by design, and libsndfile reads to its end.
+_UNKNOWN_LENGTH_MIN = 0x7FFF0000
 
 
 def validate_pcm(
@@ -151,6 +167,19 @@ def _channel_mean(f, dtype: str) -> np.ndarray:
     return out[:n] if out is not None else np.concatenate(parts) if parts else np.empty(0, dtype)
 
 
+def _warn_if_truncated(f, name: str) -> None:
+    """libsndfile reads a cut-short WAV/AIFF to its end without an error; its log alone says the data chunk is shorter
+    than the header's size ("data : 48000 (should be 23978)")."""
+    m = re.search(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", f.extra_info, re.MULTILINE)
+    if m is None:
+        return
+    declared, present = int(m[1]), int(m[2])
+    if present < declared < _UNKNOWN_LENGTH_MIN:
+        warnings.warn(f"{name}: truncated: the header says {declared} bytes of audio, the file holds {present} "
+                      f"({f.frames / f.samplerate:.2f} s read); was the copy or download interrupted?",
+                      TruncatedAudioWarning, stacklevel=3)
+
+
 def load_audio(
     path: str | Path, target_sr: int = 24000, mono: str = "mean", clip: str = "warn"
 ) -> tuple[torch.Tensor, int]:
@@ -184,6 +213,7 @@ def load_audio(
     try:
         with sf.SoundFile(src) as f:  # float64 files are read as such: a finite sample past fp32's range is not inf
             dtype, sr = "float64" if f.subtype == "DOUBLE" else "float32", f.samplerate
+            _warn_if_truncated(f, name)
             if mono == "mean" and f.channels > 1:
                 data = _channel_mean(f, dtype)  # [T]
             else:

@@ -188,12 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_warning_printer(command: str, default):
-    """``showwarning`` that prints dsm's warnings about the user's input (clipped audio) as one line, as errors
-    are, rather than Python's format with our source line; other warnings keep ``default``."""
-    from .audio import ClippedAudioWarning
+    """``showwarning`` that prints dsm's warnings about the user's input (clipped or truncated audio) as one line, as
+    errors are, rather than Python's format with our source line; other warnings keep ``default``."""
+    from .audio import AudioInputWarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, ClippedAudioWarning):
+        if issubclass(category, AudioInputWarning):
             print(f"dsm {command}: warning: {message}", file=file or sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from dsm.audio import AudioError, ClippedAudioWarning, load_audio, resample, validate_pcm
+from dsm.audio import AudioError, ClippedAudioWarning, TruncatedAudioWarning, load_audio, resample, validate_pcm
 
 
 def tone(freq: float, sr: int, seconds: float = 0.5, amp: float = 0.5) -> np.ndarray:
@@ -187,3 +187,40 @@ def test_a_multichannel_file_is_downmixed_a_block_at_a_time(tmp_path):
                          capture_output=True, text=True, timeout=300)
     grown_mib = float(out.stdout.strip().splitlines()[-1])
     assert grown_mib < 100, f"peak memory grew by {grown_mib:.0f} MiB reading 22 MiB of 48 kHz mono samples"
+
+
+def _set_le32(b: bytearray, at: int, value: int) -> None:
+    b[at:at + 4] = value.to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "AIFF"])
+def test_load_audio_warns_when_a_file_is_cut_short(tmp_path, fmt):
+    """libsndfile reads a WAV/AIFF that ends before its header's data size without an error: an interrupted copy
+    was transcribed as if whole. It is still read as far as it goes, with a warning naming the file."""
+    x = tone(440, 24000, seconds=1.0)
+    whole = tmp_path / f"whole.{fmt.lower()}"
+    sf.write(whole, x, 24000, format=fmt, subtype="PCM_16")
+    cut = tmp_path / f"cut.{fmt.lower()}"
+    cut.write_bytes(whole.read_bytes()[:24000])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole file: no warning
+        assert load_audio(whole)[0].shape == (24000,)
+    with pytest.warns(TruncatedAudioWarning, match=f"{cut}: truncated: the header says 4800. bytes of audio"):
+        pcm, _ = load_audio(cut)
+    assert 11900 < pcm.shape[0] < 12000
+    assert torch.allclose(pcm, load_audio(whole)[0][: pcm.shape[0]])
+
+
+@pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFF000])
+def test_load_audio_reads_a_piped_wav_of_unknown_length_without_warning(tmp_path, placeholder):
+    """ffmpeg and sox writing WAV to a pipe cannot fill in the sizes: they leave 0xFFFFFFFF / 0x7FFFF000, and the
+    file is read to its end. That is not a cut-short file."""
+    path = tmp_path / "piped.wav"
+    sf.write(path, tone(440, 24000), 24000, subtype="PCM_16")
+    raw = bytearray(path.read_bytes())
+    _set_le32(raw, 4, 0xFFFFFFFF)
+    _set_le32(raw, raw.find(b"data") + 4, placeholder)
+    path.write_bytes(bytes(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_audio(path)[0].shape == (12000,)

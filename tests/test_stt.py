@@ -1310,7 +1310,7 @@ def test_transcribe_cli_reads_one_file_from_stdin(ckpt, tmp_path, monkeypatch, c
     assert "stdin: cannot read (stdin is closed)" in err and "Traceback" not in err
 
 
-def test_transcribe_cli_prints_a_clipping_warning_as_one_line(ckpt, tmp_path, capsys):
+def test_transcribe_cli_prints_audio_warnings_as_one_line(ckpt, tmp_path, capsys):
     """Python's warning format showed our source line under the message (``audio.py:85: ClippedAudioWarning: ...``
     then ``warnings.warn(...``); the CLI prints it as it prints errors."""
     from dsm.cli import main
@@ -1323,3 +1323,11 @@ def test_transcribe_cli_prints_a_clipping_warning_as_one_line(ckpt, tmp_path, ca
     warned = [line for line in err if "clipped" in line]
     assert len(warned) == 1 and warned[0].startswith(f"dsm transcribe: warning: {tmp_path / 'loud.wav'}: clipped"), err
     assert not any("Warning" in line or "warnings.warn" in line for line in err), err
+    whole = (tmp_path / "loud.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 2])
+    assert main(["transcribe", str(tmp_path / "cut.wav"), "--checkpoint", str(ckpt), "--no-progress", "-o",
+                 str(tmp_path / "out"), "-f", "txt"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "Warning" not in line and "truncated" in line] == [
+        f"dsm transcribe: warning: {tmp_path / 'cut.wav'}: truncated: the header says 8000 bytes of audio, the file "
+        "holds 3960 (0.04 s read); was the copy or download interrupted?"], err
