@@ -26,7 +26,7 @@ import torch
 
 from dsm.bench import append_jsonl, check_output, git_commit
 from dsm.cli_args import device_or_default, nonnegative_int, parse_device, positive_int
-from dsm_kernels import available_backends, resolve
+from dsm_kernels import available_backends, backend_unavailable, resolve
 from dsm_kernels.testing import (
     cuda_graph_time_ms,
     cuda_time_ms,
@@ -328,6 +328,9 @@ def main(argv=None):
         ap.error(why)
 
     device = device_or_default(args.device)
+    backends = [b for b in available_backends(device) if b != "reference"]
+    if (why := unavailable_providers(args, device, backends)) is not None:
+        ap.error(why)
     try:
         import triton
 
@@ -346,7 +349,6 @@ def main(argv=None):
     copy_gbps = copy_bandwidth_gbps(device)
     print(f"# {meta['device']}  torch {meta['torch']}  triton {triton_version}  copy {copy_gbps:.0f} GB/s")
     time_ms = timer(device, args.iters, args.graph)
-    backends = [b for b in available_backends(device) if b != "reference"]
     results = []
     for kname in args.kernels:
         op, torch_fn, cases = KERNELS[kname]
@@ -388,6 +390,24 @@ def main(argv=None):
             torch.cuda.empty_cache()
     print_summary(results)
     return results
+
+
+def unavailable_providers(args, device: torch.device, backends: list[str]) -> str | None:
+    """Say which --providers cannot run (they were dropped without a word, and a run of only those printed nothing):
+    a usage error when none of them can, one line each when others still run (a GPU run whose CUDA build failed keeps
+    its Triton rows)."""
+    if not args.providers:
+        return None
+    why = {p: backend_unavailable(p, device) for p in args.providers if p in ("triton", "cuda") and p not in backends}
+    if "compile" in args.providers and args.no_compile:
+        why["compile"] = "--no-compile was given"
+    if "reference" in args.providers and min(args.batch) > args.reference_max_batch:
+        why["reference"] = f"--reference-max-batch {args.reference_max_batch} is below every --batch"
+    if set(args.providers) <= set(why):
+        return "argument --providers: nothing to time: " + "; ".join(f"{p}: {w}" for p, w in why.items())
+    for p, w in why.items():
+        print(f"# provider {p} not timed: {w}")
+    return None
 
 
 def print_summary(results):

@@ -159,6 +159,12 @@ BAD_FLAGS = [  # (script, argv, what the error line says after "error: ")
     ("bench_kernels", ["--grids", "0"], "argument --grids: expected a positive integer, got '0'"),
     ("bench_kernels", ["--reference-max-batch", "-1"], "argument --reference-max-batch: expected an integer >= 0"),
     ("bench_kernels", ["--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    ("bench_kernels", ["--device", "cpu", "--providers", "cuda"],
+     "argument --providers: nothing to time: cuda: kernel backend 'cuda' is not available on cpu"),
+    ("bench_kernels", ["--providers", "compile", "--no-compile"],
+     "argument --providers: nothing to time: compile: --no-compile was given"),
+    ("bench_kernels", ["--providers", "reference", "--batch", "65", "400"],
+     "argument --providers: nothing to time: reference: --reference-max-batch 64 is below every --batch"),
     ("bench_serve", ["stt", "--clients", "1", "0"], "argument --clients: expected a positive integer, got '0'"),
     ("bench_serve", ["stt", "--capacity", "--max-clients", "0"], "argument --max-clients: expected a positive"),
     ("bench_serve", ["stt", "--seconds", "0"], "argument --seconds: expected a time in seconds > 0, got '0'"),
@@ -280,6 +286,21 @@ def test_bench_kernels_defaults_to_the_machines_device_and_checks_out(tmp_path, 
         mod.main(["--out", str(tmp_path)])  # a directory
     err = capsys.readouterr().err
     assert e.value.code == 2 and "error: cannot write --out" in err and seen == [seen[0]], err
+
+
+def test_bench_kernels_says_which_providers_it_cannot_time(tmp_path, capsys, monkeypatch):
+    """--providers cuda without the extension was dropped without a word; beside a provider that runs, the run goes
+    on (a GPU run whose CUDA build failed keeps its Triton rows) and says so."""
+    mod = _module("bench_kernels", monkeypatch)
+
+    def copy_bandwidth_gbps(device):  # the first measurement: stop there
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "copy_bandwidth_gbps", copy_bandwidth_gbps)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(["--device", "cpu", "--providers", "torch", "cuda", "--out", str(tmp_path / "k.jsonl")])
+    out = capsys.readouterr().out
+    assert "# provider cuda not timed: kernel backend 'cuda' is not available on cpu" in out, out
 
 
 def test_the_next_gpu_runs_steps_exist_in_the_gpu_script():
