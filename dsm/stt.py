@@ -269,7 +269,8 @@ class STTStepper:
         return got[0]
 
     def _checked_hook(self, rows: list[int]) -> Callable[[torch.Tensor], None] | None:
-        """The text hook, followed by a check of what it left in the active ``rows``."""
+        """The text hook, followed by a check of what it left in the active ``rows`` (the only rows a step commits):
+        it replaces the generator's wider check of every row, one host wait a hooked step rather than two."""
         hook, hi = self.on_text, self.lm.cfg.text_card - 1
         if hook is None:
             return None
@@ -330,10 +331,10 @@ class STTStepper:
             for i in range(codes.shape[-1]):
                 inp = self.prev_codes if rust else codes[..., i]
                 if self.engine is not None:
-                    out = self.engine.step(inp, active=rows, on_text=on_text)
+                    out = self.engine.step(inp, active=rows, on_text=on_text, check_hooks=False)
                 else:
                     self.gen_state.exec_mask.copy_(active)
-                    out = self.gen.step(self.gen_state, self._all_rows(inp), on_text=on_text)
+                    out = self.gen.step(self.gen_state, self._all_rows(inp), on_text=on_text, check_hooks=False)
                 if rust:  # this frame's codes wait for the next step, which reads them in stream order
                     n = codes.shape[0]
                     torch.where(active[:n, None], codes[..., i], self.prev_codes[:n], out=self.prev_codes[:n])

@@ -446,10 +446,14 @@ def test_a_hook_error_keeps_the_frames_before_it(lm, tok, files):
 
 @pytest.mark.parametrize("engine", [True, False])
 @pytest.mark.parametrize("bad", ["-1", "text_card"])
-def test_a_hook_leaving_an_undecodable_token_is_refused_and_undone(lm, tok, files, engine, bad):
+def test_a_hook_leaving_an_undecodable_token_is_refused_and_undone(lm, tok, files, engine, bad, monkeypatch):
     """A text hook writing an id the tokenizer cannot decode (-1, or text_card: valid as a model input, not as a
     word) into one stream's row at a step: that step raises and is undone; both streams keep the frames before it and
-    step on afterwards (before, the id sat in the stream's word and every later step of every stream raised)."""
+    step on afterwards (before, the id sat in the stream's word and every later step of every stream raised). The
+    runtime's check is the only one: the generator's wider check of every row was a second host wait a step."""
+    from dsm.generate import Generator
+
+    monkeypatch.setattr(Generator, "check_hook_tokens", lambda *a: pytest.fail("a second check (host wait)"))
     value = -1 if bad == "-1" else lm.cfg.text_card
 
     class Bad(Forcer):
