@@ -1004,6 +1004,9 @@ def _cmd_transcribe(args) -> int:
             name = f"{stem}-{n}"
         used.add(name)
         names.setdefault(Path(a), []).append(name)
+        if name != stem:  # the printed paths alone would not say which input this one is
+            print(f"dsm transcribe: note: {a}: written as {name}.* ({stem}.* is taken by an input or its "
+                  "transcript)", file=sys.stderr)
     rt = runtime_from_args(args)
     try:  # created once the model loaded, before any audio is transcribed: an unwritable place fails early
         out_dir.mkdir(parents=True, exist_ok=True)

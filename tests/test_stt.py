@@ -1092,7 +1092,10 @@ def test_transcribe_cli_output_names_follow_the_command_line(ckpt, tmp_path, mon
     out = tmp_path / "out"
     assert main(["transcribe", *map(str, inputs), "--preset", "tiny-stt", "--random-weights", "--output-dir",
                  str(out), "--output-format", "json", "--batch-size", "3", "--no-progress"]) == 0
-    capsys.readouterr()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    taken = "is taken by an input or its transcript"
+    assert notes == [f"dsm transcribe: note: {inputs[1]}: written as s-1.* (s.* {taken})",
+                     f"dsm transcribe: note: {inputs[2]}: written as s-1-1.* (s-1.* {taken})"], notes
     got = {p.name: json.loads(p.read_text())["name"] for p in out.iterdir()}
     assert got == {"s.json": str(inputs[0]), "s-1.json": str(inputs[1]), "s-1-1.json": str(inputs[2])}
 
