@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import importlib.util
 import json
 import math
@@ -527,12 +528,14 @@ def write_replacing(path: str | Path, text: str) -> None:
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Append ``rows`` to ``path`` as strict JSON lines (a non-finite float is null), whole or not at all: one
     append of complete lines, and a write that fails part-way (a full disk) is cut back to the file's previous end,
-    so that a reader of the file never finds half a row. OSError when the append fails."""
+    so that a reader of the file never finds half a row. Writers in other processes (two benchmarks sharing a results
+    file) wait on a lock: a cut-back must not take their rows with it. OSError when the append fails."""
     data = memoryview("".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows).encode())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
         end = os.fstat(fd).st_size
         try:
             while data:  # a regular file takes it in one write unless the disk fills

@@ -500,6 +500,36 @@ def test_append_jsonl_leaves_no_half_row(tmp_path, monkeypatch):
     assert [json.loads(x) for x in out.read_text().splitlines()] == [{"a": 1}, {"b": None}, {"c": 2}]
 
 
+def test_append_jsonl_cut_back_keeps_another_writers_rows(tmp_path, monkeypatch):
+    """A writer whose append fails part-way cuts the file back to where it found it: a second writer appending in
+    the meantime lost its row (it was cut away with the half row). The second writer now waits for the first."""
+    import errno
+    import os
+    import threading
+
+    from dsm import bench
+
+    out = tmp_path / "r.jsonl"
+    bench.append_jsonl(out, [{"a": 1}])
+    real_write, first = os.write, threading.current_thread()
+    second = threading.Thread(target=bench.append_jsonl, args=(out, [{"b": 2}]))
+
+    def write(fd, data):  # the first writer: half its row, then the other writer runs, then the disk is full
+        if threading.current_thread() is not first:
+            return real_write(fd, data)
+        if second.ident is None:
+            second.start()
+            second.join(0.5)  # it finishes here unless it waits for this writer
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        bench.append_jsonl(out, [{"c": "x" * 100}])
+    second.join()
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [{"a": 1}, {"b": 2}]
+
+
 def test_bench_output_failing_after_the_run_is_one_error_line(tmp_path, capsys, monkeypatch):
     """--output checked before the run can still fail to take the row after it (the disk filled): an error line
     naming --output, exit 1, the table printed (it was a traceback)."""
