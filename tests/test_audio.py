@@ -187,3 +187,12 @@ def test_a_multichannel_file_is_downmixed_a_block_at_a_time(tmp_path):
                          capture_output=True, text=True, timeout=300)
     grown_mib = float(out.stdout.strip().splitlines()[-1])
     assert grown_mib < 100, f"peak memory grew by {grown_mib:.0f} MiB reading 22 MiB of 48 kHz mono samples"
+
+
+def test_one_frame_of_several_channels_resamples(tmp_path):
+    """A [C, 1] input (a one-frame multichannel file read with mono="keep") failed in soxr: "Data not contiguous"."""
+    x = np.array([[0.5], [-0.5]], dtype=np.float32)
+    assert resample(x, 48000, 24000).shape[0] == 2
+    sf.write(tmp_path / "one.wav", x.T, 48000, subtype="FLOAT")
+    pcm, _ = load_audio(tmp_path / "one.wav", mono="keep")
+    assert pcm.shape[0] == 2
