@@ -545,3 +545,18 @@ def test_state_dict_type_and_name_clashes_are_refused(mimi_sd):
     name = "encoder.model.0.conv.conv.weight"
     with pytest.raises(MimiCheckpointError, match=rf"tensor {name} is a ndarray, expected a torch\.Tensor"):
         check_mimi_state_dict({**mimi_sd, name: mimi_sd[name].numpy()})
+
+
+def test_frame_buffer_refuses_what_it_cannot_buffer():
+    """A numpy chunk failed in .clone(), a chunk of other streams inside torch.cat, a frame size of 0 at the first
+    push (ZeroDivisionError); the pending samples survive a refused push."""
+    with pytest.raises(ValueError, match="frame_size must be a positive integer, got 0"):
+        FrameBuffer(0)
+    buf = FrameBuffer()
+    with pytest.raises(TypeError, match="FrameBuffer.push: pcm must be a torch.Tensor, got ndarray"):
+        buf.push(torch.zeros(2, 1, 5).numpy())
+    pcm = torch.randn(2, 1, FRAME_SIZE)
+    buf.push(pcm[..., :100])
+    with pytest.raises(ValueError, match=r"pcm \(3, 1, 100\) does not continue the pending \(2, 1, 100\)"):
+        buf.push(torch.zeros(3, 1, 100))
+    assert torch.equal(buf.push(pcm[..., 100:]), pcm) and buf.pending == 0
