@@ -145,7 +145,9 @@ def _resample(t: torch.Tensor, from_sr: int, to_sr: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(soxr.resample(a, from_sr, to_sr), dtype=np.float32))
     if a.ndim != 2:
         raise AudioError(f"resample: expected [T] or [C, T], got shape {a.shape}")
-    y = soxr.resample(np.ascontiguousarray(a.T), from_sr, to_sr)  # soxr wants [T, C]
+    # soxr wants [T, C] with row-major strides: ascontiguousarray keeps a one-frame [1, C]'s transposed strides
+    # (numpy counts it contiguous), which soxr refused as "Data not contiguous"
+    y = soxr.resample(a.T.copy(order="C"), from_sr, to_sr)
     return torch.from_numpy(np.ascontiguousarray(y.T, dtype=np.float32))
 
 

@@ -518,10 +518,17 @@ class FrameBuffer:
     """
 
     def __init__(self, frame_size: int = FRAME_SIZE):
+        if not isinstance(frame_size, int) or frame_size < 1:  # 0 was a ZeroDivisionError at the first push
+            raise ValueError(f"FrameBuffer: frame_size must be a positive integer, got {frame_size!r}")
         self.frame_size = frame_size
         self._pending: torch.Tensor | None = None
 
     def push(self, pcm: torch.Tensor) -> torch.Tensor:
+        # a numpy chunk failed in .clone(), a chunk of other streams in torch.cat with a message naming neither
+        _check_tensor(pcm, "FrameBuffer.push: pcm")
+        if self._pending is not None and pcm.shape[:-1] != self._pending.shape[:-1]:
+            raise ValueError(f"FrameBuffer.push: pcm {tuple(pcm.shape)} does not continue the pending "
+                             f"{tuple(self._pending.shape)}: every push must hold the same streams")
         x = pcm if self._pending is None else torch.cat([self._pending, pcm], dim=-1)
         n = x.shape[-1] // self.frame_size * self.frame_size
         self._pending = x[..., n:].clone()  # not a view: callers may refill the chunk they passed

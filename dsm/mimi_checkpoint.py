@@ -5,6 +5,7 @@ Kept apart from the model so that tools can validate a checkpoint without buildi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -122,7 +123,18 @@ def _rename_old(name: str) -> str:
 
 def check_mimi_state_dict(sd: dict[str, torch.Tensor], source: str = "<state dict>") -> dict[str, torch.Tensor]:
     """Map old codebook names, then require exactly the released names and shapes; errors name file and tensor."""
-    sd = {_rename_old(k): v for k, v in sd.items()}
+    if not isinstance(sd, Mapping):  # Mimi("file.safetensors") failed with "'str' object has no attribute 'items'"
+        hint = " (use Mimi.from_file for a path)" if isinstance(sd, str | Path) else ""
+        raise TypeError(f"{source}: a Mimi state dict must be a mapping of names to tensors, got "
+                        f"{type(sd).__name__}{hint}")
+    renamed: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        new = _rename_old(k)
+        if new in renamed:  # two names of one tensor (old and new): which one holds the weights is unknown
+            first = next(old for old in sd if _rename_old(old) == new)
+            raise MimiCheckpointError(f"{source}: tensors {first} and {k} are two names of {new}; keep one")
+        renamed[new] = v
+    sd = renamed
     expected = mimi_tensor_shapes()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -132,6 +144,8 @@ def check_mimi_state_dict(sd: dict[str, torch.Tensor], source: str = "<state dic
         raise MimiCheckpointError(f"{source}: {len(unexpected)} unexpected tensor(s), first: {unexpected[:5]}")
     for name, shape in expected.items():
         t = sd[name]
+        if not isinstance(t, torch.Tensor):
+            raise MimiCheckpointError(f"{source}: tensor {name} is a {type(t).__name__}, expected a torch.Tensor")
         if tuple(t.shape) != shape:
             raise MimiCheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         if not t.dtype.is_floating_point:

@@ -224,3 +224,12 @@ def test_load_audio_reads_a_piped_wav_of_unknown_length_without_warning(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_audio(path)[0].shape == (12000,)
+
+
+def test_one_frame_of_several_channels_resamples(tmp_path):
+    """A [C, 1] input (a one-frame multichannel file read with mono="keep") failed in soxr: "Data not contiguous"."""
+    x = np.array([[0.5], [-0.5]], dtype=np.float32)
+    assert resample(x, 48000, 24000).shape[0] == 2
+    sf.write(tmp_path / "one.wav", x.T, 48000, subtype="FLOAT")
+    pcm, _ = load_audio(tmp_path / "one.wav", mono="keep")
+    assert pcm.shape[0] == 2

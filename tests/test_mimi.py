@@ -23,6 +23,7 @@ from dsm.mimi import (
     FrameBuffer,
     Mimi,
     MimiCheckpointError,
+    check_mimi_state_dict,
     mimi_tensor_shapes,
 )
 
@@ -531,3 +532,31 @@ def test_bad_step_inputs(ours, ckpt):
         ours8.decode_step(torch.zeros(1, 32, 1, dtype=torch.long), ours8.init_state(1))
     with pytest.raises(ValueError, match="n_q = 8"):
         ours8.decode(torch.zeros(1, 9, 1, dtype=torch.long))
+
+
+def test_state_dict_type_and_name_clashes_are_refused(mimi_sd):
+    """A tensor under both its old and its new codebook name was silently dropped (the last one in the dict won;
+    moshi keeps the old one); a path or a numpy array was an AttributeError."""
+    old = "quantizer.rvq_rest.vq.layers.3._codebook.embed_avg"
+    with pytest.raises(MimiCheckpointError, match=r"layers\.3\._codebook\.embedding_sum and .*embed_avg are two names"):
+        check_mimi_state_dict({**mimi_sd, old: torch.zeros(2048, 256)})
+    with pytest.raises(TypeError, match=r"mapping of names to tensors, got str \(use Mimi\.from_file for a path\)"):
+        Mimi("mimi.safetensors")
+    name = "encoder.model.0.conv.conv.weight"
+    with pytest.raises(MimiCheckpointError, match=rf"tensor {name} is a ndarray, expected a torch\.Tensor"):
+        check_mimi_state_dict({**mimi_sd, name: mimi_sd[name].numpy()})
+
+
+def test_frame_buffer_refuses_what_it_cannot_buffer():
+    """A numpy chunk failed in .clone(), a chunk of other streams inside torch.cat, a frame size of 0 at the first
+    push (ZeroDivisionError); the pending samples survive a refused push."""
+    with pytest.raises(ValueError, match="frame_size must be a positive integer, got 0"):
+        FrameBuffer(0)
+    buf = FrameBuffer()
+    with pytest.raises(TypeError, match="FrameBuffer.push: pcm must be a torch.Tensor, got ndarray"):
+        buf.push(torch.zeros(2, 1, 5).numpy())
+    pcm = torch.randn(2, 1, FRAME_SIZE)
+    buf.push(pcm[..., :100])
+    with pytest.raises(ValueError, match=r"pcm \(3, 1, 100\) does not continue the pending \(2, 1, 100\)"):
+        buf.push(torch.zeros(3, 1, 100))
+    assert torch.equal(buf.push(pcm[..., 100:]), pcm) and buf.pending == 0
