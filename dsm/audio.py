@@ -118,11 +118,15 @@ def _check_samples(t: torch.Tensor, name: str) -> None:
                          f"{int(bad.flatten().nonzero()[0])})")
 
 
+def _check_rate(sr: object, what: str) -> None:
+    if not isinstance(sr, int | np.integer) or isinstance(sr, bool) or sr <= 0:
+        raise AudioError(f"{what} must be a positive integer, got {sr!r}")
+
+
 def resample(x: torch.Tensor | np.ndarray, from_sr: int, to_sr: int) -> torch.Tensor:
     """Resample ``[T]`` or ``[C, T]`` float pcm with soxr (high quality); identity when the rates are equal."""
     for label, sr in (("from_sr", from_sr), ("to_sr", to_sr)):
-        if not isinstance(sr, int | np.integer) or sr <= 0:
-            raise AudioError(f"resample: {label} must be a positive integer, got {sr!r}")
+        _check_rate(sr, f"resample: {label}")
     # The same dtype and NaN/inf policy as validate_pcm; tensors that need grad, live on a GPU or numpy arrays with
     # negative strides (reversed) are accepted instead of failing in .numpy() / torch.as_tensor.
     if isinstance(x, torch.Tensor):
@@ -196,6 +200,7 @@ def load_audio(
 
     from .cli_args import read_stdin_bytes
 
+    _check_rate(target_sr, "load_audio: target_sr")  # soxr's error named neither (and 24000.0 came back a float)
     if str(path) == "-":
         name = "stdin"
         try:

@@ -233,3 +233,11 @@ def test_one_frame_of_several_channels_resamples(tmp_path):
     sf.write(tmp_path / "one.wav", x.T, 48000, subtype="FLOAT")
     pcm, _ = load_audio(tmp_path / "one.wav", mono="keep")
     assert pcm.shape[0] == 2
+
+
+@pytest.mark.parametrize("target_sr", [0, -1, 24000.0, True])
+def test_load_audio_refuses_a_target_rate_that_is_not_a_positive_integer(tmp_path, target_sr):
+    """target_sr=0 failed in soxr ("Sample rate should be over 0"), and 24000.0 came back as the float it was."""
+    sf.write(tmp_path / "a.wav", tone(440, 16000), 16000)
+    with pytest.raises(AudioError, match=f"load_audio: target_sr must be a positive integer, got {target_sr!r}"):
+        load_audio(tmp_path / "a.wav", target_sr=target_sr)
