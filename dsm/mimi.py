@@ -178,8 +178,8 @@ class Mimi:
 
     def __init__(self, sd: dict[str, torch.Tensor], n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu",
                  backend: str | None = None):
-        if not 1 <= n_q <= MAX_CODEBOOKS:
-            raise ValueError(f"n_q must be in [1, {MAX_CODEBOOKS}], got {n_q}")
+        if not isinstance(n_q, int) or isinstance(n_q, bool) or not 1 <= n_q <= MAX_CODEBOOKS:  # 8.0: range() failed
+            raise ValueError(f"n_q must be an integer in [1, {MAX_CODEBOOKS}], got {n_q!r}")
         sd = check_mimi_state_dict(sd)
         self.device = torch.device(device)
         self.n_q = n_q
@@ -264,6 +264,8 @@ class Mimi:
         """Fresh state for ``batch_size`` streams, all active. ``encoder=False`` / ``decoder=False``: a state for
         the other side only (STT only encodes, TTS only decodes), without the unused transformer's KV ring: 8.2 MB
         a stream, ~6 GB at 700 STT streams that the LM's KV cache can use instead."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 0:
+            raise ValueError(f"init_state: batch_size must be an integer >= 0, got {batch_size!r}")
         dev, f32 = self.device, torch.float32
 
         def conv_states(convs) -> list[torch.Tensor]:

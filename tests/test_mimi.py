@@ -547,6 +547,19 @@ def test_state_dict_type_and_name_clashes_are_refused(mimi_sd):
         check_mimi_state_dict({**mimi_sd, name: mimi_sd[name].numpy()})
 
 
+@pytest.mark.parametrize("n_q", [0, 33, 8.0, True])
+def test_mimi_refuses_a_codebook_count_that_is_not_an_integer_in_range(n_q):
+    """8.0 failed in range() with a TypeError, True built a 1-codebook Mimi."""
+    with pytest.raises(ValueError, match=rf"n_q must be an integer in \[1, 32\], got {n_q!r}"):
+        Mimi({}, n_q=n_q)
+
+
+def test_init_state_refuses_a_negative_batch(ours):
+    with pytest.raises(ValueError, match=r"init_state: batch_size must be an integer >= 0, got -1"):
+        ours.init_state(-1)
+    assert ours.init_state(0).batch_size == 0
+
+
 def test_frame_buffer_refuses_what_it_cannot_buffer():
     """A numpy chunk failed in .clone(), a chunk of other streams inside torch.cat, a frame size of 0 at the first
     push (ZeroDivisionError); the pending samples survive a refused push."""
