@@ -9,8 +9,10 @@ Policy (one place, so every entry point behaves the same):
   with the count, ``clip="error"`` raises, ``clip="keep"`` leaves them for the caller (a stream clips and counts them
   itself, and warns once rather than once per chunk). Clipping rather than rescaling keeps the level of valid audio
   unchanged;
-* a 2-D array is ``[C, T]``; one with more than 64 rows, or more rows than columns past 8 rows (``[10, 2]``), is
-  refused as a likely ``[T, C]``.
+* a 2-D array is ``[C, T]`` (channels first, as torchaudio). ``channels_first=True`` states it, ``False`` says the
+  array is ``[T, C]`` (soundfile's layout). Unstated, a shape that may well be ``[T, C]`` is refused rather than
+  guessed: more than 64 rows, or at least as many rows as columns (``[7, 2]``: 7 samples of stereo, not 7 channels
+  of 2 samples). ``[1, T]`` is mono.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ def validate_pcm(
     name: str = "pcm",
     mono: str = "mean",
     clip: str = "warn",
-    channels_first: bool = False,
+    channels_first: bool | None = None,
 ) -> torch.Tensor:
     """Check and normalise pcm to float32: ``[T]`` (mono modes) or ``[C, T]`` (``mono="keep"``).
 
-    ``x`` is ``[T]`` or ``[C, T]`` (channels first). See the module docstring for the policy. ``channels_first``:
-    the layout is known (a decoded file), so a 2-D input with many channels is not refused as a likely ``[T, C]``.
+    ``x`` is ``[T]`` or 2-D: ``[C, T]`` with ``channels_first=True`` (a decoded file: many channels are not refused),
+    ``[T, C]`` with ``False``, and unstated (``None``) ``[C, T]`` unless the shape may well be ``[T, C]`` (refused).
+    See the module docstring for the policy.
     """
     if mono not in MONO_MODES:
         raise ValueError(f"mono must be one of {MONO_MODES}, got {mono!r}")
@@ -68,8 +71,14 @@ def validate_pcm(
     fmax = torch.finfo(torch.float32).max  # exact for in-range samples; a huge float64 must not become inf
     t = t.clamp(-fmax, fmax).to(torch.float32) if t.dtype == torch.float64 else t.to(torch.float32)
     if t.dim() == 2:
-        if not channels_first and (t.shape[0] > 64 or (t.shape[0] > 8 and t.shape[0] > t.shape[1])):
-            raise AudioError(f"{name}: shape {tuple(t.shape)} looks like [T, C]; pass channels first ([C, T])")
+        if channels_first is False:
+            t = t.T
+        elif channels_first is None and (t.shape[0] > 64 or 1 < t.shape[0] >= t.shape[1]):
+            # a short [T, C] chunk read as [C, T] would silently become fewer samples of the wrong values
+            rows, cols = t.shape
+            raise AudioError(f"{name}: shape {(rows, cols)} looks like [T, C] (as [C, T] it is {rows} channels of "
+                             f"{cols} sample(s)); pass channels_first=False for [T, C] or channels_first=True for "
+                             "[C, T]")
         if mono == "mean":
             t = t.mean(dim=0)
         elif mono == "error" and t.shape[0] != 1:

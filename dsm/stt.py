@@ -414,6 +414,9 @@ class STTStream:
         self.in_flight = 0  # frames taken from the queue whose tokens are not handed over yet (overlapped calls)
         self.samples_in = 0  # 24 kHz samples pushed by the caller
         self.clipped_samples = 0  # input samples outside [-1, 1], clipped
+        # of the 2-D chunks, fixed by the first: channels first or not, and how many (None: none pushed yet)
+        self._layout: bool | None = None
+        self._channels: int | None = None
         self.ended = False  # no more input accepted
         self.finished = False  # all input processed, slot freed
         self._events: list[Event] = []
@@ -441,8 +444,14 @@ class STTStream:
         return f"STTStream({self.name!r}, slot={self.slot}, steps={self.steps}, finished={self.finished})"
 
     # ---- input -------------------------------------------------------------------------------------------------
-    def push(self, pcm: torch.Tensor | np.ndarray, sample_rate: int | None = None, process: bool = True) -> list[Event]:
-        """Queue pcm (``[T]`` or ``[C, T]`` floats in [-1, 1]; channels are averaged) at the stream's rate.
+    def push(self, pcm: torch.Tensor | np.ndarray, sample_rate: int | None = None, process: bool = True,
+             channels_first: bool | None = None) -> list[Event]:
+        """Queue pcm (floats in [-1, 1]; channels are averaged) at the stream's rate.
+
+        A chunk is ``[T]`` or 2-D: ``[C, T]`` (``channels_first=True``) or ``[T, C]`` (``False``). Unstated, a 2-D
+        chunk has the layout of the stream's previous 2-D chunk, and the first is ``[C, T]`` unless its shape may
+        well be ``[T, C]`` (``[7, 2]``), which is refused rather than guessed (:func:`dsm.audio.validate_pcm`). The
+        2-D chunks of a stream have one channel count.
 
         With ``process`` the runtime steps until no stream has a full frame queued. Returns (and removes) this
         stream's pending events. An empty chunk is a no-op."""
@@ -452,12 +461,15 @@ class STTStream:
         if sr != self.sample_rate:
             raise AudioError(f"stream {self.name}: chunk at {sr} Hz but the stream was opened at "
                              f"{self.sample_rate} Hz (open a new stream to change the rate)")
-        if isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim in (1, 2) and pcm.shape[-1] == 0:
+        if isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim in (1, 2) and 0 in pcm.shape:
             return self._process() if process else self.events()
+        name = f"stream {self.name} ({sr} Hz)"
         if isinstance(pcm, np.ndarray) and pcm.ndim == 1 and pcm.dtype == np.float32 and np.isfinite(pcm).all():
             x = pcm  # a server's chunk: validate_pcm's checks in numpy (its torch ops cost ~30 us a chunk)
+        elif isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim == 2:
+            x = self._downmix(pcm, sr, name, self._layout if channels_first is None else channels_first)
         else:
-            x = validate_pcm(pcm, sr, name=f"stream {self.name} ({sr} Hz)", clip="keep").cpu().numpy()  # CUDA too
+            x = validate_pcm(pcm, sr, name=name, clip="keep").cpu().numpy()  # CUDA too
         magnitude = np.abs(x)
         over = int(np.count_nonzero(magnitude > 1))
         if over:
@@ -472,6 +484,16 @@ class STTStream:
         self.samples_in += x.shape[0]
         self.queue.append(x)
         return self._process() if process else self.events()
+
+    def _downmix(self, pcm: torch.Tensor | np.ndarray, sr: int, name: str, channels_first: bool | None) -> np.ndarray:
+        """A 2-D chunk's channel mean; the first one fixes the stream's layout and channel count."""
+        x = validate_pcm(pcm, sr, name=name, mono="keep", clip="keep", channels_first=channels_first)
+        if self._channels is not None and x.shape[0] != self._channels:
+            layout = "[C, T]" if channels_first is not False else "[T, C]"
+            raise AudioError(f"{name}: chunk of shape {tuple(pcm.shape)} read as {layout} has {x.shape[0]} "
+                             f"channel(s), but the stream's earlier chunks had {self._channels}")
+        self._layout, self._channels = channels_first is not False, x.shape[0]
+        return x.mean(dim=0).cpu().numpy()
 
     def flush(self, end: bool = True, process: bool = True) -> list[Event]:
         """Push ``ceil(audio_delay × 12.5)`` silence frames at once so the last words arrive (§5.5); one more with

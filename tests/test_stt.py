@@ -948,6 +948,31 @@ def test_open_close_markers_and_names(lm, tok, files):
     assert t.name != s.name
 
 
+def test_chunk_layout_is_stated_or_unambiguous(lm, tok, files):
+    """A short [T, C] chunk ([7, 2]: 7 samples of stereo) was read as 7 channels of 2 samples: 2 wrong samples
+    queued in place of 7. It is refused unless its layout is stated; a stream's later 2-D chunks keep the layout and
+    channel count of its first, so that a [C, T] stream's short tail ([2, 2]) is not refused."""
+    x = noise(2 * 3007, 3).reshape(2, -1)  # [C, T] stereo
+    mono = x.mean(0)
+    ref = runtime(lm, tok, files.config, max_streams=1).open_stream("m")
+    expected = ref.push(mono) + ref.flush()
+    rt = runtime(lm, tok, files.config, max_streams=1)
+    s = rt.open_stream("m")
+    with pytest.raises(AudioError, match=r"stream m.*shape \(7, 2\) looks like \[T, C\].*channels_first=False"):
+        s.push(x.T[:7].numpy())
+    assert s.samples_in == 0
+    ev = s.push(x.T[:7], channels_first=False) + s.push(x.T[7:3000].numpy())  # a [T, C] stream
+    with pytest.raises(AudioError, match=r"read as \[T, C\] has 7 channel\(s\), but .* earlier chunks had 2"):
+        s.push(x[:, :7])  # [2, 7] read with the stream's [T, C] layout
+    ev += s.push(x.T[3000:3005]) + s.push(x[:, 3005:], channels_first=True) + s.flush()
+    assert s.samples_in == 3007 and ev == expected
+    s = runtime(lm, tok, files.config, max_streams=1).open_stream("m")
+    ev = s.push(x[:, :3005]) + s.push(x[:, 3005:])  # a [C, T] stream and its [2, 2] tail
+    with pytest.raises(AudioError, match=r"read as \[C, T\] has 7 channel\(s\), but .* earlier chunks had 2"):
+        s.push(torch.zeros(7, 2))
+    assert ev + s.flush() == expected
+
+
 def test_loud_stream_warns_once_and_counts_clipped_samples(lm, tok, files):
     from dsm.audio import ClippedAudioWarning
 
