@@ -515,7 +515,8 @@ class STTStream:
             start = self.samples_in / SAMPLE_RATE + self._gaps_passed + sum(g for _, g in self._gaps)
             self._gaps.append((start, (padded + self.rt.n_flush_frames * FRAME_SIZE) / SAMPLE_RATE))
         self.ended = end
-        if end and len(self.queue) < FRAME_SIZE:  # nothing left to run (no audio and no flush frames)
+        # nothing left to run (no audio and no flush frames); frames in flight finish the stream when handed over
+        if end and len(self.queue) < FRAME_SIZE and not self.in_flight:
             self._finish()
         return self._process() if process else self.events()
 
@@ -788,8 +789,6 @@ class STTRuntime:
             s.queue.pop_into(pcm[s.slot])
             active[s.slot] = True
         pcm[~active] = 0.0
-        # decided now, from the queues: with overlap they move on before these frames are handed over
-        drained = [s.ended and len(s.queue) < FRAME_SIZE for s in ready]
         active = torch.from_numpy(active)
         codes = self.stepper.encode(pcm_t, active)
 
@@ -800,13 +799,14 @@ class STTRuntime:
             handed += 1
             self.total_steps += 1
             probs = probs.tolist() if probs is not None else None  # one conversion, not one per stream
-            last = i == k - 1
             error = None
-            for s, end in zip(ready, drained, strict=True):
+            for s in ready:
                 s.in_flight -= 1
                 if self.slots[s.slot] is s:  # not closed meanwhile (overlap)
+                    # its last frame: the input ended (maybe after this call was queued) and no frame is left
+                    end = s.ended and len(s.queue) < FRAME_SIZE and not s.in_flight
                     try:
-                        s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=last and end)
+                        s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=end)
                     except Exception as e:  # one stream's failure does not take this frame from the others
                         e.add_note(f"(in STT stream {s.name!r}, slot {s.slot})")
                         error = error or e

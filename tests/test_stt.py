@@ -907,6 +907,30 @@ def test_a_failing_overlapped_call_still_hands_over_the_previous_one(lm, tok, fi
     assert a.steps == 4 and rt._pending is None and a.in_flight == 0
 
 
+def test_a_flush_while_the_last_frames_are_in_flight_keeps_them(lm, tok, files):
+    """A model without an audio delay adds no flush frames: a flush while an overlapped call still held the stream's
+    last frames finished it at once, and those frames' tokens were dropped (the transcript had none of them). It now
+    finishes when they are handed over, as without overlap."""
+    config = dataclasses.replace(files.config, stt_config={"audio_delay_seconds": 0.0,
+                                                          "audio_silence_prefix_seconds": 0.0})
+    pcm = noise(1920 * 4, 1)
+    ref = runtime(lm, tok, config, max_streams=1, engine=True).open_stream("a")
+    ref.push(pcm)
+    ref.flush()
+    for settle in (True, False):
+        rt = runtime(lm, tok, config, max_streams=1, engine=True)
+        a = rt.open_stream("a")
+        a.push(pcm, process=False)
+        assert rt.n_flush_frames == 0 and rt.step(4, overlap=True) == 4 and a.in_flight == 4
+        ev = a.flush(process=not settle)
+        assert a.finished != settle
+        if settle:
+            rt.settle()
+        ev += a.events()
+        assert a.finished and isinstance(ev[-1], Finished) and rt.free_slots == 1
+        assert a.tokens == ref.tokens and len(a.tokens) == 4 and a.transcript == ref.transcript
+
+
 def test_a_marker_during_an_overlapped_call_is_due_as_without_overlap(lm, tok, files):
     """A marker asked while a call's frames are in flight counts them (moshi-server's rule: the audio queued so far
     plus the delay), and a stream whose last frames are in flight echoes it when they are handed over, not before."""
