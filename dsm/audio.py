@@ -58,8 +58,8 @@ def validate_pcm(
     if not isinstance(sample_rate, int | np.integer) or sample_rate < MIN_SAMPLE_RATE:
         raise AudioError(f"{name}: sample rate must be an integer >= {MIN_SAMPLE_RATE} Hz, got {sample_rate!r}")
     t = x
-    if isinstance(x, np.ndarray):  # torch refuses negative strides (reversed or flipped arrays)
-        t = torch.as_tensor(x.copy() if any(s < 0 for s in x.strides) else x)
+    if isinstance(x, np.ndarray):
+        t = _from_numpy(x)
     if not isinstance(t, torch.Tensor):
         raise AudioError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
     _check_samples(t, name)
@@ -99,6 +99,14 @@ def validate_pcm(
     return t.contiguous()
 
 
+def _from_numpy(x: np.ndarray) -> torch.Tensor:
+    """``x`` as a contiguous tensor; torch refuses negative strides (a reversed or flipped array) and a non-native
+    byte order (``np.frombuffer(data, ">f4")``: network order)."""
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return torch.as_tensor(np.ascontiguousarray(x))
+
+
 def _check_samples(t: torch.Tensor, name: str) -> None:
     """float32/float64 samples without NaN/inf (checked before any cast: a finite float64 beyond fp32's range is out
     of range, not NaN/inf)."""
@@ -116,13 +124,11 @@ def resample(x: torch.Tensor | np.ndarray, from_sr: int, to_sr: int) -> torch.Te
     for label, sr in (("from_sr", from_sr), ("to_sr", to_sr)):
         if not isinstance(sr, int | np.integer) or sr <= 0:
             raise AudioError(f"resample: {label} must be a positive integer, got {sr!r}")
-    # The same dtype and NaN/inf policy as validate_pcm; tensors that need grad, live on a GPU or numpy arrays with
-    # negative strides (reversed) are accepted instead of failing in .numpy() / torch.as_tensor.
+    # The same dtype and NaN/inf policy as validate_pcm; tensors that need grad, live on a GPU, and numpy arrays
+    # reversed or in another byte order are accepted instead of failing in .numpy() / torch.as_tensor.
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-    elif isinstance(x, np.ndarray):
-        x = np.ascontiguousarray(x)
-    t = torch.as_tensor(x)
+    t = _from_numpy(x) if isinstance(x, np.ndarray) else torch.as_tensor(x)
     _check_samples(t, "resample")
     return _resample(t.to(torch.float32), from_sr, to_sr)
 

@@ -53,6 +53,17 @@ def test_validate_rejects(x, kwargs, pattern):
     assert "clip.wav" in str(info.value)
 
 
+def test_arrays_in_network_byte_order_are_read():
+    """Big-endian samples (``np.frombuffer(data, ">f4")``) failed in torch with a byte-order ValueError naming
+    neither the input nor the fix."""
+    x = np.linspace(-0.5, 0.5, 100, dtype=np.float32)
+    for dtype in (">f4", ">f8"):
+        assert torch.equal(validate_pcm(x.astype(dtype), 24000, name="net"), torch.from_numpy(x))
+        assert torch.equal(resample(x.astype(dtype), 24000, 24000), torch.from_numpy(x))
+    stereo = np.stack([x, -x])
+    assert torch.equal(validate_pcm(stereo.astype(">f4"), 24000, mono="keep"), torch.from_numpy(stereo))
+
+
 def test_validate_accepts_reversed_arrays_and_tensors_with_grad():
     x = np.linspace(-0.5, 0.5, 100, dtype=np.float32)
     assert torch.equal(validate_pcm(x[::-1], 24000), torch.from_numpy(x[::-1].copy()))
