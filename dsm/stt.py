@@ -671,6 +671,10 @@ class STTRuntime:
         self.audio_delay_seconds = float(stt.get("audio_delay_seconds", DEFAULT_AUDIO_DELAY_SECONDS))
         prefix_s = (float(stt.get("audio_silence_prefix_seconds", DEFAULT_SILENCE_PREFIX_SECONDS))
                     if self.options.silence_prefix else 0.0)
+        for key, seconds in (("audio_delay_seconds", self.audio_delay_seconds),
+                             ("audio_silence_prefix_seconds", prefix_s)):
+            if seconds < 0:  # a negative count of silence frames failed at the first stream or flush
+                raise ValueError(f"config stt_config.{key} must be >= 0 seconds, got {seconds}")
         self.n_prefix_frames = math.ceil(prefix_s * FRAME_RATE)
         self.n_flush_frames = math.ceil(self.audio_delay_seconds * FRAME_RATE) + (
             1 if self.options.alignment == "rust" else 0)

@@ -770,6 +770,10 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
             STTOptions(**bad)
     with pytest.raises(ValueError, match="vad_head 4 out of range"):
         runtime(lm, tok, files.config, vad_head=4)
+    for key in ("audio_delay_seconds", "audio_silence_prefix_seconds"):  # failed at the first stream or flush
+        config = dataclasses.replace(files.config, stt_config={**files.config.stt_config, key: -0.5})
+        with pytest.raises(ValueError, match=rf"stt_config.{key} must be >= 0 seconds, got -0.5"):
+            runtime(lm, tok, config)
     # multi-channel input is averaged: same events as the mono mean
     x = noise(3000, 7).reshape(1, -1).repeat(2, 1) * torch.tensor([[1.0], [0.5]])
     r1, r2 = runtime(lm, tok, files.config, max_streams=1), runtime(lm, tok, files.config, max_streams=1)
