@@ -515,8 +515,7 @@ class STTStream:
             start = self.samples_in / SAMPLE_RATE + self._gaps_passed + sum(g for _, g in self._gaps)
             self._gaps.append((start, (padded + self.rt.n_flush_frames * FRAME_SIZE) / SAMPLE_RATE))
         self.ended = end
-        # nothing left to run (no audio and no flush frames); frames in flight finish the stream when handed over
-        if end and len(self.queue) < FRAME_SIZE and not self.in_flight:
+        if self.drained:  # nothing left to run (no audio and no flush frames, none in flight)
             self._finish()
         return self._process() if process else self.events()
 
@@ -528,13 +527,18 @@ class STTStream:
         due = self.steps + self.in_flight + len(self.queue) // FRAME_SIZE + self.rt.asr_delay_in_tokens
         self._markers.append((due, mid))
         # no more steps for it: echo now
-        self._due_markers(all_=self.ended and len(self.queue) < FRAME_SIZE and not self.in_flight)
+        self._due_markers(all_=self.drained)
         return self.events()
 
     @property
     def pending_markers(self) -> int:
         """Markers asked and not echoed yet."""
         return len(self._markers)
+
+    @property
+    def drained(self) -> bool:
+        """The input ended and every frame of it has been handed over (none queued, none in flight)."""
+        return self.ended and len(self.queue) < FRAME_SIZE and not self.in_flight
 
     def _due_markers(self, all_: bool = False) -> None:
         while self._markers and (all_ or self._markers[0][0] <= self.steps):
@@ -656,7 +660,8 @@ class STTRuntime:
     """Shared model + ``max_streams`` slots. Build with :meth:`from_checkpoint` or from loaded parts.
 
     ``on_text``: a hook that may edit each step's text tokens in place (rows by slot; forced alignment, tests). If it
-    raises, the LM step is undone but the audio frame of that step, already encoded, is lost for every stream in it.
+    raises, the LM step is undone but the audio frames of that call, already encoded, are lost for every stream in it
+    (a stream whose last frames they were finishes without them).
     """
 
     def __init__(self, lm, mimi, tokenizer, config, *, max_streams: int = 8, options: STTOptions | None = None,
@@ -807,10 +812,8 @@ class STTRuntime:
             for s in ready:
                 s.in_flight -= 1
                 if self.slots[s.slot] is s:  # not closed meanwhile (overlap)
-                    # its last frame: the input ended (maybe after this call was queued) and no frame is left
-                    end = s.ended and len(s.queue) < FRAME_SIZE and not s.in_flight
-                    try:
-                        s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=end)
+                    try:  # its last frame once drained (its input may have ended after this call was queued)
+                        s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=s.drained)
                     except Exception as e:  # one stream's failure does not take this frame from the others
                         e.add_note(f"(in STT stream {s.name!r}, slot {s.slot})")
                         error = error or e
@@ -824,6 +827,8 @@ class STTRuntime:
         except BaseException:
             for s in ready:  # the frames not handed over are lost with the error
                 s.in_flight -= k - handed
+                if s.drained and self.slots[s.slot] is s:  # its last frames were lost: no step would finish it
+                    s._finish()
             raise
         return k
 

@@ -445,6 +445,31 @@ def test_a_hook_error_keeps_the_frames_before_it(lm, tok, files):
 
 
 @pytest.mark.parametrize("engine", [True, False])
+def test_a_stream_whose_last_frames_a_hook_error_lost_still_finishes(lm, tok, files, engine):
+    """The frames of a call whose text hook raised are lost. When they were an ended stream's last ones, nothing was
+    left to step, so the stream never finished: no Finished, its slot held for good. It now finishes without them,
+    and its slot serves the next stream."""
+    def boom(tokens):
+        if s.steps == frames - 2:  # the first step of the last call
+            raise RuntimeError("boom")
+
+    rt = runtime(lm, tok, files.config, max_streams=1, engine=engine)
+    rt.stepper.on_text = boom
+    s = rt.open_stream("a")
+    s.push(noise(1920, 1), process=False)
+    s.flush(process=False)
+    frames = len(s.queue) // 1920
+    rt.step(frames - 2)
+    s.marker(7)
+    with pytest.raises(RuntimeError, match="boom"):
+        rt.step(2)
+    ev = s.events()
+    assert s.steps == frames - 2 and s.finished and rt.free_slots == 1
+    assert ev[-2:] == [Marker("a", 7), Finished("a", s.transcript)] and s.transcript.meta["steps"] == frames - 2
+    assert rt.open_stream("b").slot == 0
+
+
+@pytest.mark.parametrize("engine", [True, False])
 @pytest.mark.parametrize("bad", ["-1", "text_card"])
 def test_a_hook_leaving_an_undecodable_token_is_refused_and_undone(lm, tok, files, engine, bad):
     """A text hook writing an id the tokenizer cannot decode (-1, or text_card: valid as a model input, not as a
