@@ -11,8 +11,10 @@ Policy (one place, so every entry point behaves the same):
   unchanged;
 * a file that holds less audio than its header says (cut short) is read as far as it goes, with a
   :class:`TruncatedAudioWarning`;
-* a 2-D array is ``[C, T]``; one with more than 64 rows, or more rows than columns past 8 rows (``[10, 2]``), is
-  refused as a likely ``[T, C]``.
+* a 2-D array is ``[C, T]`` (channels first, as torchaudio). ``channels_first=True`` states it, ``False`` says the
+  array is ``[T, C]`` (soundfile's layout). Unstated, a shape that may well be ``[T, C]`` is refused rather than
+  guessed: more than 64 rows, or at least as many rows as columns (``[7, 2]``: 7 samples of stereo, not 7 channels
+  of 2 samples). ``[1, T]`` is mono.
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ def validate_pcm(
     name: str = "pcm",
     mono: str = "mean",
     clip: str = "warn",
-    channels_first: bool = False,
+    channels_first: bool | None = None,
 ) -> torch.Tensor:
     """Check and normalise pcm to float32: ``[T]`` (mono modes) or ``[C, T]`` (``mono="keep"``).
 
-    ``x`` is ``[T]`` or ``[C, T]`` (channels first). See the module docstring for the policy. ``channels_first``:
-    the layout is known (a decoded file), so a 2-D input with many channels is not refused as a likely ``[T, C]``.
+    ``x`` is ``[T]`` or 2-D: ``[C, T]`` with ``channels_first=True`` (a decoded file: many channels are not refused),
+    ``[T, C]`` with ``False``, and unstated (``None``) ``[C, T]`` unless the shape may well be ``[T, C]`` (refused).
+    See the module docstring for the policy.
     """
     if mono not in MONO_MODES:
         raise ValueError(f"mono must be one of {MONO_MODES}, got {mono!r}")
@@ -71,8 +74,8 @@ def validate_pcm(
     if not isinstance(sample_rate, int | np.integer) or sample_rate < MIN_SAMPLE_RATE:
         raise AudioError(f"{name}: sample rate must be an integer >= {MIN_SAMPLE_RATE} Hz, got {sample_rate!r}")
     t = x
-    if isinstance(x, np.ndarray):  # torch refuses negative strides (reversed or flipped arrays)
-        t = torch.as_tensor(x.copy() if any(s < 0 for s in x.strides) else x)
+    if isinstance(x, np.ndarray):
+        t = _from_numpy(x)
     if not isinstance(t, torch.Tensor):
         raise AudioError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
     _check_samples(t, name)
@@ -84,8 +87,14 @@ def validate_pcm(
     fmax = torch.finfo(torch.float32).max  # exact for in-range samples; a huge float64 must not become inf
     t = t.clamp(-fmax, fmax).to(torch.float32) if t.dtype == torch.float64 else t.to(torch.float32)
     if t.dim() == 2:
-        if not channels_first and (t.shape[0] > 64 or (t.shape[0] > 8 and t.shape[0] > t.shape[1])):
-            raise AudioError(f"{name}: shape {tuple(t.shape)} looks like [T, C]; pass channels first ([C, T])")
+        if channels_first is False:
+            t = t.T
+        elif channels_first is None and (t.shape[0] > 64 or 1 < t.shape[0] >= t.shape[1]):
+            # a short [T, C] chunk read as [C, T] would silently become fewer samples of the wrong values
+            rows, cols = t.shape
+            raise AudioError(f"{name}: shape {(rows, cols)} looks like [T, C] (as [C, T] it is {rows} channels of "
+                             f"{cols} sample(s)); pass channels_first=False for [T, C] or channels_first=True for "
+                             "[C, T]")
         if mono == "mean":
             t = t.mean(dim=0)
         elif mono == "error" and t.shape[0] != 1:
@@ -104,6 +113,14 @@ def validate_pcm(
                       stacklevel=2)
         t = t.clamp(-1.0, 1.0)
     return t.contiguous()
+
+
+def _from_numpy(x: np.ndarray) -> torch.Tensor:
+    """``x`` as a contiguous tensor; torch refuses negative strides (a reversed or flipped array) and a non-native
+    byte order (``np.frombuffer(data, ">f4")``: network order)."""
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return torch.as_tensor(np.ascontiguousarray(x))
 
 
 def _check_samples(t: torch.Tensor, name: str) -> None:
@@ -127,13 +144,11 @@ def resample(x: torch.Tensor | np.ndarray, from_sr: int, to_sr: int) -> torch.Te
     """Resample ``[T]`` or ``[C, T]`` float pcm with soxr (high quality); identity when the rates are equal."""
     for label, sr in (("from_sr", from_sr), ("to_sr", to_sr)):
         _check_rate(sr, f"resample: {label}")
-    # The same dtype and NaN/inf policy as validate_pcm; tensors that need grad, live on a GPU or numpy arrays with
-    # negative strides (reversed) are accepted instead of failing in .numpy() / torch.as_tensor.
+    # The same dtype and NaN/inf policy as validate_pcm; tensors that need grad, live on a GPU, and numpy arrays
+    # reversed or in another byte order are accepted instead of failing in .numpy() / torch.as_tensor.
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-    elif isinstance(x, np.ndarray):
-        x = np.ascontiguousarray(x)
-    t = torch.as_tensor(x)
+    t = _from_numpy(x) if isinstance(x, np.ndarray) else torch.as_tensor(x)
     _check_samples(t, "resample")
     return _resample(t.to(torch.float32), from_sr, to_sr)
 

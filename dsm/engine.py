@@ -42,6 +42,10 @@ from .host_copies import copy_from_host
 from .kv_cache import PagedKVCache, cross_page_size, pages_per_slot, zeros_kv
 from .model import LMModel
 
+# KV cache dtypes every backend stores and reads. Other fp8 formats are not: e4m3fnuz failed inside the Triton
+# kernels at the first step, and e5m2 would store an overflow as inf (e4m3 saturates at 448).
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
 
 class EngineFull(RuntimeError):
     """No free stream slot, or no free KV page."""
@@ -210,9 +214,9 @@ class Engine:
                                    ("num_pages", 2 if num_pages is None else num_pages, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"Engine: {name} must be an integer >= {least}, got {value!r}")
-        if kv_dtype is not None and (not isinstance(kv_dtype, torch.dtype) or not kv_dtype.is_floating_point):
-            raise ValueError(f"Engine: kv_dtype must be a floating-point torch dtype (e.g. torch.bfloat16, "
-                             f"torch.float8_e4m3fn), got {kv_dtype!r}")
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"Engine: kv_dtype must be a floating-point torch dtype the kernels store: "
+                             f"{', '.join(map(str, KV_DTYPES))}; got {kv_dtype!r}")
         cfg = model.cfg
         self.model = model
         self.gen = Generator(model, page_size=page_size, backend=backend, support_out_of_sync=True, **gen_kwargs)

@@ -415,6 +415,9 @@ class STTStream:
         self.in_flight = 0  # frames taken from the queue whose tokens are not handed over yet (overlapped calls)
         self.samples_in = 0  # 24 kHz samples pushed by the caller
         self.clipped_samples = 0  # input samples outside [-1, 1], clipped
+        # of the 2-D chunks, fixed by the first: channels first or not, and how many (None: none pushed yet)
+        self._layout: bool | None = None
+        self._channels: int | None = None
         self.ended = False  # no more input accepted
         self.finished = False  # all input processed, slot freed
         self._events: list[Event] = []
@@ -442,8 +445,14 @@ class STTStream:
         return f"STTStream({self.name!r}, slot={self.slot}, steps={self.steps}, finished={self.finished})"
 
     # ---- input -------------------------------------------------------------------------------------------------
-    def push(self, pcm: torch.Tensor | np.ndarray, sample_rate: int | None = None, process: bool = True) -> list[Event]:
-        """Queue pcm (``[T]`` or ``[C, T]`` floats in [-1, 1]; channels are averaged) at the stream's rate.
+    def push(self, pcm: torch.Tensor | np.ndarray, sample_rate: int | None = None, process: bool = True,
+             channels_first: bool | None = None) -> list[Event]:
+        """Queue pcm (floats in [-1, 1]; channels are averaged) at the stream's rate.
+
+        A chunk is ``[T]`` or 2-D: ``[C, T]`` (``channels_first=True``) or ``[T, C]`` (``False``). Unstated, a 2-D
+        chunk has the layout of the stream's previous 2-D chunk, and the first is ``[C, T]`` unless its shape may
+        well be ``[T, C]`` (``[7, 2]``), which is refused rather than guessed (:func:`dsm.audio.validate_pcm`). The
+        2-D chunks of a stream have one channel count.
 
         With ``process`` the runtime steps until no stream has a full frame queued. Returns (and removes) this
         stream's pending events. An empty chunk is a no-op."""
@@ -453,12 +462,15 @@ class STTStream:
         if sr != self.sample_rate:
             raise AudioError(f"stream {self.name}: chunk at {sr} Hz but the stream was opened at "
                              f"{self.sample_rate} Hz (open a new stream to change the rate)")
-        if isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim in (1, 2) and pcm.shape[-1] == 0:
+        if isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim in (1, 2) and 0 in pcm.shape:
             return self._process() if process else self.events()
+        name = f"stream {self.name} ({sr} Hz)"
         if isinstance(pcm, np.ndarray) and pcm.ndim == 1 and pcm.dtype == np.float32 and np.isfinite(pcm).all():
             x = pcm  # a server's chunk: validate_pcm's checks in numpy (its torch ops cost ~30 us a chunk)
+        elif isinstance(pcm, np.ndarray | torch.Tensor) and pcm.ndim == 2:
+            x = self._downmix(pcm, sr, name, self._layout if channels_first is None else channels_first)
         else:
-            x = validate_pcm(pcm, sr, name=f"stream {self.name} ({sr} Hz)", clip="keep").cpu().numpy()  # CUDA too
+            x = validate_pcm(pcm, sr, name=name, clip="keep").cpu().numpy()  # CUDA too
         magnitude = np.abs(x)
         over = int(np.count_nonzero(magnitude > 1))
         if over:
@@ -473,6 +485,16 @@ class STTStream:
         self.samples_in += x.shape[0]
         self.queue.append(x)
         return self._process() if process else self.events()
+
+    def _downmix(self, pcm: torch.Tensor | np.ndarray, sr: int, name: str, channels_first: bool | None) -> np.ndarray:
+        """A 2-D chunk's channel mean; the first one fixes the stream's layout and channel count."""
+        x = validate_pcm(pcm, sr, name=name, mono="keep", clip="keep", channels_first=channels_first)
+        if self._channels is not None and x.shape[0] != self._channels:
+            layout = "[C, T]" if channels_first is not False else "[T, C]"
+            raise AudioError(f"{name}: chunk of shape {tuple(pcm.shape)} read as {layout} has {x.shape[0]} "
+                             f"channel(s), but the stream's earlier chunks had {self._channels}")
+        self._layout, self._channels = channels_first is not False, x.shape[0]
+        return x.mean(dim=0).cpu().numpy()
 
     def flush(self, end: bool = True, process: bool = True) -> list[Event]:
         """Push ``ceil(audio_delay × 12.5)`` silence frames at once so the last words arrive (§5.5); one more with
@@ -494,7 +516,7 @@ class STTStream:
             start = self.samples_in / SAMPLE_RATE + self._gaps_passed + sum(g for _, g in self._gaps)
             self._gaps.append((start, (padded + self.rt.n_flush_frames * FRAME_SIZE) / SAMPLE_RATE))
         self.ended = end
-        if end and len(self.queue) < FRAME_SIZE:  # nothing left to run (no audio and no flush frames)
+        if self.drained:  # nothing left to run (no audio and no flush frames, none in flight)
             self._finish()
         return self._process() if process else self.events()
 
@@ -506,13 +528,18 @@ class STTStream:
         due = self.steps + self.in_flight + len(self.queue) // FRAME_SIZE + self.rt.asr_delay_in_tokens
         self._markers.append((due, mid))
         # no more steps for it: echo now
-        self._due_markers(all_=self.ended and len(self.queue) < FRAME_SIZE and not self.in_flight)
+        self._due_markers(all_=self.drained)
         return self.events()
 
     @property
     def pending_markers(self) -> int:
         """Markers asked and not echoed yet."""
         return len(self._markers)
+
+    @property
+    def drained(self) -> bool:
+        """The input ended and every frame of it has been handed over (none queued, none in flight)."""
+        return self.ended and len(self.queue) < FRAME_SIZE and not self.in_flight
 
     def _due_markers(self, all_: bool = False) -> None:
         while self._markers and (all_ or self._markers[0][0] <= self.steps):
@@ -634,7 +661,8 @@ class STTRuntime:
     """Shared model + ``max_streams`` slots. Build with :meth:`from_checkpoint` or from loaded parts.
 
     ``on_text``: a hook that may edit each step's text tokens in place (rows by slot; forced alignment, tests). If it
-    raises, the LM step is undone but the audio frame of that step, already encoded, is lost for every stream in it.
+    raises, the LM step is undone but the audio frames of that call, already encoded, are lost for every stream in it
+    (a stream whose last frames they were finishes without them).
     """
 
     def __init__(self, lm, mimi, tokenizer, config, *, max_streams: int = 8, options: STTOptions | None = None,
@@ -649,6 +677,10 @@ class STTRuntime:
         self.audio_delay_seconds = float(stt.get("audio_delay_seconds", DEFAULT_AUDIO_DELAY_SECONDS))
         prefix_s = (float(stt.get("audio_silence_prefix_seconds", DEFAULT_SILENCE_PREFIX_SECONDS))
                     if self.options.silence_prefix else 0.0)
+        for key, seconds in (("audio_delay_seconds", self.audio_delay_seconds),
+                             ("audio_silence_prefix_seconds", prefix_s)):
+            if seconds < 0:  # a negative count of silence frames failed at the first stream or flush
+                raise ValueError(f"config stt_config.{key} must be >= 0 seconds, got {seconds}")
         self.n_prefix_frames = math.ceil(prefix_s * FRAME_RATE)
         self.n_flush_frames = math.ceil(self.audio_delay_seconds * FRAME_RATE) + (
             1 if self.options.alignment == "rust" else 0)
@@ -767,8 +799,6 @@ class STTRuntime:
             s.queue.pop_into(pcm[s.slot])
             active[s.slot] = True
         pcm[~active] = 0.0
-        # decided now, from the queues: with overlap they move on before these frames are handed over
-        drained = [s.ended and len(s.queue) < FRAME_SIZE for s in ready]
         active = torch.from_numpy(active)
         codes = self.stepper.encode(pcm_t, active)
 
@@ -779,13 +809,12 @@ class STTRuntime:
             handed += 1
             self.total_steps += 1
             probs = probs.tolist() if probs is not None else None  # one conversion, not one per stream
-            last = i == k - 1
             error = None
-            for s, end in zip(ready, drained, strict=True):
+            for s in ready:
                 s.in_flight -= 1
                 if self.slots[s.slot] is s:  # not closed meanwhile (overlap)
-                    try:
-                        s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=last and end)
+                    try:  # its last frame once drained (its input may have ended after this call was queued)
+                        s._on_step(tokens[s.slot], probs[s.slot] if probs is not None else None, finish=s.drained)
                     except Exception as e:  # one stream's failure does not take this frame from the others
                         e.add_note(f"(in STT stream {s.name!r}, slot {s.slot})")
                         error = error or e
@@ -799,6 +828,8 @@ class STTRuntime:
         except BaseException:
             for s in ready:  # the frames not handed over are lost with the error
                 s.in_flight -= k - handed
+                if s.drained and self.slots[s.slot] is s:  # its last frames were lost: no step would finish it
+                    s._finish()
             raise
         return k
 

@@ -41,6 +41,9 @@ def test_validate_accepts_and_downmixes():
         (torch.zeros(1, 2, 3), {}, "shape"),
         (torch.zeros(1000, 2), {}, r"\[T, C\]"),
         (torch.zeros(10, 2), {}, r"\[T, C\]"),
+        (torch.zeros(7, 2), {}, r"looks like \[T, C\] \(as \[C, T\] it is 7 channels of 2 sample\(s\)\)"),
+        (torch.zeros(2, 2), {}, r"\[T, C\].*channels_first=False"),
+        (torch.zeros(5, 1), {}, r"\[T, C\]"),
         (torch.tensor([0.5, 1.5]), {"clip": "error"}, "outside"),
     ],
 )
@@ -48,6 +51,17 @@ def test_validate_rejects(x, kwargs, pattern):
     with pytest.raises(AudioError, match=pattern) as info:
         validate_pcm(x, 24000, name="clip.wav", **kwargs)
     assert "clip.wav" in str(info.value)
+
+
+def test_arrays_in_network_byte_order_are_read():
+    """Big-endian samples (``np.frombuffer(data, ">f4")``) failed in torch with a byte-order ValueError naming
+    neither the input nor the fix."""
+    x = np.linspace(-0.5, 0.5, 100, dtype=np.float32)
+    for dtype in (">f4", ">f8"):
+        assert torch.equal(validate_pcm(x.astype(dtype), 24000, name="net"), torch.from_numpy(x))
+        assert torch.equal(resample(x.astype(dtype), 24000, 24000), torch.from_numpy(x))
+    stereo = np.stack([x, -x])
+    assert torch.equal(validate_pcm(stereo.astype(">f4"), 24000, mono="keep"), torch.from_numpy(stereo))
 
 
 def test_validate_accepts_reversed_arrays_and_tensors_with_grad():
@@ -71,7 +85,18 @@ def test_out_of_range_is_clipped_with_warning():
         warnings.simplefilter("error")
         validate_pcm(torch.tensor([1.0, -1.0]), 24000)  # the boundary itself is valid
         assert torch.equal(validate_pcm(torch.tensor([1.5]), 24000, clip="keep"), torch.tensor([1.5]))
-    assert validate_pcm(torch.zeros(8, 2), 24000, mono="keep").shape == (8, 2)  # 7.1 audio, two samples
+
+def test_a_short_t_c_chunk_is_not_read_as_channels():
+    """A 2-D array is [C, T] unless said otherwise; a short [T, C] one ([7, 2]: 7 samples of stereo) was read as 7
+    channels of 2 samples, 2 wrong samples in place of 7. Such shapes are refused unless the layout is stated."""
+    x = torch.stack([torch.linspace(-0.5, 0.5, 7), torch.full((7,), 0.25)], dim=1)  # [T=7, C=2]
+    with pytest.raises(AudioError, match=r"\[T, C\]"):
+        validate_pcm(x, 24000)
+    assert torch.allclose(validate_pcm(x, 24000, channels_first=False), x.mean(dim=1))
+    assert torch.equal(validate_pcm(x, 24000, mono="keep", channels_first=False), x.T)
+    assert validate_pcm(torch.zeros(8, 2), 24000, mono="keep", channels_first=True).shape == (8, 2)  # 7.1 audio
+    assert validate_pcm(torch.zeros(2, 3), 24000).shape == (3,)  # more samples than channels: [C, T]
+    assert validate_pcm(torch.zeros(1, 1), 24000).shape == (1,)  # [1, T] is mono
 
 
 def test_resample_keeps_frequency_and_length():

@@ -320,10 +320,13 @@ def test_engine_full_errors(stt_model):
     ({"num_pages": 0}, "num_pages must be an integer >= 2"),
     ({"kv_dtype": torch.int8}, "kv_dtype must be a floating-point torch dtype"),
     ({"kv_dtype": torch.bool}, "kv_dtype must be a floating-point torch dtype"),
+    ({"kv_dtype": torch.float8_e4m3fnuz}, r"kv_dtype .*torch.float8_e4m3fn; got torch.float8_e4m3fnuz"),
+    ({"kv_dtype": torch.float8_e5m2}, "kv_dtype must be a floating-point torch dtype the kernels store"),
+    ({"kv_dtype": "fp8"}, "kv_dtype must be"),
 ])  # fmt: skip
 def test_bad_engine_settings_are_refused(stt_model, kw, message):
     """Pool and cache settings that made a misleading error, a ZeroDivisionError, a silent default (num_pages=0) or
-    wrong tokens (an integer KV cache truncates K and V) are refused by name."""
+    wrong tokens (an integer KV cache truncates K and V), or failed in the kernels (e4m3fnuz), are refused by name."""
     with pytest.raises(ValueError, match=message):
         Engine(stt_model, **{"max_slots": 2, **kw})
 

@@ -445,6 +445,31 @@ def test_a_hook_error_keeps_the_frames_before_it(lm, tok, files):
 
 
 @pytest.mark.parametrize("engine", [True, False])
+def test_a_stream_whose_last_frames_a_hook_error_lost_still_finishes(lm, tok, files, engine):
+    """The frames of a call whose text hook raised are lost. When they were an ended stream's last ones, nothing was
+    left to step, so the stream never finished: no Finished, its slot held for good. It now finishes without them,
+    and its slot serves the next stream."""
+    def boom(tokens):
+        if s.steps == frames - 2:  # the first step of the last call
+            raise RuntimeError("boom")
+
+    rt = runtime(lm, tok, files.config, max_streams=1, engine=engine)
+    rt.stepper.on_text = boom
+    s = rt.open_stream("a")
+    s.push(noise(1920, 1), process=False)
+    s.flush(process=False)
+    frames = len(s.queue) // 1920
+    rt.step(frames - 2)
+    s.marker(7)
+    with pytest.raises(RuntimeError, match="boom"):
+        rt.step(2)
+    ev = s.events()
+    assert s.steps == frames - 2 and s.finished and rt.free_slots == 1
+    assert ev[-2:] == [Marker("a", 7), Finished("a", s.transcript)] and s.transcript.meta["steps"] == frames - 2
+    assert rt.open_stream("b").slot == 0
+
+
+@pytest.mark.parametrize("engine", [True, False])
 @pytest.mark.parametrize("bad", ["-1", "text_card"])
 def test_a_hook_leaving_an_undecodable_token_is_refused_and_undone(lm, tok, files, engine, bad, monkeypatch):
     """A text hook writing an id the tokenizer cannot decode (-1, or text_card: valid as a model input, not as a
@@ -774,6 +799,10 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
             STTOptions(**bad)
     with pytest.raises(ValueError, match="vad_head 4 out of range"):
         runtime(lm, tok, files.config, vad_head=4)
+    for key in ("audio_delay_seconds", "audio_silence_prefix_seconds"):  # failed at the first stream or flush
+        config = dataclasses.replace(files.config, stt_config={**files.config.stt_config, key: -0.5})
+        with pytest.raises(ValueError, match=rf"stt_config.{key} must be >= 0 seconds, got -0.5"):
+            runtime(lm, tok, config)
     # multi-channel input is averaged: same events as the mono mean
     x = noise(3000, 7).reshape(1, -1).repeat(2, 1) * torch.tensor([[1.0], [0.5]])
     r1, r2 = runtime(lm, tok, files.config, max_streams=1), runtime(lm, tok, files.config, max_streams=1)
@@ -911,6 +940,30 @@ def test_a_failing_overlapped_call_still_hands_over_the_previous_one(lm, tok, fi
     assert a.steps == 4 and rt._pending is None and a.in_flight == 0
 
 
+def test_a_flush_while_the_last_frames_are_in_flight_keeps_them(lm, tok, files):
+    """A model without an audio delay adds no flush frames: a flush while an overlapped call still held the stream's
+    last frames finished it at once, and those frames' tokens were dropped (the transcript had none of them). It now
+    finishes when they are handed over, as without overlap."""
+    config = dataclasses.replace(files.config, stt_config={"audio_delay_seconds": 0.0,
+                                                          "audio_silence_prefix_seconds": 0.0})
+    pcm = noise(1920 * 4, 1)
+    ref = runtime(lm, tok, config, max_streams=1, engine=True).open_stream("a")
+    ref.push(pcm)
+    ref.flush()
+    for settle in (True, False):
+        rt = runtime(lm, tok, config, max_streams=1, engine=True)
+        a = rt.open_stream("a")
+        a.push(pcm, process=False)
+        assert rt.n_flush_frames == 0 and rt.step(4, overlap=True) == 4 and a.in_flight == 4
+        ev = a.flush(process=not settle)
+        assert a.finished != settle
+        if settle:
+            rt.settle()
+        ev += a.events()
+        assert a.finished and isinstance(ev[-1], Finished) and rt.free_slots == 1
+        assert a.tokens == ref.tokens and len(a.tokens) == 4 and a.transcript == ref.transcript
+
+
 def test_a_marker_during_an_overlapped_call_is_due_as_without_overlap(lm, tok, files):
     """A marker asked while a call's frames are in flight counts them (moshi-server's rule: the audio queued so far
     plus the delay), and a stream whose last frames are in flight echoes it when they are handed over, not before."""
@@ -950,6 +1003,31 @@ def test_open_close_markers_and_names(lm, tok, files):
     assert s.events() == [Marker(s.name, 4)] and s.marker(5) == [Marker(s.name, 5)]
     t = rt.open_stream()
     assert t.name != s.name
+
+
+def test_chunk_layout_is_stated_or_unambiguous(lm, tok, files):
+    """A short [T, C] chunk ([7, 2]: 7 samples of stereo) was read as 7 channels of 2 samples: 2 wrong samples
+    queued in place of 7. It is refused unless its layout is stated; a stream's later 2-D chunks keep the layout and
+    channel count of its first, so that a [C, T] stream's short tail ([2, 2]) is not refused."""
+    x = noise(2 * 3007, 3).reshape(2, -1)  # [C, T] stereo
+    mono = x.mean(0)
+    ref = runtime(lm, tok, files.config, max_streams=1).open_stream("m")
+    expected = ref.push(mono) + ref.flush()
+    rt = runtime(lm, tok, files.config, max_streams=1)
+    s = rt.open_stream("m")
+    with pytest.raises(AudioError, match=r"stream m.*shape \(7, 2\) looks like \[T, C\].*channels_first=False"):
+        s.push(x.T[:7].numpy())
+    assert s.samples_in == 0
+    ev = s.push(x.T[:7], channels_first=False) + s.push(x.T[7:3000].numpy())  # a [T, C] stream
+    with pytest.raises(AudioError, match=r"read as \[T, C\] has 7 channel\(s\), but .* earlier chunks had 2"):
+        s.push(x[:, :7])  # [2, 7] read with the stream's [T, C] layout
+    ev += s.push(x.T[3000:3005]) + s.push(x[:, 3005:], channels_first=True) + s.flush()
+    assert s.samples_in == 3007 and ev == expected
+    s = runtime(lm, tok, files.config, max_streams=1).open_stream("m")
+    ev = s.push(x[:, :3005]) + s.push(x[:, 3005:])  # a [C, T] stream and its [2, 2] tail
+    with pytest.raises(AudioError, match=r"read as \[C, T\] has 7 channel\(s\), but .* earlier chunks had 2"):
+        s.push(torch.zeros(7, 2))
+    assert ev + s.flush() == expected
 
 
 def test_loud_stream_warns_once_and_counts_clipped_samples(lm, tok, files):
