@@ -1026,7 +1026,7 @@ def setup_speak_parser(p) -> None:
     from .cli_args import add_checkpoint_args, nonnegative_int, parse_device, parse_dtype
     from .presets import TTS_PRESETS
 
-    p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file, or - for stdin")
+    p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file or pipe, or - for stdin")
     p.add_argument("-o", "--output", metavar="OUT.wav", help="output wav (16-bit, 24 kHz); - = raw float32 to stdout")
     p.add_argument("--raw", action="store_true", help="stream raw little-endian float32 PCM (24 kHz mono) to stdout")
     p.add_argument("--voice", help="voice embedding file (.safetensors with speaker_wavs [1,512,125]) or a "
@@ -1062,8 +1062,8 @@ def _read_text(arg: str) -> str:
             # Decoded here, strictly: the text layer can pass undecodable bytes on as surrogates (C locale), which
             # the tokenizer then refuses with a traceback.
             return read_stdin_bytes().decode("utf-8")
-        try:
-            is_file = Path(arg).is_file()
+        try:  # a pipe too: `dsm speak <(cmd)` names /dev/fd/N, whose name was spoken
+            is_file = Path(arg).is_file() or Path(arg).is_fifo()
         except OSError:  # e.g. a text longer than a file name may be (ENAMETOOLONG): it is the text
             return arg
         return Path(arg).read_text(encoding="utf-8") if is_file else arg

@@ -844,6 +844,15 @@ def test_speak_text_argument_or_file(tmp_path):
     f.write_text("h\u00e9llo w\u00f6rld", encoding="utf-8")
     assert _read_text(str(f)) == "h\u00e9llo w\u00f6rld"
     assert _read_text(str(tmp_path / "no-such-file.txt")).endswith("no-such-file.txt")  # spoken as it is
+    if hasattr(os, "mkfifo"):  # `dsm speak <(cmd)`: a pipe's text, not its name /dev/fd/N
+        import threading
+
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=fifo.write_text, args=("from a pipe",), daemon=True)
+        writer.start()
+        assert _read_text(str(fifo)) == "from a pipe"
+        writer.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------
