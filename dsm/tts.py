@@ -28,6 +28,7 @@ conditioning of CFG-distilled checkpoints is set per stream (``cfg=2.0`` → ``"
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import time
 from collections import deque
@@ -349,6 +350,8 @@ def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VO
     appended). ``local_files=False`` (a name from a client): names of ``repo`` only, never a local path, another
     repository or a path that leaves the repository."""
     s = str(name)
+    if not s.strip():  # Path("") is "." (a directory): "is a directory" named nothing the user gave
+        raise VoiceError(f"empty voice name {s!r}")
     if not local_files:
         parts = s.replace("\\", "/").split("/")
         if ":" in s or s.startswith("/") or ".." in parts or s.endswith(".safetensors"):
@@ -527,6 +530,9 @@ class TTSConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"TTSConfig.{name} must be >= 0 (0: no top-k), got {getattr(self, name)}")
         check_seed(self.seed, "TTSConfig.seed")
+        if not (isinstance(self.padding_bonus, numbers.Real) and math.isfinite(self.padding_bonus)):
+            # NaN or an infinity in the pad logit: the text sampler never asks for a word (max padding always)
+            raise ValueError(f"TTSConfig.padding_bonus must be a finite number, got {self.padding_bonus!r}")
         if self.max_break_s is not None and not 0 <= self.max_break_s < math.inf:
             raise ValueError(f"TTSConfig.max_break_s must be None or a finite number >= 0, got {self.max_break_s}")
         if self.text_rules not in TEXT_RULES:

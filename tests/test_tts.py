@@ -227,6 +227,8 @@ def test_voice_errors(ckpt, tmp_path):
         rt.open_stream("no/such/voice.wav")  # offline: not in the hub cache
     with pytest.raises(VoiceError, match=f"^{tmp_path}: is a directory, not a voice file$"):
         rt.open_stream(tmp_path)  # was "voice file not found"
+    with pytest.raises(VoiceError, match="^empty voice name ''$"):
+        rt.open_stream("")  # `--voice ""` said ": is a directory, not a voice file"
     with pytest.raises(VoiceError, match="shape"):
         rt.open_stream(torch.zeros(512, 125))
     with pytest.raises(VoiceError, match="NaN or infinite"):
@@ -379,7 +381,8 @@ def test_another_tokenizer_a_card_mimi_lacks_or_no_audio_delay_is_refused(ckpt, 
 def test_config_refuses_bad_values():
     for bad in [{"temp": -1.0}, {"temp": float("nan")}, {"temp": float("inf")}, {"top_k": -1}, {"top_k_text": -5},
                 {"max_break_s": float("nan")}, {"max_batch": 0}, {"max_gen_length": 0}, {"padding_between": -1},
-                {"final_padding": 1.5}, {"interleaved_text_only": -1}, {"condition_pages": "6"}]:
+                {"final_padding": 1.5}, {"interleaved_text_only": -1}, {"condition_pages": "6"},
+                {"padding_bonus": float("nan")}, {"padding_bonus": float("-inf")}, {"padding_bonus": "1"}]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             TTSConfig(**bad)
 
