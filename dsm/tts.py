@@ -356,10 +356,16 @@ def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VO
         parts = s.replace("\\", "/").split("/")
         if ":" in s or s.startswith("/") or ".." in parts or s.endswith(".safetensors"):
             raise VoiceError(f"{s!r}: only voice names of {repo} are accepted here")
-    elif Path(s).is_file():
-        return Path(s)
-    elif Path(s).is_dir():
-        raise VoiceError(f"{s}: is a directory, not a voice file")
+    else:
+        try:
+            is_file, is_dir = Path(s).is_file(), Path(s).is_dir()
+        except OSError as e:  # e.g. a name longer than the file system takes: was a traceback
+            shown = s if len(s) <= 60 else f"{s[:57]}..."
+            raise VoiceError(f"voice {shown!r}: not a usable path ({e.strerror or e})") from None
+        if is_file:
+            return Path(s)
+        if is_dir:
+            raise VoiceError(f"{s}: is a directory, not a voice file")
     if s.startswith("hf://"):
         parts = s.removeprefix("hf://").split("/")
         repo, fname = "/".join(parts[:2]), "/".join(parts[2:])

@@ -229,6 +229,8 @@ def test_voice_errors(ckpt, tmp_path):
         rt.open_stream(tmp_path)  # was "voice file not found"
     with pytest.raises(VoiceError, match="^empty voice name ''$"):
         rt.open_stream("")  # `--voice ""` said ": is a directory, not a voice file"
+    with pytest.raises(VoiceError, match=r"^voice 'aaa.*\.\.\.': not a usable path \(File name too long\)$"):
+        rt.open_stream("a" * 300)  # an OSError traceback from `dsm speak --voice`
     with pytest.raises(VoiceError, match="shape"):
         rt.open_stream(torch.zeros(512, 125))
     with pytest.raises(VoiceError, match="NaN or infinite"):
