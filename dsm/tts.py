@@ -780,12 +780,19 @@ class TTSRuntime:
         CFG coefficient (None: unconditioned; ignored by checkpoints without a ``cfg`` conditioner). ``on_pcm``:
         called with each PCM chunk (else :meth:`TTSStream.read`). ``seed``: sampling seed (default
         ``config.seed``). The stream takes a slot at the next step where one is free."""
+        one = str | Path | torch.Tensor
         if voice is None:
             voices: list[torch.Tensor] = []
-        elif isinstance(voice, str | Path | torch.Tensor):
+        elif isinstance(voice, one):
             voices = [self.voice_tensor(voice)]
-        else:
-            voices = [self.voice_tensor(v) for v in voice]
+        else:  # a numpy array or load_file()'s dict was iterated: "File name too long", "unknown voice 'speaker_wavs'"
+            many = isinstance(voice, list | tuple)
+            bad = next((v for v in voice if not isinstance(v, one)), None) if many else voice
+            if many and bad is None:
+                voices = [self.voice_tensor(v) for v in voice]
+            else:
+                raise VoiceError(f"a voice is a file path, a voice name or a torch tensor (or a list of up to "
+                                 f"{MAX_SPEAKERS}), got {type(bad).__name__}" + (" in a list" if many else ""))
         if len(voices) > MAX_SPEAKERS:
             raise VoiceError(f"at most {MAX_SPEAKERS} voices per stream, got {len(voices)}")
         if voices and not self.multi_speaker:

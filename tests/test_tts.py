@@ -231,6 +231,11 @@ def test_voice_errors(ckpt, tmp_path):
         rt.open_stream("")  # `--voice ""` said ": is a directory, not a voice file"
     with pytest.raises(VoiceError, match=r"^voice 'aaa.*\.\.\.': not a usable path \(File name too long\)$"):
         rt.open_stream("a" * 300)  # an OSError traceback from `dsm speak --voice`
+    voice_file = ckpt.config_path.parent / "voice.safetensors"
+    for voice, kind in ((random_voice(0).numpy(), "ndarray"), ({"speaker_wavs": random_voice(0)}, "dict"),
+                        ([voice_file, random_voice(0).numpy()], "ndarray in a list")):  # were iterated as voices
+        with pytest.raises(VoiceError, match=f"a voice is a file path, a voice name or a torch tensor.*got {kind}$"):
+            rt.open_stream(voice)
     with pytest.raises(VoiceError, match="shape"):
         rt.open_stream(torch.zeros(512, 125))
     with pytest.raises(VoiceError, match="NaN or infinite"):
