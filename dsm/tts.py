@@ -28,6 +28,7 @@ conditioning of CFG-distilled checkpoints is set per stream (``cfg=2.0`` → ``"
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import time
 from collections import deque
@@ -349,14 +350,22 @@ def resolve_voice(name: str | Path, model_id: dict | None = None, repo: str = VO
     appended). ``local_files=False`` (a name from a client): names of ``repo`` only, never a local path, another
     repository or a path that leaves the repository."""
     s = str(name)
+    if not s.strip():  # Path("") is "." (a directory): "is a directory" named nothing the user gave
+        raise VoiceError(f"empty voice name {s!r}")
     if not local_files:
         parts = s.replace("\\", "/").split("/")
         if ":" in s or s.startswith("/") or ".." in parts or s.endswith(".safetensors"):
             raise VoiceError(f"{s!r}: only voice names of {repo} are accepted here")
-    elif Path(s).is_file():
-        return Path(s)
-    elif Path(s).is_dir():
-        raise VoiceError(f"{s}: is a directory, not a voice file")
+    else:
+        try:
+            is_file, is_dir = Path(s).is_file(), Path(s).is_dir()
+        except OSError as e:  # e.g. a name longer than the file system takes: was a traceback
+            shown = s if len(s) <= 60 else f"{s[:57]}..."
+            raise VoiceError(f"voice {shown!r}: not a usable path ({e.strerror or e})") from None
+        if is_file:
+            return Path(s)
+        if is_dir:
+            raise VoiceError(f"{s}: is a directory, not a voice file")
     if s.startswith("hf://"):
         parts = s.removeprefix("hf://").split("/")
         repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
@@ -527,6 +536,9 @@ class TTSConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"TTSConfig.{name} must be >= 0 (0: no top-k), got {getattr(self, name)}")
         check_seed(self.seed, "TTSConfig.seed")
+        if not (isinstance(self.padding_bonus, numbers.Real) and math.isfinite(self.padding_bonus)):
+            # NaN or an infinity in the pad logit: the text sampler never asks for a word (max padding always)
+            raise ValueError(f"TTSConfig.padding_bonus must be a finite number, got {self.padding_bonus!r}")
         if self.max_break_s is not None and not 0 <= self.max_break_s < math.inf:
             raise ValueError(f"TTSConfig.max_break_s must be None or a finite number >= 0, got {self.max_break_s}")
         if self.text_rules not in TEXT_RULES:
@@ -768,12 +780,19 @@ class TTSRuntime:
         CFG coefficient (None: unconditioned; ignored by checkpoints without a ``cfg`` conditioner). ``on_pcm``:
         called with each PCM chunk (else :meth:`TTSStream.read`). ``seed``: sampling seed (default
         ``config.seed``). The stream takes a slot at the next step where one is free."""
+        one = str | Path | torch.Tensor
         if voice is None:
             voices: list[torch.Tensor] = []
-        elif isinstance(voice, str | Path | torch.Tensor):
+        elif isinstance(voice, one):
             voices = [self.voice_tensor(voice)]
-        else:
-            voices = [self.voice_tensor(v) for v in voice]
+        else:  # a numpy array or load_file()'s dict was iterated: "File name too long", "unknown voice 'speaker_wavs'"
+            many = isinstance(voice, list | tuple)
+            bad = next((v for v in voice if not isinstance(v, one)), None) if many else voice
+            if many and bad is None:
+                voices = [self.voice_tensor(v) for v in voice]
+            else:
+                raise VoiceError(f"a voice is a file path, a voice name or a torch tensor (or a list of up to "
+                                 f"{MAX_SPEAKERS}), got {type(bad).__name__}" + (" in a list" if many else ""))
         if len(voices) > MAX_SPEAKERS:
             raise VoiceError(f"at most {MAX_SPEAKERS} voices per stream, got {len(voices)}")
         if voices and not self.multi_speaker:
@@ -1026,7 +1045,7 @@ def setup_speak_parser(p) -> None:
     from .cli_args import add_checkpoint_args, nonnegative_int, parse_device, parse_dtype
     from .presets import TTS_PRESETS
 
-    p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file, or - for stdin")
+    p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file or pipe, or - for stdin")
     p.add_argument("-o", "--output", metavar="OUT.wav", help="output wav (16-bit, 24 kHz); - = raw float32 to stdout")
     p.add_argument("--raw", action="store_true", help="stream raw little-endian float32 PCM (24 kHz mono) to stdout")
     p.add_argument("--voice", help="voice embedding file (.safetensors with speaker_wavs [1,512,125]) or a "
@@ -1062,8 +1081,8 @@ def _read_text(arg: str) -> str:
             # Decoded here, strictly: the text layer can pass undecodable bytes on as surrogates (C locale), which
             # the tokenizer then refuses with a traceback.
             return read_stdin_bytes().decode("utf-8")
-        try:
-            is_file = Path(arg).is_file()
+        try:  # a pipe too: `dsm speak <(cmd)` names /dev/fd/N, whose name was spoken
+            is_file = Path(arg).is_file() or Path(arg).is_fifo()
         except OSError:  # e.g. a text longer than a file name may be (ENAMETOOLONG): it is the text
             return arg
         return Path(arg).read_text(encoding="utf-8") if is_file else arg

@@ -227,6 +227,15 @@ def test_voice_errors(ckpt, tmp_path):
         rt.open_stream("no/such/voice.wav")  # offline: not in the hub cache
     with pytest.raises(VoiceError, match=f"^{tmp_path}: is a directory, not a voice file$"):
         rt.open_stream(tmp_path)  # was "voice file not found"
+    with pytest.raises(VoiceError, match="^empty voice name ''$"):
+        rt.open_stream("")  # `--voice ""` said ": is a directory, not a voice file"
+    with pytest.raises(VoiceError, match=r"^voice 'aaa.*\.\.\.': not a usable path \(File name too long\)$"):
+        rt.open_stream("a" * 300)  # an OSError traceback from `dsm speak --voice`
+    voice_file = ckpt.config_path.parent / "voice.safetensors"
+    for voice, kind in ((random_voice(0).numpy(), "ndarray"), ({"speaker_wavs": random_voice(0)}, "dict"),
+                        ([voice_file, random_voice(0).numpy()], "ndarray in a list")):  # were iterated as voices
+        with pytest.raises(VoiceError, match=f"a voice is a file path, a voice name or a torch tensor.*got {kind}$"):
+            rt.open_stream(voice)
     with pytest.raises(VoiceError, match="shape"):
         rt.open_stream(torch.zeros(512, 125))
     with pytest.raises(VoiceError, match="NaN or infinite"):
@@ -379,7 +388,8 @@ def test_another_tokenizer_a_card_mimi_lacks_or_no_audio_delay_is_refused(ckpt, 
 def test_config_refuses_bad_values():
     for bad in [{"temp": -1.0}, {"temp": float("nan")}, {"temp": float("inf")}, {"top_k": -1}, {"top_k_text": -5},
                 {"max_break_s": float("nan")}, {"max_batch": 0}, {"max_gen_length": 0}, {"padding_between": -1},
-                {"final_padding": 1.5}, {"interleaved_text_only": -1}, {"condition_pages": "6"}]:
+                {"final_padding": 1.5}, {"interleaved_text_only": -1}, {"condition_pages": "6"},
+                {"padding_bonus": float("nan")}, {"padding_bonus": float("-inf")}, {"padding_bonus": "1"}]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             TTSConfig(**bad)
 
@@ -844,6 +854,15 @@ def test_speak_text_argument_or_file(tmp_path):
     f.write_text("h\u00e9llo w\u00f6rld", encoding="utf-8")
     assert _read_text(str(f)) == "h\u00e9llo w\u00f6rld"
     assert _read_text(str(tmp_path / "no-such-file.txt")).endswith("no-such-file.txt")  # spoken as it is
+    if hasattr(os, "mkfifo"):  # `dsm speak <(cmd)`: a pipe's text, not its name /dev/fd/N
+        import threading
+
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=fifo.write_text, args=("from a pipe",), daemon=True)
+        writer.start()
+        assert _read_text(str(fifo)) == "from a pipe"
+        writer.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------
