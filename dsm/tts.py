@@ -1112,8 +1112,9 @@ def cmd_speak(args) -> int:
         return fail(f"--raw writes to stdout, not to {args.output}: give one of them")
     if not raw and Path(args.output).suffix.lower() != ".wav":
         return fail(f"{args.output}: dsm speak writes WAV files (name it *.wav), or raw PCM with --raw")
-    if not raw and not Path(args.output).parent.is_dir():  # before loading the model
-        return fail(f"{args.output}: directory {Path(args.output).parent} does not exist")
+    if not raw and not (parent := Path(args.output).parent).is_dir():  # before loading the model
+        return fail(f"{args.output}: {parent} " + ("is not a directory" if parent.exists() else
+                                                   "does not exist (a directory)"))
     if raw and sys.stdout is None:  # started with stdout closed (>&-)
         return fail("raw PCM goes to stdout, which is closed")
     if args.random_weights:
@@ -1140,6 +1141,8 @@ def cmd_speak(args) -> int:
                            padding_between=args.padding_between, seed=args.seed)
         rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype, config=config)
         voice = args.voice
+        if voice is not None and not rt.multi_speaker:  # it was ignored without a word
+            return fail(f"--voice {voice}: this checkpoint takes no voice conditioning")
         if voice is None:
             voice = random_voice(0, rt.voice_dim) if args.random_weights else DEFAULT_VOICE
         stream = rt.open_stream(voice if rt.multi_speaker else None, cfg=args.cfg)

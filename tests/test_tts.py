@@ -896,12 +896,41 @@ def test_cli_speak_output_errors(ckpt, tmp_path, monkeypatch, capsys):
     cached.symlink_to(ckpt.config_path.parent)
     model = ["--preset", "tiny-tts", "--random-weights"]
     assert main(["speak", "hi", "-o", str(tmp_path / "no" / "dir.wav"), *model]) == 1
-    assert "dir.wav: directory" in capsys.readouterr().err
+    assert f"dir.wav: {tmp_path / 'no'} does not exist (a directory)" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["speak", "hi", "-o", str(tmp_path / "file" / "x.wav"), *model]) == 1  # said "does not exist"
+    assert f"x.wav: {tmp_path / 'file'} is not a directory" in capsys.readouterr().err
     (tmp_path / "folder.wav").mkdir()
     assert main(["speak", "hi", "-o", str(tmp_path / "folder.wav"), *model]) == 1  # a directory
     assert "cannot write" in capsys.readouterr().err
     assert main(["speak", "hi", "--raw", "-o", str(tmp_path / "x.wav"), *model]) == 1
     assert "--raw writes to stdout" in capsys.readouterr().err
+
+
+def test_cli_speak_refuses_a_voice_the_checkpoint_cannot_take(ckpt, tmp_path, monkeypatch, capsys):
+    """--voice with a checkpoint without voice conditioning was dropped without a word (the audio came out in no
+    chosen voice)."""
+    from dsm.checkpoint import random_checkpoint_dir
+    from dsm.cli import main
+    from dsm.tts import TTSRuntime
+
+    monkeypatch.setenv("DSM_CACHE_DIR", str(tmp_path))
+    cached = random_checkpoint_dir("tiny-tts")
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(ckpt.config_path.parent)
+    build = TTSRuntime.from_checkpoint
+
+    def no_voices(*args, **kwargs):  # as a checkpoint without a speaker_wavs conditioner loads
+        rt = build(*args, **kwargs)
+        rt.multi_speaker = False
+        return rt
+
+    monkeypatch.setattr(TTSRuntime, "from_checkpoint", no_voices)
+    out = tmp_path / "x.wav"
+    voice = str(ckpt.config_path.parent / "voice.safetensors")
+    assert main(["speak", "hi", "-o", str(out), "--voice", voice, "--preset", "tiny-tts", "--random-weights"]) == 1
+    assert f"--voice {voice}: this checkpoint takes no voice conditioning" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.fixture(scope="session")
