@@ -71,6 +71,8 @@ def validate_pcm(
         raise ValueError(f"mono must be one of {MONO_MODES}, got {mono!r}")
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+    if channels_first is not None and not isinstance(channels_first, bool):  # 0 would have read as [C, T]
+        raise ValueError(f"channels_first must be True, False or None, got {channels_first!r}")
     if not isinstance(sample_rate, int | np.integer) or sample_rate < MIN_SAMPLE_RATE:
         raise AudioError(f"{name}: sample rate must be an integer >= {MIN_SAMPLE_RATE} Hz, got {sample_rate!r}")
     t = x

@@ -277,8 +277,10 @@ class Engine:
         free = [s for s in range(self.max_slots) if s not in self.slots]
         if not free:
             raise EngineFull(f"all {self.max_slots} stream slots are in use")
-        if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
-            raise TypeError(f"slot must be an int, got {slot!r}")
+        if slot is not None:  # an integer of any kind (numpy, 0-d tensor), as step() takes slots; not a bool/float
+            if isinstance(slot, bool) or not hasattr(slot, "__index__"):
+                raise TypeError(f"slot must be an int, got {slot!r}")
+            slot = operator.index(slot)
         if slot is not None and slot not in free:
             raise ValueError(f"slot {slot} is not free (free: {free})")
         slot = free[0] if slot is None else slot

@@ -86,6 +86,7 @@ def test_out_of_range_is_clipped_with_warning():
         validate_pcm(torch.tensor([1.0, -1.0]), 24000)  # the boundary itself is valid
         assert torch.equal(validate_pcm(torch.tensor([1.5]), 24000, clip="keep"), torch.tensor([1.5]))
 
+
 def test_a_short_t_c_chunk_is_not_read_as_channels():
     """A 2-D array is [C, T] unless said otherwise; a short [T, C] one ([7, 2]: 7 samples of stereo) was read as 7
     channels of 2 samples, 2 wrong samples in place of 7. Such shapes are refused unless the layout is stated."""
@@ -97,6 +98,8 @@ def test_a_short_t_c_chunk_is_not_read_as_channels():
     assert validate_pcm(torch.zeros(8, 2), 24000, mono="keep", channels_first=True).shape == (8, 2)  # 7.1 audio
     assert validate_pcm(torch.zeros(2, 3), 24000).shape == (3,)  # more samples than channels: [C, T]
     assert validate_pcm(torch.zeros(1, 1), 24000).shape == (1,)  # [1, T] is mono
+    with pytest.raises(ValueError, match="channels_first must be True, False or None, got 0"):
+        validate_pcm(x, 24000, channels_first=0)
 
 
 def test_resample_keeps_frequency_and_length():

@@ -357,6 +357,10 @@ def test_bad_open_and_step_arguments(stt_model):
     eng = Engine(stt_model, max_slots=2, use_sampling=False)
     with pytest.raises(TypeError, match="slot must be an int, got True"):
         eng.open(slot=True)
+    with pytest.raises(TypeError, match="slot must be an int, got 1.0"):
+        eng.open(slot=1.0)
+    assert eng.open(slot=np.int64(1)) == 1 and type(next(iter(eng.slots))) is int  # as step() takes slots
+    eng.close(1)
     eng.open()
     with pytest.raises(TypeError, match="inputs must be a torch.Tensor of token ids, got ndarray"):
         eng.step(np.zeros((2, 32), dtype=np.int64))
