@@ -92,6 +92,10 @@ class VoiceError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# How a break is named in the transcript under the server's rules (moshi-server's Text messages): '<break time="Xs">'
+BREAK_WORD = '<break time="'
+
+
 @dataclass
 class Entry:
     """One word (``tokens`` non-empty) or one break (no tokens, ``padding`` steps of silence)."""
@@ -183,7 +187,7 @@ class EntryBuilder:
                 if not self.server:
                     out.append(Entry([], "", int(round(seconds * self.frame_rate))))
                 elif seconds > 0:  # a pseudo-word of the transcript, as moshi-server's Text messages name it
-                    out.append(Entry([], f'<break time="{seconds:.2f}s">', max(1, int(seconds * self.frame_rate))))
+                    out.append(Entry([], f'{BREAK_WORD}{seconds:.2f}s">', max(1, int(seconds * self.frame_rate))))
         if line[pos:]:
             out.append(self._word(line[pos:]))
         return out
@@ -275,7 +279,9 @@ class StateMachine:
                 entry = state.entries.popleft()
                 state.consumption_times.append(step)
                 consumed = True
-                if entry.tokens or entry.text:  # a word, or a break under the server's rules (its pseudo-word)
+                # a word, or a break's pseudo-word under the server's rules; not a word without tokens ("\u200b"),
+                # which moshi leaves out
+                if entry.tokens or entry.text.startswith(BREAK_WORD):
                     state.transcript.append((entry.text, step))
                 if entry.tokens:
                     state.queued.extend(entry.tokens)

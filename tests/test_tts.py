@@ -24,6 +24,7 @@ from dsm.mimi_graph import mimi_buckets  # noqa: E402
 from dsm.presets import preset_config  # noqa: E402
 from dsm.tts import (  # noqa: E402
     PAD,
+    Entry,
     StateMachine,
     TTSConfig,
     TTSInputError,
@@ -150,6 +151,7 @@ def test_state_machine_matches_moshi(ckpt, lookahead):
     from dsm.tokenizer import Tokenizer
 
     entries = script_to_entries(Tokenizer(ckpt.tokenizer), DIALOGUE)
+    entries.insert(3, Entry([], "\u200b", 1))  # a word without tokens: moshi leaves it out of the transcript
     ref_m = mt.StateMachine(mt.TokenIds(201), second_stream_ahead=lookahead, max_padding=5, initial_padding=2)
     ours_m = StateMachine(201, lookahead, max_padding=5, initial_padding=2)
     ref = ref_m.new_state([mt.Entry(e.tokens, e.text, e.padding) for e in entries])
