@@ -969,7 +969,8 @@ def cmd_serve_tts(args) -> int:
     try:  # bad settings are found before the server starts, not by its first clients
         rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
                                         config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0,
-                                                         text_rules="server", condition_pages=args.condition_pages,
+                                                         text_rules="server", pcm_limit=0.99,
+                                                         condition_pages=args.condition_pages,
                                                          batch_invariant=args.batch_invariant))
         rt.check_cfg(args.cfg)
         voice = args.voice

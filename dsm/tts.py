@@ -521,6 +521,8 @@ class TTSConfig:
     # How text becomes entries: "python" (moshi's TTSModel) or "server" (moshi-server's preprocessing, as its
     # clients get; see EntryBuilder.add). dsm serve-tts uses "server".
     text_rules: str = "python"
+    # Peak the PCM is clamped to: 1.0 as moshi's TTSModel clips; moshi-server clamps to 0.99 (dsm serve-tts too).
+    pcm_limit: float = 1.0
     max_batch: int = 1
     seed: int = 0
     # Pages of the engine's shared voice K/V pool (125 condition positions each, a voice slot; one copy of the 4
@@ -547,6 +549,8 @@ class TTSConfig:
             raise ValueError(f"TTSConfig.padding_bonus must be a finite number, got {self.padding_bonus!r}")
         if self.max_break_s is not None and not 0 <= self.max_break_s < math.inf:
             raise ValueError(f"TTSConfig.max_break_s must be None or a finite number >= 0, got {self.max_break_s}")
+        if not (isinstance(self.pcm_limit, numbers.Real) and 0 < self.pcm_limit <= 1):
+            raise ValueError(f"TTSConfig.pcm_limit must be a number in (0, 1], got {self.pcm_limit!r}")
         if self.text_rules not in TEXT_RULES:
             raise ValueError(f"TTSConfig.text_rules must be one of {TEXT_RULES}, got {self.text_rules!r}")
         for name, least in (("max_batch", 1), ("max_gen_length", 1), ("max_word_tokens", 1), ("initial_padding", 0),
@@ -699,8 +703,9 @@ class TTSRuntime:
         self.mimi_buckets = (B,) if config.batch_invariant else mimi_buckets(B)
         self.mimi_state = mimi.init_state(B, encoder=False) if mimi is not None else None
         if mimi is not None:  # the codes' clamp (-1: not generated yet) and the PCM's clip replay inside Mimi's graph
+            limit = float(config.pcm_limit)
             self._decode_step = GraphedMimiStep(
-                lambda codes, state: mimi.decode_step(codes.clamp(min=0), state).clamp(-1, 1), self.mimi_state)
+                lambda codes, state: mimi.decode_step(codes.clamp(min=0), state).clamp(-limit, limit), self.mimi_state)
         else:
             self._decode_step = None
         self.slots: list[TTSStream | None] = [None] * B
@@ -932,7 +937,7 @@ class TTSRuntime:
 
     def _decode(self, rows: list[int], frames: torch.Tensor) -> torch.Tensor:
         """Queue Mimi's decode of the rows' codes, read from the step's device frames [rows, 1 + dep_q] (no copy
-        through the host); returns the PCM [B, 1, 1920] on Mimi's device, clamped to [-1, 1]."""
+        through the host); returns the PCM [B, 1, 1920] on Mimi's device, clamped to ±config.pcm_limit."""
         B, n_q = len(self.slots), self.config.n_q
         mask = torch.zeros(B, dtype=torch.bool)
         mask[rows] = True

@@ -305,6 +305,7 @@ def test_batch_invariant_flag_reaches_both_runtimes(monkeypatch):
     assert tts.func(tts) == 0
     rt = served[0].rt
     assert rt.config.batch_invariant and rt.stepper.engine.buckets == (3,) and rt.mimi_buckets == (3,)
+    assert rt.config.pcm_limit == 0.99 and rt.config.text_rules == "server"  # moshi-server's peak and text rules
 
 
 def test_serve_tts_refuses_a_voice_pool_no_stream_fits_in_before_serving(monkeypatch, capsys):

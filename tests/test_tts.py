@@ -391,9 +391,19 @@ def test_config_refuses_bad_values():
     for bad in [{"temp": -1.0}, {"temp": float("nan")}, {"temp": float("inf")}, {"top_k": -1}, {"top_k_text": -5},
                 {"max_break_s": float("nan")}, {"max_batch": 0}, {"max_gen_length": 0}, {"padding_between": -1},
                 {"final_padding": 1.5}, {"interleaved_text_only": -1}, {"condition_pages": "6"},
-                {"padding_bonus": float("nan")}, {"padding_bonus": float("-inf")}, {"padding_bonus": "1"}]:
+                {"padding_bonus": float("nan")}, {"padding_bonus": float("-inf")}, {"padding_bonus": "1"},
+                {"pcm_limit": 0}, {"pcm_limit": 1.5}, {"pcm_limit": float("nan")}]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             TTSConfig(**bad)
+
+
+def test_pcm_is_clamped_to_the_configured_peak(ckpt):
+    """moshi's TTSModel clips to [-1, 1], moshi-server clamps to [-0.99, 0.99] (DSM-SPEC §6.5): ``pcm_limit``, 0.99
+    in dsm serve-tts (its clients got moshi's python peak)."""
+    rt = runtime(ckpt, audio=True, n_q=2, pcm_limit=0.001)  # random weights peak near 0.004
+    s = speak(rt, ["hello world"], ckpt.config_path.parent / "voice.safetensors")
+    pcm = s.read()
+    assert pcm.numel() and pcm.abs().max() == pytest.approx(0.001)
 
 
 def test_break_cap(ckpt):
