@@ -353,15 +353,25 @@ def bench_moshi(model, batch: int, steps: int, warmup: int, timer, progress=None
 
 def git_commit() -> str:
     """The commit measured: ``DSM_COMMIT`` when set (a copied tree's git metadata can be stale, as on the lent GPU
-    machines), else the checkout's HEAD, else "unknown"."""
+    machines), else the HEAD of the dsm checkout this module runs from, with ``-dirty`` when its tracked files
+    differ from that commit, else "unknown". An installed copy is not in a dsm checkout: a repository around its
+    site-packages (a project's venv) is another project's, whose commit says nothing of dsm's code."""
     if os.environ.get("DSM_COMMIT"):
         return os.environ["DSM_COMMIT"]
+    package = Path(__file__).resolve().parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=package, check=False).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=False).stdout.strip()
-    except OSError:
-        out = ""
-    return out or "unknown"
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != package.parent:
+            return "unknown"
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:  # no git
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
 def environment(device: torch.device | str | None = None) -> dict:

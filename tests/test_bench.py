@@ -280,6 +280,46 @@ def test_environment_names_the_measured_device_and_versions(monkeypatch):
     assert {"torch", "triton", "commit", "time"} <= set(env)
 
 
+def test_the_commit_is_dsm_checkouts_never_a_repository_around_an_installed_copy(tmp_path, monkeypatch):
+    """dsm installed (not editable) into a venv inside the user's own git project recorded that project's HEAD as
+    the commit measured; a checkout with edits not committed was recorded under its HEAD as if clean."""
+    import subprocess
+
+    from dsm import bench
+
+    def git(*cmd, cwd):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=cwd, check=True,
+                       capture_output=True)
+
+    monkeypatch.delenv("DSM_COMMIT", raising=False)
+    project = tmp_path / "project"  # the user's repository, dsm inside its venv (ignored or not, it is not dsm's)
+    installed = project / ".venv" / "lib" / "site-packages" / "dsm"
+    installed.mkdir(parents=True)
+    (installed / "bench.py").write_text("")
+    git("init", "-q", cwd=project)
+    git("add", "-A", cwd=project)
+    git("commit", "-qm", "x", cwd=project)
+    monkeypatch.setattr(bench, "__file__", str(installed / "bench.py"))
+    assert bench.git_commit() == "unknown"
+
+    checkout = tmp_path / "dsm-checkout"  # a dsm checkout: its HEAD, and whether its tracked files were changed
+    (checkout / "dsm").mkdir(parents=True)
+    (checkout / "dsm" / "bench.py").write_text("a\n")
+    git("init", "-q", cwd=checkout)
+    git("add", "-A", cwd=checkout)
+    git("commit", "-qm", "x", cwd=checkout)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    monkeypatch.setattr(bench, "__file__", str(checkout / "dsm" / "bench.py"))
+    assert bench.git_commit() == head
+    (checkout / "untracked.txt").write_text("")  # results or notes lying around change no code
+    assert bench.git_commit() == head
+    (checkout / "dsm" / "bench.py").write_text("b\n")
+    assert bench.git_commit() == f"{head}-dirty"
+    monkeypatch.setenv("DSM_COMMIT", "abc1234")
+    assert bench.git_commit() == "abc1234"
+
+
 def test_search_capacity_is_not_cut_short_while_doubling():
     """From batch 1 (`--batch 1 --capacity`) with a limit of 1400 and a true capacity of 700, the default probe
     budget ran out while every probe still fitted and 128 was reported as the capacity."""
