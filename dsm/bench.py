@@ -506,18 +506,20 @@ def strict_json(v):
 def check_output(path: str | Path, flag: str = "--output") -> str | None:
     """Why ``path`` cannot be appended to (checked before the benchmark runs, not after it), or None. Leaves no
     new file or folder behind (the run makes them when it writes)."""
-    path = Path(path)
-    existed = path.exists()
-    made = [p for p in path.parents if not p.exists()]  # deepest first
+    # The file the run will append to: through a symlink, its target (unlinking a dangling link's name removed the
+    # user's link, and left the target it created)
+    target = Path(path).resolve()
+    existed = target.exists()
+    made = [p for p in target.parents if not p.exists()]  # deepest first
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.open("a").close()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.open("a").close()
     except OSError as e:
         return f"cannot write {flag} {str(path)!r}: {e.strerror or e}"
     finally:
-        for p in ([] if existed else [path]) + made:
+        for p in ([] if existed else [target]) + made:
             with contextlib.suppress(OSError):  # what was never made (a parent that is a file) is not there
-                p.unlink() if p is path else p.rmdir()
+                p.unlink() if p is target else p.rmdir()
     return None
 
 

@@ -408,6 +408,16 @@ def test_checking_an_output_leaves_nothing_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
+def test_checking_an_output_keeps_a_symlink_to_a_file_not_made_yet(tmp_path):
+    """`--output link.jsonl`, a link to a results file not written yet: the check deleted the link and left an empty
+    file at its target, so the run then wrote a plain file in the link's place."""
+    from dsm.bench import check_output
+
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "results" / "bench.jsonl")
+    assert check_output(tmp_path / "link.jsonl") is None
+    assert (tmp_path / "link.jsonl").is_symlink() and [p.name for p in tmp_path.iterdir()] == ["link.jsonl"]
+
+
 def test_a_cpu_capacity_is_never_below_a_measured_fit(tmp_path, capsys, monkeypatch):
     """On a CPU the capacity search has no KV bound: its bound (64) reported 64 streams after batch 100 fit, and
     called itself a KV-memory limit."""
