@@ -525,8 +525,9 @@ def check_output(path: str | Path, flag: str = "--output") -> str | None:
 
 def write_replacing(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it, renamed over it once complete: a write that
-    fails (a full disk) leaves the previous file whole, never a truncated one."""
-    path = Path(path)
+    fails (a full disk) leaves the previous file whole, never a truncated one. A symlink's target is replaced, not
+    the link."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

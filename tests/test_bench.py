@@ -418,6 +418,18 @@ def test_checking_an_output_keeps_a_symlink_to_a_file_not_made_yet(tmp_path):
     assert (tmp_path / "link.jsonl").is_symlink() and [p.name for p in tmp_path.iterdir()] == ["link.jsonl"]
 
 
+def test_a_replaced_output_is_written_through_its_symlink(tmp_path):
+    """`validate-kernels --json link.json` / `eval-stt --output link.json`: the new file took the link's place, and
+    the file it pointed to kept its old content."""
+    from dsm.bench import write_replacing
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "v.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "results" / "v.json")
+    write_replacing(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "results" / "v.json").read_text() == "new"
+
+
 def test_a_cpu_capacity_is_never_below_a_measured_fit(tmp_path, capsys, monkeypatch):
     """On a CPU the capacity search has no KV bound: its bound (64) reported 64 streams after batch 100 fit, and
     called itself a KV-memory limit."""
