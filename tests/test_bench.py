@@ -851,3 +851,15 @@ def test_a_cuda_device_must_be_the_current_one(monkeypatch):
     monkeypatch.setattr(dsm.cli, "select_device", stop)  # every command goes through it before running
     with pytest.raises(Selected, match="cpu"):
         main(["bench", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("name", ["bench_decoder", "bench_depformer", "bench_fp8_kv", "bench_runtime"])
+def test_benchmark_help_describes_the_script_in_whole_sentences(name, capsys, monkeypatch):
+    """`bench_decoder.py --help` and `bench_depformer.py --help` described the script with its docstring's first
+    line, cut mid-sentence ("... (``dsm_kernels.decoder_step``: every")."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # bench_decoder imports bench_depformer
+    mod = _script(name)
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    described = " ".join(capsys.readouterr().out.split())
+    assert " ".join(mod.__doc__.split("\n\n")[0].split()) in described
