@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .cli_args import device_or_default, parse_device, parse_dtype, select_device, stdout_to_devnull
+from .cli_args import UsageError, device_or_default, parse_device, parse_dtype, select_device, stdout_to_devnull
 from .config import ConfigError
 from .memory import first_line, out_of_memory
 from .mimi_checkpoint import MimiCheckpointError
@@ -212,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _user_warning_printer(args.command, warnings.showwarning)
             return int(args.func(args) or 0)
+    except UsageError as e:  # flags that do not go together, as argparse's errors
+        print(f"dsm {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (CheckpointError, ConfigError, MimiCheckpointError, TokenizerError) as e:  # bad model files: no traceback
         print(f"dsm {args.command}: error: {e}", file=sys.stderr)
         return 1

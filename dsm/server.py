@@ -954,16 +954,10 @@ def setup_serve_tts_parser(p) -> None:
 
 
 def cmd_serve_tts(args) -> int:
-    from .checkpoint import CheckpointError, ensure_random_checkpoint, resolve_checkpoint
-    from .cli_args import checkpoint_from_args, device_or_default
+    from .cli_args import device_or_default, model_files_from_args
     from .tts import TTSConfig, TTSRuntime, random_voice
 
-    if args.random_weights:
-        if not args.preset:
-            raise CheckpointError("--random-weights needs --preset NAME")
-        files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
-    else:
-        files = checkpoint_from_args(args)
+    files = model_files_from_args(args)
     device = device_or_default(args.device)
     dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:  # bad settings are found before the server starts, not by its first clients

@@ -55,6 +55,37 @@ def test_checkpoint_args_are_exclusive_and_required():
         parser.parse_args([])
 
 
+@pytest.mark.parametrize("command", ["transcribe", "eval-stt", "serve-stt", "serve-tts", "speak"])
+def test_model_flags_that_do_not_go_together_are_usage_errors(command, tmp_path, capsys, monkeypatch):
+    """`serve-tts --checkpoint DIR --preset P --random-weights` served random weights, ignoring the checkpoint (and
+    `--checkpoint DIR --preset P` ignored the preset); elsewhere such mixes were refused with exit status 1, where
+    argparse's usage errors give 2. Every command now takes exactly one model source, and refuses others with 2
+    before it reads any model file."""
+    import dsm.checkpoint
+    import dsm.cli_args
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was read")
+
+    monkeypatch.setattr(dsm.checkpoint, "ensure_random_checkpoint", no_model)
+    monkeypatch.setattr(dsm.cli_args, "resolve_checkpoint", no_model)
+    (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "text": "hi"}\n')
+    preset = "tiny-tts" if command in ("serve-tts", "speak") else "tiny-stt"
+    first = {"transcribe": ["a.wav", "-o", str(tmp_path)], "eval-stt": [str(tmp_path / "m.jsonl")], "serve-stt": [],
+             "serve-tts": [], "speak": ["hi", "-o", str(tmp_path / "x.wav")]}[command]
+    for flags, said in [
+        (["--checkpoint", str(tmp_path), "--preset", preset, "--random-weights"], "(got --checkpoint and --preset)"),
+        (["--hf-repo", "a/b", "--preset", preset], "(got --hf-repo and --preset)"),
+        (["--preset", preset], f"--preset {preset} needs --random-weights"),
+        (["--random-weights"], "give exactly one of"),
+        (["--checkpoint", str(tmp_path), "--random-weights"], "--random-weights goes with --preset NAME"),
+        ([], "give exactly one of --checkpoint DIR, --hf-repo REPO or --preset NAME --random-weights"),
+    ]:
+        assert main([command, *first, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"dsm {command}: error: ") and said in err and err.count("\n") == 1, (flags, err)
+
+
 def test_bad_preset_and_no_command(capsys):
     with pytest.raises(SystemExit):
         main(["random-checkpoint", "--preset", "nope", "out"])
