@@ -44,6 +44,22 @@ def test_random_checkpoint_end_to_end(tmp_path, capsys):
     assert checkpoint_from_args(args).lm_weights == resolve_checkpoint(out).lm_weights
 
 
+def test_random_checkpoint_refuses_an_empty_out_dir_and_a_seed_past_int64(tmp_path, capsys, monkeypatch):
+    """`dsm random-checkpoint --preset P ""` (an unset $OUT) wrote the checkpoint into the current directory and
+    listed every file there as written; a seed past int64 was a torch traceback after OUT_DIR was made."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    for argv in (["random-checkpoint", "--preset", "tiny-stt", ""],
+                 ["random-checkpoint", "--preset", "tiny-stt", "out", "--seed", str(2**64)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and list(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
+    assert "expected a directory, got an empty name" in capsys.readouterr().err
+    assert main(["random-checkpoint", "--preset", "tiny-stt", ".", "--no-mimi", "--no-tokenizer"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["config.json", "model.safetensors"]  # what it wrote, not notes.txt
+
+
 def test_checkpoint_args_are_exclusive_and_required():
     parser = argparse.ArgumentParser()
     add_checkpoint_args(parser)
