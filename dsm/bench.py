@@ -643,7 +643,7 @@ def _capacity_search(model, mimi, name, rows, args, engine_kw, timer, weights, b
                             condition_rows=own * page, condition_dtype=next(model.transformer.parameters()).dtype)
     fitting = [r.batch for r in rows if r.model == name and r.system == "dsm" and r.p50_ms <= args.frame_ms]
     if device.type != "cuda":  # no KV bound worked out on a CPU: a search bound, never below a measured fit
-        limit = max(64, *fitting)
+        limit = max([64, *fitting])  # (max(64, *[]) is max(64): a TypeError when no measured batch fits)
     steps = 10 if device.type == "cuda" else 2
 
     def measure(n: int) -> float:

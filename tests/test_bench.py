@@ -447,6 +447,22 @@ def test_a_cpu_capacity_is_never_below_a_measured_fit(tmp_path, capsys, monkeypa
     assert json.loads(out.read_text())["capacity"]["tiny-stt"]["kv_limit"] is None
 
 
+def test_a_cpu_capacity_search_where_no_measured_batch_fits(tmp_path, capsys, monkeypatch):
+    """`dsm bench --capacity` on a slow (or busy) CPU, batch 1 over the frame: a TypeError traceback at the end of
+    the run, and no row written."""
+    from dsm import bench
+
+    def bench_dsm(model, mimi, batch, *args, **kw):  # every batch misses the 80 ms frame
+        return bench.BenchRow("dsm", "", batch, 100.0, 100.0, 0.0, *bench._rates(100.0, batch))
+
+    monkeypatch.setattr(bench, "bench_dsm", bench_dsm)
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--preset", "tiny-stt", "--batch", "1", "--no-mimi", "--no-reference", "--capacity",
+                 "--output", str(out)]) == 0
+    assert "tiny-stt: capacity 0 streams" in capsys.readouterr().out
+    assert json.loads(out.read_text())["capacity"]["tiny-stt"]["streams"] == 0
+
+
 def test_bench_rejects_duplicate_batches(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--preset", "tiny-stt", "--batch", "1,2,1", "--steps", "1", "--warmup", "0", "--no-mimi",
