@@ -940,7 +940,7 @@ def setup_serve_tts_parser(p) -> None:
     p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
     p.add_argument("--batch-size", type=positive_int, default=8, help="stream slots (moshi-server's DSM config: 8)")
     p.add_argument("--voice", default=None, help="default voice (file or kyutai/tts-voices name)")
-    p.add_argument("--condition-pages", type=int, default=None,
+    p.add_argument("--condition-pages", type=positive_int, default=None,
                    help="pages of the shared voice K/V pool, one voice slot each (default: 5 distinct voices per slot; "
                         "fewer bound the memory, and a stream that does not fit waits for one to end; at least one "
                         "stream's pages and the null page, 6 for the released TTS)")

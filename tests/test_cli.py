@@ -102,6 +102,16 @@ def test_model_flags_that_do_not_go_together_are_usage_errors(command, tmp_path,
         assert err.startswith(f"dsm {command}: error: ") and said in err and err.count("\n") == 1, (flags, err)
 
 
+def test_serve_tts_condition_pages_below_one_name_the_flag(capsys):
+    """`serve-tts --condition-pages -1` loaded the model, then said "cross_pages must be >= 2", a name the command
+    line does not have."""
+    for value in ("-1", "0"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve-tts", "--preset", "tiny-tts", "--random-weights", "--condition-pages", value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "argument --condition-pages: expected a positive integer" in err
+
+
 def test_bad_preset_and_no_command(capsys):
     with pytest.raises(SystemExit):
         main(["random-checkpoint", "--preset", "nope", "out"])
