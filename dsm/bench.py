@@ -484,7 +484,9 @@ def format_table(rows: list[BenchRow]) -> str:
         lm = r.extra.get("lm_p50_ms", r.p50_ms)
         lines.append(f"{r.system:<7} {r.model:<16} {r.batch:>5} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {lm:>9.2f} "
                      f"{r.mimi_ms:>8.2f} {r.rtf:>8.3g} {r.rtfx:>9.4g}"  # significant digits: rtf ~1e-4 at batch 256
-                     + (f"  ({r.extra['error']})" if "error" in r.extra else ""))
+                     + (f"  ({r.extra['error']})" if "error" in r.extra else "")
+                     # told apart from the asked batches' rows, which may have the same batch
+                     + ("  (capacity probe)" if r.extra.get("capacity_probe") else ""))
     if any(r.system == "moshi" for r in rows):
         lines.append("moshi rows: LMGen step only (no Mimi); dsm p50/p99 include Mimi (column 'mimi ms').")
     lines.append("rtf: step time / audio time of the batch (batch x 80 ms); rtfx = 1 / rtf; under 1 / over 1: "
@@ -650,7 +652,7 @@ def _capacity_search(model, mimi, name, rows, args, engine_kw, timer, weights, b
         r = _bench_or_oom(model, mimi, n, steps, 2, timer, **engine_kw)
         r.model, r.extra["capacity_probe"] = name, True
         rows.append(r)
-        bar.write(format_table([r]).splitlines()[2] + "  (capacity probe)")
+        bar.write(format_table([r]).splitlines()[2])
         _release(device)
         return r.p50_ms
 

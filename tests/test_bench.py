@@ -459,8 +459,12 @@ def test_a_cpu_capacity_search_where_no_measured_batch_fits(tmp_path, capsys, mo
     out = tmp_path / "r.jsonl"
     assert main(["bench", "--preset", "tiny-stt", "--batch", "1", "--no-mimi", "--no-reference", "--capacity",
                  "--output", str(out)]) == 0
-    assert "tiny-stt: capacity 0 streams" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "tiny-stt: capacity 0 streams" in text
     assert json.loads(out.read_text())["capacity"]["tiny-stt"]["streams"] == 0
+    # the final table tells the probe of batch 1 from the asked batch 1
+    table = [line for line in text.split("system  model")[-1].splitlines() if line.startswith("dsm ")]
+    assert len(table) == 2 and not table[0].endswith("(capacity probe)") and table[1].endswith("(capacity probe)")
 
 
 def test_bench_rejects_duplicate_batches(tmp_path, capsys):
