@@ -48,7 +48,7 @@ def step_bytes(w, ins, B: int) -> int:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph, not its first line
     ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 4])
     ap.add_argument("--layout", nargs="+", default=None, choices=list(LAYOUTS), help="default: all")
     ap.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")

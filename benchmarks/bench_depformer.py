@@ -128,7 +128,7 @@ def device_error(script: str, what: str, device: torch.device, small: bool) -> s
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph, not its first line
     ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 2, 4, 8, 64])
     ap.add_argument("--device", type=parse_device, default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")

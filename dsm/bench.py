@@ -354,15 +354,25 @@ def bench_moshi(model, batch: int, steps: int, warmup: int, timer, progress=None
 
 def git_commit() -> str:
     """The commit measured: ``DSM_COMMIT`` when set (a copied tree's git metadata can be stale, as on the lent GPU
-    machines), else the checkout's HEAD, else "unknown"."""
+    machines), else the HEAD of the dsm checkout this module runs from, with ``-dirty`` when its tracked files
+    differ from that commit, else "unknown". An installed copy is not in a dsm checkout: a repository around its
+    site-packages (a project's venv) is another project's, whose commit says nothing of dsm's code."""
     if os.environ.get("DSM_COMMIT"):
         return os.environ["DSM_COMMIT"]
+    package = Path(__file__).resolve().parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=package, check=False).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=False).stdout.strip()
-    except OSError:
-        out = ""
-    return out or "unknown"
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != package.parent:
+            return "unknown"
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:  # no git
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
 def environment(device: torch.device | str | None = None) -> dict:
@@ -475,7 +485,9 @@ def format_table(rows: list[BenchRow]) -> str:
         lm = r.extra.get("lm_p50_ms", r.p50_ms)
         lines.append(f"{r.system:<7} {r.model:<16} {r.batch:>5} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {lm:>9.2f} "
                      f"{r.mimi_ms:>8.2f} {r.rtf:>8.3g} {r.rtfx:>9.4g}"  # significant digits: rtf ~1e-4 at batch 256
-                     + (f"  ({r.extra['error']})" if "error" in r.extra else ""))
+                     + (f"  ({r.extra['error']})" if "error" in r.extra else "")
+                     # told apart from the asked batches' rows, which may have the same batch
+                     + ("  (capacity probe)" if r.extra.get("capacity_probe") else ""))
     if any(r.system == "moshi" for r in rows):
         lines.append("moshi rows: LMGen step only (no Mimi); dsm p50/p99 include Mimi (column 'mimi ms').")
     lines.append("rtf: step time / audio time of the batch (batch x 80 ms); rtfx = 1 / rtf; under 1 / over 1: "
@@ -497,25 +509,28 @@ def strict_json(v):
 def check_output(path: str | Path, flag: str = "--output") -> str | None:
     """Why ``path`` cannot be appended to (checked before the benchmark runs, not after it), or None. Leaves no
     new file or folder behind (the run makes them when it writes)."""
-    path = Path(path)
-    existed = path.exists()
-    made = [p for p in path.parents if not p.exists()]  # deepest first
+    # The file the run will append to: through a symlink, its target (unlinking a dangling link's name removed the
+    # user's link, and left the target it created)
+    target = Path(path).resolve()
+    existed = target.exists()
+    made = [p for p in target.parents if not p.exists()]  # deepest first
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.open("a").close()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.open("a").close()
     except OSError as e:
         return f"cannot write {flag} {str(path)!r}: {e.strerror or e}"
     finally:
-        for p in ([] if existed else [path]) + made:
+        for p in ([] if existed else [target]) + made:
             with contextlib.suppress(OSError):  # what was never made (a parent that is a file) is not there
-                p.unlink() if p is path else p.rmdir()
+                p.unlink() if p is target else p.rmdir()
     return None
 
 
 def write_replacing(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it, renamed over it once complete: a write that
-    fails (a full disk) leaves the previous file whole, never a truncated one."""
-    path = Path(path)
+    fails (a full disk) leaves the previous file whole, never a truncated one. A symlink's target is replaced, not
+    the link."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -633,14 +648,14 @@ def _capacity_search(model, mimi, name, rows, args, engine_kw, timer, weights, b
                             condition_rows=own * page, condition_dtype=next(model.transformer.parameters()).dtype)
     fitting = [r.batch for r in rows if r.model == name and r.system == "dsm" and r.p50_ms <= args.frame_ms]
     if device.type != "cuda":  # no KV bound worked out on a CPU: a search bound, never below a measured fit
-        limit = max(64, *fitting)
+        limit = max([64, *fitting])  # (max(64, *[]) is max(64): a TypeError when no measured batch fits)
     steps = 10 if device.type == "cuda" else 2
 
     def measure(n: int) -> float:
         r = _bench_or_oom(model, mimi, n, steps, 2, timer, **engine_kw)
         r.model, r.extra["capacity_probe"] = name, True
         rows.append(r)
-        bar.write(format_table([r]).splitlines()[2] + "  (capacity probe)")
+        bar.write(format_table([r]).splitlines()[2])
         _release(device)
         return r.p50_ms
 

@@ -17,7 +17,15 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .cli_args import device_or_default, parse_device, parse_dtype, select_device, stdout_to_devnull
+from .cli_args import (
+    UsageError,
+    device_or_default,
+    int_in_range,
+    parse_device,
+    parse_dtype,
+    select_device,
+    stdout_to_devnull,
+)
 from .config import ConfigError
 from .memory import first_line, out_of_memory
 from .mimi_checkpoint import MimiCheckpointError
@@ -32,16 +40,24 @@ def _setup_random_checkpoint(p: argparse.ArgumentParser) -> None:
     from .presets import PRESETS
 
     p.add_argument("--preset", required=True, choices=PRESETS, help="model preset")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if needed)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", metavar="OUT_DIR", type=_out_dir, help="directory to write (created if needed)")
+    p.add_argument("--seed", type=int_in_range(-(2**63), 2**63 - 1, "an integer that fits int64"), default=0)
     p.add_argument("--dtype", type=parse_dtype, default=torch.bfloat16, help="LM dtype (default bfloat16)")
     p.add_argument("--no-mimi", dest="mimi", action="store_false", help="do not write Mimi weights")
     p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false", help="do not train a tokenizer")
     p.set_defaults(func=_cmd_random_checkpoint)
 
 
+def _out_dir(text: str) -> str:
+    if not text:  # an unset shell variable: Path("") is the current directory, which would get the checkpoint
+        raise argparse.ArgumentTypeError("expected a directory, got an empty name")
+    return text
+
+
 def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint import write_random_checkpoint
+    from .config import parse_config
+    from .presets import preset_config
 
     try:
         out = write_random_checkpoint(args.preset, args.out_dir, seed=args.seed, dtype=args.dtype, mimi=args.mimi,
@@ -50,7 +66,9 @@ def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
         print(f"dsm random-checkpoint: error: {e.filename or args.out_dir}: cannot write ({e.strerror or e})",
               file=sys.stderr)
         return 1
-    for f in sorted(out.iterdir()):
+    cfg = parse_config(preset_config(args.preset))
+    written = ["config.json", cfg.moshi_name] + [cfg.mimi_name] * args.mimi + [cfg.tokenizer_name] * args.tokenizer
+    for f in sorted(out / name for name in written):  # not the directory's other files
         print(f"{f}  {f.stat().st_size} bytes")
     return 0
 
@@ -212,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _user_warning_printer(args.command, warnings.showwarning)
             return int(args.func(args) or 0)
+    except UsageError as e:  # flags that do not go together, as argparse's errors
+        print(f"dsm {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (CheckpointError, ConfigError, MimiCheckpointError, TokenizerError) as e:  # bad model files: no traceback
         print(f"dsm {args.command}: error: {e}", file=sys.stderr)
         return 1

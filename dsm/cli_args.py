@@ -34,10 +34,35 @@ def add_batch_invariant_arg(parser: argparse.ArgumentParser) -> None:
                              "differently)")
 
 
+class UsageError(Exception):
+    """Command-line flags that do not go together: one line and exit status 2, as argparse's own errors."""
+
+
 def checkpoint_from_args(args: argparse.Namespace) -> CheckpointFiles:
     """Resolve the checkpoint named by :func:`add_checkpoint_args` arguments."""
     return resolve_checkpoint(getattr(args, "checkpoint", None), getattr(args, "hf_repo", None),
                               revision=getattr(args, "revision", None))
+
+
+def model_files_from_args(args: argparse.Namespace) -> CheckpointFiles:
+    """The checkpoint of a command's model flags: exactly one of ``--checkpoint DIR``, ``--hf-repo REPO`` or
+    ``--preset NAME --random-weights`` (a cached random checkpoint). UsageError for any other mix: a flag left over
+    must not be ignored (``--checkpoint DIR --preset P --random-weights`` served random weights)."""
+    from .checkpoint import ensure_random_checkpoint
+
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--hf-repo", args.hf_repo),
+                                      ("--preset", args.preset)) if value is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --checkpoint DIR, --hf-repo REPO or --preset NAME --random-weights"
+                         + (f" (got {' and '.join(given)})" if given else ""))
+    if args.preset is not None and not args.random_weights:
+        raise UsageError(f"--preset {args.preset} needs --random-weights (real weights come from --checkpoint or "
+                         "--hf-repo)")
+    if args.random_weights and args.preset is None:
+        raise UsageError("--random-weights goes with --preset NAME")
+    if args.preset is not None:
+        return resolve_checkpoint(ensure_random_checkpoint(args.preset))
+    return checkpoint_from_args(args)
 
 
 def parse_device(name: str) -> torch.device:

@@ -940,7 +940,7 @@ def setup_serve_tts_parser(p) -> None:
     p.add_argument("--random-weights", action="store_true", help="use a cached random checkpoint of --preset")
     p.add_argument("--batch-size", type=positive_int, default=8, help="stream slots (moshi-server's DSM config: 8)")
     p.add_argument("--voice", default=None, help="default voice (file or kyutai/tts-voices name)")
-    p.add_argument("--condition-pages", type=int, default=None,
+    p.add_argument("--condition-pages", type=positive_int, default=None,
                    help="pages of the shared voice K/V pool, one voice slot each (default: 5 distinct voices per slot; "
                         "fewer bound the memory, and a stream that does not fit waits for one to end; at least one "
                         "stream's pages and the null page, 6 for the released TTS)")
@@ -954,16 +954,10 @@ def setup_serve_tts_parser(p) -> None:
 
 
 def cmd_serve_tts(args) -> int:
-    from .checkpoint import CheckpointError, ensure_random_checkpoint, resolve_checkpoint
-    from .cli_args import checkpoint_from_args, device_or_default
+    from .cli_args import device_or_default, model_files_from_args
     from .tts import TTSConfig, TTSRuntime, random_voice
 
-    if args.random_weights:
-        if not args.preset:
-            raise CheckpointError("--random-weights needs --preset NAME")
-        files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
-    else:
-        files = checkpoint_from_args(args)
+    files = model_files_from_args(args)
     device = device_or_default(args.device)
     dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:  # bad settings are found before the server starts, not by its first clients

@@ -959,20 +959,10 @@ def add_model_args(p) -> None:
 
 
 def runtime_from_args(args) -> STTRuntime:
-    from .checkpoint import CheckpointError, ensure_random_checkpoint, resolve_checkpoint
-    from .cli_args import checkpoint_from_args, device_or_default
+    from .checkpoint import CheckpointError
+    from .cli_args import device_or_default, model_files_from_args
 
-    given = [args.checkpoint is not None, args.hf_repo is not None, args.preset is not None]
-    if sum(given) != 1:
-        raise CheckpointError("give exactly one of --checkpoint DIR, --hf-repo REPO or --preset NAME --random-weights")
-    if args.preset is not None:
-        if not args.random_weights:
-            raise CheckpointError(f"--preset {args.preset} needs --random-weights (or use --hf-repo)")
-        files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
-    else:
-        if args.random_weights:
-            raise CheckpointError("--random-weights goes with --preset")
-        files = checkpoint_from_args(args)
+    files = model_files_from_args(args)
     if files.config.lm.dep_q:  # checked before any weight is read (STTRuntime would refuse it with a traceback)
         raise CheckpointError(f"{files.config_path}: not an STT checkpoint (dep_q = {files.config.lm.dep_q}: a "
                               "depth transformer, as in a TTS model)")

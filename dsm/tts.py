@@ -38,14 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    CheckpointError,
-    CheckpointFiles,
-    check_model_files,
-    ensure_random_checkpoint,
-    hub_file,
-    resolve_checkpoint,
-)
+from .checkpoint import CheckpointError, CheckpointFiles, check_model_files, hub_file
 from .conditioning import TensorInput
 from .engine import EngineFull, bucket_for, check_seed
 from .generate import Generator, check_temperature
@@ -1109,7 +1102,7 @@ def cmd_speak(args) -> int:
 
     from tqdm import tqdm
 
-    from .cli_args import checkpoint_from_args, device_or_default, stdout_to_devnull
+    from .cli_args import device_or_default, model_files_from_args, stdout_to_devnull
     from .tokenizer import TokenizerError
 
     def fail(msg: str) -> int:
@@ -1128,16 +1121,7 @@ def cmd_speak(args) -> int:
                                                    "does not exist (a directory)"))
     if raw and sys.stdout is None:  # started with stdout closed (>&-)
         return fail("raw PCM goes to stdout, which is closed")
-    if args.random_weights:
-        if not args.preset or args.checkpoint or args.hf_repo:
-            return fail("--random-weights needs --preset NAME (and no --checkpoint/--hf-repo)")
-        files = resolve_checkpoint(ensure_random_checkpoint(args.preset))
-    elif args.preset:
-        return fail("--preset needs --random-weights (real weights come from --checkpoint or --hf-repo)")
-    elif not (args.checkpoint or args.hf_repo):
-        return fail("give --checkpoint DIR, --hf-repo REPO, or --preset NAME --random-weights")
-    else:
-        files = checkpoint_from_args(args)
+    files = model_files_from_args(args)
     try:
         text = _read_text(args.text)
     except TTSInputError as e:

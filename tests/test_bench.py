@@ -280,6 +280,46 @@ def test_environment_names_the_measured_device_and_versions(monkeypatch):
     assert {"torch", "triton", "commit", "time"} <= set(env)
 
 
+def test_the_commit_is_dsm_checkouts_never_a_repository_around_an_installed_copy(tmp_path, monkeypatch):
+    """dsm installed (not editable) into a venv inside the user's own git project recorded that project's HEAD as
+    the commit measured; a checkout with edits not committed was recorded under its HEAD as if clean."""
+    import subprocess
+
+    from dsm import bench
+
+    def git(*cmd, cwd):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=cwd, check=True,
+                       capture_output=True)
+
+    monkeypatch.delenv("DSM_COMMIT", raising=False)
+    project = tmp_path / "project"  # the user's repository, dsm inside its venv (ignored or not, it is not dsm's)
+    installed = project / ".venv" / "lib" / "site-packages" / "dsm"
+    installed.mkdir(parents=True)
+    (installed / "bench.py").write_text("")
+    git("init", "-q", cwd=project)
+    git("add", "-A", cwd=project)
+    git("commit", "-qm", "x", cwd=project)
+    monkeypatch.setattr(bench, "__file__", str(installed / "bench.py"))
+    assert bench.git_commit() == "unknown"
+
+    checkout = tmp_path / "dsm-checkout"  # a dsm checkout: its HEAD, and whether its tracked files were changed
+    (checkout / "dsm").mkdir(parents=True)
+    (checkout / "dsm" / "bench.py").write_text("a\n")
+    git("init", "-q", cwd=checkout)
+    git("add", "-A", cwd=checkout)
+    git("commit", "-qm", "x", cwd=checkout)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    monkeypatch.setattr(bench, "__file__", str(checkout / "dsm" / "bench.py"))
+    assert bench.git_commit() == head
+    (checkout / "untracked.txt").write_text("")  # results or notes lying around change no code
+    assert bench.git_commit() == head
+    (checkout / "dsm" / "bench.py").write_text("b\n")
+    assert bench.git_commit() == f"{head}-dirty"
+    monkeypatch.setenv("DSM_COMMIT", "abc1234")
+    assert bench.git_commit() == "abc1234"
+
+
 def test_search_capacity_is_not_cut_short_while_doubling():
     """From batch 1 (`--batch 1 --capacity`) with a limit of 1400 and a true capacity of 700, the default probe
     budget ran out while every probe still fitted and 128 was reported as the capacity."""
@@ -368,6 +408,28 @@ def test_checking_an_output_leaves_nothing_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
+def test_checking_an_output_keeps_a_symlink_to_a_file_not_made_yet(tmp_path):
+    """`--output link.jsonl`, a link to a results file not written yet: the check deleted the link and left an empty
+    file at its target, so the run then wrote a plain file in the link's place."""
+    from dsm.bench import check_output
+
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "results" / "bench.jsonl")
+    assert check_output(tmp_path / "link.jsonl") is None
+    assert (tmp_path / "link.jsonl").is_symlink() and [p.name for p in tmp_path.iterdir()] == ["link.jsonl"]
+
+
+def test_a_replaced_output_is_written_through_its_symlink(tmp_path):
+    """`validate-kernels --json link.json` / `eval-stt --output link.json`: the new file took the link's place, and
+    the file it pointed to kept its old content."""
+    from dsm.bench import write_replacing
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "v.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "results" / "v.json")
+    write_replacing(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "results" / "v.json").read_text() == "new"
+
+
 def test_a_cpu_capacity_is_never_below_a_measured_fit(tmp_path, capsys, monkeypatch):
     """On a CPU the capacity search has no KV bound: its bound (64) reported 64 streams after batch 100 fit, and
     called itself a KV-memory limit."""
@@ -383,6 +445,26 @@ def test_a_cpu_capacity_is_never_below_a_measured_fit(tmp_path, capsys, monkeypa
     text = capsys.readouterr().out
     assert "tiny-stt: capacity 100 streams" in text and "searched up to 100 on a CPU" in text, text
     assert json.loads(out.read_text())["capacity"]["tiny-stt"]["kv_limit"] is None
+
+
+def test_a_cpu_capacity_search_where_no_measured_batch_fits(tmp_path, capsys, monkeypatch):
+    """`dsm bench --capacity` on a slow (or busy) CPU, batch 1 over the frame: a TypeError traceback at the end of
+    the run, and no row written."""
+    from dsm import bench
+
+    def bench_dsm(model, mimi, batch, *args, **kw):  # every batch misses the 80 ms frame
+        return bench.BenchRow("dsm", "", batch, 100.0, 100.0, 0.0, *bench._rates(100.0, batch))
+
+    monkeypatch.setattr(bench, "bench_dsm", bench_dsm)
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--preset", "tiny-stt", "--batch", "1", "--no-mimi", "--no-reference", "--capacity",
+                 "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tiny-stt: capacity 0 streams" in text
+    assert json.loads(out.read_text())["capacity"]["tiny-stt"]["streams"] == 0
+    # the final table tells the probe of batch 1 from the asked batch 1
+    table = [line for line in text.split("system  model")[-1].splitlines() if line.startswith("dsm ")]
+    assert len(table) == 2 and not table[0].endswith("(capacity probe)") and table[1].endswith("(capacity probe)")
 
 
 def test_bench_rejects_duplicate_batches(tmp_path, capsys):
@@ -819,3 +901,15 @@ def test_a_cuda_device_must_be_the_current_one(monkeypatch):
     monkeypatch.setattr(dsm.cli, "select_device", stop)  # every command goes through it before running
     with pytest.raises(Selected, match="cpu"):
         main(["bench", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("name", ["bench_decoder", "bench_depformer", "bench_fp8_kv", "bench_runtime"])
+def test_benchmark_help_describes_the_script_in_whole_sentences(name, capsys, monkeypatch):
+    """`bench_decoder.py --help` and `bench_depformer.py --help` described the script with its docstring's first
+    line, cut mid-sentence ("... (``dsm_kernels.decoder_step``: every")."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # bench_decoder imports bench_depformer
+    mod = _script(name)
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    described = " ".join(capsys.readouterr().out.split())
+    assert " ".join(mod.__doc__.split("\n\n")[0].split()) in described

@@ -44,6 +44,22 @@ def test_random_checkpoint_end_to_end(tmp_path, capsys):
     assert checkpoint_from_args(args).lm_weights == resolve_checkpoint(out).lm_weights
 
 
+def test_random_checkpoint_refuses_an_empty_out_dir_and_a_seed_past_int64(tmp_path, capsys, monkeypatch):
+    """`dsm random-checkpoint --preset P ""` (an unset $OUT) wrote the checkpoint into the current directory and
+    listed every file there as written; a seed past int64 was a torch traceback after OUT_DIR was made."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    for argv in (["random-checkpoint", "--preset", "tiny-stt", ""],
+                 ["random-checkpoint", "--preset", "tiny-stt", "out", "--seed", str(2**64)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and list(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
+    assert "expected a directory, got an empty name" in capsys.readouterr().err
+    assert main(["random-checkpoint", "--preset", "tiny-stt", ".", "--no-mimi", "--no-tokenizer"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["config.json", "model.safetensors"]  # what it wrote, not notes.txt
+
+
 def test_checkpoint_args_are_exclusive_and_required():
     parser = argparse.ArgumentParser()
     add_checkpoint_args(parser)
@@ -53,6 +69,47 @@ def test_checkpoint_args_are_exclusive_and_required():
         parser.parse_args(["--hf-repo", "a/b", "--checkpoint", "x"])
     with pytest.raises(SystemExit):
         parser.parse_args([])
+
+
+@pytest.mark.parametrize("command", ["transcribe", "eval-stt", "serve-stt", "serve-tts", "speak"])
+def test_model_flags_that_do_not_go_together_are_usage_errors(command, tmp_path, capsys, monkeypatch):
+    """`serve-tts --checkpoint DIR --preset P --random-weights` served random weights, ignoring the checkpoint (and
+    `--checkpoint DIR --preset P` ignored the preset); elsewhere such mixes were refused with exit status 1, where
+    argparse's usage errors give 2. Every command now takes exactly one model source, and refuses others with 2
+    before it reads any model file."""
+    import dsm.checkpoint
+    import dsm.cli_args
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was read")
+
+    monkeypatch.setattr(dsm.checkpoint, "ensure_random_checkpoint", no_model)
+    monkeypatch.setattr(dsm.cli_args, "resolve_checkpoint", no_model)
+    (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "text": "hi"}\n')
+    preset = "tiny-tts" if command in ("serve-tts", "speak") else "tiny-stt"
+    first = {"transcribe": ["a.wav", "-o", str(tmp_path)], "eval-stt": [str(tmp_path / "m.jsonl")], "serve-stt": [],
+             "serve-tts": [], "speak": ["hi", "-o", str(tmp_path / "x.wav")]}[command]
+    for flags, said in [
+        (["--checkpoint", str(tmp_path), "--preset", preset, "--random-weights"], "(got --checkpoint and --preset)"),
+        (["--hf-repo", "a/b", "--preset", preset], "(got --hf-repo and --preset)"),
+        (["--preset", preset], f"--preset {preset} needs --random-weights"),
+        (["--random-weights"], "give exactly one of"),
+        (["--checkpoint", str(tmp_path), "--random-weights"], "--random-weights goes with --preset NAME"),
+        ([], "give exactly one of --checkpoint DIR, --hf-repo REPO or --preset NAME --random-weights"),
+    ]:
+        assert main([command, *first, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"dsm {command}: error: ") and said in err and err.count("\n") == 1, (flags, err)
+
+
+def test_serve_tts_condition_pages_below_one_name_the_flag(capsys):
+    """`serve-tts --condition-pages -1` loaded the model, then said "cross_pages must be >= 2", a name the command
+    line does not have."""
+    for value in ("-1", "0"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve-tts", "--preset", "tiny-tts", "--random-weights", "--condition-pages", value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "argument --condition-pages: expected a positive integer" in err
 
 
 def test_bad_preset_and_no_command(capsys):

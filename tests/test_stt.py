@@ -1149,7 +1149,7 @@ def test_transcribe_cli(ckpt, tmp_path, monkeypatch, capsys):
                                                           for f in ("txt", "json", "srt", "vtt", "tsv"))
     data = json.loads((out / "b.json").read_text())
     assert data["duration"] == pytest.approx(5000 / 24000, abs=0.01) and data["meta"]["alignment"] == "pytorch"
-    assert main(["transcribe", str(tmp_path / "a.mp3"), "--preset", "tiny-stt", "--no-progress"]) == 1
+    assert main(["transcribe", str(tmp_path / "a.mp3"), "--preset", "tiny-stt", "--no-progress"]) == 2  # usage
     assert "--random-weights" in capsys.readouterr().err
 
 
