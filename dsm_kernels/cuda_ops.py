@@ -102,6 +102,8 @@ def decode_num_splits(batch: int, heads: int, context: int, resident: int) -> in
     wave that is only partly filled leaves bandwidth unused (1024 blocks over 660 resident ones run as 1.55 waves), so
     take the fewest splits whose last wave is >= 90% full, else the fullest; each split spans >= 32 positions."""
     base, best, best_fill = batch * heads, 1, 0.0
+    if base == 0:  # an empty batch launches nothing (the launcher returns at once)
+        return 1
     for splits in range(1, max(1, context // 32) + 1):
         blocks = base * splits
         fill = blocks / (math.ceil(blocks / resident) * resident)
