@@ -200,6 +200,24 @@ CASES = {  # name: (call builder, start of the expected message)
     "frame-embed-tables": (lambda d: _frame(d, "embed"), "frame_embed: audio_tables (1, 5, 4) holds 1 tables for the "
                            "2 audio columns of cache (2, 3, 4)"),
     "kv-slots-int-write": (_kv_slots, "kv_slots: write must be torch.bool, got torch.int32"),
+    # float ids: the kernels' int64 casts truncated them (token 1.7 embedded row 1) where the reference refused them
+    "embed-float-ids": (lambda d: lambda b: K.multistream_embed(
+        torch.full((2, 2), 1.7, device=d), _z(5, 4, dev=d), _z(1, 5, 4, dev=d), backend=b),
+        "multistream_embed: tokens must be an integer tensor, got torch.float32"),
+    "append-float-slots": (lambda d: lambda b: K.append_kv(*_pool(d), _z(2, 2, 4, dev=d), _z(2, 2, 4, dev=d),
+                                                           torch.tensor([0.0, 3.5], device=d), backend=b),
+                           "append_kv: slot_mapping must be an integer tensor, got torch.float32"),
+    "attn-float-seq-lens": (lambda d: lambda b: K.paged_decode_attention(
+        _z(2, 2, 4, dev=d), *_pool(d), torch.zeros(2, 2, dtype=torch.int32, device=d), torch.ones(2, device=d),
+        context=4, backend=b), "paged_decode_attention: seq_lens must be an integer tensor, got torch.float32"),
+    "sample-float-seeds": (lambda d: lambda b: K.sample_tokens(
+        _z(2, 8, dev=d), torch.ones(2, device=d), 0, torch.ones(2, device=d), torch.zeros(2, dtype=torch.long,
+                                                                                            device=d), backend=b),
+        "sample_tokens: seeds must be an integer tensor, got torch.float32"),
+    "kv-slots-bool-positions": (lambda d: lambda b: K.kv_slots(
+        torch.zeros(2, 3, dtype=torch.int32, device=d), torch.ones(2, dtype=torch.bool, device=d),
+        torch.ones(2, dtype=torch.bool, device=d), 16, backend=b),
+        "kv_slots: positions must be an integer tensor, got torch.bool"),
     "embed-no-column": (lambda d: lambda b: K.multistream_embed(  # the Triton kernel read column 0: a segfault
         torch.zeros(2, 0, dtype=torch.long, device=d), _z(5, 4, dev=d), _z(1, 5, 4, dev=d), backend=b),
         "multistream_embed: tokens (2, 0) has no token column"),
