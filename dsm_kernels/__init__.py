@@ -350,7 +350,7 @@ def sample_tokens(logits, temperature, top_k, seeds, steps, *, step_scale=1, ste
                   cfg_coef=1.0, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.sample_tokens_ref` (row b's noise counter: ``steps[b] * step_scale +
     step_offset``)."""
-    checks.sample_tokens(logits, temperature, seeds, steps, null_logits)
+    checks.sample_tokens(logits, temperature, seeds, steps, null_logits, top_k, step_scale, step_offset)
     fn = resolve("sample_tokens", backend, logits.device)
     return fn(logits, temperature, top_k, seeds, steps, step_scale=int(step_scale), step_offset=int(step_offset),
               null_logits=null_logits, cfg_coef=cfg_coef)
@@ -477,7 +477,7 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
                     return_logits=False, counters=None, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.depformer_frame_ref` (codebook k's noise counters: ``steps * step_scale +
     step_offset + k``). ``counters``: as :func:`decoder_step`'s."""
-    checks.depformer_frame(weights, z, text_token, temperature, seeds, steps, counters)
+    checks.depformer_frame(weights, z, text_token, temperature, seeds, steps, counters, top_k, step_scale, step_offset)
     fn = resolve("depformer_frame", backend, z.device)
     return fn(weights, z, text_token, temperature, top_k, seeds, steps, step_scale=int(step_scale),
               step_offset=int(step_offset), return_logits=return_logits, counters=counters)

@@ -10,6 +10,8 @@ page pool, positions >= 0.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -60,6 +62,16 @@ def ids(op: str, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
             raise ValueError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+
+
+def integers(op: str, **values) -> None:
+    """Python integer arguments (top_k, the noise counter's scale and offset): the dispatch's ``int()`` truncated a
+    float (top_k 2.5 kept 2 tokens on the kernels) where the reference refused it."""
+    for name, v in values.items():
+        try:
+            operator.index(v)
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be an integer, got {v!r}") from None
 
 
 def _mask(op: str, mask: torch.Tensor, B: int, name: str = "exec_mask") -> None:
@@ -121,10 +133,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, context) 
     _context_in_ring(op, context, block_table, k_cache, page_size=k_cache.shape[1])
 
 
-def sample_tokens(logits, temperature, seeds, steps, null_logits) -> None:
+def sample_tokens(logits, temperature, seeds, steps, null_logits, top_k=0, step_scale=1, step_offset=0) -> None:
     op = "sample_tokens"
     shape(op, "logits", logits, (None, None))
     B = logits.shape[0]
+    if logits.shape[1] < 1:
+        raise ValueError(f"{op}: logits has shape {tuple(logits.shape)}: an empty vocabulary has no token to draw")
+    integers(op, top_k=top_k, step_scale=step_scale, step_offset=step_offset)
     for name, t in (("temperature", temperature), ("seeds", seeds), ("steps", steps)):
         shape(op, name, t, (B,))
     ids(op, seeds=seeds, steps=steps)
@@ -273,9 +288,11 @@ def conv_transpose1d_igemm(x, weight, bias, stride, out) -> None:
         shape(op, "out", out, (B, N, (T - 1) * stride + K))
 
 
-def depformer_frame(w, z, text_token, temperature, seeds, steps, counters=None) -> None:
+def depformer_frame(w, z, text_token, temperature, seeds, steps, counters=None, top_k=0, step_scale=1,
+                    step_offset=0) -> None:  # fmt: skip
     op = "depformer_frame"
     counter_tensor(op, counters)
+    integers(op, top_k=top_k, step_scale=step_scale, step_offset=step_offset)
     shape(op, "z", z, (None, w.in_proj.shape[2]))
     B = z.shape[0]
     for name, t in (("text_token", text_token), ("temperature", temperature), ("seeds", seeds), ("steps", steps)):

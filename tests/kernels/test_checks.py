@@ -3,6 +3,7 @@ of bounds with (or the reference would broadcast) raise the same ValueError, nam
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,6 +219,9 @@ CASES = {  # name: (call builder, start of the expected message)
         torch.zeros(2, 3, dtype=torch.int32, device=d), torch.ones(2, dtype=torch.bool, device=d),
         torch.ones(2, dtype=torch.bool, device=d), 16, backend=b),
         "kv_slots: positions must be an integer tensor, got torch.bool"),
+    "sample-empty-vocabulary": (lambda d: lambda b: K.sample_tokens(  # Triton divided by zero
+        _z(2, 0, dev=d), torch.ones(2, device=d), 0, *torch.zeros(2, 2, dtype=torch.long, device=d), backend=b),
+        "sample_tokens: logits has shape (2, 0): an empty vocabulary"),
     "embed-no-column": (lambda d: lambda b: K.multistream_embed(  # the Triton kernel read column 0: a segfault
         torch.zeros(2, 0, dtype=torch.long, device=d), _z(5, 4, dev=d), _z(1, 5, 4, dev=d), backend=b),
         "multistream_embed: tokens (2, 0) has no token column"),
@@ -231,6 +235,24 @@ def test_malformed_input_raises_the_same_error(case, backend):
     call = build(kernel_device(backend))
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         call(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float_top_k_or_step_is_refused(backend):
+    """top_k and the noise counter's scale and offset are integers: a float was truncated by the kernels' int() (top_k
+    2.5 kept the 2 largest logits) and refused by the reference's torch.topk."""
+    dev = kernel_device(backend)
+    ids = torch.zeros(2, dtype=torch.long, device=dev)
+    args = (_z(2, 8, dev=dev), torch.ones(2, device=dev))
+    for kw, name in ((dict(top_k=2.5), "top_k"), (dict(step_scale=1.5), "step_scale"),
+                     (dict(step_offset=0.5), "step_offset")):  # fmt: skip
+        top_k = kw.pop("top_k", 2)
+        with pytest.raises(TypeError, match=f"^sample_tokens: {name} must be an integer"):
+            K.sample_tokens(*args, top_k, ids, ids, **kw, backend=backend)
+    w = random_depformer_weights(device=dev)
+    with pytest.raises(TypeError, match="^depformer_frame: top_k must be an integer, got 2.5"):
+        K.depformer_frame(w, **dict(depformer_inputs(w, 2, temp=0.8, device=dev), top_k=2.5), backend=backend)
+    assert K.sample_tokens(*args, torch.tensor(2), ids, ids, step_scale=np.int64(3), backend=backend).shape == (2,)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
