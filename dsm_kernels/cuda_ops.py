@@ -62,12 +62,14 @@ def attention_unsupported(q, k_cache, v_cache) -> str | None:
     return None
 
 
-def sample_unsupported(logits) -> str | None:
+def sample_unsupported(logits, null_logits=None) -> str | None:
     """Why the CUDA sampling kernel does not take these logits (Triton's then samples them), or None."""
     if not 1 <= logits.shape[1] <= SAMPLE_MAX_VOCAB:
         return f"vocabulary {logits.shape[1]} (it takes 1..{SAMPLE_MAX_VOCAB})"
     if logits.dtype not in _FLOATS:
         return f"logits {logits.dtype}"
+    if null_logits is not None and null_logits.dtype != logits.dtype:  # the kernel reads both as one dtype
+        return f"null_logits {null_logits.dtype} against logits {logits.dtype}"
     return None
 
 
@@ -84,8 +86,9 @@ def multistream_embed_cuda(
     B, D = tokens.shape[0], text_table.shape[1]
     if out is None:
         out = torch.empty(B, D, dtype=out_dtype or text_table.dtype, device=tokens.device)
+    # cond [B, D] is small: made the fp32, D-contiguous rows the kernel reads (the other backends take any layout)
     _ops().multistream_embed(
-        out, tokens.long(), text_table, audio_tables, text_table2, None if cond is None else cond.float()
+        out, tokens.long(), text_table, audio_tables, text_table2, None if cond is None else cond.float().contiguous()
     )
     return out
 
@@ -159,7 +162,7 @@ def sample_tokens_cuda(
 ) -> torch.Tensor:
     """CUDA twin of :func:`~dsm_kernels.reference.sample_tokens_ref`; the Triton kernel for what
     :func:`sample_unsupported` names (a vocabulary above ``SAMPLE_MAX_VOCAB``)."""
-    if sample_unsupported(logits) is not None:
+    if sample_unsupported(logits, null_logits) is not None:
         from .sampling import sample_tokens_triton
 
         return sample_tokens_triton(logits, temperature, top_k, seeds, steps, step_scale=step_scale,

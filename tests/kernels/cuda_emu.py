@@ -141,7 +141,7 @@ def multistream_embed_emu(tokens, text_table, audio_tables, *, text_table2=None,
     B, K = tokens.shape
     D = text_table.shape[1]
     tokens = tokens.long()
-    cond = None if cond is None else cond.float()
+    cond = None if cond is None else cond.float().contiguous()
     if out is None:
         out = torch.empty(B, D, dtype=out_dtype or text_table.dtype)
     _ok(_lib().dsm_launch_multistream_embed(
@@ -199,7 +199,7 @@ def paged_decode_attention_emu(
 
 def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0, null_logits=None,
                       cfg_coef=1.0, out=None):  # fmt: skip
-    if sample_unsupported(logits) is not None:  # as on a GPU
+    if sample_unsupported(logits, null_logits) is not None:  # as on a GPU
         return sample_tokens_triton(logits, temperature, top_k, seeds, steps, step_scale=step_scale,
                                     step_offset=step_offset, null_logits=null_logits, cfg_coef=cfg_coef, out=out)
     B, V = logits.shape
