@@ -326,9 +326,10 @@ def _decoder_weights_verdict(w) -> str | None:
     return None
 
 
-def decoder_unsupported(w, x, k_cache, cross) -> str | None:
+def decoder_unsupported(w, x, k_cache, cross, v_cache=None) -> str | None:
     """Why the persistent step kernel does not take this step (the single ops then run it), or None. ``cross``: the
-    condition's pages (``dsm.kv_cache.CrossKVCache``) or None. ``k_cache`` may be a strided view (Mimi's ring)."""
+    condition's pages (``dsm.kv_cache.CrossKVCache``) or None. ``k_cache`` may be a strided view (Mimi's ring);
+    ``v_cache`` (None: laid out as ``k_cache``) must then have its strides, as the kernel reads both with one set."""
     from .decoder import DecoderWeights
 
     assert isinstance(w, DecoderWeights)
@@ -344,6 +345,8 @@ def decoder_unsupported(w, x, k_cache, cross) -> str | None:
         return (f"a {k_cache.dtype} cache with strides {k_cache.stride()} (it takes the model dtype or e4m3, "
                 "16-byte rows)")
     tensors = [x] + ([cross.k, cross.v] if cross is not None else [])
+    if v_cache is not None and (v_cache.stride() != k_cache.stride() or v_cache.data_ptr() % 16):
+        return f"v_cache strides {v_cache.stride()} against k_cache {k_cache.stride()}, or not 16-byte aligned"
     if not _aligned(tensors, w.dtype) or k_cache.data_ptr() % 16:
         return f"x {x.dtype} or the caches not contiguous, 16-byte aligned and of the model dtype"
     if cross is not None and (cross.k.shape[2:] != (cross.page_size, w.num_heads, w.head_dim)
@@ -403,7 +406,7 @@ def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_t
     """CUDA backend of :func:`~dsm_kernels.decoder.decoder_step_composed`: the persistent kernel (one cooperative
     launch a step) where :func:`decoder_unsupported` allows, else the single ops with the CUDA kernels where they
     exist (paged attention) and Triton's elsewhere. ``blocks``: the persistent kernel's grid (0 = one per SM)."""
-    if w.text_linear is None or decoder_unsupported(w, x, k_cache, cross) is not None:
+    if w.text_linear is None or decoder_unsupported(w, x, k_cache, cross, v_cache) is not None:
         from .decoder import decoder_step_composed
 
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
@@ -417,7 +420,8 @@ def mimi_unsupported(w, h, cache) -> str | None:
     """Why the persistent kernel does not take this Mimi transformer step (the single ops then run it), or None."""
     from .decoder import mimi_pages
 
-    return decoder_unsupported(w, h, mimi_pages(cache)[0], None)
+    k_pages, v_pages = mimi_pages(cache)
+    return decoder_unsupported(w, h, k_pages, None, v_pages)
 
 
 def mimi_operands(w, h, pos, exec_mask, cache, tokens: int, counters=None):

@@ -319,7 +319,7 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
                      cross=None, blocks=3):  # fmt: skip
     """``cuda_ops.decoder_step_cuda`` on the emulated persistent kernel (``blocks``: its grid, as in
     :func:`depformer_frame_emu`); steps it does not take run the single ops (Triton, emulated CUDA attention)."""
-    if decoder_unsupported(w, x, k_cache, cross) is not None:
+    if decoder_unsupported(w, x, k_cache, cross, v_cache) is not None:
         from dsm_kernels.decoder import decoder_step_composed
 
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
