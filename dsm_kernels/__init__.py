@@ -229,7 +229,7 @@ def cuda_ext_unavailable(device: torch.device | str) -> str | None:
     """Why the CUDA C++ backend cannot run on ``device`` (a sentence naming the fix), or None when it can."""
     device = torch.device(device)
     if device.type != "cuda":
-        return f"the CUDA kernels run on a GPU, not on {device.type}"
+        return f"the CUDA kernels run on a GPU, not on {device.type} (move the tensors to a CUDA device)"
     if not has_cuda_ext():
         return ("dsm_kernels._C is not built (install with a CUDA build of torch and nvcc present, without "
                 "DSM_SKIP_CUDA_BUILD=1)")
@@ -276,7 +276,7 @@ def backend_unavailable(backend: str, device: torch.device | str) -> str | None:
     if backend in avail:
         return None
     why = None
-    if backend == "cuda" and device.type == "cuda":
+    if backend == "cuda":
         why = cuda_ext_unavailable(device)
     elif backend == "triton":
         why = ("Triton is not installed: pip install 'dsm[triton]'" if not has_triton() else
