@@ -229,7 +229,7 @@ def cuda_ext_unavailable(device: torch.device | str) -> str | None:
     """Why the CUDA C++ backend cannot run on ``device`` (a sentence naming the fix), or None when it can."""
     device = torch.device(device)
     if device.type != "cuda":
-        return f"the CUDA kernels run on a GPU, not on {device.type}"
+        return f"the CUDA kernels run on a GPU, not on {device.type} (move the tensors to a CUDA device)"
     if not has_cuda_ext():
         return ("dsm_kernels._C is not built (install with a CUDA build of torch and nvcc present, without "
                 "DSM_SKIP_CUDA_BUILD=1)")
@@ -276,7 +276,7 @@ def backend_unavailable(backend: str, device: torch.device | str) -> str | None:
     if backend in avail:
         return None
     why = None
-    if backend == "cuda" and device.type == "cuda":
+    if backend == "cuda":
         why = cuda_ext_unavailable(device)
     elif backend == "triton":
         why = ("Triton is not installed: pip install 'dsm[triton]'" if not has_triton() else
@@ -350,7 +350,7 @@ def sample_tokens(logits, temperature, top_k, seeds, steps, *, step_scale=1, ste
                   cfg_coef=1.0, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.sample_tokens_ref` (row b's noise counter: ``steps[b] * step_scale +
     step_offset``)."""
-    checks.sample_tokens(logits, temperature, seeds, steps, null_logits)
+    checks.sample_tokens(logits, temperature, seeds, steps, null_logits, top_k, step_scale, step_offset)
     fn = resolve("sample_tokens", backend, logits.device)
     return fn(logits, temperature, top_k, seeds, steps, step_scale=int(step_scale), step_offset=int(step_offset),
               null_logits=null_logits, cfg_coef=cfg_coef)
@@ -477,7 +477,7 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
                     return_logits=False, counters=None, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.depformer_frame_ref` (codebook k's noise counters: ``steps * step_scale +
     step_offset + k``). ``counters``: as :func:`decoder_step`'s."""
-    checks.depformer_frame(weights, z, text_token, temperature, seeds, steps, counters)
+    checks.depformer_frame(weights, z, text_token, temperature, seeds, steps, counters, top_k, step_scale, step_offset)
     fn = resolve("depformer_frame", backend, z.device)
     return fn(weights, z, text_token, temperature, top_k, seeds, steps, step_scale=int(step_scale),
               step_offset=int(step_offset), return_logits=return_logits, counters=counters)

@@ -10,6 +10,8 @@ page pool, positions >= 0.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -54,6 +56,24 @@ def counter_tensor(op: str, c: torch.Tensor | None) -> None:
         raise ValueError(f"{op}: counters must be a contiguous 1-D torch.int32 tensor, got {tuple(c.shape)} {c.dtype}")
 
 
+def ids(op: str, **tensors) -> None:
+    """Integer tensors (token ids, slots, page ids, positions, lengths, seeds): the kernels cast what they read to
+    int64, which truncates a float id (and rounds one past 2**24) without a word, where the reference refuses it."""
+    for name, t in tensors.items():
+        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+            raise ValueError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+
+
+def integers(op: str, **values) -> None:
+    """Python integer arguments (top_k, the noise counter's scale and offset): the dispatch's ``int()`` truncated a
+    float (top_k 2.5 kept 2 tokens on the kernels) where the reference refused it."""
+    for name, v in values.items():
+        try:
+            operator.index(v)
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be an integer, got {v!r}") from None
+
+
 def _mask(op: str, mask: torch.Tensor, B: int, name: str = "exec_mask") -> None:
     """A [B] bool mask (per-row flags the kernels read as bytes)."""
     shape(op, name, mask, (B,))
@@ -64,6 +84,7 @@ def _mask(op: str, mask: torch.Tensor, B: int, name: str = "exec_mask") -> None:
 def multistream_embed(tokens, text_table, audio_tables, text_table2, cond) -> None:
     op = "multistream_embed"
     shape(op, "tokens", tokens, (None, None))
+    ids(op, tokens=tokens)
     _embed_tables(op, *tokens.shape, "tokens", tokens, text_table, audio_tables, text_table2, cond)
 
 
@@ -90,6 +111,7 @@ def append_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
     B, H, D = k.shape
     _pool(op, k_cache, v_cache, H, D)
     shape(op, "slot_mapping", slot_mapping, (B,))
+    ids(op, slot_mapping=slot_mapping)
 
 
 def _context_in_ring(op: str, context: int, block_table, k_cache, page_size: int) -> None:
@@ -107,15 +129,20 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, context) 
     _pool(op, k_cache, v_cache, H, D)
     shape(op, "block_table", block_table, (B, None))
     shape(op, "seq_lens", seq_lens, (B,))
+    ids(op, block_table=block_table, seq_lens=seq_lens)
     _context_in_ring(op, context, block_table, k_cache, page_size=k_cache.shape[1])
 
 
-def sample_tokens(logits, temperature, seeds, steps, null_logits) -> None:
+def sample_tokens(logits, temperature, seeds, steps, null_logits, top_k=0, step_scale=1, step_offset=0) -> None:
     op = "sample_tokens"
     shape(op, "logits", logits, (None, None))
     B = logits.shape[0]
+    if logits.shape[1] < 1:
+        raise ValueError(f"{op}: logits has shape {tuple(logits.shape)}: an empty vocabulary has no token to draw")
+    integers(op, top_k=top_k, step_scale=step_scale, step_offset=step_offset)
     for name, t in (("temperature", temperature), ("seeds", seeds), ("steps", steps)):
         shape(op, name, t, (B,))
+    ids(op, seeds=seeds, steps=steps)
     if null_logits is not None:
         shape(op, "null_logits", null_logits, tuple(logits.shape))
 
@@ -137,6 +164,7 @@ def _rope(op, B, positions, inv_freq, k_cache, v_cache, slot_mapping, num_kv_hea
     shape(op, "positions", positions, (B,))
     _pool(op, k_cache, v_cache, num_kv_heads, D)
     shape(op, "slot_mapping", slot_mapping, (B,))
+    ids(op, positions=positions, slot_mapping=slot_mapping)
     return D
 
 
@@ -260,13 +288,16 @@ def conv_transpose1d_igemm(x, weight, bias, stride, out) -> None:
         shape(op, "out", out, (B, N, (T - 1) * stride + K))
 
 
-def depformer_frame(w, z, text_token, temperature, seeds, steps, counters=None) -> None:
+def depformer_frame(w, z, text_token, temperature, seeds, steps, counters=None, top_k=0, step_scale=1,
+                    step_offset=0) -> None:  # fmt: skip
     op = "depformer_frame"
     counter_tensor(op, counters)
+    integers(op, top_k=top_k, step_scale=step_scale, step_offset=step_offset)
     shape(op, "z", z, (None, w.in_proj.shape[2]))
     B = z.shape[0]
     for name, t in (("text_token", text_token), ("temperature", temperature), ("seeds", seeds), ("steps", steps)):
         shape(op, name, t, (B,))
+    ids(op, text_token=text_token, seeds=seeds, steps=steps)
 
 
 def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context, counters=None) -> None:
@@ -279,6 +310,7 @@ def decoder_step(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table,
     shape(op, "k_cache", k_cache, (len(w.layers), None, None, w.num_kv_heads, w.head_dim))
     like(op, "v_cache", v_cache, "k_cache", k_cache)
     shape(op, "block_table", block_table, (B, None))
+    ids(op, positions=positions, slot=slot, seq_lens=seq_lens, block_table=block_table)
     _context_in_ring(op, context, block_table, k_cache, page_size=k_cache.shape[2])  # per layer: [L, P, page, ...]
 
 
@@ -296,6 +328,7 @@ def mimi_transformer(w, h, pos, exec_mask, cache, tokens: int, counters=None) ->
     op = "mimi_transformer"
     counter_tensor(op, counters)
     shape(op, "pos", pos, (None,))
+    ids(op, pos=pos)
     B = pos.shape[0]
     if tokens < 1:
         raise ValueError(f"{op}: tokens must be >= 1, got {tokens}")
@@ -318,6 +351,7 @@ def rvq_encode(x, codebooks_aug, group_levels, level_ranges, out, counters=None)
         raise ValueError(f"{op}: x {tuple(x.shape)} against codebooks_aug {tuple(codebooks_aug.shape)}: expected "
                          f"{G} groups x {D} channels and at most {L} levels, got group_levels {group_levels}")
     shape(op, "level_ranges", level_ranges, (G, 2))
+    ids(op, level_ranges=level_ranges)
     if out is not None:
         shape(op, "out", out, (B, n_q, T))
 
@@ -325,6 +359,7 @@ def rvq_encode(x, codebooks_aug, group_levels, level_ranges, out, counters=None)
 def rvq_decode_upsample(codes, tables, weight, partial, exec_mask, out) -> None:
     op = "rvq_decode_upsample"
     shape(op, "codes", codes, (None, None, None))
+    ids(op, codes=codes)
     shape(op, "tables", tables, (None, None, None))
     (B, L, T), C = codes.shape, tables.shape[2]
     if L > tables.shape[0]:
@@ -396,6 +431,7 @@ def mimi_rope_kv(qkv, rot, cache, rows, slots, out) -> None:
     shape(op, "cache", cache, (None, 2, H, None, D))
     numel(op, "rows", rows, B, "one cache row per batch row")
     shape(op, "slots", slots, (B, T))
+    ids(op, rows=rows, slots=slots)
     fp32(op, qkv=qkv, cache=cache, out=out)
     if out is not None:
         shape(op, "out", out, (B, H, T, D))
@@ -409,6 +445,7 @@ def mimi_ring_attention(q, cache, pos, out) -> None:
     if cache.shape[0] < B:
         raise ValueError(f"{op}: cache {tuple(cache.shape)} has {cache.shape[0]} rows for the {B} rows of q")
     shape(op, "pos", pos, (B,))
+    ids(op, pos=pos)
     fp32(op, q=q, cache=cache, out=out)
     if out is not None:
         shape(op, "out", out, (B, T, H, D))
@@ -449,6 +486,7 @@ def _ring(op, cache, offsets, exec_mask, delays) -> tuple[int, int]:
     shape(op, "offsets", offsets, (B,))
     _mask(op, exec_mask, B)
     shape(op, "delays", delays, (K,))
+    ids(op, cache=cache, offsets=offsets, delays=delays)
     return B, K
 
 
@@ -463,6 +501,7 @@ def frame_embed(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen,
 def frame_inputs(cache, offsets, exec_mask, delays, initial, input_tokens, n_gen, op="frame_inputs") -> None:
     B, K = _ring(op, cache, offsets, exec_mask, delays)
     shape(op, "initial", initial, (K,))
+    ids(op, initial=initial, input_tokens=input_tokens)
     if not 1 <= n_gen <= K:
         raise ValueError(f"{op}: n_gen {n_gen} must be in [1, {K}] (cache {tuple(cache.shape)})")
     if input_tokens is not None:
@@ -473,6 +512,7 @@ def frame_commit(cache, offsets, exec_mask, delays, text_token, audio) -> None:
     op = "frame_commit"
     B, K = _ring(op, cache, offsets, exec_mask, delays)
     shape(op, "text_token", text_token, (B,))
+    ids(op, text_token=text_token, audio=audio)
     if audio is not None:
         shape(op, "audio", audio, (B, None))
         if audio.shape[1] >= K:
@@ -483,6 +523,7 @@ def kv_slots(block_table, positions, write, page_size, op="kv_slots") -> None:
     shape(op, "block_table", block_table, (None, None))
     B = block_table.shape[0]
     shape(op, "positions", positions, (B,))
+    ids(op, block_table=block_table, positions=positions)
     _mask(op, write, B, "write")
     if page_size < 1:
         raise ValueError(f"{op}: page_size must be >= 1, got {page_size}")

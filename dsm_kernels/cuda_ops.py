@@ -62,12 +62,14 @@ def attention_unsupported(q, k_cache, v_cache) -> str | None:
     return None
 
 
-def sample_unsupported(logits) -> str | None:
+def sample_unsupported(logits, null_logits=None) -> str | None:
     """Why the CUDA sampling kernel does not take these logits (Triton's then samples them), or None."""
     if not 1 <= logits.shape[1] <= SAMPLE_MAX_VOCAB:
         return f"vocabulary {logits.shape[1]} (it takes 1..{SAMPLE_MAX_VOCAB})"
     if logits.dtype not in _FLOATS:
         return f"logits {logits.dtype}"
+    if null_logits is not None and null_logits.dtype != logits.dtype:  # the kernel reads both as one dtype
+        return f"null_logits {null_logits.dtype} against logits {logits.dtype}"
     return None
 
 
@@ -84,8 +86,9 @@ def multistream_embed_cuda(
     B, D = tokens.shape[0], text_table.shape[1]
     if out is None:
         out = torch.empty(B, D, dtype=out_dtype or text_table.dtype, device=tokens.device)
+    # cond [B, D] is small: made the fp32, D-contiguous rows the kernel reads (the other backends take any layout)
     _ops().multistream_embed(
-        out, tokens.long(), text_table, audio_tables, text_table2, None if cond is None else cond.float()
+        out, tokens.long(), text_table, audio_tables, text_table2, None if cond is None else cond.float().contiguous()
     )
     return out
 
@@ -102,6 +105,8 @@ def decode_num_splits(batch: int, heads: int, context: int, resident: int) -> in
     wave that is only partly filled leaves bandwidth unused (1024 blocks over 660 resident ones run as 1.55 waves), so
     take the fewest splits whose last wave is >= 90% full, else the fullest; each split spans >= 32 positions."""
     base, best, best_fill = batch * heads, 1, 0.0
+    if base == 0:  # an empty batch launches nothing (the launcher returns at once)
+        return 1
     for splits in range(1, max(1, context // 32) + 1):
         blocks = base * splits
         fill = blocks / (math.ceil(blocks / resident) * resident)
@@ -157,7 +162,7 @@ def sample_tokens_cuda(
 ) -> torch.Tensor:
     """CUDA twin of :func:`~dsm_kernels.reference.sample_tokens_ref`; the Triton kernel for what
     :func:`sample_unsupported` names (a vocabulary above ``SAMPLE_MAX_VOCAB``)."""
-    if sample_unsupported(logits) is not None:
+    if sample_unsupported(logits, null_logits) is not None:
         from .sampling import sample_tokens_triton
 
         return sample_tokens_triton(logits, temperature, top_k, seeds, steps, step_scale=step_scale,
@@ -321,9 +326,10 @@ def _decoder_weights_verdict(w) -> str | None:
     return None
 
 
-def decoder_unsupported(w, x, k_cache, cross) -> str | None:
+def decoder_unsupported(w, x, k_cache, cross, v_cache=None) -> str | None:
     """Why the persistent step kernel does not take this step (the single ops then run it), or None. ``cross``: the
-    condition's pages (``dsm.kv_cache.CrossKVCache``) or None. ``k_cache`` may be a strided view (Mimi's ring)."""
+    condition's pages (``dsm.kv_cache.CrossKVCache``) or None. ``k_cache`` may be a strided view (Mimi's ring);
+    ``v_cache`` (None: laid out as ``k_cache``) must then have its strides, as the kernel reads both with one set."""
     from .decoder import DecoderWeights
 
     assert isinstance(w, DecoderWeights)
@@ -339,6 +345,8 @@ def decoder_unsupported(w, x, k_cache, cross) -> str | None:
         return (f"a {k_cache.dtype} cache with strides {k_cache.stride()} (it takes the model dtype or e4m3, "
                 "16-byte rows)")
     tensors = [x] + ([cross.k, cross.v] if cross is not None else [])
+    if v_cache is not None and (v_cache.stride() != k_cache.stride() or v_cache.data_ptr() % 16):
+        return f"v_cache strides {v_cache.stride()} against k_cache {k_cache.stride()}, or not 16-byte aligned"
     if not _aligned(tensors, w.dtype) or k_cache.data_ptr() % 16:
         return f"x {x.dtype} or the caches not contiguous, 16-byte aligned and of the model dtype"
     if cross is not None and (cross.k.shape[2:] != (cross.page_size, w.num_heads, w.head_dim)
@@ -398,7 +406,7 @@ def decoder_step_cuda(w, x, positions, slot, seq_lens, k_cache, v_cache, block_t
     """CUDA backend of :func:`~dsm_kernels.decoder.decoder_step_composed`: the persistent kernel (one cooperative
     launch a step) where :func:`decoder_unsupported` allows, else the single ops with the CUDA kernels where they
     exist (paged attention) and Triton's elsewhere. ``blocks``: the persistent kernel's grid (0 = one per SM)."""
-    if w.text_linear is None or decoder_unsupported(w, x, k_cache, cross) is not None:
+    if w.text_linear is None or decoder_unsupported(w, x, k_cache, cross, v_cache) is not None:
         from .decoder import decoder_step_composed
 
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,
@@ -412,7 +420,8 @@ def mimi_unsupported(w, h, cache) -> str | None:
     """Why the persistent kernel does not take this Mimi transformer step (the single ops then run it), or None."""
     from .decoder import mimi_pages
 
-    return decoder_unsupported(w, h, mimi_pages(cache)[0], None)
+    k_pages, v_pages = mimi_pages(cache)
+    return decoder_unsupported(w, h, k_pages, None, v_pages)
 
 
 def mimi_operands(w, h, pos, exec_mask, cache, tokens: int, counters=None):

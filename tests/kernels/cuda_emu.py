@@ -141,7 +141,7 @@ def multistream_embed_emu(tokens, text_table, audio_tables, *, text_table2=None,
     B, K = tokens.shape
     D = text_table.shape[1]
     tokens = tokens.long()
-    cond = None if cond is None else cond.float()
+    cond = None if cond is None else cond.float().contiguous()
     if out is None:
         out = torch.empty(B, D, dtype=out_dtype or text_table.dtype)
     _ok(_lib().dsm_launch_multistream_embed(
@@ -199,7 +199,7 @@ def paged_decode_attention_emu(
 
 def sample_tokens_emu(logits, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0, null_logits=None,
                       cfg_coef=1.0, out=None):  # fmt: skip
-    if sample_unsupported(logits) is not None:  # as on a GPU
+    if sample_unsupported(logits, null_logits) is not None:  # as on a GPU
         return sample_tokens_triton(logits, temperature, top_k, seeds, steps, step_scale=step_scale,
                                     step_offset=step_offset, null_logits=null_logits, cfg_coef=cfg_coef, out=out)
     B, V = logits.shape
@@ -319,7 +319,7 @@ def decoder_step_emu(w, x, positions, slot, seq_lens, k_cache, v_cache, block_ta
                      cross=None, blocks=3):  # fmt: skip
     """``cuda_ops.decoder_step_cuda`` on the emulated persistent kernel (``blocks``: its grid, as in
     :func:`depformer_frame_emu`); steps it does not take run the single ops (Triton, emulated CUDA attention)."""
-    if decoder_unsupported(w, x, k_cache, cross) is not None:
+    if decoder_unsupported(w, x, k_cache, cross, v_cache) is not None:
         from dsm_kernels.decoder import decoder_step_composed
 
         return decoder_step_composed(w, x, positions, slot, seq_lens, k_cache, v_cache, block_table, context=context,

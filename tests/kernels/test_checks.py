@@ -3,6 +3,7 @@ of bounds with (or the reference would broadcast) raise the same ValueError, nam
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,6 +201,27 @@ CASES = {  # name: (call builder, start of the expected message)
     "frame-embed-tables": (lambda d: _frame(d, "embed"), "frame_embed: audio_tables (1, 5, 4) holds 1 tables for the "
                            "2 audio columns of cache (2, 3, 4)"),
     "kv-slots-int-write": (_kv_slots, "kv_slots: write must be torch.bool, got torch.int32"),
+    # float ids: the kernels' int64 casts truncated them (token 1.7 embedded row 1) where the reference refused them
+    "embed-float-ids": (lambda d: lambda b: K.multistream_embed(
+        torch.full((2, 2), 1.7, device=d), _z(5, 4, dev=d), _z(1, 5, 4, dev=d), backend=b),
+        "multistream_embed: tokens must be an integer tensor, got torch.float32"),
+    "append-float-slots": (lambda d: lambda b: K.append_kv(*_pool(d), _z(2, 2, 4, dev=d), _z(2, 2, 4, dev=d),
+                                                           torch.tensor([0.0, 3.5], device=d), backend=b),
+                           "append_kv: slot_mapping must be an integer tensor, got torch.float32"),
+    "attn-float-seq-lens": (lambda d: lambda b: K.paged_decode_attention(
+        _z(2, 2, 4, dev=d), *_pool(d), torch.zeros(2, 2, dtype=torch.int32, device=d), torch.ones(2, device=d),
+        context=4, backend=b), "paged_decode_attention: seq_lens must be an integer tensor, got torch.float32"),
+    "sample-float-seeds": (lambda d: lambda b: K.sample_tokens(
+        _z(2, 8, dev=d), torch.ones(2, device=d), 0, torch.ones(2, device=d), torch.zeros(2, dtype=torch.long,
+                                                                                            device=d), backend=b),
+        "sample_tokens: seeds must be an integer tensor, got torch.float32"),
+    "kv-slots-bool-positions": (lambda d: lambda b: K.kv_slots(
+        torch.zeros(2, 3, dtype=torch.int32, device=d), torch.ones(2, dtype=torch.bool, device=d),
+        torch.ones(2, dtype=torch.bool, device=d), 16, backend=b),
+        "kv_slots: positions must be an integer tensor, got torch.bool"),
+    "sample-empty-vocabulary": (lambda d: lambda b: K.sample_tokens(  # Triton divided by zero
+        _z(2, 0, dev=d), torch.ones(2, device=d), 0, *torch.zeros(2, 2, dtype=torch.long, device=d), backend=b),
+        "sample_tokens: logits has shape (2, 0): an empty vocabulary"),
     "embed-no-column": (lambda d: lambda b: K.multistream_embed(  # the Triton kernel read column 0: a segfault
         torch.zeros(2, 0, dtype=torch.long, device=d), _z(5, 4, dev=d), _z(1, 5, 4, dev=d), backend=b),
         "multistream_embed: tokens (2, 0) has no token column"),
@@ -213,6 +235,24 @@ def test_malformed_input_raises_the_same_error(case, backend):
     call = build(kernel_device(backend))
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         call(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float_top_k_or_step_is_refused(backend):
+    """top_k and the noise counter's scale and offset are integers: a float was truncated by the kernels' int() (top_k
+    2.5 kept the 2 largest logits) and refused by the reference's torch.topk."""
+    dev = kernel_device(backend)
+    ids = torch.zeros(2, dtype=torch.long, device=dev)
+    args = (_z(2, 8, dev=dev), torch.ones(2, device=dev))
+    for kw, name in ((dict(top_k=2.5), "top_k"), (dict(step_scale=1.5), "step_scale"),
+                     (dict(step_offset=0.5), "step_offset")):  # fmt: skip
+        top_k = kw.pop("top_k", 2)
+        with pytest.raises(TypeError, match=f"^sample_tokens: {name} must be an integer"):
+            K.sample_tokens(*args, top_k, ids, ids, **kw, backend=backend)
+    w = random_depformer_weights(device=dev)
+    with pytest.raises(TypeError, match="^depformer_frame: top_k must be an integer, got 2.5"):
+        K.depformer_frame(w, **dict(depformer_inputs(w, 2, temp=0.8, device=dev), top_k=2.5), backend=backend)
+    assert K.sample_tokens(*args, torch.tensor(2), ids, ids, step_scale=np.int64(3), backend=backend).shape == (2,)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -53,6 +53,10 @@ def test_the_gpu_it_was_built_for_runs_cuda(monkeypatch):
 
 def test_without_the_extension_or_a_gpu(monkeypatch):
     assert "not on cpu" in dsm_kernels.cuda_ext_unavailable("cpu")
+    # the request names the fix too (it said only "not available on cpu (available: reference, ...)")
+    with pytest.raises(RuntimeError, match=r"'cuda' is not available on cpu \(available: .*\): the CUDA kernels run on "
+                                           r"a GPU, not on cpu \(move the tensors to a CUDA device\)"):
+        dsm_kernels.resolve("silu_mul", "cuda", "cpu")
     monkeypatch.setattr(dsm_kernels, "has_cuda_ext", lambda: False)
     assert "dsm_kernels._C is not built" in dsm_kernels.cuda_ext_unavailable("cuda:0")
     assert "cuda" not in dsm_kernels.available_backends("cuda:0")

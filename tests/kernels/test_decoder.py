@@ -91,6 +91,29 @@ def test_persistent_fp32_matches_reference(case, backend):
 
 
 @pytest.mark.parametrize("backend", PERSISTENT)
+def test_v_cache_laid_out_unlike_k_cache(backend):
+    """A V pool whose strides differ from the K pool's (every other page of a larger buffer): the persistent kernel
+    reads both with K's strides, so the step runs the single ops (the binding refused it; its emulation wrote V into
+    the wrong page)."""
+    w = random_decoder_weights(layers=1, seed=3, device=device_of(backend))
+
+    def inputs():
+        ins = decoder_inputs(w, 2, device=device_of(backend))
+        v = ins["v_cache"]
+        big = torch.zeros(v.shape[0], 2 * v.shape[1], *v.shape[2:], dtype=v.dtype, device=v.device)
+        big[:, ::2] = v
+        ins["v_cache"] = big[:, ::2]
+        return ins
+
+    ref, mine = inputs(), inputs()
+    z_ref, lg_ref = decoder_step_ref(w, **ref)
+    z, lg = run(backend, w, mine)
+    assert rel(lg, lg_ref) < 1e-5 and rel(z, z_ref) < 1e-5
+    for name in ("k_cache", "v_cache"):
+        assert rel(mine[name], ref[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", PERSISTENT)
 def test_persistent_long_context_wraps_the_ring(backend):
     """Positions far past a 100-position context with 8-position pages: each row attends over its last 100 keys, read
     from a ring of 13 pages in a shuffled order, in 7 splits over 7 blocks' warps, merged by the last split."""

@@ -71,6 +71,18 @@ def test_multistream_embed_columns_beyond_the_cuda_kernel(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_multistream_embed_cond_of_any_layout(backend):
+    """A cond [B, D] not contiguous along D (a transposed view) gives the reference's sums: the CUDA kernel reads
+    D-contiguous rows, so its wrapper copies it (the binding refused it; its emulation read the wrong elements)."""
+    device = kernel_device(backend)
+    tokens, text, audio, _, c = _inputs(3, 4, 32, torch.float32, device, text2=False, cond=True)
+    cond = c.t().contiguous().t()
+    got = resolve("multistream_embed", backend, device)(tokens, text, audio, cond=cond)
+    exp = reference.multistream_embed_ref(tokens.cpu(), text.cpu(), audio.cpu(), cond=c.cpu())
+    assert_close_verbose(got.cpu(), exp, atol=1e-6, rtol=1e-6, name=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_multistream_embed_out_dtype_and_extra_tables(backend):
     """bf16 tables, fp32 output; more audio tables than token columns (Q > K - 1) must be ignored."""
     device = kernel_device(backend)

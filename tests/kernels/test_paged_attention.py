@@ -102,6 +102,17 @@ def test_decode_batch_and_splits(backend, B, num_splits):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_empty_batch(backend):
+    """No slot at all (every stream closed): an empty output, as the reference's, not an error of the split planner
+    (0 blocks made its wave fill 0 / 0)."""
+    device = kernel_device(backend)
+    q, kc, vc, bt = _pool(0, 2, 16, 4, 8, torch.float32, device)
+    got = resolve("paged_decode_attention", backend, device)(q, kc, vc, bt, torch.zeros(0, dtype=torch.int32,
+                                                                                        device=device), context=8)
+    assert got.shape == (0, 2, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("num_splits", [2, 5])
 def test_decode_merges_in_launch_with_counters(backend, num_splits):
     """With a counter buffer the last split of each head merges in the same launch: the output matches the

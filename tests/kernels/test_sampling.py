@@ -135,6 +135,21 @@ def test_vocab_beyond_the_cuda_kernel(backend):
         args = [x.cpu() for x in (logits, temp)] + [top_k] + [x.cpu() for x in (seeds, steps)]
         assert torch.equal(got.cpu(), reference.sample_tokens_ref(*args, null_logits=null.cpu(), cfg_coef=2.0))
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_null_logits_of_another_dtype(backend):
+    """CFG null logits in another dtype than the logits (the checks and the reference take them, mixing in fp32): the
+    CUDA kernel reads both as the logits' dtype, so the cuda backend hands them to Triton's kernel (the binding
+    refused them; its emulation read fp16 bytes as fp32)."""
+    device = kernel_device(backend)
+    logits, null, temp, seeds, steps = _inputs(3, 50, device, seed=2, cfg=True)
+    temp[0] = 0.0
+    for lg, nl in ((logits, null.half()), (logits.bfloat16(), null)):
+        got = _run(backend, device, lg, temp, 5, seeds, steps, nl, 3.0)
+        exp = reference.sample_tokens_ref(lg.cpu(), temp.cpu(), 5, seeds.cpu(), steps.cpu(), null_logits=nl.cpu(),
+                                          cfg_coef=3.0)  # fmt: skip
+        assert torch.equal(got, exp), f"{lg.dtype} logits, {nl.dtype} null: {got.tolist()} vs {exp.tolist()}"
+
+
 def _check_frequencies(tokens, probs, label):
     n = tokens.numel()
     freq = torch.bincount(tokens, minlength=probs.numel()).double() / n
