@@ -346,14 +346,21 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, contex
     return fn(q, k_cache, v_cache, block_table, seq_lens, context=context, scale=scale, counters=counters)
 
 
+def _top_k(top_k: int, vocab: int) -> int:
+    """The reference's rule for every backend: ``0 < top_k < vocab`` keeps that many, anything else keeps all (0).
+    The CUDA binding reads top_k as a 32-bit int: 2**32 + 3 kept 3 tokens where the reference keeps them all."""
+    top_k = int(top_k)
+    return top_k if 0 < top_k < vocab else 0
+
+
 def sample_tokens(logits, temperature, top_k, seeds, steps, *, step_scale=1, step_offset=0, null_logits=None,
                   cfg_coef=1.0, backend=None):  # fmt: skip
     """See :func:`dsm_kernels.reference.sample_tokens_ref` (row b's noise counter: ``steps[b] * step_scale +
     step_offset``)."""
     checks.sample_tokens(logits, temperature, seeds, steps, null_logits, top_k, step_scale, step_offset)
     fn = resolve("sample_tokens", backend, logits.device)
-    return fn(logits, temperature, top_k, seeds, steps, step_scale=int(step_scale), step_offset=int(step_offset),
-              null_logits=null_logits, cfg_coef=cfg_coef)
+    return fn(logits, temperature, _top_k(top_k, logits.shape[1]), seeds, steps, step_scale=int(step_scale),
+              step_offset=int(step_offset), null_logits=null_logits, cfg_coef=cfg_coef)
 
 
 def add_rms_norm(x, alpha, eps, *, delta=None, scale=None, backend=None):
@@ -479,8 +486,8 @@ def depformer_frame(weights, z, text_token, temperature, top_k, seeds, steps, *,
     step_offset + k``). ``counters``: as :func:`decoder_step`'s."""
     checks.depformer_frame(weights, z, text_token, temperature, seeds, steps, counters, top_k, step_scale, step_offset)
     fn = resolve("depformer_frame", backend, z.device)
-    return fn(weights, z, text_token, temperature, top_k, seeds, steps, step_scale=int(step_scale),
-              step_offset=int(step_offset), return_logits=return_logits, counters=counters)
+    return fn(weights, z, text_token, temperature, _top_k(top_k, weights.heads[0].shape[0]), seeds, steps,
+              step_scale=int(step_scale), step_offset=int(step_offset), return_logits=return_logits, counters=counters)
 
 
 def decoder_step(weights, x, positions, slot, seq_lens, k_cache, v_cache, block_table, *, context, counters=None,

@@ -255,6 +255,23 @@ def test_a_float_top_k_or_step_is_refused(backend):
     assert K.sample_tokens(*args, torch.tensor(2), ids, ids, step_scale=np.int64(3), backend=backend).shape == (2,)
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_a_top_k_outside_the_vocabulary_keeps_every_token(backend):
+    """The reference keeps every token unless 0 < top_k < vocab; the CUDA binding read top_k as a 32-bit int, so
+    2**32 + 3 kept 3 tokens there."""
+    dev = kernel_device(backend)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g).to(dev)
+    seeds, steps, temp = torch.arange(6, device=dev), torch.full((6,), 7, device=dev), torch.ones(6, device=dev)
+    want = K.sample_tokens(logits, temp, 0, seeds, steps, backend=backend)
+    for top_k in (2**32 + 3, 50, -1):
+        assert torch.equal(K.sample_tokens(logits, temp, top_k, seeds, steps, backend=backend), want), top_k
+    w = random_depformer_weights(device=dev)
+    inputs = depformer_inputs(w, 3, temp=1.0, device=dev)
+    want = K.depformer_frame(w, **dict(inputs, top_k=0), backend=backend)
+    assert torch.equal(K.depformer_frame(w, **dict(inputs, top_k=2**32 + 3), backend=backend), want)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_empty_inputs_give_empty_outputs(backend):
     dev = kernel_device(backend)
