@@ -81,7 +81,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import dsm_kernels
 
     print(f"dsm {__version__}")
-    print(f"torch {torch.__version__} (cuda {torch.version.cuda}, available: {torch.cuda.is_available()})")
+    cuda = (f"cuda {torch.version.cuda}, available: {torch.cuda.is_available()}" if torch.version.cuda
+            else "a CPU-only build")  # not "cuda None"
+    print(f"torch {torch.__version__} ({cuda})")
     print(f"python {sys.version.split()[0]}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:

@@ -141,6 +141,8 @@ def test_info(capsys):
     assert f"dsm {__version__}" in out and f"torch {torch.__version__}" in out
     assert "kernel backends on cpu: reference" in out
     assert "small-batch GEMV kernels: up to 4 rows" in out and "programmatic dependent launch: off" in out
+    if torch.version.cuda is None:  # it said "cuda None"
+        assert f"torch {torch.__version__} (a CPU-only build)" in out and "None" not in out, out
 
 
 def test_info_hints_the_interpreter_and_a_closed_stdout_is_one_line():
