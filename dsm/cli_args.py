@@ -129,6 +129,17 @@ def seconds(zero: bool):
     return parse
 
 
+def temperature(text: str) -> float:
+    """An argparse ``type``: a sampling temperature, a finite number >= 0 (0: greedy)."""
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not 0 <= t < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a temperature >= 0 (0: greedy), got {text!r}")
+    return t
+
+
 positive_int = int_in_range(1, None, "a positive integer")
 nonnegative_int = int_in_range(0, None, "an integer >= 0")
 port_number = int_in_range(0, 65535, "a TCP port in 0..65535")

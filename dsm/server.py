@@ -931,7 +931,14 @@ def cmd_serve_stt(args) -> int:
 
 
 def setup_serve_tts_parser(p) -> None:
-    from .cli_args import add_batch_invariant_arg, add_checkpoint_args, parse_device, parse_dtype, positive_int
+    from .cli_args import (
+        add_batch_invariant_arg,
+        add_checkpoint_args,
+        parse_device,
+        parse_dtype,
+        positive_int,
+        temperature,
+    )
     from .presets import TTS_PRESETS
 
     add_checkpoint_args(p, required=False)
@@ -945,7 +952,7 @@ def setup_serve_tts_parser(p) -> None:
                         "fewer bound the memory, and a stream that does not fit waits for one to end; at least one "
                         "stream's pages and the null page, 6 for the released TTS)")
     p.add_argument("--cfg", type=float, default=2.0, help="distilled CFG coefficient (default 2.0)")
-    p.add_argument("--temp", type=float, default=0.6)
+    p.add_argument("--temp", type=temperature, default=0.6, help="sampling temperature (0 = greedy; default 0.6)")
     p.add_argument("--device", type=parse_device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="LM dtype (default: bf16 on cuda, fp32 on cpu)")
     add_batch_invariant_arg(p)

@@ -1046,7 +1046,7 @@ __all__ = ["DEFAULT_VOICE", "Entry", "EntryBuilder", "LMStepper", "MachineState"
 
 def setup_speak_parser(p) -> None:
     """Arguments of ``dsm speak``."""
-    from .cli_args import add_checkpoint_args, nonnegative_int, parse_device, parse_dtype
+    from .cli_args import add_checkpoint_args, nonnegative_int, parse_device, parse_dtype, temperature
     from .presets import TTS_PRESETS
 
     p.add_argument("text", metavar="TEXT|FILE|-", help="text to speak, a text file or pipe, or - for stdin")
@@ -1061,7 +1061,7 @@ def setup_speak_parser(p) -> None:
                    help="use a random checkpoint of --preset, written once to ~/.cache/dsm/random/<preset>-seed0")
     p.add_argument("--turns", action="store_true", help="dialogue: each non-empty line is a turn, speakers alternate")
     p.add_argument("--cfg", type=float, default=2.0, help="CFG coefficient (distilled cfg condition; default 2.0)")
-    p.add_argument("--temp", type=float, default=0.6, help="sampling temperature (0 = greedy; default 0.6)")
+    p.add_argument("--temp", type=temperature, default=0.6, help="sampling temperature (0 = greedy; default 0.6)")
     p.add_argument("--top-k", type=int, default=250)
     p.add_argument("--top-k-text", type=int, default=25)
     p.add_argument("--n-q", type=int, default=32, help="audio codebooks to generate (default 32)")
@@ -1102,7 +1102,7 @@ def cmd_speak(args) -> int:
 
     from tqdm import tqdm
 
-    from .cli_args import device_or_default, model_files_from_args, stdout_to_devnull
+    from .cli_args import UsageError, device_or_default, model_files_from_args, stdout_to_devnull
     from .tokenizer import TokenizerError
 
     def fail(msg: str) -> int:
@@ -1110,12 +1110,12 @@ def cmd_speak(args) -> int:
         return 1
 
     raw = args.raw or args.output == "-"
-    if not raw and not args.output:
-        return fail("give -o OUT.wav, or --raw / -o - for raw float32 PCM on stdout")
+    if not raw and not args.output:  # flags that do not go together: usage errors (exit 2), as argparse's
+        raise UsageError("give -o OUT.wav, or --raw / -o - for raw float32 PCM on stdout")
     if args.raw and args.output not in (None, "-"):
-        return fail(f"--raw writes to stdout, not to {args.output}: give one of them")
+        raise UsageError(f"--raw writes to stdout, not to {args.output}: give one of them")
     if not raw and Path(args.output).suffix.lower() != ".wav":
-        return fail(f"{args.output}: dsm speak writes WAV files (name it *.wav), or raw PCM with --raw")
+        raise UsageError(f"{args.output}: dsm speak writes WAV files (name it *.wav), or raw PCM with --raw")
     if not raw and not (parent := Path(args.output).parent).is_dir():  # before loading the model
         return fail(f"{args.output}: {parent} " + ("is not a directory" if parent.exists() else
                                                    "does not exist (a directory)"))

@@ -846,11 +846,14 @@ def test_cli_speak_random_weights(ckpt, tmp_path, monkeypatch, capsysbinary):
     assert b"time to first audio" in out.err
     assert main(["speak", "", "-o", str(tmp_path / "x.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
     assert b"no text" in capsysbinary.readouterr().err
-    assert main(["speak", "hi", "-o", str(tmp_path / "x.mp3"), "--preset", "tiny-tts", "--random-weights"]) == 1
+    # flags: usage errors, exit 2 (they were 1, as a failed run)
+    assert main(["speak", "hi", "-o", str(tmp_path / "x.mp3"), "--preset", "tiny-tts", "--random-weights"]) == 2
     assert b"writes WAV files" in capsysbinary.readouterr().err and not (tmp_path / "x.mp3").exists()
-    assert main(["speak", "hi", "-o", str(tmp_path / "x.wav"), "--temp", "nan", "--preset", "tiny-tts",
-                 "--random-weights"]) == 1
-    assert b"temp must be" in capsysbinary.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["speak", "hi", "-o", str(tmp_path / "x.wav"), "--temp", "nan", "--preset", "tiny-tts",
+              "--random-weights"])
+    assert e.value.code == 2
+    assert b"argument --temp: expected a temperature >= 0 (0: greedy), got 'nan'" in capsysbinary.readouterr().err
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00 not text")
     assert main(["speak", str(binary), "-o", str(tmp_path / "x.wav"), "--preset", "tiny-tts", "--random-weights"]) == 1
@@ -915,8 +918,10 @@ def test_cli_speak_output_errors(ckpt, tmp_path, monkeypatch, capsys):
     (tmp_path / "folder.wav").mkdir()
     assert main(["speak", "hi", "-o", str(tmp_path / "folder.wav"), *model]) == 1  # a directory
     assert "cannot write" in capsys.readouterr().err
-    assert main(["speak", "hi", "--raw", "-o", str(tmp_path / "x.wav"), *model]) == 1
+    assert main(["speak", "hi", "--raw", "-o", str(tmp_path / "x.wav"), *model]) == 2  # a usage error
     assert "--raw writes to stdout" in capsys.readouterr().err
+    assert main(["speak", "hi", *model]) == 2
+    assert "give -o OUT.wav" in capsys.readouterr().err
 
 
 def test_cli_speak_refuses_a_voice_the_checkpoint_cannot_take(ckpt, tmp_path, monkeypatch, capsys):
@@ -1324,15 +1329,15 @@ def test_websocket_input_checks_and_voice_names(ckpt, monkeypatch, capsys):
     assert args.func(args) == 0
     assert isinstance(started[0], TTSServer) and started[0].default_voice is not None
     # settings the clients would find out one by one are refused at startup, in one line (no traceback)
-    for flags, expected in ((["--cfg", "7"], "supports cfg in"), (["--temp", "-1"], "temp"),
-                            (["--condition-pages", "1"], "pages"), (["--voice", "nothere.safetensors"], "not found")):
+    for flags, expected in ((["--cfg", "7"], "supports cfg in"), (["--condition-pages", "1"], "pages"),
+                            (["--voice", "nothere.safetensors"], "not found")):
         capsys.readouterr()
         args = p.parse_args(["--preset", "tiny-tts", "--random-weights", "--device", "cpu", *flags])
         assert args.func(args) == 1, flags
         err = capsys.readouterr().err
         assert err.startswith("dsm serve-tts: error:") and expected in err and "Traceback" not in err, (flags, err)
     assert len(started) == 1
-    for flags in (["--batch-size", "0"], ["--port", "99999"]):
+    for flags in (["--batch-size", "0"], ["--port", "99999"], ["--temp", "-1"], ["--temp", "inf"]):
         with pytest.raises(SystemExit):
             p.parse_args(flags)
 
