@@ -265,6 +265,7 @@ class _Endpoint:
 
     path = ""
     module_type = ""  # moshi-server's name for the module in /api/modules_info
+    command = "serve"  # the dsm command that serves it, named in its messages
     metrics_prefix = ""
     outbox_bytes = OUTBOX_BYTES
     max_message_bytes = ASR_MAX_MESSAGE_BYTES
@@ -511,6 +512,7 @@ class ASRServer(_Endpoint):
 
     path = ASR_PATH
     module_type = "batched_asr"
+    command = "serve-stt"
     metrics_prefix = "asr"
     max_buffered_s = MAX_BUFFERED_S
     audio_timeout_s = AUDIO_TIMEOUT_S
@@ -671,6 +673,7 @@ class TTSServer(_Endpoint):
 
     path = TTS_PATH
     module_type = "py"
+    command = "serve-tts"
     metrics_prefix = "tts"
     max_message_bytes = TTS_MAX_MESSAGE_BYTES
 
@@ -902,14 +905,14 @@ def _run(endpoint: _Endpoint, host: str, port: int, what: str) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):  # leaving the block closes the connections with 1001
             loop.add_signal_handler(sig, stop.set)
         async with await endpoint.serve(host, port):
-            print(f"dsm: {what} on ws://{host}:{port}{endpoint.path}", flush=True)
+            print(f"dsm {endpoint.command}: {what} on ws://{host}:{port}{endpoint.path}", flush=True)
             await stop.wait()
-        print("dsm: stopped", flush=True)
+        print(f"dsm {endpoint.command}: stopped", flush=True)
 
     try:
         asyncio.run(main())
     except OSError as e:  # the address is taken, or not this machine's
-        print(f"dsm: error: cannot serve on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        print(f"dsm {endpoint.command}: error: cannot serve on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
 

@@ -766,3 +766,23 @@ def test_a_flood_of_small_messages_is_read_a_step_at_a_time(files):
     last = _serve(_slow_runtime(files, 0.02), flood, server_cls=Recording)
     assert last == {"type": "Marker", "id": 9} and servers[0]._queued == {}
     assert MAX_QUEUED_MESSAGES // 2 <= max(sizes) <= MAX_QUEUED_MESSAGES and sum(sizes) == 2003, sizes
+
+
+@pytest.mark.parametrize("command", ["serve-stt", "serve-tts"])
+def test_a_taken_address_is_one_line_naming_the_command(command, capsys):
+    """The messages of `_run` said "dsm:", naming no command (as every other command's do)."""
+    import errno
+
+    from dsm import server
+
+    class Endpoint:
+        path = ASR_PATH
+
+        async def serve(self, host, port):
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    endpoint = Endpoint()
+    endpoint.command = command
+    assert server._run(endpoint, "127.0.0.1", 8080, "x") == 1
+    assert capsys.readouterr().err == f"dsm {command}: error: cannot serve on 127.0.0.1:8080: Address already in use\n"
+    assert ASRServer.command == "serve-stt" and server.TTSServer.command == "serve-tts"
