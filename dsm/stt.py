@@ -1010,6 +1010,11 @@ def _cmd_transcribe(args) -> int:
     if args.audio.count("-") > 1:  # stdin holds one file
         print("dsm transcribe: error: '-' (stdin) can be given once", file=sys.stderr)
         return 2
+    if all(a != "-" and not Path(a).is_file() for a in args.audio):  # nothing to transcribe: before the model loads
+        for a in args.audio:
+            what = "is a directory, not an audio file" if Path(a).is_dir() else "audio file not found"
+            print(f"dsm transcribe: error: {a}: {what}", file=sys.stderr)
+        return 1
     names: dict[Path, list[str]] = {}
     used: set[str] = set()
     inputs = {Path(a).resolve() for a in args.audio if a != "-"}

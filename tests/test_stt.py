@@ -1153,6 +1153,20 @@ def test_transcribe_cli(ckpt, tmp_path, monkeypatch, capsys):
     assert "--random-weights" in capsys.readouterr().err
 
 
+def test_transcribe_cli_with_no_audio_file_fails_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """A mistyped only input was reported after the model had loaded (seconds to minutes for a real one)."""
+    import dsm.stt
+    from dsm.cli import main
+
+    monkeypatch.setattr(dsm.stt, "runtime_from_args", lambda args: pytest.fail("the model was loaded"))
+    assert main(["transcribe", str(tmp_path / "nope.wav"), str(tmp_path), "--preset", "tiny-stt", "--random-weights",
+                 "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"dsm transcribe: error: {tmp_path / 'nope.wav'}: audio file not found",
+        f"dsm transcribe: error: {tmp_path}: is a directory, not an audio file"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_transcribe_cli_output_names_follow_the_command_line(ckpt, tmp_path, monkeypatch, capsys):
     """Same stems: names by argument order, not by completion order (the short file finishes first), and never
     another input's name ("s-1.wav" is not overwritten by the second "s.wav")."""
