@@ -429,9 +429,15 @@ def _line(values) -> str:
     return " ".join(f"{'-' if v is None else v!s:>15}" for v in values)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except None: those flags' help says what happens without them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     ap.add_argument("kind", choices=["stt", "tts"])
     ap.add_argument("--clients", type=positive_int, nargs="+", default=[1, 8],
                     help="concurrent clients, one row each")

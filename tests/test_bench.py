@@ -913,3 +913,12 @@ def test_benchmark_help_describes_the_script_in_whole_sentences(name, capsys, mo
         mod.main(["--help"])
     described = " ".join(capsys.readouterr().out.split())
     assert " ".join(mod.__doc__.split("\n\n")[0].split()) in described
+
+
+def test_bench_serve_help_shows_no_none_default(capsys):
+    """Flags without a default said so twice: "...; default: start one (default: None)"."""
+    mod = _script("bench_serve")
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: [1, 8])" in out, out
