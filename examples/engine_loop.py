@@ -16,6 +16,7 @@ import argparse
 import torch
 
 from dsm.checkpoint import ensure_random_checkpoint, resolve_checkpoint
+from dsm.cli_args import parse_device
 from dsm.engine import Engine
 from dsm.mimi import FRAME_SIZE, Mimi
 from dsm.model import LMModel
@@ -29,12 +30,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[int]]:
     """Runs the schedule; returns each stream's text tokens."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-repo", help="an STT checkpoint (default: a random-weight tiny-stt one)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
     files = resolve_checkpoint(hf_repo=args.hf_repo) if args.hf_repo else resolve_checkpoint(
         ensure_random_checkpoint("tiny-stt"))
-    dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
     model = LMModel.from_checkpoint(files, device=args.device, dtype=dtype)
     mimi = Mimi.from_file(files.mimi_weights, n_q=model.cfg.n_q, device=args.device)
     tokenizer = Tokenizer(files.tokenizer)

@@ -17,6 +17,7 @@ import numpy as np
 
 from dsm.audio import load_audio
 from dsm.checkpoint import ensure_random_checkpoint, resolve_checkpoint
+from dsm.cli_args import parse_device, positive_int
 from dsm.stt import EndWord, Finished, STTRuntime, VADStep, Word
 
 
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("audio", nargs="*", help="audio files, one stream each (default: two synthetic streams)")
     p.add_argument("--hf-repo", help="e.g. kyutai/stt-1b-en_fr (default: a random-weight tiny-stt checkpoint)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--chunk-ms", type=int, default=100)
+    p.add_argument("--device", type=parse_device, default="cpu")
+    p.add_argument("--chunk-ms", type=positive_int, default=100)
     args = p.parse_args(argv)
 
     files = resolve_checkpoint(hf_repo=args.hf_repo) if args.hf_repo else resolve_checkpoint(

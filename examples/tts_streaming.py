@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 
 from dsm.checkpoint import ensure_random_checkpoint, resolve_checkpoint
+from dsm.cli_args import parse_device, positive_int
 from dsm.tts import TTSConfig, TTSRuntime, random_voice
 
 TEXTS = ["Hello, this is the first stream speaking.", "And here is a second one, at the same time."]
@@ -28,14 +29,15 @@ def main(argv: list[str] | None = None) -> list[np.ndarray]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-repo", help="e.g. kyutai/tts-1.6b-en_fr (default: a random-weight tiny-tts checkpoint)")
     p.add_argument("--voice", help="voice file or kyutai/tts-voices name (default: a random voice)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=parse_device, default="cpu")
     p.add_argument("--out-dir", default="tts_out")
-    p.add_argument("--max-frames", type=int, default=None, help="stop each stream after this many steps (demos)")
+    p.add_argument("--max-frames", type=positive_int, default=None,
+                   help="stop each stream after this many steps (demos)")
     args = p.parse_args(argv)
 
     files = resolve_checkpoint(hf_repo=args.hf_repo) if args.hf_repo else resolve_checkpoint(
         ensure_random_checkpoint("tiny-tts"))
-    dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
     rt = TTSRuntime.from_checkpoint(files, device=args.device, dtype=dtype, config=TTSConfig(max_batch=len(TEXTS)))
     rt.warm_up()  # on a GPU: capture the CUDA graphs before the first client
     voice = args.voice or random_voice(dim=rt.voice_dim)
