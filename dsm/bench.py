@@ -681,6 +681,10 @@ def run_cli(args) -> int:
     if (args.checkpoint or args.hf_repo) and args.preset:
         print("dsm bench: error: give --preset or --checkpoint/--hf-repo, not both", file=sys.stderr)
         return 2
+    if (args.checkpoint or args.hf_repo) and args.random_weights:  # it was ignored: the checkpoint's weights ran
+        print("dsm bench: error: --random-weights goes with --preset (a checkpoint benchmarks its own weights)",
+              file=sys.stderr)
+        return 2
     if args.preset and (twice := sorted({p for p in args.preset if args.preset.count(p) > 1})):
         # its rows would be measured twice and mixed in one capacity (the rows are told apart by model name)
         print(f"dsm bench: error: argument --preset: {', '.join(twice)} given twice (give each preset once)",

@@ -75,6 +75,9 @@ def test_bench_rejects_bad_counts(capsys, flag, value):
 def test_bench_preset_and_checkpoint_are_exclusive(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny-stt", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "r")]) == 2
     assert "not both" in capsys.readouterr().err
+    # a checkpoint's own weights are benchmarked: --random-weights beside it was ignored without a word
+    assert main(["bench", "--checkpoint", str(tmp_path), "--random-weights", "--output", str(tmp_path / "r")]) == 2
+    assert "--random-weights goes with --preset" in capsys.readouterr().err
 
 
 def test_bench_refuses_a_backend_the_device_lacks(tmp_path, capsys):
