@@ -328,7 +328,9 @@ class Generator:
             input_tokens = input_tokens[..., 0]
         if input_tokens.dim() != 2 or input_tokens.shape[0] != B or input_tokens.shape[1] < n_in:
             raise ValueError(f"input_tokens: expected shape [{B}, {n_in}], got {tuple(input_tokens.shape)}")
-        return input_tokens[:, :n_in]
+        # a frame of [B, n_in, T] codes has a row stride of T, which the fused embedding kernel does not take (no copy,
+        # and no launch, when the rows are contiguous: the engine's inputs)
+        return input_tokens[:, :n_in].contiguous()
 
     def forward(self, state: GenState, input_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the input-stream tokens into the delay cache, build this step's input column (initial tokens,

@@ -296,7 +296,10 @@ def transformer_forward(
         mask = _ring_mask(pos_q, capacity, consts)
         rows = torch.where(exec_mask, consts.arange(b), consts.full(b, torch.long)).view(-1, 1)  # b: scratch row
         write = (rows, torch.remainder(pos_q, capacity))
-    rot = rope_angles(freqs, pos_q.float())  # [B, T, 3, 1, D/2]
+    # RoPE positions as moshi computes them: the stream's offset in fp32, plus t in fp32. Past 2**24 tokens (7.8
+    # days at 25 Hz) this rounds apart from the exact offset + t converted once, and so would the codes.
+    ts = pos_q.float() if kv is None else kv.pos.float().view(-1, 1) + trange.float()
+    rot = rope_angles(freqs, ts)  # [B, T, 3, 1, D/2]
 
     for i, lw in enumerate(layers):
         y = F.layer_norm(h, (c,), lw.norm1_w, lw.norm1_b, 1e-5)

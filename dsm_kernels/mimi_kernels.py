@@ -560,7 +560,7 @@ def _mimi_rows_kernel(pos_ptr, exec_ptr, positions_ptr, slots_ptr, lens_ptr, sta
     for j in range(tokens):
         r = b * tokens + j
         p = pos + j
-        tl.store(positions_ptr + r, p, mask=m)
+        tl.store(positions_ptr + r, (pos.to(tl.float32) + j).to(tl.int64), mask=m)  # as moshi rounds
         tl.store(slots_ptr + r, tl.where(live, b.to(tl.int64) * capacity + p % capacity, -1), mask=m)
         tl.store(lens_ptr + r, (p + 1).to(tl.int32), mask=m)
         tl.store(starts_ptr + r, (p + tokens - capacity - j).to(tl.int32), mask=m)

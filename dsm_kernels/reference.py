@@ -846,17 +846,19 @@ def mimi_rows_ref(
     pos: torch.Tensor, exec_mask: torch.Tensor, tokens: int, capacity: int, advance: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row indices of a Mimi transformer step of ``tokens`` new tokens per stream, rows ``b * tokens + j`` over a
-    ring of ``capacity`` slots per stream (stream b's ring seen as page b): ``positions`` [B T] int64 (``pos[b] + j``,
-    the RoPE position), ``slots`` [B T] int64 (``b * capacity + positions % capacity``; -1 where ``exec_mask[b]`` is
-    False: no write), ``seq_lens`` [B T] int32 (``positions + 1``) and ``starts`` [B T] int32 (the first position the
-    row sees, ``positions + tokens - capacity - j``: what the ring still holds once every new key is written). With
-    ``advance``, ``pos`` of the active streams then moves on by ``tokens``, in place."""
+    ring of ``capacity`` slots per stream (stream b's ring seen as page b), of token position ``p = pos[b] + j``:
+    ``positions`` [B T] int64 (the RoPE position as moshi rounds it, ``fp32(pos[b]) + j`` in fp32, an integer; ``p``
+    below 2**24), ``slots`` [B T] int64 (``b * capacity + p % capacity``; -1 where ``exec_mask[b]`` is False: no
+    write), ``seq_lens`` [B T] int32 (``p + 1``) and ``starts`` [B T] int32 (the first position the row sees,
+    ``p + tokens - capacity - j``: what the ring still holds once every new key is written). With ``advance``,
+    ``pos`` of the active streams then moves on by ``tokens``, in place."""
     B = pos.shape[0]
     j = torch.arange(tokens, device=pos.device)
     positions = pos.long().view(-1, 1) + j  # [B, T]
     base = torch.arange(B, device=pos.device).view(-1, 1) * capacity
     slots = torch.where(exec_mask.view(-1, 1), base + positions % capacity, -1)
     starts = positions + (tokens - capacity) - j
+    rope = (pos.float().view(-1, 1) + j.float()).long()  # exact: every fp32 from 2**23 on is an integer
     if advance:
         pos.add_(exec_mask, alpha=tokens)
-    return positions.view(-1), slots.view(-1), (positions + 1).int().view(-1), starts.int().view(-1)
+    return rope.view(-1), slots.view(-1), (positions + 1).int().view(-1), starts.int().view(-1)

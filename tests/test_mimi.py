@@ -156,6 +156,35 @@ def test_streaming_parity_with_moshi(ours, ref, long_pcm, long_offline_codes):
     assert not torch.equal(offline[..., 125:], got_codes[..., 125:])
 
 
+def test_streaming_parity_with_moshi_after_days(ours, ref):
+    """A stream 15.5 days in (2**25 - 7 transformer tokens at 25 Hz): RoPE positions past 2**24 are not exact in
+    fp32, and moshi rounds the stream's offset to fp32 before adding each token's index (in fp32). Rounding the
+    exact offset + index once instead moved the second token of both frames here by 2 positions (of 16 frames from
+    2**25 - 1, 70% of the codes then differed)."""
+    from moshi.modules.transformer import StreamingMultiheadAttention
+
+    start, frames = 2**25 - 7, 2
+    pcm = signals(frames, seed=3)[:1]
+    want_codes, want_pcm, got_codes, got_pcm = [], [], [], []
+    state = ours.init_state(1)
+    with torch.no_grad(), ref.streaming(1):
+        for m in ref.modules():  # both transformers' offsets; their (zero) rings count as written
+            if isinstance(m, StreamingMultiheadAttention):
+                m._streaming_state.offset.fill_(start)
+                m._streaming_state.kv_cache.end_offset.fill_(start)
+        state.enc_kv.pos.fill_(start)
+        state.dec_kv.pos.fill_(start)
+        for i in range(frames):
+            x = pcm[..., i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
+            want_codes.append(ref.encode(x))
+            want_pcm.append(ref.decode(want_codes[-1]))
+            got_codes.append(ours.encode_step(x, state))
+            got_pcm.append(ours.decode_step(want_codes[-1], state))
+    want, got = torch.cat(want_codes, -1), torch.cat(got_codes, -1)
+    assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+    assert rel(torch.cat(got_pcm, -1), torch.cat(want_pcm, -1)) < PCM_RTOL
+
+
 def test_real_speech_parity(ours, ref):
     if not SPEECH.is_file():
         pytest.skip(f"{SPEECH} not present")

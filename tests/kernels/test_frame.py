@@ -2,6 +2,7 @@
 reference op on fresh random states. Integer ops: results, and the in-place updates of the cache and offsets, must be
 identical."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,18 +109,23 @@ def test_kv_slots(backend, B, pps, page_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("B,tokens,capacity", [(1, 2, 250), (3, 1, 250), (5, 4, 7), (33, 2, 250)])
-def test_mimi_rows(backend, B, tokens, capacity, monkeypatch):
+@pytest.mark.parametrize("B,tokens,capacity,start", [(1, 2, 250, 0), (3, 1, 250, 0), (5, 4, 7, 0), (33, 2, 250, 0),
+                                                     (6, 2, 250, 2**25 - 700)])  # days of a stream: fp32 rounds
+def test_mimi_rows(backend, B, tokens, capacity, start, monkeypatch):
+    """The rows' indices; their RoPE positions as moshi rounds them (``fp32(pos) + j`` in fp32: from 2**24 tokens on,
+    7.8 days of a 25 Hz stream, not the exact ``pos + j`` converted once)."""
     dev = kernel_device(backend)
     g = torch.Generator().manual_seed(B * tokens)
-    pos = torch.randint(0, 4 * capacity, (B,), generator=g)
-    pos[0] = capacity - 1  # its tokens straddle the ring's wrap
+    pos = start + torch.randint(0, 4 * capacity, (B,), generator=g)
+    pos[0] = start + capacity - 1  # its tokens straddle the ring's wrap
     live = torch.rand(B, generator=g) < 0.7
     live[0] = True
     # the specification, row by row
     rows = [(b, j) for b in range(B) for j in range(tokens)]
     p = [int(pos[b]) + j for b, j in rows]
-    spec = (p, [b * capacity + x % capacity if live[b] else -1 for (b, _), x in zip(rows, p, strict=True)],
+    rope = [int(np.float32(int(pos[b])) + np.float32(j)) for b, j in rows]
+    assert (rope != p) == (start > 0)  # the large positions have some that round apart
+    spec = (rope, [b * capacity + x % capacity if live[b] else -1 for (b, _), x in zip(rows, p, strict=True)],
             [x + 1 for x in p], [x + tokens - capacity - j for (_, j), x in zip(rows, p, strict=True)])
     exp = reference.mimi_rows_ref(pos, live, tokens, capacity)
     assert [t.tolist() for t in exp] == [list(v) for v in spec]

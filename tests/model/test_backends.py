@@ -39,6 +39,22 @@ def test_model_tokens_triton_equal_reference():
     _check("triton", "cuda" if torch.cuda.is_available() else "cpu")
 
 
+STT_CFG = dict(CFG, delays=[0, 2, 2, 2, 2], dep_q=0)
+
+
+def test_generator_takes_a_frame_sliced_from_a_longer_input():
+    """``Generator.step``'s documented ``[B, n_in, 1]`` input, sliced from ``[B, n_in, T]`` codes as moshi's callers
+    do, is not row-contiguous: the Triton embedding kernel (the one a GPU runs) refused it with a ValueError."""
+    model = dsm_lm_from_moshi(STT_CFG, moshi_lm_from_config(STT_CFG))
+    codes = torch.randint(0, 32, (2, 4, 6), generator=torch.Generator().manual_seed(0))
+    got = []
+    for backend in ("triton", "reference"):
+        g = Generator(model, use_sampling=False, backend=backend)
+        state = g.init_state(2)
+        got.append(torch.stack([g.step(state, codes[:, :, t : t + 1]).text_token for t in range(6)]))
+    assert torch.equal(got[0], got[1])
+
+
 def _engine_tokens(model, backend, batch, steps=6):
     from dsm.bench import _random_conditions
     from dsm.engine import Engine
