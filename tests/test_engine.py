@@ -287,6 +287,7 @@ def test_a_call_from_another_thread_waits_for_the_step(stt_model):
     assert not errors and sorted(eng.slots) == [0] and eng.slots[0].position == 1
     assert repr(eng) == ("Engine(slots 1/2 open, KV pages 1/6 used, buckets=(1, 2), device=cpu, "
                          "cuda_graphs=False)")
+    assert repr(eng.state) == "GenState(batch_size=2, kv_rows=2, conditioned=False, device=cpu)"
 
 
 def test_open_seeds(stt_model):
