@@ -729,10 +729,13 @@ class TTSRuntime:
 
     @classmethod
     def from_checkpoint(cls, files: CheckpointFiles, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.bfloat16, config: TTSConfig | None = None,
+                        dtype: torch.dtype | None = None, config: TTSConfig | None = None,
                         backend: str | None = None, audio: bool = True) -> TTSRuntime:
-        """Load LM, Mimi (unless ``audio`` is False: frames only) and tokenizer of a TTS checkpoint."""
+        """Load LM, Mimi (unless ``audio`` is False: frames only) and tokenizer of a TTS checkpoint. ``dtype``: the
+        LM's (default: bfloat16 on CUDA, float32 elsewhere, as ``STTRuntime.from_checkpoint`` and ``dsm speak``)."""
         config = config or TTSConfig()
+        if dtype is None:  # bf16 on a CPU was slow, and spoke otherwise than `dsm speak` for the same checkpoint
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         if not files.config.tts_config:
             raise CheckpointError(f"{files.config_path}: not a TTS checkpoint (no tts_config)")
         if "audio_delay" not in files.config.tts_config:

@@ -386,6 +386,12 @@ def test_another_tokenizer_a_card_mimi_lacks_or_no_audio_delay_is_refused(ckpt, 
         TTSRuntime.from_checkpoint(resolve_checkpoint(str(tmp_path)), dtype=torch.float32)
 
 
+def test_the_default_dtype_follows_the_device(ckpt):
+    """As STTRuntime.from_checkpoint and `dsm speak`: float32 on a CPU (it was bfloat16 everywhere)."""
+    rt = TTSRuntime.from_checkpoint(ckpt, config=TTSConfig(n_q=2), audio=False)
+    assert next(rt.model.parameters()).dtype == torch.float32
+
+
 def test_config_refuses_bad_values():
     for bad in [{"temp": -1.0}, {"temp": float("nan")}, {"temp": float("inf")}, {"top_k": -1}, {"top_k_text": -5},
                 {"max_break_s": float("nan")}, {"max_batch": 0}, {"max_gen_length": 0}, {"padding_between": -1},
