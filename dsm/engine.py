@@ -25,8 +25,10 @@ buckets of up to ``dsm_kernels.GEMV_MAX_B`` rows use the GEMV kernels instead of
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -179,6 +181,19 @@ def check_seed(seed, name: str = "seed") -> int:
     raise TypeError(f"{name} must be an integer, got {type(seed).__name__} {seed!r}")
 
 
+def serialized(method):
+    """Runs ``method`` holding its object's ``_lock`` (a ``threading.RLock``), so that calls from several threads run
+    one at a time: a step interleaved with another thread's open, close, push or step corrupted both streams' state
+    and leaked slots. Re-entrant: a hook or callback run inside a step may call the object again from its thread."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 def bucket_for(buckets: tuple[int, ...], slots: Iterable[int]) -> int:
     """The smallest of ``buckets`` (ascending) whose rows ``[0, bucket)`` hold every slot of ``slots`` (none: the
     smallest bucket)."""
@@ -202,6 +217,9 @@ class Engine:
     null page, so an open never fails for it; fewer bound the memory, see :class:`SharedPagePool`).
     ``gen_kwargs`` go to :class:`Generator` (temperatures, top-k, greedy...). CFG row doubling is not supported by
     the engine (the released TTS is CFG-distilled); use :class:`Generator` directly for it.
+
+    Threads: :meth:`open`, :meth:`close`, :meth:`step` and :meth:`warm_up` hold the engine's lock, so calls from
+    several threads run one at a time (hooks run holding it).
     """
 
     def __init__(self, model: LMModel, *, max_slots: int = 64, page_size: int = 16, num_pages: int | None = None,
@@ -262,12 +280,19 @@ class Engine:
         self._in_step = False  # hooks run inside a step: a slot opened or closed there would desync the bookkeeping
         n_in = cfg.num_codebooks - cfg.dep_q - 1
         self._inputs = torch.zeros(max_slots, n_in, dtype=torch.long, device=self.device)
+        self._lock = threading.RLock()  # see serialized
+
+    def __repr__(self) -> str:
+        return (f"Engine(slots {self.num_open}/{self.max_slots} open, KV pages {self.pool.used}/"
+                f"{self.pool.num_pages - 1} used, buckets={self.buckets}, device={self.device}, "
+                f"cuda_graphs={self.cuda_graphs})")
 
     # ---- stream lifecycle ----------------------------------------------------------------------------------------
     @property
     def num_open(self) -> int:
         return len(self.slots)
 
+    @serialized
     def open(self, conditions: dict | None = None, seed: int | None = None, slot: int | None = None) -> int:
         """Start a stream; returns its slot (the lowest free one unless ``slot`` asks for a given free slot).
         ``conditions``: this stream's condition values (TTS voices...). ``seed``: its sampling seed (default: the
@@ -299,6 +324,7 @@ class Engine:
         self.slots[slot] = _Slot(cross_pages=cross_pages)
         return slot
 
+    @serialized
     def close(self, slot: int) -> None:
         """End a stream: its pages return to the pools and its row stops executing."""
         self._check_not_in_step("close")
@@ -376,6 +402,7 @@ class Engine:
             st.cond_sum[slot] = total[0]
         return pages
 
+    @serialized
     @torch.no_grad()
     def warm_up(self, conditions: dict | None = None, *, plain: bool = True, hooked: bool = True) -> None:
         """Capture every bucket's step graphs now, as a server does before its first client, so that no stream pays
@@ -428,6 +455,7 @@ class Engine:
     def bucket_for(self, active: list[int]) -> int:
         return bucket_for(self.buckets, active)
 
+    @serialized
     @torch.no_grad()
     def step(self, inputs: torch.Tensor | None = None, active: list[int] | None = None, *,
              on_text_logits: Callable[[torch.Tensor], None] | None = None,

@@ -66,6 +66,10 @@ class GenState:
     def batch_size(self) -> int:
         return self.offsets.shape[0]
 
+    def __repr__(self) -> str:  # the dataclass's printed every tensor
+        return (f"GenState(batch_size={self.batch_size}, kv_rows={self.positions.shape[0]}, "
+                f"conditioned={self.cond_sum is not None}, device={self.offsets.device})")
+
     def rows(self, n: int) -> GenState:
         """A view of the first ``n`` slots: every tensor is a slice of this state's, so steps on the view update
         this state in place (how the engine runs a batch-size bucket). Not available with CFG row doubling."""

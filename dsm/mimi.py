@@ -88,6 +88,10 @@ class MimiState:
     def batch_size(self) -> int:
         return self.exec_mask.shape[0]
 
+    def __repr__(self) -> str:  # the dataclass's printed every tensor: 150 kB for 2 streams
+        return (f"MimiState(batch_size={self.batch_size}, encoder={self.enc_kv.cache.shape[4] > 0}, "
+                f"decoder={self.dec_kv.cache.shape[4] > 0}, device={self.exec_mask.device})")
+
     def tensors(self) -> list[torch.Tensor]:
         """Every state tensor (for copying/comparing whole states)."""
         out: list[torch.Tensor] = []
@@ -211,6 +215,9 @@ class Mimi:
                 self.convtr_phases[name] = convtr_phase_weight(w[name], op[5])
                 cols *= op[5]
         self._rvq(w)
+
+    def __repr__(self) -> str:
+        return f"Mimi(n_q={self.n_q}, device={self.device}, backend={self.backend!r})"
 
     @classmethod
     def from_file(cls, path: str | Path, n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
-from .engine import Engine, bucket_for, int64_value
+from .engine import Engine, bucket_for, int64_value, serialized
 from .generate import check_temperature, check_token_range
 from .host_copies import HostReads, to_device
 from .memory import first_line, out_of_memory
@@ -441,10 +442,15 @@ class STTStream:
 
         return soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
 
+    @property
+    def _lock(self) -> threading.RLock:  # the runtime's: a stream's calls touch the runtime's batch (see serialized)
+        return self.rt._lock
+
     def __repr__(self) -> str:
         return f"STTStream({self.name!r}, slot={self.slot}, steps={self.steps}, finished={self.finished})"
 
     # ---- input -------------------------------------------------------------------------------------------------
+    @serialized
     def push(self, pcm: torch.Tensor | np.ndarray, sample_rate: int | None = None, process: bool = True,
              channels_first: bool | None = None) -> list[Event]:
         """Queue pcm (floats in [-1, 1]; channels are averaged) at the stream's rate.
@@ -496,6 +502,7 @@ class STTStream:
         self._layout, self._channels = channels_first is not False, x.shape[0]
         return x.mean(dim=0).cpu().numpy()
 
+    @serialized
     def flush(self, end: bool = True, process: bool = True) -> list[Event]:
         """Push ``ceil(audio_delay × 12.5)`` silence frames at once so the last words arrive (§5.5); one more with
         the Rust alignment, where the last audio frame is only seen a step later.
@@ -520,6 +527,7 @@ class STTStream:
             self._finish()
         return self._process() if process else self.events()
 
+    @serialized
     def marker(self, marker_id: int) -> list[Event]:
         """Ask for a :class:`Marker` event once the audio queued so far plus ``asr_delay_in_tokens`` steps have run
         (moshi-server's rule, §5.7); pending markers are echoed at the end of the stream at the latest."""
@@ -545,6 +553,7 @@ class STTStream:
         while self._markers and (all_ or self._markers[0][0] <= self.steps):
             self._events.append(Marker(self.name, self._markers.popleft()[1]))
 
+    @serialized
     def close(self) -> None:
         """Abort: drop queued audio and free the slot now (no Finished event); pending markers are echoed."""
         self.ended = True
@@ -552,6 +561,7 @@ class STTStream:
         self.rt._release(self)
         self._due_markers(all_=True)
 
+    @serialized
     def events(self) -> list[Event]:
         """Take this stream's pending events."""
         out, self._events = self._events, []
@@ -616,6 +626,7 @@ class STTStream:
             out -= min(t - start, dur)
         return max(0.0, out)
 
+    @serialized
     def words(self, rule: str | None = None) -> Transcript:
         """Transcript of the tokens so far by ``rule`` (``"python"`` or ``"rust"``; default: runtime option)."""
         if not self.history:
@@ -663,6 +674,9 @@ class STTRuntime:
     ``on_text``: a hook that may edit each step's text tokens in place (rows by slot; forced alignment, tests). If it
     raises, the LM step is undone but the audio frames of that call, already encoded, are lost for every stream in it
     (a stream whose last frames they were finishes without them).
+
+    Threads: the runtime's and its streams' methods hold the runtime's lock, so streams may be fed from several
+    threads; their calls run one at a time (a ``push`` that steps the model holds the others for the step).
     """
 
     def __init__(self, lm, mimi, tokenizer, config, *, max_streams: int = 8, options: STTOptions | None = None,
@@ -697,6 +711,11 @@ class STTRuntime:
         self._pending: Callable[[], None] | None = None  # an overlapped call's hand-over (step(overlap=True))
         self.total_steps = 0
         self.opened = 0  # streams opened so far (default stream names)
+        self._lock = threading.RLock()  # held by the runtime's and its streams' calls (see dsm.engine.serialized)
+
+    def __repr__(self) -> str:
+        return (f"STTRuntime(streams {len(self.streams)}/{self.max_streams} open, alignment="
+                f"{self.options.alignment!r}, device={self.device}, engine={self.stepper.engine is not None})")
 
     @classmethod
     def from_checkpoint(cls, files, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -715,6 +734,7 @@ class STTRuntime:
         mimi = Mimi.from_file(files.mimi_weights, n_q=lm.cfg.n_q, device=device)
         return cls(lm, mimi, tokenizer, files.config, max_streams=max_streams, options=options, **kw)
 
+    @serialized
     def warm_up(self) -> None:
         """Capture the engine's step graphs and Mimi's one-frame encode graphs for every batch bucket before the first
         stream (a no-op on a CPU or with streams open; no engine graphs on the plain generator)."""
@@ -735,6 +755,7 @@ class STTRuntime:
     def free_slots(self) -> int:
         return sum(s is None for s in self.slots)
 
+    @serialized
     def open_stream(self, name: str | None = None, sample_rate: int = SAMPLE_RATE, history: bool = True) -> STTStream:
         """Take the lowest free slot (reset) for a new stream; :class:`NoFreeSlotError` if all are taken.
 
@@ -759,6 +780,7 @@ class STTRuntime:
             self.stepper.close(stream.slot)
 
     # ---- stepping ----------------------------------------------------------------------------------------------
+    @serialized
     def step(self, max_frames: int = 1, overlap: bool = False) -> int:
         """Run every stream with a full frame queued; returns the number of LM steps (0: no stream had a frame).
 
@@ -780,6 +802,7 @@ class STTRuntime:
             if pending is not None:
                 pending()
 
+    @serialized
     def settle(self) -> None:
         """Hand the streams the tokens of an overlapped call still pending (see :meth:`step`)."""
         pending, self._pending = self._pending, None
@@ -833,6 +856,7 @@ class STTRuntime:
             raise
         return k
 
+    @serialized
     def run(self, max_steps: int | None = None, max_frames: int = 1) -> int:
         """Step until no stream has a full frame queued (at most ``max_steps``); returns the number of steps."""
         n = 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,7 +41,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointFiles, check_model_files, hub_file
 from .conditioning import TensorInput
-from .engine import EngineFull, bucket_for, check_seed
+from .engine import EngineFull, bucket_for, check_seed, serialized
 from .generate import Generator, check_temperature
 from .host_copies import HostReads, copy_from_host, to_device
 from .mimi import Mimi
@@ -583,7 +584,17 @@ class TTSStream:
         self.first_text_at: float | None = None
         self.first_pcm_at: float | None = None
 
+    @property
+    def _lock(self) -> threading.RLock:  # the runtime's: a stream's calls touch the runtime's batch (see serialized)
+        return self.runtime._lock
+
+    def __repr__(self) -> str:
+        where = "done" if self.done else f"slot {self.slot}" if self.slot is not None else "waiting"
+        return (f"TTSStream({where}, words={self.n_words}, steps={self.offset}, samples={self.samples}, "
+                f"text_ended={self.text_ended}, cancelled={self.cancelled}, truncated={self.truncated})")
+
     # ---- input
+    @serialized
     def push(self, text: str) -> int:
         """Add whole words to the current turn; returns the number of entries added."""
         if self.text_ended:
@@ -598,16 +609,19 @@ class TTSStream:
         self.n_words += sum(1 for e in entries if e.tokens)
         return len(entries)
 
+    @serialized
     def next_turn(self) -> None:
         """Start the next dialogue turn (the other speaker)."""
         if self.text_ended:
             raise TTSInputError("text was already ended for this stream (next_turn after end())")
         self.builder.next_turn()
 
+    @serialized
     def end(self) -> None:
         """No more text: the stream may now always be stepped and finishes after its last word."""
         self.text_ended = True
 
+    @serialized
     def cancel(self) -> None:
         """Stop now: the stream leaves its slot (or the queue) at once, done, and produces nothing more (its last
         step's PCM, not handed over yet, is dropped); PCM already handed over can still be read. The other streams
@@ -615,6 +629,7 @@ class TTSStream:
         self.runtime._cancel(self)
 
     # ---- output
+    @serialized
     def read(self) -> torch.Tensor:
         """PCM produced since the last read (float32 [N], 24 kHz, in [-1, 1])."""
         chunks = list(self.pending)
@@ -652,7 +667,11 @@ class TTSStream:
 
 class TTSRuntime:
     """Batched streaming TTS: ``config.max_batch`` slots over one LM and one streaming Mimi (``mimi=None``: frames
-    only, no PCM)."""
+    only, no PCM).
+
+    Threads: the runtime's and its streams' methods hold the runtime's lock, so streams may be fed and read from
+    several threads; their calls run one at a time. ``on_pcm`` callbacks run holding it: they may call the runtime
+    from their own thread, but must not wait for another thread that does."""
 
     def __init__(self, model: LMModel, mimi: Mimi | None, tokenizer: Tokenizer, tts_config: dict,
                  model_id: dict | None = None, config: TTSConfig | None = None, backend: str | None = None,
@@ -705,13 +724,22 @@ class TTSRuntime:
         self.waiting: deque[TTSStream] = deque()
         self._pending: Callable[[], list[Exception]] | None = None  # the last step's hand-over (see step())
         self._text_only_streak = 0  # consecutive interleaved text-only steps
+        self._lock = threading.RLock()  # held by the runtime's and its streams' calls (see dsm.engine.serialized)
+
+    def __repr__(self) -> str:
+        busy = sum(s is not None for s in self.slots)
+        return (f"TTSRuntime(streams {busy}/{len(self.slots)} in slots, {len(self.waiting)} waiting, n_q="
+                f"{self.config.n_q}, device={self.device}, audio={self.mimi is not None})")
 
     @classmethod
     def from_checkpoint(cls, files: CheckpointFiles, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.bfloat16, config: TTSConfig | None = None,
+                        dtype: torch.dtype | None = None, config: TTSConfig | None = None,
                         backend: str | None = None, audio: bool = True) -> TTSRuntime:
-        """Load LM, Mimi (unless ``audio`` is False: frames only) and tokenizer of a TTS checkpoint."""
+        """Load LM, Mimi (unless ``audio`` is False: frames only) and tokenizer of a TTS checkpoint. ``dtype``: the
+        LM's (default: bfloat16 on CUDA, float32 elsewhere, as ``STTRuntime.from_checkpoint`` and ``dsm speak``)."""
         config = config or TTSConfig()
+        if dtype is None:  # bf16 on a CPU was slow, and spoke otherwise than `dsm speak` for the same checkpoint
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         if not files.config.tts_config:
             raise CheckpointError(f"{files.config_path}: not a TTS checkpoint (no tts_config)")
         if "audio_delay" not in files.config.tts_config:
@@ -723,6 +751,7 @@ class TTSRuntime:
         mimi = Mimi.from_file(files.mimi_weights, n_q=config.n_q, device=device) if audio else None
         return cls(model, mimi, tokenizer, files.config.tts_config, files.config.model_id, config, backend)
 
+    @serialized
     def warm_up(self) -> None:
         """Capture the engine's step graphs (with the default conditions) and Mimi's decode graphs for every batch
         bucket before the first stream (a no-op on a CPU or with streams open; no engine graphs on the CFG-doubling
@@ -777,6 +806,7 @@ class TTSRuntime:
         return value
 
     # ---- streams
+    @serialized
     def open_stream(self, voice: str | Path | torch.Tensor | Sequence | None = None, cfg: float | None = 2.0,
                     on_pcm: Callable[[torch.Tensor], None] | None = None, seed: int | None = None) -> TTSStream:
         """A new stream. ``voice``: a voice file/name/tensor, or a list of up to 5 (speaker slots; the python
@@ -847,6 +877,7 @@ class TTSRuntime:
             stream.done = True
 
     # ---- stepping
+    @serialized
     def step(self) -> int:
         """One LM step for every slot whose stream is ready; returns how many rows ran (0: nothing to do).
 
@@ -985,6 +1016,7 @@ class TTSRuntime:
         self._release(s)
         s.done = True
 
+    @serialized
     def pump(self) -> int:
         """Step while some stream can progress; returns the number of steps."""
         n = 0
@@ -992,6 +1024,7 @@ class TTSRuntime:
             n += 1
         return n
 
+    @serialized
     def run(self, streams: Sequence[TTSStream] | None = None) -> None:
         """Step until ``streams`` (default: every open stream) are done; their text must have been ended."""
         todo = list(streams) if streams is not None else [s for s in self.slots if s] + list(self.waiting)

@@ -156,6 +156,7 @@ def test_random_checkpoint_mimi_loads_in_moshi(tiny_dirs):
 def test_tokenizer_sizes_and_errors(tmp_path):
     tok = Tokenizer(train_random_tokenizer(tmp_path / "t.model", 4000, seed=5))
     assert tok.vocab_size == len(tok) == 4000
+    assert repr(tok) == f"Tokenizer({str(tmp_path / 't.model')!r}, vocab_size=4000)"
     assert [tok.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
     ids = tok.encode("le chat mange")
     assert all(4 <= i < 4000 for i in ids) and tok.decode(ids) == "le chat mange"

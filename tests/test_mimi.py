@@ -583,6 +583,13 @@ def test_mimi_refuses_a_codebook_count_that_is_not_an_integer_in_range(n_q):
         Mimi({}, n_q=n_q)
 
 
+def test_reprs_are_short(ours):
+    """A state's repr names its shape: the dataclass's printed every tensor (150 kB for 2 streams)."""
+    assert repr(ours) == "Mimi(n_q=32, device=cpu, backend=None)"
+    assert repr(ours.init_state(2, encoder=False)) == (
+        "MimiState(batch_size=2, encoder=False, decoder=True, device=cpu)")
+
+
 def test_init_state_refuses_a_negative_batch(ours):
     with pytest.raises(ValueError, match=r"init_state: batch_size must be an integer >= 0, got -1"):
         ours.init_state(-1)

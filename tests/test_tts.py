@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -387,6 +388,12 @@ def test_another_tokenizer_a_card_mimi_lacks_or_no_audio_delay_is_refused(ckpt, 
         TTSRuntime.from_checkpoint(resolve_checkpoint(str(tmp_path)), dtype=torch.float32)
 
 
+def test_the_default_dtype_follows_the_device(ckpt):
+    """As STTRuntime.from_checkpoint and `dsm speak`: float32 on a CPU (it was bfloat16 everywhere)."""
+    rt = TTSRuntime.from_checkpoint(ckpt, config=TTSConfig(n_q=2), audio=False)
+    assert next(rt.model.parameters()).dtype == torch.float32
+
+
 def test_config_refuses_bad_values():
     for bad in [{"temp": -1.0}, {"temp": float("nan")}, {"temp": float("inf")}, {"top_k": -1}, {"top_k_text": -5},
                 {"max_break_s": float("nan")}, {"max_batch": 0}, {"max_gen_length": 0}, {"padding_between": -1},
@@ -647,6 +654,41 @@ def test_a_stream_callback_cannot_hurt_the_others(ckpt):
     for mode in ("cancel", "raise"):
         b = pair(mode)
         torch.testing.assert_close(b.read(), want)  # every frame (batch 2 vs 1 Mimi: float rounding only)
+
+
+def test_a_call_from_another_thread_waits_for_the_step(ckpt):
+    """The runtime's and its streams' calls hold the runtime's lock: a stream opened and fed from another thread
+    while a step hands over its PCM joins after the step. It used to run inside it: two threads stepping at once lost
+    a stream's audio, failed another's step (a slot of None) and took slots open from a step hook."""
+    voice = ckpt.config_path.parent / "voice.safetensors"
+    rt = runtime(ckpt, audio=True, n_q=2, max_batch=2)
+    late, errors = [], []
+
+    def open_and_push():
+        try:
+            late.append(rt.open_stream(voice))
+            late[0].push("hello")
+            late[0].end()
+        except Exception as e:
+            errors.append(e)
+
+    other = threading.Thread(target=open_and_push)
+
+    def on_pcm(pcm):
+        if not other.is_alive() and not late:
+            other.start()
+            other.join(timeout=0.5)
+            assert other.is_alive(), "the other thread's open_stream ran inside the step"
+
+    first = rt.open_stream(voice, on_pcm=on_pcm)
+    first.push("hello world")
+    first.end()
+    rt.run([first])
+    other.join()
+    assert not errors and repr(late[0]).startswith("TTSStream(") and "words=1, " in repr(late[0])
+    rt.run(late)
+    assert late[0].done and late[0].read().numel() and repr(rt) == (
+        "TTSRuntime(streams 0/2 in slots, 0 waiting, n_q=2, device=cpu, audio=True)")
 
 
 def test_pcm_with_fewer_streams_than_slots(ckpt):
