@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .audio import MIN_SAMPLE_RATE, AudioError, ClippedAudioWarning, load_audio, validate_pcm
-from .engine import Engine, bucket_for, int64_value, serialized
+from .engine import Engine, EngineFull, bucket_for, int64_value, serialized
 from .generate import check_temperature, check_token_range
 from .host_copies import HostReads, to_device
 from .memory import first_line, out_of_memory
@@ -62,8 +62,9 @@ DEFAULT_AUDIO_DELAY_SECONDS = 5.0
 DEFAULT_SILENCE_PREFIX_SECONDS = 1.0
 
 
-class NoFreeSlotError(RuntimeError):
-    """Every slot of the runtime is taken by an open stream."""
+class NoFreeSlotError(EngineFull):
+    """Every slot of the runtime is taken by an open stream (an :class:`~dsm.engine.EngineFull`: one class for a
+    service to catch, from the runtime or the engine under it)."""
 
 
 class StreamClosedError(RuntimeError):

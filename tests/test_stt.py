@@ -817,6 +817,10 @@ def test_audio_errors_and_defined_behaviour(lm, tok, files, tmp_path):
     rt.open_stream("other")
     with pytest.raises(NoFreeSlotError, match="2 stream slots"):
         rt.open_stream("third")
+    from dsm.engine import EngineFull
+
+    with pytest.raises(EngineFull):  # one class to catch, from the runtime or the engine under it
+        rt.open_stream("third")
     s.flush()
     with pytest.raises(StreamClosedError, match="mic"):
         s.push(torch.zeros(10))
