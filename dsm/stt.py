@@ -590,7 +590,8 @@ class STTStream:
             self._emit_raw(raw)
         if tracker.word_tokens and len(tracker.word_tokens) != before:
             pending = rt.tokenizer.decode(tracker.word_tokens)
-            self._events.append(Partial(self.name, pending, f"{self._text} {pending}" if self._text else pending))
+            text = f"{self._text} {pending}" if self._text and pending.strip() else self._text or pending
+            self._events.append(Partial(self.name, pending, text))
         if probs is not None:
             options = rt.options
             self._events.append(VADStep(self.name, self.steps, tuple(probs), probs[options.vad_head] >
@@ -607,7 +608,7 @@ class STTStream:
                 self._raw.append(e)
             if isinstance(e, RawWord):
                 text = self.rt.tokenizer.decode(list(e.tokens))
-                if self.history:
+                if self.history and text.strip():  # a word of no text (eos alone) is no word of the transcript
                     self._text = f"{self._text} {text}" if self._text else text
                 self._events.append(Word(self.name, text, self._audio_time(e.start_time - shift), e.tokens))
             else:

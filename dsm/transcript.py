@@ -188,7 +188,8 @@ def pair_rust_words(events: Sequence[RawWord | RawEndWord], tokenizer: _Tokenize
                     end_default: float | None = None) -> list[TimedWord]:
     """Attach each ``EndWord`` to the preceding ``Word`` (as DSM clients do); times minus ``shift``, clipped at 0.
 
-    A word never ended gets ``end_default`` (or its start)."""
+    A word never ended gets ``end_default`` (or its start). A word whose tokens decode to no text (``eos``, a lone
+    ``▁``: the server sends it) is left out, as the python rule does: it would be an empty cue or a double space."""
     words: list[list] = []
     for e in events:
         if isinstance(e, RawWord):
@@ -197,6 +198,8 @@ def pair_rust_words(events: Sequence[RawWord | RawEndWord], tokenizer: _Tokenize
             words[-1][2] = e.stop_time
     out = []
     for text, start, end in words:
+        if not text.strip():
+            continue
         end = end if end is not None else (end_default if end_default is not None else start)
         s, e = max(0.0, start - shift), max(0.0, end - shift)
         out.append(TimedWord(text, s, max(s, e)))

@@ -211,7 +211,7 @@ def test_forced_words_follow_both_rules(lm, tok, files, alignment, model, engine
         assert [(w.text, (w.start, w.end)) for w in s.transcript.words] == ref_python_rule(
             s.tokens, tok, 12.5, 0, 3, offset)
         rust_words = s.words("rust").words
-        assert [w.text for w in rust_words] == [e.text for e in ev if isinstance(e, Word)]
+        assert [w.text for w in rust_words] == [e.text for e in ev if isinstance(e, Word) and e.text]
         assert all(w.end >= w.start for w in rust_words)
     assert rt.free_slots == 3
 
@@ -333,6 +333,20 @@ def test_flush_without_ending_delivers_words_at_once(lm, tok, files):
     ev = s.push(noise(1920 * 8, 2)) + s.flush()
     assert [e.text for e in ev if isinstance(e, Word)] == ["world"] and isinstance(ev[-1], Finished)
     assert ev[-1].transcript.text == "hello world" and s.words("rust").text == "hello world"
+
+
+def test_a_word_of_no_text_keeps_the_running_text_and_the_transcript_clean(lm, tok, files):
+    """eos alone between boundaries is a server Word of text "" (sent as is), but no word of the running text of
+    Partial events nor of the Rust-rule transcript (they read "hello  world" before)."""
+    hello, world = tok.encode("hello"), tok.encode("world")
+    seq = [3] * 6 + [0, *hello] + [3] * 3 + [0, 2] + [3] * 3 + [0, *world] + [3] * 30
+    rt = runtime(lm, tok, files.config, forcer=Forcer({"e": seq}), max_streams=1, timestamps="rust")
+    s = rt.open_stream("e")
+    ev = s.push(noise(1920 * 30, 1)) + s.flush()
+    assert [e.text for e in ev if isinstance(e, Word)] == ["hello", "", "world"]
+    assert [e.text for e in ev if isinstance(e, Partial)][-1] == "hello world"
+    assert all("  " not in e.text for e in ev if isinstance(e, Partial))
+    assert s.transcript.text == "hello world" and [w.text for w in s.transcript.words] == ["hello", "world"]
 
 
 def test_markers_follow_the_server_rule(lm, tok, files):

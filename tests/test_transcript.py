@@ -174,6 +174,20 @@ def test_rust_rule_finish_and_pairing(tok):
     assert shifted[0].start == pytest.approx(2 / 12.5 - 0.1) and shifted[0].end == pytest.approx(n / 12.5 - 0.1)
 
 
+def test_rust_rule_words_of_no_text_are_no_words_of_the_transcript(tok):
+    """Tokens that decode to nothing (eos, bos, a lone "▁") between two boundaries make a server Word of text "": the
+    transcript leaves it out, as the python rule does (it gave "hello  hello" and an empty SRT/VTT cue)."""
+    w, blank = tok.encode("hello"), tok.piece_to_id("\u2581")
+    assert tok.decode([blank]) == "" and tok.decode([2]) == ""
+    tr = RustWordTracker(0)
+    raw = [e for t in [0, *w, 3, 0, 2, 3, 3, 0, blank, 0] + [3] * 30 + [0, *w, 0] for e in tr.push(t)] + tr.finish()
+    assert sum(isinstance(e, RawWord) for e in raw) == 4  # the server's events are kept as they are
+    t = Transcript("x", pair_rust_words(raw, tok))
+    assert [w.text for w in t.words] == ["hello", "hello"] and t.text == "hello hello"
+    assert to_srt(t).count("hello") == 2 and "\n\n\n" not in to_srt(t) and "\n\n\n" not in to_vtt(t)
+    assert [w.text for w in python_words([0, *w, 3, 0, 2, 3, 3, 0, *w, 0], tok, 0.0)] == ["hello", "hello"]
+
+
 def test_default_asr_delay():
     assert default_asr_delay_in_tokens(0.5) == 6
     assert default_asr_delay_in_tokens(2.5) == 32  # not 31 (pitfall 20)
