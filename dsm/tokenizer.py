@@ -132,6 +132,3 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int:
         return self.sp.PieceToId(piece)
 
-    def decode_pieces(self, ids: list[int]) -> str:
-        """Concatenate the pieces of ``ids`` with ``▁`` turned into spaces (how STT output text is built)."""
-        return "".join(self.id_to_piece(i) for i in ids).replace("\u2581", " ")

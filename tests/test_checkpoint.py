@@ -160,7 +160,6 @@ def test_tokenizer_sizes_and_errors(tmp_path):
     assert [tok.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
     ids = tok.encode("le chat mange")
     assert all(4 <= i < 4000 for i in ids) and tok.decode(ids) == "le chat mange"
-    assert tok.decode_pieces(ids).strip() == "le chat mange"
     with pytest.raises(IndexError, match="token id 4000 out of range"):
         tok.id_to_piece(4000)
     bad = tmp_path / "bad.model"
