@@ -314,7 +314,10 @@ class _Endpoint:
         if url.path != self.path:
             return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {url.path!r}; this server is {self.path}\n")
         query = parse_qs(url.query)
-        key = request.headers.get("kyutai-api-key") or (query.get("auth_id") or [None])[0]
+        # As moshi-server: a header that is there wins, even empty, and a repeated one counts by its first value
+        # (Headers.get raises on a repeated header).
+        sent = request.headers.get_all("kyutai-api-key")
+        key = sent[0] if sent else (query.get("auth_id") or [None])[0]
         if key not in self.api_keys:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or unknown kyutai-api-key / auth_id\n")
         problem = self._check_query(query)
