@@ -857,8 +857,9 @@ class TTSServer(_Endpoint):
             words = s.transcript
             last = len(words) if s.done else len(words) - 1  # a word's stop is the next word's start
             while conn.fmt == "PcmMessagePack" and conn.words_sent < last:
-                text, start = words[conn.words_sent]
-                stop = words[conn.words_sent + 1][1] if conn.words_sent + 1 < len(words) else s.offset
+                # moshi-server's times count the steps done once the step that consumed the word is: its index + 1
+                text, start = words[conn.words_sent][0], words[conn.words_sent][1] + 1
+                stop = words[conn.words_sent + 1][1] + 1 if conn.words_sent + 1 < len(words) else s.offset
                 conn.words_sent += 1
                 payloads.append(pack({"type": "Text", "text": text, "start_s": start / FRAME_RATE,
                                       "stop_s": stop / FRAME_RATE}))
