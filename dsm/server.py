@@ -314,7 +314,10 @@ class _Endpoint:
         if url.path != self.path:
             return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {url.path!r}; this server is {self.path}\n")
         query = parse_qs(url.query)
-        key = request.headers.get("kyutai-api-key") or (query.get("auth_id") or [None])[0]
+        # As moshi-server: a header that is there wins, even empty, and a repeated one counts by its first value
+        # (Headers.get raises on a repeated header).
+        sent = request.headers.get_all("kyutai-api-key")
+        key = sent[0] if sent else (query.get("auth_id") or [None])[0]
         if key not in self.api_keys:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or unknown kyutai-api-key / auth_id\n")
         problem = self._check_query(query)
@@ -854,8 +857,9 @@ class TTSServer(_Endpoint):
             words = s.transcript
             last = len(words) if s.done else len(words) - 1  # a word's stop is the next word's start
             while conn.fmt == "PcmMessagePack" and conn.words_sent < last:
-                text, start = words[conn.words_sent]
-                stop = words[conn.words_sent + 1][1] if conn.words_sent + 1 < len(words) else s.offset
+                # moshi-server's times count the steps done once the step that consumed the word is: its index + 1
+                text, start = words[conn.words_sent][0], words[conn.words_sent][1] + 1
+                stop = words[conn.words_sent + 1][1] + 1 if conn.words_sent + 1 < len(words) else s.offset
                 conn.words_sent += 1
                 payloads.append(pack({"type": "Text", "text": text, "start_s": start / FRAME_RATE,
                                       "stop_s": stop / FRAME_RATE}))

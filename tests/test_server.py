@@ -121,12 +121,22 @@ def test_words_equal_the_python_api_and_streams_are_isolated(files, overlap):
 
 
 def test_auth_and_path(files):
+    """As moshi-server: a kyutai-api-key header that is there wins over ?auth_id=, even empty; a repeated header counts
+    by its first value (it was a 500 and a traceback)."""
+    from websockets.datastructures import Headers
+
+    def twice(first, second):
+        return {"additional_headers": Headers([("kyutai-api-key", first), ("kyutai-api-key", second)])}
+
     async def attempts(url):
         out = []
-        for kw in ({"additional_headers": {"kyutai-api-key": "wrong"}}, {}):
+        for u, kw in ((url, {"additional_headers": {"kyutai-api-key": "wrong"}}), (url, {}),
+                      (url + "?auth_id=public_token", {"additional_headers": {"kyutai-api-key": "wrong"}}),
+                      (url + "?auth_id=public_token", {"additional_headers": {"kyutai-api-key": ""}}),
+                      (url, twice("x", "public_token")), (url, twice("public_token", "x"))):
             try:
-                async with connect(url, **kw):
-                    out.append("open")
+                async with connect(u, **kw) as ws:
+                    out.append(msgpack.unpackb(await ws.recv())["type"])
             except InvalidStatus as e:
                 out.append(e.response.status_code)
         async with connect(url + "?auth_id=public_token") as ws:  # the query form works too
@@ -138,7 +148,7 @@ def test_auth_and_path(files):
             out.append(e.response.status_code)
         return out
 
-    assert _serve(_runtime(files), attempts) == [401, 401, "Ready", 404]
+    assert _serve(_runtime(files), attempts) == [401, 401, 401, 401, 401, "Ready", "Ready", 404]
 
 
 def test_no_free_channels(files):

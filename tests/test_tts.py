@@ -1096,9 +1096,12 @@ def test_websocket_audio_and_words_equal_the_python_api(ckpt):
     audio = [m["pcm"] for m in msgs if m["type"] == "Audio"]
     assert audio and all(len(a) == 1920 for a in audio)
     assert torch.equal(torch.tensor(sum(audio, []), dtype=torch.float32), ref_pcm)
-    words = [(m["text"], round(m["start_s"] * 12.5)) for m in msgs if m["type"] == "Text"]
-    assert len(words) == len(TEXT.split()) and words == [(w, step) for w, step in ref.transcript]
-    assert all(m["stop_s"] >= m["start_s"] for m in msgs if m["type"] == "Text")
+    # moshi-server's times: the steps done once the word's step is (its index + 1); a word stops where the next
+    # starts, the last at the end of the stream
+    words = [(m["text"], round(m["start_s"] * 12.5), round(m["stop_s"] * 12.5)) for m in msgs if m["type"] == "Text"]
+    starts = [step + 1 for _, step in ref.transcript]
+    assert len(words) == len(TEXT.split()) and len(starts) == len(words)
+    assert words == [(w, a, b) for (w, _), a, b in zip(ref.transcript, starts, starts[1:] + [ref.offset], strict=True)]
     pcm = torch.frombuffer(bytearray(raw), dtype=torch.float32)
     assert torch.equal(pcm, ref_pcm)  # the whole text in one message: the same words, the same audio
 
