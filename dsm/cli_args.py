@@ -50,6 +50,14 @@ def model_files_from_args(args: argparse.Namespace) -> CheckpointFiles:
     must not be ignored (``--checkpoint DIR --preset P --random-weights`` served random weights)."""
     from .checkpoint import ensure_random_checkpoint
 
+    check_model_flags(args)
+    if args.preset is not None:
+        return resolve_checkpoint(ensure_random_checkpoint(args.preset))
+    return checkpoint_from_args(args)
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """UsageError unless the model flags name one source (see :func:`model_files_from_args`); reads no file."""
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--hf-repo", args.hf_repo),
                                       ("--preset", args.preset)) if value is not None]
     if len(given) != 1:
@@ -60,9 +68,6 @@ def model_files_from_args(args: argparse.Namespace) -> CheckpointFiles:
                          "--hf-repo)")
     if args.random_weights and args.preset is None:
         raise UsageError("--random-weights goes with --preset NAME")
-    if args.preset is not None:
-        return resolve_checkpoint(ensure_random_checkpoint(args.preset))
-    return checkpoint_from_args(args)
 
 
 def parse_device(name: str) -> torch.device:

@@ -1017,6 +1017,7 @@ def _cmd_transcribe(args) -> int:
     import sys
     import time
 
+    from .cli_args import check_model_flags
     from .transcript import output_formats, write_transcript
 
     try:
@@ -1036,6 +1037,7 @@ def _cmd_transcribe(args) -> int:
     if args.audio.count("-") > 1:  # stdin holds one file
         print("dsm transcribe: error: '-' (stdin) can be given once", file=sys.stderr)
         return 2
+    check_model_flags(args)  # usage errors first
     if all(a != "-" and not Path(a).is_file() for a in args.audio):  # nothing to transcribe: before the model loads
         for a in args.audio:
             what = "is a directory, not an audio file" if Path(a).is_dir() else "audio file not found"
