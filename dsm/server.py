@@ -11,7 +11,8 @@
 (module ``Py``). Ogg/Opus formats (moshi-server's default) are refused with HTTP 400: dsm does not encode Opus.
 
 * client -> server: text frames (words to speak), or ``Text {text}``, ``Eos``, ``Voice {embeddings, shape}`` (only
-  before the first text), or the single byte ``0x00`` (EOS).
+  before the first text; later, ignored as moshi-server does, with an ``Error`` on ``PcmMessagePack``), or the single
+  byte ``0x00`` (EOS).
 * server -> client (``PcmMessagePack``): ``Ready``, ``Audio {pcm: [f32 x 1920]}`` per frame, ``Text {text, start_s,
   stop_s}`` per word; ``Pcm``: raw little-endian f32 frames only. The socket closes after the last frame.
 
@@ -833,8 +834,9 @@ class TTSServer(_Endpoint):
         self._open(conn).end()
 
     def _set_voice(self, conn: _TTSConnection, embeddings: torch.Tensor) -> str | None:
-        if conn.stream is not None:
-            return "Voice must come before the first Text"
+        if conn.stream is not None:  # moshi-server ignores it; raw PCM has no message to say so (an error closes it)
+            log.info("tts connection: a Voice after the first Text is ignored")
+            return "Voice must come before the first Text; ignored" if conn.fmt == "PcmMessagePack" else None
         conn.voice = self.rt.voice_tensor(embeddings)
         return None
 

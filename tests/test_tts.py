@@ -1085,6 +1085,8 @@ def test_websocket_audio_and_words_equal_the_python_api(ckpt):
                 msgs.append(msgpack.unpackb(m))
         async with connect(url + "?format=Pcm&auth_id=public_token") as ws:
             await ws.send(msgpack.packb({"type": "Text", "text": TEXT}))
+            # too late: ignored, as moshi-server does (it closed this raw-PCM connection, cutting the speech)
+            await ws.send(msgpack.packb({"type": "Voice", "embeddings": [0.1] * 4, "shape": [1, 2, 2]}))
             await ws.send(b"\x00")
             async for m in ws:
                 raw += m
