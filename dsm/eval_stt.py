@@ -73,9 +73,10 @@ def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
             if not isinstance(audio, str) or not isinstance(text, str):
                 raise ManifestError(f"{path}:{n}: expected an object with one of {AUDIO_KEYS} and one of {TEXT_KEYS}")
         else:
-            parts = line.split("\t", 1)
-            if len(parts) != 2:
-                raise ManifestError(f"{path}:{n}: expected 'audio<TAB>text'")
+            parts = line.split("\t")
+            if len(parts) != 2:  # a third column (a duration) was scored as words of the reference
+                raise ManifestError(f"{path}:{n}: expected 'audio<TAB>text', found {len(parts)} tab-separated "
+                                    "columns")
             audio, text = parts
             if not pairs and audio.strip().lower() in AUDIO_KEYS and text.strip().lower() in TEXT_KEYS:
                 continue  # a header, on the first line with an entry

@@ -291,6 +291,17 @@ def test_eval_stt_unwritable_output_and_failures_are_one_clear_line(tmp_path, ca
     assert "no utterance could be scored" in err and "1 failed, the first:" in err and "missing.wav" in err, err
 
 
+def test_eval_stt_tsv_third_column_is_refused(tmp_path):
+    """A TSV with a third column (a duration) took its header for an entry and scored the column as words of every
+    reference."""
+    from dsm.eval_stt import ManifestError, read_manifest
+
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("audio\ttext\tduration\na.wav\thello world\t1.0\n")
+    with pytest.raises(ManifestError, match=r"m.tsv:1: expected 'audio<TAB>text', found 3 tab-separated columns"):
+        read_manifest(manifest)
+
+
 def test_outputs_are_checked_first_and_replaced_whole(tmp_path, capsys, monkeypatch):
     """validate-kernels --json to a path it cannot write is refused before the run (was a traceback after it); a
     write that fails at the end (a full disk) leaves the previous file whole; eval-stt refuses to write over its
