@@ -4,7 +4,8 @@ Manifest: JSON lines with ``audio`` (or ``audio_filepath`` / ``path``) and ``tex
 ``transcript``) keys (a NeMo ``duration`` must be the whole file's: segments, by ``offset`` or a shorter duration, are
 refused), or TSV lines ``audio<TAB>text`` (a header line ``audio\\ttext`` is skipped). Relative audio
 paths are relative to the manifest. Texts are normalised with whisper's English normaliser (as the Open ASR
-leaderboard does; invisible format characters such as a zero-width space are then removed) and scored with jiwer
+leaderboard does; typographic apostrophes are first made ASCII, so "don’t" is "do not" as "don't" is, and
+invisible format characters such as a zero-width space are then removed) and scored with jiwer
 over the whole corpus; pairs whose normalised reference is empty are skipped, as the leaderboard does, and pairs
 whose audio failed are counted apart. RTFx = seconds of audio / seconds of wall time.
 
@@ -119,6 +120,16 @@ def english_normalizer() -> Callable[[str], str]:
     return EnglishTextNormalizer()
 
 
+# Typographic apostrophes: whisper's normaliser expands only the ASCII one ("don't" -> "do not", "don’t" -> "don t"),
+# so a reference typeset with U+2019 scored two errors a contraction against a hypothesis with "'".
+APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+def normalized(normalize: Callable[[str], str], text: str) -> str:
+    """``text`` as scored: apostrophes made ASCII, then ``normalize``, then only its visible characters."""
+    return visible(normalize(text.translate(APOSTROPHES)))
+
+
 def visible(text: str) -> str:
     """``text`` without format characters (Unicode Cf: zero-width spaces and joiners, byte-order marks): whisper's
     normaliser keeps them, and a reference holding only one would be scored as a word no transcript can match."""
@@ -150,13 +161,13 @@ def evaluate(rt, pairs: list[tuple[Path, str]], normalize: Callable[[str], str] 
     wall = time.perf_counter() - t0
     rows, skipped, failed = [], 0, 0
     for audio, text in pairs:
-        ref = visible(normalize(text))
+        ref = normalized(normalize, text)
         if audio not in hyps:
             failed += 1
         elif not ref.split():
             skipped += 1
         else:
-            rows.append({"audio": str(audio), "reference": ref, "hypothesis": visible(normalize(hyps[audio]))})
+            rows.append({"audio": str(audio), "reference": ref, "hypothesis": normalized(normalize, hyps[audio])})
     if not rows:  # say why: the per-file errors are printed only for a result, which this is not
         why = f"; {len(errors)} failed, the first: {errors[0]}" if errors else ""
         raise ManifestError(f"no utterance could be scored (all failed or had empty references){why}")

@@ -302,6 +302,18 @@ def test_eval_stt_tsv_third_column_is_refused(tmp_path):
         read_manifest(manifest)
 
 
+def test_eval_stt_typographic_apostrophes(tmp_path):
+    """A reference typeset with U+2019 ("don\u2019t" -> "don t") scored two errors a contraction against a
+    hypothesis with "'" ("do not")."""
+    from dsm.eval_stt import english_normalizer, normalized
+
+    norm = english_normalizer()
+    for curly in ("don\u2019t", "don\u02bct", "I\u2019m \u2018here\u2019"):
+        assert normalized(norm, curly) == normalized(norm, curly.replace("\u2019", "'").replace("\u02bc", "'")
+                                                      .replace("\u2018", "'")), curly
+    assert normalized(norm, "Don\u2019t go\u200b!") == "do not go"
+
+
 def test_outputs_are_checked_first_and_replaced_whole(tmp_path, capsys, monkeypatch):
     """validate-kernels --json to a path it cannot write is refused before the run (was a traceback after it); a
     write that fails at the end (a full disk) leaves the previous file whole; eval-stt refuses to write over its
