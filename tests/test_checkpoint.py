@@ -337,6 +337,24 @@ def test_load_casts_but_keeps_conditioners_fp32(tmp_path, tiny_tts_state):
     assert loaded["condition_provider.conditioners.cfg.embed.weight"].dtype == torch.float32
 
 
+def test_unusable_device_is_refused_before_any_file_is_read(tmp_path):
+    """--device-less API calls (LMModel.from_checkpoint, Mimi.from_file) onto cuda on a CPU machine (or meta/mps)
+    failed only after the whole file was read, with torch's AssertionError "Torch not compiled with CUDA enabled"
+    (or "Cannot copy out of meta tensor"). Here the files are garbage: the device is refused before they are read."""
+    from dsm.mimi import Mimi
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    cfg = parse_config(preset_config("tiny-stt"))
+    bad = [("meta", "dsm runs on cpu or cuda"), ("cpu:1", "one CPU device"), ("foo", "unknown device")]
+    if not torch.cuda.is_available():
+        bad.append(("cuda", "CUDA is not available here"))
+    for device, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            load_lm_state_dict(tmp_path / "bad.safetensors", cfg, device=device)
+        with pytest.raises(ValueError, match=msg):
+            Mimi.from_file(tmp_path / "bad.safetensors", device=device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resolution
 # ---------------------------------------------------------------------------------------------------------------
