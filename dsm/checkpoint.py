@@ -463,7 +463,7 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
         raise CheckpointError(f"{checkpoint}: a local checkpoint has no revisions (--revision {revision} names a "
                               "commit, branch or tag of a hub repo)")
     else:
-        return _resolve_local(Path(checkpoint), mimi, tokenizer)
+        return _resolve_local(Path(checkpoint), mimi, tokenizer, cache_dir)
 
     assert hf_repo is not None
     if hf_repo.count("/") != 1 or not all(hf_repo.split("/")):
@@ -507,7 +507,8 @@ def _load_config(path: Path) -> CheckpointConfig:
     return cfg
 
 
-def _resolve_local(path: Path, mimi: bool = True, tokenizer: bool = True) -> CheckpointFiles:
+def _resolve_local(path: Path, mimi: bool = True, tokenizer: bool = True,
+                   cache_dir: str | Path | None = None) -> CheckpointFiles:
     if path.is_file() and path.suffix == ".json":
         config_path, root = path, path.parent
     elif path.is_dir():
@@ -524,7 +525,7 @@ def _resolve_local(path: Path, mimi: bool = True, tokenizer: bool = True) -> Che
     def get(name: str, what: str) -> Path:
         if name.startswith("hf://"):
             repo, fname = _split_hf(name)
-            return hub_file(repo, fname)
+            return hub_file(repo, fname, cache_dir=cache_dir)
         p = Path(name.removeprefix("file://"))
         p = p if p.is_absolute() else root / p
         if not p.is_file():

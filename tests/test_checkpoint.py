@@ -463,6 +463,21 @@ def test_resolve_fake_hub_cache(tmp_path, monkeypatch):
         resolve_checkpoint(hf_repo="kyutai/tiny-stt")
 
 
+def test_local_checkpoint_hub_files_use_the_given_cache_dir(tmp_path, monkeypatch):
+    """A local config.json naming hf://owner/repo/file: resolve_checkpoint(dir, cache_dir=...) searched the default
+    cache for it (cache_dir was dropped for local checkpoints)."""
+    d = _fake_dir(tmp_path)
+    cache = _fake_hub_cache(tmp_path, "kyutai/mimi-only", d)
+    data = json.loads((d / "config.json").read_text())
+    (d / data["mimi_name"]).unlink()
+    data["mimi_name"] = "hf://kyutai/mimi-only/" + data["mimi_name"]
+    (d / "config.json").write_text(json.dumps(data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    files = resolve_checkpoint(d, cache_dir=cache)
+    assert files.mimi_weights.is_file() and str(files.mimi_weights).startswith(str(cache))
+
+
 def test_hub_files_come_from_the_configs_commit(tmp_path, monkeypatch):
     """After config.json, the files are asked at the commit of its snapshot: the files of one commit, and a cached
     file at a commit is used without a request (an unreachable hub cost five retries per file, 92 s for a cached
