@@ -314,14 +314,16 @@ def load_lm_state_dict(path: str | Path, cfg: LMConfig | CheckpointConfig, dtype
     from safetensors import safe_open
 
     path = Path(path)
+    device = check_device(device)
     check_lm_header(path, cfg)
     expected = expected_lm_tensors(cfg, dtype)
     raw: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
+                # Each tensor goes to the device as it is read: the host never holds the whole model (GBs).
                 t = f.get_tensor(name)
-                raw[name] = t.float() if is_fp32_key(name) else t.to(dtype)
+                raw[name] = t.to(device=device, dtype=torch.float32 if is_fp32_key(name) else dtype)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types
@@ -330,11 +332,30 @@ def load_lm_state_dict(path: str | Path, cfg: LMConfig | CheckpointConfig, dtype
     out = {}
     for name, (shape, _) in expected.items():
         t = state[name]
-        if tuple(t.shape) != shape:
-            t = t.reshape(shape)
-        out[name] = t.to(device)
+        out[name] = t if tuple(t.shape) == shape else t.reshape(shape)
     check_finite(out, path)
     return out
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A device this process can use (cpu, or cuda with a CUDA build and a GPU), else ValueError. Loaders call it
+    before reading any file: torch's own error (an AssertionError "Torch not compiled with CUDA enabled") came only
+    once the whole file had been read."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}; e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+            raise ValueError(f"{dev}: CUDA is not available here ({build})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{dev}: there are {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(dev)!r}: dsm runs on cpu or cuda")
+    elif dev.index not in (None, 0):  # torch takes any index and runs on the one CPU device
+        raise ValueError(f"{dev}: there is one CPU device: use cpu")
+    return dev
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], path: str | Path, error: type[Exception] = CheckpointError
@@ -442,7 +463,7 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, hf_repo: str | None
         raise CheckpointError(f"{checkpoint}: a local checkpoint has no revisions (--revision {revision} names a "
                               "commit, branch or tag of a hub repo)")
     else:
-        return _resolve_local(Path(checkpoint), mimi, tokenizer)
+        return _resolve_local(Path(checkpoint), mimi, tokenizer, cache_dir)
 
     assert hf_repo is not None
     if hf_repo.count("/") != 1 or not all(hf_repo.split("/")):
@@ -486,7 +507,8 @@ def _load_config(path: Path) -> CheckpointConfig:
     return cfg
 
 
-def _resolve_local(path: Path, mimi: bool = True, tokenizer: bool = True) -> CheckpointFiles:
+def _resolve_local(path: Path, mimi: bool = True, tokenizer: bool = True,
+                   cache_dir: str | Path | None = None) -> CheckpointFiles:
     if path.is_file() and path.suffix == ".json":
         config_path, root = path, path.parent
     elif path.is_dir():
@@ -503,7 +525,7 @@ def _resolve_local(path: Path, mimi: bool = True, tokenizer: bool = True) -> Che
     def get(name: str, what: str) -> Path:
         if name.startswith("hf://"):
             repo, fname = _split_hf(name)
-            return hub_file(repo, fname)
+            return hub_file(repo, fname, cache_dir=cache_dir)
         p = Path(name.removeprefix("file://"))
         p = p if p.is_absolute() else root / p
         if not p.is_file():

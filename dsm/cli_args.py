@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .checkpoint import CheckpointFiles, resolve_checkpoint
+from .checkpoint import CheckpointFiles, check_device, resolve_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -73,20 +73,9 @@ def check_model_flags(args: argparse.Namespace) -> None:
 def parse_device(name: str) -> torch.device:
     """``--device``: a torch device this process can use (a CUDA device needs a CUDA build of torch and a GPU)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {name!r}; e.g. cpu, cuda, cuda:1") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
-            raise argparse.ArgumentTypeError(f"{name}: CUDA is not available here ({build})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{name}: there are {torch.cuda.device_count()} CUDA devices")
-    elif device.type != "cpu":
-        raise argparse.ArgumentTypeError(f"device {name!r}: dsm runs on cpu or cuda")
-    elif device.index not in (None, 0):  # torch takes any index and runs on the one CPU device
-        raise argparse.ArgumentTypeError(f"{name}: there is one CPU device: use cpu")
-    return device
+        return check_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def select_device(device: torch.device | None) -> None:

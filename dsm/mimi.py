@@ -222,6 +222,9 @@ class Mimi:
     @classmethod
     def from_file(cls, path: str | Path, n_q: int = MAX_CODEBOOKS, device: str | torch.device = "cpu",
                   backend: str | None = None) -> Mimi:
+        from .checkpoint import check_device
+
+        check_device(device)  # before the file is read, not as torch's AssertionError after
         return cls(load_mimi_state_dict(path), n_q=n_q, device=device, backend=backend)
 
     @staticmethod

@@ -337,6 +337,24 @@ def test_load_casts_but_keeps_conditioners_fp32(tmp_path, tiny_tts_state):
     assert loaded["condition_provider.conditioners.cfg.embed.weight"].dtype == torch.float32
 
 
+def test_unusable_device_is_refused_before_any_file_is_read(tmp_path):
+    """--device-less API calls (LMModel.from_checkpoint, Mimi.from_file) onto cuda on a CPU machine (or meta/mps)
+    failed only after the whole file was read, with torch's AssertionError "Torch not compiled with CUDA enabled"
+    (or "Cannot copy out of meta tensor"). Here the files are garbage: the device is refused before they are read."""
+    from dsm.mimi import Mimi
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    cfg = parse_config(preset_config("tiny-stt"))
+    bad = [("meta", "dsm runs on cpu or cuda"), ("cpu:1", "one CPU device"), ("foo", "unknown device")]
+    if not torch.cuda.is_available():
+        bad.append(("cuda", "CUDA is not available here"))
+    for device, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            load_lm_state_dict(tmp_path / "bad.safetensors", cfg, device=device)
+        with pytest.raises(ValueError, match=msg):
+            Mimi.from_file(tmp_path / "bad.safetensors", device=device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resolution
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,6 +461,21 @@ def test_resolve_fake_hub_cache(tmp_path, monkeypatch):
                        match=r"hf://kyutai/tiny-stt/mimi-pytorch-e351c8d8@125.safetensors@0123456789abcdef"
                              r"0123456789abcdef01234567: cannot get file.*HF_HUB_OFFLINE is set"):
         resolve_checkpoint(hf_repo="kyutai/tiny-stt")
+
+
+def test_local_checkpoint_hub_files_use_the_given_cache_dir(tmp_path, monkeypatch):
+    """A local config.json naming hf://owner/repo/file: resolve_checkpoint(dir, cache_dir=...) searched the default
+    cache for it (cache_dir was dropped for local checkpoints)."""
+    d = _fake_dir(tmp_path)
+    cache = _fake_hub_cache(tmp_path, "kyutai/mimi-only", d)
+    data = json.loads((d / "config.json").read_text())
+    (d / data["mimi_name"]).unlink()
+    data["mimi_name"] = "hf://kyutai/mimi-only/" + data["mimi_name"]
+    (d / "config.json").write_text(json.dumps(data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    files = resolve_checkpoint(d, cache_dir=cache)
+    assert files.mimi_weights.is_file() and str(files.mimi_weights).startswith(str(cache))
 
 
 def test_hub_files_come_from_the_configs_commit(tmp_path, monkeypatch):
