@@ -201,6 +201,8 @@ def test_benchmark_script_refuses_a_bad_flag(script, argv, message, capsys, monk
     """A bad value is one usage error naming its flag, exit 2, before any model or weight is built (they were
     tracebacks, or runs that divided by zero at the end, or a silent run of nothing)."""
     mod = _module(script, monkeypatch)
+    if hasattr(mod, "append_jsonl"):  # a case that is not refused must not append to the recorded GPU results
+        monkeypatch.setattr(mod, "append_jsonl", lambda *a, **k: pytest.fail(f"{script} {argv} ran and wrote rows"))
     with pytest.raises(SystemExit) as e:
         mod.main(argv)
     err = capsys.readouterr().err
