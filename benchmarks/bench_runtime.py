@@ -94,9 +94,8 @@ def stt_rows(files, streams: int, k: int, calls: int, device: torch.device, slot
 def tts_rows(files, streams: int, frames: int, device: torch.device, slots: int | None = None) -> dict:
     from dsm.tts import TTSConfig, TTSRuntime
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     slots = slots or streams
-    rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype, config=TTSConfig(max_batch=slots))
+    rt = TTSRuntime.from_checkpoint(files, device=device, config=TTSConfig(max_batch=slots))
     rt.warm_up()
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
 

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from dsm.bench import _random_conditions, random_model
 from dsm.cli_args import device_or_default, parse_device, positive_int
 from dsm.engine import Engine
+from dsm.model import default_dtype
 from dsm.presets import PRESETS, preset_config
 
 
@@ -78,7 +79,7 @@ def main(argv=None):
     if args.mimi:
         profile_mimi(args.batch, args.steps, args.top, dev)
         return
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = default_dtype(dev)
     default = ["stt-1b-en_fr", "tts-1.6b-en_fr"] if dev.type == "cuda" else ["tiny-stt", "tiny-tts"]
     for name in args.preset or default:
         model, _ = random_model(preset_config(name), dev, dtype)

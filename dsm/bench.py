@@ -668,11 +668,12 @@ def run_cli(args) -> int:
 
     from .cli_args import device_or_default
     from .mimi import Mimi, random_mimi_state_dict
+    from .model import default_dtype
     from .presets import preset_config
 
     device = device_or_default(args.device)
     gpu = device.type == "cuda"
-    dtype = args.dtype or (torch.bfloat16 if gpu else torch.float32)
+    dtype = args.dtype or default_dtype(device)
     batches = args.batch or ([1, 8, 64, 256] if gpu else [1, 2])
     steps = args.steps or (50 if gpu else 4)  # parsed as >= 1
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)

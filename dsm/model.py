@@ -124,6 +124,12 @@ def _cross_attend_step(layer: TransformerLayer, x: torch.Tensor, cross: CrossKVC
     return layer.cross_attention.out(a.flatten(1))
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The LM's dtype when none is asked: bfloat16 on CUDA (the released weights'), float32 elsewhere (bfloat16
+    matmuls are slow on a CPU)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 class LMModel(nn.Module):
     """moshi's ``LMModel`` family. Build with a config, then ``load_state_dict`` a released checkpoint."""
 

@@ -975,9 +975,8 @@ def cmd_serve_tts(args) -> int:
 
     files = model_files_from_args(args)
     device = device_or_default(args.device)
-    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:  # bad settings are found before the server starts, not by its first clients
-        rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype,
+        rt = TTSRuntime.from_checkpoint(files, device=device, dtype=args.dtype,
                                         config=TTSConfig(max_batch=args.batch_size, temp=args.temp, max_break_s=10.0,
                                                          text_rules="server", pcm_limit=0.99,
                                                          condition_pages=args.condition_pages,

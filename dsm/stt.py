@@ -725,11 +725,10 @@ class STTRuntime:
         """Load LM, Mimi and tokenizer of resolved checkpoint files (``dsm.checkpoint.resolve_checkpoint``)."""
         from .checkpoint import check_model_files
         from .mimi import Mimi
-        from .model import LMModel
+        from .model import LMModel, default_dtype
         from .tokenizer import Tokenizer
 
-        if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = dtype or default_dtype(device)
         tokenizer = Tokenizer(files.tokenizer)
         check_model_files(files, tokenizer.vocab_size)
         lm = LMModel.from_checkpoint(files, device=device, dtype=dtype)

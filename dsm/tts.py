@@ -46,7 +46,7 @@ from .generate import Generator, check_temperature
 from .host_copies import HostReads, copy_from_host, to_device
 from .mimi import Mimi
 from .mimi_graph import GraphedMimiStep, mimi_buckets
-from .model import LMModel
+from .model import LMModel, default_dtype
 from .tokenizer import Tokenizer
 
 FRAME_RATE = 12.5
@@ -738,8 +738,7 @@ class TTSRuntime:
         """Load LM, Mimi (unless ``audio`` is False: frames only) and tokenizer of a TTS checkpoint. ``dtype``: the
         LM's (default: bfloat16 on CUDA, float32 elsewhere, as ``STTRuntime.from_checkpoint`` and ``dsm speak``)."""
         config = config or TTSConfig()
-        if dtype is None:  # bf16 on a CPU was slow, and spoke otherwise than `dsm speak` for the same checkpoint
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = dtype or default_dtype(device)  # as STTRuntime's and dsm speak's (bf16 on a CPU was slow)
         if not files.config.tts_config:
             raise CheckpointError(f"{files.config_path}: not a TTS checkpoint (no tts_config)")
         if "audio_delay" not in files.config.tts_config:
@@ -1163,11 +1162,10 @@ def cmd_speak(args) -> int:
     if not any(t.strip() for t in turns):
         return fail("no text to speak (empty input)")
     device = device_or_default(args.device)
-    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         config = TTSConfig(n_q=args.n_q, temp=args.temp, top_k=args.top_k, top_k_text=args.top_k_text,
                            padding_between=args.padding_between, seed=args.seed)
-        rt = TTSRuntime.from_checkpoint(files, device=device, dtype=dtype, config=config)
+        rt = TTSRuntime.from_checkpoint(files, device=device, dtype=args.dtype, config=config)
         voice = args.voice
         if voice is not None and not rt.multi_speaker:  # it was ignored without a word
             return fail(f"--voice {voice}: this checkpoint takes no voice conditioning")

@@ -19,7 +19,7 @@ from dsm.checkpoint import ensure_random_checkpoint, resolve_checkpoint
 from dsm.cli_args import parse_device
 from dsm.engine import Engine
 from dsm.mimi import FRAME_SIZE, Mimi
-from dsm.model import LMModel
+from dsm.model import LMModel, default_dtype
 from dsm.tokenizer import Tokenizer
 
 # stream name -> (first step, last step): "b" joins while "a" runs, "a" leaves while "b" runs, "c" takes a's slot
@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[int]]:
 
     files = resolve_checkpoint(hf_repo=args.hf_repo) if args.hf_repo else resolve_checkpoint(
         ensure_random_checkpoint("tiny-stt"))
-    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
-    model = LMModel.from_checkpoint(files, device=args.device, dtype=dtype)
+    model = LMModel.from_checkpoint(files, device=args.device, dtype=default_dtype(args.device))
     mimi = Mimi.from_file(files.mimi_weights, n_q=model.cfg.n_q, device=args.device)
     tokenizer = Tokenizer(files.tokenizer)
     max_slots = 2

@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> list[np.ndarray]:
 
     files = resolve_checkpoint(hf_repo=args.hf_repo) if args.hf_repo else resolve_checkpoint(
         ensure_random_checkpoint("tiny-tts"))
-    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
-    rt = TTSRuntime.from_checkpoint(files, device=args.device, dtype=dtype, config=TTSConfig(max_batch=len(TEXTS)))
+    rt = TTSRuntime.from_checkpoint(files, device=args.device, config=TTSConfig(max_batch=len(TEXTS)))
     rt.warm_up()  # on a GPU: capture the CUDA graphs before the first client
     voice = args.voice or random_voice(dim=rt.voice_dim)
 
