@@ -107,9 +107,9 @@ def int_in_range(low: int, high: int | None, expected: str):
     return parse
 
 
-def seconds(zero: bool):
-    """An argparse ``type``: a finite number of seconds, > 0 (or >= 0 with ``zero``); NaN, inf and negatives are
-    refused."""
+def finite_number(zero: bool, expected: str):
+    """An argparse ``type``: a finite number > 0 (or >= 0 with ``zero``), else "expected <expected>"; NaN, inf and
+    negatives are refused."""
 
     def parse(text: str) -> float:
         try:
@@ -117,21 +117,18 @@ def seconds(zero: bool):
         except ValueError:
             t = math.nan
         if not (0 <= t if zero else 0 < t) or not math.isfinite(t):
-            raise argparse.ArgumentTypeError(f"expected a time in seconds {'>=' if zero else '>'} 0, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return t
 
     return parse
 
 
-def temperature(text: str) -> float:
-    """An argparse ``type``: a sampling temperature, a finite number >= 0 (0: greedy)."""
-    try:
-        t = float(text)
-    except ValueError:
-        t = math.nan
-    if not 0 <= t < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a temperature >= 0 (0: greedy), got {text!r}")
-    return t
+def seconds(zero: bool):
+    """An argparse ``type``: a finite number of seconds, > 0 (or >= 0 with ``zero``)."""
+    return finite_number(zero, f"a time in seconds {'>=' if zero else '>'} 0")
+
+
+temperature = finite_number(True, "a temperature >= 0 (0: greedy)")  # a sampling temperature
 
 
 positive_int = int_in_range(1, None, "a positive integer")
