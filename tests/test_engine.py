@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import random
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from another_thread import CallFromAnotherThread  # noqa: E402
 from moshi_oracle import dsm_lm_from_moshi, moshi_lm_from_config  # noqa: E402
 
 import dsm_kernels  # noqa: E402
@@ -267,24 +267,10 @@ def test_a_call_from_another_thread_waits_for_the_step(stt_model):
     inside the step (refused as if a hook had called it; two threads stepping at once corrupted both)."""
     eng = Engine(stt_model, max_slots=2, page_size=4, use_sampling=False)
     eng.open(), eng.open()
-    errors = []
-
-    def close_slot_1():
-        try:
-            eng.close(1)
-        except Exception as e:
-            errors.append(e)
-
-    other = threading.Thread(target=close_slot_1)
-
-    def hook(tokens):
-        other.start()
-        other.join(timeout=0.5)
-        assert other.is_alive(), "the other thread's close ran inside the step"
-
-    eng.step(_audio(0, 2), on_text=hook)
+    other = CallFromAnotherThread(lambda: eng.close(1))
+    eng.step(_audio(0, 2), on_text=lambda tokens: other.start_inside_the_step())
     other.join()
-    assert not errors and sorted(eng.slots) == [0] and eng.slots[0].position == 1
+    assert sorted(eng.slots) == [0] and eng.slots[0].position == 1
     assert repr(eng) == ("Engine(slots 1/2 open, KV pages 1/6 used, buckets=(1, 2), device=cpu, "
                          "cuda_graphs=False)")
     assert repr(eng.state) == "GenState(batch_size=2, kv_rows=2, conditioned=False, device=cpu)"

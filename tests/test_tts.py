@@ -662,32 +662,28 @@ def test_a_call_from_another_thread_waits_for_the_step(ckpt):
     a stream's audio, failed another's step (a slot of None) and took slots open from a step hook."""
     voice = ckpt.config_path.parent / "voice.safetensors"
     rt = runtime(ckpt, audio=True, n_q=2, max_batch=2)
-    late, errors = [], []
+    from another_thread import CallFromAnotherThread
 
     def open_and_push():
-        try:
-            late.append(rt.open_stream(voice))
-            late[0].push("hello")
-            late[0].end()
-        except Exception as e:
-            errors.append(e)
+        late = rt.open_stream(voice)
+        late.push("hello")
+        late.end()
+        return late
 
-    other = threading.Thread(target=open_and_push)
+    other = CallFromAnotherThread(open_and_push)
 
     def on_pcm(pcm):
-        if not other.is_alive() and not late:
-            other.start()
-            other.join(timeout=0.5)
-            assert other.is_alive(), "the other thread's open_stream ran inside the step"
+        if not other.started:
+            other.start_inside_the_step()
 
     first = rt.open_stream(voice, on_pcm=on_pcm)
     first.push("hello world")
     first.end()
     rt.run([first])
-    other.join()
-    assert not errors and repr(late[0]).startswith("TTSStream(") and "words=1, " in repr(late[0])
-    rt.run(late)
-    assert late[0].done and late[0].read().numel() and repr(rt) == (
+    late = other.join()
+    assert repr(late).startswith("TTSStream(") and "words=1, " in repr(late)
+    rt.run([late])
+    assert late.done and late.read().numel() and repr(rt) == (
         "TTSRuntime(streams 0/2 in slots, 0 waiting, n_q=2, device=cpu, audio=True)")
 
 
@@ -1518,7 +1514,6 @@ def test_voice_lookups_are_bounded_and_never_delay_a_connection_without_one(ckpt
     default executor's other threads stay free), a connection naming no voice never waits, and a name that failed
     is not looked up again for VOICE_RETRY_S."""
     import asyncio
-    import threading
     import time
 
     import dsm.server as server_mod
