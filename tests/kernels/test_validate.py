@@ -33,29 +33,28 @@ def test_nan_and_shape_never_pass():
     assert not _row("op", "triton", "c", torch.zeros(5), exp, 1e9, "m").ok
 
 
-def _validate_broken(monkeypatch, resolve, ops):
-    """The quick validation of the checks of ``ops`` only, with ``resolve`` handing out the (broken) kernels."""
+def _validate_broken(monkeypatch, breaks):
+    """The quick validation of the checks of the ops in ``breaks`` only, each op's kernels handed out as
+    ``breaks[op](kernel)`` (a broken kernel); the other ops' kernels as they are."""
+    real = validate.resolve
+
+    def resolve(op, backend, device):
+        fn = real(op, backend, device)
+        return breaks[op](fn) if op in breaks else fn
+
     monkeypatch.setattr(validate, "resolve", resolve)
-    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] in ops})
+    monkeypatch.setattr(validate, "_CHECKS", {k: v for k, v in validate._CHECKS.items() if k[0] in breaks})
     monkeypatch.setattr(validate, "checked_ops", lambda: set(dsm_kernels.op_names()))
     return validate_kernels("cpu", quick=True)
 
 
 def test_a_wrong_kernel_fails(monkeypatch):
     """A kernel 8 bf16 ulps off, one that writes NaN and one with a wrong integer are each reported as FAIL."""
-    real = validate.resolve
-
-    def broken(op, backend, device):
-        fn = real(op, backend, device)
-        if op == "silu_mul":
-            return lambda h, out=None: (fn(h).float() * (1 + 8 * 2.0**-8)).bfloat16()
-        if op == "rvq_decode_upsample":
-            return lambda *a, out=None: fn(*a, out=out).fill_(float("nan"))
-        if op == "kv_slots":
-            return lambda *a: tuple(t + 1 for t in fn(*a))
-        return fn
-
-    rows = _validate_broken(monkeypatch, broken, ("silu_mul", "kv_slots", "rvq_decode_upsample"))
+    rows = _validate_broken(monkeypatch, {
+        "silu_mul": lambda fn: lambda h, out=None: (fn(h).float() * (1 + 8 * 2.0**-8)).bfloat16(),
+        "rvq_decode_upsample": lambda fn: lambda *a, out=None: fn(*a, out=out).fill_(float("nan")),
+        "kv_slots": lambda fn: lambda *a: tuple(t + 1 for t in fn(*a)),
+    })
     by_op = {r.op: r for r in rows}
     assert not by_op["silu_mul"].ok and not by_op["rvq_decode_upsample"].ok and not by_op["kv_slots"].ok
     assert "NaN" in by_op["rvq_decode_upsample"].measure
@@ -88,29 +87,27 @@ def test_kernels_broken_where_only_a_side_output_shows_fail(monkeypatch, k_fault
     so the poison equalled 0), and a residual add + RMSNorm that never writes the residual back (only the normed
     output was compared). On a CPU the K/V caches were also the reference's own tensors (.cpu() and .to() alias
     there), so any wrong K passed."""
-    real = validate.resolve
+    def bad_k(fn):
+        def nan_k(qkv, pos, inv, kc, vc, slots, h, hkv, out=None):
+            q = fn(qkv, pos, inv, kc, vc, slots, h, hkv, out=out)
+            rows = kc.view(kc.shape[0] * kc.shape[1], -1)
+            rows[slots] = float("nan") if k_fault == "nan" else rows[slots] * 2
+            return q
+        return nan_k
 
-    def broken(op, backend, device):
-        fn = real(op, backend, device)
-        if op == "rope_append_kv":
-            def nan_k(qkv, pos, inv, kc, vc, slots, h, hkv, out=None):
-                q = fn(qkv, pos, inv, kc, vc, slots, h, hkv, out=out)
-                rows = kc.view(kc.shape[0] * kc.shape[1], -1)
-                rows[slots] = float("nan") if k_fault == "nan" else rows[slots] * 2
-                return q
-            return nan_k
-        if op == "append_kv":
-            def zeroing(kc, vc, k, v, slots):
-                kc.zero_()
-                vc.zero_()
-                return fn(kc, vc, k, v, slots)
-            return zeroing
-        if op == "add_rms_norm":
-            return lambda x, *a, **kw: fn(x.clone(), *a, **kw)  # the caller's x is never updated
-        return fn
+    def zeroing(fn):
+        def append(kc, vc, k, v, slots):
+            kc.zero_()
+            vc.zero_()
+            return fn(kc, vc, k, v, slots)
+        return append
 
     ops = ("rope_append_kv", "append_kv", "add_rms_norm")
-    rows = [r for r in _validate_broken(monkeypatch, broken, ops) if r.backend != "reference"]
+    rows = [r for r in _validate_broken(monkeypatch, {
+        "rope_append_kv": bad_k,
+        "append_kv": zeroing,
+        "add_rms_norm": lambda fn: lambda x, *a, **kw: fn(x.clone(), *a, **kw),  # the caller's x is never updated
+    }) if r.backend != "reference"]
     failed = {(r.op, r.case) for r in rows if not r.ok}
     assert {op for op, _ in failed} == set(ops), rows
     assert ("add_rms_norm", "B8 D2048 bf16 residual") in failed and ("add_rms_norm", "B8 D2048 bf16") not in failed
@@ -120,20 +117,14 @@ def test_a_sampler_off_by_one_in_one_row_fails(monkeypatch):
     """One mismatched row of 64 passed whatever it was (a near tie was assumed); now only a near tie of the two
     exp-race scores, or a token tied with the k-th value, may differ from the reference. The rows cover bf16 logits
     without CFG too (the kernels' narrow top-k keys)."""
-    real = validate.resolve
-
-    def broken(op, backend, device):
-        fn = real(op, backend, device)
-        if op != "sample_tokens":
-            return fn
-
+    def off_by_one(fn):
         def next_token(logits, *a, **kw):
             out = fn(logits, *a, **kw)
             out[10] = (out[10] + 1) % logits.shape[1]
             return out
         return next_token
 
-    rows = [r for r in _validate_broken(monkeypatch, broken, ("sample_tokens",)) if r.backend != "reference"]
+    rows = [r for r in _validate_broken(monkeypatch, {"sample_tokens": off_by_one}) if r.backend != "reference"]
     assert {r.case for r in rows} == {"B64 V2049 k0 fp32 cfg", "B64 V2049 k250 bf16"} and not any(r.ok for r in rows)
 
 
@@ -141,17 +132,11 @@ def test_a_depformer_returning_wrong_bf16_tokens_fails(monkeypatch):
     """The bf16 depformer rows compared logits only, up to the first codebook whose tokens differed: a kernel
     returning token 0 everywhere beside right logits passed. At temperature 0 each token must be its logits'
     argmax."""
-    real = validate.resolve
-
-    def broken(op, backend, device):
-        fn = real(op, backend, device)
-        if op != "depformer_frame":
-            return fn
-
+    def zero_bf16_tokens(fn):
         def zero_tokens(w, *a, **kw):
             tok, lg = fn(w, *a, **kw)
             return (torch.zeros_like(tok) if w.in_proj.dtype == torch.bfloat16 else tok), lg
         return zero_tokens
 
-    rows = [r for r in _validate_broken(monkeypatch, broken, ("depformer_frame",)) if r.backend != "reference"]
+    rows = [r for r in _validate_broken(monkeypatch, {"depformer_frame": zero_bf16_tokens}) if r.backend != "reference"]
     assert rows and all(r.ok == r.case.endswith("fp32") for r in rows), rows
